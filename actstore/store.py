@@ -1,0 +1,343 @@
+"""Store stage: the on-disk layout of an activation store and its reader.
+
+Layout (Zarr v3 hierarchy plus Parquet tables; ``docs/FORMAT.md`` has the
+details)::
+
+    STORE/
+      zarr.json                            root group, attrs["actstore"] = {format, created, ...}
+      tokenizations/<tk>/                  one per tokenizer (+ max length) over the corpus
+        zarr.json                          attrs: tokenizer hash, max length, data, n_tokens, parts
+        sample, position, token_id         int32 arrays (n_tokens,), the token index
+        sample_first_row, sample_n_tokens  int64 / int32 arrays (n_samples,)
+        tokens/part-00000.parquet          row, sample, position, token_id, token
+        samples/part-00000.parquet         sample, id, label, text, n_tokens, first_row, truncated
+      models/<key>/                        one group per model (attrs: id, weights hash, tokenization)
+        layer_<L>                          (n_tokens, d_model) array, chunked along tokens
+        layer_<L>_scale                    (n_tokens,) float32, int8 codec only
+
+A layer array's ``committed_rows`` attribute is the prefix that is complete;
+readers never look past it, so a store being written reads consistently.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, NamedTuple
+
+import numpy as np
+import polars as pl
+import zarr
+
+from . import codecs
+from .errors import NotFoundError, StoreError
+from .location import Location, open_location
+
+FORMAT_VERSION = 1
+ATTR = "actstore"
+
+
+def layer_name(layer: int) -> str:
+    return f"layer_{layer}"
+
+
+class Chunk(NamedTuple):
+    """A block of consecutive token rows of one (model, layer)."""
+
+    start: int
+    """First token row of the block."""
+    stop: int
+    """One past the last token row."""
+    values: np.ndarray
+    """float32 activations ``(stop - start, d_model)``."""
+
+
+@dataclass
+class Tokenization:
+    """A token index over the store's corpus, made with one tokenizer."""
+
+    key: str
+    group: zarr.Group
+    store: Store
+
+    @cached_property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self.group.attrs.get(ATTR, {}))
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.attrs.get("complete"))
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.attrs.get("n_tokens", 0))
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.attrs.get("n_samples", 0))
+
+    @property
+    def chunk_rows(self) -> int:
+        return int(self.attrs["chunk_rows"])
+
+    def array(self, name: str) -> zarr.Array:
+        return zarr.open_array(self.store.loc.zarr_store, path=f"tokenizations/{self.key}/{name}", mode="r")
+
+    def token_ids(self, start: int, stop: int) -> np.ndarray:
+        """Token ids of rows ``[start, stop)`` as int64 ``(stop - start,)``."""
+        return np.asarray(self.array("token_id")[start:stop], dtype=np.int64)
+
+    def sample_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(first_row (n_samples,), n_tokens (n_samples,))`` of every sample."""
+        return (
+            np.asarray(self.array("sample_first_row")[:], dtype=np.int64),
+            np.asarray(self.array("sample_n_tokens")[:], dtype=np.int64),
+        )
+
+    def parquet_files(self, table: str) -> list[str]:
+        return [self.store.loc.join(f"tokenizations/{self.key}/{table}/{p['file']}") for p in self.attrs.get("parts", [])]
+
+    def table(self, table: str) -> pl.DataFrame:
+        files = self.parquet_files(table)
+        if not files:
+            raise NotFoundError(f"tokenization {self.key} of {self.store.url} has no {table} table yet: run actstore extract")
+        return pl.read_parquet(files, storage_options=self.store.loc.storage_options or None)
+
+
+class Activations:
+    """Array-like view of one (model, layer): ``acts[a:b]`` is float32 ``(b - a, d_model)``.
+
+    Only the committed prefix is visible: ``len(acts)`` is the number of rows
+    whose chunks are completely written.
+    """
+
+    def __init__(self, values: zarr.Array, scale: zarr.Array | None, attrs: dict[str, Any]) -> None:
+        self._values = values
+        self._scale = scale
+        self.attrs = attrs
+        self.codec: str = attrs["codec"]
+        self.layer: int = attrs["layer"]
+        self.d_model: int = attrs["d_model"]
+        self.n_rows: int = int(attrs.get("committed_rows", 0))
+        self.chunk_rows: int = int(values.chunks[0])
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n_rows, self.d_model)
+
+    def __getitem__(self, key: slice | int) -> np.ndarray:
+        if isinstance(key, int | np.integer):
+            idx = int(key) + (self.n_rows if key < 0 else 0)
+            if not 0 <= idx < self.n_rows:
+                raise IndexError(f"row {key} out of range for {self.n_rows} committed rows")
+            return self[idx : idx + 1][0]
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("activations support integer rows and contiguous slices [a:b]")
+        start, stop, _ = key.indices(self.n_rows)
+        stop = max(start, stop)
+        vals = self._values[start:stop]
+        scale = self._scale[start:stop] if self._scale is not None else None
+        return codecs.decode(vals, scale, self.codec)
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """Rows at arbitrary indices, float32 ``(len(rows), d_model)``."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.n_rows):
+            raise IndexError(f"rows out of range for {self.n_rows} committed rows")
+        vals = self._values.get_orthogonal_selection((rows, slice(None)))
+        scale = self._scale.get_orthogonal_selection(rows) if self._scale is not None else None
+        return codecs.decode(vals, scale, self.codec)
+
+    def iter_chunks(self, start: int = 0, stop: int | None = None, rows: int | None = None, prefetch: int = 2) -> Iterator[Chunk]:
+        """Stream ``[start, stop)`` in blocks of ``rows`` (default one Zarr chunk), decoding ahead in a thread.
+
+        Memory is bounded by ``(prefetch + 1)`` blocks whatever the store's size.
+        """
+        stop = self.n_rows if stop is None else min(stop, self.n_rows)
+        step = rows or self.chunk_rows
+        bounds = [(a, min(a + step, stop)) for a in range(start, stop, step)]
+        q: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        done = threading.Event()
+
+        def work() -> None:
+            try:
+                for a, b in bounds:
+                    if done.is_set():
+                        return
+                    q.put(Chunk(a, b, self[a:b]))
+                q.put(None)
+            except BaseException as exc:  # handed to the consumer
+                q.put(exc)
+
+        t = threading.Thread(target=work, daemon=True)
+        t.start()
+        try:
+            while True:
+                item = q.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            done.set()
+            while t.is_alive():
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    t.join(0.05)
+
+
+class Store:
+    """An activation store, local or remote. Open with :func:`open_store`."""
+
+    def __init__(self, loc: Location, writable: bool = False) -> None:
+        self.loc = loc
+        self.url = loc.url
+        self.writable = writable
+        try:
+            self.root = zarr.open_group(loc.zarr_store, mode="r+" if writable else "r")
+        except FileNotFoundError:
+            raise StoreError(f"{loc.url} is not an actstore store (no zarr.json): run actstore extract to create one") from None
+        if ATTR not in self.root.attrs:
+            raise StoreError(f"{loc.url} is a Zarr group but not an actstore store (no '{ATTR}' attribute)")
+
+    # ---- discovery -------------------------------------------------------
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self.root.attrs[ATTR])
+
+    def _children(self, path: str) -> list[str]:
+        return sorted(self.loc.list_dirs(path))
+
+    def tokenization_keys(self) -> list[str]:
+        return self._children("tokenizations")
+
+    def tokenization(self, key: str | None = None) -> Tokenization:
+        """A tokenization by key, or the store's default (the first made)."""
+        keys = self.tokenization_keys()
+        if not keys:
+            raise NotFoundError(f"{self.url} holds no tokenization yet: run actstore extract")
+        if key is None:
+            key = self.attrs.get("default_tokenization") or keys[0]
+        if key not in keys:
+            raise NotFoundError(f"{self.url} has no tokenization {key!r}; it has: {', '.join(keys)}")
+        grp = zarr.open_group(self.loc.zarr_store, path=f"tokenizations/{key}", mode="r")
+        return Tokenization(key, grp, self)
+
+    @property
+    def models(self) -> list[str]:
+        """Keys of the models with at least one layer in the store."""
+        return [m for m in self._children("models") if self.layers(m)]
+
+    def _model_group(self, model: str) -> zarr.Group:
+        if model not in self._children("models"):
+            known = ", ".join(self.models) or "none"
+            raise NotFoundError(f"model {model!r} is not in store {self.url} (models: {known}): check --model")
+        return zarr.open_group(self.loc.zarr_store, path=f"models/{model}", mode="r")
+
+    def model_info(self, model: str) -> dict[str, Any]:
+        return dict(self._model_group(model).attrs.get(ATTR, {}))
+
+    def layers(self, model: str) -> list[int]:
+        """Layer numbers stored for ``model`` (hidden_states indices), ascending."""
+        names = self.loc.list_dirs(f"models/{model}")
+        return sorted(int(n.split("_")[1]) for n in names if n.startswith("layer_") and n.count("_") == 1)
+
+    def layer_attrs(self, model: str, layer: int) -> dict[str, Any]:
+        return dict(self._layer_array(model, layer).attrs.get(ATTR, {}))
+
+    def _layer_array(self, model: str, layer: int) -> zarr.Array:
+        self._model_group(model)
+        if layer not in self.layers(model):
+            have = ", ".join(map(str, self.layers(model))) or "none"
+            raise NotFoundError(f"layer {layer} of model {model!r} is not in store {self.url} (layers: {have}): extract it first")
+        return zarr.open_array(self.loc.zarr_store, path=f"models/{model}/{layer_name(layer)}", mode="r")
+
+    def model_tokenization(self, model: str) -> Tokenization:
+        return self.tokenization(self.model_info(model).get("tokenization"))
+
+    @property
+    def saes(self) -> list[str]:
+        """Names of the SAEs saved under ``STORE/saes/``."""
+        from .sae import sae_names
+
+        return sae_names(self)
+
+    def load_sae(self, name: str, device: str = "cpu"):  # -> actstore.sae.SAE
+        from .sae import load_sae
+
+        return load_sae(self, name, device=device)
+
+    # ---- data ------------------------------------------------------------
+    def activations(self, model: str, layer: int) -> Activations:
+        """The committed rows of (model, layer) as an array-like of float32 slices."""
+        values = self._layer_array(model, layer)
+        attrs = dict(values.attrs[ATTR])
+        scale = None
+        if attrs["codec"] == "int8":
+            scale = zarr.open_array(self.loc.zarr_store, path=f"models/{model}/{layer_name(layer)}_scale", mode="r")
+        return Activations(values, scale, attrs)
+
+    def iter_chunks(self, model: str, layer: int, **kw: Any) -> Iterator[Chunk]:
+        """Stream (model, layer) chunk by chunk; see :meth:`Activations.iter_chunks`."""
+        return self.activations(model, layer).iter_chunks(**kw)
+
+    def tokens(self, tokenization: str | None = None) -> pl.DataFrame:
+        """Token rows: row, sample, position, token_id, token."""
+        return self.tokenization(tokenization).table("tokens")
+
+    def samples(self, tokenization: str | None = None) -> pl.DataFrame:
+        """Samples: sample, id, label, text, n_tokens, first_row (and truncated)."""
+        return self.tokenization(tokenization).table("samples")
+
+    # ---- SQL -------------------------------------------------------------
+    def connect(self, read_only: bool = True):  # -> duckdb.DuckDBPyConnection
+        """A DuckDB connection with this store's views (see :mod:`actstore.query` for more)."""
+        from .query import connect
+
+        return connect(self, read_only=read_only)
+
+    def sql(self, query: str, params: dict[str, Any] | list[Any] | None = None) -> pl.DataFrame:
+        """Run SQL over the store's views and return a polars DataFrame."""
+        con = self.connect()
+        try:
+            return con.execute(query, params).pl() if params else con.sql(query).pl()
+        finally:
+            con.close()
+
+    # ---- summary ---------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        """Everything ``actstore info`` shows, as plain JSON-able data."""
+        out: dict[str, Any] = {"url": self.url, "store": self.attrs, "tokenizations": {}, "models": {}}
+        for key in self.tokenization_keys():
+            t = self.tokenization(key)
+            a = {k: v for k, v in t.attrs.items() if k != "parts"}
+            out["tokenizations"][key] = a
+        for m in self._children("models"):
+            info = self.model_info(m)
+            layers = {}
+            for layer in self.layers(m):
+                la = self.layer_attrs(m, layer)
+                layers[str(layer)] = {
+                    k: la.get(k) for k in ("d_model", "codec", "committed_rows", "n_rows", "complete", "created", "updated")
+                }
+            out["models"][m] = {**{k: v for k, v in info.items() if k != "config"}, "layers": layers}
+        return out
+
+
+def open_store(path: str, writable: bool = False, storage_options: dict[str, Any] | None = None) -> Store:
+    """Open an existing store by path or URL (read-only unless ``writable``)."""
+    loc = open_location(path, storage_options=storage_options, create=False)
+    return Store(loc, writable=writable)
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str)
