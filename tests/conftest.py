@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny real models, a small corpus, and a small real store."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+WORDS = (
+    "the movie was great wonderful terrible awful boring plot actor actress music scene film story "
+    "love hate good bad excellent poor funny sad long short ending beginning director camera"
+).split()
+
+
+def minilm_path() -> str:
+    from actstore.models import resolve_model
+
+    return resolve_model("bundled:minilm")
+
+
+def make_texts(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        k = rng.randint(3, 40)
+        label = "pos" if i % 2 == 0 else "neg"
+        words = [rng.choice(WORDS) for _ in range(k)] + (["great"] if label == "pos" else ["awful"])
+        rows.append({"id": f"s{i}", "text": " ".join(words), "label": label})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> str:
+    """A random 3-layer, 32-wide BERT with the real MiniLM (uncased WordPiece) tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    d = tmp_path_factory.mktemp("tiny_bert")
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=128,
+    )  # fmt: skip
+    BertModel(cfg).save_pretrained(d)
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> str:
+    """40 short labelled texts as JSONL."""
+    p = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in make_texts(40)) + "\n")
+    return str(p)
+
+
+@pytest.fixture(scope="session")
+def tiny_store_ro(tmp_path_factory, tiny_bert_dir, corpus_file) -> str:
+    """A store of the tiny BERT at all layers (fp32, small chunks). Do not write to it: use ``tiny_store``."""
+    from actstore.data import DataConfig
+    from actstore.extract import ExtractConfig, extract
+
+    path = tmp_path_factory.mktemp("stores") / "tiny.zarr"
+    cfg = ExtractConfig(
+        model=tiny_bert_dir, data=DataConfig(corpus_file), layers="all", name="tiny", codec="fp32",
+        chunk_rows=64, batch_size=8, device="cpu",
+    )  # fmt: skip
+    extract(str(path), cfg, progress=False)
+    return str(path)
+
+
+@pytest.fixture()
+def tiny_store(tmp_path, tiny_store_ro) -> str:
+    """A private writable copy of the tiny store."""
+    dst = tmp_path / "tiny.zarr"
+    shutil.copytree(tiny_store_ro, dst)
+    return str(dst)
