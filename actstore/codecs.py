@@ -7,9 +7,14 @@ arrays that plain zarr + numpy can decode (see ``docs/FORMAT.md``):
 ``fp16``   float16 (IEEE half), values clipped to +-65504. The default.
 ``bf16``   bfloat16 bit patterns stored as uint16 (numpy has no bfloat16):
            ``x = (u16.astype(uint32) << 16).view(float32)``; round-to-nearest-even.
-``int8``   per-token symmetric int8: ``x = q.astype(float32) * scale[:, None]``
-           with ``scale`` a float32 array of shape ``(n_tokens,)`` stored beside
-           ``q`` (``layer_L`` and ``layer_L_scale``), ``scale = max|x| / 127``.
+``int8``   int8 with a per-token scale and a fixed per-channel scale:
+           ``x = q.astype(float32) * scale[:, None] * channel_scale[None, :]``.
+           ``scale`` is a float32 array ``(n_tokens,)`` stored beside ``q``
+           (``layer_L`` and ``layer_L_scale``); ``channel_scale`` (``(d_model,)``,
+           the RMS of each channel over the array's first unit of rows) is in the
+           array's attributes. Dividing by the channel scale first flattens the
+           outlier channels of transformer residual streams, so the per-token
+           ``scale = max|x / channel_scale| / 127`` keeps mean cosine >= 0.9999.
 """
 
 from __future__ import annotations
@@ -30,8 +35,14 @@ class Encoded(NamedTuple):
     scale: np.ndarray | None
 
 
-def encode(x: np.ndarray, codec: str) -> Encoded:
-    """Encode float32 activations ``(n, d_model)`` with a codec preset."""
+def channel_scale(x: np.ndarray) -> np.ndarray:
+    """Per-channel RMS ``(d_model,)`` of a block ``(n, d_model)``, zeros replaced by 1 (int8 codec)."""
+    rms = np.sqrt(np.mean(np.square(x, dtype=np.float64), axis=0)).astype(np.float32)
+    return np.where(rms > 0, rms, np.float32(1.0)).astype(np.float32)
+
+
+def encode(x: np.ndarray, codec: str, chan: np.ndarray | None = None) -> Encoded:
+    """Encode float32 activations ``(n, d_model)`` with a codec preset (``chan``: int8 channel scale)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if codec == "fp32":
         return Encoded(x, None)
@@ -42,6 +53,8 @@ def encode(x: np.ndarray, codec: str) -> Encoded:
         rounding = ((u >> 16) & 1) + np.uint32(0x7FFF)
         return Encoded(((u + rounding) >> 16).astype(np.uint16), None)
     if codec == "int8":
+        if chan is not None:
+            x = x / chan[None, :]
         amax = np.abs(x).max(axis=1) if x.shape[1] else np.zeros(len(x), np.float32)
         scale = (amax / 127.0).astype(np.float32)
         safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
@@ -50,8 +63,8 @@ def encode(x: np.ndarray, codec: str) -> Encoded:
     raise ValueError(f"unknown codec {codec!r}: choose one of {', '.join(CODECS)}")
 
 
-def decode(values: np.ndarray, scale: np.ndarray | None, codec: str) -> np.ndarray:
-    """Decode a stored block back to float32 ``(n, d_model)``."""
+def decode(values: np.ndarray, scale: np.ndarray | None, codec: str, chan: np.ndarray | None = None) -> np.ndarray:
+    """Decode a stored block back to float32 ``(n, d_model)`` (``chan``: int8 channel scale)."""
     if codec in ("fp32", "fp16"):
         return values.astype(np.float32, copy=False)
     if codec == "bf16":
@@ -59,7 +72,8 @@ def decode(values: np.ndarray, scale: np.ndarray | None, codec: str) -> np.ndarr
     if codec == "int8":
         if scale is None:
             raise ValueError("int8 block without its scale array")
-        return values.astype(np.float32) * scale[:, None]
+        x = values.astype(np.float32) * scale[:, None]
+        return x * chan[None, :] if chan is not None else x
     raise ValueError(f"unknown codec {codec!r}: choose one of {', '.join(CODECS)}")
 
 

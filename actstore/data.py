@@ -203,6 +203,11 @@ class Corpus:
         else:
             _format_of(src)
             _open_binary(src).close()
+            first = next(iter(_raw_rows(src)), None)
+            if first is not None and "__not_object__" not in first and cfg.text_field not in first:
+                raise DataError(
+                    f"{src} has no field {cfg.text_field!r} (fields: {', '.join(map(str, first))}): pass --text-field NAME"
+                )
 
     def fingerprint(self) -> str | None:
         """SHA-256 of the source file, or None for bundled / hub sources."""

@@ -105,6 +105,9 @@ class LoadedModel:
 def load_model(model: str, device: str = "cpu") -> LoadedModel:
     """Load a base model (no task head) and its tokenizer."""
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     path = resolve_model(model)
     tok = _from_pretrained(AutoTokenizer, path)
