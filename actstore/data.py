@@ -21,7 +21,7 @@ import hashlib
 import io
 import json
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ class DataReport:
     n_kept: int = 0
     n_skipped_empty: int = 0
     n_skipped_not_text: int = 0
+    n_skipped_label: int = 0
     sha256: str | None = None
     skipped_ids: list[str] = field(default_factory=list)
 
@@ -72,8 +73,12 @@ class DataConfig:
     """Field holding a row's id (missing means the row number)."""
     limit: int | None = None
     """Keep only the first N usable rows."""
+    labels: tuple[str, ...] | None = None
+    """Keep only rows whose label is one of these (compared as strings)."""
 
     def __post_init__(self) -> None:
+        if self.labels is not None:
+            object.__setattr__(self, "labels", tuple(str(x) for x in self.labels))
         if not self.source:
             raise ConfigError("no data source given: pass --data FILE (jsonl, csv, parquet) or bundled:bbc")
         if self.limit is not None and self.limit <= 0:
@@ -222,7 +227,7 @@ class Corpus:
         cfg, rep = self.cfg, self.report
         src = cfg.source
         rows = _bbc_rows() if src.startswith("bundled:") else _hf_rows(src[3:]) if src.startswith("hf:") else _raw_rows(src)
-        rep.n_read = rep.n_kept = rep.n_skipped_empty = rep.n_skipped_not_text = 0
+        rep.n_read = rep.n_kept = rep.n_skipped_empty = rep.n_skipped_not_text = rep.n_skipped_label = 0
         rep.skipped_ids = []
         checked = False
         for i, row in enumerate(rows):
@@ -244,11 +249,66 @@ class Corpus:
                 rep.n_skipped_empty += 1
                 rep.skipped_ids.append(rid)
                 continue
+            label = _label_str(row.get(cfg.label_field))
+            if cfg.labels is not None and label not in cfg.labels:
+                rep.n_skipped_label += 1
+                continue
             split = row.get("split")
-            yield Record(rid, text, _label_str(row.get(cfg.label_field)), split if isinstance(split, str) else None)
+            yield Record(rid, text, label, split if isinstance(split, str) else None)
             rep.n_kept += 1
             if cfg.limit is not None and rep.n_kept >= cfg.limit:
                 return
+
+
+RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+def recipe_names() -> list[str]:
+    """Names of the dataset recipes shipped with actstore (``recipe:NAME``)."""
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.json"))
+
+
+def load_recipe(name: str) -> DataConfig:
+    """A :class:`DataConfig` from a recipe: ``recipe:NAME`` or a path to a ``*.recipe.json`` file.
+
+    A recipe is JSON with ``source`` (a relative path resolves against the actstore checkout, then the
+    current directory), and optionally ``text_field``, ``label_field``, ``id_field``, ``limit``, ``labels``.
+    """
+    path = RECIPE_DIR / f"{name[len('recipe:') :]}.json" if name.startswith("recipe:") else Path(name)
+    if not path.is_file():
+        raise DataError(f"no dataset recipe {name!r}: choose one of " + ", ".join(f"recipe:{n}" for n in recipe_names()))
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"recipe {path} is not valid JSON ({exc.msg})") from None
+    allowed = {"source", "text_field", "label_field", "id_field", "limit", "labels", "description"}
+    unknown = set(d) - allowed
+    if unknown or "source" not in d:
+        raise DataError(f"recipe {path} must have 'source' and only {sorted(allowed)}; unknown: {sorted(unknown)}")
+    src = str(d["source"])
+    if not src.startswith(("bundled:", "hf:")) and "://" not in src and not Path(src).is_absolute():
+        for base in (RECIPE_DIR.resolve().parents[1], Path.cwd()):
+            if (base / src).exists():
+                src = str((base / src).resolve())
+                break
+    d.pop("description", None)
+    return DataConfig(**{**d, "source": src, "labels": tuple(d["labels"]) if d.get("labels") else None})
+
+
+def data_config(
+    source: str, text_field: str = "text", label_field: str = "label", id_field: str = "id",
+    limit: int | None = None, labels: str | tuple[str, ...] | None = None,
+) -> DataConfig:  # fmt: skip
+    """A DataConfig from command-line values; ``recipe:NAME`` / ``*.recipe.json`` sources supply defaults."""
+    if isinstance(labels, str):
+        labels = tuple(x.strip() for x in labels.split(",") if x.strip()) or None
+    given = {"text_field": text_field, "label_field": label_field, "id_field": id_field, "limit": limit, "labels": labels}
+    if source.startswith("recipe:") or source.endswith(".recipe.json"):
+        base = load_recipe(source)
+        defaults = DataConfig("x")
+        over = {k: v for k, v in given.items() if v is not None and v != getattr(defaults, k)}
+        return replace(base, **over)
+    return DataConfig(source, **given)
 
 
 def load_corpus(cfg: DataConfig) -> Corpus:

@@ -41,7 +41,9 @@ def test_extract_info_sql(tmp_path, tiny_bert_dir, corpus_file):
     assert info.exit_code == 0 and "model tiny" in info.output and "layer 3: int8, complete" in info.output
     js = json.loads(runner.invoke(main, ["info", store, "--json"]).output)
     assert js["models"]["tiny"]["layers"]["1"]["codec"] == "int8"
-    out = runner.invoke(main, ["sql", store, "select label, count(*) as n from samples group by label order by label", "--format", "csv"])
+    out = runner.invoke(
+        main, ["sql", store, "select label, count(*) as n from samples group by label order by label", "--format", "csv"]
+    )
     assert out.exit_code == 0 and out.output.splitlines() == ["label,n", "neg,20", "pos,20"]
     bad = runner.invoke(main, ["sql", store, "select * from nowhere"])
     assert bad.exit_code != 0 and "SQL error" in bad.output

@@ -1,5 +1,6 @@
 import gzip
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -37,7 +38,7 @@ def test_jsonl_and_gz(tmp_path):
 
 def test_csv_and_parquet(tmp_path):
     p = tmp_path / "d.csv"
-    p.write_text("id,body,cls\nx1,hello there,1\nx2,,0\nx3,\"quoted, comma\",0\n")
+    p.write_text('id,body,cls\nx1,hello there,1\nx2,,0\nx3,"quoted, comma",0\n')
     recs = list(load_corpus(DataConfig(str(p), text_field="body", label_field="cls")))
     assert [(r.id, r.text, r.label) for r in recs] == [("x1", "hello there", "1"), ("x3", "quoted, comma", "0")]
     q = tmp_path / "d.parquet"
@@ -76,3 +77,26 @@ def test_bad_inputs(tmp_path):
         DataConfig(str(p), limit=0)
     with pytest.raises(DataError, match="bundled"):
         load_corpus(DataConfig("bundled:nope"))
+
+
+def test_label_filter_and_recipes(tmp_path):
+    from actstore.data import data_config, load_recipe, recipe_names
+
+    p = tmp_path / "d.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in ROWS))
+    c = load_corpus(DataConfig(str(p), labels=("3",)))
+    assert [r.id for r in c] == ["f"] and c.report.n_skipped_label == 1
+    assert {"imdb", "spotify", "app-reviews", "huffpost5", "bbc"} <= set(recipe_names())
+    hp = load_recipe("recipe:huffpost5")
+    assert hp.labels == ("WELLNESS", "FOOD & DRINK", "POLITICS", "ENTERTAINMENT", "SPORTS")
+    cfg = data_config("recipe:huffpost5", limit=50)
+    assert cfg.limit == 50 and cfg.labels == hp.labels
+    if not Path(hp.source).exists():
+        pytest.skip("../shared/data not present")
+    recs = list(load_corpus(cfg))
+    assert len(recs) == 50 and {r.label for r in recs} <= set(hp.labels)
+    mine = tmp_path / "mine.recipe.json"
+    mine.write_text(json.dumps({"source": str(p), "labels": ["pos"]}))
+    assert [r.id for r in load_corpus(data_config(str(mine)))] == ["a"]
+    with pytest.raises(DataError, match="recipe:imdb"):
+        data_config("recipe:nope")

@@ -97,7 +97,9 @@ def test_gpt2_decoder_and_truncated_pass(tmp_path, tiny_bert_dir, corpus_file):
     GPT2Model(GPT2Config(vocab_size=30522, n_embd=32, n_layer=4, n_head=2, n_positions=128)).save_pretrained(d)
     AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(d)
     store = tmp_path / "g.zarr"
-    extract(str(store), ExtractConfig(str(d), DataConfig(corpus_file, limit=8), "0,2,4", batch_size=3, codec="fp32"), progress=False)
+    extract(
+        str(store), ExtractConfig(str(d), DataConfig(corpus_file, limit=8), "0,2,4", batch_size=3, codec="fp32"), progress=False
+    )
     st_ = actstore.open_store(str(store))
     ref = reference_hidden_states(str(d), st_.samples()["text"].to_list())
     for layer in (0, 2, 4):
@@ -124,7 +126,9 @@ def test_blocks_above_deepest_layer_do_not_run(tiny_bert_dir):
 
 def _texts_file(tmp_path: Path, lengths: list[int]) -> str:
     p = tmp_path / "ragged.jsonl"
-    p.write_text("\n".join(json.dumps({"id": f"r{i}", "text": " ".join(["word"] * n), "label": i % 3}) for i, n in enumerate(lengths)))
+    p.write_text(
+        "\n".join(json.dumps({"id": f"r{i}", "text": " ".join(["word"] * n), "label": i % 3}) for i, n in enumerate(lengths))
+    )
     return str(p)
 
 
@@ -212,7 +216,9 @@ def _snapshot(path: str) -> dict[str, bytes]:
 def test_more_layers_later_and_rerun_is_noop(tiny_store, corpus_file, tiny_bert_dir):
     # the store has all layers of 'tiny'; a rerun writes nothing and changes nothing
     snap = _snapshot(tiny_store)
-    res = extract(tiny_store, ExtractConfig(tiny_bert_dir, DataConfig(corpus_file), "all", name="tiny", codec="fp32"), progress=False)
+    res = extract(
+        tiny_store, ExtractConfig(tiny_bert_dir, DataConfig(corpus_file), "all", name="tiny", codec="fp32"), progress=False
+    )
     assert res.rows_written == 0
     assert _snapshot(tiny_store) == snap
 
@@ -285,7 +291,8 @@ import sys
 from actstore.data import DataConfig
 from actstore.extract import ExtractConfig, extract
 store, model, data = sys.argv[1:4]
-extract(store, ExtractConfig(model, DataConfig(data), "1,3", codec="fp16", chunk_rows=32, unit_rows=256, batch_size=4), progress=False)
+cfg = ExtractConfig(model, DataConfig(data), "1,3", codec="fp16", chunk_rows=32, unit_rows=256, batch_size=4)
+extract(store, cfg, progress=False)
 """
 
 
@@ -336,7 +343,13 @@ def test_kill_9_then_resume_is_byte_identical(tmp_path, tiny_bert_dir):
         a = zarr.open_array(str(killed), path=f"models/tiny-bert/layer_{layer}", mode="r")
         b = zarr.open_array(str(ref), path=f"models/tiny-bert/layer_{layer}", mode="r")
         assert np.array_equal(a[:], b[:])
-        chunks_a = {p.relative_to(killed): p.read_bytes() for p in (killed / f"models/tiny-bert/layer_{layer}/c").rglob("*") if p.is_file()}
-        chunks_b = {p.relative_to(ref): p.read_bytes() for p in (ref / f"models/tiny-bert/layer_{layer}/c").rglob("*") if p.is_file()}
+        chunks_a = {
+            p.relative_to(killed): p.read_bytes()
+            for p in (killed / f"models/tiny-bert/layer_{layer}/c").rglob("*")
+            if p.is_file()
+        }
+        chunks_b = {
+            p.relative_to(ref): p.read_bytes() for p in (ref / f"models/tiny-bert/layer_{layer}/c").rglob("*") if p.is_file()
+        }
         assert chunks_a == chunks_b
         assert a.attrs["actstore"]["committed_rows"] == total

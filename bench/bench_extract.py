@@ -1,0 +1,212 @@
+"""Extraction and store benchmarks on real activations (bundled MiniLM over IMDb).
+
+Prints, each as a ratio against a baseline measured in the same run:
+
+1. extraction end-to-end vs the bare forward pass over the same length-sorted batches;
+2. cost of asking only for layers <= L of N vs a full pass;
+3. bytes per token per codec relative to fp32, and each codec's fidelity;
+4. streaming read MB/s of decoded float32 and peak RSS for a store ~1/4 and >1 GB.
+
+Usage: python bench/bench_extract.py [--samples 300] [--big-gb 1.2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+IMDB = ROOT.parent / "shared" / "data" / "imdb.jsonl.gz"
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def bare_forward_seconds(store: str, model: str, unit_rows: int, batch_size: int, layers: list[int] | None) -> float:
+    """The same units and length-sorted batches as extract, forward only (no copies, no writes)."""
+    import actstore
+    from actstore.models import LayerTap, load_model
+
+    st = actstore.open_store(store)
+    tok = st.tokenization()
+    first_row, n_tok = tok.sample_rows()
+    loaded = load_model(model)
+    tap = LayerTap(loaded, layers) if layers else None
+    t0 = time.perf_counter()
+    n_rows = tok.n_tokens
+    for u0 in range(0, n_rows, unit_rows):
+        u1 = min(u0 + unit_rows, n_rows)
+        lo = int(np.searchsorted(first_row, u0, side="right")) - 1
+        hi = int(np.searchsorted(first_row, u1, side="left"))
+        starts, lens = first_row[lo:hi], n_tok[lo:hi]
+        ids = tok.token_ids(int(starts[0]), int(starts[-1] + lens[-1]))
+        order = np.argsort(-lens, kind="stable")
+        for b0 in range(0, len(order), batch_size):
+            sel = order[b0 : b0 + batch_size]
+            width = int(lens[sel].max())
+            inp = np.zeros((len(sel), width), np.int64)
+            mask = np.zeros((len(sel), width), np.int64)
+            for j, s in enumerate(sel):
+                a = int(starts[s] - starts[0])
+                inp[j, : lens[s]] = ids[a : a + lens[s]]
+                mask[j, : lens[s]] = 1
+            with torch.inference_mode():
+                if tap is None:
+                    loaded.model(input_ids=torch.from_numpy(inp), attention_mask=torch.from_numpy(mask))
+                else:
+                    tap(torch.from_numpy(inp), torch.from_numpy(mask))
+    return time.perf_counter() - t0
+
+
+def bench_throughput(tmp: Path, n: int) -> dict:
+    from actstore.data import DataConfig
+    from actstore.extract import ExtractConfig, extract
+
+    store = tmp / "tp.zarr"
+    cfg = ExtractConfig("bundled:minilm", DataConfig(str(IMDB), limit=n), "2,4,6", codec="fp16", device="cpu")
+    extract(
+        str(store),
+        ExtractConfig("bundled:minilm", DataConfig(str(IMDB), limit=n), [0], codec="fp16", name="warm"),
+        progress=False,
+    )
+    t0 = time.perf_counter()
+    res = extract(str(store), cfg, progress=False)
+    t_extract = time.perf_counter() - t0
+    import actstore
+
+    unit_rows = actstore.open_store(str(store)).layer_attrs("minilm", 2)["unit_rows"]
+    t_bare = bare_forward_seconds(str(store), "bundled:minilm", unit_rows, cfg.batch_size, None)
+    return {"tokens": res.n_tokens, "extract_s": t_extract, "bare_s": t_bare, "ratio": t_bare / t_extract, "store": str(store)}
+
+
+def bench_depth(store: str) -> list[dict]:
+    import actstore
+
+    unit_rows = actstore.open_store(store).layer_attrs("minilm", 2)["unit_rows"]
+    full = bare_forward_seconds(store, "bundled:minilm", unit_rows, 32, None)
+    rows = []
+    for L in (1, 2, 3, 6):
+        t = bare_forward_seconds(store, "bundled:minilm", unit_rows, 32, [L])
+        rows.append({"layer": L, "of": 6, "time_ratio": t / full, "ideal": L / 6})
+    return rows
+
+
+def bench_codecs(tmp: Path, n: int) -> list[dict]:
+    import actstore
+    from actstore.data import DataConfig
+    from actstore.extract import ExtractConfig, extract
+
+    out = []
+    ref = None
+    for codec in ("fp32", "fp16", "bf16", "int8"):
+        store = tmp / f"c-{codec}.zarr"
+        extract(str(store), ExtractConfig("bundled:minilm", DataConfig(str(IMDB), limit=n), [4], codec=codec), progress=False)
+        x = actstore.open_store(str(store)).activations("minilm", 4)[:]
+        size = dir_bytes(store / "models")
+        if codec == "fp32":
+            ref, ref_size = x, size
+        cos = (x * ref).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(ref, axis=1))
+        rel_mse = float(((x - ref) ** 2).sum() / (ref**2).sum())
+        out.append({"codec": codec, "bytes_per_token": size / len(x), "vs_fp32": size / ref_size, "mean_cos": float(cos.mean()),
+                    "min_cos": float(cos.min()), "rel_mse": rel_mse})  # fmt: skip
+    return out
+
+
+STREAM = """
+import json, sys, time
+import actstore
+def peak_rss_mb():  # VmHWM: this process's own high-water mark (ru_maxrss inherits the parent's across fork)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+st = actstore.open_store(sys.argv[1])
+acts = st.activations("minilm", 4)
+t0 = time.perf_counter(); n = 0; s = 0.0
+for c in acts.iter_chunks():
+    n += c.values.nbytes; s += float(c.values[0, 0])
+dt = time.perf_counter() - t0
+print(json.dumps({"rows": len(acts), "decoded_mb": n / 2**20, "mb_per_s": n / 2**20 / dt,
+                  "peak_rss_mb": peak_rss_mb()}))
+"""
+
+
+def make_big_store(src: str, dst: Path, gb: float) -> None:
+    """A store whose layer array repeats real activations until it holds ``gb`` GB of fp16."""
+    import actstore
+    from actstore import codecs
+    from actstore.extract import _layer_arrays, _open_root
+    from actstore.location import open_location
+
+    real = actstore.open_store(src).activations("minilm", 4)[:]  # (n, 384) real rows
+    n_rows = int(gb * 2**30 / (real.shape[1] * 2)) // 4096 * 4096
+    loc = open_location(str(dst), create=True)
+    root = _open_root(loc)
+    from actstore.data import DataConfig
+    from actstore.extract import ExtractConfig
+
+    cfg = ExtractConfig("bundled:minilm", DataConfig("bundled:bbc"), [4], codec="fp16")
+    root.create_group("models/minilm", attributes={"actstore": {"key": "minilm"}})
+    arrays = _layer_arrays(root, "minilm", [4], n_rows, 4096, 65536, real.shape[1], cfg, "t-bench")
+    arr = arrays[4][0]
+    for a in range(0, n_rows, 65536):
+        b = min(a + 65536, n_rows)
+        idx = np.arange(a, b) % len(real)
+        arr[a:b] = codecs.encode(real[idx], "fp16").values
+    attrs = dict(arr.attrs["actstore"])
+    attrs.update(committed_rows=n_rows, complete=True)
+    arr.attrs["actstore"] = attrs
+
+
+def bench_stream(tmp: Path, src: str, big_gb: float) -> list[dict]:
+    rows = []
+    for gb in (big_gb / 4, big_gb):
+        dst = tmp / f"big-{gb:.2f}.zarr"
+        make_big_store(src, dst, gb)
+        out = subprocess.run([sys.executable, "-c", STREAM, str(dst)], capture_output=True, text=True, check=True)
+        r = json.loads(out.stdout)
+        r["store_gb_on_disk"] = dir_bytes(dst) / 2**30
+        rows.append(r)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--samples", type=int, default=300)
+    ap.add_argument("--big-gb", type=float, default=1.2)
+    ap.add_argument("--skip-stream", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        tp = bench_throughput(tmp, args.samples)
+        print(f"1. extraction {tp['tokens']} tokens, layers 2,4,6 fp16: extract {tp['extract_s']:.1f}s, "
+              f"bare forward {tp['bare_s']:.1f}s -> extract runs at {tp['ratio']:.2f}x the bare forward pass")  # fmt: skip
+        print("2. truncated forward (layers <= L of 6):")
+        for r in bench_depth(tp["store"]):
+            print(f"   L={r['layer']}: {r['time_ratio']:.2f} of a full pass (ideal {r['ideal']:.2f})")
+        print("3. codecs (layer 4, vs fp32):")
+        for r in bench_codecs(tmp, max(50, args.samples // 3)):
+            print(f"   {r['codec']:5s} {r['bytes_per_token']:7.1f} B/token  {r['vs_fp32']:.3f}x fp32  "
+                  f"mean cos {r['mean_cos']:.6f}  min cos {r['min_cos']:.6f}  rel MSE {r['rel_mse']:.2e}")  # fmt: skip
+        if not args.skip_stream:
+            print("4. streaming read (decoded float32), separate process per store:")
+            for r in bench_stream(tmp, tp["store"], args.big_gb):
+                print(f"   store {r['store_gb_on_disk']:.2f} GB on disk, {r['rows']} rows: {r['mb_per_s']:.0f} MB/s, "
+                      f"peak RSS {r['peak_rss_mb']:.0f} MB")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
