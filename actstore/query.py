@@ -1,30 +1,414 @@
-"""Query stage: DuckDB views over a store.
+"""Query stage: DuckDB views and Polars LazyFrames over a store, named SQL queries, top tokens / features.
 
-Views: ``samples`` and ``tokens`` (per tokenization, the default one under the
-plain names).
+Views (DuckDB and Polars alike)::
+
+    samples(sample, id, label, text, n_tokens, first_row, truncated)
+    tokens(row, sample, position, token_id, token)
+    features(model, layer, sae, row, feature, value)        every encoded SAE (actstore encode)
+    feature_stats(model, layer, sae, feature, n_active, frequency, mean, max, variance)
+    saes(sae, model, layer, tokenization, d_sae, arch, n_rows, n_feature_rows)
+
+``samples`` / ``tokens`` show the store's default tokenization. A read-only
+connection (the default) is a read-only DuckDB database: statements that
+create, change or drop catalog objects fail, and (local stores) file access is
+limited to the store's own Parquet tables, so ``COPY ... TO`` and reads of
+other files fail too.
+
+Named queries are the ``.sql`` files of ``actstore/sql/``; each starts with
+comment lines declaring its parameters (``-- @param NAME TYPE [= DEFAULT]: help``),
+which are always bound as DuckDB query parameters (``$NAME``), never pasted
+into the SQL text.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import duckdb
+import polars as pl
+
+from .errors import ConfigError, NotFoundError
 
 if TYPE_CHECKING:
     from .store import Store
 
+SQL_DIR = Path(__file__).resolve().parent / "sql"
+RANK_BY = ("variance", "frequency", "label-association")
+
+
+def _q(s: str) -> str:
+    """A SQL string literal (for names read from the store, never for user parameters)."""
+    return "'" + str(s).replace("'", "''") + "'"
+
 
 def _list_sql(files: list[str]) -> str:
-    return "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]"
+    return "[" + ", ".join(_q(f) for f in files) + "]"
+
+
+class FeatureTable(NamedTuple):
+    """One encoded SAE's feature table."""
+
+    sae: str
+    model: str
+    layer: int
+    tokenization: str | None
+    d_sae: int
+    n_rows: int
+    """Token rows encoded."""
+    n_feature_rows: int
+    arch: str | None
+    files: list[str]
+    """acts/*.parquet paths or URLs, by feature range."""
+    stats_file: str
+    feature_ranges: list[tuple[int, int]]
+    """``[feature_start, feature_stop)`` of each file."""
+
+
+def feature_tables(store: Store) -> list[FeatureTable]:
+    """Every completely encoded SAE of the store, by name."""
+    from .encode import encoded_saes, features_dir, read_manifest
+
+    out = []
+    for name in encoded_saes(store):
+        m = read_manifest(store, name) or {}
+        base = features_dir(name)
+        out.append(
+            FeatureTable(
+                name,
+                m["model"],
+                int(m["layer"]),
+                m.get("tokenization"),
+                int(m["d_sae"]),
+                int(m["n_rows"]),
+                int(m["n_feature_rows"]),
+                (m.get("sae_config") or {}).get("arch"),
+                [store.loc.join(f"{base}/acts/{f['file']}") for f in m["files"]],
+                store.loc.join(f"{base}/stats.parquet"),
+                [(int(f["feature_start"]), int(f["feature_stop"])) for f in m["files"]],
+            )
+        )
+    return out
+
+
+def resolve_sae(store: Store, layer: int | None = None, model: str | None = None, sae: str | None = None) -> FeatureTable:
+    """The encoded SAE a query is about: ``sae`` by name, else the only one of (model, layer)."""
+    tables = feature_tables(store)
+    if sae is not None:
+        for t in tables:
+            if t.sae == sae:
+                if (layer is not None and t.layer != int(layer)) or (model is not None and t.model != model):
+                    raise ConfigError(f"SAE {sae!r} reads {t.model} layer {t.layer}, not {model or t.model} layer {layer}")
+                return t
+        if sae in store.saes:
+            raise NotFoundError(f"SAE {sae!r} is not encoded yet: run actstore encode {store.url} --sae {sae}")
+        known = ", ".join(store.saes) or "none"
+        raise NotFoundError(f"no SAE named {sae!r} in {store.url} (SAEs: {known})")
+    cand = [t for t in tables if (layer is None or t.layer == int(layer)) and (model is None or t.model == model)]
+    if len(cand) == 1:
+        return cand[0]
+    where = " ".join(x for x in (f"model {model}" if model else "", f"layer {layer}" if layer is not None else "") if x)
+    where = where or "this store"
+    if len(cand) > 1:
+        names = ", ".join(f"{t.sae} ({t.model} layer {t.layer}, {t.d_sae} features)" for t in cand)
+        raise ConfigError(f"{where} has several encoded SAEs: pick one with --sae NAME: {names}")
+    unencoded = [n for n in store.saes if n not in {t.sae for t in tables}]
+    hint = f"; SAEs not yet encoded: {', '.join(unencoded)} (run actstore encode {store.url} --sae NAME)" if unencoded else ""
+    raise NotFoundError(
+        f"{where} has no encoded SAE: train one (actstore train {store.url} --layer L ...) "
+        f"and encode it (actstore encode {store.url} --sae NAME){hint}"
+    )
+
+
+# ---------------------------------------------------------------- views
+def view_sql(store: Store) -> dict[str, str]:
+    """``{view name: SELECT ...}`` for every view of the store."""
+    views: dict[str, str] = {}
+    if store.tokenization_keys():
+        tok = store.tokenization()
+        cols = {
+            "tokens": "row, sample, position, token_id, token",
+            "samples": "sample, id, label, text, n_tokens, first_row, truncated",
+        }
+        for table, c in cols.items():
+            files = tok.parquet_files(table)
+            if files:
+                views[table] = f"SELECT {c} FROM read_parquet({_list_sql(files)})"
+    tables = feature_tables(store)
+    feats, stats, saes = [], [], []
+    for t in tables:
+        head = f"SELECT {_q(t.model)} AS model, {int(t.layer)} AS layer, {_q(t.sae)} AS sae"
+        # one branch per feature-range file, its range stated: for a lookup of one feature DuckDB drops
+        # the other branches at plan time and opens a single file
+        for path, (f0, f1) in zip(t.files, t.feature_ranges, strict=True):
+            feats.append(
+                f"{head}, row, feature, value FROM read_parquet({_q(path)}) WHERE feature >= {int(f0)} AND feature < {int(f1)}"
+            )
+        stats.append(f"{head}, feature, n_active, frequency, mean, max, variance FROM read_parquet({_q(t.stats_file)})")
+        saes.append(
+            f"SELECT {_q(t.sae)} AS sae, {_q(t.model)} AS model, {int(t.layer)} AS layer, "
+            f"{_q(t.tokenization or '')} AS tokenization, {int(t.d_sae)} AS d_sae, {_q(t.arch or '')} AS arch, "
+            f"{int(t.n_rows)}::BIGINT AS n_rows, {int(t.n_feature_rows)}::BIGINT AS n_feature_rows"
+        )
+    empty = "SELECT NULL::VARCHAR AS model, NULL::INTEGER AS layer, NULL::VARCHAR AS sae"
+    views["features"] = (
+        " UNION ALL ".join(feats) or f"{empty}, NULL::BIGINT AS row, NULL::INTEGER AS feature, NULL::FLOAT AS value LIMIT 0"
+    )
+    views["feature_stats"] = " UNION ALL ".join(stats) or (
+        f"{empty}, NULL::INTEGER AS feature, NULL::BIGINT AS n_active, NULL::DOUBLE AS frequency, NULL::DOUBLE AS mean, "
+        "NULL::FLOAT AS max, NULL::DOUBLE AS variance LIMIT 0"
+    )
+    views["saes"] = " UNION ALL ".join(saes) or (
+        "SELECT NULL::VARCHAR AS sae, NULL::VARCHAR AS model, NULL::INTEGER AS layer, NULL::VARCHAR AS tokenization, "
+        "NULL::INTEGER AS d_sae, NULL::VARCHAR AS arch, NULL::BIGINT AS n_rows, NULL::BIGINT AS n_feature_rows LIMIT 0"
+    )
+    from .diff import diff_view_sql  # feature_diff: saved SAE feature diffs (actstore diff-features)
+
+    views["feature_diff"] = diff_view_sql(store)[0]
+    return views
+
+
+def _store_files(store: Store) -> list[str]:
+    files: list[str] = []
+    if store.tokenization_keys():
+        for table in ("tokens", "samples"):
+            files += store.tokenization().parquet_files(table)
+    for t in feature_tables(store):
+        files += [*t.files, t.stats_file]
+    from .diff import diff_view_sql
+
+    files += diff_view_sql(store)[1]
+    return files
 
 
 def connect(store: Store, read_only: bool = True) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection whose views read the store's Parquet tables."""
-    con = duckdb.connect(":memory:")
-    if store.tokenization_keys():
-        tok = store.tokenization()
-        for table in ("tokens", "samples"):
-            files = tok.parquet_files(table)
-            if files:
-                con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet({_list_sql(files)})")
+    """A DuckDB connection with the store's views; read-only unless ``read_only=False`` (see module docstring)."""
+    views = view_sql(store)
+    if not read_only:
+        con = duckdb.connect(":memory:")
+        _register_fs(con, store)
+        for name, sql in views.items():
+            con.execute(f"CREATE VIEW {name} AS {sql}")
+        return con
+    tmp = tempfile.mkdtemp(prefix="actstore-sql-")
+    path = os.path.join(tmp, "views.duckdb")
+    try:
+        con = duckdb.connect(path)
+        _register_fs(con, store)
+        for name, sql in views.items():
+            con.execute(f"CREATE VIEW {name} AS {sql}")
+        con.close()
+        con = duckdb.connect(path, read_only=True)
+    finally:
+        for f in os.listdir(tmp):
+            os.remove(os.path.join(tmp, f))
+        os.rmdir(tmp)
+    _register_fs(con, store)
+    if store.loc.local:
+        con.execute("SET allowed_paths = $p", {"p": _store_files(store)})
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
     return con
+
+
+def _register_fs(con: duckdb.DuckDBPyConnection, store: Store) -> None:
+    con.execute("SET parquet_metadata_cache = true")  # warm lookups skip re-reading footers
+    if not store.loc.local:  # DuckDB reads s3:// etc. through the store's own fsspec filesystem
+        con.register_filesystem(store.loc.fs)
+
+
+# ---------------------------------------------------------------- Polars
+def _scan(store: Store, files: list[str]) -> pl.LazyFrame:
+    return pl.scan_parquet(files, storage_options=store.loc.storage_options or None)
+
+
+def lazy_tokens(store: Store) -> pl.LazyFrame:
+    """``tokens`` as a LazyFrame (default tokenization)."""
+    return _scan(store, store.tokenization().parquet_files("tokens")).select("row", "sample", "position", "token_id", "token")
+
+
+def lazy_samples(store: Store) -> pl.LazyFrame:
+    """``samples`` as a LazyFrame (default tokenization)."""
+    cols = ("sample", "id", "label", "text", "n_tokens", "first_row", "truncated")
+    return _scan(store, store.tokenization().parquet_files("samples")).select(*cols)
+
+
+def _lazy_union(store: Store, sae: str | None, stats: bool) -> pl.LazyFrame:
+    tables = [resolve_sae(store, sae=sae)] if sae else feature_tables(store)
+    cols = ["feature", "n_active", "frequency", "mean", "max", "variance"] if stats else ["row", "feature", "value"]
+    frames = [
+        _scan(store, [t.stats_file] if stats else t.files).select(
+            pl.lit(t.model).alias("model"), pl.lit(t.layer, pl.Int32).alias("layer"), pl.lit(t.sae).alias("sae"), *cols
+        )
+        for t in tables
+    ]
+    if not frames:
+        raise NotFoundError(f"{store.url} has no encoded SAE yet: run actstore encode {store.url} --sae NAME")
+    return pl.concat(frames) if len(frames) > 1 else frames[0]
+
+
+def lazy_features(store: Store, sae: str | None = None) -> pl.LazyFrame:
+    """``features(model, layer, sae, row, feature, value)`` of one SAE, or of all encoded SAEs."""
+    return _lazy_union(store, sae, stats=False)
+
+
+def lazy_feature_stats(store: Store, sae: str | None = None) -> pl.LazyFrame:
+    """``feature_stats(model, layer, sae, feature, n_active, frequency, mean, max, variance)``."""
+    return _lazy_union(store, sae, stats=True)
+
+
+# ---------------------------------------------------------------- named queries
+_PARAM = re.compile(r"^--\s*@param\s+(\w+)\s+(\w+)\s*(?:=\s*(\S+))?\s*:\s*(.*)$")
+_TYPES = {"INTEGER": int, "BIGINT": int, "DOUBLE": float, "FLOAT": float, "VARCHAR": str}
+
+
+@dataclass
+class QueryParam:
+    """One declared parameter of a named query."""
+
+    name: str
+    type: str
+    """INTEGER, BIGINT, DOUBLE, FLOAT or VARCHAR."""
+    default: Any
+    """Value used when not given (None = SQL NULL); see ``required``."""
+    required: bool
+    help: str
+
+    def convert(self, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            return _TYPES[self.type](value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"parameter {self.name} must be {self.type}, got {value!r}") from None
+
+
+@dataclass
+class NamedQuery:
+    """A ``.sql`` file of ``actstore/sql/`` and its declared parameters."""
+
+    name: str
+    description: str
+    sql: str
+    params: list[QueryParam] = field(default_factory=list)
+
+
+def _parse_query(name: str, text: str) -> NamedQuery:
+    desc: list[str] = []
+    params: list[QueryParam] = []
+    for line in text.splitlines():
+        if not line.startswith("--"):
+            break
+        m = _PARAM.match(line)
+        if m:
+            pname, ptype, default, help_ = m.groups()
+            ptype = ptype.upper()
+            if ptype not in _TYPES:
+                raise ConfigError(f"query {name}: parameter {pname} has unknown type {ptype}")
+            required = default is None
+            p = QueryParam(pname, ptype, None, required, help_.strip())
+            p.default = None if required or default.upper() == "NULL" else p.convert(default)
+            params.append(p)
+        elif not params:
+            desc.append(line.lstrip("-").strip())
+    return NamedQuery(name, " ".join(d for d in desc if d), text, params)
+
+
+def list_queries() -> list[NamedQuery]:
+    """Every named query shipped with actstore, by name."""
+    return [_parse_query(p.stem, p.read_text(encoding="utf-8")) for p in sorted(SQL_DIR.glob("*.sql"))]
+
+
+def load_query(name: str) -> NamedQuery:
+    """A named query by name (``top-tokens`` and ``top_tokens`` both work)."""
+    key = name.replace("-", "_").removesuffix(".sql")
+    path = SQL_DIR / f"{key}.sql"
+    if not re.fullmatch(r"\w+", key) or not path.is_file():
+        names = ", ".join(q.name for q in list_queries())
+        raise NotFoundError(f"no named query {name!r}: choose one of {names} (actstore query --list)")
+    return _parse_query(key, path.read_text(encoding="utf-8"))
+
+
+def p_int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"parameter layer must be an integer, got {value!r}") from None
+
+
+def bind_params(store: Store, query: NamedQuery, given: dict[str, Any]) -> dict[str, Any]:
+    """Typed values for every declared parameter; ``layer`` / ``model`` pick the SAE when ``sae`` is not given."""
+    declared = {p.name: p for p in query.params}
+    hints = {"layer", "model"} - set(declared)
+    unknown = set(given) - set(declared) - hints
+    if unknown:
+        known = ", ".join([*declared, *sorted(hints)])
+        raise ConfigError(f"query {query.name} has no parameter {', '.join(sorted(unknown))}: it takes {known}")
+    out: dict[str, Any] = {}
+    for p in query.params:
+        if p.name == "sae":  # by name (checked against layer / model when given), else the layer's only SAE
+            layer = given.get("layer")
+            layer = None if layer is None else p_int(layer)
+            sae = None if given.get("sae") is None else str(given["sae"])
+            out["sae"] = resolve_sae(store, layer=layer, model=given.get("model"), sae=sae).sae
+            continue
+        if p.name in given and given[p.name] is not None:
+            out[p.name] = p.convert(given[p.name])
+        elif p.required:
+            raise ConfigError(f"query {query.name} needs --param {p.name}=... ({p.help})")
+        else:
+            out[p.name] = p.default
+    return out
+
+
+def run_query(
+    store: Store, name: str, params: dict[str, Any] | None = None, con: duckdb.DuckDBPyConnection | None = None
+) -> pl.DataFrame:
+    """Run the named query ``name`` with ``params`` bound as query parameters; a polars DataFrame."""
+    q = load_query(name)
+    values = bind_params(store, q, dict(params or {}))
+    own = con is None
+    con = con or connect(store)
+    try:
+        return con.sql(q.sql, params=values).pl()
+    finally:
+        if own:
+            con.close()
+
+
+# ---------------------------------------------------------------- commands people type
+def top_tokens(
+    store: Store, feature: int, layer: int | None = None, model: str | None = None, sae: str | None = None, n: int = 20,
+    context: int = 8, con: duckdb.DuckDBPyConnection | None = None,
+) -> pl.DataFrame:  # fmt: skip
+    """The ``n`` highest activations of ``feature``.
+
+    Columns: rank, value, token, id, label, context (the token in ``[[ ]]``), row, sample, position.
+    """
+    t = resolve_sae(store, layer=layer, model=model, sae=sae)
+    if not 0 <= int(feature) < t.d_sae:
+        raise ConfigError(f"feature {feature} is out of range for SAE {t.sae} ({t.d_sae} features: 0..{t.d_sae - 1})")
+    if n <= 0 or context < 0:
+        raise ConfigError(f"-n must be positive and --context non-negative (got {n}, {context})")
+    return run_query(store, "top_tokens", {"sae": t.sae, "feature": int(feature), "n": n, "context": context}, con=con)
+
+
+def top_features(
+    store: Store, layer: int | None = None, model: str | None = None, sae: str | None = None, by: str = "variance",
+    n: int = 10, label: str | None = None, con: duckdb.DuckDBPyConnection | None = None,
+) -> pl.DataFrame:  # fmt: skip
+    """The ``n`` features ranked by variance, frequency or label association (per label, or for ``label``)."""
+    if by not in RANK_BY:
+        raise ConfigError(f"--by {by!r}: choose one of {', '.join(RANK_BY)}")
+    if n <= 0:
+        raise ConfigError(f"-n must be positive, got {n}")
+    t = resolve_sae(store, layer=layer, model=model, sae=sae)
+    if by == "label-association":
+        return run_query(store, "feature_label_association", {"sae": t.sae, "n": n, "label": label}, con=con)
+    if label is not None:
+        raise ConfigError("--label only applies to --by label-association")
+    return run_query(store, "top_features", {"sae": t.sae, "n": n, "by": by}, con=con)

@@ -1,0 +1,191 @@
+"""Encode stage: the Parquet feature table equals a dense numpy re-encode with the same SAE weights."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+
+import actstore
+from actstore.cli import main
+from actstore.encode import EncodeConfig, encode, read_manifest, sort_entries
+from actstore.errors import ConfigError, StoreError
+from actstore.sae import SAE, SAEConfig, save_sae
+
+
+def make_sae(store, name: str, arch: str, layer: int = 2, d_sae: int = 40, k: int | None = None, seed: int = 0) -> SAE:
+    """A seeded random SAE with a negative encoder bias (so relu-l1 is sparse), saved in ``store``."""
+    tk = store.model_info("tiny")["tokenization"]
+    torch.manual_seed(seed)
+    sae = SAE(
+        SAEConfig(arch=arch, d_in=32, d_sae=d_sae, k=k, model="tiny", layer=layer, tokenization=tk, name=name, norm_scale=0.7)
+    )
+    with torch.no_grad():
+        sae.b_enc.copy_(torch.randn(d_sae) * 0.3 - 0.6)
+        sae.b_dec.copy_(torch.randn(32) * 0.1)
+    save_sae(store, sae, name)
+    return sae
+
+
+def dense_numpy(store, sae: SAE) -> np.ndarray:
+    """Reference activations (n_tokens, d_sae) in float64 numpy from the SAE's weights."""
+    x = store.activations(sae.cfg.model, sae.cfg.layer)[:].astype(np.float64)  # (n_tokens, d_model)
+    w = {k: v.detach().double().numpy() for k, v in sae.state_dict().items()}
+    pre = (x * sae.cfg.norm_scale - w["b_dec"]) @ w["W_enc"] + w["b_enc"]  # (n_tokens, d_sae)
+    if sae.cfg.arch == "relu-l1":
+        return np.maximum(pre, 0.0)
+    k = int(sae.cfg.k)
+    idx = np.argsort(-pre, axis=1)[:, :k]
+    out = np.zeros_like(pre)
+    np.put_along_axis(out, idx, np.maximum(np.take_along_axis(pre, idx, axis=1), 0.0), axis=1)
+    return out
+
+
+def table_dense(store, name: str, shape: tuple[int, int]) -> np.ndarray:
+    t = store.features(name).collect()
+    out = np.zeros(shape)
+    out[t["row"].to_numpy(), t["feature"].to_numpy()] = t["value"].to_numpy()
+    return out
+
+
+def acts_files(store, name: str) -> list[str]:
+    return [store.loc.join(f"features/{name}/acts/{f['file']}") for f in read_manifest(store, name)["files"]]
+
+
+@pytest.mark.parametrize(("arch", "k"), [("relu-l1", None), ("topk", 5)])
+def test_encode_equals_dense_numpy(tiny_store, arch, k):
+    st = actstore.open_store(tiny_store, writable=True)
+    sae = make_sae(st, "s", arch, k=k)
+    res = encode(st, EncodeConfig(sae="s", batch_rows=100, n_buckets=3, spill_entries=700, row_group_rows=50), progress=False)
+    ref = dense_numpy(st, sae)
+    n_rows = len(st.activations("tiny", 2))
+    got = table_dense(st, "s", ref.shape)
+    assert res.n_rows == n_rows and res.n_feature_rows == int((got > 0).sum())
+    assert abs(res.n_feature_rows - int((ref > 0).sum())) <= 2  # float32 vs float64 at exactly 0
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+    if arch == "topk":
+        assert ((got > 0).sum(axis=1) <= k).all()
+
+    # per-feature statistics over all rows, zeros included
+    stats = st.feature_stats("s").sort("feature").collect()
+    np.testing.assert_array_equal(stats["n_active"].to_numpy(), (got > 0).sum(axis=0))
+    np.testing.assert_allclose(stats["frequency"].to_numpy(), (got > 0).mean(axis=0))
+    np.testing.assert_allclose(stats["mean"].to_numpy(), ref.mean(axis=0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(stats["max"].to_numpy(), ref.max(axis=0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(stats["variance"].to_numpy(), ref.var(axis=0), rtol=1e-3, atol=1e-6)
+
+    # layout: spill gone, every file sorted by (feature, value desc, row) and within its feature range
+    assert not st.loc.exists("features/s/spill")
+    man = read_manifest(st, "s")
+    assert man["complete"] and man["n_buckets"] == 3
+    for f in man["files"]:
+        t = pq.read_table(st.loc.join(f"features/s/acts/{f['file']}"))
+        feat, val, row = (t[c].to_numpy() for c in ("feature", "value", "row"))
+        assert ((feat >= f["feature_start"]) & (feat < f["feature_stop"])).all()
+        key = np.lexsort((row, -val, feat))
+        np.testing.assert_array_equal(key, np.arange(len(feat)))
+
+
+def test_row_groups_let_a_feature_lookup_read_only_its_own(tiny_store):
+    st = actstore.open_store(tiny_store, writable=True)
+    make_sae(st, "s", "topk", k=8)
+    encode(st, EncodeConfig(sae="s", n_buckets=2, row_group_rows=64), progress=False)
+    stats = st.feature_stats("s").collect()
+    ranges = []
+    for path in acts_files(st, "s"):
+        md = pq.ParquetFile(path).metadata
+        ranges += [
+            (md.row_group(i).column(1).statistics.min, md.row_group(i).column(1).statistics.max) for i in range(md.num_row_groups)
+        ]
+    n_groups = len(ranges)
+    for feature, n_active in zip(stats["feature"], stats["n_active"], strict=True):
+        touched = sum(lo <= feature <= hi for lo, hi in ranges)
+        assert touched <= -(-n_active // 64) + 1
+    assert n_groups > 4
+
+
+def test_resume_after_crash_gives_identical_table(tiny_store, monkeypatch):
+    from actstore import encode as enc
+
+    st = actstore.open_store(tiny_store, writable=True)
+    make_sae(st, "s", "relu-l1")
+    cfg = EncodeConfig(sae="s", batch_rows=64, n_buckets=4, spill_entries=300)
+    real_flush, calls = enc._Spiller.flush, []
+
+    def crashing_flush(self, start):
+        calls.append(start)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real_flush(self, start)
+
+    monkeypatch.setattr(enc._Spiller, "flush", crashing_flush)
+    with pytest.raises(KeyboardInterrupt):
+        encode(st, cfg, progress=False)
+    monkeypatch.setattr(enc._Spiller, "flush", real_flush)
+    man = read_manifest(st, "s")
+    assert not man["complete"] and man["spilled_rows"] > 0
+    res = encode(st, cfg, progress=False)
+    assert res.resumed_from == man["spilled_rows"]
+    resumed = st.features("s").collect()
+
+    fresh_path = tiny_store + "-fresh"
+    shutil.copytree(tiny_store, fresh_path)
+    fresh = actstore.open_store(fresh_path, writable=True)
+    encode(fresh, EncodeConfig(sae="s", batch_rows=64, n_buckets=4, spill_entries=300, overwrite=True), progress=False)
+    assert resumed.equals(fresh.features("s").collect())
+    # a finished encoding is not redone
+    assert encode(st, cfg, progress=False).skipped
+
+
+def test_changed_weights_need_overwrite(tiny_store):
+    st = actstore.open_store(tiny_store, writable=True)
+    make_sae(st, "s", "relu-l1", seed=0)
+    encode(st, EncodeConfig(sae="s"), progress=False)
+    sae2 = make_sae(st, "s", "relu-l1", seed=1)
+    with pytest.raises(StoreError, match="--overwrite"):
+        encode(st, EncodeConfig(sae="s"), progress=False)
+    encode(st, EncodeConfig(sae="s", overwrite=True), progress=False)
+    np.testing.assert_allclose(
+        table_dense(st, "s", (len(st.activations("tiny", 2)), 40)), dense_numpy(st, sae2), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_errors_name_the_fix(tiny_store):
+    ro = actstore.open_store(tiny_store)
+    with pytest.raises(StoreError, match="writable"):
+        encode(ro, EncodeConfig(sae="s"), progress=False)
+    st = actstore.open_store(tiny_store, writable=True)
+    with pytest.raises(actstore.ActstoreError, match="actstore train"):
+        encode(st, EncodeConfig(sae="missing"), progress=False)
+    with pytest.raises(ConfigError):
+        EncodeConfig(sae="s", n_buckets=0)
+    tk = st.model_info("tiny")["tokenization"]
+    save_sae(st, SAE(SAEConfig(arch="relu-l1", d_in=16, d_sae=8, model="tiny", layer=2, tokenization=tk)), "narrow")
+    with pytest.raises(ConfigError, match="16-wide"):
+        encode(st, EncodeConfig(sae="narrow"), progress=False)
+
+
+def test_sort_entries_orders_negative_and_positive_values():
+    rng = np.random.default_rng(0)
+    feat = rng.integers(0, 5, 200).astype(np.int32)
+    value = rng.normal(size=200).astype(np.float32)
+    value[:10] = 0.5  # ties keep row order
+    row = np.arange(200, dtype=np.int64)
+    order = sort_entries(row, feat, value)
+    np.testing.assert_array_equal(order, np.lexsort((row, -value, feat)))
+
+
+def test_cli_encode(tiny_store):
+    st = actstore.open_store(tiny_store, writable=True)
+    make_sae(st, "s", "topk", k=4)
+    r = CliRunner().invoke(main, ["encode", tiny_store, "--sae", "s", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "SAE s (tiny layer 2)" in r.output and "feature rows" in r.output
+    r = CliRunner().invoke(main, ["encode", tiny_store, "--sae", "s", "--quiet"])
+    assert "already encoded" in r.output
+    r = CliRunner().invoke(main, ["encode", tiny_store, "--sae", "nope", "--quiet"])
+    assert r.exit_code != 0 and "no SAE named 'nope'" in r.output
