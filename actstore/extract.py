@@ -23,6 +23,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,12 +36,15 @@ import zarr.codecs as zc
 from . import __version__, codecs
 from .data import Corpus, DataConfig, load_corpus
 from .errors import ConfigError, StoreError, TokenizerMismatchError
+from .integrity import update_manifest
 from .location import Location, open_location
+from .locks import LockSet
 from .models import LayerTap, LoadedModel, check_layers, default_model_key, load_model, sanitize_key
 from .store import ATTR, FORMAT_VERSION, layer_name
 
 DEFAULT_CHUNK_ROWS = 4096
 PART_ROWS = 1 << 20  # token rows per Parquet part
+SETUP_WAIT_S = 3600.0  # how long an extraction waits for another one creating the store's token index
 
 
 def now() -> str:
@@ -100,6 +104,8 @@ class ExtractConfig:
     """Token rows per Zarr chunk (only used when the store's tokenization is created)."""
     unit_mb: int = 256
     """Memory budget (MiB) of float32 rows held per unit of work before writing."""
+    unit_rows: int | None = None
+    """Rows per unit of work, rounded up to whole chunks (default: from unit_mb)."""
     new_tokenization: bool = False
     """Allow a model whose tokenizer differs from the store's: add a new token index."""
 
@@ -110,8 +116,8 @@ class ExtractConfig:
             raise ConfigError(f"--batch-size must be positive, got {self.batch_size}")
         if self.max_length is not None and self.max_length < 2:
             raise ConfigError(f"--max-length must be at least 2, got {self.max_length}")
-        if self.chunk_rows <= 0 or self.unit_mb <= 0:
-            raise ConfigError("chunk_rows and unit_mb must be positive")
+        if self.chunk_rows <= 0 or self.unit_mb <= 0 or (self.unit_rows is not None and self.unit_rows <= 0):
+            raise ConfigError("chunk_rows, unit_mb and unit_rows must be positive")
         if self.layers != "all":
             self.layers = parse_layers(self.layers)
         if self.name is not None:
@@ -343,9 +349,12 @@ def _choose_tokenization(
     fp = _data_fingerprint(corpus)
     for k, a in existing.items():
         if a.get("complete") and not _same_data(a.get("data", {}), fp):
+            diff = ", ".join(
+                f"{k} {a['data'].get(k)!r} vs {fp.get(k)!r}" for k in ("source", "sha256", "text_field", "label_field", "id_field", "limit")
+                if a["data"].get(k) != fp.get(k) and not (k == "source" and fp.get("sha256"))
+            )  # fmt: skip
             raise StoreError(
-                f"store {loc.url} was made from {a['data'].get('source')} (limit {a['data'].get('limit')}), not "
-                f"{fp['source']} (limit {fp['limit']}): a store holds one corpus, so use a new store path"
+                f"store {loc.url} holds another corpus ({diff}): a store holds one corpus, so use a new store path"
             )
     done = {k: a for k, a in existing.items() if a.get("complete")}
     if key not in done:
@@ -424,8 +433,8 @@ def _layer_arrays(
     return out
 
 
-def _commit(arr: zarr.Array, rows: int) -> None:
-    a = dict(arr.attrs[ATTR])
+def _commit(arr: zarr.Array, rows: int, extra: dict[str, Any] | None = None) -> None:
+    a = {**arr.attrs[ATTR], **(extra or {})}
     a["committed_rows"] = rows
     a["updated"] = now()
     a["complete"] = rows >= a["n_rows"]
@@ -447,14 +456,21 @@ class _Writer(threading.Thread):
                 continue
             u0, u1, bufs = item
             try:
+                extra: dict[int, dict[str, Any]] = {}
                 for layer, x in bufs.items():
                     arr, scale = self.arrays[layer]
-                    enc = codecs.encode(x, self.codec)
+                    chan = None
+                    if self.codec == "int8":
+                        stored = arr.attrs[ATTR].get("channel_scale")
+                        chan = np.asarray(stored, np.float32) if stored else codecs.channel_scale(x)
+                        if not stored:
+                            extra[layer] = {"channel_scale": [float(v) for v in chan]}
+                    enc = codecs.encode(x, self.codec, chan)
                     arr[u0:u1] = enc.values
                     if scale is not None:
                         scale[u0:u1] = enc.scale
                 for layer in bufs:
-                    _commit(self.arrays[layer][0], u1)
+                    _commit(self.arrays[layer][0], u1, extra.get(layer))
             except BaseException as exc:  # reported by the main thread
                 self.error = exc
 
@@ -513,9 +529,27 @@ def _forward_unit(
 
 
 def extract(
-    store: str, cfg: ExtractConfig, progress: bool = True, storage_options: dict[str, Any] | None = None
-) -> ExtractResult:
-    """Extract ``cfg.layers`` of ``cfg.model`` over ``cfg.data`` into ``store`` (created if needed)."""
+    store: str, cfg: ExtractConfig, progress: bool = True, storage_options: dict[str, Any] | None = None,
+    break_lock: bool = False,
+) -> ExtractResult:  # fmt: skip
+    """Extract ``cfg.layers`` of ``cfg.model`` over ``cfg.data`` into ``store`` (created if needed).
+
+    Each layer array being written is locked (:mod:`actstore.locks`): a second writer of the same array is
+    refused with ConcurrencyError, writers of other models/layers proceed. ``break_lock`` takes over locks
+    left by a dead writer on another host (a dead writer on this host is detected by its pid).
+    """
+    held: list[LockSet] = []
+    try:
+        return _extract(store, cfg, progress, storage_options, break_lock, held)
+    finally:
+        for locks in held:
+            locks.release_all()
+
+
+def _extract(
+    store: str, cfg: ExtractConfig, progress: bool, storage_options: dict[str, Any] | None, break_lock: bool,
+    held: list[LockSet],
+) -> ExtractResult:  # fmt: skip
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
@@ -530,6 +564,9 @@ def extract(
     model_key = cfg.name or default_model_key(cfg.model)
 
     loc = open_location(store, storage_options=storage_options, create=True)
+    locks = LockSet(loc, f"extract {model_key}", break_lock)
+    held.append(locks)
+    locks.acquire("setup", wait_s=SETUP_WAIT_S)  # root, token index, model group and arrays: one creator at a time
     root = _open_root(loc)
     tk, tattrs = _choose_tokenization(loc, root, corpus, loaded, cfg, max_length, progress)
     n_rows, chunk_rows = int(tattrs["n_tokens"]), int(tattrs["chunk_rows"])
@@ -549,7 +586,10 @@ def extract(
 
     # unit size: whole chunks, bounded by the memory budget; an unfinished array keeps its own
     per_row = loaded.d_model * 4 * len(layers)
-    unit_rows = max(chunk_rows, (cfg.unit_mb * 2**20 // per_row) // chunk_rows * chunk_rows)
+    if cfg.unit_rows:
+        unit_rows = -(-cfg.unit_rows // chunk_rows) * chunk_rows
+    else:
+        unit_rows = max(chunk_rows, (cfg.unit_mb * 2**20 // per_row) // chunk_rows * chunk_rows)
     for layer in layers:
         try:
             a = zarr.open_array(loc.zarr_store, path=f"{mpath}/{layer_name(layer)}", mode="r").attrs[ATTR]
@@ -560,6 +600,14 @@ def extract(
             pass
     arrays = _layer_arrays(root, model_key, layers, n_rows, chunk_rows, unit_rows, loaded.d_model, cfg, tk)
     committed = {layer: int(arr.attrs[ATTR]["committed_rows"]) for layer, (arr, _) in arrays.items()}
+    locks.acquire_all([f"{mpath}/{layer_name(layer)}" for layer in layers if committed[layer] < n_rows])
+    locks.release("setup")
+    if loc.local:  # temp files of writes cut short by a kill; their chunks get rewritten below
+        for layer in layers:
+            if committed[layer] < n_rows:
+                for pat in (layer_name(layer), layer_name(layer) + "_scale"):
+                    for tmp in Path(loc.fs_path(f"{mpath}/{pat}")).rglob("*.partial"):
+                        tmp.unlink(missing_ok=True)
     todo = [layer for layer in layers if committed[layer] < n_rows]
     start = min((committed[layer] for layer in todo), default=n_rows)
 
@@ -589,6 +637,7 @@ def extract(
         finally:
             bar.close()
             writer.finish()
+    update_manifest(loc, prefixes=["zarr.json", "models/zarr.json", "tokenizations", mpath])
     secs = time.perf_counter() - t_start
     return ExtractResult(
         store=loc.url, model_key=model_key, layers=layers, tokenization=tk, n_samples=int(tattrs["n_samples"]),

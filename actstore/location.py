@@ -1,25 +1,74 @@
 """Where a store lives: a local folder or an object-store URL, behind one small interface.
 
-Local paths use Zarr's ``LocalStore`` (atomic writes by rename); URLs
-(``s3://``, ``gs://``, ``az://``, ``http(s)://``, ``file://``) go through fsspec.
+Local paths (and ``file://`` URLs) use Zarr's ``LocalStore`` (atomic writes by
+rename); URLs (``s3://``, ``gs://``, ``az://``, ``http(s)://``) go through
+fsspec, with credentials and endpoints from each backend's usual environment
+(``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``, ``GOOGLE_APPLICATION_CREDENTIALS``,
+``AZURE_STORAGE_CONNECTION_STRING``, ...) plus ``storage_options``.
+
+Safety rules enforced here:
+
+* every key is checked by :func:`check_key`: no absolute keys, no ``..``, no
+  backslashes or empty parts, so a key read from someone else's store can never
+  name a file outside the store's root;
+* a URL opened by :func:`open_location` without ``writable`` is read-only: its
+  Zarr store refuses writes and :meth:`Location.write_bytes` raises;
+  ``http(s)://`` stores are always read-only;
+* :meth:`Location.read_only_fs` hands DuckDB a filesystem that cannot write.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import zarr
 
-from .errors import StoreError
+from .errors import ConfigError, StoreError
 
-REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "az://", "abfs://", "http://", "https://", "memory://")
+REMOTE_SCHEMES = (
+    "s3://", "s3a://", "gs://", "gcs://", "az://", "abfs://", "abfss://", "adl://", "http://", "https://", "memory://",
+)  # fmt: skip
+READ_ONLY_SCHEMES = ("http://", "https://")
+PARQUET_BLOCK_SIZE = 1 << 20  # bytes per ranged read of a remote Parquet file: fetch row groups, not whole files
+_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
+
+# A store deliberately holds objects Zarr does not know (Parquet tables, manifest.json, locks/): Zarr's
+# member listing warns about each one; that warning says nothing useful to an actstore user.
+warnings.filterwarnings("ignore", message=r"Object at .* is not recognized as a component of a Zarr hierarchy")
 
 
 def is_remote(path: str) -> bool:
     return str(path).startswith(REMOTE_SCHEMES)
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` if it is a safe relative key inside a store, else raise :class:`StoreError`.
+
+    Refused: absolute keys (``/x``, ``C:x``), ``..`` or ``.`` parts, empty parts
+    (``a//b``), backslashes and control characters — anything that could resolve
+    outside the store's root when joined to it.
+    """
+    if not isinstance(key, str) or not key:
+        raise StoreError(f"empty or non-text store key {key!r} refused")
+    bad = (
+        key.startswith(("/", "~"))
+        or _WINDOWS_DRIVE.match(key) is not None
+        or "\\" in key
+        or any(ord(c) < 32 for c in key)
+        or "://" in key
+    )
+    parts = key.split("/")
+    if bad or any(p in ("", ".", "..") for p in parts):
+        raise StoreError(
+            f"unsafe store key {key!r} refused: keys must be relative paths inside the store "
+            "(no '..', no leading '/', no backslashes); the store may be malicious or damaged"
+        )
+    return key
 
 
 @dataclass
@@ -27,37 +76,95 @@ class Location:
     """A store's root: its URL, an fsspec filesystem, and a Zarr store over it."""
 
     url: str
+    """The path or URL the store was opened with (``file://`` resolved to a path)."""
     fs: Any
+    """fsspec filesystem of the root."""
     root: str
+    """The root as a path of ``fs`` (no scheme)."""
     zarr_store: Any
+    """Zarr v3 store over the root (read-only when ``read_only``)."""
     storage_options: dict[str, Any] = field(default_factory=dict)
+    """Options the filesystem was made with."""
+    read_only: bool = False
+    """Writes refused (a URL opened without ``writable``, or any http(s) URL)."""
 
     @property
     def local(self) -> bool:
         return not is_remote(self.url)
 
+    @property
+    def protocol(self) -> str:
+        return "file" if self.local else self.url.split("://", 1)[0]
+
     def join(self, key: str) -> str:
         """A path or URL for ``key`` under the root, usable by pyarrow/polars/duckdb."""
+        check_key(key)
         if self.local:
             return str(Path(self.root) / key)
         return self.url.rstrip("/") + "/" + key
 
     def fs_path(self, key: str) -> str:
-        return f"{self.root.rstrip('/')}/{key}" if key else self.root
+        if not key:
+            return self.root
+        check_key(key)
+        return f"{self.root.rstrip('/')}/{key}"
+
+    def key_of(self, fs_path: str) -> str:
+        """The store key of a path of ``fs`` under the root (inverse of :meth:`fs_path`)."""
+        root = self.root.rstrip("/") + "/"
+        p = fs_path.replace(os.sep, "/") if self.local else fs_path
+        if not p.startswith(root):
+            raise StoreError(f"{fs_path!r} is not under store root {self.root!r}")
+        return p[len(root) :]
+
+    def _refresh(self, path: str) -> None:
+        try:
+            self.fs.invalidate_cache(path)
+        except Exception:  # not every filesystem caches listings
+            pass
 
     def list_dirs(self, key: str) -> list[str]:
         """Names of the immediate sub-folders of ``key`` (empty if it does not exist)."""
         path = self.fs_path(key)
+        self._refresh(path)
         try:
             entries = self.fs.ls(path, detail=True)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return []
         return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory")
 
+    def walk(self, key: str = "") -> dict[str, int]:
+        """Every file under ``key`` as ``{store key: size in bytes}``, sorted by key."""
+        path = self.fs_path(key)
+        self._refresh(path)
+        try:
+            found = self.fs.find(path, detail=True)
+        except FileNotFoundError:
+            return {}
+        out = {}
+        for name, info in found.items():
+            if info.get("type", "file") == "directory":
+                continue
+            out[self.key_of(name)] = int(info.get("size") or 0)
+        return dict(sorted(out.items()))
+
     def exists(self, key: str) -> bool:
-        return bool(self.fs.exists(self.fs_path(key)))
+        path = self.fs_path(key)
+        self._refresh(path)
+        return bool(self.fs.exists(path))
+
+    def size(self, key: str) -> int:
+        return int(self.fs.size(self.fs_path(key)))
+
+    def _check_writable(self, key: str) -> None:
+        if self.read_only:
+            raise StoreError(
+                f"store {self.url} was opened read-only, so {key} cannot be written: "
+                "pass --writable (open_store(url, writable=True)) to write to a shared store"
+            )
 
     def write_bytes(self, key: str, data: bytes) -> None:
+        self._check_writable(key)
         path = self.fs_path(key)
         if self.local:
             p = Path(path)
@@ -68,18 +175,173 @@ class Location:
         else:
             self.fs.pipe_file(path, data)
 
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        """Write ``key`` only if it does not exist (atomic where the backend allows); False if it exists.
+
+        Local: ``O_CREAT | O_EXCL``. S3: a conditional PUT (``If-None-Match: *``).
+        Other fsspec backends: their ``mode="create"`` (exists-check on the weakest).
+        """
+        self._check_writable(key)
+        path = self.fs_path(key)
+        if self.local:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return True
+        try:
+            self.fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            return False
+        self._refresh(path)
+        return True
+
+    def delete(self, key: str) -> None:
+        """Remove one file (no error if it is already gone)."""
+        self._check_writable(key)
+        try:
+            self.fs.rm_file(self.fs_path(key))
+        except FileNotFoundError:
+            pass
+        self._refresh(self.fs_path(key))
+
     def read_bytes(self, key: str) -> bytes:
         return self.fs.cat_file(self.fs_path(key))
 
     def open_output(self, key: str):
+        self._check_writable(key)
         path = self.fs_path(key)
         if self.local:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         return self.fs.open(path, "wb")
 
+    def open_input(self, key: str):
+        """A binary file object for ``key``; remote files read in ranged blocks, not whole."""
+        if self.local:
+            return open(self.fs_path(key), "rb")  # noqa: SIM115
+        return self.fs.open(self.fs_path(key), "rb", block_size=PARQUET_BLOCK_SIZE, cache_type="readahead")
 
-def open_location(path: str, storage_options: dict[str, Any] | None = None, create: bool = False) -> Location:
-    """Resolve a path or URL into a :class:`Location`; ``create`` makes a local folder if missing."""
+    def read_only_fs(self) -> Any:
+        """The filesystem wrapped so that nothing can write through it (for DuckDB and pyarrow)."""
+        return self.fs if getattr(self.fs, "inner", None) is not None else ReadOnlyFileSystem(self.fs)
+
+    def read_parquet(self, keys: list[str], columns: list[str] | None = None) -> Any:
+        """Parquet files ``keys`` as one polars DataFrame, reading only what is needed from a remote store."""
+        import polars as pl
+        import pyarrow.parquet as pq
+
+        if self.local:
+            return pl.read_parquet([self.join(k) for k in keys], columns=columns)
+        paths = [self.fs_path(k) for k in keys]
+        return pl.from_arrow(pq.read_table(paths, filesystem=self.read_only_fs(), columns=columns))  # type: ignore[return-value]
+
+    def attach(self, con: Any) -> None:
+        """Let a DuckDB connection read this (remote) store's files through a read-only filesystem."""
+        if not self.local:
+            con.register_filesystem(self.read_only_fs())
+
+
+def _read_only_filesystem_class() -> type:
+    import fsspec
+
+    class _ReadOnlyFileSystem(fsspec.AbstractFileSystem):
+        """Wraps an fsspec filesystem; reads pass through, every write raises PermissionError."""
+
+        cachable = False
+
+        def __init__(self, inner: Any, **kw: Any) -> None:
+            super().__init__(**kw)
+            self.inner = inner
+            self.protocol = inner.protocol
+
+        def _refuse(self, *args: Any, **kw: Any) -> Any:
+            raise PermissionError("this store is opened read-only: writes are refused")
+
+        pipe_file = put_file = rm_file = rm = mkdir = makedirs = mv = cp_file = touch = _refuse
+
+        def _open(self, path: str, mode: str = "rb", block_size: Any = None, **kw: Any) -> Any:
+            if any(c in mode for c in "wax+"):
+                self._refuse()
+            kw.setdefault("cache_type", "readahead")
+            return self.inner.open(path, mode, block_size=block_size or PARQUET_BLOCK_SIZE, **kw)
+
+        def ls(self, path: str, detail: bool = True, **kw: Any) -> Any:
+            return self.inner.ls(path, detail=detail, **kw)
+
+        def info(self, path: str, **kw: Any) -> Any:
+            return self.inner.info(path, **kw)
+
+        def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kw: Any) -> Any:
+            return self.inner.cat_file(path, start=start, end=end, **kw)
+
+        def exists(self, path: str, **kw: Any) -> bool:
+            return self.inner.exists(path, **kw)
+
+        def find(self, path: str, *args: Any, **kw: Any) -> Any:
+            return self.inner.find(path, *args, **kw)
+
+        def cat(self, path: Any, *args: Any, **kw: Any) -> Any:
+            return self.inner.cat(path, *args, **kw)
+
+        def size(self, path: str) -> Any:
+            return self.inner.size(path)
+
+        def isdir(self, path: str) -> bool:
+            return self.inner.isdir(path)
+
+        def isfile(self, path: str) -> bool:
+            return self.inner.isfile(path)
+
+        def invalidate_cache(self, path: str | None = None) -> None:
+            self.inner.invalidate_cache(path)
+
+        def modified(self, path: str) -> Any:
+            return self.inner.modified(path)
+
+        def _strip_protocol(self, path: str) -> str:  # type: ignore[override]
+            return self.inner._strip_protocol(path)
+
+    return _ReadOnlyFileSystem
+
+
+_RO_CLASS: type | None = None
+
+
+def ReadOnlyFileSystem(inner: Any) -> Any:  # noqa: N802 - behaves like a class
+    """A read-only view of the fsspec filesystem ``inner``."""
+    global _RO_CLASS
+    if _RO_CLASS is None:
+        _RO_CLASS = _read_only_filesystem_class()
+    return _RO_CLASS(inner)
+
+
+def _remote_fs(url: str, opts: dict[str, Any]) -> tuple[Any, str]:
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url, **opts)
+    except ImportError as exc:
+        scheme = url.split("://", 1)[0]
+        pkg = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}
+        raise ConfigError(
+            f"opening {url} needs the fsspec backend for {scheme}://: pip install {pkg.get(scheme, 'its fsspec package')}"
+        ) from exc
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"bad --storage-option for {url}: {exc}") from None
+
+
+def open_location(
+    path: str, storage_options: dict[str, Any] | None = None, create: bool = False, writable: bool = False
+) -> Location:
+    """Resolve a path or URL into a :class:`Location`.
+
+    ``create`` makes a local folder if missing and opens a URL for writing (as
+    extraction does); otherwise a URL is read-only unless ``writable``. Local
+    paths are always writable by actstore (the filesystem's permissions rule).
+    """
     path = str(path)
     opts = dict(storage_options or {})
     if path.startswith("file://"):
@@ -99,14 +361,11 @@ def open_location(path: str, storage_options: dict[str, Any] | None = None, crea
         elif not p.exists():
             raise StoreError(f"store {p} does not exist: check the path, or run actstore extract to create it")
         return Location(str(p), fsspec.filesystem("file"), str(p), zarr.storage.LocalStore(str(p)), opts)
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(path, **opts)
-    if not getattr(fs, "async_impl", False):
-        from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
-
-        afs = AsyncFileSystemWrapper(fs)
-    else:
-        afs = fs
-    zstore = zarr.storage.FsspecStore(afs, path=root, read_only=False)
-    return Location(path.rstrip("/"), fs, root.rstrip("/"), zstore, opts)
+    if path.startswith(READ_ONLY_SCHEMES) and (create or writable):
+        raise StoreError(f"{path} is an http(s) URL, which is read-only: write to a local path or an s3/gs/az bucket instead")
+    read_only = not (create or writable)
+    fs, root = _remote_fs(path, opts)
+    # Zarr drives its own event loop, so it gets its own asynchronous instance of the filesystem
+    zstore = zarr.storage.FsspecStore.from_url(path, storage_options=opts, read_only=read_only)
+    # a read-only location hands out only a read-only filesystem (DuckDB, pyarrow and polars get this one)
+    return Location(path.rstrip("/"), ReadOnlyFileSystem(fs) if read_only else fs, root.rstrip("/"), zstore, opts, read_only)

@@ -105,6 +105,8 @@ class Tokenization:
         files = self.parquet_files(table)
         if not files:
             raise NotFoundError(f"tokenization {self.key} of {self.store.url} has no {table} table yet: run actstore extract")
+        if not self.store.loc.local:  # ranged reads through the store's (read-only) filesystem
+            return self.store.loc.read_parquet([f"tokenizations/{self.key}/{table}/{p['file']}" for p in self.attrs["parts"]])
         return pl.read_parquet(files, storage_options=self.store.loc.storage_options or None)
 
 
@@ -115,7 +117,8 @@ class Activations:
     whose chunks are completely written.
     """
 
-    def __init__(self, values: zarr.Array, scale: zarr.Array | None, attrs: dict[str, Any]) -> None:
+    def __init__(self, values: zarr.Array, scale: zarr.Array | None, attrs: dict[str, Any], loc: Location | None = None) -> None:
+        self._loc = loc  # to name a corrupted chunk (actstore.integrity.chunk_error)
         self._values = values
         self._scale = scale
         self.attrs = attrs
@@ -124,6 +127,8 @@ class Activations:
         self.d_model: int = attrs["d_model"]
         self.n_rows: int = int(attrs.get("committed_rows", 0))
         self.chunk_rows: int = int(values.chunks[0])
+        chan = attrs.get("channel_scale")
+        self._chan = np.asarray(chan, dtype=np.float32) if chan else None
 
     def __len__(self) -> int:
         return self.n_rows
@@ -142,18 +147,34 @@ class Activations:
             raise TypeError("activations support integer rows and contiguous slices [a:b]")
         start, stop, _ = key.indices(self.n_rows)
         stop = max(start, stop)
-        vals = self._values[start:stop]
-        scale = self._scale[start:stop] if self._scale is not None else None
-        return codecs.decode(vals, scale, self.codec)
+        try:
+            vals = self._values[start:stop]
+            scale = self._scale[start:stop] if self._scale is not None else None
+        except Exception as exc:
+            raise self._read_error(start, stop, exc) from None
+        return codecs.decode(vals, scale, self.codec, self._chan)
+
+    def _read_error(self, start: int, stop: int, exc: BaseException) -> BaseException:
+        if self._loc is None:
+            return exc
+        from .integrity import chunk_error
+
+        for arr in (self._values, self._scale):
+            if arr is not None and (err := chunk_error(self._loc, arr, start, stop, exc)) is not exc:
+                return err
+        return exc
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """Rows at arbitrary indices, float32 ``(len(rows), d_model)``."""
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= self.n_rows):
             raise IndexError(f"rows out of range for {self.n_rows} committed rows")
-        vals = self._values.get_orthogonal_selection((rows, slice(None)))
-        scale = self._scale.get_orthogonal_selection(rows) if self._scale is not None else None
-        return codecs.decode(vals, scale, self.codec)
+        try:
+            vals = self._values.get_orthogonal_selection((rows, slice(None)))
+            scale = self._scale.get_orthogonal_selection(rows) if self._scale is not None else None
+        except Exception as exc:
+            raise self._read_error(int(rows.min()), int(rows.max()) + 1, exc) from None
+        return codecs.decode(vals, scale, self.codec, self._chan)
 
     def iter_chunks(self, start: int = 0, stop: int | None = None, rows: int | None = None, prefetch: int = 2) -> Iterator[Chunk]:
         """Stream ``[start, stop)`` in blocks of ``rows`` (default one Zarr chunk), decoding ahead in a thread.
@@ -284,7 +305,7 @@ class Store:
         scale = None
         if attrs["codec"] == "int8":
             scale = zarr.open_array(self.loc.zarr_store, path=f"models/{model}/{layer_name(layer)}_scale", mode="r")
-        return Activations(values, scale, attrs)
+        return Activations(values, scale, attrs, loc=self.loc)
 
     def iter_chunks(self, model: str, layer: int, **kw: Any) -> Iterator[Chunk]:
         """Stream (model, layer) chunk by chunk; see :meth:`Activations.iter_chunks`."""
@@ -299,6 +320,18 @@ class Store:
         return self.tokenization(tokenization).table("samples")
 
     # ---- SQL -------------------------------------------------------------
+    def features(self, sae: str | None = None):  # -> polars.LazyFrame
+        """``features(model, layer, sae, row, feature, value)`` of one encoded SAE (or all) as a LazyFrame."""
+        from .query import lazy_features
+
+        return lazy_features(self, sae)
+
+    def feature_stats(self, sae: str | None = None):  # -> polars.LazyFrame
+        """``feature_stats(model, layer, sae, feature, n_active, frequency, mean, max, variance)`` as a LazyFrame."""
+        from .query import lazy_feature_stats
+
+        return lazy_feature_stats(self, sae)
+
     def connect(self, read_only: bool = True):  # -> duckdb.DuckDBPyConnection
         """A DuckDB connection with this store's views (see :mod:`actstore.query` for more)."""
         from .query import connect
@@ -309,7 +342,7 @@ class Store:
         """Run SQL over the store's views and return a polars DataFrame."""
         con = self.connect()
         try:
-            return con.execute(query, params).pl() if params else con.sql(query).pl()
+            return con.sql(query, params=params).pl() if params else con.sql(query).pl()
         finally:
             con.close()
 
@@ -330,12 +363,16 @@ class Store:
                     k: la.get(k) for k in ("d_model", "codec", "committed_rows", "n_rows", "complete", "created", "updated")
                 }
             out["models"][m] = {**{k: v for k, v in info.items() if k != "config"}, "layers": layers}
+        from .share import provenance, provenance_lines
+
+        out["provenance"] = provenance(self)
+        out.setdefault("extra", {})["provenance"] = provenance_lines(out["provenance"])
         return out
 
 
 def open_store(path: str, writable: bool = False, storage_options: dict[str, Any] | None = None) -> Store:
     """Open an existing store by path or URL (read-only unless ``writable``)."""
-    loc = open_location(path, storage_options=storage_options, create=False)
+    loc = open_location(path, storage_options=storage_options, create=False, writable=writable)
     return Store(loc, writable=writable)
 
 

@@ -1,0 +1,344 @@
+"""Sharing stores: verified copies between local folders and buckets, and the provenance record.
+
+``actstore copy SRC DST`` copies a store (or only some models, layers and SAEs
+of it) object by object, in parallel. Every object is checked twice: as read
+from the source (a chunk's crc32c, a file's SHA-256 from the source manifest
+where it has one) and again as read back from the destination. Objects already
+at the destination with the same bytes are skipped, so an interrupted copy is
+resumed by running the same command. Zarr metadata is written last, so a
+partial copy never shows arrays whose chunks are not there yet. Keys from the
+source are checked before anything is written: ``..``, absolute keys and the
+like are refused (see :func:`actstore.location.check_key`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, IntegrityError, StoreError
+from .integrity import (
+    MANIFEST_KEY,
+    SKIP_PREFIXES,
+    TMP,
+    ArrayLayout,
+    Problem,
+    _arrays_and_chunks,
+    check_chunk,
+    read_manifest,
+    sha256,
+    update_manifest,
+)
+from .location import Location, check_key, open_location
+
+ATTR = "actstore"
+
+
+@dataclass
+class CopyConfig:
+    """Everything one ``actstore copy`` run needs."""
+
+    src: str
+    """Source store: a path or URL."""
+    dst: str
+    """Destination: a path or a writable bucket URL (created if missing)."""
+    include: list[str] = field(default_factory=list)
+    """Copy only these models/layers/SAEs (``MODEL``, ``MODEL:LAYER``, ``sae:NAME`` or key globs); empty = all."""
+    jobs: int = 8
+    """Objects copied in parallel."""
+    src_options: dict[str, Any] = field(default_factory=dict)
+    """fsspec storage options of the source."""
+    dst_options: dict[str, Any] = field(default_factory=dict)
+    """fsspec storage options of the destination."""
+
+    def __post_init__(self) -> None:
+        if self.jobs <= 0:
+            raise ConfigError(f"--jobs must be positive, got {self.jobs}")
+        if self.src.rstrip("/") == self.dst.rstrip("/"):
+            raise ConfigError("copy source and destination are the same store")
+        self.include = [s for s in (x.strip() for x in self.include) if s]
+
+
+@dataclass
+class CopyResult:
+    """What a copy did."""
+
+    src: str
+    dst: str
+    n_objects: int
+    """Objects selected for copying."""
+    n_copied: int
+    """Objects written this run."""
+    n_skipped: int
+    """Objects already present at the destination with the right bytes (resume)."""
+    bytes_copied: int
+    seconds: float
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def include_patterns(include: list[str]) -> list[str]:
+    """Turn ``--include`` items into key-prefix globs.
+
+    ``MODEL`` -> ``models/MODEL``; ``MODEL:LAYER`` -> ``models/MODEL/layer_LAYER``;
+    ``sae:NAME`` -> ``saes/NAME``; anything with a ``/`` is a key glob as given.
+    """
+    out = []
+    for item in include:
+        if item.startswith("sae:"):
+            out.append(f"saes/{item[4:]}")
+        elif "/" in item:
+            out.append(item.strip("/"))
+        elif ":" in item:
+            model, layer = item.split(":", 1)
+            out.append(f"models/{model}/layer_{layer}")
+        else:
+            out.append(f"models/{item}")
+    return out
+
+
+def _selected(key: str, patterns: list[str]) -> bool:
+    """Whether ``key`` is needed for the selection: always the root, token index and manifest; else a matching prefix."""
+    if not patterns or key == "zarr.json" or key.startswith("tokenizations/") or key == "saes/zarr.json":
+        return True
+    parts = key.split("/")
+    for pat in patterns:
+        n = pat.count("/") + 1
+        head = "/".join(parts[:n])
+        if fnmatch.fnmatchcase(head, pat) or fnmatch.fnmatchcase(head, pat + "_scale"):
+            return True
+        # the parent groups' metadata of a selected layer (models/zarr.json, models/M/zarr.json)
+        if parts[-1] == "zarr.json" and fnmatch.fnmatchcase("/".join(parts[:-1]), "/".join(pat.split("/")[: len(parts) - 1])):
+            return True
+    return False
+
+
+def _copy_order(key: str) -> tuple[int, str]:
+    """Data first, then array/group metadata deepest first, the root's zarr.json last."""
+    if key == "zarr.json":
+        return (3, key)
+    if key.endswith("zarr.json"):
+        return (2, f"{9999 - key.count('/'):04d}{key}")
+    return (0 if "/c/" in key else 1, key)
+
+
+def _check_dst(dst: Location, src_root: dict[str, Any]) -> None:
+    if not dst.exists("zarr.json"):
+        return
+    try:
+        theirs = json.loads(dst.read_bytes("zarr.json")).get("attributes", {}).get(ATTR, {})
+    except ValueError:
+        theirs = {}
+    if theirs.get("created") != src_root.get("created"):
+        raise StoreError(
+            f"destination {dst.url} already holds a different store (created {theirs.get('created')}, the source "
+            f"{src_root.get('created')}): choose an empty destination"
+        )
+
+
+def copy_store(cfg: CopyConfig, progress: bool = False) -> CopyResult:
+    """Copy the store ``cfg.src`` to ``cfg.dst`` with verification; see the module docstring."""
+    t0 = time.perf_counter()
+    src = open_location(cfg.src, cfg.src_options)
+    listing = src.walk()
+    if "zarr.json" not in listing:
+        raise StoreError(f"{src.url} holds no zarr.json: not an actstore store (check the path)")
+    root_meta = json.loads(src.read_bytes("zarr.json"))
+    if ATTR not in root_meta.get("attributes", {}):
+        raise StoreError(f"{src.url} is a Zarr group but not an actstore store (no '{ATTR}' attribute)")
+    unsafe = []
+    for key in listing:
+        try:
+            check_key(key)
+        except StoreError:
+            unsafe.append(key)
+    if unsafe:
+        raise StoreError(
+            f"source store {src.url} holds unsafe keys {unsafe[:5]!r}: copy refused before writing anything "
+            "(keys must stay inside the store: no '..', no absolute keys)"
+        )
+    man = read_manifest(src)
+    listed = (man or {}).get("files", {})
+    arrays, chunk_keys, _ = _arrays_and_chunks(src, listing)
+    patterns = include_patterns(cfg.include)
+    keys = [
+        k for k in listing
+        if k != MANIFEST_KEY and not k.startswith(SKIP_PREFIXES) and not TMP.search(k) and _selected(k, patterns)
+    ]  # fmt: skip
+    if patterns and not any(k.startswith(("models/", "saes/")) and not k.endswith("zarr.json") for k in keys):
+        raise ConfigError(
+            f"--include {' '.join(cfg.include)} matches nothing in {src.url}: see actstore info for its models and SAEs"
+        )
+    keys.sort(key=_copy_order)
+
+    dst = open_location(cfg.dst, cfg.dst_options, create=True)
+    _check_dst(dst, root_meta["attributes"][ATTR])
+    dst_have = dst.walk()
+    layout_of: dict[str, tuple[ArrayLayout, tuple[int, ...]]] = {}
+    for layout in arrays.values():
+        for idx in layout.expected_chunks():
+            layout_of[layout.chunk_key(idx)] = (layout, idx)
+    res = CopyResult(src.url, dst.url, len(keys), 0, 0, 0, 0.0)
+    hashes: dict[str, dict[str, Any]] = {}
+
+    def check_source(key: str, data: bytes) -> str | None:
+        if key in chunk_keys:
+            if key in layout_of:
+                return check_chunk(src, layout_of[key][0], layout_of[key][1], data)
+            return None  # a chunk past the committed rows: copied as is
+        if key in listed and (len(data) != int(listed[key]["size"]) or sha256(data) != listed[key]["sha256"]):
+            return "SHA-256/size differ from the source manifest"
+        return None
+
+    def one(key: str) -> tuple[str, int, Problem | None]:
+        """Copy one object: returns ('copied'|'skipped'|'failed', bytes written, problem)."""
+        data = src.read_bytes(key)
+        why = check_source(key, data)
+        if why:
+            return "failed", 0, Problem(key, "corrupted", f"at the source: {why}; not copied")
+        digest = sha256(data)
+        if key not in chunk_keys:
+            hashes[key] = {"size": len(data), "sha256": digest}
+        if dst_have.get(key) == len(data) and sha256(dst.read_bytes(key)) == digest:
+            return "skipped", 0, None
+        if not dst.local:  # refuse paths that escape the destination (check_key already did; belt and braces)
+            pass
+        else:
+            target = Path(dst.fs_path(key)).resolve()
+            if not str(target).startswith(str(Path(dst.root).resolve()) + "/"):
+                return "failed", 0, Problem(key, "corrupted", "resolves outside the destination; refused")
+        for _attempt in range(2):
+            dst.write_bytes(key, data)
+            if sha256(dst.read_bytes(key)) == digest:
+                return "copied", len(data), None
+        return "failed", 0, Problem(key, "corrupted", "bytes read back from the destination differ from the source")
+
+    # data objects in parallel; metadata after them, in order
+    data_keys = [k for k in keys if _copy_order(k)[0] < 2]
+    meta_keys = [k for k in keys if _copy_order(k)[0] >= 2]
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(keys), desc="copy", unit=" objects", disable=not progress)
+    with ThreadPoolExecutor(cfg.jobs) as pool:
+        for state, n, problem in pool.map(one, data_keys):
+            _tally(res, state, n, problem)
+            bar.update()
+    if not res.problems:
+        for key in meta_keys:
+            _tally(res, *one(key))
+            bar.update()
+    bar.close()
+    if not res.problems:
+        update_manifest(dst, prefixes=[], entries=hashes)
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _tally(res: CopyResult, state: str, n: int, problem: Problem | None) -> None:
+    if state == "copied":
+        res.n_copied += 1
+        res.bytes_copied += n
+    elif state == "skipped":
+        res.n_skipped += 1
+    if problem is not None:
+        res.problems.append(problem)
+
+
+# ---------------------------------------------------------------- provenance
+def provenance(store: Any) -> dict[str, Any]:
+    """What made the store: per model and layer, the model (id, revision, weights hash), tokenizer hash,
+    corpus (file hash, row count), codec, actstore version, the full extraction config, and times."""
+    root = store.attrs
+    out: dict[str, Any] = {
+        "store": {k: root.get(k) for k in ("format", "created", "actstore_version", "default_tokenization")},
+        "tokenizations": {},
+        "models": {},
+        "saes": {},
+    }
+    updated = [root.get("created")]
+    for key in store.tokenization_keys():
+        a = store.tokenization(key).attrs
+        data = a.get("data", {})
+        out["tokenizations"][key] = {
+            "tokenizer": a.get("tokenizer_source"),
+            "tokenizer_sha256": a.get("tokenizer_sha256"),
+            "max_length": a.get("max_length"),
+            "data_source": data.get("source"),
+            "data_sha256": data.get("sha256"),
+            "data_limit": data.get("limit"),
+            "n_samples": a.get("n_samples"),
+            "n_rows_read": (a.get("data_report") or {}).get("n_rows_read", (a.get("data_report") or {}).get("n_read")),
+            "n_tokens": a.get("n_tokens"),
+            "created": a.get("created"),
+            "completed": a.get("completed"),
+        }
+        updated.append(a.get("completed"))
+    for m in store.models:
+        info = store.model_info(m)
+        layers = {}
+        for layer in store.layers(m):
+            la = store.layer_attrs(m, layer)
+            layers[str(layer)] = {k: la.get(k) for k in ("codec", "created", "updated", "actstore_version", "complete", "config")}
+            updated.append(la.get("updated"))
+        out["models"][m] = {
+            "source": info.get("source"),
+            "revision": info.get("revision"),
+            "weights_sha256": info.get("weights_sha256"),
+            "tokenizer_sha256": info.get("tokenizer_sha256"),
+            "tokenization": info.get("tokenization"),
+            "created": info.get("created"),
+            "layers": layers,
+        }
+    for name in store.saes:
+        try:
+            cfg = json.loads(store.loc.read_bytes(f"saes/{name}/cfg.json"))
+        except (ValueError, FileNotFoundError):
+            cfg = {"error": "cfg.json unreadable"}
+        out["saes"][name] = {k: cfg.get(k) for k in ("model", "layer", "arch", "d_in", "d_sae", "actstore_version", "training")}
+    out["store"]["updated"] = max((u for u in updated if u), default=None)
+    try:
+        man = read_manifest(store.loc)
+    except IntegrityError:
+        man = {"updated": "unreadable"}
+    out["store"]["manifest"] = None if man is None else {"updated": man.get("updated"), "files": len(man.get("files", {}))}
+    return out
+
+
+def provenance_lines(prov: dict[str, Any]) -> list[str]:
+    """``provenance`` as short lines for ``actstore info``."""
+    s = prov["store"]
+    man = s.get("manifest")
+    lines = [
+        f"store created {s.get('created')}, updated {s.get('updated')}, actstore {s.get('actstore_version')}; "
+        + (f"manifest of {man['files']} files ({man['updated']})" if man else "no manifest (actstore verify --update-manifest)")
+    ]
+    for key, t in prov["tokenizations"].items():
+        lines.append(
+            f"tokenization {key}: tokenizer {t['tokenizer']} sha256 {str(t['tokenizer_sha256'])[:12]}; data {t['data_source']} "
+            f"sha256 {str(t['data_sha256'])[:12]}, {t['n_samples']} samples"
+            + (f" (limit {t['data_limit']})" if t.get("data_limit") else "")
+        )
+    for m, info in prov["models"].items():
+        lines.append(
+            f"model {m}: {info['source']} revision {info['revision'] or '-'} weights sha256 {str(info['weights_sha256'])[:12]}"
+        )
+        for layer, la in info["layers"].items():
+            c = la.get("config") or {}
+            lines.append(
+                f"  layer {layer}: {la['codec']}, actstore {la['actstore_version']}, created {la['created']}, updated "
+                f"{la['updated']}; config batch_size={c.get('batch_size')} max_length={c.get('max_length')} "
+                f"chunk_rows={c.get('chunk_rows')} device={c.get('device')}"
+            )
+    for name, sae in prov["saes"].items():
+        lines.append(
+            f"sae {name}: {sae.get('arch')} {sae.get('d_in')}->{sae.get('d_sae')} on {sae.get('model')} layer {sae.get('layer')}"
+        )
+    return lines

@@ -1,0 +1,403 @@
+"""Sharing stores over a real S3 API (moto's server on 127.0.0.1): URLs, copy, verify, safety, locks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from actstore import open_store
+from actstore.cli import main
+from actstore.errors import ConcurrencyError, IntegrityError, StoreError
+from actstore.integrity import update_manifest, verify
+from actstore.location import check_key, open_location
+from actstore.locks import StoreLock, lock_key
+from actstore.share import CopyConfig, copy_store
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::ResourceWarning"),
+    pytest.mark.filterwarnings("ignore:Object at .* is not recognized"),
+]
+
+
+# ---------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def s3_server():
+    """moto's S3 server on a free loopback port, with credentials and endpoint in the environment."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket="team")
+    yield env["AWS_ENDPOINT_URL"]
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture()
+def s3():
+    """A fresh s3fs filesystem (no cached listings)."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    return s3fs.S3FileSystem()
+
+
+def new_url() -> str:
+    return f"s3://team/{uuid.uuid4().hex[:8]}/store"
+
+
+@pytest.fixture(scope="module")
+def pushed(s3_server, tiny_store_ro, tmp_path_factory):
+    """The tiny store copied into the bucket with ``actstore copy`` (module-wide; do not write to it)."""
+    url = "s3://team/shared/tiny"
+    local = tmp_path_factory.mktemp("pushsrc") / "tiny.zarr"
+    shutil.copytree(tiny_store_ro, local)
+    update_manifest(open_location(str(local)))
+    res = copy_store(CopyConfig(str(local), url))
+    assert res.ok and res.n_copied == res.n_objects
+    return url
+
+
+def extract_cfg(model_dir: str, corpus: str, layers: str, name: str = "tiny"):
+    from actstore.data import DataConfig
+    from actstore.extract import ExtractConfig
+
+    return ExtractConfig(
+        model=model_dir, data=DataConfig(corpus), layers=layers, name=name, codec="fp32", chunk_rows=64, batch_size=8,
+        device="cpu",
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------- keys and locations
+@pytest.mark.parametrize(
+    "key", ["../x", "a/../../x", "/etc/passwd", "a//b", "a\\..\\b", "C:evil", "./a", "a/.", "s3://x/y", "~/x"]
+)
+def test_unsafe_keys_refused(key):
+    with pytest.raises(StoreError, match="unsafe store key"):
+        check_key(key)
+
+
+def test_safe_keys_pass():
+    for key in ("zarr.json", "models/m/layer_3/c/0/0", "saes/a.b-c/cfg.json", "x..y/z"):
+        assert check_key(key) == key
+
+
+def test_file_url_is_local(tiny_store_ro):
+    st = open_store("file://" + tiny_store_ro)
+    assert st.loc.local and st.models == ["tiny"]
+
+
+# ---------------------------------------------------------------- extract to a bucket, read by URL
+def test_extract_to_bucket_matches_local(s3_server, tiny_bert_dir, corpus_file, tiny_store_ro):
+    from actstore.extract import extract
+
+    url = new_url()
+    res = extract(url, extract_cfg(tiny_bert_dir, corpus_file, "1,3"), progress=False)
+    assert res.rows_written == res.n_tokens > 0
+    remote, local = open_store(url), open_store(tiny_store_ro)
+    assert not remote.loc.local and remote.loc.read_only
+    assert remote.models == ["tiny"] and remote.layers("tiny") == [1, 3]
+    for layer in (1, 3):
+        np.testing.assert_array_equal(remote.activations("tiny", layer)[:], local.activations("tiny", layer)[:])
+    # streaming read over the bucket, chunk by chunk
+    chunks = list(remote.iter_chunks("tiny", 3, rows=100))
+    assert sum(c.stop - c.start for c in chunks) == res.n_tokens
+    assert remote.tokens().equals(local.tokens()) and remote.samples().equals(local.samples())
+    # the manifest was written by the extraction and vouches for every non-chunk file
+    rep = verify(remote.loc)
+    assert rep.ok and rep.manifest and not rep.problems, rep.problems
+    assert rep.n_chunks > 0 and rep.n_files > 0
+
+
+def test_sql_over_bucket_is_read_only(pushed, s3, tiny_store_ro):
+    st = open_store(pushed)
+    df = st.sql("SELECT label, count(*) AS n FROM samples GROUP BY label ORDER BY label")
+    want = open_store(tiny_store_ro).samples().group_by("label").len().sort("label")
+    assert df["n"].to_list() == want["len"].to_list()
+    con = st.connect()
+    with pytest.raises(Exception):  # noqa: B017 - DuckDB raises its own error types
+        con.execute(f"COPY (SELECT 1 AS x) TO '{pushed}/evil.parquet'")
+    con.close()
+    assert not s3.exists(pushed.removeprefix("s3://") + "/evil.parquet")
+
+
+def test_url_is_read_only_unless_writable(pushed):
+    from actstore.sae import SAE, SAEConfig, save_sae
+
+    st = open_store(pushed)
+    sae = SAE(SAEConfig(arch="relu-l1", d_in=32, d_sae=8))
+    with pytest.raises(StoreError, match="read-only.*--writable"):
+        save_sae(st, sae, "nope")
+    with pytest.raises(StoreError, match="read-only"):
+        StoreLock(st.loc, "x").acquire()
+
+
+def test_cli_info_and_sql_by_url(pushed):
+    r = CliRunner().invoke(main, ["info", pushed])
+    assert r.exit_code == 0, r.output
+    assert "model tiny" in r.output and "provenance" in r.output and "weights sha256" in r.output
+    r = CliRunner().invoke(main, ["info", pushed, "--json"])
+    prov = json.loads(r.output)["provenance"]
+    tk = next(iter(prov["tokenizations"].values()))
+    assert len(tk["data_sha256"]) == 64 and len(tk["tokenizer_sha256"]) == 64 and tk["n_samples"] == 40
+    layer = prov["models"]["tiny"]["layers"]["2"]
+    assert layer["codec"] == "fp32" and layer["config"]["chunk_rows"] == 64 and layer["actstore_version"]
+    assert prov["store"]["manifest"]["files"] > 0
+    r = CliRunner().invoke(main, ["sql", pushed, "SELECT count(*) AS n FROM tokens", "--format", "csv"])
+    assert r.exit_code == 0 and r.output.splitlines()[1] == str(open_store(pushed).tokenization().n_tokens)
+
+
+# ---------------------------------------------------------------- copy and verify
+def test_copy_down_and_verify(pushed, tmp_path, tiny_store_ro):
+    dst = tmp_path / "down.zarr"
+    r = CliRunner().invoke(main, ["copy", pushed, str(dst), "--jobs", "4"])
+    assert r.exit_code == 0, r.output
+    a, b = open_store(str(dst)), open_store(tiny_store_ro)
+    for layer in b.layers("tiny"):
+        np.testing.assert_array_equal(a.activations("tiny", layer)[:], b.activations("tiny", layer)[:])
+    r = CliRunner().invoke(main, ["verify", str(dst)])
+    assert r.exit_code == 0 and "ok" in r.output, r.output
+    # resume: a second run copies nothing, and a deleted chunk is fetched again
+    (dst / "models/tiny/layer_2/c/0/0").unlink()
+    res = copy_store(CopyConfig(pushed, str(dst)))
+    assert res.ok and res.n_copied == 1 and res.n_skipped == res.n_objects - 1
+
+
+def test_copy_include_only_some_layers(pushed, tmp_path):
+    dst = tmp_path / "part.zarr"
+    res = copy_store(CopyConfig(pushed, str(dst), include=["tiny:2"]))
+    assert res.ok
+    st = open_store(str(dst))
+    assert st.layers("tiny") == [2] and st.tokens().height > 0
+    assert verify(st.loc).ok
+
+
+def test_copy_refuses_another_store(pushed, tmp_path, tiny_store):
+    meta_path = Path(tiny_store) / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["attributes"]["actstore"]["created"] = "2020-01-01T00:00:00+00:00"  # another store at the destination
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match="different store"):
+        copy_store(CopyConfig(pushed, tiny_store))
+
+
+def test_corrupted_chunk_is_caught(tiny_store):
+    st = open_store(tiny_store)
+    good = st.activations("tiny", 2)[:]
+    chunk = Path(tiny_store) / "models/tiny/layer_2/c/3/0"
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+    acts = open_store(tiny_store).activations("tiny", 2)
+    np.testing.assert_array_equal(acts[:64], good[:64])  # other chunks still read
+    with pytest.raises(IntegrityError, match=r"chunk \(3, 0\) of array models/tiny/layer_2.*rows 192-255"):
+        acts[100:300]
+    with pytest.raises(IntegrityError, match="models/tiny/layer_2/c/3/0"):
+        list(acts.iter_chunks())
+    rep = verify(st.loc)
+    assert not rep.ok and [(p.key, p.kind) for p in rep.problems] == [("models/tiny/layer_2/c/3/0", "corrupted")]
+    r = CliRunner().invoke(main, ["verify", tiny_store])
+    assert r.exit_code != 0 and "models/tiny/layer_2/c/3/0" in r.output and "corrupted" in r.output
+
+
+def test_verify_reports_missing_and_tampered_files(tiny_store):
+    loc = open_location(tiny_store)
+    update_manifest(loc)
+    root = Path(tiny_store)
+    (root / "models/tiny/layer_1/c/2/0").unlink()
+    parquet = next(root.glob("tokenizations/*/samples/part-00000.parquet"))
+    data = bytearray(parquet.read_bytes())
+    data[100] ^= 0x01  # one bit in the data pages: the file still parses
+    parquet.write_bytes(bytes(data))
+    (root / "models/tiny/notes.txt").write_text("added later")
+    rep = verify(loc)
+    got = {(p.key, p.kind) for p in rep.problems}
+    assert ("models/tiny/layer_1/c/2/0", "missing") in got
+    assert (str(parquet.relative_to(root)), "corrupted") in got
+    assert ("models/tiny/notes.txt", "unlisted") in got
+    assert not rep.ok
+
+
+def test_corrupt_chunk_in_bucket_caught(pushed, s3, tmp_path):
+    url = new_url()
+    assert copy_store(CopyConfig(pushed, url)).ok
+    key = url.removeprefix("s3://") + "/models/tiny/layer_3/c/1/0"
+    raw = bytearray(s3.cat_file(key))
+    raw[5] ^= 0x10
+    s3.pipe_file(key, bytes(raw))
+    with pytest.raises(IntegrityError, match=r"chunk \(1, 0\) of array models/tiny/layer_3"):
+        open_store(url).activations("tiny", 3)[:]
+    r = CliRunner().invoke(main, ["verify", url])
+    assert r.exit_code != 0 and "models/tiny/layer_3/c/1/0" in r.output
+    # copying it down refuses the bad chunk instead of spreading it
+    res = copy_store(CopyConfig(url, str(tmp_path / "d.zarr")))
+    assert not res.ok and [p.key for p in res.problems] == ["models/tiny/layer_3/c/1/0"]
+
+
+def test_malicious_key_refused_on_copy(pushed, s3, tmp_path):
+    url = new_url()
+    assert copy_store(CopyConfig(pushed, url)).ok
+    bucket_key = url.removeprefix("s3://") + "/models/../../../escaped.txt"
+    import boto3
+
+    b, k = bucket_key.split("/", 1)
+    boto3.client("s3").put_object(Bucket=b, Key=k, Body=b"pwned")  # a raw key with '..' parts
+    dst = tmp_path / "inner" / "d.zarr"
+    r = CliRunner().invoke(main, ["copy", url, str(dst)])
+    assert r.exit_code != 0 and "unsafe" in r.output
+    assert not list(tmp_path.rglob("escaped.txt")) and not dst.exists()
+
+
+def test_malicious_manifest_key_refused(tiny_store):
+    loc = open_location(tiny_store)
+    loc.write_bytes("manifest.json", json.dumps({"files": {"../../x": {"size": 1, "sha256": "0"}}}).encode())
+    with pytest.raises(StoreError, match="unsafe store key"):
+        verify(loc)
+
+
+# ---------------------------------------------------------------- concurrency
+def test_lock_refuses_second_writer(tiny_store):
+    loc = open_location(tiny_store)
+    a = StoreLock(loc, "models/tiny/layer_1", "writer a").acquire()
+    with pytest.raises(ConcurrencyError, match=r"models/tiny/layer_1.*being written.*pid"):
+        StoreLock(loc, "models/tiny/layer_1", "writer b").acquire()
+    StoreLock(loc, "models/tiny/layer_2", "writer c").acquire().release()  # another array: fine
+    a.release()
+    StoreLock(loc, "models/tiny/layer_1", "writer b").acquire().release()
+    assert not loc.exists(lock_key("models/tiny/layer_1"))
+
+
+def test_lock_in_bucket_uses_conditional_write(pushed, s3):
+    url = new_url()
+    loc = open_location(url, create=True)
+    a = StoreLock(loc, "models/m/layer_1").acquire()
+    with pytest.raises(ConcurrencyError):
+        StoreLock(loc, "models/m/layer_1").acquire()
+    a.release()
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_stale_lock_from_dead_pid_taken_over(tiny_store):
+    loc = open_location(tiny_store)
+    stale = {"name": "models/tiny/layer_1", "owner": "dead", "pid": _dead_pid(), "host": socket.gethostname(),
+             "created": "2026-01-01T00:00:00+00:00", "purpose": "extract tiny"}  # fmt: skip
+    loc.write_bytes(lock_key("models/tiny/layer_1"), json.dumps(stale).encode())
+    lock = StoreLock(loc, "models/tiny/layer_1").acquire()
+    assert json.loads(loc.read_bytes(lock_key("models/tiny/layer_1")))["owner"] == lock.info.owner
+    lock.release()
+    # held by another host: refused unless break_lock
+    loc.write_bytes(lock_key("models/tiny/layer_1"), json.dumps({**stale, "host": "elsewhere", "pid": 1}).encode())
+    with pytest.raises(ConcurrencyError, match="elsewhere.*--break-lock"):
+        StoreLock(loc, "models/tiny/layer_1").acquire()
+    StoreLock(loc, "models/tiny/layer_1", break_lock=True).acquire().release()
+
+
+def test_extract_same_array_refused_other_layers_proceed(s3_server, tiny_bert_dir, corpus_file):
+    from actstore.extract import extract
+
+    url = new_url()
+    extract(url, extract_cfg(tiny_bert_dir, corpus_file, "1"), progress=False)
+    loc = open_location(url, create=True)
+    other = StoreLock(loc, "models/tiny/layer_2", "another extraction").acquire()  # someone is writing layer 2
+    try:
+        with pytest.raises(ConcurrencyError, match="models/tiny/layer_2"):
+            extract(url, extract_cfg(tiny_bert_dir, corpus_file, "2"), progress=False)
+        res = extract(url, extract_cfg(tiny_bert_dir, corpus_file, "3"), progress=False)  # a different layer
+        assert res.rows_written == res.n_tokens
+    finally:
+        other.release()
+    st = open_store(url)
+    assert len(st.activations("tiny", 3)) == res.n_tokens and len(st.activations("tiny", 2)) == 0  # nothing written to 2
+    assert not [k for k in loc.walk("locks")]  # every lock given back
+
+
+WRITER = """
+import sys
+from actstore.data import DataConfig
+from actstore.extract import ExtractConfig, extract
+cfg = ExtractConfig(model=sys.argv[2], data=DataConfig(sys.argv[3]), layers=sys.argv[4], name=sys.argv[5], codec="fp32",
+                    chunk_rows=64, batch_size=8, device="cpu", unit_rows=64)
+r = extract(sys.argv[1], cfg, progress=False)
+print("OK", r.rows_written)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_extract_different_models_into_one_bucket(s3_server, tiny_bert_dir, corpus_file, tmp_path):
+    url = new_url()
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    procs = [
+        subprocess.Popen([sys.executable, str(script), url, tiny_bert_dir, corpus_file, layers, name], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for layers, name in (("1,2", "first"), ("3", "second"))
+    ]  # fmt: skip
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0 and "OK" in out, err[-2000:]
+    st = open_store(url)
+    assert st.models == ["first", "second"] and st.layers("first") == [1, 2] and st.layers("second") == [3]
+    assert np.abs(st.activations("second", 3)[:]).sum(axis=1).min() > 0  # every row written
+    assert len(st.tokenization_keys()) == 1
+    rep = verify(st.loc)
+    assert rep.ok, rep.problems
+
+
+# ---------------------------------------------------------------- train, encode and query from the bucket
+def test_train_encode_and_top_tokens_over_bucket(pushed, s3):
+    from actstore.encode import EncodeConfig, encode
+    from actstore.query import top_tokens
+    from actstore.train import TrainConfig, train_sae
+
+    url = new_url()
+    assert copy_store(CopyConfig(pushed, url)).ok
+    st = open_store(url, writable=True)
+    train_sae(st, TrainConfig(model="tiny", layer=2, d_sae=16, epochs=1, batch_size=64, name="s", device="cpu"), progress=False)
+    ro = open_store(url)  # a teammate opens it by URL, read-only
+    assert ro.saes == ["s"] and ro.load_sae("s").cfg.d_sae == 16
+    encode(st, EncodeConfig(sae="s", batch_rows=256, n_buckets=2, row_group_rows=64), progress=False)
+    ro = open_store(url)
+    top = top_tokens(ro, feature=0, sae="s", n=5)
+    assert 0 < top.height <= 5 and top["value"].to_list() == sorted(top["value"].to_list(), reverse=True)
+    # the same feature's values recomputed from the activations in the bucket
+    acts = ro.activations("tiny", 2)[:]
+    import torch
+
+    with torch.no_grad():
+        want = ro.load_sae("s").encode(torch.from_numpy(acts))[:, 0].numpy()
+    np.testing.assert_allclose(top["value"].to_numpy(), np.sort(want)[::-1][: top.height], rtol=1e-4, atol=1e-5)
+    r = CliRunner().invoke(main, ["top-tokens", url, "--sae", "s", "--feature", "0", "-n", "3"])
+    assert r.exit_code == 0, r.output
+    update_manifest(open_location(url, writable=True))
+    assert verify(ro.loc).ok
