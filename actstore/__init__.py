@@ -10,7 +10,11 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .errors import ActstoreError  # noqa: E402
-from .sae import SAE, SAEConfig, load_sae  # noqa: E402
+from .sae import SAE, SAEConfig, export_sae, list_saes, load_sae  # noqa: E402
 from .store import Store, open_store  # noqa: E402
+from .train import TrainConfig, TrainResult, train_sae  # noqa: E402
 
-__all__ = ["SAE", "ActstoreError", "SAEConfig", "Store", "__version__", "load_sae", "open_store"]
+__all__ = [
+    "SAE", "ActstoreError", "SAEConfig", "Store", "TrainConfig", "TrainResult", "__version__", "export_sae", "list_saes",
+    "load_sae", "open_store", "train_sae",
+]  # fmt: skip

@@ -1,24 +1,29 @@
 """Sparse autoencoder architectures and their on-disk form.
 
-``relu-l1``   the paper's: ``h = ReLU(W_enc (x - b_dec) + b_enc)``, L1 penalty weighted
-              by decoder column norms (train stage).
-``topk``      Gao et al. 2024: keep the k largest pre-activations (after ReLU).
+``relu-l1``   the paper's: ``h = ReLU(W_enc (x - b_dec) + b_enc)``, ``x_hat = W_dec h + b_dec``;
+              trained with ``MSE + l1 * sum_i h_i * ||W_dec_i||`` (the L1 is weighted by
+              decoder row norms, so it cannot be dodged by shrinking the code).
+``topk``      Gao et al. 2024: keep the k largest pre-activations (after ReLU); decoder
+              rows kept at unit norm; an auxiliary loss revives dead latents.
 ``batchtopk`` top ``k * batch`` over the whole batch while training, a learned global
-              threshold at inference.
+              threshold at inference (``threshold`` buffer).
 
 Inputs are multiplied by ``cfg.norm_scale`` before encoding (so the training
-data has a fixed mean squared norm) and reconstructions divided by it, so
-callers always work in the model's own activation space.
+data has a fixed mean squared norm, ``d_in``) and reconstructions divided by it,
+so callers always work in the model's own activation space.
 
 Weights are stored as ``sae.safetensors`` (``W_enc (d_in, d_sae)``, ``b_enc
 (d_sae,)``, ``W_dec (d_sae, d_in)``, ``b_dec (d_in,)``, ``threshold ()``) with
-``cfg.json`` beside them, under ``STORE/saes/NAME/``.
+``cfg.json`` beside them and ``metrics.json`` from training, under
+``STORE/saes/NAME/``. ``cfg.json`` is written last: a folder without it is an
+unfinished run (it may hold ``checkpoint/``) and is not listed.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
@@ -26,12 +31,15 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from .errors import ConfigError, NotFoundError
+from .errors import ConfigError, NotFoundError, StoreError
 
 if TYPE_CHECKING:
+    import polars as pl
+
     from .store import Store
 
 ARCHS = ("relu-l1", "topk", "batchtopk")
+EXPORT_FORMATS = ("saelens", "actstore")
 
 
 @dataclass
@@ -68,9 +76,8 @@ class SAEConfig:
             raise ConfigError(f"unknown SAE architecture {self.arch!r}: choose one of {', '.join(ARCHS)}")
         if self.d_in <= 0 or self.d_sae <= 0:
             raise ConfigError(f"d_in and d_sae must be positive (got {self.d_in}, {self.d_sae})")
-        if self.arch in ("topk", "batchtopk"):
-            if not self.k or not 0 < self.k <= self.d_sae:
-                raise ConfigError(f"{self.arch} needs --k between 1 and d_sae ({self.d_sae}), got {self.k}")
+        if self.arch in ("topk", "batchtopk") and (not self.k or not 0 < self.k <= self.d_sae):
+            raise ConfigError(f"{self.arch} needs --k between 1 and d_sae ({self.d_sae}), got {self.k}")
         if self.norm_scale <= 0:
             raise ConfigError(f"norm_scale must be positive, got {self.norm_scale}")
 
@@ -84,7 +91,7 @@ class SAEConfig:
 
 
 class SAEOutput(NamedTuple):
-    """One SAE pass. All in normalised input space except where noted."""
+    """One SAE pass."""
 
     x_hat: torch.Tensor
     """Reconstruction ``(n, d_in)`` in the model's activation space."""
@@ -105,8 +112,8 @@ class SAE(nn.Module):
         w = w / w.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(w.clone())  # (d_sae, d_in), unit rows
         self.W_enc = nn.Parameter(w.t().clone())  # (d_in, d_sae) = W_dec^T
-        self.b_enc = nn.Parameter(torch.zeros(d_sae))
-        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))  # (d_sae,)
+        self.b_dec = nn.Parameter(torch.zeros(d_in))  # (d_in,), in normalised space
         self.register_buffer("threshold", torch.tensor(0.0))  # batchtopk inference threshold
 
     # ---- core ----------------------------------------------------------
@@ -116,7 +123,12 @@ class SAE(nn.Module):
         return (xn - self.b_dec) @ self.W_enc + self.b_enc
 
     def activate(self, pre: torch.Tensor, train: bool = False) -> torch.Tensor:
-        """Feature activations from pre-activations ``(n, d_sae)``."""
+        """Feature activations from pre-activations ``(n, d_sae)``.
+
+        ``train`` selects batchtopk's batch-level top-k; at inference batchtopk
+        keeps pre-activations above the learned threshold (per-token top-k if
+        no threshold was learned).
+        """
         arch, k = self.cfg.arch, self.cfg.k
         if arch == "relu-l1":
             return torch.relu(pre)
@@ -126,9 +138,13 @@ class SAE(nn.Module):
         if train:  # batchtopk: top k*n over the whole batch
             flat = torch.relu(pre).flatten()
             n_keep = min(int(k) * pre.shape[0], flat.numel())  # type: ignore[operator]
-            vals, idx = flat.topk(n_keep)
+            vals, idx = flat.topk(n_keep, sorted=False)
             return torch.zeros_like(flat).scatter_(0, idx, vals).view_as(pre)
         return torch.where(pre > self.threshold, pre, torch.zeros_like(pre))
+
+    def decode_normalised(self, acts: torch.Tensor) -> torch.Tensor:
+        """Reconstruction ``(n, d_in)`` in the normalised input space (what training compares)."""
+        return acts @ self.W_dec + self.b_dec
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Feature activations ``(n, d_sae)`` of raw activations ``x (n, d_in)`` (inference)."""
@@ -136,12 +152,26 @@ class SAE(nn.Module):
 
     def decode(self, acts: torch.Tensor) -> torch.Tensor:
         """Reconstruction ``(n, d_in)`` in the model's activation space."""
-        return (acts @ self.W_dec + self.b_dec) / self.cfg.norm_scale
+        return self.decode_normalised(acts) / self.cfg.norm_scale
 
     def forward(self, x: torch.Tensor, train: bool = False) -> SAEOutput:
         pre = self.pre_acts(x)
         acts = self.activate(pre, train=train)
         return SAEOutput(self.decode(acts), acts, pre)
+
+    # ---- training helpers ----------------------------------------------
+    @torch.no_grad()
+    def set_decoder_norm(self) -> None:
+        """Scale decoder rows to unit norm (topk / batchtopk keep them there)."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def remove_parallel_grads(self) -> None:
+        """Drop the part of W_dec's gradient that would change row norms (Gao et al. 2024)."""
+        if self.W_dec.grad is None:
+            return
+        w, g = self.W_dec, self.W_dec.grad  # (d_sae, d_in)
+        g.sub_((g * w).sum(dim=1, keepdim=True) * w)
 
     # ---- persistence ---------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -165,24 +195,186 @@ class SAE(nn.Module):
         sae.load_state_dict(tensors)
         return sae.eval()
 
+    def raw_space_tensors(self) -> dict[str, torch.Tensor]:
+        """Weights with ``norm_scale`` folded in, so they act on raw activations directly.
 
+        ``acts = act_fn((x - b_dec) @ W_enc + b_enc)`` and ``x_hat = acts @ W_dec + b_dec``
+        with ``x`` and ``x_hat`` in the model's activation space; feature
+        activations are unchanged.
+        """
+        s = float(self.cfg.norm_scale)
+        t = self.state_tensors()
+        return {
+            "W_enc": (t["W_enc"] * s).contiguous(),  # (d_in, d_sae)
+            "b_enc": t["b_enc"],  # (d_sae,)
+            "W_dec": (t["W_dec"] / s).contiguous(),  # (d_sae, d_in)
+            "b_dec": (t["b_dec"] / s).contiguous(),  # (d_in,)
+        }
+
+
+def check_d_in(cfg: SAEConfig, d_model: int, where: str) -> None:
+    """Raise ConfigError unless an SAE reading ``d_in`` fits activations of width ``d_model`` (``where`` names them)."""
+    if cfg.d_in != d_model:
+        raise ConfigError(
+            f"SAE {cfg.name or ''} reads d_in {cfg.d_in} but {where} has d_model {d_model}: "
+            f"use an SAE trained on that layer (it was trained on {cfg.model} layer {cfg.layer})"
+        )
+
+
+# ---------------------------------------------------------------- store I/O
 def sae_names(store: Store) -> list[str]:
     """Names of the SAEs saved in a store (folders under ``saes/`` with a cfg.json)."""
     return [n for n in store.loc.list_dirs("saes") if store.loc.exists(f"saes/{n}/cfg.json")]
 
 
-def save_sae(store: Store, sae: SAE, name: str) -> None:
+def save_sae(store: Store, sae: SAE, name: str, metrics: dict[str, Any] | None = None) -> None:
+    """Write ``sae.safetensors``, ``metrics.json`` (if given) and, last, ``cfg.json`` under ``saes/NAME/``."""
     weights, cfg_json = sae.to_bytes()
     store.loc.write_bytes(f"saes/{name}/sae.safetensors", weights)
+    if metrics is not None:
+        store.loc.write_bytes(f"saes/{name}/metrics.json", json.dumps(metrics, indent=2, default=float).encode())
     store.loc.write_bytes(f"saes/{name}/cfg.json", cfg_json)
 
 
-def load_sae(store: Store, name: str, device: str = "cpu") -> SAE:
-    """Load the SAE ``name`` saved in ``store``."""
+def _check_name(store: Store, name: str) -> None:
     names = sae_names(store)
     if name not in names:
         raise NotFoundError(
             f"no SAE named {name!r} in {store.url} (SAEs: {', '.join(names) or 'none'}): train one with actstore train"
         )
+
+
+def load_sae(store: Store, name: str, device: str = "cpu") -> SAE:
+    """Load the SAE ``name`` saved in ``store``."""
+    _check_name(store, name)
     sae = SAE.from_bytes(store.loc.read_bytes(f"saes/{name}/sae.safetensors"), store.loc.read_bytes(f"saes/{name}/cfg.json"))
     return sae.to(device)
+
+
+def read_metrics(store: Store, name: str) -> dict[str, Any]:
+    """The ``metrics.json`` written when SAE ``name`` was trained (empty if it has none)."""
+    _check_name(store, name)
+    key = f"saes/{name}/metrics.json"
+    return json.loads(store.loc.read_bytes(key)) if store.loc.exists(key) else {}
+
+
+def list_saes(store: Store) -> pl.DataFrame:
+    """One row per SAE in the store: architecture, sizes, source layer and final held-out metrics."""
+    import polars as pl
+
+    rows = []
+    for name in sae_names(store):
+        cfg = json.loads(store.loc.read_bytes(f"saes/{name}/cfg.json"))
+        m = read_metrics(store, name)
+        ev, tr = m.get("eval", {}), m.get("train", {})
+        rows.append(
+            {
+                "name": name,
+                "arch": cfg.get("arch"),
+                "model": cfg.get("model"),
+                "layer": cfg.get("layer"),
+                "d_in": cfg.get("d_in"),
+                "d_sae": cfg.get("d_sae"),
+                "k": cfg.get("k"),
+                "l1": cfg.get("l1") if cfg.get("arch") == "relu-l1" else None,
+                "tokens": m.get("tokens"),
+                "fvu": ev.get("fvu"),
+                "mse": ev.get("mse"),
+                "l0": ev.get("l0"),
+                "dead": tr.get("dead_fraction"),
+                "dense": ev.get("dense_fraction"),
+                "train_fvu": tr.get("fvu"),
+            }
+        )
+    schema = {
+        "name": pl.String, "arch": pl.String, "model": pl.String, "layer": pl.Int64, "d_in": pl.Int64, "d_sae": pl.Int64,
+        "k": pl.Int64, "l1": pl.Float64, "tokens": pl.Int64, "fvu": pl.Float64, "mse": pl.Float64, "l0": pl.Float64,
+        "dead": pl.Float64, "dense": pl.Float64, "train_fvu": pl.Float64,
+    }  # fmt: skip
+    return pl.DataFrame(rows, schema=schema)
+
+
+def delete_sae(store: Store, name: str) -> None:
+    """Remove ``saes/NAME/`` (finished SAE or unfinished run) if present."""
+    path = store.loc.fs_path(f"saes/{name}")
+    if store.loc.fs.exists(path):
+        store.loc.fs.rm(path, recursive=True)
+
+
+# ---------------------------------------------------------------- export
+def saelens_cfg(sae: SAE) -> dict[str, Any]:
+    """A ``cfg.json`` SAELens can load (v6 keys plus the v5 ones older loaders read)."""
+    c = sae.cfg
+    arch = {"relu-l1": "standard", "topk": "topk", "batchtopk": "jumprelu"}[c.arch]
+    hook = f"blocks.{c.layer}.hook_resid_pre" if c.layer is not None else "hook"
+    out: dict[str, Any] = {
+        "architecture": arch,
+        "d_in": c.d_in,
+        "d_sae": c.d_sae,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {
+            "model_name": c.model,
+            "hook_name": hook,
+            "hook_layer": c.layer,
+            "hook_head_index": None,
+            "prepend_bos": True,
+            "context_size": None,
+            "dataset_path": None,
+            "sae_lens_training_version": None,
+            "actstore": {"arch": c.arch, "k": c.k, "l1": c.l1, "norm_scale_folded": c.norm_scale, "name": c.name},
+        },
+        # legacy (SAELens < 6) keys
+        "model_name": c.model,
+        "hook_name": hook,
+        "hook_layer": c.layer,
+        "hook_head_index": None,
+        "activation_fn_str": "topk" if arch == "topk" else "relu",
+        "activation_fn_kwargs": {"k": c.k} if arch == "topk" else {},
+        "finetuning_scaling_factor": False,
+        "context_size": None,
+        "prepend_bos": True,
+        "dataset_path": None,
+        "sae_lens_training_version": None,
+    }
+    if arch == "topk":
+        out["k"] = c.k
+    return out
+
+
+def export_sae(store: Store, name: str, out_dir: str | Path, fmt: str = "saelens") -> list[Path]:
+    """Write SAE ``name`` to ``out_dir`` in ``fmt`` and return the files written.
+
+    ``saelens``: ``cfg.json`` + ``sae_weights.safetensors`` with ``W_enc (d_in, d_sae)``,
+    ``b_enc``, ``W_dec (d_sae, d_in)``, ``b_dec`` acting on raw activations (the
+    normalisation scale is folded into the weights); batchtopk becomes a JumpReLU
+    SAE with its learned threshold per feature. ``actstore``: a copy of the
+    store's own files.
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise ConfigError(f"unknown export format {fmt!r}: choose one of {', '.join(EXPORT_FORMATS)}")
+    sae = load_sae(store, name)
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"cannot create export folder {out}: {exc.strerror or exc}; choose a writable --out") from None
+    if fmt == "actstore":
+        written = []
+        for f in ("sae.safetensors", "cfg.json", "metrics.json"):
+            if store.loc.exists(f"saes/{name}/{f}"):
+                (out / f).write_bytes(store.loc.read_bytes(f"saes/{name}/{f}"))
+                written.append(out / f)
+        return written
+    tensors = sae.raw_space_tensors()
+    if sae.cfg.arch == "batchtopk":
+        thr = float(sae.threshold)
+        tensors["threshold"] = torch.full((sae.cfg.d_sae,), max(thr, 0.0))  # (d_sae,)
+    weights = out / "sae_weights.safetensors"
+    weights.write_bytes(st_save(tensors, metadata={"format": "pt"}))
+    cfg = out / "cfg.json"
+    cfg.write_text(json.dumps(saelens_cfg(sae), indent=2))
+    return [cfg, weights]

@@ -15,10 +15,37 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
-WORDS = (
-    "the movie was great wonderful terrible awful boring plot actor actress music scene film story "
-    "love hate good bad excellent poor funny sad long short ending beginning director camera"
-).split()
+WORDS = [
+    "the",
+    "movie",
+    "was",
+    "great",
+    "wonderful",
+    "terrible",
+    "awful",
+    "boring",
+    "plot",
+    "actor",
+    "actress",
+    "music",
+    "scene",
+    "film",
+    "story",
+    "love",
+    "hate",
+    "good",
+    "bad",
+    "excellent",
+    "poor",
+    "funny",
+    "sad",
+    "long",
+    "short",
+    "ending",
+    "beginning",
+    "director",
+    "camera",
+]
 
 
 def minilm_path() -> str:

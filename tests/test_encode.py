@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 import actstore
 from actstore.cli import main
-from actstore.encode import EncodeConfig, encode, read_manifest, sort_entries
+from actstore.encode import EncodeConfig, Entries, encode, merge_runs, read_manifest, sort_block, sort_entries, sparse_encode
 from actstore.errors import ConfigError, StoreError
 from actstore.sae import SAE, SAEConfig, save_sae
 
@@ -135,10 +135,30 @@ def test_resume_after_crash_gives_identical_table(tiny_store, monkeypatch):
     fresh_path = tiny_store + "-fresh"
     shutil.copytree(tiny_store, fresh_path)
     fresh = actstore.open_store(fresh_path, writable=True)
-    encode(fresh, EncodeConfig(sae="s", batch_rows=64, n_buckets=4, spill_entries=300, overwrite=True), progress=False)
+    # no background threads this time: the same table
+    encode(fresh, EncodeConfig(sae="s", batch_rows=64, n_buckets=4, spill_entries=300, workers=1, overwrite=True), progress=False)
     assert resumed.equals(fresh.features("s").collect())
     # a finished encoding is not redone
     assert encode(st, cfg, progress=False).skipped
+
+    # killed while writing the final files: restarts at the last committed spill, same table again
+    real_finish, done = enc._finish_bucket, []
+
+    def crashing_finish(*args, **kw):
+        done.append(1)
+        if len(done) == 3:
+            raise KeyboardInterrupt("killed")
+        return real_finish(*args, **kw)
+
+    monkeypatch.setattr(enc, "_finish_bucket", crashing_finish)
+    with pytest.raises(KeyboardInterrupt):
+        encode(st, EncodeConfig(sae="s", batch_rows=64, n_buckets=4, spill_entries=300, overwrite=True), progress=False)
+    monkeypatch.setattr(enc, "_finish_bucket", real_finish)
+    man = read_manifest(st, "s")
+    assert not man["complete"] and man["spilled_rows"] > 0
+    res = encode(st, cfg, progress=False)
+    assert res.resumed_from == man["spilled_rows"] and not st.loc.exists("features/s/spill")
+    assert st.features("s").collect().equals(fresh.features("s").collect())
 
 
 def test_changed_weights_need_overwrite(tiny_store):
@@ -155,9 +175,6 @@ def test_changed_weights_need_overwrite(tiny_store):
 
 
 def test_errors_name_the_fix(tiny_store):
-    ro = actstore.open_store(tiny_store)
-    with pytest.raises(StoreError, match="writable"):
-        encode(ro, EncodeConfig(sae="s"), progress=False)
     st = actstore.open_store(tiny_store, writable=True)
     with pytest.raises(actstore.ActstoreError, match="actstore train"):
         encode(st, EncodeConfig(sae="missing"), progress=False)
@@ -179,12 +196,56 @@ def test_sort_entries_orders_negative_and_positive_values():
     np.testing.assert_array_equal(order, np.lexsort((row, -value, feat)))
 
 
+@pytest.mark.parametrize(("arch", "k", "threshold"), [("relu-l1", None, 0.0), ("topk", 3, 0.0), ("batchtopk", 3, 0.0),
+                                                     ("batchtopk", 3, 0.2)])  # fmt: skip
+def test_sparse_encode_equals_dense_encode(arch, k, threshold):
+    torch.manual_seed(3)
+    sae = SAE(SAEConfig(arch=arch, d_in=8, d_sae=12, k=k, norm_scale=0.5))
+    with torch.no_grad():
+        sae.b_enc.copy_(torch.randn(12) * 0.3 - 0.3)
+        sae.threshold.fill_(threshold)
+    x = torch.randn(50, 8)
+    with torch.inference_mode():
+        dense = sae.encode(x).numpy()  # (50, d_sae)
+        e = sparse_encode(sae, x)
+    got = np.zeros_like(dense)
+    got[e.row, e.feature] = e.value
+    np.testing.assert_array_equal(got, dense)
+    assert e.row.size == int((dense != 0).sum()) and e.feature.dtype == np.int32 and e.value.dtype == np.float32
+
+
+@pytest.mark.parametrize(("d_sae", "rows"), [(40, 100), (1 << 30, 100), (40, 1 << 40)])  # packed keys; too wide for them
+def test_block_sort_and_merge_equal_lexsort(d_sae, rows):
+    rng = np.random.default_rng(0)
+    runs, blocks = [], []
+    for b in range(5):  # blocks of 20 local rows, in row order
+        n = 60
+        local = np.sort(rng.integers(0, 20, n))  # entries come row-major
+        feat = rng.integers(0, 40, n).astype(np.int32) * (d_sae // 40)
+        value = rng.normal(size=n).astype(np.float32)
+        value[:8] = 0.25  # ties: broken by row
+        row0 = b * (rows // 5)  # rows spread over [0, rows)
+        blocks.append((local + row0, feat, value))
+        run = sort_block(Entries(local.astype(np.int64), feat, value), row0)
+        key = np.lexsort((run.row, -run.value, run.feature))
+        np.testing.assert_array_equal(key, np.arange(n))  # each block sorted
+        runs.append(run)
+    row, feat, value = (np.concatenate([b[i] for b in blocks]) for i in range(3))
+    order = np.lexsort((row, -value, feat))
+    merged = merge_runs(runs)
+    np.testing.assert_array_equal(merged.row, row[order])
+    np.testing.assert_array_equal(merged.feature, feat[order])
+    np.testing.assert_array_equal(merged.value, value[order])
+
+
 def test_cli_encode(tiny_store):
     st = actstore.open_store(tiny_store, writable=True)
     make_sae(st, "s", "topk", k=4)
-    r = CliRunner().invoke(main, ["encode", tiny_store, "--sae", "s", "--quiet"])
+    r = CliRunner().invoke(main, ["encode", tiny_store, "--sae", "s", "--quiet", "--spill-entries", "100", "--workers", "1"])
     assert r.exit_code == 0, r.output
     assert "SAE s (tiny layer 2)" in r.output and "feature rows" in r.output
+    cfg = read_manifest(st, "s")["config"]
+    assert (cfg["spill_entries"], cfg["workers"]) == (100, 1)
     r = CliRunner().invoke(main, ["encode", tiny_store, "--sae", "s", "--quiet"])
     assert "already encoded" in r.output
     r = CliRunner().invoke(main, ["encode", tiny_store, "--sae", "nope", "--quiet"])

@@ -111,6 +111,21 @@ def test_top_tokens_equal_numpy(enc_store, ref, sae, layer):
     con.close()
 
 
+def test_top_tokens_equals_the_named_sql_query(enc_store):
+    """top_tokens (lookup + in-memory token context) returns exactly the frame of sql/top_tokens.sql (a join)."""
+    st = actstore.open_store(enc_store)
+    con = st.connect()
+    for sae, features in (("a", range(0, 40, 3)), ("b", range(24)), ("c", range(0, 32, 4))):
+        for feature in features:
+            for n, context in ((5, 3), (50, 0), (3, 12)):
+                want = query.run_query(st, "top_tokens", {"sae": sae, "feature": feature, "n": n, "context": context}, con=con)
+                for c in (con, None):  # lookup through the connection's view / straight from the bucket file
+                    got = query.top_tokens(st, feature, sae=sae, n=n, context=context, con=c)
+                    assert got.equals(want), (sae, feature, n, context, c)
+    con.close()
+    assert query.context_string(["the", "Ġbig", "##gest", "▁cat"], 1) == "the [[big]]gest cat"
+
+
 def test_named_queries_equal_numpy(enc_store, ref):
     st = actstore.open_store(enc_store)
     dense, tokens, samples = ref["dense"]["a"], ref["tokens"], ref["samples"]

@@ -386,6 +386,12 @@ def test_train_encode_and_top_tokens_over_bucket(pushed, s3):
     train_sae(st, TrainConfig(model="tiny", layer=2, d_sae=16, epochs=1, batch_size=64, name="s", device="cpu"), progress=False)
     ro = open_store(url)  # a teammate opens it by URL, read-only
     assert ro.saes == ["s"] and ro.load_sae("s").cfg.d_sae == 16
+    with pytest.raises(StoreError, match="--writable"):  # a URL opened read-only refuses writes before any work
+        encode(ro, EncodeConfig(sae="s", batch_rows=256, n_buckets=2, row_group_rows=64), progress=False)
+    with pytest.raises(StoreError, match="--writable"):
+        train_sae(
+            ro, TrainConfig(model="tiny", layer=2, d_sae=16, epochs=1, batch_size=64, name="t", device="cpu"), progress=False
+        )
     encode(st, EncodeConfig(sae="s", batch_rows=256, n_buckets=2, row_group_rows=64), progress=False)
     ro = open_store(url)
     top = top_tokens(ro, feature=0, sae="s", n=5)
