@@ -411,7 +411,12 @@ class TokenContext:
             raise NotFoundError(f"tokenization {tk.key} of {store.url}: samples table and token index disagree (re-run extract)")
         self.sample_id = smp["id"].to_numpy()  # (n_samples,) object
         self.label = smp["label"].to_numpy()  # (n_samples,) object (None where unlabelled)
-        self.vocab = _vocab(store, [f"tokenizations/{tk.key}/tokens/{p['file']}" for p in tk.attrs.get("parts", [])])
+        if store.loc.exists(f"tokenizations/{tk.key}/vocab.parquet"):  # the tokenizer's whole vocabulary
+            v = store.loc.read_parquet([f"tokenizations/{tk.key}/vocab.parquet"], ["token_id", "token"])
+            self.vocab = np.empty(int(v["token_id"].max()) + 1, dtype=object)
+            self.vocab[v["token_id"].to_numpy()] = v["token"].to_numpy()
+        else:  # stores written before vocab.parquet existed: derive it from the tokens table
+            self.vocab = _vocab(store, [f"tokenizations/{tk.key}/tokens/{p['file']}" for p in tk.attrs.get("parts", [])])
         self.token_id = tk.array("token_id")  # (n_tokens,) int32 Zarr array
 
     def tokens(self, rows: np.ndarray) -> np.ndarray:

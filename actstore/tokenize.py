@@ -198,6 +198,10 @@ def _tokenize_corpus(
         raise ConfigError(
             f"no usable rows in {corpus.cfg.source}: every row was empty or not text (field {corpus.cfg.text_field!r})"
         )
+    vocab_ids = list(range(len(tok)))  # every id the tokenizer can emit, added tokens included
+    with loc.open_output(f"tokenizations/{key}/vocab.parquet") as f:
+        vocab = pa.table({"token_id": pa.array(vocab_ids, pa.int32()), "token": pa.array(tok.convert_ids_to_tokens(vocab_ids))})
+        pq.write_table(vocab, f, compression="zstd")
     grp.attrs[ATTR] = {
         **base_attrs,
         "n_tokens": w.n_tokens,
