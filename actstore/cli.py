@@ -390,7 +390,10 @@ def top_tokens_cmd(store: str, storage_options: tuple[str, ...], layer: int | No
 @main.command("top-features")
 @store_argument
 @_sae_options
-@click.option("--by", type=click.Choice(["variance", "frequency", "label-association"]), default="variance", show_default=True)
+@click.option(
+    "--by", type=click.Choice(["variance", "frequency", "label-association"]), default="variance", show_default=True,
+    help="Rank by activation variance over all tokens (the paper's choice), firing frequency, or label association.",
+)  # fmt: skip
 @click.option("--label", default=None, help="With --by label-association: only this label (default: every label).")
 @click.option("-n", "n", type=int, default=10, show_default=True, help="Features to show (per label for label-association).")
 @output_format_option
