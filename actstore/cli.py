@@ -235,12 +235,12 @@ def finetune(model: str, data: str, text_field: str, label_field: str, id_field:
              epochs: int, lr: float, batch_size: int, max_length: int, labels: str | None, seed: int,
              keep_checkpoint: bool, ignore_split: bool, device: str, quiet: bool) -> None:  # fmt: skip
     """Fine-tune MODEL with a classification head on a labelled corpus (resumable per epoch)."""
-    from .data import DataConfig
+    from .data import data_config
     from .finetune import FinetuneConfig, report_text
     from .finetune import finetune as run
 
     cfg = FinetuneConfig(
-        model=model, data=DataConfig(data, text_field, label_field, id_field, limit), out=out, epochs=epochs, lr=lr,
+        model=model, data=data_config(data, text_field, label_field, id_field, limit), out=out, epochs=epochs, lr=lr,
         batch_size=batch_size, max_length=max_length, seed=seed, device=device, keep_checkpoint=keep_checkpoint,
         ignore_split=ignore_split,
         labels=[x.strip() for x in labels.split(",") if x.strip()] if labels is not None else None,
@@ -479,14 +479,17 @@ def verify(store: str, storage_options: tuple[str, ...], update_manifest: bool, 
 @click.option("--sae", "saes", multiple=True, required=True, help="SAE name; repeat to pair one SAE with each model.")
 @click.option("--feature", "features", type=int, multiple=True, required=True, help="Feature index; repeat to give one per SAE.")
 @click.option("--text", "texts", multiple=True, help="A sentence to run through the models live (repeatable).")
+@click.option("--probes", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="File of sentences to run live, one per line (# comments), e.g. data/probes.txt.")  # fmt: skip
 @click.option("--sample-id", "sample_ids", multiple=True, help="Id of a stored sample (repeatable).")
 @click.option("--models", default=None, help="Model keys side by side, e.g. minilm,minilm-ft (default: each SAE's own model).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="FILE.html or FILE.png.")
 @click.option("--max-tokens", type=int, default=None, help="Show at most N tokens per sentence.")
 @device_option
 @handle_errors
-def show(store: str, storage_options: tuple[str, ...], saes: tuple[str, ...], features: tuple[int, ...], texts: tuple[str, ...],
-         sample_ids: tuple[str, ...], models: str | None, out: str, max_tokens: int | None, device: str) -> None:  # fmt: skip
+def show(store: str, storage_options: tuple[str, ...], saes: tuple[str, ...], features: tuple[int, ...],
+         texts: tuple[str, ...], probes: str | None, sample_ids: tuple[str, ...], models: str | None, out: str,
+         max_tokens: int | None, device: str) -> None:  # fmt: skip
     """Colour each token by an SAE feature's activation, models side by side (the paper's Figs 3-5)."""
     from .extract import auto_device
     from .show import ShowConfig, show_summary
@@ -494,6 +497,9 @@ def show(store: str, storage_options: tuple[str, ...], saes: tuple[str, ...], fe
     from .store import open_store
 
     st = open_store(store, storage_options=parse_storage_options(storage_options))
+    if probes:
+        with open(probes, encoding="utf-8") as f:
+            texts += tuple(line.strip() for line in f if line.strip() and not line.lstrip().startswith("#"))
     cfg = ShowConfig(
         saes=list(saes), features=list(features), texts=list(texts), sample_ids=list(sample_ids),
         models=[m.strip() for m in models.split(",") if m.strip()] if models else None, device=auto_device(device),
