@@ -21,13 +21,14 @@ readers never look past it, so a store being written reads consistently.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import polars as pl
@@ -39,6 +40,7 @@ from .location import Location, open_location
 
 FORMAT_VERSION = 1
 ATTR = "actstore"
+T = TypeVar("T")
 
 
 def layer_name(layer: int) -> str:
@@ -184,36 +186,57 @@ class Activations:
         stop = self.n_rows if stop is None else min(stop, self.n_rows)
         step = rows or self.chunk_rows
         bounds = [(a, min(a + step, stop)) for a in range(start, stop, step)]
-        q: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
-        done = threading.Event()
+        return prefetched(lambda _stop: (Chunk(a, b, self[a:b]) for a, b in bounds), prefetch, name="actstore-chunks")
 
-        def work() -> None:
+
+class _Raised(NamedTuple):
+    exc: BaseException
+
+
+_END = object()
+
+
+def prefetched(produce: Callable[[threading.Event], Iterable[T]], depth: int = 2, name: str = "actstore-prefetch") -> Iterator[T]:
+    """Iterate ``produce(stop)`` in a background thread, at most ``depth`` items ahead.
+
+    Errors in the producer are raised in the consumer; when the consumer stops early, ``stop`` is set,
+    the producer's iterator is closed and the thread ends, so nothing keeps reading in the background.
+    """
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
             try:
-                for a, b in bounds:
-                    if done.is_set():
-                        return
-                    q.put(Chunk(a, b, self[a:b]))
-                q.put(None)
-            except BaseException as exc:  # handed to the consumer
-                q.put(exc)
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
-        t = threading.Thread(target=work, daemon=True)
-        t.start()
+    def work() -> None:
         try:
-            while True:
-                item = q.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            done.set()
-            while t.is_alive():
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    t.join(0.05)
+            with contextlib.closing(iter(produce(stop))) as items:  # type: ignore[type-var]
+                for item in items:
+                    if not put(item):
+                        return
+            put(_END)
+        except BaseException as exc:  # handed to the consumer
+            put(_Raised(exc))
+
+    th = threading.Thread(target=work, daemon=True, name=name)
+    th.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _END:
+                return
+            if isinstance(item, _Raised):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        th.join()
 
 
 class Store:

@@ -21,7 +21,6 @@ so no held-out sentence leaks into training.
 from __future__ import annotations
 
 import math
-import queue
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, StoreError
-from .store import Activations, Tokenization
+from .store import Activations, Tokenization, prefetched
 
 
 @dataclass
@@ -222,41 +221,10 @@ class ShuffledStream:
 
     def batches(self, epoch: int, skip: int = 0) -> Iterator[torch.Tensor]:
         """Batches of epoch ``epoch`` from the ``skip``-th on, prepared in a background thread."""
-        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
 
-        def work() -> None:
-            try:
-                for arr in self._epoch(epoch, skip, stop):
-                    t = torch.from_numpy(np.ascontiguousarray(arr))
-                    if self.pin_memory:
-                        t = t.pin_memory()
-                    while not stop.is_set():
-                        try:
-                            q.put(t, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
-                        return
-                q.put(None)
-            except BaseException as exc:  # handed to the consumer
-                q.put(exc)
+        def produce(stop: threading.Event) -> Iterator[torch.Tensor]:
+            for arr in self._epoch(epoch, skip, stop):
+                t = torch.from_numpy(np.ascontiguousarray(arr))
+                yield t.pin_memory() if self.pin_memory else t
 
-        th = threading.Thread(target=work, daemon=True, name="actstore-batches")
-        th.start()
-        try:
-            while True:
-                item = q.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            while th.is_alive():
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    th.join(0.05)
+        return prefetched(produce, self.prefetch, name="actstore-batches")
