@@ -32,6 +32,7 @@ import polars as pl
 import torch
 
 from .errors import ConfigError, NotFoundError
+from .integrity import update_manifest
 
 if TYPE_CHECKING:
     from .sae import SAE
@@ -232,6 +233,7 @@ def save_diff(store: Store, res: DiffResult) -> str:
     store.loc.write_bytes(f"{key}/diff.parquet", buf.getvalue())
     meta = {"config": res.config, "counts": res.counts, "n_rows": res.n_rows, "created": datetime.now(UTC).isoformat()}
     store.loc.write_bytes(f"{key}/diff.json", json.dumps(meta, indent=2).encode())
+    update_manifest(store.loc, prefixes=[key])  # checksums for the new files (actstore verify)
     return store.loc.join(f"{key}/diff.parquet")
 
 

@@ -52,6 +52,7 @@ import torch
 
 from . import __version__
 from .errors import ConfigError, NotFoundError, StoreError
+from .integrity import update_manifest
 
 if TYPE_CHECKING:
     from .sae import SAE
@@ -562,6 +563,7 @@ def encode(store: Store, cfg: EncodeConfig, progress: bool = True) -> EncodeResu
     )  # fmt: skip
     _write_manifest(store, cfg.sae, man)
     _rm(store, f"{base}/spill")
+    update_manifest(store.loc, prefixes=[base])  # checksums for the new files (actstore verify)
     timings["finish"] = time.perf_counter() - t_fin
     secs = time.perf_counter() - t_start
     return EncodeResult(

@@ -34,6 +34,7 @@ from safetensors.torch import save as st_save
 
 from . import __version__
 from .errors import ConfigError, NotFoundError, StoreError
+from .integrity import update_manifest
 from .metrics import TrainTracker, evaluate, task_accuracy
 from .sae import ARCHS, SAE, SAEConfig, check_d_in, delete_sae, save_sae
 from .store import Store, open_store
@@ -476,6 +477,7 @@ def train_sae(
     path = st.loc.fs_path(f"saes/{name}/checkpoint")
     if st.loc.fs.exists(path):
         st.loc.fs.rm(path, recursive=True)
+    update_manifest(st.loc, prefixes=[f"saes/{name}"])  # checksums for the new files (actstore verify)
     return TrainResult(
         name=name, sae=sae, metrics=metrics, steps=step, tokens=tracker.tokens_seen, seconds=seconds,
         steps_per_s=metrics["steps_per_s"], resumed_from=start_step, store=st.url, split=split,
