@@ -1,5 +1,7 @@
 """Everything the pipeline writes is covered by a checksum: verify finds no unlisted files after train/encode/diff."""
 
+from pathlib import Path
+
 import actstore
 from actstore.diff import DiffConfig, diff_features
 from actstore.encode import EncodeConfig, encode
@@ -19,9 +21,9 @@ def test_train_encode_diff_leave_a_verifiable_store(tiny_store):
     assert rep.ok, [(p.key, p.kind) for p in rep.problems]
     assert not [p for p in rep.problems if p.kind == "unlisted"]
     # and a changed SAE weight file is caught
-    path = st.loc.fs_path("saes/a/sae.safetensors")
-    data = bytearray(open(path, "rb").read())
+    path = Path(st.loc.fs_path("saes/a/sae.safetensors"))
+    data = bytearray(path.read_bytes())
     data[-1] ^= 1
-    open(path, "wb").write(bytes(data))
+    path.write_bytes(bytes(data))
     bad = verify(st.loc)
     assert not bad.ok and [p.key for p in bad.problems if p.kind == "corrupted"] == ["saes/a/sae.safetensors"]
