@@ -524,7 +524,11 @@ def show(store: str, storage_options: tuple[str, ...], saes: tuple[str, ...], fe
 @handle_errors
 def diff_features(store: str, storage_options: tuple[str, ...], saes: tuple[str, ...], rows: int, retain: float, match: float,
                   no_activation_corr: bool, name: str | None, fmt: str, out: str | None) -> None:  # fmt: skip
-    """Match the features of two SAEs by decoder cosine and activation correlation: retained / modified / lost / new."""
+    """Match the features of two SAEs by decoder cosine and activation correlation: retained / modified / lost / new.
+
+    Counts mean something only against a baseline: diff two SAEs trained on the same activations with
+    different --seed values too (docs/REPRODUCTION.md shows such a seed control).
+    """
     from .diff import DiffConfig
     from .diff import diff_features as run
     from .store import open_store
