@@ -618,6 +618,7 @@ def demo(out: str, limit: int, max_length: int, epochs: int, sae_epochs: int, mo
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for init, held-out split and shuffling.")
 @click.option("--no-normalize", is_flag=True, help="Do not scale inputs to mean squared norm d_model.")
 @click.option("--buffer-mb", type=int, default=256, show_default=True, help="Shuffle buffer size (MiB).")
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 beside other jobs).")
 @click.option("--eval-fraction", type=float, default=0.05, show_default=True, help="Tokens held out, as whole samples.")
 @click.option("--checkpoint-every", type=int, default=500, show_default=True, help="Steps between checkpoints.")
 @click.option("--resume", is_flag=True, help="Require an unfinished run of NAME to continue (it is continued anyway).")
@@ -629,7 +630,7 @@ def demo(out: str, limit: int, max_length: int, epochs: int, sae_epochs: int, mo
 def train(store: str, storage_options: tuple[str, ...], writable: bool, model: str, layer: int, arch: str | None,
           d_sae: int | None, expansion: float | None, k: int | None, l1: float | None, lr: float | None,
           epochs: int | None, tokens: int | None, batch_size: int, preset: str | None, name: str | None, seed: int,
-          no_normalize: bool, buffer_mb: int, eval_fraction: float, checkpoint_every: int, resume: bool,
+          no_normalize: bool, buffer_mb: int, threads: int | None, eval_fraction: float, checkpoint_every: int, resume: bool,
           overwrite: bool, device: str, quiet: bool) -> None:  # fmt: skip
     """Train a sparse autoencoder on one layer of STORE, streaming from its chunks (resumable)."""
     from .train import TrainConfig, train_sae
@@ -637,7 +638,8 @@ def train(store: str, storage_options: tuple[str, ...], writable: bool, model: s
     cfg = TrainConfig(
         model=model, layer=layer, arch=arch, d_sae=d_sae, expansion=expansion, k=k, l1=l1, lr=lr, epochs=epochs, tokens=tokens,
         batch_size=batch_size, preset=preset, name=name, device=device, seed=seed, normalize=not no_normalize,
-        buffer_mb=buffer_mb, eval_fraction=eval_fraction, checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite,
+        buffer_mb=buffer_mb, threads=threads, eval_fraction=eval_fraction, checkpoint_every=checkpoint_every, resume=resume,
+        overwrite=overwrite,
     )  # fmt: skip
     res = train_sae(store, cfg, progress=not quiet, storage_options=parse_storage_options(storage_options), writable=writable)
     ev, c = res.metrics.get("eval") or {}, res.sae.cfg

@@ -49,7 +49,7 @@ DEFAULT_LR = 5e-4
 DEFAULT_EPOCHS = 3
 DEFAULT_K = 32
 # fields that may change between a killed run and its restart
-RUNTIME_FIELDS = ("device", "workers", "resume", "overwrite", "log_every", "checkpoint_every", "task_samples")
+RUNTIME_FIELDS = ("device", "workers", "threads", "resume", "overwrite", "log_every", "checkpoint_every", "task_samples")
 CKPT = "checkpoint/state.safetensors"
 
 
@@ -93,6 +93,8 @@ class TrainConfig:
     """Shuffle buffer size in MiB of float32 rows."""
     workers: int = 2
     """Threads reading and decoding chunks."""
+    threads: int | None = None
+    """torch CPU threads while training (default: torch's; 1 avoids oversubscription beside other jobs)."""
     eval_fraction: float = 0.05
     """Fraction of tokens held out (as whole samples) for evaluation."""
     max_eval_tokens: int = 20_000
@@ -119,6 +121,8 @@ class TrainConfig:
     """Replace an existing SAE or unfinished run of the same name."""
 
     def __post_init__(self) -> None:
+        if self.threads is not None and self.threads <= 0:
+            raise ConfigError(f"--threads must be positive, got {self.threads}")
         if self.preset is not None:
             if self.preset not in PRESETS:
                 raise ConfigError(f"unknown preset {self.preset!r}: choose one of {', '.join(PRESETS)}")
@@ -326,6 +330,24 @@ def train_sae(
     ``on_step(step, info)`` is called after every optimizer step (after any
     checkpoint of that step is written).
     """
+    if not cfg.threads:
+        return _train_sae(store, cfg, progress, on_step, storage_options, writable)
+    before = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _train_sae(store, cfg, progress, on_step, storage_options, writable)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train_sae(
+    store: Store | str,
+    cfg: TrainConfig,
+    progress: bool,
+    on_step: Callable[[int, dict[str, Any]], None] | None,
+    storage_options: dict[str, Any] | None,
+    writable: bool,
+) -> TrainResult:
     from tqdm.auto import tqdm
 
     st = open_store(store, storage_options=storage_options, writable=writable) if isinstance(store, str) else store

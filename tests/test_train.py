@@ -227,11 +227,15 @@ def test_sigkilled_cli_run_resumes(tiny_store):
 
 # ---------------------------------------------------------------- CLI
 def test_cli_train_saes_export(tiny_store, tmp_path):
+    import torch
+
+    before_threads = torch.get_num_threads()
     r = CliRunner().invoke(main, ["train", tiny_store, "--model", "tiny", "--layer", "2", "--arch", "topk", "--k", "4",
                                   "--d-sae", "64", "--epochs", "1", "--batch-size", "64", "--name", "c", "--quiet",
-                                  "--device", "cpu"])  # fmt: skip
+                                  "--device", "cpu", "--threads", str(2 if before_threads == 1 else 1)])  # fmt: skip
     assert r.exit_code == 0, r.output
     assert "SAE c (topk, 32->64, k 4) on tiny layer 2" in r.output and "FVU" in r.output
+    assert torch.get_num_threads() == before_threads  # --threads is restored after the run
     r = CliRunner().invoke(main, ["saes", tiny_store, "--format", "json"])
     rows = json.loads(r.output)
     assert r.exit_code == 0 and rows[0]["name"] == "c" and rows[0]["l0"] <= 4
