@@ -31,14 +31,19 @@ def handle_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def parse_storage_options(values: tuple[str, ...]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def key_values(values: tuple[str, ...], param_hint: str, form: str = "key=value") -> list[tuple[str, str]]:
+    """``("a=1", "b=x")`` -> ``[("a", "1"), ("b", "x")]``; anything without ``=`` or a key is refused."""
+    out = []
     for item in values:
         key, sep, val = item.partition("=")
         if not sep or not key:
-            raise click.BadParameter(f"{item!r} is not key=value", param_hint="--storage-option")
-        out[key] = {"true": True, "false": False}.get(val.lower(), val)
+            raise click.BadParameter(f"{item!r} is not {form}", param_hint=param_hint)
+        out.append((key, val))
     return out
+
+
+def parse_storage_options(values: tuple[str, ...]) -> dict[str, Any]:
+    return {k: {"true": True, "false": False}.get(v.lower(), v) for k, v in key_values(values, "--storage-option")}
 
 
 # ---- shared option decorators ------------------------------------------------
@@ -285,13 +290,7 @@ def compare(stores: tuple[str, ...], storage_options: tuple[str, ...], models: s
 
 # ---- encode / query (issue 4) --------------------------------------------------
 def _parse_params(values: tuple[str, ...]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in values:
-        key, sep, val = item.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"{item!r} is not name=value", param_hint="--param")
-        out[key.strip()] = val
-    return out
+    return {k.strip(): v for k, v in key_values(values, "--param", "name=value")}
 
 
 @main.command()
