@@ -490,7 +490,7 @@ def show(store: str, storage_options: tuple[str, ...], saes: tuple[str, ...], fe
          texts: tuple[str, ...], probes: str | None, sample_ids: tuple[str, ...], models: str | None, out: str,
          max_tokens: int | None, device: str) -> None:  # fmt: skip
     """Colour each token by an SAE feature's activation, models side by side (the paper's Figs 3-5)."""
-    from .extract import auto_device
+    from .models import auto_device
     from .show import ShowConfig, show_summary
     from .show import show as run
     from .store import open_store

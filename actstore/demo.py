@@ -89,9 +89,9 @@ def run_demo(cfg: DemoConfig, progress: bool = True, log: Any = print) -> DemoRe
 
     from .data import DataConfig
     from .encode import EncodeConfig, encode
-    from .extract import ExtractConfig, auto_device, extract
+    from .extract import ExtractConfig, extract
     from .finetune import FinetuneConfig, finetune
-    from .models import default_model_key
+    from .models import auto_device, default_model_key
     from .report import ReportConfig, build_report
     from .store import open_store
     from .train import TrainConfig, train_sae

@@ -53,6 +53,7 @@ import torch
 from . import __version__
 from .errors import ConfigError, NotFoundError, StoreError
 from .integrity import update_manifest
+from .models import auto_device
 
 if TYPE_CHECKING:
     from .sae import SAE
@@ -145,12 +146,6 @@ class EncodeResult:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def _auto_device(device: str) -> str:
-    from .extract import auto_device
-
-    return auto_device(device)
 
 
 def sae_fingerprint(store: Store, name: str) -> str:
@@ -465,7 +460,7 @@ def encode(store: Store, cfg: EncodeConfig, progress: bool = True) -> EncodeResu
     t_start = time.perf_counter()
     if store.loc.read_only:
         raise StoreError(f"{store.url} is open read-only: pass --writable (open_store(url, writable=True)) to encode into it")
-    device = _auto_device(cfg.device)
+    device = auto_device(cfg.device)
     sae = load_sae(store, cfg.sae, device=device).eval()
     model, layer = check_sae_layer(store, sae, cfg.sae)
     acts = store.activations(model, layer)

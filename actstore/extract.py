@@ -35,20 +35,12 @@ from .errors import ConfigError, StoreError
 from .integrity import update_manifest
 from .location import Location, open_location
 from .locks import LockSet
-from .models import LayerTap, check_layers, default_model_key, load_model, sanitize_key
+from .models import LayerTap, auto_device, check_layers, default_model_key, load_model, sanitize_key
 from .store import ATTR, FORMAT_VERSION, layer_name
 from .tokenize import choose_tokenization, now
 
 DEFAULT_CHUNK_ROWS = 4096
 SETUP_WAIT_S = 3600.0  # how long an extraction waits for another one creating the store's token index
-
-
-def auto_device(device: str = "auto") -> str:
-    if device != "auto":
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"--device {device} asked for, but torch sees no CUDA device: use --device cpu")
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def parse_layers(spec: str | list[int] | tuple[int, ...]) -> list[int]:

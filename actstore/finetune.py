@@ -37,7 +37,7 @@ import torch
 
 from .data import DataConfig, Record, load_corpus
 from .errors import ConfigError, DataError
-from .models import resolve_model
+from .models import auto_device, resolve_model
 
 SPLIT_ALIASES = {"train": "train", "validation": "val", "valid": "val", "val": "val", "dev": "val", "test": "test"}
 
@@ -291,7 +291,6 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult:
     from tqdm.auto import tqdm
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from .extract import auto_device
     from .models import _from_pretrained
 
     t0 = time.perf_counter()

