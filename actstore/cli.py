@@ -16,6 +16,7 @@ import click
 
 from . import __version__
 from .errors import ActstoreError
+from .location import write_access
 
 
 def handle_errors(fn: Callable) -> Callable:
@@ -314,7 +315,7 @@ def encode(store: str, storage_options: tuple[str, ...], writable: bool, sae: st
     from .encode import encode as run
     from .store import open_store
 
-    st = open_store(store, writable=writable, storage_options=parse_storage_options(storage_options))
+    st = open_store(store, writable=write_access(store, writable), storage_options=parse_storage_options(storage_options))
     cfg = EncodeConfig(sae=sae, batch_rows=batch_rows, n_buckets=n_buckets, row_group_rows=row_group_rows,
                        spill_entries=spill_entries, workers=workers, device=device, overwrite=overwrite)  # fmt: skip
     res = run(st, cfg, progress=not quiet)
@@ -453,7 +454,7 @@ def verify(store: str, storage_options: tuple[str, ...], update_manifest: bool, 
     from .location import open_location
     from .store import dumps
 
-    loc = open_location(store, parse_storage_options(storage_options), writable=writable)
+    loc = open_location(store, parse_storage_options(storage_options), writable=update_manifest and write_access(store, writable))
     if update_manifest:
         n = len(update(loc)["files"])
         click.echo(f"manifest.json lists {n} files", err=True)
@@ -519,10 +520,11 @@ def show(store: str, storage_options: tuple[str, ...], saes: tuple[str, ...], fe
 @click.option("--match", type=float, default=0.4, show_default=True, help="Either score at least this: modified (else lost/new).")
 @click.option("--no-activation-corr", is_flag=True, help="Match by decoder cosine only.")
 @click.option("--name", default=None, help="Save as STORE/diffs/NAME (default: A__B).")
+@writable_option
 @output_format_option
 @handle_errors
 def diff_features(store: str, storage_options: tuple[str, ...], saes: tuple[str, ...], rows: int, retain: float, match: float,
-                  no_activation_corr: bool, name: str | None, fmt: str, out: str | None) -> None:  # fmt: skip
+                  no_activation_corr: bool, name: str | None, writable: bool, fmt: str, out: str | None) -> None:  # fmt: skip
     """Match the features of two SAEs by decoder cosine and activation correlation: retained / modified / lost / new.
 
     Counts mean something only against a baseline: diff two SAEs trained on the same activations with
@@ -534,13 +536,16 @@ def diff_features(store: str, storage_options: tuple[str, ...], saes: tuple[str,
 
     if len(saes) != 2:
         raise click.UsageError(f"give exactly two SAEs: --sae A --sae B (got {len(saes)})")
-    st = open_store(store, writable=True, storage_options=parse_storage_options(storage_options))
+    st = open_store(store, writable=write_access(store, writable), storage_options=parse_storage_options(storage_options))
     cfg = DiffConfig(saes[0], saes[1], rows=rows, retain=retain, match=match, activation_corr=not no_activation_corr, name=name)
-    res = run(st, cfg)
+    res = run(st, cfg, save=st.writable)
     if out or fmt != "table":
         emit(res.table, fmt, out)
     for side, sae in (("a", saes[0]), ("b", saes[1])):
         click.echo(f"{sae}: " + ", ".join(f"{k} {v}" for k, v in res.counts[side].items()), err=bool(out) or fmt != "table")
+    if not st.writable:
+        click.echo(f"not saved: {store} is opened read-only (pass --writable to save it as diffs/{res.name})", err=True)
+        return
     click.echo(
         f"saved as diffs/{res.name} ({res.n_rows} token rows); query it with: actstore sql {store} "
         f"\"SELECT * FROM feature_diff WHERE diff = '{res.name}' AND status <> 'retained'\"",
@@ -555,9 +560,10 @@ def diff_features(store: str, storage_options: tuple[str, ...], saes: tuple[str,
 @click.option("--top-features", type=int, default=5, show_default=True, help="Top features by variance per SAE.")
 @click.option("--top-tokens", type=int, default=8, show_default=True, help="Top tokens per feature.")
 @click.option("--views", type=int, default=2, show_default=True, help="Token views per SAE (its best feature's top samples).")
+@click.option("--writable", is_flag=True, help="Save computed feature diffs into a store given by URL (local stores: always).")
 @handle_errors
 def report(store: str, storage_options: tuple[str, ...], out: str, models: str | None, top_features: int, top_tokens: int,
-           views: int) -> None:  # fmt: skip
+           views: int, writable: bool) -> None:  # fmt: skip
     """Write an HTML report of STORE: fine-tune reports, similarity, SAE metrics, top features, token views, feature diff."""
     from .report import ReportConfig
     from .report import report as run
@@ -566,7 +572,7 @@ def report(store: str, storage_options: tuple[str, ...], out: str, models: str |
         out=out, models=tuple(m.strip() for m in models.split(",")) if models else None,  # type: ignore[arg-type]
         top_features=top_features, top_tokens=top_tokens, views=views,
     )  # fmt: skip
-    res = run(store, cfg, parse_storage_options(storage_options))
+    res = run(store, cfg, parse_storage_options(storage_options), writable=write_access(store, writable))
     for note in res.notes:
         click.echo(f"note: {note}", err=True)
     click.echo(f"wrote {res.html} ({', '.join(res.sections) or 'no sections'}) and {res.markdown}")
@@ -640,7 +646,8 @@ def train(store: str, storage_options: tuple[str, ...], writable: bool, model: s
         buffer_mb=buffer_mb, threads=threads, eval_fraction=eval_fraction, checkpoint_every=checkpoint_every, resume=resume,
         overwrite=overwrite,
     )  # fmt: skip
-    res = train_sae(store, cfg, progress=not quiet, storage_options=parse_storage_options(storage_options), writable=writable)
+    res = train_sae(store, cfg, progress=not quiet, storage_options=parse_storage_options(storage_options),
+                    writable=write_access(store, writable))  # fmt: skip
     ev, c = res.metrics.get("eval") or {}, res.sae.cfg
     size = f"k {c.k}" if c.k else f"l1 {c.l1:g}"
     click.echo(

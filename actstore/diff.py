@@ -32,7 +32,9 @@ import polars as pl
 import torch
 
 from .errors import ConfigError, NotFoundError
-from .integrity import update_manifest
+from .integrity import check_file, update_manifest
+from .location import check_name, name_ok
+from .locks import StoreLock
 
 if TYPE_CHECKING:
     from .sae import SAE
@@ -70,6 +72,7 @@ class DiffConfig:
             raise ConfigError(f"--rows must be 0 (all) or positive, got {self.rows}")
         if self.name is None:
             self.name = f"{self.sae_a}__{self.sae_b}"
+        check_name(self.name, "diff")
 
 
 @dataclass
@@ -230,35 +233,39 @@ def save_diff(store: Store, res: DiffResult) -> str:
     buf = io.BytesIO()
     res.table.write_parquet(buf)
     key = f"diffs/{res.name}"
-    store.loc.write_bytes(f"{key}/diff.parquet", buf.getvalue())
     meta = {"config": res.config, "counts": res.counts, "n_rows": res.n_rows, "created": datetime.now(UTC).isoformat()}
-    store.loc.write_bytes(f"{key}/diff.json", json.dumps(meta, indent=2).encode())
-    update_manifest(store.loc, prefixes=[key])  # checksums for the new files (actstore verify)
+    with StoreLock(store.loc, key, f"diff-features {res.name}").acquire():  # one writer of a diff at a time
+        store.loc.write_bytes(f"{key}/diff.parquet", buf.getvalue())
+        store.loc.write_bytes(f"{key}/diff.json", json.dumps(meta, indent=2).encode())
+        update_manifest(store.loc, prefixes=[key])  # checksums for the new files (actstore verify)
     return store.loc.join(f"{key}/diff.parquet")
 
 
 def diff_names(store: Store) -> list[str]:
     """Names of the saved feature diffs of a store."""
-    return [n for n in store.loc.list_dirs("diffs") if store.loc.exists(f"diffs/{n}/diff.parquet")]
+    return [n for n in store.loc.list_dirs("diffs") if name_ok(n) and store.loc.exists(f"diffs/{n}/diff.parquet")]
 
 
 def load_diff(store: Store, name: str) -> DiffResult:
     if name not in diff_names(store):
         raise NotFoundError(f"no feature diff named {name!r} in {store.url}: run actstore diff-features")
-    table = pl.read_parquet(io.BytesIO(store.loc.read_bytes(f"diffs/{name}/diff.parquet")))
-    meta = json.loads(store.loc.read_bytes(f"diffs/{name}/diff.json"))
+    raw = store.loc.read_bytes(f"diffs/{name}/diff.parquet")
+    check_file(store.loc, f"diffs/{name}/diff.parquet", raw)
+    table = pl.read_parquet(io.BytesIO(raw))
+    raw = store.loc.read_bytes(f"diffs/{name}/diff.json")
+    check_file(store.loc, f"diffs/{name}/diff.json", raw)
+    meta = json.loads(raw)
     return DiffResult(name, table, meta["counts"], int(meta["n_rows"]), meta["config"])
 
 
 def diff_view_sql(store: Store) -> tuple[str, list[str]]:
-    """``(SELECT ..., files)`` of the ``feature_diff`` view: every saved diff, with its name in ``diff``."""
+    """``(SELECT ..., store keys of its files)`` of the ``feature_diff`` view: every saved diff, with its name in ``diff``."""
     from .query import _list_sql, _q
 
-    parts, files = [], []
+    parts, keys = [], []
     for name in diff_names(store):
-        f = store.loc.join(f"diffs/{name}/diff.parquet")
-        files.append(f)
-        parts.append(f"SELECT {_q(name)} AS diff, * FROM read_parquet({_list_sql([f])})")
+        keys.append(f"diffs/{name}/diff.parquet")
+        parts.append(f"SELECT {_q(name)} AS diff, * FROM read_parquet({_list_sql([store.loc.join(keys[-1])])})")
     if not parts:
         return (
             "SELECT NULL::VARCHAR AS diff, NULL::VARCHAR AS side, NULL::VARCHAR AS sae, NULL::INTEGER AS feature, "
@@ -266,4 +273,4 @@ def diff_view_sql(store: Store) -> tuple[str, list[str]]:
             "NULL::DOUBLE AS activation_corr, NULL::DOUBLE AS frequency, NULL::VARCHAR AS status LIMIT 0",
             [],
         )
-    return " UNION ALL BY NAME ".join(parts), files
+    return " UNION ALL BY NAME ".join(parts), keys

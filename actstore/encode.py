@@ -3,13 +3,21 @@
 Output layout (under the store, one folder per SAE)::
 
     STORE/features/<sae>/
-      encoding.json              manifest: SAE, model, layer, tokenization, row counts, files, config, complete
-      acts/bucket-00000.parquet  non-zero activations (row int64, feature int32, value float32) of features
-      acts/bucket-00001.parquet  [k * bucket_features, (k + 1) * bucket_features), sorted by feature, then
-      ...                        value descending, then row; small row groups (min/max stats prune lookups)
-      stats.parquet              per feature over ALL token rows (zeros included): feature, n_active,
-                                 frequency, mean, max, variance (population)
-      spill/                     temporary, only while encoding (resumable state)
+      encoding.json              the published encoding: SAE, model, layer, tokenization, row counts, files,
+                                 config, complete, and ``dir``, the generation folder holding its files
+      pending.json               only while an encoding is being made: its state (resumable)
+      gen-<N>/                   one generation of files (encodings before ``dir`` existed keep them at the top)
+        acts/bucket-00000.parquet  non-zero activations (row int64, feature int32, value float32) of features
+        acts/bucket-00001.parquet  [k * bucket_features, (k + 1) * bucket_features), sorted by feature, then
+        ...                        value descending, then row; small row groups (min/max stats prune lookups)
+        stats.parquet              per feature over ALL token rows (zeros included): feature, n_active,
+                                   frequency, mean, max, variance (population)
+        spill/                     temporary, only while encoding
+
+One writer at a time: an encode holds the lock ``locks/features/<sae>.lock`` (a second run of the same
+SAE is refused, naming the holder). A new encoding (``--overwrite``, or other weights) is made in a new
+generation folder; ``encoding.json`` is replaced by one atomic write when it is complete, and only then
+are the old generation's files removed. So a failed or killed run never costs the encoding that was there.
 
 Bounded memory, resumable, and no dense pass over the SAE output:
 
@@ -51,8 +59,10 @@ import pyarrow.parquet as pq
 import torch
 
 from . import __version__
-from .errors import ConfigError, NotFoundError, StoreError
-from .integrity import update_manifest
+from .errors import ConfigError, IntegrityError, NotFoundError, StoreError
+from .integrity import check_file, update_manifest
+from .location import check_key, check_name, name_ok
+from .locks import StoreLock
 from .models import auto_device
 
 if TYPE_CHECKING:
@@ -61,6 +71,7 @@ if TYPE_CHECKING:
 
 ENCODING_FORMAT = 1
 MANIFEST = "encoding.json"
+PENDING = "pending.json"
 ACTS_SCHEMA = pa.schema([("row", pa.int64()), ("feature", pa.int32()), ("value", pa.float32())])
 # final files: feature sorted (dictionary + RLE), rows (DELTA_BINARY_PACKED) and values (BYTE_STREAM_SPLIT)
 # compress far better than with dictionaries on every column, and write ~3x faster
@@ -109,6 +120,8 @@ class EncodeConfig:
     """cpu, cuda, cuda:N, or auto (CUDA when present)."""
     overwrite: bool = False
     """Re-encode from scratch even if a complete or differently-configured encoding exists."""
+    break_lock: bool = False
+    """Take over the encode lock of a writer that died on another host."""
 
     def __post_init__(self) -> None:
         if not self.sae:
@@ -153,33 +166,83 @@ def sae_fingerprint(store: Store, name: str) -> str:
     return hashlib.sha256(store.loc.read_bytes(f"saes/{name}/sae.safetensors")).hexdigest()
 
 
-def read_manifest(store: Store, sae: str) -> dict[str, Any] | None:
-    """The ``encoding.json`` of an SAE's feature table, or None if it was never encoded."""
+def files_dir(sae: str, man: dict[str, Any]) -> str:
+    """Store key of the folder holding an encoding's ``acts/`` and ``stats.parquet``."""
+    d = man.get("dir")
+    return f"{features_dir(sae)}/{d}" if d else features_dir(sae)
+
+
+def _load_json(store: Store, key: str) -> dict[str, Any] | None:
     import json
 
-    key = f"{features_dir(sae)}/{MANIFEST}"
     if not store.loc.exists(key):
         return None
-    return json.loads(store.loc.read_bytes(key))
+    raw = store.loc.read_bytes(key)
+    check_file(store.loc, key, raw)
+    try:
+        man = json.loads(raw)
+        if not isinstance(man, dict):
+            raise TypeError
+        return man
+    except (ValueError, TypeError):
+        raise IntegrityError(f"{key} in store {store.url} is not valid JSON: re-encode with --overwrite") from None
 
 
-def _write_manifest(store: Store, sae: str, man: dict[str, Any]) -> None:
+def _checked(store: Store, key: str, man: dict[str, Any]) -> dict[str, Any]:
+    """An encoding manifest whose numbers and file names are sound (IntegrityError if not)."""
+    def bad(what: str) -> IntegrityError:
+        return IntegrityError(f"{key} in store {store.url}: {what}; it is damaged or was edited: re-encode with --overwrite")
+
+    for name in ("n_rows", "d_sae", "layer", "spilled_rows", "n_feature_rows", "n_bytes"):
+        v = man.get(name, 0)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise bad(f"{name} is {v!r}, not a non-negative integer")
+    if not isinstance(man.get("files", []), list):
+        raise bad("files is not a list")
+    for f in man.get("files", []):
+        try:
+            if "/" in str(f["file"]):
+                raise ValueError
+            check_key(str(f["file"]))
+            lo, hi = int(f["feature_start"]), int(f["feature_stop"])
+            if not 0 <= lo <= hi <= int(man.get("d_sae", 0)):
+                raise ValueError
+        except (KeyError, TypeError, ValueError, StoreError):
+            raise bad(f"file entry {f!r} is not a bucket of features in 0..d_sae") from None
+    d = man.get("dir")
+    if d is not None and (not isinstance(d, str) or not d.startswith("gen-") or not d[4:].isdigit()):
+        raise bad(f"dir {d!r} is not a generation folder gen-N")
+    return man
+
+
+def read_manifest(store: Store, sae: str) -> dict[str, Any] | None:
+    """The published ``encoding.json`` of an SAE's feature table, or None if it was never encoded."""
+    key = f"{features_dir(sae)}/{MANIFEST}"
+    man = _load_json(store, key)
+    return None if man is None else _checked(store, key, man)
+
+
+def _read_pending(store: Store, sae: str) -> dict[str, Any] | None:
+    key = f"{features_dir(sae)}/{PENDING}"
+    man = _load_json(store, key)
+    return None if man is None else _checked(store, key, man)
+
+
+def _write_manifest(store: Store, sae: str, man: dict[str, Any], name: str = MANIFEST) -> None:
     import json
 
     man["updated"] = _now()
-    store.loc.write_bytes(f"{features_dir(sae)}/{MANIFEST}", json.dumps(man, indent=2, sort_keys=True).encode())
+    store.loc.write_bytes(f"{features_dir(sae)}/{name}", json.dumps(man, indent=2, sort_keys=True).encode())
 
 
 def _rm(store: Store, key: str) -> None:
-    path = store.loc.fs_path(key)
-    if store.loc.fs.exists(path):
-        store.loc.fs.rm(path, recursive=True)
+    store.loc.rmtree(key)
 
 
 def _write_parquet(store: Store, key: str, table: pa.Table, **kw: Any) -> int:
     with store.loc.open_output(key) as f:
         pq.write_table(table, f, **kw)
-    return int(store.loc.fs.size(store.loc.fs_path(key)))
+    return store.loc.size(key)
 
 
 def _read_parquet(store: Store, key: str) -> pa.Table:
@@ -352,12 +415,9 @@ class _Spiller:
 
 def _spill_files(store: Store, base: str, bucket: int) -> list[tuple[int, str]]:
     """``(start row, key)`` of a bucket's spill files, by start row."""
-    path = store.loc.fs_path(f"{base}/spill/b{bucket:05d}")
-    try:
-        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in store.loc.fs.ls(path, detail=False)]
-    except FileNotFoundError:
-        return []
-    out = [(int(n[1:13]), f"{base}/spill/b{bucket:05d}/{n}") for n in names if n.startswith("r") and n.endswith(".parquet")]
+    prefix = f"{base}/spill/b{bucket:05d}"
+    names = [k.rsplit("/", 1)[-1] for k in store.loc.walk(prefix)]
+    out = [(int(n[1:13]), f"{prefix}/{n}") for n in names if n.startswith("r") and n.endswith(".parquet") and n[1:13].isdigit()]
     return sorted(out)
 
 
@@ -440,7 +500,7 @@ class _Sink:
                 self.n_spills += 1
                 self.seg_start = stop
                 self.man["spilled_rows"] = stop
-                _write_manifest(self.store, self.cfg.sae, self.man)
+                _write_manifest(self.store, self.cfg.sae, self.man, PENDING)
                 self.timings["spill"] += time.perf_counter() - t1
         except BaseException:
             self.failed = True
@@ -451,18 +511,32 @@ class _Sink:
 def encode(store: Store, cfg: EncodeConfig, progress: bool = True) -> EncodeResult:
     """Encode every token row of the SAE's (model, layer) into ``STORE/features/<sae>/`` (resumable).
 
-    ``store`` must be opened writable (``open_store(path, writable=True)``).
+    ``store`` must be opened writable (``open_store(path, writable=True)``). One encode of an SAE runs at a
+    time (a second raises :class:`~actstore.errors.ConcurrencyError` naming the holder).
     """
-    from tqdm.auto import tqdm
-
-    from .sae import load_sae
-
-    t_start = time.perf_counter()
     if store.loc.read_only:
         raise StoreError(f"{store.url} is open read-only: pass --writable (open_store(url, writable=True)) to encode into it")
+    check_name(cfg.sae, "SAE")
+    from .sae import load_sae
+
     device = auto_device(cfg.device)
     sae = load_sae(store, cfg.sae, device=device).eval()
     model, layer = check_sae_layer(store, sae, cfg.sae)
+    lock = StoreLock(store.loc, features_dir(cfg.sae), f"encode {cfg.sae}", cfg.break_lock).acquire()
+    try:
+        return _encode(store, cfg, sae, model, layer, device, progress)
+    finally:
+        lock.release()
+
+
+def _generations(store: Store, base: str) -> list[int]:
+    return sorted(int(d[4:]) for d in store.loc.list_dirs(base) if d.startswith("gen-") and d[4:].isdigit())
+
+
+def _encode(store: Store, cfg: EncodeConfig, sae: SAE, model: str, layer: int, device: str, progress: bool) -> EncodeResult:
+    from tqdm.auto import tqdm
+
+    t_start = time.perf_counter()
     acts = store.activations(model, layer)
     n_rows, d_sae = acts.n_rows, sae.cfg.d_sae
     n_buckets = min(cfg.n_buckets, d_sae)
@@ -472,35 +546,55 @@ def encode(store: Store, cfg: EncodeConfig, progress: bool = True) -> EncodeResu
     sha = sae_fingerprint(store, cfg.sae)
     layout = {"n_rows": n_rows, "d_sae": d_sae, "n_buckets": n_buckets, "bucket_features": bucket_features, "sae_sha256": sha}
 
-    man = read_manifest(store, cfg.sae)
-    if man is not None and not cfg.overwrite:
-        if any(man.get(k) != v for k, v in layout.items()) or man.get("row_group_rows") != cfg.row_group_rows:
-            what = "is complete" if man.get("complete") else "was started"
+    try:
+        published = read_manifest(store, cfg.sae)
+    except IntegrityError:
+        if not cfg.overwrite:
+            raise
+        published = None  # a damaged encoding is replaced; its files go once the new one is published
+    if published is not None and not published.get("complete"):
+        # an unfinished encoding of a version before pending.json: nothing usable, so start over
+        for key in ("acts", "spill", "stats.parquet", MANIFEST):
+            _rm(store, f"{base}/{key}")
+        published = None
+    try:
+        man = _read_pending(store, cfg.sae)
+    except IntegrityError:
+        man = None
+    same = man is not None and all(man.get(k) == v for k, v in layout.items()) and man.get("format") == ENCODING_FORMAT
+    same = same and man.get("row_group_rows") == cfg.row_group_rows and man.get("phase") == "spill" and bool(man.get("dir"))
+    if published is not None and not cfg.overwrite and not same:
+        if any(published.get(k) != v for k, v in layout.items()) or published.get("row_group_rows") != cfg.row_group_rows:
             raise StoreError(
-                f"an encoding of SAE {cfg.sae!r} in {store.url}/{base} {what} with other weights, rows or settings: "
-                "pass --overwrite to re-encode"
+                f"an encoding of SAE {cfg.sae!r} in {store.url}/{base} is complete with other weights, rows or settings: "
+                "pass --overwrite to re-encode (the old one stays until the new one is complete)"
             )
-        if man.get("complete"):
-            return EncodeResult(store.url, cfg.sae, model, layer, n_rows, int(man["n_feature_rows"]), int(man["n_bytes"]),
-                                0.0, 0.0, skipped=True)  # fmt: skip
-    if man is None or cfg.overwrite or man.get("format") != ENCODING_FORMAT or man.get("phase") != "spill":
-        _rm(store, base)
+        return EncodeResult(store.url, cfg.sae, model, layer, n_rows, int(published["n_feature_rows"]),
+                            int(published["n_bytes"]), 0.0, 0.0, skipped=True)  # fmt: skip
+    if not same or cfg.overwrite:  # a fresh generation (an unfinished one of the same settings is resumed instead)
+        gens = _generations(store, base)
+        keep = (published or {}).get("dir")
+        for g in gens:  # earlier unfinished generations (never the published one)
+            if f"gen-{g}" != keep:
+                _rm(store, f"{base}/gen-{g}")
         man = {
             "format": ENCODING_FORMAT, "sae": cfg.sae, "model": model, "layer": layer,
             "tokenization": store.model_info(model).get("tokenization"), **layout,
             "row_group_rows": cfg.row_group_rows, "config": asdict(cfg), "sae_config": asdict(sae.cfg),
             "actstore_version": __version__, "created": _now(), "phase": "spill", "spilled_rows": 0,
-            "files": [], "complete": False,
+            "files": [], "complete": False, "dir": f"gen-{max(gens, default=0) + 1}",
         }  # fmt: skip
-        _write_manifest(store, cfg.sae, man)
+        _write_manifest(store, cfg.sae, man, PENDING)
+    assert man is not None
+    work = files_dir(cfg.sae, man)
 
     timings = {"read": 0.0, "encode": 0.0, "sort": 0.0, "spill": 0.0, "stream": 0.0, "finish": 0.0}
     start = resumed_from = int(man["spilled_rows"])
     for b in range(n_buckets):  # drop spill files a killed run wrote past the committed prefix
-        for s, key in _spill_files(store, base, b):
+        for s, key in _spill_files(store, work, b):
             if s >= start:
-                _rm(store, key)
-    sink = _Sink(store, cfg, man, _Spiller(store, base, n_buckets, bucket_features), n_rows, start, timings)
+                store.loc.delete(key)
+    sink = _Sink(store, cfg, man, _Spiller(store, work, n_buckets, bucket_features), n_rows, start, timings)
     bar = tqdm(total=n_rows, initial=start, desc=f"encode {cfg.sae}", unit="tok", unit_scale=True, disable=not progress)
     pin = device.startswith("cuda")
     # the SAE forward runs here; sorting blocks and spilling run in order in one background thread
@@ -543,7 +637,7 @@ def encode(store: Store, cfg: EncodeConfig, progress: bool = True) -> EncodeResu
     def finish(b: int) -> _Bucket:
         runs, held[b] = held[b], []
         f0, f1 = b * bucket_features, min((b + 1) * bucket_features, d_sae)
-        return _finish_bucket(store, base, b, f0, f1, n_rows, cfg.row_group_rows, runs)
+        return _finish_bucket(store, work, b, f0, f1, n_rows, cfg.row_group_rows, runs)
 
     if cfg.workers > 1:
         with ThreadPoolExecutor(cfg.workers, thread_name_prefix="actstore-encode") as fpool:
@@ -551,13 +645,20 @@ def encode(store: Store, cfg: EncodeConfig, progress: bool = True) -> EncodeResu
     else:
         done = [finish(b) for b in range(n_buckets)]
     files, stats = [d.entry for d in done], [d.stats for d in done]
-    _write_parquet(store, f"{base}/stats.parquet", pa.concat_tables(stats), compression="zstd")
+    _write_parquet(store, f"{work}/stats.parquet", pa.concat_tables(stats), compression="zstd")
+    _rm(store, f"{work}/spill")
     man.update(
         phase="done", complete=True, files=files, n_feature_rows=sum(f["n_rows"] for f in files),
         n_bytes=sum(f["n_bytes"] for f in files), finished=_now(),
     )  # fmt: skip
-    _write_manifest(store, cfg.sae, man)
-    _rm(store, f"{base}/spill")
+    _write_manifest(store, cfg.sae, man)  # the atomic switch: readers see the new encoding from here on
+    store.loc.delete(f"{base}/{PENDING}")
+    if published is not None:  # the replaced generation (or the files of an encoding from before generations)
+        if published.get("dir") and published["dir"] != man["dir"]:
+            _rm(store, f"{base}/{published['dir']}")
+        elif not published.get("dir"):
+            _rm(store, f"{base}/acts")
+            _rm(store, f"{base}/stats.parquet")
     update_manifest(store.loc, prefixes=[base])  # checksums for the new files (actstore verify)
     timings["finish"] = time.perf_counter() - t_fin
     secs = time.perf_counter() - t_start
@@ -572,6 +673,8 @@ def encoded_saes(store: Store) -> list[str]:
     """Names of the SAEs whose feature table is completely encoded in the store."""
     out = []
     for name in store.loc.list_dirs("features"):
+        if not name_ok(name):
+            continue
         man = read_manifest(store, name)
         if man and man.get("complete"):
             out.append(name)

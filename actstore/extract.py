@@ -17,6 +17,7 @@ Two phases, both streaming and resumable:
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 import time
@@ -201,6 +202,19 @@ def _layer_arrays(
     return out
 
 
+def _keep_finetune_report(loc: Location, mpath: str, model_dir: str | None) -> None:
+    """Copy the ``report.json`` of an ``actstore finetune`` directory into the store (``MODEL/finetune_report.json``).
+
+    ``actstore report`` reads it from there: it never opens a file at a path the store names.
+    """
+    from .finetune import load_report
+
+    rep = load_report(model_dir) if model_dir else None
+    key = f"{mpath}/finetune_report.json"
+    if rep is not None and not loc.exists(key):
+        loc.write_bytes(key, json.dumps(rep, indent=1).encode())
+
+
 def _commit(arr: zarr.Array, rows: int, extra: dict[str, Any] | None = None) -> None:
     a = {**arr.attrs[ATTR], **(extra or {})}
     a["committed_rows"] = rows
@@ -351,6 +365,7 @@ def _extract(
             raise StoreError(f"model key {model_key!r} in {loc.url} uses tokenization {old.get('tokenization')}, not {tk}")
     except FileNotFoundError:
         root.create_group(mpath, attributes={ATTR: {**info, "key": model_key, "tokenization": tk, "created": now()}})
+    _keep_finetune_report(loc, mpath, loaded.path)
 
     # unit size: whole chunks, bounded by the memory budget; an unfinished array keeps its own
     per_row = loaded.d_model * 4 * len(layers)

@@ -137,13 +137,18 @@ def chunk_error(loc: Location, array: Any, row_start: int, row_stop: int, exc: B
     rest = [range(math.ceil(n / k)) for n, k in zip(layout.shape[1:], layout.chunk_shape[1:], strict=True)]
     for idx in product(range(first, last + 1), *rest):
         why = check_chunk(loc, layout, idx)
-        if why and why != "missing":
+        if why:
             r0, r1 = layout.rows_of(idx)
+            state = "missing" if why == "missing" else f"corrupted: {why}"
             return IntegrityError(
                 f"chunk {idx} of array {layout.path} in store {loc.url} (object {layout.chunk_key(idx)}, rows {r0}-{r1 - 1}) "
-                f"is corrupted: {why}. Its values are not returned; run `actstore verify {loc.url}` to list every bad "
-                "object, then re-copy the store or re-extract that layer"
+                f"is {state}. Its values are not returned (never read as zeros); run `actstore verify {loc.url}` to list "
+                "every bad object, then re-copy the store or re-extract that layer"
             )
+    from .location import MissingChunk
+
+    if isinstance(exc, MissingChunk):
+        return IntegrityError(f"{exc} in store {loc.url}: run `actstore verify {loc.url}`, then re-copy or re-extract")
     return exc
 
 
@@ -360,3 +365,94 @@ def verify(loc: Location, jobs: int = 8, chunks: bool = True) -> VerifyReport:
     rep.n_bytes += sum(files[k] for k in others)
     rep.problems.sort(key=lambda p: (p.kind, p.key))
     return rep
+
+
+# ---------------------------------------------------------------- integrity on read
+VERIFY_ON_READ = True
+"""Check files against the manifest when they are opened (set False only to measure what the checks cost)."""
+_VERIFIED: set[str] = set()
+_MANIFESTS: dict[tuple, dict[str, Any] | None] = {}
+
+
+def _cache_dir() -> Any:
+    import os
+    from pathlib import Path
+
+    d = os.environ.get("ACTSTORE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "actstore"
+    )
+    return Path(d) / "verified"
+
+
+def _manifest_cached(loc: Location) -> dict[str, Any] | None:
+    """The manifest, re-read only when its own file changed."""
+    try:
+        ident = (loc.url, *loc.stat_identity(MANIFEST_KEY))
+    except FileNotFoundError:
+        return None
+    if ident not in _MANIFESTS:
+        if len(_MANIFESTS) > 16:
+            _MANIFESTS.clear()
+        _MANIFESTS[ident] = read_manifest(loc)
+    return _MANIFESTS[ident]
+
+
+def check_file(loc: Location, key: str, data: bytes | None = None) -> None:
+    """Raise :class:`IntegrityError` unless ``key`` matches its size and SHA-256 in the store's manifest.
+
+    Files the manifest does not list (or stores without one) pass unchecked: ``actstore verify`` reports them.
+    A file that passed is remembered by what changes when it is rewritten (local: inode, size, mtime and ctime;
+    remote: size and ETag), in this process and in ``~/.cache/actstore/verified`` (``ACTSTORE_CACHE_DIR``), so a
+    warm lookup costs one ``stat``, not a hash. ``data`` (the file's bytes, when the caller read them) is hashed
+    directly.
+    """
+    if not VERIFY_ON_READ:
+        return
+    man = _manifest_cached(loc)
+    entry = (man or {}).get("files", {}).get(key)
+    if entry is None:
+        return
+    if data is not None:
+        _compare(loc, key, entry, len(data), sha256(data))
+        return
+    try:
+        ident = repr((loc.url, key, *loc.stat_identity(key), entry.get("sha256")))
+    except FileNotFoundError:
+        raise IntegrityError(
+            f"{key} in store {loc.url} is listed in manifest.json but missing: re-copy the store from its source, "
+            "or re-run the command that made it"
+        ) from None
+    token = hashlib.sha256(ident.encode()).hexdigest()
+    if token in _VERIFIED:
+        return
+    marker = _cache_dir() / token[:2] / token
+    if marker.exists():
+        _VERIFIED.add(token)
+        return
+    h, n = hashlib.sha256(), 0
+    with loc.open_input(key) as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+            n += len(block)
+    _compare(loc, key, entry, n, h.hexdigest())
+    _VERIFIED.add(token)
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    except OSError:  # no writable cache: this process still remembers
+        pass
+
+
+def check_files(loc: Location, keys: Iterable[str]) -> None:
+    """:func:`check_file` for each key."""
+    for key in keys:
+        check_file(loc, key)
+
+
+def _compare(loc: Location, key: str, entry: dict[str, Any], size: int, digest: str) -> None:
+    if size != int(entry.get("size", -1)) or digest != entry.get("sha256"):
+        raise IntegrityError(
+            f"{key} in store {loc.url} is corrupted: its size/SHA-256 differ from manifest.json ({size} bytes, expected "
+            f"{entry.get('size')}); nothing was read from it. Run `actstore verify {loc.url}` to list every bad object, "
+            "then re-copy the store or re-run the command that made the file"
+        )

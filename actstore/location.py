@@ -14,6 +14,17 @@ Safety rules enforced here:
 * a URL opened by :func:`open_location` without ``writable`` is read-only: its
   Zarr store refuses writes and :meth:`Location.write_bytes` raises;
   ``http(s)://`` stores are always read-only;
+* a location is read-only unless opened with ``writable`` (or ``create``), local
+  folders included: its Zarr store refuses writes, :meth:`Location.write_bytes`,
+  :meth:`Location.delete` and :meth:`Location.rmtree` raise, and :attr:`Location.fs`
+  is a filesystem that cannot write — so no module can write to a store the
+  command did not open for writing. ``http(s)://`` stores are always read-only;
+  :func:`write_access` says when a writing command may open a store writable;
+* inside a local store no symbolic link is ever followed, on read, list, copy or
+  delete (:func:`refuse_links`): a store that arrives as a folder (tarball, rsync,
+  shared disk) cannot make actstore read, upload or delete a file outside itself;
+* readers get :attr:`Location.reader_store`, on which a chunk that should exist but
+  does not raises (:class:`MissingChunk`), instead of reading as zeros;
 * :meth:`Location.read_only_fs` hands DuckDB a filesystem that cannot write.
 """
 
@@ -21,6 +32,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,10 +52,75 @@ _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
 # A store deliberately holds objects Zarr does not know (Parquet tables, manifest.json, locks/): Zarr's
 # member listing warns about each one; that warning says nothing useful to an actstore user.
 warnings.filterwarnings("ignore", message=r"Object at .* is not recognized as a component of a Zarr hierarchy")
+# Every chunk is written, even one that holds only the fill value: an absent chunk then always means damage,
+# and readers raise on it (MissingChunk) instead of reading zeros.
+zarr.config.set({"array.write_empty_chunks": True})
 
 
 def is_remote(path: str) -> bool:
     return str(path).startswith(REMOTE_SCHEMES)
+
+
+def write_access(path: str, writable: bool) -> bool:
+    """Whether a command that writes may open ``path`` writable: local folders yes, URLs only with ``--writable``."""
+    return bool(writable) or not is_remote(str(path).removeprefix("file://"))
+
+
+def find_link(root: str, key: str) -> str | None:
+    """The first prefix of ``key`` that is a symbolic link under the local folder ``root``, or None."""
+    p = root
+    parts = key.split("/")
+    for i, part in enumerate(parts):
+        p = os.path.join(p, part)
+        try:
+            mode = os.lstat(p).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if stat.S_ISLNK(mode):
+            return "/".join(parts[: i + 1])
+    return None
+
+
+def link_error(root: str, link: str) -> StoreError:
+    return StoreError(
+        f"{link!r} in store {root} is a symbolic link: actstore never follows links inside a store (one could point "
+        "anywhere on this machine); replace it with the real file or folder (e.g. copy the store with cp -rL or rsync -L)"
+    )
+
+
+def refuse_links(root: str, key: str) -> None:
+    """Raise :class:`StoreError` if any part of ``key`` under the local folder ``root`` is a symbolic link."""
+    if key and (link := find_link(root, key)) is not None:
+        raise link_error(root, link)
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+
+
+def name_ok(name: Any) -> bool:
+    """Whether ``name`` can be one folder of a store key (an SAE, model key or diff name)."""
+    return isinstance(name, str) and _NAME.fullmatch(name) is not None
+
+
+def check_name(name: Any, what: str) -> str:
+    """``name`` if it is a valid name for ``what`` (see :func:`name_ok`), else ConfigError saying what is allowed."""
+    if not name_ok(name):
+        raise ConfigError(
+            f"{what} {name!r} is not a valid name: use letters, digits, '.', '_' and '-' (no '/', no leading '.' or '-', "
+            "at most 200 characters), so it stays one folder of the store that every command can find"
+        )
+    return name
+
+
+class MissingChunk(StoreError):  # noqa: N818 - an IntegrityError is made of it once the rows are known
+    """A Zarr chunk that a reader needs is absent (a reader never sees it as zeros)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"chunk object {key} is missing")
+        self.key = key
+
+
+_META_NAMES = ("zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata")
 
 
 def check_key(key: str) -> str:
@@ -86,7 +163,8 @@ class Location:
     storage_options: dict[str, Any] = field(default_factory=dict)
     """Options the filesystem was made with."""
     read_only: bool = False
-    """Writes refused (a URL opened without ``writable``, or any http(s) URL)."""
+    """Writes refused (opened without ``writable``, or any http(s) URL)."""
+    _reader: Any = None
 
     @property
     def local(self) -> bool:
@@ -96,10 +174,18 @@ class Location:
     def protocol(self) -> str:
         return "file" if self.local else self.url.split("://", 1)[0]
 
+    @property
+    def reader_store(self) -> Any:
+        """The Zarr store for readers: a chunk that is absent raises :class:`MissingChunk` (never reads as zeros)."""
+        if self._reader is None:
+            self._reader = _strict_reads(self.zarr_store)
+        return self._reader
+
     def join(self, key: str) -> str:
         """A path or URL for ``key`` under the root, usable by pyarrow/polars/duckdb."""
         check_key(key)
         if self.local:
+            refuse_links(self.root, key)
             return str(Path(self.root) / key)
         return self.url.rstrip("/") + "/" + key
 
@@ -107,6 +193,8 @@ class Location:
         if not key:
             return self.root
         check_key(key)
+        if self.local:
+            refuse_links(self.root, key)
         return f"{self.root.rstrip('/')}/{key}"
 
     def key_of(self, fs_path: str) -> str:
@@ -124,8 +212,17 @@ class Location:
             pass
 
     def list_dirs(self, key: str) -> list[str]:
-        """Names of the immediate sub-folders of ``key`` (empty if it does not exist)."""
+        """Names of the immediate sub-folders of ``key`` (empty if it does not exist); a link among them raises."""
         path = self.fs_path(key)
+        if self.local:
+            try:
+                entries = list(os.scandir(path))
+            except (FileNotFoundError, NotADirectoryError):
+                return []
+            for e in entries:
+                if e.is_symlink():
+                    raise link_error(self.root, f"{key}/{e.name}" if key else e.name)
+            return sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
         self._refresh(path)
         try:
             entries = self.fs.ls(path, detail=True)
@@ -136,6 +233,8 @@ class Location:
     def walk(self, key: str = "") -> dict[str, int]:
         """Every file under ``key`` as ``{store key: size in bytes}``, sorted by key."""
         path = self.fs_path(key)
+        if self.local:
+            return self._walk_local(key, path)
         self._refresh(path)
         try:
             found = self.fs.find(path, detail=True)
@@ -146,6 +245,27 @@ class Location:
             if info.get("type", "file") == "directory":
                 continue
             out[self.key_of(name)] = int(info.get("size") or 0)
+        return dict(sorted(out.items()))
+
+    def _walk_local(self, key: str, path: str) -> dict[str, int]:
+        out: dict[str, int] = {}
+        if os.path.isfile(path) and not os.path.islink(path):
+            return {key: os.lstat(path).st_size}
+        stack = [(key, path)]
+        while stack:
+            k, p = stack.pop()
+            try:
+                entries = list(os.scandir(p))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for e in entries:
+                ek = f"{k}/{e.name}" if k else e.name
+                if e.is_symlink():
+                    raise link_error(self.root, ek)
+                if e.is_dir(follow_symlinks=False):
+                    stack.append((ek, e.path))
+                elif e.is_file(follow_symlinks=False):
+                    out[ek] = e.stat(follow_symlinks=False).st_size
         return dict(sorted(out.items()))
 
     def exists(self, key: str) -> bool:
@@ -208,8 +328,51 @@ class Location:
             pass
         self._refresh(self.fs_path(key))
 
+    def rmtree(self, key: str) -> None:
+        """Remove everything under ``key`` (no error if it is absent); a link inside it raises before anything goes."""
+        self._check_writable(key)
+        path = self.fs_path(key)
+        if self.local:
+            import shutil
+
+            if not os.path.lexists(path):
+                return
+            self._walk_local(key, path)  # refuses links anywhere below, before deleting anything
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+            return
+        self._refresh(path)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+        self._refresh(path)
+
+    def move(self, src: str, dst: str) -> None:
+        """Rename the file ``src`` to ``dst`` (atomic locally; copy then delete on object stores)."""
+        self._check_writable(dst)
+        a, b = self.fs_path(src), self.fs_path(dst)
+        if self.local:
+            Path(b).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(a, b)
+        else:
+            self.fs.mv(a, b)
+            self._refresh(a)
+            self._refresh(b)
+
     def read_bytes(self, key: str) -> bytes:
         return self.fs.cat_file(self.fs_path(key))
+
+    def stat_identity(self, key: str) -> tuple:
+        """What changes whenever the file ``key`` is rewritten: local (device, inode, size, mtime, ctime); remote
+        (size, ETag or modification time)."""
+        if self.local:
+            st = os.lstat(self.fs_path(key))
+            return ("file", st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        path = self.fs_path(key)
+        info = self.fs.info(path)
+        return (self.protocol, path, info.get("size"), str(info.get("ETag") or info.get("etag") or info.get("LastModified")
+                                                              or info.get("mtime") or info.get("last_modified")))
 
     def open_output(self, key: str):
         self._check_writable(key)
@@ -338,9 +501,10 @@ def open_location(
 ) -> Location:
     """Resolve a path or URL into a :class:`Location`.
 
-    ``create`` makes a local folder if missing and opens a URL for writing (as
-    extraction does); otherwise a URL is read-only unless ``writable``. Local
-    paths are always writable by actstore (the filesystem's permissions rule).
+    ``create`` makes a local folder if missing and opens it for writing (as
+    extraction does); otherwise the location is read-only unless ``writable``,
+    local folders and URLs alike (see :func:`write_access` for when commands
+    that write pass ``writable``).
     """
     path = str(path)
     opts = dict(storage_options or {})
@@ -360,7 +524,11 @@ def open_location(
                 raise StoreError(f"cannot write to store {p}: {exc.strerror or exc}; choose a writable path") from None
         elif not p.exists():
             raise StoreError(f"store {p} does not exist: check the path, or run actstore extract to create it")
-        return Location(str(p), fsspec.filesystem("file"), str(p), zarr.storage.LocalStore(str(p)), opts)
+        elif not p.is_dir():
+            raise StoreError(f"store {p} is a file, not a folder: give the store's folder")
+        ro = not (create or writable)
+        fs = fsspec.filesystem("file")
+        return Location(str(p), ReadOnlyFileSystem(fs) if ro else fs, str(p), SafeLocalStore(str(p), read_only=ro), opts, ro)
     if path.startswith(READ_ONLY_SCHEMES) and (create or writable):
         raise StoreError(f"{path} is an http(s) URL, which is read-only: write to a local path or an s3/gs/az bucket instead")
     read_only = not (create or writable)
@@ -369,3 +537,78 @@ def open_location(
     zstore = zarr.storage.FsspecStore.from_url(path, storage_options=opts, read_only=read_only)
     # a read-only location hands out only a read-only filesystem (DuckDB, pyarrow and polars get this one)
     return Location(path.rstrip("/"), ReadOnlyFileSystem(fs) if read_only else fs, root.rstrip("/"), zstore, opts, read_only)
+
+
+class SafeLocalStore(zarr.storage.LocalStore):
+    """Zarr's LocalStore that never follows a symbolic link inside the store (read, write, list or delete)."""
+
+    def _guard(self, key: str) -> None:
+        refuse_links(str(self.root), key.rstrip("/"))
+
+    async def get(self, key: str, prototype: Any = None, byte_range: Any = None) -> Any:
+        self._guard(key)
+        return await super().get(key, prototype, byte_range)
+
+    async def get_partial_values(self, prototype: Any, key_ranges: Any) -> Any:
+        key_ranges = list(key_ranges)
+        for key, _ in key_ranges:
+            self._guard(key)
+        return await super().get_partial_values(prototype, key_ranges)
+
+    async def _set(self, key: str, value: Any, exclusive: bool = False) -> None:
+        self._guard(key)
+        return await super()._set(key, value, exclusive=exclusive)
+
+    async def delete(self, key: str) -> None:
+        self._guard(key)
+        return await super().delete(key)
+
+    async def delete_dir(self, prefix: str) -> None:
+        self._guard(prefix)
+        return await super().delete_dir(prefix)
+
+    async def exists(self, key: str) -> bool:
+        self._guard(key)
+        return await super().exists(key)
+
+    async def list(self) -> Any:
+        async for k in super().list():
+            self._guard(k)
+            yield k
+
+    async def list_prefix(self, prefix: str) -> Any:
+        self._guard(prefix)
+        async for k in super().list_prefix(prefix):
+            self._guard(k)
+            yield k
+
+    async def list_dir(self, prefix: str) -> Any:
+        self._guard(prefix)
+        async for k in super().list_dir(prefix):
+            self._guard(f"{prefix.rstrip('/')}/{k}" if prefix else k)
+            yield k
+
+
+def _strict_reads(inner: Any) -> Any:
+    """``inner`` wrapped so that reading an absent chunk raises :class:`MissingChunk` (metadata may be absent)."""
+    from zarr.storage import WrapperStore
+
+    class _StrictReads(WrapperStore):
+        def _with_store(self, store: Any) -> Any:
+            return type(self)(store)
+
+        async def get(self, key: str, prototype: Any = None, byte_range: Any = None) -> Any:
+            buf = await self._store.get(key, prototype, byte_range)
+            if buf is None and key.rsplit("/", 1)[-1] not in _META_NAMES:
+                raise MissingChunk(key)
+            return buf
+
+        async def get_partial_values(self, prototype: Any, key_ranges: Any) -> Any:
+            key_ranges = list(key_ranges)
+            out = await self._store.get_partial_values(prototype, key_ranges)
+            for (key, _), buf in zip(key_ranges, out, strict=True):
+                if buf is None and key.rsplit("/", 1)[-1] not in _META_NAMES:
+                    raise MissingChunk(key)
+            return out
+
+    return _StrictReads(inner)

@@ -75,16 +75,20 @@ class FeatureTable(NamedTuple):
     stats_file: str
     feature_ranges: list[tuple[int, int]]
     """``[feature_start, feature_stop)`` of each file."""
+    file_keys: list[str]
+    """Store keys of ``files``."""
+    stats_key: str
+    """Store key of ``stats_file``."""
 
 
 def feature_tables(store: Store) -> list[FeatureTable]:
     """Every completely encoded SAE of the store, by name."""
-    from .encode import encoded_saes, features_dir, read_manifest
+    from .encode import encoded_saes, files_dir, read_manifest
 
     out = []
     for name in encoded_saes(store):
         m = read_manifest(store, name) or {}
-        base = features_dir(name)
+        base = files_dir(name, m)
         out.append(
             FeatureTable(
                 name,
@@ -98,6 +102,8 @@ def feature_tables(store: Store) -> list[FeatureTable]:
                 [store.loc.join(f"{base}/acts/{f['file']}") for f in m["files"]],
                 store.loc.join(f"{base}/stats.parquet"),
                 [(int(f["feature_start"]), int(f["feature_stop"])) for f in m["files"]],
+                [f"{base}/acts/{f['file']}" for f in m["files"]],
+                f"{base}/stats.parquet",
             )
         )
     return out
@@ -180,27 +186,63 @@ def view_sql(store: Store) -> dict[str, str]:
     return views
 
 
-def _store_files(store: Store) -> list[str]:
-    files: list[str] = []
+def _store_keys(store: Store) -> list[str]:
+    """Store keys of every file the views read."""
+    keys: list[str] = []
     if store.tokenization_keys():
         for table in ("tokens", "samples"):
-            files += store.tokenization().parquet_files(table)
+            keys += store.tokenization().parquet_keys(table)
     for t in feature_tables(store):
-        files += [*t.files, t.stats_file]
+        keys += [*t.file_keys, t.stats_key]
     from .diff import diff_view_sql
 
-    files += diff_view_sql(store)[1]
-    return files
+    keys += diff_view_sql(store)[1]
+    return keys
+
+
+SANDBOX = (
+    "SET enable_external_access = false",  # no file, URL or database outside allowed_paths
+    "SET autoinstall_known_extensions = false",
+    "SET autoload_known_extensions = false",
+    "SET allow_community_extensions = false",
+    "SET allow_unsigned_extensions = false",
+    "SET lock_configuration = true",  # nothing above can be SET or RESET again
+)
+
+
+def _harden(con: duckdb.DuckDBPyConnection, store: Store, keys: list[str]) -> None:
+    """Confine ``con`` to the store's own files: local or remote, nothing else can be read, nothing written."""
+    allowed = [store.loc.join(k) for k in keys]
+    if not store.loc.local and store.loc.url.startswith("memory://"):  # DuckDB spells memory:// paths with three slashes
+        allowed += [a.replace("memory://", "memory:///", 1) for a in allowed]
+    con.execute("SET allowed_paths = $p", {"p": allowed})
+    for stmt in SANDBOX:
+        try:
+            con.execute(stmt)
+        except duckdb.CatalogException:  # a setting this DuckDB does not have: the others still apply
+            if "lock_configuration" in stmt:
+                raise
 
 
 def connect(store: Store, read_only: bool = True) -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with the store's views; read-only unless ``read_only=False`` (see module docstring)."""
+    """A DuckDB connection with the store's views, confined to the store's own files (see module docstring).
+
+    Every connection, local or remote, is sandboxed: the store's files are read through its read-only
+    filesystem and are the only files it may open; external access, extensions and configuration changes
+    are off. ``read_only`` (the default) also makes the catalog read-only; ``read_only=False`` allows
+    temporary in-memory tables (nothing reaches any disk). Files are checked against the manifest first.
+    """
+    from .integrity import check_files
+
+    keys = _store_keys(store)
+    check_files(store.loc, keys)
     views = view_sql(store)
     if not read_only:
         con = duckdb.connect(":memory:")
         _register_fs(con, store)
         for name, sql in views.items():
             con.execute(f"CREATE VIEW {name} AS {sql}")
+        _harden(con, store, keys)
         return con
     tmp = tempfile.mkdtemp(prefix="actstore-sql-")
     path = os.path.join(tmp, "views.duckdb")
@@ -216,17 +258,14 @@ def connect(store: Store, read_only: bool = True) -> duckdb.DuckDBPyConnection:
             os.remove(os.path.join(tmp, f))
         os.rmdir(tmp)
     _register_fs(con, store)
-    if store.loc.local:
-        con.execute("SET allowed_paths = $p", {"p": _store_files(store)})
-        con.execute("SET enable_external_access = false")
-        con.execute("SET lock_configuration = true")
+    _harden(con, store, keys)
     return con
 
 
 def _register_fs(con: duckdb.DuckDBPyConnection, store: Store) -> None:
     con.execute("SET parquet_metadata_cache = true")  # warm lookups skip re-reading footers
-    if not store.loc.local:  # DuckDB reads s3:// etc. through the store's own fsspec filesystem
-        con.register_filesystem(store.loc.fs)
+    if not store.loc.local:  # DuckDB reads s3:// etc. through the store's own read-only fsspec filesystem
+        con.register_filesystem(store.loc.read_only_fs())
 
 
 # ---------------------------------------------------------------- Polars
@@ -236,17 +275,23 @@ def _scan(store: Store, files: list[str]) -> pl.LazyFrame:
 
 def lazy_tokens(store: Store) -> pl.LazyFrame:
     """``tokens`` as a LazyFrame (default tokenization)."""
+    store.tokenization().check_table("tokens")
     return _scan(store, store.tokenization().parquet_files("tokens")).select("row", "sample", "position", "token_id", "token")
 
 
 def lazy_samples(store: Store) -> pl.LazyFrame:
     """``samples`` as a LazyFrame (default tokenization)."""
     cols = ("sample", "id", "label", "text", "n_tokens", "first_row", "truncated")
+    store.tokenization().check_table("samples")
     return _scan(store, store.tokenization().parquet_files("samples")).select(*cols)
 
 
 def _lazy_union(store: Store, sae: str | None, stats: bool) -> pl.LazyFrame:
+    from .integrity import check_files
+
     tables = [resolve_sae(store, sae=sae)] if sae else feature_tables(store)
+    for t in tables:
+        check_files(store.loc, [t.stats_key] if stats else t.file_keys)
     cols = ["feature", "n_active", "frequency", "mean", "max", "variance"] if stats else ["row", "feature", "value"]
     frames = [
         _scan(store, [t.stats_file] if stats else t.files).select(
@@ -405,18 +450,23 @@ class TokenContext:
         tk = store.tokenization(key)
         self.key = tk.key
         self.first_row, self.n_tokens = tk.sample_rows()  # (n_samples,) int64 each
-        keys = [f"tokenizations/{tk.key}/samples/{p['file']}" for p in tk.attrs.get("parts", [])]
-        smp = store.loc.read_parquet(keys, ["sample", "id", "label"]).sort("sample")
+        from .integrity import check_files
+
+        keys = tk.parquet_keys("samples")
+        check_files(store.loc, keys)
+        smp = _read_table(store, keys, ["sample", "id", "label"]).sort("sample")
         if smp.height != self.first_row.size or (smp.height and smp["sample"][-1] != smp.height - 1):
             raise NotFoundError(f"tokenization {tk.key} of {store.url}: samples table and token index disagree (re-run extract)")
         self.sample_id = smp["id"].to_numpy()  # (n_samples,) object
         self.label = smp["label"].to_numpy()  # (n_samples,) object (None where unlabelled)
         if store.loc.exists(f"tokenizations/{tk.key}/vocab.parquet"):  # the tokenizer's whole vocabulary
-            v = store.loc.read_parquet([f"tokenizations/{tk.key}/vocab.parquet"], ["token_id", "token"])
+            check_files(store.loc, [f"tokenizations/{tk.key}/vocab.parquet"])
+            v = _read_table(store, [f"tokenizations/{tk.key}/vocab.parquet"], ["token_id", "token"])
             self.vocab = np.empty(int(v["token_id"].max()) + 1, dtype=object)
             self.vocab[v["token_id"].to_numpy()] = v["token"].to_numpy()
         else:  # stores written before vocab.parquet existed: derive it from the tokens table
-            self.vocab = _vocab(store, [f"tokenizations/{tk.key}/tokens/{p['file']}" for p in tk.attrs.get("parts", [])])
+            check_files(store.loc, tk.parquet_keys("tokens"))
+            self.vocab = _vocab(store, tk.parquet_keys("tokens"))
         self.token_id = tk.array("token_id")  # (n_tokens,) int32 Zarr array
 
     def tokens(self, rows: np.ndarray) -> np.ndarray:
@@ -424,6 +474,22 @@ class TokenContext:
         if not rows.size:
             return np.empty(0, dtype=object)
         return self.vocab[np.asarray(self.token_id.get_orthogonal_selection(rows), dtype=np.int64)]
+
+
+def _read_table(store: Store, keys: list[str], columns: list[str]) -> pl.DataFrame:
+    """Parquet files of the store as one frame; a file that does not parse is an IntegrityError naming it."""
+    from .errors import IntegrityError
+
+    try:
+        return store.loc.read_parquet(keys, columns)
+    except (OSError, pl.exceptions.ComputeError, ValueError) as exc:
+        if isinstance(exc, IntegrityError):
+            raise
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise IntegrityError(
+            f"cannot read {', '.join(keys)} of store {store.url} ({msg}): the file is damaged; "
+            f"run actstore verify {store.url}, then re-copy or re-extract"
+        ) from None
 
 
 def _vocab(store: Store, keys: list[str]) -> np.ndarray:
@@ -491,10 +557,11 @@ def top_rows(store: Store, t: FeatureTable, feature: int, n: int) -> dict[str, n
     """
     import pyarrow.parquet as pq
 
-    from .encode import features_dir
+    from .integrity import check_file
 
     i = next(i for i, (f0, f1) in enumerate(t.feature_ranges) if f0 <= feature < f1)
-    key = f"{features_dir(t.sae)}/acts/{t.files[i].rsplit('/', 1)[-1]}"
+    key = t.file_keys[i]
+    check_file(store.loc, key)
     pf = pq.ParquetFile(t.files[i] if store.loc.local else store.loc.open_input(key))
     md = pf.metadata
     col = md.schema.names.index("feature")

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 
-from .errors import ActstoreError, ConfigError
+from .errors import ConfigError
 
 if TYPE_CHECKING:
     from .store import Store
@@ -98,14 +98,30 @@ def _md_table(df: pl.DataFrame, max_rows: int = 60) -> str:
 
 
 # ---------------------------------------------------------------- sections
+def stored_finetune_report(store: Store, model: str) -> dict[str, Any] | None:
+    """The fine-tune report extract copied into the store for ``model`` (``models/M/finetune_report.json``), or None.
+
+    Only the store's own copy is read: never a file at a path the store names.
+    """
+    key = f"models/{model}/finetune_report.json"
+    if not store.loc.exists(key):
+        return None
+    try:
+        rep = json.loads(store.loc.read_bytes(key))
+        for side in ("pretrained", "finetuned"):
+            float(rep[side]["accuracy"])
+        if not isinstance(rep["labels"], list):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        return None
+    return rep
+
+
 def finetune_section(store: Store) -> tuple[pl.DataFrame | None, list[dict[str, Any]]]:
     """Accuracy table (one row per fine-tuned model) and the raw reports."""
-    from .finetune import load_report
-
     rows, reports = [], []
     for m in store.models:
-        path = store.model_info(m).get("path")
-        rep = load_report(path) if path else None
+        rep = stored_finetune_report(store, m)
         if not rep:
             continue
         reports.append({"model": m, **rep})
@@ -272,11 +288,14 @@ def build_report(store: Store, cfg: ReportConfig, progress: bool = False) -> Rep
     h: list[str] = []
     md: list[str] = [f"# actstore report: {store.url}", ""]
     tok = next(iter(info["tokenizations"].values()), {})
-    intro = (f"Store <code>{_esc(store.url)}</code>: {tok.get('n_samples')} samples, {tok.get('n_tokens')} tokens "
-             f"(max length {tok.get('max_length')}) from <code>{_esc(tok.get('data', {}).get('source'))}</code>; "
-             f"models: {', '.join(store.models) or 'none'}; SAEs: {len(store.saes)}.")  # fmt: skip
-    h.append(f"<p>{intro}</p>")
-    md += [intro.replace("<code>", "`").replace("</code>", "`"), ""]
+    data = tok.get("data") if isinstance(tok.get("data"), dict) else {}
+    facts = (tok.get("n_samples"), tok.get("n_tokens"), tok.get("max_length"), data.get("source"),
+             ", ".join(store.models) or "none", len(store.saes))  # fmt: skip
+    intro = "Store {}: {} samples, {} tokens (max length {}) from {}; models: {}; SAEs: {}."
+    # every string read from the store is escaped: a model key or attribute may hold markup
+    h.append("<p>" + intro.format(f"<code>{_esc(store.url)}</code>", *map(_esc, facts[:3]), f"<code>{_esc(facts[3])}</code>",
+                                  *map(_esc, facts[4:])) + "</p>")  # fmt: skip
+    md += [intro.format(f"`{store.url}`", *facts[:3], f"`{facts[3]}`", *facts[4:]), ""]
 
     # 1. fine-tune
     ft, reps = finetune_section(store)
@@ -312,7 +331,7 @@ def build_report(store: Store, cfg: ReportConfig, progress: bool = False) -> Rep
         res.sections.append("similarity")
         res.data["similarity"] = w.to_dicts()
         h.append("<h2>2. Layer-wise similarity (paper Fig 1)</h2>")
-        h.append(f"<p>{_esc(models[0])} vs {_esc(models[1])} over {cmp.n_rows} row-aligned tokens. mean-cosine is the paper's "
+        h.append(f"<p>{_esc(models[0])} vs {_esc(models[1])} over {cmp.n_rows:d} row-aligned tokens. mean-cosine is the paper's "
                  "metric (cosine of the mean activation vectors); token-cosine averages per-token cosines; CKA is linear CKA "
                  "on token rows.</p><img src='similarity.png'>" + _html_table(w))  # fmt: skip
         md += ["## 2. Layer-wise similarity (paper Fig 1)", "", "![similarity](similarity.png)", "", _md_table(w), ""]
@@ -340,7 +359,7 @@ def build_report(store: Store, cfg: ReportConfig, progress: bool = False) -> Rep
                  "the same SAE.</p>")  # fmt: skip
         md += ["## 4. Top features by variance (paper Table 1)", ""]
         for e in feats:
-            h.append(f"<h3>{_esc(e['sae'])} ({_esc(e['model'])}, layer {e['layer']})</h3>")
+            h.append(f"<h3>{_esc(e['sae'])} ({_esc(e['model'])}, layer {_esc(e['layer'])})</h3>")
             md += [f"### {e['sae']} ({e['model']}, layer {e['layer']})", ""]
             rows = []
             for f in e["features"]:
@@ -383,13 +402,11 @@ def build_report(store: Store, cfg: ReportConfig, progress: bool = False) -> Rep
 
 
 def report(
-    store_path: str, cfg: ReportConfig, storage_options: dict[str, Any] | None = None, progress: bool = False
-) -> ReportResult:
-    """Open the store (writable when possible, so a computed feature diff is saved) and build the report."""
+    store_path: str, cfg: ReportConfig, storage_options: dict[str, Any] | None = None, progress: bool = False,
+    writable: bool = False,
+) -> ReportResult:  # fmt: skip
+    """Open the store (read-only unless ``writable``: then a computed feature diff is saved in it) and build the report."""
     from .store import open_store
 
-    try:
-        st = open_store(store_path, writable=True, storage_options=storage_options)
-    except (ActstoreError, OSError):
-        st = open_store(store_path, storage_options=storage_options)
+    st = open_store(store_path, writable=writable, storage_options=storage_options)
     return build_report(st, cfg, progress=progress)

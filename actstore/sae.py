@@ -31,7 +31,9 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from .errors import ConfigError, NotFoundError, StoreError
+from .errors import ConfigError, IntegrityError, NotFoundError, StoreError
+from .integrity import check_file
+from .location import name_ok
 
 if TYPE_CHECKING:
     import polars as pl
@@ -182,10 +184,22 @@ class SAE(nn.Module):
         return st_save(self.state_tensors(), metadata={"format": "actstore-sae"}), self.cfg.to_json().encode()
 
     @classmethod
-    def from_bytes(cls, weights: bytes, cfg_json: bytes) -> SAE:
-        cfg = SAEConfig.from_dict(json.loads(cfg_json))
+    def from_bytes(cls, weights: bytes, cfg_json: bytes, where: str = "SAE") -> SAE:
+        try:
+            d = json.loads(cfg_json)
+            if not isinstance(d, dict):
+                raise TypeError
+        except (ValueError, TypeError):
+            raise IntegrityError(f"{where}: cfg.json is not a JSON object; the SAE is damaged: re-train or re-copy it") from None
+        cfg = SAEConfig.from_dict(d)
         sae = cls(cfg)
-        tensors = st_load(weights)
+        try:
+            tensors = st_load(weights)
+        except Exception as exc:  # safetensors raises its own SafetensorError on truncated or garbled files
+            raise IntegrityError(
+                f"{where}: sae.safetensors does not load ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+                "the file is damaged: re-train the SAE or re-copy the store"
+            ) from None
         expect = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,), "W_dec": (cfg.d_sae, cfg.d_in), "b_dec": (cfg.d_in,)}
         for name, shape in expect.items():
             if name not in tensors or tuple(tensors[name].shape) != shape:
@@ -224,7 +238,7 @@ def check_d_in(cfg: SAEConfig, d_model: int, where: str) -> None:
 # ---------------------------------------------------------------- store I/O
 def sae_names(store: Store) -> list[str]:
     """Names of the SAEs saved in a store (folders under ``saes/`` with a cfg.json)."""
-    return [n for n in store.loc.list_dirs("saes") if store.loc.exists(f"saes/{n}/cfg.json")]
+    return [n for n in store.loc.list_dirs("saes") if name_ok(n) and store.loc.exists(f"saes/{n}/cfg.json")]
 
 
 def save_sae(store: Store, sae: SAE, name: str, metrics: dict[str, Any] | None = None) -> None:
@@ -247,7 +261,10 @@ def _check_name(store: Store, name: str) -> None:
 def load_sae(store: Store, name: str, device: str = "cpu") -> SAE:
     """Load the SAE ``name`` saved in ``store``."""
     _check_name(store, name)
-    sae = SAE.from_bytes(store.loc.read_bytes(f"saes/{name}/sae.safetensors"), store.loc.read_bytes(f"saes/{name}/cfg.json"))
+    weights, cfg_json = store.loc.read_bytes(f"saes/{name}/sae.safetensors"), store.loc.read_bytes(f"saes/{name}/cfg.json")
+    check_file(store.loc, f"saes/{name}/sae.safetensors", weights)  # the manifest's SHA-256, before any byte is used
+    check_file(store.loc, f"saes/{name}/cfg.json", cfg_json)
+    sae = SAE.from_bytes(weights, cfg_json, where=f"SAE {name} in store {store.url}")
     return sae.to(device)
 
 
@@ -296,9 +313,7 @@ def list_saes(store: Store) -> pl.DataFrame:
 
 def delete_sae(store: Store, name: str) -> None:
     """Remove ``saes/NAME/`` (finished SAE or unfinished run) if present."""
-    path = store.loc.fs_path(f"saes/{name}")
-    if store.loc.fs.exists(path):
-        store.loc.fs.rm(path, recursive=True)
+    store.loc.rmtree(f"saes/{name}")
 
 
 # ---------------------------------------------------------------- export

@@ -35,8 +35,8 @@ import polars as pl
 import zarr
 
 from . import codecs
-from .errors import NotFoundError, StoreError
-from .location import Location, open_location
+from .errors import IntegrityError, NotFoundError, StoreError
+from .location import Location, check_key, open_location
 
 FORMAT_VERSION = 1
 ATTR = "actstore"
@@ -75,19 +75,23 @@ class Tokenization:
         return bool(self.attrs.get("complete"))
 
     @property
+    def _where(self) -> str:
+        return f"tokenization {self.key} of store {self.store.url}"
+
+    @property
     def n_tokens(self) -> int:
-        return int(self.attrs.get("n_tokens", 0))
+        return _int_attr(self.attrs, "n_tokens", self._where, default=0)
 
     @property
     def n_samples(self) -> int:
-        return int(self.attrs.get("n_samples", 0))
+        return _int_attr(self.attrs, "n_samples", self._where, default=0)
 
     @property
     def chunk_rows(self) -> int:
-        return int(self.attrs["chunk_rows"])
+        return _int_attr(self.attrs, "chunk_rows", self._where, lo=1)
 
     def array(self, name: str) -> zarr.Array:
-        return zarr.open_array(self.store.loc.zarr_store, path=f"tokenizations/{self.key}/{name}", mode="r")
+        return zarr.open_array(self.store.loc.reader_store, path=f"tokenizations/{self.key}/{name}", mode="r")
 
     def token_ids(self, start: int, stop: int) -> np.ndarray:
         """Token ids of rows ``[start, stop)`` as int64 ``(stop - start,)``."""
@@ -100,16 +104,82 @@ class Tokenization:
             np.asarray(self.array("sample_n_tokens")[:], dtype=np.int64),
         )
 
+    def parquet_keys(self, table: str) -> list[str]:
+        """Store keys of the Parquet parts of ``table`` (tokens or samples)."""
+        parts = self.attrs.get("parts", [])
+        if not isinstance(parts, list) or not all(isinstance(p, dict) and isinstance(p.get("file"), str) for p in parts):
+            raise _damaged(self._where, "attribute parts is not a list of {file: ...} entries")
+        out = []
+        for p in parts:
+            if "/" in p["file"]:
+                raise _damaged(self._where, f"part file {p['file']!r} is not a plain file name")
+            out.append(check_key(f"tokenizations/{self.key}/{table}/{p['file']}"))
+        return out
+
     def parquet_files(self, table: str) -> list[str]:
-        return [self.store.loc.join(f"tokenizations/{self.key}/{table}/{p['file']}") for p in self.attrs.get("parts", [])]
+        return [self.store.loc.join(k) for k in self.parquet_keys(table)]
+
+    def check_table(self, table: str) -> None:
+        """IntegrityError unless every part of ``table`` matches the manifest (see :func:`actstore.integrity.check_file`)."""
+        from .integrity import check_files
+
+        check_files(self.store.loc, self.parquet_keys(table))
 
     def table(self, table: str) -> pl.DataFrame:
-        files = self.parquet_files(table)
-        if not files:
+        keys = self.parquet_keys(table)
+        if not keys:
             raise NotFoundError(f"tokenization {self.key} of {self.store.url} has no {table} table yet: run actstore extract")
-        if not self.store.loc.local:  # ranged reads through the store's (read-only) filesystem
-            return self.store.loc.read_parquet([f"tokenizations/{self.key}/{table}/{p['file']}" for p in self.attrs["parts"]])
-        return pl.read_parquet(files, storage_options=self.store.loc.storage_options or None)
+        self.check_table(table)
+        try:
+            return self.store.loc.read_parquet(keys)
+        except (OSError, pl.exceptions.ComputeError, ValueError) as exc:
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise _damaged(self._where, f"its {table} table does not read ({why})") from None
+
+
+def _damaged(where: str, what: str) -> IntegrityError:
+    return IntegrityError(
+        f"{where}: {what}; the store is damaged or was edited by hand: re-copy it from its source or re-extract that layer"
+    )
+
+
+def _int_attr(attrs: dict[str, Any], name: str, where: str, lo: int = 0, hi: int | None = None, default: Any = None) -> int:
+    v = attrs.get(name, default)
+    if isinstance(v, bool) or not isinstance(v, int | np.integer):
+        raise _damaged(where, f"attribute {name} is {v!r}, not an integer")
+    if v < lo or (hi is not None and v > hi):
+        raise _damaged(where, f"attribute {name} is {v}, outside {lo}..{hi if hi is not None else 'inf'}")
+    return int(v)
+
+
+def check_layer_attrs(attrs: dict[str, Any], values: zarr.Array, scale: zarr.Array | None, where: str) -> dict[str, Any]:
+    """The numeric attributes of a layer array, checked against each other and the array's shape (IntegrityError if not).
+
+    ``committed_rows <= n_rows <= shape[0]``, ``d_model == shape[1]``, a known codec, an int8 array with a scale array
+    of the same length: a hand-edited or damaged store is refused on open, before anything reads or deletes by it.
+    """
+    if not isinstance(attrs, dict):
+        raise _damaged(where, "its actstore attributes are not an object")
+    if values.ndim != 2:
+        raise _damaged(where, f"shape {values.shape} is not (n_tokens, d_model)")
+    n_alloc, width = int(values.shape[0]), int(values.shape[1])
+    n_rows = _int_attr(attrs, "n_rows", where, 0, n_alloc, default=n_alloc)
+    committed = _int_attr(attrs, "committed_rows", where, 0, n_rows, default=0)
+    d_model = _int_attr(attrs, "d_model", where, 1)
+    if d_model != width:
+        raise _damaged(where, f"attribute d_model is {d_model} but the array is {width} wide")
+    layer = _int_attr(attrs, "layer", where, 0)
+    codec = attrs.get("codec")
+    if codec not in codecs.CODECS:
+        raise _damaged(where, f"attribute codec is {codec!r}, not one of {', '.join(codecs.CODECS)}")
+    if codec == "int8" and (scale is None or int(scale.shape[0]) != n_alloc):
+        raise _damaged(where, "an int8 layer needs a per-token _scale array of the same length")
+    chan = attrs.get("channel_scale")
+    if chan is not None and (not isinstance(chan, list) or len(chan) != width):
+        raise _damaged(where, f"attribute channel_scale must be a list of {width} numbers")
+    if attrs.get("complete") and committed != n_rows:
+        raise _damaged(where, f"it says complete but commits {committed} of {n_rows} rows")
+    return {"n_rows": n_rows, "committed_rows": committed, "d_model": d_model, "layer": layer, "codec": codec}
 
 
 class Activations:
@@ -123,11 +193,12 @@ class Activations:
         self._loc = loc  # to name a corrupted chunk (actstore.integrity.chunk_error)
         self._values = values
         self._scale = scale
+        checked = check_layer_attrs(attrs, values, scale, where=f"array {values.path} of store {loc.url if loc else '?'}")
         self.attrs = attrs
-        self.codec: str = attrs["codec"]
-        self.layer: int = attrs["layer"]
-        self.d_model: int = attrs["d_model"]
-        self.n_rows: int = int(attrs.get("committed_rows", 0))
+        self.codec: str = checked["codec"]
+        self.layer: int = checked["layer"]
+        self.d_model: int = checked["d_model"]
+        self.n_rows: int = checked["committed_rows"]
         self.chunk_rows: int = int(values.chunks[0])
         chan = attrs.get("channel_scale")
         self._chan = np.asarray(chan, dtype=np.float32) if chan else None
@@ -157,9 +228,12 @@ class Activations:
         return codecs.decode(vals, scale, self.codec, self._chan)
 
     def _read_error(self, start: int, stop: int, exc: BaseException) -> BaseException:
-        if self._loc is None:
-            return exc
+        from .errors import ActstoreError
         from .integrity import chunk_error
+        from .location import MissingChunk
+
+        if self._loc is None or (isinstance(exc, ActstoreError) and not isinstance(exc, MissingChunk)):
+            return exc
 
         for arr in (self._values, self._scale):
             if arr is not None and (err := chunk_error(self._loc, arr, start, stop, exc)) is not exc:
@@ -246,11 +320,17 @@ class Store:
         self.loc = loc
         self.url = loc.url
         self.writable = writable
+        if not loc.exists("zarr.json"):
+            if loc.exists(".zgroup") or loc.exists(".zarray"):
+                raise StoreError(
+                    f"{loc.url} is a Zarr v2 store; actstore stores are Zarr v3 (zarr.json): re-extract into a new store"
+                )
+            raise StoreError(f"{loc.url} is not an actstore store (no zarr.json): run actstore extract to create one")
         try:
-            self.root = zarr.open_group(loc.zarr_store, mode="r+" if writable else "r")
-        except FileNotFoundError:
-            raise StoreError(f"{loc.url} is not an actstore store (no zarr.json): run actstore extract to create one") from None
-        if ATTR not in self.root.attrs:
+            self.root = zarr.open_group(loc.zarr_store, mode="r+" if writable else "r", zarr_format=3)
+        except (FileNotFoundError, ValueError, TypeError, KeyError) as exc:
+            raise StoreError(f"{loc.url}/zarr.json is not valid Zarr v3 group metadata ({exc}): the store is damaged") from None
+        if ATTR not in self.root.attrs or not isinstance(self.root.attrs[ATTR], dict):
             raise StoreError(f"{loc.url} is a Zarr group but not an actstore store (no '{ATTR}' attribute)")
 
     # ---- discovery -------------------------------------------------------
@@ -303,7 +383,7 @@ class Store:
         if layer not in self.layers(model):
             have = ", ".join(map(str, self.layers(model))) or "none"
             raise NotFoundError(f"layer {layer} of model {model!r} is not in store {self.url} (layers: {have}): extract it first")
-        return zarr.open_array(self.loc.zarr_store, path=f"models/{model}/{layer_name(layer)}", mode="r")
+        return zarr.open_array(self.loc.reader_store, path=f"models/{model}/{layer_name(layer)}", mode="r")
 
     def model_tokenization(self, model: str) -> Tokenization:
         return self.tokenization(self.model_info(model).get("tokenization"))
@@ -327,7 +407,7 @@ class Store:
         attrs = dict(values.attrs[ATTR])
         scale = None
         if attrs["codec"] == "int8":
-            scale = zarr.open_array(self.loc.zarr_store, path=f"models/{model}/{layer_name(layer)}_scale", mode="r")
+            scale = zarr.open_array(self.loc.reader_store, path=f"models/{model}/{layer_name(layer)}_scale", mode="r")
         return Activations(values, scale, attrs, loc=self.loc)
 
     def iter_chunks(self, model: str, layer: int, **kw: Any) -> Iterator[Chunk]:

@@ -102,4 +102,4 @@ def write_synthetic_store(
         raise ValueError(f"blocks held {row} rows, expected {n_rows}")
     arr.attrs[ATTR] = {"layer": layer, "d_model": d, "codec": "fp32", "stored_dtype": "float32", "model_key": model,
                        "tokenization": key, "n_rows": n_rows, "committed_rows": n_rows, "complete": True}  # fmt: skip
-    return open_store(path)
+    return open_store(path, writable=True)

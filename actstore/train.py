@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, NamedTuple
@@ -35,6 +36,8 @@ from safetensors.torch import save as st_save
 from . import __version__
 from .errors import ConfigError, NotFoundError, StoreError
 from .integrity import update_manifest
+from .location import check_name, write_access
+from .locks import StoreLock
 from .metrics import TrainTracker, evaluate, task_accuracy
 from .models import auto_device
 from .sae import ARCHS, SAE, SAEConfig, check_d_in, delete_sae, save_sae
@@ -206,6 +209,10 @@ class TrainResult:
     """The train / held-out split used."""
 
 
+class PartialLayerWarning(UserWarning):
+    """Training on a layer whose extraction is not finished (only its committed rows are used)."""
+
+
 class LossParts(NamedTuple):
     """One training step's loss and what the metrics need."""
 
@@ -343,9 +350,10 @@ def _train_sae(
     storage_options: dict[str, Any] | None,
     writable: bool,
 ) -> TrainResult:
-    from tqdm.auto import tqdm
-
-    st = open_store(store, storage_options=storage_options, writable=writable) if isinstance(store, str) else store
+    if isinstance(store, str):  # a path: local stores are writable by a writing command, URLs with writable only
+        st = open_store(store, storage_options=storage_options, writable=write_access(store, writable))
+    else:
+        st = store
     if st.loc.read_only:
         raise StoreError(f"store {st.url} is open read-only: pass --writable (open_store(url, writable=True)) to save an SAE")
     acts = st.activations(cfg.model, cfg.layer)  # NotFoundError names the model / layer
@@ -354,8 +362,27 @@ def _train_sae(
         raise NotFoundError(f"layer {cfg.layer} of model {cfg.model!r} in {st.url} has no committed rows yet: finish extract")
     d_sae, k, aux_k = cfg.resolve(d_in)
     name = cfg.name or cfg.default_name(d_sae)
+    check_name(name, "SAE")  # one folder under saes/: 'a/b' would make an SAE nothing can find
     device = torch.device(auto_device(cfg.device))
     tok = st.model_tokenization(cfg.model)
+    if not acts.attrs.get("complete"):
+        warnings.warn(
+            f"{cfg.model} layer {cfg.layer} in {st.url} is only partly extracted ({len(acts)} of "
+            f"{acts.attrs.get('n_rows')} rows committed): training on the committed rows; finish the extract for the rest",
+            PartialLayerWarning, stacklevel=3,
+        )  # fmt: skip
+    lock = StoreLock(st.loc, f"saes/{name}", f"train {name}").acquire()  # one trainer of an SAE name at a time
+    try:
+        return _train_locked(st, cfg, progress, on_step, acts, d_in, d_sae, k, aux_k, name, device, tok)
+    finally:
+        lock.release()
+
+
+def _train_locked(
+    st: Store, cfg: TrainConfig, progress: bool, on_step: Callable[[int, dict[str, Any]], None] | None, acts: Any,
+    d_in: int, d_sae: int, k: int | None, aux_k: int | None, name: str, device: torch.device, tok: Any,
+) -> TrainResult:  # fmt: skip
+    from tqdm.auto import tqdm
 
     # ---- existing SAE / unfinished run?
     finished = st.loc.exists(f"saes/{name}/cfg.json")
@@ -491,9 +518,7 @@ def _train_sae(
         "task": task,
     }
     save_sae(st, sae, name, metrics)
-    path = st.loc.fs_path(f"saes/{name}/checkpoint")
-    if st.loc.fs.exists(path):
-        st.loc.fs.rm(path, recursive=True)
+    st.loc.rmtree(f"saes/{name}/checkpoint")
     update_manifest(st.loc, prefixes=[f"saes/{name}"])  # checksums for the new files (actstore verify)
     return TrainResult(
         name=name, sae=sae, metrics=metrics, steps=step, tokens=tracker.tokens_seen, seconds=seconds,

@@ -12,7 +12,9 @@ from click.testing import CliRunner
 
 import actstore
 from actstore.cli import main
-from actstore.encode import EncodeConfig, Entries, encode, merge_runs, read_manifest, sort_block, sort_entries, sparse_encode
+from actstore.encode import (
+    EncodeConfig, Entries, encode, files_dir, merge_runs, read_manifest, sort_block, sort_entries, sparse_encode,
+)  # fmt: skip
 from actstore.errors import ConfigError, StoreError
 from actstore.sae import SAE, SAEConfig, save_sae
 
@@ -53,7 +55,8 @@ def table_dense(store, name: str, shape: tuple[int, int]) -> np.ndarray:
 
 
 def acts_files(store, name: str) -> list[str]:
-    return [store.loc.join(f"features/{name}/acts/{f['file']}") for f in read_manifest(store, name)["files"]]
+    man = read_manifest(store, name)
+    return [store.loc.join(f"{files_dir(name, man)}/acts/{f['file']}") for f in man["files"]]
 
 
 @pytest.mark.parametrize(("arch", "k"), [("relu-l1", None), ("topk", 5)])
@@ -79,11 +82,11 @@ def test_encode_equals_dense_numpy(tiny_store, arch, k):
     np.testing.assert_allclose(stats["variance"].to_numpy(), ref.var(axis=0), rtol=1e-3, atol=1e-6)
 
     # layout: spill gone, every file sorted by (feature, value desc, row) and within its feature range
-    assert not st.loc.exists("features/s/spill")
+    assert not st.loc.exists(f"{files_dir('s', read_manifest(st, 's'))}/spill")
     man = read_manifest(st, "s")
     assert man["complete"] and man["n_buckets"] == 3
     for f in man["files"]:
-        t = pq.read_table(st.loc.join(f"features/s/acts/{f['file']}"))
+        t = pq.read_table(st.loc.join(f"{files_dir('s', read_manifest(st, 's'))}/acts/{f['file']}"))
         feat, val, row = (t[c].to_numpy() for c in ("feature", "value", "row"))
         assert ((feat >= f["feature_start"]) & (feat < f["feature_stop"])).all()
         key = np.lexsort((row, -val, feat))
@@ -126,7 +129,8 @@ def test_resume_after_crash_gives_identical_table(tiny_store, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         encode(st, cfg, progress=False)
     monkeypatch.setattr(enc._Spiller, "flush", real_flush)
-    man = read_manifest(st, "s")
+    assert read_manifest(st, "s") is None  # nothing published yet
+    man = enc._read_pending(st, "s")
     assert not man["complete"] and man["spilled_rows"] > 0
     res = encode(st, cfg, progress=False)
     assert res.resumed_from == man["spilled_rows"]
@@ -154,10 +158,13 @@ def test_resume_after_crash_gives_identical_table(tiny_store, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         encode(st, EncodeConfig(sae="s", batch_rows=64, n_buckets=4, spill_entries=300, overwrite=True), progress=False)
     monkeypatch.setattr(enc, "_finish_bucket", real_finish)
-    man = read_manifest(st, "s")
+    assert read_manifest(st, "s")["complete"]  # the finished encoding survived the failed --overwrite
+    assert st.features("s").collect().equals(fresh.features("s").collect())
+    man = enc._read_pending(st, "s")
     assert not man["complete"] and man["spilled_rows"] > 0
-    res = encode(st, cfg, progress=False)
-    assert res.resumed_from == man["spilled_rows"] and not st.loc.exists("features/s/spill")
+    res = encode(st, cfg, progress=False)  # resumes the unfinished re-encode
+    assert res.resumed_from == man["spilled_rows"] and not st.loc.exists(f"{files_dir('s', man)}/spill")
+    assert [d for d in st.loc.list_dirs("features/s")] == [man["dir"]]  # the old generation is gone
     assert st.features("s").collect().equals(fresh.features("s").collect())
 
 

@@ -77,7 +77,7 @@ def pushed(s3_server, tiny_store_ro, tmp_path_factory):
     url = "s3://team/shared/tiny"
     local = tmp_path_factory.mktemp("pushsrc") / "tiny.zarr"
     shutil.copytree(tiny_store_ro, local)
-    update_manifest(open_location(str(local)))
+    update_manifest(open_location(str(local), writable=True))
     res = copy_store(CopyConfig(str(local), url))
     assert res.ok and res.n_copied == res.n_objects
     return url
@@ -226,7 +226,7 @@ def test_corrupted_chunk_is_caught(tiny_store):
 
 
 def test_verify_reports_missing_and_tampered_files(tiny_store):
-    loc = open_location(tiny_store)
+    loc = open_location(tiny_store, writable=True)
     update_manifest(loc)
     root = Path(tiny_store)
     (root / "models/tiny/layer_1/c/2/0").unlink()
@@ -274,7 +274,7 @@ def test_malicious_key_refused_on_copy(pushed, s3, tmp_path):
 
 
 def test_malicious_manifest_key_refused(tiny_store):
-    loc = open_location(tiny_store)
+    loc = open_location(tiny_store, writable=True)
     loc.write_bytes("manifest.json", json.dumps({"files": {"../../x": {"size": 1, "sha256": "0"}}}).encode())
     with pytest.raises(StoreError, match="unsafe store key"):
         verify(loc)
@@ -282,7 +282,7 @@ def test_malicious_manifest_key_refused(tiny_store):
 
 # ---------------------------------------------------------------- concurrency
 def test_lock_refuses_second_writer(tiny_store):
-    loc = open_location(tiny_store)
+    loc = open_location(tiny_store, writable=True)
     a = StoreLock(loc, "models/tiny/layer_1", "writer a").acquire()
     with pytest.raises(ConcurrencyError, match=r"models/tiny/layer_1.*being written.*pid"):
         StoreLock(loc, "models/tiny/layer_1", "writer b").acquire()
@@ -308,7 +308,7 @@ def _dead_pid() -> int:
 
 
 def test_stale_lock_from_dead_pid_taken_over(tiny_store):
-    loc = open_location(tiny_store)
+    loc = open_location(tiny_store, writable=True)
     stale = {"name": "models/tiny/layer_1", "owner": "dead", "pid": _dead_pid(), "host": socket.gethostname(),
              "created": "2026-01-01T00:00:00+00:00", "purpose": "extract tiny"}  # fmt: skip
     loc.write_bytes(lock_key("models/tiny/layer_1"), json.dumps(stale).encode())

@@ -106,7 +106,7 @@ def test_bytes_round_trip_and_bad_shapes():
 
 
 def test_save_list_and_load(tiny_store):
-    st = actstore.open_store(tiny_store)
+    st = actstore.open_store(tiny_store, writable=True)
     assert st.saes == [] and list_saes(st).height == 0
     sae = make("topk", d_in=32, d_sae=64)
     sae.cfg.name = "mine"
@@ -127,7 +127,7 @@ def test_save_list_and_load(tiny_store):
 @pytest.mark.parametrize("arch", ["relu-l1", "topk", "batchtopk"])
 def test_saelens_export_round_trip(tiny_store, tmp_path, arch):
     """Exported weights, read with plain safetensors + numpy, reproduce the SAE on raw activations."""
-    st = actstore.open_store(tiny_store)
+    st = actstore.open_store(tiny_store, writable=True)
     sae = make(arch, d_in=32, d_sae=64, scale=0.37)
     if arch == "batchtopk":
         sae.threshold.fill_(0.2)

@@ -281,7 +281,7 @@ def test_task_accuracy_with_the_sae_spliced_in(clf_store):
     from actstore.sae import SAE, SAEConfig
 
     path, model_dir = clf_store
-    st = actstore.open_store(path)
+    st = actstore.open_store(path, writable=True)
     res = train_sae(
         st, TrainConfig(model="clf", layer=2, d_sae=64, epochs=1, batch_size=64, device="cpu", eval_fraction=0.3), progress=False
     )
