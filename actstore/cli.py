@@ -28,8 +28,23 @@ def handle_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except ActstoreError as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:  # the disk or the network, not a bug: one line that says what to do
+            raise click.ClickException(os_error_message(exc)) from None
 
     return wrapper
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for an operating-system error (disk full, permission denied, ...) and what to do about it."""
+    import errno
+
+    where = f" writing {exc.filename}" if getattr(exc, "filename", None) else ""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"disk full{where} ({what}): free some space and rerun the same command; it resumes where it stopped"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"not allowed{where} ({what}): choose a path you can write, or fix its permissions"
+    return f"{what}{where.replace(' writing', ' at')}: check the path or connection and rerun"
 
 
 def key_values(values: tuple[str, ...], param_hint: str, form: str = "key=value") -> list[tuple[str, str]]:
@@ -252,6 +267,8 @@ def finetune(model: str, data: str, text_field: str, label_field: str, id_field:
         labels=[x.strip() for x in labels.split(",") if x.strip()] if labels is not None else None,
     )  # fmt: skip
     res = run(cfg, progress=not quiet)
+    if res.skipped:
+        click.echo(f"{res.out} already holds a finished fine-tune of these options: nothing trained (another --out to redo)")
     click.echo(report_text(res))
     click.echo(f"\nsaved the best checkpoint (epoch {res.best_epoch}) to {res.out}; reports in report.json / report.txt")
 

@@ -190,6 +190,7 @@ def _load_json(store: Store, key: str) -> dict[str, Any] | None:
 
 def _checked(store: Store, key: str, man: dict[str, Any]) -> dict[str, Any]:
     """An encoding manifest whose numbers and file names are sound (IntegrityError if not)."""
+
     def bad(what: str) -> IntegrityError:
         return IntegrityError(f"{key} in store {store.url}: {what}; it is damaged or was edited: re-encode with --overwrite")
 

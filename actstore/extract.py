@@ -34,11 +34,11 @@ from . import __version__, codecs
 from .data import DataConfig, load_corpus
 from .errors import ConfigError, StoreError
 from .integrity import update_manifest
-from .location import Location, open_location
+from .location import Location, check_name, open_location
 from .locks import LockSet
 from .models import LayerTap, auto_device, check_layers, default_model_key, load_model, sanitize_key
 from .store import ATTR, FORMAT_VERSION, layer_name
-from .tokenize import choose_tokenization, now
+from .tokenize import choose_tokenization, now, shared_length
 
 DEFAULT_CHUNK_ROWS = 4096
 SETUP_WAIT_S = 3600.0  # how long an extraction waits for another one creating the store's token index
@@ -53,13 +53,12 @@ def parse_layers(spec: str | list[int] | tuple[int, ...]) -> list[int]:
         if not part:
             continue
         try:
-            if "-" in part[1:]:
-                a, b = part.split("-", 1)
-                out.update(range(int(a), int(b) + 1))
-            else:
-                out.add(int(part))
+            ends = [int(x) for x in part.split("-", 1)] if "-" in part[1:] else [int(part)]
         except ValueError:
             raise ConfigError(f"cannot read layers {spec!r}: use numbers like 2,4,6 or a range 0-6") from None
+        if len(ends) == 2 and ends[1] < ends[0]:
+            raise ConfigError(f"layer range {part!r} runs backwards: write it low-high, e.g. {ends[1]}-{ends[0]}")
+        out.update(range(ends[0], ends[-1] + 1))
     if not out:
         raise ConfigError("no layers given: use --layers 2,4,6, a range 0-6, or 'all'")
     return sorted(out)
@@ -340,16 +339,17 @@ def _extract(
     loaded = load_model(cfg.model, device)
     layers = list(range(loaded.n_layers + 1)) if cfg.layers == "all" else list(cfg.layers)
     check_layers(loaded, layers)
-    max_length = cfg.max_length or loaded.max_length
-    if max_length > loaded.max_length:
-        raise ConfigError(f"--max-length {max_length} exceeds what {cfg.model} accepts ({loaded.max_length})")
-    model_key = cfg.name or default_model_key(cfg.model)
+    if cfg.max_length is not None and cfg.max_length > loaded.position_limit:
+        raise ConfigError(f"--max-length {cfg.max_length} exceeds what {cfg.model} accepts ({loaded.position_limit})")
+    model_key = check_name(cfg.name, "model key (--name)") if cfg.name else default_model_key(cfg.model)
 
     loc = open_location(store, storage_options=storage_options, create=True)
     locks = LockSet(loc, f"extract {model_key}", break_lock)
     held.append(locks)
     locks.acquire("setup", wait_s=SETUP_WAIT_S)  # root, token index, model group and arrays: one creator at a time
     root = _open_root(loc)
+    # no --max-length: the length of a token index made by the same tokenizer, so the rows align
+    max_length = cfg.max_length or shared_length(loc, loaded) or loaded.max_length
     tk, tattrs = choose_tokenization(loc, root, corpus, loaded, cfg, max_length, progress)
     n_rows, chunk_rows = int(tattrs["n_tokens"]), int(tattrs["chunk_rows"])
 

@@ -28,7 +28,7 @@ import json
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +161,8 @@ class FinetuneResult:
     history: list[dict[str, float]] = field(default_factory=list)
     resumed_from_epoch: int = 0
     seconds: float = 0.0
+    skipped: bool = False
+    """True when ``out`` already held a finished run of the same config (nothing was trained)."""
 
 
 # ---------------------------------------------------------------- data
@@ -286,6 +288,21 @@ def _same_run(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return all(json.dumps(a.get(k), sort_keys=True) == json.dumps(b.get(k), sort_keys=True) for k in keys)
 
 
+def finished_run(out: Path, cfg: FinetuneConfig) -> FinetuneResult | None:
+    """The saved result when ``out`` holds a finished fine-tune of the same config (same data, model, epochs...)."""
+    try:
+        saved = json.loads((out / "finetune.json").read_text())
+        rep = json.loads((out / "report.json").read_text())
+        now = json.loads(json.dumps(cfg.to_dict(), default=str))  # as finetune.json holds it
+        if not (_same_run(saved, now) and saved.get("epochs") == now.get("epochs")):
+            return None
+        rep["finetuned"], rep["pretrained"] = ClassReport(**rep["finetuned"]), ClassReport(**rep["pretrained"])
+        names = {f.name for f in fields(FinetuneResult)}
+        return FinetuneResult(**{**{k: v for k, v in rep.items() if k in names}, "skipped": True})
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
 def finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult:
     """Fine-tune ``cfg.model`` on ``cfg.data``; see the module docstring for what is written."""
     from tqdm.auto import tqdm
@@ -296,6 +313,9 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult:
     t0 = time.perf_counter()
     device = auto_device(cfg.device)
     out = Path(cfg.out)
+    done = finished_run(out, cfg)
+    if done is not None:
+        return done
     out.mkdir(parents=True, exist_ok=True)
     recs = _read_records(cfg)
     splits = split_records(recs, cfg.split, cfg.seed, use_own=not cfg.ignore_split)

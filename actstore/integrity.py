@@ -37,7 +37,7 @@ from .location import Location, check_key
 MANIFEST_KEY = "manifest.json"
 MANIFEST_FORMAT = 1
 SKIP_PREFIXES = ("locks/",)
-TMP = re.compile(r"\.tmp\d+$")  # a local write in progress (Location.write_bytes)
+TMP = re.compile(r"(\.tmp\d+|\.partial)$")  # a local write in progress (Location.write_bytes, Zarr's LocalStore)
 ATTR = "actstore"
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -69,12 +70,17 @@ def _from_pretrained(cls: Any, source: str, **kw: Any) -> Any:
     local = Path(source).exists()
     if local:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        if not Path(source).is_dir() or not (Path(source) / "config.json").is_file():
+            raise ModelError(
+                f"{source!r} is not a Hugging Face model directory (no config.json in it): give the folder that "
+                "save_pretrained wrote, a Hugging Face id, or bundled:minilm"
+            )
     try:
         return cls.from_pretrained(source, **kw)
-    except OSError as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         where = "directory" if local else "model id"
         raise ModelError(
-            f"cannot load model {source!r} ({where}): {str(exc).splitlines()[0]} — "
+            f"cannot load model {source!r} ({where}): {(str(exc).strip().splitlines() or [type(exc).__name__])[0]} — "
             "give a Hugging Face id reachable online, a local model directory, or bundled:minilm"
         ) from None
 
@@ -93,8 +99,10 @@ class LoadedModel:
     """Number of transformer blocks; layers 0..n_layers are valid."""
     d_model: int
     max_length: int
-    """Longest input the model accepts (capped at 512 by default)."""
+    """Default input length: the tokenizer's ``model_max_length`` within ``position_limit``."""
     revision: str | None
+    position_limit: int = 512
+    """Longest input the model accepts: its position embeddings, capped at 512."""
 
     def info(self) -> dict[str, Any]:
         cfg = self.model.config
@@ -108,6 +116,7 @@ class LoadedModel:
             "d_model": self.d_model,
             "weights_sha256": weights_hash(self.model),
             "tokenizer_sha256": tokenizer_hash(self.tokenizer),
+            "tokenizer_ids_sha256": tokenizer_identity(self.tokenizer),
         }
 
 
@@ -128,12 +137,11 @@ def load_model(model: str, device: str = "cpu") -> LoadedModel:
     if not n_layers or not d_model:
         raise ModelError(f"model {model!r} has no num_hidden_layers/hidden_size in its config: not a transformer actstore knows")
     limits = [512, getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)]
-    tml = getattr(tok, "model_max_length", None)
-    if isinstance(tml, int) and tml < 1_000_000:
-        limits.append(tml)
-    max_length = min(x for x in limits if x)
+    position_limit = min(x for x in limits if x)
+    tml = getattr(tok, "model_max_length", None)  # the tokenizer's default, which a trainer may have lowered
+    max_length = min(position_limit, tml) if isinstance(tml, int) and tml < 1_000_000 else position_limit
     revision = getattr(cfg, "_commit_hash", None)
-    return LoadedModel(model, path, net, tok, int(n_layers), int(d_model), int(max_length), revision)
+    return LoadedModel(model, path, net, tok, int(n_layers), int(d_model), int(max_length), revision, int(position_limit))
 
 
 def weights_hash(model: nn.Module) -> str:
@@ -147,13 +155,40 @@ def weights_hash(model: nn.Module) -> str:
 
 
 def tokenizer_hash(tokenizer: Any) -> str:
-    """SHA-256 of a tokenizer's full definition (vocabulary, normaliser, special tokens)."""
+    """SHA-256 of a tokenizer's full saved definition, runtime padding/truncation state included.
+
+    What stores before ``tokenizer_ids_sha256`` recorded; still matched so they accept the models they accepted.
+    """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         text = backend.to_str()
     else:  # slow tokenizers: vocabulary and special tokens
         text = repr(sorted(tokenizer.get_vocab().items())) + repr(tokenizer.all_special_tokens)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+TOKENIZER_IDENTITY = "ids-v1"
+"""Version of :func:`tokenizer_identity`'s recipe (stored beside the hash)."""
+
+
+def tokenizer_identity(tokenizer: Any) -> str:
+    """SHA-256 of what decides a tokenizer's token ids, and nothing else.
+
+    The vocabulary and model (WordPiece/BPE/Unigram with their settings), normaliser, pre-tokenizer,
+    post-processor (special tokens around a sample), decoder and added/special tokens are hashed; the
+    runtime ``truncation`` and ``padding`` state a trainer saved into ``tokenizer.json`` (its max length,
+    ``Fixed`` vs ``BatchLongest``) is not, since actstore sets both itself. So a fine-tune saved by
+    another trainer, or after changing ``model_max_length``, shares its base model's token index.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        for runtime in ("truncation", "padding"):
+            spec.pop(runtime, None)
+        text = json.dumps(spec, sort_keys=True, ensure_ascii=False)
+    else:  # slow tokenizers: vocabulary, special tokens and the class that applies them
+        text = repr(sorted(tokenizer.get_vocab().items())) + repr(tokenizer.all_special_tokens) + type(tokenizer).__name__
+    return hashlib.sha256(f"{TOKENIZER_IDENTITY}\n{text}".encode()).hexdigest()
 
 
 def find_blocks(model: nn.Module, n_layers: int) -> nn.ModuleList:

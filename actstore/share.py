@@ -179,15 +179,26 @@ def copy_store(cfg: CopyConfig, progress: bool = False) -> CopyResult:
         )
     keys.sort(key=_copy_order)
 
-    dst = open_location(cfg.dst, cfg.dst_options, create=True)
-    _check_dst(dst, root_meta["attributes"][ATTR])
-    dst_have = dst.walk()
     layout_of: dict[str, tuple[ArrayLayout, tuple[int, ...]]] = {}
     for layout in arrays.values():
         for idx in layout.expected_chunks():
             layout_of[layout.chunk_key(idx)] = (layout, idx)
-    res = CopyResult(src.url, dst.url, len(keys), 0, 0, 0, 0.0)
+    res = CopyResult(src.url, cfg.dst, len(keys), 0, 0, 0, 0.0)
     hashes: dict[str, dict[str, Any]] = {}
+    # a chunk inside the committed rows that is absent would read as zeros at the destination: refuse the copy
+    absent = sorted(k for k in layout_of if k not in listing and _selected(k, patterns))
+    for key in absent:
+        layout, idx = layout_of[key]
+        r0, r1 = layout.rows_of(idx)
+        why = f"chunk {idx} of array {layout.path} (rows {r0}-{r1 - 1}) is absent at the source; nothing copied"
+        res.problems.append(Problem(key, "missing", why))
+    if absent:
+        res.seconds = time.perf_counter() - t0
+        return res
+    dst = open_location(cfg.dst, cfg.dst_options, create=True)
+    _check_dst(dst, root_meta["attributes"][ATTR])
+    dst_have = dst.walk()
+    res.dst = dst.url
 
     def check_source(key: str, data: bytes) -> str | None:
         if key in chunk_keys:

@@ -23,7 +23,7 @@ from . import __version__
 from .data import Corpus
 from .errors import ConfigError, StoreError, TokenizerMismatchError
 from .location import Location
-from .models import LoadedModel, tokenizer_hash
+from .models import LoadedModel, tokenizer_hash, tokenizer_identity
 from .store import ATTR
 
 if TYPE_CHECKING:
@@ -155,7 +155,8 @@ def _tokenize_corpus(
 
     tok = loaded.tokenizer
     base_attrs = {
-        "tokenizer_sha256": _tok_hash(loaded),
+        "tokenizer_sha256": tokenizer_hash(loaded.tokenizer),
+        "tokenizer_ids_sha256": _tok_hash(loaded),
         "tokenizer_source": loaded.source,
         "tokenizer_class": type(tok).__name__,
         "max_length": max_length,
@@ -166,8 +167,8 @@ def _tokenize_corpus(
         "actstore_version": __version__,
     }
     grp = root.create_group(f"tokenizations/{key}", overwrite=True, attributes={ATTR: base_attrs})
-    loc.fs.rm(loc.fs_path(f"tokenizations/{key}/tokens"), recursive=True) if loc.exists(f"tokenizations/{key}/tokens") else None
-    loc.fs.rm(loc.fs_path(f"tokenizations/{key}/samples"), recursive=True) if loc.exists(f"tokenizations/{key}/samples") else None
+    loc.rmtree(f"tokenizations/{key}/tokens")
+    loc.rmtree(f"tokenizations/{key}/samples")
     w = _TokenIndexWriter(loc, grp, key, tok, chunk_rows)
     batch: list = []
     bar = tqdm(desc="tokenize", unit=" samples", disable=not progress)
@@ -215,7 +216,29 @@ def _tokenize_corpus(
 
 
 def _tok_hash(loaded: LoadedModel) -> str:
-    return tokenizer_hash(loaded.tokenizer)
+    """What names a new tokenization: the tokenizer's identity (token ids), not its saved runtime state."""
+    return tokenizer_identity(loaded.tokenizer)
+
+
+def same_tokenizer(attrs: dict[str, Any], loaded: LoadedModel) -> bool:
+    """Whether a tokenization (its attributes) was made by a tokenizer giving ``loaded``'s token ids.
+
+    Tokenizations that record ``tokenizer_ids_sha256`` compare that; older ones their full-definition hash
+    (so they accept exactly the models they accepted before).
+    """
+    if attrs.get("tokenizer_ids_sha256"):
+        return attrs["tokenizer_ids_sha256"] == _tok_hash(loaded)
+    return attrs.get("tokenizer_sha256") == tokenizer_hash(loaded.tokenizer)
+
+
+def shared_length(loc: Location, loaded: LoadedModel) -> int | None:
+    """The max length of the store's (first) complete token index made by ``loaded``'s tokenizer, if the model takes it."""
+    for k in loc.list_dirs("tokenizations"):
+        a = dict(zarr.open_group(loc.zarr_store, path=f"tokenizations/{k}", mode="r").attrs.get(ATTR, {}))
+        n = a.get("max_length")
+        if a.get("complete") and same_tokenizer(a, loaded) and isinstance(n, int) and 2 <= n <= loaded.position_limit:
+            return n
+    return None
 
 
 def choose_tokenization(
@@ -236,10 +259,13 @@ def choose_tokenization(
             )  # fmt: skip
             raise StoreError(f"store {loc.url} holds another corpus ({diff}): a store holds one corpus, so use a new store path")
     done = {k: a for k, a in existing.items() if a.get("complete")}
+    match = [k for k, a in done.items() if same_tokenizer(a, loaded) and a.get("max_length") == max_length]
+    if match:  # an existing token index gives the same ids (possibly named by an older hash): share it
+        key = match[0]
     if key not in done:
         if done and not cfg.new_tokenization:
             other = next(iter(done.values()))
-            why = "tokenizer" if other.get("tokenizer_sha256") != tok_hash else f"max length ({other.get('max_length')})"
+            why = "tokenizer" if not same_tokenizer(other, loaded) else f"max length ({other.get('max_length')})"
             raise TokenizerMismatchError(
                 f"{cfg.model} differs in {why} from the tokenization of store {loc.url} "
                 f"(made with {other.get('tokenizer_source')}, max length {other.get('max_length')}): its rows would not align; "

@@ -13,8 +13,16 @@ from click.testing import CliRunner
 import actstore
 from actstore.cli import main
 from actstore.encode import (
-    EncodeConfig, Entries, encode, files_dir, merge_runs, read_manifest, sort_block, sort_entries, sparse_encode,
-)  # fmt: skip
+    EncodeConfig,
+    Entries,
+    encode,
+    files_dir,
+    merge_runs,
+    read_manifest,
+    sort_block,
+    sort_entries,
+    sparse_encode,
+)
 from actstore.errors import ConfigError, StoreError
 from actstore.sae import SAE, SAEConfig, save_sae
 

@@ -407,3 +407,86 @@ def test_train_encode_and_top_tokens_over_bucket(pushed, s3):
     assert r.exit_code == 0, r.output
     update_manifest(open_location(url, writable=True))
     assert verify(ro.loc).ok
+
+
+# ---------------------------------------------------------------- issue 9: the same promises over S3
+def bucket_snapshot(s3, url: str) -> dict[str, str]:
+    """Every object of the store in the bucket with its ETag (changes when an object is rewritten)."""
+    root = url.removeprefix("s3://")
+    s3.invalidate_cache()
+    return {k: v["ETag"] for k, v in s3.find(root, detail=True).items()}
+
+
+@pytest.mark.parametrize("writable", [False, True])
+def test_sql_sandbox_over_bucket(pushed, s3, tmp_path, writable):
+    secret = tmp_path / "credentials"
+    secret.write_text("aws_secret_access_key = TOP-SECRET")
+    out = tmp_path / "x.csv"
+    before = bucket_snapshot(s3, pushed)
+    st = open_store(pushed, writable=writable)
+    for stmt in (
+        f"SELECT * FROM read_text('{secret}')",
+        f"SELECT * FROM read_csv('{secret}')",
+        f"COPY (SELECT 1) TO '{out}'",
+        f"COPY (SELECT 1) TO '{pushed}/evil.csv'",
+        "SELECT * FROM read_parquet('s3://team/*/*.parquet')",
+        "RESET allowed_paths",
+        "SET enable_external_access = true",
+        "LOAD httpfs",
+        f"ATTACH '{tmp_path / 'db.duckdb'}' AS x",
+    ):
+        with pytest.raises(Exception) as info:  # noqa: PT011 - any DuckDB error; the statement must fail
+            st.sql(stmt)
+        assert "TOP-SECRET" not in str(info.value)
+        r = CliRunner().invoke(main, ["sql", pushed, stmt])
+        assert r.exit_code != 0 and "TOP-SECRET" not in r.output, (stmt, r.output)
+    assert not out.exists() and not (tmp_path / "db.duckdb").exists()
+    assert bucket_snapshot(s3, pushed) == before
+    assert st.sql("SELECT count(*) AS n FROM tokens")["n"][0] > 0
+
+
+@pytest.fixture(scope="module")
+def pushed_two_models(s3_server, tiny_store_ro, tiny_bert_dir, corpus_file, tmp_path_factory):
+    """Two models (same weights, two keys) with an SAE each at layer 2, in the bucket; do not write to it."""
+    from actstore.extract import extract
+    from actstore.train import TrainConfig, train_sae
+
+    local = tmp_path_factory.mktemp("two") / "two.zarr"
+    shutil.copytree(tiny_store_ro, local)
+    extract(str(local), extract_cfg(tiny_bert_dir, corpus_file, "2", name="tiny2"), progress=False)
+    for model, seed in (("tiny", 0), ("tiny2", 1)):
+        train_sae(str(local), TrainConfig(model=model, layer=2, arch="topk", k=4, d_sae=16, tokens=512, seed=seed,
+                                          name=f"{model}-s"), progress=False)  # fmt: skip
+    url = f"s3://team/two-{uuid.uuid4().hex[:6]}"
+    assert copy_store(CopyConfig(str(local), url)).ok
+    return url
+
+
+def test_report_and_diff_leave_a_bucket_untouched_unless_writable(pushed_two_models, s3, tmp_path):
+    url = pushed_two_models
+    before = bucket_snapshot(s3, url)
+    r = CliRunner().invoke(main, ["diff-features", url, "--sae", "tiny-s", "--sae", "tiny2-s", "--rows", "0"])
+    assert r.exit_code == 0 and "not saved" in r.output, r.output
+    r = CliRunner().invoke(main, ["report", url, "--out", str(tmp_path / "rep"), "--models", "tiny,tiny2"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "rep" / "index.html").exists()
+    assert bucket_snapshot(s3, url) == before
+    r = CliRunner().invoke(main, ["diff-features", url, "--sae", "tiny-s", "--sae", "tiny2-s", "--writable"])
+    assert r.exit_code == 0 and "saved as diffs/tiny-s__tiny2-s" in r.output, r.output
+    after = bucket_snapshot(s3, url)
+    assert any("/diffs/tiny-s__tiny2-s/diff.parquet" in k for k in after) and after != before
+
+
+def test_remote_reads_check_the_manifest(pushed, s3):
+    url = new_url()
+    assert copy_store(CopyConfig(pushed, url)).ok
+    st = open_store(url)
+    key = next(k for k in st.tokenization().parquet_keys("samples"))
+    obj = url.removeprefix("s3://") + "/" + key
+    raw = bytearray(s3.cat_file(obj))
+    raw[60:124] = bytes(64)
+    s3.pipe_file(obj, bytes(raw))
+    with pytest.raises(IntegrityError, match="samples/part-00000.parquet.*corrupted"):
+        open_store(url).samples()
+    r = CliRunner().invoke(main, ["sql", url, "SELECT count(*) FROM samples"])
+    assert r.exit_code != 0 and "corrupted" in r.output and "Traceback" not in r.output
