@@ -683,10 +683,13 @@ def train(store: str, storage_options: tuple[str, ...], writable: bool, model: s
 @handle_errors
 def saes(store: str, storage_options: tuple[str, ...], fmt: str, out: str | None) -> None:
     """List the SAEs in STORE with their held-out metrics (FVU, MSE, L0, dead and dense fractions)."""
-    from .sae import list_saes
+    from .sae import dense_notes, list_saes
     from .store import open_store
 
-    emit(list_saes(open_store(store, storage_options=parse_storage_options(storage_options))), fmt, out)
+    df = list_saes(open_store(store, storage_options=parse_storage_options(storage_options)))
+    emit(df, fmt, out)
+    for note in dense_notes(df):
+        click.echo(f"note: {note}", err=True)
 
 
 @main.command("export-sae")

@@ -190,13 +190,14 @@ def _layer_arrays(
         }
         arr = root.create_array(
             name, shape=(n_rows, d_model), chunks=(chunk_rows, d_model), dtype=codecs.STORED_DTYPE[cfg.codec],
-            fill_value=0, compressors=comp, attributes=attrs,
+            fill_value=0, compressors=comp, attributes=attrs, dimension_names=("token", "d_model"),
         )  # fmt: skip
         scale = None
         if cfg.codec == "int8":
             scale = root.create_array(
-                name + "_scale", shape=(n_rows,), chunks=(chunk_rows,), dtype="float32", fill_value=0, compressors=comp
-            )
+                name + "_scale", shape=(n_rows,), chunks=(chunk_rows,), dtype="float32", fill_value=0, compressors=comp,
+                dimension_names=("token",),
+            )  # fmt: skip
         out[layer] = (arr, scale)
     return out
 

@@ -87,7 +87,7 @@ def _fmt(x: Any) -> str:
 def _html_table(df: pl.DataFrame, max_rows: int = 200) -> str:
     head = "".join(f"<th>{_esc(c)}</th>" for c in df.columns)
     body = "".join("<tr>" + "".join(f"<td>{_esc(_fmt(v))}</td>" for v in row) + "</tr>" for row in df.head(max_rows).iter_rows())
-    return f'<table class="data"><tr>{head}</tr>{body}</table>'
+    return f'<div class="scroll"><table class="data"><tr>{head}</tr>{body}</table></div>'
 
 
 def _md_table(df: pl.DataFrame, max_rows: int = 60) -> str:
@@ -152,11 +152,11 @@ def _confusion(rep: dict[str, Any], which: str) -> pl.DataFrame:
 
 def sae_pairs(store: Store, models: tuple[str, str]) -> list[tuple[int, str, str]]:
     """``(layer, sae of model A, sae of model B)`` for every layer where each model has an SAE (first by name)."""
-    from .sae import load_sae
+    from .sae import read_config
 
     by: dict[tuple[str, int], str] = {}
     for name in sorted(store.saes):
-        c = load_sae(store, name).cfg
+        c = read_config(store, name)  # cfg.json only: no weights
         if c.model in models and c.layer is not None:
             by.setdefault((c.model, int(c.layer)), name)
     layers = sorted({layer for (_, layer) in by})
@@ -172,9 +172,10 @@ def sae_metrics_table(store: Store) -> pl.DataFrame | None:
         return None
     keep = [
         c
-        for c in ("name", "model", "layer", "arch", "d_in", "d_sae", "l1", "tokens", "mse", "fvu", "l0", "dead")
+        for c in ("name", "model", "layer", "arch", "d_in", "d_sae", "l1", "tokens", "mse", "fvu", "l0", "l0_fraction", "dead",
+                  "dense_code")
         if c in df.columns
-    ]
+    ]  # fmt: skip
     return df.select(keep).sort(["layer", "model"])
 
 
@@ -195,7 +196,9 @@ def features_section(store: Store, cfg: ReportConfig, models: tuple[str, str] | 
     out, notes = [], []
     encoded = set(encoded_saes(store))
     order = {m: i for i, m in enumerate(models or ())}
-    cfgs = {name: store.load_sae(name).cfg for name in store.saes}
+    from .sae import read_config
+
+    cfgs = {name: read_config(store, name) for name in store.saes}  # cfg.json only: no weights
     for name in sorted(cfgs, key=lambda n: (cfgs[n].layer or 0, order.get(str(cfgs[n].model), 99), n)):
         if name not in encoded:
             notes.append(
@@ -266,7 +269,10 @@ def _plot_diff(df: pl.DataFrame, path: str) -> str:
 
 # ---------------------------------------------------------------- page
 CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; box-sizing: border-box;
+       color: #222; }
+.scroll { overflow-x: auto; max-width: 100%; }
+img { max-width: 100%; height: auto; }
 h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 2em; }
 table.data { border-collapse: collapse; margin: .8em 0; font-size: .9em; }
 table.data th, table.data td { border: 1px solid #ddd; padding: 3px 8px; text-align: left; }
@@ -279,7 +285,7 @@ pre { background: #f7f7f7; padding: .6em; font-size: .85em; overflow-x: auto; }
 def build_report(store: Store, cfg: ReportConfig, progress: bool = False) -> ReportResult:
     """Write ``index.html``, ``summary.md``, PNGs and ``report.json`` into ``cfg.out``."""
     from .compare import CompareConfig, compare, plot_similarity, wide
-    from .show import CSS as TOK_CSS
+    from .show import TOKVIEW_CSS as TOK_CSS
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -346,6 +352,12 @@ def build_report(store: Store, cfg: ReportConfig, progress: bool = False) -> Rep
         h.append("<h2>3. SAE metrics</h2><p>Held-out metrics from training: MSE, fraction of variance unexplained (FVU), "
                  "mean active features per token (L0) and dead fraction.</p>" + _html_table(sm))  # fmt: skip
         md += ["## 3. SAE metrics", "", _md_table(sm), ""]
+        from .sae import dense_notes
+
+        for note in dense_notes(sm):
+            h.append(f"<p class='note'>{_esc(note)}</p>")
+            md += [f"> {note}", ""]
+            res.notes.append(note)
 
     # 4. top features and token views
     feats, notes = features_section(store, cfg, models)

@@ -268,6 +268,20 @@ def load_sae(store: Store, name: str, device: str = "cpu") -> SAE:
     return sae.to(device)
 
 
+def read_config(store: Store, name: str) -> SAEConfig:
+    """The ``cfg.json`` of SAE ``name`` alone (no weights read), checked against the manifest."""
+    _check_name(store, name)
+    raw = store.loc.read_bytes(f"saes/{name}/cfg.json")
+    check_file(store.loc, f"saes/{name}/cfg.json", raw)
+    try:
+        d = json.loads(raw)
+        if not isinstance(d, dict):
+            raise TypeError
+    except (ValueError, TypeError):
+        raise IntegrityError(f"SAE {name} in store {store.url}: cfg.json is not a JSON object: re-train or re-copy it") from None
+    return SAEConfig.from_dict(d)
+
+
 def read_metrics(store: Store, name: str) -> dict[str, Any]:
     """The ``metrics.json`` written when SAE ``name`` was trained (empty if it has none)."""
     _check_name(store, name)
@@ -301,14 +315,35 @@ def list_saes(store: Store) -> pl.DataFrame:
                 "dead": tr.get("dead_fraction"),
                 "dense": ev.get("dense_fraction"),
                 "train_fvu": tr.get("fvu"),
+                "l0_fraction": ev["l0"] / cfg["d_sae"] if ev.get("l0") is not None and cfg.get("d_sae") else None,
             }
         )
     schema = {
         "name": pl.String, "arch": pl.String, "model": pl.String, "layer": pl.Int64, "d_in": pl.Int64, "d_sae": pl.Int64,
         "k": pl.Int64, "l1": pl.Float64, "tokens": pl.Int64, "fvu": pl.Float64, "mse": pl.Float64, "l0": pl.Float64,
-        "dead": pl.Float64, "dense": pl.Float64, "train_fvu": pl.Float64,
+        "dead": pl.Float64, "dense": pl.Float64, "train_fvu": pl.Float64, "l0_fraction": pl.Float64,
     }  # fmt: skip
-    return pl.DataFrame(rows, schema=schema)
+    df = pl.DataFrame(rows, schema=schema)
+    return df.with_columns((pl.col("l0_fraction") > DENSE_L0_FRACTION).fill_null(False).alias("dense_code"))
+
+
+DENSE_L0_FRACTION = 0.10
+"""An SAE whose held-out L0 exceeds this fraction of d_sae is flagged dense (``saes``, the report)."""
+
+
+def dense_notes(saes: pl.DataFrame) -> list[str]:
+    """One sentence per SAE of :func:`list_saes` whose code is dense, saying what that implies."""
+    import polars as pl
+
+    out = []
+    for r in saes.filter(pl.col("dense_code")).iter_rows(named=True):
+        out.append(
+            f"SAE {r['name']} is dense: L0 {r['l0']:.0f} of {r['d_sae']} features ({r['l0_fraction']:.0%}) fire on every "
+            f"token, above {DENSE_L0_FRACTION:.0%}; its features are not sparse, so its top features by variance tend to "
+            "be generic tokens ([CLS], 'the', '.') and a feature diff against it says little. Train it sparser: "
+            "--arch topk --k N, or a larger --l1"
+        )
+    return out
 
 
 def delete_sae(store: Store, name: str) -> None:

@@ -169,20 +169,23 @@ def token_views(store: Store, cfg: ShowConfig) -> TokenViews:
         missing = sorted(set(cfg.sample_ids) - set(found["id"].to_list()))
         if missing:
             raise NotFoundError(f"sample id {missing[0]!r} is not in store {store.url}: check --sample-id (see the samples view)")
-        tok_tab = store.tokens()
+        from .query import token_context
+
+        ctx = token_context(store)  # token strings from the Zarr token index: no tokens-table scan
         live: dict[str, _LiveModel] = {}
         for sid in cfg.sample_ids:
             s = found.filter(pl.col("id") == sid).row(0, named=True)
             r0, r1 = int(s["first_row"]), int(s["first_row"]) + int(s["n_tokens"])
-            toks = tok_tab.filter((pl.col("row") >= r0) & (pl.col("row") < r1)).sort("row")["token"].to_list()
+            toks = ctx.tokens(np.arange(r0, r1, dtype=np.int64)).tolist()
             vals = []
             for v in views:
                 sae = saes[v.sae]
                 if v.layer in store.layers(v.model) and len(store.activations(v.model, v.layer)) >= r1:
                     x = torch.from_numpy(store.activations(v.model, v.layer)[r0:r1])  # (n_tokens, d_model)
                 else:
-                    lm = live.setdefault(v.model, _LiveModel(store, v.model, cfg.device))
-                    _, x = lm.run(str(s["text"]), v.layer)
+                    if v.model not in live:  # loaded once per model, however many samples
+                        live[v.model] = _LiveModel(store, v.model, cfg.device)
+                    _, x = live[v.model].run(str(s["text"]), v.layer)
                 vals.append(sae.encode(x.to(sae.W_enc.device))[:, v.feature].float().cpu().numpy())
             sentences.append(sid)
             tokens.append(toks)
@@ -205,15 +208,17 @@ def token_views(store: Store, cfg: ShowConfig) -> TokenViews:
 
 
 # ---------------------------------------------------------------- rendering
-CSS = """
-body { font-family: system-ui, sans-serif; margin: 1.5em; }
-table.tokview { border-collapse: collapse; margin-bottom: 1.5em; }
+TOKVIEW_CSS = """
+table.tokview { border-collapse: collapse; margin-bottom: 1.5em; width: 100%; table-layout: fixed; }
 table.tokview th, table.tokview td { border: 1px solid #ddd; padding: 6px 8px; vertical-align: top; }
-table.tokview th { background: #f6f6f6; font-weight: 600; font-size: 0.9em; }
-td.label { max-width: 16em; font-size: 0.85em; color: #555; }
-td.toks { max-width: 42em; line-height: 1.9; }
-span.tok { padding: 1px 2px; margin: 0 1px; border-radius: 3px; font-family: ui-monospace, monospace; font-size: 0.88em; }
+table.tokview th { background: #f6f6f6; font-weight: 600; font-size: 0.9em; overflow-wrap: anywhere; }
+table.tokview th:first-child, td.label { width: 14em; }
+td.label { font-size: 0.85em; color: #555; overflow-wrap: anywhere; }
+td.toks { line-height: 1.9; overflow-wrap: anywhere; }
+span.tok { padding: 1px 2px; border-radius: 3px; font-family: ui-monospace, monospace; font-size: 0.88em; }
 """
+CSS = "body { font-family: system-ui, sans-serif; margin: 1.5em; }" + TOKVIEW_CSS
+"""The stand-alone page's style: the token tables' (:data:`TOKVIEW_CSS`, which a report embeds) plus a body."""
 
 
 def _rgba(x: float, peak: float) -> str:
@@ -232,7 +237,7 @@ def render_html_fragment(tv: TokenViews, caption: str | None = None) -> str:
         short = label if len(label) <= 80 else label[:77] + "..."
         cells = []
         for v in range(len(tv.views)):
-            spans = "".join(
+            spans = " ".join(  # a space between tokens: the line may wrap there
                 f'<span class="tok" style="background:{_rgba(float(x), peaks[v])}" title="{float(x):.4f}">{html.escape(t)}</span>'
                 for t, x in zip(tv.tokens[s], tv.values[s][v], strict=True)
             )

@@ -67,15 +67,16 @@ class _TokenIndexWriter:
     def __init__(self, loc: Location, grp: zarr.Group, key: str, tokenizer: Any, chunk_rows: int) -> None:
         self.loc, self.grp, self.key, self.tok = loc, grp, key, tokenizer
         idx_chunk = chunk_rows * 16
-        mk = lambda name, dtype, chunk: grp.create_array(  # noqa: E731
-            name, shape=(0,), chunks=(chunk,), dtype=dtype, fill_value=0, compressors=[zc.ZstdCodec(level=3), zc.Crc32cCodec()]
-        )
+        mk = lambda name, dtype, chunk, dim: grp.create_array(  # noqa: E731
+            name, shape=(0,), chunks=(chunk,), dtype=dtype, fill_value=0, dimension_names=(dim,),
+            compressors=[zc.ZstdCodec(level=3), zc.Crc32cCodec()],
+        )  # fmt: skip
         self.arrays = {
-            "sample": mk("sample", "int32", idx_chunk),
-            "position": mk("position", "int32", idx_chunk),
-            "token_id": mk("token_id", "int32", idx_chunk),
-            "sample_first_row": mk("sample_first_row", "int64", 65536),
-            "sample_n_tokens": mk("sample_n_tokens", "int32", 65536),
+            "sample": mk("sample", "int32", idx_chunk, "token"),
+            "position": mk("position", "int32", idx_chunk, "token"),
+            "token_id": mk("token_id", "int32", idx_chunk, "token"),
+            "sample_first_row": mk("sample_first_row", "int64", 65536, "sample"),
+            "sample_n_tokens": mk("sample_n_tokens", "int32", 65536, "sample"),
         }
         self.parts: list[dict[str, Any]] = []
         self.n_tokens = self.n_samples = self.n_truncated = 0

@@ -34,10 +34,20 @@ def test_demo_end_to_end_on_tiny_model(tmp_path, tiny_bert_dir, corpus_file) -> 
     pre, ft = Path(tiny_bert_dir).name, f"{Path(tiny_bert_dir).name}-ft"
     assert sorted(st.models) == sorted([pre, ft])
     assert st.layers(pre) == st.layers(ft) == [0, 1, 2, 3]
-    assert len(st.saes) == 4  # layers 1 and 3, both models
+    assert len(st.saes) == 5  # layers 1 and 3, both models, topk; and the paper's relu-l1 for contrast
+    from actstore.sae import list_saes
+
+    saes = list_saes(st)
+    main_saes = saes.filter(saes["arch"] == "topk")
+    assert main_saes.height == 4 and (main_saes["l0"] <= 0.05 * main_saes["d_sae"]).all()  # sparse
+    assert not main_saes["dense_code"].any()
+    paper = saes.filter(saes["arch"] == "relu-l1")
+    assert paper["name"].to_list() == [f"paper-{Path(tiny_bert_dir).name}-ft-l3"]
     page = Path(res.report_html).read_text()
     for section in ("1. Fine-tuning", "2. Layer-wise similarity", "3. SAE metrics", "4. Top features", "5. Feature diff"):
         assert section in page, section
+    if paper["dense_code"][0]:  # the paper's recipe at this scale: flagged, with what it implies
+        assert f"SAE {paper['name'][0]} is dense" in page
     assert len(re.findall(r'<span class="tok"', page)) > 0
     rep = json.loads((out / "report" / "report.json").read_text())
     assert [r["layer"] for r in rep["similarity"]] == [0, 1, 2, 3]

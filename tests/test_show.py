@@ -83,3 +83,32 @@ def test_show_cli(store_with_sae, tmp_path) -> None:
     assert out.exists() and "wrote" in r.output
     r = CliRunner().invoke(main, ["show", store_with_sae, "--sae", "zz", "--feature", "2", "--text", "x", "--out", str(out)])
     assert r.exit_code != 0 and "zz" in r.output
+
+
+def test_live_model_loaded_once_for_many_samples(store_with_sae, tiny_bert_dir, corpus_file, monkeypatch) -> None:
+    """Samples of a model whose layer is not stored run live: its model is loaded once, not once per sample."""
+    from actstore import models
+    from actstore.data import DataConfig
+    from actstore.extract import ExtractConfig, extract
+
+    extract(store_with_sae, ExtractConfig(tiny_bert_dir, DataConfig(corpus_file), [1], name="other", codec="fp32",
+                                          device="cpu"), progress=False)  # fmt: skip
+    loads = []
+    real = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loads.append(a) or real(*a, **k))
+    st = open_store(store_with_sae)
+    ids = [f"s{i}" for i in range(6)]
+    tv = token_views(st, ShowConfig(saes=["s2"], features=[3], sample_ids=ids, models=["tiny", "other"]))
+    assert len(loads) == 1 and len(tv.sentences) == 6
+    # the live pass of 'other' (same weights as tiny) equals the stored rows of tiny
+    for s in range(6):
+        np.testing.assert_allclose(tv.values[s][1], tv.values[s][0], atol=1e-5)
+        assert tv.tokens[s] == st.tokens().filter(__import__("polars").col("sample") == s)["token"].to_list()
+
+
+def test_layer_arrays_open_in_xarray(tiny_store_ro) -> None:
+    xr = pytest.importorskip("xarray")
+    ds = xr.open_zarr(tiny_store_ro, group="models/tiny", consolidated=False)
+    st = open_store(tiny_store_ro)
+    assert ds["layer_2"].dims == ("token", "d_model")
+    np.testing.assert_array_equal(ds["layer_2"].values, st.activations("tiny", 2)[:])

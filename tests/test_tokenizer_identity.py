@@ -26,8 +26,9 @@ TEXTS = [
 def test_minilm_and_its_real_finetune_share_one_token_index(tmp_path):
     from transformers import AutoTokenizer
 
-    a, b = AutoTokenizer.from_pretrained(resolve_model("bundled:minilm")), AutoTokenizer.from_pretrained(
-        resolve_model("bundled:minilm-sre")
+    a, b = (
+        AutoTokenizer.from_pretrained(resolve_model("bundled:minilm")),
+        AutoTokenizer.from_pretrained(resolve_model("bundled:minilm-sre")),
     )
     assert tokenizer_hash(a) != tokenizer_hash(b)  # saved runtime state differs (truncation 128 vs 256, padding)
     assert tokenizer_identity(a) == tokenizer_identity(b)  # ... the token ids do not
