@@ -56,11 +56,29 @@ def encode(x: np.ndarray, codec: str, chan: np.ndarray | None = None) -> Encoded
         if chan is not None:
             x = x / chan[None, :]
         amax = np.abs(x).max(axis=1) if x.shape[1] else np.zeros(len(x), np.float32)
-        scale = (amax / 127.0).astype(np.float32)
-        safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        scale = scale_dtype_round((amax / 127.0).astype(np.float32))  # (n,) float16, never below the exact scale
+        safe = np.where(scale > 0, scale.astype(np.float32), 1.0).astype(np.float32)
         q = np.rint(x / safe[:, None]).clip(-127, 127).astype(np.int8)
         return Encoded(q, scale)
     raise ValueError(f"unknown codec {codec!r}: choose one of {', '.join(CODECS)}")
+
+
+SCALE_DTYPE = "float16"
+"""dtype of the int8 preset's per-token scale array (stores made before 2026-12 hold float32; both decode alike)."""
+
+
+def scale_dtype_round(scale: np.ndarray) -> np.ndarray:
+    """Per-token scales ``(n,)`` as float16, rounded up so that ``|x / scale| <= 127`` still holds.
+
+    A per-token scale only multiplies the whole token vector, so its rounding (<= 2^-11 relative) leaves
+    every cosine unchanged; the quantisation uses the rounded value, so decoding adds no error of its own.
+    """
+    s16 = scale.astype(np.float16)
+    if not np.isfinite(s16).all():
+        raise ValueError("activations too large for the int8 preset's float16 scale: use --codec fp16, bf16 or fp32")
+    low = s16.astype(np.float32) < scale
+    s16[low] = np.nextafter(s16[low], np.float16(np.inf))
+    return s16
 
 
 def decode(values: np.ndarray, scale: np.ndarray | None, codec: str, chan: np.ndarray | None = None) -> np.ndarray:
@@ -72,7 +90,7 @@ def decode(values: np.ndarray, scale: np.ndarray | None, codec: str, chan: np.nd
     if codec == "int8":
         if scale is None:
             raise ValueError("int8 block without its scale array")
-        x = values.astype(np.float32) * scale[:, None]
+        x = values.astype(np.float32) * scale.astype(np.float32)[:, None]
         return x * chan[None, :] if chan is not None else x
     raise ValueError(f"unknown codec {codec!r}: choose one of {', '.join(CODECS)}")
 

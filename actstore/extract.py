@@ -195,7 +195,7 @@ def _layer_arrays(
         scale = None
         if cfg.codec == "int8":
             scale = root.create_array(
-                name + "_scale", shape=(n_rows,), chunks=(chunk_rows,), dtype="float32", fill_value=0, compressors=comp,
+                name + "_scale", shape=(n_rows,), chunks=(chunk_rows,), dtype=codecs.SCALE_DTYPE, fill_value=0, compressors=comp,
                 dimension_names=("token",),
             )  # fmt: skip
         out[layer] = (arr, scale)

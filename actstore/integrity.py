@@ -370,7 +370,7 @@ def verify(loc: Location, jobs: int = 8, chunks: bool = True) -> VerifyReport:
 # ---------------------------------------------------------------- integrity on read
 VERIFY_ON_READ = True
 """Check files against the manifest when they are opened (set False only to measure what the checks cost)."""
-_VERIFIED: set[str] = set()
+_VERIFIED: set[tuple] = set()
 _MANIFESTS: dict[tuple, dict[str, Any] | None] = {}
 
 
@@ -384,10 +384,20 @@ def _cache_dir() -> Any:
     return Path(d) / "verified"
 
 
+def _identity(loc: Location, key: str) -> tuple:
+    """What changes whenever ``key`` is rewritten (one ``lstat`` locally; FileNotFoundError if absent)."""
+    if loc.local:
+        import os
+
+        st = os.lstat(os.path.join(loc.root, check_key(key)))
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return loc.stat_identity(key)
+
+
 def _manifest_cached(loc: Location) -> dict[str, Any] | None:
     """The manifest, re-read only when its own file changed."""
     try:
-        ident = (loc.url, *loc.stat_identity(MANIFEST_KEY))
+        ident = (loc.url, *_identity(loc, MANIFEST_KEY))
     except FileNotFoundError:
         return None
     if ident not in _MANIFESTS:
@@ -401,10 +411,10 @@ def check_file(loc: Location, key: str, data: bytes | None = None) -> None:
     """Raise :class:`IntegrityError` unless ``key`` matches its size and SHA-256 in the store's manifest.
 
     Files the manifest does not list (or stores without one) pass unchecked: ``actstore verify`` reports them.
-    A file that passed is remembered by what changes when it is rewritten (local: inode, size, mtime and ctime;
-    remote: size and ETag), in this process and in ``~/.cache/actstore/verified`` (``ACTSTORE_CACHE_DIR``), so a
-    warm lookup costs one ``stat``, not a hash. ``data`` (the file's bytes, when the caller read them) is hashed
-    directly.
+    A file that passed is remembered by what changes when it is rewritten (local: device, inode, size, mtime
+    and ctime; remote: size and ETag), in this process and in ``~/.cache/actstore/verified``
+    (``ACTSTORE_CACHE_DIR``), so a warm lookup costs one ``stat``, not a hash. ``data`` (the file's bytes,
+    when the caller read them) is hashed directly.
     """
     if not VERIFY_ON_READ:
         return
@@ -416,31 +426,31 @@ def check_file(loc: Location, key: str, data: bytes | None = None) -> None:
         _compare(loc, key, entry, len(data), sha256(data))
         return
     try:
-        ident = repr((loc.url, key, *loc.stat_identity(key), entry.get("sha256")))
+        ident = (loc.url, key, *_identity(loc, key), entry.get("sha256"))
     except FileNotFoundError:
         raise IntegrityError(
             f"{key} in store {loc.url} is listed in manifest.json but missing: re-copy the store from its source, "
             "or re-run the command that made it"
         ) from None
-    token = hashlib.sha256(ident.encode()).hexdigest()
-    if token in _VERIFIED:
+    if ident in _VERIFIED:
         return
+    token = hashlib.sha256(repr(ident).encode()).hexdigest()
     marker = _cache_dir() / token[:2] / token
-    if marker.exists():
-        _VERIFIED.add(token)
-        return
-    h, n = hashlib.sha256(), 0
-    with loc.open_input(key) as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-            n += len(block)
-    _compare(loc, key, entry, n, h.hexdigest())
-    _VERIFIED.add(token)
-    try:
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.touch()
-    except OSError:  # no writable cache: this process still remembers
-        pass
+    if not marker.exists():
+        h, n = hashlib.sha256(), 0
+        with loc.open_input(key) as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+                n += len(block)
+        _compare(loc, key, entry, n, h.hexdigest())
+        try:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        except OSError:  # no writable cache: this process still remembers
+            pass
+    if len(_VERIFIED) > 100_000:
+        _VERIFIED.clear()
+    _VERIFIED.add(ident)
 
 
 def check_files(loc: Location, keys: Iterable[str]) -> None:

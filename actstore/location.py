@@ -185,8 +185,14 @@ class Location:
             self._reader = _strict_reads(self.zarr_store)
         return self._reader
 
+    def path_of(self, key: str) -> str:
+        """The path or URL of ``key`` for naming it (in SQL text, say), not for opening: links are checked by
+        :meth:`join`, which whoever opens the file calls (``query.connect`` does for every file DuckDB may read)."""
+        check_key(key)
+        return str(Path(self.root) / key) if self.local else self.url.rstrip("/") + "/" + key
+
     def join(self, key: str) -> str:
-        """A path or URL for ``key`` under the root, usable by pyarrow/polars/duckdb."""
+        """A path or URL for ``key`` under the root, usable by pyarrow/polars/duckdb (links refused)."""
         check_key(key)
         if self.local:
             refuse_links(self.root, key)

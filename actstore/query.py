@@ -99,8 +99,8 @@ def feature_tables(store: Store) -> list[FeatureTable]:
                 int(m["n_rows"]),
                 int(m["n_feature_rows"]),
                 (m.get("sae_config") or {}).get("arch"),
-                [store.loc.join(f"{base}/acts/{f['file']}") for f in m["files"]],
-                store.loc.join(f"{base}/stats.parquet"),
+                [store.loc.path_of(f"{base}/acts/{f['file']}") for f in m["files"]],  # links: checked when opened
+                store.loc.path_of(f"{base}/stats.parquet"),
                 [(int(f["feature_start"]), int(f["feature_stop"])) for f in m["files"]],
                 [f"{base}/acts/{f['file']}" for f in m["files"]],
                 f"{base}/stats.parquet",
@@ -294,7 +294,7 @@ def _lazy_union(store: Store, sae: str | None, stats: bool) -> pl.LazyFrame:
         check_files(store.loc, [t.stats_key] if stats else t.file_keys)
     cols = ["feature", "n_active", "frequency", "mean", "max", "variance"] if stats else ["row", "feature", "value"]
     frames = [
-        _scan(store, [t.stats_file] if stats else t.files).select(
+        _scan(store, [store.loc.join(k) for k in ([t.stats_key] if stats else t.file_keys)]).select(
             pl.lit(t.model).alias("model"), pl.lit(t.layer, pl.Int32).alias("layer"), pl.lit(t.sae).alias("sae"), *cols
         )
         for t in tables
@@ -562,7 +562,7 @@ def top_rows(store: Store, t: FeatureTable, feature: int, n: int) -> dict[str, n
     i = next(i for i, (f0, f1) in enumerate(t.feature_ranges) if f0 <= feature < f1)
     key = t.file_keys[i]
     check_file(store.loc, key)
-    pf = pq.ParquetFile(t.files[i] if store.loc.local else store.loc.open_input(key))
+    pf = pq.ParquetFile(store.loc.join(key) if store.loc.local else store.loc.open_input(key))
     md = pf.metadata
     col = md.schema.names.index("feature")
     rows, values, found = [], [], 0
