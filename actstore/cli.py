@@ -14,9 +14,9 @@ from typing import Any
 
 import click
 
-from . import __version__
 from .errors import ActstoreError
 from .location import write_access
+from .version import __version__
 
 
 def handle_errors(fn: Callable) -> Callable:
@@ -191,10 +191,11 @@ def extract(store: str, storage_options: tuple[str, ...], model: str, data: str,
 @handle_errors
 def info(store: str, storage_options: tuple[str, ...], as_json: bool) -> None:
     """Describe STORE: corpus, tokenizations, models, layers, codecs, SAEs."""
+    from .share import store_info
     from .store import dumps, open_store
 
     st = open_store(store, storage_options=parse_storage_options(storage_options))
-    d = st.info()
+    d = store_info(st)
     if as_json:
         click.echo(dumps(d))
         return
@@ -226,11 +227,12 @@ def sql(store: str, storage_options: tuple[str, ...], query: str, fmt: str, out:
     """Run SQL QUERY over STORE's views (tokens, samples, features, ...)."""
     import duckdb
 
+    from .query import sql as run_sql
     from .store import open_store
 
     st = open_store(store, storage_options=parse_storage_options(storage_options))
     try:
-        df = st.sql(query)
+        df = run_sql(st, query)
     except duckdb.Error as exc:
         raise click.ClickException(f"SQL error: {str(exc).splitlines()[0]}") from None
     emit(df, fmt, out)

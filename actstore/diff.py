@@ -31,10 +31,13 @@ import numpy as np
 import polars as pl
 import torch
 
+from . import layout
 from .errors import ConfigError, NotFoundError
 from .integrity import check_file, update_manifest
-from .location import check_name, name_ok
+from .location import check_name
 from .locks import StoreLock
+from .query import diff_names
+from .sae import load_sae
 
 if TYPE_CHECKING:
     from .sae import SAE
@@ -184,7 +187,7 @@ def _label(dec: np.ndarray, act: np.ndarray, retain: float, match: float, unmatc
 
 def diff_features(store: Store, cfg: DiffConfig, save: bool = True) -> DiffResult:
     """Match and label the features of ``cfg.sae_a`` and ``cfg.sae_b``; saved under ``diffs/<name>/`` when ``save``."""
-    a, b = store.load_sae(cfg.sae_a), store.load_sae(cfg.sae_b)
+    a, b = load_sae(store, cfg.sae_a), load_sae(store, cfg.sae_b)
     _check_pair(store, a, b, cfg)
     cos = decoder_cosines(a, b)  # (d_sae_a, d_sae_b)
     if cfg.activation_corr:
@@ -232,45 +235,23 @@ def diff_features(store: Store, cfg: DiffConfig, save: bool = True) -> DiffResul
 def save_diff(store: Store, res: DiffResult) -> str:
     buf = io.BytesIO()
     res.table.write_parquet(buf)
-    key = f"diffs/{res.name}"
+    key = layout.diff_dir(res.name)
     meta = {"config": res.config, "counts": res.counts, "n_rows": res.n_rows, "created": datetime.now(UTC).isoformat()}
     with StoreLock(store.loc, key, f"diff-features {res.name}").acquire():  # one writer of a diff at a time
-        store.loc.write_bytes(f"{key}/diff.parquet", buf.getvalue())
-        store.loc.write_bytes(f"{key}/diff.json", json.dumps(meta, indent=2).encode())
+        store.loc.write_bytes(layout.diff_file(res.name, layout.DIFF_TABLE), buf.getvalue())
+        store.loc.write_bytes(layout.diff_file(res.name, layout.DIFF_META), json.dumps(meta, indent=2).encode())
         update_manifest(store.loc, prefixes=[key])  # checksums for the new files (actstore verify)
     return store.loc.join(f"{key}/diff.parquet")
-
-
-def diff_names(store: Store) -> list[str]:
-    """Names of the saved feature diffs of a store."""
-    return [n for n in store.loc.list_dirs("diffs") if name_ok(n) and store.loc.exists(f"diffs/{n}/diff.parquet")]
 
 
 def load_diff(store: Store, name: str) -> DiffResult:
     if name not in diff_names(store):
         raise NotFoundError(f"no feature diff named {name!r} in {store.url}: run actstore diff-features")
-    raw = store.loc.read_bytes(f"diffs/{name}/diff.parquet")
-    check_file(store.loc, f"diffs/{name}/diff.parquet", raw)
+    table_key, meta_key = layout.diff_file(name, layout.DIFF_TABLE), layout.diff_file(name, layout.DIFF_META)
+    raw = store.loc.read_bytes(table_key)
+    check_file(store.loc, table_key, raw)
     table = pl.read_parquet(io.BytesIO(raw))
-    raw = store.loc.read_bytes(f"diffs/{name}/diff.json")
-    check_file(store.loc, f"diffs/{name}/diff.json", raw)
+    raw = store.loc.read_bytes(meta_key)
+    check_file(store.loc, meta_key, raw)
     meta = json.loads(raw)
     return DiffResult(name, table, meta["counts"], int(meta["n_rows"]), meta["config"])
-
-
-def diff_view_sql(store: Store) -> tuple[str, list[str]]:
-    """``(SELECT ..., store keys of its files)`` of the ``feature_diff`` view: every saved diff, with its name in ``diff``."""
-    from .query import _list_sql, _q
-
-    parts, keys = [], []
-    for name in diff_names(store):
-        keys.append(f"diffs/{name}/diff.parquet")
-        parts.append(f"SELECT {_q(name)} AS diff, * FROM read_parquet({_list_sql([store.loc.join(keys[-1])])})")
-    if not parts:
-        return (
-            "SELECT NULL::VARCHAR AS diff, NULL::VARCHAR AS side, NULL::VARCHAR AS sae, NULL::INTEGER AS feature, "
-            "NULL::INTEGER AS match_decoder, NULL::DOUBLE AS decoder_cos, NULL::INTEGER AS match_activation, "
-            "NULL::DOUBLE AS activation_corr, NULL::DOUBLE AS frequency, NULL::VARCHAR AS status LIMIT 0",
-            [],
-        )
-    return " UNION ALL BY NAME ".join(parts), keys

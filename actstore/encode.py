@@ -58,20 +58,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from . import __version__
+from . import layout
 from .errors import ConfigError, IntegrityError, NotFoundError, StoreError
 from .integrity import check_file, update_manifest
 from .location import check_key, check_name, name_ok
 from .locks import StoreLock
 from .models import auto_device
+from .version import __version__
 
 if TYPE_CHECKING:
     from .sae import SAE
     from .store import Store
 
 ENCODING_FORMAT = 1
-MANIFEST = "encoding.json"
-PENDING = "pending.json"
+MANIFEST = layout.ENCODING
+PENDING = layout.PENDING
 ACTS_SCHEMA = pa.schema([("row", pa.int64()), ("feature", pa.int32()), ("value", pa.float32())])
 # final files: feature sorted (dictionary + RLE), rows (DELTA_BINARY_PACKED) and values (BYTE_STREAM_SPLIT)
 # compress far better than with dictionaries on every column, and write ~3x faster
@@ -97,7 +98,7 @@ STATS_SCHEMA = pa.schema(
 
 def features_dir(sae: str) -> str:
     """Store key of an SAE's encoded feature table."""
-    return f"features/{sae}"
+    return layout.features_dir(sae)
 
 
 @dataclass
@@ -163,13 +164,12 @@ def _now() -> str:
 
 def sae_fingerprint(store: Store, name: str) -> str:
     """sha256 of the SAE's weights file (an encoding is valid only for these weights)."""
-    return hashlib.sha256(store.loc.read_bytes(f"saes/{name}/sae.safetensors")).hexdigest()
+    return hashlib.sha256(store.loc.read_bytes(layout.sae_file(name, layout.SAE_WEIGHTS))).hexdigest()
 
 
 def files_dir(sae: str, man: dict[str, Any]) -> str:
     """Store key of the folder holding an encoding's ``acts/`` and ``stats.parquet``."""
-    d = man.get("dir")
-    return f"{features_dir(sae)}/{d}" if d else features_dir(sae)
+    return layout.generation_dir(sae, man.get("dir"))
 
 
 def _load_json(store: Store, key: str) -> dict[str, Any] | None:
@@ -673,7 +673,7 @@ def _encode(store: Store, cfg: EncodeConfig, sae: SAE, model: str, layer: int, d
 def encoded_saes(store: Store) -> list[str]:
     """Names of the SAEs whose feature table is completely encoded in the store."""
     out = []
-    for name in store.loc.list_dirs("features"):
+    for name in store.loc.list_dirs(layout.FEATURES):
         if not name_ok(name):
             continue
         man = read_manifest(store, name)

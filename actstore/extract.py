@@ -30,15 +30,16 @@ import torch
 import zarr
 import zarr.codecs as zc
 
-from . import __version__, codecs
+from . import codecs, layout
 from .data import DataConfig, load_corpus
 from .errors import ConfigError, StoreError
 from .integrity import update_manifest
+from .layout import ATTR, FORMAT_VERSION
 from .location import Location, check_name, open_location
 from .locks import LockSet
 from .models import LayerTap, auto_device, check_layers, default_model_key, load_model, sanitize_key
-from .store import ATTR, FORMAT_VERSION, layer_name
 from .tokenize import choose_tokenization, now, shared_length
+from .version import __version__
 
 DEFAULT_CHUNK_ROWS = 4096
 SETUP_WAIT_S = 3600.0  # how long an extraction waits for another one creating the store's token index
@@ -155,7 +156,7 @@ def _layer_arrays(
 ) -> dict[int, tuple[zarr.Array, zarr.Array | None]]:
     out = {}
     for layer in layers:
-        name = f"models/{model_key}/{layer_name(layer)}"
+        name = layout.layer_array(model_key, layer)
         try:
             arr = zarr.open_array(root.store, path=name, mode="r+")
         except FileNotFoundError:
@@ -167,7 +168,9 @@ def _layer_arrays(
                     f"layer {layer} of model {model_key!r} is already stored with codec {a['codec']}: "
                     f"pass --codec {a['codec']} to resume it, or --name for a new model key"
                 )
-            scale = zarr.open_array(root.store, path=name + "_scale", mode="r+") if cfg.codec == "int8" else None
+            scale = None
+            if cfg.codec == "int8":
+                scale = zarr.open_array(root.store, path=layout.scale_array(model_key, layer), mode="r+")
             out[layer] = (arr, scale)
             continue
         comp = [zc.ZstdCodec(level=1), zc.Crc32cCodec()]
@@ -195,7 +198,8 @@ def _layer_arrays(
         scale = None
         if cfg.codec == "int8":
             scale = root.create_array(
-                name + "_scale", shape=(n_rows,), chunks=(chunk_rows,), dtype=codecs.SCALE_DTYPE, fill_value=0, compressors=comp,
+                layout.scale_array(model_key, layer), shape=(n_rows,), chunks=(chunk_rows,), dtype=codecs.SCALE_DTYPE,
+                fill_value=0, compressors=comp,
                 dimension_names=("token",),
             )  # fmt: skip
         out[layer] = (arr, scale)
@@ -210,7 +214,7 @@ def _keep_finetune_report(loc: Location, mpath: str, model_dir: str | None) -> N
     from .finetune import load_report
 
     rep = load_report(model_dir) if model_dir else None
-    key = f"{mpath}/finetune_report.json"
+    key = layout.finetune_report(mpath.rsplit("/", 1)[-1])
     if rep is not None and not loc.exists(key):
         loc.write_bytes(key, json.dumps(rep, indent=1).encode())
 
@@ -351,11 +355,11 @@ def _extract(
     root = _open_root(loc)
     # no --max-length: the length of a token index made by the same tokenizer, so the rows align
     max_length = cfg.max_length or shared_length(loc, loaded) or loaded.max_length
-    tk, tattrs = choose_tokenization(loc, root, corpus, loaded, cfg, max_length, progress)
+    tk, tattrs = choose_tokenization(loc, root, corpus, loaded, max_length, cfg.chunk_rows, cfg.new_tokenization, progress)
     n_rows, chunk_rows = int(tattrs["n_tokens"]), int(tattrs["chunk_rows"])
 
     info = loaded.info()
-    mpath = f"models/{model_key}"
+    mpath = layout.model_dir(model_key)
     try:
         old = zarr.open_group(loc.zarr_store, path=mpath, mode="r").attrs.get(ATTR, {})
         if old.get("weights_sha256") != info["weights_sha256"]:
@@ -376,7 +380,7 @@ def _extract(
         unit_rows = max(chunk_rows, (cfg.unit_mb * 2**20 // per_row) // chunk_rows * chunk_rows)
     for layer in layers:
         try:
-            a = zarr.open_array(loc.zarr_store, path=f"{mpath}/{layer_name(layer)}", mode="r").attrs[ATTR]
+            a = zarr.open_array(loc.zarr_store, path=layout.layer_array(model_key, layer), mode="r").attrs[ATTR]
             if not a.get("complete"):
                 unit_rows = int(a["unit_rows"])
                 break
@@ -384,18 +388,18 @@ def _extract(
             pass
     arrays = _layer_arrays(root, model_key, layers, n_rows, chunk_rows, unit_rows, loaded.d_model, cfg, tk)
     committed = {layer: int(arr.attrs[ATTR]["committed_rows"]) for layer, (arr, _) in arrays.items()}
-    locks.acquire_all([f"{mpath}/{layer_name(layer)}" for layer in layers if committed[layer] < n_rows])
+    locks.acquire_all([layout.layer_array(model_key, layer) for layer in layers if committed[layer] < n_rows])
     locks.release("setup")
     if loc.local:  # temp files of writes cut short by a kill; their chunks get rewritten below
         for layer in layers:
             if committed[layer] < n_rows:
-                for pat in (layer_name(layer), layer_name(layer) + "_scale"):
-                    for tmp in Path(loc.fs_path(f"{mpath}/{pat}")).rglob("*.partial"):
+                for arr in (layout.layer_array(model_key, layer), layout.scale_array(model_key, layer)):
+                    for tmp in Path(loc.fs_path(arr)).rglob("*.partial"):
                         tmp.unlink(missing_ok=True)
     todo = [layer for layer in layers if committed[layer] < n_rows]
     start = min((committed[layer] for layer in todo), default=n_rows)
 
-    tok = zarr.open_group(loc.zarr_store, path=f"tokenizations/{tk}", mode="r")
+    tok = zarr.open_group(loc.zarr_store, path=layout.tokenization_dir(tk), mode="r")
     first_row = np.asarray(tok["sample_first_row"][:], dtype=np.int64)
     n_tok = np.asarray(tok["sample_n_tokens"][:], dtype=np.int64)
     token_id = tok["token_id"]
@@ -421,7 +425,7 @@ def _extract(
         finally:
             bar.close()
             writer.finish()
-    update_manifest(loc, prefixes=["zarr.json", "models/zarr.json", "tokenizations", mpath])
+    update_manifest(loc, prefixes=[layout.ROOT_META, f"{layout.MODELS}/{layout.ROOT_META}", layout.TOKENIZATIONS, mpath])
     secs = time.perf_counter() - t_start
     return ExtractResult(
         store=loc.url, model_key=model_key, layers=layers, tokenization=tk, n_samples=int(tattrs["n_samples"]),

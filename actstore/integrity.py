@@ -31,14 +31,15 @@ from typing import Any
 
 import google_crc32c
 
+from . import layout
 from .errors import IntegrityError, StoreError
 from .location import Location, check_key
 
-MANIFEST_KEY = "manifest.json"
+MANIFEST_KEY = layout.MANIFEST
 MANIFEST_FORMAT = 1
-SKIP_PREFIXES = ("locks/",)
+SKIP_PREFIXES = (f"{layout.LOCKS}/",)
 TMP = re.compile(r"(\.tmp\d+|\.partial)$")  # a local write in progress (Location.write_bytes, Zarr's LocalStore)
-ATTR = "actstore"
+ATTR = layout.ATTR
 
 
 def now() -> str:
@@ -108,19 +109,19 @@ def crc_ok(data: bytes) -> bool:
     return google_crc32c.value(data[:-4]) == int.from_bytes(data[-4:], "little")
 
 
-def check_chunk(loc: Location, layout: ArrayLayout, idx: tuple[int, ...], data: bytes | None = None) -> str | None:
+def check_chunk(loc: Location, al: ArrayLayout, idx: tuple[int, ...], data: bytes | None = None) -> str | None:
     """None if the chunk is sound, else why not ('missing', 'checksum mismatch', ...)."""
-    key = layout.chunk_key(idx)
+    key = al.chunk_key(idx)
     try:
         raw = loc.read_bytes(key) if data is None else data
     except FileNotFoundError:
         return "missing"
-    if layout.crc32c_last:
+    if al.crc32c_last:
         return None if crc_ok(raw) else "crc32c checksum mismatch"
     try:  # no crc32c: at least the codec pipeline must decode it
         import zarr
 
-        zarr.open_array(loc.zarr_store, path=layout.path, mode="r").blocks[idx]
+        zarr.open_array(loc.zarr_store, path=al.path, mode="r").blocks[idx]
     except Exception as exc:
         return f"does not decode ({type(exc).__name__}: {exc})"
     return None
@@ -131,17 +132,17 @@ def chunk_error(loc: Location, array: Any, row_start: int, row_stop: int, exc: B
 
     Returns ``exc`` itself when every chunk in the range checks out (the failure was something else).
     """
-    layout = ArrayLayout.from_metadata(array.path, array.metadata.to_dict())
-    c = layout.chunk_shape[0] if layout.chunk_shape else 1
+    al = ArrayLayout.from_metadata(array.path, array.metadata.to_dict())
+    c = al.chunk_shape[0] if al.chunk_shape else 1
     first, last = row_start // c, max(row_start, row_stop - 1) // c
-    rest = [range(math.ceil(n / k)) for n, k in zip(layout.shape[1:], layout.chunk_shape[1:], strict=True)]
+    rest = [range(math.ceil(n / k)) for n, k in zip(al.shape[1:], al.chunk_shape[1:], strict=True)]
     for idx in product(range(first, last + 1), *rest):
-        why = check_chunk(loc, layout, idx)
+        why = check_chunk(loc, al, idx)
         if why:
-            r0, r1 = layout.rows_of(idx)
+            r0, r1 = al.rows_of(idx)
             state = "missing" if why == "missing" else f"corrupted: {why}"
             return IntegrityError(
-                f"chunk {idx} of array {layout.path} in store {loc.url} (object {layout.chunk_key(idx)}, rows {r0}-{r1 - 1}) "
+                f"chunk {idx} of array {al.path} in store {loc.url} (object {al.chunk_key(idx)}, rows {r0}-{r1 - 1}) "
                 f"is {state}. Its values are not returned (never read as zeros); run `actstore verify {loc.url}` to list "
                 "every bad object, then re-copy the store or re-extract that layer"
             )
@@ -308,33 +309,33 @@ def verify(loc: Location, jobs: int = 8, chunks: bool = True) -> VerifyReport:
 
     # chunks: every chunk of the required rows must exist and pass its checksum
     todo: list[tuple[ArrayLayout, tuple[int, ...]]] = []
-    for layout in arrays.values():
-        for idx in layout.expected_chunks():
-            if layout.chunk_key(idx) in files:
-                todo.append((layout, idx))
+    for al in arrays.values():
+        for idx in al.expected_chunks():
+            if al.chunk_key(idx) in files:
+                todo.append((al, idx))
             else:
-                r0, r1 = layout.rows_of(idx)
+                r0, r1 = al.rows_of(idx)
                 rep.problems.append(
                     Problem(
-                        layout.chunk_key(idx), "missing", f"chunk {idx} of array {layout.path} (rows {r0}-{r1 - 1}) is absent"
+                        al.chunk_key(idx), "missing", f"chunk {idx} of array {al.path} (rows {r0}-{r1 - 1}) is absent"
                     )
                 )
     if chunks:
 
         def one(item: tuple[ArrayLayout, tuple[int, ...]]) -> Problem | None:
-            layout, idx = item
-            why = check_chunk(loc, layout, idx)
+            al, idx = item
+            why = check_chunk(loc, al, idx)
             if why is None:
                 return None
             kind = "missing" if why == "missing" else "corrupted"
-            return Problem(layout.chunk_key(idx), kind, f"chunk {idx} of array {layout.path}: {why}")
+            return Problem(al.chunk_key(idx), kind, f"chunk {idx} of array {al.path}: {why}")
 
         with ThreadPoolExecutor(max(1, jobs)) as pool:
             for p in pool.map(one, todo):
                 if p is not None:
                     rep.problems.append(p)
         rep.n_chunks = len(todo)
-        rep.n_bytes += sum(files[layout.chunk_key(idx)] for layout, idx in todo)
+        rep.n_bytes += sum(files[al.chunk_key(idx)] for al, idx in todo)
 
     # files: manifest hashes where listed, a parse check where not
     listed = (man or {}).get("files", {})

@@ -24,16 +24,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from . import layout
 from .errors import ConcurrencyError, StoreError
 from .location import Location
 
-LOCK_DIR = "locks"
+LOCK_DIR = layout.LOCKS
 POLL_S = 0.25
 
 
-def lock_key(name: str) -> str:
-    """Store key of the lock object for ``name`` (an array path such as ``models/m/layer_3``)."""
-    return f"{LOCK_DIR}/{name.strip('/')}.lock"
+lock_key = layout.lock_key
 
 
 @dataclass

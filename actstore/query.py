@@ -40,7 +40,10 @@ import duckdb
 import numpy as np
 import polars as pl
 
+from . import layout
 from .errors import ConfigError, NotFoundError
+from .location import name_ok
+from .sae import sae_names
 
 if TYPE_CHECKING:
     from .store import Store
@@ -118,9 +121,9 @@ def resolve_sae(store: Store, layer: int | None = None, model: str | None = None
                 if (layer is not None and t.layer != int(layer)) or (model is not None and t.model != model):
                     raise ConfigError(f"SAE {sae!r} reads {t.model} layer {t.layer}, not {model or t.model} layer {layer}")
                 return t
-        if sae in store.saes:
+        if sae in sae_names(store):
             raise NotFoundError(f"SAE {sae!r} is not encoded yet: run actstore encode {store.url} --sae {sae}")
-        known = ", ".join(store.saes) or "none"
+        known = ", ".join(sae_names(store)) or "none"
         raise NotFoundError(f"no SAE named {sae!r} in {store.url} (SAEs: {known})")
     cand = [t for t in tables if (layer is None or t.layer == int(layer)) and (model is None or t.model == model)]
     if len(cand) == 1:
@@ -130,7 +133,7 @@ def resolve_sae(store: Store, layer: int | None = None, model: str | None = None
     if len(cand) > 1:
         names = ", ".join(f"{t.sae} ({t.model} layer {t.layer}, {t.d_sae} features)" for t in cand)
         raise ConfigError(f"{where} has several encoded SAEs: pick one with --sae NAME: {names}")
-    unencoded = [n for n in store.saes if n not in {t.sae for t in tables}]
+    unencoded = [n for n in sae_names(store) if n not in {t.sae for t in tables}]
     hint = f"; SAEs not yet encoded: {', '.join(unencoded)} (run actstore encode {store.url} --sae NAME)" if unencoded else ""
     raise NotFoundError(
         f"{where} has no encoded SAE: train one (actstore train {store.url} --layer L ...) "
@@ -180,9 +183,7 @@ def view_sql(store: Store) -> dict[str, str]:
         "SELECT NULL::VARCHAR AS sae, NULL::VARCHAR AS model, NULL::INTEGER AS layer, NULL::VARCHAR AS tokenization, "
         "NULL::INTEGER AS d_sae, NULL::VARCHAR AS arch, NULL::BIGINT AS n_rows, NULL::BIGINT AS n_feature_rows LIMIT 0"
     )
-    from .diff import diff_view_sql  # feature_diff: saved SAE feature diffs (actstore diff-features)
-
-    views["feature_diff"] = diff_view_sql(store)[0]
+    views["feature_diff"] = diff_view_sql(store)[0]  # saved SAE feature diffs (actstore diff-features)
     return views
 
 
@@ -194,8 +195,6 @@ def _store_keys(store: Store) -> list[str]:
             keys += store.tokenization().parquet_keys(table)
     for t in feature_tables(store):
         keys += [*t.file_keys, t.stats_key]
-    from .diff import diff_view_sql
-
     keys += diff_view_sql(store)[1]
     return keys
 
@@ -262,10 +261,42 @@ def connect(store: Store, read_only: bool = True) -> duckdb.DuckDBPyConnection:
     return con
 
 
+def sql(store: Store, query: str, params: dict[str, Any] | list[Any] | None = None) -> pl.DataFrame:
+    """Run SQL over the store's views (a sandboxed, read-only connection) and return a polars DataFrame."""
+    con = connect(store)
+    try:
+        return con.sql(query, params=params).pl() if params else con.sql(query).pl()
+    finally:
+        con.close()
+
+
 def _register_fs(con: duckdb.DuckDBPyConnection, store: Store) -> None:
     con.execute("SET parquet_metadata_cache = true")  # warm lookups skip re-reading footers
     if not store.loc.local:  # DuckDB reads s3:// etc. through the store's own read-only fsspec filesystem
         con.register_filesystem(store.loc.read_only_fs())
+
+
+# ---------------------------------------------------------------- saved feature diffs (diff-features writes them)
+def diff_names(store: Store) -> list[str]:
+    """Names of the saved feature diffs of a store."""
+    names = store.loc.list_dirs(layout.DIFFS)
+    return [n for n in names if name_ok(n) and store.loc.exists(layout.diff_file(n, layout.DIFF_TABLE))]
+
+
+def diff_view_sql(store: Store) -> tuple[str, list[str]]:
+    """``(SELECT ..., store keys of its files)`` of the ``feature_diff`` view: every saved diff, with its name in ``diff``."""
+    parts, keys = [], []
+    for name in diff_names(store):
+        keys.append(layout.diff_file(name, layout.DIFF_TABLE))
+        parts.append(f"SELECT {_q(name)} AS diff, * FROM read_parquet({_list_sql([store.loc.join(keys[-1])])})")
+    if not parts:
+        return (
+            "SELECT NULL::VARCHAR AS diff, NULL::VARCHAR AS side, NULL::VARCHAR AS sae, NULL::INTEGER AS feature, "
+            "NULL::INTEGER AS match_decoder, NULL::DOUBLE AS decoder_cos, NULL::INTEGER AS match_activation, "
+            "NULL::DOUBLE AS activation_corr, NULL::DOUBLE AS frequency, NULL::VARCHAR AS status LIMIT 0",
+            [],
+        )
+    return " UNION ALL BY NAME ".join(parts), keys
 
 
 # ---------------------------------------------------------------- Polars
@@ -459,9 +490,9 @@ class TokenContext:
             raise NotFoundError(f"tokenization {tk.key} of {store.url}: samples table and token index disagree (re-run extract)")
         self.sample_id = smp["id"].to_numpy()  # (n_samples,) object
         self.label = smp["label"].to_numpy()  # (n_samples,) object (None where unlabelled)
-        if store.loc.exists(f"tokenizations/{tk.key}/vocab.parquet"):  # the tokenizer's whole vocabulary
-            check_files(store.loc, [f"tokenizations/{tk.key}/vocab.parquet"])
-            v = _read_table(store, [f"tokenizations/{tk.key}/vocab.parquet"], ["token_id", "token"])
+        if store.loc.exists(layout.vocab_file(tk.key)):  # the tokenizer's whole vocabulary
+            check_files(store.loc, [layout.vocab_file(tk.key)])
+            v = _read_table(store, [layout.vocab_file(tk.key)], ["token_id", "token"])
             self.vocab = np.empty(int(v["token_id"].max()) + 1, dtype=object)
             self.vocab[v["token_id"].to_numpy()] = v["token"].to_numpy()
         else:  # stores written before vocab.parquet existed: derive it from the tokens table

@@ -24,7 +24,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 
+from . import layout
 from .errors import ConfigError
+from .sae import sae_names
 
 if TYPE_CHECKING:
     from .store import Store
@@ -103,7 +105,7 @@ def stored_finetune_report(store: Store, model: str) -> dict[str, Any] | None:
 
     Only the store's own copy is read: never a file at a path the store names.
     """
-    key = f"models/{model}/finetune_report.json"
+    key = layout.finetune_report(model)
     if not store.loc.exists(key):
         return None
     try:
@@ -155,7 +157,7 @@ def sae_pairs(store: Store, models: tuple[str, str]) -> list[tuple[int, str, str
     from .sae import read_config
 
     by: dict[tuple[str, int], str] = {}
-    for name in sorted(store.saes):
+    for name in sorted(sae_names(store)):
         c = read_config(store, name)  # cfg.json only: no weights
         if c.model in models and c.layer is not None:
             by.setdefault((c.model, int(c.layer)), name)
@@ -198,7 +200,7 @@ def features_section(store: Store, cfg: ReportConfig, models: tuple[str, str] | 
     order = {m: i for i, m in enumerate(models or ())}
     from .sae import read_config
 
-    cfgs = {name: read_config(store, name) for name in store.saes}  # cfg.json only: no weights
+    cfgs = {name: read_config(store, name) for name in sae_names(store)}  # cfg.json only: no weights
     for name in sorted(cfgs, key=lambda n: (cfgs[n].layer or 0, order.get(str(cfgs[n].model), 99), n)):
         if name not in encoded:
             notes.append(
@@ -289,14 +291,16 @@ def build_report(store: Store, cfg: ReportConfig, progress: bool = False) -> Rep
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    info = store.info()
+    from .share import store_info
+
+    info = store_info(store)
     res = ReportResult(html=str(out / "index.html"), markdown=str(out / "summary.md"))
     h: list[str] = []
     md: list[str] = [f"# actstore report: {store.url}", ""]
     tok = next(iter(info["tokenizations"].values()), {})
     data = tok.get("data") if isinstance(tok.get("data"), dict) else {}
     facts = (tok.get("n_samples"), tok.get("n_tokens"), tok.get("max_length"), data.get("source"),
-             ", ".join(store.models) or "none", len(store.saes))  # fmt: skip
+             ", ".join(store.models) or "none", len(sae_names(store)))  # fmt: skip
     intro = "Store {}: {} samples, {} tokens (max length {}) from {}; models: {}; SAEs: {}."
     # every string read from the store is escaped: a model key or attribute may hold markup
     h.append("<p>" + intro.format(f"<code>{_esc(store.url)}</code>", *map(_esc, facts[:3]), f"<code>{_esc(facts[3])}</code>",

@@ -31,6 +31,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from . import layout
 from .errors import ConfigError, IntegrityError, NotFoundError, StoreError
 from .integrity import check_file
 from .location import name_ok
@@ -238,16 +239,16 @@ def check_d_in(cfg: SAEConfig, d_model: int, where: str) -> None:
 # ---------------------------------------------------------------- store I/O
 def sae_names(store: Store) -> list[str]:
     """Names of the SAEs saved in a store (folders under ``saes/`` with a cfg.json)."""
-    return [n for n in store.loc.list_dirs("saes") if name_ok(n) and store.loc.exists(f"saes/{n}/cfg.json")]
+    return [n for n in store.loc.list_dirs(layout.SAES) if name_ok(n) and store.loc.exists(layout.sae_file(n, layout.SAE_CONFIG))]
 
 
 def save_sae(store: Store, sae: SAE, name: str, metrics: dict[str, Any] | None = None) -> None:
     """Write ``sae.safetensors``, ``metrics.json`` (if given) and, last, ``cfg.json`` under ``saes/NAME/``."""
     weights, cfg_json = sae.to_bytes()
-    store.loc.write_bytes(f"saes/{name}/sae.safetensors", weights)
+    store.loc.write_bytes(layout.sae_file(name, layout.SAE_WEIGHTS), weights)
     if metrics is not None:
-        store.loc.write_bytes(f"saes/{name}/metrics.json", json.dumps(metrics, indent=2, default=float).encode())
-    store.loc.write_bytes(f"saes/{name}/cfg.json", cfg_json)
+        store.loc.write_bytes(layout.sae_file(name, layout.SAE_METRICS), json.dumps(metrics, indent=2, default=float).encode())
+    store.loc.write_bytes(layout.sae_file(name, layout.SAE_CONFIG), cfg_json)
 
 
 def _check_name(store: Store, name: str) -> None:
@@ -261,9 +262,10 @@ def _check_name(store: Store, name: str) -> None:
 def load_sae(store: Store, name: str, device: str = "cpu") -> SAE:
     """Load the SAE ``name`` saved in ``store``."""
     _check_name(store, name)
-    weights, cfg_json = store.loc.read_bytes(f"saes/{name}/sae.safetensors"), store.loc.read_bytes(f"saes/{name}/cfg.json")
-    check_file(store.loc, f"saes/{name}/sae.safetensors", weights)  # the manifest's SHA-256, before any byte is used
-    check_file(store.loc, f"saes/{name}/cfg.json", cfg_json)
+    w_key, c_key = layout.sae_file(name, layout.SAE_WEIGHTS), layout.sae_file(name, layout.SAE_CONFIG)
+    weights, cfg_json = store.loc.read_bytes(w_key), store.loc.read_bytes(c_key)
+    check_file(store.loc, w_key, weights)  # the manifest's SHA-256, before any byte is used
+    check_file(store.loc, c_key, cfg_json)
     sae = SAE.from_bytes(weights, cfg_json, where=f"SAE {name} in store {store.url}")
     return sae.to(device)
 
@@ -271,8 +273,8 @@ def load_sae(store: Store, name: str, device: str = "cpu") -> SAE:
 def read_config(store: Store, name: str) -> SAEConfig:
     """The ``cfg.json`` of SAE ``name`` alone (no weights read), checked against the manifest."""
     _check_name(store, name)
-    raw = store.loc.read_bytes(f"saes/{name}/cfg.json")
-    check_file(store.loc, f"saes/{name}/cfg.json", raw)
+    raw = store.loc.read_bytes(layout.sae_file(name, layout.SAE_CONFIG))
+    check_file(store.loc, layout.sae_file(name, layout.SAE_CONFIG), raw)
     try:
         d = json.loads(raw)
         if not isinstance(d, dict):
@@ -285,7 +287,7 @@ def read_config(store: Store, name: str) -> SAEConfig:
 def read_metrics(store: Store, name: str) -> dict[str, Any]:
     """The ``metrics.json`` written when SAE ``name`` was trained (empty if it has none)."""
     _check_name(store, name)
-    key = f"saes/{name}/metrics.json"
+    key = layout.sae_file(name, layout.SAE_METRICS)
     return json.loads(store.loc.read_bytes(key)) if store.loc.exists(key) else {}
 
 
@@ -295,7 +297,7 @@ def list_saes(store: Store) -> pl.DataFrame:
 
     rows = []
     for name in sae_names(store):
-        cfg = json.loads(store.loc.read_bytes(f"saes/{name}/cfg.json"))
+        cfg = json.loads(store.loc.read_bytes(layout.sae_file(name, layout.SAE_CONFIG)))
         m = read_metrics(store, name)
         ev, tr = m.get("eval", {}), m.get("train", {})
         rows.append(
@@ -348,7 +350,7 @@ def dense_notes(saes: pl.DataFrame) -> list[str]:
 
 def delete_sae(store: Store, name: str) -> None:
     """Remove ``saes/NAME/`` (finished SAE or unfinished run) if present."""
-    store.loc.rmtree(f"saes/{name}")
+    store.loc.rmtree(layout.sae_dir(name))
 
 
 # ---------------------------------------------------------------- export
@@ -414,9 +416,9 @@ def export_sae(store: Store, name: str, out_dir: str | Path, fmt: str = "saelens
         raise StoreError(f"cannot create export folder {out}: {exc.strerror or exc}; choose a writable --out") from None
     if fmt == "actstore":
         written = []
-        for f in ("sae.safetensors", "cfg.json", "metrics.json"):
-            if store.loc.exists(f"saes/{name}/{f}"):
-                (out / f).write_bytes(store.loc.read_bytes(f"saes/{name}/{f}"))
+        for f in (layout.SAE_WEIGHTS, layout.SAE_CONFIG, layout.SAE_METRICS):
+            if store.loc.exists(layout.sae_file(name, f)):
+                (out / f).write_bytes(store.loc.read_bytes(layout.sae_file(name, f)))
                 written.append(out / f)
         return written
     tensors = sae.raw_space_tensors()

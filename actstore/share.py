@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import layout
 from .errors import ConfigError, IntegrityError, StoreError
 from .integrity import (
     MANIFEST_KEY,
@@ -35,8 +36,10 @@ from .integrity import (
     update_manifest,
 )
 from .location import Location, check_key, open_location
+from .sae import sae_names
+from .store import Store
 
-ATTR = "actstore"
+ATTR = layout.ATTR
 
 
 @dataclass
@@ -91,29 +94,18 @@ def include_patterns(include: list[str]) -> list[str]:
     ``MODEL`` -> ``models/MODEL``; ``MODEL:LAYER`` -> ``models/MODEL/layer_LAYER``;
     ``sae:NAME`` -> ``saes/NAME``; anything with a ``/`` is a key glob as given.
     """
-    out = []
-    for item in include:
-        if item.startswith("sae:"):
-            out.append(f"saes/{item[4:]}")
-        elif "/" in item:
-            out.append(item.strip("/"))
-        elif ":" in item:
-            model, layer = item.split(":", 1)
-            out.append(f"models/{model}/layer_{layer}")
-        else:
-            out.append(f"models/{item}")
-    return out
+    return [layout.include_prefix(item) for item in include]
 
 
 def _selected(key: str, patterns: list[str]) -> bool:
     """Whether ``key`` is needed for the selection: always the root, token index and manifest; else a matching prefix."""
-    if not patterns or key == "zarr.json" or key.startswith("tokenizations/") or key == "saes/zarr.json":
+    if not patterns or layout.always_copied(key):
         return True
     parts = key.split("/")
     for pat in patterns:
         n = pat.count("/") + 1
         head = "/".join(parts[:n])
-        if fnmatch.fnmatchcase(head, pat) or fnmatch.fnmatchcase(head, pat + "_scale"):
+        if fnmatch.fnmatchcase(head, pat) or fnmatch.fnmatchcase(head, pat + layout.SCALE_SUFFIX):
             return True
         # the parent groups' metadata of a selected layer (models/zarr.json, models/M/zarr.json)
         if parts[-1] == "zarr.json" and fnmatch.fnmatchcase("/".join(parts[:-1]), "/".join(pat.split("/")[: len(parts) - 1])):
@@ -173,24 +165,24 @@ def copy_store(cfg: CopyConfig, progress: bool = False) -> CopyResult:
         k for k in listing
         if k != MANIFEST_KEY and not k.startswith(SKIP_PREFIXES) and not TMP.search(k) and _selected(k, patterns)
     ]  # fmt: skip
-    if patterns and not any(k.startswith(("models/", "saes/")) and not k.endswith("zarr.json") for k in keys):
+    if patterns and not any(layout.selects_content(k) for k in keys):
         raise ConfigError(
             f"--include {' '.join(cfg.include)} matches nothing in {src.url}: see actstore info for its models and SAEs"
         )
     keys.sort(key=_copy_order)
 
     layout_of: dict[str, tuple[ArrayLayout, tuple[int, ...]]] = {}
-    for layout in arrays.values():
-        for idx in layout.expected_chunks():
-            layout_of[layout.chunk_key(idx)] = (layout, idx)
+    for al in arrays.values():
+        for idx in al.expected_chunks():
+            layout_of[al.chunk_key(idx)] = (al, idx)
     res = CopyResult(src.url, cfg.dst, len(keys), 0, 0, 0, 0.0)
     hashes: dict[str, dict[str, Any]] = {}
     # a chunk inside the committed rows that is absent would read as zeros at the destination: refuse the copy
     absent = sorted(k for k in layout_of if k not in listing and _selected(k, patterns))
     for key in absent:
-        layout, idx = layout_of[key]
-        r0, r1 = layout.rows_of(idx)
-        why = f"chunk {idx} of array {layout.path} (rows {r0}-{r1 - 1}) is absent at the source; nothing copied"
+        al, idx = layout_of[key]
+        r0, r1 = al.rows_of(idx)
+        why = f"chunk {idx} of array {al.path} (rows {r0}-{r1 - 1}) is absent at the source; nothing copied"
         res.problems.append(Problem(key, "missing", why))
     if absent:
         res.seconds = time.perf_counter() - t0
@@ -264,7 +256,27 @@ def _tally(res: CopyResult, state: str, n: int, problem: Problem | None) -> None
 
 
 # ---------------------------------------------------------------- provenance
-def provenance(store: Any) -> dict[str, Any]:
+def store_info(store: Store) -> dict[str, Any]:
+    """Everything ``actstore info`` shows, as plain JSON-able data."""
+    out: dict[str, Any] = {"url": store.url, "store": store.attrs, "tokenizations": {}, "models": {}}
+    for key in store.tokenization_keys():
+        t = store.tokenization(key)
+        out["tokenizations"][key] = {k: v for k, v in t.attrs.items() if k != "parts"}
+    for m in store.model_keys():
+        info = store.model_info(m)
+        layers = {}
+        for layer in store.layers(m):
+            la = store.layer_attrs(m, layer)
+            layers[str(layer)] = {
+                k: la.get(k) for k in ("d_model", "codec", "committed_rows", "n_rows", "complete", "created", "updated")
+            }
+        out["models"][m] = {**{k: v for k, v in info.items() if k != "config"}, "layers": layers}
+    out["provenance"] = provenance(store)
+    out.setdefault("extra", {})["provenance"] = provenance_lines(out["provenance"])
+    return out
+
+
+def provenance(store: Store) -> dict[str, Any]:
     """What made the store: per model and layer, the model (id, revision, weights hash), tokenizer hash,
     corpus (file hash, row count), codec, actstore version, the full extraction config, and times."""
     root = store.attrs
@@ -308,9 +320,9 @@ def provenance(store: Any) -> dict[str, Any]:
             "created": info.get("created"),
             "layers": layers,
         }
-    for name in store.saes:
+    for name in sae_names(store):
         try:
-            cfg = json.loads(store.loc.read_bytes(f"saes/{name}/cfg.json"))
+            cfg = json.loads(store.loc.read_bytes(layout.sae_file(name, layout.SAE_CONFIG)))
         except (ValueError, FileNotFoundError):
             cfg = {"error": "cfg.json unreadable"}
         out["saes"][name] = {k: cfg.get(k) for k in ("model", "layer", "arch", "d_in", "d_sae", "actstore_version", "training")}

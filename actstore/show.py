@@ -20,6 +20,7 @@ import polars as pl
 import torch
 
 from .errors import ConfigError, ModelError, NotFoundError
+from .sae import load_sae
 
 if TYPE_CHECKING:
     from .sae import SAE
@@ -139,7 +140,7 @@ class _LiveModel:
 
 
 def _views(store: Store, cfg: ShowConfig) -> tuple[list[View], dict[str, SAE]]:
-    saes = {name: store.load_sae(name) for name in dict.fromkeys(cfg.saes)}
+    saes = {name: load_sae(store, name) for name in dict.fromkeys(cfg.saes)}
     models = cfg.models
     views = []
     n = len(models) if models is not None else len(cfg.saes)

@@ -34,17 +34,16 @@ import numpy as np
 import polars as pl
 import zarr
 
-from . import codecs
+from . import codecs, layout
 from .errors import IntegrityError, NotFoundError, StoreError
 from .location import Location, check_key, open_location
 
-FORMAT_VERSION = 1
-ATTR = "actstore"
+FORMAT_VERSION = layout.FORMAT_VERSION
+ATTR = layout.ATTR
 T = TypeVar("T")
 
 
-def layer_name(layer: int) -> str:
-    return f"layer_{layer}"
+layer_name = layout.layer_name
 
 
 class Chunk(NamedTuple):
@@ -91,7 +90,7 @@ class Tokenization:
         return _int_attr(self.attrs, "chunk_rows", self._where, lo=1)
 
     def array(self, name: str) -> zarr.Array:
-        return zarr.open_array(self.store.loc.reader_store, path=f"tokenizations/{self.key}/{name}", mode="r")
+        return zarr.open_array(self.store.loc.reader_store, path=layout.token_array(self.key, name), mode="r")
 
     def token_ids(self, start: int, stop: int) -> np.ndarray:
         """Token ids of rows ``[start, stop)`` as int64 ``(stop - start,)``."""
@@ -113,7 +112,7 @@ class Tokenization:
         for p in parts:
             if "/" in p["file"]:
                 raise _damaged(self._where, f"part file {p['file']!r} is not a plain file name")
-            out.append(check_key(f"tokenizations/{self.key}/{table}/{p['file']}"))
+            out.append(check_key(layout.token_table_part(self.key, table, p["file"])))
         return out
 
     def parquet_files(self, table: str) -> list[str]:
@@ -342,7 +341,7 @@ class Store:
         return sorted(self.loc.list_dirs(path))
 
     def tokenization_keys(self) -> list[str]:
-        return self._children("tokenizations")
+        return self._children(layout.TOKENIZATIONS)
 
     def tokenization(self, key: str | None = None) -> Tokenization:
         """A tokenization by key, or the store's default (the first made)."""
@@ -353,27 +352,31 @@ class Store:
             key = self.attrs.get("default_tokenization") or keys[0]
         if key not in keys:
             raise NotFoundError(f"{self.url} has no tokenization {key!r}; it has: {', '.join(keys)}")
-        grp = zarr.open_group(self.loc.zarr_store, path=f"tokenizations/{key}", mode="r")
+        grp = zarr.open_group(self.loc.zarr_store, path=layout.tokenization_dir(key), mode="r")
         return Tokenization(key, grp, self)
+
+    def model_keys(self) -> list[str]:
+        """Keys of every model group, with or without layers yet."""
+        return self._children(layout.MODELS)
 
     @property
     def models(self) -> list[str]:
         """Keys of the models with at least one layer in the store."""
-        return [m for m in self._children("models") if self.layers(m)]
+        return [m for m in self._children(layout.MODELS) if self.layers(m)]
 
     def _model_group(self, model: str) -> zarr.Group:
-        if model not in self._children("models"):
+        if model not in self._children(layout.MODELS):
             known = ", ".join(self.models) or "none"
             raise NotFoundError(f"model {model!r} is not in store {self.url} (models: {known}): check --model")
-        return zarr.open_group(self.loc.zarr_store, path=f"models/{model}", mode="r")
+        return zarr.open_group(self.loc.zarr_store, path=layout.model_dir(model), mode="r")
 
     def model_info(self, model: str) -> dict[str, Any]:
         return dict(self._model_group(model).attrs.get(ATTR, {}))
 
     def layers(self, model: str) -> list[int]:
         """Layer numbers stored for ``model`` (hidden_states indices), ascending."""
-        names = self.loc.list_dirs(f"models/{model}")
-        return sorted(int(n.split("_")[1]) for n in names if n.startswith("layer_") and n.count("_") == 1)
+        found = (layout.parse_layer_name(n) for n in self.loc.list_dirs(layout.model_dir(model)))
+        return sorted(layer for layer in found if layer is not None)
 
     def layer_attrs(self, model: str, layer: int) -> dict[str, Any]:
         return dict(self._layer_array(model, layer).attrs.get(ATTR, {}))
@@ -383,22 +386,10 @@ class Store:
         if layer not in self.layers(model):
             have = ", ".join(map(str, self.layers(model))) or "none"
             raise NotFoundError(f"layer {layer} of model {model!r} is not in store {self.url} (layers: {have}): extract it first")
-        return zarr.open_array(self.loc.reader_store, path=f"models/{model}/{layer_name(layer)}", mode="r")
+        return zarr.open_array(self.loc.reader_store, path=layout.layer_array(model, layer), mode="r")
 
     def model_tokenization(self, model: str) -> Tokenization:
         return self.tokenization(self.model_info(model).get("tokenization"))
-
-    @property
-    def saes(self) -> list[str]:
-        """Names of the SAEs saved under ``STORE/saes/``."""
-        from .sae import sae_names
-
-        return sae_names(self)
-
-    def load_sae(self, name: str, device: str = "cpu"):  # -> actstore.sae.SAE
-        from .sae import load_sae
-
-        return load_sae(self, name, device=device)
 
     # ---- data ------------------------------------------------------------
     def activations(self, model: str, layer: int) -> Activations:
@@ -407,7 +398,7 @@ class Store:
         attrs = dict(values.attrs[ATTR])
         scale = None
         if attrs["codec"] == "int8":
-            scale = zarr.open_array(self.loc.reader_store, path=f"models/{model}/{layer_name(layer)}_scale", mode="r")
+            scale = zarr.open_array(self.loc.reader_store, path=layout.scale_array(model, layer), mode="r")
         return Activations(values, scale, attrs, loc=self.loc)
 
     def iter_chunks(self, model: str, layer: int, **kw: Any) -> Iterator[Chunk]:
@@ -421,56 +412,6 @@ class Store:
     def samples(self, tokenization: str | None = None) -> pl.DataFrame:
         """Samples: sample, id, label, text, n_tokens, first_row (and truncated)."""
         return self.tokenization(tokenization).table("samples")
-
-    # ---- SQL -------------------------------------------------------------
-    def features(self, sae: str | None = None):  # -> polars.LazyFrame
-        """``features(model, layer, sae, row, feature, value)`` of one encoded SAE (or all) as a LazyFrame."""
-        from .query import lazy_features
-
-        return lazy_features(self, sae)
-
-    def feature_stats(self, sae: str | None = None):  # -> polars.LazyFrame
-        """``feature_stats(model, layer, sae, feature, n_active, frequency, mean, max, variance)`` as a LazyFrame."""
-        from .query import lazy_feature_stats
-
-        return lazy_feature_stats(self, sae)
-
-    def connect(self, read_only: bool = True):  # -> duckdb.DuckDBPyConnection
-        """A DuckDB connection with this store's views (see :mod:`actstore.query` for more)."""
-        from .query import connect
-
-        return connect(self, read_only=read_only)
-
-    def sql(self, query: str, params: dict[str, Any] | list[Any] | None = None) -> pl.DataFrame:
-        """Run SQL over the store's views and return a polars DataFrame."""
-        con = self.connect()
-        try:
-            return con.sql(query, params=params).pl() if params else con.sql(query).pl()
-        finally:
-            con.close()
-
-    # ---- summary ---------------------------------------------------------
-    def info(self) -> dict[str, Any]:
-        """Everything ``actstore info`` shows, as plain JSON-able data."""
-        out: dict[str, Any] = {"url": self.url, "store": self.attrs, "tokenizations": {}, "models": {}}
-        for key in self.tokenization_keys():
-            t = self.tokenization(key)
-            a = {k: v for k, v in t.attrs.items() if k != "parts"}
-            out["tokenizations"][key] = a
-        for m in self._children("models"):
-            info = self.model_info(m)
-            layers = {}
-            for layer in self.layers(m):
-                la = self.layer_attrs(m, layer)
-                layers[str(layer)] = {
-                    k: la.get(k) for k in ("d_model", "codec", "committed_rows", "n_rows", "complete", "created", "updated")
-                }
-            out["models"][m] = {**{k: v for k, v in info.items() if k != "config"}, "layers": layers}
-        from .share import provenance, provenance_lines
-
-        out["provenance"] = provenance(self)
-        out.setdefault("extra", {})["provenance"] = provenance_lines(out["provenance"])
-        return out
 
 
 def open_store(path: str, writable: bool = False, storage_options: dict[str, Any] | None = None) -> Store:

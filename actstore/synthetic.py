@@ -15,8 +15,10 @@ import numpy as np
 import zarr
 import zarr.codecs as zc
 
-from . import __version__
-from .store import ATTR, FORMAT_VERSION, Store, layer_name, open_store
+from . import layout
+from .layout import ATTR, FORMAT_VERSION
+from .store import Store, open_store
+from .version import __version__
 
 
 @dataclass
@@ -68,7 +70,7 @@ def write_synthetic_store(
                         "default_tokenization": key}  # fmt: skip
     first = np.arange(0, n_rows, sample_len, dtype=np.int64)  # (n_samples,)
     lens = np.minimum(sample_len, n_rows - first).astype(np.int32)
-    tk = root.create_group(f"tokenizations/{key}")
+    tk = root.create_group(layout.tokenization_dir(key))
     comp = [zc.ZstdCodec(level=1)]
     for name, arr in {
         "sample_first_row": first,
@@ -81,10 +83,10 @@ def write_synthetic_store(
         a[:] = arr
     tk.attrs[ATTR] = {"n_tokens": n_rows, "n_samples": len(first), "chunk_rows": chunk_rows, "complete": True,
                       "max_length": sample_len, "parts": [], "tokenizer_source": "synthetic"}  # fmt: skip
-    root.create_group(f"models/{model}", attributes={ATTR: {"source": "synthetic", "key": model, "tokenization": key,
+    root.create_group(layout.model_dir(model), attributes={ATTR: {"source": "synthetic", "key": model, "tokenization": key,
                                                             "d_model": d, "n_layers": layer}})  # fmt: skip
     arr = root.create_array(
-        f"models/{model}/{layer_name(layer)}", shape=(n_rows, d), chunks=(chunk_rows, d), dtype="float32", fill_value=0,
+        layout.layer_array(model, layer), shape=(n_rows, d), chunks=(chunk_rows, d), dtype="float32", fill_value=0,
         compressors=[zc.ZstdCodec(level=1)],
     )  # fmt: skip
     row = 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -19,15 +19,13 @@ import pyarrow.parquet as pq
 import zarr
 import zarr.codecs as zc
 
-from . import __version__
+from . import layout
 from .data import Corpus
 from .errors import ConfigError, StoreError, TokenizerMismatchError
 from .location import Location
 from .models import LoadedModel, tokenizer_hash, tokenizer_identity
 from .store import ATTR
-
-if TYPE_CHECKING:
-    from .extract import ExtractConfig
+from .version import __version__
 
 PART_ROWS = 1 << 20  # token rows per Parquet part
 
@@ -131,7 +129,7 @@ class _TokenIndexWriter:
             }
         )
         for table_name, table in (("tokens", tokens), ("samples", samples)):
-            with self.loc.open_output(f"tokenizations/{self.key}/{table_name}/{fname}") as f:
+            with self.loc.open_output(layout.token_table_part(self.key, table_name, fname)) as f:
                 pq.write_table(table, f, row_group_size=65536, compression="zstd")
         self.parts.append(
             {"file": fname, "first_row": self.n_tokens, "n_rows": n, "first_sample": self.n_samples, "n_samples": len(lens)}
@@ -167,9 +165,9 @@ def _tokenize_corpus(
         "complete": False,
         "actstore_version": __version__,
     }
-    grp = root.create_group(f"tokenizations/{key}", overwrite=True, attributes={ATTR: base_attrs})
-    loc.rmtree(f"tokenizations/{key}/tokens")
-    loc.rmtree(f"tokenizations/{key}/samples")
+    grp = root.create_group(layout.tokenization_dir(key), overwrite=True, attributes={ATTR: base_attrs})
+    for table in layout.TOKEN_TABLES:
+        loc.rmtree(layout.token_table_dir(key, table))
     w = _TokenIndexWriter(loc, grp, key, tok, chunk_rows)
     batch: list = []
     bar = tqdm(desc="tokenize", unit=" samples", disable=not progress)
@@ -201,7 +199,7 @@ def _tokenize_corpus(
             f"no usable rows in {corpus.cfg.source}: every row was empty or not text (field {corpus.cfg.text_field!r})"
         )
     vocab_ids = list(range(len(tok)))  # every id the tokenizer can emit, added tokens included
-    with loc.open_output(f"tokenizations/{key}/vocab.parquet") as f:
+    with loc.open_output(layout.vocab_file(key)) as f:
         vocab = pa.table({"token_id": pa.array(vocab_ids, pa.int32()), "token": pa.array(tok.convert_ids_to_tokens(vocab_ids))})
         pq.write_table(vocab, f, compression="zstd")
     grp.attrs[ATTR] = {
@@ -234,8 +232,8 @@ def same_tokenizer(attrs: dict[str, Any], loaded: LoadedModel) -> bool:
 
 def shared_length(loc: Location, loaded: LoadedModel) -> int | None:
     """The max length of the store's (first) complete token index made by ``loaded``'s tokenizer, if the model takes it."""
-    for k in loc.list_dirs("tokenizations"):
-        a = dict(zarr.open_group(loc.zarr_store, path=f"tokenizations/{k}", mode="r").attrs.get(ATTR, {}))
+    for k in loc.list_dirs(layout.TOKENIZATIONS):
+        a = dict(zarr.open_group(loc.zarr_store, path=layout.tokenization_dir(k), mode="r").attrs.get(ATTR, {}))
         n = a.get("max_length")
         if a.get("complete") and same_tokenizer(a, loaded) and isinstance(n, int) and 2 <= n <= loaded.position_limit:
             return n
@@ -243,13 +241,14 @@ def shared_length(loc: Location, loaded: LoadedModel) -> int | None:
 
 
 def choose_tokenization(
-    loc: Location, root: zarr.Group, corpus: Corpus, loaded: LoadedModel, cfg: ExtractConfig, max_length: int, progress: bool
-) -> tuple[str, dict[str, Any]]:
+    loc: Location, root: zarr.Group, corpus: Corpus, loaded: LoadedModel, max_length: int, chunk_rows: int,
+    new_tokenization: bool, progress: bool,
+) -> tuple[str, dict[str, Any]]:  # fmt: skip
     tok_hash = _tok_hash(loaded)
     key = _tokenization_key(tok_hash, max_length)
     existing = {}
-    for k in loc.list_dirs("tokenizations"):
-        existing[k] = dict(zarr.open_group(loc.zarr_store, path=f"tokenizations/{k}", mode="r").attrs.get(ATTR, {}))
+    for k in loc.list_dirs(layout.TOKENIZATIONS):
+        existing[k] = dict(zarr.open_group(loc.zarr_store, path=layout.tokenization_dir(k), mode="r").attrs.get(ATTR, {}))
     fp = _data_fingerprint(corpus)
     for k, a in existing.items():
         if a.get("complete") and not _same_data(a.get("data", {}), fp):
@@ -264,16 +263,16 @@ def choose_tokenization(
     if match:  # an existing token index gives the same ids (possibly named by an older hash): share it
         key = match[0]
     if key not in done:
-        if done and not cfg.new_tokenization:
+        if done and not new_tokenization:
             other = next(iter(done.values()))
             why = "tokenizer" if not same_tokenizer(other, loaded) else f"max length ({other.get('max_length')})"
             raise TokenizerMismatchError(
-                f"{cfg.model} differs in {why} from the tokenization of store {loc.url} "
+                f"{loaded.source} differs in {why} from the tokenization of store {loc.url} "
                 f"(made with {other.get('tokenizer_source')}, max length {other.get('max_length')}): its rows would not align; "
                 "pass --new-tokenization to add a separate token index, or use another store"
             )
-        _tokenize_corpus(loc, root, key, corpus, loaded, max_length, cfg.chunk_rows, progress)
+        _tokenize_corpus(loc, root, key, corpus, loaded, max_length, chunk_rows, progress)
         if "default_tokenization" not in root.attrs[ATTR]:
             root.attrs[ATTR] = {**root.attrs[ATTR], "default_tokenization": key}
-    attrs = dict(zarr.open_group(loc.zarr_store, path=f"tokenizations/{key}", mode="r").attrs[ATTR])
+    attrs = dict(zarr.open_group(loc.zarr_store, path=layout.tokenization_dir(key), mode="r").attrs[ATTR])
     return key, attrs

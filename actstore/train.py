@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from . import __version__
+from . import layout
 from .errors import ConfigError, NotFoundError, StoreError
 from .integrity import update_manifest
 from .location import check_name, write_access
@@ -43,6 +43,7 @@ from .models import auto_device
 from .sae import ARCHS, SAE, SAEConfig, check_d_in, delete_sae, save_sae
 from .store import Store, open_store
 from .stream import RowSplit, ShuffledStream, split_rows
+from .version import __version__
 
 PRESETS: dict[str, dict[str, Any]] = {
     # the seed paper: 768 -> 1024, ReLU, MSE + 1e-3 L1, Adam 2e-5, 10 epochs
@@ -54,7 +55,7 @@ DEFAULT_EPOCHS = 3
 DEFAULT_K = 32
 # fields that may change between a killed run and its restart
 RUNTIME_FIELDS = ("device", "workers", "threads", "resume", "overwrite", "log_every", "checkpoint_every", "task_samples")
-CKPT = "checkpoint/state.safetensors"
+CKPT = layout.SAE_CHECKPOINT
 
 
 @dataclass
@@ -293,11 +294,11 @@ def _save_checkpoint(store: Store, name: str, sae: SAE, opt: torch.optim.Optimiz
             tensors[f"opt.{pid}.{key}"] = torch.as_tensor(val).detach().cpu().contiguous()
     tensors.update(tracker.state())
     md = {"meta": json.dumps(meta, default=float), "sae_cfg": sae.cfg.to_json()}
-    store.loc.write_bytes(f"saes/{name}/{CKPT}", st_save(tensors, metadata=md))
+    store.loc.write_bytes(layout.sae_file(name, CKPT), st_save(tensors, metadata=md))
 
 
 def _read_checkpoint(store: Store, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], SAEConfig]:
-    raw = store.loc.read_bytes(f"saes/{name}/{CKPT}")
+    raw = store.loc.read_bytes(layout.sae_file(name, CKPT))
     tensors = st_load(raw)
     n = int.from_bytes(raw[:8], "little")  # safetensors header: 8-byte length, then JSON with __metadata__
     md = json.loads(raw[8 : 8 + n]).get("__metadata__", {})
@@ -371,7 +372,7 @@ def _train_sae(
             f"{acts.attrs.get('n_rows')} rows committed): training on the committed rows; finish the extract for the rest",
             PartialLayerWarning, stacklevel=3,
         )  # fmt: skip
-    lock = StoreLock(st.loc, f"saes/{name}", f"train {name}").acquire()  # one trainer of an SAE name at a time
+    lock = StoreLock(st.loc, layout.sae_dir(name), f"train {name}").acquire()  # one trainer of an SAE name at a time
     try:
         return _train_locked(st, cfg, progress, on_step, acts, d_in, d_sae, k, aux_k, name, device, tok)
     finally:
@@ -385,8 +386,8 @@ def _train_locked(
     from tqdm.auto import tqdm
 
     # ---- existing SAE / unfinished run?
-    finished = st.loc.exists(f"saes/{name}/cfg.json")
-    ckpt = st.loc.exists(f"saes/{name}/{CKPT}")
+    finished = st.loc.exists(layout.sae_file(name, layout.SAE_CONFIG))
+    ckpt = st.loc.exists(layout.sae_file(name, CKPT))
     if cfg.overwrite:
         delete_sae(st, name)
         finished = ckpt = False
@@ -518,8 +519,8 @@ def _train_locked(
         "task": task,
     }
     save_sae(st, sae, name, metrics)
-    st.loc.rmtree(f"saes/{name}/checkpoint")
-    update_manifest(st.loc, prefixes=[f"saes/{name}"])  # checksums for the new files (actstore verify)
+    st.loc.rmtree(layout.sae_file(name, layout.SAE_CHECKPOINT_DIR))
+    update_manifest(st.loc, prefixes=[layout.sae_dir(name)])  # checksums for the new files (actstore verify)
     return TrainResult(
         name=name, sae=sae, metrics=metrics, steps=step, tokens=tracker.tokens_seen, seconds=seconds,
         steps_per_s=metrics["steps_per_s"], resumed_from=start_step, store=st.url, split=split,

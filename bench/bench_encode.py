@@ -40,7 +40,7 @@ def main() -> None:
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
     st = actstore.open_store(build_store(root, args.docs), writable=True)
-    sae = st.load_sae("bench").eval()
+    sae = actstore.load_sae(st, "bench").eval()
     acts = st.activations("tiny", 2)
     n = acts.n_rows
     configs = {

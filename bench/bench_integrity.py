@@ -60,9 +60,9 @@ def main() -> None:
     encode(st, EncodeConfig(sae="bench"), progress=False)
     update_manifest(st.loc)
     st = actstore.open_store(path)
-    stats = st.feature_stats("bench").collect().sort("n_active")
+    stats = actstore.feature_stats(st, "bench").collect().sort("n_active")
     feats = [int(stats["feature"][int(stats.height * q)]) for q in (0.1, 0.5, 0.9)]
-    n_feature_rows = int(st.sql("SELECT count(*) AS n FROM features")["n"][0])
+    n_feature_rows = int(actstore.sql(st, "SELECT count(*) AS n FROM features")["n"][0])
     print(f"store: {args.docs} IMDb docs, {len(st.activations('tiny', 2)):,} tokens, {n_feature_rows:,} feature rows")
 
     # one-time cost: hash every file the views read (verification cache empty)

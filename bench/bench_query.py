@@ -104,17 +104,17 @@ def main() -> None:
         pq.write_table(t, copy, row_group_size=16384, compression="zstd")
         del t
 
-    stats = st.feature_stats("bench").filter(pl.col("n_active") > 0).sort("n_active").collect()
+    stats = actstore.feature_stats(st, "bench").filter(pl.col("n_active") > 0).sort("n_active").collect()
     picks = {
         "rare (p10)": stats.row(int(stats.height * 0.1), named=True),
         "typical (median)": stats.row(stats.height // 2, named=True),
         "frequent (p90)": stats.row(int(stats.height * 0.9), named=True),
         "most frequent": stats.row(stats.height - 1, named=True),
     }
-    con = st.connect()
+    con = actstore.connect(st)
     lookup = "SELECT row, value FROM features WHERE sae = $sae AND feature = $f ORDER BY value DESC, row LIMIT 20"
     scan = f"SELECT row, value FROM read_parquet('{copy}') WHERE feature = $f ORDER BY value DESC, row LIMIT 20"
-    rw = st.connect(read_only=False)  # the copy lies outside the store: the read-only connection may not read it
+    rw = actstore.connect(st, read_only=False)  # the copy lies outside the store: the read-only connection may not read it
     t0 = time.perf_counter()
     query.top_tokens(st, int(picks["typical (median)"]["feature"]), sae="bench", n=20, context=8)
     print(f"first top_tokens in the process (builds the token context): {(time.perf_counter() - t0) * 1e3:.0f} ms")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+import actstore
 from actstore import open_store
 from actstore.cli import main
 from actstore.demo import DemoConfig, default_sae_layers, run_demo
@@ -34,7 +35,7 @@ def test_demo_end_to_end_on_tiny_model(tmp_path, tiny_bert_dir, corpus_file) -> 
     pre, ft = Path(tiny_bert_dir).name, f"{Path(tiny_bert_dir).name}-ft"
     assert sorted(st.models) == sorted([pre, ft])
     assert st.layers(pre) == st.layers(ft) == [0, 1, 2, 3]
-    assert len(st.saes) == 5  # layers 1 and 3, both models, topk; and the paper's relu-l1 for contrast
+    assert len(actstore.sae_names(st)) == 5  # layers 1 and 3, both models, topk; and the paper's relu-l1 for contrast
     from actstore.sae import list_saes
 
     saes = list_saes(st)
@@ -62,7 +63,7 @@ def test_demo_end_to_end_on_tiny_model(tmp_path, tiny_bert_dir, corpus_file) -> 
     r = CliRunner().invoke(main, ["report", res.store, "--out", str(tmp_path / "rep2"), "--top-features", "2", "--views", "1"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "rep2" / "index.html").exists() and (tmp_path / "rep2" / "summary.md").exists()
-    n = st.sql("SELECT count(DISTINCT diff) AS n FROM feature_diff")["n"][0]
+    n = actstore.sql(st, "SELECT count(DISTINCT diff) AS n FROM feature_diff")["n"][0]
     assert n == 2
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import actstore
 from actstore import open_store
 from actstore.cli import main
 from actstore.diff import DiffConfig, _Corr, diff_features, load_diff
@@ -86,7 +87,9 @@ def test_planted_changes_are_labelled(store_with_saes, tmp_path) -> None:
     # saved, reloadable, and visible to SQL
     again = load_diff(st, "base__edit")
     assert again.counts == res.counts
-    df = st.sql("SELECT side, status, count(*) AS n FROM feature_diff WHERE diff = 'base__edit' GROUP BY ALL ORDER BY ALL")
+    df = actstore.sql(
+        st, "SELECT side, status, count(*) AS n FROM feature_diff WHERE diff = 'base__edit' GROUP BY ALL ORDER BY ALL"
+    )
     assert df.filter((df["side"] == "a") & (df["status"] == "retained"))["n"].to_list() == [res.counts["a"]["retained"]]
 
 

@@ -56,7 +56,7 @@ def dense_numpy(store, sae: SAE) -> np.ndarray:
 
 
 def table_dense(store, name: str, shape: tuple[int, int]) -> np.ndarray:
-    t = store.features(name).collect()
+    t = actstore.features(store, name).collect()
     out = np.zeros(shape)
     out[t["row"].to_numpy(), t["feature"].to_numpy()] = t["value"].to_numpy()
     return out
@@ -82,7 +82,7 @@ def test_encode_equals_dense_numpy(tiny_store, arch, k):
         assert ((got > 0).sum(axis=1) <= k).all()
 
     # per-feature statistics over all rows, zeros included
-    stats = st.feature_stats("s").sort("feature").collect()
+    stats = actstore.feature_stats(st, "s").sort("feature").collect()
     np.testing.assert_array_equal(stats["n_active"].to_numpy(), (got > 0).sum(axis=0))
     np.testing.assert_allclose(stats["frequency"].to_numpy(), (got > 0).mean(axis=0))
     np.testing.assert_allclose(stats["mean"].to_numpy(), ref.mean(axis=0), rtol=1e-4, atol=1e-6)
@@ -105,7 +105,7 @@ def test_row_groups_let_a_feature_lookup_read_only_its_own(tiny_store):
     st = actstore.open_store(tiny_store, writable=True)
     make_sae(st, "s", "topk", k=8)
     encode(st, EncodeConfig(sae="s", n_buckets=2, row_group_rows=64), progress=False)
-    stats = st.feature_stats("s").collect()
+    stats = actstore.feature_stats(st, "s").collect()
     ranges = []
     for path in acts_files(st, "s"):
         md = pq.ParquetFile(path).metadata
@@ -142,14 +142,14 @@ def test_resume_after_crash_gives_identical_table(tiny_store, monkeypatch):
     assert not man["complete"] and man["spilled_rows"] > 0
     res = encode(st, cfg, progress=False)
     assert res.resumed_from == man["spilled_rows"]
-    resumed = st.features("s").collect()
+    resumed = actstore.features(st, "s").collect()
 
     fresh_path = tiny_store + "-fresh"
     shutil.copytree(tiny_store, fresh_path)
     fresh = actstore.open_store(fresh_path, writable=True)
     # no background threads this time: the same table
     encode(fresh, EncodeConfig(sae="s", batch_rows=64, n_buckets=4, spill_entries=300, workers=1, overwrite=True), progress=False)
-    assert resumed.equals(fresh.features("s").collect())
+    assert resumed.equals(actstore.features(fresh, "s").collect())
     # a finished encoding is not redone
     assert encode(st, cfg, progress=False).skipped
 
@@ -167,13 +167,13 @@ def test_resume_after_crash_gives_identical_table(tiny_store, monkeypatch):
         encode(st, EncodeConfig(sae="s", batch_rows=64, n_buckets=4, spill_entries=300, overwrite=True), progress=False)
     monkeypatch.setattr(enc, "_finish_bucket", real_finish)
     assert read_manifest(st, "s")["complete"]  # the finished encoding survived the failed --overwrite
-    assert st.features("s").collect().equals(fresh.features("s").collect())
+    assert actstore.features(st, "s").collect().equals(actstore.features(fresh, "s").collect())
     man = enc._read_pending(st, "s")
     assert not man["complete"] and man["spilled_rows"] > 0
     res = encode(st, cfg, progress=False)  # resumes the unfinished re-encode
     assert res.resumed_from == man["spilled_rows"] and not st.loc.exists(f"{files_dir('s', man)}/spill")
     assert [d for d in st.loc.list_dirs("features/s")] == [man["dir"]]  # the old generation is gone
-    assert st.features("s").collect().equals(fresh.features("s").collect())
+    assert actstore.features(st, "s").collect().equals(actstore.features(fresh, "s").collect())
 
 
 def test_changed_weights_need_overwrite(tiny_store):

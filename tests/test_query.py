@@ -70,7 +70,7 @@ def enc_store(tmp_path_factory, tiny_bert_dir) -> str:
 def ref(enc_store):
     """Dense numpy activations of every SAE plus the token / sample tables."""
     st = actstore.open_store(enc_store)
-    dense = {n: dense_numpy(st, st.load_sae(n)) for n in ("a", "b", "c")}
+    dense = {n: dense_numpy(st, actstore.load_sae(st, n)) for n in ("a", "b", "c")}
     return {"dense": dense, "tokens": st.tokens(), "samples": st.samples()}
 
 
@@ -90,7 +90,7 @@ def test_top_tokens_equal_numpy(enc_store, ref, sae, layer):
     st = actstore.open_store(enc_store)
     dense, tokens, samples = ref["dense"][sae], ref["tokens"], ref["samples"]
     assert any(t.startswith("##") for t in tokens["token"].to_list())  # sub-word pieces are exercised
-    con = st.connect()
+    con = actstore.connect(st)
     for feature in range(0, dense.shape[1], 5):
         col = dense[:, feature]
         rows = np.lexsort((np.arange(len(col)), -col))[:7]
@@ -114,7 +114,7 @@ def test_top_tokens_equal_numpy(enc_store, ref, sae, layer):
 def test_top_tokens_equals_the_named_sql_query(enc_store):
     """top_tokens (lookup + in-memory token context) returns exactly the frame of sql/top_tokens.sql (a join)."""
     st = actstore.open_store(enc_store)
-    con = st.connect()
+    con = actstore.connect(st)
     for sae, features in (("a", range(0, 40, 3)), ("b", range(24)), ("c", range(0, 32, 4))):
         for feature in features:
             for n, context in ((5, 3), (50, 0), (3, 12)):
@@ -169,27 +169,34 @@ def test_named_queries_equal_numpy(enc_store, ref):
 
 def test_views_and_lazyframes(enc_store):
     st = actstore.open_store(enc_store)
-    cols = st.sql("SELECT * FROM features LIMIT 1").columns
+    cols = actstore.sql(st, "SELECT * FROM features LIMIT 1").columns
     assert cols == ["model", "layer", "sae", "row", "feature", "value"]
-    assert st.sql("SELECT * FROM feature_stats LIMIT 1").columns == [
+    assert actstore.sql(st, "SELECT * FROM feature_stats LIMIT 1").columns == [
         "model", "layer", "sae", "feature", "n_active", "frequency", "mean", "max", "variance",
     ]  # fmt: skip
-    assert st.sql("SELECT * FROM samples LIMIT 1").columns[:6] == ["sample", "id", "label", "text", "n_tokens", "first_row"]
-    per_sae = st.sql("SELECT sae, layer, count(*) AS n FROM features GROUP BY ALL ORDER BY sae")
-    saes = st.sql("SELECT sae, n_feature_rows FROM saes ORDER BY sae")
+    assert actstore.sql(st, "SELECT * FROM samples LIMIT 1").columns[:6] == [
+        "sample",
+        "id",
+        "label",
+        "text",
+        "n_tokens",
+        "first_row",
+    ]
+    per_sae = actstore.sql(st, "SELECT sae, layer, count(*) AS n FROM features GROUP BY ALL ORDER BY sae")
+    saes = actstore.sql(st, "SELECT sae, n_feature_rows FROM saes ORDER BY sae")
     assert per_sae["n"].to_list() == saes["n_feature_rows"].to_list() and per_sae["layer"].to_list() == [2, 2, 1]
-    lazy = st.features().group_by("sae").len().sort("sae").collect()
+    lazy = actstore.features(st).group_by("sae").len().sort("sae").collect()
     assert lazy["len"].to_list() == per_sae["n"].to_list()
-    assert st.feature_stats("c").collect().height == 32
+    assert actstore.feature_stats(st, "c").collect().height == 32
     q = "SELECT * FROM features WHERE sae = $s AND feature = $f ORDER BY value DESC, row"
-    assert st.sql(q, {"s": "c", "f": 3}).equals(
-        st.features("c").filter(pl.col("feature") == 3).sort(["value", "row"], descending=[True, False]).collect()
+    assert actstore.sql(st, q, {"s": "c", "f": 3}).equals(
+        actstore.features(st, "c").filter(pl.col("feature") == 3).sort(["value", "row"], descending=[True, False]).collect()
     )
 
 
 def test_read_only_connection_refuses_writes(enc_store, tmp_path):
     st = actstore.open_store(enc_store)
-    con = st.connect()
+    con = actstore.connect(st)
     for stmt in (
         "CREATE TABLE t AS SELECT 1",
         "DROP VIEW tokens",
@@ -203,7 +210,7 @@ def test_read_only_connection_refuses_writes(enc_store, tmp_path):
     assert not (tmp_path / "x.csv").exists()
     assert con.execute("SELECT count(*) FROM tokens").fetchone()[0] > 0
     con.close()
-    rw = st.connect(read_only=False)
+    rw = actstore.connect(st, read_only=False)
     rw.execute("CREATE TABLE t AS SELECT feature, count(*) AS n FROM features GROUP BY feature")
     assert rw.execute("SELECT count(*) FROM t").fetchone()[0] > 0
 
@@ -217,13 +224,13 @@ def test_parameters_are_inert(enc_store):
         out = query.run_query(st, "feature_label_association", {"sae": "a", "label": value})
         assert out.height == 0
         # bound straight into the SQL text, a quote is only a character
-        got = st.sql(query.load_query("top_tokens").sql, {"sae": value, "feature": 1, "n": 5, "context": 2})
+        got = actstore.sql(st, query.load_query("top_tokens").sql, {"sae": value, "feature": 1, "n": 5, "context": 2})
         assert got.height == 0
     with pytest.raises(ConfigError, match="INTEGER"):
         query.run_query(st, "top_tokens", {"sae": "a", "feature": "1; DROP VIEW tokens"})
     with pytest.raises(NotFoundError, match="no named query"):
         query.run_query(st, "../../etc/passwd", {})
-    assert st.sql("SELECT count(*) AS n FROM tokens")["n"][0] > 0
+    assert actstore.sql(st, "SELECT count(*) AS n FROM tokens")["n"][0] > 0
 
 
 def test_sae_resolution_messages(enc_store):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+import actstore
 from actstore import open_store
 from actstore.cli import main
 from actstore.errors import ConcurrencyError, IntegrityError, StoreError
@@ -136,10 +137,10 @@ def test_extract_to_bucket_matches_local(s3_server, tiny_bert_dir, corpus_file, 
 
 def test_sql_over_bucket_is_read_only(pushed, s3, tiny_store_ro):
     st = open_store(pushed)
-    df = st.sql("SELECT label, count(*) AS n FROM samples GROUP BY label ORDER BY label")
+    df = actstore.sql(st, "SELECT label, count(*) AS n FROM samples GROUP BY label ORDER BY label")
     want = open_store(tiny_store_ro).samples().group_by("label").len().sort("label")
     assert df["n"].to_list() == want["len"].to_list()
-    con = st.connect()
+    con = actstore.connect(st)
     with pytest.raises(Exception):  # noqa: B017 - DuckDB raises its own error types
         con.execute(f"COPY (SELECT 1 AS x) TO '{pushed}/evil.parquet'")
     con.close()
@@ -385,7 +386,7 @@ def test_train_encode_and_top_tokens_over_bucket(pushed, s3):
     st = open_store(url, writable=True)
     train_sae(st, TrainConfig(model="tiny", layer=2, d_sae=16, epochs=1, batch_size=64, name="s", device="cpu"), progress=False)
     ro = open_store(url)  # a teammate opens it by URL, read-only
-    assert ro.saes == ["s"] and ro.load_sae("s").cfg.d_sae == 16
+    assert actstore.sae_names(ro) == ["s"] and actstore.load_sae(ro, "s").cfg.d_sae == 16
     with pytest.raises(StoreError, match="--writable"):  # a URL opened read-only refuses writes before any work
         encode(ro, EncodeConfig(sae="s", batch_rows=256, n_buckets=2, row_group_rows=64), progress=False)
     with pytest.raises(StoreError, match="--writable"):
@@ -401,7 +402,7 @@ def test_train_encode_and_top_tokens_over_bucket(pushed, s3):
     import torch
 
     with torch.no_grad():
-        want = ro.load_sae("s").encode(torch.from_numpy(acts))[:, 0].numpy()
+        want = actstore.load_sae(ro, "s").encode(torch.from_numpy(acts))[:, 0].numpy()
     np.testing.assert_allclose(top["value"].to_numpy(), np.sort(want)[::-1][: top.height], rtol=1e-4, atol=1e-5)
     r = CliRunner().invoke(main, ["top-tokens", url, "--sae", "s", "--feature", "0", "-n", "3"])
     assert r.exit_code == 0, r.output
@@ -436,13 +437,13 @@ def test_sql_sandbox_over_bucket(pushed, s3, tmp_path, writable):
         f"ATTACH '{tmp_path / 'db.duckdb'}' AS x",
     ):
         with pytest.raises(Exception) as info:  # noqa: PT011 - any DuckDB error; the statement must fail
-            st.sql(stmt)
+            actstore.sql(st, stmt)
         assert "TOP-SECRET" not in str(info.value)
         r = CliRunner().invoke(main, ["sql", pushed, stmt])
         assert r.exit_code != 0 and "TOP-SECRET" not in r.output, (stmt, r.output)
     assert not out.exists() and not (tmp_path / "db.duckdb").exists()
     assert bucket_snapshot(s3, pushed) == before
-    assert st.sql("SELECT count(*) AS n FROM tokens")["n"][0] > 0
+    assert actstore.sql(st, "SELECT count(*) AS n FROM tokens")["n"][0] > 0
 
 
 @pytest.fixture(scope="module")

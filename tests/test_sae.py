@@ -107,11 +107,11 @@ def test_bytes_round_trip_and_bad_shapes():
 
 def test_save_list_and_load(tiny_store):
     st = actstore.open_store(tiny_store, writable=True)
-    assert st.saes == [] and list_saes(st).height == 0
+    assert actstore.sae_names(st) == [] and list_saes(st).height == 0
     sae = make("topk", d_in=32, d_sae=64)
     sae.cfg.name = "mine"
     save_sae(st, sae, "mine", metrics={"eval": {"fvu": 0.25, "l0": 4.0}, "train": {"dead_fraction": 0.1}, "tokens": 99})
-    assert st.saes == ["mine"]
+    assert actstore.sae_names(st) == ["mine"]
     df = list_saes(st)
     row = df.row(0, named=True)
     assert (row["name"], row["arch"], row["d_sae"], row["fvu"], row["l0"], row["dead"], row["tokens"]) == (
@@ -121,7 +121,7 @@ def test_save_list_and_load(tiny_store):
     loaded = actstore.load_sae(st, "mine")
     torch.testing.assert_close(loaded.W_dec, sae.W_dec)
     with pytest.raises(NotFoundError, match="no SAE named 'nope'.*actstore train"):
-        st.load_sae("nope")
+        actstore.load_sae(st, "nope")
 
 
 @pytest.mark.parametrize("arch", ["relu-l1", "topk", "batchtopk"])

@@ -9,6 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import actstore
 from actstore import open_store
 from actstore.cli import main
 from actstore.errors import ConfigError, NotFoundError
@@ -36,7 +37,7 @@ def test_stored_and_live_views_agree_with_the_sae(store_with_sae) -> None:
     assert [v.layer for v in tv.views] == [1, 2] and tv.sentences == ["s3", s0["text"]]
     assert tv.tokens[0] == tv.tokens[1] and tv.tokens[0][0] == "[CLS]"
     r0, r1 = s0["first_row"], s0["first_row"] + s0["n_tokens"]
-    sae = st.load_sae("s2")
+    sae = actstore.load_sae(st, "s2")
     expect = sae.encode(torch.from_numpy(st.activations("tiny", 2)[r0:r1]))[:, 7].detach().numpy()
     assert np.allclose(tv.values[0][1], expect, atol=1e-6)
     assert np.allclose(tv.values[1][1], expect, atol=1e-4)  # live forward pass == stored rows

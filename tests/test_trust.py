@@ -70,7 +70,7 @@ def encoded(tmp_path, encoded_ro) -> str:
 
 
 def feature_count(path: str) -> int:
-    return int(actstore.open_store(path).sql("SELECT count(*) AS n FROM features")["n"][0])
+    return int(actstore.sql(actstore.open_store(path), "SELECT count(*) AS n FROM features")["n"][0])
 
 
 def edit_attrs(path: str, array: str, **changes) -> None:
@@ -152,7 +152,7 @@ def test_sql_sandbox_local(encoded, tmp_path, writable):
     for stmt in FORBIDDEN:
         q = stmt.format(secret=secret, out=out)
         with pytest.raises(Exception) as info:  # noqa: PT011 - any DuckDB error will do; the point is that it fails
-            st.sql(q)
+            actstore.sql(st, q)
         assert "TOP-SECRET" not in str(info.value)
         r = CliRunner().invoke(main, ["sql", encoded, q])
         assert r.exit_code != 0 and "TOP-SECRET" not in r.output, (q, r.output)
@@ -216,7 +216,7 @@ def test_encode_overwrite_keeps_the_good_encoding_until_the_new_one_is_ready(enc
     from actstore import encode as enc
 
     st = actstore.open_store(encoded, writable=True)
-    want = st.features("s").collect().sort(["row", "feature"])
+    want = actstore.features(st, "s").collect().sort(["row", "feature"])
 
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
@@ -225,13 +225,13 @@ def test_encode_overwrite_keeps_the_good_encoding_until_the_new_one_is_ready(enc
     with pytest.raises(OSError):
         encode(st, EncodeConfig(sae="s", overwrite=True), progress=False)
     monkeypatch.undo()
-    assert st.features("s").collect().sort(["row", "feature"]).equals(want)
+    assert actstore.features(st, "s").collect().sort(["row", "feature"]).equals(want)
     # a layer whose attributes are damaged: refused before anything is deleted
     edit_attrs(encoded, "models/tiny/layer_2", committed_rows=-5)
     with pytest.raises(IntegrityError, match="committed_rows"):
         encode(actstore.open_store(encoded, writable=True), EncodeConfig(sae="s", overwrite=True), progress=False)
     edit_attrs(encoded, "models/tiny/layer_2", committed_rows=read_manifest(st, "s")["n_rows"])
-    assert st.features("s").collect().sort(["row", "feature"]).equals(want)
+    assert actstore.features(st, "s").collect().sort(["row", "feature"]).equals(want)
     # and a completed overwrite replaces it and leaves one generation
     res = encode(st, EncodeConfig(sae="s", overwrite=True, n_buckets=2), progress=False)
     assert res.n_feature_rows == want.height and st.loc.list_dirs("features/s") == [read_manifest(st, "s")["dir"]]
@@ -257,7 +257,7 @@ def test_deleted_chunk_raises_everywhere(encoded, tmp_path):
 
 def test_zeroed_parquet_bytes_raise_in_sql_and_top_tokens(encoded):
     st = actstore.open_store(encoded)
-    good = float(st.sql("SELECT sum(value) AS s FROM features")["s"][0])
+    good = float(actstore.sql(st, "SELECT sum(value) AS s FROM features")["s"][0])
     man = read_manifest(st, "s")
     bucket = Path(encoded) / files_dir("s", man) / "acts" / man["files"][0]["file"]
     data = bytearray(bucket.read_bytes())
@@ -265,13 +265,13 @@ def test_zeroed_parquet_bytes_raise_in_sql_and_top_tokens(encoded):
     bucket.write_bytes(bytes(data))
     st = actstore.open_store(encoded)
     with pytest.raises(IntegrityError, match=r"acts/bucket-00000.parquet.*corrupted"):
-        st.sql("SELECT sum(value) AS s FROM features")
+        actstore.sql(st, "SELECT sum(value) AS s FROM features")
     r = CliRunner().invoke(main, ["sql", encoded, "SELECT sum(value) AS s FROM features"])
     one_line_error(r, "bucket-00000.parquet", "corrupted")
     r = CliRunner().invoke(main, ["top-tokens", encoded, "--sae", "s", "--feature", "0"])
     one_line_error(r, "bucket-00000.parquet")
     with pytest.raises(IntegrityError):
-        st.features("s").collect()
+        actstore.features(st, "s").collect()
     assert good != 0
 
 
@@ -317,7 +317,7 @@ def test_edited_encoding_manifest_refused(encoded):
     man["n_rows"] = 99_999_999
     (Path(encoded) / key).write_text(json.dumps(man))
     with pytest.raises(IntegrityError, match="encoding.json"):
-        actstore.open_store(encoded).feature_stats("s").collect()
+        actstore.feature_stats(actstore.open_store(encoded), "s").collect()
 
 
 # ---------------------------------------------------------------- 7. markup from a store

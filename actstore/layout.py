@@ -1,0 +1,161 @@
+"""The store's on-disk layout: the only module that spells a store key, an attribute name or the format version.
+
+Every other module asks here for the key of what it reads or writes (``layer_array("minilm", 4)`` ->
+``models/minilm/layer_4``), so a reader traces a layer from ``--layers 4`` to its Zarr array in one
+place, and a change of layout is a change of this file (and ``docs/FORMAT.md``, which describes it).
+
+::
+
+    STORE/
+      zarr.json                               root group; attributes[ATTR] = {format, created, ...}
+      tokenizations/<tk>/                     a token index (tokenize stage)
+        sample, position, token_id            int32 (n_tokens,)
+        sample_first_row, sample_n_tokens     int64 / int32 (n_samples,)
+        tokens/part-NNNNN.parquet, samples/part-NNNNN.parquet, vocab.parquet
+      models/<model>/                         one group per model (extract stage)
+        layer_<L>, layer_<L>_scale            (n_tokens, d_model) activations; int8's per-token scale
+        finetune_report.json                  an actstore finetune report, copied at extraction
+      saes/<name>/                            sae.safetensors, cfg.json, metrics.json, checkpoint/ (train stage)
+      features/<sae>/                         encoding.json, pending.json, gen-<N>/acts/*.parquet, gen-<N>/stats.parquet
+      diffs/<name>/                           diff.parquet, diff.json (diff-features)
+      manifest.json                           size + SHA-256 of every non-chunk file (integrity)
+      locks/<what>.lock                       one per array, SAE, encoding or diff being written
+"""
+
+from __future__ import annotations
+
+FORMAT_VERSION = 1
+"""Version of the store format (the root group's ``attributes[ATTR]["format"]``)."""
+ATTR = "actstore"
+"""The attribute under which every actstore group and array keeps its metadata."""
+
+ROOT_META = "zarr.json"
+MANIFEST = "manifest.json"
+TOKENIZATIONS = "tokenizations"
+MODELS = "models"
+SAES = "saes"
+FEATURES = "features"
+DIFFS = "diffs"
+LOCKS = "locks"
+
+TOKEN_TABLES = ("tokens", "samples")
+"""The Parquet tables of a token index."""
+SAE_WEIGHTS, SAE_CONFIG, SAE_METRICS = "sae.safetensors", "cfg.json", "metrics.json"
+SAE_CHECKPOINT_DIR = "checkpoint"
+SAE_CHECKPOINT = f"{SAE_CHECKPOINT_DIR}/state.safetensors"
+ENCODING, PENDING = "encoding.json", "pending.json"
+DIFF_TABLE, DIFF_META = "diff.parquet", "diff.json"
+FINETUNE_REPORT = "finetune_report.json"
+_LAYER = "layer_"
+SCALE_SUFFIX = "_scale"
+"""An int8 layer's scale array is its layer array's name plus this."""
+
+
+# ---------------------------------------------------------------- token index
+def tokenization_dir(tk: str) -> str:
+    return f"{TOKENIZATIONS}/{tk}"
+
+
+def token_array(tk: str, name: str) -> str:
+    """A Zarr array of the token index (``sample``, ``position``, ``token_id``, ``sample_first_row``, ...)."""
+    return f"{TOKENIZATIONS}/{tk}/{name}"
+
+
+def token_table_dir(tk: str, table: str) -> str:
+    return f"{TOKENIZATIONS}/{tk}/{table}"
+
+
+def token_table_part(tk: str, table: str, file: str) -> str:
+    return f"{TOKENIZATIONS}/{tk}/{table}/{file}"
+
+
+def vocab_file(tk: str) -> str:
+    return f"{TOKENIZATIONS}/{tk}/vocab.parquet"
+
+
+# ---------------------------------------------------------------- models and layers
+def model_dir(model: str) -> str:
+    return f"{MODELS}/{model}"
+
+
+def layer_name(layer: int) -> str:
+    return f"{_LAYER}{layer}"
+
+
+def parse_layer_name(name: str) -> int | None:
+    """The layer of an array name ``layer_<L>`` (None for anything else, ``layer_<L>_scale`` included)."""
+    rest = name[len(_LAYER) :] if name.startswith(_LAYER) else ""
+    return int(rest) if rest.isdigit() else None
+
+
+def layer_array(model: str, layer: int) -> str:
+    """The ``(n_tokens, d_model)`` activations of ``model`` at ``layer`` (a ``hidden_states`` index)."""
+    return f"{MODELS}/{model}/{layer_name(layer)}"
+
+
+def scale_array(model: str, layer: int) -> str:
+    """The int8 preset's per-token scale array beside :func:`layer_array`."""
+    return layer_array(model, layer) + SCALE_SUFFIX
+
+
+def finetune_report(model: str) -> str:
+    return f"{MODELS}/{model}/{FINETUNE_REPORT}"
+
+
+# ---------------------------------------------------------------- SAEs
+def sae_dir(name: str) -> str:
+    return f"{SAES}/{name}"
+
+
+def sae_file(name: str, file: str) -> str:
+    """A file of SAE ``name``: :data:`SAE_WEIGHTS`, :data:`SAE_CONFIG`, :data:`SAE_METRICS` or :data:`SAE_CHECKPOINT`."""
+    return f"{SAES}/{name}/{file}"
+
+
+# ---------------------------------------------------------------- feature tables
+def features_dir(sae: str) -> str:
+    return f"{FEATURES}/{sae}"
+
+
+def generation_dir(sae: str, gen: str | None) -> str:
+    """The folder of an encoding's files: ``features/<sae>/gen-<N>`` (or the SAE's folder, before generations)."""
+    return f"{FEATURES}/{sae}/{gen}" if gen else f"{FEATURES}/{sae}"
+
+
+# ---------------------------------------------------------------- diffs
+def diff_dir(name: str) -> str:
+    return f"{DIFFS}/{name}"
+
+
+def diff_file(name: str, file: str) -> str:
+    return f"{DIFFS}/{name}/{file}"
+
+
+# ---------------------------------------------------------------- locks
+def lock_key(name: str) -> str:
+    """The lock object of ``name`` (an array path such as ``models/m/layer_3``, an SAE's folder, ...)."""
+    return f"{LOCKS}/{name.strip('/')}.lock"
+
+
+# ---------------------------------------------------------------- copy selections
+def include_prefix(item: str) -> str:
+    """An ``actstore copy --include`` item as a key-prefix glob: ``MODEL``, ``MODEL:LAYER``, ``sae:NAME`` or a key glob."""
+    if item.startswith("sae:"):
+        return sae_dir(item[4:])
+    if "/" in item:
+        return item.strip("/")
+    if ":" in item:
+        model, layer = item.split(":", 1)
+        return f"{MODELS}/{model}/{_LAYER}{layer}"
+    return model_dir(item)
+
+
+def always_copied(key: str) -> bool:
+    """Keys every partial copy needs: the root metadata, the token index, the SAEs group's metadata."""
+    return key == ROOT_META or key.startswith(f"{TOKENIZATIONS}/") or key == f"{SAES}/{ROOT_META}"
+
+
+def selects_content(key: str) -> bool:
+    """Whether ``key`` is model or SAE content (not just group metadata): a selection must match one."""
+    return key.startswith((f"{MODELS}/", f"{SAES}/")) and not key.endswith(ROOT_META)
+
