@@ -93,7 +93,3 @@ def decode(values: np.ndarray, scale: np.ndarray | None, codec: str, chan: np.nd
         x = values.astype(np.float32) * scale.astype(np.float32)[:, None]
         return x * chan[None, :] if chan is not None else x
     raise ValueError(f"unknown codec {codec!r}: choose one of {', '.join(CODECS)}")
-
-
-def bytes_per_value(codec: str) -> float:
-    return {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}[codec]

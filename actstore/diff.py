@@ -43,7 +43,6 @@ if TYPE_CHECKING:
     from .sae import SAE
     from .store import Store
 
-STATUSES = ("retained", "modified", "lost", "new")
 MAX_CORR_CELLS = 1 << 27  # d_sae_a * d_sae_b accumulator cells (float64: 1 GiB)
 
 

@@ -59,7 +59,7 @@ import pyarrow.parquet as pq
 import torch
 
 from . import layout
-from .errors import ConfigError, IntegrityError, NotFoundError, StoreError
+from .errors import ConfigError, IntegrityError, StoreError
 from .integrity import check_file, update_manifest
 from .location import check_key, check_name, name_ok
 from .locks import StoreLock
@@ -680,14 +680,3 @@ def encoded_saes(store: Store) -> list[str]:
         if man and man.get("complete"):
             out.append(name)
     return out
-
-
-def encoding(store: Store, sae: str) -> dict[str, Any]:
-    """The complete encoding manifest of ``sae``, or a NotFoundError saying how to make it."""
-    man = read_manifest(store, sae)
-    if not man or not man.get("complete"):
-        state = "is not finished" if man else "does not exist"
-        raise NotFoundError(
-            f"the feature table of SAE {sae!r} in {store.url} {state}: run actstore encode {store.url} --sae {sae}"
-        )
-    return man

@@ -308,7 +308,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult:
     from tqdm.auto import tqdm
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from .models import _from_pretrained
+    from .models import from_pretrained
 
     t0 = time.perf_counter()
     device = auto_device(cfg.device)
@@ -325,8 +325,8 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult:
     lab_idx = {lab: i for i, lab in enumerate(labels)}
     path = resolve_model(cfg.model)
     # saved untouched (calling it with truncation changes its definition), so extraction shares the token index
-    _from_pretrained(AutoTokenizer, path).save_pretrained(out)
-    tok = _from_pretrained(AutoTokenizer, path)
+    from_pretrained(AutoTokenizer, path).save_pretrained(out)
+    tok = from_pretrained(AutoTokenizer, path)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     enc = {k: tok([r.text for r in v], truncation=True, max_length=cfg.max_length) for k, v in splits.items()}
     ys = {k: np.array([lab_idx[r.label] for r in v], dtype=np.int64) for k, v in splits.items()}  # type: ignore[index]
@@ -337,7 +337,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the head is new on purpose: no "newly initialized" warning
     try:
-        model = _from_pretrained(
+        model = from_pretrained(
             AutoModelForSequenceClassification, path, num_labels=len(labels),
             id2label=dict(enumerate(labels)), label2id=lab_idx,
         )  # fmt: skip
@@ -394,7 +394,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult:
             {"epoch": epoch + 1, "history": history, "best": best, "config": cfg_d, "pretrained": asdict(pre_report)},
         )  # fmt: skip
 
-    best_model = _from_pretrained(AutoModelForSequenceClassification, str(out)).to(device)
+    best_model = from_pretrained(AutoModelForSequenceClassification, str(out)).to(device)
     ft_report = classification_report(ys["test"], predict(best_model, enc["test"], cfg.batch_size, pad_id, device), labels)
     res = FinetuneResult(
         out=str(out), labels=labels, n_train=n_train, n_val=len(ys["val"]), n_test=len(ys["test"]),

@@ -174,7 +174,7 @@ def read_manifest(loc: Location) -> dict[str, Any] | None:
     return man
 
 
-def _arrays_and_chunks(loc: Location, files: dict[str, int]) -> tuple[dict[str, ArrayLayout], set[str], list[str]]:
+def arrays_and_chunks(loc: Location, files: dict[str, int]) -> tuple[dict[str, ArrayLayout], set[str], list[str]]:
     """Parse every zarr.json: ``(arrays by path, keys that are chunks, keys of unreadable metadata)``."""
     arrays: dict[str, ArrayLayout] = {}
     bad_meta = []
@@ -202,7 +202,7 @@ def _arrays_and_chunks(loc: Location, files: dict[str, int]) -> tuple[dict[str, 
 def data_files(loc: Location, files: dict[str, int] | None = None) -> list[str]:
     """Keys of the store's files that are not Zarr chunks (what the manifest lists)."""
     files = loc.walk() if files is None else files
-    _, chunk_keys, _ = _arrays_and_chunks(loc, files)
+    _, chunk_keys, _ = arrays_and_chunks(loc, files)
     return [
         k for k in files if k not in chunk_keys and k != MANIFEST_KEY and not k.startswith(SKIP_PREFIXES) and not TMP.search(k)
     ]
@@ -303,7 +303,7 @@ def verify(loc: Location, jobs: int = 8, chunks: bool = True) -> VerifyReport:
         raise StoreError(f"{loc.url} holds no zarr.json: not an actstore store (check the path)")
     man = read_manifest(loc)
     rep.manifest = man is not None
-    arrays, _, bad_meta = _arrays_and_chunks(loc, files)
+    arrays, _, bad_meta = arrays_and_chunks(loc, files)
     for key in bad_meta:
         rep.problems.append(Problem(key, "corrupted", "Zarr metadata is not valid JSON"))
 
@@ -316,9 +316,7 @@ def verify(loc: Location, jobs: int = 8, chunks: bool = True) -> VerifyReport:
             else:
                 r0, r1 = al.rows_of(idx)
                 rep.problems.append(
-                    Problem(
-                        al.chunk_key(idx), "missing", f"chunk {idx} of array {al.path} (rows {r0}-{r1 - 1}) is absent"
-                    )
+                    Problem(al.chunk_key(idx), "missing", f"chunk {idx} of array {al.path} (rows {r0}-{r1 - 1}) is absent")
                 )
     if chunks:
 

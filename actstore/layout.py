@@ -158,4 +158,3 @@ def always_copied(key: str) -> bool:
 def selects_content(key: str) -> bool:
     """Whether ``key`` is model or SAE content (not just group metadata): a selection must match one."""
     return key.startswith((f"{MODELS}/", f"{SAES}/")) and not key.endswith(ROOT_META)
-

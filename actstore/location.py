@@ -417,11 +417,6 @@ class Location:
         paths = [self.fs_path(k) for k in keys]
         return pl.from_arrow(pq.read_table(paths, filesystem=self.read_only_fs(), columns=columns))  # type: ignore[return-value]
 
-    def attach(self, con: Any) -> None:
-        """Let a DuckDB connection read this (remote) store's files through a read-only filesystem."""
-        if not self.local:
-            con.register_filesystem(self.read_only_fs())
-
 
 def _read_only_filesystem_class() -> type:
     import fsspec

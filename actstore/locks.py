@@ -80,17 +80,6 @@ def read_lock(loc: Location, name: str) -> LockInfo | None:
         return LockInfo(name, "?", -1, "?", "?", "unreadable lock object")
 
 
-def list_locks(loc: Location) -> list[LockInfo]:
-    """Every lock currently held in the store."""
-    out = []
-    for key in loc.walk(LOCK_DIR):
-        if key.endswith(".lock"):
-            info = read_lock(loc, key[len(LOCK_DIR) + 1 : -len(".lock")])
-            if info is not None:
-                out.append(info)
-    return out
-
-
 class StoreLock:
     """An exclusive lock on one named unit of a store; use as a context manager or acquire/release."""
 

@@ -66,7 +66,7 @@ def sanitize_key(name: str) -> str:
     return key
 
 
-def _from_pretrained(cls: Any, source: str, **kw: Any) -> Any:
+def from_pretrained(cls: Any, source: str, **kw: Any) -> Any:
     local = Path(source).exists()
     if local:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -128,8 +128,8 @@ def load_model(model: str, device: str = "cpu") -> LoadedModel:
     hf_logging.disable_progress_bar()
 
     path = resolve_model(model)
-    tok = _from_pretrained(AutoTokenizer, path)
-    net = _from_pretrained(AutoModel, path)
+    tok = from_pretrained(AutoTokenizer, path)
+    net = from_pretrained(AutoModel, path)
     net.eval().to(device)
     cfg = net.config
     n_layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)

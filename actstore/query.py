@@ -304,19 +304,6 @@ def _scan(store: Store, files: list[str]) -> pl.LazyFrame:
     return pl.scan_parquet(files, storage_options=store.loc.storage_options or None)
 
 
-def lazy_tokens(store: Store) -> pl.LazyFrame:
-    """``tokens`` as a LazyFrame (default tokenization)."""
-    store.tokenization().check_table("tokens")
-    return _scan(store, store.tokenization().parquet_files("tokens")).select("row", "sample", "position", "token_id", "token")
-
-
-def lazy_samples(store: Store) -> pl.LazyFrame:
-    """``samples`` as a LazyFrame (default tokenization)."""
-    cols = ("sample", "id", "label", "text", "n_tokens", "first_row", "truncated")
-    store.tokenization().check_table("samples")
-    return _scan(store, store.tokenization().parquet_files("samples")).select(*cols)
-
-
 def _lazy_union(store: Store, sae: str | None, stats: bool) -> pl.LazyFrame:
     from .integrity import check_files
 

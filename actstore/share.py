@@ -29,7 +29,7 @@ from .integrity import (
     TMP,
     ArrayLayout,
     Problem,
-    _arrays_and_chunks,
+    arrays_and_chunks,
     check_chunk,
     read_manifest,
     sha256,
@@ -159,7 +159,7 @@ def copy_store(cfg: CopyConfig, progress: bool = False) -> CopyResult:
         )
     man = read_manifest(src)
     listed = (man or {}).get("files", {})
-    arrays, chunk_keys, _ = _arrays_and_chunks(src, listing)
+    arrays, chunk_keys, _ = arrays_and_chunks(src, listing)
     patterns = include_patterns(cfg.include)
     keys = [
         k for k in listing

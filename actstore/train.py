@@ -25,7 +25,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -525,8 +525,3 @@ def _train_locked(
         name=name, sae=sae, metrics=metrics, steps=step, tokens=tracker.tokens_seen, seconds=seconds,
         steps_per_s=metrics["steps_per_s"], resumed_from=start_step, store=st.url, split=split,
     )  # fmt: skip
-
-
-def train_config_fields() -> list[str]:
-    """Names of :class:`TrainConfig` fields (for callers building one from options)."""
-    return [f.name for f in fields(TrainConfig)]
