@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,7 +135,7 @@ def task_accuracy(store: Any, sae: SAE, samples: Any, device: str = "cpu", max_s
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from .models import find_blocks
+    from .models import splice
 
     c = sae.cfg
     info = store.model_info(c.model)
@@ -151,37 +152,19 @@ def task_accuracy(store: Any, sae: SAE, samples: Any, device: str = "cpu", max_s
         return None
     max_len = int(store.tokenization(c.tokenization).attrs.get("max_length", 512))
     n_layers = int(model.config.num_hidden_layers)
-    blocks = find_blocks(model, n_layers)
     sae_dev = sae.to(device)
 
     def recon(h: torch.Tensor) -> torch.Tensor:  # (batch, seq, d_model)
         return sae_dev(h.reshape(-1, h.shape[-1])).x_hat.reshape(h.shape).to(h.dtype)
 
-    def pre_hook(_m: Any, args: tuple, kwargs: dict) -> tuple:
-        if args:
-            return (recon(args[0]), *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": recon(kwargs["hidden_states"])}
-
-    def post_hook(_m: Any, _args: tuple, out: Any) -> Any:
-        if isinstance(out, tuple):
-            return (recon(out[0]), *out[1:])
-        return recon(out)
-
-    def predict(splice: bool) -> list[int]:
+    def predict(splice_sae: bool) -> list[int]:
         preds: list[int] = []
-        handle = None
-        if splice:
-            handle = (blocks[c.layer].register_forward_pre_hook(pre_hook, with_kwargs=True) if c.layer < n_layers
-                      else blocks[n_layers - 1].register_forward_hook(post_hook))  # fmt: skip
-        try:
-            with torch.no_grad():
-                for a in range(0, len(rows), batch_size):
-                    enc = tok([t for t, _ in rows[a : a + batch_size]], truncation=True, max_length=max_len, padding=True,
-                              return_tensors="pt").to(device)  # fmt: skip
-                    preds += model(**enc).logits.argmax(-1).tolist()
-        finally:
-            if handle is not None:
-                handle.remove()
+        site = splice(model, n_layers, int(c.layer), recon) if splice_sae else contextlib.nullcontext()
+        with site, torch.no_grad():
+            for a in range(0, len(rows), batch_size):
+                enc = tok([t for t, _ in rows[a : a + batch_size]], truncation=True, max_length=max_len, padding=True,
+                          return_tensors="pt").to(device)  # fmt: skip
+                preds += model(**enc).logits.argmax(-1).tolist()
         return preds
 
     y = [lab for _, lab in rows]

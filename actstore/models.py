@@ -9,6 +9,7 @@ pass and stops the pass right after the deepest one, so no block above it runs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -201,6 +202,55 @@ def find_blocks(model: nn.Module, n_layers: int) -> nn.ModuleList:
     if best is None:
         raise ModelError(f"cannot find the {n_layers} transformer blocks of {type(model).__name__}: not supported yet")
     return best
+
+
+FINAL_NORMS = ("ln_f", "norm", "final_layer_norm", "final_layernorm")
+"""Names of a decoder's final norm, applied after the last block (``hidden_states[n_layers]`` is after it)."""
+
+
+def final_norm(model: nn.Module, blocks: nn.ModuleList) -> nn.Module | None:
+    """The norm applied to the last block's output before ``hidden_states[n_layers]`` (GPT-2's ``ln_f``), if any.
+
+    Looked up on the module that holds ``blocks`` (the base model), so a classification head's own norms
+    are never taken for it.
+    """
+    for _, mod in model.named_modules():
+        if any(child is blocks for child in mod.children()):
+            for name in FINAL_NORMS:
+                norm = getattr(mod, name, None)
+                if isinstance(norm, nn.Module):
+                    return norm
+            return None
+    return None
+
+
+@contextlib.contextmanager
+def splice(model: nn.Module, n_layers: int, layer: int, fn: Any) -> Any:
+    """Replace ``hidden_states[layer]`` by ``fn(h)`` (``(batch, seq, d_model)``) in every forward pass inside the block.
+
+    The same sites as :class:`LayerTap` reads: the input of block ``layer`` for ``layer < n_layers``; for the
+    last, the output of the final norm when the model has one (GPT-2's ``ln_f``), else of the last block.
+    """
+    blocks = find_blocks(model, n_layers)
+    if not 0 <= layer <= n_layers:
+        raise ModelError(f"layer {layer} is out of range 0..{n_layers}")
+
+    def pre_hook(_m: Any, args: tuple, kwargs: dict) -> tuple:
+        if args:
+            return (fn(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+
+    def post_hook(_m: Any, _args: tuple, out: Any) -> Any:
+        return (fn(out[0]), *out[1:]) if isinstance(out, tuple) else fn(out)
+
+    if layer < n_layers:
+        handle = blocks[layer].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    else:
+        handle = (final_norm(model, blocks) or blocks[n_layers - 1]).register_forward_hook(post_hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 class _Stop(Exception):
