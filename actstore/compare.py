@@ -149,8 +149,7 @@ def _pick_models(store: Store, models: tuple[str, str] | None) -> tuple[str, str
 def compare_layer(store: Store, a: str, b: str, layer: int, cfg: CompareConfig) -> dict[str, float]:
     """All of ``cfg.metrics`` for one layer, in one streaming pass; also ``n_rows``."""
     xa, xb = store.activations(a, layer), store.activations(b, layer)
-    if store.model_info(a).get("tokenization") != store.model_info(b).get("tokenization"):
-        raise ConfigError(f"models {a} and {b} in {store.url} use different tokenizations: their rows are not aligned")
+    store.check_aligned(a, b)
     n = min(len(xa), len(xb))
     if n == 0:
         raise NotFoundError(f"layer {layer} of {a} or {b} in {store.url} has no committed rows yet: finish actstore extract")

@@ -24,7 +24,6 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,12 +31,13 @@ import polars as pl
 import torch
 
 from . import layout
+from .clock import now
 from .errors import ConfigError, NotFoundError
 from .integrity import check_file, update_manifest
 from .location import check_name
 from .locks import StoreLock
 from .query import diff_names
-from .sae import load_sae
+from .sae import check_fits, load_sae
 
 if TYPE_CHECKING:
     from .sae import SAE
@@ -134,14 +134,10 @@ class _Corr:
 
 def _check_pair(store: Store, a: SAE, b: SAE, cfg: DiffConfig) -> None:
     for name, s in ((cfg.sae_a, a), (cfg.sae_b, b)):
-        if s.cfg.model is None or s.cfg.layer is None:
-            raise ConfigError(f"SAE {name} does not record its model and layer: cannot read its activations")
+        check_fits(store, s.cfg, name)
     if a.cfg.d_in != b.cfg.d_in:
         raise ConfigError(f"SAEs {cfg.sae_a} (d_in {a.cfg.d_in}) and {cfg.sae_b} (d_in {b.cfg.d_in}) read different widths")
-    ta = store.model_info(a.cfg.model).get("tokenization")  # type: ignore[arg-type]
-    tb = store.model_info(b.cfg.model).get("tokenization")  # type: ignore[arg-type]
-    if ta != tb:
-        raise ConfigError(f"models {a.cfg.model} and {b.cfg.model} use different tokenizations: their rows are not aligned")
+    store.check_aligned(str(a.cfg.model), str(b.cfg.model))
 
 
 @torch.no_grad()
@@ -235,7 +231,7 @@ def save_diff(store: Store, res: DiffResult) -> str:
     buf = io.BytesIO()
     res.table.write_parquet(buf)
     key = layout.diff_dir(res.name)
-    meta = {"config": res.config, "counts": res.counts, "n_rows": res.n_rows, "created": datetime.now(UTC).isoformat()}
+    meta = {"config": res.config, "counts": res.counts, "n_rows": res.n_rows, "created": now()}
     with StoreLock(store.loc, key, f"diff-features {res.name}").acquire():  # one writer of a diff at a time
         store.loc.write_bytes(layout.diff_file(res.name, layout.DIFF_TABLE), buf.getvalue())
         store.loc.write_bytes(layout.diff_file(res.name, layout.DIFF_META), json.dumps(meta, indent=2).encode())

@@ -50,7 +50,6 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -59,6 +58,7 @@ import pyarrow.parquet as pq
 import torch
 
 from . import layout
+from .clock import now
 from .errors import ConfigError, IntegrityError, StoreError
 from .integrity import check_file, update_manifest
 from .location import check_key, check_name, name_ok
@@ -158,8 +158,6 @@ class EncodeResult:
     """Seconds spent reading, encoding (SAE forward), sorting blocks, spilling, and finishing the files."""
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def sae_fingerprint(store: Store, name: str) -> str:
@@ -232,7 +230,7 @@ def _read_pending(store: Store, sae: str) -> dict[str, Any] | None:
 def _write_manifest(store: Store, sae: str, man: dict[str, Any], name: str = MANIFEST) -> None:
     import json
 
-    man["updated"] = _now()
+    man["updated"] = now()
     store.loc.write_bytes(f"{features_dir(sae)}/{name}", json.dumps(man, indent=2, sort_keys=True).encode())
 
 
@@ -254,15 +252,10 @@ def _read_parquet(store: Store, key: str) -> pa.Table:
 
 def check_sae_layer(store: Store, sae: SAE, name: str) -> tuple[str, int]:
     """``(model, layer)`` an SAE reads, checked against the store (width, tokenization, completeness)."""
+    from .sae import check_fits
+
     cfg = sae.cfg
-    if cfg.model is None or cfg.layer is None:
-        raise ConfigError(f"SAE {name!r} has no model/layer in its cfg.json: it cannot be matched to the store's rows")
-    acts = store.activations(cfg.model, cfg.layer)
-    if acts.d_model != cfg.d_in:
-        raise ConfigError(f"SAE {name!r} reads {cfg.d_in}-wide vectors but {cfg.model} layer {cfg.layer} is {acts.d_model} wide")
-    tk = store.model_info(cfg.model).get("tokenization")
-    if cfg.tokenization and tk and cfg.tokenization != tk:
-        raise ConfigError(f"SAE {name!r} was trained on tokenization {cfg.tokenization}, but {cfg.model} uses {tk}")
+    acts = check_fits(store, cfg, name)
     if not acts.attrs.get("complete"):
         raise StoreError(
             f"{cfg.model} layer {cfg.layer} in {store.url} is incomplete ({acts.n_rows} of {acts.attrs.get('n_rows')} rows): "
@@ -582,7 +575,7 @@ def _encode(store: Store, cfg: EncodeConfig, sae: SAE, model: str, layer: int, d
             "format": ENCODING_FORMAT, "sae": cfg.sae, "model": model, "layer": layer,
             "tokenization": store.model_info(model).get("tokenization"), **layout,
             "row_group_rows": cfg.row_group_rows, "config": asdict(cfg), "sae_config": asdict(sae.cfg),
-            "actstore_version": __version__, "created": _now(), "phase": "spill", "spilled_rows": 0,
+            "actstore_version": __version__, "created": now(), "phase": "spill", "spilled_rows": 0,
             "files": [], "complete": False, "dir": f"gen-{max(gens, default=0) + 1}",
         }  # fmt: skip
         _write_manifest(store, cfg.sae, man, PENDING)
@@ -650,7 +643,7 @@ def _encode(store: Store, cfg: EncodeConfig, sae: SAE, model: str, layer: int, d
     _rm(store, f"{work}/spill")
     man.update(
         phase="done", complete=True, files=files, n_feature_rows=sum(f["n_rows"] for f in files),
-        n_bytes=sum(f["n_bytes"] for f in files), finished=_now(),
+        n_bytes=sum(f["n_bytes"] for f in files), finished=now(),
     )  # fmt: skip
     _write_manifest(store, cfg.sae, man)  # the atomic switch: readers see the new encoding from here on
     store.loc.delete(f"{base}/{PENDING}")

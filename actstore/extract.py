@@ -31,6 +31,7 @@ import zarr
 import zarr.codecs as zc
 
 from . import codecs, layout
+from .clock import now
 from .data import DataConfig, load_corpus
 from .errors import ConfigError, StoreError
 from .integrity import update_manifest
@@ -38,7 +39,7 @@ from .layout import ATTR, FORMAT_VERSION
 from .location import Location, check_name, open_location
 from .locks import LockSet
 from .models import LayerTap, auto_device, check_layers, default_model_key, load_model, sanitize_key
-from .tokenize import choose_tokenization, now, shared_length
+from .tokenize import choose_tokenization, shared_length
 from .version import __version__
 
 DEFAULT_CHUNK_ROWS = 4096

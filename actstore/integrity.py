@@ -25,13 +25,13 @@ import re
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from itertools import product
 from typing import Any
 
 import google_crc32c
 
 from . import layout
+from .clock import now
 from .errors import IntegrityError, StoreError
 from .location import Location, check_key
 
@@ -42,8 +42,6 @@ TMP = re.compile(r"(\.tmp\d+|\.partial)$")  # a local write in progress (Locatio
 ATTR = layout.ATTR
 
 
-def now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def sha256(data: bytes) -> str:

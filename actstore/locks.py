@@ -20,11 +20,11 @@ import socket
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from . import layout
+from .clock import now
 from .errors import ConcurrencyError, StoreError
 from .location import Location
 
@@ -95,7 +95,7 @@ class StoreLock:
 
     def _try(self) -> LockInfo | None:
         """Take the lock if free (or stale); return None on success, else the holder."""
-        self.info.created = datetime.now(UTC).isoformat(timespec="seconds")
+        self.info.created = now()
         data = json.dumps(asdict(self.info)).encode()
         for _ in range(3):
             if self.loc.create_exclusive(lock_key(self.name), data):

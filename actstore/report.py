@@ -17,7 +17,6 @@ from __future__ import annotations
 import html
 import json
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +24,7 @@ import numpy as np
 import polars as pl
 
 from . import layout
+from .clock import now
 from .errors import ConfigError
 from .sae import sae_names
 
@@ -407,7 +407,7 @@ def build_report(store: Store, cfg: ReportConfig, progress: bool = False) -> Rep
     if res.notes:
         h.append("<h2>Notes</h2>" + "".join(f"<p class='note'>{_esc(n)}</p>" for n in res.notes))
         md += ["## Notes", "", *[f"- {n}" for n in res.notes], ""]
-    stamp = datetime.now(UTC).isoformat(timespec="seconds")
+    stamp = now()
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>actstore report</title><style>{CSS}{TOK_CSS}</style>"
             f"</head><body><h1>actstore report</h1>{''.join(h)}<p style='color:#888'>made {stamp} by actstore report</p>"
             "</body></html>")  # fmt: skip

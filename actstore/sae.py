@@ -236,6 +236,23 @@ def check_d_in(cfg: SAEConfig, d_model: int, where: str) -> None:
         )
 
 
+def check_fits(store: Store, cfg: SAEConfig, name: str) -> Any:
+    """The activations (``Store.activations``) an SAE reads, after checking that it fits them.
+
+    The one "does this SAE fit this layer" check (encode, diff-features): model and layer recorded,
+    the layer's width equal to the SAE's ``d_in``, and the tokenization it was trained on.
+    """
+    if cfg.model is None or cfg.layer is None:
+        raise ConfigError(f"SAE {name!r} has no model/layer in its cfg.json: it cannot be matched to the store's rows")
+    acts = store.activations(cfg.model, cfg.layer)
+    if acts.d_model != cfg.d_in:
+        raise ConfigError(f"SAE {name!r} reads {cfg.d_in}-wide vectors but {cfg.model} layer {cfg.layer} is {acts.d_model} wide")
+    tk = store.model_info(cfg.model).get("tokenization")
+    if cfg.tokenization and tk and cfg.tokenization != tk:
+        raise ConfigError(f"SAE {name!r} was trained on tokenization {cfg.tokenization}, but {cfg.model} uses {tk}")
+    return acts
+
+
 # ---------------------------------------------------------------- store I/O
 def sae_names(store: Store) -> list[str]:
     """Names of the SAEs saved in a store (folders under ``saes/`` with a cfg.json)."""

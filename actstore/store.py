@@ -35,7 +35,7 @@ import polars as pl
 import zarr
 
 from . import codecs, layout
-from .errors import IntegrityError, NotFoundError, StoreError
+from .errors import ConfigError, IntegrityError, NotFoundError, StoreError
 from .location import Location, check_key, open_location
 
 FORMAT_VERSION = layout.FORMAT_VERSION
@@ -369,6 +369,11 @@ class Store:
             known = ", ".join(self.models) or "none"
             raise NotFoundError(f"model {model!r} is not in store {self.url} (models: {known}): check --model")
         return zarr.open_group(self.loc.zarr_store, path=layout.model_dir(model), mode="r")
+
+    def check_aligned(self, a: str, b: str) -> None:
+        """ConfigError unless models ``a`` and ``b`` share a token index, so row ``i`` is the same token in both."""
+        if self.model_info(a).get("tokenization") != self.model_info(b).get("tokenization"):
+            raise ConfigError(f"models {a} and {b} in {self.url} use different tokenizations: their rows are not aligned")
 
     def model_info(self, model: str) -> dict[str, Any]:
         return dict(self._model_group(model).attrs.get(ATTR, {}))

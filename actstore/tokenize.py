@@ -10,7 +10,6 @@ every model over this tokenization is the token at row ``r`` of this index.
 from __future__ import annotations
 
 import hashlib
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -20,6 +19,7 @@ import zarr
 import zarr.codecs as zc
 
 from . import layout
+from .clock import now
 from .data import Corpus
 from .errors import ConfigError, StoreError, TokenizerMismatchError
 from .location import Location
@@ -30,8 +30,6 @@ from .version import __version__
 PART_ROWS = 1 << 20  # token rows per Parquet part
 
 
-def now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _data_fingerprint(corpus: Corpus) -> dict[str, Any]:

@@ -98,7 +98,7 @@ def test_diff_errors(store_with_saes) -> None:
     with pytest.raises(ConfigError):
         DiffConfig("a", "b", retain=0.3, match=0.5)
     save_sae(st, SAE(SAEConfig("relu-l1", d_in=16, d_sae=8, model="tiny", layer=1)), "narrow")
-    with pytest.raises(ConfigError, match="different widths"):
+    with pytest.raises(ConfigError, match="reads 16-wide vectors but tiny layer 1 is 32 wide"):
         diff_features(st, DiffConfig("base", "narrow"))
 
 
