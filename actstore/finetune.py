@@ -304,7 +304,18 @@ def finished_run(out: Path, cfg: FinetuneConfig) -> FinetuneResult | None:
 
 
 def finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult:
-    """Fine-tune ``cfg.model`` on ``cfg.data``; see the module docstring for what is written."""
+    """Fine-tune ``cfg.model`` on ``cfg.data``; see the module docstring for what is written.
+
+    One writer per output folder (a second run into the same ``--out`` is refused while the first runs);
+    a finished run of the same options is not redone.
+    """
+    from .locks import output_lock
+
+    with output_lock(cfg.out, f"finetune {cfg.model}"):
+        return _finetune(cfg, progress)
+
+
+def _finetune(cfg: FinetuneConfig, progress: bool) -> FinetuneResult:
     from tqdm.auto import tqdm
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

@@ -14,11 +14,13 @@ over when that pid is no longer alive; from another host pass ``--break-lock``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from typing import Any
 from . import layout
 from .clock import now
 from .errors import ConcurrencyError, StoreError
-from .location import Location
+from .location import Location, open_location
 
 LOCK_DIR = layout.LOCKS
 POLL_S = 0.25
@@ -153,6 +155,21 @@ class StoreLock:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+@contextlib.contextmanager
+def output_lock(folder: str | Path, purpose: str) -> Iterator[StoreLock]:
+    """Hold the writer lock of a local output folder (a fine-tuned model, a report) while writing into it.
+
+    The lock is ``FOLDER/locks/writer.lock``, with the same exclusive create and dead-writer takeover as a
+    store's locks; a second writer of the same folder gets a ConcurrencyError naming the first.
+    """
+    loc = open_location(str(folder), create=True)
+    lock = StoreLock(loc, "writer", purpose).acquire()
+    try:
+        yield lock
+    finally:
+        lock.release()
 
 
 class LockSet:

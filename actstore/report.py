@@ -285,7 +285,14 @@ pre { background: #f7f7f7; padding: .6em; font-size: .85em; overflow-x: auto; }
 
 
 def build_report(store: Store, cfg: ReportConfig, progress: bool = False) -> ReportResult:
-    """Write ``index.html``, ``summary.md``, PNGs and ``report.json`` into ``cfg.out``."""
+    """Write ``index.html``, ``summary.md``, PNGs and ``report.json`` into ``cfg.out`` (one writer per folder)."""
+    from .locks import output_lock
+
+    with output_lock(cfg.out, f"report of {store.url}"):
+        return _build_report(store, cfg, progress)
+
+
+def _build_report(store: Store, cfg: ReportConfig, progress: bool = False) -> ReportResult:
     from .compare import CompareConfig, compare, plot_similarity, wide
     from .show import TOKVIEW_CSS as TOK_CSS
 

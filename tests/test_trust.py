@@ -414,3 +414,21 @@ def test_finished_finetune_is_not_redone(tiny_bert_dir, tmp_path):
     assert (tmp_path / "ft" / "model.safetensors").stat().st_mtime_ns == stamp
     with pytest.raises(ConfigError):
         FinetuneConfig(model=tiny_bert_dir, data=DataConfig(str(data)), out=str(tmp_path / "ft"), epochs=0)
+
+
+def test_output_folders_have_one_writer(tiny_store_ro, tiny_bert_dir, tmp_path):
+    from actstore.data import DataConfig
+    from actstore.finetune import FinetuneConfig, finetune
+    from actstore.locks import output_lock
+    from actstore.report import ReportConfig, build_report
+
+    out = tmp_path / "busy"
+    with output_lock(out, "another finetune"):
+        cfg = FinetuneConfig(model=tiny_bert_dir, data=DataConfig("bundled:bbc"), out=str(out), epochs=1, device="cpu")
+        with pytest.raises(ConcurrencyError, match="another finetune"):
+            finetune(cfg, progress=False)
+        with pytest.raises(ConcurrencyError, match="another finetune"):
+            build_report(actstore.open_store(tiny_store_ro), ReportConfig(out=str(out)))
+    assert not (out / "locks").exists()  # released, and nothing left behind
+    build_report(actstore.open_store(tiny_store_ro), ReportConfig(out=str(out)))
+    assert (out / "index.html").exists() and not (out / "locks").exists()
