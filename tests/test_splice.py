@@ -27,7 +27,7 @@ def test_splice_sees_and_replaces_hidden_states(make):
     n = len(ref) - 1
     for layer in range(n + 1):
         seen = []
-        with splice(model, n, layer, lambda h: seen.append(h.clone()) or h), torch.no_grad():
+        with splice(model, n, layer, lambda h, seen=seen: seen.append(h.clone()) or h), torch.no_grad():
             out = model(input_ids=ids).last_hidden_state
         torch.testing.assert_close(seen[0], ref[layer])  # the site is hidden_states[layer] (after ln_f for the last)
         torch.testing.assert_close(out, ref[-1])  # an identity splice changes nothing
