@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import dense_numpy, make_sae
 
 import actstore
 from actstore.cli import main
@@ -25,34 +26,6 @@ from actstore.encode import (
 )
 from actstore.errors import ConfigError, StoreError
 from actstore.sae import SAE, SAEConfig, save_sae
-
-
-def make_sae(store, name: str, arch: str, layer: int = 2, d_sae: int = 40, k: int | None = None, seed: int = 0) -> SAE:
-    """A seeded random SAE with a negative encoder bias (so relu-l1 is sparse), saved in ``store``."""
-    tk = store.model_info("tiny")["tokenization"]
-    torch.manual_seed(seed)
-    sae = SAE(
-        SAEConfig(arch=arch, d_in=32, d_sae=d_sae, k=k, model="tiny", layer=layer, tokenization=tk, name=name, norm_scale=0.7)
-    )
-    with torch.no_grad():
-        sae.b_enc.copy_(torch.randn(d_sae) * 0.3 - 0.6)
-        sae.b_dec.copy_(torch.randn(32) * 0.1)
-    save_sae(store, sae, name)
-    return sae
-
-
-def dense_numpy(store, sae: SAE) -> np.ndarray:
-    """Reference activations (n_tokens, d_sae) in float64 numpy from the SAE's weights."""
-    x = store.activations(sae.cfg.model, sae.cfg.layer)[:].astype(np.float64)  # (n_tokens, d_model)
-    w = {k: v.detach().double().numpy() for k, v in sae.state_dict().items()}
-    pre = (x * sae.cfg.norm_scale - w["b_dec"]) @ w["W_enc"] + w["b_enc"]  # (n_tokens, d_sae)
-    if sae.cfg.arch == "relu-l1":
-        return np.maximum(pre, 0.0)
-    k = int(sae.cfg.k)
-    idx = np.argsort(-pre, axis=1)[:, :k]
-    out = np.zeros_like(pre)
-    np.put_along_axis(out, idx, np.maximum(np.take_along_axis(pre, idx, axis=1), 0.0), axis=1)
-    return out
 
 
 def table_dense(store, name: str, shape: tuple[int, int]) -> np.ndarray:

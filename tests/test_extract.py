@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from helpers import reference_hidden_states, stored_by_sample
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -22,27 +23,6 @@ from actstore.data import DataConfig
 from actstore.errors import ConfigError, ModelError, StoreError, TokenizerMismatchError
 from actstore.extract import ExtractConfig, extract, parse_layers
 from actstore.models import LayerTap, load_model
-
-
-def reference_hidden_states(model_dir: str, texts: list[str], max_length: int = 512) -> list[tuple]:
-    """Per text, the full model's hidden_states (unpadded, batch of one)."""
-    from transformers import AutoModel, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModel.from_pretrained(model_dir).eval()
-    out = []
-    with torch.no_grad():
-        for t in texts:
-            enc = tok(t, return_tensors="pt", truncation=True, max_length=max_length)
-            hs = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], output_hidden_states=True).hidden_states
-            out.append(tuple(h[0].numpy() for h in hs))
-    return out
-
-
-def stored_by_sample(st_: actstore.Store, model: str, layer: int) -> list[np.ndarray]:
-    acts = st_.activations(model, layer)[:]
-    first_row, n_tok = st_.tokenization().sample_rows()
-    return [acts[a : a + n] for a, n in zip(first_row, n_tok, strict=True)]
 
 
 def test_fp32_rows_equal_fresh_forward(tiny_store_ro, tiny_bert_dir):

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import torch
 import zarr
-from test_extract import reference_hidden_states, stored_by_sample
+from helpers import reference_hidden_states, stored_by_sample
 
 import actstore
 from actstore.data import DataConfig

@@ -1,0 +1,58 @@
+"""Helpers shared by several test files (no test imports another test file)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+import actstore
+from actstore.sae import SAE, SAEConfig, save_sae
+
+
+def make_sae(store, name: str, arch: str, layer: int = 2, d_sae: int = 40, k: int | None = None, seed: int = 0) -> SAE:
+    """A seeded random SAE with a negative encoder bias (so relu-l1 is sparse), saved in ``store``."""
+    tk = store.model_info("tiny")["tokenization"]
+    torch.manual_seed(seed)
+    sae = SAE(
+        SAEConfig(arch=arch, d_in=32, d_sae=d_sae, k=k, model="tiny", layer=layer, tokenization=tk, name=name, norm_scale=0.7)
+    )
+    with torch.no_grad():
+        sae.b_enc.copy_(torch.randn(d_sae) * 0.3 - 0.6)
+        sae.b_dec.copy_(torch.randn(32) * 0.1)
+    save_sae(store, sae, name)
+    return sae
+
+
+def dense_numpy(store, sae: SAE) -> np.ndarray:
+    """Reference activations (n_tokens, d_sae) in float64 numpy from the SAE's weights."""
+    x = store.activations(sae.cfg.model, sae.cfg.layer)[:].astype(np.float64)  # (n_tokens, d_model)
+    w = {k: v.detach().double().numpy() for k, v in sae.state_dict().items()}
+    pre = (x * sae.cfg.norm_scale - w["b_dec"]) @ w["W_enc"] + w["b_enc"]  # (n_tokens, d_sae)
+    if sae.cfg.arch == "relu-l1":
+        return np.maximum(pre, 0.0)
+    k = int(sae.cfg.k)
+    idx = np.argsort(-pre, axis=1)[:, :k]
+    out = np.zeros_like(pre)
+    np.put_along_axis(out, idx, np.maximum(np.take_along_axis(pre, idx, axis=1), 0.0), axis=1)
+    return out
+
+
+def reference_hidden_states(model_dir: str, texts: list[str], max_length: int = 512) -> list[tuple]:
+    """Per text, the full model's hidden_states (unpadded, batch of one)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModel.from_pretrained(model_dir).eval()
+    out = []
+    with torch.no_grad():
+        for t in texts:
+            enc = tok(t, return_tensors="pt", truncation=True, max_length=max_length)
+            hs = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], output_hidden_states=True).hidden_states
+            out.append(tuple(h[0].numpy() for h in hs))
+    return out
+
+
+def stored_by_sample(st_: actstore.Store, model: str, layer: int) -> list[np.ndarray]:
+    acts = st_.activations(model, layer)[:]
+    first_row, n_tok = st_.tokenization().sample_rows()
+    return [acts[a : a + n] for a, n in zip(first_row, n_tok, strict=True)]
