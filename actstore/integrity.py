@@ -42,8 +42,6 @@ TMP = re.compile(r"(\.tmp\d+|\.partial)$")  # a local write in progress (Locatio
 ATTR = layout.ATTR
 
 
-
-
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -381,20 +379,10 @@ def _cache_dir() -> Any:
     return Path(d) / "verified"
 
 
-def _identity(loc: Location, key: str) -> tuple:
-    """What changes whenever ``key`` is rewritten (one ``lstat`` locally; FileNotFoundError if absent)."""
-    if loc.local:
-        import os
-
-        st = os.lstat(os.path.join(loc.root, check_key(key)))
-        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    return loc.stat_identity(key)
-
-
 def _manifest_cached(loc: Location) -> dict[str, Any] | None:
     """The manifest, re-read only when its own file changed."""
     try:
-        ident = (loc.url, *_identity(loc, MANIFEST_KEY))
+        ident = (loc.url, *loc.stat_identity(MANIFEST_KEY))
     except FileNotFoundError:
         return None
     if ident not in _MANIFESTS:
@@ -423,7 +411,7 @@ def check_file(loc: Location, key: str, data: bytes | None = None) -> None:
         _compare(loc, key, entry, len(data), sha256(data))
         return
     try:
-        ident = (loc.url, key, *_identity(loc, key), entry.get("sha256"))
+        ident = (loc.url, key, *loc.stat_identity(key), entry.get("sha256"))
     except FileNotFoundError:
         raise IntegrityError(
             f"{key} in store {loc.url} is listed in manifest.json but missing: re-copy the store from its source, "

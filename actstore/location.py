@@ -11,9 +11,6 @@ Safety rules enforced here:
 * every key is checked by :func:`check_key`: no absolute keys, no ``..``, no
   backslashes or empty parts, so a key read from someone else's store can never
   name a file outside the store's root;
-* a URL opened by :func:`open_location` without ``writable`` is read-only: its
-  Zarr store refuses writes and :meth:`Location.write_bytes` raises;
-  ``http(s)://`` stores are always read-only;
 * a location is read-only unless opened with ``writable`` (or ``create``), local
   folders included: its Zarr store refuses writes, :meth:`Location.write_bytes`,
   :meth:`Location.delete` and :meth:`Location.rmtree` raise, and :attr:`Location.fs`
@@ -358,26 +355,15 @@ class Location:
             self.fs.rm(path, recursive=True)
         self._refresh(path)
 
-    def move(self, src: str, dst: str) -> None:
-        """Rename the file ``src`` to ``dst`` (atomic locally; copy then delete on object stores)."""
-        self._check_writable(dst)
-        a, b = self.fs_path(src), self.fs_path(dst)
-        if self.local:
-            Path(b).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(a, b)
-        else:
-            self.fs.mv(a, b)
-            self._refresh(a)
-            self._refresh(b)
-
     def read_bytes(self, key: str) -> bytes:
         return self.fs.cat_file(self.fs_path(key))
 
     def stat_identity(self, key: str) -> tuple:
-        """What changes whenever the file ``key`` is rewritten: local (device, inode, size, mtime, ctime); remote
-        (size, ETag or modification time)."""
+        """What changes whenever the file ``key`` is rewritten: local (device, inode, size, mtime, ctime), one
+        ``lstat`` with no link walk (whoever opens the file checks links); remote (size, ETag or modification time).
+        FileNotFoundError if absent."""
         if self.local:
-            st = os.lstat(self.fs_path(key))
+            st = os.lstat(self.path_of(key))
             return ("file", st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         path = self.fs_path(key)
         info = self.fs.info(path)
@@ -600,6 +586,13 @@ class SafeLocalStore(zarr.storage.LocalStore):
             yield k
 
 
+def _present(key: str, buf: Any) -> Any:
+    """``buf``, unless it is None for a chunk key (metadata may legitimately be absent): then MissingChunk."""
+    if buf is None and key.rsplit("/", 1)[-1] not in _META_NAMES:
+        raise MissingChunk(key)
+    return buf
+
+
 def _strict_reads(inner: Any) -> Any:
     """``inner`` wrapped so that reading an absent chunk raises :class:`MissingChunk` (metadata may be absent)."""
     from zarr.storage import WrapperStore
@@ -609,17 +602,11 @@ def _strict_reads(inner: Any) -> Any:
             return type(self)(store)
 
         async def get(self, key: str, prototype: Any = None, byte_range: Any = None) -> Any:
-            buf = await self._store.get(key, prototype, byte_range)
-            if buf is None and key.rsplit("/", 1)[-1] not in _META_NAMES:
-                raise MissingChunk(key)
-            return buf
+            return _present(key, await self._store.get(key, prototype, byte_range))
 
         async def get_partial_values(self, prototype: Any, key_ranges: Any) -> Any:
             key_ranges = list(key_ranges)
             out = await self._store.get_partial_values(prototype, key_ranges)
-            for (key, _), buf in zip(key_ranges, out, strict=True):
-                if buf is None and key.rsplit("/", 1)[-1] not in _META_NAMES:
-                    raise MissingChunk(key)
-            return out
+            return [_present(key, buf) for (key, _), buf in zip(key_ranges, out, strict=True)]
 
     return _StrictReads(inner)
