@@ -158,8 +158,6 @@ class EncodeResult:
     """Seconds spent reading, encoding (SAE forward), sorting blocks, spilling, and finishing the files."""
 
 
-
-
 def sae_fingerprint(store: Store, name: str) -> str:
     """sha256 of the SAE's weights file (an encoding is valid only for these weights)."""
     return hashlib.sha256(store.loc.read_bytes(layout.sae_file(name, layout.SAE_WEIGHTS))).hexdigest()
@@ -209,22 +207,21 @@ def _checked(store: Store, key: str, man: dict[str, Any]) -> dict[str, Any]:
         except (KeyError, TypeError, ValueError, StoreError):
             raise bad(f"file entry {f!r} is not a bucket of features in 0..d_sae") from None
     d = man.get("dir")
-    if d is not None and (not isinstance(d, str) or not d.startswith("gen-") or not d[4:].isdigit()):
-        raise bad(f"dir {d!r} is not a generation folder gen-N")
+    if d is not None and layout.parse_generation(d) is None:
+        raise bad(f"dir {d!r} is not a generation folder {layout.GENERATION_PREFIX}N")
     return man
 
 
-def read_manifest(store: Store, sae: str) -> dict[str, Any] | None:
-    """The published ``encoding.json`` of an SAE's feature table, or None if it was never encoded."""
-    key = f"{features_dir(sae)}/{MANIFEST}"
+def read_manifest(store: Store, sae: str, name: str = MANIFEST) -> dict[str, Any] | None:
+    """The published ``encoding.json`` of an SAE's feature table (or, with ``name=PENDING``, the state of the
+    encoding being made), checked; None if there is none."""
+    key = f"{features_dir(sae)}/{name}"
     man = _load_json(store, key)
     return None if man is None else _checked(store, key, man)
 
 
 def _read_pending(store: Store, sae: str) -> dict[str, Any] | None:
-    key = f"{features_dir(sae)}/{PENDING}"
-    man = _load_json(store, key)
-    return None if man is None else _checked(store, key, man)
+    return read_manifest(store, sae, PENDING)
 
 
 def _write_manifest(store: Store, sae: str, man: dict[str, Any], name: str = MANIFEST) -> None:
@@ -524,7 +521,7 @@ def encode(store: Store, cfg: EncodeConfig, progress: bool = True) -> EncodeResu
 
 
 def _generations(store: Store, base: str) -> list[int]:
-    return sorted(int(d[4:]) for d in store.loc.list_dirs(base) if d.startswith("gen-") and d[4:].isdigit())
+    return sorted(n for n in map(layout.parse_generation, store.loc.list_dirs(base)) if n is not None)
 
 
 def _encode(store: Store, cfg: EncodeConfig, sae: SAE, model: str, layer: int, device: str, progress: bool) -> EncodeResult:
@@ -538,7 +535,12 @@ def _encode(store: Store, cfg: EncodeConfig, sae: SAE, model: str, layer: int, d
     n_buckets = -(-d_sae // bucket_features)
     base = features_dir(cfg.sae)
     sha = sae_fingerprint(store, cfg.sae)
-    layout = {"n_rows": n_rows, "d_sae": d_sae, "n_buckets": n_buckets, "bucket_features": bucket_features, "sae_sha256": sha}
+    want = {"n_rows": n_rows, "d_sae": d_sae, "n_buckets": n_buckets, "bucket_features": bucket_features, "sae_sha256": sha,
+            "row_group_rows": cfg.row_group_rows}  # fmt: skip
+
+    def matches(m: dict[str, Any]) -> bool:
+        """Whether an encoding (published or pending) was made with these weights, rows and settings."""
+        return all(m.get(k) == v for k, v in want.items())
 
     try:
         published = read_manifest(store, cfg.sae)
@@ -555,10 +557,10 @@ def _encode(store: Store, cfg: EncodeConfig, sae: SAE, model: str, layer: int, d
         man = _read_pending(store, cfg.sae)
     except IntegrityError:
         man = None
-    same = man is not None and all(man.get(k) == v for k, v in layout.items()) and man.get("format") == ENCODING_FORMAT
-    same = same and man.get("row_group_rows") == cfg.row_group_rows and man.get("phase") == "spill" and bool(man.get("dir"))
+    same = man is not None and matches(man) and man.get("format") == ENCODING_FORMAT
+    same = same and man.get("phase") == "spill" and bool(man.get("dir"))
     if published is not None and not cfg.overwrite and not same:
-        if any(published.get(k) != v for k, v in layout.items()) or published.get("row_group_rows") != cfg.row_group_rows:
+        if not matches(published):
             raise StoreError(
                 f"an encoding of SAE {cfg.sae!r} in {store.url}/{base} is complete with other weights, rows or settings: "
                 "pass --overwrite to re-encode (the old one stays until the new one is complete)"
@@ -569,14 +571,14 @@ def _encode(store: Store, cfg: EncodeConfig, sae: SAE, model: str, layer: int, d
         gens = _generations(store, base)
         keep = (published or {}).get("dir")
         for g in gens:  # earlier unfinished generations (never the published one)
-            if f"gen-{g}" != keep:
-                _rm(store, f"{base}/gen-{g}")
+            if layout.generation_name(g) != keep:
+                _rm(store, f"{base}/{layout.generation_name(g)}")
         man = {
             "format": ENCODING_FORMAT, "sae": cfg.sae, "model": model, "layer": layer,
-            "tokenization": store.model_info(model).get("tokenization"), **layout,
-            "row_group_rows": cfg.row_group_rows, "config": asdict(cfg), "sae_config": asdict(sae.cfg),
+            "tokenization": store.model_info(model).get("tokenization"), **want,
+            "config": asdict(cfg), "sae_config": asdict(sae.cfg),
             "actstore_version": __version__, "created": now(), "phase": "spill", "spilled_rows": 0,
-            "files": [], "complete": False, "dir": f"gen-{max(gens, default=0) + 1}",
+            "files": [], "complete": False, "dir": layout.generation_name(max(gens, default=0) + 1),
         }  # fmt: skip
         _write_manifest(store, cfg.sae, man, PENDING)
     assert man is not None

@@ -39,7 +39,7 @@ from .layout import ATTR, FORMAT_VERSION
 from .location import Location, check_name, open_location
 from .locks import LockSet
 from .models import LayerTap, auto_device, check_layers, default_model_key, load_model, sanitize_key
-from .tokenize import choose_tokenization, shared_length
+from .tokenize import choose_tokenization
 from .version import __version__
 
 DEFAULT_CHUNK_ROWS = 4096
@@ -207,7 +207,7 @@ def _layer_arrays(
     return out
 
 
-def _keep_finetune_report(loc: Location, mpath: str, model_dir: str | None) -> None:
+def _keep_finetune_report(loc: Location, model_key: str, model_dir: str | None) -> None:
     """Copy the ``report.json`` of an ``actstore finetune`` directory into the store (``MODEL/finetune_report.json``).
 
     ``actstore report`` reads it from there: it never opens a file at a path the store names.
@@ -215,7 +215,7 @@ def _keep_finetune_report(loc: Location, mpath: str, model_dir: str | None) -> N
     from .finetune import load_report
 
     rep = load_report(model_dir) if model_dir else None
-    key = layout.finetune_report(mpath.rsplit("/", 1)[-1])
+    key = layout.finetune_report(model_key)
     if rep is not None and not loc.exists(key):
         loc.write_bytes(key, json.dumps(rep, indent=1).encode())
 
@@ -354,9 +354,7 @@ def _extract(
     held.append(locks)
     locks.acquire("setup", wait_s=SETUP_WAIT_S)  # root, token index, model group and arrays: one creator at a time
     root = _open_root(loc)
-    # no --max-length: the length of a token index made by the same tokenizer, so the rows align
-    max_length = cfg.max_length or shared_length(loc, loaded) or loaded.max_length
-    tk, tattrs = choose_tokenization(loc, root, corpus, loaded, max_length, cfg.chunk_rows, cfg.new_tokenization, progress)
+    tk, tattrs = choose_tokenization(loc, root, corpus, loaded, cfg.max_length, cfg.chunk_rows, cfg.new_tokenization, progress)
     n_rows, chunk_rows = int(tattrs["n_tokens"]), int(tattrs["chunk_rows"])
 
     info = loaded.info()
@@ -371,7 +369,7 @@ def _extract(
             raise StoreError(f"model key {model_key!r} in {loc.url} uses tokenization {old.get('tokenization')}, not {tk}")
     except FileNotFoundError:
         root.create_group(mpath, attributes={ATTR: {**info, "key": model_key, "tokenization": tk, "created": now()}})
-    _keep_finetune_report(loc, mpath, loaded.path)
+    _keep_finetune_report(loc, model_key, loaded.path)
 
     # unit size: whole chunks, bounded by the memory budget; an unfinished array keeps its own
     per_row = loaded.d_model * 4 * len(layers)

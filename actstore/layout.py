@@ -117,6 +117,22 @@ def features_dir(sae: str) -> str:
     return f"{FEATURES}/{sae}"
 
 
+GENERATION_PREFIX = "gen-"
+
+
+def generation_name(n: int) -> str:
+    """The folder name of an encoding's ``n``-th generation: ``gen-<n>``."""
+    return f"{GENERATION_PREFIX}{n}"
+
+
+def parse_generation(name: object) -> int | None:
+    """The number of a generation folder name ``gen-<N>`` (None for anything else)."""
+    if not isinstance(name, str) or not name.startswith(GENERATION_PREFIX):
+        return None
+    rest = name[len(GENERATION_PREFIX) :]
+    return int(rest) if rest.isdigit() else None
+
+
 def generation_dir(sae: str, gen: str | None) -> str:
     """The folder of an encoding's files: ``features/<sae>/gen-<N>`` (or the SAE's folder, before generations)."""
     return f"{FEATURES}/{sae}/{gen}" if gen else f"{FEATURES}/{sae}"

@@ -10,6 +10,7 @@ pass and stops the pass right after the deepest one, so no block above it runs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -105,6 +106,16 @@ class LoadedModel:
     position_limit: int = 512
     """Longest input the model accepts: its position embeddings, capped at 512."""
 
+    @functools.cached_property
+    def tokenizer_sha256(self) -> str:
+        """:func:`tokenizer_hash` of the tokenizer (computed once)."""
+        return tokenizer_hash(self.tokenizer)
+
+    @functools.cached_property
+    def tokenizer_ids_sha256(self) -> str:
+        """:func:`tokenizer_identity` of the tokenizer (computed once)."""
+        return tokenizer_identity(self.tokenizer)
+
     def info(self) -> dict[str, Any]:
         cfg = self.model.config
         return {
@@ -116,8 +127,8 @@ class LoadedModel:
             "n_layers": self.n_layers,
             "d_model": self.d_model,
             "weights_sha256": weights_hash(self.model),
-            "tokenizer_sha256": tokenizer_hash(self.tokenizer),
-            "tokenizer_ids_sha256": tokenizer_identity(self.tokenizer),
+            "tokenizer_sha256": self.tokenizer_sha256,
+            "tokenizer_ids_sha256": self.tokenizer_ids_sha256,
         }
 
 

@@ -142,9 +142,19 @@ def resolve_sae(store: Store, layer: int | None = None, model: str | None = None
 
 
 # ---------------------------------------------------------------- views
-def view_sql(store: Store) -> dict[str, str]:
-    """``{view name: SELECT ...}`` for every view of the store."""
+class StoreViews(NamedTuple):
+    """The store's views and the files they read."""
+
+    sql: dict[str, str]
+    """``{view name: SELECT ...}``."""
+    keys: list[str]
+    """Store keys of every file the views read (the only files a connection may open)."""
+
+
+def view_sql(store: Store) -> StoreViews:
+    """Every view of the store and the keys of the files they read, from one pass over its tables."""
     views: dict[str, str] = {}
+    keys: list[str] = []
     if store.tokenization_keys():
         tok = store.tokenization()
         cols = {
@@ -152,12 +162,14 @@ def view_sql(store: Store) -> dict[str, str]:
             "samples": "sample, id, label, text, n_tokens, first_row, truncated",
         }
         for table, c in cols.items():
+            keys += tok.parquet_keys(table)
             files = tok.parquet_files(table)
             if files:
                 views[table] = f"SELECT {c} FROM read_parquet({_list_sql(files)})"
     tables = feature_tables(store)
     feats, stats, saes = [], [], []
     for t in tables:
+        keys += [*t.file_keys, t.stats_key]
         head = f"SELECT {_q(t.model)} AS model, {int(t.layer)} AS layer, {_q(t.sae)} AS sae"
         # one branch per feature-range file, its range stated: for a lookup of one feature DuckDB drops
         # the other branches at plan time and opens a single file
@@ -183,20 +195,8 @@ def view_sql(store: Store) -> dict[str, str]:
         "SELECT NULL::VARCHAR AS sae, NULL::VARCHAR AS model, NULL::INTEGER AS layer, NULL::VARCHAR AS tokenization, "
         "NULL::INTEGER AS d_sae, NULL::VARCHAR AS arch, NULL::BIGINT AS n_rows, NULL::BIGINT AS n_feature_rows LIMIT 0"
     )
-    views["feature_diff"] = diff_view_sql(store)[0]  # saved SAE feature diffs (actstore diff-features)
-    return views
-
-
-def _store_keys(store: Store) -> list[str]:
-    """Store keys of every file the views read."""
-    keys: list[str] = []
-    if store.tokenization_keys():
-        for table in ("tokens", "samples"):
-            keys += store.tokenization().parquet_keys(table)
-    for t in feature_tables(store):
-        keys += [*t.file_keys, t.stats_key]
-    keys += diff_view_sql(store)[1]
-    return keys
+    views["feature_diff"], diff_keys = diff_view_sql(store)  # saved SAE feature diffs (actstore diff-features)
+    return StoreViews(views, keys + diff_keys)
 
 
 SANDBOX = (
@@ -233,9 +233,8 @@ def connect(store: Store, read_only: bool = True) -> duckdb.DuckDBPyConnection:
     """
     from .integrity import check_files
 
-    keys = _store_keys(store)
+    views, keys = view_sql(store)
     check_files(store.loc, keys)
-    views = view_sql(store)
     if not read_only:
         con = duckdb.connect(":memory:")
         _register_fs(con, store)
@@ -468,21 +467,18 @@ class TokenContext:
         tk = store.tokenization(key)
         self.key = tk.key
         self.first_row, self.n_tokens = tk.sample_rows()  # (n_samples,) int64 each
-        from .integrity import check_files
-
-        keys = tk.parquet_keys("samples")
-        check_files(store.loc, keys)
-        smp = _read_table(store, keys, ["sample", "id", "label"]).sort("sample")
+        smp = tk.read_parquet(tk.parquet_keys("samples"), ["sample", "id", "label"]).sort("sample")
         if smp.height != self.first_row.size or (smp.height and smp["sample"][-1] != smp.height - 1):
             raise NotFoundError(f"tokenization {tk.key} of {store.url}: samples table and token index disagree (re-run extract)")
         self.sample_id = smp["id"].to_numpy()  # (n_samples,) object
         self.label = smp["label"].to_numpy()  # (n_samples,) object (None where unlabelled)
         if store.loc.exists(layout.vocab_file(tk.key)):  # the tokenizer's whole vocabulary
-            check_files(store.loc, [layout.vocab_file(tk.key)])
-            v = _read_table(store, [layout.vocab_file(tk.key)], ["token_id", "token"])
+            v = tk.read_parquet([layout.vocab_file(tk.key)], ["token_id", "token"])
             self.vocab = np.empty(int(v["token_id"].max()) + 1, dtype=object)
             self.vocab[v["token_id"].to_numpy()] = v["token"].to_numpy()
         else:  # stores written before vocab.parquet existed: derive it from the tokens table
+            from .integrity import check_files
+
             check_files(store.loc, tk.parquet_keys("tokens"))
             self.vocab = _vocab(store, tk.parquet_keys("tokens"))
         self.token_id = tk.array("token_id")  # (n_tokens,) int32 Zarr array
@@ -492,22 +488,6 @@ class TokenContext:
         if not rows.size:
             return np.empty(0, dtype=object)
         return self.vocab[np.asarray(self.token_id.get_orthogonal_selection(rows), dtype=np.int64)]
-
-
-def _read_table(store: Store, keys: list[str], columns: list[str]) -> pl.DataFrame:
-    """Parquet files of the store as one frame; a file that does not parse is an IntegrityError naming it."""
-    from .errors import IntegrityError
-
-    try:
-        return store.loc.read_parquet(keys, columns)
-    except (OSError, pl.exceptions.ComputeError, ValueError) as exc:
-        if isinstance(exc, IntegrityError):
-            raise
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise IntegrityError(
-            f"cannot read {', '.join(keys)} of store {store.url} ({msg}): the file is damaged; "
-            f"run actstore verify {store.url}, then re-copy or re-extract"
-        ) from None
 
 
 def _vocab(store: Store, keys: list[str]) -> np.ndarray:

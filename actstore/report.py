@@ -26,7 +26,7 @@ import polars as pl
 from . import layout
 from .clock import now
 from .errors import ConfigError
-from .sae import sae_names
+from .sae import dense_notes, read_config, sae_names
 
 if TYPE_CHECKING:
     from .store import Store
@@ -154,8 +154,6 @@ def _confusion(rep: dict[str, Any], which: str) -> pl.DataFrame:
 
 def sae_pairs(store: Store, models: tuple[str, str]) -> list[tuple[int, str, str]]:
     """``(layer, sae of model A, sae of model B)`` for every layer where each model has an SAE (first by name)."""
-    from .sae import read_config
-
     by: dict[tuple[str, int], str] = {}
     for name in sorted(sae_names(store)):
         c = read_config(store, name)  # cfg.json only: no weights
@@ -198,8 +196,6 @@ def features_section(store: Store, cfg: ReportConfig, models: tuple[str, str] | 
     out, notes = [], []
     encoded = set(encoded_saes(store))
     order = {m: i for i, m in enumerate(models or ())}
-    from .sae import read_config
-
     cfgs = {name: read_config(store, name) for name in sae_names(store)}  # cfg.json only: no weights
     for name in sorted(cfgs, key=lambda n: (cfgs[n].layer or 0, order.get(str(cfgs[n].model), 99), n)):
         if name not in encoded:
@@ -363,8 +359,6 @@ def _build_report(store: Store, cfg: ReportConfig, progress: bool = False) -> Re
         h.append("<h2>3. SAE metrics</h2><p>Held-out metrics from training: MSE, fraction of variance unexplained (FVU), "
                  "mean active features per token (L0) and dead fraction.</p>" + _html_table(sm))  # fmt: skip
         md += ["## 3. SAE metrics", "", _md_table(sm), ""]
-        from .sae import dense_notes
-
         for note in dense_notes(sm):
             h.append(f"<p class='note'>{_esc(note)}</p>")
             md += [f"> {note}", ""]

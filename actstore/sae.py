@@ -93,6 +93,17 @@ class SAEConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def parse_config(cfg_json: bytes, where: str = "SAE") -> SAEConfig:
+    """An :class:`SAEConfig` from ``cfg.json`` bytes; IntegrityError naming ``where`` if they are not a JSON object."""
+    try:
+        d = json.loads(cfg_json)
+        if not isinstance(d, dict):
+            raise TypeError
+    except (ValueError, TypeError):
+        raise IntegrityError(f"{where}: cfg.json is not a JSON object; the SAE is damaged: re-train or re-copy it") from None
+    return SAEConfig.from_dict(d)
+
+
 class SAEOutput(NamedTuple):
     """One SAE pass."""
 
@@ -186,13 +197,7 @@ class SAE(nn.Module):
 
     @classmethod
     def from_bytes(cls, weights: bytes, cfg_json: bytes, where: str = "SAE") -> SAE:
-        try:
-            d = json.loads(cfg_json)
-            if not isinstance(d, dict):
-                raise TypeError
-        except (ValueError, TypeError):
-            raise IntegrityError(f"{where}: cfg.json is not a JSON object; the SAE is damaged: re-train or re-copy it") from None
-        cfg = SAEConfig.from_dict(d)
+        cfg = parse_config(cfg_json, where)
         sae = cls(cfg)
         try:
             tensors = st_load(weights)
@@ -290,15 +295,10 @@ def load_sae(store: Store, name: str, device: str = "cpu") -> SAE:
 def read_config(store: Store, name: str) -> SAEConfig:
     """The ``cfg.json`` of SAE ``name`` alone (no weights read), checked against the manifest."""
     _check_name(store, name)
-    raw = store.loc.read_bytes(layout.sae_file(name, layout.SAE_CONFIG))
-    check_file(store.loc, layout.sae_file(name, layout.SAE_CONFIG), raw)
-    try:
-        d = json.loads(raw)
-        if not isinstance(d, dict):
-            raise TypeError
-    except (ValueError, TypeError):
-        raise IntegrityError(f"SAE {name} in store {store.url}: cfg.json is not a JSON object: re-train or re-copy it") from None
-    return SAEConfig.from_dict(d)
+    key = layout.sae_file(name, layout.SAE_CONFIG)
+    raw = store.loc.read_bytes(key)
+    check_file(store.loc, key, raw)
+    return parse_config(raw, f"SAE {name} in store {store.url}")
 
 
 def read_metrics(store: Store, name: str) -> dict[str, Any]:

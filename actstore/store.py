@@ -35,8 +35,8 @@ import polars as pl
 import zarr
 
 from . import codecs, layout
-from .errors import ConfigError, IntegrityError, NotFoundError, StoreError
-from .location import Location, check_key, open_location
+from .errors import ActstoreError, ConfigError, IntegrityError, NotFoundError, StoreError
+from .location import Location, MissingChunk, check_key, open_location
 
 FORMAT_VERSION = layout.FORMAT_VERSION
 ATTR = layout.ATTR
@@ -118,22 +118,25 @@ class Tokenization:
     def parquet_files(self, table: str) -> list[str]:
         return [self.store.loc.join(k) for k in self.parquet_keys(table)]
 
-    def check_table(self, table: str) -> None:
-        """IntegrityError unless every part of ``table`` matches the manifest (see :func:`actstore.integrity.check_file`)."""
-        from .integrity import check_files
-
-        check_files(self.store.loc, self.parquet_keys(table))
-
     def table(self, table: str) -> pl.DataFrame:
         keys = self.parquet_keys(table)
         if not keys:
             raise NotFoundError(f"tokenization {self.key} of {self.store.url} has no {table} table yet: run actstore extract")
-        self.check_table(table)
+        return self.read_parquet(keys)
+
+    def read_parquet(self, keys: list[str], columns: list[str] | None = None) -> pl.DataFrame:
+        """Parquet files of this token index as one frame: checked against the manifest first, and a file that does
+        not parse is an IntegrityError naming it (never a traceback)."""
+        from .integrity import check_files
+
+        check_files(self.store.loc, keys)
         try:
-            return self.store.loc.read_parquet(keys)
+            return self.store.loc.read_parquet(keys, columns)
         except (OSError, pl.exceptions.ComputeError, ValueError) as exc:
+            if isinstance(exc, IntegrityError):
+                raise
             why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise _damaged(self._where, f"its {table} table does not read ({why})") from None
+            raise _damaged(self._where, f"{', '.join(keys)} does not read ({why})") from None
 
 
 def _damaged(where: str, what: str) -> IntegrityError:
@@ -227,9 +230,7 @@ class Activations:
         return codecs.decode(vals, scale, self.codec, self._chan)
 
     def _read_error(self, start: int, stop: int, exc: BaseException) -> BaseException:
-        from .errors import ActstoreError
         from .integrity import chunk_error
-        from .location import MissingChunk
 
         if self._loc is None or (isinstance(exc, ActstoreError) and not isinstance(exc, MissingChunk)):
             return exc

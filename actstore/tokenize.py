@@ -23,13 +23,11 @@ from .clock import now
 from .data import Corpus
 from .errors import ConfigError, StoreError, TokenizerMismatchError
 from .location import Location
-from .models import LoadedModel, tokenizer_hash, tokenizer_identity
+from .models import LoadedModel
 from .store import ATTR
 from .version import __version__
 
 PART_ROWS = 1 << 20  # token rows per Parquet part
-
-
 
 
 def _data_fingerprint(corpus: Corpus) -> dict[str, Any]:
@@ -152,8 +150,8 @@ def _tokenize_corpus(
 
     tok = loaded.tokenizer
     base_attrs = {
-        "tokenizer_sha256": tokenizer_hash(loaded.tokenizer),
-        "tokenizer_ids_sha256": _tok_hash(loaded),
+        "tokenizer_sha256": loaded.tokenizer_sha256,
+        "tokenizer_ids_sha256": loaded.tokenizer_ids_sha256,
         "tokenizer_source": loaded.source,
         "tokenizer_class": type(tok).__name__,
         "max_length": max_length,
@@ -212,38 +210,26 @@ def _tokenize_corpus(
     }
 
 
-def _tok_hash(loaded: LoadedModel) -> str:
-    """What names a new tokenization: the tokenizer's identity (token ids), not its saved runtime state."""
-    return tokenizer_identity(loaded.tokenizer)
-
-
 def same_tokenizer(attrs: dict[str, Any], loaded: LoadedModel) -> bool:
     """Whether a tokenization (its attributes) was made by a tokenizer giving ``loaded``'s token ids.
 
     Tokenizations that record ``tokenizer_ids_sha256`` compare that; older ones their full-definition hash
-    (so they accept exactly the models they accepted before).
+    (so they accept exactly the models they accepted before). Both hashes are computed once per model.
     """
     if attrs.get("tokenizer_ids_sha256"):
-        return attrs["tokenizer_ids_sha256"] == _tok_hash(loaded)
-    return attrs.get("tokenizer_sha256") == tokenizer_hash(loaded.tokenizer)
-
-
-def shared_length(loc: Location, loaded: LoadedModel) -> int | None:
-    """The max length of the store's (first) complete token index made by ``loaded``'s tokenizer, if the model takes it."""
-    for k in loc.list_dirs(layout.TOKENIZATIONS):
-        a = dict(zarr.open_group(loc.zarr_store, path=layout.tokenization_dir(k), mode="r").attrs.get(ATTR, {}))
-        n = a.get("max_length")
-        if a.get("complete") and same_tokenizer(a, loaded) and isinstance(n, int) and 2 <= n <= loaded.position_limit:
-            return n
-    return None
+        return attrs["tokenizer_ids_sha256"] == loaded.tokenizer_ids_sha256
+    return attrs.get("tokenizer_sha256") == loaded.tokenizer_sha256
 
 
 def choose_tokenization(
-    loc: Location, root: zarr.Group, corpus: Corpus, loaded: LoadedModel, max_length: int, chunk_rows: int,
+    loc: Location, root: zarr.Group, corpus: Corpus, loaded: LoadedModel, max_length: int | None, chunk_rows: int,
     new_tokenization: bool, progress: bool,
 ) -> tuple[str, dict[str, Any]]:  # fmt: skip
-    tok_hash = _tok_hash(loaded)
-    key = _tokenization_key(tok_hash, max_length)
+    """The token index ``loaded`` reads in this store (made here if needed) and its attributes.
+
+    Without ``max_length`` the length of an index made by the same tokenizer is taken, when the model accepts it,
+    so a second model's rows align with the first's; else the model's default.
+    """
     existing = {}
     for k in loc.list_dirs(layout.TOKENIZATIONS):
         existing[k] = dict(zarr.open_group(loc.zarr_store, path=layout.tokenization_dir(k), mode="r").attrs.get(ATTR, {}))
@@ -257,6 +243,12 @@ def choose_tokenization(
             )  # fmt: skip
             raise StoreError(f"store {loc.url} holds another corpus ({diff}): a store holds one corpus, so use a new store path")
     done = {k: a for k, a in existing.items() if a.get("complete")}
+    if max_length is None:
+        shared = [a.get("max_length") for a in done.values() if same_tokenizer(a, loaded)]
+        ok = [n for n in shared if isinstance(n, int) and 2 <= n <= loaded.position_limit]
+        max_length = ok[0] if ok else loaded.max_length
+    # a new token index is named by the tokenizer's identity (token ids), not its saved runtime state
+    key = _tokenization_key(loaded.tokenizer_ids_sha256, max_length)
     match = [k for k, a in done.items() if same_tokenizer(a, loaded) and a.get("max_length") == max_length]
     if match:  # an existing token index gives the same ids (possibly named by an older hash): share it
         key = match[0]

@@ -66,7 +66,7 @@ def main() -> None:
     print(f"store: {args.docs} IMDb docs, {len(st.activations('tiny', 2)):,} tokens, {n_feature_rows:,} feature rows")
 
     # one-time cost: hash every file the views read (verification cache empty)
-    keys = query._store_keys(st)
+    keys = query.view_sql(st).keys
     size = sum(st.loc.size(k) for k in keys)
     cold = []
     for _ in range(args.repeat):

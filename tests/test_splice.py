@@ -13,8 +13,16 @@ from actstore.models import splice
     "make",
     [
         lambda: GPT2Model(GPT2Config(vocab_size=100, n_embd=16, n_layer=3, n_head=2, n_positions=32)),
-        lambda: BertModel(BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=32)),  # fmt: skip
+        lambda: BertModel(
+            BertConfig(
+                vocab_size=100,
+                hidden_size=16,
+                num_hidden_layers=3,
+                num_attention_heads=2,
+                intermediate_size=32,
+                max_position_embeddings=32,
+            )
+        ),  # fmt: skip
     ],
     ids=["gpt2-with-ln_f", "bert"],
 )
