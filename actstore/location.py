@@ -186,7 +186,7 @@ class Location:
         """The path or URL of ``key`` for naming it (in SQL text, say), not for opening: links are checked by
         :meth:`join`, which whoever opens the file calls (``query.connect`` does for every file DuckDB may read)."""
         check_key(key)
-        return str(Path(self.root) / key) if self.local else self.url.rstrip("/") + "/" + key
+        return os.path.join(self.root, key) if self.local else self.url.rstrip("/") + "/" + key
 
     def join(self, key: str) -> str:
         """A path or URL for ``key`` under the root, usable by pyarrow/polars/duckdb (links refused)."""
@@ -219,7 +219,8 @@ class Location:
             pass
 
     def list_dirs(self, key: str) -> list[str]:
-        """Names of the immediate sub-folders of ``key`` (empty if it does not exist); a link among them raises."""
+        """Names of the immediate sub-folders of ``key`` (empty if it does not exist); a link among them, or a name
+        that is not one safe key part (``..`` listed by an object store), raises StoreError."""
         path = self.fs_path(key)
         if self.local:
             try:
@@ -235,7 +236,10 @@ class Location:
             entries = self.fs.ls(path, detail=True)
         except (FileNotFoundError, NotADirectoryError):
             return []
-        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory")
+        names = sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory")
+        for name in names:  # an object store may list '..' or '' from a key such as models/../x: refuse, never follow
+            check_key(f"{key}/{name}" if key else name)
+        return names
 
     def walk(self, key: str = "") -> dict[str, int]:
         """Every file under ``key`` as ``{store key: size in bytes}``, sorted by key."""

@@ -491,3 +491,18 @@ def test_remote_reads_check_the_manifest(pushed, s3):
         open_store(url).samples()
     r = CliRunner().invoke(main, ["sql", url, "SELECT count(*) FROM samples"])
     assert r.exit_code != 0 and "corrupted" in r.output and "Traceback" not in r.output
+
+
+def test_dot_dot_folder_listed_by_a_bucket_is_refused(pushed, s3):
+    """An object store lists 'models/..' for a raw key models/../../x: readers refuse it in one line, never follow it."""
+    url = new_url()
+    assert copy_store(CopyConfig(pushed, url)).ok
+    import boto3
+
+    b, k = (url.removeprefix("s3://") + "/models/../../escape.txt").split("/", 1)
+    boto3.client("s3").put_object(Bucket=b, Key=k, Body=b"x")
+    s3.invalidate_cache()
+    with pytest.raises(StoreError, match=r"unsafe store key 'models/\.\.'"):
+        open_store(url).models  # noqa: B018
+    r = CliRunner().invoke(main, ["info", url])
+    assert r.exit_code != 0 and isinstance(r.exception, SystemExit) and "unsafe store key" in r.output
