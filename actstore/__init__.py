@@ -13,21 +13,23 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .version import __version__
+from actstore.version import __version__
 
 _EXPORTS = {
     "ActstoreError": "errors",
-    "Store": "store", "open_store": "store",
-    "ExtractConfig": "extract", "ExtractResult": "extract",
-    "SAE": "sae", "SAEConfig": "sae", "export_sae": "sae", "list_saes": "sae", "load_sae": "sae", "sae_names": "sae",
-    "TrainConfig": "train", "TrainResult": "train", "train_sae": "train",
-    "EncodeConfig": "encode", "EncodeResult": "encode",
-    "sql": "query", "connect": "query", "top_tokens": "query", "top_features": "query", "run_query": "query",
-    "features": ("query", "lazy_features"), "feature_stats": ("query", "lazy_feature_stats"),
-    "store_info": "share", "CopyConfig": "share", "copy_store": "share",
+    "Store": "store.reader", "open_store": "store.reader",
+    "ExtractConfig": "store.extract", "ExtractResult": "store.extract",
+    "SAE": "sae.model", "SAEConfig": "sae.model",
+    "export_sae": "sae.export", "list_saes": "sae.files", "load_sae": "sae.files", "sae_names": "sae.files",
+    "TrainConfig": "sae.train", "TrainResult": "sae.train", "train_sae": "sae.train",
+    "EncodeConfig": "encoding.encode", "EncodeResult": "encoding.encode",
+    "sql": "query.views", "connect": "query.views", "run_query": "query.named",
+    "top_tokens": "query.lookups", "top_features": "query.lookups",
+    "features": ("query.tables", "lazy_features"), "feature_stats": ("query.tables", "lazy_feature_stats"),
+    "store_info": "query.info", "CopyConfig": "storage.copy", "copy_store": "storage.copy",
 }  # fmt: skip
-"""Public name -> module (or (module, name there)) under actstore. The stage functions whose names are also module
-names (``extract``, ``encode``) are imported from their modules: ``from actstore.encode import encode``."""
+"""Public name -> module (or (module, name there)) under actstore. The stage functions whose names are also
+package names (``extract``, ``encode``) are imported from their modules: ``from actstore.encoding.encode import encode``."""
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
 

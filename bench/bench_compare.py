@@ -30,9 +30,9 @@ def build_store(root: Path, n_docs: int) -> str:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from actstore.data import DataConfig
-    from actstore.extract import ExtractConfig, extract
-    from actstore.models import resolve_model
+    from actstore.data.corpora import DataConfig
+    from actstore.models.loading import resolve_model
+    from actstore.store.extract import ExtractConfig, extract
 
     path = root / f"imdb{n_docs}.zarr"
     if (path / "models" / "b" / "layer_2" / "zarr.json").exists():
@@ -72,7 +72,7 @@ def main() -> None:
     import numpy as np
 
     from actstore import open_store
-    from actstore.compare import CompareConfig, compare_layer, linear_cka, mean_cosine, token_cosine
+    from actstore.analysis.compare import CompareConfig, compare_layer, linear_cka, mean_cosine, token_cosine
 
     st = open_store(build_store(root, args.docs))
     xa, xb = st.activations("a", 2), st.activations("b", 2)

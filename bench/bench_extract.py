@@ -38,7 +38,8 @@ def dir_bytes(path: Path) -> int:
 def bare_forward_seconds(store: str, model: str, unit_rows: int, batch_size: int, layers: list[int] | None) -> float:
     """The same units and length-sorted batches as extract, forward only (no copies, no writes)."""
     import actstore
-    from actstore.models import LayerTap, load_model
+    from actstore.models.loading import load_model
+    from actstore.models.taps import LayerTap
 
     st = actstore.open_store(store)
     tok = st.tokenization()
@@ -74,8 +75,8 @@ def bare_forward_seconds(store: str, model: str, unit_rows: int, batch_size: int
 def bench_throughput(tmp: Path, n: int, rounds: int = 2) -> dict:
     """Alternate bare forward and full extraction ``rounds`` times; compare the best of each."""
     import actstore
-    from actstore.data import DataConfig
-    from actstore.extract import ExtractConfig, extract
+    from actstore.data.corpora import DataConfig
+    from actstore.store.extract import ExtractConfig, extract
 
     store = tmp / "tp.zarr"
     data = DataConfig(str(IMDB), limit=n)
@@ -106,8 +107,8 @@ def bench_depth(store: str) -> list[dict]:
 
 def bench_codecs(tmp: Path, n: int) -> list[dict]:
     import actstore
-    from actstore.data import DataConfig
-    from actstore.extract import ExtractConfig, extract
+    from actstore.data.corpora import DataConfig
+    from actstore.store.extract import ExtractConfig, extract
 
     out = []
     ref = None
@@ -146,16 +147,16 @@ print(json.dumps({"rows": len(acts), "decoded_mb": n / 2**20, "mb_per_s": n / 2*
 def make_big_store(src: str, dst: Path, gb: float) -> None:
     """A store whose layer array repeats real activations until it holds ``gb`` GB of fp16."""
     import actstore
-    from actstore import codecs
-    from actstore.extract import _layer_arrays, _open_root
-    from actstore.location import open_location
+    from actstore.format import codecs
+    from actstore.storage.location import open_location
+    from actstore.store.extract import _layer_arrays, _open_root
 
     real = actstore.open_store(src).activations("minilm", 4)[:]  # (n, 384) real rows
     n_rows = int(gb * 2**30 / (real.shape[1] * 2)) // 4096 * 4096
     loc = open_location(str(dst), create=True)
     root = _open_root(loc)
-    from actstore.data import DataConfig
-    from actstore.extract import ExtractConfig
+    from actstore.data.corpora import DataConfig
+    from actstore.store.extract import ExtractConfig
 
     cfg = ExtractConfig("bundled:minilm", DataConfig("bundled:bbc"), [4], codec="fp16")
     root.create_group("models/minilm", attributes={"actstore": {"key": "minilm"}})

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def toggle(on: bool) -> None:
-    from actstore import integrity, location
+    from actstore.storage import integrity, location
 
     integrity.VERIFY_ON_READ = on
     location.STRICT_READS = on
@@ -50,10 +50,12 @@ def main() -> None:
     from bench_query import build_store
 
     import actstore
-    from actstore import integrity, query
-    from actstore.encode import EncodeConfig, encode
-    from actstore.integrity import update_manifest
-    from actstore.train import TrainConfig, train_sae
+    from actstore.encoding.encode import EncodeConfig, encode
+    from actstore.query import tables, views
+    from actstore.query.lookups import top_tokens
+    from actstore.sae.train import TrainConfig, train_sae
+    from actstore.storage import integrity
+    from actstore.storage.integrity import update_manifest
 
     path = build_store(root, args.docs, d_sae=512, k=32)
     st = actstore.open_store(path, writable=True)
@@ -66,7 +68,7 @@ def main() -> None:
     print(f"store: {args.docs} IMDb docs, {len(st.activations('tiny', 2)):,} tokens, {n_feature_rows:,} feature rows")
 
     # one-time cost: hash every file the views read (verification cache empty)
-    keys = query.view_sql(st).keys
+    keys = views.view_sql(st).keys
     size = sum(st.loc.size(k) for k in keys)
     cold = []
     for _ in range(args.repeat):
@@ -78,11 +80,11 @@ def main() -> None:
     os.environ["ACTSTORE_CACHE_DIR"] = str(root / "verify-cache")
     print(f"first open, cache empty: {min(cold) * 1e3:.1f} ms to hash {len(keys)} files ({size / 2**20:.1f} MiB)")
 
-    def lookups() -> float:
+    def run_lookups() -> float:
         t = []
         for f in feats * 5:
             t0 = time.perf_counter()
-            query.top_tokens(st, f, sae="bench", n=20, context=8)
+            top_tokens(st, f, sae="bench", n=20, context=8)
             t.append(time.perf_counter() - t0)
         return statistics.median(t)
 
@@ -90,13 +92,13 @@ def main() -> None:
     for i in range(args.repeat):
         for on in (True, False) if i % 2 == 0 else (False, True):  # alternate which goes first
             toggle(on)
-            lookups()  # warm
-            warm[on].append(lookups())
+            run_lookups()  # warm
+            warm[on].append(run_lookups())
     toggle(True)
     w_on, w_off = min(warm[True]), min(warm[False])
     print(f"top_tokens warm: {w_on * 1e3:.2f} ms with checks, {w_off * 1e3:.2f} ms without ({w_on / w_off:.3f}x)")
     # the checks alone, timed directly (immune to the noise of the whole lookup): what one warm lookup adds
-    t = query.resolve_sae(st, sae="bench")
+    t = tables.resolve_sae(st, sae="bench")
     enc_key = "features/bench/encoding.json"
     raw = st.loc.read_bytes(enc_key)
     n = 2000
@@ -110,10 +112,11 @@ def main() -> None:
 
     # a CLI call: a new process (disk cache warm), timing only top-tokens inside it
     code = (
-        "import sys, time, os; from actstore import integrity, location, query; import actstore\n"
+        "import sys, time, os; import actstore\n"
+        "from actstore.storage import integrity, location; from actstore.query import lookups\n"
         "on = sys.argv[1] == '1'; integrity.VERIFY_ON_READ = on; location.STRICT_READS = on\n"
         "st = actstore.open_store(sys.argv[2]); t0 = time.perf_counter()\n"
-        "query.top_tokens(st, int(sys.argv[3]), sae='bench', n=20, context=8); print(time.perf_counter() - t0)"
+        "lookups.top_tokens(st, int(sys.argv[3]), sae='bench', n=20, context=8); print(time.perf_counter() - t0)"
     )
     proc = {True: [], False: []}
     for i in range(args.repeat):

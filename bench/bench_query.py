@@ -33,10 +33,11 @@ def build_store(root: Path, n_docs: int, d_sae: int = 1024, k: int = 128) -> str
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     import actstore
-    from actstore.data import DataConfig
-    from actstore.extract import ExtractConfig, extract
-    from actstore.models import resolve_model
-    from actstore.sae import SAE, SAEConfig, save_sae
+    from actstore.data.corpora import DataConfig
+    from actstore.models.loading import resolve_model
+    from actstore.sae.files import save_sae
+    from actstore.sae.model import SAE, SAEConfig
+    from actstore.store.extract import ExtractConfig, extract
 
     path = root / f"imdb{n_docs}.zarr"
     if not (path / "saes" / "bench" / "cfg.json").exists():
@@ -81,15 +82,15 @@ def main() -> None:
     import pyarrow.parquet as pq
 
     import actstore
-    from actstore import query
-    from actstore.encode import EncodeConfig, encode
+    from actstore.encoding.encode import EncodeConfig, encode
+    from actstore.query import lookups, named, tables
 
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
     path = build_store(root, args.docs)
     st = actstore.open_store(path, writable=True)
     res = encode(st, EncodeConfig(sae="bench"), progress=False)
-    man = query.resolve_sae(st, sae="bench")
+    man = tables.resolve_sae(st, sae="bench")
     n_feat_rows = man.n_feature_rows
     print(f"store: {path}: {man.n_rows:,} token rows, {n_feat_rows:,} feature rows"
           + ("" if res.skipped else f" (encoded in {res.seconds:.1f}s)"))  # fmt: skip
@@ -116,7 +117,7 @@ def main() -> None:
     scan = f"SELECT row, value FROM read_parquet('{copy}') WHERE feature = $f ORDER BY value DESC, row LIMIT 20"
     rw = actstore.connect(st, read_only=False)  # the copy lies outside the store: the read-only connection may not read it
     t0 = time.perf_counter()
-    query.top_tokens(st, int(picks["typical (median)"]["feature"]), sae="bench", n=20, context=8)
+    lookups.top_tokens(st, int(picks["typical (median)"]["feature"]), sae="bench", n=20, context=8)
     print(f"first top_tokens in the process (builds the token context): {(time.perf_counter() - t0) * 1e3:.0f} ms")
     print(f"\n{'feature':>24} {'rows':>9} {'lookup ms':>10} {'scan ms':>9} {'speed-up':>9} | {'top_tokens ms':>13} "
           f"{'no con ms':>10} {'SQL join ms':>12} {'speed-up':>9}")  # fmt: skip
@@ -126,12 +127,12 @@ def main() -> None:
         b = rw.execute(scan, {"f": f}).fetchall()
         assert a == b, "lookup and scan disagree"
         params = {"sae": "bench", "feature": f, "n": 20, "context": 8}
-        assert query.top_tokens(st, f, sae="bench", con=con).equals(query.run_query(st, "top_tokens", params, con=con))
+        assert lookups.top_tokens(st, f, sae="bench", con=con).equals(named.run_query(st, "top_tokens", params, con=con))
         t_lookup = timeit(lambda f=f: con.execute(lookup, {"sae": "bench", "f": f}).fetchall(), args.repeat)
         t_scan = timeit(lambda f=f: rw.execute(scan, {"f": f}).fetchall(), max(3, args.repeat // 3))
-        t_top = timeit(lambda f=f: query.top_tokens(st, f, sae="bench", n=20, context=8, con=con), args.repeat)
-        t_nocon = timeit(lambda f=f: query.top_tokens(st, f, sae="bench", n=20, context=8), args.repeat)
-        t_sql = timeit(lambda p=params: query.run_query(st, "top_tokens", p, con=con), max(3, args.repeat // 3))
+        t_top = timeit(lambda f=f: lookups.top_tokens(st, f, sae="bench", n=20, context=8, con=con), args.repeat)
+        t_nocon = timeit(lambda f=f: lookups.top_tokens(st, f, sae="bench", n=20, context=8), args.repeat)
+        t_sql = timeit(lambda p=params: named.run_query(st, "top_tokens", p, con=con), max(3, args.repeat // 3))
         print(f"{label + ' ' + str(f):>24} {row['n_active']:>9,} {t_lookup * 1e3:>10.1f} {t_scan * 1e3:>9.1f} "
               f"{t_scan / t_lookup:>8.1f}x | {t_top * 1e3:>13.1f} {t_nocon * 1e3:>10.1f} {t_sql * 1e3:>12.1f} "
               f"{t_sql / t_top:>8.1f}x")  # fmt: skip

@@ -96,12 +96,12 @@ def main() -> None:
     boto3.client("s3").create_bucket(Bucket="bench")
 
     from actstore import open_store
-    from actstore.data import DataConfig
-    from actstore.encode import EncodeConfig, encode
-    from actstore.extract import ExtractConfig, extract
-    from actstore.query import top_tokens
-    from actstore.share import CopyConfig, copy_store
-    from actstore.train import TrainConfig, train_sae
+    from actstore.data.corpora import DataConfig
+    from actstore.encoding.encode import EncodeConfig, encode
+    from actstore.query.lookups import top_tokens
+    from actstore.sae.train import TrainConfig, train_sae
+    from actstore.storage.copy import CopyConfig, copy_store
+    from actstore.store.extract import ExtractConfig, extract
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_remote_"))
     local = str(tmp / "store.zarr")

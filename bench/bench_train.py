@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def synth_store(path: Path, rows: int, d: int) -> str:
-    from actstore.synthetic import planted_dictionary, write_synthetic_store
+    from actstore.store.synthetic import planted_dictionary, write_synthetic_store
 
     if not (path / "zarr.json").exists():
         pd = planted_dictionary(d, 4 * d, 8, seed=1)
@@ -39,9 +39,9 @@ def in_memory_loop(x, cfg, d_sae: int, steps: int) -> float:
     """Steps/s of the same train_step over rows in memory (``x (n, d)``), fresh SAE, same init path."""
     import torch
 
-    from actstore.metrics import TrainTracker
-    from actstore.sae import SAE, SAEConfig
-    from actstore.train import train_step
+    from actstore.sae.metrics import TrainTracker
+    from actstore.sae.model import SAE, SAEConfig
+    from actstore.sae.train import train_step
 
     d = x.shape[1]
     torch.manual_seed(0)
@@ -65,7 +65,7 @@ def throughput(args) -> None:
     import torch
 
     import actstore
-    from actstore.train import TrainConfig, train_sae
+    from actstore.sae.train import TrainConfig, train_sae
 
     path = synth_store(Path(args.dir) / f"synth-{args.rows}-{args.d}.zarr", args.rows, args.d)
     st = actstore.open_store(path)
@@ -86,7 +86,7 @@ def throughput(args) -> None:
 
 
 def rss_child(path: str) -> None:
-    from actstore.train import TrainConfig, train_sae
+    from actstore.sae.train import TrainConfig, train_sae
 
     cfg = TrainConfig(model="synth", layer=0, arch="topk", k=16, expansion=2, epochs=1, batch_size=1024, buffer_mb=16,
                       name="rss", overwrite=True, device="cpu", checkpoint_every=0)  # fmt: skip
@@ -113,9 +113,9 @@ def peak_rss(args) -> None:
 
 def quality(args) -> None:
     import actstore
-    from actstore.data import DataConfig
-    from actstore.extract import ExtractConfig, extract
-    from actstore.train import TrainConfig, train_sae
+    from actstore.data.corpora import DataConfig
+    from actstore.sae.train import TrainConfig, train_sae
+    from actstore.store.extract import ExtractConfig, extract
 
     path = Path(args.dir) / f"imdb-minilm-{args.docs}.zarr"
     data = Path(__file__).resolve().parents[2] / "shared" / "data" / "imdb.jsonl.gz"

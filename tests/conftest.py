@@ -49,7 +49,7 @@ WORDS = [
 
 
 def minilm_path() -> str:
-    from actstore.models import resolve_model
+    from actstore.models.loading import resolve_model
 
     return resolve_model("bundled:minilm")
 
@@ -93,8 +93,8 @@ def corpus_file(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_store_ro(tmp_path_factory, tiny_bert_dir, corpus_file) -> str:
     """A store of the tiny BERT at all layers (fp32, small chunks). Do not write to it: use ``tiny_store``."""
-    from actstore.data import DataConfig
-    from actstore.extract import ExtractConfig, extract
+    from actstore.data.corpora import DataConfig
+    from actstore.store.extract import ExtractConfig, extract
 
     path = tmp_path_factory.mktemp("stores") / "tiny.zarr"
     cfg = ExtractConfig(

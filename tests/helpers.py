@@ -6,7 +6,8 @@ import numpy as np
 import torch
 
 import actstore
-from actstore.sae import SAE, SAEConfig, save_sae
+from actstore.sae.files import save_sae
+from actstore.sae.model import SAE, SAEConfig
 
 
 def make_sae(store, name: str, arch: str, layer: int = 2, d_sae: int = 40, k: int | None = None, seed: int = 0) -> SAE:

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from actstore.data import DataConfig, load_corpus
+from actstore.data.corpora import DataConfig, load_corpus
 from actstore.errors import ConfigError, DataError
 
 ROWS = [
@@ -80,7 +80,7 @@ def test_bad_inputs(tmp_path):
 
 
 def test_label_filter_and_recipes(tmp_path):
-    from actstore.data import data_config, load_recipe, recipe_names
+    from actstore.data.corpora import data_config, load_recipe, recipe_names
 
     p = tmp_path / "d.jsonl"
     p.write_text("\n".join(json.dumps(r) for r in ROWS))

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 import actstore
 from actstore import open_store
+from actstore.analysis.demo import DemoConfig, default_sae_layers, run_demo
 from actstore.cli import main
-from actstore.demo import DemoConfig, default_sae_layers, run_demo
 from actstore.errors import ConfigError
 
 
@@ -36,7 +36,7 @@ def test_demo_end_to_end_on_tiny_model(tmp_path, tiny_bert_dir, corpus_file) -> 
     assert sorted(st.models) == sorted([pre, ft])
     assert st.layers(pre) == st.layers(ft) == [0, 1, 2, 3]
     assert len(actstore.sae_names(st)) == 5  # layers 1 and 3, both models, topk; and the paper's relu-l1 for contrast
-    from actstore.sae import list_saes
+    from actstore.sae.files import list_saes
 
     saes = list_saes(st)
     main_saes = saes.filter(saes["arch"] == "topk")

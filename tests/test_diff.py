@@ -9,10 +9,11 @@ from click.testing import CliRunner
 
 import actstore
 from actstore import open_store
+from actstore.analysis.diff import DiffConfig, _Corr, diff_features, load_diff
 from actstore.cli import main
-from actstore.diff import DiffConfig, _Corr, diff_features, load_diff
 from actstore.errors import ConfigError
-from actstore.sae import SAE, SAEConfig, save_sae
+from actstore.sae.files import save_sae
+from actstore.sae.model import SAE, SAEConfig
 
 
 def _sae(layer: int, name: str, seed: int, d_sae: int = 40) -> SAE:

@@ -13,19 +13,12 @@ from helpers import dense_numpy, make_sae
 
 import actstore
 from actstore.cli import main
-from actstore.encode import (
-    EncodeConfig,
-    Entries,
-    encode,
-    files_dir,
-    merge_runs,
-    read_manifest,
-    sort_block,
-    sort_entries,
-    sparse_encode,
-)
+from actstore.encoding.encode import EncodeConfig, encode, sparse_encode
+from actstore.encoding.sort import Entries, Spiller, merge_runs, sort_block, sort_entries
+from actstore.encoding.table import files_dir, read_manifest, read_pending
 from actstore.errors import ConfigError, StoreError
-from actstore.sae import SAE, SAEConfig, save_sae
+from actstore.sae.files import save_sae
+from actstore.sae.model import SAE, SAEConfig
 
 
 def table_dense(store, name: str, shape: tuple[int, int]) -> np.ndarray:
@@ -93,12 +86,12 @@ def test_row_groups_let_a_feature_lookup_read_only_its_own(tiny_store):
 
 
 def test_resume_after_crash_gives_identical_table(tiny_store, monkeypatch):
-    from actstore import encode as enc
+    from actstore.encoding import encode as enc
 
     st = actstore.open_store(tiny_store, writable=True)
     make_sae(st, "s", "relu-l1")
     cfg = EncodeConfig(sae="s", batch_rows=64, n_buckets=4, spill_entries=300)
-    real_flush, calls = enc._Spiller.flush, []
+    real_flush, calls = Spiller.flush, []
 
     def crashing_flush(self, start):
         calls.append(start)
@@ -106,12 +99,12 @@ def test_resume_after_crash_gives_identical_table(tiny_store, monkeypatch):
             raise KeyboardInterrupt("killed")
         return real_flush(self, start)
 
-    monkeypatch.setattr(enc._Spiller, "flush", crashing_flush)
+    monkeypatch.setattr(Spiller, "flush", crashing_flush)
     with pytest.raises(KeyboardInterrupt):
         encode(st, cfg, progress=False)
-    monkeypatch.setattr(enc._Spiller, "flush", real_flush)
+    monkeypatch.setattr(Spiller, "flush", real_flush)
     assert read_manifest(st, "s") is None  # nothing published yet
-    man = enc._read_pending(st, "s")
+    man = read_pending(st, "s")
     assert not man["complete"] and man["spilled_rows"] > 0
     res = encode(st, cfg, progress=False)
     assert res.resumed_from == man["spilled_rows"]
@@ -127,7 +120,7 @@ def test_resume_after_crash_gives_identical_table(tiny_store, monkeypatch):
     assert encode(st, cfg, progress=False).skipped
 
     # killed while writing the final files: restarts at the last committed spill, same table again
-    real_finish, done = enc._finish_bucket, []
+    real_finish, done = enc.finish_bucket, []
 
     def crashing_finish(*args, **kw):
         done.append(1)
@@ -135,13 +128,13 @@ def test_resume_after_crash_gives_identical_table(tiny_store, monkeypatch):
             raise KeyboardInterrupt("killed")
         return real_finish(*args, **kw)
 
-    monkeypatch.setattr(enc, "_finish_bucket", crashing_finish)
+    monkeypatch.setattr(enc, "finish_bucket", crashing_finish)
     with pytest.raises(KeyboardInterrupt):
         encode(st, EncodeConfig(sae="s", batch_rows=64, n_buckets=4, spill_entries=300, overwrite=True), progress=False)
-    monkeypatch.setattr(enc, "_finish_bucket", real_finish)
+    monkeypatch.setattr(enc, "finish_bucket", real_finish)
     assert read_manifest(st, "s")["complete"]  # the finished encoding survived the failed --overwrite
     assert actstore.features(st, "s").collect().equals(actstore.features(fresh, "s").collect())
-    man = enc._read_pending(st, "s")
+    man = read_pending(st, "s")
     assert not man["complete"] and man["spilled_rows"] > 0
     res = encode(st, cfg, progress=False)  # resumes the unfinished re-encode
     assert res.resumed_from == man["spilled_rows"] and not st.loc.exists(f"{files_dir('s', man)}/spill")

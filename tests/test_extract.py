@@ -18,11 +18,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import actstore
-from actstore import codecs
-from actstore.data import DataConfig
+from actstore.data.corpora import DataConfig
 from actstore.errors import ConfigError, ModelError, StoreError, TokenizerMismatchError
-from actstore.extract import ExtractConfig, extract, parse_layers
-from actstore.models import LayerTap, load_model
+from actstore.format import codecs
+from actstore.models.loading import load_model
+from actstore.models.taps import LayerTap
+from actstore.store.extract import ExtractConfig, extract, parse_layers
 
 
 def test_fp32_rows_equal_fresh_forward(tiny_store_ro, tiny_bert_dir):
@@ -89,7 +90,7 @@ def test_gpt2_decoder_and_truncated_pass(tmp_path, tiny_bert_dir, corpus_file):
 
 def test_blocks_above_deepest_layer_do_not_run(tiny_bert_dir):
     loaded = load_model(tiny_bert_dir)
-    from actstore.models import find_blocks
+    from actstore.models.taps import find_blocks
 
     calls = []
     blocks = find_blocks(loaded.model, loaded.n_layers)
@@ -231,7 +232,7 @@ def test_bert_base_shape():
     """The paper's bert-base geometry (768 wide, 12 layers), random init: layers 3/6/12 have the right shapes."""
     from transformers import BertConfig, BertModel
 
-    from actstore.models import LoadedModel
+    from actstore.models.loading import LoadedModel
 
     cfg = BertConfig(vocab_size=1000)  # bert-base defaults: hidden 768, 12 layers
     model = BertModel(cfg).eval()
@@ -269,8 +270,8 @@ def test_codec_round_trip(data, codec):
 # ---------------------------------------------------------------- kill -9 and resume
 RUNNER = """
 import sys
-from actstore.data import DataConfig
-from actstore.extract import ExtractConfig, extract
+from actstore.data.corpora import DataConfig
+from actstore.store.extract import ExtractConfig, extract
 store, model, data = sys.argv[1:4]
 cfg = ExtractConfig(model, DataConfig(data), "1,3", codec="fp16", chunk_rows=32, unit_rows=256, batch_size=4)
 extract(store, cfg, progress=False)

@@ -11,9 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 from actstore.cli import main
-from actstore.data import DataConfig
+from actstore.data.corpora import DataConfig
 from actstore.errors import ConfigError, DataError
-from actstore.finetune import FinetuneConfig, classification_report, finetune, split_records
+from actstore.models.finetune import FinetuneConfig, classification_report, finetune, split_records
 
 
 def toy_rows(n: int, seed: int = 1) -> list[dict]:
@@ -49,7 +49,7 @@ def test_classification_report_by_hand() -> None:
 
 
 def test_split_fractions_and_own_split() -> None:
-    from actstore.data import Record
+    from actstore.data.corpora import Record
 
     recs = [Record(str(i), "t", "a") for i in range(100)]
     s = split_records(recs, (0.8, 0.1, 0.1), 0)
@@ -96,7 +96,7 @@ def test_finetune_learns_toy_task_and_resumes(tmp_path, tiny_bert_dir, toy_file)
 
     # the fine-tuned directory extracts into the same store as its base, row-aligned
     from actstore import open_store
-    from actstore.extract import ExtractConfig, extract
+    from actstore.store.extract import ExtractConfig, extract
 
     store = str(tmp_path / "s.zarr")
     common = dict(data=DataConfig(toy_file, limit=20), layers="all", codec="fp32", chunk_rows=64, device="cpu")

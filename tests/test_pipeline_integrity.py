@@ -3,10 +3,10 @@
 from pathlib import Path
 
 import actstore
-from actstore.diff import DiffConfig, diff_features
-from actstore.encode import EncodeConfig, encode
-from actstore.integrity import verify
-from actstore.train import TrainConfig, train_sae
+from actstore.analysis.diff import DiffConfig, diff_features
+from actstore.encoding.encode import EncodeConfig, encode
+from actstore.sae.train import TrainConfig, train_sae
+from actstore.storage.integrity import verify
 
 
 def test_train_encode_diff_leave_a_verifiable_store(tiny_store):

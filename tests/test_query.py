@@ -13,10 +13,10 @@ from click.testing import CliRunner
 from helpers import dense_numpy, make_sae
 
 import actstore
-from actstore import query
 from actstore.cli import main
-from actstore.encode import EncodeConfig, encode
+from actstore.encoding.encode import EncodeConfig, encode
 from actstore.errors import ConfigError, NotFoundError
+from actstore.query import lookups, named
 
 WORDS = [
     "the",
@@ -38,8 +38,8 @@ WORDS = [
 @pytest.fixture(scope="module")
 def enc_store(tmp_path_factory, tiny_bert_dir) -> str:
     """A tiny-BERT store over 36 texts with sub-word pieces and 3 labels; SAEs a, b (layer 2) and c (layer 1) encoded."""
-    from actstore.data import DataConfig
-    from actstore.extract import ExtractConfig, extract
+    from actstore.data.corpora import DataConfig
+    from actstore.store.extract import ExtractConfig, extract
 
     d = tmp_path_factory.mktemp("enc")
     rng = random.Random(1)
@@ -95,7 +95,7 @@ def test_top_tokens_equal_numpy(enc_store, ref, sae, layer):
         col = dense[:, feature]
         rows = np.lexsort((np.arange(len(col)), -col))[:7]
         rows = rows[col[rows] > 0]
-        df = query.top_tokens(st, feature, layer=layer, sae=sae, n=7, context=3, con=con)
+        df = lookups.top_tokens(st, feature, layer=layer, sae=sae, n=7, context=3, con=con)
         assert df["row"].to_list() == rows.tolist()
         np.testing.assert_allclose(df["value"].to_numpy(), col[rows], rtol=1e-4, atol=1e-6)
         assert df["rank"].to_list() == list(range(1, len(rows) + 1))
@@ -118,12 +118,12 @@ def test_top_tokens_equals_the_named_sql_query(enc_store):
     for sae, features in (("a", range(0, 40, 3)), ("b", range(24)), ("c", range(0, 32, 4))):
         for feature in features:
             for n, context in ((5, 3), (50, 0), (3, 12)):
-                want = query.run_query(st, "top_tokens", {"sae": sae, "feature": feature, "n": n, "context": context}, con=con)
+                want = named.run_query(st, "top_tokens", {"sae": sae, "feature": feature, "n": n, "context": context}, con=con)
                 for c in (con, None):  # lookup through the connection's view / straight from the bucket file
-                    got = query.top_tokens(st, feature, sae=sae, n=n, context=context, con=c)
+                    got = lookups.top_tokens(st, feature, sae=sae, n=n, context=context, con=c)
                     assert got.equals(want), (sae, feature, n, context, c)
     con.close()
-    assert query.context_string(["the", "Ġbig", "##gest", "▁cat"], 1) == "the [[big]]gest cat"
+    assert lookups.context_string(["the", "Ġbig", "##gest", "▁cat"], 1) == "the [[big]]gest cat"
 
 
 def test_named_queries_equal_numpy(enc_store, ref):
@@ -133,7 +133,7 @@ def test_named_queries_equal_numpy(enc_store, ref):
     # features of one sample
     s = samples.row(7, named=True)
     block = dense[s["first_row"] : s["first_row"] + s["n_tokens"]]
-    df = query.run_query(st, "sample_features", {"sample": 7, "layer": 2, "sae": "a", "n": 100})
+    df = named.run_query(st, "sample_features", {"sample": 7, "layer": 2, "sae": "a", "n": 100})
     active = np.flatnonzero((block > 0).any(axis=0))
     assert sorted(df["feature"].to_list()) == active.tolist()
     for r in df.iter_rows(named=True):
@@ -144,23 +144,23 @@ def test_named_queries_equal_numpy(enc_store, ref):
         assert r["top_token"] == tokens["token"][s["first_row"] + int(block[:, f].argmax())]
     # top features by variance / frequency
     for by, stat in (("variance", dense.var(axis=0)), ("frequency", (dense > 0).mean(axis=0))):
-        got = query.top_features(st, layer=2, sae="a", by=by, n=5)
+        got = lookups.top_features(st, layer=2, sae="a", by=by, n=5)
         assert got["feature"].to_list() == np.lexsort((np.arange(len(stat)), -stat))[:5].tolist()
     # label association: mean over the label's tokens minus mean over the others
     lab = np.repeat(samples["label"].to_numpy(), samples["n_tokens"].to_numpy())
-    got = query.top_features(st, layer=2, sae="a", by="label-association", n=3, label="neg")
+    got = lookups.top_features(st, layer=2, sae="a", by="label-association", n=3, label="neg")
     diff = dense[lab == "neg"].mean(axis=0) - dense[lab != "neg"].mean(axis=0)
     assert got["label"].unique().to_list() == ["neg"]
     assert got["feature"].to_list() == np.argsort(-diff, kind="stable")[:3].tolist()
     np.testing.assert_allclose(got["mean_diff"].to_numpy(), np.sort(diff)[::-1][:3], rtol=1e-4)
-    all_labels = query.top_features(st, layer=2, sae="a", by="label-association", n=2)
+    all_labels = lookups.top_features(st, layer=2, sae="a", by="label-association", n=2)
     assert sorted(all_labels["label"].unique().to_list()) == ["mixed", "neg", "pos"] and all_labels.height == 6
     # token frequency and top samples of one feature
     f = int(np.argmax((dense > 0).sum(axis=0)))
-    tf = query.run_query(st, "token_frequency", {"sae": "a", "feature": f, "n": 1000})
+    tf = named.run_query(st, "token_frequency", {"sae": "a", "feature": f, "n": 1000})
     counts = pl.DataFrame({"token": tokens["token"].to_numpy()[dense[:, f] > 0]}).group_by("token").len()
     assert dict(zip(tf["token"], tf["n_active"], strict=True)) == dict(zip(counts["token"], counts["len"], strict=True))
-    ts = query.run_query(st, "top_samples", {"sae": "a", "feature": f, "n": 3})
+    ts = named.run_query(st, "top_samples", {"sae": "a", "feature": f, "n": 3})
     sample_of = tokens["sample"].to_numpy()
     best = np.array([dense[sample_of == i, f].max() for i in range(samples.height)])
     assert ts["sample"].to_list() == np.lexsort((np.arange(len(best)), -best))[:3].tolist()
@@ -220,34 +220,34 @@ def test_parameters_are_inert(enc_store):
     evil = ["a' OR '1'='1", "a'; DROP VIEW tokens; --", "1 UNION SELECT * FROM samples", '"a"']
     for value in evil:
         with pytest.raises(NotFoundError):
-            query.run_query(st, "top_tokens", {"sae": value, "feature": 1})
-        out = query.run_query(st, "feature_label_association", {"sae": "a", "label": value})
+            named.run_query(st, "top_tokens", {"sae": value, "feature": 1})
+        out = named.run_query(st, "feature_label_association", {"sae": "a", "label": value})
         assert out.height == 0
         # bound straight into the SQL text, a quote is only a character
-        got = actstore.sql(st, query.load_query("top_tokens").sql, {"sae": value, "feature": 1, "n": 5, "context": 2})
+        got = actstore.sql(st, named.load_query("top_tokens").sql, {"sae": value, "feature": 1, "n": 5, "context": 2})
         assert got.height == 0
     with pytest.raises(ConfigError, match="INTEGER"):
-        query.run_query(st, "top_tokens", {"sae": "a", "feature": "1; DROP VIEW tokens"})
+        named.run_query(st, "top_tokens", {"sae": "a", "feature": "1; DROP VIEW tokens"})
     with pytest.raises(NotFoundError, match="no named query"):
-        query.run_query(st, "../../etc/passwd", {})
+        named.run_query(st, "../../etc/passwd", {})
     assert actstore.sql(st, "SELECT count(*) AS n FROM tokens")["n"][0] > 0
 
 
 def test_sae_resolution_messages(enc_store):
     st = actstore.open_store(enc_store)
     with pytest.raises(ConfigError, match=r"several encoded SAEs.*a \(tiny layer 2.*b \(tiny layer 2"):
-        query.top_tokens(st, 1, layer=2)
+        lookups.top_tokens(st, 1, layer=2)
     busy = int(actstore.feature_stats(st, "c").filter(pl.col("n_active") >= 2).collect()["feature"][0])
-    got = query.top_tokens(st, busy, layer=1, n=2)  # the layer's only SAE, c
-    assert got.height == 2 and got.equals(query.top_tokens(st, busy, sae="c", n=2))
+    got = lookups.top_tokens(st, busy, layer=1, n=2)  # the layer's only SAE, c
+    assert got.height == 2 and got.equals(lookups.top_tokens(st, busy, sae="c", n=2))
     with pytest.raises(NotFoundError, match="actstore train"):
-        query.top_tokens(st, 1, layer=0)
+        lookups.top_tokens(st, 1, layer=0)
     with pytest.raises(ConfigError, match="out of range"):
-        query.top_tokens(st, 99, sae="c")
+        lookups.top_tokens(st, 99, sae="c")
     with pytest.raises(ConfigError, match="reads tiny layer 1"):
-        query.top_tokens(st, 1, sae="c", layer=2)
+        lookups.top_tokens(st, 1, sae="c", layer=2)
     with pytest.raises(ConfigError, match="needs --param feature"):
-        query.run_query(st, "top_tokens", {"sae": "a"})
+        named.run_query(st, "top_tokens", {"sae": "a"})
 
 
 def test_cli_query_commands(enc_store, tmp_path, ref):

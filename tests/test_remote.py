@@ -19,10 +19,10 @@ import actstore
 from actstore import open_store
 from actstore.cli import main
 from actstore.errors import ConcurrencyError, IntegrityError, StoreError
-from actstore.integrity import update_manifest, verify
-from actstore.location import check_key, open_location
-from actstore.locks import StoreLock, lock_key
-from actstore.share import CopyConfig, copy_store
+from actstore.storage.copy import CopyConfig, copy_store
+from actstore.storage.integrity import update_manifest, verify
+from actstore.storage.location import check_key, open_location
+from actstore.storage.locks import StoreLock, lock_key
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::ResourceWarning"),
@@ -85,8 +85,8 @@ def pushed(s3_server, tiny_store_ro, tmp_path_factory):
 
 
 def extract_cfg(model_dir: str, corpus: str, layers: str, name: str = "tiny"):
-    from actstore.data import DataConfig
-    from actstore.extract import ExtractConfig
+    from actstore.data.corpora import DataConfig
+    from actstore.store.extract import ExtractConfig
 
     return ExtractConfig(
         model=model_dir, data=DataConfig(corpus), layers=layers, name=name, codec="fp32", chunk_rows=64, batch_size=8,
@@ -115,7 +115,7 @@ def test_file_url_is_local(tiny_store_ro):
 
 # ---------------------------------------------------------------- extract to a bucket, read by URL
 def test_extract_to_bucket_matches_local(s3_server, tiny_bert_dir, corpus_file, tiny_store_ro):
-    from actstore.extract import extract
+    from actstore.store.extract import extract
 
     url = new_url()
     res = extract(url, extract_cfg(tiny_bert_dir, corpus_file, "1,3"), progress=False)
@@ -148,7 +148,8 @@ def test_sql_over_bucket_is_read_only(pushed, s3, tiny_store_ro):
 
 
 def test_url_is_read_only_unless_writable(pushed):
-    from actstore.sae import SAE, SAEConfig, save_sae
+    from actstore.sae.files import save_sae
+    from actstore.sae.model import SAE, SAEConfig
 
     st = open_store(pushed)
     sae = SAE(SAEConfig(arch="relu-l1", d_in=32, d_sae=8))
@@ -324,7 +325,7 @@ def test_stale_lock_from_dead_pid_taken_over(tiny_store):
 
 
 def test_extract_same_array_refused_other_layers_proceed(s3_server, tiny_bert_dir, corpus_file):
-    from actstore.extract import extract
+    from actstore.store.extract import extract
 
     url = new_url()
     extract(url, extract_cfg(tiny_bert_dir, corpus_file, "1"), progress=False)
@@ -344,8 +345,8 @@ def test_extract_same_array_refused_other_layers_proceed(s3_server, tiny_bert_di
 
 WRITER = """
 import sys
-from actstore.data import DataConfig
-from actstore.extract import ExtractConfig, extract
+from actstore.data.corpora import DataConfig
+from actstore.store.extract import ExtractConfig, extract
 cfg = ExtractConfig(model=sys.argv[2], data=DataConfig(sys.argv[3]), layers=sys.argv[4], name=sys.argv[5], codec="fp32",
                     chunk_rows=64, batch_size=8, device="cpu", unit_rows=64)
 r = extract(sys.argv[1], cfg, progress=False)
@@ -377,9 +378,9 @@ def test_two_processes_extract_different_models_into_one_bucket(s3_server, tiny_
 
 # ---------------------------------------------------------------- train, encode and query from the bucket
 def test_train_encode_and_top_tokens_over_bucket(pushed, s3):
-    from actstore.encode import EncodeConfig, encode
-    from actstore.query import top_tokens
-    from actstore.train import TrainConfig, train_sae
+    from actstore.encoding.encode import EncodeConfig, encode
+    from actstore.query.lookups import top_tokens
+    from actstore.sae.train import TrainConfig, train_sae
 
     url = new_url()
     assert copy_store(CopyConfig(pushed, url)).ok
@@ -449,8 +450,8 @@ def test_sql_sandbox_over_bucket(pushed, s3, tmp_path, writable):
 @pytest.fixture(scope="module")
 def pushed_two_models(s3_server, tiny_store_ro, tiny_bert_dir, corpus_file, tmp_path_factory):
     """Two models (same weights, two keys) with an SAE each at layer 2, in the bucket; do not write to it."""
-    from actstore.extract import extract
-    from actstore.train import TrainConfig, train_sae
+    from actstore.sae.train import TrainConfig, train_sae
+    from actstore.store.extract import extract
 
     local = tmp_path_factory.mktemp("two") / "two.zarr"
     shutil.copytree(tiny_store_ro, local)

@@ -11,10 +11,11 @@ from click.testing import CliRunner
 
 import actstore
 from actstore import open_store
+from actstore.analysis.show import ShowConfig, show, token_views
 from actstore.cli import main
 from actstore.errors import ConfigError, NotFoundError
-from actstore.sae import SAE, SAEConfig, save_sae
-from actstore.show import ShowConfig, show, token_views
+from actstore.sae.files import save_sae
+from actstore.sae.model import SAE, SAEConfig
 
 
 @pytest.fixture()
@@ -88,9 +89,9 @@ def test_show_cli(store_with_sae, tmp_path) -> None:
 
 def test_live_model_loaded_once_for_many_samples(store_with_sae, tiny_bert_dir, corpus_file, monkeypatch) -> None:
     """Samples of a model whose layer is not stored run live: its model is loaded once, not once per sample."""
-    from actstore import models
-    from actstore.data import DataConfig
-    from actstore.extract import ExtractConfig, extract
+    from actstore.data.corpora import DataConfig
+    from actstore.models import loading as models
+    from actstore.store.extract import ExtractConfig, extract
 
     extract(store_with_sae, ExtractConfig(tiny_bert_dir, DataConfig(corpus_file), [1], name="other", codec="fp32",
                                           device="cpu"), progress=False)  # fmt: skip

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
 
-from actstore.models import splice
+from actstore.models.taps import splice
 
 
 @pytest.mark.parametrize(

@@ -11,9 +11,9 @@ import zarr
 from helpers import reference_hidden_states, stored_by_sample
 
 import actstore
-from actstore.data import DataConfig
-from actstore.extract import ExtractConfig, extract
-from actstore.models import resolve_model, tokenizer_hash, tokenizer_identity
+from actstore.data.corpora import DataConfig
+from actstore.models.loading import resolve_model, tokenizer_hash, tokenizer_identity
+from actstore.store.extract import ExtractConfig, extract
 
 TEXTS = [
     "I love this movie!",

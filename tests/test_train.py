@@ -18,9 +18,9 @@ from click.testing import CliRunner
 import actstore
 from actstore.cli import main
 from actstore.errors import ConfigError, NotFoundError
-from actstore.stream import ShuffledStream, split_rows, split_sample_rows
-from actstore.synthetic import planted_dictionary, write_synthetic_store
-from actstore.train import TrainConfig, train_sae
+from actstore.sae.stream import ShuffledStream, split_rows, split_sample_rows
+from actstore.sae.train import TrainConfig, train_sae
+from actstore.store.synthetic import planted_dictionary, write_synthetic_store
 
 FAST = dict(batch_size=64, device="cpu", eval_fraction=0.1)
 
@@ -258,8 +258,8 @@ def test_cli_train_saes_export(tiny_store, tmp_path):
 def clf_store(tmp_path_factory, tiny_bert_dir, corpus_file):
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from actstore.data import DataConfig
-    from actstore.extract import ExtractConfig, extract
+    from actstore.data.corpora import DataConfig
+    from actstore.store.extract import ExtractConfig, extract
 
     d = tmp_path_factory.mktemp("clf")
     torch.manual_seed(1)
@@ -277,8 +277,8 @@ def clf_store(tmp_path_factory, tiny_bert_dir, corpus_file):
 def test_task_accuracy_with_the_sae_spliced_in(clf_store):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from actstore.metrics import task_accuracy
-    from actstore.sae import SAE, SAEConfig
+    from actstore.sae.metrics import task_accuracy
+    from actstore.sae.model import SAE, SAEConfig
 
     path, model_dir = clf_store
     st = actstore.open_store(path, writable=True)

@@ -18,12 +18,14 @@ from click.testing import CliRunner
 
 import actstore
 from actstore.cli import main
-from actstore.encode import EncodeConfig, encode, files_dir, read_manifest
+from actstore.encoding.encode import EncodeConfig, encode
+from actstore.encoding.table import files_dir, read_manifest
 from actstore.errors import ConcurrencyError, ConfigError, IntegrityError, StoreError
-from actstore.integrity import update_manifest, verify
-from actstore.location import open_location
-from actstore.locks import StoreLock
-from actstore.sae import SAE, SAEConfig, save_sae
+from actstore.sae.files import save_sae
+from actstore.sae.model import SAE, SAEConfig
+from actstore.storage.integrity import update_manifest, verify
+from actstore.storage.location import open_location
+from actstore.storage.locks import StoreLock
 
 pytestmark = pytest.mark.filterwarnings("ignore:Object at .* is not recognized")
 
@@ -116,7 +118,7 @@ def test_concurrent_encodes_never_interleave(tiny_store):
 
 
 def test_train_refuses_a_second_trainer_of_one_name(tiny_store):
-    from actstore.train import TrainConfig, train_sae
+    from actstore.sae.train import TrainConfig, train_sae
 
     loc = open_location(tiny_store, writable=True)
     holder = StoreLock(loc, "saes/busy", "train busy (another process)").acquire()
@@ -213,7 +215,7 @@ def test_read_only_location_refuses_every_write(encoded):
 
 
 def test_encode_overwrite_keeps_the_good_encoding_until_the_new_one_is_ready(encoded, monkeypatch):
-    from actstore import encode as enc
+    from actstore.encoding import encode as enc
 
     st = actstore.open_store(encoded, writable=True)
     want = actstore.features(st, "s").collect().sort(["row", "feature"])
@@ -221,7 +223,7 @@ def test_encode_overwrite_keeps_the_good_encoding_until_the_new_one_is_ready(enc
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(enc, "_finish_bucket", boom)
+    monkeypatch.setattr(enc, "finish_bucket", boom)
     with pytest.raises(OSError):
         encode(st, EncodeConfig(sae="s", overwrite=True), progress=False)
     monkeypatch.undo()
@@ -374,7 +376,7 @@ def test_partial_files_after_a_kill_are_ignored(encoded, tmp_path):
 
 
 def test_training_on_a_partial_layer_warns(tiny_store):
-    from actstore.train import PartialLayerWarning, TrainConfig, train_sae
+    from actstore.sae.train import PartialLayerWarning, TrainConfig, train_sae
 
     edit_attrs(tiny_store, "models/tiny/layer_1", committed_rows=128, complete=False)
     with warnings.catch_warnings(record=True) as got:
@@ -399,8 +401,8 @@ def test_disk_full_is_one_line(tiny_bert_dir, corpus_file, tmp_path):
 def test_finished_finetune_is_not_redone(tiny_bert_dir, tmp_path):
     from conftest import make_texts
 
-    from actstore.data import DataConfig
-    from actstore.finetune import FinetuneConfig, finetune
+    from actstore.data.corpora import DataConfig
+    from actstore.models.finetune import FinetuneConfig, finetune
 
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in make_texts(30)) + "\n")
@@ -417,10 +419,10 @@ def test_finished_finetune_is_not_redone(tiny_bert_dir, tmp_path):
 
 
 def test_output_folders_have_one_writer(tiny_store_ro, tiny_bert_dir, tmp_path):
-    from actstore.data import DataConfig
-    from actstore.finetune import FinetuneConfig, finetune
-    from actstore.locks import output_lock
-    from actstore.report import ReportConfig, build_report
+    from actstore.analysis.report import ReportConfig, build_report
+    from actstore.data.corpora import DataConfig
+    from actstore.models.finetune import FinetuneConfig, finetune
+    from actstore.storage.locks import output_lock
 
     out = tmp_path / "busy"
     with output_lock(out, "another finetune"):

@@ -1,0 +1,429 @@
+"""Report stage: one HTML page (plus PNGs and a Markdown summary) of everything a store says about the paper.
+
+Sections, each present when the store has what it needs:
+
+1. fine-tune reports -- for every model extracted from a directory that ``actstore finetune`` wrote
+   (its ``report.json``): accuracy of the fine-tuned and of the pretrained encoder + fresh head,
+   per-class F1, confusion matrices (the paper's Table 2);
+2. layer-wise similarity of the two models -- mean-cosine, token-cosine, CKA (the paper's Fig 1);
+3. SAE metrics -- held-out MSE, FVU, L0, dead fraction per SAE;
+4. top features by variance per SAE with their top-activating tokens in context (the paper's
+   Table 1) and token views of the best one, the SAE's own model beside the other (Figs 3-5);
+5. feature diff -- retained / modified / lost / new between the two models' SAEs at each layer.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import polars as pl
+
+from actstore.clock import now
+from actstore.errors import ConfigError
+from actstore.format import layout
+from actstore.sae.files import dense_notes, read_config, sae_names
+
+if TYPE_CHECKING:
+    from actstore.store.reader import Store
+
+
+@dataclass
+class ReportConfig:
+    """What ``actstore report`` puts in the page."""
+
+    out: str
+    """Output directory (index.html, summary.md, *.png, report.json)."""
+    models: tuple[str, str] | None = None
+    """The two models to compare (default: the store's two models)."""
+    top_features: int = 5
+    """Top features by variance shown per SAE."""
+    top_tokens: int = 8
+    """Top-activating tokens shown per feature."""
+    views: int = 2
+    """Stored samples shown as token views for the best feature of each SAE."""
+    context: int = 12
+    """Tokens shown on each side of the hit in a token view."""
+    diff_rows: int = 50_000
+    """Token rows sampled for the feature diff's activation correlation."""
+    cka_rows: int = 100_000
+    """Token rows sampled for CKA."""
+
+    def __post_init__(self) -> None:
+        if min(self.top_features, self.top_tokens, self.views) < 0 or self.context < 1:
+            raise ConfigError("top_features, top_tokens and views must be >= 0, context >= 1")
+        if self.models is not None:
+            self.models = tuple(self.models)  # type: ignore[assignment]
+            if len(self.models) != 2:
+                raise ConfigError(f"--models needs two model keys A,B, got {self.models}")
+
+
+@dataclass
+class ReportResult:
+    """Where the report went and what it found."""
+
+    html: str
+    markdown: str
+    pngs: list[str] = field(default_factory=list)
+    sections: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """Sections skipped and why."""
+    data: dict[str, Any] = field(default_factory=dict)
+    """The numbers shown (also written as report.json)."""
+
+
+def _esc(x: Any) -> str:
+    return html.escape(str(x))
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, float):
+        return "" if np.isnan(x) else f"{x:.4f}"
+    return "" if x is None else str(x)
+
+
+def _html_table(df: pl.DataFrame, max_rows: int = 200) -> str:
+    head = "".join(f"<th>{_esc(c)}</th>" for c in df.columns)
+    body = "".join("<tr>" + "".join(f"<td>{_esc(_fmt(v))}</td>" for v in row) + "</tr>" for row in df.head(max_rows).iter_rows())
+    return f'<div class="scroll"><table class="data"><tr>{head}</tr>{body}</table></div>'
+
+
+def _md_table(df: pl.DataFrame, max_rows: int = 60) -> str:
+    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+    for row in df.head(max_rows).iter_rows():
+        lines.append("| " + " | ".join(_fmt(v).replace("|", "\\|").replace("\n", " ") for v in row) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- sections
+def stored_finetune_report(store: Store, model: str) -> dict[str, Any] | None:
+    """The fine-tune report extract copied into the store for ``model`` (``models/M/finetune_report.json``), or None.
+
+    Only the store's own copy is read: never a file at a path the store names.
+    """
+    key = layout.finetune_report(model)
+    if not store.loc.exists(key):
+        return None
+    try:
+        rep = json.loads(store.loc.read_bytes(key))
+        for side in ("pretrained", "finetuned"):
+            float(rep[side]["accuracy"])
+        if not isinstance(rep["labels"], list):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        return None
+    return rep
+
+
+def finetune_section(store: Store) -> tuple[pl.DataFrame | None, list[dict[str, Any]]]:
+    """Accuracy table (one row per fine-tuned model) and the raw reports."""
+    rows, reports = [], []
+    for m in store.models:
+        rep = stored_finetune_report(store, m)
+        if not rep:
+            continue
+        reports.append({"model": m, **rep})
+        rows.append({
+            "model": m, "labels": len(rep["labels"]),
+            "train / val / test": f"{rep['n_train']} / {rep['n_val']} / {rep['n_test']}",
+            "pretrained accuracy": rep["pretrained"]["accuracy"], "fine-tuned accuracy": rep["finetuned"]["accuracy"],
+            "pretrained macro F1": rep["pretrained"]["macro_f1"], "fine-tuned macro F1": rep["finetuned"]["macro_f1"],
+            "best epoch": rep["best_epoch"], "epochs run": len(rep.get("history", [])),
+        })  # fmt: skip
+    return (pl.DataFrame(rows) if rows else None), reports
+
+
+def _per_class(rep: dict[str, Any]) -> pl.DataFrame:
+    rows = []
+    for lab in rep["labels"]:
+        p, f = rep["pretrained"]["per_class"][lab], rep["finetuned"]["per_class"][lab]
+        rows.append({"label": lab, "support": f["support"], "pretrained F1": p["f1"], "fine-tuned precision": f["precision"],
+                     "fine-tuned recall": f["recall"], "fine-tuned F1": f["f1"]})  # fmt: skip
+    return pl.DataFrame(rows)
+
+
+def _confusion(rep: dict[str, Any], which: str) -> pl.DataFrame:
+    labs = rep["labels"]
+    conf = rep[which]["confusion"]
+    return pl.DataFrame({"true \\ predicted": labs, **{lab: [row[j] for row in conf] for j, lab in enumerate(labs)}})
+
+
+def sae_pairs(store: Store, models: tuple[str, str]) -> list[tuple[int, str, str]]:
+    """``(layer, sae of model A, sae of model B)`` for every layer where each model has an SAE (first by name)."""
+    by: dict[tuple[str, int], str] = {}
+    for name in sorted(sae_names(store)):
+        c = read_config(store, name)  # cfg.json only: no weights
+        if c.model in models and c.layer is not None:
+            by.setdefault((c.model, int(c.layer)), name)
+    layers = sorted({layer for (_, layer) in by})
+    return [(layer, by[(models[0], layer)], by[(models[1], layer)]) for layer in layers
+            if (models[0], layer) in by and (models[1], layer) in by]  # fmt: skip
+
+
+def sae_metrics_table(store: Store) -> pl.DataFrame | None:
+    from actstore.sae.files import list_saes
+
+    df = list_saes(store)
+    if df.height == 0:
+        return None
+    keep = [
+        c
+        for c in ("name", "model", "layer", "arch", "d_in", "d_sae", "l1", "tokens", "mse", "fvu", "l0", "l0_fraction", "dead",
+                  "dense_code")
+        if c in df.columns
+    ]  # fmt: skip
+    return df.select(keep).sort(["layer", "model"])
+
+
+def _crop_views(tv: Any, center: int, context: int) -> Any:
+    from actstore.analysis.show import TokenViews
+
+    a = max(0, center - context)
+    b = center + context + 1
+    return TokenViews(tv.views, tv.sentences, [t[a:b] for t in tv.tokens], [[x[a:b] for x in vs] for vs in tv.values])
+
+
+def features_section(store: Store, cfg: ReportConfig, models: tuple[str, str] | None) -> tuple[list[dict[str, Any]], list[str]]:
+    """Per encoded SAE: top features by variance, their top tokens, and token views (HTML fragments)."""
+    from actstore.analysis.show import ShowConfig, render_html_fragment, token_views
+    from actstore.encoding.table import encoded_saes
+    from actstore.query.lookups import top_features, top_tokens
+
+    out, notes = [], []
+    encoded = set(encoded_saes(store))
+    order = {m: i for i, m in enumerate(models or ())}
+    cfgs = {name: read_config(store, name) for name in sae_names(store)}  # cfg.json only: no weights
+    for name in sorted(cfgs, key=lambda n: (cfgs[n].layer or 0, order.get(str(cfgs[n].model), 99), n)):
+        if name not in encoded:
+            notes.append(
+                f"SAE {name} is not encoded, so its top features are not shown: run actstore encode {store.url} --sae {name}"
+            )
+            continue
+        sae_cfg = cfgs[name]
+        tf = top_features(store, sae=name, by="variance", n=cfg.top_features)
+        feats = []
+        for f in tf.iter_rows(named=True):
+            tt = top_tokens(store, int(f["feature"]), sae=name, n=cfg.top_tokens, context=6)
+            feats.append({**f, "top_tokens": tt.select("value", "token", "id", "label", "context").to_dicts()})
+        entry: dict[str, Any] = {"sae": name, "model": sae_cfg.model, "layer": sae_cfg.layer, "features": feats, "views_html": ""}
+        if feats and cfg.views:
+            best = feats[0]
+            other = [m for m in (models or ()) if m != sae_cfg.model and sae_cfg.layer in store.layers(m)]
+            vmodels = [str(sae_cfg.model), *other]
+            frags = []
+            for hit in best["top_tokens"][: cfg.views]:
+                tv = token_views(store, ShowConfig(saes=[name], features=[int(best["feature"])], sample_ids=[hit["id"]],
+                                                   models=vmodels))  # fmt: skip
+                center = int(np.argmax(tv.values[0][0]))
+                frags.append(render_html_fragment(_crop_views(tv, center, cfg.context)))
+            entry["views_html"] = "\n".join(frags)
+        out.append(entry)
+    return out, notes
+
+
+def diff_section(store: Store, pairs: list[tuple[int, str, str]], cfg: ReportConfig) -> pl.DataFrame | None:
+    from actstore.analysis.diff import DiffConfig, diff_features, diff_names, load_diff
+
+    rows = []
+    for layer, a, b in pairs:
+        name = f"{a}__{b}"
+        if name in diff_names(store):
+            res = load_diff(store, name)
+        else:
+            res = diff_features(store, DiffConfig(a, b, rows=cfg.diff_rows), save=store.writable)
+        c = res.counts
+        rows.append({"layer": layer, "sae A": a, "sae B": b, "retained": c["a"]["retained"], "modified (A)": c["a"]["modified"],
+                     "lost": c["a"]["lost"], "modified (B)": c["b"]["modified"], "new": c["b"]["new"]})  # fmt: skip
+    return pl.DataFrame(rows) if rows else None
+
+
+def _plot_diff(df: pl.DataFrame, path: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 3.4))
+    x = np.arange(df.height)
+    bottom = np.zeros(df.height)
+    for col, colour in (("retained", "#4c72b0"), ("modified (A)", "#dd8452"), ("lost", "#c44e52")):
+        v = df[col].to_numpy().astype(float)
+        ax.bar(x, v, bottom=bottom, label=col, color=colour)
+        bottom += v
+    ax.set_xticks(x, [str(v) for v in df["layer"].to_list()])
+    ax.set_xlabel("layer")
+    ax.set_ylabel("features of the pretrained SAE")
+    ax.set_title("feature diff, pretrained -> fine-tuned")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------- page
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; box-sizing: border-box;
+       color: #222; }
+.scroll { overflow-x: auto; max-width: 100%; }
+img { max-width: 100%; height: auto; }
+h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 2em; }
+table.data { border-collapse: collapse; margin: .8em 0; font-size: .9em; }
+table.data th, table.data td { border: 1px solid #ddd; padding: 3px 8px; text-align: left; }
+table.data th { background: #f4f4f4; }
+.note { color: #8a5a00; background: #fff6e0; padding: .4em .8em; border-radius: 4px; }
+pre { background: #f7f7f7; padding: .6em; font-size: .85em; overflow-x: auto; }
+"""
+
+
+def build_report(store: Store, cfg: ReportConfig, progress: bool = False) -> ReportResult:
+    """Write ``index.html``, ``summary.md``, PNGs and ``report.json`` into ``cfg.out`` (one writer per folder)."""
+    from actstore.storage.locks import output_lock
+
+    with output_lock(cfg.out, f"report of {store.url}"):
+        return _build_report(store, cfg, progress)
+
+
+def _build_report(store: Store, cfg: ReportConfig, progress: bool = False) -> ReportResult:
+    from actstore.analysis.compare import CompareConfig, compare, plot_similarity, wide
+    from actstore.analysis.show import TOKVIEW_CSS as TOK_CSS
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from actstore.query.info import store_info
+
+    info = store_info(store)
+    res = ReportResult(html=str(out / "index.html"), markdown=str(out / "summary.md"))
+    h: list[str] = []
+    md: list[str] = [f"# actstore report: {store.url}", ""]
+    tok = next(iter(info["tokenizations"].values()), {})
+    data = tok.get("data") if isinstance(tok.get("data"), dict) else {}
+    facts = (tok.get("n_samples"), tok.get("n_tokens"), tok.get("max_length"), data.get("source"),
+             ", ".join(store.models) or "none", len(sae_names(store)))  # fmt: skip
+    intro = "Store {}: {} samples, {} tokens (max length {}) from {}; models: {}; SAEs: {}."
+    # every string read from the store is escaped: a model key or attribute may hold markup
+    h.append("<p>" + intro.format(f"<code>{_esc(store.url)}</code>", *map(_esc, facts[:3]), f"<code>{_esc(facts[3])}</code>",
+                                  *map(_esc, facts[4:])) + "</p>")  # fmt: skip
+    md += [intro.format(f"`{store.url}`", *facts[:3], f"`{facts[3]}`", *facts[4:]), ""]
+
+    # 1. fine-tune
+    ft, reps = finetune_section(store)
+    if ft is not None:
+        res.sections.append("finetune")
+        res.data["finetune"] = ft.to_dicts()
+        h.append("<h2>1. Fine-tuning (paper Table 2)</h2>")
+        h.append("<p>Test-split accuracy of the fine-tuned model and of the untouched pretrained encoder with the same freshly "
+                 "initialised head (the paper's 'pre-trained' column).</p>" + _html_table(ft))  # fmt: skip
+        md += ["## 1. Fine-tuning (paper Table 2)", "", _md_table(ft), ""]
+        for rep in reps:
+            h.append(f"<h3>{_esc(rep['model'])}: per class</h3>" + _html_table(_per_class(rep)))
+            h.append("<p>Confusion matrix, fine-tuned (rows: true):</p>" + _html_table(_confusion(rep, "finetuned")))
+            h.append("<p>Confusion matrix, pretrained + fresh head:</p>" + _html_table(_confusion(rep, "pretrained")))
+            hist = pl.DataFrame(rep.get("history") or [{"epoch": 0, "train_loss": None, "val_accuracy": None}])
+            h.append("<p>Training history:</p>" + _html_table(hist))
+    else:
+        res.notes.append("no model of this store was extracted from an actstore finetune directory: no fine-tune report")
+
+    # 2. similarity
+    models = cfg.models
+    if models is None and len(store.models) == 2:
+        models = (store.models[0], store.models[1])
+        ft_models = {r["model"] for r in reps}
+        if models[0] in ft_models:  # pretrained first
+            models = (models[1], models[0])
+    if models is not None:
+        cmp = compare(store, CompareConfig(models=models, cka_rows=cfg.cka_rows), label=f"{models[0]} vs {models[1]}",
+                      progress=progress)  # fmt: skip
+        png = plot_similarity(cmp.table, str(out / "similarity.png"), title=f"{models[0]} vs {models[1]}")
+        res.pngs.append(png)
+        w = wide(cmp.table).drop("label", "model_a", "model_b")
+        res.sections.append("similarity")
+        res.data["similarity"] = w.to_dicts()
+        h.append("<h2>2. Layer-wise similarity (paper Fig 1)</h2>")
+        h.append(f"<p>{_esc(models[0])} vs {_esc(models[1])} over {cmp.n_rows:d} row-aligned tokens. mean-cosine is the paper's "
+                 "metric (cosine of the mean activation vectors); token-cosine averages per-token cosines; CKA is linear CKA "
+                 "on token rows.</p><img src='similarity.png'>" + _html_table(w))  # fmt: skip
+        md += ["## 2. Layer-wise similarity (paper Fig 1)", "", "![similarity](similarity.png)", "", _md_table(w), ""]
+    else:
+        res.notes.append(f"the store holds {len(store.models)} models: pass --models A,B for the similarity section")
+
+    # 3. SAE metrics
+    sm = sae_metrics_table(store)
+    if sm is not None:
+        res.sections.append("sae-metrics")
+        res.data["sae_metrics"] = sm.to_dicts()
+        h.append("<h2>3. SAE metrics</h2><p>Held-out metrics from training: MSE, fraction of variance unexplained (FVU), "
+                 "mean active features per token (L0) and dead fraction.</p>" + _html_table(sm))  # fmt: skip
+        md += ["## 3. SAE metrics", "", _md_table(sm), ""]
+        for note in dense_notes(sm):
+            h.append(f"<p class='note'>{_esc(note)}</p>")
+            md += [f"> {note}", ""]
+            res.notes.append(note)
+
+    # 4. top features and token views
+    feats, notes = features_section(store, cfg, models)
+    res.notes += notes
+    if feats:
+        res.sections.append("features")
+        res.data["features"] = [{k: v for k, v in e.items() if k != "views_html"} for e in feats]
+        h.append("<h2>4. Top features by variance (paper Table 1, Figs 3-5)</h2><p>For each SAE, the features with the largest "
+                 "activation variance over all tokens, with their top-activating tokens (the token in [[ ]]). Below each SAE, "
+                 "token views of its best feature on its top samples: the SAE's own model beside the other model read through "
+                 "the same SAE.</p>")  # fmt: skip
+        md += ["## 4. Top features by variance (paper Table 1)", ""]
+        for e in feats:
+            h.append(f"<h3>{_esc(e['sae'])} ({_esc(e['model'])}, layer {_esc(e['layer'])})</h3>")
+            md += [f"### {e['sae']} ({e['model']}, layer {e['layer']})", ""]
+            rows = []
+            for f in e["features"]:
+                toks = ", ".join(dict.fromkeys(t["token"] for t in f["top_tokens"]))
+                ctx = f["top_tokens"][0]["context"] if f["top_tokens"] else ""
+                rows.append({"feature": f["feature"], "variance": f["variance"], "frequency": f["frequency"],
+                             "top tokens": toks, "best context": ctx})  # fmt: skip
+            t = pl.DataFrame(rows) if rows else pl.DataFrame()
+            h.append(_html_table(t) + e["views_html"])
+            md += [_md_table(t), ""]
+
+    # 5. feature diff
+    if models is not None:
+        pairs = sae_pairs(store, models)
+        df = diff_section(store, pairs, cfg) if pairs else None
+        if df is not None:
+            res.sections.append("feature-diff")
+            res.data["feature_diff"] = df.to_dicts()
+            res.pngs.append(_plot_diff(df, str(out / "feature_diff.png")))
+            h.append("<h2>5. Feature diff, pretrained vs fine-tuned</h2><p>Features of the two models' SAEs at the same layer "
+                     "matched by decoder cosine and activation correlation on the shared tokens: retained (both >= 0.7), "
+                     "modified (either >= 0.4), lost (features of A with no counterpart) and new (features of B with none). "
+                     f"Query the details with <code>actstore sql {_esc(store.url)} \"SELECT * FROM feature_diff\"</code>.</p>"
+                     "<img src='feature_diff.png'>" + _html_table(df))  # fmt: skip
+            md += ["## 5. Feature diff", "", "![feature diff](feature_diff.png)", "", _md_table(df), ""]
+        else:
+            res.notes.append("no layer has an SAE for both models: no feature diff")
+
+    if res.notes:
+        h.append("<h2>Notes</h2>" + "".join(f"<p class='note'>{_esc(n)}</p>" for n in res.notes))
+        md += ["## Notes", "", *[f"- {n}" for n in res.notes], ""]
+    stamp = now()
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>actstore report</title><style>{CSS}{TOK_CSS}</style>"
+            f"</head><body><h1>actstore report</h1>{''.join(h)}<p style='color:#888'>made {stamp} by actstore report</p>"
+            "</body></html>")  # fmt: skip
+    Path(res.html).write_text(page, encoding="utf-8")
+    Path(res.markdown).write_text("\n".join(md) + "\n", encoding="utf-8")
+    (out / "report.json").write_text(json.dumps(res.data, indent=2, default=str))
+    return res
+
+
+def report(
+    store_path: str, cfg: ReportConfig, storage_options: dict[str, Any] | None = None, progress: bool = False,
+    writable: bool = False,
+) -> ReportResult:  # fmt: skip
+    """Open the store (read-only unless ``writable``: then a computed feature diff is saved in it) and build the report."""
+    from actstore.store.reader import open_store
+
+    st = open_store(store_path, writable=writable, storage_options=storage_options)
+    return build_report(st, cfg, progress=progress)

@@ -1,0 +1,140 @@
+"""Options and helpers shared by the commands: the store argument, data options, output formats, errors."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from actstore.errors import ActstoreError
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Turn ActstoreError (and a few user-facing built-ins) into a clean CLI error."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ActstoreError as exc:
+            raise click.ClickException(str(exc)) from None
+        except OSError as exc:  # the disk or the network, not a bug: one line that says what to do
+            raise click.ClickException(os_error_message(exc)) from None
+
+    return wrapper
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for an operating-system error (disk full, permission denied, ...) and what to do about it."""
+    import errno
+
+    where = f" writing {exc.filename}" if getattr(exc, "filename", None) else ""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"disk full{where} ({what}): free some space and rerun the same command; it resumes where it stopped"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"not allowed{where} ({what}): choose a path you can write, or fix its permissions"
+    return f"{what}{where.replace(' writing', ' at')}: check the path or connection and rerun"
+
+
+def key_values(values: tuple[str, ...], param_hint: str, form: str = "key=value") -> list[tuple[str, str]]:
+    """``("a=1", "b=x")`` -> ``[("a", "1"), ("b", "x")]``; anything without ``=`` or a key is refused."""
+    out = []
+    for item in values:
+        key, sep, val = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not {form}", param_hint=param_hint)
+        out.append((key, val))
+    return out
+
+
+def parse_storage_options(values: tuple[str, ...]) -> dict[str, Any]:
+    return {k: {"true": True, "false": False}.get(v.lower(), v) for k, v in key_values(values, "--storage-option")}
+
+
+# ---- shared option decorators ------------------------------------------------
+def store_argument(fn: Callable) -> Callable:
+    fn = click.argument("store", metavar="STORE")(fn)
+    return click.option(
+        "--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+        help="Option for a remote store's filesystem (fsspec), e.g. endpoint_url=http://127.0.0.1:9000.",
+    )(fn)  # fmt: skip
+
+
+def data_options(fn: Callable) -> Callable:
+    for opt in reversed(
+        [
+            click.option(
+                "--data", "data", required=True, help="Corpus: .jsonl[.gz], .csv[.gz], .parquet, bundled:bbc, or hf:NAME."
+            ),
+            click.option("--text-field", default="text", show_default=True, help="Field holding the text."),
+            click.option("--label-field", default="label", show_default=True, help="Field holding the label."),
+            click.option("--id-field", default="id", show_default=True, help="Field holding the row id."),
+            click.option("--limit", type=int, default=None, help="Use only the first N usable rows."),
+        ]
+    ):
+        fn = opt(fn)
+    return fn
+
+
+def output_format_option(fn: Callable) -> Callable:
+    fn = click.option(
+        "--format", "fmt", type=click.Choice(["table", "csv", "json", "parquet"]), default="table", show_default=True,
+        help="Output format.",
+    )(fn)  # fmt: skip
+    return click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the result to this file.")(fn)
+
+
+def device_option(fn: Callable) -> Callable:
+    return click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")(fn)
+
+
+def writable_option(fn: Callable) -> Callable:
+    """``--writable``: open a URL store for writing (URLs are read-only otherwise)."""
+    return click.option("--writable", is_flag=True, help="Allow writing to a store given by URL (read-only otherwise).")(fn)
+
+
+def break_lock_option(fn: Callable) -> Callable:
+    return click.option(
+        "--break-lock", is_flag=True,
+        help="Take over write locks left by a writer that died on another host (same-host dead writers are detected).",
+    )(fn)  # fmt: skip
+
+
+def emit(df: Any, fmt: str, out: str | None) -> None:
+    """Print or save a polars DataFrame in the chosen format."""
+    import polars as pl
+
+    if fmt == "parquet":
+        if not out:
+            raise click.UsageError("--format parquet needs --out FILE")
+        df.write_parquet(out)
+        click.echo(f"wrote {df.height} rows to {out}", err=True)
+        return
+    if fmt == "csv":
+        text = df.write_csv()
+    elif fmt == "json":
+        text = json.dumps(df.to_dicts(), indent=2, default=str) + "\n"
+    else:
+        with pl.Config(tbl_rows=max(df.height, 1), tbl_cols=-1, fmt_str_lengths=80, tbl_width_chars=200):
+            text = str(df) + "\n"
+    if out:
+        with open(out, "w", encoding="utf-8") as f:
+            f.write(text)
+        click.echo(f"wrote {df.height} rows to {out}", err=True)
+    else:
+        click.echo(text, nl=False)
+
+
+# ---- encode / query (issue 4) --------------------------------------------------
+def parse_params(values: tuple[str, ...]) -> dict[str, str]:
+    return {k.strip(): v for k, v in key_values(values, "--param", "name=value")}
+
+
+def sae_options(fn: Callable) -> Callable:
+    fn = click.option("--sae", default=None, help="SAE name (needed when the layer has several).")(fn)
+    fn = click.option("--model", default=None, help="Model key in the store (needed when several models have the layer).")(fn)
+    return click.option("--layer", type=int, default=None, help="Layer of the SAE (hidden_states index).")(fn)

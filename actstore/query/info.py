@@ -1,0 +1,126 @@
+"""What a store holds and where it came from: ``actstore info`` (models, layers, SAEs, provenance)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from actstore.errors import IntegrityError
+from actstore.format import layout
+from actstore.sae.files import sae_names
+from actstore.storage.integrity import (
+    read_manifest,
+)
+from actstore.store.reader import Store
+
+
+# ---------------------------------------------------------------- provenance
+def store_info(store: Store) -> dict[str, Any]:
+    """Everything ``actstore info`` shows, as plain JSON-able data."""
+    out: dict[str, Any] = {"url": store.url, "store": store.attrs, "tokenizations": {}, "models": {}}
+    for key in store.tokenization_keys():
+        t = store.tokenization(key)
+        out["tokenizations"][key] = {k: v for k, v in t.attrs.items() if k != "parts"}
+    for m in store.model_keys():
+        info = store.model_info(m)
+        layers = {}
+        for layer in store.layers(m):
+            la = store.layer_attrs(m, layer)
+            layers[str(layer)] = {
+                k: la.get(k) for k in ("d_model", "codec", "committed_rows", "n_rows", "complete", "created", "updated")
+            }
+        out["models"][m] = {**{k: v for k, v in info.items() if k != "config"}, "layers": layers}
+    out["provenance"] = provenance(store)
+    out.setdefault("extra", {})["provenance"] = provenance_lines(out["provenance"])
+    return out
+
+
+def provenance(store: Store) -> dict[str, Any]:
+    """What made the store: per model and layer, the model (id, revision, weights hash), tokenizer hash,
+    corpus (file hash, row count), codec, actstore version, the full extraction config, and times."""
+    root = store.attrs
+    out: dict[str, Any] = {
+        "store": {k: root.get(k) for k in ("format", "created", "actstore_version", "default_tokenization")},
+        "tokenizations": {},
+        "models": {},
+        "saes": {},
+    }
+    updated = [root.get("created")]
+    for key in store.tokenization_keys():
+        a = store.tokenization(key).attrs
+        data = a.get("data", {})
+        out["tokenizations"][key] = {
+            "tokenizer": a.get("tokenizer_source"),
+            "tokenizer_sha256": a.get("tokenizer_sha256"),
+            "max_length": a.get("max_length"),
+            "data_source": data.get("source"),
+            "data_sha256": data.get("sha256"),
+            "data_limit": data.get("limit"),
+            "n_samples": a.get("n_samples"),
+            "n_rows_read": (a.get("data_report") or {}).get("n_rows_read", (a.get("data_report") or {}).get("n_read")),
+            "n_tokens": a.get("n_tokens"),
+            "created": a.get("created"),
+            "completed": a.get("completed"),
+        }
+        updated.append(a.get("completed"))
+    for m in store.models:
+        info = store.model_info(m)
+        layers = {}
+        for layer in store.layers(m):
+            la = store.layer_attrs(m, layer)
+            layers[str(layer)] = {k: la.get(k) for k in ("codec", "created", "updated", "actstore_version", "complete", "config")}
+            updated.append(la.get("updated"))
+        out["models"][m] = {
+            "source": info.get("source"),
+            "revision": info.get("revision"),
+            "weights_sha256": info.get("weights_sha256"),
+            "tokenizer_sha256": info.get("tokenizer_sha256"),
+            "tokenization": info.get("tokenization"),
+            "created": info.get("created"),
+            "layers": layers,
+        }
+    for name in sae_names(store):
+        try:
+            cfg = json.loads(store.loc.read_bytes(layout.sae_file(name, layout.SAE_CONFIG)))
+        except (ValueError, FileNotFoundError):
+            cfg = {"error": "cfg.json unreadable"}
+        out["saes"][name] = {k: cfg.get(k) for k in ("model", "layer", "arch", "d_in", "d_sae", "actstore_version", "training")}
+    out["store"]["updated"] = max((u for u in updated if u), default=None)
+    try:
+        man = read_manifest(store.loc)
+    except IntegrityError:
+        man = {"updated": "unreadable"}
+    out["store"]["manifest"] = None if man is None else {"updated": man.get("updated"), "files": len(man.get("files", {}))}
+    return out
+
+
+def provenance_lines(prov: dict[str, Any]) -> list[str]:
+    """``provenance`` as short lines for ``actstore info``."""
+    s = prov["store"]
+    man = s.get("manifest")
+    lines = [
+        f"store created {s.get('created')}, updated {s.get('updated')}, actstore {s.get('actstore_version')}; "
+        + (f"manifest of {man['files']} files ({man['updated']})" if man else "no manifest (actstore verify --update-manifest)")
+    ]
+    for key, t in prov["tokenizations"].items():
+        lines.append(
+            f"tokenization {key}: tokenizer {t['tokenizer']} sha256 {str(t['tokenizer_sha256'])[:12]}; data {t['data_source']} "
+            f"sha256 {str(t['data_sha256'])[:12]}, {t['n_samples']} samples"
+            + (f" (limit {t['data_limit']})" if t.get("data_limit") else "")
+        )
+    for m, info in prov["models"].items():
+        lines.append(
+            f"model {m}: {info['source']} revision {info['revision'] or '-'} weights sha256 {str(info['weights_sha256'])[:12]}"
+        )
+        for layer, la in info["layers"].items():
+            c = la.get("config") or {}
+            lines.append(
+                f"  layer {layer}: {la['codec']}, actstore {la['actstore_version']}, created {la['created']}, updated "
+                f"{la['updated']}; config batch_size={c.get('batch_size')} max_length={c.get('max_length')} "
+                f"chunk_rows={c.get('chunk_rows')} device={c.get('device')}"
+            )
+    for name, sae in prov["saes"].items():
+        lines.append(
+            f"sae {name}: {sae.get('arch')} {sae.get('d_in')}->{sae.get('d_sae')} on {sae.get('model')} layer {sae.get('layer')}"
+        )
+    return lines

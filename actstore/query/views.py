@@ -1,0 +1,210 @@
+"""Query stage: DuckDB views and Polars LazyFrames over a store, named SQL queries, top tokens / features.
+
+Views (DuckDB and Polars alike)::
+
+    samples(sample, id, label, text, n_tokens, first_row, truncated)
+    tokens(row, sample, position, token_id, token)
+    features(model, layer, sae, row, feature, value)        every encoded SAE (actstore encode)
+    feature_stats(model, layer, sae, feature, n_active, frequency, mean, max, variance)
+    saes(sae, model, layer, tokenization, d_sae, arch, n_rows, n_feature_rows)
+
+``samples`` / ``tokens`` show the store's default tokenization. A read-only
+connection (the default) is a read-only DuckDB database: statements that
+create, change or drop catalog objects fail, and (local stores) file access is
+limited to the store's own Parquet tables, so ``COPY ... TO`` and reads of
+other files fail too.
+
+Named queries are the ``.sql`` files of ``actstore/sql/``; each starts with
+comment lines declaring its parameters (``-- @param NAME TYPE [= DEFAULT]: help``),
+which are always bound as DuckDB query parameters (``$NAME``), never pasted
+into the SQL text.
+
+:func:`top_tokens` returns exactly the frame of the named query ``top_tokens``
+without its join against the ``tokens`` table: the top rows come from one lookup
+(a query on the connection, or, without one, the feature's first row groups of
+its bucket file), and token strings, samples and context windows from a
+per-process :class:`TokenContext` (sample bounds, ids, labels and vocabulary in
+memory; token ids read from the Zarr token index for just the rows shown).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import duckdb
+import polars as pl
+
+from actstore.format import layout
+from actstore.query.tables import feature_tables
+from actstore.storage.location import name_ok
+
+if TYPE_CHECKING:
+    from actstore.store.reader import Store
+
+
+def _q(s: str) -> str:
+    """A SQL string literal (for names read from the store, never for user parameters)."""
+    return "'" + str(s).replace("'", "''") + "'"
+
+
+def _list_sql(files: list[str]) -> str:
+    return "[" + ", ".join(_q(f) for f in files) + "]"
+
+
+# ---------------------------------------------------------------- views
+class StoreViews(NamedTuple):
+    """The store's views and the files they read."""
+
+    sql: dict[str, str]
+    """``{view name: SELECT ...}``."""
+    keys: list[str]
+    """Store keys of every file the views read (the only files a connection may open)."""
+
+
+def view_sql(store: Store) -> StoreViews:
+    """Every view of the store and the keys of the files they read, from one pass over its tables."""
+    views: dict[str, str] = {}
+    keys: list[str] = []
+    if store.tokenization_keys():
+        tok = store.tokenization()
+        cols = {
+            "tokens": "row, sample, position, token_id, token",
+            "samples": "sample, id, label, text, n_tokens, first_row, truncated",
+        }
+        for table, c in cols.items():
+            keys += tok.parquet_keys(table)
+            files = tok.parquet_files(table)
+            if files:
+                views[table] = f"SELECT {c} FROM read_parquet({_list_sql(files)})"
+    tables = feature_tables(store)
+    feats, stats, saes = [], [], []
+    for t in tables:
+        keys += [*t.file_keys, t.stats_key]
+        head = f"SELECT {_q(t.model)} AS model, {int(t.layer)} AS layer, {_q(t.sae)} AS sae"
+        # one branch per feature-range file, its range stated: for a lookup of one feature DuckDB drops
+        # the other branches at plan time and opens a single file
+        for path, (f0, f1) in zip(t.files, t.feature_ranges, strict=True):
+            feats.append(
+                f"{head}, row, feature, value FROM read_parquet({_q(path)}) WHERE feature >= {int(f0)} AND feature < {int(f1)}"
+            )
+        stats.append(f"{head}, feature, n_active, frequency, mean, max, variance FROM read_parquet({_q(t.stats_file)})")
+        saes.append(
+            f"SELECT {_q(t.sae)} AS sae, {_q(t.model)} AS model, {int(t.layer)} AS layer, "
+            f"{_q(t.tokenization or '')} AS tokenization, {int(t.d_sae)} AS d_sae, {_q(t.arch or '')} AS arch, "
+            f"{int(t.n_rows)}::BIGINT AS n_rows, {int(t.n_feature_rows)}::BIGINT AS n_feature_rows"
+        )
+    empty = "SELECT NULL::VARCHAR AS model, NULL::INTEGER AS layer, NULL::VARCHAR AS sae"
+    views["features"] = (
+        " UNION ALL ".join(feats) or f"{empty}, NULL::BIGINT AS row, NULL::INTEGER AS feature, NULL::FLOAT AS value LIMIT 0"
+    )
+    views["feature_stats"] = " UNION ALL ".join(stats) or (
+        f"{empty}, NULL::INTEGER AS feature, NULL::BIGINT AS n_active, NULL::DOUBLE AS frequency, NULL::DOUBLE AS mean, "
+        "NULL::FLOAT AS max, NULL::DOUBLE AS variance LIMIT 0"
+    )
+    views["saes"] = " UNION ALL ".join(saes) or (
+        "SELECT NULL::VARCHAR AS sae, NULL::VARCHAR AS model, NULL::INTEGER AS layer, NULL::VARCHAR AS tokenization, "
+        "NULL::INTEGER AS d_sae, NULL::VARCHAR AS arch, NULL::BIGINT AS n_rows, NULL::BIGINT AS n_feature_rows LIMIT 0"
+    )
+    views["feature_diff"], diff_keys = diff_view_sql(store)  # saved SAE feature diffs (actstore diff-features)
+    return StoreViews(views, keys + diff_keys)
+
+
+SANDBOX = (
+    "SET enable_external_access = false",  # no file, URL or database outside allowed_paths
+    "SET autoinstall_known_extensions = false",
+    "SET autoload_known_extensions = false",
+    "SET allow_community_extensions = false",
+    "SET allow_unsigned_extensions = false",
+    "SET lock_configuration = true",  # nothing above can be SET or RESET again
+)
+
+
+def _harden(con: duckdb.DuckDBPyConnection, store: Store, keys: list[str]) -> None:
+    """Confine ``con`` to the store's own files: local or remote, nothing else can be read, nothing written."""
+    allowed = [store.loc.join(k) for k in keys]
+    if not store.loc.local and store.loc.url.startswith("memory://"):  # DuckDB spells memory:// paths with three slashes
+        allowed += [a.replace("memory://", "memory:///", 1) for a in allowed]
+    con.execute("SET allowed_paths = $p", {"p": allowed})
+    for stmt in SANDBOX:
+        try:
+            con.execute(stmt)
+        except duckdb.CatalogException:  # a setting this DuckDB does not have: the others still apply
+            if "lock_configuration" in stmt:
+                raise
+
+
+def connect(store: Store, read_only: bool = True) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with the store's views, confined to the store's own files (see module docstring).
+
+    Every connection, local or remote, is sandboxed: the store's files are read through its read-only
+    filesystem and are the only files it may open; external access, extensions and configuration changes
+    are off. ``read_only`` (the default) also makes the catalog read-only; ``read_only=False`` allows
+    temporary in-memory tables (nothing reaches any disk). Files are checked against the manifest first.
+    """
+    from actstore.storage.integrity import check_files
+
+    views, keys = view_sql(store)
+    check_files(store.loc, keys)
+    if not read_only:
+        con = duckdb.connect(":memory:")
+        _register_fs(con, store)
+        for name, sql in views.items():
+            con.execute(f"CREATE VIEW {name} AS {sql}")
+        _harden(con, store, keys)
+        return con
+    tmp = tempfile.mkdtemp(prefix="actstore-sql-")
+    path = os.path.join(tmp, "views.duckdb")
+    try:
+        con = duckdb.connect(path)
+        _register_fs(con, store)
+        for name, sql in views.items():
+            con.execute(f"CREATE VIEW {name} AS {sql}")
+        con.close()
+        con = duckdb.connect(path, read_only=True)
+    finally:
+        for f in os.listdir(tmp):
+            os.remove(os.path.join(tmp, f))
+        os.rmdir(tmp)
+    _register_fs(con, store)
+    _harden(con, store, keys)
+    return con
+
+
+def sql(store: Store, query: str, params: dict[str, Any] | list[Any] | None = None) -> pl.DataFrame:
+    """Run SQL over the store's views (a sandboxed, read-only connection) and return a polars DataFrame."""
+    con = connect(store)
+    try:
+        return con.sql(query, params=params).pl() if params else con.sql(query).pl()
+    finally:
+        con.close()
+
+
+def _register_fs(con: duckdb.DuckDBPyConnection, store: Store) -> None:
+    con.execute("SET parquet_metadata_cache = true")  # warm lookups skip re-reading footers
+    if not store.loc.local:  # DuckDB reads s3:// etc. through the store's own read-only fsspec filesystem
+        con.register_filesystem(store.loc.read_only_fs())
+
+
+# ---------------------------------------------------------------- saved feature diffs (diff-features writes them)
+def diff_names(store: Store) -> list[str]:
+    """Names of the saved feature diffs of a store."""
+    names = store.loc.list_dirs(layout.DIFFS)
+    return [n for n in names if name_ok(n) and store.loc.exists(layout.diff_file(n, layout.DIFF_TABLE))]
+
+
+def diff_view_sql(store: Store) -> tuple[str, list[str]]:
+    """``(SELECT ..., store keys of its files)`` of the ``feature_diff`` view: every saved diff, with its name in ``diff``."""
+    parts, keys = [], []
+    for name in diff_names(store):
+        keys.append(layout.diff_file(name, layout.DIFF_TABLE))
+        parts.append(f"SELECT {_q(name)} AS diff, * FROM read_parquet({_list_sql([store.loc.join(keys[-1])])})")
+    if not parts:
+        return (
+            "SELECT NULL::VARCHAR AS diff, NULL::VARCHAR AS side, NULL::VARCHAR AS sae, NULL::INTEGER AS feature, "
+            "NULL::INTEGER AS match_decoder, NULL::DOUBLE AS decoder_cos, NULL::INTEGER AS match_activation, "
+            "NULL::DOUBLE AS activation_corr, NULL::DOUBLE AS frequency, NULL::VARCHAR AS status LIMIT 0",
+            [],
+        )
+    return " UNION ALL BY NAME ".join(parts), keys

@@ -1,0 +1,125 @@
+"""An SAE's files in a store: ``saes/<name>/`` weights, ``cfg.json`` and metrics; listing, loading, deleting."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from actstore.errors import NotFoundError
+from actstore.format import layout
+from actstore.sae.model import DENSE_L0_FRACTION, SAE, SAEConfig, parse_config
+from actstore.storage.integrity import check_file
+from actstore.storage.location import name_ok
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from actstore.store.reader import Store
+
+
+# ---------------------------------------------------------------- store I/O
+def sae_names(store: Store) -> list[str]:
+    """Names of the SAEs saved in a store (folders under ``saes/`` with a cfg.json)."""
+    return [n for n in store.loc.list_dirs(layout.SAES) if name_ok(n) and store.loc.exists(layout.sae_file(n, layout.SAE_CONFIG))]
+
+
+def save_sae(store: Store, sae: SAE, name: str, metrics: dict[str, Any] | None = None) -> None:
+    """Write ``sae.safetensors``, ``metrics.json`` (if given) and, last, ``cfg.json`` under ``saes/NAME/``."""
+    weights, cfg_json = sae.to_bytes()
+    store.loc.write_bytes(layout.sae_file(name, layout.SAE_WEIGHTS), weights)
+    if metrics is not None:
+        store.loc.write_bytes(layout.sae_file(name, layout.SAE_METRICS), json.dumps(metrics, indent=2, default=float).encode())
+    store.loc.write_bytes(layout.sae_file(name, layout.SAE_CONFIG), cfg_json)
+
+
+def _check_name(store: Store, name: str) -> None:
+    names = sae_names(store)
+    if name not in names:
+        raise NotFoundError(
+            f"no SAE named {name!r} in {store.url} (SAEs: {', '.join(names) or 'none'}): train one with actstore train"
+        )
+
+
+def load_sae(store: Store, name: str, device: str = "cpu") -> SAE:
+    """Load the SAE ``name`` saved in ``store``."""
+    _check_name(store, name)
+    w_key, c_key = layout.sae_file(name, layout.SAE_WEIGHTS), layout.sae_file(name, layout.SAE_CONFIG)
+    weights, cfg_json = store.loc.read_bytes(w_key), store.loc.read_bytes(c_key)
+    check_file(store.loc, w_key, weights)  # the manifest's SHA-256, before any byte is used
+    check_file(store.loc, c_key, cfg_json)
+    sae = SAE.from_bytes(weights, cfg_json, where=f"SAE {name} in store {store.url}")
+    return sae.to(device)
+
+
+def read_config(store: Store, name: str) -> SAEConfig:
+    """The ``cfg.json`` of SAE ``name`` alone (no weights read), checked against the manifest."""
+    _check_name(store, name)
+    key = layout.sae_file(name, layout.SAE_CONFIG)
+    raw = store.loc.read_bytes(key)
+    check_file(store.loc, key, raw)
+    return parse_config(raw, f"SAE {name} in store {store.url}")
+
+
+def read_metrics(store: Store, name: str) -> dict[str, Any]:
+    """The ``metrics.json`` written when SAE ``name`` was trained (empty if it has none)."""
+    _check_name(store, name)
+    key = layout.sae_file(name, layout.SAE_METRICS)
+    return json.loads(store.loc.read_bytes(key)) if store.loc.exists(key) else {}
+
+
+def list_saes(store: Store) -> pl.DataFrame:
+    """One row per SAE in the store: architecture, sizes, source layer and final held-out metrics."""
+    import polars as pl
+
+    rows = []
+    for name in sae_names(store):
+        cfg = json.loads(store.loc.read_bytes(layout.sae_file(name, layout.SAE_CONFIG)))
+        m = read_metrics(store, name)
+        ev, tr = m.get("eval", {}), m.get("train", {})
+        rows.append(
+            {
+                "name": name,
+                "arch": cfg.get("arch"),
+                "model": cfg.get("model"),
+                "layer": cfg.get("layer"),
+                "d_in": cfg.get("d_in"),
+                "d_sae": cfg.get("d_sae"),
+                "k": cfg.get("k"),
+                "l1": cfg.get("l1") if cfg.get("arch") == "relu-l1" else None,
+                "tokens": m.get("tokens"),
+                "fvu": ev.get("fvu"),
+                "mse": ev.get("mse"),
+                "l0": ev.get("l0"),
+                "dead": tr.get("dead_fraction"),
+                "dense": ev.get("dense_fraction"),
+                "train_fvu": tr.get("fvu"),
+                "l0_fraction": ev["l0"] / cfg["d_sae"] if ev.get("l0") is not None and cfg.get("d_sae") else None,
+            }
+        )
+    schema = {
+        "name": pl.String, "arch": pl.String, "model": pl.String, "layer": pl.Int64, "d_in": pl.Int64, "d_sae": pl.Int64,
+        "k": pl.Int64, "l1": pl.Float64, "tokens": pl.Int64, "fvu": pl.Float64, "mse": pl.Float64, "l0": pl.Float64,
+        "dead": pl.Float64, "dense": pl.Float64, "train_fvu": pl.Float64, "l0_fraction": pl.Float64,
+    }  # fmt: skip
+    df = pl.DataFrame(rows, schema=schema)
+    return df.with_columns((pl.col("l0_fraction") > DENSE_L0_FRACTION).fill_null(False).alias("dense_code"))
+
+
+def dense_notes(saes: pl.DataFrame) -> list[str]:
+    """One sentence per SAE of :func:`list_saes` whose code is dense, saying what that implies."""
+    import polars as pl
+
+    out = []
+    for r in saes.filter(pl.col("dense_code")).iter_rows(named=True):
+        out.append(
+            f"SAE {r['name']} is dense: L0 {r['l0']:.0f} of {r['d_sae']} features ({r['l0_fraction']:.0%}) fire on every "
+            f"token, above {DENSE_L0_FRACTION:.0%}; its features are not sparse, so its top features by variance tend to "
+            "be generic tokens ([CLS], 'the', '.') and a feature diff against it says little. Train it sparser: "
+            "--arch topk --k N, or a larger --l1"
+        )
+    return out
+
+
+def delete_sae(store: Store, name: str) -> None:
+    """Remove ``saes/NAME/`` (finished SAE or unfinished run) if present."""
+    store.loc.rmtree(layout.sae_dir(name))

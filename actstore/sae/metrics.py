@@ -1,0 +1,178 @@
+"""Train stage, measurement side: SAE quality metrics on training and held-out rows.
+
+* ``mse``: mean squared error per element, in the model's activation space.
+* ``fvu``: fraction of variance unexplained, ``sum ||x - x_hat||^2 / sum ||x - mean(x)||^2``.
+* ``l0``: mean number of active features per token.
+* ``dead_fraction``: features with no activation over the last ``dead_window``
+  training tokens (on held-out rows: none over the whole held-out set).
+* ``dense_fraction``: features active on more than ``dense_threshold`` of tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from actstore.sae.model import SAE
+
+
+@torch.no_grad()
+def evaluate(sae: SAE, x: torch.Tensor, batch_size: int = 4096, dense_threshold: float = 0.1) -> dict[str, Any]:
+    """Metrics of ``sae`` (inference mode) on raw activations ``x (n, d_in)``."""
+    n = x.shape[0]
+    if n == 0:
+        return {}
+    dev = sae.W_dec.device
+    d_in, d_sae = sae.cfg.d_in, sae.cfg.d_sae
+    mean = x.double().mean(0).to(dev)  # (d_in,)
+    sse = var = l0 = 0.0
+    fires = torch.zeros(d_sae, dtype=torch.float64, device=dev)
+    for a in range(0, n, batch_size):
+        xb = x[a : a + batch_size].to(dev, non_blocking=True)  # (b, d_in)
+        out = sae(xb)
+        sse += float(((out.x_hat - xb).double() ** 2).sum())
+        var += float(((xb.double() - mean) ** 2).sum())
+        active = out.acts > 0  # (b, d_sae)
+        l0 += float(active.sum())
+        fires += active.sum(0).double()
+    freq = fires / n
+    return {
+        "n_tokens": n,
+        "mse": sse / (n * d_in),
+        "fvu": sse / var if var > 0 else float("nan"),
+        "l0": l0 / n,
+        "dead_fraction": float((fires == 0).double().mean()),
+        "dense_fraction": float((freq > dense_threshold).double().mean()),
+    }
+
+
+@dataclass
+class TrainTracker:
+    """Running training metrics: interval sums and, per feature, the token count when it last fired.
+
+    All state is tensors (``state()`` / ``load()``) so a checkpoint restores it exactly.
+    """
+
+    d_sae: int
+    dead_window: int
+    dense_threshold: float = 0.1
+    tokens_seen: int = 0
+    last_fired: torch.Tensor = field(init=False)  # (d_sae,) int64 tokens_seen after the batch it last fired in
+    fires: torch.Tensor = field(init=False)  # (d_sae,) fires in the current interval
+    sums: torch.Tensor = field(init=False)  # (4,) float64 interval: sse_raw, var_raw, l0, tokens
+
+    def __post_init__(self) -> None:
+        self.last_fired = torch.zeros(self.d_sae, dtype=torch.int64)
+        self.fires = torch.zeros(self.d_sae, dtype=torch.float64)
+        self.sums = torch.zeros(4, dtype=torch.float64)
+
+    def to(self, device: torch.device | str) -> TrainTracker:
+        self.last_fired, self.fires, self.sums = self.last_fired.to(device), self.fires.to(device), self.sums.to(device)
+        return self
+
+    def dead_mask(self) -> torch.Tensor:
+        """bool ``(d_sae,)``: no activation in the last ``dead_window`` tokens (or ever, early on)."""
+        return self.last_fired <= max(0, self.tokens_seen - self.dead_window)
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, x_hat: torch.Tensor, acts: torch.Tensor) -> None:
+        """Add one batch: raw ``x (b, d_in)``, raw ``x_hat (b, d_in)``, ``acts (b, d_sae)``."""
+        b = x.shape[0]
+        self.tokens_seen += b
+        active = acts > 0
+        fired = active.sum(0)  # (d_sae,)
+        self.last_fired[fired > 0] = self.tokens_seen
+        self.fires += fired.double()
+        xd = x.double()
+        sse = ((x_hat.double() - xd) ** 2).sum()
+        var = ((xd - xd.mean(0)) ** 2).sum()
+        self.sums += torch.stack([sse, var, active.sum().double(), torch.tensor(float(b), dtype=torch.float64, device=x.device)])
+
+    def interval(self, d_in: int) -> dict[str, Any]:
+        """Metrics over the batches since the last call; starts a new interval."""
+        sse, var, l0, n = (float(v) for v in self.sums.cpu())
+        out: dict[str, Any] = {}
+        if n > 0:
+            out = {
+                "mse": sse / (n * d_in),
+                "fvu": sse / var if var > 0 else float("nan"),
+                "l0": l0 / n,
+                "dense_fraction": float(((self.fires / n) > self.dense_threshold).double().mean()),
+            }
+        out["dead_fraction"] = float(self.dead_mask().double().mean())
+        self.fires.zero_()
+        self.sums.zero_()
+        return out
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {
+            "track.last_fired": self.last_fired.cpu(),
+            "track.fires": self.fires.cpu(),
+            "track.sums": self.sums.cpu(),
+            "track.tokens_seen": torch.tensor(self.tokens_seen, dtype=torch.int64),
+        }
+
+    def load(self, t: dict[str, torch.Tensor]) -> None:
+        dev = self.last_fired.device
+        self.last_fired = t["track.last_fired"].to(dev)
+        self.fires = t["track.fires"].to(dev)
+        self.sums = t["track.sums"].to(dev)
+        self.tokens_seen = int(t["track.tokens_seen"])
+
+
+def task_accuracy(store: Any, sae: SAE, samples: Any, device: str = "cpu", max_samples: int = 256,
+                  batch_size: int = 16) -> dict[str, Any] | None:  # fmt: skip
+    """Classification accuracy of the store's model on ``samples`` with and without the SAE spliced in.
+
+    Only for a model saved with a sequence-classification head (e.g. by ``actstore
+    finetune``); returns None otherwise. The layer's hidden state (``hidden_states
+    [layer]``) is replaced by the SAE's reconstruction at every position, and the
+    rest of the model runs as usual. Labels are matched through the model's
+    ``label2id``; samples whose label the head does not know are skipped.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from actstore.models.taps import splice
+
+    c = sae.cfg
+    info = store.model_info(c.model)
+    if "ForSequenceClassification" not in str(info.get("architecture", "")) or not info.get("path"):
+        return None
+    model = AutoModelForSequenceClassification.from_pretrained(info["path"]).to(device).eval()
+    tok = AutoTokenizer.from_pretrained(info["path"])
+    label2id = {str(k): int(v) for k, v in (model.config.label2id or {}).items()}
+    df = store.samples(c.tokenization)
+    df = df.filter(df["sample"].is_in(list(map(int, samples))))
+    rows = [(t, label2id[str(lab)]) for t, lab in zip(df["text"].to_list(), df["label"].to_list(), strict=True)
+            if str(lab) in label2id][:max_samples]  # fmt: skip
+    if not rows:
+        return None
+    max_len = int(store.tokenization(c.tokenization).attrs.get("max_length", 512))
+    n_layers = int(model.config.num_hidden_layers)
+    sae_dev = sae.to(device)
+
+    def recon(h: torch.Tensor) -> torch.Tensor:  # (batch, seq, d_model)
+        return sae_dev(h.reshape(-1, h.shape[-1])).x_hat.reshape(h.shape).to(h.dtype)
+
+    def predict(splice_sae: bool) -> list[int]:
+        preds: list[int] = []
+        site = splice(model, n_layers, int(c.layer), recon) if splice_sae else contextlib.nullcontext()
+        with site, torch.no_grad():
+            for a in range(0, len(rows), batch_size):
+                enc = tok([t for t, _ in rows[a : a + batch_size]], truncation=True, max_length=max_len, padding=True,
+                          return_tensors="pt").to(device)  # fmt: skip
+                preds += model(**enc).logits.argmax(-1).tolist()
+        return preds
+
+    y = [lab for _, lab in rows]
+    base, spliced = predict(False), predict(True)
+    n = len(y)
+    return {
+        "n_samples": n,
+        "accuracy": sum(p == t for p, t in zip(base, y, strict=True)) / n,
+        "accuracy_with_sae": sum(p == t for p, t in zip(spliced, y, strict=True)) / n,
+        "agreement": sum(p == q for p, q in zip(base, spliced, strict=True)) / n,
+    }

@@ -1,0 +1,255 @@
+"""Sparse autoencoder architectures and their on-disk form.
+
+``relu-l1``   the paper's: ``h = ReLU(W_enc (x - b_dec) + b_enc)``, ``x_hat = W_dec h + b_dec``;
+              trained with ``MSE + l1 * sum_i h_i * ||W_dec_i||`` (the L1 is weighted by
+              decoder row norms, so it cannot be dodged by shrinking the code).
+``topk``      Gao et al. 2024: keep the k largest pre-activations (after ReLU); decoder
+              rows kept at unit norm; an auxiliary loss revives dead latents.
+``batchtopk`` top ``k * batch`` over the whole batch while training, a learned global
+              threshold at inference (``threshold`` buffer).
+
+Inputs are multiplied by ``cfg.norm_scale`` before encoding (so the training
+data has a fixed mean squared norm, ``d_in``) and reconstructions divided by it,
+so callers always work in the model's own activation space.
+
+Weights are stored as ``sae.safetensors`` (``W_enc (d_in, d_sae)``, ``b_enc
+(d_sae,)``, ``W_dec (d_sae, d_in)``, ``b_dec (d_in,)``, ``threshold ()``) with
+``cfg.json`` beside them and ``metrics.json`` from training, under
+``STORE/saes/NAME/``. ``cfg.json`` is written last: a folder without it is an
+unfinished run (it may hold ``checkpoint/``) and is not listed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from actstore.errors import ConfigError, IntegrityError
+
+if TYPE_CHECKING:
+    from actstore.store.reader import Store
+
+ARCHS = ("relu-l1", "topk", "batchtopk")
+
+
+@dataclass
+class SAEConfig:
+    """Architecture and provenance of one SAE (saved as ``cfg.json``)."""
+
+    arch: str
+    """relu-l1, topk or batchtopk."""
+    d_in: int
+    """Width of the activations it reads (the layer's d_model)."""
+    d_sae: int
+    """Number of features (dictionary size)."""
+    k: int | None = None
+    """Active features per token for topk / batchtopk."""
+    l1: float = 1e-3
+    """L1 coefficient for relu-l1."""
+    norm_scale: float = 1.0
+    """Inputs are multiplied by this before encoding (fixed mean squared norm)."""
+    model: str | None = None
+    """Store key of the model whose activations it was trained on."""
+    layer: int | None = None
+    """Layer (hidden_states index) it was trained on."""
+    tokenization: str | None = None
+    """Tokenization key of the rows it was trained on."""
+    name: str | None = None
+    """Name under STORE/saes/."""
+    training: dict[str, Any] = field(default_factory=dict)
+    """The training config it was made with."""
+    actstore_version: str | None = None
+    """actstore version that trained it."""
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ConfigError(f"unknown SAE architecture {self.arch!r}: choose one of {', '.join(ARCHS)}")
+        if self.d_in <= 0 or self.d_sae <= 0:
+            raise ConfigError(f"d_in and d_sae must be positive (got {self.d_in}, {self.d_sae})")
+        if self.arch in ("topk", "batchtopk") and (not self.k or not 0 < self.k <= self.d_sae):
+            raise ConfigError(f"{self.arch} needs --k between 1 and d_sae ({self.d_sae}), got {self.k}")
+        if self.norm_scale <= 0:
+            raise ConfigError(f"norm_scale must be positive, got {self.norm_scale}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SAEConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def parse_config(cfg_json: bytes, where: str = "SAE") -> SAEConfig:
+    """An :class:`SAEConfig` from ``cfg.json`` bytes; IntegrityError naming ``where`` if they are not a JSON object."""
+    try:
+        d = json.loads(cfg_json)
+        if not isinstance(d, dict):
+            raise TypeError
+    except (ValueError, TypeError):
+        raise IntegrityError(f"{where}: cfg.json is not a JSON object; the SAE is damaged: re-train or re-copy it") from None
+    return SAEConfig.from_dict(d)
+
+
+class SAEOutput(NamedTuple):
+    """One SAE pass."""
+
+    x_hat: torch.Tensor
+    """Reconstruction ``(n, d_in)`` in the model's activation space."""
+    acts: torch.Tensor
+    """Feature activations ``(n, d_sae)``."""
+    pre: torch.Tensor
+    """Pre-activations ``(n, d_sae)`` (before ReLU / top-k)."""
+
+
+class SAE(nn.Module):
+    """A sparse autoencoder; see the module docstring for the architectures."""
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d_in, d_sae = cfg.d_in, cfg.d_sae
+        w = torch.randn(d_sae, d_in)
+        w = w / w.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(w.clone())  # (d_sae, d_in), unit rows
+        self.W_enc = nn.Parameter(w.t().clone())  # (d_in, d_sae) = W_dec^T
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))  # (d_sae,)
+        self.b_dec = nn.Parameter(torch.zeros(d_in))  # (d_in,), in normalised space
+        self.register_buffer("threshold", torch.tensor(0.0))  # batchtopk inference threshold
+
+    # ---- core ----------------------------------------------------------
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-activations ``(n, d_sae)`` of raw activations ``x (n, d_in)``."""
+        xn = x.to(self.W_enc.dtype) * self.cfg.norm_scale
+        return (xn - self.b_dec) @ self.W_enc + self.b_enc
+
+    def activate(self, pre: torch.Tensor, train: bool = False) -> torch.Tensor:
+        """Feature activations from pre-activations ``(n, d_sae)``.
+
+        ``train`` selects batchtopk's batch-level top-k; at inference batchtopk
+        keeps pre-activations above the learned threshold (per-token top-k if
+        no threshold was learned).
+        """
+        arch, k = self.cfg.arch, self.cfg.k
+        if arch == "relu-l1":
+            return torch.relu(pre)
+        if arch == "topk" or (arch == "batchtopk" and not train and float(self.threshold) <= 0):
+            vals, idx = pre.topk(int(k), dim=-1)  # type: ignore[arg-type]
+            return torch.zeros_like(pre).scatter_(-1, idx, torch.relu(vals))
+        if train:  # batchtopk: top k*n over the whole batch
+            flat = torch.relu(pre).flatten()
+            n_keep = min(int(k) * pre.shape[0], flat.numel())  # type: ignore[operator]
+            vals, idx = flat.topk(n_keep, sorted=False)
+            return torch.zeros_like(flat).scatter_(0, idx, vals).view_as(pre)
+        return torch.where(pre > self.threshold, pre, torch.zeros_like(pre))
+
+    def decode_normalised(self, acts: torch.Tensor) -> torch.Tensor:
+        """Reconstruction ``(n, d_in)`` in the normalised input space (what training compares)."""
+        return acts @ self.W_dec + self.b_dec
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature activations ``(n, d_sae)`` of raw activations ``x (n, d_in)`` (inference)."""
+        return self.activate(self.pre_acts(x), train=False)
+
+    def decode(self, acts: torch.Tensor) -> torch.Tensor:
+        """Reconstruction ``(n, d_in)`` in the model's activation space."""
+        return self.decode_normalised(acts) / self.cfg.norm_scale
+
+    def forward(self, x: torch.Tensor, train: bool = False) -> SAEOutput:
+        pre = self.pre_acts(x)
+        acts = self.activate(pre, train=train)
+        return SAEOutput(self.decode(acts), acts, pre)
+
+    # ---- training helpers ----------------------------------------------
+    @torch.no_grad()
+    def set_decoder_norm(self) -> None:
+        """Scale decoder rows to unit norm (topk / batchtopk keep them there)."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def remove_parallel_grads(self) -> None:
+        """Drop the part of W_dec's gradient that would change row norms (Gao et al. 2024)."""
+        if self.W_dec.grad is None:
+            return
+        w, g = self.W_dec, self.W_dec.grad  # (d_sae, d_in)
+        g.sub_((g * w).sum(dim=1, keepdim=True) * w)
+
+    # ---- persistence ---------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+
+    def to_bytes(self) -> tuple[bytes, bytes]:
+        """``(sae.safetensors bytes, cfg.json bytes)``."""
+        return st_save(self.state_tensors(), metadata={"format": "actstore-sae"}), self.cfg.to_json().encode()
+
+    @classmethod
+    def from_bytes(cls, weights: bytes, cfg_json: bytes, where: str = "SAE") -> SAE:
+        cfg = parse_config(cfg_json, where)
+        sae = cls(cfg)
+        try:
+            tensors = st_load(weights)
+        except Exception as exc:  # safetensors raises its own SafetensorError on truncated or garbled files
+            raise IntegrityError(
+                f"{where}: sae.safetensors does not load ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+                "the file is damaged: re-train the SAE or re-copy the store"
+            ) from None
+        expect = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,), "W_dec": (cfg.d_sae, cfg.d_in), "b_dec": (cfg.d_in,)}
+        for name, shape in expect.items():
+            if name not in tensors or tuple(tensors[name].shape) != shape:
+                got = tuple(tensors[name].shape) if name in tensors else "missing"
+                raise ConfigError(f"SAE weights {name} should have shape {shape} for cfg.json, got {got}")
+        tensors.setdefault("threshold", torch.tensor(0.0))
+        sae.load_state_dict(tensors)
+        return sae.eval()
+
+    def raw_space_tensors(self) -> dict[str, torch.Tensor]:
+        """Weights with ``norm_scale`` folded in, so they act on raw activations directly.
+
+        ``acts = act_fn((x - b_dec) @ W_enc + b_enc)`` and ``x_hat = acts @ W_dec + b_dec``
+        with ``x`` and ``x_hat`` in the model's activation space; feature
+        activations are unchanged.
+        """
+        s = float(self.cfg.norm_scale)
+        t = self.state_tensors()
+        return {
+            "W_enc": (t["W_enc"] * s).contiguous(),  # (d_in, d_sae)
+            "b_enc": t["b_enc"],  # (d_sae,)
+            "W_dec": (t["W_dec"] / s).contiguous(),  # (d_sae, d_in)
+            "b_dec": (t["b_dec"] / s).contiguous(),  # (d_in,)
+        }
+
+
+def check_d_in(cfg: SAEConfig, d_model: int, where: str) -> None:
+    """Raise ConfigError unless an SAE reading ``d_in`` fits activations of width ``d_model`` (``where`` names them)."""
+    if cfg.d_in != d_model:
+        raise ConfigError(
+            f"SAE {cfg.name or ''} reads d_in {cfg.d_in} but {where} has d_model {d_model}: "
+            f"use an SAE trained on that layer (it was trained on {cfg.model} layer {cfg.layer})"
+        )
+
+
+def check_fits(store: Store, cfg: SAEConfig, name: str) -> Any:
+    """The activations (``Store.activations``) an SAE reads, after checking that it fits them.
+
+    The one "does this SAE fit this layer" check (encode, diff-features): model and layer recorded,
+    the layer's width equal to the SAE's ``d_in``, and the tokenization it was trained on.
+    """
+    if cfg.model is None or cfg.layer is None:
+        raise ConfigError(f"SAE {name!r} has no model/layer in its cfg.json: it cannot be matched to the store's rows")
+    acts = store.activations(cfg.model, cfg.layer)
+    if acts.d_model != cfg.d_in:
+        raise ConfigError(f"SAE {name!r} reads {cfg.d_in}-wide vectors but {cfg.model} layer {cfg.layer} is {acts.d_model} wide")
+    tk = store.model_info(cfg.model).get("tokenization")
+    if cfg.tokenization and tk and cfg.tokenization != tk:
+        raise ConfigError(f"SAE {name!r} was trained on tokenization {cfg.tokenization}, but {cfg.model} uses {tk}")
+    return acts
+
+
+DENSE_L0_FRACTION = 0.10
+"""An SAE whose held-out L0 exceeds this fraction of d_sae is flagged dense (``saes``, the report)."""

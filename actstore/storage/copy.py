@@ -1,0 +1,253 @@
+"""Sharing stores: verified copies between local folders and buckets, and the provenance record.
+
+``actstore copy SRC DST`` copies a store (or only some models, layers and SAEs
+of it) object by object, in parallel. Every object is checked twice: as read
+from the source (a chunk's crc32c, a file's SHA-256 from the source manifest
+where it has one) and again as read back from the destination. Objects already
+at the destination with the same bytes are skipped, so an interrupted copy is
+resumed by running the same command. Zarr metadata is written last, so a
+partial copy never shows arrays whose chunks are not there yet. Keys from the
+source are checked before anything is written: ``..``, absolute keys and the
+like are refused (see :func:`actstore.location.check_key`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from actstore.errors import ConfigError, StoreError
+from actstore.format import layout
+from actstore.storage.integrity import (
+    MANIFEST_KEY,
+    SKIP_PREFIXES,
+    TMP,
+    ArrayLayout,
+    Problem,
+    arrays_and_chunks,
+    check_chunk,
+    read_manifest,
+    sha256,
+    update_manifest,
+)
+from actstore.storage.location import Location, check_key, open_location
+
+ATTR = layout.ATTR
+
+
+@dataclass
+class CopyConfig:
+    """Everything one ``actstore copy`` run needs."""
+
+    src: str
+    """Source store: a path or URL."""
+    dst: str
+    """Destination: a path or a writable bucket URL (created if missing)."""
+    include: list[str] = field(default_factory=list)
+    """Copy only these models/layers/SAEs (``MODEL``, ``MODEL:LAYER``, ``sae:NAME`` or key globs); empty = all."""
+    jobs: int = 8
+    """Objects copied in parallel."""
+    src_options: dict[str, Any] = field(default_factory=dict)
+    """fsspec storage options of the source."""
+    dst_options: dict[str, Any] = field(default_factory=dict)
+    """fsspec storage options of the destination."""
+
+    def __post_init__(self) -> None:
+        if self.jobs <= 0:
+            raise ConfigError(f"--jobs must be positive, got {self.jobs}")
+        if self.src.rstrip("/") == self.dst.rstrip("/"):
+            raise ConfigError("copy source and destination are the same store")
+        self.include = [s for s in (x.strip() for x in self.include) if s]
+
+
+@dataclass
+class CopyResult:
+    """What a copy did."""
+
+    src: str
+    dst: str
+    n_objects: int
+    """Objects selected for copying."""
+    n_copied: int
+    """Objects written this run."""
+    n_skipped: int
+    """Objects already present at the destination with the right bytes (resume)."""
+    bytes_copied: int
+    seconds: float
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def include_patterns(include: list[str]) -> list[str]:
+    """Turn ``--include`` items into key-prefix globs.
+
+    ``MODEL`` -> ``models/MODEL``; ``MODEL:LAYER`` -> ``models/MODEL/layer_LAYER``;
+    ``sae:NAME`` -> ``saes/NAME``; anything with a ``/`` is a key glob as given.
+    """
+    return [layout.include_prefix(item) for item in include]
+
+
+def _selected(key: str, patterns: list[str]) -> bool:
+    """Whether ``key`` is needed for the selection: always the root, token index and manifest; else a matching prefix."""
+    if not patterns or layout.always_copied(key):
+        return True
+    parts = key.split("/")
+    for pat in patterns:
+        n = pat.count("/") + 1
+        head = "/".join(parts[:n])
+        if fnmatch.fnmatchcase(head, pat) or fnmatch.fnmatchcase(head, pat + layout.SCALE_SUFFIX):
+            return True
+        # the parent groups' metadata of a selected layer (models/zarr.json, models/M/zarr.json)
+        if parts[-1] == "zarr.json" and fnmatch.fnmatchcase("/".join(parts[:-1]), "/".join(pat.split("/")[: len(parts) - 1])):
+            return True
+    return False
+
+
+def _copy_order(key: str) -> tuple[int, str]:
+    """Data first, then array/group metadata deepest first, the root's zarr.json last."""
+    if key == "zarr.json":
+        return (3, key)
+    if key.endswith("zarr.json"):
+        return (2, f"{9999 - key.count('/'):04d}{key}")
+    return (0 if "/c/" in key else 1, key)
+
+
+def _check_dst(dst: Location, src_root: dict[str, Any]) -> None:
+    if not dst.exists("zarr.json"):
+        return
+    try:
+        theirs = json.loads(dst.read_bytes("zarr.json")).get("attributes", {}).get(ATTR, {})
+    except ValueError:
+        theirs = {}
+    if theirs.get("created") != src_root.get("created"):
+        raise StoreError(
+            f"destination {dst.url} already holds a different store (created {theirs.get('created')}, the source "
+            f"{src_root.get('created')}): choose an empty destination"
+        )
+
+
+def copy_store(cfg: CopyConfig, progress: bool = False) -> CopyResult:
+    """Copy the store ``cfg.src`` to ``cfg.dst`` with verification; see the module docstring."""
+    t0 = time.perf_counter()
+    src = open_location(cfg.src, cfg.src_options)
+    listing = src.walk()
+    if "zarr.json" not in listing:
+        raise StoreError(f"{src.url} holds no zarr.json: not an actstore store (check the path)")
+    root_meta = json.loads(src.read_bytes("zarr.json"))
+    if ATTR not in root_meta.get("attributes", {}):
+        raise StoreError(f"{src.url} is a Zarr group but not an actstore store (no '{ATTR}' attribute)")
+    unsafe = []
+    for key in listing:
+        try:
+            check_key(key)
+        except StoreError:
+            unsafe.append(key)
+    if unsafe:
+        raise StoreError(
+            f"source store {src.url} holds unsafe keys {unsafe[:5]!r}: copy refused before writing anything "
+            "(keys must stay inside the store: no '..', no absolute keys)"
+        )
+    man = read_manifest(src)
+    listed = (man or {}).get("files", {})
+    arrays, chunk_keys, _ = arrays_and_chunks(src, listing)
+    patterns = include_patterns(cfg.include)
+    keys = [
+        k for k in listing
+        if k != MANIFEST_KEY and not k.startswith(SKIP_PREFIXES) and not TMP.search(k) and _selected(k, patterns)
+    ]  # fmt: skip
+    if patterns and not any(layout.selects_content(k) for k in keys):
+        raise ConfigError(
+            f"--include {' '.join(cfg.include)} matches nothing in {src.url}: see actstore info for its models and SAEs"
+        )
+    keys.sort(key=_copy_order)
+
+    layout_of: dict[str, tuple[ArrayLayout, tuple[int, ...]]] = {}
+    for al in arrays.values():
+        for idx in al.expected_chunks():
+            layout_of[al.chunk_key(idx)] = (al, idx)
+    res = CopyResult(src.url, cfg.dst, len(keys), 0, 0, 0, 0.0)
+    hashes: dict[str, dict[str, Any]] = {}
+    # a chunk inside the committed rows that is absent would read as zeros at the destination: refuse the copy
+    absent = sorted(k for k in layout_of if k not in listing and _selected(k, patterns))
+    for key in absent:
+        al, idx = layout_of[key]
+        r0, r1 = al.rows_of(idx)
+        why = f"chunk {idx} of array {al.path} (rows {r0}-{r1 - 1}) is absent at the source; nothing copied"
+        res.problems.append(Problem(key, "missing", why))
+    if absent:
+        res.seconds = time.perf_counter() - t0
+        return res
+    dst = open_location(cfg.dst, cfg.dst_options, create=True)
+    _check_dst(dst, root_meta["attributes"][ATTR])
+    dst_have = dst.walk()
+    res.dst = dst.url
+
+    def check_source(key: str, data: bytes) -> str | None:
+        if key in chunk_keys:
+            if key in layout_of:
+                return check_chunk(src, layout_of[key][0], layout_of[key][1], data)
+            return None  # a chunk past the committed rows: copied as is
+        if key in listed and (len(data) != int(listed[key]["size"]) or sha256(data) != listed[key]["sha256"]):
+            return "SHA-256/size differ from the source manifest"
+        return None
+
+    def one(key: str) -> tuple[str, int, Problem | None]:
+        """Copy one object: returns ('copied'|'skipped'|'failed', bytes written, problem)."""
+        data = src.read_bytes(key)
+        why = check_source(key, data)
+        if why:
+            return "failed", 0, Problem(key, "corrupted", f"at the source: {why}; not copied")
+        digest = sha256(data)
+        if key not in chunk_keys:
+            hashes[key] = {"size": len(data), "sha256": digest}
+        if dst_have.get(key) == len(data) and sha256(dst.read_bytes(key)) == digest:
+            return "skipped", 0, None
+        if not dst.local:  # refuse paths that escape the destination (check_key already did; belt and braces)
+            pass
+        else:
+            target = Path(dst.fs_path(key)).resolve()
+            if not str(target).startswith(str(Path(dst.root).resolve()) + "/"):
+                return "failed", 0, Problem(key, "corrupted", "resolves outside the destination; refused")
+        for _attempt in range(2):
+            dst.write_bytes(key, data)
+            if sha256(dst.read_bytes(key)) == digest:
+                return "copied", len(data), None
+        return "failed", 0, Problem(key, "corrupted", "bytes read back from the destination differ from the source")
+
+    # data objects in parallel; metadata after them, in order
+    data_keys = [k for k in keys if _copy_order(k)[0] < 2]
+    meta_keys = [k for k in keys if _copy_order(k)[0] >= 2]
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(keys), desc="copy", unit=" objects", disable=not progress)
+    with ThreadPoolExecutor(cfg.jobs) as pool:
+        for state, n, problem in pool.map(one, data_keys):
+            _tally(res, state, n, problem)
+            bar.update()
+    if not res.problems:
+        for key in meta_keys:
+            _tally(res, *one(key))
+            bar.update()
+    bar.close()
+    if not res.problems:
+        update_manifest(dst, prefixes=[], entries=hashes)
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _tally(res: CopyResult, state: str, n: int, problem: Problem | None) -> None:
+    if state == "copied":
+        res.n_copied += 1
+        res.bytes_copied += n
+    elif state == "skipped":
+        res.n_skipped += 1
+    if problem is not None:
+        res.problems.append(problem)

@@ -1,0 +1,453 @@
+"""Integrity: a checksum for every chunk and file of a store, and ``actstore verify``.
+
+Two kinds of checksum cover a store:
+
+* **Zarr chunks** carry their own: every array is written with Zarr v3's
+  ``crc32c`` codec as its last codec, so each chunk object ends with the CRC-32C
+  of the bytes before it. Reading a corrupted chunk raises
+  :class:`~actstore.errors.IntegrityError` naming the array and chunk
+  (:func:`chunk_error`), never returns wrong numbers.
+* **Every other file** (``zarr.json`` metadata, Parquet parts, ``sae.safetensors``,
+  ``cfg.json``, ...) is listed in ``STORE/manifest.json`` with its size and
+  SHA-256. Extraction updates the manifest when it finishes; ``actstore verify
+  --update-manifest`` (and ``actstore copy``) record files written since.
+
+:func:`verify` checks both and reports each corrupted, missing or unlisted
+object by its key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from itertools import product
+from typing import Any
+
+import google_crc32c
+
+from actstore.clock import now
+from actstore.errors import IntegrityError, StoreError
+from actstore.format import layout
+from actstore.storage.location import Location, check_key
+
+MANIFEST_KEY = layout.MANIFEST
+MANIFEST_FORMAT = 1
+SKIP_PREFIXES = (f"{layout.LOCKS}/",)
+TMP = re.compile(r"(\.tmp\d+|\.partial)$")  # a local write in progress (Location.write_bytes, Zarr's LocalStore)
+ATTR = layout.ATTR
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# ---------------------------------------------------------------- chunks
+@dataclass
+class ArrayLayout:
+    """Where an array's chunks live and how many of them must exist."""
+
+    path: str
+    """Array path in the store, e.g. ``models/m/layer_3``."""
+    shape: list[int]
+    chunk_shape: list[int]
+    separator: str
+    """Chunk key separator ('/' for Zarr v3's default encoding)."""
+    v2_keys: bool
+    """Whether chunk keys use the 'v2' encoding (no ``c/`` prefix)."""
+    crc32c_last: bool
+    """Whether the last codec is crc32c, so a chunk's raw bytes can be checked without decoding."""
+    rows: int
+    """Rows that must be present: ``committed_rows`` for activation arrays, else the full first dimension."""
+
+    @classmethod
+    def from_metadata(cls, path: str, meta: dict[str, Any]) -> ArrayLayout:
+        enc = meta.get("chunk_key_encoding", {"name": "default"})
+        sep = (enc.get("configuration") or {}).get("separator", "/" if enc.get("name") == "default" else ".")
+        codecs = [c.get("name") if isinstance(c, dict) else c for c in meta.get("codecs", [])]
+        attrs = (meta.get("attributes") or {}).get(ATTR, {})
+        shape = [int(x) for x in meta["shape"]]
+        rows = int(attrs["committed_rows"]) if "committed_rows" in attrs else (shape[0] if shape else 0)
+        return cls(
+            path=path, shape=shape, chunk_shape=[int(x) for x in meta["chunk_grid"]["configuration"]["chunk_shape"]],
+            separator=sep, v2_keys=enc.get("name") == "v2", crc32c_last=bool(codecs) and codecs[-1] == "crc32c",
+            rows=min(rows, shape[0]) if shape else 0,
+        )  # fmt: skip
+
+    def chunk_key(self, idx: tuple[int, ...]) -> str:
+        """Store key of the chunk at grid index ``idx``."""
+        body = self.separator.join(str(i) for i in idx) if idx else "0"
+        return f"{self.path}/{body}" if self.v2_keys else f"{self.path}/c{self.separator}{body}"
+
+    def expected_chunks(self) -> list[tuple[int, ...]]:
+        """Grid indexes of every chunk covering the required rows."""
+        if not self.shape:
+            return [()]
+        grids = [range(math.ceil(self.rows / self.chunk_shape[0]))]
+        grids += [range(math.ceil(n / c)) for n, c in zip(self.shape[1:], self.chunk_shape[1:], strict=True)]
+        return list(product(*grids))
+
+    def rows_of(self, idx: tuple[int, ...]) -> tuple[int, int]:
+        if not idx:
+            return (0, 0)
+        c = self.chunk_shape[0]
+        return idx[0] * c, min((idx[0] + 1) * c, self.shape[0])
+
+
+def crc_ok(data: bytes) -> bool:
+    """Whether a chunk written with a final crc32c codec matches its stored checksum."""
+    if len(data) < 4:
+        return False
+    return google_crc32c.value(data[:-4]) == int.from_bytes(data[-4:], "little")
+
+
+def check_chunk(loc: Location, al: ArrayLayout, idx: tuple[int, ...], data: bytes | None = None) -> str | None:
+    """None if the chunk is sound, else why not ('missing', 'checksum mismatch', ...)."""
+    key = al.chunk_key(idx)
+    try:
+        raw = loc.read_bytes(key) if data is None else data
+    except FileNotFoundError:
+        return "missing"
+    if al.crc32c_last:
+        return None if crc_ok(raw) else "crc32c checksum mismatch"
+    try:  # no crc32c: at least the codec pipeline must decode it
+        import zarr
+
+        zarr.open_array(loc.zarr_store, path=al.path, mode="r").blocks[idx]
+    except Exception as exc:
+        return f"does not decode ({type(exc).__name__}: {exc})"
+    return None
+
+
+def chunk_error(loc: Location, array: Any, row_start: int, row_stop: int, exc: BaseException) -> BaseException:
+    """Turn a failed read of rows ``[row_start, row_stop)`` of a Zarr array into an IntegrityError naming the bad chunk.
+
+    Returns ``exc`` itself when every chunk in the range checks out (the failure was something else).
+    """
+    al = ArrayLayout.from_metadata(array.path, array.metadata.to_dict())
+    c = al.chunk_shape[0] if al.chunk_shape else 1
+    first, last = row_start // c, max(row_start, row_stop - 1) // c
+    rest = [range(math.ceil(n / k)) for n, k in zip(al.shape[1:], al.chunk_shape[1:], strict=True)]
+    for idx in product(range(first, last + 1), *rest):
+        why = check_chunk(loc, al, idx)
+        if why:
+            r0, r1 = al.rows_of(idx)
+            state = "missing" if why == "missing" else f"corrupted: {why}"
+            return IntegrityError(
+                f"chunk {idx} of array {al.path} in store {loc.url} (object {al.chunk_key(idx)}, rows {r0}-{r1 - 1}) "
+                f"is {state}. Its values are not returned (never read as zeros); run `actstore verify {loc.url}` to list "
+                "every bad object, then re-copy the store or re-extract that layer"
+            )
+    from actstore.storage.location import MissingChunk
+
+    if isinstance(exc, MissingChunk):
+        return IntegrityError(f"{exc} in store {loc.url}: run `actstore verify {loc.url}`, then re-copy or re-extract")
+    return exc
+
+
+# ---------------------------------------------------------------- manifest
+def read_manifest(loc: Location) -> dict[str, Any] | None:
+    """The store's manifest (``{"files": {key: {"size", "sha256"}}, ...}``), or None if it has none."""
+    try:
+        raw = loc.read_bytes(MANIFEST_KEY)
+    except FileNotFoundError:
+        return None
+    try:
+        man = json.loads(raw)
+        files = man["files"]
+        if not isinstance(files, dict):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        raise IntegrityError(
+            f"{loc.join(MANIFEST_KEY)} is not a valid manifest: re-create it with actstore verify --update-manifest"
+        ) from None
+    for key in files:
+        check_key(key)
+    return man
+
+
+def arrays_and_chunks(loc: Location, files: dict[str, int]) -> tuple[dict[str, ArrayLayout], set[str], list[str]]:
+    """Parse every zarr.json: ``(arrays by path, keys that are chunks, keys of unreadable metadata)``."""
+    arrays: dict[str, ArrayLayout] = {}
+    bad_meta = []
+    for key in files:
+        if key == "zarr.json" or key.endswith("/zarr.json"):
+            try:
+                meta = json.loads(loc.read_bytes(key))
+                if meta.get("node_type") == "array":
+                    path = key[: -len("/zarr.json")] if "/" in key else ""
+                    arrays[path] = ArrayLayout.from_metadata(path, meta)
+            except (ValueError, KeyError, TypeError, AttributeError):
+                bad_meta.append(key)
+    chunk_keys = set()
+    for key in files:
+        parent = key.rsplit("/", 1)[0] if "/" in key else ""
+        while parent:
+            if parent in arrays:
+                if not key.endswith("/zarr.json"):
+                    chunk_keys.add(key)
+                break
+            parent = parent.rsplit("/", 1)[0] if "/" in parent else ""
+    return arrays, chunk_keys, bad_meta
+
+
+def data_files(loc: Location, files: dict[str, int] | None = None) -> list[str]:
+    """Keys of the store's files that are not Zarr chunks (what the manifest lists)."""
+    files = loc.walk() if files is None else files
+    _, chunk_keys, _ = arrays_and_chunks(loc, files)
+    return [
+        k for k in files if k not in chunk_keys and k != MANIFEST_KEY and not k.startswith(SKIP_PREFIXES) and not TMP.search(k)
+    ]
+
+
+def update_manifest(
+    loc: Location, prefixes: Iterable[str] | None = None, entries: dict[str, dict[str, Any]] | None = None
+) -> dict:
+    """Record size and SHA-256 of the store's non-chunk files (those under ``prefixes``, or all) in ``manifest.json``.
+
+    ``entries`` gives already-known ``{key: {"size", "sha256"}}`` (as copy does).
+    Files listed but now gone are dropped. Writers serialise on the 'manifest' lock.
+    """
+    from actstore.storage.locks import StoreLock
+
+    with StoreLock(loc, "manifest", "update manifest").acquire(wait_s=60):
+        files = loc.walk()
+        keys = data_files(loc, files)
+        pre = tuple(p.rstrip("/") for p in prefixes) if prefixes is not None else None
+        man = read_manifest(loc) or {"format": MANIFEST_FORMAT, "created": now(), "files": {}}
+        listed: dict[str, Any] = {k: v for k, v in man["files"].items() if k in files}
+        known = entries or {}
+        for key in keys:
+            if key in known:
+                listed[key] = dict(known[key])
+            elif pre is None or any(key == p or key.startswith(p + "/") for p in pre):
+                data = loc.read_bytes(key)
+                listed[key] = {"size": len(data), "sha256": sha256(data)}
+        if listed == man["files"] and "updated" in man:
+            return man  # nothing changed: leave the store byte-identical
+        man.update({"format": MANIFEST_FORMAT, "updated": now(), "files": dict(sorted(listed.items()))})
+        loc.write_bytes(MANIFEST_KEY, json.dumps(man, indent=1).encode())
+    return man
+
+
+# ---------------------------------------------------------------- verify
+@dataclass
+class Problem:
+    """One object that failed verification."""
+
+    key: str
+    """Store key of the object."""
+    kind: str
+    """'corrupted', 'missing' or 'unlisted'."""
+    detail: str
+    """What is wrong, in words."""
+
+
+@dataclass
+class VerifyReport:
+    """The outcome of :func:`verify`."""
+
+    store: str
+    n_chunks: int = 0
+    """Chunks checked."""
+    n_files: int = 0
+    """Non-chunk files checked."""
+    n_bytes: int = 0
+    """Bytes read."""
+    manifest: bool = False
+    """Whether the store has a manifest."""
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing is corrupted or missing (unlisted files are warnings)."""
+        return not any(p.kind in ("corrupted", "missing") for p in self.problems)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+
+def _parse_check(key: str, data: bytes) -> str | None:
+    """A structural check of a file no manifest vouches for."""
+    try:
+        if key.endswith(".json"):
+            json.loads(data)
+        elif key.endswith(".parquet"):
+            import io
+
+            import pyarrow.parquet as pq
+
+            pq.ParquetFile(io.BytesIO(data)).metadata  # noqa: B018
+        elif key.endswith(".safetensors"):
+            from safetensors.numpy import load
+
+            load(data)
+    except Exception as exc:
+        return f"does not parse ({type(exc).__name__})"
+    return None
+
+
+def verify(loc: Location, jobs: int = 8, chunks: bool = True) -> VerifyReport:
+    """Check every chunk (crc32c) and every file (manifest SHA-256) of the store at ``loc``."""
+    rep = VerifyReport(store=loc.url)
+    files = loc.walk()
+    if "zarr.json" not in files:
+        raise StoreError(f"{loc.url} holds no zarr.json: not an actstore store (check the path)")
+    man = read_manifest(loc)
+    rep.manifest = man is not None
+    arrays, _, bad_meta = arrays_and_chunks(loc, files)
+    for key in bad_meta:
+        rep.problems.append(Problem(key, "corrupted", "Zarr metadata is not valid JSON"))
+
+    # chunks: every chunk of the required rows must exist and pass its checksum
+    todo: list[tuple[ArrayLayout, tuple[int, ...]]] = []
+    for al in arrays.values():
+        for idx in al.expected_chunks():
+            if al.chunk_key(idx) in files:
+                todo.append((al, idx))
+            else:
+                r0, r1 = al.rows_of(idx)
+                rep.problems.append(
+                    Problem(al.chunk_key(idx), "missing", f"chunk {idx} of array {al.path} (rows {r0}-{r1 - 1}) is absent")
+                )
+    if chunks:
+
+        def one(item: tuple[ArrayLayout, tuple[int, ...]]) -> Problem | None:
+            al, idx = item
+            why = check_chunk(loc, al, idx)
+            if why is None:
+                return None
+            kind = "missing" if why == "missing" else "corrupted"
+            return Problem(al.chunk_key(idx), kind, f"chunk {idx} of array {al.path}: {why}")
+
+        with ThreadPoolExecutor(max(1, jobs)) as pool:
+            for p in pool.map(one, todo):
+                if p is not None:
+                    rep.problems.append(p)
+        rep.n_chunks = len(todo)
+        rep.n_bytes += sum(files[al.chunk_key(idx)] for al, idx in todo)
+
+    # files: manifest hashes where listed, a parse check where not
+    listed = (man or {}).get("files", {})
+    for key in listed:
+        if key not in files:
+            rep.problems.append(Problem(key, "missing", "listed in manifest.json but absent"))
+    others = [k for k in data_files(loc, files) if k not in bad_meta]
+
+    def one_file(key: str) -> Problem | None:
+        data = loc.read_bytes(key)
+        if key in listed:
+            e = listed[key]
+            if len(data) != int(e.get("size", -1)) or sha256(data) != e.get("sha256"):
+                return Problem(
+                    key, "corrupted", f"SHA-256/size differ from manifest.json ({len(data)} bytes, expected {e.get('size')})"
+                )
+            return None
+        why = _parse_check(key, data)
+        if why:
+            return Problem(key, "corrupted", why)
+        return Problem(key, "unlisted", "not in manifest.json, so no checksum vouches for it (actstore verify --update-manifest)")
+
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        for p in pool.map(one_file, others):
+            if p is not None and (rep.manifest or p.kind != "unlisted"):
+                rep.problems.append(p)
+    rep.n_files = len(others)
+    rep.n_bytes += sum(files[k] for k in others)
+    rep.problems.sort(key=lambda p: (p.kind, p.key))
+    return rep
+
+
+# ---------------------------------------------------------------- integrity on read
+VERIFY_ON_READ = True
+"""Check files against the manifest when they are opened (set False only to measure what the checks cost)."""
+_VERIFIED: set[tuple] = set()
+_MANIFESTS: dict[tuple, dict[str, Any] | None] = {}
+
+
+def _cache_dir() -> Any:
+    import os
+    from pathlib import Path
+
+    d = os.environ.get("ACTSTORE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "actstore"
+    )
+    return Path(d) / "verified"
+
+
+def _manifest_cached(loc: Location) -> dict[str, Any] | None:
+    """The manifest, re-read only when its own file changed."""
+    try:
+        ident = (loc.url, *loc.stat_identity(MANIFEST_KEY))
+    except FileNotFoundError:
+        return None
+    if ident not in _MANIFESTS:
+        if len(_MANIFESTS) > 16:
+            _MANIFESTS.clear()
+        _MANIFESTS[ident] = read_manifest(loc)
+    return _MANIFESTS[ident]
+
+
+def check_file(loc: Location, key: str, data: bytes | None = None) -> None:
+    """Raise :class:`IntegrityError` unless ``key`` matches its size and SHA-256 in the store's manifest.
+
+    Files the manifest does not list (or stores without one) pass unchecked: ``actstore verify`` reports them.
+    A file that passed is remembered by what changes when it is rewritten (local: device, inode, size, mtime
+    and ctime; remote: size and ETag), in this process and in ``~/.cache/actstore/verified``
+    (``ACTSTORE_CACHE_DIR``), so a warm lookup costs one ``stat``, not a hash. ``data`` (the file's bytes,
+    when the caller read them) is hashed directly.
+    """
+    if not VERIFY_ON_READ:
+        return
+    man = _manifest_cached(loc)
+    entry = (man or {}).get("files", {}).get(key)
+    if entry is None:
+        return
+    if data is not None:
+        _compare(loc, key, entry, len(data), sha256(data))
+        return
+    try:
+        ident = (loc.url, key, *loc.stat_identity(key), entry.get("sha256"))
+    except FileNotFoundError:
+        raise IntegrityError(
+            f"{key} in store {loc.url} is listed in manifest.json but missing: re-copy the store from its source, "
+            "or re-run the command that made it"
+        ) from None
+    if ident in _VERIFIED:
+        return
+    token = hashlib.sha256(repr(ident).encode()).hexdigest()
+    marker = _cache_dir() / token[:2] / token
+    if not marker.exists():
+        h, n = hashlib.sha256(), 0
+        with loc.open_input(key) as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+                n += len(block)
+        _compare(loc, key, entry, n, h.hexdigest())
+        try:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        except OSError:  # no writable cache: this process still remembers
+            pass
+    if len(_VERIFIED) > 100_000:
+        _VERIFIED.clear()
+    _VERIFIED.add(ident)
+
+
+def check_files(loc: Location, keys: Iterable[str]) -> None:
+    """:func:`check_file` for each key."""
+    for key in keys:
+        check_file(loc, key)
+
+
+def _compare(loc: Location, key: str, entry: dict[str, Any], size: int, digest: str) -> None:
+    if size != int(entry.get("size", -1)) or digest != entry.get("sha256"):
+        raise IntegrityError(
+            f"{key} in store {loc.url} is corrupted: its size/SHA-256 differ from manifest.json ({size} bytes, expected "
+            f"{entry.get('size')}); nothing was read from it. Run `actstore verify {loc.url}` to list every bad object, "
+            "then re-copy the store or re-run the command that made the file"
+        )

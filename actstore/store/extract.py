@@ -1,0 +1,435 @@
+"""Extract stage: stream a corpus through a model into the store's layer arrays.
+
+Two phases, both streaming and resumable:
+
+1. **Tokenize** the corpus once per tokenizer into the token index
+   (``tokenizations/<tk>``): Zarr int arrays plus Parquet tables. A second model
+   with the same tokenizer reuses these rows exactly.
+2. **Forward** the token rows unit by unit. A *unit* is a run of whole Zarr
+   chunks (``unit_rows`` rows); the samples overlapping it are bucketed by
+   length, run through one truncated forward pass for all requested layers, and
+   the unit's rows are handed to a writer thread that compresses and writes
+   whole chunks, then advances each array's ``committed_rows``. Units are
+   deterministic, so a killed run restarted with the same command recomputes
+   the same batches and ends byte-identical; disjoint units can be written by
+   independent workers.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+import zarr.codecs as zc
+
+from actstore.clock import now
+from actstore.data.corpora import DataConfig, load_corpus
+from actstore.errors import ConfigError, StoreError
+from actstore.format import codecs, layout
+from actstore.format.layout import ATTR, FORMAT_VERSION
+from actstore.models.loading import auto_device, default_model_key, load_model, sanitize_key
+from actstore.models.taps import LayerTap, check_layers
+from actstore.storage.integrity import update_manifest
+from actstore.storage.location import Location, check_name, open_location
+from actstore.storage.locks import LockSet
+from actstore.store.tokenize import choose_tokenization
+from actstore.version import __version__
+
+DEFAULT_CHUNK_ROWS = 4096
+SETUP_WAIT_S = 3600.0  # how long an extraction waits for another one creating the store's token index
+
+
+def parse_layers(spec: str | list[int] | tuple[int, ...]) -> list[int]:
+    """``"2,4,6"``, ``"0-6"`` or a list -> sorted unique ints."""
+    if isinstance(spec, list | tuple):
+        return sorted({int(x) for x in spec})
+    out: set[int] = set()
+    for part in str(spec).replace(" ", "").split(","):
+        if not part:
+            continue
+        try:
+            ends = [int(x) for x in part.split("-", 1)] if "-" in part[1:] else [int(part)]
+        except ValueError:
+            raise ConfigError(f"cannot read layers {spec!r}: use numbers like 2,4,6 or a range 0-6") from None
+        if len(ends) == 2 and ends[1] < ends[0]:
+            raise ConfigError(f"layer range {part!r} runs backwards: write it low-high, e.g. {ends[1]}-{ends[0]}")
+        out.update(range(ends[0], ends[-1] + 1))
+    if not out:
+        raise ConfigError("no layers given: use --layers 2,4,6, a range 0-6, or 'all'")
+    return sorted(out)
+
+
+@dataclass
+class ExtractConfig:
+    """Everything one ``actstore extract`` run needs."""
+
+    model: str
+    """Hugging Face id, local directory, or bundled:minilm / bundled:minilm-sre."""
+    data: DataConfig
+    """The corpus and its fields."""
+    layers: list[int] | str
+    """hidden_states indices to store (0 = embeddings), or 'all'."""
+    name: str | None = None
+    """Store key for the model (default: derived from the model name)."""
+    max_length: int | None = None
+    """Truncate samples to this many tokens (default: min(512, the model's limit))."""
+    batch_size: int = 32
+    """Samples per forward pass (batches are bucketed by length)."""
+    codec: str = "fp16"
+    """Stored precision: fp32, fp16, bf16 or int8 (per-token scale)."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N, or auto (CUDA when present)."""
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
+    """Token rows per Zarr chunk (only used when the store's tokenization is created)."""
+    unit_mb: int = 256
+    """Memory budget (MiB) of float32 rows held per unit of work before writing."""
+    unit_rows: int | None = None
+    """Rows per unit of work, rounded up to whole chunks (default: from unit_mb)."""
+    new_tokenization: bool = False
+    """Allow a model whose tokenizer differs from the store's: add a new token index."""
+
+    def __post_init__(self) -> None:
+        if self.codec not in codecs.CODECS:
+            raise ConfigError(f"unknown codec {self.codec!r}: choose one of {', '.join(codecs.CODECS)}")
+        if self.batch_size <= 0:
+            raise ConfigError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.max_length is not None and self.max_length < 2:
+            raise ConfigError(f"--max-length must be at least 2, got {self.max_length}")
+        if self.chunk_rows <= 0 or self.unit_mb <= 0 or (self.unit_rows is not None and self.unit_rows <= 0):
+            raise ConfigError("chunk_rows, unit_mb and unit_rows must be positive")
+        if self.layers != "all":
+            self.layers = parse_layers(self.layers)
+        if self.name is not None:
+            self.name = sanitize_key(self.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ExtractResult:
+    """What an extraction did."""
+
+    store: str
+    model_key: str
+    layers: list[int]
+    tokenization: str
+    n_samples: int
+    n_tokens: int
+    n_truncated: int
+    rows_written: int
+    resumed_from: int
+    seconds: float
+    tokens_per_s: float
+    data_report: dict[str, Any] = field(default_factory=dict)
+
+
+def _open_root(loc: Location) -> zarr.Group:
+    try:
+        root = zarr.open_group(loc.zarr_store, mode="a")
+    except (OSError, PermissionError) as exc:
+        raise StoreError(f"cannot write to store {loc.url}: {exc}; choose a writable path") from None
+    if ATTR not in root.attrs:
+        if list(root.group_keys()) or list(root.array_keys()):
+            raise StoreError(f"{loc.url} is a Zarr group made by another tool: choose an empty folder for the store")
+        root.attrs[ATTR] = {"format": FORMAT_VERSION, "created": now(), "actstore_version": __version__}
+    return root
+
+
+# ---------------------------------------------------------------- phase 2
+def _layer_arrays(
+    root: zarr.Group,
+    model_key: str,
+    layers: list[int],
+    n_rows: int,
+    chunk_rows: int,
+    unit_rows: int,
+    d_model: int,
+    cfg: ExtractConfig,
+    tk: str,
+) -> dict[int, tuple[zarr.Array, zarr.Array | None]]:
+    out = {}
+    for layer in layers:
+        name = layout.layer_array(model_key, layer)
+        try:
+            arr = zarr.open_array(root.store, path=name, mode="r+")
+        except FileNotFoundError:
+            arr = None
+        if arr is not None:
+            a = arr.attrs[ATTR]
+            if a["codec"] != cfg.codec:
+                raise StoreError(
+                    f"layer {layer} of model {model_key!r} is already stored with codec {a['codec']}: "
+                    f"pass --codec {a['codec']} to resume it, or --name for a new model key"
+                )
+            scale = None
+            if cfg.codec == "int8":
+                scale = zarr.open_array(root.store, path=layout.scale_array(model_key, layer), mode="r+")
+            out[layer] = (arr, scale)
+            continue
+        comp = [zc.ZstdCodec(level=1), zc.Crc32cCodec()]
+        attrs = {
+            ATTR: {
+                "layer": layer,
+                "d_model": d_model,
+                "codec": cfg.codec,
+                "stored_dtype": codecs.STORED_DTYPE[cfg.codec],
+                "model_key": model_key,
+                "tokenization": tk,
+                "unit_rows": unit_rows,
+                "n_rows": n_rows,
+                "committed_rows": 0,
+                "complete": False,
+                "created": now(),
+                "actstore_version": __version__,
+                "config": cfg.to_dict(),
+            }
+        }
+        arr = root.create_array(
+            name, shape=(n_rows, d_model), chunks=(chunk_rows, d_model), dtype=codecs.STORED_DTYPE[cfg.codec],
+            fill_value=0, compressors=comp, attributes=attrs, dimension_names=("token", "d_model"),
+        )  # fmt: skip
+        scale = None
+        if cfg.codec == "int8":
+            scale = root.create_array(
+                layout.scale_array(model_key, layer), shape=(n_rows,), chunks=(chunk_rows,), dtype=codecs.SCALE_DTYPE,
+                fill_value=0, compressors=comp,
+                dimension_names=("token",),
+            )  # fmt: skip
+        out[layer] = (arr, scale)
+    return out
+
+
+def _keep_finetune_report(loc: Location, model_key: str, model_dir: str | None) -> None:
+    """Copy the ``report.json`` of an ``actstore finetune`` directory into the store (``MODEL/finetune_report.json``).
+
+    ``actstore report`` reads it from there: it never opens a file at a path the store names.
+    """
+    from actstore.models.finetune import load_report
+
+    rep = load_report(model_dir) if model_dir else None
+    key = layout.finetune_report(model_key)
+    if rep is not None and not loc.exists(key):
+        loc.write_bytes(key, json.dumps(rep, indent=1).encode())
+
+
+def _commit(arr: zarr.Array, rows: int, extra: dict[str, Any] | None = None) -> None:
+    a = {**arr.attrs[ATTR], **(extra or {})}
+    a["committed_rows"] = rows
+    a["updated"] = now()
+    a["complete"] = rows >= a["n_rows"]
+    arr.attrs[ATTR] = a
+
+
+class _Writer(threading.Thread):
+    """Encodes and writes finished units in order, then commits them."""
+
+    def __init__(self, arrays: dict[int, tuple[zarr.Array, zarr.Array | None]], codec: str) -> None:
+        super().__init__(daemon=True)
+        self.arrays, self.codec = arrays, codec
+        self.q: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        while (item := self.q.get()) is not None:
+            if self.error is not None:
+                continue
+            u0, u1, bufs = item
+            try:
+                extra: dict[int, dict[str, Any]] = {}
+                for layer, x in bufs.items():
+                    arr, scale = self.arrays[layer]
+                    chan = None
+                    if self.codec == "int8":
+                        stored = arr.attrs[ATTR].get("channel_scale")
+                        chan = np.asarray(stored, np.float32) if stored else codecs.channel_scale(x)
+                        if not stored:
+                            extra[layer] = {"channel_scale": [float(v) for v in chan]}
+                    enc = codecs.encode(x, self.codec, chan)
+                    arr[u0:u1] = enc.values
+                    if scale is not None:
+                        scale[u0:u1] = enc.scale
+                for layer in bufs:
+                    _commit(self.arrays[layer][0], u1, extra.get(layer))
+            except BaseException as exc:  # reported by the main thread
+                self.error = exc
+
+    def put(self, item: Any) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put(item)
+
+    def finish(self) -> None:
+        self.q.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _forward_unit(
+    tap: LayerTap, ids: np.ndarray, starts: np.ndarray, lens: np.ndarray, u0: int, u1: int, layers: list[int],
+    d_model: int, batch_size: int, device: str,
+) -> dict[int, np.ndarray]:  # fmt: skip
+    """Rows ``[u0, u1)`` of every layer, float32 ``(u1 - u0, d_model)``; samples given by absolute ``starts``."""
+    bufs = {layer: np.empty((u1 - u0, d_model), dtype=np.float32) for layer in layers}
+    base = int(starts[0])
+    order = np.argsort(-lens, kind="stable")  # bucket by length: longest first
+    cuda = device.startswith("cuda")
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    for b0 in range(0, len(order), batch_size):
+        sel = order[b0 : b0 + batch_size]
+        width = int(lens[sel].max())
+        inp = np.zeros((len(sel), width), dtype=np.int64)
+        mask = np.zeros((len(sel), width), dtype=np.int64)
+        for j, s in enumerate(sel):
+            a = int(starts[s]) - base
+            inp[j, : lens[s]] = ids[a : a + lens[s]]
+            mask[j, : lens[s]] = 1
+        with amp:
+            hs = tap(torch.from_numpy(inp).to(device, non_blocking=True), torch.from_numpy(mask).to(device, non_blocking=True))
+        host = {}
+        for layer, t in hs.items():
+            t = t.float()
+            if cuda:
+                pinned = torch.empty(t.shape, dtype=torch.float32, pin_memory=True)
+                pinned.copy_(t, non_blocking=True)
+                host[layer] = pinned
+            else:
+                host[layer] = t
+        if cuda:
+            torch.cuda.synchronize()
+        for layer in layers:
+            h = host[layer].numpy()  # (batch, width, d_model)
+            for j, s in enumerate(sel):
+                r0, r1 = max(int(starts[s]), u0), min(int(starts[s]) + int(lens[s]), u1)
+                if r1 > r0:
+                    p0 = r0 - int(starts[s])
+                    bufs[layer][r0 - u0 : r1 - u0] = h[j, p0 : p0 + (r1 - r0)]
+    return bufs
+
+
+def extract(
+    store: str, cfg: ExtractConfig, progress: bool = True, storage_options: dict[str, Any] | None = None,
+    break_lock: bool = False,
+) -> ExtractResult:  # fmt: skip
+    """Extract ``cfg.layers`` of ``cfg.model`` over ``cfg.data`` into ``store`` (created if needed).
+
+    Each layer array being written is locked (:mod:`actstore.locks`): a second writer of the same array is
+    refused with ConcurrencyError, writers of other models/layers proceed. ``break_lock`` takes over locks
+    left by a dead writer on another host (a dead writer on this host is detected by its pid).
+    """
+    held: list[LockSet] = []
+    try:
+        return _extract(store, cfg, progress, storage_options, break_lock, held)
+    finally:
+        for locks in held:
+            locks.release_all()
+
+
+def _extract(
+    store: str, cfg: ExtractConfig, progress: bool, storage_options: dict[str, Any] | None, break_lock: bool,
+    held: list[LockSet],
+) -> ExtractResult:  # fmt: skip
+    from tqdm.auto import tqdm
+
+    t_start = time.perf_counter()
+    corpus = load_corpus(cfg.data)
+    device = auto_device(cfg.device)
+    loaded = load_model(cfg.model, device)
+    layers = list(range(loaded.n_layers + 1)) if cfg.layers == "all" else list(cfg.layers)
+    check_layers(loaded, layers)
+    if cfg.max_length is not None and cfg.max_length > loaded.position_limit:
+        raise ConfigError(f"--max-length {cfg.max_length} exceeds what {cfg.model} accepts ({loaded.position_limit})")
+    model_key = check_name(cfg.name, "model key (--name)") if cfg.name else default_model_key(cfg.model)
+
+    loc = open_location(store, storage_options=storage_options, create=True)
+    locks = LockSet(loc, f"extract {model_key}", break_lock)
+    held.append(locks)
+    locks.acquire("setup", wait_s=SETUP_WAIT_S)  # root, token index, model group and arrays: one creator at a time
+    root = _open_root(loc)
+    tk, tattrs = choose_tokenization(loc, root, corpus, loaded, cfg.max_length, cfg.chunk_rows, cfg.new_tokenization, progress)
+    n_rows, chunk_rows = int(tattrs["n_tokens"]), int(tattrs["chunk_rows"])
+
+    info = loaded.info()
+    mpath = layout.model_dir(model_key)
+    try:
+        old = zarr.open_group(loc.zarr_store, path=mpath, mode="r").attrs.get(ATTR, {})
+        if old.get("weights_sha256") != info["weights_sha256"]:
+            raise StoreError(
+                f"model key {model_key!r} in {loc.url} holds other weights ({old.get('source')}): pass --name for a new key"
+            )
+        if old.get("tokenization") != tk:
+            raise StoreError(f"model key {model_key!r} in {loc.url} uses tokenization {old.get('tokenization')}, not {tk}")
+    except FileNotFoundError:
+        root.create_group(mpath, attributes={ATTR: {**info, "key": model_key, "tokenization": tk, "created": now()}})
+    _keep_finetune_report(loc, model_key, loaded.path)
+
+    # unit size: whole chunks, bounded by the memory budget; an unfinished array keeps its own
+    per_row = loaded.d_model * 4 * len(layers)
+    if cfg.unit_rows:
+        unit_rows = -(-cfg.unit_rows // chunk_rows) * chunk_rows
+    else:
+        unit_rows = max(chunk_rows, (cfg.unit_mb * 2**20 // per_row) // chunk_rows * chunk_rows)
+    for layer in layers:
+        try:
+            a = zarr.open_array(loc.zarr_store, path=layout.layer_array(model_key, layer), mode="r").attrs[ATTR]
+            if not a.get("complete"):
+                unit_rows = int(a["unit_rows"])
+                break
+        except FileNotFoundError:
+            pass
+    arrays = _layer_arrays(root, model_key, layers, n_rows, chunk_rows, unit_rows, loaded.d_model, cfg, tk)
+    committed = {layer: int(arr.attrs[ATTR]["committed_rows"]) for layer, (arr, _) in arrays.items()}
+    locks.acquire_all([layout.layer_array(model_key, layer) for layer in layers if committed[layer] < n_rows])
+    locks.release("setup")
+    if loc.local:  # temp files of writes cut short by a kill; their chunks get rewritten below
+        for layer in layers:
+            if committed[layer] < n_rows:
+                for arr in (layout.layer_array(model_key, layer), layout.scale_array(model_key, layer)):
+                    for tmp in Path(loc.fs_path(arr)).rglob("*.partial"):
+                        tmp.unlink(missing_ok=True)
+    todo = [layer for layer in layers if committed[layer] < n_rows]
+    start = min((committed[layer] for layer in todo), default=n_rows)
+
+    tok = zarr.open_group(loc.zarr_store, path=layout.tokenization_dir(tk), mode="r")
+    first_row = np.asarray(tok["sample_first_row"][:], dtype=np.int64)
+    n_tok = np.asarray(tok["sample_n_tokens"][:], dtype=np.int64)
+    token_id = tok["token_id"]
+
+    written = 0
+    if todo:
+        tap = LayerTap(loaded, todo)
+        writer = _Writer(arrays, cfg.codec)
+        writer.start()
+        bar = tqdm(total=n_rows, initial=start, desc=f"extract {model_key}", unit="tok", unit_scale=True, disable=not progress)
+        try:
+            for u0 in range(start, n_rows, unit_rows):
+                u1 = min(u0 + unit_rows, n_rows)
+                need = [layer for layer in todo if committed[layer] <= u0]
+                s_lo = int(np.searchsorted(first_row, u0, side="right")) - 1
+                s_hi = int(np.searchsorted(first_row, u1, side="left"))
+                starts, lens = first_row[s_lo:s_hi], n_tok[s_lo:s_hi]
+                ids = np.asarray(token_id[int(starts[0]) : int(starts[-1] + lens[-1])], dtype=np.int64)
+                bufs = _forward_unit(tap, ids, starts, lens, u0, u1, need, loaded.d_model, cfg.batch_size, device)
+                writer.put((u0, u1, bufs))
+                written += u1 - u0
+                bar.update(u1 - u0)
+        finally:
+            bar.close()
+            writer.finish()
+    update_manifest(loc, prefixes=[layout.ROOT_META, f"{layout.MODELS}/{layout.ROOT_META}", layout.TOKENIZATIONS, mpath])
+    secs = time.perf_counter() - t_start
+    return ExtractResult(
+        store=loc.url, model_key=model_key, layers=layers, tokenization=tk, n_samples=int(tattrs["n_samples"]),
+        n_tokens=n_rows, n_truncated=int(tattrs.get("n_truncated", 0)), rows_written=written,
+        resumed_from=start if written else n_rows,
+        seconds=secs, tokens_per_s=written / secs if secs else 0.0, data_report=tattrs.get("data_report", {}),
+    )  # fmt: skip

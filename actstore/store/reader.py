@@ -1,0 +1,430 @@
+"""Store stage: the on-disk layout of an activation store and its reader.
+
+Layout (Zarr v3 hierarchy plus Parquet tables; ``docs/FORMAT.md`` has the
+details)::
+
+    STORE/
+      zarr.json                            root group, attrs["actstore"] = {format, created, ...}
+      tokenizations/<tk>/                  one per tokenizer (+ max length) over the corpus
+        zarr.json                          attrs: tokenizer hash, max length, data, n_tokens, parts
+        sample, position, token_id         int32 arrays (n_tokens,), the token index
+        sample_first_row, sample_n_tokens  int64 / int32 arrays (n_samples,)
+        tokens/part-00000.parquet          row, sample, position, token_id, token
+        samples/part-00000.parquet         sample, id, label, text, n_tokens, first_row, truncated
+      models/<key>/                        one group per model (attrs: id, weights hash, tokenization)
+        layer_<L>                          (n_tokens, d_model) array, chunked along tokens
+        layer_<L>_scale                    (n_tokens,) float32, int8 codec only
+
+A layer array's ``committed_rows`` attribute is the prefix that is complete;
+readers never look past it, so a store being written reads consistently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, NamedTuple, TypeVar
+
+import numpy as np
+import polars as pl
+import zarr
+
+from actstore.errors import ActstoreError, ConfigError, IntegrityError, NotFoundError, StoreError
+from actstore.format import codecs, layout
+from actstore.storage.location import Location, MissingChunk, check_key, open_location
+
+FORMAT_VERSION = layout.FORMAT_VERSION
+ATTR = layout.ATTR
+T = TypeVar("T")
+
+
+layer_name = layout.layer_name
+
+
+class Chunk(NamedTuple):
+    """A block of consecutive token rows of one (model, layer)."""
+
+    start: int
+    """First token row of the block."""
+    stop: int
+    """One past the last token row."""
+    values: np.ndarray
+    """float32 activations ``(stop - start, d_model)``."""
+
+
+@dataclass
+class Tokenization:
+    """A token index over the store's corpus, made with one tokenizer."""
+
+    key: str
+    group: zarr.Group
+    store: Store
+
+    @cached_property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self.group.attrs.get(ATTR, {}))
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.attrs.get("complete"))
+
+    @property
+    def _where(self) -> str:
+        return f"tokenization {self.key} of store {self.store.url}"
+
+    @property
+    def n_tokens(self) -> int:
+        return _int_attr(self.attrs, "n_tokens", self._where, default=0)
+
+    @property
+    def n_samples(self) -> int:
+        return _int_attr(self.attrs, "n_samples", self._where, default=0)
+
+    @property
+    def chunk_rows(self) -> int:
+        return _int_attr(self.attrs, "chunk_rows", self._where, lo=1)
+
+    def array(self, name: str) -> zarr.Array:
+        return zarr.open_array(self.store.loc.reader_store, path=layout.token_array(self.key, name), mode="r")
+
+    def token_ids(self, start: int, stop: int) -> np.ndarray:
+        """Token ids of rows ``[start, stop)`` as int64 ``(stop - start,)``."""
+        return np.asarray(self.array("token_id")[start:stop], dtype=np.int64)
+
+    def sample_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(first_row (n_samples,), n_tokens (n_samples,))`` of every sample."""
+        return (
+            np.asarray(self.array("sample_first_row")[:], dtype=np.int64),
+            np.asarray(self.array("sample_n_tokens")[:], dtype=np.int64),
+        )
+
+    def parquet_keys(self, table: str) -> list[str]:
+        """Store keys of the Parquet parts of ``table`` (tokens or samples)."""
+        parts = self.attrs.get("parts", [])
+        if not isinstance(parts, list) or not all(isinstance(p, dict) and isinstance(p.get("file"), str) for p in parts):
+            raise _damaged(self._where, "attribute parts is not a list of {file: ...} entries")
+        out = []
+        for p in parts:
+            if "/" in p["file"]:
+                raise _damaged(self._where, f"part file {p['file']!r} is not a plain file name")
+            out.append(check_key(layout.token_table_part(self.key, table, p["file"])))
+        return out
+
+    def parquet_files(self, table: str) -> list[str]:
+        return [self.store.loc.join(k) for k in self.parquet_keys(table)]
+
+    def table(self, table: str) -> pl.DataFrame:
+        keys = self.parquet_keys(table)
+        if not keys:
+            raise NotFoundError(f"tokenization {self.key} of {self.store.url} has no {table} table yet: run actstore extract")
+        return self.read_parquet(keys)
+
+    def read_parquet(self, keys: list[str], columns: list[str] | None = None) -> pl.DataFrame:
+        """Parquet files of this token index as one frame: checked against the manifest first, and a file that does
+        not parse is an IntegrityError naming it (never a traceback)."""
+        from actstore.storage.integrity import check_files
+
+        check_files(self.store.loc, keys)
+        try:
+            return self.store.loc.read_parquet(keys, columns)
+        except (OSError, pl.exceptions.ComputeError, ValueError) as exc:
+            if isinstance(exc, IntegrityError):
+                raise
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise _damaged(self._where, f"{', '.join(keys)} does not read ({why})") from None
+
+
+def _damaged(where: str, what: str) -> IntegrityError:
+    return IntegrityError(
+        f"{where}: {what}; the store is damaged or was edited by hand: re-copy it from its source or re-extract that layer"
+    )
+
+
+def _int_attr(attrs: dict[str, Any], name: str, where: str, lo: int = 0, hi: int | None = None, default: Any = None) -> int:
+    v = attrs.get(name, default)
+    if isinstance(v, bool) or not isinstance(v, int | np.integer):
+        raise _damaged(where, f"attribute {name} is {v!r}, not an integer")
+    if v < lo or (hi is not None and v > hi):
+        raise _damaged(where, f"attribute {name} is {v}, outside {lo}..{hi if hi is not None else 'inf'}")
+    return int(v)
+
+
+def check_layer_attrs(attrs: dict[str, Any], values: zarr.Array, scale: zarr.Array | None, where: str) -> dict[str, Any]:
+    """The numeric attributes of a layer array, checked against each other and the array's shape (IntegrityError if not).
+
+    ``committed_rows <= n_rows <= shape[0]``, ``d_model == shape[1]``, a known codec, an int8 array with a scale array
+    of the same length: a hand-edited or damaged store is refused on open, before anything reads or deletes by it.
+    """
+    if not isinstance(attrs, dict):
+        raise _damaged(where, "its actstore attributes are not an object")
+    if values.ndim != 2:
+        raise _damaged(where, f"shape {values.shape} is not (n_tokens, d_model)")
+    n_alloc, width = int(values.shape[0]), int(values.shape[1])
+    n_rows = _int_attr(attrs, "n_rows", where, 0, n_alloc, default=n_alloc)
+    committed = _int_attr(attrs, "committed_rows", where, 0, n_rows, default=0)
+    d_model = _int_attr(attrs, "d_model", where, 1)
+    if d_model != width:
+        raise _damaged(where, f"attribute d_model is {d_model} but the array is {width} wide")
+    layer = _int_attr(attrs, "layer", where, 0)
+    codec = attrs.get("codec")
+    if codec not in codecs.CODECS:
+        raise _damaged(where, f"attribute codec is {codec!r}, not one of {', '.join(codecs.CODECS)}")
+    if codec == "int8" and (scale is None or int(scale.shape[0]) != n_alloc):
+        raise _damaged(where, "an int8 layer needs a per-token _scale array of the same length")
+    chan = attrs.get("channel_scale")
+    if chan is not None and (not isinstance(chan, list) or len(chan) != width):
+        raise _damaged(where, f"attribute channel_scale must be a list of {width} numbers")
+    if attrs.get("complete") and committed != n_rows:
+        raise _damaged(where, f"it says complete but commits {committed} of {n_rows} rows")
+    return {"n_rows": n_rows, "committed_rows": committed, "d_model": d_model, "layer": layer, "codec": codec}
+
+
+class Activations:
+    """Array-like view of one (model, layer): ``acts[a:b]`` is float32 ``(b - a, d_model)``.
+
+    Only the committed prefix is visible: ``len(acts)`` is the number of rows
+    whose chunks are completely written.
+    """
+
+    def __init__(self, values: zarr.Array, scale: zarr.Array | None, attrs: dict[str, Any], loc: Location | None = None) -> None:
+        self._loc = loc  # to name a corrupted chunk (actstore.integrity.chunk_error)
+        self._values = values
+        self._scale = scale
+        checked = check_layer_attrs(attrs, values, scale, where=f"array {values.path} of store {loc.url if loc else '?'}")
+        self.attrs = attrs
+        self.codec: str = checked["codec"]
+        self.layer: int = checked["layer"]
+        self.d_model: int = checked["d_model"]
+        self.n_rows: int = checked["committed_rows"]
+        self.chunk_rows: int = int(values.chunks[0])
+        chan = attrs.get("channel_scale")
+        self._chan = np.asarray(chan, dtype=np.float32) if chan else None
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n_rows, self.d_model)
+
+    def __getitem__(self, key: slice | int) -> np.ndarray:
+        if isinstance(key, int | np.integer):
+            idx = int(key) + (self.n_rows if key < 0 else 0)
+            if not 0 <= idx < self.n_rows:
+                raise IndexError(f"row {key} out of range for {self.n_rows} committed rows")
+            return self[idx : idx + 1][0]
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("activations support integer rows and contiguous slices [a:b]")
+        start, stop, _ = key.indices(self.n_rows)
+        stop = max(start, stop)
+        try:
+            vals = self._values[start:stop]
+            scale = self._scale[start:stop] if self._scale is not None else None
+        except Exception as exc:
+            raise self._read_error(start, stop, exc) from None
+        return codecs.decode(vals, scale, self.codec, self._chan)
+
+    def _read_error(self, start: int, stop: int, exc: BaseException) -> BaseException:
+        from actstore.storage.integrity import chunk_error
+
+        if self._loc is None or (isinstance(exc, ActstoreError) and not isinstance(exc, MissingChunk)):
+            return exc
+
+        for arr in (self._values, self._scale):
+            if arr is not None and (err := chunk_error(self._loc, arr, start, stop, exc)) is not exc:
+                return err
+        return exc
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """Rows at arbitrary indices, float32 ``(len(rows), d_model)``."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.n_rows):
+            raise IndexError(f"rows out of range for {self.n_rows} committed rows")
+        try:
+            vals = self._values.get_orthogonal_selection((rows, slice(None)))
+            scale = self._scale.get_orthogonal_selection(rows) if self._scale is not None else None
+        except Exception as exc:
+            raise self._read_error(int(rows.min()), int(rows.max()) + 1, exc) from None
+        return codecs.decode(vals, scale, self.codec, self._chan)
+
+    def iter_chunks(self, start: int = 0, stop: int | None = None, rows: int | None = None, prefetch: int = 2) -> Iterator[Chunk]:
+        """Stream ``[start, stop)`` in blocks of ``rows`` (default one Zarr chunk), decoding ahead in a thread.
+
+        Memory is bounded by ``(prefetch + 1)`` blocks whatever the store's size.
+        """
+        stop = self.n_rows if stop is None else min(stop, self.n_rows)
+        step = rows or self.chunk_rows
+        bounds = [(a, min(a + step, stop)) for a in range(start, stop, step)]
+        return prefetched(lambda _stop: (Chunk(a, b, self[a:b]) for a, b in bounds), prefetch, name="actstore-chunks")
+
+
+class _Raised(NamedTuple):
+    exc: BaseException
+
+
+_END = object()
+
+
+def prefetched(produce: Callable[[threading.Event], Iterable[T]], depth: int = 2, name: str = "actstore-prefetch") -> Iterator[T]:
+    """Iterate ``produce(stop)`` in a background thread, at most ``depth`` items ahead.
+
+    Errors in the producer are raised in the consumer; when the consumer stops early, ``stop`` is set,
+    the producer's iterator is closed and the thread ends, so nothing keeps reading in the background.
+    """
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            with contextlib.closing(iter(produce(stop))) as items:  # type: ignore[type-var]
+                for item in items:
+                    if not put(item):
+                        return
+            put(_END)
+        except BaseException as exc:  # handed to the consumer
+            put(_Raised(exc))
+
+    th = threading.Thread(target=work, daemon=True, name=name)
+    th.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _END:
+                return
+            if isinstance(item, _Raised):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        th.join()
+
+
+class Store:
+    """An activation store, local or remote. Open with :func:`open_store`."""
+
+    def __init__(self, loc: Location, writable: bool = False) -> None:
+        self.loc = loc
+        self.url = loc.url
+        self.writable = writable
+        if not loc.exists("zarr.json"):
+            if loc.exists(".zgroup") or loc.exists(".zarray"):
+                raise StoreError(
+                    f"{loc.url} is a Zarr v2 store; actstore stores are Zarr v3 (zarr.json): re-extract into a new store"
+                )
+            raise StoreError(f"{loc.url} is not an actstore store (no zarr.json): run actstore extract to create one")
+        try:
+            self.root = zarr.open_group(loc.zarr_store, mode="r+" if writable else "r", zarr_format=3)
+        except (FileNotFoundError, ValueError, TypeError, KeyError) as exc:
+            raise StoreError(f"{loc.url}/zarr.json is not valid Zarr v3 group metadata ({exc}): the store is damaged") from None
+        if ATTR not in self.root.attrs or not isinstance(self.root.attrs[ATTR], dict):
+            raise StoreError(f"{loc.url} is a Zarr group but not an actstore store (no '{ATTR}' attribute)")
+
+    # ---- discovery -------------------------------------------------------
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self.root.attrs[ATTR])
+
+    def _children(self, path: str) -> list[str]:
+        return sorted(self.loc.list_dirs(path))
+
+    def tokenization_keys(self) -> list[str]:
+        return self._children(layout.TOKENIZATIONS)
+
+    def tokenization(self, key: str | None = None) -> Tokenization:
+        """A tokenization by key, or the store's default (the first made)."""
+        keys = self.tokenization_keys()
+        if not keys:
+            raise NotFoundError(f"{self.url} holds no tokenization yet: run actstore extract")
+        if key is None:
+            key = self.attrs.get("default_tokenization") or keys[0]
+        if key not in keys:
+            raise NotFoundError(f"{self.url} has no tokenization {key!r}; it has: {', '.join(keys)}")
+        grp = zarr.open_group(self.loc.zarr_store, path=layout.tokenization_dir(key), mode="r")
+        return Tokenization(key, grp, self)
+
+    def model_keys(self) -> list[str]:
+        """Keys of every model group, with or without layers yet."""
+        return self._children(layout.MODELS)
+
+    @property
+    def models(self) -> list[str]:
+        """Keys of the models with at least one layer in the store."""
+        return [m for m in self._children(layout.MODELS) if self.layers(m)]
+
+    def _model_group(self, model: str) -> zarr.Group:
+        if model not in self._children(layout.MODELS):
+            known = ", ".join(self.models) or "none"
+            raise NotFoundError(f"model {model!r} is not in store {self.url} (models: {known}): check --model")
+        return zarr.open_group(self.loc.zarr_store, path=layout.model_dir(model), mode="r")
+
+    def check_aligned(self, a: str, b: str) -> None:
+        """ConfigError unless models ``a`` and ``b`` share a token index, so row ``i`` is the same token in both."""
+        if self.model_info(a).get("tokenization") != self.model_info(b).get("tokenization"):
+            raise ConfigError(f"models {a} and {b} in {self.url} use different tokenizations: their rows are not aligned")
+
+    def model_info(self, model: str) -> dict[str, Any]:
+        return dict(self._model_group(model).attrs.get(ATTR, {}))
+
+    def layers(self, model: str) -> list[int]:
+        """Layer numbers stored for ``model`` (hidden_states indices), ascending."""
+        found = (layout.parse_layer_name(n) for n in self.loc.list_dirs(layout.model_dir(model)))
+        return sorted(layer for layer in found if layer is not None)
+
+    def layer_attrs(self, model: str, layer: int) -> dict[str, Any]:
+        return dict(self._layer_array(model, layer).attrs.get(ATTR, {}))
+
+    def _layer_array(self, model: str, layer: int) -> zarr.Array:
+        self._model_group(model)
+        if layer not in self.layers(model):
+            have = ", ".join(map(str, self.layers(model))) or "none"
+            raise NotFoundError(f"layer {layer} of model {model!r} is not in store {self.url} (layers: {have}): extract it first")
+        return zarr.open_array(self.loc.reader_store, path=layout.layer_array(model, layer), mode="r")
+
+    def model_tokenization(self, model: str) -> Tokenization:
+        return self.tokenization(self.model_info(model).get("tokenization"))
+
+    # ---- data ------------------------------------------------------------
+    def activations(self, model: str, layer: int) -> Activations:
+        """The committed rows of (model, layer) as an array-like of float32 slices."""
+        values = self._layer_array(model, layer)
+        attrs = dict(values.attrs[ATTR])
+        scale = None
+        if attrs["codec"] == "int8":
+            scale = zarr.open_array(self.loc.reader_store, path=layout.scale_array(model, layer), mode="r")
+        return Activations(values, scale, attrs, loc=self.loc)
+
+    def iter_chunks(self, model: str, layer: int, **kw: Any) -> Iterator[Chunk]:
+        """Stream (model, layer) chunk by chunk; see :meth:`Activations.iter_chunks`."""
+        return self.activations(model, layer).iter_chunks(**kw)
+
+    def tokens(self, tokenization: str | None = None) -> pl.DataFrame:
+        """Token rows: row, sample, position, token_id, token."""
+        return self.tokenization(tokenization).table("tokens")
+
+    def samples(self, tokenization: str | None = None) -> pl.DataFrame:
+        """Samples: sample, id, label, text, n_tokens, first_row (and truncated)."""
+        return self.tokenization(tokenization).table("samples")
+
+
+def open_store(path: str, writable: bool = False, storage_options: dict[str, Any] | None = None) -> Store:
+    """Open an existing store by path or URL (read-only unless ``writable``)."""
+    loc = open_location(path, storage_options=storage_options, create=False, writable=writable)
+    return Store(loc, writable=writable)
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str)
