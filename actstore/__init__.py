@@ -26,7 +26,7 @@ _EXPORTS = {
     "sql": "query.views", "connect": "query.views", "run_query": "query.named",
     "top_tokens": "query.lookups", "top_features": "query.lookups",
     "features": ("query.tables", "lazy_features"), "feature_stats": ("query.tables", "lazy_feature_stats"),
-    "store_info": "query.info", "CopyConfig": "storage.copy", "copy_store": "storage.copy",
+    "store_info": "query.info", "CopyConfig": "storage.config", "copy_store": "storage.copy",
 }  # fmt: skip
 """Public name -> module (or (module, name there)) under actstore. The stage functions whose names are also
 package names (``extract``, ``encode``) are imported from their modules: ``from actstore.encoding.encode import encode``."""

@@ -31,8 +31,9 @@ def build_store(root: Path, n_docs: int) -> str:
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     from actstore.data.corpora import DataConfig
-    from actstore.models.loading import resolve_model
-    from actstore.store.extract import ExtractConfig, extract
+    from actstore.models.names import resolve_model
+    from actstore.store.config import ExtractConfig
+    from actstore.store.extract import extract
 
     path = root / f"imdb{n_docs}.zarr"
     if (path / "models" / "b" / "layer_2" / "zarr.json").exists():
@@ -72,7 +73,8 @@ def main() -> None:
     import numpy as np
 
     from actstore import open_store
-    from actstore.analysis.compare import CompareConfig, compare_layer, linear_cka, mean_cosine, token_cosine
+    from actstore.analysis.compare import compare_layer, linear_cka, mean_cosine, token_cosine
+    from actstore.analysis.config import CompareConfig
 
     st = open_store(build_store(root, args.docs))
     xa, xb = st.activations("a", 2), st.activations("b", 2)

@@ -35,7 +35,8 @@ def main() -> None:
     from bench_query import build_store
 
     import actstore
-    from actstore.encoding.encode import EncodeConfig, encode, sparse_encode
+    from actstore.encoding.config import EncodeConfig
+    from actstore.encoding.encode import encode, sparse_encode
 
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)

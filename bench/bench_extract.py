@@ -76,7 +76,8 @@ def bench_throughput(tmp: Path, n: int, rounds: int = 2) -> dict:
     """Alternate bare forward and full extraction ``rounds`` times; compare the best of each."""
     import actstore
     from actstore.data.corpora import DataConfig
-    from actstore.store.extract import ExtractConfig, extract
+    from actstore.store.config import ExtractConfig
+    from actstore.store.extract import extract
 
     store = tmp / "tp.zarr"
     data = DataConfig(str(IMDB), limit=n)
@@ -108,7 +109,8 @@ def bench_depth(store: str) -> list[dict]:
 def bench_codecs(tmp: Path, n: int) -> list[dict]:
     import actstore
     from actstore.data.corpora import DataConfig
-    from actstore.store.extract import ExtractConfig, extract
+    from actstore.store.config import ExtractConfig
+    from actstore.store.extract import extract
 
     out = []
     ref = None
@@ -149,18 +151,18 @@ def make_big_store(src: str, dst: Path, gb: float) -> None:
     import actstore
     from actstore.format import codecs
     from actstore.storage.location import open_location
-    from actstore.store.extract import _layer_arrays, _open_root
+    from actstore.store.extract import layer_arrays, open_root
 
     real = actstore.open_store(src).activations("minilm", 4)[:]  # (n, 384) real rows
     n_rows = int(gb * 2**30 / (real.shape[1] * 2)) // 4096 * 4096
     loc = open_location(str(dst), create=True)
-    root = _open_root(loc)
+    root = open_root(loc)
     from actstore.data.corpora import DataConfig
-    from actstore.store.extract import ExtractConfig
+    from actstore.store.config import ExtractConfig
 
     cfg = ExtractConfig("bundled:minilm", DataConfig("bundled:bbc"), [4], codec="fp16")
     root.create_group("models/minilm", attributes={"actstore": {"key": "minilm"}})
-    arrays = _layer_arrays(root, "minilm", [4], n_rows, 4096, 65536, real.shape[1], cfg, "t-bench")
+    arrays = layer_arrays(root, "minilm", [4], n_rows, 4096, 65536, real.shape[1], cfg, "t-bench")
     arr = arrays[4][0]
     for a in range(0, n_rows, 65536):
         b = min(a + 65536, n_rows)

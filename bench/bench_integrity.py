@@ -50,10 +50,12 @@ def main() -> None:
     from bench_query import build_store
 
     import actstore
-    from actstore.encoding.encode import EncodeConfig, encode
+    from actstore.encoding.config import EncodeConfig
+    from actstore.encoding.encode import encode
     from actstore.query import tables, views
     from actstore.query.lookups import top_tokens
-    from actstore.sae.train import TrainConfig, train_sae
+    from actstore.sae.config import TrainConfig
+    from actstore.sae.train import train_sae
     from actstore.storage import integrity
     from actstore.storage.integrity import update_manifest
 

@@ -34,10 +34,12 @@ def build_store(root: Path, n_docs: int, d_sae: int = 1024, k: int = 128) -> str
 
     import actstore
     from actstore.data.corpora import DataConfig
-    from actstore.models.loading import resolve_model
+    from actstore.models.names import resolve_model
+    from actstore.sae.config import SAEConfig
     from actstore.sae.files import save_sae
-    from actstore.sae.model import SAE, SAEConfig
-    from actstore.store.extract import ExtractConfig, extract
+    from actstore.sae.model import SAE
+    from actstore.store.config import ExtractConfig
+    from actstore.store.extract import extract
 
     path = root / f"imdb{n_docs}.zarr"
     if not (path / "saes" / "bench" / "cfg.json").exists():
@@ -82,7 +84,8 @@ def main() -> None:
     import pyarrow.parquet as pq
 
     import actstore
-    from actstore.encoding.encode import EncodeConfig, encode
+    from actstore.encoding.config import EncodeConfig
+    from actstore.encoding.encode import encode
     from actstore.query import lookups, named, tables
 
     root = Path(args.dir)

@@ -97,11 +97,15 @@ def main() -> None:
 
     from actstore import open_store
     from actstore.data.corpora import DataConfig
-    from actstore.encoding.encode import EncodeConfig, encode
+    from actstore.encoding.config import EncodeConfig
+    from actstore.encoding.encode import encode
     from actstore.query.lookups import top_tokens
-    from actstore.sae.train import TrainConfig, train_sae
-    from actstore.storage.copy import CopyConfig, copy_store
-    from actstore.store.extract import ExtractConfig, extract
+    from actstore.sae.config import TrainConfig
+    from actstore.sae.train import train_sae
+    from actstore.storage.config import CopyConfig
+    from actstore.storage.copy import copy_store
+    from actstore.store.config import ExtractConfig
+    from actstore.store.extract import extract
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_remote_"))
     local = str(tmp / "store.zarr")

@@ -39,8 +39,9 @@ def in_memory_loop(x, cfg, d_sae: int, steps: int) -> float:
     """Steps/s of the same train_step over rows in memory (``x (n, d)``), fresh SAE, same init path."""
     import torch
 
+    from actstore.sae.config import SAEConfig
     from actstore.sae.metrics import TrainTracker
-    from actstore.sae.model import SAE, SAEConfig
+    from actstore.sae.model import SAE
     from actstore.sae.train import train_step
 
     d = x.shape[1]
@@ -65,7 +66,8 @@ def throughput(args) -> None:
     import torch
 
     import actstore
-    from actstore.sae.train import TrainConfig, train_sae
+    from actstore.sae.config import TrainConfig
+    from actstore.sae.train import train_sae
 
     path = synth_store(Path(args.dir) / f"synth-{args.rows}-{args.d}.zarr", args.rows, args.d)
     st = actstore.open_store(path)
@@ -86,7 +88,8 @@ def throughput(args) -> None:
 
 
 def rss_child(path: str) -> None:
-    from actstore.sae.train import TrainConfig, train_sae
+    from actstore.sae.config import TrainConfig
+    from actstore.sae.train import train_sae
 
     cfg = TrainConfig(model="synth", layer=0, arch="topk", k=16, expansion=2, epochs=1, batch_size=1024, buffer_mb=16,
                       name="rss", overwrite=True, device="cpu", checkpoint_every=0)  # fmt: skip
@@ -114,8 +117,10 @@ def peak_rss(args) -> None:
 def quality(args) -> None:
     import actstore
     from actstore.data.corpora import DataConfig
-    from actstore.sae.train import TrainConfig, train_sae
-    from actstore.store.extract import ExtractConfig, extract
+    from actstore.sae.config import TrainConfig
+    from actstore.sae.train import train_sae
+    from actstore.store.config import ExtractConfig
+    from actstore.store.extract import extract
 
     path = Path(args.dir) / f"imdb-minilm-{args.docs}.zarr"
     data = Path(__file__).resolve().parents[2] / "shared" / "data" / "imdb.jsonl.gz"

@@ -49,7 +49,7 @@ WORDS = [
 
 
 def minilm_path() -> str:
-    from actstore.models.loading import resolve_model
+    from actstore.models.names import resolve_model
 
     return resolve_model("bundled:minilm")
 
@@ -94,7 +94,8 @@ def corpus_file(tmp_path_factory) -> str:
 def tiny_store_ro(tmp_path_factory, tiny_bert_dir, corpus_file) -> str:
     """A store of the tiny BERT at all layers (fp32, small chunks). Do not write to it: use ``tiny_store``."""
     from actstore.data.corpora import DataConfig
-    from actstore.store.extract import ExtractConfig, extract
+    from actstore.store.config import ExtractConfig
+    from actstore.store.extract import extract
 
     path = tmp_path_factory.mktemp("stores") / "tiny.zarr"
     cfg = ExtractConfig(

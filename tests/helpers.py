@@ -6,8 +6,9 @@ import numpy as np
 import torch
 
 import actstore
+from actstore.sae.config import SAEConfig
 from actstore.sae.files import save_sae
-from actstore.sae.model import SAE, SAEConfig
+from actstore.sae.model import SAE
 
 
 def make_sae(store, name: str, arch: str, layer: int = 2, d_sae: int = 40, k: int | None = None, seed: int = 0) -> SAE:

@@ -120,3 +120,29 @@ def test_public_names_survive_importing_every_subpackage():
             importlib.import_module(mod)
     for name in actstore._EXPORTS:
         assert not isinstance(getattr(actstore, name), type(actstore)), f"actstore.{name} is a module, not the public {name}"
+
+
+def test_no_module_imports_another_modules_private_names():
+    """``from actstore.x import _helper`` couples a module to another's internals: make the name public or move it."""
+    root = PKG.parent
+    offenders = []
+    for path in [*PKG.rglob("*.py"), *(root / "tests").glob("*.py"), *(root / "bench").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("actstore")):
+                offenders += [
+                    f"{path.relative_to(root)}:{node.lineno}: {a.name}"
+                    for a in node.names
+                    if a.name.startswith("_") and not a.name.startswith("__")
+                ]
+    assert not offenders, "private names imported across modules:\n" + "\n".join(offenders)
+
+
+def test_config_modules_and_the_cli_import_no_heavy_library():
+    """The CLI builds its options from the config dataclasses, so ``actstore --help`` must not pay for torch."""
+    import subprocess
+    import sys
+
+    heavy = ("torch", "transformers", "matplotlib", "zarr", "duckdb", "polars", "fsspec")
+    code = f"import sys, actstore.cli; print([m for m in {heavy!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -9,7 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from actstore import open_store
-from actstore.analysis.compare import CompareConfig, compare, linear_cka, mean_cosine, plot_similarity, token_cosine, wide
+from actstore.analysis.compare import compare, linear_cka, mean_cosine, plot_similarity, token_cosine, wide
+from actstore.analysis.config import CompareConfig
 from actstore.cli import main
 from actstore.errors import ConfigError, NotFoundError
 
@@ -45,7 +46,8 @@ def two_model_store(tmp_path, tiny_store, tiny_bert_dir, corpus_file) -> str:
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     from actstore.data.corpora import DataConfig
-    from actstore.store.extract import ExtractConfig, extract
+    from actstore.store.config import ExtractConfig
+    from actstore.store.extract import extract
 
     d = tmp_path / "other"
     torch.manual_seed(1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from pathlib import Path
@@ -11,7 +12,8 @@ from click.testing import CliRunner
 
 import actstore
 from actstore import open_store
-from actstore.analysis.demo import DemoConfig, default_sae_layers, run_demo
+from actstore.analysis.config import DemoConfig
+from actstore.analysis.demo import default_sae_layers, run_demo
 from actstore.cli import main
 from actstore.errors import ConfigError
 
@@ -58,6 +60,20 @@ def test_demo_end_to_end_on_tiny_model(tmp_path, tiny_bert_dir, corpus_file) -> 
     assert (out / "report" / "similarity.png").exists() and (out / "report" / "feature_diff.png").exists()
     assert "actstore finetune" in (out / "commands.sh").read_text()
     assert 0 <= res.accuracy["finetuned"] <= 1 and any("== 5/5" in x for x in lines)
+    # the report's numbers are the store's: similarity recomputed, top features and tokens queried again
+    from actstore.analysis.compare import compare, wide
+    from actstore.analysis.config import CompareConfig
+
+    again = wide(compare(st, CompareConfig(models=(pre, ft), metrics=["mean-cosine"]), label="x", progress=False).table)
+    assert [r["mean-cosine"] for r in rep["similarity"]] == pytest.approx(again["mean-cosine"].to_list(), abs=1e-9)
+    assert {e["sae"] for e in rep["features"]} == set(main_saes["name"].to_list()) | set(paper["name"].to_list())
+    for e in rep["features"]:
+        top = actstore.top_features(st, sae=e["sae"], by="variance", n=5)
+        assert [f["feature"] for f in e["features"]] == top["feature"].to_list()
+        best = e["features"][0]
+        tokens = actstore.top_tokens(st, int(best["feature"]), sae=e["sae"], n=8, context=6)
+        assert [t["value"] for t in best["top_tokens"]] == pytest.approx(tokens["value"].to_list())
+        assert html.escape(best["top_tokens"][0]["context"]) in page
 
     # the report command on the finished store, and SQL over the saved diff
     r = CliRunner().invoke(main, ["report", res.store, "--out", str(tmp_path / "rep2"), "--top-features", "2", "--views", "1"])

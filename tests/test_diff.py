@@ -9,11 +9,13 @@ from click.testing import CliRunner
 
 import actstore
 from actstore import open_store
-from actstore.analysis.diff import DiffConfig, _Corr, diff_features, load_diff
+from actstore.analysis.config import DiffConfig
+from actstore.analysis.diff import Correlations, diff_features, load_diff
 from actstore.cli import main
 from actstore.errors import ConfigError
+from actstore.sae.config import SAEConfig
 from actstore.sae.files import save_sae
-from actstore.sae.model import SAE, SAEConfig
+from actstore.sae.model import SAE
 
 
 def _sae(layer: int, name: str, seed: int, d_sae: int = 40) -> SAE:
@@ -51,7 +53,7 @@ def test_corr_accumulator_matches_numpy() -> None:
     a, b = rng.normal(size=(300, 4)), rng.normal(size=(300, 3))
     b[:, 0] = 2 * a[:, 1] + 0.1 * b[:, 0]
     b[:, 2] = 0.0  # constant: undefined correlation
-    acc = _Corr(4, 3)
+    acc = Correlations(4, 3)
     acc.add(a[:100], b[:100])
     acc.add(a[100:], b[100:])
     r = acc.corr()
@@ -99,7 +101,7 @@ def test_diff_errors(store_with_saes) -> None:
     with pytest.raises(ConfigError):
         DiffConfig("a", "b", retain=0.3, match=0.5)
     save_sae(st, SAE(SAEConfig("relu-l1", d_in=16, d_sae=8, model="tiny", layer=1)), "narrow")
-    with pytest.raises(ConfigError, match="reads 16-wide vectors but tiny layer 1 is 32 wide"):
+    with pytest.raises(ConfigError, match="reads d_in 16 but tiny layer 1 of .* has d_model 32"):
         diff_features(st, DiffConfig("base", "narrow"))
 
 

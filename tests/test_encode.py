@@ -13,12 +13,14 @@ from helpers import dense_numpy, make_sae
 
 import actstore
 from actstore.cli import main
-from actstore.encoding.encode import EncodeConfig, encode, sparse_encode
+from actstore.encoding.config import EncodeConfig
+from actstore.encoding.encode import encode, sparse_encode
 from actstore.encoding.sort import Entries, Spiller, merge_runs, sort_block, sort_entries
-from actstore.encoding.table import files_dir, read_manifest, read_pending
+from actstore.encoding.table import files_dir, read_encoding, read_pending
 from actstore.errors import ConfigError, StoreError
+from actstore.sae.config import SAEConfig
 from actstore.sae.files import save_sae
-from actstore.sae.model import SAE, SAEConfig
+from actstore.sae.model import SAE
 
 
 def table_dense(store, name: str, shape: tuple[int, int]) -> np.ndarray:
@@ -29,7 +31,7 @@ def table_dense(store, name: str, shape: tuple[int, int]) -> np.ndarray:
 
 
 def acts_files(store, name: str) -> list[str]:
-    man = read_manifest(store, name)
+    man = read_encoding(store, name)
     return [store.loc.join(f"{files_dir(name, man)}/acts/{f['file']}") for f in man["files"]]
 
 
@@ -56,11 +58,11 @@ def test_encode_equals_dense_numpy(tiny_store, arch, k):
     np.testing.assert_allclose(stats["variance"].to_numpy(), ref.var(axis=0), rtol=1e-3, atol=1e-6)
 
     # layout: spill gone, every file sorted by (feature, value desc, row) and within its feature range
-    assert not st.loc.exists(f"{files_dir('s', read_manifest(st, 's'))}/spill")
-    man = read_manifest(st, "s")
+    assert not st.loc.exists(f"{files_dir('s', read_encoding(st, 's'))}/spill")
+    man = read_encoding(st, "s")
     assert man["complete"] and man["n_buckets"] == 3
     for f in man["files"]:
-        t = pq.read_table(st.loc.join(f"{files_dir('s', read_manifest(st, 's'))}/acts/{f['file']}"))
+        t = pq.read_table(st.loc.join(f"{files_dir('s', read_encoding(st, 's'))}/acts/{f['file']}"))
         feat, val, row = (t[c].to_numpy() for c in ("feature", "value", "row"))
         assert ((feat >= f["feature_start"]) & (feat < f["feature_stop"])).all()
         key = np.lexsort((row, -val, feat))
@@ -103,7 +105,7 @@ def test_resume_after_crash_gives_identical_table(tiny_store, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         encode(st, cfg, progress=False)
     monkeypatch.setattr(Spiller, "flush", real_flush)
-    assert read_manifest(st, "s") is None  # nothing published yet
+    assert read_encoding(st, "s") is None  # nothing published yet
     man = read_pending(st, "s")
     assert not man["complete"] and man["spilled_rows"] > 0
     res = encode(st, cfg, progress=False)
@@ -132,7 +134,7 @@ def test_resume_after_crash_gives_identical_table(tiny_store, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         encode(st, EncodeConfig(sae="s", batch_rows=64, n_buckets=4, spill_entries=300, overwrite=True), progress=False)
     monkeypatch.setattr(enc, "finish_bucket", real_finish)
-    assert read_manifest(st, "s")["complete"]  # the finished encoding survived the failed --overwrite
+    assert read_encoding(st, "s")["complete"]  # the finished encoding survived the failed --overwrite
     assert actstore.features(st, "s").collect().equals(actstore.features(fresh, "s").collect())
     man = read_pending(st, "s")
     assert not man["complete"] and man["spilled_rows"] > 0
@@ -225,7 +227,7 @@ def test_cli_encode(tiny_store):
     r = CliRunner().invoke(main, ["encode", tiny_store, "--sae", "s", "--quiet", "--spill-entries", "100", "--workers", "1"])
     assert r.exit_code == 0, r.output
     assert "SAE s (tiny layer 2)" in r.output and "feature rows" in r.output
-    cfg = read_manifest(st, "s")["config"]
+    cfg = read_encoding(st, "s")["config"]
     assert (cfg["spill_entries"], cfg["workers"]) == (100, 1)
     r = CliRunner().invoke(main, ["encode", tiny_store, "--sae", "s", "--quiet"])
     assert "already encoded" in r.output

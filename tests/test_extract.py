@@ -23,7 +23,8 @@ from actstore.errors import ConfigError, ModelError, StoreError, TokenizerMismat
 from actstore.format import codecs
 from actstore.models.loading import load_model
 from actstore.models.taps import LayerTap
-from actstore.store.extract import ExtractConfig, extract, parse_layers
+from actstore.store.config import ExtractConfig, parse_layers
+from actstore.store.extract import extract
 
 
 def test_fp32_rows_equal_fresh_forward(tiny_store_ro, tiny_bert_dir):

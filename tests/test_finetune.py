@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from actstore.cli import main
 from actstore.data.corpora import DataConfig
 from actstore.errors import ConfigError, DataError
-from actstore.models.finetune import FinetuneConfig, classification_report, finetune, split_records
+from actstore.models.config import FinetuneConfig
+from actstore.models.finetune import classification_report, finetune, split_records
 
 
 def toy_rows(n: int, seed: int = 1) -> list[dict]:
@@ -96,7 +97,8 @@ def test_finetune_learns_toy_task_and_resumes(tmp_path, tiny_bert_dir, toy_file)
 
     # the fine-tuned directory extracts into the same store as its base, row-aligned
     from actstore import open_store
-    from actstore.store.extract import ExtractConfig, extract
+    from actstore.store.config import ExtractConfig
+    from actstore.store.extract import extract
 
     store = str(tmp_path / "s.zarr")
     common = dict(data=DataConfig(toy_file, limit=20), layers="all", codec="fp32", chunk_rows=64, device="cpu")

@@ -3,9 +3,12 @@
 from pathlib import Path
 
 import actstore
-from actstore.analysis.diff import DiffConfig, diff_features
-from actstore.encoding.encode import EncodeConfig, encode
-from actstore.sae.train import TrainConfig, train_sae
+from actstore.analysis.config import DiffConfig
+from actstore.analysis.diff import diff_features
+from actstore.encoding.config import EncodeConfig
+from actstore.encoding.encode import encode
+from actstore.sae.config import TrainConfig
+from actstore.sae.train import train_sae
 from actstore.storage.integrity import verify
 
 

@@ -14,7 +14,8 @@ from helpers import dense_numpy, make_sae
 
 import actstore
 from actstore.cli import main
-from actstore.encoding.encode import EncodeConfig, encode
+from actstore.encoding.config import EncodeConfig
+from actstore.encoding.encode import encode
 from actstore.errors import ConfigError, NotFoundError
 from actstore.query import lookups, named
 
@@ -39,7 +40,8 @@ WORDS = [
 def enc_store(tmp_path_factory, tiny_bert_dir) -> str:
     """A tiny-BERT store over 36 texts with sub-word pieces and 3 labels; SAEs a, b (layer 2) and c (layer 1) encoded."""
     from actstore.data.corpora import DataConfig
-    from actstore.store.extract import ExtractConfig, extract
+    from actstore.store.config import ExtractConfig
+    from actstore.store.extract import extract
 
     d = tmp_path_factory.mktemp("enc")
     rng = random.Random(1)

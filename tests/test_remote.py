@@ -19,7 +19,8 @@ import actstore
 from actstore import open_store
 from actstore.cli import main
 from actstore.errors import ConcurrencyError, IntegrityError, StoreError
-from actstore.storage.copy import CopyConfig, copy_store
+from actstore.storage.config import CopyConfig
+from actstore.storage.copy import copy_store
 from actstore.storage.integrity import update_manifest, verify
 from actstore.storage.location import check_key, open_location
 from actstore.storage.locks import StoreLock, lock_key
@@ -86,7 +87,7 @@ def pushed(s3_server, tiny_store_ro, tmp_path_factory):
 
 def extract_cfg(model_dir: str, corpus: str, layers: str, name: str = "tiny"):
     from actstore.data.corpora import DataConfig
-    from actstore.store.extract import ExtractConfig
+    from actstore.store.config import ExtractConfig
 
     return ExtractConfig(
         model=model_dir, data=DataConfig(corpus), layers=layers, name=name, codec="fp32", chunk_rows=64, batch_size=8,
@@ -148,8 +149,9 @@ def test_sql_over_bucket_is_read_only(pushed, s3, tiny_store_ro):
 
 
 def test_url_is_read_only_unless_writable(pushed):
+    from actstore.sae.config import SAEConfig
     from actstore.sae.files import save_sae
-    from actstore.sae.model import SAE, SAEConfig
+    from actstore.sae.model import SAE
 
     st = open_store(pushed)
     sae = SAE(SAEConfig(arch="relu-l1", d_in=32, d_sae=8))
@@ -378,9 +380,11 @@ def test_two_processes_extract_different_models_into_one_bucket(s3_server, tiny_
 
 # ---------------------------------------------------------------- train, encode and query from the bucket
 def test_train_encode_and_top_tokens_over_bucket(pushed, s3):
-    from actstore.encoding.encode import EncodeConfig, encode
+    from actstore.encoding.config import EncodeConfig
+    from actstore.encoding.encode import encode
     from actstore.query.lookups import top_tokens
-    from actstore.sae.train import TrainConfig, train_sae
+    from actstore.sae.config import TrainConfig
+    from actstore.sae.train import train_sae
 
     url = new_url()
     assert copy_store(CopyConfig(pushed, url)).ok
@@ -450,7 +454,8 @@ def test_sql_sandbox_over_bucket(pushed, s3, tmp_path, writable):
 @pytest.fixture(scope="module")
 def pushed_two_models(s3_server, tiny_store_ro, tiny_bert_dir, corpus_file, tmp_path_factory):
     """Two models (same weights, two keys) with an SAE each at layer 2, in the bucket; do not write to it."""
-    from actstore.sae.train import TrainConfig, train_sae
+    from actstore.sae.config import TrainConfig
+    from actstore.sae.train import train_sae
     from actstore.store.extract import extract
 
     local = tmp_path_factory.mktemp("two") / "two.zarr"

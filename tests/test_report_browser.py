@@ -40,11 +40,15 @@ LAYOUT_JS = """() => {
 def report_page(tmp_path_factory, tiny_store_ro, tiny_bert_dir, corpus_file) -> Path:
     """A report of two models with token views side by side and wide tables."""
     import actstore
-    from actstore.analysis.report import ReportConfig, build_report
+    from actstore.analysis.config import ReportConfig
+    from actstore.analysis.report import build_report
     from actstore.data.corpora import DataConfig
-    from actstore.encoding.encode import EncodeConfig, encode
-    from actstore.sae.train import TrainConfig, train_sae
-    from actstore.store.extract import ExtractConfig, extract
+    from actstore.encoding.config import EncodeConfig
+    from actstore.encoding.encode import encode
+    from actstore.sae.config import TrainConfig
+    from actstore.sae.train import train_sae
+    from actstore.store.config import ExtractConfig
+    from actstore.store.extract import extract
 
     d = tmp_path_factory.mktemp("browser")
     path = d / "two.zarr"

@@ -11,9 +11,10 @@ from safetensors.numpy import load_file
 
 import actstore
 from actstore.errors import ConfigError, NotFoundError
+from actstore.sae.config import SAEConfig
 from actstore.sae.export import export_sae
 from actstore.sae.files import list_saes, read_metrics, save_sae
-from actstore.sae.model import SAE, SAEConfig, check_d_in
+from actstore.sae.model import SAE, check_d_in
 
 
 def make(arch: str, d_in: int = 16, d_sae: int = 48, k: int | None = 4, scale: float = 1.0, seed: int = 0) -> SAE:

@@ -11,11 +11,13 @@ from click.testing import CliRunner
 
 import actstore
 from actstore import open_store
-from actstore.analysis.show import ShowConfig, show, token_views
+from actstore.analysis.config import ShowConfig
+from actstore.analysis.show import show, token_views
 from actstore.cli import main
 from actstore.errors import ConfigError, NotFoundError
+from actstore.sae.config import SAEConfig
 from actstore.sae.files import save_sae
-from actstore.sae.model import SAE, SAEConfig
+from actstore.sae.model import SAE
 
 
 @pytest.fixture()
@@ -82,16 +84,27 @@ def test_show_cli(store_with_sae, tmp_path) -> None:
                "--out", str(out)],
     )  # fmt: skip
     assert r.exit_code == 0, r.output
-    assert out.exists() and "wrote" in r.output
+    assert "wrote" in r.output
+    # the page shows the SAE's values of feature 2 for every token of both sentences, in order
+    tv = token_views(open_store(store_with_sae), ShowConfig(saes=["s1"], features=[2], texts=["I love this movie!"],
+                                                            sample_ids=["s0"]))  # fmt: skip
+    shown = [float(v) for v in re.findall(r'<span class="tok" [^>]*title="([-0-9.]+)">', out.read_text())]
+    want = sorted(round(float(x), 4) for per_sentence in tv.values for per_view in per_sentence for x in per_view)
+    assert len(shown) == len(want) and np.allclose(sorted(shown), want, atol=1e-4)
+
+
+def test_show_cli_names_an_unknown_sae(store_with_sae, tmp_path) -> None:
+    out = tmp_path / "cli.html"
     r = CliRunner().invoke(main, ["show", store_with_sae, "--sae", "zz", "--feature", "2", "--text", "x", "--out", str(out)])
-    assert r.exit_code != 0 and "zz" in r.output
+    assert r.exit_code != 0 and "zz" in r.output and not out.exists()
 
 
 def test_live_model_loaded_once_for_many_samples(store_with_sae, tiny_bert_dir, corpus_file, monkeypatch) -> None:
     """Samples of a model whose layer is not stored run live: its model is loaded once, not once per sample."""
     from actstore.data.corpora import DataConfig
     from actstore.models import loading as models
-    from actstore.store.extract import ExtractConfig, extract
+    from actstore.store.config import ExtractConfig
+    from actstore.store.extract import extract
 
     extract(store_with_sae, ExtractConfig(tiny_bert_dir, DataConfig(corpus_file), [1], name="other", codec="fp32",
                                           device="cpu"), progress=False)  # fmt: skip

@@ -12,8 +12,10 @@ from helpers import reference_hidden_states, stored_by_sample
 
 import actstore
 from actstore.data.corpora import DataConfig
-from actstore.models.loading import resolve_model, tokenizer_hash, tokenizer_identity
-from actstore.store.extract import ExtractConfig, extract
+from actstore.models.loading import tokenizer_hash, tokenizer_identity
+from actstore.models.names import resolve_model
+from actstore.store.config import ExtractConfig
+from actstore.store.extract import extract
 
 TEXTS = [
     "I love this movie!",

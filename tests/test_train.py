@@ -18,8 +18,9 @@ from click.testing import CliRunner
 import actstore
 from actstore.cli import main
 from actstore.errors import ConfigError, NotFoundError
+from actstore.sae.config import TrainConfig
 from actstore.sae.stream import ShuffledStream, split_rows, split_sample_rows
-from actstore.sae.train import TrainConfig, train_sae
+from actstore.sae.train import train_sae
 from actstore.store.synthetic import planted_dictionary, write_synthetic_store
 
 FAST = dict(batch_size=64, device="cpu", eval_fraction=0.1)
@@ -259,7 +260,8 @@ def clf_store(tmp_path_factory, tiny_bert_dir, corpus_file):
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     from actstore.data.corpora import DataConfig
-    from actstore.store.extract import ExtractConfig, extract
+    from actstore.store.config import ExtractConfig
+    from actstore.store.extract import extract
 
     d = tmp_path_factory.mktemp("clf")
     torch.manual_seed(1)
@@ -277,8 +279,9 @@ def clf_store(tmp_path_factory, tiny_bert_dir, corpus_file):
 def test_task_accuracy_with_the_sae_spliced_in(clf_store):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from actstore.sae.config import SAEConfig
     from actstore.sae.metrics import task_accuracy
-    from actstore.sae.model import SAE, SAEConfig
+    from actstore.sae.model import SAE
 
     path, model_dir = clf_store
     st = actstore.open_store(path, writable=True)

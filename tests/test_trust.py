@@ -18,11 +18,13 @@ from click.testing import CliRunner
 
 import actstore
 from actstore.cli import main
-from actstore.encoding.encode import EncodeConfig, encode
-from actstore.encoding.table import files_dir, read_manifest
+from actstore.encoding.config import EncodeConfig
+from actstore.encoding.encode import encode
+from actstore.encoding.table import files_dir, read_encoding
 from actstore.errors import ConcurrencyError, ConfigError, IntegrityError, StoreError
+from actstore.sae.config import SAEConfig
 from actstore.sae.files import save_sae
-from actstore.sae.model import SAE, SAEConfig
+from actstore.sae.model import SAE
 from actstore.storage.integrity import update_manifest, verify
 from actstore.storage.location import open_location
 from actstore.storage.locks import StoreLock
@@ -91,7 +93,7 @@ def test_second_encode_of_one_sae_is_refused(encoded):
             encode(st, EncodeConfig(sae="s", overwrite=True), progress=False)
     finally:
         holder.release()
-    assert read_manifest(st, "s")["complete"]
+    assert read_encoding(st, "s")["complete"]
 
 
 def test_concurrent_encodes_never_interleave(tiny_store):
@@ -118,7 +120,8 @@ def test_concurrent_encodes_never_interleave(tiny_store):
 
 
 def test_train_refuses_a_second_trainer_of_one_name(tiny_store):
-    from actstore.sae.train import TrainConfig, train_sae
+    from actstore.sae.config import TrainConfig
+    from actstore.sae.train import train_sae
 
     loc = open_location(tiny_store, writable=True)
     holder = StoreLock(loc, "saes/busy", "train busy (another process)").acquire()
@@ -232,11 +235,11 @@ def test_encode_overwrite_keeps_the_good_encoding_until_the_new_one_is_ready(enc
     edit_attrs(encoded, "models/tiny/layer_2", committed_rows=-5)
     with pytest.raises(IntegrityError, match="committed_rows"):
         encode(actstore.open_store(encoded, writable=True), EncodeConfig(sae="s", overwrite=True), progress=False)
-    edit_attrs(encoded, "models/tiny/layer_2", committed_rows=read_manifest(st, "s")["n_rows"])
+    edit_attrs(encoded, "models/tiny/layer_2", committed_rows=read_encoding(st, "s")["n_rows"])
     assert actstore.features(st, "s").collect().sort(["row", "feature"]).equals(want)
     # and a completed overwrite replaces it and leaves one generation
     res = encode(st, EncodeConfig(sae="s", overwrite=True, n_buckets=2), progress=False)
-    assert res.n_feature_rows == want.height and st.loc.list_dirs("features/s") == [read_manifest(st, "s")["dir"]]
+    assert res.n_feature_rows == want.height and st.loc.list_dirs("features/s") == [read_encoding(st, "s")["dir"]]
 
 
 # ---------------------------------------------------------------- 5. corruption caught on read
@@ -260,7 +263,7 @@ def test_deleted_chunk_raises_everywhere(encoded, tmp_path):
 def test_zeroed_parquet_bytes_raise_in_sql_and_top_tokens(encoded):
     st = actstore.open_store(encoded)
     good = float(actstore.sql(st, "SELECT sum(value) AS s FROM features")["s"][0])
-    man = read_manifest(st, "s")
+    man = read_encoding(st, "s")
     bucket = Path(encoded) / files_dir("s", man) / "acts" / man["files"][0]["file"]
     data = bytearray(bucket.read_bytes())
     data[200:264] = bytes(64)
@@ -285,7 +288,7 @@ def test_overwritten_safetensors_refused_by_encode(encoded):
     st = actstore.open_store(encoded, writable=True)
     with pytest.raises(IntegrityError, match=r"saes/s/sae.safetensors.*corrupted"):
         encode(st, EncodeConfig(sae="s", overwrite=True), progress=False)
-    assert read_manifest(st, "s")["complete"]
+    assert read_encoding(st, "s")["complete"]
 
 
 def test_truncated_files_are_one_line(encoded):
@@ -376,7 +379,8 @@ def test_partial_files_after_a_kill_are_ignored(encoded, tmp_path):
 
 
 def test_training_on_a_partial_layer_warns(tiny_store):
-    from actstore.sae.train import PartialLayerWarning, TrainConfig, train_sae
+    from actstore.sae.config import TrainConfig
+    from actstore.sae.train import PartialLayerWarning, train_sae
 
     edit_attrs(tiny_store, "models/tiny/layer_1", committed_rows=128, complete=False)
     with warnings.catch_warnings(record=True) as got:
@@ -402,7 +406,8 @@ def test_finished_finetune_is_not_redone(tiny_bert_dir, tmp_path):
     from conftest import make_texts
 
     from actstore.data.corpora import DataConfig
-    from actstore.models.finetune import FinetuneConfig, finetune
+    from actstore.models.config import FinetuneConfig
+    from actstore.models.finetune import finetune
 
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in make_texts(30)) + "\n")
@@ -419,9 +424,11 @@ def test_finished_finetune_is_not_redone(tiny_bert_dir, tmp_path):
 
 
 def test_output_folders_have_one_writer(tiny_store_ro, tiny_bert_dir, tmp_path):
-    from actstore.analysis.report import ReportConfig, build_report
+    from actstore.analysis.config import ReportConfig
+    from actstore.analysis.report import build_report
     from actstore.data.corpora import DataConfig
-    from actstore.models.finetune import FinetuneConfig, finetune
+    from actstore.models.config import FinetuneConfig
+    from actstore.models.finetune import finetune
     from actstore.storage.locks import output_lock
 
     out = tmp_path / "busy"

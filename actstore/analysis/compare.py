@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 
+from actstore.analysis.config import METRICS, CompareConfig
 from actstore.errors import ConfigError, NotFoundError
 
 if TYPE_CHECKING:
     from actstore.store.reader import Store
 
-METRICS = ("mean-cosine", "token-cosine", "cka")
 EPS = 1e-12
 
 
@@ -91,34 +91,6 @@ class _CKA:
         cyx = self.yx - self.n * np.outer(my, mx)
         den = np.linalg.norm(cxx) * np.linalg.norm(cyy)
         return float(np.sum(cyx * cyx) / den) if den > EPS else float("nan")
-
-
-# ---------------------------------------------------------------- over a store
-@dataclass
-class CompareConfig:
-    """What ``actstore compare`` computes."""
-
-    models: tuple[str, str] | None = None
-    """The two model keys (default: the store's two models)."""
-    layers: list[int] | None = None
-    """Layers to compare (default: every layer both models have)."""
-    metrics: list[str] = field(default_factory=lambda: list(METRICS))
-    """Any of mean-cosine, token-cosine, cka."""
-    cka_rows: int = 100_000
-    """CKA on a seeded uniform sample of about this many token rows (0: all rows)."""
-    seed: int = 0
-    """Seed of the CKA row sample."""
-
-    def __post_init__(self) -> None:
-        bad = [m for m in self.metrics if m not in METRICS]
-        if bad or not self.metrics:
-            raise ConfigError(f"unknown metric {bad[0] if bad else '(none)'}: choose from {', '.join(METRICS)}")
-        if self.models is not None:
-            self.models = tuple(self.models)  # type: ignore[assignment]
-            if len(self.models) != 2 or self.models[0] == self.models[1]:
-                raise ConfigError(f"--models needs two different model keys, e.g. --models minilm,minilm-ft; got {self.models}")
-        if self.cka_rows < 0:
-            raise ConfigError(f"--cka-rows must be 0 (all rows) or positive, got {self.cka_rows}")
 
 
 @dataclass

@@ -16,59 +16,14 @@ printed and written to ``OUT/commands.sh``):
 
 from __future__ import annotations
 
+import json
 import shlex
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from actstore.errors import ConfigError
-
-
-@dataclass
-class DemoConfig:
-    """The demo's knobs; the defaults finish within minutes on a 2-core CPU."""
-
-    out: str = "demo-out"
-    """Output folder: finetuned/ model, store.zarr, report/."""
-    model: str = "bundled:minilm"
-    """Model to fine-tune and compare."""
-    data: str = "bundled:bbc"
-    """Labelled corpus."""
-    limit: int = 400
-    """Samples drawn (seeded) from the corpus: 80% train, 10% validation, 10% test."""
-    epochs: int = 2
-    """Fine-tuning epochs (the paper: 10)."""
-    lr: float = 1e-4
-    """Fine-tuning Adam learning rate (the paper: 2e-5; higher here because the run is short)."""
-    max_length: int = 64
-    """Tokens per sample for fine-tuning and extraction (a BBC headline and lead fit in 64)."""
-    batch_size: int = 16
-    """Fine-tuning batch size."""
-    sae_layers: list[int] | None = None
-    """SAE layers (default: a quarter, half and all of the depth)."""
-    sae_expansion: float = 4 / 3
-    """d_sae / d_model (the paper: 1024 / 768)."""
-    sae_k: int | None = None
-    """Active features per token of the demo's TopK SAEs (default: 4% of d_sae, at least 1)."""
-    paper_sae: bool = True
-    """Also train the paper's ReLU + L1 1e-3 SAE at the last layer of the fine-tuned model (shown, flagged dense)."""
-    sae_lr: float = 1e-3
-    """SAE Adam learning rate (the paper: 2e-5 over far more tokens)."""
-    sae_epochs: int = 3
-    """SAE epochs (the paper: 10)."""
-    sae_batch_size: int = 1024
-    """Tokens per SAE step."""
-    device: str = "auto"
-    """cpu, cuda or auto."""
-    seed: int = 0
-    """Seed for the sample, the split, the heads and the SAEs."""
-
-    def __post_init__(self) -> None:
-        if self.limit < 20:
-            raise ConfigError(f"the demo needs at least 20 samples (--limit), got {self.limit}")
-        if self.epochs < 1 or self.sae_epochs < 1:
-            raise ConfigError("epochs must be at least 1")
+from actstore.analysis.config import DemoConfig
 
 
 @dataclass
@@ -93,102 +48,146 @@ def run_demo(cfg: DemoConfig, progress: bool = True, log: Any = print) -> DemoRe
     """Run every step of the demo; see the module docstring."""
     from transformers.utils import logging as hf_logging
 
-    from actstore.analysis.report import ReportConfig, build_report
-    from actstore.data.corpora import DataConfig
-    from actstore.encoding.encode import EncodeConfig, encode
-    from actstore.models.finetune import FinetuneConfig, finetune
-    from actstore.models.loading import auto_device, default_model_key
-    from actstore.sae.train import TrainConfig, train_sae
-    from actstore.store.extract import ExtractConfig, extract
-    from actstore.store.reader import open_store
-
     hf_logging.set_verbosity_error()  # the fresh head (finetune) and the dropped head (extract) are expected
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = auto_device(cfg.device)
-    ft_dir, store_path, report_dir = out / "finetuned", out / "store.zarr", out / "report"
-    data_file = ft_dir / "data.jsonl.gz"
-    pre_key = default_model_key(cfg.model)
-    ft_key = f"{pre_key}-ft"
-    secs: dict[str, float] = {}
-    cmds: list[str] = []
-    q = shlex.quote
+    demo = _Demo(cfg, progress, log)
+    accuracy = demo.finetune()
+    demo.extract()
+    names = demo.train()
+    demo.encode(names)
+    html = demo.report()
+    return demo.finish(html, accuracy)
 
-    def step(name: str, cmd: str) -> float:
-        log(f"\n== {name}\n$ {cmd}")
-        cmds.append(cmd)
-        return time.perf_counter()
 
-    t = step("1/5 fine-tune", f"actstore finetune --model {q(cfg.model)} --data {q(cfg.data)} --limit {cfg.limit} "
-              f"--epochs {cfg.epochs} --lr {cfg.lr:g} --max-length {cfg.max_length} --out {q(str(ft_dir))}")  # fmt: skip
-    ft = finetune(
-        FinetuneConfig(cfg.model, DataConfig(cfg.data, limit=cfg.limit), str(ft_dir), epochs=cfg.epochs, lr=cfg.lr,
-                       batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed, device=device),
-        progress=progress,
-    )  # fmt: skip
-    log(f"test accuracy: pretrained encoder + fresh head {ft.pretrained.accuracy:.3f}, fine-tuned {ft.finetuned.accuracy:.3f}")
-    secs["finetune"] = time.perf_counter() - t
+class _Demo:
+    """The demo's five steps, each logged with the command that does the same, and timed."""
 
-    again = f"  # and again with --model {q(str(ft_dir))} --name {ft_key}"
-    t = step("2/5 extract", f"actstore extract {q(str(store_path))} --model {q(cfg.model)} --data {q(str(data_file))} "
-              f"--layers all --max-length {cfg.max_length}{again}")  # fmt: skip
-    for model, key in ((cfg.model, pre_key), (str(ft_dir), ft_key)):
-        r = extract(str(store_path), ExtractConfig(model=model, data=DataConfig(str(data_file)), layers="all", name=key,
-                                                   max_length=cfg.max_length, device=device), progress=progress)  # fmt: skip
-        log(f"{key}: {r.n_samples} samples, {r.n_tokens} tokens, layers {r.layers[0]}-{r.layers[-1]} in {r.seconds:.1f}s")
-    secs["extract"] = time.perf_counter() - t
+    def __init__(self, cfg: DemoConfig, progress: bool, log: Any) -> None:
+        from actstore.models.loading import auto_device
+        from actstore.models.names import default_model_key
 
-    st = open_store(str(store_path), writable=True)
-    n_layers = max(st.layers(pre_key))
-    layers = cfg.sae_layers or default_sae_layers(n_layers)
-    d_model = int(st.layer_attrs(pre_key, layers[0])["d_model"])
-    d_sae = round(d_model * cfg.sae_expansion)
-    k = cfg.sae_k or max(1, int(d_sae * 0.04))
-    t = step("3/5 train SAEs", f"actstore train {q(str(store_path))} --model M --layer L --arch topk --k {k} --d-sae {d_sae} "
-              f"--lr {cfg.sae_lr:g} --epochs {cfg.sae_epochs}  # M in {pre_key}, {ft_key}; L in {layers}")  # fmt: skip
-    names = []
+        self.cfg, self.progress, self.log = cfg, progress, log
+        self.out = Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.device = auto_device(cfg.device)
+        self.ft_dir, self.store_path, self.report_dir = self.out / "finetuned", self.out / "store.zarr", self.out / "report"
+        self.pre_key = default_model_key(cfg.model)
+        self.ft_key = f"{self.pre_key}-ft"
+        self.secs: dict[str, float] = {}
+        self.cmds: list[str] = []
+        self._t = 0.0
 
-    def train(tc: TrainConfig) -> str:
-        tr = train_sae(st, tc, progress=progress)
+    def _step(self, key: str, name: str, cmd: str) -> None:
+        if self._t:
+            raise RuntimeError("a demo step started before the last one finished")  # a bug, not user input
+        self.log(f"\n== {name}\n$ {cmd}")
+        self.cmds.append(cmd)
+        self._t, self._key = time.perf_counter(), key
+
+    def _done(self) -> None:
+        self.secs[self._key] = time.perf_counter() - self._t
+        self._t = 0.0
+
+    def finetune(self) -> dict[str, float]:
+        from actstore.data.corpora import DataConfig
+        from actstore.models.config import FinetuneConfig
+        from actstore.models.finetune import finetune
+
+        cfg, q = self.cfg, shlex.quote
+        cmd = (f"actstore finetune --model {q(cfg.model)} --data {q(cfg.data)} --limit {cfg.limit} --epochs {cfg.epochs} "
+               f"--lr {cfg.lr:g} --max-length {cfg.max_length} --out {q(str(self.ft_dir))}")  # fmt: skip
+        self._step("finetune", "1/5 fine-tune", cmd)
+        ft = finetune(
+            FinetuneConfig(cfg.model, DataConfig(cfg.data, limit=cfg.limit), str(self.ft_dir), epochs=cfg.epochs, lr=cfg.lr,
+                           batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed, device=self.device),
+            progress=self.progress,
+        )  # fmt: skip
+        self.log(f"test accuracy: pretrained encoder + fresh head {ft.pretrained.accuracy:.3f}, "
+                 f"fine-tuned {ft.finetuned.accuracy:.3f}")  # fmt: skip
+        self._done()
+        return {"pretrained": ft.pretrained.accuracy, "finetuned": ft.finetuned.accuracy}
+
+    def extract(self) -> None:
+        from actstore.data.corpora import DataConfig
+        from actstore.store.config import ExtractConfig
+        from actstore.store.extract import extract
+
+        cfg, q = self.cfg, shlex.quote
+        data_file = self.ft_dir / "data.jsonl.gz"
+        again = f"  # and again with --model {q(str(self.ft_dir))} --name {self.ft_key}"
+        self._step("extract", "2/5 extract", f"actstore extract {q(str(self.store_path))} --model {q(cfg.model)} --data "
+                   f"{q(str(data_file))} --layers all --max-length {cfg.max_length}{again}")  # fmt: skip
+        for model, key in ((cfg.model, self.pre_key), (str(self.ft_dir), self.ft_key)):
+            r = extract(str(self.store_path), ExtractConfig(model=model, data=DataConfig(str(data_file)), layers="all",
+                        name=key, max_length=cfg.max_length, device=self.device), progress=self.progress)  # fmt: skip
+            self.log(f"{key}: {r.n_samples} samples, {r.n_tokens} tokens, layers {r.layers[0]}-{r.layers[-1]} in "
+                     f"{r.seconds:.1f}s")  # fmt: skip
+        self._done()
+
+    def train(self) -> list[str]:
+        """A TopK SAE per (model, layer), plus the paper's relu-l1 recipe on the last layer for contrast."""
+        from actstore.sae.config import TrainConfig
+        from actstore.store.reader import open_store
+
+        cfg, sp = self.cfg, shlex.quote(str(self.store_path))
+        st = open_store(str(self.store_path), writable=True)
+        layers = cfg.sae_layers or default_sae_layers(max(st.layers(self.pre_key)))
+        d_sae = round(int(st.layer_attrs(self.pre_key, layers[0])["d_model"]) * cfg.sae_expansion)
+        k = cfg.sae_k or max(1, int(d_sae * 0.04))
+        cmd = (f"actstore train {sp} --model M --layer L --arch topk --k {k} --d-sae {d_sae} --lr {cfg.sae_lr:g} "
+               f"--epochs {cfg.sae_epochs}  # M in {self.pre_key}, {self.ft_key}; L in {layers}")  # fmt: skip
+        self._step("train", "3/5 train SAEs", cmd)
+        common = {"d_sae": d_sae, "lr": cfg.sae_lr, "epochs": cfg.sae_epochs, "batch_size": cfg.sae_batch_size,
+                  "device": self.device, "seed": cfg.seed, "overwrite": True, "checkpoint_every": 0}  # fmt: skip
+        names = [self._train_one(st, TrainConfig(model=key, layer=layer, arch="topk", k=k, **common))
+                 for layer in layers for key in (self.pre_key, self.ft_key)]  # fmt: skip
+        if cfg.paper_sae:
+            paper = f"paper-{self.ft_key}-l{layers[-1]}"
+            cmd = (f"actstore train {sp} --model {self.ft_key} --layer {layers[-1]} --arch relu-l1 --l1 1e-3 "
+                   f"--d-sae {d_sae} --lr {cfg.sae_lr:g} --epochs {cfg.sae_epochs} --name {paper}")  # fmt: skip
+            self.log(f"$ {cmd}  # the paper's recipe, for contrast")
+            self.cmds.append(cmd)
+            self._train_one(st, TrainConfig(model=self.ft_key, layer=layers[-1], arch="relu-l1", l1=1e-3, name=paper, **common))
+        self._done()
+        return names
+
+    def _train_one(self, st: Any, tc: Any) -> str:
+        from actstore.sae.train import train_sae
+
+        tr = train_sae(st, tc, progress=self.progress)
         ev = tr.metrics.get("eval", {})
-        log(f"{tr.name}: fvu {ev.get('fvu', float('nan')):.3f}, L0 {ev.get('l0', float('nan')):.1f} of {tc.d_sae} "
-            f"({tr.seconds:.1f}s)")  # fmt: skip
+        self.log(f"{tr.name}: fvu {ev.get('fvu', float('nan')):.3f}, L0 {ev.get('l0', float('nan')):.1f} of {tc.d_sae} "
+                 f"({tr.seconds:.1f}s)")  # fmt: skip
         return tr.name
 
-    for layer in layers:
-        for key in (pre_key, ft_key):
-            names.append(train(TrainConfig(
-                model=key, layer=layer, arch="topk", k=k, d_sae=d_sae, lr=cfg.sae_lr, epochs=cfg.sae_epochs,
-                batch_size=cfg.sae_batch_size, device=device, seed=cfg.seed, overwrite=True, checkpoint_every=0,
-            )))  # fmt: skip
-    if cfg.paper_sae:
-        paper = f"paper-{ft_key}-l{layers[-1]}"
-        log(
-            f"$ actstore train {q(str(store_path))} --model {ft_key} --layer {layers[-1]} --arch relu-l1 --l1 1e-3 "
-            f"--d-sae {d_sae} --lr {cfg.sae_lr:g} --epochs {cfg.sae_epochs} --name {paper}  # the paper's recipe, for contrast"
-        )
-        cmds.append(f"actstore train {q(str(store_path))} --model {ft_key} --layer {layers[-1]} --arch relu-l1 --l1 1e-3 "
-                    f"--d-sae {d_sae} --name {paper}")  # fmt: skip
-        train(TrainConfig(model=ft_key, layer=layers[-1], arch="relu-l1", d_sae=d_sae, l1=1e-3, lr=cfg.sae_lr,
-                          epochs=cfg.sae_epochs, batch_size=cfg.sae_batch_size, device=device, seed=cfg.seed,
-                          overwrite=True, checkpoint_every=0, name=paper))  # fmt: skip
-    secs["train"] = time.perf_counter() - t
+    def encode(self, names: list[str]) -> None:
+        from actstore.encoding.config import EncodeConfig
+        from actstore.encoding.encode import encode
+        from actstore.store.reader import open_store
 
-    t = step("4/5 encode", f"actstore encode {q(str(store_path))} --sae NAME  # for each SAE")
-    for name in names:
-        encode(st, EncodeConfig(sae=name, device=device, overwrite=True), progress=progress)
-    secs["encode"] = time.perf_counter() - t
+        self._step("encode", "4/5 encode", f"actstore encode {shlex.quote(str(self.store_path))} --sae NAME  # for each SAE")
+        st = open_store(str(self.store_path), writable=True)
+        for name in names:
+            encode(st, EncodeConfig(sae=name, device=self.device, overwrite=True), progress=self.progress)
+        self._done()
 
-    png, sp, rd = q(str(report_dir / "similarity.png")), q(str(store_path)), q(str(report_dir))
-    t = step("5/5 compare, diff, report",
-             f"actstore compare {sp} --models {pre_key},{ft_key} --plot {png}; actstore report {sp} --out {rd}")  # fmt: skip
-    st = open_store(str(store_path), writable=True)
-    rep = build_report(st, ReportConfig(out=str(report_dir), models=(pre_key, ft_key)), progress=progress)
-    secs["report"] = time.perf_counter() - t
-    secs["total"] = sum(secs.values())
-    (out / "commands.sh").write_text("#!/bin/sh\n# what actstore demo ran, as commands\n" + "\n".join(cmds) + "\n")
-    (out / "demo.json").write_text(__import__("json").dumps({"config": asdict(cfg), "seconds": secs}, indent=2))
-    return DemoResult(
-        out=str(out), report_html=rep.html, store=str(store_path), finetuned=str(ft_dir),
-        accuracy={"pretrained": ft.pretrained.accuracy, "finetuned": ft.finetuned.accuracy}, seconds=secs, commands=cmds,
-    )  # fmt: skip
+    def report(self) -> str:
+        from actstore.analysis.config import ReportConfig
+        from actstore.analysis.report import build_report
+        from actstore.store.reader import open_store
+
+        q = shlex.quote
+        png, sp, rd = q(str(self.report_dir / "similarity.png")), q(str(self.store_path)), q(str(self.report_dir))
+        self._step("report", "5/5 compare, diff, report", f"actstore compare {sp} --models {self.pre_key},{self.ft_key} "
+                   f"--plot {png}; actstore report {sp} --out {rd}")  # fmt: skip
+        st = open_store(str(self.store_path), writable=True)
+        rep = build_report(st, ReportConfig(out=str(self.report_dir), models=(self.pre_key, self.ft_key)),
+                           progress=self.progress)  # fmt: skip
+        self._done()
+        return rep.html
+
+    def finish(self, report_html: str, accuracy: dict[str, float]) -> DemoResult:
+        self.secs["total"] = sum(self.secs.values())
+        (self.out / "commands.sh").write_text("#!/bin/sh\n# what actstore demo ran, as commands\n" + "\n".join(self.cmds) + "\n")
+        (self.out / "demo.json").write_text(json.dumps({"config": asdict(self.cfg), "seconds": self.secs}, indent=2))
+        return DemoResult(out=str(self.out), report_html=report_html, store=str(self.store_path), finetuned=str(self.ft_dir),
+                          accuracy=accuracy, seconds=self.secs, commands=self.cmds)  # fmt: skip

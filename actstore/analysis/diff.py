@@ -30,6 +30,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from actstore.analysis.config import DiffConfig
 from actstore.clock import now
 from actstore.errors import ConfigError, NotFoundError
 from actstore.format import layout
@@ -37,7 +38,6 @@ from actstore.query.views import diff_names
 from actstore.sae.files import load_sae
 from actstore.sae.model import check_fits
 from actstore.storage.integrity import check_file, update_manifest
-from actstore.storage.location import check_name
 from actstore.storage.locks import StoreLock
 
 if TYPE_CHECKING:
@@ -45,37 +45,6 @@ if TYPE_CHECKING:
     from actstore.store.reader import Store
 
 MAX_CORR_CELLS = 1 << 27  # d_sae_a * d_sae_b accumulator cells (float64: 1 GiB)
-
-
-@dataclass
-class DiffConfig:
-    """What ``actstore diff-features`` compares (saved as ``diff.json``)."""
-
-    sae_a: str
-    """First SAE (e.g. on the pretrained model)."""
-    sae_b: str
-    """Second SAE (e.g. on the fine-tuned model, same layer)."""
-    rows: int = 50_000
-    """Token rows for the activation correlation: a seeded sample of about this many (0: all rows)."""
-    retain: float = 0.7
-    """Threshold on both scores for 'retained'."""
-    match: float = 0.4
-    """Threshold on either score for 'modified' (below it: lost / new)."""
-    activation_corr: bool = True
-    """Compute the activation correlation (off: decoder cosine only)."""
-    name: str | None = None
-    """Name under STORE/diffs/ (default: A__B)."""
-    seed: int = 0
-    """Seed of the row sample."""
-
-    def __post_init__(self) -> None:
-        if not 0 < self.match <= self.retain <= 1:
-            raise ConfigError(f"thresholds need 0 < --match ({self.match}) <= --retain ({self.retain}) <= 1")
-        if self.rows < 0:
-            raise ConfigError(f"--rows must be 0 (all) or positive, got {self.rows}")
-        if self.name is None:
-            self.name = f"{self.sae_a}__{self.sae_b}"
-        check_name(self.name, "diff")
 
 
 @dataclass
@@ -99,7 +68,7 @@ def decoder_cosines(a: SAE, b: SAE) -> np.ndarray:
     return (wa @ wb.T).cpu().numpy()
 
 
-class _Corr:
+class Correlations:
     """Streaming Pearson correlation between every feature of A and of B."""
 
     def __init__(self, da: int, db: int) -> None:
@@ -155,7 +124,7 @@ def activation_correlations(store: Store, a: SAE, b: SAE, cfg: DiffConfig) -> tu
         raise NotFoundError(f"no committed rows for {a.cfg.model} / {b.cfg.model} in {store.url}: finish actstore extract")
     p = 1.0 if not cfg.rows or cfg.rows >= n else cfg.rows / n
     rng = np.random.default_rng(cfg.seed)
-    acc = _Corr(a.cfg.d_sae, b.cfg.d_sae)
+    acc = Correlations(a.cfg.d_sae, b.cfg.d_sae)
     dev = a.W_enc.device
     for ca, cb in zip(xa.iter_chunks(0, n, xa.chunk_rows), xb.iter_chunks(0, n, xa.chunk_rows), strict=True):
         keep = rng.random(len(ca.values)) < p if p < 1 else np.ones(len(ca.values), dtype=bool)

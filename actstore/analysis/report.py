@@ -18,48 +18,18 @@ import html
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import polars as pl
 
+from actstore.analysis.config import ReportConfig
 from actstore.clock import now
-from actstore.errors import ConfigError
 from actstore.format import layout
 from actstore.sae.files import dense_notes, read_config, sae_names
 
 if TYPE_CHECKING:
     from actstore.store.reader import Store
-
-
-@dataclass
-class ReportConfig:
-    """What ``actstore report`` puts in the page."""
-
-    out: str
-    """Output directory (index.html, summary.md, *.png, report.json)."""
-    models: tuple[str, str] | None = None
-    """The two models to compare (default: the store's two models)."""
-    top_features: int = 5
-    """Top features by variance shown per SAE."""
-    top_tokens: int = 8
-    """Top-activating tokens shown per feature."""
-    views: int = 2
-    """Stored samples shown as token views for the best feature of each SAE."""
-    context: int = 12
-    """Tokens shown on each side of the hit in a token view."""
-    diff_rows: int = 50_000
-    """Token rows sampled for the feature diff's activation correlation."""
-    cka_rows: int = 100_000
-    """Token rows sampled for CKA."""
-
-    def __post_init__(self) -> None:
-        if min(self.top_features, self.top_tokens, self.views) < 0 or self.context < 1:
-            raise ConfigError("top_features, top_tokens and views must be >= 0, context >= 1")
-        if self.models is not None:
-            self.models = tuple(self.models)  # type: ignore[assignment]
-            if len(self.models) != 2:
-                raise ConfigError(f"--models needs two model keys A,B, got {self.models}")
 
 
 @dataclass
@@ -189,7 +159,8 @@ def _crop_views(tv: Any, center: int, context: int) -> Any:
 
 def features_section(store: Store, cfg: ReportConfig, models: tuple[str, str] | None) -> tuple[list[dict[str, Any]], list[str]]:
     """Per encoded SAE: top features by variance, their top tokens, and token views (HTML fragments)."""
-    from actstore.analysis.show import ShowConfig, render_html_fragment, token_views
+    from actstore.analysis.config import ShowConfig
+    from actstore.analysis.show import render_html_fragment, token_views
     from actstore.encoding.table import encoded_saes
     from actstore.query.lookups import top_features, top_tokens
 
@@ -226,7 +197,8 @@ def features_section(store: Store, cfg: ReportConfig, models: tuple[str, str] | 
 
 
 def diff_section(store: Store, pairs: list[tuple[int, str, str]], cfg: ReportConfig) -> pl.DataFrame | None:
-    from actstore.analysis.diff import DiffConfig, diff_features, diff_names, load_diff
+    from actstore.analysis.config import DiffConfig
+    from actstore.analysis.diff import diff_features, diff_names, load_diff
 
     rows = []
     for layer, a, b in pairs:
@@ -288,134 +260,177 @@ def build_report(store: Store, cfg: ReportConfig, progress: bool = False) -> Rep
         return _build_report(store, cfg, progress)
 
 
+class Part(NamedTuple):
+    """One section of the report: its data (kept in report.json), its HTML and Markdown, and what it made."""
+
+    key: str
+    """Section name in ``ReportResult.sections`` (and, with ``-`` as ``_``, its key in report.json)."""
+    data: Any
+    html: list[str]
+    md: list[str]
+    notes: list[str] = []
+    pngs: list[str] = []
+
+
 def _build_report(store: Store, cfg: ReportConfig, progress: bool = False) -> ReportResult:
-    from actstore.analysis.compare import CompareConfig, compare, plot_similarity, wide
-    from actstore.analysis.show import TOKVIEW_CSS as TOK_CSS
+    from actstore.query.info import store_info
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    from actstore.query.info import store_info
-
-    info = store_info(store)
     res = ReportResult(html=str(out / "index.html"), markdown=str(out / "summary.md"))
-    h: list[str] = []
-    md: list[str] = [f"# actstore report: {store.url}", ""]
+    intro_html, intro_md = _intro(store, store_info(store))
+    h, md = [intro_html], [f"# actstore report: {store.url}", "", intro_md, ""]
+
+    ft, reps, ft_notes = _finetune_part(store)
+    models = _models_to_compare(store, cfg, reps)
+    parts: list[Part | None] = [ft, _similarity_part(store, cfg, models, out, progress), _sae_metrics_part(store),
+                                _features_part(store, cfg, models), _diff_part(store, cfg, models, out)]  # fmt: skip
+    res.notes += ft_notes
+    if models is None:
+        res.notes.append(f"the store holds {len(store.models)} models: pass --models A,B for the similarity section")
+    for part in parts:
+        if part is None:
+            continue
+        res.notes += part.notes
+        if part.data is None:
+            continue
+        res.sections.append(part.key)
+        res.data[part.key.replace("-", "_")] = part.data
+        res.pngs += part.pngs
+        h += part.html
+        md += part.md
+    if res.notes:
+        h.append("<h2>Notes</h2>" + "".join(f"<p class='note'>{_esc(n)}</p>" for n in res.notes))
+        md += ["## Notes", "", *[f"- {n}" for n in res.notes], ""]
+    Path(res.html).write_text(_page(h), encoding="utf-8")
+    Path(res.markdown).write_text("\n".join(md) + "\n", encoding="utf-8")
+    (out / "report.json").write_text(json.dumps(res.data, indent=2, default=str))
+    return res
+
+
+def _page(body: list[str]) -> str:
+    from actstore.analysis.show import TOKVIEW_CSS
+
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>actstore report</title><style>{CSS}{TOKVIEW_CSS}"
+            f"</style></head><body><h1>actstore report</h1>{''.join(body)}<p style='color:#888'>made {now()} by actstore "
+            "report</p></body></html>")  # fmt: skip
+
+
+def _intro(store: Store, info: dict[str, Any]) -> tuple[str, str]:
+    """One sentence on what the store holds, as HTML (every string from the store escaped) and Markdown."""
     tok = next(iter(info["tokenizations"].values()), {})
     data = tok.get("data") if isinstance(tok.get("data"), dict) else {}
     facts = (tok.get("n_samples"), tok.get("n_tokens"), tok.get("max_length"), data.get("source"),
              ", ".join(store.models) or "none", len(sae_names(store)))  # fmt: skip
     intro = "Store {}: {} samples, {} tokens (max length {}) from {}; models: {}; SAEs: {}."
     # every string read from the store is escaped: a model key or attribute may hold markup
-    h.append("<p>" + intro.format(f"<code>{_esc(store.url)}</code>", *map(_esc, facts[:3]), f"<code>{_esc(facts[3])}</code>",
-                                  *map(_esc, facts[4:])) + "</p>")  # fmt: skip
-    md += [intro.format(f"`{store.url}`", *facts[:3], f"`{facts[3]}`", *facts[4:]), ""]
+    html_ = "<p>" + intro.format(f"<code>{_esc(store.url)}</code>", *map(_esc, facts[:3]), f"<code>{_esc(facts[3])}</code>",
+                                 *map(_esc, facts[4:])) + "</p>"  # fmt: skip
+    return html_, intro.format(f"`{store.url}`", *facts[:3], f"`{facts[3]}`", *facts[4:])
 
-    # 1. fine-tune
+
+def _models_to_compare(store: Store, cfg: ReportConfig, reps: list[dict[str, Any]]) -> tuple[str, str] | None:
+    """``--models``, else the store's two models with the pretrained one (not made by a fine-tune) first."""
+    if cfg.models is not None or len(store.models) != 2:
+        return cfg.models
+    models = (store.models[0], store.models[1])
+    return (models[1], models[0]) if models[0] in {r["model"] for r in reps} else models
+
+
+def _finetune_part(store: Store) -> tuple[Part | None, list[dict[str, Any]], list[str]]:
+    """1. The fine-tune reports (paper Table 2); also returns the reports, which say which model is fine-tuned."""
     ft, reps = finetune_section(store)
-    if ft is not None:
-        res.sections.append("finetune")
-        res.data["finetune"] = ft.to_dicts()
-        h.append("<h2>1. Fine-tuning (paper Table 2)</h2>")
-        h.append("<p>Test-split accuracy of the fine-tuned model and of the untouched pretrained encoder with the same freshly "
-                 "initialised head (the paper's 'pre-trained' column).</p>" + _html_table(ft))  # fmt: skip
-        md += ["## 1. Fine-tuning (paper Table 2)", "", _md_table(ft), ""]
-        for rep in reps:
-            h.append(f"<h3>{_esc(rep['model'])}: per class</h3>" + _html_table(_per_class(rep)))
-            h.append("<p>Confusion matrix, fine-tuned (rows: true):</p>" + _html_table(_confusion(rep, "finetuned")))
-            h.append("<p>Confusion matrix, pretrained + fresh head:</p>" + _html_table(_confusion(rep, "pretrained")))
-            hist = pl.DataFrame(rep.get("history") or [{"epoch": 0, "train_loss": None, "val_accuracy": None}])
-            h.append("<p>Training history:</p>" + _html_table(hist))
-    else:
-        res.notes.append("no model of this store was extracted from an actstore finetune directory: no fine-tune report")
+    if ft is None:
+        return None, reps, ["no model of this store was extracted from an actstore finetune directory: no fine-tune report"]
+    h = ["<h2>1. Fine-tuning (paper Table 2)</h2>",
+         "<p>Test-split accuracy of the fine-tuned model and of the untouched pretrained encoder with the same freshly "
+         "initialised head (the paper's 'pre-trained' column).</p>" + _html_table(ft)]  # fmt: skip
+    for rep in reps:
+        hist = pl.DataFrame(rep.get("history") or [{"epoch": 0, "train_loss": None, "val_accuracy": None}])
+        h += [f"<h3>{_esc(rep['model'])}: per class</h3>" + _html_table(_per_class(rep)),
+              "<p>Confusion matrix, fine-tuned (rows: true):</p>" + _html_table(_confusion(rep, "finetuned")),
+              "<p>Confusion matrix, pretrained + fresh head:</p>" + _html_table(_confusion(rep, "pretrained")),
+              "<p>Training history:</p>" + _html_table(hist)]  # fmt: skip
+    md = ["## 1. Fine-tuning (paper Table 2)", "", _md_table(ft), ""]
+    return Part("finetune", ft.to_dicts(), h, md), reps, []
 
-    # 2. similarity
-    models = cfg.models
-    if models is None and len(store.models) == 2:
-        models = (store.models[0], store.models[1])
-        ft_models = {r["model"] for r in reps}
-        if models[0] in ft_models:  # pretrained first
-            models = (models[1], models[0])
-    if models is not None:
-        cmp = compare(store, CompareConfig(models=models, cka_rows=cfg.cka_rows), label=f"{models[0]} vs {models[1]}",
-                      progress=progress)  # fmt: skip
-        png = plot_similarity(cmp.table, str(out / "similarity.png"), title=f"{models[0]} vs {models[1]}")
-        res.pngs.append(png)
-        w = wide(cmp.table).drop("label", "model_a", "model_b")
-        res.sections.append("similarity")
-        res.data["similarity"] = w.to_dicts()
-        h.append("<h2>2. Layer-wise similarity (paper Fig 1)</h2>")
-        h.append(f"<p>{_esc(models[0])} vs {_esc(models[1])} over {cmp.n_rows:d} row-aligned tokens. mean-cosine is the paper's "
-                 "metric (cosine of the mean activation vectors); token-cosine averages per-token cosines; CKA is linear CKA "
-                 "on token rows.</p><img src='similarity.png'>" + _html_table(w))  # fmt: skip
-        md += ["## 2. Layer-wise similarity (paper Fig 1)", "", "![similarity](similarity.png)", "", _md_table(w), ""]
-    else:
-        res.notes.append(f"the store holds {len(store.models)} models: pass --models A,B for the similarity section")
 
-    # 3. SAE metrics
+def _similarity_part(store: Store, cfg: ReportConfig, models: tuple[str, str] | None, out: Path, progress: bool) -> Part | None:
+    """2. Layer-wise similarity of the two models (paper Fig 1)."""
+    from actstore.analysis.compare import compare, plot_similarity, wide
+    from actstore.analysis.config import CompareConfig
+
+    if models is None:
+        return None
+    cmp = compare(store, CompareConfig(models=models, cka_rows=cfg.cka_rows), label=f"{models[0]} vs {models[1]}",
+                  progress=progress)  # fmt: skip
+    png = plot_similarity(cmp.table, str(out / "similarity.png"), title=f"{models[0]} vs {models[1]}")
+    w = wide(cmp.table).drop("label", "model_a", "model_b")
+    h = ["<h2>2. Layer-wise similarity (paper Fig 1)</h2>",
+         f"<p>{_esc(models[0])} vs {_esc(models[1])} over {cmp.n_rows:d} row-aligned tokens. mean-cosine is the paper's "
+         "metric (cosine of the mean activation vectors); token-cosine averages per-token cosines; CKA is linear CKA "
+         "on token rows.</p><img src='similarity.png'>" + _html_table(w)]  # fmt: skip
+    md = ["## 2. Layer-wise similarity (paper Fig 1)", "", "![similarity](similarity.png)", "", _md_table(w), ""]
+    return Part("similarity", w.to_dicts(), h, md, pngs=[png])
+
+
+def _sae_metrics_part(store: Store) -> Part | None:
+    """3. Every SAE's held-out metrics, with a note for each dense one."""
     sm = sae_metrics_table(store)
-    if sm is not None:
-        res.sections.append("sae-metrics")
-        res.data["sae_metrics"] = sm.to_dicts()
-        h.append("<h2>3. SAE metrics</h2><p>Held-out metrics from training: MSE, fraction of variance unexplained (FVU), "
-                 "mean active features per token (L0) and dead fraction.</p>" + _html_table(sm))  # fmt: skip
-        md += ["## 3. SAE metrics", "", _md_table(sm), ""]
-        for note in dense_notes(sm):
-            h.append(f"<p class='note'>{_esc(note)}</p>")
-            md += [f"> {note}", ""]
-            res.notes.append(note)
+    if sm is None:
+        return None
+    h = ["<h2>3. SAE metrics</h2><p>Held-out metrics from training: MSE, fraction of variance unexplained (FVU), "
+         "mean active features per token (L0) and dead fraction.</p>" + _html_table(sm)]  # fmt: skip
+    md = ["## 3. SAE metrics", "", _md_table(sm), ""]
+    notes = dense_notes(sm)
+    for note in notes:
+        h.append(f"<p class='note'>{_esc(note)}</p>")
+        md += [f"> {note}", ""]
+    return Part("sae-metrics", sm.to_dicts(), h, md, notes=notes)
 
-    # 4. top features and token views
+
+def _features_part(store: Store, cfg: ReportConfig, models: tuple[str, str] | None) -> Part:
+    """4. Top features by variance with their top tokens and token views (paper Table 1, Figs 3-5)."""
     feats, notes = features_section(store, cfg, models)
-    res.notes += notes
-    if feats:
-        res.sections.append("features")
-        res.data["features"] = [{k: v for k, v in e.items() if k != "views_html"} for e in feats]
-        h.append("<h2>4. Top features by variance (paper Table 1, Figs 3-5)</h2><p>For each SAE, the features with the largest "
-                 "activation variance over all tokens, with their top-activating tokens (the token in [[ ]]). Below each SAE, "
-                 "token views of its best feature on its top samples: the SAE's own model beside the other model read through "
-                 "the same SAE.</p>")  # fmt: skip
-        md += ["## 4. Top features by variance (paper Table 1)", ""]
-        for e in feats:
-            h.append(f"<h3>{_esc(e['sae'])} ({_esc(e['model'])}, layer {_esc(e['layer'])})</h3>")
-            md += [f"### {e['sae']} ({e['model']}, layer {e['layer']})", ""]
-            rows = []
-            for f in e["features"]:
-                toks = ", ".join(dict.fromkeys(t["token"] for t in f["top_tokens"]))
-                ctx = f["top_tokens"][0]["context"] if f["top_tokens"] else ""
-                rows.append({"feature": f["feature"], "variance": f["variance"], "frequency": f["frequency"],
-                             "top tokens": toks, "best context": ctx})  # fmt: skip
-            t = pl.DataFrame(rows) if rows else pl.DataFrame()
-            h.append(_html_table(t) + e["views_html"])
-            md += [_md_table(t), ""]
+    if not feats:
+        return Part("features", None, [], [], notes=notes)
+    h = ["<h2>4. Top features by variance (paper Table 1, Figs 3-5)</h2><p>For each SAE, the features with the largest "
+         "activation variance over all tokens, with their top-activating tokens (the token in [[ ]]). Below each SAE, "
+         "token views of its best feature on its top samples: the SAE's own model beside the other model read through "
+         "the same SAE.</p>"]  # fmt: skip
+    md = ["## 4. Top features by variance (paper Table 1)", ""]
+    for e in feats:
+        h.append(f"<h3>{_esc(e['sae'])} ({_esc(e['model'])}, layer {_esc(e['layer'])})</h3>")
+        md += [f"### {e['sae']} ({e['model']}, layer {e['layer']})", ""]
+        rows = []
+        for f in e["features"]:
+            toks = ", ".join(dict.fromkeys(t["token"] for t in f["top_tokens"]))
+            ctx = f["top_tokens"][0]["context"] if f["top_tokens"] else ""
+            rows.append({"feature": f["feature"], "variance": f["variance"], "frequency": f["frequency"],
+                         "top tokens": toks, "best context": ctx})  # fmt: skip
+        t = pl.DataFrame(rows) if rows else pl.DataFrame()
+        h.append(_html_table(t) + e["views_html"])
+        md += [_md_table(t), ""]
+    data = [{k: v for k, v in e.items() if k != "views_html"} for e in feats]
+    return Part("features", data, h, md, notes=notes)
 
-    # 5. feature diff
-    if models is not None:
-        pairs = sae_pairs(store, models)
-        df = diff_section(store, pairs, cfg) if pairs else None
-        if df is not None:
-            res.sections.append("feature-diff")
-            res.data["feature_diff"] = df.to_dicts()
-            res.pngs.append(_plot_diff(df, str(out / "feature_diff.png")))
-            h.append("<h2>5. Feature diff, pretrained vs fine-tuned</h2><p>Features of the two models' SAEs at the same layer "
-                     "matched by decoder cosine and activation correlation on the shared tokens: retained (both >= 0.7), "
-                     "modified (either >= 0.4), lost (features of A with no counterpart) and new (features of B with none). "
-                     f"Query the details with <code>actstore sql {_esc(store.url)} \"SELECT * FROM feature_diff\"</code>.</p>"
-                     "<img src='feature_diff.png'>" + _html_table(df))  # fmt: skip
-            md += ["## 5. Feature diff", "", "![feature diff](feature_diff.png)", "", _md_table(df), ""]
-        else:
-            res.notes.append("no layer has an SAE for both models: no feature diff")
 
-    if res.notes:
-        h.append("<h2>Notes</h2>" + "".join(f"<p class='note'>{_esc(n)}</p>" for n in res.notes))
-        md += ["## Notes", "", *[f"- {n}" for n in res.notes], ""]
-    stamp = now()
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>actstore report</title><style>{CSS}{TOK_CSS}</style>"
-            f"</head><body><h1>actstore report</h1>{''.join(h)}<p style='color:#888'>made {stamp} by actstore report</p>"
-            "</body></html>")  # fmt: skip
-    Path(res.html).write_text(page, encoding="utf-8")
-    Path(res.markdown).write_text("\n".join(md) + "\n", encoding="utf-8")
-    (out / "report.json").write_text(json.dumps(res.data, indent=2, default=str))
-    return res
+def _diff_part(store: Store, cfg: ReportConfig, models: tuple[str, str] | None, out: Path) -> Part | None:
+    """5. Feature diff of the two models' SAEs at each layer that has one for both."""
+    if models is None:
+        return None
+    pairs = sae_pairs(store, models)
+    df = diff_section(store, pairs, cfg) if pairs else None
+    if df is None:
+        return Part("feature-diff", None, [], [], notes=["no layer has an SAE for both models: no feature diff"])
+    png = _plot_diff(df, str(out / "feature_diff.png"))
+    h = ["<h2>5. Feature diff, pretrained vs fine-tuned</h2><p>Features of the two models' SAEs at the same layer "
+         "matched by decoder cosine and activation correlation on the shared tokens: retained (both >= 0.7), "
+         "modified (either >= 0.4), lost (features of A with no counterpart) and new (features of B with none). "
+         f"Query the details with <code>actstore sql {_esc(store.url)} \"SELECT * FROM feature_diff\"</code>.</p>"
+         "<img src='feature_diff.png'>" + _html_table(df)]  # fmt: skip
+    md = ["## 5. Feature diff", "", "![feature diff](feature_diff.png)", "", _md_table(df), ""]
+    return Part("feature-diff", df.to_dicts(), h, md, pngs=[png])
 
 
 def report(

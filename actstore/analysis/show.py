@@ -11,7 +11,7 @@ or a PNG.
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,44 +19,13 @@ import numpy as np
 import polars as pl
 import torch
 
+from actstore.analysis.config import ShowConfig
 from actstore.errors import ConfigError, ModelError, NotFoundError
 from actstore.sae.files import load_sae
 
 if TYPE_CHECKING:
     from actstore.sae.model import SAE
     from actstore.store.reader import Store
-
-
-@dataclass
-class ShowConfig:
-    """What ``actstore show`` draws."""
-
-    saes: list[str]
-    """SAE names: one for every model, or one per model."""
-    features: list[int]
-    """Feature indices: one for every SAE, or one per SAE."""
-    texts: list[str] = field(default_factory=list)
-    """Free texts, run through each model live."""
-    sample_ids: list[str] = field(default_factory=list)
-    """Ids of stored samples, read from the store."""
-    models: list[str] | None = None
-    """Model keys to show (default: each SAE's own model)."""
-    device: str = "cpu"
-    """Device for live forward passes."""
-    max_tokens: int | None = None
-    """Show at most this many tokens of each sentence (default: all)."""
-
-    def __post_init__(self) -> None:
-        if not self.saes:
-            raise ConfigError("no SAE given: pass --sae NAME (see actstore info for the store's SAEs)")
-        if not self.features:
-            raise ConfigError("no feature given: pass --feature F")
-        if len(self.features) not in (1, len(self.saes)):
-            raise ConfigError(f"give one --feature for all SAEs or one per --sae ({len(self.saes)}), not {len(self.features)}")
-        if not self.texts and not self.sample_ids:
-            raise ConfigError('nothing to show: pass --text "..." and/or --sample-id ID')
-        if self.models is not None and len(self.saes) not in (1, len(self.models)):
-            raise ConfigError(f"give one --sae for all models or one per model ({len(self.models)}), not {len(self.saes)}")
 
 
 @dataclass

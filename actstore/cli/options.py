@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import functools
+import inspect
 import json
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -80,6 +84,10 @@ def data_options(fn: Callable) -> Callable:
     return fn
 
 
+def labels_option(fn: Callable) -> Callable:
+    return click.option("--labels", default=None, help="Keep only rows with these labels (comma-separated).")(fn)
+
+
 def output_format_option(fn: Callable) -> Callable:
     fn = click.option(
         "--format", "fmt", type=click.Choice(["table", "csv", "json", "parquet"]), default="table", show_default=True,
@@ -138,3 +146,48 @@ def sae_options(fn: Callable) -> Callable:
     fn = click.option("--sae", default=None, help="SAE name (needed when the layer has several).")(fn)
     fn = click.option("--model", default=None, help="Model key in the store (needed when several models have the layer).")(fn)
     return click.option("--layer", type=int, default=None, help="Layer of the SAE (hidden_states index).")(fn)
+
+
+# ---------------------------------------------------------------- options from config fields
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """A config dataclass's field docstrings (the string under each field), formatted with its module's constants:
+    a field documented as ``Adam learning rate (default {DEFAULT_LR}).`` shows the constant the code uses."""
+    docs: dict[str, str] = {}
+    body = ast.parse(inspect.getsource(cls)).body[0].body  # type: ignore[attr-defined]
+    for stmt, nxt in zip(body, body[1:], strict=False):
+        is_field = isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+        is_doc = isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)
+        if is_field and is_doc:
+            docs[stmt.target.id] = nxt.value.value.strip()  # type: ignore[union-attr]
+    consts = {k: v for k, v in vars(sys.modules[cls.__module__]).items() if k.isupper()}
+    return {k: v.format_map(consts) if "{" in v else v for k, v in docs.items()}
+
+
+_SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def config_option(cls: type, name: str, *decls: str, **kw: Any) -> Callable:
+    """A click option for field ``name`` of config dataclass ``cls``: its default, type and help come from the field
+    (``kw`` adds what the field cannot say: choices, a metavar, ``required``)."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    default = f.default if f.default is not dataclasses.MISSING else None
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        default = f.default_factory()  # type: ignore[misc]
+    kw.setdefault("help", field_docs(cls).get(name, ""))
+    if not kw.get("required"):
+        kw.setdefault("default", default)
+    if isinstance(default, bool) and not default:
+        kw.setdefault("is_flag", True)
+    elif "type" not in kw:
+        py = _SCALARS.get(str(f.type).split("|")[0].strip())
+        if py is not None and py is not bool:
+            kw["type"] = py
+    if kw.get("default") not in (None, False) and not kw.get("is_flag"):
+        kw.setdefault("show_default", True)
+    return click.option(*(decls or (f"--{name.replace('_', '-')}",)), **kw)
+
+
+def config_options(cls: type) -> Callable[..., Callable]:
+    """``opt = config_options(TrainConfig)`` then ``@opt("batch_size")``: the options of one config, briefly."""
+    return functools.partial(config_option, cls)

@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import click
 
+from actstore.analysis.config import METRICS, CompareConfig, ShowConfig
 from actstore.cli.group import main
-from actstore.cli.options import device_option, emit, handle_errors, output_format_option, parse_storage_options, store_argument
+from actstore.cli.options import (
+    config_option,
+    device_option,
+    emit,
+    handle_errors,
+    output_format_option,
+    parse_storage_options,
+    store_argument,
+)
 from actstore.cli.options import parse_params as parse_params
 from actstore.cli.options import sae_options as sae_options
-from actstore.storage.location import write_access
+from actstore.query.config import CONTEXT_TOKENS, RANK_BY, TOP_FEATURES_N, TOP_TOKENS_N
+from actstore.storage.urls import write_access
 
 
 @main.command()
@@ -69,18 +79,18 @@ def sql(store: str, storage_options: tuple[str, ...], query: str, fmt: str, out:
 @click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE", help="fsspec option for remote stores.")
 @click.option("--models", default=None, help="Two model keys A,B (default: the store's two models).")
 @click.option("--layers", default=None, help="Layers: 2,4,6 or 0-6 (default: all shared).")
-@click.option("--metric", "metrics", default="mean-cosine,token-cosine,cka", show_default=True,
-              help="Comma-separated: mean-cosine, token-cosine, cka.")  # fmt: skip
+@click.option("--metric", "metrics", default=",".join(METRICS), show_default=True, help=f"Comma-separated: {', '.join(METRICS)}.")
 @click.option("--label", "labels", multiple=True, help="Legend label per STORE (default: the store's folder name).")
-@click.option("--cka-rows", type=int, default=100_000, show_default=True, help="CKA on a sample of about N rows (0: all).")
+@config_option(CompareConfig, "cka_rows")
 @click.option("--plot", default=None, type=click.Path(dir_okay=False), help="Write a similarity-vs-layer PNG here.")
 @output_format_option
 @handle_errors
 def compare(stores: tuple[str, ...], storage_options: tuple[str, ...], models: str | None, layers: str | None, metrics: str,
             labels: tuple[str, ...], cka_rows: int, plot: str | None, fmt: str, out: str | None) -> None:  # fmt: skip
     """Layer-wise similarity of two row-aligned models (the paper's Fig 1); several STOREs give several lines."""
-    from actstore.analysis.compare import CompareConfig, compare_stores, plot_similarity
-    from actstore.store.extract import parse_layers
+    from actstore.analysis.compare import compare_stores, plot_similarity
+    from actstore.analysis.config import CompareConfig
+    from actstore.store.config import parse_layers
 
     if labels and len(labels) != len(stores):
         raise click.UsageError(f"give one --label per store ({len(stores)}), or none")
@@ -131,8 +141,8 @@ def query(store: str | None, name: str | None, params: tuple[str, ...], list_: b
 @store_argument
 @sae_options
 @click.option("--feature", type=int, required=True, help="Feature index.")
-@click.option("-n", "n", type=int, default=20, show_default=True, help="Rows to show.")
-@click.option("--context", type=int, default=8, show_default=True, help="Tokens shown on each side.")
+@click.option("-n", "n", type=int, default=TOP_TOKENS_N, show_default=True, help="Rows to show.")
+@click.option("--context", type=int, default=CONTEXT_TOKENS, show_default=True, help="Tokens shown on each side.")
 @output_format_option
 @handle_errors
 def top_tokens_cmd(store: str, storage_options: tuple[str, ...], layer: int | None, model: str | None, sae: str | None,
@@ -152,11 +162,13 @@ def top_tokens_cmd(store: str, storage_options: tuple[str, ...], layer: int | No
 @store_argument
 @sae_options
 @click.option(
-    "--by", type=click.Choice(["variance", "frequency", "label-association"]), default="variance", show_default=True,
+    "--by", type=click.Choice(RANK_BY), default=RANK_BY[0], show_default=True,
     help="Rank by activation variance over all tokens (the paper's choice), firing frequency, or label association.",
 )  # fmt: skip
 @click.option("--label", default=None, help="With --by label-association: only this label (default: every label).")
-@click.option("-n", "n", type=int, default=10, show_default=True, help="Features to show (per label for label-association).")
+@click.option(
+    "-n", "n", type=int, default=TOP_FEATURES_N, show_default=True, help="Features to show (per label for label-association)."
+)
 @output_format_option
 @handle_errors
 def top_features_cmd(store: str, storage_options: tuple[str, ...], layer: int | None, model: str | None, sae: str | None, by: str,
@@ -213,15 +225,16 @@ def verify(store: str, storage_options: tuple[str, ...], update_manifest: bool, 
 @click.option("--sample-id", "sample_ids", multiple=True, help="Id of a stored sample (repeatable).")
 @click.option("--models", default=None, help="Model keys side by side, e.g. minilm,minilm-ft (default: each SAE's own model).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="FILE.html or FILE.png.")
-@click.option("--max-tokens", type=int, default=None, help="Show at most N tokens per sentence.")
+@config_option(ShowConfig, "max_tokens")
 @device_option
 @handle_errors
 def show(store: str, storage_options: tuple[str, ...], saes: tuple[str, ...], features: tuple[int, ...],
          texts: tuple[str, ...], probes: str | None, sample_ids: tuple[str, ...], models: str | None, out: str,
          max_tokens: int | None, device: str) -> None:  # fmt: skip
     """Colour each token by an SAE feature's activation, models side by side (the paper's Figs 3-5)."""
-    from actstore.analysis.show import ShowConfig, show_summary
+    from actstore.analysis.config import ShowConfig
     from actstore.analysis.show import show as run
+    from actstore.analysis.show import show_summary
     from actstore.models.loading import auto_device
     from actstore.store.reader import open_store
 

@@ -8,36 +8,45 @@ from __future__ import annotations
 
 import click
 
+from actstore.analysis.config import DemoConfig, DiffConfig, ReportConfig
 from actstore.cli.group import main
 from actstore.cli.options import (
     break_lock_option,
+    config_options,
     data_options,
-    device_option,
     emit,
     handle_errors,
+    labels_option,
     output_format_option,
     parse_storage_options,
     store_argument,
     writable_option,
 )
-from actstore.storage.location import write_access
+from actstore.encoding.config import EncodeConfig
+from actstore.format.codecs import CODECS
+from actstore.models.config import FinetuneConfig
+from actstore.sae.config import ARCHS, EXPORT_FORMATS, PRESETS, TrainConfig
+from actstore.storage.config import CopyConfig
+from actstore.storage.urls import write_access
+from actstore.store.config import ExtractConfig
+
+_extract, _finetune, _encode, _copy = (config_options(c) for c in (ExtractConfig, FinetuneConfig, EncodeConfig, CopyConfig))
+_diff, _report, _demo, _train = (config_options(c) for c in (DiffConfig, ReportConfig, DemoConfig, TrainConfig))
 
 
 @main.command()
 @store_argument
-@click.option("--model", required=True, help="HF model id, local directory, bundled:minilm or bundled:minilm-sre.")
+@_extract("model", required=True)
 @data_options
-@click.option("--labels", default=None, help="Keep only rows with these labels (comma-separated).")
-@click.option("--layers", required=True, help="hidden_states indices: 2,4,6 or 0-6 or 'all' (0 = embeddings).")
-@click.option("--name", default=None, help="Store key for the model (default: derived from the model name).")
-@click.option("--max-length", type=int, default=None, help="Truncate samples to N tokens (default: min(512, model limit)).")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Samples per forward pass.")
-@click.option(
-    "--codec", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default="fp16", show_default=True, help="Stored precision."
-)
-@click.option("--chunk-rows", type=int, default=4096, show_default=True, help="Token rows per Zarr chunk (new stores only).")
-@click.option("--new-tokenization", is_flag=True, help="Allow a model with a different tokenizer: add a separate token index.")
-@device_option
+@labels_option
+@_extract("layers", required=True, type=str, help="hidden_states indices: 2,4,6 or 0-6 or 'all' (0 = embeddings).")
+@_extract("name")
+@_extract("max_length")
+@_extract("batch_size")
+@_extract("codec", type=click.Choice(CODECS))
+@_extract("chunk_rows")
+@_extract("new_tokenization")
+@_extract("device")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @break_lock_option
 @handle_errors
@@ -47,7 +56,7 @@ def extract(store: str, storage_options: tuple[str, ...], model: str, data: str,
             break_lock: bool) -> None:  # fmt: skip
     """Extract hidden states of MODEL at LAYERS over a corpus into STORE (resumable)."""
     from actstore.data.corpora import data_config
-    from actstore.store.extract import ExtractConfig
+    from actstore.store.config import ExtractConfig
     from actstore.store.extract import extract as run
 
     cfg = ExtractConfig(
@@ -68,18 +77,18 @@ def extract(store: str, storage_options: tuple[str, ...], model: str, data: str,
 
 # ---- issue 5: the paper end to end (finetune, compare, show, diff-features, report, demo) ----
 @main.command()
-@click.option("--model", required=True, help="HF model id, local directory or bundled:minilm.")
+@_finetune("model", required=True)
 @data_options
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output Hugging Face model directory.")
-@click.option("--epochs", type=int, default=10, show_default=True, help="Training epochs (the paper: 10).")
-@click.option("--lr", type=float, default=2e-5, show_default=True, help="Adam learning rate (the paper: 2e-5).")
-@click.option("--batch-size", type=int, default=16, show_default=True, help="Samples per step.")
-@click.option("--max-length", type=int, default=128, show_default=True, help="Truncate texts to N tokens.")
-@click.option("--labels", default=None, help="Keep only these labels (comma-separated).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for split, shuffles and head.")
-@click.option("--keep-checkpoint", is_flag=True, help="Keep checkpoint/ (last epoch + Adam state) after training.")
-@click.option("--ignore-split", is_flag=True, help="Ignore the data's own split field: split 80/10/10 at random.")
-@device_option
+@_finetune("out", required=True, type=click.Path(file_okay=False))
+@_finetune("epochs")
+@_finetune("lr")
+@_finetune("batch_size")
+@_finetune("max_length")
+@labels_option
+@_finetune("seed")
+@_finetune("keep_checkpoint")
+@_finetune("ignore_split")
+@_finetune("device")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @handle_errors
 def finetune(model: str, data: str, text_field: str, label_field: str, id_field: str, limit: int | None, out: str,
@@ -87,8 +96,9 @@ def finetune(model: str, data: str, text_field: str, label_field: str, id_field:
              keep_checkpoint: bool, ignore_split: bool, device: str, quiet: bool) -> None:  # fmt: skip
     """Fine-tune MODEL with a classification head on a labelled corpus (resumable per epoch)."""
     from actstore.data.corpora import data_config
-    from actstore.models.finetune import FinetuneConfig, report_text
+    from actstore.models.config import FinetuneConfig
     from actstore.models.finetune import finetune as run
+    from actstore.models.finetune import report_text
 
     cfg = FinetuneConfig(
         model=model, data=data_config(data, text_field, label_field, id_field, limit), out=out, epochs=epochs, lr=lr,
@@ -105,22 +115,21 @@ def finetune(model: str, data: str, text_field: str, label_field: str, id_field:
 
 @main.command()
 @store_argument
-@click.option("--sae", required=True, help="Name of the SAE under STORE/saes/ (it names its model and layer).")
-@click.option("--batch-rows", type=int, default=8192, show_default=True, help="Token rows per SAE forward pass.")
-@click.option("--buckets", "n_buckets", type=int, default=16, show_default=True, help="Feature-range files (more = less memory).")
-@click.option("--row-group-rows", type=int, default=16384, show_default=True, help="Rows per Parquet row group.")
-@click.option("--spill-entries", type=int, default=16_000_000, show_default=True,
-              help="Activations held in memory (16 bytes each) before spilling to disk.")  # fmt: skip
-@click.option("--workers", type=int, default=2, show_default=True, help="Threads sorting and writing beside the SAE.")
-@click.option("--overwrite", is_flag=True, help="Re-encode from scratch even if an encoding exists.")
-@device_option
+@_encode("sae", required=True)
+@_encode("batch_rows")
+@_encode("n_buckets", "--buckets", "n_buckets")
+@_encode("row_group_rows")
+@_encode("spill_entries")
+@_encode("workers")
+@_encode("overwrite")
+@_encode("device")
 @writable_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @handle_errors
 def encode(store: str, storage_options: tuple[str, ...], writable: bool, sae: str, batch_rows: int, n_buckets: int,
            row_group_rows: int, spill_entries: int, workers: int, overwrite: bool, device: str, quiet: bool) -> None:  # fmt: skip
     """Run SAE over every token row of its layer into STORE/features/SAE/ (Parquet, resumable)."""
-    from actstore.encoding.encode import EncodeConfig
+    from actstore.encoding.config import EncodeConfig
     from actstore.encoding.encode import encode as run
     from actstore.store.reader import open_store
 
@@ -143,13 +152,8 @@ def encode(store: str, storage_options: tuple[str, ...], writable: bool, sae: st
 @main.command()
 @click.argument("src", metavar="SRC")
 @click.argument("dst", metavar="DST")
-@click.option(
-    "--include",
-    multiple=True,
-    metavar="WHAT",
-    help="Copy only this model (MODEL), layer (MODEL:LAYER), SAE (sae:NAME) or key glob; repeatable.",
-)
-@click.option("--jobs", type=int, default=8, show_default=True, help="Objects copied in parallel.")
+@_copy("include", multiple=True, metavar="WHAT", default=())
+@_copy("jobs")
 @click.option("--src-option", "src_options", multiple=True, metavar="KEY=VALUE", help="fsspec storage option for SRC.")
 @click.option("--dst-option", "dst_options", multiple=True, metavar="KEY=VALUE", help="fsspec storage option for DST.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -157,7 +161,8 @@ def encode(store: str, storage_options: tuple[str, ...], writable: bool, sae: st
 def copy(src: str, dst: str, include: tuple[str, ...], jobs: int, src_options: tuple[str, ...], dst_options: tuple[str, ...],
          quiet: bool) -> None:  # fmt: skip
     """Copy store SRC to DST (paths or URLs), checking every object; rerun to resume."""
-    from actstore.storage.copy import CopyConfig, copy_store
+    from actstore.storage.config import CopyConfig
+    from actstore.storage.copy import copy_store
 
     cfg = CopyConfig(src, dst, list(include), jobs, parse_storage_options(src_options), parse_storage_options(dst_options))
     res = copy_store(cfg, progress=not quiet)
@@ -174,11 +179,11 @@ def copy(src: str, dst: str, include: tuple[str, ...], jobs: int, src_options: t
 @main.command("diff-features")
 @store_argument
 @click.option("--sae", "saes", multiple=True, required=True, help="Two SAEs: --sae A --sae B (e.g. pretrained, fine-tuned).")
-@click.option("--rows", type=int, default=50_000, show_default=True, help="Rows sampled for activation correlation (0: all).")
-@click.option("--retain", type=float, default=0.7, show_default=True, help="Both scores at least this: retained.")
-@click.option("--match", type=float, default=0.4, show_default=True, help="Either score at least this: modified (else lost/new).")
+@_diff("rows")
+@_diff("retain")
+@_diff("match")
 @click.option("--no-activation-corr", is_flag=True, help="Match by decoder cosine only.")
-@click.option("--name", default=None, help="Save as STORE/diffs/NAME (default: A__B).")
+@_diff("name")
 @writable_option
 @output_format_option
 @handle_errors
@@ -189,7 +194,7 @@ def diff_features(store: str, storage_options: tuple[str, ...], saes: tuple[str,
     Counts mean something only against a baseline: diff two SAEs trained on the same activations with
     different --seed values too (docs/REPRODUCTION.md shows such a seed control).
     """
-    from actstore.analysis.diff import DiffConfig
+    from actstore.analysis.config import DiffConfig
     from actstore.analysis.diff import diff_features as run
     from actstore.store.reader import open_store
 
@@ -214,17 +219,17 @@ def diff_features(store: str, storage_options: tuple[str, ...], saes: tuple[str,
 
 @main.command()
 @store_argument
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (index.html, summary.md, PNGs).")
-@click.option("--models", default=None, help="The two models A,B to compare (default: the store's two models).")
-@click.option("--top-features", type=int, default=5, show_default=True, help="Top features by variance per SAE.")
-@click.option("--top-tokens", type=int, default=8, show_default=True, help="Top tokens per feature.")
-@click.option("--views", type=int, default=2, show_default=True, help="Token views per SAE (its best feature's top samples).")
+@_report("out", required=True, type=click.Path(file_okay=False))
+@_report("models", type=str)
+@_report("top_features")
+@_report("top_tokens")
+@_report("views")
 @click.option("--writable", is_flag=True, help="Save computed feature diffs into a store given by URL (local stores: always).")
 @handle_errors
 def report(store: str, storage_options: tuple[str, ...], out: str, models: str | None, top_features: int, top_tokens: int,
            views: int, writable: bool) -> None:  # fmt: skip
     """Write an HTML report of STORE: fine-tune reports, similarity, SAE metrics, top features, token views, feature diff."""
-    from actstore.analysis.report import ReportConfig
+    from actstore.analysis.config import ReportConfig
     from actstore.analysis.report import report as run
 
     cfg = ReportConfig(
@@ -238,20 +243,21 @@ def report(store: str, storage_options: tuple[str, ...], out: str, models: str |
 
 
 @main.command()
-@click.option("--out", default="demo-out", show_default=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--limit", type=int, default=400, show_default=True, help="BBC News samples used (80/10/10 split).")
-@click.option("--max-length", type=int, default=64, show_default=True, help="Tokens per sample.")
-@click.option("--epochs", type=int, default=2, show_default=True, help="Fine-tuning epochs (the paper: 10).")
-@click.option("--sae-epochs", type=int, default=3, show_default=True, help="SAE epochs (the paper: 10).")
-@click.option("--model", default="bundled:minilm", show_default=True, help="Model to fine-tune.")
-@click.option("--data", default="bundled:bbc", show_default=True, help="Labelled corpus.")
-@device_option
+@_demo("out", type=click.Path(file_okay=False))
+@_demo("limit")
+@_demo("max_length")
+@_demo("epochs")
+@_demo("sae_epochs")
+@_demo("model")
+@_demo("data")
+@_demo("device")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @handle_errors
 def demo(out: str, limit: int, max_length: int, epochs: int, sae_epochs: int, model: str, data: str, device: str,
          quiet: bool) -> None:  # fmt: skip
     """Run the paper end to end on bundled MiniLM + BBC News: fine-tune, extract, SAEs, encode, compare, report."""
-    from actstore.analysis.demo import DemoConfig, run_demo
+    from actstore.analysis.config import DemoConfig
+    from actstore.analysis.demo import run_demo
 
     cfg = DemoConfig(out=out, limit=limit, max_length=max_length, epochs=epochs, sae_epochs=sae_epochs, model=model, data=data,
                      device=device)  # fmt: skip
@@ -265,29 +271,28 @@ def demo(out: str, limit: int, max_length: int, epochs: int, sae_epochs: int, mo
 # ---- issue 3: SAE training ---------------------------------------------------
 @main.command()
 @store_argument
-@click.option("--model", required=True, help="Store key of the model (see actstore info).")
-@click.option("--layer", type=int, required=True, help="Layer (hidden_states index) to train on.")
-@click.option("--arch", type=click.Choice(["relu-l1", "topk", "batchtopk"]), default=None, help="[default: relu-l1]")
-@click.option("--d-sae", type=int, default=None, help="Number of features.")
-@click.option("--expansion", type=float, default=None, help="d_sae as a multiple of d_model [default: 4].")
-@click.option("--k", type=int, default=None, help="Active features per token (topk, batchtopk) [default: 32].")
-@click.option("--l1", type=float, default=None, help="L1 coefficient (relu-l1) [default: 1e-3].")
-@click.option("--lr", type=float, default=None, help="Adam learning rate [default: 5e-4; paper preset 2e-5].")
-@click.option("--epochs", type=int, default=None, help="Passes over the training rows [default: 3].")
-@click.option("--tokens", type=int, default=None, help="Train on N tokens instead of whole epochs.")
-@click.option("--batch-size", type=int, default=1024, show_default=True, help="Tokens per step.")
-@click.option("--preset", type=click.Choice(["paper"]), default=None,
-              help="paper: relu-l1, d_sae 1024, l1 1e-3, lr 2e-5, 10 epochs (explicit options win).")  # fmt: skip
-@click.option("--name", default=None, help="Name under STORE/saes/ [default: MODEL-lLAYER-ARCH-D_SAE].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for init, held-out split and shuffling.")
+@_train("model", required=True)
+@_train("layer", required=True, type=int)
+@_train("arch", type=click.Choice(ARCHS))
+@_train("d_sae")
+@_train("expansion")
+@_train("k")
+@_train("l1")
+@_train("lr")
+@_train("epochs")
+@_train("tokens")
+@_train("batch_size")
+@_train("preset", type=click.Choice(sorted(PRESETS)))
+@_train("name")
+@_train("seed")
 @click.option("--no-normalize", is_flag=True, help="Do not scale inputs to mean squared norm d_model.")
-@click.option("--buffer-mb", type=int, default=256, show_default=True, help="Shuffle buffer size (MiB).")
-@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 beside other jobs).")
-@click.option("--eval-fraction", type=float, default=0.05, show_default=True, help="Tokens held out, as whole samples.")
-@click.option("--checkpoint-every", type=int, default=500, show_default=True, help="Steps between checkpoints.")
-@click.option("--resume", is_flag=True, help="Require an unfinished run of NAME to continue (it is continued anyway).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing SAE (or unfinished run) of the same name.")
-@device_option
+@_train("buffer_mb")
+@_train("threads")
+@_train("eval_fraction")
+@_train("checkpoint_every")
+@_train("resume")
+@_train("overwrite")
+@_train("device")
 @writable_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @handle_errors
@@ -297,7 +302,8 @@ def train(store: str, storage_options: tuple[str, ...], writable: bool, model: s
           no_normalize: bool, buffer_mb: int, threads: int | None, eval_fraction: float, checkpoint_every: int, resume: bool,
           overwrite: bool, device: str, quiet: bool) -> None:  # fmt: skip
     """Train a sparse autoencoder on one layer of STORE, streaming from its chunks (resumable)."""
-    from actstore.sae.train import TrainConfig, train_sae
+    from actstore.sae.config import TrainConfig
+    from actstore.sae.train import train_sae
 
     cfg = TrainConfig(
         model=model, layer=layer, arch=arch, d_sae=d_sae, expansion=expansion, k=k, l1=l1, lr=lr, epochs=epochs, tokens=tokens,
@@ -322,7 +328,7 @@ def train(store: str, storage_options: tuple[str, ...], writable: bool, model: s
 @main.command("export-sae")
 @store_argument
 @click.argument("name")
-@click.option("--format", "fmt", type=click.Choice(["saelens", "actstore"]), default="saelens", show_default=True,
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default=EXPORT_FORMATS[0], show_default=True,
               help="saelens: cfg.json + sae_weights.safetensors (raw-activation space); actstore: the stored files.")  # fmt: skip
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write.")
 @handle_errors

@@ -49,13 +49,14 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from actstore.clock import now
+from actstore.encoding.config import EncodeConfig
 from actstore.encoding.sort import Bucket, Entries, Spiller, finish_bucket, sort_block, spill_files
 from actstore.encoding.table import (
     ENCODING_FORMAT,
@@ -64,55 +65,24 @@ from actstore.encoding.table import (
     features_dir,
     files_dir,
     generations,
-    read_manifest,
+    read_encoding,
     read_pending,
     rm,
     sae_fingerprint,
     write_manifest,
     write_parquet,
 )
-from actstore.errors import ConfigError, IntegrityError, StoreError
+from actstore.errors import IntegrityError, StoreError
 from actstore.format import layout
+from actstore.format.layout import check_name
 from actstore.models.loading import auto_device
 from actstore.storage.integrity import update_manifest
-from actstore.storage.location import check_name
 from actstore.storage.locks import StoreLock
 from actstore.version import __version__
 
 if TYPE_CHECKING:
     from actstore.sae.model import SAE
     from actstore.store.reader import Store
-
-
-@dataclass
-class EncodeConfig:
-    """Everything one ``actstore encode`` run needs."""
-
-    sae: str
-    """Name of the SAE under STORE/saes/ (it names its model and layer)."""
-    batch_rows: int = 8192
-    """Token rows per SAE forward pass."""
-    n_buckets: int = 16
-    """Feature-range buckets (files); more buckets = less memory while sorting."""
-    spill_entries: int = 16_000_000
-    """Non-zero activations held in memory (16 bytes each) before they are spilled to disk as sorted runs."""
-    row_group_rows: int = 16384
-    """Rows per Parquet row group of the final files (a feature lookup reads only its own groups)."""
-    workers: int = 2
-    """Threads: blocks are sorted while the next is encoded, and this many buckets are finished at once (1 = none)."""
-    device: str = "auto"
-    """cpu, cuda, cuda:N, or auto (CUDA when present)."""
-    overwrite: bool = False
-    """Re-encode from scratch even if a complete or differently-configured encoding exists."""
-    break_lock: bool = False
-    """Take over the encode lock of a writer that died on another host."""
-
-    def __post_init__(self) -> None:
-        if not self.sae:
-            raise ConfigError("encode needs --sae NAME: the SAE to run (see actstore info)")
-        for name in ("batch_rows", "n_buckets", "spill_entries", "row_group_rows", "workers"):
-            if int(getattr(self, name)) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
 
 
 @dataclass
@@ -231,26 +201,65 @@ def encode(store: Store, cfg: EncodeConfig, progress: bool = True) -> EncodeResu
         lock.release()
 
 
-def _encode(store: Store, cfg: EncodeConfig, sae: SAE, model: str, layer: int, device: str, progress: bool) -> EncodeResult:
-    from tqdm.auto import tqdm
+class _Plan(NamedTuple):
+    """What an encoding of one SAE over its layer is: its rows, its buckets, the settings an encoding must match."""
 
-    t_start = time.perf_counter()
-    acts = store.activations(model, layer)
-    n_rows, d_sae = acts.n_rows, sae.cfg.d_sae
+    n_rows: int
+    d_sae: int
+    n_buckets: int
+    bucket_features: int
+    """Features per bucket (the last bucket may hold fewer)."""
+    base: str
+    """The SAE's ``features/<sae>`` folder."""
+    want: dict[str, Any]
+    """Settings a published or pending encoding must share to be this one."""
+
+    def matches(self, m: dict[str, Any]) -> bool:
+        """Whether an encoding (published or pending) was made with these weights, rows and settings."""
+        return all(m.get(k) == v for k, v in self.want.items())
+
+
+def _plan(store: Store, cfg: EncodeConfig, sae: SAE, n_rows: int) -> _Plan:
+    d_sae = sae.cfg.d_sae
     n_buckets = min(cfg.n_buckets, d_sae)
     bucket_features = -(-d_sae // n_buckets)
     n_buckets = -(-d_sae // bucket_features)
-    base = features_dir(cfg.sae)
-    sha = sae_fingerprint(store, cfg.sae)
-    want = {"n_rows": n_rows, "d_sae": d_sae, "n_buckets": n_buckets, "bucket_features": bucket_features, "sae_sha256": sha,
-            "row_group_rows": cfg.row_group_rows}  # fmt: skip
+    want = {"n_rows": n_rows, "d_sae": d_sae, "n_buckets": n_buckets, "bucket_features": bucket_features,
+            "sae_sha256": sae_fingerprint(store, cfg.sae), "row_group_rows": cfg.row_group_rows}  # fmt: skip
+    return _Plan(n_rows, d_sae, n_buckets, bucket_features, features_dir(cfg.sae), want)
 
-    def matches(m: dict[str, Any]) -> bool:
-        """Whether an encoding (published or pending) was made with these weights, rows and settings."""
-        return all(m.get(k) == v for k, v in want.items())
 
+def _encode(store: Store, cfg: EncodeConfig, sae: SAE, model: str, layer: int, device: str, progress: bool) -> EncodeResult:
+    t_start = time.perf_counter()
+    acts = store.activations(model, layer)
+    plan = _plan(store, cfg, sae, acts.n_rows)
+    published, man = _published_and_pending(store, cfg, plan)
+    if published is not None and not cfg.overwrite and man is None:
+        if not plan.matches(published):
+            raise StoreError(
+                f"an encoding of SAE {cfg.sae!r} in {store.url}/{plan.base} is complete with other weights, rows or settings: "
+                "pass --overwrite to re-encode (the old one stays until the new one is complete)"
+            )
+        return EncodeResult(store.url, cfg.sae, model, layer, plan.n_rows, int(published["n_feature_rows"]),
+                            int(published["n_bytes"]), 0.0, 0.0, skipped=True)  # fmt: skip
+    if man is None or cfg.overwrite:
+        man = _new_generation(store, cfg, sae, plan, published, model, layer)
+    timings = {"read": 0.0, "encode": 0.0, "sort": 0.0, "spill": 0.0, "stream": 0.0, "finish": 0.0}
+    resumed_from = int(man["spilled_rows"])
+    sink = _spill_phase(store, cfg, sae, acts, plan, man, device, progress, timings)
+    _finish_phase(store, cfg, plan, man, sink, published, timings)
+    secs = time.perf_counter() - t_start
+    return EncodeResult(
+        store.url, cfg.sae, model, layer, plan.n_rows, int(man["n_feature_rows"]), int(man["n_bytes"]), secs,
+        (plan.n_rows - resumed_from) / secs if secs > 0 else 0.0, resumed_from=resumed_from, n_spills=sink.n_spills,
+        timings=timings,
+    )  # fmt: skip
+
+
+def _published_and_pending(store: Store, cfg: EncodeConfig, plan: _Plan) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The published encoding (if usable) and the pending one to resume (only if it has these exact settings)."""
     try:
-        published = read_manifest(store, cfg.sae)
+        published = read_encoding(store, cfg.sae)
     except IntegrityError:
         if not cfg.overwrite:
             raise
@@ -258,49 +267,51 @@ def _encode(store: Store, cfg: EncodeConfig, sae: SAE, model: str, layer: int, d
     if published is not None and not published.get("complete"):
         # an unfinished encoding of a version before pending.json: nothing usable, so start over
         for key in ("acts", "spill", "stats.parquet", MANIFEST):
-            rm(store, f"{base}/{key}")
+            rm(store, f"{plan.base}/{key}")
         published = None
     try:
         man = read_pending(store, cfg.sae)
     except IntegrityError:
         man = None
-    same = man is not None and matches(man) and man.get("format") == ENCODING_FORMAT
-    same = same and man.get("phase") == "spill" and bool(man.get("dir"))
-    if published is not None and not cfg.overwrite and not same:
-        if not matches(published):
-            raise StoreError(
-                f"an encoding of SAE {cfg.sae!r} in {store.url}/{base} is complete with other weights, rows or settings: "
-                "pass --overwrite to re-encode (the old one stays until the new one is complete)"
-            )
-        return EncodeResult(store.url, cfg.sae, model, layer, n_rows, int(published["n_feature_rows"]),
-                            int(published["n_bytes"]), 0.0, 0.0, skipped=True)  # fmt: skip
-    if not same or cfg.overwrite:  # a fresh generation (an unfinished one of the same settings is resumed instead)
-        gens = generations(store, base)
-        keep = (published or {}).get("dir")
-        for g in gens:  # earlier unfinished generations (never the published one)
-            if layout.generation_name(g) != keep:
-                rm(store, f"{base}/{layout.generation_name(g)}")
-        man = {
-            "format": ENCODING_FORMAT, "sae": cfg.sae, "model": model, "layer": layer,
-            "tokenization": store.model_info(model).get("tokenization"), **want,
-            "config": asdict(cfg), "sae_config": asdict(sae.cfg),
-            "actstore_version": __version__, "created": now(), "phase": "spill", "spilled_rows": 0,
-            "files": [], "complete": False, "dir": layout.generation_name(max(gens, default=0) + 1),
-        }  # fmt: skip
-        write_manifest(store, cfg.sae, man, PENDING)
-    assert man is not None
-    work = files_dir(cfg.sae, man)
+    same = man is not None and plan.matches(man) and man.get("format") == ENCODING_FORMAT
+    same = same and man.get("phase") == "spill" and bool(man.get("dir"))  # type: ignore[union-attr]
+    return published, man if same else None
 
-    timings = {"read": 0.0, "encode": 0.0, "sort": 0.0, "spill": 0.0, "stream": 0.0, "finish": 0.0}
-    start = resumed_from = int(man["spilled_rows"])
-    for b in range(n_buckets):  # drop spill files a killed run wrote past the committed prefix
+
+def _new_generation(store: Store, cfg: EncodeConfig, sae: SAE, plan: _Plan, published: dict[str, Any] | None, model: str,
+                    layer: int) -> dict[str, Any]:  # fmt: skip
+    """Start a fresh generation folder (dropping earlier unfinished ones, never the published one); its pending.json."""
+    gens = generations(store, plan.base)
+    keep = (published or {}).get("dir")
+    for g in gens:
+        if layout.generation_name(g) != keep:
+            rm(store, f"{plan.base}/{layout.generation_name(g)}")
+    man = {
+        "format": ENCODING_FORMAT, "sae": cfg.sae, "model": model, "layer": layer,
+        "tokenization": store.model_info(model).get("tokenization"), **plan.want,
+        "config": asdict(cfg), "sae_config": asdict(sae.cfg),
+        "actstore_version": __version__, "created": now(), "phase": "spill", "spilled_rows": 0,
+        "files": [], "complete": False, "dir": layout.generation_name(max(gens, default=0) + 1),
+    }  # fmt: skip
+    write_manifest(store, cfg.sae, man, PENDING)
+    return man
+
+
+def _spill_phase(store: Store, cfg: EncodeConfig, sae: SAE, acts: Any, plan: _Plan, man: dict[str, Any], device: str,
+                 progress: bool, timings: dict[str, float]) -> _Sink:  # fmt: skip
+    """Phase 1: every row from ``spilled_rows`` on through the SAE; blocks sorted and spilled per bucket in order, in
+    one background thread beside the SAE forward."""
+    from tqdm.auto import tqdm
+
+    work = files_dir(cfg.sae, man)
+    start = int(man["spilled_rows"])
+    for b in range(plan.n_buckets):  # drop spill files a killed run wrote past the committed prefix
         for s, key in spill_files(store, work, b):
             if s >= start:
                 store.loc.delete(key)
-    sink = _Sink(store, cfg, man, Spiller(store, work, n_buckets, bucket_features), n_rows, start, timings)
-    bar = tqdm(total=n_rows, initial=start, desc=f"encode {cfg.sae}", unit="tok", unit_scale=True, disable=not progress)
+    sink = _Sink(store, cfg, man, Spiller(store, work, plan.n_buckets, plan.bucket_features), plan.n_rows, start, timings)
+    bar = tqdm(total=plan.n_rows, initial=start, desc=f"encode {cfg.sae}", unit="tok", unit_scale=True, disable=not progress)
     pin = device.startswith("cuda")
-    # the SAE forward runs here; sorting blocks and spilling run in order in one background thread
     pool = ThreadPoolExecutor(1, thread_name_prefix="actstore-encode") if cfg.workers > 1 else None
     pending: deque[Future] = deque()
     t_stream = t0 = time.perf_counter()
@@ -330,23 +341,28 @@ def _encode(store: Store, cfg: EncodeConfig, sae: SAE, model: str, layer: int, d
             pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
     timings["stream"] = time.perf_counter() - t_stream
+    return sink
 
-    # finish: per bucket, merge its spill files (if any) with its runs still in memory, write the final file
-    # (``workers`` buckets at a time). Nothing of the last segment is spilled: a run killed here restarts
-    # at spilled_rows.
+
+def _finish_phase(store: Store, cfg: EncodeConfig, plan: _Plan, man: dict[str, Any], sink: _Sink,
+                  published: dict[str, Any] | None, timings: dict[str, float]) -> None:  # fmt: skip
+    """Phase 2: per bucket, merge its spill files with its runs still in memory into the final file (``workers``
+    buckets at a time); then publish (the atomic switch of encoding.json) and drop the replaced generation.
+    Nothing of the last segment is spilled: a run killed here restarts at spilled_rows."""
     t_fin = time.perf_counter()
-    held = [sink.spiller.take(b) for b in range(n_buckets)]
+    work = files_dir(cfg.sae, man)
+    held = [sink.spiller.take(b) for b in range(plan.n_buckets)]
 
     def finish(b: int) -> Bucket:
         runs, held[b] = held[b], []
-        f0, f1 = b * bucket_features, min((b + 1) * bucket_features, d_sae)
-        return finish_bucket(store, work, b, f0, f1, n_rows, cfg.row_group_rows, runs)
+        f0, f1 = b * plan.bucket_features, min((b + 1) * plan.bucket_features, plan.d_sae)
+        return finish_bucket(store, work, b, f0, f1, plan.n_rows, cfg.row_group_rows, runs)
 
     if cfg.workers > 1:
         with ThreadPoolExecutor(cfg.workers, thread_name_prefix="actstore-encode") as fpool:
-            done = list(fpool.map(finish, range(n_buckets)))
+            done = list(fpool.map(finish, range(plan.n_buckets)))
     else:
-        done = [finish(b) for b in range(n_buckets)]
+        done = [finish(b) for b in range(plan.n_buckets)]
     files, stats = [d.entry for d in done], [d.stats for d in done]
     write_parquet(store, f"{work}/stats.parquet", pa.concat_tables(stats), compression="zstd")
     rm(store, f"{work}/spill")
@@ -355,18 +371,12 @@ def _encode(store: Store, cfg: EncodeConfig, sae: SAE, model: str, layer: int, d
         n_bytes=sum(f["n_bytes"] for f in files), finished=now(),
     )  # fmt: skip
     write_manifest(store, cfg.sae, man)  # the atomic switch: readers see the new encoding from here on
-    store.loc.delete(f"{base}/{PENDING}")
+    store.loc.delete(f"{plan.base}/{PENDING}")
     if published is not None:  # the replaced generation (or the files of an encoding from before generations)
         if published.get("dir") and published["dir"] != man["dir"]:
-            rm(store, f"{base}/{published['dir']}")
+            rm(store, f"{plan.base}/{published['dir']}")
         elif not published.get("dir"):
-            rm(store, f"{base}/acts")
-            rm(store, f"{base}/stats.parquet")
-    update_manifest(store.loc, prefixes=[base])  # checksums for the new files (actstore verify)
+            rm(store, f"{plan.base}/acts")
+            rm(store, f"{plan.base}/stats.parquet")
+    update_manifest(store.loc, prefixes=[plan.base])  # checksums for the new files (actstore verify)
     timings["finish"] = time.perf_counter() - t_fin
-    secs = time.perf_counter() - t_start
-    return EncodeResult(
-        store.url, cfg.sae, model, layer, n_rows, int(man["n_feature_rows"]), int(man["n_bytes"]), secs,
-        (n_rows - resumed_from) / secs if secs > 0 else 0.0, resumed_from=resumed_from, n_spills=sink.n_spills,
-        timings=timings,
-    )  # fmt: skip

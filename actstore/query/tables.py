@@ -38,11 +38,11 @@ class FeatureTable(NamedTuple):
 
 def feature_tables(store: Store) -> list[FeatureTable]:
     """Every completely encoded SAE of the store, by name."""
-    from actstore.encoding.table import encoded_saes, files_dir, read_manifest
+    from actstore.encoding.table import encoded_saes, files_dir, read_encoding
 
     out = []
     for name in encoded_saes(store):
-        m = read_manifest(store, name) or {}
+        m = read_encoding(store, name) or {}
         base = files_dir(name, m)
         out.append(
             FeatureTable(

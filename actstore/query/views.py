@@ -37,8 +37,8 @@ import duckdb
 import polars as pl
 
 from actstore.format import layout
+from actstore.format.layout import name_ok
 from actstore.query.tables import feature_tables
-from actstore.storage.location import name_ok
 
 if TYPE_CHECKING:
     from actstore.store.reader import Store

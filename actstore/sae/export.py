@@ -11,14 +11,12 @@ from safetensors.torch import save as st_save
 
 from actstore.errors import ConfigError, StoreError
 from actstore.format import layout
+from actstore.sae.config import EXPORT_FORMATS
 from actstore.sae.files import load_sae
 from actstore.sae.model import SAE
 
 if TYPE_CHECKING:
     from actstore.store.reader import Store
-
-
-EXPORT_FORMATS = ("saelens", "actstore")
 
 
 # ---------------------------------------------------------------- export

@@ -7,9 +7,10 @@ from typing import TYPE_CHECKING, Any
 
 from actstore.errors import NotFoundError
 from actstore.format import layout
-from actstore.sae.model import DENSE_L0_FRACTION, SAE, SAEConfig, parse_config
+from actstore.format.layout import name_ok
+from actstore.sae.config import SAEConfig, parse_config
+from actstore.sae.model import DENSE_L0_FRACTION, SAE
 from actstore.storage.integrity import check_file
-from actstore.storage.location import name_ok
 
 if TYPE_CHECKING:
     import polars as pl

@@ -21,8 +21,6 @@ unfinished run (it may hold ``checkpoint/``) and is not listed.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
@@ -31,70 +29,10 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from actstore.errors import ConfigError, IntegrityError
+from actstore.sae.config import SAEConfig, parse_config
 
 if TYPE_CHECKING:
     from actstore.store.reader import Store
-
-ARCHS = ("relu-l1", "topk", "batchtopk")
-
-
-@dataclass
-class SAEConfig:
-    """Architecture and provenance of one SAE (saved as ``cfg.json``)."""
-
-    arch: str
-    """relu-l1, topk or batchtopk."""
-    d_in: int
-    """Width of the activations it reads (the layer's d_model)."""
-    d_sae: int
-    """Number of features (dictionary size)."""
-    k: int | None = None
-    """Active features per token for topk / batchtopk."""
-    l1: float = 1e-3
-    """L1 coefficient for relu-l1."""
-    norm_scale: float = 1.0
-    """Inputs are multiplied by this before encoding (fixed mean squared norm)."""
-    model: str | None = None
-    """Store key of the model whose activations it was trained on."""
-    layer: int | None = None
-    """Layer (hidden_states index) it was trained on."""
-    tokenization: str | None = None
-    """Tokenization key of the rows it was trained on."""
-    name: str | None = None
-    """Name under STORE/saes/."""
-    training: dict[str, Any] = field(default_factory=dict)
-    """The training config it was made with."""
-    actstore_version: str | None = None
-    """actstore version that trained it."""
-
-    def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise ConfigError(f"unknown SAE architecture {self.arch!r}: choose one of {', '.join(ARCHS)}")
-        if self.d_in <= 0 or self.d_sae <= 0:
-            raise ConfigError(f"d_in and d_sae must be positive (got {self.d_in}, {self.d_sae})")
-        if self.arch in ("topk", "batchtopk") and (not self.k or not 0 < self.k <= self.d_sae):
-            raise ConfigError(f"{self.arch} needs --k between 1 and d_sae ({self.d_sae}), got {self.k}")
-        if self.norm_scale <= 0:
-            raise ConfigError(f"norm_scale must be positive, got {self.norm_scale}")
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SAEConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-
-def parse_config(cfg_json: bytes, where: str = "SAE") -> SAEConfig:
-    """An :class:`SAEConfig` from ``cfg.json`` bytes; IntegrityError naming ``where`` if they are not a JSON object."""
-    try:
-        d = json.loads(cfg_json)
-        if not isinstance(d, dict):
-            raise TypeError
-    except (ValueError, TypeError):
-        raise IntegrityError(f"{where}: cfg.json is not a JSON object; the SAE is damaged: re-train or re-copy it") from None
-    return SAEConfig.from_dict(d)
 
 
 class SAEOutput(NamedTuple):
@@ -229,7 +167,7 @@ def check_d_in(cfg: SAEConfig, d_model: int, where: str) -> None:
     """Raise ConfigError unless an SAE reading ``d_in`` fits activations of width ``d_model`` (``where`` names them)."""
     if cfg.d_in != d_model:
         raise ConfigError(
-            f"SAE {cfg.name or ''} reads d_in {cfg.d_in} but {where} has d_model {d_model}: "
+            f"SAE {cfg.name or '(unnamed)'} reads d_in {cfg.d_in} but {where} has d_model {d_model}: "
             f"use an SAE trained on that layer (it was trained on {cfg.model} layer {cfg.layer})"
         )
 
@@ -243,8 +181,7 @@ def check_fits(store: Store, cfg: SAEConfig, name: str) -> Any:
     if cfg.model is None or cfg.layer is None:
         raise ConfigError(f"SAE {name!r} has no model/layer in its cfg.json: it cannot be matched to the store's rows")
     acts = store.activations(cfg.model, cfg.layer)
-    if acts.d_model != cfg.d_in:
-        raise ConfigError(f"SAE {name!r} reads {cfg.d_in}-wide vectors but {cfg.model} layer {cfg.layer} is {acts.d_model} wide")
+    check_d_in(cfg, acts.d_model, f"{cfg.model} layer {cfg.layer} of {store.url}")
     tk = store.model_info(cfg.model).get("tokenization")
     if cfg.tokenization and tk and cfg.tokenization != tk:
         raise ConfigError(f"SAE {name!r} was trained on tokenization {cfg.tokenization}, but {cfg.model} uses {tk}")

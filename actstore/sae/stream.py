@@ -133,98 +133,107 @@ class ShuffledStream:
     def _rows_of(self, a: int, b: int) -> np.ndarray:
         return np.flatnonzero(self.mask[a:b]) + a  # int64 row numbers
 
-    def _read(self, a: int, b: int) -> np.ndarray:
+    def read_chunk(self, a: int, b: int) -> np.ndarray:
+        """The training rows of rows ``[a, b)`` (one chunk): ``(n_train_rows_there, d_model)`` float32."""
         vals = self.acts[a:b]  # (b - a, d_model) float32
         m = self.mask[a:b]
         return vals if m.all() else vals[m]
-
-    def _epoch(self, epoch: int, skip: int, stop: threading.Event) -> Iterator[np.ndarray]:
-        """The epoch's batches as numpy arrays, computed in the calling (background) thread."""
-        rng = np.random.default_rng([self.seed, epoch, 11])
-        order = [self.chunks[i] for i in rng.permutation(len(self.chunks))]
-        bs, d = self.batch_size, self.acts.d_model
-        cap = self.buffer_rows + self.chunk_rows
-        idx = np.empty(cap, dtype=np.int64)  # (cap,) row number of each buffer slot
-        vals: np.ndarray | None = None  # (cap, d_model), allocated once rows are needed
-        n = 0
-        done = 0  # batches of this epoch produced (emitted or skipped)
-        live = skip == 0  # are values being tracked?
-        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="actstore-read")
-        futures: dict[int, Future] = {}
-
-        def ensure_vals() -> np.ndarray:
-            nonlocal vals
-            if vals is None:
-                vals = np.empty((cap, d), dtype=np.float32)
-            return vals
-
-        def go_live(pos: int) -> None:
-            """Resume point reached: read the buffer's rows, start reading from chunk ``pos``."""
-            nonlocal live
-            v = ensure_vals()
-            if n:
-                srt = np.argsort(idx[:n], kind="stable")
-                got = self.acts.take(idx[:n][srt])  # (n, d_model)
-                v[srt] = got
-            live = True
-            submit_from(pos)
-
-        def submit_from(pos: int) -> None:
-            for j in range(pos, min(pos + self.prefetch + self.workers, len(order))):
-                if j not in futures:
-                    futures[j] = pool.submit(self._read, *order[j])
-
-        def flush(final: bool, pos: int) -> Iterator[np.ndarray]:
-            nonlocal n, done
-            perm = rng.permutation(n)
-            n_out = n if final else n - self.buffer_rows // 2
-            n_b = math.ceil(n_out / bs) if final else n_out // bs
-            used = n if final else n_b * bs
-            for i in range(n_b):
-                if done >= skip:
-                    if not live:
-                        go_live(pos)
-                    sel = perm[i * bs : (i + 1) * bs]
-                    yield vals[sel]  # type: ignore[index]
-                done += 1
-                if stop.is_set():
-                    return
-            rest = perm[used:]
-            idx[: len(rest)] = idx[rest]
-            if live:
-                v = ensure_vals()
-                v[: len(rest)] = v[rest]
-            n = len(rest)
-
-        try:
-            if live:
-                ensure_vals()
-                submit_from(0)
-            for pos, (a, b) in enumerate(order):
-                if stop.is_set():
-                    return
-                rows = self._rows_of(a, b)
-                m = len(rows)
-                idx[n : n + m] = rows
-                if live:
-                    submit_from(pos + 1)
-                    chunk = futures.pop(pos).result()  # (m, d_model)
-                    vals[n : n + m] = chunk  # type: ignore[index]
-                n += m
-                if n >= self.buffer_rows:
-                    yield from flush(False, pos + 1)
-            yield from flush(True, len(order))
-        finally:
-            for f in futures.values():
-                f.cancel()
-            pool.shutdown(wait=True, cancel_futures=True)
 
     def batches(self, epoch: int, skip: int = 0) -> Iterator[torch.Tensor]:
         """Batches of epoch ``epoch`` from the ``skip``-th on, prepared in a background thread."""
 
         def produce(stop: threading.Event) -> Iterator[torch.Tensor]:
-            for arr in self._epoch(epoch, skip, stop):
+            for arr in _Epoch(self, epoch, skip, stop).batches():
                 t = torch.from_numpy(np.ascontiguousarray(arr))
                 yield t.pin_memory() if self.pin_memory else t
 
         return prefetched(produce, self.prefetch, name="actstore-batches")
+
+
+class _Epoch:
+    """One epoch of a :class:`ShuffledStream`: chunks in a seeded random order pour their training rows into a
+    buffer of ``buffer_rows``; whenever it is full, all but half a buffer leave it as seeded random batches.
+
+    Resuming at batch ``skip`` replays the same shuffle on row numbers alone (no values read) until batch
+    ``skip`` is due, then reads the values of the rows the buffer holds at that moment and goes on reading chunks
+    ("going live"), so a resumed epoch yields exactly the batches an uninterrupted one would.
+    """
+
+    def __init__(self, stream: ShuffledStream, epoch: int, skip: int, stop: threading.Event) -> None:
+        self.s, self.skip, self.stop = stream, skip, stop
+        self.rng = np.random.default_rng([stream.seed, epoch, 11])
+        self.order = [stream.chunks[i] for i in self.rng.permutation(len(stream.chunks))]
+        self.cap = stream.buffer_rows + stream.chunk_rows
+        self.idx = np.empty(self.cap, dtype=np.int64)  # (cap,) row number of each buffer slot
+        self.vals: np.ndarray | None = None  # (cap, d_model), allocated once values are needed
+        self.n = 0  # rows in the buffer
+        self.done = 0  # batches of this epoch produced (emitted or skipped)
+        self.live = skip == 0  # are values being tracked?
+        self.pool = ThreadPoolExecutor(stream.workers, thread_name_prefix="actstore-read")
+        self.futures: dict[int, Future] = {}  # chunk position in ``order`` -> its rows being read
+
+    def batches(self) -> Iterator[np.ndarray]:
+        """The epoch's batches from ``skip`` on, as ``(<= batch_size, d_model)`` arrays, computed in this thread."""
+        try:
+            if self.live:
+                self._values()
+                self._read_from(0)
+            for pos, (a, b) in enumerate(self.order):
+                if self.stop.is_set():
+                    return
+                rows = self.s._rows_of(a, b)
+                m = len(rows)
+                self.idx[self.n : self.n + m] = rows
+                if self.live:
+                    self._read_from(pos + 1)
+                    self._values()[self.n : self.n + m] = self.futures.pop(pos).result()  # (m, d_model)
+                self.n += m
+                if self.n >= self.s.buffer_rows:
+                    yield from self._flush(False, pos + 1)
+            yield from self._flush(True, len(self.order))
+        finally:
+            for f in self.futures.values():
+                f.cancel()
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _values(self) -> np.ndarray:
+        if self.vals is None:
+            self.vals = np.empty((self.cap, self.s.acts.d_model), dtype=np.float32)
+        return self.vals
+
+    def _read_from(self, pos: int) -> None:
+        """Keep the next few chunks from ``pos`` on being read by the pool."""
+        for j in range(pos, min(pos + self.s.prefetch + self.s.workers, len(self.order))):
+            if j not in self.futures:
+                self.futures[j] = self.pool.submit(self.s.read_chunk, *self.order[j])
+
+    def _go_live(self, pos: int) -> None:
+        """The resume point is reached: read the values of the buffer's rows, start reading from chunk ``pos``."""
+        v = self._values()
+        if self.n:
+            srt = np.argsort(self.idx[: self.n], kind="stable")
+            v[srt] = self.s.acts.take(self.idx[: self.n][srt])  # (n, d_model)
+        self.live = True
+        self._read_from(pos)
+
+    def _flush(self, final: bool, pos: int) -> Iterator[np.ndarray]:
+        """Batches out of the buffer: all of it at the end, else all but half a buffer (whole batches only)."""
+        bs, n = self.s.batch_size, self.n
+        perm = self.rng.permutation(n)
+        n_out = n if final else n - self.s.buffer_rows // 2
+        n_b = math.ceil(n_out / bs) if final else n_out // bs
+        used = n if final else n_b * bs
+        for i in range(n_b):
+            if self.done >= self.skip:
+                if not self.live:
+                    self._go_live(pos)
+                yield self._values()[perm[i * bs : (i + 1) * bs]]
+            self.done += 1
+            if self.stop.is_set():
+                return
+        rest = perm[used:]
+        self.idx[: len(rest)] = self.idx[rest]
+        if self.live:
+            v = self._values()
+            v[: len(rest)] = v[rest]
+        self.n = len(rest)

@@ -20,7 +20,6 @@ over elements):
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import warnings
@@ -30,160 +29,24 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from actstore.errors import ConfigError, NotFoundError, StoreError
 from actstore.format import layout
+from actstore.format.layout import check_name
+from actstore.models.checkpoint import optimizer_tensors, pack, restore_optimizer, unpack
 from actstore.models.loading import auto_device
+from actstore.sae.config import RUNTIME_FIELDS, SAEConfig, TrainConfig
 from actstore.sae.files import delete_sae, save_sae
 from actstore.sae.metrics import TrainTracker, evaluate, task_accuracy
-from actstore.sae.model import ARCHS, SAE, SAEConfig, check_d_in
+from actstore.sae.model import SAE, check_d_in
 from actstore.sae.stream import RowSplit, ShuffledStream, split_rows
 from actstore.storage.integrity import update_manifest
-from actstore.storage.location import check_name, write_access
 from actstore.storage.locks import StoreLock
+from actstore.storage.urls import write_access
 from actstore.store.reader import Store, open_store
 from actstore.version import __version__
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # the seed paper: 768 -> 1024, ReLU, MSE + 1e-3 L1, Adam 2e-5, 10 epochs
-    "paper": {"arch": "relu-l1", "d_sae": 1024, "l1": 1e-3, "lr": 2e-5, "epochs": 10},
-}
-DEFAULT_EXPANSION = 4.0
-DEFAULT_LR = 5e-4
-DEFAULT_EPOCHS = 3
-DEFAULT_K = 32
-# fields that may change between a killed run and its restart
-RUNTIME_FIELDS = ("device", "workers", "threads", "resume", "overwrite", "log_every", "checkpoint_every", "task_samples")
 CKPT = layout.SAE_CHECKPOINT
-
-
-@dataclass
-class TrainConfig:
-    """Everything one ``actstore train`` run needs (saved in the SAE's cfg.json as ``training``)."""
-
-    model: str
-    """Store key of the model whose activations to train on."""
-    layer: int
-    """Layer (hidden_states index) to train on."""
-    arch: str | None = None
-    """relu-l1 (default), topk or batchtopk."""
-    d_sae: int | None = None
-    """Number of features; default ``expansion * d_in``."""
-    expansion: float | None = None
-    """d_sae as a multiple of the layer's width (default 4) when d_sae is not given."""
-    k: int | None = None
-    """Active features per token for topk / batchtopk (default 32, at most d_sae / 4)."""
-    l1: float | None = None
-    """L1 coefficient for relu-l1 (default 1e-3)."""
-    lr: float | None = None
-    """Adam learning rate (default 5e-4; paper preset 2e-5)."""
-    epochs: int | None = None
-    """Passes over the training rows (default 3); ignored when ``tokens`` is given."""
-    tokens: int | None = None
-    """Train on this many tokens instead of whole epochs."""
-    batch_size: int = 1024
-    """Tokens per optimizer step."""
-    preset: str | None = None
-    """'paper': relu-l1, d_sae 1024, l1 1e-3, lr 2e-5, 10 epochs (explicit options still win)."""
-    name: str | None = None
-    """Name under STORE/saes/ (default MODEL-lLAYER-ARCH-D_SAE)."""
-    device: str = "auto"
-    """cpu, cuda, cuda:N, or auto."""
-    seed: int = 0
-    """Seed for initialisation, the held-out split and the shuffling."""
-    normalize: bool = True
-    """Scale inputs to mean squared norm d_in (the scale is saved as norm_scale)."""
-    buffer_mb: int = 256
-    """Shuffle buffer size in MiB of float32 rows."""
-    workers: int = 2
-    """Threads reading and decoding chunks."""
-    threads: int | None = None
-    """torch CPU threads while training (default: torch's; 1 avoids oversubscription beside other jobs)."""
-    eval_fraction: float = 0.05
-    """Fraction of tokens held out (as whole samples) for evaluation."""
-    max_eval_tokens: int = 20_000
-    """Cap on held-out tokens."""
-    dead_window: int = 1_000_000
-    """A feature is dead after this many training tokens without an activation."""
-    dense_threshold: float = 0.1
-    """A feature is dense when active on more than this fraction of tokens."""
-    aux_k: int | None = None
-    """Dead latents used by the topk/batchtopk auxiliary loss (default d_in / 2)."""
-    aux_coef: float = 1 / 32
-    """Weight of the auxiliary dead-latent loss."""
-    task_samples: int = 256
-    """Held-out samples for the task-accuracy check (models with a classification head; 0 disables)."""
-    grad_clip: float = 1.0
-    """Clip the gradient norm to this (0 disables)."""
-    checkpoint_every: int = 500
-    """Steps between checkpoints (0: only at epoch ends)."""
-    log_every: int = 50
-    """Steps between metric log entries."""
-    resume: bool = False
-    """Require an unfinished run to continue (one is continued automatically anyway)."""
-    overwrite: bool = False
-    """Replace an existing SAE or unfinished run of the same name."""
-
-    def __post_init__(self) -> None:
-        if self.threads is not None and self.threads <= 0:
-            raise ConfigError(f"--threads must be positive, got {self.threads}")
-        if self.preset is not None:
-            if self.preset not in PRESETS:
-                raise ConfigError(f"unknown preset {self.preset!r}: choose one of {', '.join(PRESETS)}")
-            for key, val in PRESETS[self.preset].items():
-                if getattr(self, key) is None and not (key == "d_sae" and self.expansion is not None):
-                    setattr(self, key, val)
-        self.arch = self.arch or "relu-l1"
-        if self.arch not in ARCHS:
-            raise ConfigError(f"unknown --arch {self.arch!r}: choose one of {', '.join(ARCHS)}")
-        if self.d_sae is not None and self.expansion is not None:
-            raise ConfigError("give --d-sae or --expansion, not both")
-        if self.tokens is not None and self.epochs is not None:
-            raise ConfigError("give --epochs or --tokens, not both")
-        self.l1 = 1e-3 if self.l1 is None else self.l1
-        self.lr = DEFAULT_LR if self.lr is None else self.lr
-        if self.tokens is None:
-            self.epochs = DEFAULT_EPOCHS if self.epochs is None else self.epochs
-        checks = [
-            (self.d_sae is None or self.d_sae > 0, f"--d-sae must be positive, got {self.d_sae}"),
-            (self.expansion is None or self.expansion > 0, f"--expansion must be positive, got {self.expansion}"),
-            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
-            (self.l1 >= 0, f"--l1 must be >= 0, got {self.l1}"),
-            (self.epochs is None or self.epochs > 0, f"--epochs must be positive, got {self.epochs}"),
-            (self.tokens is None or self.tokens > 0, f"--tokens must be positive, got {self.tokens}"),
-            (self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}"),
-            (self.k is None or self.k > 0, f"--k must be positive, got {self.k}"),
-            (0 <= self.eval_fraction < 1, f"eval_fraction must be in [0, 1), got {self.eval_fraction}"),
-            (self.buffer_mb > 0 and self.workers > 0, "buffer_mb and workers must be positive"),
-            (self.dead_window > 0, "dead_window must be positive"),
-            (self.checkpoint_every >= 0 and self.log_every > 0, "checkpoint_every >= 0 and log_every > 0 please"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ConfigError(msg)
-        if self.k is not None and self.arch == "relu-l1":
-            raise ConfigError("--k is for topk / batchtopk; relu-l1 uses --l1")
-
-    def resolve(self, d_in: int) -> tuple[int, int | None, int]:
-        """``(d_sae, k, aux_k)`` for a layer of width ``d_in``."""
-        d_sae = self.d_sae or max(1, round((self.expansion or DEFAULT_EXPANSION) * d_in))
-        k = None
-        if self.arch != "relu-l1":
-            k = self.k or max(1, min(DEFAULT_K, d_sae // 4))
-            if k > d_sae:
-                raise ConfigError(f"--k {k} is larger than d_sae {d_sae}")
-        aux_k = min(self.aux_k or max(1, d_in // 2), d_sae)
-        return d_sae, k, aux_k
-
-    def default_name(self, d_sae: int) -> str:
-        from actstore.models.loading import sanitize_key
-
-        return sanitize_key(f"{self.model}-l{self.layer}-{self.arch}-{d_sae}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -275,7 +138,7 @@ def _estimate_stats(stream: ShuffledStream, seed: int, max_chunks: int = 16) -> 
     pick = rng.permutation(len(stream.chunks))[:max_chunks]
     sq, tot, n = 0.0, np.zeros(stream.acts.d_model, dtype=np.float64), 0
     for i in sorted(pick):
-        v = stream._read(*stream.chunks[i]).astype(np.float64)  # (m, d_model)
+        v = stream.read_chunk(*stream.chunks[i]).astype(np.float64)  # (m, d_model)
         sq += float((v**2).sum())
         tot += v.sum(0)
         n += len(v)
@@ -289,32 +152,13 @@ def _identity(cfg: TrainConfig) -> dict[str, Any]:
 
 def _save_checkpoint(store: Store, name: str, sae: SAE, opt: torch.optim.Optimizer, tracker: TrainTracker,
                      meta: dict[str, Any]) -> None:  # fmt: skip
-    tensors = {f"sae.{k}": v for k, v in sae.state_tensors().items()}
-    for pid, st in opt.state_dict()["state"].items():
-        for key, val in st.items():
-            tensors[f"opt.{pid}.{key}"] = torch.as_tensor(val).detach().cpu().contiguous()
-    tensors.update(tracker.state())
-    md = {"meta": json.dumps(meta, default=float), "sae_cfg": sae.cfg.to_json()}
-    store.loc.write_bytes(layout.sae_file(name, CKPT), st_save(tensors, metadata=md))
+    tensors = {f"sae.{k}": v for k, v in sae.state_tensors().items()} | optimizer_tensors(opt) | tracker.state()
+    store.loc.write_bytes(layout.sae_file(name, CKPT), pack(tensors, {"meta": meta, "sae_cfg": asdict(sae.cfg)}))
 
 
 def _read_checkpoint(store: Store, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], SAEConfig]:
-    raw = store.loc.read_bytes(layout.sae_file(name, CKPT))
-    tensors = st_load(raw)
-    n = int.from_bytes(raw[:8], "little")  # safetensors header: 8-byte length, then JSON with __metadata__
-    md = json.loads(raw[8 : 8 + n]).get("__metadata__", {})
-    return tensors, json.loads(md["meta"]), SAEConfig.from_dict(json.loads(md["sae_cfg"]))
-
-
-def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
-    sd = opt.state_dict()
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, val in tensors.items():
-        if key.startswith("opt."):
-            _, pid, k = key.split(".", 2)
-            state.setdefault(int(pid), {})[k] = val
-    sd["state"] = state
-    opt.load_state_dict(sd)
+    packed = unpack(store.loc.read_bytes(layout.sae_file(name, CKPT)))
+    return packed.tensors, packed.meta["meta"], SAEConfig.from_dict(packed.meta["sae_cfg"])
 
 
 # ---------------------------------------------------------------- training
@@ -384,145 +228,196 @@ def _train_locked(
     st: Store, cfg: TrainConfig, progress: bool, on_step: Callable[[int, dict[str, Any]], None] | None, acts: Any,
     d_in: int, d_sae: int, k: int | None, aux_k: int | None, name: str, device: torch.device, tok: Any,
 ) -> TrainResult:  # fmt: skip
-    from tqdm.auto import tqdm
-
-    # ---- existing SAE / unfinished run?
-    finished = st.loc.exists(layout.sae_file(name, layout.SAE_CONFIG))
-    ckpt = st.loc.exists(layout.sae_file(name, CKPT))
-    if cfg.overwrite:
-        delete_sae(st, name)
-        finished = ckpt = False
-    elif finished:
-        raise ConfigError(f"SAE {name!r} already exists in {st.url}: pass --overwrite to replace it, or choose another --name")
-    elif cfg.resume and not ckpt:
-        raise NotFoundError(f"no unfinished run named {name!r} in {st.url} to resume: drop --resume to start one")
-
+    resume = _existing_run(st, cfg, name)
     split = split_rows(tok, len(acts), cfg.eval_fraction, cfg.max_eval_tokens, cfg.seed)
     buffer_rows = max(1, cfg.buffer_mb * 2**20 // (4 * d_in))
     stream = ShuffledStream(acts, split.train_mask, cfg.batch_size, buffer_rows, seed=cfg.seed, workers=cfg.workers,
                             pin_memory=device.type == "cuda")  # fmt: skip
-    per_epoch = stream.batches_per_epoch
-    total_steps = math.ceil(cfg.tokens / cfg.batch_size) if cfg.tokens else per_epoch * int(cfg.epochs or 1)
-
     torch.manual_seed(cfg.seed)
-    tracker = TrainTracker(d_sae, cfg.dead_window, cfg.dense_threshold)
-    meta: dict[str, Any] = {"step": 0, "history": [], "threshold_ema": None, "config": _identity(cfg)}
-    tensors: dict[str, torch.Tensor] | None = None
-    if ckpt:
+    if resume:
+        run = _Run.restore(st, cfg, name, acts, split, stream, device, aux_k)
+    else:
+        run = _Run.start(st, cfg, name, acts, split, stream, device, aux_k, d_sae, k, tok.key)
+    seconds = run.loop(progress, on_step)
+    return run.finish(seconds)
+
+
+def _existing_run(st: Store, cfg: TrainConfig, name: str) -> bool:
+    """Whether an unfinished run of ``name`` is to be continued; refuses a finished SAE unless ``overwrite``."""
+    finished = st.loc.exists(layout.sae_file(name, layout.SAE_CONFIG))
+    ckpt = st.loc.exists(layout.sae_file(name, CKPT))
+    if cfg.overwrite:
+        delete_sae(st, name)
+        return False
+    if finished:
+        raise ConfigError(f"SAE {name!r} already exists in {st.url}: pass --overwrite to replace it, or choose another --name")
+    if cfg.resume and not ckpt:
+        raise NotFoundError(f"no unfinished run named {name!r} in {st.url} to resume: drop --resume to start one")
+    return ckpt
+
+
+class _Run:
+    """One training run's state — the SAE, its optimizer, the dead-feature tracker, the history — and its phases:
+    :meth:`start` or :meth:`restore`, then :meth:`loop`, then :meth:`finish`."""
+
+    def __init__(self, st: Store, cfg: TrainConfig, name: str, acts: Any, split: RowSplit, stream: ShuffledStream,
+                 device: torch.device, aux_k: int | None, sae: SAE, meta: dict[str, Any]) -> None:  # fmt: skip
+        self.st, self.cfg, self.name, self.split, self.stream, self.device = st, cfg, name, split, stream, device
+        self.aux_k = aux_k
+        self.sae = sae.to(device).train()
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=float(cfg.lr))
+        self.tracker = TrainTracker(sae.cfg.d_sae, cfg.dead_window, cfg.dense_threshold).to(device)
+        self.meta = meta
+        self.start_step = self.step = int(meta["step"])
+        self.history: list[dict[str, Any]] = list(meta.get("history", []))
+        self.thr_ema: float | None = meta.get("threshold_ema")
+        self.per_epoch = stream.batches_per_epoch
+        self.total_steps = math.ceil(cfg.tokens / cfg.batch_size) if cfg.tokens else self.per_epoch * int(cfg.epochs or 1)
+        d_in = sae.cfg.d_in
+        self.eval_x = torch.from_numpy(acts.take(split.eval_rows)) if len(split.eval_rows) else torch.zeros(0, d_in)
+        self.last_train: dict[str, Any] = {}
+
+    # ---- init or restore
+    @classmethod
+    def start(cls, st: Store, cfg: TrainConfig, name: str, acts: Any, split: RowSplit, stream: ShuffledStream,
+              device: torch.device, aux_k: int | None, d_sae: int, k: int | None, tokenization: str) -> _Run:  # fmt: skip
+        """A new run: inputs scaled to mean squared norm d_in, ``b_dec`` at the (scaled) mean of a few chunks."""
+        d_in = acts.d_model
+        mean_sq, mean = _estimate_stats(stream, cfg.seed)
+        scale = math.sqrt(d_in / mean_sq) if cfg.normalize and mean_sq > 0 else 1.0
+        sae = SAE(SAEConfig(
+            arch=str(cfg.arch), d_in=d_in, d_sae=d_sae, k=k, l1=float(cfg.l1 or 0.0), norm_scale=scale, model=cfg.model,
+            layer=cfg.layer, tokenization=tokenization, name=name, training=cfg.to_dict(), actstore_version=__version__,
+        ))  # fmt: skip
+        with torch.no_grad():
+            sae.b_dec.copy_(torch.from_numpy(mean * scale).float())
+        meta = {"step": 0, "history": [], "threshold_ema": None, "config": _identity(cfg)}
+        return cls(st, cfg, name, acts, split, stream, device, aux_k, sae, meta)
+
+    @classmethod
+    def restore(cls, st: Store, cfg: TrainConfig, name: str, acts: Any, split: RowSplit, stream: ShuffledStream,
+                device: torch.device, aux_k: int | None) -> _Run:  # fmt: skip
+        """The run continued from its checkpoint, refused when it was started with other options."""
         tensors, meta, sae_cfg = _read_checkpoint(st, name)
         if meta.get("config") != _identity(cfg):
-            old = meta.get("config", {})
-            diff = sorted(k_ for k_ in set(old) | set(_identity(cfg)) if old.get(k_) != _identity(cfg).get(k_))
+            old, new = meta.get("config", {}), _identity(cfg)
+            diff = sorted(k_ for k_ in set(old) | set(new) if old.get(k_) != new.get(k_))
             raise ConfigError(
                 f"an unfinished run named {name!r} in {st.url} was started with other options (differs in: {', '.join(diff)}): "
                 "rerun with the original options to continue it, or pass --overwrite to start over"
             )
-        check_d_in(sae_cfg, d_in, f"layer {cfg.layer} of model {cfg.model!r} in {st.url}")
-        sae = SAE(sae_cfg)
-    else:
-        mean_sq, mean = _estimate_stats(stream, cfg.seed)
-        scale = math.sqrt(d_in / mean_sq) if cfg.normalize and mean_sq > 0 else 1.0
-        sae_cfg = SAEConfig(
-            arch=str(cfg.arch), d_in=d_in, d_sae=d_sae, k=k, l1=float(cfg.l1 or 0.0), norm_scale=scale, model=cfg.model,
-            layer=cfg.layer, tokenization=tok.key, name=name, training=cfg.to_dict(), actstore_version=__version__,
-        )  # fmt: skip
-        sae = SAE(sae_cfg)
-        with torch.no_grad():
-            sae.b_dec.copy_(torch.from_numpy(mean * scale).float())
-    sae.to(device).train()
-    opt = torch.optim.Adam(sae.parameters(), lr=float(cfg.lr))
-    tracker.to(device)
-    if tensors is not None:
-        sae.load_state_dict({k_[4:]: v.to(device) for k_, v in tensors.items() if k_.startswith("sae.")})
-        _restore_optimizer(opt, tensors)
-        tracker.load(tensors)
-    start_step = int(meta["step"])
-    history: list[dict[str, Any]] = list(meta.get("history", []))
-    thr_ema = meta.get("threshold_ema")
+        check_d_in(sae_cfg, acts.d_model, f"layer {cfg.layer} of model {cfg.model!r} in {st.url}")
+        run = cls(st, cfg, name, acts, split, stream, device, aux_k, SAE(sae_cfg), meta)
+        run.sae.load_state_dict({k_[4:]: v.to(device) for k_, v in tensors.items() if k_.startswith("sae.")})
+        restore_optimizer(run.opt, tensors)
+        run.tracker.load(tensors)
+        return run
 
-    eval_x = torch.from_numpy(acts.take(split.eval_rows)) if len(split.eval_rows) else torch.zeros(0, d_in)
-
-    def run_eval() -> dict[str, Any]:
-        sae.eval()
-        if sae.cfg.arch == "batchtopk" and thr_ema is not None:
-            sae.threshold.fill_(float(thr_ema))
-        out = evaluate(sae, eval_x, cfg.batch_size, cfg.dense_threshold)
-        sae.train()
+    # ---- the loop
+    def evaluate(self) -> dict[str, Any]:
+        self.sae.eval()
+        self._set_threshold()
+        out = evaluate(self.sae, self.eval_x, self.cfg.batch_size, self.cfg.dense_threshold)
+        self.sae.train()
         return out
 
-    def checkpoint(step: int) -> None:
-        meta.update(step=step, history=history, threshold_ema=thr_ema, config=_identity(cfg))
-        _save_checkpoint(st, name, sae, opt, tracker, meta)
+    def _set_threshold(self) -> None:
+        """batchtopk: inference uses the running mean of each batch's smallest kept activation."""
+        if self.sae.cfg.arch == "batchtopk" and self.thr_ema is not None:
+            self.sae.threshold.fill_(float(self.thr_ema))
 
-    bar = tqdm(total=total_steps, initial=start_step, disable=not progress, desc=f"train {name}", unit="step", leave=False)
-    step = start_step
-    t0 = time.perf_counter()
-    last_train: dict[str, Any] = {}
-    try:
-        while step < total_steps:
-            epoch, skip = divmod(step, per_epoch)
-            for batch in stream.batches(epoch, skip):
-                x = batch.to(device, non_blocking=True)  # (b, d_in)
-                parts = train_step(sae, opt, x, tracker, cfg, aux_k)
-                if sae.cfg.arch == "batchtopk":
-                    with torch.no_grad():
-                        pos = parts.acts[parts.acts > 0]
-                        if pos.numel():
-                            m = float(pos.min())
-                            thr_ema = m if thr_ema is None else 0.99 * thr_ema + 0.01 * m
-                step += 1
-                bar.update(1)
-                end_of_epoch = step % per_epoch == 0
-                if step % cfg.log_every == 0 or end_of_epoch or step == total_steps:
-                    entry: dict[str, Any] = {"step": step, "epoch": step / per_epoch, "tokens": tracker.tokens_seen,
-                                             "loss": float(parts.loss.detach()), **tracker.interval(d_in)}  # fmt: skip
-                    if (end_of_epoch and not cfg.tokens) or step == total_steps:
-                        entry["eval"] = run_eval()
-                    history.append(entry)
-                    last_train = entry
-                    bar.set_postfix(fvu=f"{entry.get('fvu', float('nan')):.3f}", l0=f"{entry.get('l0', 0):.1f}",
-                                    dead=f"{entry['dead_fraction']:.2f}")  # fmt: skip
-                if step < total_steps and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or end_of_epoch):
-                    checkpoint(step)
-                if on_step is not None:
-                    on_step(step, {"loss": float(parts.loss.detach()), "epoch": epoch})
-                if step >= total_steps:
-                    break
-    finally:
-        bar.close()
-    seconds = time.perf_counter() - t0
+    def checkpoint(self) -> None:
+        self.meta.update(step=self.step, history=self.history, threshold_ema=self.thr_ema, config=_identity(self.cfg))
+        _save_checkpoint(self.st, self.name, self.sae, self.opt, self.tracker, self.meta)
 
-    # ---- finish: final metrics, save, drop the checkpoint
-    sae.eval()
-    if sae.cfg.arch == "batchtopk" and thr_ema is not None:
-        sae.threshold.fill_(float(thr_ema))
-    final_eval = history[-1].get("eval") if history and "eval" in history[-1] else run_eval()
-    train_final = {k_: v for k_, v in last_train.items() if k_ not in ("eval", "step", "epoch", "tokens", "loss")}
-    steps_run = step - start_step
-    task = task_accuracy(st, sae, split.eval_samples, str(device), cfg.task_samples) if cfg.task_samples else None
-    metrics = {
-        "name": name,
-        "steps": step,
-        "tokens": tracker.tokens_seen,
-        "epochs": step / per_epoch,
-        "n_train_rows": split.n_train,
-        "n_eval_rows": int(len(split.eval_rows)),
-        "n_eval_samples": int(len(split.eval_samples)),
-        "train": train_final,
-        "eval": final_eval,
-        "threshold": float(sae.threshold) if sae.cfg.arch == "batchtopk" else None,
-        "norm_scale": sae.cfg.norm_scale,
-        "seconds": seconds,
-        "steps_per_s": steps_run / seconds if seconds > 0 else 0.0,
-        "resumed_from": start_step,
-        "device": str(device),
-        "history": history,
-        "task": task,
-    }
-    save_sae(st, sae, name, metrics)
-    st.loc.rmtree(layout.sae_file(name, layout.SAE_CHECKPOINT_DIR))
-    update_manifest(st.loc, prefixes=[layout.sae_dir(name)])  # checksums for the new files (actstore verify)
-    return TrainResult(
-        name=name, sae=sae, metrics=metrics, steps=step, tokens=tracker.tokens_seen, seconds=seconds,
-        steps_per_s=metrics["steps_per_s"], resumed_from=start_step, store=st.url, split=split,
-    )  # fmt: skip
+    def loop(self, progress: bool, on_step: Callable[[int, dict[str, Any]], None] | None) -> float:
+        """Train until ``total_steps``; returns the seconds it took."""
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not progress, desc=f"train {self.name}", unit="step",
+                   leave=False)  # fmt: skip
+        t0 = time.perf_counter()
+        try:
+            while self.step < self.total_steps:
+                epoch, skip = divmod(self.step, self.per_epoch)
+                for batch in self.stream.batches(epoch, skip):
+                    parts = self._one_step(batch.to(self.device, non_blocking=True))  # (b, d_in)
+                    bar.update(1)
+                    self._log(parts, bar)
+                    end_of_epoch = self.step % self.per_epoch == 0
+                    every = self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0
+                    if self.step < self.total_steps and (every or end_of_epoch):
+                        self.checkpoint()
+                    if on_step is not None:
+                        on_step(self.step, {"loss": float(parts.loss.detach()), "epoch": epoch})
+                    if self.step >= self.total_steps:
+                        break
+        finally:
+            bar.close()
+        return time.perf_counter() - t0
+
+    def _one_step(self, x: torch.Tensor) -> LossParts:
+        parts = train_step(self.sae, self.opt, x, self.tracker, self.cfg, self.aux_k)
+        if self.sae.cfg.arch == "batchtopk":
+            with torch.no_grad():
+                pos = parts.acts[parts.acts > 0]
+                if pos.numel():
+                    m = float(pos.min())
+                    self.thr_ema = m if self.thr_ema is None else 0.99 * self.thr_ema + 0.01 * m
+        self.step += 1
+        return parts
+
+    def _log(self, parts: LossParts, bar: Any) -> None:
+        """A history entry every ``log_every`` steps and at each epoch's end (with held-out metrics there)."""
+        step, cfg = self.step, self.cfg
+        end_of_epoch = step % self.per_epoch == 0
+        if not (step % cfg.log_every == 0 or end_of_epoch or step == self.total_steps):
+            return
+        entry: dict[str, Any] = {"step": step, "epoch": step / self.per_epoch, "tokens": self.tracker.tokens_seen,
+                                 "loss": float(parts.loss.detach()), **self.tracker.interval(self.sae.cfg.d_in)}  # fmt: skip
+        if (end_of_epoch and not cfg.tokens) or step == self.total_steps:
+            entry["eval"] = self.evaluate()
+        self.history.append(entry)
+        self.last_train = entry
+        bar.set_postfix(fvu=f"{entry.get('fvu', float('nan')):.3f}", l0=f"{entry.get('l0', 0):.1f}",
+                        dead=f"{entry['dead_fraction']:.2f}")  # fmt: skip
+
+    # ---- finish
+    def finish(self, seconds: float) -> TrainResult:
+        """Final metrics, the SAE saved, the checkpoint dropped, checksums recorded."""
+        sae, step, split = self.sae, self.step, self.split
+        sae.eval()
+        self._set_threshold()
+        history = self.history
+        final_eval = history[-1]["eval"] if history and "eval" in history[-1] else self.evaluate()
+        sae.eval()  # evaluate() leaves it in training mode
+        steps_run = step - self.start_step
+        task = None
+        if self.cfg.task_samples:
+            task = task_accuracy(self.st, sae, split.eval_samples, str(self.device), self.cfg.task_samples)
+        metrics = {
+            "name": self.name,
+            "steps": step,
+            "tokens": self.tracker.tokens_seen,
+            "epochs": step / self.per_epoch,
+            "n_train_rows": split.n_train,
+            "n_eval_rows": int(len(split.eval_rows)),
+            "n_eval_samples": int(len(split.eval_samples)),
+            "train": {k_: v for k_, v in self.last_train.items() if k_ not in ("eval", "step", "epoch", "tokens", "loss")},
+            "eval": final_eval,
+            "threshold": float(sae.threshold) if sae.cfg.arch == "batchtopk" else None,
+            "norm_scale": sae.cfg.norm_scale,
+            "seconds": seconds,
+            "steps_per_s": steps_run / seconds if seconds > 0 else 0.0,
+            "resumed_from": self.start_step,
+            "device": str(self.device),
+            "history": history,
+            "task": task,
+        }
+        save_sae(self.st, sae, self.name, metrics)
+        self.st.loc.rmtree(layout.sae_file(self.name, layout.SAE_CHECKPOINT_DIR))
+        update_manifest(self.st.loc, prefixes=[layout.sae_dir(self.name)])  # checksums for the new files (actstore verify)
+        return TrainResult(
+            name=self.name, sae=sae, metrics=metrics, steps=step, tokens=self.tracker.tokens_seen, seconds=seconds,
+            steps_per_s=metrics["steps_per_s"], resumed_from=self.start_step, store=self.st.url, split=split,
+        )  # fmt: skip

@@ -23,6 +23,7 @@ from typing import Any
 
 from actstore.errors import ConfigError, StoreError
 from actstore.format import layout
+from actstore.storage.config import CopyConfig
 from actstore.storage.integrity import (
     MANIFEST_KEY,
     SKIP_PREFIXES,
@@ -38,31 +39,6 @@ from actstore.storage.integrity import (
 from actstore.storage.location import Location, check_key, open_location
 
 ATTR = layout.ATTR
-
-
-@dataclass
-class CopyConfig:
-    """Everything one ``actstore copy`` run needs."""
-
-    src: str
-    """Source store: a path or URL."""
-    dst: str
-    """Destination: a path or a writable bucket URL (created if missing)."""
-    include: list[str] = field(default_factory=list)
-    """Copy only these models/layers/SAEs (``MODEL``, ``MODEL:LAYER``, ``sae:NAME`` or key globs); empty = all."""
-    jobs: int = 8
-    """Objects copied in parallel."""
-    src_options: dict[str, Any] = field(default_factory=dict)
-    """fsspec storage options of the source."""
-    dst_options: dict[str, Any] = field(default_factory=dict)
-    """fsspec storage options of the destination."""
-
-    def __post_init__(self) -> None:
-        if self.jobs <= 0:
-            raise ConfigError(f"--jobs must be positive, got {self.jobs}")
-        if self.src.rstrip("/") == self.dst.rstrip("/"):
-            raise ConfigError("copy source and destination are the same store")
-        self.include = [s for s in (x.strip() for x in self.include) if s]
 
 
 @dataclass
@@ -136,7 +112,41 @@ def _check_dst(dst: Location, src_root: dict[str, Any]) -> None:
 
 def copy_store(cfg: CopyConfig, progress: bool = False) -> CopyResult:
     """Copy the store ``cfg.src`` to ``cfg.dst`` with verification; see the module docstring."""
+    from tqdm.auto import tqdm
+
     t0 = time.perf_counter()
+    src, listing, root_attrs = _open_source(cfg)
+    keys = _keys_to_copy(src, listing, cfg)
+    copier = _Copier(src, listing)
+    res = CopyResult(src.url, cfg.dst, len(keys), 0, 0, 0, 0.0)
+    res.problems += copier.absent_chunks(include_patterns(cfg.include))
+    if res.problems:  # a chunk inside the committed rows that is absent would read as zeros at the destination
+        res.seconds = time.perf_counter() - t0
+        return res
+    copier.open_destination(cfg, root_attrs)
+    res.dst = copier.dst.url
+    # data objects in parallel; metadata after them, in order
+    data_keys = [k for k in keys if _copy_order(k)[0] < 2]
+    meta_keys = [k for k in keys if _copy_order(k)[0] >= 2]
+    bar = tqdm(total=len(keys), desc="copy", unit=" objects", disable=not progress)
+    with ThreadPoolExecutor(cfg.jobs) as pool:
+        for state, n, problem in pool.map(copier.one, data_keys):
+            _tally(res, state, n, problem)
+            bar.update()
+    if not res.problems:
+        for key in meta_keys:
+            _tally(res, *copier.one(key))
+            bar.update()
+    bar.close()
+    if not res.problems:
+        update_manifest(copier.dst, prefixes=[], entries=copier.hashes)
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _open_source(cfg: CopyConfig) -> tuple[Location, dict[str, int], dict[str, Any]]:
+    """The source, its listing and root attributes; refused before anything is written when it is not an actstore
+    store or holds keys that would leave the destination."""
     src = open_location(cfg.src, cfg.src_options)
     listing = src.walk()
     if "zarr.json" not in listing:
@@ -155,9 +165,11 @@ def copy_store(cfg: CopyConfig, progress: bool = False) -> CopyResult:
             f"source store {src.url} holds unsafe keys {unsafe[:5]!r}: copy refused before writing anything "
             "(keys must stay inside the store: no '..', no absolute keys)"
         )
-    man = read_manifest(src)
-    listed = (man or {}).get("files", {})
-    arrays, chunk_keys, _ = arrays_and_chunks(src, listing)
+    return src, listing, root_meta["attributes"][ATTR]
+
+
+def _keys_to_copy(src: Location, listing: dict[str, int], cfg: CopyConfig) -> list[str]:
+    """The keys ``--include`` selects (all, without it), data before metadata."""
     patterns = include_patterns(cfg.include)
     keys = [
         k for k in listing
@@ -167,80 +179,69 @@ def copy_store(cfg: CopyConfig, progress: bool = False) -> CopyResult:
         raise ConfigError(
             f"--include {' '.join(cfg.include)} matches nothing in {src.url}: see actstore info for its models and SAEs"
         )
-    keys.sort(key=_copy_order)
+    return sorted(keys, key=_copy_order)
 
-    layout_of: dict[str, tuple[ArrayLayout, tuple[int, ...]]] = {}
-    for al in arrays.values():
-        for idx in al.expected_chunks():
-            layout_of[al.chunk_key(idx)] = (al, idx)
-    res = CopyResult(src.url, cfg.dst, len(keys), 0, 0, 0, 0.0)
-    hashes: dict[str, dict[str, Any]] = {}
-    # a chunk inside the committed rows that is absent would read as zeros at the destination: refuse the copy
-    absent = sorted(k for k in layout_of if k not in listing and _selected(k, patterns))
-    for key in absent:
-        al, idx = layout_of[key]
-        r0, r1 = al.rows_of(idx)
-        why = f"chunk {idx} of array {al.path} (rows {r0}-{r1 - 1}) is absent at the source; nothing copied"
-        res.problems.append(Problem(key, "missing", why))
-    if absent:
-        res.seconds = time.perf_counter() - t0
-        return res
-    dst = open_location(cfg.dst, cfg.dst_options, create=True)
-    _check_dst(dst, root_meta["attributes"][ATTR])
-    dst_have = dst.walk()
-    res.dst = dst.url
 
-    def check_source(key: str, data: bytes) -> str | None:
-        if key in chunk_keys:
-            if key in layout_of:
-                return check_chunk(src, layout_of[key][0], layout_of[key][1], data)
+class _Copier:
+    """Copies one object at a time from ``src`` to ``dst``, checking it at the source (chunk crc32c, file SHA-256
+    from the source manifest) and reading it back at the destination; records the SHA-256 of the files it copied."""
+
+    def __init__(self, src: Location, listing: dict[str, int]) -> None:
+        self.src, self.listing = src, listing
+        self.listed = (read_manifest(src) or {}).get("files", {})
+        arrays, self.chunk_keys, _ = arrays_and_chunks(src, listing)
+        self.layout_of: dict[str, tuple[ArrayLayout, tuple[int, ...]]] = {}  # chunk key -> (its array, its index)
+        for al in arrays.values():
+            for idx in al.expected_chunks():
+                self.layout_of[al.chunk_key(idx)] = (al, idx)
+        self.hashes: dict[str, dict[str, Any]] = {}
+        self.dst: Location = src  # set by open_destination
+        self.dst_have: dict[str, int] = {}
+
+    def absent_chunks(self, patterns: list[str]) -> list[Problem]:
+        out = []
+        for key in sorted(k for k in self.layout_of if k not in self.listing and _selected(k, patterns)):
+            al, idx = self.layout_of[key]
+            r0, r1 = al.rows_of(idx)
+            why = f"chunk {idx} of array {al.path} (rows {r0}-{r1 - 1}) is absent at the source; nothing copied"
+            out.append(Problem(key, "missing", why))
+        return out
+
+    def open_destination(self, cfg: CopyConfig, root_attrs: dict[str, Any]) -> None:
+        self.dst = open_location(cfg.dst, cfg.dst_options, create=True)
+        _check_dst(self.dst, root_attrs)
+        self.dst_have = self.dst.walk()
+
+    def check_source(self, key: str, data: bytes) -> str | None:
+        if key in self.chunk_keys:
+            if key in self.layout_of:
+                return check_chunk(self.src, self.layout_of[key][0], self.layout_of[key][1], data)
             return None  # a chunk past the committed rows: copied as is
-        if key in listed and (len(data) != int(listed[key]["size"]) or sha256(data) != listed[key]["sha256"]):
+        entry = self.listed.get(key)
+        if entry and (len(data) != int(entry["size"]) or sha256(data) != entry["sha256"]):
             return "SHA-256/size differ from the source manifest"
         return None
 
-    def one(key: str) -> tuple[str, int, Problem | None]:
+    def one(self, key: str) -> tuple[str, int, Problem | None]:
         """Copy one object: returns ('copied'|'skipped'|'failed', bytes written, problem)."""
-        data = src.read_bytes(key)
-        why = check_source(key, data)
+        data = self.src.read_bytes(key)
+        why = self.check_source(key, data)
         if why:
             return "failed", 0, Problem(key, "corrupted", f"at the source: {why}; not copied")
         digest = sha256(data)
-        if key not in chunk_keys:
-            hashes[key] = {"size": len(data), "sha256": digest}
-        if dst_have.get(key) == len(data) and sha256(dst.read_bytes(key)) == digest:
+        if key not in self.chunk_keys:
+            self.hashes[key] = {"size": len(data), "sha256": digest}
+        if self.dst_have.get(key) == len(data) and sha256(self.dst.read_bytes(key)) == digest:
             return "skipped", 0, None
-        if not dst.local:  # refuse paths that escape the destination (check_key already did; belt and braces)
-            pass
-        else:
-            target = Path(dst.fs_path(key)).resolve()
-            if not str(target).startswith(str(Path(dst.root).resolve()) + "/"):
+        if self.dst.local:  # refuse paths that escape the destination (check_key already did; belt and braces)
+            target = Path(self.dst.fs_path(key)).resolve()
+            if not str(target).startswith(str(Path(self.dst.root).resolve()) + "/"):
                 return "failed", 0, Problem(key, "corrupted", "resolves outside the destination; refused")
         for _attempt in range(2):
-            dst.write_bytes(key, data)
-            if sha256(dst.read_bytes(key)) == digest:
+            self.dst.write_bytes(key, data)
+            if sha256(self.dst.read_bytes(key)) == digest:
                 return "copied", len(data), None
         return "failed", 0, Problem(key, "corrupted", "bytes read back from the destination differ from the source")
-
-    # data objects in parallel; metadata after them, in order
-    data_keys = [k for k in keys if _copy_order(k)[0] < 2]
-    meta_keys = [k for k in keys if _copy_order(k)[0] >= 2]
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(keys), desc="copy", unit=" objects", disable=not progress)
-    with ThreadPoolExecutor(cfg.jobs) as pool:
-        for state, n, problem in pool.map(one, data_keys):
-            _tally(res, state, n, problem)
-            bar.update()
-    if not res.problems:
-        for key in meta_keys:
-            _tally(res, *one(key))
-            bar.update()
-    bar.close()
-    if not res.problems:
-        update_manifest(dst, prefixes=[], entries=hashes)
-    res.seconds = time.perf_counter() - t0
-    return res
 
 
 def _tally(res: CopyResult, state: str, n: int, problem: Problem | None) -> None:

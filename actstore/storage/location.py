@@ -38,11 +38,8 @@ from typing import Any
 import zarr
 
 from actstore.errors import ConfigError, StoreError
+from actstore.storage.urls import READ_ONLY_SCHEMES, is_remote
 
-REMOTE_SCHEMES = (
-    "s3://", "s3a://", "gs://", "gcs://", "az://", "abfs://", "abfss://", "adl://", "http://", "https://", "memory://",
-)  # fmt: skip
-READ_ONLY_SCHEMES = ("http://", "https://")
 PARQUET_BLOCK_SIZE = 1 << 20  # bytes per ranged read of a remote Parquet file: fetch row groups, not whole files
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
 STRICT_READS = True
@@ -54,15 +51,6 @@ warnings.filterwarnings("ignore", message=r"Object at .* is not recognized as a 
 # Every chunk is written, even one that holds only the fill value: an absent chunk then always means damage,
 # and readers raise on it (MissingChunk) instead of reading zeros.
 zarr.config.set({"array.write_empty_chunks": True})
-
-
-def is_remote(path: str) -> bool:
-    return str(path).startswith(REMOTE_SCHEMES)
-
-
-def write_access(path: str, writable: bool) -> bool:
-    """Whether a command that writes may open ``path`` writable: local folders yes, URLs only with ``--writable``."""
-    return bool(writable) or not is_remote(str(path).removeprefix("file://"))
 
 
 def find_link(root: str, key: str) -> str | None:
@@ -91,24 +79,6 @@ def refuse_links(root: str, key: str) -> None:
     """Raise :class:`StoreError` if any part of ``key`` under the local folder ``root`` is a symbolic link."""
     if key and (link := find_link(root, key)) is not None:
         raise link_error(root, link)
-
-
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
-
-
-def name_ok(name: Any) -> bool:
-    """Whether ``name`` can be one folder of a store key (an SAE, model key or diff name)."""
-    return isinstance(name, str) and _NAME.fullmatch(name) is not None
-
-
-def check_name(name: Any, what: str) -> str:
-    """``name`` if it is a valid name for ``what`` (see :func:`name_ok`), else ConfigError saying what is allowed."""
-    if not name_ok(name):
-        raise ConfigError(
-            f"{what} {name!r} is not a valid name: use letters, digits, '.', '_' and '-' (no '/', no leading '.' or '-', "
-            "at most 200 characters), so it stays one folder of the store that every command can find"
-        )
-    return name
 
 
 class MissingChunk(StoreError):  # noqa: N818 - an IntegrityError is made of it once the rows are known
@@ -203,6 +173,18 @@ class Location:
         if self.local:
             refuse_links(self.root, key)
         return f"{self.root.rstrip('/')}/{key}"
+
+    def remove_partial_writes(self, key: str) -> int:
+        """Delete the ``*.partial`` temp files a killed writer left under ``key`` (local folders; object stores write
+        whole objects, so they have none); returns how many. Their chunks are rewritten by the resumed writer."""
+        if not self.local or self.read_only:
+            return 0
+        n = 0
+        for tmp in Path(self.fs_path(key)).rglob("*.partial"):
+            if not tmp.is_symlink():
+                tmp.unlink(missing_ok=True)
+                n += 1
+        return n
 
     def key_of(self, fs_path: str) -> str:
         """The store key of a path of ``fs`` under the root (inverse of :meth:`fs_path`)."""

@@ -21,8 +21,8 @@ import json
 import queue
 import threading
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,87 +31,21 @@ import zarr
 import zarr.codecs as zc
 
 from actstore.clock import now
-from actstore.data.corpora import DataConfig, load_corpus
+from actstore.data.corpora import load_corpus
 from actstore.errors import ConfigError, StoreError
 from actstore.format import codecs, layout
-from actstore.format.layout import ATTR, FORMAT_VERSION
-from actstore.models.loading import auto_device, default_model_key, load_model, sanitize_key
+from actstore.format.layout import ATTR, FORMAT_VERSION, check_name
+from actstore.models.loading import auto_device, load_model
+from actstore.models.names import default_model_key
 from actstore.models.taps import LayerTap, check_layers
 from actstore.storage.integrity import update_manifest
-from actstore.storage.location import Location, check_name, open_location
+from actstore.storage.location import Location, open_location
 from actstore.storage.locks import LockSet
+from actstore.store.config import ExtractConfig
 from actstore.store.tokenize import choose_tokenization
 from actstore.version import __version__
 
-DEFAULT_CHUNK_ROWS = 4096
 SETUP_WAIT_S = 3600.0  # how long an extraction waits for another one creating the store's token index
-
-
-def parse_layers(spec: str | list[int] | tuple[int, ...]) -> list[int]:
-    """``"2,4,6"``, ``"0-6"`` or a list -> sorted unique ints."""
-    if isinstance(spec, list | tuple):
-        return sorted({int(x) for x in spec})
-    out: set[int] = set()
-    for part in str(spec).replace(" ", "").split(","):
-        if not part:
-            continue
-        try:
-            ends = [int(x) for x in part.split("-", 1)] if "-" in part[1:] else [int(part)]
-        except ValueError:
-            raise ConfigError(f"cannot read layers {spec!r}: use numbers like 2,4,6 or a range 0-6") from None
-        if len(ends) == 2 and ends[1] < ends[0]:
-            raise ConfigError(f"layer range {part!r} runs backwards: write it low-high, e.g. {ends[1]}-{ends[0]}")
-        out.update(range(ends[0], ends[-1] + 1))
-    if not out:
-        raise ConfigError("no layers given: use --layers 2,4,6, a range 0-6, or 'all'")
-    return sorted(out)
-
-
-@dataclass
-class ExtractConfig:
-    """Everything one ``actstore extract`` run needs."""
-
-    model: str
-    """Hugging Face id, local directory, or bundled:minilm / bundled:minilm-sre."""
-    data: DataConfig
-    """The corpus and its fields."""
-    layers: list[int] | str
-    """hidden_states indices to store (0 = embeddings), or 'all'."""
-    name: str | None = None
-    """Store key for the model (default: derived from the model name)."""
-    max_length: int | None = None
-    """Truncate samples to this many tokens (default: min(512, the model's limit))."""
-    batch_size: int = 32
-    """Samples per forward pass (batches are bucketed by length)."""
-    codec: str = "fp16"
-    """Stored precision: fp32, fp16, bf16 or int8 (per-token scale)."""
-    device: str = "auto"
-    """cpu, cuda, cuda:N, or auto (CUDA when present)."""
-    chunk_rows: int = DEFAULT_CHUNK_ROWS
-    """Token rows per Zarr chunk (only used when the store's tokenization is created)."""
-    unit_mb: int = 256
-    """Memory budget (MiB) of float32 rows held per unit of work before writing."""
-    unit_rows: int | None = None
-    """Rows per unit of work, rounded up to whole chunks (default: from unit_mb)."""
-    new_tokenization: bool = False
-    """Allow a model whose tokenizer differs from the store's: add a new token index."""
-
-    def __post_init__(self) -> None:
-        if self.codec not in codecs.CODECS:
-            raise ConfigError(f"unknown codec {self.codec!r}: choose one of {', '.join(codecs.CODECS)}")
-        if self.batch_size <= 0:
-            raise ConfigError(f"--batch-size must be positive, got {self.batch_size}")
-        if self.max_length is not None and self.max_length < 2:
-            raise ConfigError(f"--max-length must be at least 2, got {self.max_length}")
-        if self.chunk_rows <= 0 or self.unit_mb <= 0 or (self.unit_rows is not None and self.unit_rows <= 0):
-            raise ConfigError("chunk_rows, unit_mb and unit_rows must be positive")
-        if self.layers != "all":
-            self.layers = parse_layers(self.layers)
-        if self.name is not None:
-            self.name = sanitize_key(self.name)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -132,7 +66,7 @@ class ExtractResult:
     data_report: dict[str, Any] = field(default_factory=dict)
 
 
-def _open_root(loc: Location) -> zarr.Group:
+def open_root(loc: Location) -> zarr.Group:
     try:
         root = zarr.open_group(loc.zarr_store, mode="a")
     except (OSError, PermissionError) as exc:
@@ -145,7 +79,7 @@ def _open_root(loc: Location) -> zarr.Group:
 
 
 # ---------------------------------------------------------------- phase 2
-def _layer_arrays(
+def layer_arrays(
     root: zarr.Group,
     model_key: str,
     layers: list[int],
@@ -334,11 +268,91 @@ def extract(
             locks.release_all()
 
 
+def _model_group(loc: Location, root: Any, model_key: str, info: dict[str, Any], tk: str) -> str:
+    """The model's group ``models/<key>``, created with the model's identity, or checked to hold the same weights
+    and tokenization; returns its key."""
+    mpath = layout.model_dir(model_key)
+    try:
+        old = zarr.open_group(loc.zarr_store, path=mpath, mode="r").attrs.get(ATTR, {})
+    except FileNotFoundError:
+        root.create_group(mpath, attributes={ATTR: {**info, "key": model_key, "tokenization": tk, "created": now()}})
+        return mpath
+    if old.get("weights_sha256") != info["weights_sha256"]:
+        raise StoreError(
+            f"model key {model_key!r} in {loc.url} holds other weights ({old.get('source')}): pass --name for a new key"
+        )
+    if old.get("tokenization") != tk:
+        raise StoreError(f"model key {model_key!r} in {loc.url} uses tokenization {old.get('tokenization')}, not {tk}")
+    return mpath
+
+
+def _unit_rows(loc: Location, cfg: ExtractConfig, model_key: str, layers: list[int], chunk_rows: int, d_model: int) -> int:
+    """Rows per unit of work: whole chunks, bounded by the memory budget; an unfinished array keeps its own."""
+    for layer in layers:
+        try:
+            a = zarr.open_array(loc.zarr_store, path=layout.layer_array(model_key, layer), mode="r").attrs[ATTR]
+        except FileNotFoundError:
+            continue
+        if not a.get("complete"):
+            return int(a["unit_rows"])
+    if cfg.unit_rows:
+        return -(-cfg.unit_rows // chunk_rows) * chunk_rows
+    per_row = d_model * 4 * len(layers)
+    return max(chunk_rows, (cfg.unit_mb * 2**20 // per_row) // chunk_rows * chunk_rows)
+
+
+class _Units:
+    """The token index read once, cut into units of ``unit_rows`` rows: each unit's samples and token ids."""
+
+    def __init__(self, loc: Location, tk: str, n_rows: int, unit_rows: int) -> None:
+        tok = zarr.open_group(loc.zarr_store, path=layout.tokenization_dir(tk), mode="r")
+        self.first_row = np.asarray(tok["sample_first_row"][:], dtype=np.int64)  # (n_samples,)
+        self.n_tok = np.asarray(tok["sample_n_tokens"][:], dtype=np.int64)  # (n_samples,)
+        self.token_id = tok["token_id"]
+        self.n_rows, self.unit_rows = n_rows, unit_rows
+
+    def bounds(self, start: int) -> Iterator[tuple[int, int]]:
+        for u0 in range(start, self.n_rows, self.unit_rows):
+            yield u0, min(u0 + self.unit_rows, self.n_rows)
+
+    def samples(self, u0: int, u1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(token ids of the samples overlapping [u0, u1), their first rows, their lengths)``."""
+        s_lo = int(np.searchsorted(self.first_row, u0, side="right")) - 1
+        s_hi = int(np.searchsorted(self.first_row, u1, side="left"))
+        starts, lens = self.first_row[s_lo:s_hi], self.n_tok[s_lo:s_hi]
+        ids = np.asarray(self.token_id[int(starts[0]) : int(starts[-1] + lens[-1])], dtype=np.int64)
+        return ids, starts, lens
+
+
+def _forward_units(loaded: Any, cfg: ExtractConfig, arrays: dict[int, Any], todo: list[int], committed: dict[int, int],
+                   units: _Units, start: int, device: str, desc: str, progress: bool) -> int:  # fmt: skip
+    """Run every unit from ``start`` through the model (only the layers not yet committed there) and hand the
+    rows to the background writer; returns the rows written."""
+    from tqdm.auto import tqdm
+
+    tap = LayerTap(loaded, todo)
+    writer = _Writer(arrays, cfg.codec)
+    writer.start()
+    written = 0
+    bar = tqdm(total=units.n_rows, initial=start, desc=desc, unit="tok", unit_scale=True, disable=not progress)
+    try:
+        for u0, u1 in units.bounds(start):
+            need = [layer for layer in todo if committed[layer] <= u0]
+            ids, starts, lens = units.samples(u0, u1)
+            bufs = _forward_unit(tap, ids, starts, lens, u0, u1, need, loaded.d_model, cfg.batch_size, device)
+            writer.put((u0, u1, bufs))
+            written += u1 - u0
+            bar.update(u1 - u0)
+    finally:
+        bar.close()
+        writer.finish()
+    return written
+
+
 def _extract(
     store: str, cfg: ExtractConfig, progress: bool, storage_options: dict[str, Any] | None, break_lock: bool,
     held: list[LockSet],
 ) -> ExtractResult:  # fmt: skip
-    from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
     corpus = load_corpus(cfg.data)
@@ -354,77 +368,26 @@ def _extract(
     locks = LockSet(loc, f"extract {model_key}", break_lock)
     held.append(locks)
     locks.acquire("setup", wait_s=SETUP_WAIT_S)  # root, token index, model group and arrays: one creator at a time
-    root = _open_root(loc)
+    root = open_root(loc)
     tk, tattrs = choose_tokenization(loc, root, corpus, loaded, cfg.max_length, cfg.chunk_rows, cfg.new_tokenization, progress)
     n_rows, chunk_rows = int(tattrs["n_tokens"]), int(tattrs["chunk_rows"])
 
-    info = loaded.info()
-    mpath = layout.model_dir(model_key)
-    try:
-        old = zarr.open_group(loc.zarr_store, path=mpath, mode="r").attrs.get(ATTR, {})
-        if old.get("weights_sha256") != info["weights_sha256"]:
-            raise StoreError(
-                f"model key {model_key!r} in {loc.url} holds other weights ({old.get('source')}): pass --name for a new key"
-            )
-        if old.get("tokenization") != tk:
-            raise StoreError(f"model key {model_key!r} in {loc.url} uses tokenization {old.get('tokenization')}, not {tk}")
-    except FileNotFoundError:
-        root.create_group(mpath, attributes={ATTR: {**info, "key": model_key, "tokenization": tk, "created": now()}})
+    mpath = _model_group(loc, root, model_key, loaded.info(), tk)
     _keep_finetune_report(loc, model_key, loaded.path)
-
-    # unit size: whole chunks, bounded by the memory budget; an unfinished array keeps its own
-    per_row = loaded.d_model * 4 * len(layers)
-    if cfg.unit_rows:
-        unit_rows = -(-cfg.unit_rows // chunk_rows) * chunk_rows
-    else:
-        unit_rows = max(chunk_rows, (cfg.unit_mb * 2**20 // per_row) // chunk_rows * chunk_rows)
-    for layer in layers:
-        try:
-            a = zarr.open_array(loc.zarr_store, path=layout.layer_array(model_key, layer), mode="r").attrs[ATTR]
-            if not a.get("complete"):
-                unit_rows = int(a["unit_rows"])
-                break
-        except FileNotFoundError:
-            pass
-    arrays = _layer_arrays(root, model_key, layers, n_rows, chunk_rows, unit_rows, loaded.d_model, cfg, tk)
+    unit_rows = _unit_rows(loc, cfg, model_key, layers, chunk_rows, loaded.d_model)
+    arrays = layer_arrays(root, model_key, layers, n_rows, chunk_rows, unit_rows, loaded.d_model, cfg, tk)
     committed = {layer: int(arr.attrs[ATTR]["committed_rows"]) for layer, (arr, _) in arrays.items()}
-    locks.acquire_all([layout.layer_array(model_key, layer) for layer in layers if committed[layer] < n_rows])
-    locks.release("setup")
-    if loc.local:  # temp files of writes cut short by a kill; their chunks get rewritten below
-        for layer in layers:
-            if committed[layer] < n_rows:
-                for arr in (layout.layer_array(model_key, layer), layout.scale_array(model_key, layer)):
-                    for tmp in Path(loc.fs_path(arr)).rglob("*.partial"):
-                        tmp.unlink(missing_ok=True)
     todo = [layer for layer in layers if committed[layer] < n_rows]
+    locks.acquire_all([layout.layer_array(model_key, layer) for layer in todo])
+    locks.release("setup")
+    for layer in todo:  # temp files of writes cut short by a kill; their chunks get rewritten below
+        loc.remove_partial_writes(layout.layer_array(model_key, layer))
+        loc.remove_partial_writes(layout.scale_array(model_key, layer))
     start = min((committed[layer] for layer in todo), default=n_rows)
-
-    tok = zarr.open_group(loc.zarr_store, path=layout.tokenization_dir(tk), mode="r")
-    first_row = np.asarray(tok["sample_first_row"][:], dtype=np.int64)
-    n_tok = np.asarray(tok["sample_n_tokens"][:], dtype=np.int64)
-    token_id = tok["token_id"]
-
     written = 0
     if todo:
-        tap = LayerTap(loaded, todo)
-        writer = _Writer(arrays, cfg.codec)
-        writer.start()
-        bar = tqdm(total=n_rows, initial=start, desc=f"extract {model_key}", unit="tok", unit_scale=True, disable=not progress)
-        try:
-            for u0 in range(start, n_rows, unit_rows):
-                u1 = min(u0 + unit_rows, n_rows)
-                need = [layer for layer in todo if committed[layer] <= u0]
-                s_lo = int(np.searchsorted(first_row, u0, side="right")) - 1
-                s_hi = int(np.searchsorted(first_row, u1, side="left"))
-                starts, lens = first_row[s_lo:s_hi], n_tok[s_lo:s_hi]
-                ids = np.asarray(token_id[int(starts[0]) : int(starts[-1] + lens[-1])], dtype=np.int64)
-                bufs = _forward_unit(tap, ids, starts, lens, u0, u1, need, loaded.d_model, cfg.batch_size, device)
-                writer.put((u0, u1, bufs))
-                written += u1 - u0
-                bar.update(u1 - u0)
-        finally:
-            bar.close()
-            writer.finish()
+        units = _Units(loc, tk, n_rows, unit_rows)
+        written = _forward_units(loaded, cfg, arrays, todo, committed, units, start, device, f"extract {model_key}", progress)
     update_manifest(loc, prefixes=[layout.ROOT_META, f"{layout.MODELS}/{layout.ROOT_META}", layout.TOKENIZATIONS, mpath])
     secs = time.perf_counter() - t_start
     return ExtractResult(

