@@ -6,6 +6,7 @@ import html
 import json
 import re
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import pytest
 from click.testing import CliRunner
@@ -26,61 +27,111 @@ def test_default_sae_layers_follow_the_paper() -> None:
         DemoConfig(limit=5)
 
 
-@pytest.mark.slow
-def test_demo_end_to_end_on_tiny_model(tmp_path, tiny_bert_dir, corpus_file) -> None:
-    out = tmp_path / "demo"
+class DemoRun(NamedTuple):
+    res: Any
+    out: Path
+    store: Any
+    pre: str
+    ft: str
+    lines: list[str]
+    page: str
+    rep: dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, tiny_bert_dir, corpus_file) -> DemoRun:
+    """The demo run once on the tiny BERT and a small corpus; each test below checks one thing about it."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
     cfg = DemoConfig(out=str(out), model=tiny_bert_dir, data=corpus_file, limit=40, epochs=1, lr=1e-3, max_length=32,
                      sae_epochs=2, sae_batch_size=128, device="cpu")  # fmt: skip
     lines: list[str] = []
     res = run_demo(cfg, progress=False, log=lines.append)
-    st = open_store(res.store)
-    pre, ft = Path(tiny_bert_dir).name, f"{Path(tiny_bert_dir).name}-ft"
-    assert sorted(st.models) == sorted([pre, ft])
-    assert st.layers(pre) == st.layers(ft) == [0, 1, 2, 3]
-    assert len(actstore.sae_names(st)) == 5  # layers 1 and 3, both models, topk; and the paper's relu-l1 for contrast
+    rep = json.loads((out / "report" / "report.json").read_text())
+    name = Path(tiny_bert_dir).name
+    return DemoRun(res, out, open_store(res.store), name, f"{name}-ft", lines, Path(res.report_html).read_text(), rep)
+
+
+@pytest.mark.slow
+def test_demo_extracts_every_layer_of_both_models(demo_run) -> None:
+    st = demo_run.store
+    assert sorted(st.models) == sorted([demo_run.pre, demo_run.ft])
+    assert st.layers(demo_run.pre) == st.layers(demo_run.ft) == [0, 1, 2, 3]
+
+
+@pytest.mark.slow
+def test_demo_trains_sparse_topk_saes_and_the_papers_contrast(demo_run) -> None:
     from actstore.sae.files import list_saes
 
-    saes = list_saes(st)
+    saes = list_saes(demo_run.store)
+    assert saes.height == 5  # layers 1 and 3, both models, topk; and the paper's relu-l1 for contrast
     main_saes = saes.filter(saes["arch"] == "topk")
-    assert main_saes.height == 4 and (main_saes["l0"] <= 0.05 * main_saes["d_sae"]).all()  # sparse
+    assert main_saes.height == 4 and (main_saes["l0"] <= 0.05 * main_saes["d_sae"]).all()
     assert not main_saes["dense_code"].any()
     paper = saes.filter(saes["arch"] == "relu-l1")
-    assert paper["name"].to_list() == [f"paper-{Path(tiny_bert_dir).name}-ft-l3"]
-    page = Path(res.report_html).read_text()
-    for section in ("1. Fine-tuning", "2. Layer-wise similarity", "3. SAE metrics", "4. Top features", "5. Feature diff"):
-        assert section in page, section
+    assert paper["name"].to_list() == [f"paper-{demo_run.ft}-l3"]
     if paper["dense_code"][0]:  # the paper's recipe at this scale: flagged, with what it implies
-        assert f"SAE {paper['name'][0]} is dense" in page
-    assert len(re.findall(r'<span class="tok"', page)) > 0
-    rep = json.loads((out / "report" / "report.json").read_text())
-    assert [r["layer"] for r in rep["similarity"]] == [0, 1, 2, 3]
-    # the embeddings layer is untouched by a 1-epoch fine-tune at most slightly: similarity stays high there
-    assert rep["similarity"][0]["mean-cosine"] > 0.9
-    assert {r["layer"] for r in rep["feature_diff"]} == {1, 3}
-    assert (out / "report" / "similarity.png").exists() and (out / "report" / "feature_diff.png").exists()
-    assert "actstore finetune" in (out / "commands.sh").read_text()
-    assert 0 <= res.accuracy["finetuned"] <= 1 and any("== 5/5" in x for x in lines)
-    # the report's numbers are the store's: similarity recomputed, top features and tokens queried again
+        assert f"SAE {paper['name'][0]} is dense" in demo_run.page
+
+
+@pytest.mark.slow
+def test_demo_report_has_every_section_and_token_views(demo_run) -> None:
+    for section in ("1. Fine-tuning", "2. Layer-wise similarity", "3. SAE metrics", "4. Top features", "5. Feature diff"):
+        assert section in demo_run.page, section
+    assert re.findall(r'<span class="tok"', demo_run.page)
+    report = demo_run.out / "report"
+    assert (report / "similarity.png").read_bytes()[:4] == (report / "feature_diff.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_demo_similarity_is_the_stores(demo_run) -> None:
+    """The report's similarity numbers are recomputed from the store, and high at the embeddings."""
     from actstore.analysis.compare import compare, wide
     from actstore.analysis.config import CompareConfig
 
-    again = wide(compare(st, CompareConfig(models=(pre, ft), metrics=["mean-cosine"]), label="x", progress=False).table)
-    assert [r["mean-cosine"] for r in rep["similarity"]] == pytest.approx(again["mean-cosine"].to_list(), abs=1e-9)
-    assert {e["sae"] for e in rep["features"]} == set(main_saes["name"].to_list()) | set(paper["name"].to_list())
+    sim = demo_run.rep["similarity"]
+    assert [r["layer"] for r in sim] == [0, 1, 2, 3]
+    cfg = CompareConfig(models=(demo_run.pre, demo_run.ft), metrics=["mean-cosine"])
+    again = wide(compare(demo_run.store, cfg, label="x", progress=False).table)
+    assert [r["mean-cosine"] for r in sim] == pytest.approx(again["mean-cosine"].to_list(), abs=1e-9)
+    assert sim[0]["mean-cosine"] > 0.9  # a 1-epoch fine-tune moves the embeddings at most slightly
+
+
+@pytest.mark.slow
+def test_demo_top_features_are_the_stores(demo_run) -> None:
+    """Each SAE's top features, their top tokens and the best context shown are what the store's queries return."""
+    from actstore.encoding.table import encoded_saes
+
+    st, rep = demo_run.store, demo_run.rep
+    assert {e["sae"] for e in rep["features"]} == set(encoded_saes(st)) and len(rep["features"]) == 4
     for e in rep["features"]:
         top = actstore.top_features(st, sae=e["sae"], by="variance", n=5)
         assert [f["feature"] for f in e["features"]] == top["feature"].to_list()
         best = e["features"][0]
         tokens = actstore.top_tokens(st, int(best["feature"]), sae=e["sae"], n=8, context=6)
         assert [t["value"] for t in best["top_tokens"]] == pytest.approx(tokens["value"].to_list())
-        assert html.escape(best["top_tokens"][0]["context"]) in page
+        assert html.escape(best["top_tokens"][0]["context"]) in demo_run.page
 
-    # the report command on the finished store, and SQL over the saved diff
-    r = CliRunner().invoke(main, ["report", res.store, "--out", str(tmp_path / "rep2"), "--top-features", "2", "--views", "1"])
+
+@pytest.mark.slow
+def test_demo_saves_a_feature_diff_per_layer(demo_run) -> None:
+    assert {r["layer"] for r in demo_run.rep["feature_diff"]} == {1, 3}
+    assert actstore.sql(demo_run.store, "SELECT count(DISTINCT diff) AS n FROM feature_diff")["n"][0] == 2
+
+
+@pytest.mark.slow
+def test_demo_logs_its_commands(demo_run) -> None:
+    assert "actstore finetune" in (demo_run.out / "commands.sh").read_text()
+    assert 0 <= demo_run.res.accuracy["finetuned"] <= 1 and any("== 5/5" in x for x in demo_run.lines)
+
+
+@pytest.mark.slow
+def test_report_command_on_the_demo_store(demo_run, tmp_path) -> None:
+    r = CliRunner().invoke(main, ["report", demo_run.res.store, "--out", str(tmp_path / "rep2"), "--top-features", "2",
+                                  "--views", "1"])  # fmt: skip
     assert r.exit_code == 0, r.output
-    assert (tmp_path / "rep2" / "index.html").exists() and (tmp_path / "rep2" / "summary.md").exists()
-    n = actstore.sql(st, "SELECT count(DISTINCT diff) AS n FROM feature_diff")["n"][0]
-    assert n == 2
+    rep = json.loads((tmp_path / "rep2" / "report.json").read_text())
+    assert all(len(e["features"]) == 2 for e in rep["features"])
+    assert "## 4. Top features" in (tmp_path / "rep2" / "summary.md").read_text()
 
 
 def test_report_without_models_notes_what_is_missing(tiny_store_ro, tmp_path) -> None:

@@ -252,42 +252,44 @@ def test_sae_resolution_messages(enc_store):
         named.run_query(st, "top_tokens", {"sae": "a"})
 
 
-def test_cli_query_commands(enc_store, tmp_path, ref):
-    run = lambda *a: CliRunner().invoke(main, list(a))  # noqa: E731
-    r = run("query", "--list")
-    assert r.exit_code == 0 and "top_tokens:" in r.output and "feature (INTEGER, required)" in r.output
-    r = run("top-tokens", enc_store, "--layer", "1", "--feature", "3", "-n", "4", "--format", "json")
+CLI_CASES = {  # name: (arguments, S = the store; exit code 0?; what the output must show)
+    "query-list": (["query", "--list"], True, ("top_tokens:", "feature (INTEGER, required)")),
+    "top-tokens-ambiguous-layer": (["top-tokens", "S", "--layer", "2", "--feature", "3"], False, ("--sae", "a (tiny layer 2")),
+    "top-tokens-context": (["top-tokens", "S", "--layer", "2", "--sae", "b", "--feature", "3", "-n", "3"], True,
+                           ("[[", "context")),
+    "top-features-csv": (["top-features", "S", "--layer", "1", "--by", "variance", "-n", "3", "--format", "csv"], True,
+                         ("rank,feature,variance",)),
+    "named-query-csv": (["query", "S", "sample_features", "--param", "sample=2", "--param", "layer=1", "--format", "csv"],
+                        True, ("feature,max_value",)),
+    "named-query-bad-param": (["query", "S", "top_tokens", "--param", "feature=x", "--param", "sae=a"], False,
+                              ("must be INTEGER",)),
+    "sql-csv": (["sql", "S", "SELECT sae, count(*) AS n FROM features GROUP BY sae ORDER BY sae", "--format", "csv"], True,
+                ("sae,n", "a,")),
+    "top-features-unencoded-layer": (["top-features", "S", "--layer", "0"], False, ("actstore train",)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(CLI_CASES))
+def test_cli_query_command(enc_store, case):
+    args, ok, shown = CLI_CASES[case]
+    r = CliRunner().invoke(main, [enc_store if a == "S" else a for a in args])
+    assert (r.exit_code == 0) == ok, r.output
+    for s in shown:
+        assert s in r.output
+
+
+def test_cli_top_tokens_json_is_the_numpy_order(enc_store, ref):
+    r = CliRunner().invoke(main, ["top-tokens", enc_store, "--layer", "1", "--feature", "3", "-n", "4", "--format", "json"])
     assert r.exit_code == 0, r.output
     rows = json.loads(r.output)
     col = ref["dense"]["c"][:, 3]
-    assert [x["row"] for x in rows] == np.lexsort((np.arange(len(col)), -col))[: len(rows)].tolist()
-    r = run("top-tokens", enc_store, "--layer", "2", "--feature", "3")
-    assert r.exit_code != 0 and "--sae" in r.output and "a (tiny layer 2" in r.output
-    r = run("top-tokens", enc_store, "--layer", "2", "--sae", "b", "--feature", "3", "-n", "3")
-    assert r.exit_code == 0 and "[[" in r.output and "context" in r.output
-    r = run("top-features", enc_store, "--layer", "1", "--by", "variance", "-n", "3", "--format", "csv")
-    assert r.exit_code == 0 and r.output.splitlines()[0].startswith("rank,feature,variance")
+    assert len(rows) == 4
+    assert [x["row"] for x in rows] == np.lexsort((np.arange(len(col)), -col))[:4].tolist()
+
+
+def test_cli_top_features_by_label_writes_parquet(enc_store, tmp_path):
     out = tmp_path / "lab.parquet"
-    r = run(
-        "top-features",
-        enc_store,
-        "--layer",
-        "1",
-        "--by",
-        "label-association",
-        "-n",
-        "2",
-        "--format",
-        "parquet",
-        "--out",
-        str(out),
-    )
-    assert r.exit_code == 0 and pl.read_parquet(out).height == 6
-    r = run("query", enc_store, "sample_features", "--param", "sample=2", "--param", "layer=1", "--format", "csv")
-    assert r.exit_code == 0 and r.output.startswith("feature,max_value")
-    r = run("query", enc_store, "top_tokens", "--param", "feature=x", "--param", "sae=a")
-    assert r.exit_code != 0 and "must be INTEGER" in r.output
-    r = run("sql", enc_store, "SELECT sae, count(*) AS n FROM features GROUP BY sae ORDER BY sae", "--format", "csv")
-    assert r.exit_code == 0 and r.output.splitlines()[1].startswith("a,")
-    r = run("top-features", enc_store, "--layer", "0")
-    assert r.exit_code != 0 and "actstore train" in r.output
+    args = ["top-features", enc_store, "--layer", "1", "--by", "label-association", "-n", "2", "--format", "parquet"]
+    r = CliRunner().invoke(main, [*args, "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert pl.read_parquet(out).height == 6  # 2 features for each of the 3 labels

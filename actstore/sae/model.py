@@ -163,11 +163,11 @@ class SAE(nn.Module):
         }
 
 
-def check_d_in(cfg: SAEConfig, d_model: int, where: str) -> None:
+def check_d_in(cfg: SAEConfig, d_model: int, where: str, name: str | None = None) -> None:
     """Raise ConfigError unless an SAE reading ``d_in`` fits activations of width ``d_model`` (``where`` names them)."""
     if cfg.d_in != d_model:
         raise ConfigError(
-            f"SAE {cfg.name or '(unnamed)'} reads d_in {cfg.d_in} but {where} has d_model {d_model}: "
+            f"SAE {name or cfg.name or '(unnamed)'} reads d_in {cfg.d_in} but {where} has d_model {d_model}: "
             f"use an SAE trained on that layer (it was trained on {cfg.model} layer {cfg.layer})"
         )
 
@@ -181,7 +181,7 @@ def check_fits(store: Store, cfg: SAEConfig, name: str) -> Any:
     if cfg.model is None or cfg.layer is None:
         raise ConfigError(f"SAE {name!r} has no model/layer in its cfg.json: it cannot be matched to the store's rows")
     acts = store.activations(cfg.model, cfg.layer)
-    check_d_in(cfg, acts.d_model, f"{cfg.model} layer {cfg.layer} of {store.url}")
+    check_d_in(cfg, acts.d_model, f"{cfg.model} layer {cfg.layer} of {store.url}", name)
     tk = store.model_info(cfg.model).get("tokenization")
     if cfg.tokenization and tk and cfg.tokenization != tk:
         raise ConfigError(f"SAE {name!r} was trained on tokenization {cfg.tokenization}, but {cfg.model} uses {tk}")
