@@ -10,68 +10,18 @@ including metadata reads and listings.
 from __future__ import annotations
 
 import argparse
-import http.client
 import os
 import platform
+import sys
 import tempfile
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-class Counter:
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.bytes = 0
-        self.requests = 0
-
-    def add(self, n: int) -> None:
-        with self.lock:
-            self.bytes += n
-            self.requests += 1
-
-    def reset(self) -> None:
-        with self.lock:
-            self.bytes = self.requests = 0
-
-
-def counting_proxy(target_port: int, counter: Counter) -> ThreadingHTTPServer:
-    """A forwarding HTTP proxy to 127.0.0.1:target_port that counts response bytes (headers excluded)."""
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-        def _forward(self) -> None:
-            n = int(self.headers.get("Content-Length") or 0)
-            body = self.rfile.read(n) if n else None
-            conn = http.client.HTTPConnection("127.0.0.1", target_port, timeout=60)
-            headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection",)}
-            conn.request(self.command, self.path, body=body, headers=headers)
-            resp = conn.getresponse()
-            data = resp.read()
-            counter.add(len(data))
-            self.send_response(resp.status, resp.reason)
-            for k, v in resp.getheaders():
-                if k.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
-                    self.send_header(k, v)
-            length = len(data) if self.command != "HEAD" else resp.getheader("Content-Length") or 0
-            self.send_header("Content-Length", str(length))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(data)
-            conn.close()
-
-        do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import Counter, counting_proxy  # noqa: E402 - the same counting proxy as the tests
 
 
 def main() -> None:
@@ -143,20 +93,70 @@ def main() -> None:
     for f, b, r, s, h in rows:
         print(f"  {f:>4}  {b / 2**20:8.2f} MiB  {r:5d}  {b / store_bytes:6.1%}  {s:5.2f}s  ({h} rows)")
 
-    # 2) streaming read MB/s: local vs s3 on loopback
-    def stream(path: str) -> float:
-        best = 0.0
+    # 2) streaming read MB/s: local vs s3 on loopback; s3 as before (s3fs's default max_concurrency=10: a HEAD
+    #    before every chunk GET) vs now (actstore passes max_concurrency=1: one GET per chunk)
+    def stream(path: str, **opts: object) -> tuple[float, int]:
+        best, reqs = 0.0, 0
         for _ in range(args.repeat):
-            acts = open_store(path).activations("minilm", args.layer)
+            acts = open_store(path, storage_options=opts or None).activations("minilm", args.layer)
+            counter.reset()
             t = time.perf_counter()
             n = sum(c.values.nbytes for c in acts.iter_chunks(prefetch=4))
             best = max(best, n / (time.perf_counter() - t) / 2**20)
+            reqs = counter.requests
+        return best, reqs
+
+    n_objects = -(-n_tokens // open_store(local).activations("minilm", args.layer).chunk_rows)
+    (loc_mb, _), (s3_mb, s3_req), (old_mb, old_req) = stream(local), stream(url), stream(url, max_concurrency=10)
+    print(f"\nstreaming read of layer {args.layer} ({n_objects} shard objects; decoded float32 MiB/s, best of {args.repeat}):")
+    print(f"  local                          {loc_mb:8.1f} MiB/s   (baseline 1.00)")
+    print(f"  s3, one GET per shard (now)    {s3_mb:8.1f} MiB/s   ({s3_mb / loc_mb:.2f}x local; {s3_req} requests)")
+    print(f"  s3, HEAD + GET (s3fs default)  {old_mb:8.1f} MiB/s   ({old_mb / loc_mb:.2f}x local; {old_req} requests)")
+
+    # 3) the Zarr side alone: zarr's FsspecStore (as actstore opens it) vs zarr's ObjectStore (obstore), whole array
+    import zarr
+
+    def zarr_read(store: object) -> float:
+        best = 0.0
+        for _ in range(args.repeat):
+            arr = zarr.open_array(store, path=f"models/minilm/layer_{args.layer}", mode="r")
+            t = time.perf_counter()
+            arr[:]
+            best = max(best, arr.nbytes / (time.perf_counter() - t) / 2**20)
         return best
 
-    loc_mb, s3_mb = stream(local), stream(url)
-    print(f"\nstreaming read of layer {args.layer} (decoded float32 MiB/s, best of {args.repeat}):")
-    print(f"  local {loc_mb:8.1f} MiB/s   (baseline 1.00)")
-    print(f"  s3    {s3_mb:8.1f} MiB/s   ({s3_mb / loc_mb:.2f}x local)")
+    fs_mb = zarr_read(open_store(url).loc.zarr_store)
+    try:
+        from obstore.store import S3Store
+
+        endpoint = os.environ["AWS_ENDPOINT_URL"]
+        obs = zarr.storage.ObjectStore(S3Store("bench", prefix="store", endpoint=endpoint, region="us-east-1",
+                                               client_options={"allow_http": True}), read_only=True)  # fmt: skip
+        obs_mb = zarr_read(obs)
+        print(f"\nzarr alone, stored bytes MiB/s: FsspecStore (max_concurrency=1) {fs_mb:.1f}; ObjectStore (obstore) "
+              f"{obs_mb:.1f} ({obs_mb / fs_mb:.2f}x)")  # fmt: skip
+    except ImportError:
+        print(f"\nzarr alone, stored bytes MiB/s: FsspecStore (max_concurrency=1) {fs_mb:.1f}; obstore not installed")
+
+    # 4) four random token rows: bytes fetched from a sharded layer (format 2) vs the same rows unsharded (format 1)
+    flat = str(tmp / "flat.zarr")
+    extract(flat, ExtractConfig(model="bundled:minilm", data=DataConfig(str(SHARED / "imdb.jsonl.gz"), limit=args.docs),
+                                layers=[args.layer], codec="fp16", chunk_rows=4096, inner_rows=0, device="cpu"),
+            progress=False)  # fmt: skip
+    copy_store(CopyConfig(flat, "s3://bench/flat", jobs=8))
+    rows = np.random.default_rng(0).choice(n_tokens, size=4, replace=False)
+    fetched = {}
+    for name, u in (("sharded", url), ("unsharded", "s3://bench/flat")):
+        acts = open_store(u).activations("minilm", args.layer)
+        acts.take(rows[:1])  # metadata read
+        counter.reset()
+        acts.take(rows)
+        fetched[name] = (counter.bytes, counter.requests)
+    (sb, sr), (ub, ur) = fetched["sharded"], fetched["unsharded"]
+    print(
+        f"\n4 random rows of layer {args.layer}: sharded {sb / 1024:.0f} KiB in {sr} requests, unsharded "
+        f"{ub / 1024:.0f} KiB in {ur} requests ({ub / max(sb, 1):.1f}x fewer bytes sharded)"
+    )
     print(f"\nmachine: {platform.machine()} {os.cpu_count()} cores, python {platform.python_version()}")
     moto.stop()
     proxy.shutdown()

@@ -92,7 +92,7 @@ def corpus_file(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_store_ro(tmp_path_factory, tiny_bert_dir, corpus_file) -> str:
-    """A store of the tiny BERT at all layers (fp32, small chunks). Do not write to it: use ``tiny_store``."""
+    """A store of the tiny BERT at all layers (fp32, 64-row shards of 16-row chunks). Do not write to it: use ``tiny_store``."""
     from actstore.data.corpora import DataConfig
     from actstore.store.config import ExtractConfig
     from actstore.store.extract import extract
@@ -100,7 +100,7 @@ def tiny_store_ro(tmp_path_factory, tiny_bert_dir, corpus_file) -> str:
     path = tmp_path_factory.mktemp("stores") / "tiny.zarr"
     cfg = ExtractConfig(
         model=tiny_bert_dir, data=DataConfig(corpus_file), layers="all", name="tiny", codec="fp32",
-        chunk_rows=64, batch_size=8, device="cpu",
+        chunk_rows=64, inner_rows=16, batch_size=8, device="cpu",
     )  # fmt: skip
     extract(str(path), cfg, progress=False)
     return str(path)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import collections
+import http.client
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
 import numpy as np
 import torch
 
@@ -58,3 +63,64 @@ def stored_by_sample(st_: actstore.Store, model: str, layer: int) -> list[np.nda
     acts = st_.activations(model, layer)[:]
     first_row, n_tok = st_.tokenization().sample_rows()
     return [acts[a : a + n] for a, n in zip(first_row, n_tok, strict=True)]
+
+
+class Counter:
+    """What crossed a :func:`counting_proxy`: response bytes, requests, and each request's method and path."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.reset()
+
+    def add(self, n: int, method: str = "", path: str = "") -> None:
+        with self.lock:
+            self.bytes += n
+            self.requests += 1
+            self.log.append((method, path))
+
+    def reset(self) -> None:
+        with self.lock:
+            self.bytes = self.requests = 0
+            self.log: list[tuple[str, str]] = []
+
+    def by_method(self, contains: str) -> collections.Counter:
+        """Requests whose path contains ``contains``, counted by (method, path)."""
+        with self.lock:
+            return collections.Counter((m, p.split("?")[0]) for m, p in self.log if contains in p)
+
+
+def counting_proxy(target_port: int, counter: Counter) -> ThreadingHTTPServer:
+    """A forwarding HTTP proxy to 127.0.0.1:target_port (moto's S3 server) that counts every request and its
+    response bytes (headers excluded)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def _forward(self) -> None:
+            n = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(n) if n else None
+            conn = http.client.HTTPConnection("127.0.0.1", target_port, timeout=60)
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection",)}
+            conn.request(self.command, self.path, body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+            counter.add(len(data), self.command, self.path)
+            self.send_response(resp.status, resp.reason)
+            for k, v in resp.getheaders():
+                if k.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
+                    self.send_header(k, v)
+            length = len(data) if self.command != "HEAD" else resp.getheader("Content-Length") or 0
+            self.send_header("Content-Length", str(length))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+            conn.close()
+
+        do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server

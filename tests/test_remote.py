@@ -219,7 +219,7 @@ def test_corrupted_chunk_is_caught(tiny_store):
     chunk.write_bytes(bytes(raw))
     acts = open_store(tiny_store).activations("tiny", 2)
     np.testing.assert_array_equal(acts[:64], good[:64])  # other chunks still read
-    with pytest.raises(IntegrityError, match=r"chunk \(3, 0\) of array models/tiny/layer_2.*rows 192-255"):
+    with pytest.raises(IntegrityError, match=r"shard \(3, 0\) of array models/tiny/layer_2.*rows 192-255"):
         acts[100:300]
     with pytest.raises(IntegrityError, match="models/tiny/layer_2/c/3/0"):
         list(acts.iter_chunks())
@@ -254,7 +254,7 @@ def test_corrupt_chunk_in_bucket_caught(pushed, s3, tmp_path):
     raw = bytearray(s3.cat_file(key))
     raw[5] ^= 0x10
     s3.pipe_file(key, bytes(raw))
-    with pytest.raises(IntegrityError, match=r"chunk \(1, 0\) of array models/tiny/layer_3"):
+    with pytest.raises(IntegrityError, match=r"shard \(1, 0\) of array models/tiny/layer_3"):
         open_store(url).activations("tiny", 3)[:]
     r = CliRunner().invoke(main, ["verify", url])
     assert r.exit_code != 0 and "models/tiny/layer_3/c/1/0" in r.output
@@ -512,3 +512,60 @@ def test_dot_dot_folder_listed_by_a_bucket_is_refused(pushed, s3):
         open_store(url).models  # noqa: B018
     r = CliRunner().invoke(main, ["info", url])
     assert r.exit_code != 0 and isinstance(r.exception, SystemExit) and "unsafe store key" in r.output
+
+
+# ---------------------------------------------------------------- remote reads: requests and shards
+@pytest.fixture()
+def counted(s3_server, monkeypatch):
+    """S3 requests routed through a counting proxy in front of the moto server."""
+    from helpers import Counter, counting_proxy
+
+    counter = Counter()
+    proxy = counting_proxy(int(s3_server.rsplit(":", 1)[1]), counter)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.server_address[1]}")
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield counter
+    proxy.shutdown()
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_a_remote_stream_fetches_each_shard_with_one_request(pushed, counted):
+    st = open_store(pushed)
+    acts = st.activations("tiny", 2)
+    counted.reset()
+    got = np.concatenate([c.values for c in acts.iter_chunks()])
+    reqs = counted.by_method("/shared/tiny/models/tiny/layer_2/c/")
+    n_objects = -(-len(acts) // acts.chunk_rows)
+    assert acts.chunk_rows == 64  # shards of 64 rows (16-row inner chunks)
+    assert {m for m, _ in reqs} == {"GET"} and len(reqs) == n_objects  # no HEAD before a GET
+    last = f"/c/{n_objects - 1}/0"
+    assert {n for (_, path), n in reqs.items() if not path.endswith(last)} == {1}  # one GET per whole shard
+    assert sum(n for (_, path), n in reqs.items() if path.endswith(last)) <= 2  # the last, partial one: index + chunks
+    np.testing.assert_array_equal(got, actstore.open_store(pushed).activations("tiny", 2)[:])
+
+
+def test_random_rows_fetch_inner_chunks_not_whole_shards(pushed, counted, tiny_store_ro):
+    acts = open_store(pushed).activations("tiny", 2)
+    counted.reset()
+    rows = acts.take(np.array([5, 200]))
+    np.testing.assert_array_equal(rows, open_store(tiny_store_ro).activations("tiny", 2).take(np.array([5, 200])))
+    shard_bytes = sum(p.stat().st_size for p in (Path(tiny_store_ro) / "models/tiny/layer_2/c").rglob("*") if p.is_file())
+    per_shard = shard_bytes / -(-len(acts) // 64)
+    assert counted.bytes < 2 * per_shard  # 2 rows: two inner chunks and two indexes, well under two whole shards
+
+
+def test_a_corrupted_inner_chunk_in_a_bucket_is_named(pushed, s3):
+    url = new_url()
+    assert copy_store(CopyConfig(pushed, url)).ok
+    key = f"{url.removeprefix('s3://')}/models/tiny/layer_3/c/1/0"
+    raw = bytearray(s3.cat_file(key))
+    index = np.frombuffer(bytes(raw[-(16 * 4 + 4) : -4]), dtype="<u8").reshape(4, 2)
+    raw[int(index[1][0]) + 3] ^= 0xFF  # inner chunk 1 of shard 1: rows 80-95
+    s3.pipe_file(key, bytes(raw))
+    acts = open_store(url).activations("tiny", 3)
+    with pytest.raises(
+        IntegrityError, match=r"shard \(1, 0\) of array models/tiny/layer_3 .*inner chunk \(1, 0\) \(rows 80-95\)"
+    ):
+        acts[64:128]

@@ -119,11 +119,3 @@ def test_live_model_loaded_once_for_many_samples(store_with_sae, tiny_bert_dir, 
     for s in range(6):
         np.testing.assert_allclose(tv.values[s][1], tv.values[s][0], atol=1e-5)
         assert tv.tokens[s] == st.tokens().filter(__import__("polars").col("sample") == s)["token"].to_list()
-
-
-def test_layer_arrays_open_in_xarray(tiny_store_ro) -> None:
-    xr = pytest.importorskip("xarray")
-    ds = xr.open_zarr(tiny_store_ro, group="models/tiny", consolidated=False)
-    st = open_store(tiny_store_ro)
-    assert ds["layer_2"].dims == ("token", "d_model")
-    np.testing.assert_array_equal(ds["layer_2"].values, st.activations("tiny", 2)[:])

@@ -246,7 +246,7 @@ def test_encode_overwrite_keeps_the_good_encoding_until_the_new_one_is_ready(enc
 def test_deleted_chunk_raises_everywhere(encoded, tmp_path):
     (Path(encoded) / "models/tiny/layer_2/c/1/0").unlink()
     st = actstore.open_store(encoded, writable=True)
-    with pytest.raises(IntegrityError, match=r"chunk \(1, 0\) of array models/tiny/layer_2 .*rows 64-127.*missing"):
+    with pytest.raises(IntegrityError, match=r"shard \(1, 0\) of array models/tiny/layer_2 .*rows 64-127.*missing"):
         st.activations("tiny", 2)[:]
     with pytest.raises(IntegrityError, match=r"layer_2.*missing"):
         st.activations("tiny", 2).take(np.array([70]))

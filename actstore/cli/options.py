@@ -27,8 +27,20 @@ def handle_errors(fn: Callable) -> Callable:
             raise click.ClickException(str(exc)) from None
         except OSError as exc:  # the disk or the network, not a bug: one line that says what to do
             raise click.ClickException(os_error_message(exc)) from None
+        except ModuleNotFoundError as exc:  # an optional part of actstore that is not installed
+            extra = EXTRAS.get((exc.name or "").split(".")[0])
+            if extra is None:
+                raise
+            raise click.ClickException(
+                f"this command needs {exc.name}, which is not installed: pip install 'actstore[{extra}]'"
+            ) from None
 
     return wrapper
+
+
+EXTRAS = {"torch": "compute", "transformers": "compute", "safetensors": "compute", "matplotlib": "plots",
+          "xarray": "xarray", "dask": "xarray", "s3fs": "remote", "gcsfs": "remote", "adlfs": "remote"}  # fmt: skip
+"""Optional package -> the actstore extra that installs it (pyproject.toml)."""
 
 
 def os_error_message(exc: OSError) -> str:

@@ -29,8 +29,13 @@ from typing import Any
 
 from actstore.errors import ConfigError
 
-FORMAT_VERSION = 1
-"""Version of the store format (the root group's ``attributes[ATTR]["format"]``)."""
+FORMAT_VERSION = 2
+"""Version of the store format (the root group's ``attributes[ATTR]["format"]``) that new stores get.
+2: layer arrays are sharded (one shard object per chunk_rows rows, small inner chunks); 1: one object per chunk."""
+READABLE_FORMATS = (1, 2)
+"""Store formats this version reads (and extends: a format-1 store keeps unsharded arrays)."""
+SHARDED_SINCE = 2
+"""The first format whose new layer arrays are sharded."""
 ATTR = "actstore"
 """The attribute under which every actstore group and array keeps its metadata."""
 

@@ -212,3 +212,6 @@ class TrainConfig:
 
 
 EXPORT_FORMATS = ("saelens", "actstore")
+
+
+DENSE_L0_FRACTION = 0.10

@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING, Any
 from actstore.errors import NotFoundError
 from actstore.format import layout
 from actstore.format.layout import name_ok
-from actstore.sae.config import SAEConfig, parse_config
-from actstore.sae.model import DENSE_L0_FRACTION, SAE
+from actstore.sae.config import DENSE_L0_FRACTION, SAEConfig, parse_config
 from actstore.storage.integrity import check_file
 
 if TYPE_CHECKING:
     import polars as pl
 
+    from actstore.sae.model import SAE
     from actstore.store.reader import Store
 
 
@@ -43,6 +43,8 @@ def _check_name(store: Store, name: str) -> None:
 
 def load_sae(store: Store, name: str, device: str = "cpu") -> SAE:
     """Load the SAE ``name`` saved in ``store``."""
+    from actstore.sae.model import SAE  # torch: only when weights are loaded
+
     _check_name(store, name)
     w_key, c_key = layout.sae_file(name, layout.SAE_WEIGHTS), layout.sae_file(name, layout.SAE_CONFIG)
     weights, cfg_json = store.loc.read_bytes(w_key), store.loc.read_bytes(c_key)

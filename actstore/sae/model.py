@@ -188,5 +188,4 @@ def check_fits(store: Store, cfg: SAEConfig, name: str) -> Any:
     return acts
 
 
-DENSE_L0_FRACTION = 0.10
 """An SAE whose held-out L0 exceeds this fraction of d_sae is flagged dense (``saes``, the report)."""

@@ -29,6 +29,7 @@ from itertools import product
 from typing import Any
 
 import google_crc32c
+import numpy as np
 
 from actstore.clock import now
 from actstore.errors import IntegrityError, StoreError
@@ -63,19 +64,23 @@ class ArrayLayout:
     """Whether the last codec is crc32c, so a chunk's raw bytes can be checked without decoding."""
     rows: int
     """Rows that must be present: ``committed_rows`` for activation arrays, else the full first dimension."""
+    shard: ShardLayout | None = None
+    """How a shard object is cut, when the array is sharded (then ``chunk_shape`` is the shard's)."""
 
     @classmethod
     def from_metadata(cls, path: str, meta: dict[str, Any]) -> ArrayLayout:
         enc = meta.get("chunk_key_encoding", {"name": "default"})
         sep = (enc.get("configuration") or {}).get("separator", "/" if enc.get("name") == "default" else ".")
-        codecs = [c.get("name") if isinstance(c, dict) else c for c in meta.get("codecs", [])]
+        codecs = meta.get("codecs", [])
+        names = [c.get("name") if isinstance(c, dict) else c for c in codecs]
         attrs = (meta.get("attributes") or {}).get(ATTR, {})
         shape = [int(x) for x in meta["shape"]]
         rows = int(attrs["committed_rows"]) if "committed_rows" in attrs else (shape[0] if shape else 0)
+        shard = ShardLayout.from_codec(codecs[0]) if names and names[0] == "sharding_indexed" else None
         return cls(
             path=path, shape=shape, chunk_shape=[int(x) for x in meta["chunk_grid"]["configuration"]["chunk_shape"]],
-            separator=sep, v2_keys=enc.get("name") == "v2", crc32c_last=bool(codecs) and codecs[-1] == "crc32c",
-            rows=min(rows, shape[0]) if shape else 0,
+            separator=sep, v2_keys=enc.get("name") == "v2", crc32c_last=bool(names) and names[-1] == "crc32c",
+            rows=min(rows, shape[0]) if shape else 0, shard=shard,
         )  # fmt: skip
 
     def chunk_key(self, idx: tuple[int, ...]) -> str:
@@ -98,6 +103,52 @@ class ArrayLayout:
         return idx[0] * c, min((idx[0] + 1) * c, self.shape[0])
 
 
+@dataclass
+class ShardLayout:
+    """The inside of a shard object (Zarr's ``sharding_indexed`` codec): inner chunks, then an index of
+    ``(offset, nbytes)`` uint64 pairs per inner chunk in C order, itself checksummed."""
+
+    inner_shape: list[int]
+    inner_crc32c_last: bool
+    """Whether each inner chunk ends with its own crc32c (actstore writes it so)."""
+    index_crc32c: bool
+    index_at_end: bool
+
+    @classmethod
+    def from_codec(cls, codec: dict[str, Any]) -> ShardLayout:
+        conf = codec.get("configuration", {})
+        inner = [c.get("name") if isinstance(c, dict) else c for c in conf.get("codecs", [])]
+        index = [c.get("name") if isinstance(c, dict) else c for c in conf.get("index_codecs", [])]
+        return cls([int(x) for x in conf["chunk_shape"]], bool(inner) and inner[-1] == "crc32c", "crc32c" in index,
+                   conf.get("index_location", "end") == "end")  # fmt: skip
+
+    def problems(self, raw: bytes, shard_shape: list[int], origin: list[int], need_rows: int) -> str | None:
+        """Why the shard ``raw`` (whose first element is at ``origin``) is unsound, naming the inner chunk and its
+        rows; None if its index and every inner chunk holding rows below ``need_rows`` check out."""
+        grid = [math.ceil(s / c) for s, c in zip(shard_shape, self.inner_shape, strict=True)]
+        n = math.prod(grid)
+        size = 16 * n + (4 if self.index_crc32c else 0)
+        if len(raw) < size:
+            return "shard shorter than its index"
+        index = raw[-size:] if self.index_at_end else raw[:size]
+        if self.index_crc32c and not crc_ok(index):
+            return "shard index crc32c checksum mismatch"
+        pairs = np.frombuffer(index[: 16 * n], dtype="<u8").reshape(n, 2)
+        for i, inner in enumerate(product(*(range(g) for g in grid))):
+            r0 = origin[0] + inner[0] * self.inner_shape[0]
+            if r0 >= need_rows:
+                continue
+            rows = f"rows {r0}-{min(r0 + self.inner_shape[0], need_rows) - 1}"
+            off, nbytes = (int(x) for x in pairs[i])
+            if off == nbytes == 2**64 - 1:
+                return f"inner chunk {inner} ({rows}) is missing from the shard"
+            if off + nbytes > len(raw):
+                return f"inner chunk {inner} ({rows}) runs past the end of the shard"
+            if self.inner_crc32c_last and not crc_ok(raw[off : off + nbytes]):
+                return f"inner chunk {inner} ({rows}): crc32c checksum mismatch"
+        return None
+
+
 def crc_ok(data: bytes) -> bool:
     """Whether a chunk written with a final crc32c codec matches its stored checksum."""
     if len(data) < 4:
@@ -112,6 +163,9 @@ def check_chunk(loc: Location, al: ArrayLayout, idx: tuple[int, ...], data: byte
         raw = loc.read_bytes(key) if data is None else data
     except FileNotFoundError:
         return "missing"
+    if al.shard is not None:
+        origin = [i * c for i, c in zip(idx, al.chunk_shape, strict=True)]
+        return al.shard.problems(raw, al.chunk_shape, origin, al.rows)
     if al.crc32c_last:
         return None if crc_ok(raw) else "crc32c checksum mismatch"
     try:  # no crc32c: at least the codec pipeline must decode it
@@ -137,8 +191,9 @@ def chunk_error(loc: Location, array: Any, row_start: int, row_stop: int, exc: B
         if why:
             r0, r1 = al.rows_of(idx)
             state = "missing" if why == "missing" else f"corrupted: {why}"
+            what = "shard" if al.shard is not None else "chunk"
             return IntegrityError(
-                f"chunk {idx} of array {al.path} in store {loc.url} (object {al.chunk_key(idx)}, rows {r0}-{r1 - 1}) "
+                f"{what} {idx} of array {al.path} in store {loc.url} (object {al.chunk_key(idx)}, rows {r0}-{r1 - 1}) "
                 f"is {state}. Its values are not returned (never read as zeros); run `actstore verify {loc.url}` to list "
                 "every bad object, then re-copy the store or re-extract that layer"
             )
@@ -183,6 +238,10 @@ def arrays_and_chunks(loc: Location, files: dict[str, int]) -> tuple[dict[str, A
                     arrays[path] = ArrayLayout.from_metadata(path, meta)
             except (ValueError, KeyError, TypeError, AttributeError):
                 bad_meta.append(key)
+    for path, al in arrays.items():  # an int8 layer's per-token scales: required as far as its values are committed
+        values = arrays.get(path.removesuffix(layout.SCALE_SUFFIX)) if path.endswith(layout.SCALE_SUFFIX) else None
+        if values is not None:
+            al.rows = min(al.rows, values.rows)
     chunk_keys = set()
     for key in files:
         parent = key.rsplit("/", 1)[0] if "/" in key else ""

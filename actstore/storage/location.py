@@ -468,15 +468,28 @@ def _remote_fs(url: str, opts: dict[str, Any]) -> tuple[Any, str]:
     import fsspec
 
     try:
-        return fsspec.core.url_to_fs(url, **opts)
+        fs, root = fsspec.core.url_to_fs(url, **opts)
     except ImportError as exc:
         scheme = url.split("://", 1)[0]
         pkg = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}
         raise ConfigError(
-            f"opening {url} needs the fsspec backend for {scheme}://: pip install {pkg.get(scheme, 'its fsspec package')}"
+            f"opening {url} needs the fsspec backend for {scheme}://: pip install {pkg.get(scheme, 'its fsspec package')} "
+            "(or pip install 'actstore[remote]')"
         ) from exc
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"bad --storage-option for {url}: {exc}") from None
+    fs.invalidate_cache()  # fsspec shares one instance per options: a store opened anew sees the bucket as it is now
+    return fs, root
+
+
+def remote_options(url: str, opts: dict[str, Any]) -> dict[str, Any]:
+    """The fsspec options actstore opens ``url`` with: the user's, over actstore's defaults for the backend.
+
+    s3fs sizes an object with a HEAD before every whole-object GET when ``max_concurrency > 1`` (its default), so
+    s3 stores get ``max_concurrency=1``: one request per chunk (``bench/bench_remote.py`` measures both)."""
+    if url.startswith(("s3://", "s3a://")):
+        return {"max_concurrency": 1, **opts}
+    return dict(opts)
 
 
 def open_location(
@@ -515,6 +528,7 @@ def open_location(
     if path.startswith(READ_ONLY_SCHEMES) and (create or writable):
         raise StoreError(f"{path} is an http(s) URL, which is read-only: write to a local path or an s3/gs/az bucket instead")
     read_only = not (create or writable)
+    opts = remote_options(path, opts)
     fs, root = _remote_fs(path, opts)
     # Zarr drives its own event loop, so it gets its own asynchronous instance of the filesystem
     zstore = zarr.storage.FsspecStore.from_url(path, storage_options=opts, read_only=read_only)
@@ -586,6 +600,9 @@ def _strict_reads(inner: Any) -> Any:
     class _StrictReads(WrapperStore):
         def _with_store(self, store: Any) -> Any:
             return type(self)(store)
+
+        def with_read_only(self, read_only: bool = False) -> Any:  # zarr < 3.1.6 asks before opening with mode="r"
+            return type(self)(self._store.with_read_only(read_only))
 
         async def get(self, key: str, prototype: Any = None, byte_range: Any = None) -> Any:
             return _present(key, await self._store.get(key, prototype, byte_range))

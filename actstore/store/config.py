@@ -13,6 +13,8 @@ from actstore.format import codecs
 from actstore.models.names import sanitize_key
 
 DEFAULT_CHUNK_ROWS = 4096
+DEFAULT_INNER_ROWS = 256
+"""Rows per inner chunk of a sharded layer array (a 4096-row shard holds 16)."""
 
 
 def parse_layers(spec: str | list[int] | tuple[int, ...]) -> list[int]:
@@ -57,6 +59,8 @@ class ExtractConfig:
     """cpu, cuda, cuda:N, or auto (CUDA when present)."""
     chunk_rows: int = DEFAULT_CHUNK_ROWS
     """Token rows per Zarr chunk (only used when the store's tokenization is created)."""
+    inner_rows: int = DEFAULT_INNER_ROWS
+    """Rows per inner chunk of a layer shard (a random-row read fetches only these; 0: unsharded, one object per chunk)."""
     unit_mb: int = 256
     """Memory budget (MiB) of float32 rows held per unit of work before writing."""
     unit_rows: int | None = None
@@ -73,6 +77,8 @@ class ExtractConfig:
             raise ConfigError(f"--max-length must be at least 2, got {self.max_length}")
         if self.chunk_rows <= 0 or self.unit_mb <= 0 or (self.unit_rows is not None and self.unit_rows <= 0):
             raise ConfigError("chunk_rows, unit_mb and unit_rows must be positive")
+        if self.inner_rows < 0:
+            raise ConfigError(f"--inner-rows must be 0 (unsharded) or positive, got {self.inner_rows}")
         if self.layers != "all":
             self.layers = parse_layers(self.layers)
         if self.name is not None:

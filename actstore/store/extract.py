@@ -75,7 +75,23 @@ def open_root(loc: Location) -> zarr.Group:
         if list(root.group_keys()) or list(root.array_keys()):
             raise StoreError(f"{loc.url} is a Zarr group made by another tool: choose an empty folder for the store")
         root.attrs[ATTR] = {"format": FORMAT_VERSION, "created": now(), "actstore_version": __version__}
+    fmt = root.attrs[ATTR].get("format")
+    if fmt not in layout.READABLE_FORMATS:
+        raise StoreError(f"{loc.url} is store format {fmt}; this actstore writes formats {layout.READABLE_FORMATS}: upgrade it")
     return root
+
+
+def inner_rows_for(root: zarr.Group, cfg: ExtractConfig, chunk_rows: int) -> int:
+    """Rows per inner chunk of new layer arrays: 0 (unsharded) in a format-1 store or with ``inner_rows=0``;
+    otherwise ``cfg.inner_rows``, which must divide the store's chunk rows (a shard is ``chunk_rows`` rows)."""
+    if root.attrs[ATTR].get("format", 1) < layout.SHARDED_SINCE or not cfg.inner_rows or cfg.inner_rows >= chunk_rows:
+        return 0
+    if chunk_rows % cfg.inner_rows:
+        raise ConfigError(
+            f"--inner-rows {cfg.inner_rows} does not divide the store's {chunk_rows} rows per chunk: use a divisor "
+            f"such as {max(d for d in range(1, cfg.inner_rows + 1) if chunk_rows % d == 0)}, or 0 for unsharded arrays"
+        )
+    return cfg.inner_rows
 
 
 # ---------------------------------------------------------------- phase 2
@@ -127,16 +143,23 @@ def layer_arrays(
                 "config": cfg.to_dict(),
             }
         }
+        inner = inner_rows_for(root, cfg, chunk_rows)
+        if inner:  # format 2: one shard object per chunk_rows rows, inner chunks of ``inner`` rows, each crc32c'd
+            attrs[ATTR]["inner_rows"] = inner
+            grid = {"shards": (chunk_rows, d_model), "chunks": (inner, d_model)}
+            # the per-token scales: one shard per unit (written whole with it), one inner chunk per chunk_rows
+            scale_grid = {"shards": (unit_rows,), "chunks": (chunk_rows,)}
+        else:  # format 1 (or --inner-rows 0): one object per chunk
+            grid, scale_grid = {"chunks": (chunk_rows, d_model)}, {"chunks": (chunk_rows,)}
         arr = root.create_array(
-            name, shape=(n_rows, d_model), chunks=(chunk_rows, d_model), dtype=codecs.STORED_DTYPE[cfg.codec],
-            fill_value=0, compressors=comp, attributes=attrs, dimension_names=("token", "d_model"),
+            name, shape=(n_rows, d_model), dtype=codecs.STORED_DTYPE[cfg.codec], fill_value=0, compressors=comp,
+            attributes=attrs, dimension_names=("token", "d_model"), **grid,
         )  # fmt: skip
         scale = None
         if cfg.codec == "int8":
             scale = root.create_array(
-                layout.scale_array(model_key, layer), shape=(n_rows,), chunks=(chunk_rows,), dtype=codecs.SCALE_DTYPE,
-                fill_value=0, compressors=comp,
-                dimension_names=("token",),
+                layout.scale_array(model_key, layer), shape=(n_rows,), dtype=codecs.SCALE_DTYPE, fill_value=0,
+                compressors=comp, dimension_names=("token",), **scale_grid,
             )  # fmt: skip
         out[layer] = (arr, scale)
     return out

@@ -201,7 +201,8 @@ class Activations:
         self.layer: int = checked["layer"]
         self.d_model: int = checked["d_model"]
         self.n_rows: int = checked["committed_rows"]
-        self.chunk_rows: int = int(values.chunks[0])
+        # rows per stored object: a shard (format 2) or a chunk (format 1); streaming reads go by these
+        self.chunk_rows: int = int((values.shards or values.chunks)[0])
         chan = attrs.get("channel_scale")
         self._chan = np.asarray(chan, dtype=np.float32) if chan else None
 
@@ -332,6 +333,12 @@ class Store:
             raise StoreError(f"{loc.url}/zarr.json is not valid Zarr v3 group metadata ({exc}): the store is damaged") from None
         if ATTR not in self.root.attrs or not isinstance(self.root.attrs[ATTR], dict):
             raise StoreError(f"{loc.url} is a Zarr group but not an actstore store (no '{ATTR}' attribute)")
+        fmt = self.root.attrs[ATTR].get("format")
+        if fmt not in layout.READABLE_FORMATS:
+            raise StoreError(
+                f"{loc.url} is actstore store format {fmt!r}; this version reads formats "
+                f"{', '.join(map(str, layout.READABLE_FORMATS))}: upgrade actstore (pip install -U actstore)"
+            )
 
     # ---- discovery -------------------------------------------------------
     @property
@@ -406,6 +413,18 @@ class Store:
         if attrs["codec"] == "int8":
             scale = zarr.open_array(self.loc.reader_store, path=layout.scale_array(model, layer), mode="r")
         return Activations(values, scale, attrs, loc=self.loc)
+
+    def to_dask(self, model: str, layer: int) -> Any:
+        """The committed rows of a layer as a lazy, decoded float32 ``dask.array`` (see :mod:`actstore.store.arrays`)."""
+        from actstore.store.arrays import to_dask
+
+        return to_dask(self, model, layer)
+
+    def to_xarray(self, model: str, layers: list[int] | None = None) -> Any:
+        """A model's layers as a lazy ``xarray.Dataset`` with token coordinates (see :mod:`actstore.store.arrays`)."""
+        from actstore.store.arrays import to_xarray
+
+        return to_xarray(self, model, layers)
 
     def iter_chunks(self, model: str, layer: int, **kw: Any) -> Iterator[Chunk]:
         """Stream (model, layer) chunk by chunk; see :meth:`Activations.iter_chunks`."""
