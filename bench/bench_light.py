@@ -54,6 +54,19 @@ def main() -> None:
         old = statistics.median(cpu_seconds(cmd, heavy) for _ in range(args.repeat))
         new = statistics.median(cpu_seconds(cmd) for _ in range(args.repeat))
         print(f"{name:<12} {old:>28.2f} s {new:>16.2f} s {new / old:>7.2f}")
+    print("\nthe floor: a fresh process importing only the libraries the read path needs")
+    for mods in (
+        "numpy",
+        "numpy, polars",
+        "numpy, polars, pyarrow.parquet, duckdb",
+        "numpy, polars, pyarrow.parquet, duckdb, zarr",
+    ):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        for _ in range(args.repeat):
+            subprocess.run([sys.executable, "-c", f"import {mods}"], check=True)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = ((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)) / args.repeat
+        print(f"  import {mods:<48} {cpu:.2f} s")
     print(f"\nmachine: {platform.machine()} {os.cpu_count()} cores, python {platform.python_version()}")
 
 

@@ -45,6 +45,7 @@ _diff, _report, _demo, _train = (config_options(c) for c in (DiffConfig, ReportC
 @_extract("batch_size")
 @_extract("codec", type=click.Choice(CODECS))
 @_extract("chunk_rows")
+@_extract("inner_rows")
 @_extract("new_tokenization")
 @_extract("device")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -52,7 +53,7 @@ _diff, _report, _demo, _train = (config_options(c) for c in (DiffConfig, ReportC
 @handle_errors
 def extract(store: str, storage_options: tuple[str, ...], model: str, data: str, text_field: str, label_field: str,
             id_field: str, limit: int | None, labels: str | None, layers: str, name: str | None, max_length: int | None,
-            batch_size: int, codec: str, chunk_rows: int, new_tokenization: bool, device: str, quiet: bool,
+            batch_size: int, codec: str, chunk_rows: int, inner_rows: int, new_tokenization: bool, device: str, quiet: bool,
             break_lock: bool) -> None:  # fmt: skip
     """Extract hidden states of MODEL at LAYERS over a corpus into STORE (resumable)."""
     from actstore.data.corpora import data_config
@@ -62,7 +63,7 @@ def extract(store: str, storage_options: tuple[str, ...], model: str, data: str,
     cfg = ExtractConfig(
         model=model, data=data_config(data, text_field, label_field, id_field, limit, labels),
         layers="all" if layers == "all" else layers, name=name, max_length=max_length, batch_size=batch_size,
-        codec=codec, device=device, chunk_rows=chunk_rows, new_tokenization=new_tokenization,
+        codec=codec, device=device, chunk_rows=chunk_rows, inner_rows=inner_rows, new_tokenization=new_tokenization,
     )  # fmt: skip
     res = run(store, cfg, progress=not quiet, storage_options=parse_storage_options(storage_options), break_lock=break_lock)
     rep = res.data_report

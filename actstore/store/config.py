@@ -13,8 +13,9 @@ from actstore.format import codecs
 from actstore.models.names import sanitize_key
 
 DEFAULT_CHUNK_ROWS = 4096
-DEFAULT_INNER_ROWS = 256
-"""Rows per inner chunk of a sharded layer array (a 4096-row shard holds 16)."""
+DEFAULT_INNER_ROWS = 1024
+"""Rows per inner chunk of a sharded layer array: a 4096-row shard holds 4, so streaming decodes at the speed of
+unsharded chunks while a random-row read fetches a quarter of a shard (256-row chunks: 0.66x the streaming speed)."""
 
 
 def parse_layers(spec: str | list[int] | tuple[int, ...]) -> list[int]:

@@ -41,6 +41,8 @@ from actstore.storage.location import Location, MissingChunk, check_key, open_lo
 FORMAT_VERSION = layout.FORMAT_VERSION
 ATTR = layout.ATTR
 T = TypeVar("T")
+REMOTE_FETCHERS = 4
+"""Blocks a stream from a bucket fetches at once (each one a request's round trip)."""
 
 
 layer_name = layout.layer_name
@@ -253,15 +255,43 @@ class Activations:
             raise self._read_error(int(rows.min()), int(rows.max()) + 1, exc) from None
         return codecs.decode(vals, scale, self.codec, self._chan)
 
-    def iter_chunks(self, start: int = 0, stop: int | None = None, rows: int | None = None, prefetch: int = 2) -> Iterator[Chunk]:
-        """Stream ``[start, stop)`` in blocks of ``rows`` (default one Zarr chunk), decoding ahead in a thread.
+    def iter_chunks(
+        self, start: int = 0, stop: int | None = None, rows: int | None = None, prefetch: int = 2, fetchers: int | None = None
+    ) -> Iterator[Chunk]:
+        """Stream ``[start, stop)`` in blocks of ``rows`` (default one stored object), in order, decoding ahead.
 
-        Memory is bounded by ``(prefetch + 1)`` blocks whatever the store's size.
+        ``fetchers`` blocks are fetched and decoded at once (default: 1 for a local folder, 4 for a bucket, where
+        each block is a round trip); memory is bounded by ``fetchers + prefetch`` blocks whatever the store's size.
         """
         stop = self.n_rows if stop is None else min(stop, self.n_rows)
         step = rows or self.chunk_rows
         bounds = [(a, min(a + step, stop)) for a in range(start, stop, step)]
-        return prefetched(lambda _stop: (Chunk(a, b, self[a:b]) for a, b in bounds), prefetch, name="actstore-chunks")
+        if fetchers is None:
+            fetchers = 1 if self._loc is None or self._loc.local else REMOTE_FETCHERS
+        if fetchers <= 1:
+            return prefetched(lambda _stop: (Chunk(a, b, self[a:b]) for a, b in bounds), prefetch, name="actstore-chunks")
+        return prefetched(lambda halt: self._fetched(bounds, fetchers, halt), prefetch, name="actstore-chunks")
+
+    def _fetched(self, bounds: list[tuple[int, int]], fetchers: int, halt: threading.Event) -> Iterator[Chunk]:
+        """Blocks in order, ``fetchers`` of them being read at any time."""
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(fetchers, thread_name_prefix="actstore-fetch") as pool:
+            todo = iter(bounds)
+            window: deque = deque()
+            for a, b in todo:
+                window.append((a, b, pool.submit(self.__getitem__, slice(a, b))))
+                if len(window) >= fetchers:
+                    break
+            while window and not halt.is_set():
+                a, b, fut = window.popleft()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    window.append((*nxt, pool.submit(self.__getitem__, slice(*nxt))))
+                yield Chunk(a, b, fut.result())
+            for *_, fut in window:
+                fut.cancel()
 
 
 class _Raised(NamedTuple):
