@@ -203,7 +203,7 @@ class _Copier:
         for key in sorted(k for k in self.layout_of if k not in self.listing and _selected(k, patterns)):
             al, idx = self.layout_of[key]
             r0, r1 = al.rows_of(idx)
-            why = f"chunk {idx} of array {al.path} (rows {r0}-{r1 - 1}) is absent at the source; nothing copied"
+            why = f"{al.object_name} {idx} of array {al.path} (rows {r0}-{r1 - 1}) is absent at the source; nothing copied"
             out.append(Problem(key, "missing", why))
         return out
 

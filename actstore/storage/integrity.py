@@ -83,6 +83,11 @@ class ArrayLayout:
             rows=min(rows, shape[0]) if shape else 0, shard=shard,
         )  # fmt: skip
 
+    @property
+    def object_name(self) -> str:
+        """What one stored object of the array is called in messages: a shard (format 2) or a chunk."""
+        return "shard" if self.shard is not None else "chunk"
+
     def chunk_key(self, idx: tuple[int, ...]) -> str:
         """Store key of the chunk at grid index ``idx``."""
         body = self.separator.join(str(i) for i in idx) if idx else "0"
@@ -191,9 +196,8 @@ def chunk_error(loc: Location, array: Any, row_start: int, row_stop: int, exc: B
         if why:
             r0, r1 = al.rows_of(idx)
             state = "missing" if why == "missing" else f"corrupted: {why}"
-            what = "shard" if al.shard is not None else "chunk"
             return IntegrityError(
-                f"{what} {idx} of array {al.path} in store {loc.url} (object {al.chunk_key(idx)}, rows {r0}-{r1 - 1}) "
+                f"{al.object_name} {idx} of array {al.path} in store {loc.url} (object {al.chunk_key(idx)}, rows {r0}-{r1 - 1}) "
                 f"is {state}. Its values are not returned (never read as zeros); run `actstore verify {loc.url}` to list "
                 "every bad object, then re-copy the store or re-extract that layer"
             )
@@ -370,9 +374,8 @@ def verify(loc: Location, jobs: int = 8, chunks: bool = True) -> VerifyReport:
                 todo.append((al, idx))
             else:
                 r0, r1 = al.rows_of(idx)
-                rep.problems.append(
-                    Problem(al.chunk_key(idx), "missing", f"chunk {idx} of array {al.path} (rows {r0}-{r1 - 1}) is absent")
-                )
+                why = f"{al.object_name} {idx} of array {al.path} (rows {r0}-{r1 - 1}) is absent"
+                rep.problems.append(Problem(al.chunk_key(idx), "missing", why))
     if chunks:
 
         def one(item: tuple[ArrayLayout, tuple[int, ...]]) -> Problem | None:
@@ -381,7 +384,7 @@ def verify(loc: Location, jobs: int = 8, chunks: bool = True) -> VerifyReport:
             if why is None:
                 return None
             kind = "missing" if why == "missing" else "corrupted"
-            return Problem(al.chunk_key(idx), kind, f"chunk {idx} of array {al.path}: {why}")
+            return Problem(al.chunk_key(idx), kind, f"{al.object_name} {idx} of array {al.path}: {why}")
 
         with ThreadPoolExecutor(max(1, jobs)) as pool:
             for p in pool.map(one, todo):
