@@ -272,10 +272,12 @@ def demo(out: str, limit: int, max_length: int, epochs: int, sae_epochs: int, mo
 # ---- issue 3: SAE training ---------------------------------------------------
 @main.command()
 @store_argument
-@_train("model", required=True)
-@_train("layer", required=True, type=int)
+@click.option("--model", "--models", "models", required=True, help="Store key of the model; several (a,b) make a sweep.")
+@click.option("--layer", "--layers", "layers", required=True, help="Layer (hidden_states index); 2,4,6 or 2-6 make a sweep.")
 @_train("arch", type=click.Choice(ARCHS))
-@_train("d_sae")
+@click.option(
+    "--d-sae", "d_saes", default=None, help="Number of features (default: expansion x d_model); 1024,4096 make a sweep."
+)
 @_train("expansion")
 @_train("k")
 @_train("l1")
@@ -294,24 +296,46 @@ def demo(out: str, limit: int, max_length: int, epochs: int, sae_epochs: int, mo
 @_train("resume")
 @_train("overwrite")
 @_train("device")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Each run a Ray task: a local Ray, or the cluster at ADDRESS (one GPU per run when present).")  # fmt: skip
 @writable_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @handle_errors
-def train(store: str, storage_options: tuple[str, ...], writable: bool, model: str, layer: int, arch: str | None,
-          d_sae: int | None, expansion: float | None, k: int | None, l1: float | None, lr: float | None,
+def train(store: str, storage_options: tuple[str, ...], writable: bool, models: str, layers: str, arch: str | None,
+          d_saes: str | None, expansion: float | None, k: int | None, l1: float | None, lr: float | None,
           epochs: int | None, tokens: int | None, batch_size: int, preset: str | None, name: str | None, seed: int,
           no_normalize: bool, buffer_mb: int, threads: int | None, eval_fraction: float, checkpoint_every: int, resume: bool,
-          overwrite: bool, device: str, quiet: bool) -> None:  # fmt: skip
-    """Train a sparse autoencoder on one layer of STORE, streaming from its chunks (resumable)."""
-    from actstore.sae.config import TrainConfig
-    from actstore.sae.train import train_sae
+          overwrite: bool, device: str, ray_address: str | None, quiet: bool) -> None:  # fmt: skip
+    """Train a sparse autoencoder on one layer of STORE, streaming from its chunks (resumable).
 
+    Several models, layers or widths (--model a,b --layer 2,4 --d-sae 1024,4096) train every combination, each its
+    own resumable run; with --ray each run is a Ray task (the store must be on storage every worker reaches).
+    """
+    from actstore.store.config import parse_layers
+
+    model_list = [m.strip() for m in models.split(",") if m.strip()]
+    layer_list = parse_layers(layers)
+    try:
+        d_list: list[int | None] = [int(x) for x in d_saes.split(",") if x.strip()] if d_saes else [None]
+    except ValueError:
+        raise click.BadParameter(f"{d_saes!r}: give whole numbers, e.g. 1024 or 1024,4096", param_hint="--d-sae") from None
     cfg = TrainConfig(
-        model=model, layer=layer, arch=arch, d_sae=d_sae, expansion=expansion, k=k, l1=l1, lr=lr, epochs=epochs, tokens=tokens,
+        model=model_list[0] if model_list else "", layer=layer_list[0], arch=arch, d_sae=d_list[0], expansion=expansion, k=k,
+        l1=l1, lr=lr, epochs=epochs, tokens=tokens,
         batch_size=batch_size, preset=preset, name=name, device=device, seed=seed, normalize=not no_normalize,
         buffer_mb=buffer_mb, threads=threads, eval_fraction=eval_fraction, checkpoint_every=checkpoint_every, resume=resume,
         overwrite=overwrite,
     )  # fmt: skip
+    if len(model_list) * len(layer_list) * len(d_list) > 1 or ray_address is not None:
+        from actstore.sae.sweep import run_sweep, sweep_configs
+
+        runs = run_sweep(store, sweep_configs(cfg, model_list, layer_list, d_list), ray_address=ray_address,
+                         storage_options=parse_storage_options(storage_options), writable=write_access(store, writable),
+                         progress=not quiet, log=click.echo)  # fmt: skip
+        click.echo(f"{store}: sweep of {len(runs)} SAEs done ({sum(r.skipped for r in runs)} already trained)")
+        return
+    from actstore.sae.train import train_sae
+
     res = train_sae(store, cfg, progress=not quiet, storage_options=parse_storage_options(storage_options),
                     writable=write_access(store, writable))  # fmt: skip
     ev, c = res.metrics.get("eval") or {}, res.sae.cfg

@@ -1,0 +1,76 @@
+"""SAE sweeps (issue 14, part 3): every (model, layer, d_sae) as its own resumable run, here or as Ray tasks."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import actstore
+from actstore.cli import main
+from actstore.errors import ConfigError
+from actstore.sae.config import TrainConfig
+from actstore.sae.sweep import run_sweep, sweep_configs
+from actstore.sae.train import train_sae
+
+BASE = TrainConfig(model="tiny", layer=1, arch="topk", k=4, epochs=1, batch_size=64, device="cpu", threads=1, seed=3,
+                   task_samples=0, checkpoint_every=0)  # fmt: skip
+NAMES = ["tiny-l1-topk-16", "tiny-l1-topk-24", "tiny-l2-topk-16", "tiny-l2-topk-24"]
+
+
+def _weights(store: str, name: str) -> dict[str, torch.Tensor]:
+    return actstore.load_sae(actstore.open_store(store), name).state_dict()
+
+
+@pytest.fixture()
+def two_stores(tmp_path, tiny_store_ro) -> tuple[str, str]:
+    a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
+    shutil.copytree(tiny_store_ro, a)
+    shutil.copytree(tiny_store_ro, b)
+    return str(a), str(b)
+
+
+def test_sweep_configs_cover_every_combination_and_refuse_one_name():
+    cfgs = sweep_configs(BASE, ["tiny"], [1, 2], [16, 24])
+    assert [(c.model, c.layer, c.d_sae) for c in cfgs] == [("tiny", 1, 16), ("tiny", 1, 24), ("tiny", 2, 16), ("tiny", 2, 24)]
+    with pytest.raises(ConfigError, match="--name names one SAE"):
+        sweep_configs(TrainConfig(model="tiny", layer=1, name="x"), ["tiny"], [1, 2], [16])
+
+
+def test_a_sweep_run_equals_the_same_single_train(two_stores):
+    a, b = two_stores
+    runs = run_sweep(a, sweep_configs(BASE, ["tiny"], [1, 2], [16, 24]), progress=False, log=lambda s: None)
+    assert [r.name for r in runs] == NAMES and not any(r.skipped for r in runs)
+    single = train_sae(b, sweep_configs(BASE, ["tiny"], [2], [24])[0], progress=False)
+    for key, value in _weights(a, "tiny-l2-topk-24").items():
+        torch.testing.assert_close(value, single.sae.state_dict()[key], rtol=0, atol=0)
+    again = run_sweep(a, sweep_configs(BASE, ["tiny"], [1, 2], [16, 24]), progress=False, log=lambda s: None)
+    assert all(r.skipped for r in again)  # a rerun trains nothing that is finished
+
+
+def test_a_sweep_through_ray_equals_the_in_process_sweep(two_stores):
+    pytest.importorskip("ray")
+    a, b = two_stores
+    cfgs = sweep_configs(BASE, ["tiny"], [1, 2], [16, 24])
+    here = run_sweep(a, cfgs, progress=False, log=lambda s: None)
+    lines: list[str] = []
+    on_ray = run_sweep(b, cfgs, ray_address="local", progress=False, log=lines.append)
+    assert [r.name for r in on_ray] == [r.name for r in here] == NAMES and len(lines) == 4
+    for name in NAMES:  # each run in its own Ray worker process: the same weights, bit for bit
+        wa, wb = _weights(a, name), _weights(b, name)
+        for key in wa:
+            torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=0)
+
+
+def test_cli_train_with_several_layers_and_widths_is_a_sweep(two_stores):
+    a, _ = two_stores
+    r = CliRunner().invoke(main, ["train", a, "--model", "tiny", "--layer", "1,2", "--arch", "topk", "--k", "4",
+                                  "--d-sae", "16,24", "--epochs", "1", "--batch-size", "64", "--threads", "1",
+                                  "--device", "cpu", "--quiet"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "sweep of 4 SAEs done (0 already trained)" in r.output
+    assert sorted(actstore.sae_names(actstore.open_store(a))) == NAMES
+    bad = CliRunner().invoke(main, ["train", a, "--model", "tiny", "--layer", "1", "--d-sae", "16,x"])
+    assert bad.exit_code != 0 and "--d-sae" in bad.output
