@@ -48,11 +48,13 @@ def sweep_configs(base: TrainConfig, models: list[str], layers: list[int], d_sae
     return [dataclasses.replace(base, model=m, layer=layer, d_sae=d) for m, layer, d in combos]
 
 
-def _summary(res: Any) -> dict[str, Any]:
-    ev, c = res.metrics.get("eval") or {}, res.sae.cfg
-    return {"name": res.name, "model": c.model, "layer": c.layer, "d_sae": c.d_sae, "fvu": float(ev.get("fvu", "nan")),
-            "l0": float(ev.get("l0", "nan")), "dead_fraction": float(res.metrics["train"].get("dead_fraction", "nan")),
-            "steps": res.steps, "seconds": res.seconds}  # fmt: skip
+def _summary(name: str, tc: TrainConfig, d_sae: int, metrics: dict[str, Any], skipped: bool) -> dict[str, Any]:
+    """A :class:`SweepRun`'s fields from an SAE's metrics (those ``train_sae`` returns, as saved in metrics.json)."""
+    ev = metrics.get("eval") or {}
+    return {"name": name, "model": tc.model, "layer": tc.layer, "d_sae": d_sae, "fvu": float(ev.get("fvu", "nan")),
+            "l0": float(ev.get("l0", "nan")), "dead_fraction": float((metrics.get("train") or {}).get("dead_fraction", "nan")),
+            "steps": int(metrics.get("steps", 0)), "seconds": 0.0 if skipped else float(metrics.get("seconds", 0.0)),
+            "skipped": skipped}  # fmt: skip
 
 
 def train_one(store: str, cfg: dict[str, Any], storage_options: dict[str, Any] | None, writable: bool) -> dict[str, Any]:
@@ -64,16 +66,12 @@ def train_one(store: str, cfg: dict[str, Any], storage_options: dict[str, Any] |
 
     tc = TrainConfig(**cfg)
     st = open_store(store, storage_options=storage_options, writable=write_access(store, writable))
-    acts = st.activations(tc.model, tc.layer)
-    name = tc.name or tc.default_name(tc.resolve(acts.d_model)[0])
+    d_sae = tc.resolve(st.activations(tc.model, tc.layer).d_model)[0]
+    name = tc.name or tc.default_name(d_sae)
     if not tc.overwrite and name in sae_names(st):
-        m = read_metrics(st, name)
-        ev = m.get("eval") or {}
-        return {"name": name, "model": tc.model, "layer": tc.layer, "d_sae": tc.resolve(acts.d_model)[0],
-                "fvu": float(ev.get("fvu", "nan")), "l0": float(ev.get("l0", "nan")),
-                "dead_fraction": float((m.get("train") or {}).get("dead_fraction", "nan")), "steps": int(m.get("steps", 0)),
-                "seconds": 0.0, "skipped": True}  # fmt: skip
-    return _summary(train_sae(st, tc, progress=False))
+        return _summary(name, tc, d_sae, read_metrics(st, name), skipped=True)
+    res = train_sae(st, tc, progress=False)
+    return _summary(res.name, tc, res.sae.cfg.d_sae, res.metrics, skipped=False)
 
 
 def run_sweep(store: str, configs: list[TrainConfig], ray_address: str | None = None,

@@ -48,6 +48,11 @@ def sha256(data: bytes) -> str:
 
 
 # ---------------------------------------------------------------- chunks
+def _codec_names(codecs: list[Any]) -> list[str]:
+    """The names of a Zarr v3 codec list (each a ``{"name": ...}`` object or a bare name)."""
+    return [c.get("name") if isinstance(c, dict) else c for c in codecs]
+
+
 @dataclass
 class ArrayLayout:
     """Where an array's chunks live and how many of them must exist."""
@@ -72,7 +77,7 @@ class ArrayLayout:
         enc = meta.get("chunk_key_encoding", {"name": "default"})
         sep = (enc.get("configuration") or {}).get("separator", "/" if enc.get("name") == "default" else ".")
         codecs = meta.get("codecs", [])
-        names = [c.get("name") if isinstance(c, dict) else c for c in codecs]
+        names = _codec_names(codecs)
         attrs = (meta.get("attributes") or {}).get(ATTR, {})
         shape = [int(x) for x in meta["shape"]]
         rows = int(attrs["committed_rows"]) if "committed_rows" in attrs else (shape[0] if shape else 0)
@@ -122,8 +127,7 @@ class ShardLayout:
     @classmethod
     def from_codec(cls, codec: dict[str, Any]) -> ShardLayout:
         conf = codec.get("configuration", {})
-        inner = [c.get("name") if isinstance(c, dict) else c for c in conf.get("codecs", [])]
-        index = [c.get("name") if isinstance(c, dict) else c for c in conf.get("index_codecs", [])]
+        inner, index = _codec_names(conf.get("codecs", [])), _codec_names(conf.get("index_codecs", []))
         return cls([int(x) for x in conf["chunk_shape"]], bool(inner) and inner[-1] == "crc32c", "crc32c" in index,
                    conf.get("index_location", "end") == "end")  # fmt: skip
 

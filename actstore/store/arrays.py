@@ -68,7 +68,7 @@ def to_xarray(store: Any, model: str, layers: list[int] | None = None) -> Any:
     chunk = tok.chunk_rows
     rows = da.arange(n, chunks=chunk, dtype=np.int64)
     sample = rows.map_blocks(lambda r: np.searchsorted(first_row, r, side="right") - 1, dtype=np.int64)
-    position = rows.map_blocks(lambda r: r - first_row[np.searchsorted(first_row, r, side="right") - 1], dtype=np.int64)
+    position = rows - sample.map_blocks(lambda s: first_row[s], dtype=np.int64)
     token_id = da.from_array(tok.array("token_id"), chunks=chunk)[:n]
     data = {layout.layer_name(layer): (("token", "d_model"), to_dask(store, model, layer, n)) for layer in layers}
     coords = {"token": np.arange(n), "sample": ("token", sample), "position": ("token", position),
