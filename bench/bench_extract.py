@@ -151,7 +151,7 @@ def make_big_store(src: str, dst: Path, gb: float) -> None:
     import actstore
     from actstore.format import codecs
     from actstore.storage.location import open_location
-    from actstore.store.extract import layer_arrays, open_root
+    from actstore.store.extract import inner_rows_for, layer_arrays, open_root
 
     real = actstore.open_store(src).activations("minilm", 4)[:]  # (n, 384) real rows
     n_rows = int(gb * 2**30 / (real.shape[1] * 2)) // 4096 * 4096
@@ -162,7 +162,9 @@ def make_big_store(src: str, dst: Path, gb: float) -> None:
 
     cfg = ExtractConfig("bundled:minilm", DataConfig("bundled:bbc"), [4], codec="fp16")
     root.create_group("models/minilm", attributes={"actstore": {"key": "minilm"}})
-    arrays = layer_arrays(root, "minilm", [4], n_rows, 4096, 65536, real.shape[1], cfg, "t-bench")
+    arrays = layer_arrays(
+        root, "minilm", [4], n_rows, 4096, 65536, real.shape[1], cfg, "t-bench", inner_rows_for(root, cfg, 4096)
+    )
     arr = arrays[4][0]
     for a in range(0, n_rows, 65536):
         b = min(a + 65536, n_rows)

@@ -134,3 +134,13 @@ def test_a_store_of_a_newer_format_is_refused(tmp_path, tiny_store_ro):
     (path / "zarr.json").write_text(json.dumps(meta))
     with pytest.raises(actstore.ActstoreError, match="format 99.*upgrade actstore"):
         actstore.open_store(str(path))
+
+
+def test_inner_rows_that_do_not_divide_a_chunk_are_refused_before_anything_is_written(sharded, tiny_bert_dir, corpus_file):
+    before = sorted(p.relative_to(sharded) for p in Path(sharded).rglob("*"))
+    cfg = ExtractConfig(tiny_bert_dir, DataConfig(corpus_file), [2], name="other", codec="fp16", inner_rows=24, batch_size=8,
+                        device="cpu")  # fmt: skip
+    with pytest.raises(actstore.ActstoreError, match="--inner-rows 24 does not divide the store's 64 rows per chunk"):
+        extract(sharded, cfg, progress=False)
+    assert not (Path(sharded) / "models" / "other").exists()
+    assert sorted(p.relative_to(sharded) for p in Path(sharded).rglob("*")) == before

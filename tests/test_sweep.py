@@ -74,3 +74,10 @@ def test_cli_train_with_several_layers_and_widths_is_a_sweep(two_stores):
     assert sorted(actstore.sae_names(actstore.open_store(a))) == NAMES
     bad = CliRunner().invoke(main, ["train", a, "--model", "tiny", "--layer", "1", "--d-sae", "16,x"])
     assert bad.exit_code != 0 and "--d-sae" in bad.output
+
+
+def test_a_sweep_with_a_missing_layer_trains_nothing(two_stores):
+    a, _ = two_stores
+    with pytest.raises(actstore.ActstoreError, match="layer 9 of model 'tiny' is not in store"):
+        run_sweep(a, sweep_configs(BASE, ["tiny"], [1, 9], [16]), progress=False, log=lambda s: None)
+    assert actstore.sae_names(actstore.open_store(a)) == []

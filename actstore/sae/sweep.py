@@ -82,6 +82,7 @@ def run_sweep(store: str, configs: list[TrainConfig], ray_address: str | None = 
 
     if not is_remote(store):
         store = os.path.abspath(store)  # Ray workers do not share the driver's working directory
+    _check_layers(store, configs, storage_options)
     bar = tqdm(total=len(configs), desc="sweep", unit="run", disable=not progress)
     out: list[SweepRun] = []
     try:
@@ -95,6 +96,15 @@ def run_sweep(store: str, configs: list[TrainConfig], ray_address: str | None = 
     finally:
         bar.close()
     return out
+
+
+def _check_layers(store: str, configs: list[TrainConfig], storage_options: dict[str, Any] | None) -> None:
+    """Every run's model and layer exist (NotFoundError naming the first that does not), before any run trains."""
+    from actstore.store.reader import open_store
+
+    st = open_store(store, storage_options=storage_options)
+    for cfg in configs:
+        st.activations(cfg.model, cfg.layer)
 
 
 def _report(run: SweepRun, log: Callable[[str], Any]) -> None:

@@ -105,7 +105,10 @@ def layer_arrays(
     d_model: int,
     cfg: ExtractConfig,
     tk: str,
+    inner: int = 0,
 ) -> dict[int, tuple[zarr.Array, zarr.Array | None]]:
+    """The layer arrays, opened to resume or created: sharded with ``inner``-row inner chunks (see
+    :func:`inner_rows_for`), or unsharded when ``inner`` is 0."""
     out = {}
     for layer in layers:
         name = layout.layer_array(model_key, layer)
@@ -143,7 +146,6 @@ def layer_arrays(
                 "config": cfg.to_dict(),
             }
         }
-        inner = inner_rows_for(root, cfg, chunk_rows)
         if inner:  # format 2: one shard object per chunk_rows rows, inner chunks of ``inner`` rows, each crc32c'd
             attrs[ATTR]["inner_rows"] = inner
             grid = {"shards": (chunk_rows, d_model), "chunks": (inner, d_model)}
@@ -395,10 +397,11 @@ def _extract(
     tk, tattrs = choose_tokenization(loc, root, corpus, loaded, cfg.max_length, cfg.chunk_rows, cfg.new_tokenization, progress)
     n_rows, chunk_rows = int(tattrs["n_tokens"]), int(tattrs["chunk_rows"])
 
+    inner = inner_rows_for(root, cfg, chunk_rows)  # checked before anything of this model is written
     mpath = _model_group(loc, root, model_key, loaded.info(), tk)
     _keep_finetune_report(loc, model_key, loaded.path)
     unit_rows = _unit_rows(loc, cfg, model_key, layers, chunk_rows, loaded.d_model)
-    arrays = layer_arrays(root, model_key, layers, n_rows, chunk_rows, unit_rows, loaded.d_model, cfg, tk)
+    arrays = layer_arrays(root, model_key, layers, n_rows, chunk_rows, unit_rows, loaded.d_model, cfg, tk, inner)
     committed = {layer: int(arr.attrs[ATTR]["committed_rows"]) for layer, (arr, _) in arrays.items()}
     todo = [layer for layer in layers if committed[layer] < n_rows]
     locks.acquire_all([layout.layer_array(model_key, layer) for layer in todo])
