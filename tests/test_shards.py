@@ -144,3 +144,17 @@ def test_inner_rows_that_do_not_divide_a_chunk_are_refused_before_anything_is_wr
         extract(sharded, cfg, progress=False)
     assert not (Path(sharded) / "models" / "other").exists()
     assert sorted(p.relative_to(sharded) for p in Path(sharded).rglob("*")) == before
+
+
+def test_hostile_shard_metadata_is_reported_not_crashed_on(tmp_path, sharded):
+    """A teammate's store whose shard metadata claims 0-row inner chunks: verify names the metadata as damaged."""
+    import shutil
+
+    path = tmp_path / "hostile.zarr"
+    shutil.copytree(sharded, path)
+    meta_path = path / "models/m/layer_1/zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["codecs"][0]["configuration"]["chunk_shape"] = [0, 8]
+    meta_path.write_text(json.dumps(meta))
+    r = CliRunner().invoke(main, ["verify", str(path)])
+    assert r.exit_code != 0 and "models/m/layer_1/zarr.json" in r.output and "Traceback" not in r.output

@@ -128,7 +128,10 @@ class ShardLayout:
     def from_codec(cls, codec: dict[str, Any]) -> ShardLayout:
         conf = codec.get("configuration", {})
         inner, index = _codec_names(conf.get("codecs", [])), _codec_names(conf.get("index_codecs", []))
-        return cls([int(x) for x in conf["chunk_shape"]], bool(inner) and inner[-1] == "crc32c", "crc32c" in index,
+        shape = [int(x) for x in conf["chunk_shape"]]
+        if not shape or min(shape) <= 0:  # a store's metadata is untrusted: this is damage, not a division by zero
+            raise ValueError(f"inner chunk shape {shape} is not positive")
+        return cls(shape, bool(inner) and inner[-1] == "crc32c", "crc32c" in index,
                    conf.get("index_location", "end") == "end")  # fmt: skip
 
     def problems(self, raw: bytes, shard_shape: list[int], origin: list[int], need_rows: int) -> str | None:
