@@ -32,34 +32,6 @@ pytestmark = [
 
 
 # ---------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def s3_server():
-    """moto's S3 server on a free loopback port, with credentials and endpoint in the environment."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-    }
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import boto3
-
-    boto3.client("s3").create_bucket(Bucket="team")
-    yield env["AWS_ENDPOINT_URL"]
-    server.stop()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
 @pytest.fixture()
 def s3():
     """A fresh s3fs filesystem (no cached listings)."""
@@ -329,9 +301,13 @@ def test_stale_lock_from_dead_pid_taken_over(tiny_store):
 def test_extract_same_array_refused_other_layers_proceed(s3_server, tiny_bert_dir, corpus_file):
     from actstore.store.extract import extract
 
+    """In a store of format 2 (one writer per array; format 3 shares an array's units instead, test_distributed)."""
     url = new_url()
     extract(url, extract_cfg(tiny_bert_dir, corpus_file, "1"), progress=False)
     loc = open_location(url, create=True)
+    root = json.loads(loc.read_bytes("zarr.json"))
+    root["attributes"]["actstore"]["format"] = 2
+    loc.write_bytes("zarr.json", json.dumps(root).encode())
     other = StoreLock(loc, "models/tiny/layer_2", "another extraction").acquire()  # someone is writing layer 2
     try:
         with pytest.raises(ConcurrencyError, match="models/tiny/layer_2"):

@@ -22,12 +22,14 @@ from actstore.encoding.config import EncodeConfig
 from actstore.encoding.encode import encode
 from actstore.encoding.table import files_dir, read_encoding
 from actstore.errors import ConcurrencyError, ConfigError, IntegrityError, StoreError
+from actstore.format import layout
 from actstore.sae.config import SAEConfig
 from actstore.sae.files import save_sae
 from actstore.sae.model import SAE
 from actstore.storage.integrity import update_manifest, verify
 from actstore.storage.location import open_location
 from actstore.storage.locks import StoreLock
+from actstore.store.units import completed_units
 
 pytestmark = pytest.mark.filterwarnings("ignore:Object at .* is not recognized")
 
@@ -82,6 +84,14 @@ def edit_attrs(path: str, array: str, **changes) -> None:
     meta = json.loads(meta_path.read_text())
     meta["attributes"]["actstore"].update(changes)
     meta_path.write_text(json.dumps(meta))
+
+
+def drop_markers(path: str, array: str, first: int) -> None:
+    """Forget the completion of every unit of ``array`` from row ``first`` (format 3: the markers are the truth)."""
+    loc = open_location(path, writable=True)
+    for u0 in completed_units(loc, array):
+        if u0 >= first:
+            loc.delete(layout.unit_marker(array, u0))
 
 
 # ---------------------------------------------------------------- 1. one writer per artifact
@@ -383,6 +393,7 @@ def test_training_on_a_partial_layer_warns(tiny_store):
     from actstore.sae.train import PartialLayerWarning, train_sae
 
     edit_attrs(tiny_store, "models/tiny/layer_1", committed_rows=128, complete=False)
+    drop_markers(tiny_store, "models/tiny/layer_1", first=0)  # the attributes say how far it got
     with warnings.catch_warnings(record=True) as got:
         warnings.simplefilter("always")
         train_sae(tiny_store, TrainConfig(model="tiny", layer=1, tokens=128, d_sae=8, name="p"), progress=False)

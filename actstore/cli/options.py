@@ -117,6 +117,18 @@ def writable_option(fn: Callable) -> Callable:
     return click.option("--writable", is_flag=True, help="Allow writing to a store given by URL (read-only otherwise).")(fn)
 
 
+def ray_option(what: str) -> Callable[[Callable], Callable]:
+    """``--ray [ADDRESS]``: run ``what`` on Ray, a local one (no address) or the cluster at ADDRESS."""
+
+    def deco(fn: Callable) -> Callable:
+        return click.option(
+            "--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+            help=f"{what} on Ray: a local Ray, or the cluster at ADDRESS (one GPU each when the cluster has GPUs).",
+        )(fn)  # fmt: skip
+
+    return deco
+
+
 def break_lock_option(fn: Callable) -> Callable:
     return click.option(
         "--break-lock", is_flag=True,

@@ -19,6 +19,7 @@ from actstore.cli.options import (
     labels_option,
     output_format_option,
     parse_storage_options,
+    ray_option,
     store_argument,
     writable_option,
 )
@@ -46,16 +47,26 @@ _diff, _report, _demo, _train = (config_options(c) for c in (DiffConfig, ReportC
 @_extract("codec", type=click.Choice(CODECS))
 @_extract("chunk_rows")
 @_extract("inner_rows")
+@_extract("unit_rows")
 @_extract("new_tokenization")
 @_extract("device")
+@_extract("threads")
+@ray_option("Units computed by Ray actors")
+@_extract("workers")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @break_lock_option
 @handle_errors
 def extract(store: str, storage_options: tuple[str, ...], model: str, data: str, text_field: str, label_field: str,
             id_field: str, limit: int | None, labels: str | None, layers: str, name: str | None, max_length: int | None,
-            batch_size: int, codec: str, chunk_rows: int, inner_rows: int, new_tokenization: bool, device: str, quiet: bool,
+            batch_size: int, codec: str, chunk_rows: int, inner_rows: int, unit_rows: int | None, new_tokenization: bool,
+            device: str,
+            threads: int | None, ray_address: str | None, workers: int | None, quiet: bool,
             break_lock: bool) -> None:  # fmt: skip
-    """Extract hidden states of MODEL at LAYERS over a corpus into STORE (resumable)."""
+    """Extract hidden states of MODEL at LAYERS over a corpus into STORE (resumable).
+
+    Units complete in any order: two runs on one store share the work, and --ray fans the units out over Ray
+    actors (the store must be on storage every worker reaches: a shared folder or an s3/gs/az URL).
+    """
     from actstore.data.corpora import data_config
     from actstore.store.config import ExtractConfig
     from actstore.store.extract import extract as run
@@ -64,8 +75,10 @@ def extract(store: str, storage_options: tuple[str, ...], model: str, data: str,
         model=model, data=data_config(data, text_field, label_field, id_field, limit, labels),
         layers="all" if layers == "all" else layers, name=name, max_length=max_length, batch_size=batch_size,
         codec=codec, device=device, chunk_rows=chunk_rows, inner_rows=inner_rows, new_tokenization=new_tokenization,
+        unit_rows=unit_rows, threads=threads, workers=workers,
     )  # fmt: skip
-    res = run(store, cfg, progress=not quiet, storage_options=parse_storage_options(storage_options), break_lock=break_lock)
+    res = run(store, cfg, progress=not quiet, storage_options=parse_storage_options(storage_options), break_lock=break_lock,
+              ray_address=ray_address)  # fmt: skip
     rep = res.data_report
     skipped = rep.get("n_skipped_empty", 0) + rep.get("n_skipped_not_text", 0)
     click.echo(
@@ -296,8 +309,7 @@ def demo(out: str, limit: int, max_length: int, epochs: int, sae_epochs: int, mo
 @_train("resume")
 @_train("overwrite")
 @_train("device")
-@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
-              help="Each run a Ray task: a local Ray, or the cluster at ADDRESS (one GPU per run when present).")  # fmt: skip
+@ray_option("Each run a Ray task")
 @writable_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @handle_errors

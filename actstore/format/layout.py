@@ -19,7 +19,8 @@ place, and a change of layout is a change of this file (and ``docs/FORMAT.md``, 
       features/<sae>/                         encoding.json, pending.json, gen-<N>/acts/*.parquet, gen-<N>/stats.parquet
       diffs/<name>/                           diff.parquet, diff.json (diff-features)
       manifest.json                           size + SHA-256 of every non-chunk file (integrity)
-      locks/<what>.lock                       one per array, SAE, encoding or diff being written
+      units/<array>/<first row>.done          format 3: one completion marker per finished unit of a layer array
+      locks/<what>.lock                       one per array, SAE, encoding or diff being written; one per unit claimed
 """
 
 from __future__ import annotations
@@ -29,13 +30,20 @@ from typing import Any
 
 from actstore.errors import ConfigError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Version of the store format (the root group's ``attributes[ATTR]["format"]``) that new stores get.
-2: layer arrays are sharded (one shard object per chunk_rows rows, small inner chunks); 1: one object per chunk."""
-READABLE_FORMATS = (1, 2)
-"""Store formats this version reads (and extends: a format-1 store keeps unsharded arrays)."""
+3: each unit of a new layer array has its own completion marker (units complete in any order, many writers per
+array); 2: layer arrays are sharded (one shard object per chunk_rows rows, small inner chunks); 1: one object per
+chunk."""
+READABLE_FORMATS = (1, 2, 3)
+"""Store formats this version reads (and extends: a format-1 store keeps unsharded arrays, a format-2 store keeps
+one writer per array and its ``committed_rows`` prefix)."""
 SHARDED_SINCE = 2
 """The first format whose new layer arrays are sharded."""
+UNIT_MARKERS_SINCE = 3
+"""The first format whose new layer arrays record each unit's completion by a marker object."""
+PROGRESS_UNITS = "units"
+"""A layer array's ``progress`` attribute when its units complete by markers (absent: by ``committed_rows``)."""
 ATTR = "actstore"
 """The attribute under which every actstore group and array keeps its metadata."""
 
@@ -47,6 +55,7 @@ SAES = "saes"
 FEATURES = "features"
 DIFFS = "diffs"
 LOCKS = "locks"
+UNITS = "units"
 
 TOKEN_TABLES = ("tokens", "samples")
 """The Parquet tables of a token index."""
@@ -161,6 +170,39 @@ def diff_file(name: str, file: str) -> str:
 def lock_key(name: str) -> str:
     """The lock object of ``name`` (an array path such as ``models/m/layer_3``, an SAE's folder, ...)."""
     return f"{LOCKS}/{name.strip('/')}.lock"
+
+
+# ---------------------------------------------------------------- unit completion (format 3)
+_UNIT = re.compile(r"(\d{12})\.done")
+
+
+def units_dir(array: str) -> str:
+    """The folder of an array's unit markers: ``units/models/m/layer_3``."""
+    return f"{UNITS}/{array.strip('/')}"
+
+
+def unit_marker(array: str, first_row: int) -> str:
+    """The completion marker of the unit of ``array`` that starts at token row ``first_row``."""
+    return f"{units_dir(array)}/{first_row:012d}.done"
+
+
+def parse_unit_marker(name: str) -> int | None:
+    """The first row of a marker's unit from its file name (``000000004096.done`` -> 4096), else None."""
+    m = _UNIT.fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
+def unit_claim(model: str, first_row: int) -> str:
+    """The lock name a worker holds while it computes the unit of ``model`` starting at ``first_row``
+    (one forward pass writes that unit of every layer being extracted)."""
+    return f"{model_dir(model)}/unit-{first_row:012d}"
+
+
+def units_of(key: str) -> str | None:
+    """The array a unit marker key belongs to (``units/models/m/layer_3/….done`` -> ``models/m/layer_3``), else None."""
+    if not key.startswith(f"{UNITS}/"):
+        return None
+    return key[len(UNITS) + 1 :].rsplit("/", 1)[0]
 
 
 # ---------------------------------------------------------------- copy selections

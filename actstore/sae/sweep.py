@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from actstore.cluster import actor_resources, ray_session
 from actstore.errors import ActstoreError, ConfigError
 from actstore.sae.config import TrainConfig
 from actstore.storage.urls import is_remote
@@ -114,19 +115,11 @@ def _report(run: SweepRun, log: Callable[[str], Any]) -> None:
 
 def _run_on_ray(store: str, configs: list[TrainConfig], address: str, storage_options: dict[str, Any] | None,
                 writable: bool, bar: Any, log: Callable[[str], Any]) -> list[SweepRun]:  # fmt: skip
-    try:
-        import ray
-    except ModuleNotFoundError:
-        raise ConfigError("--ray needs Ray: pip install 'actstore[ray]'") from None
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=None if address in ("", "local") else address, include_dashboard=False, log_to_driver=False)
-    try:
-        gpus = ray.cluster_resources().get("GPU", 0) > 0
+    with ray_session(address) as ray:
         task = ray.remote(train_one)
         pending = {}
         for i, cfg in enumerate(configs):
-            opts = {"num_gpus": 1} if gpus else {"num_cpus": cfg.threads or 1}
+            opts = actor_resources(ray, cfg.threads)
             pending[task.options(**opts).remote(store, cfg.to_dict(), storage_options, writable)] = (i, cfg)
         out: list[SweepRun | None] = [None] * len(configs)  # in the order of configs, whatever order they finish in
         failed: list[tuple[TrainConfig, BaseException]] = []
@@ -148,6 +141,3 @@ def _run_on_ray(store: str, configs: list[TrainConfig], address: str, storage_op
                    "and rerunning the same sweep resumes the failed ones from their checkpoints")  # fmt: skip
             raise (type(cause)(msg) if isinstance(cause, ActstoreError) else ActstoreError(msg)) from cause
         return [r for r in out if r is not None]
-    finally:
-        if started:
-            ray.shutdown()

@@ -75,6 +75,8 @@ def _selected(key: str, patterns: list[str]) -> bool:
     """Whether ``key`` is needed for the selection: always the root, token index and manifest; else a matching prefix."""
     if not patterns or layout.always_copied(key):
         return True
+    if (array := layout.units_of(key)) is not None:  # a unit marker goes with its array
+        return _selected(f"{array}/{layout.ROOT_META}", patterns)
     parts = key.split("/")
     for pat in patterns:
         n = pat.count("/") + 1

@@ -39,6 +39,9 @@ from actstore.storage.location import Location, check_key
 MANIFEST_KEY = layout.MANIFEST
 MANIFEST_FORMAT = 1
 SKIP_PREFIXES = (f"{layout.LOCKS}/",)
+"""Keys neither the manifest lists nor a copy takes: writers' locks and claims."""
+UNSIGNED_PREFIXES = (*SKIP_PREFIXES, f"{layout.UNITS}/")
+"""Keys the manifest does not list: those, and the unit markers (written while an array is extracted)."""
 TMP = re.compile(r"(\.tmp\d+|\.partial)$")  # a local write in progress (Location.write_bytes, Zarr's LocalStore)
 ATTR = layout.ATTR
 
@@ -270,7 +273,9 @@ def data_files(loc: Location, files: dict[str, int] | None = None) -> list[str]:
     files = loc.walk() if files is None else files
     _, chunk_keys, _ = arrays_and_chunks(loc, files)
     return [
-        k for k in files if k not in chunk_keys and k != MANIFEST_KEY and not k.startswith(SKIP_PREFIXES) and not TMP.search(k)
+        k
+        for k in files
+        if k not in chunk_keys and k != MANIFEST_KEY and not k.startswith(UNSIGNED_PREFIXES) and not TMP.search(k)
     ]
 
 

@@ -10,6 +10,11 @@ The lock records ``pid``, ``host`` and ``created``. A lock left behind by a
 process killed with ``kill -9`` is *stale*: a writer on the same host takes it
 over when that pid is no longer alive; from another host pass ``--break-lock``
 (``break_lock=True``) once you are sure the old writer is gone.
+
+A lock taken with a *lease* (``lease_s``; the claims of units, which workers on
+many hosts take) also records ``expires``; its holder renews it while it works
+(:class:`Renewer`), and any writer on any host may take it over once it has
+expired, so a claim of a worker that died on another machine frees itself.
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ import contextlib
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +60,20 @@ class LockInfo:
     """When the lock was taken (UTC, ISO 8601)."""
     purpose: str
     """What the holder is doing (e.g. 'extract minilm')."""
+    expires: str = ""
+    """When a leased lock lapses unless renewed (UTC, ISO 8601); empty for a lock held until released."""
 
     def describe(self) -> str:
         return f"pid {self.pid} on {self.host} ({self.purpose}, since {self.created})"
+
+    def expired(self) -> bool:
+        """Whether this is a leased lock whose lease has lapsed."""
+        if not self.expires:
+            return False
+        try:
+            return datetime.fromisoformat(self.expires) < datetime.now(UTC)
+        except (TypeError, ValueError):
+            return True
 
 
 def pid_alive(pid: int) -> bool:
@@ -75,7 +93,8 @@ def read_lock(loc: Location, name: str) -> LockInfo | None:
     """The current holder of ``name``, or None if it is free (or the lock object is unreadable)."""
     try:
         raw = json.loads(loc.read_bytes(lock_key(name)))
-        return LockInfo(**{k: raw[k] for k in LockInfo.__dataclass_fields__})
+        return LockInfo(**{k: raw[k] for k in LockInfo.__dataclass_fields__ if k != "expires"},
+                        expires=str(raw.get("expires", "")))  # fmt: skip
     except FileNotFoundError:
         return None
     except (ValueError, KeyError, TypeError):  # half-written or foreign: treat as stale from an unknown holder
@@ -85,20 +104,40 @@ def read_lock(loc: Location, name: str) -> LockInfo | None:
 class StoreLock:
     """An exclusive lock on one named unit of a store; use as a context manager or acquire/release."""
 
-    def __init__(self, loc: Location, name: str, purpose: str = "actstore", break_lock: bool = False) -> None:
+    def __init__(self, loc: Location, name: str, purpose: str = "actstore", break_lock: bool = False,
+                 lease_s: float | None = None) -> None:  # fmt: skip
         self.loc, self.name, self.purpose, self.break_lock = loc, name, purpose, break_lock
         self.info = LockInfo(name, uuid.uuid4().hex, os.getpid(), socket.gethostname(), "", purpose)
+        self.lease_s = lease_s
         self.held = False
 
     def _stale(self, holder: LockInfo) -> bool:
         if holder.owner == "?":
             return holder.host == self.info.host or self.break_lock
+        if holder.expired():
+            return True
         return holder.host == self.info.host and not pid_alive(holder.pid)
+
+    def _stamp(self) -> bytes:
+        if self.lease_s is not None:
+            self.info.expires = (datetime.now(UTC) + timedelta(seconds=self.lease_s)).isoformat(timespec="seconds")
+        return json.dumps(asdict(self.info)).encode()
+
+    def renew(self) -> bool:
+        """Push a leased lock's expiry forward; False (and no longer held) if another writer has taken it over."""
+        if not self.held:
+            return False
+        holder = read_lock(self.loc, self.name)
+        if holder is None or holder.owner != self.info.owner:
+            self.held = False
+            return False
+        self.loc.write_bytes(lock_key(self.name), self._stamp())
+        return True
 
     def _try(self) -> LockInfo | None:
         """Take the lock if free (or stale); return None on success, else the holder."""
         self.info.created = now()
-        data = json.dumps(asdict(self.info)).encode()
+        data = self._stamp()
         for _ in range(3):
             if self.loc.create_exclusive(lock_key(self.name), data):
                 self.held = True
@@ -115,6 +154,12 @@ class StoreLock:
             if again is not None and again.owner == holder.owner:
                 self.loc.delete(lock_key(self.name))
         return read_lock(self.loc, self.name)
+
+    def try_acquire(self) -> LockInfo | None:
+        """Take the lock if it is free or stale: None when taken, else the live holder (nothing raised)."""
+        if self.loc.read_only:
+            raise StoreError(f"store {self.loc.url} is opened read-only: cannot lock {self.name} for writing")
+        return self._try()
 
     def acquire(self, wait_s: float = 0.0) -> StoreLock:
         """Take the lock, waiting up to ``wait_s`` seconds for a live holder; else raise ConcurrencyError."""
@@ -155,6 +200,41 @@ class StoreLock:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+class Renewer(threading.Thread):
+    """Renews leased locks every ``lease_s / 4`` seconds while their holder works (a daemon thread).
+
+    ``add`` a lock when it is taken and ``discard`` it before it is released; ``stop`` ends the thread.
+    """
+
+    def __init__(self, lease_s: float) -> None:
+        super().__init__(daemon=True, name="actstore-lease")
+        self.every = max(0.05, lease_s / 4)
+        self.locks: dict[str, StoreLock] = {}
+        self.guard = threading.Lock()
+        self.halt = threading.Event()
+
+    def add(self, lock: StoreLock) -> None:
+        with self.guard:
+            self.locks[lock.name] = lock
+
+    def discard(self, lock: StoreLock) -> None:
+        with self.guard:
+            self.locks.pop(lock.name, None)
+
+    def run(self) -> None:
+        while not self.halt.wait(self.every):
+            with self.guard:
+                held = list(self.locks.values())
+            for lock in held:
+                try:
+                    lock.renew()
+                except Exception:  # a missed renewal only shortens the lease; the next one retries
+                    pass
+
+    def stop(self) -> None:
+        self.halt.set()
 
 
 @contextlib.contextmanager

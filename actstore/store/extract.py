@@ -9,10 +9,12 @@ Two phases, both streaming and resumable:
    chunks (``unit_rows`` rows); the samples overlapping it are bucketed by
    length, run through one truncated forward pass for all requested layers, and
    the unit's rows are handed to a writer thread that compresses and writes
-   whole chunks, then advances each array's ``committed_rows``. Units are
+   whole chunks, then records the unit: in a format-3 store by the unit's own
+   marker (units complete in any order, each claimed by one worker of any
+   number, :mod:`actstore.store.worker`; with Ray, :mod:`actstore.store.distributed`),
+   in a format-1/2 store by advancing the array's ``committed_rows``. Units are
    deterministic, so a killed run restarted with the same command recomputes
-   the same batches and ends byte-identical; disjoint units can be written by
-   independent workers.
+   the same batches and ends byte-identical.
 """
 
 from __future__ import annotations
@@ -21,12 +23,10 @@ import json
 import queue
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 import zarr
 import zarr.codecs as zc
 
@@ -42,7 +42,10 @@ from actstore.storage.integrity import update_manifest
 from actstore.storage.location import Location, open_location
 from actstore.storage.locks import LockSet
 from actstore.store.config import ExtractConfig
+from actstore.store.forward import UnitIndex, forward_unit
 from actstore.store.tokenize import choose_tokenization
+from actstore.store.units import commit_prefix, committed_from_markers, marks_units
+from actstore.store.worker import ExtractJob, UnitWorker, run_here
 from actstore.version import __version__
 
 SETUP_WAIT_S = 3600.0  # how long an extraction waits for another one creating the store's token index
@@ -106,9 +109,11 @@ def layer_arrays(
     cfg: ExtractConfig,
     tk: str,
     inner: int = 0,
+    units: bool = False,
 ) -> dict[int, tuple[zarr.Array, zarr.Array | None]]:
     """The layer arrays, opened to resume or created: sharded with ``inner``-row inner chunks (see
-    :func:`inner_rows_for`), or unsharded when ``inner`` is 0."""
+    :func:`inner_rows_for`), or unsharded when ``inner`` is 0; new ones complete unit by unit by markers
+    (format 3, :mod:`actstore.store.units`) when ``units``."""
     out = {}
     for layer in layers:
         name = layout.layer_array(model_key, layer)
@@ -146,6 +151,8 @@ def layer_arrays(
                 "config": cfg.to_dict(),
             }
         }
+        if units:
+            attrs[ATTR]["progress"] = layout.PROGRESS_UNITS
         if inner:  # format 2: one shard object per chunk_rows rows, inner chunks of ``inner`` rows, each crc32c'd
             attrs[ATTR]["inner_rows"] = inner
             grid = {"shards": (chunk_rows, d_model), "chunks": (inner, d_model)}
@@ -233,61 +240,22 @@ class _Writer(threading.Thread):
             raise self.error
 
 
-def _forward_unit(
-    tap: LayerTap, ids: np.ndarray, starts: np.ndarray, lens: np.ndarray, u0: int, u1: int, layers: list[int],
-    d_model: int, batch_size: int, device: str,
-) -> dict[int, np.ndarray]:  # fmt: skip
-    """Rows ``[u0, u1)`` of every layer, float32 ``(u1 - u0, d_model)``; samples given by absolute ``starts``."""
-    bufs = {layer: np.empty((u1 - u0, d_model), dtype=np.float32) for layer in layers}
-    base = int(starts[0])
-    order = np.argsort(-lens, kind="stable")  # bucket by length: longest first
-    cuda = device.startswith("cuda")
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
-    for b0 in range(0, len(order), batch_size):
-        sel = order[b0 : b0 + batch_size]
-        width = int(lens[sel].max())
-        inp = np.zeros((len(sel), width), dtype=np.int64)
-        mask = np.zeros((len(sel), width), dtype=np.int64)
-        for j, s in enumerate(sel):
-            a = int(starts[s]) - base
-            inp[j, : lens[s]] = ids[a : a + lens[s]]
-            mask[j, : lens[s]] = 1
-        with amp:
-            hs = tap(torch.from_numpy(inp).to(device, non_blocking=True), torch.from_numpy(mask).to(device, non_blocking=True))
-        host = {}
-        for layer, t in hs.items():
-            t = t.float()
-            if cuda:
-                pinned = torch.empty(t.shape, dtype=torch.float32, pin_memory=True)
-                pinned.copy_(t, non_blocking=True)
-                host[layer] = pinned
-            else:
-                host[layer] = t
-        if cuda:
-            torch.cuda.synchronize()
-        for layer in layers:
-            h = host[layer].numpy()  # (batch, width, d_model)
-            for j, s in enumerate(sel):
-                r0, r1 = max(int(starts[s]), u0), min(int(starts[s]) + int(lens[s]), u1)
-                if r1 > r0:
-                    p0 = r0 - int(starts[s])
-                    bufs[layer][r0 - u0 : r1 - u0] = h[j, p0 : p0 + (r1 - r0)]
-    return bufs
-
-
 def extract(
     store: str, cfg: ExtractConfig, progress: bool = True, storage_options: dict[str, Any] | None = None,
-    break_lock: bool = False,
+    break_lock: bool = False, ray_address: str | None = None,
 ) -> ExtractResult:  # fmt: skip
     """Extract ``cfg.layers`` of ``cfg.model`` over ``cfg.data`` into ``store`` (created if needed).
 
-    Each layer array being written is locked (:mod:`actstore.locks`): a second writer of the same array is
-    refused with ConcurrencyError, writers of other models/layers proceed. ``break_lock`` takes over locks
-    left by a dead writer on another host (a dead writer on this host is detected by its pid).
+    In a format-3 store (new stores) the units of each array complete in any order, each claimed by one worker
+    (:mod:`actstore.store.units`): two extractions of the same store share the work, and ``ray_address``
+    (``"local"``: a local Ray; else a cluster's address) fans the units out over ``cfg.workers`` Ray actors.
+    In a format-1/2 store each array being written is locked (:mod:`actstore.storage.locks`): a second writer of
+    the same array is refused with ConcurrencyError. ``break_lock`` takes over locks left by a dead writer on
+    another host (a dead writer on this host is detected by its pid, a claim of a unit also by its lease).
     """
     held: list[LockSet] = []
     try:
-        return _extract(store, cfg, progress, storage_options, break_lock, held)
+        return _extract(store, cfg, progress, storage_options, break_lock, held, ray_address)
     finally:
         for locks in held:
             locks.release_all()
@@ -326,31 +294,8 @@ def _unit_rows(loc: Location, cfg: ExtractConfig, model_key: str, layers: list[i
     return max(chunk_rows, (cfg.unit_mb * 2**20 // per_row) // chunk_rows * chunk_rows)
 
 
-class _Units:
-    """The token index read once, cut into units of ``unit_rows`` rows: each unit's samples and token ids."""
-
-    def __init__(self, loc: Location, tk: str, n_rows: int, unit_rows: int) -> None:
-        tok = zarr.open_group(loc.zarr_store, path=layout.tokenization_dir(tk), mode="r")
-        self.first_row = np.asarray(tok["sample_first_row"][:], dtype=np.int64)  # (n_samples,)
-        self.n_tok = np.asarray(tok["sample_n_tokens"][:], dtype=np.int64)  # (n_samples,)
-        self.token_id = tok["token_id"]
-        self.n_rows, self.unit_rows = n_rows, unit_rows
-
-    def bounds(self, start: int) -> Iterator[tuple[int, int]]:
-        for u0 in range(start, self.n_rows, self.unit_rows):
-            yield u0, min(u0 + self.unit_rows, self.n_rows)
-
-    def samples(self, u0: int, u1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(token ids of the samples overlapping [u0, u1), their first rows, their lengths)``."""
-        s_lo = int(np.searchsorted(self.first_row, u0, side="right")) - 1
-        s_hi = int(np.searchsorted(self.first_row, u1, side="left"))
-        starts, lens = self.first_row[s_lo:s_hi], self.n_tok[s_lo:s_hi]
-        ids = np.asarray(self.token_id[int(starts[0]) : int(starts[-1] + lens[-1])], dtype=np.int64)
-        return ids, starts, lens
-
-
 def _forward_units(loaded: Any, cfg: ExtractConfig, arrays: dict[int, Any], todo: list[int], committed: dict[int, int],
-                   units: _Units, start: int, device: str, desc: str, progress: bool) -> int:  # fmt: skip
+                   units: UnitIndex, start: int, device: str, desc: str, progress: bool) -> int:  # fmt: skip
     """Run every unit from ``start`` through the model (only the layers not yet committed there) and hand the
     rows to the background writer; returns the rows written."""
     from tqdm.auto import tqdm
@@ -364,7 +309,7 @@ def _forward_units(loaded: Any, cfg: ExtractConfig, arrays: dict[int, Any], todo
         for u0, u1 in units.bounds(start):
             need = [layer for layer in todo if committed[layer] <= u0]
             ids, starts, lens = units.samples(u0, u1)
-            bufs = _forward_unit(tap, ids, starts, lens, u0, u1, need, loaded.d_model, cfg.batch_size, device)
+            bufs = forward_unit(tap, ids, starts, lens, u0, u1, need, loaded.d_model, cfg.batch_size, device)
             writer.put((u0, u1, bufs))
             written += u1 - u0
             bar.update(u1 - u0)
@@ -376,12 +321,12 @@ def _forward_units(loaded: Any, cfg: ExtractConfig, arrays: dict[int, Any], todo
 
 def _extract(
     store: str, cfg: ExtractConfig, progress: bool, storage_options: dict[str, Any] | None, break_lock: bool,
-    held: list[LockSet],
+    held: list[LockSet], ray_address: str | None,
 ) -> ExtractResult:  # fmt: skip
 
     t_start = time.perf_counter()
     corpus = load_corpus(cfg.data)
-    device = auto_device(cfg.device)
+    device = auto_device(cfg.device if ray_address is None else "cpu")  # with Ray the driver only sets up
     loaded = load_model(cfg.model, device)
     layers = list(range(loaded.n_layers + 1)) if cfg.layers == "all" else list(cfg.layers)
     check_layers(loaded, layers)
@@ -394,26 +339,57 @@ def _extract(
     held.append(locks)
     locks.acquire("setup", wait_s=SETUP_WAIT_S)  # root, token index, model group and arrays: one creator at a time
     root = open_root(loc)
+    if ray_address is not None and root.attrs[ATTR].get("format", 1) < layout.UNIT_MARKERS_SINCE:
+        raise StoreError(
+            f"{loc.url} is store format {root.attrs[ATTR].get('format', 1)}: its arrays have one writer each, so --ray "
+            f"needs a store of format {layout.UNIT_MARKERS_SINCE} or later (extract into a new store, or drop --ray)"
+        )
     tk, tattrs = choose_tokenization(loc, root, corpus, loaded, cfg.max_length, cfg.chunk_rows, cfg.new_tokenization, progress)
     n_rows, chunk_rows = int(tattrs["n_tokens"]), int(tattrs["chunk_rows"])
 
     inner = inner_rows_for(root, cfg, chunk_rows)  # checked before anything of this model is written
+    units_mode = root.attrs[ATTR].get("format", 1) >= layout.UNIT_MARKERS_SINCE
     mpath = _model_group(loc, root, model_key, loaded.info(), tk)
     _keep_finetune_report(loc, model_key, loaded.path)
     unit_rows = _unit_rows(loc, cfg, model_key, layers, chunk_rows, loaded.d_model)
-    arrays = layer_arrays(root, model_key, layers, n_rows, chunk_rows, unit_rows, loaded.d_model, cfg, tk, inner)
-    committed = {layer: int(arr.attrs[ATTR]["committed_rows"]) for layer, (arr, _) in arrays.items()}
+    arrays = layer_arrays(root, model_key, layers, n_rows, chunk_rows, unit_rows, loaded.d_model, cfg, tk, inner, units_mode)
+    marked = {layer: marks_units(arr.attrs[ATTR]) for layer, (arr, _) in arrays.items()}
+    committed = {
+        layer: committed_from_markers(loc, arr.path, arr.attrs[ATTR]) if marked[layer] else int(arr.attrs[ATTR]["committed_rows"])
+        for layer, (arr, _) in arrays.items()
+    }  # fmt: skip
     todo = [layer for layer in layers if committed[layer] < n_rows]
-    locks.acquire_all([layout.layer_array(model_key, layer) for layer in todo])
-    locks.release("setup")
-    for layer in todo:  # temp files of writes cut short by a kill; their chunks get rewritten below
-        loc.remove_partial_writes(layout.layer_array(model_key, layer))
-        loc.remove_partial_writes(layout.scale_array(model_key, layer))
-    start = min((committed[layer] for layer in todo), default=n_rows)
-    written = 0
-    if todo:
-        units = _Units(loc, tk, n_rows, unit_rows)
-        written = _forward_units(loaded, cfg, arrays, todo, committed, units, start, device, f"extract {model_key}", progress)
+    desc = f"extract {model_key}"
+    if todo and any(marked[layer] for layer in todo):
+        if not all(marked[layer] for layer in todo) or len({int(arrays[la][0].attrs[ATTR]["unit_rows"]) for la in todo}) > 1:
+            raise StoreError(
+                f"layers {','.join(map(str, todo))} of model {model_key!r} in {loc.url} were started by different runs "
+                "(other units or formats): extract them one run each, with the layers each was started with"
+            )
+        locks.release("setup")
+        job = ExtractJob(store=loc.url if not loc.local else loc.root, storage_options=storage_options, model=cfg.model,
+                         model_key=model_key, layers=todo, tokenization=tk, n_rows=n_rows, unit_rows=unit_rows,
+                         codec=cfg.codec, batch_size=cfg.batch_size, device=cfg.device, threads=cfg.threads)  # fmt: skip
+        start = min(committed[layer] for layer in todo)
+        written = _run_units(job, loc, loaded, device, ray_address, cfg.workers, progress, desc)
+        for layer in todo:  # the final prefix (a concurrent writer's attribute update may have lost one)
+            if commit_prefix(layout.layer_array(model_key, layer), loc) >= n_rows:
+                loc.remove_partial_writes(layout.layer_array(model_key, layer))
+                loc.remove_partial_writes(layout.scale_array(model_key, layer))
+    else:
+        if ray_address is not None and todo:
+            raise StoreError(f"layers {','.join(map(str, todo))} of model {model_key!r} in {loc.url} were started "
+                             "without unit markers (one writer per array): resume them without --ray")  # fmt: skip
+        locks.acquire_all([layout.layer_array(model_key, layer) for layer in todo])
+        locks.release("setup")
+        for layer in todo:  # temp files of writes cut short by a kill; their chunks get rewritten below
+            loc.remove_partial_writes(layout.layer_array(model_key, layer))
+            loc.remove_partial_writes(layout.scale_array(model_key, layer))
+        start = min((committed[layer] for layer in todo), default=n_rows)
+        written = 0
+        if todo:
+            units = UnitIndex(loc, tk, n_rows, unit_rows)
+            written = _forward_units(loaded, cfg, arrays, todo, committed, units, start, device, desc, progress)
     update_manifest(loc, prefixes=[layout.ROOT_META, f"{layout.MODELS}/{layout.ROOT_META}", layout.TOKENIZATIONS, mpath])
     secs = time.perf_counter() - t_start
     return ExtractResult(
@@ -422,3 +398,18 @@ def _extract(
         resumed_from=start if written else n_rows,
         seconds=secs, tokens_per_s=written / secs if secs else 0.0, data_report=tattrs.get("data_report", {}),
     )  # fmt: skip
+
+
+def _run_units(job: ExtractJob, loc: Location, loaded: Any, device: str, ray_address: str | None, workers: int | None,
+               progress: bool, desc: str) -> int:  # fmt: skip
+    """A format-3 job's pending units: here (this process's model), or fanned out over Ray actors."""
+    if ray_address is not None:
+        from actstore.store.distributed import extract_on_ray
+
+        del loaded  # each actor loads its own
+        return extract_on_ray(job, loc, ray_address, workers, progress, desc)
+    worker = UnitWorker(job, loaded=loaded, loc=loc)
+    try:
+        return run_here(worker, progress, desc)
+    finally:
+        worker.close()

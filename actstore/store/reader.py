@@ -15,8 +15,10 @@ details)::
         layer_<L>                          (n_tokens, d_model) array, chunked along tokens
         layer_<L>_scale                    (n_tokens,) float32, int8 codec only
 
-A layer array's ``committed_rows`` attribute is the prefix that is complete;
-readers never look past it, so a store being written reads consistently.
+A layer array's ``committed_rows`` attribute is the prefix that is complete (in
+a format-3 array, whose units complete in any order, the contiguous prefix of
+units with markers); readers never look past it, so a store being written reads
+consistently. ``Activations.iter_completed`` streams every completed unit.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import zarr
 from actstore.errors import ActstoreError, ConfigError, IntegrityError, NotFoundError, StoreError
 from actstore.format import codecs, layout
 from actstore.storage.location import Location, MissingChunk, check_key, open_location
+from actstore.store.units import committed_from_markers, completed_ranges, completed_units, marks_units
 
 FORMAT_VERSION = layout.FORMAT_VERSION
 ATTR = layout.ATTR
@@ -183,7 +186,10 @@ def check_layer_attrs(attrs: dict[str, Any], values: zarr.Array, scale: zarr.Arr
         raise _damaged(where, f"attribute channel_scale must be a list of {width} numbers")
     if attrs.get("complete") and committed != n_rows:
         raise _damaged(where, f"it says complete but commits {committed} of {n_rows} rows")
-    return {"n_rows": n_rows, "committed_rows": committed, "d_model": d_model, "layer": layer, "codec": codec}
+    out = {"n_rows": n_rows, "committed_rows": committed, "d_model": d_model, "layer": layer, "codec": codec}
+    if marks_units(attrs):
+        out["unit_rows"] = _int_attr(attrs, "unit_rows", where, 1)
+    return out
 
 
 class Activations:
@@ -203,6 +209,9 @@ class Activations:
         self.layer: int = checked["layer"]
         self.d_model: int = checked["d_model"]
         self.n_rows: int = checked["committed_rows"]
+        if marks_units(attrs) and not attrs.get("complete") and loc is not None:
+            # units complete in any order: the prefix from their markers (committed_rows may lag behind them)
+            self.n_rows = committed_from_markers(loc, values.path, {**attrs, **checked})
         # rows per stored object: a shard (format 2) or a chunk (format 1); streaming reads go by these
         self.chunk_rows: int = int((values.shards or values.chunks)[0])
         chan = attrs.get("channel_scale")
@@ -224,13 +233,29 @@ class Activations:
         if not isinstance(key, slice) or key.step not in (None, 1):
             raise TypeError("activations support integer rows and contiguous slices [a:b]")
         start, stop, _ = key.indices(self.n_rows)
-        stop = max(start, stop)
+        return self._read(start, max(start, stop))
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
         try:
             vals = self._values[start:stop]
             scale = self._scale[start:stop] if self._scale is not None else None
         except Exception as exc:
             raise self._read_error(start, stop, exc) from None
         return codecs.decode(vals, scale, self.codec, self._chan)
+
+    def completed_ranges(self) -> list[tuple[int, int]]:
+        """Every completed row range ``[(start, stop), ...]``, sorted: the committed prefix, and in a format-3 array
+        being written by many workers also the units finished past it (from their markers)."""
+        if not marks_units(self.attrs) or self._loc is None or self.attrs.get("complete"):
+            return [(0, self.n_rows)] if self.n_rows else []
+        done = completed_units(self._loc, self._values.path)
+        return completed_ranges(done, int(self.attrs["unit_rows"]), int(self.attrs["n_rows"]))
+
+    def iter_completed(self, rows: int | None = None, prefetch: int = 2) -> Iterator[Chunk]:
+        """Stream every completed unit (:meth:`completed_ranges`), in row order, in blocks of at most ``rows``."""
+        step = rows or self.chunk_rows
+        bounds = [(a, min(a + step, b)) for lo, b in self.completed_ranges() for a in range(lo, b, step)]
+        return prefetched(lambda _stop: (Chunk(a, b, self._read(a, b)) for a, b in bounds), prefetch, name="actstore-chunks")
 
     def _read_error(self, start: int, stop: int, exc: BaseException) -> BaseException:
         from actstore.storage.integrity import chunk_error
