@@ -1,10 +1,24 @@
-"""The one clock: every timestamp actstore writes (attributes, manifests, locks, reports) is UTC ISO 8601 to the second."""
+"""The one clock: every timestamp actstore writes (attributes, manifests, locks, reports) is UTC ISO 8601 to the second
+(a lease's expiry to the millisecond)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 
 def now() -> str:
     """The current time as UTC ISO 8601 with seconds, e.g. ``2026-12-01T23:59:00+00:00``."""
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def deadline(seconds: float) -> str:
+    """The time ``seconds`` from now, UTC ISO 8601 to the millisecond (a lease's expiry)."""
+    return (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat(timespec="milliseconds")
+
+
+def passed(stamp: str) -> bool:
+    """Whether the ISO 8601 time ``stamp`` is in the past (an unreadable one counts as past)."""
+    try:
+        return datetime.fromisoformat(stamp) < datetime.now(UTC)
+    except (TypeError, ValueError):
+        return True

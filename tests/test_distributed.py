@@ -157,12 +157,12 @@ time.sleep(600)
 
 def test_a_live_claim_is_left_alone_and_a_lapsed_one_taken_over(tmp_path):
     loc = open_location(str(tmp_path / "x"), create=True)
-    a = StoreLock(loc, "models/m/unit-000000000000", "worker a", lease_s=0.5)
+    a = StoreLock(loc, "models/m/unit-000000000000", "worker a", lease_s=2)
     assert a.try_acquire() is None
-    b = StoreLock(loc, "models/m/unit-000000000000", "worker b", lease_s=0.5)
+    b = StoreLock(loc, "models/m/unit-000000000000", "worker b", lease_s=2)
     # same host, a live pid (this one) and an unexpired lease: b must not take it
     assert b.try_acquire() is not None
-    time.sleep(1.2)  # a stopped renewing (a worker on another host that died): the lease lapses
+    time.sleep(2.5)  # a stopped renewing (a worker on another host that died): the lease lapses
     assert b.try_acquire() is None
     assert a.renew() is False and not a.held  # a learns it lost the claim
 
@@ -198,7 +198,7 @@ def _ray_extract(path: str, cfg: ExtractConfig, **kw) -> object:
 
 def test_ray_extraction_with_2_workers_equals_one_process(tmp_path, tiny_bert_dir, corpus_file, reference):
     path = str(tmp_path / "s.zarr")
-    res = _ray_extract(path, cfg_for(tiny_bert_dir, corpus_file, "int8", workers=2))
+    res = _ray_extract(path, cfg_for(tiny_bert_dir, corpus_file, "int8", ray_workers=2))
     assert res.rows_written == res.n_tokens
     assert_same(path, reference["int8"])  # int8: every worker derives the same channel scale from unit 0
 
@@ -207,7 +207,7 @@ def test_ray_extraction_into_a_bucket_equals_one_process(s3_server, tiny_bert_di
     import uuid
 
     url = f"s3://team/{uuid.uuid4().hex[:8]}/ray.zarr"
-    _ray_extract(url, cfg_for(tiny_bert_dir, corpus_file, workers=2))
+    _ray_extract(url, cfg_for(tiny_bert_dir, corpus_file, ray_workers=2))
     assert_same(url, reference["fp16"])
 
 
@@ -243,7 +243,7 @@ def test_a_ray_worker_killed_mid_run_changes_nothing(tmp_path, tiny_bert_dir, co
 
     killer = threading.Thread(target=kill_one, daemon=True)
     killer.start()
-    res = _ray_extract(path, cfg_for(tiny_bert_dir, corpus_file, workers=2))
+    res = _ray_extract(path, cfg_for(tiny_bert_dir, corpus_file, ray_workers=2))
     killer.join()
     assert killed, "no actor was killed: the run ended before two units were done"
     assert res.rows_written >= res.n_tokens
@@ -255,7 +255,7 @@ def test_a_ray_driver_killed_and_started_again_resumes(tmp_path, tiny_bert_dir, 
     computes only the units without markers and ends byte-identical."""
     pytest.importorskip("ray")
     path = str(tmp_path / "s.zarr")
-    proc = _cli_extract(path, tiny_bert_dir, corpus_file, "--ray", "--workers", "2")
+    proc = _cli_extract(path, tiny_bert_dir, corpus_file, "--ray", "--ray-workers", "2")
     marker_dir = Path(path) / layout.units_dir(layout.layer_array("m", 3))
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and proc.poll() is None:
@@ -267,7 +267,7 @@ def test_a_ray_driver_killed_and_started_again_resumes(tmp_path, tiny_bert_dir, 
     n_done = len(completed_units(open_location(path), layout.layer_array("m", 3)))
     acts = actstore.open_store(path).activations("m", 3)
     assert n_done >= 3 and not acts.attrs["complete"], "the driver finished before it could be killed"
-    again = _cli_extract(path, tiny_bert_dir, corpus_file, "--ray", "--workers", "2")
+    again = _cli_extract(path, tiny_bert_dir, corpus_file, "--ray", "--ray-workers", "2")
     out, err = again.communicate(timeout=300)
     assert again.returncode == 0, err
     wrote = int(out.split("wrote ")[1].split(" rows")[0])
@@ -294,3 +294,63 @@ def test_a_format_2_store_resumes_by_its_prefix_and_refuses_ray(tmp_path, tiny_b
     assert_same(path, reference["fp16"])
     with pytest.raises(actstore.ActstoreError, match="format 2.*--ray needs a store of format 3"):
         extract(path, cfg_for(tiny_bert_dir, corpus_file), progress=False, ray_address="local")
+
+
+# ---------------------------------------------------------------- encode through Ray
+def _encoded_files(store: str, sae: str) -> dict[str, bytes]:
+    """The published encoding's files (bucket files and stats.parquet) by name."""
+    from actstore.encoding.table import files_dir, read_encoding
+
+    st_ = actstore.open_store(store)
+    man = read_encoding(st_, sae)
+    work = files_dir(sae, man)
+    return {k[len(work) + 1 :]: st_.loc.read_bytes(k) for k in st_.loc.walk(work)}
+
+
+@pytest.fixture()
+def two_sae_stores(tmp_path, tiny_store_ro) -> tuple[str, str]:
+    import shutil
+
+    from helpers import make_sae
+
+    a = tmp_path / "a.zarr"
+    shutil.copytree(tiny_store_ro, a)
+    make_sae(actstore.open_store(str(a), writable=True), "s", "topk", k=5)
+    b = tmp_path / "b.zarr"
+    shutil.copytree(a, b)
+    return str(a), str(b)
+
+
+def test_ray_encode_with_2_workers_equals_one_process(two_sae_stores):
+    """Segments (several spills each) on 2 actors, one of them SIGKILLed once its first segment is marked; the
+    bucket files and stats equal a single process's byte for byte."""
+    pytest.importorskip("ray")
+    from actstore.encoding.config import EncodeConfig
+    from actstore.encoding.encode import encode
+
+    a, b = two_sae_stores
+    here = encode(actstore.open_store(a, writable=True), EncodeConfig(sae="s", batch_rows=64, n_buckets=3), progress=False)
+    killed: list[int] = []
+
+    def kill_one() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            import psutil
+
+            pids = [p.pid for p in psutil.Process().children(recursive=True) if "EncodeActor" in " ".join(_cmdline(p))]
+            done = list(Path(b).glob("features/s/gen-*/spill/done/*.done"))
+            if len(pids) == 2 and done:
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_one, daemon=True)
+    killer.start()
+    cfg = EncodeConfig(sae="s", batch_rows=64, n_buckets=3, spill_entries=300, ray_workers=2, threads=1)
+    there = encode(actstore.open_store(b, writable=True), cfg, progress=False, ray_address="local")
+    killer.join()
+    assert killed, "no actor was killed: the encoding ended before its first segment was marked"
+    assert there.n_feature_rows == here.n_feature_rows and there.n_rows == here.n_rows
+    got, want = _encoded_files(b, "s"), _encoded_files(a, "s")
+    assert sorted(got) == sorted(want) and all(got[k] == want[k] for k in want)
+    assert not list(Path(b).glob("features/s/gen-*/spill"))  # spill files and segment markers gone

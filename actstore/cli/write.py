@@ -52,7 +52,7 @@ _diff, _report, _demo, _train = (config_options(c) for c in (DiffConfig, ReportC
 @_extract("device")
 @_extract("threads")
 @ray_option("Units computed by Ray actors")
-@_extract("workers")
+@_extract("ray_workers")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @break_lock_option
 @handle_errors
@@ -60,7 +60,7 @@ def extract(store: str, storage_options: tuple[str, ...], model: str, data: str,
             id_field: str, limit: int | None, labels: str | None, layers: str, name: str | None, max_length: int | None,
             batch_size: int, codec: str, chunk_rows: int, inner_rows: int, unit_rows: int | None, new_tokenization: bool,
             device: str,
-            threads: int | None, ray_address: str | None, workers: int | None, quiet: bool,
+            threads: int | None, ray_address: str | None, ray_workers: int | None, quiet: bool,
             break_lock: bool) -> None:  # fmt: skip
     """Extract hidden states of MODEL at LAYERS over a corpus into STORE (resumable).
 
@@ -75,7 +75,7 @@ def extract(store: str, storage_options: tuple[str, ...], model: str, data: str,
         model=model, data=data_config(data, text_field, label_field, id_field, limit, labels),
         layers="all" if layers == "all" else layers, name=name, max_length=max_length, batch_size=batch_size,
         codec=codec, device=device, chunk_rows=chunk_rows, inner_rows=inner_rows, new_tokenization=new_tokenization,
-        unit_rows=unit_rows, threads=threads, workers=workers,
+        unit_rows=unit_rows, threads=threads, ray_workers=ray_workers,
     )  # fmt: skip
     res = run(store, cfg, progress=not quiet, storage_options=parse_storage_options(storage_options), break_lock=break_lock,
               ray_address=ray_address)  # fmt: skip
@@ -137,20 +137,29 @@ def finetune(model: str, data: str, text_field: str, label_field: str, id_field:
 @_encode("workers")
 @_encode("overwrite")
 @_encode("device")
+@ray_option("Segments of rows, then buckets, encoded by Ray actors")
+@_encode("ray_workers")
+@_encode("threads")
 @writable_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @handle_errors
 def encode(store: str, storage_options: tuple[str, ...], writable: bool, sae: str, batch_rows: int, n_buckets: int,
-           row_group_rows: int, spill_entries: int, workers: int, overwrite: bool, device: str, quiet: bool) -> None:  # fmt: skip
-    """Run SAE over every token row of its layer into STORE/features/SAE/ (Parquet, resumable)."""
+           row_group_rows: int, spill_entries: int, workers: int, overwrite: bool, device: str, ray_address: str | None,
+           ray_workers: int | None, threads: int | None, quiet: bool) -> None:  # fmt: skip
+    """Run SAE over every token row of its layer into STORE/features/SAE/ (Parquet, resumable).
+
+    With --ray, Ray actors (each loading the SAE once) encode segments of rows, then merge buckets; the files equal
+    a single process's. The store must be on storage every worker reaches (a shared folder or an s3/gs/az URL).
+    """
     from actstore.encoding.config import EncodeConfig
     from actstore.encoding.encode import encode as run
     from actstore.store.reader import open_store
 
     st = open_store(store, writable=write_access(store, writable), storage_options=parse_storage_options(storage_options))
     cfg = EncodeConfig(sae=sae, batch_rows=batch_rows, n_buckets=n_buckets, row_group_rows=row_group_rows,
-                       spill_entries=spill_entries, workers=workers, device=device, overwrite=overwrite)  # fmt: skip
-    res = run(st, cfg, progress=not quiet)
+                       spill_entries=spill_entries, workers=workers, device=device, overwrite=overwrite,
+                       ray_workers=ray_workers, threads=threads)  # fmt: skip
+    res = run(st, cfg, progress=not quiet, ray_address=ray_address)
     if res.skipped:
         click.echo(f"{res.store}: SAE {res.sae} is already encoded ({res.n_feature_rows} feature rows); --overwrite to redo")
         return

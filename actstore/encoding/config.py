@@ -31,6 +31,10 @@ class EncodeConfig:
     """Re-encode from scratch even if a complete or differently-configured encoding exists."""
     break_lock: bool = False
     """Take over the encode lock of a writer that died on another host."""
+    ray_workers: int | None = None
+    """Ray actors with --ray (default: one per GPU, else one per --threads CPUs of the cluster)."""
+    threads: int | None = None
+    """torch CPU threads of each Ray actor (default: torch's own)."""
 
     def __post_init__(self) -> None:
         if not self.sae:
@@ -38,3 +42,6 @@ class EncodeConfig:
         for name in ("batch_rows", "n_buckets", "spill_entries", "row_group_rows", "workers"):
             if int(getattr(self, name)) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("ray_workers", "threads"):
+            if getattr(self, name) is not None and int(getattr(self, name)) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")

@@ -51,12 +51,19 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import numpy as np
 import pyarrow as pa
 import torch
 
 from actstore.clock import now
 from actstore.encoding.config import EncodeConfig
+from actstore.encoding.segments import (
+    SegmentJob,
+    SegmentWorker,
+    done_segments,
+    run_segments,
+    segment_rows_for,
+    sparse_encode,
+)
 from actstore.encoding.sort import Bucket, Entries, Spiller, finish_bucket, sort_block, spill_files
 from actstore.encoding.table import (
     ENCODING_FORMAT,
@@ -125,27 +132,6 @@ def check_sae_layer(store: Store, sae: SAE, name: str) -> tuple[str, int]:
     return cfg.model, int(cfg.layer)
 
 
-def sparse_encode(sae: SAE, x: torch.Tensor) -> Entries:
-    """The non-zero activations of ``sae.encode(x)`` for ``x (n, d_in)``, rows local to the block, in any order.
-
-    Same values as the dense ``sae.encode`` (its ``activate``), without making and scanning the dense
-    ``(n, d_sae)`` matrix for top-k SAEs: the top-k (values, indices) are the entries already. Only
-    ``(n, k)`` values and indices come back from an accelerator.
-    """
-    pre = sae.pre_acts(x)  # (n, d_sae)
-    arch, k = sae.cfg.arch, sae.cfg.k
-    if arch == "topk" or (arch == "batchtopk" and float(sae.threshold) <= 0):
-        # the same selection as SAE.activate: torch's CPU top-k picks the same k entries sorted or not
-        vals, idx = pre.topk(int(k), dim=-1, sorted=False)  # type: ignore[arg-type]  # (n, k)
-        vals, idx = vals.float().cpu().numpy().ravel(), idx.cpu().numpy().ravel()
-        keep = vals > 0  # ReLU: the dense encode stores relu(value), so non-positive picks are zeros
-        local = np.repeat(np.arange(pre.shape[0], dtype=np.int64), int(k))  # type: ignore[arg-type]
-        return Entries(local[keep], idx[keep].astype(np.int32), vals[keep])
-    h = sae.activate(pre, train=False)  # (n, d_sae)
-    r, f = torch.nonzero(h, as_tuple=True)
-    return Entries(r.cpu().numpy(), f.to(torch.int32).cpu().numpy(), h[r, f].float().cpu().numpy())
-
-
 class _Sink:
     """Takes each encoded block in row order: sorts it into the spiller, spills and commits at the memory budget."""
 
@@ -180,23 +166,25 @@ class _Sink:
 
 
 # ---------------------------------------------------------------- driver
-def encode(store: Store, cfg: EncodeConfig, progress: bool = True) -> EncodeResult:
+def encode(store: Store, cfg: EncodeConfig, progress: bool = True, ray_address: str | None = None) -> EncodeResult:
     """Encode every token row of the SAE's (model, layer) into ``STORE/features/<sae>/`` (resumable).
 
     ``store`` must be opened writable (``open_store(path, writable=True)``). One encode of an SAE runs at a
-    time (a second raises :class:`~actstore.errors.ConcurrencyError` naming the holder).
+    time (a second raises :class:`~actstore.errors.ConcurrencyError` naming the holder). ``ray_address``
+    (``"local"``: a local Ray; else a cluster's address) encodes segments of rows, then buckets, on
+    ``cfg.ray_workers`` Ray actors (:mod:`actstore.encoding.segments`); the files equal a single process's.
     """
     if store.loc.read_only:
         raise StoreError(f"{store.url} is open read-only: pass --writable (open_store(url, writable=True)) to encode into it")
     check_name(cfg.sae, "SAE")
     from actstore.sae.files import load_sae
 
-    device = auto_device(cfg.device)
+    device = auto_device(cfg.device if ray_address is None else "cpu")  # with Ray the driver only plans
     sae = load_sae(store, cfg.sae, device=device).eval()
     model, layer = check_sae_layer(store, sae, cfg.sae)
     lock = StoreLock(store.loc, features_dir(cfg.sae), f"encode {cfg.sae}", cfg.break_lock).acquire()
     try:
-        return _encode(store, cfg, sae, model, layer, device, progress)
+        return _encode(store, cfg, sae, model, layer, device, progress, ray_address)
     finally:
         lock.release()
 
@@ -229,7 +217,8 @@ def _plan(store: Store, cfg: EncodeConfig, sae: SAE, n_rows: int) -> _Plan:
     return _Plan(n_rows, d_sae, n_buckets, bucket_features, features_dir(cfg.sae), want)
 
 
-def _encode(store: Store, cfg: EncodeConfig, sae: SAE, model: str, layer: int, device: str, progress: bool) -> EncodeResult:
+def _encode(store: Store, cfg: EncodeConfig, sae: SAE, model: str, layer: int, device: str, progress: bool,
+            ray_address: str | None) -> EncodeResult:  # fmt: skip
     t_start = time.perf_counter()
     acts = store.activations(model, layer)
     plan = _plan(store, cfg, sae, acts.n_rows)
@@ -242,9 +231,14 @@ def _encode(store: Store, cfg: EncodeConfig, sae: SAE, model: str, layer: int, d
             )
         return EncodeResult(store.url, cfg.sae, model, layer, plan.n_rows, int(published["n_feature_rows"]),
                             int(published["n_bytes"]), 0.0, 0.0, skipped=True)  # fmt: skip
-    if man is None or cfg.overwrite:
+    if man is None or cfg.overwrite or (ray_address is not None and not man.get("segment_rows")):
         man = _new_generation(store, cfg, sae, plan, published, model, layer)
+        if ray_address is not None:  # fixed for the life of this encoding, so a resumed run cuts the same segments
+            man["segment_rows"] = segment_rows_for(plan.n_rows, cfg.batch_rows, cfg.ray_workers or 8)
+            write_manifest(store, cfg.sae, man, PENDING)
     timings = {"read": 0.0, "encode": 0.0, "sort": 0.0, "spill": 0.0, "stream": 0.0, "finish": 0.0}
+    if man.get("segment_rows"):
+        return _encode_segments(store, cfg, sae, plan, man, published, model, layer, device, progress, ray_address)
     resumed_from = int(man["spilled_rows"])
     sink = _spill_phase(store, cfg, sae, acts, plan, man, device, progress, timings)
     _finish_phase(store, cfg, plan, man, sink, published, timings)
@@ -253,6 +247,34 @@ def _encode(store: Store, cfg: EncodeConfig, sae: SAE, model: str, layer: int, d
         store.url, cfg.sae, model, layer, plan.n_rows, int(man["n_feature_rows"]), int(man["n_bytes"]), secs,
         (plan.n_rows - resumed_from) / secs if secs > 0 else 0.0, resumed_from=resumed_from, n_spills=sink.n_spills,
         timings=timings,
+    )  # fmt: skip
+
+
+def _encode_segments(store: Store, cfg: EncodeConfig, sae: SAE, plan: _Plan, man: dict[str, Any],
+                     published: dict[str, Any] | None, model: str, layer: int, device: str, progress: bool,
+                     ray_address: str | None) -> EncodeResult:  # fmt: skip
+    """An encoding in segments (made with --ray, or resumed from one): segments, then buckets, on Ray workers or
+    here (:mod:`actstore.encoding.segments`), then published like any other."""
+    t_start = time.perf_counter()
+    work = files_dir(cfg.sae, man)
+    job = SegmentJob(
+        store=store.loc.root if store.loc.local else store.url, storage_options=store.loc.storage_options, sae=cfg.sae,
+        model=model, layer=layer, work=work, n_rows=plan.n_rows, segment_rows=int(man["segment_rows"]),
+        batch_rows=cfg.batch_rows, spill_entries=cfg.spill_entries, n_buckets=plan.n_buckets,
+        bucket_features=plan.bucket_features, d_sae=plan.d_sae, row_group_rows=cfg.row_group_rows, device=cfg.device,
+        threads=cfg.threads,
+    )  # fmt: skip
+    resumed_from = min([s for s in job.segments() if s not in done_segments(store, work)], default=plan.n_rows)
+    local = SegmentWorker(job, store, sae) if ray_address is None else None
+    done, phase = run_segments(job, store, ray_address, cfg.ray_workers, progress, local)
+    timings = {"stream": phase["segments"], "finish": phase["buckets"]}
+    t_pub = time.perf_counter()
+    _publish(store, cfg, plan, man, done, published)
+    timings["finish"] += time.perf_counter() - t_pub
+    secs = time.perf_counter() - t_start
+    return EncodeResult(
+        store.url, cfg.sae, model, layer, plan.n_rows, int(man["n_feature_rows"]), int(man["n_bytes"]), secs,
+        (plan.n_rows - resumed_from) / secs if secs > 0 else 0.0, resumed_from=resumed_from, timings=timings,
     )  # fmt: skip
 
 
@@ -363,6 +385,15 @@ def _finish_phase(store: Store, cfg: EncodeConfig, plan: _Plan, man: dict[str, A
             done = list(fpool.map(finish, range(plan.n_buckets)))
     else:
         done = [finish(b) for b in range(plan.n_buckets)]
+    _publish(store, cfg, plan, man, done, published)
+    timings["finish"] = time.perf_counter() - t_fin
+
+
+def _publish(store: Store, cfg: EncodeConfig, plan: _Plan, man: dict[str, Any], done: list[Bucket],
+             published: dict[str, Any] | None) -> None:  # fmt: skip
+    """The finished buckets' statistics written, the encoding published (the atomic switch of encoding.json), the
+    replaced generation and the spill files dropped, the new files' checksums recorded."""
+    work = files_dir(cfg.sae, man)
     files, stats = [d.entry for d in done], [d.stats for d in done]
     write_parquet(store, f"{work}/stats.parquet", pa.concat_tables(stats), compression="zstd")
     rm(store, f"{work}/spill")
@@ -379,4 +410,3 @@ def _finish_phase(store: Store, cfg: EncodeConfig, plan: _Plan, man: dict[str, A
             rm(store, f"{plan.base}/acts")
             rm(store, f"{plan.base}/stats.parquet")
     update_manifest(store.loc, prefixes=[plan.base])  # checksums for the new files (actstore verify)
-    timings["finish"] = time.perf_counter() - t_fin

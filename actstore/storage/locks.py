@@ -28,11 +28,10 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from actstore.clock import now
+from actstore.clock import deadline, now, passed
 from actstore.errors import ConcurrencyError, StoreError
 from actstore.format import layout
 from actstore.storage.location import Location, open_location
@@ -68,12 +67,7 @@ class LockInfo:
 
     def expired(self) -> bool:
         """Whether this is a leased lock whose lease has lapsed."""
-        if not self.expires:
-            return False
-        try:
-            return datetime.fromisoformat(self.expires) < datetime.now(UTC)
-        except (TypeError, ValueError):
-            return True
+        return bool(self.expires) and passed(self.expires)
 
 
 def pid_alive(pid: int) -> bool:
@@ -120,7 +114,7 @@ class StoreLock:
 
     def _stamp(self) -> bytes:
         if self.lease_s is not None:
-            self.info.expires = (datetime.now(UTC) + timedelta(seconds=self.lease_s)).isoformat(timespec="seconds")
+            self.info.expires = deadline(self.lease_s)
         return json.dumps(asdict(self.info)).encode()
 
     def renew(self) -> bool:

@@ -70,7 +70,7 @@ class ExtractConfig:
     """Allow a model whose tokenizer differs from the store's: add a new token index."""
     threads: int | None = None
     """torch CPU threads of the forward pass, per worker (default: torch's own)."""
-    workers: int | None = None
+    ray_workers: int | None = None
     """Ray actors with --ray (default: one per GPU, else one per --threads CPUs of the cluster)."""
 
     def __post_init__(self) -> None:
@@ -82,8 +82,8 @@ class ExtractConfig:
             raise ConfigError(f"--max-length must be at least 2, got {self.max_length}")
         if self.chunk_rows <= 0 or self.unit_mb <= 0 or (self.unit_rows is not None and self.unit_rows <= 0):
             raise ConfigError("chunk_rows, unit_mb and unit_rows must be positive")
-        if (self.threads is not None and self.threads <= 0) or (self.workers is not None and self.workers <= 0):
-            raise ConfigError("--threads and --workers must be positive")
+        if (self.threads is not None and self.threads <= 0) or (self.ray_workers is not None and self.ray_workers <= 0):
+            raise ConfigError("--threads and --ray-workers must be positive")
         if self.inner_rows < 0:
             raise ConfigError(f"--inner-rows must be 0 (unsharded) or positive, got {self.inner_rows}")
         if self.layers != "all":

@@ -248,7 +248,7 @@ def extract(
 
     In a format-3 store (new stores) the units of each array complete in any order, each claimed by one worker
     (:mod:`actstore.store.units`): two extractions of the same store share the work, and ``ray_address``
-    (``"local"``: a local Ray; else a cluster's address) fans the units out over ``cfg.workers`` Ray actors.
+    (``"local"``: a local Ray; else a cluster's address) fans the units out over ``cfg.ray_workers`` Ray actors.
     In a format-1/2 store each array being written is locked (:mod:`actstore.storage.locks`): a second writer of
     the same array is refused with ConcurrencyError. ``break_lock`` takes over locks left by a dead writer on
     another host (a dead writer on this host is detected by its pid, a claim of a unit also by its lease).
@@ -371,7 +371,7 @@ def _extract(
                          model_key=model_key, layers=todo, tokenization=tk, n_rows=n_rows, unit_rows=unit_rows,
                          codec=cfg.codec, batch_size=cfg.batch_size, device=cfg.device, threads=cfg.threads)  # fmt: skip
         start = min(committed[layer] for layer in todo)
-        written = _run_units(job, loc, loaded, device, ray_address, cfg.workers, progress, desc)
+        written = _run_units(job, loc, loaded, device, ray_address, cfg.ray_workers, progress, desc)
         for layer in todo:  # the final prefix (a concurrent writer's attribute update may have lost one)
             if commit_prefix(layout.layer_array(model_key, layer), loc) >= n_rows:
                 loc.remove_partial_writes(layout.layer_array(model_key, layer))
