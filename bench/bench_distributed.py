@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--unit-rows", type=int, default=4096)
     ap.add_argument("--layers", default="2,4,6")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians are printed")
     args = ap.parse_args()
 
     import ray
@@ -100,28 +101,33 @@ def main() -> None:
           f"{args.layers}, {n_units} units of {args.unit_rows} rows, fp16, torch {torch.__version__}, "
           f"{os.cpu_count()} cores")  # fmt: skip
 
-    rows = []
-    # 1. markers vs prefix, in process, 1 thread
-    t2, _ = timed_extract(base, work, "f2.zarr", base_cfg, fmt=2)
-    t3, _ = timed_extract(base, work, "f3.zarr", base_cfg, fmt=3)
-    rows.append(("in-process, 1 thread: format 3 (claims + markers) vs format 2 (lock + prefix)", t2, t3))
+    import statistics
 
+    runs: dict[str, list[float]] = {k: [] for k in ("f2", "f3", "r1", "p2", "r2")}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        startup = actor_startup_seconds(ray, base_cfg, base)
-        # 2. Ray 1 actor x 1 thread vs plain 1 thread (the plain run is t3)
-        tr1, _ = timed_extract(base, work, "r1.zarr", dataclasses.replace(base_cfg, ray_workers=1), ray="local")
-        rows.append(("Ray 1 actor x 1 thread vs plain 1 thread (end to end)", t3, tr1))
-        rows.append(("Ray 1 actor x 1 thread vs plain 1 thread (actor start-up excluded)", t3, tr1 - startup))
-        # 3. Ray 2 actors x 1 thread vs plain 2 threads
-        tp2, _ = timed_extract(base, work, "p2.zarr", dataclasses.replace(base_cfg, threads=2))
-        tr2, _ = timed_extract(base, work, "r2.zarr", dataclasses.replace(base_cfg, ray_workers=2), ray="local")
-        rows.append(("Ray 2 actors x 1 thread vs plain 1 process x 2 threads (end to end)", tp2, tr2))
-        rows.append(("Ray 2 actors x 1 thread vs plain 1 process x 2 threads (start-up excluded)", tp2, tr2 - startup))
+        startup = statistics.median(actor_startup_seconds(ray, base_cfg, base) for _ in range(2))
+        for r in range(args.rounds):  # alternate, so drifts of the machine hit every variant alike
+            runs["f2"].append(timed_extract(base, work, "f2.zarr", base_cfg, fmt=2)[0])
+            runs["f3"].append(timed_extract(base, work, "f3.zarr", base_cfg, fmt=3)[0])
+            runs["r1"].append(timed_extract(base, work, "r1.zarr", dataclasses.replace(base_cfg, ray_workers=1),
+                                            ray="local")[0])  # fmt: skip
+            runs["p2"].append(timed_extract(base, work, "p2.zarr", dataclasses.replace(base_cfg, threads=2))[0])
+            runs["r2"].append(timed_extract(base, work, "r2.zarr", dataclasses.replace(base_cfg, ray_workers=2),
+                                            ray="local")[0])  # fmt: skip
+            print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}s" for k, v in runs.items()), flush=True)
     finally:
         ray.shutdown()
-
-    print("\n| what | baseline s | measured s | speed vs baseline |\n|---|---|---|---|")
+    t2, t3, tr1, tp2, tr2 = (statistics.median(runs[k]) for k in ("f2", "f3", "r1", "p2", "r2"))
+    rows = [
+        ("in-process, 1 thread: format 3 (claims + markers) vs format 2 (lock + prefix)", t2, t3),
+        ("Ray 1 actor x 1 thread vs plain 1 thread (end to end)", t3, tr1),
+        ("Ray 1 actor x 1 thread vs plain 1 thread (actor start-up excluded)", t3, tr1 - startup),
+        ("Ray 2 actors x 1 thread vs plain 1 process x 2 threads (end to end)", tp2, tr2),
+        ("Ray 2 actors x 1 thread vs plain 1 process x 2 threads (start-up excluded)", tp2, tr2 - startup),
+    ]
+    print(f"\nmedians of {args.rounds} rounds (a Ray session already up, as on a cluster)")
+    print("| what | baseline s | measured s | speed vs baseline |\n|---|---|---|---|")
     for what, b, m in rows:
         print(f"| {what} | {b:.2f} | {m:.2f} | {b / m:.2f}x |")
     per_unit_s = max(0.0, (tr1 - startup - t3) / n_units)

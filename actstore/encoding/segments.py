@@ -112,7 +112,7 @@ class SegmentWorker:
         from actstore.sae.files import load_sae
         from actstore.store.reader import open_store
 
-        if job.threads:
+        if job.threads and sae is None:  # a worker process of its own (a Ray actor)
             torch.set_num_threads(job.threads)
         self.job = job
         self.store = store or open_store(job.store, writable=True, storage_options=job.storage_options)

@@ -9,6 +9,7 @@ pass and stops the pass right after the deepest one, so no block above it runs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -22,6 +23,20 @@ from torch import nn
 
 from actstore.errors import ConfigError, ModelError
 from actstore.models.names import resolve_model
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Any:
+    """torch's CPU threads set to ``n`` for the block (None: left as they are), then restored."""
+    if not n:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def auto_device(device: str = "auto") -> str:

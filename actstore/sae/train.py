@@ -39,6 +39,7 @@ from actstore.sae.config import RUNTIME_FIELDS, SAEConfig, TrainConfig
 from actstore.sae.files import delete_sae, save_sae
 from actstore.sae.metrics import TrainTracker, evaluate, task_accuracy
 from actstore.sae.model import SAE, check_d_in
+from actstore.sae.optim import ScheduleFreeSignSGD, averaged, make_optimizer
 from actstore.sae.stream import RowSplit, ShuffledStream, split_rows
 from actstore.storage.integrity import update_manifest
 from actstore.storage.locks import StoreLock
@@ -178,14 +179,10 @@ def train_sae(
     ``on_step(step, info)`` is called after every optimizer step (after any
     checkpoint of that step is written).
     """
-    if not cfg.threads:
+    from actstore.models.loading import torch_threads
+
+    with torch_threads(cfg.threads):
         return _train_sae(store, cfg, progress, on_step, storage_options, writable)
-    before = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
-        return _train_sae(store, cfg, progress, on_step, storage_options, writable)
-    finally:
-        torch.set_num_threads(before)
 
 
 def _train_sae(
@@ -265,7 +262,7 @@ class _Run:
         self.st, self.cfg, self.name, self.split, self.stream, self.device = st, cfg, name, split, stream, device
         self.aux_k = aux_k
         self.sae = sae.to(device).train()
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=float(cfg.lr))
+        self.opt = make_optimizer(str(cfg.optimizer), self.sae.parameters(), cfg.learning_rate(sae.cfg.d_sae))
         self.tracker = TrainTracker(sae.cfg.d_sae, cfg.dead_window, cfg.dense_threshold).to(device)
         self.meta = meta
         self.start_step = self.step = int(meta["step"])
@@ -315,9 +312,11 @@ class _Run:
 
     # ---- the loop
     def evaluate(self) -> dict[str, Any]:
+        """Held-out metrics of the model being trained (signum: its averaged parameters, the ones saved)."""
         self.sae.eval()
         self._set_threshold()
-        out = evaluate(self.sae, self.eval_x, self.cfg.batch_size, self.cfg.dense_threshold)
+        with averaged(self.opt):
+            out = evaluate(self.sae, self.eval_x, self.cfg.batch_size, self.cfg.dense_threshold)
         self.sae.train()
         return out
 
@@ -386,6 +385,8 @@ class _Run:
     def finish(self, seconds: float) -> TrainResult:
         """Final metrics, the SAE saved, the checkpoint dropped, checksums recorded."""
         sae, step, split = self.sae, self.step, self.split
+        if isinstance(self.opt, ScheduleFreeSignSGD):
+            self.opt.finalize()  # the averaged parameters are the model
         sae.eval()
         self._set_threshold()
         history = self.history

@@ -35,7 +35,7 @@ from actstore.data.corpora import load_corpus
 from actstore.errors import ConfigError, StoreError
 from actstore.format import codecs, layout
 from actstore.format.layout import ATTR, FORMAT_VERSION, check_name
-from actstore.models.loading import auto_device, load_model
+from actstore.models.loading import auto_device, load_model, torch_threads
 from actstore.models.names import default_model_key
 from actstore.models.taps import LayerTap, check_layers
 from actstore.storage.integrity import update_manifest
@@ -255,7 +255,8 @@ def extract(
     """
     held: list[LockSet] = []
     try:
-        return _extract(store, cfg, progress, storage_options, break_lock, held, ray_address)
+        with torch_threads(cfg.threads):
+            return _extract(store, cfg, progress, storage_options, break_lock, held, ray_address)
     finally:
         for locks in held:
             locks.release_all()

@@ -82,8 +82,7 @@ class UnitWorker:
         from actstore.models.loading import auto_device, load_model
         from actstore.models.taps import LayerTap
 
-        self.threads_before = torch.get_num_threads()
-        if job.threads:
+        if job.threads and loaded is None:  # a worker process of its own (a Ray actor); in process: extract's threads
             torch.set_num_threads(job.threads)
         self.job = job
         self.loc = loc or open_location(job.store, storage_options=job.storage_options, create=False, writable=True)
@@ -158,13 +157,10 @@ class UnitWorker:
         return self.rows_computed
 
     def close(self) -> None:
-        import torch
-
         try:
             self.writer.finish()
         finally:
             self.renewer.stop()
-            torch.set_num_threads(self.threads_before)
 
 
 class _UnitWriter(threading.Thread):
