@@ -86,8 +86,10 @@ OPTIMIZERS = ("signum", "adam")
 
 
 def default_optimizer(arch: str) -> str:
-    """Adam, for every architecture until signum is measured better on real activations (issue 10)."""
-    return "adam"
+    """signum for topk / batchtopk: measured on MiniLM layer 4 over IMDb at equal tokens it leaves about half the
+    variance Adam does (docs/BENCHMARKS.md, issue 10); Adam for relu-l1, whose L1 recipes (the paper's, SAELens's)
+    are tuned for Adam."""
+    return "adam" if arch == "relu-l1" else "signum"
 
 
 # fields that may change between a killed run and its restart
@@ -115,7 +117,7 @@ class TrainConfig:
     lr: float | None = None
     """Learning rate (default: signum 5e-3 / sqrt(d_sae / 2^14) as sparsify; Adam 5e-4; paper preset 2e-5)."""
     optimizer: str | None = None
-    """adam (default) or signum (EleutherAI sparsify's sign descent under Schedule-Free averaging)."""
+    """signum (sparsify's Schedule-Free sign descent; default for topk, batchtopk) or adam (default for relu-l1)."""
     epochs: int | None = None
     """Passes over the training rows (default 3); ignored when ``tokens`` is given."""
     tokens: int | None = None
