@@ -253,6 +253,10 @@ def _existing_run(st: Store, cfg: TrainConfig, name: str) -> bool:
     return ckpt
 
 
+CALIBRATION_BATCHES = 8
+"""Training batches a batchtopk SAE's inference threshold is calibrated on at the end of its run."""
+
+
 class _Run:
     """One training run's state — the SAE, its optimizer, the dead-feature tracker, the history — and its phases:
     :meth:`start` or :meth:`restore`, then :meth:`loop`, then :meth:`finish`."""
@@ -325,6 +329,26 @@ class _Run:
         if self.sae.cfg.arch == "batchtopk" and self.thr_ema is not None:
             self.sae.threshold.fill_(float(self.thr_ema))
 
+    @torch.no_grad()
+    def _calibrate_threshold(self) -> None:
+        """batchtopk: the inference threshold from the final weights, the mean over a few training batches of the
+        smallest activation the batch top-k keeps (so held-out L0 is about k). The running average kept during
+        training lags behind the weights: in a short run it stays near the untrained model's (L0 11 at k 32)."""
+        if self.sae.cfg.arch != "batchtopk":
+            return
+        mins = []
+        for i, batch in enumerate(self.stream.batches(0, 0)):
+            if i >= CALIBRATION_BATCHES:
+                break
+            acts = self.sae.activate(self.sae.pre_acts(batch.to(self.device)), train=True)  # (b, d_sae)
+            pos = acts[acts > 0]
+            if pos.numel():
+                mins.append(float(pos.min()))
+        if mins:
+            self.thr_ema = sum(mins) / len(mins)
+            if self.history and "eval" in self.history[-1]:  # measured with the old threshold: measure it again
+                self.history[-1]["eval"] = self.evaluate()
+
     def checkpoint(self) -> None:
         self.meta.update(step=self.step, history=self.history, threshold_ema=self.thr_ema, config=_identity(self.cfg))
         _save_checkpoint(self.st, self.name, self.sae, self.opt, self.tracker, self.meta)
@@ -387,6 +411,7 @@ class _Run:
         sae, step, split = self.sae, self.step, self.split
         if isinstance(self.opt, ScheduleFreeSignSGD):
             self.opt.finalize()  # the averaged parameters are the model
+        self._calibrate_threshold()
         sae.eval()
         self._set_threshold()
         history = self.history
