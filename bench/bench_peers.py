@@ -1,0 +1,208 @@
+"""SAE trainers side by side (issue 10): actstore's out-of-core trainer against bare in-memory loops and, when it is
+installed in its own venv, EleutherAI sparsify, on the same activations with the same budget.
+
+Every trainer sees the same training rows (actstore's split: the held-out samples are left out of all of them),
+in the same number of tokens; held-out FVU, L0 and dead latents are computed here, with numpy, from the weights each
+tool saved (actstore's ``sae.safetensors``, sparsify's ``sae.safetensors``), not from what the tools report.
+
+Peers run in their own interpreter (``--sparsify-python /path/to/venv/bin/python``, a venv with
+``pip install torch==2.13.0 eai-sparsify``): this script writes the training rows to a ``.npy`` file, the peer trains
+with its own classes and optimizer (sparsify: ``SparseCoder``, ``SignSGD`` under ``ScheduleFreeWrapper``, the steps of
+its ``Trainer``: ``b_dec`` at the first batch's mean, decoder renormalised before every forward, the gradient parallel
+to the decoder rows removed, FVU loss) and saves its weights.
+
+Usage: python bench/bench_peers.py STORE --model minilm --layer 4 [--k 32 --d-sae 3072 --batch 4096 --threads 2]
+       [--sparsify-python /tmp/peers/bin/python]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SPARSIFY = r"""
+import json, sys, time
+import numpy as np, torch
+from schedulefree import ScheduleFreeWrapper
+from sparsify import SparseCoder, SparseCoderConfig
+from sparsify.sign_sgd import SignSGD
+args = json.loads(sys.argv[1])
+torch.set_num_threads(args["threads"])
+torch.manual_seed(args["seed"])
+x = torch.from_numpy(np.load(args["rows"]))  # (n_train, d_in), float32, shuffled once by the driver
+sae = SparseCoder(x.shape[1], SparseCoderConfig(k=args["k"], num_latents=args["d_sae"]))
+lr = 5e-3 / (sae.num_latents / 2**14) ** 0.5  # sparsify's default for signum
+opt = ScheduleFreeWrapper(SignSGD([{"params": sae.parameters(), "lr": lr}]), momentum=0.95)
+opt.train()
+t0 = time.perf_counter()
+n = 0
+for b0 in range(0, x.shape[0] - args["batch"] + 1, args["batch"]):
+    xb = x[b0 : b0 + args["batch"]]
+    if b0 == 0:
+        sae.b_dec.data = xb.mean(0)
+    sae.set_decoder_norm_to_unit_norm()
+    out = sae(xb)
+    out.fvu.backward()
+    sae.remove_gradient_parallel_to_decoder_directions()
+    opt.step()
+    opt.zero_grad()
+    n += xb.shape[0]
+opt.eval()
+secs = time.perf_counter() - t0
+sae.save_to_disk(args["out"])
+print(json.dumps({"tokens": n, "seconds": secs}))
+"""
+
+
+def topk_encode(x: np.ndarray, w_enc: np.ndarray, b_enc: np.ndarray, k: int) -> np.ndarray:
+    """Dense ``(n, d_sae)`` TopK activations (ReLU of the k largest pre-activations)."""
+    pre = x @ w_enc + b_enc
+    idx = np.argpartition(-pre, k - 1, axis=1)[:, :k]
+    out = np.zeros_like(pre)
+    np.put_along_axis(out, idx, np.maximum(np.take_along_axis(pre, idx, axis=1), 0), axis=1)
+    return out
+
+
+def metrics(x: np.ndarray, acts: np.ndarray, x_hat: np.ndarray, fired: np.ndarray) -> dict[str, float]:
+    fvu = float(((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+    return {"fvu": fvu, "l0": float((acts > 0).sum(1).mean()), "dead": float((~fired).mean())}
+
+
+def actstore_weights(store, name: str, x: np.ndarray, x_train: np.ndarray) -> dict[str, float]:
+    """FVU / L0 / dead from actstore's saved sae.safetensors and cfg.json (numpy only)."""
+    from safetensors.numpy import load
+
+    from actstore.format import layout
+
+    w = load(store.loc.read_bytes(layout.sae_file(name, layout.SAE_WEIGHTS)))
+    cfg = json.loads(store.loc.read_bytes(layout.sae_file(name, layout.SAE_CONFIG)))
+    s, k = float(cfg["norm_scale"]), int(cfg["k"])
+
+    def run(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        acts = topk_encode(rows * s - w["b_dec"], w["W_enc"], w["b_enc"], k)
+        return acts, (acts @ w["W_dec"] + w["b_dec"]) / s
+
+    acts, x_hat = run(x)
+    fired = np.zeros(w["W_enc"].shape[1], bool)
+    for b0 in range(0, len(x_train), 8192):
+        fired |= (run(x_train[b0 : b0 + 8192])[0] > 0).any(0)
+    return metrics(x, acts, x_hat, fired)
+
+
+def sparsify_weights(folder: str, x: np.ndarray, x_train: np.ndarray, k: int) -> dict[str, float]:
+    from safetensors.numpy import load_file
+
+    w = load_file(str(Path(folder) / "sae.safetensors"))
+    w_enc, b_enc, w_dec, b_dec = w["encoder.weight"].T, w["encoder.bias"], w["W_dec"], w["b_dec"]
+
+    def run(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        acts = topk_encode(rows - b_dec, w_enc, b_enc, k)
+        return acts, acts @ w_dec + b_dec
+
+    acts, x_hat = run(x)
+    fired = np.zeros(w_enc.shape[1], bool)
+    for b0 in range(0, len(x_train), 8192):
+        fired |= (run(x_train[b0 : b0 + 8192])[0] > 0).any(0)
+    return metrics(x, acts, x_hat, fired)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("store")
+    ap.add_argument("--model", default="minilm")
+    ap.add_argument("--layer", type=int, default=4)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--d-sae", type=int, default=3072)
+    ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sparsify-python", default=None)
+    args = ap.parse_args()
+
+    import torch
+
+    import actstore
+    from actstore.sae.config import TrainConfig
+    from actstore.sae.train import train_sae
+
+    torch.set_num_threads(args.threads)
+    rows_out: list[dict] = []
+    for opt in ("signum", "adam"):
+        name = f"peers-{opt}"
+        cfg = TrainConfig(model=args.model, layer=args.layer, arch="topk", k=args.k, d_sae=args.d_sae, batch_size=args.batch,
+                          epochs=1, optimizer=opt, name=name, overwrite=True, device="cpu", task_samples=0,
+                          checkpoint_every=0, threads=args.threads)  # fmt: skip
+        t0 = time.perf_counter()
+        res = train_sae(args.store, cfg, progress=False)
+        secs = time.perf_counter() - t0
+        st = actstore.open_store(args.store)
+        acts = st.activations(args.model, args.layer)
+        eval_x = acts.take(res.split.eval_rows)
+        keep = np.ones(len(acts), bool)
+        keep[res.split.eval_rows] = False
+        train_rows = np.flatnonzero(keep)
+        x_train = acts.take(train_rows)
+        m = actstore_weights(st, name, eval_x, x_train)
+        rows_out.append({"trainer": f"actstore train --optimizer {opt} (out-of-core)", "tokens": res.tokens,
+                         "tok_s": res.tokens / secs, **m})  # fmt: skip
+
+    # the same recipe as actstore's signum run, in memory: the bare loop the out-of-core trainer is measured against
+    from actstore.sae.config import SAEConfig
+    from actstore.sae.metrics import TrainTracker
+    from actstore.sae.model import SAE
+    from actstore.sae.optim import ScheduleFreeSignSGD
+    from actstore.sae.train import train_step
+
+    rng = np.random.default_rng(0)
+    shuffled = x_train[rng.permutation(len(x_train))]
+    scale = float(np.sqrt(shuffled.shape[1] / (shuffled[:65536] ** 2).sum(1).mean()))
+    sae = SAE(SAEConfig(arch="topk", d_in=shuffled.shape[1], d_sae=args.d_sae, k=args.k, norm_scale=scale))
+    with torch.no_grad():
+        sae.b_dec.copy_(torch.from_numpy(shuffled[: args.batch].mean(0) * scale))
+    opt_ = ScheduleFreeSignSGD(sae.parameters(), lr=5e-3 / (args.d_sae / 2**14) ** 0.5)
+    tracker = TrainTracker(args.d_sae, 1_000_000, 0.1)
+    bare_cfg = TrainConfig(model=args.model, layer=args.layer, arch="topk", k=args.k, d_sae=args.d_sae)
+    xt = torch.from_numpy(shuffled)
+    t0 = time.perf_counter()
+    n = 0
+    for b0 in range(0, len(xt) - args.batch + 1, args.batch):
+        train_step(sae, opt_, xt[b0 : b0 + args.batch], tracker, bare_cfg, min(args.d_sae, shuffled.shape[1] // 2))
+        n += args.batch
+    bare_s = time.perf_counter() - t0
+    rows_out.append({"trainer": "bare in-memory loop, the same recipe (signum)", "tokens": n, "tok_s": n / bare_s,
+                     "fvu": float("nan"), "l0": float("nan"), "dead": float("nan")})  # fmt: skip
+
+    if args.sparsify_python:
+        work = Path(tempfile.mkdtemp(prefix="peers-"))
+        np.save(work / "rows.npy", shuffled)
+        spec = {"rows": str(work / "rows.npy"), "k": args.k, "d_sae": args.d_sae, "batch": args.batch,
+                "threads": args.threads, "seed": 0, "out": str(work / "sparsify")}  # fmt: skip
+        out = subprocess.run([args.sparsify_python, "-c", SPARSIFY, json.dumps(spec)], capture_output=True, text=True)
+        if out.returncode:
+            print(out.stderr[-3000:], file=sys.stderr)
+        else:
+            info = json.loads(out.stdout.strip().splitlines()[-1])
+            m = sparsify_weights(str(work / "sparsify"), eval_x, x_train, args.k)
+            rows_out.append({"trainer": "EleutherAI sparsify (SignSGD + Schedule-Free, its defaults)",
+                             "tokens": info["tokens"], "tok_s": info["tokens"] / info["seconds"], **m})  # fmt: skip
+
+    base = next(r for r in rows_out if r["trainer"].startswith("bare"))["tok_s"]
+    print(f"\n{args.model} layer {args.layer}: TopK k {args.k}, d_sae {args.d_sae}, batch {args.batch}, "
+          f"{len(x_train):,} training rows (one epoch), {len(eval_x):,} held-out rows, {args.threads} threads")  # fmt: skip
+    print("| trainer | tokens | tokens/s | vs bare loop | held-out FVU | L0 | dead |\n|---|---|---|---|---|---|---|")
+    for r in rows_out:
+        print(f"| {r['trainer']} | {r['tokens']:,} | {r['tok_s']:,.0f} | {r['tok_s'] / base:.2f}x | {r['fvu']:.3f} | "
+              f"{r['l0']:.1f} | {r['dead']:.1%} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
