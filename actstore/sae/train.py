@@ -40,6 +40,7 @@ from actstore.sae.files import delete_sae, save_sae
 from actstore.sae.metrics import TrainTracker, evaluate, task_accuracy
 from actstore.sae.model import SAE, check_d_in
 from actstore.sae.optim import ScheduleFreeSignSGD, averaged, make_optimizer
+from actstore.sae.sparse import TopKEncode, decode_topk, dense
 from actstore.sae.stream import RowSplit, ShuffledStream, split_rows
 from actstore.storage.integrity import update_manifest
 from actstore.storage.locks import StoreLock
@@ -91,14 +92,23 @@ class LossParts(NamedTuple):
     """(b, d_sae)"""
     x_hat_n: torch.Tensor
     """(b, d_in), normalised space"""
+    fired: torch.Tensor | None = None
+    """(d_sae,) tokens each feature was active on (topk's sparse step has it for free)."""
 
 
 def sae_loss(sae: SAE, x: torch.Tensor, dead: torch.Tensor | None, l1: float, aux_k: int, aux_coef: float) -> LossParts:
     """Training loss of ``sae`` on raw activations ``x (b, d_in)``; ``dead`` is a bool ``(d_sae,)`` mask."""
     xn = x * sae.cfg.norm_scale  # (b, d_in)
-    pre = sae.pre_acts(x)  # (b, d_sae)
-    acts = sae.activate(pre, train=True)
-    x_hat_n = sae.decode_normalised(acts)
+    if sae.cfg.arch == "topk":  # sparse: only the encoder's forward is a dense (b, d_in, d_sae) matmul
+        vals, idx, pre = TopKEncode.apply(xn - sae.b_dec, sae.W_enc, sae.b_enc, int(sae.cfg.k))  # (b, k), (b, d_sae)
+        x_hat_n = decode_topk(vals, idx, sae.W_dec, sae.b_dec)
+        acts = dense(vals, idx, sae.cfg.d_sae)
+        fired = torch.bincount(idx[vals > 0], minlength=sae.cfg.d_sae)  # (d_sae,)
+    else:
+        fired = None
+        pre = sae.pre_acts(x)  # (b, d_sae)
+        acts = sae.activate(pre, train=True)
+        x_hat_n = sae.decode_normalised(acts)
     mse = ((x_hat_n - xn) ** 2).mean()
     if sae.cfg.arch == "relu-l1":
         penalty = (acts * sae.W_dec.norm(dim=1)).sum(-1).mean()
@@ -108,10 +118,9 @@ def sae_loss(sae: SAE, x: torch.Tensor, dead: torch.Tensor | None, l1: float, au
         resid = (xn - x_hat_n).detach()  # (b, d_in)
         dead_pre = torch.where(dead, pre, torch.full_like(pre, -torch.inf))
         kk = min(aux_k, int(dead.sum()))
-        vals, idx = dead_pre.topk(kk, dim=-1)
-        aux_acts = torch.zeros_like(pre).scatter_(-1, idx, torch.relu(vals))
-        penalty = ((aux_acts @ sae.W_dec - resid) ** 2).mean()
-    return LossParts(mse + aux_coef * penalty, mse, penalty, acts, x_hat_n)
+        vals, idx = dead_pre.topk(kk, dim=-1)  # (b, kk)
+        penalty = ((decode_topk(torch.relu(vals), idx, sae.W_dec, torch.zeros_like(sae.b_dec)) - resid) ** 2).mean()
+    return LossParts(mse + aux_coef * penalty, mse, penalty, acts, x_hat_n, fired)
 
 
 def train_step(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, tracker: TrainTracker, cfg: TrainConfig,
@@ -129,7 +138,7 @@ def train_step(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, tracker: T
     if sae.cfg.arch != "relu-l1":
         sae.set_decoder_norm()
     with torch.no_grad():
-        tracker.update(x, parts.x_hat_n / sae.cfg.norm_scale, parts.acts)
+        tracker.update(x, parts.x_hat_n / sae.cfg.norm_scale, parts.acts, parts.fired)
     return parts
 
 
