@@ -117,9 +117,7 @@ class ActorPool:
                 raise _cause(exc) from None
             else:
                 on_result(item, out)
-            if todo and sum(1 for j, *_ in inflight.values() if j == i) < IN_FLIGHT:
-                submit(i)
-            for j in range(len(self.actors)):  # a replaced actor gets work again
+            for j in range(len(self.actors)):  # refill every actor (this one, and one just replaced)
                 while todo and sum(1 for k, *_ in inflight.values() if k == j) < IN_FLIGHT:
                     submit(j)
 

@@ -56,10 +56,11 @@ def timed_extract(base: str, work: Path, name: str, cfg, fmt: int = 3, ray: str 
 
 def actor_startup_seconds(ray, cfg, store: str) -> float:
     """Seconds to start one extraction actor (a process, torch and the model loaded) and hear back from it."""
+    import actstore
     from actstore.store.distributed import ExtractActor
     from actstore.store.worker import ExtractJob
 
-    st = __import__("actstore").open_store(store)
+    st = actstore.open_store(store)
     tok = st.tokenization()
     job = ExtractJob(store=store, storage_options=None, model=cfg.model, model_key="minilm", layers=[0], tokenization=tok.key,
                      n_rows=tok.n_tokens, unit_rows=cfg.unit_rows, codec=cfg.codec, batch_size=cfg.batch_size,

@@ -211,11 +211,12 @@ def test_ray_extraction_into_a_bucket_equals_one_process(s3_server, tiny_bert_di
     assert_same(url, reference["fp16"])
 
 
-def _actor_pids() -> list[int]:
+def _actor_pids(actor: str = "ExtractActor") -> list[int]:
+    """Pids of this process's Ray actors of class ``actor`` (Ray names their processes ``ray::Class...``)."""
     import psutil
 
     me = psutil.Process()
-    return [p.pid for p in me.children(recursive=True) if "ExtractActor" in " ".join(_cmdline(p))]
+    return [p.pid for p in me.children(recursive=True) if actor in " ".join(_cmdline(p))]
 
 
 def _cmdline(p) -> list[str]:
@@ -335,9 +336,7 @@ def test_ray_encode_with_2_workers_equals_one_process(two_sae_stores):
     def kill_one() -> None:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not killed:
-            import psutil
-
-            pids = [p.pid for p in psutil.Process().children(recursive=True) if "EncodeActor" in " ".join(_cmdline(p))]
+            pids = _actor_pids("EncodeActor")
             done = list(Path(b).glob("features/s/gen-*/spill/done/*.done"))
             if len(pids) == 2 and done:
                 os.kill(pids[0], signal.SIGKILL)

@@ -55,7 +55,7 @@ def test_the_sparse_topk_step_has_the_dense_steps_loss_and_gradients():
     autograd through the dense path (SAE.activate, a dense decoder), the dead-latent auxiliary loss included."""
     from actstore.sae.config import SAEConfig
     from actstore.sae.model import SAE
-    from actstore.sae.sparse import TopKEncode, decode_topk, dense
+    from actstore.sae.sparse import TopKEncode, decode_topk
 
     torch.manual_seed(0)
     sae = SAE(SAEConfig(arch="topk", d_in=12, d_sae=40, k=5, norm_scale=1.3))
@@ -70,7 +70,8 @@ def test_the_sparse_topk_step_has_the_dense_steps_loss_and_gradients():
         xn = x * sae.cfg.norm_scale
         if sparse:
             vals, idx, pre = TopKEncode.apply(xn - sae.b_dec, sae.W_enc, sae.b_enc, 5)
-            x_hat, acts = decode_topk(vals, idx, sae.W_dec, sae.b_dec), dense(vals, idx, 40)
+            x_hat = decode_topk(vals, idx, sae.W_dec, sae.b_dec)
+            acts = torch.zeros(64, 40).scatter_(1, idx, vals)
         else:
             pre = sae.pre_acts(x)
             acts = sae.activate(pre, train=True)

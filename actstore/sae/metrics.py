@@ -78,13 +78,11 @@ class TrainTracker:
         return self.last_fired <= max(0, self.tokens_seen - self.dead_window)
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor, x_hat: torch.Tensor, acts: torch.Tensor, fired: torch.Tensor | None = None) -> None:
-        """Add one batch: raw ``x (b, d_in)``, raw ``x_hat (b, d_in)``, ``acts (b, d_sae)``; ``fired (d_sae,)``, the
-        tokens each feature was active on, when the caller has it (a dense scan of ``acts`` costs a third of a step)."""
+    def update(self, x: torch.Tensor, x_hat: torch.Tensor, fired: torch.Tensor) -> None:
+        """Add one batch: raw ``x (b, d_in)``, raw ``x_hat (b, d_in)``, ``fired (d_sae,)``: the tokens of the batch
+        each feature was active on."""
         b = x.shape[0]
         self.tokens_seen += b
-        if fired is None:
-            fired = (acts > 0).sum(0)  # (d_sae,)
         self.last_fired[fired > 0] = self.tokens_seen
         self.fires += fired.double()
         xd = x.double()

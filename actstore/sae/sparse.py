@@ -56,8 +56,3 @@ class TopKEncode(torch.autograd.Function):
 def decode_topk(vals: torch.Tensor, idx: torch.Tensor, w_dec: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
     """``sum_j vals[:, j] * w_dec[idx[:, j]] + b_dec``: ``(n, d_in)`` from the k active latents of each row."""
     return F.embedding_bag(idx, w_dec, per_sample_weights=vals, mode="sum") + b_dec
-
-
-def dense(vals: torch.Tensor, idx: torch.Tensor, d_sae: int) -> torch.Tensor:
-    """The ``(n, d_sae)`` activations (for the metrics), without a gradient."""
-    return torch.zeros(vals.shape[0], d_sae, dtype=vals.dtype, device=vals.device).scatter_(1, idx, vals.detach())

@@ -40,7 +40,7 @@ from actstore.sae.files import delete_sae, save_sae
 from actstore.sae.metrics import TrainTracker, evaluate, task_accuracy
 from actstore.sae.model import SAE, check_d_in
 from actstore.sae.optim import ScheduleFreeSignSGD, averaged, make_optimizer
-from actstore.sae.sparse import TopKEncode, decode_topk, dense
+from actstore.sae.sparse import TopKEncode, decode_topk
 from actstore.sae.stream import RowSplit, ShuffledStream, split_rows
 from actstore.storage.integrity import update_manifest
 from actstore.storage.locks import StoreLock
@@ -88,12 +88,12 @@ class LossParts(NamedTuple):
     """Element MSE in normalised space."""
     penalty: torch.Tensor
     """L1 term (relu-l1) or auxiliary loss (topk / batchtopk), before its coefficient."""
-    acts: torch.Tensor
-    """(b, d_sae)"""
+    acts: torch.Tensor | None
+    """(b, d_sae); None from topk's sparse step, which never makes the dense matrix"""
     x_hat_n: torch.Tensor
     """(b, d_in), normalised space"""
-    fired: torch.Tensor | None = None
-    """(d_sae,) tokens each feature was active on (topk's sparse step has it for free)."""
+    fired: torch.Tensor
+    """(d_sae,) tokens of the batch each feature was active on"""
 
 
 def sae_loss(sae: SAE, x: torch.Tensor, dead: torch.Tensor | None, l1: float, aux_k: int, aux_coef: float) -> LossParts:
@@ -102,17 +102,16 @@ def sae_loss(sae: SAE, x: torch.Tensor, dead: torch.Tensor | None, l1: float, au
     if sae.cfg.arch == "topk":  # sparse: only the encoder's forward is a dense (b, d_in, d_sae) matmul
         vals, idx, pre = TopKEncode.apply(xn - sae.b_dec, sae.W_enc, sae.b_enc, int(sae.cfg.k))  # (b, k), (b, d_sae)
         x_hat_n = decode_topk(vals, idx, sae.W_dec, sae.b_dec)
-        acts = dense(vals, idx, sae.cfg.d_sae)
-        fired = torch.bincount(idx[vals > 0], minlength=sae.cfg.d_sae)  # (d_sae,)
+        acts, fired = None, torch.bincount(idx[vals > 0], minlength=sae.cfg.d_sae)  # (d_sae,) from the indices
     else:
-        fired = None
         pre = sae.pre_acts(x)  # (b, d_sae)
         acts = sae.activate(pre, train=True)
         x_hat_n = sae.decode_normalised(acts)
+        fired = (acts > 0).sum(0)  # (d_sae,)
     mse = ((x_hat_n - xn) ** 2).mean()
     if sae.cfg.arch == "relu-l1":
         penalty = (acts * sae.W_dec.norm(dim=1)).sum(-1).mean()
-        return LossParts(mse + l1 * penalty, mse, penalty, acts, x_hat_n)
+        return LossParts(mse + l1 * penalty, mse, penalty, acts, x_hat_n, fired)
     penalty = torch.zeros((), device=x.device)
     if dead is not None and bool(dead.any()):
         resid = (xn - x_hat_n).detach()  # (b, d_in)
@@ -138,7 +137,7 @@ def train_step(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, tracker: T
     if sae.cfg.arch != "relu-l1":
         sae.set_decoder_norm()
     with torch.no_grad():
-        tracker.update(x, parts.x_hat_n / sae.cfg.norm_scale, parts.acts, parts.fired)
+        tracker.update(x, parts.x_hat_n / sae.cfg.norm_scale, parts.fired)
     return parts
 
 
@@ -390,7 +389,7 @@ class _Run:
 
     def _one_step(self, x: torch.Tensor) -> LossParts:
         parts = train_step(self.sae, self.opt, x, self.tracker, self.cfg, self.aux_k)
-        if self.sae.cfg.arch == "batchtopk":
+        if parts.acts is not None and self.sae.cfg.arch == "batchtopk":
             with torch.no_grad():
                 pos = parts.acts[parts.acts > 0]
                 if pos.numel():

@@ -54,7 +54,7 @@ def extract_on_ray(job: ExtractJob, loc: Location, address: str, workers: int | 
 
             def done(u0: int, outcome: str) -> None:
                 nonlocal computed
-                unit = _unit(job, u0)
+                unit = job.unit(u0)
                 if outcome == CLAIMED:
                     claimed.append(unit)
                     return
@@ -75,7 +75,3 @@ def extract_on_ray(job: ExtractJob, loc: Location, address: str, workers: int | 
             for a in pool.actors:
                 ray.kill(a)
     return computed
-
-
-def _unit(job: ExtractJob, u0: int) -> tuple[int, int]:
-    return (u0, min(u0 + job.unit_rows, job.n_rows))

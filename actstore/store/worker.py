@@ -63,9 +63,13 @@ class ExtractJob:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def unit(self, u0: int) -> tuple[int, int]:
+        """The rows ``(first, stop)`` of the unit starting at ``u0``."""
+        return u0, min(u0 + self.unit_rows, self.n_rows)
+
     def units(self) -> list[tuple[int, int]]:
         """Every unit's rows ``(first, stop)``."""
-        return [(u0, min(u0 + self.unit_rows, self.n_rows)) for u0 in range(0, self.n_rows, self.unit_rows)]
+        return [self.unit(u0) for u0 in range(0, self.n_rows, self.unit_rows)]
 
     def pending(self, loc: Location) -> list[tuple[int, int]]:
         """The units some layer of this job has no marker for (one listing per layer)."""
@@ -109,7 +113,7 @@ class UnitWorker:
 
     def run(self, u0: int) -> str:
         """Claim, compute and queue the unit starting at row ``u0``: CLAIMED, DONE or QUEUED."""
-        u1 = min(u0 + self.job.unit_rows, self.job.n_rows)
+        u1 = self.job.unit(u0)[1]
         claim = StoreLock(self.loc, layout.unit_claim(self.job.model_key, u0), f"extract {self.job.model_key}",
                           lease_s=UNIT_LEASE_S)  # fmt: skip
         if claim.try_acquire() is not None:
