@@ -21,6 +21,8 @@ _EXPORTS = {
     "ExtractConfig": "store.extract", "ExtractResult": "store.extract",
     "SAE": "sae.model", "SAEConfig": "sae.model",
     "export_sae": "sae.export", "list_saes": "sae.files", "load_sae": "sae.files", "sae_names": "sae.files",
+    "read_metrics": "sae.files", "ImportConfig": "sae.config", "import_sae": "sae.imports",
+    "FeatureExportConfig": "query.config", "export_features": "query.exports",
     "TrainConfig": "sae.train", "TrainResult": "sae.train", "train_sae": "sae.train",
     "EncodeConfig": "encoding.encode", "EncodeResult": "encoding.encode",
     "sql": "query.views", "connect": "query.views", "run_query": "query.named",

@@ -5,20 +5,23 @@ Every trainer sees the same training rows (actstore's split: the held-out sample
 in the same number of tokens; held-out FVU, L0 and dead latents are computed here, with numpy, from the weights each
 tool saved (actstore's ``sae.safetensors``, sparsify's ``sae.safetensors``), not from what the tools report.
 
-Peers run in their own interpreter (``--sparsify-python /path/to/venv/bin/python``, a venv with
-``pip install torch==2.13.0 eai-sparsify``): this script writes the training rows to a ``.npy`` file, the peer trains
-with its own classes and optimizer (sparsify: ``SparseCoder``, ``SignSGD`` under ``ScheduleFreeWrapper``, the steps of
-its ``Trainer``: ``b_dec`` at the first batch's mean, decoder renormalised before every forward, the gradient parallel
-to the decoder rows removed, FVU loss) and saves its weights.
+Peers run in their own interpreter (``--sparsify-python`` / ``--saelens-python /path/to/venv/bin/python``, a venv
+with ``pip install torch==2.13.0 eai-sparsify sae-lens``): this script writes the training rows to a ``.npy`` file,
+the peer trains with its own classes and optimizer and saves its weights. sparsify: ``SparseCoder``, ``SignSGD``
+under ``ScheduleFreeWrapper``, the steps of its ``Trainer`` (``b_dec`` at the first batch's mean, decoder
+renormalised before every forward, the gradient parallel to the decoder rows removed, FVU loss). SAELens:
+``TopKTrainingSAE`` trained by its own ``SAETrainer`` with its defaults (Adam 3e-4), saved with
+``save_inference_model``.
 
 Usage: python bench/bench_peers.py STORE --model minilm --layer 4 [--k 32 --d-sae 3072 --batch 4096 --threads 2]
-       [--sparsify-python /tmp/peers/bin/python]
+       [--sparsify-python /tmp/peers/bin/python] [--saelens-python /tmp/peers/bin/python]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -60,6 +63,27 @@ for b0 in range(0, x.shape[0] - args["batch"] + 1, args["batch"]):
 opt.eval()
 secs = time.perf_counter() - t0
 sae.save_to_disk(args["out"])
+print(json.dumps({"tokens": n, "seconds": secs}))
+"""
+
+SAELENS = r"""
+import json, sys, time
+import numpy as np, torch
+from sae_lens import SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
+from sae_lens.config import SAETrainerConfig
+args = json.loads(sys.argv[1])
+torch.set_num_threads(args["threads"])
+torch.manual_seed(args["seed"])
+x = torch.from_numpy(np.load(args["rows"]))  # (n_train, d_in), float32, shuffled once by the driver
+n = (x.shape[0] // args["batch"]) * args["batch"]
+sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=args["k"], d_in=x.shape[1], d_sae=args["d_sae"]))
+batches = iter(x[b0 : b0 + args["batch"]] for b0 in range(0, n, args["batch"]))
+tcfg = SAETrainerConfig(total_training_samples=n, train_batch_size_samples=args["batch"], lr_end=3e-4)  # the runner sets lr_end
+trainer = SAETrainer(tcfg, sae, batches)
+t0 = time.perf_counter()
+trainer.fit()
+secs = time.perf_counter() - t0
+sae.save_inference_model(args["out"])  # cfg.json + sae_weights.safetensors, decoder norms folded in
 print(json.dumps({"tokens": n, "seconds": secs}))
 """
 
@@ -116,6 +140,26 @@ def sparsify_weights(folder: str, x: np.ndarray, x_train: np.ndarray, k: int) ->
     return metrics(x, acts, x_hat, fired)
 
 
+def saelens_weights(folder: str, x: np.ndarray, x_train: np.ndarray) -> dict[str, float]:
+    """FVU / L0 / dead from SAELens's saved inference weights (``apply_b_dec_to_input``, TopK then ReLU)."""
+    from safetensors.numpy import load_file
+
+    w = load_file(str(Path(folder) / "sae_weights.safetensors"))
+    cfg = json.loads((Path(folder) / "cfg.json").read_text())
+    shift = w["b_dec"] if cfg.get("apply_b_dec_to_input", True) else 0.0
+    norms = np.linalg.norm(w["W_dec"], axis=1) if cfg.get("rescale_acts_by_decoder_norm") else np.ones(len(w["W_dec"]))
+
+    def run(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        acts = topk_encode(rows - shift, w["W_enc"] * norms, w["b_enc"] * norms, int(cfg["k"]))
+        return acts, (acts / norms) @ w["W_dec"] + w["b_dec"]
+
+    acts, x_hat = run(x)
+    fired = np.zeros(w["W_enc"].shape[1], bool)
+    for b0 in range(0, len(x_train), 8192):
+        fired |= (run(x_train[b0 : b0 + 8192])[0] > 0).any(0)
+    return metrics(x, acts, x_hat, fired)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("store")
@@ -126,6 +170,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sparsify-python", default=None)
+    ap.add_argument("--saelens-python", default=None)
     args = ap.parse_args()
 
     import torch
@@ -181,19 +226,26 @@ def main() -> None:
     rows_out.append({"trainer": "bare in-memory loop, the same recipe (signum)", "tokens": n, "tok_s": n / bare_s,
                      "fvu": float("nan"), "l0": float("nan"), "dead": float("nan")})  # fmt: skip
 
-    if args.sparsify_python:
-        work = Path(tempfile.mkdtemp(prefix="peers-"))
-        np.save(work / "rows.npy", shuffled)
+    work = Path(tempfile.mkdtemp(prefix="peers-"))
+    np.save(work / "rows.npy", shuffled)
+    peers = [("sparsify", args.sparsify_python, SPARSIFY, "EleutherAI sparsify (SignSGD + Schedule-Free, its defaults)"),
+             ("saelens", args.saelens_python, SAELENS, "SAELens (TopKTrainingSAE + SAETrainer, its defaults)")]  # fmt: skip
+    for key, python, script, label in peers:
+        if not python:
+            continue
         spec = {"rows": str(work / "rows.npy"), "k": args.k, "d_sae": args.d_sae, "batch": args.batch,
-                "threads": args.threads, "seed": 0, "out": str(work / "sparsify")}  # fmt: skip
-        out = subprocess.run([args.sparsify_python, "-c", SPARSIFY, json.dumps(spec)], capture_output=True, text=True)
+                "threads": args.threads, "seed": 0, "out": str(work / key)}  # fmt: skip
+        out = subprocess.run([python, "-c", script, json.dumps(spec)], capture_output=True, text=True,
+                             env={**os.environ, "WANDB_MODE": "disabled", "TQDM_DISABLE": "1"})  # fmt: skip
         if out.returncode:
-            print(out.stderr[-3000:], file=sys.stderr)
+            print(f"{key} failed:\n{out.stderr[-3000:]}", file=sys.stderr)
+            continue
+        info = json.loads(out.stdout.strip().splitlines()[-1])
+        if key == "sparsify":
+            m = sparsify_weights(str(work / key), eval_x, x_train, args.k)
         else:
-            info = json.loads(out.stdout.strip().splitlines()[-1])
-            m = sparsify_weights(str(work / "sparsify"), eval_x, x_train, args.k)
-            rows_out.append({"trainer": "EleutherAI sparsify (SignSGD + Schedule-Free, its defaults)",
-                             "tokens": info["tokens"], "tok_s": info["tokens"] / info["seconds"], **m})  # fmt: skip
+            m = saelens_weights(str(work / key), eval_x, x_train)
+        rows_out.append({"trainer": label, "tokens": info["tokens"], "tok_s": info["tokens"] / info["seconds"], **m})
 
     base = next(r for r in rows_out if r["trainer"].startswith("bare"))["tok_s"]
     print(f"\n{args.model} layer {args.layer}: TopK k {args.k}, d_sae {args.d_sae}, batch {args.batch}, "

@@ -80,6 +80,9 @@ def test_demo_report_has_every_section_and_token_views(demo_run) -> None:
     assert re.findall(r'<span class="tok"', demo_run.page)
     report = demo_run.out / "report"
     assert (report / "similarity.png").read_bytes()[:4] == (report / "feature_diff.png").read_bytes()[:4] == b"\x89PNG"
+    assert (report / "sae_curves.png").read_bytes()[:4] == b"\x89PNG" and "sae_curves.png" in demo_run.page
+    for row in demo_run.rep["sae_metrics"]:  # each SAE's held-out curve ends at its final metrics
+        assert row["curves"]["eval"]["fvu"][-1] == pytest.approx(row["fvu"])
 
 
 @pytest.mark.slow

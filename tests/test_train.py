@@ -157,6 +157,13 @@ def test_train_each_arch_writes_artifacts(tiny_store, arch, extra):
     if arch == "batchtopk":
         assert m["threshold"] > 0 and float(sae.threshold) == pytest.approx(m["threshold"])
     assert [h["step"] for h in m["history"]] == sorted(h["step"] for h in m["history"])
+    # the FVU-tokens / FVU-L0 curves: held-out points spread over the run, the last one the final metrics
+    ev, tr = m["curves"]["eval"], m["curves"]["train"]
+    n_points = min(TrainConfig(model="tiny", layer=2).eval_points, m["steps"])
+    assert len(ev["tokens"]) >= n_points and ev["tokens"] == sorted(ev["tokens"]) and ev["tokens"][-1] == m["tokens"]
+    assert ev["fvu"][-1] == pytest.approx(m["eval"]["fvu"]) and ev["l0"][-1] == pytest.approx(m["eval"]["l0"])
+    assert len(tr["tokens"]) == len(tr["fvu"]) == len(tr["l0"]) == sum("fvu" in h for h in m["history"])
+    assert ev["fvu"][-1] < ev["fvu"][0]  # it learned
 
 
 def test_tokens_budget_and_paper_preset(tiny_store):

@@ -6,7 +6,7 @@ Sections, each present when the store has what it needs:
    (its ``report.json``): accuracy of the fine-tuned and of the pretrained encoder + fresh head,
    per-class F1, confusion matrices (the paper's Table 2);
 2. layer-wise similarity of the two models -- mean-cosine, token-cosine, CKA (the paper's Fig 1);
-3. SAE metrics -- held-out MSE, FVU, L0, dead fraction per SAE;
+3. SAE metrics -- held-out MSE, FVU, L0, dead fraction per SAE; FVU against tokens and L0 (training curves);
 4. top features by variance per SAE with their top-activating tokens in context (the paper's
    Table 1) and token views of the best one, the SAE's own model beside the other (Figs 3-5);
 5. feature diff -- retained / modified / lost / new between the two models' SAEs at each layer.
@@ -283,7 +283,7 @@ def _build_report(store: Store, cfg: ReportConfig, progress: bool = False) -> Re
 
     ft, reps, ft_notes = _finetune_part(store)
     models = _models_to_compare(store, cfg, reps)
-    parts: list[Part | None] = [ft, _similarity_part(store, cfg, models, out, progress), _sae_metrics_part(store),
+    parts: list[Part | None] = [ft, _similarity_part(store, cfg, models, out, progress), _sae_metrics_part(store, out),
                                 _features_part(store, cfg, models), _diff_part(store, cfg, models, out)]  # fmt: skip
     res.notes += ft_notes
     if models is None:
@@ -374,19 +374,77 @@ def _similarity_part(store: Store, cfg: ReportConfig, models: tuple[str, str] | 
     return Part("similarity", w.to_dicts(), h, md, pngs=[png])
 
 
-def _sae_metrics_part(store: Store) -> Part | None:
-    """3. Every SAE's held-out metrics, with a note for each dense one."""
+def sae_curves(store: Store) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """Each SAE's training curves (``metrics.json``'s ``curves``, or rebuilt from the history of older runs)."""
+    from actstore.sae.files import read_metrics
+    from actstore.sae.metrics import training_curves
+
+    out = {}
+    for name in sae_names(store):
+        m = read_metrics(store, name)
+        curves = m.get("curves") or training_curves(m.get("history") or [])
+        if curves["eval"]["tokens"] or curves["train"]["tokens"]:
+            out[name] = curves
+    return out
+
+
+def _plot_curves(curves: dict[str, dict[str, dict[str, list[float]]]], path: str) -> str:
+    """Held-out FVU against tokens (did it converge?) and against L0 (where on the sparsity frontier), per SAE."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for i, (name, c) in enumerate(sorted(curves.items())):
+        colour = f"C{i % 10}"
+        ev, tr = c["eval"], c["train"]
+        if tr["tokens"]:
+            ax1.plot(tr["tokens"], tr["fvu"], color=colour, alpha=0.35, lw=1)
+        if ev["tokens"]:
+            ax1.plot(ev["tokens"], ev["fvu"], "o-", color=colour, ms=3, label=name)
+            ax2.plot(ev["l0"], ev["fvu"], "-", color=colour, alpha=0.35)
+            ax2.plot(ev["l0"][-1:], ev["fvu"][-1:], "o", color=colour, label=name)
+    ax1.set_xlabel("training tokens")
+    ax1.set_ylabel("FVU (held-out: dots; training: faint)")
+    ax1.set_title("FVU vs tokens")
+    ax2.set_xlabel("L0 (active features per token)")
+    ax2.set_xscale("log")
+    ax2.set_ylabel("held-out FVU")
+    ax2.set_title("FVU vs L0 (final: dot)")
+    for ax in (ax1, ax2):
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    handles, labels = ax1.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=min(4, len(labels)), frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * (1 + (len(labels) - 1) // 4), 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _sae_metrics_part(store: Store, out: Path) -> Part | None:
+    """3. Every SAE's held-out metrics and training curves, with a note for each dense one."""
     sm = sae_metrics_table(store)
     if sm is None:
         return None
     h = ["<h2>3. SAE metrics</h2><p>Held-out metrics from training: MSE, fraction of variance unexplained (FVU), "
          "mean active features per token (L0) and dead fraction.</p>" + _html_table(sm)]  # fmt: skip
     md = ["## 3. SAE metrics", "", _md_table(sm), ""]
+    curves = sae_curves(store)
+    pngs = []
+    if curves:
+        pngs.append(_plot_curves(curves, str(out / "sae_curves.png")))
+        h.append("<p>Training curves: held-out FVU against training tokens (a run that converged flattens out) and "
+                 "against L0 (lower and further left is better).</p><img src='sae_curves.png'>")  # fmt: skip
+        md += ["![SAE training curves](sae_curves.png)", ""]
     notes = dense_notes(sm)
     for note in notes:
         h.append(f"<p class='note'>{_esc(note)}</p>")
         md += [f"> {note}", ""]
-    return Part("sae-metrics", sm.to_dicts(), h, md, notes=notes)
+    data = [{**row, "curves": curves.get(row["name"])} for row in sm.to_dicts()]
+    return Part("sae-metrics", data, h, md, notes=notes, pngs=pngs)
 
 
 def _features_part(store: Store, cfg: ReportConfig, models: tuple[str, str] | None) -> Part:

@@ -26,7 +26,8 @@ from actstore.cli.options import (
 from actstore.encoding.config import EncodeConfig
 from actstore.format.codecs import CODECS
 from actstore.models.config import FinetuneConfig
-from actstore.sae.config import ARCHS, EXPORT_FORMATS, OPTIMIZERS, PRESETS, TrainConfig
+from actstore.models.names import MODEL_DTYPES
+from actstore.sae.config import OPTIMIZERS, PRESETS, TRAIN_ARCHS, TrainConfig
 from actstore.storage.config import CopyConfig
 from actstore.storage.urls import write_access
 from actstore.store.config import ExtractConfig
@@ -43,6 +44,9 @@ _diff, _report, _demo, _train = (config_options(c) for c in (DiffConfig, ReportC
 @_extract("layers", required=True, type=str, help="hidden_states indices: 2,4,6 or 0-6 or 'all' (0 = embeddings).")
 @_extract("name")
 @_extract("max_length")
+@_extract("window")
+@_extract("stride")
+@_extract("dtype", type=click.Choice(MODEL_DTYPES))
 @_extract("batch_size")
 @_extract("codec", type=click.Choice(CODECS))
 @_extract("chunk_rows")
@@ -58,10 +62,9 @@ _diff, _report, _demo, _train = (config_options(c) for c in (DiffConfig, ReportC
 @handle_errors
 def extract(store: str, storage_options: tuple[str, ...], model: str, data: str, text_field: str, label_field: str,
             id_field: str, limit: int | None, labels: str | None, layers: str, name: str | None, max_length: int | None,
-            batch_size: int, codec: str, chunk_rows: int, inner_rows: int, unit_rows: int | None, new_tokenization: bool,
-            device: str,
-            threads: int | None, ray_address: str | None, ray_workers: int | None, quiet: bool,
-            break_lock: bool) -> None:  # fmt: skip
+            window: int | None, stride: int | None, dtype: str, batch_size: int, codec: str, chunk_rows: int,
+            inner_rows: int, unit_rows: int | None, new_tokenization: bool, device: str, threads: int | None,
+            ray_address: str | None, ray_workers: int | None, quiet: bool, break_lock: bool) -> None:  # fmt: skip
     """Extract hidden states of MODEL at LAYERS over a corpus into STORE (resumable).
 
     Units complete in any order: two runs on one store share the work, and --ray fans the units out over Ray
@@ -75,7 +78,7 @@ def extract(store: str, storage_options: tuple[str, ...], model: str, data: str,
         model=model, data=data_config(data, text_field, label_field, id_field, limit, labels),
         layers="all" if layers == "all" else layers, name=name, max_length=max_length, batch_size=batch_size,
         codec=codec, device=device, chunk_rows=chunk_rows, inner_rows=inner_rows, new_tokenization=new_tokenization,
-        unit_rows=unit_rows, threads=threads, ray_workers=ray_workers,
+        unit_rows=unit_rows, threads=threads, ray_workers=ray_workers, window=window, stride=stride, dtype=dtype,
     )  # fmt: skip
     res = run(store, cfg, progress=not quiet, storage_options=parse_storage_options(storage_options), break_lock=break_lock,
               ray_address=ray_address)  # fmt: skip
@@ -296,13 +299,14 @@ def demo(out: str, limit: int, max_length: int, epochs: int, sae_epochs: int, mo
 @store_argument
 @click.option("--model", "--models", "models", required=True, help="Store key of the model; several (a,b) make a sweep.")
 @click.option("--layer", "--layers", "layers", required=True, help="Layer (hidden_states index); 2,4,6 or 2-6 make a sweep.")
-@_train("arch", type=click.Choice(ARCHS))
+@_train("arch", type=click.Choice(TRAIN_ARCHS))
 @click.option(
     "--d-sae", "d_saes", default=None, help="Number of features (default: expansion x d_model); 1024,4096 make a sweep."
 )
 @_train("expansion")
 @_train("k")
 @_train("l1")
+@_train("l1_warmup")
 @_train("lr")
 @_train("optimizer", type=click.Choice(OPTIMIZERS))
 @_train("epochs")
@@ -316,6 +320,7 @@ def demo(out: str, limit: int, max_length: int, epochs: int, sae_epochs: int, mo
 @_train("threads")
 @_train("eval_fraction")
 @_train("checkpoint_every")
+@_train("eval_points")
 @_train("resume")
 @_train("overwrite")
 @_train("device")
@@ -324,10 +329,11 @@ def demo(out: str, limit: int, max_length: int, epochs: int, sae_epochs: int, mo
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @handle_errors
 def train(store: str, storage_options: tuple[str, ...], writable: bool, models: str, layers: str, arch: str | None,
-          d_saes: str | None, expansion: float | None, k: int | None, l1: float | None, lr: float | None,
+          d_saes: str | None, expansion: float | None, k: int | None, l1: float | None, l1_warmup: float | None,
+          lr: float | None,
           optimizer: str | None, epochs: int | None, tokens: int | None, batch_size: int, preset: str | None,
           name: str | None, seed: int, no_normalize: bool, buffer_mb: int, threads: int | None, eval_fraction: float,
-          checkpoint_every: int, resume: bool,
+          checkpoint_every: int, eval_points: int, resume: bool,
           overwrite: bool, device: str, ray_address: str | None, quiet: bool) -> None:  # fmt: skip
     """Train a sparse autoencoder on one layer of STORE, streaming from its chunks (resumable).
 
@@ -344,10 +350,10 @@ def train(store: str, storage_options: tuple[str, ...], writable: bool, models: 
         raise click.BadParameter(f"{d_saes!r}: give whole numbers, e.g. 1024 or 1024,4096", param_hint="--d-sae") from None
     cfg = TrainConfig(
         model=model_list[0] if model_list else "", layer=layer_list[0], arch=arch, d_sae=d_list[0], expansion=expansion, k=k,
-        l1=l1, lr=lr, optimizer=optimizer, epochs=epochs, tokens=tokens,
+        l1=l1, l1_warmup=l1_warmup, lr=lr, optimizer=optimizer, epochs=epochs, tokens=tokens,
         batch_size=batch_size, preset=preset, name=name, device=device, seed=seed, normalize=not no_normalize,
         buffer_mb=buffer_mb, threads=threads, eval_fraction=eval_fraction, checkpoint_every=checkpoint_every, resume=resume,
-        overwrite=overwrite,
+        overwrite=overwrite, eval_points=eval_points,
     )  # fmt: skip
     if len(model_list) * len(layer_list) * len(d_list) > 1 or ray_address is not None:
         from actstore.sae.sweep import run_sweep, sweep_configs
@@ -371,19 +377,3 @@ def train(store: str, storage_options: tuple[str, ...], writable: bool, models: 
         f"MSE {ev.get('mse', float('nan')):.4g}, L0 {ev.get('l0', float('nan')):.1f}, "
         f"dead {res.metrics['train'].get('dead_fraction', float('nan')):.3f}"
     )
-
-
-@main.command("export-sae")
-@store_argument
-@click.argument("name")
-@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default=EXPORT_FORMATS[0], show_default=True,
-              help="saelens: cfg.json + sae_weights.safetensors (raw-activation space); actstore: the stored files.")  # fmt: skip
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write.")
-@handle_errors
-def export_sae_cmd(store: str, storage_options: tuple[str, ...], name: str, fmt: str, out: str) -> None:
-    """Export SAE NAME of STORE for other tools (SAELens format by default)."""
-    from actstore.sae.export import export_sae
-    from actstore.store.reader import open_store
-
-    files = export_sae(open_store(store, storage_options=parse_storage_options(storage_options)), name, out, fmt)
-    click.echo(f"wrote {', '.join(str(f) for f in files)}")

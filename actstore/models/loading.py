@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from actstore.errors import ConfigError, ModelError
-from actstore.models.names import resolve_model
+from actstore.models.names import MODEL_DTYPES, resolve_model
 
 
 @contextlib.contextmanager
@@ -84,7 +84,9 @@ class LoadedModel:
     """Default input length: the tokenizer's ``model_max_length`` within ``position_limit``."""
     revision: str | None
     position_limit: int = 512
-    """Longest input the model accepts: its position embeddings, capped at 512."""
+    """Longest input the model accepts (its position embeddings; the model's whole context for decoder LMs)."""
+    dtype: str = "fp32"
+    """Precision of the weights as loaded: fp32, fp16 or bf16."""
 
     @functools.cached_property
     def tokenizer_sha256(self) -> str:
@@ -106,34 +108,52 @@ class LoadedModel:
             "revision": self.revision,
             "n_layers": self.n_layers,
             "d_model": self.d_model,
+            "dtype": self.dtype,
+            "position_limit": self.position_limit,
             "weights_sha256": weights_hash(self.model),
             "tokenizer_sha256": self.tokenizer_sha256,
             "tokenizer_ids_sha256": self.tokenizer_ids_sha256,
         }
 
 
-def load_model(model: str, device: str = "cpu") -> LoadedModel:
-    """Load a base model (no task head) and its tokenizer."""
+DEFAULT_MAX_LENGTH = 512
+"""Default input length when neither --max-length nor the tokenizer says less (decoder LMs allow more when asked)."""
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """``auto`` -> bf16 on CUDA, fp32 elsewhere; other values checked."""
+    if dtype not in MODEL_DTYPES:
+        raise ConfigError(f"unknown --dtype {dtype!r}: choose one of {', '.join(MODEL_DTYPES)}")
+    if dtype == "auto":
+        return "bf16" if device.startswith("cuda") else "fp32"
+    return dtype
+
+
+def load_model(model: str, device: str = "cpu", dtype: str = "fp32") -> LoadedModel:
+    """Load a base model (no task head) and its tokenizer, its weights in ``dtype`` (fp32, fp16, bf16 or auto)."""
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
 
+    dtype = resolve_dtype(dtype, device)
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     path = resolve_model(model)
     tok = from_pretrained(AutoTokenizer, path)
     net = from_pretrained(AutoModel, path)
-    net.eval().to(device)
+    net.eval().to(device=device, dtype=torch_dtype)
     cfg = net.config
     n_layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
     d_model = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
     if not n_layers or not d_model:
         raise ModelError(f"model {model!r} has no num_hidden_layers/hidden_size in its config: not a transformer actstore knows")
-    limits = [512, getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)]
-    position_limit = min(x for x in limits if x)
+    position_limit = int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or DEFAULT_MAX_LENGTH)
     tml = getattr(tok, "model_max_length", None)  # the tokenizer's default, which a trainer may have lowered
-    max_length = min(position_limit, tml) if isinstance(tml, int) and tml < 1_000_000 else position_limit
+    max_length = min(position_limit, DEFAULT_MAX_LENGTH)
+    if isinstance(tml, int) and tml < 1_000_000:
+        max_length = min(max_length, tml)
     revision = getattr(cfg, "_commit_hash", None)
-    return LoadedModel(model, path, net, tok, int(n_layers), int(d_model), int(max_length), revision, int(position_limit))
+    return LoadedModel(model, path, net, tok, int(n_layers), int(d_model), int(max_length), revision, position_limit, dtype)
 
 
 def weights_hash(model: nn.Module) -> str:

@@ -14,6 +14,10 @@ BUNDLED_MODELS = {
 }
 
 
+MODEL_DTYPES = ("auto", "fp32", "fp16", "bf16")
+"""``--dtype`` of the model weights; auto: bf16 on CUDA, fp32 on CPU."""
+
+
 def resolve_model(model: str) -> str:
     """Turn a short name (``bundled:minilm``) into a loadable id or directory."""
     if model in BUNDLED_MODELS:

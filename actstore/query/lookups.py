@@ -115,8 +115,9 @@ def context_string(tokens: list[str], hit: int) -> str:
     return "".join(out).lstrip(" ")
 
 
-def top_rows(store: Store, t: FeatureTable, feature: int, n: int) -> dict[str, np.ndarray]:
-    """``{"row", "value"}`` of the ``n`` highest activations of ``feature`` (value desc, then row), without DuckDB.
+def top_rows(store: Store, t: FeatureTable, feature: int, n: int | None) -> dict[str, np.ndarray]:
+    """``{"row", "value"}`` of the ``n`` highest activations of ``feature`` (value desc, then row), without DuckDB;
+    ``n=None``: all of them.
 
     Bucket files are sorted by (feature, value desc, row) (``actstore encode``): the answer is the
     feature's first ``n`` entries, read from the first row groups whose statistics admit it.
@@ -146,7 +147,7 @@ def top_rows(store: Store, t: FeatureTable, feature: int, n: int) -> dict[str, n
         rows.append(row[keep])
         values.append(value[keep])
         found += int(keep.sum())
-        if found >= n:
+        if n is not None and found >= n:
             break
     row = np.concatenate(rows) if rows else np.empty(0, np.int64)
     value = np.concatenate(values) if values else np.empty(0, np.float32)

@@ -11,7 +11,12 @@ from typing import Any
 
 from actstore.errors import ConfigError, IntegrityError
 
-ARCHS = ("relu-l1", "topk", "batchtopk")
+TRAIN_ARCHS = ("relu-l1", "topk", "batchtopk")
+"""Architectures ``actstore train`` trains."""
+ARCHS = (*TRAIN_ARCHS, "jumprelu")
+"""Architectures an SAE may have: the trained ones plus jumprelu (per-feature thresholds; imported, not trained)."""
+INPUT_NORMS = ("none", "constant_norm_rescale", "layer_norm")
+"""Per-token input normalisations an imported SAE may apply before encoding (SAELens's ``normalize_activations``)."""
 
 
 @dataclass
@@ -19,7 +24,7 @@ class SAEConfig:
     """Architecture and provenance of one SAE (saved as ``cfg.json``)."""
 
     arch: str
-    """relu-l1, topk or batchtopk."""
+    """relu-l1, topk, batchtopk or jumprelu."""
     d_in: int
     """Width of the activations it reads (the layer's d_model)."""
     d_sae: int
@@ -38,6 +43,10 @@ class SAEConfig:
     """Tokenization key of the rows it was trained on."""
     name: str | None = None
     """Name under STORE/saes/."""
+    input_norm: str = "none"
+    """Per-token normalisation before encoding, undone after decoding: none, constant_norm_rescale, layer_norm."""
+    source: dict[str, Any] | None = None
+    """Where an imported SAE came from (format, folder, hook point); None for one trained here."""
     training: dict[str, Any] = field(default_factory=dict)
     """The training config it was made with."""
     actstore_version: str | None = None
@@ -52,6 +61,8 @@ class SAEConfig:
             raise ConfigError(f"{self.arch} needs --k between 1 and d_sae ({self.d_sae}), got {self.k}")
         if self.norm_scale <= 0:
             raise ConfigError(f"norm_scale must be positive, got {self.norm_scale}")
+        if self.input_norm not in INPUT_NORMS:
+            raise ConfigError(f"unknown input_norm {self.input_norm!r}: choose one of {', '.join(INPUT_NORMS)}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -75,12 +86,13 @@ def parse_config(cfg_json: bytes, where: str = "SAE") -> SAEConfig:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # the seed paper: 768 -> 1024, ReLU, MSE + 1e-3 L1, Adam 2e-5, 10 epochs
-    "paper": {"arch": "relu-l1", "d_sae": 1024, "l1": 1e-3, "lr": 2e-5, "epochs": 10},
+    "paper": {"arch": "relu-l1", "d_sae": 1024, "l1": 1e-3, "lr": 2e-5, "epochs": 10, "l1_warmup": 0.0},
 }
 DEFAULT_EXPANSION = 4.0
 DEFAULT_LR = 5e-4
 DEFAULT_EPOCHS = 3
 DEFAULT_K = 32
+DEFAULT_L1_WARMUP = 0.05  # SAELens's usual L1 warm-up: 5% of the run
 OPTIMIZERS = ("signum", "adam")
 """SAE optimizers (``--optimizer``), see :mod:`actstore.sae.optim`."""
 
@@ -93,7 +105,17 @@ def default_optimizer(arch: str) -> str:
 
 
 # fields that may change between a killed run and its restart
-RUNTIME_FIELDS = ("device", "workers", "threads", "resume", "overwrite", "log_every", "checkpoint_every", "task_samples")
+RUNTIME_FIELDS = (
+    "device",
+    "workers",
+    "threads",
+    "resume",
+    "overwrite",
+    "log_every",
+    "eval_points",
+    "checkpoint_every",
+    "task_samples",
+)
 
 
 @dataclass
@@ -114,6 +136,8 @@ class TrainConfig:
     """Active features per token for topk / batchtopk (default 32, at most d_sae / 4)."""
     l1: float | None = None
     """L1 coefficient for relu-l1 (default 1e-3)."""
+    l1_warmup: float | None = None
+    """relu-l1: fraction of the steps over which the L1 coefficient ramps up from 0 (default 0.05; paper preset 0)."""
     lr: float | None = None
     """Learning rate (default: signum 5e-3 / sqrt(d_sae / 2^14) as sparsify; Adam 5e-4; paper preset 2e-5)."""
     optimizer: str | None = None
@@ -160,6 +184,8 @@ class TrainConfig:
     """Steps between checkpoints (0: only at epoch ends)."""
     log_every: int = 50
     """Steps between metric log entries."""
+    eval_points: int = 10
+    """Held-out evaluations spread evenly over the run (the FVU-tokens curve in metrics.json); 0: epoch ends only."""
     resume: bool = False
     """Require an unfinished run to continue (one is continued automatically anyway)."""
     overwrite: bool = False
@@ -175,13 +201,16 @@ class TrainConfig:
                 if getattr(self, key) is None and not (key == "d_sae" and self.expansion is not None):
                     setattr(self, key, val)
         self.arch = self.arch or "relu-l1"
-        if self.arch not in ARCHS:
-            raise ConfigError(f"unknown --arch {self.arch!r}: choose one of {', '.join(ARCHS)}")
+        if self.arch == "jumprelu":
+            raise ConfigError("jumprelu SAEs are imported (actstore import-sae), not trained: choose --arch topk or batchtopk")
+        if self.arch not in TRAIN_ARCHS:
+            raise ConfigError(f"unknown --arch {self.arch!r}: choose one of {', '.join(TRAIN_ARCHS)}")
         if self.d_sae is not None and self.expansion is not None:
             raise ConfigError("give --d-sae or --expansion, not both")
         if self.tokens is not None and self.epochs is not None:
             raise ConfigError("give --epochs or --tokens, not both")
         self.l1 = 1e-3 if self.l1 is None else self.l1
+        self.l1_warmup = DEFAULT_L1_WARMUP if self.l1_warmup is None else self.l1_warmup
         self.optimizer = self.optimizer or default_optimizer(self.arch)
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown --optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
@@ -194,6 +223,7 @@ class TrainConfig:
             (self.expansion is None or self.expansion > 0, f"--expansion must be positive, got {self.expansion}"),
             (self.lr is None or self.lr > 0, f"--lr must be positive, got {self.lr}"),
             (self.l1 >= 0, f"--l1 must be >= 0, got {self.l1}"),
+            (0 <= self.l1_warmup < 1, f"--l1-warmup must be in [0, 1), got {self.l1_warmup}"),
             (self.epochs is None or self.epochs > 0, f"--epochs must be positive, got {self.epochs}"),
             (self.tokens is None or self.tokens > 0, f"--tokens must be positive, got {self.tokens}"),
             (self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}"),
@@ -202,6 +232,7 @@ class TrainConfig:
             (self.buffer_mb > 0 and self.workers > 0, "buffer_mb and workers must be positive"),
             (self.dead_window > 0, "dead_window must be positive"),
             (self.checkpoint_every >= 0 and self.log_every > 0, "checkpoint_every >= 0 and log_every > 0 please"),
+            (self.eval_points >= 0, f"eval_points must be >= 0, got {self.eval_points}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -235,7 +266,40 @@ class TrainConfig:
         return asdict(self)
 
 
-EXPORT_FORMATS = ("saelens", "actstore")
+EXPORT_FORMATS = ("saelens", "sparsify", "actstore")
+IMPORT_FORMATS = ("saelens", "sparsify")
+
+
+@dataclass
+class ImportConfig:
+    """One ``actstore import-sae`` run: a SAELens or sparsify folder mapped onto a model and layer of a store."""
+
+    path: str
+    """Local folder holding cfg.json and the safetensors weights."""
+    format: str
+    """saelens or sparsify."""
+    model: str | None = None
+    """Store key of the model it reads (default: the store's only model)."""
+    layer: int | None = None
+    """hidden_states index it reads (default: from its hook point)."""
+    name: str | None = None
+    """Name under STORE/saes/ (default MODEL-lLAYER-FORMAT-ARCH-D_SAE)."""
+    force: bool = False
+    """Import even when it does not fit the layer's rows (FVU >= 1)."""
+    overwrite: bool = False
+    """Replace an SAE of the same name."""
+    max_eval_tokens: int = 20_000
+    """Rows of the layer the fit check reads (all when fewer)."""
+    seed: int = 0
+    """Seed of the rows the fit check draws."""
+
+    def __post_init__(self) -> None:
+        if self.format not in IMPORT_FORMATS:
+            raise ConfigError(f"unknown --format {self.format!r}: choose one of {', '.join(IMPORT_FORMATS)}")
+        if self.layer is not None and self.layer < 0:
+            raise ConfigError(f"--layer must be >= 0, got {self.layer}")
+        if self.max_eval_tokens <= 0:
+            raise ConfigError(f"max_eval_tokens must be positive, got {self.max_eval_tokens}")
 
 
 DENSE_L0_FRACTION = 0.10

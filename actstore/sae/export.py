@@ -1,4 +1,4 @@
-"""Exporting an SAE to other tools' layouts (SAELens)."""
+"""Exporting an SAE to other tools' layouts (SAELens, sparsify)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 def saelens_cfg(sae: SAE) -> dict[str, Any]:
     """A ``cfg.json`` SAELens can load (v6 keys plus the v5 ones older loaders read)."""
     c = sae.cfg
-    arch = {"relu-l1": "standard", "topk": "topk", "batchtopk": "jumprelu"}[c.arch]
+    arch = {"relu-l1": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}[c.arch]
     hook = f"blocks.{c.layer}.hook_resid_pre" if c.layer is not None else "hook"
     out: dict[str, Any] = {
         "architecture": arch,
@@ -69,7 +69,9 @@ def export_sae(store: Store, name: str, out_dir: str | Path, fmt: str = "saelens
     ``saelens``: ``cfg.json`` + ``sae_weights.safetensors`` with ``W_enc (d_in, d_sae)``,
     ``b_enc``, ``W_dec (d_sae, d_in)``, ``b_dec`` acting on raw activations (the
     normalisation scale is folded into the weights); batchtopk becomes a JumpReLU
-    SAE with its learned threshold per feature. ``actstore``: a copy of the
+    SAE with its learned threshold per feature. ``sparsify``: ``cfg.json`` + ``sae.safetensors``
+    (``encoder.weight (d_sae, d_in)``, ``encoder.bias``, ``W_dec``, ``b_dec``), what
+    ``SparseCoder.load_from_disk`` reads; TopK SAEs only. ``actstore``: a copy of the
     store's own files.
     """
     if fmt not in EXPORT_FORMATS:
@@ -87,12 +89,35 @@ def export_sae(store: Store, name: str, out_dir: str | Path, fmt: str = "saelens
                 (out / f).write_bytes(store.loc.read_bytes(layout.sae_file(name, f)))
                 written.append(out / f)
         return written
+    if sae.cfg.input_norm != "none" and fmt != "saelens":
+        raise ConfigError(f"SAE {name!r} normalises each token ({sae.cfg.input_norm}): only --format saelens says so")
     tensors = sae.raw_space_tensors()
-    if sae.cfg.arch == "batchtopk":
+    if fmt == "sparsify":
+        return _write_sparsify(sae, tensors, out, name)
+    if sae.cfg.arch == "jumprelu":
+        tensors["threshold"] = sae.threshold.detach().cpu().contiguous()  # (d_sae,)
+    elif sae.cfg.arch == "batchtopk":
         thr = float(sae.threshold)
         tensors["threshold"] = torch.full((sae.cfg.d_sae,), max(thr, 0.0))  # (d_sae,)
     weights = out / "sae_weights.safetensors"
     weights.write_bytes(st_save(tensors, metadata={"format": "pt"}))
     cfg = out / "cfg.json"
-    cfg.write_text(json.dumps(saelens_cfg(sae), indent=2))
+    scfg = saelens_cfg(sae)
+    scfg["normalize_activations"] = sae.cfg.input_norm
+    cfg.write_text(json.dumps(scfg, indent=2))
     return [cfg, weights]
+
+
+def _write_sparsify(sae: SAE, tensors: dict[str, torch.Tensor], out: Path, name: str) -> list[Path]:
+    c = sae.cfg
+    if c.arch != "topk":
+        raise ConfigError(f"SAE {name!r} is {c.arch}: sparsify holds TopK SAEs only; export it with --format saelens")
+    weights = {"encoder.weight": tensors["W_enc"].t().contiguous(), "encoder.bias": tensors["b_enc"],
+               "W_dec": tensors["W_dec"], "b_dec": tensors["b_dec"]}  # fmt: skip
+    path = out / "sae.safetensors"
+    path.write_bytes(st_save(weights, metadata={"format": "pt"}))
+    cfg = out / "cfg.json"
+    cfg.write_text(json.dumps({"activation": "topk", "expansion_factor": max(1, c.d_sae // c.d_in), "normalize_decoder": True,
+                               "num_latents": c.d_sae, "k": c.k, "multi_topk": False, "skip_connection": False,
+                               "transcode": False, "d_in": c.d_in}, indent=2))  # fmt: skip
+    return [cfg, path]

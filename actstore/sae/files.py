@@ -93,7 +93,7 @@ def list_saes(store: Store) -> pl.DataFrame:
                 "fvu": ev.get("fvu"),
                 "mse": ev.get("mse"),
                 "l0": ev.get("l0"),
-                "dead": tr.get("dead_fraction"),
+                "dead": tr.get("dead_fraction", ev.get("dead_fraction")),  # imported SAEs: on the fit rows
                 "dense": ev.get("dense_fraction"),
                 "train_fvu": tr.get("fvu"),
                 "l0_fraction": ev["l0"] / cfg["d_sae"] if ev.get("l0") is not None and cfg.get("d_sae") else None,

@@ -175,3 +175,21 @@ def task_accuracy(store: Any, sae: SAE, samples: Any, device: str = "cpu", max_s
         "accuracy_with_sae": sum(p == t for p, t in zip(spliced, y, strict=True)) / n,
         "agreement": sum(p == q for p, q in zip(base, spliced, strict=True)) / n,
     }
+
+
+def training_curves(history: list[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
+    """The run's curves as columns, from its history: ``train`` (every log entry: tokens seen, FVU and L0 over the
+    batches since the previous entry) and ``eval`` (held-out FVU, L0 and dead fraction at each evaluation point).
+    FVU against tokens shows whether a run converged; FVU against L0 where it sits on the sparsity frontier."""
+    train: dict[str, list[float]] = {"tokens": [], "fvu": [], "l0": []}
+    held: dict[str, list[float]] = {"tokens": [], "fvu": [], "l0": [], "dead_fraction": []}
+    for e in history:
+        if "fvu" in e:
+            for key in train:
+                train[key].append(float(e[key]))
+        ev = e.get("eval") or {}
+        if "fvu" in ev:
+            held["tokens"].append(float(e["tokens"]))
+            for key in ("fvu", "l0", "dead_fraction"):
+                held[key].append(float(ev[key]))
+    return {"train": train, "eval": held}

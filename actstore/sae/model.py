@@ -7,6 +7,11 @@
               rows kept at unit norm; an auxiliary loss revives dead latents.
 ``batchtopk`` top ``k * batch`` over the whole batch while training, a learned global
               threshold at inference (``threshold`` buffer).
+``jumprelu``  ``h = ReLU(pre) * (pre > theta)`` with a threshold per feature (``threshold (d_sae,)``);
+              imported from SAELens (``actstore import-sae``), not trained here.
+
+An imported SAE may also normalise each token before encoding (``cfg.input_norm``, SAELens's
+``constant_norm_rescale`` or ``layer_norm``); :meth:`SAE.forward` undoes it on the reconstruction.
 
 Inputs are multiplied by ``cfg.norm_scale`` before encoding (so the training
 data has a fixed mean squared norm, ``d_in``) and reconstructions divided by it,
@@ -46,6 +51,14 @@ class SAEOutput(NamedTuple):
     """Pre-activations ``(n, d_sae)`` (before ReLU / top-k)."""
 
 
+TOPK_ENCODER_INIT = 0.5
+"""topk / batchtopk: the encoder starts as the decoder's transpose times this. Sign descent moves every weight by
+the same step, so a smaller encoder lets the first steps reshape it; measured on MiniLM layer 4 (docs/BENCHMARKS.md,
+issue 10): held-out FVU 0.202 at 1.0, 0.196 at 0.6 and 0.25 (but planted batchtopk atoms found drop to 91%
+at 0.25 from 97% at 0.5); sparsify's ``nn.Linear`` encoder starts at
+about 0.4 of its unit decoder rows on this data."""
+
+
 class SAE(nn.Module):
     """A sparse autoencoder; see the module docstring for the architectures."""
 
@@ -55,17 +68,31 @@ class SAE(nn.Module):
         d_in, d_sae = cfg.d_in, cfg.d_sae
         w = torch.randn(d_sae, d_in)
         w = w / w.norm(dim=1, keepdim=True)
+        enc_scale = 1.0 if cfg.arch == "relu-l1" else TOPK_ENCODER_INIT
         self.W_dec = nn.Parameter(w.clone())  # (d_sae, d_in), unit rows
-        self.W_enc = nn.Parameter(w.t().clone())  # (d_in, d_sae) = W_dec^T
+        self.W_enc = nn.Parameter(w.t() * enc_scale)  # (d_in, d_sae) = W_dec^T, scaled
         self.b_enc = nn.Parameter(torch.zeros(d_sae))  # (d_sae,)
         self.b_dec = nn.Parameter(torch.zeros(d_in))  # (d_in,), in normalised space
-        self.register_buffer("threshold", torch.tensor(0.0))  # batchtopk inference threshold
+        # batchtopk: one inference threshold (); jumprelu: one per feature (d_sae,)
+        self.register_buffer("threshold", torch.zeros(d_sae) if cfg.arch == "jumprelu" else torch.tensor(0.0))
 
     # ---- core ----------------------------------------------------------
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-activations ``(n, d_sae)`` of raw activations ``x (n, d_in)``."""
-        xn = x.to(self.W_enc.dtype) * self.cfg.norm_scale
+        xn = self._norm_in(x.to(self.W_enc.dtype))[0] * self.cfg.norm_scale
         return (xn - self.b_dec) @ self.W_enc + self.b_enc
+
+    def _norm_in(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """``(x normalised per token, (shift, scale) to undo it)`` for ``cfg.input_norm`` (as SAELens computes it)."""
+        how = self.cfg.input_norm
+        if how == "none":
+            return x, None
+        if how == "constant_norm_rescale":
+            coeff = self.cfg.d_in**0.5 / x.norm(dim=-1, keepdim=True)  # (n, 1)
+            return x * coeff, (torch.zeros_like(coeff), 1 / coeff)
+        mu = x.mean(dim=-1, keepdim=True)  # layer_norm: (n, 1)
+        std = (x - mu).std(dim=-1, keepdim=True)
+        return (x - mu) / (std + 1e-5), (mu, std)
 
     def activate(self, pre: torch.Tensor, train: bool = False) -> torch.Tensor:
         """Feature activations from pre-activations ``(n, d_sae)``.
@@ -77,6 +104,8 @@ class SAE(nn.Module):
         arch, k = self.cfg.arch, self.cfg.k
         if arch == "relu-l1":
             return torch.relu(pre)
+        if arch == "jumprelu":
+            return torch.where(pre > self.threshold, torch.relu(pre), torch.zeros_like(pre))
         if arch == "topk" or (arch == "batchtopk" and not train and float(self.threshold) <= 0):
             vals, idx = pre.topk(int(k), dim=-1)  # type: ignore[arg-type]
             return torch.zeros_like(pre).scatter_(-1, idx, torch.relu(vals))
@@ -96,13 +125,18 @@ class SAE(nn.Module):
         return self.activate(self.pre_acts(x), train=False)
 
     def decode(self, acts: torch.Tensor) -> torch.Tensor:
-        """Reconstruction ``(n, d_in)`` in the model's activation space."""
+        """Reconstruction ``(n, d_in)`` in the model's activation space (an SAE with a per-token ``input_norm``:
+        in the normalised space; :meth:`forward` undoes it)."""
         return self.decode_normalised(acts) / self.cfg.norm_scale
 
     def forward(self, x: torch.Tensor, train: bool = False) -> SAEOutput:
         pre = self.pre_acts(x)
         acts = self.activate(pre, train=train)
-        return SAEOutput(self.decode(acts), acts, pre)
+        x_hat = self.decode(acts)
+        undo = self._norm_in(x.to(self.W_enc.dtype))[1]
+        if undo is not None:  # back from the per-token normalised space
+            x_hat = x_hat * undo[1] + undo[0]
+        return SAEOutput(x_hat, acts, pre)
 
     # ---- training helpers ----------------------------------------------
     @torch.no_grad()
@@ -142,7 +176,10 @@ class SAE(nn.Module):
             if name not in tensors or tuple(tensors[name].shape) != shape:
                 got = tuple(tensors[name].shape) if name in tensors else "missing"
                 raise ConfigError(f"SAE weights {name} should have shape {shape} for cfg.json, got {got}")
-        tensors.setdefault("threshold", torch.tensor(0.0))
+        tensors.setdefault("threshold", torch.zeros(cfg.d_sae) if cfg.arch == "jumprelu" else torch.tensor(0.0))
+        if tuple(tensors["threshold"].shape) != tuple(sae.threshold.shape):
+            raise ConfigError(f"SAE weights threshold should have shape {tuple(sae.threshold.shape)} for cfg.json, "
+                              f"got {tuple(tensors['threshold'].shape)}")  # fmt: skip
         sae.load_state_dict(tensors)
         return sae.eval()
 

@@ -37,7 +37,7 @@ from actstore.models.checkpoint import optimizer_tensors, pack, restore_optimize
 from actstore.models.loading import auto_device
 from actstore.sae.config import RUNTIME_FIELDS, SAEConfig, TrainConfig
 from actstore.sae.files import delete_sae, save_sae
-from actstore.sae.metrics import TrainTracker, evaluate, task_accuracy
+from actstore.sae.metrics import TrainTracker, evaluate, task_accuracy, training_curves
 from actstore.sae.model import SAE, check_d_in
 from actstore.sae.optim import ScheduleFreeSignSGD, averaged, make_optimizer
 from actstore.sae.sparse import TopKEncode, decode_topk
@@ -123,10 +123,11 @@ def sae_loss(sae: SAE, x: torch.Tensor, dead: torch.Tensor | None, l1: float, au
 
 
 def train_step(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, tracker: TrainTracker, cfg: TrainConfig,
-               aux_k: int) -> LossParts:  # fmt: skip
-    """One optimizer step on raw activations ``x (b, d_in)`` (already on the SAE's device); updates ``tracker``."""
+               aux_k: int, l1: float | None = None) -> LossParts:  # fmt: skip
+    """One optimizer step on raw activations ``x (b, d_in)`` (already on the SAE's device); updates ``tracker``.
+    ``l1`` is this step's L1 coefficient (default ``cfg.l1``: no warm-up)."""
     dead = tracker.dead_mask() if sae.cfg.arch != "relu-l1" else None
-    parts = sae_loss(sae, x, dead, float(cfg.l1 or 0.0), aux_k, cfg.aux_coef)
+    parts = sae_loss(sae, x, dead, float(cfg.l1 or 0.0) if l1 is None else l1, aux_k, cfg.aux_coef)
     opt.zero_grad(set_to_none=True)
     parts.loss.backward()
     if sae.cfg.arch != "relu-l1":
@@ -285,6 +286,8 @@ class _Run:
         d_in = sae.cfg.d_in
         self.eval_x = torch.from_numpy(acts.take(split.eval_rows)) if len(split.eval_rows) else torch.zeros(0, d_in)
         self.last_train: dict[str, Any] = {}
+        n_ev = min(cfg.eval_points, self.total_steps)
+        self.eval_steps = {math.ceil(self.total_steps * (i + 1) / n_ev) for i in range(n_ev)} if n_ev else set()
 
     # ---- init or restore
     @classmethod
@@ -387,8 +390,13 @@ class _Run:
             bar.close()
         return time.perf_counter() - t0
 
+    def l1_at(self, step: int) -> float:
+        """relu-l1's L1 coefficient at ``step``: ramped linearly from 0 over the first ``l1_warmup`` of the steps."""
+        warm = self.cfg.l1_warmup * self.total_steps
+        return float(self.cfg.l1 or 0.0) * (min(1.0, (step + 1) / warm) if warm >= 1 else 1.0)
+
     def _one_step(self, x: torch.Tensor) -> LossParts:
-        parts = train_step(self.sae, self.opt, x, self.tracker, self.cfg, self.aux_k)
+        parts = train_step(self.sae, self.opt, x, self.tracker, self.cfg, self.aux_k, self.l1_at(self.step))
         if parts.acts is not None and self.sae.cfg.arch == "batchtopk":
             with torch.no_grad():
                 pos = parts.acts[parts.acts > 0]
@@ -399,14 +407,16 @@ class _Run:
         return parts
 
     def _log(self, parts: LossParts, bar: Any) -> None:
-        """A history entry every ``log_every`` steps and at each epoch's end (with held-out metrics there)."""
+        """A history entry every ``log_every`` steps, at each epoch's end and at each of the ``eval_points`` (with
+        held-out metrics at the epoch ends, the eval points and the last step)."""
         step, cfg = self.step, self.cfg
         end_of_epoch = step % self.per_epoch == 0
-        if not (step % cfg.log_every == 0 or end_of_epoch or step == self.total_steps):
+        at_eval = step in self.eval_steps
+        if not (step % cfg.log_every == 0 or end_of_epoch or at_eval or step == self.total_steps):
             return
         entry: dict[str, Any] = {"step": step, "epoch": step / self.per_epoch, "tokens": self.tracker.tokens_seen,
                                  "loss": float(parts.loss.detach()), **self.tracker.interval(self.sae.cfg.d_in)}  # fmt: skip
-        if (end_of_epoch and not cfg.tokens) or step == self.total_steps:
+        if (end_of_epoch and not cfg.tokens) or at_eval or step == self.total_steps:
             entry["eval"] = self.evaluate()
         self.history.append(entry)
         self.last_train = entry
@@ -446,6 +456,7 @@ class _Run:
             "resumed_from": self.start_step,
             "device": str(self.device),
             "history": history,
+            "curves": training_curves(history),
             "task": task,
         }
         save_sae(self.st, sae, self.name, metrics)

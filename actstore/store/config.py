@@ -51,7 +51,14 @@ class ExtractConfig:
     name: str | None = None
     """Store key for the model (default: derived from the model name)."""
     max_length: int | None = None
-    """Truncate samples to this many tokens (default: min(512, the model's limit))."""
+    """Truncate samples to this many tokens (default: min(512, the model's limit); up to its context). With --window:
+    the longest sample kept (default: no truncation)."""
+    window: int | None = None
+    """Split long samples into context windows of this many tokens, one forward pass each (rows stay one per token)."""
+    stride: int | None = None
+    """Tokens between window starts (default: the window, no overlap); a token's row comes from its first window."""
+    dtype: str = "auto"
+    """Precision of the model weights: fp32, fp16, bf16, or auto (bf16 on CUDA, fp32 on CPU)."""
     batch_size: int = 32
     """Samples per forward pass (batches are bucketed by length)."""
     codec: str = "fp16"
@@ -84,6 +91,18 @@ class ExtractConfig:
             raise ConfigError("chunk_rows, unit_mb and unit_rows must be positive")
         if (self.threads is not None and self.threads <= 0) or (self.ray_workers is not None and self.ray_workers <= 0):
             raise ConfigError("--threads and --ray-workers must be positive")
+        if self.window is not None and self.window < 2:
+            raise ConfigError(f"--window must be at least 2 tokens, got {self.window}")
+        if self.stride is not None and (self.window is None or not 1 <= self.stride <= self.window):
+            raise ConfigError(
+                f"--stride needs --window and 1 <= stride <= window, got stride {self.stride}, window {self.window}"
+            )
+        if self.window is not None and self.stride is None:
+            self.stride = self.window
+        from actstore.models.names import MODEL_DTYPES
+
+        if self.dtype not in MODEL_DTYPES:
+            raise ConfigError(f"unknown --dtype {self.dtype!r}: choose one of {', '.join(MODEL_DTYPES)}")
         if self.inner_rows < 0:
             raise ConfigError(f"--inner-rows must be 0 (unsharded) or positive, got {self.inner_rows}")
         if self.layers != "all":

@@ -35,7 +35,7 @@ from actstore.data.corpora import load_corpus
 from actstore.errors import ConfigError, StoreError
 from actstore.format import codecs, layout
 from actstore.format.layout import ATTR, FORMAT_VERSION, check_name
-from actstore.models.loading import auto_device, load_model, torch_threads
+from actstore.models.loading import auto_device, load_model, resolve_dtype, torch_threads
 from actstore.models.names import default_model_key
 from actstore.models.taps import LayerTap, check_layers
 from actstore.storage.integrity import update_manifest
@@ -272,8 +272,10 @@ def _model_group(loc: Location, root: Any, model_key: str, info: dict[str, Any],
         root.create_group(mpath, attributes={ATTR: {**info, "key": model_key, "tokenization": tk, "created": now()}})
         return mpath
     if old.get("weights_sha256") != info["weights_sha256"]:
+        was = old.get("dtype", "fp32")
+        why = f" (it was extracted with --dtype {was}, this run loads {info.get('dtype')})" if was != info.get("dtype") else ""
         raise StoreError(
-            f"model key {model_key!r} in {loc.url} holds other weights ({old.get('source')}): pass --name for a new key"
+            f"model key {model_key!r} in {loc.url} holds other weights ({old.get('source')}){why}: pass --name for a new key"
         )
     if old.get("tokenization") != tk:
         raise StoreError(f"model key {model_key!r} in {loc.url} uses tokenization {old.get('tokenization')}, not {tk}")
@@ -309,8 +311,8 @@ def _forward_units(loaded: Any, cfg: ExtractConfig, arrays: dict[int, Any], todo
     try:
         for u0, u1 in units.bounds(start):
             need = [layer for layer in todo if committed[layer] <= u0]
-            ids, starts, lens = units.samples(u0, u1)
-            bufs = forward_unit(tap, ids, starts, lens, u0, u1, need, loaded.d_model, cfg.batch_size, device)
+            ids, starts, lens, keep = units.samples(u0, u1)
+            bufs = forward_unit(tap, ids, starts, lens, u0, u1, need, loaded.d_model, cfg.batch_size, device, keep)
             writer.put((u0, u1, bufs))
             written += u1 - u0
             bar.update(u1 - u0)
@@ -328,10 +330,12 @@ def _extract(
     t_start = time.perf_counter()
     corpus = load_corpus(cfg.data)
     device = auto_device(cfg.device if ray_address is None else "cpu")  # with Ray the driver only sets up
-    loaded = load_model(cfg.model, device)
+    # with Ray the driver runs on the CPU: "auto" means bf16 only where --device says CUDA (see docs/SCALING.md)
+    dtype = resolve_dtype(cfg.dtype, device if ray_address is None else (cfg.device if cfg.device != "auto" else "cpu"))
+    loaded = load_model(cfg.model, device, dtype)
     layers = list(range(loaded.n_layers + 1)) if cfg.layers == "all" else list(cfg.layers)
     check_layers(loaded, layers)
-    if cfg.max_length is not None and cfg.max_length > loaded.position_limit:
+    if cfg.window is None and cfg.max_length is not None and cfg.max_length > loaded.position_limit:
         raise ConfigError(f"--max-length {cfg.max_length} exceeds what {cfg.model} accepts ({loaded.position_limit})")
     model_key = check_name(cfg.name, "model key (--name)") if cfg.name else default_model_key(cfg.model)
 
@@ -345,7 +349,8 @@ def _extract(
             f"{loc.url} is store format {root.attrs[ATTR].get('format', 1)}: its arrays have one writer each, so --ray "
             f"needs a store of format {layout.UNIT_MARKERS_SINCE} or later (extract into a new store, or drop --ray)"
         )
-    tk, tattrs = choose_tokenization(loc, root, corpus, loaded, cfg.max_length, cfg.chunk_rows, cfg.new_tokenization, progress)
+    tk, tattrs = choose_tokenization(loc, root, corpus, loaded, cfg.max_length, cfg.chunk_rows, cfg.new_tokenization, progress,
+                                     cfg.window, cfg.stride)  # fmt: skip
     n_rows, chunk_rows = int(tattrs["n_tokens"]), int(tattrs["chunk_rows"])
 
     inner = inner_rows_for(root, cfg, chunk_rows)  # checked before anything of this model is written
@@ -370,7 +375,8 @@ def _extract(
         locks.release("setup")
         job = ExtractJob(store=loc.url if not loc.local else loc.root, storage_options=storage_options, model=cfg.model,
                          model_key=model_key, layers=todo, tokenization=tk, n_rows=n_rows, unit_rows=unit_rows,
-                         codec=cfg.codec, batch_size=cfg.batch_size, device=cfg.device, threads=cfg.threads)  # fmt: skip
+                         codec=cfg.codec, batch_size=cfg.batch_size, device=cfg.device, threads=cfg.threads,
+                         dtype=dtype)  # fmt: skip
         start = min(committed[layer] for layer in todo)
         written = _run_units(job, loc, loaded, device, ray_address, cfg.ray_workers, progress, desc)
         for layer in todo:  # the final prefix (a concurrent writer's attribute update may have lost one)

@@ -51,15 +51,32 @@ def _same_data(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return a.get("source") == b.get("source")
 
 
-def _tokenization_key(tok_hash: str, max_length: int) -> str:
-    return "t-" + hashlib.sha256(f"{tok_hash}:{max_length}".encode()).hexdigest()[:10]
+def _tokenization_key(tok_hash: str, max_length: int | None, window: int | None = None, stride: int | None = None) -> str:
+    if window is None:  # the key of every store before context windows
+        return "t-" + hashlib.sha256(f"{tok_hash}:{max_length}".encode()).hexdigest()[:10]
+    return "t-" + hashlib.sha256(f"{tok_hash}:{max_length}:w{window}:s{stride}".encode()).hexdigest()[:10]
+
+
+def window_of(position: np.ndarray, window: int | None, stride: int | None) -> np.ndarray:
+    """The context window each token's row comes from: its first window (the one giving it the most left context).
+
+    Window ``k`` covers positions ``[k * stride, k * stride + window)``; window 0 gives its ``window`` tokens, each
+    later one its last ``stride``.
+    """
+    position = np.asarray(position, dtype=np.int64)
+    if window is None:
+        return np.zeros(position.shape, dtype=np.int32)
+    stride = stride or window
+    return np.maximum(0, -(-(position - window + 1) // stride)).astype(np.int32)
 
 
 class _TokenIndexWriter:
     """Accumulates tokenized samples and writes the token index in parts."""
 
-    def __init__(self, loc: Location, grp: zarr.Group, key: str, tokenizer: Any, chunk_rows: int) -> None:
+    def __init__(self, loc: Location, grp: zarr.Group, key: str, tokenizer: Any, chunk_rows: int,
+                 window: int | None = None, stride: int | None = None) -> None:  # fmt: skip
         self.loc, self.grp, self.key, self.tok = loc, grp, key, tokenizer
+        self.window, self.stride = window, stride
         idx_chunk = chunk_rows * 16
         mk = lambda name, dtype, chunk, dim: grp.create_array(  # noqa: E731
             name, shape=(0,), chunks=(chunk,), dtype=dtype, fill_value=0, dimension_names=(dim,),
@@ -111,6 +128,7 @@ class _TokenIndexWriter:
                 "position": pa.array(position.astype(np.int32)),
                 "token_id": pa.array(token_id.astype(np.int32)),
                 "token": pa.array(self.tok.convert_ids_to_tokens(token_id.tolist()), pa.string()),
+                **({"window": pa.array(window_of(position, self.window, self.stride))} if self.window else {}),
             }
         )
         samples = pa.table(
@@ -142,9 +160,11 @@ def _tokenize_corpus(
     key: str,
     corpus: Corpus,
     loaded: LoadedModel,
-    max_length: int,
+    max_length: int | None,
     chunk_rows: int,
     progress: bool,
+    window: int | None = None,
+    stride: int | None = None,
 ) -> None:
     from tqdm.auto import tqdm
 
@@ -155,6 +175,7 @@ def _tokenize_corpus(
         "tokenizer_source": loaded.source,
         "tokenizer_class": type(tok).__name__,
         "max_length": max_length,
+        **({"window": window, "stride": stride} if window else {}),
         "chunk_rows": chunk_rows,
         "data": _data_fingerprint(corpus),
         "created": now(),
@@ -164,12 +185,17 @@ def _tokenize_corpus(
     grp = root.create_group(layout.tokenization_dir(key), overwrite=True, attributes={ATTR: base_attrs})
     for table in layout.TOKEN_TABLES:
         loc.rmtree(layout.token_table_dir(key, table))
-    w = _TokenIndexWriter(loc, grp, key, tok, chunk_rows)
+    w = _TokenIndexWriter(loc, grp, key, tok, chunk_rows, window, stride)
     batch: list = []
     bar = tqdm(desc="tokenize", unit=" samples", disable=not progress)
 
     def run(batch: list) -> None:
         texts = [r.text for r in batch]
+        if max_length is None:  # context windows and no cap: whole samples
+            for r, x in zip(batch, tok(texts, truncation=False, add_special_tokens=True)["input_ids"], strict=True):
+                w.add(r.id, r.label, r.text, list(x), False)
+            bar.update(len(batch))
+            return
         ids = tok(texts, truncation=True, max_length=max_length + 1, add_special_tokens=True)["input_ids"]
         long = [i for i, x in enumerate(ids) if len(x) > max_length]
         if long:
@@ -210,6 +236,31 @@ def _tokenize_corpus(
     }
 
 
+def _windowed(loc: Location, root: zarr.Group, corpus: Corpus, loaded: LoadedModel, max_length: int | None,
+              chunk_rows: int, new_tokenization: bool, progress: bool, window: int, stride: int | None,
+              done: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:  # fmt: skip
+    """:func:`choose_tokenization` for context windows: an index of the same tokenizer, cap, window and stride."""
+    stride = stride or window
+    key = _tokenization_key(loaded.tokenizer_ids_sha256, max_length, window, stride)
+    same = (lambda a: same_tokenizer(a, loaded) and a.get("max_length") == max_length and a.get("window") == window
+            and a.get("stride") == stride)  # fmt: skip
+    match = [k for k, a in done.items() if same(a)]
+    if match:
+        key = match[0]
+    else:
+        if done and not new_tokenization:
+            other = next(iter(done.values()))
+            raise TokenizerMismatchError(
+                f"store {loc.url} has a token index of window {other.get('window')} / stride {other.get('stride')}, max "
+                f"length {other.get('max_length')}, not window {window} / stride {stride}: its rows would not align; "
+                "pass --new-tokenization to add a separate token index, or use another store"
+            )
+        _tokenize_corpus(loc, root, key, corpus, loaded, max_length, chunk_rows, progress, window, stride)
+        if "default_tokenization" not in root.attrs[ATTR]:
+            root.attrs[ATTR] = {**root.attrs[ATTR], "default_tokenization": key}
+    return key, dict(zarr.open_group(loc.zarr_store, path=layout.tokenization_dir(key), mode="r").attrs[ATTR])
+
+
 def same_tokenizer(attrs: dict[str, Any], loaded: LoadedModel) -> bool:
     """Whether a tokenization (its attributes) was made by a tokenizer giving ``loaded``'s token ids.
 
@@ -223,12 +274,13 @@ def same_tokenizer(attrs: dict[str, Any], loaded: LoadedModel) -> bool:
 
 def choose_tokenization(
     loc: Location, root: zarr.Group, corpus: Corpus, loaded: LoadedModel, max_length: int | None, chunk_rows: int,
-    new_tokenization: bool, progress: bool,
+    new_tokenization: bool, progress: bool, window: int | None = None, stride: int | None = None,
 ) -> tuple[str, dict[str, Any]]:  # fmt: skip
     """The token index ``loaded`` reads in this store (made here if needed) and its attributes.
 
     Without ``max_length`` the length of an index made by the same tokenizer is taken, when the model accepts it,
-    so a second model's rows align with the first's; else the model's default.
+    so a second model's rows align with the first's; else the model's default. With ``window`` the samples are cut
+    into context windows of that many tokens instead (``max_length``, if given, caps a sample's tokens).
     """
     existing = {}
     for k in loc.list_dirs(layout.TOKENIZATIONS):
@@ -243,13 +295,18 @@ def choose_tokenization(
             )  # fmt: skip
             raise StoreError(f"store {loc.url} holds another corpus ({diff}): a store holds one corpus, so use a new store path")
     done = {k: a for k, a in existing.items() if a.get("complete")}
+    if window is not None:
+        if window > loaded.position_limit:
+            raise ConfigError(f"--window {window} exceeds what {loaded.source} accepts ({loaded.position_limit} tokens)")
+        return _windowed(loc, root, corpus, loaded, max_length, chunk_rows, new_tokenization, progress, window, stride, done)
     if max_length is None:
-        shared = [a.get("max_length") for a in done.values() if same_tokenizer(a, loaded)]
+        shared = [a.get("max_length") for a in done.values() if same_tokenizer(a, loaded) and not a.get("window")]
         ok = [n for n in shared if isinstance(n, int) and 2 <= n <= loaded.position_limit]
         max_length = ok[0] if ok else loaded.max_length
     # a new token index is named by the tokenizer's identity (token ids), not its saved runtime state
     key = _tokenization_key(loaded.tokenizer_ids_sha256, max_length)
-    match = [k for k, a in done.items() if same_tokenizer(a, loaded) and a.get("max_length") == max_length]
+    match = [k for k, a in done.items()
+             if same_tokenizer(a, loaded) and a.get("max_length") == max_length and not a.get("window")]  # fmt: skip
     if match:  # an existing token index gives the same ids (possibly named by an older hash): share it
         key = match[0]
     if key not in done:

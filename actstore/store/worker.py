@@ -59,6 +59,8 @@ class ExtractJob:
     """cpu, cuda, cuda:N or auto, resolved on each worker."""
     threads: int | None = None
     """torch CPU threads of each worker (None: torch's default)."""
+    dtype: str = "fp32"
+    """Precision of the model weights (resolved by the driver: every worker loads the same)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,7 +93,7 @@ class UnitWorker:
         self.job = job
         self.loc = loc or open_location(job.store, storage_options=job.storage_options, create=False, writable=True)
         self.device = auto_device(job.device)
-        self.loaded = loaded if loaded is not None else load_model(job.model, self.device)
+        self.loaded = loaded if loaded is not None else load_model(job.model, self.device, job.dtype)
         self.tap = LayerTap(self.loaded, job.layers)
         self.index = UnitIndex(self.loc, job.tokenization, job.n_rows, job.unit_rows)
         self.arrays: dict[int, tuple[zarr.Array, zarr.Array | None]] = {}
@@ -135,9 +137,9 @@ class UnitWorker:
 
     def forward(self, u0: int, u1: int, layers: list[int]) -> dict[int, np.ndarray]:
         """float32 ``(u1 - u0, d_model)`` rows of each of ``layers``."""
-        ids, starts, lens = self.index.samples(u0, u1)
+        ids, starts, lens, keep = self.index.samples(u0, u1)
         return forward_unit(self.tap, ids, starts, lens, u0, u1, layers, self.loaded.d_model, self.job.batch_size,
-                            self.device)  # fmt: skip
+                            self.device, keep)  # fmt: skip
 
     def channel_scale(self, layer: int) -> np.ndarray:
         """An int8 layer's per-channel scale: stored, or computed from unit 0's rows (the same on every worker)."""
