@@ -240,7 +240,8 @@ def test_delphi_cache_points_at_the_right_tokens(encoded, tmp_path):
         loc = data["locations"].astype(np.int64)
         loc[:, 2] += first_latent
         tokens = data["tokens"]
-        assert tokens.shape == (len(ctx.first_row), int(ctx.n_tokens.max()))
+        assert tokens.shape[0] == len(ctx.first_row) and tokens.shape[1] % 32 == 0  # delphi's example length divides it
+        assert int(ctx.n_tokens.max()) <= tokens.shape[1] < int(ctx.n_tokens.max()) + 32
         rows = ctx.first_row[loc[:, 0]] + loc[:, 1]  # (sample, position) -> the store's token row
         assert (loc[:, 1] < ctx.n_tokens[loc[:, 0]]).all()
         assert (tokens[loc[:, 0], loc[:, 1]] == ids[rows]).all()  # the location's token is the row's token

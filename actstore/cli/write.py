@@ -377,3 +377,8 @@ def train(store: str, storage_options: tuple[str, ...], writable: bool, models: 
         f"MSE {ev.get('mse', float('nan')):.4g}, L0 {ev.get('l0', float('nan')):.1f}, "
         f"dead {res.metrics['train'].get('dead_fraction', float('nan')):.3f}"
     )
+    from actstore.sae.files import dense_note
+
+    note = dense_note(res.name, ev.get("l0"), c.d_sae)  # e.g. the paper preset: relu-l1 at l1 1e-3 is dense
+    if note:
+        click.echo(f"note: {note}")

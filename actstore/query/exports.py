@@ -10,7 +10,8 @@ and ``save_config`` write it)::
 ``<hookpoint>`` is sparsify's / delphi's name of the residual stream actstore stored: ``layers.N`` for
 ``hidden_states[N + 1]`` (the output of block N), ``embed_tokens`` for ``hidden_states[0]``. Latent ranges are
 delphi's (``linspace(0, d_sae, n_splits + 1)``, ``end`` inclusive); ``tokens`` holds every sample padded to the
-longest with the vocabulary's pad token (``config.json`` names it), so (sample, position) points at the token.
+longest (rounded up to a multiple of 32, delphi's example length) with the vocabulary's pad token (``config.json``
+names it), so (sample, position) points at the token.
 
 **neuronpedia** (the ``batch-N.json`` files SAEDashboard's NeuronpediaRunner writes and Neuronpedia's
 ``convert-saedashboard-to-neuronpedia-export.py`` reads)::
@@ -44,6 +45,9 @@ if TYPE_CHECKING:
     from actstore.store.reader import Store
 
 PAD_TOKENS = ("[PAD]", "<pad>", "<|endoftext|>", "</s>", "<|pad|>")
+DELPHI_CTX_MULTIPLE = 32
+"""delphi cuts ``tokens`` rows into examples of ``example_ctx_len`` (default 32), which must divide the row length:
+the rows are padded to a multiple of it."""
 
 
 @dataclass
@@ -103,7 +107,7 @@ def _delphi(store: Store, t: FeatureTable, cfg: FeatureExportConfig, out: Path, 
 
     ctx = token_context(store, t.tokenization)
     first, n_tok = ctx.first_row, ctx.n_tokens  # (n_samples,) each
-    ctx_len = int(n_tok.max()) if n_tok.size else 0
+    ctx_len = -(-int(n_tok.max()) // DELPHI_CTX_MULTIPLE) * DELPHI_CTX_MULTIPLE if n_tok.size else 0
     pad = _pad_id(ctx.vocab)
     n_rows = int(first[-1] + n_tok[-1]) if n_tok.size else 0
     ids = np.asarray(ctx.token_id[:n_rows], dtype=np.int64)  # (n_rows,)

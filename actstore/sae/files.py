@@ -108,19 +108,24 @@ def list_saes(store: Store) -> pl.DataFrame:
     return df.with_columns((pl.col("l0_fraction") > DENSE_L0_FRACTION).fill_null(False).alias("dense_code"))
 
 
+def dense_note(name: str, l0: float | None, d_sae: int) -> str | None:
+    """The sentence saying SAE ``name`` is dense (held-out L0 above ``DENSE_L0_FRACTION`` of ``d_sae``), else None."""
+    if l0 is None or not d_sae or l0 / d_sae <= DENSE_L0_FRACTION:
+        return None
+    return (
+        f"SAE {name} is dense: L0 {l0:.0f} of {d_sae} features ({l0 / d_sae:.0%}) fire on every "
+        f"token, above {DENSE_L0_FRACTION:.0%}; its features are not sparse, so its top features by variance tend to "
+        "be generic tokens ([CLS], 'the', '.') and a feature diff against it says little. Train it sparser: "
+        "--arch topk --k N, or a larger --l1 (the paper preset's l1 1e-3 on normalised inputs is dense by design)"
+    )
+
+
 def dense_notes(saes: pl.DataFrame) -> list[str]:
     """One sentence per SAE of :func:`list_saes` whose code is dense, saying what that implies."""
     import polars as pl
 
-    out = []
-    for r in saes.filter(pl.col("dense_code")).iter_rows(named=True):
-        out.append(
-            f"SAE {r['name']} is dense: L0 {r['l0']:.0f} of {r['d_sae']} features ({r['l0_fraction']:.0%}) fire on every "
-            f"token, above {DENSE_L0_FRACTION:.0%}; its features are not sparse, so its top features by variance tend to "
-            "be generic tokens ([CLS], 'the', '.') and a feature diff against it says little. Train it sparser: "
-            "--arch topk --k N, or a larger --l1"
-        )
-    return out
+    rows = saes.filter(pl.col("dense_code")).iter_rows(named=True)
+    return [n for r in rows if (n := dense_note(r["name"], r["l0"], r["d_sae"]))]
 
 
 def delete_sae(store: Store, name: str) -> None:
