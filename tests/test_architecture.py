@@ -88,7 +88,9 @@ def test_the_cycle_check_sees_a_cycle():
 
 
 # "layer_norm" is SAELens's normalize_activations value (sae/config.INPUT_NORMS), not a store key
-STORE_PATHS = re.compile(r"""["'](saes/|models/|features/|tokenizations/|diffs/|locks/)|["']layer_(?!norm["'])|f["'][^"']*layer_\{""")
+STORE_PATHS = re.compile(
+    r"""["'](saes/|models/|features/|tokenizations/|diffs/|locks/)|["']layer_(?!norm["'])|f["'][^"']*layer_\{"""
+)
 
 
 def test_store_paths_are_spelled_only_in_the_layout_module():

@@ -105,7 +105,7 @@ def default_optimizer(arch: str) -> str:
 
 
 # fields that may change between a killed run and its restart
-RUNTIME_FIELDS = (
+RUNTIME_FIELDS = (  # options that do not change what is trained: a run may resume with other values
     "device",
     "workers",
     "threads",
@@ -113,6 +113,7 @@ RUNTIME_FIELDS = (
     "overwrite",
     "log_every",
     "eval_points",
+    "curve_eval_tokens",
     "checkpoint_every",
     "task_samples",
 )
@@ -185,7 +186,9 @@ class TrainConfig:
     log_every: int = 50
     """Steps between metric log entries."""
     eval_points: int = 10
-    """Held-out evaluations spread evenly over the run (the FVU-tokens curve in metrics.json); 0: epoch ends only."""
+    """Held-out evaluations spread evenly over the run (the FVU-tokens curve in metrics.json); 0: the end only."""
+    curve_eval_tokens: int = 4096
+    """Held-out rows each curve point is measured on (evenly spaced; the final metrics use every held-out row)."""
     resume: bool = False
     """Require an unfinished run to continue (one is continued automatically anyway)."""
     overwrite: bool = False
@@ -233,6 +236,7 @@ class TrainConfig:
             (self.dead_window > 0, "dead_window must be positive"),
             (self.checkpoint_every >= 0 and self.log_every > 0, "checkpoint_every >= 0 and log_every > 0 please"),
             (self.eval_points >= 0, f"eval_points must be >= 0, got {self.eval_points}"),
+            (self.curve_eval_tokens > 0, f"curve_eval_tokens must be positive, got {self.curve_eval_tokens}"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -179,7 +179,8 @@ def task_accuracy(store: Any, sae: SAE, samples: Any, device: str = "cpu", max_s
 
 def training_curves(history: list[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
     """The run's curves as columns, from its history: ``train`` (every log entry: tokens seen, FVU and L0 over the
-    batches since the previous entry) and ``eval`` (held-out FVU, L0 and dead fraction at each evaluation point).
+    batches since the previous entry) and ``eval`` (held-out FVU, L0 and dead fraction at each evaluation point, on
+    the run's ``curve_eval_tokens`` held-out rows; histories from before the curves: the epoch-end evaluations).
     FVU against tokens shows whether a run converged; FVU against L0 where it sits on the sparsity frontier."""
     train: dict[str, list[float]] = {"tokens": [], "fvu": [], "l0": []}
     held: dict[str, list[float]] = {"tokens": [], "fvu": [], "l0": [], "dead_fraction": []}
@@ -187,7 +188,7 @@ def training_curves(history: list[dict[str, Any]]) -> dict[str, dict[str, list[f
         if "fvu" in e:
             for key in train:
                 train[key].append(float(e[key]))
-        ev = e.get("eval") or {}
+        ev = (e.get("curve") if any("curve" in h for h in history) else e.get("eval")) or {}
         if "fvu" in ev:
             held["tokens"].append(float(e["tokens"]))
             for key in ("fvu", "l0", "dead_fraction"):

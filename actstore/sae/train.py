@@ -285,6 +285,9 @@ class _Run:
         self.total_steps = math.ceil(cfg.tokens / cfg.batch_size) if cfg.tokens else self.per_epoch * int(cfg.epochs or 1)
         d_in = sae.cfg.d_in
         self.eval_x = torch.from_numpy(acts.take(split.eval_rows)) if len(split.eval_rows) else torch.zeros(0, d_in)
+        n_curve = len(self.eval_x)  # the FVU-tokens curve: an evenly spaced subset of the held-out rows (cheap)
+        pick = np.linspace(0, n_curve - 1, cfg.curve_eval_tokens).round().astype(np.int64)
+        self.curve_x = self.eval_x if n_curve <= cfg.curve_eval_tokens else self.eval_x[torch.from_numpy(pick)]
         self.last_train: dict[str, Any] = {}
         n_ev = min(cfg.eval_points, self.total_steps)
         self.eval_steps = {math.ceil(self.total_steps * (i + 1) / n_ev) for i in range(n_ev)} if n_ev else set()
@@ -326,12 +329,12 @@ class _Run:
         return run
 
     # ---- the loop
-    def evaluate(self) -> dict[str, Any]:
+    def evaluate(self, x: torch.Tensor | None = None) -> dict[str, Any]:
         """Held-out metrics of the model being trained (signum: its averaged parameters, the ones saved)."""
         self.sae.eval()
         self._set_threshold()
         with averaged(self.opt):
-            out = evaluate(self.sae, self.eval_x, self.cfg.batch_size, self.cfg.dense_threshold)
+            out = evaluate(self.sae, self.eval_x if x is None else x, self.cfg.batch_size, self.cfg.dense_threshold)
         self.sae.train()
         return out
 
@@ -359,6 +362,8 @@ class _Run:
             self.thr_ema = sum(mins) / len(mins)
             if self.history and "eval" in self.history[-1]:  # measured with the old threshold: measure it again
                 self.history[-1]["eval"] = self.evaluate()
+            if self.history and "curve" in self.history[-1]:
+                self.history[-1]["curve"] = self.evaluate(self.curve_x)
 
     def checkpoint(self) -> None:
         self.meta.update(step=self.step, history=self.history, threshold_ema=self.thr_ema, config=_identity(self.cfg))
@@ -416,8 +421,10 @@ class _Run:
             return
         entry: dict[str, Any] = {"step": step, "epoch": step / self.per_epoch, "tokens": self.tracker.tokens_seen,
                                  "loss": float(parts.loss.detach()), **self.tracker.interval(self.sae.cfg.d_in)}  # fmt: skip
-        if (end_of_epoch and not cfg.tokens) or at_eval or step == self.total_steps:
+        if (end_of_epoch and not cfg.tokens) or step == self.total_steps:
             entry["eval"] = self.evaluate()
+        if at_eval or step == self.total_steps:
+            entry["curve"] = entry["eval"] if self.curve_x is self.eval_x and "eval" in entry else self.evaluate(self.curve_x)
         self.history.append(entry)
         self.last_train = entry
         bar.set_postfix(fvu=f"{entry.get('fvu', float('nan')):.3f}", l0=f"{entry.get('l0', 0):.1f}",
