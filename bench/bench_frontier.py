@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_peers import metrics  # noqa: E402
+from bench_peers import sae_metrics  # noqa: E402
 
 SAELENS_STANDARD = r"""
 import json, sys, time
@@ -56,14 +56,6 @@ for lam in args["l1"]:
 """
 
 
-def relu_metrics(x: np.ndarray, x_train: np.ndarray, enc: callable) -> dict[str, float]:
-    acts, x_hat = enc(x)
-    fired = np.zeros(acts.shape[1], bool)
-    for b0 in range(0, len(x_train), 8192):
-        fired |= (enc(x_train[b0 : b0 + 8192])[0] > 0).any(0)
-    return metrics(x, acts, x_hat, fired)
-
-
 def actstore_relu(store, name: str, x: np.ndarray, x_train: np.ndarray) -> dict[str, float]:
     from safetensors.numpy import load
 
@@ -76,7 +68,7 @@ def actstore_relu(store, name: str, x: np.ndarray, x_train: np.ndarray) -> dict[
         acts = np.maximum((rows * s - w["b_dec"]) @ w["W_enc"] + w["b_enc"], 0)
         return acts, (acts @ w["W_dec"] + w["b_dec"]) / s
 
-    return relu_metrics(x, x_train, enc)
+    return sae_metrics(x, x_train, enc)
 
 
 def saelens_relu(folder: Path, x: np.ndarray, x_train: np.ndarray) -> dict[str, float]:
@@ -90,7 +82,7 @@ def saelens_relu(folder: Path, x: np.ndarray, x_train: np.ndarray) -> dict[str, 
         acts = np.maximum((rows - shift) @ w["W_enc"] + w["b_enc"], 0)
         return acts, acts @ w["W_dec"] + w["b_dec"]
 
-    return relu_metrics(x, x_train, enc)
+    return sae_metrics(x, x_train, enc)
 
 
 def main() -> None:

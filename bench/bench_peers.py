@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,15 @@ def metrics(x: np.ndarray, acts: np.ndarray, x_hat: np.ndarray, fired: np.ndarra
     return {"fvu": fvu, "l0": float((acts > 0).sum(1).mean()), "dead": float((~fired).mean())}
 
 
+def sae_metrics(x: np.ndarray, x_train: np.ndarray, run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]) -> dict:
+    """FVU and L0 of ``run`` (rows -> (acts, x_hat)) on the held-out ``x``; dead latents over all training rows."""
+    acts, x_hat = run(x)
+    fired = np.zeros(acts.shape[1], bool)
+    for b0 in range(0, len(x_train), 8192):
+        fired |= (run(x_train[b0 : b0 + 8192])[0] > 0).any(0)
+    return metrics(x, acts, x_hat, fired)
+
+
 def actstore_weights(store, name: str, x: np.ndarray, x_train: np.ndarray) -> dict[str, float]:
     """FVU / L0 / dead from actstore's saved sae.safetensors and cfg.json (numpy only)."""
     from safetensors.numpy import load
@@ -116,11 +126,7 @@ def actstore_weights(store, name: str, x: np.ndarray, x_train: np.ndarray) -> di
         acts = topk_encode(rows * s - w["b_dec"], w["W_enc"], w["b_enc"], k)
         return acts, (acts @ w["W_dec"] + w["b_dec"]) / s
 
-    acts, x_hat = run(x)
-    fired = np.zeros(w["W_enc"].shape[1], bool)
-    for b0 in range(0, len(x_train), 8192):
-        fired |= (run(x_train[b0 : b0 + 8192])[0] > 0).any(0)
-    return metrics(x, acts, x_hat, fired)
+    return sae_metrics(x, x_train, run)
 
 
 def sparsify_weights(folder: str, x: np.ndarray, x_train: np.ndarray, k: int) -> dict[str, float]:
@@ -133,11 +139,7 @@ def sparsify_weights(folder: str, x: np.ndarray, x_train: np.ndarray, k: int) ->
         acts = topk_encode(rows - b_dec, w_enc, b_enc, k)
         return acts, acts @ w_dec + b_dec
 
-    acts, x_hat = run(x)
-    fired = np.zeros(w_enc.shape[1], bool)
-    for b0 in range(0, len(x_train), 8192):
-        fired |= (run(x_train[b0 : b0 + 8192])[0] > 0).any(0)
-    return metrics(x, acts, x_hat, fired)
+    return sae_metrics(x, x_train, run)
 
 
 def saelens_weights(folder: str, x: np.ndarray, x_train: np.ndarray) -> dict[str, float]:
@@ -153,11 +155,7 @@ def saelens_weights(folder: str, x: np.ndarray, x_train: np.ndarray) -> dict[str
         acts = topk_encode(rows - shift, w["W_enc"] * norms, w["b_enc"] * norms, int(cfg["k"]))
         return acts, (acts / norms) @ w["W_dec"] + w["b_dec"]
 
-    acts, x_hat = run(x)
-    fired = np.zeros(w["W_enc"].shape[1], bool)
-    for b0 in range(0, len(x_train), 8192):
-        fired |= (run(x_train[b0 : b0 + 8192])[0] > 0).any(0)
-    return metrics(x, acts, x_hat, fired)
+    return sae_metrics(x, x_train, run)
 
 
 def main() -> None:
@@ -250,8 +248,10 @@ def main() -> None:
     base = next(r for r in rows_out if r["trainer"].startswith("bare"))["tok_s"]
     print(f"\n{args.model} layer {args.layer}: TopK k {args.k}, d_sae {args.d_sae}, batch {args.batch}, "
           f"{len(x_train):,} training rows (one epoch), {len(eval_x):,} held-out rows, {args.threads} threads")  # fmt: skip
-    print("tokens/s: the training loop (streaming, shuffling and steps; actstore's own clock); end to end adds opening "
-          "the store, the input statistics, the held-out rows, the final evaluation and saving")
+    print(
+        "tokens/s: the training loop (streaming, shuffling and steps; actstore's own clock); end to end adds opening "
+        "the store, the input statistics, the held-out rows, the final evaluation and saving"
+    )
     print("| trainer | tokens | tokens/s | vs bare loop | end to end | held-out FVU | L0 | dead |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows_out:

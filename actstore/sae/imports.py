@@ -253,9 +253,10 @@ def read_saelens(path: str | Path) -> ForeignSAE:
               "model_name": meta.get("model_name") or cfg.get("model_name"),
               "sae_lens_version": meta.get("sae_lens_version")}  # fmt: skip
     sae = _build(ours, d_in, d_sae, k, w_enc, b_enc, w_dec, b_dec, threshold, input_norm, source)
-    layer = hook_layer(hook, "saelens") if isinstance(hook, str) and _RESID.match(hook) else None
-    if isinstance(hook, str) and layer is None:
-        hook_layer(hook, "saelens")  # raises: not a residual hook
+    layer = None
+    if isinstance(hook, str):
+        mapped = hook_layer(hook, "saelens")  # raises for a hook that is not a residual-stream state
+        layer = mapped if _RESID.match(hook) else None  # other names say no layer for certain: --layer decides
     return ForeignSAE(sae, hook, layer, notes)
 
 
@@ -330,8 +331,9 @@ def import_sae(store: Store | str, cfg: ImportConfig, storage_options: dict[str,
         raise ConfigError(f"{cfg.path}: its hook point {foreign.hook!r} does not say which layer it reads: pass --layer")
     n_layers = info.get("n_layers")
     if n_layers is not None and not 0 <= layer <= int(n_layers):
+        what = f"--layer {layer} is past the model:" if cfg.layer is not None else f"hook point {foreign.hook!r} maps to hidden_states[{layer}], but"
         raise ConfigError(
-            f"hook point {foreign.hook!r} maps to hidden_states[{layer}], but {model} has {n_layers} layers "
+            f"{what} {model} has {n_layers} layers "
             f"(hidden_states 0..{n_layers}): this SAE was made for another model"
         )
     if layer not in st.layers(model):

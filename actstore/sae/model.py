@@ -79,8 +79,11 @@ class SAE(nn.Module):
     # ---- core ----------------------------------------------------------
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-activations ``(n, d_sae)`` of raw activations ``x (n, d_in)``."""
-        xn = self._norm_in(x.to(self.W_enc.dtype))[0] * self.cfg.norm_scale
-        return (xn - self.b_dec) @ self.W_enc + self.b_enc
+        return self._pre_from(self._norm_in(x.to(self.W_enc.dtype))[0])
+
+    def _pre_from(self, x_normed: torch.Tensor) -> torch.Tensor:
+        """Pre-activations ``(n, d_sae)`` of inputs already through ``input_norm`` (not yet scaled by norm_scale)."""
+        return (x_normed * self.cfg.norm_scale - self.b_dec) @ self.W_enc + self.b_enc
 
     def _norm_in(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """``(x normalised per token, (shift, scale) to undo it)`` for ``cfg.input_norm`` (as SAELens computes it)."""
@@ -130,10 +133,10 @@ class SAE(nn.Module):
         return self.decode_normalised(acts) / self.cfg.norm_scale
 
     def forward(self, x: torch.Tensor, train: bool = False) -> SAEOutput:
-        pre = self.pre_acts(x)
+        x_normed, undo = self._norm_in(x.to(self.W_enc.dtype))  # normalised once: pre-activations and the undo
+        pre = self._pre_from(x_normed)
         acts = self.activate(pre, train=train)
         x_hat = self.decode(acts)
-        undo = self._norm_in(x.to(self.W_enc.dtype))[1]
         if undo is not None:  # back from the per-token normalised space
             x_hat = x_hat * undo[1] + undo[0]
         return SAEOutput(x_hat, acts, pre)

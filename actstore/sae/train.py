@@ -363,7 +363,7 @@ class _Run:
             if self.history and "eval" in self.history[-1]:  # measured with the old threshold: measure it again
                 self.history[-1]["eval"] = self.evaluate()
             if self.history and "curve" in self.history[-1]:
-                self.history[-1]["curve"] = self.evaluate(self.curve_x)
+                self.history[-1]["curve"] = self._curve_point(self.history[-1])
 
     def checkpoint(self) -> None:
         self.meta.update(step=self.step, history=self.history, threshold_ema=self.thr_ema, config=_identity(self.cfg))
@@ -395,6 +395,12 @@ class _Run:
             bar.close()
         return time.perf_counter() - t0
 
+    def _curve_point(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """Held-out metrics on the curve's rows; the entry's full evaluation when those are all the held-out rows."""
+        if self.curve_x is self.eval_x and "eval" in entry:
+            return entry["eval"]
+        return self.evaluate(self.curve_x)
+
     def l1_at(self, step: int) -> float:
         """relu-l1's L1 coefficient at ``step``: ramped linearly from 0 over the first ``l1_warmup`` of the steps."""
         warm = self.cfg.l1_warmup * self.total_steps
@@ -424,7 +430,7 @@ class _Run:
         if (end_of_epoch and not cfg.tokens) or step == self.total_steps:
             entry["eval"] = self.evaluate()
         if at_eval or step == self.total_steps:
-            entry["curve"] = entry["eval"] if self.curve_x is self.eval_x and "eval" in entry else self.evaluate(self.curve_x)
+            entry["curve"] = self._curve_point(entry)
         self.history.append(entry)
         self.last_train = entry
         bar.set_postfix(fvu=f"{entry.get('fvu', float('nan')):.3f}", l0=f"{entry.get('l0', 0):.1f}",
