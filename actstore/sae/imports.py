@@ -331,10 +331,10 @@ def import_sae(store: Store | str, cfg: ImportConfig, storage_options: dict[str,
         raise ConfigError(f"{cfg.path}: its hook point {foreign.hook!r} does not say which layer it reads: pass --layer")
     n_layers = info.get("n_layers")
     if n_layers is not None and not 0 <= layer <= int(n_layers):
-        what = f"--layer {layer} is past the model:" if cfg.layer is not None else f"hook point {foreign.hook!r} maps to hidden_states[{layer}], but"
+        what = (f"--layer {layer} is past the model:" if cfg.layer is not None
+                else f"hook point {foreign.hook!r} maps to hidden_states[{layer}], but")  # fmt: skip
         raise ConfigError(
-            f"{what} {model} has {n_layers} layers "
-            f"(hidden_states 0..{n_layers}): this SAE was made for another model"
+            f"{what} {model} has {n_layers} layers (hidden_states 0..{n_layers}): this SAE was made for another model"
         )
     if layer not in st.layers(model):
         stored = ", ".join(map(str, st.layers(model)))
