@@ -41,6 +41,46 @@ class CompareConfig:
             raise ConfigError(f"--cka-rows must be 0 (all rows) or positive, got {self.cka_rows}")
 
 
+CROSSCODER_CLASSES = ("shared", "changed", "a-only", "b-only", "dead")
+"""A crosscoder latent's class from its decoder norms (``actstore diff-crosscoder``)."""
+
+
+@dataclass
+class CrosscoderDiffConfig:
+    """What ``actstore diff-crosscoder`` computes (saved beside the crosscoder as ``latents.json``)."""
+
+    sae: str
+    """The crosscoder (under STORE/saes/)."""
+    a: str | None = None
+    """Source A, by model key or MODEL@LAYER (default: the crosscoder's first source, e.g. the pretrained model)."""
+    b: str | None = None
+    """Source B (default: its second source, e.g. the fine-tuned model)."""
+    only: float = 0.1
+    """Relative norm at most this: A-only; at least 1 - this: B-only."""
+    shared_band: float = 0.1
+    """Relative norm within this of 0.5, and decoder cosine >= shared_cos: shared (else changed)."""
+    shared_cos: float = 0.5
+    """Decoder cosine between the sources a shared latent needs."""
+    nu: float = 0.2
+    """Latent Scaling: an A-only / B-only latent whose nu (error or reconstruction) is at least this is flagged: the
+    other model carries its direction after all (Complete Shrinkage / Latent Decoupling, Minder et al. 2025)."""
+    rows: int = 0
+    """Token rows Latent Scaling reads, a seeded evenly spaced subset of about this many (0: every row)."""
+    batch_rows: int = 4096
+    """Rows per batch of the scan."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N, or auto."""
+
+    def __post_init__(self) -> None:
+        check_name(self.sae, "SAE")
+        if not 0 < self.only < 0.5 - self.shared_band or self.shared_band < 0:
+            raise ConfigError(f"thresholds need 0 < --only ({self.only}) < 0.5 - --shared-band ({self.shared_band})")
+        if not -1 <= self.shared_cos <= 1 or self.nu <= 0:
+            raise ConfigError(f"--shared-cos must be in [-1, 1] and --nu positive, got {self.shared_cos}, {self.nu}")
+        if self.rows < 0 or self.batch_rows <= 0:
+            raise ConfigError(f"--rows must be >= 0 and --batch-rows positive, got {self.rows}, {self.batch_rows}")
+
+
 @dataclass
 class DiffConfig:
     """What ``actstore diff-features`` compares (saved as ``diff.json``)."""

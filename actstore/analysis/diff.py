@@ -105,6 +105,9 @@ class Correlations:
 def _check_pair(store: Store, a: SAE, b: SAE, cfg: DiffConfig) -> None:
     for name, s in ((cfg.sae_a, a), (cfg.sae_b, b)):
         check_fits(store, s.cfg, name)
+    if a.cfg.is_crosscoder or b.cfg.is_crosscoder:
+        which = cfg.sae_a if a.cfg.is_crosscoder else cfg.sae_b
+        raise ConfigError(f"{which} is a crosscoder: diff its latents with actstore diff-crosscoder --sae {which}")
     if a.cfg.d_in != b.cfg.d_in:
         raise ConfigError(f"SAEs {cfg.sae_a} (d_in {a.cfg.d_in}) and {cfg.sae_b} (d_in {b.cfg.d_in}) read different widths")
     store.check_aligned(str(a.cfg.model), str(b.cfg.model))

@@ -127,7 +127,7 @@ def sae_pairs(store: Store, models: tuple[str, str]) -> list[tuple[int, str, str
     by: dict[tuple[str, int], str] = {}
     for name in sorted(sae_names(store)):
         c = read_config(store, name)  # cfg.json only: no weights
-        if c.model in models and c.layer is not None:
+        if c.model in models and c.layer is not None and not c.is_crosscoder:
             by.setdefault((c.model, int(c.layer)), name)
     layers = sorted({layer for (_, layer) in by})
     return [(layer, by[(models[0], layer)], by[(models[1], layer)]) for layer in layers

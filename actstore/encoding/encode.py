@@ -126,7 +126,7 @@ def check_sae_layer(store: Store, sae: SAE, name: str) -> tuple[str, int]:
     acts = check_fits(store, cfg, name)
     if not acts.attrs.get("complete"):
         raise StoreError(
-            f"{cfg.model} layer {cfg.layer} in {store.url} is incomplete ({acts.n_rows} of {acts.attrs.get('n_rows')} rows): "
+            f"{', '.join(cfg.source_labels()) if cfg.is_crosscoder else f'{cfg.model} layer {cfg.layer}'} in {store.url} is incomplete ({acts.n_rows} of {acts.attrs.get('n_rows')} rows): "
             "finish it with the same actstore extract command, then encode"
         )
     return cfg.model, int(cfg.layer)
@@ -219,8 +219,10 @@ def _plan(store: Store, cfg: EncodeConfig, sae: SAE, n_rows: int) -> _Plan:
 
 def _encode(store: Store, cfg: EncodeConfig, sae: SAE, model: str, layer: int, device: str, progress: bool,
             ray_address: str | None) -> EncodeResult:  # fmt: skip
+    from actstore.sae.model import check_fits
+
     t_start = time.perf_counter()
-    acts = store.activations(model, layer)
+    acts = check_fits(store, sae.cfg, cfg.sae)  # (model, layer), or a crosscoder's sources side by side
     plan = _plan(store, cfg, sae, acts.n_rows)
     published, man = _published_and_pending(store, cfg, plan)
     if published is not None and not cfg.overwrite and man is None:

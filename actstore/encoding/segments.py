@@ -129,7 +129,9 @@ class SegmentWorker:
                     store.loc.delete(key)
         spiller = Spiller(store, job.work, job.n_buckets, job.bucket_features)
         run_start = start
-        acts = store.activations(job.model, job.layer)
+        from actstore.sae.model import check_fits
+
+        acts = check_fits(store, self.sae.cfg, job.sae)  # a crosscoder's sources side by side
         pin = self.device.startswith("cuda")
         with torch.inference_mode():
             for chunk in acts.iter_chunks(start=start, stop=stop, rows=job.batch_rows, prefetch=2):

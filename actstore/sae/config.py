@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from actstore.errors import ConfigError, IntegrityError
+from actstore.store.config import Source, parse_sources
 
 TRAIN_ARCHS = ("relu-l1", "topk", "batchtopk")
 """Architectures ``actstore train`` trains."""
@@ -47,6 +48,12 @@ class SAEConfig:
     """Per-token normalisation before encoding, undone after decoding: none, constant_norm_rescale, layer_norm."""
     source: dict[str, Any] | None = None
     """Where an imported SAE came from (format, folder, hook point); None for one trained here."""
+    models: list[str] | None = None
+    """Crosscoder: the model of each source it reads together, in order (None for an SAE; model is the first)."""
+    layers: list[int] | None = None
+    """Crosscoder: the layer of each source (layer is the first)."""
+    norm_scales: list[float] | None = None
+    """Crosscoder: each source's input scale to mean squared norm d_in (norm_scale is the first's)."""
     training: dict[str, Any] = field(default_factory=dict)
     """The training config it was made with."""
     actstore_version: str | None = None
@@ -63,6 +70,31 @@ class SAEConfig:
             raise ConfigError(f"norm_scale must be positive, got {self.norm_scale}")
         if self.input_norm not in INPUT_NORMS:
             raise ConfigError(f"unknown input_norm {self.input_norm!r}: choose one of {', '.join(INPUT_NORMS)}")
+        if self.models is not None or self.layers is not None:
+            n = len(self.models or [])
+            if n < 2 or len(self.layers or []) != n or len(self.norm_scales or [1.0] * n) != n:
+                raise ConfigError(f"a crosscoder needs at least two sources with a model, layer and scale each, got "
+                                  f"models {self.models}, layers {self.layers}, norm_scales {self.norm_scales}")  # fmt: skip
+            if self.input_norm != "none":
+                raise ConfigError("a crosscoder has no per-token input_norm")
+            self.norm_scales = [float(v) for v in (self.norm_scales or [self.norm_scale] * n)]
+            if min(self.norm_scales) <= 0:
+                raise ConfigError(f"norm_scales must be positive, got {self.norm_scales}")
+
+    @property
+    def n_sources(self) -> int:
+        """Sources read together: 1 for an SAE, one per (model, layer) for a crosscoder."""
+        return len(self.models) if self.models else 1
+
+    @property
+    def is_crosscoder(self) -> bool:
+        return self.n_sources > 1
+
+    def source_labels(self) -> list[str]:
+        """``MODEL@LAYER`` of each source."""
+        if self.models and self.layers:
+            return [f"{m}@{lay}" for m, lay in zip(self.models, self.layers, strict=True)]
+        return [f"{self.model}@{self.layer}"]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -127,6 +159,10 @@ class TrainConfig:
     """Store key of the model whose activations to train on."""
     layer: int
     """Layer (hidden_states index) to train on."""
+    models: str | None = None
+    """Crosscoder: models read together (comma separated, row-aligned), every one at ``layer`` or one per ``layers``."""
+    layers: str | None = None
+    """Crosscoder: layers read together (comma separated): of one model (cross-layer) or one per model."""
     arch: str | None = None
     """relu-l1 (default), topk or batchtopk."""
     d_sae: int | None = None
@@ -243,6 +279,9 @@ class TrainConfig:
                 raise ConfigError(msg)
         if self.k is not None and self.arch == "relu-l1":
             raise ConfigError("--k is for topk / batchtopk; relu-l1 uses --l1")
+        srcs = self.sources()  # a crosscoder's sources: parsed now, so a bad --models / --layers fails before any work
+        if srcs is not None:
+            self.model, self.layer = srcs[0].model, srcs[0].layer
 
     def resolve(self, d_in: int) -> tuple[int, int | None, int]:
         """``(d_sae, k, aux_k)`` for a layer of width ``d_in``."""
@@ -261,10 +300,21 @@ class TrainConfig:
             return float(self.lr)
         return 5e-3 / math.sqrt(d_sae / 2**14) if self.optimizer == "signum" else DEFAULT_LR
 
+    def sources(self) -> list[Source] | None:
+        """A crosscoder's sources (``models`` / ``layers``), None for an SAE."""
+        if self.models is None and self.layers is None:
+            return None
+        return parse_sources(self.models or self.model, self.layers if self.layers is not None else self.layer)
+
     def default_name(self, d_sae: int) -> str:
         from actstore.models.names import sanitize_key
 
-        return sanitize_key(f"{self.model}-l{self.layer}-{self.arch}-{d_sae}")
+        srcs = self.sources()
+        if srcs is None:
+            return sanitize_key(f"{self.model}-l{self.layer}-{self.arch}-{d_sae}")
+        models = "-".join(dict.fromkeys(s.model for s in srcs))
+        layers = "-".join(str(v) for v in dict.fromkeys(s.layer for s in srcs))
+        return sanitize_key(f"cc-{models}-l{layers}-{self.arch}-{d_sae}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

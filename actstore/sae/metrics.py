@@ -26,27 +26,36 @@ def evaluate(sae: SAE, x: torch.Tensor, batch_size: int = 4096, dense_threshold:
     if n == 0:
         return {}
     dev = sae.W_dec.device
-    d_in, d_sae = sae.cfg.d_in, sae.cfg.d_sae
+    d_in, d_sae, n_src = sae.d_input, sae.cfg.d_sae, sae.cfg.n_sources
     mean = x.double().mean(0).to(dev)  # (d_in,)
-    sse = var = l0 = 0.0
+    sse = torch.zeros(n_src, dtype=torch.float64, device=dev)  # per source (one for an SAE)
+    var = torch.zeros(n_src, dtype=torch.float64, device=dev)
+    l0 = 0.0
     fires = torch.zeros(d_sae, dtype=torch.float64, device=dev)
     for a in range(0, n, batch_size):
         xb = x[a : a + batch_size].to(dev, non_blocking=True)  # (b, d_in)
         out = sae(xb)
-        sse += float(((out.x_hat - xb).double() ** 2).sum())
-        var += float(((xb.double() - mean) ** 2).sum())
+        sse += ((out.x_hat - xb).double() ** 2).view(len(xb), n_src, -1).sum(dim=(0, 2))
+        var += ((xb.double() - mean) ** 2).view(len(xb), n_src, -1).sum(dim=(0, 2))
         active = out.acts > 0  # (b, d_sae)
         l0 += float(active.sum())
         fires += active.sum(0).double()
     freq = fires / n
-    return {
+    tot_sse, tot_var = float(sse.sum()), float(var.sum())
+    out_ = {
         "n_tokens": n,
-        "mse": sse / (n * d_in),
-        "fvu": sse / var if var > 0 else float("nan"),
+        "mse": tot_sse / (n * d_in),
+        "fvu": tot_sse / tot_var if tot_var > 0 else float("nan"),
         "l0": l0 / n,
         "dead_fraction": float((fires == 0).double().mean()),
         "dense_fraction": float((freq > dense_threshold).double().mean()),
     }
+    if n_src > 1:  # a crosscoder: how well it reconstructs each model (source) on its own
+        out_["sources"] = [
+            {"source": lab, "fvu": float(e / v) if v > 0 else float("nan"), "mse": float(e) / (n * sae.cfg.d_in)}
+            for lab, e, v in zip(sae.cfg.source_labels(), sse.tolist(), var.tolist(), strict=True)
+        ]
+    return out_
 
 
 @dataclass

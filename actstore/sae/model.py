@@ -17,6 +17,14 @@ Inputs are multiplied by ``cfg.norm_scale`` before encoding (so the training
 data has a fixed mean squared norm, ``d_in``) and reconstructions divided by it,
 so callers always work in the model's own activation space.
 
+A **crosscoder** (``cfg.models``: several row-aligned sources, e.g. a pretrained and a fine-tuned model at one
+layer; Lindsey et al. 2024) is the same module on the sources' activations side by side: input ``(n, n_sources *
+d_in)``, each source scaled by its own ``cfg.norm_scales`` entry, one encoder summing the per-source projections,
+one decoder block per source. It is stored with the source axis explicit: ``W_enc (n_sources, d_in, d_sae)``,
+``W_dec (d_sae, n_sources, d_in)``, ``b_dec (n_sources, d_in)``. For topk / batchtopk each latent's decoder rows
+have unit norm jointly over the sources (so each source's share of it is free: the decoder norms the diff
+reads); relu-l1's L1 weights each activation by the *sum* of its per-source decoder norms (Lindsey et al.).
+
 Weights are stored as ``sae.safetensors`` (``W_enc (d_in, d_sae)``, ``b_enc
 (d_sae,)``, ``W_dec (d_sae, d_in)``, ``b_dec (d_in,)``, ``threshold ()``) with
 ``cfg.json`` beside them and ``metrics.json`` from training, under
@@ -65,7 +73,7 @@ class SAE(nn.Module):
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        d_in, d_sae = cfg.d_in, cfg.d_sae
+        d_in, d_sae = cfg.n_sources * cfg.d_in, cfg.d_sae  # a crosscoder's input: its sources side by side
         w = torch.randn(d_sae, d_in)
         w = w / w.norm(dim=1, keepdim=True)
         enc_scale = 1.0 if cfg.arch == "relu-l1" else TOPK_ENCODER_INIT
@@ -75,6 +83,30 @@ class SAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d_in))  # (d_in,), in normalised space
         # batchtopk: one inference threshold (); jumprelu: one per feature (d_sae,)
         self.register_buffer("threshold", torch.zeros(d_sae) if cfg.arch == "jumprelu" else torch.tensor(0.0))
+        # the input scale: () for an SAE, (n_sources * d_in,) for a crosscoder (each source's columns its own scale)
+        scales = cfg.norm_scales if cfg.is_crosscoder else [cfg.norm_scale]
+        scale = torch.tensor(scales, dtype=torch.float32).repeat_interleave(cfg.d_in) if cfg.is_crosscoder else torch.tensor(float(scales[0]))
+        self.register_buffer("scale", scale, persistent=False)
+
+    @property
+    def d_input(self) -> int:
+        """Width of the rows it reads: ``d_in`` for an SAE, ``n_sources * d_in`` for a crosscoder."""
+        return self.cfg.n_sources * self.cfg.d_in
+
+    def decoder_norms(self) -> torch.Tensor:
+        """``(d_sae, n_sources)``: the norm of each latent's decoder row in each source, in the normalised space
+        (every source scaled to mean squared norm ``d_in``), so that a latent equally present in two models whose
+        activations differ in scale has equal norms."""
+        c = self.cfg
+        return self.W_dec.detach().view(c.d_sae, c.n_sources, c.d_in).norm(dim=-1)
+
+    def l1_weights(self) -> torch.Tensor:
+        """``(d_sae,)``: what relu-l1's L1 multiplies each activation by: its decoder row's norm (an SAE) or the sum of
+        its per-source decoder norms (a crosscoder, Lindsey et al. 2024), in the normalised space."""
+        c = self.cfg
+        if not c.is_crosscoder:
+            return self.W_dec.norm(dim=1)
+        return self.W_dec.view(c.d_sae, c.n_sources, c.d_in).norm(dim=-1).sum(-1)
 
     # ---- core ----------------------------------------------------------
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,7 +115,7 @@ class SAE(nn.Module):
 
     def _pre_from(self, x_normed: torch.Tensor) -> torch.Tensor:
         """Pre-activations ``(n, d_sae)`` of inputs already through ``input_norm`` (not yet scaled by norm_scale)."""
-        return (x_normed * self.cfg.norm_scale - self.b_dec) @ self.W_enc + self.b_enc
+        return (x_normed * self.scale - self.b_dec) @ self.W_enc + self.b_enc
 
     def _norm_in(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """``(x normalised per token, (shift, scale) to undo it)`` for ``cfg.input_norm`` (as SAELens computes it)."""
@@ -130,7 +162,7 @@ class SAE(nn.Module):
     def decode(self, acts: torch.Tensor) -> torch.Tensor:
         """Reconstruction ``(n, d_in)`` in the model's activation space (an SAE with a per-token ``input_norm``:
         in the normalised space; :meth:`forward` undoes it)."""
-        return self.decode_normalised(acts) / self.cfg.norm_scale
+        return self.decode_normalised(acts) / self.scale
 
     def forward(self, x: torch.Tensor, train: bool = False) -> SAEOutput:
         x_normed, undo = self._norm_in(x.to(self.W_enc.dtype))  # normalised once: pre-activations and the undo
@@ -159,9 +191,22 @@ class SAE(nn.Module):
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
 
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors as stored: a crosscoder's with its source axis (``W_enc (n_sources, d_in, d_sae)``, ``W_dec
+        (d_sae, n_sources, d_in)``, ``b_dec (n_sources, d_in)``), an SAE's as they are."""
+        t = self.state_tensors()
+        c = self.cfg
+        if c.is_crosscoder:
+            m, d = c.n_sources, c.d_in
+            t["W_enc"] = t["W_enc"].view(m, d, c.d_sae).contiguous()
+            t["W_dec"] = t["W_dec"].view(c.d_sae, m, d).contiguous()
+            t["b_dec"] = t["b_dec"].view(m, d).contiguous()
+        return t
+
     def to_bytes(self) -> tuple[bytes, bytes]:
         """``(sae.safetensors bytes, cfg.json bytes)``."""
-        return st_save(self.state_tensors(), metadata={"format": "actstore-sae"}), self.cfg.to_json().encode()
+        kind = "actstore-crosscoder" if self.cfg.is_crosscoder else "actstore-sae"
+        return st_save(self.file_tensors(), metadata={"format": kind}), self.cfg.to_json().encode()
 
     @classmethod
     def from_bytes(cls, weights: bytes, cfg_json: bytes, where: str = "SAE") -> SAE:
@@ -175,10 +220,17 @@ class SAE(nn.Module):
                 "the file is damaged: re-train the SAE or re-copy the store"
             ) from None
         expect = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,), "W_dec": (cfg.d_sae, cfg.d_in), "b_dec": (cfg.d_in,)}
+        if cfg.is_crosscoder:
+            m = cfg.n_sources
+            expect |= {"W_enc": (m, cfg.d_in, cfg.d_sae), "W_dec": (cfg.d_sae, m, cfg.d_in), "b_dec": (m, cfg.d_in)}
         for name, shape in expect.items():
             if name not in tensors or tuple(tensors[name].shape) != shape:
                 got = tuple(tensors[name].shape) if name in tensors else "missing"
                 raise ConfigError(f"SAE weights {name} should have shape {shape} for cfg.json, got {got}")
+        if cfg.is_crosscoder:  # the module holds them flat: sources side by side
+            tensors["W_enc"] = tensors["W_enc"].reshape(sae.d_input, cfg.d_sae)
+            tensors["W_dec"] = tensors["W_dec"].reshape(cfg.d_sae, sae.d_input)
+            tensors["b_dec"] = tensors["b_dec"].reshape(sae.d_input)
         tensors.setdefault("threshold", torch.zeros(cfg.d_sae) if cfg.arch == "jumprelu" else torch.tensor(0.0))
         if tuple(tensors["threshold"].shape) != tuple(sae.threshold.shape):
             raise ConfigError(f"SAE weights threshold should have shape {tuple(sae.threshold.shape)} for cfg.json, "
@@ -193,6 +245,8 @@ class SAE(nn.Module):
         with ``x`` and ``x_hat`` in the model's activation space; feature
         activations are unchanged.
         """
+        if self.cfg.is_crosscoder:
+            raise ConfigError(f"{self.cfg.name or 'this SAE'} is a crosscoder: it exports as an actstore folder only")
         s = float(self.cfg.norm_scale)
         t = self.state_tensors()
         return {
@@ -213,13 +267,24 @@ def check_d_in(cfg: SAEConfig, d_model: int, where: str, name: str | None = None
 
 
 def check_fits(store: Store, cfg: SAEConfig, name: str) -> Any:
-    """The activations (``Store.activations``) an SAE reads, after checking that it fits them.
+    """The activations (``Store.activations``; a crosscoder's sources side by side, ``StackedActivations``) an SAE
+    reads, after checking that it fits them.
 
-    The one "does this SAE fit this layer" check (encode, diff-features): model and layer recorded,
+    The one "does this SAE fit this layer" check (train's resume, encode, diff-features): model and layer recorded,
     the layer's width equal to the SAE's ``d_in``, and the tokenization it was trained on.
     """
     if cfg.model is None or cfg.layer is None:
         raise ConfigError(f"SAE {name!r} has no model/layer in its cfg.json: it cannot be matched to the store's rows")
+    if cfg.is_crosscoder:
+        from actstore.store.aligned import stacked_activations
+        from actstore.store.config import Source
+
+        stacked = stacked_activations(store, [Source(m, int(v)) for m, v in zip(cfg.models or [], cfg.layers or [], strict=True)])
+        check_d_in(cfg, stacked.d_source, f"{', '.join(cfg.source_labels())} of {store.url}", name)
+        if cfg.tokenization and stacked.tokenization and cfg.tokenization != stacked.tokenization:
+            raise ConfigError(f"crosscoder {name!r} was trained on tokenization {cfg.tokenization}, but its models use "
+                              f"{stacked.tokenization}")  # fmt: skip
+        return stacked
     acts = store.activations(cfg.model, cfg.layer)
     check_d_in(cfg, acts.d_model, f"{cfg.model} layer {cfg.layer} of {store.url}", name)
     tk = store.model_info(cfg.model).get("tokenization")

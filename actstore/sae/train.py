@@ -45,6 +45,7 @@ from actstore.sae.stream import RowSplit, ShuffledStream, split_rows
 from actstore.storage.integrity import update_manifest
 from actstore.storage.locks import StoreLock
 from actstore.storage.urls import write_access
+from actstore.store.aligned import stacked_activations
 from actstore.store.reader import Store, open_store
 from actstore.version import __version__
 
@@ -98,7 +99,7 @@ class LossParts(NamedTuple):
 
 def sae_loss(sae: SAE, x: torch.Tensor, dead: torch.Tensor | None, l1: float, aux_k: int, aux_coef: float) -> LossParts:
     """Training loss of ``sae`` on raw activations ``x (b, d_in)``; ``dead`` is a bool ``(d_sae,)`` mask."""
-    xn = x * sae.cfg.norm_scale  # (b, d_in)
+    xn = x * sae.scale  # (b, d_in); a crosscoder's (b, n_sources * d_in), each source by its own scale
     if sae.cfg.arch == "topk":  # sparse: only the encoder's forward is a dense (b, d_in, d_sae) matmul
         vals, idx, pre = TopKEncode.apply(xn - sae.b_dec, sae.W_enc, sae.b_enc, int(sae.cfg.k))  # (b, k), (b, d_sae)
         x_hat_n = decode_topk(vals, idx, sae.W_dec, sae.b_dec)
@@ -110,7 +111,7 @@ def sae_loss(sae: SAE, x: torch.Tensor, dead: torch.Tensor | None, l1: float, au
         fired = (acts > 0).sum(0)  # (d_sae,)
     mse = ((x_hat_n - xn) ** 2).mean()
     if sae.cfg.arch == "relu-l1":
-        penalty = (acts * sae.W_dec.norm(dim=1)).sum(-1).mean()
+        penalty = (acts * sae.l1_weights()).sum(-1).mean()
         return LossParts(mse + l1 * penalty, mse, penalty, acts, x_hat_n, fired)
     penalty = torch.zeros((), device=x.device)
     if dead is not None and bool(dead.any()):
@@ -138,18 +139,19 @@ def train_step(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, tracker: T
     if sae.cfg.arch != "relu-l1":
         sae.set_decoder_norm()
     with torch.no_grad():
-        tracker.update(x, parts.x_hat_n / sae.cfg.norm_scale, parts.fired)
+        tracker.update(x, parts.x_hat_n / sae.scale, parts.fired)
     return parts
 
 
-def _estimate_stats(stream: ShuffledStream, seed: int, max_chunks: int = 16) -> tuple[float, np.ndarray]:
-    """``(mean squared norm, mean (d_in,))`` of the training rows of a few random chunks."""
+def _estimate_stats(stream: ShuffledStream, seed: int, n_sources: int = 1, max_chunks: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """``(mean squared norm of each source (n_sources,), mean (d_model,))`` of the training rows of a few random
+    chunks (a crosscoder's row holds its ``n_sources`` sources side by side)."""
     rng = np.random.default_rng([seed, 3])
     pick = rng.permutation(len(stream.chunks))[:max_chunks]
-    sq, tot, n = 0.0, np.zeros(stream.acts.d_model, dtype=np.float64), 0
+    sq, tot, n = np.zeros(n_sources), np.zeros(stream.acts.d_model, dtype=np.float64), 0
     for i in sorted(pick):
         v = stream.read_chunk(*stream.chunks[i]).astype(np.float64)  # (m, d_model)
-        sq += float((v**2).sum())
+        sq += (v**2).reshape(len(v), n_sources, -1).sum(axis=(0, 2))
         tot += v.sum(0)
         n += len(v)
     return sq / max(n, 1), tot / max(n, 1)
@@ -208,8 +210,13 @@ def _train_sae(
         st = store
     if st.loc.read_only:
         raise StoreError(f"store {st.url} is open read-only: pass --writable (open_store(url, writable=True)) to save an SAE")
-    acts = st.activations(cfg.model, cfg.layer)  # NotFoundError names the model / layer
-    d_in = acts.d_model
+    sources = cfg.sources()
+    if sources is None:
+        acts = st.activations(cfg.model, cfg.layer)  # NotFoundError names the model / layer
+        d_in = acts.d_model
+    else:  # a crosscoder: the sources' rows side by side (refused unless they are the same tokens)
+        acts = stacked_activations(st, sources)
+        d_in = acts.d_source
     if len(acts) == 0:
         raise NotFoundError(f"layer {cfg.layer} of model {cfg.model!r} in {st.url} has no committed rows yet: finish extract")
     d_sae, k, aux_k = cfg.resolve(d_in)
@@ -236,7 +243,7 @@ def _train_locked(
 ) -> TrainResult:  # fmt: skip
     resume = _existing_run(st, cfg, name)
     split = split_rows(tok, len(acts), cfg.eval_fraction, cfg.max_eval_tokens, cfg.seed)
-    buffer_rows = max(1, cfg.buffer_mb * 2**20 // (4 * d_in))
+    buffer_rows = max(1, cfg.buffer_mb * 2**20 // (4 * acts.d_model))
     stream = ShuffledStream(acts, split.train_mask, cfg.batch_size, buffer_rows, seed=cfg.seed, workers=cfg.workers,
                             pin_memory=device.type == "cuda")  # fmt: skip
     torch.manual_seed(cfg.seed)
@@ -283,7 +290,7 @@ class _Run:
         self.thr_ema: float | None = meta.get("threshold_ema")
         self.per_epoch = stream.batches_per_epoch
         self.total_steps = math.ceil(cfg.tokens / cfg.batch_size) if cfg.tokens else self.per_epoch * int(cfg.epochs or 1)
-        d_in = sae.cfg.d_in
+        d_in = sae.d_input
         self.eval_x = torch.from_numpy(acts.take(split.eval_rows)) if len(split.eval_rows) else torch.zeros(0, d_in)
         n_curve = len(self.eval_x)  # the FVU-tokens curve: an evenly spaced subset of the held-out rows (cheap)
         pick = np.linspace(0, n_curve - 1, cfg.curve_eval_tokens).round().astype(np.int64)
@@ -297,15 +304,20 @@ class _Run:
     def start(cls, st: Store, cfg: TrainConfig, name: str, acts: Any, split: RowSplit, stream: ShuffledStream,
               device: torch.device, aux_k: int | None, d_sae: int, k: int | None, tokenization: str) -> _Run:  # fmt: skip
         """A new run: inputs scaled to mean squared norm d_in, ``b_dec`` at the (scaled) mean of a few chunks."""
-        d_in = acts.d_model
-        mean_sq, mean = _estimate_stats(stream, cfg.seed)
-        scale = math.sqrt(d_in / mean_sq) if cfg.normalize and mean_sq > 0 else 1.0
+        sources = cfg.sources()
+        n_src = len(sources) if sources else 1
+        d_in = acts.d_model // n_src
+        mean_sq, mean = _estimate_stats(stream, cfg.seed, n_src)
+        scales = [math.sqrt(d_in / v) if cfg.normalize and v > 0 else 1.0 for v in mean_sq]
+        cross = {} if sources is None else {"models": [s.model for s in sources], "layers": [s.layer for s in sources],
+                                            "norm_scales": scales}  # fmt: skip
         sae = SAE(SAEConfig(
-            arch=str(cfg.arch), d_in=d_in, d_sae=d_sae, k=k, l1=float(cfg.l1 or 0.0), norm_scale=scale, model=cfg.model,
+            arch=str(cfg.arch), d_in=d_in, d_sae=d_sae, k=k, l1=float(cfg.l1 or 0.0), norm_scale=scales[0], model=cfg.model,
             layer=cfg.layer, tokenization=tokenization, name=name, training=cfg.to_dict(), actstore_version=__version__,
+            **cross,
         ))  # fmt: skip
         with torch.no_grad():
-            sae.b_dec.copy_(torch.from_numpy(mean * scale).float())
+            sae.b_dec.copy_(torch.from_numpy(mean).float() * sae.scale)
         meta = {"step": 0, "history": [], "threshold_ema": None, "config": _identity(cfg)}
         return cls(st, cfg, name, acts, split, stream, device, aux_k, sae, meta)
 
@@ -321,7 +333,7 @@ class _Run:
                 f"an unfinished run named {name!r} in {st.url} was started with other options (differs in: {', '.join(diff)}): "
                 "rerun with the original options to continue it, or pass --overwrite to start over"
             )
-        check_d_in(sae_cfg, acts.d_model, f"layer {cfg.layer} of model {cfg.model!r} in {st.url}")
+        check_d_in(sae_cfg, getattr(acts, "d_source", acts.d_model), f"layer {cfg.layer} of model {cfg.model!r} in {st.url}")
         run = cls(st, cfg, name, acts, split, stream, device, aux_k, SAE(sae_cfg), meta)
         run.sae.load_state_dict({k_[4:]: v.to(device) for k_, v in tensors.items() if k_.startswith("sae.")})
         restore_optimizer(run.opt, tensors)
@@ -426,7 +438,7 @@ class _Run:
         if not (step % cfg.log_every == 0 or end_of_epoch or at_eval or step == self.total_steps):
             return
         entry: dict[str, Any] = {"step": step, "epoch": step / self.per_epoch, "tokens": self.tracker.tokens_seen,
-                                 "loss": float(parts.loss.detach()), **self.tracker.interval(self.sae.cfg.d_in)}  # fmt: skip
+                                 "loss": float(parts.loss.detach()), **self.tracker.interval(self.sae.d_input)}  # fmt: skip
         if (end_of_epoch and not cfg.tokens) or step == self.total_steps:
             entry["eval"] = self.evaluate()
         if at_eval or step == self.total_steps:
@@ -450,7 +462,7 @@ class _Run:
         sae.eval()  # evaluate() leaves it in training mode
         steps_run = step - self.start_step
         task = None
-        if self.cfg.task_samples:
+        if self.cfg.task_samples and not sae.cfg.is_crosscoder:
             task = task_accuracy(self.st, sae, split.eval_samples, str(self.device), self.cfg.task_samples)
         metrics = {
             "name": self.name,
@@ -464,6 +476,7 @@ class _Run:
             "eval": final_eval,
             "threshold": float(sae.threshold) if sae.cfg.arch == "batchtopk" else None,
             "norm_scale": sae.cfg.norm_scale,
+            "norm_scales": sae.cfg.norm_scales,
             "seconds": seconds,
             "steps_per_s": steps_run / seconds if seconds > 0 else 0.0,
             "resumed_from": self.start_step,

@@ -5,7 +5,7 @@ Torch-free, so the CLI builds its options (defaults, choices, help) from these f
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from actstore.data.corpora import DataConfig
 from actstore.errors import ConfigError
@@ -112,3 +112,45 @@ class ExtractConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class Source(NamedTuple):
+    """One input of a crosscoder: a model's layer."""
+
+    model: str
+    """Store key of the model."""
+    layer: int
+    """Layer (hidden_states index)."""
+
+    def label(self) -> str:
+        return f"{self.model}@{self.layer}"
+
+
+def parse_sources(models: str | list[str], layers: str | list[int] | int) -> list[Source]:
+    """The sources of ``--models A,B --layer L`` (every model at one layer), ``--models A --layers 2,4`` (one model at
+    several layers), or equal-length lists (model i at layer i)."""
+    ms = [m.strip() for m in models.split(",")] if isinstance(models, str) else list(models)
+    if isinstance(layers, str):
+        try:
+            ls = [int(v) for v in layers.split(",")]
+        except ValueError:
+            raise ConfigError(f"--layers must be comma-separated integers, got {layers!r}") from None
+    else:
+        ls = [int(layers)] if isinstance(layers, int) else [int(v) for v in layers]
+    ms = [m for m in ms if m]
+    if not ms or not ls:
+        raise ConfigError("a crosscoder needs --models (comma separated) and --layer or --layers")
+    if len(ms) == 1:
+        ms = ms * len(ls)
+    elif len(ls) == 1:
+        ls = ls * len(ms)
+    if len(ms) != len(ls):
+        raise ConfigError(f"--models has {len(ms)} entries and --layers {len(ls)}: give one layer, one model, or as many of each")
+    sources = [Source(m, lay) for m, lay in zip(ms, ls, strict=True)]
+    if len(sources) < 2:
+        raise ConfigError("a crosscoder reads at least two sources: --models A,B (same layer) or --models A --layers L1,L2")
+    if len(set(sources)) != len(sources):
+        raise ConfigError(f"a crosscoder's sources must differ, got {', '.join(s.label() for s in sources)}")
+    if any(s.layer < 0 for s in sources):
+        raise ConfigError("layers must be >= 0")
+    return sources

@@ -83,8 +83,34 @@ def write_synthetic_store(
         a[:] = arr
     tk.attrs[ATTR] = {"n_tokens": n_rows, "n_samples": len(first), "chunk_rows": chunk_rows, "complete": True,
                       "max_length": sample_len, "parts": [], "tokenizer_source": "synthetic"}  # fmt: skip
+    _write_model(root, blocks, n_rows, d, model, layer, chunk_rows, key)
+    return open_store(path, writable=True)
+
+
+def add_synthetic_model(path: str, blocks: Iterable[np.ndarray], n_rows: int, d: int, model: str, layer: int = 0,
+                        chunk_rows: int = 1024) -> Store:  # fmt: skip
+    """Add ``models/MODEL/layer_LAYER`` to a store made by :func:`write_synthetic_store`, on its token index (row
+    ``i`` is the same fake token): a second "model" of the same tokens, as a crosscoder reads."""
+    root = zarr.open_group(zarr.storage.LocalStore(path), mode="r+")
+    key = root.attrs[ATTR]["default_tokenization"]
+    if model in root.get(layout.MODELS, {}):
+        group = root[layout.model_dir(model)]
+        group.attrs[ATTR] = {**group.attrs[ATTR], "n_layers": max(layer, group.attrs[ATTR]["n_layers"])}
+        _write_layer(root, blocks, n_rows, d, model, layer, chunk_rows, key)
+    else:
+        _write_model(root, blocks, n_rows, d, model, layer, chunk_rows, key)
+    return open_store(path, writable=True)
+
+
+def _write_model(root: zarr.Group, blocks: Iterable[np.ndarray], n_rows: int, d: int, model: str, layer: int,
+                 chunk_rows: int, key: str) -> None:  # fmt: skip
     root.create_group(layout.model_dir(model), attributes={ATTR: {"source": "synthetic", "key": model, "tokenization": key,
                                                             "d_model": d, "n_layers": layer}})  # fmt: skip
+    _write_layer(root, blocks, n_rows, d, model, layer, chunk_rows, key)
+
+
+def _write_layer(root: zarr.Group, blocks: Iterable[np.ndarray], n_rows: int, d: int, model: str, layer: int,
+                 chunk_rows: int, key: str) -> None:  # fmt: skip
     arr = root.create_array(
         layout.layer_array(model, layer), shape=(n_rows, d), chunks=(chunk_rows, d), dtype="float32", fill_value=0,
         compressors=[zc.ZstdCodec(level=1)],
@@ -104,4 +130,64 @@ def write_synthetic_store(
         raise ValueError(f"blocks held {row} rows, expected {n_rows}")
     arr.attrs[ATTR] = {"layer": layer, "d_model": d, "codec": "fp32", "stored_dtype": "float32", "model_key": model,
                        "tokenization": key, "n_rows": n_rows, "committed_rows": n_rows, "complete": True}  # fmt: skip
-    return open_store(path, writable=True)
+
+
+ATOM_KINDS = ("shared", "a_only", "b_only", "weak_a")
+"""Kinds of atoms of a planted crosscoder: in both models alike; in A only; in B only; in both, weaker in A."""
+
+
+@dataclass
+class PlantedCrosscoder:
+    """Two "models" over the same tokens: each row's code (``k_active`` atoms, ``c ~ U(0.5, 1.5)``) is shared, and
+    each atom has a direction per model (zero where it is absent, ``weak_scale`` times a unit row where weak)."""
+
+    atoms_a: np.ndarray
+    """float32 ``(n_atoms, d)``: each atom's contribution to model A (a unit row, a weak row, or zeros)."""
+    atoms_b: np.ndarray
+    """float32 ``(n_atoms, d)``: the same for model B."""
+    kinds: list[str]
+    """Each atom's kind, one of :data:`ATOM_KINDS`."""
+    k_active: int
+    seed: int
+
+    def codes(self, n: int, block: int = 65536) -> Iterator[np.ndarray]:
+        rng = np.random.default_rng([self.seed, 1])
+        n_atoms = len(self.kinds)
+        for a in range(0, n, block):
+            m = min(block, n - a)
+            idx = np.argsort(rng.random((m, n_atoms)), axis=1)[:, : self.k_active]  # (m, k_active)
+            coef = rng.uniform(0.5, 1.5, size=(m, self.k_active)).astype(np.float32)
+            codes = np.zeros((m, n_atoms), dtype=np.float32)
+            np.put_along_axis(codes, idx, coef, axis=1)
+            yield codes  # (m, n_atoms)
+
+    def rows_a(self, n: int) -> Iterator[np.ndarray]:
+        return (c @ self.atoms_a for c in self.codes(n))  # (m, d)
+
+    def rows_b(self, n: int) -> Iterator[np.ndarray]:
+        return (c @ self.atoms_b for c in self.codes(n))  # (m, d)
+
+
+def planted_crosscoder(d: int, n_shared: int, n_a_only: int, n_b_only: int, n_weak_a: int, weak_scale: float = 0.3,
+                       k_active: int = 3, drift: float = 0.1, seed: int = 0) -> PlantedCrosscoder:  # fmt: skip
+    """Random unit atoms of the four kinds; a shared atom's B direction is its A direction plus ``drift`` times a random
+    unit vector, renormalised (cosine about ``1 / sqrt(1 + drift^2)``), as a fine-tune moves a feature a little."""
+    rng = np.random.default_rng([seed, 0])
+    kinds = ["shared"] * n_shared + ["a_only"] * n_a_only + ["b_only"] * n_b_only + ["weak_a"] * n_weak_a
+    n = len(kinds)
+    base = rng.standard_normal((n, d)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    moved = base + drift * rng.standard_normal((n, d)).astype(np.float32) / np.sqrt(d)
+    moved /= np.linalg.norm(moved, axis=1, keepdims=True)
+    kind = np.asarray(kinds)
+    a = np.where((kind == "b_only")[:, None], 0.0, base) * np.where(kind == "weak_a", weak_scale, 1.0)[:, None]
+    b = np.where((kind == "a_only")[:, None], 0.0, moved)
+    return PlantedCrosscoder(a.astype(np.float32), b.astype(np.float32), kinds, k_active, seed)
+
+
+def write_crosscoder_store(path: str, pc: PlantedCrosscoder, n_rows: int, models: tuple[str, str] = ("a", "b"),
+                           layer: int = 0, sample_len: int = 32, chunk_rows: int = 1024) -> Store:  # fmt: skip
+    """A store with the two models of ``pc`` at ``layer`` over the same ``n_rows`` fake tokens."""
+    d = pc.atoms_a.shape[1]
+    write_synthetic_store(path, pc.rows_a(n_rows), n_rows, d, models[0], layer, sample_len, chunk_rows)
+    return add_synthetic_model(path, pc.rows_b(n_rows), n_rows, d, models[1], layer, chunk_rows)
