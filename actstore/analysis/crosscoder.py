@@ -17,8 +17,9 @@ normalised space, each model scaled to mean squared norm ``d_in``):
   are near 0 for a latent truly absent from the other model. (Minder et al. divide ``beta_recon(other)`` by
   ``beta_recon(dominant)``; that is the direction's share in the dominant model's reconstruction *without* the
   latent, near zero when no other latent carries it, so the ratio is noise: on planted data |nu_recon| reached 20
-  for shared atoms. Here both ratios divide by the latent's own scale in its dominant model.) A high ``nu_error`` means the other model *does* carry the direction but the
-  crosscoder's L1 shrank its decoder there (Complete Shrinkage); a high ``nu_recon`` means the other model's
+  for shared atoms. Here both ratios divide by the latent's own scale in its dominant model.)
+  A high ``nu_error`` means the other model *does* carry the direction but the crosscoder's L1 shrank its
+  decoder there (Complete Shrinkage); a high ``nu_recon`` means the other model's
   reconstruction carries it through other latents (Latent Decoupling).
 
 Classes (thresholds: :class:`~actstore.analysis.config.CrosscoderDiffConfig`): ``a-only`` (relative norm <=
@@ -229,7 +230,9 @@ def load_crosscoder_diff(store: Store, name: str) -> CrosscoderDiff:
     """The saved diff of crosscoder ``name`` (checked against the manifest)."""
     t_key, m_key = layout.sae_file(name, layout.CROSSCODER_LATENTS), layout.sae_file(name, layout.CROSSCODER_DIFF)
     if not store.loc.exists(t_key) or not store.loc.exists(m_key):
-        raise NotFoundError(f"crosscoder {name!r} in {store.url} has no saved diff: run actstore diff-crosscoder STORE --sae {name}")
+        raise NotFoundError(
+            f"crosscoder {name!r} in {store.url} has no saved diff: run actstore diff-crosscoder STORE --sae {name}"
+        )
     raw = store.loc.read_bytes(t_key)
     check_file(store.loc, t_key, raw)
     table = pl.read_parquet(io.BytesIO(raw))
@@ -336,6 +339,6 @@ def diff_agreement(store: Store, crosscoder: str, diff: str, cos: float = 0.5) -
         statuses = np.asarray(side_tab["status"].to_list(), dtype=object)
         ok = best_cos >= cos
         agree = statuses[best[ok]] == status
-        out[cls] = {"latents": int(len(pick)), "matched": int(ok.sum()), "agree": float(agree.mean()) if ok.any() else float("nan"),
-                    "status": status}  # fmt: skip
+        frac = float(agree.mean()) if ok.any() else float("nan")
+        out[cls] = {"latents": int(len(pick)), "matched": int(ok.sum()), "agree": frac, "status": status}
     return out

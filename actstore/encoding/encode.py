@@ -124,9 +124,10 @@ def check_sae_layer(store: Store, sae: SAE, name: str) -> tuple[str, int]:
 
     cfg = sae.cfg
     acts = check_fits(store, cfg, name)
+    what = ", ".join(cfg.source_labels()) if cfg.is_crosscoder else f"{cfg.model} layer {cfg.layer}"
     if not acts.attrs.get("complete"):
         raise StoreError(
-            f"{', '.join(cfg.source_labels()) if cfg.is_crosscoder else f'{cfg.model} layer {cfg.layer}'} in {store.url} is incomplete ({acts.n_rows} of {acts.attrs.get('n_rows')} rows): "
+            f"{what} in {store.url} is incomplete ({acts.n_rows} of {acts.attrs.get('n_rows')} rows): "
             "finish it with the same actstore extract command, then encode"
         )
     return cfg.model, int(cfg.layer)

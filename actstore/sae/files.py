@@ -84,7 +84,8 @@ def list_saes(store: Store) -> pl.DataFrame:
                 "name": name,
                 "kind": "crosscoder" if cfg.get("models") else "sae",
                 "sources": ",".join(f"{m}@{v}" for m, v in zip(cfg["models"], cfg.get("layers") or [], strict=False))
-                if cfg.get("models") else None,
+                if cfg.get("models")
+                else None,
                 "arch": cfg.get("arch"),
                 "model": cfg.get("model"),
                 "layer": cfg.get("layer"),
@@ -103,7 +104,8 @@ def list_saes(store: Store) -> pl.DataFrame:
             }
         )
     schema = {
-        "name": pl.String, "kind": pl.String, "sources": pl.String, "arch": pl.String, "model": pl.String, "layer": pl.Int64, "d_in": pl.Int64, "d_sae": pl.Int64,
+        "name": pl.String, "kind": pl.String, "sources": pl.String,
+        "arch": pl.String, "model": pl.String, "layer": pl.Int64, "d_in": pl.Int64, "d_sae": pl.Int64,
         "k": pl.Int64, "l1": pl.Float64, "tokens": pl.Int64, "fvu": pl.Float64, "mse": pl.Float64, "l0": pl.Float64,
         "dead": pl.Float64, "dense": pl.Float64, "train_fvu": pl.Float64, "l0_fraction": pl.Float64,
     }  # fmt: skip

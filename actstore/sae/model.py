@@ -84,8 +84,10 @@ class SAE(nn.Module):
         # batchtopk: one inference threshold (); jumprelu: one per feature (d_sae,)
         self.register_buffer("threshold", torch.zeros(d_sae) if cfg.arch == "jumprelu" else torch.tensor(0.0))
         # the input scale: () for an SAE, (n_sources * d_in,) for a crosscoder (each source's columns its own scale)
-        scales = cfg.norm_scales if cfg.is_crosscoder else [cfg.norm_scale]
-        scale = torch.tensor(scales, dtype=torch.float32).repeat_interleave(cfg.d_in) if cfg.is_crosscoder else torch.tensor(float(scales[0]))
+        if cfg.is_crosscoder:
+            scale = torch.tensor(cfg.norm_scales, dtype=torch.float32).repeat_interleave(cfg.d_in)
+        else:
+            scale = torch.tensor(float(cfg.norm_scale))
         self.register_buffer("scale", scale, persistent=False)
 
     @property
