@@ -304,9 +304,7 @@ def test_cli_crosscoder_on_real_models(two_model_cc_store):
     assert tt.height <= 3
     r = CliRunner().invoke(main, ["diff-features", path, "--sae", "cc", "--sae", "cc"])
     assert r.exit_code != 0 and "is a crosscoder" in r.output
-    r = CliRunner().invoke(
-        main, ["export-sae", path, "cc", "--format", "saelens", "--out", str(Path(path).parent / "x")]
-    )
+    r = CliRunner().invoke(main, ["export-sae", path, "cc", "--format", "saelens", "--out", str(Path(path).parent / "x")])
     assert r.exit_code != 0 and "crosscoder" in r.output
     # cross-layer: one model, two layers, the same code
     r = CliRunner().invoke(main, ["train-crosscoder", path, "--models", "other", "--layers", "1,2", "--k", "4", "--d-sae", "48",
