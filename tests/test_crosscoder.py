@@ -306,6 +306,29 @@ def test_cli_crosscoder_on_real_models(two_model_cc_store):
     assert r.exit_code != 0 and "is a crosscoder" in r.output
     r = CliRunner().invoke(main, ["export-sae", path, "cc", "--format", "saelens", "--out", str(Path(path).parent / "x")])
     assert r.exit_code != 0 and "crosscoder" in r.output
+    # token views: a latent as each model sees it, its activation times its decoder norm there
+    from actstore.analysis.config import ReportConfig, ShowConfig
+    from actstore.analysis.report import report
+    from actstore.analysis.show import token_views
+
+    st = actstore.open_store(path)
+    sid = st.samples()["id"][0]
+    feat = int(actstore.top_features(st, sae="cc", n=1)["feature"][0])
+    tv = token_views(st, ShowConfig(saes=["cc"], features=[feat], sample_ids=[sid], models=["tiny", "other"]))
+    sae = load_sae(st, "cc")
+    s0 = st.samples().row(0, named=True)
+    x = stacked_activations(st, [Source("tiny", 2), Source("other", 2)])[s0["first_row"] : s0["first_row"] + s0["n_tokens"]]
+    with torch.no_grad():
+        f = sae.encode(torch.from_numpy(x))[:, feat].numpy()
+    norms = sae.decoder_norms()[feat].numpy()
+    np.testing.assert_allclose(tv.values[0][0], f * norms[0], rtol=1e-5)
+    np.testing.assert_allclose(tv.values[0][1], f * norms[1], rtol=1e-5)
+    # the report: section 6 with the saved diff's counts
+    rep = report(path, ReportConfig(out=str(Path(path).parent / "rep"), models=("tiny", "other")))
+    assert "crosscoders" in rep.sections
+    row = next(r for r in rep.data["crosscoders"] if r["crosscoder"] == "cc")
+    assert row["b-only"] == int(got.filter(got["class"] == "b-only")["n"].sum())
+    assert "6. Crosscoders" in Path(rep.html).read_text()
     # cross-layer: one model, two layers, the same code
     r = CliRunner().invoke(main, ["train-crosscoder", path, "--models", "other", "--layers", "1,2", "--k", "4", "--d-sae", "48",
                                   "--epochs", "1", "--batch-size", "64", "--quiet", "--device", "cpu"])  # fmt: skip

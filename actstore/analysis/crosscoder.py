@@ -342,3 +342,45 @@ def diff_agreement(store: Store, crosscoder: str, diff: str, cos: float = 0.5) -
         frac = float(agree.mean()) if ok.any() else float("nan")
         out[cls] = {"latents": int(len(pick)), "matched": int(ok.sum()), "agree": frac, "status": status}
     return out
+
+
+def crosscoder_summary(store: Store) -> tuple[pl.DataFrame | None, list[str]]:
+    """One row per crosscoder with a saved diff: its sources, per-source held-out FVU, class counts, and (when a
+    saved ``diff-features`` of SAEs on the same two models at its layer exists) how far the two methods agree;
+    and notes naming the crosscoders without a saved diff."""
+    from actstore.analysis.diff import load_diff
+    from actstore.query.views import diff_names
+    from actstore.sae.files import read_metrics, sae_names
+
+    rows, notes = [], []
+    diffs = {}
+    for d in diff_names(store):
+        cfg = load_diff(store, d).config
+        ca, cb = read_config(store, cfg["sae_a"]), read_config(store, cfg["sae_b"])
+        diffs[(ca.model, cb.model, ca.layer)] = d
+    for name in sae_names(store):
+        c = read_config(store, name)
+        if not c.is_crosscoder:
+            continue
+        try:
+            res = load_crosscoder_diff(store, name)
+        except NotFoundError:
+            notes.append(f"crosscoder {name} has no saved diff: run actstore diff-crosscoder {store.url} --sae {name}")
+            continue
+        ia, ib = source_index(c, res.sources[0], 0), source_index(c, res.sources[1], 1)
+        fvu = {s["source"]: s["fvu"] for s in (read_metrics(store, name).get("eval") or {}).get("sources", [])}
+        n = res.counts
+        row = {"crosscoder": name, "layer": (c.layers or [0])[ia], "A": res.sources[0], "B": res.sources[1], "arch": c.arch,
+               "d_sae": c.d_sae, "fvu A": fvu.get(res.sources[0]), "fvu B": fvu.get(res.sources[1]),
+               "shared": n["shared"], "changed": n["changed"], "a-only": n["a-only"], "b-only": n["b-only"],
+               "b-only exclusive": n["b-only exclusive"], "dead": n["dead"]}  # fmt: skip
+        alive = max(1, c.d_sae - n["dead"])
+        row["b-only share"] = n["b-only exclusive"] / alive
+        key = ((c.models or [])[ia], (c.models or [])[ib], (c.layers or [0])[ia])
+        row["feature diff"] = diffs.get(key)
+        if row["feature diff"]:
+            ag = diff_agreement(store, name, row["feature diff"])
+            row["b-only matched new"] = ag["b-only"]["agree"]
+            row["shared matched retained"] = ag["shared"]["agree"]
+        rows.append(row)
+    return (pl.DataFrame(rows).sort(["A", "B", "layer"]) if rows else None), notes

@@ -284,7 +284,8 @@ def _build_report(store: Store, cfg: ReportConfig, progress: bool = False) -> Re
     ft, reps, ft_notes = _finetune_part(store)
     models = _models_to_compare(store, cfg, reps)
     parts: list[Part | None] = [ft, _similarity_part(store, cfg, models, out, progress), _sae_metrics_part(store, out),
-                                _features_part(store, cfg, models), _diff_part(store, cfg, models, out)]  # fmt: skip
+                                _features_part(store, cfg, models), _diff_part(store, cfg, models, out),
+                                _crosscoder_part(store)]  # fmt: skip
     res.notes += ft_notes
     if models is None:
         res.notes.append(f"the store holds {len(store.models)} models: pass --models A,B for the similarity section")
@@ -489,6 +490,25 @@ def _diff_part(store: Store, cfg: ReportConfig, models: tuple[str, str] | None, 
          "<img src='feature_diff.png'>" + _html_table(df)]  # fmt: skip
     md = ["## 5. Feature diff", "", "![feature diff](feature_diff.png)", "", _md_table(df), ""]
     return Part("feature-diff", df.to_dicts(), h, md, pngs=[png])
+
+
+def _crosscoder_part(store: Store) -> Part | None:
+    """6. Crosscoders: each latent shared / changed / A-only / B-only (diff-crosscoder), beside the feature diff."""
+    from actstore.analysis.crosscoder import crosscoder_summary
+
+    df, notes = crosscoder_summary(store)
+    if df is None:
+        return Part("crosscoders", None, [], [], notes=notes) if notes else None
+    h = ["<h2>6. Crosscoders, pretrained vs fine-tuned</h2><p>One dictionary trained on both models' activations of the "
+         "same tokens, a decoder per model: each latent is shared, changed, A-only or B-only by its decoder norms "
+         "(relative norm, Minder et al. 2025); <i>b-only exclusive</i> counts the B-only latents that Latent Scaling "
+         "does not flag as present in A after all. Where the same layer has a feature diff of two SAEs (section 5), "
+         "<i>b-only matched new</i> is the fraction of exclusive B-only latents whose closest SAE-B feature the feature "
+         "diff calls new, and <i>shared matched retained</i> the same for shared latents and retained features: how far "
+         f"the two methods agree. Query the latents with <code>actstore sql {_esc(store.url)} \"SELECT * FROM "
+         "crosscoder_latents\"</code>.</p>" + _html_table(df)]  # fmt: skip
+    md = ["## 6. Crosscoders", "", _md_table(df), ""]
+    return Part("crosscoders", df.to_dicts(), h, md, notes=notes)
 
 
 def report(

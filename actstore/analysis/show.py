@@ -150,6 +150,9 @@ def token_views(store: Store, cfg: ShowConfig) -> TokenViews:
             vals = []
             for v in views:
                 sae = saes[v.sae]
+                if sae.cfg.is_crosscoder:  # one latent value per token, read from every source: see _crosscoder_view
+                    vals.append(_crosscoder_view(store, sae, v, r0, r1))
+                    continue
                 if v.layer in store.layers(v.model) and len(store.activations(v.model, v.layer)) >= r1:
                     x = torch.from_numpy(store.activations(v.model, v.layer)[r0:r1])  # (n_tokens, d_model)
                 else:
@@ -161,6 +164,8 @@ def token_views(store: Store, cfg: ShowConfig) -> TokenViews:
             tokens.append(toks)
             values.append(vals)
     if cfg.texts:
+        if any(saes[v.sae].cfg.is_crosscoder for v in views):
+            raise ConfigError("a crosscoder's views read stored samples (each of its models' rows): pass --sample-id")
         live = {m: _LiveModel(store, m, cfg.device) for m in dict.fromkeys(v.model for v in views)}
         for text in cfg.texts:
             vals, toks = [], []
@@ -175,6 +180,21 @@ def token_views(store: Store, cfg: ShowConfig) -> TokenViews:
         tokens = [t[: cfg.max_tokens] for t in tokens]
         values = [[x[: cfg.max_tokens] for x in vs] for vs in values]
     return TokenViews(views, sentences, tokens, values)
+
+
+def _crosscoder_view(store: Store, sae: SAE, v: View, r0: int, r1: int) -> np.ndarray:
+    """A crosscoder latent on rows ``[r0, r1)`` as model ``v.model`` sees it: its activation (from every source's
+    rows) times its decoder norm in that model's source, the size of what it writes there (0 where the model lacks
+    it); the plain activation for a model that is not one of its sources."""
+    from actstore.sae.model import check_fits
+
+    x = torch.from_numpy(check_fits(store, sae.cfg, str(sae.cfg.name))[r0:r1])  # (n_tokens, n_sources * d_in)
+    f = sae.encode(x.to(sae.W_enc.device))[:, v.feature].float().cpu().numpy()
+    hits = [i for i, (m, lay) in enumerate(zip(sae.cfg.models or [], sae.cfg.layers or [], strict=True))
+            if m == v.model and int(lay) == v.layer]  # fmt: skip
+    if not hits:
+        return f
+    return f * float(sae.decoder_norms()[v.feature, hits[0]])
 
 
 # ---------------------------------------------------------------- rendering
