@@ -44,15 +44,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
-import torch
 
 from actstore.analysis.config import CROSSCODER_CLASSES, CrosscoderDiffConfig
 from actstore.clock import now
 from actstore.errors import ConfigError, NotFoundError
 from actstore.format import layout
-from actstore.models.loading import auto_device
 from actstore.sae.files import load_sae, read_config
-from actstore.sae.model import check_fits
 from actstore.storage.integrity import check_file, update_manifest
 from actstore.storage.locks import StoreLock
 
@@ -110,12 +107,23 @@ def decoder_stats(sae: SAE, ia: int, ib: int) -> dict[str, np.ndarray]:
     return {"norm_a": na, "norm_b": nb, "rel_norm": relative_norm(na, nb), "cosine": np.where(na * nb > 0, cos, 0.0)}
 
 
-@torch.no_grad()
 def latent_scaling(store: Store, sae: SAE, ia: int, ib: int, dominant_b: np.ndarray, rows: int = 0,
                    batch_rows: int = 4096, device: str = "cpu") -> tuple[dict[str, np.ndarray], int]:  # fmt: skip
     """Latent Scaling's betas of every latent in sources ``ia`` (A) and ``ib`` (B), and how often it fires, from
     one pass over the token rows (or about ``rows`` of them, in evenly spaced blocks); see the module docstring.
     ``dominant_b`` (bool ``(d_sae,)``) says whose decoder row is each latent's direction ``u``."""
+    import torch
+
+    with torch.no_grad():
+        return _latent_scaling(store, sae, ia, ib, dominant_b, rows, batch_rows, device)
+
+
+def _latent_scaling(store: Store, sae: SAE, ia: int, ib: int, dominant_b: np.ndarray, rows: int, batch_rows: int,
+                    device: str) -> tuple[dict[str, np.ndarray], int]:  # fmt: skip
+    import torch
+
+    from actstore.sae.model import check_fits
+
     c = sae.cfg
     stacked = check_fits(store, c, str(c.name))
     sae = sae.to(device).eval()
@@ -187,6 +195,8 @@ def diff_crosscoder(store: Store, cfg: CrosscoderDiffConfig, save: bool = True) 
     ia, ib = source_index(sae_cfg, cfg.a, 0), source_index(sae_cfg, cfg.b, 1)
     if ia == ib:
         raise ConfigError(f"--a and --b name the same source ({sae_cfg.source_labels()[ia]}): pick two")
+    from actstore.models.loading import auto_device
+
     device = auto_device(cfg.device)
     sae = load_sae(store, cfg.sae, device=device)
     t = decoder_stats(sae, ia, ib)

@@ -1,0 +1,201 @@
+"""The feature browser: ``actstore serve`` pages and the SQL console (Starlette's TestClient), a hostile store,
+the static ``dashboard``; the same in a real browser in tests/test_browse_browser.py."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import actstore
+from actstore.browse.app import create_app
+from actstore.browse.config import DashboardConfig, ServeConfig
+from actstore.browse.console import QueryRefused, run_console
+from actstore.browse.dashboard import write_dashboard
+from actstore.cli import main
+from actstore.errors import ConfigError
+
+XSS = [
+    '<script>window.__pwned = 1</script> a review with a script tag',
+    '"><img src=x onerror="window.__pwned=2"> an attribute breakout',
+    "</textarea><svg onload=window.__pwned=3> and more text for tokens",
+]
+
+FORBIDDEN = [
+    ("ATTACH '/tmp/x.duckdb' AS x", "only SELECT"),
+    ("INSTALL httpfs", "only SELECT"),
+    ("LOAD httpfs", "only SELECT"),
+    ("SET threads = 1", "only SELECT"),
+    ("PRAGMA version", "only SELECT"),
+    ("COPY (SELECT 1) TO '/tmp/actstore-evil.csv'", "only SELECT"),
+    ("CREATE TABLE t AS SELECT 1", "only SELECT"),
+    ("SELECT 1; SELECT 2", "one statement"),
+    ("SELECT * FROM read_text('/etc/passwd')", ""),
+    ("SELECT * FROM read_csv('/etc/hostname')", ""),
+]
+
+
+def hostile_corpus(tmp: Path) -> str:
+    rows = [{"id": f"x{i}", "text": t, "label": ["pos", "neg", "<b>bold</b>"][i]} for i, t in enumerate(XSS)]
+    rows += [{"id": f"s{i}", "text": f"the film was {w} and the plot {v}", "label": "pos" if i % 2 else "neg"}
+             for i, (w, v) in enumerate([("great", "moved"), ("dull", "sagged"), ("fine", "worked"), ("bad", "failed")] * 6)]  # fmt: skip
+    path = tmp / "hostile.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def browse_store(tmp_path_factory, tiny_bert_dir) -> str:
+    """A store of the tiny BERT and a second model on a corpus with hostile texts and labels, an encoded topk SAE."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from actstore.data.corpora import DataConfig
+    from actstore.encoding.config import EncodeConfig
+    from actstore.encoding.encode import encode
+    from actstore.sae.config import TrainConfig
+    from actstore.sae.train import train_sae
+    from actstore.store.config import ExtractConfig
+    from actstore.store.extract import extract
+
+    tmp = tmp_path_factory.mktemp("browse")
+    corpus = hostile_corpus(tmp)
+    other = tmp / "other"
+    torch.manual_seed(2)
+    BertModel(BertConfig.from_pretrained(tiny_bert_dir)).save_pretrained(other)
+    AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(other)
+    path = str(tmp / "b.zarr")
+    for model, name in ((tiny_bert_dir, "tiny"), (str(other), "other")):
+        extract(path, ExtractConfig(model=model, name=name, data=DataConfig(corpus), layers="2", codec="fp32", batch_size=8,
+                                    device="cpu"), progress=False)  # fmt: skip
+    train_sae(path, TrainConfig(model="tiny", layer=2, arch="topk", k=4, d_sae=48, epochs=2, batch_size=64, device="cpu",
+                                name="s", task_samples=0), progress=False)  # fmt: skip
+    encode(actstore.open_store(path, writable=True), EncodeConfig(sae="s", device="cpu"), progress=False)
+    # a hostile folder name under saes/ (refused by name rules, so never listed or linked)
+    bad = Path(path) / "saes" / '"><img src=x onerror=window.__pwned=4>'
+    bad.mkdir()
+    (bad / "cfg.json").write_text("{}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def client(browse_store):
+    from starlette.testclient import TestClient
+
+    return TestClient(create_app(actstore.open_store(browse_store), ServeConfig()))
+
+
+def test_serve_refuses_public_hosts_unless_asked():
+    with pytest.raises(ConfigError, match="--public"):
+        ServeConfig(host="0.0.0.0")
+    assert ServeConfig(host="0.0.0.0", public=True).host == "0.0.0.0"
+
+
+def test_pages_answer_and_link(client, browse_store):
+    r = client.get("/")
+    assert r.status_code == 200 and "tiny" in r.text and 'href="/sae/s"' in r.text
+    assert "onerror" not in r.text  # the hostile folder is not listed
+    assert "script-src 'self'" in r.headers["content-security-policy"]
+    r = client.get("/sae/s")
+    assert r.status_code == 200 and 'href="/sae/s/feature/' in r.text
+    st = actstore.open_store(browse_store)
+    f = int(actstore.top_features(st, sae="s", n=1)["feature"][0])
+    r = client.get(f"/sae/s/feature/{f}")
+    assert r.status_code == 200
+    tt = actstore.top_tokens(st, f, sae="s", n=20)
+    got = [float(v) for v in re.findall(r'class="ctx" data-row="\d+" data-value="([^"]+)"', r.text)]
+    np.testing.assert_allclose(got, tt["value"].to_numpy(), rtol=1e-6)
+    rows = [int(v) for v in re.findall(r'class="ctx" data-row="(\d+)"', r.text)]
+    assert rows == tt["row"].to_list()
+    counts = json.loads(re.search(r"data-counts='([^']*)'", r.text).group(1))
+    vals = actstore.sql(st, f"SELECT value FROM features WHERE sae = 's' AND feature = {f}")["value"].to_numpy()
+    assert counts == np.histogram(vals, bins=40)[0].tolist() and sum(counts) == len(vals)
+    assert "/sample/" in r.text
+    r = client.get("/sample/0")
+    assert r.status_code == 200 and "data-feats=" in r.text
+
+
+def test_hostile_strings_are_text(client):
+    for url in ("/", "/sae/s", "/sample/0", "/sample/1", "/sample/2", "/sql?q=SELECT+text,+label+FROM+samples"):
+        body = client.get(url).text
+        assert "<script>window" not in body and "<img src=x" not in body and "<svg onload" not in body, url
+        assert "<b>bold</b>" not in body
+    body = client.get("/sample/0").text
+    assert "&lt;script&gt;window.__pwned = 1&lt;/script&gt;" in body
+
+
+def test_path_traversal_and_bad_params(client):
+    for url in ("/sae/..%2F..%2Fetc", "/sae/../../etc/passwd", "/static/../app.py", "/static/..%2Fapp.py", "/sae/nope",
+                "/sae/s/feature/99999", "/sample/99999", "/query/..%2Fviews"):
+        r = client.get(url)
+        assert r.status_code in (400, 404), (url, r.status_code)
+        assert "def create_app" not in r.text
+    assert client.get("/sae/s?limit=abc").status_code == 400
+    assert client.get("/sae/s?sort=evil").status_code == 400
+    assert client.get("/", headers={"host": "evil.example"}).status_code == 400  # no DNS rebinding
+
+
+@pytest.mark.parametrize(("q", "msg"), FORBIDDEN)
+def test_console_refuses(client, browse_store, q, msg):
+    r = client.get("/sql", params={"q": q})
+    assert r.status_code == 400 and 'id="error"' in r.text and msg in r.text
+    with pytest.raises(QueryRefused):
+        run_console(actstore.open_store(browse_store), q)
+    assert not Path("/tmp/actstore-evil.csv").exists()
+
+
+def test_console_bounds_rows_and_time(browse_store):
+    st = actstore.open_store(browse_store)
+    res = run_console(st, "SELECT * FROM range(5000)", max_rows=100)
+    assert len(res.rows) == 100 and res.truncated
+    with pytest.raises(QueryRefused, match="ran past"):
+        run_console(st, "SELECT count(*) FROM range(100000000000) a", timeout=0.3)
+
+
+def test_console_csv_and_named_queries(client, browse_store):
+    r = client.get("/sql.csv", params={"q": "SELECT sample, id FROM samples ORDER BY sample LIMIT 3"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
+    assert r.text.splitlines()[0] == "sample,id" and len(r.text.splitlines()) == 4
+    r = client.get("/query/top_tokens", params={"run": "1", "sae": "s", "feature": "0", "n": "3"})
+    assert r.status_code == 200 and 'id="result"' in r.text
+
+
+def test_console_on_a_store_opened_by_url(s3_server, browse_store):
+    """The same refusals on a bucket: nothing outside the store is read, nothing written."""
+    from starlette.testclient import TestClient
+
+    from actstore.storage.config import CopyConfig
+    from actstore.storage.copy import copy_store
+
+    url = "s3://team/browse.zarr"
+    assert copy_store(CopyConfig(browse_store, url)).ok
+    c = TestClient(create_app(actstore.open_store(url), ServeConfig()))
+    assert c.get("/").status_code == 200 and c.get("/sae/s").status_code == 200
+    for q, msg in FORBIDDEN:
+        r = c.get("/sql", params={"q": q})
+        assert r.status_code == 400 and msg in r.text, q
+    r = c.get("/sql", params={"q": "SELECT count(*) AS n FROM samples"})
+    assert r.status_code == 200 and "<td>27</td>" in r.text
+
+
+def test_dashboard_static_export(browse_store, tmp_path):
+    st = actstore.open_store(browse_store)
+    res = write_dashboard(st, DashboardConfig(sae="s", out=str(tmp_path / "dash"), top=5))
+    assert len(res.features) == 5 and Path(res.index).exists()
+    f = res.features[0]
+    html = (tmp_path / "dash" / f"feature-{f}.html").read_text()
+    data = json.loads((tmp_path / "dash" / "data" / f"feature-{f}.json").read_text())
+    tt = actstore.top_tokens(st, f, sae="s", n=20)
+    np.testing.assert_allclose([c["value"] for c in data["contexts"]], tt["value"].to_numpy(), rtol=1e-6)
+    assert 'href="static/style.css"' in html and "/sample/" not in html
+    r = CliRunner().invoke(main, ["dashboard", browse_store, "--sae", "s", "--out", str(tmp_path / "d2"), "--features", "0,1"])
+    assert r.exit_code == 0 and "2 feature pages" in r.output, r.output
+    r = CliRunner().invoke(main, ["dashboard", browse_store, "--sae", "nope", "--out", str(tmp_path / "d3")])
+    assert r.exit_code != 0 and "not encoded" in r.output
