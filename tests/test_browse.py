@@ -21,7 +21,7 @@ from actstore.cli import main
 from actstore.errors import ConfigError
 
 XSS = [
-    '<script>window.__pwned = 1</script> a review with a script tag',
+    "<script>window.__pwned = 1</script> a review with a script tag",
     '"><img src=x onerror="window.__pwned=2"> an attribute breakout',
     "</textarea><svg onload=window.__pwned=3> and more text for tokens",
 ]
@@ -42,8 +42,9 @@ FORBIDDEN = [
 
 def hostile_corpus(tmp: Path) -> str:
     rows = [{"id": f"x{i}", "text": t, "label": ["pos", "neg", "<b>bold</b>"][i]} for i, t in enumerate(XSS)]
+    words = [("great", "moved"), ("dull", "sagged"), ("fine", "worked"), ("bad", "failed")] * 6
     rows += [{"id": f"s{i}", "text": f"the film was {w} and the plot {v}", "label": "pos" if i % 2 else "neg"}
-             for i, (w, v) in enumerate([("great", "moved"), ("dull", "sagged"), ("fine", "worked"), ("bad", "failed")] * 6)]  # fmt: skip
+             for i, (w, v) in enumerate(words)]  # fmt: skip
     path = tmp / "hostile.jsonl.gz"
     with gzip.open(path, "wt") as f:
         for r in rows:
@@ -132,8 +133,16 @@ def test_hostile_strings_are_text(client):
 
 
 def test_path_traversal_and_bad_params(client):
-    for url in ("/sae/..%2F..%2Fetc", "/sae/../../etc/passwd", "/static/../app.py", "/static/..%2Fapp.py", "/sae/nope",
-                "/sae/s/feature/99999", "/sample/99999", "/query/..%2Fviews"):
+    for url in (
+        "/sae/..%2F..%2Fetc",
+        "/sae/../../etc/passwd",
+        "/static/../app.py",
+        "/static/..%2Fapp.py",
+        "/sae/nope",
+        "/sae/s/feature/99999",
+        "/sample/99999",
+        "/query/..%2Fviews",
+    ):
         r = client.get(url)
         assert r.status_code in (400, 404), (url, r.status_code)
         assert "def create_app" not in r.text
