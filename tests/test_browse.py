@@ -6,6 +6,9 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import shutil
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -208,3 +211,164 @@ def test_dashboard_static_export(browse_store, tmp_path):
     assert r.exit_code == 0 and "2 feature pages" in r.output, r.output
     r = CliRunner().invoke(main, ["dashboard", browse_store, "--sae", "nope", "--out", str(tmp_path / "d3")])
     assert r.exit_code != 0 and "not encoded" in r.output
+
+
+# ---------------------------------------------------------------- in a real browser
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+needs_chromium = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (.ci/run installs it)")
+
+
+@pytest.fixture(scope="module")
+def served(browse_store):
+    """``actstore serve`` of the hostile store on a free port, in a thread."""
+    from actstore.browse.app import bind
+
+    b = bind(browse_store, ServeConfig(port=0))
+    t = threading.Thread(target=b.server.run, kwargs={"sockets": [b.sock]}, daemon=True)
+    t.start()
+    deadline = time.time() + 20
+    while not b.server.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield b.url.rstrip("/")
+    b.server.should_exit = True
+    t.join(10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        br = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield br
+        br.close()
+
+
+def _page(browser, dialogs: list):
+    page = browser.new_page(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    return page
+
+
+WIDTH_JS = "() => [document.documentElement.scrollWidth, window.innerWidth]"
+
+
+@needs_chromium
+def test_browser_click_through(served, browser, browse_store):
+    st = actstore.open_store(browse_store)
+    dialogs: list = []
+    page = _page(browser, dialogs)
+    page.goto(served + "/")
+    assert page.locator("h1").inner_text() == "Store"
+    page.click("a.sae")
+    page.wait_for_selector("#features")
+    assert page.locator("#sae-name").inner_text() == "s"
+    page.click("th a.sort:text-is('frequency')")  # sort by frequency, strongest first
+    page.wait_for_selector("#features")
+    freqs = [float(x) for x in page.locator("#features tbody tr td:nth-child(3)").all_inner_texts()]
+    assert freqs == sorted(freqs, reverse=True)
+    page.locator("a.feature").first.click()
+    page.wait_for_selector("#contexts")
+    f = int(page.locator("#feature-id").inner_text())
+    tt = actstore.top_tokens(st, f, sae="s", n=20)
+    shown = [float(v) for v in page.locator(".ctx").evaluate_all("els => els.map(e => e.dataset.value)")]
+    np.testing.assert_allclose(shown, tt["value"].to_numpy()[: len(shown)], rtol=1e-6)
+    counts = json.loads(page.locator("#histogram").get_attribute("data-counts"))
+    vals = actstore.sql(st, f"SELECT value FROM features WHERE sae = 's' AND feature = {f}")["value"].to_numpy()
+    assert counts == np.histogram(vals, bins=40)[0].tolist()
+    assert page.evaluate(WIDTH_JS)[0] <= 1280
+    page.locator(".ctx .meta a").first.click()  # a token -> its sample
+    page.wait_for_selector("#sample-id")
+    assert page.locator("#sample-id").inner_text() == tt["id"][0]
+    page.locator(".stok").nth(int(tt["position"][0])).hover()
+    panel = page.locator(".feats").first
+    assert "feature" in panel.inner_text()
+    page.locator(".feats a.feat").first.click()  # a feature of that token -> its page
+    page.wait_for_selector("#feature-id")
+    page.go_back()
+    page.wait_for_selector("#sample-id")
+    page.go_back()
+    page.wait_for_selector("#feature-id")
+    assert int(page.locator("#feature-id").inner_text()) == f
+    # a teammate's link: the same URL in a fresh page shows the same feature
+    other = _page(browser, dialogs)
+    other.goto(f"{served}/sae/s/feature/{f}")
+    assert int(other.locator("#feature-id").inner_text()) == f
+    assert not dialogs
+
+
+@needs_chromium
+def test_browser_sql_console_and_csv(served, browser):
+    dialogs: list = []
+    page = _page(browser, dialogs)
+    page.goto(served + "/sql")
+    page.fill("#q", "SELECT sample, id, label FROM samples ORDER BY sample LIMIT 5")
+    page.click("#run")
+    page.wait_for_selector("#result")
+    assert page.locator("#result tbody tr").count() == 5
+    with page.expect_download() as dl:
+        page.click("#csv")
+    text = Path(dl.value.path()).read_text()
+    assert text.splitlines()[0] == "sample,id,label" and len(text.splitlines()) == 6
+    for q, msg in FORBIDDEN:
+        page.goto(served + "/sql")
+        page.fill("#q", q)
+        page.click("#run")
+        page.wait_for_selector("#error")
+        assert msg in page.locator("#error").inner_text(), q
+    page.goto(served + "/sql")
+    page.click("#named a:text-is('top_tokens')")
+    page.fill("input[name=sae]", "s")
+    page.fill("input[name=feature]", "0")
+    page.click("#run")
+    page.wait_for_selector("#result, #error")
+    assert page.evaluate(WIDTH_JS)[0] <= 1280
+    assert not dialogs
+
+
+@needs_chromium
+def test_browser_hostile_store_runs_nothing(served, browser):
+    dialogs: list = []
+    page = _page(browser, dialogs)
+    errors: list = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    for url in (
+        "/",
+        "/sae/s",
+        "/sample/0",
+        "/sample/1",
+        "/sample/2",
+        "/sql?q=SELECT+text,+label+FROM+samples",
+        "/sae/s/feature/0",
+        "/sae/..%2F..%2Fetc%2Fpasswd",
+        "/sample/0/..%2F..%2F",
+    ):
+        page.goto(served + url)
+        assert page.evaluate("() => window.__pwned") is None, url
+        scripts = page.locator("script").evaluate_all("els => els.map(e => e.getAttribute('src'))")
+        assert scripts == ["/static/app.js"], (url, scripts)
+        assert page.locator("img[onerror], svg[onload], [onerror], [onload]").count() == 0, url
+        assert page.evaluate(WIDTH_JS)[0] <= 1280, url
+    page.goto(served + "/sample/0")
+    assert "<script>window.__pwned = 1</script>" in page.locator("#text").inner_text()
+    assert not dialogs
+
+
+@needs_chromium
+def test_static_dashboard_from_file_url(browse_store, browser, tmp_path):
+    st = actstore.open_store(browse_store)
+    res = write_dashboard(st, DashboardConfig(sae="s", out=str(tmp_path / "dash"), top=3))
+    dialogs: list = []
+    page = _page(browser, dialogs)
+    page.goto(Path(res.index).as_uri())
+    assert page.locator("a.feature").count() == 3
+    page.locator("a.feature").first.click()
+    page.wait_for_selector("#feature-id")
+    f = int(page.locator("#feature-id").inner_text())
+    tt = actstore.top_tokens(st, f, sae="s", n=20)
+    shown = [float(v) for v in page.locator(".ctx").evaluate_all("els => els.map(e => e.dataset.value)")]
+    np.testing.assert_allclose(shown, tt["value"].to_numpy(), rtol=1e-6)
+    vals = actstore.sql(st, f"SELECT value FROM features WHERE sae = 's' AND feature = {f}")["value"].to_numpy()
+    assert json.loads(page.locator("#histogram").get_attribute("data-counts")) == np.histogram(vals, bins=40)[0].tolist()
+    assert page.evaluate("() => getComputedStyle(document.body).fontFamily").startswith("system-ui")  # its CSS loaded
+    assert page.evaluate(WIDTH_JS)[0] <= 1280 and page.evaluate("() => window.__pwned") is None and not dialogs
