@@ -213,6 +213,81 @@ def test_dashboard_static_export(browse_store, tmp_path):
     assert r.exit_code != 0 and "not encoded" in r.output
 
 
+def test_search_by_token_and_label(client, browse_store):
+    st = actstore.open_store(browse_store)
+    r = client.get("/sae/s", params={"token": "great", "limit": "5000"})
+    assert r.status_code == 200
+    feats = [int(v) for v in re.findall(r'class="feature" href="/sae/s/feature/(\d+)"', r.text)]
+    assert feats
+    for f in feats[:5]:  # each fires on "great" among its top activations
+        tops = actstore.sql(st, f"SELECT t.token FROM (SELECT row FROM features WHERE sae = 's' AND feature = {f} "
+                                "ORDER BY value DESC, row LIMIT 50) AS x JOIN tokens AS t USING (row)")  # fmt: skip
+        assert "great" in [t.lower() for t in tops["token"].to_list()]
+    r = client.get("/sae/s", params={"label": "pos", "sort": "mean_diff"})
+    got = [int(v) for v in re.findall(r'class="feature" href="/sae/s/feature/(\d+)"', r.text)][:5]
+    want = actstore.top_features(st, sae="s", by="label-association", label="pos", n=5)["feature"].to_list()
+    assert got == want
+
+
+def test_other_model_view_equals_a_fresh_encode(client, browse_store):
+    """The feature page shows the same tokens through the other model: the SAE applied to 'other''s stored rows."""
+    import torch
+
+    st = actstore.open_store(browse_store)
+    f = int(actstore.top_features(st, sae="s", n=1)["feature"][0])
+    r = client.get(f"/sae/s/feature/{f}")
+    ctx = r.text[r.text.index('class="ctx"') :]
+    ctx = ctx[: ctx.index('<div class="ctx"', 10)] if '<div class="ctx"' in ctx[10:] else ctx
+    views = ctx.split('<div class="view">')[1:]
+    assert [re.search(r'class="vname">([^<]+)<', v).group(1) for v in views] == ["tiny", "other"]
+    rows = [int(x) for x in re.findall(r'data-row="(\d+)"', ctx)][:1]
+    tt = actstore.top_tokens(st, f, sae="s", n=1)
+    c = 8
+    lo = max(int(tt["row"][0]) - c, int(tt["row"][0]) - int(tt["position"][0]))
+    vals_other = [float(v) for v in re.findall(r'data-v="([^"]+)"', views[1])]
+    sae = actstore.load_sae(st, "s")
+    x = st.activations("other", 2).take(np.arange(lo, lo + len(vals_other)))
+    with torch.no_grad():
+        want = sae.encode(torch.from_numpy(x))[:, f].numpy()
+    np.testing.assert_allclose(vals_other, want, rtol=1e-4, atol=1e-6)
+    assert rows == [int(tt["row"][0])]
+
+
+def test_similarity_and_crosscoder_pages(browse_store, tmp_path):
+    import shutil as sh
+
+    from starlette.testclient import TestClient
+
+    from actstore.analysis.compare import compare
+    from actstore.analysis.config import CompareConfig, CrosscoderDiffConfig
+    from actstore.analysis.crosscoder import diff_crosscoder
+    from actstore.encoding.config import EncodeConfig
+    from actstore.encoding.encode import encode
+    from actstore.sae.config import TrainConfig
+    from actstore.sae.train import train_sae
+
+    path = str(tmp_path / "c.zarr")
+    sh.copytree(browse_store, path)
+    train_sae(path, TrainConfig(model="tiny", layer=2, models="tiny,other", arch="batchtopk", k=4, d_sae=48, epochs=2,
+                                batch_size=64, device="cpu", name="cc", task_samples=0), progress=False)  # fmt: skip
+    w = actstore.open_store(path, writable=True)
+    encode(w, EncodeConfig(sae="cc", device="cpu"), progress=False)
+    d = diff_crosscoder(w, CrosscoderDiffConfig(sae="cc", device="cpu"))
+    st = actstore.open_store(path)
+    c = TestClient(create_app(st, ServeConfig()))
+    r = c.get("/")
+    assert 'id="crosscoders"' in r.text and "tiny@2" in r.text
+    f = int(actstore.top_features(st, sae="cc", n=1)["feature"][0])
+    r = c.get(f"/sae/cc/feature/{f}")
+    row = d.table.row(f, named=True)
+    assert r.status_code == 200 and f"crosscoder latent: {row['class']}" in r.text
+    assert "tiny@2 (x decoder norm)" in r.text and "other@2 (x decoder norm)" in r.text
+    r = c.get("/similarity")
+    res = compare(st, CompareConfig(models=("tiny", "other"), metrics=["mean-cosine"]))
+    assert r.status_code == 200
+    assert f"{float(res.table['value'][0]):.4g}" in r.text
+
+
 # ---------------------------------------------------------------- in a real browser
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 needs_chromium = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (.ci/run installs it)")

@@ -207,10 +207,10 @@ class Browser:
             t = self.table(sae)
             con = connect(self.store)  # sandboxed DuckDB: local stores and buckets alike
             try:
-                top = con.execute(
+                top = con.sql(
                     "SELECT row, feature, value FROM features WHERE sae = $sae "
                     "QUALIFY row_number() OVER (PARTITION BY feature ORDER BY value DESC, row) <= $n",
-                    {"sae": sae, "n": TOKEN_INDEX_TOP},
+                    params={"sae": sae, "n": TOKEN_INDEX_TOP},
                 ).pl()
             finally:
                 con.close()
