@@ -211,6 +211,13 @@ def test_dashboard_static_export(browse_store, tmp_path):
     assert r.exit_code == 0 and "2 feature pages" in r.output, r.output
     r = CliRunner().invoke(main, ["dashboard", browse_store, "--sae", "nope", "--out", str(tmp_path / "d3")])
     assert r.exit_code != 0 and "not encoded" in r.output
+    # the report links into its own copy of the feature pages
+    from actstore.analysis.config import ReportConfig
+    from actstore.analysis.report import build_report
+
+    rep = build_report(st, ReportConfig(out=str(tmp_path / "rep"), models=("tiny", "other"), top_features=2))
+    linked = re.findall(r"href='(features/s/feature-\d+\.html)'", Path(rep.html).read_text())
+    assert len(linked) == 2 and all((tmp_path / "rep" / x).exists() for x in linked)
 
 
 def test_search_by_token_and_label(client, browse_store):
@@ -352,6 +359,14 @@ def test_browser_click_through(served, browser, browse_store):
     vals = actstore.sql(st, f"SELECT value FROM features WHERE sae = 's' AND feature = {f}")["value"].to_numpy()
     assert counts == np.histogram(vals, bins=40)[0].tolist()
     assert page.evaluate(WIDTH_JS)[0] <= 1280
+    n_act = int(page.locator("#n-active").inner_text())
+    if n_act > 20:  # more contexts load on scroll, in rank order
+        page.locator("#more").scroll_into_view_if_needed()
+        page.wait_for_function("() => document.querySelectorAll('.ctx').length > 20")
+        ranks = page.locator(".ctx .meta").evaluate_all("els => els.map(e => parseInt(e.textContent.slice(1)))")
+        assert ranks == list(range(1, len(ranks) + 1))
+        more = [float(v) for v in page.locator(".ctx").evaluate_all("els => els.map(e => e.dataset.value)")]
+        np.testing.assert_allclose(more, actstore.top_tokens(st, f, sae="s", n=len(more))["value"].to_numpy(), rtol=1e-6)
     page.locator(".ctx .meta a").first.click()  # a token -> its sample
     page.wait_for_selector("#sample-id")
     assert page.locator("#sample-id").inner_text() == tt["id"][0]

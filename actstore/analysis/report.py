@@ -284,7 +284,7 @@ def _build_report(store: Store, cfg: ReportConfig, progress: bool = False) -> Re
     ft, reps, ft_notes = _finetune_part(store)
     models = _models_to_compare(store, cfg, reps)
     parts: list[Part | None] = [ft, _similarity_part(store, cfg, models, out, progress), _sae_metrics_part(store, out),
-                                _features_part(store, cfg, models), _diff_part(store, cfg, models, out),
+                                _features_part(store, cfg, models, out), _diff_part(store, cfg, models, out),
                                 _crosscoder_part(store)]  # fmt: skip
     res.notes += ft_notes
     if models is None:
@@ -448,7 +448,17 @@ def _sae_metrics_part(store: Store, out: Path) -> Part | None:
     return Part("sae-metrics", data, h, md, notes=notes, pngs=pngs)
 
 
-def _features_part(store: Store, cfg: ReportConfig, models: tuple[str, str] | None) -> Part:
+def _feature_pages(store: Store, sae: str, features: list[int], out: Path) -> str:
+    """The dashboard pages of ``features`` under ``out/features/<sae>/`` and the HTML line linking them."""
+    from actstore.browse.config import DashboardConfig
+    from actstore.browse.dashboard import write_dashboard
+
+    write_dashboard(store, DashboardConfig(sae=sae, out=str(out / "features" / sae), features=",".join(map(str, features))))
+    links = " · ".join(f"<a href='features/{_esc(sae)}/feature-{int(f)}.html'>feature {int(f)}</a>" for f in features)
+    return f"<p class='note'>Feature pages (histogram, contexts, labels, the other model): {links}</p>"
+
+
+def _features_part(store: Store, cfg: ReportConfig, models: tuple[str, str] | None, out: Path) -> Part:
     """4. Top features by variance with their top tokens and token views (paper Table 1, Figs 3-5)."""
     feats, notes = features_section(store, cfg, models)
     if not feats:
@@ -468,7 +478,8 @@ def _features_part(store: Store, cfg: ReportConfig, models: tuple[str, str] | No
             rows.append({"feature": f["feature"], "variance": f["variance"], "frequency": f["frequency"],
                          "top tokens": toks, "best context": ctx})  # fmt: skip
         t = pl.DataFrame(rows) if rows else pl.DataFrame()
-        h.append(_html_table(t) + e["views_html"])
+        pages = _feature_pages(store, e["sae"], [int(f["feature"]) for f in e["features"]], out) if cfg.dashboard and rows else ""
+        h.append(_html_table(t) + pages + e["views_html"])
         md += [_md_table(t), ""]
     data = [{k: v for k, v in e.items() if k != "views_html"} for e in feats]
     return Part("features", data, h, md, notes=notes)
