@@ -430,6 +430,7 @@ def test_browser_hostile_store_runs_nothing(served, browser):
         "/sample/2",
         "/sql?q=SELECT+text,+label+FROM+samples",
         "/sae/s/feature/0",
+        "/similarity",
         "/sae/..%2F..%2Fetc%2Fpasswd",
         "/sample/0/..%2F..%2F",
     ):
