@@ -53,11 +53,12 @@ def build(work: Path, docs: int) -> str:
         AutoTokenizer.from_pretrained(resolve_model("bundled:minilm")).save_pretrained(bert)
     corpus = work / "imdb.jsonl"
     if not corpus.exists():
-        with gzip.open(ROOT.parent / "shared" / "data" / "imdb.jsonl.gz", "rt") as f, corpus.open("w") as out:
+        with gzip.open(ROOT.parent / "shared" / "data" / "imdb.jsonl.gz", "rt") as f:
             rows = [json.loads(line) for line in f]
         step = max(1, len(rows) // docs)
-        for r in rows[::step][:docs]:  # both labels, both splits
-            out.write(json.dumps({"id": r["id"], "text": r["text"], "label": r["label"]}) + "\n")
+        with corpus.open("w") as out:
+            for r in rows[::step][:docs]:  # both labels, both splits
+                out.write(json.dumps({"id": r["id"], "text": r["text"], "label": r["label"]}) + "\n")
     t0 = time.perf_counter()
     extract(str(store), ExtractConfig(model=str(bert), name="tiny", data=DataConfig(str(corpus)), layers="2", max_length=256,
                                       codec="fp16", batch_size=64, device="cpu"), progress=False)  # fmt: skip

@@ -169,6 +169,17 @@ def test_console_bounds_rows_and_time(browse_store):
     assert len(res.rows) == 100 and res.truncated
     with pytest.raises(QueryRefused, match="ran past"):
         run_console(st, "SELECT count(*) FROM range(100000000000) a", timeout=0.3)
+    from actstore.query.views import connect
+
+    base = connect(st)  # the server's one connection: each query on its own cursor, the sandbox intact
+    with pytest.raises(QueryRefused, match="ran past"):
+        run_console(st, "SELECT count(*) FROM range(100000000000) a", timeout=0.3, base=base)
+    assert run_console(st, "SELECT 41 + 1 AS x", base=base).rows == [(42,)]
+    for q, _ in FORBIDDEN:
+        with pytest.raises(QueryRefused):
+            run_console(st, q, base=base)
+    with pytest.raises(QueryRefused):
+        run_console(st, "SELECT * FROM read_text('/etc/passwd')", base=base)
 
 
 def test_console_csv_and_named_queries(client, browse_store):

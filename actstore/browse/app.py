@@ -169,7 +169,7 @@ def create_app(store: Store, cfg: ServeConfig | None = None) -> Starlette:
         result, error = None, None
         if q.strip():
             try:
-                result = run_console(store, q, max_rows=cfg.max_rows, timeout=cfg.query_timeout)
+                result = run_console(store, q, max_rows=cfg.max_rows, timeout=cfg.query_timeout, base=browser.console())
             except ConfigError as exc:
                 error = str(exc)
         return page("sql.html", q=q, result=result, error=error, queries=list_queries(), max_rows=cfg.max_rows,
@@ -178,7 +178,8 @@ def create_app(store: Store, cfg: ServeConfig | None = None) -> Starlette:
     async def sql_csv(request: Request) -> Response:
         from actstore.browse.console import run_console
 
-        res = run_console(store, request.query_params.get("q", ""), max_rows=cfg.max_rows, timeout=cfg.query_timeout)
+        res = run_console(store, request.query_params.get("q", ""), max_rows=cfg.max_rows, timeout=cfg.query_timeout,
+                          base=browser.console())  # fmt: skip
         buf = io.StringIO()
         w = csv.writer(buf)
         w.writerow(res.columns)
@@ -195,7 +196,7 @@ def create_app(store: Store, cfg: ServeConfig | None = None) -> Starlette:
         result, error = None, None
         if request.query_params.get("run"):
             try:
-                result = named_console(store, q.name, given, cfg.max_rows, cfg.query_timeout)
+                result = named_console(store, q.name, given, cfg.max_rows, cfg.query_timeout, browser.console())
             except ConfigError as exc:
                 error = str(exc)
         return page("named.html", query=q, given=given, result=result, error=error, status=400 if error else 200)

@@ -53,12 +53,15 @@ def check_statement(sql: str) -> None:
 
 
 def run_console(store: Store, sql: str, params: dict[str, Any] | None = None, max_rows: int = 1000,
-                timeout: float = 10.0) -> ConsoleResult:  # fmt: skip
-    """Run one read-only SELECT (:func:`check_statement`) with ``params`` bound; interrupted after ``timeout``."""
+                timeout: float = 10.0, base: duckdb.DuckDBPyConnection | None = None) -> ConsoleResult:  # fmt: skip
+    """Run one read-only SELECT (:func:`check_statement`) with ``params`` bound; interrupted after ``timeout``.
+
+    ``base``: a sandboxed connection of the store (``query.views.connect``) kept by the caller; the query runs on a
+    cursor of it (its own connection to the same read-only, locked database), else on a fresh connection."""
     from actstore.query.views import connect
 
     check_statement(sql)
-    con = connect(store)
+    con = base.cursor() if base is not None else connect(store)
     timer = threading.Timer(timeout, con.interrupt)
     t0 = time.perf_counter()
     timer.start()
@@ -76,11 +79,11 @@ def run_console(store: Store, sql: str, params: dict[str, Any] | None = None, ma
     return ConsoleResult(cols, rows[:max_rows], len(rows) > max_rows, time.perf_counter() - t0, dict(params or {}))
 
 
-def named_console(store: Store, name: str, given: dict[str, Any], max_rows: int = 1000,
-                  timeout: float = 10.0) -> ConsoleResult:  # fmt: skip
+def named_console(store: Store, name: str, given: dict[str, Any], max_rows: int = 1000, timeout: float = 10.0,
+                  base: duckdb.DuckDBPyConnection | None = None) -> ConsoleResult:  # fmt: skip
     """A named query (``sql/NAME.sql``) with its declared parameters from a form, through the same bounds."""
     from actstore.query.named import bind_params, load_query
 
     q = load_query(name)
     values = bind_params(store, q, {k: v for k, v in given.items() if v not in (None, "")})
-    return run_console(store, q.sql, values, max_rows, timeout)
+    return run_console(store, q.sql, values, max_rows, timeout, base)

@@ -69,6 +69,12 @@ class Browser:
             raise NotFoundError(f"SAE {sae!r} is not encoded in {self.store.url} (encoded: {', '.join(tables) or 'none'})")
         return tables[sae]
 
+    def console(self) -> Any:
+        """The store's sandboxed, read-only DuckDB connection the SQL console takes cursors of (made once)."""
+        from actstore.query.views import connect
+
+        return self._cached("console", lambda: connect(self.store))
+
     def ctx(self, tokenization: str | None = None) -> Any:
         from actstore.query.lookups import token_context
 
@@ -179,15 +185,12 @@ class Browser:
             raise ConfigError(f"sort by one of {', '.join(allowed)}, not {sort!r}")
         df = df.sort([sort, "feature"], descending=[desc, False])
         total = df.height
-        labels = sorted(self.label_association(sae)["label"].drop_nulls().unique().to_list()) if self._has_labels() else []
+        labels = [lab for lab in self._label_codes(t.tokenization)[0] if lab is not None]  # the store's, not computed
         return {"sae": sae, "model": t.model, "layer": t.layer, "d_sae": t.d_sae, "n_rows": t.n_rows,
                 "n_feature_rows": t.n_feature_rows, "columns": allowed, "rows": df.slice(offset, limit).to_dicts(),
                 "total": total, "sort": sort, "desc": desc, "token": token or "", "label": label or "",
                 "min_freq": min_freq, "max_freq": max_freq, "limit": limit, "offset": offset, "labels": labels,
                 "crosscoder": self.sae_config(sae).is_crosscoder}  # fmt: skip
-
-    def _has_labels(self) -> bool:
-        return bool(np.any(self.ctx().label != None))  # noqa: E711 - an object array of labels and None
 
     def label_association(self, sae: str) -> pl.DataFrame:
         """Per (feature, label): mean activation on the label's tokens minus elsewhere (the named query
@@ -327,21 +330,47 @@ class Browser:
         d = self._cached(("latents", sae), lambda: load_crosscoder_diff(self.store, sae))
         return {**d.table.row(feature, named=True), "a": d.sources[0], "b": d.sources[1]}
 
+    def _label_codes(self, tokenization: str | None) -> tuple[list[str | None], np.ndarray, np.ndarray]:
+        """``(labels, code of each sample (n_samples,), tokens per label (n_labels,))`` of a tokenization (cached)."""
+
+        def make() -> tuple[list[str | None], np.ndarray, np.ndarray]:
+            ctx = self.ctx(tokenization)
+            names = [None if v is None else str(v) for v in ctx.label]
+            labels = sorted({n for n in names if n is not None}) + ([None] if None in names else [])
+            index = {lab: i for i, lab in enumerate(labels)}
+            codes = np.fromiter((index[n] for n in names), dtype=np.int64, count=len(names))
+            return labels, codes, np.bincount(codes, weights=ctx.n_tokens, minlength=len(labels))
+
+        return self._cached(("label-codes", tokenization), make)
+
+    def _row_codes(self, tokenization: str | None) -> np.ndarray:
+        """The label code of every token row (int16 ``(n_tokens,)``, cached): a gather per page, no search."""
+
+        def make() -> np.ndarray:
+            ctx = self.ctx(tokenization)
+            codes = self._label_codes(tokenization)[1].astype(np.int16)
+            out = np.zeros(int(ctx.first_row[-1] + ctx.n_tokens[-1]) if len(ctx.first_row) else 0, dtype=np.int16)
+            for i, (a, n) in enumerate(zip(ctx.first_row, ctx.n_tokens, strict=True)):
+                out[a : a + n] = codes[i]
+            return out
+
+        return self._cached(("row-codes", tokenization), make)
+
     def _label_breakdown(self, t: FeatureTable, hits: dict[str, np.ndarray]) -> list[dict[str, Any]]:
         """Per label: the feature's active tokens, their share of the label's tokens, mean and max activation."""
-        ctx = self.ctx(t.tokenization)
-        labels = np.asarray([None if v is None else str(v) for v in ctx.label], dtype=object)
-        if not np.any(labels != None):  # noqa: E711
+        labels, codes, n_tok = self._label_codes(t.tokenization)
+        if not labels or labels == [None]:
             return []
-        sample = np.searchsorted(ctx.first_row, hits["row"], side="right") - 1
-        lab = labels[sample] if len(sample) else np.empty(0, dtype=object)
-        tok_per = pl.DataFrame({"label": labels, "n": ctx.n_tokens}).group_by("label").agg(pl.col("n").sum())
-        df = pl.DataFrame({"label": lab.tolist(), "value": hits["value"]}, schema={"label": pl.String, "value": pl.Float32})
-        agg = df.group_by("label").agg(pl.len().alias("n_active"), pl.col("value").mean().alias("mean"),
-                                       pl.col("value").max().alias("max"))  # fmt: skip
-        agg = tok_per.join(agg, on="label", how="left").with_columns(pl.col("n_active").fill_null(0))
-        agg = agg.with_columns((pl.col("n_active") / pl.col("n")).alias("frequency")).sort("label", nulls_last=True)
-        return agg.to_dicts()
+        c = self._row_codes(t.tokenization)[hits["row"]]  # (n_hits,) label code of each activation's token
+        n_act = np.bincount(c, minlength=len(labels))
+        total = np.bincount(c, weights=hits["value"], minlength=len(labels))
+        mx = np.full(len(labels), np.nan)
+        for i in np.flatnonzero(n_act):
+            mx[i] = float(hits["value"][c == i].max())
+        return [{"label": lab, "n": int(n_tok[i]), "n_active": int(n_act[i]),
+                 "frequency": float(n_act[i] / n_tok[i]) if n_tok[i] else None,
+                 "mean": float(total[i] / n_act[i]) if n_act[i] else None,
+                 "max": None if np.isnan(mx[i]) else float(mx[i])} for i, lab in enumerate(labels)]  # fmt: skip
 
     # ---- one sample
     def sample_page(self, sample: int, top: int = 3) -> dict[str, Any]:
