@@ -299,18 +299,22 @@ def crosscoder_stability(store: Store, first: str, second: str, cos: float = 0.7
     return Stability((first, second), counts, matched, cos)
 
 
-def top_latents(store: Store, res: CrosscoderDiff, cls: str = "b-only", n: int = 10, n_tokens: int = 5,
+def top_latents(store: Store, res: CrosscoderDiff, cls: str | None = "b-only", n: int = 10, n_tokens: int = 5,
                 exclusive: bool = True) -> pl.DataFrame:  # fmt: skip
     """The ``n`` most frequent latents of class ``cls`` (only the ones Latent Scaling does not flag, unless
-    ``exclusive`` is False), with their top tokens when the crosscoder is encoded (``actstore encode``)."""
+    ``exclusive`` is False); ``cls=None``: the ``n`` live latents leaning furthest towards B (highest relative
+    norm). With their top tokens when the crosscoder is encoded (``actstore encode``)."""
     from actstore.encoding.table import encoded_saes
     from actstore.query.lookups import top_tokens
 
-    t = res.table.filter(pl.col("class") == cls)
-    if exclusive:
-        t = t.filter(pl.col("exclusive"))
-    t = t.sort(["frequency", "latent"], descending=[True, False]).head(n)
-    cols = ["latent", "frequency", "norm_a", "norm_b", "rel_norm", "cosine", "nu_error", "nu_recon", "flag"]
+    if cls is None:
+        t = res.table.filter(pl.col("class") != "dead").sort(["rel_norm", "latent"], descending=[True, False]).head(n)
+    else:
+        t = res.table.filter(pl.col("class") == cls)
+        if exclusive:
+            t = t.filter(pl.col("exclusive"))
+        t = t.sort(["frequency", "latent"], descending=[True, False]).head(n)
+    cols = ["latent", "class", "frequency", "norm_a", "norm_b", "rel_norm", "cosine", "nu_error", "flag"]
     t = t.select(cols)
     tk = store.tokenization(read_config(store, res.name).tokenization)
     if res.name not in encoded_saes(store) or not tk.parquet_keys("samples"):  # not encoded, or no token tables

@@ -519,7 +519,22 @@ def _crosscoder_part(store: Store) -> Part | None:
          f"the two methods agree. Query the latents with <code>actstore sql {_esc(store.url)} \"SELECT * FROM "
          "crosscoder_latents\"</code>.</p>" + _html_table(df)]  # fmt: skip
     md = ["## 6. Crosscoders", "", _md_table(df), ""]
-    return Part("crosscoders", df.to_dicts(), h, md, notes=notes)
+    from actstore.analysis.crosscoder import load_crosscoder_diff, top_latents
+
+    tops = {}
+    for name in df["crosscoder"].to_list():
+        res = load_crosscoder_diff(store, name)
+        tl = top_latents(store, res, "b-only", n=5)
+        what = f"B-only latents of {name} ({res.sources[1]} only)"
+        if tl.height == 0:
+            tl = top_latents(store, res, None, n=5)
+            what = f"{name}: no latent is B-only; the five leaning furthest towards {res.sources[1]}"
+        keep = tl.select("latent", "class", "frequency", "rel_norm", "cosine", "nu_error", "top_tokens")
+        tops[name] = keep.to_dicts()
+        h.append(f"<h3>{_esc(what)}</h3>" + _html_table(keep))
+        md += [f"### {what}", "", _md_table(keep), ""]
+    data = [{**row, "top_latents": tops.get(row["crosscoder"])} for row in df.to_dicts()]
+    return Part("crosscoders", data, h, md, notes=notes)
 
 
 def report(

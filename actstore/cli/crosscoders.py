@@ -127,6 +127,10 @@ def diff_crosscoder_cmd(store: str, storage_options: tuple[str, ...], sae: str, 
     tl = top_latents(st, res, "b-only", n=top)
     if tl.height:
         click.echo(f"top B-only latents ({res.sources[1]} only):")
+    elif top:
+        tl = top_latents(st, res, None, n=top)
+        click.echo(f"no latent is B-only; the {tl.height} leaning furthest towards {res.sources[1]} (highest relative norm):")
+    if tl.height:
         emit(tl, "table", None)
         from actstore.encoding.table import encoded_saes
 
