@@ -260,8 +260,9 @@ class Stability:
     counts: dict[str, tuple[int, int]]
     """class -> (latents in the first, in the second)."""
     matched: dict[str, float]
-    """``b-only`` / ``a-only`` / ``b-only exclusive`` -> fraction of the first's latents of that class with a
-    partner of the same class in the second (the dominant source's decoder cosine >= ``cos``); NaN if it has none."""
+    """``b-only`` / ``a-only`` / ``b-only exclusive`` / ``changed`` / ``shared`` -> fraction of the first's latents
+    of that class with a partner of the same class in the second (decoder cosine >= ``cos`` in the source that
+    defines it: A for a-only, B otherwise); NaN if it has none."""
     cos: float
 
 
@@ -280,7 +281,9 @@ def crosscoder_stability(store: Store, first: str, second: str, cos: float = 0.7
         return w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
 
     matched: dict[str, float] = {}
-    for key, cls, src in (("b-only", "b-only", 1), ("a-only", "a-only", 0), ("b-only exclusive", "b-only", 1)):
+    checks = (("b-only", "b-only", 1), ("a-only", "a-only", 0), ("b-only exclusive", "b-only", 1), ("changed", "changed", 1),
+              ("shared", "shared", 1))  # fmt: skip
+    for key, cls, src in checks:
         pick_a = (da.table["class"] == cls).to_numpy()
         pick_b = (db.table["class"] == cls).to_numpy()
         if key.endswith("exclusive"):
