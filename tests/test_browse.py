@@ -227,7 +227,7 @@ def test_dashboard_static_export(browse_store, tmp_path):
     from actstore.analysis.report import build_report
 
     rep = build_report(st, ReportConfig(out=str(tmp_path / "rep"), models=("tiny", "other"), top_features=2))
-    linked = re.findall(r"href='(features/s/feature-\d+\.html)'", Path(rep.html).read_text())
+    linked = re.findall(r"href='(feature-pages/s/feature-\d+\.html)'", Path(rep.html).read_text())
     assert len(linked) == 2 and all((tmp_path / "rep" / x).exists() for x in linked)
 
 

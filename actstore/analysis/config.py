@@ -165,7 +165,7 @@ class ReportConfig:
     cka_rows: int = 100_000
     """Token rows sampled for CKA."""
     dashboard: bool = True
-    """Write each encoded SAE's top features as static feature pages (features/<sae>/, as actstore dashboard) and link them."""
+    """Write each encoded SAE's top features as static pages (feature-pages/<sae>/, as actstore dashboard) and link them."""
 
     def __post_init__(self) -> None:
         if min(self.top_features, self.top_tokens, self.views) < 0 or self.context < 1:

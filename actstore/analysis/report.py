@@ -449,12 +449,12 @@ def _sae_metrics_part(store: Store, out: Path) -> Part | None:
 
 
 def _feature_pages(store: Store, sae: str, features: list[int], out: Path) -> str:
-    """The dashboard pages of ``features`` under ``out/features/<sae>/`` and the HTML line linking them."""
+    """The dashboard pages of ``features`` under ``out/feature-pages/<sae>/`` and the HTML line linking them."""
     from actstore.browse.config import DashboardConfig
     from actstore.browse.dashboard import write_dashboard
 
-    write_dashboard(store, DashboardConfig(sae=sae, out=str(out / "features" / sae), features=",".join(map(str, features))))
-    links = " · ".join(f"<a href='features/{_esc(sae)}/feature-{int(f)}.html'>feature {int(f)}</a>" for f in features)
+    write_dashboard(store, DashboardConfig(sae=sae, out=str(out / "feature-pages" / sae), features=",".join(map(str, features))))
+    links = " · ".join(f"<a href='feature-pages/{_esc(sae)}/feature-{int(f)}.html'>feature {int(f)}</a>" for f in features)
     return f"<p class='note'>Feature pages (histogram, contexts, labels, the other model): {links}</p>"
 
 
