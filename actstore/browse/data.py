@@ -272,7 +272,9 @@ class Browser:
         shown = np.unique(np.concatenate([np.arange(a, b) for a, b in zip(lo, hi, strict=True)]))
         strings = ctx.tokens(shown)
         at = {int(r): i for i, r in enumerate(shown)}
-        mine = np.isin(rows_all, shown)  # the feature's values on the rows shown
+        on = np.zeros(t.n_rows, dtype=bool)  # the feature's values on the rows shown: one gather, not a search
+        on[shown] = True
+        mine = on[rows_all]
         val_of = dict(zip(rows_all[mine].tolist(), vals_all[mine].tolist(), strict=True))
         views = self._views(sae, feature, shown, val_of)
         out = []
@@ -365,8 +367,8 @@ class Browser:
         n_act = np.bincount(c, minlength=len(labels))
         total = np.bincount(c, weights=hits["value"], minlength=len(labels))
         mx = np.full(len(labels), np.nan)
-        for i in np.flatnonzero(n_act):
-            mx[i] = float(hits["value"][c == i].max())
+        first = np.unique(c, return_index=True)  # hits come strongest first: a label's first hit is its max
+        mx[first[0]] = hits["value"][first[1]]
         return [{"label": lab, "n": int(n_tok[i]), "n_active": int(n_act[i]),
                  "frequency": float(n_act[i] / n_tok[i]) if n_tok[i] else None,
                  "mean": float(total[i] / n_act[i]) if n_act[i] else None,
