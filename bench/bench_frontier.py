@@ -3,14 +3,14 @@ few L1 coefficients against SAELens's standard SAE (its ``StandardTrainingSAE`` 
 decoder-norm-weighted L1, its L1 warm-up, Adam 3e-4) at the same coefficients mapped to its loss's scale, plus the
 paper preset (lambda 1e-3, Adam 2e-5, no warm-up) at the same token budget.
 
-Every trainer sees the same training rows for one epoch; held-out FVU, L0 and dead latents are computed with numpy
+Every trainer sees the same training rows for ``--epochs`` passes (default 1); held-out FVU, L0 and dead latents are computed with numpy
 from the weights each tool saved. The coefficients map between the tools exactly: actstore's loss is the per-element
 MSE on inputs scaled by ``s`` (mean squared norm ``d_in``) plus ``lambda * sum_i h_i ||W_dec_i||``; SAELens's is the
 per-token squared error on raw inputs plus ``lambda_SL * sum_i h_i ||W_dec_i||``; multiplied by ``d_in / s^2`` the
 first is the second with ``lambda_SL = lambda * d_in / s``.
 
 Usage: python bench/bench_frontier.py STORE --model minilm --layer 4 [--d-sae 3072 --batch 4096 --threads 1]
-       [--l1 1e-3,3e-3,1e-2,3e-2,1e-1] [--saelens-python /tmp/peers/bin/python]
+       [--l1 1e-3,3e-3,1e-2,3e-2,1e-1] [--epochs 1] [--saelens-python /tmp/peers/bin/python]
 """
 
 from __future__ import annotations
@@ -43,16 +43,16 @@ x = torch.from_numpy(np.load(args["rows"]))  # (n_train, d_in), float32, shuffle
 n = (x.shape[0] // args["batch"]) * args["batch"]
 for lam in args["l1"]:
     torch.manual_seed(args["seed"])
-    steps = n // args["batch"]
+    steps = n // args["batch"] * args["epochs"]
     sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=x.shape[1], d_sae=args["d_sae"], l1_coefficient=lam,
                                                         l1_warm_up_steps=max(1, steps // 20)))
-    batches = iter(x[b0 : b0 + args["batch"]] for b0 in range(0, n, args["batch"]))
-    tcfg = SAETrainerConfig(total_training_samples=n, train_batch_size_samples=args["batch"], lr_end=3e-4)
+    batches = iter(x[b0 : b0 + args["batch"]] for _ in range(args["epochs"]) for b0 in range(0, n, args["batch"]))
+    tcfg = SAETrainerConfig(total_training_samples=n * args["epochs"], train_batch_size_samples=args["batch"], lr_end=3e-4)
     t0 = time.perf_counter()
     SAETrainer(tcfg, sae, batches).fit()
     secs = time.perf_counter() - t0
     sae.save_inference_model(f"{args['out']}/{lam:g}")
-    print(json.dumps({"l1": lam, "tokens": n, "seconds": secs}), flush=True)
+    print(json.dumps({"l1": lam, "tokens": n * args["epochs"], "seconds": secs}), flush=True)
 """
 
 
@@ -95,6 +95,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--l1", default="1e-3,3e-3,1e-2,3e-2,1e-1")
     ap.add_argument("--saelens-python", default=None)
+    ap.add_argument("--epochs", type=int, default=1, help="passes over the training rows, for every trainer")
     args = ap.parse_args()
 
     import torch
@@ -106,7 +107,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     lams = [float(v) for v in args.l1.split(",")]
     rows: list[dict] = []
-    common = dict(model=args.model, layer=args.layer, arch="relu-l1", d_sae=args.d_sae, batch_size=args.batch, epochs=1,
+    common = dict(model=args.model, layer=args.layer, arch="relu-l1", d_sae=args.d_sae, batch_size=args.batch, epochs=args.epochs,
                   overwrite=True, device="cpu", task_samples=0, checkpoint_every=0, threads=args.threads)  # fmt: skip
     runs = [(f"actstore relu-l1, lambda {lam:g}", TrainConfig(l1=lam, name=f"frontier-{lam:g}", **common)) for lam in lams]
     runs.append(("actstore --preset paper (lambda 1e-3, Adam 2e-5, no warm-up), same tokens",
@@ -134,7 +135,7 @@ def main() -> None:
         d_in = x_train.shape[1]
         sl_lams = [lam * d_in / scale for lam in lams]
         spec = {"rows": str(work / "rows.npy"), "d_sae": args.d_sae, "batch": args.batch, "threads": args.threads,
-                "seed": 0, "out": str(work / "saelens"), "l1": sl_lams}  # fmt: skip
+                "seed": 0, "out": str(work / "saelens"), "l1": sl_lams, "epochs": args.epochs}  # fmt: skip
         out = subprocess.run([args.saelens_python, "-c", SAELENS_STANDARD, json.dumps(spec)], capture_output=True,
                              text=True, env={**os.environ, "WANDB_MODE": "disabled", "TQDM_DISABLE": "1"})  # fmt: skip
         if out.returncode:
@@ -146,7 +147,7 @@ def main() -> None:
                          "tok_s": info["tokens"] / info["seconds"], **m})  # fmt: skip
 
     print(f"\n{args.model} layer {args.layer}: relu-l1, d_sae {args.d_sae}, batch {args.batch}, {len(x_train):,} training "
-          f"rows (one epoch), {len(eval_x):,} held-out rows, {args.threads} threads, input scale s {scale:.4f}")  # fmt: skip
+          f"rows ({args.epochs} epochs), {len(eval_x):,} held-out rows, {args.threads} threads, input scale s {scale:.4f}")  # fmt: skip
     print("| trainer | tokens/s | held-out FVU | L0 | L0 / d_sae | dead |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['trainer']} | {r['tok_s']:,.0f} | {r['fvu']:.3f} | {r['l0']:.1f} | {r['l0'] / args.d_sae:.1%} | "
