@@ -3,8 +3,8 @@ few L1 coefficients against SAELens's standard SAE (its ``StandardTrainingSAE`` 
 decoder-norm-weighted L1, its L1 warm-up, Adam 3e-4) at the same coefficients mapped to its loss's scale, plus the
 paper preset (lambda 1e-3, Adam 2e-5, no warm-up) at the same token budget.
 
-Every trainer sees the same training rows for ``--epochs`` passes (default 1); held-out FVU, L0 and dead latents are computed with numpy
-from the weights each tool saved. The coefficients map between the tools exactly: actstore's loss is the per-element
+Every trainer sees the same training rows for ``--epochs`` passes (default 1); held-out FVU, L0 and dead latents
+are computed with numpy from the weights each tool saved. The coefficients map between the tools exactly: actstore's loss is the per-element
 MSE on inputs scaled by ``s`` (mean squared norm ``d_in``) plus ``lambda * sum_i h_i ||W_dec_i||``; SAELens's is the
 per-token squared error on raw inputs plus ``lambda_SL * sum_i h_i ||W_dec_i||``; multiplied by ``d_in / s^2`` the
 first is the second with ``lambda_SL = lambda * d_in / s``.
@@ -146,8 +146,9 @@ def main() -> None:
             rows.append({"trainer": f"SAELens standard, lambda_SL {info['l1']:.3g} (= {lam:g} here)", "l1": lam,
                          "tok_s": info["tokens"] / info["seconds"], **m})  # fmt: skip
 
-    print(f"\n{args.model} layer {args.layer}: relu-l1, d_sae {args.d_sae}, batch {args.batch}, {len(x_train):,} training "
-          f"rows ({args.epochs} epochs), {len(eval_x):,} held-out rows, {args.threads} threads, input scale s {scale:.4f}")  # fmt: skip
+    print(f"\n{args.model} layer {args.layer}: relu-l1, d_sae {args.d_sae}, batch {args.batch}, {len(x_train):,} "
+          f"training rows ({args.epochs} epochs), {len(eval_x):,} held-out rows, {args.threads} threads, "
+          f"input scale s {scale:.4f}")  # fmt: skip
     print("| trainer | tokens/s | held-out FVU | L0 | L0 / d_sae | dead |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['trainer']} | {r['tok_s']:,.0f} | {r['fvu']:.3f} | {r['l0']:.1f} | {r['l0'] / args.d_sae:.1%} | "
