@@ -4,10 +4,11 @@ decoder-norm-weighted L1, its L1 warm-up, Adam 3e-4) at the same coefficients ma
 paper preset (lambda 1e-3, Adam 2e-5, no warm-up) at the same token budget.
 
 Every trainer sees the same training rows for ``--epochs`` passes (default 1); held-out FVU, L0 and dead latents
-are computed with numpy from the weights each tool saved. The coefficients map between the tools exactly: actstore's loss is the per-element
-MSE on inputs scaled by ``s`` (mean squared norm ``d_in``) plus ``lambda * sum_i h_i ||W_dec_i||``; SAELens's is the
-per-token squared error on raw inputs plus ``lambda_SL * sum_i h_i ||W_dec_i||``; multiplied by ``d_in / s^2`` the
-first is the second with ``lambda_SL = lambda * d_in / s``.
+are computed with numpy from the weights each tool saved. The coefficients map between the tools exactly:
+actstore's loss is the per-element MSE on inputs scaled by ``s`` (mean squared norm ``d_in``) plus
+``lambda * sum_i h_i ||W_dec_i||``; SAELens's is the per-token squared error on raw inputs plus
+``lambda_SL * sum_i h_i ||W_dec_i||``; multiplied by ``d_in / s^2`` the first is the second with
+``lambda_SL = lambda * d_in / s``.
 
 Usage: python bench/bench_frontier.py STORE --model minilm --layer 4 [--d-sae 3072 --batch 4096 --threads 1]
        [--l1 1e-3,3e-3,1e-2,3e-2,1e-1] [--epochs 1] [--saelens-python /tmp/peers/bin/python]
