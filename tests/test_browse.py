@@ -96,10 +96,16 @@ def client(browse_store):
     return TestClient(create_app(actstore.open_store(browse_store), ServeConfig()))
 
 
-def test_serve_refuses_public_hosts_unless_asked():
+def test_serve_refuses_public_hosts_unless_asked(browse_store):
     with pytest.raises(ConfigError, match="--public"):
         ServeConfig(host="0.0.0.0")
     assert ServeConfig(host="0.0.0.0", public=True).host == "0.0.0.0"
+    r = CliRunner().invoke(main, ["serve", browse_store, "--host", "0.0.0.0"])
+    assert r.exit_code != 0 and "--public" in r.output
+    r = CliRunner().invoke(main, ["serve", browse_store + "-missing"])
+    assert r.exit_code != 0 and "Error" in r.output
+    with pytest.raises(ConfigError, match="read-only"):
+        create_app(actstore.open_store(browse_store, writable=True))
 
 
 def test_pages_answer_and_link(client, browse_store):
