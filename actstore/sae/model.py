@@ -67,6 +67,14 @@ at 0.25 from 97% at 0.5); sparsify's ``nn.Linear`` encoder starts at
 about 0.4 of its unit decoder rows on this data."""
 
 
+RELU_DECODER_INIT_NORM = 0.1
+"""relu-l1: decoder rows start at this norm (the encoder is their transpose), as SAELens's standard SAE
+(``decoder_init_norm``, after Anthropic's April 2024 update). Measured on MiniLM layer 3 over IMDb, 5 epochs,
+d_sae 1536 (docs/BENCHMARKS.md, issue 10): at lambda 0.01 held-out FVU 0.695 at L0 95 with unit rows, 0.417 at
+L0 77 with 0.1 (SAELens: 0.405 at L0 84); unit rows make every feature expensive under the decoder-norm-weighted
+L1 from the first step."""
+
+
 class SAE(nn.Module):
     """A sparse autoencoder; see the module docstring for the architectures."""
 
@@ -76,8 +84,10 @@ class SAE(nn.Module):
         d_in, d_sae = cfg.n_sources * cfg.d_in, cfg.d_sae  # a crosscoder's input: its sources side by side
         w = torch.randn(d_sae, d_in)
         w = w / w.norm(dim=1, keepdim=True)
+        if cfg.arch == "relu-l1" and not cfg.is_crosscoder:  # (a crosscoder keeps unit rows: not measured for it)
+            w = w * RELU_DECODER_INIT_NORM  # rows of norm 0.1, the encoder their transpose (SAELens's standard SAE)
         enc_scale = 1.0 if cfg.arch == "relu-l1" else TOPK_ENCODER_INIT
-        self.W_dec = nn.Parameter(w.clone())  # (d_sae, d_in), unit rows
+        self.W_dec = nn.Parameter(w.clone())  # (d_sae, d_in): unit rows (topk, batchtopk) or RELU_DECODER_INIT_NORM
         self.W_enc = nn.Parameter(w.t() * enc_scale)  # (d_in, d_sae) = W_dec^T, scaled
         self.b_enc = nn.Parameter(torch.zeros(d_sae))  # (d_sae,)
         self.b_dec = nn.Parameter(torch.zeros(d_in))  # (d_in,), in normalised space
