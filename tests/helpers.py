@@ -24,6 +24,11 @@ def make_sae(store, name: str, arch: str, layer: int = 2, d_sae: int = 40, k: in
         SAEConfig(arch=arch, d_in=32, d_sae=d_sae, k=k, model="tiny", layer=layer, tokenization=tk, name=name, norm_scale=0.7)
     )
     with torch.no_grad():
+        if arch == "relu-l1":  # unit decoder rows, as these tests were written for (training starts them at 0.1)
+            from actstore.sae.model import RELU_DECODER_INIT_NORM
+
+            sae.W_dec.div_(RELU_DECODER_INIT_NORM)
+            sae.W_enc.div_(RELU_DECODER_INIT_NORM)
         sae.b_enc.copy_(torch.randn(d_sae) * 0.3 - 0.6)
         sae.b_dec.copy_(torch.randn(32) * 0.1)
     save_sae(store, sae, name)
