@@ -33,15 +33,19 @@ class PlantedDictionary:
 
     def rows(self, n: int, block: int = 65536) -> Iterator[np.ndarray]:
         """``n`` rows in blocks ``(<= block, d)``: ``x = sum_j c_j atom_j``, ``k_active`` random atoms, ``c ~ U(0.5, 1.5)``."""
-        rng = np.random.default_rng([self.seed, 1])
-        n_atoms = len(self.atoms)
-        for a in range(0, n, block):
-            m = min(block, n - a)
-            idx = np.argsort(rng.random((m, n_atoms)), axis=1)[:, : self.k_active]  # (m, k_active)
-            coef = rng.uniform(0.5, 1.5, size=(m, self.k_active)).astype(np.float32)
-            codes = np.zeros((m, n_atoms), dtype=np.float32)
-            np.put_along_axis(codes, idx, coef, axis=1)
-            yield codes @ self.atoms  # (m, d)
+        return (c @ self.atoms for c in sparse_codes(len(self.atoms), self.k_active, self.seed, n, block))  # (m, d)
+
+
+def sparse_codes(n_atoms: int, k_active: int, seed: int, n: int, block: int = 65536) -> Iterator[np.ndarray]:
+    """``n`` seeded sparse codes in blocks ``(<= block, n_atoms)``: ``k_active`` random atoms per row, ``c ~ U(0.5, 1.5)``."""
+    rng = np.random.default_rng([seed, 1])
+    for a in range(0, n, block):
+        m = min(block, n - a)
+        idx = np.argsort(rng.random((m, n_atoms)), axis=1)[:, :k_active]  # (m, k_active)
+        coef = rng.uniform(0.5, 1.5, size=(m, k_active)).astype(np.float32)
+        codes = np.zeros((m, n_atoms), dtype=np.float32)
+        np.put_along_axis(codes, idx, coef, axis=1)
+        yield codes  # (m, n_atoms)
 
 
 def planted_dictionary(d: int, n_atoms: int, k_active: int, seed: int = 0) -> PlantedDictionary:
@@ -151,15 +155,7 @@ class PlantedCrosscoder:
     seed: int
 
     def codes(self, n: int, block: int = 65536) -> Iterator[np.ndarray]:
-        rng = np.random.default_rng([self.seed, 1])
-        n_atoms = len(self.kinds)
-        for a in range(0, n, block):
-            m = min(block, n - a)
-            idx = np.argsort(rng.random((m, n_atoms)), axis=1)[:, : self.k_active]  # (m, k_active)
-            coef = rng.uniform(0.5, 1.5, size=(m, self.k_active)).astype(np.float32)
-            codes = np.zeros((m, n_atoms), dtype=np.float32)
-            np.put_along_axis(codes, idx, coef, axis=1)
-            yield codes  # (m, n_atoms)
+        return sparse_codes(len(self.kinds), self.k_active, self.seed, n, block)  # (m, n_atoms) blocks
 
     def rows_a(self, n: int) -> Iterator[np.ndarray]:
         return (c @ self.atoms_a for c in self.codes(n))  # (m, d)
