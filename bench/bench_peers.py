@@ -211,6 +211,7 @@ def main() -> None:
     sae = SAE(SAEConfig(arch="topk", d_in=shuffled.shape[1], d_sae=args.d_sae, k=args.k, norm_scale=scale))
     with torch.no_grad():
         sae.b_dec.copy_(torch.from_numpy(shuffled[: args.batch].mean(0) * scale))
+    sae.init_from_rows(torch.from_numpy(shuffled[-args.d_sae :] * scale))  # --init data, as the trainer's default
     opt_ = ScheduleFreeSignSGD(sae.parameters(), lr=5e-3 / (args.d_sae / 2**14) ** 0.5)
     tracker = TrainTracker(args.d_sae, 1_000_000, 0.1)
     bare_cfg = TrainConfig(model=args.model, layer=args.layer, arch="topk", k=args.k, d_sae=args.d_sae)

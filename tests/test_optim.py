@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from actstore.sae.optim import ScheduleFreeSignSGD, averaged
@@ -50,15 +51,17 @@ def test_a_change_to_the_parameters_between_steps_carries_into_the_average():
         torch.testing.assert_close(p.detach(), (y - 0.5 * z) / 0.5)
 
 
-def test_the_sparse_topk_step_has_the_dense_steps_loss_and_gradients():
-    """actstore.sae.sparse (top-k values and indices, an embedding-bag decoder, an index-add encoder gradient) against
-    autograd through the dense path (SAE.activate, a dense decoder), the dead-latent auxiliary loss included."""
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_the_sparse_step_has_the_dense_steps_loss_and_gradients(arch):
+    """The trainer's loss (actstore.sae.sparse: top-k / batch top-k entries, an embedding-bag decoder, sparse encoder
+    gradients, the sparse AuxK) against autograd through the dense path (SAE.activate, a dense decoder, AuxK over
+    every pre-activation): the same loss, reconstruction, fired counts and gradients."""
     from actstore.sae.config import SAEConfig
     from actstore.sae.model import SAE
-    from actstore.sae.sparse import TopKEncode, decode_topk
+    from actstore.sae.train import sae_loss
 
     torch.manual_seed(0)
-    sae = SAE(SAEConfig(arch="topk", d_in=12, d_sae=40, k=5, norm_scale=1.3))
+    sae = SAE(SAEConfig(arch=arch, d_in=12, d_sae=40, k=5, norm_scale=1.3))
     with torch.no_grad():
         sae.b_dec.normal_()
         sae.b_enc.normal_(0, 0.1)
@@ -66,29 +69,28 @@ def test_the_sparse_topk_step_has_the_dense_steps_loss_and_gradients():
     dead = torch.zeros(40, dtype=torch.bool)
     dead[::3] = True
 
-    def loss_of(sparse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        xn = x * sae.cfg.norm_scale
+    def loss_of(sparse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if sparse:
-            vals, idx, pre = TopKEncode.apply(xn - sae.b_dec, sae.W_enc, sae.b_enc, 5)
-            x_hat = decode_topk(vals, idx, sae.W_dec, sae.b_dec)
-            acts = torch.zeros(64, 40).scatter_(1, idx, vals)
-        else:
-            pre = sae.pre_acts(x)
-            acts = sae.activate(pre, train=True)
-            x_hat = sae.decode_normalised(acts)
+            parts = sae_loss(sae, x, dead, 0.0, 4, 1 / 32)
+            assert parts.acts is None  # no dense (b, d_sae) activations
+            return parts.loss, parts.x_hat_n, parts.fired
+        xn = x * sae.cfg.norm_scale
+        pre = sae.pre_acts(x)
+        acts = sae.activate(pre, train=True)
+        x_hat = sae.decode_normalised(acts)
         resid = (xn - x_hat).detach()
         av, ai = torch.where(dead, pre, torch.full_like(pre, -torch.inf)).topk(4, dim=-1)
-        aux = ((decode_topk(torch.relu(av), ai, sae.W_dec, torch.zeros(12)) - resid) ** 2).mean()
-        return ((x_hat - xn) ** 2).mean() + aux / 32, acts
+        aux = ((torch.relu(av).unsqueeze(-1) * sae.W_dec[ai]).sum(1) - resid) ** 2
+        return ((x_hat - xn) ** 2).mean() + aux.mean() / 32, x_hat, (acts > 0).sum(0)
 
-    grads = []
+    runs = []
     for sparse in (False, True):
         sae.zero_grad()
-        loss, acts = loss_of(sparse)
+        loss, x_hat, fired = loss_of(sparse)
         loss.backward()
-        grads.append((float(loss), acts.detach(), {n: p.grad.clone() for n, p in sae.named_parameters()}))
-    (l_d, a_d, g_d), (l_s, a_s, g_s) = grads
-    assert abs(l_d - l_s) < 1e-5 and torch.equal(a_d > 0, a_s > 0)
-    torch.testing.assert_close(a_s, a_d, rtol=1e-5, atol=1e-6)
+        runs.append((float(loss), x_hat.detach(), fired, {n: p.grad.clone() for n, p in sae.named_parameters()}))
+    (l_d, x_d, f_d, g_d), (l_s, x_s, f_s, g_s) = runs
+    assert abs(l_d - l_s) < 1e-5 and torch.equal(f_d, f_s)
+    torch.testing.assert_close(x_s, x_d, rtol=1e-5, atol=1e-5)
     for name in g_d:
         torch.testing.assert_close(g_s[name], g_d[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -34,12 +34,11 @@ def evaluate(sae: SAE, x: torch.Tensor, batch_size: int = 4096, dense_threshold:
     fires = torch.zeros(d_sae, dtype=torch.float64, device=dev)
     for a in range(0, n, batch_size):
         xb = x[a : a + batch_size].to(dev, non_blocking=True)  # (b, d_in)
-        out = sae(xb)
-        sse += ((out.x_hat - xb).double() ** 2).view(len(xb), n_src, -1).sum(dim=(0, 2))
+        rec = sae.reconstruct(xb)
+        sse += ((rec.x_hat - xb).double() ** 2).view(len(xb), n_src, -1).sum(dim=(0, 2))
         var += ((xb.double() - mean) ** 2).view(len(xb), n_src, -1).sum(dim=(0, 2))
-        active = out.acts > 0  # (b, d_sae)
-        l0 += float(active.sum())
-        fires += active.sum(0).double()
+        l0 += float(rec.fired.sum())
+        fires += rec.fired.double()
     freq = fires / n
     tot_sse, tot_var = float(sse.sum()), float(var.sum())
     out_ = {

@@ -43,6 +43,7 @@ from torch import nn
 
 from actstore.errors import ConfigError, IntegrityError
 from actstore.sae.config import SAEConfig, parse_config
+from actstore.sae.sparse import decode_topk
 
 if TYPE_CHECKING:
     from actstore.store.reader import Store
@@ -67,12 +68,28 @@ at 0.25 from 97% at 0.5); sparsify's ``nn.Linear`` encoder starts at
 about 0.4 of its unit decoder rows on this data."""
 
 
+DATA_INIT_ENCODER = 0.25
+"""topk / batchtopk with ``--init data``: the encoder starts as the decoder's transpose times this. Measured on
+MiniLM layer 4 over IMDb (docs/BENCHMARKS.md, issue 10; two seeds each): held-out FVU 0.188 / 0.189 with 2.2-2.6%
+dead latents at 0.25; 0.188 / 0.189 but 8-15% dead at 0.5; 0.204 with 20% dead at 1.0. Rows taken from tokens
+start close together (many tokens look alike), and a large encoder lets the first winners starve the rest."""
+
+
 RELU_DECODER_INIT_NORM = 0.1
 """relu-l1: decoder rows start at this norm (the encoder is their transpose), as SAELens's standard SAE
 (``decoder_init_norm``, after Anthropic's April 2024 update). Measured on MiniLM layer 3 over IMDb, 5 epochs,
 d_sae 1536 (docs/BENCHMARKS.md, issue 10): at lambda 0.01 held-out FVU 0.695 at L0 95 with unit rows, 0.417 at
 L0 77 with 0.1 (SAELens: 0.405 at L0 84); unit rows make every feature expensive under the decoder-norm-weighted
 L1 from the first step."""
+
+
+class Reconstruction(NamedTuple):
+    """:meth:`SAE.reconstruct`'s answer."""
+
+    x_hat: torch.Tensor
+    """(n, d_in) reconstruction in the model's activation space."""
+    fired: torch.Tensor
+    """(d_sae,) int64 tokens each feature was active on."""
 
 
 class SAE(nn.Module):
@@ -86,7 +103,7 @@ class SAE(nn.Module):
         w = w / w.norm(dim=1, keepdim=True)
         if cfg.arch == "relu-l1" and not cfg.is_crosscoder:  # (a crosscoder keeps unit rows: not measured for it)
             w = w * RELU_DECODER_INIT_NORM  # rows of norm 0.1, the encoder their transpose (SAELens's standard SAE)
-        enc_scale = 1.0 if cfg.arch == "relu-l1" else TOPK_ENCODER_INIT
+        enc_scale = self._encoder_scale(TOPK_ENCODER_INIT)
         self.W_dec = nn.Parameter(w.clone())  # (d_sae, d_in): unit rows (topk, batchtopk) or RELU_DECODER_INIT_NORM
         self.W_enc = nn.Parameter(w.t() * enc_scale)  # (d_in, d_sae) = W_dec^T, scaled
         self.b_enc = nn.Parameter(torch.zeros(d_sae))  # (d_sae,)
@@ -99,6 +116,23 @@ class SAE(nn.Module):
         else:
             scale = torch.tensor(float(cfg.norm_scale))
         self.register_buffer("scale", scale, persistent=False)
+
+    def _encoder_scale(self, topk_scale: float) -> float:
+        """The encoder starts as ``W_dec^T`` times this: 1 for relu-l1, ``topk_scale`` for topk / batchtopk."""
+        return 1.0 if self.cfg.arch == "relu-l1" else topk_scale
+
+    @torch.no_grad()
+    def init_from_rows(self, rows_n: torch.Tensor) -> None:
+        """``--init data``: decoder row ``i`` points along ``rows_n[i] - b_dec`` (``rows_n (m, d_input)``: training
+        rows in normalised space, after ``b_dec`` is set), keeping its norm; rows past ``m`` stay random. The encoder
+        becomes the decoder's transpose times :data:`DATA_INIT_ENCODER` (relu-l1: 1)."""
+        m = min(len(rows_n), self.cfg.d_sae)
+        centred = rows_n[:m].to(self.W_dec) - self.b_dec  # (m, d_input)
+        norms = centred.norm(dim=1, keepdim=True)
+        ok = (norms[:, 0] > 1e-6).nonzero().squeeze(1)  # a row equal to the mean has no direction: keep it random
+        keep = self.W_dec[:m].norm(dim=1, keepdim=True)  # (m, 1)
+        self.W_dec[ok] = centred[ok] / norms[ok] * keep[ok]
+        self.W_enc.copy_(self.W_dec.t() * self._encoder_scale(DATA_INIT_ENCODER))
 
     @property
     def d_input(self) -> int:
@@ -184,6 +218,22 @@ class SAE(nn.Module):
         if undo is not None:  # back from the per-token normalised space
             x_hat = x_hat * undo[1] + undo[0]
         return SAEOutput(x_hat, acts, pre)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> Reconstruction:
+        """Inference reconstruction of raw ``x (n, d_in)`` and how many tokens each feature fired on, as
+        :meth:`forward` computes them; topk without the dense ``(n, d_sae)`` activations (its top-k entries and an
+        embedding-bag decoder: a third of the time, what held-out evaluation during training runs)."""
+        if self.cfg.arch != "topk":
+            out = self(x)
+            return Reconstruction(out.x_hat, (out.acts > 0).sum(0))
+        x_normed, undo = self._norm_in(x.to(self.W_enc.dtype))
+        vals, idx = self._pre_from(x_normed).topk(int(self.cfg.k), dim=-1, sorted=False)  # type: ignore[arg-type]
+        vals = vals.clamp_min(0)  # (n, k)
+        x_hat = decode_topk(vals, idx, self.W_dec, self.b_dec) / self.scale  # (n, d_in)
+        if undo is not None:
+            x_hat = x_hat * undo[1] + undo[0]
+        return Reconstruction(x_hat, torch.bincount(idx[vals > 0], minlength=self.cfg.d_sae))
 
     # ---- training helpers ----------------------------------------------
     @torch.no_grad()

@@ -40,7 +40,7 @@ from actstore.sae.files import delete_sae, save_sae
 from actstore.sae.metrics import TrainTracker, evaluate, task_accuracy, training_curves
 from actstore.sae.model import SAE, check_d_in
 from actstore.sae.optim import ScheduleFreeSignSGD, averaged, make_optimizer
-from actstore.sae.sparse import TopKEncode, decode_topk
+from actstore.sae.sparse import BatchTopKEncode, TopKEncode, decode_entries, decode_topk
 from actstore.sae.stream import RowSplit, ShuffledStream, split_rows
 from actstore.storage.integrity import update_manifest
 from actstore.storage.locks import StoreLock
@@ -70,6 +70,8 @@ class TrainResult:
     """Wall time of this process's training loop."""
     steps_per_s: float
     """Steps per second in this process."""
+    eval_seconds: float = 0.0
+    """Of ``seconds``, the time spent on held-out evaluations (the curves' points and the final metrics)."""
     resumed_from: int = 0
     """Step the run resumed from (0: a fresh run)."""
     store: str = ""
@@ -90,37 +92,59 @@ class LossParts(NamedTuple):
     penalty: torch.Tensor
     """L1 term (relu-l1) or auxiliary loss (topk / batchtopk), before its coefficient."""
     acts: torch.Tensor | None
-    """(b, d_sae); None from topk's sparse step, which never makes the dense matrix"""
+    """(b, d_sae); None from the sparse topk / batchtopk step, which never makes the dense matrix"""
     x_hat_n: torch.Tensor
     """(b, d_in), normalised space"""
     fired: torch.Tensor
     """(d_sae,) tokens of the batch each feature was active on"""
+    kept: torch.Tensor | None = None
+    """batchtopk: (m,) the activations the batch top-k kept (their minimum sets the inference threshold)"""
 
 
 def sae_loss(sae: SAE, x: torch.Tensor, dead: torch.Tensor | None, l1: float, aux_k: int, aux_coef: float) -> LossParts:
     """Training loss of ``sae`` on raw activations ``x (b, d_in)``; ``dead`` is a bool ``(d_sae,)`` mask."""
     xn = x * sae.scale  # (b, d_in); a crosscoder's (b, n_sources * d_in), each source by its own scale
-    if sae.cfg.arch == "topk":  # sparse: only the encoder's forward is a dense (b, d_in, d_sae) matmul
-        vals, idx, pre = TopKEncode.apply(xn - sae.b_dec, sae.W_enc, sae.b_enc, int(sae.cfg.k))  # (b, k), (b, d_sae)
-        x_hat_n = decode_topk(vals, idx, sae.W_dec, sae.b_dec)
-        acts, fired = None, torch.bincount(idx[vals > 0], minlength=sae.cfg.d_sae)  # (d_sae,) from the indices
+    arch, kept = sae.cfg.arch, None
+    if arch in ("topk", "batchtopk"):  # sparse: only the encoder's forward is a dense (b, d_in, d_sae) matmul
+        xc = xn - sae.b_dec
+        if arch == "topk":
+            vals, idx, pre = TopKEncode.apply(xc, sae.W_enc, sae.b_enc, int(sae.cfg.k))  # (b, k), (b, d_sae)
+            x_hat_n = decode_topk(vals, idx, sae.W_dec, sae.b_dec)
+            latents = idx[vals > 0]
+        else:
+            n_keep = int(sae.cfg.k) * x.shape[0]
+            kept, tokens, lats, pre = BatchTopKEncode.apply(xc, sae.W_enc, sae.b_enc, n_keep)  # (m,) x 3, (b, d_sae)
+            x_hat_n = decode_entries(kept, tokens, lats, x.shape[0], sae.W_dec, sae.b_dec)
+            latents = lats[kept > 0]
+        acts, fired = None, torch.bincount(latents, minlength=sae.cfg.d_sae)  # (d_sae,) from the indices
     else:
         pre = sae.pre_acts(x)  # (b, d_sae)
         acts = sae.activate(pre, train=True)
         x_hat_n = sae.decode_normalised(acts)
         fired = (acts > 0).sum(0)  # (d_sae,)
     mse = ((x_hat_n - xn) ** 2).mean()
-    if sae.cfg.arch == "relu-l1":
+    if arch == "relu-l1":
         penalty = (acts * sae.l1_weights()).sum(-1).mean()
         return LossParts(mse + l1 * penalty, mse, penalty, acts, x_hat_n, fired)
     penalty = torch.zeros((), device=x.device)
     if dead is not None and bool(dead.any()):
-        resid = (xn - x_hat_n).detach()  # (b, d_in)
-        dead_pre = torch.where(dead, pre, torch.full_like(pre, -torch.inf))
-        kk = min(aux_k, int(dead.sum()))
-        vals, idx = dead_pre.topk(kk, dim=-1)  # (b, kk)
-        penalty = ((decode_topk(torch.relu(vals), idx, sae.W_dec, torch.zeros_like(sae.b_dec)) - resid) ** 2).mean()
-    return LossParts(mse + aux_coef * penalty, mse, penalty, acts, x_hat_n, fired)
+        penalty = aux_loss(sae, xn, x_hat_n, dead, aux_k)
+    return LossParts(mse + aux_coef * penalty, mse, penalty, acts, x_hat_n, fired, kept)
+
+
+def aux_loss(sae: SAE, xn: torch.Tensor, x_hat_n: torch.Tensor, dead: torch.Tensor, aux_k: int) -> torch.Tensor:
+    """AuxK (Gao et al. 2024): the MSE of reconstructing the residual ``xn - x_hat_n (b, d_in)`` from the ``aux_k``
+    largest pre-activations of the ``dead (d_sae,)`` latents, ReLU'd.
+
+    Computed sparsely: the dead latents' pre-activations are one ``(b, d_in, n_dead)`` matmul and their gradients
+    an index-add over the ``b * aux_k`` chosen entries (:class:`TopKEncode`), instead of a dense gradient through
+    every pre-activation (two more ``(b, d_in, d_sae)`` matmuls per step). The values are the same.
+    """
+    resid = (xn - x_hat_n).detach()  # (b, d_in)
+    dead_idx = dead.nonzero().squeeze(1)  # (n_dead,)
+    kk = min(aux_k, len(dead_idx))
+    vals, sub, _ = TopKEncode.apply(xn - sae.b_dec, sae.W_enc[:, dead_idx], sae.b_enc[dead_idx], kk)  # (b, kk)
+    return ((decode_topk(vals, dead_idx[sub], sae.W_dec, torch.zeros_like(sae.b_dec)) - resid) ** 2).mean()
 
 
 def train_step(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, tracker: TrainTracker, cfg: TrainConfig,
@@ -143,18 +167,37 @@ def train_step(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, tracker: T
     return parts
 
 
-def _estimate_stats(stream: ShuffledStream, seed: int, n_sources: int = 1, max_chunks: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """``(mean squared norm of each source (n_sources,), mean (d_model,))`` of the training rows of a few random
-    chunks (a crosscoder's row holds its ``n_sources`` sources side by side)."""
+class InputStats(NamedTuple):
+    """What a new run learns from a few random chunks of its training rows."""
+
+    mean_sq: np.ndarray
+    """(n_sources,) mean squared norm of each source (a crosscoder's row holds its sources side by side)."""
+    mean: np.ndarray
+    """(d_model,) float64 mean row."""
+    sample: np.ndarray
+    """(<= n_sample, d_model) float32 random training rows (none twice), in random order (``--init data``)."""
+
+
+def _estimate_stats(stream: ShuffledStream, seed: int, n_sources: int = 1, max_chunks: int = 16, n_sample: int = 0) -> InputStats:
+    """:class:`InputStats` of the training rows of up to ``max_chunks`` random chunks (more chunks are read, up to
+    every chunk, while fewer than ``n_sample`` rows have been seen)."""
     rng = np.random.default_rng([seed, 3])
-    pick = rng.permutation(len(stream.chunks))[:max_chunks]
+    order = rng.permutation(len(stream.chunks))
     sq, tot, n = np.zeros(n_sources), np.zeros(stream.acts.d_model, dtype=np.float64), 0
-    for i in sorted(pick):
-        v = stream.read_chunk(*stream.chunks[i]).astype(np.float64)  # (m, d_model)
+    parts: list[np.ndarray] = []
+    for j, i in enumerate(order):
+        if j >= max_chunks and n >= n_sample:
+            break
+        v32 = stream.read_chunk(*stream.chunks[i])  # (m, d_model) float32
+        v = v32.astype(np.float64)
         sq += (v**2).reshape(len(v), n_sources, -1).sum(axis=(0, 2))
         tot += v.sum(0)
         n += len(v)
-    return sq / max(n, 1), tot / max(n, 1)
+        if n_sample:
+            parts.append(v32)
+    rows = np.concatenate(parts) if parts else np.zeros((0, stream.acts.d_model), np.float32)
+    sample = rows[np.random.default_rng([seed, 5]).permutation(len(rows))[:n_sample]]
+    return InputStats(sq / max(n, 1), tot / max(n, 1), sample)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -296,6 +339,7 @@ class _Run:
         pick = np.linspace(0, n_curve - 1, cfg.curve_eval_tokens).round().astype(np.int64)
         self.curve_x = self.eval_x if n_curve <= cfg.curve_eval_tokens else self.eval_x[torch.from_numpy(pick)]
         self.last_train: dict[str, Any] = {}
+        self.eval_seconds = self.loop_eval_seconds = 0.0  # this process's time in evaluate(): in all, in the loop
         n_ev = min(cfg.eval_points, self.total_steps)
         self.eval_steps = {math.ceil(self.total_steps * (i + 1) / n_ev) for i in range(n_ev)} if n_ev else set()
 
@@ -307,7 +351,8 @@ class _Run:
         sources = cfg.sources()
         n_src = len(sources) if sources else 1
         d_in = acts.d_model // n_src
-        mean_sq, mean = _estimate_stats(stream, cfg.seed, n_src)
+        data_init = cfg.init == "data"
+        mean_sq, mean, sample = _estimate_stats(stream, cfg.seed, n_src, n_sample=d_sae if data_init else 0)
         scales = [math.sqrt(d_in / v) if cfg.normalize and v > 0 else 1.0 for v in mean_sq]
         cross = {} if sources is None else {"models": [s.model for s in sources], "layers": [s.layer for s in sources],
                                             "norm_scales": scales}  # fmt: skip
@@ -318,6 +363,8 @@ class _Run:
         ))  # fmt: skip
         with torch.no_grad():
             sae.b_dec.copy_(torch.from_numpy(mean).float() * sae.scale)
+        if data_init:
+            sae.init_from_rows(torch.from_numpy(sample) * sae.scale)
         meta = {"step": 0, "history": [], "threshold_ema": None, "config": _identity(cfg)}
         return cls(st, cfg, name, acts, split, stream, device, aux_k, sae, meta)
 
@@ -343,11 +390,13 @@ class _Run:
     # ---- the loop
     def evaluate(self, x: torch.Tensor | None = None) -> dict[str, Any]:
         """Held-out metrics of the model being trained (signum: its averaged parameters, the ones saved)."""
+        t0 = time.perf_counter()
         self.sae.eval()
         self._set_threshold()
         with averaged(self.opt):
             out = evaluate(self.sae, self.eval_x if x is None else x, self.cfg.batch_size, self.cfg.dense_threshold)
         self.sae.train()
+        self.eval_seconds += time.perf_counter() - t0
         return out
 
     def _set_threshold(self) -> None:
@@ -405,6 +454,7 @@ class _Run:
                         break
         finally:
             bar.close()
+        self.loop_eval_seconds = self.eval_seconds  # what finish() evaluates is not part of the loop's time
         return time.perf_counter() - t0
 
     def _curve_point(self, entry: dict[str, Any]) -> dict[str, Any]:
@@ -420,9 +470,9 @@ class _Run:
 
     def _one_step(self, x: torch.Tensor) -> LossParts:
         parts = train_step(self.sae, self.opt, x, self.tracker, self.cfg, self.aux_k, self.l1_at(self.step))
-        if parts.acts is not None and self.sae.cfg.arch == "batchtopk":
+        if parts.kept is not None:  # batchtopk
             with torch.no_grad():
-                pos = parts.acts[parts.acts > 0]
+                pos = parts.kept[parts.kept > 0]
                 if pos.numel():
                     m = float(pos.min())
                     self.thr_ema = m if self.thr_ema is None else 0.99 * self.thr_ema + 0.01 * m
@@ -479,6 +529,7 @@ class _Run:
             "norm_scales": sae.cfg.norm_scales,
             "seconds": seconds,
             "steps_per_s": steps_run / seconds if seconds > 0 else 0.0,
+            "eval_seconds": self.loop_eval_seconds,
             "resumed_from": self.start_step,
             "device": str(self.device),
             "history": history,
@@ -490,5 +541,6 @@ class _Run:
         update_manifest(self.st.loc, prefixes=[layout.sae_dir(self.name)])  # checksums for the new files (actstore verify)
         return TrainResult(
             name=self.name, sae=sae, metrics=metrics, steps=step, tokens=self.tracker.tokens_seen, seconds=seconds,
-            steps_per_s=metrics["steps_per_s"], resumed_from=self.start_step, store=self.st.url, split=split,
+            steps_per_s=metrics["steps_per_s"], eval_seconds=self.loop_eval_seconds, resumed_from=self.start_step,
+            store=self.st.url, split=split,
         )  # fmt: skip
