@@ -94,3 +94,19 @@ def test_the_sparse_step_has_the_dense_steps_loss_and_gradients(arch):
     torch.testing.assert_close(x_s, x_d, rtol=1e-5, atol=1e-5)
     for name in g_d:
         torch.testing.assert_close(g_s[name], g_d[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("skewed", [False, True])
+def test_batch_topk_by_row_candidates_is_the_flat_top_k(skewed):
+    """actstore.sae.sparse.batch_topk picks each row's candidates first; it must give the flat top-k's entries, also
+    when one row holds more of the batch's largest entries than its candidates (then it falls back)."""
+    from actstore.sae.sparse import batch_topk
+
+    torch.manual_seed(1)
+    acts = torch.relu(torch.randn(64, 200))
+    if skewed:
+        acts[3] += 10  # row 3 holds the 200 largest entries, more than its 4 * 5 candidates
+    vals, flat = batch_topk(acts, 64 * 5)
+    want_v, want_i = acts.flatten().topk(64 * 5)
+    assert torch.equal(torch.sort(flat).values, torch.sort(want_i).values)
+    torch.testing.assert_close(torch.sort(vals).values, torch.sort(want_v).values)

@@ -73,8 +73,8 @@ class BatchTopKEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, xc: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor, n_keep: int) -> Any:  # type: ignore[override]
         pre = torch.addmm(b_enc, xc, w_enc)  # (n, d_sae)
+        vals, flat = batch_topk(torch.relu(pre), min(n_keep, pre.numel()))  # (m,)
         d_sae = pre.shape[1]
-        vals, flat = torch.relu(pre).flatten().topk(min(n_keep, pre.numel()), sorted=False)  # (m,)
         flat, order = flat.sort()  # row-major: grouped by token
         vals = vals[order]
         tokens, latents = flat // d_sae, flat % d_sae
@@ -99,6 +99,29 @@ class BatchTopKEncode(torch.autograd.Function):
             g_b = g_pre.sum(0) if g_b is None else g_b + g_pre.sum(0)
             g_xc = g_pre @ w_enc.t() if g_xc is None else g_xc + g_pre @ w_enc.t()
         return g_xc, g_w, g_b, None
+
+
+CANDIDATES_PER_K = 4
+""":func:`batch_topk` first keeps this many times a row's share (``n_keep / n``) of candidates per row."""
+
+
+def batch_topk(acts: torch.Tensor, n_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values (n_keep,), flat indices (n_keep,))`` of the ``n_keep`` largest entries of ``acts (n, d_sae)``.
+
+    A flat top-k over all ``n * d_sae`` entries is slow on CPU (290 ms at 4096 x 3072); instead each row's largest
+    ``CANDIDATES_PER_K * n_keep / n`` entries are taken first (one row-wise top-k) and the batch's top-k chosen among
+    those. That is exact unless some row's smallest candidate is above the chosen minimum (that row could hold more
+    of the batch's top entries than it was allowed): then the flat top-k is done after all.
+    """
+    n, d_sae = acts.shape
+    c = min(d_sae, CANDIDATES_PER_K * max(1, -(-n_keep // n)))
+    if c == d_sae or n_keep > n * c:
+        return acts.flatten().topk(n_keep, sorted=False)
+    cand_v, cand_i = acts.topk(c, dim=1, sorted=False)  # (n, c)
+    vals, pos = cand_v.flatten().topk(n_keep, sorted=False)  # (n_keep,) positions among the candidates
+    if bool((cand_v.min(dim=1).values > vals.min()).any()):  # a row may hold more than its candidates: not exact
+        return acts.flatten().topk(n_keep, sorted=False)
+    return vals, (pos // c) * d_sae + cand_i.flatten()[pos]
 
 
 def decode_entries(vals: torch.Tensor, tokens: torch.Tensor, latents: torch.Tensor, n: int, w_dec: torch.Tensor,
