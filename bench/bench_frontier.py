@@ -48,7 +48,8 @@ for lam in args["l1"]:
     sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=x.shape[1], d_sae=args["d_sae"], l1_coefficient=lam,
                                                         l1_warm_up_steps=max(1, steps // 20)))
     batches = iter(x[b0 : b0 + args["batch"]] for _ in range(args["epochs"]) for b0 in range(0, n, args["batch"]))
-    tcfg = SAETrainerConfig(total_training_samples=n * args["epochs"], train_batch_size_samples=args["batch"], lr_end=3e-4)
+    tcfg = SAETrainerConfig(total_training_samples=n * args["epochs"], train_batch_size_samples=args["batch"],
+                            lr=args["lr"], lr_end=args["lr"])
     t0 = time.perf_counter()
     SAETrainer(tcfg, sae, batches).fit()
     secs = time.perf_counter() - t0
@@ -97,6 +98,8 @@ def main() -> None:
     ap.add_argument("--l1", default="1e-3,3e-3,1e-2,3e-2,1e-1")
     ap.add_argument("--saelens-python", default=None)
     ap.add_argument("--epochs", type=int, default=1, help="passes over the training rows, for every trainer")
+    ap.add_argument("--skip-paper", action="store_true", help="leave out the paper preset's run")
+    ap.add_argument("--saelens-lr", type=float, default=3e-4, help="SAELens's Adam learning rate (its default 3e-4)")
     args = ap.parse_args()
 
     import torch
@@ -111,8 +114,10 @@ def main() -> None:
     common = dict(model=args.model, layer=args.layer, arch="relu-l1", d_sae=args.d_sae, batch_size=args.batch, epochs=args.epochs,
                   overwrite=True, device="cpu", task_samples=0, checkpoint_every=0, threads=args.threads)  # fmt: skip
     runs = [(f"actstore relu-l1, lambda {lam:g}", TrainConfig(l1=lam, name=f"frontier-{lam:g}", **common)) for lam in lams]
-    runs.append(("actstore --preset paper (lambda 1e-3, Adam 2e-5, no warm-up), same tokens",
-                 TrainConfig(preset="paper", name="frontier-paper", **{**common, "d_sae": args.d_sae})))  # fmt: skip
+    runs = [(f"{label}, Adam {cfg.lr:g}", cfg) for label, cfg in runs]
+    if not args.skip_paper:
+        runs.append(("actstore --preset paper (lambda 1e-3, Adam 2e-5, no warm-up), same tokens",
+                     TrainConfig(preset="paper", name="frontier-paper", **{**common, "d_sae": args.d_sae})))  # fmt: skip
     split = scale = None
     for label, cfg in runs:
         t0 = time.perf_counter()
@@ -136,7 +141,7 @@ def main() -> None:
         d_in = x_train.shape[1]
         sl_lams = [lam * d_in / scale for lam in lams]
         spec = {"rows": str(work / "rows.npy"), "d_sae": args.d_sae, "batch": args.batch, "threads": args.threads,
-                "seed": 0, "out": str(work / "saelens"), "l1": sl_lams, "epochs": args.epochs}  # fmt: skip
+                "seed": 0, "out": str(work / "saelens"), "l1": sl_lams, "epochs": args.epochs, "lr": args.saelens_lr}  # fmt: skip
         out = subprocess.run([args.saelens_python, "-c", SAELENS_STANDARD, json.dumps(spec)], capture_output=True,
                              text=True, env={**os.environ, "WANDB_MODE": "disabled", "TQDM_DISABLE": "1"})  # fmt: skip
         if out.returncode:
@@ -144,7 +149,8 @@ def main() -> None:
         for line, lam in zip([ln for ln in out.stdout.splitlines() if ln.startswith("{")], lams, strict=False):
             info = json.loads(line)
             m = saelens_relu(work / "saelens" / f"{info['l1']:g}", eval_x, x_train)
-            rows.append({"trainer": f"SAELens standard, lambda_SL {info['l1']:.3g} (= {lam:g} here)", "l1": lam,
+            label = f"SAELens standard, Adam {args.saelens_lr:g}, lambda_SL {info['l1']:.3g} (= {lam:g} here)"
+            rows.append({"trainer": label, "l1": lam,
                          "tok_s": info["tokens"] / info["seconds"], **m})  # fmt: skip
 
     print(f"\n{args.model} layer {args.layer}: relu-l1, d_sae {args.d_sae}, batch {args.batch}, {len(x_train):,} "

@@ -70,9 +70,10 @@ about 0.4 of its unit decoder rows on this data."""
 
 DATA_INIT_ENCODER = 0.25
 """topk / batchtopk with ``--init data``: the encoder starts as the decoder's transpose times this. Measured on
-MiniLM layer 4 over IMDb (docs/BENCHMARKS.md, issue 10; two seeds each): held-out FVU 0.188 / 0.189 with 2.2-2.6%
-dead latents at 0.25; 0.188 / 0.189 but 8-15% dead at 0.5; 0.204 with 20% dead at 1.0. Rows taken from tokens
-start close together (many tokens look alike), and a large encoder lets the first winners starve the rest."""
+MiniLM layer 4 over IMDb, one epoch (docs/TRAINING.md, issue 10; two seeds): topk held-out FVU 0.188 / 0.189 with
+2.2-2.6% dead latents at 0.25; 0.188 / 0.189 but 8% dead at 0.5 (15% on raw inputs); 0.204 with 20% dead at 1.0;
+batchtopk 0.183 / 0.184 with 1.2-2.0% dead at 0.25, 0.187 with 9% dead at 0.15. Rows taken from tokens start close
+together (many tokens look alike), and a large encoder lets the first winners starve the rest."""
 
 
 RELU_DECODER_INIT_NORM = 0.1
