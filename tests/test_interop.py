@@ -291,4 +291,5 @@ def test_neuronpedia_batches_follow_the_layout_and_show_top_tokens(encoded, tmp_
             assert set(a) >= NEURONPEDIA_ACTIVATION_KEYS and len(a["tokens"]) == len(a["values"]) <= 7
             i = a["qualifying_token_index"]
             assert a["tokens"][i] == want["token"] and a["values"][i] == pytest.approx(want["value"])
-            assert max(a["values"]) == pytest.approx(want["value"])
+            # a neighbour may fire more strongly (a higher-ranked hit in the same window), never above the top hit
+            assert max(a["values"]) <= top["value"].max() + 1e-5
