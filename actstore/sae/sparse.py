@@ -46,11 +46,18 @@ class TopKEncode(torch.autograd.Function):
             tokens = torch.arange(idx.shape[0], device=idx.device).repeat_interleave(idx.shape[1])  # (n * k,)
             g_w = sparse_outer(flat, tokens, g.reshape(-1), xc, d_sae).t()  # (d_in, d_sae)
             g_xc = F.embedding_bag(idx, w_enc.t().contiguous(), per_sample_weights=g, mode="sum")  # (n, d_in)
-        if g_pre is not None:
-            g_w = xc.t() @ g_pre if g_w is None else g_w + xc.t() @ g_pre
-            g_b = g_pre.sum(0) if g_b is None else g_b + g_pre.sum(0)
-            g_xc = g_pre @ w_enc.t() if g_xc is None else g_xc + g_pre @ w_enc.t()
-        return g_xc, g_w, g_b, None
+        return (*_add_dense_pre_grads(xc, w_enc, g_pre, g_xc, g_w, g_b), None)
+
+
+def _add_dense_pre_grads(xc: torch.Tensor, w_enc: torch.Tensor, g_pre: torch.Tensor | None, g_xc: Any, g_w: Any,
+                         g_b: Any) -> tuple[Any, Any, Any]:  # fmt: skip
+    """``(g_xc, g_w, g_b)`` plus what a dense gradient ``g_pre (n, d_sae)`` of the pre-activations adds (None: nothing)."""
+    if g_pre is None:
+        return g_xc, g_w, g_b
+    g_w = xc.t() @ g_pre if g_w is None else g_w + xc.t() @ g_pre
+    g_b = g_pre.sum(0) if g_b is None else g_b + g_pre.sum(0)
+    g_xc = g_pre @ w_enc.t() if g_xc is None else g_xc + g_pre @ w_enc.t()
+    return g_xc, g_w, g_b
 
 
 def sparse_outer(latents: torch.Tensor, tokens: torch.Tensor, g: torch.Tensor, xc: torch.Tensor, d_sae: int) -> torch.Tensor:
@@ -94,11 +101,7 @@ class BatchTopKEncode(torch.autograd.Function):
             g_w = sparse_outer(latents, tokens, g, xc, d_sae).t()  # (d_in, d_sae)
             g_tok = torch.sparse_coo_tensor(torch.stack([tokens, latents]), g, (xc.shape[0], d_sae), check_invariants=False)
             g_xc = torch.sparse.mm(g_tok, w_enc.t())  # (n, d_in)
-        if g_pre is not None:
-            g_w = xc.t() @ g_pre if g_w is None else g_w + xc.t() @ g_pre
-            g_b = g_pre.sum(0) if g_b is None else g_b + g_pre.sum(0)
-            g_xc = g_pre @ w_enc.t() if g_xc is None else g_xc + g_pre @ w_enc.t()
-        return g_xc, g_w, g_b, None
+        return (*_add_dense_pre_grads(xc, w_enc, g_pre, g_xc, g_w, g_b), None)
 
 
 CANDIDATES_PER_K = 4
