@@ -1,4 +1,5 @@
-"""The relu-l1 FVU-L0 frontier (issue 10): actstore's relu-l1 (Adam, decoder-norm-weighted L1 with a 5% warm-up) at a
+"""The relu-l1 FVU-L0 frontier (issue 10): actstore's relu-l1 (Adam on the unit-norm gradient, b_dec from zeros,
+decoder-norm-weighted L1 with a 5% warm-up) at a
 few L1 coefficients against SAELens's standard SAE (its ``StandardTrainingSAE`` and ``SAETrainer``: the same
 decoder-norm-weighted L1, its L1 warm-up, Adam 3e-4) at the same coefficients mapped to its loss's scale, plus the
 paper preset (lambda 1e-3, Adam 2e-5, no warm-up) at the same token budget.
@@ -114,7 +115,8 @@ def main() -> None:
     common = dict(model=args.model, layer=args.layer, arch="relu-l1", d_sae=args.d_sae, batch_size=args.batch, epochs=args.epochs,
                   overwrite=True, device="cpu", task_samples=0, checkpoint_every=0, threads=args.threads)  # fmt: skip
     runs = [(f"actstore relu-l1, lambda {lam:g}", TrainConfig(l1=lam, name=f"frontier-{lam:g}", **common)) for lam in lams]
-    runs = [(f"{label}, Adam {cfg.lr:g}", cfg) for label, cfg in runs]
+    runs = [(f"{label}, Adam {cfg.lr:g}{', unit gradient' if cfg.unit_grad else ''}, b_dec {cfg.b_dec_init}", cfg)
+            for label, cfg in runs]  # fmt: skip
     if not args.skip_paper:
         runs.append(("actstore --preset paper (lambda 1e-3, Adam 2e-5, no warm-up), same tokens",
                      TrainConfig(preset="paper", name="frontier-paper", **{**common, "d_sae": args.d_sae})))  # fmt: skip

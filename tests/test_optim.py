@@ -110,3 +110,29 @@ def test_batch_topk_by_row_candidates_is_the_flat_top_k(skewed):
     want_v, want_i = acts.flatten().topk(64 * 5)
     assert torch.equal(torch.sort(flat).values, torch.sort(want_i).values)
     torch.testing.assert_close(torch.sort(vals).values, torch.sort(want_v).values)
+
+
+@pytest.mark.parametrize("unit_grad", [True, False])
+def test_a_relu_l1_step_sees_the_gradient_at_unit_norm(unit_grad):
+    """relu-l1's default (``unit_grad``): the optimizer gets the whole gradient rescaled to norm 1, hand-checked with
+    SGD at lr 1 (each parameter moves by -g / ||g||). Without it the clip at 1 leaves these small gradients alone
+    (the mean-MSE gradient is ~0.01-0.05, where SAELens's summed-MSE one is far above its clip)."""
+    from actstore.sae.config import SAEConfig, TrainConfig
+    from actstore.sae.metrics import TrainTracker
+    from actstore.sae.model import SAE
+    from actstore.sae.train import sae_loss, train_step
+
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(arch="relu-l1", d_in=12, d_sae=40, l1=0.01, norm_scale=1.0))
+    x = torch.randn(64, 12)
+    sae_loss(sae, x, None, 0.01, 1, 0.0).loss.backward()
+    grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    norm = torch.sqrt(sum((g**2).sum() for g in grads.values()))
+    assert float(norm) < 1.0  # the clip at 1 would not act
+    before = {n: p.detach().clone() for n, p in sae.named_parameters()}
+    cfg = TrainConfig(model="m", layer=0, l1=0.01, unit_grad=None if unit_grad else False)
+    assert cfg.unit_grad is unit_grad and cfg.grad_clip == 1.0
+    train_step(sae, torch.optim.SGD(sae.parameters(), lr=1.0), x, TrainTracker(40, 1000), cfg, aux_k=1)
+    for n, p in sae.named_parameters():
+        want = before[n] - (grads[n] / norm if unit_grad else grads[n])
+        torch.testing.assert_close(p.detach(), want, rtol=1e-5, atol=1e-6, msg=n)

@@ -147,6 +147,28 @@ def test_data_init_points_decoder_rows_at_training_tokens(planted, one_thread):
     torch.testing.assert_close(sae.W_enc.detach(), sae.W_dec.detach().T * DATA_INIT_ENCODER, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize(("arch", "preset", "want"), [("relu-l1", None, "zeros"), ("relu-l1", "paper", "mean"),
+                                                      ("topk", None, "mean")])  # fmt: skip
+def test_b_dec_starts_at_zeros_for_relu_l1_and_at_the_mean_otherwise(planted, one_thread, arch, preset, want):
+    """relu-l1 SAEs start ``b_dec`` at zeros and step on the unit gradient (SAELens's standard SAE; measured in
+    docs/BENCHMARKS.md); the paper preset keeps its mean start and plain gradient, topk / batchtopk the mean
+    (sparsify). Seen after training at a learning rate of 1e-9, which leaves the init in place."""
+    path, _ = planted
+    extra = ({"k": 3} if arch == "topk" else {}) | ({"epochs": 1} if preset else {"tokens": 128})  # the preset sets epochs
+    cfg = TrainConfig(model="synth", layer=0, arch=arch, preset=preset, d_sae=32, batch_size=128, lr=1e-9,
+                      device="cpu", name=f"bdec-{arch}-{preset}", task_samples=0, eval_points=0, **extra)  # fmt: skip
+    assert cfg.b_dec_init == want and cfg.unit_grad is (arch == "relu-l1" and preset is None)
+    res = train_sae(path, cfg, progress=False)
+    b_dec = res.sae.b_dec.detach()
+    acts = actstore.open_store(path).activations("synth", 0)
+    mean = torch.from_numpy(acts.take(np.arange(len(acts))).mean(0)) * res.sae.scale  # (d,) scaled mean row
+    if want == "zeros":
+        assert float(b_dec.abs().max()) < 1e-6
+    else:
+        torch.testing.assert_close(b_dec, mean.float(), atol=0.05 * float(mean.norm()), rtol=0)
+    assert json.loads((Path(path) / "saes" / cfg.name / "cfg.json").read_text())["training"]["b_dec_init"] == want
+
+
 # ---------------------------------------------------------------- artifacts and metrics
 @pytest.mark.parametrize(("arch", "extra"), [("relu-l1", {}), ("topk", {"k": 4}), ("batchtopk", {"k": 4})])
 def test_train_each_arch_writes_artifacts(tiny_store, arch, extra):
@@ -223,10 +245,14 @@ class Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize(("arch", "optimizer"), [("topk", "signum"), ("batchtopk", "signum"), ("topk", "adam")])
+@pytest.mark.parametrize(
+    ("arch", "optimizer"), [("topk", "signum"), ("batchtopk", "signum"), ("topk", "adam"), ("relu-l1", "adam")]
+)
 def test_killed_run_resumes_to_the_same_weights(tiny_store, arch, optimizer):
     def cfg(**kw):
-        return TrainConfig(model="tiny", layer=3, arch=arch, k=4, d_sae=48, epochs=3, checkpoint_every=7, dead_window=200,
+        if arch != "relu-l1":
+            kw["k"] = 4
+        return TrainConfig(model="tiny", layer=3, arch=arch, d_sae=48, epochs=3, checkpoint_every=7, dead_window=200,
                            buffer_mb=1, optimizer=optimizer, **FAST, **kw)  # fmt: skip
 
     full = train_sae(tiny_store, cfg(name="full"), progress=False)
@@ -247,6 +273,38 @@ def test_killed_run_resumes_to_the_same_weights(tiny_store, arch, optimizer):
         torch.testing.assert_close(getattr(res.sae, key), getattr(full.sae, key), rtol=1e-5, atol=1e-6)
     assert res.metrics["eval"]["fvu"] == pytest.approx(full.metrics["eval"]["fvu"], rel=1e-4)
     assert [h["step"] for h in res.metrics["history"]] == [h["step"] for h in full.metrics["history"]]
+
+
+def test_a_run_checkpointed_before_the_relu_recipe_fields_resumes_with_their_old_values(tiny_store):
+    """A relu-l1 run checkpointed before ``b_dec_init`` / ``unit_grad`` existed (its saved options lack them) was
+    started at the mean with a plain gradient: it is refused with today's defaults, naming both, and resumes to
+    the uninterrupted run's weights with ``--b-dec-init mean --no-unit-grad``."""
+    from actstore.format import layout
+    from actstore.models.checkpoint import pack, unpack
+
+    def cfg(**kw):
+        return TrainConfig(model="tiny", layer=3, d_sae=48, epochs=2, checkpoint_every=5, buffer_mb=1, **FAST, **kw)
+
+    old = {"b_dec_init": "mean", "unit_grad": False}
+    full = train_sae(tiny_store, cfg(name="full", **old), progress=False)
+
+    def die(step, _info):
+        if step == 12:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_sae(tiny_store, cfg(name="cut", **old), progress=False, on_step=die)
+    ckpt = Path(tiny_store) / "saes" / "cut" / layout.SAE_CHECKPOINT
+    packed = unpack(ckpt.read_bytes())
+    meta = {k: v for k, v in packed.meta.items()}
+    meta["meta"]["config"] = {k: v for k, v in meta["meta"]["config"].items() if k not in old}  # as an older version wrote
+    ckpt.write_bytes(pack(packed.tensors, meta))
+    with pytest.raises(ConfigError, match="differs in: b_dec_init, unit_grad"):
+        train_sae(tiny_store, cfg(name="cut"), progress=False)
+    res = train_sae(tiny_store, cfg(name="cut", **old), progress=False)
+    assert res.resumed_from == 10 and res.steps == full.steps
+    for key in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        torch.testing.assert_close(getattr(res.sae, key), getattr(full.sae, key), rtol=1e-5, atol=1e-6)
 
 
 def test_sigkilled_cli_run_resumes(tiny_store):
@@ -297,6 +355,15 @@ def test_cli_train_saes_export(tiny_store, tmp_path):
     assert r.exit_code == 1 and "model 'bert' is not in store" in r.output
     r = CliRunner().invoke(main, ["export-sae", tiny_store, "zzz", "--out", str(tmp_path / "z")])
     assert r.exit_code == 1 and "no SAE named 'zzz'" in r.output
+    # relu-l1's recipe options reach cfg.json; a bad choice is a usage error
+    r = CliRunner().invoke(main, ["train", tiny_store, "--model", "tiny", "--layer", "2", "--d-sae", "32", "--epochs", "1",
+                                  "--batch-size", "64", "--name", "r", "--quiet", "--device", "cpu", "--b-dec-init", "mean",
+                                  "--no-unit-grad"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    training = json.loads((Path(tiny_store) / "saes" / "r" / "cfg.json").read_text())["training"]
+    assert (training["arch"], training["b_dec_init"], training["unit_grad"]) == ("relu-l1", "mean", False)
+    r = CliRunner().invoke(main, ["train", tiny_store, "--model", "tiny", "--layer", "2", "--b-dec-init", "median"])
+    assert r.exit_code == 2 and "'median' is not one of 'mean', 'zeros'" in r.output
 
 
 # ---------------------------------------------------------------- task accuracy with the SAE spliced in

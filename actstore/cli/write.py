@@ -27,7 +27,7 @@ from actstore.encoding.config import EncodeConfig
 from actstore.format.codecs import CODECS
 from actstore.models.config import FinetuneConfig
 from actstore.models.names import MODEL_DTYPES
-from actstore.sae.config import DECODER_INITS, OPTIMIZERS, PRESETS, TRAIN_ARCHS, TrainConfig
+from actstore.sae.config import B_DEC_INITS, DECODER_INITS, OPTIMIZERS, PRESETS, TRAIN_ARCHS, TrainConfig
 from actstore.storage.config import CopyConfig
 from actstore.storage.urls import write_access
 from actstore.store.config import ExtractConfig
@@ -310,6 +310,8 @@ def demo(out: str, limit: int, max_length: int, epochs: int, sae_epochs: int, mo
 @_train("lr")
 @_train("optimizer", type=click.Choice(OPTIMIZERS))
 @_train("init", type=click.Choice(DECODER_INITS))
+@_train("b_dec_init", type=click.Choice(B_DEC_INITS))
+@_train("unit_grad", "--unit-grad/--no-unit-grad", default=None)
 @_train("epochs")
 @_train("tokens")
 @_train("batch_size")
@@ -331,10 +333,11 @@ def demo(out: str, limit: int, max_length: int, epochs: int, sae_epochs: int, mo
 @handle_errors
 def train(store: str, storage_options: tuple[str, ...], writable: bool, models: str, layers: str, arch: str | None,
           d_saes: str | None, expansion: float | None, k: int | None, l1: float | None, l1_warmup: float | None,
-          lr: float | None, optimizer: str | None, init: str | None, epochs: int | None, tokens: int | None,
-          batch_size: int, preset: str | None, name: str | None, seed: int, no_normalize: bool, buffer_mb: int,
-          threads: int | None, eval_fraction: float, checkpoint_every: int, eval_points: int, resume: bool,
-          overwrite: bool, device: str, ray_address: str | None, quiet: bool) -> None:  # fmt: skip
+          lr: float | None, optimizer: str | None, init: str | None, b_dec_init: str | None, unit_grad: bool | None,
+          epochs: int | None, tokens: int | None, batch_size: int, preset: str | None, name: str | None, seed: int,
+          no_normalize: bool, buffer_mb: int, threads: int | None, eval_fraction: float, checkpoint_every: int,
+          eval_points: int, resume: bool, overwrite: bool, device: str, ray_address: str | None,
+          quiet: bool) -> None:  # fmt: skip
     """Train a sparse autoencoder on one layer of STORE, streaming from its chunks (resumable).
 
     Several models, layers or widths (--model a,b --layer 2,4 --d-sae 1024,4096) train every combination, each its
@@ -350,10 +353,10 @@ def train(store: str, storage_options: tuple[str, ...], writable: bool, models: 
         raise click.BadParameter(f"{d_saes!r}: give whole numbers, e.g. 1024 or 1024,4096", param_hint="--d-sae") from None
     cfg = TrainConfig(
         model=model_list[0] if model_list else "", layer=layer_list[0], arch=arch, d_sae=d_list[0], expansion=expansion, k=k,
-        l1=l1, l1_warmup=l1_warmup, lr=lr, optimizer=optimizer, init=init, epochs=epochs, tokens=tokens,
-        batch_size=batch_size, preset=preset, name=name, device=device, seed=seed, normalize=not no_normalize,
-        buffer_mb=buffer_mb, threads=threads, eval_fraction=eval_fraction, checkpoint_every=checkpoint_every, resume=resume,
-        overwrite=overwrite, eval_points=eval_points,
+        l1=l1, l1_warmup=l1_warmup, lr=lr, optimizer=optimizer, init=init, b_dec_init=b_dec_init, unit_grad=unit_grad,
+        epochs=epochs, tokens=tokens, batch_size=batch_size, preset=preset, name=name, device=device, seed=seed,
+        normalize=not no_normalize, buffer_mb=buffer_mb, threads=threads, eval_fraction=eval_fraction,
+        checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite, eval_points=eval_points,
     )  # fmt: skip
     if len(model_list) * len(layer_list) * len(d_list) > 1 or ray_address is not None:
         from actstore.sae.sweep import run_sweep, sweep_configs

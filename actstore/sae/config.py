@@ -120,7 +120,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the seed paper: 768 -> 1024, ReLU, MSE + 1e-3 L1, Adam 2e-5, 10 epochs. Dense by design: on inputs scaled to
     # mean squared norm d_in, lambda 1e-3 leaves about half the features active per token (MiniLM layer 3, 5 epochs:
     # FVU 0.744 at L0 720 of 1536; docs/TRAINING.md); faithful to the paper, not a recipe for sparse features
-    "paper": {"arch": "relu-l1", "d_sae": 1024, "l1": 1e-3, "lr": 2e-5, "epochs": 10, "l1_warmup": 0.0},
+    # b_dec at the data mean and a plain (clipped) gradient: the paper's recipe, kept so `make demo` is unchanged
+    "paper": {
+        "arch": "relu-l1",
+        "d_sae": 1024,
+        "l1": 1e-3,
+        "lr": 2e-5,
+        "epochs": 10,
+        "l1_warmup": 0.0,
+        "b_dec_init": "mean",
+        "unit_grad": False,
+    },
 }
 DEFAULT_EXPANSION = 4.0
 DEFAULT_LR = 5e-4
@@ -140,6 +150,30 @@ def default_optimizer(arch: str) -> str:
     variance Adam does (docs/BENCHMARKS.md, issue 10); Adam for relu-l1, whose L1 recipes (the paper's, SAELens's)
     are tuned for Adam."""
     return "adam" if arch == "relu-l1" else "signum"
+
+
+B_DEC_INITS = ("mean", "zeros")
+"""Where the decoder bias starts (``--b-dec-init``): the mean of a few chunks of training rows, or zeros."""
+
+
+def relu_sae(arch: str, crosscoder: bool) -> bool:
+    """A relu-l1 SAE (not a crosscoder): the runs whose recipe was measured against SAELens's standard SAE."""
+    return arch == "relu-l1" and not crosscoder
+
+
+def default_b_dec_init(arch: str, crosscoder: bool) -> str:
+    """zeros for relu-l1 SAEs (as SAELens's standard SAE), mean otherwise (as sparsify). Measured on MiniLM layer 4 over
+    IMDb, d_sae 1536, 5 epochs (docs/BENCHMARKS.md, issue 10): with the unit gradient below, zeros leave no feature dead
+    at lambda 0.03 where the mean left 10%."""
+    return "zeros" if relu_sae(arch, crosscoder) else "mean"
+
+
+def default_unit_grad(arch: str, crosscoder: bool) -> bool:
+    """True for relu-l1 SAEs: each step's gradient rescaled to norm 1 before Adam. SAELens clips at norm 1 a loss
+    summed over d_in (on raw inputs), so its clip acts on every step; actstore's mean-MSE gradients are ~0.01-0.05, so
+    a clip at 1 never acted. Measured on MiniLM layer 4 over IMDb, d_sae 1536, 5 epochs: held-out FVU at lambda 0.01
+    0.318 at L0 33 -> 0.286 at L0 25, at lambda 0.03 0.658 at L0 21 -> 0.552 at L0 12 (docs/BENCHMARKS.md)."""
+    return relu_sae(arch, crosscoder)
 
 
 DECODER_INITS = ("data", "random")
@@ -166,6 +200,10 @@ RUNTIME_FIELDS = (  # options that do not change what is trained: a run may resu
     "checkpoint_every",
     "task_samples",
 )
+
+FIELDS_ADDED = {"b_dec_init": "mean", "unit_grad": False}
+"""Training fields added after runs were checkpointed without them, with the value every such run used: an
+unfinished run from before them resumes with ``--b-dec-init mean --no-unit-grad``."""
 
 
 @dataclass
@@ -235,7 +273,11 @@ class TrainConfig:
     task_samples: int = 256
     """Held-out samples for the task-accuracy check (models with a classification head; 0 disables)."""
     grad_clip: float = 1.0
-    """Clip the gradient norm to this (0 disables)."""
+    """Clip the gradient norm to this (0 disables; not used with unit_grad)."""
+    unit_grad: bool | None = None
+    """Rescale each step's gradient to norm 1 before the optimizer (default: on for relu-l1 SAEs, off otherwise)."""
+    b_dec_init: str | None = None
+    """Decoder bias at start: mean (of a few chunks of training rows) or zeros (default zeros for relu-l1 SAEs)."""
     checkpoint_every: int = 500
     """Steps between checkpoints (0: only at epoch ends)."""
     log_every: int = 50
@@ -275,8 +317,8 @@ class TrainConfig:
         if self.init is not None and self.init not in DECODER_INITS:
             raise ConfigError(f"unknown --init {self.init!r}: choose one of {', '.join(DECODER_INITS)}")
         if self.lr is None and self.optimizer == "adam":  # signum's default depends on d_sae: see learning_rate
-            relu_sae = self.arch == "relu-l1" and self.models is None and self.layers is None
-            self.lr = RELU_L1_LR if relu_sae else DEFAULT_LR
+            crosscoder = self.models is not None or self.layers is not None
+            self.lr = RELU_L1_LR if relu_sae(self.arch, crosscoder) else DEFAULT_LR
         if self.tokens is None:
             self.epochs = DEFAULT_EPOCHS if self.epochs is None else self.epochs
         checks = [
@@ -305,6 +347,10 @@ class TrainConfig:
         if srcs is not None:
             self.model, self.layer = srcs[0].model, srcs[0].layer
         self.init = self.init or default_init(self.arch, srcs is not None)
+        if self.b_dec_init is not None and self.b_dec_init not in B_DEC_INITS:
+            raise ConfigError(f"unknown --b-dec-init {self.b_dec_init!r}: choose one of {', '.join(B_DEC_INITS)}")
+        self.b_dec_init = self.b_dec_init or default_b_dec_init(self.arch, srcs is not None)
+        self.unit_grad = default_unit_grad(self.arch, srcs is not None) if self.unit_grad is None else bool(self.unit_grad)
 
     def resolve(self, d_in: int) -> tuple[int, int | None, int]:
         """``(d_sae, k, aux_k)`` for a layer of width ``d_in``."""

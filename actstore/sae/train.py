@@ -35,7 +35,7 @@ from actstore.format import layout
 from actstore.format.layout import check_name
 from actstore.models.checkpoint import optimizer_tensors, pack, restore_optimizer, unpack
 from actstore.models.loading import auto_device
-from actstore.sae.config import RUNTIME_FIELDS, SAEConfig, TrainConfig
+from actstore.sae.config import FIELDS_ADDED, RUNTIME_FIELDS, SAEConfig, TrainConfig
 from actstore.sae.files import delete_sae, save_sae
 from actstore.sae.metrics import TrainTracker, evaluate, task_accuracy, training_curves
 from actstore.sae.model import SAE, check_d_in
@@ -157,7 +157,12 @@ def train_step(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, tracker: T
     parts.loss.backward()
     if sae.cfg.arch != "relu-l1":
         sae.remove_parallel_grads()
-    if cfg.grad_clip:
+    if cfg.unit_grad:  # the whole gradient at norm 1 (SAELens's clip at 1 of a loss summed over d_in acts on every step)
+        norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), math.inf)
+        for p in sae.parameters():
+            if p.grad is not None:
+                p.grad.div_(norm + 1e-12)
+    elif cfg.grad_clip:
         torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
     opt.step()
     if sae.cfg.arch != "relu-l1":
@@ -347,7 +352,7 @@ class _Run:
     @classmethod
     def start(cls, st: Store, cfg: TrainConfig, name: str, acts: Any, split: RowSplit, stream: ShuffledStream,
               device: torch.device, aux_k: int | None, d_sae: int, k: int | None, tokenization: str) -> _Run:  # fmt: skip
-        """A new run: inputs scaled to mean squared norm d_in, ``b_dec`` at the (scaled) mean of a few chunks."""
+        """A new run: inputs scaled to mean squared norm d_in, ``b_dec`` at the (scaled) mean of a few chunks or zeros."""
         sources = cfg.sources()
         n_src = len(sources) if sources else 1
         d_in = acts.d_model // n_src
@@ -361,8 +366,9 @@ class _Run:
             layer=cfg.layer, tokenization=tokenization, name=name, training=cfg.to_dict(), actstore_version=__version__,
             **cross,
         ))  # fmt: skip
-        with torch.no_grad():
-            sae.b_dec.copy_(torch.from_numpy(mean).float() * sae.scale)
+        if cfg.b_dec_init == "mean":
+            with torch.no_grad():
+                sae.b_dec.copy_(torch.from_numpy(mean).float() * sae.scale)
         if data_init:
             sae.init_from_rows(torch.from_numpy(sample) * sae.scale)
         meta = {"step": 0, "history": [], "threshold_ema": None, "config": _identity(cfg)}
@@ -373,8 +379,8 @@ class _Run:
                 device: torch.device, aux_k: int | None) -> _Run:  # fmt: skip
         """The run continued from its checkpoint, refused when it was started with other options."""
         tensors, meta, sae_cfg = _read_checkpoint(st, name)
-        if meta.get("config") != _identity(cfg):
-            old, new = meta.get("config", {}), _identity(cfg)
+        old, new = {**FIELDS_ADDED, **meta.get("config", {})}, _identity(cfg)  # an older run: the values it used
+        if old != new:
             diff = sorted(k_ for k_ in set(old) | set(new) if old.get(k_) != new.get(k_))
             raise ConfigError(
                 f"an unfinished run named {name!r} in {st.url} was started with other options (differs in: {', '.join(diff)}): "
