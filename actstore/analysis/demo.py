@@ -143,10 +143,13 @@ class _Demo:
         if cfg.paper_sae:
             paper = f"paper-{self.ft_key}-l{layers[-1]}"
             cmd = (f"actstore train {sp} --model {self.ft_key} --layer {layers[-1]} --arch relu-l1 --l1 1e-3 "
-                   f"--d-sae {d_sae} --lr {cfg.sae_lr:g} --epochs {cfg.sae_epochs} --name {paper}")  # fmt: skip
+                   f"--b-dec-init mean --no-unit-grad --d-sae {d_sae} --lr {cfg.sae_lr:g} --epochs {cfg.sae_epochs} "
+                   f"--name {paper}")  # fmt: skip
             self.log(f"$ {cmd}  # the paper's recipe, for contrast")
             self.cmds.append(cmd)
-            self._train_one(st, TrainConfig(model=self.ft_key, layer=layers[-1], arch="relu-l1", l1=1e-3, name=paper, **common))
+            paper_cfg = TrainConfig(model=self.ft_key, layer=layers[-1], arch="relu-l1", l1=1e-3, b_dec_init="mean",
+                                    unit_grad=False, name=paper, **common)  # the paper's plain Adam step  # fmt: skip
+            self._train_one(st, paper_cfg)
         self._done()
         return names
 

@@ -162,7 +162,10 @@ class SAE(nn.Module):
 
     def _pre_from(self, x_normed: torch.Tensor) -> torch.Tensor:
         """Pre-activations ``(n, d_sae)`` of inputs already through ``input_norm`` (not yet scaled by norm_scale)."""
-        return (x_normed * self.scale - self.b_dec) @ self.W_enc + self.b_enc
+        xc = x_normed * self.scale - self.b_dec  # (n, d_in)
+        if xc.dim() == 2:  # the bias added inside the matmul: one pass over (n, d_sae) fewer
+            return torch.addmm(self.b_enc, xc, self.W_enc)
+        return xc @ self.W_enc + self.b_enc
 
     def _norm_in(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """``(x normalised per token, (shift, scale) to undo it)`` for ``cfg.input_norm`` (as SAELens computes it)."""
@@ -200,6 +203,8 @@ class SAE(nn.Module):
 
     def decode_normalised(self, acts: torch.Tensor) -> torch.Tensor:
         """Reconstruction ``(n, d_in)`` in the normalised input space (what training compares)."""
+        if acts.dim() == 2 and self.b_dec.dim() == 1:
+            return torch.addmm(self.b_dec, acts, self.W_dec)
         return acts @ self.W_dec + self.b_dec
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

