@@ -148,7 +148,7 @@ class _Demo:
             self.log(f"$ {cmd}  # the paper's recipe, for contrast")
             self.cmds.append(cmd)
             paper_cfg = TrainConfig(model=self.ft_key, layer=layers[-1], arch="relu-l1", l1=1e-3, b_dec_init="mean",
-                                    unit_grad=False, name=paper, **common)  # the paper's plain Adam step  # fmt: skip
+                                    unit_grad=False, name=paper, **common)  # fmt: skip
             self._train_one(st, paper_cfg)
         self._done()
         return names

@@ -316,8 +316,10 @@ class TrainConfig:
             raise ConfigError(f"unknown --optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
         if self.init is not None and self.init not in DECODER_INITS:
             raise ConfigError(f"unknown --init {self.init!r}: choose one of {', '.join(DECODER_INITS)}")
+        if self.b_dec_init is not None and self.b_dec_init not in B_DEC_INITS:
+            raise ConfigError(f"unknown --b-dec-init {self.b_dec_init!r}: choose one of {', '.join(B_DEC_INITS)}")
+        crosscoder = self.models is not None or self.layers is not None  # as sources()
         if self.lr is None and self.optimizer == "adam":  # signum's default depends on d_sae: see learning_rate
-            crosscoder = self.models is not None or self.layers is not None
             self.lr = RELU_L1_LR if relu_sae(self.arch, crosscoder) else DEFAULT_LR
         if self.tokens is None:
             self.epochs = DEFAULT_EPOCHS if self.epochs is None else self.epochs
@@ -346,11 +348,9 @@ class TrainConfig:
         srcs = self.sources()  # a crosscoder's sources: parsed now, so a bad --models / --layers fails before any work
         if srcs is not None:
             self.model, self.layer = srcs[0].model, srcs[0].layer
-        self.init = self.init or default_init(self.arch, srcs is not None)
-        if self.b_dec_init is not None and self.b_dec_init not in B_DEC_INITS:
-            raise ConfigError(f"unknown --b-dec-init {self.b_dec_init!r}: choose one of {', '.join(B_DEC_INITS)}")
-        self.b_dec_init = self.b_dec_init or default_b_dec_init(self.arch, srcs is not None)
-        self.unit_grad = default_unit_grad(self.arch, srcs is not None) if self.unit_grad is None else bool(self.unit_grad)
+        self.init = self.init or default_init(self.arch, crosscoder)
+        self.b_dec_init = self.b_dec_init or default_b_dec_init(self.arch, crosscoder)
+        self.unit_grad = default_unit_grad(self.arch, crosscoder) if self.unit_grad is None else bool(self.unit_grad)
 
     def resolve(self, d_in: int) -> tuple[int, int | None, int]:
         """``(d_sae, k, aux_k)`` for a layer of width ``d_in``."""

@@ -158,10 +158,10 @@ def train_step(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, tracker: T
     if sae.cfg.arch != "relu-l1":
         sae.remove_parallel_grads()
     if cfg.unit_grad:  # the whole gradient at norm 1 (SAELens's clip at 1 of a loss summed over d_in acts on every step)
-        norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), math.inf)
-        for p in sae.parameters():
-            if p.grad is not None:
-                p.grad.div_(norm + 1e-12)
+        grads = [p.grad for p in sae.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+        for g in grads:
+            g.div_(norm + 1e-12)
     elif cfg.grad_clip:
         torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
     opt.step()
