@@ -307,6 +307,36 @@ def test_a_run_checkpointed_before_the_relu_recipe_fields_resumes_with_their_old
         torch.testing.assert_close(getattr(res.sae, key), getattr(full.sae, key), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("damage", ["garbage", "config"])
+def test_a_damaged_checkpoint_is_a_clear_error_and_overwrite_starts_over(tiny_store, damage):
+    """A checkpoint whose bytes are not safetensors, or whose saved options are not a JSON object (a teammate's
+    store), is refused with an IntegrityError naming the run and the fix, not a traceback."""
+    from actstore.errors import IntegrityError
+    from actstore.format import layout
+    from actstore.models.checkpoint import pack, unpack
+
+    def cfg(**kw):
+        return TrainConfig(model="tiny", layer=3, d_sae=16, epochs=2, checkpoint_every=3, name="dmg", **FAST, **kw)
+
+    def die(step, _info):
+        if step == 4:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_sae(tiny_store, cfg(), progress=False, on_step=die)
+    ckpt = Path(tiny_store) / "saes" / "dmg" / layout.SAE_CHECKPOINT
+    if damage == "garbage":
+        ckpt.write_bytes(b"not a checkpoint")
+    else:
+        packed = unpack(ckpt.read_bytes())
+        meta = dict(packed.meta)
+        meta["meta"]["config"] = "<script>alert(1)</script>"
+        ckpt.write_bytes(pack(packed.tensors, meta))
+    with pytest.raises(IntegrityError, match="checkpoint of unfinished run 'dmg' .* is damaged .*--overwrite"):
+        train_sae(tiny_store, cfg(), progress=False)
+    assert train_sae(tiny_store, cfg(overwrite=True), progress=False).resumed_from == 0
+
+
 def test_sigkilled_cli_run_resumes(tiny_store):
     exe = str(Path(sys.executable).with_name("actstore"))
     cmd = [exe, "train", tiny_store, "--model", "tiny", "--layer", "2", "--d-sae", "32", "--epochs", "20", "--batch-size", "64",

@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from actstore.errors import ConfigError, NotFoundError, StoreError
+from actstore.errors import ConfigError, IntegrityError, NotFoundError, StoreError
 from actstore.format import layout
 from actstore.format.layout import check_name
 from actstore.models.checkpoint import optimizer_tensors, pack, restore_optimizer, unpack
@@ -217,8 +217,18 @@ def _save_checkpoint(store: Store, name: str, sae: SAE, opt: torch.optim.Optimiz
 
 
 def _read_checkpoint(store: Store, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], SAEConfig]:
-    packed = unpack(store.loc.read_bytes(layout.sae_file(name, CKPT)))
-    return packed.tensors, packed.meta["meta"], SAEConfig.from_dict(packed.meta["sae_cfg"])
+    """The tensors, run state and SAE config of run ``name``'s checkpoint; IntegrityError if it is damaged."""
+    try:
+        packed = unpack(store.loc.read_bytes(layout.sae_file(name, CKPT)))
+        meta, sae_cfg = packed.meta["meta"], packed.meta["sae_cfg"]
+        if not (isinstance(meta, dict) and isinstance(meta.get("config", {}), dict) and isinstance(sae_cfg, dict)):
+            raise TypeError("its run state is not JSON objects")
+        return packed.tensors, meta, SAEConfig.from_dict(sae_cfg)
+    except OSError:
+        raise
+    except Exception as exc:  # JSON, safetensors or layout errors of bytes from disk: not a bug, a damaged file
+        raise IntegrityError(f"the checkpoint of unfinished run {name!r} in {store.url} is damaged ({exc}): pass --overwrite "
+                             "to start the run over") from None  # fmt: skip
 
 
 # ---------------------------------------------------------------- training
