@@ -391,6 +391,42 @@ def test_train_encode_and_top_tokens_over_bucket(pushed, s3):
     assert verify(ro.loc).ok
 
 
+def test_damaged_checkpoint_in_bucket_is_a_clear_error(pushed, s3):
+    """An unfinished run's checkpoint in a bucket whose run state was edited (markup in place of its options) is
+    refused with an IntegrityError; the bucket's other objects are left as they were."""
+    from actstore.format import layout
+    from actstore.models.checkpoint import pack, unpack
+    from actstore.sae.config import TrainConfig
+    from actstore.sae.train import train_sae
+
+    url = new_url()
+    assert copy_store(CopyConfig(pushed, url)).ok
+    st = open_store(url, writable=True)
+
+    def cfg() -> TrainConfig:
+        return TrainConfig(model="tiny", layer=2, d_sae=16, epochs=2, batch_size=64, checkpoint_every=2, name="d", device="cpu")
+
+    class Stop(Exception):
+        pass
+
+    def die(step, _info):
+        if step == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_sae(st, cfg(), progress=False, on_step=die)
+    key = f"{url[5:]}/saes/d/{layout.SAE_CHECKPOINT}"
+    packed = unpack(s3.cat_file(key))
+    meta = dict(packed.meta)
+    meta["meta"]["config"] = "<script>alert(1)</script>"
+    s3.pipe_file(key, pack(packed.tensors, meta))
+    before = bucket_snapshot(s3, url)
+    with pytest.raises(IntegrityError, match="checkpoint of unfinished run 'd' in s3://.* is damaged"):
+        train_sae(open_store(url, writable=True), cfg(), progress=False)
+    s3.invalidate_cache()
+    assert bucket_snapshot(s3, url) == before
+
+
 # ---------------------------------------------------------------- issue 9: the same promises over S3
 def bucket_snapshot(s3, url: str) -> dict[str, str]:
     """Every object of the store in the bucket with its ETag (changes when an object is rewritten)."""
