@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -136,14 +137,37 @@ def break_lock_option(fn: Callable) -> Callable:
     )(fn)  # fmt: skip
 
 
+CONTROL_CHARS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+"""Characters a terminal acts on rather than shows (escape sequences, carriage return, bidi overrides); newline and
+tab stay."""
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` with every control character written as a visible escape (``\\x1b``, ``\\u202e``)."""
+    return CONTROL_CHARS.sub(lambda m: ascii(m.group())[1:-1], text)
+
+
+def emit_text(text: str, out: str | None = None) -> None:
+    """Text for the user: to ``out`` (whole or not at all), or to standard output, byte-exact to a pipe or file
+    and with control characters escaped on a terminal (a store's strings cannot drive the terminal)."""
+    from actstore.storage.files import is_terminal, write_file, write_stdout
+
+    if out:
+        write_file(out, text.encode("utf-8", "backslashreplace"))
+        return
+    write_stdout((terminal_safe(text) if is_terminal() else text).encode("utf-8", "backslashreplace"))
+
+
 def emit(df: Any, fmt: str, out: str | None) -> None:
-    """Print or save a polars DataFrame in the chosen format."""
+    """Print or save a polars DataFrame in the chosen format (files: whole or not at all; see ``emit_text``)."""
     import polars as pl
+
+    from actstore.storage.files import write_file
 
     if fmt == "parquet":
         if not out:
             raise click.UsageError("--format parquet needs --out FILE")
-        df.write_parquet(out)
+        write_file(out, df.write_parquet)
         click.echo(f"wrote {df.height} rows to {out}", err=True)
         return
     if fmt == "csv":
@@ -153,12 +177,9 @@ def emit(df: Any, fmt: str, out: str | None) -> None:
     else:
         with pl.Config(tbl_rows=max(df.height, 1), tbl_cols=-1, fmt_str_lengths=80, tbl_width_chars=200):
             text = str(df) + "\n"
+    emit_text(text, out)
     if out:
-        with open(out, "w", encoding="utf-8") as f:
-            f.write(text)
         click.echo(f"wrote {df.height} rows to {out}", err=True)
-    else:
-        click.echo(text, nl=False)
 
 
 # ---- encode / query (issue 4) --------------------------------------------------

@@ -10,6 +10,7 @@ from actstore.cli.options import (
     config_option,
     device_option,
     emit,
+    emit_text,
     handle_errors,
     output_format_option,
     parse_storage_options,
@@ -33,25 +34,26 @@ def info(store: str, storage_options: tuple[str, ...], as_json: bool) -> None:
     st = open_store(store, storage_options=parse_storage_options(storage_options))
     d = store_info(st)
     if as_json:
-        click.echo(dumps(d))
+        emit_text(dumps(d) + "\n")
         return
-    click.echo(f"store {d['url']} (format {d['store'].get('format')}, created {d['store'].get('created')})")
+    lines: list[str] = []
+    lines.append(f"store {d['url']} (format {d['store'].get('format')}, created {d['store'].get('created')})")
     for key, t in d["tokenizations"].items():
         data = t.get("data", {})
-        click.echo(
+        lines.append(
             f"  tokenization {key}: {t.get('n_samples')} samples, {t.get('n_tokens')} tokens, max length {t.get('max_length')}, "
             f"{t.get('n_truncated')} truncated; data {data.get('source')}" + ("" if t.get("complete") else " [INCOMPLETE]")
         )
     for m, info_ in d["models"].items():
-        click.echo(f"  model {m}: {info_.get('source')} ({info_.get('architecture')}, d_model {info_.get('d_model')}, "
+        lines.append(f"  model {m}: {info_.get('source')} ({info_.get('architecture')}, d_model {info_.get('d_model')}, "
                    f"{info_.get('n_layers')} layers, weights {str(info_.get('weights_sha256'))[:12]})")  # fmt: skip
         for layer, la in info_["layers"].items():
             state = "complete" if la.get("complete") else f"{la.get('committed_rows')}/{la.get('n_rows')} rows committed"
-            click.echo(f"    layer {layer}: {la.get('codec')}, {state}")
-    for extra, lines in d.get("extra", {}).items():
-        click.echo(f"  {extra}:")
-        for line in lines:
-            click.echo(f"    {line}")
+            lines.append(f"    layer {layer}: {la.get('codec')}, {state}")
+    for extra, extra_lines in d.get("extra", {}).items():
+        lines.append(f"  {extra}:")
+        lines.extend(f"    {line}" for line in extra_lines)
+    emit_text("\n".join(lines) + "\n")
 
 
 @main.command()

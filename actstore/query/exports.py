@@ -36,10 +36,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 
-from actstore.errors import ConfigError, StoreError
+from actstore.errors import ConfigError
 from actstore.query.config import FeatureExportConfig
 from actstore.query.lookups import token_context
 from actstore.query.tables import FeatureTable, lazy_feature_stats, lazy_features, resolve_sae
+from actstore.storage.files import output_folder, write_file
 
 if TYPE_CHECKING:
     from actstore.store.reader import Store
@@ -70,15 +71,6 @@ def hookpoint(layer: int) -> str:
     return "embed_tokens" if layer == 0 else f"layers.{layer - 1}"
 
 
-def _out_dir(out: str) -> Path:
-    p = Path(out)
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StoreError(f"cannot create export folder {p}: {exc.strerror or exc}; choose a writable --out") from None
-    return p
-
-
 def _pad_id(vocab: np.ndarray) -> int:
     for name in PAD_TOKENS:
         hit = np.flatnonzero(vocab == name)
@@ -90,20 +82,20 @@ def _pad_id(vocab: np.ndarray) -> int:
 def export_features(store: Store, cfg: FeatureExportConfig) -> FeatureExport:
     """Write SAE ``cfg.sae``'s feature table in ``cfg.format`` under ``cfg.out`` (see the module docstring)."""
     t = resolve_sae(store, sae=cfg.sae)
-    out = _out_dir(cfg.out)
-    res = FeatureExport(str(out), cfg.format)
-    res.table_bytes = sum(store.loc.size(k) for k in t.file_keys)
-    if cfg.format == "delphi":
-        _delphi(store, t, cfg, out, res)
-    else:
-        _neuronpedia(store, t, cfg, out, res)
+    with output_folder(cfg.out) as out:
+        res = FeatureExport(str(out), cfg.format)
+        res.table_bytes = sum(store.loc.size(k) for k in t.file_keys)
+        if cfg.format == "delphi":
+            _delphi(store, t, cfg, out, res)
+        else:
+            _neuronpedia(store, t, cfg, out, res)
     res.n_bytes = sum(Path(f).stat().st_size for f in res.files)
     return res
 
 
 # ---------------------------------------------------------------- delphi
 def _delphi(store: Store, t: FeatureTable, cfg: FeatureExportConfig, out: Path, res: FeatureExport) -> None:
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     ctx = token_context(store, t.tokenization)
     first, n_tok = ctx.first_row, ctx.n_tokens  # (n_samples,) each
@@ -132,7 +124,7 @@ def _delphi(store: Store, t: FeatureTable, cfg: FeatureExportConfig, out: Path, 
         data = {"locations": loc.astype(np.uint16 if small else np.uint32).reshape(-1, 3),
                 "activations": part["value"].to_numpy().astype(np.float16), "tokens": tokens}  # fmt: skip
         path = hook_dir / f"{int(start)}_{int(stop) - 1}.safetensors"
-        save_file(data, str(path))
+        write_file(path, save(data))  # safetensors' own file writer reports a full disk as a SafetensorError
         res.files.append(str(path))
         res.n_entries += int(row.size)
     info = store.model_info(t.model)
@@ -144,7 +136,7 @@ def _delphi(store: Store, t: FeatureTable, cfg: FeatureExportConfig, out: Path, 
                      "tokenization": t.tokenization, "pad_token_id": pad, "n_samples": int(first.size)},
     }  # fmt: skip
     cfg_path = hook_dir / "config.json"
-    cfg_path.write_text(json.dumps(config, indent=2))
+    write_file(cfg_path, json.dumps(config, indent=2).encode())
     res.files.append(str(cfg_path))
 
 
@@ -203,6 +195,6 @@ def _neuronpedia(store: Store, t: FeatureTable, cfg: FeatureExportConfig, out: P
                    for f in features[b0 : b0 + cfg.features_per_batch]]  # fmt: skip
         batch = {"model_id": t.model, "layer": t.layer, "sae_set": t.sae, "sae_id_suffix": None, "features": entries}
         path = out / f"batch-{b}.json"
-        path.write_text(json.dumps(batch))
+        write_file(path, json.dumps(batch).encode())
         res.files.append(str(path))
         res.n_entries += sum(len(e["activations"]) for e in entries)

@@ -9,11 +9,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import save as st_save
 
-from actstore.errors import ConfigError, StoreError
+from actstore.errors import ConfigError
 from actstore.format import layout
 from actstore.sae.config import EXPORT_FORMATS
 from actstore.sae.files import load_sae
 from actstore.sae.model import SAE
+from actstore.storage.files import output_folder, write_file
 
 if TYPE_CHECKING:
     from actstore.store.reader import Store
@@ -77,47 +78,43 @@ def export_sae(store: Store, name: str, out_dir: str | Path, fmt: str = "saelens
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}: choose one of {', '.join(EXPORT_FORMATS)}")
     sae = load_sae(store, name)
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StoreError(f"cannot create export folder {out}: {exc.strerror or exc}; choose a writable --out") from None
-    if fmt == "actstore":
-        written = []
-        for f in (layout.SAE_WEIGHTS, layout.SAE_CONFIG, layout.SAE_METRICS):
-            if store.loc.exists(layout.sae_file(name, f)):
-                (out / f).write_bytes(store.loc.read_bytes(layout.sae_file(name, f)))
-                written.append(out / f)
-        return written
-    if sae.cfg.input_norm != "none" and fmt != "saelens":
+    if fmt != "actstore" and sae.cfg.input_norm != "none" and fmt != "saelens":
         raise ConfigError(f"SAE {name!r} normalises each token ({sae.cfg.input_norm}): only --format saelens says so")
-    tensors = sae.raw_space_tensors()
-    if fmt == "sparsify":
-        return _write_sparsify(sae, tensors, out, name)
-    if sae.cfg.arch == "jumprelu":
-        tensors["threshold"] = sae.threshold.detach().cpu().contiguous()  # (d_sae,)
-    elif sae.cfg.arch == "batchtopk":
-        thr = float(sae.threshold)
-        tensors["threshold"] = torch.full((sae.cfg.d_sae,), max(thr, 0.0))  # (d_sae,)
-    weights = out / "sae_weights.safetensors"
-    weights.write_bytes(st_save(tensors, metadata={"format": "pt"}))
-    cfg = out / "cfg.json"
-    scfg = saelens_cfg(sae)
-    scfg["normalize_activations"] = sae.cfg.input_norm
-    cfg.write_text(json.dumps(scfg, indent=2))
-    return [cfg, weights]
+    if fmt == "sparsify" and sae.cfg.arch != "topk":
+        raise ConfigError(f"SAE {name!r} is {sae.cfg.arch}: sparsify holds TopK SAEs only; export it with --format saelens")
+    with output_folder(out_dir) as out:
+        if fmt == "actstore":
+            written = []
+            for f in (layout.SAE_WEIGHTS, layout.SAE_CONFIG, layout.SAE_METRICS):
+                if store.loc.exists(layout.sae_file(name, f)):
+                    write_file(out / f, store.loc.read_bytes(layout.sae_file(name, f)))
+                    written.append(out / f)
+            return written
+        tensors = sae.raw_space_tensors()
+        if fmt == "sparsify":
+            return _write_sparsify(sae, tensors, out)
+        if sae.cfg.arch == "jumprelu":
+            tensors["threshold"] = sae.threshold.detach().cpu().contiguous()  # (d_sae,)
+        elif sae.cfg.arch == "batchtopk":
+            thr = float(sae.threshold)
+            tensors["threshold"] = torch.full((sae.cfg.d_sae,), max(thr, 0.0))  # (d_sae,)
+        weights = out / "sae_weights.safetensors"
+        write_file(weights, st_save(tensors, metadata={"format": "pt"}))
+        cfg = out / "cfg.json"
+        scfg = saelens_cfg(sae)
+        scfg["normalize_activations"] = sae.cfg.input_norm
+        write_file(cfg, json.dumps(scfg, indent=2).encode())
+        return [cfg, weights]
 
 
-def _write_sparsify(sae: SAE, tensors: dict[str, torch.Tensor], out: Path, name: str) -> list[Path]:
+def _write_sparsify(sae: SAE, tensors: dict[str, torch.Tensor], out: Path) -> list[Path]:
     c = sae.cfg
-    if c.arch != "topk":
-        raise ConfigError(f"SAE {name!r} is {c.arch}: sparsify holds TopK SAEs only; export it with --format saelens")
     weights = {"encoder.weight": tensors["W_enc"].t().contiguous(), "encoder.bias": tensors["b_enc"],
                "W_dec": tensors["W_dec"], "b_dec": tensors["b_dec"]}  # fmt: skip
     path = out / "sae.safetensors"
-    path.write_bytes(st_save(weights, metadata={"format": "pt"}))
+    write_file(path, st_save(weights, metadata={"format": "pt"}))
     cfg = out / "cfg.json"
-    cfg.write_text(json.dumps({"activation": "topk", "expansion_factor": max(1, c.d_sae // c.d_in), "normalize_decoder": True,
-                               "num_latents": c.d_sae, "k": c.k, "multi_topk": False, "skip_connection": False,
-                               "transcode": False, "d_in": c.d_in}, indent=2))  # fmt: skip
+    write_file(cfg, json.dumps({"activation": "topk", "expansion_factor": max(1, c.d_sae // c.d_in), "normalize_decoder": True,
+                                "num_latents": c.d_sae, "k": c.k, "multi_topk": False, "skip_connection": False,
+                                "transcode": False, "d_in": c.d_in}, indent=2).encode())  # fmt: skip
     return [cfg, path]
