@@ -93,7 +93,7 @@ def browse_store(tmp_path_factory, tiny_bert_dir) -> str:
 def client(browse_store):
     from starlette.testclient import TestClient
 
-    return TestClient(create_app(actstore.open_store(browse_store), ServeConfig()))
+    return TestClient(base_url="http://127.0.0.1", app=create_app(actstore.open_store(browse_store), ServeConfig()))
 
 
 def test_serve_refuses_public_hosts_unless_asked(browse_store):
@@ -205,7 +205,7 @@ def test_console_on_a_store_opened_by_url(s3_server, browse_store):
 
     url = "s3://team/browse.zarr"
     assert copy_store(CopyConfig(browse_store, url)).ok
-    c = TestClient(create_app(actstore.open_store(url), ServeConfig()))
+    c = TestClient(base_url="http://127.0.0.1", app=create_app(actstore.open_store(url), ServeConfig()))
     assert c.get("/").status_code == 200 and c.get("/sae/s").status_code == 200
     for q, msg in FORBIDDEN:
         r = c.get("/sql", params={"q": q})
@@ -298,7 +298,7 @@ def test_similarity_and_crosscoder_pages(browse_store, tmp_path):
     encode(w, EncodeConfig(sae="cc", device="cpu"), progress=False)
     d = diff_crosscoder(w, CrosscoderDiffConfig(sae="cc", device="cpu"))
     st = actstore.open_store(path)
-    c = TestClient(create_app(st, ServeConfig()))
+    c = TestClient(base_url="http://127.0.0.1", app=create_app(st, ServeConfig()))
     r = c.get("/")
     assert 'id="crosscoders"' in r.text and "tiny@2" in r.text
     f = int(actstore.top_features(st, sae="cc", n=1)["feature"][0])

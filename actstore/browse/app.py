@@ -19,6 +19,7 @@ addressed to the host it was bound to (no DNS rebinding).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from actstore.browse.config import ServeConfig
 from actstore.browse.data import Browser, PageSettings, to_json
+from actstore.browse.workers import GRACE_S
 from actstore.errors import ActstoreError, ConfigError, IntegrityError, NotFoundError
 
 if TYPE_CHECKING:
@@ -38,6 +40,10 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' 
        "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")  # fmt: skip
 SHADES = 10
 """Token shading levels (CSS classes v0..v9): no inline styles, so the CSP can forbid them."""
+
+
+class TooManyQueries(ConfigError):
+    """A client's second console query while its first still runs (HTTP 429)."""
 
 
 def shade(value: float, top: float) -> int:
@@ -92,15 +98,39 @@ def render(env: Any, name: str, links: Links, **ctx: Any) -> str:
     return env.get_template(name).render(links=links, **ctx)
 
 
+def host_name(header: str) -> str:
+    """The host of a ``Host`` header, without its port: ``[::1]:8765`` -> ``::1``, ``localhost:80`` -> ``localhost``."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1 : header.find("]")] if "]" in header else header
+    name, sep, port = header.rpartition(":")
+    return name if sep and port.isascii() and port.isdigit() else header
+
+
+def allowed_hosts(cfg: ServeConfig) -> set[str] | None:
+    """The ``Host`` names the server answers (None: any, with ``public``): the bound host and this machine's names."""
+    if cfg.public:
+        return None
+    return {cfg.host.strip("[]").lower(), "127.0.0.1", "localhost"} | ({"::1"} if ":" in cfg.host else set())
+
+
 def create_app(store: Store, cfg: ServeConfig | None = None) -> Starlette:
-    """The Starlette app serving ``store`` (opened read-only)."""
+    """The Starlette app serving ``store`` (opened read-only).
+
+    Page work (DuckDB and Parquet reads) runs in one worker thread and console queries in query processes
+    (``browse/workers.py``), so the event loop keeps serving static files and other clients while they run."""
+    import functools
+
+    import anyio
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
-    from starlette.middleware.trustedhost import TrustedHostMiddleware
     from starlette.requests import Request
-    from starlette.responses import HTMLResponse, Response
+    from starlette.responses import HTMLResponse, PlainTextResponse, Response
     from starlette.routing import Mount, Route
     from starlette.staticfiles import StaticFiles
+
+    from actstore.browse.console import named_sql
+    from actstore.browse.workers import QueryPool
 
     cfg = cfg or ServeConfig()
     if store.writable:
@@ -108,9 +138,28 @@ def create_app(store: Store, cfg: ServeConfig | None = None) -> Starlette:
     browser = Browser(store, PageSettings(cfg.page_size, cfg.context, cfg.histogram_bins))
     env = templates()
     links = Links()
+    max_bytes = int(cfg.max_result_mb * 2**20)
+    in_process = store.url.startswith("memory://")  # no other process can open it: threads, without the memory cap
+    pool = None if in_process else QueryPool(store.url, store.loc.storage_options, cfg.query_workers, cfg.query_memory_mb)
+    page_limiter = anyio.CapacityLimiter(1)  # the Browser's caches and connection: one page at a time
+    query_limiter = anyio.CapacityLimiter(cfg.query_workers)
+    busy: set[str] = set()  # clients with a console query running
 
-    def page(name: str, status: int = 200, **ctx: Any) -> HTMLResponse:
-        return HTMLResponse(render(env, name, links, store_url=store.url, **ctx), status_code=status)
+    def run_query(sql: str, params: dict[str, Any] | None) -> Any:
+        if pool is not None:
+            return pool.run(sql, params, cfg.max_rows, cfg.query_timeout, max_bytes)
+        from actstore.browse.console import run_console
+
+        return run_console(store, sql, params, cfg.max_rows, cfg.query_timeout, browser.console(), max_bytes)
+
+    async def off_loop(fn: Any, *args: Any, limiter: Any = page_limiter) -> Any:
+        return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=limiter)
+
+    def page_html(name: str, **ctx: Any) -> str:
+        return render(env, name, links, store_url=store.url, **ctx)
+
+    async def page(name: str, status: int = 200, **ctx: Any) -> HTMLResponse:
+        return HTMLResponse(await off_loop(functools.partial(page_html, name, **ctx)), status_code=status)
 
     def q_int(request: Request, key: str, default: int, lo: int = 0, hi: int = 10**9) -> int:
         raw = request.query_params.get(key)
@@ -127,68 +176,90 @@ def create_app(store: Store, cfg: ServeConfig | None = None) -> Starlette:
         if raw in (None, ""):
             return None
         try:
-            return float(raw)
+            v = float(raw)
         except ValueError:
             raise ConfigError(f"{key} must be a number, got {raw!r}") from None
+        if v != v:
+            raise ConfigError(f"{key} must be a number, got {raw!r}")
+        return v
 
     async def home(request: Request) -> Response:
-        return page("store.html", data=browser.store_page())
+        return await page("store.html", data=await off_loop(browser.store_page))
 
     async def similarity(request: Request) -> Response:
-        return page("similarity.html", data=browser.similarity())
+        return await page("similarity.html", data=await off_loop(browser.similarity))
 
     async def sae_page(request: Request) -> Response:
         sae = request.path_params["sae"]
-        data = browser.features_page(
+        get = functools.partial(
+            browser.features_page,
             sae, sort=request.query_params.get("sort", "variance"), desc=request.query_params.get("desc", "1") != "0",
             token=request.query_params.get("token") or None, label=request.query_params.get("label") or None,
             min_freq=q_float(request, "min_freq"), max_freq=q_float(request, "max_freq"),
             limit=q_int(request, "limit", 100, 1, 5000), offset=q_int(request, "offset", 0),
         )  # fmt: skip
-        return page("sae.html", data=data)
+        return await page("sae.html", data=await off_loop(get))
 
     async def feature_page(request: Request) -> Response:
         sae, f = request.path_params["sae"], int(request.path_params["feature"])
-        data = browser.feature_page(sae, f, q_int(request, "page", 0))
-        return page("feature.html", data=data, views=browser.view_names(sae))
+        data = await off_loop(browser.feature_page, sae, f, q_int(request, "page", 0))
+        return await page("feature.html", data=data, views=browser.view_names(sae))
 
     async def contexts(request: Request) -> Response:
         sae, f = request.path_params["sae"], int(request.path_params["feature"])
-        browser.table(sae)
-        rows = browser.contexts(sae, f, q_int(request, "page", 0))
-        return HTMLResponse(render(env, "contexts.html", links, sae=sae, contexts=rows, views=browser.view_names(sae)))
+
+        def build() -> str:
+            rows = browser.contexts(sae, f, q_int(request, "page", 0))
+            return render(env, "contexts.html", links, sae=sae, contexts=rows, views=browser.view_names(sae))
+
+        return HTMLResponse(await off_loop(build))
 
     async def sample_page(request: Request) -> Response:
-        return page("sample.html", data=browser.sample_page(int(request.path_params["sample"])))
+        return await page("sample.html", data=await off_loop(browser.sample_page, int(request.path_params["sample"])))
+
+    async def console(request: Request, sql: str, params: dict[str, Any] | None) -> Any:
+        """One console query of this client, off the loop, within the time bound (query and rows both)."""
+        client = request.client.host if request.client else "?"
+        if client in busy:
+            raise TooManyQueries("one console query at a time per client: wait for the one running to finish")
+        busy.add(client)
+        try:
+            with anyio.fail_after(cfg.query_timeout + 2 * GRACE_S):
+                return await off_loop(run_query, sql, params, limiter=query_limiter)
+        except TimeoutError:
+            raise ConfigError(f"the query ran past {cfg.query_timeout:g} s and was stopped: add a WHERE or a LIMIT") from None
+        finally:
+            busy.discard(client)
 
     async def sql_page(request: Request) -> Response:
-        from actstore.browse.console import run_console
         from actstore.query.named import list_queries
 
         q = request.query_params.get("q", "")
         result, error = None, None
         if q.strip():
             try:
-                result = run_console(store, q, max_rows=cfg.max_rows, timeout=cfg.query_timeout, base=browser.console())
+                result = await console(request, q, None)
+            except TooManyQueries:
+                raise
             except ConfigError as exc:
                 error = str(exc)
-        return page("sql.html", q=q, result=result, error=error, queries=list_queries(), max_rows=cfg.max_rows,
-                    status=400 if error else 200)  # fmt: skip
+        return await page("sql.html", q=q, result=result, error=error, queries=list_queries(), max_rows=cfg.max_rows,
+                          status=400 if error else 200)  # fmt: skip
 
     async def sql_csv(request: Request) -> Response:
-        from actstore.browse.console import run_console
+        res = await console(request, request.query_params.get("q", ""), None)
 
-        res = run_console(store, request.query_params.get("q", ""), max_rows=cfg.max_rows, timeout=cfg.query_timeout,
-                          base=browser.console())  # fmt: skip
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(res.columns)
-        w.writerows(res.rows)
-        return Response(buf.getvalue(), media_type="text/csv",
+        def build() -> str:
+            buf = io.StringIO()
+            w = csv.writer(buf)
+            w.writerow(res.columns)
+            w.writerows(res.rows)
+            return buf.getvalue()
+
+        return Response(await off_loop(build), media_type="text/csv",
                         headers={"Content-Disposition": 'attachment; filename="actstore-query.csv"'})  # fmt: skip
 
     async def named(request: Request) -> Response:
-        from actstore.browse.console import named_console
         from actstore.query.named import load_query
 
         q = load_query(request.path_params["name"])
@@ -196,22 +267,35 @@ def create_app(store: Store, cfg: ServeConfig | None = None) -> Starlette:
         result, error = None, None
         if request.query_params.get("run"):
             try:
-                result = named_console(store, q.name, given, cfg.max_rows, cfg.query_timeout, browser.console())
+                sql, values = await off_loop(named_sql, store, q.name, given)
+                result = await console(request, sql, values)
+            except TooManyQueries:
+                raise
             except ConfigError as exc:
                 error = str(exc)
-        return page("named.html", query=q, given=given, result=result, error=error, status=400 if error else 200)
+        return await page("named.html", query=q, given=given, result=result, error=error, status=400 if error else 200)
+
+    async def favicon(request: Request) -> Response:
+        return Response((HERE / "static" / "favicon.svg").read_bytes(), media_type="image/svg+xml")
 
     async def on_error(request: Request, exc: Exception) -> Response:
         status = 404 if isinstance(exc, NotFoundError) else 400 if isinstance(exc, ConfigError) else 500
+        if isinstance(exc, TooManyQueries):
+            status = 429
         if isinstance(exc, IntegrityError):
             status = 500
         msg = str(exc) if isinstance(exc, ActstoreError) else f"{type(exc).__name__}"
-        return page("error.html", status=status, message=msg, code=status)
+        return HTMLResponse(page_html("error.html", message=msg, code=status), status_code=status)
 
     async def not_found(request: Request, exc: Exception) -> Response:
-        return page("error.html", status=404, message=f"no page at {request.url.path}", code=404)
+        return HTMLResponse(page_html("error.html", message=f"no page at {request.url.path}", code=404), status_code=404)
+
+    hosts = allowed_hosts(cfg)
 
     async def headers(request: Request, call_next: Any) -> Response:
+        # the Host header must name this machine (no DNS rebinding)
+        if hosts is not None and host_name(request.headers.get("host", "")) not in hosts:
+            return PlainTextResponse("Invalid host header", status_code=400)
         resp = await call_next(request)
         resp.headers["Content-Security-Policy"] = CSP
         resp.headers["X-Content-Type-Options"] = "nosniff"
@@ -229,16 +313,21 @@ def create_app(store: Store, cfg: ServeConfig | None = None) -> Starlette:
         Route("/sql", sql_page),
         Route("/sql.csv", sql_csv),
         Route("/query/{name}", named),
+        Route("/favicon.ico", favicon),
         Mount("/static", app=StaticFiles(directory=str(HERE / "static")), name="static"),
     ]
-    # the Host header must name this machine (no DNS rebinding); "testserver" is Starlette's TestClient
-    hosts = ["*"] if cfg.public else sorted({cfg.host, "127.0.0.1", "localhost", "testserver"})
     from starlette.middleware.base import BaseHTTPMiddleware
 
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> Any:
+        yield
+        if pool is not None:
+            pool.close()
+
     app = Starlette(routes=routes, exception_handlers={ActstoreError: on_error, 404: not_found, Exception: on_error},
-                    middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts),
-                                Middleware(BaseHTTPMiddleware, dispatch=headers)])  # fmt: skip
+                    middleware=[Middleware(BaseHTTPMiddleware, dispatch=headers)], lifespan=lifespan)  # fmt: skip
     app.state.browser = browser
+    app.state.pool = pool
     return app
 
 
@@ -263,6 +352,7 @@ def bind(store_path: str, cfg: ServeConfig, storage_options: dict[str, Any] | No
     sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((cfg.host, cfg.port))
+    sock.listen(128)  # connections queue from the moment the URL is printed
     host, port = sock.getsockname()[:2]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     return Bound(server, sock, f"http://{'[' + host + ']' if ':' in host else host}:{port}/")

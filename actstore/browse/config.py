@@ -4,6 +4,7 @@ Torch-free, so the CLI builds its options (defaults, help) from these fields."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from actstore.errors import ConfigError
@@ -26,7 +27,13 @@ class ServeConfig:
     max_rows: int = 1000
     """Rows the SQL console returns at most (CSV downloads included)."""
     query_timeout: float = 10.0
-    """Seconds a console query may run before it is interrupted."""
+    """Seconds a console query may run (fetching and page included) before it is stopped."""
+    max_result_mb: float = 16.0
+    """Megabytes of result a console query may return; a larger one is refused while it is fetched."""
+    query_workers: int = 2
+    """Console queries run at once, each in a process of its own (one per client at a time)."""
+    query_memory_mb: int = 1024
+    """Memory a console query's process may add (MiB); a query that needs more is refused."""
     page_size: int = 20
     """Top activating contexts per page of a feature."""
     context: int = 8
@@ -39,8 +46,11 @@ class ServeConfig:
             raise ConfigError(f"--host {self.host} would let other machines read the store: pass --public to allow it")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be in 0..65535, got {self.port}")
-        if self.max_rows <= 0 or self.query_timeout <= 0 or self.page_size <= 0 or self.histogram_bins <= 0:
-            raise ConfigError("max_rows, query_timeout, page_size and histogram_bins must be positive")
+        for name in ("max_rows", "query_timeout", "max_result_mb", "query_workers", "query_memory_mb", "page_size",
+                     "histogram_bins"):  # fmt: skip
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number above 0, got {v}")
         if self.context < 0:
             raise ConfigError(f"--context must be >= 0, got {self.context}")
 

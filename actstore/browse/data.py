@@ -230,14 +230,19 @@ class Browser:
         return self._cached(("tokens", sae), make)
 
     # ---- one feature
+    def feature_table(self, sae: str, feature: int) -> Any:
+        """SAE ``sae``'s feature table; NotFoundError (a 404) when ``feature`` is not one of its features."""
+        t = self.table(sae)
+        if not 0 <= feature < t.d_sae:
+            raise NotFoundError(f"feature {feature} is out of range for SAE {sae} ({t.d_sae} features: 0..{t.d_sae - 1})")
+        return t
+
     def feature_page(self, sae: str, feature: int, page: int = 0) -> dict[str, Any]:
         """A feature: statistics, activation histogram, density, top contexts (page ``page``), label breakdown,
         the other model's view of the same tokens, and for a crosscoder latent its decoder norms and class."""
         from actstore.query.lookups import top_rows
 
-        t = self.table(sae)
-        if not 0 <= feature < t.d_sae:
-            raise NotFoundError(f"feature {feature} is out of range for SAE {sae} ({t.d_sae} features: 0..{t.d_sae - 1})")
+        t = self.feature_table(sae, feature)
         stats = self.stats(sae).filter(pl.col("feature") == feature).row(0, named=True)
         hits = top_rows(self.store, t, feature, None)  # every activation of the feature, strongest first
         values = hits["value"]
@@ -257,7 +262,7 @@ class Browser:
         feature in every view (the SAE's model; the other row-aligned model; a crosscoder's models)."""
         from actstore.query.lookups import top_rows
 
-        t = self.table(sae)
+        t = self.feature_table(sae, feature)
         hits = hits if hits is not None else top_rows(self.store, t, feature, (page + 1) * self.settings.page_size)
         size, c = self.settings.page_size, self.settings.context
         rows_all, vals_all = hits["row"], hits["value"]

@@ -18,11 +18,15 @@ _serve, _dash = config_options(ServeConfig), config_options(DashboardConfig)
 @_serve("public")
 @_serve("max_rows")
 @_serve("query_timeout")
+@_serve("max_result_mb")
+@_serve("query_workers")
+@_serve("query_memory_mb")
 @_serve("page_size")
 @_serve("context")
 @handle_errors
 def serve(store: str, storage_options: tuple[str, ...], host: str, port: int, public: bool, max_rows: int,
-          query_timeout: float, page_size: int, context: int) -> None:  # fmt: skip
+          query_timeout: float, max_result_mb: float, query_workers: int, query_memory_mb: int, page_size: int,
+          context: int) -> None:  # fmt: skip
     """Browse STORE in a web browser: SAEs, features, samples and SQL (read-only; 127.0.0.1 unless --public).
 
     Pages have stable URLs (/sae/NAME/feature/N, /sample/N, /sql?q=...): send a teammate the link.
@@ -30,6 +34,7 @@ def serve(store: str, storage_options: tuple[str, ...], host: str, port: int, pu
     from actstore.browse.app import serve as run
 
     cfg = ServeConfig(host=host, port=port, public=public, max_rows=max_rows, query_timeout=query_timeout,
+                      max_result_mb=max_result_mb, query_workers=query_workers, query_memory_mb=query_memory_mb,
                       page_size=page_size, context=context)  # fmt: skip
     say = lambda url: click.echo(f"serving {store} at {url} (Ctrl-C stops)")  # noqa: E731
     run(store, cfg, parse_storage_options(storage_options), ready=say)
