@@ -22,3 +22,26 @@ def passed(stamp: str) -> bool:
         return datetime.fromisoformat(stamp) < datetime.now(UTC)
     except (TypeError, ValueError):
         return True
+
+
+def parse(stamp: str) -> datetime | None:
+    """The time an ISO 8601 ``stamp`` names (UTC when it gives no zone), or None when it is not one."""
+    try:
+        t = datetime.fromisoformat(stamp)
+    except (TypeError, ValueError):
+        return None
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
+
+
+def from_epoch(seconds: float) -> datetime:
+    """A POSIX timestamp (a file's modification time) as a UTC datetime."""
+    return datetime.fromtimestamp(seconds, UTC)
+
+
+def iso(t: datetime) -> str:
+    """``t`` as UTC ISO 8601 to the second."""
+    return t.astimezone(UTC).isoformat(timespec="seconds")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)

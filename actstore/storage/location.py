@@ -27,9 +27,12 @@ Safety rules enforced here:
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import re
 import stat
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -289,28 +292,62 @@ class Location:
             self.fs.pipe_file(path, data)
 
     def create_exclusive(self, key: str, data: bytes) -> bool:
-        """Write ``key`` only if it does not exist (atomic where the backend allows); False if it exists.
+        """Write ``key`` only if it does not exist, whole or not at all; False if it exists.
 
-        Local: ``O_CREAT | O_EXCL``. S3: a conditional PUT (``If-None-Match: *``).
-        Other fsspec backends: their ``mode="create"`` (exists-check on the weakest).
+        Local: the bytes go to a temporary sibling first, which is then hard-linked to ``key`` (the link fails if
+        ``key`` exists), so a crash or a full disk can never leave ``key`` empty or half-written; where links are
+        not supported, ``O_CREAT | O_EXCL``. S3: a conditional PUT (``If-None-Match: *``). Other fsspec backends:
+        their ``mode="create"`` (exists-check on the weakest).
         """
         self._check_writable(key)
         path = self.fs_path(key)
         if self.local:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            p = Path(path)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            tmp = p.with_name(f"{p.name}.tmp{os.getpid()}{threading.get_ident() % 10**6:06d}")
             try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            return True
+                tmp.write_bytes(data)
+                try:
+                    os.link(tmp, p)
+                except FileExistsError:
+                    return False
+                except OSError as exc:  # no hard links here (some network or FUSE filesystems)
+                    if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                        raise
+                    return self._create_excl_open(p, data)
+                return True
+            finally:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
         try:
             self.fs.pipe_file(path, data, mode="create")
         except FileExistsError:
             return False
         self._refresh(path)
         return True
+
+    @staticmethod
+    def _create_excl_open(p: Path, data: bytes) -> bool:
+        try:
+            fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+
+    def modified(self, key: str) -> float | None:
+        """When ``key`` was last written (POSIX seconds, from the filesystem or the bucket, not from its bytes); None
+        when the backend does not say."""
+        try:
+            if self.local:
+                return os.lstat(self.path_of(key)).st_mtime
+            m = self.fs.modified(self.fs_path(key))
+            return float(m.timestamp())
+        except FileNotFoundError:
+            raise
+        except Exception:
+            return None
 
     def delete(self, key: str) -> None:
         """Remove one file (no error if it is already gone)."""

@@ -13,8 +13,18 @@ over when that pid is no longer alive; from another host pass ``--break-lock``
 
 A lock taken with a *lease* (``lease_s``; the claims of units, which workers on
 many hosts take) also records ``expires``; its holder renews it while it works
-(:class:`Renewer`), and any writer on any host may take it over once it has
-expired, so a claim of a worker that died on another machine frees itself.
+(:class:`Renewer`, which also records ``renewed``), and any writer on any host may
+take it over once it has expired, so a claim of a worker that died on another
+machine frees itself. Whatever a lock object says, its lease ends at most one
+lease after it was last written (the earlier of its ``renewed``/``created`` and
+the object's modification time, which the filesystem or bucket keeps): a claim
+that says ``expires: 9999-...`` lapses like any other.
+
+Lock objects are written whole or not at all (``Location.create_exclusive``). One
+that cannot be read (empty, cut short, foreign: left by an older version or
+another tool) counts as abandoned :data:`UNREADABLE_LAPSE_S` seconds after it was
+last written, or at once with ``--break-lock``. A writer that waits for a lock
+says once per holder whom it waits for and until when.
 """
 
 from __future__ import annotations
@@ -23,21 +33,32 @@ import contextlib
 import json
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from actstore.clock import deadline, now, passed
+from actstore.clock import deadline, from_epoch, iso, now, parse, utcnow
 from actstore.errors import ConcurrencyError, StoreError
 from actstore.format import layout
 from actstore.storage.location import Location, open_location
 
 LOCK_DIR = layout.LOCKS
 POLL_S = 0.25
+MAX_LEASE_S = 300.0
+"""The longest lease a lock object is believed (a unit's claim: ``units.UNIT_LEASE_S``) when the reader has none."""
+UNREADABLE_LAPSE_S = 60.0
+"""Seconds after its last write that a lock object nobody can read counts as abandoned (writing one takes ms)."""
+
+
+def to_stderr(message: str) -> None:
+    """The default way a waiting writer speaks: one line on standard error."""
+    print(f"actstore: {message}", file=sys.stderr, flush=True)
 
 
 lock_key = layout.lock_key
@@ -61,13 +82,44 @@ class LockInfo:
     """What the holder is doing (e.g. 'extract minilm')."""
     expires: str = ""
     """When a leased lock lapses unless renewed (UTC, ISO 8601); empty for a lock held until released."""
+    renewed: str = ""
+    """When a leased lock was last renewed (UTC, ISO 8601); empty until its first renewal."""
+    mtime: float | None = field(default=None, compare=False)
+    """When the lock object was last written, by the filesystem's or bucket's clock (not stored in it)."""
 
-    def describe(self) -> str:
-        return f"pid {self.pid} on {self.host} ({self.purpose}, since {self.created})"
+    def to_json(self) -> bytes:
+        return json.dumps({k: v for k, v in asdict(self).items() if k != "mtime"}).encode()
 
-    def expired(self) -> bool:
-        """Whether this is a leased lock whose lease has lapsed."""
-        return bool(self.expires) and passed(self.expires)
+    @property
+    def readable(self) -> bool:
+        return self.owner != "?"
+
+    def lapses(self, lease_s: float | None = None) -> datetime | None:
+        """When any writer on any host may take this lock over, or None for a lock held until it is released (or
+        its process dies): a lease ends at its ``expires``, but at most ``lease_s`` (default :data:`MAX_LEASE_S`)
+        after the lock was last written; an unreadable lock :data:`UNREADABLE_LAPSE_S` after it was last written."""
+        written = from_epoch(self.mtime) if self.mtime is not None else None
+        if not self.readable:
+            return (written or from_epoch(0)) + timedelta(seconds=UNREADABLE_LAPSE_S)
+        if not self.expires:
+            return None
+        expires = parse(self.expires) or from_epoch(0)
+        base = parse(self.renewed or self.created) or from_epoch(0)
+        if written is not None:
+            base = min(base, written)
+        return min(expires, base + timedelta(seconds=lease_s or MAX_LEASE_S))
+
+    def describe(self, lease_s: float | None = None) -> str:
+        until = self.lapses(lease_s)
+        if not self.readable:
+            return f"an unreadable lock object, abandoned at {iso(until) if until else '?'} unless rewritten"
+        lease = f"; lease until {iso(until)}" if until is not None else ""
+        return f"pid {self.pid} on {self.host} ({self.purpose}, since {self.created}{lease})"
+
+    def expired(self, lease_s: float | None = None) -> bool:
+        """Whether this lock's lease (or an unreadable lock's grace) has lapsed."""
+        until = self.lapses(lease_s)
+        return until is not None and until <= utcnow()
 
 
 def pid_alive(pid: int) -> bool:
@@ -83,39 +135,49 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+REQUIRED = ("name", "owner", "pid", "host", "created", "purpose")
+
+
 def read_lock(loc: Location, name: str) -> LockInfo | None:
-    """The current holder of ``name``, or None if it is free (or the lock object is unreadable)."""
+    """The current holder of ``name``, or None if it is free; an unreadable lock object is a holder with owner "?"."""
+    key = lock_key(name)
     try:
-        raw = json.loads(loc.read_bytes(lock_key(name)))
-        return LockInfo(**{k: raw[k] for k in LockInfo.__dataclass_fields__ if k != "expires"},
-                        expires=str(raw.get("expires", "")))  # fmt: skip
+        data = loc.read_bytes(key)
+        mtime = loc.modified(key)
     except FileNotFoundError:
         return None
-    except (ValueError, KeyError, TypeError):  # half-written or foreign: treat as stale from an unknown holder
-        return LockInfo(name, "?", -1, "?", "?", "unreadable lock object")
+    try:
+        raw = json.loads(data)
+        info = LockInfo(**{k: raw[k] for k in REQUIRED}, expires=str(raw.get("expires", "")),
+                        renewed=str(raw.get("renewed", "")), mtime=mtime)  # fmt: skip
+        if not (isinstance(info.owner, str) and isinstance(info.pid, int) and isinstance(info.host, str)):
+            raise TypeError("fields of the wrong type")
+        return info
+    except (ValueError, KeyError, TypeError, RecursionError):  # half-written or foreign: an unknown holder
+        return LockInfo(name, "?", -1, "?", "?", "unreadable lock object", mtime=mtime)
 
 
 class StoreLock:
     """An exclusive lock on one named unit of a store; use as a context manager or acquire/release."""
 
     def __init__(self, loc: Location, name: str, purpose: str = "actstore", break_lock: bool = False,
-                 lease_s: float | None = None) -> None:  # fmt: skip
+                 lease_s: float | None = None, say: Callable[[str], None] | None = to_stderr) -> None:  # fmt: skip
         self.loc, self.name, self.purpose, self.break_lock = loc, name, purpose, break_lock
         self.info = LockInfo(name, uuid.uuid4().hex, os.getpid(), socket.gethostname(), "", purpose)
         self.lease_s = lease_s
+        self.say = say
         self.held = False
 
     def _stale(self, holder: LockInfo) -> bool:
-        if holder.owner == "?":
-            return holder.host == self.info.host or self.break_lock
-        if holder.expired():
+        if holder.expired(self.lease_s):
             return True
-        return holder.host == self.info.host and not pid_alive(holder.pid)
+        return holder.readable and holder.host == self.info.host and not pid_alive(holder.pid)
 
-    def _stamp(self) -> bytes:
+    def _stamp(self, renewal: bool = False) -> bytes:
         if self.lease_s is not None:
             self.info.expires = deadline(self.lease_s)
-        return json.dumps(asdict(self.info)).encode()
+            self.info.renewed = now() if renewal else ""
+        return self.info.to_json()
 
     def renew(self) -> bool:
         """Push a leased lock's expiry forward; False (and no longer held) if another writer has taken it over."""
@@ -125,8 +187,15 @@ class StoreLock:
         if holder is None or holder.owner != self.info.owner:
             self.held = False
             return False
-        self.loc.write_bytes(lock_key(self.name), self._stamp())
+        self.loc.write_bytes(lock_key(self.name), self._stamp(renewal=True))
         return True
+
+    def waiting_message(self, holder: LockInfo) -> str:
+        """What a writer waiting for this lock says: whom it waits for, until when, and what to do."""
+        until = holder.lapses(self.lease_s)
+        when = f"until {iso(until)} at the latest" if until is not None else "until it finishes"
+        return (f"waiting for {self.name} in {self.loc.url}, held by {holder.describe(self.lease_s)}, {when}; "
+                "if that writer is dead, stop and rerun with --break-lock")  # fmt: skip
 
     def _try(self) -> LockInfo | None:
         """Take the lock if free (or stale); return None on success, else the holder."""
@@ -160,10 +229,14 @@ class StoreLock:
         if self.loc.read_only:
             raise StoreError(f"store {self.loc.url} is opened read-only: cannot lock {self.name} for writing")
         deadline = time.monotonic() + wait_s
+        told: set[tuple[str, str]] = set()
         while True:
             holder = self._try()
             if holder is None:
                 return self
+            if wait_s > 0 and self.say is not None and (holder.owner, holder.created) not in told:
+                told.add((holder.owner, holder.created))
+                self.say(self.waiting_message(holder))
             if time.monotonic() >= deadline:
                 raise ConcurrencyError(
                     f"{self.name} in store {self.loc.url} is being written by another writer: {holder.describe()}; "

@@ -376,7 +376,7 @@ def _extract(
         job = ExtractJob(store=loc.url if not loc.local else loc.root, storage_options=storage_options, model=cfg.model,
                          model_key=model_key, layers=todo, tokenization=tk, n_rows=n_rows, unit_rows=unit_rows,
                          codec=cfg.codec, batch_size=cfg.batch_size, device=cfg.device, threads=cfg.threads,
-                         dtype=dtype)  # fmt: skip
+                         dtype=dtype, break_lock=break_lock)  # fmt: skip
         start = min(committed[layer] for layer in todo)
         written = _run_units(job, loc, loaded, device, ray_address, cfg.ray_workers, progress, desc)
         for layer in todo:  # the final prefix (a concurrent writer's attribute update may have lost one)

@@ -61,6 +61,8 @@ class ExtractJob:
     """torch CPU threads of each worker (None: torch's default)."""
     dtype: str = "fp32"
     """Precision of the model weights (resolved by the driver: every worker loads the same)."""
+    break_lock: bool = False
+    """Take over units claimed by other writers, live or not (--break-lock: they are known to be dead)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,6 +110,8 @@ class UnitWorker:
         self.writer = _UnitWriter(self)
         self.writer.start()
         self.rows_computed = 0
+        self.held_by: dict[int, str] = {}
+        """Units another writer holds -> what waiting for it means (whom, until when)."""
 
     # ---- one unit ---------------------------------------------------------
     def marker(self, layer: int, u0: int) -> str:
@@ -117,9 +121,12 @@ class UnitWorker:
         """Claim, compute and queue the unit starting at row ``u0``: CLAIMED, DONE or QUEUED."""
         u1 = self.job.unit(u0)[1]
         claim = StoreLock(self.loc, layout.unit_claim(self.job.model_key, u0), f"extract {self.job.model_key}",
-                          lease_s=UNIT_LEASE_S)  # fmt: skip
-        if claim.try_acquire() is not None:
+                          break_lock=self.job.break_lock, lease_s=UNIT_LEASE_S)  # fmt: skip
+        holder = claim.try_acquire()
+        if holder is not None:
+            self.held_by[u0] = claim.waiting_message(holder)
             return CLAIMED
+        self.held_by.pop(u0, None)
         self.renewer.add(claim)
         try:
             need = [layer for layer in self.job.layers if not self.loc.exists(self.marker(layer, u0))]
@@ -227,8 +234,11 @@ def run_here(worker: UnitWorker, progress: bool, desc: str) -> int:
     computed here."""
     from tqdm.auto import tqdm
 
+    from actstore.storage.locks import to_stderr
+
     job = worker.job
     pending = job.pending(worker.loc)
+    told: set[str] = set()
     bar = tqdm(total=job.n_rows, initial=job.n_rows - sum(b - a for a, b in pending), desc=desc, unit="tok",
                unit_scale=True, disable=not progress)  # fmt: skip
     try:
@@ -243,8 +253,13 @@ def run_here(worker: UnitWorker, progress: bool, desc: str) -> int:
             pending = job.pending(worker.loc)
             bar.n = job.n_rows - sum(b - a for a, b in pending)  # units finished by other workers count too
             bar.refresh()
-            if pending and waiting:
-                time.sleep(POLL_S)  # others hold these units: wait for their markers (or their claims to lapse)
+            if pending and waiting:  # others hold these units: wait for their markers (or their claims to lapse)
+                left = {u0 for u0, _ in pending}
+                for u0, message in sorted(worker.held_by.items()):
+                    if u0 in left and message not in told:  # once per holder and lease
+                        told.add(message)
+                        to_stderr(f"unit of rows {u0}-{job.unit(u0)[1]}: {message}")
+                time.sleep(POLL_S)
         worker.flush()
     finally:
         bar.close()
