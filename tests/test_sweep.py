@@ -81,3 +81,24 @@ def test_a_sweep_with_a_missing_layer_trains_nothing(two_stores):
     with pytest.raises(actstore.ActstoreError, match="layer 9 of model 'tiny' is not in store"):
         run_sweep(a, sweep_configs(BASE, ["tiny"], [1, 9], [16]), progress=False, log=lambda s: None)
     assert actstore.sae_names(actstore.open_store(a)) == []
+
+
+def test_a_sweep_over_saes_trained_with_other_options_is_refused(two_stores):
+    """Issue 27: after a --k 4 sweep, the same sweep with --k 2 must not print "already trained" and succeed."""
+    a, _ = two_stores
+    args = ["train", a, "--model", "tiny", "--layer", "1,2", "--arch", "topk", "--d-sae", "16,24", "--epochs", "1",
+            "--batch-size", "64", "--threads", "1", "--device", "cpu", "--quiet"]  # fmt: skip
+    assert CliRunner().invoke(main, [*args, "--k", "4"]).exit_code == 0
+    before = {n: _weights(a, n) for n in NAMES}
+    same = CliRunner().invoke(main, [*args, "--k", "4"])
+    assert same.exit_code == 0 and "(4 already trained)" in same.output, same.output
+    r = CliRunner().invoke(main, [*args, "--k", "2"])
+    assert r.exit_code != 0 and isinstance(r.exception, SystemExit), r.exception
+    lines = [x for x in r.output.strip().splitlines() if x.strip()]
+    assert len(lines) == 1 and "differs in: k" in lines[0] and "--overwrite" in lines[0], r.output
+    assert all(torch.equal(_weights(a, n)[k], v) for n in NAMES for k, v in before[n].items())
+    over = CliRunner().invoke(main, [*args, "--k", "2", "--overwrite"])
+    assert over.exit_code == 0 and "(0 already trained)" in over.output, over.output
+    from actstore.sae.files import read_config
+
+    assert all(read_config(actstore.open_store(a), n).k == 2 for n in NAMES)

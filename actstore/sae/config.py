@@ -201,6 +201,28 @@ RUNTIME_FIELDS = (  # options that do not change what is trained: a run may resu
     "task_samples",
 )
 
+COMPARED_APART = ("name", "d_sae", "expansion", "k")
+"""Fields a finished SAE is compared on through what they resolve to (its name, d_sae and k), not as given."""
+
+
+def training_differences(saved: dict[str, Any], cfg: TrainConfig, saved_d_sae: int, saved_k: int | None,
+                         d_in: int) -> list[str]:  # fmt: skip
+    """The options in which ``cfg`` differs from the training config ``saved`` of a finished SAE of width
+    ``saved_d_sae`` and ``saved_k`` (an SAE with no saved training config, e.g. imported, differs in ``training``)."""
+    if not saved:
+        return ["training (it was not trained here)"]
+    old = {**FIELDS_ADDED, **saved}
+    new = cfg.to_dict()
+    skip = set(RUNTIME_FIELDS) | set(COMPARED_APART)
+    diff = sorted(k_ for k_ in set(old) & set(new) if k_ not in skip and old[k_] != new[k_])
+    d_sae, k, _ = cfg.resolve(d_in)
+    if d_sae != saved_d_sae:
+        diff.append("d_sae")
+    if k != saved_k:
+        diff.append("k")
+    return diff
+
+
 FIELDS_ADDED = {"b_dec_init": "mean", "unit_grad": False}
 """Training fields added after runs were checkpointed without them, with the value every such run used: an
 unfinished run from before them resumes with ``--b-dec-init mean --no-unit-grad``."""

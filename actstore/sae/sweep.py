@@ -70,9 +70,39 @@ def train_one(store: str, cfg: dict[str, Any], storage_options: dict[str, Any] |
     d_sae = tc.resolve(st.activations(tc.model, tc.layer).d_model)[0]
     name = tc.name or tc.default_name(d_sae)
     if not tc.overwrite and name in sae_names(st):
+        check_same_training(st, tc, name)
         return _summary(name, tc, d_sae, read_metrics(st, name), skipped=True)
     res = train_sae(st, tc, progress=False)
     return _summary(res.name, tc, res.sae.cfg.d_sae, res.metrics, skipped=False)
+
+
+def check_same_training(st: Any, tc: TrainConfig, name: str) -> None:
+    """ConfigError unless the finished SAE ``name`` was trained with ``tc``'s options (then it is skipped)."""
+    from actstore.sae.config import training_differences
+    from actstore.sae.files import read_config
+
+    saved = read_config(st, name)
+    d_in = st.activations(tc.model, tc.layer).d_model
+    diff = training_differences(saved.training, tc, saved.d_sae, saved.k, d_in)
+    if diff:
+        raise ConfigError(f"SAE {name!r} in {st.url} was trained with other options (differs in: {', '.join(diff)}): pass "
+                          "--overwrite to retrain it with these, or sweep with its options to keep it")  # fmt: skip
+
+
+def _check_existing(store: str, configs: list[TrainConfig], storage_options: dict[str, Any] | None) -> None:
+    """Every finished SAE a sweep would skip was trained with the sweep's options, checked before any run trains."""
+    from actstore.sae.files import sae_names
+    from actstore.store.reader import open_store
+
+    st = open_store(store, storage_options=storage_options)
+    have = set(sae_names(st))
+    for tc in configs:
+        if tc.overwrite:
+            continue
+        d_sae = tc.resolve(st.activations(tc.model, tc.layer).d_model)[0]
+        name = tc.name or tc.default_name(d_sae)
+        if name in have:
+            check_same_training(st, tc, name)
 
 
 def run_sweep(store: str, configs: list[TrainConfig], ray_address: str | None = None,
@@ -84,6 +114,7 @@ def run_sweep(store: str, configs: list[TrainConfig], ray_address: str | None = 
     if not is_remote(store):
         store = os.path.abspath(store)  # Ray workers do not share the driver's working directory
     _check_layers(store, configs, storage_options)
+    _check_existing(store, configs, storage_options)
     bar = tqdm(total=len(configs), desc="sweep", unit="run", disable=not progress)
     out: list[SweepRun] = []
     try:
