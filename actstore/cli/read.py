@@ -211,6 +211,7 @@ def verify(store: str, storage_options: tuple[str, ...], update_manifest: bool, 
         click.echo(
             f"{rep.store}: {state} — {rep.n_chunks} chunks and {rep.n_files} files checked ({rep.n_bytes / 2**20:.1f} MiB), "
             + ", ".join(f"{sum(p.kind == k for p in rep.problems)} {k}" for k in ("corrupted", "missing", "unlisted"))
+            + "".join(f", {n} unfinished (rerun the encode)" for n in [sum(p.kind == "unfinished" for p in rep.problems)] if n)
             + ("" if rep.manifest else "; no manifest.json")
         )
     if not rep.ok:

@@ -151,7 +151,7 @@ def parse_generation(name: object) -> int | None:
     if not isinstance(name, str) or not name.startswith(GENERATION_PREFIX):
         return None
     rest = name[len(GENERATION_PREFIX) :]
-    return int(rest) if rest.isdigit() else None
+    return int(rest) if rest.isascii() and rest.isdigit() else None
 
 
 def generation_dir(sae: str, gen: str | None) -> str:
@@ -175,7 +175,7 @@ def lock_key(name: str) -> str:
 
 
 # ---------------------------------------------------------------- unit completion (format 3)
-_UNIT = re.compile(r"(\d{12})\.done")
+_UNIT = re.compile(r"([0-9]{12})\.done")  # ASCII digits only: \d would take any Unicode digit
 
 
 def units_dir(array: str) -> str:

@@ -82,8 +82,8 @@ class ImportResult:
 
 
 # ---------------------------------------------------------------- hook points
-_RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
-_BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)$")
+_RESID = re.compile(r"^blocks\.([0-9]+)\.hook_resid_(pre|post)$")
+_BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.([0-9]+)$")
 _EMBED = re.compile(r"(?:^|\.)(?:embed_tokens|embeddings|wte|embed_in)$")
 
 

@@ -42,7 +42,7 @@ SKIP_PREFIXES = (f"{layout.LOCKS}/",)
 """Keys neither the manifest lists nor a copy takes: writers' locks and claims."""
 UNSIGNED_PREFIXES = (*SKIP_PREFIXES, f"{layout.UNITS}/")
 """Keys the manifest does not list: those, and the unit markers (written while an array is extracted)."""
-TMP = re.compile(r"(\.tmp\d+|\.partial)$")  # a local write in progress (Location.write_bytes, Zarr's LocalStore)
+TMP = re.compile(r"(\.tmp[0-9]+|\.partial)$")  # a local write in progress (Location.write_bytes, Zarr's LocalStore)
 ATTR = layout.ATTR
 
 
@@ -405,12 +405,22 @@ def verify(loc: Location, jobs: int = 8, chunks: bool = True) -> VerifyReport:
         rep.n_chunks = len(todo)
         rep.n_bytes += sum(files[al.chunk_key(idx)] for al, idx in todo)
 
+    # an encode that stopped before publishing its generation: not corruption, an unfinished run
+    unpublished = unpublished_generations(loc, files)
+    for prefix, sae in unpublished.items():
+        rep.problems.append(Problem(prefix, "unfinished", f"a generation of SAE {sae}'s feature table that was never "
+                                    f"published (an encode that stopped; nothing reads it): rerun actstore encode --sae "
+                                    f"{sae} (with --overwrite if it was one) to finish it"))  # fmt: skip
+
+    def in_unpublished(key: str) -> bool:
+        return any(key.startswith(prefix + "/") for prefix in unpublished)
+
     # files: manifest hashes where listed, a parse check where not
     listed = (man or {}).get("files", {})
     for key in listed:
-        if key not in files:
+        if key not in files and not in_unpublished(key):
             rep.problems.append(Problem(key, "missing", "listed in manifest.json but absent"))
-    others = [k for k in data_files(loc, files) if k not in bad_meta]
+    others = [k for k in data_files(loc, files) if k not in bad_meta and not in_unpublished(k)]
 
     def one_file(key: str) -> Problem | None:
         data = loc.read_bytes(key)
@@ -434,6 +444,33 @@ def verify(loc: Location, jobs: int = 8, chunks: bool = True) -> VerifyReport:
     rep.n_bytes += sum(files[k] for k in others)
     rep.problems.sort(key=lambda p: (p.kind, p.key))
     return rep
+
+
+def unpublished_generations(loc: Location, files: dict[str, int]) -> dict[str, str]:
+    """Folders ``features/<sae>/gen-<N>`` that no ``encoding.json`` publishes -> the SAE's name."""
+    out: dict[str, str] = {}
+    published: dict[str, str | None] = {}
+    for key in files:
+        parts = key.split("/")
+        if len(parts) < 4 or parts[0] != layout.FEATURES or layout.parse_generation(parts[2]) is None:
+            continue
+        sae = parts[1]
+        if sae not in published:
+            published[sae] = _published_dir(loc, sae, files)
+        if parts[2] != published[sae]:
+            out[f"{layout.FEATURES}/{sae}/{parts[2]}"] = sae
+    return out
+
+
+def _published_dir(loc: Location, sae: str, files: dict[str, int]) -> str | None:
+    key = f"{layout.features_dir(sae)}/{layout.ENCODING}"
+    if key not in files:
+        return None
+    try:
+        man = json.loads(loc.read_bytes(key))
+    except (ValueError, RecursionError):
+        return None
+    return man.get("dir") if isinstance(man, dict) and isinstance(man.get("dir"), str) else None
 
 
 # ---------------------------------------------------------------- integrity on read
