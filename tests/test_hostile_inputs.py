@@ -70,3 +70,93 @@ def test_verify_after_a_failed_overwrite_reports_an_unfinished_encode(encoded):
     assert f"unfinished: features/s/{new}" in r.output and "rerun actstore encode --sae s" in r.output
     assert ": ok" in r.output and "1 unfinished" in r.output
     assert actstore.features(st, "s").collect().height > 0  # the published encoding reads as before
+
+
+# ---------------------------------------------------------------- 7. hostile cfg.json in import-sae
+def exported(encoded_ro: str, tmp_path: Path, fmt: str) -> Path:
+    out = tmp_path / f"{fmt}-sae"
+    r = CliRunner().invoke(main, ["export-sae", encoded_ro, "s", "--format", fmt, "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def _deep(n: int) -> str:
+    return "[" * n + "]" * n
+
+
+SAELENS_CASES = {
+    "norm_scaling_factor abc": {"normalize_activations": "expected_average_only_in", "norm_scaling_factor": "abc"},
+    "norm_scaling_factor [1]": {"normalize_activations": "expected_average_only_in", "norm_scaling_factor": [1]},
+    "d_in Infinity": {"d_in": float("inf")},
+    "d_in 384.9": {"d_in": 32.9},
+    "k 8.7": {"k": 4.7},
+    "hook_name a number": {"metadata": {"hook_name": 12}},
+    "activation_fn_kwargs a string": {"k": None, "activation_fn_kwargs": "kk"},
+}
+SPARSIFY_CASES = {
+    "num_latents abc": {"num_latents": "abc"},
+    "num_latents 1e400": {"num_latents": float("inf")},
+    "num_latents [256]": {"num_latents": [256]},
+    "k -3": {"k": -3},
+}
+
+
+def _write_cfg(folder: Path, changes: dict) -> None:
+    cfg = json.loads((folder / "cfg.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    (folder / "cfg.json").write_text(json.dumps(cfg))  # Infinity is what json writes for inf
+
+
+@pytest.mark.parametrize("case", sorted(SAELENS_CASES) + ["nested 200k deep", "topk_threshold of 3"])
+def test_hostile_saelens_cfg_is_one_line(encoded, encoded_ro, tmp_path, case):
+    folder = exported(encoded_ro, tmp_path, "saelens")
+    if case == "nested 200k deep":
+        (folder / "cfg.json").write_text('{"d_in": 32, "metadata": ' + _deep(200_000) + "}")
+    elif case == "topk_threshold of 3":
+        import torch
+        from safetensors.torch import load_file, save_file
+
+        t = load_file(str(folder / "sae_weights.safetensors"))
+        t.pop("threshold", None)
+        t["topk_threshold"] = torch.ones(3)
+        save_file(t, str(folder / "sae_weights.safetensors"))
+        _write_cfg(folder, {"architecture": "batchtopk", "k": 4})
+    else:
+        _write_cfg(folder, SAELENS_CASES[case])
+    before = snapshot(encoded)
+    r = CliRunner().invoke(main, ["import-sae", encoded, str(folder), "--format", "saelens", "--layer", "2", "--name", "x",
+                                  "--force"])  # fmt: skip
+    one_line_error(r)
+    assert snapshot(encoded) == before
+
+
+@pytest.mark.parametrize("case", sorted(SPARSIFY_CASES))
+def test_hostile_sparsify_cfg_is_one_line(encoded, encoded_ro, tmp_path, case):
+    folder = exported(encoded_ro, tmp_path, "sparsify")
+    _write_cfg(folder, SPARSIFY_CASES[case])
+    before = snapshot(encoded)
+    r = CliRunner().invoke(main, ["import-sae", encoded, str(folder), "--format", "sparsify", "--layer", "2", "--name", "x",
+                                  "--force"])  # fmt: skip
+    one_line_error(r)
+    assert snapshot(encoded) == before
+
+
+def test_a_whole_float_width_is_still_read(encoded, encoded_ro, tmp_path):
+    folder = exported(encoded_ro, tmp_path, "saelens")
+    _write_cfg(folder, {"d_in": 32.0})
+    r = CliRunner().invoke(main, ["import-sae", encoded, str(folder), "--format", "saelens", "--layer", "2", "--name", "x",
+                                  "--force"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+
+
+def test_a_refused_export_leaves_no_empty_folder(encoded, tmp_path):
+    st = actstore.open_store(encoded, writable=True)
+    make_sae(st, "r", "relu-l1")  # sparsify holds TopK SAEs only
+    out = tmp_path / "new" / "out"
+    r = CliRunner().invoke(main, ["export-sae", encoded, "r", "--format", "sparsify", "--out", str(out)])
+    one_line_error(r, "sparsify holds TopK SAEs only")
+    assert not out.exists()

@@ -31,6 +31,7 @@ Other hook points (attention, MLP outputs, ``hook_resid_mid``) are not residual-
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,18 +145,38 @@ def _read_cfg(folder: Path) -> dict[str, Any]:
         cfg = json.loads((folder / "cfg.json").read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError):
         raise ConfigError(f"{folder / 'cfg.json'} is not valid JSON") from None
+    except RecursionError:
+        raise ConfigError(f"{folder / 'cfg.json'} nests too deeply to be an SAE config") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"{folder / 'cfg.json'} is not a JSON object")
     return cfg
 
 
-def _need(cfg: dict[str, Any], key: str, folder: Path, kind: type = int) -> Any:
-    if key not in cfg or cfg[key] is None:
+def _need(cfg: Any, key: str, folder: Path) -> int:
+    """A required positive whole number of ``cfg.json`` (a JSON integer, or a float or digit string that is one)."""
+    if not isinstance(cfg, dict) or key not in cfg or cfg[key] is None:
         raise ConfigError(f"{folder / 'cfg.json'} has no {key!r}: it is not a complete {ACCEPTED} config")
-    try:
-        return kind(cfg[key])
-    except (TypeError, ValueError):
-        raise ConfigError(f"{folder / 'cfg.json'}: {key!r} should be a {kind.__name__}, got {cfg[key]!r}") from None
+    return _whole(cfg[key], key, folder)
+
+
+def _whole(value: Any, key: str, folder: Path) -> int:
+    v = value
+    if isinstance(v, str) and v.strip().isascii() and v.strip().isdigit():
+        v = int(v.strip())
+    if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+        v = int(v)
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise ConfigError(f"{folder / 'cfg.json'}: {key!r} must be a positive whole number, got {shown}")
+    return v
+
+
+def _positive(value: Any, key: str, folder: Path) -> float:
+    """A positive finite number of ``cfg.json`` (a JSON number; a numeric string is refused)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise ConfigError(f"{folder / 'cfg.json'}: {key!r} must be a positive finite number, got {shown}")
+    return float(value)
 
 
 def _tensors(folder: Path, fname: str) -> dict[str, torch.Tensor]:
@@ -192,7 +213,7 @@ def read_saelens(path: str | Path) -> ForeignSAE:
     """A SAELens folder as an actstore SAE (see the module docstring for what is folded)."""
     folder = _folder(path, "saelens")
     cfg = _read_cfg(folder)
-    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    meta: dict[str, Any] = cfg["metadata"] if isinstance(cfg.get("metadata"), dict) else {}
     d_in, d_sae = _need(cfg, "d_in", folder), _need(cfg, "d_sae", folder)
     arch = str(cfg.get("architecture") or cfg.get("activation_fn_str") or "standard").lower()
     arch = {"relu": "standard"}.get(arch, arch)
@@ -214,7 +235,7 @@ def read_saelens(path: str | Path) -> ForeignSAE:
         ours = "relu-l1"
     elif arch == "topk":
         ours = "topk"
-        k = _need(cfg, "k", folder) if "k" in cfg else _need(cfg.get("activation_fn_kwargs") or {}, "k", folder)
+        k = _need(cfg, "k", folder) if "k" in cfg else _need(cfg.get("activation_fn_kwargs"), "k", folder)
     elif arch == "jumprelu":
         ours = "jumprelu"
         if "threshold" in t:
@@ -226,7 +247,10 @@ def read_saelens(path: str | Path) -> ForeignSAE:
         if "threshold" in t:  # an inference save: a per-feature (all equal) threshold
             ours, threshold = "jumprelu", _tensor(t, "threshold", (d_sae,), folder)
         else:
-            threshold = t.get("topk_threshold", torch.tensor(0.0)).reshape(())
+            thr = t.get("topk_threshold", torch.tensor(0.0))
+            if thr.numel() != 1:
+                raise ConfigError(f"{folder}: topk_threshold has shape {tuple(thr.shape)}, a batchtopk SAE's is one number")
+            threshold = thr.reshape(())
     else:
         raise ConfigError(f"{folder}: SAELens architecture {arch!r} is not supported; import standard, topk, jumprelu "
                           "or batchtopk SAEs")  # fmt: skip
@@ -238,9 +262,10 @@ def read_saelens(path: str | Path) -> ForeignSAE:
     if norm in INPUT_NORMS:
         input_norm = norm
     elif norm == "expected_average_only_in":
-        factor = cfg.get("norm_scaling_factor") or meta.get("norm_scaling_factor")
-        if factor:
-            s = float(factor)  # SAELens's fold: x * s in, x_hat / s out
+        key = "norm_scaling_factor"
+        factor = cfg.get(key) if cfg.get(key) is not None else meta.get(key)
+        if factor is not None:
+            s = _positive(factor, key, folder)  # SAELens's fold: x * s in, x_hat / s out
             w_enc, w_dec, b_dec = w_enc * s, w_dec / s, b_dec / s
             notes.append(f"normalize_activations expected_average_only_in: factor {s:g} folded into the weights")
         else:
@@ -249,6 +274,8 @@ def read_saelens(path: str | Path) -> ForeignSAE:
     else:
         raise ConfigError(f"{folder}: normalize_activations {norm!r} is not supported (fold it into the weights first)")
     hook = meta.get("hook_name") or cfg.get("hook_name")
+    if hook is not None and not isinstance(hook, str):
+        raise ConfigError(f"{folder / 'cfg.json'}: 'hook_name' must be a string, got {type(hook).__name__}")
     source = {"format": "saelens", "path": str(folder.resolve()), "architecture": arch, "hook": hook,
               "model_name": meta.get("model_name") or cfg.get("model_name"),
               "sae_lens_version": meta.get("sae_lens_version")}  # fmt: skip
@@ -271,7 +298,7 @@ def read_sparsify(path: str | Path) -> ForeignSAE:
     if str(cfg.get("activation", "topk")) != "topk":
         raise ConfigError(f"{folder}: sparsify activation {cfg.get('activation')!r} is not supported; import topk SAEs")
     k = _need(cfg, "k", folder)
-    d_sae = int(cfg.get("num_latents") or 0) or d_in * _need(cfg, "expansion_factor", folder)
+    d_sae = _need(cfg, "num_latents", folder) if cfg.get("num_latents") else d_in * _need(cfg, "expansion_factor", folder)
     t = _tensors(folder, WEIGHTS["sparsify"])
     w_enc = _tensor(t, "encoder.weight", (d_sae, d_in), folder).t().contiguous()
     b_enc = _tensor(t, "encoder.bias", (d_sae,), folder)
