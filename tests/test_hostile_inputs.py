@@ -160,3 +160,47 @@ def test_a_refused_export_leaves_no_empty_folder(encoded, tmp_path):
     r = CliRunner().invoke(main, ["export-sae", encoded, "r", "--format", "sparsify", "--out", str(out)])
     one_line_error(r, "sparsify holds TopK SAEs only")
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- 7/8. corpora: lone surrogates, repeated and missing ids
+def corpus(tmp_path: Path, lines: list[str]) -> str:
+    p = tmp_path / "c.jsonl"
+    p.write_text("\n".join(lines) + "\n")
+    return str(p)
+
+
+@pytest.mark.parametrize("field", ["text", "id", "label"])
+def test_a_lone_surrogate_in_a_corpus_field_is_repaired(tiny_bert_dir, tmp_path, field):
+    rows = [{"id": f"r{i}", "text": f"the movie number {i} was good", "label": "pos"} for i in range(6)]
+    lines = [json.dumps(r) for r in rows]
+    lines[2] = lines[2].replace('"r2"' if field == "id" else '"pos"' if field == "label" else '"the movie',
+                                '"x\\ud800' + ('"' if field != "text" else " the movie"), 1)  # fmt: skip
+    assert "\\ud800" in lines[2]
+    store = str(tmp_path / "s.zarr")
+    r = CliRunner().invoke(main, ["extract", store, "--model", tiny_bert_dir, "--data", corpus(tmp_path, lines), "--layers",
+                                  "1", "--codec", "fp32", "--quiet", "--device", "cpu"])  # fmt: skip
+    assert r.exit_code == 0 and isinstance(r.exception, SystemExit | None), (r.exception, r.output)
+    assert "1 rows had lone surrogates, now U+FFFD" in r.output
+    got = actstore.sql(actstore.open_store(store), f"SELECT {field} FROM samples WHERE sample = 2")[field][0]
+    assert "x\ufffd" in got
+
+
+def test_repeated_and_missing_ids_become_unique(tiny_bert_dir, tmp_path):
+    lines = [json.dumps({"id": "a", "text": "good film", "label": "pos"}),
+             json.dumps({"id": "a", "text": "bad film", "label": "neg"}),
+             json.dumps({"text": "no id here, so its row number", "label": "neg"}),
+             json.dumps({"id": "2", "text": "an explicit id equal to that row number", "label": "pos"})]  # fmt: skip
+    store = str(tmp_path / "s.zarr")
+    r = CliRunner().invoke(main, ["extract", store, "--model", tiny_bert_dir, "--data", corpus(tmp_path, lines), "--layers",
+                                  "1", "--codec", "fp32", "--quiet", "--device", "cpu"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "2 repeated ids made unique" in r.output
+    ids = actstore.sql(actstore.open_store(store), "SELECT id FROM samples ORDER BY sample")["id"].to_list()
+    assert ids == ["a", "a#2", "2", "2#2"]
+
+
+def test_a_tokenization_mismatch_names_the_requested_max_length(tiny_store, tiny_bert_dir, corpus_file):
+    r = CliRunner().invoke(main, ["extract", tiny_store, "--model", tiny_bert_dir, "--data", corpus_file, "--name", "tiny2",
+                                  "--layers", "1", "--max-length", "17", "--quiet"])  # fmt: skip
+    line = one_line_error(r, "at max length 17", "--new-tokenization")
+    assert "max length 128" in line

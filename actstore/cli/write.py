@@ -89,6 +89,8 @@ def extract(store: str, storage_options: tuple[str, ...], model: str, data: str,
         f"{res.n_tokens} tokens ({res.n_truncated} samples truncated, {skipped} rows skipped); "
         f"wrote {res.rows_written} rows in {res.seconds:.1f}s ({res.tokens_per_s:,.0f} tok/s)"
         + (f", resumed at row {res.resumed_from}" if res.rows_written and res.resumed_from else "")
+        + (f"; {rep['n_renamed_ids']} repeated ids made unique (ID#2, ID#3, ...)" if rep.get("n_renamed_ids") else "")
+        + (f"; {rep['n_repaired_text']} rows had lone surrogates, now U+FFFD" if rep.get("n_repaired_text") else "")
     )
 
 

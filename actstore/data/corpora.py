@@ -20,6 +20,7 @@ import gzip
 import hashlib
 import io
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -50,6 +51,12 @@ class DataReport:
     n_skipped_empty: int = 0
     n_skipped_not_text: int = 0
     n_skipped_label: int = 0
+    n_renamed_ids: int = 0
+    """Rows whose id was taken already (a repeated id, or a missing one whose row number an explicit id holds): they
+    keep it with ``#2``, ``#3``, ... appended, so every sample's id is unique."""
+    n_repaired_text: int = 0
+    """Rows whose text, id or label held lone UTF-16 surrogates (valid JSON, not text): each became U+FFFD, as
+    undecodable bytes do."""
     sha256: str | None = None
     skipped_ids: list[str] = field(default_factory=list)
 
@@ -181,6 +188,14 @@ def _hf_rows(spec: str) -> Iterator[dict[str, Any]]:
     yield from ds
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins valid pairs, so any left are lone
+
+
+def _repair(value: str) -> str:
+    """``value`` with lone surrogates (which no UTF-8 file can hold) replaced by U+FFFD."""
+    return _SURROGATE.sub("\ufffd", value)
+
+
 def _label_str(value: Any) -> str | None:
     if value is None:
         return None
@@ -228,8 +243,10 @@ class Corpus:
         src = cfg.source
         rows = _bbc_rows() if src.startswith("bundled:") else _hf_rows(src[3:]) if src.startswith("hf:") else _raw_rows(src)
         rep.n_read = rep.n_kept = rep.n_skipped_empty = rep.n_skipped_not_text = rep.n_skipped_label = 0
+        rep.n_renamed_ids = rep.n_repaired_text = 0
         rep.skipped_ids = []
         checked = False
+        seen: dict[str, int] = {}  # id -> how many rows have claimed it
         for i, row in enumerate(rows):
             rep.n_read += 1
             if not checked and "__not_object__" not in row:
@@ -250,9 +267,21 @@ class Corpus:
                 rep.skipped_ids.append(rid)
                 continue
             label = _label_str(row.get(cfg.label_field))
+            fields = (rid, text, label or "")
+            if any(_SURROGATE.search(f) for f in fields):
+                rep.n_repaired_text += 1
+                rid, text, label = _repair(rid), _repair(text), _repair(label) if label is not None else None
             if cfg.labels is not None and label not in cfg.labels:
                 rep.n_skipped_label += 1
                 continue
+            n = seen.get(rid, 0)
+            seen[rid] = n + 1
+            if n:
+                rep.n_renamed_ids += 1
+                while f"{rid}#{n + 1}" in seen:
+                    n += 1
+                rid = f"{rid}#{n + 1}"
+                seen[rid] = 1
             split = row.get("split")
             yield Record(rid, text, label, split if isinstance(split, str) else None)
             rep.n_kept += 1

@@ -314,7 +314,7 @@ def choose_tokenization(
             other = next(iter(done.values()))
             why = "tokenizer" if not same_tokenizer(other, loaded) else f"max length ({other.get('max_length')})"
             raise TokenizerMismatchError(
-                f"{loaded.source} differs in {why} from the tokenization of store {loc.url} "
+                f"{loaded.source} at max length {max_length} differs in {why} from the tokenization of store {loc.url} "
                 f"(made with {other.get('tokenizer_source')}, max length {other.get('max_length')}): its rows would not align; "
                 "pass --new-tokenization to add a separate token index, or use another store"
             )
