@@ -204,3 +204,26 @@ def test_a_tokenization_mismatch_names_the_requested_max_length(tiny_store, tiny
                                   "--layers", "1", "--max-length", "17", "--quiet"])  # fmt: skip
     line = one_line_error(r, "at max length 17", "--new-tokenization")
     assert "max length 128" in line
+
+
+# ---------------------------------------------------------------- 7. a metrics.json with strings where numbers belong
+@pytest.mark.parametrize("metrics", [{"eval": {"fvu": "abc", "l0": "x"}, "train": {"dead_fraction": [1]}, "tokens": "many"},
+                                     {"eval": "not an object"}, {"eval": {"l0": {"a": 1}}}])  # fmt: skip
+def test_hostile_metrics_are_shown_as_unknown(encoded, metrics):
+    from starlette.testclient import TestClient
+
+    from actstore.browse.app import create_app
+    from actstore.browse.config import ServeConfig
+
+    (Path(encoded) / "saes" / "s" / "metrics.json").write_text(json.dumps(metrics))
+    r = CliRunner().invoke(main, ["saes", encoded, "--format", "csv"])
+    assert r.exit_code == 0, r.exception
+    row = r.output.strip().splitlines()[1].split(",")
+    assert row[0] == "s"
+    c = TestClient(create_app(actstore.open_store(encoded), ServeConfig()), base_url="http://127.0.0.1")
+    assert c.get("/").status_code == 200
+
+
+def test_metrics_that_are_not_an_object_are_one_line(encoded):
+    (Path(encoded) / "saes" / "s" / "metrics.json").write_text("[1, 2]")
+    one_line_error(CliRunner().invoke(main, ["saes", encoded]), "metrics.json of SAE s", "not a JSON object")

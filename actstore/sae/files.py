@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from actstore.errors import NotFoundError
+from actstore.errors import IntegrityError, NotFoundError
 from actstore.format import layout
 from actstore.format.layout import name_ok
 from actstore.sae.config import DENSE_L0_FRACTION, SAEConfig, parse_config
@@ -64,10 +64,45 @@ def read_config(store: Store, name: str) -> SAEConfig:
 
 
 def read_metrics(store: Store, name: str) -> dict[str, Any]:
-    """The ``metrics.json`` written when SAE ``name`` was trained (empty if it has none)."""
+    """The ``metrics.json`` written when SAE ``name`` was trained (empty if it has none); IntegrityError when it is
+    not a JSON object. Its values are as written: read numbers through :func:`number`."""
     _check_name(store, name)
     key = layout.sae_file(name, layout.SAE_METRICS)
-    return json.loads(store.loc.read_bytes(key)) if store.loc.exists(key) else {}
+    if not store.loc.exists(key):
+        return {}
+    try:
+        m = json.loads(store.loc.read_bytes(key))
+    except (ValueError, RecursionError):
+        m = None
+    if not isinstance(m, dict):
+        raise IntegrityError(f"metrics.json of SAE {name} in {store.url} is not a JSON object: retrain or re-import the "
+                             "SAE, or remove its folder")  # fmt: skip
+    return m
+
+
+def number(value: Any) -> float | None:
+    """A metric as a float, or None when it is not a number (a damaged or foreign metrics.json)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def whole(value: Any) -> int | None:
+    """A count or size as an int, or None when it is not a whole number."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value if isinstance(value, int) and abs(value) < 2**63 else None
+
+
+def _obj(d: Any, key: str) -> dict[str, Any]:
+    v = d.get(key) if isinstance(d, dict) else None
+    return v if isinstance(v, dict) else {}
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def list_saes(store: Store) -> pl.DataFrame:
@@ -76,31 +111,40 @@ def list_saes(store: Store) -> pl.DataFrame:
 
     rows = []
     for name in sae_names(store):
-        cfg = json.loads(store.loc.read_bytes(layout.sae_file(name, layout.SAE_CONFIG)))
+        try:
+            cfg = json.loads(store.loc.read_bytes(layout.sae_file(name, layout.SAE_CONFIG)))
+        except (ValueError, RecursionError):
+            cfg = None
+        if not isinstance(cfg, dict):
+            raise IntegrityError(f"cfg.json of SAE {name} in {store.url} is not a JSON object: remove its folder "
+                                 f"(saes/{name}) or restore it")  # fmt: skip
         m = read_metrics(store, name)
-        ev, tr = m.get("eval", {}), m.get("train", {})
+        ev, tr = _obj(m, "eval"), _obj(m, "train")
+        models, layers = cfg.get("models"), cfg.get("layers")
+        l0, d_sae = number(ev.get("l0")), whole(cfg.get("d_sae"))
         rows.append(
             {
                 "name": name,
-                "kind": "crosscoder" if cfg.get("models") else "sae",
-                "sources": ",".join(f"{m}@{v}" for m, v in zip(cfg["models"], cfg.get("layers") or [], strict=False))
-                if cfg.get("models")
+                "kind": "crosscoder" if models else "sae",
+                "sources": ",".join(f"{a}@{b}" for a, b in zip(models, layers if isinstance(layers, list) else [],
+                                                                strict=False))  # fmt: skip
+                if isinstance(models, list) and models
                 else None,
-                "arch": cfg.get("arch"),
-                "model": cfg.get("model"),
-                "layer": cfg.get("layer"),
-                "d_in": cfg.get("d_in"),
-                "d_sae": cfg.get("d_sae"),
-                "k": cfg.get("k"),
-                "l1": cfg.get("l1") if cfg.get("arch") == "relu-l1" else None,
-                "tokens": m.get("tokens"),
-                "fvu": ev.get("fvu"),
-                "mse": ev.get("mse"),
-                "l0": ev.get("l0"),
-                "dead": tr.get("dead_fraction", ev.get("dead_fraction")),  # imported SAEs: on the fit rows
-                "dense": ev.get("dense_fraction"),
-                "train_fvu": tr.get("fvu"),
-                "l0_fraction": ev["l0"] / cfg["d_sae"] if ev.get("l0") is not None and cfg.get("d_sae") else None,
+                "arch": _text(cfg.get("arch")),
+                "model": _text(cfg.get("model")),
+                "layer": whole(cfg.get("layer")),
+                "d_in": whole(cfg.get("d_in")),
+                "d_sae": d_sae,
+                "k": whole(cfg.get("k")),
+                "l1": number(cfg.get("l1")) if cfg.get("arch") == "relu-l1" else None,
+                "tokens": whole(m.get("tokens")),
+                "fvu": number(ev.get("fvu")),
+                "mse": number(ev.get("mse")),
+                "l0": l0,
+                "dead": number(tr.get("dead_fraction", ev.get("dead_fraction"))),  # imported SAEs: on the fit rows
+                "dense": number(ev.get("dense_fraction")),
+                "train_fvu": number(tr.get("fvu")),
+                "l0_fraction": l0 / d_sae if l0 is not None and d_sae else None,
             }
         )
     schema = {

@@ -51,11 +51,18 @@ def sweep_configs(base: TrainConfig, models: list[str], layers: list[int], d_sae
 
 def _summary(name: str, tc: TrainConfig, d_sae: int, metrics: dict[str, Any], skipped: bool) -> dict[str, Any]:
     """A :class:`SweepRun`'s fields from an SAE's metrics (those ``train_sae`` returns, as saved in metrics.json)."""
-    ev = metrics.get("eval") or {}
-    return {"name": name, "model": tc.model, "layer": tc.layer, "d_sae": d_sae, "fvu": float(ev.get("fvu", "nan")),
-            "l0": float(ev.get("l0", "nan")), "dead_fraction": float((metrics.get("train") or {}).get("dead_fraction", "nan")),
-            "steps": int(metrics.get("steps", 0)), "seconds": 0.0 if skipped else float(metrics.get("seconds", 0.0)),
-            "skipped": skipped}  # fmt: skip
+    from actstore.sae.files import number, whole
+
+    ev = metrics.get("eval") if isinstance(metrics.get("eval"), dict) else {}
+    tr = metrics.get("train") if isinstance(metrics.get("train"), dict) else {}
+    def num(v: Any, default: float = float("nan")) -> float:
+        x = number(v)
+        return default if x is None else x
+
+    steps = whole(metrics.get("steps"))
+    return {"name": name, "model": tc.model, "layer": tc.layer, "d_sae": d_sae, "fvu": num(ev.get("fvu")),
+            "l0": num(ev.get("l0")), "dead_fraction": num(tr.get("dead_fraction")), "steps": 0 if steps is None else steps,
+            "seconds": 0.0 if skipped else num(metrics.get("seconds"), 0.0), "skipped": skipped}  # fmt: skip
 
 
 def train_one(store: str, cfg: dict[str, Any], storage_options: dict[str, Any] | None, writable: bool) -> dict[str, Any]:
