@@ -38,12 +38,45 @@ def ray_session(address: str | None) -> Iterator[Any]:
     ray = ray_module()
     started = not ray.is_initialized()
     if started:
-        ray.init(address=None if address in (None, "", "local") else address, include_dashboard=False, log_to_driver=False)
+        target = None if address in (None, "", "local") else address
+        if target is not None:
+            check_reachable(target)
+        try:
+            ray.init(address=target, include_dashboard=False, log_to_driver=False)
+        except (ValueError, ConnectionError, RuntimeError, TimeoutError) as exc:
+            raise ConfigError(f"could not join the Ray cluster at {target}: {str(exc).splitlines()[0][:300]}") from None
     try:
         yield ray
     finally:
         if started:
             ray.shutdown()
+
+
+CONNECT_TIMEOUT_S = 10.0
+"""Seconds to reach a Ray cluster's address before giving up (Ray itself would retry for minutes)."""
+
+
+def check_reachable(address: str) -> None:
+    """ConfigError, within :data:`CONNECT_TIMEOUT_S`, unless something listens at ``address`` (``HOST:PORT`` or
+    ``ray://HOST:PORT``; ``auto`` is left to Ray); a ``ray://`` address also needs Ray's client (``ray[client]``)."""
+    import importlib.util
+    import socket
+
+    if address == "auto":
+        return
+    client = address.startswith("ray://")
+    if client and importlib.util.find_spec("grpc") is None:
+        raise ConfigError(f"--ray {address}: a ray:// address needs Ray's client, which is not installed: "
+                          "pip install 'ray[client]' (or give the cluster's HOST:PORT from inside it)")  # fmt: skip
+    hostport = address.removeprefix("ray://").split("/", 1)[0]
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isascii() or not port.isdigit():
+        raise ConfigError(f"--ray {address}: give the cluster's address as HOST:PORT (or ray://HOST:PORT, or local)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ConfigError(f"--ray {address}: no Ray cluster answers there ({exc.strerror or exc}): start one with "
+                          "'ray start --head', check the address, or drop the address for a local Ray") from None
 
 
 def has_gpus(ray: Any) -> bool:

@@ -227,3 +227,21 @@ def test_hostile_metrics_are_shown_as_unknown(encoded, metrics):
 def test_metrics_that_are_not_an_object_are_one_line(encoded):
     (Path(encoded) / "saes" / "s" / "metrics.json").write_text("[1, 2]")
     one_line_error(CliRunner().invoke(main, ["saes", encoded]), "metrics.json of SAE s", "not a JSON object")
+
+
+# ---------------------------------------------------------------- 7. --ray addresses that cannot work
+@pytest.mark.parametrize(("address", "needle"), [("127.0.0.1:1", "no Ray cluster answers there"),
+                                                 ("ray://127.0.0.1:1", "ray[client]"),
+                                                 ("nonsense", "HOST:PORT")])  # fmt: skip
+def test_a_ray_address_that_cannot_work_is_one_line_and_quick(tiny_store, address, needle):
+    import importlib.util
+    import time
+
+    if address.startswith("ray://") and importlib.util.find_spec("grpc") is not None:
+        needle = "no Ray cluster answers there"
+    t0 = time.perf_counter()
+    r = CliRunner().invoke(main, ["train", tiny_store, "--model", "tiny", "--layer", "1,2", "--d-sae", "16", "--arch", "topk",
+                                  "--epochs", "1", "--device", "cpu", "--quiet", "--ray", address])  # fmt: skip
+    one_line_error(r, needle)
+    assert time.perf_counter() - t0 < 30
+    assert actstore.sae_names(actstore.open_store(tiny_store)) == []
