@@ -245,3 +245,13 @@ def test_a_ray_address_that_cannot_work_is_one_line_and_quick(tiny_store, addres
     one_line_error(r, needle)
     assert time.perf_counter() - t0 < 30
     assert actstore.sae_names(actstore.open_store(tiny_store)) == []
+
+
+# ---------------------------------------------------------------- 8. names parsed with ASCII digits only
+def test_unicode_digits_are_not_unit_markers_or_generations():
+    from actstore.format import layout
+
+    assert layout.parse_unit_marker("000000004096.done") == 4096
+    assert layout.parse_unit_marker("\u0660" * 11 + "\u0661.done") is None  # Arabic-Indic digits
+    assert layout.parse_generation("gen-3") == 3
+    assert layout.parse_generation("gen-\u0663") is None
