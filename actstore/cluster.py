@@ -75,8 +75,10 @@ def check_reachable(address: str) -> None:
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as exc:
-        raise ConfigError(f"--ray {address}: no Ray cluster answers there ({exc.strerror or exc}): start one with "
-                          "'ray start --head', check the address, or drop the address for a local Ray") from None
+        raise ConfigError(
+            f"--ray {address}: no Ray cluster answers there ({exc.strerror or exc}): start one with "
+            "'ray start --head', check the address, or drop the address for a local Ray"
+        ) from None
 
 
 def has_gpus(ray: Any) -> bool:

@@ -126,8 +126,9 @@ def list_saes(store: Store) -> pl.DataFrame:
             {
                 "name": name,
                 "kind": "crosscoder" if models else "sae",
-                "sources": ",".join(f"{a}@{b}" for a, b in zip(models, layers if isinstance(layers, list) else [],
-                                                                strict=False))  # fmt: skip
+                "sources": ",".join(
+                    f"{a}@{b}" for a, b in zip(models, layers if isinstance(layers, list) else [], strict=False)
+                )  # fmt: skip
                 if isinstance(models, list) and models
                 else None,
                 "arch": _text(cfg.get("arch")),

@@ -55,6 +55,7 @@ def _summary(name: str, tc: TrainConfig, d_sae: int, metrics: dict[str, Any], sk
 
     ev = metrics.get("eval") if isinstance(metrics.get("eval"), dict) else {}
     tr = metrics.get("train") if isinstance(metrics.get("train"), dict) else {}
+
     def num(v: Any, default: float = float("nan")) -> float:
         x = number(v)
         return default if x is None else x
