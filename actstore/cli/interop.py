@@ -5,7 +5,14 @@ from __future__ import annotations
 import click
 
 from actstore.cli.group import main
-from actstore.cli.options import config_options, handle_errors, parse_storage_options, store_argument, writable_option
+from actstore.cli.options import (
+    config_options,
+    handle_errors,
+    parse_storage_options,
+    store_argument,
+    terminal_safe,
+    writable_option,
+)
 from actstore.query.config import FEATURE_EXPORT_FORMATS, FeatureExportConfig
 from actstore.sae.config import EXPORT_FORMATS, IMPORT_FORMATS, ImportConfig
 
@@ -40,14 +47,14 @@ def import_sae_cmd(store: str, storage_options: tuple[str, ...], path: str, fmt:
                        max_eval_tokens=max_eval_tokens)  # fmt: skip
     res = import_sae(store, cfg, storage_options=parse_storage_options(storage_options), writable=writable)
     c, ev = res.cfg, res.eval
-    click.echo(
+    click.echo(  # the hook name comes from the folder's cfg.json: its control characters are shown, not obeyed
         f"{res.store}: imported {fmt} SAE as {res.name} ({c.arch}, {c.d_in}->{c.d_sae}"
-        + (f", k {c.k}" if c.k else "") + f") on {c.model} layer {c.layer} (hook {res.hook}); "
+        + (f", k {c.k}" if c.k else "") + f") on {c.model} layer {c.layer} (hook {terminal_safe(str(res.hook))}); "
         f"fit on {ev.get('n_tokens', 0)} rows: FVU {ev.get('fvu', float('nan')):.4f}, L0 {ev.get('l0', float('nan')):.1f}, "
         f"dead {ev.get('dead_fraction', float('nan')):.3f}"
     )  # fmt: skip
     for note in res.notes:
-        click.echo(f"note: {note}")
+        click.echo(f"note: {terminal_safe(note)}")
 
 
 @main.command("export-sae")

@@ -24,10 +24,10 @@ def handle_errors(fn: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except ActstoreError as exc:
-            raise click.ClickException(str(exc)) from None
+        except ActstoreError as exc:  # messages may quote a store's strings: shown, never obeyed by the terminal
+            raise click.ClickException(terminal_safe(str(exc))) from None
         except OSError as exc:  # the disk or the network, not a bug: one line that says what to do
-            raise click.ClickException(os_error_message(exc)) from None
+            raise click.ClickException(terminal_safe(os_error_message(exc))) from None
         except ModuleNotFoundError as exc:  # an optional part of actstore that is not installed
             extra = EXTRAS.get((exc.name or "").split(".")[0])
             if extra is None:
