@@ -116,13 +116,15 @@ def test_save_list_and_load(tiny_store):
     assert actstore.sae_names(st) == [] and list_saes(st).height == 0
     sae = make("topk", d_in=32, d_sae=64)
     sae.cfg.name = "mine"
-    save_sae(st, sae, "mine", metrics={"eval": {"fvu": 0.25, "l0": 4.0}, "train": {"dead_fraction": 0.1}, "tokens": 99})
+    save_sae(st, sae, "mine", metrics={"eval": {"fvu": 0.25, "l0": 4.0, "dead_fraction": 0.1},
+                                       "train": {"dead_fraction": 0.3}, "tokens": 99})  # fmt: skip
     assert actstore.sae_names(st) == ["mine"]
     df = list_saes(st)
     row = df.row(0, named=True)
     assert (row["name"], row["arch"], row["d_sae"], row["fvu"], row["l0"], row["dead"], row["tokens"]) == (
         "mine", "topk", 64, 0.25, 4.0, 0.1, 99,
     )  # fmt: skip
+    assert row["dead_window"] == 0.3 and row["dead_store"] is None  # the trainer's window; not encoded
     assert read_metrics(st, "mine")["tokens"] == 99
     loaded = actstore.load_sae(st, "mine")
     torch.testing.assert_close(loaded.W_dec, sae.W_dec)

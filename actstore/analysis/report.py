@@ -143,7 +143,7 @@ def sae_metrics_table(store: Store) -> pl.DataFrame | None:
     keep = [
         c
         for c in ("name", "model", "layer", "arch", "d_in", "d_sae", "l1", "tokens", "mse", "fvu", "l0", "l0_fraction", "dead",
-                  "dense_code")
+                  "dead_store", "dense_code")
         if c in df.columns
     ]  # fmt: skip
     return df.select(keep).sort(["layer", "model"])
@@ -431,7 +431,9 @@ def _sae_metrics_part(store: Store, out: Path) -> Part | None:
     if sm is None:
         return None
     h = ["<h2>3. SAE metrics</h2><p>Held-out metrics from training: MSE, fraction of variance unexplained (FVU), "
-         "mean active features per token (L0) and dead fraction.</p>" + _html_table(sm)]  # fmt: skip
+         "mean active features per token (L0) and dead fraction: <em>dead</em>, the features that never fire on the "
+         "held-out tokens; <em>dead_store</em>, those that never fire on any token of the store (counted by encode; "
+         "empty for SAEs not encoded).</p>" + _html_table(sm)]  # fmt: skip
     md = ["## 3. SAE metrics", "", _md_table(sm), ""]
     curves = sae_curves(store)
     pngs = []

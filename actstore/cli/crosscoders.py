@@ -81,7 +81,7 @@ def train_crosscoder(store: str, storage_options: tuple[str, ...], writable: boo
         f"{', '.join(c.source_labels())}: {res.steps} steps, {res.tokens} tokens"
         + (f", resumed at step {res.resumed_from}" if res.resumed_from else "")
         + f"; held-out FVU {ev.get('fvu', float('nan')):.4f} ({per}), L0 {ev.get('l0', float('nan')):.1f}, "
-        f"dead {res.metrics['train'].get('dead_fraction', float('nan')):.3f}"
+        f"dead {ev.get('dead_fraction', float('nan')):.3f} (never fired on the held-out tokens)"
     )
 
 

@@ -173,7 +173,9 @@ def encode(store: str, storage_options: tuple[str, ...], writable: bool, sae: st
         f"feature rows ({res.n_feature_rows / max(res.n_rows, 1):.1f} per token, {res.n_bytes / max(res.n_feature_rows, 1):.2f} "
         f"bytes each) in {res.seconds:.1f}s ({res.rows_per_s:,.0f} tok/s)"
         + (f", resumed at row {res.resumed_from}" if res.resumed_from else "")
-    )
+        + (f"; {res.never_fired_fraction:.3f} of its features never fire on any token of the store"
+           if res.never_fired_fraction is not None else "")
+    )  # fmt: skip
 
 
 # ---- sharing: copy, verify (issue 6) ---------------------------------------
@@ -368,10 +370,14 @@ def train(store: str, storage_options: tuple[str, ...], writable: bool, models: 
                          progress=not quiet, log=click.echo)  # fmt: skip
         click.echo(f"{store}: sweep of {len(runs)} SAEs done ({sum(r.skipped for r in runs)} already trained)")
         return
-    from actstore.sae.train import train_sae
+    import warnings
 
-    res = train_sae(store, cfg, progress=not quiet, storage_options=parse_storage_options(storage_options),
-                    writable=write_access(store, writable))  # fmt: skip
+    from actstore.sae.train import RisingFVUWarning, train_sae
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RisingFVUWarning)  # said below, once, from metrics.json
+        res = train_sae(store, cfg, progress=not quiet, storage_options=parse_storage_options(storage_options),
+                        writable=write_access(store, writable))  # fmt: skip
     ev, c = res.metrics.get("eval") or {}, res.sae.cfg
     size = f"k {c.k}" if c.k else f"l1 {c.l1:g}"
     click.echo(
@@ -380,10 +386,12 @@ def train(store: str, storage_options: tuple[str, ...], writable: bool, models: 
         + (f", resumed at step {res.resumed_from}" if res.resumed_from else "")
         + f"; held-out ({res.metrics['n_eval_rows']} tokens): FVU {ev.get('fvu', float('nan')):.4f}, "
         f"MSE {ev.get('mse', float('nan')):.4g}, L0 {ev.get('l0', float('nan')):.1f}, "
-        f"dead {res.metrics['train'].get('dead_fraction', float('nan')):.3f}"
+        f"dead {ev.get('dead_fraction', float('nan')):.3f} (never fired on them)"
     )
     from actstore.sae.files import dense_note
 
     note = dense_note(res.name, ev.get("l0"), c.d_sae)  # e.g. the paper preset: relu-l1 at l1 1e-3 is dense
     if note:
         click.echo(f"note: {note}")
+    for w in res.metrics.get("warnings") or []:
+        click.echo(f"warning: {w}", err=True)

@@ -52,6 +52,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from actstore.clock import now
@@ -116,6 +117,8 @@ class EncodeResult:
     """Times the in-memory runs were spilled to disk (0: everything fit in ``spill_entries``)."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds spent reading, encoding (SAE forward), sorting blocks, spilling, and finishing the files."""
+    never_fired_fraction: float | None = None
+    """Features that fire on no token row of the whole store (a full pass), as a fraction of d_sae."""
 
 
 def check_sae_layer(store: Store, sae: SAE, name: str) -> tuple[str, int]:
@@ -233,7 +236,8 @@ def _encode(store: Store, cfg: EncodeConfig, sae: SAE, model: str, layer: int, d
                 "pass --overwrite to re-encode (the old one stays until the new one is complete)"
             )
         return EncodeResult(store.url, cfg.sae, model, layer, plan.n_rows, int(published["n_feature_rows"]),
-                            int(published["n_bytes"]), 0.0, 0.0, skipped=True)  # fmt: skip
+                            int(published["n_bytes"]), 0.0, 0.0, skipped=True,
+                            never_fired_fraction=published.get("never_fired_fraction"))  # fmt: skip
     if man is None or cfg.overwrite or (ray_address is not None and not man.get("segment_rows")):
         man = _new_generation(store, cfg, sae, plan, published, model, layer)
         if ray_address is not None:  # fixed for the life of this encoding, so a resumed run cuts the same segments
@@ -249,7 +253,7 @@ def _encode(store: Store, cfg: EncodeConfig, sae: SAE, model: str, layer: int, d
     return EncodeResult(
         store.url, cfg.sae, model, layer, plan.n_rows, int(man["n_feature_rows"]), int(man["n_bytes"]), secs,
         (plan.n_rows - resumed_from) / secs if secs > 0 else 0.0, resumed_from=resumed_from, n_spills=sink.n_spills,
-        timings=timings,
+        timings=timings, never_fired_fraction=man.get("never_fired_fraction"),
     )  # fmt: skip
 
 
@@ -278,6 +282,7 @@ def _encode_segments(store: Store, cfg: EncodeConfig, sae: SAE, plan: _Plan, man
     return EncodeResult(
         store.url, cfg.sae, model, layer, plan.n_rows, int(man["n_feature_rows"]), int(man["n_bytes"]), secs,
         (plan.n_rows - resumed_from) / secs if secs > 0 else 0.0, resumed_from=resumed_from, timings=timings,
+        never_fired_fraction=man.get("never_fired_fraction"),
     )  # fmt: skip
 
 
@@ -398,11 +403,14 @@ def _publish(store: Store, cfg: EncodeConfig, plan: _Plan, man: dict[str, Any], 
     replaced generation and the spill files dropped, the new files' checksums recorded."""
     work = files_dir(cfg.sae, man)
     files, stats = [d.entry for d in done], [d.stats for d in done]
-    write_parquet(store, f"{work}/stats.parquet", pa.concat_tables(stats), compression="zstd")
+    table = pa.concat_tables(stats)
+    write_parquet(store, f"{work}/stats.parquet", table, compression="zstd")
     rm(store, f"{work}/spill")
+    fired = int(pc.sum(pc.greater(table["n_active"], 0)).as_py() or 0)  # features that fire on some token of the store
     man.update(
         phase="done", complete=True, files=files, n_feature_rows=sum(f["n_rows"] for f in files),
-        n_bytes=sum(f["n_bytes"] for f in files), finished=now(),
+        n_bytes=sum(f["n_bytes"] for f in files), finished=now(), never_fired=plan.d_sae - fired,
+        never_fired_fraction=(plan.d_sae - fired) / plan.d_sae if plan.d_sae else 0.0,
     )  # fmt: skip
     write_manifest(store, cfg.sae, man)  # the atomic switch: readers see the new encoding from here on
     store.loc.delete(f"{plan.base}/{PENDING}")

@@ -82,7 +82,7 @@ def _checked(store: Store, key: str, man: dict[str, Any]) -> dict[str, Any]:
     def bad(what: str) -> IntegrityError:
         return IntegrityError(f"{key} in store {store.url}: {what}; it is damaged or was edited: re-encode with --overwrite")
 
-    for name in ("n_rows", "d_sae", "layer", "spilled_rows", "n_feature_rows", "n_bytes"):
+    for name in ("n_rows", "d_sae", "layer", "spilled_rows", "n_feature_rows", "n_bytes", "never_fired"):
         v = man.get(name, 0)
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise bad(f"{name} is {v!r}, not a non-negative integer")

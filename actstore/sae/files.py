@@ -101,6 +101,17 @@ def _obj(d: Any, key: str) -> dict[str, Any]:
     return v if isinstance(v, dict) else {}
 
 
+def _never_fired(store: Store, name: str) -> float | None:
+    """The fraction of SAE ``name``'s features that fire on no token of the store, as its encode counted it (None
+    when it is not encoded, or was encoded before the count)."""
+    key = f"{layout.features_dir(name)}/{layout.ENCODING}"
+    try:
+        man = json.loads(store.loc.read_bytes(key)) if store.loc.exists(key) else None
+    except (ValueError, RecursionError):
+        return None
+    return number(man.get("never_fired_fraction")) if isinstance(man, dict) and man.get("complete") else None
+
+
 def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
@@ -142,7 +153,9 @@ def list_saes(store: Store) -> pl.DataFrame:
                 "fvu": number(ev.get("fvu")),
                 "mse": number(ev.get("mse")),
                 "l0": l0,
-                "dead": number(tr.get("dead_fraction", ev.get("dead_fraction"))),  # imported SAEs: on the fit rows
+                "dead": number(ev.get("dead_fraction")),  # never fired on the held-out rows (imported SAEs: the fit rows)
+                "dead_store": _never_fired(store, name),  # never fired on any token of the store (after encode)
+                "dead_window": number(tr.get("dead_fraction")),  # the trainer's: none in its last dead_window tokens
                 "dense": number(ev.get("dense_fraction")),
                 "train_fvu": number(tr.get("fvu")),
                 "l0_fraction": l0 / d_sae if l0 is not None and d_sae else None,
@@ -152,7 +165,8 @@ def list_saes(store: Store) -> pl.DataFrame:
         "name": pl.String, "kind": pl.String, "sources": pl.String,
         "arch": pl.String, "model": pl.String, "layer": pl.Int64, "d_in": pl.Int64, "d_sae": pl.Int64,
         "k": pl.Int64, "l1": pl.Float64, "tokens": pl.Int64, "fvu": pl.Float64, "mse": pl.Float64, "l0": pl.Float64,
-        "dead": pl.Float64, "dense": pl.Float64, "train_fvu": pl.Float64, "l0_fraction": pl.Float64,
+        "dead": pl.Float64, "dead_store": pl.Float64, "dead_window": pl.Float64, "dense": pl.Float64,
+        "train_fvu": pl.Float64, "l0_fraction": pl.Float64,
     }  # fmt: skip
     df = pl.DataFrame(rows, schema=schema)
     return df.with_columns((pl.col("l0_fraction") > DENSE_L0_FRACTION).fill_null(False).alias("dense_code"))

@@ -3,8 +3,11 @@
 * ``mse``: mean squared error per element, in the model's activation space.
 * ``fvu``: fraction of variance unexplained, ``sum ||x - x_hat||^2 / sum ||x - mean(x)||^2``.
 * ``l0``: mean number of active features per token.
-* ``dead_fraction``: features with no activation over the last ``dead_window``
-  training tokens (on held-out rows: none over the whole held-out set).
+* ``dead_fraction``: on held-out rows (``eval``, what ``train``, ``saes`` and the report show), features with no
+  activation on any held-out token at the end of the run; in the training tracker (``train``), features with no
+  activation in the last ``dead_window_tokens`` training tokens (``min(dead_window, tokens seen)``: in a run
+  shorter than the window, "never fired in the whole run", which a feature that fired once early escapes). A full
+  pass over the store is counted by ``encode`` (``never_fired_fraction`` in ``encoding.json``).
 * ``dense_fraction``: features active on more than ``dense_threshold`` of tokens.
 """
 
@@ -110,6 +113,7 @@ class TrainTracker:
                 "dense_fraction": float(((self.fires / n) > self.dense_threshold).double().mean()),
             }
         out["dead_fraction"] = float(self.dead_mask().double().mean())
+        out["dead_window_tokens"] = min(self.dead_window, self.tokens_seen)
         self.fires.zero_()
         self.sums.zero_()
         return out

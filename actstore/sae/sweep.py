@@ -54,7 +54,6 @@ def _summary(name: str, tc: TrainConfig, d_sae: int, metrics: dict[str, Any], sk
     from actstore.sae.files import number, whole
 
     ev = metrics.get("eval") if isinstance(metrics.get("eval"), dict) else {}
-    tr = metrics.get("train") if isinstance(metrics.get("train"), dict) else {}
 
     def num(v: Any, default: float = float("nan")) -> float:
         x = number(v)
@@ -62,7 +61,7 @@ def _summary(name: str, tc: TrainConfig, d_sae: int, metrics: dict[str, Any], sk
 
     steps = whole(metrics.get("steps"))
     return {"name": name, "model": tc.model, "layer": tc.layer, "d_sae": d_sae, "fvu": num(ev.get("fvu")),
-            "l0": num(ev.get("l0")), "dead_fraction": num(tr.get("dead_fraction")), "steps": 0 if steps is None else steps,
+            "l0": num(ev.get("l0")), "dead_fraction": num(ev.get("dead_fraction")), "steps": 0 if steps is None else steps,
             "seconds": 0.0 if skipped else num(metrics.get("seconds"), 0.0), "skipped": skipped}  # fmt: skip
 
 
@@ -149,7 +148,7 @@ def _check_layers(store: str, configs: list[TrainConfig], storage_options: dict[
 
 def _report(run: SweepRun, log: Callable[[str], Any]) -> None:
     what = "already trained" if run.skipped else f"{run.steps} steps in {run.seconds:.1f}s"
-    log(f"{run.name}: FVU {run.fvu:.4f}, L0 {run.l0:.1f}, dead {run.dead_fraction:.3f} ({what})")
+    log(f"{run.name}: held-out FVU {run.fvu:.4f}, L0 {run.l0:.1f}, dead {run.dead_fraction:.3f} ({what})")
 
 
 def _run_on_ray(store: str, configs: list[TrainConfig], address: str, storage_options: dict[str, Any] | None,

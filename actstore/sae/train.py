@@ -83,6 +83,30 @@ class PartialLayerWarning(UserWarning):
     """Training on a layer whose extraction is not finished (only its committed rows are used)."""
 
 
+class RisingFVUWarning(UserWarning):
+    """The held-out FVU rose at two evaluation points in a row: the run is getting worse with more data."""
+
+
+RISE_TOLERANCE = 0.01
+"""Relative rise of the held-out FVU over two evaluation points below which it counts as noise, not a trend."""
+
+
+def rising_fvu(fvus: list[float]) -> bool:
+    """Whether the last two held-out FVU points each rose over the one before, by :data:`RISE_TOLERANCE` in all."""
+    return len(fvus) >= 3 and fvus[-3] < fvus[-2] < fvus[-1] and fvus[-1] > fvus[-3] * (1 + RISE_TOLERANCE)
+
+
+def rising_fvu_cause(cfg: TrainConfig, lr: float, fvus: list[float], tokens: int) -> str:
+    """The warning for a run whose held-out FVU rises (:func:`rising_fvu`), naming the likely cause."""
+    path = " -> ".join(f"{v:.3f}" for v in fvus[-3:])
+    if cfg.optimizer == "signum":
+        why = (f"signum's learning rate ({lr:.3g}) is likely too high for a run this long: pass --optimizer adam, or "
+               "a smaller --lr")  # fmt: skip
+    else:
+        why = f"the learning rate ({lr:.3g}) is likely too high: pass a smaller --lr"
+    return f"held-out FVU rose at two evaluation points in a row ({path} at {tokens:,} tokens): {why}"
+
+
 class LossParts(NamedTuple):
     """One training step's loss and what the metrics need."""
 
@@ -484,6 +508,19 @@ class _Run:
         warm = self.cfg.l1_warmup * self.total_steps
         return float(self.cfg.l1 or 0.0) * (min(1.0, (step + 1) / warm) if warm >= 1 else 1.0)
 
+    def _check_rising(self) -> None:
+        """Warn (once per run, kept in metrics.json's ``warnings``) when the held-out FVU rises at two curve points in
+        a row after relu-l1's L1 warm-up."""
+        warned = self.meta.setdefault("warnings", [])
+        if any("held-out FVU rose" in w for w in warned):
+            return
+        warm = self.cfg.l1_warmup * self.total_steps if self.sae.cfg.arch == "relu-l1" else 0
+        fvus = [float(e["curve"]["fvu"]) for e in self.history if "curve" in e and "fvu" in e["curve"] and e["step"] > warm]
+        if rising_fvu(fvus):
+            msg = rising_fvu_cause(self.cfg, self.cfg.learning_rate(self.sae.cfg.d_sae), fvus, self.tracker.tokens_seen)
+            warned.append(msg)
+            warnings.warn(f"SAE {self.name}: {msg}", RisingFVUWarning, stacklevel=2)
+
     def _one_step(self, x: torch.Tensor) -> LossParts:
         parts = train_step(self.sae, self.opt, x, self.tracker, self.cfg, self.aux_k, self.l1_at(self.step))
         if parts.kept is not None:  # batchtopk
@@ -510,6 +547,8 @@ class _Run:
         if at_eval or step == self.total_steps:
             entry["curve"] = self._curve_point(entry)
         self.history.append(entry)
+        if "curve" in entry:
+            self._check_rising()
         self.last_train = entry
         bar.set_postfix(fvu=f"{entry.get('fvu', float('nan')):.3f}", l0=f"{entry.get('l0', 0):.1f}",
                         dead=f"{entry['dead_fraction']:.2f}")  # fmt: skip
@@ -551,6 +590,7 @@ class _Run:
             "history": history,
             "curves": training_curves(history),
             "task": task,
+            "warnings": list(self.meta.get("warnings", [])),
         }
         save_sae(self.st, sae, self.name, metrics)
         self.st.loc.rmtree(layout.sae_file(self.name, layout.SAE_CHECKPOINT_DIR))
