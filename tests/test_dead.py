@@ -99,7 +99,8 @@ def test_a_run_that_gets_worse_with_more_data_warns_naming_the_cause(tiny_store,
     assert res.metrics["warnings"] == [said[0].split(": ", 1)[1]]
     r = CliRunner().invoke(main, ["train", str(store2), "--model", "tiny", "--layer", "2", "--arch", "topk", "--k", "4",
                                   "--d-sae", "64", "--epochs", "4", "--batch-size", "32", "--optimizer", "signum",
-                                  "--lr", "0.5", "--eval-points", "12", "--device", "cpu", "--quiet", "--name", "bad"])  # fmt: skip
+                                  "--lr", "0.5", "--eval-points", "12", "--device", "cpu", "--quiet",
+                                  "--name", "bad"])  # fmt: skip
     assert r.exit_code == 0 and "warning: held-out FVU rose at two evaluation points in a row" in r.output, r.output
 
 
