@@ -102,3 +102,70 @@ def test_a_sweep_over_saes_trained_with_other_options_is_refused(two_stores):
     from actstore.sae.files import read_config
 
     assert all(read_config(actstore.open_store(a), n).k == 2 for n in NAMES)
+
+
+# ---------------------------------------------------------------- one read, many SAEs (issue 28, item 4)
+ONE_LAYER = ["--model", "tiny", "--layer", "2", "--epochs", "2", "--batch-size", "32", "--threads", "1", "--device", "cpu",
+             "--quiet"]  # fmt: skip
+
+
+def test_a_one_layer_sweep_is_trained_in_one_pass_and_equals_separate_runs(two_stores):
+    from actstore.sae.group import stream_groups
+    from actstore.sae.sweep import name_runs
+
+    a, b = two_stores
+    r = CliRunner().invoke(main, ["train", a, *ONE_LAYER, "--arch", "topk,batchtopk", "--d-sae", "16,24", "--k", "2,4",
+                                  "--seed", "3"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert r.output.count("trained with 7 other SAEs in one pass") == 8, r.output
+    names = sorted(actstore.sae_names(actstore.open_store(a)))
+    assert names == sorted(f"tiny-l2-{arch}-{d}-k{k}" for arch in ("topk", "batchtopk") for d in (16, 24) for k in (2, 4))
+    base = dict(model="tiny", layer=2, epochs=2, batch_size=32, threads=1, device="cpu", seed=3)
+    cfgs = [TrainConfig(**base, arch=arch, d_sae=d, k=k) for arch in ("topk", "batchtopk") for d in (16, 24) for k in (2, 4)]
+    assert len(stream_groups(cfgs)) == 1
+    for cfg in name_runs(actstore.open_store(b), cfgs):  # each alone, the way a single train runs it
+        train_sae(b, cfg, progress=False)
+        want, got = _weights(b, cfg.name), _weights(a, cfg.name)
+        assert all(torch.equal(want[k], got[k]) for k in want), cfg.name
+
+
+def test_a_seed_sweep_shares_one_data_order(two_stores):
+    a, b = two_stores
+    r = CliRunner().invoke(main, ["train", a, *ONE_LAYER, "--arch", "topk", "--d-sae", "16", "--k", "4", "--seed", "0,1"])
+    assert r.exit_code == 0, r.output
+    assert sorted(actstore.sae_names(actstore.open_store(a))) == ["tiny-l2-topk-16-s0", "tiny-l2-topk-16-s1"]
+    alone = TrainConfig(model="tiny", layer=2, epochs=2, batch_size=32, threads=1, device="cpu", arch="topk", d_sae=16, k=4,
+                        seed=1, data_seed=0, name="tiny-l2-topk-16-s1")  # fmt: skip
+    train_sae(b, alone, progress=False)
+    want, got = _weights(b, alone.name), _weights(a, alone.name)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert not torch.equal(got["W_dec"], _weights(a, "tiny-l2-topk-16-s0")["W_dec"])
+
+
+def test_a_one_pass_sweep_killed_midway_resumes_to_the_same_weights(two_stores):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    a, b = two_stores
+    args = ["train", "--arch", "topk", "--d-sae", "16,24", "--k", "4", "--model", "tiny", "--layer", "2", "--epochs", "3",
+            "--batch-size", "16", "--threads", "1", "--device", "cpu", "--quiet", "--checkpoint-every", "5"]  # fmt: skip
+    assert CliRunner().invoke(main, [args[0], b, *args[1:]]).exit_code == 0  # uninterrupted
+    proc = subprocess.Popen([sys.executable, "-m", "actstore.cli", args[0], a, *args[1:]], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    ckpts = [Path(a) / "saes" / n / "checkpoint" for n in ("tiny-l2-topk-16", "tiny-l2-topk-24")]
+    deadline = time.time() + 120
+    while time.time() < deadline and not all(c.exists() for c in ckpts):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert all(c.exists() for c in ckpts), "killed before any checkpoint: nothing to resume"
+    assert actstore.sae_names(actstore.open_store(a)) == []
+    r = CliRunner().invoke(main, [args[0], a, *args[1:]])
+    assert r.exit_code == 0, r.output
+    for n in ("tiny-l2-topk-16", "tiny-l2-topk-24"):
+        want, got = _weights(b, n), _weights(a, n)
+        assert all(torch.equal(want[k], got[k]) for k in want), n

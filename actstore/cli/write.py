@@ -6,6 +6,8 @@ errors into one-line ``click.ClickException`` s.
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from actstore.analysis.config import DemoConfig, DiffConfig, ReportConfig
@@ -15,6 +17,7 @@ from actstore.cli.options import (
     config_options,
     data_options,
     emit,
+    field_docs,
     handle_errors,
     labels_option,
     output_format_option,
@@ -298,20 +301,32 @@ def demo(out: str, limit: int, max_length: int, epochs: int, sae_epochs: int, mo
     click.echo(f"report: {res.report_html}\nstore:  {res.store} (try: actstore info {res.store})")
 
 
-# ---- issue 3: SAE training ---------------------------------------------------
+# ---- SAE training ---------------------------------------------------------------
+def _list(raw: str | None, kind: type, hint: str, example: str) -> list[Any]:
+    """``"16,32"`` -> ``[16, 32]`` (empty for None); a BadParameter naming the option otherwise."""
+    if raw is None:
+        return []
+    try:
+        return [kind(x.strip()) for x in str(raw).split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{raw!r}: give {example}", param_hint=hint) from None
+
+
 @main.command()
 @store_argument
 @click.option("--model", "--models", "models", required=True, help="Store key of the model; several (a,b) make a sweep.")
 @click.option("--layer", "--layers", "layers", required=True, help="Layer (hidden_states index); 2,4,6 or 2-6 make a sweep.")
-@_train("arch", type=click.Choice(TRAIN_ARCHS))
+@_train("arch", "--arch", "archs", type=str, metavar="ARCH[,ARCH...]",
+        help=f"{field_docs(TrainConfig)['arch']} topk,batchtopk make a sweep.")  # fmt: skip
 @click.option(
     "--d-sae", "d_saes", default=None, help="Number of features (default: expansion x d_model); 1024,4096 make a sweep."
 )
 @_train("expansion")
-@_train("k")
+@_train("k", "--k", "ks", type=str, metavar="K[,K...]", help=f"{field_docs(TrainConfig)['k']} 16,32 make a sweep.")
 @_train("l1")
 @_train("l1_warmup")
-@_train("lr")
+@_train("lr", "--lr", "lrs", type=str, metavar="LR[,LR...]",
+        help=f"{field_docs(TrainConfig)['lr']} 1e-3,3e-3 make a sweep.")  # fmt: skip
 @_train("optimizer", type=click.Choice(OPTIMIZERS))
 @_train("init", type=click.Choice(DECODER_INITS))
 @_train("b_dec_init", type=click.Choice(B_DEC_INITS))
@@ -321,7 +336,8 @@ def demo(out: str, limit: int, max_length: int, epochs: int, sae_epochs: int, mo
 @_train("batch_size")
 @_train("preset", type=click.Choice(sorted(PRESETS)))
 @_train("name")
-@_train("seed")
+@_train("seed", "--seed", "seeds", type=str, default="0", show_default=True, metavar="SEED[,SEED...]",
+        help=f"{field_docs(TrainConfig)['seed']} 0,1,2 make a sweep (sharing seed 0's data order).")  # fmt: skip
 @click.option("--no-normalize", is_flag=True, help="Do not scale inputs to mean squared norm d_model.")
 @_train("buffer_mb")
 @_train("threads")
@@ -335,41 +351,58 @@ def demo(out: str, limit: int, max_length: int, epochs: int, sae_epochs: int, mo
 @writable_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @handle_errors
-def train(store: str, storage_options: tuple[str, ...], writable: bool, models: str, layers: str, arch: str | None,
-          d_saes: str | None, expansion: float | None, k: int | None, l1: float | None, l1_warmup: float | None,
-          lr: float | None, optimizer: str | None, init: str | None, b_dec_init: str | None, unit_grad: bool | None,
-          epochs: int | None, tokens: int | None, batch_size: int, preset: str | None, name: str | None, seed: int,
+def train(store: str, storage_options: tuple[str, ...], writable: bool, models: str, layers: str, archs: str | None,
+          d_saes: str | None, expansion: float | None, ks: str | None, l1: float | None, l1_warmup: float | None,
+          lrs: str | None, optimizer: str | None, init: str | None, b_dec_init: str | None, unit_grad: bool | None,
+          epochs: int | None, tokens: int | None, batch_size: int, preset: str | None, name: str | None, seeds: str,
           no_normalize: bool, buffer_mb: int, threads: int | None, eval_fraction: float, checkpoint_every: int,
           eval_points: int, resume: bool, overwrite: bool, device: str, ray_address: str | None,
           quiet: bool) -> None:  # fmt: skip
     """Train a sparse autoencoder on one layer of STORE, streaming from its chunks (resumable).
 
-    Several models, layers or widths (--model a,b --layer 2,4 --d-sae 1024,4096) train every combination, each its
-    own resumable run; with --ray each run is a Ray task (the store must be on storage every worker reaches).
+    Several models, layers, widths, k, architectures, learning rates or seeds (--layer 2,4 --d-sae 1024,4096 --k 16,32)
+    train every combination, each its own resumable run; the runs of one layer are trained together from one pass
+    over the shuffled rows (bit-identical to separate runs). With --ray each layer's runs are a Ray task (the store
+    must be on storage every worker reaches).
     """
     from actstore.store.config import parse_layers
 
     model_list = [m.strip() for m in models.split(",") if m.strip()]
     layer_list = parse_layers(layers)
-    try:
-        d_list: list[int | None] = [int(x) for x in d_saes.split(",") if x.strip()] if d_saes else [None]
-    except ValueError:
-        raise click.BadParameter(f"{d_saes!r}: give whole numbers, e.g. 1024 or 1024,4096", param_hint="--d-sae") from None
-    cfg = TrainConfig(
-        model=model_list[0] if model_list else "", layer=layer_list[0], arch=arch, d_sae=d_list[0], expansion=expansion, k=k,
-        l1=l1, l1_warmup=l1_warmup, lr=lr, optimizer=optimizer, init=init, b_dec_init=b_dec_init, unit_grad=unit_grad,
-        epochs=epochs, tokens=tokens, batch_size=batch_size, preset=preset, name=name, device=device, seed=seed,
-        normalize=not no_normalize, buffer_mb=buffer_mb, threads=threads, eval_fraction=eval_fraction,
-        checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite, eval_points=eval_points,
-    )  # fmt: skip
-    if len(model_list) * len(layer_list) * len(d_list) > 1 or ray_address is not None:
+    d_list = _list(d_saes, int, "--d-sae", "1024 or 1024,4096") or [None]
+    k_list = _list(ks, int, "--k", "32 or 16,32") or [None]
+    lr_list = _list(lrs, float, "--lr", "1e-3 or 1e-3,3e-3") or [None]
+    seed_list = _list(seeds, int, "--seed", "0 or 0,1,2") or [0]
+    arch_list = _list(archs, str, "--arch", ",".join(TRAIN_ARCHS)) or [None]
+    for a in arch_list:
+        if a is not None and a not in TRAIN_ARCHS:
+            raise click.BadParameter(f"{a!r} is not one of {', '.join(TRAIN_ARCHS)}", param_hint="--arch")
+    configs: list[TrainConfig] = []
+    for a in arch_list:  # each architecture resolves its own defaults (optimizer, learning rate, init)
+        relu = (a or (PRESETS.get(preset or "", {}).get("arch")) or "relu-l1") == "relu-l1"
+        mixed = relu and len(arch_list) > 1  # k is topk's and batchtopk's: a relu-l1 run of a mixed sweep has none
+        cfg = TrainConfig(
+            model=model_list[0] if model_list else "", layer=layer_list[0], arch=a, d_sae=d_list[0], expansion=expansion,
+            k=None if mixed else k_list[0], l1=l1, l1_warmup=l1_warmup, lr=lr_list[0], optimizer=optimizer, init=init,
+            b_dec_init=b_dec_init, unit_grad=unit_grad, epochs=epochs, tokens=tokens, batch_size=batch_size,
+            preset=preset, name=name, device=device, seed=seed_list[0], normalize=not no_normalize, buffer_mb=buffer_mb,
+            threads=threads, eval_fraction=eval_fraction, checkpoint_every=checkpoint_every, resume=resume,
+            overwrite=overwrite, eval_points=eval_points,
+        )  # fmt: skip
+        configs.append(cfg)
+    n_runs = len(model_list) * len(layer_list) * len(d_list) * len(k_list) * len(lr_list) * len(seed_list) * len(arch_list)
+    if n_runs > 1 or ray_address is not None:
         from actstore.sae.sweep import run_sweep, sweep_configs
 
-        runs = run_sweep(store, sweep_configs(cfg, model_list, layer_list, d_list), ray_address=ray_address,
-                         storage_options=parse_storage_options(storage_options), writable=write_access(store, writable),
-                         progress=not quiet, log=click.echo)  # fmt: skip
+        runs_cfg: list[TrainConfig] = []
+        for cfg in configs:
+            mixed = cfg.arch == "relu-l1" and len(arch_list) > 1
+            runs_cfg += sweep_configs(cfg, model_list, layer_list, d_list, None if mixed else k_list, lr_list, seed_list)
+        runs = run_sweep(store, runs_cfg, ray_address=ray_address, storage_options=parse_storage_options(storage_options),
+                         writable=write_access(store, writable), progress=not quiet, log=click.echo)  # fmt: skip
         click.echo(f"{store}: sweep of {len(runs)} SAEs done ({sum(r.skipped for r in runs)} already trained)")
         return
+    cfg = configs[0]
     import warnings
 
     from actstore.sae.train import RisingFVUWarning, train_sae

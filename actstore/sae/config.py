@@ -223,7 +223,7 @@ def training_differences(saved: dict[str, Any], cfg: TrainConfig, saved_d_sae: i
     return diff
 
 
-FIELDS_ADDED = {"b_dec_init": "mean", "unit_grad": False}
+FIELDS_ADDED = {"b_dec_init": "mean", "unit_grad": False, "data_seed": None}
 """Training fields added after runs were checkpointed without them, with the value every such run used: an
 unfinished run from before them resumes with ``--b-dec-init mean --no-unit-grad``."""
 
@@ -271,7 +271,9 @@ class TrainConfig:
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto."""
     seed: int = 0
-    """Seed for initialisation, the held-out split and the shuffling."""
+    """Seed for initialisation, and (unless data_seed is given) the held-out split and the shuffling."""
+    data_seed: int | None = None
+    """Seed for the held-out split and the shuffling (default: seed); SAEs trained in one pass share one."""
     normalize: bool = True
     """Scale inputs to mean squared norm d_in (the scale is saved as norm_scale)."""
     buffer_mb: int = 256
@@ -384,6 +386,10 @@ class TrainConfig:
                 raise ConfigError(f"--k {k} is larger than d_sae {d_sae}")
         aux_k = min(self.aux_k or max(1, d_in // 2), d_sae)
         return d_sae, k, aux_k
+
+    def stream_seed(self) -> int:
+        """The seed of the held-out split and the data order."""
+        return self.seed if self.data_seed is None else int(self.data_seed)
 
     def learning_rate(self, d_sae: int) -> float:
         """The learning rate of a run of width ``d_sae``: ``lr``, else the optimizer's default."""

@@ -1,10 +1,15 @@
-"""SAE sweeps: every (model, layer, d_sae) combination of one training config, each its own resumable run.
+"""SAE sweeps: every combination of models, layers, widths, k, architectures, learning rates and seeds of one
+training config, each its own resumable run.
 
-In this process the runs go one after another; with Ray (``ray_address``: ``"local"`` starts a local Ray, an
-address joins an existing cluster) each run is a Ray task that opens the store by its path or URL, so the store
-must be on storage every worker reaches (a shared folder or a bucket). A task asks for one GPU when the cluster
-has GPUs, else ``threads`` CPUs. A run killed anywhere resumes from its own checkpoint when the sweep is started
-again, exactly as a single ``actstore train`` does; finished SAEs are skipped.
+The runs that read the same rows in the same order (one model and layer: :func:`actstore.sae.group.stream_groups`)
+are trained together from one pass over the shuffled stream (:mod:`actstore.sae.group`), each with its own optimizer
+and checkpoint, bit-identical to separate runs; a sweep over seeds shares the first seed's data order
+(``data_seed``). In this process the groups go one after another; with Ray (``ray_address``: ``"local"`` starts a
+local Ray, an address joins an existing cluster) each group is a Ray task that opens the store by its path or URL,
+so the store must be on storage every worker reaches (a shared folder or a bucket). A task asks for one GPU when
+the cluster has GPUs, else ``threads`` CPUs. A run killed anywhere resumes from its own checkpoint when the sweep is
+started again, exactly as a single ``actstore train`` does; finished SAEs trained with the same options are skipped,
+ones trained with others refused (or replaced with ``overwrite``).
 """
 
 from __future__ import annotations
@@ -36,17 +41,58 @@ class SweepRun:
     seconds: float
     skipped: bool = False
     """The SAE already existed, finished, so nothing was trained."""
+    one_pass: int = 1
+    """SAEs trained in the same pass over the rows as this one (itself included)."""
 
 
-def sweep_configs(base: TrainConfig, models: list[str], layers: list[int], d_saes: list[int | None]) -> list[TrainConfig]:
-    """One config per (model, layer, d_sae), each named ``MODEL-lLAYER-ARCH-D_SAE`` (``base.name`` only for one)."""
-    combos = [(m, layer, d) for m in models for layer in layers for d in (d_saes or [base.d_sae])]
+SWEPT = {"k": "k", "lr": "lr", "seed": "s"}
+"""Options a sweep may vary besides model, layer, arch and d_sae (which the default name holds) -> the prefix of
+their value in the names of runs that would otherwise share one (``MODEL-lLAYER-ARCH-D_SAE-k16-lr0.001-s1``)."""
+
+
+def sweep_configs(base: TrainConfig, models: list[str], layers: list[int], d_saes: list[int | None],
+                  ks: list[int | None] | None = None, lrs: list[float | None] | None = None,
+                  seeds: list[int] | None = None) -> list[TrainConfig]:  # fmt: skip
+    """One config per combination (``base.name`` only for one); a sweep over seeds reads the first seed's data order
+    (``data_seed``), so its runs share one stream. Names are given by :func:`name_runs`. Architectures are swept by
+    calling this once per architecture's ``base`` (each resolves its own defaults) and joining the lists."""
+    combos = [(m, layer, d, k, lr, sd) for m in models for layer in layers for d in (d_saes or [base.d_sae])
+              for k in (ks or [base.k]) for lr in (lrs or [base.lr]) for sd in (seeds or [base.seed])]  # fmt: skip
     if not combos:
         raise ConfigError("a sweep needs at least one model, one layer and one d_sae")
     if base.name and len(combos) > 1:
         raise ConfigError(f"--name names one SAE, but this sweep trains {len(combos)}: drop --name (each run is named "
-                          "MODEL-lLAYER-ARCH-D_SAE)")  # fmt: skip
-    return [dataclasses.replace(base, model=m, layer=layer, d_sae=d) for m, layer, d in combos]
+                          "MODEL-lLAYER-ARCH-D_SAE, with -kK, -lrLR, -sSEED where those vary)")  # fmt: skip
+    data_seed = base.data_seed if base.data_seed is not None or len(seeds or []) < 2 else (seeds or [0])[0]
+    return [dataclasses.replace(base, model=m, layer=layer, d_sae=d, k=k, lr=lr, seed=sd, data_seed=data_seed)
+            for m, layer, d, k, lr, sd in combos]  # fmt: skip
+
+
+def name_runs(st: Any, configs: list[TrainConfig]) -> list[TrainConfig]:
+    """Each unnamed config named ``MODEL-lLAYER-ARCH-D_SAE``, plus the options of :data:`SWEPT` that tell apart runs
+    which would otherwise share that name; ConfigError when two runs would still share one."""
+    base_names = []
+    for c in configs:
+        d_in = st.activations(c.model, c.layer).d_model if c.sources() is None else None
+        base_names.append(c.default_name(c.resolve(d_in)[0]) if d_in is not None else None)
+    out = []
+    for c, base in zip(configs, base_names, strict=True):
+        if c.name or base is None:
+            out.append(c)
+            continue
+        same = [o for o, b in zip(configs, base_names, strict=True) if b == base and not o.name]
+        varying = [f for f in SWEPT if len({repr(getattr(o, f)) for o in same}) > 1]
+        extra = "".join(f"-{SWEPT[f]}{_short(getattr(c, f))}" for f in varying if getattr(c, f) is not None)
+        out.append(dataclasses.replace(c, name=base + extra))
+    names = [c.name for c in out if c.name]
+    if len(set(names)) < len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ConfigError(f"this sweep would train {', '.join(dup)} more than once: vary what the names tell apart")
+    return out
+
+
+def _short(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def _summary(name: str, tc: TrainConfig, d_sae: int, metrics: dict[str, Any], skipped: bool) -> dict[str, Any]:
@@ -65,22 +111,36 @@ def _summary(name: str, tc: TrainConfig, d_sae: int, metrics: dict[str, Any], sk
             "seconds": 0.0 if skipped else num(metrics.get("seconds"), 0.0), "skipped": skipped}  # fmt: skip
 
 
-def train_one(store: str, cfg: dict[str, Any], storage_options: dict[str, Any] | None, writable: bool) -> dict[str, Any]:
-    """One run of a sweep (in this process or in a Ray worker): its summary; a finished SAE is skipped."""
+def train_group(store: str, cfgs: list[dict[str, Any]], storage_options: dict[str, Any] | None,
+                writable: bool) -> list[dict[str, Any]]:  # fmt: skip
+    """One stream group of a sweep (in this process or in a Ray worker): the runs not yet finished trained together
+    from one pass (:mod:`actstore.sae.group`), finished ones skipped; a summary per config, in order."""
     from actstore.sae.files import read_metrics, sae_names
+    from actstore.sae.group import train_together
     from actstore.sae.train import train_sae
     from actstore.storage.urls import write_access
     from actstore.store.reader import open_store
 
-    tc = TrainConfig(**cfg)
+    tcs = [TrainConfig(**c) for c in cfgs]
     st = open_store(store, storage_options=storage_options, writable=write_access(store, writable))
-    d_sae = tc.resolve(st.activations(tc.model, tc.layer).d_model)[0]
-    name = tc.name or tc.default_name(d_sae)
-    if not tc.overwrite and name in sae_names(st):
-        check_same_training(st, tc, name)
-        return _summary(name, tc, d_sae, read_metrics(st, name), skipped=True)
-    res = train_sae(st, tc, progress=False)
-    return _summary(res.name, tc, res.sae.cfg.d_sae, res.metrics, skipped=False)
+    have = set(sae_names(st))
+    out: list[dict[str, Any] | None] = [None] * len(tcs)
+    todo = []
+    for i, tc in enumerate(tcs):
+        d_sae = tc.resolve(st.activations(tc.model, tc.layer).d_model)[0]
+        name = tc.name or tc.default_name(d_sae)
+        if not tc.overwrite and name in have:
+            check_same_training(st, tc, name)
+            out[i] = _summary(name, tc, d_sae, read_metrics(st, name), skipped=True)
+        else:
+            todo.append(i)
+    if len(todo) == 1:
+        res = train_sae(st, tcs[todo[0]], progress=False)
+        out[todo[0]] = _summary(res.name, tcs[todo[0]], res.sae.cfg.d_sae, res.metrics, skipped=False)
+    elif todo:
+        for i, res in zip(todo, train_together(st, [tcs[i] for i in todo], progress=False), strict=True):
+            out[i] = {**_summary(res.name, tcs[i], res.sae.cfg.d_sae, res.metrics, skipped=False), "one_pass": len(todo)}
+    return [o for o in out if o is not None]
 
 
 def check_same_training(st: Any, tc: TrainConfig, name: str) -> None:
@@ -118,20 +178,26 @@ def run_sweep(store: str, configs: list[TrainConfig], ray_address: str | None = 
     """Train every config; ``ray_address`` None: here, one after another; ``"local"``: a local Ray; else a cluster."""
     from tqdm.auto import tqdm
 
+    from actstore.sae.group import stream_groups
+    from actstore.store.reader import open_store
+
     if not is_remote(store):
         store = os.path.abspath(store)  # Ray workers do not share the driver's working directory
     _check_layers(store, configs, storage_options)
+    configs = name_runs(open_store(store, storage_options=storage_options), configs)
     _check_existing(store, configs, storage_options)
+    groups = stream_groups(configs)
     bar = tqdm(total=len(configs), desc="sweep", unit="run", disable=not progress)
     out: list[SweepRun] = []
     try:
         if ray_address is None:
-            for cfg in configs:
-                out.append(SweepRun(**train_one(store, cfg.to_dict(), storage_options, writable)))
-                _report(out[-1], log)
-                bar.update()
+            for group in groups:
+                for summary in train_group(store, [c.to_dict() for c in group], storage_options, writable):
+                    out.append(SweepRun(**summary))
+                    _report(out[-1], log)
+                    bar.update()
         else:
-            out = _run_on_ray(store, configs, ray_address, storage_options, writable, bar, log)
+            out = _run_on_ray(store, groups, ray_address, storage_options, writable, bar, log)
     finally:
         bar.close()
     return out
@@ -148,34 +214,39 @@ def _check_layers(store: str, configs: list[TrainConfig], storage_options: dict[
 
 def _report(run: SweepRun, log: Callable[[str], Any]) -> None:
     what = "already trained" if run.skipped else f"{run.steps} steps in {run.seconds:.1f}s"
+    if run.one_pass > 1:
+        what += f", trained with {run.one_pass - 1} other SAEs in one pass"
     log(f"{run.name}: held-out FVU {run.fvu:.4f}, L0 {run.l0:.1f}, dead {run.dead_fraction:.3f} ({what})")
 
 
-def _run_on_ray(store: str, configs: list[TrainConfig], address: str, storage_options: dict[str, Any] | None,
+def _run_on_ray(store: str, groups: list[list[TrainConfig]], address: str, storage_options: dict[str, Any] | None,
                 writable: bool, bar: Any, log: Callable[[str], Any]) -> list[SweepRun]:  # fmt: skip
+    """Each stream group (one layer's runs) a Ray task; summaries in the order of the groups' configs."""
     with ray_session(address) as ray:
-        task = ray.remote(train_one)
+        task = ray.remote(train_group)
         pending = {}
-        for i, cfg in enumerate(configs):
-            opts = actor_resources(ray, cfg.threads)
-            pending[task.options(**opts).remote(store, cfg.to_dict(), storage_options, writable)] = (i, cfg)
-        out: list[SweepRun | None] = [None] * len(configs)  # in the order of configs, whatever order they finish in
+        for i, group in enumerate(groups):
+            opts = actor_resources(ray, group[0].threads)
+            pending[task.options(**opts).remote(store, [c.to_dict() for c in group], storage_options, writable)] = (i, group)
+        out: list[list[SweepRun] | None] = [None] * len(groups)  # in the order of the groups, whatever order they finish in
         failed: list[tuple[TrainConfig, BaseException]] = []
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
-                i, cfg = pending.pop(ref)
+                i, group = pending.pop(ref)
                 try:
-                    run = out[i] = SweepRun(**ray.get(ref))
-                    _report(run, log)
-                except ray.exceptions.RayTaskError as exc:  # the run's own error, raised in its worker
+                    runs = out[i] = [SweepRun(**s) for s in ray.get(ref)]
+                    for run in runs:
+                        _report(run, log)
+                except ray.exceptions.RayTaskError as exc:  # the group's own error, raised in its worker
                     cause = exc.cause if isinstance(exc.cause, BaseException) else exc
-                    failed.append((cfg, cause))
-                    log(f"{cfg.model} layer {cfg.layer} d_sae {cfg.d_sae}: FAILED: {cause}")
-                bar.update()
+                    failed.append((group[0], cause))
+                    log(f"{group[0].model} layer {group[0].layer} ({len(group)} SAEs): FAILED: {cause}")
+                bar.update(len(group))
         if failed:
             cause = failed[0][1]
-            msg = (f"{len(failed)} of {len(configs)} runs of the sweep failed (first: {cause}); the others are saved, "
-                   "and rerunning the same sweep resumes the failed ones from their checkpoints")  # fmt: skip
+            n = sum(len(g) for g in groups)
+            msg = (f"{len(failed)} of {len(groups)} groups of the sweep's {n} runs failed (first: {cause}); the others are "
+                   "saved, and rerunning the same sweep resumes the failed ones from their checkpoints")  # fmt: skip
             raise (type(cause)(msg) if isinstance(cause, ActstoreError) else ActstoreError(msg)) from cause
-        return [r for r in out if r is not None]
+        return [r for runs in out if runs is not None for r in runs]

@@ -286,12 +286,34 @@ def _train_sae(
     storage_options: dict[str, Any] | None,
     writable: bool,
 ) -> TrainResult:
+    st = writable_store(store, storage_options, writable)
+    acts, d_in = training_rows(st, cfg)
+    d_sae, k, aux_k = cfg.resolve(d_in)
+    name = cfg.name or cfg.default_name(d_sae)
+    check_name(name, "SAE")  # one folder under saes/: 'a/b' would make an SAE nothing can find
+    device = torch.device(auto_device(cfg.device))
+    tok = st.model_tokenization(cfg.model)
+    lock = StoreLock(st.loc, layout.sae_dir(name), f"train {name}").acquire()  # one trainer of an SAE name at a time
+    try:
+        return _train_locked(st, cfg, progress, on_step, acts, d_in, d_sae, k, aux_k, name, device, tok)
+    finally:
+        lock.release()
+
+
+def writable_store(store: Store | str, storage_options: dict[str, Any] | None, writable: bool) -> Store:
+    """``store`` opened to save SAEs into; StoreError when it is read-only (a URL without ``writable``)."""
     if isinstance(store, str):  # a path: local stores are writable by a writing command, URLs with writable only
         st = open_store(store, storage_options=storage_options, writable=write_access(store, writable))
     else:
         st = store
     if st.loc.read_only:
         raise StoreError(f"store {st.url} is open read-only: pass --writable (open_store(url, writable=True)) to save an SAE")
+    return st
+
+
+def training_rows(st: Store, cfg: TrainConfig) -> tuple[Any, int]:
+    """The rows a run reads (a layer, or a crosscoder's sources side by side) and the SAE's input width per source;
+    NotFoundError for a layer with no committed rows, a warning for a partly extracted one."""
     sources = cfg.sources()
     if sources is None:
         acts = st.activations(cfg.model, cfg.layer)  # NotFoundError names the model / layer
@@ -301,43 +323,45 @@ def _train_sae(
         d_in = acts.d_source
     if len(acts) == 0:
         raise NotFoundError(f"layer {cfg.layer} of model {cfg.model!r} in {st.url} has no committed rows yet: finish extract")
-    d_sae, k, aux_k = cfg.resolve(d_in)
-    name = cfg.name or cfg.default_name(d_sae)
-    check_name(name, "SAE")  # one folder under saes/: 'a/b' would make an SAE nothing can find
-    device = torch.device(auto_device(cfg.device))
-    tok = st.model_tokenization(cfg.model)
     if not acts.attrs.get("complete"):
         warnings.warn(
             f"{cfg.model} layer {cfg.layer} in {st.url} is only partly extracted ({len(acts)} of "
             f"{acts.attrs.get('n_rows')} rows committed): training on the committed rows; finish the extract for the rest",
-            PartialLayerWarning, stacklevel=3,
+            PartialLayerWarning, stacklevel=4,
         )  # fmt: skip
-    lock = StoreLock(st.loc, layout.sae_dir(name), f"train {name}").acquire()  # one trainer of an SAE name at a time
-    try:
-        return _train_locked(st, cfg, progress, on_step, acts, d_in, d_sae, k, aux_k, name, device, tok)
-    finally:
-        lock.release()
+    return acts, d_in
 
 
 def _train_locked(
     st: Store, cfg: TrainConfig, progress: bool, on_step: Callable[[int, dict[str, Any]], None] | None, acts: Any,
     d_in: int, d_sae: int, k: int | None, aux_k: int | None, name: str, device: torch.device, tok: Any,
 ) -> TrainResult:  # fmt: skip
-    resume = _existing_run(st, cfg, name)
-    split = split_rows(tok, len(acts), cfg.eval_fraction, cfg.max_eval_tokens, cfg.seed)
-    buffer_rows = max(1, cfg.buffer_mb * 2**20 // (4 * acts.d_model))
-    stream = ShuffledStream(acts, split.train_mask, cfg.batch_size, buffer_rows, seed=cfg.seed, workers=cfg.workers,
-                            pin_memory=device.type == "cuda")  # fmt: skip
+    resume = existing_run(st, cfg, name)
+    split, stream = open_stream(acts, tok, cfg, device)
     torch.manual_seed(cfg.seed)
     if resume:
-        run = _Run.restore(st, cfg, name, acts, split, stream, device, aux_k)
+        run = TrainingRun.restore(st, cfg, name, acts, split, stream, device, aux_k)
     else:
-        run = _Run.start(st, cfg, name, acts, split, stream, device, aux_k, d_sae, k, tok.key)
+        run = TrainingRun.start(st, cfg, name, acts, split, stream, device, aux_k, d_sae, k, tok.key)
     seconds = run.loop(progress, on_step)
     return run.finish(seconds)
 
 
-def _existing_run(st: Store, cfg: TrainConfig, name: str) -> bool:
+def held_out_rows(acts: Any, split: RowSplit) -> torch.Tensor:
+    """The held-out rows ``(n_eval, d_model)`` float32 (read once; runs trained together share them)."""
+    return torch.from_numpy(acts.take(split.eval_rows)) if len(split.eval_rows) else torch.zeros(0, acts.d_model)
+
+
+def open_stream(acts: Any, tok: Any, cfg: TrainConfig, device: torch.device) -> tuple[RowSplit, ShuffledStream]:
+    """The held-out split and the shuffled stream of training rows a run (or runs trained together) reads."""
+    split = split_rows(tok, len(acts), cfg.eval_fraction, cfg.max_eval_tokens, cfg.stream_seed())
+    buffer_rows = max(1, cfg.buffer_mb * 2**20 // (4 * acts.d_model))
+    stream = ShuffledStream(acts, split.train_mask, cfg.batch_size, buffer_rows, seed=cfg.stream_seed(),
+                            workers=cfg.workers, pin_memory=device.type == "cuda")  # fmt: skip
+    return split, stream
+
+
+def existing_run(st: Store, cfg: TrainConfig, name: str) -> bool:
     """Whether an unfinished run of ``name`` is to be continued; refuses a finished SAE unless ``overwrite``."""
     finished = st.loc.exists(layout.sae_file(name, layout.SAE_CONFIG))
     ckpt = st.loc.exists(layout.sae_file(name, CKPT))
@@ -355,12 +379,13 @@ CALIBRATION_BATCHES = 8
 """Training batches a batchtopk SAE's inference threshold is calibrated on at the end of its run."""
 
 
-class _Run:
+class TrainingRun:
     """One training run's state — the SAE, its optimizer, the dead-feature tracker, the history — and its phases:
     :meth:`start` or :meth:`restore`, then :meth:`loop`, then :meth:`finish`."""
 
     def __init__(self, st: Store, cfg: TrainConfig, name: str, acts: Any, split: RowSplit, stream: ShuffledStream,
-                 device: torch.device, aux_k: int | None, sae: SAE, meta: dict[str, Any]) -> None:  # fmt: skip
+                 device: torch.device, aux_k: int | None, sae: SAE, meta: dict[str, Any],
+                 eval_x: torch.Tensor | None = None) -> None:  # fmt: skip
         self.st, self.cfg, self.name, self.split, self.stream, self.device = st, cfg, name, split, stream, device
         self.aux_k = aux_k
         self.sae = sae.to(device).train()
@@ -372,8 +397,7 @@ class _Run:
         self.thr_ema: float | None = meta.get("threshold_ema")
         self.per_epoch = stream.batches_per_epoch
         self.total_steps = math.ceil(cfg.tokens / cfg.batch_size) if cfg.tokens else self.per_epoch * int(cfg.epochs or 1)
-        d_in = sae.d_input
-        self.eval_x = torch.from_numpy(acts.take(split.eval_rows)) if len(split.eval_rows) else torch.zeros(0, d_in)
+        self.eval_x = eval_x if eval_x is not None else held_out_rows(acts, split)  # (n_eval, d_model)
         n_curve = len(self.eval_x)  # the FVU-tokens curve: an evenly spaced subset of the held-out rows (cheap)
         pick = np.linspace(0, n_curve - 1, cfg.curve_eval_tokens).round().astype(np.int64)
         self.curve_x = self.eval_x if n_curve <= cfg.curve_eval_tokens else self.eval_x[torch.from_numpy(pick)]
@@ -385,7 +409,8 @@ class _Run:
     # ---- init or restore
     @classmethod
     def start(cls, st: Store, cfg: TrainConfig, name: str, acts: Any, split: RowSplit, stream: ShuffledStream,
-              device: torch.device, aux_k: int | None, d_sae: int, k: int | None, tokenization: str) -> _Run:  # fmt: skip
+              device: torch.device, aux_k: int | None, d_sae: int, k: int | None, tokenization: str,
+              eval_x: torch.Tensor | None = None) -> TrainingRun:  # fmt: skip
         """A new run: inputs scaled to mean squared norm d_in, ``b_dec`` at the (scaled) mean of a few chunks or zeros."""
         sources = cfg.sources()
         n_src = len(sources) if sources else 1
@@ -406,11 +431,11 @@ class _Run:
         if data_init:
             sae.init_from_rows(torch.from_numpy(sample) * sae.scale)
         meta = {"step": 0, "history": [], "threshold_ema": None, "config": _identity(cfg)}
-        return cls(st, cfg, name, acts, split, stream, device, aux_k, sae, meta)
+        return cls(st, cfg, name, acts, split, stream, device, aux_k, sae, meta, eval_x)
 
     @classmethod
     def restore(cls, st: Store, cfg: TrainConfig, name: str, acts: Any, split: RowSplit, stream: ShuffledStream,
-                device: torch.device, aux_k: int | None) -> _Run:  # fmt: skip
+                device: torch.device, aux_k: int | None, eval_x: torch.Tensor | None = None) -> TrainingRun:  # fmt: skip
         """The run continued from its checkpoint, refused when it was started with other options."""
         tensors, meta, sae_cfg = _read_checkpoint(st, name)
         old, new = {**FIELDS_ADDED, **meta.get("config", {})}, _identity(cfg)  # an older run: the values it used
@@ -421,7 +446,7 @@ class _Run:
                 "rerun with the original options to continue it, or pass --overwrite to start over"
             )
         check_d_in(sae_cfg, getattr(acts, "d_source", acts.d_model), f"layer {cfg.layer} of model {cfg.model!r} in {st.url}")
-        run = cls(st, cfg, name, acts, split, stream, device, aux_k, SAE(sae_cfg), meta)
+        run = cls(st, cfg, name, acts, split, stream, device, aux_k, SAE(sae_cfg), meta, eval_x)
         run.sae.load_state_dict({k_[4:]: v.to(device) for k_, v in tensors.items() if k_.startswith("sae.")})
         restore_optimizer(run.opt, tensors)
         run.tracker.load(tensors)
@@ -481,21 +506,26 @@ class _Run:
             while self.step < self.total_steps:
                 epoch, skip = divmod(self.step, self.per_epoch)
                 for batch in self.stream.batches(epoch, skip):
-                    parts = self._one_step(batch.to(self.device, non_blocking=True))  # (b, d_in)
-                    bar.update(1)
-                    self._log(parts, bar)
-                    end_of_epoch = self.step % self.per_epoch == 0
-                    every = self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0
-                    if self.step < self.total_steps and (every or end_of_epoch):
-                        self.checkpoint()
-                    if on_step is not None:
-                        on_step(self.step, {"loss": float(parts.loss.detach()), "epoch": epoch})
+                    self.train_on(batch.to(self.device, non_blocking=True), epoch, bar, on_step)  # (b, d_in)
                     if self.step >= self.total_steps:
                         break
         finally:
             bar.close()
         self.loop_eval_seconds = self.eval_seconds  # what finish() evaluates is not part of the loop's time
         return time.perf_counter() - t0
+
+    def train_on(self, x: torch.Tensor, epoch: int, bar: Any,
+                 on_step: Callable[[int, dict[str, Any]], None] | None = None) -> None:  # fmt: skip
+        """One optimizer step on the batch ``x (b, d_in)``, then its log entry, evaluations and checkpoint."""
+        parts = self._one_step(x)
+        bar.update(1)
+        self._log(parts, bar)
+        end_of_epoch = self.step % self.per_epoch == 0
+        every = self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0
+        if self.step < self.total_steps and (every or end_of_epoch):
+            self.checkpoint()
+        if on_step is not None:
+            on_step(self.step, {"loss": float(parts.loss.detach()), "epoch": epoch})
 
     def _curve_point(self, entry: dict[str, Any]) -> dict[str, Any]:
         """Held-out metrics on the curve's rows; the entry's full evaluation when those are all the held-out rows."""
