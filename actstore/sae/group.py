@@ -7,6 +7,10 @@ checkpoint, and resumes from it exactly as a single ``actstore train`` does; its
 separate run with the same options (its initialisation is seeded exactly as there, and the batches are the same
 batches in the same order).
 
+The runs' steps on a batch go in parallel threads when the cores allow it: ``cores // threads`` at a time (one when
+``threads`` is unset, torch then using every core for each step). Each step's kernels then run single-threaded in
+its own thread, as in a separate run with the same ``threads``, so the weights stay bit-identical.
+
 Runs can share a stream when they read the same rows in the same order: the same model and layer (or crosscoder
 sources), batch size, shuffle buffer, held-out split and length (:data:`STREAM_FIELDS`, and the data seed:
 ``data_seed``, else ``seed``). Widths, k, architectures, learning rates, optimizers and init seeds (with one
@@ -15,8 +19,10 @@ sources), batch size, shuffle buffer, held-out split and length (:data:`STREAM_F
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -57,11 +63,19 @@ def stream_groups(configs: list[TrainConfig]) -> list[list[TrainConfig]]:
     return list(groups.values())
 
 
+def parallel_steps(threads: int | None, n_runs: int) -> int:
+    """How many runs step at once: ``cores // threads`` (1 when ``threads`` is unset), at most ``n_runs``."""
+    if not threads:
+        return 1
+    return max(1, min(n_runs, (os.cpu_count() or 1) // threads))
+
+
 def train_together(store: Store | str, configs: list[TrainConfig], progress: bool = True,
                    storage_options: dict[str, Any] | None = None, writable: bool = False,
-                   log: Callable[[str], Any] | None = None) -> list[TrainResult]:  # fmt: skip
+                   log: Callable[[str], Any] | None = None, parallel: int | None = None) -> list[TrainResult]:  # fmt: skip
     """Train every SAE of ``configs`` (one stream group, :func:`stream_groups`) from one pass over the stream, each
-    saved under its own name; results in the order of ``configs``. See the module docstring."""
+    saved under its own name; results in the order of ``configs``. ``parallel``: runs stepping at once (default
+    :func:`parallel_steps`). See the module docstring."""
     from actstore.models.loading import torch_threads
 
     if not configs:
@@ -70,12 +84,13 @@ def train_together(store: Store | str, configs: list[TrainConfig], progress: boo
     if len(keys) > 1:
         raise ConfigError("SAEs trained in one pass must read the same rows in the same order (same model, layer, batch "
                           f"size, buffer, split, length and data seed: {', '.join(STREAM_FIELDS)}, data_seed)")  # fmt: skip
+    n = parallel if parallel is not None else parallel_steps(configs[0].threads, len(configs))
     with torch_threads(configs[0].threads):
-        return _together(store, configs, progress, storage_options, writable, log)
+        return _together(store, configs, progress, storage_options, writable, log, max(1, n))
 
 
 def _together(store: Store | str, configs: list[TrainConfig], progress: bool, storage_options: dict[str, Any] | None,
-              writable: bool, log: Callable[[str], Any] | None) -> list[TrainResult]:  # fmt: skip
+              writable: bool, log: Callable[[str], Any] | None, parallel: int) -> list[TrainResult]:  # fmt: skip
     from tqdm.auto import tqdm
 
     st = writable_store(store, storage_options, writable)
@@ -108,6 +123,7 @@ def _together(store: Store | str, configs: list[TrainConfig], progress: bool, st
         step = min(r.step for r in runs)
         bar = tqdm(total=total * len(runs), initial=sum(r.step for r in runs), disable=not progress, unit="step",
                    desc=f"train {len(runs)} SAEs of {base.model} layer {base.layer}", leave=False)  # fmt: skip
+        pool = ThreadPoolExecutor(parallel, thread_name_prefix="actstore-sae") if parallel > 1 else None
         t0 = time.perf_counter()
         try:
             while step < total:
@@ -115,13 +131,18 @@ def _together(store: Store | str, configs: list[TrainConfig], progress: bool, st
                 for batch in stream.batches(epoch, skip):
                     x = batch.to(device, non_blocking=True)  # (b, d_in): one read, every run's step
                     step += 1
-                    for r in runs:
-                        if r.step < step:  # a run resumed from a later checkpoint waits for the others
+                    due = [r for r in runs if r.step < step]  # a run resumed from a later checkpoint waits
+                    if pool is None:
+                        for r in due:
                             r.train_on(x, epoch, bar)
+                    else:
+                        list(pool.map(lambda r, e=epoch: r.train_on(x, e, bar), due))  # noqa: B023 (used at once)
                     if step >= total:
                         break
         finally:
             bar.close()
+            if pool is not None:
+                pool.shutdown()
         seconds = time.perf_counter() - t0
         out = []
         for r in runs:
