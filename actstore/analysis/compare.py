@@ -21,6 +21,7 @@ import polars as pl
 
 from actstore.analysis.config import METRICS, CompareConfig
 from actstore.errors import ConfigError, NotFoundError
+from actstore.storage.files import save_figure
 
 if TYPE_CHECKING:
     from actstore.store.reader import Store
@@ -214,7 +215,7 @@ def plot_similarity(table: pl.DataFrame, path: str, title: str | None = None) ->
         fig.suptitle(title)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 

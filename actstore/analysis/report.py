@@ -27,6 +27,7 @@ from actstore.analysis.config import ReportConfig
 from actstore.clock import now
 from actstore.format import layout
 from actstore.sae.files import dense_notes, read_config, sae_names
+from actstore.storage.files import save_figure, write_file
 
 if TYPE_CHECKING:
     from actstore.store.reader import Store
@@ -232,7 +233,7 @@ def _plot_diff(df: pl.DataFrame, path: str) -> str:
     ax.set_title("feature diff, pretrained -> fine-tuned")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -303,9 +304,9 @@ def _build_report(store: Store, cfg: ReportConfig, progress: bool = False) -> Re
     if res.notes:
         h.append("<h2>Notes</h2>" + "".join(f"<p class='note'>{_esc(n)}</p>" for n in res.notes))
         md += ["## Notes", "", *[f"- {n}" for n in res.notes], ""]
-    Path(res.html).write_text(_page(h), encoding="utf-8")
-    Path(res.markdown).write_text("\n".join(md) + "\n", encoding="utf-8")
-    (out / "report.json").write_text(json.dumps(res.data, indent=2, default=str))
+    write_file(res.html, _page(h).encode("utf-8"))
+    write_file(res.markdown, ("\n".join(md) + "\n").encode("utf-8"))
+    write_file(out / "report.json", json.dumps(res.data, indent=2, default=str).encode())
     return res
 
 
@@ -420,7 +421,7 @@ def _plot_curves(curves: dict[str, dict[str, dict[str, list[float]]]], path: str
     if handles:
         fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=min(4, len(labels)), frameon=False)
     fig.tight_layout(rect=(0, 0.06 * (1 + (len(labels) - 1) // 4), 1, 1))
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 

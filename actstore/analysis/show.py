@@ -22,6 +22,7 @@ import torch
 from actstore.analysis.config import ShowConfig
 from actstore.errors import ConfigError, ModelError, NotFoundError
 from actstore.sae.files import load_sae
+from actstore.storage.files import save_figure, write_file
 
 if TYPE_CHECKING:
     from actstore.sae.model import SAE
@@ -245,7 +246,7 @@ def render_html(tv: TokenViews, path: str, title: str = "actstore token view") -
         f"{render_html_fragment(tv)}</body></html>"
     )
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(page, encoding="utf-8")
+    write_file(path, page.encode("utf-8"))
     return path
 
 
@@ -297,7 +298,7 @@ def render_png(tv: TokenViews, path: str, title: str | None = None, width_chars:
                 )  # fmt: skip
         y -= dy * n_lines[s]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 

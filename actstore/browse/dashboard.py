@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from actstore.browse.app import HERE, Links, render, templates
 from actstore.browse.config import DashboardConfig
 from actstore.browse.data import Browser, PageSettings, to_json
+from actstore.storage.files import write_file
 
 if TYPE_CHECKING:
     from actstore.store.reader import Store
@@ -64,13 +65,12 @@ def _write(store: Store, cfg: DashboardConfig) -> DashboardResult:
     views = browser.view_names(cfg.sae)
     for f in feats:
         data = browser.feature_page(cfg.sae, f, 0)
-        (out / f"feature-{f}.html").write_text(render(env, "feature.html", links, store_url=store.url, data=data, views=views),
-                                               encoding="utf-8")  # fmt: skip
-        (out / "data" / f"feature-{f}.json").write_text(to_json(data), encoding="utf-8")
+        html = render(env, "feature.html", links, store_url=store.url, data=data, views=views)
+        write_file(out / f"feature-{f}.html", html.encode("utf-8"))
+        write_file(out / "data" / f"feature-{f}.json", to_json(data).encode("utf-8"))
     page = browser.features_page(cfg.sae, sort="variance", limit=table.d_sae)
     page["rows"] = [r for r in page["rows"] if int(r["feature"]) in set(feats)]
     page["total"] = len(page["rows"])
-    (out / "index.html").write_text(render(env, "sae.html", links, store_url=store.url, data=page, static=True),
-                                    encoding="utf-8")  # fmt: skip
+    write_file(out / "index.html", render(env, "sae.html", links, store_url=store.url, data=page, static=True).encode())
     n_bytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     return DashboardResult(str(out), str(out / "index.html"), feats, n_bytes, time.perf_counter() - t0)

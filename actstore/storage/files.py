@@ -144,3 +144,9 @@ def output_folder(path: str | Path) -> Iterator[Path]:
             with contextlib.suppress(OSError):
                 path.rmdir()  # only if empty
         raise
+
+
+def save_figure(fig: object, path: str | Path, **kw: object) -> int:
+    """A matplotlib figure saved to ``path`` whole or not at all (its format from ``path``'s suffix)."""
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    return write_file(path, lambda tmp: fig.savefig(tmp, format=fmt, **kw))  # type: ignore[attr-defined]
