@@ -19,8 +19,8 @@ from actstore.cli import main
 from actstore.encoding.config import EncodeConfig
 from actstore.encoding.encode import encode
 from actstore.sae.config import TrainConfig
-from actstore.sae.metrics import TrainTracker
-from actstore.sae.train import RisingFVUWarning, rising_fvu, train_sae
+from actstore.sae.metrics import RisingFVUWarning, TrainTracker, rising_fvu
+from actstore.sae.train import train_sae
 
 pytestmark = pytest.mark.filterwarnings("ignore:Object at .* is not recognized")
 

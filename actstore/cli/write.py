@@ -405,7 +405,8 @@ def train(store: str, storage_options: tuple[str, ...], writable: bool, models: 
     cfg = configs[0]
     import warnings
 
-    from actstore.sae.train import RisingFVUWarning, train_sae
+    from actstore.sae.metrics import RisingFVUWarning
+    from actstore.sae.train import train_sae
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RisingFVUWarning)  # said below, once, from metrics.json

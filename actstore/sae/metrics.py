@@ -206,3 +206,27 @@ def training_curves(history: list[dict[str, Any]]) -> dict[str, dict[str, list[f
             for key in ("fvu", "l0", "dead_fraction"):
                 held[key].append(float(ev[key]))
     return {"train": train, "eval": held}
+
+
+class RisingFVUWarning(UserWarning):
+    """The held-out FVU rose at two evaluation points in a row: the run is getting worse with more data."""
+
+
+RISE_TOLERANCE = 0.01
+"""Relative rise of the held-out FVU over two evaluation points below which it counts as noise, not a trend."""
+
+
+def rising_fvu(fvus: list[float]) -> bool:
+    """Whether the last two held-out FVU points each rose over the one before, by :data:`RISE_TOLERANCE` in all."""
+    return len(fvus) >= 3 and fvus[-3] < fvus[-2] < fvus[-1] and fvus[-1] > fvus[-3] * (1 + RISE_TOLERANCE)
+
+
+def rising_fvu_cause(cfg: Any, lr: float, fvus: list[float], tokens: int) -> str:
+    """The warning for a run whose held-out FVU rises (:func:`rising_fvu`), naming the likely cause."""
+    path = " -> ".join(f"{v:.3f}" for v in fvus[-3:])
+    if cfg.optimizer == "signum":
+        why = (f"signum's learning rate ({lr:.3g}) is likely too high for a run this long: pass --optimizer adam, or "
+               "a smaller --lr")  # fmt: skip
+    else:
+        why = f"the learning rate ({lr:.3g}) is likely too high: pass a smaller --lr"
+    return f"held-out FVU rose at two evaluation points in a row ({path} at {tokens:,} tokens): {why}"

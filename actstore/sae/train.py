@@ -37,7 +37,15 @@ from actstore.models.checkpoint import optimizer_tensors, pack, restore_optimize
 from actstore.models.loading import auto_device
 from actstore.sae.config import FIELDS_ADDED, RUNTIME_FIELDS, SAEConfig, TrainConfig
 from actstore.sae.files import delete_sae, save_sae
-from actstore.sae.metrics import TrainTracker, evaluate, task_accuracy, training_curves
+from actstore.sae.metrics import (
+    RisingFVUWarning,
+    TrainTracker,
+    evaluate,
+    rising_fvu,
+    rising_fvu_cause,
+    task_accuracy,
+    training_curves,
+)
 from actstore.sae.model import SAE, check_d_in
 from actstore.sae.optim import ScheduleFreeSignSGD, averaged, make_optimizer
 from actstore.sae.sparse import BatchTopKEncode, TopKEncode, decode_entries, decode_topk
@@ -81,30 +89,6 @@ class TrainResult:
 
 class PartialLayerWarning(UserWarning):
     """Training on a layer whose extraction is not finished (only its committed rows are used)."""
-
-
-class RisingFVUWarning(UserWarning):
-    """The held-out FVU rose at two evaluation points in a row: the run is getting worse with more data."""
-
-
-RISE_TOLERANCE = 0.01
-"""Relative rise of the held-out FVU over two evaluation points below which it counts as noise, not a trend."""
-
-
-def rising_fvu(fvus: list[float]) -> bool:
-    """Whether the last two held-out FVU points each rose over the one before, by :data:`RISE_TOLERANCE` in all."""
-    return len(fvus) >= 3 and fvus[-3] < fvus[-2] < fvus[-1] and fvus[-1] > fvus[-3] * (1 + RISE_TOLERANCE)
-
-
-def rising_fvu_cause(cfg: TrainConfig, lr: float, fvus: list[float], tokens: int) -> str:
-    """The warning for a run whose held-out FVU rises (:func:`rising_fvu`), naming the likely cause."""
-    path = " -> ".join(f"{v:.3f}" for v in fvus[-3:])
-    if cfg.optimizer == "signum":
-        why = (f"signum's learning rate ({lr:.3g}) is likely too high for a run this long: pass --optimizer adam, or "
-               "a smaller --lr")  # fmt: skip
-    else:
-        why = f"the learning rate ({lr:.3g}) is likely too high: pass a smaller --lr"
-    return f"held-out FVU rose at two evaluation points in a row ({path} at {tokens:,} tokens): {why}"
 
 
 class LossParts(NamedTuple):
