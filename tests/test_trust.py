@@ -390,7 +390,8 @@ def test_partial_files_after_a_kill_are_ignored(encoded, tmp_path):
 
 def test_training_on_a_partial_layer_warns(tiny_store):
     from actstore.sae.config import TrainConfig
-    from actstore.sae.train import PartialLayerWarning, train_sae
+    from actstore.sae.rows import PartialLayerWarning
+    from actstore.sae.train import train_sae
 
     edit_attrs(tiny_store, "models/tiny/layer_1", committed_rows=128, complete=False)
     drop_markers(tiny_store, "models/tiny/layer_1", first=0)  # the attributes say how far it got

@@ -32,15 +32,8 @@ from actstore.format import layout
 from actstore.format.layout import check_name
 from actstore.models.loading import auto_device
 from actstore.sae.config import TrainConfig
-from actstore.sae.train import (
-    TrainingRun,
-    TrainResult,
-    existing_run,
-    held_out_rows,
-    open_stream,
-    training_rows,
-    writable_store,
-)
+from actstore.sae.rows import held_out_rows, open_stream, training_rows, writable_store
+from actstore.sae.train import TrainingRun, TrainResult, existing_run
 from actstore.storage.locks import StoreLock
 from actstore.store.reader import Store
 

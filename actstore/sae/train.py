@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from actstore.errors import ConfigError, IntegrityError, NotFoundError, StoreError
+from actstore.errors import ConfigError, IntegrityError, NotFoundError
 from actstore.format import layout
 from actstore.format.layout import check_name
 from actstore.models.checkpoint import optimizer_tensors, pack, restore_optimizer, unpack
@@ -48,13 +48,18 @@ from actstore.sae.metrics import (
 )
 from actstore.sae.model import SAE, check_d_in
 from actstore.sae.optim import ScheduleFreeSignSGD, averaged, make_optimizer
+from actstore.sae.rows import (
+    estimate_stats,
+    held_out_rows,
+    open_stream,
+    training_rows,
+    writable_store,
+)
 from actstore.sae.sparse import BatchTopKEncode, TopKEncode, decode_entries, decode_topk
-from actstore.sae.stream import RowSplit, ShuffledStream, split_rows
+from actstore.sae.stream import RowSplit, ShuffledStream
 from actstore.storage.integrity import update_manifest
 from actstore.storage.locks import StoreLock
-from actstore.storage.urls import write_access
-from actstore.store.aligned import stacked_activations
-from actstore.store.reader import Store, open_store
+from actstore.store.reader import Store
 from actstore.version import __version__
 
 CKPT = layout.SAE_CHECKPOINT
@@ -85,10 +90,6 @@ class TrainResult:
     store: str = ""
     split: RowSplit | None = field(default=None, repr=False)
     """The train / held-out split used."""
-
-
-class PartialLayerWarning(UserWarning):
-    """Training on a layer whose extraction is not finished (only its committed rows are used)."""
 
 
 class LossParts(NamedTuple):
@@ -180,40 +181,6 @@ def train_step(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, tracker: T
     return parts
 
 
-class InputStats(NamedTuple):
-    """What a new run learns from a few random chunks of its training rows."""
-
-    mean_sq: np.ndarray
-    """(n_sources,) mean squared norm of each source (a crosscoder's row holds its sources side by side)."""
-    mean: np.ndarray
-    """(d_model,) float64 mean row."""
-    sample: np.ndarray
-    """(<= n_sample, d_model) float32 random training rows (none twice), in random order (``--init data``)."""
-
-
-def _estimate_stats(stream: ShuffledStream, seed: int, n_sources: int = 1, max_chunks: int = 16, n_sample: int = 0) -> InputStats:
-    """:class:`InputStats` of the training rows of up to ``max_chunks`` random chunks (more chunks are read, up to
-    every chunk, while fewer than ``n_sample`` rows have been seen)."""
-    rng = np.random.default_rng([seed, 3])
-    order = rng.permutation(len(stream.chunks))
-    sq, tot, n = np.zeros(n_sources), np.zeros(stream.acts.d_model, dtype=np.float64), 0
-    parts: list[np.ndarray] = []
-    for j, i in enumerate(order):
-        if j >= max_chunks and n >= n_sample:
-            break
-        v32 = stream.read_chunk(*stream.chunks[i])  # (m, d_model) float32
-        v = v32.astype(np.float64)
-        sq += (v**2).reshape(len(v), n_sources, -1).sum(axis=(0, 2))
-        tot += v.sum(0)
-        n += len(v)
-        if n_sample:
-            parts.append(v32)
-    rows = np.concatenate(parts) if parts else np.zeros((0, stream.acts.d_model), np.float32)
-    sample = rows[np.random.default_rng([seed, 5]).permutation(len(rows))[:n_sample]]
-    return InputStats(sq / max(n, 1), tot / max(n, 1), sample)
-
-
-# ---------------------------------------------------------------- checkpoints
 def _identity(cfg: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in cfg.to_dict().items() if k not in RUNTIME_FIELDS}
 
@@ -284,38 +251,6 @@ def _train_sae(
         lock.release()
 
 
-def writable_store(store: Store | str, storage_options: dict[str, Any] | None, writable: bool) -> Store:
-    """``store`` opened to save SAEs into; StoreError when it is read-only (a URL without ``writable``)."""
-    if isinstance(store, str):  # a path: local stores are writable by a writing command, URLs with writable only
-        st = open_store(store, storage_options=storage_options, writable=write_access(store, writable))
-    else:
-        st = store
-    if st.loc.read_only:
-        raise StoreError(f"store {st.url} is open read-only: pass --writable (open_store(url, writable=True)) to save an SAE")
-    return st
-
-
-def training_rows(st: Store, cfg: TrainConfig) -> tuple[Any, int]:
-    """The rows a run reads (a layer, or a crosscoder's sources side by side) and the SAE's input width per source;
-    NotFoundError for a layer with no committed rows, a warning for a partly extracted one."""
-    sources = cfg.sources()
-    if sources is None:
-        acts = st.activations(cfg.model, cfg.layer)  # NotFoundError names the model / layer
-        d_in = acts.d_model
-    else:  # a crosscoder: the sources' rows side by side (refused unless they are the same tokens)
-        acts = stacked_activations(st, sources)
-        d_in = acts.d_source
-    if len(acts) == 0:
-        raise NotFoundError(f"layer {cfg.layer} of model {cfg.model!r} in {st.url} has no committed rows yet: finish extract")
-    if not acts.attrs.get("complete"):
-        warnings.warn(
-            f"{cfg.model} layer {cfg.layer} in {st.url} is only partly extracted ({len(acts)} of "
-            f"{acts.attrs.get('n_rows')} rows committed): training on the committed rows; finish the extract for the rest",
-            PartialLayerWarning, stacklevel=4,
-        )  # fmt: skip
-    return acts, d_in
-
-
 def _train_locked(
     st: Store, cfg: TrainConfig, progress: bool, on_step: Callable[[int, dict[str, Any]], None] | None, acts: Any,
     d_in: int, d_sae: int, k: int | None, aux_k: int | None, name: str, device: torch.device, tok: Any,
@@ -329,20 +264,6 @@ def _train_locked(
         run = TrainingRun.start(st, cfg, name, acts, split, stream, device, aux_k, d_sae, k, tok.key)
     seconds = run.loop(progress, on_step)
     return run.finish(seconds)
-
-
-def held_out_rows(acts: Any, split: RowSplit) -> torch.Tensor:
-    """The held-out rows ``(n_eval, d_model)`` float32 (read once; runs trained together share them)."""
-    return torch.from_numpy(acts.take(split.eval_rows)) if len(split.eval_rows) else torch.zeros(0, acts.d_model)
-
-
-def open_stream(acts: Any, tok: Any, cfg: TrainConfig, device: torch.device) -> tuple[RowSplit, ShuffledStream]:
-    """The held-out split and the shuffled stream of training rows a run (or runs trained together) reads."""
-    split = split_rows(tok, len(acts), cfg.eval_fraction, cfg.max_eval_tokens, cfg.stream_seed())
-    buffer_rows = max(1, cfg.buffer_mb * 2**20 // (4 * acts.d_model))
-    stream = ShuffledStream(acts, split.train_mask, cfg.batch_size, buffer_rows, seed=cfg.stream_seed(),
-                            workers=cfg.workers, pin_memory=device.type == "cuda")  # fmt: skip
-    return split, stream
 
 
 def existing_run(st: Store, cfg: TrainConfig, name: str) -> bool:
@@ -400,7 +321,7 @@ class TrainingRun:
         n_src = len(sources) if sources else 1
         d_in = acts.d_model // n_src
         data_init = cfg.init == "data"
-        mean_sq, mean, sample = _estimate_stats(stream, cfg.seed, n_src, n_sample=d_sae if data_init else 0)
+        mean_sq, mean, sample = estimate_stats(stream, cfg.seed, n_src, n_sample=d_sae if data_init else 0)
         scales = [math.sqrt(d_in / v) if cfg.normalize and v > 0 else 1.0 for v in mean_sq]
         cross = {} if sources is None else {"models": [s.model for s in sources], "layers": [s.layer for s in sources],
                                             "norm_scales": scales}  # fmt: skip
