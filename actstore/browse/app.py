@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -139,7 +140,8 @@ def create_app(store: Store, cfg: ServeConfig | None = None) -> Starlette:
     env = templates()
     links = Links()
     max_bytes = int(cfg.max_result_mb * 2**20)
-    in_process = store.url.startswith("memory://")  # no other process can open it: threads, without the memory cap
+    # a store no other process can open, or no POSIX pipes to talk to one: threads, without the memory cap
+    in_process = store.url.startswith("memory://") or os.name != "posix"
     pool = None if in_process else QueryPool(store.url, store.loc.storage_options, cfg.query_workers, cfg.query_memory_mb)
     page_limiter = anyio.CapacityLimiter(1)  # the Browser's caches and connection: one page at a time
     query_limiter = anyio.CapacityLimiter(cfg.query_workers)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import resource
 import select
 import subprocess
 import sys
@@ -147,6 +146,10 @@ def _vm_bytes() -> int:
 
 def _cap_memory(memory_mb: int) -> None:
     """Cap this process's address space at what it maps now plus ``memory_mb`` (where the OS allows)."""
+    try:
+        import resource  # POSIX only: elsewhere the query process runs uncapped
+    except ImportError:
+        return
     used = _vm_bytes()
     if used and hasattr(resource, "RLIMIT_AS"):
         limit = used + memory_mb * 2**20
