@@ -17,6 +17,10 @@ class ConfigError(ActstoreError, ValueError):
     """Options that are invalid on their own or together."""
 
 
+class QueryError(ActstoreError, ValueError):
+    """A SQL query DuckDB refuses: a syntax error, a missing table or column, a file outside the store's sandbox."""
+
+
 class DataError(ActstoreError, ValueError):
     """A corpus file that is missing, unreadable or lacks a field."""
 

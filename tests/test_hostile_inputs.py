@@ -255,3 +255,15 @@ def test_unicode_digits_are_not_unit_markers_or_generations():
     assert layout.parse_unit_marker("\u0660" * 11 + "\u0661.done") is None  # Arabic-Indic digits
     assert layout.parse_generation("gen-3") == 3
     assert layout.parse_generation("gen-\u0663") is None
+
+
+# ---------------------------------------------------------------- DuckDB errors in our hierarchy
+def test_a_query_duckdb_refuses_is_a_query_error(encoded):
+    from actstore.errors import QueryError
+
+    with pytest.raises(QueryError, match="SQL error: .*no_such_table"):
+        actstore.sql(actstore.open_store(encoded), "SELECT * FROM no_such_table")
+    one_line_error(CliRunner().invoke(main, ["sql", encoded, "SELEC 1"]), "SQL error")
+    r = CliRunner().invoke(main, ["query", encoded, "top_tokens", "--param", "sae=s", "--param", "feature=0",
+                                  "--param", "n=-1"])  # fmt: skip
+    assert r.exit_code != 0 and isinstance(r.exception, SystemExit), r.exception

@@ -12,7 +12,7 @@ import polars as pl
 
 from actstore.errors import ConfigError, NotFoundError
 from actstore.query.tables import resolve_sae
-from actstore.query.views import connect
+from actstore.query.views import connect, query_error
 
 if TYPE_CHECKING:
     from actstore.store.reader import Store
@@ -133,6 +133,8 @@ def run_query(
     con = con or connect(store)
     try:
         return con.sql(q.sql, params=values).pl()
+    except duckdb.Error as exc:
+        raise query_error(exc) from None
     finally:
         if own:
             con.close()

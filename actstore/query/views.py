@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import duckdb
 import polars as pl
 
+from actstore.errors import QueryError
 from actstore.format import layout
 from actstore.format.layout import name_ok
 from actstore.query.tables import feature_tables
@@ -182,8 +183,15 @@ def sql(store: Store, query: str, params: dict[str, Any] | list[Any] | None = No
     con = connect(store)
     try:
         return con.sql(query, params=params).pl() if params else con.sql(query).pl()
+    except duckdb.Error as exc:
+        raise query_error(exc) from None
     finally:
         con.close()
+
+
+def query_error(exc: Exception) -> QueryError:
+    """A DuckDB error as actstore's QueryError: its first line, naming what DuckDB refused."""
+    return QueryError(f"SQL error: {str(exc).splitlines()[0][:500]}")
 
 
 def _register_fs(con: duckdb.DuckDBPyConnection, store: Store) -> None:
