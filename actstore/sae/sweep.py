@@ -215,7 +215,8 @@ def _check_layers(store: str, configs: list[TrainConfig], storage_options: dict[
 def _report(run: SweepRun, log: Callable[[str], Any]) -> None:
     what = "already trained" if run.skipped else f"{run.steps} steps in {run.seconds:.1f}s"
     if run.one_pass > 1:
-        what += f", trained with {run.one_pass - 1} other SAEs in one pass"
+        n = run.one_pass - 1
+        what += f", trained with {n} other SAE{'s' if n > 1 else ''} in one pass"
     log(f"{run.name}: held-out FVU {run.fvu:.4f}, L0 {run.l0:.1f}, dead {run.dead_fraction:.3f} ({what})")
 
 
