@@ -154,3 +154,26 @@ def test_lock_objects_are_never_left_empty_by_a_full_disk(tmp_path):
         assert list((mnt / "s" / "locks").iterdir()) == []
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_a_file_removed_while_a_folder_is_listed_is_not_an_error(tmp_path, monkeypatch):
+    """Another writer's temporary file (create_exclusive writes one beside each marker and claim) may vanish between
+    the listing of a folder and the size of its entries: the walk leaves it out instead of failing."""
+    from actstore.storage import location
+
+    loc = open_location(str(tmp_path / "s"), create=True, writable=True)
+    assert loc.create_exclusive("units/a/000000000000.done", b"{}")
+    tmp = Path(loc.root) / "units" / "a" / "000000000032.done.tmp123"
+    tmp.write_bytes(b"x")
+    real = location.os.scandir
+
+    def racing_scandir(path):
+        entries = list(real(path))
+        if Path(path) == tmp.parent and tmp.exists():
+            tmp.unlink()  # the other writer links its file and removes the temporary one, right after the listing
+        return iter(entries)
+
+    monkeypatch.setattr(location.os, "scandir", racing_scandir)
+    assert list(loc.walk("units")) == ["units/a/000000000000.done"]
+    assert not tmp.exists()
+    assert completed_units(loc, "a") == {0}

@@ -261,7 +261,10 @@ class Location:
                 if e.is_dir(follow_symlinks=False):
                     stack.append((ek, e.path))
                 elif e.is_file(follow_symlinks=False):
-                    out[ek] = e.stat(follow_symlinks=False).st_size
+                    try:
+                        out[ek] = e.stat(follow_symlinks=False).st_size
+                    except FileNotFoundError:  # removed since the listing (another writer's temporary file): not there
+                        continue
         return dict(sorted(out.items()))
 
     def exists(self, key: str) -> bool:
