@@ -16,14 +16,6 @@ def deadline(seconds: float) -> str:
     return (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat(timespec="milliseconds")
 
 
-def passed(stamp: str) -> bool:
-    """Whether the ISO 8601 time ``stamp`` is in the past (an unreadable one counts as past)."""
-    try:
-        return datetime.fromisoformat(stamp) < datetime.now(UTC)
-    except (TypeError, ValueError):
-        return True
-
-
 def parse(stamp: str) -> datetime | None:
     """The time an ISO 8601 ``stamp`` names (UTC when it gives no zone), or None when it is not one."""
     try:

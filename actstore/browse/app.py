@@ -130,7 +130,7 @@ def create_app(store: Store, cfg: ServeConfig | None = None) -> Starlette:
     from starlette.routing import Mount, Route
     from starlette.staticfiles import StaticFiles
 
-    from actstore.browse.console import named_sql
+    from actstore.browse.console import named_sql, timed_out
     from actstore.browse.workers import QueryPool
 
     cfg = cfg or ServeConfig()
@@ -229,7 +229,7 @@ def create_app(store: Store, cfg: ServeConfig | None = None) -> Starlette:
             with anyio.fail_after(cfg.query_timeout + 2 * GRACE_S):
                 return await off_loop(run_query, sql, params, limiter=query_limiter)
         except TimeoutError:
-            raise ConfigError(f"the query ran past {cfg.query_timeout:g} s and was stopped: add a WHERE or a LIMIT") from None
+            raise timed_out(cfg.query_timeout) from None
         finally:
             busy.discard(client)
 

@@ -61,6 +61,16 @@ FETCH_ROWS = 64
 """Rows fetched at a time, so that the byte bound is checked before much more than it is held."""
 
 
+def timed_out(timeout: float) -> QueryRefused:
+    """The refusal of a query stopped after ``timeout`` seconds."""
+    return QueryRefused(f"the query ran past {timeout:g} s and was stopped: add a WHERE or a LIMIT")
+
+
+def too_big(what: str = "result") -> QueryRefused:
+    """The refusal of a query whose ``what`` (query or result) needs more memory than the console allows."""
+    return QueryRefused(f"the {what} needs more memory than the console allows: add a WHERE or a LIMIT")
+
+
 class Fetched(NamedTuple):
     """The rows one console query returned, as Arrow."""
 
@@ -97,15 +107,15 @@ def fetch_table(con: duckdb.DuckDBPyConnection, sql: str, params: dict[str, Any]
             if n_rows > max_rows:
                 break
     except duckdb.InterruptException:
-        raise QueryRefused(f"the query ran past {timeout:g} s and was stopped: add a WHERE or a LIMIT") from None
+        raise timed_out(timeout) from None
     except duckdb.OutOfMemoryException:
-        raise QueryRefused("the query needs more memory than the console allows: add a WHERE or a LIMIT") from None
+        raise too_big("query") from None
     except MemoryError:
-        raise QueryRefused("the result needs more memory than the console allows: add a WHERE or a LIMIT") from None
+        raise too_big() from None
     except OSError as exc:  # DuckDB's Arrow conversion reports its out-of-memory as an OSError
         if "out of memory" not in str(exc).lower():
             raise
-        raise QueryRefused("the result needs more memory than the console allows: add a WHERE or a LIMIT") from None
+        raise too_big() from None
     except duckdb.Error as exc:
         raise QueryRefused(f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
     finally:

@@ -25,7 +25,15 @@ import threading
 import time
 from typing import Any
 
-from actstore.browse.console import ConsoleResult, Fetched, QueryRefused, check_statement, to_result
+from actstore.browse.console import (
+    ConsoleResult,
+    Fetched,
+    QueryRefused,
+    check_statement,
+    timed_out,
+    to_result,
+    too_big,
+)
 from actstore.errors import StoreError
 
 GRACE_S = 5.0
@@ -121,7 +129,7 @@ class QueryPool:
                 raise
             except TimeoutError:
                 worker.kill()
-                raise QueryRefused(f"the query ran past {timeout:g} s and was stopped: add a WHERE or a LIMIT") from None
+                raise timed_out(timeout) from None
             except (EOFError, OSError, ValueError):
                 worker.kill()  # died (out of memory beyond the cap's reach, a crash): a fresh one next time
                 raise QueryRefused("the query's process died (too much memory?): add a WHERE or a LIMIT") from None
@@ -195,8 +203,7 @@ def _worker_main() -> None:
             _write_frame(out, json.dumps({"ok": False, "error": str(exc)}).encode())
             continue
         except MemoryError:
-            _write_frame(out, json.dumps({"ok": False, "error": "the result needs more memory than the console allows: "
-                                                                "add a WHERE or a LIMIT"}).encode())  # fmt: skip
+            _write_frame(out, json.dumps({"ok": False, "error": str(too_big())}).encode())
             continue
         except Exception as exc:
             _write_frame(out, json.dumps({"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}).encode())

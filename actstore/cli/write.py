@@ -377,7 +377,7 @@ def train(store: str, storage_options: tuple[str, ...], writable: bool, models: 
     for a in arch_list:
         if a is not None and a not in TRAIN_ARCHS:
             raise click.BadParameter(f"{a!r} is not one of {', '.join(TRAIN_ARCHS)}", param_hint="--arch")
-    configs: list[TrainConfig] = []
+    configs: list[tuple[TrainConfig, bool]] = []  # (config, a relu-l1 run of a mixed sweep: it takes no k)
     for a in arch_list:  # each architecture resolves its own defaults (optimizer, learning rate, init)
         relu = (a or (PRESETS.get(preset or "", {}).get("arch")) or "relu-l1") == "relu-l1"
         mixed = relu and len(arch_list) > 1  # k is topk's and batchtopk's: a relu-l1 run of a mixed sweep has none
@@ -389,20 +389,19 @@ def train(store: str, storage_options: tuple[str, ...], writable: bool, models: 
             threads=threads, eval_fraction=eval_fraction, checkpoint_every=checkpoint_every, resume=resume,
             overwrite=overwrite, eval_points=eval_points,
         )  # fmt: skip
-        configs.append(cfg)
+        configs.append((cfg, mixed))
     n_runs = len(model_list) * len(layer_list) * len(d_list) * len(k_list) * len(lr_list) * len(seed_list) * len(arch_list)
     if n_runs > 1 or ray_address is not None:
         from actstore.sae.sweep import run_sweep, sweep_configs
 
         runs_cfg: list[TrainConfig] = []
-        for cfg in configs:
-            mixed = cfg.arch == "relu-l1" and len(arch_list) > 1
+        for cfg, mixed in configs:
             runs_cfg += sweep_configs(cfg, model_list, layer_list, d_list, None if mixed else k_list, lr_list, seed_list)
         runs = run_sweep(store, runs_cfg, ray_address=ray_address, storage_options=parse_storage_options(storage_options),
                          writable=write_access(store, writable), progress=not quiet, log=click.echo)  # fmt: skip
         click.echo(f"{store}: sweep of {len(runs)} SAEs done ({sum(r.skipped for r in runs)} already trained)")
         return
-    cfg = configs[0]
+    cfg = configs[0][0]
     import warnings
 
     from actstore.sae.metrics import RisingFVUWarning

@@ -127,10 +127,8 @@ def train_group(store: str, cfgs: list[dict[str, Any]], storage_options: dict[st
     out: list[dict[str, Any] | None] = [None] * len(tcs)
     todo = []
     for i, tc in enumerate(tcs):
-        d_sae = tc.resolve(st.activations(tc.model, tc.layer).d_model)[0]
-        name = tc.name or tc.default_name(d_sae)
-        if not tc.overwrite and name in have:
-            check_same_training(st, tc, name)
+        name, d_sae, finished = _finished(st, tc, have)
+        if finished:
             out[i] = _summary(name, tc, d_sae, read_metrics(st, name), skipped=True)
         else:
             todo.append(i)
@@ -156,20 +154,15 @@ def check_same_training(st: Any, tc: TrainConfig, name: str) -> None:
                           "--overwrite to retrain it with these, or sweep with its options to keep it")  # fmt: skip
 
 
-def _check_existing(store: str, configs: list[TrainConfig], storage_options: dict[str, Any] | None) -> None:
-    """Every finished SAE a sweep would skip was trained with the sweep's options, checked before any run trains."""
-    from actstore.sae.files import sae_names
-    from actstore.store.reader import open_store
-
-    st = open_store(store, storage_options=storage_options)
-    have = set(sae_names(st))
-    for tc in configs:
-        if tc.overwrite:
-            continue
-        d_sae = tc.resolve(st.activations(tc.model, tc.layer).d_model)[0]
-        name = tc.name or tc.default_name(d_sae)
-        if name in have:
-            check_same_training(st, tc, name)
+def _finished(st: Any, tc: TrainConfig, have: set[str]) -> tuple[str, int, bool]:
+    """``tc``'s SAE name and d_sae, and whether a finished SAE of that name is to be skipped (ConfigError from
+    :func:`check_same_training` when it was trained with other options); ``have``: the store's SAE names."""
+    d_sae = tc.resolve(st.activations(tc.model, tc.layer).d_model)[0]
+    name = tc.name or tc.default_name(d_sae)
+    finished = not tc.overwrite and name in have
+    if finished:
+        check_same_training(st, tc, name)
+    return name, d_sae, finished
 
 
 def run_sweep(store: str, configs: list[TrainConfig], ray_address: str | None = None,
@@ -183,9 +176,15 @@ def run_sweep(store: str, configs: list[TrainConfig], ray_address: str | None = 
 
     if not is_remote(store):
         store = os.path.abspath(store)  # Ray workers do not share the driver's working directory
-    _check_layers(store, configs, storage_options)
-    configs = name_runs(open_store(store, storage_options=storage_options), configs)
-    _check_existing(store, configs, storage_options)
+    from actstore.sae.files import sae_names
+
+    st = open_store(store, storage_options=storage_options)
+    for cfg in configs:  # every run's model and layer exist (NotFoundError naming the first), before any run trains
+        st.activations(cfg.model, cfg.layer)
+    configs = name_runs(st, configs)
+    have = set(sae_names(st))
+    for cfg in configs:  # every finished SAE the sweep would skip was trained with its options, checked up front
+        _finished(st, cfg, have)
     groups = stream_groups(configs)
     bar = tqdm(total=len(configs), desc="sweep", unit="run", disable=not progress)
     out: list[SweepRun] = []
@@ -201,15 +200,6 @@ def run_sweep(store: str, configs: list[TrainConfig], ray_address: str | None = 
     finally:
         bar.close()
     return out
-
-
-def _check_layers(store: str, configs: list[TrainConfig], storage_options: dict[str, Any] | None) -> None:
-    """Every run's model and layer exist (NotFoundError naming the first that does not), before any run trains."""
-    from actstore.store.reader import open_store
-
-    st = open_store(store, storage_options=storage_options)
-    for cfg in configs:
-        st.activations(cfg.model, cfg.layer)
 
 
 def _report(run: SweepRun, log: Callable[[str], Any]) -> None:
