@@ -6,6 +6,7 @@ import collections
 import http.client
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,6 +15,21 @@ import actstore
 from actstore.sae.config import SAEConfig
 from actstore.sae.files import save_sae
 from actstore.sae.model import SAE
+
+
+def one_line_error(r, *needles: str) -> str:
+    """A CLI result that failed with one clean line (no traceback) containing every needle; the line."""
+    assert r.exit_code != 0, r.output
+    assert isinstance(r.exception, SystemExit), f"traceback instead of a one-line error: {r.exception!r}\n{r.output}"
+    lines = [x for x in r.output.strip().splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), r.output
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def snapshot(root: str | Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
 
 
 def make_sae(store, name: str, arch: str, layer: int = 2, d_sae: int = 40, k: int | None = None, seed: int = 0) -> SAE:

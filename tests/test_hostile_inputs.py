@@ -15,24 +15,9 @@ from actstore.cli import main
 from actstore.encoding.config import EncodeConfig
 from actstore.encoding.encode import encode
 from actstore.storage.integrity import update_manifest
-from tests.helpers import make_sae
+from tests.helpers import make_sae, one_line_error, snapshot
 
 pytestmark = pytest.mark.filterwarnings("ignore:Object at .* is not recognized")
-
-
-def one_line_error(r, *needles: str) -> str:
-    """A CLI result that failed with one clean line (no traceback) containing every needle; the line."""
-    assert r.exit_code != 0, r.output
-    assert isinstance(r.exception, SystemExit), f"traceback instead of a one-line error: {r.exception!r}\n{r.output}"
-    lines = [x for x in r.output.strip().splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), r.output
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
-
-
-def snapshot(root: str | Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")

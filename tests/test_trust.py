@@ -30,22 +30,9 @@ from actstore.storage.integrity import update_manifest, verify
 from actstore.storage.location import open_location
 from actstore.storage.locks import StoreLock
 from actstore.store.units import completed_units
+from tests.helpers import one_line_error, snapshot
 
 pytestmark = pytest.mark.filterwarnings("ignore:Object at .* is not recognized")
-
-
-def one_line_error(r, *needles: str) -> None:
-    """A CLI result that failed with one clean line (no traceback) containing every needle."""
-    assert r.exit_code != 0, r.output
-    assert isinstance(r.exception, SystemExit), f"traceback instead of a one-line error: {r.exception!r}\n{r.output}"
-    lines = [x for x in r.output.strip().splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), r.output
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-
-
-def snapshot(root: str | Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
 
 
 def make_sae(st, name: str = "s", layer: int = 2, d_sae: int = 40, k: int = 4, seed: int = 0) -> SAE:
