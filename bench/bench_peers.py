@@ -43,15 +43,19 @@ from sparsify.sign_sgd import SignSGD
 args = json.loads(sys.argv[1])
 torch.set_num_threads(args["threads"])
 torch.manual_seed(args["seed"])
-x = torch.from_numpy(np.load(args["rows"]))  # (n_train, d_in), float32, shuffled once by the driver
+x = np.load(args["rows"], mmap_mode="r")  # (n_train, d_in), float32, shuffled once by the driver
 sae = SparseCoder(x.shape[1], SparseCoderConfig(k=args["k"], num_latents=args["d_sae"]))
-lr = 5e-3 / (sae.num_latents / 2**14) ** 0.5  # sparsify's default for signum
-opt = ScheduleFreeWrapper(SignSGD([{"params": sae.parameters(), "lr": lr}]), momentum=0.95)
-opt.train()
+lr = args.get("lr") or 5e-3 / (sae.num_latents / 2**14) ** 0.5  # sparsify's default for signum
+adam = args.get("optimizer") == "adam"
+if adam:
+    opt = torch.optim.Adam(sae.parameters(), lr=lr)
+else:
+    opt = ScheduleFreeWrapper(SignSGD([{"params": sae.parameters(), "lr": lr}]), momentum=0.95)
+    opt.train()
 t0 = time.perf_counter()
 n = 0
 for b0 in range(0, x.shape[0] - args["batch"] + 1, args["batch"]):
-    xb = x[b0 : b0 + args["batch"]]
+    xb = torch.from_numpy(np.array(x[b0 : b0 + args["batch"]]))
     if b0 == 0:
         sae.b_dec.data = xb.mean(0)
     sae.set_decoder_norm_to_unit_norm()
@@ -61,7 +65,8 @@ for b0 in range(0, x.shape[0] - args["batch"] + 1, args["batch"]):
     opt.step()
     opt.zero_grad()
     n += xb.shape[0]
-opt.eval()
+if not adam:
+    opt.eval()
 secs = time.perf_counter() - t0
 sae.save_to_disk(args["out"])
 print(json.dumps({"tokens": n, "seconds": secs}))
@@ -75,10 +80,10 @@ from sae_lens.config import SAETrainerConfig
 args = json.loads(sys.argv[1])
 torch.set_num_threads(args["threads"])
 torch.manual_seed(args["seed"])
-x = torch.from_numpy(np.load(args["rows"]))  # (n_train, d_in), float32, shuffled once by the driver
+x = np.load(args["rows"], mmap_mode="r")  # (n_train, d_in), float32, shuffled once by the driver
 n = (x.shape[0] // args["batch"]) * args["batch"]
 sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=args["k"], d_in=x.shape[1], d_sae=args["d_sae"]))
-batches = iter(x[b0 : b0 + args["batch"]] for b0 in range(0, n, args["batch"]))
+batches = iter(torch.from_numpy(np.array(x[b0 : b0 + args["batch"]])) for b0 in range(0, n, args["batch"]))
 tcfg = SAETrainerConfig(total_training_samples=n, train_batch_size_samples=args["batch"], lr_end=3e-4)  # the runner sets lr_end
 trainer = SAETrainer(tcfg, sae, batches)
 t0 = time.perf_counter()
@@ -87,6 +92,17 @@ secs = time.perf_counter() - t0
 sae.save_inference_model(args["out"])  # cfg.json + sae_weights.safetensors, decoder norms folded in
 print(json.dumps({"tokens": n, "seconds": secs}))
 """
+
+
+def run_peer(python: str, script: str, spec: dict) -> dict | None:
+    """Run a peer's training ``script`` in ``python`` with ``spec`` (its JSON argument); its last stdout line (tokens,
+    seconds), or None (the error on stderr) when it failed."""
+    out = subprocess.run([python, "-c", script, json.dumps(spec)], capture_output=True, text=True,
+                         env={**os.environ, "WANDB_MODE": "disabled", "TQDM_DISABLE": "1"})  # fmt: skip
+    if out.returncode:
+        print(f"peer failed:\n{out.stderr[-3000:]}", file=sys.stderr)
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def topk_encode(x: np.ndarray, w_enc: np.ndarray, b_enc: np.ndarray, k: int) -> np.ndarray:
@@ -239,12 +255,9 @@ def main() -> None:
             continue
         spec = {"rows": str(work / "rows.npy"), "k": args.k, "d_sae": args.d_sae, "batch": args.batch,
                 "threads": args.threads, "seed": 0, "out": str(work / key)}  # fmt: skip
-        out = subprocess.run([python, "-c", script, json.dumps(spec)], capture_output=True, text=True,
-                             env={**os.environ, "WANDB_MODE": "disabled", "TQDM_DISABLE": "1"})  # fmt: skip
-        if out.returncode:
-            print(f"{key} failed:\n{out.stderr[-3000:]}", file=sys.stderr)
+        info = run_peer(python, script, spec)
+        if info is None:
             continue
-        info = json.loads(out.stdout.strip().splitlines()[-1])
         if key == "sparsify":
             m = sparsify_weights(str(work / key), eval_x, x_train, args.k)
         else:

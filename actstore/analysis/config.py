@@ -204,8 +204,10 @@ class DemoConfig:
     """Active features per token of the demo's TopK SAEs (default: 4% of d_sae, at least 1)."""
     paper_sae: bool = True
     """Also train the paper's ReLU + L1 1e-3 SAE at the last layer of the fine-tuned model (shown, flagged dense)."""
-    sae_lr: float = 1e-3
-    """SAE Adam learning rate (the paper: 2e-5 over far more tokens)."""
+    sae_lr: float | None = None
+    """SAE learning rate (default: the trainer's for the run's token budget; the paper: 2e-5 over far more tokens)."""
+    sae_resample: int = 4
+    """Dead-latent resamplings of each TopK SAE (a run of ~70 steps needs them: 16% -> 3.5% never firing at layer 6)."""
     sae_epochs: int = 3
     """SAE epochs (the paper: 10)."""
     sae_batch_size: int = 1024

@@ -133,17 +133,18 @@ class _Demo:
         layers = cfg.sae_layers or default_sae_layers(max(st.layers(self.pre_key)))
         d_sae = round(int(st.layer_attrs(self.pre_key, layers[0])["d_model"]) * cfg.sae_expansion)
         k = cfg.sae_k or max(1, int(d_sae * 0.04))
-        cmd = (f"actstore train {sp} --model M --layer L --arch topk --k {k} --d-sae {d_sae} --lr {cfg.sae_lr:g} "
-               f"--epochs {cfg.sae_epochs}  # M in {self.pre_key}, {self.ft_key}; L in {layers}")  # fmt: skip
+        lr = "" if cfg.sae_lr is None else f" --lr {cfg.sae_lr:g}"
+        cmd = (f"actstore train {sp} --model M --layer L --arch topk --k {k} --d-sae {d_sae}{lr} --resample "
+               f"{cfg.sae_resample} --epochs {cfg.sae_epochs}  # M in {self.pre_key}, {self.ft_key}; L in {layers}")  # fmt: skip
         self._step("train", "3/5 train SAEs", cmd)
         common = {"d_sae": d_sae, "lr": cfg.sae_lr, "epochs": cfg.sae_epochs, "batch_size": cfg.sae_batch_size,
                   "device": self.device, "seed": cfg.seed, "overwrite": True, "checkpoint_every": 0}  # fmt: skip
-        names = [self._train_one(st, TrainConfig(model=key, layer=layer, arch="topk", k=k, **common))
+        names = [self._train_one(st, TrainConfig(model=key, layer=layer, arch="topk", k=k, resample=cfg.sae_resample, **common))
                  for layer in layers for key in (self.pre_key, self.ft_key)]  # fmt: skip
         if cfg.paper_sae:
             paper = f"paper-{self.ft_key}-l{layers[-1]}"
             cmd = (f"actstore train {sp} --model {self.ft_key} --layer {layers[-1]} --arch relu-l1 --l1 1e-3 "
-                   f"--b-dec-init mean --no-unit-grad --d-sae {d_sae} --lr {cfg.sae_lr:g} --epochs {cfg.sae_epochs} "
+                   f"--b-dec-init mean --no-unit-grad --d-sae {d_sae}{lr} --epochs {cfg.sae_epochs} "
                    f"--name {paper}")  # fmt: skip
             self.log(f"$ {cmd}  # the paper's recipe, for contrast")
             self.cmds.append(cmd)

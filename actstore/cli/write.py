@@ -327,7 +327,10 @@ def _list(raw: str | None, kind: type, hint: str, example: str) -> list[Any]:
 @_train("l1_warmup")
 @_train("lr", "--lr", "lrs", type=str, metavar="LR[,LR...]",
         help=f"{field_docs(TrainConfig)['lr']} 1e-3,3e-3 make a sweep.")  # fmt: skip
+@_train("lr_warmup")
+@_train("lr_decay")
 @_train("optimizer", type=click.Choice(OPTIMIZERS))
+@_train("resample")
 @_train("init", type=click.Choice(DECODER_INITS))
 @_train("b_dec_init", type=click.Choice(B_DEC_INITS))
 @_train("unit_grad", "--unit-grad/--no-unit-grad", default=None)
@@ -353,7 +356,8 @@ def _list(raw: str | None, kind: type, hint: str, example: str) -> list[Any]:
 @handle_errors
 def train(store: str, storage_options: tuple[str, ...], writable: bool, models: str, layers: str, archs: str | None,
           d_saes: str | None, expansion: float | None, ks: str | None, l1: float | None, l1_warmup: float | None,
-          lrs: str | None, optimizer: str | None, init: str | None, b_dec_init: str | None, unit_grad: bool | None,
+          lrs: str | None, lr_warmup: float | None, lr_decay: float | None, optimizer: str | None, resample: int,
+          init: str | None, b_dec_init: str | None, unit_grad: bool | None,
           epochs: int | None, tokens: int | None, batch_size: int, preset: str | None, name: str | None, seeds: str,
           no_normalize: bool, buffer_mb: int, threads: int | None, eval_fraction: float, checkpoint_every: int,
           eval_points: int, resume: bool, overwrite: bool, device: str, ray_address: str | None,
@@ -383,7 +387,8 @@ def train(store: str, storage_options: tuple[str, ...], writable: bool, models: 
         mixed = relu and len(arch_list) > 1  # k is topk's and batchtopk's: a relu-l1 run of a mixed sweep has none
         cfg = TrainConfig(
             model=model_list[0] if model_list else "", layer=layer_list[0], arch=a, d_sae=d_list[0], expansion=expansion,
-            k=None if mixed else k_list[0], l1=l1, l1_warmup=l1_warmup, lr=lr_list[0], optimizer=optimizer, init=init,
+            k=None if mixed else k_list[0], l1=l1, l1_warmup=l1_warmup, lr=lr_list[0], lr_warmup=lr_warmup, lr_decay=lr_decay,
+            optimizer=optimizer, resample=resample, init=init,
             b_dec_init=b_dec_init, unit_grad=unit_grad, epochs=epochs, tokens=tokens, batch_size=batch_size,
             preset=preset, name=name, device=device, seed=seed_list[0], normalize=not no_normalize, buffer_mb=buffer_mb,
             threads=threads, eval_fraction=eval_fraction, checkpoint_every=checkpoint_every, resume=resume,
@@ -415,7 +420,8 @@ def train(store: str, storage_options: tuple[str, ...], writable: bool, models: 
     size = f"k {c.k}" if c.k else f"l1 {c.l1:g}"
     click.echo(
         f"{res.store}: SAE {res.name} ({c.arch}, {c.d_in}->{c.d_sae}, {size}) on {c.model} layer {c.layer}: "
-        f"{res.steps} steps, {res.tokens} tokens, {res.steps_per_s:.1f} steps/s"
+        f"{res.steps} steps, {res.tokens} tokens, {res.steps_per_s:.1f} steps/s, {cfg.optimizer} "
+        f"lr {res.metrics['lr']:.2g}"
         + (f", resumed at step {res.resumed_from}" if res.resumed_from else "")
         + f"; held-out ({res.metrics['n_eval_rows']} tokens): FVU {ev.get('fvu', float('nan')):.4f}, "
         f"MSE {ev.get('mse', float('nan')):.4g}, L0 {ev.get('l0', float('nan')):.1f}, "

@@ -145,11 +145,41 @@ OPTIMIZERS = ("signum", "adam")
 """SAE optimizers (``--optimizer``), see :mod:`actstore.sae.optim`."""
 
 
-def default_optimizer(arch: str) -> str:
-    """signum for topk / batchtopk: measured on MiniLM layer 4 over IMDb at equal tokens it leaves about half the
-    variance Adam does (docs/BENCHMARKS.md, issue 10); Adam for relu-l1, whose L1 recipes (the paper's, SAELens's)
-    are tuned for Adam."""
-    return "adam" if arch == "relu-l1" else "signum"
+def default_optimizer(arch: str, crosscoder: bool = False) -> str:
+    """Adam for SAEs of every architecture; signum for topk / batchtopk crosscoders. Measured across token budgets on
+    MiniLM layer 6 over IMDb (docs/TRAINING.md, issue 28): sparsify's signum, the default while runs were 0.3M tokens,
+    gets worse with more data (held-out FVU 0.348 at 0.2M tokens -> 0.452 at 2M, 35% of latents never firing) where
+    Adam with :func:`adam_lr` and its warm-up and decay improves (0.29 -> 0.22, <= 1% never firing). Crosscoders keep
+    signum (not measured across budgets); relu-l1's L1 recipes (the paper's, SAELens's) are tuned for Adam."""
+    return "signum" if crosscoder and arch != "relu-l1" else "adam"
+
+
+ADAM_LR_AT_2M = 1e-3
+"""Adam's learning rate for a topk / batchtopk SAE trained on 2M tokens (see :func:`adam_lr`)."""
+ADAM_LR_EXPONENT = 0.3
+ADAM_LR_RANGE = (2e-4, 4e-3)
+
+
+def adam_lr(tokens: int) -> float:
+    """The default Adam learning rate of a topk / batchtopk SAE trained on ``tokens`` tokens:
+    ``1e-3 * (tokens / 2M) ** -0.3`` within [2e-4, 4e-3]. Short runs want larger steps, long ones smaller: on MiniLM
+    layer 6 over IMDb (d_sae 3072, k 32, warm-up 5% and decay 20%) 2e-3 was the best of 5e-4 / 1e-3 / 2e-3 at 0.2M
+    tokens (FVU 0.287) and 1e-3 at 2M (0.220; 2e-3 left 10% of latents never firing); docs/TRAINING.md."""
+    lo, hi = ADAM_LR_RANGE
+    return min(hi, max(lo, ADAM_LR_AT_2M * (max(tokens, 1) / 2e6) ** -ADAM_LR_EXPONENT))
+
+
+DEFAULT_LR_WARMUP = 0.05
+DEFAULT_LR_DECAY = 0.2
+
+
+def default_lr_schedule(arch: str, optimizer: str, crosscoder: bool) -> tuple[float, float]:
+    """``(lr_warmup, lr_decay)``: 5% warm-up and 20% linear decay to 0 for Adam on topk / batchtopk SAEs (at 2M tokens
+    on MiniLM layer 6: held-out FVU 0.228 constant -> 0.220 with the decay, and never-firing latents 2.0% -> 0.2% with
+    the warm-up); none otherwise (relu-l1's and signum's recipes were measured without)."""
+    if optimizer == "adam" and arch != "relu-l1" and not crosscoder:
+        return DEFAULT_LR_WARMUP, DEFAULT_LR_DECAY
+    return 0.0, 0.0
 
 
 B_DEC_INITS = ("mean", "zeros")
@@ -223,7 +253,7 @@ def training_differences(saved: dict[str, Any], cfg: TrainConfig, saved_d_sae: i
     return diff
 
 
-FIELDS_ADDED = {"b_dec_init": "mean", "unit_grad": False, "data_seed": None}
+FIELDS_ADDED = {"b_dec_init": "mean", "unit_grad": False, "data_seed": None, "lr_warmup": 0.0, "lr_decay": 0.0, "resample": 0}
 """Training fields added after runs were checkpointed without them, with the value every such run used: an
 unfinished run from before them resumes with ``--b-dec-init mean --no-unit-grad``."""
 
@@ -253,9 +283,13 @@ class TrainConfig:
     l1_warmup: float | None = None
     """relu-l1: fraction of the steps over which the L1 coefficient ramps up from 0 (default 0.05; paper preset 0)."""
     lr: float | None = None
-    """Learning rate (default: signum 5e-3 / sqrt(d_sae / 2^14) as sparsify; Adam 1e-3 relu-l1, else 5e-4; paper 2e-5)."""
+    """Learning rate (default: Adam 1e-3 * (tokens / 2M)^-0.3 topk, batchtopk; 1e-3 relu-l1; paper 2e-5; signum as sparsify)."""
+    lr_warmup: float | None = None
+    """Fraction of the steps over which the learning rate ramps up linearly from 0 (default 0.05 Adam topk/batchtopk, else 0)."""
+    lr_decay: float | None = None
+    """Fraction of the steps at the end over which the learning rate decays linearly to 0 (0.2 Adam topk/batchtopk, else 0)."""
     optimizer: str | None = None
-    """signum (sparsify's Schedule-Free sign descent; default for topk, batchtopk) or adam (default for relu-l1)."""
+    """adam (default) or signum (sparsify's Schedule-Free sign descent; default for topk, batchtopk crosscoders)."""
     init: str | None = None
     """Decoder rows at start: data (directions of random training tokens; default for topk, batchtopk) or random."""
     epochs: int | None = None
@@ -294,6 +328,8 @@ class TrainConfig:
     """Dead latents used by the topk/batchtopk auxiliary loss (default d_in / 2)."""
     aux_coef: float = 1 / 32
     """Weight of the auxiliary dead-latent loss."""
+    resample: int = 0
+    """Re-initialise latents silent since the last time toward badly fit tokens, N times in the run's first half (0: never)."""
     task_samples: int = 256
     """Held-out samples for the task-accuracy check (models with a classification head; 0 disables)."""
     grad_clip: float = 1.0
@@ -335,16 +371,19 @@ class TrainConfig:
             raise ConfigError("give --epochs or --tokens, not both")
         self.l1 = 1e-3 if self.l1 is None else self.l1
         self.l1_warmup = DEFAULT_L1_WARMUP if self.l1_warmup is None else self.l1_warmup
-        self.optimizer = self.optimizer or default_optimizer(self.arch)
+        crosscoder = self.models is not None or self.layers is not None  # as sources()
+        self.optimizer = self.optimizer or default_optimizer(self.arch, crosscoder)
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown --optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
         if self.init is not None and self.init not in DECODER_INITS:
             raise ConfigError(f"unknown --init {self.init!r}: choose one of {', '.join(DECODER_INITS)}")
         if self.b_dec_init is not None and self.b_dec_init not in B_DEC_INITS:
             raise ConfigError(f"unknown --b-dec-init {self.b_dec_init!r}: choose one of {', '.join(B_DEC_INITS)}")
-        crosscoder = self.models is not None or self.layers is not None  # as sources()
-        if self.lr is None and self.optimizer == "adam":  # signum's default depends on d_sae: see learning_rate
-            self.lr = RELU_L1_LR if relu_sae(self.arch, crosscoder) else DEFAULT_LR
+        warmup, decay = default_lr_schedule(self.arch, str(self.optimizer), crosscoder)
+        self.lr_warmup = warmup if self.lr_warmup is None else float(self.lr_warmup)
+        self.lr_decay = decay if self.lr_decay is None else float(self.lr_decay)
+        if self.lr is None and self.optimizer == "adam" and (self.arch == "relu-l1" or crosscoder):
+            self.lr = RELU_L1_LR if relu_sae(self.arch, crosscoder) else DEFAULT_LR  # else by d_sae or tokens: learning_rate
         if self.tokens is None:
             self.epochs = DEFAULT_EPOCHS if self.epochs is None else self.epochs
         checks = [
@@ -353,6 +392,9 @@ class TrainConfig:
             (self.lr is None or self.lr > 0, f"--lr must be positive, got {self.lr}"),
             (self.l1 >= 0, f"--l1 must be >= 0, got {self.l1}"),
             (0 <= self.l1_warmup < 1, f"--l1-warmup must be in [0, 1), got {self.l1_warmup}"),
+            (0 <= self.lr_warmup < 1, f"--lr-warmup must be in [0, 1), got {self.lr_warmup}"),
+            (0 <= self.lr_decay <= 1, f"--lr-decay must be in [0, 1], got {self.lr_decay}"),
+            (self.lr_warmup + self.lr_decay <= 1, "--lr-warmup + --lr-decay must be at most 1"),
             (self.epochs is None or self.epochs > 0, f"--epochs must be positive, got {self.epochs}"),
             (self.tokens is None or self.tokens > 0, f"--tokens must be positive, got {self.tokens}"),
             (self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}"),
@@ -360,6 +402,8 @@ class TrainConfig:
             (0 <= self.eval_fraction < 1, f"eval_fraction must be in [0, 1), got {self.eval_fraction}"),
             (self.buffer_mb > 0 and self.workers > 0, "buffer_mb and workers must be positive"),
             (self.dead_window > 0, "dead_window must be positive"),
+            (self.resample >= 0, f"--resample must be >= 0, got {self.resample}"),
+            (self.resample == 0 or not crosscoder, "--resample is for SAEs, not crosscoders"),
             (self.checkpoint_every >= 0 and self.log_every > 0, "checkpoint_every >= 0 and log_every > 0 please"),
             (self.eval_points >= 0, f"eval_points must be >= 0, got {self.eval_points}"),
             (self.curve_eval_tokens > 0, f"curve_eval_tokens must be positive, got {self.curve_eval_tokens}"),
@@ -391,11 +435,24 @@ class TrainConfig:
         """The seed of the held-out split and the data order."""
         return self.seed if self.data_seed is None else int(self.data_seed)
 
-    def learning_rate(self, d_sae: int) -> float:
-        """The learning rate of a run of width ``d_sae``: ``lr``, else the optimizer's default."""
+    def learning_rate(self, d_sae: int, tokens: int | None = None) -> float:
+        """The learning rate of a run of width ``d_sae`` on ``tokens`` tokens (default ``self.tokens``): ``lr``, else
+        the optimizer's default (signum: by d_sae as sparsify; Adam on a topk / batchtopk SAE: by tokens, :func:`adam_lr`)."""
         if self.lr is not None:
             return float(self.lr)
-        return 5e-3 / math.sqrt(d_sae / 2**14) if self.optimizer == "signum" else DEFAULT_LR
+        if self.optimizer == "signum":
+            return 5e-3 / math.sqrt(d_sae / 2**14)
+        budget = tokens if tokens is not None else self.tokens
+        return adam_lr(budget) if budget else DEFAULT_LR
+
+    def lr_factor(self, step: int, total_steps: int) -> float:
+        """The learning rate's multiplier at ``step`` (0-based) of ``total_steps``: a linear ramp from 0 over the first
+        ``lr_warmup`` of the steps, 1, then a linear decay to 0 over the last ``lr_decay``."""
+        warm, decay = float(self.lr_warmup or 0.0) * total_steps, float(self.lr_decay or 0.0) * total_steps
+        f = min(1.0, (step + 1) / warm) if warm >= 1 else 1.0
+        if decay >= 1:
+            f = min(f, (total_steps - step) / decay)
+        return max(f, 0.0)
 
     def sources(self) -> list[Source] | None:
         """A crosscoder's sources (``models`` / ``layers``), None for an SAE."""

@@ -48,6 +48,7 @@ from actstore.sae.metrics import (
 )
 from actstore.sae.model import SAE, check_d_in
 from actstore.sae.optim import ScheduleFreeSignSGD, averaged, make_optimizer
+from actstore.sae.resample import MIN_EXPECTED_FIRES, resample_latents, resample_steps
 from actstore.sae.rows import (
     estimate_stats,
     held_out_rows,
@@ -294,14 +295,16 @@ class TrainingRun:
         self.st, self.cfg, self.name, self.split, self.stream, self.device = st, cfg, name, split, stream, device
         self.aux_k = aux_k
         self.sae = sae.to(device).train()
-        self.opt = make_optimizer(str(cfg.optimizer), self.sae.parameters(), cfg.learning_rate(sae.cfg.d_sae))
+        self.per_epoch = stream.batches_per_epoch
+        self.total_steps = math.ceil(cfg.tokens / cfg.batch_size) if cfg.tokens else self.per_epoch * int(cfg.epochs or 1)
+        self.base_lr = cfg.learning_rate(sae.cfg.d_sae, self.total_steps * cfg.batch_size)
+        self.resample_steps = resample_steps(cfg.resample, self.total_steps)
+        self.opt = make_optimizer(str(cfg.optimizer), self.sae.parameters(), self.base_lr)
         self.tracker = TrainTracker(sae.cfg.d_sae, cfg.dead_window, cfg.dense_threshold).to(device)
         self.meta = meta
         self.start_step = self.step = int(meta["step"])
         self.history: list[dict[str, Any]] = list(meta.get("history", []))
         self.thr_ema: float | None = meta.get("threshold_ema")
-        self.per_epoch = stream.batches_per_epoch
-        self.total_steps = math.ceil(cfg.tokens / cfg.batch_size) if cfg.tokens else self.per_epoch * int(cfg.epochs or 1)
         self.eval_x = eval_x if eval_x is not None else held_out_rows(acts, split)  # (n_eval, d_model)
         n_curve = len(self.eval_x)  # the FVU-tokens curve: an evenly spaced subset of the held-out rows (cheap)
         pick = np.linspace(0, n_curve - 1, cfg.curve_eval_tokens).round().astype(np.int64)
@@ -452,11 +455,14 @@ class TrainingRun:
         warm = self.cfg.l1_warmup * self.total_steps if self.sae.cfg.arch == "relu-l1" else 0
         fvus = [float(e["curve"]["fvu"]) for e in self.history if "curve" in e and "fvu" in e["curve"] and e["step"] > warm]
         if rising_fvu(fvus):
-            msg = rising_fvu_cause(self.cfg, self.cfg.learning_rate(self.sae.cfg.d_sae), fvus, self.tracker.tokens_seen)
+            msg = rising_fvu_cause(self.cfg, self.base_lr, fvus, self.tracker.tokens_seen)
             warned.append(msg)
             warnings.warn(f"SAE {self.name}: {msg}", RisingFVUWarning, stacklevel=2)
 
     def _one_step(self, x: torch.Tensor) -> LossParts:
+        lr = self.base_lr * self.cfg.lr_factor(self.step, self.total_steps)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
         parts = train_step(self.sae, self.opt, x, self.tracker, self.cfg, self.aux_k, self.l1_at(self.step))
         if parts.kept is not None:  # batchtopk
             with torch.no_grad():
@@ -465,7 +471,23 @@ class TrainingRun:
                     m = float(pos.min())
                     self.thr_ema = m if self.thr_ema is None else 0.99 * self.thr_ema + 0.01 * m
         self.step += 1
+        if self.step in self.resample_steps:
+            self._resample(x, parts)
         return parts
+
+    def _resample(self, x: torch.Tensor, parts: LossParts) -> None:
+        """Latents silent since the last resampling restart toward this batch's residuals (:mod:`actstore.sae.resample`);
+        skipped while the window is too short to tell a rare latent from a dead one (under MIN_EXPECTED_FIRES per latent)."""
+        since = int(self.meta.get("resampled_at_tokens", 0))
+        done = self.meta.setdefault("resampled", [])
+        k = self.sae.cfg.k
+        if k and (self.tracker.tokens_seen - since) * k < MIN_EXPECTED_FIRES * self.sae.cfg.d_sae:
+            done.append({"step": self.step, "tokens": self.tracker.tokens_seen, "latents": 0, "skipped": "window too short"})
+            return
+        silent = self.tracker.last_fired <= since
+        n = resample_latents(self.sae, self.opt, x * self.sae.scale, parts.x_hat_n.detach(), silent, self.cfg.seed + self.step)
+        self.meta["resampled_at_tokens"] = self.tracker.tokens_seen
+        done.append({"step": self.step, "tokens": self.tracker.tokens_seen, "latents": n})
 
     def _log(self, parts: LossParts, bar: Any) -> None:
         """A history entry every ``log_every`` steps, at each epoch's end and at each of the ``eval_points`` (with
@@ -476,7 +498,8 @@ class TrainingRun:
         if not (step % cfg.log_every == 0 or end_of_epoch or at_eval or step == self.total_steps):
             return
         entry: dict[str, Any] = {"step": step, "epoch": step / self.per_epoch, "tokens": self.tracker.tokens_seen,
-                                 "loss": float(parts.loss.detach()), **self.tracker.interval(self.sae.d_input)}  # fmt: skip
+                                 "loss": float(parts.loss.detach()), "lr": float(self.opt.param_groups[0]["lr"]),
+                                 **self.tracker.interval(self.sae.d_input)}  # fmt: skip
         if (end_of_epoch and not cfg.tokens) or step == self.total_steps:
             entry["eval"] = self.evaluate()
         if at_eval or step == self.total_steps:
@@ -509,10 +532,11 @@ class TrainingRun:
             "steps": step,
             "tokens": self.tracker.tokens_seen,
             "epochs": step / self.per_epoch,
+            "lr": self.base_lr,  # the peak learning rate (before warm-up and decay)
             "n_train_rows": split.n_train,
             "n_eval_rows": int(len(split.eval_rows)),
             "n_eval_samples": int(len(split.eval_samples)),
-            "train": {k_: v for k_, v in self.last_train.items() if k_ not in ("eval", "step", "epoch", "tokens", "loss")},
+            "train": {k_: v for k_, v in self.last_train.items() if k_ not in ("eval", "step", "epoch", "tokens", "loss", "lr")},
             "eval": final_eval,
             "threshold": float(sae.threshold) if sae.cfg.arch == "batchtopk" else None,
             "norm_scale": sae.cfg.norm_scale,
@@ -526,6 +550,7 @@ class TrainingRun:
             "curves": training_curves(history),
             "task": task,
             "warnings": list(self.meta.get("warnings", [])),
+            "resampled": list(self.meta.get("resampled", [])),
         }
         save_sae(self.st, sae, self.name, metrics)
         self.st.loc.rmtree(layout.sae_file(self.name, layout.SAE_CHECKPOINT_DIR))

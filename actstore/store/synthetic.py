@@ -28,12 +28,48 @@ class PlantedDictionary:
     atoms: np.ndarray
     """float32 ``(n_atoms, d)``, unit rows."""
     k_active: int
-    """Atoms per row."""
+    """Atoms per row (with ``zipf``: on average)."""
     seed: int
+    zipf: float = 0.0
+    """0: every row has ``k_active`` atoms drawn uniformly. > 0: atom ``i`` fires on its own with probability
+    proportional to ``(i + 1) ** -zipf`` (a long tail of rare features, as in real activations), scaled to
+    ``k_active`` atoms per row on average."""
+    noise: float = 0.0
+    """Standard deviation of Gaussian noise added to each coordinate."""
 
     def rows(self, n: int, block: int = 65536) -> Iterator[np.ndarray]:
-        """``n`` rows in blocks ``(<= block, d)``: ``x = sum_j c_j atom_j``, ``k_active`` random atoms, ``c ~ U(0.5, 1.5)``."""
-        return (c @ self.atoms for c in sparse_codes(len(self.atoms), self.k_active, self.seed, n, block))  # (m, d)
+        """``n`` rows in blocks ``(<= block, d)``: ``x = sum_j c_j atom_j (+ noise)``, ``c ~ U(0.5, 1.5)``."""
+        if self.zipf > 0:
+            codes = zipf_codes(firing_probabilities(len(self.atoms), self.k_active, self.zipf), self.seed, n, min(block, 8192))
+        else:
+            codes = sparse_codes(len(self.atoms), self.k_active, self.seed, n, block)
+        rng = np.random.default_rng([self.seed, 2])
+        for c in codes:
+            x = c @ self.atoms  # (m, d)
+            if self.noise > 0:
+                x += rng.normal(0.0, self.noise, size=x.shape).astype(np.float32)
+            yield x
+
+
+def firing_probabilities(n_atoms: int, k_mean: float, zipf: float) -> np.ndarray:
+    """float64 ``(n_atoms,)``: ``p_i`` proportional to ``(i + 1) ** -zipf``, summing to ``k_mean`` (each at most 1)."""
+    p = np.arange(1, n_atoms + 1, dtype=np.float64) ** -zipf
+    for _ in range(50):  # rescale to the mean, capping at 1 (a few rounds settle it)
+        p = np.minimum(1.0, p * k_mean / p.sum())
+    return p
+
+
+def zipf_codes(p: np.ndarray, seed: int, n: int, block: int = 8192) -> Iterator[np.ndarray]:
+    """``n`` seeded sparse codes in blocks ``(<= block, n_atoms)``: atom ``i`` active with probability ``p[i]`` on its own,
+    ``c ~ U(0.5, 1.5)``."""
+    rng = np.random.default_rng([seed, 3])
+    p32 = p.astype(np.float32)
+    for a in range(0, n, block):
+        m = min(block, n - a)
+        on = np.nonzero(rng.random((m, len(p)), dtype=np.float32) < p32)  # the active (row, atom) pairs
+        codes = np.zeros((m, len(p)), dtype=np.float32)
+        codes[on] = rng.uniform(0.5, 1.5, size=len(on[0])).astype(np.float32)
+        yield codes  # (m, n_atoms)
 
 
 def sparse_codes(n_atoms: int, k_active: int, seed: int, n: int, block: int = 65536) -> Iterator[np.ndarray]:
@@ -48,12 +84,13 @@ def sparse_codes(n_atoms: int, k_active: int, seed: int, n: int, block: int = 65
         yield codes  # (m, n_atoms)
 
 
-def planted_dictionary(d: int, n_atoms: int, k_active: int, seed: int = 0) -> PlantedDictionary:
-    """Random unit atoms ``(n_atoms, d)``."""
+def planted_dictionary(d: int, n_atoms: int, k_active: int, seed: int = 0, zipf: float = 0.0,
+                       noise: float = 0.0) -> PlantedDictionary:  # fmt: skip
+    """Random unit atoms ``(n_atoms, d)`` (see :class:`PlantedDictionary` for ``zipf`` and ``noise``)."""
     rng = np.random.default_rng([seed, 0])
     atoms = rng.standard_normal((n_atoms, d)).astype(np.float32)
     atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
-    return PlantedDictionary(atoms, k_active, seed)
+    return PlantedDictionary(atoms, k_active, seed, zipf, noise)
 
 
 def write_synthetic_store(
