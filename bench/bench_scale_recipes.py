@@ -140,6 +140,9 @@ def main() -> None:
         "sparsify, saelens, sparsify-default (sparsify's loop at actstore's default optimizer and lr).",
     )
     ap.add_argument("--synthetic-d", type=int, default=384, help="Width of the --synthetic store's rows.")
+    ap.add_argument("--full-pass-rows", type=int, default=2_100_000,
+                    help="Rows the never-firing count reads (the whole store when smaller; a synthetic store's rows are "
+                    "independent draws, so its first rows are a fair sample).")  # fmt: skip
     args = ap.parse_args()
 
     import actstore
@@ -188,16 +191,17 @@ def one_budget(args: Any, budget: int, cfgs: dict[str, Any], rates: dict[str, fl
 
     work = scratch / "s.zarr"
     shutil.rmtree(work, ignore_errors=True)
-    shutil.copytree(args.store, work, ignore=shutil.ignore_patterns("saes", "features", "locks"))
+    shutil.copytree(args.store, work, ignore=shutil.ignore_patterns("saes", "features", "locks"), copy_function=os.link)
     runs = [dataclasses.replace(cfg, name=f"r{i}", tokens=budget) for i, cfg in enumerate(cfgs.values())]
     results = train_together(str(work), runs, progress=False)
     st = actstore.open_store(str(work))
     rows = st.activations(args.model, args.layer)
     eval_rows = results[0].split.eval_rows
     eval_x = rows.take(eval_rows)  # (n_eval, d_in)
+    counted = rows if len(rows) <= args.full_pass_rows else rows[: args.full_pass_rows]  # (n, d_in)
     for name, res in zip(cfgs, results, strict=True):
         ev = res.metrics["eval"]
-        full = never_fired(res.sae.cpu().eval(), rows)
+        full = never_fired(res.sae.cpu().eval(), counted)
         print(f"| {res.tokens:,} | {name} | {ev['fvu']:.4f} | {ev['l0']:.1f} | {ev['dead_fraction']:.3f} | {full:.3f} | "
               f"{rates[name]:,.0f} |", flush=True)  # fmt: skip
     wanted = [p for p in args.peers.split(",") if p]
@@ -219,7 +223,10 @@ def one_budget(args: Any, budget: int, cfgs: dict[str, Any], rates: dict[str, fl
         if info is None:
             continue
         secs = time.perf_counter() - t0
-        m = sparsify_weights(str(out), eval_x, rows, args.k) if script is SPARSIFY else saelens_weights(str(out), eval_x, rows)
+        if script is SPARSIFY:
+            m = sparsify_weights(str(out), eval_x, counted, args.k)
+        else:
+            m = saelens_weights(str(out), eval_x, counted)
         print(f"| {info['tokens']:,} | {label} | {m['fvu']:.4f} | {m['l0']:.1f} | – | {m['dead']:.3f} | "
               f"{info['tokens'] / info['seconds']:,.0f} (2 threads, in memory; {secs:.0f} s) |", flush=True)  # fmt: skip
     npy.unlink()

@@ -11,58 +11,96 @@ the same batches in the same order, and the same bytes once encoded.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import zarr
 
-from actstore.format import layout
+from actstore.format import codecs, layout
 from actstore.models.taps import LayerTap
 from actstore.storage.location import Location
 
 
-def forward_unit(
-    tap: LayerTap, ids: np.ndarray, starts: np.ndarray, lens: np.ndarray, u0: int, u1: int, layers: list[int],
-    d_model: int, batch_size: int, device: str, keep: np.ndarray | None = None,
-) -> dict[int, np.ndarray]:  # fmt: skip
-    """Rows ``[u0, u1)`` of every layer, float32 ``(u1 - u0, d_model)``; pieces given by absolute ``starts`` and
-    ``lens``, each owning its rows from ``starts + keep`` on (``keep`` default 0: all of them)."""
+class Batch(NamedTuple):
+    """One forward batch of a unit, its owned rows packed on the device."""
+
+    dest: np.ndarray
+    """int64 ``(m,)``: each packed row's offset in the unit (``row - u0``)."""
+    rows: dict[int, torch.Tensor]
+    """layer -> ``(m, d_model)`` rows on the forward pass's device, in the model's dtype."""
+
+
+def ragged(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For pieces of ``counts (p,)`` elements: each element's piece and its offset within it, ``(sum(counts),)`` each."""
+    piece = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+    offset = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    return piece, offset
+
+
+def packed_batches(
+    tap: LayerTap, ids: np.ndarray, starts: np.ndarray, lens: np.ndarray, u0: int, u1: int, batch_size: int,
+    device: str, keep: np.ndarray | None = None,
+) -> Iterator[Batch]:  # fmt: skip
+    """The forward batches of rows ``[u0, u1)`` (pieces given by absolute ``starts`` and ``lens``, each owning its rows
+    from ``starts + keep`` on; ``keep`` default 0), longest pieces first. Inputs are built and the owned rows gathered
+    (padding and context dropped) with one index operation per batch, not a loop over the pieces."""
     keep = np.zeros(len(starts), dtype=np.int64) if keep is None else keep
-    bufs = {layer: np.empty((u1 - u0, d_model), dtype=np.float32) for layer in layers}
     base = int(starts[0])
     order = np.argsort(-lens, kind="stable")  # bucket by length: longest first
     cuda = device.startswith("cuda")
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     for b0 in range(0, len(order), batch_size):
         sel = order[b0 : b0 + batch_size]
-        width = int(lens[sel].max())
+        n_tok, width = lens[sel].astype(np.int64), int(lens[sel].max())
+        j, off = ragged(n_tok)  # every token of the batch: its row in the batch, its position
         inp = np.zeros((len(sel), width), dtype=np.int64)
         mask = np.zeros((len(sel), width), dtype=np.int64)
-        for j, s in enumerate(sel):
-            a = int(starts[s]) - base
-            inp[j, : lens[s]] = ids[a : a + lens[s]]
-            mask[j, : lens[s]] = 1
+        inp[j, off] = ids[starts[sel][j] - base + off]
+        mask[j, off] = 1
+        r0 = np.maximum(starts[sel] + keep[sel], u0)  # the rows each piece owns within the unit: [r0, r1)
+        r1 = np.minimum(starts[sel] + n_tok, u1)
+        jo, oo = ragged(np.maximum(r1 - r0, 0))
+        pos = r0[jo] - starts[sel][jo] + oo  # (m,) position of each owned row in its piece
+        flat = torch.from_numpy(jo * width + pos).to(device, non_blocking=True)  # (m,) into (batch * width)
         with amp:
             hs = tap(torch.from_numpy(inp).to(device, non_blocking=True), torch.from_numpy(mask).to(device, non_blocking=True))
-        host = {}
-        for layer, t in hs.items():
-            t = t.float()
-            if cuda:
-                pinned = torch.empty(t.shape, dtype=torch.float32, pin_memory=True)
-                pinned.copy_(t, non_blocking=True)
-                host[layer] = pinned
-            else:
-                host[layer] = t
-        if cuda:
-            torch.cuda.synchronize()
+        yield Batch(r0[jo] - u0 + oo, {layer: t.reshape(-1, t.shape[-1]).index_select(0, flat) for layer, t in hs.items()})
+
+
+def forward_unit(
+    tap: LayerTap, ids: np.ndarray, starts: np.ndarray, lens: np.ndarray, u0: int, u1: int, layers: list[int],
+    d_model: int, batch_size: int, device: str, keep: np.ndarray | None = None,
+) -> dict[int, np.ndarray]:  # fmt: skip
+    """Rows ``[u0, u1)`` of every layer, float32 ``(u1 - u0, d_model)`` (see :func:`packed_batches`)."""
+    bufs = {layer: np.empty((u1 - u0, d_model), dtype=np.float32) for layer in layers}
+    for batch in packed_batches(tap, ids, starts, lens, u0, u1, batch_size, device, keep):
         for layer in layers:
-            h = host[layer].numpy()  # (batch, width, d_model)
-            for j, s in enumerate(sel):
-                r0, r1 = max(int(starts[s] + keep[s]), u0), min(int(starts[s]) + int(lens[s]), u1)
-                if r1 > r0:
-                    p0 = r0 - int(starts[s])
-                    bufs[layer][r0 - u0 : r1 - u0] = h[j, p0 : p0 + (r1 - r0)]
+            bufs[layer][batch.dest] = batch.rows[layer].float().cpu().numpy()  # (m, d_model)
     return bufs
+
+
+def forward_encoded(
+    tap: LayerTap, ids: np.ndarray, starts: np.ndarray, lens: np.ndarray, u0: int, u1: int, layers: list[int],
+    d_model: int, batch_size: int, device: str, codec: str, chans: dict[int, np.ndarray],
+    keep: np.ndarray | None = None,
+) -> dict[int, codecs.Encoded]:  # fmt: skip
+    """Rows ``[u0, u1)`` of every layer in their stored form (``codec``; ``chans``: each int8 layer's channel scale),
+    encoded on the forward pass's device by :mod:`actstore.format.device_codecs` (bit for bit what ``codecs.encode``
+    gives for :func:`forward_unit`'s rows), so only the stored dtype crosses to the host."""
+    from actstore.format import device_codecs
+
+    dtype = np.dtype(codecs.STORED_DTYPE[codec])
+    vals = {layer: np.empty((u1 - u0, d_model), dtype=dtype) for layer in layers}
+    scales = {layer: np.empty(u1 - u0, dtype=codecs.SCALE_DTYPE) for layer in layers} if codec == "int8" else {}
+    chan_dev = {layer: torch.from_numpy(np.asarray(c, np.float32)).to(device) for layer, c in chans.items()}
+    for batch in packed_batches(tap, ids, starts, lens, u0, u1, batch_size, device, keep):
+        for layer in layers:
+            enc = device_codecs.to_host(device_codecs.encode(batch.rows[layer], codec, chan_dev.get(layer)))
+            vals[layer][batch.dest] = enc.values
+            if enc.scale is not None:
+                scales[layer][batch.dest] = enc.scale
+    return {layer: codecs.Encoded(vals[layer], scales.get(layer)) for layer in layers}
 
 
 class UnitIndex:

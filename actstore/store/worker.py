@@ -23,7 +23,7 @@ from actstore.format import codecs, layout
 from actstore.format.layout import ATTR
 from actstore.storage.location import Location, open_location
 from actstore.storage.locks import POLL_S, Renewer, StoreLock
-from actstore.store.forward import UnitIndex, forward_unit
+from actstore.store.forward import UnitIndex, forward_encoded, forward_unit
 from actstore.store.units import UNIT_LEASE_S, commit_prefix, completed_units, mark_done
 
 CLAIMED, DONE, QUEUED = "claimed", "done", "queued"
@@ -134,11 +134,11 @@ class UnitWorker:
                 self._release(claim)
                 return DONE
             chan = {layer: self.channel_scale(layer) for layer in need} if self.job.codec == "int8" else {}
-            bufs = self.forward(u0, u1, need)
+            encoded = self.forward_encoded(u0, u1, need, chan)
         except BaseException:
             self._release(claim)
             raise
-        self.writer.put((u0, u1, bufs, chan, claim))
+        self.writer.put((u0, u1, encoded, chan, claim))
         self.rows_computed += u1 - u0
         return QUEUED
 
@@ -147,6 +147,12 @@ class UnitWorker:
         ids, starts, lens, keep = self.index.samples(u0, u1)
         return forward_unit(self.tap, ids, starts, lens, u0, u1, layers, self.loaded.d_model, self.job.batch_size,
                             self.device, keep)  # fmt: skip
+
+    def forward_encoded(self, u0: int, u1: int, layers: list[int], chan: dict[int, np.ndarray]) -> dict[int, codecs.Encoded]:
+        """Rows ``[u0, u1)`` of each of ``layers`` in their stored form, encoded on the model's device."""
+        ids, starts, lens, keep = self.index.samples(u0, u1)
+        return forward_encoded(self.tap, ids, starts, lens, u0, u1, layers, self.loaded.d_model, self.job.batch_size,
+                               self.device, self.job.codec, chan, keep)  # fmt: skip
 
     def channel_scale(self, layer: int) -> np.ndarray:
         """An int8 layer's per-channel scale: stored, or computed from unit 0's rows (the same on every worker)."""
@@ -177,7 +183,7 @@ class UnitWorker:
 
 
 class _UnitWriter(threading.Thread):
-    """Encodes and writes computed units (any order), then their markers; advances the prefix, frees the claim."""
+    """Writes computed (encoded) units in any order, then their markers; advances the prefix, frees the claim."""
 
     def __init__(self, worker: UnitWorker) -> None:
         super().__init__(daemon=True, name="actstore-unit-writer")
@@ -197,11 +203,11 @@ class _UnitWriter(threading.Thread):
                 self.q.task_done()
         self.q.task_done()
 
-    def _write(self, u0: int, u1: int, bufs: dict[int, np.ndarray], chan: dict[int, np.ndarray], claim: StoreLock) -> None:
-        job, loc = self.w.job, self.w.loc
-        for layer, x in bufs.items():
+    def _write(self, u0: int, u1: int, bufs: dict[int, codecs.Encoded], chan: dict[int, np.ndarray],
+               claim: StoreLock) -> None:  # fmt: skip
+        loc = self.w.loc
+        for layer, enc in bufs.items():
             arr, scale = self.w.arrays[layer]
-            enc = codecs.encode(x, job.codec, chan.get(layer))
             arr[u0:u1] = enc.values
             if scale is not None:
                 scale[u0:u1] = enc.scale

@@ -1,0 +1,92 @@
+"""A unit's rows packed with one gather per batch (issue 29 item 2) equal the per-piece scatter they replace, on
+ragged batches and context windows; rows encoded on the device equal the numpy codec of the float rows, bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from actstore.format import codecs
+from actstore.models.loading import load_model
+from actstore.models.taps import LayerTap
+from actstore.store.forward import forward_encoded, forward_unit, ragged
+
+
+def scatter_reference(tap, ids, starts, lens, u0, u1, layers, d_model, batch_size, keep):
+    """The per-piece loop of forward_unit before issue 29, kept as the reference."""
+    bufs = {layer: np.full((u1 - u0, d_model), np.nan, dtype=np.float32) for layer in layers}
+    base = int(starts[0])
+    order = np.argsort(-lens, kind="stable")
+    for b0 in range(0, len(order), batch_size):
+        sel = order[b0 : b0 + batch_size]
+        width = int(lens[sel].max())
+        inp = np.zeros((len(sel), width), dtype=np.int64)
+        mask = np.zeros((len(sel), width), dtype=np.int64)
+        for j, s in enumerate(sel):
+            a = int(starts[s]) - base
+            inp[j, : lens[s]] = ids[a : a + lens[s]]
+            mask[j, : lens[s]] = 1
+        hs = tap(torch.from_numpy(inp), torch.from_numpy(mask))
+        for layer in layers:
+            h = hs[layer].float().numpy()
+            for j, s in enumerate(sel):
+                r0, r1 = max(int(starts[s] + keep[s]), u0), min(int(starts[s]) + int(lens[s]), u1)
+                if r1 > r0:
+                    p0 = r0 - int(starts[s])
+                    bufs[layer][r0 - u0 : r1 - u0] = h[j, p0 : p0 + (r1 - r0)]
+    return bufs
+
+
+@pytest.fixture(scope="module")
+def tap(tiny_bert_dir):
+    return LayerTap(load_model(tiny_bert_dir, "cpu"), [1, 3])
+
+
+def pieces(windowed: bool):
+    """Token ids and pieces covering rows 0..n: ragged samples, or overlapping windows owning their tails."""
+    rng = np.random.default_rng(3)
+    if not windowed:
+        lens = rng.integers(1, 40, size=23).astype(np.int64)
+        starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
+        keep = np.zeros(len(lens), np.int64)
+        ids = rng.integers(1000, 2000, size=int(lens.sum())).astype(np.int64)
+        return ids, starts, lens, keep, int(lens.sum())
+    n, step, length = 16, 8, 70  # one sample of 70 tokens in windows of 16, stride 8
+    starts = np.arange(0, length - n + step, step, dtype=np.int64)
+    lens = np.minimum(n, length - starts).astype(np.int64)
+    keep = np.where(starts == 0, 0, n - step).astype(np.int64)
+    ids = rng.integers(1000, 2000, size=length).astype(np.int64)
+    return ids, starts, lens, keep, length
+
+
+@pytest.mark.parametrize("windowed", [False, True])
+@pytest.mark.parametrize(("u0", "u1"), [(0, None), (17, 61)])
+def test_packed_rows_equal_the_per_piece_scatter(tap, windowed, u0, u1):
+    ids, starts, lens, keep, n = pieces(windowed)
+    u1 = n if u1 is None else u1
+    want = scatter_reference(tap, ids, starts, lens, u0, u1, [1, 3], 32, 5, keep)
+    got = forward_unit(tap, ids, starts, lens, u0, u1, [1, 3], 32, 5, "cpu", keep)
+    for layer in (1, 3):
+        assert not np.isnan(want[layer]).any(), "the reference must fill every row"
+        np.testing.assert_array_equal(got[layer], want[layer])
+
+
+@pytest.mark.parametrize("codec", codecs.CODECS)
+def test_rows_encoded_on_the_device_equal_the_numpy_codec(tap, codec):
+    ids, starts, lens, keep, n = pieces(False)
+    rows = forward_unit(tap, ids, starts, lens, 5, n, [1, 3], 32, 4, "cpu", keep)
+    chans = {layer: codecs.channel_scale(rows[layer]) for layer in (1, 3)} if codec == "int8" else {}
+    got = forward_encoded(tap, ids, starts, lens, 5, n, [1, 3], 32, 4, "cpu", codec, chans, keep)
+    for layer in (1, 3):
+        want = codecs.encode(rows[layer], codec, chans.get(layer))
+        assert got[layer].values.dtype == want.values.dtype
+        np.testing.assert_array_equal(got[layer].values, want.values)
+        if codec == "int8":
+            np.testing.assert_array_equal(got[layer].scale, want.scale)
+
+
+def test_ragged_indices():
+    piece, offset = ragged(np.array([2, 0, 3]))
+    np.testing.assert_array_equal(piece, [0, 0, 2, 2, 2])
+    np.testing.assert_array_equal(offset, [0, 1, 0, 1, 2])
