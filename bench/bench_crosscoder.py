@@ -57,10 +57,10 @@ def in_memory(store: str, res, batch: int, steps: int) -> float:
 
     import actstore
     from actstore.sae.config import TrainConfig
+    from actstore.sae.loss import train_step
     from actstore.sae.metrics import TrainTracker
     from actstore.sae.model import SAE, check_fits
     from actstore.sae.optim import make_optimizer
-    from actstore.sae.train import train_step
 
     st = res.split
     cfg = res.sae.cfg

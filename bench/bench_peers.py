@@ -221,10 +221,10 @@ def main() -> None:
 
     # the same recipe as actstore's signum run, in memory: the bare loop the out-of-core trainer is measured against
     from actstore.sae.config import SAEConfig
+    from actstore.sae.loss import train_step
     from actstore.sae.metrics import TrainTracker
     from actstore.sae.model import SAE
     from actstore.sae.optim import ScheduleFreeSignSGD
-    from actstore.sae.train import train_step
 
     rng = np.random.default_rng(0)
     shuffled = x_train[rng.permutation(len(x_train))]

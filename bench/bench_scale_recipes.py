@@ -67,10 +67,10 @@ def step_rate(cfg: Any, x: np.ndarray, steps: int = 40) -> float:
     import torch
 
     from actstore.sae.config import SAEConfig
+    from actstore.sae.loss import train_step
     from actstore.sae.metrics import TrainTracker
     from actstore.sae.model import SAE
     from actstore.sae.optim import make_optimizer
-    from actstore.sae.train import train_step
 
     d_sae, k, aux_k = cfg.resolve(x.shape[1])
     sae = SAE(SAEConfig(arch=str(cfg.arch), d_in=x.shape[1], d_sae=d_sae, k=k, norm_scale=1.0))

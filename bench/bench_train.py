@@ -1,7 +1,7 @@
 """Benchmark: out-of-core SAE training vs an in-memory loop, peak RSS vs store size, and a quality table.
 
 1. **throughput**: ``train_sae`` streaming from a store vs the same step function
-   (``actstore.train.train_step``) over the same rows held in one in-memory tensor,
+   (``actstore.sae.loss.train_step``) over the same rows held in one in-memory tensor,
    shuffled with ``torch.randperm``; both in this process, alternated ``--reps`` times.
 2. **peak RSS**: one epoch of ``train_sae`` (16 MiB shuffle buffer) on synthetic
    stores of N and 4N rows, each in a fresh subprocess (``ru_maxrss``).
@@ -40,9 +40,9 @@ def in_memory_loop(x, cfg, d_sae: int, steps: int) -> float:
     import torch
 
     from actstore.sae.config import SAEConfig
+    from actstore.sae.loss import train_step
     from actstore.sae.metrics import TrainTracker
     from actstore.sae.model import SAE
-    from actstore.sae.train import train_step
 
     d = x.shape[1]
     torch.manual_seed(0)

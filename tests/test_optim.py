@@ -57,8 +57,8 @@ def test_the_sparse_step_has_the_dense_steps_loss_and_gradients(arch):
     gradients, the sparse AuxK) against autograd through the dense path (SAE.activate, a dense decoder, AuxK over
     every pre-activation): the same loss, reconstruction, fired counts and gradients."""
     from actstore.sae.config import SAEConfig
+    from actstore.sae.loss import sae_loss
     from actstore.sae.model import SAE
-    from actstore.sae.train import sae_loss
 
     torch.manual_seed(0)
     sae = SAE(SAEConfig(arch=arch, d_in=12, d_sae=40, k=5, norm_scale=1.3))
@@ -118,9 +118,9 @@ def test_a_relu_l1_step_sees_the_gradient_at_unit_norm(unit_grad):
     SGD at lr 1 (each parameter moves by -g / ||g||). Without it the clip at 1 leaves these small gradients alone
     (the mean-MSE gradient is ~0.01-0.05, where SAELens's summed-MSE one is far above its clip)."""
     from actstore.sae.config import SAEConfig, TrainConfig
+    from actstore.sae.loss import sae_loss, train_step
     from actstore.sae.metrics import TrainTracker
     from actstore.sae.model import SAE
-    from actstore.sae.train import sae_loss, train_step
 
     torch.manual_seed(0)
     sae = SAE(SAEConfig(arch="relu-l1", d_in=12, d_sae=40, l1=0.01, norm_scale=1.0))
