@@ -69,6 +69,20 @@ def test_encode_equals_dense_numpy(tiny_store, arch, k):
         np.testing.assert_array_equal(key, np.arange(len(feat)))
 
 
+def test_bucket_count_grows_with_the_corpus_so_a_bucket_fits_in_memory():
+    """A bucket is merged whole in memory at the end: its expected activations stay under BUCKET_ENTRIES (4M), at 2M
+    tokens as at 2 billion, by having more buckets (issue 29: memory bounded by work in flight, not the corpus)."""
+    from actstore.encoding.encode import BUCKET_ENTRIES, bucket_count
+
+    cfg = EncodeConfig(sae="s")  # 16 buckets at least
+    assert bucket_count(cfg, 3072, 2_000_000, 32) == 16  # 64M activations: 4M a bucket
+    assert bucket_count(cfg, 3072, 20_000_000, 32) == 160
+    assert bucket_count(cfg, 3072, 2_000_000_000, 32) == 3072  # capped at one feature a bucket
+    for n in (2_000_000, 20_000_000, 200_000_000):
+        assert n * 32 / bucket_count(cfg, 12288, n, 32) <= BUCKET_ENTRIES
+    assert bucket_count(EncodeConfig(sae="s", spill_entries=100, workers=1), 3072, 20_000_000, 32) == 160  # memory knobs
+
+
 def test_row_groups_let_a_feature_lookup_read_only_its_own(tiny_store):
     st = actstore.open_store(tiny_store, writable=True)
     make_sae(st, "s", "topk", k=8)

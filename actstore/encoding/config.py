@@ -18,7 +18,7 @@ class EncodeConfig:
     batch_rows: int = 8192
     """Token rows per SAE forward pass."""
     n_buckets: int = 16
-    """Feature-range buckets (files); more buckets = less memory while sorting."""
+    """Feature-range buckets (files) at least; more when a bucket would hold over 4M activations (memory)."""
     spill_entries: int = 16_000_000
     """Non-zero activations held in memory (16 bytes each) before they are spilled to disk as sorted runs."""
     row_group_rows: int = 16384

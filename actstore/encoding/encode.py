@@ -37,7 +37,8 @@ Bounded memory, resumable, and no dense pass over the SAE output:
    ``spilled_rows``.
 
 Memory: about 16 bytes x ``spill_entries`` for the runs, plus ~60 bytes per entry of the
-``workers`` buckets being finished (more ``n_buckets`` = smaller buckets).
+``workers`` buckets being finished. A corpus gets as many buckets as keep each under
+:data:`BUCKET_ENTRIES` activations (at least ``n_buckets``), so neither grows with the corpus.
 
 Final files use dictionary encoding for ``feature``, DELTA_BINARY_PACKED for ``row`` and
 BYTE_STREAM_SPLIT for ``value`` under zstd (about 4 bytes per entry).
@@ -45,6 +46,7 @@ BYTE_STREAM_SPLIT for ``value`` under zstd (about 4 bytes per entry).
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -211,9 +213,33 @@ class _Plan(NamedTuple):
         return all(m.get(k) == v for k, v in self.want.items())
 
 
+BUCKET_ENTRIES = 4_000_000
+"""Activations a bucket is planned to hold at most: it is merged whole in memory at the end (~60 bytes an activation,
+``workers`` buckets at a time: ~0.5 GB at 2 workers)."""
+
+
+def bucket_count(cfg: EncodeConfig, d_sae: int, n_rows: int, l0: float) -> int:
+    """Buckets for ``n_rows`` token rows at ``l0`` active features each: ``cfg.n_buckets``, or more so that a bucket
+    holds about :data:`BUCKET_ENTRIES` activations at most; so the finish phase's memory does not grow with the
+    corpus. Memory settings (``spill_entries``, ``workers``) do not change it: an encoding stays the same one."""
+    return max(1, min(d_sae, max(cfg.n_buckets, math.ceil(n_rows * l0 / BUCKET_ENTRIES))))
+
+
+def expected_l0(store: Store, name: str, sae: SAE) -> float:
+    """Active features per token to plan for: k (topk, batchtopk), else the held-out L0 in the SAE's metrics.json,
+    else a quarter of d_sae."""
+    from actstore.sae.files import number, read_metrics
+
+    if sae.cfg.k:
+        return float(sae.cfg.k)
+    ev = read_metrics(store, name).get("eval")
+    l0 = number(ev.get("l0")) if isinstance(ev, dict) else None
+    return l0 if l0 is not None and math.isfinite(l0) and l0 > 0 else sae.cfg.d_sae / 4
+
+
 def _plan(store: Store, cfg: EncodeConfig, sae: SAE, n_rows: int) -> _Plan:
     d_sae = sae.cfg.d_sae
-    n_buckets = min(cfg.n_buckets, d_sae)
+    n_buckets = bucket_count(cfg, d_sae, n_rows, expected_l0(store, cfg.sae, sae))
     bucket_features = -(-d_sae // n_buckets)
     n_buckets = -(-d_sae // bucket_features)
     want = {"n_rows": n_rows, "d_sae": d_sae, "n_buckets": n_buckets, "bucket_features": bucket_features,
