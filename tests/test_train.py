@@ -113,14 +113,14 @@ def test_recovers_a_planted_dictionary(planted, one_thread, arch, extra):
 @pytest.mark.parametrize("recipe", ["default", "signum"])
 def test_a_2x_overcomplete_sae_recovers_a_planted_dictionary(planted, one_thread, arch, recipe):
     """>= 95% of the planted atoms each have a latent within cosine 0.9 (Adam's d_sae = n_atoms run above finds 83%),
-    in 20 epochs: with the default recipe (no recipe options: Adam at the learning rate for its token budget, warm-up
-    and decay) as with sparsify's signum, the default of topk / batchtopk before issue 28."""
+    in 20 epochs: with the default recipe (no recipe options: Adam at the learning rate for its token budget, with its
+    decay) as with sparsify's signum, the default of topk / batchtopk before issue 28."""
     path, pd = planted
     opts = {"optimizer": "signum", "lr": 1e-2} if recipe == "signum" else {}
     cfg = TrainConfig(model="synth", layer=0, arch=arch, d_sae=128, k=3, epochs=20, batch_size=128, device="cpu",
                       name=f"{arch}-{recipe}", task_samples=0, **opts)  # fmt: skip
     if recipe == "default":
-        assert (cfg.optimizer, cfg.lr, cfg.lr_warmup, cfg.lr_decay) == ("adam", None, 0.05, 0.2)
+        assert (cfg.optimizer, cfg.lr, cfg.lr_warmup, cfg.lr_decay) == ("adam", None, 0.0, 0.2)
     res = train_sae(path, cfg, progress=False)
     w = res.sae.W_dec.detach()
     w = w / w.norm(dim=1, keepdim=True)  # (d_sae, d)
@@ -129,19 +129,20 @@ def test_a_2x_overcomplete_sae_recovers_a_planted_dictionary(planted, one_thread
     assert res.metrics["eval"]["fvu"] < 0.15
 
 
-def test_the_learning_rate_follows_its_warm_up_and_decay(planted, one_thread):
-    """The default Adam recipe's learning rate: the budget's peak (adam_lr of the run's tokens, kept in metrics.json),
-    ramped up over the first 5% of the steps and down to 0 over the last 20%, as logged at each step."""
+@pytest.mark.parametrize("warmup", [None, 0.05])
+def test_the_learning_rate_follows_its_warm_up_and_decay(planted, one_thread, warmup):
+    """The Adam recipe's learning rate: the budget's peak (adam_lr of the run's tokens, kept in metrics.json), ramped
+    up over the first ``--lr-warmup`` of the steps (default none) and down to 0 over the last 20%, as logged."""
     from actstore.sae.config import adam_lr
 
     path, _ = planted
     cfg = TrainConfig(model="synth", layer=0, arch="topk", d_sae=64, k=3, tokens=128 * 100, batch_size=128, log_every=1,
-                      eval_points=0, device="cpu", name="sched", task_samples=0)  # fmt: skip
+                      eval_points=0, device="cpu", name=f"sched-{warmup}", task_samples=0, lr_warmup=warmup)  # fmt: skip
     res = train_sae(path, cfg, progress=False)
     peak = adam_lr(128 * 100)
     assert res.metrics["lr"] == pytest.approx(peak)
     lrs = {h["step"]: h["lr"] for h in res.metrics["history"]}  # the rate of the step that ended at "step"
-    assert lrs[1] == pytest.approx(peak / 5)  # 5 warm-up steps: 1/5, 2/5, ... of the peak
+    assert lrs[1] == pytest.approx(peak if warmup is None else peak / 5)  # 5 warm-up steps: 1/5, 2/5, ... of the peak
     assert lrs[5] == lrs[50] == lrs[81] == pytest.approx(peak)
     assert lrs[82] == pytest.approx(peak * 19 / 20) and lrs[100] == pytest.approx(peak / 20)  # 20 decay steps
     assert adam_lr(2_000_000) == pytest.approx(1e-3)

@@ -149,7 +149,7 @@ def default_optimizer(arch: str, crosscoder: bool = False) -> str:
     """Adam for SAEs of every architecture; signum for topk / batchtopk crosscoders. Measured across token budgets on
     MiniLM layer 6 over IMDb (docs/TRAINING.md, issue 28): sparsify's signum, the default while runs were 0.3M tokens,
     gets worse with more data (held-out FVU 0.348 at 0.2M tokens -> 0.452 at 2M, 35% of latents never firing) where
-    Adam with :func:`adam_lr` and its warm-up and decay improves (0.29 -> 0.22, <= 1% never firing). Crosscoders keep
+    Adam with :func:`adam_lr` and its decay improves (0.29 -> 0.22, <= 1% never firing). Crosscoders keep
     signum (not measured across budgets); relu-l1's L1 recipes (the paper's, SAELens's) are tuned for Adam."""
     return "signum" if crosscoder and arch != "relu-l1" else "adam"
 
@@ -163,20 +163,21 @@ ADAM_LR_RANGE = (2e-4, 4e-3)
 def adam_lr(tokens: int) -> float:
     """The default Adam learning rate of a topk / batchtopk SAE trained on ``tokens`` tokens:
     ``1e-3 * (tokens / 2M) ** -0.3`` within [2e-4, 4e-3]. Short runs want larger steps, long ones smaller: on MiniLM
-    layer 6 over IMDb (d_sae 3072, k 32, warm-up 5% and decay 20%) 2e-3 was the best of 5e-4 / 1e-3 / 2e-3 at 0.2M
+    layer 6 over IMDb (d_sae 3072, k 32, decay over the last 20%) 2e-3 was the best of 5e-4 / 1e-3 / 2e-3 at 0.2M
     tokens (FVU 0.287) and 1e-3 at 2M (0.220; 2e-3 left 10% of latents never firing); docs/TRAINING.md."""
     lo, hi = ADAM_LR_RANGE
     return min(hi, max(lo, ADAM_LR_AT_2M * (max(tokens, 1) / 2e6) ** -ADAM_LR_EXPONENT))
 
 
-DEFAULT_LR_WARMUP = 0.05
+DEFAULT_LR_WARMUP = 0.0
 DEFAULT_LR_DECAY = 0.2
 
 
 def default_lr_schedule(arch: str, optimizer: str, crosscoder: bool) -> tuple[float, float]:
-    """``(lr_warmup, lr_decay)``: 5% warm-up and 20% linear decay to 0 for Adam on topk / batchtopk SAEs (at 2M tokens
-    on MiniLM layer 6: held-out FVU 0.228 constant -> 0.220 with the decay, and never-firing latents 2.0% -> 0.2% with
-    the warm-up); none otherwise (relu-l1's and signum's recipes were measured without)."""
+    """``(lr_warmup, lr_decay)``: no warm-up and a linear decay to 0 over the last 20% for Adam on topk / batchtopk
+    SAEs (at 2M tokens on MiniLM layer 6: held-out FVU 0.228 at a constant 1e-3 -> 0.220 with the decay; a 5% warm-up
+    cost 0.002-0.004 at 0.2M and 2M tokens, though it left fewer latents never firing: 0.2% vs 2.3%); none otherwise
+    (relu-l1's and signum's recipes were measured without)."""
     if optimizer == "adam" and arch != "relu-l1" and not crosscoder:
         return DEFAULT_LR_WARMUP, DEFAULT_LR_DECAY
     return 0.0, 0.0
@@ -285,7 +286,7 @@ class TrainConfig:
     lr: float | None = None
     """Learning rate (default: Adam 1e-3 * (tokens / 2M)^-0.3 topk, batchtopk; 1e-3 relu-l1; paper 2e-5; signum as sparsify)."""
     lr_warmup: float | None = None
-    """Fraction of the steps over which the learning rate ramps up linearly from 0 (default 0.05 Adam topk/batchtopk, else 0)."""
+    """Fraction of the steps over which the learning rate ramps up linearly from 0 (default 0)."""
     lr_decay: float | None = None
     """Fraction of the steps at the end over which the learning rate decays linearly to 0 (0.2 Adam topk/batchtopk, else 0)."""
     optimizer: str | None = None
