@@ -126,3 +126,18 @@ def test_a_run_killed_between_resamplings_resumes_to_the_same_weights(tiny_store
     for key in ("W_enc", "W_dec", "b_enc", "b_dec"):
         torch.testing.assert_close(getattr(res.sae, key), getattr(full.sae, key), rtol=1e-5, atol=1e-6)
     assert res.metrics["resampled"] == full.metrics["resampled"]
+
+
+def test_a_resampling_does_not_count_as_getting_worse_with_more_data():
+    """Resampled latents start unfit, so the held-out FVU jumps after a resampling (the demo's layer 6: 0.252 -> 0.276
+    -> 0.437 right after the resampling at step 18 of 71): the rising-FVU check reads only the curve after the last."""
+    from actstore.sae.metrics import curve_after, rising_fvu
+
+    history = [{"step": s, "curve": {"fvu": f}} for s, f in [(9, 0.30), (18, 0.25), (22, 0.276), (27, 0.437), (36, 0.30),
+                                                               (45, 0.26), (54, 0.24), (63, 0.23), (71, 0.22)]]  # fmt: skip
+    def warns(fvus: list[float]) -> bool:  # checked at every curve point as the run goes
+        return any(rising_fvu(fvus[: i + 1]) for i in range(len(fvus)))
+
+    assert warns(curve_after(history, 0))
+    last_resampling = max(resample_steps(4, 71))
+    assert last_resampling == 36 and not warns(curve_after(history, last_resampling))

@@ -221,6 +221,11 @@ def rising_fvu(fvus: list[float]) -> bool:
     return len(fvus) >= 3 and fvus[-3] < fvus[-2] < fvus[-1] and fvus[-1] > fvus[-3] * (1 + RISE_TOLERANCE)
 
 
+def curve_after(history: list[dict[str, Any]], step: float) -> list[float]:
+    """The held-out FVUs of the training curve's points (``history`` entries with a ``curve``) after ``step``."""
+    return [float(e["curve"]["fvu"]) for e in history if "curve" in e and "fvu" in e["curve"] and e["step"] > step]
+
+
 def rising_fvu_cause(cfg: Any, lr: float, fvus: list[float], tokens: int) -> str:
     """The warning for a run whose held-out FVU rises (:func:`rising_fvu`), naming the likely cause."""
     path = " -> ".join(f"{v:.3f}" for v in fvus[-3:])

@@ -35,6 +35,7 @@ from actstore.sae.loss import LossParts, train_step
 from actstore.sae.metrics import (
     RisingFVUWarning,
     TrainTracker,
+    curve_after,
     evaluate,
     rising_fvu,
     rising_fvu_cause,
@@ -353,12 +354,13 @@ class TrainingRun:
 
     def _check_rising(self) -> None:
         """Warn (once per run, kept in metrics.json's ``warnings``) when the held-out FVU rises at two curve points in
-        a row after relu-l1's L1 warm-up."""
+        a row after relu-l1's L1 warm-up and the last dead-latent resampling."""
         warned = self.meta.setdefault("warnings", [])
         if any("held-out FVU rose" in w for w in warned):
             return
         warm = self.cfg.l1_warmup * self.total_steps if self.sae.cfg.arch == "relu-l1" else 0
-        fvus = [float(e["curve"]["fvu"]) for e in self.history if "curve" in e and "fvu" in e["curve"] and e["step"] > warm]
+        warm = max(warm, *self.resample_steps, 0)  # a resampling disturbs the curve on purpose: judge it after the last
+        fvus = curve_after(self.history, warm)
         if rising_fvu(fvus):
             msg = rising_fvu_cause(self.cfg, self.base_lr, fvus, self.tracker.tokens_seen)
             warned.append(msg)
