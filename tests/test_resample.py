@@ -135,6 +135,7 @@ def test_a_resampling_does_not_count_as_getting_worse_with_more_data():
 
     history = [{"step": s, "curve": {"fvu": f}} for s, f in [(9, 0.30), (18, 0.25), (22, 0.276), (27, 0.437), (36, 0.30),
                                                                (45, 0.26), (54, 0.24), (63, 0.23), (71, 0.22)]]  # fmt: skip
+
     def warns(fvus: list[float]) -> bool:  # checked at every curve point as the run goes
         return any(rising_fvu(fvus[: i + 1]) for i in range(len(fvus)))
 
