@@ -149,7 +149,7 @@ def default_optimizer(arch: str, crosscoder: bool = False) -> str:
     """Adam for SAEs of every architecture; signum for topk / batchtopk crosscoders. Measured across token budgets on
     MiniLM layer 6 over IMDb (docs/TRAINING.md, issue 28): sparsify's signum, the default while runs were 0.3M tokens,
     gets worse with more data (held-out FVU 0.348 at 0.2M tokens -> 0.452 at 2M, 35% of latents never firing) where
-    Adam with :func:`adam_lr` and its decay improves (0.29 -> 0.22, <= 1% never firing). Crosscoders keep
+    Adam with :func:`adam_lr` and its decay improves (0.287 -> 0.220, <= 2.4% never firing). Crosscoders keep
     signum (not measured across budgets); relu-l1's L1 recipes (the paper's, SAELens's) are tuned for Adam."""
     return "signum" if crosscoder and arch != "relu-l1" else "adam"
 
