@@ -46,6 +46,7 @@ CANDIDATES = {
     "adam 2e-3 decay": {"optimizer": "adam", "lr": 2e-3, "lr_decay": 0.2},
     "adam 1e-3 warm-up+decay": {"optimizer": "adam", "lr": 1e-3, "lr_warmup": 0.05, "lr_decay": 0.2},
     "budget lr, warm-up+decay": {"optimizer": "adam", "lr_warmup": 0.05, "lr_decay": 0.2},
+    "default, resample 4": {"resample": 4},
 }
 """Recipe name -> TrainConfig changes (``lr_scale`` multiplies the optimizer's default learning rate; "default" is
 what ``actstore train --arch ARCH`` does with no recipe options)."""
