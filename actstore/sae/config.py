@@ -160,6 +160,11 @@ ADAM_LR_EXPONENT = 0.3
 ADAM_LR_RANGE = (2e-4, 4e-3)
 
 
+def ramp(step: int, warm_steps: float) -> float:
+    """A warm-up's multiplier at ``step`` (0-based): rising linearly to 1 over ``warm_steps`` (none under 1 step)."""
+    return min(1.0, (step + 1) / warm_steps) if warm_steps >= 1 else 1.0
+
+
 def adam_lr(tokens: int) -> float:
     """The default Adam learning rate of a topk / batchtopk SAE trained on ``tokens`` tokens:
     ``1e-3 * (tokens / 2M) ** -0.3`` within [2e-4, 4e-3]. Short runs want larger steps, long ones smaller: on MiniLM
@@ -449,8 +454,8 @@ class TrainConfig:
     def lr_factor(self, step: int, total_steps: int) -> float:
         """The learning rate's multiplier at ``step`` (0-based) of ``total_steps``: a linear ramp from 0 over the first
         ``lr_warmup`` of the steps, 1, then a linear decay to 0 over the last ``lr_decay``."""
-        warm, decay = float(self.lr_warmup or 0.0) * total_steps, float(self.lr_decay or 0.0) * total_steps
-        f = min(1.0, (step + 1) / warm) if warm >= 1 else 1.0
+        f = ramp(step, float(self.lr_warmup or 0.0) * total_steps)
+        decay = float(self.lr_decay or 0.0) * total_steps
         if decay >= 1:
             f = min(f, (total_steps - step) / decay)
         return max(f, 0.0)

@@ -29,7 +29,7 @@ from actstore.format import layout
 from actstore.format.layout import check_name
 from actstore.models.checkpoint import optimizer_tensors, pack, restore_optimizer, unpack
 from actstore.models.loading import auto_device
-from actstore.sae.config import FIELDS_ADDED, RUNTIME_FIELDS, SAEConfig, TrainConfig
+from actstore.sae.config import FIELDS_ADDED, RUNTIME_FIELDS, SAEConfig, TrainConfig, ramp
 from actstore.sae.files import delete_sae, save_sae
 from actstore.sae.loss import LossParts, train_step
 from actstore.sae.metrics import (
@@ -349,8 +349,7 @@ class TrainingRun:
 
     def l1_at(self, step: int) -> float:
         """relu-l1's L1 coefficient at ``step``: ramped linearly from 0 over the first ``l1_warmup`` of the steps."""
-        warm = self.cfg.l1_warmup * self.total_steps
-        return float(self.cfg.l1 or 0.0) * (min(1.0, (step + 1) / warm) if warm >= 1 else 1.0)
+        return float(self.cfg.l1 or 0.0) * ramp(step, self.cfg.l1_warmup * self.total_steps)
 
     def _check_rising(self) -> None:
         """Warn (once per run, kept in metrics.json's ``warnings``) when the held-out FVU rises at two curve points in

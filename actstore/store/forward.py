@@ -68,18 +68,6 @@ def packed_batches(
         yield Batch(r0[jo] - u0 + oo, {layer: t.reshape(-1, t.shape[-1]).index_select(0, flat) for layer, t in hs.items()})
 
 
-def forward_unit(
-    tap: LayerTap, ids: np.ndarray, starts: np.ndarray, lens: np.ndarray, u0: int, u1: int, layers: list[int],
-    d_model: int, batch_size: int, device: str, keep: np.ndarray | None = None,
-) -> dict[int, np.ndarray]:  # fmt: skip
-    """Rows ``[u0, u1)`` of every layer, float32 ``(u1 - u0, d_model)`` (see :func:`packed_batches`)."""
-    bufs = {layer: np.empty((u1 - u0, d_model), dtype=np.float32) for layer in layers}
-    for batch in packed_batches(tap, ids, starts, lens, u0, u1, batch_size, device, keep):
-        for layer in layers:
-            bufs[layer][batch.dest] = batch.rows[layer].float().cpu().numpy()  # (m, d_model)
-    return bufs
-
-
 def forward_encoded(
     tap: LayerTap, ids: np.ndarray, starts: np.ndarray, lens: np.ndarray, u0: int, u1: int, layers: list[int],
     d_model: int, batch_size: int, device: str, codec: str, chans: dict[int, np.ndarray],
@@ -87,7 +75,7 @@ def forward_encoded(
 ) -> dict[int, codecs.Encoded]:  # fmt: skip
     """Rows ``[u0, u1)`` of every layer in their stored form (``codec``; ``chans``: each int8 layer's channel scale),
     encoded on the forward pass's device by :mod:`actstore.format.device_codecs` (bit for bit what ``codecs.encode``
-    gives for :func:`forward_unit`'s rows), so only the stored dtype crosses to the host."""
+    gives for the float32 rows), so only the stored dtype crosses to the host."""
     from actstore.format import device_codecs
 
     dtype = np.dtype(codecs.STORED_DTYPE[codec])
@@ -101,6 +89,15 @@ def forward_encoded(
             if enc.scale is not None:
                 scales[layer][batch.dest] = enc.scale
     return {layer: codecs.Encoded(vals[layer], scales.get(layer)) for layer in layers}
+
+
+def forward_unit(
+    tap: LayerTap, ids: np.ndarray, starts: np.ndarray, lens: np.ndarray, u0: int, u1: int, layers: list[int],
+    d_model: int, batch_size: int, device: str, keep: np.ndarray | None = None,
+) -> dict[int, np.ndarray]:  # fmt: skip
+    """Rows ``[u0, u1)`` of every layer, float32 ``(u1 - u0, d_model)``: :func:`forward_encoded` with the fp32 codec."""
+    enc = forward_encoded(tap, ids, starts, lens, u0, u1, layers, d_model, batch_size, device, "fp32", {}, keep)
+    return {layer: e.values for layer, e in enc.items()}
 
 
 class UnitIndex:
