@@ -226,15 +226,15 @@ def bucket_count(cfg: EncodeConfig, d_sae: int, n_rows: int, l0: float) -> int:
 
 
 def expected_l0(store: Store, name: str, sae: SAE) -> float:
-    """Active features per token to plan for: k (topk, batchtopk), else the held-out L0 in the SAE's metrics.json,
-    else a quarter of d_sae."""
+    """Active features per token to plan for: k (topk, batchtopk), else the held-out L0 in the SAE's metrics.json (at
+    most d_sae: the file may come from anyone), else a quarter of d_sae."""
     from actstore.sae.files import number, read_metrics
 
     if sae.cfg.k:
         return float(sae.cfg.k)
     ev = read_metrics(store, name).get("eval")
     l0 = number(ev.get("l0")) if isinstance(ev, dict) else None
-    return l0 if l0 is not None and math.isfinite(l0) and l0 > 0 else sae.cfg.d_sae / 4
+    return min(l0, sae.cfg.d_sae) if l0 is not None and math.isfinite(l0) and l0 > 0 else sae.cfg.d_sae / 4
 
 
 def _plan(store: Store, cfg: EncodeConfig, sae: SAE, n_rows: int) -> _Plan:
