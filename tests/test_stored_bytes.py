@@ -1,0 +1,108 @@
+"""The stored rows of every codec and store format are the bytes this pipeline wrote before issue 29 reworked the write
+path (device codecs, packed rows, writer threads, one write path): a regression test against a stored fixture.
+
+The model's blocks are replaced by a *deterministic tap*: hidden states computed from the token ids and positions by
+single IEEE float32 operations (exact on every machine), large enough in places to exercise fp16 clipping, bf16
+rounding and the int8 channel and per-token scales. What is checked is everything after the forward pass: the batches,
+the owned rows of context windows, the codec, the chunks. ``tests/fixtures/stored_bytes.json`` holds one SHA-256 per
+case over the stored values, the int8 scales and the channel scale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from actstore.data.corpora import DataConfig
+from actstore.models.taps import LayerTap
+from actstore.store.config import ExtractConfig
+from actstore.store.extract import extract
+
+FIXTURE = Path(__file__).parent / "fixtures" / "stored_bytes.json"
+CASES = {  # name -> (store format, codec, window); formats 1 and 2 are stores made before format 3, extended today
+    "f3-fp32": (3, "fp32", None),
+    "f3-fp16": (3, "fp16", None),
+    "f3-bf16": (3, "bf16", None),
+    "f3-int8": (3, "int8", None),
+    "f3-int8-window": (3, "int8", 12),
+    "f2-int8": (2, "int8", None),
+    "f1-fp16": (1, "fp16", None),
+    "f1-int8": (1, "int8", None),
+}
+
+
+def deterministic_hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[int, torch.Tensor]:
+    """``(batch, seq, 32)`` per layer from ids and positions only; every value is one correctly rounded float32 op."""
+    b, w = input_ids.shape
+    pos = torch.arange(w).view(1, w, 1)
+    chan = torch.arange(32).view(1, 1, 32)
+    ids = input_ids.view(b, w, 1)
+    out = {}
+    for layer in self.layers:
+        k = ((ids * 31 + pos * 17 + chan * 7 + layer * 3) % 251 - 125).to(torch.float32)  # (b, w, 32), exact integers
+        x = k / 13.0 * (1 + chan % 5).to(torch.float32)
+        big = (ids % 97 == 0) & (chan == 3)  # a few tokens with a channel beyond fp16's range
+        out[layer] = torch.where(big, x * 20000.0, x)
+    return out
+
+
+def digest(path: str, model_key: str, layer: int) -> str:
+    h = hashlib.sha256()
+    arr = zarr.open_array(path, path=f"models/{model_key}/layer_{layer}", mode="r")
+    h.update(np.ascontiguousarray(arr[:]).tobytes())
+    a = arr.attrs["actstore"]
+    if a["codec"] == "int8":
+        h.update(zarr.open_array(path, path=f"models/{model_key}/layer_{layer}_scale", mode="r")[:].astype(np.float16).tobytes())
+        h.update(np.asarray(a["channel_scale"], np.float32).tobytes())
+    return h.hexdigest()
+
+
+def build(tmp: Path, tiny_bert_dir: str, corpus_file: str, fmt: int, codec: str, window: int | None) -> str:
+    """A store of the case, its rows written by today's extract; formats 1-2: the root made so before the layer."""
+    path = str(tmp / "s.zarr")
+    common = dict(name="m", chunk_rows=32, unit_rows=64, batch_size=7, device="cpu", window=window,
+                  stride=window // 2 if window else None, max_length=None if window else 40)  # fmt: skip
+    if fmt < 3:  # a store whose root says format 1 or 2 before the layer is extracted
+        extract(path, ExtractConfig(tiny_bert_dir, DataConfig(corpus_file), [1], codec=codec, **common), progress=False)
+        meta = Path(path) / "zarr.json"
+        m = json.loads(meta.read_text())
+        m["attributes"]["actstore"]["format"] = fmt
+        meta.write_text(json.dumps(m))
+    inner = 0 if fmt == 1 else 16
+    extract(path, ExtractConfig(tiny_bert_dir, DataConfig(corpus_file), [2], codec=codec, inner_rows=inner, **common),
+            progress=False)  # fmt: skip
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_stored_rows_are_the_bytes_of_the_fixture(case, tmp_path, tiny_bert_dir, corpus_file, monkeypatch):
+    monkeypatch.setattr(LayerTap, "__call__", deterministic_hidden_states)
+    fmt, codec, window = CASES[case]
+    path = build(tmp_path, tiny_bert_dir, corpus_file, fmt, codec, window)
+    assert json.loads(FIXTURE.read_text())[case] == digest(path, "m", 2)
+
+
+if __name__ == "__main__":  # regenerate the fixture (only when a change of the stored bytes is intended)
+    import sys
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import conftest
+
+    LayerTap.__call__ = deterministic_hidden_states  # type: ignore[method-assign]
+    tmp = Path(tempfile.mkdtemp())
+    corpus = tmp / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps(r) for r in conftest.make_texts(40)) + "\n")
+    bert = conftest.tiny_bert_dir.__wrapped__(type("F", (), {"mktemp": lambda self, n: Path(tempfile.mkdtemp())})())  # type: ignore[attr-defined]
+    out = {}
+    for name, (fmt, codec, window) in sorted(CASES.items()):
+        d = Path(tempfile.mkdtemp(dir=tmp))
+        out[name] = digest(build(d, bert, str(corpus), fmt, codec, window), "m", 2)
+        print(name, out[name])
+    FIXTURE.write_text(json.dumps(out, indent=1) + "\n")
