@@ -7,7 +7,13 @@ Prints, each as a ratio against a baseline measured in the same run:
 3. bytes per token per codec relative to fp32, and each codec's fidelity;
 4. streaming read MB/s of decoded float32 and peak RSS for a store ~1/4 and >1 GB.
 
+With ``--null-model`` (issue 29), the write path's ceiling instead: extract with the forward pass replaced by
+ready-made rows, per codec and number of writer threads, beside this machine's physical floor for the same bytes
+(``bench/null_model.py``).
+
 Usage: python bench/bench_extract.py [--samples 300] [--big-gb 1.2]
+       python bench/bench_extract.py --null-model [--shape bert-base|decoder-4096] [--codecs int8,fp16]
+              [--writer-threads 1,2] [--compression none|zstd]
 """
 
 from __future__ import annotations
@@ -207,14 +213,42 @@ def bench_sharding(tmp: Path, n: int, rounds: int = 2) -> dict:
     return {"sharded_s": min(times[inner_rows]), "unsharded_s": min(times[0]), "ratio": min(times[0]) / min(times[inner_rows])}
 
 
+def null_model_table(args: argparse.Namespace) -> None:
+    import platform
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from null_model import SHAPES, ceiling
+
+    d_model, layers, max_length, n = SHAPES[args.shape]
+    print(f"null model, {args.shape}: d_model {d_model}, {len(layers)} layers, {args.samples if args.samples != 300 else n} "
+          f"IMDb reviews at <= {max_length} tokens, compression {args.compression}; {platform.machine()}, "
+          f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}")  # fmt: skip
+    print("| codec | writer threads | tokens | unit phase s | tok/s | values/s | stored MB/s | floor tok/s | of floor |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    rows = ceiling(args.shape, args.codecs.split(","), [int(t) for t in args.writer_threads.split(",")], args.compression,
+                   args.samples if args.samples != 300 else None, IMDB)  # fmt: skip
+    for r in rows:
+        print(f"| {r['codec']} | {r['threads']} | {r['tokens']:,} | {r['seconds']:.2f} | {r['tok_s']:,.0f} | "
+              f"{r['values_s'] / 1e6:,.0f}M | {r['mb_s']:,.0f} | {r['floor_tok_s']:,.0f} | {r['vs_floor']:.2f} |",
+              flush=True)  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=300)
     ap.add_argument("--big-gb", type=float, default=1.2)
     ap.add_argument("--skip-stream", action="store_true")
     ap.add_argument("--sharding-only", action="store_true", help="Only compare sharded vs unsharded extraction.")
+    ap.add_argument("--null-model", action="store_true", help="The write path's ceiling without a model.")
+    ap.add_argument("--shape", default="bert-base", help="--null-model: bert-base (768 wide, layers 3,6,12) or decoder-4096")
+    ap.add_argument("--codecs", default="int8,fp16")
+    ap.add_argument("--writer-threads", default="1,2")
+    ap.add_argument("--compression", default="none")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
+    if args.null_model:
+        null_model_table(args)
+        return
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         if args.sharding_only:

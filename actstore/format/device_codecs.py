@@ -21,6 +21,10 @@ import torch
 
 from actstore.format.codecs import CODECS, FP16_MAX, Encoded
 
+DEVICE_STORED_DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.int16, "int8": torch.int8}
+"""The torch dtype of each codec's stored values on the device (bf16: the int16 of its 16 bits; the host views them
+as numpy's uint16)."""
+
 
 class DeviceEncoded(NamedTuple):
     """Stored form of a block on its device: ``values (n, d_model)`` in the stored dtype (bf16: int16 bits) and, for

@@ -20,13 +20,10 @@ Two phases, both streaming and resumable:
 from __future__ import annotations
 
 import json
-import queue
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import zarr
 import zarr.codecs as zc
 
@@ -37,12 +34,11 @@ from actstore.format import codecs, layout
 from actstore.format.layout import ATTR, FORMAT_VERSION, check_name
 from actstore.models.loading import auto_device, load_model, resolve_dtype, torch_threads
 from actstore.models.names import default_model_key
-from actstore.models.taps import LayerTap, check_layers
+from actstore.models.taps import check_layers
 from actstore.storage.integrity import update_manifest
 from actstore.storage.location import Location, open_location
 from actstore.storage.locks import LockSet
 from actstore.store.config import ExtractConfig
-from actstore.store.forward import UnitIndex, forward_unit
 from actstore.store.tokenize import choose_tokenization
 from actstore.store.units import commit_prefix, committed_from_markers, marks_units
 from actstore.store.worker import ExtractJob, UnitWorker, run_here
@@ -133,7 +129,7 @@ def layer_arrays(
                 scale = zarr.open_array(root.store, path=layout.scale_array(model_key, layer), mode="r+")
             out[layer] = (arr, scale)
             continue
-        comp = [zc.ZstdCodec(level=1), zc.Crc32cCodec()]
+        comp = [zc.ZstdCodec(level=1), zc.Crc32cCodec()] if cfg.compression == "zstd" else [zc.Crc32cCodec()]
         attrs = {
             ATTR: {
                 "layer": layer,
@@ -185,59 +181,6 @@ def _keep_finetune_report(loc: Location, model_key: str, model_dir: str | None) 
     key = layout.finetune_report(model_key)
     if rep is not None and not loc.exists(key):
         loc.write_bytes(key, json.dumps(rep, indent=1).encode())
-
-
-def _commit(arr: zarr.Array, rows: int, extra: dict[str, Any] | None = None) -> None:
-    a = {**arr.attrs[ATTR], **(extra or {})}
-    a["committed_rows"] = rows
-    a["updated"] = now()
-    a["complete"] = rows >= a["n_rows"]
-    arr.attrs[ATTR] = a
-
-
-class _Writer(threading.Thread):
-    """Encodes and writes finished units in order, then commits them."""
-
-    def __init__(self, arrays: dict[int, tuple[zarr.Array, zarr.Array | None]], codec: str) -> None:
-        super().__init__(daemon=True)
-        self.arrays, self.codec = arrays, codec
-        self.q: queue.Queue = queue.Queue(maxsize=2)
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        while (item := self.q.get()) is not None:
-            if self.error is not None:
-                continue
-            u0, u1, bufs = item
-            try:
-                extra: dict[int, dict[str, Any]] = {}
-                for layer, x in bufs.items():
-                    arr, scale = self.arrays[layer]
-                    chan = None
-                    if self.codec == "int8":
-                        stored = arr.attrs[ATTR].get("channel_scale")
-                        chan = np.asarray(stored, np.float32) if stored else codecs.channel_scale(x)
-                        if not stored:
-                            extra[layer] = {"channel_scale": [float(v) for v in chan]}
-                    enc = codecs.encode(x, self.codec, chan)
-                    arr[u0:u1] = enc.values
-                    if scale is not None:
-                        scale[u0:u1] = enc.scale
-                for layer in bufs:
-                    _commit(self.arrays[layer][0], u1, extra.get(layer))
-            except BaseException as exc:  # reported by the main thread
-                self.error = exc
-
-    def put(self, item: Any) -> None:
-        if self.error is not None:
-            raise self.error
-        self.q.put(item)
-
-    def finish(self) -> None:
-        self.q.put(None)
-        self.join()
-        if self.error is not None:
-            raise self.error
 
 
 def extract(
@@ -297,31 +240,6 @@ def _unit_rows(loc: Location, cfg: ExtractConfig, model_key: str, layers: list[i
     return max(chunk_rows, (cfg.unit_mb * 2**20 // per_row) // chunk_rows * chunk_rows)
 
 
-def _forward_units(loaded: Any, cfg: ExtractConfig, arrays: dict[int, Any], todo: list[int], committed: dict[int, int],
-                   units: UnitIndex, start: int, device: str, desc: str, progress: bool) -> int:  # fmt: skip
-    """Run every unit from ``start`` through the model (only the layers not yet committed there) and hand the
-    rows to the background writer; returns the rows written."""
-    from tqdm.auto import tqdm
-
-    tap = LayerTap(loaded, todo)
-    writer = _Writer(arrays, cfg.codec)
-    writer.start()
-    written = 0
-    bar = tqdm(total=units.n_rows, initial=start, desc=desc, unit="tok", unit_scale=True, disable=not progress)
-    try:
-        for u0, u1 in units.bounds(start):
-            need = [layer for layer in todo if committed[layer] <= u0]
-            ids, starts, lens, keep = units.samples(u0, u1)
-            bufs = forward_unit(tap, ids, starts, lens, u0, u1, need, loaded.d_model, cfg.batch_size, device, keep)
-            writer.put((u0, u1, bufs))
-            written += u1 - u0
-            bar.update(u1 - u0)
-    finally:
-        bar.close()
-        writer.finish()
-    return written
-
-
 def _extract(
     store: str, cfg: ExtractConfig, progress: bool, storage_options: dict[str, Any] | None, break_lock: bool,
     held: list[LockSet], ray_address: str | None,
@@ -366,37 +284,36 @@ def _extract(
     }  # fmt: skip
     todo = [layer for layer in layers if committed[layer] < n_rows]
     desc = f"extract {model_key}"
-    if todo and any(marked[layer] for layer in todo):
-        if not all(marked[layer] for layer in todo) or len({int(arrays[la][0].attrs[ATTR]["unit_rows"]) for la in todo}) > 1:
-            raise StoreError(
-                f"layers {','.join(map(str, todo))} of model {model_key!r} in {loc.url} were started by different runs "
-                "(other units or formats): extract them one run each, with the layers each was started with"
-            )
-        locks.release("setup")
+    markers = any(marked[layer] for layer in todo)
+    if markers and (not all(marked[layer] for layer in todo)
+                    or len({int(arrays[la][0].attrs[ATTR]["unit_rows"]) for la in todo}) > 1):  # fmt: skip
+        raise StoreError(
+            f"layers {','.join(map(str, todo))} of model {model_key!r} in {loc.url} were started by different runs "
+            "(other units or formats): extract them one run each, with the layers each was started with"
+        )
+    if ray_address is not None and todo and not markers:
+        raise StoreError(f"layers {','.join(map(str, todo))} of model {model_key!r} in {loc.url} were started "
+                         "without unit markers (one writer per array): resume them without --ray")  # fmt: skip
+    if not markers:  # formats 1-2: one writer per array
+        locks.acquire_all([layout.layer_array(model_key, layer) for layer in todo])
+        for layer in todo:  # temp files of writes cut short by a kill; their chunks get rewritten
+            loc.remove_partial_writes(layout.layer_array(model_key, layer))
+            loc.remove_partial_writes(layout.scale_array(model_key, layer))
+    locks.release("setup")
+    start = min((committed[layer] for layer in todo), default=n_rows)
+    written = 0
+    if todo:
         job = ExtractJob(store=loc.url if not loc.local else loc.root, storage_options=storage_options, model=cfg.model,
                          model_key=model_key, layers=todo, tokenization=tk, n_rows=n_rows, unit_rows=unit_rows,
                          codec=cfg.codec, batch_size=cfg.batch_size, device=cfg.device, threads=cfg.threads,
-                         dtype=dtype, break_lock=break_lock)  # fmt: skip
-        start = min(committed[layer] for layer in todo)
+                         dtype=dtype, break_lock=break_lock, writer_threads=writer_threads(cfg, device),
+                         markers=markers,
+                         codec_on_device=None if cfg.codec_on == "auto" else cfg.codec_on == "device")  # fmt: skip
         written = _run_units(job, loc, loaded, device, ray_address, cfg.ray_workers, progress, desc)
-        for layer in todo:  # the final prefix (a concurrent writer's attribute update may have lost one)
-            if commit_prefix(layout.layer_array(model_key, layer), loc) >= n_rows:
-                loc.remove_partial_writes(layout.layer_array(model_key, layer))
-                loc.remove_partial_writes(layout.scale_array(model_key, layer))
-    else:
-        if ray_address is not None and todo:
-            raise StoreError(f"layers {','.join(map(str, todo))} of model {model_key!r} in {loc.url} were started "
-                             "without unit markers (one writer per array): resume them without --ray")  # fmt: skip
-        locks.acquire_all([layout.layer_array(model_key, layer) for layer in todo])
-        locks.release("setup")
-        for layer in todo:  # temp files of writes cut short by a kill; their chunks get rewritten below
+    for layer in todo if markers else []:  # the final prefix (a concurrent writer's attribute update may have lost one)
+        if commit_prefix(layout.layer_array(model_key, layer), loc) >= n_rows:
             loc.remove_partial_writes(layout.layer_array(model_key, layer))
             loc.remove_partial_writes(layout.scale_array(model_key, layer))
-        start = min((committed[layer] for layer in todo), default=n_rows)
-        written = 0
-        if todo:
-            units = UnitIndex(loc, tk, n_rows, unit_rows)
-            written = _forward_units(loaded, cfg, arrays, todo, committed, units, start, device, desc, progress)
     update_manifest(loc, prefixes=[layout.ROOT_META, f"{layout.MODELS}/{layout.ROOT_META}", layout.TOKENIZATIONS, mpath])
     secs = time.perf_counter() - t_start
     return ExtractResult(
@@ -405,6 +322,16 @@ def _extract(
         resumed_from=start if written else n_rows,
         seconds=secs, tokens_per_s=written / secs if secs else 0.0, data_report=tattrs.get("data_report", {}),
     )  # fmt: skip
+
+
+def writer_threads(cfg: ExtractConfig, device: str) -> int:
+    """Writer threads of each worker: ``cfg.writer_threads``, else the CPU's cores (up to 8) beside a GPU (which
+    runs the codec itself), 2 on a CPU (whose cores also run the forward pass)."""
+    import os
+
+    if cfg.writer_threads:
+        return cfg.writer_threads
+    return min(8, os.cpu_count() or 2) if device.startswith("cuda") else 2
 
 
 def _run_units(job: ExtractJob, loc: Location, loaded: Any, device: str, ray_address: str | None, workers: int | None,

@@ -10,25 +10,47 @@ the same batches in the same order, and the same bytes once encoded.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import NamedTuple
+import queue
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import zarr
 
 from actstore.format import codecs, layout
+from actstore.format.device_codecs import DEVICE_STORED_DTYPE
 from actstore.models.taps import LayerTap
 from actstore.storage.location import Location
 
 
+class Pieces(NamedTuple):
+    """The forward-pass pieces of a unit: samples, or the context windows that own a row of it."""
+
+    ids: np.ndarray
+    """int64 token ids from the first piece's first token on."""
+    starts: np.ndarray
+    """int64 ``(p,)``: each piece's first row (absolute)."""
+    lens: np.ndarray
+    """int64 ``(p,)``: each piece's tokens."""
+    keep: np.ndarray
+    """int64 ``(p,)``: each piece's first owned offset (0 for whole samples and first windows)."""
+
+
 class Batch(NamedTuple):
-    """One forward batch of a unit, its owned rows packed on the device."""
+    """One forward batch of a unit: its hidden states on the device and where its owned rows go."""
 
     dest: np.ndarray
-    """int64 ``(m,)``: each packed row's offset in the unit (``row - u0``)."""
-    rows: dict[int, torch.Tensor]
-    """layer -> ``(m, d_model)`` rows on the forward pass's device, in the model's dtype."""
+    """int64 ``(m,)``: each owned row's offset in the unit (``row - u0``), in the order they are packed."""
+    hidden: dict[int, torch.Tensor]
+    """layer -> ``(batch, width, d_model)`` on the forward pass's device, in the model's dtype."""
+    flat: torch.Tensor
+    """int64 ``(m,)`` on the device: each owned row's index into ``(batch * width)``."""
+
+    def rows(self, layer: int) -> torch.Tensor:
+        """``(m, d_model)``: the owned rows of ``layer``, packed (one gather; padding and context dropped)."""
+        t = self.hidden[layer]
+        return t.reshape(-1, t.shape[-1]).index_select(0, self.flat)
 
 
 def ragged(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -38,14 +60,10 @@ def ragged(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return piece, offset
 
 
-def packed_batches(
-    tap: LayerTap, ids: np.ndarray, starts: np.ndarray, lens: np.ndarray, u0: int, u1: int, batch_size: int,
-    device: str, keep: np.ndarray | None = None,
-) -> Iterator[Batch]:  # fmt: skip
-    """The forward batches of rows ``[u0, u1)`` (pieces given by absolute ``starts`` and ``lens``, each owning its rows
-    from ``starts + keep`` on; ``keep`` default 0), longest pieces first. Inputs are built and the owned rows gathered
-    (padding and context dropped) with one index operation per batch, not a loop over the pieces."""
-    keep = np.zeros(len(starts), dtype=np.int64) if keep is None else keep
+def packed_batches(tap: LayerTap, pieces: Pieces, u0: int, u1: int, batch_size: int, device: str) -> Iterator[Batch]:
+    """The forward batches of rows ``[u0, u1)``, longest pieces first. Inputs are built and the owned rows located
+    with one index operation per batch, not a loop over the pieces."""
+    ids, starts, lens, keep = pieces
     base = int(starts[0])
     order = np.argsort(-lens, kind="stable")  # bucket by length: longest first
     cuda = device.startswith("cuda")
@@ -65,39 +83,156 @@ def packed_batches(
         flat = torch.from_numpy(jo * width + pos).to(device, non_blocking=True)  # (m,) into (batch * width)
         with amp:
             hs = tap(torch.from_numpy(inp).to(device, non_blocking=True), torch.from_numpy(mask).to(device, non_blocking=True))
-        yield Batch(r0[jo] - u0 + oo, {layer: t.reshape(-1, t.shape[-1]).index_select(0, flat) for layer, t in hs.items()})
+        yield Batch(r0[jo] - u0 + oo, hs, flat)
 
 
-def forward_encoded(
-    tap: LayerTap, ids: np.ndarray, starts: np.ndarray, lens: np.ndarray, u0: int, u1: int, layers: list[int],
-    d_model: int, batch_size: int, device: str, codec: str, chans: dict[int, np.ndarray],
-    keep: np.ndarray | None = None,
-) -> dict[int, codecs.Encoded]:  # fmt: skip
-    """Rows ``[u0, u1)`` of every layer in their stored form (``codec``; ``chans``: each int8 layer's channel scale),
-    encoded on the forward pass's device by :mod:`actstore.format.device_codecs` (bit for bit what ``codecs.encode``
-    gives for the float32 rows), so only the stored dtype crosses to the host."""
+class HostRows:
+    """Host buffers for the rows of one unit of every layer, allocated once and reused unit after unit (a slot of
+    :class:`HostSlots`): ``values[layer] (unit_rows, d_model)`` float32 (encoded by the writer) or in the stored dtype
+    (encoded on the device), ``scales[layer] (unit_rows,)`` float16 for int8 encoded on the device. Pinned on CUDA, so
+    the device-to-host copies run asynchronously."""
+
+    def __init__(self, layers: list[int], unit_rows: int, d_model: int, codec: str | None, pin: bool) -> None:
+        dtype = torch.float32 if codec is None else DEVICE_STORED_DTYPE[codec]
+        new = lambda *shape, dt=dtype: torch.empty(*shape, dtype=dt, pin_memory=pin)  # noqa: E731
+        self.values = {layer: new(unit_rows, d_model) for layer in layers}
+        self.scales = {layer: new(unit_rows, dt=torch.float16) for layer in layers} if codec == "int8" else {}
+
+
+class HostSlots:
+    """A fixed pool of :class:`HostRows`: what bounds the memory of units in flight (computed, being written)."""
+
+    def __init__(self, n: int, make: Callable[[], HostRows]) -> None:
+        self.free: queue.Queue[HostRows] = queue.Queue()
+        for _ in range(n):
+            self.free.put(make())
+
+    def take(self) -> HostRows:
+        """A free slot, waiting while every slot holds a unit being written."""
+        return self.free.get()
+
+    def give_back(self, slot: HostRows) -> None:
+        self.free.put(slot)
+
+
+class DeviceToHost:
+    """Copies from the forward pass's device into host buffers: on CUDA on a stream of its own (each copy waits for
+    the computation that made its source, and no ``synchronize`` per batch: the forward pass of the next batch runs
+    while this one copies); elsewhere a plain copy."""
+
+    def __init__(self, device: str) -> None:
+        self.stream = torch.cuda.Stream(torch.device(device)) if device.startswith("cuda") else None
+
+    def copy(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        if self.stream is None:
+            dst.copy_(src)
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(src.device))
+        with torch.cuda.stream(self.stream):
+            dst.copy_(src, non_blocking=True)
+        src.record_stream(self.stream)  # its memory is not reused before the copy has read it
+
+    def fence(self) -> Any:
+        """A CUDA event after every copy so far (None off CUDA: the copies are done)."""
+        if self.stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        return event
+
+
+class UnitRows(NamedTuple):
+    """One unit's rows as the forward pass leaves them on the host: packed in batch order in a slot."""
+
+    order: np.ndarray
+    """int64 ``(n,)``: the unit offset of each packed row (a permutation of ``0..n-1``)."""
+    slot: HostRows
+    """Where they are: float32 rows (``encoded`` False) or their stored form."""
+    encoded: bool
+    """Encoded on the device already (stored dtype), or float32 for the writer to encode."""
+    ready: Any
+    """A CUDA event to wait for before reading the slot, or None."""
+
+    def wait(self) -> None:
+        if self.ready is not None:
+            self.ready.synchronize()
+
+    def inverse(self) -> np.ndarray:
+        """int64 ``(n,)``: the packed index of each unit row."""
+        inv = np.empty_like(self.order)
+        inv[self.order] = np.arange(len(self.order), dtype=np.int64)
+        return inv
+
+    def stored(self, layer: int, codec: str, chan: np.ndarray | None, rows: np.ndarray) -> codecs.Encoded:
+        """Unit rows ``rows`` (packed indices, from :meth:`inverse`) of ``layer`` in their stored form: encoded here
+        (bit for bit the device codec's bytes) or gathered from the device's encoding."""
+        self.wait()
+        x = self.slot.values[layer].numpy()
+        if not self.encoded:
+            out = codecs.empty_encoded(len(rows), x.shape[1], codec)
+            codecs.encode_into(x, codec, chan, out, rows)
+            return out
+        values = x.take(rows, axis=0)
+        if values.dtype == np.int16:  # bf16 bits
+            values = values.view(np.uint16)
+        scale = self.slot.scales[layer].numpy().take(rows) if codec == "int8" else None
+        return codecs.Encoded(values, scale)
+
+    def float_rows(self, layer: int) -> np.ndarray:
+        """float32 ``(n, d_model)`` in unit order (rows computed unencoded)."""
+        self.wait()
+        return self.slot.values[layer].numpy()[: len(self.order)].take(self.inverse(), axis=0)
+
+
+def compute_unit(
+    tap: LayerTap, pieces: Pieces, u0: int, u1: int, layers: list[int], batch_size: int, device: str, slot: HostRows,
+    transfer: DeviceToHost, codec: str | None = None, chans: dict[int, torch.Tensor] | None = None,
+) -> UnitRows:  # fmt: skip
+    """Rows ``[u0, u1)`` of every layer into ``slot``, packed in batch order: float32 (``codec`` None: the writer
+    encodes them), or encoded on the device by :mod:`actstore.format.device_codecs` (bit for bit what
+    ``codecs.encode`` gives; ``chans``: each int8 layer's channel scale on the device) so that only the stored dtype
+    crosses to the host."""
     from actstore.format import device_codecs
 
-    dtype = np.dtype(codecs.STORED_DTYPE[codec])
-    vals = {layer: np.empty((u1 - u0, d_model), dtype=dtype) for layer in layers}
-    scales = {layer: np.empty(u1 - u0, dtype=codecs.SCALE_DTYPE) for layer in layers} if codec == "int8" else {}
-    chan_dev = {layer: torch.from_numpy(np.asarray(c, np.float32)).to(device) for layer, c in chans.items()}
-    for batch in packed_batches(tap, ids, starts, lens, u0, u1, batch_size, device, keep):
+    order = np.empty(u1 - u0, dtype=np.int64)
+    p0 = 0
+    for batch in packed_batches(tap, pieces, u0, u1, batch_size, device):
+        m = len(batch.dest)
+        order[p0 : p0 + m] = batch.dest
         for layer in layers:
-            enc = device_codecs.to_host(device_codecs.encode(batch.rows[layer], codec, chan_dev.get(layer)))
-            vals[layer][batch.dest] = enc.values
+            dst = slot.values[layer][p0 : p0 + m]
+            if codec is None and batch.hidden[layer].dtype == torch.float32 and transfer.stream is None:
+                t = batch.hidden[layer]  # the gather writes straight into the slot
+                torch.index_select(t.reshape(-1, t.shape[-1]), 0, batch.flat, out=dst)
+                continue
+            rows = batch.rows(layer)
+            if codec is None:
+                transfer.copy(rows.to(torch.float32), dst)
+                continue
+            enc = device_codecs.encode(rows, codec, (chans or {}).get(layer))
+            transfer.copy(enc.values, dst)
             if enc.scale is not None:
-                scales[layer][batch.dest] = enc.scale
-    return {layer: codecs.Encoded(vals[layer], scales.get(layer)) for layer in layers}
+                transfer.copy(enc.scale, slot.scales[layer][p0 : p0 + m])
+        p0 += m
+    if p0 != u1 - u0:
+        raise AssertionError(f"the pieces of rows {u0}-{u1} own {p0} rows, not {u1 - u0}")
+    return UnitRows(order, slot, codec is not None, transfer.fence())
 
 
-def forward_unit(
-    tap: LayerTap, ids: np.ndarray, starts: np.ndarray, lens: np.ndarray, u0: int, u1: int, layers: list[int],
-    d_model: int, batch_size: int, device: str, keep: np.ndarray | None = None,
-) -> dict[int, np.ndarray]:  # fmt: skip
-    """Rows ``[u0, u1)`` of every layer, float32 ``(u1 - u0, d_model)``: :func:`forward_encoded` with the fp32 codec."""
-    enc = forward_encoded(tap, ids, starts, lens, u0, u1, layers, d_model, batch_size, device, "fp32", {}, keep)
-    return {layer: e.values for layer, e in enc.items()}
+def forward_rows(tap: LayerTap, pieces: Pieces, u0: int, u1: int, layers: list[int], d_model: int, batch_size: int,
+                 device: str, codec: str | None = None, chans: dict[int, np.ndarray] | None = None) -> UnitRows:  # fmt: skip
+    """:func:`compute_unit` into a fresh slot (unpinned): a unit computed outside the writer's pool (the int8
+    channel scale's first unit) and the reference of the tests."""
+    slot = HostRows(layers, u1 - u0, d_model, codec, pin=False)
+    dev = {layer: torch.from_numpy(np.asarray(c, np.float32)).to(device) for layer, c in (chans or {}).items()}
+    return compute_unit(tap, pieces, u0, u1, layers, batch_size, device, slot, DeviceToHost(device), codec, dev)
+
+
+def forward_unit(tap: LayerTap, pieces: Pieces, u0: int, u1: int, layers: list[int], d_model: int, batch_size: int,
+                 device: str) -> dict[int, np.ndarray]:  # fmt: skip
+    """Rows ``[u0, u1)`` of every layer, float32 ``(u1 - u0, d_model)`` in row order."""
+    rows = forward_rows(tap, pieces, u0, u1, layers, d_model, batch_size, device)
+    return {layer: rows.float_rows(layer) for layer in layers}
 
 
 class UnitIndex:
@@ -118,15 +253,15 @@ class UnitIndex:
         for u0 in range(start, self.n_rows, self.unit_rows):
             yield u0, min(u0 + self.unit_rows, self.n_rows)
 
-    def samples(self, u0: int, u1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """``(token ids of the samples overlapping [u0, u1), the pieces' first rows, lengths, first owned offsets)``:
-        the pieces are the samples, or with context windows the windows that own a row of ``[u0, u1)``."""
+    def samples(self, u0: int, u1: int) -> Pieces:
+        """The pieces of rows ``[u0, u1)``: the samples overlapping it, or with context windows the windows that own a
+        row of it."""
         s_lo = int(np.searchsorted(self.first_row, u0, side="right")) - 1
         s_hi = int(np.searchsorted(self.first_row, u1, side="left"))
         starts, lens = self.first_row[s_lo:s_hi], self.n_tok[s_lo:s_hi]
         ids = np.asarray(self.token_id[int(starts[0]) : int(starts[-1] + lens[-1])], dtype=np.int64)
         if not self.window:
-            return ids, starts, lens, np.zeros(len(starts), dtype=np.int64)
+            return Pieces(ids, starts, lens, np.zeros(len(starts), dtype=np.int64))
         n, step = int(self.window), int(self.stride or self.window)
         p_start, p_len, p_keep = [], [], []
         for s0, length in zip(starts.tolist(), lens.tolist(), strict=True):
@@ -143,5 +278,5 @@ class UnitIndex:
                     p_keep.append(own0)
                 k += 1
         as64 = lambda v: np.asarray(v, dtype=np.int64)  # noqa: E731
-        # forward_unit reads piece ids relative to the first piece's start
-        return ids[p_start[0] - int(starts[0]) :], as64(p_start), as64(p_len), as64(p_keep)
+        # packed_batches reads piece ids relative to the first piece's start
+        return Pieces(ids[p_start[0] - int(starts[0]) :], as64(p_start), as64(p_len), as64(p_keep))

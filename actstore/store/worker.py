@@ -1,17 +1,19 @@
-"""A worker of a format-3 extraction: claims units, computes them, writes their chunks and markers.
+"""A worker of an extraction: claims units, computes them, and hands them to its writer threads.
 
 The same :class:`UnitWorker` runs in the ``actstore extract`` process (:func:`run_here`) and inside each Ray actor
 (:mod:`actstore.store.distributed`). It loads the model once; for each unit handed to it, it claims the unit
-(:mod:`actstore.store.units`), skips it when every layer's marker is there already or another live worker holds
-the claim, else runs the unit's forward pass and hands the rows to a background writer thread that writes the
-chunks, then the markers, advances ``committed_rows`` and releases the claim. Disjoint units of the same arrays are
-written by any number of workers on any number of hosts.
+(:mod:`actstore.store.units`; format 3), skips it when every layer's rows are recorded already or another live
+worker holds the claim, else runs the unit's forward pass into a host slot (:mod:`actstore.store.forward`) and
+hands it to the writer threads (:mod:`actstore.store.writer`), which write the chunks, record the unit and release
+the claim and the slot. Disjoint units of the same arrays are written by any number of workers on any number of
+hosts. Formats 1-2 go through the same worker with one writer per array and no claims.
+
+The codec runs on CUDA devices in the forward pass (only the stored dtype crosses to the host, on a copy stream of
+its own); elsewhere the writer threads run it, so it scales with them (``codec_on_device`` forces either).
 """
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -23,12 +25,17 @@ from actstore.format import codecs, layout
 from actstore.format.layout import ATTR
 from actstore.storage.location import Location, open_location
 from actstore.storage.locks import POLL_S, Renewer, StoreLock
-from actstore.store.forward import UnitIndex, forward_encoded, forward_unit
-from actstore.store.units import UNIT_LEASE_S, commit_prefix, completed_units, mark_done
+from actstore.store.forward import DeviceToHost, HostRows, HostSlots, UnitIndex, compute_unit, forward_rows
+from actstore.store.units import UNIT_LEASE_S, completed_units
+from actstore.store.writer import Commit, ComputedUnit, MarkerCommit, PrefixCommit, UnitWriter
 
 CLAIMED, DONE, QUEUED = "claimed", "done", "queued"
 """What :meth:`UnitWorker.run` did with a unit: another live worker holds it; every layer of it was complete
 already; computed and queued for writing."""
+
+SLOTS = 3
+"""Units in flight per worker (being computed, waiting, being written): host slots of ``unit_rows`` rows of every
+layer, so the memory of an extraction is bounded by ``SLOTS x unit_mb`` whatever the corpus."""
 
 
 @dataclass
@@ -63,6 +70,12 @@ class ExtractJob:
     """Precision of the model weights (resolved by the driver: every worker loads the same)."""
     break_lock: bool = False
     """Take over units claimed by other writers, live or not (--break-lock: they are known to be dead)."""
+    writer_threads: int = 2
+    """Threads of each worker that encode and write rows."""
+    markers: bool = True
+    """Units recorded by markers, in any order (format 3); False: one writer per array advancing its prefix."""
+    codec_on_device: bool | None = None
+    """Run the codec in the forward pass (True), in the writer threads (False), or on CUDA only (None)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,8 +88,19 @@ class ExtractJob:
         """Every unit's rows ``(first, stop)``."""
         return [self.unit(u0) for u0 in range(0, self.n_rows, self.unit_rows)]
 
+    def committed(self, loc: Location) -> dict[int, int]:
+        """Formats 1-2: each layer's ``committed_rows``."""
+        return {
+            layer: int(zarr.open_array(loc.zarr_store, path=layout.layer_array(self.model_key, layer), mode="r")
+                       .attrs[ATTR]["committed_rows"])
+            for layer in self.layers
+        }  # fmt: skip
+
     def pending(self, loc: Location) -> list[tuple[int, int]]:
-        """The units some layer of this job has no marker for (one listing per layer)."""
+        """The units some layer of this job has not recorded (one listing per layer)."""
+        if not self.markers:
+            committed = self.committed(loc)
+            return [(u0, u1) for u0, u1 in self.units() if any(c <= u0 for c in committed.values())]
         done = [completed_units(loc, layout.layer_array(self.model_key, layer)) for layer in self.layers]
         return [(u0, u1) for u0, u1 in self.units() if not all(u0 in d for d in done)]
 
@@ -105,10 +129,17 @@ class UnitWorker:
             if job.codec == "int8":
                 scale = zarr.open_array(self.loc.zarr_store, path=layout.scale_array(job.model_key, layer), mode="r+")
             self.arrays[layer] = (arr, scale)
+        cuda = self.device.startswith("cuda")
+        self.on_device = cuda if job.codec_on_device is None else job.codec_on_device
+        stored = job.codec if self.on_device else None
+        self.slots = HostSlots(SLOTS, lambda: HostRows(job.layers, job.unit_rows, self.loaded.d_model, stored, pin=cuda))
+        self.transfer = DeviceToHost(self.device)
+        self.chans: dict[int, np.ndarray] = {}  # int8: each layer's channel scale, once known
+        self.committed = {} if job.markers else job.committed(self.loc)
+        commit: Commit = MarkerCommit(self.loc, self.arrays) if job.markers else PrefixCommit(self.arrays, self.committed)
         self.renewer = Renewer(UNIT_LEASE_S)
         self.renewer.start()
-        self.writer = _UnitWriter(self)
-        self.writer.start()
+        self.writer = UnitWriter(self.arrays, job.codec, commit, max(1, job.writer_threads))
         self.rows_computed = 0
         self.held_by: dict[int, str] = {}
         """Units another writer holds -> what waiting for it means (whom, until when)."""
@@ -120,54 +151,82 @@ class UnitWorker:
     def run(self, u0: int) -> str:
         """Claim, compute and queue the unit starting at row ``u0``: CLAIMED, DONE or QUEUED."""
         u1 = self.job.unit(u0)[1]
-        claim = StoreLock(self.loc, layout.unit_claim(self.job.model_key, u0), f"extract {self.job.model_key}",
-                          break_lock=self.job.break_lock, lease_s=UNIT_LEASE_S)  # fmt: skip
-        holder = claim.try_acquire()
-        if holder is not None:
-            self.held_by[u0] = claim.waiting_message(holder)
-            return CLAIMED
-        self.held_by.pop(u0, None)
-        self.renewer.add(claim)
+        claim = None
+        if self.job.markers:
+            claim = StoreLock(self.loc, layout.unit_claim(self.job.model_key, u0), f"extract {self.job.model_key}",
+                              break_lock=self.job.break_lock, lease_s=UNIT_LEASE_S)  # fmt: skip
+            holder = claim.try_acquire()
+            if holder is not None:
+                self.held_by[u0] = claim.waiting_message(holder)
+                return CLAIMED
+            self.held_by.pop(u0, None)
+            self.renewer.add(claim)
+        slot = None
         try:
-            need = [layer for layer in self.job.layers if not self.loc.exists(self.marker(layer, u0))]
+            need = [layer for layer in self.job.layers if self.needs(layer, u0)]
             if not need:
                 self._release(claim)
                 return DONE
-            chan = {layer: self.channel_scale(layer) for layer in need} if self.job.codec == "int8" else {}
-            encoded = self.forward_encoded(u0, u1, need, chan)
+            self.known_chans(need, u0)
+            slot = self.slots.take()
+            rows = self.compute(u0, u1, need, slot)
+            for layer in need if self.job.codec == "int8" else []:  # unit 0's rows give the channel scales still missing
+                if layer not in self.chans:
+                    self.chans[layer] = codecs.channel_scale(rows.float_rows(layer))
         except BaseException:
+            if slot is not None:
+                self.slots.give_back(slot)
             self._release(claim)
             raise
-        self.writer.put((u0, u1, encoded, chan, claim))
+
+        def release(slot: HostRows = slot, claim: StoreLock | None = claim) -> None:
+            self.slots.give_back(slot)
+            self._release(claim)
+
+        chans = {layer: self.chans[layer] for layer in need if layer in self.chans}
+        self.writer.put(ComputedUnit(u0, u1, need, rows, chans, release))
         self.rows_computed += u1 - u0
         return QUEUED
 
-    def forward(self, u0: int, u1: int, layers: list[int]) -> dict[int, np.ndarray]:
-        """float32 ``(u1 - u0, d_model)`` rows of each of ``layers``."""
-        ids, starts, lens, keep = self.index.samples(u0, u1)
-        return forward_unit(self.tap, ids, starts, lens, u0, u1, layers, self.loaded.d_model, self.job.batch_size,
-                            self.device, keep)  # fmt: skip
+    def needs(self, layer: int, u0: int) -> bool:
+        """Whether ``layer`` has not recorded the unit starting at ``u0``."""
+        if self.job.markers:
+            return not self.loc.exists(self.marker(layer, u0))
+        return self.committed[layer] <= u0
 
-    def forward_encoded(self, u0: int, u1: int, layers: list[int], chan: dict[int, np.ndarray]) -> dict[int, codecs.Encoded]:
-        """Rows ``[u0, u1)`` of each of ``layers`` in their stored form, encoded on the model's device."""
-        ids, starts, lens, keep = self.index.samples(u0, u1)
-        return forward_encoded(self.tap, ids, starts, lens, u0, u1, layers, self.loaded.d_model, self.job.batch_size,
-                               self.device, self.job.codec, chan, keep)  # fmt: skip
+    def compute(self, u0: int, u1: int, layers: list[int], slot: HostRows) -> Any:
+        """Rows ``[u0, u1)`` of ``layers`` into ``slot`` (encoded when the codec runs on the device)."""
+        import torch
 
-    def channel_scale(self, layer: int) -> np.ndarray:
-        """An int8 layer's per-channel scale: stored, or computed from unit 0's rows (the same on every worker)."""
-        arr = self.arrays[layer][0]
-        stored = arr.attrs[ATTR].get("channel_scale")
-        if not stored:  # another worker may have stored it since this one opened the array
+        chans = {layer: torch.from_numpy(c).to(self.device) for layer, c in self.chans.items()} if self.on_device else None
+        return compute_unit(self.tap, self.index.samples(u0, u1), u0, u1, layers, self.job.batch_size, self.device, slot,
+                            self.transfer, self.job.codec if self.on_device else None, chans)  # fmt: skip
+
+    def known_chans(self, layers: list[int], u0: int) -> None:
+        """int8: the channel scale of each of ``layers`` (stored, or from unit 0's float32 rows: the same on every
+        worker) in ``self.chans``, unless this worker is about to compute unit 0 and encode it on the host."""
+        if self.job.codec != "int8":
+            return
+        missing = []
+        for layer in layers:
+            if layer in self.chans:
+                continue
+            arr = self.arrays[layer][0]  # another worker may have stored it since this one opened the array
             stored = zarr.open_array(self.loc.zarr_store, path=arr.path, mode="r").attrs[ATTR].get("channel_scale")
-        if stored:
-            return np.asarray(stored, np.float32)
-        x = self.forward(0, min(self.job.unit_rows, self.job.n_rows), [layer])[layer]
-        return codecs.channel_scale(x)
+            if stored:
+                self.chans[layer] = np.asarray(stored, np.float32)
+            else:
+                missing.append(layer)
+        if missing and (self.on_device or u0 != 0):
+            e0 = self.job.unit(0)[1]
+            rows = forward_rows(self.tap, self.index.samples(0, e0), 0, e0, missing, self.loaded.d_model,
+                                self.job.batch_size, self.device)  # fmt: skip
+            self.chans.update({layer: codecs.channel_scale(rows.float_rows(layer)) for layer in missing})
 
-    def _release(self, claim: StoreLock) -> None:
-        self.renewer.discard(claim)
-        claim.release()
+    def _release(self, claim: StoreLock | None) -> None:
+        if claim is not None:
+            self.renewer.discard(claim)
+            claim.release()
 
     # ---- lifetime ---------------------------------------------------------
     def flush(self) -> int:
@@ -180,58 +239,6 @@ class UnitWorker:
             self.writer.finish()
         finally:
             self.renewer.stop()
-
-
-class _UnitWriter(threading.Thread):
-    """Writes computed (encoded) units in any order, then their markers; advances the prefix, frees the claim."""
-
-    def __init__(self, worker: UnitWorker) -> None:
-        super().__init__(daemon=True, name="actstore-unit-writer")
-        self.w = worker
-        self.q: queue.Queue = queue.Queue(maxsize=2)
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        while (item := self.q.get()) is not None:
-            try:
-                if self.error is None:
-                    self._write(*item)
-            except BaseException as exc:  # raised by put / drain / finish in the worker's thread
-                self.error = exc
-            finally:
-                self.w._release(item[4])
-                self.q.task_done()
-        self.q.task_done()
-
-    def _write(self, u0: int, u1: int, bufs: dict[int, codecs.Encoded], chan: dict[int, np.ndarray],
-               claim: StoreLock) -> None:  # fmt: skip
-        loc = self.w.loc
-        for layer, enc in bufs.items():
-            arr, scale = self.w.arrays[layer]
-            arr[u0:u1] = enc.values
-            if scale is not None:
-                scale[u0:u1] = enc.scale
-        for layer in bufs:
-            arr = self.w.arrays[layer][0]
-            mark_done(loc, arr.path, u0, u1)
-            extra = {"channel_scale": [float(v) for v in chan[layer]]} if layer in chan else None
-            commit_prefix(arr.path, loc, extra)
-
-    def put(self, item: Any) -> None:
-        if self.error is not None:
-            raise self.error
-        self.q.put(item)
-
-    def drain(self) -> None:
-        self.q.join()
-        if self.error is not None:
-            raise self.error
-
-    def finish(self) -> None:
-        self.q.put(None)
-        self.join()
-        if self.error is not None:
-            raise self.error
 
 
 def run_here(worker: UnitWorker, progress: bool, desc: str) -> int:
