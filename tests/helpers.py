@@ -145,3 +145,16 @@ def counting_proxy(target_port: int, counter: Counter) -> ThreadingHTTPServer:
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
+
+
+def killed_on_call(real, n: int):
+    """``real`` wrapped to raise KeyboardInterrupt (a kill) on its ``n``-th call."""
+    calls = []
+
+    def wrapper(*args, **kw):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kw)
+
+    return wrapper

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import killed_on_call
 
 import actstore
 from actstore.data.corpora import DataConfig
@@ -64,15 +65,8 @@ def test_plain_xarray_open_zarr_reads_a_model_group(codec_store):
 
 def test_a_killed_extraction_reads_only_its_committed_rows(tmp_path, tiny_bert_dir, corpus_file, monkeypatch):
     path = str(tmp_path / "killed.zarr")
-    real, calls = worker_mod.compute_unit, []
-
-    def dies_on_the_third_unit(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt("killed")
-        return real(*a, **k)
-
-    monkeypatch.setattr(worker_mod, "compute_unit", dies_on_the_third_unit)
+    real = worker_mod.compute_unit
+    monkeypatch.setattr(worker_mod, "compute_unit", killed_on_call(real, 3))
     cfg = ExtractConfig(tiny_bert_dir, DataConfig(corpus_file), [2], name="m", codec="fp16", chunk_rows=32, unit_rows=64,
                         batch_size=8, device="cpu")  # fmt: skip
     with pytest.raises(KeyboardInterrupt):

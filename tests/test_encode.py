@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import dense_numpy, make_sae
+from helpers import dense_numpy, killed_on_call, make_sae
 
 import actstore
 from actstore.cli import main
@@ -136,15 +136,8 @@ def test_resume_after_crash_gives_identical_table(tiny_store, monkeypatch):
     assert encode(st, cfg, progress=False).skipped
 
     # killed while writing the final files: restarts at the last committed spill, same table again
-    real_finish, done = enc.finish_bucket, []
-
-    def crashing_finish(*args, **kw):
-        done.append(1)
-        if len(done) == 3:
-            raise KeyboardInterrupt("killed")
-        return real_finish(*args, **kw)
-
-    monkeypatch.setattr(enc, "finish_bucket", crashing_finish)
+    real_finish = enc.finish_bucket
+    monkeypatch.setattr(enc, "finish_bucket", killed_on_call(real_finish, 3))
     with pytest.raises(KeyboardInterrupt):
         encode(st, EncodeConfig(sae="s", batch_rows=64, n_buckets=4, spill_entries=300, overwrite=True), progress=False)
     monkeypatch.setattr(enc, "finish_bucket", real_finish)

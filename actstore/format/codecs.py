@@ -110,6 +110,8 @@ def encode_into(x: np.ndarray, codec: str, chan: np.ndarray | None, out: Encoded
             raise ValueError(f"unknown codec {codec!r}: choose one of {', '.join(CODECS)}")
 
 
+SCALE_TOO_LARGE = "activations too large for the int8 preset's float16 scale: use --codec fp16, bf16 or fp32"
+
 SCALE_DTYPE = "float16"
 """dtype of the int8 preset's per-token scale array (stores made before 2026-12 hold float32; both decode alike)."""
 
@@ -122,7 +124,7 @@ def scale_dtype_round(scale: np.ndarray) -> np.ndarray:
     """
     s16 = scale.astype(np.float16)
     if not np.isfinite(s16).all():
-        raise ValueError("activations too large for the int8 preset's float16 scale: use --codec fp16, bf16 or fp32")
+        raise ValueError(SCALE_TOO_LARGE)
     low = s16.astype(np.float32) < scale
     s16[low] = np.nextafter(s16[low], np.float16(np.inf))
     return s16

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from actstore.format.codecs import CODECS, FP16_MAX, Encoded
+from actstore.format.codecs import CODECS, FP16_MAX, SCALE_TOO_LARGE, Encoded
 
 DEVICE_STORED_DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.int16, "int8": torch.int8}
 """The torch dtype of each codec's stored values on the device (bf16: the int16 of its 16 bits; the host views them
@@ -34,19 +34,22 @@ class DeviceEncoded(NamedTuple):
     scale: torch.Tensor | None
 
 
-def scale_to_float16(scale: torch.Tensor) -> torch.Tensor:
+def scale_to_float16(scale: torch.Tensor, check: bool = True) -> torch.Tensor:
     """float32 per-token scales ``(n,)`` (>= 0) as float16, each rounded up where the cast rounded it down, so that
-    ``|x / scale| <= 127`` still holds; ValueError when a scale does not fit float16 (or is NaN)."""
+    ``|x / scale| <= 127`` still holds; ValueError when a scale does not fit float16 (or is NaN). ``check=False``
+    leaves that check to whoever reads the scales on the host (it would wait for the device: the extractor checks each
+    unit's scales in its writer, :meth:`actstore.store.forward.UnitRows.stored`)."""
     s16 = scale.to(torch.float16)
-    if not bool(torch.isfinite(s16).all()):
-        raise ValueError("activations too large for the int8 preset's float16 scale: use --codec fp16, bf16 or fp32")
+    if check and not bool(torch.isfinite(s16).all()):
+        raise ValueError(SCALE_TOO_LARGE)
     low = s16.to(torch.float32) < scale  # the cast rounded down: the next float16 up (its bits + 1, as scale >= 0)
     bits = s16.view(torch.int16)
     return torch.where(low, bits + 1, bits).view(torch.float16)
 
 
-def encode(x: torch.Tensor, codec: str, chan: torch.Tensor | None = None) -> DeviceEncoded:
-    """Encode float32 activations ``x (n, d_model)`` on their device (``chan (d_model,)``: the int8 channel scale)."""
+def encode(x: torch.Tensor, codec: str, chan: torch.Tensor | None = None, check: bool = True) -> DeviceEncoded:
+    """Encode float32 activations ``x (n, d_model)`` on their device (``chan (d_model,)``: the int8 channel scale;
+    ``check``: see :func:`scale_to_float16`)."""
     x = x.to(torch.float32)
     if codec == "fp32":
         return DeviceEncoded(x, None)
@@ -60,7 +63,7 @@ def encode(x: torch.Tensor, codec: str, chan: torch.Tensor | None = None) -> Dev
         if chan is not None:
             x = x / chan.to(x.device, torch.float32)[None, :]
         amax = x.abs().amax(dim=1) if x.shape[1] else torch.zeros(len(x), dtype=torch.float32, device=x.device)
-        scale = scale_to_float16(amax / 127.0)  # (n,) float16
+        scale = scale_to_float16(amax / 127.0, check)  # (n,) float16
         s32 = scale.to(torch.float32)
         safe = torch.where(s32 > 0, s32, torch.ones_like(s32))
         q = torch.round(x / safe[:, None]).clamp(-127, 127).to(torch.int8)
