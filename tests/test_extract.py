@@ -312,12 +312,11 @@ def test_kill_9_then_resume_is_byte_identical(tmp_path, tiny_bert_dir):
         time.sleep(0.02)
     proc.kill()
     proc.wait()
-    partial = _committed(killed, 3)
-    assert 0 < partial < total, "the run should have been killed mid-way"
-    # a reader sees exactly the committed prefix, and it is right
+    # a reader sees the completed prefix (by the unit markers: the attribute, written after them, may lag one unit)
     st_ = actstore.open_store(str(killed))
     acts = st_.activations("tiny-bert", 3)
-    assert len(acts) == partial
+    partial = len(acts)
+    assert 0 < _committed(killed, 3) <= partial < total, "the run should have been killed mid-way"
     ref_acts = actstore.open_store(str(ref)).activations("tiny-bert", 3)
     assert np.array_equal(acts[:], ref_acts[:partial])
 

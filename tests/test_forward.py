@@ -124,3 +124,15 @@ def whole_array(x, codec, chan):
     scale = codecs.scale_dtype_round((np.abs(y).max(axis=1) / 127.0).astype(np.float32))
     safe = np.where(scale > 0, scale.astype(np.float32), 1.0).astype(np.float32)
     return np.rint(y / safe[:, None]).clip(-127, 127).astype(np.int8), scale
+
+
+@pytest.mark.parametrize(("n", "block"), [(1, 256), (255, 256), (1000, 256), (1000, 7), (5, 1)])
+def test_the_blocked_channel_scale_is_the_whole_array_formula(n, block):
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal((n, 40)) * 10.0 ** rng.uniform(-20, 18, (n, 40))).astype(np.float32)
+    x[:, 3] = 0.0
+    want = np.sqrt(np.mean(np.square(x, dtype=np.float64), axis=0)).astype(np.float32)
+    want = np.where(want > 0, want, np.float32(1.0))
+    np.testing.assert_array_equal(codecs.channel_scale(x, block=block), want)
+    rows = rng.permutation(n)
+    np.testing.assert_array_equal(codecs.channel_scale(x, rows, block=block), codecs.channel_scale(x[rows], block=block))

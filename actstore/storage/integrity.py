@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -34,7 +33,7 @@ import numpy as np
 from actstore.clock import now
 from actstore.errors import IntegrityError, StoreError
 from actstore.format import layout
-from actstore.storage.location import Location, check_key
+from actstore.storage.location import PARTIAL, Location, check_key
 
 MANIFEST_KEY = layout.MANIFEST
 MANIFEST_FORMAT = 1
@@ -42,7 +41,7 @@ SKIP_PREFIXES = (f"{layout.LOCKS}/",)
 """Keys neither the manifest lists nor a copy takes: writers' locks and claims."""
 UNSIGNED_PREFIXES = (*SKIP_PREFIXES, f"{layout.UNITS}/")
 """Keys the manifest does not list: those, and the unit markers (written while an array is extracted)."""
-TMP = re.compile(r"(\.tmp[0-9]+|\.partial)$")  # a local write in progress (Location.write_bytes, Zarr's LocalStore)
+TMP = PARTIAL  # a local write in progress
 ATTR = layout.ATTR
 
 

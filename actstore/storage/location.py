@@ -84,6 +84,10 @@ def refuse_links(root: str, key: str) -> None:
         raise link_error(root, link)
 
 
+PARTIAL = re.compile(r"(\.tmp[0-9]+|\.partial)$")
+"""Names of local writes in progress: :meth:`Location.write_bytes`'s and Zarr's LocalStore's temp files."""
+
+
 class MissingChunk(StoreError):  # noqa: N818 - an IntegrityError is made of it once the rows are known
     """A Zarr chunk that a reader needs is absent (a reader never sees it as zeros)."""
 
@@ -178,13 +182,14 @@ class Location:
         return f"{self.root.rstrip('/')}/{key}"
 
     def remove_partial_writes(self, key: str) -> int:
-        """Delete the ``*.partial`` temp files a killed writer left under ``key`` (local folders; object stores write
-        whole objects, so they have none); returns how many. Their chunks are rewritten by the resumed writer."""
+        """Delete the temp files of writes a killed writer left under ``key`` (:data:`PARTIAL`; local folders: object
+        stores write whole objects, so they have none); returns how many. Their chunks are rewritten by the resumed
+        writer."""
         if not self.local or self.read_only:
             return 0
         n = 0
-        for tmp in Path(self.fs_path(key)).rglob("*.partial"):
-            if not tmp.is_symlink():
+        for tmp in Path(self.fs_path(key)).rglob("*"):
+            if PARTIAL.search(tmp.name) and not tmp.is_symlink():
                 tmp.unlink(missing_ok=True)
                 n += 1
         return n

@@ -180,6 +180,11 @@ class UnitRows(NamedTuple):
             raise ValueError(codecs.SCALE_TOO_LARGE)
         return codecs.Encoded(values, scale)
 
+    def channel_scale(self, layer: int) -> np.ndarray:
+        """The int8 channel scale of these float32 rows of ``layer``, taken in unit order."""
+        self.wait()
+        return codecs.channel_scale(self.slot.values[layer].numpy(), self.inverse())
+
     def float_rows(self, layer: int) -> np.ndarray:
         """float32 ``(n, d_model)`` in unit order (rows computed unencoded)."""
         self.wait()

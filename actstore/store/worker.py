@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 import zarr
 
-from actstore.format import codecs, layout
+from actstore.format import layout
 from actstore.format.layout import ATTR
 from actstore.storage.location import Location, open_location
 from actstore.storage.locks import POLL_S, Renewer, StoreLock
-from actstore.store.forward import DeviceToHost, HostRows, HostSlots, UnitIndex, compute_unit, forward_rows
+from actstore.store.forward import DeviceToHost, HostRows, HostSlots, UnitIndex, UnitRows, compute_unit, forward_rows
 from actstore.store.units import UNIT_LEASE_S, completed_units
 from actstore.store.writer import Commit, ComputedUnit, MarkerCommit, PrefixCommit, UnitWriter
 
@@ -139,7 +139,7 @@ class UnitWorker:
         commit: Commit = MarkerCommit(self.loc, self.arrays) if job.markers else PrefixCommit(self.arrays, self.committed)
         self.renewer = Renewer(UNIT_LEASE_S)
         self.renewer.start()
-        self.writer = UnitWriter(self.arrays, job.codec, commit, max(1, job.writer_threads))
+        self.writer = UnitWriter(self.loc, self.arrays, job.codec, commit, max(1, job.writer_threads))
         self.rows_computed = 0
         self.held_by: dict[int, str] = {}
         """Units another writer holds -> what waiting for it means (whom, until when)."""
@@ -170,9 +170,8 @@ class UnitWorker:
             self.known_chans(need, u0)
             slot = self.slots.take()
             rows = self.compute(u0, u1, need, slot)
-            for layer in need if self.job.codec == "int8" else []:  # unit 0's rows give the channel scales still missing
-                if layer not in self.chans:
-                    self.chans[layer] = codecs.channel_scale(rows.float_rows(layer))
+            if self.job.codec == "int8":  # unit 0's rows give the channel scales still missing
+                self.chans.update(channel_scales(rows, [layer for layer in need if layer not in self.chans]))
         except BaseException:
             if slot is not None:
                 self.slots.give_back(slot)
@@ -221,7 +220,7 @@ class UnitWorker:
             e0 = self.job.unit(0)[1]
             rows = forward_rows(self.tap, self.index.samples(0, e0), 0, e0, missing, self.loaded.d_model,
                                 self.job.batch_size, self.device)  # fmt: skip
-            self.chans.update({layer: codecs.channel_scale(rows.float_rows(layer)) for layer in missing})
+            self.chans.update(channel_scales(rows, missing))
 
     def _release(self, claim: StoreLock | None) -> None:
         if claim is not None:
@@ -239,6 +238,16 @@ class UnitWorker:
             self.writer.finish()
         finally:
             self.renewer.stop()
+
+
+def channel_scales(rows: UnitRows, layers: list[int]) -> dict[int, np.ndarray]:
+    """The int8 channel scale of each of ``layers`` from unit 0's float32 ``rows``, one thread per layer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not layers:
+        return {}
+    with ThreadPoolExecutor(len(layers)) as pool:
+        return dict(zip(layers, pool.map(lambda layer: rows.channel_scale(layer), layers), strict=True))
 
 
 def run_here(worker: UnitWorker, progress: bool, desc: str) -> int:

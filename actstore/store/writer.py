@@ -3,7 +3,8 @@
 Every extraction writes through here, whatever its store format. A computed unit (:class:`~actstore.store.forward.
 UnitRows`, packed in batch order in a host slot) is cut into *parts* of whole shards (chunks in an unsharded array),
 one per layer and shard, and handed to ``threads`` writer threads: each encodes its part (when the device did not:
-:func:`actstore.format.codecs.encode_into`, unpermuting the rows as it reads them) and writes its chunks, so the
+:func:`actstore.format.codecs.encode_into`, unpermuting the rows as it reads them) and writes its objects whole
+(:mod:`actstore.format.chunks`), so the
 codec, checksums and object writes of one unit run on every writer thread at once. When a layer's last part is
 written its int8 scales are written whole (one shard per unit); when the unit's last part is written it is recorded
 by the store's :class:`Commit` and its slot and claim are released.
@@ -25,6 +26,7 @@ import numpy as np
 import zarr
 
 from actstore.clock import now
+from actstore.format.chunks import ChunkWriter
 from actstore.format.layout import ATTR
 from actstore.storage.location import Location
 from actstore.store.forward import UnitRows
@@ -108,8 +110,10 @@ class ComputedUnit:
 class UnitWriter:
     """``threads`` threads that encode and write the parts of computed units (see the module's docstring)."""
 
-    def __init__(self, arrays: Arrays, codec: str, commit: Commit, threads: int) -> None:
+    def __init__(self, loc: Location, arrays: Arrays, codec: str, commit: Commit, threads: int) -> None:
         self.arrays, self.codec, self.commit = arrays, codec, commit
+        # whole objects written by this thread (no hop through Zarr's event loop); None: an array Zarr writes
+        self.chunks = {layer: ChunkWriter.for_array(arr, loc.write_bytes) for layer, (arr, _) in arrays.items()}
         self.q: queue.Queue[tuple[ComputedUnit, int, int, int] | None] = queue.Queue()
         self.error: BaseException | None = None
         self.in_flight = 0
@@ -167,7 +171,11 @@ class UnitWriter:
 
     def _write(self, unit: ComputedUnit, layer: int, r0: int, r1: int) -> None:
         enc = unit.rows.stored(layer, self.codec, unit.chans.get(layer), unit.inv[r0:r1])
-        self.arrays[layer][0][unit.u0 + r0 : unit.u0 + r1] = enc.values
+        chunks = self.chunks[layer]
+        if chunks is not None:
+            chunks.write(unit.u0 + r0, enc.values)
+        else:
+            self.arrays[layer][0][unit.u0 + r0 : unit.u0 + r1] = enc.values
         if enc.scale is not None:
             unit.scales[layer][r0:r1] = enc.scale
 
