@@ -13,7 +13,7 @@ ready-made rows, per codec and number of writer threads, beside this machine's p
 
 Usage: python bench/bench_extract.py [--samples 300] [--big-gb 1.2]
        python bench/bench_extract.py --null-model [--shape bert-base|decoder-4096] [--codecs int8,fp16]
-              [--writer-threads 1,2] [--compression none|zstd]
+              [--writer-threads 1,2] [--compression auto|none|zstd]
 """
 
 from __future__ import annotations
@@ -223,12 +223,13 @@ def null_model_table(args: argparse.Namespace) -> None:
     print(f"null model, {args.shape}: d_model {d_model}, {len(layers)} layers, {args.samples if args.samples != 300 else n} "
           f"IMDb reviews at <= {max_length} tokens, compression {args.compression}; {platform.machine()}, "
           f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}")  # fmt: skip
-    print("| codec | writer threads | tokens | unit phase s | tok/s | values/s | stored MB/s | floor tok/s | of floor |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| codec | zstd | writer threads | tokens | unit phase s | tok/s | values/s | stored MB/s | floor tok/s | of floor |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     rows = ceiling(args.shape, args.codecs.split(","), [int(t) for t in args.writer_threads.split(",")], args.compression,
                    args.samples if args.samples != 300 else None, IMDB)  # fmt: skip
     for r in rows:
-        print(f"| {r['codec']} | {r['threads']} | {r['tokens']:,} | {r['seconds']:.2f} | {r['tok_s']:,.0f} | "
+        zstd = "yes" if r["zstd"] else "no"
+        print(f"| {r['codec']} | {zstd} | {r['threads']} | {r['tokens']:,} | {r['seconds']:.2f} | {r['tok_s']:,.0f} | "
               f"{r['values_s'] / 1e6:,.0f}M | {r['mb_s']:,.0f} | {r['floor_tok_s']:,.0f} | {r['vs_floor']:.2f} |",
               flush=True)  # fmt: skip
 
@@ -243,7 +244,7 @@ def main() -> None:
     ap.add_argument("--shape", default="bert-base", help="--null-model: bert-base (768 wide, layers 3,6,12) or decoder-4096")
     ap.add_argument("--codecs", default="int8,fp16")
     ap.add_argument("--writer-threads", default="1,2")
-    ap.add_argument("--compression", default="none")
+    ap.add_argument("--compression", default="auto")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     if args.null_model:

@@ -125,16 +125,16 @@ def ceiling(shape: str, codecs_: list[str], writer_threads: list[int], compressi
             for threads in writer_threads:
                 timed.clear()
                 key = f"{codec}-w{threads}"
-                extract(store, ExtractConfig(layers=layers, codec=codec, name=key, writer_threads=threads, **base),  # type: ignore[arg-type]
-                        progress=False)  # fmt: skip
+                cfg = ExtractConfig(layers=layers, codec=codec, name=key, writer_threads=threads, **base)  # type: ignore[arg-type]
+                extract(store, cfg, progress=False)
                 secs = timed[0]
                 shutil.rmtree(Path(store) / "models" / key, ignore_errors=True)
                 shutil.rmtree(Path(store) / "units" / "models" / key, ignore_errors=True)
-                floor = floor_seconds(sample, n, len(layers), 4096, 1024, compression, threads)
+                floor = floor_seconds(sample, n, len(layers), 4096, 1024, "zstd" if cfg.zstd() else "none", threads)
                 stored = n * len(layers) * d_model * np.dtype(codecs.STORED_DTYPE[codec]).itemsize
-                rows.append(dict(shape=shape, codec=codec, threads=threads, tokens=n, seconds=secs, tok_s=n / secs,
-                                 values_s=n * len(layers) * d_model / secs, mb_s=stored / secs / 1e6, floor_tok_s=n / floor,
-                                 vs_floor=floor / secs))  # fmt: skip
+                rows.append(dict(shape=shape, codec=codec, zstd=cfg.zstd(), threads=threads, tokens=n, seconds=secs,
+                                 tok_s=n / secs, values_s=n * len(layers) * d_model / secs, mb_s=stored / secs / 1e6,
+                                 floor_tok_s=n / floor, vs_floor=floor / secs))  # fmt: skip
     finally:
         LayerTap.__call__ = real_call  # type: ignore[method-assign]
         extract_mod.run_here = real_run_here  # type: ignore[assignment]

@@ -12,8 +12,10 @@ from actstore.errors import ConfigError
 from actstore.format import codecs
 from actstore.models.names import sanitize_key
 
-COMPRESSIONS = ("none", "zstd")
-"""Compressors of new layer arrays (docs/FORMAT.md): activations in their stored dtypes barely compress."""
+COMPRESSIONS = ("auto", "none", "zstd")
+"""Compressors of new layer arrays (docs/FORMAT.md): int8 and fp16 activations barely compress, bf16 a fifth."""
+ZSTD_CODECS = ("bf16", "fp32")
+"""Codecs whose layer arrays ``compression="auto"`` zstd's."""
 CODEC_PLACES = ("auto", "device", "writers")
 DEFAULT_CHUNK_ROWS = 4096
 DEFAULT_INNER_ROWS = 1024
@@ -87,8 +89,9 @@ class ExtractConfig:
     codec_on: str = "auto"
     """Where the codec runs: device (in the forward pass: only stored bytes cross to the host), writers (in the writer
     threads), or auto (device on CUDA, else writers)."""
-    compression: str = "none"
-    """Compressor of new layer arrays: none (checksummed only) or zstd (level 1: ~8% smaller, ~0.75 GB/s a core)."""
+    compression: str = "auto"
+    """Compressor of new layer arrays: zstd (level 1, ~0.8 GB/s a core), none (checksummed only), or auto (zstd for
+    bf16, which it makes 21% smaller; none for int8 and fp16, 7-8%; docs/FORMAT.md)."""
 
     def __post_init__(self) -> None:
         if self.codec not in codecs.CODECS:
@@ -126,6 +129,10 @@ class ExtractConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def zstd(self) -> bool:
+        """Whether new layer arrays are zstd'd (``compression`` resolved for ``codec``)."""
+        return self.compression == "zstd" or (self.compression == "auto" and self.codec in ZSTD_CODECS)
 
 
 class Source(NamedTuple):

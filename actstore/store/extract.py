@@ -129,7 +129,7 @@ def layer_arrays(
                 scale = zarr.open_array(root.store, path=layout.scale_array(model_key, layer), mode="r+")
             out[layer] = (arr, scale)
             continue
-        comp = [zc.ZstdCodec(level=1), zc.Crc32cCodec()] if cfg.compression == "zstd" else [zc.Crc32cCodec()]
+        comp = [zc.ZstdCodec(level=1), zc.Crc32cCodec()] if cfg.zstd() else [zc.Crc32cCodec()]
         attrs = {
             ATTR: {
                 "layer": layer,
