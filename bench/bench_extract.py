@@ -241,6 +241,7 @@ def main() -> None:
     ap.add_argument("--skip-stream", action="store_true")
     ap.add_argument("--sharding-only", action="store_true", help="Only compare sharded vs unsharded extraction.")
     ap.add_argument("--null-model", action="store_true", help="The write path's ceiling without a model.")
+    ap.add_argument("--throughput-only", action="store_true", help="Only 1: extraction vs the bare forward pass.")
     ap.add_argument("--shape", default="bert-base", help="--null-model: bert-base (768 wide, layers 3,6,12) or decoder-4096")
     ap.add_argument("--codecs", default="int8,fp16")
     ap.add_argument("--writer-threads", default="1,2")
@@ -260,6 +261,8 @@ def main() -> None:
         tp = bench_throughput(tmp, args.samples)
         print(f"1. extraction {tp['tokens']} tokens, layers 2,4,6 fp16: extract {tp['extract_s']:.1f}s, "
               f"bare forward {tp['bare_s']:.1f}s -> extract runs at {tp['ratio']:.2f}x the bare forward pass")  # fmt: skip
+        if args.throughput_only:
+            return
         sh = bench_sharding(tmp, args.samples)
         print(f"1b. sharded layers (4096-row shards of 1024-row chunks) {sh['sharded_s']:.1f}s vs unsharded "
               f"{sh['unsharded_s']:.1f}s -> sharded extraction runs at {sh['ratio']:.2f}x unsharded speed")  # fmt: skip

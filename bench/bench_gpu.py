@@ -34,6 +34,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 VOCAB = 4000
 
 
@@ -107,6 +108,8 @@ def bare_forward(store: str, model_dir: str, layers: list[int], device: str, bat
 
 def extract_table(kind: str, args: argparse.Namespace, tmp: Path) -> tuple[list[dict], str]:
     """One row per codec; returns them and the store (its int8 arrays kept for the SAE runs)."""
+    from null_model import timing_units
+
     from actstore.data.corpora import DataConfig
     from actstore.store import extract as extract_mod
     from actstore.store.config import ExtractConfig
@@ -119,19 +122,8 @@ def extract_table(kind: str, args: argparse.Namespace, tmp: Path) -> tuple[list[
     corpus(data, tokens, n_ctx)
     store = str(tmp / f"{kind}.zarr")
     batch = 32 if kind == "bert-base" else 8
-    timed: list[float] = []
-    real = extract_mod.run_here
-
-    def run_here(*a, **k):
-        t0 = time.perf_counter()
-        try:
-            return real(*a, **k)
-        finally:
-            timed.append(time.perf_counter() - t0)
-
-    extract_mod.run_here = run_here  # type: ignore[assignment]
     rows = []
-    try:
+    with timing_units() as timed:
         base = dict(model=str(mdir), data=DataConfig(str(data)), layers=layers, batch_size=batch, device=args.device,
                     max_length=n_ctx)  # fmt: skip
         extract_mod.extract(store, ExtractConfig(codec="fp16", name="tokenize", **{**base, "layers": [0]}), progress=False)
@@ -152,8 +144,6 @@ def extract_table(kind: str, args: argparse.Namespace, tmp: Path) -> tuple[list[
             if not (kind == "bert-base" and codec == "int8"):
                 shutil.rmtree(Path(store) / "models" / key, ignore_errors=True)
                 shutil.rmtree(Path(store) / "units" / "models" / key, ignore_errors=True)
-    finally:
-        extract_mod.run_here = real  # type: ignore[assignment]
     return rows, store
 
 

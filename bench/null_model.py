@@ -13,10 +13,12 @@ arrays are — by the same number of threads, with no Zarr, no codec and no mode
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,28 @@ SHAPES = {  # name -> (d_model, layers, max_length, samples)
     "bert-base": (768, [3, 6, 12], 256, 2000),
     "decoder-4096": (4096, [1, 2, 3], 256, 300),
 }
+
+
+@contextlib.contextmanager
+def timing_units() -> Iterator[list[float]]:
+    """While active, the seconds of each extraction's unit phase (``run_here``: the token index already built, the
+    model loaded) are appended to the list it yields."""
+    from actstore.store import extract as extract_mod
+
+    real, timed = extract_mod.run_here, []
+
+    def run_here(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return real(*a, **k)
+        finally:
+            timed.append(time.perf_counter() - t0)
+
+    extract_mod.run_here = run_here  # type: ignore[assignment]
+    try:
+        yield timed
+    finally:
+        extract_mod.run_here = real  # type: ignore[assignment]
 
 
 def null_model(path: Path, d_model: int, n_layers: int) -> str:
@@ -94,51 +118,40 @@ def ceiling(shape: str, codecs_: list[str], writer_threads: list[int], compressi
     from actstore.data.corpora import DataConfig
     from actstore.format import codecs
     from actstore.models.taps import LayerTap
-    from actstore.store import extract as extract_mod
     from actstore.store.config import ExtractConfig
     from actstore.store.extract import extract
 
     d_model, layers, max_length, n_samples = SHAPES[shape]
     n_samples = samples or n_samples
     tmp = Path(tempfile.mkdtemp(prefix="actstore-null-", dir=os.environ.get("ACTSTORE_BENCH_DIR")))
-    real_call, real_run_here = LayerTap.__call__, extract_mod.run_here
-    timed: list[float] = []
-
-    def run_here(*a, **k):
-        t0 = time.perf_counter()
-        try:
-            return real_run_here(*a, **k)
-        finally:
-            timed.append(time.perf_counter() - t0)
-
+    real_call = LayerTap.__call__
     rows = []
-    try:
-        model = null_model(tmp / "model", d_model, max(layers))
-        LayerTap.__call__ = null_tap(d_model, 32, max_length)  # type: ignore[method-assign]
-        extract_mod.run_here = run_here  # type: ignore[assignment]
-        store, data = str(tmp / "s.zarr"), DataConfig(str(imdb), limit=n_samples)
-        base = dict(model=model, data=data, max_length=max_length, batch_size=32, device="cpu", compression=compression)
-        res = extract(store, ExtractConfig(layers=[0], codec="fp16", name="tokenize", **base), progress=False)  # type: ignore[arg-type]
-        n = res.n_tokens
-        for codec in codecs_:
-            sample = null_rows_encoded(codec, d_model)
-            for threads in writer_threads:
-                timed.clear()
-                key = f"{codec}-w{threads}"
-                cfg = ExtractConfig(layers=layers, codec=codec, name=key, writer_threads=threads, **base)  # type: ignore[arg-type]
-                extract(store, cfg, progress=False)
-                secs = timed[0]
-                shutil.rmtree(Path(store) / "models" / key, ignore_errors=True)
-                shutil.rmtree(Path(store) / "units" / "models" / key, ignore_errors=True)
-                floor = floor_seconds(sample, n, len(layers), 4096, 1024, "zstd" if cfg.zstd() else "none", threads)
-                stored = n * len(layers) * d_model * np.dtype(codecs.STORED_DTYPE[codec]).itemsize
-                rows.append(dict(shape=shape, codec=codec, zstd=cfg.zstd(), threads=threads, tokens=n, seconds=secs,
-                                 tok_s=n / secs, values_s=n * len(layers) * d_model / secs, mb_s=stored / secs / 1e6,
-                                 floor_tok_s=n / floor, vs_floor=floor / secs))  # fmt: skip
-    finally:
-        LayerTap.__call__ = real_call  # type: ignore[method-assign]
-        extract_mod.run_here = real_run_here  # type: ignore[assignment]
-        shutil.rmtree(tmp, ignore_errors=True)
+    with timing_units() as timed:
+        try:
+            model = null_model(tmp / "model", d_model, max(layers))
+            LayerTap.__call__ = null_tap(d_model, 32, max_length)  # type: ignore[method-assign]
+            store, data = str(tmp / "s.zarr"), DataConfig(str(imdb), limit=n_samples)
+            base = dict(model=model, data=data, max_length=max_length, batch_size=32, device="cpu", compression=compression)
+            res = extract(store, ExtractConfig(layers=[0], codec="fp16", name="tokenize", **base), progress=False)  # type: ignore[arg-type]
+            n = res.n_tokens
+            for codec in codecs_:
+                sample = null_rows_encoded(codec, d_model)
+                for threads in writer_threads:
+                    timed.clear()
+                    key = f"{codec}-w{threads}"
+                    cfg = ExtractConfig(layers=layers, codec=codec, name=key, writer_threads=threads, **base)  # type: ignore[arg-type]
+                    extract(store, cfg, progress=False)
+                    secs = timed[0]
+                    shutil.rmtree(Path(store) / "models" / key, ignore_errors=True)
+                    shutil.rmtree(Path(store) / "units" / "models" / key, ignore_errors=True)
+                    floor = floor_seconds(sample, n, len(layers), 4096, 1024, "zstd" if cfg.zstd() else "none", threads)
+                    stored = n * len(layers) * d_model * np.dtype(codecs.STORED_DTYPE[codec]).itemsize
+                    rows.append(dict(shape=shape, codec=codec, zstd=cfg.zstd(), threads=threads, tokens=n, seconds=secs,
+                                     tok_s=n / secs, values_s=n * len(layers) * d_model / secs, mb_s=stored / secs / 1e6,
+                                     floor_tok_s=n / floor, vs_floor=floor / secs))  # fmt: skip
+        finally:
+            LayerTap.__call__ = real_call  # type: ignore[method-assign]
+            shutil.rmtree(tmp, ignore_errors=True)
     return rows
 
 
