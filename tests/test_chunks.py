@@ -11,6 +11,7 @@ import zarr
 import zarr.codecs as zc
 
 from actstore.format.chunks import ChunkWriter
+from actstore.storage.location import open_location
 
 LAYOUTS = [  # (shards, inner chunk rows) or (None, chunk rows)
     (64, 16),
@@ -22,26 +23,29 @@ def arrays(tmp: Path, dtype: str, layout, compression: str, n: int):
     comp = [zc.ZstdCodec(level=1), zc.Crc32cCodec()] if compression == "zstd" else [zc.Crc32cCodec()]
     shard, chunk = layout
     grid = {"shards": (shard, 24), "chunks": (chunk, 24)} if shard else {"chunks": (chunk, 24)}
-    return [zarr.create_array(str(tmp / name), shape=(n, 24), dtype=dtype, fill_value=0, compressors=comp, **grid)
-            for name in ("zarr", "ours")]  # fmt: skip
+    return [zarr.create_array(zarr.storage.LocalStore(tmp / name), name="m/layer_1", shape=(n, 24), dtype=dtype,
+                              fill_value=0, compressors=comp, **grid) for name in ("zarr", "ours")]  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", ["int8", "float16", "uint16", "float32"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("compression", ["none", "zstd"])
-def test_objects_are_the_bytes_zarr_writes(tmp_path, dtype, layout, compression):
+@pytest.mark.parametrize("through", ["location", "zarr store"])
+def test_objects_are_the_bytes_zarr_writes(tmp_path, dtype, layout, compression, through):
+    """Through a Location (what the extractor's writers use: buffers written one after the other) or Zarr's store."""
     n = 64 * 3 + 37  # a ragged last object (and, sharded, inner chunks past the end)
     rng = np.random.default_rng(0)
     values = rng.integers(1, 100, (n, 24)).astype(dtype)  # no all-zero chunk (Zarr would skip writing it)
     ref, ours = arrays(tmp_path, dtype, layout, compression, n)
     ref[:] = values
-    writer = ChunkWriter.for_array(ours)
+    put = open_location(str(tmp_path / "ours"), create=False, writable=True).write_bytes if through == "location" else None
+    writer = ChunkWriter.for_array(ours, put)
     assert writer is not None
     step = writer.object_rows
     for r0 in range(0, n, step):
         writer.write(r0, values[r0 : r0 + step])
     np.testing.assert_array_equal(ours[:], values)
-    files = lambda root: {p.relative_to(root): p.read_bytes() for p in (root / "c").rglob("*") if p.is_file()}  # noqa: E731
+    files = lambda root: {p.relative_to(root): p.read_bytes() for p in (root / "m/layer_1/c").rglob("*") if p.is_file()}  # noqa: E731
     assert files(tmp_path / "ours") == files(tmp_path / "zarr")
 
 

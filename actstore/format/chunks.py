@@ -19,6 +19,7 @@ its rows are then written through Zarr.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import google_crc32c
 import numpy as np
@@ -31,8 +32,9 @@ from zarr.core.sync import sync
 MISSING = np.uint64(2**64 - 1)
 
 
-def _crc(body: bytes) -> bytes:
-    return body + google_crc32c.value(body).to_bytes(4, "little")
+def _crc(body: Any) -> list[Any]:
+    """``body`` (bytes or a contiguous array) and its crc32c's 4 bytes: the buffers of a checksummed object."""
+    return [body, google_crc32c.value(body).to_bytes(4, "little")]
 
 
 def _chain(codecs: tuple) -> str | None:
@@ -49,7 +51,7 @@ class ChunkWriter:
     """Writes whole objects of one 2-D layer array (see the module's docstring)."""
 
     def __init__(self, arr: zarr.Array, object_rows: int, inner_rows: int, compression: str,
-                 put: Callable[[str, bytes], None] | None = None) -> None:  # fmt: skip
+                 put: Callable[[str, list[Any]], None] | None = None) -> None:  # fmt: skip
         self.arr = arr
         self.put = put
         self.n_rows, self.d = arr.shape
@@ -64,9 +66,10 @@ class ChunkWriter:
         self.proto = default_buffer_prototype()
 
     @classmethod
-    def for_array(cls, arr: zarr.Array, put: Callable[[str, bytes], None] | None = None) -> ChunkWriter | None:
-        """A writer for ``arr``, or None when its layout is not one this module encodes. ``put(key, bytes)`` writes
-        an object at a key of the store's root (default: through the array's Zarr store)."""
+    def for_array(cls, arr: zarr.Array, put: Callable[[str, list[Any]], None] | None = None) -> ChunkWriter | None:
+        """A writer for ``arr``, or None when its layout is not one this module encodes. ``put(key, buffers)`` writes
+        an object (its buffers one after the other) at a key of the store's root (default: through the array's Zarr
+        store)."""
         meta = arr.metadata
         if len(arr.shape) != 2 or getattr(meta, "zarr_format", 2) != 3 or meta.fill_value != 0:
             return None
@@ -93,35 +96,37 @@ class ChunkWriter:
             return None
         return cls(arr, int(rows), int(rows), chain, put)
 
-    def _chunk(self, block: np.ndarray) -> bytes:
-        """One (inner) chunk's encoded bytes: ``block (<= inner_rows, d)`` padded with zeros to full size."""
+    def _chunk(self, block: np.ndarray) -> list[Any]:
+        """One (inner) chunk's encoded buffers: ``block (<= inner_rows, d)`` padded with zeros to full size."""
         if len(block) < self.inner_rows:
             full = np.zeros((self.inner_rows, self.d), dtype=self.dtype)
             full[: len(block)] = block
             block = full
-        body = np.ascontiguousarray(block, dtype=self.dtype).tobytes()
-        return _crc(self.zstd.encode(body) if self.zstd is not None else body)
+        body = np.ascontiguousarray(block, dtype=self.dtype)  # no copy for a whole chunk of encoded rows
+        return _crc(self.zstd.encode(body.tobytes()) if self.zstd is not None else body)
 
-    def _object(self, block: np.ndarray, r0: int) -> bytes:
-        """The object of rows ``[r0, r0 + len(block))`` (a whole object, or the array's last)."""
+    def _object(self, block: np.ndarray, r0: int) -> list[Any]:
+        """The buffers of the object of rows ``[r0, r0 + len(block))`` (a whole object, or the array's last), in
+        order: written one after the other, they are the object."""
         if not self.sharded:
             return self._chunk(block)
         n_inner = self.object_rows // self.inner_rows
         index = np.full((n_inner, 2), MISSING, dtype="<u8")
-        parts, offset = [], 0
+        parts: list[Any] = []
+        offset = 0
         for i in range(n_inner):
             lo = i * self.inner_rows
             if r0 + lo >= self.n_rows:  # past the array's end: no chunk
                 break
             data = self._chunk(block[lo : lo + self.inner_rows])
-            index[i] = (offset, len(data))
-            parts.append(data)
-            offset += len(data)
-        parts.append(_crc(index.tobytes()))
-        return b"".join(parts)
+            size = sum(len(memoryview(b).cast("B")) for b in data)
+            index[i] = (offset, size)
+            parts += data
+            offset += size
+        return parts + _crc(index.tobytes())
 
-    def objects(self, r0: int, values: np.ndarray) -> Iterator[tuple[str, bytes]]:
-        """``(key, bytes)`` of each object of rows ``[r0, r0 + len(values))``: whole objects, or up to the array's end."""
+    def objects(self, r0: int, values: np.ndarray) -> Iterator[tuple[str, list[Any]]]:
+        """``(key, buffers)`` of each object of rows ``[r0, r0 + len(values))``: whole objects, or up to the array's end."""
         r1 = r0 + len(values)
         if r0 % self.object_rows or (r1 % self.object_rows and r1 != self.n_rows) or values.shape[1:] != (self.d,):
             raise ValueError(f"rows {r0}-{r1} of {self.arr.path} are not whole objects of {self.object_rows} rows")
@@ -136,4 +141,4 @@ class ChunkWriter:
             if self.put is not None:
                 self.put(f"{self.arr.path}/{key}", data)
             else:
-                sync((self.arr.store_path / key).set(self.proto.buffer.from_bytes(data)))
+                sync((self.arr.store_path / key).set(self.proto.buffer.from_bytes(b"".join(data))))

@@ -287,17 +287,21 @@ class Location:
                 "pass --writable (open_store(url, writable=True)) to write to a shared store"
             )
 
-    def write_bytes(self, key: str, data: bytes) -> None:
+    def write_bytes(self, key: str, data: bytes | list[Any]) -> None:
+        """Write ``key`` whole (a temp file renamed into place, or one PUT): ``data``, or the concatenation of a list
+        of buffers (bytes, contiguous numpy arrays), written one after the other with no copy to join them locally."""
         self._check_writable(key)
         path = self.fs_path(key)
         if self.local:
             p = Path(path)
             p.parent.mkdir(parents=True, exist_ok=True)
             tmp = p.with_name(p.name + f".tmp{os.getpid()}")
-            tmp.write_bytes(data)
+            with open(tmp, "wb") as f:
+                for part in [data] if isinstance(data, bytes | bytearray | memoryview) else data:
+                    f.write(part)
             tmp.replace(p)
         else:
-            self.fs.pipe_file(path, data)
+            self.fs.pipe_file(path, data if isinstance(data, bytes) else b"".join(data))
 
     def create_exclusive(self, key: str, data: bytes) -> bool:
         """Write ``key`` only if it does not exist, whole or not at all; False if it exists.
