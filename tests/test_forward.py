@@ -136,3 +136,17 @@ def test_the_blocked_channel_scale_is_the_whole_array_formula(n, block):
     np.testing.assert_array_equal(codecs.channel_scale(x, block=block), want)
     rows = rng.permutation(n)
     np.testing.assert_array_equal(codecs.channel_scale(x, rows, block=block), codecs.channel_scale(x[rows], block=block))
+
+
+def test_the_switch_interval_is_short_while_a_worker_runs_and_restored_after():
+    import sys
+
+    from actstore.store.worker import GIL_SWITCH_S, gil_switch
+
+    before = sys.getswitchinterval()
+    with gil_switch():
+        assert sys.getswitchinterval() == min(before, GIL_SWITCH_S)
+    assert sys.getswitchinterval() == before
+    with pytest.raises(RuntimeError), gil_switch(0.0001):
+        raise RuntimeError("a failed run restores it too")
+    assert sys.getswitchinterval() == before

@@ -11,19 +11,21 @@ markers after each round, so units lost with a dead actor, or left to another dr
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Any
 
 from actstore.cluster import ActorPool, actor_resources, default_workers, ray_session
 from actstore.storage.location import Location
 from actstore.storage.locks import POLL_S
-from actstore.store.worker import CLAIMED, QUEUED, ExtractJob, UnitWorker
+from actstore.store.worker import CLAIMED, GIL_SWITCH_S, QUEUED, ExtractJob, UnitWorker
 
 
 class ExtractActor:
     """One Ray worker of an extraction: a :class:`UnitWorker` living as long as the actor."""
 
     def __init__(self, job: dict[str, Any]) -> None:
+        sys.setswitchinterval(GIL_SWITCH_S)  # a process of its own: see GIL_SWITCH_S
         self.worker = UnitWorker(ExtractJob(**job))
 
     def run(self, u0: int) -> str:

@@ -17,6 +17,8 @@ by the store's :class:`Commit` and its slot and claim are released.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -31,6 +33,10 @@ from actstore.format.layout import ATTR
 from actstore.storage.location import Location
 from actstore.store.forward import UnitRows
 from actstore.store.units import commit_prefix, mark_done
+
+WRITER_NICE = 10
+"""Niceness of the writer threads (Linux): where the forward pass and the writers share the CPU's cores, the forward
+pass goes first and the writers fill its idle moments (the three host slots bound how far they may fall behind)."""
 
 Arrays = dict[int, tuple[zarr.Array, zarr.Array | None]]
 """layer -> (its values array, its int8 scale array or None)."""
@@ -148,6 +154,8 @@ class UnitWriter:
             self.q.put(part)
 
     def _run(self) -> None:
+        with contextlib.suppress(AttributeError, OSError):  # Linux: below the forward pass's threads on a busy CPU
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
         while (part := self.q.get()) is not None:
             unit, layer, r0, r1 = part
             self._guard(self._write, unit, layer, r0, r1)
