@@ -12,7 +12,7 @@ from click.testing import CliRunner
 import actstore
 from actstore.cli import main
 from actstore.data.corpora import DataConfig
-from actstore.errors import IntegrityError
+from actstore.errors import ConfigError, IntegrityError
 from actstore.format import layout
 from actstore.storage.config import CopyConfig
 from actstore.storage.copy import copy_store
@@ -158,3 +158,21 @@ def test_hostile_shard_metadata_is_reported_not_crashed_on(tmp_path, sharded):
     meta_path.write_text(json.dumps(meta))
     r = CliRunner().invoke(main, ["verify", str(path)])
     assert r.exit_code != 0 and "models/m/layer_1/zarr.json" in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize(("codec", "compression", "zstd"), [("int8", "auto", False), ("fp16", "auto", False),
+                                                             ("bf16", "auto", True), ("fp16", "zstd", True),
+                                                             ("bf16", "none", False)])  # fmt: skip
+def test_compression_is_chosen_per_codec_and_written_in_the_array(tmp_path, tiny_bert_dir, corpus_file, codec, compression,
+                                                                   zstd):  # fmt: skip
+    path = str(tmp_path / "s.zarr")
+    _extract(path, tiny_bert_dir, corpus_file, codec=codec, compression=compression)
+    inner = [c["name"] for c in _meta(path, "models/m/layer_3")["codecs"][0]["configuration"]["codecs"]]
+    assert inner == (["bytes", "zstd", "crc32c"] if zstd else ["bytes", "crc32c"])
+    assert verify(actstore.open_store(path).loc).ok
+
+
+@pytest.mark.parametrize("bad", [dict(writer_threads=0), dict(compression="lz4"), dict(codec_on="gpu")])
+def test_write_path_options_are_checked(tiny_bert_dir, corpus_file, bad):
+    with pytest.raises(ConfigError, match=next(iter(bad)).replace("_", "-")):
+        ExtractConfig(tiny_bert_dir, DataConfig(corpus_file), [1], **bad)

@@ -91,7 +91,7 @@ class ExtractConfig:
     threads), or auto (device on CUDA, else writers)."""
     compression: str = "auto"
     """Compressor of new layer arrays: zstd (level 1, ~0.8 GB/s a core), none (checksummed only), or auto (zstd for
-    bf16, which it makes 21% smaller; none for int8 and fp16, 7-8%; docs/FORMAT.md)."""
+    bf16 and fp32, bf16 21% smaller; none for int8 and fp16, which it makes only 7-8% smaller; docs/FORMAT.md)."""
 
     def __post_init__(self) -> None:
         if self.codec not in codecs.CODECS:
