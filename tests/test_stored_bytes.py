@@ -129,3 +129,33 @@ def test_rows_beyond_the_int8_scale_are_refused_and_no_unit_is_recorded(codec_on
     with pytest.raises(ValueError, match="too large for the int8 preset"):
         build(tmp_path, tiny_bert_dir, corpus_file, 3, "int8", None, codec_on)
     assert not list((tmp_path / "s.zarr").rglob("*.done"))
+
+
+@pytest.mark.parametrize("fmt", [1, 2])
+def test_a_killed_format_1_or_2_extraction_resumes_by_its_prefix_to_the_fixture_bytes(fmt, tmp_path, tiny_bert_dir,
+                                                                                     corpus_file, monkeypatch):  # fmt: skip
+    """Formats 1-2 through the one write path: the prefix advances over written units only, and a resumed run ends
+    with the bytes of an uninterrupted one."""
+    from helpers import killed_on_call
+
+    from actstore.store import worker as worker_mod
+
+    monkeypatch.setattr(LayerTap, "__call__", deterministic_hidden_states)
+    path = str(tmp_path / "s.zarr")
+    common = dict(name="m", chunk_rows=32, unit_rows=64, batch_size=7, device="cpu", max_length=40, codec="int8")
+    extract(path, ExtractConfig(tiny_bert_dir, DataConfig(corpus_file), [1], **common), progress=False)
+    meta = Path(path) / "zarr.json"
+    root = json.loads(meta.read_text())
+    root["attributes"]["actstore"]["format"] = fmt
+    meta.write_text(json.dumps(root))
+    layer_2 = ExtractConfig(tiny_bert_dir, DataConfig(corpus_file), [2], inner_rows=0 if fmt == 1 else 16, writer_threads=3,
+                            **common)  # fmt: skip
+    real = worker_mod.compute_unit
+    monkeypatch.setattr(worker_mod, "compute_unit", killed_on_call(real, 3))
+    with pytest.raises(KeyboardInterrupt):
+        extract(path, layer_2, progress=False)
+    attrs = json.loads((Path(path) / "models/m/layer_2/zarr.json").read_text())["attributes"]["actstore"]
+    assert attrs["committed_rows"] == 128 and "progress" not in attrs  # two units of 64 rows, recorded in order
+    monkeypatch.setattr(worker_mod, "compute_unit", real)
+    extract(path, layer_2, progress=False)
+    assert json.loads(FIXTURE.read_text())[f"f{fmt}-int8"] == digest(path, "m", 2)
