@@ -125,9 +125,11 @@ class ActorPool:
         self.actors[i] = self.make()
         self.generation[i] += 1
 
-    def map(self, method: str, items: list[Any], on_result: Callable[[Any, Any], Any]) -> None:
-        """Call ``actor.method(item)`` once per item (retried on another actor when its actor died), calling
-        ``on_result(item, result)`` as each finishes; the stage's own errors are raised."""
+    def map(self, method: str, items: list[Any], on_result: Callable[[Any, Any], Any],
+            on_retry: Callable[[Any], Any] | None = None) -> None:  # fmt: skip
+        """Call ``actor.method(item)`` once per item (retried on another actor when its actor died, after
+        ``on_retry(item)``: the dead actor may have done part or all of it), calling ``on_result(item, result)`` as
+        each finishes; the stage's own errors are raised."""
         ray = self.ray
         todo: deque[Any] = deque(items)
         inflight: dict[Any, tuple[int, int, Any]] = {}
@@ -148,6 +150,8 @@ class ActorPool:
             except ray.exceptions.RayActorError:  # the actor's process died: a fresh actor, the item again
                 self._replace(i, gen)
                 todo.appendleft(item)
+                if on_retry is not None:
+                    on_retry(item)
             except ray.exceptions.RayTaskError as exc:
                 raise _cause(exc) from None
             else:

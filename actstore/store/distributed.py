@@ -53,6 +53,7 @@ def extract_on_ray(job: ExtractJob, loc: Location, address: str, workers: int | 
         computed = 0
         try:
             claimed: list[tuple[int, int]] = []
+            retried: set[int] = set()  # units whose actor died while it had them: it may have written them whole
 
             def done(u0: int, outcome: str) -> None:
                 nonlocal computed
@@ -60,12 +61,13 @@ def extract_on_ray(job: ExtractJob, loc: Location, address: str, workers: int | 
                 if outcome == CLAIMED:
                     claimed.append(unit)
                     return
-                computed += (unit[1] - unit[0]) if outcome == QUEUED else 0
+                # DONE after a retry: the dead actor wrote the unit after it ran, before its reply reached us
+                computed += (unit[1] - unit[0]) if outcome == QUEUED or u0 in retried else 0
                 bar.update(unit[1] - unit[0])
 
             while pending:
                 claimed.clear()
-                pool.map("run", [u0 for u0, _ in pending], done)
+                pool.map("run", [u0 for u0, _ in pending], done, retried.add)
                 pool.call_all("flush")  # every queued unit written (or lost with its actor: handed out again)
                 pending = job.pending(loc)
                 bar.n = job.n_rows - sum(b - a for a, b in pending)
