@@ -26,7 +26,7 @@ _train, _ccdiff = config_options(TrainConfig), config_options(CrosscoderDiffConf
 @click.option("--models", required=True, help="Models read together, comma separated (row-aligned: one tokenization).")
 @click.option("--layer", "--layers", "layers", required=True,
               help="One layer for every model, or one per model (2,4), or several of one model (cross-layer).")  # fmt: skip
-@_train("arch", type=click.Choice(TRAIN_ARCHS))
+@_train("arch", type=click.Choice(TRAIN_ARCHS), help="batchtopk (default), topk, or relu-l1 (the decoder-norm-weighted L1).")
 @_train("d_sae")
 @_train("expansion")
 @_train("k")

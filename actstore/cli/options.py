@@ -206,7 +206,8 @@ def field_docs(cls: type) -> dict[str, str]:
         if is_field and is_doc:
             docs[stmt.target.id] = nxt.value.value.strip()  # type: ignore[union-attr]
     consts = {k: v for k, v in vars(sys.modules[cls.__module__]).items() if k.isupper()}
-    return {k: v.format_map(consts) if "{" in v else v for k, v in docs.items()}
+    docs = {k: v.format_map(consts) if "{" in v else v for k, v in docs.items()}
+    return {k: re.sub(r"``(.+?)``", r"\1", v, flags=re.S) for k, v in docs.items()}  # reST literals: plain in --help
 
 
 _SCALARS = {"int": int, "float": float, "str": str, "bool": bool}

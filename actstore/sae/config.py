@@ -299,7 +299,7 @@ class TrainConfig:
     init: str | None = None
     """Decoder rows at start: data (directions of random training tokens; default for topk, batchtopk) or random."""
     epochs: int | None = None
-    """Passes over the training rows (default 3); ignored when ``tokens`` is given."""
+    """Passes over the training rows (default 3); give it or --tokens, not both."""
     tokens: int | None = None
     """Train on this many tokens instead of whole epochs."""
     batch_size: int = 1024

@@ -23,11 +23,9 @@ DEFAULT_INNER_ROWS = 1024
 unsharded chunks while a random-row read fetches a quarter of a shard (256-row chunks: 0.66x the streaming speed)."""
 
 
-def parse_layers(spec: str | list[int] | tuple[int, ...]) -> list[int]:
-    """``"2,4,6"``, ``"0-6"`` or a list -> sorted unique ints."""
-    if isinstance(spec, list | tuple):
-        return sorted({int(x) for x in spec})
-    out: set[int] = set()
+def layer_list(spec: str) -> list[int]:
+    """``"2,4,6"`` or ``"0-6"`` (ranges included) -> ints in the order given, repeats kept."""
+    out: list[int] = []
     for part in str(spec).replace(" ", "").split(","):
         if not part:
             continue
@@ -37,10 +35,16 @@ def parse_layers(spec: str | list[int] | tuple[int, ...]) -> list[int]:
             raise ConfigError(f"cannot read layers {spec!r}: use numbers like 2,4,6 or a range 0-6") from None
         if len(ends) == 2 and ends[1] < ends[0]:
             raise ConfigError(f"layer range {part!r} runs backwards: write it low-high, e.g. {ends[1]}-{ends[0]}")
-        out.update(range(ends[0], ends[-1] + 1))
+        out += range(ends[0], ends[-1] + 1)
+    return out
+
+
+def parse_layers(spec: str | list[int] | tuple[int, ...]) -> list[int]:
+    """``"2,4,6"``, ``"0-6"`` or a list -> sorted unique ints."""
+    out = sorted({int(x) for x in spec}) if isinstance(spec, list | tuple) else sorted(set(layer_list(spec)))
     if not out:
         raise ConfigError("no layers given: use --layers 2,4,6, a range 0-6, or 'all'")
-    return sorted(out)
+    return out
 
 
 @dataclass
@@ -151,13 +155,9 @@ def parse_sources(models: str | list[str], layers: str | list[int] | int) -> lis
     """The sources of ``--models A,B --layer L`` (every model at one layer), ``--models A --layers 2,4`` (one model at
     several layers), or equal-length lists (model i at layer i)."""
     ms = [m.strip() for m in models.split(",")] if isinstance(models, str) else list(models)
-    if isinstance(layers, str):
-        try:
-            ls = [int(v) for v in layers.split(",")]
-        except ValueError:
-            raise ConfigError(f"--layers must be comma-separated integers, got {layers!r}") from None
-    else:
-        ls = [int(layers)] if isinstance(layers, int) else [int(v) for v in layers]
+    if isinstance(layers, int):
+        layers = [layers]
+    ls = layer_list(layers) if isinstance(layers, str) else [int(v) for v in layers]  # in order: model i at layer i
     ms = [m for m in ms if m]
     if not ms or not ls:
         raise ConfigError("a crosscoder needs --models (comma separated) and --layer or --layers")
