@@ -100,3 +100,16 @@ def test_label_filter_and_recipes(tmp_path):
     assert [r.id for r in load_corpus(data_config(str(mine)))] == ["a"]
     with pytest.raises(DataError, match="recipe:imdb"):
         data_config("recipe:nope")
+
+
+def test_an_explicit_field_overrides_a_recipe_even_when_it_is_the_default_name(tmp_path):
+    """issue 30: ``--text-field text`` over a recipe whose text field is ``review`` used to be dropped (it equals the
+    option's default); an option not given keeps the recipe's."""
+    from actstore.data.corpora import data_config
+
+    recipe = tmp_path / "r.recipe.json"
+    recipe.write_text(json.dumps({"source": str(tmp_path / "c.jsonl"), "text_field": "review", "id_field": "rid"}))
+    assert data_config(str(recipe), text_field="text").text_field == "text"
+    given_none = data_config(str(recipe))
+    assert (given_none.text_field, given_none.id_field, given_none.label_field) == ("review", "rid", "label")
+    assert data_config(str(tmp_path / "c.jsonl")).text_field == "text"  # no recipe: the DataConfig defaults

@@ -87,9 +87,10 @@ def data_options(fn: Callable) -> Callable:
             click.option(
                 "--data", "data", required=True, help="Corpus: .jsonl[.gz], .csv[.gz], .parquet, bundled:bbc, or hf:NAME."
             ),
-            click.option("--text-field", default="text", show_default=True, help="Field holding the text."),
-            click.option("--label-field", default="label", show_default=True, help="Field holding the label."),
-            click.option("--id-field", default="id", show_default=True, help="Field holding the row id."),
+            # None when not given, so that a recipe's own field stays unless the option is passed (even as "text")
+            click.option("--text-field", default=None, show_default="text, or the recipe's", help="Field holding the text."),
+            click.option("--label-field", default=None, show_default="label, or the recipe's", help="Field holding the label."),
+            click.option("--id-field", default=None, show_default="id, or the recipe's", help="Field holding the row id."),
             click.option("--limit", type=int, default=None, help="Use only the first N usable rows."),
         ]
     ):

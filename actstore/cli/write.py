@@ -66,8 +66,8 @@ _diff, _report, _demo, _train = (config_options(c) for c in (DiffConfig, ReportC
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @break_lock_option
 @handle_errors
-def extract(store: str, storage_options: tuple[str, ...], model: str, data: str, text_field: str, label_field: str,
-            id_field: str, limit: int | None, labels: str | None, layers: str, name: str | None, max_length: int | None,
+def extract(store: str, storage_options: tuple[str, ...], model: str, data: str, text_field: str | None, label_field: str | None,
+            id_field: str | None, limit: int | None, labels: str | None, layers: str, name: str | None, max_length: int | None,
             window: int | None, stride: int | None, dtype: str, batch_size: int, codec: str, codec_on: str, compression: str,
             chunk_rows: int, inner_rows: int, unit_rows: int | None, new_tokenization: bool, device: str,
             threads: int | None, writer_threads: int | None, ray_address: str | None, ray_workers: int | None,
@@ -118,8 +118,8 @@ def extract(store: str, storage_options: tuple[str, ...], model: str, data: str,
 @_finetune("device")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @handle_errors
-def finetune(model: str, data: str, text_field: str, label_field: str, id_field: str, limit: int | None, out: str,
-             epochs: int, lr: float, batch_size: int, max_length: int, labels: str | None, seed: int,
+def finetune(model: str, data: str, text_field: str | None, label_field: str | None, id_field: str | None,
+             limit: int | None, out: str, epochs: int, lr: float, batch_size: int, max_length: int, labels: str | None, seed: int,
              keep_checkpoint: bool, ignore_split: bool, device: str, quiet: bool) -> None:  # fmt: skip
     """Fine-tune MODEL with a classification head on a labelled corpus (resumable per epoch)."""
     from actstore.data.corpora import data_config

@@ -325,18 +325,17 @@ def load_recipe(name: str) -> DataConfig:
 
 
 def data_config(
-    source: str, text_field: str = "text", label_field: str = "label", id_field: str = "id",
+    source: str, text_field: str | None = None, label_field: str | None = None, id_field: str | None = None,
     limit: int | None = None, labels: str | tuple[str, ...] | None = None,
 ) -> DataConfig:  # fmt: skip
-    """A DataConfig from command-line values; ``recipe:NAME`` / ``*.recipe.json`` sources supply defaults."""
+    """A DataConfig from command-line values (None: not given); ``recipe:NAME`` / ``*.recipe.json`` sources supply the
+    fields not given, else :class:`DataConfig`'s defaults do. A value given always wins, even one equal to a default."""
     if isinstance(labels, str):
         labels = tuple(x.strip() for x in labels.split(",") if x.strip()) or None
     given = {"text_field": text_field, "label_field": label_field, "id_field": id_field, "limit": limit, "labels": labels}
+    given = {k: v for k, v in given.items() if v is not None}
     if source.startswith("recipe:") or source.endswith(".recipe.json"):
-        base = load_recipe(source)
-        defaults = DataConfig("x")
-        over = {k: v for k, v in given.items() if v is not None and v != getattr(defaults, k)}
-        return replace(base, **over)
+        return replace(load_recipe(source), **given)
     return DataConfig(source, **given)
 
 
