@@ -4,6 +4,7 @@ crosscoder's sources as it does for a sweep."""
 
 from __future__ import annotations
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -51,3 +52,8 @@ def test_a_layer_range_gives_a_crosscoder_its_sources_in_order():
         parse_sources("a", "4-2")
     assert parse_sources("a,b", "3,1") == [Source("a", 3), Source("b", 1)]  # order kept: model i at layer i
     assert parse_layers("0-2") == [0, 1, 2]
+
+
+def test_quiet_is_one_option_with_one_wording():
+    helps = {c: option_help(c, "--quiet") for c in COMMANDS if "--quiet" in main.commands[c].get_help(click.Context(main))}
+    assert len(helps) >= 7 and set(helps.values()) == {"--quiet No progress bars."}

@@ -12,6 +12,7 @@ from actstore.cli.options import (
     handle_errors,
     output_format_option,
     parse_storage_options,
+    quiet_option,
     store_argument,
     writable_option,
 )
@@ -48,7 +49,7 @@ _train, _ccdiff = config_options(TrainConfig), config_options(CrosscoderDiffConf
 @_train("overwrite")
 @_train("device")
 @writable_option
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@quiet_option
 @handle_errors
 def train_crosscoder(store: str, storage_options: tuple[str, ...], writable: bool, models: str, layers: str,
                      arch: str | None, d_sae: int | None, expansion: float | None, k: int | None, l1: float | None,

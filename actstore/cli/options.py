@@ -81,6 +81,10 @@ def store_argument(fn: Callable) -> Callable:
     )(fn)  # fmt: skip
 
 
+quiet_option = click.option("--quiet", is_flag=True, help="No progress bars.")
+"""``--quiet``, the same on every command that shows progress."""
+
+
 def data_options(fn: Callable) -> Callable:
     for opt in reversed(
         [

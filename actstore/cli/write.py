@@ -22,6 +22,7 @@ from actstore.cli.options import (
     labels_option,
     output_format_option,
     parse_storage_options,
+    quiet_option,
     ray_option,
     store_argument,
     writable_option,
@@ -63,7 +64,7 @@ _diff, _report, _demo, _train = (config_options(c) for c in (DiffConfig, ReportC
 @_extract("writer_threads")
 @ray_option("Units computed by Ray actors")
 @_extract("ray_workers")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@quiet_option
 @break_lock_option
 @handle_errors
 def extract(store: str, storage_options: tuple[str, ...], model: str, data: str, text_field: str | None, label_field: str | None,
@@ -116,7 +117,7 @@ def extract(store: str, storage_options: tuple[str, ...], model: str, data: str,
 @_finetune("keep_checkpoint")
 @_finetune("ignore_split")
 @_finetune("device")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@quiet_option
 @handle_errors
 def finetune(model: str, data: str, text_field: str | None, label_field: str | None, id_field: str | None,
              limit: int | None, out: str, epochs: int, lr: float, batch_size: int, max_length: int, labels: str | None, seed: int,
@@ -154,7 +155,7 @@ def finetune(model: str, data: str, text_field: str | None, label_field: str | N
 @_encode("ray_workers")
 @_encode("threads")
 @writable_option
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@quiet_option
 @handle_errors
 def encode(store: str, storage_options: tuple[str, ...], writable: bool, sae: str, batch_rows: int, n_buckets: int,
            row_group_rows: int, spill_entries: int, workers: int, overwrite: bool, device: str, ray_address: str | None,
@@ -194,7 +195,7 @@ def encode(store: str, storage_options: tuple[str, ...], writable: bool, sae: st
 @_copy("jobs")
 @click.option("--src-option", "src_options", multiple=True, metavar="KEY=VALUE", help="fsspec storage option for SRC.")
 @click.option("--dst-option", "dst_options", multiple=True, metavar="KEY=VALUE", help="fsspec storage option for DST.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@quiet_option
 @handle_errors
 def copy(src: str, dst: str, include: tuple[str, ...], jobs: int, src_options: tuple[str, ...], dst_options: tuple[str, ...],
          quiet: bool) -> None:  # fmt: skip
@@ -289,7 +290,7 @@ def report(store: str, storage_options: tuple[str, ...], out: str, models: str |
 @_demo("model")
 @_demo("data")
 @_demo("device")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@quiet_option
 @handle_errors
 def demo(out: str, limit: int, max_length: int, epochs: int, sae_epochs: int, model: str, data: str, device: str,
          quiet: bool) -> None:  # fmt: skip
@@ -357,7 +358,7 @@ def _list(raw: str | None, kind: type, hint: str, example: str) -> list[Any]:
 @_train("device")
 @ray_option("Each run a Ray task")
 @writable_option
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@quiet_option
 @handle_errors
 def train(store: str, storage_options: tuple[str, ...], writable: bool, models: str, layers: str, archs: str | None,
           d_saes: str | None, expansion: float | None, ks: str | None, l1: float | None, l1_warmup: float | None,
