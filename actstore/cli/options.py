@@ -187,7 +187,7 @@ def emit(df: Any, fmt: str, out: str | None) -> None:
         click.echo(f"wrote {df.height} rows to {out}", err=True)
 
 
-# ---- encode / query (issue 4) --------------------------------------------------
+# ---- encode / query --------------------------------------------------------------
 def parse_params(values: tuple[str, ...]) -> dict[str, str]:
     return {k.strip(): v for k, v in key_values(values, "--param", "name=value")}
 

@@ -103,7 +103,7 @@ def extract(store: str, storage_options: tuple[str, ...], model: str, data: str,
     )
 
 
-# ---- issue 5: the paper end to end (finetune, compare, show, diff-features, report, demo) ----
+# ---- the paper end to end: finetune, compare, show, diff-features, report, demo ----
 @main.command()
 @_finetune("model", required=True)
 @data_options
@@ -187,7 +187,7 @@ def encode(store: str, storage_options: tuple[str, ...], writable: bool, sae: st
     )  # fmt: skip
 
 
-# ---- sharing: copy, verify (issue 6) ---------------------------------------
+# ---- sharing: copy, verify ------------------------------------------------
 @main.command()
 @click.argument("src", metavar="SRC")
 @click.argument("dst", metavar="DST")

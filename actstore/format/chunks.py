@@ -2,9 +2,8 @@
 
 Zarr writes a block of rows by a partial-update path (read the shard if it exists, one buffer per inner chunk,
 combine, then write) with asyncio overhead per chunk; the extractor writes only whole objects, so it builds their
-bytes itself: at 3 MiB shards this writes ~1.5-2x faster on two cores (``bench/bench_extract.py --null-model``
-prints the pipeline beside the machine's floor). The bytes are exactly the Zarr v3 encoding docs/FORMAT.md
-describes, read by Zarr (and checked by ``actstore verify``) like any other:
+bytes itself (``bench/bench_extract.py --null-model`` measures it). The bytes are exactly the Zarr v3 encoding
+docs/FORMAT.md describes, read by Zarr (and checked by ``actstore verify``) like any other:
 
 - an unsharded array: one object per chunk of ``chunk_rows`` rows: ``bytes`` (little-endian) -> [``zstd``] ->
   ``crc32c`` (its 4 bytes appended, little-endian); the last chunk padded with the fill value (0) to full size;

@@ -53,8 +53,8 @@ def channel_scale(x: np.ndarray, rows: np.ndarray | None = None, block: int = 25
 
 ENCODE_BLOCK_ROWS = 512
 """Rows :func:`encode_into` encodes at a time: 768-wide float32 blocks of 1.5 MiB, so each of the codec's passes
-reads and writes the CPU's cache instead of memory (3.5x the whole-array numpy codec for int8 on one core), in few
-enough calls that writer threads seldom wait for each other's Python."""
+reads and writes the CPU's cache instead of memory, in few enough calls that writer threads seldom wait for each
+other's Python."""
 
 
 def encode(x: np.ndarray, codec: str, chan: np.ndarray | None = None) -> Encoded:

@@ -1,4 +1,4 @@
-"""The codec presets of :mod:`actstore.format.codecs` in torch, on the device of the forward pass (issue 29).
+"""The codec presets of :mod:`actstore.format.codecs` in torch, on the device of the forward pass.
 
 :func:`encode` gives bit for bit what ``codecs.encode`` gives for the same float32 rows, on any device, so that only
 the stored dtype crosses to the host (1 byte a value for int8, 2 for fp16 / bf16) and the codec's passes over
