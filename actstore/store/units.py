@@ -87,10 +87,17 @@ def commit_prefix(array: str, loc: Location, extra: dict[str, Any] | None = None
     import zarr
 
     arr = zarr.open_array(loc.zarr_store, path=array, mode="r+")
-    a = {**arr.attrs[ATTR], **(extra or {})}
+    a = arr.attrs[ATTR]
     rows = completed_prefix(completed_units(loc, arr.path), int(a["unit_rows"]), int(a["n_rows"]))
+    set_committed(arr, rows, extra)
+    return rows
+
+
+def set_committed(arr: Any, rows: int, extra: dict[str, Any] | None = None) -> None:
+    """Write a layer array's ``committed_rows`` (with ``complete`` and ``updated``) and ``extra`` into its attributes,
+    read afresh: the one place the prefix attribute is written, for every store format."""
+    a = {**arr.attrs[ATTR], **(extra or {})}
     a["committed_rows"] = rows
     a["updated"] = now()
-    a["complete"] = a["committed_rows"] >= a["n_rows"]
+    a["complete"] = rows >= a["n_rows"]
     arr.attrs[ATTR] = a
-    return int(a["committed_rows"])

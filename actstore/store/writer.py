@@ -27,12 +27,10 @@ from typing import Any
 import numpy as np
 import zarr
 
-from actstore.clock import now
 from actstore.format.chunks import ChunkWriter
-from actstore.format.layout import ATTR
 from actstore.storage.location import Location
 from actstore.store.forward import UnitRows
-from actstore.store.units import commit_prefix, mark_done
+from actstore.store.units import commit_prefix, mark_done, set_committed
 
 WRITER_NICE = 10
 """Niceness of the writer threads (Linux): where the forward pass and the writers share the CPU's cores, the forward
@@ -82,12 +80,7 @@ class PrefixCommit(Commit):
             while self.next[layer] in self.finished[layer]:
                 self.next[layer] = self.finished[layer].pop(self.next[layer])
             if self.next[layer] != start:
-                arr = self.arrays[layer][0]
-                a = {**arr.attrs[ATTR], **(chan_attrs(chans.get(layer)) or {})}
-                a["committed_rows"] = self.next[layer]
-                a["updated"] = now()
-                a["complete"] = self.next[layer] >= a["n_rows"]
-                arr.attrs[ATTR] = a
+                set_committed(self.arrays[layer][0], self.next[layer], chan_attrs(chans.get(layer)))
 
 
 @dataclass
