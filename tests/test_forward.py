@@ -11,7 +11,13 @@ import torch
 from actstore.format import codecs
 from actstore.models.loading import load_model
 from actstore.models.taps import LayerTap
-from actstore.store.forward import Pieces, forward_rows, forward_unit, ragged
+from actstore.store.forward import Pieces, forward_rows, ragged
+
+
+def forward_unit(tap, pieces, u0, u1, layers, d_model, batch_size, device):
+    """Rows ``[u0, u1)`` of every layer, float32 in row order: the packed rows unpermuted by the fp32 codec."""
+    rows = forward_rows(tap, pieces, u0, u1, layers, d_model, batch_size, device)
+    return {layer: rows.stored(layer, "fp32", None, rows.inverse()).values for layer in layers}
 
 
 def scatter_reference(tap, ids, starts, lens, u0, u1, layers, d_model, batch_size, keep):

@@ -185,11 +185,6 @@ class UnitRows(NamedTuple):
         self.wait()
         return codecs.channel_scale(self.slot.values[layer].numpy(), self.inverse())
 
-    def float_rows(self, layer: int) -> np.ndarray:
-        """float32 ``(n, d_model)`` in unit order (rows computed unencoded)."""
-        self.wait()
-        return self.slot.values[layer].numpy()[: len(self.order)].take(self.inverse(), axis=0)
-
 
 def compute_unit(
     tap: LayerTap, pieces: Pieces, u0: int, u1: int, layers: list[int], batch_size: int, device: str, slot: HostRows,
@@ -233,13 +228,6 @@ def forward_rows(tap: LayerTap, pieces: Pieces, u0: int, u1: int, layers: list[i
     slot = HostRows(layers, u1 - u0, d_model, codec, pin=False)
     dev = {layer: torch.from_numpy(np.asarray(c, np.float32)).to(device) for layer, c in (chans or {}).items()}
     return compute_unit(tap, pieces, u0, u1, layers, batch_size, device, slot, DeviceToHost(device), codec, dev)
-
-
-def forward_unit(tap: LayerTap, pieces: Pieces, u0: int, u1: int, layers: list[int], d_model: int, batch_size: int,
-                 device: str) -> dict[int, np.ndarray]:  # fmt: skip
-    """Rows ``[u0, u1)`` of every layer, float32 ``(u1 - u0, d_model)`` in row order."""
-    rows = forward_rows(tap, pieces, u0, u1, layers, d_model, batch_size, device)
-    return {layer: rows.float_rows(layer) for layer in layers}
 
 
 class UnitIndex:
