@@ -176,3 +176,23 @@ def test_compression_is_chosen_per_codec_and_written_in_the_array(tmp_path, tiny
 def test_write_path_options_are_checked(tiny_bert_dir, corpus_file, bad):
     with pytest.raises(ConfigError, match=next(iter(bad)).replace("_", "-")):
         ExtractConfig(tiny_bert_dir, DataConfig(corpus_file), [1], **bad)
+
+
+def test_writer_threads_are_resolved_by_each_worker_for_its_own_device(tmp_path, tiny_bert_dir, corpus_file, monkeypatch):
+    """A Ray actor on a GPU gets the GPU's default even though its driver set up on the CPU: the job carries None."""
+    import os
+
+    from actstore.store import worker as worker_mod
+    from actstore.store.worker import default_writer_threads
+
+    jobs = []
+    real = worker_mod.UnitWorker.__init__
+
+    def spy(self, job, *a, **k):
+        jobs.append(job)
+        real(self, job, *a, **k)
+
+    monkeypatch.setattr(worker_mod.UnitWorker, "__init__", spy)
+    _extract(str(tmp_path / "s.zarr"), tiny_bert_dir, corpus_file)
+    assert jobs and jobs[0].writer_threads is None
+    assert default_writer_threads("cpu") == 2 and default_writer_threads("cuda:0") == min(8, os.cpu_count() or 2)

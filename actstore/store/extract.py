@@ -306,7 +306,7 @@ def _extract(
         job = ExtractJob(store=loc.url if not loc.local else loc.root, storage_options=storage_options, model=cfg.model,
                          model_key=model_key, layers=todo, tokenization=tk, n_rows=n_rows, unit_rows=unit_rows,
                          codec=cfg.codec, batch_size=cfg.batch_size, device=cfg.device, threads=cfg.threads,
-                         dtype=dtype, break_lock=break_lock, writer_threads=writer_threads(cfg, device),
+                         dtype=dtype, break_lock=break_lock, writer_threads=cfg.writer_threads,
                          markers=markers,
                          codec_on_device=None if cfg.codec_on == "auto" else cfg.codec_on == "device")  # fmt: skip
         written = _run_units(job, loc, loaded, device, ray_address, cfg.ray_workers, progress, desc)
@@ -322,16 +322,6 @@ def _extract(
         resumed_from=start if written else n_rows,
         seconds=secs, tokens_per_s=written / secs if secs else 0.0, data_report=tattrs.get("data_report", {}),
     )  # fmt: skip
-
-
-def writer_threads(cfg: ExtractConfig, device: str) -> int:
-    """Writer threads of each worker: ``cfg.writer_threads``, else the CPU's cores (up to 8) beside a GPU (which
-    runs the codec itself), 2 on a CPU (whose cores also run the forward pass)."""
-    import os
-
-    if cfg.writer_threads:
-        return cfg.writer_threads
-    return min(8, os.cpu_count() or 2) if device.startswith("cuda") else 2
 
 
 def _run_units(job: ExtractJob, loc: Location, loaded: Any, device: str, ray_address: str | None, workers: int | None,

@@ -15,6 +15,7 @@ its own); elsewhere the writer threads run it, so it scales with them (``codec_o
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -78,8 +79,8 @@ class ExtractJob:
     """Precision of the model weights (resolved by the driver: every worker loads the same)."""
     break_lock: bool = False
     """Take over units claimed by other writers, live or not (--break-lock: they are known to be dead)."""
-    writer_threads: int = 2
-    """Threads of each worker that encode and write rows."""
+    writer_threads: int | None = None
+    """Threads of each worker that encode and write rows (None: :func:`default_writer_threads` of its device)."""
     markers: bool = True
     """Units recorded by markers, in any order (format 3); False: one writer per array advancing its prefix."""
     codec_on_device: bool | None = None
@@ -111,6 +112,13 @@ class ExtractJob:
             return [(u0, u1) for u0, u1 in self.units() if any(c <= u0 for c in committed.values())]
         done = [completed_units(loc, layout.layer_array(self.model_key, layer)) for layer in self.layers]
         return [(u0, u1) for u0, u1 in self.units() if not all(u0 in d for d in done)]
+
+
+def default_writer_threads(device: str) -> int:
+    """Writer threads of a worker on ``device`` (its own, resolved: a Ray actor's GPU, not its driver's CPU): the
+    CPU's cores up to 8 beside a GPU (which runs the codec itself), 2 on a CPU (whose cores also run the forward
+    pass)."""
+    return min(8, os.cpu_count() or 2) if device.startswith("cuda") else 2
 
 
 class UnitWorker:
@@ -147,7 +155,9 @@ class UnitWorker:
         commit: Commit = MarkerCommit(self.loc, self.arrays) if job.markers else PrefixCommit(self.arrays, self.committed)
         self.renewer = Renewer(UNIT_LEASE_S)
         self.renewer.start()
-        self.writer = UnitWriter(self.loc, self.arrays, job.codec, commit, max(1, job.writer_threads))
+        self.writer = UnitWriter(
+            self.loc, self.arrays, job.codec, commit, job.writer_threads or default_writer_threads(self.device)
+        )
         self.rows_computed = 0
         self.held_by: dict[int, str] = {}
         """Units another writer holds -> what waiting for it means (whom, until when)."""
