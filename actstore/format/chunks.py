@@ -39,6 +39,8 @@ def _crc(body: Any) -> list[Any]:
 def _chain(codecs: tuple) -> str | None:
     """``"plain"`` or ``"zstd"`` for the chains bytes -> [zstd level 1] -> crc32c, else None."""
     names = [type(c) for c in codecs]
+    if not names or names[0] is not BytesCodec or getattr(codecs[0].endian, "value", "little") != "little":
+        return None  # this module writes little-endian values (an int8 array's endian is None)
     if names == [BytesCodec, Crc32cCodec]:
         return "plain"
     if names == [BytesCodec, ZstdCodec, Crc32cCodec] and codecs[1].level == 1 and not codecs[1].checksum:
