@@ -19,6 +19,7 @@ import pytest
 import torch
 import zarr
 
+import actstore
 from actstore.data.corpora import DataConfig
 from actstore.models.taps import LayerTap
 from actstore.store.config import ExtractConfig
@@ -159,3 +160,24 @@ def test_a_killed_format_1_or_2_extraction_resumes_by_its_prefix_to_the_fixture_
     monkeypatch.setattr(worker_mod, "compute_unit", real)
     extract(path, layer_2, progress=False)
     assert json.loads(FIXTURE.read_text())[f"f{fmt}-int8"] == digest(path, "m", 2)
+
+
+@pytest.mark.parametrize("edited", ["abc", -5, 100])
+def test_a_hand_edited_format_1_prefix_is_refused_or_resumed_from_a_unit_start(edited, tmp_path, tiny_bert_dir,
+                                                                             corpus_file, monkeypatch):  # fmt: skip
+    """committed_rows not a row count: one StoreError; inside a unit: the resume starts at that unit (it used to loop
+    forever waiting for a prefix that never advanced)."""
+    monkeypatch.setattr(LayerTap, "__call__", deterministic_hidden_states)
+    path = build(tmp_path, tiny_bert_dir, corpus_file, 1, "int8", None)
+    meta = tmp_path / "s.zarr" / "models/m/layer_2/zarr.json"
+    m = json.loads(meta.read_text())
+    m["attributes"]["actstore"].update(committed_rows=edited, complete=False)
+    meta.write_text(json.dumps(m))
+    cfg = ExtractConfig(tiny_bert_dir, DataConfig(corpus_file), [2], codec="int8", inner_rows=0, name="m", chunk_rows=32,
+                        unit_rows=64, batch_size=7, device="cpu", max_length=40)  # fmt: skip
+    if edited != 100:
+        with pytest.raises(actstore.ActstoreError, match="committed_rows"):
+            extract(path, cfg, progress=False)
+        return
+    extract(path, cfg, progress=False)
+    assert json.loads(FIXTURE.read_text())["f1-int8"] == digest(path, "m", 2)

@@ -41,7 +41,7 @@ from actstore.storage.locks import LockSet
 from actstore.store.config import ExtractConfig
 from actstore.store.tokenize import choose_tokenization
 from actstore.store.units import commit_prefix, committed_from_markers, marks_units
-from actstore.store.worker import ExtractJob, UnitWorker, run_here
+from actstore.store.worker import ExtractJob, UnitWorker, prefix_rows, run_here
 from actstore.version import __version__
 
 SETUP_WAIT_S = 3600.0  # how long an extraction waits for another one creating the store's token index
@@ -279,7 +279,7 @@ def _extract(
     arrays = layer_arrays(root, model_key, layers, n_rows, chunk_rows, unit_rows, loaded.d_model, cfg, tk, inner, units_mode)
     marked = {layer: marks_units(arr.attrs[ATTR]) for layer, (arr, _) in arrays.items()}
     committed = {
-        layer: committed_from_markers(loc, arr.path, arr.attrs[ATTR]) if marked[layer] else int(arr.attrs[ATTR]["committed_rows"])
+        layer: committed_from_markers(loc, arr.path, arr.attrs[ATTR]) if marked[layer] else prefix_rows(arr, unit_rows, n_rows)
         for layer, (arr, _) in arrays.items()
     }  # fmt: skip
     todo = [layer for layer in layers if committed[layer] < n_rows]

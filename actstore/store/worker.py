@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from actstore.errors import StoreError
 from actstore.format import layout
 from actstore.format.layout import ATTR
 from actstore.storage.location import Location, open_location
@@ -98,10 +99,10 @@ class ExtractJob:
         return [self.unit(u0) for u0 in range(0, self.n_rows, self.unit_rows)]
 
     def committed(self, loc: Location) -> dict[int, int]:
-        """Formats 1-2: each layer's ``committed_rows``."""
+        """Formats 1-2: each layer's committed prefix (:func:`prefix_rows`)."""
         return {
-            layer: int(zarr.open_array(loc.zarr_store, path=layout.layer_array(self.model_key, layer), mode="r")
-                       .attrs[ATTR]["committed_rows"])
+            layer: prefix_rows(zarr.open_array(loc.zarr_store, path=layout.layer_array(self.model_key, layer), mode="r"),
+                               self.unit_rows, self.n_rows)
             for layer in self.layers
         }  # fmt: skip
 
@@ -112,6 +113,17 @@ class ExtractJob:
             return [(u0, u1) for u0, u1 in self.units() if any(c <= u0 for c in committed.values())]
         done = [completed_units(loc, layout.layer_array(self.model_key, layer)) for layer in self.layers]
         return [(u0, u1) for u0, u1 in self.units() if not all(u0 in d for d in done)]
+
+
+def prefix_rows(arr: zarr.Array, unit_rows: int, n_rows: int) -> int:
+    """A format-1/2 array's ``committed_rows`` as a resume point: checked (an integer in 0..n_rows, else StoreError) and
+    taken back to a unit's start, so a hand-edited value can neither make a resume write nowhere nor loop forever
+    (units are deterministic: a unit recomputed writes the same bytes)."""
+    v = arr.attrs[ATTR].get("committed_rows", 0)
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= n_rows:
+        raise StoreError(f"array {arr.path} says committed_rows {v!r}, not a row count in 0..{n_rows}: the store was "
+                         "edited or damaged; extract this layer into a new store (or under --name)")  # fmt: skip
+    return v if v == n_rows else v - v % unit_rows
 
 
 def default_writer_threads(device: str) -> int:
