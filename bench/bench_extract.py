@@ -94,7 +94,7 @@ def bench_throughput(tmp: Path, n: int, rounds: int = 2) -> dict:
         t0 = time.perf_counter()
         res = extract(str(store), cfg, progress=False)
         t_ext.append(time.perf_counter() - t0)
-        unit_rows = actstore.open_store(str(store)).layer_attrs("minilm", 2)["unit_rows"]
+        unit_rows = actstore.open_store(str(store)).layer_attrs("minilm", 2).unit_rows
         t_bare.append(bare_forward_seconds(str(store), "bundled:minilm", unit_rows, cfg.batch_size, None))
     te, tb = min(t_ext), min(t_bare)
     return {"tokens": res.n_tokens, "extract_s": te, "bare_s": tb, "ratio": tb / te, "store": str(store)}
@@ -103,7 +103,7 @@ def bench_throughput(tmp: Path, n: int, rounds: int = 2) -> dict:
 def bench_depth(store: str) -> list[dict]:
     import actstore
 
-    unit_rows = actstore.open_store(store).layer_attrs("minilm", 2)["unit_rows"]
+    unit_rows = actstore.open_store(store).layer_attrs("minilm", 2).unit_rows
     full = bare_forward_seconds(store, "bundled:minilm", unit_rows, 32, None)
     rows = []
     for L in (1, 2, 3, 6):

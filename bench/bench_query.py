@@ -55,7 +55,7 @@ def build_store(root: Path, n_docs: int, d_sae: int = 1024, k: int = 128) -> str
         extract(str(path), ecfg, progress=False)
         st = actstore.open_store(str(path), writable=True)
         torch.manual_seed(0)
-        tk = st.model_info("tiny")["tokenization"]
+        tk = st.model_info("tiny").tokenization
         sae = SAE(SAEConfig(arch="topk", d_in=32, d_sae=d_sae, k=k, model="tiny", layer=2, tokenization=tk, name="bench"))
         with torch.no_grad():  # uneven feature frequencies, like a trained SAE
             sae.b_enc.copy_(torch.linspace(-2.0, 1.0, d_sae)[torch.randperm(d_sae)])

@@ -34,7 +34,7 @@ def snapshot(root: str | Path) -> dict[str, bytes]:
 
 def make_sae(store, name: str, arch: str, layer: int = 2, d_sae: int = 40, k: int | None = None, seed: int = 0) -> SAE:
     """A seeded random SAE with a negative encoder bias (so relu-l1 is sparse), saved in ``store``."""
-    tk = store.model_info("tiny")["tokenization"]
+    tk = store.model_info("tiny").tokenization
     torch.manual_seed(seed)
     sae = SAE(
         SAEConfig(arch=arch, d_in=32, d_sae=d_sae, k=k, model="tiny", layer=layer, tokenization=tk, name=name, norm_scale=0.7)

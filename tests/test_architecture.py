@@ -105,6 +105,38 @@ def test_store_paths_are_spelled_only_in_the_layout_module():
     assert not offenders, "store keys spelled outside actstore/format/layout.py:\n" + "\n".join(offenders)
 
 
+# attribute keys only the typed metadata spells (generic ones such as "complete" or "n_rows" are also table columns,
+# and the hashes are also keys of `actstore info`'s output)
+METADATA_KEYS = {"committed_rows", "unit_rows", "inner_rows", "channel_scale", "default_tokenization", "tokenizer_ids_sha256"}
+
+
+def metadata_key_literals(path: Path) -> list[str]:
+    """``file:line: 'key'`` for each string literal in ``path`` that is one of METADATA_KEYS (docstrings are prose)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docs = {id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) and n.body
+            and isinstance(n.body[0], ast.Expr)}  # fmt: skip
+    return [f"{path.relative_to(PKG.parent)}:{n.lineno}: {n.value!r}" for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and n.value in METADATA_KEYS and id(n) not in docs]  # fmt: skip
+
+
+def test_metadata_keys_are_spelled_only_in_the_format_package():
+    """Every reader and writer of a store's attributes goes through format/metadata.py: a typo in a key is a
+    type error there, not a silently absent value somewhere else."""
+    offenders = [o for path in sorted(PKG.rglob("*.py")) if path.relative_to(PKG).parts[0] != "format"
+                 for o in metadata_key_literals(path)]  # fmt: skip
+    assert not offenders, "metadata keys spelled outside actstore/format/:\n" + "\n".join(offenders)
+
+
+def test_the_metadata_key_check_sees_a_literal(tmp_path):
+    bad = PKG / "_probe_metadata_key.py"
+    try:
+        bad.write_text('def f(a):\n    return a["committed_rows"]\n')
+        assert metadata_key_literals(bad) == ["actstore/_probe_metadata_key.py:2: 'committed_rows'"]
+    finally:
+        bad.unlink()
+
+
 def test_import_actstore_does_not_load_torch():
     import subprocess
     import sys

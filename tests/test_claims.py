@@ -77,7 +77,7 @@ def run_extract(store: str, model: str, corpus: str, *extra: str, timeout: float
 
 
 def finished(store: str) -> bool:
-    return bool(actstore.open_store(store).activations("tiny", 1).attrs.get("complete"))
+    return bool(actstore.open_store(store).activations("tiny", 1).attrs.complete)
 
 
 def test_a_claim_whose_lease_says_9999_lapses_one_lease_after_it_was_written(unfinished, tiny_bert_dir, corpus_file):

@@ -75,7 +75,7 @@ def test_decoder_lms_in_their_dtype_past_512_tokens(tmp_path, long_corpus, kind,
                                   "--quiet"])  # fmt: skip
     assert r.exit_code == 0, r.output
     st = actstore.open_store(store)
-    assert st.model_info(kind)["dtype"] == dtype and st.tokenization().attrs["max_length"] == 1024
+    assert st.model_info(kind).dtype == dtype and st.tokenization().attrs.max_length == 1024
     first, n_tok = st.tokenization().sample_rows()
     assert n_tok.max() == 1024  # the 1,400-word text, truncated at 1,024 tokens: past BERT's 512
     ids = np.asarray(st.tokenization().array("token_id")[:], dtype=np.int64)
@@ -97,7 +97,7 @@ def test_windows_cover_every_token_once_from_its_first_window(tmp_path, long_cor
     extract(store, cfg, progress=False)
     st = actstore.open_store(store)
     tk = st.tokenization()
-    assert (tk.attrs["window"], tk.attrs["stride"], tk.attrs["max_length"]) == (window, stride, None)
+    assert (tk.attrs.window, tk.attrs.stride, tk.attrs.max_length) == (window, stride, None)
     first, n_tok = tk.sample_rows()
     assert n_tok.max() > 1400  # no truncation: every token of the longest sample is a row
     ids = np.asarray(tk.array("token_id")[:], dtype=np.int64)

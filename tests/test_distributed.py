@@ -63,7 +63,7 @@ def assert_same(store: str, ref: dict[str, bytes]) -> None:
     st_ = actstore.open_store(store)
     for layer in LAYERS:
         acts = st_.activations("m", layer)
-        assert acts.attrs["complete"] and len(acts) == acts.attrs["n_rows"]
+        assert acts.attrs.complete and len(acts) == acts.attrs.n_rows
 
 
 def forget_units(path: str, layers: list[int], units: list[int] | None = None, first: int = 0) -> None:
@@ -103,8 +103,8 @@ def test_new_stores_record_each_unit_by_its_marker(tmp_path, tiny_bert_dir, corp
     root = json.loads((Path(path) / "zarr.json").read_text())["attributes"]["actstore"]
     assert root["format"] == layout.FORMAT_VERSION == 3
     acts = actstore.open_store(path).activations("m", 1)
-    assert acts.attrs["progress"] == "units"
-    n_units = -(-acts.attrs["n_rows"] // 32)
+    assert acts.attrs.progress == "units"
+    n_units = -(-acts.attrs.n_rows // 32)
     assert completed_units(open_location(path), layout.layer_array("m", 1)) == {i * 32 for i in range(n_units)}
     assert not (Path(path) / "locks").exists() or not any((Path(path) / "locks").rglob("*.lock"))  # claims released
 
@@ -185,7 +185,7 @@ def test_two_drivers_at_once_share_the_work(tmp_path, tiny_bert_dir, corpus_file
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     wrote = [int(o.split("wrote ")[1].split(" rows")[0]) for o, _ in outs]
-    n_rows = actstore.open_store(path).activations("m", 1).attrs["n_rows"]
+    n_rows = actstore.open_store(path).activations("m", 1).attrs.n_rows
     assert sum(wrote) >= n_rows  # between them every unit was computed (a unit is never refused, only shared)
     assert_same(path, reference["fp16"])
 
@@ -267,12 +267,12 @@ def test_a_ray_driver_killed_and_started_again_resumes(tmp_path, tiny_bert_dir, 
     proc.wait()
     n_done = len(completed_units(open_location(path), layout.layer_array("m", 3)))
     acts = actstore.open_store(path).activations("m", 3)
-    assert n_done >= 3 and not acts.attrs["complete"], "the driver finished before it could be killed"
+    assert n_done >= 3 and not acts.attrs.complete, "the driver finished before it could be killed"
     again = _cli_extract(path, tiny_bert_dir, corpus_file, "--ray", "--ray-workers", "2")
     out, err = again.communicate(timeout=300)
     assert again.returncode == 0, err
     wrote = int(out.split("wrote ")[1].split(" rows")[0])
-    assert wrote < acts.attrs["n_rows"]  # resumed: the completed units were not computed again
+    assert wrote < acts.attrs.n_rows  # resumed: the completed units were not computed again
     assert_same(path, reference["fp16"])
 
 
@@ -291,7 +291,7 @@ def test_a_format_2_store_resumes_by_its_prefix_and_refuses_ray(tmp_path, tiny_b
     res = extract(path, cfg_for(tiny_bert_dir, corpus_file), progress=False)  # layer 3 is new, layer 1 is done
     assert res.rows_written == res.n_tokens
     acts = actstore.open_store(path).activations("m", 3)
-    assert "progress" not in acts.attrs and not (Path(path) / layout.units_dir(layout.layer_array("m", 3))).exists()
+    assert acts.attrs.progress is None and not (Path(path) / layout.units_dir(layout.layer_array("m", 3))).exists()
     assert_same(path, reference["fp16"])
     with pytest.raises(actstore.ActstoreError, match="format 2.*--ray needs a store of format 3"):
         extract(path, cfg_for(tiny_bert_dir, corpus_file), progress=False, ray_address="local")

@@ -59,7 +59,7 @@ def test_plain_xarray_open_zarr_reads_a_model_group(codec_store):
     np.testing.assert_array_equal(ds["layer_3"].values, st.activations("m-fp32", 3)[:])
     ds8 = xr.open_zarr(codec_store, group="models/m-int8", consolidated=False)
     assert ds8["layer_3_scale"].dims == ("token",) and ds8["layer_3"].dtype == np.int8
-    tok = xr.open_zarr(codec_store, group=f"tokenizations/{st.model_info('m-fp32')['tokenization']}", consolidated=False)
+    tok = xr.open_zarr(codec_store, group=f"tokenizations/{st.model_info('m-fp32').tokenization}", consolidated=False)
     assert tok["token_id"].dims == ("token",)
 
 

@@ -170,7 +170,7 @@ def test_errors_name_the_fix(tiny_store):
         encode(st, EncodeConfig(sae="missing"), progress=False)
     with pytest.raises(ConfigError):
         EncodeConfig(sae="s", n_buckets=0)
-    tk = st.model_info("tiny")["tokenization"]
+    tk = st.model_info("tiny").tokenization
     save_sae(st, SAE(SAEConfig(arch="relu-l1", d_in=16, d_sae=8, model="tiny", layer=2, tokenization=tk)), "narrow")
     with pytest.raises(ConfigError, match="reads d_in 16 but tiny layer 2 .* has d_model 32"):
         encode(st, EncodeConfig(sae="narrow"), progress=False)

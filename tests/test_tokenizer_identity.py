@@ -64,12 +64,12 @@ def test_save_pretrained_after_changing_model_max_length(tiny_store, tiny_bert_d
     assert saved["truncation"] is not None or saved["padding"] is not None
     st = actstore.open_store(tiny_store)
     before = st.tokenization_keys()
-    extract(tiny_store, ExtractConfig(str(ft), DataConfig(st.tokenization().attrs["data"]["source"]), [2], name="ft",
+    extract(tiny_store, ExtractConfig(str(ft), DataConfig(st.tokenization().attrs.data["source"]), [2], name="ft",
                                       codec="fp32", chunk_rows=64, device="cpu"), progress=False)  # fmt: skip
     st = actstore.open_store(tiny_store)
-    assert st.tokenization_keys() == before and st.model_info("ft")["tokenization"] == before[0]
+    assert st.tokenization_keys() == before and st.model_info("ft").tokenization == before[0]
     texts = st.samples()["text"].to_list()
-    ref = reference_hidden_states(str(ft), texts, max_length=st.tokenization().attrs["max_length"])
+    ref = reference_hidden_states(str(ft), texts, max_length=st.tokenization().attrs.max_length)
     for got, want in zip(stored_by_sample(st, "ft", 2), ref, strict=True):
         np.testing.assert_allclose(got, want[2], atol=1e-5, rtol=0)
 

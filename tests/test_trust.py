@@ -36,7 +36,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Object at .* is not recognized")
 
 
 def make_sae(st, name: str = "s", layer: int = 2, d_sae: int = 40, k: int = 4, seed: int = 0) -> SAE:
-    tk = st.model_info("tiny")["tokenization"]
+    tk = st.model_info("tiny").tokenization
     torch.manual_seed(seed)
     sae = SAE(SAEConfig(arch="topk", d_in=32, d_sae=d_sae, k=k, model="tiny", layer=layer, tokenization=tk, name=name))
     save_sae(st, sae, name)
@@ -330,7 +330,7 @@ def test_hostile_names_are_escaped_in_the_report(tiny_store, tmp_path):
     tk = next(p for p in (root / "tokenizations").iterdir() if p.is_dir())
     meta = json.loads((tk / "zarr.json").read_text())
     meta["attributes"]["actstore"]["data"]["source"] = "<script>alert(2)</script>"
-    meta["attributes"]["actstore"]["n_samples"] = "<b>40</b>"
+    meta["attributes"]["actstore"]["tokenizer_source"] = "<b>40</b>"
     (tk / "zarr.json").write_text(json.dumps(meta))
     # a store that names a path holding a report.json: it must not be read
     trap = tmp_path / "trap"
@@ -345,6 +345,17 @@ def test_hostile_names_are_escaped_in_the_report(tiny_store, tmp_path):
     for bad in ("<img src=x", "<script>alert", "<b>40", "<i>x"):
         assert bad not in page
     assert "&lt;img src=x onerror=alert(1)&gt;" in page
+
+
+def test_a_count_that_is_markup_is_refused_as_damaged(tiny_store, tmp_path):
+    """A number that is not a number (here markup) is one IntegrityError naming the token index, before any page."""
+    tk = next(p for p in (Path(tiny_store) / "tokenizations").iterdir() if p.is_dir())
+    meta = json.loads((tk / "zarr.json").read_text())
+    meta["attributes"]["actstore"]["n_samples"] = "<b>40</b>"
+    (tk / "zarr.json").write_text(json.dumps(meta))
+    r = CliRunner().invoke(main, ["report", tiny_store, "--out", str(tmp_path / "rep")])
+    assert r.exit_code == 1 and "attribute n_samples is '<b>40</b>', not an integer" in r.output
+    assert not (tmp_path / "rep" / "index.html").exists()
 
 
 # ---------------------------------------------------------------- 8. one line, not a traceback

@@ -131,7 +131,7 @@ class _Demo:
         cfg, sp = self.cfg, shlex.quote(str(self.store_path))
         st = open_store(str(self.store_path), writable=True)
         layers = cfg.sae_layers or default_sae_layers(max(st.layers(self.pre_key)))
-        d_sae = round(int(st.layer_attrs(self.pre_key, layers[0])["d_model"]) * cfg.sae_expansion)
+        d_sae = round(st.layer_attrs(self.pre_key, layers[0]).d_model * cfg.sae_expansion)
         k = cfg.sae_k or max(1, int(d_sae * 0.04))
         lr = "" if cfg.sae_lr is None else f" --lr {cfg.sae_lr:g}"
         cmd = (f"actstore train {sp} --model M --layer L --arch topk --k {k} --d-sae {d_sae}{lr} --resample "

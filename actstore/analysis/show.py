@@ -82,7 +82,7 @@ class _LiveModel:
         from actstore.models.loading import load_model
 
         info = store.model_info(model)
-        path = info.get("path") or info.get("source")
+        path = info.path or info.source
         if not path:
             raise ModelError(f"store {store.url} does not record where model {model!r} came from: cannot run texts live")
         from transformers.utils import logging as hf_logging
@@ -96,7 +96,7 @@ class _LiveModel:
         finally:
             hf_logging.set_verbosity(verbosity)
         self.device = device
-        self.max_length = int(store.model_tokenization(model).attrs.get("max_length") or self.loaded.max_length)
+        self.max_length = int(store.model_tokenization(model).attrs.max_length or self.loaded.max_length)
 
     def run(self, text: str, layer: int) -> tuple[list[str], torch.Tensor]:
         """Tokens of ``text`` and its hidden states ``(n_tokens, d_model)`` at ``layer``."""

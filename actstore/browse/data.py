@@ -140,7 +140,7 @@ class Browser:
     def model_pairs(self) -> list[tuple[str, str]]:
         """Pairs of models on one tokenization (row-aligned): the pretrained-vs-fine-tuned views."""
         ms = self.store.models
-        tk = {m: self.store.model_info(m).get("tokenization") for m in ms}
+        tk = {m: self.store.model_info(m).tokenization for m in ms}
         return [(a, b) for i, a in enumerate(ms) for b in ms[i + 1 :] if tk[a] == tk[b]]
 
     def similarity(self) -> dict[str, Any]:
@@ -302,7 +302,7 @@ class Browser:
         cfg = self.sae_config(sae)
         others = [b if a == cfg.model else a for a, b in self.model_pairs() if cfg.model in (a, b)]
         return [m for m in others
-                if cfg.layer in self.store.layers(m) and cfg.d_in == self.store.layer_attrs(m, cfg.layer)["d_model"]]  # fmt: skip
+                if cfg.layer in self.store.layers(m) and cfg.d_in == self.store.layer_attrs(m, cfg.layer).d_model]  # fmt: skip
 
     def _views(self, sae: str, feature: int, shown: np.ndarray, val_of: dict[int, float]) -> list[dict[str, Any]]:
         cfg = self.sae_config(sae)

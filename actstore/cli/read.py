@@ -48,8 +48,7 @@ def info(store: str, storage_options: tuple[str, ...], as_json: bool) -> None:
         lines.append(f"  model {m}: {info_.get('source')} ({info_.get('architecture')}, d_model {info_.get('d_model')}, "
                    f"{info_.get('n_layers')} layers, weights {str(info_.get('weights_sha256'))[:12]})")  # fmt: skip
         for layer, la in info_["layers"].items():
-            state = "complete" if la.get("complete") else f"{la.get('committed_rows')}/{la.get('n_rows')} rows committed"
-            lines.append(f"    layer {layer}: {la.get('codec')}, {state}")
+            lines.append(f"    layer {layer}: {la.get('codec')}, {la.get('state')}")
     for extra, extra_lines in d.get("extra", {}).items():
         lines.append(f"  {extra}:")
         lines.extend(f"    {line}" for line in extra_lines)

@@ -130,9 +130,9 @@ def check_sae_layer(store: Store, sae: SAE, name: str) -> tuple[str, int]:
     cfg = sae.cfg
     acts = check_fits(store, cfg, name)
     what = ", ".join(cfg.source_labels()) if cfg.is_crosscoder else f"{cfg.model} layer {cfg.layer}"
-    if not acts.attrs.get("complete"):
+    if not acts.complete:
         raise StoreError(
-            f"{what} in {store.url} is incomplete ({acts.n_rows} of {acts.attrs.get('n_rows')} rows): "
+            f"{what} in {store.url} is incomplete ({acts.n_rows} of {acts.n_total} rows): "
             "finish it with the same actstore extract command, then encode"
         )
     return cfg.model, int(cfg.layer)
@@ -344,7 +344,7 @@ def _new_generation(store: Store, cfg: EncodeConfig, sae: SAE, plan: _Plan, publ
             rm(store, f"{plan.base}/{layout.generation_name(g)}")
     man = {
         "format": ENCODING_FORMAT, "sae": cfg.sae, "model": model, "layer": layer,
-        "tokenization": store.model_info(model).get("tokenization"), **plan.want,
+        "tokenization": store.model_info(model).tokenization, **plan.want,
         "config": asdict(cfg), "sae_config": asdict(sae.cfg),
         "actstore_version": __version__, "created": now(), "phase": "spill", "spilled_rows": 0,
         "files": [], "complete": False, "dir": layout.generation_name(max(gens, default=0) + 1),

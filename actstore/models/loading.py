@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from actstore.errors import ConfigError, ModelError
+from actstore.format.metadata import ModelAttrs
 from actstore.models.names import MODEL_DTYPES, resolve_model
 
 
@@ -98,22 +99,17 @@ class LoadedModel:
         """:func:`tokenizer_identity` of the tokenizer (computed once)."""
         return tokenizer_identity(self.tokenizer)
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> ModelAttrs:
+        """What a store records of this model (its model group's attributes, less its key and token index)."""
         cfg = self.model.config
-        return {
-            "source": self.source,
-            "path": self.path,
-            "architecture": (getattr(cfg, "architectures", None) or [type(self.model).__name__])[0],
-            "model_type": getattr(cfg, "model_type", None),
-            "revision": self.revision,
-            "n_layers": self.n_layers,
-            "d_model": self.d_model,
-            "dtype": self.dtype,
-            "position_limit": self.position_limit,
-            "weights_sha256": weights_hash(self.model),
-            "tokenizer_sha256": self.tokenizer_sha256,
-            "tokenizer_ids_sha256": self.tokenizer_ids_sha256,
-        }
+        return ModelAttrs(
+            source=self.source, path=self.path,
+            architecture=(getattr(cfg, "architectures", None) or [type(self.model).__name__])[0],
+            model_type=getattr(cfg, "model_type", None), revision=self.revision, n_layers=self.n_layers,
+            d_model=self.d_model, dtype=self.dtype, position_limit=self.position_limit,
+            weights_sha256=weights_hash(self.model), tokenizer_sha256=self.tokenizer_sha256,
+            tokenizer_ids_sha256=self.tokenizer_ids_sha256,
+        )  # fmt: skip
 
 
 DEFAULT_MAX_LENGTH = 512

@@ -131,7 +131,7 @@ def _delphi(store: Store, t: FeatureTable, cfg: FeatureExportConfig, out: Path, 
     config = {
         "dataset_repo": store.url, "dataset_split": "all", "dataset_name": t.tokenization or "", "dataset_column": "text",
         "batch_size": 32, "cache_ctx_len": ctx_len, "ctx_len": ctx_len, "n_tokens": n_rows, "n_splits": n_splits,
-        "model_name": info.get("path") or info.get("source") or t.model,
+        "model_name": info.path or info.source or t.model,
         "actstore": {"sae": t.sae, "model": t.model, "layer": t.layer, "hidden_states_index": t.layer,
                      "tokenization": t.tokenization, "pad_token_id": pad, "n_samples": int(first.size)},
     }  # fmt: skip

@@ -7,6 +7,7 @@ from typing import Any
 
 from actstore.errors import IntegrityError
 from actstore.format import layout
+from actstore.format.metadata import LayerAttrs, StoreAttrs
 from actstore.sae.files import sae_names
 from actstore.storage.integrity import (
     read_manifest,
@@ -17,19 +18,17 @@ from actstore.store.reader import Store
 # ---------------------------------------------------------------- provenance
 def store_info(store: Store) -> dict[str, Any]:
     """Everything ``actstore info`` shows, as plain JSON-able data."""
-    out: dict[str, Any] = {"url": store.url, "store": store.attrs, "tokenizations": {}, "models": {}}
+    out: dict[str, Any] = {"url": store.url, "store": store.attrs.to_dict(), "tokenizations": {}, "models": {}}
     for key in store.tokenization_keys():
         t = store.tokenization(key)
-        out["tokenizations"][key] = {k: v for k, v in t.attrs.items() if k != "parts"}
+        out["tokenizations"][key] = {k: v for k, v in t.attrs.to_dict().items() if k != "parts"}
     for m in store.model_keys():
         info = store.model_info(m)
         layers = {}
         for layer in store.layers(m):
             la = store.layer_attrs(m, layer)
-            layers[str(layer)] = {
-                k: la.get(k) for k in ("d_model", "codec", "committed_rows", "n_rows", "complete", "created", "updated")
-            }
-        out["models"][m] = {**{k: v for k, v in info.items() if k != "config"}, "layers": layers}
+            layers[str(layer)] = {**{k: v for k, v in la.to_dict().items() if k in LayerAttrs.SUMMARY}, "state": la.state()}
+        out["models"][m] = {**{k: v for k, v in info.to_dict().items() if k != "config"}, "layers": layers}
     out["provenance"] = provenance(store)
     out.setdefault("extra", {})["provenance"] = provenance_lines(out["provenance"])
     return out
@@ -40,43 +39,43 @@ def provenance(store: Store) -> dict[str, Any]:
     corpus (file hash, row count), codec, actstore version, the full extraction config, and times."""
     root = store.attrs
     out: dict[str, Any] = {
-        "store": {k: root.get(k) for k in ("format", "created", "actstore_version", "default_tokenization")},
+        "store": {k: v for k, v in root.to_dict().items() if k in StoreAttrs.known()},
         "tokenizations": {},
         "models": {},
         "saes": {},
     }
-    updated = [root.get("created")]
+    updated = [root.created]
     for key in store.tokenization_keys():
         a = store.tokenization(key).attrs
-        data = a.get("data", {})
+        data, report = a.data or {}, a.data_report or {}
         out["tokenizations"][key] = {
-            "tokenizer": a.get("tokenizer_source"),
-            "tokenizer_sha256": a.get("tokenizer_sha256"),
-            "max_length": a.get("max_length"),
+            "tokenizer": a.tokenizer_source,
+            "tokenizer_sha256": a.tokenizer_sha256,
+            "max_length": a.max_length,
             "data_source": data.get("source"),
             "data_sha256": data.get("sha256"),
             "data_limit": data.get("limit"),
-            "n_samples": a.get("n_samples"),
-            "n_rows_read": (a.get("data_report") or {}).get("n_rows_read", (a.get("data_report") or {}).get("n_read")),
-            "n_tokens": a.get("n_tokens"),
-            "created": a.get("created"),
-            "completed": a.get("completed"),
+            "n_samples": a.n_samples,
+            "n_rows_read": report.get("n_rows_read", report.get("n_read")),
+            "n_tokens": a.n_tokens,
+            "created": a.created,
+            "completed": a.completed,
         }
-        updated.append(a.get("completed"))
+        updated.append(a.completed)
     for m in store.models:
         info = store.model_info(m)
         layers = {}
         for layer in store.layers(m):
             la = store.layer_attrs(m, layer)
-            layers[str(layer)] = {k: la.get(k) for k in ("codec", "created", "updated", "actstore_version", "complete", "config")}
-            updated.append(la.get("updated"))
+            layers[str(layer)] = {k: getattr(la, k) for k in LayerAttrs.PROVENANCE}
+            updated.append(la.updated)
         out["models"][m] = {
-            "source": info.get("source"),
-            "revision": info.get("revision"),
-            "weights_sha256": info.get("weights_sha256"),
-            "tokenizer_sha256": info.get("tokenizer_sha256"),
-            "tokenization": info.get("tokenization"),
-            "created": info.get("created"),
+            "source": info.source,
+            "revision": info.revision,
+            "weights_sha256": info.weights_sha256,
+            "tokenizer_sha256": info.tokenizer_sha256,
+            "tokenization": info.tokenization,
+            "created": info.created,
             "layers": layers,
         }
     for name in sae_names(store):

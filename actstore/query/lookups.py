@@ -87,7 +87,7 @@ def _vocab(store: Store, keys: list[str]) -> np.ndarray:
 def token_context(store: Store, key: str | None = None) -> TokenContext:
     """The (cached) :class:`TokenContext` of a tokenization (default: the store's default)."""
     tk = store.tokenization(key)
-    ident = (store.url, tk.key, tk.n_tokens, tk.attrs.get("created"), str(tk.attrs.get("parts")))
+    ident = (store.url, tk.key, tk.n_tokens, tk.attrs.created, str(tk.attrs.parts))
     ctx = _CTX_CACHE.get(ident)
     if ctx is None:
         ctx = TokenContext(store, tk.key)

@@ -75,7 +75,7 @@ def view_sql(store: Store) -> StoreViews:
     if store.tokenization_keys():
         tok = store.tokenization()
         cols = {  # context windows (extract --window): each row's window too ("window" is an SQL keyword: quote it)
-            "tokens": "row, sample, position, token_id, token" + (', "window"' if tok.attrs.get("window") else ""),
+            "tokens": "row, sample, position, token_id, token" + (', "window"' if tok.attrs.window else ""),
             "samples": "sample, id, label, text, n_tokens, first_row, truncated",
         }
         for table, c in cols.items():

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from actstore.errors import ConfigError, NotFoundError, StoreError
+from actstore.format.metadata import ModelAttrs
 from actstore.sae.config import INPUT_NORMS, ImportConfig, SAEConfig
 from actstore.sae.model import SAE
 
@@ -106,8 +107,8 @@ def hook_layer(hook: str, fmt: str) -> int:
     )
 
 
-def _final_norm_note(hook: str | None, layer: int, info: dict[str, Any]) -> str | None:
-    n_layers, mtype = info.get("n_layers"), info.get("model_type")
+def _final_norm_note(hook: str | None, layer: int, info: ModelAttrs) -> str | None:
+    n_layers, mtype = info.n_layers, info.model_type
     if n_layers is not None and layer == int(n_layers) and mtype in FINAL_NORM_TYPES:
         return (f"hook {hook} is the last block's output, but Hugging Face's hidden_states[{layer}] of this {mtype} model "
                 "comes after the final norm: the SAE reads normed states here (check the FVU)")  # fmt: skip
@@ -356,7 +357,7 @@ def import_sae(store: Store | str, cfg: ImportConfig, storage_options: dict[str,
     layer = cfg.layer if cfg.layer is not None else foreign.layer
     if layer is None:
         raise ConfigError(f"{cfg.path}: its hook point {foreign.hook!r} does not say which layer it reads: pass --layer")
-    n_layers = info.get("n_layers")
+    n_layers = info.n_layers
     if n_layers is not None and not 0 <= layer <= int(n_layers):
         what = (f"--layer {layer} is past the model:" if cfg.layer is not None
                 else f"hook point {foreign.hook!r} maps to hidden_states[{layer}], but")  # fmt: skip
@@ -380,7 +381,7 @@ def import_sae(store: Store | str, cfg: ImportConfig, storage_options: dict[str,
     if name in sae_names(st) and not cfg.overwrite:
         raise ConfigError(f"an SAE named {name!r} is already in {st.url}: pass --name NEW, or --overwrite to replace it")
     sae.cfg.model, sae.cfg.layer, sae.cfg.name = model, layer, name
-    sae.cfg.tokenization = info.get("tokenization")
+    sae.cfg.tokenization = info.tokenization
     rows = fit_rows(len(acts), cfg.max_eval_tokens, cfg.seed)
     ev = evaluate(sae, torch.from_numpy(acts.take(rows)), batch_size=4096)
     fvu = float(ev.get("fvu", float("nan")))

@@ -150,10 +150,10 @@ def task_accuracy(store: Any, sae: SAE, samples: Any, device: str = "cpu", max_s
 
     c = sae.cfg
     info = store.model_info(c.model)
-    if "ForSequenceClassification" not in str(info.get("architecture", "")) or not info.get("path"):
+    if "ForSequenceClassification" not in str(info.architecture or "") or not info.path:
         return None
-    model = AutoModelForSequenceClassification.from_pretrained(info["path"]).to(device).eval()
-    tok = AutoTokenizer.from_pretrained(info["path"])
+    model = AutoModelForSequenceClassification.from_pretrained(info.path).to(device).eval()
+    tok = AutoTokenizer.from_pretrained(info.path)
     label2id = {str(k): int(v) for k, v in (model.config.label2id or {}).items()}
     df = store.samples(c.tokenization)
     df = df.filter(df["sample"].is_in(list(map(int, samples))))
@@ -161,7 +161,7 @@ def task_accuracy(store: Any, sae: SAE, samples: Any, device: str = "cpu", max_s
             if str(lab) in label2id][:max_samples]  # fmt: skip
     if not rows:
         return None
-    max_len = int(store.tokenization(c.tokenization).attrs.get("max_length", 512))
+    max_len = int(store.tokenization(c.tokenization).attrs.max_length or 512)
     n_layers = int(model.config.num_hidden_layers)
     sae_dev = sae.to(device)
 

@@ -355,7 +355,7 @@ def check_fits(store: Store, cfg: SAEConfig, name: str) -> Any:
         return stacked
     acts = store.activations(cfg.model, cfg.layer)
     check_d_in(cfg, acts.d_model, f"{cfg.model} layer {cfg.layer} of {store.url}", name)
-    tk = store.model_info(cfg.model).get("tokenization")
+    tk = store.model_info(cfg.model).tokenization
     if cfg.tokenization and tk and cfg.tokenization != tk:
         raise ConfigError(f"SAE {name!r} was trained on tokenization {cfg.tokenization}, but {cfg.model} uses {tk}")
     return acts

@@ -79,10 +79,10 @@ def training_rows(st: Store, cfg: TrainConfig) -> tuple[Any, int]:
         d_in = acts.d_source
     if len(acts) == 0:
         raise NotFoundError(f"layer {cfg.layer} of model {cfg.model!r} in {st.url} has no committed rows yet: finish extract")
-    if not acts.attrs.get("complete"):
+    if not acts.complete:
         warnings.warn(
             f"{cfg.model} layer {cfg.layer} in {st.url} is only partly extracted ({len(acts)} of "
-            f"{acts.attrs.get('n_rows')} rows committed): training on the committed rows; finish the extract for the rest",
+            f"{acts.n_total} rows committed): training on the committed rows; finish the extract for the rest",
             PartialLayerWarning, stacklevel=4,
         )  # fmt: skip
     return acts, d_in

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from actstore.errors import ConfigError, StoreError
+from actstore.errors import ConfigError, IntegrityError, StoreError
 from actstore.format import layout
+from actstore.format.metadata import StoreAttrs, in_metadata
 from actstore.storage.config import CopyConfig
 from actstore.storage.integrity import (
     MANIFEST_KEY,
@@ -37,8 +38,6 @@ from actstore.storage.integrity import (
     update_manifest,
 )
 from actstore.storage.location import Location, check_key, open_location
-
-ATTR = layout.ATTR
 
 
 @dataclass
@@ -98,17 +97,17 @@ def _copy_order(key: str) -> tuple[int, str]:
     return (0 if "/c/" in key else 1, key)
 
 
-def _check_dst(dst: Location, src_root: dict[str, Any]) -> None:
+def _check_dst(dst: Location, src_root: StoreAttrs) -> None:
     if not dst.exists("zarr.json"):
         return
     try:
-        theirs = json.loads(dst.read_bytes("zarr.json")).get("attributes", {}).get(ATTR, {})
-    except ValueError:
-        theirs = {}
-    if theirs.get("created") != src_root.get("created"):
+        theirs = StoreAttrs.from_dict(in_metadata(json.loads(dst.read_bytes("zarr.json"))) or {}, dst.url)
+    except (ValueError, IntegrityError):
+        theirs = StoreAttrs()
+    if theirs.created != src_root.created:
         raise StoreError(
-            f"destination {dst.url} already holds a different store (created {theirs.get('created')}, the source "
-            f"{src_root.get('created')}): choose an empty destination"
+            f"destination {dst.url} already holds a different store (created {theirs.created}, the source "
+            f"{src_root.created}): choose an empty destination"
         )
 
 
@@ -146,16 +145,16 @@ def copy_store(cfg: CopyConfig, progress: bool = False) -> CopyResult:
     return res
 
 
-def _open_source(cfg: CopyConfig) -> tuple[Location, dict[str, int], dict[str, Any]]:
+def _open_source(cfg: CopyConfig) -> tuple[Location, dict[str, int], StoreAttrs]:
     """The source, its listing and root attributes; refused before anything is written when it is not an actstore
     store or holds keys that would leave the destination."""
     src = open_location(cfg.src, cfg.src_options)
     listing = src.walk()
     if "zarr.json" not in listing:
         raise StoreError(f"{src.url} holds no zarr.json: not an actstore store (check the path)")
-    root_meta = json.loads(src.read_bytes("zarr.json"))
-    if ATTR not in root_meta.get("attributes", {}):
-        raise StoreError(f"{src.url} is a Zarr group but not an actstore store (no '{ATTR}' attribute)")
+    root_attrs = in_metadata(json.loads(src.read_bytes("zarr.json")))
+    if root_attrs is None:
+        raise StoreError(f"{src.url} is a Zarr group but not an actstore store (no '{layout.ATTR}' attribute)")
     unsafe = []
     for key in listing:
         try:
@@ -167,7 +166,7 @@ def _open_source(cfg: CopyConfig) -> tuple[Location, dict[str, int], dict[str, A
             f"source store {src.url} holds unsafe keys {unsafe[:5]!r}: copy refused before writing anything "
             "(keys must stay inside the store: no '..', no absolute keys)"
         )
-    return src, listing, root_meta["attributes"][ATTR]
+    return src, listing, StoreAttrs.from_dict(root_attrs, f"store {src.url}")
 
 
 def _keys_to_copy(src: Location, listing: dict[str, int], cfg: CopyConfig) -> list[str]:
@@ -209,7 +208,7 @@ class _Copier:
             out.append(Problem(key, "missing", why))
         return out
 
-    def open_destination(self, cfg: CopyConfig, root_attrs: dict[str, Any]) -> None:
+    def open_destination(self, cfg: CopyConfig, root_attrs: StoreAttrs) -> None:
         self.dst = open_location(cfg.dst, cfg.dst_options, create=True)
         _check_dst(self.dst, root_attrs)
         self.dst_have = self.dst.walk()

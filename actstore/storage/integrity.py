@@ -33,6 +33,7 @@ import numpy as np
 from actstore.clock import now
 from actstore.errors import IntegrityError, StoreError
 from actstore.format import layout
+from actstore.format.metadata import LayerAttrs, in_metadata
 from actstore.storage.location import PARTIAL, Location, check_key
 
 MANIFEST_KEY = layout.MANIFEST
@@ -42,7 +43,6 @@ SKIP_PREFIXES = (f"{layout.LOCKS}/",)
 UNSIGNED_PREFIXES = (*SKIP_PREFIXES, f"{layout.UNITS}/")
 """Keys the manifest does not list: those, and the unit markers (written while an array is extracted)."""
 TMP = PARTIAL  # a local write in progress
-ATTR = layout.ATTR
 
 
 def sha256(data: bytes) -> str:
@@ -80,9 +80,10 @@ class ArrayLayout:
         sep = (enc.get("configuration") or {}).get("separator", "/" if enc.get("name") == "default" else ".")
         codecs = meta.get("codecs", [])
         names = _codec_names(codecs)
-        attrs = (meta.get("attributes") or {}).get(ATTR, {})
+        attrs = in_metadata(meta) or {}
         shape = [int(x) for x in meta["shape"]]
-        rows = int(attrs["committed_rows"]) if "committed_rows" in attrs else (shape[0] if shape else 0)
+        declared = LayerAttrs.rows_in(attrs)
+        rows = declared if declared is not None else (shape[0] if shape else 0)
         shard = ShardLayout.from_codec(codecs[0]) if names and names[0] == "sharding_indexed" else None
         return cls(
             path=path, shape=shape, chunk_shape=[int(x) for x in meta["chunk_grid"]["configuration"]["chunk_shape"]],

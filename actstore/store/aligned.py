@@ -14,7 +14,7 @@ refused: their rows are not the same tokens, or a shared dictionary cannot read 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -39,10 +39,10 @@ class StackedActivations:
         """Width of a stacked row: ``n_sources * d_source``."""
         self.n_rows: int = min(len(p) for p in parts)
         self.chunk_rows: int = max(p.chunk_rows for p in parts)
-        complete = all(bool(p.attrs.get("complete")) for p in parts)
-        n_total = min(int(p.attrs.get("n_rows", len(p))) for p in parts)
-        self.attrs: dict[str, Any] = {"complete": complete, "n_rows": n_total, "committed_rows": self.n_rows,
-                                      "sources": [s.label() for s in sources]}  # fmt: skip
+        self.complete: bool = all(p.complete for p in parts)
+        """Whether every source's layer is written."""
+        self.n_total: int = min(p.n_total for p in parts)
+        """Rows when every source is complete."""
         self.layer = sources[0].layer
 
     def __len__(self) -> int:
@@ -81,7 +81,7 @@ class StackedActivations:
 
 def stacked_activations(store: Store, sources: list[Source]) -> StackedActivations:
     """The sources' rows side by side, refused (ConfigError) unless they share a tokenization and a width."""
-    toks = {s.model: store.model_info(s.model).get("tokenization") for s in sources}  # NotFoundError names a model
+    toks = {s.model: store.model_info(s.model).tokenization for s in sources}  # NotFoundError names a model
     if len(set(toks.values())) > 1:
         detail = ", ".join(f"{m}: {t}" for m, t in toks.items())
         raise ConfigError(

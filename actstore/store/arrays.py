@@ -49,7 +49,7 @@ def to_dask(store: Any, model: str, layer: int, n_rows: int | None = None) -> An
     da = _need("dask.array")
     acts = store.activations(model, layer)
     n = len(acts) if n_rows is None else min(n_rows, len(acts))
-    name = f"actstore-{store.url}-{layout.layer_array(model, layer)}-{acts.attrs.get('created')}-{n}"
+    name = f"actstore-{store.url}-{layout.layer_array(model, layer)}-{acts.attrs.created}-{n}"
     return da.from_array(_Decoded(acts, n), chunks=(acts.chunk_rows, acts.d_model), name=name, asarray=False, fancy=False)
 
 
@@ -76,5 +76,6 @@ def to_xarray(store: Any, model: str, layers: list[int] | None = None) -> Any:
     ds = xr.Dataset(data, coords=coords, attrs={"model": model, "store": store.url, "tokenization": tok.key})
     for layer in layers:
         attrs = store.layer_attrs(model, layer)
-        ds[layout.layer_name(layer)].attrs.update({k: v for k, v in attrs.items() if isinstance(v, str | int | float | bool)})
+        plain = {k: v for k, v in attrs.to_dict().items() if isinstance(v, str | int | float | bool)}
+        ds[layout.layer_name(layer)].attrs.update(plain)
     return ds

@@ -19,6 +19,7 @@ Two phases, both streaming and resumable:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -31,7 +32,8 @@ from actstore.clock import now
 from actstore.data.corpora import load_corpus
 from actstore.errors import ConfigError, StoreError
 from actstore.format import codecs, layout
-from actstore.format.layout import ATTR, FORMAT_VERSION, check_name
+from actstore.format.layout import FORMAT_VERSION, check_name
+from actstore.format.metadata import LayerAttrs, ModelAttrs, StoreAttrs, has_attrs
 from actstore.models.loading import auto_device, load_model, resolve_dtype, torch_threads
 from actstore.models.names import default_model_key
 from actstore.models.taps import check_layers
@@ -40,7 +42,7 @@ from actstore.storage.location import Location, open_location
 from actstore.storage.locks import LockSet
 from actstore.store.config import ExtractConfig
 from actstore.store.tokenize import choose_tokenization
-from actstore.store.units import commit_prefix, committed_from_markers, marks_units
+from actstore.store.units import commit_prefix, committed_from_markers
 from actstore.store.worker import ExtractJob, UnitWorker, prefix_rows, run_here
 from actstore.version import __version__
 
@@ -70,11 +72,11 @@ def open_root(loc: Location) -> zarr.Group:
         root = zarr.open_group(loc.zarr_store, mode="a")
     except (OSError, PermissionError) as exc:
         raise StoreError(f"cannot write to store {loc.url}: {exc}; choose a writable path") from None
-    if ATTR not in root.attrs:
+    if not has_attrs(root):
         if list(root.group_keys()) or list(root.array_keys()):
             raise StoreError(f"{loc.url} is a Zarr group made by another tool: choose an empty folder for the store")
-        root.attrs[ATTR] = {"format": FORMAT_VERSION, "created": now(), "actstore_version": __version__}
-    fmt = root.attrs[ATTR].get("format")
+        StoreAttrs(format=FORMAT_VERSION, created=now(), actstore_version=__version__).write(root)
+    fmt = StoreAttrs.read(root, f"store {loc.url}").format
     if fmt not in layout.READABLE_FORMATS:
         raise StoreError(f"{loc.url} is store format {fmt}; this actstore writes formats {layout.READABLE_FORMATS}: upgrade it")
     return root
@@ -83,7 +85,7 @@ def open_root(loc: Location) -> zarr.Group:
 def inner_rows_for(root: zarr.Group, cfg: ExtractConfig, chunk_rows: int) -> int:
     """Rows per inner chunk of new layer arrays: 0 (unsharded) in a format-1 store or with ``inner_rows=0``;
     otherwise ``cfg.inner_rows``, which must divide the store's chunk rows (a shard is ``chunk_rows`` rows)."""
-    if root.attrs[ATTR].get("format", 1) < layout.SHARDED_SINCE or not cfg.inner_rows or cfg.inner_rows >= chunk_rows:
+    if StoreAttrs.read(root, "store").format < layout.SHARDED_SINCE or not cfg.inner_rows or cfg.inner_rows >= chunk_rows:
         return 0
     if chunk_rows % cfg.inner_rows:
         raise ConfigError(
@@ -118,11 +120,11 @@ def layer_arrays(
         except FileNotFoundError:
             arr = None
         if arr is not None:
-            a = arr.attrs[ATTR]
-            if a["codec"] != cfg.codec:
+            a = LayerAttrs.read(arr, f"array {name} of store {root.store}")
+            if a.codec != cfg.codec:
                 raise StoreError(
-                    f"layer {layer} of model {model_key!r} is already stored with codec {a['codec']}: "
-                    f"pass --codec {a['codec']} to resume it, or --name for a new model key"
+                    f"layer {layer} of model {model_key!r} is already stored with codec {a.codec}: "
+                    f"pass --codec {a.codec} to resume it, or --name for a new model key"
                 )
             scale = None
             if cfg.codec == "int8":
@@ -130,27 +132,13 @@ def layer_arrays(
             out[layer] = (arr, scale)
             continue
         comp = [zc.ZstdCodec(level=1), zc.Crc32cCodec()] if cfg.zstd() else [zc.Crc32cCodec()]
-        attrs = {
-            ATTR: {
-                "layer": layer,
-                "d_model": d_model,
-                "codec": cfg.codec,
-                "stored_dtype": codecs.STORED_DTYPE[cfg.codec],
-                "model_key": model_key,
-                "tokenization": tk,
-                "unit_rows": unit_rows,
-                "n_rows": n_rows,
-                "committed_rows": 0,
-                "complete": False,
-                "created": now(),
-                "actstore_version": __version__,
-                "config": cfg.to_dict(),
-            }
-        }
-        if units:
-            attrs[ATTR]["progress"] = layout.PROGRESS_UNITS
+        attrs = LayerAttrs(
+            layer=layer, d_model=d_model, codec=cfg.codec, n_rows=n_rows, unit_rows=unit_rows,
+            stored_dtype=codecs.STORED_DTYPE[cfg.codec], model_key=model_key, tokenization=tk, created=now(),
+            actstore_version=__version__, config=cfg.to_dict(), progress=layout.PROGRESS_UNITS if units else None,
+            inner_rows=inner or None,
+        )  # fmt: skip
         if inner:  # format 2: one shard object per chunk_rows rows, inner chunks of ``inner`` rows, each crc32c'd
-            attrs[ATTR]["inner_rows"] = inner
             grid = {"shards": (chunk_rows, d_model), "chunks": (inner, d_model)}
             # the per-token scales: one shard per unit (written whole with it), one inner chunk per chunk_rows
             scale_grid = {"shards": (unit_rows,), "chunks": (chunk_rows,)}
@@ -158,7 +146,7 @@ def layer_arrays(
             grid, scale_grid = {"chunks": (chunk_rows, d_model)}, {"chunks": (chunk_rows,)}
         arr = root.create_array(
             name, shape=(n_rows, d_model), dtype=codecs.STORED_DTYPE[cfg.codec], fill_value=0, compressors=comp,
-            attributes=attrs, dimension_names=("token", "d_model"), **grid,
+            attributes=attrs.as_zarr(), dimension_names=("token", "d_model"), **grid,
         )  # fmt: skip
         scale = None
         if cfg.codec == "int8":
@@ -205,23 +193,25 @@ def extract(
             locks.release_all()
 
 
-def _model_group(loc: Location, root: Any, model_key: str, info: dict[str, Any], tk: str) -> str:
+def _model_group(loc: Location, root: Any, model_key: str, info: ModelAttrs, tk: str) -> str:
     """The model's group ``models/<key>``, created with the model's identity, or checked to hold the same weights
     and tokenization; returns its key."""
     mpath = layout.model_dir(model_key)
     try:
-        old = zarr.open_group(loc.zarr_store, path=mpath, mode="r").attrs.get(ATTR, {})
+        group = zarr.open_group(loc.zarr_store, path=mpath, mode="r")
     except FileNotFoundError:
-        root.create_group(mpath, attributes={ATTR: {**info, "key": model_key, "tokenization": tk, "created": now()}})
+        new = dataclasses.replace(info, key=model_key, tokenization=tk, created=now())
+        root.create_group(mpath, attributes=new.as_zarr())
         return mpath
-    if old.get("weights_sha256") != info["weights_sha256"]:
-        was = old.get("dtype", "fp32")
-        why = f" (it was extracted with --dtype {was}, this run loads {info.get('dtype')})" if was != info.get("dtype") else ""
+    old = ModelAttrs.read(group, f"model {model_key} of store {loc.url}")
+    if old.weights_sha256 != info.weights_sha256:
+        was = old.dtype or "fp32"
+        why = f" (it was extracted with --dtype {was}, this run loads {info.dtype})" if was != info.dtype else ""
         raise StoreError(
-            f"model key {model_key!r} in {loc.url} holds other weights ({old.get('source')}){why}: pass --name for a new key"
+            f"model key {model_key!r} in {loc.url} holds other weights ({old.source}){why}: pass --name for a new key"
         )
-    if old.get("tokenization") != tk:
-        raise StoreError(f"model key {model_key!r} in {loc.url} uses tokenization {old.get('tokenization')}, not {tk}")
+    if old.tokenization != tk:
+        raise StoreError(f"model key {model_key!r} in {loc.url} uses tokenization {old.tokenization}, not {tk}")
     return mpath
 
 
@@ -229,11 +219,12 @@ def _unit_rows(loc: Location, cfg: ExtractConfig, model_key: str, layers: list[i
     """Rows per unit of work: whole chunks, bounded by the memory budget; an unfinished array keeps its own."""
     for layer in layers:
         try:
-            a = zarr.open_array(loc.zarr_store, path=layout.layer_array(model_key, layer), mode="r").attrs[ATTR]
+            arr = zarr.open_array(loc.zarr_store, path=layout.layer_array(model_key, layer), mode="r")
         except FileNotFoundError:
             continue
-        if not a.get("complete"):
-            return int(a["unit_rows"])
+        a = LayerAttrs.read(arr, f"array {arr.path} of store {loc.url}")
+        if not a.complete and a.unit_rows:
+            return a.unit_rows
     if cfg.unit_rows:
         return -(-cfg.unit_rows // chunk_rows) * chunk_rows
     per_row = d_model * 4 * len(layers)
@@ -262,31 +253,33 @@ def _extract(
     held.append(locks)
     locks.acquire("setup", wait_s=SETUP_WAIT_S)  # root, token index, model group and arrays: one creator at a time
     root = open_root(loc)
-    if ray_address is not None and root.attrs[ATTR].get("format", 1) < layout.UNIT_MARKERS_SINCE:
+    store_format = StoreAttrs.read(root, f"store {loc.url}").format
+    if ray_address is not None and store_format < layout.UNIT_MARKERS_SINCE:
         raise StoreError(
-            f"{loc.url} is store format {root.attrs[ATTR].get('format', 1)}: its arrays have one writer each, so --ray "
+            f"{loc.url} is store format {store_format}: its arrays have one writer each, so --ray "
             f"needs a store of format {layout.UNIT_MARKERS_SINCE} or later (extract into a new store, or drop --ray)"
         )
     tk, tattrs = choose_tokenization(loc, root, corpus, loaded, cfg.max_length, cfg.chunk_rows, cfg.new_tokenization, progress,
                                      cfg.window, cfg.stride)  # fmt: skip
-    n_rows, chunk_rows = int(tattrs["n_tokens"]), int(tattrs["chunk_rows"])
+    n_rows, chunk_rows = tattrs.n_tokens, tattrs.chunk_rows
 
     inner = inner_rows_for(root, cfg, chunk_rows)  # checked before anything of this model is written
-    units_mode = root.attrs[ATTR].get("format", 1) >= layout.UNIT_MARKERS_SINCE
+    units_mode = store_format >= layout.UNIT_MARKERS_SINCE
     mpath = _model_group(loc, root, model_key, loaded.info(), tk)
     _keep_finetune_report(loc, model_key, loaded.path)
     unit_rows = _unit_rows(loc, cfg, model_key, layers, chunk_rows, loaded.d_model)
     arrays = layer_arrays(root, model_key, layers, n_rows, chunk_rows, unit_rows, loaded.d_model, cfg, tk, inner, units_mode)
-    marked = {layer: marks_units(arr.attrs[ATTR]) for layer, (arr, _) in arrays.items()}
+    attrs = {layer: LayerAttrs.read(arr, f"array {arr.path} of store {loc.url}") for layer, (arr, _) in arrays.items()}
+    marked = {layer: a.marks_units for layer, a in attrs.items()}
     committed = {
-        layer: committed_from_markers(loc, arr.path, arr.attrs[ATTR]) if marked[layer] else prefix_rows(arr, unit_rows, n_rows)
+        layer: committed_from_markers(loc, arr.path, attrs[layer]) if marked[layer] else prefix_rows(arr, unit_rows, loc.url)
         for layer, (arr, _) in arrays.items()
     }  # fmt: skip
     todo = [layer for layer in layers if committed[layer] < n_rows]
     desc = f"extract {model_key}"
     markers = any(marked[layer] for layer in todo)
     if markers and (not all(marked[layer] for layer in todo)
-                    or len({int(arrays[la][0].attrs[ATTR]["unit_rows"]) for la in todo}) > 1):  # fmt: skip
+                    or len({attrs[la].unit_rows for la in todo}) > 1):  # fmt: skip
         raise StoreError(
             f"layers {','.join(map(str, todo))} of model {model_key!r} in {loc.url} were started by different runs "
             "(other units or formats): extract them one run each, with the layers each was started with"
@@ -317,10 +310,10 @@ def _extract(
     update_manifest(loc, prefixes=[layout.ROOT_META, f"{layout.MODELS}/{layout.ROOT_META}", layout.TOKENIZATIONS, mpath])
     secs = time.perf_counter() - t_start
     return ExtractResult(
-        store=loc.url, model_key=model_key, layers=layers, tokenization=tk, n_samples=int(tattrs["n_samples"]),
-        n_tokens=n_rows, n_truncated=int(tattrs.get("n_truncated", 0)), rows_written=written,
+        store=loc.url, model_key=model_key, layers=layers, tokenization=tk, n_samples=tattrs.n_samples,
+        n_tokens=n_rows, n_truncated=tattrs.n_truncated, rows_written=written,
         resumed_from=start if written else n_rows,
-        seconds=secs, tokens_per_s=written / secs if secs else 0.0, data_report=tattrs.get("data_report", {}),
+        seconds=secs, tokens_per_s=written / secs if secs else 0.0, data_report=tattrs.data_report,
     )  # fmt: skip
 
 

@@ -20,6 +20,7 @@ import zarr
 
 from actstore.format import codecs, layout
 from actstore.format.device_codecs import DEVICE_STORED_DTYPE
+from actstore.format.metadata import TokenizationAttrs
 from actstore.models.taps import LayerTap
 from actstore.storage.location import Location
 
@@ -234,11 +235,9 @@ class UnitIndex:
     """The token index read once, cut into units of ``unit_rows`` rows: each unit's samples and token ids."""
 
     def __init__(self, loc: Location, tk: str, n_rows: int, unit_rows: int) -> None:
-        from actstore.store.reader import ATTR
-
         tok = zarr.open_group(loc.zarr_store, path=layout.tokenization_dir(tk), mode="r")
-        attrs = tok.attrs.get(ATTR, {})
-        self.window, self.stride = attrs.get("window"), attrs.get("stride")
+        attrs = TokenizationAttrs.read(tok, f"tokenization {tk} of store {loc.url}")
+        self.window, self.stride = attrs.window, attrs.stride
         self.first_row = np.asarray(tok["sample_first_row"][:], dtype=np.int64)  # (n_samples,)
         self.n_tok = np.asarray(tok["sample_n_tokens"][:], dtype=np.int64)  # (n_samples,)
         self.token_id = tok["token_id"]

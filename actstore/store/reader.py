@@ -1,24 +1,10 @@
-"""Store stage: the on-disk layout of an activation store and its reader.
+"""Store stage: the reader of an activation store (``open_store``, ``Store``, ``Activations``, ``Tokenization``).
 
-Layout (Zarr v3 hierarchy plus Parquet tables; ``docs/FORMAT.md`` has the
-details)::
-
-    STORE/
-      zarr.json                            root group, attrs["actstore"] = {format, created, ...}
-      tokenizations/<tk>/                  one per tokenizer (+ max length) over the corpus
-        zarr.json                          attrs: tokenizer hash, max length, data, n_tokens, parts
-        sample, position, token_id         int32 arrays (n_tokens,), the token index
-        sample_first_row, sample_n_tokens  int64 / int32 arrays (n_samples,)
-        tokens/part-00000.parquet          row, sample, position, token_id, token
-        samples/part-00000.parquet         sample, id, label, text, n_tokens, first_row, truncated
-      models/<key>/                        one group per model (attrs: id, weights hash, tokenization)
-        layer_<L>                          (n_tokens, d_model) array, chunked along tokens
-        layer_<L>_scale                    (n_tokens,) float32, int8 codec only
-
-A layer array's ``committed_rows`` attribute is the prefix that is complete (in
-a format-3 array, whose units complete in any order, the contiguous prefix of
-units with markers); readers never look past it, so a store being written reads
-consistently. ``Activations.iter_completed`` streams every completed unit.
+The layout is spelled in :mod:`actstore.format.layout` and described for users in docs/FORMAT.md; what each group
+and array says about itself is typed in :mod:`actstore.format.metadata`. A layer array's ``committed_rows`` is the
+prefix that is complete (in a format-3 array, whose units complete in any order, the contiguous prefix of units with
+markers); readers never look past it, so a store being written reads consistently. ``Activations.iter_completed``
+streams every completed unit.
 """
 
 from __future__ import annotations
@@ -38,11 +24,11 @@ import zarr
 
 from actstore.errors import ActstoreError, ConfigError, IntegrityError, NotFoundError, StoreError
 from actstore.format import codecs, layout
+from actstore.format.metadata import LayerAttrs, ModelAttrs, StoreAttrs, TokenizationAttrs, damaged, has_attrs
 from actstore.storage.location import Location, MissingChunk, check_key, open_location
-from actstore.store.units import committed_from_markers, completed_ranges, completed_units, marks_units
+from actstore.store.units import committed_from_markers, completed_ranges, completed_units
 
 FORMAT_VERSION = layout.FORMAT_VERSION
-ATTR = layout.ATTR
 T = TypeVar("T")
 REMOTE_FETCHERS = 4
 """Blocks a stream from a bucket fetches at once (each one a request's round trip)."""
@@ -71,12 +57,12 @@ class Tokenization:
     store: Store
 
     @cached_property
-    def attrs(self) -> dict[str, Any]:
-        return dict(self.group.attrs.get(ATTR, {}))
+    def attrs(self) -> TokenizationAttrs:
+        return TokenizationAttrs.read(self.group, self._where)
 
     @property
     def complete(self) -> bool:
-        return bool(self.attrs.get("complete"))
+        return self.attrs.complete
 
     @property
     def _where(self) -> str:
@@ -84,15 +70,15 @@ class Tokenization:
 
     @property
     def n_tokens(self) -> int:
-        return _int_attr(self.attrs, "n_tokens", self._where, default=0)
+        return self.attrs.n_tokens
 
     @property
     def n_samples(self) -> int:
-        return _int_attr(self.attrs, "n_samples", self._where, default=0)
+        return self.attrs.n_samples
 
     @property
     def chunk_rows(self) -> int:
-        return _int_attr(self.attrs, "chunk_rows", self._where, lo=1)
+        return self.attrs.chunk_rows
 
     def array(self, name: str) -> zarr.Array:
         return zarr.open_array(self.store.loc.reader_store, path=layout.token_array(self.key, name), mode="r")
@@ -110,15 +96,7 @@ class Tokenization:
 
     def parquet_keys(self, table: str) -> list[str]:
         """Store keys of the Parquet parts of ``table`` (tokens or samples)."""
-        parts = self.attrs.get("parts", [])
-        if not isinstance(parts, list) or not all(isinstance(p, dict) and isinstance(p.get("file"), str) for p in parts):
-            raise _damaged(self._where, "attribute parts is not a list of {file: ...} entries")
-        out = []
-        for p in parts:
-            if "/" in p["file"]:
-                raise _damaged(self._where, f"part file {p['file']!r} is not a plain file name")
-            out.append(check_key(layout.token_table_part(self.key, table, p["file"])))
-        return out
+        return [check_key(layout.token_table_part(self.key, table, p["file"])) for p in self.attrs.parts]
 
     def parquet_files(self, table: str) -> list[str]:
         return [self.store.loc.join(k) for k in self.parquet_keys(table)]
@@ -141,55 +119,7 @@ class Tokenization:
             if isinstance(exc, IntegrityError):
                 raise
             why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise _damaged(self._where, f"{', '.join(keys)} does not read ({why})") from None
-
-
-def _damaged(where: str, what: str) -> IntegrityError:
-    return IntegrityError(
-        f"{where}: {what}; the store is damaged or was edited by hand: re-copy it from its source or re-extract that layer"
-    )
-
-
-def _int_attr(attrs: dict[str, Any], name: str, where: str, lo: int = 0, hi: int | None = None, default: Any = None) -> int:
-    v = attrs.get(name, default)
-    if isinstance(v, bool) or not isinstance(v, int | np.integer):
-        raise _damaged(where, f"attribute {name} is {v!r}, not an integer")
-    if v < lo or (hi is not None and v > hi):
-        raise _damaged(where, f"attribute {name} is {v}, outside {lo}..{hi if hi is not None else 'inf'}")
-    return int(v)
-
-
-def check_layer_attrs(attrs: dict[str, Any], values: zarr.Array, scale: zarr.Array | None, where: str) -> dict[str, Any]:
-    """The numeric attributes of a layer array, checked against each other and the array's shape (IntegrityError if not).
-
-    ``committed_rows <= n_rows <= shape[0]``, ``d_model == shape[1]``, a known codec, an int8 array with a scale array
-    of the same length: a hand-edited or damaged store is refused on open, before anything reads or deletes by it.
-    """
-    if not isinstance(attrs, dict):
-        raise _damaged(where, "its actstore attributes are not an object")
-    if values.ndim != 2:
-        raise _damaged(where, f"shape {values.shape} is not (n_tokens, d_model)")
-    n_alloc, width = int(values.shape[0]), int(values.shape[1])
-    n_rows = _int_attr(attrs, "n_rows", where, 0, n_alloc, default=n_alloc)
-    committed = _int_attr(attrs, "committed_rows", where, 0, n_rows, default=0)
-    d_model = _int_attr(attrs, "d_model", where, 1)
-    if d_model != width:
-        raise _damaged(where, f"attribute d_model is {d_model} but the array is {width} wide")
-    layer = _int_attr(attrs, "layer", where, 0)
-    codec = attrs.get("codec")
-    if codec not in codecs.CODECS:
-        raise _damaged(where, f"attribute codec is {codec!r}, not one of {', '.join(codecs.CODECS)}")
-    if codec == "int8" and (scale is None or int(scale.shape[0]) != n_alloc):
-        raise _damaged(where, "an int8 layer needs a per-token _scale array of the same length")
-    chan = attrs.get("channel_scale")
-    if chan is not None and (not isinstance(chan, list) or len(chan) != width):
-        raise _damaged(where, f"attribute channel_scale must be a list of {width} numbers")
-    if attrs.get("complete") and committed != n_rows:
-        raise _damaged(where, f"it says complete but commits {committed} of {n_rows} rows")
-    out = {"n_rows": n_rows, "committed_rows": committed, "d_model": d_model, "layer": layer, "codec": codec}
-    if marks_units(attrs):
-        out["unit_rows"] = _int_attr(attrs, "unit_rows", where, 1)
-    return out
+            raise damaged(self._where, f"{', '.join(keys)} does not read ({why})") from None
 
 
 class Activations:
@@ -199,23 +129,34 @@ class Activations:
     whose chunks are completely written.
     """
 
-    def __init__(self, values: zarr.Array, scale: zarr.Array | None, attrs: dict[str, Any], loc: Location | None = None) -> None:
+    def __init__(self, values: zarr.Array, scale: zarr.Array | None, attrs: LayerAttrs, loc: Location | None = None) -> None:
         self._loc = loc  # to name a corrupted chunk (actstore.integrity.chunk_error)
         self._values = values
         self._scale = scale
-        checked = check_layer_attrs(attrs, values, scale, where=f"array {values.path} of store {loc.url if loc else '?'}")
+        attrs.check_arrays(values.shape, None if scale is None else int(scale.shape[0]),
+                           where=f"array {values.path} of store {loc.url if loc else '?'}")  # fmt: skip
         self.attrs = attrs
-        self.codec: str = checked["codec"]
-        self.layer: int = checked["layer"]
-        self.d_model: int = checked["d_model"]
-        self.n_rows: int = checked["committed_rows"]
-        if marks_units(attrs) and not attrs.get("complete") and loc is not None:
+        self.codec: str = attrs.codec
+        self.layer: int = attrs.layer
+        self.d_model: int = attrs.d_model
+        self.n_rows: int = attrs.committed_rows
+        if attrs.marks_units and not attrs.complete and loc is not None:
             # units complete in any order: the prefix from their markers (committed_rows may lag behind them)
-            self.n_rows = committed_from_markers(loc, values.path, {**attrs, **checked})
+            self.n_rows = committed_from_markers(loc, values.path, attrs)
         # rows per stored object: a shard (format 2) or a chunk (format 1); streaming reads go by these
         self.chunk_rows: int = int((values.shards or values.chunks)[0])
-        chan = attrs.get("channel_scale")
+        chan = attrs.channel_scale
         self._chan = np.asarray(chan, dtype=np.float32) if chan else None
+
+    @property
+    def complete(self) -> bool:
+        """Whether every row of the layer is written."""
+        return self.attrs.complete
+
+    @property
+    def n_total(self) -> int:
+        """Rows the layer will hold when complete (``len(self)`` is those written so far)."""
+        return self.attrs.n_rows
 
     def __len__(self) -> int:
         return self.n_rows
@@ -246,10 +187,10 @@ class Activations:
     def completed_ranges(self) -> list[tuple[int, int]]:
         """Every completed row range ``[(start, stop), ...]``, sorted: the committed prefix, and in a format-3 array
         being written by many workers also the units finished past it (from their markers)."""
-        if not marks_units(self.attrs) or self._loc is None or self.attrs.get("complete"):
+        if not self.attrs.marks_units or self._loc is None or self.attrs.complete:
             return [(0, self.n_rows)] if self.n_rows else []
         done = completed_units(self._loc, self._values.path)
-        return completed_ranges(done, int(self.attrs["unit_rows"]), int(self.attrs["n_rows"]))
+        return completed_ranges(done, int(self.attrs.unit_rows or 1), self.attrs.n_rows)
 
     def iter_completed(self, rows: int | None = None, prefetch: int = 2) -> Iterator[Chunk]:
         """Stream every completed unit (:meth:`completed_ranges`), in row order, in blocks of at most ``rows``."""
@@ -386,9 +327,9 @@ class Store:
             self.root = zarr.open_group(loc.zarr_store, mode="r+" if writable else "r", zarr_format=3)
         except (FileNotFoundError, ValueError, TypeError, KeyError) as exc:
             raise StoreError(f"{loc.url}/zarr.json is not valid Zarr v3 group metadata ({exc}): the store is damaged") from None
-        if ATTR not in self.root.attrs or not isinstance(self.root.attrs[ATTR], dict):
-            raise StoreError(f"{loc.url} is a Zarr group but not an actstore store (no '{ATTR}' attribute)")
-        fmt = self.root.attrs[ATTR].get("format")
+        if not has_attrs(self.root):
+            raise StoreError(f"{loc.url} is a Zarr group but not an actstore store (no '{layout.ATTR}' attribute)")
+        fmt = StoreAttrs.read(self.root, f"store {loc.url}").format
         if fmt not in layout.READABLE_FORMATS:
             raise StoreError(
                 f"{loc.url} is actstore store format {fmt!r}; this version reads formats "
@@ -397,8 +338,8 @@ class Store:
 
     # ---- discovery -------------------------------------------------------
     @property
-    def attrs(self) -> dict[str, Any]:
-        return dict(self.root.attrs[ATTR])
+    def attrs(self) -> StoreAttrs:
+        return StoreAttrs.read(self.root, f"store {self.url}")
 
     def _children(self, path: str) -> list[str]:
         return sorted(self.loc.list_dirs(path))
@@ -412,7 +353,7 @@ class Store:
         if not keys:
             raise NotFoundError(f"{self.url} holds no tokenization yet: run actstore extract")
         if key is None:
-            key = self.attrs.get("default_tokenization") or keys[0]
+            key = self.attrs.default_tokenization or keys[0]
         if key not in keys:
             raise NotFoundError(f"{self.url} has no tokenization {key!r}; it has: {', '.join(keys)}")
         grp = zarr.open_group(self.loc.zarr_store, path=layout.tokenization_dir(key), mode="r")
@@ -435,19 +376,20 @@ class Store:
 
     def check_aligned(self, a: str, b: str) -> None:
         """ConfigError unless models ``a`` and ``b`` share a token index, so row ``i`` is the same token in both."""
-        if self.model_info(a).get("tokenization") != self.model_info(b).get("tokenization"):
+        if self.model_info(a).tokenization != self.model_info(b).tokenization:
             raise ConfigError(f"models {a} and {b} in {self.url} use different tokenizations: their rows are not aligned")
 
-    def model_info(self, model: str) -> dict[str, Any]:
-        return dict(self._model_group(model).attrs.get(ATTR, {}))
+    def model_info(self, model: str) -> ModelAttrs:
+        return ModelAttrs.read(self._model_group(model), f"model {model} of store {self.url}")
 
     def layers(self, model: str) -> list[int]:
         """Layer numbers stored for ``model`` (hidden_states indices), ascending."""
         found = (layout.parse_layer_name(n) for n in self.loc.list_dirs(layout.model_dir(model)))
         return sorted(layer for layer in found if layer is not None)
 
-    def layer_attrs(self, model: str, layer: int) -> dict[str, Any]:
-        return dict(self._layer_array(model, layer).attrs.get(ATTR, {}))
+    def layer_attrs(self, model: str, layer: int) -> LayerAttrs:
+        arr = self._layer_array(model, layer)
+        return LayerAttrs.read(arr, f"array {arr.path} of store {self.url}")
 
     def _layer_array(self, model: str, layer: int) -> zarr.Array:
         self._model_group(model)
@@ -457,15 +399,15 @@ class Store:
         return zarr.open_array(self.loc.reader_store, path=layout.layer_array(model, layer), mode="r")
 
     def model_tokenization(self, model: str) -> Tokenization:
-        return self.tokenization(self.model_info(model).get("tokenization"))
+        return self.tokenization(self.model_info(model).tokenization)
 
     # ---- data ------------------------------------------------------------
     def activations(self, model: str, layer: int) -> Activations:
         """The committed rows of (model, layer) as an array-like of float32 slices."""
         values = self._layer_array(model, layer)
-        attrs = dict(values.attrs[ATTR])
+        attrs = LayerAttrs.read(values, f"array {values.path} of store {self.url}")
         scale = None
-        if attrs["codec"] == "int8":
+        if attrs.codec == "int8":
             scale = zarr.open_array(self.loc.reader_store, path=layout.scale_array(model, layer), mode="r")
         return Activations(values, scale, attrs, loc=self.loc)
 

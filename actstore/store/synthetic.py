@@ -8,6 +8,7 @@ store with one (model, layer), cut into fake samples of fixed length, that
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -16,7 +17,8 @@ import zarr
 import zarr.codecs as zc
 
 from actstore.format import layout
-from actstore.format.layout import ATTR, FORMAT_VERSION
+from actstore.format.layout import FORMAT_VERSION
+from actstore.format.metadata import LayerAttrs, ModelAttrs, StoreAttrs, TokenizationAttrs
 from actstore.store.reader import Store, open_store
 from actstore.version import __version__
 
@@ -107,8 +109,7 @@ def write_synthetic_store(
     zs = zarr.storage.LocalStore(path)
     root = zarr.open_group(zs, mode="w")
     key = "t-synthetic"
-    root.attrs[ATTR] = {"format": FORMAT_VERSION, "created": "synthetic", "actstore_version": __version__,
-                        "default_tokenization": key}  # fmt: skip
+    StoreAttrs(format=FORMAT_VERSION, created="synthetic", actstore_version=__version__, default_tokenization=key).write(root)
     first = np.arange(0, n_rows, sample_len, dtype=np.int64)  # (n_samples,)
     lens = np.minimum(sample_len, n_rows - first).astype(np.int32)
     tk = root.create_group(layout.tokenization_dir(key))
@@ -122,8 +123,8 @@ def write_synthetic_store(
     }.items():
         a = tk.create_array(name, shape=arr.shape, chunks=(max(1, min(len(arr), 1 << 16)),), dtype=arr.dtype, compressors=comp)
         a[:] = arr
-    tk.attrs[ATTR] = {"n_tokens": n_rows, "n_samples": len(first), "chunk_rows": chunk_rows, "complete": True,
-                      "max_length": sample_len, "parts": [], "tokenizer_source": "synthetic"}  # fmt: skip
+    TokenizationAttrs(n_tokens=n_rows, n_samples=len(first), chunk_rows=chunk_rows, complete=True, max_length=sample_len,
+                      tokenizer_source="synthetic").write(tk)  # fmt: skip
     _write_model(root, blocks, n_rows, d, model, layer, chunk_rows, key)
     return open_store(path, writable=True)
 
@@ -133,10 +134,11 @@ def add_synthetic_model(path: str, blocks: Iterable[np.ndarray], n_rows: int, d:
     """Add ``models/MODEL/layer_LAYER`` to a store made by :func:`write_synthetic_store`, on its token index (row
     ``i`` is the same fake token): a second "model" of the same tokens, as a crosscoder reads."""
     root = zarr.open_group(zarr.storage.LocalStore(path), mode="r+")
-    key = root.attrs[ATTR]["default_tokenization"]
+    key = StoreAttrs.read(root, f"store {path}").default_tokenization or ""
     if model in root.get(layout.MODELS, {}):
         group = root[layout.model_dir(model)]
-        group.attrs[ATTR] = {**group.attrs[ATTR], "n_layers": max(layer, group.attrs[ATTR]["n_layers"])}
+        info = ModelAttrs.read(group, f"model {model} of store {path}")
+        dataclasses.replace(info, n_layers=max(layer, info.n_layers or 0)).write(group)
         _write_layer(root, blocks, n_rows, d, model, layer, chunk_rows, key)
     else:
         _write_model(root, blocks, n_rows, d, model, layer, chunk_rows, key)
@@ -145,8 +147,8 @@ def add_synthetic_model(path: str, blocks: Iterable[np.ndarray], n_rows: int, d:
 
 def _write_model(root: zarr.Group, blocks: Iterable[np.ndarray], n_rows: int, d: int, model: str, layer: int,
                  chunk_rows: int, key: str) -> None:  # fmt: skip
-    root.create_group(layout.model_dir(model), attributes={ATTR: {"source": "synthetic", "key": model, "tokenization": key,
-                                                            "d_model": d, "n_layers": layer}})  # fmt: skip
+    info = ModelAttrs(source="synthetic", key=model, tokenization=key, d_model=d, n_layers=layer)
+    root.create_group(layout.model_dir(model), attributes=info.as_zarr())
     _write_layer(root, blocks, n_rows, d, model, layer, chunk_rows, key)
 
 
@@ -169,8 +171,8 @@ def _write_layer(root: zarr.Group, blocks: Iterable[np.ndarray], n_rows: int, d:
         row += len(pending)
     if row != n_rows:
         raise ValueError(f"blocks held {row} rows, expected {n_rows}")
-    arr.attrs[ATTR] = {"layer": layer, "d_model": d, "codec": "fp32", "stored_dtype": "float32", "model_key": model,
-                       "tokenization": key, "n_rows": n_rows, "committed_rows": n_rows, "complete": True}  # fmt: skip
+    LayerAttrs(layer=layer, d_model=d, codec="fp32", stored_dtype="float32", model_key=model, tokenization=key,
+               n_rows=n_rows, committed_rows=n_rows, complete=True).write(arr)  # fmt: skip
 
 
 ATOM_KINDS = ("shared", "a_only", "b_only", "weak_a")

@@ -9,6 +9,7 @@ every model over this tokenization is the token at row ``r`` of this index.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from typing import Any
 
@@ -22,9 +23,9 @@ from actstore.clock import now
 from actstore.data.corpora import Corpus
 from actstore.errors import ConfigError, StoreError, TokenizerMismatchError
 from actstore.format import layout
+from actstore.format.metadata import StoreAttrs, TokenizationAttrs
 from actstore.models.loading import LoadedModel
 from actstore.storage.location import Location
-from actstore.store.reader import ATTR
 from actstore.version import __version__
 
 PART_ROWS = 1 << 20  # token rows per Parquet part
@@ -169,20 +170,13 @@ def _tokenize_corpus(
     from tqdm.auto import tqdm
 
     tok = loaded.tokenizer
-    base_attrs = {
-        "tokenizer_sha256": loaded.tokenizer_sha256,
-        "tokenizer_ids_sha256": loaded.tokenizer_ids_sha256,
-        "tokenizer_source": loaded.source,
-        "tokenizer_class": type(tok).__name__,
-        "max_length": max_length,
-        **({"window": window, "stride": stride} if window else {}),
-        "chunk_rows": chunk_rows,
-        "data": _data_fingerprint(corpus),
-        "created": now(),
-        "complete": False,
-        "actstore_version": __version__,
-    }
-    grp = root.create_group(layout.tokenization_dir(key), overwrite=True, attributes={ATTR: base_attrs})
+    base = TokenizationAttrs(
+        tokenizer_sha256=loaded.tokenizer_sha256, tokenizer_ids_sha256=loaded.tokenizer_ids_sha256,
+        tokenizer_source=loaded.source, tokenizer_class=type(tok).__name__, max_length=max_length,
+        window=window or None, stride=stride if window else None, chunk_rows=chunk_rows, data=_data_fingerprint(corpus),
+        created=now(), complete=False, actstore_version=__version__,
+    )  # fmt: skip
+    grp = root.create_group(layout.tokenization_dir(key), overwrite=True, attributes=base.as_zarr())
     for table in layout.TOKEN_TABLES:
         loc.rmtree(layout.token_table_dir(key, table))
     w = _TokenIndexWriter(loc, grp, key, tok, chunk_rows, window, stride)
@@ -224,102 +218,96 @@ def _tokenize_corpus(
     with loc.open_output(layout.vocab_file(key)) as f:
         vocab = pa.table({"token_id": pa.array(vocab_ids, pa.int32()), "token": pa.array(tok.convert_ids_to_tokens(vocab_ids))})
         pq.write_table(vocab, f, compression="zstd")
-    grp.attrs[ATTR] = {
-        **base_attrs,
-        "n_tokens": w.n_tokens,
-        "n_samples": w.n_samples,
-        "n_truncated": w.n_truncated,
-        "parts": w.parts,
-        "data_report": corpus.report.to_dict(),
-        "complete": True,
-        "completed": now(),
-    }
+    dataclasses.replace(
+        base, n_tokens=w.n_tokens, n_samples=w.n_samples, n_truncated=w.n_truncated, parts=w.parts,
+        data_report=corpus.report.to_dict(), complete=True, completed=now(),
+    ).write(grp)
 
 
 def _windowed(loc: Location, root: zarr.Group, corpus: Corpus, loaded: LoadedModel, max_length: int | None,
               chunk_rows: int, new_tokenization: bool, progress: bool, window: int, stride: int | None,
-              done: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:  # fmt: skip
+              done: dict[str, TokenizationAttrs]) -> tuple[str, TokenizationAttrs]:  # fmt: skip
     """:func:`choose_tokenization` for context windows: an index of the same tokenizer, cap, window and stride."""
     stride = stride or window
     key = _tokenization_key(loaded.tokenizer_ids_sha256, max_length, window, stride)
-    same = (lambda a: same_tokenizer(a, loaded) and a.get("max_length") == max_length and a.get("window") == window
-            and a.get("stride") == stride)  # fmt: skip
-    match = [k for k, a in done.items() if same(a)]
+    match = [k for k, a in done.items() if same_tokenizer(a, loaded) and a.same_index(max_length, window, stride)]
     if match:
         key = match[0]
     else:
         if done and not new_tokenization:
             other = next(iter(done.values()))
             raise TokenizerMismatchError(
-                f"store {loc.url} has a token index of window {other.get('window')} / stride {other.get('stride')}, max "
-                f"length {other.get('max_length')}, not window {window} / stride {stride}: its rows would not align; "
+                f"store {loc.url} has a token index of window {other.window} / stride {other.stride}, max "
+                f"length {other.max_length}, not window {window} / stride {stride}: its rows would not align; "
                 "pass --new-tokenization to add a separate token index, or use another store"
             )
         _tokenize_corpus(loc, root, key, corpus, loaded, max_length, chunk_rows, progress, window, stride)
-        if "default_tokenization" not in root.attrs[ATTR]:
-            root.attrs[ATTR] = {**root.attrs[ATTR], "default_tokenization": key}
-    return key, dict(zarr.open_group(loc.zarr_store, path=layout.tokenization_dir(key), mode="r").attrs[ATTR])
+        set_default_tokenization(loc, root, key)
+    return key, read_tokenization(loc, key)
 
 
-def same_tokenizer(attrs: dict[str, Any], loaded: LoadedModel) -> bool:
-    """Whether a tokenization (its attributes) was made by a tokenizer giving ``loaded``'s token ids.
+def same_tokenizer(attrs: TokenizationAttrs, loaded: LoadedModel) -> bool:
+    """Whether a tokenization (its attributes) was made by a tokenizer giving ``loaded``'s token ids (both hashes are
+    computed once per model; see :meth:`TokenizationAttrs.same_tokenizer`)."""
+    return attrs.same_tokenizer(loaded.tokenizer_ids_sha256, loaded.tokenizer_sha256)
 
-    Tokenizations that record ``tokenizer_ids_sha256`` compare that; older ones their full-definition hash
-    (so they accept exactly the models they accepted before). Both hashes are computed once per model.
-    """
-    if attrs.get("tokenizer_ids_sha256"):
-        return attrs["tokenizer_ids_sha256"] == loaded.tokenizer_ids_sha256
-    return attrs.get("tokenizer_sha256") == loaded.tokenizer_sha256
+
+def read_tokenization(loc: Location, key: str) -> TokenizationAttrs:
+    """The attributes of token index ``key`` (checked)."""
+    group = zarr.open_group(loc.zarr_store, path=layout.tokenization_dir(key), mode="r")
+    return TokenizationAttrs.read(group, f"tokenization {key} of store {loc.url}")
+
+
+def set_default_tokenization(loc: Location, root: zarr.Group, key: str) -> None:
+    """Make ``key`` the store's default token index unless it has one."""
+    a = StoreAttrs.read(root, f"store {loc.url}")
+    if a.default_tokenization is None:
+        dataclasses.replace(a, default_tokenization=key).write(root)
 
 
 def choose_tokenization(
     loc: Location, root: zarr.Group, corpus: Corpus, loaded: LoadedModel, max_length: int | None, chunk_rows: int,
     new_tokenization: bool, progress: bool, window: int | None = None, stride: int | None = None,
-) -> tuple[str, dict[str, Any]]:  # fmt: skip
+) -> tuple[str, TokenizationAttrs]:  # fmt: skip
     """The token index ``loaded`` reads in this store (made here if needed) and its attributes.
 
     Without ``max_length`` the length of an index made by the same tokenizer is taken, when the model accepts it,
     so a second model's rows align with the first's; else the model's default. With ``window`` the samples are cut
     into context windows of that many tokens instead (``max_length``, if given, caps a sample's tokens).
     """
-    existing = {}
-    for k in loc.list_dirs(layout.TOKENIZATIONS):
-        existing[k] = dict(zarr.open_group(loc.zarr_store, path=layout.tokenization_dir(k), mode="r").attrs.get(ATTR, {}))
+    existing = {k: read_tokenization(loc, k) for k in loc.list_dirs(layout.TOKENIZATIONS)}
     fp = _data_fingerprint(corpus)
-    for k, a in existing.items():
-        if a.get("complete") and not _same_data(a.get("data", {}), fp):
+    for a in existing.values():
+        if a.complete and not _same_data(a.data, fp):
             diff = ", ".join(
-                f"{k} {a['data'].get(k)!r} vs {fp.get(k)!r}"
+                f"{k} {a.data.get(k)!r} vs {fp.get(k)!r}"
                 for k in ("source", "sha256", "text_field", "label_field", "id_field", "limit")
-                if a["data"].get(k) != fp.get(k) and not (k == "source" and fp.get("sha256"))
+                if a.data.get(k) != fp.get(k) and not (k == "source" and fp.get("sha256"))
             )  # fmt: skip
             raise StoreError(f"store {loc.url} holds another corpus ({diff}): a store holds one corpus, so use a new store path")
-    done = {k: a for k, a in existing.items() if a.get("complete")}
+    done = {k: a for k, a in existing.items() if a.complete}
     if window is not None:
         if window > loaded.position_limit:
             raise ConfigError(f"--window {window} exceeds what {loaded.source} accepts ({loaded.position_limit} tokens)")
         return _windowed(loc, root, corpus, loaded, max_length, chunk_rows, new_tokenization, progress, window, stride, done)
     if max_length is None:
-        shared = [a.get("max_length") for a in done.values() if same_tokenizer(a, loaded) and not a.get("window")]
+        shared = [a.max_length for a in done.values() if same_tokenizer(a, loaded) and not a.window]
         ok = [n for n in shared if isinstance(n, int) and 2 <= n <= loaded.position_limit]
         max_length = ok[0] if ok else loaded.max_length
     # a new token index is named by the tokenizer's identity (token ids), not its saved runtime state
     key = _tokenization_key(loaded.tokenizer_ids_sha256, max_length)
-    match = [k for k, a in done.items()
-             if same_tokenizer(a, loaded) and a.get("max_length") == max_length and not a.get("window")]  # fmt: skip
+    match = [k for k, a in done.items() if same_tokenizer(a, loaded) and a.same_index(max_length, None, None)]
     if match:  # an existing token index gives the same ids (possibly named by an older hash): share it
         key = match[0]
     if key not in done:
         if done and not new_tokenization:
             other = next(iter(done.values()))
-            why = "tokenizer" if not same_tokenizer(other, loaded) else f"max length ({other.get('max_length')})"
+            why = "tokenizer" if not same_tokenizer(other, loaded) else f"max length ({other.max_length})"
             raise TokenizerMismatchError(
                 f"{loaded.source} at max length {max_length} differs in {why} from the tokenization of store {loc.url} "
-                f"(made with {other.get('tokenizer_source')}, max length {other.get('max_length')}): its rows would not align; "
+                f"(made with {other.tokenizer_source}, max length {other.max_length}): its rows would not align; "
                 "pass --new-tokenization to add a separate token index, or use another store"
             )
         _tokenize_corpus(loc, root, key, corpus, loaded, max_length, chunk_rows, progress)
-        if "default_tokenization" not in root.attrs[ATTR]:
-            root.attrs[ATTR] = {**root.attrs[ATTR], "default_tokenization": key}
-    attrs = dict(zarr.open_group(loc.zarr_store, path=layout.tokenization_dir(key), mode="r").attrs[ATTR])
-    return key, attrs
+        set_default_tokenization(loc, root, key)
+    return key, read_tokenization(loc, key)

@@ -20,16 +20,11 @@ from typing import Any
 
 from actstore.clock import now
 from actstore.format import layout
-from actstore.format.layout import ATTR
+from actstore.format.metadata import LayerAttrs
 from actstore.storage.location import Location
 
 UNIT_LEASE_S = 300.0
 """Seconds a unit's claim lasts unless renewed (its holder renews every quarter of that while it works)."""
-
-
-def marks_units(attrs: dict[str, Any]) -> bool:
-    """Whether a layer array's units complete by markers (format 3) rather than by its ``committed_rows`` prefix."""
-    return attrs.get("progress") == layout.PROGRESS_UNITS
 
 
 def completed_units(loc: Location, array: str) -> set[int]:
@@ -69,15 +64,15 @@ def completed_ranges(done: Iterable[int], unit_rows: int, n_rows: int) -> list[t
     return out
 
 
-def committed_from_markers(loc: Location, array: str, attrs: dict[str, Any]) -> int:
+def committed_from_markers(loc: Location, array: str, attrs: LayerAttrs) -> int:
     """The completed prefix of a format-3 array, from its markers (its ``committed_rows`` may lag behind them)."""
-    n_rows, unit_rows = int(attrs["n_rows"]), int(attrs["unit_rows"])
-    if attrs.get("complete"):
-        return n_rows
-    return max(int(attrs.get("committed_rows", 0)), completed_prefix(completed_units(loc, array), unit_rows, n_rows))
+    if attrs.complete:
+        return attrs.n_rows
+    done = completed_prefix(completed_units(loc, array), int(attrs.unit_rows or 1), attrs.n_rows)
+    return max(attrs.committed_rows, done)
 
 
-def commit_prefix(array: str, loc: Location, extra: dict[str, Any] | None = None) -> int:
+def commit_prefix(array: str, loc: Location, channel_scale: list[float] | None = None) -> int:
     """Set a format-3 array's ``committed_rows`` (and ``complete``) from its markers; returns the prefix.
 
     Writers update the attributes concurrently: each reads them afresh, adds what it carries (every writer of an
@@ -87,17 +82,16 @@ def commit_prefix(array: str, loc: Location, extra: dict[str, Any] | None = None
     import zarr
 
     arr = zarr.open_array(loc.zarr_store, path=array, mode="r+")
-    a = arr.attrs[ATTR]
-    rows = completed_prefix(completed_units(loc, arr.path), int(a["unit_rows"]), int(a["n_rows"]))
-    set_committed(arr, rows, extra)
+    a = LayerAttrs.read(arr, f"array {array} of store {loc.url}")
+    rows = completed_prefix(completed_units(loc, arr.path), int(a.unit_rows or 1), a.n_rows)
+    set_committed(arr, rows, channel_scale, where=f"array {array} of store {loc.url}")
     return rows
 
 
-def set_committed(arr: Any, rows: int, extra: dict[str, Any] | None = None) -> None:
-    """Write a layer array's ``committed_rows`` (with ``complete`` and ``updated``) and ``extra`` into its attributes,
-    read afresh: the one place the prefix attribute is written, for every store format."""
-    a = {**arr.attrs[ATTR], **(extra or {})}
-    a["committed_rows"] = rows
-    a["updated"] = now()
-    a["complete"] = rows >= a["n_rows"]
-    arr.attrs[ATTR] = a
+def set_committed(arr: Any, rows: int, channel_scale: list[float] | None = None, where: str = "array") -> None:
+    """Write a layer array's ``committed_rows`` (with ``complete`` and ``updated``) and its ``channel_scale`` into its
+    attributes, read afresh: the one place the prefix attribute is written, for every store format."""
+    a = LayerAttrs.read(arr, where)
+    if channel_scale is not None:
+        a.channel_scale = channel_scale
+    a.committed(rows, now()).write(arr)

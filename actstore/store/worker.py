@@ -25,9 +25,8 @@ from typing import Any
 import numpy as np
 import zarr
 
-from actstore.errors import StoreError
 from actstore.format import layout
-from actstore.format.layout import ATTR
+from actstore.format.metadata import LayerAttrs
 from actstore.storage.location import Location, open_location
 from actstore.storage.locks import POLL_S, Renewer, StoreLock
 from actstore.store.forward import DeviceToHost, HostRows, HostSlots, UnitIndex, UnitRows, compute_unit, forward_rows
@@ -115,15 +114,13 @@ class ExtractJob:
         return [(u0, u1) for u0, u1 in self.units() if not all(u0 in d for d in done)]
 
 
-def prefix_rows(arr: zarr.Array, unit_rows: int, n_rows: int) -> int:
-    """A format-1/2 array's ``committed_rows`` as a resume point: checked (an integer in 0..n_rows, else StoreError) and
-    taken back to a unit's start, so a hand-edited value can neither make a resume write nowhere nor loop forever
-    (units are deterministic: a unit recomputed writes the same bytes)."""
-    v = arr.attrs[ATTR].get("committed_rows", 0)
-    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= n_rows:
-        raise StoreError(f"array {arr.path} says committed_rows {v!r}, not a row count in 0..{n_rows}: the store was "
-                         "edited or damaged; extract this layer into a new store (or under --name)")  # fmt: skip
-    return v if v == n_rows else v - v % unit_rows
+def prefix_rows(arr: zarr.Array, unit_rows: int, where: str) -> int:
+    """A format-1/2 array's ``committed_rows`` as a resume point: checked (an integer in 0..n_rows, else one
+    IntegrityError, by :class:`LayerAttrs`) and taken back to a unit's start, so a hand-edited value can neither make a
+    resume write nowhere nor loop forever (units are deterministic: a unit recomputed writes the same bytes)."""
+    a = LayerAttrs.read(arr, where)
+    v = a.committed_rows
+    return v if v == a.n_rows else v - v % unit_rows
 
 
 def default_writer_threads(device: str) -> int:
@@ -241,7 +238,8 @@ class UnitWorker:
             if layer in self.chans:
                 continue
             arr = self.arrays[layer][0]  # another worker may have stored it since this one opened the array
-            stored = zarr.open_array(self.loc.zarr_store, path=arr.path, mode="r").attrs[ATTR].get("channel_scale")
+            fresh = zarr.open_array(self.loc.zarr_store, path=arr.path, mode="r")
+            stored = LayerAttrs.read(fresh, f"array {arr.path} of store {self.loc.url}").channel_scale
             if stored:
                 self.chans[layer] = np.asarray(stored, np.float32)
             else:

@@ -40,9 +40,9 @@ Arrays = dict[int, tuple[zarr.Array, zarr.Array | None]]
 """layer -> (its values array, its int8 scale array or None)."""
 
 
-def chan_attrs(chan: np.ndarray | None) -> dict[str, Any] | None:
-    """The attributes an int8 layer carries: its channel scale (the same on every writer)."""
-    return None if chan is None else {"channel_scale": [float(v) for v in chan]}
+def chan_list(chan: np.ndarray | None) -> list[float] | None:
+    """An int8 layer's channel scale as its attribute holds it (the same on every writer), or None."""
+    return None if chan is None else [float(v) for v in chan]
 
 
 class Commit:
@@ -62,7 +62,7 @@ class MarkerCommit(Commit):
         for layer in layers:
             mark_done(self.loc, self.arrays[layer][0].path, u0, u1)
         for layer in layers:
-            commit_prefix(self.arrays[layer][0].path, self.loc, chan_attrs(chans.get(layer)))
+            commit_prefix(self.arrays[layer][0].path, self.loc, chan_list(chans.get(layer)))
 
 
 class PrefixCommit(Commit):
@@ -80,7 +80,7 @@ class PrefixCommit(Commit):
             while self.next[layer] in self.finished[layer]:
                 self.next[layer] = self.finished[layer].pop(self.next[layer])
             if self.next[layer] != start:
-                set_committed(self.arrays[layer][0], self.next[layer], chan_attrs(chans.get(layer)))
+                set_committed(self.arrays[layer][0], self.next[layer], chan_list(chans.get(layer)))
 
 
 @dataclass
