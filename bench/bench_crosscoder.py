@@ -71,7 +71,7 @@ def in_memory(store: str, res, batch: int, steps: int) -> float:
     tcfg = TrainConfig(**cfg.training)
     opt = make_optimizer(str(tcfg.optimizer), sae.parameters(), tcfg.learning_rate(cfg.d_sae))
     tracker = TrainTracker(cfg.d_sae, tcfg.dead_window)
-    _, _, aux_k = tcfg.resolve(cfg.d_in)
+    aux_k = tcfg.resolve(cfg.d_in).aux_k
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     t0 = time.perf_counter()
     for i in range(steps):

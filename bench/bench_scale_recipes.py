@@ -74,7 +74,8 @@ def step_rate(cfg: Any, x: np.ndarray, steps: int = 40) -> float:
     from actstore.sae.model import SAE
     from actstore.sae.optim import make_optimizer
 
-    d_sae, k, aux_k = cfg.resolve(x.shape[1])
+    r = cfg.resolve(x.shape[1])
+    d_sae, k, aux_k = r.d_sae, r.k, r.aux_k
     sae = SAE(SAEConfig(arch=str(cfg.arch), d_in=x.shape[1], d_sae=d_sae, k=k, norm_scale=1.0))
     sae.init_from_rows(torch.from_numpy(x[:d_sae] if len(x) >= d_sae else np.resize(x, (d_sae, x.shape[1]))))
     opt = make_optimizer(str(cfg.optimizer), sae.parameters(), cfg.learning_rate(d_sae))

@@ -46,10 +46,10 @@ def in_memory_loop(x, cfg, d_sae: int, steps: int) -> float:
 
     d = x.shape[1]
     torch.manual_seed(0)
-    sae = SAE(SAEConfig(cfg.arch, d, d_sae, k=cfg.resolve(d)[1], norm_scale=math.sqrt(d / float((x[:4096] ** 2).sum(1).mean()))))
+    sae = SAE(SAEConfig(cfg.arch, d, d_sae, k=cfg.resolve(d).k, norm_scale=math.sqrt(d / float((x[:4096] ** 2).sum(1).mean()))))
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
     tracker = TrainTracker(d_sae, cfg.dead_window)
-    aux_k = cfg.resolve(d)[2]
+    aux_k = cfg.resolve(d).aux_k
     done, t0 = 0, time.perf_counter()
     while done < steps:
         perm = torch.randperm(len(x))

@@ -11,8 +11,9 @@ from click.testing import CliRunner
 import actstore
 from actstore.cli import main
 from actstore.errors import ConfigError
+from actstore.sae.combos import sweep_configs
 from actstore.sae.config import TrainConfig
-from actstore.sae.sweep import run_sweep, sweep_configs
+from actstore.sae.sweep import run_sweep
 from actstore.sae.train import train_sae
 
 BASE = TrainConfig(model="tiny", layer=1, arch="topk", k=4, epochs=1, batch_size=64, device="cpu", threads=1, seed=3,

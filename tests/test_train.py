@@ -240,7 +240,7 @@ def test_tokens_budget_and_paper_preset(tiny_store):
     p = TrainConfig(model="tiny", layer=1, preset="paper")
     assert (p.arch, p.d_sae, p.l1, p.lr, p.epochs) == ("relu-l1", 1024, 1e-3, 2e-5, 10)
     assert TrainConfig(model="tiny", layer=1, preset="paper", lr=1e-3).lr == 1e-3  # explicit options win
-    assert TrainConfig(model="tiny", layer=1, expansion=2).resolve(32)[0] == 64
+    assert TrainConfig(model="tiny", layer=1, expansion=2).resolve(32).d_sae == 64
 
 
 def test_errors(tiny_store):

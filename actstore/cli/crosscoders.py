@@ -5,9 +5,9 @@ from __future__ import annotations
 import click
 
 from actstore.analysis.config import CrosscoderDiffConfig
+from actstore.cli.command import configured
 from actstore.cli.group import main
 from actstore.cli.options import (
-    config_options,
     emit,
     handle_errors,
     output_format_option,
@@ -16,47 +16,21 @@ from actstore.cli.options import (
     store_argument,
     writable_option,
 )
-from actstore.sae.config import OPTIMIZERS, TRAIN_ARCHS, TrainConfig
+from actstore.sae.config import TrainConfig
 from actstore.storage.urls import write_access
 
-_train, _ccdiff = config_options(TrainConfig), config_options(CrosscoderDiffConfig)
+CROSSCODER_SHOWN = {"arch": "batchtopk", "optimizer": "signum"}
+"""Defaults a crosscoder resolves otherwise than an SAE (``TrainConfig`` resolves them; ``--help`` says so)."""
 
 
 @main.command("train-crosscoder")
+@handle_errors
 @store_argument
-@click.option("--models", required=True, help="Models read together, comma separated (row-aligned: one tokenization).")
-@click.option("--layer", "--layers", "layers", required=True,
-              help="One layer for every model, or one per model (2,4), or several of one model (cross-layer).")  # fmt: skip
-@_train("arch", type=click.Choice(TRAIN_ARCHS), help="batchtopk (default), topk, or relu-l1 (the decoder-norm-weighted L1).")
-@_train("d_sae")
-@_train("expansion")
-@_train("k")
-@_train("l1")
-@_train("l1_warmup")
-@_train("lr")
-@_train("optimizer", type=click.Choice(OPTIMIZERS))
-@_train("epochs")
-@_train("tokens")
-@_train("batch_size")
-@_train("name")
-@_train("seed")
-@_train("buffer_mb")
-@_train("threads")
-@_train("eval_fraction")
-@_train("checkpoint_every")
-@_train("eval_points")
-@_train("resume")
-@_train("overwrite")
-@_train("device")
+@configured(TrainConfig, skip=("model", "layer", "preset", "resample", "init", "b_dec_init", "unit_grad", "task_samples"),
+            required=("models", "layers"), fixed={"model": "", "layer": 0}, shown=CROSSCODER_SHOWN)  # fmt: skip
 @writable_option
 @quiet_option
-@handle_errors
-def train_crosscoder(store: str, storage_options: tuple[str, ...], writable: bool, models: str, layers: str,
-                     arch: str | None, d_sae: int | None, expansion: float | None, k: int | None, l1: float | None,
-                     l1_warmup: float | None, lr: float | None, optimizer: str | None, epochs: int | None,
-                     tokens: int | None, batch_size: int, name: str | None, seed: int, buffer_mb: int, threads: int | None,
-                     eval_fraction: float, checkpoint_every: int, eval_points: int, resume: bool, overwrite: bool,
-                     device: str, quiet: bool) -> None:  # fmt: skip
+def train_crosscoder(store: str, storage_options: tuple[str, ...], cfg: TrainConfig, writable: bool, quiet: bool) -> None:
     """Train a crosscoder on several models' (or layers') activations of the same tokens, streaming (resumable).
 
     One dictionary, a decoder per model: --models pretrained,finetuned --layer 4 --arch batchtopk --k 32 (Minder et
@@ -65,13 +39,6 @@ def train_crosscoder(store: str, storage_options: tuple[str, ...], writable: boo
     """
     from actstore.sae.train import train_sae
 
-    first = models.split(",")[0].strip()
-    cfg = TrainConfig(
-        model=first, layer=0, models=models, layers=layers, arch=arch or "batchtopk", d_sae=d_sae, expansion=expansion,
-        k=k, l1=l1, l1_warmup=l1_warmup, lr=lr, optimizer=optimizer, epochs=epochs, tokens=tokens, batch_size=batch_size,
-        name=name, device=device, seed=seed, buffer_mb=buffer_mb, threads=threads, eval_fraction=eval_fraction,
-        checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite, eval_points=eval_points, task_samples=0,
-    )  # fmt: skip
     res = train_sae(store, cfg, progress=not quiet, storage_options=parse_storage_options(storage_options),
                     writable=write_access(store, writable))  # fmt: skip
     ev, c = res.metrics.get("eval") or {}, res.sae.cfg
@@ -87,24 +54,14 @@ def train_crosscoder(store: str, storage_options: tuple[str, ...], writable: boo
 
 
 @main.command("diff-crosscoder")
+@handle_errors
 @store_argument
-@_ccdiff("sae", required=True)
-@_ccdiff("a")
-@_ccdiff("b")
-@_ccdiff("only")
-@_ccdiff("shared_band")
-@_ccdiff("shared_cos")
-@_ccdiff("nu")
-@_ccdiff("rows")
-@_ccdiff("batch_rows")
-@_ccdiff("device")
+@configured(CrosscoderDiffConfig)
 @click.option("--top", default=10, show_default=True, help="B-only latents to list with their top tokens.")
 @writable_option
 @output_format_option
-@handle_errors
-def diff_crosscoder_cmd(store: str, storage_options: tuple[str, ...], sae: str, a: str | None, b: str | None, only: float,
-                        shared_band: float, shared_cos: float, nu: float, rows: int, batch_rows: int, device: str, top: int,
-                        writable: bool, fmt: str, out: str | None) -> None:  # fmt: skip
+def diff_crosscoder_cmd(store: str, storage_options: tuple[str, ...], cfg: CrosscoderDiffConfig, top: int, writable: bool,
+                        fmt: str, out: str | None) -> None:  # fmt: skip
     """Classify a crosscoder's latents shared / changed / A-only / B-only from its decoder norms, with Latent Scaling
     (Minder et al. 2025) flagging the one-model latents the other model carries after all; list the top B-only ones.
 
@@ -114,8 +71,7 @@ def diff_crosscoder_cmd(store: str, storage_options: tuple[str, ...], sae: str, 
     from actstore.store.reader import open_store
 
     st = open_store(store, writable=write_access(store, writable), storage_options=parse_storage_options(storage_options))
-    cfg = CrosscoderDiffConfig(sae=sae, a=a, b=b, only=only, shared_band=shared_band, shared_cos=shared_cos, nu=nu, rows=rows,
-                               batch_rows=batch_rows, device=device)  # fmt: skip
+    sae, nu = cfg.sae, cfg.nu
     res = diff_crosscoder(st, cfg, save=st.writable)
     if out or fmt != "table":
         emit(res.table, fmt, out)

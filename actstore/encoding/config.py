@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from actstore.errors import ConfigError
+from actstore.fields import opt
 
 
 @dataclass
@@ -17,7 +18,7 @@ class EncodeConfig:
     """Name of the SAE under STORE/saes/ (it names its model and layer)."""
     batch_rows: int = 8192
     """Token rows per SAE forward pass."""
-    n_buckets: int = 16
+    n_buckets: int = opt(16, names=("--buckets",))
     """Feature-range buckets (files) at least; more when a bucket would hold over 4M activations (memory)."""
     spill_entries: int = 16_000_000
     """Non-zero activations held in memory (16 bytes each) before they are spilled to disk as sorted runs."""

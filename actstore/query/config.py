@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 from actstore.errors import ConfigError
+from actstore.fields import opt
 
 RANK_BY = ("variance", "frequency", "label-association")
 """How ``top_features`` ranks: activation variance over all tokens (the paper's choice), firing frequency, or label
@@ -24,14 +25,14 @@ class FeatureExportConfig:
 
     sae: str
     """Name of the encoded SAE."""
-    format: str
-    """delphi or neuronpedia."""
+    format: str = opt(choices=FEATURE_EXPORT_FORMATS)
+    """delphi: its latent cache (safetensors per latent range); neuronpedia: batch-N.json dashboards."""
     out: str
     """Folder to write (created; files of an earlier export are replaced)."""
     n_splits: int = 5
     """delphi: latent ranges per hook point, one safetensors file each (delphi's n_splits)."""
-    features: list[int] | None = None
-    """neuronpedia: which features (default: every feature that fires)."""
+    features: list[int] | None = opt(None, shown="every feature that fires")
+    """neuronpedia: which features, e.g. 3,17,210."""
     top_n: int = 20
     """neuronpedia: top activating contexts per feature."""
     context: int = 32

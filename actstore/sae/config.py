@@ -4,12 +4,14 @@ Torch-free, so the CLI builds its options (defaults, choices, help) from these f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from actstore.errors import ConfigError, IntegrityError
+from actstore.fields import opt
 from actstore.store.config import Source, parse_sources
 
 TRAIN_ARCHS = ("relu-l1", "topk", "batchtopk")
@@ -140,6 +142,7 @@ RELU_L1_LR = 1e-3
 (SAELens's standard SAE at its 3e-4: 0.338 at L0 62); at lambda 0.03, 0.711 at L0 34 vs 0.658 at L0 21."""
 DEFAULT_EPOCHS = 3
 DEFAULT_K = 32
+DEFAULT_L1 = 1e-3
 DEFAULT_L1_WARMUP = 0.05  # SAELens's usual L1 warm-up: 5% of the run
 OPTIMIZERS = ("signum", "adam")
 """SAE optimizers (``--optimizer``), see :mod:`actstore.sae.optim`."""
@@ -237,8 +240,14 @@ RUNTIME_FIELDS = (  # options that do not change what is trained: a run may resu
     "task_samples",
 )
 
-COMPARED_APART = ("name", "d_sae", "expansion", "k")
-"""Fields a finished SAE is compared on through what they resolve to (its name, d_sae and k), not as given."""
+COMPARED_APART = ("name", "d_sae", "expansion", "k", "aux_k")
+"""Fields a finished SAE is compared on through what they resolve to (its name, d_sae, k and aux_k), not as given
+(SAEs trained before ``resolve`` saved them as given)."""
+
+
+def resolved_aux_k(aux_k: int | None, d_in: int, d_sae: int) -> int:
+    """The dead latents of the auxiliary loss: ``aux_k``, else d_in / 2, at most d_sae."""
+    return min(aux_k or max(1, d_in // 2), d_sae)
 
 
 def training_differences(saved: dict[str, Any], cfg: TrainConfig, saved_d_sae: int, saved_k: int | None,
@@ -248,14 +257,15 @@ def training_differences(saved: dict[str, Any], cfg: TrainConfig, saved_d_sae: i
     if not saved:
         return ["training (it was not trained here)"]
     old = {**FIELDS_ADDED, **saved}
-    new = cfg.to_dict()
+    new = cfg.resolve(d_in)
     skip = set(RUNTIME_FIELDS) | set(COMPARED_APART)
-    diff = sorted(k_ for k_ in set(old) & set(new) if k_ not in skip and old[k_] != new[k_])
-    d_sae, k, _ = cfg.resolve(d_in)
-    if d_sae != saved_d_sae:
+    diff = sorted(k_ for k_, v in new.to_dict().items() if k_ in old and k_ not in skip and old[k_] != v)
+    if new.d_sae != saved_d_sae:
         diff.append("d_sae")
-    if k != saved_k:
+    if new.k != saved_k:
         diff.append("k")
+    if new.aux_k != resolved_aux_k(old.get("aux_k"), d_in, saved_d_sae):
+        diff.append("aux_k")
     return diff
 
 
@@ -268,49 +278,49 @@ unfinished run from before them resumes with ``--b-dec-init mean --no-unit-grad`
 class TrainConfig:
     """Everything one ``actstore train`` run needs (saved in the SAE's cfg.json as ``training``)."""
 
-    model: str
+    model: str = opt(names=("--model", "--models"), sweep=True)
     """Store key of the model whose activations to train on."""
-    layer: int
+    layer: int = opt(names=("--layer", "--layers"), sweep=True, metavar="LAYER[,LAYER...]")
     """Layer (hidden_states index) to train on."""
     models: str | None = None
     """Crosscoder: models read together (comma separated, row-aligned), every one at ``layer`` or one per ``layers``."""
-    layers: str | None = None
+    layers: str | None = opt(None, names=("--layer", "--layers"))
     """Crosscoder: layers read together (comma separated): of one model (cross-layer) or one per model."""
-    arch: str | None = None
-    """relu-l1 (default), topk or batchtopk."""
-    d_sae: int | None = None
-    """Number of features; default ``expansion * d_in``."""
-    expansion: float | None = None
-    """d_sae as a multiple of the layer's width (default 4) when d_sae is not given."""
-    k: int | None = None
-    """Active features per token for topk / batchtopk (default 32, at most d_sae / 4)."""
-    l1: float | None = None
-    """L1 coefficient for relu-l1 (default 1e-3)."""
-    l1_warmup: float | None = None
-    """relu-l1: fraction of the steps over which the L1 coefficient ramps up from 0 (default 0.05; paper preset 0)."""
-    lr: float | None = None
-    """Learning rate (default: Adam 1e-3 * (tokens / 2M)^-0.3 topk, batchtopk; 1e-3 relu-l1; paper 2e-5; signum as sparsify)."""
-    lr_warmup: float | None = None
-    """Fraction of the steps over which the learning rate ramps up linearly from 0 (default 0)."""
-    lr_decay: float | None = None
-    """Fraction of the steps at the end over which the learning rate decays linearly to 0 (0.2 Adam topk/batchtopk, else 0)."""
-    optimizer: str | None = None
-    """adam (default) or signum (sparsify's Schedule-Free sign descent; default for topk, batchtopk crosscoders)."""
-    init: str | None = None
-    """Decoder rows at start: data (directions of random training tokens; default for topk, batchtopk) or random."""
-    epochs: int | None = None
-    """Passes over the training rows (default 3); give it or --tokens, not both."""
+    arch: str | None = opt(None, choices=TRAIN_ARCHS, sweep=True, resolved="relu-l1", metavar="ARCH[,ARCH...]")
+    """Architecture: relu-l1, topk or batchtopk (crosscoders: batchtopk by default)."""
+    d_sae: int | None = opt(None, sweep=True, shown="expansion x d_model")
+    """Number of features."""
+    expansion: float | None = opt(None, resolved=DEFAULT_EXPANSION)
+    """d_sae as a multiple of the layer's width, when d_sae is not given."""
+    k: int | None = opt(None, sweep=True, resolved=DEFAULT_K)
+    """Active features per token for topk / batchtopk (by default at most d_sae / 4)."""
+    l1: float | None = opt(None, resolved=DEFAULT_L1)
+    """L1 coefficient for relu-l1."""
+    l1_warmup: float | None = opt(None, resolved=DEFAULT_L1_WARMUP)
+    """relu-l1: fraction of the steps over which the L1 coefficient ramps up from 0 (paper preset 0)."""
+    lr: float | None = opt(None, sweep=True, shown="by optimizer, architecture and tokens")
+    """Learning rate: Adam 1e-3 * (tokens / 2M)^-0.3 on topk, batchtopk SAEs; 1e-3 on relu-l1; paper 2e-5; signum as sparsify."""
+    lr_warmup: float | None = opt(None, resolved=DEFAULT_LR_WARMUP)
+    """Fraction of the steps over which the learning rate ramps up linearly from 0."""
+    lr_decay: float | None = opt(None, resolved=0.0, shown="0.2 for Adam on topk, batchtopk SAEs, else 0")
+    """Fraction of the steps at the end over which the learning rate decays linearly to 0."""
+    optimizer: str | None = opt(None, choices=OPTIMIZERS, resolved="adam")
+    """adam, or signum (sparsify's Schedule-Free sign descent; the default for topk, batchtopk crosscoders)."""
+    init: str | None = opt(None, choices=DECODER_INITS, resolved="random")
+    """Decoder rows at start: data (directions of random training tokens; the default for topk, batchtopk SAEs) or random."""
+    epochs: int | None = opt(None, resolved=DEFAULT_EPOCHS)
+    """Passes over the training rows; give it or --tokens, not both."""
     tokens: int | None = None
     """Train on this many tokens instead of whole epochs."""
     batch_size: int = 1024
     """Tokens per optimizer step."""
-    preset: str | None = None
+    preset: str | None = opt(None, choices=tuple(PRESETS))
     """'paper': relu-l1, d_sae 1024, l1 1e-3, lr 2e-5, 10 epochs (explicit options win); dense: ~half the features fire."""
     name: str | None = None
     """Name under STORE/saes/ (default MODEL-lLAYER-ARCH-D_SAE)."""
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto."""
-    seed: int = 0
+    seed: int = opt(0, sweep=True)
     """Seed for initialisation, and (unless data_seed is given) the held-out split and the shuffling."""
     data_seed: int | None = None
     """Seed for the held-out split and the shuffling (default: seed); SAEs trained in one pass share one."""
@@ -330,8 +340,8 @@ class TrainConfig:
     """A feature is dead after this many training tokens without an activation."""
     dense_threshold: float = 0.1
     """A feature is dense when active on more than this fraction of tokens."""
-    aux_k: int | None = None
-    """Dead latents used by the topk/batchtopk auxiliary loss (default d_in / 2)."""
+    aux_k: int | None = opt(None, shown="d_in / 2")
+    """Dead latents used by the topk/batchtopk auxiliary loss."""
     aux_coef: float = 1 / 32
     """Weight of the auxiliary dead-latent loss."""
     resample: int = 0
@@ -340,10 +350,10 @@ class TrainConfig:
     """Held-out samples for the task-accuracy check (models with a classification head; 0 disables)."""
     grad_clip: float = 1.0
     """Clip the gradient norm to this (0 disables; not used with unit_grad)."""
-    unit_grad: bool | None = None
-    """Rescale each step's gradient to norm 1 before the optimizer (default: on for relu-l1 SAEs, off otherwise)."""
-    b_dec_init: str | None = None
-    """Decoder bias at start: mean (of a few chunks of training rows) or zeros (default zeros for relu-l1 SAEs)."""
+    unit_grad: bool | None = opt(None, flag="--unit-grad/--no-unit-grad", resolved=True)
+    """Rescale each step's gradient to norm 1 before the optimizer (by default on for relu-l1 SAEs, off otherwise)."""
+    b_dec_init: str | None = opt(None, choices=B_DEC_INITS, resolved="zeros")
+    """Decoder bias at start: mean (of a few chunks of training rows) or zeros (by default zeros for relu-l1 SAEs)."""
     checkpoint_every: int = 500
     """Steps between checkpoints (0: only at epoch ends)."""
     log_every: int = 50
@@ -366,7 +376,8 @@ class TrainConfig:
             for key, val in PRESETS[self.preset].items():
                 if getattr(self, key) is None and not (key == "d_sae" and self.expansion is not None):
                     setattr(self, key, val)
-        self.arch = self.arch or "relu-l1"
+        crosscoder = self.models is not None or self.layers is not None  # as sources()
+        self.arch = self.arch or ("batchtopk" if crosscoder else "relu-l1")
         if self.arch == "jumprelu":
             raise ConfigError("jumprelu SAEs are imported (actstore import-sae), not trained: choose --arch topk or batchtopk")
         if self.arch not in TRAIN_ARCHS:
@@ -375,9 +386,8 @@ class TrainConfig:
             raise ConfigError("give --d-sae or --expansion, not both")
         if self.tokens is not None and self.epochs is not None:
             raise ConfigError("give --epochs or --tokens, not both")
-        self.l1 = 1e-3 if self.l1 is None else self.l1
+        self.l1 = DEFAULT_L1 if self.l1 is None else self.l1
         self.l1_warmup = DEFAULT_L1_WARMUP if self.l1_warmup is None else self.l1_warmup
-        crosscoder = self.models is not None or self.layers is not None  # as sources()
         self.optimizer = self.optimizer or default_optimizer(self.arch, crosscoder)
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown --optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
@@ -426,16 +436,18 @@ class TrainConfig:
         self.b_dec_init = self.b_dec_init or default_b_dec_init(self.arch, crosscoder)
         self.unit_grad = default_unit_grad(self.arch, crosscoder) if self.unit_grad is None else bool(self.unit_grad)
 
-    def resolve(self, d_in: int) -> tuple[int, int | None, int]:
-        """``(d_sae, k, aux_k)`` for a layer of width ``d_in``."""
+    def resolve(self, d_in: int) -> TrainConfig:
+        """This config for a layer of width ``d_in``, with what depends on it filled in: ``d_sae`` (``expansion``
+        times ``d_in``; expansion then None), ``k`` (topk, batchtopk: at most d_sae / 4 by default) and ``aux_k``.
+        The one config a run trains with and saves beside its SAE (the learning rate by token budget is set when the
+        run knows its steps: metrics.json ``lr``). Resolving a resolved config changes nothing."""
         d_sae = self.d_sae or max(1, round((self.expansion or DEFAULT_EXPANSION) * d_in))
         k = None
         if self.arch != "relu-l1":
             k = self.k or max(1, min(DEFAULT_K, d_sae // 4))
             if k > d_sae:
                 raise ConfigError(f"--k {k} is larger than d_sae {d_sae}")
-        aux_k = min(self.aux_k or max(1, d_in // 2), d_sae)
-        return d_sae, k, aux_k
+        return dataclasses.replace(self, d_sae=d_sae, expansion=None, k=k, aux_k=resolved_aux_k(self.aux_k, d_in, d_sae))
 
     def stream_seed(self) -> int:
         """The seed of the held-out split and the data order."""
@@ -490,8 +502,8 @@ class ImportConfig:
 
     path: str
     """Local folder holding cfg.json and the safetensors weights."""
-    format: str
-    """saelens or sparsify."""
+    format: str = opt(choices=IMPORT_FORMATS)
+    """saelens: cfg.json + sae_weights.safetensors; sparsify: cfg.json + sae.safetensors (one hook point)."""
     model: str | None = None
     """Store key of the model it reads (default: the store's only model)."""
     layer: int | None = None

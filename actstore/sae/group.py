@@ -33,7 +33,7 @@ from actstore.format.layout import check_name
 from actstore.models.loading import auto_device
 from actstore.sae.config import TrainConfig
 from actstore.sae.rows import held_out_rows, open_stream, training_rows, writable_store
-from actstore.sae.train import TrainingRun, TrainResult, existing_run
+from actstore.sae.train import TrainingRun, TrainResult, existing_run, run_identity
 from actstore.storage.locks import StoreLock
 from actstore.store.reader import Store
 
@@ -89,8 +89,9 @@ def _together(store: Store | str, configs: list[TrainConfig], progress: bool, st
     st = writable_store(store, storage_options, writable)
     base = configs[0]
     acts, d_in = training_rows(st, base)
-    sizes = [c.resolve(d_in) for c in configs]  # (d_sae, k, aux_k) each
-    names = [c.name or c.default_name(d) for c, (d, _, _) in zip(configs, sizes, strict=True)]
+    identities = [run_identity(c) for c in configs]  # as given: what a checkpoint is continued by
+    configs = [c.resolve(d_in) for c in configs]
+    names = [c.name or c.default_name(int(c.d_sae or 0)) for c in configs]
     for n in names:
         check_name(n, "SAE")
     if len(set(names)) < len(names):
@@ -106,12 +107,12 @@ def _together(store: Store | str, configs: list[TrainConfig], progress: bool, st
         split, stream = open_stream(acts, tok, base, device)
         eval_x = held_out_rows(acts, split)  # read once for every run
         runs: list[TrainingRun] = []
-        for c, n, (d_sae, k, aux_k), again in zip(configs, names, sizes, resume, strict=True):
+        for c, ident, n, again in zip(configs, identities, names, resume, strict=True):
             torch.manual_seed(c.seed)  # as a single run seeds it, after opening its stream
             if again:
-                runs.append(TrainingRun.restore(st, c, n, acts, split, stream, device, aux_k, eval_x))
+                runs.append(TrainingRun.restore(st, c, ident, n, acts, split, stream, device, eval_x))
             else:
-                runs.append(TrainingRun.start(st, c, n, acts, split, stream, device, aux_k, d_sae, k, tok.key, eval_x))
+                runs.append(TrainingRun.start(st, c, ident, n, acts, split, stream, device, tok.key, eval_x))
         total, per_epoch = runs[0].total_steps, runs[0].per_epoch
         step = min(r.step for r in runs)
         bar = tqdm(total=total * len(runs), initial=sum(r.step for r in runs), disable=not progress, unit="step",

@@ -50,31 +50,13 @@ SWEPT = {"k": "k", "lr": "lr", "seed": "s"}
 their value in the names of runs that would otherwise share one (``MODEL-lLAYER-ARCH-D_SAE-k16-lr0.001-s1``)."""
 
 
-def sweep_configs(base: TrainConfig, models: list[str], layers: list[int], d_saes: list[int | None],
-                  ks: list[int | None] | None = None, lrs: list[float | None] | None = None,
-                  seeds: list[int] | None = None) -> list[TrainConfig]:  # fmt: skip
-    """One config per combination (``base.name`` only for one); a sweep over seeds reads the first seed's data order
-    (``data_seed``), so its runs share one stream. Names are given by :func:`name_runs`. Architectures are swept by
-    calling this once per architecture's ``base`` (each resolves its own defaults) and joining the lists."""
-    combos = [(m, layer, d, k, lr, sd) for m in models for layer in layers for d in (d_saes or [base.d_sae])
-              for k in (ks or [base.k]) for lr in (lrs or [base.lr]) for sd in (seeds or [base.seed])]  # fmt: skip
-    if not combos:
-        raise ConfigError("a sweep needs at least one model, one layer and one d_sae")
-    if base.name and len(combos) > 1:
-        raise ConfigError(f"--name names one SAE, but this sweep trains {len(combos)}: drop --name (each run is named "
-                          "MODEL-lLAYER-ARCH-D_SAE, with -kK, -lrLR, -sSEED where those vary)")  # fmt: skip
-    data_seed = base.data_seed if base.data_seed is not None or len(seeds or []) < 2 else (seeds or [0])[0]
-    return [dataclasses.replace(base, model=m, layer=layer, d_sae=d, k=k, lr=lr, seed=sd, data_seed=data_seed)
-            for m, layer, d, k, lr, sd in combos]  # fmt: skip
-
-
 def name_runs(st: Any, configs: list[TrainConfig]) -> list[TrainConfig]:
     """Each unnamed config named ``MODEL-lLAYER-ARCH-D_SAE``, plus the options of :data:`SWEPT` that tell apart runs
     which would otherwise share that name; ConfigError when two runs would still share one."""
     base_names = []
     for c in configs:
         d_in = st.activations(c.model, c.layer).d_model if c.sources() is None else None
-        base_names.append(c.default_name(c.resolve(d_in)[0]) if d_in is not None else None)
+        base_names.append(c.default_name(int(c.resolve(d_in).d_sae or 0)) if d_in is not None else None)
     out = []
     for c, base in zip(configs, base_names, strict=True):
         if c.name or base is None:
@@ -157,7 +139,7 @@ def check_same_training(st: Any, tc: TrainConfig, name: str) -> None:
 def _finished(st: Any, tc: TrainConfig, have: set[str]) -> tuple[str, int, bool]:
     """``tc``'s SAE name and d_sae, and whether a finished SAE of that name is to be skipped (ConfigError from
     :func:`check_same_training` when it was trained with other options); ``have``: the store's SAE names."""
-    d_sae = tc.resolve(st.activations(tc.model, tc.layer).d_model)[0]
+    d_sae = int(tc.resolve(st.activations(tc.model, tc.layer).d_model).d_sae or 0)
     name = tc.name or tc.default_name(d_sae)
     finished = not tc.overwrite and name in have
     if finished:

@@ -88,7 +88,9 @@ class TrainResult:
     """The train / held-out split used."""
 
 
-def _identity(cfg: TrainConfig) -> dict[str, Any]:
+def run_identity(cfg: TrainConfig) -> dict[str, Any]:
+    """The options that decide what a run trains, as given (before :meth:`TrainConfig.resolve`): a checkpoint keeps
+    them, and a restart with other ones is refused."""
     return {k: v for k, v in cfg.to_dict().items() if k not in RUNTIME_FIELDS}
 
 
@@ -146,29 +148,30 @@ def _train_sae(
 ) -> TrainResult:
     st = writable_store(store, storage_options, writable)
     acts, d_in = training_rows(st, cfg)
-    d_sae, k, aux_k = cfg.resolve(d_in)
-    name = cfg.name or cfg.default_name(d_sae)
+    identity = run_identity(cfg)  # as given: what a checkpoint is continued by
+    cfg = cfg.resolve(d_in)
+    name = cfg.name or cfg.default_name(int(cfg.d_sae or 0))
     check_name(name, "SAE")  # one folder under saes/: 'a/b' would make an SAE nothing can find
     device = torch.device(auto_device(cfg.device))
     tok = st.model_tokenization(cfg.model)
     lock = StoreLock(st.loc, layout.sae_dir(name), f"train {name}").acquire()  # one trainer of an SAE name at a time
     try:
-        return _train_locked(st, cfg, progress, on_step, acts, d_in, d_sae, k, aux_k, name, device, tok)
+        return _train_locked(st, cfg, identity, progress, on_step, acts, name, device, tok)
     finally:
         lock.release()
 
 
 def _train_locked(
-    st: Store, cfg: TrainConfig, progress: bool, on_step: Callable[[int, dict[str, Any]], None] | None, acts: Any,
-    d_in: int, d_sae: int, k: int | None, aux_k: int | None, name: str, device: torch.device, tok: Any,
+    st: Store, cfg: TrainConfig, identity: dict[str, Any], progress: bool,
+    on_step: Callable[[int, dict[str, Any]], None] | None, acts: Any, name: str, device: torch.device, tok: Any,
 ) -> TrainResult:  # fmt: skip
     resume = existing_run(st, cfg, name)
     split, stream = open_stream(acts, tok, cfg, device)
     torch.manual_seed(cfg.seed)
     if resume:
-        run = TrainingRun.restore(st, cfg, name, acts, split, stream, device, aux_k)
+        run = TrainingRun.restore(st, cfg, identity, name, acts, split, stream, device)
     else:
-        run = TrainingRun.start(st, cfg, name, acts, split, stream, device, aux_k, d_sae, k, tok.key)
+        run = TrainingRun.start(st, cfg, identity, name, acts, split, stream, device, tok.key)
     seconds = run.loop(progress, on_step)
     return run.finish(seconds)
 
@@ -196,10 +199,9 @@ class TrainingRun:
     :meth:`start` or :meth:`restore`, then :meth:`loop`, then :meth:`finish`."""
 
     def __init__(self, st: Store, cfg: TrainConfig, name: str, acts: Any, split: RowSplit, stream: ShuffledStream,
-                 device: torch.device, aux_k: int | None, sae: SAE, meta: dict[str, Any],
-                 eval_x: torch.Tensor | None = None) -> None:  # fmt: skip
+                 device: torch.device, sae: SAE, meta: dict[str, Any], eval_x: torch.Tensor | None = None) -> None:  # fmt: skip
         self.st, self.cfg, self.name, self.split, self.stream, self.device = st, cfg, name, split, stream, device
-        self.aux_k = aux_k
+        self.aux_k = int(cfg.aux_k or 1)  # resolved (TrainConfig.resolve)
         self.sae = sae.to(device).train()
         self.per_epoch = stream.batches_per_epoch
         self.total_steps = math.ceil(cfg.tokens / cfg.batch_size) if cfg.tokens else self.per_epoch * int(cfg.epochs or 1)
@@ -222,20 +224,22 @@ class TrainingRun:
 
     # ---- init or restore
     @classmethod
-    def start(cls, st: Store, cfg: TrainConfig, name: str, acts: Any, split: RowSplit, stream: ShuffledStream,
-              device: torch.device, aux_k: int | None, d_sae: int, k: int | None, tokenization: str,
+    def start(cls, st: Store, cfg: TrainConfig, identity: dict[str, Any], name: str, acts: Any, split: RowSplit,
+              stream: ShuffledStream, device: torch.device, tokenization: str,
               eval_x: torch.Tensor | None = None) -> TrainingRun:  # fmt: skip
-        """A new run: inputs scaled to mean squared norm d_in, ``b_dec`` at the (scaled) mean of a few chunks or zeros."""
+        """A new run of a resolved ``cfg`` (``identity``: the options as given, kept in its checkpoints): inputs
+        scaled to mean squared norm d_in, ``b_dec`` at the (scaled) mean of a few chunks or zeros."""
         sources = cfg.sources()
         n_src = len(sources) if sources else 1
         d_in = acts.d_model // n_src
         data_init = cfg.init == "data"
+        d_sae = int(cfg.d_sae or 0)
         mean_sq, mean, sample = estimate_stats(stream, cfg.seed, n_src, n_sample=d_sae if data_init else 0)
         scales = [math.sqrt(d_in / v) if cfg.normalize and v > 0 else 1.0 for v in mean_sq]
         cross = {} if sources is None else {"models": [s.model for s in sources], "layers": [s.layer for s in sources],
                                             "norm_scales": scales}  # fmt: skip
         sae = SAE(SAEConfig(
-            arch=str(cfg.arch), d_in=d_in, d_sae=d_sae, k=k, l1=float(cfg.l1 or 0.0), norm_scale=scales[0], model=cfg.model,
+            arch=str(cfg.arch), d_in=d_in, d_sae=d_sae, k=cfg.k, l1=float(cfg.l1 or 0.0), norm_scale=scales[0], model=cfg.model,
             layer=cfg.layer, tokenization=tokenization, name=name, training=cfg.to_dict(), actstore_version=__version__,
             **cross,
         ))  # fmt: skip
@@ -244,15 +248,16 @@ class TrainingRun:
                 sae.b_dec.copy_(torch.from_numpy(mean).float() * sae.scale)
         if data_init:
             sae.init_from_rows(torch.from_numpy(sample) * sae.scale)
-        meta = {"step": 0, "history": [], "threshold_ema": None, "config": _identity(cfg)}
-        return cls(st, cfg, name, acts, split, stream, device, aux_k, sae, meta, eval_x)
+        meta = {"step": 0, "history": [], "threshold_ema": None, "config": identity}
+        return cls(st, cfg, name, acts, split, stream, device, sae, meta, eval_x)
 
     @classmethod
-    def restore(cls, st: Store, cfg: TrainConfig, name: str, acts: Any, split: RowSplit, stream: ShuffledStream,
-                device: torch.device, aux_k: int | None, eval_x: torch.Tensor | None = None) -> TrainingRun:  # fmt: skip
-        """The run continued from its checkpoint, refused when it was started with other options."""
+    def restore(cls, st: Store, cfg: TrainConfig, identity: dict[str, Any], name: str, acts: Any, split: RowSplit,
+                stream: ShuffledStream, device: torch.device, eval_x: torch.Tensor | None = None) -> TrainingRun:  # fmt: skip
+        """The run continued from its checkpoint, refused when it was started with other options (``identity``, the
+        options as given, against the checkpoint's)."""
         tensors, meta, sae_cfg = _read_checkpoint(st, name)
-        old, new = {**FIELDS_ADDED, **meta.get("config", {})}, _identity(cfg)  # an older run: the values it used
+        old, new = {**FIELDS_ADDED, **meta.get("config", {})}, identity  # an older run: the values it used
         if old != new:
             diff = sorted(k_ for k_ in set(old) | set(new) if old.get(k_) != new.get(k_))
             raise ConfigError(
@@ -260,7 +265,7 @@ class TrainingRun:
                 "rerun with the original options to continue it, or pass --overwrite to start over"
             )
         check_d_in(sae_cfg, getattr(acts, "d_source", acts.d_model), f"layer {cfg.layer} of model {cfg.model!r} in {st.url}")
-        run = cls(st, cfg, name, acts, split, stream, device, aux_k, SAE(sae_cfg), meta, eval_x)
+        run = cls(st, cfg, name, acts, split, stream, device, SAE(sae_cfg), meta, eval_x)
         run.sae.load_state_dict({k_[4:]: v.to(device) for k_, v in tensors.items() if k_.startswith("sae.")})
         restore_optimizer(run.opt, tensors)
         run.tracker.load(tensors)
@@ -306,7 +311,7 @@ class TrainingRun:
                 self.history[-1]["curve"] = self._curve_point(self.history[-1])
 
     def checkpoint(self) -> None:
-        self.meta.update(step=self.step, history=self.history, threshold_ema=self.thr_ema, config=_identity(self.cfg))
+        self.meta.update(step=self.step, history=self.history, threshold_ema=self.thr_ema, config=run_identity(self.cfg))
         _save_checkpoint(self.st, self.name, self.sae, self.opt, self.tracker, self.meta)
 
     def loop(self, progress: bool, on_step: Callable[[int, dict[str, Any]], None] | None) -> float:

@@ -9,8 +9,9 @@ from typing import Any, NamedTuple
 
 from actstore.data.corpora import DataConfig
 from actstore.errors import ConfigError
+from actstore.fields import opt
 from actstore.format import codecs
-from actstore.models.names import sanitize_key
+from actstore.models.names import MODEL_DTYPES, sanitize_key
 
 COMPRESSIONS = ("auto", "none", "zstd")
 """Compressors of new layer arrays (docs/FORMAT.md): int8 and fp16 activations barely compress, bf16 a fifth."""
@@ -55,22 +56,22 @@ class ExtractConfig:
     """Hugging Face id, local directory, or bundled:minilm / bundled:minilm-sre."""
     data: DataConfig
     """The corpus and its fields."""
-    layers: list[int] | str
-    """hidden_states indices to store (0 = embeddings), or 'all'."""
+    layers: list[int] | str = opt(metavar="LAYERS")
+    """hidden_states indices to store: 2,4,6 or 0-6 or 'all' (0 = the embeddings)."""
     name: str | None = None
     """Store key for the model (default: derived from the model name)."""
-    max_length: int | None = None
-    """Truncate samples to this many tokens (default: min(512, the model's limit); up to its context). With --window:
-    the longest sample kept (default: no truncation)."""
+    max_length: int | None = opt(None, shown="min(512, the model's limit)")
+    """Truncate samples to this many tokens (up to the model's context). With --window: the longest sample kept
+    (default: no truncation)."""
     window: int | None = None
     """Split long samples into context windows of this many tokens, one forward pass each (rows stay one per token)."""
     stride: int | None = None
     """Tokens between window starts (default: the window, no overlap); a token's row comes from its first window."""
-    dtype: str = "auto"
+    dtype: str = opt("auto", choices=MODEL_DTYPES)
     """Precision of the model weights: fp32, fp16, bf16, or auto (bf16 on CUDA, fp32 on CPU)."""
     batch_size: int = 32
     """Samples per forward pass (batches are bucketed by length)."""
-    codec: str = "fp16"
+    codec: str = opt("fp16", choices=codecs.CODECS)
     """Stored precision: fp32, fp16, bf16 or int8 (per-token scale)."""
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto (CUDA when present)."""
@@ -80,20 +81,20 @@ class ExtractConfig:
     """Rows per inner chunk of a layer shard (a random-row read fetches only these; 0: unsharded, one object per chunk)."""
     unit_mb: int = 256
     """Memory budget (MiB) of float32 rows held per unit of work before writing."""
-    unit_rows: int | None = None
-    """Rows per unit of work, rounded up to whole chunks (default: from unit_mb)."""
+    unit_rows: int | None = opt(None, shown="from unit_mb")
+    """Rows per unit of work, rounded up to whole chunks."""
     new_tokenization: bool = False
     """Allow a model whose tokenizer differs from the store's: add a new token index."""
     threads: int | None = None
     """torch CPU threads of the forward pass, per worker (default: torch's own)."""
     ray_workers: int | None = None
     """Ray actors with --ray (default: one per GPU, else one per --threads CPUs of the cluster)."""
-    writer_threads: int | None = None
-    """Threads per worker that encode and write rows (default: 2 on a CPU; beside a GPU, the cores up to 8)."""
-    codec_on: str = "auto"
+    writer_threads: int | None = opt(None, shown="2 on a CPU; beside a GPU, the cores up to 8")
+    """Threads per worker that encode and write rows."""
+    codec_on: str = opt("auto", choices=CODEC_PLACES)
     """Where the codec runs: device (in the forward pass: only stored bytes cross to the host), writers (in the writer
     threads), or auto (device on CUDA, else writers)."""
-    compression: str = "auto"
+    compression: str = opt("auto", choices=COMPRESSIONS)
     """Compressor of new layer arrays: zstd (level 1, ~0.8 GB/s a core), none (checksummed only), or auto (zstd for
     bf16 and fp32, bf16 21% smaller; none for int8 and fp16, which it makes only 7-8% smaller; docs/FORMAT.md)."""
 
