@@ -102,6 +102,18 @@ class FieldOption:
     """The default ``--help`` shows: the value the stage receives when the option is omitted."""
     argument: bool = False
     """Given as a positional argument rather than an option."""
+    choices: tuple[str, ...] | None = None
+    """The values allowed (each of a swept field's)."""
+
+    def sweep_values(self, raw: str | None) -> list[Any]:
+        """A swept option's comma-separated values, each checked against the choices."""
+        if raw is None:
+            return [None]
+        values = parse_list(raw, self.sweep_item or "str", self.decls[0])
+        bad = [v for v in values if self.choices and v not in self.choices]
+        if bad:
+            raise click.BadParameter(f"{bad[0]!r} is not one of {', '.join(self.choices or ())}", param_hint=self.decls[0])
+        return values
 
     def option(self) -> Callable[[Callable], Callable]:
         if self.argument:
@@ -173,8 +185,9 @@ def field_option(cls: type, f: dataclasses.Field, shown_override: Any = dataclas
             kw["default"] = ",".join(map(str, default))
     else:  # a union such as ``list[int] | str``: the config parses the text itself
         kw["type"] = str
-    if s["choices"]:
+    if s["choices"] and out.sweep_item is None:
         kw["type"] = click.Choice(s["choices"])
+    out.choices = s["choices"]
     if s["metavar"] and not (s["metavar"].endswith("...]") and not s["sweep"]):  # a sweep's metavar only when swept
         kw["metavar"] = s["metavar"]
     if required:
@@ -263,7 +276,7 @@ def configured(
                 if o.param.startswith("data_"):
                     data[o.field] = v
                 elif o.sweep_item is not None:
-                    sweeps[o.field] = parse_list(v, o.sweep_item, o.decls[0]) if v is not None else [None]
+                    sweeps[o.field] = o.sweep_values(v)
                 else:
                     values[o.field] = o.convert(v) if o.convert else v
             if data_cls is not None:

@@ -265,6 +265,7 @@ class TrainingRun:
                 "rerun with the original options to continue it, or pass --overwrite to start over"
             )
         check_d_in(sae_cfg, getattr(acts, "d_source", acts.d_model), f"layer {cfg.layer} of model {cfg.model!r} in {st.url}")
+        meta["config"] = identity  # the checkpoint's, with any field added since at the value it used
         run = cls(st, cfg, name, acts, split, stream, device, SAE(sae_cfg), meta, eval_x)
         run.sae.load_state_dict({k_[4:]: v.to(device) for k_, v in tensors.items() if k_.startswith("sae.")})
         restore_optimizer(run.opt, tensors)
@@ -311,7 +312,7 @@ class TrainingRun:
                 self.history[-1]["curve"] = self._curve_point(self.history[-1])
 
     def checkpoint(self) -> None:
-        self.meta.update(step=self.step, history=self.history, threshold_ema=self.thr_ema, config=run_identity(self.cfg))
+        self.meta.update(step=self.step, history=self.history, threshold_ema=self.thr_ema)  # config: the identity
         _save_checkpoint(self.st, self.name, self.sae, self.opt, self.tracker, self.meta)
 
     def loop(self, progress: bool, on_step: Callable[[int, dict[str, Any]], None] | None) -> float:
