@@ -81,7 +81,7 @@ def in_memory(store: str, res, batch: int, steps: int) -> float:
 
 
 def rss_runs(sizes: list[int], threads: int) -> list[dict]:
-    from actstore.store.synthetic import planted_crosscoder, write_crosscoder_store
+    from actstore.testing.synthetic import planted_crosscoder, write_crosscoder_store
 
     out = []
     pc = planted_crosscoder(d=384, n_shared=256, n_a_only=64, n_b_only=64, n_weak_a=64, k_active=16, seed=0)

@@ -23,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def synth_store(path: Path, rows: int, d: int) -> str:
-    from actstore.store.synthetic import planted_dictionary, write_synthetic_store
+    from actstore.testing.synthetic import planted_dictionary, write_synthetic_store
 
     pd = planted_dictionary(d, 4 * d, 8, seed=1)
     write_synthetic_store(str(path), pd.rows(rows, block=16384), rows, d, sample_len=128, chunk_rows=4096)

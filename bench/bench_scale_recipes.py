@@ -94,7 +94,7 @@ def step_rate(cfg: Any, x: np.ndarray, steps: int = 40) -> float:
 
 
 def synthetic_store(path: Path, n_rows: int, d: int) -> None:
-    from actstore.store.synthetic import planted_dictionary, write_synthetic_store
+    from actstore.testing.synthetic import planted_dictionary, write_synthetic_store
 
     pd = planted_dictionary(d, 4096, 32, seed=7, zipf=0.7, noise=0.05)
     write_synthetic_store(str(path), pd.rows(n_rows), n_rows, d, model="synth", layer=0, sample_len=128)

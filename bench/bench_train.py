@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def synth_store(path: Path, rows: int, d: int) -> str:
-    from actstore.store.synthetic import planted_dictionary, write_synthetic_store
+    from actstore.testing.synthetic import planted_dictionary, write_synthetic_store
 
     if not (path / "zarr.json").exists():
         pd = planted_dictionary(d, 4 * d, 8, seed=1)

@@ -181,3 +181,40 @@ def test_config_modules_and_the_cli_import_no_heavy_library():
     code = f"import sys, actstore.cli; print([m for m in {heavy!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------- imports point left
+LAYERS = ("format", "storage", "cluster", "data", "models", "store", "sae", "encoding", "query", "analysis", "browse",
+          "paper", "cli", "testing")  # fmt: skip
+"""The rooms from the bottom (docs/ARCHITECTURE.md): a package imports only packages to its left. ``testing`` (planted
+stores for tests and benchmarks) sits above everything; nothing in the library imports it."""
+BASE = {"actstore.errors", "actstore.version", "actstore.clock", "actstore.fields"}
+"""Top-level modules every package may import."""
+
+
+def layer_of(mod: str) -> int | None:
+    """The index in LAYERS of a module's room (None: the base modules and the lazy facade ``actstore``)."""
+    parts = mod.split(".")
+    if mod in BASE or len(parts) < 2:
+        return None
+    return LAYERS.index(parts[1])
+
+
+def rightward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{mod} -> {t}" for mod, targets in graph.items() for t in targets
+                  if layer_of(mod) is not None and layer_of(t) is not None and layer_of(t) > layer_of(mod))  # fmt: skip
+
+
+def test_every_module_is_in_a_named_room():
+    unknown = [m for m in import_graph() if m not in BASE and m != "actstore" and m.split(".")[1] not in LAYERS]
+    assert not unknown, f"modules outside the rooms of docs/ARCHITECTURE.md: {unknown}"
+
+
+def test_a_package_imports_only_packages_to_its_left():
+    bad = rightward_imports(import_graph())
+    assert not bad, "imports that point right (up the data flow):\n" + "\n".join(bad)
+
+
+def test_the_direction_check_sees_an_import_to_the_right():
+    assert rightward_imports({"actstore.store.reader": {"actstore.sae.model"}}) == ["actstore.store.reader -> actstore.sae.model"]
+    assert rightward_imports({"actstore.sae.model": {"actstore.store.reader", "actstore.errors"}}) == []

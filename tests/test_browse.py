@@ -230,7 +230,7 @@ def test_dashboard_static_export(browse_store, tmp_path):
     assert r.exit_code != 0 and "not encoded" in r.output
     # the report links into its own copy of the feature pages
     from actstore.analysis.config import ReportConfig
-    from actstore.analysis.report import build_report
+    from actstore.paper.report import build_report
 
     rep = build_report(st, ReportConfig(out=str(tmp_path / "rep"), models=("tiny", "other"), top_features=2))
     linked = re.findall(r"href='(feature-pages/s/feature-\d+\.html)'", Path(rep.html).read_text())

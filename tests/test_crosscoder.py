@@ -27,7 +27,7 @@ from actstore.sae.files import load_sae
 from actstore.sae.train import train_sae
 from actstore.store.aligned import stacked_activations
 from actstore.store.config import Source, parse_sources
-from actstore.store.synthetic import planted_crosscoder, write_crosscoder_store
+from actstore.testing.synthetic import planted_crosscoder, write_crosscoder_store
 
 EXPECTED = {"shared": "shared", "a_only": "a-only", "b_only": "b-only", "weak_a": "changed"}
 """The class a planted atom's latent should get: weak-in-A atoms are in both models, with another weight in A."""
@@ -308,8 +308,8 @@ def test_cli_crosscoder_on_real_models(two_model_cc_store):
     assert r.exit_code != 0 and "crosscoder" in r.output
     # token views: a latent as each model sees it, its activation times its decoder norm there
     from actstore.analysis.config import ReportConfig, ShowConfig
-    from actstore.analysis.report import report
     from actstore.analysis.show import token_views
+    from actstore.paper.report import report
 
     st = actstore.open_store(path)
     sid = st.samples()["id"][0]

@@ -14,9 +14,9 @@ from click.testing import CliRunner
 import actstore
 from actstore import open_store
 from actstore.analysis.config import DemoConfig
-from actstore.analysis.demo import default_sae_layers, run_demo
 from actstore.cli import main
 from actstore.errors import ConfigError
+from actstore.paper.demo import default_sae_layers, run_demo
 
 
 def test_default_sae_layers_follow_the_paper() -> None:

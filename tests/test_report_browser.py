@@ -41,10 +41,10 @@ def report_page(tmp_path_factory, tiny_store_ro, tiny_bert_dir, corpus_file) -> 
     """A report of two models with token views side by side and wide tables."""
     import actstore
     from actstore.analysis.config import ReportConfig
-    from actstore.analysis.report import build_report
     from actstore.data.corpora import DataConfig
     from actstore.encoding.config import EncodeConfig
     from actstore.encoding.encode import encode
+    from actstore.paper.report import build_report
     from actstore.sae.config import TrainConfig
     from actstore.sae.train import train_sae
     from actstore.store.config import ExtractConfig

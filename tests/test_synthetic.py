@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from actstore.store.synthetic import firing_probabilities, planted_dictionary, zipf_codes
+from actstore.testing.synthetic import firing_probabilities, planted_dictionary, zipf_codes
 
 
 def test_firing_probabilities_follow_zipf_and_sum_to_the_mean():

@@ -21,7 +21,7 @@ from actstore.errors import ConfigError, NotFoundError
 from actstore.sae.config import TrainConfig
 from actstore.sae.stream import ShuffledStream, split_rows, split_sample_rows
 from actstore.sae.train import train_sae
-from actstore.store.synthetic import planted_dictionary, write_synthetic_store
+from actstore.testing.synthetic import planted_dictionary, write_synthetic_store
 
 FAST = dict(batch_size=64, device="cpu", eval_fraction=0.1)
 

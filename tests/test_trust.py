@@ -435,10 +435,10 @@ def test_finished_finetune_is_not_redone(tiny_bert_dir, tmp_path):
 
 def test_output_folders_have_one_writer(tiny_store_ro, tiny_bert_dir, tmp_path):
     from actstore.analysis.config import ReportConfig
-    from actstore.analysis.report import build_report
     from actstore.data.corpora import DataConfig
     from actstore.models.config import FinetuneConfig
     from actstore.models.finetune import finetune
+    from actstore.paper.report import build_report
     from actstore.storage.locks import output_lock
 
     out = tmp_path / "busy"

@@ -189,7 +189,7 @@ def diff_features(store: str, storage_options: tuple[str, ...], saes: tuple[str,
 @click.option("--writable", is_flag=True, help="Save computed feature diffs into a store given by URL (local stores: always).")
 def report(store: str, storage_options: tuple[str, ...], cfg: ReportConfig, writable: bool) -> None:
     """Write an HTML report of STORE: fine-tune reports, similarity, SAE metrics, top features, token views, feature diff."""
-    from actstore.analysis.report import report as run
+    from actstore.paper.report import report as run
 
     res = run(store, cfg, parse_storage_options(storage_options), writable=write_access(store, writable))
     for note in res.notes:
@@ -203,7 +203,7 @@ def report(store: str, storage_options: tuple[str, ...], cfg: ReportConfig, writ
 @quiet_option
 def demo(cfg: DemoConfig, quiet: bool) -> None:
     """Run the paper end to end on bundled MiniLM + BBC News: fine-tune, extract, SAEs, encode, compare, report."""
-    from actstore.analysis.demo import run_demo
+    from actstore.paper.demo import run_demo
 
     res = run_demo(cfg, progress=not quiet, log=click.echo)
     times = ", ".join(f"{k} {v:.0f}s" for k, v in res.seconds.items())

@@ -176,7 +176,7 @@ class _Demo:
 
     def report(self) -> str:
         from actstore.analysis.config import ReportConfig
-        from actstore.analysis.report import build_report
+        from actstore.paper.report import build_report
         from actstore.store.reader import open_store
 
         q = shlex.quote
