@@ -20,6 +20,7 @@ setup: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check actstore tests bench
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q tests
 
 demo: $(STAMP)
@@ -28,6 +29,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check actstore tests bench
 	$(BIN)/ruff format --check actstore tests bench
+	$(BIN)/mypy
 
 format: $(STAMP)
 	$(BIN)/ruff format actstore tests bench

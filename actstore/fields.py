@@ -48,6 +48,12 @@ def opt(
     return dataclasses.field(default=default, metadata=meta, kw_only=kw_only)
 
 
+def cli(**kw: Any) -> dict[str, Any]:
+    """The metadata of a required field with option settings (those of :func:`opt`):
+    ``format: str = field(metadata=cli(choices=FORMATS))``, a plain ``field`` as type checkers read dataclasses."""
+    return dict(opt(**kw).metadata)
+
+
 def settings(f: dataclasses.Field) -> dict[str, Any]:
     """A field's option settings (those of :func:`opt`, or the defaults for a plain field)."""
     base = {"choices": None, "names": (), "flag": None, "metavar": None, "resolved": dataclasses.MISSING, "shown": None,

@@ -139,7 +139,7 @@ def field_option(cls: type, f: dataclasses.Field, shown_override: Any = dataclas
     if f.default_factory is not dataclasses.MISSING:
         default = f.default_factory()
     required = required or default is dataclasses.MISSING
-    typ = _base_type(f.type)  # type: ignore[arg-type]
+    typ = _base_type(f.type)
     kw: dict[str, Any] = {"help": doc}
     out = FieldOption(f.name, f.name, tuple(names), kw)
     shown = s["resolved"] if default is None or required else default
@@ -169,7 +169,7 @@ def field_option(cls: type, f: dataclasses.Field, shown_override: Any = dataclas
         if not required:
             kw["default"] = None if default is None else str(default)
     elif s["multiple"]:
-        kw.update(multiple=True, required=required, default=None if required else tuple(default or ()))
+        kw.update(multiple=True, required=required, default=None if required else tuple(default or ()))  # type: ignore[arg-type]
         out.convert = lambda v: list(v) if v else ([] if default is not None else None)
     elif typ in _SCALARS:
         kw["type"] = _SCALARS[typ]
@@ -218,7 +218,7 @@ def data_options(data_cls: type) -> list[FieldOption]:
     out = [FieldOption("source", "data_source", ("--data",), {"required": True, "help": docs["source"]})]
     for name in DATA_FIELDS[1:]:
         f = fields[name]
-        typ = _base_type(f.type)  # type: ignore[arg-type]
+        typ = _base_type(f.type)
         kw: dict[str, Any] = {"default": None, "help": docs[name]}
         if typ in _SCALARS:
             kw["type"] = _SCALARS[typ]
@@ -253,7 +253,7 @@ def configured(
     for f in dataclasses.fields(cls):
         if f.name in skip or f.name in (fixed or {}) or not settings(f)["cli"]:
             continue
-        if _base_type(f.type) == "DataConfig":  # type: ignore[arg-type]
+        if _base_type(f.type) == "DataConfig":
             from actstore.data.corpora import DataConfig
 
             data_cls = DataConfig
@@ -293,9 +293,10 @@ def configured(
                 return built
             return fn(*args, **{name: built}, **kwargs)
 
+        command: Any = wrapper
         for o in reversed(opts):
-            wrapper = o.option()(wrapper)
-        wrapper.field_options = opts  # type: ignore[attr-defined]
-        return wrapper
+            command = o.option()(command)
+        command.field_options = opts  # the tests read what each option maps to
+        return command
 
     return deco

@@ -140,7 +140,7 @@ def _raw_rows(source: str) -> Iterator[dict[str, Any]]:
                 yield from batch.to_pylist()
         return
     raw = _open_binary(source)
-    stream: io.BufferedIOBase = gzip.GzipFile(fileobj=raw) if source.lower().endswith(".gz") else raw  # type: ignore[assignment]
+    stream: Any = gzip.GzipFile(fileobj=raw) if source.lower().endswith(".gz") else raw  # a GzipFile or the raw stream
     with raw, io.TextIOWrapper(stream, encoding="utf-8", errors="replace", newline="") as text:
         if fmt == "csv":
             csv.field_size_limit(1 << 30)
@@ -332,7 +332,8 @@ def data_config(
     fields not given, else :class:`DataConfig`'s defaults do. A value given always wins, even one equal to a default."""
     if isinstance(labels, str):
         labels = tuple(x.strip() for x in labels.split(",") if x.strip()) or None
-    given = {"text_field": text_field, "label_field": label_field, "id_field": id_field, "limit": limit, "labels": labels}
+    given: dict[str, Any] = {"text_field": text_field, "label_field": label_field, "id_field": id_field, "limit": limit,
+                             "labels": labels}  # fmt: skip
     given = {k: v for k, v in given.items() if v is not None}
     if source.startswith("recipe:") or source.endswith(".recipe.json"):
         return replace(load_recipe(source), **given)

@@ -26,6 +26,8 @@ import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 from zarr.core.buffer import default_buffer_prototype
+from zarr.core.chunk_grids import RegularChunkGrid
+from zarr.core.metadata import ArrayV3Metadata
 from zarr.core.sync import sync
 
 MISSING = np.uint64(2**64 - 1)
@@ -72,7 +74,9 @@ class ChunkWriter:
         an object (its buffers one after the other) at a key of the store's root (default: through the array's Zarr
         store)."""
         meta = arr.metadata
-        if len(arr.shape) != 2 or getattr(meta, "zarr_format", 2) != 3 or meta.fill_value != 0:
+        if len(arr.shape) != 2 or not isinstance(meta, ArrayV3Metadata) or meta.fill_value != 0:
+            return None
+        if not isinstance(meta.chunk_grid, RegularChunkGrid):
             return None
         if (
             getattr(meta.chunk_key_encoding, "separator", None) != "/"

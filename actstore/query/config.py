@@ -1,9 +1,9 @@
 """The query stage's choices and defaults, in a module light enough for the CLI to build its options from."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from actstore.errors import ConfigError
-from actstore.fields import opt
+from actstore.fields import cli, opt
 
 RANK_BY = ("variance", "frequency", "label-association")
 """How ``top_features`` ranks: activation variance over all tokens (the paper's choice), firing frequency, or label
@@ -25,7 +25,7 @@ class FeatureExportConfig:
 
     sae: str
     """Name of the encoded SAE."""
-    format: str = opt(choices=FEATURE_EXPORT_FORMATS)
+    format: str = field(metadata=cli(choices=FEATURE_EXPORT_FORMATS))
     """delphi: its latent cache (safetensors per latent range); neuronpedia: batch-N.json dashboards."""
     out: str
     """Folder to write (created; files of an earlier export are replaced)."""

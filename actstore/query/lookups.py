@@ -42,7 +42,7 @@ class TokenContext:
         self.label = smp["label"].to_numpy()  # (n_samples,) object (None where unlabelled)
         if store.loc.exists(layout.vocab_file(tk.key)):  # the tokenizer's whole vocabulary
             v = tk.read_parquet([layout.vocab_file(tk.key)], ["token_id", "token"])
-            self.vocab = np.empty(int(v["token_id"].max()) + 1, dtype=object)
+            self.vocab = np.empty(int(v["token_id"].to_numpy().max()) + 1, dtype=object)
             self.vocab[v["token_id"].to_numpy()] = v["token"].to_numpy()
         else:  # stores written before vocab.parquet existed: derive it from the tokens table
             from actstore.storage.integrity import check_files
@@ -145,7 +145,7 @@ def top_rows(store: Store, t: FeatureTable, feature: int, n: int | None) -> dict
     step = len(groups) if n is None else 1  # all of them: one read; the top n: group by group until n are found
     for i in range(0, len(groups), max(step, 1)):
         # through polars: pyarrow's to_numpy imports pandas (half a second of CPU in a fresh process)
-        tab = pl.from_arrow(pf.read_row_groups(groups[i : i + max(step, 1)], columns=["row", "feature", "value"]))
+        tab = pl.DataFrame(pl.from_arrow(pf.read_row_groups(groups[i : i + max(step, 1)], columns=["row", "feature", "value"])))
         feat, row, value = (tab[c].to_numpy() for c in ("feature", "row", "value"))
         keep = feat == feature
         rows.append(row[keep])

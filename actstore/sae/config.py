@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from actstore.errors import ConfigError, IntegrityError
-from actstore.fields import opt
+from actstore.fields import cli, opt
 from actstore.store.config import Source, parse_sources
 
 TRAIN_ARCHS = ("relu-l1", "topk", "batchtopk")
@@ -278,9 +278,9 @@ unfinished run from before them resumes with ``--b-dec-init mean --no-unit-grad`
 class TrainConfig:
     """Everything one ``actstore train`` run needs (saved in the SAE's cfg.json as ``training``)."""
 
-    model: str = opt(names=("--model", "--models"), sweep=True)
+    model: str = field(metadata=cli(names=("--model", "--models"), sweep=True))
     """Store key of the model whose activations to train on."""
-    layer: int = opt(names=("--layer", "--layers"), sweep=True, metavar="LAYER[,LAYER...]")
+    layer: int = field(metadata=cli(names=("--layer", "--layers"), sweep=True, metavar="LAYER[,LAYER...]"))
     """Layer (hidden_states index) to train on."""
     models: str | None = None
     """Crosscoder: models read together (comma separated, row-aligned), every one at ``layer`` or one per ``layers``."""
@@ -502,7 +502,7 @@ class ImportConfig:
 
     path: str
     """Local folder holding cfg.json and the safetensors weights."""
-    format: str = opt(choices=IMPORT_FORMATS)
+    format: str = field(metadata=cli(choices=IMPORT_FORMATS))
     """saelens: cfg.json + sae_weights.safetensors; sparsify: cfg.json + sae.safetensors (one hook point)."""
     model: str | None = None
     """Store key of the model it reads (default: the store's only model)."""

@@ -96,6 +96,12 @@ class Reconstruction(NamedTuple):
 class SAE(nn.Module):
     """A sparse autoencoder; see the module docstring for the architectures."""
 
+    threshold: torch.Tensor
+    """jumprelu: per-feature thresholds ``(d_sae,)``; batchtopk: the inference threshold ``()``."""
+    scale: torch.Tensor
+    """Input scale to mean squared norm d_in: ``()``, or ``(n_sources * d_in,)`` for a crosscoder (each source's
+    columns its own)."""
+
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -186,17 +192,17 @@ class SAE(nn.Module):
         keeps pre-activations above the learned threshold (per-token top-k if
         no threshold was learned).
         """
-        arch, k = self.cfg.arch, self.cfg.k
+        arch, k = self.cfg.arch, int(self.cfg.k or 0)  # topk, batchtopk: checked positive by SAEConfig
         if arch == "relu-l1":
             return torch.relu(pre)
         if arch == "jumprelu":
             return torch.where(pre > self.threshold, torch.relu(pre), torch.zeros_like(pre))
         if arch == "topk" or (arch == "batchtopk" and not train and float(self.threshold) <= 0):
-            vals, idx = pre.topk(int(k), dim=-1)  # type: ignore[arg-type]
+            vals, idx = pre.topk(k, dim=-1)
             return torch.zeros_like(pre).scatter_(-1, idx, torch.relu(vals))
         if train:  # batchtopk: top k*n over the whole batch
             flat = torch.relu(pre).flatten()
-            n_keep = min(int(k) * pre.shape[0], flat.numel())  # type: ignore[operator]
+            n_keep = min(k * pre.shape[0], flat.numel())
             vals, idx = flat.topk(n_keep, sorted=False)
             return torch.zeros_like(flat).scatter_(0, idx, vals).view_as(pre)
         return torch.where(pre > self.threshold, pre, torch.zeros_like(pre))

@@ -52,7 +52,7 @@ def sha256(data: bytes) -> str:
 # ---------------------------------------------------------------- chunks
 def _codec_names(codecs: list[Any]) -> list[str]:
     """The names of a Zarr v3 codec list (each a ``{"name": ...}`` object or a bare name)."""
-    return [c.get("name") if isinstance(c, dict) else c for c in codecs]
+    return [str(c.get("name")) if isinstance(c, dict) else str(c) for c in codecs]
 
 
 @dataclass

@@ -436,7 +436,7 @@ class Location:
         if self.local:
             return pl.read_parquet([self.join(k) for k in keys], columns=columns)
         paths = [self.fs_path(k) for k in keys]
-        return pl.from_arrow(pq.read_table(paths, filesystem=self.read_only_fs(), columns=columns))  # type: ignore[return-value]
+        return pl.DataFrame(pl.from_arrow(pq.read_table(paths, filesystem=self.read_only_fs(), columns=columns)))
 
 
 def _read_only_filesystem_class() -> type:
@@ -496,7 +496,7 @@ def _read_only_filesystem_class() -> type:
         def modified(self, path: str) -> Any:
             return self.inner.modified(path)
 
-        def _strip_protocol(self, path: str) -> str:  # type: ignore[override]
+        def _strip_protocol(self, path: str) -> str:
             return self.inner._strip_protocol(path)
 
     return _ReadOnlyFileSystem

@@ -4,12 +4,12 @@ Torch-free, so the CLI builds its options (defaults, choices, help) from these f
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
 from actstore.data.corpora import DataConfig
 from actstore.errors import ConfigError
-from actstore.fields import opt
+from actstore.fields import cli, opt
 from actstore.format import codecs
 from actstore.models.names import MODEL_DTYPES, sanitize_key
 
@@ -56,7 +56,7 @@ class ExtractConfig:
     """Hugging Face id, local directory, or bundled:minilm / bundled:minilm-sre."""
     data: DataConfig
     """The corpus and its fields."""
-    layers: list[int] | str = opt(metavar="LAYERS")
+    layers: list[int] | str = field(metadata=cli(metavar="LAYERS"))
     """hidden_states indices to store: 2,4,6 or 0-6 or 'all' (0 = the embeddings)."""
     name: str | None = None
     """Store key for the model (default: derived from the model name)."""

@@ -139,9 +139,9 @@ def layer_arrays(
             inner_rows=inner or None,
         )  # fmt: skip
         if inner:  # format 2: one shard object per chunk_rows rows, inner chunks of ``inner`` rows, each crc32c'd
-            grid = {"shards": (chunk_rows, d_model), "chunks": (inner, d_model)}
+            grid: dict[str, Any] = {"shards": (chunk_rows, d_model), "chunks": (inner, d_model)}
             # the per-token scales: one shard per unit (written whole with it), one inner chunk per chunk_rows
-            scale_grid = {"shards": (unit_rows,), "chunks": (chunk_rows,)}
+            scale_grid: dict[str, Any] = {"shards": (unit_rows,), "chunks": (chunk_rows,)}
         else:  # format 1 (or --inner-rows 0): one object per chunk
             grid, scale_grid = {"chunks": (chunk_rows, d_model)}, {"chunks": (chunk_rows,)}
         arr = root.create_array(
@@ -242,7 +242,7 @@ def _extract(
     # with Ray the driver runs on the CPU: "auto" means bf16 only where --device says CUDA (see docs/SCALING.md)
     dtype = resolve_dtype(cfg.dtype, device if ray_address is None else (cfg.device if cfg.device != "auto" else "cpu"))
     loaded = load_model(cfg.model, device, dtype)
-    layers = list(range(loaded.n_layers + 1)) if cfg.layers == "all" else list(cfg.layers)
+    layers: list[int] = list(range(loaded.n_layers + 1)) if cfg.layers == "all" else [int(v) for v in cfg.layers]
     check_layers(loaded, layers)
     if cfg.window is None and cfg.max_length is not None and cfg.max_length > loaded.position_limit:
         raise ConfigError(f"--max-length {cfg.max_length} exceeds what {cfg.model} accepts ({loaded.position_limit})")

@@ -238,9 +238,10 @@ class UnitIndex:
         tok = zarr.open_group(loc.zarr_store, path=layout.tokenization_dir(tk), mode="r")
         attrs = TokenizationAttrs.read(tok, f"tokenization {tk} of store {loc.url}")
         self.window, self.stride = attrs.window, attrs.stride
-        self.first_row = np.asarray(tok["sample_first_row"][:], dtype=np.int64)  # (n_samples,)
-        self.n_tok = np.asarray(tok["sample_n_tokens"][:], dtype=np.int64)  # (n_samples,)
-        self.token_id = tok["token_id"]
+        array = lambda name: zarr.open_array(loc.zarr_store, path=layout.token_array(tk, name), mode="r")  # noqa: E731
+        self.first_row = np.asarray(array("sample_first_row")[:], dtype=np.int64)  # (n_samples,)
+        self.n_tok = np.asarray(array("sample_n_tokens")[:], dtype=np.int64)  # (n_samples,)
+        self.token_id = array("token_id")
         self.n_rows, self.unit_rows = n_rows, unit_rows
 
     def bounds(self, start: int) -> Iterator[tuple[int, int]]:

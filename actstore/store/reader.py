@@ -182,7 +182,7 @@ class Activations:
             scale = self._scale[start:stop] if self._scale is not None else None
         except Exception as exc:
             raise self._read_error(start, stop, exc) from None
-        return codecs.decode(vals, scale, self.codec, self._chan)
+        return codecs.decode(np.asarray(vals), None if scale is None else np.asarray(scale), self.codec, self._chan)
 
     def completed_ranges(self) -> list[tuple[int, int]]:
         """Every completed row range ``[(start, stop), ...]``, sorted: the committed prefix, and in a format-3 array
@@ -219,7 +219,7 @@ class Activations:
             scale = self._scale.get_orthogonal_selection(rows) if self._scale is not None else None
         except Exception as exc:
             raise self._read_error(int(rows.min()), int(rows.max()) + 1, exc) from None
-        return codecs.decode(vals, scale, self.codec, self._chan)
+        return codecs.decode(np.asarray(vals), None if scale is None else np.asarray(scale), self.codec, self._chan)
 
     def iter_chunks(
         self, start: int = 0, stop: int | None = None, rows: int | None = None, prefetch: int = 2, fetchers: int | None = None

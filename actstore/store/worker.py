@@ -101,7 +101,7 @@ class ExtractJob:
         """Formats 1-2: each layer's committed prefix (:func:`prefix_rows`)."""
         return {
             layer: prefix_rows(zarr.open_array(loc.zarr_store, path=layout.layer_array(self.model_key, layer), mode="r"),
-                               self.unit_rows, self.n_rows)
+                               self.unit_rows, loc.url)
             for layer in self.layers
         }  # fmt: skip
 
