@@ -46,5 +46,3 @@ def sweep_configs(base: TrainConfig, models: list[str], layers: list[int], d_sae
     data_seed = base.data_seed if base.data_seed is not None or len(seeds or []) < 2 else (seeds or [0])[0]
     return [dataclasses.replace(base, model=m, layer=layer, d_sae=d, k=k, lr=lr, seed=sd, data_seed=data_seed)
             for m, layer, d, k, lr, sd in combos]  # fmt: skip
-
-

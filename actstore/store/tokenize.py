@@ -219,8 +219,14 @@ def _tokenize_corpus(
         vocab = pa.table({"token_id": pa.array(vocab_ids, pa.int32()), "token": pa.array(tok.convert_ids_to_tokens(vocab_ids))})
         pq.write_table(vocab, f, compression="zstd")
     dataclasses.replace(
-        base, n_tokens=w.n_tokens, n_samples=w.n_samples, n_truncated=w.n_truncated, parts=w.parts,
-        data_report=corpus.report.to_dict(), complete=True, completed=now(),
+        base,
+        n_tokens=w.n_tokens,
+        n_samples=w.n_samples,
+        n_truncated=w.n_truncated,
+        parts=w.parts,
+        data_report=corpus.report.to_dict(),
+        complete=True,
+        completed=now(),
     ).write(grp)
 
 
