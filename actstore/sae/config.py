@@ -137,9 +137,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 DEFAULT_EXPANSION = 4.0
 DEFAULT_LR = 5e-4
 RELU_L1_LR = 1e-3
-"""Adam's default for relu-l1 SAEs (not crosscoders). Measured on MiniLM layer 4 over IMDb, 5 epochs, d_sae 1536
-(docs/BENCHMARKS.md, issue 10): at lambda 0.01 held-out FVU 0.355 at L0 56 with 5e-4, 0.318 at L0 33 with 1e-3
-(SAELens's standard SAE at its 3e-4: 0.338 at L0 62); at lambda 0.03, 0.711 at L0 34 vs 0.658 at L0 21."""
+"""Adam's default for relu-l1 SAEs (not crosscoders): lower FVU at lower L0 than 5e-4 at every lambda tried
+(docs/TRAINING.md)."""
 DEFAULT_EPOCHS = 3
 DEFAULT_K = 32
 DEFAULT_L1 = 1e-3
@@ -149,11 +148,10 @@ OPTIMIZERS = ("signum", "adam")
 
 
 def default_optimizer(arch: str, crosscoder: bool = False) -> str:
-    """Adam for SAEs of every architecture; signum for topk / batchtopk crosscoders. Measured across token budgets on
-    MiniLM layer 6 over IMDb (docs/TRAINING.md, issue 28): sparsify's signum, the default while runs were 0.3M tokens,
-    gets worse with more data (held-out FVU 0.348 at 0.2M tokens -> 0.452 at 2M, 35% of latents never firing) where
-    Adam with :func:`adam_lr` and its decay improves (0.287 -> 0.220, <= 2.4% never firing). Crosscoders keep
-    signum (not measured across budgets); relu-l1's L1 recipes (the paper's, SAELens's) are tuned for Adam."""
+    """Adam for SAEs of every architecture; signum for topk / batchtopk crosscoders. sparsify's signum gets worse with
+    more data where Adam with :func:`adam_lr` and its decay keeps improving (docs/TRAINING.md, "The default across
+    scales"). Crosscoders keep signum (not measured across budgets); relu-l1's L1 recipes (the paper's, SAELens's)
+    are tuned for Adam."""
     return "signum" if crosscoder and arch != "relu-l1" else "adam"
 
 
@@ -170,9 +168,8 @@ def ramp(step: int, warm_steps: float) -> float:
 
 def adam_lr(tokens: int) -> float:
     """The default Adam learning rate of a topk / batchtopk SAE trained on ``tokens`` tokens:
-    ``1e-3 * (tokens / 2M) ** -0.3`` within [2e-4, 4e-3]. Short runs want larger steps, long ones smaller: on MiniLM
-    layer 6 over IMDb (d_sae 3072, k 32, decay over the last 20%) 2e-3 was the best of 5e-4 / 1e-3 / 2e-3 at 0.2M
-    tokens (FVU 0.287) and 1e-3 at 2M (0.220; 2e-3 left 10% of latents never firing); docs/TRAINING.md."""
+    ``1e-3 * (tokens / 2M) ** -0.3`` within [2e-4, 4e-3]. Short runs want larger steps, long ones smaller (the best
+    of three rates at 0.2M and at 2M tokens: docs/TRAINING.md)."""
     lo, hi = ADAM_LR_RANGE
     return min(hi, max(lo, ADAM_LR_AT_2M * (max(tokens, 1) / 2e6) ** -ADAM_LR_EXPONENT))
 
@@ -183,9 +180,8 @@ DEFAULT_LR_DECAY = 0.2
 
 def default_lr_schedule(arch: str, optimizer: str, crosscoder: bool) -> tuple[float, float]:
     """``(lr_warmup, lr_decay)``: no warm-up and a linear decay to 0 over the last 20% for Adam on topk / batchtopk
-    SAEs (at 2M tokens on MiniLM layer 6: held-out FVU 0.228 at a constant 1e-3 -> 0.220 with the decay; a 5% warm-up
-    cost 0.002-0.004 at 0.2M and 2M tokens, though it left fewer latents never firing: 0.2% vs 2.3%); none otherwise
-    (relu-l1's and signum's recipes were measured without)."""
+    SAEs (the decay lowered FVU; a warm-up cost a little FVU for fewer never-firing latents: docs/TRAINING.md); none
+    otherwise (relu-l1's and signum's recipes were measured without)."""
     if optimizer == "adam" and arch != "relu-l1" and not crosscoder:
         return DEFAULT_LR_WARMUP, DEFAULT_LR_DECAY
     return 0.0, 0.0
@@ -201,17 +197,15 @@ def relu_sae(arch: str, crosscoder: bool) -> bool:
 
 
 def default_b_dec_init(arch: str, crosscoder: bool) -> str:
-    """zeros for relu-l1 SAEs (as SAELens's standard SAE), mean otherwise (as sparsify). Measured on MiniLM layer 4 over
-    IMDb, d_sae 1536, 5 epochs (docs/BENCHMARKS.md, issue 10): with the unit gradient below, zeros leave no feature dead
-    at lambda 0.03 where the mean left 10%."""
+    """zeros for relu-l1 SAEs (as SAELens's standard SAE: with the unit gradient below, fewer dead features), mean
+    otherwise (as sparsify). Measured: docs/benchmarks/LOG.md, "Issue 10"."""
     return "zeros" if relu_sae(arch, crosscoder) else "mean"
 
 
 def default_unit_grad(arch: str, crosscoder: bool) -> bool:
     """True for relu-l1 SAEs: each step's gradient rescaled to norm 1 before Adam. SAELens clips at norm 1 a loss
-    summed over d_in (on raw inputs), so its clip acts on every step; actstore's mean-MSE gradients are ~0.01-0.05, so
-    a clip at 1 never acted. Measured on MiniLM layer 4 over IMDb, d_sae 1536, 5 epochs: held-out FVU at lambda 0.01
-    0.318 at L0 33 -> 0.286 at L0 25, at lambda 0.03 0.658 at L0 21 -> 0.552 at L0 12 (docs/BENCHMARKS.md)."""
+    summed over d_in (on raw inputs), so its clip acts on every step; actstore's mean-MSE gradients are far below 1,
+    so a clip at 1 never acted. It moved relu-l1 onto SAELens's FVU-L0 frontier (docs/benchmarks/LOG.md)."""
     return relu_sae(arch, crosscoder)
 
 
@@ -220,9 +214,8 @@ DECODER_INITS = ("data", "random")
 
 
 def default_init(arch: str, crosscoder: bool) -> str:
-    """data for topk / batchtopk SAEs: measured on MiniLM layer 4 over IMDb at equal tokens, held-out FVU 0.196 ->
-    0.189 (docs/BENCHMARKS.md, issue 10); random for relu-l1 (SAELens's 0.1-norm init, measured against it) and
-    crosscoders (not measured)."""
+    """data for topk / batchtopk SAEs (lower FVU at equal tokens: docs/benchmarks/LOG.md); random for relu-l1
+    (SAELens's 0.1-norm init, measured against it) and crosscoders (not measured)."""
     return "data" if arch in ("topk", "batchtopk") and not crosscoder else "random"
 
 

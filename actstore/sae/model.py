@@ -62,26 +62,21 @@ class SAEOutput(NamedTuple):
 
 TOPK_ENCODER_INIT = 0.5
 """topk / batchtopk: the encoder starts as the decoder's transpose times this. Sign descent moves every weight by
-the same step, so a smaller encoder lets the first steps reshape it; measured on MiniLM layer 4 (docs/BENCHMARKS.md,
-issue 10): held-out FVU 0.202 at 1.0, 0.196 at 0.6 and 0.25 (but planted batchtopk atoms found drop to 91%
-at 0.25 from 97% at 0.5); sparsify's ``nn.Linear`` encoder starts at
-about 0.4 of its unit decoder rows on this data."""
+the same step, so a smaller encoder lets the first steps reshape it (sparsify's ``nn.Linear`` encoder starts near
+0.4 of its unit decoder rows); 0.5 kept the planted atoms a smaller one lost. Measured: docs/benchmarks/LOG.md,
+"Issue 10"."""
 
 
 DATA_INIT_ENCODER = 0.25
-"""topk / batchtopk with ``--init data``: the encoder starts as the decoder's transpose times this. Measured on
-MiniLM layer 4 over IMDb, one epoch (docs/TRAINING.md, issue 10; two seeds): topk held-out FVU 0.188 / 0.189 with
-2.2-2.6% dead latents at 0.25; 0.188 / 0.189 but 8% dead at 0.5 (15% on raw inputs); 0.204 with 20% dead at 1.0;
-batchtopk 0.183 / 0.184 with 1.2-2.0% dead at 0.25, 0.187 with 9% dead at 0.15. Rows taken from tokens start close
-together (many tokens look alike), and a large encoder lets the first winners starve the rest."""
+"""topk / batchtopk with ``--init data``: the encoder starts as the decoder's transpose times this. Rows taken from
+tokens start close together (many tokens look alike), and a large encoder lets the first winners starve the rest;
+0.25 fit as well as larger values with the fewest dead latents (docs/TRAINING.md)."""
 
 
 RELU_DECODER_INIT_NORM = 0.1
 """relu-l1: decoder rows start at this norm (the encoder is their transpose), as SAELens's standard SAE
-(``decoder_init_norm``, after Anthropic's April 2024 update). Measured on MiniLM layer 3 over IMDb, 5 epochs,
-d_sae 1536 (docs/BENCHMARKS.md, issue 10): at lambda 0.01 held-out FVU 0.695 at L0 95 with unit rows, 0.417 at
-L0 77 with 0.1 (SAELens: 0.405 at L0 84); unit rows make every feature expensive under the decoder-norm-weighted
-L1 from the first step."""
+(``decoder_init_norm``, after Anthropic's April 2024 update): unit rows make every feature expensive under the
+decoder-norm-weighted L1 from the first step (docs/benchmarks/LOG.md, "Issue 10")."""
 
 
 class Reconstruction(NamedTuple):

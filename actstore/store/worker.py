@@ -40,7 +40,7 @@ already; computed and queued for writing."""
 GIL_SWITCH_S = 0.0005
 """Python's thread switch interval while a worker runs (its default is 5 ms). The writer threads run many short
 numpy calls; with the default, the forward pass's thread waits up to 5 ms for the GIL between two of torch's ops
-whenever a writer holds it, which slows the forward pass on a CPU it fills (docs/BENCHMARKS.md, issue 29)."""
+whenever a writer holds it, which slows the forward pass on a CPU it fills (docs/benchmarks/LOG.md, "Issue 29")."""
 
 SLOTS = 3
 """Units in flight per worker (being computed, waiting, being written): host slots of ``unit_rows`` rows of every
