@@ -44,7 +44,9 @@ def ray_session(address: str | None) -> Iterator[Any]:
         try:
             ray.init(address=target, include_dashboard=False, log_to_driver=False)
         except (ValueError, ConnectionError, RuntimeError, TimeoutError) as exc:
-            raise ConfigError(f"could not join the Ray cluster at {target}: {str(exc).splitlines()[0][:300]}") from None
+            raise ConfigError(
+                f"could not join the Ray cluster at {target}: {str(exc).splitlines()[0][:300]}"
+            ) from None
     try:
         yield ray
     finally:
@@ -66,12 +68,16 @@ def check_reachable(address: str) -> None:
         return
     client = address.startswith("ray://")
     if client and importlib.util.find_spec("grpc") is None:
-        raise ConfigError(f"--ray {address}: a ray:// address needs Ray's client, which is not installed: "
-                          "pip install 'ray[client]' (or give the cluster's HOST:PORT from inside it)")  # fmt: skip
+        raise ConfigError(
+            f"--ray {address}: a ray:// address needs Ray's client, which is not installed: "
+            "pip install 'ray[client]' (or give the cluster's HOST:PORT from inside it)"
+        )
     hostport = address.removeprefix("ray://").split("/", 1)[0]
     host, sep, port = hostport.rpartition(":")
     if not sep or not port.isascii() or not port.isdigit():
-        raise ConfigError(f"--ray {address}: give the cluster's address as HOST:PORT (or ray://HOST:PORT, or local)")
+        raise ConfigError(
+            f"--ray {address}: give the cluster's address as HOST:PORT (or ray://HOST:PORT, or local)"
+        )
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as exc:
@@ -119,14 +125,21 @@ class ActorPool:
             return
         self.restarts += 1
         if self.restarts > MAX_RESTARTS * len(self.actors):
-            raise ActstoreError(f"Ray workers died {self.restarts} times: see the Ray logs of the cluster (ray status)")
+            raise ActstoreError(
+                f"Ray workers died {self.restarts} times: see the Ray logs of the cluster (ray status)"
+            )
         with contextlib.suppress(Exception):
             self.ray.kill(self.actors[i])
         self.actors[i] = self.make()
         self.generation[i] += 1
 
-    def map(self, method: str, items: list[Any], on_result: Callable[[Any, Any], Any],
-            on_retry: Callable[[Any], Any] | None = None) -> None:  # fmt: skip
+    def map(
+        self,
+        method: str,
+        items: list[Any],
+        on_result: Callable[[Any, Any], Any],
+        on_retry: Callable[[Any], Any] | None = None,
+    ) -> None:
         """Call ``actor.method(item)`` once per item (retried on another actor when its actor died, after
         ``on_retry(item)``: the dead actor may have done part or all of it), calling ``on_result(item, result)`` as
         each finishes; the stage's own errors are raised."""
@@ -147,7 +160,9 @@ class ActorPool:
             i, gen, item = inflight.pop(ref)
             try:
                 out = ray.get(ref)
-            except ray.exceptions.RayActorError:  # the actor's process died: a fresh actor, the item again
+            except (
+                ray.exceptions.RayActorError
+            ):  # the actor's process died: a fresh actor, the item again
                 self._replace(i, gen)
                 todo.appendleft(item)
                 if on_retry is not None:
@@ -156,13 +171,17 @@ class ActorPool:
                 raise _cause(exc) from None
             else:
                 on_result(item, out)
-            for j in range(len(self.actors)):  # refill every actor (this one, and one just replaced)
+            for j in range(
+                len(self.actors)
+            ):  # refill every actor (this one, and one just replaced)
                 while todo and sum(1 for k, *_ in inflight.values() if k == j) < IN_FLIGHT:
                     submit(j)
 
     def call_all(self, method: str) -> list[Any]:
         """``actor.method()`` on every actor; an actor that died is replaced and reported as None."""
-        refs = [(i, self.generation[i], getattr(a, method).remote()) for i, a in enumerate(self.actors)]
+        refs = [
+            (i, self.generation[i], getattr(a, method).remote()) for i, a in enumerate(self.actors)
+        ]
         out = []
         for i, gen, ref in refs:
             try:

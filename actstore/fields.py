@@ -41,8 +41,19 @@ def opt(
     otherwise lists are comma separated); ``sweep``: ``train`` takes comma-separated values and trains each;
     ``cli=False``: not an option (set by code, or saved provenance).
     """
-    meta = {KEY: {"choices": tuple(choices) if choices else None, "names": tuple(names), "flag": flag, "metavar": metavar,
-                  "resolved": resolved, "shown": shown, "multiple": multiple, "sweep": sweep, "cli": cli}}  # fmt: skip
+    meta = {
+        KEY: {
+            "choices": tuple(choices) if choices else None,
+            "names": tuple(names),
+            "flag": flag,
+            "metavar": metavar,
+            "resolved": resolved,
+            "shown": shown,
+            "multiple": multiple,
+            "sweep": sweep,
+            "cli": cli,
+        }
+    }
     if factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=factory, metadata=meta, kw_only=kw_only)
     return dataclasses.field(default=default, metadata=meta, kw_only=kw_only)
@@ -56,6 +67,15 @@ def cli(**kw: Any) -> dict[str, Any]:
 
 def settings(f: dataclasses.Field) -> dict[str, Any]:
     """A field's option settings (those of :func:`opt`, or the defaults for a plain field)."""
-    base = {"choices": None, "names": (), "flag": None, "metavar": None, "resolved": dataclasses.MISSING, "shown": None,
-            "multiple": False, "sweep": False, "cli": True}  # fmt: skip
+    base = {
+        "choices": None,
+        "names": (),
+        "flag": None,
+        "metavar": None,
+        "resolved": dataclasses.MISSING,
+        "shown": None,
+        "multiple": False,
+        "sweep": False,
+        "cli": True,
+    }
     return {**base, **(f.metadata.get(KEY) or {})}

@@ -47,8 +47,14 @@ def build(work: Path, docs: int) -> str:
     bert = work / "bert"
     if not (bert / "config.json").exists():
         torch.manual_seed(0)
-        cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                         max_position_embeddings=256)  # fmt: skip
+        cfg = BertConfig(
+            vocab_size=30522,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=256,
+        )
         BertModel(cfg).save_pretrained(bert)
         AutoTokenizer.from_pretrained(resolve_model("bundled:minilm")).save_pretrained(bert)
     corpus = work / "imdb.jsonl"
@@ -58,16 +64,50 @@ def build(work: Path, docs: int) -> str:
         step = max(1, len(rows) // docs)
         with corpus.open("w") as out:
             for r in rows[::step][:docs]:  # both labels, both splits
-                out.write(json.dumps({"id": r["id"], "text": r["text"], "label": r["label"]}) + "\n")
+                out.write(
+                    json.dumps({"id": r["id"], "text": r["text"], "label": r["label"]}) + "\n"
+                )
     t0 = time.perf_counter()
-    extract(str(store), ExtractConfig(model=str(bert), name="tiny", data=DataConfig(str(corpus)), layers="2", max_length=256,
-                                      codec="fp16", batch_size=64, device="cpu"), progress=False)  # fmt: skip
+    extract(
+        str(store),
+        ExtractConfig(
+            model=str(bert),
+            name="tiny",
+            data=DataConfig(str(corpus)),
+            layers="2",
+            max_length=256,
+            codec="fp16",
+            batch_size=64,
+            device="cpu",
+        ),
+        progress=False,
+    )
     t1 = time.perf_counter()
-    train_sae(str(store), TrainConfig(model="tiny", layer=2, arch="topk", k=32, d_sae=1024, tokens=200_000, batch_size=4096,
-                                      name="s", device="cpu", task_samples=0), progress=False)  # fmt: skip
+    train_sae(
+        str(store),
+        TrainConfig(
+            model="tiny",
+            layer=2,
+            arch="topk",
+            k=32,
+            d_sae=1024,
+            tokens=200_000,
+            batch_size=4096,
+            name="s",
+            device="cpu",
+            task_samples=0,
+        ),
+        progress=False,
+    )
     t2 = time.perf_counter()
-    encode(actstore.open_store(str(store), writable=True), EncodeConfig(sae="s", device="cpu"), progress=False)
-    print(f"built {store}: extract {t1 - t0:.0f}s, train {t2 - t1:.0f}s, encode {time.perf_counter() - t2:.0f}s")
+    encode(
+        actstore.open_store(str(store), writable=True),
+        EncodeConfig(sae="s", device="cpu"),
+        progress=False,
+    )
+    print(
+        f"built {store}: extract {t1 - t0:.0f}s, train {t2 - t1:.0f}s, encode {time.perf_counter() - t2:.0f}s"
+    )
     return str(store)
 
 
@@ -104,7 +144,9 @@ def main() -> None:
     from actstore.query.tables import feature_tables
 
     t = next(x for x in feature_tables(st) if x.sae == "s")
-    stats = actstore.sql(st, "SELECT feature, n_active FROM feature_stats WHERE sae = 's' ORDER BY n_active")
+    stats = actstore.sql(
+        st, "SELECT feature, n_active FROM feature_stats WHERE sae = 's' ORDER BY n_active"
+    )
     median_f = int(stats["feature"][stats.height // 2])
     top_f = int(stats["feature"][-1])
     c = TestClient(create_app(st, ServeConfig()))
@@ -118,12 +160,20 @@ def main() -> None:
             f"feature page, median feature ({int(stats['n_active'][stats.height // 2]):,} activations)",
             f"/sae/s/feature/{median_f}",
         ),
-        (f"feature page, most frequent feature ({int(stats['n_active'][-1]):,} activations)", f"/sae/s/feature/{top_f}"),
+        (
+            f"feature page, most frequent feature ({int(stats['n_active'][-1]):,} activations)",
+            f"/sae/s/feature/{top_f}",
+        ),
         ("more contexts (page 3)", f"/sae/s/feature/{median_f}/contexts?page=3"),
         ("sample page", "/sample/17"),
-        ("SQL console: count by label", "/sql?q=SELECT+label,+count(*)+FROM+samples+GROUP+BY+label"),
+        (
+            "SQL console: count by label",
+            "/sql?q=SELECT+label,+count(*)+FROM+samples+GROUP+BY+label",
+        ),
     ]
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}"
+    )
     print(f"store: {t.n_rows:,} token rows, {t.n_feature_rows:,} feature rows, d_sae {t.d_sae}")
     print("| page | cold ms | warm ms (median of 5) |")
     print("|---|---|---|")
@@ -133,7 +183,9 @@ def main() -> None:
         print(f"| {name} | {cold * 1000:.0f} | {warm * 1000:.0f} |")
     with tempfile.TemporaryDirectory() as tmp:
         res = write_dashboard(st, DashboardConfig(sae="s", out=f"{tmp}/dash", top=100))
-        print(f"\nstatic export of 100 features: {res.n_bytes / 2**20:.1f} MiB in {res.seconds:.1f}s")
+        print(
+            f"\nstatic export of 100 features: {res.n_bytes / 2**20:.1f} MiB in {res.seconds:.1f}s"
+        )
 
 
 if __name__ == "__main__":

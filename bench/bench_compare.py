@@ -42,12 +42,25 @@ def build_store(root: Path, n_docs: int) -> str:
         d = root / f"bert-{key}"
         if not (d / "config.json").exists():
             torch.manual_seed(seed)
-            cfg = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=2, num_attention_heads=6, intermediate_size=768,
-                             max_position_embeddings=512)  # fmt: skip
+            cfg = BertConfig(
+                vocab_size=30522,
+                hidden_size=384,
+                num_hidden_layers=2,
+                num_attention_heads=6,
+                intermediate_size=768,
+                max_position_embeddings=512,
+            )
             BertModel(cfg).save_pretrained(d)
             AutoTokenizer.from_pretrained(resolve_model("bundled:minilm")).save_pretrained(d)
-        ecfg = ExtractConfig(model=str(d), data=DataConfig(str(IMDB), limit=n_docs), layers=[2], name=key, max_length=128,
-                             codec="fp16", device="cpu")  # fmt: skip
+        ecfg = ExtractConfig(
+            model=str(d),
+            data=DataConfig(str(IMDB), limit=n_docs),
+            layers=[2],
+            name=key,
+            max_length=128,
+            codec="fp16",
+            device="cpu",
+        )
         extract(str(path), ecfg, progress=False)
     return str(path)
 
@@ -93,16 +106,32 @@ def main() -> None:
     read_only()  # warm the page cache
     base, base_mem, _ = timed(read_only)
     cos2, cos2_mem, _ = timed(
-        lambda: compare_layer(st, "a", "b", 2, CompareConfig(models=("a", "b"), metrics=["mean-cosine", "token-cosine"]))
+        lambda: compare_layer(
+            st,
+            "a",
+            "b",
+            2,
+            CompareConfig(models=("a", "b"), metrics=["mean-cosine", "token-cosine"]),
+        )
     )
-    full, full_mem, r = timed(lambda: compare_layer(st, "a", "b", 2, CompareConfig(models=("a", "b"), cka_rows=0)))
+    full, full_mem, r = timed(
+        lambda: compare_layer(st, "a", "b", 2, CompareConfig(models=("a", "b"), cka_rows=0))
+    )
     mem, mem_mem, ref = timed(in_memory)
     assert np.allclose([r["mean-cosine"], r["token-cosine"], r["cka"]], ref, atol=1e-5)
     print(f"store: {n:,} token rows x 384 (fp16), layer 2 of two random BERTs")
-    print(f"baseline, stream + decode both arrays : {base:6.2f} s  (peak heap {base_mem:6.1f} MiB)  1.00x")
-    print(f"compare mean-cosine + token-cosine    : {cos2:6.2f} s  (peak heap {cos2_mem:6.1f} MiB)  {cos2 / base:.2f}x")
-    print(f"compare + CKA on every row            : {full:6.2f} s  (peak heap {full_mem:6.1f} MiB)  {full / base:.2f}x")
-    print(f"in-memory numpy reference (same 3)    : {mem:6.2f} s  (peak heap {mem_mem:6.1f} MiB)  {mem / base:.2f}x")
+    print(
+        f"baseline, stream + decode both arrays : {base:6.2f} s  (peak heap {base_mem:6.1f} MiB)  1.00x"
+    )
+    print(
+        f"compare mean-cosine + token-cosine    : {cos2:6.2f} s  (peak heap {cos2_mem:6.1f} MiB)  {cos2 / base:.2f}x"
+    )
+    print(
+        f"compare + CKA on every row            : {full:6.2f} s  (peak heap {full_mem:6.1f} MiB)  {full / base:.2f}x"
+    )
+    print(
+        f"in-memory numpy reference (same 3)    : {mem:6.2f} s  (peak heap {mem_mem:6.1f} MiB)  {mem / base:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -84,16 +84,30 @@ def rss_runs(sizes: list[int], threads: int) -> list[dict]:
     from actstore.testing.synthetic import planted_crosscoder, write_crosscoder_store
 
     out = []
-    pc = planted_crosscoder(d=384, n_shared=256, n_a_only=64, n_b_only=64, n_weak_a=64, k_active=16, seed=0)
+    pc = planted_crosscoder(
+        d=384, n_shared=256, n_a_only=64, n_b_only=64, n_weak_a=64, k_active=16, seed=0
+    )
     for n in sizes:
         with tempfile.TemporaryDirectory() as tmp:
             path = f"{tmp}/cc.zarr"
             write_crosscoder_store(path, pc, n, chunk_rows=4096, sample_len=128)
             store_mb = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
-            p = subprocess.run([sys.executable, "-c", RSS, path, str(threads)], capture_output=True, text=True, check=True,
-                               env={**os.environ, "OMP_NUM_THREADS": str(threads)})  # fmt: skip
+            p = subprocess.run(
+                [sys.executable, "-c", RSS, path, str(threads)],
+                capture_output=True,
+                text=True,
+                check=True,
+                env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+            )
             r = json.loads(p.stdout.strip().splitlines()[-1])
-            out.append({"rows": n, "store_mb": round(store_mb), "raw_fp32_mb": round(n * 2 * 384 * 4 / 2**20), **r})
+            out.append(
+                {
+                    "rows": n,
+                    "store_mb": round(store_mb),
+                    "raw_fp32_mb": round(n * 2 * 384 * 4 / 2**20),
+                    **r,
+                }
+            )
     return out
 
 
@@ -106,41 +120,69 @@ def main() -> None:
     ap.add_argument("--d-sae", type=int, default=1536)
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--tokens", type=int, default=None, help="training tokens per run (default: one epoch)")
+    ap.add_argument(
+        "--tokens", type=int, default=None, help="training tokens per run (default: one epoch)"
+    )
     ap.add_argument("--rss-rows", default="100000,400000")
     a = ap.parse_args()
     import torch
 
     torch.set_num_threads(a.threads)
-    common = dict(arch="batchtopk", k=a.k, d_sae=a.d_sae, batch_size=a.batch, layer=a.layer, threads=a.threads,
-                  **({"tokens": a.tokens} if a.tokens else {"epochs": 1}))  # fmt: skip
+    common = dict(
+        arch="batchtopk",
+        k=a.k,
+        d_sae=a.d_sae,
+        batch_size=a.batch,
+        layer=a.layer,
+        threads=a.threads,
+        **({"tokens": a.tokens} if a.tokens else {"epochs": 1}),
+    )
     first = a.models.split(",")[0]
     rows = []
     for _ in range(2):  # alternating rounds, the better of two each
         cc = train(a.store, "bench-cc", model=first, models=a.models, **common)
         sae = train(a.store, "bench-sae", model=first, **common)
         mem = in_memory(a.store, cc, a.batch, cc.steps)
-        rows.append({"cc": cc.tokens / cc.seconds, "sae": sae.tokens / sae.seconds, "mem": cc.steps * a.batch / mem,
-                     "cc_fvu": cc.metrics["eval"]["fvu"], "sae_fvu": sae.metrics["eval"]["fvu"],
-                     "cc_sources": cc.metrics["eval"].get("sources")})  # fmt: skip
+        rows.append(
+            {
+                "cc": cc.tokens / cc.seconds,
+                "sae": sae.tokens / sae.seconds,
+                "mem": cc.steps * a.batch / mem,
+                "cc_fvu": cc.metrics["eval"]["fvu"],
+                "sae_fvu": sae.metrics["eval"]["fvu"],
+                "cc_sources": cc.metrics["eval"].get("sources"),
+            }
+        )
     best = {k: max(r[k] for r in rows) for k in ("cc", "sae", "mem")}
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {a.threads}; "
-          f"{time.strftime('%Y-%m-%d')}")  # fmt: skip
-    print(f"store {a.store}: {a.models} layer {a.layer}, batchtopk k {a.k}, d_sae {a.d_sae}, batch {a.batch}, "
-          f"{cc.tokens} tokens")  # fmt: skip
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {a.threads}; "
+        f"{time.strftime('%Y-%m-%d')}"
+    )
+    print(
+        f"store {a.store}: {a.models} layer {a.layer}, batchtopk k {a.k}, d_sae {a.d_sae}, batch {a.batch}, "
+        f"{cc.tokens} tokens"
+    )
     print("| run | tokens/s | vs |")
     print("|---|---|---|")
     print(f"| SAE, one model ({first}) | {best['sae']:,.0f} | 1.00x |")
-    print(f"| crosscoder, out-of-core ({a.models}) | {best['cc']:,.0f} | {best['cc'] / best['sae']:.2f}x the SAE |")
-    print(f"| the same crosscoder's steps in memory | {best['mem']:,.0f} | out-of-core = {best['cc'] / best['mem']:.2f}x |")
-    print(f"held-out FVU: crosscoder {rows[-1]['cc_fvu']:.4f} ({rows[-1]['cc_sources']}), SAE {rows[-1]['sae_fvu']:.4f}")
+    print(
+        f"| crosscoder, out-of-core ({a.models}) | {best['cc']:,.0f} | {best['cc'] / best['sae']:.2f}x the SAE |"
+    )
+    print(
+        f"| the same crosscoder's steps in memory | {best['mem']:,.0f} | out-of-core = {best['cc'] / best['mem']:.2f}x |"
+    )
+    print(
+        f"held-out FVU: crosscoder {rows[-1]['cc_fvu']:.4f} ({rows[-1]['cc_sources']}), SAE {rows[-1]['sae_fvu']:.4f}"
+    )
     sizes = [int(v) for v in a.rss_rows.split(",") if v]
     if sizes:
         print("\n| planted store rows | store MiB | raw fp32 MiB | peak RSS MiB | tokens/s |")
         print("|---|---|---|---|---|")
         for r in rss_runs(sizes, a.threads):
-            print(f"| {r['rows']:,} | {r['store_mb']} | {r['raw_fp32_mb']} | {r['peak_rss_mb']:.0f} | "
-                  f"{r['tokens'] / r['seconds']:,.0f} |")  # fmt: skip
+            print(
+                f"| {r['rows']:,} | {r['store_mb']} | {r['raw_fp32_mb']} | {r['peak_rss_mb']:.0f} | "
+                f"{r['tokens'] / r['seconds']:,.0f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -29,7 +29,9 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=400)
     ap.add_argument("--dir", default="/tmp/actstore-bench")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--spill-entries", type=int, default=2_000_000, help="memory budget of the spill run")
+    ap.add_argument(
+        "--spill-entries", type=int, default=2_000_000, help="memory budget of the spill run"
+    )
     args = ap.parse_args()
     import torch
     from bench_query import build_store
@@ -46,7 +48,9 @@ def main() -> None:
     n = acts.n_rows
     configs = {
         "default": EncodeConfig(sae="bench", overwrite=True),
-        f"budget {args.spill_entries / 1e6:g}M": EncodeConfig(sae="bench", overwrite=True, spill_entries=args.spill_entries),
+        f"budget {args.spill_entries / 1e6:g}M": EncodeConfig(
+            sae="bench", overwrite=True, spill_entries=args.spill_entries
+        ),
     }
 
     def bare() -> float:
@@ -71,19 +75,27 @@ def main() -> None:
             res = encode(st, cfg, progress=False)
             if name not in best or res.seconds < best[name].seconds:
                 best[name] = res
-    print(f"{n:,} token rows -> {res.n_feature_rows:,} feature rows ({res.n_feature_rows / n:.0f} per token); "
-          f"best of {args.repeat}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")  # fmt: skip
+    print(
+        f"{n:,} token rows -> {res.n_feature_rows:,} feature rows ({res.n_feature_rows / n:.0f} per token); "
+        f"best of {args.repeat}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    )
     print(f"bare SAE forward       : {t_bare:6.2f} s  {n / t_bare:>9,.0f} tok/s  1.00x (baseline)")
-    print(f"sparse SAE forward     : {t_sparse:6.2f} s  {n / t_sparse:>9,.0f} tok/s  {t_bare / t_sparse:.2f}x "
-          f"(what encode runs: top-k entries, no dense matrix)")  # fmt: skip
+    print(
+        f"sparse SAE forward     : {t_sparse:6.2f} s  {n / t_sparse:>9,.0f} tok/s  {t_bare / t_sparse:.2f}x "
+        f"(what encode runs: top-k entries, no dense matrix)"
+    )
     for name, r in best.items():
         stream = r.timings["stream"]
-        print(f"encode, {name:<12} : {r.seconds:6.2f} s  {n / r.seconds:>9,.0f} tok/s  {t_bare / r.seconds:.2f}x   "
-              f"{r.n_spills} spills; stream {stream:.2f} s ({t_bare / stream:.2f}x), finish {r.timings['finish']:.2f} s; "
-              f"{ {k: round(v, 2) for k, v in r.timings.items()} }")  # fmt: skip
+        print(
+            f"encode, {name:<12} : {r.seconds:6.2f} s  {n / r.seconds:>9,.0f} tok/s  {t_bare / r.seconds:.2f}x   "
+            f"{r.n_spills} spills; stream {stream:.2f} s ({t_bare / stream:.2f}x), finish {r.timings['finish']:.2f} s; "
+            f"{ {k: round(v, 2) for k, v in r.timings.items()} }"
+        )
     r = best["default"]
-    print(f"parquet: {r.n_bytes / r.n_feature_rows:.2f} bytes per feature row ({r.n_bytes / 2**20:.1f} MiB); "
-          f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:,.0f} MiB")  # fmt: skip
+    print(
+        f"parquet: {r.n_bytes / r.n_feature_rows:.2f} bytes per feature row ({r.n_bytes / 2**20:.1f} MiB); "
+        f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:,.0f} MiB"
+    )
 
 
 if __name__ == "__main__":

@@ -65,7 +65,9 @@ def actstore_relu(store, name: str, x: np.ndarray, x_train: np.ndarray) -> dict[
     from actstore.format import layout
 
     w = load(store.loc.read_bytes(layout.sae_file(name, layout.SAE_WEIGHTS)))
-    s = float(json.loads(store.loc.read_bytes(layout.sae_file(name, layout.SAE_CONFIG)))["norm_scale"])
+    s = float(
+        json.loads(store.loc.read_bytes(layout.sae_file(name, layout.SAE_CONFIG)))["norm_scale"]
+    )
 
     def enc(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         acts = np.maximum((rows * s - w["b_dec"]) @ w["W_enc"] + w["b_enc"], 0)
@@ -98,9 +100,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--l1", default="1e-3,3e-3,1e-2,3e-2,1e-1")
     ap.add_argument("--saelens-python", default=None)
-    ap.add_argument("--epochs", type=int, default=1, help="passes over the training rows, for every trainer")
+    ap.add_argument(
+        "--epochs", type=int, default=1, help="passes over the training rows, for every trainer"
+    )
     ap.add_argument("--skip-paper", action="store_true", help="leave out the paper preset's run")
-    ap.add_argument("--saelens-lr", type=float, default=3e-4, help="SAELens's Adam learning rate (its default 3e-4)")
+    ap.add_argument(
+        "--saelens-lr",
+        type=float,
+        default=3e-4,
+        help="SAELens's Adam learning rate (its default 3e-4)",
+    )
     args = ap.parse_args()
 
     import torch
@@ -112,14 +121,42 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     lams = [float(v) for v in args.l1.split(",")]
     rows: list[dict] = []
-    common = dict(model=args.model, layer=args.layer, arch="relu-l1", d_sae=args.d_sae, batch_size=args.batch, epochs=args.epochs,
-                  overwrite=True, device="cpu", task_samples=0, checkpoint_every=0, threads=args.threads)  # fmt: skip
-    runs = [(f"actstore relu-l1, lambda {lam:g}", TrainConfig(l1=lam, name=f"frontier-{lam:g}", **common)) for lam in lams]
-    runs = [(f"{label}, Adam {cfg.lr:g}{', unit gradient' if cfg.unit_grad else ''}, b_dec {cfg.b_dec_init}", cfg)
-            for label, cfg in runs]  # fmt: skip
+    common = dict(
+        model=args.model,
+        layer=args.layer,
+        arch="relu-l1",
+        d_sae=args.d_sae,
+        batch_size=args.batch,
+        epochs=args.epochs,
+        overwrite=True,
+        device="cpu",
+        task_samples=0,
+        checkpoint_every=0,
+        threads=args.threads,
+    )
+    runs = [
+        (
+            f"actstore relu-l1, lambda {lam:g}",
+            TrainConfig(l1=lam, name=f"frontier-{lam:g}", **common),
+        )
+        for lam in lams
+    ]
+    runs = [
+        (
+            f"{label}, Adam {cfg.lr:g}{', unit gradient' if cfg.unit_grad else ''}, b_dec {cfg.b_dec_init}",
+            cfg,
+        )
+        for label, cfg in runs
+    ]
     if not args.skip_paper:
-        runs.append(("actstore --preset paper (lambda 1e-3, Adam 2e-5, no warm-up), same tokens",
-                     TrainConfig(preset="paper", name="frontier-paper", **{**common, "d_sae": args.d_sae})))  # fmt: skip
+        runs.append(
+            (
+                "actstore --preset paper (lambda 1e-3, Adam 2e-5, no warm-up), same tokens",
+                TrainConfig(
+                    preset="paper", name="frontier-paper", **{**common, "d_sae": args.d_sae}
+                ),
+            )
+        )
     split = scale = None
     for label, cfg in runs:
         t0 = time.perf_counter()
@@ -133,8 +170,14 @@ def main() -> None:
             keep[split.eval_rows] = False
             x_train = acts.take(np.flatnonzero(keep))
             scale = res.sae.cfg.norm_scale
-        rows.append({"trainer": label, "l1": cfg.l1, "tok_s": res.tokens / secs,
-                     **actstore_relu(st, str(cfg.name), eval_x, x_train)})  # fmt: skip
+        rows.append(
+            {
+                "trainer": label,
+                "l1": cfg.l1,
+                "tok_s": res.tokens / secs,
+                **actstore_relu(st, str(cfg.name), eval_x, x_train),
+            }
+        )
 
     if args.saelens_python:
         work = Path(tempfile.mkdtemp(prefix="frontier-"))
@@ -142,26 +185,48 @@ def main() -> None:
         np.save(work / "rows.npy", x_train[rng.permutation(len(x_train))])
         d_in = x_train.shape[1]
         sl_lams = [lam * d_in / scale for lam in lams]
-        spec = {"rows": str(work / "rows.npy"), "d_sae": args.d_sae, "batch": args.batch, "threads": args.threads,
-                "seed": 0, "out": str(work / "saelens"), "l1": sl_lams, "epochs": args.epochs, "lr": args.saelens_lr}  # fmt: skip
-        out = subprocess.run([args.saelens_python, "-c", SAELENS_STANDARD, json.dumps(spec)], capture_output=True,
-                             text=True, env={**os.environ, "WANDB_MODE": "disabled", "TQDM_DISABLE": "1"})  # fmt: skip
+        spec = {
+            "rows": str(work / "rows.npy"),
+            "d_sae": args.d_sae,
+            "batch": args.batch,
+            "threads": args.threads,
+            "seed": 0,
+            "out": str(work / "saelens"),
+            "l1": sl_lams,
+            "epochs": args.epochs,
+            "lr": args.saelens_lr,
+        }
+        out = subprocess.run(
+            [args.saelens_python, "-c", SAELENS_STANDARD, json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "WANDB_MODE": "disabled", "TQDM_DISABLE": "1"},
+        )
         if out.returncode:
             print(f"saelens failed:\n{out.stderr[-3000:]}", file=sys.stderr)
-        for line, lam in zip([ln for ln in out.stdout.splitlines() if ln.startswith("{")], lams, strict=False):
+        for line, lam in zip(
+            [ln for ln in out.stdout.splitlines() if ln.startswith("{")], lams, strict=False
+        ):
             info = json.loads(line)
             m = saelens_relu(work / "saelens" / f"{info['l1']:g}", eval_x, x_train)
             label = f"SAELens standard, Adam {args.saelens_lr:g}, lambda_SL {info['l1']:.3g} (= {lam:g} here)"
-            rows.append({"trainer": label, "l1": lam,
-                         "tok_s": info["tokens"] / info["seconds"], **m})  # fmt: skip
+            rows.append(
+                {"trainer": label, "l1": lam, "tok_s": info["tokens"] / info["seconds"], **m}
+            )
 
-    print(f"\n{args.model} layer {args.layer}: relu-l1, d_sae {args.d_sae}, batch {args.batch}, {len(x_train):,} "
-          f"training rows ({args.epochs} epochs), {len(eval_x):,} held-out rows, {args.threads} threads, "
-          f"input scale s {scale:.4f}")  # fmt: skip
-    print("| trainer | tokens/s | held-out FVU | L0 | L0 / d_sae | dead |\n|---|---|---|---|---|---|")
+    print(
+        f"\n{args.model} layer {args.layer}: relu-l1, d_sae {args.d_sae}, batch {args.batch}, {len(x_train):,} "
+        f"training rows ({args.epochs} epochs), {len(eval_x):,} held-out rows, {args.threads} threads, "
+        f"input scale s {scale:.4f}"
+    )
+    print(
+        "| trainer | tokens/s | held-out FVU | L0 | L0 / d_sae | dead |\n|---|---|---|---|---|---|"
+    )
     for r in rows:
-        print(f"| {r['trainer']} | {r['tok_s']:,.0f} | {r['fvu']:.3f} | {r['l0']:.1f} | {r['l0'] / args.d_sae:.1%} | "
-              f"{r['dead']:.1%} |")  # fmt: skip
+        print(
+            f"| {r['trainer']} | {r['tok_s']:,.0f} | {r['fvu']:.3f} | {r['l0']:.1f} | {r['l0'] / args.d_sae:.1%} | "
+            f"{r['dead']:.1%} |"
+        )
 
 
 if __name__ == "__main__":

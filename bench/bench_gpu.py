@@ -43,12 +43,22 @@ def tokenizer(path: Path, max_length: int) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3} | {f"w{i}": i + 4 for i in range(VOCAB - 4)}
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3} | {
+        f"w{i}": i + 4 for i in range(VOCAB - 4)
+    }
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                            sep_token="[SEP]", model_max_length=max_length).save_pretrained(path)  # fmt: skip
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        model_max_length=max_length,
+    ).save_pretrained(path)
 
 
 def model(path: Path, kind: str, small: bool) -> int:
@@ -60,13 +70,27 @@ def model(path: Path, kind: str, small: bool) -> int:
         n_ctx = 64 if small else 512
         cfg = BertConfig(vocab_size=VOCAB, max_position_embeddings=n_ctx)
         if small:
-            cfg.update(dict(hidden_size=64, num_hidden_layers=12, num_attention_heads=4, intermediate_size=128))
+            cfg.update(
+                dict(
+                    hidden_size=64,
+                    num_hidden_layers=12,
+                    num_attention_heads=4,
+                    intermediate_size=128,
+                )
+            )
         BertModel(cfg).save_pretrained(path)
     else:
         n_ctx = 128 if small else 2048
         width, heads = (64, 4) if small else (2048, 16)
-        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=width, intermediate_size=width * 11 // 4, num_hidden_layers=8,
-                          num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=n_ctx)  # fmt: skip
+        cfg = LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=width,
+            intermediate_size=width * 11 // 4,
+            num_hidden_layers=8,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            max_position_embeddings=n_ctx,
+        )
         LlamaModel(cfg).save_pretrained(path)
     tokenizer(path, n_ctx)
     return n_ctx
@@ -81,7 +105,9 @@ def corpus(path: Path, tokens: int, n_ctx: int) -> None:
             f.write(json.dumps({"id": f"t{i}", "text": words, "label": "ab"[i % 2]}) + "\n")
 
 
-def bare_forward(store: str, model_dir: str, layers: list[int], device: str, batch_size: int, unit_rows: int) -> float:
+def bare_forward(
+    store: str, model_dir: str, layers: list[int], device: str, batch_size: int, unit_rows: int
+) -> float:
     """Seconds of the forward passes of every unit's batches (the same as extract's), nothing else."""
     import actstore
     from actstore.models.loading import load_model, resolve_dtype
@@ -124,23 +150,54 @@ def extract_table(kind: str, args: argparse.Namespace, tmp: Path) -> tuple[list[
     batch = 32 if kind == "bert-base" else 8
     rows = []
     with timing_units() as timed:
-        base = dict(model=str(mdir), data=DataConfig(str(data)), layers=layers, batch_size=batch, device=args.device,
-                    max_length=n_ctx)  # fmt: skip
-        extract_mod.extract(store, ExtractConfig(codec="fp16", name="tokenize", **{**base, "layers": [0]}), progress=False)
+        base = dict(
+            model=str(mdir),
+            data=DataConfig(str(data)),
+            layers=layers,
+            batch_size=batch,
+            device=args.device,
+            max_length=n_ctx,
+        )
+        extract_mod.extract(
+            store,
+            ExtractConfig(codec="fp16", name="tokenize", **{**base, "layers": [0]}),
+            progress=False,
+        )
         bare_s = 0.0
         for codec in args.codecs.split(","):
             timed.clear()
             key = f"{kind}-{codec}"
-            res = extract_mod.extract(store, ExtractConfig(codec=codec, name=key, **base), progress=False)
+            res = extract_mod.extract(
+                store, ExtractConfig(codec=codec, name=key, **base), progress=False
+            )
             secs, n = timed[0], res.rows_written
             if not bare_s:  # after the first extraction (warm), over its units
-                unit_rows = json.loads((Path(store) / "models" / key / f"layer_{layers[0]}" / "zarr.json").read_text())
-                bare_s = bare_forward(store, str(mdir), layers, args.device, batch,
-                                      unit_rows["attributes"]["actstore"]["unit_rows"])  # fmt: skip
-            rows.append(dict(model=kind, codec=codec, tokens=n, extract_tok_s=n / secs, bare_tok_s=n / bare_s,
-                             ratio=bare_s / secs))  # fmt: skip
-            print(f"  {kind} {codec}: extract {n / secs:,.0f} tok/s, bare forward {n / bare_s:,.0f} tok/s",
-                  file=sys.stderr, flush=True)  # fmt: skip
+                unit_rows = json.loads(
+                    (Path(store) / "models" / key / f"layer_{layers[0]}" / "zarr.json").read_text()
+                )
+                bare_s = bare_forward(
+                    store,
+                    str(mdir),
+                    layers,
+                    args.device,
+                    batch,
+                    unit_rows["attributes"]["actstore"]["unit_rows"],
+                )
+            rows.append(
+                dict(
+                    model=kind,
+                    codec=codec,
+                    tokens=n,
+                    extract_tok_s=n / secs,
+                    bare_tok_s=n / bare_s,
+                    ratio=bare_s / secs,
+                )
+            )
+            print(
+                f"  {kind} {codec}: extract {n / secs:,.0f} tok/s, bare forward {n / bare_s:,.0f} tok/s",
+                file=sys.stderr,
+                flush=True,
+            )
             if not (kind == "bert-base" and codec == "int8"):
                 shutil.rmtree(Path(store) / "models" / key, ignore_errors=True)
                 shutil.rmtree(Path(store) / "units" / "models" / key, ignore_errors=True)
@@ -187,11 +244,27 @@ def sae_table(store: str, args: argparse.Namespace, tmp: Path) -> list[dict]:
     d_sae, k, batch = (256, 8, 256) if args.small else (12288, 32, 4096)
     rows = []
     for arch in ("topk", "batchtopk"):
-        cfg = TrainConfig(model="bert-base-int8", layer=6, arch=arch, d_sae=d_sae, k=k, tokens=tokens, batch_size=batch,
-                          device=args.device, name=f"gpu-{arch}")  # fmt: skip
+        cfg = TrainConfig(
+            model="bert-base-int8",
+            layer=6,
+            arch=arch,
+            d_sae=d_sae,
+            k=k,
+            tokens=tokens,
+            batch_size=batch,
+            device=args.device,
+            name=f"gpu-{arch}",
+        )
         res = train_sae(store, cfg, progress=False)
         loop = res.seconds - res.eval_seconds
-        rows.append(dict(tool="actstore", arch=arch, tok_s=res.tokens / loop, fvu=(res.metrics.get("eval") or {}).get("fvu")))
+        rows.append(
+            dict(
+                tool="actstore",
+                arch=arch,
+                tok_s=res.tokens / loop,
+                fvu=(res.metrics.get("eval") or {}).get("fvu"),
+            )
+        )
         print(f"  actstore {arch}: {res.tokens / loop:,.0f} tok/s", file=sys.stderr, flush=True)
     if not args.no_sparsify:
         from bench.bench_peers import run_peer
@@ -200,18 +273,39 @@ def sae_table(store: str, args: argparse.Namespace, tmp: Path) -> list[dict]:
         npy = tmp / "rows.npy"
         np.save(npy, x[: min(len(x), 1_000_000)])
         lr = adam_lr(tokens)
-        out = run_peer(sys.executable, SPARSIFY_GPU, dict(rows=str(npy), device=args.device, k=k, d_sae=d_sae, batch=batch,
-                                                          lr=lr, tokens=tokens))  # fmt: skip
+        out = run_peer(
+            sys.executable,
+            SPARSIFY_GPU,
+            dict(
+                rows=str(npy),
+                device=args.device,
+                k=k,
+                d_sae=d_sae,
+                batch=batch,
+                lr=lr,
+                tokens=tokens,
+            ),
+        )
         if out:
-            rows.append(dict(tool="sparsify (Adam, rows in GPU memory)", arch="topk", tok_s=out["tokens"] / out["seconds"],
-                             fvu=None))  # fmt: skip
+            rows.append(
+                dict(
+                    tool="sparsify (Adam, rows in GPU memory)",
+                    arch="topk",
+                    tok_s=out["tokens"] / out["seconds"],
+                    fvu=None,
+                )
+            )
     return rows
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--small", action="store_true", help="Toy sizes (to check the script on a CPU).")
+    ap.add_argument(
+        "--small", action="store_true", help="Toy sizes (to check the script on a CPU)."
+    )
     ap.add_argument("--bert-tokens", default="4e6")
     ap.add_argument("--llama-tokens", default="1e6")
     ap.add_argument("--codecs", default="fp16,bf16,int8")
@@ -220,7 +314,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.small:
         args.bert_tokens, args.llama_tokens, args.sae_tokens = "2e4", "1e4", "2e4"
-    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    name = (
+        torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else platform.processor() or "cpu"
+    )
     tmp = Path(tempfile.mkdtemp(prefix="actstore-gpu-", dir=os.environ.get("ACTSTORE_BENCH_DIR")))
     try:
         ext, store = [], ""
@@ -231,12 +329,18 @@ def main() -> None:
         saes = sae_table(store, args, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"GPU check: {name}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
-    print("| model | codec | tokens | extract tok/s | bare bf16 forward tok/s | extract / forward |")
+    print(
+        f"GPU check: {name}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+    )
+    print(
+        "| model | codec | tokens | extract tok/s | bare bf16 forward tok/s | extract / forward |"
+    )
     print("|---|---|---|---|---|---|")
     for r in ext:
-        print(f"| {r['model']} | {r['codec']} | {r['tokens']:,} | {r['extract_tok_s']:,.0f} | {r['bare_tok_s']:,.0f} | "
-              f"{r['ratio']:.2f} |")  # fmt: skip
+        print(
+            f"| {r['model']} | {r['codec']} | {r['tokens']:,} | {r['extract_tok_s']:,.0f} | {r['bare_tok_s']:,.0f} | "
+            f"{r['ratio']:.2f} |"
+        )
     print("| SAE trainer | arch | tok/s | held-out FVU |")
     print("|---|---|---|---|")
     for r in saes:

@@ -67,7 +67,9 @@ def main() -> None:
     stats = actstore.feature_stats(st, "bench").collect().sort("n_active")
     feats = [int(stats["feature"][int(stats.height * q)]) for q in (0.1, 0.5, 0.9)]
     n_feature_rows = int(actstore.sql(st, "SELECT count(*) AS n FROM features")["n"][0])
-    print(f"store: {args.docs} IMDb docs, {len(st.activations('tiny', 2)):,} tokens, {n_feature_rows:,} feature rows")
+    print(
+        f"store: {args.docs} IMDb docs, {len(st.activations('tiny', 2)):,} tokens, {n_feature_rows:,} feature rows"
+    )
 
     # one-time cost: hash every file the views read (verification cache empty)
     keys = views.view_sql(st).keys
@@ -80,7 +82,9 @@ def main() -> None:
         integrity.check_files(st.loc, keys)
         cold.append(time.perf_counter() - t0)
     os.environ["ACTSTORE_CACHE_DIR"] = str(root / "verify-cache")
-    print(f"first open, cache empty: {min(cold) * 1e3:.1f} ms to hash {len(keys)} files ({size / 2**20:.1f} MiB)")
+    print(
+        f"first open, cache empty: {min(cold) * 1e3:.1f} ms to hash {len(keys)} files ({size / 2**20:.1f} MiB)"
+    )
 
     def run_lookups() -> float:
         t = []
@@ -98,7 +102,9 @@ def main() -> None:
             warm[on].append(run_lookups())
     toggle(True)
     w_on, w_off = min(warm[True]), min(warm[False])
-    print(f"top_tokens warm: {w_on * 1e3:.2f} ms with checks, {w_off * 1e3:.2f} ms without ({w_on / w_off:.3f}x)")
+    print(
+        f"top_tokens warm: {w_on * 1e3:.2f} ms with checks, {w_off * 1e3:.2f} ms without ({w_on / w_off:.3f}x)"
+    )
     # the checks alone, timed directly (immune to the noise of the whole lookup): what one warm lookup adds
     t = tables.resolve_sae(st, sae="bench")
     enc_key = "features/bench/encoding.json"
@@ -106,11 +112,15 @@ def main() -> None:
     n = 2000
     t0 = time.perf_counter()
     for _ in range(n):
-        integrity.check_file(st.loc, t.file_keys[0])  # the bucket file a lookup opens (warm: one stat)
+        integrity.check_file(
+            st.loc, t.file_keys[0]
+        )  # the bucket file a lookup opens (warm: one stat)
         integrity.check_file(st.loc, enc_key, raw)  # encoding.json, read twice per lookup
         integrity.check_file(st.loc, enc_key, raw)
     per = (time.perf_counter() - t0) / n
-    print(f"the checks of one warm lookup, timed alone: {per * 1e6:.0f} us = {per / w_off:.1%} of a lookup")
+    print(
+        f"the checks of one warm lookup, timed alone: {per * 1e6:.0f} us = {per / w_off:.1%} of a lookup"
+    )
 
     # a CLI call: a new process (disk cache warm), timing only top-tokens inside it
     code = (
@@ -123,25 +133,44 @@ def main() -> None:
     proc = {True: [], False: []}
     for i in range(args.repeat):
         for on in (True, False) if i % 2 == 0 else (False, True):
-            out = subprocess.run([sys.executable, "-c", code, "1" if on else "0", path, str(feats[1])], capture_output=True,
-                                 text=True, check=True, env=os.environ.copy())  # fmt: skip
+            out = subprocess.run(
+                [sys.executable, "-c", code, "1" if on else "0", path, str(feats[1])],
+                capture_output=True,
+                text=True,
+                check=True,
+                env=os.environ.copy(),
+            )
             proc[on].append(float(out.stdout.strip().splitlines()[-1]))
     p_on, p_off = min(proc[True]), min(proc[False])
-    print(f"top_tokens, first call in a new process: {p_on * 1e3:.1f} ms with checks, {p_off * 1e3:.1f} ms without "
-          f"({p_on / p_off:.3f}x)")  # fmt: skip
+    print(
+        f"top_tokens, first call in a new process: {p_on * 1e3:.1f} ms with checks, {p_off * 1e3:.1f} ms without "
+        f"({p_on / p_off:.3f}x)"
+    )
 
     train = {True: [], False: []}
     for i in range(args.repeat):
         for on in (True, False) if i % 2 == 0 else (False, True):
             toggle(on)
-            cfg = TrainConfig(model="tiny", layer=2, arch="topk", k=16, d_sae=256, epochs=2, batch_size=1024,
-                              name=f"int-{int(on)}-{i}", overwrite=True, threads=2)  # fmt: skip
+            cfg = TrainConfig(
+                model="tiny",
+                layer=2,
+                arch="topk",
+                k=16,
+                d_sae=256,
+                epochs=2,
+                batch_size=1024,
+                name=f"int-{int(on)}-{i}",
+                overwrite=True,
+                threads=2,
+            )
             t0 = time.perf_counter()
             train_sae(path, cfg, progress=False)
             train[on].append(time.perf_counter() - t0)
     toggle(True)
     t_on, t_off = min(train[True]), min(train[False])
-    print(f"train, two epochs: {t_on:.2f} s with checks, {t_off:.2f} s without ({t_on / t_off:.3f}x)")
+    print(
+        f"train, two epochs: {t_on:.2f} s with checks, {t_off:.2f} s without ({t_on / t_off:.3f}x)"
+    )
 
 
 if __name__ == "__main__":

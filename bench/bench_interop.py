@@ -28,11 +28,27 @@ def saelens_folder(folder: Path, d_in: int, d_sae: int, k: int, seed: int = 0) -
     w_dec = rng.standard_normal((d_sae, d_in)).astype(np.float32)
     w_dec /= np.linalg.norm(w_dec, axis=1, keepdims=True)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({"W_enc": np.ascontiguousarray(w_dec.T), "b_enc": np.zeros(d_sae, np.float32), "W_dec": w_dec,
-               "b_dec": np.zeros(d_in, np.float32)}, str(folder / "sae_weights.safetensors"))  # fmt: skip
-    cfg = {"architecture": "topk", "d_in": d_in, "d_sae": d_sae, "k": k, "dtype": "float32", "device": "cpu",
-           "apply_b_dec_to_input": True, "normalize_activations": "none", "rescale_acts_by_decoder_norm": True,
-           "metadata": {"hook_name": "blocks.4.hook_resid_pre", "model_name": "minilm"}}  # fmt: skip
+    save_file(
+        {
+            "W_enc": np.ascontiguousarray(w_dec.T),
+            "b_enc": np.zeros(d_sae, np.float32),
+            "W_dec": w_dec,
+            "b_dec": np.zeros(d_in, np.float32),
+        },
+        str(folder / "sae_weights.safetensors"),
+    )
+    cfg = {
+        "architecture": "topk",
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "k": k,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "rescale_acts_by_decoder_norm": True,
+        "metadata": {"hook_name": "blocks.4.hook_resid_pre", "model_name": "minilm"},
+    }
     (folder / "cfg.json").write_text(json.dumps(cfg))
 
 
@@ -60,12 +76,24 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="interop-"))
     saelens_folder(work / "sl", d_in, args.d_sae, 32)
     t0 = time.perf_counter()
-    res = import_sae(st, ImportConfig(path=str(work / "sl"), format="saelens", model=args.model, layer=args.layer,
-                                      name=f"bench-import-{args.d_sae}", force=True, overwrite=True))  # fmt: skip
+    res = import_sae(
+        st,
+        ImportConfig(
+            path=str(work / "sl"),
+            format="saelens",
+            model=args.model,
+            layer=args.layer,
+            name=f"bench-import-{args.d_sae}",
+            force=True,
+            overwrite=True,
+        ),
+    )
     t_import = time.perf_counter() - t0
     w_bytes = (work / "sl" / "sae_weights.safetensors").stat().st_size
-    print(f"import-sae of a {d_in}->{args.d_sae} SAELens TopK SAE ({w_bytes / 2**20:.1f} MiB of weights), fit check on "
-          f"{res.eval['n_tokens']:,} rows: {t_import:.2f} s")  # fmt: skip
+    print(
+        f"import-sae of a {d_in}->{args.d_sae} SAELens TopK SAE ({w_bytes / 2**20:.1f} MiB of weights), fit check on "
+        f"{res.eval['n_tokens']:,} rows: {t_import:.2f} s"
+    )
 
     if args.sae not in {t.sae for t in feature_tables(st)}:
         t0 = time.perf_counter()
@@ -76,15 +104,25 @@ def main() -> None:
     for fmt, extra in (("delphi", {}), ("neuronpedia", {"features": list(range(args.features))})):
         out = work / fmt
         t0 = time.perf_counter()
-        r = export_features(st, FeatureExportConfig(sae=args.sae, format=fmt, out=str(out), **extra))
+        r = export_features(
+            st, FeatureExportConfig(sae=args.sae, format=fmt, out=str(out), **extra)
+        )
         rows.append((fmt, time.perf_counter() - t0, r))
     t = next(t for t in feature_tables(st) if t.sae == args.sae)
-    print(f"\nexport-features of {args.sae}: {t.n_feature_rows:,} non-zero values over {t.n_rows:,} rows, feature table "
-          f"{rows[0][2].table_bytes / 2**20:.1f} MiB")  # fmt: skip
+    print(
+        f"\nexport-features of {args.sae}: {t.n_feature_rows:,} non-zero values over {t.n_rows:,} rows, feature table "
+        f"{rows[0][2].table_bytes / 2**20:.1f} MiB"
+    )
     print("| format | what | seconds | bytes written | vs feature table |\n|---|---|---|---|---|")
     for fmt, secs, r in rows:
-        what = f"{r.n_entries:,} values" if fmt == "delphi" else f"{args.features} features, {r.n_entries:,} contexts"
-        print(f"| {fmt} | {what} | {secs:.2f} | {r.n_bytes / 2**20:.1f} MiB | {r.n_bytes / r.table_bytes:.2f}x |")
+        what = (
+            f"{r.n_entries:,} values"
+            if fmt == "delphi"
+            else f"{args.features} features, {r.n_entries:,} contexts"
+        )
+        print(
+            f"| {fmt} | {what} | {secs:.2f} | {r.n_bytes / 2**20:.1f} MiB | {r.n_bytes / r.table_bytes:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ RUN = "import sys{pre}; from actstore.cli import main; main(sys.argv[1:], prog_n
 def cpu_seconds(args: list[str], pre: str = "") -> float:
     """CPU seconds (user + system) of one fresh process running ``actstore ARGS``."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    subprocess.run([sys.executable, "-c", RUN.format(pre=pre), *args], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-c", RUN.format(pre=pre), *args], check=True, capture_output=True
+    )
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
@@ -48,7 +50,9 @@ def main() -> None:
     }
     heavy = "; import torch, transformers"
     print(f"whole-process CPU seconds, median of {args.repeat} (a fresh process each):")
-    print(f"{'command':<12} {'with torch imported (before)':>30} {'as shipped (now)':>18} {'ratio':>7}")
+    print(
+        f"{'command':<12} {'with torch imported (before)':>30} {'as shipped (now)':>18} {'ratio':>7}"
+    )
     for name, cmd in cases.items():
         cpu_seconds(cmd)  # warm the disk cache
         old = statistics.median(cpu_seconds(cmd, heavy) for _ in range(args.repeat))
@@ -65,9 +69,13 @@ def main() -> None:
         for _ in range(args.repeat):
             subprocess.run([sys.executable, "-c", f"import {mods}"], check=True)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu = ((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)) / args.repeat
+        cpu = (
+            (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        ) / args.repeat
         print(f"  import {mods:<48} {cpu:.2f} s")
-    print(f"\nmachine: {platform.machine()} {os.cpu_count()} cores, python {platform.python_version()}")
+    print(
+        f"\nmachine: {platform.machine()} {os.cpu_count()} cores, python {platform.python_version()}"
+    )
 
 
 if __name__ == "__main__":

@@ -50,15 +50,28 @@ def corpus(path: Path, tokens: int, seed: int = 0) -> None:
     rng = random.Random(seed)
     with gzip.open(path, "wt", compresslevel=1) as f:
         for i in range(-(-tokens // 256)):
-            f.write(json.dumps({"id": f"t{i}", "text": " ".join(rng.choices(WORDS, k=254)), "label": "ab"[i % 2]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "id": f"t{i}",
+                        "text": " ".join(rng.choices(WORDS, k=254)),
+                        "label": "ab"[i % 2],
+                    }
+                )
+                + "\n"
+            )
 
 
 def run(cmd: list[str]) -> tuple[float, float, str]:
     """(peak RSS in MB, seconds, stdout) of one stage in its own process (reaped with ``wait4`` for its rusage)."""
     t0 = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err,
-                                env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})  # fmt: skip
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=err,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+        )
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         secs = time.perf_counter() - t0
@@ -69,16 +82,40 @@ def run(cmd: list[str]) -> tuple[float, float, str]:
         return usage.ru_maxrss / 1024, secs, out.read()
 
 
-def measure(size: int, tmp: Path, model: str, args: argparse.Namespace) -> dict[str, tuple[float, float]]:
+def measure(
+    size: int, tmp: Path, model: str, args: argparse.Namespace
+) -> dict[str, tuple[float, float]]:
     data, store = tmp / f"corpus-{size}.jsonl.gz", str(tmp / f"store-{size}.zarr")
     corpus(data, size)
     out: dict[str, tuple[float, float]] = {}
-    script = EXTRACT.format(bench=str(ROOT / "bench"), d=args.d_model, store=store, model=model, corpus=str(data))
+    script = EXTRACT.format(
+        bench=str(ROOT / "bench"), d=args.d_model, store=store, model=model, corpus=str(data)
+    )
     rss, secs, so = run([sys.executable, "-c", script])
     n = json.loads(so.strip().splitlines()[-1])["tokens"]
     out["extract (null model)"] = (rss, secs)
-    rss, secs, _ = run([*ACTSTORE, "train", store, "--model", "m", "--layer", "1", "--arch", "topk", "--d-sae",
-                        str(args.d_sae), "--k", "32", "--tokens", str(args.train_tokens), "--name", "s", "--quiet"])  # fmt: skip
+    rss, secs, _ = run(
+        [
+            *ACTSTORE,
+            "train",
+            store,
+            "--model",
+            "m",
+            "--layer",
+            "1",
+            "--arch",
+            "topk",
+            "--d-sae",
+            str(args.d_sae),
+            "--k",
+            "32",
+            "--tokens",
+            str(args.train_tokens),
+            "--name",
+            "s",
+            "--quiet",
+        ]
+    )
     out[f"train ({args.train_tokens:,} tokens)"] = (rss, secs)
     rss, secs, _ = run([*ACTSTORE, "encode", store, "--sae", "s", "--quiet"])
     out["encode (every token)"] = (rss, secs)
@@ -91,7 +128,9 @@ def measure(size: int, tmp: Path, model: str, args: argparse.Namespace) -> dict[
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--tokens", default="2e6,2e7")
     ap.add_argument("--d-model", type=int, default=768)
     ap.add_argument("--d-sae", type=int, default=1024)
@@ -107,14 +146,20 @@ def main() -> None:
         results = {size: measure(size, tmp, model, args) for size in sizes}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"peak RSS by stage; d_model {args.d_model}, int8, one layer; {platform.machine()}, {os.cpu_count()} cores, "
-          f"{time.strftime('%Y-%m-%d')}")  # fmt: skip
+    print(
+        f"peak RSS by stage; d_model {args.d_model}, int8, one layer; {platform.machine()}, {os.cpu_count()} cores, "
+        f"{time.strftime('%Y-%m-%d')}"
+    )
     head = " | ".join(f"{results[s]['_tokens'][0] / 1e6:.1f}M tokens: MB (s)" for s in sizes)
     print(f"| stage | {head} | last / first |")
     print("|---|" + "---|" * len(sizes) + "---|")
     for stage in [k for k in results[sizes[0]] if not k.startswith("_")]:
-        cells = " | ".join(f"{results[s][stage][0]:,.0f} ({results[s][stage][1]:.0f})" for s in sizes)
-        print(f"| {stage} | {cells} | {results[sizes[-1]][stage][0] / results[sizes[0]][stage][0]:.2f} |")
+        cells = " | ".join(
+            f"{results[s][stage][0]:,.0f} ({results[s][stage][1]:.0f})" for s in sizes
+        )
+        print(
+            f"| {stage} | {cells} | {results[sizes[-1]][stage][0] / results[sizes[0]][stage][0]:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -97,8 +97,12 @@ print(json.dumps({"tokens": n, "seconds": secs}))
 def run_peer(python: str, script: str, spec: dict) -> dict | None:
     """Run a peer's training ``script`` in ``python`` with ``spec`` (its JSON argument); its last stdout line (tokens,
     seconds), or None (the error on stderr) when it failed."""
-    out = subprocess.run([python, "-c", script, json.dumps(spec)], capture_output=True, text=True,
-                         env={**os.environ, "WANDB_MODE": "disabled", "TQDM_DISABLE": "1"})  # fmt: skip
+    out = subprocess.run(
+        [python, "-c", script, json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "WANDB_MODE": "disabled", "TQDM_DISABLE": "1"},
+    )
     if out.returncode:
         print(f"peer failed:\n{out.stderr[-3000:]}", file=sys.stderr)
         return None
@@ -114,12 +118,16 @@ def topk_encode(x: np.ndarray, w_enc: np.ndarray, b_enc: np.ndarray, k: int) -> 
     return out
 
 
-def metrics(x: np.ndarray, acts: np.ndarray, x_hat: np.ndarray, fired: np.ndarray) -> dict[str, float]:
+def metrics(
+    x: np.ndarray, acts: np.ndarray, x_hat: np.ndarray, fired: np.ndarray
+) -> dict[str, float]:
     fvu = float(((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
     return {"fvu": fvu, "l0": float((acts > 0).sum(1).mean()), "dead": float((~fired).mean())}
 
 
-def sae_metrics(x: np.ndarray, x_train: np.ndarray, run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]) -> dict:
+def sae_metrics(
+    x: np.ndarray, x_train: np.ndarray, run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+) -> dict:
     """FVU and L0 of ``run`` (rows -> (acts, x_hat)) on the held-out ``x``; dead latents over all training rows."""
     acts, x_hat = run(x)
     fired = np.zeros(acts.shape[1], bool)
@@ -169,7 +177,11 @@ def saelens_weights(folder: str, x: np.ndarray, x_train: np.ndarray) -> dict[str
     w = load_file(str(Path(folder) / "sae_weights.safetensors"))
     cfg = json.loads((Path(folder) / "cfg.json").read_text())
     shift = w["b_dec"] if cfg.get("apply_b_dec_to_input", True) else 0.0
-    norms = np.linalg.norm(w["W_dec"], axis=1) if cfg.get("rescale_acts_by_decoder_norm") else np.ones(len(w["W_dec"]))
+    norms = (
+        np.linalg.norm(w["W_dec"], axis=1)
+        if cfg.get("rescale_acts_by_decoder_norm")
+        else np.ones(len(w["W_dec"]))
+    )
 
     def run(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         acts = topk_encode(rows - shift, w["W_enc"] * norms, w["b_enc"] * norms, int(cfg["k"]))
@@ -201,9 +213,22 @@ def main() -> None:
     rows_out: list[dict] = []
     for arch, opt in (("topk", "signum"), ("topk", "adam"), ("batchtopk", "signum")):
         name = f"peers-{arch}-{opt}"
-        cfg = TrainConfig(model=args.model, layer=args.layer, arch=arch, k=args.k, d_sae=args.d_sae, batch_size=args.batch,
-                          epochs=1, optimizer=opt, name=name, overwrite=True, device="cpu", task_samples=0,
-                          checkpoint_every=0, threads=args.threads)  # fmt: skip
+        cfg = TrainConfig(
+            model=args.model,
+            layer=args.layer,
+            arch=arch,
+            k=args.k,
+            d_sae=args.d_sae,
+            batch_size=args.batch,
+            epochs=1,
+            optimizer=opt,
+            name=name,
+            overwrite=True,
+            device="cpu",
+            task_samples=0,
+            checkpoint_every=0,
+            threads=args.threads,
+        )
         t0 = time.perf_counter()
         res = train_sae(args.store, cfg, progress=False)
         secs = time.perf_counter() - t0
@@ -215,9 +240,16 @@ def main() -> None:
         train_rows = np.flatnonzero(keep)
         x_train = acts.take(train_rows)
         m = actstore_weights(st, name, eval_x, x_train)
-        rows_out.append({"trainer": f"actstore train --arch {arch} --optimizer {opt} (out-of-core)", "tokens": res.tokens,
-                         "tok_s": res.tokens / res.seconds, "steps_only": res.tokens / (res.seconds - res.eval_seconds),
-                         "e2e": res.tokens / secs, **m})  # fmt: skip
+        rows_out.append(
+            {
+                "trainer": f"actstore train --arch {arch} --optimizer {opt} (out-of-core)",
+                "tokens": res.tokens,
+                "tok_s": res.tokens / res.seconds,
+                "steps_only": res.tokens / (res.seconds - res.eval_seconds),
+                "e2e": res.tokens / secs,
+                **m,
+            }
+        )
 
     # the same recipe as actstore's signum run, in memory: the bare loop the out-of-core trainer is measured against
     from actstore.sae.config import SAEConfig
@@ -229,32 +261,72 @@ def main() -> None:
     rng = np.random.default_rng(0)
     shuffled = x_train[rng.permutation(len(x_train))]
     scale = float(np.sqrt(shuffled.shape[1] / (shuffled[:65536] ** 2).sum(1).mean()))
-    sae = SAE(SAEConfig(arch="topk", d_in=shuffled.shape[1], d_sae=args.d_sae, k=args.k, norm_scale=scale))
+    sae = SAE(
+        SAEConfig(arch="topk", d_in=shuffled.shape[1], d_sae=args.d_sae, k=args.k, norm_scale=scale)
+    )
     with torch.no_grad():
         sae.b_dec.copy_(torch.from_numpy(shuffled[: args.batch].mean(0) * scale))
-    sae.init_from_rows(torch.from_numpy(shuffled[-args.d_sae :] * scale))  # --init data, as the trainer's default
+    sae.init_from_rows(
+        torch.from_numpy(shuffled[-args.d_sae :] * scale)
+    )  # --init data, as the trainer's default
     opt_ = ScheduleFreeSignSGD(sae.parameters(), lr=5e-3 / (args.d_sae / 2**14) ** 0.5)
     tracker = TrainTracker(args.d_sae, 1_000_000, 0.1)
-    bare_cfg = TrainConfig(model=args.model, layer=args.layer, arch="topk", k=args.k, d_sae=args.d_sae)
+    bare_cfg = TrainConfig(
+        model=args.model, layer=args.layer, arch="topk", k=args.k, d_sae=args.d_sae
+    )
     xt = torch.from_numpy(shuffled)
     t0 = time.perf_counter()
     n = 0
     for b0 in range(0, len(xt) - args.batch + 1, args.batch):
-        train_step(sae, opt_, xt[b0 : b0 + args.batch], tracker, bare_cfg, min(args.d_sae, shuffled.shape[1] // 2))
+        train_step(
+            sae,
+            opt_,
+            xt[b0 : b0 + args.batch],
+            tracker,
+            bare_cfg,
+            min(args.d_sae, shuffled.shape[1] // 2),
+        )
         n += args.batch
     bare_s = time.perf_counter() - t0
-    rows_out.append({"trainer": "bare in-memory loop, the same recipe (signum)", "tokens": n, "tok_s": n / bare_s,
-                     "fvu": float("nan"), "l0": float("nan"), "dead": float("nan")})  # fmt: skip
+    rows_out.append(
+        {
+            "trainer": "bare in-memory loop, the same recipe (signum)",
+            "tokens": n,
+            "tok_s": n / bare_s,
+            "fvu": float("nan"),
+            "l0": float("nan"),
+            "dead": float("nan"),
+        }
+    )
 
     work = Path(tempfile.mkdtemp(prefix="peers-"))
     np.save(work / "rows.npy", shuffled)
-    peers = [("sparsify", args.sparsify_python, SPARSIFY, "EleutherAI sparsify (SignSGD + Schedule-Free, its defaults)"),
-             ("saelens", args.saelens_python, SAELENS, "SAELens (TopKTrainingSAE + SAETrainer, its defaults)")]  # fmt: skip
+    peers = [
+        (
+            "sparsify",
+            args.sparsify_python,
+            SPARSIFY,
+            "EleutherAI sparsify (SignSGD + Schedule-Free, its defaults)",
+        ),
+        (
+            "saelens",
+            args.saelens_python,
+            SAELENS,
+            "SAELens (TopKTrainingSAE + SAETrainer, its defaults)",
+        ),
+    ]
     for key, python, script, label in peers:
         if not python:
             continue
-        spec = {"rows": str(work / "rows.npy"), "k": args.k, "d_sae": args.d_sae, "batch": args.batch,
-                "threads": args.threads, "seed": 0, "out": str(work / key)}  # fmt: skip
+        spec = {
+            "rows": str(work / "rows.npy"),
+            "k": args.k,
+            "d_sae": args.d_sae,
+            "batch": args.batch,
+            "threads": args.threads,
+            "seed": 0,
+            "out": str(work / key),
+        }
         info = run_peer(python, script, spec)
         if info is None:
             continue
@@ -262,23 +334,38 @@ def main() -> None:
             m = sparsify_weights(str(work / key), eval_x, x_train, args.k)
         else:
             m = saelens_weights(str(work / key), eval_x, x_train)
-        rows_out.append({"trainer": label, "tokens": info["tokens"], "tok_s": info["tokens"] / info["seconds"], **m})
+        rows_out.append(
+            {
+                "trainer": label,
+                "tokens": info["tokens"],
+                "tok_s": info["tokens"] / info["seconds"],
+                **m,
+            }
+        )
 
     base = next(r for r in rows_out if r["trainer"].startswith("bare"))["tok_s"]
-    print(f"\n{args.model} layer {args.layer}: TopK k {args.k}, d_sae {args.d_sae}, batch {args.batch}, "
-          f"{len(x_train):,} training rows (one epoch), {len(eval_x):,} held-out rows, {args.threads} threads")  # fmt: skip
+    print(
+        f"\n{args.model} layer {args.layer}: TopK k {args.k}, d_sae {args.d_sae}, batch {args.batch}, "
+        f"{len(x_train):,} training rows (one epoch), {len(eval_x):,} held-out rows, {args.threads} threads"
+    )
     print(
         "tokens/s: the training loop (streaming, shuffling, steps and the held-out curve points; actstore's own clock); "
         "steps only: the same without the held-out evaluations; end to end adds opening the store, the input "
         "statistics, the held-out rows and saving"
     )
-    print("| trainer | tokens | tokens/s | vs bare loop | steps only | end to end | held-out FVU | L0 | dead |")
+    print(
+        "| trainer | tokens | tokens/s | vs bare loop | steps only | end to end | held-out FVU | L0 | dead |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows_out:
         e2e = f"{r['e2e']:,.0f} ({r['e2e'] / base:.2f}x)" if "e2e" in r else ""
-        steps = f"{r['steps_only']:,.0f} ({r['steps_only'] / base:.2f}x)" if "steps_only" in r else ""
-        print(f"| {r['trainer']} | {r['tokens']:,} | {r['tok_s']:,.0f} | {r['tok_s'] / base:.2f}x | {steps} | {e2e} | "
-              f"{r['fvu']:.3f} | {r['l0']:.1f} | {r['dead']:.1%} |")  # fmt: skip
+        steps = (
+            f"{r['steps_only']:,.0f} ({r['steps_only'] / base:.2f}x)" if "steps_only" in r else ""
+        )
+        print(
+            f"| {r['trainer']} | {r['tokens']:,} | {r['tok_s']:,.0f} | {r['tok_s'] / base:.2f}x | {steps} | {e2e} | "
+            f"{r['fvu']:.3f} | {r['l0']:.1f} | {r['dead']:.1%} |"
+        )
 
 
 if __name__ == "__main__":

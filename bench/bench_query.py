@@ -46,17 +46,43 @@ def build_store(root: Path, n_docs: int, d_sae: int = 1024, k: int = 128) -> str
         model_dir = root / "tiny-bert"
         if not (model_dir / "config.json").exists():
             torch.manual_seed(0)
-            cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
-                             max_position_embeddings=512)  # fmt: skip
+            cfg = BertConfig(
+                vocab_size=30522,
+                hidden_size=32,
+                num_hidden_layers=3,
+                num_attention_heads=2,
+                intermediate_size=64,
+                max_position_embeddings=512,
+            )
             BertModel(cfg).save_pretrained(model_dir)
-            AutoTokenizer.from_pretrained(resolve_model("bundled:minilm")).save_pretrained(model_dir)
-        ecfg = ExtractConfig(model=str(model_dir), data=DataConfig(str(IMDB), limit=n_docs), layers=[2], name="tiny",
-                             codec="fp16", batch_size=32, device="cpu")  # fmt: skip
+            AutoTokenizer.from_pretrained(resolve_model("bundled:minilm")).save_pretrained(
+                model_dir
+            )
+        ecfg = ExtractConfig(
+            model=str(model_dir),
+            data=DataConfig(str(IMDB), limit=n_docs),
+            layers=[2],
+            name="tiny",
+            codec="fp16",
+            batch_size=32,
+            device="cpu",
+        )
         extract(str(path), ecfg, progress=False)
         st = actstore.open_store(str(path), writable=True)
         torch.manual_seed(0)
         tk = st.model_info("tiny").tokenization
-        sae = SAE(SAEConfig(arch="topk", d_in=32, d_sae=d_sae, k=k, model="tiny", layer=2, tokenization=tk, name="bench"))
+        sae = SAE(
+            SAEConfig(
+                arch="topk",
+                d_in=32,
+                d_sae=d_sae,
+                k=k,
+                model="tiny",
+                layer=2,
+                tokenization=tk,
+                name="bench",
+            )
+        )
         with torch.no_grad():  # uneven feature frequencies, like a trained SAE
             sae.b_enc.copy_(torch.linspace(-2.0, 1.0, d_sae)[torch.randperm(d_sae)])
         save_sae(st, sae, "bench")
@@ -77,7 +103,9 @@ def timeit(fn, repeat: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--docs", type=int, default=1600, help="IMDb reviews in the store")
-    ap.add_argument("--dir", default="/tmp/actstore-bench", help="where the store is built and kept")
+    ap.add_argument(
+        "--dir", default="/tmp/actstore-bench", help="where the store is built and kept"
+    )
     ap.add_argument("--repeat", type=int, default=15)
     args = ap.parse_args()
     import polars as pl
@@ -95,11 +123,15 @@ def main() -> None:
     res = encode(st, EncodeConfig(sae="bench"), progress=False)
     man = tables.resolve_sae(st, sae="bench")
     n_feat_rows = man.n_feature_rows
-    print(f"store: {path}: {man.n_rows:,} token rows, {n_feat_rows:,} feature rows"
-          + ("" if res.skipped else f" (encoded in {res.seconds:.1f}s)"))  # fmt: skip
+    print(
+        f"store: {path}: {man.n_rows:,} token rows, {n_feat_rows:,} feature rows"
+        + ("" if res.skipped else f" (encoded in {res.seconds:.1f}s)")
+    )
     n_bytes = sum(os.path.getsize(f) for f in man.files)
-    print(f"parquet: {n_bytes / 2**20:.1f} MiB, {n_bytes / n_feat_rows:.2f} bytes per feature row, "
-          f"{sum(pq.ParquetFile(f).metadata.num_row_groups for f in man.files)} row groups")  # fmt: skip
+    print(
+        f"parquet: {n_bytes / 2**20:.1f} MiB, {n_bytes / n_feat_rows:.2f} bytes per feature row, "
+        f"{sum(pq.ParquetFile(f).metadata.num_row_groups for f in man.files)} row groups"
+    )
 
     # token-ordered copy: same rows, same row-group size, sorted by token row
     copy = root / f"imdb{args.docs}-token-ordered.parquet"
@@ -108,7 +140,12 @@ def main() -> None:
         pq.write_table(t, copy, row_group_size=16384, compression="zstd")
         del t
 
-    stats = actstore.feature_stats(st, "bench").filter(pl.col("n_active") > 0).sort("n_active").collect()
+    stats = (
+        actstore.feature_stats(st, "bench")
+        .filter(pl.col("n_active") > 0)
+        .sort("n_active")
+        .collect()
+    )
     picks = {
         "rare (p10)": stats.row(int(stats.height * 0.1), named=True),
         "typical (median)": stats.row(stats.height // 2, named=True),
@@ -118,27 +155,46 @@ def main() -> None:
     con = actstore.connect(st)
     lookup = "SELECT row, value FROM features WHERE sae = $sae AND feature = $f ORDER BY value DESC, row LIMIT 20"
     scan = f"SELECT row, value FROM read_parquet('{copy}') WHERE feature = $f ORDER BY value DESC, row LIMIT 20"
-    rw = actstore.connect(st, read_only=False)  # the copy lies outside the store: the read-only connection may not read it
+    rw = actstore.connect(
+        st, read_only=False
+    )  # the copy lies outside the store: the read-only connection may not read it
     t0 = time.perf_counter()
     lookups.top_tokens(st, int(picks["typical (median)"]["feature"]), sae="bench", n=20, context=8)
-    print(f"first top_tokens in the process (builds the token context): {(time.perf_counter() - t0) * 1e3:.0f} ms")
-    print(f"\n{'feature':>24} {'rows':>9} {'lookup ms':>10} {'scan ms':>9} {'speed-up':>9} | {'top_tokens ms':>13} "
-          f"{'no con ms':>10} {'SQL join ms':>12} {'speed-up':>9}")  # fmt: skip
+    print(
+        f"first top_tokens in the process (builds the token context): {(time.perf_counter() - t0) * 1e3:.0f} ms"
+    )
+    print(
+        f"\n{'feature':>24} {'rows':>9} {'lookup ms':>10} {'scan ms':>9} {'speed-up':>9} | {'top_tokens ms':>13} "
+        f"{'no con ms':>10} {'SQL join ms':>12} {'speed-up':>9}"
+    )
     for label, row in picks.items():
         f = int(row["feature"])
         a = con.execute(lookup, {"sae": "bench", "f": f}).fetchall()
         b = rw.execute(scan, {"f": f}).fetchall()
         assert a == b, "lookup and scan disagree"
         params = {"sae": "bench", "feature": f, "n": 20, "context": 8}
-        assert lookups.top_tokens(st, f, sae="bench", con=con).equals(named.run_query(st, "top_tokens", params, con=con))
-        t_lookup = timeit(lambda f=f: con.execute(lookup, {"sae": "bench", "f": f}).fetchall(), args.repeat)
+        assert lookups.top_tokens(st, f, sae="bench", con=con).equals(
+            named.run_query(st, "top_tokens", params, con=con)
+        )
+        t_lookup = timeit(
+            lambda f=f: con.execute(lookup, {"sae": "bench", "f": f}).fetchall(), args.repeat
+        )
         t_scan = timeit(lambda f=f: rw.execute(scan, {"f": f}).fetchall(), max(3, args.repeat // 3))
-        t_top = timeit(lambda f=f: lookups.top_tokens(st, f, sae="bench", n=20, context=8, con=con), args.repeat)
-        t_nocon = timeit(lambda f=f: lookups.top_tokens(st, f, sae="bench", n=20, context=8), args.repeat)
-        t_sql = timeit(lambda p=params: named.run_query(st, "top_tokens", p, con=con), max(3, args.repeat // 3))
-        print(f"{label + ' ' + str(f):>24} {row['n_active']:>9,} {t_lookup * 1e3:>10.1f} {t_scan * 1e3:>9.1f} "
-              f"{t_scan / t_lookup:>8.1f}x | {t_top * 1e3:>13.1f} {t_nocon * 1e3:>10.1f} {t_sql * 1e3:>12.1f} "
-              f"{t_sql / t_top:>8.1f}x")  # fmt: skip
+        t_top = timeit(
+            lambda f=f: lookups.top_tokens(st, f, sae="bench", n=20, context=8, con=con),
+            args.repeat,
+        )
+        t_nocon = timeit(
+            lambda f=f: lookups.top_tokens(st, f, sae="bench", n=20, context=8), args.repeat
+        )
+        t_sql = timeit(
+            lambda p=params: named.run_query(st, "top_tokens", p, con=con), max(3, args.repeat // 3)
+        )
+        print(
+            f"{label + ' ' + str(f):>24} {row['n_active']:>9,} {t_lookup * 1e3:>10.1f} {t_scan * 1e3:>9.1f} "
+            f"{t_scan / t_lookup:>8.1f}x | {t_top * 1e3:>13.1f} {t_nocon * 1e3:>10.1f} {t_sql * 1e3:>12.1f} "
+            f"{t_sql / t_top:>8.1f}x"
+        )
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
 

@@ -38,9 +38,11 @@ def main() -> None:
     counter = Counter()
     proxy = counting_proxy(moto.get_host_and_port()[1], counter)
     os.environ.update(
-        AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
         AWS_ENDPOINT_URL=f"http://127.0.0.1:{proxy.server_address[1]}",
-    )  # fmt: skip
+    )
     import boto3
 
     boto3.client("s3").create_bucket(Bucket="bench")
@@ -60,14 +62,37 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_remote_"))
     local = str(tmp / "store.zarr")
     t = time.perf_counter()
-    extract(local, ExtractConfig(model="bundled:minilm", data=DataConfig(str(SHARED / "imdb.jsonl.gz"), limit=args.docs),
-                                 layers=[args.layer], codec="fp16", chunk_rows=4096, device="cpu"), progress=False)  # fmt: skip
+    extract(
+        local,
+        ExtractConfig(
+            model="bundled:minilm",
+            data=DataConfig(str(SHARED / "imdb.jsonl.gz"), limit=args.docs),
+            layers=[args.layer],
+            codec="fp16",
+            chunk_rows=4096,
+            device="cpu",
+        ),
+        progress=False,
+    )
     st = open_store(local, writable=True)
-    train_sae(st, TrainConfig(model="minilm", layer=args.layer, d_sae=1536, epochs=1, batch_size=1024, name="s", device="cpu"),
-              progress=False)  # fmt: skip
+    train_sae(
+        st,
+        TrainConfig(
+            model="minilm",
+            layer=args.layer,
+            d_sae=1536,
+            epochs=1,
+            batch_size=1024,
+            name="s",
+            device="cpu",
+        ),
+        progress=False,
+    )
     encode(st, EncodeConfig(sae="s", row_group_rows=4096, n_buckets=8), progress=False)
     n_tokens = len(st.activations("minilm", args.layer))
-    print(f"built local store: {n_tokens} tokens, layer {args.layer}, in {time.perf_counter() - t:.0f}s")
+    print(
+        f"built local store: {n_tokens} tokens, layer {args.layer}, in {time.perf_counter() - t:.0f}s"
+    )
 
     url = "s3://bench/store"
     counter.reset()
@@ -76,8 +101,10 @@ def main() -> None:
     up_s = time.perf_counter() - t
     store_bytes = sum(p.stat().st_size for p in Path(local).rglob("*") if p.is_file())
     feat_bytes = sum(p.stat().st_size for p in (Path(local) / "features").rglob("*.parquet"))
-    print(f"copy local -> s3: {res.n_objects} objects, {store_bytes / 2**20:.1f} MiB in {up_s:.1f}s "
-          f"({store_bytes / 2**20 / up_s:.1f} MiB/s)")  # fmt: skip
+    print(
+        f"copy local -> s3: {res.n_objects} objects, {store_bytes / 2**20:.1f} MiB in {up_s:.1f}s "
+        f"({store_bytes / 2**20 / up_s:.1f} MiB/s)"
+    )
 
     # 1) bytes fetched by one top-tokens query, opening the store cold by URL
     rows = []
@@ -88,10 +115,16 @@ def main() -> None:
         top = top_tokens(remote, feature=feature, sae="s", n=20)
         secs = time.perf_counter() - t
         rows.append((feature, counter.bytes, counter.requests, secs, top.height))
-    print(f"\nstore size {store_bytes / 2**20:.2f} MiB (features tables {feat_bytes / 2**20:.2f} MiB)")
-    print("top-tokens over s3 (cold open + query): feature, bytes fetched, requests, fraction of store, seconds")
+    print(
+        f"\nstore size {store_bytes / 2**20:.2f} MiB (features tables {feat_bytes / 2**20:.2f} MiB)"
+    )
+    print(
+        "top-tokens over s3 (cold open + query): feature, bytes fetched, requests, fraction of store, seconds"
+    )
     for f, b, r, s, h in rows:
-        print(f"  {f:>4}  {b / 2**20:8.2f} MiB  {r:5d}  {b / store_bytes:6.1%}  {s:5.2f}s  ({h} rows)")
+        print(
+            f"  {f:>4}  {b / 2**20:8.2f} MiB  {r:5d}  {b / store_bytes:6.1%}  {s:5.2f}s  ({h} rows)"
+        )
 
     # 2) streaming read MB/s: local vs s3 on loopback; s3 as before (s3fs's default max_concurrency=10: a HEAD
     #    before every chunk GET) vs now (actstore passes max_concurrency=1: one GET per chunk)
@@ -107,11 +140,21 @@ def main() -> None:
         return best, reqs
 
     n_objects = -(-n_tokens // open_store(local).activations("minilm", args.layer).chunk_rows)
-    (loc_mb, _), (s3_mb, s3_req), (old_mb, old_req) = stream(local), stream(url), stream(url, max_concurrency=10)
-    print(f"\nstreaming read of layer {args.layer} ({n_objects} shard objects; decoded float32 MiB/s, best of {args.repeat}):")
+    (loc_mb, _), (s3_mb, s3_req), (old_mb, old_req) = (
+        stream(local),
+        stream(url),
+        stream(url, max_concurrency=10),
+    )
+    print(
+        f"\nstreaming read of layer {args.layer} ({n_objects} shard objects; decoded float32 MiB/s, best of {args.repeat}):"
+    )
     print(f"  local                          {loc_mb:8.1f} MiB/s   (baseline 1.00)")
-    print(f"  s3, one GET per shard (now)    {s3_mb:8.1f} MiB/s   ({s3_mb / loc_mb:.2f}x local; {s3_req} requests)")
-    print(f"  s3, HEAD + GET (s3fs default)  {old_mb:8.1f} MiB/s   ({old_mb / loc_mb:.2f}x local; {old_req} requests)")
+    print(
+        f"  s3, one GET per shard (now)    {s3_mb:8.1f} MiB/s   ({s3_mb / loc_mb:.2f}x local; {s3_req} requests)"
+    )
+    print(
+        f"  s3, HEAD + GET (s3fs default)  {old_mb:8.1f} MiB/s   ({old_mb / loc_mb:.2f}x local; {old_req} requests)"
+    )
 
     # 3) the Zarr side alone: zarr's FsspecStore (as actstore opens it) vs zarr's ObjectStore (obstore), whole array
     import zarr
@@ -130,19 +173,41 @@ def main() -> None:
         from obstore.store import S3Store
 
         endpoint = os.environ["AWS_ENDPOINT_URL"]
-        obs = zarr.storage.ObjectStore(S3Store("bench", prefix="store", endpoint=endpoint, region="us-east-1",
-                                               client_options={"allow_http": True}), read_only=True)  # fmt: skip
+        obs = zarr.storage.ObjectStore(
+            S3Store(
+                "bench",
+                prefix="store",
+                endpoint=endpoint,
+                region="us-east-1",
+                client_options={"allow_http": True},
+            ),
+            read_only=True,
+        )
         obs_mb = zarr_read(obs)
-        print(f"\nzarr alone, stored bytes MiB/s: FsspecStore (max_concurrency=1) {fs_mb:.1f}; ObjectStore (obstore) "
-              f"{obs_mb:.1f} ({obs_mb / fs_mb:.2f}x)")  # fmt: skip
+        print(
+            f"\nzarr alone, stored bytes MiB/s: FsspecStore (max_concurrency=1) {fs_mb:.1f}; ObjectStore (obstore) "
+            f"{obs_mb:.1f} ({obs_mb / fs_mb:.2f}x)"
+        )
     except ImportError:
-        print(f"\nzarr alone, stored bytes MiB/s: FsspecStore (max_concurrency=1) {fs_mb:.1f}; obstore not installed")
+        print(
+            f"\nzarr alone, stored bytes MiB/s: FsspecStore (max_concurrency=1) {fs_mb:.1f}; obstore not installed"
+        )
 
     # 4) four random token rows: bytes fetched from a sharded layer (format 2) vs the same rows unsharded (format 1)
     flat = str(tmp / "flat.zarr")
-    extract(flat, ExtractConfig(model="bundled:minilm", data=DataConfig(str(SHARED / "imdb.jsonl.gz"), limit=args.docs),
-                                layers=[args.layer], codec="fp16", chunk_rows=4096, inner_rows=0, device="cpu"),
-            progress=False)  # fmt: skip
+    extract(
+        flat,
+        ExtractConfig(
+            model="bundled:minilm",
+            data=DataConfig(str(SHARED / "imdb.jsonl.gz"), limit=args.docs),
+            layers=[args.layer],
+            codec="fp16",
+            chunk_rows=4096,
+            inner_rows=0,
+            device="cpu",
+        ),
+        progress=False,
+    )
     copy_store(CopyConfig(flat, "s3://bench/flat", jobs=8))
     rows = np.random.default_rng(0).choice(n_tokens, size=4, replace=False)
     fetched = {}
@@ -157,7 +222,9 @@ def main() -> None:
         f"\n4 random rows of layer {args.layer}: sharded {sb / 1024:.0f} KiB in {sr} requests, unsharded "
         f"{ub / 1024:.0f} KiB in {ur} requests ({ub / max(sb, 1):.1f}x fewer bytes sharded)"
     )
-    print(f"\nmachine: {platform.machine()} {os.cpu_count()} cores, python {platform.python_version()}")
+    print(
+        f"\nmachine: {platform.machine()} {os.cpu_count()} cores, python {platform.python_version()}"
+    )
     moto.stop()
     proxy.shutdown()
 

@@ -36,15 +36,31 @@ from bench_peers import SAELENS, SPARSIFY, run_peer, saelens_weights, sparsify_w
 
 CANDIDATES = {
     "default": {},
-    "signum (sparsify's lr)": {"optimizer": "signum", "lr_scale": 1.0, "lr_warmup": 0.0, "lr_decay": 0.0},
+    "signum (sparsify's lr)": {
+        "optimizer": "signum",
+        "lr_scale": 1.0,
+        "lr_warmup": 0.0,
+        "lr_decay": 0.0,
+    },
     "signum lr/4": {"optimizer": "signum", "lr_scale": 0.25, "lr_warmup": 0.0, "lr_decay": 0.0},
     "adam 5e-4": {"optimizer": "adam", "lr": 5e-4, "lr_warmup": 0.0, "lr_decay": 0.0},
     "adam 1e-3": {"optimizer": "adam", "lr": 1e-3, "lr_warmup": 0.0, "lr_decay": 0.0},
-    "adam 5e-4, no AuxK": {"optimizer": "adam", "lr": 5e-4, "aux_coef": 0.0, "lr_warmup": 0.0, "lr_decay": 0.0},
+    "adam 5e-4, no AuxK": {
+        "optimizer": "adam",
+        "lr": 5e-4,
+        "aux_coef": 0.0,
+        "lr_warmup": 0.0,
+        "lr_decay": 0.0,
+    },
     "adam 5e-4 decay": {"optimizer": "adam", "lr": 5e-4, "lr_decay": 0.2},
     "adam 1e-3 decay": {"optimizer": "adam", "lr": 1e-3, "lr_decay": 0.2},
     "adam 2e-3 decay": {"optimizer": "adam", "lr": 2e-3, "lr_decay": 0.2},
-    "adam 1e-3 warm-up+decay": {"optimizer": "adam", "lr": 1e-3, "lr_warmup": 0.05, "lr_decay": 0.2},
+    "adam 1e-3 warm-up+decay": {
+        "optimizer": "adam",
+        "lr": 1e-3,
+        "lr_warmup": 0.05,
+        "lr_decay": 0.2,
+    },
     "budget lr, warm-up+decay": {"optimizer": "adam", "lr_warmup": 0.05, "lr_decay": 0.2},
     "default, resample 4": {"resample": 4},
 }
@@ -77,7 +93,9 @@ def step_rate(cfg: Any, x: np.ndarray, steps: int = 40) -> float:
     r = cfg.resolve(x.shape[1])
     d_sae, k, aux_k = r.d_sae, r.k, r.aux_k
     sae = SAE(SAEConfig(arch=str(cfg.arch), d_in=x.shape[1], d_sae=d_sae, k=k, norm_scale=1.0))
-    sae.init_from_rows(torch.from_numpy(x[:d_sae] if len(x) >= d_sae else np.resize(x, (d_sae, x.shape[1]))))
+    sae.init_from_rows(
+        torch.from_numpy(x[:d_sae] if len(x) >= d_sae else np.resize(x, (d_sae, x.shape[1])))
+    )
     opt = make_optimizer(str(cfg.optimizer), sae.parameters(), cfg.learning_rate(d_sae))
     tracker = TrainTracker(d_sae, cfg.dead_window, 0.1)
     xt = torch.from_numpy(x)
@@ -97,7 +115,9 @@ def synthetic_store(path: Path, n_rows: int, d: int) -> None:
     from actstore.testing.synthetic import planted_dictionary, write_synthetic_store
 
     pd = planted_dictionary(d, 4096, 32, seed=7, zipf=0.7, noise=0.05)
-    write_synthetic_store(str(path), pd.rows(n_rows), n_rows, d, model="synth", layer=0, sample_len=128)
+    write_synthetic_store(
+        str(path), pd.rows(n_rows), n_rows, d, model="synth", layer=0, sample_len=128
+    )
 
 
 def peer_rows(acts: Any, eval_rows: np.ndarray, budget: int, path: Path, seed: int = 0) -> None:
@@ -124,9 +144,16 @@ def peer_rows(acts: Any, eval_rows: np.ndarray, budget: int, path: Path, seed: i
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--store", default=None)
-    ap.add_argument("--synthetic", type=int, default=None, help="Rows of a planted store made here (instead of --store).")
+    ap.add_argument(
+        "--synthetic",
+        type=int,
+        default=None,
+        help="Rows of a planted store made here (instead of --store).",
+    )
     ap.add_argument("--model", default="synth")
     ap.add_argument("--layer", type=int, default=0)
     ap.add_argument("--tokens", default="200000,2000000")
@@ -142,10 +169,16 @@ def main() -> None:
         help="Peers also trained on the same rows (topk), comma-separated: "
         "sparsify, saelens, sparsify-default (sparsify's loop at actstore's default optimizer and lr).",
     )
-    ap.add_argument("--synthetic-d", type=int, default=384, help="Width of the --synthetic store's rows.")
-    ap.add_argument("--full-pass-rows", type=int, default=2_100_000,
-                    help="Rows the never-firing count reads (the whole store when smaller; a synthetic store's rows are "
-                    "independent draws, so its first rows are a fair sample).")  # fmt: skip
+    ap.add_argument(
+        "--synthetic-d", type=int, default=384, help="Width of the --synthetic store's rows."
+    )
+    ap.add_argument(
+        "--full-pass-rows",
+        type=int,
+        default=2_100_000,
+        help="Rows the never-firing count reads (the whole store when smaller; a synthetic store's rows are "
+        "independent draws, so its first rows are a fair sample).",
+    )
     args = ap.parse_args()
 
     import actstore
@@ -162,17 +195,31 @@ def main() -> None:
             print(f"synthetic store: {args.synthetic:,} rows in {time.perf_counter() - t0:.0f} s")
         src = actstore.open_store(args.store)
         acts = src.activations(args.model, args.layer)
-        print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {args.threads} torch thread(s) per run, "
-              f"{parallel_steps(args.threads, len(picks))} runs stepping at once; store {args.store}: {args.model} layer "
-              f"{args.layer}, {len(acts):,} rows x {acts.d_model}; {args.arch} d_sae {args.d_sae} k {args.k}, batch "
-              f"{args.batch_size}; {time.strftime('%Y-%m-%d')}")  # fmt: skip
+        print(
+            f"machine: {platform.machine()}, {os.cpu_count()} cores, {args.threads} torch thread(s) per run, "
+            f"{parallel_steps(args.threads, len(picks))} runs stepping at once; store {args.store}: {args.model} layer "
+            f"{args.layer}, {len(acts):,} rows x {acts.d_model}; {args.arch} d_sae {args.d_sae} k {args.k}, batch "
+            f"{args.batch_size}; {time.strftime('%Y-%m-%d')}"
+        )
         budgets = [int(t) for t in args.tokens.split(",")]
-        base = TrainConfig(model=args.model, layer=args.layer, arch=args.arch, d_sae=args.d_sae, k=args.k, tokens=budgets[0],
-                           batch_size=args.batch_size, device="cpu", threads=args.threads, task_samples=0)  # fmt: skip
+        base = TrainConfig(
+            model=args.model,
+            layer=args.layer,
+            arch=args.arch,
+            d_sae=args.d_sae,
+            k=args.k,
+            tokens=budgets[0],
+            batch_size=args.batch_size,
+            device="cpu",
+            threads=args.threads,
+            task_samples=0,
+        )
         batch = acts[: args.batch_size]
         cfgs = {name: candidate(base, change, args.d_sae) for name, change in picks.items()}
         rates = {name: step_rate(cfg, batch) for name, cfg in cfgs.items()}
-        print("| tokens | recipe | held-out FVU | L0 | never fire (held-out) | never fire (full pass) | step tok/s (1 thread) |")
+        print(
+            "| tokens | recipe | held-out FVU | L0 | never fire (held-out) | never fire (full pass) | step tok/s (1 thread) |"
+        )
         print("|---|---|---|---|---|---|---|")
         for budget in budgets:
             one_budget(args, budget, cfgs, rates, scratch, train_together)
@@ -188,14 +235,27 @@ def candidate(base: Any, change: dict[str, Any], d_sae: int) -> Any:
     return cfg
 
 
-def one_budget(args: Any, budget: int, cfgs: dict[str, Any], rates: dict[str, float], scratch: Path,
-               train_together: Any) -> None:  # fmt: skip
+def one_budget(
+    args: Any,
+    budget: int,
+    cfgs: dict[str, Any],
+    rates: dict[str, float],
+    scratch: Path,
+    train_together: Any,
+) -> None:
     import actstore
 
     work = scratch / "s.zarr"
     shutil.rmtree(work, ignore_errors=True)
-    shutil.copytree(args.store, work, ignore=shutil.ignore_patterns("saes", "features", "locks"), copy_function=os.link)
-    runs = [dataclasses.replace(cfg, name=f"r{i}", tokens=budget) for i, cfg in enumerate(cfgs.values())]
+    shutil.copytree(
+        args.store,
+        work,
+        ignore=shutil.ignore_patterns("saes", "features", "locks"),
+        copy_function=os.link,
+    )
+    runs = [
+        dataclasses.replace(cfg, name=f"r{i}", tokens=budget) for i, cfg in enumerate(cfgs.values())
+    ]
     results = train_together(str(work), runs, progress=False)
     st = actstore.open_store(str(work))
     rows = st.activations(args.model, args.layer)
@@ -205,8 +265,11 @@ def one_budget(args: Any, budget: int, cfgs: dict[str, Any], rates: dict[str, fl
     for name, res in zip(cfgs, results, strict=True):
         ev = res.metrics["eval"]
         full = never_fired(res.sae.cpu().eval(), counted)
-        print(f"| {res.tokens:,} | {name} | {ev['fvu']:.4f} | {ev['l0']:.1f} | {ev['dead_fraction']:.3f} | {full:.3f} | "
-              f"{rates[name]:,.0f} |", flush=True)  # fmt: skip
+        print(
+            f"| {res.tokens:,} | {name} | {ev['fvu']:.4f} | {ev['l0']:.1f} | {ev['dead_fraction']:.3f} | {full:.3f} | "
+            f"{rates[name]:,.0f} |",
+            flush=True,
+        )
     wanted = [p for p in args.peers.split(",") if p]
     if not wanted or args.arch != "topk":
         return
@@ -214,10 +277,23 @@ def one_budget(args: Any, budget: int, cfgs: dict[str, Any], rates: dict[str, fl
     peer_rows(rows, eval_rows, budget, npy)
     default = runs[list(cfgs).index("default")] if "default" in cfgs else runs[0]
     lr = default.learning_rate(args.d_sae, budget)
-    spec = {"rows": str(npy), "k": args.k, "d_sae": args.d_sae, "batch": args.batch_size, "threads": 2, "seed": 0}
-    peers = {"sparsify": ("sparsify (its defaults)", SPARSIFY, {}), "saelens": ("SAELens (its defaults)", SAELENS, {}),
-             "sparsify-default": (f"sparsify's loop at actstore's default ({default.optimizer} {lr:.2g}, constant)",
-                                  SPARSIFY, {"optimizer": default.optimizer, "lr": lr})}  # fmt: skip
+    spec = {
+        "rows": str(npy),
+        "k": args.k,
+        "d_sae": args.d_sae,
+        "batch": args.batch_size,
+        "threads": 2,
+        "seed": 0,
+    }
+    peers = {
+        "sparsify": ("sparsify (its defaults)", SPARSIFY, {}),
+        "saelens": ("SAELens (its defaults)", SAELENS, {}),
+        "sparsify-default": (
+            f"sparsify's loop at actstore's default ({default.optimizer} {lr:.2g}, constant)",
+            SPARSIFY,
+            {"optimizer": default.optimizer, "lr": lr},
+        ),
+    }
     for label, script, extra in (peers[p] for p in wanted):
         out = scratch / "peer"
         shutil.rmtree(out, ignore_errors=True)
@@ -230,8 +306,11 @@ def one_budget(args: Any, budget: int, cfgs: dict[str, Any], rates: dict[str, fl
             m = sparsify_weights(str(out), eval_x, counted, args.k)
         else:
             m = saelens_weights(str(out), eval_x, counted)
-        print(f"| {info['tokens']:,} | {label} | {m['fvu']:.4f} | {m['l0']:.1f} | – | {m['dead']:.3f} | "
-              f"{info['tokens'] / info['seconds']:,.0f} (2 threads, in memory; {secs:.0f} s) |", flush=True)  # fmt: skip
+        print(
+            f"| {info['tokens']:,} | {label} | {m['fvu']:.4f} | {m['l0']:.1f} | – | {m['dead']:.3f} | "
+            f"{info['tokens'] / info['seconds']:,.0f} (2 threads, in memory; {secs:.0f} s) |",
+            flush=True,
+        )
     npy.unlink()
 
 

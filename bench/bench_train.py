@@ -31,7 +31,9 @@ def synth_store(path: Path, rows: int, d: int) -> str:
 
     if not (path / "zarr.json").exists():
         pd = planted_dictionary(d, 4 * d, 8, seed=1)
-        write_synthetic_store(str(path), pd.rows(rows, block=16384), rows, d, sample_len=128, chunk_rows=4096)
+        write_synthetic_store(
+            str(path), pd.rows(rows, block=16384), rows, d, sample_len=128, chunk_rows=4096
+        )
     return str(path)
 
 
@@ -46,7 +48,15 @@ def in_memory_loop(x, cfg, d_sae: int, steps: int) -> float:
 
     d = x.shape[1]
     torch.manual_seed(0)
-    sae = SAE(SAEConfig(cfg.arch, d, d_sae, k=cfg.resolve(d).k, norm_scale=math.sqrt(d / float((x[:4096] ** 2).sum(1).mean()))))
+    sae = SAE(
+        SAEConfig(
+            cfg.arch,
+            d,
+            d_sae,
+            k=cfg.resolve(d).k,
+            norm_scale=math.sqrt(d / float((x[:4096] ** 2).sum(1).mean())),
+        )
+    )
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
     tracker = TrainTracker(d_sae, cfg.dead_window)
     aux_k = cfg.resolve(d).aux_k
@@ -72,32 +82,66 @@ def throughput(args) -> None:
     path = synth_store(Path(args.dir) / f"synth-{args.rows}-{args.d}.zarr", args.rows, args.d)
     st = actstore.open_store(path, writable=True)  # train_sae saves into it
     acts = st.activations("synth", 0)
-    x = torch.from_numpy(np.concatenate([c.values for c in acts.iter_chunks()]))  # (rows, d) in memory
-    print(f"throughput: {args.rows:,} rows x {args.d} (fp32 synthetic store, 4096-row chunks), d_sae {4 * args.d}, "
-          f"arch {args.arch}, batch {args.batch}, torch threads {torch.get_num_threads()}", flush=True)  # fmt: skip
+    x = torch.from_numpy(
+        np.concatenate([c.values for c in acts.iter_chunks()])
+    )  # (rows, d) in memory
+    print(
+        f"throughput: {args.rows:,} rows x {args.d} (fp32 synthetic store, 4096-row chunks), d_sae {4 * args.d}, "
+        f"arch {args.arch}, batch {args.batch}, torch threads {torch.get_num_threads()}",
+        flush=True,
+    )
     ratios: list[float] = []
     bare: list[float] = []
     for rep in range(args.reps):
-        cfg = TrainConfig(model="synth", layer=0, arch=args.arch, d_sae=4 * args.d, epochs=1, batch_size=args.batch,
-                          name="bench", overwrite=True, device="cpu", eval_fraction=0.01, checkpoint_every=0)  # fmt: skip
+        cfg = TrainConfig(
+            model="synth",
+            layer=0,
+            arch=args.arch,
+            d_sae=4 * args.d,
+            epochs=1,
+            batch_size=args.batch,
+            name="bench",
+            overwrite=True,
+            device="cpu",
+            eval_fraction=0.01,
+            checkpoint_every=0,
+        )
         res = train_sae(st, cfg, progress=False)
         mem = in_memory_loop(x, cfg, 4 * args.d, res.steps)
-        steps_only = res.steps / max(res.steps / res.steps_per_s - res.eval_seconds, 1e-9)  # without the curve evals
+        steps_only = res.steps / max(
+            res.steps / res.steps_per_s - res.eval_seconds, 1e-9
+        )  # without the curve evals
         ratios.append(res.steps_per_s / mem)
         bare.append(steps_only / mem)
-        print(f"  rep {rep}: store {res.steps_per_s:.2f} steps/s ({res.steps} steps; {steps_only:.2f} without the "
-              f"{cfg.eval_points} curve evals), in-memory {mem:.2f} steps/s, ratio {ratios[-1]:.3f} ({bare[-1]:.3f})",
-              flush=True)  # fmt: skip
-    print(f"  median ratio store / in-memory: {sorted(ratios)[len(ratios) // 2]:.3f}, steps only "
-          f"{sorted(bare)[len(bare) // 2]:.3f}")  # fmt: skip
+        print(
+            f"  rep {rep}: store {res.steps_per_s:.2f} steps/s ({res.steps} steps; {steps_only:.2f} without the "
+            f"{cfg.eval_points} curve evals), in-memory {mem:.2f} steps/s, ratio {ratios[-1]:.3f} ({bare[-1]:.3f})",
+            flush=True,
+        )
+    print(
+        f"  median ratio store / in-memory: {sorted(ratios)[len(ratios) // 2]:.3f}, steps only "
+        f"{sorted(bare)[len(bare) // 2]:.3f}"
+    )
 
 
 def rss_child(path: str) -> None:
     from actstore.sae.config import TrainConfig
     from actstore.sae.train import train_sae
 
-    cfg = TrainConfig(model="synth", layer=0, arch="topk", k=16, expansion=2, epochs=1, batch_size=1024, buffer_mb=16,
-                      name="rss", overwrite=True, device="cpu", checkpoint_every=0)  # fmt: skip
+    cfg = TrainConfig(
+        model="synth",
+        layer=0,
+        arch="topk",
+        k=16,
+        expansion=2,
+        epochs=1,
+        batch_size=1024,
+        buffer_mb=16,
+        name="rss",
+        overwrite=True,
+        device="cpu",
+        checkpoint_every=0,
+    )
     res = train_sae(path, cfg, progress=False)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"peak_mb": peak, "tokens": res.tokens, "steps": res.steps}))
@@ -111,11 +155,19 @@ def peak_rss(args) -> None:
         n = base * mult
         path = synth_store(Path(args.dir) / f"synth-{n}-{args.d}.zarr", n, args.d)
         data_mb = n * args.d * 4 / 2**20
-        r = subprocess.run([sys.executable, __file__, "--rss-child", path], capture_output=True, text=True, check=True)
+        r = subprocess.run(
+            [sys.executable, __file__, "--rss-child", path],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         m = json.loads(r.stdout.strip().splitlines()[-1])
         out.append(m["peak_mb"])
-        print(f"  {mult}x: {n:,} rows ({data_mb:,.0f} MiB float32): peak RSS {m['peak_mb']:,.0f} MiB, "
-              f"{m['tokens']:,} tokens trained", flush=True)  # fmt: skip
+        print(
+            f"  {mult}x: {n:,} rows ({data_mb:,.0f} MiB float32): peak RSS {m['peak_mb']:,.0f} MiB, "
+            f"{m['tokens']:,} tokens trained",
+            flush=True,
+        )
     print(f"  4x / 1x peak RSS: {out[1] / out[0]:.3f}")
 
 
@@ -130,27 +182,54 @@ def quality(args) -> None:
     path = Path(args.dir) / f"imdb-minilm-{args.docs}.zarr"
     data = Path(__file__).resolve().parents[2] / "shared" / "data" / "imdb.jsonl.gz"
     if not (path / "models").exists():
-        ecfg = ExtractConfig(model="bundled:minilm", data=DataConfig(str(data), limit=args.docs), layers=[2, 4, 6],
-                             name="minilm", max_length=128, codec="fp16", device="cpu", batch_size=16)  # fmt: skip
+        ecfg = ExtractConfig(
+            model="bundled:minilm",
+            data=DataConfig(str(data), limit=args.docs),
+            layers=[2, 4, 6],
+            name="minilm",
+            max_length=128,
+            codec="fp16",
+            device="cpu",
+            batch_size=16,
+        )
         extract(str(path), ecfg, progress=False)
     st = actstore.open_store(str(path))
     n = len(st.activations("minilm", 2))
-    print(f"quality: bundled MiniLM over {args.docs} IMDb reviews ({n:,} tokens, max length 128), d_sae 1024, "
-          f"{args.q_epochs} epochs (all runs, the paper preset included), batch 1024, 5% held out", flush=True)  # fmt: skip
-    runs = [("relu-l1 (paper)", {"preset": "paper", "epochs": args.q_epochs}),
-            ("relu-l1 l1=0.1 lr=5e-4", {"arch": "relu-l1", "d_sae": 1024, "l1": 0.1, "epochs": args.q_epochs}),
-            ("topk k=32", {"arch": "topk", "k": 32, "d_sae": 1024, "epochs": args.q_epochs}),
-            ("batchtopk k=32", {"arch": "batchtopk", "k": 32, "d_sae": 1024, "epochs": args.q_epochs})]  # fmt: skip
+    print(
+        f"quality: bundled MiniLM over {args.docs} IMDb reviews ({n:,} tokens, max length 128), d_sae 1024, "
+        f"{args.q_epochs} epochs (all runs, the paper preset included), batch 1024, 5% held out",
+        flush=True,
+    )
+    runs = [
+        ("relu-l1 (paper)", {"preset": "paper", "epochs": args.q_epochs}),
+        (
+            "relu-l1 l1=0.1 lr=5e-4",
+            {"arch": "relu-l1", "d_sae": 1024, "l1": 0.1, "epochs": args.q_epochs},
+        ),
+        ("topk k=32", {"arch": "topk", "k": 32, "d_sae": 1024, "epochs": args.q_epochs}),
+        ("batchtopk k=32", {"arch": "batchtopk", "k": 32, "d_sae": 1024, "epochs": args.q_epochs}),
+    ]
     print("| layer | SAE | held-out FVU | L0 | dead (train) | dense | steps/s |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for layer in (2, 4, 6):
         for label, kw in runs:
-            cfg = TrainConfig(model="minilm", layer=layer, batch_size=1024, overwrite=True, device="cpu", name="q",
-                              checkpoint_every=0, **kw)  # fmt: skip
+            cfg = TrainConfig(
+                model="minilm",
+                layer=layer,
+                batch_size=1024,
+                overwrite=True,
+                device="cpu",
+                name="q",
+                checkpoint_every=0,
+                **kw,
+            )
             r = train_sae(st, cfg, progress=False)
             ev = r.metrics["eval"]
-            print(f"| {layer} | {label} | {ev['fvu']:.3f} | {ev['l0']:.1f} | {r.metrics['train']['dead_fraction']:.3f} | "
-                  f"{ev['dense_fraction']:.3f} | {r.steps_per_s:.1f} |", flush=True)  # fmt: skip
+            print(
+                f"| {layer} | {label} | {ev['fvu']:.3f} | {ev['l0']:.1f} | {r.metrics['train']['dead_fraction']:.3f} | "
+                f"{ev['dense_fraction']:.3f} | {r.steps_per_s:.1f} |",
+                flush=True,
+            )
 
 
 def main() -> None:
@@ -162,11 +241,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--rss-rows", type=int, default=100_000)
-    ap.add_argument("--quality", action="store_true", help="also the MiniLM/IMDb quality table (slow)")
+    ap.add_argument(
+        "--quality", action="store_true", help="also the MiniLM/IMDb quality table (slow)"
+    )
     ap.add_argument("--only", choices=["throughput", "rss", "quality"], default=None)
     ap.add_argument("--docs", type=int, default=300)
     ap.add_argument("--q-epochs", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's choice)"
+    )
     ap.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:

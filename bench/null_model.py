@@ -58,8 +58,13 @@ def null_model(path: Path, d_model: int, n_layers: int) -> str:
 
     from actstore.models.names import resolve_model
 
-    cfg = BertConfig(hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=max(1, d_model // 64),
-                     intermediate_size=64, max_position_embeddings=512)  # fmt: skip
+    cfg = BertConfig(
+        hidden_size=d_model,
+        num_hidden_layers=n_layers,
+        num_attention_heads=max(1, d_model // 64),
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
     BertModel(cfg).save_pretrained(path)
     AutoTokenizer.from_pretrained(resolve_model("bundled:minilm")).save_pretrained(path)
     return str(path)
@@ -70,28 +75,42 @@ def null_tap(d_model: int, max_batch: int, max_len: int):
     preallocated buffer (a model's output is contiguous)."""
     cache: dict[int, torch.Tensor] = {}
 
-    def call(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[int, torch.Tensor]:
+    def call(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> dict[int, torch.Tensor]:
         b, w = input_ids.shape
         out = {}
         for layer in self.layers:
             if layer not in cache:
                 g = torch.Generator().manual_seed(layer)
-                cache[layer] = torch.randn(max_batch * max_len * d_model, generator=g) * (1 + torch.rand(1, generator=g))
+                cache[layer] = torch.randn(max_batch * max_len * d_model, generator=g) * (
+                    1 + torch.rand(1, generator=g)
+                )
             out[layer] = cache[layer][: b * w * d_model].view(b, w, d_model)
         return out
 
     return call
 
 
-def floor_seconds(sample: np.ndarray, n_rows: int, n_layers: int, shard_rows: int, inner_rows: int, compression: str,
-                  threads: int) -> float:  # fmt: skip
+def floor_seconds(
+    sample: np.ndarray,
+    n_rows: int,
+    n_layers: int,
+    shard_rows: int,
+    inner_rows: int,
+    compression: str,
+    threads: int,
+) -> float:
     """Seconds to write ``n_rows`` rows of ``n_layers`` layers of stored rows like ``sample`` (one shard's worth) as
     shard objects of checksummed inner chunks, by ``threads`` threads."""
     import google_crc32c
     from numcodecs import Zstd
 
     zstd = Zstd(level=1)
-    chunks = [np.ascontiguousarray(sample[i : i + inner_rows]).tobytes() for i in range(0, len(sample), inner_rows)]
+    chunks = [
+        np.ascontiguousarray(sample[i : i + inner_rows]).tobytes()
+        for i in range(0, len(sample), inner_rows)
+    ]
     n_shards = -(-n_rows // shard_rows) * n_layers
     out = Path(tempfile.mkdtemp(prefix="actstore-floor-", dir=os.environ.get("ACTSTORE_BENCH_DIR")))
 
@@ -101,7 +120,9 @@ def floor_seconds(sample: np.ndarray, n_rows: int, n_layers: int, shard_rows: in
             body = zstd.encode(c) if compression == "zstd" else c
             parts.append(body + google_crc32c.value(body).to_bytes(4, "little"))
         index = np.zeros(2 * len(parts), np.uint64).tobytes()
-        (out / str(i)).write_bytes(b"".join(parts) + index + google_crc32c.value(index).to_bytes(4, "little"))
+        (out / str(i)).write_bytes(
+            b"".join(parts) + index + google_crc32c.value(index).to_bytes(4, "little")
+        )
 
     try:
         t0 = time.perf_counter()
@@ -112,8 +133,14 @@ def floor_seconds(sample: np.ndarray, n_rows: int, n_layers: int, shard_rows: in
         shutil.rmtree(out, ignore_errors=True)
 
 
-def ceiling(shape: str, codecs_: list[str], writer_threads: list[int], compression: str, samples: int | None,
-            imdb: Path) -> list[dict]:  # fmt: skip
+def ceiling(
+    shape: str,
+    codecs_: list[str],
+    writer_threads: list[int],
+    compression: str,
+    samples: int | None,
+    imdb: Path,
+) -> list[dict]:
     """One row per (codec, writer threads): the unit phase's tok/s and values/s, and the floor's tok/s."""
     from actstore.data.corpora import DataConfig
     from actstore.format import codecs
@@ -131,24 +158,59 @@ def ceiling(shape: str, codecs_: list[str], writer_threads: list[int], compressi
             model = null_model(tmp / "model", d_model, max(layers))
             LayerTap.__call__ = null_tap(d_model, 32, max_length)  # type: ignore[method-assign]
             store, data = str(tmp / "s.zarr"), DataConfig(str(imdb), limit=n_samples)
-            base = dict(model=model, data=data, max_length=max_length, batch_size=32, device="cpu", compression=compression)
-            res = extract(store, ExtractConfig(layers=[0], codec="fp16", name="tokenize", **base), progress=False)  # type: ignore[arg-type]
+            base = dict(
+                model=model,
+                data=data,
+                max_length=max_length,
+                batch_size=32,
+                device="cpu",
+                compression=compression,
+            )
+            res = extract(
+                store,
+                ExtractConfig(layers=[0], codec="fp16", name="tokenize", **base),
+                progress=False,
+            )  # type: ignore[arg-type]
             n = res.n_tokens
             for codec in codecs_:
                 sample = null_rows_encoded(codec, d_model)
                 for threads in writer_threads:
                     timed.clear()
                     key = f"{codec}-w{threads}"
-                    cfg = ExtractConfig(layers=layers, codec=codec, name=key, writer_threads=threads, **base)  # type: ignore[arg-type]
+                    cfg = ExtractConfig(
+                        layers=layers, codec=codec, name=key, writer_threads=threads, **base
+                    )  # type: ignore[arg-type]
                     extract(store, cfg, progress=False)
                     secs = timed[0]
                     shutil.rmtree(Path(store) / "models" / key, ignore_errors=True)
                     shutil.rmtree(Path(store) / "units" / "models" / key, ignore_errors=True)
-                    floor = floor_seconds(sample, n, len(layers), 4096, 1024, "zstd" if cfg.zstd() else "none", threads)
-                    stored = n * len(layers) * d_model * np.dtype(codecs.STORED_DTYPE[codec]).itemsize
-                    rows.append(dict(shape=shape, codec=codec, zstd=cfg.zstd(), threads=threads, tokens=n, seconds=secs,
-                                     tok_s=n / secs, values_s=n * len(layers) * d_model / secs, mb_s=stored / secs / 1e6,
-                                     floor_tok_s=n / floor, vs_floor=floor / secs))  # fmt: skip
+                    floor = floor_seconds(
+                        sample,
+                        n,
+                        len(layers),
+                        4096,
+                        1024,
+                        "zstd" if cfg.zstd() else "none",
+                        threads,
+                    )
+                    stored = (
+                        n * len(layers) * d_model * np.dtype(codecs.STORED_DTYPE[codec]).itemsize
+                    )
+                    rows.append(
+                        dict(
+                            shape=shape,
+                            codec=codec,
+                            zstd=cfg.zstd(),
+                            threads=threads,
+                            tokens=n,
+                            seconds=secs,
+                            tok_s=n / secs,
+                            values_s=n * len(layers) * d_model / secs,
+                            mb_s=stored / secs / 1e6,
+                            floor_tok_s=n / floor,
+                            vs_floor=floor / secs,
+                        )
+                    )
         finally:
             LayerTap.__call__ = real_call  # type: ignore[method-assign]
             shutil.rmtree(tmp, ignore_errors=True)

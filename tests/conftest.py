@@ -74,9 +74,13 @@ def tiny_bert_dir(tmp_path_factory) -> str:
     d = tmp_path_factory.mktemp("tiny_bert")
     torch.manual_seed(0)
     cfg = BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=64,
         max_position_embeddings=128,
-    )  # fmt: skip
+    )
     BertModel(cfg).save_pretrained(d)
     AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(d)
     return str(d)
@@ -99,9 +103,16 @@ def tiny_store_ro(tmp_path_factory, tiny_bert_dir, corpus_file) -> str:
 
     path = tmp_path_factory.mktemp("stores") / "tiny.zarr"
     cfg = ExtractConfig(
-        model=tiny_bert_dir, data=DataConfig(corpus_file), layers="all", name="tiny", codec="fp32",
-        chunk_rows=64, inner_rows=16, batch_size=8, device="cpu",
-    )  # fmt: skip
+        model=tiny_bert_dir,
+        data=DataConfig(corpus_file),
+        layers="all",
+        name="tiny",
+        codec="fp32",
+        chunk_rows=64,
+        inner_rows=16,
+        batch_size=8,
+        device="cpu",
+    )
     extract(str(path), cfg, progress=False)
     return str(path)
 

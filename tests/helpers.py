@@ -20,7 +20,9 @@ from actstore.sae.model import SAE
 def one_line_error(r, *needles: str) -> str:
     """A CLI result that failed with one clean line (no traceback) containing every needle; the line."""
     assert r.exit_code != 0, r.output
-    assert isinstance(r.exception, SystemExit), f"traceback instead of a one-line error: {r.exception!r}\n{r.output}"
+    assert isinstance(r.exception, SystemExit), (
+        f"traceback instead of a one-line error: {r.exception!r}\n{r.output}"
+    )
     lines = [x for x in r.output.strip().splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error: "), r.output
     for n in needles:
@@ -29,18 +31,42 @@ def one_line_error(r, *needles: str) -> str:
 
 
 def snapshot(root: str | Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(Path(root).rglob("*"))
+        if p.is_file()
+    }
 
 
-def make_sae(store, name: str, arch: str, layer: int = 2, d_sae: int = 40, k: int | None = None, seed: int = 0) -> SAE:
+def make_sae(
+    store,
+    name: str,
+    arch: str,
+    layer: int = 2,
+    d_sae: int = 40,
+    k: int | None = None,
+    seed: int = 0,
+) -> SAE:
     """A seeded random SAE with a negative encoder bias (so relu-l1 is sparse), saved in ``store``."""
     tk = store.model_info("tiny").tokenization
     torch.manual_seed(seed)
     sae = SAE(
-        SAEConfig(arch=arch, d_in=32, d_sae=d_sae, k=k, model="tiny", layer=layer, tokenization=tk, name=name, norm_scale=0.7)
+        SAEConfig(
+            arch=arch,
+            d_in=32,
+            d_sae=d_sae,
+            k=k,
+            model="tiny",
+            layer=layer,
+            tokenization=tk,
+            name=name,
+            norm_scale=0.7,
+        )
     )
     with torch.no_grad():
-        if arch == "relu-l1":  # unit decoder rows, as these tests were written for (training starts them at 0.1)
+        if (
+            arch == "relu-l1"
+        ):  # unit decoder rows, as these tests were written for (training starts them at 0.1)
             from actstore.sae.model import RELU_DECODER_INIT_NORM
 
             sae.W_dec.div_(RELU_DECODER_INIT_NORM)
@@ -75,7 +101,11 @@ def reference_hidden_states(model_dir: str, texts: list[str], max_length: int = 
     with torch.no_grad():
         for t in texts:
             enc = tok(t, return_tensors="pt", truncation=True, max_length=max_length)
-            hs = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], output_hidden_states=True).hidden_states
+            hs = model(
+                input_ids=enc["input_ids"],
+                attention_mask=enc["attention_mask"],
+                output_hidden_states=True,
+            ).hidden_states
             out.append(tuple(h[0].numpy() for h in hs))
     return out
 
@@ -131,7 +161,13 @@ def counting_proxy(target_port: int, counter: Counter) -> ThreadingHTTPServer:
             counter.add(len(data), self.command, self.path)
             self.send_response(resp.status, resp.reason)
             for k, v in resp.getheaders():
-                if k.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
+                if k.lower() not in (
+                    "transfer-encoding",
+                    "connection",
+                    "content-length",
+                    "server",
+                    "date",
+                ):
                     self.send_header(k, v)
             length = len(data) if self.command != "HEAD" else resp.getheader("Content-Length") or 0
             self.send_header("Content-Length", str(length))

@@ -102,29 +102,49 @@ def test_store_paths_are_spelled_only_in_the_layout_module():
             code = line.split("#", 1)[0]
             if STORE_PATHS.search(code) and not code.strip().startswith(('"""', "'''")):
                 offenders.append(f"{path.relative_to(PKG.parent)}:{n}: {line.strip()}")
-    assert not offenders, "store keys spelled outside actstore/format/layout.py:\n" + "\n".join(offenders)
+    assert not offenders, "store keys spelled outside actstore/format/layout.py:\n" + "\n".join(
+        offenders
+    )
 
 
 # attribute keys only the typed metadata spells (generic ones such as "complete" or "n_rows" are also table columns,
 # and the hashes are also keys of `actstore info`'s output)
-METADATA_KEYS = {"committed_rows", "unit_rows", "inner_rows", "channel_scale", "default_tokenization", "tokenizer_ids_sha256"}
+METADATA_KEYS = {
+    "committed_rows",
+    "unit_rows",
+    "inner_rows",
+    "channel_scale",
+    "default_tokenization",
+    "tokenizer_ids_sha256",
+}
 
 
 def metadata_key_literals(path: Path) -> list[str]:
     """``file:line: 'key'`` for each string literal in ``path`` that is one of METADATA_KEYS (docstrings are prose)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    docs = {id(n.body[0].value) for n in ast.walk(tree)
-            if isinstance(n, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) and n.body
-            and isinstance(n.body[0], ast.Expr)}  # fmt: skip
-    return [f"{path.relative_to(PKG.parent)}:{n.lineno}: {n.value!r}" for n in ast.walk(tree)
-            if isinstance(n, ast.Constant) and n.value in METADATA_KEYS and id(n) not in docs]  # fmt: skip
+    docs = {
+        id(n.body[0].value)
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+        and n.body
+        and isinstance(n.body[0], ast.Expr)
+    }
+    return [
+        f"{path.relative_to(PKG.parent)}:{n.lineno}: {n.value!r}"
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Constant) and n.value in METADATA_KEYS and id(n) not in docs
+    ]
 
 
 def test_metadata_keys_are_spelled_only_in_the_format_package():
     """Every reader and writer of a store's attributes goes through format/metadata.py: a typo in a key is a
     type error there, not a silently absent value somewhere else."""
-    offenders = [o for path in sorted(PKG.rglob("*.py")) if path.relative_to(PKG).parts[0] != "format"
-                 for o in metadata_key_literals(path)]  # fmt: skip
+    offenders = [
+        o
+        for path in sorted(PKG.rglob("*.py"))
+        if path.relative_to(PKG).parts[0] != "format"
+        for o in metadata_key_literals(path)
+    ]
     assert not offenders, "metadata keys spelled outside actstore/format/:\n" + "\n".join(offenders)
 
 
@@ -154,16 +174,24 @@ def test_public_names_survive_importing_every_subpackage():
         if not mod.endswith("__main__"):
             importlib.import_module(mod)
     for name in actstore._EXPORTS:
-        assert not isinstance(getattr(actstore, name), type(actstore)), f"actstore.{name} is a module, not the public {name}"
+        assert not isinstance(getattr(actstore, name), type(actstore)), (
+            f"actstore.{name} is a module, not the public {name}"
+        )
 
 
 def test_no_module_imports_another_modules_private_names():
     """``from actstore.x import _helper`` couples a module to another's internals: make the name public or move it."""
     root = PKG.parent
     offenders = []
-    for path in [*PKG.rglob("*.py"), *(root / "tests").glob("*.py"), *(root / "bench").glob("*.py")]:
+    for path in [
+        *PKG.rglob("*.py"),
+        *(root / "tests").glob("*.py"),
+        *(root / "bench").glob("*.py"),
+    ]:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("actstore")):
+            if isinstance(node, ast.ImportFrom) and (
+                node.level or (node.module or "").startswith("actstore")
+            ):
                 offenders += [
                     f"{path.relative_to(root)}:{node.lineno}: {a.name}"
                     for a in node.names
@@ -184,8 +212,22 @@ def test_config_modules_and_the_cli_import_no_heavy_library():
 
 
 # ---------------------------------------------------------------- imports point left
-LAYERS = ("format", "storage", "cluster", "data", "models", "store", "sae", "encoding", "query", "analysis", "browse",
-          "paper", "cli", "testing")  # fmt: skip
+LAYERS = (
+    "format",
+    "storage",
+    "cluster",
+    "data",
+    "models",
+    "store",
+    "sae",
+    "encoding",
+    "query",
+    "analysis",
+    "browse",
+    "paper",
+    "cli",
+    "testing",
+)
 """The rooms from the bottom (docs/ARCHITECTURE.md): a package imports only packages to its left. ``testing`` (planted
 stores for tests and benchmarks) sits above everything; nothing in the library imports it."""
 BASE = {"actstore.errors", "actstore.version", "actstore.clock", "actstore.fields"}
@@ -201,12 +243,20 @@ def layer_of(mod: str) -> int | None:
 
 
 def rightward_imports(graph: dict[str, set[str]]) -> list[str]:
-    return sorted(f"{mod} -> {t}" for mod, targets in graph.items() for t in targets
-                  if layer_of(mod) is not None and layer_of(t) is not None and layer_of(t) > layer_of(mod))  # fmt: skip
+    return sorted(
+        f"{mod} -> {t}"
+        for mod, targets in graph.items()
+        for t in targets
+        if layer_of(mod) is not None and layer_of(t) is not None and layer_of(t) > layer_of(mod)
+    )
 
 
 def test_every_module_is_in_a_named_room():
-    unknown = [m for m in import_graph() if m not in BASE and m != "actstore" and m.split(".")[1] not in LAYERS]
+    unknown = [
+        m
+        for m in import_graph()
+        if m not in BASE and m != "actstore" and m.split(".")[1] not in LAYERS
+    ]
     assert not unknown, f"modules outside the rooms of docs/ARCHITECTURE.md: {unknown}"
 
 
@@ -216,5 +266,10 @@ def test_a_package_imports_only_packages_to_its_left():
 
 
 def test_the_direction_check_sees_an_import_to_the_right():
-    assert rightward_imports({"actstore.store.reader": {"actstore.sae.model"}}) == ["actstore.store.reader -> actstore.sae.model"]
-    assert rightward_imports({"actstore.sae.model": {"actstore.store.reader", "actstore.errors"}}) == []
+    assert rightward_imports({"actstore.store.reader": {"actstore.sae.model"}}) == [
+        "actstore.store.reader -> actstore.sae.model"
+    ]
+    assert (
+        rightward_imports({"actstore.sae.model": {"actstore.store.reader", "actstore.errors"}})
+        == []
+    )

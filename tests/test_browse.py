@@ -44,10 +44,19 @@ FORBIDDEN = [
 
 
 def hostile_corpus(tmp: Path) -> str:
-    rows = [{"id": f"x{i}", "text": t, "label": ["pos", "neg", "<b>bold</b>"][i]} for i, t in enumerate(XSS)]
+    rows = [
+        {"id": f"x{i}", "text": t, "label": ["pos", "neg", "<b>bold</b>"][i]}
+        for i, t in enumerate(XSS)
+    ]
     words = [("great", "moved"), ("dull", "sagged"), ("fine", "worked"), ("bad", "failed")] * 6
-    rows += [{"id": f"s{i}", "text": f"the film was {w} and the plot {v}", "label": "pos" if i % 2 else "neg"}
-             for i, (w, v) in enumerate(words)]  # fmt: skip
+    rows += [
+        {
+            "id": f"s{i}",
+            "text": f"the film was {w} and the plot {v}",
+            "label": "pos" if i % 2 else "neg",
+        }
+        for i, (w, v) in enumerate(words)
+    ]
     path = tmp / "hostile.jsonl.gz"
     with gzip.open(path, "wt") as f:
         for r in rows:
@@ -77,11 +86,40 @@ def browse_store(tmp_path_factory, tiny_bert_dir) -> str:
     AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(other)
     path = str(tmp / "b.zarr")
     for model, name in ((tiny_bert_dir, "tiny"), (str(other), "other")):
-        extract(path, ExtractConfig(model=model, name=name, data=DataConfig(corpus), layers="2", codec="fp32", batch_size=8,
-                                    device="cpu"), progress=False)  # fmt: skip
-    train_sae(path, TrainConfig(model="tiny", layer=2, arch="topk", k=4, d_sae=48, epochs=2, batch_size=64, device="cpu",
-                                name="s", task_samples=0), progress=False)  # fmt: skip
-    encode(actstore.open_store(path, writable=True), EncodeConfig(sae="s", device="cpu"), progress=False)
+        extract(
+            path,
+            ExtractConfig(
+                model=model,
+                name=name,
+                data=DataConfig(corpus),
+                layers="2",
+                codec="fp32",
+                batch_size=8,
+                device="cpu",
+            ),
+            progress=False,
+        )
+    train_sae(
+        path,
+        TrainConfig(
+            model="tiny",
+            layer=2,
+            arch="topk",
+            k=4,
+            d_sae=48,
+            epochs=2,
+            batch_size=64,
+            device="cpu",
+            name="s",
+            task_samples=0,
+        ),
+        progress=False,
+    )
+    encode(
+        actstore.open_store(path, writable=True),
+        EncodeConfig(sae="s", device="cpu"),
+        progress=False,
+    )
     # a hostile folder name under saes/ (refused by name rules, so never listed or linked)
     bad = Path(path) / "saes" / '"><img src=x onerror=window.__pwned=4>'
     bad.mkdir()
@@ -93,7 +131,10 @@ def browse_store(tmp_path_factory, tiny_bert_dir) -> str:
 def client(browse_store):
     from starlette.testclient import TestClient
 
-    return TestClient(base_url="http://127.0.0.1", app=create_app(actstore.open_store(browse_store), ServeConfig()))
+    return TestClient(
+        base_url="http://127.0.0.1",
+        app=create_app(actstore.open_store(browse_store), ServeConfig()),
+    )
 
 
 def test_serve_refuses_public_hosts_unless_asked(browse_store):
@@ -125,7 +166,9 @@ def test_pages_answer_and_link(client, browse_store):
     rows = [int(v) for v in re.findall(r'class="ctx" data-row="(\d+)"', r.text)]
     assert rows == tt["row"].to_list()
     counts = json.loads(re.search(r"data-counts='([^']*)'", r.text).group(1))
-    vals = actstore.sql(st, f"SELECT value FROM features WHERE sae = 's' AND feature = {f}")["value"].to_numpy()
+    vals = actstore.sql(st, f"SELECT value FROM features WHERE sae = 's' AND feature = {f}")[
+        "value"
+    ].to_numpy()
     assert counts == np.histogram(vals, bins=40)[0].tolist() and sum(counts) == len(vals)
     assert "/sample/" in r.text
     r = client.get("/sample/0")
@@ -133,9 +176,18 @@ def test_pages_answer_and_link(client, browse_store):
 
 
 def test_hostile_strings_are_text(client):
-    for url in ("/", "/sae/s", "/sample/0", "/sample/1", "/sample/2", "/sql?q=SELECT+text,+label+FROM+samples"):
+    for url in (
+        "/",
+        "/sae/s",
+        "/sample/0",
+        "/sample/1",
+        "/sample/2",
+        "/sql?q=SELECT+text,+label+FROM+samples",
+    ):
         body = client.get(url).text
-        assert "<script>window" not in body and "<img src=x" not in body and "<svg onload" not in body, url
+        assert (
+            "<script>window" not in body and "<img src=x" not in body and "<svg onload" not in body
+        ), url
         assert "<b>bold</b>" not in body
     body = client.get("/sample/0").text
     assert "&lt;script&gt;window.__pwned = 1&lt;/script&gt;" in body
@@ -177,7 +229,9 @@ def test_console_bounds_rows_and_time(browse_store):
         run_console(st, "SELECT count(*) FROM range(100000000000) a", timeout=0.3)
     from actstore.query.views import connect
 
-    base = connect(st)  # the server's one connection: each query on its own cursor, the sandbox intact
+    base = connect(
+        st
+    )  # the server's one connection: each query on its own cursor, the sandbox intact
     with pytest.raises(QueryRefused, match="ran past"):
         run_console(st, "SELECT count(*) FROM range(100000000000) a", timeout=0.3, base=base)
     assert run_console(st, "SELECT 41 + 1 AS x", base=base).rows == [(42,)]
@@ -189,7 +243,9 @@ def test_console_bounds_rows_and_time(browse_store):
 
 
 def test_console_csv_and_named_queries(client, browse_store):
-    r = client.get("/sql.csv", params={"q": "SELECT sample, id FROM samples ORDER BY sample LIMIT 3"})
+    r = client.get(
+        "/sql.csv", params={"q": "SELECT sample, id FROM samples ORDER BY sample LIMIT 3"}
+    )
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
     assert r.text.splitlines()[0] == "sample,id" and len(r.text.splitlines()) == 4
     r = client.get("/query/top_tokens", params={"run": "1", "sae": "s", "feature": "0", "n": "3"})
@@ -205,7 +261,9 @@ def test_console_on_a_store_opened_by_url(s3_server, browse_store):
 
     url = "s3://team/browse.zarr"
     assert copy_store(CopyConfig(browse_store, url)).ok
-    c = TestClient(base_url="http://127.0.0.1", app=create_app(actstore.open_store(url), ServeConfig()))
+    c = TestClient(
+        base_url="http://127.0.0.1", app=create_app(actstore.open_store(url), ServeConfig())
+    )
     assert c.get("/").status_code == 200 and c.get("/sae/s").status_code == 200
     for q, msg in FORBIDDEN:
         r = c.get("/sql", params={"q": q})
@@ -222,17 +280,35 @@ def test_dashboard_static_export(browse_store, tmp_path):
     html = (tmp_path / "dash" / f"feature-{f}.html").read_text()
     data = json.loads((tmp_path / "dash" / "data" / f"feature-{f}.json").read_text())
     tt = actstore.top_tokens(st, f, sae="s", n=20)
-    np.testing.assert_allclose([c["value"] for c in data["contexts"]], tt["value"].to_numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        [c["value"] for c in data["contexts"]], tt["value"].to_numpy(), rtol=1e-6
+    )
     assert 'href="static/style.css"' in html and "/sample/" not in html
-    r = CliRunner().invoke(main, ["dashboard", browse_store, "--sae", "s", "--out", str(tmp_path / "d2"), "--features", "0,1"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "dashboard",
+            browse_store,
+            "--sae",
+            "s",
+            "--out",
+            str(tmp_path / "d2"),
+            "--features",
+            "0,1",
+        ],
+    )
     assert r.exit_code == 0 and "2 feature pages" in r.output, r.output
-    r = CliRunner().invoke(main, ["dashboard", browse_store, "--sae", "nope", "--out", str(tmp_path / "d3")])
+    r = CliRunner().invoke(
+        main, ["dashboard", browse_store, "--sae", "nope", "--out", str(tmp_path / "d3")]
+    )
     assert r.exit_code != 0 and "not encoded" in r.output
     # the report links into its own copy of the feature pages
     from actstore.analysis.config import ReportConfig
     from actstore.paper.report import build_report
 
-    rep = build_report(st, ReportConfig(out=str(tmp_path / "rep"), models=("tiny", "other"), top_features=2))
+    rep = build_report(
+        st, ReportConfig(out=str(tmp_path / "rep"), models=("tiny", "other"), top_features=2)
+    )
     linked = re.findall(r"href='(feature-pages/s/feature-\d+\.html)'", Path(rep.html).read_text())
     assert len(linked) == 2 and all((tmp_path / "rep" / x).exists() for x in linked)
 
@@ -244,12 +320,17 @@ def test_search_by_token_and_label(client, browse_store):
     feats = [int(v) for v in re.findall(r'class="feature" href="/sae/s/feature/(\d+)"', r.text)]
     assert feats
     for f in feats[:5]:  # each fires on "great" among its top activations
-        tops = actstore.sql(st, f"SELECT t.token FROM (SELECT row FROM features WHERE sae = 's' AND feature = {f} "
-                                "ORDER BY value DESC, row LIMIT 50) AS x JOIN tokens AS t USING (row)")  # fmt: skip
+        tops = actstore.sql(
+            st,
+            f"SELECT t.token FROM (SELECT row FROM features WHERE sae = 's' AND feature = {f} "
+            "ORDER BY value DESC, row LIMIT 50) AS x JOIN tokens AS t USING (row)",
+        )
         assert "great" in [t.lower() for t in tops["token"].to_list()]
     r = client.get("/sae/s", params={"label": "pos", "sort": "mean_diff"})
     got = [int(v) for v in re.findall(r'class="feature" href="/sae/s/feature/(\d+)"', r.text)][:5]
-    want = actstore.top_features(st, sae="s", by="label-association", label="pos", n=5)["feature"].to_list()
+    want = actstore.top_features(st, sae="s", by="label-association", label="pos", n=5)[
+        "feature"
+    ].to_list()
     assert got == want
 
 
@@ -292,8 +373,23 @@ def test_similarity_and_crosscoder_pages(browse_store, tmp_path):
 
     path = str(tmp_path / "c.zarr")
     sh.copytree(browse_store, path)
-    train_sae(path, TrainConfig(model="tiny", layer=2, models="tiny,other", arch="batchtopk", k=4, d_sae=48, epochs=2,
-                                batch_size=64, device="cpu", name="cc", task_samples=0), progress=False)  # fmt: skip
+    train_sae(
+        path,
+        TrainConfig(
+            model="tiny",
+            layer=2,
+            models="tiny,other",
+            arch="batchtopk",
+            k=4,
+            d_sae=48,
+            epochs=2,
+            batch_size=64,
+            device="cpu",
+            name="cc",
+            task_samples=0,
+        ),
+        progress=False,
+    )
     w = actstore.open_store(path, writable=True)
     encode(w, EncodeConfig(sae="cc", device="cpu"), progress=False)
     d = diff_crosscoder(w, CrosscoderDiffConfig(sae="cc", device="cpu"))
@@ -314,7 +410,9 @@ def test_similarity_and_crosscoder_pages(browse_store, tmp_path):
 
 # ---------------------------------------------------------------- in a real browser
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-needs_chromium = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (.ci/run installs it)")
+needs_chromium = pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason="needs Debian's chromium (.ci/run installs it)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -370,20 +468,31 @@ def test_browser_click_through(served, browser, browse_store):
     page.wait_for_selector("#contexts")
     f = int(page.locator("#feature-id").inner_text())
     tt = actstore.top_tokens(st, f, sae="s", n=20)
-    shown = [float(v) for v in page.locator(".ctx").evaluate_all("els => els.map(e => e.dataset.value)")]
+    shown = [
+        float(v) for v in page.locator(".ctx").evaluate_all("els => els.map(e => e.dataset.value)")
+    ]
     np.testing.assert_allclose(shown, tt["value"].to_numpy()[: len(shown)], rtol=1e-6)
     counts = json.loads(page.locator("#histogram").get_attribute("data-counts"))
-    vals = actstore.sql(st, f"SELECT value FROM features WHERE sae = 's' AND feature = {f}")["value"].to_numpy()
+    vals = actstore.sql(st, f"SELECT value FROM features WHERE sae = 's' AND feature = {f}")[
+        "value"
+    ].to_numpy()
     assert counts == np.histogram(vals, bins=40)[0].tolist()
     assert page.evaluate(WIDTH_JS)[0] <= 1280
     n_act = int(page.locator("#n-active").inner_text())
     if n_act > 20:  # more contexts load on scroll, in rank order
         page.locator("#more").scroll_into_view_if_needed()
         page.wait_for_function("() => document.querySelectorAll('.ctx').length > 20")
-        ranks = page.locator(".ctx .meta").evaluate_all("els => els.map(e => parseInt(e.textContent.slice(1)))")
+        ranks = page.locator(".ctx .meta").evaluate_all(
+            "els => els.map(e => parseInt(e.textContent.slice(1)))"
+        )
         assert ranks == list(range(1, len(ranks) + 1))
-        more = [float(v) for v in page.locator(".ctx").evaluate_all("els => els.map(e => e.dataset.value)")]
-        np.testing.assert_allclose(more, actstore.top_tokens(st, f, sae="s", n=len(more))["value"].to_numpy(), rtol=1e-6)
+        more = [
+            float(v)
+            for v in page.locator(".ctx").evaluate_all("els => els.map(e => e.dataset.value)")
+        ]
+        np.testing.assert_allclose(
+            more, actstore.top_tokens(st, f, sae="s", n=len(more))["value"].to_numpy(), rtol=1e-6
+        )
     page.locator(".ctx .meta a").first.click()  # a token -> its sample
     page.wait_for_selector("#sample-id")
     assert page.locator("#sample-id").inner_text() == tt["id"][0]
@@ -474,9 +583,22 @@ def test_static_dashboard_from_file_url(browse_store, browser, tmp_path):
     page.wait_for_selector("#feature-id")
     f = int(page.locator("#feature-id").inner_text())
     tt = actstore.top_tokens(st, f, sae="s", n=20)
-    shown = [float(v) for v in page.locator(".ctx").evaluate_all("els => els.map(e => e.dataset.value)")]
+    shown = [
+        float(v) for v in page.locator(".ctx").evaluate_all("els => els.map(e => e.dataset.value)")
+    ]
     np.testing.assert_allclose(shown, tt["value"].to_numpy(), rtol=1e-6)
-    vals = actstore.sql(st, f"SELECT value FROM features WHERE sae = 's' AND feature = {f}")["value"].to_numpy()
-    assert json.loads(page.locator("#histogram").get_attribute("data-counts")) == np.histogram(vals, bins=40)[0].tolist()
-    assert page.evaluate("() => getComputedStyle(document.body).fontFamily").startswith("system-ui")  # its CSS loaded
-    assert page.evaluate(WIDTH_JS)[0] <= 1280 and page.evaluate("() => window.__pwned") is None and not dialogs
+    vals = actstore.sql(st, f"SELECT value FROM features WHERE sae = 's' AND feature = {f}")[
+        "value"
+    ].to_numpy()
+    assert (
+        json.loads(page.locator("#histogram").get_attribute("data-counts"))
+        == np.histogram(vals, bins=40)[0].tolist()
+    )
+    assert page.evaluate("() => getComputedStyle(document.body).fontFamily").startswith(
+        "system-ui"
+    )  # its CSS loaded
+    assert (
+        page.evaluate(WIDTH_JS)[0] <= 1280
+        and page.evaluate("() => window.__pwned") is None
+        and not dialogs
+    )

@@ -28,14 +28,39 @@ CLAIM = layout.unit_claim("tiny", 64)
 
 
 def extract_args(store: str, model: str, corpus: str, *extra: str) -> list[str]:
-    return [*CLI, "extract", store, "--model", model, "--data", corpus, "--layers", "1", "--name", "tiny", "--codec", "fp32",
-            "--chunk-rows", "64", "--unit-rows", "64", "--batch-size", "8", "--device", "cpu", "--quiet", *extra]  # fmt: skip
+    return [
+        *CLI,
+        "extract",
+        store,
+        "--model",
+        model,
+        "--data",
+        corpus,
+        "--layers",
+        "1",
+        "--name",
+        "tiny",
+        "--codec",
+        "fp32",
+        "--chunk-rows",
+        "64",
+        "--unit-rows",
+        "64",
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+        "--quiet",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
 def done_store(tmp_path_factory, tiny_bert_dir, corpus_file) -> str:
     path = str(tmp_path_factory.mktemp("claims") / "c.zarr")
-    r = subprocess.run(extract_args(path, tiny_bert_dir, corpus_file), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        extract_args(path, tiny_bert_dir, corpus_file), capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr
     return path
 
@@ -68,20 +93,40 @@ def forge(store: str, name: str, body: bytes, age_s: float = 0.0) -> Path:
 
 
 def claim_body(created: str, expires: str, host: str = "other-host") -> bytes:
-    return json.dumps({"name": CLAIM, "owner": "f" * 32, "pid": 4242, "host": host, "created": created,
-                       "purpose": "extract tiny", "expires": expires}).encode()  # fmt: skip
+    return json.dumps(
+        {
+            "name": CLAIM,
+            "owner": "f" * 32,
+            "pid": 4242,
+            "host": host,
+            "created": created,
+            "purpose": "extract tiny",
+            "expires": expires,
+        }
+    ).encode()
 
 
-def run_extract(store: str, model: str, corpus: str, *extra: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(extract_args(store, model, corpus, *extra), capture_output=True, text=True, timeout=timeout)
+def run_extract(
+    store: str, model: str, corpus: str, *extra: str, timeout: float = 120
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        extract_args(store, model, corpus, *extra), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def finished(store: str) -> bool:
     return bool(actstore.open_store(store).activations("tiny", 1).attrs.complete)
 
 
-def test_a_claim_whose_lease_says_9999_lapses_one_lease_after_it_was_written(unfinished, tiny_bert_dir, corpus_file):
-    forge(unfinished, CLAIM, claim_body("2020-01-01T00:00:00+00:00", "9999-01-01T00:00:00+00:00"), age_s=3600)
+def test_a_claim_whose_lease_says_9999_lapses_one_lease_after_it_was_written(
+    unfinished, tiny_bert_dir, corpus_file
+):
+    forge(
+        unfinished,
+        CLAIM,
+        claim_body("2020-01-01T00:00:00+00:00", "9999-01-01T00:00:00+00:00"),
+        age_s=3600,
+    )
     r = run_extract(unfinished, tiny_bert_dir, corpus_file)
     assert r.returncode == 0, r.stderr
     assert finished(unfinished)
@@ -91,7 +136,16 @@ def test_a_forged_lease_is_capped_whatever_its_created_says():
     from actstore.storage.locks import LockInfo
 
     for created in ("9999-01-01T00:00:00+00:00", now(), "garbage"):
-        info = LockInfo("x", "o", 1, "h", created, "p", expires="9999-01-01T00:00:00+00:00", mtime=time.time() - 10)
+        info = LockInfo(
+            "x",
+            "o",
+            1,
+            "h",
+            created,
+            "p",
+            expires="9999-01-01T00:00:00+00:00",
+            mtime=time.time() - 10,
+        )
         until = info.lapses(5.0)
         assert until is not None and until.timestamp() <= time.time(), created
 
@@ -106,19 +160,27 @@ def test_an_empty_claim_left_by_a_crash_is_taken_over(unfinished, tiny_bert_dir,
 def test_break_lock_reaches_unit_claims(unfinished, tiny_bert_dir, corpus_file):
     from actstore.clock import deadline
 
-    forge(unfinished, CLAIM, claim_body(now(), deadline(300)))  # a live-looking claim from another host
+    forge(
+        unfinished, CLAIM, claim_body(now(), deadline(300))
+    )  # a live-looking claim from another host
     r = run_extract(unfinished, tiny_bert_dir, corpus_file, "--break-lock")
     assert r.returncode == 0, r.stderr
     assert finished(unfinished)
 
 
-def test_a_waiting_extract_says_whom_it_waits_for_and_until_when(unfinished, tiny_bert_dir, corpus_file):
+def test_a_waiting_extract_says_whom_it_waits_for_and_until_when(
+    unfinished, tiny_bert_dir, corpus_file
+):
     from actstore.clock import deadline
 
     forge(unfinished, CLAIM, claim_body(now(), deadline(300)))
     with pytest.raises(subprocess.TimeoutExpired) as got:
         run_extract(unfinished, tiny_bert_dir, corpus_file, timeout=25)
-    err = (got.value.stderr or b"").decode() if isinstance(got.value.stderr, bytes) else (got.value.stderr or "")
+    err = (
+        (got.value.stderr or b"").decode()
+        if isinstance(got.value.stderr, bytes)
+        else (got.value.stderr or "")
+    )
     assert "pid 4242 on other-host" in err and "until 20" in err and "--break-lock" in err, err
 
 
@@ -141,13 +203,17 @@ def test_a_fresh_unreadable_lock_says_until_when(tmp_path):
 def test_lock_objects_are_never_left_empty_by_a_full_disk(tmp_path):
     mnt = tmp_path / "full"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True
+    ).returncode:
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     try:
         loc = open_location(str(mnt / "s"), create=True, writable=True)
         (mnt / "s" / "locks").mkdir()
         free = shutil.disk_usage(mnt).free
-        (mnt / "filler").write_bytes(b"\0" * free)  # not one byte left (tmpfs pages: the lock's own page cannot come)
+        (mnt / "filler").write_bytes(
+            b"\0" * free
+        )  # not one byte left (tmpfs pages: the lock's own page cannot come)
         with pytest.raises(OSError):
             StoreLock(loc, "setup", "extract tiny").acquire()
         assert not (mnt / "s" / "locks" / "setup.lock").exists()

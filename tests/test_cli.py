@@ -12,7 +12,11 @@ from actstore.cli import main
 
 
 def _snapshot(path: str) -> dict[str, bytes]:
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(Path(path).rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(path)): p.read_bytes()
+        for p in sorted(Path(path).rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_every_command_has_help():
@@ -33,16 +37,43 @@ def test_every_command_has_help():
 def test_extract_info_sql(tmp_path, tiny_bert_dir, corpus_file):
     runner = CliRunner()
     store = str(tmp_path / "s.zarr")
-    res = runner.invoke(main, ["extract", store, "--model", tiny_bert_dir, "--data", corpus_file, "--layers", "1,3",
-                               "--codec", "int8", "--quiet", "--name", "tiny"])  # fmt: skip
+    res = runner.invoke(
+        main,
+        [
+            "extract",
+            store,
+            "--model",
+            tiny_bert_dir,
+            "--data",
+            corpus_file,
+            "--layers",
+            "1,3",
+            "--codec",
+            "int8",
+            "--quiet",
+            "--name",
+            "tiny",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "40 samples" in res.output and "layers 1,3" in res.output
     info = runner.invoke(main, ["info", store])
-    assert info.exit_code == 0 and "model tiny" in info.output and "layer 3: int8, complete" in info.output
+    assert (
+        info.exit_code == 0
+        and "model tiny" in info.output
+        and "layer 3: int8, complete" in info.output
+    )
     js = json.loads(runner.invoke(main, ["info", store, "--json"]).output)
     assert js["models"]["tiny"]["layers"]["1"]["codec"] == "int8"
     out = runner.invoke(
-        main, ["sql", store, "select label, count(*) as n from samples group by label order by label", "--format", "csv"]
+        main,
+        [
+            "sql",
+            store,
+            "select label, count(*) as n from samples group by label order by label",
+            "--format",
+            "csv",
+        ],
     )
     assert out.exit_code == 0 and out.output.splitlines() == ["label,n", "neg,20", "pos,20"]
     bad = runner.invoke(main, ["sql", store, "select * from nowhere"])
@@ -61,7 +92,9 @@ def test_extract_info_sql(tmp_path, tiny_bert_dir, corpus_file):
         (["--layers", "1", "--limit", "5"], "one corpus"),
     ],
 )
-def test_bad_inputs_one_line_no_damage(tmp_path, tiny_store, tiny_bert_dir, corpus_file, args, message):
+def test_bad_inputs_one_line_no_damage(
+    tmp_path, tiny_store, tiny_bert_dir, corpus_file, args, message
+):
     runner = CliRunner()
     base = ["extract", tiny_store, "--data", corpus_file, "--quiet", "--name", "tiny"]
     if "--model" not in args:
@@ -83,8 +116,20 @@ def test_bad_inputs_one_line_no_damage(tmp_path, tiny_store, tiny_bert_dir, corp
 def test_unwritable_store(tmp_path, tiny_bert_dir, corpus_file):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    res = CliRunner().invoke(main, ["extract", str(blocker / "s.zarr"), "--model", tiny_bert_dir, "--data", corpus_file,
-                                    "--layers", "1", "--quiet"])  # fmt: skip
+    res = CliRunner().invoke(
+        main,
+        [
+            "extract",
+            str(blocker / "s.zarr"),
+            "--model",
+            tiny_bert_dir,
+            "--data",
+            corpus_file,
+            "--layers",
+            "1",
+            "--quiet",
+        ],
+    )
     assert res.exit_code != 0 and "cannot write to store" in res.output
     assert blocker.read_text() == "not a folder"
 

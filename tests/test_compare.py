@@ -9,7 +9,14 @@ import pytest
 from click.testing import CliRunner
 
 from actstore import open_store
-from actstore.analysis.compare import compare, linear_cka, mean_cosine, plot_similarity, token_cosine, wide
+from actstore.analysis.compare import (
+    compare,
+    linear_cka,
+    mean_cosine,
+    plot_similarity,
+    token_cosine,
+    wide,
+)
 from actstore.analysis.config import CompareConfig
 from actstore.cli import main
 from actstore.errors import ConfigError, NotFoundError
@@ -53,7 +60,9 @@ def two_model_store(tmp_path, tiny_store, tiny_bert_dir, corpus_file) -> str:
     torch.manual_seed(1)
     BertModel(BertConfig.from_pretrained(tiny_bert_dir)).save_pretrained(d)
     AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(d)
-    common = dict(data=DataConfig(corpus_file), layers="0-2", codec="fp32", batch_size=8, device="cpu")
+    common = dict(
+        data=DataConfig(corpus_file), layers="0-2", codec="fp32", batch_size=8, device="cpu"
+    )
     extract(tiny_store, ExtractConfig(model=str(d), name="other", **common), progress=False)
     extract(tiny_store, ExtractConfig(model=tiny_bert_dir, name="same", **common), progress=False)
     return tiny_store
@@ -71,8 +80,14 @@ def test_compare_store_matches_full_arrays(two_model_store, tmp_path) -> None:
         assert row["token-cosine"] == pytest.approx(token_cosine(a, b), abs=1e-6)
         assert row["cka"] == pytest.approx(linear_cka(a, b), abs=1e-5)
         assert row["cka"] < 0.999
-    same = wide(compare(st, CompareConfig(models=("tiny", "same"), metrics=["mean-cosine", "cka"], cka_rows=100)).table)
-    assert np.allclose(same["mean-cosine"].to_numpy(), 1.0) and np.allclose(same["cka"].to_numpy(), 1.0)
+    same = wide(
+        compare(
+            st, CompareConfig(models=("tiny", "same"), metrics=["mean-cosine", "cka"], cka_rows=100)
+        ).table
+    )
+    assert np.allclose(same["mean-cosine"].to_numpy(), 1.0) and np.allclose(
+        same["cka"].to_numpy(), 1.0
+    )
     png = plot_similarity(res.table, str(tmp_path / "sim.png"))
     assert Path(png).read_bytes()[:4] == b"\x89PNG"
 
@@ -91,12 +106,29 @@ def test_compare_cli_two_stores_one_plot(two_model_store, tmp_path) -> None:
     png = tmp_path / "fig1.png"
     r = CliRunner().invoke(
         main,
-        ["compare", two_model_store, two_model_store, "--models", "tiny,other", "--label", "A", "--label", "B",
-         "--metric", "mean-cosine,cka", "--plot", str(png), "--format", "csv"],
-    )  # fmt: skip
+        [
+            "compare",
+            two_model_store,
+            two_model_store,
+            "--models",
+            "tiny,other",
+            "--label",
+            "A",
+            "--label",
+            "B",
+            "--metric",
+            "mean-cosine,cka",
+            "--plot",
+            str(png),
+            "--format",
+            "csv",
+        ],
+    )
     assert r.exit_code == 0, r.output
     lines = r.output.strip().splitlines()
-    assert lines[0].startswith("label,") and len([x for x in lines if x.startswith(("A,", "B,"))]) == 6
+    assert (
+        lines[0].startswith("label,") and len([x for x in lines if x.startswith(("A,", "B,"))]) == 6
+    )
     assert lines[0] == "label,model_a,model_b,layer,mean-cosine,cka,n_rows"
     assert png.exists()
     r = CliRunner().invoke(main, ["compare", two_model_store, "--models", "tiny,nope"])

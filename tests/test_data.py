@@ -40,7 +40,10 @@ def test_csv_and_parquet(tmp_path):
     p = tmp_path / "d.csv"
     p.write_text('id,body,cls\nx1,hello there,1\nx2,,0\nx3,"quoted, comma",0\n')
     recs = list(load_corpus(DataConfig(str(p), text_field="body", label_field="cls")))
-    assert [(r.id, r.text, r.label) for r in recs] == [("x1", "hello there", "1"), ("x3", "quoted, comma", "0")]
+    assert [(r.id, r.text, r.label) for r in recs] == [
+        ("x1", "hello there", "1"),
+        ("x3", "quoted, comma", "0"),
+    ]
     q = tmp_path / "d.parquet"
     pq.write_table(pa.table({"text": ["a b", "c"], "label": [1, 2]}), q)
     recs = list(load_corpus(DataConfig(str(q), limit=1)))
@@ -108,8 +111,16 @@ def test_an_explicit_field_overrides_a_recipe_even_when_it_is_the_default_name(t
     from actstore.data.corpora import data_config
 
     recipe = tmp_path / "r.recipe.json"
-    recipe.write_text(json.dumps({"source": str(tmp_path / "c.jsonl"), "text_field": "review", "id_field": "rid"}))
+    recipe.write_text(
+        json.dumps({"source": str(tmp_path / "c.jsonl"), "text_field": "review", "id_field": "rid"})
+    )
     assert data_config(str(recipe), text_field="text").text_field == "text"
     given_none = data_config(str(recipe))
-    assert (given_none.text_field, given_none.id_field, given_none.label_field) == ("review", "rid", "label")
-    assert data_config(str(tmp_path / "c.jsonl")).text_field == "text"  # no recipe: the DataConfig defaults
+    assert (given_none.text_field, given_none.id_field, given_none.label_field) == (
+        "review",
+        "rid",
+        "label",
+    )
+    assert (
+        data_config(str(tmp_path / "c.jsonl")).text_field == "text"
+    )  # no recipe: the DataConfig defaults

@@ -24,8 +24,18 @@ from actstore.sae.train import train_sae
 
 pytestmark = pytest.mark.filterwarnings("ignore:Object at .* is not recognized")
 
-RUN = TrainConfig(model="tiny", layer=2, arch="topk", k=4, d_sae=96, epochs=1, batch_size=64, device="cpu", task_samples=0,
-                  seed=1)  # fmt: skip
+RUN = TrainConfig(
+    model="tiny",
+    layer=2,
+    arch="topk",
+    k=4,
+    d_sae=96,
+    epochs=1,
+    batch_size=64,
+    device="cpu",
+    task_samples=0,
+    seed=1,
+)
 
 
 def never_firing(sae, x: np.ndarray) -> float:
@@ -42,9 +52,34 @@ def test_held_out_dead_equals_a_hand_count_and_the_summary_line(tiny_store):
     want = never_firing(res.sae, held)
     assert res.metrics["eval"]["dead_fraction"] == pytest.approx(want)
     assert 0 < want < 1, "the test needs some features that never fire on the held-out rows"
-    r = CliRunner().invoke(main, ["train", tiny_store, "--model", "tiny", "--layer", "2", "--arch", "topk", "--k", "4",
-                                  "--d-sae", "96", "--epochs", "1", "--batch-size", "64", "--seed", "1", "--name", "cli",
-                                  "--device", "cpu", "--quiet"])  # fmt: skip
+    r = CliRunner().invoke(
+        main,
+        [
+            "train",
+            tiny_store,
+            "--model",
+            "tiny",
+            "--layer",
+            "2",
+            "--arch",
+            "topk",
+            "--k",
+            "4",
+            "--d-sae",
+            "96",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "64",
+            "--seed",
+            "1",
+            "--name",
+            "cli",
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+    )
     assert r.exit_code == 0, r.output
     shown = float(re.search(r"dead ([0-9.]+) \(never fired on them\)", r.output).group(1))
     m = json.loads((Path(tiny_store) / "saes" / "cli" / "metrics.json").read_text())
@@ -64,14 +99,18 @@ def test_encode_counts_the_features_that_never_fire_on_the_whole_store(tiny_stor
     assert json.loads(saes.output)[0]["dead_store"] == pytest.approx(want)
     again = CliRunner().invoke(main, ["encode", tiny_store, "--sae", res.name, "--quiet"])
     assert again.exit_code == 0
-    r = CliRunner().invoke(main, ["encode", tiny_store, "--sae", res.name, "--overwrite", "--quiet", "--device", "cpu"])
+    r = CliRunner().invoke(
+        main, ["encode", tiny_store, "--sae", res.name, "--overwrite", "--quiet", "--device", "cpu"]
+    )
     assert f"{want:.3f} of its features never fire on any token of the store" in r.output, r.output
 
 
 def test_the_trainers_window_counts_a_feature_that_fired_once_early_as_dead():
     t = TrainTracker(d_sae=3, dead_window=100)
     x = torch.zeros(10, 4)
-    for i in range(40):  # 400 tokens: feature 0 fires in the first batch only, 1 in every batch, 2 never
+    for i in range(
+        40
+    ):  # 400 tokens: feature 0 fires in the first batch only, 1 in every batch, 2 never
         t.update(x, x, torch.tensor([1.0 if i == 0 else 0.0, 2.0, 0.0]))
     assert t.dead_mask().tolist() == [True, False, True]
     assert t.interval(4)["dead_window_tokens"] == 100
@@ -85,8 +124,21 @@ def test_rising_fvu_needs_two_rises_beyond_noise():
 
 
 def test_a_run_that_gets_worse_with_more_data_warns_naming_the_cause(tiny_store, tmp_path):
-    bad = TrainConfig(model="tiny", layer=2, arch="topk", k=4, d_sae=64, epochs=4, batch_size=32, optimizer="signum", lr=0.5,
-                      eval_points=12, device="cpu", task_samples=0, name="bad")  # fmt: skip
+    bad = TrainConfig(
+        model="tiny",
+        layer=2,
+        arch="topk",
+        k=4,
+        d_sae=64,
+        epochs=4,
+        batch_size=32,
+        optimizer="signum",
+        lr=0.5,
+        eval_points=12,
+        device="cpu",
+        task_samples=0,
+        name="bad",
+    )
     store2 = tmp_path / "t2.zarr"
     shutil.copytree(tiny_store, store2)
     with warnings.catch_warnings(record=True) as got:
@@ -95,13 +147,48 @@ def test_a_run_that_gets_worse_with_more_data_warns_naming_the_cause(tiny_store,
     fvu = res.metrics["curves"]["eval"]["fvu"]
     assert any(rising_fvu(fvu[: i + 1]) for i in range(len(fvu)))
     said = [str(w.message) for w in got if issubclass(w.category, RisingFVUWarning)]
-    assert len(said) == 1 and "signum's learning rate (0.5)" in said[0] and "--optimizer adam" in said[0]
+    assert (
+        len(said) == 1
+        and "signum's learning rate (0.5)" in said[0]
+        and "--optimizer adam" in said[0]
+    )
     assert res.metrics["warnings"] == [said[0].split(": ", 1)[1]]
-    r = CliRunner().invoke(main, ["train", str(store2), "--model", "tiny", "--layer", "2", "--arch", "topk", "--k", "4",
-                                  "--d-sae", "64", "--epochs", "4", "--batch-size", "32", "--optimizer", "signum",
-                                  "--lr", "0.5", "--eval-points", "12", "--device", "cpu", "--quiet",
-                                  "--name", "bad"])  # fmt: skip
-    assert r.exit_code == 0 and "warning: held-out FVU rose at two evaluation points in a row" in r.output, r.output
+    r = CliRunner().invoke(
+        main,
+        [
+            "train",
+            str(store2),
+            "--model",
+            "tiny",
+            "--layer",
+            "2",
+            "--arch",
+            "topk",
+            "--k",
+            "4",
+            "--d-sae",
+            "64",
+            "--epochs",
+            "4",
+            "--batch-size",
+            "32",
+            "--optimizer",
+            "signum",
+            "--lr",
+            "0.5",
+            "--eval-points",
+            "12",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--name",
+            "bad",
+        ],
+    )
+    assert (
+        r.exit_code == 0
+        and "warning: held-out FVU rose at two evaluation points in a row" in r.output
+    ), r.output
 
 
 def test_a_good_run_does_not_warn(tiny_store):

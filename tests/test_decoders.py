@@ -27,18 +27,44 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def _decoder(kind: str, d, n_positions: int = 1100) -> str:
     from conftest import minilm_path
-    from transformers import AutoTokenizer, GPT2Config, GPT2Model, GPTNeoXConfig, GPTNeoXModel, LlamaConfig, LlamaModel
+    from transformers import (
+        AutoTokenizer,
+        GPT2Config,
+        GPT2Model,
+        GPTNeoXConfig,
+        GPTNeoXModel,
+        LlamaConfig,
+        LlamaModel,
+    )
 
     torch.manual_seed(0)
     if kind == "gpt2":
-        net = GPT2Model(GPT2Config(vocab_size=30522, n_embd=32, n_layer=3, n_head=2, n_positions=n_positions))
+        net = GPT2Model(
+            GPT2Config(vocab_size=30522, n_embd=32, n_layer=3, n_head=2, n_positions=n_positions)
+        )
     elif kind == "neox":
-        net = GPTNeoXModel(GPTNeoXConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                                         intermediate_size=64, max_position_embeddings=n_positions))  # fmt: skip
+        net = GPTNeoXModel(
+            GPTNeoXConfig(
+                vocab_size=30522,
+                hidden_size=32,
+                num_hidden_layers=3,
+                num_attention_heads=2,
+                intermediate_size=64,
+                max_position_embeddings=n_positions,
+            )
+        )
     else:
-        net = LlamaModel(LlamaConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                                     num_key_value_heads=1, intermediate_size=64,
-                                     max_position_embeddings=n_positions))  # fmt: skip
+        net = LlamaModel(
+            LlamaConfig(
+                vocab_size=30522,
+                hidden_size=32,
+                num_hidden_layers=3,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                intermediate_size=64,
+                max_position_embeddings=n_positions,
+            )
+        )
     net.save_pretrained(d)
     AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(d)
     return str(d)
@@ -51,8 +77,13 @@ def long_corpus(tmp_path_factory) -> str:
     words = "the movie plot actor scene story bank market profit team match goal song album river city night".split()  # noqa: SIM905
     p = tmp_path_factory.mktemp("long") / "long.jsonl"
     lens = [150, 1400, 300, 900, 40, 700]
-    p.write_text("\n".join(json.dumps({"id": str(i), "text": " ".join(rng.choice(words) for _ in range(n))})
-                           for i, n in enumerate(lens)) + "\n")  # fmt: skip
+    p.write_text(
+        "\n".join(
+            json.dumps({"id": str(i), "text": " ".join(rng.choice(words) for _ in range(n))})
+            for i, n in enumerate(lens)
+        )
+        + "\n"
+    )
     return str(p)
 
 
@@ -66,13 +97,36 @@ def _reference(model_dir: str, ids: list[int], dtype: str) -> tuple[np.ndarray, 
     return tuple(h[0].float().numpy() for h in hs)
 
 
-@pytest.mark.parametrize(("kind", "dtype"), [("gpt2", "bf16"), ("neox", "fp16"), ("llama", "bf16"), ("llama", "fp32")])
+@pytest.mark.parametrize(
+    ("kind", "dtype"), [("gpt2", "bf16"), ("neox", "fp16"), ("llama", "bf16"), ("llama", "fp32")]
+)
 def test_decoder_lms_in_their_dtype_past_512_tokens(tmp_path, long_corpus, kind, dtype):
     d = _decoder(kind, tmp_path / kind)
     store = str(tmp_path / "s.zarr")
-    r = CliRunner().invoke(main, ["extract", store, "--model", d, "--data", long_corpus, "--layers", "0,2,3", "--name", kind,
-                                  "--dtype", dtype, "--max-length", "1024", "--codec", "fp32", "--batch-size", "2",
-                                  "--quiet"])  # fmt: skip
+    r = CliRunner().invoke(
+        main,
+        [
+            "extract",
+            store,
+            "--model",
+            d,
+            "--data",
+            long_corpus,
+            "--layers",
+            "0,2,3",
+            "--name",
+            kind,
+            "--dtype",
+            dtype,
+            "--max-length",
+            "1024",
+            "--codec",
+            "fp32",
+            "--batch-size",
+            "2",
+            "--quiet",
+        ],
+    )
     assert r.exit_code == 0, r.output
     st = actstore.open_store(store)
     assert st.model_info(kind).dtype == dtype and st.tokenization().attrs.max_length == 1024
@@ -92,8 +146,18 @@ def test_windows_cover_every_token_once_from_its_first_window(tmp_path, long_cor
     d = _decoder("gpt2", tmp_path / "gpt2", n_positions=64)
     store = str(tmp_path / "w.zarr")
     window, stride = 48, 32
-    cfg = ExtractConfig(d, DataConfig(long_corpus), "0,1,3", name="gpt2", window=window, stride=stride, codec="fp32",
-                        batch_size=3, unit_rows=512, chunk_rows=256)  # fmt: skip
+    cfg = ExtractConfig(
+        d,
+        DataConfig(long_corpus),
+        "0,1,3",
+        name="gpt2",
+        window=window,
+        stride=stride,
+        codec="fp32",
+        batch_size=3,
+        unit_rows=512,
+        chunk_rows=256,
+    )
     extract(store, cfg, progress=False)
     st = actstore.open_store(store)
     tk = st.tokenization()
@@ -103,7 +167,9 @@ def test_windows_cover_every_token_once_from_its_first_window(tmp_path, long_cor
     ids = np.asarray(tk.array("token_id")[:], dtype=np.int64)
     toks = st.tokens()
     assert "window" in toks.columns
-    np.testing.assert_array_equal(toks["window"].to_numpy(), window_of(toks["position"].to_numpy(), window, stride))
+    np.testing.assert_array_equal(
+        toks["window"].to_numpy(), window_of(toks["position"].to_numpy(), window, stride)
+    )
     assert actstore.sql(st, 'SELECT max("window") AS w FROM tokens')["w"][0] == toks["window"].max()
     for s in range(len(first)):
         sample_ids = ids[first[s] : first[s] + n_tok[s]]
@@ -124,9 +190,17 @@ def test_windows_cover_every_token_once_from_its_first_window(tmp_path, long_cor
 def test_window_and_length_limits_are_checked(tmp_path, long_corpus):
     d = _decoder("gpt2", tmp_path / "gpt2", n_positions=64)
     with pytest.raises(ConfigError, match="--window 128 exceeds"):
-        extract(str(tmp_path / "a.zarr"), ExtractConfig(d, DataConfig(long_corpus), "1", window=128), progress=False)
+        extract(
+            str(tmp_path / "a.zarr"),
+            ExtractConfig(d, DataConfig(long_corpus), "1", window=128),
+            progress=False,
+        )
     with pytest.raises(ConfigError, match="--max-length 100 exceeds"):
-        extract(str(tmp_path / "b.zarr"), ExtractConfig(d, DataConfig(long_corpus), "1", max_length=100), progress=False)
+        extract(
+            str(tmp_path / "b.zarr"),
+            ExtractConfig(d, DataConfig(long_corpus), "1", max_length=100),
+            progress=False,
+        )
     with pytest.raises(ConfigError, match="--stride needs --window"):
         ExtractConfig(d, DataConfig(long_corpus), "1", stride=8)
     with pytest.raises(ConfigError, match="unknown --dtype"):

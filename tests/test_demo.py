@@ -42,13 +42,32 @@ class DemoRun(NamedTuple):
 def demo_run(tmp_path_factory, tiny_bert_dir, corpus_file) -> DemoRun:
     """The demo run once on the tiny BERT and a small corpus; each test below checks one thing about it."""
     out = tmp_path_factory.mktemp("demo") / "demo"
-    cfg = DemoConfig(out=str(out), model=tiny_bert_dir, data=corpus_file, limit=40, epochs=1, lr=1e-3, max_length=32,
-                     sae_epochs=2, sae_batch_size=128, device="cpu")  # fmt: skip
+    cfg = DemoConfig(
+        out=str(out),
+        model=tiny_bert_dir,
+        data=corpus_file,
+        limit=40,
+        epochs=1,
+        lr=1e-3,
+        max_length=32,
+        sae_epochs=2,
+        sae_batch_size=128,
+        device="cpu",
+    )
     lines: list[str] = []
     res = run_demo(cfg, progress=False, log=lines.append)
     rep = json.loads((out / "report" / "report.json").read_text())
     name = Path(tiny_bert_dir).name
-    return DemoRun(res, out, open_store(res.store), name, f"{name}-ft", lines, Path(res.report_html).read_text(), rep)
+    return DemoRun(
+        res,
+        out,
+        open_store(res.store),
+        name,
+        f"{name}-ft",
+        lines,
+        Path(res.report_html).read_text(),
+        rep,
+    )
 
 
 @pytest.mark.slow
@@ -63,7 +82,9 @@ def test_demo_trains_sparse_topk_saes_and_the_papers_contrast(demo_run) -> None:
     from actstore.sae.files import list_saes
 
     saes = list_saes(demo_run.store)
-    assert saes.height == 5  # layers 1 and 3, both models, topk; and the paper's relu-l1 for contrast
+    assert (
+        saes.height == 5
+    )  # layers 1 and 3, both models, topk; and the paper's relu-l1 for contrast
     main_saes = saes.filter(saes["arch"] == "topk")
     assert main_saes.height == 4 and (main_saes["l0"] <= 0.05 * main_saes["d_sae"]).all()
     assert not main_saes["dense_code"].any()
@@ -75,12 +96,24 @@ def test_demo_trains_sparse_topk_saes_and_the_papers_contrast(demo_run) -> None:
 
 @pytest.mark.slow
 def test_demo_report_has_every_section_and_token_views(demo_run) -> None:
-    for section in ("1. Fine-tuning", "2. Layer-wise similarity", "3. SAE metrics", "4. Top features", "5. Feature diff"):
+    for section in (
+        "1. Fine-tuning",
+        "2. Layer-wise similarity",
+        "3. SAE metrics",
+        "4. Top features",
+        "5. Feature diff",
+    ):
         assert section in demo_run.page, section
     assert re.findall(r'<span class="tok"', demo_run.page)
     report = demo_run.out / "report"
-    assert (report / "similarity.png").read_bytes()[:4] == (report / "feature_diff.png").read_bytes()[:4] == b"\x89PNG"
-    assert (report / "sae_curves.png").read_bytes()[:4] == b"\x89PNG" and "sae_curves.png" in demo_run.page
+    assert (
+        (report / "similarity.png").read_bytes()[:4]
+        == (report / "feature_diff.png").read_bytes()[:4]
+        == b"\x89PNG"
+    )
+    assert (report / "sae_curves.png").read_bytes()[
+        :4
+    ] == b"\x89PNG" and "sae_curves.png" in demo_run.page
     for row in demo_run.rep["sae_metrics"]:  # each SAE's held-out curve ends at its final metrics
         assert row["curves"]["eval"]["fvu"][-1] == pytest.approx(row["fvu"])
 
@@ -95,7 +128,9 @@ def test_demo_similarity_is_the_stores(demo_run) -> None:
     assert [r["layer"] for r in sim] == [0, 1, 2, 3]
     cfg = CompareConfig(models=(demo_run.pre, demo_run.ft), metrics=["mean-cosine"])
     again = wide(compare(demo_run.store, cfg, label="x", progress=False).table)
-    assert [r["mean-cosine"] for r in sim] == pytest.approx(again["mean-cosine"].to_list(), abs=1e-9)
+    assert [r["mean-cosine"] for r in sim] == pytest.approx(
+        again["mean-cosine"].to_list(), abs=1e-9
+    )
     assert sim[0]["mean-cosine"] > 0.9  # a 1-epoch fine-tune moves the embeddings at most slightly
 
 
@@ -105,7 +140,9 @@ def test_demo_top_features_are_the_stores(demo_run) -> None:
     from actstore.encoding.table import encoded_saes
 
     st, rep = demo_run.store, demo_run.rep
-    assert {e["sae"] for e in rep["features"]} == set(encoded_saes(st)) and len(rep["features"]) == 4
+    assert {e["sae"] for e in rep["features"]} == set(encoded_saes(st)) and len(
+        rep["features"]
+    ) == 4
     for e in rep["features"]:
         top = actstore.top_features(st, sae=e["sae"], by="variance", n=5)
         assert [f["feature"] for f in e["features"]] == top["feature"].to_list()
@@ -118,19 +155,35 @@ def test_demo_top_features_are_the_stores(demo_run) -> None:
 @pytest.mark.slow
 def test_demo_saves_a_feature_diff_per_layer(demo_run) -> None:
     assert {r["layer"] for r in demo_run.rep["feature_diff"]} == {1, 3}
-    assert actstore.sql(demo_run.store, "SELECT count(DISTINCT diff) AS n FROM feature_diff")["n"][0] == 2
+    assert (
+        actstore.sql(demo_run.store, "SELECT count(DISTINCT diff) AS n FROM feature_diff")["n"][0]
+        == 2
+    )
 
 
 @pytest.mark.slow
 def test_demo_logs_its_commands(demo_run) -> None:
     assert "actstore finetune" in (demo_run.out / "commands.sh").read_text()
-    assert 0 <= demo_run.res.accuracy["finetuned"] <= 1 and any("== 5/5" in x for x in demo_run.lines)
+    assert 0 <= demo_run.res.accuracy["finetuned"] <= 1 and any(
+        "== 5/5" in x for x in demo_run.lines
+    )
 
 
 @pytest.mark.slow
 def test_report_command_on_the_demo_store(demo_run, tmp_path) -> None:
-    r = CliRunner().invoke(main, ["report", demo_run.res.store, "--out", str(tmp_path / "rep2"), "--top-features", "2",
-                                  "--views", "1"])  # fmt: skip
+    r = CliRunner().invoke(
+        main,
+        [
+            "report",
+            demo_run.res.store,
+            "--out",
+            str(tmp_path / "rep2"),
+            "--top-features",
+            "2",
+            "--views",
+            "1",
+        ],
+    )
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "rep2" / "report.json").read_text())
     assert all(len(e["features"]) == 2 for e in rep["features"])

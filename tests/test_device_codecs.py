@@ -16,22 +16,33 @@ pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in cast:Run
 
 FLOATS = st.floats(width=32, allow_nan=True, allow_infinity=True)
 BLOCKS = arrays(np.float32, st.tuples(st.integers(1, 12), st.integers(1, 24)), elements=FLOATS)
-FINITE = arrays(np.float32, st.tuples(st.integers(1, 12), st.integers(1, 24)),
-                elements=st.floats(-3e4, 3e4, width=32))  # fmt: skip
+FINITE = arrays(
+    np.float32,
+    st.tuples(st.integers(1, 12), st.integers(1, 24)),
+    elements=st.floats(-3e4, 3e4, width=32),
+)
 
 
 def _same(x: np.ndarray, codec: str, chan: np.ndarray | None = None) -> None:
     try:
         want = codecs.encode(x, codec, chan)
-    except ValueError as exc:  # int8 refuses what its float16 scale cannot hold: so must the torch codec
+    except (
+        ValueError
+    ) as exc:  # int8 refuses what its float16 scale cannot hold: so must the torch codec
         with pytest.raises(ValueError, match=str(exc)[:30]):
-            device_codecs.encode(torch.from_numpy(x), codec, None if chan is None else torch.from_numpy(chan))
+            device_codecs.encode(
+                torch.from_numpy(x), codec, None if chan is None else torch.from_numpy(chan)
+            )
         return
     got = device_codecs.to_host(
-        device_codecs.encode(torch.from_numpy(x), codec, None if chan is None else torch.from_numpy(chan))
+        device_codecs.encode(
+            torch.from_numpy(x), codec, None if chan is None else torch.from_numpy(chan)
+        )
     )
     assert got.values.dtype == np.dtype(codecs.STORED_DTYPE[codec])
-    np.testing.assert_array_equal(got.values.view(np.uint8), want.values.view(np.uint8))  # bits, NaN payloads too
+    np.testing.assert_array_equal(
+        got.values.view(np.uint8), want.values.view(np.uint8)
+    )  # bits, NaN payloads too
     if want.scale is None:
         assert got.scale is None
     else:
@@ -57,7 +68,11 @@ def test_int8_matches_numpy_bit_for_bit_on_any_values(x):
 def test_int8_with_a_channel_scale_matches_numpy_bit_for_bit(x, data):
     chan = codecs.channel_scale(x)
     _same(x, "int8", chan)
-    tiny = np.full(x.shape[1], data.draw(st.floats(float(np.float32(1e-3)), float(np.float32(1e3)), width=32)), np.float32)
+    tiny = np.full(
+        x.shape[1],
+        data.draw(st.floats(float(np.float32(1e-3)), float(np.float32(1e3)), width=32)),
+        np.float32,
+    )
     _same(x, "int8", tiny)
 
 

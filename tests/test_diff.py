@@ -36,7 +36,11 @@ def store_with_saes(tiny_store) -> str:
     edit = _sae(2, "edit", 0, d_sae=24)
     with torch.no_grad():
         w = base.W_dec.detach().double()  # (24, 32)
-        q, _ = torch.linalg.qr(torch.cat([w.T, torch.randn(32, 8, generator=torch.Generator().manual_seed(9)).double()], 1))
+        q, _ = torch.linalg.qr(
+            torch.cat(
+                [w.T, torch.randn(32, 8, generator=torch.Generator().manual_seed(9)).double()], 1
+            )
+        )
         orth = q[:, 24:].T  # (8, 32), orthogonal to every base row
         new = w.clone()
         new[12:18] = w[12:18] + 1.2 * orth[:6] * w[12:18].norm(dim=1, keepdim=True)
@@ -64,7 +68,10 @@ def test_corr_accumulator_matches_numpy() -> None:
 def test_sae_against_itself_is_all_retained(store_with_saes) -> None:
     st = open_store(store_with_saes, writable=True)
     res = diff_features(st, DiffConfig("base", "base", rows=0))
-    assert res.counts == {"a": {"retained": 24, "modified": 0, "lost": 0}, "b": {"retained": 24, "modified": 0, "new": 0}}
+    assert res.counts == {
+        "a": {"retained": 24, "modified": 0, "lost": 0},
+        "b": {"retained": 24, "modified": 0, "new": 0},
+    }
     t = res.table.filter(res.table["side"] == "a")
     assert np.allclose(t["decoder_cos"].to_numpy(), 1.0)
     fired = t.filter(t["activation_corr"].is_not_null())
@@ -86,14 +93,20 @@ def test_planted_changes_are_labelled(store_with_saes, tmp_path) -> None:
     assert b["status"].to_list()[18:] == ["modified" if r >= 0.4 else "new" for r in corr]
     dec_only = diff_features(st, DiffConfig("base", "edit", activation_corr=False, name="dec"))
     assert dec_only.counts["b"] == {"retained": 12, "modified": 6, "new": 6}
-    assert dec_only.counts["a"]["retained"] == 12 and dec_only.counts["a"]["lost"] + dec_only.counts["a"]["modified"] == 12
+    assert (
+        dec_only.counts["a"]["retained"] == 12
+        and dec_only.counts["a"]["lost"] + dec_only.counts["a"]["modified"] == 12
+    )
     # saved, reloadable, and visible to SQL
     again = load_diff(st, "base__edit")
     assert again.counts == res.counts
     df = actstore.sql(
-        st, "SELECT side, status, count(*) AS n FROM feature_diff WHERE diff = 'base__edit' GROUP BY ALL ORDER BY ALL"
+        st,
+        "SELECT side, status, count(*) AS n FROM feature_diff WHERE diff = 'base__edit' GROUP BY ALL ORDER BY ALL",
     )
-    assert df.filter((df["side"] == "a") & (df["status"] == "retained"))["n"].to_list() == [res.counts["a"]["retained"]]
+    assert df.filter((df["side"] == "a") & (df["status"] == "retained"))["n"].to_list() == [
+        res.counts["a"]["retained"]
+    ]
 
 
 def test_diff_errors(store_with_saes) -> None:
@@ -106,7 +119,9 @@ def test_diff_errors(store_with_saes) -> None:
 
 
 def test_diff_cli(store_with_saes) -> None:
-    r = CliRunner().invoke(main, ["diff-features", store_with_saes, "--sae", "base", "--sae", "edit", "--rows", "300"])
+    r = CliRunner().invoke(
+        main, ["diff-features", store_with_saes, "--sae", "base", "--sae", "edit", "--rows", "300"]
+    )
     assert r.exit_code == 0, r.output
     assert "retained" in r.output and "feature_diff" in r.output
     r = CliRunner().invoke(main, ["diff-features", store_with_saes, "--sae", "base"])

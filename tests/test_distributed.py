@@ -33,8 +33,20 @@ LAYERS = [1, 3]
 
 def cfg_for(model_dir: str, corpus: str, codec: str = "fp16", **kw) -> ExtractConfig:
     """Small units (32 rows, one shard each) so a run has many of them; one torch thread like every Ray worker."""
-    return ExtractConfig(model_dir, DataConfig(corpus), LAYERS, name="m", codec=codec, chunk_rows=32, inner_rows=16,
-                         unit_rows=32, batch_size=4, device="cpu", threads=1, **kw)  # fmt: skip
+    return ExtractConfig(
+        model_dir,
+        DataConfig(corpus),
+        LAYERS,
+        name="m",
+        codec=codec,
+        chunk_rows=32,
+        inner_rows=16,
+        unit_rows=32,
+        batch_size=4,
+        device="cpu",
+        threads=1,
+        **kw,
+    )
 
 
 def array_objects(store: str) -> dict[str, bytes]:
@@ -66,7 +78,9 @@ def assert_same(store: str, ref: dict[str, bytes]) -> None:
         assert acts.attrs.complete and len(acts) == acts.attrs.n_rows
 
 
-def forget_units(path: str, layers: list[int], units: list[int] | None = None, first: int = 0) -> None:
+def forget_units(
+    path: str, layers: list[int], units: list[int] | None = None, first: int = 0
+) -> None:
     """Make a finished extraction unfinished: drop the markers of ``units`` (or of every unit from row ``first``)
     and set the attributes as if none of the commits after them had been written."""
     loc = open_location(path, writable=True)
@@ -94,7 +108,9 @@ def test_the_prefix_is_the_contiguous_run_of_completed_units(unit_rows, n_units,
     ranges = completed_ranges(done, unit_rows, n_rows)
     covered = {r for a, b in ranges for r in range(a, b)}
     assert covered == {r for u in done for r in range(u, min(u + unit_rows, n_rows))}
-    assert all(b < c for (_, b), (c, _) in zip(ranges, ranges[1:], strict=False))  # merged: no touching ranges
+    assert all(
+        b < c for (_, b), (c, _) in zip(ranges, ranges[1:], strict=False)
+    )  # merged: no touching ranges
 
 
 def test_new_stores_record_each_unit_by_its_marker(tmp_path, tiny_bert_dir, corpus_file):
@@ -105,11 +121,17 @@ def test_new_stores_record_each_unit_by_its_marker(tmp_path, tiny_bert_dir, corp
     acts = actstore.open_store(path).activations("m", 1)
     assert acts.attrs.progress == "units"
     n_units = -(-acts.attrs.n_rows // 32)
-    assert completed_units(open_location(path), layout.layer_array("m", 1)) == {i * 32 for i in range(n_units)}
-    assert not (Path(path) / "locks").exists() or not any((Path(path) / "locks").rglob("*.lock"))  # claims released
+    assert completed_units(open_location(path), layout.layer_array("m", 1)) == {
+        i * 32 for i in range(n_units)
+    }
+    assert not (Path(path) / "locks").exists() or not any(
+        (Path(path) / "locks").rglob("*.lock")
+    )  # claims released
 
 
-def test_a_reader_sees_the_prefix_and_can_ask_for_every_completed_unit(tmp_path, tiny_bert_dir, corpus_file, reference):
+def test_a_reader_sees_the_prefix_and_can_ask_for_every_completed_unit(
+    tmp_path, tiny_bert_dir, corpus_file, reference
+):
     """Units 0, 1 and 3 finished (unit 2 lost with its worker): readers stream rows 0..64; iter_completed adds unit 3."""
     path = str(tmp_path / "s.zarr")
     extract(path, cfg_for(tiny_bert_dir, corpus_file), progress=False)
@@ -121,11 +143,22 @@ def test_a_reader_sees_the_prefix_and_can_ask_for_every_completed_unit(tmp_path,
     assert len(acts) == 64  # the contiguous prefix, from the markers
     assert acts.completed_ranges() == [(0, 64), (96, 128)]
     chunks = list(acts.iter_completed(rows=16))
-    assert [(c.start, c.stop) for c in chunks] == [(0, 16), (16, 32), (32, 48), (48, 64), (96, 112), (112, 128)]
-    np.testing.assert_array_equal(np.concatenate([c.values for c in chunks]), np.concatenate([full[:64], full[96:128]]))
+    assert [(c.start, c.stop) for c in chunks] == [
+        (0, 16),
+        (16, 32),
+        (32, 48),
+        (48, 64),
+        (96, 112),
+        (112, 128),
+    ]
+    np.testing.assert_array_equal(
+        np.concatenate([c.values for c in chunks]), np.concatenate([full[:64], full[96:128]])
+    )
 
 
-def test_a_dead_workers_claim_and_partial_chunks_are_taken_over(tmp_path, tiny_bert_dir, corpus_file, reference):
+def test_a_dead_workers_claim_and_partial_chunks_are_taken_over(
+    tmp_path, tiny_bert_dir, corpus_file, reference
+):
     """A worker process claims unit 64, overwrites part of its chunks with garbage and is SIGKILLed; the next run
     takes the claim over (its pid is gone), recomputes the unit and ends byte-identical to an uninterrupted run."""
     path = str(tmp_path / "s.zarr")
@@ -149,7 +182,9 @@ time.sleep(600)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     holder = json.loads(loc.read_bytes(layout.lock_key(layout.unit_claim("m", 64))))
-    assert holder["pid"] == proc.pid and holder["expires"]  # the dead worker's leased claim is still there
+    assert (
+        holder["pid"] == proc.pid and holder["expires"]
+    )  # the dead worker's leased claim is still there
     res = extract(path, cfg_for(tiny_bert_dir, corpus_file), progress=False)
     assert res.rows_written == res.n_tokens - 64
     assert_same(path, reference["fp16"])
@@ -169,12 +204,46 @@ def test_a_live_claim_is_left_alone_and_a_lapsed_one_taken_over(tmp_path):
 
 # ---------------------------------------------------------------- two drivers, a killed driver (plain processes)
 def _cli_extract(store: str, model_dir: str, corpus: str, *extra: str) -> subprocess.Popen:
-    args = [sys.executable, "-m", "actstore.cli", "extract", store, "--model", model_dir, "--data", corpus, "--layers",
-            "1,3", "--name", "m", "--codec", "fp16", "--chunk-rows", "32", "--inner-rows", "16", "--unit-rows", "32",
-            "--batch-size", "4", "--device", "cpu", "--threads", "1", "--quiet", *extra]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "actstore.cli",
+        "extract",
+        store,
+        "--model",
+        model_dir,
+        "--data",
+        corpus,
+        "--layers",
+        "1,3",
+        "--name",
+        "m",
+        "--codec",
+        "fp16",
+        "--chunk-rows",
+        "32",
+        "--inner-rows",
+        "16",
+        "--unit-rows",
+        "32",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--quiet",
+        *extra,
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
 
 
 def test_two_drivers_at_once_share_the_work(tmp_path, tiny_bert_dir, corpus_file, reference):
@@ -186,7 +255,9 @@ def test_two_drivers_at_once_share_the_work(tmp_path, tiny_bert_dir, corpus_file
     assert [p.returncode for p in procs] == [0, 0], outs
     wrote = [int(o.split("wrote ")[1].split(" rows")[0]) for o, _ in outs]
     n_rows = actstore.open_store(path).activations("m", 1).attrs.n_rows
-    assert sum(wrote) >= n_rows  # between them every unit was computed (a unit is never refused, only shared)
+    assert (
+        sum(wrote) >= n_rows
+    )  # between them every unit was computed (a unit is never refused, only shared)
     assert_same(path, reference["fp16"])
 
 
@@ -196,14 +267,20 @@ def _ray_extract(path: str, cfg: ExtractConfig, **kw) -> object:
     return extract(path, cfg, progress=False, ray_address="local", **kw)
 
 
-def test_ray_extraction_with_2_workers_equals_one_process(tmp_path, tiny_bert_dir, corpus_file, reference):
+def test_ray_extraction_with_2_workers_equals_one_process(
+    tmp_path, tiny_bert_dir, corpus_file, reference
+):
     path = str(tmp_path / "s.zarr")
     res = _ray_extract(path, cfg_for(tiny_bert_dir, corpus_file, "int8", ray_workers=2))
     assert res.rows_written == res.n_tokens
-    assert_same(path, reference["int8"])  # int8: every worker derives the same channel scale from unit 0
+    assert_same(
+        path, reference["int8"]
+    )  # int8: every worker derives the same channel scale from unit 0
 
 
-def test_ray_extraction_into_a_bucket_equals_one_process(s3_server, tiny_bert_dir, corpus_file, reference):
+def test_ray_extraction_into_a_bucket_equals_one_process(
+    s3_server, tiny_bert_dir, corpus_file, reference
+):
     import uuid
 
     url = f"s3://team/{uuid.uuid4().hex[:8]}/ray.zarr"
@@ -226,7 +303,9 @@ def _cmdline(p) -> list[str]:
         return []
 
 
-def test_a_ray_worker_killed_mid_run_changes_nothing(tmp_path, tiny_bert_dir, corpus_file, reference):
+def test_a_ray_worker_killed_mid_run_changes_nothing(
+    tmp_path, tiny_bert_dir, corpus_file, reference
+):
     """SIGKILL one of two actors once the first units are done: a new actor takes its place, its unit is computed
     again (its claim's pid is gone), and the arrays equal a single process's."""
     path = str(tmp_path / "s.zarr")
@@ -251,7 +330,9 @@ def test_a_ray_worker_killed_mid_run_changes_nothing(tmp_path, tiny_bert_dir, co
     assert_same(path, reference["fp16"])
 
 
-def test_a_ray_driver_killed_and_started_again_resumes(tmp_path, tiny_bert_dir, corpus_file, reference):
+def test_a_ray_driver_killed_and_started_again_resumes(
+    tmp_path, tiny_bert_dir, corpus_file, reference
+):
     """`actstore extract --ray` SIGKILLed with its local Ray (the whole session) mid-run; the same command again
     computes only the units without markers and ends byte-identical."""
     pytest.importorskip("ray")
@@ -276,11 +357,15 @@ def test_a_ray_driver_killed_and_started_again_resumes(tmp_path, tiny_bert_dir, 
     assert_same(path, reference["fp16"])
 
 
-def test_a_format_2_store_resumes_by_its_prefix_and_refuses_ray(tmp_path, tiny_bert_dir, corpus_file, reference):
+def test_a_format_2_store_resumes_by_its_prefix_and_refuses_ray(
+    tmp_path, tiny_bert_dir, corpus_file, reference
+):
     """A store made before unit markers (root format 2): new layers keep one writer and committed_rows, no markers;
     --ray says why it cannot fan out there."""
     path = str(tmp_path / "old.zarr")
-    extract(path, dataclasses.replace(cfg_for(tiny_bert_dir, corpus_file), layers=[1]), progress=False)
+    extract(
+        path, dataclasses.replace(cfg_for(tiny_bert_dir, corpus_file), layers=[1]), progress=False
+    )
     meta_path = Path(path) / "zarr.json"
     meta = json.loads(meta_path.read_text())
     meta["attributes"]["actstore"]["format"] = 2
@@ -288,10 +373,15 @@ def test_a_format_2_store_resumes_by_its_prefix_and_refuses_ray(tmp_path, tiny_b
     import shutil
 
     shutil.rmtree(Path(path) / "units")
-    res = extract(path, cfg_for(tiny_bert_dir, corpus_file), progress=False)  # layer 3 is new, layer 1 is done
+    res = extract(
+        path, cfg_for(tiny_bert_dir, corpus_file), progress=False
+    )  # layer 3 is new, layer 1 is done
     assert res.rows_written == res.n_tokens
     acts = actstore.open_store(path).activations("m", 3)
-    assert acts.attrs.progress is None and not (Path(path) / layout.units_dir(layout.layer_array("m", 3))).exists()
+    assert (
+        acts.attrs.progress is None
+        and not (Path(path) / layout.units_dir(layout.layer_array("m", 3))).exists()
+    )
     assert_same(path, reference["fp16"])
     with pytest.raises(actstore.ActstoreError, match="format 2.*--ray needs a store of format 3"):
         extract(path, cfg_for(tiny_bert_dir, corpus_file), progress=False, ray_address="local")
@@ -330,7 +420,11 @@ def test_ray_encode_with_2_workers_equals_one_process(two_sae_stores):
     from actstore.encoding.encode import encode
 
     a, b = two_sae_stores
-    here = encode(actstore.open_store(a, writable=True), EncodeConfig(sae="s", batch_rows=64, n_buckets=3), progress=False)
+    here = encode(
+        actstore.open_store(a, writable=True),
+        EncodeConfig(sae="s", batch_rows=64, n_buckets=3),
+        progress=False,
+    )
     killed: list[int] = []
 
     def kill_one() -> None:
@@ -345,7 +439,9 @@ def test_ray_encode_with_2_workers_equals_one_process(two_sae_stores):
 
     killer = threading.Thread(target=kill_one, daemon=True)
     killer.start()
-    cfg = EncodeConfig(sae="s", batch_rows=64, n_buckets=3, spill_entries=300, ray_workers=2, threads=1)
+    cfg = EncodeConfig(
+        sae="s", batch_rows=64, n_buckets=3, spill_entries=300, ray_workers=2, threads=1
+    )
     there = encode(actstore.open_store(b, writable=True), cfg, progress=False, ray_address="local")
     killer.join()
     assert killed, "no actor was killed: the encoding ended before its first segment was marked"

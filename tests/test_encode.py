@@ -39,7 +39,11 @@ def acts_files(store, name: str) -> list[str]:
 def test_encode_equals_dense_numpy(tiny_store, arch, k):
     st = actstore.open_store(tiny_store, writable=True)
     sae = make_sae(st, "s", arch, k=k)
-    res = encode(st, EncodeConfig(sae="s", batch_rows=100, n_buckets=3, spill_entries=700, row_group_rows=50), progress=False)
+    res = encode(
+        st,
+        EncodeConfig(sae="s", batch_rows=100, n_buckets=3, spill_entries=700, row_group_rows=50),
+        progress=False,
+    )
     ref = dense_numpy(st, sae)
     n_rows = len(st.activations("tiny", 2))
     got = table_dense(st, "s", ref.shape)
@@ -80,7 +84,10 @@ def test_bucket_count_grows_with_the_corpus_so_a_bucket_fits_in_memory():
     assert bucket_count(cfg, 3072, 2_000_000_000, 32) == 3072  # capped at one feature a bucket
     for n in (2_000_000, 20_000_000, 200_000_000):
         assert n * 32 / bucket_count(cfg, 12288, n, 32) <= BUCKET_ENTRIES
-    assert bucket_count(EncodeConfig(sae="s", spill_entries=100, workers=1), 3072, 20_000_000, 32) == 160  # memory knobs
+    assert (
+        bucket_count(EncodeConfig(sae="s", spill_entries=100, workers=1), 3072, 20_000_000, 32)
+        == 160
+    )  # memory knobs
 
 
 def test_row_groups_let_a_feature_lookup_read_only_its_own(tiny_store):
@@ -92,7 +99,8 @@ def test_row_groups_let_a_feature_lookup_read_only_its_own(tiny_store):
     for path in acts_files(st, "s"):
         md = pq.ParquetFile(path).metadata
         ranges += [
-            (md.row_group(i).column(1).statistics.min, md.row_group(i).column(1).statistics.max) for i in range(md.num_row_groups)
+            (md.row_group(i).column(1).statistics.min, md.row_group(i).column(1).statistics.max)
+            for i in range(md.num_row_groups)
         ]
     n_groups = len(ranges)
     for feature, n_active in zip(stats["feature"], stats["n_active"], strict=True):
@@ -130,7 +138,13 @@ def test_resume_after_crash_gives_identical_table(tiny_store, monkeypatch):
     shutil.copytree(tiny_store, fresh_path)
     fresh = actstore.open_store(fresh_path, writable=True)
     # no background threads this time: the same table
-    encode(fresh, EncodeConfig(sae="s", batch_rows=64, n_buckets=4, spill_entries=300, workers=1, overwrite=True), progress=False)
+    encode(
+        fresh,
+        EncodeConfig(
+            sae="s", batch_rows=64, n_buckets=4, spill_entries=300, workers=1, overwrite=True
+        ),
+        progress=False,
+    )
     assert resumed.equals(actstore.features(fresh, "s").collect())
     # a finished encoding is not redone
     assert encode(st, cfg, progress=False).skipped
@@ -139,14 +153,22 @@ def test_resume_after_crash_gives_identical_table(tiny_store, monkeypatch):
     real_finish = enc.finish_bucket
     monkeypatch.setattr(enc, "finish_bucket", killed_on_call(real_finish, 3))
     with pytest.raises(KeyboardInterrupt):
-        encode(st, EncodeConfig(sae="s", batch_rows=64, n_buckets=4, spill_entries=300, overwrite=True), progress=False)
+        encode(
+            st,
+            EncodeConfig(sae="s", batch_rows=64, n_buckets=4, spill_entries=300, overwrite=True),
+            progress=False,
+        )
     monkeypatch.setattr(enc, "finish_bucket", real_finish)
-    assert read_encoding(st, "s")["complete"]  # the finished encoding survived the failed --overwrite
+    assert read_encoding(st, "s")[
+        "complete"
+    ]  # the finished encoding survived the failed --overwrite
     assert actstore.features(st, "s").collect().equals(actstore.features(fresh, "s").collect())
     man = read_pending(st, "s")
     assert not man["complete"] and man["spilled_rows"] > 0
     res = encode(st, cfg, progress=False)  # resumes the unfinished re-encode
-    assert res.resumed_from == man["spilled_rows"] and not st.loc.exists(f"{files_dir('s', man)}/spill")
+    assert res.resumed_from == man["spilled_rows"] and not st.loc.exists(
+        f"{files_dir('s', man)}/spill"
+    )
     assert [d for d in st.loc.list_dirs("features/s")] == [man["dir"]]  # the old generation is gone
     assert actstore.features(st, "s").collect().equals(actstore.features(fresh, "s").collect())
 
@@ -160,7 +182,10 @@ def test_changed_weights_need_overwrite(tiny_store):
         encode(st, EncodeConfig(sae="s"), progress=False)
     encode(st, EncodeConfig(sae="s", overwrite=True), progress=False)
     np.testing.assert_allclose(
-        table_dense(st, "s", (len(st.activations("tiny", 2)), 40)), dense_numpy(st, sae2), rtol=1e-4, atol=1e-5
+        table_dense(st, "s", (len(st.activations("tiny", 2)), 40)),
+        dense_numpy(st, sae2),
+        rtol=1e-4,
+        atol=1e-5,
     )
 
 
@@ -171,7 +196,11 @@ def test_errors_name_the_fix(tiny_store):
     with pytest.raises(ConfigError):
         EncodeConfig(sae="s", n_buckets=0)
     tk = st.model_info("tiny").tokenization
-    save_sae(st, SAE(SAEConfig(arch="relu-l1", d_in=16, d_sae=8, model="tiny", layer=2, tokenization=tk)), "narrow")
+    save_sae(
+        st,
+        SAE(SAEConfig(arch="relu-l1", d_in=16, d_sae=8, model="tiny", layer=2, tokenization=tk)),
+        "narrow",
+    )
     with pytest.raises(ConfigError, match="reads d_in 16 but tiny layer 2 .* has d_model 32"):
         encode(st, EncodeConfig(sae="narrow"), progress=False)
 
@@ -186,8 +215,10 @@ def test_sort_entries_orders_negative_and_positive_values():
     np.testing.assert_array_equal(order, np.lexsort((row, -value, feat)))
 
 
-@pytest.mark.parametrize(("arch", "k", "threshold"), [("relu-l1", None, 0.0), ("topk", 3, 0.0), ("batchtopk", 3, 0.0),
-                                                     ("batchtopk", 3, 0.2)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("arch", "k", "threshold"),
+    [("relu-l1", None, 0.0), ("topk", 3, 0.0), ("batchtopk", 3, 0.0), ("batchtopk", 3, 0.2)],
+)
 def test_sparse_encode_equals_dense_encode(arch, k, threshold):
     torch.manual_seed(3)
     sae = SAE(SAEConfig(arch=arch, d_in=8, d_sae=12, k=k, norm_scale=0.5))
@@ -201,10 +232,16 @@ def test_sparse_encode_equals_dense_encode(arch, k, threshold):
     got = np.zeros_like(dense)
     got[e.row, e.feature] = e.value
     np.testing.assert_array_equal(got, dense)
-    assert e.row.size == int((dense != 0).sum()) and e.feature.dtype == np.int32 and e.value.dtype == np.float32
+    assert (
+        e.row.size == int((dense != 0).sum())
+        and e.feature.dtype == np.int32
+        and e.value.dtype == np.float32
+    )
 
 
-@pytest.mark.parametrize(("d_sae", "rows"), [(40, 100), (1 << 30, 100), (40, 1 << 40)])  # packed keys; too wide for them
+@pytest.mark.parametrize(
+    ("d_sae", "rows"), [(40, 100), (1 << 30, 100), (40, 1 << 40)]
+)  # packed keys; too wide for them
 def test_block_sort_and_merge_equal_lexsort(d_sae, rows):
     rng = np.random.default_rng(0)
     runs, blocks = [], []
@@ -231,7 +268,10 @@ def test_block_sort_and_merge_equal_lexsort(d_sae, rows):
 def test_cli_encode(tiny_store):
     st = actstore.open_store(tiny_store, writable=True)
     make_sae(st, "s", "topk", k=4)
-    r = CliRunner().invoke(main, ["encode", tiny_store, "--sae", "s", "--quiet", "--spill-entries", "100", "--workers", "1"])
+    r = CliRunner().invoke(
+        main,
+        ["encode", tiny_store, "--sae", "s", "--quiet", "--spill-entries", "100", "--workers", "1"],
+    )
     assert r.exit_code == 0, r.output
     assert "SAE s (tiny layer 2)" in r.output and "feature rows" in r.output
     cfg = read_encoding(st, "s")["config"]

@@ -60,7 +60,9 @@ def test_split_fractions_and_own_split() -> None:
     assert len(s["test"]) == 10 and len(s["val"]) == 10 and len(s["train"]) == 80
     assert all(r.split == "test" for r in s["test"])
     mixed = [Record(str(i), "t", "a", "test" if i % 10 == 0 else "train") for i in range(100)]
-    s = split_records(mixed, (0.8, 0.1, 0.1), 0, use_own=False)  # --ignore-split: fractions of the (shuffled) rows
+    s = split_records(
+        mixed, (0.8, 0.1, 0.1), 0, use_own=False
+    )  # --ignore-split: fractions of the (shuffled) rows
     assert [len(s[k]) for k in ("train", "val", "test")] == [80, 10, 10]
     assert sum(r.split == "test" for r in s["test"]) == 1
 
@@ -74,19 +76,38 @@ def test_config_checks() -> None:
 
 def test_finetune_learns_toy_task_and_resumes(tmp_path, tiny_bert_dir, toy_file) -> None:
     out = tmp_path / "ft"
-    cfg = FinetuneConfig(tiny_bert_dir, DataConfig(toy_file), str(out), epochs=1, lr=3e-3, batch_size=8, max_length=16,
-                         device="cpu", keep_checkpoint=True)  # fmt: skip
+    cfg = FinetuneConfig(
+        tiny_bert_dir,
+        DataConfig(toy_file),
+        str(out),
+        epochs=1,
+        lr=3e-3,
+        batch_size=8,
+        max_length=16,
+        device="cpu",
+        keep_checkpoint=True,
+    )
     r1 = finetune(cfg, progress=False)
     assert (out / "checkpoint" / "state.json").exists()
-    cfg2 = FinetuneConfig(tiny_bert_dir, DataConfig(toy_file), str(out), epochs=4, lr=3e-3, batch_size=8, max_length=16,
-                          device="cpu")  # fmt: skip
+    cfg2 = FinetuneConfig(
+        tiny_bert_dir,
+        DataConfig(toy_file),
+        str(out),
+        epochs=4,
+        lr=3e-3,
+        batch_size=8,
+        max_length=16,
+        device="cpu",
+    )
     res = finetune(cfg2, progress=False)
     assert res.resumed_from_epoch == 1
     assert [h["epoch"] for h in res.history] == [1, 2, 3, 4]
     assert res.history[0] == r1.history[0]
     assert (res.n_train, res.n_val, res.n_test) == (64, 8, 8)
     assert res.finetuned.accuracy == 1.0
-    assert res.pretrained.n == 8 and len(res.pretrained.confusion) == 2  # the untouched encoder, same fresh head
+    assert (
+        res.pretrained.n == 8 and len(res.pretrained.confusion) == 2
+    )  # the untouched encoder, same fresh head
     assert not (out / "checkpoint").exists()
     rep = json.loads((out / "report.json").read_text())
     assert rep["labels"] == ["a", "b"] and rep["finetuned"]["accuracy"] == 1.0
@@ -101,7 +122,9 @@ def test_finetune_learns_toy_task_and_resumes(tmp_path, tiny_bert_dir, toy_file)
     from actstore.store.extract import extract
 
     store = str(tmp_path / "s.zarr")
-    common = dict(data=DataConfig(toy_file, limit=20), layers="all", codec="fp32", chunk_rows=64, device="cpu")
+    common = dict(
+        data=DataConfig(toy_file, limit=20), layers="all", codec="fp32", chunk_rows=64, device="cpu"
+    )
     extract(store, ExtractConfig(model=tiny_bert_dir, name="pre", **common), progress=False)
     extract(store, ExtractConfig(model=str(out), name="ft", **common), progress=False)
     st = open_store(store)
@@ -114,16 +137,57 @@ def test_finetune_cli_and_errors(tmp_path, tiny_bert_dir, toy_file) -> None:
     out = tmp_path / "ft"
     r = CliRunner().invoke(
         main,
-        ["finetune", "--model", tiny_bert_dir, "--data", toy_file, "--out", str(out), "--epochs", "1", "--lr", "1e-3",
-         "--batch-size", "16", "--max-length", "16", "--limit", "40", "--device", "cpu", "--quiet"],
-    )  # fmt: skip
+        [
+            "finetune",
+            "--model",
+            tiny_bert_dir,
+            "--data",
+            toy_file,
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--lr",
+            "1e-3",
+            "--batch-size",
+            "16",
+            "--max-length",
+            "16",
+            "--limit",
+            "40",
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "accuracy" in r.output and (out / "model.safetensors").exists()
     rows = [json.loads(x) for x in __import__("gzip").open(out / "data.jsonl.gz", "rt")]
     assert len(rows) == 40 and {x["split"] for x in rows} == {"train", "val", "test"}
-    r = CliRunner().invoke(main, ["finetune", "--model", tiny_bert_dir, "--data", toy_file, "--out", str(out), "--labels", "q"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "finetune",
+            "--model",
+            tiny_bert_dir,
+            "--data",
+            toy_file,
+            "--out",
+            str(out),
+            "--labels",
+            "q",
+        ],
+    )
     assert r.exit_code != 0 and "no rows with labels q" in r.output
     with pytest.raises(DataError):
         one = Path(tmp_path / "one.jsonl")
-        one.write_text(json.dumps({"text": "x", "label": "a"}) + "\n" + json.dumps({"text": "y", "label": "a"}) + "\n")
-        finetune(FinetuneConfig(tiny_bert_dir, DataConfig(str(one)), str(tmp_path / "o2"), device="cpu"), progress=False)
+        one.write_text(
+            json.dumps({"text": "x", "label": "a"})
+            + "\n"
+            + json.dumps({"text": "y", "label": "a"})
+            + "\n"
+        )
+        finetune(
+            FinetuneConfig(tiny_bert_dir, DataConfig(str(one)), str(tmp_path / "o2"), device="cpu"),
+            progress=False,
+        )

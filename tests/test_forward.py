@@ -84,7 +84,9 @@ def test_rows_encoded_on_the_device_equal_the_numpy_codec(tap, codec):
     ids, starts, lens, keep, n = pieces(False)
     pcs = Pieces(ids, starts, lens, keep)
     rows = forward_unit(tap, pcs, 5, n, [1, 3], 32, 4, "cpu")
-    chans = {layer: codecs.channel_scale(rows[layer]) for layer in (1, 3)} if codec == "int8" else {}
+    chans = (
+        {layer: codecs.channel_scale(rows[layer]) for layer in (1, 3)} if codec == "int8" else {}
+    )
     packed = forward_rows(tap, pcs, 5, n, [1, 3], 32, 4, "cpu", codec, chans)
     for layer in (1, 3):
         got = packed.stored(layer, codec, None, packed.inverse())
@@ -141,7 +143,9 @@ def test_the_blocked_channel_scale_is_the_whole_array_formula(n, block):
     want = np.where(want > 0, want, np.float32(1.0))
     np.testing.assert_array_equal(codecs.channel_scale(x, block=block), want)
     rows = rng.permutation(n)
-    np.testing.assert_array_equal(codecs.channel_scale(x, rows, block=block), codecs.channel_scale(x[rows], block=block))
+    np.testing.assert_array_equal(
+        codecs.channel_scale(x, rows, block=block), codecs.channel_scale(x[rows], block=block)
+    )
 
 
 def test_the_switch_interval_is_short_while_a_worker_runs_and_restored_after():

@@ -28,7 +28,9 @@ from actstore.store.extract import extract
 DEVICE = os.environ.get("ACTSTORE_GPU_TEST_DEVICE", "cuda")
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(
+        DEVICE.startswith("cuda") and not torch.cuda.is_available(), reason="needs a CUDA device"
+    ),
 ]
 
 
@@ -47,7 +49,9 @@ def test_the_device_codec_is_bit_identical_to_numpy(codec):
         x = hostile_rows(seed)
         chan = codecs.channel_scale(x) if codec == "int8" else None
         t_chan = None if chan is None else torch.from_numpy(chan).to(DEVICE)
-        got = device_codecs.to_host(device_codecs.encode(torch.from_numpy(x).to(DEVICE), codec, t_chan))
+        got = device_codecs.to_host(
+            device_codecs.encode(torch.from_numpy(x).to(DEVICE), codec, t_chan)
+        )
         want = codecs.encode(x, codec, chan)
         np.testing.assert_array_equal(got.values, want.values)
         if codec == "int8":
@@ -55,7 +59,9 @@ def test_the_device_codec_is_bit_identical_to_numpy(codec):
 
 
 @pytest.mark.parametrize("case", ["f3-int8", "f3-bf16", "f3-int8-window", "f1-fp16"])
-def test_pinned_slots_and_the_copy_stream_write_the_fixture_bytes(case, tmp_path, tiny_bert_dir, corpus_file, monkeypatch):
+def test_pinned_slots_and_the_copy_stream_write_the_fixture_bytes(
+    case, tmp_path, tiny_bert_dir, corpus_file, monkeypatch
+):
     """The deterministic tap on the device: encoded there, copied on the copy stream into pinned slots, written."""
     import test_stored_bytes as sb
 
@@ -65,12 +71,22 @@ def test_pinned_slots_and_the_copy_stream_write_the_fixture_bytes(case, tmp_path
     assert json.loads(sb.FIXTURE.read_text())[case] == sb.digest(path, "m", 2)
 
 
-def test_rows_on_the_device_match_a_cpu_fp32_extraction_within_bf16(tmp_path, tiny_bert_dir, corpus_file):
+def test_rows_on_the_device_match_a_cpu_fp32_extraction_within_bf16(
+    tmp_path, tiny_bert_dir, corpus_file
+):
     common = dict(name="m", codec="fp32", batch_size=8, chunk_rows=64, inner_rows=16)
-    extract(str(tmp_path / "cpu.zarr"), ExtractConfig(tiny_bert_dir, DataConfig(corpus_file), [1, 3], device="cpu",
-                                                      dtype="fp32", **common), progress=False)  # fmt: skip
-    extract(str(tmp_path / "dev.zarr"), ExtractConfig(tiny_bert_dir, DataConfig(corpus_file), [1, 3], device=DEVICE,
-                                                      **common), progress=False)  # fmt: skip
+    extract(
+        str(tmp_path / "cpu.zarr"),
+        ExtractConfig(
+            tiny_bert_dir, DataConfig(corpus_file), [1, 3], device="cpu", dtype="fp32", **common
+        ),
+        progress=False,
+    )
+    extract(
+        str(tmp_path / "dev.zarr"),
+        ExtractConfig(tiny_bert_dir, DataConfig(corpus_file), [1, 3], device=DEVICE, **common),
+        progress=False,
+    )
     for layer in (1, 3):
         a = actstore.open_store(str(tmp_path / "cpu.zarr")).activations("m", layer)[:]
         b = actstore.open_store(str(tmp_path / "dev.zarr")).activations("m", layer)[:]
@@ -78,9 +94,21 @@ def test_rows_on_the_device_match_a_cpu_fp32_extraction_within_bf16(tmp_path, ti
         assert cos.min() > 0.99 and np.abs(a - b).max() / np.abs(a).max() < 0.05
 
 
-def test_a_run_killed_on_the_device_resumes_to_the_same_bytes(tmp_path, tiny_bert_dir, corpus_file, monkeypatch):
-    cfg = ExtractConfig(tiny_bert_dir, DataConfig(corpus_file), [2], name="m", codec="int8", chunk_rows=32, unit_rows=64,
-                        batch_size=8, device=DEVICE, codec_on="device")  # fmt: skip
+def test_a_run_killed_on_the_device_resumes_to_the_same_bytes(
+    tmp_path, tiny_bert_dir, corpus_file, monkeypatch
+):
+    cfg = ExtractConfig(
+        tiny_bert_dir,
+        DataConfig(corpus_file),
+        [2],
+        name="m",
+        codec="int8",
+        chunk_rows=32,
+        unit_rows=64,
+        batch_size=8,
+        device=DEVICE,
+        codec_on="device",
+    )
     ref, killed = str(tmp_path / "ref.zarr"), str(tmp_path / "killed.zarr")
     extract(ref, cfg, progress=False)
     real = worker_mod.compute_unit

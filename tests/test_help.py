@@ -24,7 +24,11 @@ COMMANDS = sorted(main.commands)
 def option_help(command: str, option: str) -> str:
     """The help text of ``option`` in ``actstore COMMAND --help``, its wrapped lines joined."""
     lines = CliRunner().invoke(main, [command, "--help"], terminal_width=100).output.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.lstrip().startswith(option + " ") or line.strip() == option)
+    start = next(
+        i
+        for i, line in enumerate(lines)
+        if line.lstrip().startswith(option + " ") or line.strip() == option
+    )
     block = [lines[start]]
     for line in lines[start + 1 :]:
         if line.lstrip().startswith("-") or not line.startswith("    "):
@@ -55,17 +59,27 @@ def test_a_layer_range_gives_a_crosscoder_its_sources_in_order():
     assert parse_sources("a", "0-2") == [Source("a", 0), Source("a", 1), Source("a", 2)]
     with pytest.raises(ConfigError, match="runs backwards"):
         parse_sources("a", "4-2")
-    assert parse_sources("a,b", "3,1") == [Source("a", 3), Source("b", 1)]  # order kept: model i at layer i
+    assert parse_sources("a,b", "3,1") == [
+        Source("a", 3),
+        Source("b", 1),
+    ]  # order kept: model i at layer i
     assert parse_layers("0-2") == [0, 1, 2]
 
 
 def test_quiet_is_one_option_with_one_wording():
-    helps = {c: option_help(c, "--quiet") for c in COMMANDS if "--quiet" in main.commands[c].get_help(click.Context(main))}
+    helps = {
+        c: option_help(c, "--quiet")
+        for c in COMMANDS
+        if "--quiet" in main.commands[c].get_help(click.Context(main))
+    }
     assert len(helps) >= 7 and set(helps.values()) == {"--quiet No progress bars."}
 
 
 # ---------------------------------------------------------------- every default shown is the default received
-REQUIRED = {"train-crosscoder": ["--models", "a,b", "--layer", "1"], "train": ["--model", "m", "--layer", "1"]}
+REQUIRED = {
+    "train-crosscoder": ["--models", "a,b", "--layer", "1"],
+    "train": ["--model", "m", "--layer", "1"],
+}
 """Command lines that satisfy a command's required options where a generic value would not (a crosscoder needs two
 sources)."""
 D_IN = 768
@@ -120,8 +134,20 @@ CONFIGURED = [c for c in COMMANDS if hasattr(main.commands[c].callback, "field_o
 
 
 def test_the_stages_commands_are_built_from_their_configs():
-    assert {"extract", "train", "train-crosscoder", "encode", "finetune", "report", "demo", "import-sae", "serve",
-            "dashboard", "export-features", "diff-crosscoder"} <= set(CONFIGURED)  # fmt: skip
+    assert {
+        "extract",
+        "train",
+        "train-crosscoder",
+        "encode",
+        "finetune",
+        "report",
+        "demo",
+        "import-sae",
+        "serve",
+        "dashboard",
+        "export-features",
+        "diff-crosscoder",
+    } <= set(CONFIGURED)
 
 
 def lies(name: str) -> tuple[list[str], int]:
@@ -135,7 +161,12 @@ def lies(name: str) -> tuple[list[str], int]:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     out, checked = [], 0
     for o in cmd.callback.field_options:
-        if o.argument or o.param.startswith("data_") or o.kw.get("required") or settings(fields[o.field])["shown"]:
+        if (
+            o.argument
+            or o.param.startswith("data_")
+            or o.kw.get("required")
+            or settings(fields[o.field])["shown"]
+        ):
             continue
         opt = o.decls[0].split("/")[0]
         cfg = built_config(name, base + CONTEXT.get((name, o.field), []))
@@ -177,5 +208,10 @@ def test_every_command_has_help_and_an_example_in_the_docs(name):
     """sqlite-utils' rule: a command nobody can find an example of does not exist for its users."""
     cmd = main.commands[name]
     assert (cmd.help or "").strip(), f"actstore {name} has no help text"
-    docs = [Path(__file__).resolve().parents[1] / "README.md", *(Path(__file__).resolve().parents[1] / "docs").glob("*.md")]
-    assert any(f"actstore {name} " in p.read_text(encoding="utf-8") for p in docs), f"no example of actstore {name}"
+    docs = [
+        Path(__file__).resolve().parents[1] / "README.md",
+        *(Path(__file__).resolve().parents[1] / "docs").glob("*.md"),
+    ]
+    assert any(f"actstore {name} " in p.read_text(encoding="utf-8") for p in docs), (
+        f"no example of actstore {name}"
+    )

@@ -56,15 +56,25 @@ def _saelens_sae(arch: str, hook: str, seed: int = 0):
     torch.manual_seed(seed)
     meta = sae_lens.saes.sae.SAEMetadata(hook_name=hook, model_name="tiny")
     if arch == "standard":
-        sae = sae_lens.StandardSAE(sae_lens.StandardSAEConfig(d_in=D_IN, d_sae=D_SAE, apply_b_dec_to_input=False, metadata=meta))
+        sae = sae_lens.StandardSAE(
+            sae_lens.StandardSAEConfig(
+                d_in=D_IN, d_sae=D_SAE, apply_b_dec_to_input=False, metadata=meta
+            )
+        )
     elif arch == "topk":
         sae = sae_lens.TopKSAE(
-            sae_lens.TopKSAEConfig(d_in=D_IN, d_sae=D_SAE, k=5, rescale_acts_by_decoder_norm=True, metadata=meta)
+            sae_lens.TopKSAEConfig(
+                d_in=D_IN, d_sae=D_SAE, k=5, rescale_acts_by_decoder_norm=True, metadata=meta
+            )
         )
     elif arch == "jumprelu":
-        sae = sae_lens.JumpReLUSAE(sae_lens.JumpReLUSAEConfig(d_in=D_IN, d_sae=D_SAE, metadata=meta))
+        sae = sae_lens.JumpReLUSAE(
+            sae_lens.JumpReLUSAEConfig(d_in=D_IN, d_sae=D_SAE, metadata=meta)
+        )
     else:  # batchtopk, as its trainer saves it (save_model: topk_threshold, decoder norms rescaled at encode)
-        sae = sae_lens.BatchTopKTrainingSAE(sae_lens.BatchTopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=5, metadata=meta))
+        sae = sae_lens.BatchTopKTrainingSAE(
+            sae_lens.BatchTopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=5, metadata=meta)
+        )
     _perturb(sae, seed)
     with torch.no_grad():
         if arch == "jumprelu":
@@ -79,14 +89,22 @@ def test_saelens_sae_saved_by_saelens_encodes_as_saelens_does(tiny_store, tmp_pa
     sae = _saelens_sae(arch, "blocks.1.hook_resid_pre")
     folder = tmp_path / "sl"
     sae.save_model(folder)
-    res = import_sae(tiny_store, ImportConfig(path=str(folder), format="saelens", name=f"sl-{arch}", force=True))
-    assert res.cfg.layer == 1 and res.cfg.model == "tiny"  # blocks.1.hook_resid_pre = hidden_states[1]
+    res = import_sae(
+        tiny_store, ImportConfig(path=str(folder), format="saelens", name=f"sl-{arch}", force=True)
+    )
+    assert (
+        res.cfg.layer == 1 and res.cfg.model == "tiny"
+    )  # blocks.1.hook_resid_pre = hidden_states[1]
     x = _rows(tiny_store, 1)
     with torch.no_grad():
         if arch == "batchtopk":  # its inference form: a JumpReLU at the batch threshold
-            pre = sae.hook_sae_acts_pre(sae.process_sae_in(torch.from_numpy(x)) @ sae.W_enc + sae.b_enc)
+            pre = sae.hook_sae_acts_pre(
+                sae.process_sae_in(torch.from_numpy(x)) @ sae.W_enc + sae.b_enc
+            )
             pre = pre * sae.W_dec.norm(dim=-1)
-            want = torch.where(pre > sae.topk_threshold, torch.relu(pre), torch.zeros_like(pre)).numpy()
+            want = torch.where(
+                pre > sae.topk_threshold, torch.relu(pre), torch.zeros_like(pre)
+            ).numpy()
         else:
             want = sae.encode(torch.from_numpy(x)).numpy()  # (n_rows, d_sae)
     got = _dense_features(tiny_store, f"sl-{arch}", len(x))
@@ -96,19 +114,37 @@ def test_saelens_sae_saved_by_saelens_encodes_as_saelens_does(tiny_store, tmp_pa
     assert m["imported"]["format"] == "saelens" and m["eval"]["n_tokens"] == len(x)
 
 
-def test_saelens_resid_post_maps_to_the_next_hidden_state_and_a_fitting_sae_is_accepted(tiny_store, tmp_path):
+def test_saelens_resid_post_maps_to_the_next_hidden_state_and_a_fitting_sae_is_accepted(
+    tiny_store, tmp_path
+):
     """An actstore SAE exported to SAELens and imported back fits (FVU < 1, no --force) with the same FVU."""
     from actstore.sae.config import TrainConfig
     from actstore.sae.export import export_sae
     from actstore.sae.metrics import evaluate
     from actstore.sae.train import train_sae
 
-    train_sae(tiny_store, TrainConfig(model="tiny", layer=2, arch="topk", k=4, d_sae=D_SAE, epochs=2, batch_size=64,
-                                      name="own", device="cpu", task_samples=0), progress=False)  # fmt: skip
+    train_sae(
+        tiny_store,
+        TrainConfig(
+            model="tiny",
+            layer=2,
+            arch="topk",
+            k=4,
+            d_sae=D_SAE,
+            epochs=2,
+            batch_size=64,
+            name="own",
+            device="cpu",
+            task_samples=0,
+        ),
+        progress=False,
+    )
     st = actstore.open_store(tiny_store, writable=True)
     export_sae(st, "own", tmp_path / "exp", "saelens")
     cfg = json.loads((tmp_path / "exp" / "cfg.json").read_text())
-    cfg["metadata"]["hook_name"] = "blocks.1.hook_resid_post"  # the output of block 1 = hidden_states[2]
+    cfg["metadata"]["hook_name"] = (
+        "blocks.1.hook_resid_post"  # the output of block 1 = hidden_states[2]
+    )
     (tmp_path / "exp" / "cfg.json").write_text(json.dumps(cfg))
     res = import_sae(st, ImportConfig(path=str(tmp_path / "exp"), format="saelens", name="back"))
     assert res.cfg.layer == 2
@@ -125,18 +161,27 @@ def test_sparsify_sae_saved_by_sparsify_encodes_as_sparsify_does(tiny_store, tmp
     _perturb(sae, 1)
     folder = tmp_path / "run" / "layers.1"  # sparsify names the folder after the hook point
     sae.save_to_disk(folder)
-    res = import_sae(tiny_store, ImportConfig(path=str(folder), format="sparsify", name="sp", force=True))
-    assert res.cfg.layer == 2 and res.cfg.arch == "topk" and res.cfg.k == 6  # layers.1 output = hidden_states[2]
+    res = import_sae(
+        tiny_store, ImportConfig(path=str(folder), format="sparsify", name="sp", force=True)
+    )
+    assert (
+        res.cfg.layer == 2 and res.cfg.arch == "topk" and res.cfg.k == 6
+    )  # layers.1 output = hidden_states[2]
     x = _rows(tiny_store, 2)
     with torch.no_grad():
         out = sae.encode(torch.from_numpy(x))
     want = np.zeros((len(x), D_SAE), np.float32)
     np.put_along_axis(want, out.top_indices.numpy(), out.top_acts.numpy(), axis=1)
-    np.testing.assert_allclose(_dense_features(tiny_store, "sp", len(x)), want, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(
+        _dense_features(tiny_store, "sp", len(x)), want, atol=1e-5, rtol=1e-5
+    )
 
     # and back out: export-sae --format sparsify loads in sparsify with the same encoding
     runner = CliRunner()
-    r = runner.invoke(main, ["export-sae", tiny_store, "sp", "--format", "sparsify", "--out", str(tmp_path / "out")])
+    r = runner.invoke(
+        main,
+        ["export-sae", tiny_store, "sp", "--format", "sparsify", "--out", str(tmp_path / "out")],
+    )
     assert r.exit_code == 0, r.output
     again = sparsify.SparseCoder.load_from_disk(tmp_path / "out")
     with torch.no_grad():
@@ -184,7 +229,9 @@ def test_bad_imports_are_one_line_errors_with_nothing_written(tiny_store, tmp_pa
         sae_lens = pytest.importorskip("sae_lens")
         folder = tmp_path / "w16"
         meta = sae_lens.saes.sae.SAEMetadata(hook_name="blocks.1.hook_resid_pre")
-        sae_lens.StandardSAE(sae_lens.StandardSAEConfig(d_in=16, d_sae=D_SAE, metadata=meta)).save_model(folder)
+        sae_lens.StandardSAE(
+            sae_lens.StandardSAEConfig(d_in=16, d_sae=D_SAE, metadata=meta)
+        ).save_model(folder)
     elif case == "hook-past-the-model":
         folder = _saelens_folder(tmp_path, hook_name="blocks.7.hook_resid_post")
     elif case == "hook-not-residual":
@@ -201,7 +248,9 @@ def test_bad_imports_are_one_line_errors_with_nothing_written(tiny_store, tmp_pa
     assert r.exit_code != 0
     line = r.output.strip().splitlines()[-1]
     assert line.startswith("Error: ") and message in line, r.output
-    assert sorted(p.relative_to(tiny_store) for p in Path(tiny_store).rglob("*")) == before  # nothing written
+    assert (
+        sorted(p.relative_to(tiny_store) for p in Path(tiny_store).rglob("*")) == before
+    )  # nothing written
     with pytest.raises((ConfigError, NotFoundError)):
         import_sae(tiny_store, ImportConfig(path=str(folder), format=fmt))
     assert sae_names(actstore.open_store(tiny_store)) == []
@@ -213,9 +262,27 @@ def encoded(tiny_store):
     from actstore.sae.config import TrainConfig
     from actstore.sae.train import train_sae
 
-    train_sae(tiny_store, TrainConfig(model="tiny", layer=2, arch="topk", k=4, d_sae=D_SAE, epochs=1, batch_size=64,
-                                      name="s", device="cpu", task_samples=0), progress=False)  # fmt: skip
-    encode(actstore.open_store(tiny_store, writable=True), EncodeConfig(sae="s", n_buckets=3), progress=False)
+    train_sae(
+        tiny_store,
+        TrainConfig(
+            model="tiny",
+            layer=2,
+            arch="topk",
+            k=4,
+            d_sae=D_SAE,
+            epochs=1,
+            batch_size=64,
+            name="s",
+            device="cpu",
+            task_samples=0,
+        ),
+        progress=False,
+    )
+    encode(
+        actstore.open_store(tiny_store, writable=True),
+        EncodeConfig(sae="s", n_buckets=3),
+        progress=False,
+    )
     return tiny_store
 
 
@@ -223,28 +290,40 @@ def test_delphi_cache_points_at_the_right_tokens(encoded, tmp_path):
     from safetensors.numpy import load_file
 
     st = actstore.open_store(encoded)
-    res = export_features(st, FeatureExportConfig(sae="s", format="delphi", out=str(tmp_path / "latents"), n_splits=3))
+    res = export_features(
+        st, FeatureExportConfig(sae="s", format="delphi", out=str(tmp_path / "latents"), n_splits=3)
+    )
     hook = tmp_path / "latents" / "layers.1"  # hidden_states[2] = output of block 1
     cfg = json.loads((hook / "config.json").read_text())
-    assert cfg["n_splits"] == 3 and cfg["actstore"]["sae"] == "s" and {"cache_ctx_len", "model_name"} <= set(cfg)
+    assert (
+        cfg["n_splits"] == 3
+        and cfg["actstore"]["sae"] == "s"
+        and {"cache_ctx_len", "model_name"} <= set(cfg)
+    )
     table = lazy_features(st, "s").collect()
     ctx = token_context(st)
     ids = np.asarray(ctx.token_id[:], dtype=np.int64)
     seen = []
     files = sorted(hook.glob("*.safetensors"), key=lambda p: int(p.name.split("_")[0]))
     bounds = np.linspace(0, D_SAE, 4).astype(int)
-    assert [p.name for p in files] == [f"{a}_{b - 1}.safetensors" for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    assert [p.name for p in files] == [
+        f"{a}_{b - 1}.safetensors" for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
     for f in files:
         data = load_file(str(f))  # as delphi's TensorBuffer.load reads it
         first_latent = int(f.name.split("_")[0])
         loc = data["locations"].astype(np.int64)
         loc[:, 2] += first_latent
         tokens = data["tokens"]
-        assert tokens.shape[0] == len(ctx.first_row) and tokens.shape[1] % 32 == 0  # delphi's example length divides it
+        assert (
+            tokens.shape[0] == len(ctx.first_row) and tokens.shape[1] % 32 == 0
+        )  # delphi's example length divides it
         assert int(ctx.n_tokens.max()) <= tokens.shape[1] < int(ctx.n_tokens.max()) + 32
         rows = ctx.first_row[loc[:, 0]] + loc[:, 1]  # (sample, position) -> the store's token row
         assert (loc[:, 1] < ctx.n_tokens[loc[:, 0]]).all()
-        assert (tokens[loc[:, 0], loc[:, 1]] == ids[rows]).all()  # the location's token is the row's token
+        assert (
+            tokens[loc[:, 0], loc[:, 1]] == ids[rows]
+        ).all()  # the location's token is the row's token
         seen.append(np.stack([rows, loc[:, 2], data["activations"].astype(np.float32)], axis=1))
     got = np.concatenate(seen)
     got = got[np.lexsort((got[:, 1], got[:, 0]))]
@@ -255,32 +334,79 @@ def test_delphi_cache_points_at_the_right_tokens(encoded, tmp_path):
 
 
 NEURONPEDIA_FEATURE_KEYS = {
-    "feature_index", "neuron_alignment_indices", "neuron_alignment_values", "neuron_alignment_l1",
-    "correlated_neurons_indices", "correlated_neurons_pearson", "correlated_neurons_l1", "correlated_features_indices",
-    "correlated_features_pearson", "correlated_features_l1", "neg_str", "neg_values", "pos_str", "pos_values",
-    "frac_nonzero", "freq_hist_data_bar_heights", "freq_hist_data_bar_values", "logits_hist_data_bar_heights",
-    "logits_hist_data_bar_values", "decoder_weights_dist", "activations",
-}  # fmt: skip
+    "feature_index",
+    "neuron_alignment_indices",
+    "neuron_alignment_values",
+    "neuron_alignment_l1",
+    "correlated_neurons_indices",
+    "correlated_neurons_pearson",
+    "correlated_neurons_l1",
+    "correlated_features_indices",
+    "correlated_features_pearson",
+    "correlated_features_l1",
+    "neg_str",
+    "neg_values",
+    "pos_str",
+    "pos_values",
+    "frac_nonzero",
+    "freq_hist_data_bar_heights",
+    "freq_hist_data_bar_values",
+    "logits_hist_data_bar_heights",
+    "logits_hist_data_bar_values",
+    "decoder_weights_dist",
+    "activations",
+}
 """Every feature field Neuronpedia's convert-saedashboard-to-neuronpedia-export.py reads."""
-NEURONPEDIA_ACTIVATION_KEYS = {"tokens", "values", "bin_min", "bin_max", "bin_contains", "qualifying_token_index"}
+NEURONPEDIA_ACTIVATION_KEYS = {
+    "tokens",
+    "values",
+    "bin_min",
+    "bin_max",
+    "bin_contains",
+    "qualifying_token_index",
+}
 
 
 def test_neuronpedia_batches_follow_the_layout_and_show_top_tokens(encoded, tmp_path):
     st = actstore.open_store(encoded)
     out = tmp_path / "np"
-    r = CliRunner().invoke(main, ["export-features", encoded, "--sae", "s", "--format", "neuronpedia", "--out", str(out),
-                                  "--top-n", "5", "--context", "3", "--features-per-batch", "16"])  # fmt: skip
+    r = CliRunner().invoke(
+        main,
+        [
+            "export-features",
+            encoded,
+            "--sae",
+            "s",
+            "--format",
+            "neuronpedia",
+            "--out",
+            str(out),
+            "--top-n",
+            "5",
+            "--context",
+            "3",
+            "--features-per-batch",
+            "16",
+        ],
+    )
     assert r.exit_code == 0, r.output
-    stats = {d["feature"]: d for d in actstore.sql(st, "SELECT feature, n_active FROM feature_stats").to_dicts()}
+    stats = {
+        d["feature"]: d
+        for d in actstore.sql(st, "SELECT feature, n_active FROM feature_stats").to_dicts()
+    }
     n_rows = len(st.activations("tiny", 2))
     batches = sorted(out.glob("batch-*.json"), key=lambda p: int(p.stem.split("-")[1]))
     features = []
     for b in batches:
         data = json.loads(b.read_text())
-        assert {"model_id", "layer", "sae_set", "sae_id_suffix", "features"} <= set(data) and data["layer"] == 2
+        assert {"model_id", "layer", "sae_set", "sae_id_suffix", "features"} <= set(data) and data[
+            "layer"
+        ] == 2
         assert len(data["features"]) <= 16
         features += data["features"]
-    assert [f["feature_index"] for f in features] == sorted(k for k, v in stats.items() if v["n_active"] > 0)
+    assert [f["feature_index"] for f in features] == sorted(
+        k for k, v in stats.items() if v["n_active"] > 0
+    )
     for f in features:
         assert set(f) >= NEURONPEDIA_FEATURE_KEYS
         assert f["frac_nonzero"] == pytest.approx(stats[f["feature_index"]]["n_active"] / n_rows)
@@ -288,8 +414,12 @@ def test_neuronpedia_batches_follow_the_layout_and_show_top_tokens(encoded, tmp_
         top = top_tokens(st, f["feature_index"], sae="s", n=5)
         assert len(f["activations"]) == top.height
         for a, want in zip(f["activations"], top.iter_rows(named=True), strict=True):
-            assert set(a) >= NEURONPEDIA_ACTIVATION_KEYS and len(a["tokens"]) == len(a["values"]) <= 7
+            assert (
+                set(a) >= NEURONPEDIA_ACTIVATION_KEYS and len(a["tokens"]) == len(a["values"]) <= 7
+            )
             i = a["qualifying_token_index"]
-            assert a["tokens"][i] == want["token"] and a["values"][i] == pytest.approx(want["value"])
+            assert a["tokens"][i] == want["token"] and a["values"][i] == pytest.approx(
+                want["value"]
+            )
             # a neighbour may fire more strongly (a higher-ranked hit in the same window), never above the top hit
             assert max(a["values"]) <= top["value"].max() + 1e-5

@@ -53,8 +53,13 @@ COMMANDS = {
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_query_commands_import_no_torch(light_store, tmp_path, name):
-    args = [light_store if a == "S" else str(tmp_path / "copy.zarr") if a == "DST" else a for a in COMMANDS[name]]
-    out = subprocess.run([sys.executable, "-c", RUN, *args], capture_output=True, text=True, timeout=120)
+    args = [
+        light_store if a == "S" else str(tmp_path / "copy.zarr") if a == "DST" else a
+        for a in COMMANDS[name]
+    ]
+    out = subprocess.run(
+        [sys.executable, "-c", RUN, *args], capture_output=True, text=True, timeout=120
+    )
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["code"] in (0, None), out.stdout + out.stderr
     assert res["heavy"] == [], f"actstore {name} imported {res['heavy']}"
@@ -62,8 +67,21 @@ def test_query_commands_import_no_torch(light_store, tmp_path, name):
 
 def test_the_check_sees_torch_when_a_command_needs_it(light_store, tmp_path):
     """The same harness reports torch for a command that computes with it (so the test above can fail)."""
-    args = ["show", light_store, "--sae", "s", "--feature", "1", "--sample-id", "s0", "--out", str(tmp_path / "v.html")]
-    out = subprocess.run([sys.executable, "-c", RUN, *args], capture_output=True, text=True, timeout=120)
+    args = [
+        "show",
+        light_store,
+        "--sae",
+        "s",
+        "--feature",
+        "1",
+        "--sample-id",
+        "s0",
+        "--out",
+        str(tmp_path / "v.html"),
+    ]
+    out = subprocess.run(
+        [sys.executable, "-c", RUN, *args], capture_output=True, text=True, timeout=120
+    )
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["code"] in (0, None), out.stdout + out.stderr
     assert "torch" in res["heavy"]

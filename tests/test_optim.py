@@ -88,7 +88,14 @@ def test_the_sparse_step_has_the_dense_steps_loss_and_gradients(arch):
         sae.zero_grad()
         loss, x_hat, fired = loss_of(sparse)
         loss.backward()
-        runs.append((float(loss), x_hat.detach(), fired, {n: p.grad.clone() for n, p in sae.named_parameters()}))
+        runs.append(
+            (
+                float(loss),
+                x_hat.detach(),
+                fired,
+                {n: p.grad.clone() for n, p in sae.named_parameters()},
+            )
+        )
     (l_d, x_d, f_d, g_d), (l_s, x_s, f_s, g_s) = runs
     assert abs(l_d - l_s) < 1e-5 and torch.equal(f_d, f_s)
     torch.testing.assert_close(x_s, x_d, rtol=1e-5, atol=1e-5)
@@ -132,7 +139,9 @@ def test_a_relu_l1_step_sees_the_gradient_at_unit_norm(unit_grad):
     before = {n: p.detach().clone() for n, p in sae.named_parameters()}
     cfg = TrainConfig(model="m", layer=0, l1=0.01, unit_grad=None if unit_grad else False)
     assert cfg.unit_grad is unit_grad and cfg.grad_clip == 1.0
-    train_step(sae, torch.optim.SGD(sae.parameters(), lr=1.0), x, TrainTracker(40, 1000), cfg, aux_k=1)
+    train_step(
+        sae, torch.optim.SGD(sae.parameters(), lr=1.0), x, TrainTracker(40, 1000), cfg, aux_k=1
+    )
     for n, p in sae.named_parameters():
         want = before[n] - (grads[n] / norm if unit_grad else grads[n])
         torch.testing.assert_close(p.detach(), want, rtol=1e-5, atol=1e-6, msg=n)

@@ -15,10 +15,24 @@ from actstore.storage.integrity import verify
 def test_train_encode_diff_leave_a_verifiable_store(tiny_store):
     st = actstore.open_store(tiny_store, writable=True)
     for name, seed in (("a", 0), ("b", 1)):
-        cfg = TrainConfig(model="tiny", layer=2, arch="topk", k=4, d_sae=16, epochs=1, batch_size=64, name=name, seed=seed,
-                          device="cpu")  # fmt: skip
+        cfg = TrainConfig(
+            model="tiny",
+            layer=2,
+            arch="topk",
+            k=4,
+            d_sae=16,
+            epochs=1,
+            batch_size=64,
+            name=name,
+            seed=seed,
+            device="cpu",
+        )
         train_sae(st, cfg, progress=False)
-        encode(st, EncodeConfig(sae=name, batch_rows=256, n_buckets=2, row_group_rows=64), progress=False)
+        encode(
+            st,
+            EncodeConfig(sae=name, batch_rows=256, n_buckets=2, row_group_rows=64),
+            progress=False,
+        )
     diff_features(st, DiffConfig(sae_a="a", sae_b="b"))
     rep = verify(st.loc)
     assert rep.ok, [(p.key, p.kind) for p in rep.problems]
@@ -29,4 +43,6 @@ def test_train_encode_diff_leave_a_verifiable_store(tiny_store):
     data[-1] ^= 1
     path.write_bytes(bytes(data))
     bad = verify(st.loc)
-    assert not bad.ok and [p.key for p in bad.problems if p.kind == "corrupted"] == ["saes/a/sae.safetensors"]
+    assert not bad.ok and [p.key for p in bad.problems if p.kind == "corrupted"] == [
+        "saes/a/sae.safetensors"
+    ]

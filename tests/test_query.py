@@ -56,7 +56,12 @@ def enc_store(tmp_path_factory, tiny_bert_dir) -> str:
     (d / "c.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     path = str(d / "s.zarr")
     cfg = ExtractConfig(
-        model=tiny_bert_dir, data=DataConfig(str(d / "c.jsonl")), layers=[1, 2], name="tiny", codec="fp32", chunk_rows=64
+        model=tiny_bert_dir,
+        data=DataConfig(str(d / "c.jsonl")),
+        layers=[1, 2],
+        name="tiny",
+        codec="fp32",
+        chunk_rows=64,
     )
     extract(path, cfg, progress=False)
     st = actstore.open_store(path, writable=True)
@@ -64,7 +69,11 @@ def enc_store(tmp_path_factory, tiny_bert_dir) -> str:
     make_sae(st, "b", "topk", layer=2, d_sae=24, k=4, seed=1)
     make_sae(st, "c", "topk", layer=1, d_sae=32, k=6, seed=2)
     for name in ("a", "b", "c"):
-        encode(st, EncodeConfig(sae=name, batch_rows=128, n_buckets=3, row_group_rows=64), progress=False)
+        encode(
+            st,
+            EncodeConfig(sae=name, batch_rows=128, n_buckets=3, row_group_rows=64),
+            progress=False,
+        )
     return path
 
 
@@ -91,7 +100,9 @@ def join_pieces(tokens: list[str], hit: int) -> str:
 def test_top_tokens_equal_numpy(enc_store, ref, sae, layer):
     st = actstore.open_store(enc_store)
     dense, tokens, samples = ref["dense"][sae], ref["tokens"], ref["samples"]
-    assert any(t.startswith("##") for t in tokens["token"].to_list())  # sub-word pieces are exercised
+    assert any(
+        t.startswith("##") for t in tokens["token"].to_list()
+    )  # sub-word pieces are exercised
     con = actstore.connect(st)
     for feature in range(0, dense.shape[1], 5):
         col = dense[:, feature]
@@ -105,8 +116,12 @@ def test_top_tokens_equal_numpy(enc_store, ref, sae, layer):
             tok = tokens.row(r["row"], named=True)
             smp = samples.row(tok["sample"], named=True)
             assert (r["token"], r["sample"], r["position"], r["id"], r["label"]) == (
-                tok["token"], tok["sample"], tok["position"], smp["id"], smp["label"],
-            )  # fmt: skip
+                tok["token"],
+                tok["sample"],
+                tok["position"],
+                smp["id"],
+                smp["label"],
+            )
             lo = max(smp["first_row"], r["row"] - 3)
             hi = min(smp["first_row"] + smp["n_tokens"], r["row"] + 4)
             assert r["context"] == join_pieces(tokens["token"][lo:hi].to_list(), r["row"] - lo)
@@ -120,8 +135,16 @@ def test_top_tokens_equals_the_named_sql_query(enc_store):
     for sae, features in (("a", range(0, 40, 3)), ("b", range(24)), ("c", range(0, 32, 4))):
         for feature in features:
             for n, context in ((5, 3), (50, 0), (3, 12)):
-                want = named.run_query(st, "top_tokens", {"sae": sae, "feature": feature, "n": n, "context": context}, con=con)
-                for c in (con, None):  # lookup through the connection's view / straight from the bucket file
+                want = named.run_query(
+                    st,
+                    "top_tokens",
+                    {"sae": sae, "feature": feature, "n": n, "context": context},
+                    con=con,
+                )
+                for c in (
+                    con,
+                    None,
+                ):  # lookup through the connection's view / straight from the bucket file
                     got = lookups.top_tokens(st, feature, sae=sae, n=n, context=context, con=c)
                     assert got.equals(want), (sae, feature, n, context, c)
     con.close()
@@ -156,12 +179,19 @@ def test_named_queries_equal_numpy(enc_store, ref):
     assert got["feature"].to_list() == np.argsort(-diff, kind="stable")[:3].tolist()
     np.testing.assert_allclose(got["mean_diff"].to_numpy(), np.sort(diff)[::-1][:3], rtol=1e-4)
     all_labels = lookups.top_features(st, layer=2, sae="a", by="label-association", n=2)
-    assert sorted(all_labels["label"].unique().to_list()) == ["mixed", "neg", "pos"] and all_labels.height == 6
+    assert (
+        sorted(all_labels["label"].unique().to_list()) == ["mixed", "neg", "pos"]
+        and all_labels.height == 6
+    )
     # token frequency and top samples of one feature
     f = int(np.argmax((dense > 0).sum(axis=0)))
     tf = named.run_query(st, "token_frequency", {"sae": "a", "feature": f, "n": 1000})
-    counts = pl.DataFrame({"token": tokens["token"].to_numpy()[dense[:, f] > 0]}).group_by("token").len()
-    assert dict(zip(tf["token"], tf["n_active"], strict=True)) == dict(zip(counts["token"], counts["len"], strict=True))
+    counts = (
+        pl.DataFrame({"token": tokens["token"].to_numpy()[dense[:, f] > 0]}).group_by("token").len()
+    )
+    assert dict(zip(tf["token"], tf["n_active"], strict=True)) == dict(
+        zip(counts["token"], counts["len"], strict=True)
+    )
     ts = named.run_query(st, "top_samples", {"sae": "a", "feature": f, "n": 3})
     sample_of = tokens["sample"].to_numpy()
     best = np.array([dense[sample_of == i, f].max() for i in range(samples.height)])
@@ -174,8 +204,16 @@ def test_views_and_lazyframes(enc_store):
     cols = actstore.sql(st, "SELECT * FROM features LIMIT 1").columns
     assert cols == ["model", "layer", "sae", "row", "feature", "value"]
     assert actstore.sql(st, "SELECT * FROM feature_stats LIMIT 1").columns == [
-        "model", "layer", "sae", "feature", "n_active", "frequency", "mean", "max", "variance",
-    ]  # fmt: skip
+        "model",
+        "layer",
+        "sae",
+        "feature",
+        "n_active",
+        "frequency",
+        "mean",
+        "max",
+        "variance",
+    ]
     assert actstore.sql(st, "SELECT * FROM samples LIMIT 1").columns[:6] == [
         "sample",
         "id",
@@ -184,15 +222,22 @@ def test_views_and_lazyframes(enc_store):
         "n_tokens",
         "first_row",
     ]
-    per_sae = actstore.sql(st, "SELECT sae, layer, count(*) AS n FROM features GROUP BY ALL ORDER BY sae")
+    per_sae = actstore.sql(
+        st, "SELECT sae, layer, count(*) AS n FROM features GROUP BY ALL ORDER BY sae"
+    )
     saes = actstore.sql(st, "SELECT sae, n_feature_rows FROM saes ORDER BY sae")
-    assert per_sae["n"].to_list() == saes["n_feature_rows"].to_list() and per_sae["layer"].to_list() == [2, 2, 1]
+    assert per_sae["n"].to_list() == saes["n_feature_rows"].to_list() and per_sae[
+        "layer"
+    ].to_list() == [2, 2, 1]
     lazy = actstore.features(st).group_by("sae").len().sort("sae").collect()
     assert lazy["len"].to_list() == per_sae["n"].to_list()
     assert actstore.feature_stats(st, "c").collect().height == 32
     q = "SELECT * FROM features WHERE sae = $s AND feature = $f ORDER BY value DESC, row"
     assert actstore.sql(st, q, {"s": "c", "f": 3}).equals(
-        actstore.features(st, "c").filter(pl.col("feature") == 3).sort(["value", "row"], descending=[True, False]).collect()
+        actstore.features(st, "c")
+        .filter(pl.col("feature") == 3)
+        .sort(["value", "row"], descending=[True, False])
+        .collect()
     )
 
 
@@ -226,7 +271,11 @@ def test_parameters_are_inert(enc_store):
         out = named.run_query(st, "feature_label_association", {"sae": "a", "label": value})
         assert out.height == 0
         # bound straight into the SQL text, a quote is only a character
-        got = actstore.sql(st, named.load_query("top_tokens").sql, {"sae": value, "feature": 1, "n": 5, "context": 2})
+        got = actstore.sql(
+            st,
+            named.load_query("top_tokens").sql,
+            {"sae": value, "feature": 1, "n": 5, "context": 2},
+        )
         assert got.height == 0
     with pytest.raises(ConfigError, match="INTEGER"):
         named.run_query(st, "top_tokens", {"sae": "a", "feature": "1; DROP VIEW tokens"})
@@ -237,9 +286,13 @@ def test_parameters_are_inert(enc_store):
 
 def test_sae_resolution_messages(enc_store):
     st = actstore.open_store(enc_store)
-    with pytest.raises(ConfigError, match=r"several encoded SAEs.*a \(tiny layer 2.*b \(tiny layer 2"):
+    with pytest.raises(
+        ConfigError, match=r"several encoded SAEs.*a \(tiny layer 2.*b \(tiny layer 2"
+    ):
         lookups.top_tokens(st, 1, layer=2)
-    busy = int(actstore.feature_stats(st, "c").filter(pl.col("n_active") >= 2).collect()["feature"][0])
+    busy = int(
+        actstore.feature_stats(st, "c").filter(pl.col("n_active") >= 2).collect()["feature"][0]
+    )
     got = lookups.top_tokens(st, busy, layer=1, n=2)  # the layer's only SAE, c
     assert got.height == 2 and got.equals(lookups.top_tokens(st, busy, sae="c", n=2))
     with pytest.raises(NotFoundError, match="actstore train"):
@@ -254,19 +307,58 @@ def test_sae_resolution_messages(enc_store):
 
 CLI_CASES = {  # name: (arguments, S = the store; exit code 0?; what the output must show)
     "query-list": (["query", "--list"], True, ("top_tokens:", "feature (INTEGER, required)")),
-    "top-tokens-ambiguous-layer": (["top-tokens", "S", "--layer", "2", "--feature", "3"], False, ("--sae", "a (tiny layer 2")),
-    "top-tokens-context": (["top-tokens", "S", "--layer", "2", "--sae", "b", "--feature", "3", "-n", "3"], True,
-                           ("[[", "context")),
-    "top-features-csv": (["top-features", "S", "--layer", "1", "--by", "variance", "-n", "3", "--format", "csv"], True,
-                         ("rank,feature,variance",)),
-    "named-query-csv": (["query", "S", "sample_features", "--param", "sample=2", "--param", "layer=1", "--format", "csv"],
-                        True, ("feature,max_value",)),
-    "named-query-bad-param": (["query", "S", "top_tokens", "--param", "feature=x", "--param", "sae=a"], False,
-                              ("must be INTEGER",)),
-    "sql-csv": (["sql", "S", "SELECT sae, count(*) AS n FROM features GROUP BY sae ORDER BY sae", "--format", "csv"], True,
-                ("sae,n", "a,")),
-    "top-features-unencoded-layer": (["top-features", "S", "--layer", "0"], False, ("actstore train",)),
-}  # fmt: skip
+    "top-tokens-ambiguous-layer": (
+        ["top-tokens", "S", "--layer", "2", "--feature", "3"],
+        False,
+        ("--sae", "a (tiny layer 2"),
+    ),
+    "top-tokens-context": (
+        ["top-tokens", "S", "--layer", "2", "--sae", "b", "--feature", "3", "-n", "3"],
+        True,
+        ("[[", "context"),
+    ),
+    "top-features-csv": (
+        ["top-features", "S", "--layer", "1", "--by", "variance", "-n", "3", "--format", "csv"],
+        True,
+        ("rank,feature,variance",),
+    ),
+    "named-query-csv": (
+        [
+            "query",
+            "S",
+            "sample_features",
+            "--param",
+            "sample=2",
+            "--param",
+            "layer=1",
+            "--format",
+            "csv",
+        ],
+        True,
+        ("feature,max_value",),
+    ),
+    "named-query-bad-param": (
+        ["query", "S", "top_tokens", "--param", "feature=x", "--param", "sae=a"],
+        False,
+        ("must be INTEGER",),
+    ),
+    "sql-csv": (
+        [
+            "sql",
+            "S",
+            "SELECT sae, count(*) AS n FROM features GROUP BY sae ORDER BY sae",
+            "--format",
+            "csv",
+        ],
+        True,
+        ("sae,n", "a,"),
+    ),
+    "top-features-unencoded-layer": (
+        ["top-features", "S", "--layer", "0"],
+        False,
+        ("actstore train",),
+    ),
+}
 
 
 @pytest.mark.parametrize("case", sorted(CLI_CASES))
@@ -279,7 +371,10 @@ def test_cli_query_command(enc_store, case):
 
 
 def test_cli_top_tokens_json_is_the_numpy_order(enc_store, ref):
-    r = CliRunner().invoke(main, ["top-tokens", enc_store, "--layer", "1", "--feature", "3", "-n", "4", "--format", "json"])
+    r = CliRunner().invoke(
+        main,
+        ["top-tokens", enc_store, "--layer", "1", "--feature", "3", "-n", "4", "--format", "json"],
+    )
     assert r.exit_code == 0, r.output
     rows = json.loads(r.output)
     col = ref["dense"]["c"][:, 3]
@@ -289,7 +384,18 @@ def test_cli_top_tokens_json_is_the_numpy_order(enc_store, ref):
 
 def test_cli_top_features_by_label_writes_parquet(enc_store, tmp_path):
     out = tmp_path / "lab.parquet"
-    args = ["top-features", enc_store, "--layer", "1", "--by", "label-association", "-n", "2", "--format", "parquet"]
+    args = [
+        "top-features",
+        enc_store,
+        "--layer",
+        "1",
+        "--by",
+        "label-association",
+        "-n",
+        "2",
+        "--format",
+        "parquet",
+    ]
     r = CliRunner().invoke(main, [*args, "--out", str(out)])
     assert r.exit_code == 0, r.output
     assert pl.read_parquet(out).height == 6  # 2 features for each of the 3 labels

@@ -62,14 +62,32 @@ def extract_cfg(model_dir: str, corpus: str, layers: str, name: str = "tiny"):
     from actstore.store.config import ExtractConfig
 
     return ExtractConfig(
-        model=model_dir, data=DataConfig(corpus), layers=layers, name=name, codec="fp32", chunk_rows=64, batch_size=8,
+        model=model_dir,
+        data=DataConfig(corpus),
+        layers=layers,
+        name=name,
+        codec="fp32",
+        chunk_rows=64,
+        batch_size=8,
         device="cpu",
-    )  # fmt: skip
+    )
 
 
 # ---------------------------------------------------------------- keys and locations
 @pytest.mark.parametrize(
-    "key", ["../x", "a/../../x", "/etc/passwd", "a//b", "a\\..\\b", "C:evil", "./a", "a/.", "s3://x/y", "~/x"]
+    "key",
+    [
+        "../x",
+        "a/../../x",
+        "/etc/passwd",
+        "a//b",
+        "a\\..\\b",
+        "C:evil",
+        "./a",
+        "a/.",
+        "s3://x/y",
+        "~/x",
+    ],
 )
 def test_unsafe_keys_refused(key):
     with pytest.raises(StoreError, match="unsafe store key"):
@@ -97,7 +115,9 @@ def test_extract_to_bucket_matches_local(s3_server, tiny_bert_dir, corpus_file, 
     assert not remote.loc.local and remote.loc.read_only
     assert remote.models == ["tiny"] and remote.layers("tiny") == [1, 3]
     for layer in (1, 3):
-        np.testing.assert_array_equal(remote.activations("tiny", layer)[:], local.activations("tiny", layer)[:])
+        np.testing.assert_array_equal(
+            remote.activations("tiny", layer)[:], local.activations("tiny", layer)[:]
+        )
     # streaming read over the bucket, chunk by chunk
     chunks = list(remote.iter_chunks("tiny", 3, rows=100))
     assert sum(c.stop - c.start for c in chunks) == res.n_tokens
@@ -140,12 +160,22 @@ def test_cli_info_and_sql_by_url(pushed):
     r = CliRunner().invoke(main, ["info", pushed, "--json"])
     prov = json.loads(r.output)["provenance"]
     tk = next(iter(prov["tokenizations"].values()))
-    assert len(tk["data_sha256"]) == 64 and len(tk["tokenizer_sha256"]) == 64 and tk["n_samples"] == 40
+    assert (
+        len(tk["data_sha256"]) == 64 and len(tk["tokenizer_sha256"]) == 64 and tk["n_samples"] == 40
+    )
     layer = prov["models"]["tiny"]["layers"]["2"]
-    assert layer["codec"] == "fp32" and layer["config"]["chunk_rows"] == 64 and layer["actstore_version"]
+    assert (
+        layer["codec"] == "fp32"
+        and layer["config"]["chunk_rows"] == 64
+        and layer["actstore_version"]
+    )
     assert prov["store"]["manifest"]["files"] > 0
-    r = CliRunner().invoke(main, ["sql", pushed, "SELECT count(*) AS n FROM tokens", "--format", "csv"])
-    assert r.exit_code == 0 and r.output.splitlines()[1] == str(open_store(pushed).tokenization().n_tokens)
+    r = CliRunner().invoke(
+        main, ["sql", pushed, "SELECT count(*) AS n FROM tokens", "--format", "csv"]
+    )
+    assert r.exit_code == 0 and r.output.splitlines()[1] == str(
+        open_store(pushed).tokenization().n_tokens
+    )
 
 
 # ---------------------------------------------------------------- copy and verify
@@ -155,7 +185,9 @@ def test_copy_down_and_verify(pushed, tmp_path, tiny_store_ro):
     assert r.exit_code == 0, r.output
     a, b = open_store(str(dst)), open_store(tiny_store_ro)
     for layer in b.layers("tiny"):
-        np.testing.assert_array_equal(a.activations("tiny", layer)[:], b.activations("tiny", layer)[:])
+        np.testing.assert_array_equal(
+            a.activations("tiny", layer)[:], b.activations("tiny", layer)[:]
+        )
     r = CliRunner().invoke(main, ["verify", str(dst)])
     assert r.exit_code == 0 and "ok" in r.output, r.output
     # resume: a second run copies nothing, and a deleted chunk is fetched again
@@ -176,7 +208,9 @@ def test_copy_include_only_some_layers(pushed, tmp_path):
 def test_copy_refuses_another_store(pushed, tmp_path, tiny_store):
     meta_path = Path(tiny_store) / "zarr.json"
     meta = json.loads(meta_path.read_text())
-    meta["attributes"]["actstore"]["created"] = "2020-01-01T00:00:00+00:00"  # another store at the destination
+    meta["attributes"]["actstore"]["created"] = (
+        "2020-01-01T00:00:00+00:00"  # another store at the destination
+    )
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(StoreError, match="different store"):
         copy_store(CopyConfig(pushed, tiny_store))
@@ -191,12 +225,16 @@ def test_corrupted_chunk_is_caught(tiny_store):
     chunk.write_bytes(bytes(raw))
     acts = open_store(tiny_store).activations("tiny", 2)
     np.testing.assert_array_equal(acts[:64], good[:64])  # other chunks still read
-    with pytest.raises(IntegrityError, match=r"shard \(3, 0\) of array models/tiny/layer_2.*rows 192-255"):
+    with pytest.raises(
+        IntegrityError, match=r"shard \(3, 0\) of array models/tiny/layer_2.*rows 192-255"
+    ):
         acts[100:300]
     with pytest.raises(IntegrityError, match="models/tiny/layer_2/c/3/0"):
         list(acts.iter_chunks())
     rep = verify(st.loc)
-    assert not rep.ok and [(p.key, p.kind) for p in rep.problems] == [("models/tiny/layer_2/c/3/0", "corrupted")]
+    assert not rep.ok and [(p.key, p.kind) for p in rep.problems] == [
+        ("models/tiny/layer_2/c/3/0", "corrupted")
+    ]
     r = CliRunner().invoke(main, ["verify", tiny_store])
     assert r.exit_code != 0 and "models/tiny/layer_2/c/3/0" in r.output and "corrupted" in r.output
 
@@ -251,7 +289,9 @@ def test_malicious_key_refused_on_copy(pushed, s3, tmp_path):
 
 def test_malicious_manifest_key_refused(tiny_store):
     loc = open_location(tiny_store, writable=True)
-    loc.write_bytes("manifest.json", json.dumps({"files": {"../../x": {"size": 1, "sha256": "0"}}}).encode())
+    loc.write_bytes(
+        "manifest.json", json.dumps({"files": {"../../x": {"size": 1, "sha256": "0"}}}).encode()
+    )
     with pytest.raises(StoreError, match="unsafe store key"):
         verify(loc)
 
@@ -285,14 +325,23 @@ def _dead_pid() -> int:
 
 def test_stale_lock_from_dead_pid_taken_over(tiny_store):
     loc = open_location(tiny_store, writable=True)
-    stale = {"name": "models/tiny/layer_1", "owner": "dead", "pid": _dead_pid(), "host": socket.gethostname(),
-             "created": "2026-01-01T00:00:00+00:00", "purpose": "extract tiny"}  # fmt: skip
+    stale = {
+        "name": "models/tiny/layer_1",
+        "owner": "dead",
+        "pid": _dead_pid(),
+        "host": socket.gethostname(),
+        "created": "2026-01-01T00:00:00+00:00",
+        "purpose": "extract tiny",
+    }
     loc.write_bytes(lock_key("models/tiny/layer_1"), json.dumps(stale).encode())
     lock = StoreLock(loc, "models/tiny/layer_1").acquire()
     assert json.loads(loc.read_bytes(lock_key("models/tiny/layer_1")))["owner"] == lock.info.owner
     lock.release()
     # held by another host: refused unless break_lock
-    loc.write_bytes(lock_key("models/tiny/layer_1"), json.dumps({**stale, "host": "elsewhere", "pid": 1}).encode())
+    loc.write_bytes(
+        lock_key("models/tiny/layer_1"),
+        json.dumps({**stale, "host": "elsewhere", "pid": 1}).encode(),
+    )
     with pytest.raises(ConcurrencyError, match="elsewhere.*--break-lock"):
         StoreLock(loc, "models/tiny/layer_1").acquire()
     StoreLock(loc, "models/tiny/layer_1", break_lock=True).acquire().release()
@@ -308,16 +357,22 @@ def test_extract_same_array_refused_other_layers_proceed(s3_server, tiny_bert_di
     root = json.loads(loc.read_bytes("zarr.json"))
     root["attributes"]["actstore"]["format"] = 2
     loc.write_bytes("zarr.json", json.dumps(root).encode())
-    other = StoreLock(loc, "models/tiny/layer_2", "another extraction").acquire()  # someone is writing layer 2
+    other = StoreLock(
+        loc, "models/tiny/layer_2", "another extraction"
+    ).acquire()  # someone is writing layer 2
     try:
         with pytest.raises(ConcurrencyError, match="models/tiny/layer_2"):
             extract(url, extract_cfg(tiny_bert_dir, corpus_file, "2"), progress=False)
-        res = extract(url, extract_cfg(tiny_bert_dir, corpus_file, "3"), progress=False)  # a different layer
+        res = extract(
+            url, extract_cfg(tiny_bert_dir, corpus_file, "3"), progress=False
+        )  # a different layer
         assert res.rows_written == res.n_tokens
     finally:
         other.release()
     st = open_store(url)
-    assert len(st.activations("tiny", 3)) == res.n_tokens and len(st.activations("tiny", 2)) == 0  # nothing written to 2
+    assert (
+        len(st.activations("tiny", 3)) == res.n_tokens and len(st.activations("tiny", 2)) == 0
+    )  # nothing written to 2
     assert not [k for k in loc.walk("locks")]  # every lock given back
 
 
@@ -333,21 +388,32 @@ print("OK", r.rows_written)
 
 
 @pytest.mark.slow
-def test_two_processes_extract_different_models_into_one_bucket(s3_server, tiny_bert_dir, corpus_file, tmp_path):
+def test_two_processes_extract_different_models_into_one_bucket(
+    s3_server, tiny_bert_dir, corpus_file, tmp_path
+):
     url = new_url()
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     procs = [
-        subprocess.Popen([sys.executable, str(script), url, tiny_bert_dir, corpus_file, layers, name], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, str(script), url, tiny_bert_dir, corpus_file, layers, name],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for layers, name in (("1,2", "first"), ("3", "second"))
-    ]  # fmt: skip
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0 and "OK" in out, err[-2000:]
     st = open_store(url)
-    assert st.models == ["first", "second"] and st.layers("first") == [1, 2] and st.layers("second") == [3]
+    assert (
+        st.models == ["first", "second"]
+        and st.layers("first") == [1, 2]
+        and st.layers("second") == [3]
+    )
     assert np.abs(st.activations("second", 3)[:]).sum(axis=1).min() > 0  # every row written
     assert len(st.tokenization_keys()) == 1
     rep = verify(st.loc)
@@ -365,26 +431,48 @@ def test_train_encode_and_top_tokens_over_bucket(pushed, s3):
     url = new_url()
     assert copy_store(CopyConfig(pushed, url)).ok
     st = open_store(url, writable=True)
-    train_sae(st, TrainConfig(model="tiny", layer=2, d_sae=16, epochs=1, batch_size=64, name="s", device="cpu"), progress=False)
+    train_sae(
+        st,
+        TrainConfig(
+            model="tiny", layer=2, d_sae=16, epochs=1, batch_size=64, name="s", device="cpu"
+        ),
+        progress=False,
+    )
     ro = open_store(url)  # a teammate opens it by URL, read-only
     assert actstore.sae_names(ro) == ["s"] and actstore.load_sae(ro, "s").cfg.d_sae == 16
-    with pytest.raises(StoreError, match="--writable"):  # a URL opened read-only refuses writes before any work
-        encode(ro, EncodeConfig(sae="s", batch_rows=256, n_buckets=2, row_group_rows=64), progress=False)
+    with pytest.raises(
+        StoreError, match="--writable"
+    ):  # a URL opened read-only refuses writes before any work
+        encode(
+            ro,
+            EncodeConfig(sae="s", batch_rows=256, n_buckets=2, row_group_rows=64),
+            progress=False,
+        )
     with pytest.raises(StoreError, match="--writable"):
         train_sae(
-            ro, TrainConfig(model="tiny", layer=2, d_sae=16, epochs=1, batch_size=64, name="t", device="cpu"), progress=False
+            ro,
+            TrainConfig(
+                model="tiny", layer=2, d_sae=16, epochs=1, batch_size=64, name="t", device="cpu"
+            ),
+            progress=False,
         )
-    encode(st, EncodeConfig(sae="s", batch_rows=256, n_buckets=2, row_group_rows=64), progress=False)
+    encode(
+        st, EncodeConfig(sae="s", batch_rows=256, n_buckets=2, row_group_rows=64), progress=False
+    )
     ro = open_store(url)
     top = top_tokens(ro, feature=0, sae="s", n=5)
-    assert 0 < top.height <= 5 and top["value"].to_list() == sorted(top["value"].to_list(), reverse=True)
+    assert 0 < top.height <= 5 and top["value"].to_list() == sorted(
+        top["value"].to_list(), reverse=True
+    )
     # the same feature's values recomputed from the activations in the bucket
     acts = ro.activations("tiny", 2)[:]
     import torch
 
     with torch.no_grad():
         want = actstore.load_sae(ro, "s").encode(torch.from_numpy(acts))[:, 0].numpy()
-    np.testing.assert_allclose(top["value"].to_numpy(), np.sort(want)[::-1][: top.height], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        top["value"].to_numpy(), np.sort(want)[::-1][: top.height], rtol=1e-4, atol=1e-5
+    )
     r = CliRunner().invoke(main, ["top-tokens", url, "--sae", "s", "--feature", "0", "-n", "3"])
     assert r.exit_code == 0, r.output
     update_manifest(open_location(url, writable=True))
@@ -404,7 +492,16 @@ def test_damaged_checkpoint_in_bucket_is_a_clear_error(pushed, s3):
     st = open_store(url, writable=True)
 
     def cfg() -> TrainConfig:
-        return TrainConfig(model="tiny", layer=2, d_sae=16, epochs=2, batch_size=64, checkpoint_every=2, name="d", device="cpu")
+        return TrainConfig(
+            model="tiny",
+            layer=2,
+            d_sae=16,
+            epochs=2,
+            batch_size=64,
+            checkpoint_every=2,
+            name="d",
+            device="cpu",
+        )
 
     class Stop(Exception):
         pass
@@ -421,7 +518,9 @@ def test_damaged_checkpoint_in_bucket_is_a_clear_error(pushed, s3):
     meta["meta"]["config"] = "<script>alert(1)</script>"
     s3.pipe_file(key, pack(packed.tensors, meta))
     before = bucket_snapshot(s3, url)
-    with pytest.raises(IntegrityError, match="checkpoint of unfinished run 'd' in s3://.* is damaged"):
+    with pytest.raises(
+        IntegrityError, match="checkpoint of unfinished run 'd' in s3://.* is damaged"
+    ):
         train_sae(open_store(url, writable=True), cfg(), progress=False)
     s3.invalidate_cache()
     assert bucket_snapshot(s3, url) == before
@@ -474,8 +573,20 @@ def pushed_two_models(s3_server, tiny_store_ro, tiny_bert_dir, corpus_file, tmp_
     shutil.copytree(tiny_store_ro, local)
     extract(str(local), extract_cfg(tiny_bert_dir, corpus_file, "2", name="tiny2"), progress=False)
     for model, seed in (("tiny", 0), ("tiny2", 1)):
-        train_sae(str(local), TrainConfig(model=model, layer=2, arch="topk", k=4, d_sae=16, tokens=512, seed=seed,
-                                          name=f"{model}-s"), progress=False)  # fmt: skip
+        train_sae(
+            str(local),
+            TrainConfig(
+                model=model,
+                layer=2,
+                arch="topk",
+                k=4,
+                d_sae=16,
+                tokens=512,
+                seed=seed,
+                name=f"{model}-s",
+            ),
+            progress=False,
+        )
     url = f"s3://team/two-{uuid.uuid4().hex[:6]}"
     assert copy_store(CopyConfig(str(local), url)).ok
     return url
@@ -484,13 +595,19 @@ def pushed_two_models(s3_server, tiny_store_ro, tiny_bert_dir, corpus_file, tmp_
 def test_report_and_diff_leave_a_bucket_untouched_unless_writable(pushed_two_models, s3, tmp_path):
     url = pushed_two_models
     before = bucket_snapshot(s3, url)
-    r = CliRunner().invoke(main, ["diff-features", url, "--sae", "tiny-s", "--sae", "tiny2-s", "--rows", "0"])
+    r = CliRunner().invoke(
+        main, ["diff-features", url, "--sae", "tiny-s", "--sae", "tiny2-s", "--rows", "0"]
+    )
     assert r.exit_code == 0 and "not saved" in r.output, r.output
-    r = CliRunner().invoke(main, ["report", url, "--out", str(tmp_path / "rep"), "--models", "tiny,tiny2"])
+    r = CliRunner().invoke(
+        main, ["report", url, "--out", str(tmp_path / "rep"), "--models", "tiny,tiny2"]
+    )
     assert r.exit_code == 0, r.output
     assert (tmp_path / "rep" / "index.html").exists()
     assert bucket_snapshot(s3, url) == before
-    r = CliRunner().invoke(main, ["diff-features", url, "--sae", "tiny-s", "--sae", "tiny2-s", "--writable"])
+    r = CliRunner().invoke(
+        main, ["diff-features", url, "--sae", "tiny-s", "--sae", "tiny2-s", "--writable"]
+    )
     assert r.exit_code == 0 and "saved as diffs/tiny-s__tiny2-s" in r.output, r.output
     after = bucket_snapshot(s3, url)
     assert any("/diffs/tiny-s__tiny2-s/diff.parquet" in k for k in after) and after != before
@@ -523,7 +640,9 @@ def test_dot_dot_folder_listed_by_a_bucket_is_refused(pushed, s3):
     with pytest.raises(StoreError, match=r"unsafe store key 'models/\.\.'"):
         open_store(url).models  # noqa: B018
     r = CliRunner().invoke(main, ["info", url])
-    assert r.exit_code != 0 and isinstance(r.exception, SystemExit) and "unsafe store key" in r.output
+    assert (
+        r.exit_code != 0 and isinstance(r.exception, SystemExit) and "unsafe store key" in r.output
+    )
 
 
 # ---------------------------------------------------------------- remote reads: requests and shards
@@ -553,8 +672,12 @@ def test_a_remote_stream_fetches_each_shard_with_one_request(pushed, counted):
     assert acts.chunk_rows == 64  # shards of 64 rows (16-row inner chunks)
     assert {m for m, _ in reqs} == {"GET"} and len(reqs) == n_objects  # no HEAD before a GET
     last = f"/c/{n_objects - 1}/0"
-    assert {n for (_, path), n in reqs.items() if not path.endswith(last)} == {1}  # one GET per whole shard
-    assert sum(n for (_, path), n in reqs.items() if path.endswith(last)) <= 2  # the last, partial one: index + chunks
+    assert {n for (_, path), n in reqs.items() if not path.endswith(last)} == {
+        1
+    }  # one GET per whole shard
+    assert (
+        sum(n for (_, path), n in reqs.items() if path.endswith(last)) <= 2
+    )  # the last, partial one: index + chunks
     np.testing.assert_array_equal(got, actstore.open_store(pushed).activations("tiny", 2)[:])
 
 
@@ -562,10 +685,18 @@ def test_random_rows_fetch_inner_chunks_not_whole_shards(pushed, counted, tiny_s
     acts = open_store(pushed).activations("tiny", 2)
     counted.reset()
     rows = acts.take(np.array([5, 200]))
-    np.testing.assert_array_equal(rows, open_store(tiny_store_ro).activations("tiny", 2).take(np.array([5, 200])))
-    shard_bytes = sum(p.stat().st_size for p in (Path(tiny_store_ro) / "models/tiny/layer_2/c").rglob("*") if p.is_file())
+    np.testing.assert_array_equal(
+        rows, open_store(tiny_store_ro).activations("tiny", 2).take(np.array([5, 200]))
+    )
+    shard_bytes = sum(
+        p.stat().st_size
+        for p in (Path(tiny_store_ro) / "models/tiny/layer_2/c").rglob("*")
+        if p.is_file()
+    )
     per_shard = shard_bytes / -(-len(acts) // 64)
-    assert counted.bytes < 2 * per_shard  # 2 rows: two inner chunks and two indexes, well under two whole shards
+    assert (
+        counted.bytes < 2 * per_shard
+    )  # 2 rows: two inner chunks and two indexes, well under two whole shards
 
 
 def test_a_corrupted_inner_chunk_in_a_bucket_is_named(pushed, s3):
@@ -578,6 +709,7 @@ def test_a_corrupted_inner_chunk_in_a_bucket_is_named(pushed, s3):
     s3.pipe_file(key, bytes(raw))
     acts = open_store(url).activations("tiny", 3)
     with pytest.raises(
-        IntegrityError, match=r"shard \(1, 0\) of array models/tiny/layer_3 .*inner chunk \(1, 0\) \(rows 80-95\)"
+        IntegrityError,
+        match=r"shard \(1, 0\) of array models/tiny/layer_3 .*inner chunk \(1, 0\) \(rows 80-95\)",
     ):
         acts[64:128]

@@ -10,7 +10,9 @@ import pytest
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = [
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (.ci/run installs it)"),
+    pytest.mark.skipif(
+        not Path(CHROMIUM).exists(), reason="needs Debian's chromium (.ci/run installs it)"
+    ),
     pytest.mark.filterwarnings("ignore:Object at .* is not recognized"),
 ]
 
@@ -53,15 +55,27 @@ def report_page(tmp_path_factory, tiny_store_ro, tiny_bert_dir, corpus_file) -> 
     d = tmp_path_factory.mktemp("browser")
     path = d / "two.zarr"
     shutil.copytree(tiny_store_ro, path)
-    extract(str(path), ExtractConfig(tiny_bert_dir, DataConfig(corpus_file), [2], name="tiny2", codec="fp32", device="cpu"),
-            progress=False)  # fmt: skip
+    extract(
+        str(path),
+        ExtractConfig(
+            tiny_bert_dir, DataConfig(corpus_file), [2], name="tiny2", codec="fp32", device="cpu"
+        ),
+        progress=False,
+    )
     st = actstore.open_store(str(path), writable=True)
     for model, seed in (("tiny", 0), ("tiny2", 1)):
         name = f"{model}-with-a-rather-long-sae-name-that-makes-the-tables-wide"
-        train_sae(st, TrainConfig(model=model, layer=2, arch="topk", k=3, d_sae=48, tokens=2048, seed=seed, name=name),
-                  progress=False)  # fmt: skip
+        train_sae(
+            st,
+            TrainConfig(
+                model=model, layer=2, arch="topk", k=3, d_sae=48, tokens=2048, seed=seed, name=name
+            ),
+            progress=False,
+        )
         encode(st, EncodeConfig(sae=name), progress=False)
-    rep = build_report(st, ReportConfig(out=str(d / "report"), models=("tiny", "tiny2"), views=2, context=40))
+    rep = build_report(
+        st, ReportConfig(out=str(d / "report"), models=("tiny", "tiny2"), views=2, context=40)
+    )
     return Path(rep.html)
 
 
@@ -82,7 +96,11 @@ def test_report_fits_the_page_and_token_views_do_not_overlap(report_page, width)
         finally:
             browser.close()
     assert got["views"] >= 1
-    assert got["scrollWidth"] <= got["innerWidth"], f"page scrolls horizontally: {got['scrollWidth']} > {got['innerWidth']}"
+    assert got["scrollWidth"] <= got["innerWidth"], (
+        f"page scrolls horizontally: {got['scrollWidth']} > {got['innerWidth']}"
+    )
     assert not got["overlaps"], got["overlaps"][:3]
     assert not got["escapes"], got["escapes"][:5]
-    assert similarity is not None and similarity[0] <= width and similarity[1] > 0  # the figure is shown whole
+    assert (
+        similarity is not None and similarity[0] <= width and similarity[1] > 0
+    )  # the figure is shown whole

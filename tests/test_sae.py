@@ -17,9 +17,22 @@ from actstore.sae.files import list_saes, read_metrics, save_sae
 from actstore.sae.model import SAE, check_d_in
 
 
-def make(arch: str, d_in: int = 16, d_sae: int = 48, k: int | None = 4, scale: float = 1.0, seed: int = 0) -> SAE:
+def make(
+    arch: str, d_in: int = 16, d_sae: int = 48, k: int | None = 4, scale: float = 1.0, seed: int = 0
+) -> SAE:
     torch.manual_seed(seed)
-    sae = SAE(SAEConfig(arch, d_in, d_sae, k=None if arch == "relu-l1" else k, norm_scale=scale, model="m", layer=1, name="s"))
+    sae = SAE(
+        SAEConfig(
+            arch,
+            d_in,
+            d_sae,
+            k=None if arch == "relu-l1" else k,
+            norm_scale=scale,
+            model="m",
+            layer=1,
+            name="s",
+        )
+    )
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.3)
         sae.b_dec.normal_(0, 0.3)
@@ -67,7 +80,11 @@ def test_batchtopk_train_and_inference():
     loud = pre.clone()
     loud[0] += 100.0
     per_token = (sae.activate(loud, train=True) > 0).sum(-1)
-    assert int(per_token[0]) == sae.cfg.d_sae and int(per_token.sum()) == 3 * 20 and int(per_token[1:].min()) < 3
+    assert (
+        int(per_token[0]) == sae.cfg.d_sae
+        and int(per_token.sum()) == 3 * 20
+        and int(per_token[1:].min()) < 3
+    )
     # inference with a learned threshold: keep pre-activations above it
     sae.threshold.fill_(10.5)
     inf = sae.activate(pre, train=False)
@@ -116,15 +133,39 @@ def test_save_list_and_load(tiny_store):
     assert actstore.sae_names(st) == [] and list_saes(st).height == 0
     sae = make("topk", d_in=32, d_sae=64)
     sae.cfg.name = "mine"
-    save_sae(st, sae, "mine", metrics={"eval": {"fvu": 0.25, "l0": 4.0, "dead_fraction": 0.1},
-                                       "train": {"dead_fraction": 0.3}, "tokens": 99})  # fmt: skip
+    save_sae(
+        st,
+        sae,
+        "mine",
+        metrics={
+            "eval": {"fvu": 0.25, "l0": 4.0, "dead_fraction": 0.1},
+            "train": {"dead_fraction": 0.3},
+            "tokens": 99,
+        },
+    )
     assert actstore.sae_names(st) == ["mine"]
     df = list_saes(st)
     row = df.row(0, named=True)
-    assert (row["name"], row["arch"], row["d_sae"], row["fvu"], row["l0"], row["dead"], row["tokens"]) == (
-        "mine", "topk", 64, 0.25, 4.0, 0.1, 99,
-    )  # fmt: skip
-    assert row["dead_window"] == 0.3 and row["dead_store"] is None  # the trainer's window; not encoded
+    assert (
+        row["name"],
+        row["arch"],
+        row["d_sae"],
+        row["fvu"],
+        row["l0"],
+        row["dead"],
+        row["tokens"],
+    ) == (
+        "mine",
+        "topk",
+        64,
+        0.25,
+        4.0,
+        0.1,
+        99,
+    )
+    assert (
+        row["dead_window"] == 0.3 and row["dead_store"] is None
+    )  # the trainer's window; not encoded
     assert read_metrics(st, "mine")["tokens"] == 99
     loaded = actstore.load_sae(st, "mine")
     torch.testing.assert_close(loaded.W_dec, sae.W_dec)
@@ -147,7 +188,10 @@ def test_saelens_export_round_trip(tiny_store, tmp_path, arch):
     assert t["W_enc"].shape == (32, 64) and t["W_dec"].shape == (64, 32)
     assert t["b_enc"].shape == (64,) and t["b_dec"].shape == (32,)
     assert (cfg["d_in"], cfg["d_sae"], cfg["normalize_activations"]) == (32, 64, "none")
-    assert cfg["architecture"] == {"relu-l1": "standard", "topk": "topk", "batchtopk": "jumprelu"}[arch]
+    assert (
+        cfg["architecture"]
+        == {"relu-l1": "standard", "topk": "topk", "batchtopk": "jumprelu"}[arch]
+    )
     x = st.activations("tiny", 1)[:200]  # (200, 32) raw activations
     pre = (x - t["b_dec"]) @ t["W_enc"] + t["b_enc"]
     if arch == "relu-l1":
@@ -166,7 +210,10 @@ def test_saelens_export_round_trip(tiny_store, tmp_path, arch):
     np.testing.assert_allclose(x_hat, out.x_hat.numpy(), rtol=1e-4, atol=1e-4)
     # actstore format: a byte copy that loads back
     export_sae(st, "exp", tmp_path / "raw", fmt="actstore")
-    back = SAE.from_bytes((tmp_path / "raw" / "sae.safetensors").read_bytes(), (tmp_path / "raw" / "cfg.json").read_bytes())
+    back = SAE.from_bytes(
+        (tmp_path / "raw" / "sae.safetensors").read_bytes(),
+        (tmp_path / "raw" / "cfg.json").read_bytes(),
+    )
     torch.testing.assert_close(back.W_enc, sae.W_enc)
     with pytest.raises(ConfigError, match="unknown export format"):
         export_sae(st, "exp", tmp_path / "x", fmt="onnx")

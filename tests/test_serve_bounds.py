@@ -47,8 +47,12 @@ class Server:
     """``actstore serve`` in a process of its own: its URL and pid."""
 
     def __init__(self, store: str, *args: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "actstore.cli", "serve", store, "--port", "0", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "actstore.cli", "serve", store, "--port", "0", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         line = self.proc.stdout.readline()  # "serving STORE at URL (Ctrl-C stops)"
         assert " at http" in line, line + self.proc.stderr.read()
         self.url = line.split(" at ", 1)[1].split(" ", 1)[0].rstrip("/")
@@ -85,7 +89,9 @@ def error_of(body: str) -> str:
     import html
     import re
 
-    m = re.search(r'id="error">(.*?)</p>', body, re.S) or re.search(r"<main>(.*?)</main>", body, re.S)
+    m = re.search(r'id="error">(.*?)</p>', body, re.S) or re.search(
+        r"<main>(.*?)</main>", body, re.S
+    )
     return html.unescape(m.group(1)) if m else body
 
 
@@ -123,7 +129,9 @@ def test_a_byte_bomb_is_refused_with_bounded_server_memory(server, bomb):
     assert status == 400 and any(r in err for r in REFUSED), err
     assert secs < 4 + 15
     assert server.peak_rss_mb() < 700, server.peak_rss_mb()
-    assert server.get(q("SELECT 41 + 1 AS x"))[0] == 200  # the server (and a query process) still answer
+    assert (
+        server.get(q("SELECT 41 + 1 AS x"))[0] == 200
+    )  # the server (and a query process) still answer
 
 
 def test_rows_past_the_byte_bound_are_refused_while_fetched(server):
@@ -133,11 +141,17 @@ def test_rows_past_the_byte_bound_are_refused_while_fetched(server):
     assert server.peak_rss_mb() < 700
 
 
-@pytest.mark.parametrize("opt", ["--query-timeout", "--max-result-mb", "--query-memory-mb", "--max-rows"])
+@pytest.mark.parametrize(
+    "opt", ["--query-timeout", "--max-result-mb", "--query-memory-mb", "--max-rows"]
+)
 @pytest.mark.parametrize("value", ["nan", "inf", "0", "-1"])
 def test_numeric_options_are_checked(served_store, opt, value):
     r = CliRunner().invoke(main, ["serve", served_store, "--port", "0", opt, value])
-    assert r.exit_code != 0 and "Traceback" not in r.output and r.output.strip().startswith(("Error", "Usage")), r.output
+    assert (
+        r.exit_code != 0
+        and "Traceback" not in r.output
+        and r.output.strip().startswith(("Error", "Usage"))
+    ), r.output
     assert len([x for x in r.output.strip().splitlines() if x.startswith("Error")]) == 1, r.output
 
 
@@ -161,7 +175,12 @@ def test_ipv6_loopback_answers(served_store):
 
 def test_host_check_in_production(server):
     host, port = server.url.split("//")[1].rsplit(":", 1)
-    for name, want in (("testserver", 400), ("evil.example", 400), (f"127.0.0.1:{port}", 200), (f"localhost:{port}", 200)):
+    for name, want in (
+        ("testserver", 400),
+        ("evil.example", 400),
+        (f"127.0.0.1:{port}", 200),
+        (f"localhost:{port}", 200),
+    ):
         c = http.client.HTTPConnection(host, int(port), timeout=30)
         c.request("GET", "/", headers={"Host": name})
         assert c.getresponse().status == want, name

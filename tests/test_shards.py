@@ -21,9 +21,22 @@ from actstore.store.config import ExtractConfig
 from actstore.store.extract import extract
 
 
-def _extract(path: str, model: str, corpus: str, codec: str = "fp16", inner_rows: int = 16, **kw) -> None:
-    cfg = ExtractConfig(model, DataConfig(corpus), [1, 3], name="m", codec=codec, chunk_rows=64, unit_rows=128,
-                        inner_rows=inner_rows, batch_size=8, device="cpu", **kw)  # fmt: skip
+def _extract(
+    path: str, model: str, corpus: str, codec: str = "fp16", inner_rows: int = 16, **kw
+) -> None:
+    cfg = ExtractConfig(
+        model,
+        DataConfig(corpus),
+        [1, 3],
+        name="m",
+        codec=codec,
+        chunk_rows=64,
+        unit_rows=128,
+        inner_rows=inner_rows,
+        batch_size=8,
+        device="cpu",
+        **kw,
+    )
     extract(path, cfg, progress=False)
 
 
@@ -39,12 +52,20 @@ def _meta(store: str, array: str) -> dict:
 
 
 def test_new_stores_have_sharded_layers(sharded):
-    assert json.loads((Path(sharded) / "zarr.json").read_text())["attributes"]["actstore"]["format"] >= 2
+    assert (
+        json.loads((Path(sharded) / "zarr.json").read_text())["attributes"]["actstore"]["format"]
+        >= 2
+    )
     meta = _meta(sharded, "models/m/layer_3")
     shard = meta["codecs"][0]
-    assert shard["name"] == "sharding_indexed" and meta["chunk_grid"]["configuration"]["chunk_shape"][0] == 64
+    assert (
+        shard["name"] == "sharding_indexed"
+        and meta["chunk_grid"]["configuration"]["chunk_shape"][0] == 64
+    )
     assert shard["configuration"]["chunk_shape"][0] == 16
-    assert [c["name"] for c in shard["configuration"]["codecs"]][-1] == "crc32c"  # every inner chunk checksummed
+    assert [c["name"] for c in shard["configuration"]["codecs"]][
+        -1
+    ] == "crc32c"  # every inner chunk checksummed
     assert meta["attributes"]["actstore"]["inner_rows"] == 16
 
 
@@ -53,7 +74,9 @@ def test_int8_scales_are_one_shard_per_unit(sharded):
     n = st.tokenization().n_tokens
     objects = [p for p in (Path(sharded) / "models/m/layer_3_scale/c").rglob("*") if p.is_file()]
     assert len(objects) == -(-n // 128)  # one object per 128-row unit, not one per 64-row chunk
-    assert _meta(sharded, "models/m/layer_3_scale")["chunk_grid"]["configuration"]["chunk_shape"] == [128]
+    assert _meta(sharded, "models/m/layer_3_scale")["chunk_grid"]["configuration"][
+        "chunk_shape"
+    ] == [128]
 
 
 @pytest.mark.parametrize("codec", ["fp32", "int8"])
@@ -66,7 +89,9 @@ def test_sharded_rows_equal_unsharded_rows(tmp_path, tiny_bert_dir, corpus_file,
     for layer in (1, 3):
         np.testing.assert_array_equal(sa.activations("m", layer)[:], sb.activations("m", layer)[:])
         rows = np.array([3, 70, 71, 200])
-        np.testing.assert_array_equal(sa.activations("m", layer).take(rows), sb.activations("m", layer).take(rows))
+        np.testing.assert_array_equal(
+            sa.activations("m", layer).take(rows), sb.activations("m", layer).take(rows)
+        )
 
 
 def _corrupt_inner_chunk(store: str, array: str, shard: int, inner: int) -> None:
@@ -90,9 +115,14 @@ def damaged(tmp_path, tiny_bert_dir, corpus_file) -> str:
 
 def test_a_corrupted_inner_chunk_is_named_on_read(damaged):
     acts = actstore.open_store(damaged).activations("m", 3)
-    np.testing.assert_array_equal(acts[0:64], actstore.open_store(damaged).activations("m", 3)[0:64])  # shard 0 fine
-    with pytest.raises(IntegrityError, match=r"shard \(1, 0\) of array models/m/layer_3 .*rows 64-127.*inner chunk \(2, 0\) "
-                       r"\(rows 96-111\): crc32c checksum mismatch"):  # fmt: skip
+    np.testing.assert_array_equal(
+        acts[0:64], actstore.open_store(damaged).activations("m", 3)[0:64]
+    )  # shard 0 fine
+    with pytest.raises(
+        IntegrityError,
+        match=r"shard \(1, 0\) of array models/m/layer_3 .*rows 64-127.*inner chunk \(2, 0\) "
+        r"\(rows 96-111\): crc32c checksum mismatch",
+    ):
         acts[64:128]
 
 
@@ -117,9 +147,19 @@ def test_a_format_1_store_reads_and_stays_unsharded(tmp_path, tiny_bert_dir, cor
     root.write_text(json.dumps(meta))
     st = actstore.open_store(path)
     assert len(st.activations("m", 3)) == st.tokenization().n_tokens
-    cfg = ExtractConfig(tiny_bert_dir, DataConfig(corpus_file), [2], name="m", codec="fp16", inner_rows=16, batch_size=8,
-                        device="cpu")  # fmt: skip
-    extract(path, cfg, progress=False)  # a format-1 store keeps one object per chunk, whatever inner_rows says
+    cfg = ExtractConfig(
+        tiny_bert_dir,
+        DataConfig(corpus_file),
+        [2],
+        name="m",
+        codec="fp16",
+        inner_rows=16,
+        batch_size=8,
+        device="cpu",
+    )
+    extract(
+        path, cfg, progress=False
+    )  # a format-1 store keeps one object per chunk, whatever inner_rows says
     assert "sharding_indexed" not in json.dumps(_meta(path, "models/m/layer_2")["codecs"])
     assert verify(actstore.open_store(path).loc).ok
 
@@ -136,11 +176,24 @@ def test_a_store_of_a_newer_format_is_refused(tmp_path, tiny_store_ro):
         actstore.open_store(str(path))
 
 
-def test_inner_rows_that_do_not_divide_a_chunk_are_refused_before_anything_is_written(sharded, tiny_bert_dir, corpus_file):
+def test_inner_rows_that_do_not_divide_a_chunk_are_refused_before_anything_is_written(
+    sharded, tiny_bert_dir, corpus_file
+):
     before = sorted(p.relative_to(sharded) for p in Path(sharded).rglob("*"))
-    cfg = ExtractConfig(tiny_bert_dir, DataConfig(corpus_file), [2], name="other", codec="fp16", inner_rows=24, batch_size=8,
-                        device="cpu")  # fmt: skip
-    with pytest.raises(actstore.ActstoreError, match="--inner-rows 24 does not divide the store's 64 rows per chunk"):
+    cfg = ExtractConfig(
+        tiny_bert_dir,
+        DataConfig(corpus_file),
+        [2],
+        name="other",
+        codec="fp16",
+        inner_rows=24,
+        batch_size=8,
+        device="cpu",
+    )
+    with pytest.raises(
+        actstore.ActstoreError,
+        match="--inner-rows 24 does not divide the store's 64 rows per chunk",
+    ):
         extract(sharded, cfg, progress=False)
     assert not (Path(sharded) / "models" / "other").exists()
     assert sorted(p.relative_to(sharded) for p in Path(sharded).rglob("*")) == before
@@ -157,28 +210,46 @@ def test_hostile_shard_metadata_is_reported_not_crashed_on(tmp_path, sharded):
     meta["codecs"][0]["configuration"]["chunk_shape"] = [0, 8]
     meta_path.write_text(json.dumps(meta))
     r = CliRunner().invoke(main, ["verify", str(path)])
-    assert r.exit_code != 0 and "models/m/layer_1/zarr.json" in r.output and "Traceback" not in r.output
+    assert (
+        r.exit_code != 0
+        and "models/m/layer_1/zarr.json" in r.output
+        and "Traceback" not in r.output
+    )
 
 
-@pytest.mark.parametrize(("codec", "compression", "zstd"), [("int8", "auto", False), ("fp16", "auto", False),
-                                                             ("bf16", "auto", True), ("fp16", "zstd", True),
-                                                             ("bf16", "none", False)])  # fmt: skip
-def test_compression_is_chosen_per_codec_and_written_in_the_array(tmp_path, tiny_bert_dir, corpus_file, codec, compression,
-                                                                   zstd):  # fmt: skip
+@pytest.mark.parametrize(
+    ("codec", "compression", "zstd"),
+    [
+        ("int8", "auto", False),
+        ("fp16", "auto", False),
+        ("bf16", "auto", True),
+        ("fp16", "zstd", True),
+        ("bf16", "none", False),
+    ],
+)
+def test_compression_is_chosen_per_codec_and_written_in_the_array(
+    tmp_path, tiny_bert_dir, corpus_file, codec, compression, zstd
+):
     path = str(tmp_path / "s.zarr")
     _extract(path, tiny_bert_dir, corpus_file, codec=codec, compression=compression)
-    inner = [c["name"] for c in _meta(path, "models/m/layer_3")["codecs"][0]["configuration"]["codecs"]]
+    inner = [
+        c["name"] for c in _meta(path, "models/m/layer_3")["codecs"][0]["configuration"]["codecs"]
+    ]
     assert inner == (["bytes", "zstd", "crc32c"] if zstd else ["bytes", "crc32c"])
     assert verify(actstore.open_store(path).loc).ok
 
 
-@pytest.mark.parametrize("bad", [dict(writer_threads=0), dict(compression="lz4"), dict(codec_on="gpu")])
+@pytest.mark.parametrize(
+    "bad", [dict(writer_threads=0), dict(compression="lz4"), dict(codec_on="gpu")]
+)
 def test_write_path_options_are_checked(tiny_bert_dir, corpus_file, bad):
     with pytest.raises(ConfigError, match=next(iter(bad)).replace("_", "-")):
         ExtractConfig(tiny_bert_dir, DataConfig(corpus_file), [1], **bad)
 
 
-def test_writer_threads_are_resolved_by_each_worker_for_its_own_device(tmp_path, tiny_bert_dir, corpus_file, monkeypatch):
+def test_writer_threads_are_resolved_by_each_worker_for_its_own_device(
+    tmp_path, tiny_bert_dir, corpus_file, monkeypatch
+):
     """A Ray actor on a GPU gets the GPU's default even though its driver set up on the CPU: the job carries None."""
     import os
 
@@ -195,4 +266,6 @@ def test_writer_threads_are_resolved_by_each_worker_for_its_own_device(tmp_path,
     monkeypatch.setattr(worker_mod.UnitWorker, "__init__", spy)
     _extract(str(tmp_path / "s.zarr"), tiny_bert_dir, corpus_file)
     assert jobs and jobs[0].writer_threads is None
-    assert default_writer_threads("cpu") == 2 and default_writer_threads("cuda:0") == min(8, os.cpu_count() or 2)
+    assert default_writer_threads("cpu") == 2 and default_writer_threads("cuda:0") == min(
+        8, os.cpu_count() or 2
+    )

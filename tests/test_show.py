@@ -25,7 +25,9 @@ def store_with_sae(tiny_store) -> str:
     st = open_store(tiny_store, writable=True)
     torch.manual_seed(0)
     for layer in (1, 2):
-        sae = SAE(SAEConfig("relu-l1", d_in=32, d_sae=48, model="tiny", layer=layer, name=f"s{layer}"))
+        sae = SAE(
+            SAEConfig("relu-l1", d_in=32, d_sae=48, model="tiny", layer=layer, name=f"s{layer}")
+        )
         with torch.no_grad():
             sae.b_enc.fill_(0.5)  # most features fire somewhere
         save_sae(st, sae, f"s{layer}")
@@ -52,10 +54,21 @@ def test_stored_and_live_views_agree_with_the_sae(store_with_sae) -> None:
 def test_html_has_one_coloured_span_per_token(store_with_sae, tmp_path) -> None:
     st = open_store(store_with_sae)
     out = tmp_path / "v.html"
-    tv = show(st, ShowConfig(saes=["s1"], features=[3], texts=["I love this movie!", "awful plot"], models=["tiny", "tiny"]),
-              str(out))  # fmt: skip
+    tv = show(
+        st,
+        ShowConfig(
+            saes=["s1"],
+            features=[3],
+            texts=["I love this movie!", "awful plot"],
+            models=["tiny", "tiny"],
+        ),
+        str(out),
+    )
     page = out.read_text()
-    spans = re.findall(r'<span class="tok" style="background:rgba\(220, 40, 30, ([0-9.]+)\)" title="([-0-9.]+)">', page)
+    spans = re.findall(
+        r'<span class="tok" style="background:rgba\(220, 40, 30, ([0-9.]+)\)" title="([-0-9.]+)">',
+        page,
+    )
     n_tok = sum(len(t) for t in tv.tokens) * 2
     assert len(spans) == n_tok
     vals = np.array([float(t) for _, t in spans])
@@ -80,42 +93,79 @@ def test_show_errors(store_with_sae) -> None:
 def test_show_cli(store_with_sae, tmp_path) -> None:
     out = tmp_path / "cli.html"
     r = CliRunner().invoke(
-        main, ["show", store_with_sae, "--sae", "s1", "--feature", "2", "--text", "I love this movie!", "--sample-id", "s0",
-               "--out", str(out)],
-    )  # fmt: skip
+        main,
+        [
+            "show",
+            store_with_sae,
+            "--sae",
+            "s1",
+            "--feature",
+            "2",
+            "--text",
+            "I love this movie!",
+            "--sample-id",
+            "s0",
+            "--out",
+            str(out),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "wrote" in r.output
     # the page shows the SAE's values of feature 2 for every token of both sentences, in order
-    tv = token_views(open_store(store_with_sae), ShowConfig(saes=["s1"], features=[2], texts=["I love this movie!"],
-                                                            sample_ids=["s0"]))  # fmt: skip
-    shown = [float(v) for v in re.findall(r'<span class="tok" [^>]*title="([-0-9.]+)">', out.read_text())]
-    want = sorted(round(float(x), 4) for per_sentence in tv.values for per_view in per_sentence for x in per_view)
+    tv = token_views(
+        open_store(store_with_sae),
+        ShowConfig(saes=["s1"], features=[2], texts=["I love this movie!"], sample_ids=["s0"]),
+    )
+    shown = [
+        float(v) for v in re.findall(r'<span class="tok" [^>]*title="([-0-9.]+)">', out.read_text())
+    ]
+    want = sorted(
+        round(float(x), 4)
+        for per_sentence in tv.values
+        for per_view in per_sentence
+        for x in per_view
+    )
     assert len(shown) == len(want) and np.allclose(sorted(shown), want, atol=1e-4)
 
 
 def test_show_cli_names_an_unknown_sae(store_with_sae, tmp_path) -> None:
     out = tmp_path / "cli.html"
-    r = CliRunner().invoke(main, ["show", store_with_sae, "--sae", "zz", "--feature", "2", "--text", "x", "--out", str(out)])
+    r = CliRunner().invoke(
+        main,
+        ["show", store_with_sae, "--sae", "zz", "--feature", "2", "--text", "x", "--out", str(out)],
+    )
     assert r.exit_code != 0 and "zz" in r.output and not out.exists()
 
 
-def test_live_model_loaded_once_for_many_samples(store_with_sae, tiny_bert_dir, corpus_file, monkeypatch) -> None:
+def test_live_model_loaded_once_for_many_samples(
+    store_with_sae, tiny_bert_dir, corpus_file, monkeypatch
+) -> None:
     """Samples of a model whose layer is not stored run live: its model is loaded once, not once per sample."""
     from actstore.data.corpora import DataConfig
     from actstore.models import loading as models
     from actstore.store.config import ExtractConfig
     from actstore.store.extract import extract
 
-    extract(store_with_sae, ExtractConfig(tiny_bert_dir, DataConfig(corpus_file), [1], name="other", codec="fp32",
-                                          device="cpu"), progress=False)  # fmt: skip
+    extract(
+        store_with_sae,
+        ExtractConfig(
+            tiny_bert_dir, DataConfig(corpus_file), [1], name="other", codec="fp32", device="cpu"
+        ),
+        progress=False,
+    )
     loads = []
     real = models.load_model
     monkeypatch.setattr(models, "load_model", lambda *a, **k: loads.append(a) or real(*a, **k))
     st = open_store(store_with_sae)
     ids = [f"s{i}" for i in range(6)]
-    tv = token_views(st, ShowConfig(saes=["s2"], features=[3], sample_ids=ids, models=["tiny", "other"]))
+    tv = token_views(
+        st, ShowConfig(saes=["s2"], features=[3], sample_ids=ids, models=["tiny", "other"])
+    )
     assert len(loads) == 1 and len(tv.sentences) == 6
     # the live pass of 'other' (same weights as tiny) equals the stored rows of tiny
     for s in range(6):
         np.testing.assert_allclose(tv.values[s][1], tv.values[s][0], atol=1e-5)
-        assert tv.tokens[s] == st.tokens().filter(__import__("polars").col("sample") == s)["token"].to_list()
+        assert (
+            tv.tokens[s]
+            == st.tokens().filter(__import__("polars").col("sample") == s)["token"].to_list()
+        )

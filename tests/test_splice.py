@@ -12,7 +12,9 @@ from actstore.models.taps import splice
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: GPT2Model(GPT2Config(vocab_size=100, n_embd=16, n_layer=3, n_head=2, n_positions=32)),
+        lambda: GPT2Model(
+            GPT2Config(vocab_size=100, n_embd=16, n_layer=3, n_head=2, n_positions=32)
+        ),
         lambda: BertModel(
             BertConfig(
                 vocab_size=100,
@@ -22,7 +24,7 @@ from actstore.models.taps import splice
                 intermediate_size=32,
                 max_position_embeddings=32,
             )
-        ),  # fmt: skip
+        ),
     ],
     ids=["gpt2-with-ln_f", "bert"],
 )
@@ -35,9 +37,17 @@ def test_splice_sees_and_replaces_hidden_states(make):
     n = len(ref) - 1
     for layer in range(n + 1):
         seen = []
-        with splice(model, n, layer, lambda h, seen=seen: seen.append(h.clone()) or h), torch.no_grad():
+        with (
+            splice(model, n, layer, lambda h, seen=seen: seen.append(h.clone()) or h),
+            torch.no_grad(),
+        ):
             out = model(input_ids=ids).last_hidden_state
-        torch.testing.assert_close(seen[0], ref[layer])  # the site is hidden_states[layer] (after ln_f for the last)
+        torch.testing.assert_close(
+            seen[0], ref[layer]
+        )  # the site is hidden_states[layer] (after ln_f for the last)
         torch.testing.assert_close(out, ref[-1])  # an identity splice changes nothing
-    with splice(model, n, n, lambda h: h * 0), torch.no_grad():  # the final state itself is replaced
+    with (
+        splice(model, n, n, lambda h: h * 0),
+        torch.no_grad(),
+    ):  # the final state itself is replaced
         assert model(input_ids=ids).last_hidden_state.abs().max() == 0

@@ -16,8 +16,19 @@ from actstore.sae.config import TrainConfig
 from actstore.sae.sweep import run_sweep
 from actstore.sae.train import train_sae
 
-BASE = TrainConfig(model="tiny", layer=1, arch="topk", k=4, epochs=1, batch_size=64, device="cpu", threads=1, seed=3,
-                   task_samples=0, checkpoint_every=0)  # fmt: skip
+BASE = TrainConfig(
+    model="tiny",
+    layer=1,
+    arch="topk",
+    k=4,
+    epochs=1,
+    batch_size=64,
+    device="cpu",
+    threads=1,
+    seed=3,
+    task_samples=0,
+    checkpoint_every=0,
+)
 NAMES = ["tiny-l1-topk-16", "tiny-l1-topk-24", "tiny-l2-topk-16", "tiny-l2-topk-24"]
 
 
@@ -35,19 +46,28 @@ def two_stores(tmp_path, tiny_store_ro) -> tuple[str, str]:
 
 def test_sweep_configs_cover_every_combination_and_refuse_one_name():
     cfgs = sweep_configs(BASE, ["tiny"], [1, 2], [16, 24])
-    assert [(c.model, c.layer, c.d_sae) for c in cfgs] == [("tiny", 1, 16), ("tiny", 1, 24), ("tiny", 2, 16), ("tiny", 2, 24)]
+    assert [(c.model, c.layer, c.d_sae) for c in cfgs] == [
+        ("tiny", 1, 16),
+        ("tiny", 1, 24),
+        ("tiny", 2, 16),
+        ("tiny", 2, 24),
+    ]
     with pytest.raises(ConfigError, match="--name names one SAE"):
         sweep_configs(TrainConfig(model="tiny", layer=1, name="x"), ["tiny"], [1, 2], [16])
 
 
 def test_a_sweep_run_equals_the_same_single_train(two_stores):
     a, b = two_stores
-    runs = run_sweep(a, sweep_configs(BASE, ["tiny"], [1, 2], [16, 24]), progress=False, log=lambda s: None)
+    runs = run_sweep(
+        a, sweep_configs(BASE, ["tiny"], [1, 2], [16, 24]), progress=False, log=lambda s: None
+    )
     assert [r.name for r in runs] == NAMES and not any(r.skipped for r in runs)
     single = train_sae(b, sweep_configs(BASE, ["tiny"], [2], [24])[0], progress=False)
     for key, value in _weights(a, "tiny-l2-topk-24").items():
         torch.testing.assert_close(value, single.sae.state_dict()[key], rtol=0, atol=0)
-    again = run_sweep(a, sweep_configs(BASE, ["tiny"], [1, 2], [16, 24]), progress=False, log=lambda s: None)
+    again = run_sweep(
+        a, sweep_configs(BASE, ["tiny"], [1, 2], [16, 24]), progress=False, log=lambda s: None
+    )
     assert all(r.skipped for r in again)  # a rerun trains nothing that is finished
 
 
@@ -67,28 +87,74 @@ def test_a_sweep_through_ray_equals_the_in_process_sweep(two_stores):
 
 def test_cli_train_with_several_layers_and_widths_is_a_sweep(two_stores):
     a, _ = two_stores
-    r = CliRunner().invoke(main, ["train", a, "--model", "tiny", "--layer", "1,2", "--arch", "topk", "--k", "4",
-                                  "--d-sae", "16,24", "--epochs", "1", "--batch-size", "64", "--threads", "1",
-                                  "--device", "cpu", "--quiet"])  # fmt: skip
+    r = CliRunner().invoke(
+        main,
+        [
+            "train",
+            a,
+            "--model",
+            "tiny",
+            "--layer",
+            "1,2",
+            "--arch",
+            "topk",
+            "--k",
+            "4",
+            "--d-sae",
+            "16,24",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "64",
+            "--threads",
+            "1",
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "sweep of 4 SAEs done (0 already trained)" in r.output
     assert sorted(actstore.sae_names(actstore.open_store(a))) == NAMES
-    bad = CliRunner().invoke(main, ["train", a, "--model", "tiny", "--layer", "1", "--d-sae", "16,x"])
+    bad = CliRunner().invoke(
+        main, ["train", a, "--model", "tiny", "--layer", "1", "--d-sae", "16,x"]
+    )
     assert bad.exit_code != 0 and "--d-sae" in bad.output
 
 
 def test_a_sweep_with_a_missing_layer_trains_nothing(two_stores):
     a, _ = two_stores
     with pytest.raises(actstore.ActstoreError, match="layer 9 of model 'tiny' is not in store"):
-        run_sweep(a, sweep_configs(BASE, ["tiny"], [1, 9], [16]), progress=False, log=lambda s: None)
+        run_sweep(
+            a, sweep_configs(BASE, ["tiny"], [1, 9], [16]), progress=False, log=lambda s: None
+        )
     assert actstore.sae_names(actstore.open_store(a)) == []
 
 
 def test_a_sweep_over_saes_trained_with_other_options_is_refused(two_stores):
     """Issue 27: after a --k 4 sweep, the same sweep with --k 2 must not print "already trained" and succeed."""
     a, _ = two_stores
-    args = ["train", a, "--model", "tiny", "--layer", "1,2", "--arch", "topk", "--d-sae", "16,24", "--epochs", "1",
-            "--batch-size", "64", "--threads", "1", "--device", "cpu", "--quiet"]  # fmt: skip
+    args = [
+        "train",
+        a,
+        "--model",
+        "tiny",
+        "--layer",
+        "1,2",
+        "--arch",
+        "topk",
+        "--d-sae",
+        "16,24",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "64",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     assert CliRunner().invoke(main, [*args, "--k", "4"]).exit_code == 0
     before = {n: _weights(a, n) for n in NAMES}
     same = CliRunner().invoke(main, [*args, "--k", "4"])
@@ -106,8 +172,21 @@ def test_a_sweep_over_saes_trained_with_other_options_is_refused(two_stores):
 
 
 # ---------------------------------------------------------------- one read, many SAEs (issue 28, item 4)
-ONE_LAYER = ["--model", "tiny", "--layer", "2", "--epochs", "2", "--batch-size", "32", "--threads", "1", "--device", "cpu",
-             "--quiet"]  # fmt: skip
+ONE_LAYER = [
+    "--model",
+    "tiny",
+    "--layer",
+    "2",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "32",
+    "--threads",
+    "1",
+    "--device",
+    "cpu",
+    "--quiet",
+]
 
 
 def test_a_one_layer_sweep_is_trained_in_one_pass_and_equals_separate_runs(two_stores):
@@ -115,16 +194,42 @@ def test_a_one_layer_sweep_is_trained_in_one_pass_and_equals_separate_runs(two_s
     from actstore.sae.sweep import name_runs
 
     a, b = two_stores
-    r = CliRunner().invoke(main, ["train", a, *ONE_LAYER, "--arch", "topk,batchtopk", "--d-sae", "16,24", "--k", "2,4",
-                                  "--seed", "3"])  # fmt: skip
+    r = CliRunner().invoke(
+        main,
+        [
+            "train",
+            a,
+            *ONE_LAYER,
+            "--arch",
+            "topk,batchtopk",
+            "--d-sae",
+            "16,24",
+            "--k",
+            "2,4",
+            "--seed",
+            "3",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert r.output.count("trained with 7 other SAEs in one pass") == 8, r.output
     names = sorted(actstore.sae_names(actstore.open_store(a)))
-    assert names == sorted(f"tiny-l2-{arch}-{d}-k{k}" for arch in ("topk", "batchtopk") for d in (16, 24) for k in (2, 4))
+    assert names == sorted(
+        f"tiny-l2-{arch}-{d}-k{k}"
+        for arch in ("topk", "batchtopk")
+        for d in (16, 24)
+        for k in (2, 4)
+    )
     base = dict(model="tiny", layer=2, epochs=2, batch_size=32, threads=1, device="cpu", seed=3)
-    cfgs = [TrainConfig(**base, arch=arch, d_sae=d, k=k) for arch in ("topk", "batchtopk") for d in (16, 24) for k in (2, 4)]
+    cfgs = [
+        TrainConfig(**base, arch=arch, d_sae=d, k=k)
+        for arch in ("topk", "batchtopk")
+        for d in (16, 24)
+        for k in (2, 4)
+    ]
     assert len(stream_groups(cfgs)) == 1
-    for cfg in name_runs(actstore.open_store(b), cfgs):  # each alone, the way a single train runs it
+    for cfg in name_runs(
+        actstore.open_store(b), cfgs
+    ):  # each alone, the way a single train runs it
         train_sae(b, cfg, progress=False)
         want, got = _weights(b, cfg.name), _weights(a, cfg.name)
         assert all(torch.equal(want[k], got[k]) for k in want), cfg.name
@@ -132,11 +237,29 @@ def test_a_one_layer_sweep_is_trained_in_one_pass_and_equals_separate_runs(two_s
 
 def test_a_seed_sweep_shares_one_data_order(two_stores):
     a, b = two_stores
-    r = CliRunner().invoke(main, ["train", a, *ONE_LAYER, "--arch", "topk", "--d-sae", "16", "--k", "4", "--seed", "0,1"])
+    r = CliRunner().invoke(
+        main,
+        ["train", a, *ONE_LAYER, "--arch", "topk", "--d-sae", "16", "--k", "4", "--seed", "0,1"],
+    )
     assert r.exit_code == 0, r.output
-    assert sorted(actstore.sae_names(actstore.open_store(a))) == ["tiny-l2-topk-16-s0", "tiny-l2-topk-16-s1"]
-    alone = TrainConfig(model="tiny", layer=2, epochs=2, batch_size=32, threads=1, device="cpu", arch="topk", d_sae=16, k=4,
-                        seed=1, data_seed=0, name="tiny-l2-topk-16-s1")  # fmt: skip
+    assert sorted(actstore.sae_names(actstore.open_store(a))) == [
+        "tiny-l2-topk-16-s0",
+        "tiny-l2-topk-16-s1",
+    ]
+    alone = TrainConfig(
+        model="tiny",
+        layer=2,
+        epochs=2,
+        batch_size=32,
+        threads=1,
+        device="cpu",
+        arch="topk",
+        d_sae=16,
+        k=4,
+        seed=1,
+        data_seed=0,
+        name="tiny-l2-topk-16-s1",
+    )
     train_sae(b, alone, progress=False)
     want, got = _weights(b, alone.name), _weights(a, alone.name)
     assert all(torch.equal(want[k], got[k]) for k in want)
@@ -152,11 +275,36 @@ def test_a_one_pass_sweep_killed_midway_resumes_to_the_same_weights(two_stores):
     from pathlib import Path
 
     a, b = two_stores
-    args = ["train", "--arch", "topk", "--d-sae", "16,24", "--k", "4", "--model", "tiny", "--layer", "2", "--epochs", "3",
-            "--batch-size", "16", "--threads", "1", "--device", "cpu", "--quiet", "--checkpoint-every", "5"]  # fmt: skip
+    args = [
+        "train",
+        "--arch",
+        "topk",
+        "--d-sae",
+        "16,24",
+        "--k",
+        "4",
+        "--model",
+        "tiny",
+        "--layer",
+        "2",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "16",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--checkpoint-every",
+        "5",
+    ]
     assert CliRunner().invoke(main, [args[0], b, *args[1:]]).exit_code == 0  # uninterrupted
-    proc = subprocess.Popen([sys.executable, "-m", "actstore.cli", args[0], a, *args[1:]], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "actstore.cli", args[0], a, *args[1:]],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     ckpts = [Path(a) / "saes" / n / "checkpoint" for n in ("tiny-l2-topk-16", "tiny-l2-topk-24")]
     deadline = time.time() + 120
     while time.time() < deadline and not all(c.exists() for c in ckpts):

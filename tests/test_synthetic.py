@@ -31,5 +31,7 @@ def test_zipf_rows_are_codes_times_atoms_plus_noise():
     rows = np.concatenate(list(pd.rows(3000, block=1000)))
     codes = np.concatenate(list(zipf_codes(firing_probabilities(32, 4, 0.8), 2, 3000, 1000)))
     np.testing.assert_allclose(rows, codes @ pd.atoms, rtol=1e-5, atol=1e-5)
-    noisy = np.concatenate(list(planted_dictionary(16, 32, 4, seed=2, zipf=0.8, noise=0.1).rows(3000, block=1000)))
+    noisy = np.concatenate(
+        list(planted_dictionary(16, 32, 4, seed=2, zipf=0.8, noise=0.1).rows(3000, block=1000))
+    )
     assert np.std(noisy - rows) == pytest.approx(0.1, rel=0.05)

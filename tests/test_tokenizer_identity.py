@@ -32,16 +32,26 @@ def test_minilm_and_its_real_finetune_share_one_token_index(tmp_path):
         AutoTokenizer.from_pretrained(resolve_model("bundled:minilm")),
         AutoTokenizer.from_pretrained(resolve_model("bundled:minilm-sre")),
     )
-    assert tokenizer_hash(a) != tokenizer_hash(b)  # saved runtime state differs (truncation 128 vs 256, padding)
+    assert tokenizer_hash(a) != tokenizer_hash(
+        b
+    )  # saved runtime state differs (truncation 128 vs 256, padding)
     assert tokenizer_identity(a) == tokenizer_identity(b)  # ... the token ids do not
     data = tmp_path / "d.jsonl"
-    data.write_text("\n".join(json.dumps({"id": str(i), "text": t}) for i, t in enumerate(TEXTS)) + "\n")
+    data.write_text(
+        "\n".join(json.dumps({"id": str(i), "text": t}) for i, t in enumerate(TEXTS)) + "\n"
+    )
     store = str(tmp_path / "s.zarr")
     for model in ("bundled:minilm", "bundled:minilm-sre"):
-        extract(store, ExtractConfig(model, DataConfig(str(data)), [3, 6], codec="fp32", device="cpu"), progress=False)
+        extract(
+            store,
+            ExtractConfig(model, DataConfig(str(data)), [3, 6], codec="fp32", device="cpu"),
+            progress=False,
+        )
     st = actstore.open_store(store)
     assert len(st.tokenization_keys()) == 1 and sorted(st.models) == ["minilm", "minilm-sre"]
-    ref = reference_hidden_states(resolve_model("bundled:minilm-sre"), TEXTS)  # an independent forward pass
+    ref = reference_hidden_states(
+        resolve_model("bundled:minilm-sre"), TEXTS
+    )  # an independent forward pass
     for layer in (3, 6):
         for got, want in zip(stored_by_sample(st, "minilm-sre", layer), ref, strict=True):
             np.testing.assert_allclose(got, want[layer], atol=1e-4, rtol=0)
@@ -51,7 +61,9 @@ def test_save_pretrained_after_changing_model_max_length(tiny_store, tiny_bert_d
     from transformers import AutoModel, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
-    tok(["a trainer's batch"], truncation=True, max_length=17, padding="max_length")  # leaves runtime state behind
+    tok(
+        ["a trainer's batch"], truncation=True, max_length=17, padding="max_length"
+    )  # leaves runtime state behind
     tok.model_max_length = 64
     model = AutoModel.from_pretrained(tiny_bert_dir)
     with torch.no_grad():  # "fine-tuned": other weights
@@ -64,8 +76,19 @@ def test_save_pretrained_after_changing_model_max_length(tiny_store, tiny_bert_d
     assert saved["truncation"] is not None or saved["padding"] is not None
     st = actstore.open_store(tiny_store)
     before = st.tokenization_keys()
-    extract(tiny_store, ExtractConfig(str(ft), DataConfig(st.tokenization().attrs.data["source"]), [2], name="ft",
-                                      codec="fp32", chunk_rows=64, device="cpu"), progress=False)  # fmt: skip
+    extract(
+        tiny_store,
+        ExtractConfig(
+            str(ft),
+            DataConfig(st.tokenization().attrs.data["source"]),
+            [2],
+            name="ft",
+            codec="fp32",
+            chunk_rows=64,
+            device="cpu",
+        ),
+        progress=False,
+    )
     st = actstore.open_store(tiny_store)
     assert st.tokenization_keys() == before and st.model_info("ft").tokenization == before[0]
     texts = st.samples()["text"].to_list()
@@ -84,6 +107,16 @@ def test_stores_made_before_accept_the_same_models(tiny_store, tiny_bert_dir, tm
     grp.attrs["actstore"] = attrs
     old = tmp_path / "old.zarr"
     shutil.copytree(tiny_store, old)
-    extract(str(old), ExtractConfig(tiny_bert_dir, DataConfig(attrs["data"]["source"]), [1], name="again", codec="fp32",
-                                    device="cpu"), progress=False)  # fmt: skip
+    extract(
+        str(old),
+        ExtractConfig(
+            tiny_bert_dir,
+            DataConfig(attrs["data"]["source"]),
+            [1],
+            name="again",
+            codec="fp32",
+            device="cpu",
+        ),
+        progress=False,
+    )
     assert actstore.open_store(str(old)).tokenization_keys() == [key]

@@ -49,8 +49,12 @@ def test_split_is_by_whole_sample(tiny_store_ro):
 @pytest.mark.parametrize("buffer_rows", [100, 10_000])
 def test_stream_yields_every_training_row_once_per_epoch(tmp_path, buffer_rows):
     n, d = 3000, 4
-    rows = np.arange(n, dtype=np.float32)[:, None] * np.ones((1, d), dtype=np.float32)  # row r holds the value r
-    st = write_synthetic_store(str(tmp_path / "s.zarr"), [rows[:1234], rows[1234:]], n, d, sample_len=25, chunk_rows=128)
+    rows = np.arange(n, dtype=np.float32)[:, None] * np.ones(
+        (1, d), dtype=np.float32
+    )  # row r holds the value r
+    st = write_synthetic_store(
+        str(tmp_path / "s.zarr"), [rows[:1234], rows[1234:]], n, d, sample_len=25, chunk_rows=128
+    )
     acts = st.activations("synth", 0)
     mask = np.ones(n, dtype=bool)
     mask[500:700] = False  # held out
@@ -96,12 +100,25 @@ def one_thread():
 @pytest.mark.parametrize(("arch", "extra"), [("relu-l1", {"l1": 0.1}), ("topk", {"k": 3})])
 def test_recovers_a_planted_dictionary(planted, one_thread, arch, extra):
     path, pd = planted
-    cfg = TrainConfig(model="synth", layer=0, arch=arch, d_sae=64, epochs=10, batch_size=128, lr=5e-3, device="cpu",
-                      name=arch, optimizer="adam", **extra)  # fmt: skip
+    cfg = TrainConfig(
+        model="synth",
+        layer=0,
+        arch=arch,
+        d_sae=64,
+        epochs=10,
+        batch_size=128,
+        lr=5e-3,
+        device="cpu",
+        name=arch,
+        optimizer="adam",
+        **extra,
+    )
     res = train_sae(path, cfg, progress=False)
     w = res.sae.W_dec.detach()
     w = w / w.norm(dim=1, keepdim=True)  # (d_sae, d)
-    best = (w @ torch.from_numpy(pd.atoms).T).max(dim=1).values  # best cosine of each learned column
+    best = (
+        (w @ torch.from_numpy(pd.atoms).T).max(dim=1).values
+    )  # best cosine of each learned column
     assert float((best >= 0.9).float().mean()) >= 0.75, best
     assert res.metrics["eval"]["fvu"] < 0.5
     if arch == "topk":
@@ -117,8 +134,19 @@ def test_a_2x_overcomplete_sae_recovers_a_planted_dictionary(planted, one_thread
     decay) as with sparsify's signum, the default of topk / batchtopk before issue 28."""
     path, pd = planted
     opts = {"optimizer": "signum", "lr": 1e-2} if recipe == "signum" else {}
-    cfg = TrainConfig(model="synth", layer=0, arch=arch, d_sae=128, k=3, epochs=20, batch_size=128, device="cpu",
-                      name=f"{arch}-{recipe}", task_samples=0, **opts)  # fmt: skip
+    cfg = TrainConfig(
+        model="synth",
+        layer=0,
+        arch=arch,
+        d_sae=128,
+        k=3,
+        epochs=20,
+        batch_size=128,
+        device="cpu",
+        name=f"{arch}-{recipe}",
+        task_samples=0,
+        **opts,
+    )
     if recipe == "default":
         assert (cfg.optimizer, cfg.lr, cfg.lr_warmup, cfg.lr_decay) == ("adam", None, 0.0, 0.2)
     res = train_sae(path, cfg, progress=False)
@@ -136,17 +164,38 @@ def test_the_learning_rate_follows_its_warm_up_and_decay(planted, one_thread, wa
     from actstore.sae.config import adam_lr
 
     path, _ = planted
-    cfg = TrainConfig(model="synth", layer=0, arch="topk", d_sae=64, k=3, tokens=128 * 100, batch_size=128, log_every=1,
-                      eval_points=0, device="cpu", name=f"sched-{warmup}", task_samples=0, lr_warmup=warmup)  # fmt: skip
+    cfg = TrainConfig(
+        model="synth",
+        layer=0,
+        arch="topk",
+        d_sae=64,
+        k=3,
+        tokens=128 * 100,
+        batch_size=128,
+        log_every=1,
+        eval_points=0,
+        device="cpu",
+        name=f"sched-{warmup}",
+        task_samples=0,
+        lr_warmup=warmup,
+    )
     res = train_sae(path, cfg, progress=False)
     peak = adam_lr(128 * 100)
     assert res.metrics["lr"] == pytest.approx(peak)
-    lrs = {h["step"]: h["lr"] for h in res.metrics["history"]}  # the rate of the step that ended at "step"
-    assert lrs[1] == pytest.approx(peak if warmup is None else peak / 5)  # 5 warm-up steps: 1/5, 2/5, ... of the peak
+    lrs = {
+        h["step"]: h["lr"] for h in res.metrics["history"]
+    }  # the rate of the step that ended at "step"
+    assert lrs[1] == pytest.approx(
+        peak if warmup is None else peak / 5
+    )  # 5 warm-up steps: 1/5, 2/5, ... of the peak
     assert lrs[5] == lrs[50] == lrs[81] == pytest.approx(peak)
-    assert lrs[82] == pytest.approx(peak * 19 / 20) and lrs[100] == pytest.approx(peak / 20)  # 20 decay steps
+    assert lrs[82] == pytest.approx(peak * 19 / 20) and lrs[100] == pytest.approx(
+        peak / 20
+    )  # 20 decay steps
     assert adam_lr(2_000_000) == pytest.approx(1e-3)
-    assert peak > adam_lr(200_000) > adam_lr(2_000_000) > adam_lr(20_000_000)  # shorter runs take larger steps
+    assert (
+        peak > adam_lr(200_000) > adam_lr(2_000_000) > adam_lr(20_000_000)
+    )  # shorter runs take larger steps
 
 
 def test_data_init_points_decoder_rows_at_training_tokens(planted, one_thread):
@@ -156,55 +205,109 @@ def test_data_init_points_decoder_rows_at_training_tokens(planted, one_thread):
     from actstore.sae.model import DATA_INIT_ENCODER
 
     path, _ = planted
-    cfg = TrainConfig(model="synth", layer=0, arch="topk", d_sae=96, k=3, batch_size=128, tokens=128, lr=1e-9,
-                      device="cpu", name="init", task_samples=0, eval_points=0)  # fmt: skip
-    assert cfg.init == "data" and TrainConfig(model="synth", layer=0).init == "random"  # relu-l1 keeps its 0.1 init
+    cfg = TrainConfig(
+        model="synth",
+        layer=0,
+        arch="topk",
+        d_sae=96,
+        k=3,
+        batch_size=128,
+        tokens=128,
+        lr=1e-9,
+        device="cpu",
+        name="init",
+        task_samples=0,
+        eval_points=0,
+    )
+    assert (
+        cfg.init == "data" and TrainConfig(model="synth", layer=0).init == "random"
+    )  # relu-l1 keeps its 0.1 init
     res = train_sae(path, cfg, progress=False)
     sae, st = res.sae, actstore.open_store(path)
     acts = st.activations("synth", 0)
-    x = torch.from_numpy(acts.take(np.arange(len(acts)))) * sae.scale - sae.b_dec.detach()  # (n, d) centred
+    x = (
+        torch.from_numpy(acts.take(np.arange(len(acts)))) * sae.scale - sae.b_dec.detach()
+    )  # (n, d) centred
     x = x / x.norm(dim=1, keepdim=True)
     best = (sae.W_dec.detach() @ x.T).max(dim=1)  # each row's closest token direction
     assert float(best.values.min()) > 0.99999
     assert res.split.train_mask[best.indices.numpy()].all()  # all of them training rows
     assert len(set(best.indices.tolist())) == 96  # no token twice
-    torch.testing.assert_close(sae.W_enc.detach(), sae.W_dec.detach().T * DATA_INIT_ENCODER, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        sae.W_enc.detach(), sae.W_dec.detach().T * DATA_INIT_ENCODER, atol=1e-6, rtol=1e-5
+    )
 
 
-@pytest.mark.parametrize(("arch", "preset", "want"), [("relu-l1", None, "zeros"), ("relu-l1", "paper", "mean"),
-                                                      ("topk", None, "mean")])  # fmt: skip
-def test_b_dec_starts_at_zeros_for_relu_l1_and_at_the_mean_otherwise(planted, one_thread, arch, preset, want):
+@pytest.mark.parametrize(
+    ("arch", "preset", "want"),
+    [("relu-l1", None, "zeros"), ("relu-l1", "paper", "mean"), ("topk", None, "mean")],
+)
+def test_b_dec_starts_at_zeros_for_relu_l1_and_at_the_mean_otherwise(
+    planted, one_thread, arch, preset, want
+):
     """relu-l1 SAEs start ``b_dec`` at zeros and step on the unit gradient (SAELens's standard SAE; measured in
     docs/BENCHMARKS.md); the paper preset keeps its mean start and plain gradient, topk / batchtopk the mean
     (sparsify). Seen after training at a learning rate of 1e-9, which leaves the init in place."""
     path, _ = planted
-    extra = ({"k": 3} if arch == "topk" else {}) | ({"epochs": 1} if preset else {"tokens": 128})  # the preset sets epochs
-    cfg = TrainConfig(model="synth", layer=0, arch=arch, preset=preset, d_sae=32, batch_size=128, lr=1e-9,
-                      device="cpu", name=f"bdec-{arch}-{preset}", task_samples=0, eval_points=0, **extra)  # fmt: skip
+    extra = ({"k": 3} if arch == "topk" else {}) | (
+        {"epochs": 1} if preset else {"tokens": 128}
+    )  # the preset sets epochs
+    cfg = TrainConfig(
+        model="synth",
+        layer=0,
+        arch=arch,
+        preset=preset,
+        d_sae=32,
+        batch_size=128,
+        lr=1e-9,
+        device="cpu",
+        name=f"bdec-{arch}-{preset}",
+        task_samples=0,
+        eval_points=0,
+        **extra,
+    )
     assert cfg.b_dec_init == want and cfg.unit_grad is (arch == "relu-l1" and preset is None)
     res = train_sae(path, cfg, progress=False)
     b_dec = res.sae.b_dec.detach()
     acts = actstore.open_store(path).activations("synth", 0)
-    mean = torch.from_numpy(acts.take(np.arange(len(acts))).mean(0)) * res.sae.scale  # (d,) scaled mean row
+    mean = (
+        torch.from_numpy(acts.take(np.arange(len(acts))).mean(0)) * res.sae.scale
+    )  # (d,) scaled mean row
     if want == "zeros":
         assert float(b_dec.abs().max()) < 1e-6
     else:
         torch.testing.assert_close(b_dec, mean.float(), atol=0.05 * float(mean.norm()), rtol=0)
-    assert json.loads((Path(path) / "saes" / cfg.name / "cfg.json").read_text())["training"]["b_dec_init"] == want
+    assert (
+        json.loads((Path(path) / "saes" / cfg.name / "cfg.json").read_text())["training"][
+            "b_dec_init"
+        ]
+        == want
+    )
 
 
 # ---------------------------------------------------------------- artifacts and metrics
-@pytest.mark.parametrize(("arch", "extra"), [("relu-l1", {}), ("topk", {"k": 4}), ("batchtopk", {"k": 4})])
+@pytest.mark.parametrize(
+    ("arch", "extra"), [("relu-l1", {}), ("topk", {"k": 4}), ("batchtopk", {"k": 4})]
+)
 def test_train_each_arch_writes_artifacts(tiny_store, arch, extra):
-    cfg = TrainConfig(model="tiny", layer=2, arch=arch, d_sae=64, epochs=2, name="s", **FAST, **extra)
+    cfg = TrainConfig(
+        model="tiny", layer=2, arch=arch, d_sae=64, epochs=2, name="s", **FAST, **extra
+    )
     res = train_sae(tiny_store, cfg, progress=False)
     st = actstore.open_store(tiny_store)
     assert actstore.sae_names(st) == ["s"]
     folder = Path(tiny_store) / "saes" / "s"
-    assert sorted(p.name for p in folder.iterdir()) == ["cfg.json", "metrics.json", "sae.safetensors"]  # checkpoint removed
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "cfg.json",
+        "metrics.json",
+        "sae.safetensors",
+    ]  # checkpoint removed
     c = json.loads((folder / "cfg.json").read_text())
     assert (c["arch"], c["d_in"], c["d_sae"], c["model"], c["layer"]) == (arch, 32, 64, "tiny", 2)
-    assert c["tokenization"] == st.model_tokenization("tiny").key and c["actstore_version"] == actstore.__version__
+    assert (
+        c["tokenization"] == st.model_tokenization("tiny").key
+        and c["actstore_version"] == actstore.__version__
+    )
     assert c["training"]["epochs"] == 2 and c["norm_scale"] > 0
     m = json.loads((folder / "metrics.json").read_text())
     n_train = m["n_train_rows"]
@@ -228,18 +331,35 @@ def test_train_each_arch_writes_artifacts(tiny_store, arch, extra):
     # the FVU-tokens / FVU-L0 curves: held-out points spread over the run, the last one the final metrics
     ev, tr = m["curves"]["eval"], m["curves"]["train"]
     n_points = min(TrainConfig(model="tiny", layer=2).eval_points, m["steps"])
-    assert len(ev["tokens"]) >= n_points and ev["tokens"] == sorted(ev["tokens"]) and ev["tokens"][-1] == m["tokens"]
-    assert ev["fvu"][-1] == pytest.approx(m["eval"]["fvu"]) and ev["l0"][-1] == pytest.approx(m["eval"]["l0"])
-    assert len(tr["tokens"]) == len(tr["fvu"]) == len(tr["l0"]) == sum("fvu" in h for h in m["history"])
+    assert (
+        len(ev["tokens"]) >= n_points
+        and ev["tokens"] == sorted(ev["tokens"])
+        and ev["tokens"][-1] == m["tokens"]
+    )
+    assert ev["fvu"][-1] == pytest.approx(m["eval"]["fvu"]) and ev["l0"][-1] == pytest.approx(
+        m["eval"]["l0"]
+    )
+    assert (
+        len(tr["tokens"])
+        == len(tr["fvu"])
+        == len(tr["l0"])
+        == sum("fvu" in h for h in m["history"])
+    )
     assert ev["fvu"][-1] < ev["fvu"][0]  # it learned
 
 
 def test_tokens_budget_and_paper_preset(tiny_store):
-    res = train_sae(tiny_store, TrainConfig(model="tiny", layer=1, tokens=300, d_sae=16, name="t", **FAST), progress=False)
+    res = train_sae(
+        tiny_store,
+        TrainConfig(model="tiny", layer=1, tokens=300, d_sae=16, name="t", **FAST),
+        progress=False,
+    )
     assert res.steps == 5 and res.tokens == 300 + 20  # ceil(300 / 64) steps of 64
     p = TrainConfig(model="tiny", layer=1, preset="paper")
     assert (p.arch, p.d_sae, p.l1, p.lr, p.epochs) == ("relu-l1", 1024, 1e-3, 2e-5, 10)
-    assert TrainConfig(model="tiny", layer=1, preset="paper", lr=1e-3).lr == 1e-3  # explicit options win
+    assert (
+        TrainConfig(model="tiny", layer=1, preset="paper", lr=1e-3).lr == 1e-3
+    )  # explicit options win
     assert TrainConfig(model="tiny", layer=1, expansion=2).resolve(32).d_sae == 64
 
 
@@ -253,14 +373,24 @@ def test_errors(tiny_store):
     with pytest.raises(ConfigError, match="not both"):
         TrainConfig(model="tiny", layer=1, d_sae=8, expansion=2)
     with pytest.raises(ConfigError, match="--k 99 is larger than d_sae 16"):
-        train_sae(tiny_store, TrainConfig(model="tiny", layer=1, arch="topk", k=99, d_sae=16, **FAST), progress=False)
+        train_sae(
+            tiny_store,
+            TrainConfig(model="tiny", layer=1, arch="topk", k=99, d_sae=16, **FAST),
+            progress=False,
+        )
     cfg = TrainConfig(model="tiny", layer=1, d_sae=16, epochs=1, name="dup", **FAST)
     train_sae(tiny_store, cfg, progress=False)
     with pytest.raises(ConfigError, match="already exists.*--overwrite"):
         train_sae(tiny_store, cfg, progress=False)
     with pytest.raises(NotFoundError, match="no unfinished run named 'other'"):
-        train_sae(tiny_store, TrainConfig(model="tiny", layer=1, d_sae=16, name="other", resume=True, **FAST), progress=False)
-    again = TrainConfig(model="tiny", layer=1, d_sae=16, epochs=1, name="dup", overwrite=True, **FAST)
+        train_sae(
+            tiny_store,
+            TrainConfig(model="tiny", layer=1, d_sae=16, name="other", resume=True, **FAST),
+            progress=False,
+        )
+    again = TrainConfig(
+        model="tiny", layer=1, d_sae=16, epochs=1, name="dup", overwrite=True, **FAST
+    )
     assert train_sae(tiny_store, again, progress=False).resumed_from == 0
 
 
@@ -270,14 +400,26 @@ class Killed(Exception):
 
 
 @pytest.mark.parametrize(
-    ("arch", "optimizer"), [("topk", "signum"), ("batchtopk", "signum"), ("topk", "adam"), ("relu-l1", "adam")]
+    ("arch", "optimizer"),
+    [("topk", "signum"), ("batchtopk", "signum"), ("topk", "adam"), ("relu-l1", "adam")],
 )
 def test_killed_run_resumes_to_the_same_weights(tiny_store, arch, optimizer):
     def cfg(**kw):
         if arch != "relu-l1":
             kw["k"] = 4
-        return TrainConfig(model="tiny", layer=3, arch=arch, d_sae=48, epochs=3, checkpoint_every=7, dead_window=200,
-                           buffer_mb=1, optimizer=optimizer, **FAST, **kw)  # fmt: skip
+        return TrainConfig(
+            model="tiny",
+            layer=3,
+            arch=arch,
+            d_sae=48,
+            epochs=3,
+            checkpoint_every=7,
+            dead_window=200,
+            buffer_mb=1,
+            optimizer=optimizer,
+            **FAST,
+            **kw,
+        )
 
     full = train_sae(tiny_store, cfg(name="full"), progress=False)
 
@@ -288,15 +430,22 @@ def test_killed_run_resumes_to_the_same_weights(tiny_store, arch, optimizer):
     with pytest.raises(Killed):
         train_sae(tiny_store, cfg(name="cut"), progress=False, on_step=die)
     st = actstore.open_store(tiny_store)
-    assert "cut" not in actstore.sae_names(st) and (Path(tiny_store) / "saes/cut/checkpoint/state.safetensors").exists()
+    assert (
+        "cut" not in actstore.sae_names(st)
+        and (Path(tiny_store) / "saes/cut/checkpoint/state.safetensors").exists()
+    )
     with pytest.raises(ConfigError, match="other options.*differs in: lr"):
         train_sae(tiny_store, cfg(name="cut", lr=1e-2), progress=False)
     res = train_sae(tiny_store, cfg(name="cut"), progress=False)  # the same command again
     assert res.resumed_from == 21 and res.steps == full.steps
     for key in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold"):
-        torch.testing.assert_close(getattr(res.sae, key), getattr(full.sae, key), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            getattr(res.sae, key), getattr(full.sae, key), rtol=1e-5, atol=1e-6
+        )
     assert res.metrics["eval"]["fvu"] == pytest.approx(full.metrics["eval"]["fvu"], rel=1e-4)
-    assert [h["step"] for h in res.metrics["history"]] == [h["step"] for h in full.metrics["history"]]
+    assert [h["step"] for h in res.metrics["history"]] == [
+        h["step"] for h in full.metrics["history"]
+    ]
 
 
 def test_a_run_checkpointed_before_the_relu_recipe_fields_resumes_with_their_old_values(tiny_store):
@@ -307,7 +456,9 @@ def test_a_run_checkpointed_before_the_relu_recipe_fields_resumes_with_their_old
     from actstore.models.checkpoint import pack, unpack
 
     def cfg(**kw):
-        return TrainConfig(model="tiny", layer=3, d_sae=48, epochs=2, checkpoint_every=5, buffer_mb=1, **FAST, **kw)
+        return TrainConfig(
+            model="tiny", layer=3, d_sae=48, epochs=2, checkpoint_every=5, buffer_mb=1, **FAST, **kw
+        )
 
     old = {"b_dec_init": "mean", "unit_grad": False}
     full = train_sae(tiny_store, cfg(name="full", **old), progress=False)
@@ -321,14 +472,18 @@ def test_a_run_checkpointed_before_the_relu_recipe_fields_resumes_with_their_old
     ckpt = Path(tiny_store) / "saes" / "cut" / layout.SAE_CHECKPOINT
     packed = unpack(ckpt.read_bytes())
     meta = {k: v for k, v in packed.meta.items()}
-    meta["meta"]["config"] = {k: v for k, v in meta["meta"]["config"].items() if k not in old}  # as an older version wrote
+    meta["meta"]["config"] = {
+        k: v for k, v in meta["meta"]["config"].items() if k not in old
+    }  # as an older version wrote
     ckpt.write_bytes(pack(packed.tensors, meta))
     with pytest.raises(ConfigError, match="differs in: b_dec_init, unit_grad"):
         train_sae(tiny_store, cfg(name="cut"), progress=False)
     res = train_sae(tiny_store, cfg(name="cut", **old), progress=False)
     assert res.resumed_from == 10 and res.steps == full.steps
     for key in ("W_enc", "W_dec", "b_enc", "b_dec"):
-        torch.testing.assert_close(getattr(res.sae, key), getattr(full.sae, key), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            getattr(res.sae, key), getattr(full.sae, key), rtol=1e-5, atol=1e-6
+        )
 
 
 @pytest.mark.parametrize("damage", ["garbage", "config"])
@@ -340,7 +495,9 @@ def test_a_damaged_checkpoint_is_a_clear_error_and_overwrite_starts_over(tiny_st
     from actstore.models.checkpoint import pack, unpack
 
     def cfg(**kw):
-        return TrainConfig(model="tiny", layer=3, d_sae=16, epochs=2, checkpoint_every=3, name="dmg", **FAST, **kw)
+        return TrainConfig(
+            model="tiny", layer=3, d_sae=16, epochs=2, checkpoint_every=3, name="dmg", **FAST, **kw
+        )
 
     def die(step, _info):
         if step == 4:
@@ -356,15 +513,37 @@ def test_a_damaged_checkpoint_is_a_clear_error_and_overwrite_starts_over(tiny_st
         meta = dict(packed.meta)
         meta["meta"]["config"] = "<script>alert(1)</script>"
         ckpt.write_bytes(pack(packed.tensors, meta))
-    with pytest.raises(IntegrityError, match="checkpoint of unfinished run 'dmg' .* is damaged .*--overwrite"):
+    with pytest.raises(
+        IntegrityError, match="checkpoint of unfinished run 'dmg' .* is damaged .*--overwrite"
+    ):
         train_sae(tiny_store, cfg(), progress=False)
     assert train_sae(tiny_store, cfg(overwrite=True), progress=False).resumed_from == 0
 
 
 def test_sigkilled_cli_run_resumes(tiny_store):
     exe = str(Path(sys.executable).with_name("actstore"))
-    cmd = [exe, "train", tiny_store, "--model", "tiny", "--layer", "2", "--d-sae", "32", "--epochs", "20", "--batch-size", "64",
-           "--checkpoint-every", "5", "--name", "k", "--device", "cpu", "--quiet"]  # fmt: skip
+    cmd = [
+        exe,
+        "train",
+        tiny_store,
+        "--model",
+        "tiny",
+        "--layer",
+        "2",
+        "--d-sae",
+        "32",
+        "--epochs",
+        "20",
+        "--batch-size",
+        "64",
+        "--checkpoint-every",
+        "5",
+        "--name",
+        "k",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     ckpt = Path(tiny_store) / "saes/k/checkpoint/state.safetensors"
@@ -388,9 +567,34 @@ def test_cli_train_saes_export(tiny_store, tmp_path):
     import torch
 
     before_threads = torch.get_num_threads()
-    r = CliRunner().invoke(main, ["train", tiny_store, "--model", "tiny", "--layer", "2", "--arch", "topk", "--k", "4",
-                                  "--d-sae", "64", "--epochs", "1", "--batch-size", "64", "--name", "c", "--quiet",
-                                  "--device", "cpu", "--threads", str(2 if before_threads == 1 else 1)])  # fmt: skip
+    r = CliRunner().invoke(
+        main,
+        [
+            "train",
+            tiny_store,
+            "--model",
+            "tiny",
+            "--layer",
+            "2",
+            "--arch",
+            "topk",
+            "--k",
+            "4",
+            "--d-sae",
+            "64",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "64",
+            "--name",
+            "c",
+            "--quiet",
+            "--device",
+            "cpu",
+            "--threads",
+            str(2 if before_threads == 1 else 1),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "SAE c (topk, 32->64, k 4) on tiny layer 2" in r.output and "FVU" in r.output
     assert torch.get_num_threads() == before_threads  # --threads is restored after the run
@@ -399,24 +603,78 @@ def test_cli_train_saes_export(tiny_store, tmp_path):
     assert r.exit_code == 0 and rows[0]["name"] == "c" and rows[0]["l0"] <= 4
     r = CliRunner().invoke(main, ["saes", tiny_store])
     assert "topk" in r.output and "fvu" in r.output
-    r = CliRunner().invoke(main, ["export-sae", tiny_store, "c", "--format", "saelens", "--out", str(tmp_path / "ex")])
+    r = CliRunner().invoke(
+        main, ["export-sae", tiny_store, "c", "--format", "saelens", "--out", str(tmp_path / "ex")]
+    )
     assert r.exit_code == 0 and (tmp_path / "ex" / "sae_weights.safetensors").exists()
     # errors are one clean line
-    r = CliRunner().invoke(main, ["train", tiny_store, "--model", "tiny", "--layer", "2", "--arch", "topk", "--k", "4",
-                                  "--d-sae", "64", "--name", "c", "--quiet"])  # fmt: skip
-    assert r.exit_code == 1 and "Error: SAE 'c' already exists" in r.output and "Traceback" not in r.output
-    r = CliRunner().invoke(main, ["train", tiny_store, "--model", "bert", "--layer", "2", "--quiet"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "train",
+            tiny_store,
+            "--model",
+            "tiny",
+            "--layer",
+            "2",
+            "--arch",
+            "topk",
+            "--k",
+            "4",
+            "--d-sae",
+            "64",
+            "--name",
+            "c",
+            "--quiet",
+        ],
+    )
+    assert (
+        r.exit_code == 1
+        and "Error: SAE 'c' already exists" in r.output
+        and "Traceback" not in r.output
+    )
+    r = CliRunner().invoke(
+        main, ["train", tiny_store, "--model", "bert", "--layer", "2", "--quiet"]
+    )
     assert r.exit_code == 1 and "model 'bert' is not in store" in r.output
     r = CliRunner().invoke(main, ["export-sae", tiny_store, "zzz", "--out", str(tmp_path / "z")])
     assert r.exit_code == 1 and "no SAE named 'zzz'" in r.output
     # relu-l1's recipe options reach cfg.json; a bad choice is a usage error
-    r = CliRunner().invoke(main, ["train", tiny_store, "--model", "tiny", "--layer", "2", "--d-sae", "32", "--epochs", "1",
-                                  "--batch-size", "64", "--name", "r", "--quiet", "--device", "cpu", "--b-dec-init", "mean",
-                                  "--no-unit-grad"])  # fmt: skip
+    r = CliRunner().invoke(
+        main,
+        [
+            "train",
+            tiny_store,
+            "--model",
+            "tiny",
+            "--layer",
+            "2",
+            "--d-sae",
+            "32",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "64",
+            "--name",
+            "r",
+            "--quiet",
+            "--device",
+            "cpu",
+            "--b-dec-init",
+            "mean",
+            "--no-unit-grad",
+        ],
+    )
     assert r.exit_code == 0, r.output
     training = json.loads((Path(tiny_store) / "saes" / "r" / "cfg.json").read_text())["training"]
-    assert (training["arch"], training["b_dec_init"], training["unit_grad"]) == ("relu-l1", "mean", False)
-    r = CliRunner().invoke(main, ["train", tiny_store, "--model", "tiny", "--layer", "2", "--b-dec-init", "median"])
+    assert (training["arch"], training["b_dec_init"], training["unit_grad"]) == (
+        "relu-l1",
+        "mean",
+        False,
+    )
+    r = CliRunner().invoke(
+        main, ["train", tiny_store, "--model", "tiny", "--layer", "2", "--b-dec-init", "median"]
+    )
     assert r.exit_code == 2 and "'median' is not one of 'mean', 'zeros'" in r.output
 
 
@@ -432,12 +690,28 @@ def clf_store(tmp_path_factory, tiny_bert_dir, corpus_file):
     d = tmp_path_factory.mktemp("clf")
     torch.manual_seed(1)
     labels = {"id2label": {0: "neg", 1: "pos"}, "label2id": {"neg": 0, "pos": 1}}
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
-                     max_position_embeddings=128, num_labels=2, **labels)  # fmt: skip
+    cfg = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=2,
+        **labels,
+    )
     BertForSequenceClassification(cfg).save_pretrained(d / "model")
     AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(d / "model")
-    ecfg = ExtractConfig(model=str(d / "model"), data=DataConfig(corpus_file), layers=[2], name="clf", codec="fp32",
-                         chunk_rows=64, batch_size=8, device="cpu")  # fmt: skip
+    ecfg = ExtractConfig(
+        model=str(d / "model"),
+        data=DataConfig(corpus_file),
+        layers=[2],
+        name="clf",
+        codec="fp32",
+        chunk_rows=64,
+        batch_size=8,
+        device="cpu",
+    )
     extract(str(d / "s.zarr"), ecfg, progress=False)
     return str(d / "s.zarr"), str(d / "model")
 
@@ -452,21 +726,43 @@ def test_task_accuracy_with_the_sae_spliced_in(clf_store):
     path, model_dir = clf_store
     st = actstore.open_store(path, writable=True)
     res = train_sae(
-        st, TrainConfig(model="clf", layer=2, d_sae=64, epochs=1, batch_size=64, device="cpu", eval_fraction=0.3), progress=False
+        st,
+        TrainConfig(
+            model="clf", layer=2, d_sae=64, epochs=1, batch_size=64, device="cpu", eval_fraction=0.3
+        ),
+        progress=False,
     )
     task = res.metrics["task"]
     assert task is not None and task["n_samples"] == len(res.split.eval_samples)
     # the original accuracy, computed independently
     samples = st.samples().filter(pl_in(res.split.eval_samples))
-    tok, model = AutoTokenizer.from_pretrained(model_dir), AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    tok, model = (
+        AutoTokenizer.from_pretrained(model_dir),
+        AutoModelForSequenceClassification.from_pretrained(model_dir).eval(),
+    )
     with torch.no_grad():
-        enc = tok(samples["text"].to_list(), padding=True, truncation=True, max_length=128, return_tensors="pt")
+        enc = tok(
+            samples["text"].to_list(),
+            padding=True,
+            truncation=True,
+            max_length=128,
+            return_tensors="pt",
+        )
         pred = model(**enc).logits.argmax(-1).tolist()
-    want = np.mean([model.config.id2label[p] == lab for p, lab in zip(pred, samples["label"].to_list(), strict=True)])
+    want = np.mean(
+        [
+            model.config.id2label[p] == lab
+            for p, lab in zip(pred, samples["label"].to_list(), strict=True)
+        ]
+    )
     assert task["accuracy"] == pytest.approx(want)
     assert 0 <= task["accuracy_with_sae"] <= 1 and 0 <= task["agreement"] <= 1
     # an SAE that reconstructs exactly (h = [relu(x), relu(-x)], x_hat = h[:d] - h[d:]) keeps every prediction
-    exact = SAE(SAEConfig("relu-l1", 32, 64, model="clf", layer=2, tokenization=st.model_tokenization("clf").key))
+    exact = SAE(
+        SAEConfig(
+            "relu-l1", 32, 64, model="clf", layer=2, tokenization=st.model_tokenization("clf").key
+        )
+    )
     eye = torch.eye(32)
     with torch.no_grad():
         exact.W_enc.copy_(torch.cat([eye, -eye], 1))
@@ -474,7 +770,10 @@ def test_task_accuracy_with_the_sae_spliced_in(clf_store):
         exact.b_enc.zero_()
         exact.b_dec.zero_()
     same = task_accuracy(st, exact, res.split.eval_samples)
-    assert same["agreement"] == 1.0 and same["accuracy_with_sae"] == same["accuracy"] == task["accuracy"]
+    assert (
+        same["agreement"] == 1.0
+        and same["accuracy_with_sae"] == same["accuracy"] == task["accuracy"]
+    )
 
 
 def pl_in(samples):

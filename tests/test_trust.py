@@ -35,10 +35,23 @@ from tests.helpers import one_line_error, snapshot
 pytestmark = pytest.mark.filterwarnings("ignore:Object at .* is not recognized")
 
 
-def make_sae(st, name: str = "s", layer: int = 2, d_sae: int = 40, k: int = 4, seed: int = 0) -> SAE:
+def make_sae(
+    st, name: str = "s", layer: int = 2, d_sae: int = 40, k: int = 4, seed: int = 0
+) -> SAE:
     tk = st.model_info("tiny").tokenization
     torch.manual_seed(seed)
-    sae = SAE(SAEConfig(arch="topk", d_in=32, d_sae=d_sae, k=k, model="tiny", layer=layer, tokenization=tk, name=name))
+    sae = SAE(
+        SAEConfig(
+            arch="topk",
+            d_in=32,
+            d_sae=d_sae,
+            k=k,
+            model="tiny",
+            layer=layer,
+            tokenization=tk,
+            name=name,
+        )
+    )
     save_sae(st, sae, name)
     update_manifest(st.loc, prefixes=[f"saes/{name}"])
     return sae
@@ -63,7 +76,9 @@ def encoded(tmp_path, encoded_ro) -> str:
 
 
 def feature_count(path: str) -> int:
-    return int(actstore.sql(actstore.open_store(path), "SELECT count(*) AS n FROM features")["n"][0])
+    return int(
+        actstore.sql(actstore.open_store(path), "SELECT count(*) AS n FROM features")["n"][0]
+    )
 
 
 def edit_attrs(path: str, array: str, **changes) -> None:
@@ -86,7 +101,9 @@ def test_second_encode_of_one_sae_is_refused(encoded):
     st = actstore.open_store(encoded, writable=True)
     holder = StoreLock(st.loc, "features/s", "encode s (another process)").acquire()
     try:
-        with pytest.raises(ConcurrencyError, match=r"features/s .*being written.*encode s \(another process\)"):
+        with pytest.raises(
+            ConcurrencyError, match=r"features/s .*being written.*encode s \(another process\)"
+        ):
             encode(st, EncodeConfig(sae="s", overwrite=True), progress=False)
     finally:
         holder.release()
@@ -98,12 +115,35 @@ def test_concurrent_encodes_never_interleave(tiny_store):
     make_sae(st)
     ref_path = tiny_store + "-ref"
     shutil.copytree(tiny_store, ref_path)
-    encode(actstore.open_store(ref_path, writable=True), EncodeConfig(sae="s", n_buckets=4), progress=False)
+    encode(
+        actstore.open_store(ref_path, writable=True),
+        EncodeConfig(sae="s", n_buckets=4),
+        progress=False,
+    )
     want = feature_count(ref_path)
-    cmd = [sys.executable, "-m", "actstore.cli", "encode", tiny_store, "--sae", "s", "--quiet", "--spill-entries", "200",
-           "--batch-rows", "64", "--buckets", "4", "--workers", "1"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "actstore.cli",
+        "encode",
+        tiny_store,
+        "--sae",
+        "s",
+        "--quiet",
+        "--spill-entries",
+        "200",
+        "--batch-rows",
+        "64",
+        "--buckets",
+        "4",
+        "--workers",
+        "1",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for _ in range(2)]
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for _ in range(2)
+    ]
     outs = [(p.wait(timeout=300), p.stdout.read()) for p in procs]
     for rc, out in outs:
         assert rc == 0 or "being written by another writer" in out, out
@@ -124,7 +164,11 @@ def test_train_refuses_a_second_trainer_of_one_name(tiny_store):
     holder = StoreLock(loc, "saes/busy", "train busy (another process)").acquire()
     try:
         with pytest.raises(ConcurrencyError, match="saes/busy"):
-            train_sae(tiny_store, TrainConfig(model="tiny", layer=1, tokens=64, d_sae=8, name="busy"), progress=False)
+            train_sae(
+                tiny_store,
+                TrainConfig(model="tiny", layer=1, tokens=64, d_sae=8, name="busy"),
+                progress=False,
+            )
     finally:
         holder.release()
 
@@ -190,7 +234,11 @@ def test_symlinked_directory_one_line_everywhere(encoded, tmp_path):
     outside = tmp_path / "outside"
     shutil.move(str(Path(encoded) / "models" / "tiny" / "layer_3"), outside)
     (Path(encoded) / "models" / "tiny" / "layer_3").symlink_to(outside, target_is_directory=True)
-    for args in (["verify", encoded], ["copy", encoded, str(tmp_path / "d.zarr"), "--quiet"], ["info", encoded]):
+    for args in (
+        ["verify", encoded],
+        ["copy", encoded, str(tmp_path / "d.zarr"), "--quiet"],
+        ["info", encoded],
+    ):
         one_line_error(CliRunner().invoke(main, args), "symbolic link")
     with pytest.raises(StoreError, match="symbolic link"):
         actstore.open_store(encoded).activations("tiny", 3)[:]
@@ -231,26 +279,50 @@ def test_encode_overwrite_keeps_the_good_encoding_until_the_new_one_is_ready(enc
     # a layer whose attributes are damaged: refused before anything is deleted
     edit_attrs(encoded, "models/tiny/layer_2", committed_rows=-5)
     with pytest.raises(IntegrityError, match="committed_rows"):
-        encode(actstore.open_store(encoded, writable=True), EncodeConfig(sae="s", overwrite=True), progress=False)
+        encode(
+            actstore.open_store(encoded, writable=True),
+            EncodeConfig(sae="s", overwrite=True),
+            progress=False,
+        )
     edit_attrs(encoded, "models/tiny/layer_2", committed_rows=read_encoding(st, "s")["n_rows"])
     assert actstore.features(st, "s").collect().sort(["row", "feature"]).equals(want)
     # and a completed overwrite replaces it and leaves one generation
     res = encode(st, EncodeConfig(sae="s", overwrite=True, n_buckets=2), progress=False)
-    assert res.n_feature_rows == want.height and st.loc.list_dirs("features/s") == [read_encoding(st, "s")["dir"]]
+    assert res.n_feature_rows == want.height and st.loc.list_dirs("features/s") == [
+        read_encoding(st, "s")["dir"]
+    ]
 
 
 # ---------------------------------------------------------------- 5. corruption caught on read
 def test_deleted_chunk_raises_everywhere(encoded, tmp_path):
     (Path(encoded) / "models/tiny/layer_2/c/1/0").unlink()
     st = actstore.open_store(encoded, writable=True)
-    with pytest.raises(IntegrityError, match=r"shard \(1, 0\) of array models/tiny/layer_2 .*rows 64-127.*missing"):
+    with pytest.raises(
+        IntegrityError, match=r"shard \(1, 0\) of array models/tiny/layer_2 .*rows 64-127.*missing"
+    ):
         st.activations("tiny", 2)[:]
     with pytest.raises(IntegrityError, match=r"layer_2.*missing"):
         st.activations("tiny", 2).take(np.array([70]))
     with pytest.raises(IntegrityError, match=r"models/tiny/layer_2"):
         encode(st, EncodeConfig(sae="s", overwrite=True), progress=False)
-    r = CliRunner().invoke(main, ["train", encoded, "--model", "tiny", "--layer", "2", "--tokens", "256", "--d-sae", "8",
-                                  "--name", "t", "--quiet"])  # fmt: skip
+    r = CliRunner().invoke(
+        main,
+        [
+            "train",
+            encoded,
+            "--model",
+            "tiny",
+            "--layer",
+            "2",
+            "--tokens",
+            "256",
+            "--d-sae",
+            "8",
+            "--name",
+            "t",
+            "--quiet",
+        ],
+    )
     one_line_error(r, "models/tiny/layer_2", "missing")
     r = CliRunner().invoke(main, ["copy", encoded, str(tmp_path / "d.zarr"), "--quiet"])
     assert r.exit_code != 0 and "models/tiny/layer_2/c/1/0" in r.output and "absent" in r.output
@@ -293,10 +365,15 @@ def test_truncated_files_are_one_line(encoded):
     w = Path(encoded) / "saes/s/sae.safetensors"
     w.write_bytes(w.read_bytes()[:100])
     (Path(encoded) / "manifest.json").unlink()
-    one_line_error(CliRunner().invoke(main, ["encode", encoded, "--sae", "s", "--overwrite", "--quiet"]), "sae.safetensors")
+    one_line_error(
+        CliRunner().invoke(main, ["encode", encoded, "--sae", "s", "--overwrite", "--quiet"]),
+        "sae.safetensors",
+    )
     samples = next((Path(encoded) / "tokenizations").glob("*/samples/part-00000.parquet"))
     samples.write_bytes(samples.read_bytes()[: samples.stat().st_size // 2])
-    one_line_error(CliRunner().invoke(main, ["top-tokens", encoded, "--sae", "s", "--feature", "1"]), "samples")
+    one_line_error(
+        CliRunner().invoke(main, ["top-tokens", encoded, "--sae", "s", "--feature", "1"]), "samples"
+    )
 
 
 # ---------------------------------------------------------------- 6. attributes checked on open
@@ -335,7 +412,9 @@ def test_hostile_names_are_escaped_in_the_report(tiny_store, tmp_path):
     # a store that names a path holding a report.json: it must not be read
     trap = tmp_path / "trap"
     trap.mkdir()
-    (trap / "report.json").write_text(json.dumps({"labels": ["<i>x</i>"], "pretrained": {"accuracy": 1}, "finetuned": {}}))
+    (trap / "report.json").write_text(
+        json.dumps({"labels": ["<i>x</i>"], "pretrained": {"accuracy": 1}, "finetuned": {}})
+    )
     gmeta = json.loads((root / "models" / evil / "zarr.json").read_text())
     gmeta["attributes"]["actstore"]["path"] = str(trap)
     (root / "models" / evil / "zarr.json").write_text(json.dumps(gmeta))
@@ -364,10 +443,22 @@ def test_bad_inputs_are_one_line(encoded, tmp_path):
     not_a_model.mkdir()
     (not_a_model / "config.json").write_text('{"a": 1}')
     base = ["extract", str(tmp_path / "x.zarr"), "--data", "bundled:bbc", "--limit", "2"]
-    one_line_error(CliRunner().invoke(main, [*base, "--model", str(not_a_model), "--layers", "1"]), "cannot load model")
-    one_line_error(CliRunner().invoke(main, [*base, "--model", str(tmp_path), "--layers", "1"]), "config.json")
-    one_line_error(CliRunner().invoke(main, [*base, "--model", "bundled:minilm", "--layers", "5-3"]), "backwards", "3-5")
-    r = CliRunner().invoke(main, ["train", encoded, "--model", "tiny", "--layer", "1", "--name", "a/b", "--tokens", "64"])
+    one_line_error(
+        CliRunner().invoke(main, [*base, "--model", str(not_a_model), "--layers", "1"]),
+        "cannot load model",
+    )
+    one_line_error(
+        CliRunner().invoke(main, [*base, "--model", str(tmp_path), "--layers", "1"]), "config.json"
+    )
+    one_line_error(
+        CliRunner().invoke(main, [*base, "--model", "bundled:minilm", "--layers", "5-3"]),
+        "backwards",
+        "3-5",
+    )
+    r = CliRunner().invoke(
+        main,
+        ["train", encoded, "--model", "tiny", "--layer", "1", "--name", "a/b", "--tokens", "64"],
+    )
     one_line_error(r, "'a/b'", "not a valid name")
     assert not (Path(encoded) / "saes" / "a").exists()
     v2 = tmp_path / "v2.zarr"
@@ -395,18 +486,42 @@ def test_training_on_a_partial_layer_warns(tiny_store):
     drop_markers(tiny_store, "models/tiny/layer_1", first=0)  # the attributes say how far it got
     with warnings.catch_warnings(record=True) as got:
         warnings.simplefilter("always")
-        train_sae(tiny_store, TrainConfig(model="tiny", layer=1, tokens=128, d_sae=8, name="p"), progress=False)
-    assert any(issubclass(w.category, PartialLayerWarning) and "128 of" in str(w.message) for w in got)
+        train_sae(
+            tiny_store,
+            TrainConfig(model="tiny", layer=1, tokens=128, d_sae=8, name="p"),
+            progress=False,
+        )
+    assert any(
+        issubclass(w.category, PartialLayerWarning) and "128 of" in str(w.message) for w in got
+    )
 
 
 def test_disk_full_is_one_line(tiny_bert_dir, corpus_file, tmp_path):
     mnt = tmp_path / "full"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mnt)], capture_output=True).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mnt)], capture_output=True
+    ).returncode:
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     try:
-        r = CliRunner().invoke(main, ["extract", str(mnt / "s.zarr"), "--model", tiny_bert_dir, "--data", corpus_file,
-                                      "--layers", "all", "--codec", "fp32", "--chunk-rows", "64", "--quiet"])  # fmt: skip
+        r = CliRunner().invoke(
+            main,
+            [
+                "extract",
+                str(mnt / "s.zarr"),
+                "--model",
+                tiny_bert_dir,
+                "--data",
+                corpus_file,
+                "--layers",
+                "all",
+                "--codec",
+                "fp32",
+                "--chunk-rows",
+                "64",
+                "--quiet",
+            ],
+        )
         one_line_error(r, "disk full")
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
@@ -421,8 +536,15 @@ def test_finished_finetune_is_not_redone(tiny_bert_dir, tmp_path):
 
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in make_texts(30)) + "\n")
-    cfg = FinetuneConfig(model=tiny_bert_dir, data=DataConfig(str(data)), out=str(tmp_path / "ft"), epochs=1, batch_size=8,
-                         max_length=32, device="cpu")  # fmt: skip
+    cfg = FinetuneConfig(
+        model=tiny_bert_dir,
+        data=DataConfig(str(data)),
+        out=str(tmp_path / "ft"),
+        epochs=1,
+        batch_size=8,
+        max_length=32,
+        device="cpu",
+    )
     first = finetune(cfg, progress=False)
     stamp = (tmp_path / "ft" / "model.safetensors").stat().st_mtime_ns
     again = finetune(cfg, progress=False)
@@ -430,7 +552,9 @@ def test_finished_finetune_is_not_redone(tiny_bert_dir, tmp_path):
     assert again.finetuned.accuracy == first.finetuned.accuracy
     assert (tmp_path / "ft" / "model.safetensors").stat().st_mtime_ns == stamp
     with pytest.raises(ConfigError):
-        FinetuneConfig(model=tiny_bert_dir, data=DataConfig(str(data)), out=str(tmp_path / "ft"), epochs=0)
+        FinetuneConfig(
+            model=tiny_bert_dir, data=DataConfig(str(data)), out=str(tmp_path / "ft"), epochs=0
+        )
 
 
 def test_output_folders_have_one_writer(tiny_store_ro, tiny_bert_dir, tmp_path):
@@ -443,7 +567,13 @@ def test_output_folders_have_one_writer(tiny_store_ro, tiny_bert_dir, tmp_path):
 
     out = tmp_path / "busy"
     with output_lock(out, "another finetune"):
-        cfg = FinetuneConfig(model=tiny_bert_dir, data=DataConfig("bundled:bbc"), out=str(out), epochs=1, device="cpu")
+        cfg = FinetuneConfig(
+            model=tiny_bert_dir,
+            data=DataConfig("bundled:bbc"),
+            out=str(out),
+            epochs=1,
+            device="cpu",
+        )
         with pytest.raises(ConcurrencyError, match="another finetune"):
             finetune(cfg, progress=False)
         with pytest.raises(ConcurrencyError, match="another finetune"):

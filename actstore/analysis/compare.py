@@ -111,11 +111,15 @@ def _pick_models(store: Store, models: tuple[str, str] | None) -> tuple[str, str
     have = store.models
     if models is None:
         if len(have) != 2:
-            raise ConfigError(f"store {store.url} holds {len(have)} models ({', '.join(have) or 'none'}): pass --models A,B")
+            raise ConfigError(
+                f"store {store.url} holds {len(have)} models ({', '.join(have) or 'none'}): pass --models A,B"
+            )
         return have[0], have[1]
     for m in models:
         if m not in have:
-            raise NotFoundError(f"model {m!r} is not in store {store.url} (models: {', '.join(have) or 'none'}): check --models")
+            raise NotFoundError(
+                f"model {m!r} is not in store {store.url} (models: {', '.join(have) or 'none'}): check --models"
+            )
     return models
 
 
@@ -125,11 +129,15 @@ def compare_layer(store: Store, a: str, b: str, layer: int, cfg: CompareConfig) 
     store.check_aligned(a, b)
     n = min(len(xa), len(xb))
     if n == 0:
-        raise NotFoundError(f"layer {layer} of {a} or {b} in {store.url} has no committed rows yet: finish actstore extract")
+        raise NotFoundError(
+            f"layer {layer} of {a} or {b} in {store.url} has no committed rows yet: finish actstore extract"
+        )
     same_width = xa.d_model == xb.d_model
     want = set(cfg.metrics)
     if not same_width and want & {"mean-cosine", "token-cosine"}:
-        raise ConfigError(f"{a} (d_model {xa.d_model}) and {b} (d_model {xb.d_model}) differ in width: only --metric cka applies")
+        raise ConfigError(
+            f"{a} (d_model {xa.d_model}) and {b} (d_model {xb.d_model}) differ in width: only --metric cka applies"
+        )
     sum_a, sum_b = np.zeros(xa.d_model), np.zeros(xb.d_model)
     cos_sum = 0.0
     cka = _CKA(xa.d_model, xb.d_model) if "cka" in want else None
@@ -147,7 +155,9 @@ def compare_layer(store: Store, a: str, b: str, layer: int, cfg: CompareConfig) 
             cka.add(va[keep], vb[keep])
     out: dict[str, float] = {"n_rows": float(n)}
     if "mean-cosine" in want:
-        out["mean-cosine"] = float(sum_a @ sum_b / max(np.linalg.norm(sum_a) * np.linalg.norm(sum_b), EPS))
+        out["mean-cosine"] = float(
+            sum_a @ sum_b / max(np.linalg.norm(sum_a) * np.linalg.norm(sum_b), EPS)
+        )
     if "token-cosine" in want:
         out["token-cosine"] = cos_sum / n
     if cka is not None:
@@ -155,7 +165,9 @@ def compare_layer(store: Store, a: str, b: str, layer: int, cfg: CompareConfig) 
     return out
 
 
-def compare(store: Store, cfg: CompareConfig, label: str | None = None, progress: bool = False) -> CompareResult:
+def compare(
+    store: Store, cfg: CompareConfig, label: str | None = None, progress: bool = False
+) -> CompareResult:
     """Layer-wise similarity of two row-aligned models of ``store``."""
     from tqdm.auto import tqdm
 
@@ -169,7 +181,9 @@ def compare(store: Store, cfg: CompareConfig, label: str | None = None, progress
             f"{', '.join(map(str, common)) or 'none'}): extract it for both models"
         )
     if not layers:
-        raise NotFoundError(f"{a} and {b} share no layers in {store.url}: extract the same layers of both")
+        raise NotFoundError(
+            f"{a} and {b} share no layers in {store.url}: extract the same layers of both"
+        )
     label = label or Path(store.url.rstrip("/")).name
     rows = []
     n_rows = 0
@@ -178,7 +192,15 @@ def compare(store: Store, cfg: CompareConfig, label: str | None = None, progress
         n_rows = int(vals.pop("n_rows"))
         for m in cfg.metrics:
             rows.append(
-                {"label": label, "model_a": a, "model_b": b, "layer": layer, "metric": m, "value": vals[m], "n_rows": n_rows}
+                {
+                    "label": label,
+                    "model_a": a,
+                    "model_b": b,
+                    "layer": layer,
+                    "metric": m,
+                    "value": vals[m],
+                    "n_rows": n_rows,
+                }
             )
     return CompareResult(store.url, label, (a, b), n_rows, pl.DataFrame(rows), asdict(cfg))
 
@@ -221,13 +243,18 @@ def plot_similarity(table: pl.DataFrame, path: str, title: str | None = None) ->
 
 
 def compare_stores(
-    stores: list[str], cfg: CompareConfig, labels: list[str] | None = None, storage_options: dict[str, Any] | None = None
+    stores: list[str],
+    cfg: CompareConfig,
+    labels: list[str] | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> pl.DataFrame:
     """:func:`compare` over several stores (e.g. one per dataset), concatenated into one long table."""
     from actstore.store.reader import open_store
 
     if labels is not None and len(labels) != len(stores):
-        raise ConfigError(f"{len(labels)} labels for {len(stores)} stores: give one label per store")
+        raise ConfigError(
+            f"{len(labels)} labels for {len(stores)} stores: give one label per store"
+        )
     tables = []
     for i, path in enumerate(stores):
         st = open_store(path, storage_options=storage_options)

@@ -32,11 +32,15 @@ class CompareConfig:
     def __post_init__(self) -> None:
         bad = [m for m in self.metrics if m not in METRICS]
         if bad or not self.metrics:
-            raise ConfigError(f"unknown metric {bad[0] if bad else '(none)'}: choose from {', '.join(METRICS)}")
+            raise ConfigError(
+                f"unknown metric {bad[0] if bad else '(none)'}: choose from {', '.join(METRICS)}"
+            )
         if self.models is not None:
             self.models = tuple(self.models)  # type: ignore[assignment]
             if len(self.models) != 2 or self.models[0] == self.models[1]:
-                raise ConfigError(f"--models needs two different model keys, e.g. --models minilm,minilm-ft; got {self.models}")
+                raise ConfigError(
+                    f"--models needs two different model keys, e.g. --models minilm,minilm-ft; got {self.models}"
+                )
         if self.cka_rows < 0:
             raise ConfigError(f"--cka-rows must be 0 (all rows) or positive, got {self.cka_rows}")
 
@@ -74,11 +78,17 @@ class CrosscoderDiffConfig:
     def __post_init__(self) -> None:
         check_name(self.sae, "SAE")
         if not 0 < self.only < 0.5 - self.shared_band or self.shared_band < 0:
-            raise ConfigError(f"thresholds need 0 < --only ({self.only}) < 0.5 - --shared-band ({self.shared_band})")
+            raise ConfigError(
+                f"thresholds need 0 < --only ({self.only}) < 0.5 - --shared-band ({self.shared_band})"
+            )
         if not -1 <= self.shared_cos <= 1 or self.nu <= 0:
-            raise ConfigError(f"--shared-cos must be in [-1, 1] and --nu positive, got {self.shared_cos}, {self.nu}")
+            raise ConfigError(
+                f"--shared-cos must be in [-1, 1] and --nu positive, got {self.shared_cos}, {self.nu}"
+            )
         if self.rows < 0 or self.batch_rows <= 0:
-            raise ConfigError(f"--rows must be >= 0 and --batch-rows positive, got {self.rows}, {self.batch_rows}")
+            raise ConfigError(
+                f"--rows must be >= 0 and --batch-rows positive, got {self.rows}, {self.batch_rows}"
+            )
 
 
 @dataclass
@@ -104,7 +114,9 @@ class DiffConfig:
 
     def __post_init__(self) -> None:
         if not 0 < self.match <= self.retain <= 1:
-            raise ConfigError(f"thresholds need 0 < --match ({self.match}) <= --retain ({self.retain}) <= 1")
+            raise ConfigError(
+                f"thresholds need 0 < --match ({self.match}) <= --retain ({self.retain}) <= 1"
+            )
         if self.rows < 0:
             raise ConfigError(f"--rows must be 0 (all) or positive, got {self.rows}")
         if self.name is None:
@@ -133,15 +145,21 @@ class ShowConfig:
 
     def __post_init__(self) -> None:
         if not self.saes:
-            raise ConfigError("no SAE given: pass --sae NAME (see actstore info for the store's SAEs)")
+            raise ConfigError(
+                "no SAE given: pass --sae NAME (see actstore info for the store's SAEs)"
+            )
         if not self.features:
             raise ConfigError("no feature given: pass --feature F")
         if len(self.features) not in (1, len(self.saes)):
-            raise ConfigError(f"give one --feature for all SAEs or one per --sae ({len(self.saes)}), not {len(self.features)}")
+            raise ConfigError(
+                f"give one --feature for all SAEs or one per --sae ({len(self.saes)}), not {len(self.features)}"
+            )
         if not self.texts and not self.sample_ids:
             raise ConfigError('nothing to show: pass --text "..." and/or --sample-id ID')
         if self.models is not None and len(self.saes) not in (1, len(self.models)):
-            raise ConfigError(f"give one --sae for all models or one per model ({len(self.models)}), not {len(self.saes)}")
+            raise ConfigError(
+                f"give one --sae for all models or one per model ({len(self.models)}), not {len(self.saes)}"
+            )
 
 
 @dataclass

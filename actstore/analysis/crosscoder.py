@@ -84,11 +84,17 @@ def source_index(cfg: SAEConfig, which: str | None, default: int) -> int:
         return default
     if which in labels:
         return labels.index(which)
-    hits = [i for i, (m, _) in enumerate(zip(cfg.models or [], cfg.layers or [], strict=True)) if m == which]
+    hits = [
+        i
+        for i, (m, _) in enumerate(zip(cfg.models or [], cfg.layers or [], strict=True))
+        if m == which
+    ]
     if len(hits) == 1:
         return hits[0]
-    raise ConfigError(f"crosscoder {cfg.name} has no single source {which!r} (sources: {', '.join(labels)}): "
-                      "name one as MODEL@LAYER")  # fmt: skip
+    raise ConfigError(
+        f"crosscoder {cfg.name} has no single source {which!r} (sources: {', '.join(labels)}): "
+        "name one as MODEL@LAYER"
+    )
 
 
 def relative_norm(norm_a: np.ndarray, norm_b: np.ndarray) -> np.ndarray:
@@ -104,11 +110,24 @@ def decoder_stats(sae: SAE, ia: int, ib: int) -> dict[str, np.ndarray]:
     da, db = w[:, ia].double().numpy(), w[:, ib].double().numpy()  # (d_sae, d_in) each
     na, nb = np.linalg.norm(da, axis=1), np.linalg.norm(db, axis=1)
     cos = (da * db).sum(1) / np.maximum(na * nb, 1e-12)
-    return {"norm_a": na, "norm_b": nb, "rel_norm": relative_norm(na, nb), "cosine": np.where(na * nb > 0, cos, 0.0)}
+    return {
+        "norm_a": na,
+        "norm_b": nb,
+        "rel_norm": relative_norm(na, nb),
+        "cosine": np.where(na * nb > 0, cos, 0.0),
+    }
 
 
-def latent_scaling(store: Store, sae: SAE, ia: int, ib: int, dominant_b: np.ndarray, rows: int = 0,
-                   batch_rows: int = 4096, device: str = "cpu") -> tuple[dict[str, np.ndarray], int]:  # fmt: skip
+def latent_scaling(
+    store: Store,
+    sae: SAE,
+    ia: int,
+    ib: int,
+    dominant_b: np.ndarray,
+    rows: int = 0,
+    batch_rows: int = 4096,
+    device: str = "cpu",
+) -> tuple[dict[str, np.ndarray], int]:
     """Latent Scaling's betas of every latent in sources ``ia`` (A) and ``ib`` (B), and how often it fires, from
     one pass over the token rows (or about ``rows`` of them, in evenly spaced blocks); see the module docstring.
     ``dominant_b`` (bool ``(d_sae,)``) says whose decoder row is each latent's direction ``u``."""
@@ -118,8 +137,16 @@ def latent_scaling(store: Store, sae: SAE, ia: int, ib: int, dominant_b: np.ndar
         return _latent_scaling(store, sae, ia, ib, dominant_b, rows, batch_rows, device)
 
 
-def _latent_scaling(store: Store, sae: SAE, ia: int, ib: int, dominant_b: np.ndarray, rows: int, batch_rows: int,
-                    device: str) -> tuple[dict[str, np.ndarray], int]:  # fmt: skip
+def _latent_scaling(
+    store: Store,
+    sae: SAE,
+    ia: int,
+    ib: int,
+    dominant_b: np.ndarray,
+    rows: int,
+    batch_rows: int,
+    device: str,
+) -> tuple[dict[str, np.ndarray], int]:
     import torch
 
     from actstore.sae.model import check_fits
@@ -132,8 +159,14 @@ def _latent_scaling(store: Store, sae: SAE, ia: int, ib: int, dominant_b: np.nda
     dom = torch.from_numpy(dominant_b).to(device)
     u = torch.where(dom[:, None], w[:, ib], w[:, ia])  # (d_sae, d_in): each latent's direction
     uu = (u * u).sum(1).double()  # (d_sae,)
-    u_da, u_db = (u * w[:, ia]).sum(1).double(), (u * w[:, ib]).sum(1).double()  # <u, d_A>, <u, d_B>
-    acc = {k: torch.zeros(s, dtype=torch.float64, device=device) for k in ("f2", "err_a", "err_b", "rec_a", "rec_b", "fired")}
+    u_da, u_db = (
+        (u * w[:, ia]).sum(1).double(),
+        (u * w[:, ib]).sum(1).double(),
+    )  # <u, d_A>, <u, d_B>
+    acc = {
+        k: torch.zeros(s, dtype=torch.float64, device=device)
+        for k in ("f2", "err_a", "err_b", "rec_a", "rec_b", "fired")
+    }
     n_all = len(stacked)
     if rows and rows < n_all:  # evenly spaced blocks covering about ``rows`` rows
         n_blocks = max(1, math.ceil(rows / batch_rows))
@@ -153,7 +186,12 @@ def _latent_scaling(store: Store, sae: SAE, ia: int, ib: int, dominant_b: np.nda
         ut = u.t()  # (d_in, d_sae)
         acc["f2"] += (f * f).sum(0)
         acc["fired"] += (f > 0).sum(0).double()
-        for key, y in (("err_a", err[:, ia]), ("err_b", err[:, ib]), ("rec_a", x_hat[:, ia]), ("rec_b", x_hat[:, ib])):
+        for key, y in (
+            ("err_a", err[:, ia]),
+            ("err_b", err[:, ib]),
+            ("rec_a", x_hat[:, ia]),
+            ("rec_b", x_hat[:, ib]),
+        ):
             acc[key] += (f * (y @ ut).double()).sum(0)  # sum_x f_j(x) <u_j, y(x)>
     f2 = acc["f2"]
     den = torch.where(f2 > 0, uu * f2, torch.ones_like(f2))
@@ -163,7 +201,10 @@ def _latent_scaling(store: Store, sae: SAE, ia: int, ib: int, dominant_b: np.nda
         "beta_recon_a": (acc["rec_a"] - f2 * u_da) / den,  # y = x_hat_A - f d_A
         "beta_recon_b": (acc["rec_b"] - f2 * u_db) / den,
     }
-    res = {k: torch.where(f2 > 0, v, torch.full_like(v, float("nan"))).cpu().numpy() for k, v in out.items()}
+    res = {
+        k: torch.where(f2 > 0, v, torch.full_like(v, float("nan"))).cpu().numpy()
+        for k, v in out.items()
+    }
     res["frequency"] = (acc["fired"] / max(n_read, 1)).cpu().numpy()
     return res, n_read
 
@@ -173,16 +214,22 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
         return np.where(np.abs(den) > 1e-12, num / den, np.nan)
 
 
-def classify(t: dict[str, np.ndarray], cfg: CrosscoderDiffConfig) -> tuple[list[str], list[str | None], np.ndarray]:
+def classify(
+    t: dict[str, np.ndarray], cfg: CrosscoderDiffConfig
+) -> tuple[list[str], list[str | None], np.ndarray]:
     """``(class, flag, exclusive)`` of each latent from its scores (module docstring)."""
     rel, cos, freq = t["rel_norm"], t["cosine"], t["frequency"]
-    cls = np.where(rel <= cfg.only, "a-only", np.where(rel >= 1 - cfg.only, "b-only", "changed")).astype(object)
+    cls = np.where(
+        rel <= cfg.only, "a-only", np.where(rel >= 1 - cfg.only, "b-only", "changed")
+    ).astype(object)
     cls[(np.abs(rel - 0.5) <= cfg.shared_band) & (cos >= cfg.shared_cos)] = "shared"
     cls[~(freq > 0)] = "dead"
     only = (cls == "a-only") | (cls == "b-only")
     shrink = only & (np.nan_to_num(t["nu_error"], nan=0.0) >= cfg.nu)
     decouple = only & ~shrink & (np.nan_to_num(t["nu_recon"], nan=0.0) >= cfg.nu)
-    flag = np.where(shrink, "complete_shrinkage", np.where(decouple, "latent_decoupling", None)).tolist()
+    flag = np.where(
+        shrink, "complete_shrinkage", np.where(decouple, "latent_decoupling", None)
+    ).tolist()
     return cls.tolist(), flag, only & ~shrink & ~decouple
 
 
@@ -190,28 +237,57 @@ def diff_crosscoder(store: Store, cfg: CrosscoderDiffConfig, save: bool = True) 
     """Score and classify every latent of crosscoder ``cfg.sae`` between sources A and B; saved beside it when ``save``."""
     sae_cfg = read_config(store, cfg.sae)
     if not sae_cfg.is_crosscoder:
-        raise ConfigError(f"SAE {cfg.sae!r} in {store.url} reads one model: diff-crosscoder needs a crosscoder "
-                          "(actstore train-crosscoder); compare two SAEs with actstore diff-features")  # fmt: skip
+        raise ConfigError(
+            f"SAE {cfg.sae!r} in {store.url} reads one model: diff-crosscoder needs a crosscoder "
+            "(actstore train-crosscoder); compare two SAEs with actstore diff-features"
+        )
     ia, ib = source_index(sae_cfg, cfg.a, 0), source_index(sae_cfg, cfg.b, 1)
     if ia == ib:
-        raise ConfigError(f"--a and --b name the same source ({sae_cfg.source_labels()[ia]}): pick two")
+        raise ConfigError(
+            f"--a and --b name the same source ({sae_cfg.source_labels()[ia]}): pick two"
+        )
     from actstore.models.loading import auto_device
 
     device = auto_device(cfg.device)
     sae = load_sae(store, cfg.sae, device=device)
     t = decoder_stats(sae, ia, ib)
-    betas, n_rows = latent_scaling(store, sae, ia, ib, t["rel_norm"] >= 0.5, cfg.rows, cfg.batch_rows, device)
+    betas, n_rows = latent_scaling(
+        store, sae, ia, ib, t["rel_norm"] >= 0.5, cfg.rows, cfg.batch_rows, device
+    )
     t |= betas
     dom_b = t["rel_norm"] >= 0.5
-    dom_err = np.where(dom_b, t["beta_error_b"], t["beta_error_a"])  # the latent's own scale in its dominant source
-    for kind in ("error", "recon"):  # nu = beta in the other source / the dominant source's error beta
+    dom_err = np.where(
+        dom_b, t["beta_error_b"], t["beta_error_a"]
+    )  # the latent's own scale in its dominant source
+    for kind in (
+        "error",
+        "recon",
+    ):  # nu = beta in the other source / the dominant source's error beta
         oth = np.where(dom_b, t[f"beta_{kind}_a"], t[f"beta_{kind}_b"])
         t[f"nu_{kind}"] = _ratio(oth, dom_err)
     cls, flag, exclusive = classify(t, cfg)
-    cols = ["norm_a", "norm_b", "rel_norm", "cosine", "frequency", "beta_error_a", "beta_error_b", "nu_error",
-            "beta_recon_a", "beta_recon_b", "nu_recon"]  # fmt: skip
-    table = pl.DataFrame({"latent": np.arange(sae_cfg.d_sae, dtype=np.int32), **{k: t[k].astype(np.float64) for k in cols},
-                          "class": cls, "flag": pl.Series(flag, dtype=pl.String), "exclusive": exclusive})  # fmt: skip
+    cols = [
+        "norm_a",
+        "norm_b",
+        "rel_norm",
+        "cosine",
+        "frequency",
+        "beta_error_a",
+        "beta_error_b",
+        "nu_error",
+        "beta_recon_a",
+        "beta_recon_b",
+        "nu_recon",
+    ]
+    table = pl.DataFrame(
+        {
+            "latent": np.arange(sae_cfg.d_sae, dtype=np.int32),
+            **{k: t[k].astype(np.float64) for k in cols},
+            "class": cls,
+            "flag": pl.Series(flag, dtype=pl.String),
+            "exclusive": exclusive,
+        }
+    )
     table = table.with_columns(pl.col(c).fill_nan(None) for c in cols)
     counts = {c: int((table["class"] == c).sum()) for c in CROSSCODER_CLASSES}
     for side in ("a-only", "b-only"):
@@ -227,18 +303,31 @@ def save_crosscoder_diff(store: Store, res: CrosscoderDiff) -> str:
     """Write ``latents.parquet`` and ``latents.json`` into the crosscoder's folder (checksummed)."""
     buf = io.BytesIO()
     res.table.write_parquet(buf)
-    meta = {"config": res.config, "counts": res.counts, "sources": list(res.sources), "n_rows": res.n_rows, "created": now()}
+    meta = {
+        "config": res.config,
+        "counts": res.counts,
+        "sources": list(res.sources),
+        "n_rows": res.n_rows,
+        "created": now(),
+    }
     key = layout.sae_dir(res.name)
-    with StoreLock(store.loc, f"{key}/latents", f"diff-crosscoder {res.name}").acquire():  # one writer at a time
+    with StoreLock(
+        store.loc, f"{key}/latents", f"diff-crosscoder {res.name}"
+    ).acquire():  # one writer at a time
         store.loc.write_bytes(layout.sae_file(res.name, layout.CROSSCODER_LATENTS), buf.getvalue())
-        store.loc.write_bytes(layout.sae_file(res.name, layout.CROSSCODER_DIFF), json.dumps(meta, indent=2).encode())
+        store.loc.write_bytes(
+            layout.sae_file(res.name, layout.CROSSCODER_DIFF), json.dumps(meta, indent=2).encode()
+        )
         update_manifest(store.loc, prefixes=[key])
     return store.loc.join(layout.sae_file(res.name, layout.CROSSCODER_LATENTS))
 
 
 def load_crosscoder_diff(store: Store, name: str) -> CrosscoderDiff:
     """The saved diff of crosscoder ``name`` (checked against the manifest)."""
-    t_key, m_key = layout.sae_file(name, layout.CROSSCODER_LATENTS), layout.sae_file(name, layout.CROSSCODER_DIFF)
+    t_key, m_key = (
+        layout.sae_file(name, layout.CROSSCODER_LATENTS),
+        layout.sae_file(name, layout.CROSSCODER_DIFF),
+    )
     if not store.loc.exists(t_key) or not store.loc.exists(m_key):
         raise NotFoundError(
             f"crosscoder {name!r} in {store.url} has no saved diff: run actstore diff-crosscoder STORE --sae {name}"
@@ -249,7 +338,9 @@ def load_crosscoder_diff(store: Store, name: str) -> CrosscoderDiff:
     raw = store.loc.read_bytes(m_key)
     check_file(store.loc, m_key, raw)
     meta = json.loads(raw)
-    return CrosscoderDiff(name, table, meta["counts"], tuple(meta["sources"]), int(meta["n_rows"]), meta["config"])  # type: ignore[arg-type]
+    return CrosscoderDiff(
+        name, table, meta["counts"], tuple(meta["sources"]), int(meta["n_rows"]), meta["config"]
+    )  # type: ignore[arg-type]
 
 
 @dataclass
@@ -270,7 +361,9 @@ def crosscoder_stability(store: Store, first: str, second: str, cos: float = 0.7
     """Compare the saved diffs of two crosscoders of the same sources (``diff-crosscoder`` each first)."""
     da, db = load_crosscoder_diff(store, first), load_crosscoder_diff(store, second)
     if da.sources != db.sources:
-        raise ConfigError(f"crosscoders {first} and {second} compare other sources ({da.sources} vs {db.sources})")
+        raise ConfigError(
+            f"crosscoders {first} and {second} compare other sources ({da.sources} vs {db.sources})"
+        )
     sa, sb = load_sae(store, first), load_sae(store, second)
     ia, ib = source_index(sa.cfg, da.sources[0], 0), source_index(sa.cfg, da.sources[1], 1)
     ja, jb = source_index(sb.cfg, db.sources[0], 0), source_index(sb.cfg, db.sources[1], 1)
@@ -281,8 +374,13 @@ def crosscoder_stability(store: Store, first: str, second: str, cos: float = 0.7
         return w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
 
     matched: dict[str, float] = {}
-    checks = (("b-only", "b-only", 1), ("a-only", "a-only", 0), ("b-only exclusive", "b-only", 1), ("changed", "changed", 1),
-              ("shared", "shared", 1))  # fmt: skip
+    checks = (
+        ("b-only", "b-only", 1),
+        ("a-only", "a-only", 0),
+        ("b-only exclusive", "b-only", 1),
+        ("changed", "changed", 1),
+        ("shared", "shared", 1),
+    )
     for key, cls, src in checks:
         pick_a = (da.table["class"] == cls).to_numpy()
         pick_b = (db.table["class"] == cls).to_numpy()
@@ -298,12 +396,21 @@ def crosscoder_stability(store: Store, first: str, second: str, cos: float = 0.7
         ra = rows(sa, ib if src else ia)[pick_a]
         rb = rows(sb, jb if src else ja)[pick_b]
         matched[key] = float(((ra @ rb.T).max(1) >= cos).mean())
-    counts = {c: (da.counts.get(c, 0), db.counts.get(c, 0)) for c in [*CROSSCODER_CLASSES, "b-only exclusive"]}
+    counts = {
+        c: (da.counts.get(c, 0), db.counts.get(c, 0))
+        for c in [*CROSSCODER_CLASSES, "b-only exclusive"]
+    }
     return Stability((first, second), counts, matched, cos)
 
 
-def top_latents(store: Store, res: CrosscoderDiff, cls: str | None = "b-only", n: int = 10, n_tokens: int = 5,
-                exclusive: bool = True) -> pl.DataFrame:  # fmt: skip
+def top_latents(
+    store: Store,
+    res: CrosscoderDiff,
+    cls: str | None = "b-only",
+    n: int = 10,
+    n_tokens: int = 5,
+    exclusive: bool = True,
+) -> pl.DataFrame:
     """The ``n`` most frequent latents of class ``cls`` (only the ones Latent Scaling does not flag, unless
     ``exclusive`` is False); ``cls=None``: the ``n`` live latents leaning furthest towards B (highest relative
     norm). With their top tokens when the crosscoder is encoded (``actstore encode``)."""
@@ -311,18 +418,37 @@ def top_latents(store: Store, res: CrosscoderDiff, cls: str | None = "b-only", n
     from actstore.query.lookups import top_tokens
 
     if cls is None:
-        t = res.table.filter(pl.col("class") != "dead").sort(["rel_norm", "latent"], descending=[True, False]).head(n)
+        t = (
+            res.table.filter(pl.col("class") != "dead")
+            .sort(["rel_norm", "latent"], descending=[True, False])
+            .head(n)
+        )
     else:
         t = res.table.filter(pl.col("class") == cls)
         if exclusive:
             t = t.filter(pl.col("exclusive"))
         t = t.sort(["frequency", "latent"], descending=[True, False]).head(n)
-    cols = ["latent", "class", "frequency", "norm_a", "norm_b", "rel_norm", "cosine", "nu_error", "flag"]
+    cols = [
+        "latent",
+        "class",
+        "frequency",
+        "norm_a",
+        "norm_b",
+        "rel_norm",
+        "cosine",
+        "nu_error",
+        "flag",
+    ]
     t = t.select(cols)
     tk = store.tokenization(read_config(store, res.name).tokenization)
-    if res.name not in encoded_saes(store) or not tk.parquet_keys("samples"):  # not encoded, or no token tables
+    if res.name not in encoded_saes(store) or not tk.parquet_keys(
+        "samples"
+    ):  # not encoded, or no token tables
         return t.with_columns(pl.lit(None, dtype=pl.String).alias("top_tokens"))
-    toks = [", ".join(top_tokens(store, int(j), sae=res.name, n=n_tokens)["token"].to_list()) for j in t["latent"]]
+    toks = [
+        ", ".join(top_tokens(store, int(j), sae=res.name, n=n_tokens)["token"].to_list())
+        for j in t["latent"]
+    ]
     return t.with_columns(pl.Series("top_tokens", toks, dtype=pl.String))
 
 
@@ -336,14 +462,25 @@ def diff_agreement(store: Store, crosscoder: str, diff: str, cos: float = 0.5) -
     res, fd = load_crosscoder_diff(store, crosscoder), load_diff(store, diff)
     cc = load_sae(store, crosscoder)
     out: dict[str, Any] = {"crosscoder": crosscoder, "diff": diff, "cos": cos}
-    checks = (("b-only", "b", fd.config["sae_b"], "new", 1), ("a-only", "a", fd.config["sae_a"], "lost", 0),
-              ("shared", "a", fd.config["sae_a"], "retained", 0))  # fmt: skip
+    checks = (
+        ("b-only", "b", fd.config["sae_b"], "new", 1),
+        ("a-only", "a", fd.config["sae_a"], "lost", 0),
+        ("shared", "a", fd.config["sae_a"], "retained", 0),
+    )
     for cls, side, sae_name, status, src in checks:
-        pick = res.table.filter((pl.col("class") == cls) & (pl.col("exclusive") | (cls == "shared")))["latent"].to_numpy()
+        pick = res.table.filter(
+            (pl.col("class") == cls) & (pl.col("exclusive") | (cls == "shared"))
+        )["latent"].to_numpy()
         sae = load_sae(store, sae_name)
         i = source_index(cc.cfg, res.sources[src], src)
         c = cc.cfg
-        w = cc.W_dec.detach().float().view(c.d_sae, c.n_sources, c.d_in)[:, i].double().numpy()[pick]  # (n, d_in)
+        w = (
+            cc.W_dec.detach()
+            .float()
+            .view(c.d_sae, c.n_sources, c.d_in)[:, i]
+            .double()
+            .numpy()[pick]
+        )  # (n, d_in)
         f = sae.W_dec.detach().double().numpy()  # (d_sae_b, d_in)
         if len(pick) == 0:
             out[cls] = {"latents": 0, "matched": 0, "agree": float("nan")}
@@ -357,7 +494,12 @@ def diff_agreement(store: Store, crosscoder: str, diff: str, cos: float = 0.5) -
         ok = best_cos >= cos
         agree = statuses[best[ok]] == status
         frac = float(agree.mean()) if ok.any() else float("nan")
-        out[cls] = {"latents": int(len(pick)), "matched": int(ok.sum()), "agree": frac, "status": status}
+        out[cls] = {
+            "latents": int(len(pick)),
+            "matched": int(ok.sum()),
+            "agree": frac,
+            "status": status,
+        }
     return out
 
 
@@ -382,15 +524,32 @@ def crosscoder_summary(store: Store) -> tuple[pl.DataFrame | None, list[str]]:
         try:
             res = load_crosscoder_diff(store, name)
         except NotFoundError:
-            notes.append(f"crosscoder {name} has no saved diff: run actstore diff-crosscoder {store.url} --sae {name}")
+            notes.append(
+                f"crosscoder {name} has no saved diff: run actstore diff-crosscoder {store.url} --sae {name}"
+            )
             continue
         ia, ib = source_index(c, res.sources[0], 0), source_index(c, res.sources[1], 1)
-        fvu = {s["source"]: s["fvu"] for s in (read_metrics(store, name).get("eval") or {}).get("sources", [])}
+        fvu = {
+            s["source"]: s["fvu"]
+            for s in (read_metrics(store, name).get("eval") or {}).get("sources", [])
+        }
         n = res.counts
-        row = {"crosscoder": name, "layer": (c.layers or [0])[ia], "A": res.sources[0], "B": res.sources[1], "arch": c.arch,
-               "d_sae": c.d_sae, "fvu A": fvu.get(res.sources[0]), "fvu B": fvu.get(res.sources[1]),
-               "shared": n["shared"], "changed": n["changed"], "a-only": n["a-only"], "b-only": n["b-only"],
-               "b-only exclusive": n["b-only exclusive"], "dead": n["dead"]}  # fmt: skip
+        row = {
+            "crosscoder": name,
+            "layer": (c.layers or [0])[ia],
+            "A": res.sources[0],
+            "B": res.sources[1],
+            "arch": c.arch,
+            "d_sae": c.d_sae,
+            "fvu A": fvu.get(res.sources[0]),
+            "fvu B": fvu.get(res.sources[1]),
+            "shared": n["shared"],
+            "changed": n["changed"],
+            "a-only": n["a-only"],
+            "b-only": n["b-only"],
+            "b-only exclusive": n["b-only exclusive"],
+            "dead": n["dead"],
+        }
         alive = max(1, c.d_sae - n["dead"])
         row["b-only share"] = n["b-only exclusive"] / alive
         key = ((c.models or [])[ia], (c.models or [])[ib], (c.layers or [0])[ia])

@@ -107,14 +107,20 @@ def _check_pair(store: Store, a: SAE, b: SAE, cfg: DiffConfig) -> None:
         check_fits(store, s.cfg, name)
     if a.cfg.is_crosscoder or b.cfg.is_crosscoder:
         which = cfg.sae_a if a.cfg.is_crosscoder else cfg.sae_b
-        raise ConfigError(f"{which} is a crosscoder: diff its latents with actstore diff-crosscoder --sae {which}")
+        raise ConfigError(
+            f"{which} is a crosscoder: diff its latents with actstore diff-crosscoder --sae {which}"
+        )
     if a.cfg.d_in != b.cfg.d_in:
-        raise ConfigError(f"SAEs {cfg.sae_a} (d_in {a.cfg.d_in}) and {cfg.sae_b} (d_in {b.cfg.d_in}) read different widths")
+        raise ConfigError(
+            f"SAEs {cfg.sae_a} (d_in {a.cfg.d_in}) and {cfg.sae_b} (d_in {b.cfg.d_in}) read different widths"
+        )
     store.check_aligned(str(a.cfg.model), str(b.cfg.model))
 
 
 @torch.no_grad()
-def activation_correlations(store: Store, a: SAE, b: SAE, cfg: DiffConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+def activation_correlations(
+    store: Store, a: SAE, b: SAE, cfg: DiffConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """``(corr (d_sae_a, d_sae_b), frequency_a, frequency_b, n_rows)`` over a seeded sample of shared rows."""
     if a.cfg.d_sae * b.cfg.d_sae > MAX_CORR_CELLS:
         raise ConfigError(
@@ -124,23 +130,33 @@ def activation_correlations(store: Store, a: SAE, b: SAE, cfg: DiffConfig) -> tu
     xb = store.activations(b.cfg.model, b.cfg.layer)  # type: ignore[arg-type]
     n = min(len(xa), len(xb))
     if n == 0:
-        raise NotFoundError(f"no committed rows for {a.cfg.model} / {b.cfg.model} in {store.url}: finish actstore extract")
+        raise NotFoundError(
+            f"no committed rows for {a.cfg.model} / {b.cfg.model} in {store.url}: finish actstore extract"
+        )
     p = 1.0 if not cfg.rows or cfg.rows >= n else cfg.rows / n
     rng = np.random.default_rng(cfg.seed)
     acc = Correlations(a.cfg.d_sae, b.cfg.d_sae)
     dev = a.W_enc.device
-    for ca, cb in zip(xa.iter_chunks(0, n, xa.chunk_rows), xb.iter_chunks(0, n, xa.chunk_rows), strict=True):
+    for ca, cb in zip(
+        xa.iter_chunks(0, n, xa.chunk_rows), xb.iter_chunks(0, n, xa.chunk_rows), strict=True
+    ):
         keep = rng.random(len(ca.values)) < p if p < 1 else np.ones(len(ca.values), dtype=bool)
         if not keep.any():
             continue
-        fa = a.encode(torch.from_numpy(ca.values[keep]).to(dev)).float().cpu().numpy()  # (rows, d_sae_a)
-        fb = b.encode(torch.from_numpy(cb.values[keep]).to(dev)).float().cpu().numpy()  # (rows, d_sae_b)
+        fa = (
+            a.encode(torch.from_numpy(ca.values[keep]).to(dev)).float().cpu().numpy()
+        )  # (rows, d_sae_a)
+        fb = (
+            b.encode(torch.from_numpy(cb.values[keep]).to(dev)).float().cpu().numpy()
+        )  # (rows, d_sae_b)
         acc.add(fa, fb)
     n_used = max(acc.n, 1)
     return acc.corr(), acc.active_a / n_used, acc.active_b / n_used, acc.n
 
 
-def _label(dec: np.ndarray, act: np.ndarray, retain: float, match: float, unmatched: str) -> list[str]:
+def _label(
+    dec: np.ndarray, act: np.ndarray, retain: float, match: float, unmatched: str
+) -> list[str]:
     out = []
     for d, r in zip(dec, act, strict=True):
         r_ok = np.isnan(r) or r >= retain
@@ -186,9 +202,11 @@ def diff_features(store: Store, cfg: DiffConfig, save: bool = True) -> DiffResul
                     "frequency": np.asarray(freq, dtype=np.float64),
                     "status": _label(dec, act, cfg.retain, cfg.match, unmatched),
                 }
-            )  # fmt: skip
+            )
         )
-    table = pl.concat(frames).with_columns(pl.col("activation_corr").fill_nan(None), pl.col("frequency").fill_nan(None))
+    table = pl.concat(frames).with_columns(
+        pl.col("activation_corr").fill_nan(None), pl.col("frequency").fill_nan(None)
+    )
     side_statuses = {"a": ("retained", "modified", "lost"), "b": ("retained", "modified", "new")}
     counts = {
         side: {s: int(((table["side"] == side) & (table["status"] == s)).sum()) for s in statuses}
@@ -205,17 +223,26 @@ def save_diff(store: Store, res: DiffResult) -> str:
     res.table.write_parquet(buf)
     key = layout.diff_dir(res.name)
     meta = {"config": res.config, "counts": res.counts, "n_rows": res.n_rows, "created": now()}
-    with StoreLock(store.loc, key, f"diff-features {res.name}").acquire():  # one writer of a diff at a time
+    with StoreLock(
+        store.loc, key, f"diff-features {res.name}"
+    ).acquire():  # one writer of a diff at a time
         store.loc.write_bytes(layout.diff_file(res.name, layout.DIFF_TABLE), buf.getvalue())
-        store.loc.write_bytes(layout.diff_file(res.name, layout.DIFF_META), json.dumps(meta, indent=2).encode())
+        store.loc.write_bytes(
+            layout.diff_file(res.name, layout.DIFF_META), json.dumps(meta, indent=2).encode()
+        )
         update_manifest(store.loc, prefixes=[key])  # checksums for the new files (actstore verify)
     return store.loc.join(f"{key}/diff.parquet")
 
 
 def load_diff(store: Store, name: str) -> DiffResult:
     if name not in diff_names(store):
-        raise NotFoundError(f"no feature diff named {name!r} in {store.url}: run actstore diff-features")
-    table_key, meta_key = layout.diff_file(name, layout.DIFF_TABLE), layout.diff_file(name, layout.DIFF_META)
+        raise NotFoundError(
+            f"no feature diff named {name!r} in {store.url}: run actstore diff-features"
+        )
+    table_key, meta_key = (
+        layout.diff_file(name, layout.DIFF_TABLE),
+        layout.diff_file(name, layout.DIFF_META),
+    )
     raw = store.loc.read_bytes(table_key)
     check_file(store.loc, table_key, raw)
     table = pl.read_parquet(io.BytesIO(raw))

@@ -61,8 +61,18 @@ class TokenViews:
         for s, (label, toks) in enumerate(zip(self.sentences, self.tokens, strict=True)):
             for v, view in enumerate(self.views):
                 for p, (t, x) in enumerate(zip(toks, self.values[s][v], strict=True)):
-                    rows.append({"sentence": label, "view": v, "model": view.model, "sae": view.sae, "feature": view.feature,
-                                 "position": p, "token": t, "value": float(x)})  # fmt: skip
+                    rows.append(
+                        {
+                            "sentence": label,
+                            "view": v,
+                            "model": view.model,
+                            "sae": view.sae,
+                            "feature": view.feature,
+                            "position": p,
+                            "token": t,
+                            "value": float(x),
+                        }
+                    )
         return pl.DataFrame(rows)
 
     def scale(self) -> list[float]:
@@ -84,7 +94,9 @@ class _LiveModel:
         info = store.model_info(model)
         path = info.path or info.source
         if not path:
-            raise ModelError(f"store {store.url} does not record where model {model!r} came from: cannot run texts live")
+            raise ModelError(
+                f"store {store.url} does not record where model {model!r} came from: cannot run texts live"
+            )
         from transformers.utils import logging as hf_logging
 
         verbosity = hf_logging.get_verbosity()
@@ -92,11 +104,15 @@ class _LiveModel:
         try:
             self.loaded = load_model(str(path), device)
         except ModelError as exc:
-            raise ModelError(f"cannot load model {model!r} of {store.url} from {path} to run texts live: {exc}") from None
+            raise ModelError(
+                f"cannot load model {model!r} of {store.url} from {path} to run texts live: {exc}"
+            ) from None
         finally:
             hf_logging.set_verbosity(verbosity)
         self.device = device
-        self.max_length = int(store.model_tokenization(model).attrs.max_length or self.loaded.max_length)
+        self.max_length = int(
+            store.model_tokenization(model).attrs.max_length or self.loaded.max_length
+        )
 
     def run(self, text: str, layer: int) -> tuple[list[str], torch.Tensor]:
         """Tokens of ``text`` and its hidden states ``(n_tokens, d_model)`` at ``layer``."""
@@ -117,14 +133,22 @@ def _views(store: Store, cfg: ShowConfig) -> tuple[list[View], dict[str, SAE]]:
     for i in range(n):
         name = cfg.saes[i if len(cfg.saes) > 1 else 0]
         sae = saes[name]
-        feat = cfg.features[min(i, len(cfg.features) - 1)] if len(cfg.features) > 1 else cfg.features[0]
+        feat = (
+            cfg.features[min(i, len(cfg.features) - 1)]
+            if len(cfg.features) > 1
+            else cfg.features[0]
+        )
         if not 0 <= feat < sae.cfg.d_sae:
-            raise ConfigError(f"feature {feat} is out of range for SAE {name} (d_sae {sae.cfg.d_sae})")
+            raise ConfigError(
+                f"feature {feat} is out of range for SAE {name} (d_sae {sae.cfg.d_sae})"
+            )
         model = models[i] if models is not None else sae.cfg.model
         if model is None or sae.cfg.layer is None:
             raise ConfigError(f"SAE {name} does not record its model and layer: pass --models")
         if model not in store.models:
-            raise NotFoundError(f"model {model!r} is not in store {store.url} (models: {', '.join(store.models)})")
+            raise NotFoundError(
+                f"model {model!r} is not in store {store.url} (models: {', '.join(store.models)})"
+            )
         views.append(View(model, name, int(feat), int(sae.cfg.layer)))
     return views, saes
 
@@ -139,7 +163,9 @@ def token_views(store: Store, cfg: ShowConfig) -> TokenViews:
         found = samples.filter(pl.col("id").is_in(cfg.sample_ids))
         missing = sorted(set(cfg.sample_ids) - set(found["id"].to_list()))
         if missing:
-            raise NotFoundError(f"sample id {missing[0]!r} is not in store {store.url}: check --sample-id (see the samples view)")
+            raise NotFoundError(
+                f"sample id {missing[0]!r} is not in store {store.url}: check --sample-id (see the samples view)"
+            )
         from actstore.query.lookups import token_context
 
         ctx = token_context(store)  # token strings from the Zarr token index: no tokens-table scan
@@ -151,11 +177,18 @@ def token_views(store: Store, cfg: ShowConfig) -> TokenViews:
             vals = []
             for v in views:
                 sae = saes[v.sae]
-                if sae.cfg.is_crosscoder:  # one latent value per token, read from every source: see _crosscoder_view
+                if (
+                    sae.cfg.is_crosscoder
+                ):  # one latent value per token, read from every source: see _crosscoder_view
                     vals.append(_crosscoder_view(store, sae, v, r0, r1))
                     continue
-                if v.layer in store.layers(v.model) and len(store.activations(v.model, v.layer)) >= r1:
-                    x = torch.from_numpy(store.activations(v.model, v.layer)[r0:r1])  # (n_tokens, d_model)
+                if (
+                    v.layer in store.layers(v.model)
+                    and len(store.activations(v.model, v.layer)) >= r1
+                ):
+                    x = torch.from_numpy(
+                        store.activations(v.model, v.layer)[r0:r1]
+                    )  # (n_tokens, d_model)
                 else:
                     if v.model not in live:  # loaded once per model, however many samples
                         live[v.model] = _LiveModel(store, v.model, cfg.device)
@@ -166,7 +199,9 @@ def token_views(store: Store, cfg: ShowConfig) -> TokenViews:
             values.append(vals)
     if cfg.texts:
         if any(saes[v.sae].cfg.is_crosscoder for v in views):
-            raise ConfigError("a crosscoder's views read stored samples (each of its models' rows): pass --sample-id")
+            raise ConfigError(
+                "a crosscoder's views read stored samples (each of its models' rows): pass --sample-id"
+            )
         live = {m: _LiveModel(store, m, cfg.device) for m in dict.fromkeys(v.model for v in views)}
         for text in cfg.texts:
             vals, toks = [], []
@@ -189,10 +224,15 @@ def _crosscoder_view(store: Store, sae: SAE, v: View, r0: int, r1: int) -> np.nd
     it); the plain activation for a model that is not one of its sources."""
     from actstore.sae.model import check_fits
 
-    x = torch.from_numpy(check_fits(store, sae.cfg, str(sae.cfg.name))[r0:r1])  # (n_tokens, n_sources * d_in)
+    x = torch.from_numpy(
+        check_fits(store, sae.cfg, str(sae.cfg.name))[r0:r1]
+    )  # (n_tokens, n_sources * d_in)
     f = sae.encode(x.to(sae.W_enc.device))[:, v.feature].float().cpu().numpy()
-    hits = [i for i, (m, lay) in enumerate(zip(sae.cfg.models or [], sae.cfg.layers or [], strict=True))
-            if m == v.model and int(lay) == v.layer]  # fmt: skip
+    hits = [
+        i
+        for i, (m, lay) in enumerate(zip(sae.cfg.models or [], sae.cfg.layers or [], strict=True))
+        if m == v.model and int(lay) == v.layer
+    ]
     if not hits:
         return f
     return f * float(sae.decoder_norms()[v.feature, hits[0]])
@@ -223,7 +263,11 @@ def render_html_fragment(tv: TokenViews, caption: str | None = None) -> str:
     out = ['<table class="tokview">']
     if caption:
         out.append(f"<caption>{html.escape(caption)}</caption>")
-    out.append("<tr><th>sentence</th>" + "".join(f"<th>{html.escape(v.title)}</th>" for v in tv.views) + "</tr>")
+    out.append(
+        "<tr><th>sentence</th>"
+        + "".join(f"<th>{html.escape(v.title)}</th>" for v in tv.views)
+        + "</tr>"
+    )
     for s, label in enumerate(tv.sentences):
         short = label if len(label) <= 80 else label[:77] + "..."
         cells = []
@@ -284,18 +328,30 @@ def render_png(tv: TokenViews, path: str, title: str | None = None, width_chars:
     if title:
         fig.suptitle(title, fontsize=9)
     for v, view in enumerate(tv.views):
-        fig.text((v + 0.02) / nv, y_top + dy * 0.6, view.title, fontsize=8, weight="bold", va="bottom")
+        fig.text(
+            (v + 0.02) / nv, y_top + dy * 0.6, view.title, fontsize=8, weight="bold", va="bottom"
+        )
     y = y_top
     for s, label in enumerate(tv.sentences):
-        fig.text(0.005, y - dy * 0.5, (label if len(label) <= 100 else label[:97] + "...") + ":", fontsize=7, color="#555")
+        fig.text(
+            0.005,
+            y - dy * 0.5,
+            (label if len(label) <= 100 else label[:97] + "...") + ":",
+            fontsize=7,
+            color="#555",
+        )
         for v in range(nv):
             for line, col, t, x in layouts[s][v]:
                 a = float(np.clip(x / peaks[v], 0, 1)) if peaks[v] > 0 else 0.0
                 fig.text(
-                    (v + 0.02) / nv + col / width_chars * (0.96 / nv), y - dy * (line + 1.5), t, fontsize=7, family="monospace",
+                    (v + 0.02) / nv + col / width_chars * (0.96 / nv),
+                    y - dy * (line + 1.5),
+                    t,
+                    fontsize=7,
+                    family="monospace",
                     bbox={"facecolor": cmap(a * 0.85), "edgecolor": "none", "pad": 0.8},
                     color="white" if a > 0.6 else "black",
-                )  # fmt: skip
+                )
         y -= dy * n_lines[s]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_figure(fig, path, dpi=120)
@@ -324,6 +380,14 @@ def show_summary(tv: TokenViews) -> list[dict[str, Any]]:
         for v, view in enumerate(tv.views):
             vals = tv.values[s][v]
             i = int(np.argmax(vals)) if len(vals) else 0
-            out.append({"sentence": label, "model": view.model, "sae": view.sae, "feature": view.feature,
-                        "max": float(vals[i]) if len(vals) else 0.0, "at": tv.tokens[s][i] if len(vals) else ""})  # fmt: skip
+            out.append(
+                {
+                    "sentence": label,
+                    "model": view.model,
+                    "sae": view.sae,
+                    "feature": view.feature,
+                    "max": float(vals[i]) if len(vals) else 0.0,
+                    "at": tv.tokens[s][i] if len(vals) else "",
+                }
+            )
     return out

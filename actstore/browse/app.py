@@ -37,8 +37,10 @@ if TYPE_CHECKING:
     from actstore.store.reader import Store
 
 HERE = Path(__file__).resolve().parent
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
-       "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")  # fmt: skip
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+)
 SHADES = 10
 """Token shading levels (CSS classes v0..v9): no inline styles, so the CSP can forbid them."""
 
@@ -67,7 +69,9 @@ class Links:
         return "index.html" if self.static else f"/sae/{sae}"
 
     def feature(self, sae: str, feature: int) -> str | None:
-        return f"feature-{int(feature)}.html" if self.static else f"/sae/{sae}/feature/{int(feature)}"
+        return (
+            f"feature-{int(feature)}.html" if self.static else f"/sae/{sae}/feature/{int(feature)}"
+        )
 
     def sample(self, sample: int) -> str | None:
         return None if self.static else f"/sample/{int(sample)}"
@@ -80,8 +84,11 @@ def templates() -> Any:
     """The Jinja2 environment of the pages (autoescape on for every template)."""
     import jinja2
 
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(HERE / "templates")), autoescape=True,
-                             undefined=jinja2.StrictUndefined)  # fmt: skip
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(HERE / "templates")),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+    )
     env.globals.update(shade=shade, to_json=to_json)
     env.filters["num"] = _num
     return env
@@ -112,7 +119,9 @@ def allowed_hosts(cfg: ServeConfig) -> set[str] | None:
     """The ``Host`` names the server answers (None: any, with ``public``): the bound host and this machine's names."""
     if cfg.public:
         return None
-    return {cfg.host.strip("[]").lower(), "127.0.0.1", "localhost"} | ({"::1"} if ":" in cfg.host else set())
+    return {cfg.host.strip("[]").lower(), "127.0.0.1", "localhost"} | (
+        {"::1"} if ":" in cfg.host else set()
+    )
 
 
 def create_app(store: Store, cfg: ServeConfig | None = None) -> Starlette:
@@ -142,8 +151,14 @@ def create_app(store: Store, cfg: ServeConfig | None = None) -> Starlette:
     max_bytes = int(cfg.max_result_mb * 2**20)
     # a store no other process can open, or no POSIX pipes to talk to one: threads, without the memory cap
     in_process = store.url.startswith("memory://") or os.name != "posix"
-    pool = None if in_process else QueryPool(store.url, store.loc.storage_options, cfg.query_workers, cfg.query_memory_mb)
-    page_limiter = anyio.CapacityLimiter(1)  # the Browser's caches and connection: one page at a time
+    pool = (
+        None
+        if in_process
+        else QueryPool(store.url, store.loc.storage_options, cfg.query_workers, cfg.query_memory_mb)
+    )
+    page_limiter = anyio.CapacityLimiter(
+        1
+    )  # the Browser's caches and connection: one page at a time
     query_limiter = anyio.CapacityLimiter(cfg.query_workers)
     busy: set[str] = set()  # clients with a console query running
 
@@ -152,7 +167,9 @@ def create_app(store: Store, cfg: ServeConfig | None = None) -> Starlette:
             return pool.run(sql, params, cfg.max_rows, cfg.query_timeout, max_bytes)
         from actstore.browse.console import run_console
 
-        return run_console(store, sql, params, cfg.max_rows, cfg.query_timeout, browser.console(), max_bytes)
+        return run_console(
+            store, sql, params, cfg.max_rows, cfg.query_timeout, browser.console(), max_bytes
+        )
 
     async def off_loop(fn: Any, *args: Any, limiter: Any = page_limiter) -> Any:
         return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=limiter)
@@ -161,7 +178,9 @@ def create_app(store: Store, cfg: ServeConfig | None = None) -> Starlette:
         return render(env, name, links, store_url=store.url, **ctx)
 
     async def page(name: str, status: int = 200, **ctx: Any) -> HTMLResponse:
-        return HTMLResponse(await off_loop(functools.partial(page_html, name, **ctx)), status_code=status)
+        return HTMLResponse(
+            await off_loop(functools.partial(page_html, name, **ctx)), status_code=status
+        )
 
     def q_int(request: Request, key: str, default: int, lo: int = 0, hi: int = 10**9) -> int:
         raw = request.query_params.get(key)
@@ -195,11 +214,16 @@ def create_app(store: Store, cfg: ServeConfig | None = None) -> Starlette:
         sae = request.path_params["sae"]
         get = functools.partial(
             browser.features_page,
-            sae, sort=request.query_params.get("sort", "variance"), desc=request.query_params.get("desc", "1") != "0",
-            token=request.query_params.get("token") or None, label=request.query_params.get("label") or None,
-            min_freq=q_float(request, "min_freq"), max_freq=q_float(request, "max_freq"),
-            limit=q_int(request, "limit", 100, 1, 5000), offset=q_int(request, "offset", 0),
-        )  # fmt: skip
+            sae,
+            sort=request.query_params.get("sort", "variance"),
+            desc=request.query_params.get("desc", "1") != "0",
+            token=request.query_params.get("token") or None,
+            label=request.query_params.get("label") or None,
+            min_freq=q_float(request, "min_freq"),
+            max_freq=q_float(request, "max_freq"),
+            limit=q_int(request, "limit", 100, 1, 5000),
+            offset=q_int(request, "offset", 0),
+        )
         return await page("sae.html", data=await off_loop(get))
 
     async def feature_page(request: Request) -> Response:
@@ -212,18 +236,25 @@ def create_app(store: Store, cfg: ServeConfig | None = None) -> Starlette:
 
         def build() -> str:
             rows = browser.contexts(sae, f, q_int(request, "page", 0))
-            return render(env, "contexts.html", links, sae=sae, contexts=rows, views=browser.view_names(sae))
+            return render(
+                env, "contexts.html", links, sae=sae, contexts=rows, views=browser.view_names(sae)
+            )
 
         return HTMLResponse(await off_loop(build))
 
     async def sample_page(request: Request) -> Response:
-        return await page("sample.html", data=await off_loop(browser.sample_page, int(request.path_params["sample"])))
+        return await page(
+            "sample.html",
+            data=await off_loop(browser.sample_page, int(request.path_params["sample"])),
+        )
 
     async def console(request: Request, sql: str, params: dict[str, Any] | None) -> Any:
         """One console query of this client, off the loop, within the time bound (query and rows both)."""
         client = request.client.host if request.client else "?"
         if client in busy:
-            raise TooManyQueries("one console query at a time per client: wait for the one running to finish")
+            raise TooManyQueries(
+                "one console query at a time per client: wait for the one running to finish"
+            )
         busy.add(client)
         try:
             with anyio.fail_after(cfg.query_timeout + 2 * GRACE_S):
@@ -245,8 +276,15 @@ def create_app(store: Store, cfg: ServeConfig | None = None) -> Starlette:
                 raise
             except ConfigError as exc:
                 error = str(exc)
-        return await page("sql.html", q=q, result=result, error=error, queries=list_queries(), max_rows=cfg.max_rows,
-                          status=400 if error else 200)  # fmt: skip
+        return await page(
+            "sql.html",
+            q=q,
+            result=result,
+            error=error,
+            queries=list_queries(),
+            max_rows=cfg.max_rows,
+            status=400 if error else 200,
+        )
 
     async def sql_csv(request: Request) -> Response:
         res = await console(request, request.query_params.get("q", ""), None)
@@ -258,8 +296,11 @@ def create_app(store: Store, cfg: ServeConfig | None = None) -> Starlette:
             w.writerows(res.rows)
             return buf.getvalue()
 
-        return Response(await off_loop(build), media_type="text/csv",
-                        headers={"Content-Disposition": 'attachment; filename="actstore-query.csv"'})  # fmt: skip
+        return Response(
+            await off_loop(build),
+            media_type="text/csv",
+            headers={"Content-Disposition": 'attachment; filename="actstore-query.csv"'},
+        )
 
     async def named(request: Request) -> Response:
         from actstore.query.named import load_query
@@ -275,13 +316,22 @@ def create_app(store: Store, cfg: ServeConfig | None = None) -> Starlette:
                 raise
             except ConfigError as exc:
                 error = str(exc)
-        return await page("named.html", query=q, given=given, result=result, error=error, status=400 if error else 200)
+        return await page(
+            "named.html",
+            query=q,
+            given=given,
+            result=result,
+            error=error,
+            status=400 if error else 200,
+        )
 
     async def favicon(request: Request) -> Response:
         return Response((HERE / "static" / "favicon.svg").read_bytes(), media_type="image/svg+xml")
 
     async def on_error(request: Request, exc: Exception) -> Response:
-        status = 404 if isinstance(exc, NotFoundError) else 400 if isinstance(exc, ConfigError) else 500
+        status = (
+            404 if isinstance(exc, NotFoundError) else 400 if isinstance(exc, ConfigError) else 500
+        )
         if isinstance(exc, TooManyQueries):
             status = 429
         if isinstance(exc, IntegrityError):
@@ -290,7 +340,10 @@ def create_app(store: Store, cfg: ServeConfig | None = None) -> Starlette:
         return HTMLResponse(page_html("error.html", message=msg, code=status), status_code=status)
 
     async def not_found(request: Request, exc: Exception) -> Response:
-        return HTMLResponse(page_html("error.html", message=f"no page at {request.url.path}", code=404), status_code=404)
+        return HTMLResponse(
+            page_html("error.html", message=f"no page at {request.url.path}", code=404),
+            status_code=404,
+        )
 
     hosts = allowed_hosts(cfg)
 
@@ -326,8 +379,12 @@ def create_app(store: Store, cfg: ServeConfig | None = None) -> Starlette:
         if pool is not None:
             pool.close()
 
-    app = Starlette(routes=routes, exception_handlers={ActstoreError: on_error, 404: not_found, Exception: on_error},
-                    middleware=[Middleware(BaseHTTPMiddleware, dispatch=headers)], lifespan=lifespan)  # fmt: skip
+    app = Starlette(
+        routes=routes,
+        exception_handlers={ActstoreError: on_error, 404: not_found, Exception: on_error},
+        middleware=[Middleware(BaseHTTPMiddleware, dispatch=headers)],
+        lifespan=lifespan,
+    )
     app.state.browser = browser
     app.state.pool = pool
     return app
@@ -360,8 +417,12 @@ def bind(store_path: str, cfg: ServeConfig, storage_options: dict[str, Any] | No
     return Bound(server, sock, f"http://{'[' + host + ']' if ':' in host else host}:{port}/")
 
 
-def serve(store_path: str, cfg: ServeConfig, storage_options: dict[str, Any] | None = None,
-          ready: Any = None) -> None:  # fmt: skip
+def serve(
+    store_path: str,
+    cfg: ServeConfig,
+    storage_options: dict[str, Any] | None = None,
+    ready: Any = None,
+) -> None:
     """Serve ``store_path`` (read-only) until interrupted; ``ready(url)`` is called once it listens."""
     b = bind(store_path, cfg, storage_options)
     if ready is not None:

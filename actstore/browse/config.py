@@ -43,14 +43,25 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         if self.host not in LOCAL_HOSTS and not self.public:
-            raise ConfigError(f"--host {self.host} would let other machines read the store: pass --public to allow it")
+            raise ConfigError(
+                f"--host {self.host} would let other machines read the store: pass --public to allow it"
+            )
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be in 0..65535, got {self.port}")
-        for name in ("max_rows", "query_timeout", "max_result_mb", "query_workers", "query_memory_mb", "page_size",
-                     "histogram_bins"):  # fmt: skip
+        for name in (
+            "max_rows",
+            "query_timeout",
+            "max_result_mb",
+            "query_workers",
+            "query_memory_mb",
+            "page_size",
+            "histogram_bins",
+        ):
             v = getattr(self, name)
             if not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
-                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number above 0, got {v}")
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be a finite number above 0, got {v}"
+                )
         if self.context < 0:
             raise ConfigError(f"--context must be >= 0, got {self.context}")
 
@@ -77,7 +88,9 @@ class DashboardConfig:
     def __post_init__(self) -> None:
         check_name(self.sae, "SAE")
         if self.top <= 0 or self.contexts <= 0 or self.histogram_bins <= 0 or self.context < 0:
-            raise ConfigError("--top, --contexts and histogram_bins must be positive, --context >= 0")
+            raise ConfigError(
+                "--top, --contexts and histogram_bins must be positive, --context >= 0"
+            )
 
     def feature_list(self) -> list[int] | None:
         if self.features is None:
@@ -85,7 +98,9 @@ class DashboardConfig:
         try:
             out = sorted({int(v) for v in self.features.split(",") if v.strip()})
         except ValueError:
-            raise ConfigError(f"--features must be comma-separated integers, got {self.features!r}") from None
+            raise ConfigError(
+                f"--features must be comma-separated integers, got {self.features!r}"
+            ) from None
         if not out or min(out) < 0:
             raise ConfigError(f"--features must name features >= 0, got {self.features!r}")
         return out

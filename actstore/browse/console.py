@@ -52,7 +52,9 @@ def check_statement(sql: str) -> None:
         raise QueryRefused(f"one statement at a time, please (got {len(stmts)})")
     kind = stmts[0].type
     if kind != duckdb.StatementType.SELECT:
-        raise QueryRefused(f"only SELECT queries run here (this is {kind.name}): the console is read-only")
+        raise QueryRefused(
+            f"only SELECT queries run here (this is {kind.name}): the console is read-only"
+        )
 
 
 MAX_RESULT_MB = 16.0
@@ -68,7 +70,9 @@ def timed_out(timeout: float) -> QueryRefused:
 
 def too_big(what: str = "result") -> QueryRefused:
     """The refusal of a query whose ``what`` (query or result) needs more memory than the console allows."""
-    return QueryRefused(f"the {what} needs more memory than the console allows: add a WHERE or a LIMIT")
+    return QueryRefused(
+        f"the {what} needs more memory than the console allows: add a WHERE or a LIMIT"
+    )
 
 
 class Fetched(NamedTuple):
@@ -81,8 +85,14 @@ class Fetched(NamedTuple):
     seconds: float
 
 
-def fetch_table(con: duckdb.DuckDBPyConnection, sql: str, params: dict[str, Any] | None, max_rows: int, timeout: float,
-                max_bytes: int) -> Fetched:  # fmt: skip
+def fetch_table(
+    con: duckdb.DuckDBPyConnection,
+    sql: str,
+    params: dict[str, Any] | None,
+    max_rows: int,
+    timeout: float,
+    max_bytes: int,
+) -> Fetched:
     """Run one checked statement on ``con`` (a cursor it then closes) and fetch at most ``max_rows`` rows and
     ``max_bytes`` bytes, ``FETCH_ROWS`` at a time; interrupted after ``timeout`` s (execution and fetching both)."""
     import pyarrow as pa
@@ -94,7 +104,9 @@ def fetch_table(con: duckdb.DuckDBPyConnection, sql: str, params: dict[str, Any]
     batches, n_rows, n_bytes = [], 0, 0
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # DuckDB: "Arrow output on a DB-API result makes an extra copy"
+            warnings.simplefilter(
+                "ignore"
+            )  # DuckDB: "Arrow output on a DB-API result makes an extra copy"
             reader = con.execute(sql, params or {}).to_arrow_reader(FETCH_ROWS)
         schema = reader.schema
         for batch in reader:
@@ -102,8 +114,10 @@ def fetch_table(con: duckdb.DuckDBPyConnection, sql: str, params: dict[str, Any]
             n_rows += batch.num_rows
             n_bytes += batch.nbytes
             if n_bytes > max_bytes:
-                raise QueryRefused(f"the result is larger than {max_bytes / 2**20:g} MiB (the console's bound): select "
-                                   "fewer or shorter columns, or add a LIMIT")  # fmt: skip
+                raise QueryRefused(
+                    f"the result is larger than {max_bytes / 2**20:g} MiB (the console's bound): select "
+                    "fewer or shorter columns, or add a LIMIT"
+                )
             if n_rows > max_rows:
                 break
     except duckdb.InterruptException:
@@ -130,12 +144,20 @@ def to_result(fetched: Fetched, params: dict[str, Any] | None = None) -> Console
     t = fetched.table
     cols = [c.to_pylist() for c in t.columns]
     rows = list(zip(*cols, strict=True)) if cols else [() for _ in range(t.num_rows)]
-    return ConsoleResult(list(t.column_names), rows, fetched.truncated, fetched.seconds, dict(params or {}))
+    return ConsoleResult(
+        list(t.column_names), rows, fetched.truncated, fetched.seconds, dict(params or {})
+    )
 
 
-def run_console(store: Store, sql: str, params: dict[str, Any] | None = None, max_rows: int = 1000,
-                timeout: float = 10.0, base: duckdb.DuckDBPyConnection | None = None,
-                max_bytes: int = int(MAX_RESULT_MB * 2**20)) -> ConsoleResult:  # fmt: skip
+def run_console(
+    store: Store,
+    sql: str,
+    params: dict[str, Any] | None = None,
+    max_rows: int = 1000,
+    timeout: float = 10.0,
+    base: duckdb.DuckDBPyConnection | None = None,
+    max_bytes: int = int(MAX_RESULT_MB * 2**20),
+) -> ConsoleResult:
     """Run one read-only SELECT (:func:`check_statement`) with ``params`` bound; interrupted after ``timeout``, at most
     ``max_rows`` rows and ``max_bytes`` bytes (:func:`fetch_table`).
 
@@ -156,8 +178,14 @@ def named_sql(store: Store, name: str, given: dict[str, Any]) -> tuple[str, dict
     return q.sql, bind_params(store, q, {k: v for k, v in given.items() if v not in (None, "")})
 
 
-def named_console(store: Store, name: str, given: dict[str, Any], max_rows: int = 1000, timeout: float = 10.0,
-                  base: duckdb.DuckDBPyConnection | None = None) -> ConsoleResult:  # fmt: skip
+def named_console(
+    store: Store,
+    name: str,
+    given: dict[str, Any],
+    max_rows: int = 1000,
+    timeout: float = 10.0,
+    base: duckdb.DuckDBPyConnection | None = None,
+) -> ConsoleResult:
     """A named query with its declared parameters from a form, through the same bounds."""
     sql, values = named_sql(store, name, given)
     return run_console(store, sql, values, max_rows, timeout, base)

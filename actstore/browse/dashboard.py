@@ -57,7 +57,9 @@ def _write(store: Store, cfg: DashboardConfig) -> DashboardResult:
     if bad:
         from actstore.errors import ConfigError
 
-        raise ConfigError(f"feature {bad[0]} is out of range for SAE {cfg.sae} ({table.d_sae} features)")
+        raise ConfigError(
+            f"feature {bad[0]} is out of range for SAE {cfg.sae} ({table.d_sae} features)"
+        )
     out = Path(cfg.out)
     (out / "data").mkdir(parents=True, exist_ok=True)
     shutil.copytree(HERE / "static", out / "static", dirs_exist_ok=True)
@@ -71,6 +73,11 @@ def _write(store: Store, cfg: DashboardConfig) -> DashboardResult:
     page = browser.features_page(cfg.sae, sort="variance", limit=table.d_sae)
     page["rows"] = [r for r in page["rows"] if int(r["feature"]) in set(feats)]
     page["total"] = len(page["rows"])
-    write_file(out / "index.html", render(env, "sae.html", links, store_url=store.url, data=page, static=True).encode())
+    write_file(
+        out / "index.html",
+        render(env, "sae.html", links, store_url=store.url, data=page, static=True).encode(),
+    )
     n_bytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    return DashboardResult(str(out), str(out / "index.html"), feats, n_bytes, time.perf_counter() - t0)
+    return DashboardResult(
+        str(out), str(out / "index.html"), feats, n_bytes, time.perf_counter() - t0
+    )

@@ -66,7 +66,9 @@ class Browser:
         check_name(sae, "SAE")
         tables = self._cached("tables", lambda: {t.sae: t for t in feature_tables(self.store)})
         if sae not in tables:
-            raise NotFoundError(f"SAE {sae!r} is not encoded in {self.store.url} (encoded: {', '.join(tables) or 'none'})")
+            raise NotFoundError(
+                f"SAE {sae!r} is not encoded in {self.store.url} (encoded: {', '.join(tables) or 'none'})"
+            )
         return tables[sae]
 
     def console(self) -> Any:
@@ -112,13 +114,32 @@ class Browser:
         saes = list_saes(self.store).to_dicts()
         for row in saes:
             row["encoded"] = row["name"] in encoded
-        models = [{"key": k, "source": v.get("source") or v.get("model"), "tokenization": v.get("tokenization"),
-                   "layers": [{"layer": int(layer), **la} for layer, la in v["layers"].items()]}
-                  for k, v in info["models"].items()]  # fmt: skip
-        toks = [{"key": k, "n_tokens": v.get("n_tokens"), "n_samples": v.get("n_samples"), "max_length": v.get("max_length")}
-                for k, v in info["tokenizations"].items()]  # fmt: skip
-        return {"url": self.store.url, "models": models, "tokenizations": toks, "saes": saes,
-                "crosscoders": self.crosscoder_counts(), "pairs": self.model_pairs()}  # fmt: skip
+        models = [
+            {
+                "key": k,
+                "source": v.get("source") or v.get("model"),
+                "tokenization": v.get("tokenization"),
+                "layers": [{"layer": int(layer), **la} for layer, la in v["layers"].items()],
+            }
+            for k, v in info["models"].items()
+        ]
+        toks = [
+            {
+                "key": k,
+                "n_tokens": v.get("n_tokens"),
+                "n_samples": v.get("n_samples"),
+                "max_length": v.get("max_length"),
+            }
+            for k, v in info["tokenizations"].items()
+        ]
+        return {
+            "url": self.store.url,
+            "models": models,
+            "tokenizations": toks,
+            "saes": saes,
+            "crosscoders": self.crosscoder_counts(),
+            "pairs": self.model_pairs(),
+        }
 
     def _encoded(self) -> list[str]:
         from actstore.encoding.table import encoded_saes
@@ -158,9 +179,18 @@ class Browser:
         return self._cached("similarity", make)
 
     # ---- the features of one SAE
-    def features_page(self, sae: str, sort: str = "variance", desc: bool = True, token: str | None = None,
-                      label: str | None = None, min_freq: float | None = None, max_freq: float | None = None,
-                      limit: int = 100, offset: int = 0) -> dict[str, Any]:  # fmt: skip
+    def features_page(
+        self,
+        sae: str,
+        sort: str = "variance",
+        desc: bool = True,
+        token: str | None = None,
+        label: str | None = None,
+        min_freq: float | None = None,
+        max_freq: float | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> dict[str, Any]:
         """Features of ``sae``, filtered (frequency range, "fires on token X", "associated with label Y") and sorted."""
         t = self.table(sae)
         df = self.stats(sae)
@@ -168,12 +198,19 @@ class Browser:
         extra: list[str] = []
         if token:
             hits = self.token_index(sae).get(token.strip().lower())
-            tk = pl.DataFrame(hits or [], schema={"feature": pl.Int32, "token_hits": pl.Int64, "token_max": pl.Float32},
-                              orient="row")  # fmt: skip
+            tk = pl.DataFrame(
+                hits or [],
+                schema={"feature": pl.Int32, "token_hits": pl.Int64, "token_max": pl.Float32},
+                orient="row",
+            )
             df = df.join(tk, on="feature", how="inner")
             extra += ["token_hits", "token_max"]
         if label:
-            la = self.label_association(sae).filter(pl.col("label") == label).select("feature", "mean_diff", "freq_label")
+            la = (
+                self.label_association(sae)
+                .filter(pl.col("label") == label)
+                .select("feature", "mean_diff", "freq_label")
+            )
             df = df.join(la, on="feature", how="inner")
             extra += ["mean_diff", "freq_label"]
         if min_freq is not None:
@@ -185,12 +222,30 @@ class Browser:
             raise ConfigError(f"sort by one of {', '.join(allowed)}, not {sort!r}")
         df = df.sort([sort, "feature"], descending=[desc, False])
         total = df.height
-        labels = [lab for lab in self._label_codes(t.tokenization)[0] if lab is not None]  # the store's, not computed
-        return {"sae": sae, "model": t.model, "layer": t.layer, "d_sae": t.d_sae, "n_rows": t.n_rows,
-                "n_feature_rows": t.n_feature_rows, "columns": allowed, "rows": df.slice(offset, limit).to_dicts(),
-                "total": total, "sort": sort, "desc": desc, "token": token or "", "label": label or "",
-                "min_freq": min_freq, "max_freq": max_freq, "limit": limit, "offset": offset, "labels": labels,
-                "crosscoder": self.sae_config(sae).is_crosscoder}  # fmt: skip
+        labels = [
+            lab for lab in self._label_codes(t.tokenization)[0] if lab is not None
+        ]  # the store's, not computed
+        return {
+            "sae": sae,
+            "model": t.model,
+            "layer": t.layer,
+            "d_sae": t.d_sae,
+            "n_rows": t.n_rows,
+            "n_feature_rows": t.n_feature_rows,
+            "columns": allowed,
+            "rows": df.slice(offset, limit).to_dicts(),
+            "total": total,
+            "sort": sort,
+            "desc": desc,
+            "token": token or "",
+            "label": label or "",
+            "min_freq": min_freq,
+            "max_freq": max_freq,
+            "limit": limit,
+            "offset": offset,
+            "labels": labels,
+            "crosscoder": self.sae_config(sae).is_crosscoder,
+        }
 
     def label_association(self, sae: str) -> pl.DataFrame:
         """Per (feature, label): mean activation on the label's tokens minus elsewhere (the named query
@@ -198,7 +253,9 @@ class Browser:
         from actstore.query.lookups import top_features
 
         d = self.table(sae).d_sae
-        return self._cached(("labels", sae), lambda: top_features(self.store, sae=sae, by="label-association", n=d))
+        return self._cached(
+            ("labels", sae), lambda: top_features(self.store, sae=sae, by="label-association", n=d)
+        )
 
     def token_index(self, sae: str) -> dict[str, list[tuple[int, int, float]]]:
         """``token (lower case) -> [(feature, hits among its top activations, max there)]``, from each feature's
@@ -220,8 +277,16 @@ class Browser:
             rows = top["row"].to_numpy()
             uniq, inv = np.unique(rows, return_inverse=True)
             toks = self.ctx(t.tokenization).tokens(uniq)[inv]
-            df = pl.DataFrame({"token": [str(x).lower() for x in toks], "feature": top["feature"], "value": top["value"]})
-            agg = df.group_by("token", "feature").agg(pl.len().alias("n"), pl.col("value").max().alias("max"))
+            df = pl.DataFrame(
+                {
+                    "token": [str(x).lower() for x in toks],
+                    "feature": top["feature"],
+                    "value": top["value"],
+                }
+            )
+            agg = df.group_by("token", "feature").agg(
+                pl.len().alias("n"), pl.col("value").max().alias("max")
+            )
             out: dict[str, list[tuple[int, int, float]]] = {}
             for tok, f, n, mx in agg.sort(["n", "max"], descending=True).iter_rows():
                 out.setdefault(tok, []).append((int(f), int(n), float(mx)))
@@ -234,7 +299,9 @@ class Browser:
         """SAE ``sae``'s feature table; NotFoundError (a 404) when ``feature`` is not one of its features."""
         t = self.table(sae)
         if not 0 <= feature < t.d_sae:
-            raise NotFoundError(f"feature {feature} is out of range for SAE {sae} ({t.d_sae} features: 0..{t.d_sae - 1})")
+            raise NotFoundError(
+                f"feature {feature} is out of range for SAE {sae} ({t.d_sae} features: 0..{t.d_sae - 1})"
+            )
         return t
 
     def feature_page(self, sae: str, feature: int, page: int = 0) -> dict[str, Any]:
@@ -244,26 +311,53 @@ class Browser:
 
         t = self.feature_table(sae, feature)
         stats = self.stats(sae).filter(pl.col("feature") == feature).row(0, named=True)
-        hits = top_rows(self.store, t, feature, None)  # every activation of the feature, strongest first
+        hits = top_rows(
+            self.store, t, feature, None
+        )  # every activation of the feature, strongest first
         values = hits["value"]
-        counts, edges = np.histogram(values, bins=self.settings.histogram_bins) if len(values) else (np.zeros(0), np.zeros(0))
+        counts, edges = (
+            np.histogram(values, bins=self.settings.histogram_bins)
+            if len(values)
+            else (np.zeros(0), np.zeros(0))
+        )
         cfg = self.sae_config(sae)
-        out = {"sae": sae, "feature": feature, "model": t.model, "layer": t.layer, "d_sae": t.d_sae, "n_rows": t.n_rows,
-               "stats": stats, "density": len(values) / max(t.n_rows, 1), "log10_density":
-               float(np.log10(len(values) / t.n_rows)) if len(values) and t.n_rows else None,
-               "histogram": {"counts": counts.astype(int).tolist(), "edges": [float(e) for e in edges]},
-               "labels": self._label_breakdown(t, hits), "page": page, "n_pages": -(-len(values) // self.settings.page_size),
-               "crosscoder": self._latent(sae, feature) if cfg.is_crosscoder else None}  # fmt: skip
+        out = {
+            "sae": sae,
+            "feature": feature,
+            "model": t.model,
+            "layer": t.layer,
+            "d_sae": t.d_sae,
+            "n_rows": t.n_rows,
+            "stats": stats,
+            "density": len(values) / max(t.n_rows, 1),
+            "log10_density": float(np.log10(len(values) / t.n_rows))
+            if len(values) and t.n_rows
+            else None,
+            "histogram": {
+                "counts": counts.astype(int).tolist(),
+                "edges": [float(e) for e in edges],
+            },
+            "labels": self._label_breakdown(t, hits),
+            "page": page,
+            "n_pages": -(-len(values) // self.settings.page_size),
+            "crosscoder": self._latent(sae, feature) if cfg.is_crosscoder else None,
+        }
         out["contexts"] = self.contexts(sae, feature, page, hits)
         return out
 
-    def contexts(self, sae: str, feature: int, page: int, hits: dict[str, np.ndarray] | None = None) -> list[dict[str, Any]]:
+    def contexts(
+        self, sae: str, feature: int, page: int, hits: dict[str, np.ndarray] | None = None
+    ) -> list[dict[str, Any]]:
         """Page ``page`` of the feature's top activating tokens, each with its neighbours and their values of the
         feature in every view (the SAE's model; the other row-aligned model; a crosscoder's models)."""
         from actstore.query.lookups import top_rows
 
         t = self.feature_table(sae, feature)
-        hits = hits if hits is not None else top_rows(self.store, t, feature, (page + 1) * self.settings.page_size)
+        hits = (
+            hits
+            if hits is not None
+            else top_rows(self.store, t, feature, (page + 1) * self.settings.page_size)
+        )
         size, c = self.settings.page_size, self.settings.context
         rows_all, vals_all = hits["row"], hits["value"]
         pick = np.arange(page * size, min((page + 1) * size, len(rows_all)))
@@ -273,22 +367,43 @@ class Browser:
         hit_rows = rows_all[pick]
         sample = np.searchsorted(ctx.first_row, hit_rows, side="right") - 1
         first = ctx.first_row[sample]
-        lo, hi = np.maximum(first, hit_rows - c), np.minimum(first + ctx.n_tokens[sample], hit_rows + c + 1)
+        lo, hi = (
+            np.maximum(first, hit_rows - c),
+            np.minimum(first + ctx.n_tokens[sample], hit_rows + c + 1),
+        )
         shown = np.unique(np.concatenate([np.arange(a, b) for a, b in zip(lo, hi, strict=True)]))
         strings = ctx.tokens(shown)
         at = {int(r): i for i, r in enumerate(shown)}
-        on = np.zeros(t.n_rows, dtype=bool)  # the feature's values on the rows shown: one gather, not a search
+        on = np.zeros(
+            t.n_rows, dtype=bool
+        )  # the feature's values on the rows shown: one gather, not a search
         on[shown] = True
         mine = on[rows_all]
         val_of = dict(zip(rows_all[mine].tolist(), vals_all[mine].tolist(), strict=True))
         views = self._views(sae, feature, shown, val_of)
         out = []
         for i, (r, s, a, b) in enumerate(zip(hit_rows, sample, lo, hi, strict=True)):
-            toks = [{"row": int(x), "token": str(strings[at[int(x)]]),
-                     "values": [float(v["values"][at[int(x)]]) for v in views]} for x in range(int(a), int(b))]  # fmt: skip
-            out.append({"rank": int(pick[i]) + 1, "row": int(r), "value": float(vals_all[pick[i]]), "sample": int(s),
-                        "id": str(ctx.sample_id[s]), "label": None if ctx.label[s] is None else str(ctx.label[s]),
-                        "position": int(r - first[i]), "hit": int(r - a), "tokens": toks})  # fmt: skip
+            toks = [
+                {
+                    "row": int(x),
+                    "token": str(strings[at[int(x)]]),
+                    "values": [float(v["values"][at[int(x)]]) for v in views],
+                }
+                for x in range(int(a), int(b))
+            ]
+            out.append(
+                {
+                    "rank": int(pick[i]) + 1,
+                    "row": int(r),
+                    "value": float(vals_all[pick[i]]),
+                    "sample": int(s),
+                    "id": str(ctx.sample_id[s]),
+                    "label": None if ctx.label[s] is None else str(ctx.label[s]),
+                    "position": int(r - first[i]),
+                    "hit": int(r - a),
+                    "tokens": toks,
+                }
+            )
         return out
 
     def view_names(self, sae: str) -> list[str]:
@@ -301,17 +416,27 @@ class Browser:
     def _other_models(self, sae: str) -> list[str]:
         cfg = self.sae_config(sae)
         others = [b if a == cfg.model else a for a, b in self.model_pairs() if cfg.model in (a, b)]
-        return [m for m in others
-                if cfg.layer in self.store.layers(m) and cfg.d_in == self.store.layer_attrs(m, cfg.layer).d_model]  # fmt: skip
+        return [
+            m
+            for m in others
+            if cfg.layer in self.store.layers(m)
+            and cfg.d_in == self.store.layer_attrs(m, cfg.layer).d_model
+        ]
 
-    def _views(self, sae: str, feature: int, shown: np.ndarray, val_of: dict[int, float]) -> list[dict[str, Any]]:
+    def _views(
+        self, sae: str, feature: int, shown: np.ndarray, val_of: dict[int, float]
+    ) -> list[dict[str, Any]]:
         cfg = self.sae_config(sae)
         own = np.asarray([val_of.get(int(r), 0.0) for r in shown], dtype=np.float64)
-        if cfg.is_crosscoder:  # the latent's size in each model: activation x its decoder norm there
+        if (
+            cfg.is_crosscoder
+        ):  # the latent's size in each model: activation x its decoder norm there
             lat = self._latent(sae, feature)
             norms = [lat["norm_a"], lat["norm_b"]] if lat else [1.0] * cfg.n_sources
-            return [{"name": n, "values": own * float(norms[i] if i < len(norms) else 1.0)}
-                    for i, n in enumerate(self.view_names(sae))]  # fmt: skip
+            return [
+                {"name": n, "values": own * float(norms[i] if i < len(norms) else 1.0)}
+                for i, n in enumerate(self.view_names(sae))
+            ]
         out = [{"name": str(cfg.model), "values": own}]
         for m in self._other_models(sae):
             out.append({"name": m, "values": self._live_values(sae, m, feature, shown)})
@@ -324,7 +449,9 @@ class Browser:
         from actstore.sae.files import load_sae
 
         net = self._cached(("sae", sae), lambda: load_sae(self.store, sae).eval())
-        x = self.store.activations(model, int(self.sae_config(sae).layer)).take(rows)  # (n, d_model)
+        x = self.store.activations(model, int(self.sae_config(sae).layer)).take(
+            rows
+        )  # (n, d_model)
         with torch.no_grad():
             return net.encode(torch.from_numpy(x))[:, feature].double().numpy()
 
@@ -337,7 +464,9 @@ class Browser:
         d = self._cached(("latents", sae), lambda: load_crosscoder_diff(self.store, sae))
         return {**d.table.row(feature, named=True), "a": d.sources[0], "b": d.sources[1]}
 
-    def _label_codes(self, tokenization: str | None) -> tuple[list[str | None], np.ndarray, np.ndarray]:
+    def _label_codes(
+        self, tokenization: str | None
+    ) -> tuple[list[str | None], np.ndarray, np.ndarray]:
         """``(labels, code of each sample (n_samples,), tokens per label (n_labels,))`` of a tokenization (cached)."""
 
         def make() -> tuple[list[str | None], np.ndarray, np.ndarray]:
@@ -356,28 +485,44 @@ class Browser:
         def make() -> np.ndarray:
             ctx = self.ctx(tokenization)
             codes = self._label_codes(tokenization)[1].astype(np.int16)
-            out = np.zeros(int(ctx.first_row[-1] + ctx.n_tokens[-1]) if len(ctx.first_row) else 0, dtype=np.int16)
+            out = np.zeros(
+                int(ctx.first_row[-1] + ctx.n_tokens[-1]) if len(ctx.first_row) else 0,
+                dtype=np.int16,
+            )
             for i, (a, n) in enumerate(zip(ctx.first_row, ctx.n_tokens, strict=True)):
                 out[a : a + n] = codes[i]
             return out
 
         return self._cached(("row-codes", tokenization), make)
 
-    def _label_breakdown(self, t: FeatureTable, hits: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    def _label_breakdown(
+        self, t: FeatureTable, hits: dict[str, np.ndarray]
+    ) -> list[dict[str, Any]]:
         """Per label: the feature's active tokens, their share of the label's tokens, mean and max activation."""
         labels, codes, n_tok = self._label_codes(t.tokenization)
         if not labels or labels == [None]:
             return []
-        c = self._row_codes(t.tokenization)[hits["row"]]  # (n_hits,) label code of each activation's token
+        c = self._row_codes(t.tokenization)[
+            hits["row"]
+        ]  # (n_hits,) label code of each activation's token
         n_act = np.bincount(c, minlength=len(labels))
         total = np.bincount(c, weights=hits["value"], minlength=len(labels))
         mx = np.full(len(labels), np.nan)
-        first = np.unique(c, return_index=True)  # hits come strongest first: a label's first hit is its max
+        first = np.unique(
+            c, return_index=True
+        )  # hits come strongest first: a label's first hit is its max
         mx[first[0]] = hits["value"][first[1]]
-        return [{"label": lab, "n": int(n_tok[i]), "n_active": int(n_act[i]),
-                 "frequency": float(n_act[i] / n_tok[i]) if n_tok[i] else None,
-                 "mean": float(total[i] / n_act[i]) if n_act[i] else None,
-                 "max": None if np.isnan(mx[i]) else float(mx[i])} for i, lab in enumerate(labels)]  # fmt: skip
+        return [
+            {
+                "label": lab,
+                "n": int(n_tok[i]),
+                "n_active": int(n_act[i]),
+                "frequency": float(n_act[i] / n_tok[i]) if n_tok[i] else None,
+                "mean": float(total[i] / n_act[i]) if n_act[i] else None,
+                "max": None if np.isnan(mx[i]) else float(mx[i]),
+            }
+            for i, lab in enumerate(labels)
+        ]
 
     # ---- one sample
     def sample_page(self, sample: int, top: int = 3) -> dict[str, Any]:
@@ -385,7 +530,9 @@ class Browser:
         features (encoded live from the stored activations)."""
         ctx = self.ctx()
         if not 0 <= sample < len(ctx.first_row):
-            raise NotFoundError(f"sample {sample} is not in {self.store.url} (samples 0..{len(ctx.first_row) - 1})")
+            raise NotFoundError(
+                f"sample {sample} is not in {self.store.url} (samples 0..{len(ctx.first_row) - 1})"
+            )
         r0, n = int(ctx.first_row[sample]), int(ctx.n_tokens[sample])
         text = self.store.samples().filter(pl.col("sample") == sample)["text"][0]
         toks = [str(x) for x in ctx.tokens(np.arange(r0, r0 + n, dtype=np.int64))]
@@ -401,9 +548,16 @@ class Browser:
             except (NotFoundError, ConfigError):
                 continue  # its model or layer is not stored: nothing to show for it
             saes.append({"name": name, "label": ", ".join(cfg.source_labels()), "tokens": feats})
-        return {"sample": sample, "id": str(ctx.sample_id[sample]), "text": text,
-                "label": None if ctx.label[sample] is None else str(ctx.label[sample]), "first_row": r0, "tokens": toks,
-                "saes": saes, "n_samples": len(ctx.first_row)}  # fmt: skip
+        return {
+            "sample": sample,
+            "id": str(ctx.sample_id[sample]),
+            "text": text,
+            "label": None if ctx.label[sample] is None else str(ctx.label[sample]),
+            "first_row": r0,
+            "tokens": toks,
+            "saes": saes,
+            "n_samples": len(ctx.first_row),
+        }
 
     def _sample_features(self, name: str, r0: int, r1: int, top: int) -> list[list[list[float]]]:
         import torch
@@ -416,8 +570,10 @@ class Browser:
         with torch.no_grad():
             h = net.encode(x)  # (n_tokens, d_sae)
             vals, idx = h.topk(min(top, h.shape[1]), dim=-1)
-        return [[[int(i), round(float(v), 4)] for v, i in zip(vr, ir, strict=True) if v > 0]
-                for vr, ir in zip(vals.tolist(), idx.tolist(), strict=True)]  # fmt: skip
+        return [
+            [[int(i), round(float(v), 4)] for v, i in zip(vr, ir, strict=True) if v > 0]
+            for vr, ir in zip(vals.tolist(), idx.tolist(), strict=True)
+        ]
 
 
 def to_json(obj: Any) -> str:

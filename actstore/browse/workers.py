@@ -70,23 +70,38 @@ class QueryProcess:
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None, memory_mb: int) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "actstore.browse.workers"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "actstore.browse.workers"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=env,
+        )
         hello = {"url": url, "storage_options": storage_options or {}, "memory_mb": memory_mb}
         _write_frame(self.proc.stdin, json.dumps(hello).encode())
         ready = self._answer(time.monotonic() + START_S)
         if not ready.get("ok"):
             self.kill()
-            raise StoreError(f"the console's query process could not open {url}: {ready.get('error')}")
+            raise StoreError(
+                f"the console's query process could not open {url}: {ready.get('error')}"
+            )
 
     def _answer(self, deadline: float) -> dict[str, Any]:
         assert self.proc.stdout is not None
         return json.loads(_read_frame(self.proc.stdout.fileno(), deadline))
 
-    def run(self, sql: str, params: dict[str, Any] | None, max_rows: int, timeout: float, max_bytes: int) -> Fetched:
+    def run(
+        self, sql: str, params: dict[str, Any] | None, max_rows: int, timeout: float, max_bytes: int
+    ) -> Fetched:
         import pyarrow as pa
 
-        req = {"sql": sql, "params": params or {}, "max_rows": max_rows, "timeout": timeout, "max_bytes": max_bytes}
+        req = {
+            "sql": sql,
+            "params": params or {},
+            "max_rows": max_rows,
+            "timeout": timeout,
+            "max_bytes": max_bytes,
+        }
         _write_frame(self.proc.stdin, json.dumps(req, default=str).encode())
         deadline = time.monotonic() + timeout + GRACE_S
         head = self._answer(deadline)
@@ -108,13 +123,17 @@ class QueryPool:
     """Up to ``size`` query processes of one store (see the module docstring); :meth:`run` blocks its caller (a
     thread of the server), never the event loop."""
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None, size: int, memory_mb: int) -> None:
+    def __init__(
+        self, url: str, storage_options: dict[str, Any] | None, size: int, memory_mb: int
+    ) -> None:
         self.url, self.storage_options, self.memory_mb = url, storage_options, memory_mb
         self.idle: list[QueryProcess] = []
         self.slots = threading.BoundedSemaphore(size)
         self.guard = threading.Lock()
 
-    def run(self, sql: str, params: dict[str, Any] | None, max_rows: int, timeout: float, max_bytes: int) -> ConsoleResult:
+    def run(
+        self, sql: str, params: dict[str, Any] | None, max_rows: int, timeout: float, max_bytes: int
+    ) -> ConsoleResult:
         check_statement(sql)  # refused here, before a process is woken
         with self.slots:
             with self.guard:
@@ -132,7 +151,9 @@ class QueryPool:
                 raise timed_out(timeout) from None
             except (EOFError, OSError, ValueError):
                 worker.kill()  # died (out of memory beyond the cap's reach, a crash): a fresh one next time
-                raise QueryRefused("the query's process died (too much memory?): add a WHERE or a LIMIT") from None
+                raise QueryRefused(
+                    "the query's process died (too much memory?): add a WHERE or a LIMIT"
+                ) from None
             with self.guard:
                 self.idle.append(worker)
         return to_result(fetched, params)
@@ -174,7 +195,9 @@ def _worker_main() -> None:
     from actstore.store.reader import open_store
 
     fin = sys.stdin.buffer
-    out = os.fdopen(os.dup(1), "wb")  # the protocol's pipe; anything else printed (DuckDB's progress bar) goes nowhere
+    out = os.fdopen(
+        os.dup(1), "wb"
+    )  # the protocol's pipe; anything else printed (DuckDB's progress bar) goes nowhere
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     deadline = float("inf")
@@ -184,7 +207,9 @@ def _worker_main() -> None:
         base = connect(st)
         _cap_memory(int(hello["memory_mb"]))
     except Exception as exc:  # reported to the server, which refuses with it
-        _write_frame(out, json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"}).encode())
+        _write_frame(
+            out, json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"}).encode()
+        )
         return
     _write_frame(out, json.dumps({"ok": True}).encode())
     while True:
@@ -193,8 +218,14 @@ def _worker_main() -> None:
         except EOFError:
             return
         try:
-            got = fetch_table(base.cursor(), req["sql"], req["params"], int(req["max_rows"]), float(req["timeout"]),
-                              int(req["max_bytes"]))  # fmt: skip
+            got = fetch_table(
+                base.cursor(),
+                req["sql"],
+                req["params"],
+                int(req["max_rows"]),
+                float(req["timeout"]),
+                int(req["max_bytes"]),
+            )
             sink = pa.BufferOutputStream()
             with pa.ipc.new_stream(sink, got.table.schema) as w:
                 w.write_table(got.table)
@@ -206,9 +237,17 @@ def _worker_main() -> None:
             _write_frame(out, json.dumps({"ok": False, "error": str(too_big())}).encode())
             continue
         except Exception as exc:
-            _write_frame(out, json.dumps({"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}).encode())
+            _write_frame(
+                out,
+                json.dumps(
+                    {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                ).encode(),
+            )
             continue
-        _write_frame(out, json.dumps({"ok": True, "truncated": got.truncated, "seconds": got.seconds}).encode())
+        _write_frame(
+            out,
+            json.dumps({"ok": True, "truncated": got.truncated, "seconds": got.seconds}).encode(),
+        )
         _write_frame(out, body)
 
 

@@ -34,6 +34,10 @@ def dashboard(store: str, storage_options: tuple[str, ...], cfg: DashboardConfig
     from actstore.browse.dashboard import write_dashboard
     from actstore.store.reader import open_store
 
-    res = write_dashboard(open_store(store, storage_options=parse_storage_options(storage_options)), cfg)
-    click.echo(f"{store}: {len(res.features)} feature pages of {cfg.sae} in {res.out} ({res.n_bytes / 2**20:.1f} MiB, "
-               f"{res.seconds:.1f}s); open {res.index}")  # fmt: skip
+    res = write_dashboard(
+        open_store(store, storage_options=parse_storage_options(storage_options)), cfg
+    )
+    click.echo(
+        f"{store}: {len(res.features)} feature pages of {cfg.sae} in {res.out} ({res.n_bytes / 2**20:.1f} MiB, "
+        f"{res.seconds:.1f}s); open {res.index}"
+    )

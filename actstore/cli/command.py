@@ -24,7 +24,9 @@ import click
 from actstore.cli.options import field_docs
 from actstore.fields import settings
 
-BUILD_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("actstore_build_only", default=False)
+BUILD_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "actstore_build_only", default=False
+)
 """Set by :func:`building_only`: a configured command returns its config instead of running its stage."""
 
 _SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
@@ -77,12 +79,16 @@ def parse_list(raw: str, item: str, option: str) -> list[Any]:
             if item == "int" and re.fullmatch(r"-?\d+-\d+", part):
                 a, b = (int(x) for x in part.rsplit("-", 1))
                 if b < a:
-                    raise click.BadParameter(f"range {part!r} runs backwards: write it {b}-{a}", param_hint=option)
+                    raise click.BadParameter(
+                        f"range {part!r} runs backwards: write it {b}-{a}", param_hint=option
+                    )
                 out += range(a, b + 1)
             else:
                 out.append(_SCALARS.get(item, str)(part))
         except ValueError:
-            raise click.BadParameter(f"{part!r} is not a{'n' if item == 'int' else ''} {item}", param_hint=option) from None
+            raise click.BadParameter(
+                f"{part!r} is not a{'n' if item == 'int' else ''} {item}", param_hint=option
+            ) from None
     return out
 
 
@@ -112,12 +118,17 @@ class FieldOption:
         values = parse_list(raw, self.sweep_item or "str", self.decls[0])
         bad = [v for v in values if self.choices and v not in self.choices]
         if bad:
-            raise click.BadParameter(f"{bad[0]!r} is not one of {', '.join(self.choices or ())}", param_hint=self.decls[0])
+            raise click.BadParameter(
+                f"{bad[0]!r} is not one of {', '.join(self.choices or ())}",
+                param_hint=self.decls[0],
+            )
         return values
 
     def option(self) -> Callable[[Callable], Callable]:
         if self.argument:
-            return click.argument(self.param, metavar=self.field.upper(), type=self.kw.get("type", str))
+            return click.argument(
+                self.param, metavar=self.field.upper(), type=self.kw.get("type", str)
+            )
         kw = dict(self.kw)
         text = kw.pop("show_default", None)
         if isinstance(text, str):
@@ -127,15 +138,20 @@ class FieldOption:
         return click.option(*self.decls, self.param, **kw)
 
 
-def field_option(cls: type, f: dataclasses.Field, shown_override: Any = dataclasses.MISSING, sweep: bool = True,
-                 required: bool = False) -> FieldOption:  # fmt: skip
+def field_option(
+    cls: type,
+    f: dataclasses.Field,
+    shown_override: Any = dataclasses.MISSING,
+    sweep: bool = True,
+    required: bool = False,
+) -> FieldOption:
     """The option of field ``f`` of config dataclass ``cls`` (``sweep``: comma lists where the field allows them;
     ``required``: the command needs it although the field has a default)."""
     s = settings(f)
     s["sweep"] = s["sweep"] and sweep
     doc = field_docs(cls).get(f.name, "")
     names = s["names"] or (f"--{f.name.replace('_', '-')}",)
-    default = f.default
+    default: Any = f.default
     if f.default_factory is not dataclasses.MISSING:
         default = f.default_factory()
     required = required or default is dataclasses.MISSING
@@ -147,13 +163,17 @@ def field_option(cls: type, f: dataclasses.Field, shown_override: Any = dataclas
         shown = shown_override
     out.shown = shown
     if typ == "bool":
-        if s["flag"] and s["flag"].startswith("--no-") and "/" not in s["flag"]:  # --no-x: a True default turned off
+        if (
+            s["flag"] and s["flag"].startswith("--no-") and "/" not in s["flag"]
+        ):  # --no-x: a True default turned off
             out.decls = (s["flag"],)
             kw.update(is_flag=True, flag_value=False, default=True)
         elif s["flag"]:
             out.decls = (s["flag"],)
             yes, no = (x.strip().lstrip("-") for x in s["flag"].split("/"))
-            kw.update(default=default, show_default=None if shown is None else (yes if shown else no))
+            kw.update(
+                default=default, show_default=None if shown is None else (yes if shown else no)
+            )
         elif default is True:  # a True default needs a way to turn it off
             n = f.name.replace("_", "-")
             out.decls = (f"--{n}/--no-{n}",)
@@ -164,12 +184,17 @@ def field_option(cls: type, f: dataclasses.Field, shown_override: Any = dataclas
     if s["sweep"]:
         item = typ if typ in _SCALARS else "str"
         out.sweep_item = item
-        kw.update(type=str, metavar=s["metavar"] or f"{f.name.upper()}[,{f.name.upper()}...]",
-                  help=f"{doc} Comma-separated values make a sweep.")  # fmt: skip
+        kw.update(
+            type=str,
+            metavar=s["metavar"] or f"{f.name.upper()}[,{f.name.upper()}...]",
+            help=f"{doc} Comma-separated values make a sweep.",
+        )
         if not required:
             kw["default"] = None if default is None else str(default)
     elif s["multiple"]:
-        kw.update(multiple=True, required=required, default=None if required else tuple(default or ()))  # type: ignore[arg-type]
+        kw.update(
+            multiple=True, required=required, default=None if required else tuple(default or ())
+        )
         out.convert = lambda v: list(v) if v else ([] if default is not None else None)
     elif typ in _SCALARS:
         kw["type"] = _SCALARS[typ]
@@ -179,7 +204,11 @@ def field_option(cls: type, f: dataclasses.Field, shown_override: Any = dataclas
         kw.setdefault("metavar", f"{item.upper()}[,{item.upper()}...]")
         is_tuple = typ.startswith("tuple[")
         out.convert = lambda v, item=item, hint=names[0], t=is_tuple: (
-            None if v is None else (tuple if t else list)(parse_list(v, item, hint)) if isinstance(v, str) else v
+            None
+            if v is None
+            else (tuple if t else list)(parse_list(v, item, hint))
+            if isinstance(v, str)
+            else v
         )
         if isinstance(default, list | tuple):
             kw["default"] = ",".join(map(str, default))
@@ -188,7 +217,9 @@ def field_option(cls: type, f: dataclasses.Field, shown_override: Any = dataclas
     if s["choices"] and out.sweep_item is None:
         kw["type"] = click.Choice(s["choices"])
     out.choices = s["choices"]
-    if s["metavar"] and not (s["metavar"].endswith("...]") and not s["sweep"]):  # a sweep's metavar only when swept
+    if s["metavar"] and not (
+        s["metavar"].endswith("...]") and not s["sweep"]
+    ):  # a sweep's metavar only when swept
         kw["metavar"] = s["metavar"]
     if required:
         kw["required"] = True
@@ -203,7 +234,13 @@ def field_option(cls: type, f: dataclasses.Field, shown_override: Any = dataclas
 def _shown_text(shown: Any, s: dict[str, Any]) -> str | None:
     if s["shown"]:
         return str(s["shown"])
-    if shown is dataclasses.MISSING or shown is None or shown is False or shown == () or shown == []:
+    if (
+        shown is dataclasses.MISSING
+        or shown is None
+        or shown is False
+        or shown == ()
+        or shown == []
+    ):
         return None
     if isinstance(shown, list | tuple):
         return ",".join(map(str, shown))
@@ -215,7 +252,11 @@ def data_options(data_cls: type) -> list[FieldOption]:
     None when not given, so that a recipe's own field stays unless the option is passed (even as its default)."""
     fields = {f.name: f for f in dataclasses.fields(data_cls)}
     docs = field_docs(data_cls)
-    out = [FieldOption("source", "data_source", ("--data",), {"required": True, "help": docs["source"]})]
+    out = [
+        FieldOption(
+            "source", "data_source", ("--data",), {"required": True, "help": docs["source"]}
+        )
+    ]
     for name in DATA_FIELDS[1:]:
         f = fields[name]
         typ = _base_type(f.type)
@@ -224,7 +265,9 @@ def data_options(data_cls: type) -> list[FieldOption]:
             kw["type"] = _SCALARS[typ]
         if f.default not in (None, dataclasses.MISSING):
             kw["show_default"] = f"{f.default}, or the recipe's"
-        opt = FieldOption(name, f"data_{name}", (f"--{name.replace('_', '-')}",), kw, shown=f.default)
+        opt = FieldOption(
+            name, f"data_{name}", (f"--{name.replace('_', '-')}",), kw, shown=f.default
+        )
         if typ.startswith("tuple["):
             kw["metavar"] = "LABEL[,LABEL...]"
         out.append(opt)
@@ -259,7 +302,13 @@ def configured(
             data_cls = DataConfig
             opts += data_options(DataConfig)
             continue
-        o = field_option(cls, f, (shown or {}).get(f.name, dataclasses.MISSING), expand is not None, f.name in required)
+        o = field_option(
+            cls,
+            f,
+            (shown or {}).get(f.name, dataclasses.MISSING),
+            expand is not None,
+            f.name in required,
+        )
         if f.name in arguments:
             o.argument = True
         opts.append(o)

@@ -26,11 +26,27 @@ CROSSCODER_SHOWN = {"arch": "batchtopk", "optimizer": "signum"}
 @main.command("train-crosscoder")
 @handle_errors
 @store_argument
-@configured(TrainConfig, skip=("model", "layer", "preset", "resample", "init", "b_dec_init", "unit_grad", "task_samples"),
-            required=("models", "layers"), fixed={"model": "", "layer": 0}, shown=CROSSCODER_SHOWN)  # fmt: skip
+@configured(
+    TrainConfig,
+    skip=(
+        "model",
+        "layer",
+        "preset",
+        "resample",
+        "init",
+        "b_dec_init",
+        "unit_grad",
+        "task_samples",
+    ),
+    required=("models", "layers"),
+    fixed={"model": "", "layer": 0},
+    shown=CROSSCODER_SHOWN,
+)
 @writable_option
 @quiet_option
-def train_crosscoder(store: str, storage_options: tuple[str, ...], cfg: TrainConfig, writable: bool, quiet: bool) -> None:
+def train_crosscoder(
+    store: str, storage_options: tuple[str, ...], cfg: TrainConfig, writable: bool, quiet: bool
+) -> None:
     """Train a crosscoder on several models' (or layers') activations of the same tokens, streaming (resumable).
 
     One dictionary, a decoder per model: --models pretrained,finetuned --layer 4 --arch batchtopk --k 32 (Minder et
@@ -39,8 +55,13 @@ def train_crosscoder(store: str, storage_options: tuple[str, ...], cfg: TrainCon
     """
     from actstore.sae.train import train_sae
 
-    res = train_sae(store, cfg, progress=not quiet, storage_options=parse_storage_options(storage_options),
-                    writable=write_access(store, writable))  # fmt: skip
+    res = train_sae(
+        store,
+        cfg,
+        progress=not quiet,
+        storage_options=parse_storage_options(storage_options),
+        writable=write_access(store, writable),
+    )
     ev, c = res.metrics.get("eval") or {}, res.sae.cfg
     size = f"k {c.k}" if c.k else f"l1 {c.l1:g}"
     per = ", ".join(f"{s['source']} {s['fvu']:.4f}" for s in ev.get("sources", []))
@@ -57,11 +78,20 @@ def train_crosscoder(store: str, storage_options: tuple[str, ...], cfg: TrainCon
 @handle_errors
 @store_argument
 @configured(CrosscoderDiffConfig)
-@click.option("--top", default=10, show_default=True, help="B-only latents to list with their top tokens.")
+@click.option(
+    "--top", default=10, show_default=True, help="B-only latents to list with their top tokens."
+)
 @writable_option
 @output_format_option
-def diff_crosscoder_cmd(store: str, storage_options: tuple[str, ...], cfg: CrosscoderDiffConfig, top: int, writable: bool,
-                        fmt: str, out: str | None) -> None:  # fmt: skip
+def diff_crosscoder_cmd(
+    store: str,
+    storage_options: tuple[str, ...],
+    cfg: CrosscoderDiffConfig,
+    top: int,
+    writable: bool,
+    fmt: str,
+    out: str | None,
+) -> None:
     """Classify a crosscoder's latents shared / changed / A-only / B-only from its decoder norms, with Latent Scaling
     (Minder et al. 2025) flagging the one-model latents the other model carries after all; list the top B-only ones.
 
@@ -70,7 +100,11 @@ def diff_crosscoder_cmd(store: str, storage_options: tuple[str, ...], cfg: Cross
     from actstore.analysis.crosscoder import diff_crosscoder, top_latents
     from actstore.store.reader import open_store
 
-    st = open_store(store, writable=write_access(store, writable), storage_options=parse_storage_options(storage_options))
+    st = open_store(
+        store,
+        writable=write_access(store, writable),
+        storage_options=parse_storage_options(storage_options),
+    )
     sae, nu = cfg.sae, cfg.nu
     res = diff_crosscoder(st, cfg, save=st.writable)
     if out or fmt != "table":
@@ -79,14 +113,18 @@ def diff_crosscoder_cmd(store: str, storage_options: tuple[str, ...], cfg: Cross
     c = res.counts
     click.echo(f"{sae}: A = {res.sources[0]}, B = {res.sources[1]}, {res.n_rows} token rows")
     click.echo(", ".join(f"{k} {v}" for k, v in c.items() if not k.endswith("exclusive")))
-    click.echo(f"after Latent Scaling: a-only {c['a-only exclusive']} of {c['a-only']}, b-only {c['b-only exclusive']} "
-               f"of {c['b-only']} not flagged (nu >= {nu}: the other model carries them)")  # fmt: skip
+    click.echo(
+        f"after Latent Scaling: a-only {c['a-only exclusive']} of {c['a-only']}, b-only {c['b-only exclusive']} "
+        f"of {c['b-only']} not flagged (nu >= {nu}: the other model carries them)"
+    )
     tl = top_latents(st, res, "b-only", n=top)
     if tl.height:
         click.echo(f"top B-only latents ({res.sources[1]} only):")
     elif top:
         tl = top_latents(st, res, None, n=top)
-        click.echo(f"no latent is B-only; the {tl.height} leaning furthest towards {res.sources[1]} (highest relative norm):")
+        click.echo(
+            f"no latent is B-only; the {tl.height} leaning furthest towards {res.sources[1]} (highest relative norm):"
+        )
     if tl.height:
         emit(tl, "table", None)
         from actstore.encoding.table import encoded_saes
@@ -94,25 +132,44 @@ def diff_crosscoder_cmd(store: str, storage_options: tuple[str, ...], cfg: Cross
         if sae not in encoded_saes(st):
             click.echo(f"(top tokens: encode it first: actstore encode {store} --sae {sae})")
     if st.writable:
-        click.echo(f"saved: query it with actstore sql {store} \"SELECT * FROM crosscoder_latents WHERE sae = '{sae}'\"")
+        click.echo(
+            f"saved: query it with actstore sql {store} \"SELECT * FROM crosscoder_latents WHERE sae = '{sae}'\""
+        )
     else:
         click.echo(f"not saved: {store} is opened read-only (pass --writable to save it)", err=True)
 
 
 @main.command("crosscoder-stability")
 @store_argument
-@click.option("--sae", "saes", multiple=True, required=True, help="Two crosscoders of the same sources: --sae A --sae B.")
-@click.option("--cos", default=0.7, show_default=True, help="Decoder cosine a partner latent needs.")
+@click.option(
+    "--sae",
+    "saes",
+    multiple=True,
+    required=True,
+    help="Two crosscoders of the same sources: --sae A --sae B.",
+)
+@click.option(
+    "--cos", default=0.7, show_default=True, help="Decoder cosine a partner latent needs."
+)
 @handle_errors
-def crosscoder_stability_cmd(store: str, storage_options: tuple[str, ...], saes: tuple[str, ...], cos: float) -> None:
+def crosscoder_stability_cmd(
+    store: str, storage_options: tuple[str, ...], saes: tuple[str, ...], cos: float
+) -> None:
     """How many one-model latents of one crosscoder have a partner of the same class in another (e.g. another --seed)."""
     from actstore.analysis.crosscoder import crosscoder_stability
     from actstore.store.reader import open_store
 
     if len(saes) != 2:
         raise click.UsageError(f"give exactly two crosscoders: --sae A --sae B (got {len(saes)})")
-    res = crosscoder_stability(open_store(store, storage_options=parse_storage_options(storage_options)), saes[0], saes[1], cos)
+    res = crosscoder_stability(
+        open_store(store, storage_options=parse_storage_options(storage_options)),
+        saes[0],
+        saes[1],
+        cos,
+    )
     for key, (x, y) in res.counts.items():
         click.echo(f"{key}: {x} vs {y}")
     for key, frac in res.matched.items():
-        click.echo(f"{key} of {saes[0]} with a {key.split()[0]} partner in {saes[1]} (cos >= {cos}): {frac:.1%}")
+        click.echo(
+            f"{key} of {saes[0]} with a {key.split()[0]} partner in {saes[1]} (cos >= {cos}): {frac:.1%}"
+        )

@@ -24,7 +24,9 @@ def handle_errors(fn: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except ActstoreError as exc:  # messages may quote a store's strings: shown, never obeyed by the terminal
+        except (
+            ActstoreError
+        ) as exc:  # messages may quote a store's strings: shown, never obeyed by the terminal
             raise click.ClickException(terminal_safe(str(exc))) from None
         except OSError as exc:  # the disk or the network, not a bug: one line that says what to do
             raise click.ClickException(terminal_safe(os_error_message(exc))) from None
@@ -39,8 +41,17 @@ def handle_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-EXTRAS = {"torch": "compute", "transformers": "compute", "safetensors": "compute", "matplotlib": "plots",
-          "xarray": "xarray", "dask": "xarray", "s3fs": "remote", "gcsfs": "remote", "adlfs": "remote"}  # fmt: skip
+EXTRAS = {
+    "torch": "compute",
+    "transformers": "compute",
+    "safetensors": "compute",
+    "matplotlib": "plots",
+    "xarray": "xarray",
+    "dask": "xarray",
+    "s3fs": "remote",
+    "gcsfs": "remote",
+    "adlfs": "remote",
+}
 """Optional package -> the actstore extra that installs it (pyproject.toml)."""
 
 
@@ -57,7 +68,9 @@ def os_error_message(exc: OSError) -> str:
     return f"{what}{where.replace(' writing', ' at')}: check the path or connection and rerun"
 
 
-def key_values(values: tuple[str, ...], param_hint: str, form: str = "key=value") -> list[tuple[str, str]]:
+def key_values(
+    values: tuple[str, ...], param_hint: str, form: str = "key=value"
+) -> list[tuple[str, str]]:
     """``("a=1", "b=x")`` -> ``[("a", "1"), ("b", "x")]``; anything without ``=`` or a key is refused."""
     out = []
     for item in values:
@@ -69,16 +82,22 @@ def key_values(values: tuple[str, ...], param_hint: str, form: str = "key=value"
 
 
 def parse_storage_options(values: tuple[str, ...]) -> dict[str, Any]:
-    return {k: {"true": True, "false": False}.get(v.lower(), v) for k, v in key_values(values, "--storage-option")}
+    return {
+        k: {"true": True, "false": False}.get(v.lower(), v)
+        for k, v in key_values(values, "--storage-option")
+    }
 
 
 # ---- shared option decorators ------------------------------------------------
 def store_argument(fn: Callable) -> Callable:
     fn = click.argument("store", metavar="STORE")(fn)
     return click.option(
-        "--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+        "--storage-option",
+        "storage_options",
+        multiple=True,
+        metavar="KEY=VALUE",
         help="Option for a remote store's filesystem (fsspec), e.g. endpoint_url=http://127.0.0.1:9000.",
-    )(fn)  # fmt: skip
+    )(fn)
 
 
 quiet_option = click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -89,13 +108,33 @@ def data_options(fn: Callable) -> Callable:
     for opt in reversed(
         [
             click.option(
-                "--data", "data", required=True, help="Corpus: .jsonl[.gz], .csv[.gz], .parquet, bundled:bbc, or hf:NAME."
+                "--data",
+                "data",
+                required=True,
+                help="Corpus: .jsonl[.gz], .csv[.gz], .parquet, bundled:bbc, or hf:NAME.",
             ),
             # None when not given, so that a recipe's own field stays unless the option is passed (even as "text")
-            click.option("--text-field", default=None, show_default="text, or the recipe's", help="Field holding the text."),
-            click.option("--label-field", default=None, show_default="label, or the recipe's", help="Field holding the label."),
-            click.option("--id-field", default=None, show_default="id, or the recipe's", help="Field holding the row id."),
-            click.option("--limit", type=int, default=None, help="Use only the first N usable rows."),
+            click.option(
+                "--text-field",
+                default=None,
+                show_default="text, or the recipe's",
+                help="Field holding the text.",
+            ),
+            click.option(
+                "--label-field",
+                default=None,
+                show_default="label, or the recipe's",
+                help="Field holding the label.",
+            ),
+            click.option(
+                "--id-field",
+                default=None,
+                show_default="id, or the recipe's",
+                help="Field holding the row id.",
+            ),
+            click.option(
+                "--limit", type=int, default=None, help="Use only the first N usable rows."
+            ),
         ]
     ):
         fn = opt(fn)
@@ -103,24 +142,41 @@ def data_options(fn: Callable) -> Callable:
 
 
 def labels_option(fn: Callable) -> Callable:
-    return click.option("--labels", default=None, help="Keep only rows with these labels (comma-separated).")(fn)
+    return click.option(
+        "--labels", default=None, help="Keep only rows with these labels (comma-separated)."
+    )(fn)
 
 
 def output_format_option(fn: Callable) -> Callable:
     fn = click.option(
-        "--format", "fmt", type=click.Choice(["table", "csv", "json", "parquet"]), default="table", show_default=True,
+        "--format",
+        "fmt",
+        type=click.Choice(["table", "csv", "json", "parquet"]),
+        default="table",
+        show_default=True,
         help="Output format.",
-    )(fn)  # fmt: skip
-    return click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the result to this file.")(fn)
+    )(fn)
+    return click.option(
+        "--out",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="Write the result to this file.",
+    )(fn)
 
 
 def device_option(fn: Callable) -> Callable:
-    return click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")(fn)
+    return click.option(
+        "--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto."
+    )(fn)
 
 
 def writable_option(fn: Callable) -> Callable:
     """``--writable``: open a URL store for writing (URLs are read-only otherwise)."""
-    return click.option("--writable", is_flag=True, help="Allow writing to a store given by URL (read-only otherwise).")(fn)
+    return click.option(
+        "--writable",
+        is_flag=True,
+        help="Allow writing to a store given by URL (read-only otherwise).",
+    )(fn)
 
 
 def ray_option(what: str) -> Callable[[Callable], Callable]:
@@ -128,18 +184,24 @@ def ray_option(what: str) -> Callable[[Callable], Callable]:
 
     def deco(fn: Callable) -> Callable:
         return click.option(
-            "--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+            "--ray",
+            "ray_address",
+            is_flag=False,
+            flag_value="local",
+            default=None,
+            metavar="[ADDRESS]",
             help=f"{what} on Ray: a local Ray, or the cluster at ADDRESS (one GPU each when the cluster has GPUs).",
-        )(fn)  # fmt: skip
+        )(fn)
 
     return deco
 
 
 def break_lock_option(fn: Callable) -> Callable:
     return click.option(
-        "--break-lock", is_flag=True,
+        "--break-lock",
+        is_flag=True,
         help="Take over write locks left by a writer that died on another host (same-host dead writers are detected).",
-    )(fn)  # fmt: skip
+    )(fn)
 
 
 CONTROL_CHARS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
@@ -160,7 +222,9 @@ def emit_text(text: str, out: str | None = None) -> None:
     if out:
         write_file(out, text.encode("utf-8", "backslashreplace"))
         return
-    write_stdout((terminal_safe(text) if is_terminal() else text).encode("utf-8", "backslashreplace"))
+    write_stdout(
+        (terminal_safe(text) if is_terminal() else text).encode("utf-8", "backslashreplace")
+    )
 
 
 def emit(df: Any, fmt: str, out: str | None) -> None:
@@ -180,7 +244,9 @@ def emit(df: Any, fmt: str, out: str | None) -> None:
     elif fmt == "json":
         text = json.dumps(df.to_dicts(), indent=2, default=str) + "\n"
     else:
-        with pl.Config(tbl_rows=max(df.height, 1), tbl_cols=-1, fmt_str_lengths=80, tbl_width_chars=200):
+        with pl.Config(
+            tbl_rows=max(df.height, 1), tbl_cols=-1, fmt_str_lengths=80, tbl_width_chars=200
+        ):
             text = str(df) + "\n"
     emit_text(text, out)
     if out:
@@ -193,9 +259,17 @@ def parse_params(values: tuple[str, ...]) -> dict[str, str]:
 
 
 def sae_options(fn: Callable) -> Callable:
-    fn = click.option("--sae", default=None, help="SAE name (needed when the layer has several).")(fn)
-    fn = click.option("--model", default=None, help="Model key in the store (needed when several models have the layer).")(fn)
-    return click.option("--layer", type=int, default=None, help="Layer of the SAE (hidden_states index).")(fn)
+    fn = click.option("--sae", default=None, help="SAE name (needed when the layer has several).")(
+        fn
+    )
+    fn = click.option(
+        "--model",
+        default=None,
+        help="Model key in the store (needed when several models have the layer).",
+    )(fn)
+    return click.option(
+        "--layer", type=int, default=None, help="Layer of the SAE (hidden_states index)."
+    )(fn)
 
 
 # ---------------------------------------------------------------- options from config fields
@@ -207,12 +281,18 @@ def field_docs(cls: type) -> dict[str, str]:
     body = ast.parse(inspect.getsource(cls)).body[0].body  # type: ignore[attr-defined]
     for stmt, nxt in zip(body, body[1:], strict=False):
         is_field = isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
-        is_doc = isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)
+        is_doc = (
+            isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        )
         if is_field and is_doc:
             docs[stmt.target.id] = nxt.value.value.strip()  # type: ignore[union-attr]
     consts = {k: v for k, v in vars(sys.modules[cls.__module__]).items() if k.isupper()}
     docs = {k: v.format_map(consts) if "{" in v else v for k, v in docs.items()}
-    return {k: re.sub(r"``(.+?)``", r"\1", v, flags=re.S) for k, v in docs.items()}  # reST literals: plain in --help
+    return {
+        k: re.sub(r"``(.+?)``", r"\1", v, flags=re.S) for k, v in docs.items()
+    }  # reST literals: plain in --help
 
 
 _SCALARS = {"int": int, "float": float, "str": str, "bool": bool}

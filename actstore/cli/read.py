@@ -37,16 +37,21 @@ def info(store: str, storage_options: tuple[str, ...], as_json: bool) -> None:
         emit_text(dumps(d) + "\n")
         return
     lines: list[str] = []
-    lines.append(f"store {d['url']} (format {d['store'].get('format')}, created {d['store'].get('created')})")
+    lines.append(
+        f"store {d['url']} (format {d['store'].get('format')}, created {d['store'].get('created')})"
+    )
     for key, t in d["tokenizations"].items():
         data = t.get("data", {})
         lines.append(
             f"  tokenization {key}: {t.get('n_samples')} samples, {t.get('n_tokens')} tokens, max length {t.get('max_length')}, "
-            f"{t.get('n_truncated')} truncated; data {data.get('source')}" + ("" if t.get("complete") else " [INCOMPLETE]")
+            f"{t.get('n_truncated')} truncated; data {data.get('source')}"
+            + ("" if t.get("complete") else " [INCOMPLETE]")
         )
     for m, info_ in d["models"].items():
-        lines.append(f"  model {m}: {info_.get('source')} ({info_.get('architecture')}, d_model {info_.get('d_model')}, "
-                   f"{info_.get('n_layers')} layers, weights {str(info_.get('weights_sha256'))[:12]})")  # fmt: skip
+        lines.append(
+            f"  model {m}: {info_.get('source')} ({info_.get('architecture')}, d_model {info_.get('d_model')}, "
+            f"{info_.get('n_layers')} layers, weights {str(info_.get('weights_sha256'))[:12]})"
+        )
         for layer, la in info_["layers"].items():
             lines.append(f"    layer {layer}: {la.get('codec')}, {la.get('state')}")
     for extra, extra_lines in d.get("extra", {}).items():
@@ -60,7 +65,9 @@ def info(store: str, storage_options: tuple[str, ...], as_json: bool) -> None:
 @click.argument("query")
 @output_format_option
 @handle_errors
-def sql(store: str, storage_options: tuple[str, ...], query: str, fmt: str, out: str | None) -> None:
+def sql(
+    store: str, storage_options: tuple[str, ...], query: str, fmt: str, out: str | None
+) -> None:
     """Run SQL QUERY over STORE's views (tokens, samples, features, ...)."""
     from actstore.query.views import sql as run_sql
     from actstore.store.reader import open_store
@@ -71,17 +78,51 @@ def sql(store: str, storage_options: tuple[str, ...], query: str, fmt: str, out:
 
 @main.command()
 @click.argument("stores", nargs=-1, required=True, metavar="STORE...")
-@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE", help="fsspec option for remote stores.")
-@click.option("--models", default=None, help="Two model keys A,B (default: the store's two models).")
+@click.option(
+    "--storage-option",
+    "storage_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="fsspec option for remote stores.",
+)
+@click.option(
+    "--models", default=None, help="Two model keys A,B (default: the store's two models)."
+)
 @click.option("--layers", default=None, help="Layers: 2,4,6 or 0-6 (default: all shared).")
-@click.option("--metric", "metrics", default=",".join(METRICS), show_default=True, help=f"Comma-separated: {', '.join(METRICS)}.")
-@click.option("--label", "labels", multiple=True, help="Legend label per STORE (default: the store's folder name).")
+@click.option(
+    "--metric",
+    "metrics",
+    default=",".join(METRICS),
+    show_default=True,
+    help=f"Comma-separated: {', '.join(METRICS)}.",
+)
+@click.option(
+    "--label",
+    "labels",
+    multiple=True,
+    help="Legend label per STORE (default: the store's folder name).",
+)
 @config_option(CompareConfig, "cka_rows")
-@click.option("--plot", default=None, type=click.Path(dir_okay=False), help="Write a similarity-vs-layer PNG here.")
+@click.option(
+    "--plot",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Write a similarity-vs-layer PNG here.",
+)
 @output_format_option
 @handle_errors
-def compare(stores: tuple[str, ...], storage_options: tuple[str, ...], models: str | None, layers: str | None, metrics: str,
-            labels: tuple[str, ...], cka_rows: int, plot: str | None, fmt: str, out: str | None) -> None:  # fmt: skip
+def compare(
+    stores: tuple[str, ...],
+    storage_options: tuple[str, ...],
+    models: str | None,
+    layers: str | None,
+    metrics: str,
+    labels: tuple[str, ...],
+    cka_rows: int,
+    plot: str | None,
+    fmt: str,
+    out: str | None,
+) -> None:
     """Layer-wise similarity of two row-aligned models (the paper's Fig 1); several STOREs give several lines."""
     from actstore.analysis.compare import compare_stores, plot_similarity
     from actstore.analysis.config import CompareConfig
@@ -91,12 +132,15 @@ def compare(stores: tuple[str, ...], storage_options: tuple[str, ...], models: s
         raise click.UsageError(f"give one --label per store ({len(stores)}), or none")
     cfg = CompareConfig(
         models=tuple(x.strip() for x in models.split(",")) if models else None,  # type: ignore[arg-type]
-        layers=parse_layers(layers) if layers else None, metrics=[m.strip() for m in metrics.split(",") if m.strip()],
+        layers=parse_layers(layers) if layers else None,
+        metrics=[m.strip() for m in metrics.split(",") if m.strip()],
         cka_rows=cka_rows,
-    )  # fmt: skip
+    )
     from actstore.analysis.compare import wide
 
-    table = compare_stores(list(stores), cfg, list(labels) or None, parse_storage_options(storage_options))
+    table = compare_stores(
+        list(stores), cfg, list(labels) or None, parse_storage_options(storage_options)
+    )
     emit(wide(table), fmt, out)
     if plot:
         click.echo(f"wrote {plot_similarity(table, plot)}", err=True)
@@ -105,15 +149,32 @@ def compare(stores: tuple[str, ...], storage_options: tuple[str, ...], models: s
 @main.command()
 @click.argument("store", metavar="STORE", required=False)
 @click.argument("name", metavar="NAME", required=False)
-@click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help="Query parameter (repeat), e.g. feature=412.")
+@click.option(
+    "--param",
+    "params",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Query parameter (repeat), e.g. feature=412.",
+)
 @click.option("--list", "list_", is_flag=True, help="List the named queries and their parameters.")
 @click.option(
-    "--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE", help="Option for a remote store's filesystem."
+    "--storage-option",
+    "storage_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Option for a remote store's filesystem.",
 )
 @output_format_option
 @handle_errors
-def query(store: str | None, name: str | None, params: tuple[str, ...], list_: bool, storage_options: tuple[str, ...], fmt: str,
-          out: str | None) -> None:  # fmt: skip
+def query(
+    store: str | None,
+    name: str | None,
+    params: tuple[str, ...],
+    list_: bool,
+    storage_options: tuple[str, ...],
+    fmt: str,
+    out: str | None,
+) -> None:
     """Run the named query NAME over STORE (see --list); parameters are bound, never pasted into SQL."""
     from actstore.query import named as q
     from actstore.store.reader import open_store
@@ -124,7 +185,9 @@ def query(store: str | None, name: str | None, params: tuple[str, ...], list_: b
             for p in nq.params:
                 default = "required" if p.required else f"default {p.default}"
                 click.echo(f"    {p.name} ({p.type}, {default}): {p.help}")
-        click.echo("Every query with a sae parameter also takes layer=L and model=KEY to pick the layer's only SAE.")
+        click.echo(
+            "Every query with a sae parameter also takes layer=L and model=KEY to pick the layer's only SAE."
+        )
         return
     if not store or not name:
         raise click.UsageError("give STORE and NAME (actstore query --list shows the names)")
@@ -137,11 +200,27 @@ def query(store: str | None, name: str | None, params: tuple[str, ...], list_: b
 @sae_options
 @click.option("--feature", type=int, required=True, help="Feature index.")
 @click.option("-n", "n", type=int, default=TOP_TOKENS_N, show_default=True, help="Rows to show.")
-@click.option("--context", type=int, default=CONTEXT_TOKENS, show_default=True, help="Tokens shown on each side.")
+@click.option(
+    "--context",
+    type=int,
+    default=CONTEXT_TOKENS,
+    show_default=True,
+    help="Tokens shown on each side.",
+)
 @output_format_option
 @handle_errors
-def top_tokens_cmd(store: str, storage_options: tuple[str, ...], layer: int | None, model: str | None, sae: str | None,
-                   feature: int, n: int, context: int, fmt: str, out: str | None) -> None:  # fmt: skip
+def top_tokens_cmd(
+    store: str,
+    storage_options: tuple[str, ...],
+    layer: int | None,
+    model: str | None,
+    sae: str | None,
+    feature: int,
+    n: int,
+    context: int,
+    fmt: str,
+    out: str | None,
+) -> None:
     """The tokens where FEATURE fires most, with sample id, label and context (token in [[ ]])."""
     from actstore.query.lookups import top_tokens
     from actstore.store.reader import open_store
@@ -157,17 +236,39 @@ def top_tokens_cmd(store: str, storage_options: tuple[str, ...], layer: int | No
 @store_argument
 @sae_options
 @click.option(
-    "--by", type=click.Choice(RANK_BY), default=RANK_BY[0], show_default=True,
+    "--by",
+    type=click.Choice(RANK_BY),
+    default=RANK_BY[0],
+    show_default=True,
     help="Rank by activation variance over all tokens (the paper's choice), firing frequency, or label association.",
-)  # fmt: skip
-@click.option("--label", default=None, help="With --by label-association: only this label (default: every label).")
+)
 @click.option(
-    "-n", "n", type=int, default=TOP_FEATURES_N, show_default=True, help="Features to show (per label for label-association)."
+    "--label",
+    default=None,
+    help="With --by label-association: only this label (default: every label).",
+)
+@click.option(
+    "-n",
+    "n",
+    type=int,
+    default=TOP_FEATURES_N,
+    show_default=True,
+    help="Features to show (per label for label-association).",
 )
 @output_format_option
 @handle_errors
-def top_features_cmd(store: str, storage_options: tuple[str, ...], layer: int | None, model: str | None, sae: str | None, by: str,
-                     label: str | None, n: int, fmt: str, out: str | None) -> None:  # fmt: skip
+def top_features_cmd(
+    store: str,
+    storage_options: tuple[str, ...],
+    layer: int | None,
+    model: str | None,
+    sae: str | None,
+    by: str,
+    label: str | None,
+    n: int,
+    fmt: str,
+    out: str | None,
+) -> None:
     """Features ranked by variance, frequency, or association with a label."""
     from actstore.query.lookups import top_features
     from actstore.store.reader import open_store
@@ -178,19 +279,34 @@ def top_features_cmd(store: str, storage_options: tuple[str, ...], layer: int | 
 
 @main.command()
 @store_argument
-@click.option("--update-manifest", is_flag=True, help="First record SHA-256 of files the manifest does not list yet.")
+@click.option(
+    "--update-manifest",
+    is_flag=True,
+    help="First record SHA-256 of files the manifest does not list yet.",
+)
 @click.option("--writable", is_flag=True, help="Needed with --update-manifest on a URL store.")
 @click.option("--jobs", type=int, default=8, show_default=True, help="Objects checked in parallel.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @handle_errors
-def verify(store: str, storage_options: tuple[str, ...], update_manifest: bool, writable: bool, jobs: int, as_json: bool) -> None:
+def verify(
+    store: str,
+    storage_options: tuple[str, ...],
+    update_manifest: bool,
+    writable: bool,
+    jobs: int,
+    as_json: bool,
+) -> None:
     """Check every chunk (crc32c) and file (manifest SHA-256) of STORE; list each bad object."""
     from actstore.storage.integrity import update_manifest as update
     from actstore.storage.integrity import verify as run
     from actstore.storage.location import open_location
     from actstore.store.reader import dumps
 
-    loc = open_location(store, parse_storage_options(storage_options), writable=update_manifest and write_access(store, writable))
+    loc = open_location(
+        store,
+        parse_storage_options(storage_options),
+        writable=update_manifest and write_access(store, writable),
+    )
     if update_manifest:
         n = len(update(loc)["files"])
         click.echo(f"manifest.json lists {n} files", err=True)
@@ -203,8 +319,15 @@ def verify(store: str, storage_options: tuple[str, ...], update_manifest: bool, 
         state = "ok" if rep.ok else "FAILED"
         click.echo(
             f"{rep.store}: {state} — {rep.n_chunks} chunks and {rep.n_files} files checked ({rep.n_bytes / 2**20:.1f} MiB), "
-            + ", ".join(f"{sum(p.kind == k for p in rep.problems)} {k}" for k in ("corrupted", "missing", "unlisted"))
-            + "".join(f", {n} unfinished (rerun the encode)" for n in [sum(p.kind == "unfinished" for p in rep.problems)] if n)
+            + ", ".join(
+                f"{sum(p.kind == k for p in rep.problems)} {k}"
+                for k in ("corrupted", "missing", "unlisted")
+            )
+            + "".join(
+                f", {n} unfinished (rerun the encode)"
+                for n in [sum(p.kind == "unfinished" for p in rep.problems)]
+                if n
+            )
             + ("" if rep.manifest else "; no manifest.json")
         )
     if not rep.ok:
@@ -213,20 +336,57 @@ def verify(store: str, storage_options: tuple[str, ...], update_manifest: bool, 
 
 @main.command()
 @store_argument
-@click.option("--sae", "saes", multiple=True, required=True, help="SAE name; repeat to pair one SAE with each model.")
-@click.option("--feature", "features", type=int, multiple=True, required=True, help="Feature index; repeat to give one per SAE.")
-@click.option("--text", "texts", multiple=True, help="A sentence to run through the models live (repeatable).")
-@click.option("--probes", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="File of sentences to run live, one per line (# comments), e.g. data/probes.txt.")  # fmt: skip
-@click.option("--sample-id", "sample_ids", multiple=True, help="Id of a stored sample (repeatable).")
-@click.option("--models", default=None, help="Model keys side by side, e.g. minilm,minilm-ft (default: each SAE's own model).")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="FILE.html or FILE.png.")
+@click.option(
+    "--sae",
+    "saes",
+    multiple=True,
+    required=True,
+    help="SAE name; repeat to pair one SAE with each model.",
+)
+@click.option(
+    "--feature",
+    "features",
+    type=int,
+    multiple=True,
+    required=True,
+    help="Feature index; repeat to give one per SAE.",
+)
+@click.option(
+    "--text", "texts", multiple=True, help="A sentence to run through the models live (repeatable)."
+)
+@click.option(
+    "--probes",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="File of sentences to run live, one per line (# comments), e.g. data/probes.txt.",
+)
+@click.option(
+    "--sample-id", "sample_ids", multiple=True, help="Id of a stored sample (repeatable)."
+)
+@click.option(
+    "--models",
+    default=None,
+    help="Model keys side by side, e.g. minilm,minilm-ft (default: each SAE's own model).",
+)
+@click.option(
+    "--out", required=True, type=click.Path(dir_okay=False), help="FILE.html or FILE.png."
+)
 @config_option(ShowConfig, "max_tokens")
 @device_option
 @handle_errors
-def show(store: str, storage_options: tuple[str, ...], saes: tuple[str, ...], features: tuple[int, ...],
-         texts: tuple[str, ...], probes: str | None, sample_ids: tuple[str, ...], models: str | None, out: str,
-         max_tokens: int | None, device: str) -> None:  # fmt: skip
+def show(
+    store: str,
+    storage_options: tuple[str, ...],
+    saes: tuple[str, ...],
+    features: tuple[int, ...],
+    texts: tuple[str, ...],
+    probes: str | None,
+    sample_ids: tuple[str, ...],
+    models: str | None,
+    out: str,
+    max_tokens: int | None,
+    device: str,
+) -> None:
     """Colour each token by an SAE feature's activation, models side by side (the paper's Figs 3-5)."""
     from actstore.analysis.config import ShowConfig
     from actstore.analysis.show import show as run
@@ -237,16 +397,24 @@ def show(store: str, storage_options: tuple[str, ...], saes: tuple[str, ...], fe
     st = open_store(store, storage_options=parse_storage_options(storage_options))
     if probes:
         with open(probes, encoding="utf-8") as f:
-            texts += tuple(line.strip() for line in f if line.strip() and not line.lstrip().startswith("#"))
+            texts += tuple(
+                line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")
+            )
     cfg = ShowConfig(
-        saes=list(saes), features=list(features), texts=list(texts), sample_ids=list(sample_ids),
-        models=[m.strip() for m in models.split(",") if m.strip()] if models else None, device=auto_device(device),
+        saes=list(saes),
+        features=list(features),
+        texts=list(texts),
+        sample_ids=list(sample_ids),
+        models=[m.strip() for m in models.split(",") if m.strip()] if models else None,
+        device=auto_device(device),
         max_tokens=max_tokens,
-    )  # fmt: skip
+    )
     tv = run(st, cfg, out)
     for r in show_summary(tv):
         label = r["sentence"] if len(r["sentence"]) <= 50 else r["sentence"][:47] + "..."
-        click.echo(f"{label!r} · {r['model']} · {r['sae']}[{r['feature']}]: max {r['max']:.4f} at {r['at']!r}")
+        click.echo(
+            f"{label!r} · {r['model']} · {r['sae']}[{r['feature']}]: max {r['max']:.4f} at {r['at']!r}"
+        )
     click.echo(f"wrote {out}")
 
 

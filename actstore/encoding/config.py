@@ -45,4 +45,6 @@ class EncodeConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("ray_workers", "threads"):
             if getattr(self, name) is not None and int(getattr(self, name)) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}"
+                )

@@ -141,8 +141,16 @@ def check_sae_layer(store: Store, sae: SAE, name: str) -> tuple[str, int]:
 class _Sink:
     """Takes each encoded block in row order: sorts it into the spiller, spills and commits at the memory budget."""
 
-    def __init__(self, store: Store, cfg: EncodeConfig, man: dict[str, Any], spiller: Spiller, n_rows: int, start: int,
-                 timings: dict[str, float]) -> None:  # fmt: skip
+    def __init__(
+        self,
+        store: Store,
+        cfg: EncodeConfig,
+        man: dict[str, Any],
+        spiller: Spiller,
+        n_rows: int,
+        start: int,
+        timings: dict[str, float],
+    ) -> None:
         self.store, self.cfg, self.man, self.spiller = store, cfg, man, spiller
         self.n_rows, self.seg_start, self.timings = n_rows, start, timings
         self.n_spills = 0
@@ -172,7 +180,9 @@ class _Sink:
 
 
 # ---------------------------------------------------------------- driver
-def encode(store: Store, cfg: EncodeConfig, progress: bool = True, ray_address: str | None = None) -> EncodeResult:
+def encode(
+    store: Store, cfg: EncodeConfig, progress: bool = True, ray_address: str | None = None
+) -> EncodeResult:
     """Encode every token row of the SAE's (model, layer) into ``STORE/features/<sae>/`` (resumable).
 
     ``store`` must be opened writable (``open_store(path, writable=True)``). One encode of an SAE runs at a
@@ -181,14 +191,20 @@ def encode(store: Store, cfg: EncodeConfig, progress: bool = True, ray_address: 
     ``cfg.ray_workers`` Ray actors (:mod:`actstore.encoding.segments`); the files equal a single process's.
     """
     if store.loc.read_only:
-        raise StoreError(f"{store.url} is open read-only: pass --writable (open_store(url, writable=True)) to encode into it")
+        raise StoreError(
+            f"{store.url} is open read-only: pass --writable (open_store(url, writable=True)) to encode into it"
+        )
     check_name(cfg.sae, "SAE")
     from actstore.sae.files import load_sae
 
-    device = auto_device(cfg.device if ray_address is None else "cpu")  # with Ray the driver only plans
+    device = auto_device(
+        cfg.device if ray_address is None else "cpu"
+    )  # with Ray the driver only plans
     sae = load_sae(store, cfg.sae, device=device).eval()
     model, layer = check_sae_layer(store, sae, cfg.sae)
-    lock = StoreLock(store.loc, features_dir(cfg.sae), f"encode {cfg.sae}", cfg.break_lock).acquire()
+    lock = StoreLock(
+        store.loc, features_dir(cfg.sae), f"encode {cfg.sae}", cfg.break_lock
+    ).acquire()
     try:
         return _encode(store, cfg, sae, model, layer, device, progress, ray_address)
     finally:
@@ -234,7 +250,11 @@ def expected_l0(store: Store, name: str, sae: SAE) -> float:
         return float(sae.cfg.k)
     ev = read_metrics(store, name).get("eval")
     l0 = number(ev.get("l0")) if isinstance(ev, dict) else None
-    return min(l0, sae.cfg.d_sae) if l0 is not None and math.isfinite(l0) and l0 > 0 else sae.cfg.d_sae / 4
+    return (
+        min(l0, sae.cfg.d_sae)
+        if l0 is not None and math.isfinite(l0) and l0 > 0
+        else sae.cfg.d_sae / 4
+    )
 
 
 def _plan(store: Store, cfg: EncodeConfig, sae: SAE, n_rows: int) -> _Plan:
@@ -242,17 +262,33 @@ def _plan(store: Store, cfg: EncodeConfig, sae: SAE, n_rows: int) -> _Plan:
     n_buckets = bucket_count(cfg, d_sae, n_rows, expected_l0(store, cfg.sae, sae))
     bucket_features = -(-d_sae // n_buckets)
     n_buckets = -(-d_sae // bucket_features)
-    want = {"n_rows": n_rows, "d_sae": d_sae, "n_buckets": n_buckets, "bucket_features": bucket_features,
-            "sae_sha256": sae_fingerprint(store, cfg.sae), "row_group_rows": cfg.row_group_rows}  # fmt: skip
+    want = {
+        "n_rows": n_rows,
+        "d_sae": d_sae,
+        "n_buckets": n_buckets,
+        "bucket_features": bucket_features,
+        "sae_sha256": sae_fingerprint(store, cfg.sae),
+        "row_group_rows": cfg.row_group_rows,
+    }
     return _Plan(n_rows, d_sae, n_buckets, bucket_features, features_dir(cfg.sae), want)
 
 
-def _encode(store: Store, cfg: EncodeConfig, sae: SAE, model: str, layer: int, device: str, progress: bool,
-            ray_address: str | None) -> EncodeResult:  # fmt: skip
+def _encode(
+    store: Store,
+    cfg: EncodeConfig,
+    sae: SAE,
+    model: str,
+    layer: int,
+    device: str,
+    progress: bool,
+    ray_address: str | None,
+) -> EncodeResult:
     from actstore.sae.model import check_fits
 
     t_start = time.perf_counter()
-    acts = check_fits(store, sae.cfg, cfg.sae)  # (model, layer), or a crosscoder's sources side by side
+    acts = check_fits(
+        store, sae.cfg, cfg.sae
+    )  # (model, layer), or a crosscoder's sources side by side
     plan = _plan(store, cfg, sae, acts.n_rows)
     published, man = _published_and_pending(store, cfg, plan)
     if published is not None and not cfg.overwrite and man is None:
@@ -261,43 +297,92 @@ def _encode(store: Store, cfg: EncodeConfig, sae: SAE, model: str, layer: int, d
                 f"an encoding of SAE {cfg.sae!r} in {store.url}/{plan.base} is complete with other weights, rows or settings: "
                 "pass --overwrite to re-encode (the old one stays until the new one is complete)"
             )
-        return EncodeResult(store.url, cfg.sae, model, layer, plan.n_rows, int(published["n_feature_rows"]),
-                            int(published["n_bytes"]), 0.0, 0.0, skipped=True,
-                            never_fired_fraction=published.get("never_fired_fraction"))  # fmt: skip
+        return EncodeResult(
+            store.url,
+            cfg.sae,
+            model,
+            layer,
+            plan.n_rows,
+            int(published["n_feature_rows"]),
+            int(published["n_bytes"]),
+            0.0,
+            0.0,
+            skipped=True,
+            never_fired_fraction=published.get("never_fired_fraction"),
+        )
     if man is None or cfg.overwrite or (ray_address is not None and not man.get("segment_rows")):
         man = _new_generation(store, cfg, sae, plan, published, model, layer)
-        if ray_address is not None:  # fixed for the life of this encoding, so a resumed run cuts the same segments
-            man["segment_rows"] = segment_rows_for(plan.n_rows, cfg.batch_rows, cfg.ray_workers or 8)
+        if (
+            ray_address is not None
+        ):  # fixed for the life of this encoding, so a resumed run cuts the same segments
+            man["segment_rows"] = segment_rows_for(
+                plan.n_rows, cfg.batch_rows, cfg.ray_workers or 8
+            )
             write_manifest(store, cfg.sae, man, PENDING)
     timings = {"read": 0.0, "encode": 0.0, "sort": 0.0, "spill": 0.0, "stream": 0.0, "finish": 0.0}
     if man.get("segment_rows"):
-        return _encode_segments(store, cfg, sae, plan, man, published, model, layer, device, progress, ray_address)
+        return _encode_segments(
+            store, cfg, sae, plan, man, published, model, layer, device, progress, ray_address
+        )
     resumed_from = int(man["spilled_rows"])
     sink = _spill_phase(store, cfg, sae, acts, plan, man, device, progress, timings)
     _finish_phase(store, cfg, plan, man, sink, published, timings)
     secs = time.perf_counter() - t_start
     return EncodeResult(
-        store.url, cfg.sae, model, layer, plan.n_rows, int(man["n_feature_rows"]), int(man["n_bytes"]), secs,
-        (plan.n_rows - resumed_from) / secs if secs > 0 else 0.0, resumed_from=resumed_from, n_spills=sink.n_spills,
-        timings=timings, never_fired_fraction=man.get("never_fired_fraction"),
-    )  # fmt: skip
+        store.url,
+        cfg.sae,
+        model,
+        layer,
+        plan.n_rows,
+        int(man["n_feature_rows"]),
+        int(man["n_bytes"]),
+        secs,
+        (plan.n_rows - resumed_from) / secs if secs > 0 else 0.0,
+        resumed_from=resumed_from,
+        n_spills=sink.n_spills,
+        timings=timings,
+        never_fired_fraction=man.get("never_fired_fraction"),
+    )
 
 
-def _encode_segments(store: Store, cfg: EncodeConfig, sae: SAE, plan: _Plan, man: dict[str, Any],
-                     published: dict[str, Any] | None, model: str, layer: int, device: str, progress: bool,
-                     ray_address: str | None) -> EncodeResult:  # fmt: skip
+def _encode_segments(
+    store: Store,
+    cfg: EncodeConfig,
+    sae: SAE,
+    plan: _Plan,
+    man: dict[str, Any],
+    published: dict[str, Any] | None,
+    model: str,
+    layer: int,
+    device: str,
+    progress: bool,
+    ray_address: str | None,
+) -> EncodeResult:
     """An encoding in segments (made with --ray, or resumed from one): segments, then buckets, on Ray workers or
     here (:mod:`actstore.encoding.segments`), then published like any other."""
     t_start = time.perf_counter()
     work = files_dir(cfg.sae, man)
     job = SegmentJob(
-        store=store.loc.root if store.loc.local else store.url, storage_options=store.loc.storage_options, sae=cfg.sae,
-        model=model, layer=layer, work=work, n_rows=plan.n_rows, segment_rows=int(man["segment_rows"]),
-        batch_rows=cfg.batch_rows, spill_entries=cfg.spill_entries, n_buckets=plan.n_buckets,
-        bucket_features=plan.bucket_features, d_sae=plan.d_sae, row_group_rows=cfg.row_group_rows, device=cfg.device,
+        store=store.loc.root if store.loc.local else store.url,
+        storage_options=store.loc.storage_options,
+        sae=cfg.sae,
+        model=model,
+        layer=layer,
+        work=work,
+        n_rows=plan.n_rows,
+        segment_rows=int(man["segment_rows"]),
+        batch_rows=cfg.batch_rows,
+        spill_entries=cfg.spill_entries,
+        n_buckets=plan.n_buckets,
+        bucket_features=plan.bucket_features,
+        d_sae=plan.d_sae,
+        row_group_rows=cfg.row_group_rows,
+        device=cfg.device,
         threads=cfg.threads,
-    )  # fmt: skip
-    resumed_from = min([s for s in job.segments() if s not in done_segments(store, work)], default=plan.n_rows)
+    )
+    resumed_from = min(
+        [s for s in job.segments() if s not in done_segments(store, work)], default=plan.n_rows
+    )
     local = SegmentWorker(job, store, sae) if ray_address is None else None
     done, phase = run_segments(job, store, ray_address, cfg.ray_workers, progress, local)
     timings = {"stream": phase["segments"], "finish": phase["buckets"]}
@@ -306,20 +391,33 @@ def _encode_segments(store: Store, cfg: EncodeConfig, sae: SAE, plan: _Plan, man
     timings["finish"] += time.perf_counter() - t_pub
     secs = time.perf_counter() - t_start
     return EncodeResult(
-        store.url, cfg.sae, model, layer, plan.n_rows, int(man["n_feature_rows"]), int(man["n_bytes"]), secs,
-        (plan.n_rows - resumed_from) / secs if secs > 0 else 0.0, resumed_from=resumed_from, timings=timings,
+        store.url,
+        cfg.sae,
+        model,
+        layer,
+        plan.n_rows,
+        int(man["n_feature_rows"]),
+        int(man["n_bytes"]),
+        secs,
+        (plan.n_rows - resumed_from) / secs if secs > 0 else 0.0,
+        resumed_from=resumed_from,
+        timings=timings,
         never_fired_fraction=man.get("never_fired_fraction"),
-    )  # fmt: skip
+    )
 
 
-def _published_and_pending(store: Store, cfg: EncodeConfig, plan: _Plan) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+def _published_and_pending(
+    store: Store, cfg: EncodeConfig, plan: _Plan
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """The published encoding (if usable) and the pending one to resume (only if it has these exact settings)."""
     try:
         published = read_encoding(store, cfg.sae)
     except IntegrityError:
         if not cfg.overwrite:
             raise
-        published = None  # a damaged encoding is replaced; its files go once the new one is published
+        published = (
+            None  # a damaged encoding is replaced; its files go once the new one is published
+        )
     if published is not None and not published.get("complete"):
         # an unfinished encoding of a version before pending.json: nothing usable, so start over
         for key in ("acts", "spill", "stats.parquet", MANIFEST):
@@ -334,8 +432,15 @@ def _published_and_pending(store: Store, cfg: EncodeConfig, plan: _Plan) -> tupl
     return published, man if same else None
 
 
-def _new_generation(store: Store, cfg: EncodeConfig, sae: SAE, plan: _Plan, published: dict[str, Any] | None, model: str,
-                    layer: int) -> dict[str, Any]:  # fmt: skip
+def _new_generation(
+    store: Store,
+    cfg: EncodeConfig,
+    sae: SAE,
+    plan: _Plan,
+    published: dict[str, Any] | None,
+    model: str,
+    layer: int,
+) -> dict[str, Any]:
     """Start a fresh generation folder (dropping earlier unfinished ones, never the published one); its pending.json."""
     gens = generations(store, plan.base)
     keep = (published or {}).get("dir")
@@ -343,18 +448,37 @@ def _new_generation(store: Store, cfg: EncodeConfig, sae: SAE, plan: _Plan, publ
         if layout.generation_name(g) != keep:
             rm(store, f"{plan.base}/{layout.generation_name(g)}")
     man = {
-        "format": ENCODING_FORMAT, "sae": cfg.sae, "model": model, "layer": layer,
-        "tokenization": store.model_info(model).tokenization, **plan.want,
-        "config": asdict(cfg), "sae_config": asdict(sae.cfg),
-        "actstore_version": __version__, "created": now(), "phase": "spill", "spilled_rows": 0,
-        "files": [], "complete": False, "dir": layout.generation_name(max(gens, default=0) + 1),
-    }  # fmt: skip
+        "format": ENCODING_FORMAT,
+        "sae": cfg.sae,
+        "model": model,
+        "layer": layer,
+        "tokenization": store.model_info(model).tokenization,
+        **plan.want,
+        "config": asdict(cfg),
+        "sae_config": asdict(sae.cfg),
+        "actstore_version": __version__,
+        "created": now(),
+        "phase": "spill",
+        "spilled_rows": 0,
+        "files": [],
+        "complete": False,
+        "dir": layout.generation_name(max(gens, default=0) + 1),
+    }
     write_manifest(store, cfg.sae, man, PENDING)
     return man
 
 
-def _spill_phase(store: Store, cfg: EncodeConfig, sae: SAE, acts: Any, plan: _Plan, man: dict[str, Any], device: str,
-                 progress: bool, timings: dict[str, float]) -> _Sink:  # fmt: skip
+def _spill_phase(
+    store: Store,
+    cfg: EncodeConfig,
+    sae: SAE,
+    acts: Any,
+    plan: _Plan,
+    man: dict[str, Any],
+    device: str,
+    progress: bool,
+    timings: dict[str, float],
+) -> _Sink:
     """Phase 1: every row from ``spilled_rows`` on through the SAE; blocks sorted and spilled per bucket in order, in
     one background thread beside the SAE forward."""
     from tqdm.auto import tqdm
@@ -365,8 +489,23 @@ def _spill_phase(store: Store, cfg: EncodeConfig, sae: SAE, acts: Any, plan: _Pl
         for s, key in spill_files(store, work, b):
             if s >= start:
                 store.loc.delete(key)
-    sink = _Sink(store, cfg, man, Spiller(store, work, plan.n_buckets, plan.bucket_features), plan.n_rows, start, timings)
-    bar = tqdm(total=plan.n_rows, initial=start, desc=f"encode {cfg.sae}", unit="tok", unit_scale=True, disable=not progress)
+    sink = _Sink(
+        store,
+        cfg,
+        man,
+        Spiller(store, work, plan.n_buckets, plan.bucket_features),
+        plan.n_rows,
+        start,
+        timings,
+    )
+    bar = tqdm(
+        total=plan.n_rows,
+        initial=start,
+        desc=f"encode {cfg.sae}",
+        unit="tok",
+        unit_scale=True,
+        disable=not progress,
+    )
     pin = device.startswith("cuda")
     pool = ThreadPoolExecutor(1, thread_name_prefix="actstore-encode") if cfg.workers > 1 else None
     pending: deque[Future] = deque()
@@ -385,14 +524,18 @@ def _spill_phase(store: Store, cfg: EncodeConfig, sae: SAE, acts: Any, plan: _Pl
                     sink.absorb(e, chunk.start, chunk.stop)
                 else:
                     pending.append(pool.submit(sink.absorb, e, chunk.start, chunk.stop))
-                    while len(pending) > 1 or (pending and pending[0].done()):  # at most one block waiting
+                    while len(pending) > 1 or (
+                        pending and pending[0].done()
+                    ):  # at most one block waiting
                         pending.popleft().result()
                 bar.update(chunk.stop - chunk.start)
                 t0 = time.perf_counter()
             while pending:
                 pending.popleft().result()
     finally:
-        sink.failed = sink.failed or bool(pending)  # stopped early: queued blocks must not spill or commit
+        sink.failed = sink.failed or bool(
+            pending
+        )  # stopped early: queued blocks must not spill or commit
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
@@ -400,8 +543,15 @@ def _spill_phase(store: Store, cfg: EncodeConfig, sae: SAE, acts: Any, plan: _Pl
     return sink
 
 
-def _finish_phase(store: Store, cfg: EncodeConfig, plan: _Plan, man: dict[str, Any], sink: _Sink,
-                  published: dict[str, Any] | None, timings: dict[str, float]) -> None:  # fmt: skip
+def _finish_phase(
+    store: Store,
+    cfg: EncodeConfig,
+    plan: _Plan,
+    man: dict[str, Any],
+    sink: _Sink,
+    published: dict[str, Any] | None,
+    timings: dict[str, float],
+) -> None:
     """Phase 2: per bucket, merge its spill files with its runs still in memory into the final file (``workers``
     buckets at a time); then publish (the atomic switch of encoding.json) and drop the replaced generation.
     Nothing of the last segment is spilled: a run killed here restarts at spilled_rows."""
@@ -423,8 +573,14 @@ def _finish_phase(store: Store, cfg: EncodeConfig, plan: _Plan, man: dict[str, A
     timings["finish"] = time.perf_counter() - t_fin
 
 
-def _publish(store: Store, cfg: EncodeConfig, plan: _Plan, man: dict[str, Any], done: list[Bucket],
-             published: dict[str, Any] | None) -> None:  # fmt: skip
+def _publish(
+    store: Store,
+    cfg: EncodeConfig,
+    plan: _Plan,
+    man: dict[str, Any],
+    done: list[Bucket],
+    published: dict[str, Any] | None,
+) -> None:
     """The finished buckets' statistics written, the encoding published (the atomic switch of encoding.json), the
     replaced generation and the spill files dropped, the new files' checksums recorded."""
     work = files_dir(cfg.sae, man)
@@ -432,18 +588,31 @@ def _publish(store: Store, cfg: EncodeConfig, plan: _Plan, man: dict[str, Any], 
     table = pa.concat_tables(stats)
     write_parquet(store, f"{work}/stats.parquet", table, compression="zstd")
     rm(store, f"{work}/spill")
-    fired = int(pc.sum(pc.greater(table["n_active"], 0)).as_py() or 0)  # features that fire on some token of the store
+    fired = int(
+        pc.sum(pc.greater(table["n_active"], 0)).as_py() or 0
+    )  # features that fire on some token of the store
     man.update(
-        phase="done", complete=True, files=files, n_feature_rows=sum(f["n_rows"] for f in files),
-        n_bytes=sum(f["n_bytes"] for f in files), finished=now(), never_fired=plan.d_sae - fired,
+        phase="done",
+        complete=True,
+        files=files,
+        n_feature_rows=sum(f["n_rows"] for f in files),
+        n_bytes=sum(f["n_bytes"] for f in files),
+        finished=now(),
+        never_fired=plan.d_sae - fired,
         never_fired_fraction=(plan.d_sae - fired) / plan.d_sae if plan.d_sae else 0.0,
-    )  # fmt: skip
-    write_manifest(store, cfg.sae, man)  # the atomic switch: readers see the new encoding from here on
+    )
+    write_manifest(
+        store, cfg.sae, man
+    )  # the atomic switch: readers see the new encoding from here on
     store.loc.delete(f"{plan.base}/{PENDING}")
-    if published is not None:  # the replaced generation (or the files of an encoding from before generations)
+    if (
+        published is not None
+    ):  # the replaced generation (or the files of an encoding from before generations)
         if published.get("dir") and published["dir"] != man["dir"]:
             rm(store, f"{plan.base}/{published['dir']}")
         elif not published.get("dir"):
             rm(store, f"{plan.base}/acts")
             rm(store, f"{plan.base}/stats.parquet")
-    update_manifest(store.loc, prefixes=[plan.base])  # checksums for the new files (actstore verify)
+    update_manifest(
+        store.loc, prefixes=[plan.base]
+    )  # checksums for the new files (actstore verify)

@@ -48,7 +48,11 @@ def segment_rows_for(n_rows: int, batch_rows: int, workers: int) -> int:
 def done_segments(store: Store, work: str) -> set[int]:
     """Start rows of the segments that have their marker."""
     names = [k.rsplit("/", 1)[-1] for k in store.loc.walk(f"{work}/spill/done")]
-    return {int(n[1:13]) for n in names if n.startswith("s") and n.endswith(".done") and n[1:13].isdigit()}
+    return {
+        int(n[1:13])
+        for n in names
+        if n.startswith("s") and n.endswith(".done") and n[1:13].isdigit()
+    }
 
 
 @dataclass
@@ -96,7 +100,9 @@ def sparse_encode(sae: SAE, x: torch.Tensor) -> Entries:
         # the same selection as SAE.activate: torch's CPU top-k picks the same k entries sorted or not
         vals, idx = pre.topk(int(k), dim=-1, sorted=False)  # type: ignore[arg-type]  # (n, k)
         vals, idx = vals.float().cpu().numpy().ravel(), idx.cpu().numpy().ravel()
-        keep = vals > 0  # ReLU: the dense encode stores relu(value), so non-positive picks are zeros
+        keep = (
+            vals > 0
+        )  # ReLU: the dense encode stores relu(value), so non-positive picks are zeros
         local = np.repeat(np.arange(pre.shape[0], dtype=np.int64), int(k))  # type: ignore[arg-type]
         return Entries(local[keep], idx[keep].astype(np.int32), vals[keep])
     h = sae.activate(pre, train=False)  # (n, d_sae)
@@ -115,9 +121,13 @@ class SegmentWorker:
         if job.threads and sae is None:  # a worker process of its own (a Ray actor)
             torch.set_num_threads(job.threads)
         self.job = job
-        self.store = store or open_store(job.store, writable=True, storage_options=job.storage_options)
+        self.store = store or open_store(
+            job.store, writable=True, storage_options=job.storage_options
+        )
         self.device = auto_device(job.device)
-        self.sae = sae if sae is not None else load_sae(self.store, job.sae, device=self.device).eval()
+        self.sae = (
+            sae if sae is not None else load_sae(self.store, job.sae, device=self.device).eval()
+        )
 
     def segment(self, start: int) -> int:
         """Encode rows ``[start, start + segment_rows)`` into spill files and mark the segment; its row count."""
@@ -143,7 +153,9 @@ class SegmentWorker:
                     spiller.flush(run_start)
                     run_start = chunk.stop
         spiller.flush(run_start)
-        store.loc.create_exclusive(segment_marker(job.work, start), f'{{"rows": [{start}, {stop}]}}'.encode())
+        store.loc.create_exclusive(
+            segment_marker(job.work, start), f'{{"rows": [{start}, {stop}]}}'.encode()
+        )
         return stop - start
 
     def bucket(self, b: int) -> Bucket:
@@ -166,16 +178,28 @@ class EncodeActor:
         return self.worker.bucket(b)
 
 
-def run_segments(job: SegmentJob, store: Store, ray_address: str | None, workers: int | None, progress: bool,
-                 local: SegmentWorker | None = None) -> tuple[list[Bucket], dict[str, float]]:  # fmt: skip
+def run_segments(
+    job: SegmentJob,
+    store: Store,
+    ray_address: str | None,
+    workers: int | None,
+    progress: bool,
+    local: SegmentWorker | None = None,
+) -> tuple[list[Bucket], dict[str, float]]:
     """Every segment without its marker, then every bucket: here (``local``) or on Ray; the finished buckets in
     order, and seconds per phase."""
     from tqdm.auto import tqdm
 
     timings = {"segments": 0.0, "buckets": 0.0}
     todo = [s for s in job.segments() if s not in done_segments(store, job.work)]
-    bar = tqdm(total=job.n_rows, initial=job.n_rows - sum(min(s + job.segment_rows, job.n_rows) - s for s in todo),
-               desc=f"encode {job.sae}", unit="tok", unit_scale=True, disable=not progress)  # fmt: skip
+    bar = tqdm(
+        total=job.n_rows,
+        initial=job.n_rows - sum(min(s + job.segment_rows, job.n_rows) - s for s in todo),
+        desc=f"encode {job.sae}",
+        unit="tok",
+        unit_scale=True,
+        disable=not progress,
+    )
     buckets: list[Bucket | None] = [None] * job.n_buckets
     try:
         if ray_address is None:
@@ -194,7 +218,9 @@ def run_segments(job: SegmentJob, store: Store, ray_address: str | None, workers
             with ray_session(ray_address) as ray:
                 actor = ray.remote(EncodeActor).options(**actor_resources(ray, job.threads))
                 n = workers or default_workers(ray, job.threads)
-                pool = ActorPool(ray, lambda: actor.remote(job.to_dict()), min(n, max(1, len(job.segments()))))
+                pool = ActorPool(
+                    ray, lambda: actor.remote(job.to_dict()), min(n, max(1, len(job.segments())))
+                )
                 try:
                     t0 = time.perf_counter()
                     pool.map("segment", todo, lambda s, rows: bar.update(rows))
@@ -214,5 +240,7 @@ def _check_segments(job: SegmentJob, store: Store) -> None:
     """Every segment has its marker (else StoreError: nothing is published, the same command resumes)."""
     missing = [s for s in job.segments() if s not in done_segments(store, job.work)]
     if missing:
-        raise StoreError(f"segments {missing[:5]} of the encoding of {job.sae} in {store.url} have no marker: run the "
-                         "same encode again (finished segments are kept)")  # fmt: skip
+        raise StoreError(
+            f"segments {missing[:5]} of the encoding of {job.sae} in {store.url} have no marker: run the "
+            "same encode again (finished segments are kept)"
+        )

@@ -7,7 +7,14 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import pyarrow as pa
 
-from actstore.encoding.table import ACTS_PARQUET, ACTS_SCHEMA, SPILL_PARQUET, STATS_SCHEMA, read_parquet, write_parquet
+from actstore.encoding.table import (
+    ACTS_PARQUET,
+    ACTS_SCHEMA,
+    SPILL_PARQUET,
+    STATS_SCHEMA,
+    read_parquet,
+    write_parquet,
+)
 
 if TYPE_CHECKING:
     from actstore.store.reader import Store
@@ -90,7 +97,9 @@ def merge_runs(runs: list[Entries]) -> Entries:
 
 
 def _table(e: Entries) -> pa.Table:
-    return pa.Table.from_arrays([pa.array(e.row), pa.array(e.feature), pa.array(e.value)], schema=ACTS_SCHEMA)
+    return pa.Table.from_arrays(
+        [pa.array(e.row), pa.array(e.feature), pa.array(e.value)], schema=ACTS_SCHEMA
+    )
 
 
 def _entries(t: pa.Table) -> Entries:
@@ -131,7 +140,12 @@ class Spiller:
             runs = self.take(b)
             if runs:
                 cat = Entries(*(np.concatenate([r[i] for r in runs]) for i in range(3)))
-                write_parquet(self.store, f"{self.base}/spill/b{b:05d}/r{start:012d}.parquet", _table(cat), **SPILL_PARQUET)
+                write_parquet(
+                    self.store,
+                    f"{self.base}/spill/b{b:05d}/r{start:012d}.parquet",
+                    _table(cat),
+                    **SPILL_PARQUET,
+                )
         self.n_buffered = 0
 
 
@@ -139,7 +153,11 @@ def spill_files(store: Store, base: str, bucket: int) -> list[tuple[int, str]]:
     """``(start row, key)`` of a bucket's spill files, by start row."""
     prefix = f"{base}/spill/b{bucket:05d}"
     names = [k.rsplit("/", 1)[-1] for k in store.loc.walk(prefix)]
-    out = [(int(n[1:13]), f"{prefix}/{n}") for n in names if n.startswith("r") and n.endswith(".parquet") and n[1:13].isdigit()]
+    out = [
+        (int(n[1:13]), f"{prefix}/{n}")
+        for n in names
+        if n.startswith("r") and n.endswith(".parquet") and n[1:13].isdigit()
+    ]
     return sorted(out)
 
 
@@ -149,7 +167,9 @@ def feature_stats(feat: np.ndarray, value: np.ndarray, f0: int, f1: int, n_rows:
 
     ``feat`` / ``value`` must be sorted by feature, then value descending (see :func:`sort_entries`).
     """
-    bounds = np.searchsorted(feat, np.arange(f0, f1 + 1))  # (n_feat + 1,): each feature's first entry
+    bounds = np.searchsorted(
+        feat, np.arange(f0, f1 + 1)
+    )  # (n_feat + 1,): each feature's first entry
     count = np.diff(bounds)
     active = count > 0
     starts = bounds[:-1][active]  # consecutive non-empty segments: reduceat sums exactly each one
@@ -159,7 +179,9 @@ def feature_stats(feat: np.ndarray, value: np.ndarray, f0: int, f1: int, n_rows:
         s1[active] = np.add.reduceat(v64, starts)
         s2[active] = np.add.reduceat(v64 * v64, starts)
         vmax[active] = v64[starts]  # value descending within a feature: its first entry is its max
-    vmax = np.where(count < n_rows, np.maximum(vmax, 0.0), vmax)  # rows without the feature count as 0
+    vmax = np.where(
+        count < n_rows, np.maximum(vmax, 0.0), vmax
+    )  # rows without the feature count as 0
     n = max(n_rows, 1)
     mean = s1 / n
     var = np.maximum(s2 / n - mean * mean, 0.0)
@@ -184,13 +206,28 @@ class Bucket(NamedTuple):
 
 
 def finish_bucket(
-    store: Store, base: str, b: int, f0: int, f1: int, n_rows: int, row_group_rows: int, held: list[Entries]
+    store: Store,
+    base: str,
+    b: int,
+    f0: int,
+    f1: int,
+    n_rows: int,
+    row_group_rows: int,
+    held: list[Entries],
 ) -> Bucket:
     """Merge bucket ``b``'s spill files and in-memory runs ``held`` (rows after them) into ``acts/bucket-b.parquet``."""
     runs = [_entries(read_parquet(store, k)) for _, k in spill_files(store, base, b)] + held
     e = merge_runs(runs)
     del runs, held
     name = f"bucket-{b:05d}.parquet"
-    n_bytes = write_parquet(store, f"{base}/acts/{name}", _table(e), row_group_size=row_group_rows, **ACTS_PARQUET)
-    entry = {"file": name, "feature_start": f0, "feature_stop": f1, "n_rows": int(e.row.size), "n_bytes": n_bytes}
+    n_bytes = write_parquet(
+        store, f"{base}/acts/{name}", _table(e), row_group_size=row_group_rows, **ACTS_PARQUET
+    )
+    entry = {
+        "file": name,
+        "feature_start": f0,
+        "feature_stop": f1,
+        "n_rows": int(e.row.size),
+        "n_bytes": n_bytes,
+    }
     return Bucket(entry, feature_stats(e.feature, e.value, f0, f1, n_rows))

@@ -32,7 +32,12 @@ ACTS_PARQUET: dict[str, Any] = {
     "write_statistics": True,
 }
 # spill runs are read back once: lz4 reads ~5x faster than zstd here, at the same size
-SPILL_PARQUET: dict[str, Any] = {**ACTS_PARQUET, "compression": "lz4", "write_statistics": False, "row_group_size": 1 << 20}
+SPILL_PARQUET: dict[str, Any] = {
+    **ACTS_PARQUET,
+    "compression": "lz4",
+    "write_statistics": False,
+    "row_group_size": 1 << 20,
+}
 STATS_SCHEMA = pa.schema(
     [
         ("feature", pa.int32()),
@@ -52,7 +57,9 @@ def features_dir(sae: str) -> str:
 
 def sae_fingerprint(store: Store, name: str) -> str:
     """sha256 of the SAE's weights file (an encoding is valid only for these weights)."""
-    return hashlib.sha256(store.loc.read_bytes(layout.sae_file(name, layout.SAE_WEIGHTS))).hexdigest()
+    return hashlib.sha256(
+        store.loc.read_bytes(layout.sae_file(name, layout.SAE_WEIGHTS))
+    ).hexdigest()
 
 
 def files_dir(sae: str, man: dict[str, Any]) -> str:
@@ -73,16 +80,28 @@ def _load_json(store: Store, key: str) -> dict[str, Any] | None:
             raise TypeError
         return man
     except (ValueError, TypeError):
-        raise IntegrityError(f"{key} in store {store.url} is not valid JSON: re-encode with --overwrite") from None
+        raise IntegrityError(
+            f"{key} in store {store.url} is not valid JSON: re-encode with --overwrite"
+        ) from None
 
 
 def _checked(store: Store, key: str, man: dict[str, Any]) -> dict[str, Any]:
     """An encoding manifest whose numbers and file names are sound (IntegrityError if not)."""
 
     def bad(what: str) -> IntegrityError:
-        return IntegrityError(f"{key} in store {store.url}: {what}; it is damaged or was edited: re-encode with --overwrite")
+        return IntegrityError(
+            f"{key} in store {store.url}: {what}; it is damaged or was edited: re-encode with --overwrite"
+        )
 
-    for name in ("n_rows", "d_sae", "layer", "spilled_rows", "n_feature_rows", "n_bytes", "never_fired"):
+    for name in (
+        "n_rows",
+        "d_sae",
+        "layer",
+        "spilled_rows",
+        "n_feature_rows",
+        "n_bytes",
+        "never_fired",
+    ):
         v = man.get(name, 0)
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise bad(f"{name} is {v!r}, not a non-negative integer")
@@ -120,7 +139,9 @@ def write_manifest(store: Store, sae: str, man: dict[str, Any], name: str = MANI
     import json
 
     man["updated"] = now()
-    store.loc.write_bytes(f"{features_dir(sae)}/{name}", json.dumps(man, indent=2, sort_keys=True).encode())
+    store.loc.write_bytes(
+        f"{features_dir(sae)}/{name}", json.dumps(man, indent=2, sort_keys=True).encode()
+    )
 
 
 def rm(store: Store, key: str) -> None:
@@ -140,7 +161,9 @@ def read_parquet(store: Store, key: str) -> pa.Table:
 
 
 def generations(store: Store, base: str) -> list[int]:
-    return sorted(n for n in map(layout.parse_generation, store.loc.list_dirs(base)) if n is not None)
+    return sorted(
+        n for n in map(layout.parse_generation, store.loc.list_dirs(base)) if n is not None
+    )
 
 
 def encoded_saes(store: Store) -> list[str]:

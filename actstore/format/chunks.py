@@ -41,11 +41,19 @@ def _crc(body: Any) -> list[Any]:
 def _chain(codecs: tuple) -> str | None:
     """``"plain"`` or ``"zstd"`` for the chains bytes -> [zstd level 1] -> crc32c, else None."""
     names = [type(c) for c in codecs]
-    if not names or names[0] is not BytesCodec or getattr(codecs[0].endian, "value", "little") != "little":
+    if (
+        not names
+        or names[0] is not BytesCodec
+        or getattr(codecs[0].endian, "value", "little") != "little"
+    ):
         return None  # this module writes little-endian values (an int8 array's endian is None)
     if names == [BytesCodec, Crc32cCodec]:
         return "plain"
-    if names == [BytesCodec, ZstdCodec, Crc32cCodec] and codecs[1].level == 1 and not codecs[1].checksum:
+    if (
+        names == [BytesCodec, ZstdCodec, Crc32cCodec]
+        and codecs[1].level == 1
+        and not codecs[1].checksum
+    ):
         return "zstd"
     return None
 
@@ -53,8 +61,14 @@ def _chain(codecs: tuple) -> str | None:
 class ChunkWriter:
     """Writes whole objects of one 2-D layer array (see the module's docstring)."""
 
-    def __init__(self, arr: zarr.Array, object_rows: int, inner_rows: int, compression: str,
-                 put: Callable[[str, list[Any]], None] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        arr: zarr.Array,
+        object_rows: int,
+        inner_rows: int,
+        compression: str,
+        put: Callable[[str, list[Any]], None] | None = None,
+    ) -> None:
         self.arr = arr
         self.put = put
         self.n_rows, self.d = arr.shape
@@ -69,7 +83,9 @@ class ChunkWriter:
         self.proto = default_buffer_prototype()
 
     @classmethod
-    def for_array(cls, arr: zarr.Array, put: Callable[[str, list[Any]], None] | None = None) -> ChunkWriter | None:
+    def for_array(
+        cls, arr: zarr.Array, put: Callable[[str, list[Any]], None] | None = None
+    ) -> ChunkWriter | None:
         """A writer for ``arr``, or None when its layout is not one this module encodes. ``put(key, buffers)`` writes
         an object (its buffers one after the other) at a key of the store's root (default: through the array's Zarr
         store)."""
@@ -90,7 +106,12 @@ class ChunkWriter:
             index = [type(c) for c in sh.index_codecs]
             shard = meta.chunk_grid.chunk_shape
             end = sh.index_location == ShardingCodecIndexLocation.end
-            if inner is None or index != [BytesCodec, Crc32cCodec] or not end or shard[0] % sh.chunk_shape[0]:
+            if (
+                inner is None
+                or index != [BytesCodec, Crc32cCodec]
+                or not end
+                or shard[0] % sh.chunk_shape[0]
+            ):
                 return None
             if sh.chunk_shape[1] != arr.shape[1] or shard[1] != arr.shape[1]:
                 return None
@@ -107,7 +128,9 @@ class ChunkWriter:
             full = np.zeros((self.inner_rows, self.d), dtype=self.dtype)
             full[: len(block)] = block
             block = full
-        body = np.ascontiguousarray(block, dtype=self.dtype)  # no copy for a whole chunk of encoded rows
+        body = np.ascontiguousarray(
+            block, dtype=self.dtype
+        )  # no copy for a whole chunk of encoded rows
         return _crc(self.zstd.encode(body.tobytes()) if self.zstd is not None else body)
 
     def _object(self, block: np.ndarray, r0: int) -> list[Any]:
@@ -133,8 +156,14 @@ class ChunkWriter:
     def objects(self, r0: int, values: np.ndarray) -> Iterator[tuple[str, list[Any]]]:
         """``(key, buffers)`` of each object of rows ``[r0, r0 + len(values))``: whole objects, or up to the array's end."""
         r1 = r0 + len(values)
-        if r0 % self.object_rows or (r1 % self.object_rows and r1 != self.n_rows) or values.shape[1:] != (self.d,):
-            raise ValueError(f"rows {r0}-{r1} of {self.arr.path} are not whole objects of {self.object_rows} rows")
+        if (
+            r0 % self.object_rows
+            or (r1 % self.object_rows and r1 != self.n_rows)
+            or values.shape[1:] != (self.d,)
+        ):
+            raise ValueError(
+                f"rows {r0}-{r1} of {self.arr.path} are not whole objects of {self.object_rows} rows"
+            )
         for o0 in range(r0, r1, self.object_rows):
             block = values[o0 - r0 : o0 - r0 + self.object_rows]
             key = self.arr.metadata.encode_chunk_key((o0 // self.object_rows, 0))

@@ -45,7 +45,9 @@ def channel_scale(x: np.ndarray, rows: np.ndarray | None = None, block: int = 25
         part = x[b0 : b0 + block] if rows is None else x.take(rows[b0 : b0 + block], axis=0)
         sq = np.square(part, dtype=np.float64)
         if b0:
-            sq = np.concatenate([acc, sq])  # the running sum first: the same additions, in the same order
+            sq = np.concatenate(
+                [acc, sq]
+            )  # the running sum first: the same additions, in the same order
         acc = np.add.reduce(sq, axis=0, keepdims=True)
     rms = np.sqrt(acc[0] / n if n else np.full(x.shape[1], np.nan)).astype(np.float32)
     return np.where(rms > 0, rms, np.float32(1.0)).astype(np.float32)
@@ -75,8 +77,14 @@ def empty_encoded(n: int, d_model: int, codec: str) -> Encoded:
     return Encoded(np.empty((n, d_model), dtype=STORED_DTYPE[codec]), scale)
 
 
-def encode_into(x: np.ndarray, codec: str, chan: np.ndarray | None, out: Encoded, rows: np.ndarray | None = None,
-                block: int = ENCODE_BLOCK_ROWS) -> None:  # fmt: skip
+def encode_into(
+    x: np.ndarray,
+    codec: str,
+    chan: np.ndarray | None,
+    out: Encoded,
+    rows: np.ndarray | None = None,
+    block: int = ENCODE_BLOCK_ROWS,
+) -> None:
     """Encode float32 rows ``x[rows]`` (``rows (n,)``, default all of ``x``) into ``out`` (from
     :func:`empty_encoded`), ``block`` rows at a time: the same IEEE operations, so the same bytes, as the whole-array
     formulas of the module's docstring. The gather of ``rows`` is fused into the first pass (a writer unpermutes the
@@ -109,7 +117,9 @@ def encode_into(x: np.ndarray, codec: str, chan: np.ndarray | None, out: Encoded
             if chan is not None:
                 np.divide(y, chan[None, :], out=y)
             amax = np.abs(y, out=z).max(axis=1) if d else np.zeros(len(y), np.float32)
-            scale = scale_dtype_round((amax / 127.0).astype(np.float32))  # (m,) float16, never below the exact scale
+            scale = scale_dtype_round(
+                (amax / 127.0).astype(np.float32)
+            )  # (m,) float16, never below the exact scale
             safe = np.where(scale > 0, scale.astype(np.float32), 1.0).astype(np.float32)
             np.divide(y, safe[:, None], out=y)
             np.rint(y, out=y)
@@ -121,7 +131,9 @@ def encode_into(x: np.ndarray, codec: str, chan: np.ndarray | None, out: Encoded
             raise ValueError(f"unknown codec {codec!r}: choose one of {', '.join(CODECS)}")
 
 
-SCALE_TOO_LARGE = "activations too large for the int8 preset's float16 scale: use --codec fp16, bf16 or fp32"
+SCALE_TOO_LARGE = (
+    "activations too large for the int8 preset's float16 scale: use --codec fp16, bf16 or fp32"
+)
 
 SCALE_DTYPE = "float16"
 """dtype of the int8 preset's per-token scale array (stores made before 2026-12 hold float32; both decode alike)."""
@@ -141,7 +153,9 @@ def scale_dtype_round(scale: np.ndarray) -> np.ndarray:
     return s16
 
 
-def decode(values: np.ndarray, scale: np.ndarray | None, codec: str, chan: np.ndarray | None = None) -> np.ndarray:
+def decode(
+    values: np.ndarray, scale: np.ndarray | None, codec: str, chan: np.ndarray | None = None
+) -> np.ndarray:
     """Decode a stored block back to float32 ``(n, d_model)`` (``chan``: int8 channel scale)."""
     if codec in ("fp32", "fp16"):
         return values.astype(np.float32, copy=False)

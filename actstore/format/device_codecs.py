@@ -21,7 +21,12 @@ import torch
 
 from actstore.format.codecs import CODECS, FP16_MAX, SCALE_TOO_LARGE, Encoded
 
-DEVICE_STORED_DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.int16, "int8": torch.int8}
+DEVICE_STORED_DTYPE = {
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.int16,
+    "int8": torch.int8,
+}
 """The torch dtype of each codec's stored values on the device (bf16: the int16 of its 16 bits; the host views them
 as numpy's uint16)."""
 
@@ -42,12 +47,16 @@ def scale_to_float16(scale: torch.Tensor, check: bool = True) -> torch.Tensor:
     s16 = scale.to(torch.float16)
     if check and not bool(torch.isfinite(s16).all()):
         raise ValueError(SCALE_TOO_LARGE)
-    low = s16.to(torch.float32) < scale  # the cast rounded down: the next float16 up (its bits + 1, as scale >= 0)
+    low = (
+        s16.to(torch.float32) < scale
+    )  # the cast rounded down: the next float16 up (its bits + 1, as scale >= 0)
     bits = s16.view(torch.int16)
     return torch.where(low, bits + 1, bits).view(torch.float16)
 
 
-def encode(x: torch.Tensor, codec: str, chan: torch.Tensor | None = None, check: bool = True) -> DeviceEncoded:
+def encode(
+    x: torch.Tensor, codec: str, chan: torch.Tensor | None = None, check: bool = True
+) -> DeviceEncoded:
     """Encode float32 activations ``x (n, d_model)`` on their device (``chan (d_model,)``: the int8 channel scale;
     ``check``: see :func:`scale_to_float16`)."""
     x = x.to(torch.float32)
@@ -56,13 +65,21 @@ def encode(x: torch.Tensor, codec: str, chan: torch.Tensor | None = None, check:
     if codec == "fp16":
         return DeviceEncoded(x.clamp(-FP16_MAX, FP16_MAX).to(torch.float16), None)
     if codec == "bf16":
-        u = x.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF  # the float's bits, unsigned
-        top = ((u + ((u >> 16) & 1) + 0x7FFF) >> 16) & 0xFFFF  # rounded to nearest even (wrapping as uint32 does)
+        u = (
+            x.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        )  # the float's bits, unsigned
+        top = (
+            (u + ((u >> 16) & 1) + 0x7FFF) >> 16
+        ) & 0xFFFF  # rounded to nearest even (wrapping as uint32 does)
         return DeviceEncoded(torch.where(top >= 0x8000, top - 0x10000, top).to(torch.int16), None)
     if codec == "int8":
         if chan is not None:
             x = x / chan.to(x.device, torch.float32)[None, :]
-        amax = x.abs().amax(dim=1) if x.shape[1] else torch.zeros(len(x), dtype=torch.float32, device=x.device)
+        amax = (
+            x.abs().amax(dim=1)
+            if x.shape[1]
+            else torch.zeros(len(x), dtype=torch.float32, device=x.device)
+        )
         scale = scale_to_float16(amax / 127.0, check)  # (n,) float16
         s32 = scale.to(torch.float32)
         safe = torch.where(s32 > 0, s32, torch.ones_like(s32))

@@ -30,11 +30,17 @@ def damaged(where: str, what: str) -> IntegrityError:
 
 def check_int(value: Any, name: str, where: str, lo: int = 0, hi: int | None = None) -> int:
     """``value`` as an int in ``lo..hi`` (IntegrityError naming attribute ``name`` otherwise; bools are not ints)."""
-    if isinstance(value, bool) or not isinstance(value, int) and not (hasattr(value, "__index__") and not isinstance(value, str)):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        and not (hasattr(value, "__index__") and not isinstance(value, str))
+    ):
         raise damaged(where, f"attribute {name} is {value!r}, not an integer")
     v = int(value)
     if v < lo or (hi is not None and v > hi):
-        raise damaged(where, f"attribute {name} is {v}, outside {lo}..{hi if hi is not None else 'inf'}")
+        raise damaged(
+            where, f"attribute {name} is {v}, outside {lo}..{hi if hi is not None else 'inf'}"
+        )
     return v
 
 
@@ -72,11 +78,20 @@ class Attrs:
         if not isinstance(d, dict):
             raise damaged(where, "its actstore attributes are not an object")
         known = cls.known()
-        missing = [f.name for f in dataclasses.fields(cls) if f.name in known and f.name not in d
-                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]  # fmt: skip
+        missing = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.name in known
+            and f.name not in d
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ]
         if missing:
             raise damaged(where, f"attribute {missing[0]} is missing")
-        obj = cls(**{k: v for k, v in d.items() if k in known}, extra={k: v for k, v in d.items() if k not in known})
+        obj = cls(
+            **{k: v for k, v in d.items() if k in known},
+            extra={k: v for k, v in d.items() if k not in known},
+        )
         obj.check(where)
         return obj
 
@@ -166,7 +181,9 @@ class TokenizationAttrs(Attrs):
         self.n_samples = check_int(self.n_samples, "n_samples", where)
         self.chunk_rows = check_int(self.chunk_rows, "chunk_rows", where, lo=1)
         parts = self.parts
-        if not isinstance(parts, list) or not all(isinstance(p, dict) and isinstance(p.get("file"), str) for p in parts):
+        if not isinstance(parts, list) or not all(
+            isinstance(p, dict) and isinstance(p.get("file"), str) for p in parts
+        ):
             raise damaged(where, "attribute parts is not a list of {file: ...} entries")
         for p in self.parts:
             if "/" in p["file"]:
@@ -223,9 +240,24 @@ class LayerAttrs(Attrs):
     config: dict[str, Any] | None = None
     """The extract config it was created with."""
 
-    SUMMARY: ClassVar[tuple[str, ...]] = ("d_model", "codec", "committed_rows", "n_rows", "complete", "created", "updated")
+    SUMMARY: ClassVar[tuple[str, ...]] = (
+        "d_model",
+        "codec",
+        "committed_rows",
+        "n_rows",
+        "complete",
+        "created",
+        "updated",
+    )
     """What ``actstore info`` shows of a layer."""
-    PROVENANCE: ClassVar[tuple[str, ...]] = ("codec", "created", "updated", "actstore_version", "complete", "config")
+    PROVENANCE: ClassVar[tuple[str, ...]] = (
+        "codec",
+        "created",
+        "updated",
+        "actstore_version",
+        "complete",
+        "config",
+    )
     """What a store's provenance records of a layer."""
 
     @property
@@ -240,16 +272,28 @@ class LayerAttrs(Attrs):
         self.d_model = check_int(self.d_model, "d_model", where, lo=1)
         if self.n_rows != -1:
             self.n_rows = check_int(self.n_rows, "n_rows", where)
-        self.committed_rows = check_int(self.committed_rows, "committed_rows", where, 0, None if self.n_rows < 0 else self.n_rows)
+        self.committed_rows = check_int(
+            self.committed_rows,
+            "committed_rows",
+            where,
+            0,
+            None if self.n_rows < 0 else self.n_rows,
+        )
         if self.codec not in CODECS:
-            raise damaged(where, f"attribute codec is {self.codec!r}, not one of {', '.join(CODECS)}")
+            raise damaged(
+                where, f"attribute codec is {self.codec!r}, not one of {', '.join(CODECS)}"
+            )
         if self.marks_units or self.unit_rows is not None:
             self.unit_rows = check_int(self.unit_rows, "unit_rows", where, lo=1)
         chan = self.channel_scale
         if chan is not None and (not isinstance(chan, list) or len(chan) != self.d_model):
-            raise damaged(where, f"attribute channel_scale must be a list of {self.d_model} numbers")
+            raise damaged(
+                where, f"attribute channel_scale must be a list of {self.d_model} numbers"
+            )
         if self.complete and self.n_rows >= 0 and self.committed_rows != self.n_rows:
-            raise damaged(where, f"it says complete but commits {self.committed_rows} of {self.n_rows} rows")
+            raise damaged(
+                where, f"it says complete but commits {self.committed_rows} of {self.n_rows} rows"
+            )
 
     def check_arrays(self, shape: tuple[int, ...], scale_rows: int | None, where: str) -> None:
         """Check against the values array's ``shape`` (``(n_tokens, d_model)``) and the int8 scale array's length;
@@ -263,13 +307,17 @@ class LayerAttrs(Attrs):
         if self.n_rows > n_alloc:
             raise damaged(where, f"attribute n_rows is {self.n_rows}, outside 0..{n_alloc}")
         if self.d_model != width:
-            raise damaged(where, f"attribute d_model is {self.d_model} but the array is {width} wide")
+            raise damaged(
+                where, f"attribute d_model is {self.d_model} but the array is {width} wide"
+            )
         if self.codec == "int8" and scale_rows != n_alloc:
             raise damaged(where, "an int8 layer needs a per-token _scale array of the same length")
 
     def state(self) -> str:
         """``complete``, or how many rows are committed (``96/128 rows committed``)."""
-        return "complete" if self.complete else f"{self.committed_rows}/{self.n_rows} rows committed"
+        return (
+            "complete" if self.complete else f"{self.committed_rows}/{self.n_rows} rows committed"
+        )
 
     @staticmethod
     def rows_in(raw: dict[str, Any]) -> int | None:
@@ -279,7 +327,9 @@ class LayerAttrs(Attrs):
 
     def committed(self, rows: int, when: str) -> LayerAttrs:
         """These attributes with ``committed_rows`` set to ``rows`` (``complete`` when all, ``updated`` = ``when``)."""
-        return dataclasses.replace(self, committed_rows=rows, complete=rows >= self.n_rows, updated=when)
+        return dataclasses.replace(
+            self, committed_rows=rows, complete=rows >= self.n_rows, updated=when
+        )
 
 
 @dataclass

@@ -24,7 +24,9 @@ def optimizer_tensors(opt: torch.optim.Optimizer, prefix: str = "opt.") -> dict[
     return out
 
 
-def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], prefix: str = "opt.") -> None:
+def restore_optimizer(
+    opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], prefix: str = "opt."
+) -> None:
     """Load the state written by :func:`optimizer_tensors` (other tensors in ``tensors`` are ignored)."""
     sd = opt.state_dict()
     state: dict[int, dict[str, torch.Tensor]] = {}
@@ -51,6 +53,8 @@ def pack(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> bytes:
 
 def unpack(raw: bytes) -> Packed:
     """The tensors and metadata of a blob written by :func:`pack`."""
-    n = int.from_bytes(raw[:8], "little")  # safetensors header: 8-byte length, then JSON with __metadata__
+    n = int.from_bytes(
+        raw[:8], "little"
+    )  # safetensors header: 8-byte length, then JSON with __metadata__
     md = json.loads(raw[8 : 8 + n]).get("__metadata__", {})
     return Packed(st_load(raw), {k: json.loads(v) for k, v in md.items()})

@@ -10,7 +10,14 @@ from typing import Any
 from actstore.data.corpora import DataConfig
 from actstore.errors import ConfigError
 
-SPLIT_ALIASES = {"train": "train", "validation": "val", "valid": "val", "val": "val", "dev": "val", "test": "test"}
+SPLIT_ALIASES = {
+    "train": "train",
+    "validation": "val",
+    "valid": "val",
+    "val": "val",
+    "dev": "val",
+    "test": "test",
+}
 
 
 @dataclass
@@ -54,12 +61,21 @@ class FinetuneConfig:
         if self.max_length < 2:
             raise ConfigError(f"--max-length must be at least 2, got {self.max_length}")
         self.split = tuple(float(x) for x in self.split)  # type: ignore[assignment]
-        if len(self.split) != 3 or min(self.split) < 0 or abs(sum(self.split) - 1) > 1e-6 or self.split[0] == 0:
-            raise ConfigError(f"split fractions must be three non-negative numbers summing to 1, got {self.split}")
+        if (
+            len(self.split) != 3
+            or min(self.split) < 0
+            or abs(sum(self.split) - 1) > 1e-6
+            or self.split[0] == 0
+        ):
+            raise ConfigError(
+                f"split fractions must be three non-negative numbers summing to 1, got {self.split}"
+            )
         if self.labels is not None:
             self.labels = [str(x) for x in self.labels]
             if not self.labels:
-                raise ConfigError("--labels given but empty: list the labels to keep, e.g. --labels pos,neg")
+                raise ConfigError(
+                    "--labels given but empty: list the labels to keep, e.g. --labels pos,neg"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

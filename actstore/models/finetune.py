@@ -58,17 +58,24 @@ class ClassReport:
 
     def text(self, title: str) -> str:
         w = max(12, *(len(x) for x in self.labels))
-        lines = [f"{title}: accuracy {self.accuracy:.4f} on {self.n} samples, macro F1 {self.macro_f1:.4f}", ""]
+        lines = [
+            f"{title}: accuracy {self.accuracy:.4f} on {self.n} samples, macro F1 {self.macro_f1:.4f}",
+            "",
+        ]
         lines.append(f"{'label':>{w}}  precision  recall      f1  support")
         for lab in self.labels:
             p = self.per_class[lab]
-            lines.append(f"{lab:>{w}}  {p['precision']:9.4f}  {p['recall']:6.4f}  {p['f1']:6.4f}  {int(p['support']):7d}")
+            lines.append(
+                f"{lab:>{w}}  {p['precision']:9.4f}  {p['recall']:6.4f}  {p['f1']:6.4f}  {int(p['support']):7d}"
+            )
         lines += ["", "confusion matrix (rows: true, columns: predicted)"]
         idx = [str(i) for i in range(len(self.labels))]
         lines.append(" " * (w + 2) + " ".join(f"{i:>6}" for i in idx))
         for lab, row in zip(self.labels, self.confusion, strict=True):
             lines.append(f"{lab:>{w}}  " + " ".join(f"{c:>6d}" for c in row))
-        lines.append("columns: " + ", ".join(f"{i}={lab}" for i, lab in zip(idx, self.labels, strict=True)))
+        lines.append(
+            "columns: " + ", ".join(f"{i}={lab}" for i, lab in zip(idx, self.labels, strict=True))
+        )
         return "\n".join(lines)
 
 
@@ -85,12 +92,19 @@ def classification_report(y_true: np.ndarray, y_pred: np.ndarray, labels: list[s
         prec = tp / conf[:, i].sum() if conf[:, i].sum() else 0.0
         rec = tp / conf[i].sum() if conf[i].sum() else 0.0
         f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
-        per[lab] = {"precision": float(prec), "recall": float(rec), "f1": float(f1), "support": int(conf[i].sum())}
+        per[lab] = {
+            "precision": float(prec),
+            "recall": float(rec),
+            "f1": float(f1),
+            "support": int(conf[i].sum()),
+        }
         if conf[i].sum():
             f1s.append(f1)
     n = int(len(y_true))
     acc = float((y_true == y_pred).mean()) if n else 0.0
-    return ClassReport(acc, n, list(labels), per, float(np.mean(f1s)) if f1s else 0.0, conf.tolist())
+    return ClassReport(
+        acc, n, list(labels), per, float(np.mean(f1s)) if f1s else 0.0, conf.tolist()
+    )
 
 
 @dataclass
@@ -116,7 +130,9 @@ class FinetuneResult:
 
 # ---------------------------------------------------------------- data
 def _read_records(cfg: FinetuneConfig) -> list[Record]:
-    data = DataConfig(cfg.data.source, cfg.data.text_field, cfg.data.label_field, cfg.data.id_field, None)
+    data = DataConfig(
+        cfg.data.source, cfg.data.text_field, cfg.data.label_field, cfg.data.id_field, None
+    )
     recs = [r for r in load_corpus(data) if r.label is not None]
     labels = cfg.labels if cfg.labels is not None else getattr(cfg.data, "labels", None)
     if labels is not None:
@@ -124,7 +140,9 @@ def _read_records(cfg: FinetuneConfig) -> list[Record]:
         recs = [r for r in recs if r.label in keep]
     if not recs:
         what = f" with labels {', '.join(labels)}" if labels else " with a label"
-        raise DataError(f"{cfg.data.source} has no rows{what} (field {cfg.data.label_field!r}): check --label-field / --labels")
+        raise DataError(
+            f"{cfg.data.source} has no rows{what} (field {cfg.data.label_field!r}): check --label-field / --labels"
+        )
     rng = random.Random(cfg.seed)
     rng.shuffle(recs)
     if cfg.data.limit is not None:
@@ -141,7 +159,9 @@ def split_records(
         out: dict[str, list[Record]] = {"train": [], "val": [], "test": []}
         for r, s in zip(recs, own, strict=True):
             out[s].append(r)  # type: ignore[index]
-        if not out["val"] and out["train"]:  # carve validation out of train (1/9 ~ 10% of train+val)
+        if (
+            not out["val"] and out["train"]
+        ):  # carve validation out of train (1/9 ~ 10% of train+val)
             n_val = max(1, len(out["train"]) // 9)
             out["val"], out["train"] = out["train"][:n_val], out["train"][n_val:]
         if not out["test"]:
@@ -157,19 +177,29 @@ def split_records(
         n_test = max(1, n_test)
     n_train = n - n_val - n_test
     if n_train < 1:
-        raise DataError(f"only {n} labelled rows: too few to split into train / validation / test; use more data")
-    return {"train": recs[:n_train], "val": recs[n_train : n_train + n_val], "test": recs[n_train + n_val :]}
+        raise DataError(
+            f"only {n} labelled rows: too few to split into train / validation / test; use more data"
+        )
+    return {
+        "train": recs[:n_train],
+        "val": recs[n_train : n_train + n_val],
+        "test": recs[n_train + n_val :],
+    }
 
 
 def _write_data(path: Path, splits: dict[str, list[Record]]) -> None:
     with gzip.open(path, "wt", encoding="utf-8") as f:
         for name, recs in splits.items():
             for r in recs:
-                f.write(json.dumps({"id": r.id, "text": r.text, "label": r.label, "split": name}) + "\n")
+                f.write(
+                    json.dumps({"id": r.id, "text": r.text, "label": r.label, "split": name}) + "\n"
+                )
 
 
 # ---------------------------------------------------------------- training
-def _batches(enc: dict[str, list[list[int]]], y: np.ndarray, order: np.ndarray, batch_size: int, pad_id: int):
+def _batches(
+    enc: dict[str, list[list[int]]], y: np.ndarray, order: np.ndarray, batch_size: int, pad_id: int
+):
     ids = enc["input_ids"]
     for b0 in range(0, len(order), batch_size):
         sel = order[b0 : b0 + batch_size]
@@ -183,7 +213,13 @@ def _batches(enc: dict[str, list[list[int]]], y: np.ndarray, order: np.ndarray, 
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, enc: dict[str, list[list[int]]], batch_size: int, pad_id: int, device: str) -> np.ndarray:
+def predict(
+    model: torch.nn.Module,
+    enc: dict[str, list[list[int]]],
+    batch_size: int,
+    pad_id: int,
+    device: str,
+) -> np.ndarray:
     """Predicted class index of every encoded text ``(n,)``."""
     model.eval()
     ids = enc["input_ids"]
@@ -194,28 +230,38 @@ def predict(model: torch.nn.Module, enc: dict[str, list[list[int]]], batch_size:
     pos = 0
     for inp, mask, _ in _batches(enc, dummy, order, batch_size * 2, pad_id):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            logits = model(input_ids=inp.to(device, non_blocking=True), attention_mask=mask.to(device, non_blocking=True)).logits
+            logits = model(
+                input_ids=inp.to(device, non_blocking=True),
+                attention_mask=mask.to(device, non_blocking=True),
+            ).logits
         sel = order[pos : pos + len(inp)]
         preds[sel] = logits.float().argmax(-1).cpu().numpy()
         pos += len(inp)
     return preds
 
 
-def _save_checkpoint(ckpt: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+def _save_checkpoint(
+    ckpt: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
     """The last epoch as ``checkpoint/`` (weights, optimizer state, trainer state), replaced in one rename."""
     from safetensors.torch import save_file
 
     tmp = ckpt.with_name(ckpt.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        str(tmp / "model.safetensors"),
+    )
     save_file(optimizer_tensors(opt, prefix=""), str(tmp / "optimizer.safetensors"))
     (tmp / "state.json").write_text(json.dumps(state, indent=2))
     shutil.rmtree(ckpt, ignore_errors=True)
     tmp.rename(ckpt)
 
 
-def _load_checkpoint(ckpt: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, device: str) -> dict[str, Any]:
+def _load_checkpoint(
+    ckpt: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, device: str
+) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     model.load_state_dict(load_file(str(ckpt / "model.safetensors"), device=device))
@@ -224,8 +270,20 @@ def _load_checkpoint(ckpt: Path, model: torch.nn.Module, opt: torch.optim.Optimi
 
 
 def _same_run(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    keys = ("model", "data", "lr", "batch_size", "max_length", "seed", "labels", "split", "ignore_split")
-    return all(json.dumps(a.get(k), sort_keys=True) == json.dumps(b.get(k), sort_keys=True) for k in keys)
+    keys = (
+        "model",
+        "data",
+        "lr",
+        "batch_size",
+        "max_length",
+        "seed",
+        "labels",
+        "split",
+        "ignore_split",
+    )
+    return all(
+        json.dumps(a.get(k), sort_keys=True) == json.dumps(b.get(k), sort_keys=True) for k in keys
+    )
 
 
 def finished_run(out: Path, cfg: FinetuneConfig) -> FinetuneResult | None:
@@ -236,7 +294,10 @@ def finished_run(out: Path, cfg: FinetuneConfig) -> FinetuneResult | None:
         now = json.loads(json.dumps(cfg.to_dict(), default=str))  # as finetune.json holds it
         if not (_same_run(saved, now) and saved.get("epochs") == now.get("epochs")):
             return None
-        rep["finetuned"], rep["pretrained"] = ClassReport(**rep["finetuned"]), ClassReport(**rep["pretrained"])
+        rep["finetuned"], rep["pretrained"] = (
+            ClassReport(**rep["finetuned"]),
+            ClassReport(**rep["pretrained"]),
+        )
         names = {f.name for f in fields(FinetuneResult)}
         return FinetuneResult(**{**{k: v for k, v in rep.items() if k in names}, "skipped": True})
     except (OSError, ValueError, TypeError, KeyError):
@@ -281,19 +342,38 @@ def _finetune(cfg: FinetuneConfig, progress: bool) -> FinetuneResult:
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     ckpt = out / "checkpoint"
     state = _restore(ckpt, cfg, model, opt, device)
-    if state is None:  # a fresh run: first the untouched pretrained encoder with the same fresh head
-        pre = classification_report(data.ys["test"], predict(model, data.enc["test"], cfg.batch_size, data.pad_id, device),
-                                    data.labels)  # fmt: skip
+    if (
+        state is None
+    ):  # a fresh run: first the untouched pretrained encoder with the same fresh head
+        pre = classification_report(
+            data.ys["test"],
+            predict(model, data.enc["test"], cfg.batch_size, data.pad_id, device),
+            data.labels,
+        )
         _write_data(out / "data.jsonl.gz", data.splits)
-        state = {"epoch": 0, "history": [], "best": {"epoch": 0, "val_accuracy": -1.0}, "pretrained": asdict(pre)}
+        state = {
+            "epoch": 0,
+            "history": [],
+            "best": {"epoch": 0, "val_accuracy": -1.0},
+            "pretrained": asdict(pre),
+        }
     start_epoch = int(state["epoch"])
     for epoch in range(start_epoch, cfg.epochs):
         train_loss = _train_epoch(model, opt, data, cfg, epoch, device, progress)
         val_src = "val" if len(data.ys["val"]) else "train"
-        val_acc = float((predict(model, data.enc[val_src], cfg.batch_size, data.pad_id, device) == data.ys[val_src]).mean())
-        state["history"].append({"epoch": epoch + 1, "train_loss": train_loss, "val_accuracy": val_acc})
+        val_acc = float(
+            (
+                predict(model, data.enc[val_src], cfg.batch_size, data.pad_id, device)
+                == data.ys[val_src]
+            ).mean()
+        )
+        state["history"].append(
+            {"epoch": epoch + 1, "train_loss": train_loss, "val_accuracy": val_acc}
+        )
         if progress:
-            print(f"epoch {epoch + 1}: train loss {train_loss:.4f}, validation accuracy {val_acc:.4f}")
+            print(
+                f"epoch {epoch + 1}: train loss {train_loss:.4f}, validation accuracy {val_acc:.4f}"
+            )
         if val_acc > state["best"]["val_accuracy"]:
             state["best"] = {"epoch": epoch + 1, "val_accuracy": val_acc}
             model.save_pretrained(out)
@@ -312,13 +392,18 @@ def _prepare_data(cfg: FinetuneConfig, out: Path) -> _Data:
     splits = split_records(recs, cfg.split, cfg.seed, use_own=not cfg.ignore_split)
     labels = sorted({r.label for r in recs})  # type: ignore[type-var]
     if len(labels) < 2:
-        raise DataError(f"{cfg.data.source} has only one label ({labels[0]!r}): classification needs at least two")
+        raise DataError(
+            f"{cfg.data.source} has only one label ({labels[0]!r}): classification needs at least two"
+        )
     lab_idx = {lab: i for i, lab in enumerate(labels)}
     path = resolve_model(cfg.model)
     # saved untouched (calling it with truncation changes its definition), so extraction shares the token index
     from_pretrained(AutoTokenizer, path).save_pretrained(out)
     tok = from_pretrained(AutoTokenizer, path)
-    enc = {k: tok([r.text for r in v], truncation=True, max_length=cfg.max_length) for k, v in splits.items()}
+    enc = {
+        k: tok([r.text for r in v], truncation=True, max_length=cfg.max_length)
+        for k, v in splits.items()
+    }
     ys = {k: np.array([lab_idx[r.label] for r in v], dtype=np.int64) for k, v in splits.items()}  # type: ignore[index]
     return _Data(splits, labels, enc, ys, tok.pad_token_id if tok.pad_token_id is not None else 0)
 
@@ -334,27 +419,40 @@ def _new_classifier(path: str, labels: list[str]) -> torch.nn.Module:
     hf_logging.set_verbosity_error()  # the head is new on purpose: no "newly initialized" warning
     try:
         return from_pretrained(
-            AutoModelForSequenceClassification, path, num_labels=len(labels),
-            id2label=dict(enumerate(labels)), label2id={lab: i for i, lab in enumerate(labels)},
-        )  # fmt: skip
+            AutoModelForSequenceClassification,
+            path,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={lab: i for i, lab in enumerate(labels)},
+        )
     finally:
         hf_logging.set_verbosity(verbosity)
 
 
-def _restore(ckpt: Path, cfg: FinetuneConfig, model: torch.nn.Module, opt: torch.optim.Optimizer,
-             device: str) -> dict[str, Any] | None:  # fmt: skip
+def _restore(
+    ckpt: Path, cfg: FinetuneConfig, model: torch.nn.Module, opt: torch.optim.Optimizer, device: str
+) -> dict[str, Any] | None:
     """The trainer state of an unfinished run of the same options (weights and optimizer loaded), else None."""
     if not (ckpt / "state.json").exists():
         return None
-    if not _same_run(json.loads((ckpt / "state.json").read_text()).get("config", {}), cfg.to_dict()):
+    if not _same_run(
+        json.loads((ckpt / "state.json").read_text()).get("config", {}), cfg.to_dict()
+    ):
         return None
     state = _load_checkpoint(ckpt, model, opt, device)
     state.pop("config", None)
     return state
 
 
-def _train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, data: _Data, cfg: FinetuneConfig, epoch: int,
-                 device: str, progress: bool) -> float:  # fmt: skip
+def _train_epoch(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    data: _Data,
+    cfg: FinetuneConfig,
+    epoch: int,
+    device: str,
+    progress: bool,
+) -> float:
     """One seeded pass over the training split; returns its mean loss."""
     from tqdm.auto import tqdm
 
@@ -362,14 +460,22 @@ def _train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, data: _Data
     torch.manual_seed(cfg.seed + 1 + epoch)
     n_train = len(data.ys["train"])
     order = np.random.default_rng(cfg.seed + epoch).permutation(n_train)
-    bar = tqdm(total=n_train, desc=f"finetune epoch {epoch + 1}/{cfg.epochs}", unit=" samples", disable=not progress)
+    bar = tqdm(
+        total=n_train,
+        desc=f"finetune epoch {epoch + 1}/{cfg.epochs}",
+        unit=" samples",
+        disable=not progress,
+    )
     loss_sum, n_seen = 0.0, 0
-    for inp, mask, y in _batches(data.enc["train"], data.ys["train"], order, cfg.batch_size, data.pad_id):
+    for inp, mask, y in _batches(
+        data.enc["train"], data.ys["train"], order, cfg.batch_size, data.pad_id
+    ):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
             outp = model(
-                input_ids=inp.to(device, non_blocking=True), attention_mask=mask.to(device, non_blocking=True),
+                input_ids=inp.to(device, non_blocking=True),
+                attention_mask=mask.to(device, non_blocking=True),
                 labels=y.to(device, non_blocking=True),
-            )  # fmt: skip
+            )
         opt.zero_grad(set_to_none=True)
         outp.loss.backward()
         opt.step()
@@ -381,8 +487,15 @@ def _train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, data: _Data
     return loss_sum / max(n_seen, 1)
 
 
-def _finish(cfg: FinetuneConfig, out: Path, data: _Data, state: dict[str, Any], start_epoch: int, device: str,
-            seconds: float) -> FinetuneResult:  # fmt: skip
+def _finish(
+    cfg: FinetuneConfig,
+    out: Path,
+    data: _Data,
+    state: dict[str, Any],
+    start_epoch: int,
+    device: str,
+    seconds: float,
+) -> FinetuneResult:
     """The best epoch's model on the test split; the reports written; the checkpoint dropped unless kept."""
     from transformers import AutoModelForSequenceClassification
 
@@ -392,12 +505,19 @@ def _finish(cfg: FinetuneConfig, out: Path, data: _Data, state: dict[str, Any], 
     preds = predict(best_model, data.enc["test"], cfg.batch_size, data.pad_id, device)
     best = state["best"]
     res = FinetuneResult(
-        out=str(out), labels=data.labels, n_train=len(data.ys["train"]), n_val=len(data.ys["val"]),
-        n_test=len(data.ys["test"]), best_epoch=int(best["epoch"]), best_val_accuracy=float(best["val_accuracy"]),
+        out=str(out),
+        labels=data.labels,
+        n_train=len(data.ys["train"]),
+        n_val=len(data.ys["val"]),
+        n_test=len(data.ys["test"]),
+        best_epoch=int(best["epoch"]),
+        best_val_accuracy=float(best["val_accuracy"]),
         finetuned=classification_report(data.ys["test"], preds, data.labels),
-        pretrained=ClassReport(**state["pretrained"]), history=state["history"], resumed_from_epoch=start_epoch,
+        pretrained=ClassReport(**state["pretrained"]),
+        history=state["history"],
+        resumed_from_epoch=start_epoch,
         seconds=seconds,
-    )  # fmt: skip
+    )
     (out / "finetune.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
     (out / "report.json").write_text(json.dumps(asdict(res), indent=2))
     (out / "report.txt").write_text(report_text(res) + "\n")
@@ -419,7 +539,9 @@ def report_text(res: FinetuneResult) -> str:
         "",
         "epoch  train_loss  val_accuracy",
     ]
-    lines += [f"{h['epoch']:5d}  {h['train_loss']:10.4f}  {h['val_accuracy']:12.4f}" for h in res.history]
+    lines += [
+        f"{h['epoch']:5d}  {h['train_loss']:10.4f}  {h['val_accuracy']:12.4f}" for h in res.history
+    ]
     return "\n".join(lines)
 
 

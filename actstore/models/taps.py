@@ -20,7 +20,9 @@ def find_blocks(model: nn.Module, n_layers: int) -> nn.ModuleList:
             best = mod
             break
     if best is None:
-        raise ModelError(f"cannot find the {n_layers} transformer blocks of {type(model).__name__}: not supported yet")
+        raise ModelError(
+            f"cannot find the {n_layers} transformer blocks of {type(model).__name__}: not supported yet"
+        )
     return best
 
 
@@ -65,7 +67,9 @@ def splice(model: nn.Module, n_layers: int, layer: int, fn: Any) -> Any:
     if layer < n_layers:
         handle = blocks[layer].register_forward_pre_hook(pre_hook, with_kwargs=True)
     else:
-        handle = (final_norm(model, blocks) or blocks[n_layers - 1]).register_forward_hook(post_hook)
+        handle = (final_norm(model, blocks) or blocks[n_layers - 1]).register_forward_hook(
+            post_hook
+        )
     try:
         yield
     finally:
@@ -104,14 +108,19 @@ class LayerTap:
         return pre_hook
 
     @torch.inference_mode()
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[int, torch.Tensor]:
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> dict[int, torch.Tensor]:
         self._out = {}
         n = self.loaded.n_layers
         handles = [
-            self.blocks[i].register_forward_pre_hook(self._hook(i), with_kwargs=True) for i in range(min(self.deepest + 1, n))
+            self.blocks[i].register_forward_pre_hook(self._hook(i), with_kwargs=True)
+            for i in range(min(self.deepest + 1, n))
         ]
         try:
-            out = self.loaded.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            out = self.loaded.model(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            )
             if n in self.layers:
                 self._out[n] = out.last_hidden_state
         except _Stop:
@@ -127,4 +136,6 @@ def check_layers(loaded: LoadedModel, layers: list[int]) -> None:
         raise ModelError("no layers requested: pass --layers, e.g. --layers 2,4,6")
     bad = [layer for layer in layers if layer < 0 or layer > loaded.n_layers]
     if bad:
-        raise ModelError(f"layer {bad[0]} is out of range for {loaded.source}: it has layers 0 (embeddings) to {loaded.n_layers}")
+        raise ModelError(
+            f"layer {bad[0]} is out of range for {loaded.source}: it has layers 0 (embeddings) to {loaded.n_layers}"
+        )

@@ -69,7 +69,11 @@ class _Demo:
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.device = auto_device(cfg.device)
-        self.ft_dir, self.store_path, self.report_dir = self.out / "finetuned", self.out / "store.zarr", self.out / "report"
+        self.ft_dir, self.store_path, self.report_dir = (
+            self.out / "finetuned",
+            self.out / "store.zarr",
+            self.out / "report",
+        )
         self.pre_key = default_model_key(cfg.model)
         self.ft_key = f"{self.pre_key}-ft"
         self.secs: dict[str, float] = {}
@@ -78,7 +82,9 @@ class _Demo:
 
     def _step(self, key: str, name: str, cmd: str) -> None:
         if self._t:
-            raise RuntimeError("a demo step started before the last one finished")  # a bug, not user input
+            raise RuntimeError(
+                "a demo step started before the last one finished"
+            )  # a bug, not user input
         self.log(f"\n== {name}\n$ {cmd}")
         self.cmds.append(cmd)
         self._t, self._key = time.perf_counter(), key
@@ -93,16 +99,29 @@ class _Demo:
         from actstore.models.finetune import finetune
 
         cfg, q = self.cfg, shlex.quote
-        cmd = (f"actstore finetune --model {q(cfg.model)} --data {q(cfg.data)} --limit {cfg.limit} --epochs {cfg.epochs} "
-               f"--lr {cfg.lr:g} --max-length {cfg.max_length} --out {q(str(self.ft_dir))}")  # fmt: skip
+        cmd = (
+            f"actstore finetune --model {q(cfg.model)} --data {q(cfg.data)} --limit {cfg.limit} --epochs {cfg.epochs} "
+            f"--lr {cfg.lr:g} --max-length {cfg.max_length} --out {q(str(self.ft_dir))}"
+        )
         self._step("finetune", "1/5 fine-tune", cmd)
         ft = finetune(
-            FinetuneConfig(cfg.model, DataConfig(cfg.data, limit=cfg.limit), str(self.ft_dir), epochs=cfg.epochs, lr=cfg.lr,
-                           batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed, device=self.device),
+            FinetuneConfig(
+                cfg.model,
+                DataConfig(cfg.data, limit=cfg.limit),
+                str(self.ft_dir),
+                epochs=cfg.epochs,
+                lr=cfg.lr,
+                batch_size=cfg.batch_size,
+                max_length=cfg.max_length,
+                seed=cfg.seed,
+                device=self.device,
+            ),
             progress=self.progress,
-        )  # fmt: skip
-        self.log(f"test accuracy: pretrained encoder + fresh head {ft.pretrained.accuracy:.3f}, "
-                 f"fine-tuned {ft.finetuned.accuracy:.3f}")  # fmt: skip
+        )
+        self.log(
+            f"test accuracy: pretrained encoder + fresh head {ft.pretrained.accuracy:.3f}, "
+            f"fine-tuned {ft.finetuned.accuracy:.3f}"
+        )
         self._done()
         return {"pretrained": ft.pretrained.accuracy, "finetuned": ft.finetuned.accuracy}
 
@@ -114,13 +133,29 @@ class _Demo:
         cfg, q = self.cfg, shlex.quote
         data_file = self.ft_dir / "data.jsonl.gz"
         again = f"  # and again with --model {q(str(self.ft_dir))} --name {self.ft_key}"
-        self._step("extract", "2/5 extract", f"actstore extract {q(str(self.store_path))} --model {q(cfg.model)} --data "
-                   f"{q(str(data_file))} --layers all --max-length {cfg.max_length}{again}")  # fmt: skip
+        self._step(
+            "extract",
+            "2/5 extract",
+            f"actstore extract {q(str(self.store_path))} --model {q(cfg.model)} --data "
+            f"{q(str(data_file))} --layers all --max-length {cfg.max_length}{again}",
+        )
         for model, key in ((cfg.model, self.pre_key), (str(self.ft_dir), self.ft_key)):
-            r = extract(str(self.store_path), ExtractConfig(model=model, data=DataConfig(str(data_file)), layers="all",
-                        name=key, max_length=cfg.max_length, device=self.device), progress=self.progress)  # fmt: skip
-            self.log(f"{key}: {r.n_samples} samples, {r.n_tokens} tokens, layers {r.layers[0]}-{r.layers[-1]} in "
-                     f"{r.seconds:.1f}s")  # fmt: skip
+            r = extract(
+                str(self.store_path),
+                ExtractConfig(
+                    model=model,
+                    data=DataConfig(str(data_file)),
+                    layers="all",
+                    name=key,
+                    max_length=cfg.max_length,
+                    device=self.device,
+                ),
+                progress=self.progress,
+            )
+            self.log(
+                f"{key}: {r.n_samples} samples, {r.n_tokens} tokens, layers {r.layers[0]}-{r.layers[-1]} in "
+                f"{r.seconds:.1f}s"
+            )
         self._done()
 
     def train(self) -> list[str]:
@@ -134,22 +169,50 @@ class _Demo:
         d_sae = round(st.layer_attrs(self.pre_key, layers[0]).d_model * cfg.sae_expansion)
         k = cfg.sae_k or max(1, int(d_sae * 0.04))
         lr = "" if cfg.sae_lr is None else f" --lr {cfg.sae_lr:g}"
-        cmd = (f"actstore train {sp} --model M --layer L --arch topk --k {k} --d-sae {d_sae}{lr} --resample "
-               f"{cfg.sae_resample} --epochs {cfg.sae_epochs}  # M in {self.pre_key}, {self.ft_key}; L in {layers}")  # fmt: skip
+        cmd = (
+            f"actstore train {sp} --model M --layer L --arch topk --k {k} --d-sae {d_sae}{lr} --resample "
+            f"{cfg.sae_resample} --epochs {cfg.sae_epochs}  # M in {self.pre_key}, {self.ft_key}; L in {layers}"
+        )
         self._step("train", "3/5 train SAEs", cmd)
-        common = {"d_sae": d_sae, "lr": cfg.sae_lr, "epochs": cfg.sae_epochs, "batch_size": cfg.sae_batch_size,
-                  "device": self.device, "seed": cfg.seed, "overwrite": True, "checkpoint_every": 0}  # fmt: skip
-        names = [self._train_one(st, TrainConfig(model=key, layer=layer, arch="topk", k=k, resample=cfg.sae_resample, **common))
-                 for layer in layers for key in (self.pre_key, self.ft_key)]  # fmt: skip
+        common = {
+            "d_sae": d_sae,
+            "lr": cfg.sae_lr,
+            "epochs": cfg.sae_epochs,
+            "batch_size": cfg.sae_batch_size,
+            "device": self.device,
+            "seed": cfg.seed,
+            "overwrite": True,
+            "checkpoint_every": 0,
+        }
+        names = [
+            self._train_one(
+                st,
+                TrainConfig(
+                    model=key, layer=layer, arch="topk", k=k, resample=cfg.sae_resample, **common
+                ),
+            )
+            for layer in layers
+            for key in (self.pre_key, self.ft_key)
+        ]
         if cfg.paper_sae:
             paper = f"paper-{self.ft_key}-l{layers[-1]}"
-            cmd = (f"actstore train {sp} --model {self.ft_key} --layer {layers[-1]} --arch relu-l1 --l1 1e-3 "
-                   f"--b-dec-init mean --no-unit-grad --d-sae {d_sae}{lr} --epochs {cfg.sae_epochs} "
-                   f"--name {paper}")  # fmt: skip
+            cmd = (
+                f"actstore train {sp} --model {self.ft_key} --layer {layers[-1]} --arch relu-l1 --l1 1e-3 "
+                f"--b-dec-init mean --no-unit-grad --d-sae {d_sae}{lr} --epochs {cfg.sae_epochs} "
+                f"--name {paper}"
+            )
             self.log(f"$ {cmd}  # the paper's recipe, for contrast")
             self.cmds.append(cmd)
-            paper_cfg = TrainConfig(model=self.ft_key, layer=layers[-1], arch="relu-l1", l1=1e-3, b_dec_init="mean",
-                                    unit_grad=False, name=paper, **common)  # fmt: skip
+            paper_cfg = TrainConfig(
+                model=self.ft_key,
+                layer=layers[-1],
+                arch="relu-l1",
+                l1=1e-3,
+                b_dec_init="mean",
+                unit_grad=False,
+                name=paper,
+                **common,
+            )
             self._train_one(st, paper_cfg)
         self._done()
         return names
@@ -159,8 +222,10 @@ class _Demo:
 
         tr = train_sae(st, tc, progress=self.progress)
         ev = tr.metrics.get("eval", {})
-        self.log(f"{tr.name}: fvu {ev.get('fvu', float('nan')):.3f}, L0 {ev.get('l0', float('nan')):.1f} of {tc.d_sae} "
-                 f"({tr.seconds:.1f}s)")  # fmt: skip
+        self.log(
+            f"{tr.name}: fvu {ev.get('fvu', float('nan')):.3f}, L0 {ev.get('l0', float('nan')):.1f} of {tc.d_sae} "
+            f"({tr.seconds:.1f}s)"
+        )
         return tr.name
 
     def encode(self, names: list[str]) -> None:
@@ -168,10 +233,18 @@ class _Demo:
         from actstore.encoding.encode import encode
         from actstore.store.reader import open_store
 
-        self._step("encode", "4/5 encode", f"actstore encode {shlex.quote(str(self.store_path))} --sae NAME  # for each SAE")
+        self._step(
+            "encode",
+            "4/5 encode",
+            f"actstore encode {shlex.quote(str(self.store_path))} --sae NAME  # for each SAE",
+        )
         st = open_store(str(self.store_path), writable=True)
         for name in names:
-            encode(st, EncodeConfig(sae=name, device=self.device, overwrite=True), progress=self.progress)
+            encode(
+                st,
+                EncodeConfig(sae=name, device=self.device, overwrite=True),
+                progress=self.progress,
+            )
         self._done()
 
     def report(self) -> str:
@@ -180,18 +253,40 @@ class _Demo:
         from actstore.store.reader import open_store
 
         q = shlex.quote
-        png, sp, rd = q(str(self.report_dir / "similarity.png")), q(str(self.store_path)), q(str(self.report_dir))
-        self._step("report", "5/5 compare, diff, report", f"actstore compare {sp} --models {self.pre_key},{self.ft_key} "
-                   f"--plot {png}; actstore report {sp} --out {rd}")  # fmt: skip
+        png, sp, rd = (
+            q(str(self.report_dir / "similarity.png")),
+            q(str(self.store_path)),
+            q(str(self.report_dir)),
+        )
+        self._step(
+            "report",
+            "5/5 compare, diff, report",
+            f"actstore compare {sp} --models {self.pre_key},{self.ft_key} "
+            f"--plot {png}; actstore report {sp} --out {rd}",
+        )
         st = open_store(str(self.store_path), writable=True)
-        rep = build_report(st, ReportConfig(out=str(self.report_dir), models=(self.pre_key, self.ft_key)),
-                           progress=self.progress)  # fmt: skip
+        rep = build_report(
+            st,
+            ReportConfig(out=str(self.report_dir), models=(self.pre_key, self.ft_key)),
+            progress=self.progress,
+        )
         self._done()
         return rep.html
 
     def finish(self, report_html: str, accuracy: dict[str, float]) -> DemoResult:
         self.secs["total"] = sum(self.secs.values())
-        (self.out / "commands.sh").write_text("#!/bin/sh\n# what actstore demo ran, as commands\n" + "\n".join(self.cmds) + "\n")
-        (self.out / "demo.json").write_text(json.dumps({"config": asdict(self.cfg), "seconds": self.secs}, indent=2))
-        return DemoResult(out=str(self.out), report_html=report_html, store=str(self.store_path), finetuned=str(self.ft_dir),
-                          accuracy=accuracy, seconds=self.secs, commands=self.cmds)  # fmt: skip
+        (self.out / "commands.sh").write_text(
+            "#!/bin/sh\n# what actstore demo ran, as commands\n" + "\n".join(self.cmds) + "\n"
+        )
+        (self.out / "demo.json").write_text(
+            json.dumps({"config": asdict(self.cfg), "seconds": self.secs}, indent=2)
+        )
+        return DemoResult(
+            out=str(self.out),
+            report_html=report_html,
+            store=str(self.store_path),
+            finetuned=str(self.ft_dir),
+            accuracy=accuracy,
+            seconds=self.secs,
+            commands=self.cmds,
+        )

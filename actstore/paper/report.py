@@ -59,14 +59,19 @@ def _fmt(x: Any) -> str:
 
 def _html_table(df: pl.DataFrame, max_rows: int = 200) -> str:
     head = "".join(f"<th>{_esc(c)}</th>" for c in df.columns)
-    body = "".join("<tr>" + "".join(f"<td>{_esc(_fmt(v))}</td>" for v in row) + "</tr>" for row in df.head(max_rows).iter_rows())
+    body = "".join(
+        "<tr>" + "".join(f"<td>{_esc(_fmt(v))}</td>" for v in row) + "</tr>"
+        for row in df.head(max_rows).iter_rows()
+    )
     return f'<div class="scroll"><table class="data"><tr>{head}</tr>{body}</table></div>'
 
 
 def _md_table(df: pl.DataFrame, max_rows: int = 60) -> str:
     lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
     for row in df.head(max_rows).iter_rows():
-        lines.append("| " + " | ".join(_fmt(v).replace("|", "\\|").replace("\n", " ") for v in row) + " |")
+        lines.append(
+            "| " + " | ".join(_fmt(v).replace("|", "\\|").replace("\n", " ") for v in row) + " |"
+        )
     return "\n".join(lines)
 
 
@@ -98,13 +103,19 @@ def finetune_section(store: Store) -> tuple[pl.DataFrame | None, list[dict[str, 
         if not rep:
             continue
         reports.append({"model": m, **rep})
-        rows.append({
-            "model": m, "labels": len(rep["labels"]),
-            "train / val / test": f"{rep['n_train']} / {rep['n_val']} / {rep['n_test']}",
-            "pretrained accuracy": rep["pretrained"]["accuracy"], "fine-tuned accuracy": rep["finetuned"]["accuracy"],
-            "pretrained macro F1": rep["pretrained"]["macro_f1"], "fine-tuned macro F1": rep["finetuned"]["macro_f1"],
-            "best epoch": rep["best_epoch"], "epochs run": len(rep.get("history", [])),
-        })  # fmt: skip
+        rows.append(
+            {
+                "model": m,
+                "labels": len(rep["labels"]),
+                "train / val / test": f"{rep['n_train']} / {rep['n_val']} / {rep['n_test']}",
+                "pretrained accuracy": rep["pretrained"]["accuracy"],
+                "fine-tuned accuracy": rep["finetuned"]["accuracy"],
+                "pretrained macro F1": rep["pretrained"]["macro_f1"],
+                "fine-tuned macro F1": rep["finetuned"]["macro_f1"],
+                "best epoch": rep["best_epoch"],
+                "epochs run": len(rep.get("history", [])),
+            }
+        )
     return (pl.DataFrame(rows) if rows else None), reports
 
 
@@ -112,15 +123,25 @@ def _per_class(rep: dict[str, Any]) -> pl.DataFrame:
     rows = []
     for lab in rep["labels"]:
         p, f = rep["pretrained"]["per_class"][lab], rep["finetuned"]["per_class"][lab]
-        rows.append({"label": lab, "support": f["support"], "pretrained F1": p["f1"], "fine-tuned precision": f["precision"],
-                     "fine-tuned recall": f["recall"], "fine-tuned F1": f["f1"]})  # fmt: skip
+        rows.append(
+            {
+                "label": lab,
+                "support": f["support"],
+                "pretrained F1": p["f1"],
+                "fine-tuned precision": f["precision"],
+                "fine-tuned recall": f["recall"],
+                "fine-tuned F1": f["f1"],
+            }
+        )
     return pl.DataFrame(rows)
 
 
 def _confusion(rep: dict[str, Any], which: str) -> pl.DataFrame:
     labs = rep["labels"]
     conf = rep[which]["confusion"]
-    return pl.DataFrame({"true \\ predicted": labs, **{lab: [row[j] for row in conf] for j, lab in enumerate(labs)}})
+    return pl.DataFrame(
+        {"true \\ predicted": labs, **{lab: [row[j] for row in conf] for j, lab in enumerate(labs)}}
+    )
 
 
 def sae_pairs(store: Store, models: tuple[str, str]) -> list[tuple[int, str, str]]:
@@ -131,8 +152,11 @@ def sae_pairs(store: Store, models: tuple[str, str]) -> list[tuple[int, str, str
         if c.model in models and c.layer is not None and not c.is_crosscoder:
             by.setdefault((c.model, int(c.layer)), name)
     layers = sorted({layer for (_, layer) in by})
-    return [(layer, by[(models[0], layer)], by[(models[1], layer)]) for layer in layers
-            if (models[0], layer) in by and (models[1], layer) in by]  # fmt: skip
+    return [
+        (layer, by[(models[0], layer)], by[(models[1], layer)])
+        for layer in layers
+        if (models[0], layer) in by and (models[1], layer) in by
+    ]
 
 
 def sae_metrics_table(store: Store) -> pl.DataFrame | None:
@@ -143,10 +167,25 @@ def sae_metrics_table(store: Store) -> pl.DataFrame | None:
         return None
     keep = [
         c
-        for c in ("name", "model", "layer", "arch", "d_in", "d_sae", "l1", "tokens", "mse", "fvu", "l0", "l0_fraction", "dead",
-                  "dead_store", "dense_code")
+        for c in (
+            "name",
+            "model",
+            "layer",
+            "arch",
+            "d_in",
+            "d_sae",
+            "l1",
+            "tokens",
+            "mse",
+            "fvu",
+            "l0",
+            "l0_fraction",
+            "dead",
+            "dead_store",
+            "dense_code",
+        )
         if c in df.columns
-    ]  # fmt: skip
+    ]
     return df.select(keep).sort(["layer", "model"])
 
 
@@ -155,10 +194,17 @@ def _crop_views(tv: Any, center: int, context: int) -> Any:
 
     a = max(0, center - context)
     b = center + context + 1
-    return TokenViews(tv.views, tv.sentences, [t[a:b] for t in tv.tokens], [[x[a:b] for x in vs] for vs in tv.values])
+    return TokenViews(
+        tv.views,
+        tv.sentences,
+        [t[a:b] for t in tv.tokens],
+        [[x[a:b] for x in vs] for vs in tv.values],
+    )
 
 
-def features_section(store: Store, cfg: ReportConfig, models: tuple[str, str] | None) -> tuple[list[dict[str, Any]], list[str]]:
+def features_section(
+    store: Store, cfg: ReportConfig, models: tuple[str, str] | None
+) -> tuple[list[dict[str, Any]], list[str]]:
     """Per encoded SAE: top features by variance, their top tokens, and token views (HTML fragments)."""
     from actstore.analysis.config import ShowConfig
     from actstore.analysis.show import render_html_fragment, token_views
@@ -168,8 +214,12 @@ def features_section(store: Store, cfg: ReportConfig, models: tuple[str, str] | 
     out, notes = [], []
     encoded = set(encoded_saes(store))
     order = {m: i for i, m in enumerate(models or ())}
-    cfgs = {name: read_config(store, name) for name in sae_names(store)}  # cfg.json only: no weights
-    for name in sorted(cfgs, key=lambda n: (cfgs[n].layer or 0, order.get(str(cfgs[n].model), 99), n)):
+    cfgs = {
+        name: read_config(store, name) for name in sae_names(store)
+    }  # cfg.json only: no weights
+    for name in sorted(
+        cfgs, key=lambda n: (cfgs[n].layer or 0, order.get(str(cfgs[n].model), 99), n)
+    ):
         if name not in encoded:
             notes.append(
                 f"SAE {name} is not encoded, so its top features are not shown: run actstore encode {store.url} --sae {name}"
@@ -180,16 +230,36 @@ def features_section(store: Store, cfg: ReportConfig, models: tuple[str, str] | 
         feats = []
         for f in tf.iter_rows(named=True):
             tt = top_tokens(store, int(f["feature"]), sae=name, n=cfg.top_tokens, context=6)
-            feats.append({**f, "top_tokens": tt.select("value", "token", "id", "label", "context").to_dicts()})
-        entry: dict[str, Any] = {"sae": name, "model": sae_cfg.model, "layer": sae_cfg.layer, "features": feats, "views_html": ""}
+            feats.append(
+                {
+                    **f,
+                    "top_tokens": tt.select("value", "token", "id", "label", "context").to_dicts(),
+                }
+            )
+        entry: dict[str, Any] = {
+            "sae": name,
+            "model": sae_cfg.model,
+            "layer": sae_cfg.layer,
+            "features": feats,
+            "views_html": "",
+        }
         if feats and cfg.views:
             best = feats[0]
-            other = [m for m in (models or ()) if m != sae_cfg.model and sae_cfg.layer in store.layers(m)]
+            other = [
+                m for m in (models or ()) if m != sae_cfg.model and sae_cfg.layer in store.layers(m)
+            ]
             vmodels = [str(sae_cfg.model), *other]
             frags = []
             for hit in best["top_tokens"][: cfg.views]:
-                tv = token_views(store, ShowConfig(saes=[name], features=[int(best["feature"])], sample_ids=[hit["id"]],
-                                                   models=vmodels))  # fmt: skip
+                tv = token_views(
+                    store,
+                    ShowConfig(
+                        saes=[name],
+                        features=[int(best["feature"])],
+                        sample_ids=[hit["id"]],
+                        models=vmodels,
+                    ),
+                )
                 center = int(np.argmax(tv.values[0][0]))
                 frags.append(render_html_fragment(_crop_views(tv, center, cfg.context)))
             entry["views_html"] = "\n".join(frags)
@@ -197,7 +267,9 @@ def features_section(store: Store, cfg: ReportConfig, models: tuple[str, str] | 
     return out, notes
 
 
-def diff_section(store: Store, pairs: list[tuple[int, str, str]], cfg: ReportConfig) -> pl.DataFrame | None:
+def diff_section(
+    store: Store, pairs: list[tuple[int, str, str]], cfg: ReportConfig
+) -> pl.DataFrame | None:
     from actstore.analysis.config import DiffConfig
     from actstore.analysis.diff import diff_features, diff_names, load_diff
 
@@ -209,8 +281,18 @@ def diff_section(store: Store, pairs: list[tuple[int, str, str]], cfg: ReportCon
         else:
             res = diff_features(store, DiffConfig(a, b, rows=cfg.diff_rows), save=store.writable)
         c = res.counts
-        rows.append({"layer": layer, "sae A": a, "sae B": b, "retained": c["a"]["retained"], "modified (A)": c["a"]["modified"],
-                     "lost": c["a"]["lost"], "modified (B)": c["b"]["modified"], "new": c["b"]["new"]})  # fmt: skip
+        rows.append(
+            {
+                "layer": layer,
+                "sae A": a,
+                "sae B": b,
+                "retained": c["a"]["retained"],
+                "modified (A)": c["a"]["modified"],
+                "lost": c["a"]["lost"],
+                "modified (B)": c["b"]["modified"],
+                "new": c["b"]["new"],
+            }
+        )
     return pl.DataFrame(rows) if rows else None
 
 
@@ -284,12 +366,19 @@ def _build_report(store: Store, cfg: ReportConfig, progress: bool = False) -> Re
 
     ft, reps, ft_notes = _finetune_part(store)
     models = _models_to_compare(store, cfg, reps)
-    parts: list[Part | None] = [ft, _similarity_part(store, cfg, models, out, progress), _sae_metrics_part(store, out),
-                                _features_part(store, cfg, models, out), _diff_part(store, cfg, models, out),
-                                _crosscoder_part(store)]  # fmt: skip
+    parts: list[Part | None] = [
+        ft,
+        _similarity_part(store, cfg, models, out, progress),
+        _sae_metrics_part(store, out),
+        _features_part(store, cfg, models, out),
+        _diff_part(store, cfg, models, out),
+        _crosscoder_part(store),
+    ]
     res.notes += ft_notes
     if models is None:
-        res.notes.append(f"the store holds {len(store.models)} models: pass --models A,B for the similarity section")
+        res.notes.append(
+            f"the store holds {len(store.models)} models: pass --models A,B for the similarity section"
+        )
     for part in parts:
         if part is None:
             continue
@@ -313,25 +402,43 @@ def _build_report(store: Store, cfg: ReportConfig, progress: bool = False) -> Re
 def _page(body: list[str]) -> str:
     from actstore.analysis.show import TOKVIEW_CSS
 
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>actstore report</title><style>{CSS}{TOKVIEW_CSS}"
-            f"</style></head><body><h1>actstore report</h1>{''.join(body)}<p style='color:#888'>made {now()} by actstore "
-            "report</p></body></html>")  # fmt: skip
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>actstore report</title><style>{CSS}{TOKVIEW_CSS}"
+        f"</style></head><body><h1>actstore report</h1>{''.join(body)}<p style='color:#888'>made {now()} by actstore "
+        "report</p></body></html>"
+    )
 
 
 def _intro(store: Store, info: dict[str, Any]) -> tuple[str, str]:
     """One sentence on what the store holds, as HTML (every string from the store escaped) and Markdown."""
     tok = next(iter(info["tokenizations"].values()), {})
     data = tok.get("data") if isinstance(tok.get("data"), dict) else {}
-    facts = (tok.get("n_samples"), tok.get("n_tokens"), tok.get("max_length"), data.get("source"),
-             ", ".join(store.models) or "none", len(sae_names(store)))  # fmt: skip
+    facts = (
+        tok.get("n_samples"),
+        tok.get("n_tokens"),
+        tok.get("max_length"),
+        data.get("source"),
+        ", ".join(store.models) or "none",
+        len(sae_names(store)),
+    )
     intro = "Store {}: {} samples, {} tokens (max length {}) from {}; models: {}; SAEs: {}."
     # every string read from the store is escaped: a model key or attribute may hold markup
-    html_ = "<p>" + intro.format(f"<code>{_esc(store.url)}</code>", *map(_esc, facts[:3]), f"<code>{_esc(facts[3])}</code>",
-                                 *map(_esc, facts[4:])) + "</p>"  # fmt: skip
+    html_ = (
+        "<p>"
+        + intro.format(
+            f"<code>{_esc(store.url)}</code>",
+            *map(_esc, facts[:3]),
+            f"<code>{_esc(facts[3])}</code>",
+            *map(_esc, facts[4:]),
+        )
+        + "</p>"
+    )
     return html_, intro.format(f"`{store.url}`", *facts[:3], f"`{facts[3]}`", *facts[4:])
 
 
-def _models_to_compare(store: Store, cfg: ReportConfig, reps: list[dict[str, Any]]) -> tuple[str, str] | None:
+def _models_to_compare(
+    store: Store, cfg: ReportConfig, reps: list[dict[str, Any]]
+) -> tuple[str, str] | None:
     """``--models``, else the store's two models with the pretrained one (not made by a fine-tune) first."""
     if cfg.models is not None or len(store.models) != 2:
         return cfg.models
@@ -343,36 +450,67 @@ def _finetune_part(store: Store) -> tuple[Part | None, list[dict[str, Any]], lis
     """1. The fine-tune reports (paper Table 2); also returns the reports, which say which model is fine-tuned."""
     ft, reps = finetune_section(store)
     if ft is None:
-        return None, reps, ["no model of this store was extracted from an actstore finetune directory: no fine-tune report"]
-    h = ["<h2>1. Fine-tuning (paper Table 2)</h2>",
-         "<p>Test-split accuracy of the fine-tuned model and of the untouched pretrained encoder with the same freshly "
-         "initialised head (the paper's 'pre-trained' column).</p>" + _html_table(ft)]  # fmt: skip
+        return (
+            None,
+            reps,
+            [
+                "no model of this store was extracted from an actstore finetune directory: no fine-tune report"
+            ],
+        )
+    h = [
+        "<h2>1. Fine-tuning (paper Table 2)</h2>",
+        "<p>Test-split accuracy of the fine-tuned model and of the untouched pretrained encoder with the same freshly "
+        "initialised head (the paper's 'pre-trained' column).</p>" + _html_table(ft),
+    ]
     for rep in reps:
-        hist = pl.DataFrame(rep.get("history") or [{"epoch": 0, "train_loss": None, "val_accuracy": None}])
-        h += [f"<h3>{_esc(rep['model'])}: per class</h3>" + _html_table(_per_class(rep)),
-              "<p>Confusion matrix, fine-tuned (rows: true):</p>" + _html_table(_confusion(rep, "finetuned")),
-              "<p>Confusion matrix, pretrained + fresh head:</p>" + _html_table(_confusion(rep, "pretrained")),
-              "<p>Training history:</p>" + _html_table(hist)]  # fmt: skip
+        hist = pl.DataFrame(
+            rep.get("history") or [{"epoch": 0, "train_loss": None, "val_accuracy": None}]
+        )
+        h += [
+            f"<h3>{_esc(rep['model'])}: per class</h3>" + _html_table(_per_class(rep)),
+            "<p>Confusion matrix, fine-tuned (rows: true):</p>"
+            + _html_table(_confusion(rep, "finetuned")),
+            "<p>Confusion matrix, pretrained + fresh head:</p>"
+            + _html_table(_confusion(rep, "pretrained")),
+            "<p>Training history:</p>" + _html_table(hist),
+        ]
     md = ["## 1. Fine-tuning (paper Table 2)", "", _md_table(ft), ""]
     return Part("finetune", ft.to_dicts(), h, md), reps, []
 
 
-def _similarity_part(store: Store, cfg: ReportConfig, models: tuple[str, str] | None, out: Path, progress: bool) -> Part | None:
+def _similarity_part(
+    store: Store, cfg: ReportConfig, models: tuple[str, str] | None, out: Path, progress: bool
+) -> Part | None:
     """2. Layer-wise similarity of the two models (paper Fig 1)."""
     from actstore.analysis.compare import compare, plot_similarity, wide
     from actstore.analysis.config import CompareConfig
 
     if models is None:
         return None
-    cmp = compare(store, CompareConfig(models=models, cka_rows=cfg.cka_rows), label=f"{models[0]} vs {models[1]}",
-                  progress=progress)  # fmt: skip
-    png = plot_similarity(cmp.table, str(out / "similarity.png"), title=f"{models[0]} vs {models[1]}")
+    cmp = compare(
+        store,
+        CompareConfig(models=models, cka_rows=cfg.cka_rows),
+        label=f"{models[0]} vs {models[1]}",
+        progress=progress,
+    )
+    png = plot_similarity(
+        cmp.table, str(out / "similarity.png"), title=f"{models[0]} vs {models[1]}"
+    )
     w = wide(cmp.table).drop("label", "model_a", "model_b")
-    h = ["<h2>2. Layer-wise similarity (paper Fig 1)</h2>",
-         f"<p>{_esc(models[0])} vs {_esc(models[1])} over {cmp.n_rows:d} row-aligned tokens. mean-cosine is the paper's "
-         "metric (cosine of the mean activation vectors); token-cosine averages per-token cosines; CKA is linear CKA "
-         "on token rows.</p><img src='similarity.png'>" + _html_table(w)]  # fmt: skip
-    md = ["## 2. Layer-wise similarity (paper Fig 1)", "", "![similarity](similarity.png)", "", _md_table(w), ""]
+    h = [
+        "<h2>2. Layer-wise similarity (paper Fig 1)</h2>",
+        f"<p>{_esc(models[0])} vs {_esc(models[1])} over {cmp.n_rows:d} row-aligned tokens. mean-cosine is the paper's "
+        "metric (cosine of the mean activation vectors); token-cosine averages per-token cosines; CKA is linear CKA "
+        "on token rows.</p><img src='similarity.png'>" + _html_table(w),
+    ]
+    md = [
+        "## 2. Layer-wise similarity (paper Fig 1)",
+        "",
+        "![similarity](similarity.png)",
+        "",
+        _md_table(w),
+        "",
+    ]
     return Part("similarity", w.to_dicts(), h, md, pngs=[png])
 
 
@@ -419,7 +557,9 @@ def _plot_curves(curves: dict[str, dict[str, dict[str, list[float]]]], path: str
         ax.grid(alpha=0.3)
     handles, labels = ax1.get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=min(4, len(labels)), frameon=False)
+        fig.legend(
+            handles, labels, fontsize=7, loc="lower center", ncol=min(4, len(labels)), frameon=False
+        )
     fig.tight_layout(rect=(0, 0.06 * (1 + (len(labels) - 1) // 4), 1, 1))
     save_figure(fig, path, dpi=110)
     plt.close(fig)
@@ -431,17 +571,21 @@ def _sae_metrics_part(store: Store, out: Path) -> Part | None:
     sm = sae_metrics_table(store)
     if sm is None:
         return None
-    h = ["<h2>3. SAE metrics</h2><p>Held-out metrics from training: MSE, fraction of variance unexplained (FVU), "
-         "mean active features per token (L0) and dead fraction: <em>dead</em>, the features that never fire on the "
-         "held-out tokens; <em>dead_store</em>, those that never fire on any token of the store (counted by encode; "
-         "empty for SAEs not encoded).</p>" + _html_table(sm)]  # fmt: skip
+    h = [
+        "<h2>3. SAE metrics</h2><p>Held-out metrics from training: MSE, fraction of variance unexplained (FVU), "
+        "mean active features per token (L0) and dead fraction: <em>dead</em>, the features that never fire on the "
+        "held-out tokens; <em>dead_store</em>, those that never fire on any token of the store (counted by encode; "
+        "empty for SAEs not encoded).</p>" + _html_table(sm)
+    ]
     md = ["## 3. SAE metrics", "", _md_table(sm), ""]
     curves = sae_curves(store)
     pngs = []
     if curves:
         pngs.append(_plot_curves(curves, str(out / "sae_curves.png")))
-        h.append("<p>Training curves: held-out FVU against training tokens (a run that converged flattens out) and "
-                 "against L0 (lower and further left is better).</p><img src='sae_curves.png'>")  # fmt: skip
+        h.append(
+            "<p>Training curves: held-out FVU against training tokens (a run that converged flattens out) and "
+            "against L0 (lower and further left is better).</p><img src='sae_curves.png'>"
+        )
         md += ["![SAE training curves](sae_curves.png)", ""]
     notes = dense_notes(sm)
     for note in notes:
@@ -456,20 +600,34 @@ def _feature_pages(store: Store, sae: str, features: list[int], out: Path) -> st
     from actstore.browse.config import DashboardConfig
     from actstore.browse.dashboard import write_dashboard
 
-    write_dashboard(store, DashboardConfig(sae=sae, out=str(out / "feature-pages" / sae), features=",".join(map(str, features))))
-    links = " · ".join(f"<a href='feature-pages/{_esc(sae)}/feature-{int(f)}.html'>feature {int(f)}</a>" for f in features)
-    return f"<p class='note'>Feature pages (histogram, contexts, labels, the other model): {links}</p>"
+    write_dashboard(
+        store,
+        DashboardConfig(
+            sae=sae, out=str(out / "feature-pages" / sae), features=",".join(map(str, features))
+        ),
+    )
+    links = " · ".join(
+        f"<a href='feature-pages/{_esc(sae)}/feature-{int(f)}.html'>feature {int(f)}</a>"
+        for f in features
+    )
+    return (
+        f"<p class='note'>Feature pages (histogram, contexts, labels, the other model): {links}</p>"
+    )
 
 
-def _features_part(store: Store, cfg: ReportConfig, models: tuple[str, str] | None, out: Path) -> Part:
+def _features_part(
+    store: Store, cfg: ReportConfig, models: tuple[str, str] | None, out: Path
+) -> Part:
     """4. Top features by variance with their top tokens and token views (paper Table 1, Figs 3-5)."""
     feats, notes = features_section(store, cfg, models)
     if not feats:
         return Part("features", None, [], [], notes=notes)
-    h = ["<h2>4. Top features by variance (paper Table 1, Figs 3-5)</h2><p>For each SAE, the features with the largest "
-         "activation variance over all tokens, with their top-activating tokens (the token in [[ ]]). Below each SAE, "
-         "token views of its best feature on its top samples: the SAE's own model beside the other model read through "
-         "the same SAE.</p>"]  # fmt: skip
+    h = [
+        "<h2>4. Top features by variance (paper Table 1, Figs 3-5)</h2><p>For each SAE, the features with the largest "
+        "activation variance over all tokens, with their top-activating tokens (the token in [[ ]]). Below each SAE, "
+        "token views of its best feature on its top samples: the SAE's own model beside the other model read through "
+        "the same SAE.</p>"
+    ]
     md = ["## 4. Top features by variance (paper Table 1)", ""]
     for e in feats:
         h.append(f"<h3>{_esc(e['sae'])} ({_esc(e['model'])}, layer {_esc(e['layer'])})</h3>")
@@ -478,30 +636,51 @@ def _features_part(store: Store, cfg: ReportConfig, models: tuple[str, str] | No
         for f in e["features"]:
             toks = ", ".join(dict.fromkeys(t["token"] for t in f["top_tokens"]))
             ctx = f["top_tokens"][0]["context"] if f["top_tokens"] else ""
-            rows.append({"feature": f["feature"], "variance": f["variance"], "frequency": f["frequency"],
-                         "top tokens": toks, "best context": ctx})  # fmt: skip
+            rows.append(
+                {
+                    "feature": f["feature"],
+                    "variance": f["variance"],
+                    "frequency": f["frequency"],
+                    "top tokens": toks,
+                    "best context": ctx,
+                }
+            )
         t = pl.DataFrame(rows) if rows else pl.DataFrame()
-        pages = _feature_pages(store, e["sae"], [int(f["feature"]) for f in e["features"]], out) if cfg.dashboard and rows else ""
+        pages = (
+            _feature_pages(store, e["sae"], [int(f["feature"]) for f in e["features"]], out)
+            if cfg.dashboard and rows
+            else ""
+        )
         h.append(_html_table(t) + pages + e["views_html"])
         md += [_md_table(t), ""]
     data = [{k: v for k, v in e.items() if k != "views_html"} for e in feats]
     return Part("features", data, h, md, notes=notes)
 
 
-def _diff_part(store: Store, cfg: ReportConfig, models: tuple[str, str] | None, out: Path) -> Part | None:
+def _diff_part(
+    store: Store, cfg: ReportConfig, models: tuple[str, str] | None, out: Path
+) -> Part | None:
     """5. Feature diff of the two models' SAEs at each layer that has one for both."""
     if models is None:
         return None
     pairs = sae_pairs(store, models)
     df = diff_section(store, pairs, cfg) if pairs else None
     if df is None:
-        return Part("feature-diff", None, [], [], notes=["no layer has an SAE for both models: no feature diff"])
+        return Part(
+            "feature-diff",
+            None,
+            [],
+            [],
+            notes=["no layer has an SAE for both models: no feature diff"],
+        )
     png = _plot_diff(df, str(out / "feature_diff.png"))
-    h = ["<h2>5. Feature diff, pretrained vs fine-tuned</h2><p>Features of the two models' SAEs at the same layer "
-         "matched by decoder cosine and activation correlation on the shared tokens: retained (both >= 0.7), "
-         "modified (either >= 0.4), lost (features of A with no counterpart) and new (features of B with none). "
-         f"Query the details with <code>actstore sql {_esc(store.url)} \"SELECT * FROM feature_diff\"</code>.</p>"
-         "<img src='feature_diff.png'>" + _html_table(df)]  # fmt: skip
+    h = [
+        "<h2>5. Feature diff, pretrained vs fine-tuned</h2><p>Features of the two models' SAEs at the same layer "
+        "matched by decoder cosine and activation correlation on the shared tokens: retained (both >= 0.7), "
+        "modified (either >= 0.4), lost (features of A with no counterpart) and new (features of B with none). "
+        f'Query the details with <code>actstore sql {_esc(store.url)} "SELECT * FROM feature_diff"</code>.</p>'
+        "<img src='feature_diff.png'>" + _html_table(df)
+    ]
     md = ["## 5. Feature diff", "", "![feature diff](feature_diff.png)", "", _md_table(df), ""]
     return Part("feature-diff", df.to_dicts(), h, md, pngs=[png])
 
@@ -513,14 +692,16 @@ def _crosscoder_part(store: Store) -> Part | None:
     df, notes = crosscoder_summary(store)
     if df is None:
         return Part("crosscoders", None, [], [], notes=notes) if notes else None
-    h = ["<h2>6. Crosscoders, pretrained vs fine-tuned</h2><p>One dictionary trained on both models' activations of the "
-         "same tokens, a decoder per model: each latent is shared, changed, A-only or B-only by its decoder norms "
-         "(relative norm, Minder et al. 2025); <i>b-only exclusive</i> counts the B-only latents that Latent Scaling "
-         "does not flag as present in A after all. Where the same layer has a feature diff of two SAEs (section 5), "
-         "<i>b-only matched new</i> is the fraction of exclusive B-only latents whose closest SAE-B feature the feature "
-         "diff calls new, and <i>shared matched retained</i> the same for shared latents and retained features: how far "
-         f"the two methods agree. Query the latents with <code>actstore sql {_esc(store.url)} \"SELECT * FROM "
-         "crosscoder_latents\"</code>.</p>" + _html_table(df)]  # fmt: skip
+    h = [
+        "<h2>6. Crosscoders, pretrained vs fine-tuned</h2><p>One dictionary trained on both models' activations of the "
+        "same tokens, a decoder per model: each latent is shared, changed, A-only or B-only by its decoder norms "
+        "(relative norm, Minder et al. 2025); <i>b-only exclusive</i> counts the B-only latents that Latent Scaling "
+        "does not flag as present in A after all. Where the same layer has a feature diff of two SAEs (section 5), "
+        "<i>b-only matched new</i> is the fraction of exclusive B-only latents whose closest SAE-B feature the feature "
+        "diff calls new, and <i>shared matched retained</i> the same for shared latents and retained features: how far "
+        f'the two methods agree. Query the latents with <code>actstore sql {_esc(store.url)} "SELECT * FROM '
+        'crosscoder_latents"</code>.</p>' + _html_table(df)
+    ]
     md = ["## 6. Crosscoders", "", _md_table(df), ""]
     from actstore.analysis.crosscoder import load_crosscoder_diff, top_latents
 
@@ -531,8 +712,12 @@ def _crosscoder_part(store: Store) -> Part | None:
         what = f"B-only latents of {name} ({res.sources[1]} only)"
         if tl.height == 0:
             tl = top_latents(store, res, None, n=5)
-            what = f"{name}: no latent is B-only; the five leaning furthest towards {res.sources[1]}"
-        keep = tl.select("latent", "class", "frequency", "rel_norm", "cosine", "nu_error", "top_tokens")
+            what = (
+                f"{name}: no latent is B-only; the five leaning furthest towards {res.sources[1]}"
+            )
+        keep = tl.select(
+            "latent", "class", "frequency", "rel_norm", "cosine", "nu_error", "top_tokens"
+        )
         tops[name] = keep.to_dicts()
         h.append(f"<h3>{_esc(what)}</h3>" + _html_table(keep))
         md += [f"### {what}", "", _md_table(keep), ""]
@@ -541,9 +726,12 @@ def _crosscoder_part(store: Store) -> Part | None:
 
 
 def report(
-    store_path: str, cfg: ReportConfig, storage_options: dict[str, Any] | None = None, progress: bool = False,
+    store_path: str,
+    cfg: ReportConfig,
+    storage_options: dict[str, Any] | None = None,
+    progress: bool = False,
     writable: bool = False,
-) -> ReportResult:  # fmt: skip
+) -> ReportResult:
     """Open the store (read-only unless ``writable``: then a computed feature diff is saved in it) and build the report."""
     from actstore.store.reader import open_store
 

@@ -44,7 +44,9 @@ class FeatureExportConfig:
 
     def __post_init__(self) -> None:
         if self.format not in FEATURE_EXPORT_FORMATS:
-            raise ConfigError(f"unknown --format {self.format!r}: choose one of {', '.join(FEATURE_EXPORT_FORMATS)}")
+            raise ConfigError(
+                f"unknown --format {self.format!r}: choose one of {', '.join(FEATURE_EXPORT_FORMATS)}"
+            )
         for name in ("n_splits", "top_n", "features_per_batch", "hist_bins"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")

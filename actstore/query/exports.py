@@ -94,7 +94,9 @@ def export_features(store: Store, cfg: FeatureExportConfig) -> FeatureExport:
 
 
 # ---------------------------------------------------------------- delphi
-def _delphi(store: Store, t: FeatureTable, cfg: FeatureExportConfig, out: Path, res: FeatureExport) -> None:
+def _delphi(
+    store: Store, t: FeatureTable, cfg: FeatureExportConfig, out: Path, res: FeatureExport
+) -> None:
     from safetensors.numpy import save
 
     ctx = token_context(store, t.tokenization)
@@ -115,26 +117,52 @@ def _delphi(store: Store, t: FeatureTable, cfg: FeatureExportConfig, out: Path, 
     bounds = np.linspace(0, t.d_sae, n_splits + 1).astype(np.int64)
     lazy = lazy_features(store, t.sae)
     for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
-        part = (lazy.filter((pl.col("feature") >= int(start)) & (pl.col("feature") < int(stop)))
-                .select("row", "feature", "value").sort(["row", "feature"]).collect())  # fmt: skip
+        part = (
+            lazy.filter((pl.col("feature") >= int(start)) & (pl.col("feature") < int(stop)))
+            .select("row", "feature", "value")
+            .sort(["row", "feature"])
+            .collect()
+        )
         row = part["row"].to_numpy().astype(np.int64)
         sample = sample_of[row] if row.size else row
-        loc = np.stack([sample, row - first[sample] if row.size else row, part["feature"].to_numpy() - start], axis=1)
+        loc = np.stack(
+            [sample, row - first[sample] if row.size else row, part["feature"].to_numpy() - start],
+            axis=1,
+        )
         small = loc.size == 0 or (int(loc[:, 0].max()) < 2**16 and int(loc[:, 2].max()) < 2**16)
-        data = {"locations": loc.astype(np.uint16 if small else np.uint32).reshape(-1, 3),
-                "activations": part["value"].to_numpy().astype(np.float16), "tokens": tokens}  # fmt: skip
+        data = {
+            "locations": loc.astype(np.uint16 if small else np.uint32).reshape(-1, 3),
+            "activations": part["value"].to_numpy().astype(np.float16),
+            "tokens": tokens,
+        }
         path = hook_dir / f"{int(start)}_{int(stop) - 1}.safetensors"
-        write_file(path, save(data))  # safetensors' own file writer reports a full disk as a SafetensorError
+        write_file(
+            path, save(data)
+        )  # safetensors' own file writer reports a full disk as a SafetensorError
         res.files.append(str(path))
         res.n_entries += int(row.size)
     info = store.model_info(t.model)
     config = {
-        "dataset_repo": store.url, "dataset_split": "all", "dataset_name": t.tokenization or "", "dataset_column": "text",
-        "batch_size": 32, "cache_ctx_len": ctx_len, "ctx_len": ctx_len, "n_tokens": n_rows, "n_splits": n_splits,
+        "dataset_repo": store.url,
+        "dataset_split": "all",
+        "dataset_name": t.tokenization or "",
+        "dataset_column": "text",
+        "batch_size": 32,
+        "cache_ctx_len": ctx_len,
+        "ctx_len": ctx_len,
+        "n_tokens": n_rows,
+        "n_splits": n_splits,
         "model_name": info.path or info.source or t.model,
-        "actstore": {"sae": t.sae, "model": t.model, "layer": t.layer, "hidden_states_index": t.layer,
-                     "tokenization": t.tokenization, "pad_token_id": pad, "n_samples": int(first.size)},
-    }  # fmt: skip
+        "actstore": {
+            "sae": t.sae,
+            "model": t.model,
+            "layer": t.layer,
+            "hidden_states_index": t.layer,
+            "tokenization": t.tokenization,
+            "pad_token_id": pad,
+            "n_samples": int(first.size),
+        },
+    }
     cfg_path = hook_dir / "config.json"
     write_file(cfg_path, json.dumps(config, indent=2).encode())
     res.files.append(str(cfg_path))
@@ -142,20 +170,36 @@ def _delphi(store: Store, t: FeatureTable, cfg: FeatureExportConfig, out: Path, 
 
 # ---------------------------------------------------------------- neuronpedia
 EMPTY_FIELDS = (
-    "neuron_alignment_indices", "neuron_alignment_values", "neuron_alignment_l1", "correlated_neurons_indices",
-    "correlated_neurons_pearson", "correlated_neurons_l1", "correlated_features_indices", "correlated_features_pearson",
-    "correlated_features_l1", "neg_str", "neg_values", "pos_str", "pos_values", "logits_hist_data_bar_heights",
-    "logits_hist_data_bar_values", "decoder_weights_dist",
-)  # fmt: skip
+    "neuron_alignment_indices",
+    "neuron_alignment_values",
+    "neuron_alignment_l1",
+    "correlated_neurons_indices",
+    "correlated_neurons_pearson",
+    "correlated_neurons_l1",
+    "correlated_features_indices",
+    "correlated_features_pearson",
+    "correlated_features_l1",
+    "neg_str",
+    "neg_values",
+    "pos_str",
+    "pos_values",
+    "logits_hist_data_bar_heights",
+    "logits_hist_data_bar_values",
+    "decoder_weights_dist",
+)
 """Feature fields of the batch layout that need the model's unembedding or neurons: written as empty lists."""
 
 
-def _feature_entry(store: Store, t: FeatureTable, ctx: Any, feature: int, n_active: int, cfg: FeatureExportConfig) -> dict:
+def _feature_entry(
+    store: Store, t: FeatureTable, ctx: Any, feature: int, n_active: int, cfg: FeatureExportConfig
+) -> dict:
     from actstore.query.lookups import top_rows
 
     got = top_rows(store, t, feature, None)
     rows, values = got["row"], got["value"]  # (n_active,) each, value desc then row
-    heights, edges = np.histogram(values, bins=cfg.hist_bins) if values.size else (np.zeros(0, int), np.zeros(1))
+    heights, edges = (
+        np.histogram(values, bins=cfg.hist_bins) if values.size else (np.zeros(0, int), np.zeros(1))
+    )
     order = np.argsort(rows, kind="stable")
     srows, svals = rows[order], values[order]
     acts = []
@@ -166,24 +210,43 @@ def _feature_entry(store: Store, t: FeatureTable, ctx: Any, feature: int, n_acti
         window = np.arange(lo, hi, dtype=np.int64)
         at = np.searchsorted(srows, window)
         hit = (at < srows.size) & (srows[np.minimum(at, max(srows.size - 1, 0))] == window)
-        vals = np.where(hit, svals[np.minimum(at, max(svals.size - 1, 0))], 0.0) if srows.size else np.zeros(window.size)
-        acts.append({"tokens": [str(x) for x in ctx.tokens(window)], "values": [float(v) for v in vals],
-                     "bin_min": -1, "bin_max": -1, "bin_contains": -1, "qualifying_token_index": int(r - lo)})  # fmt: skip
-    entry: dict[str, Any] = {"feature_index": int(feature), "frac_nonzero": n_active / t.n_rows if t.n_rows else 0.0,
-                             "freq_hist_data_bar_heights": [int(h) for h in heights],
-                             "freq_hist_data_bar_values": [float(v) for v in (edges[:-1] + edges[1:]) / 2],
-                             "activations": acts}  # fmt: skip
+        vals = (
+            np.where(hit, svals[np.minimum(at, max(svals.size - 1, 0))], 0.0)
+            if srows.size
+            else np.zeros(window.size)
+        )
+        acts.append(
+            {
+                "tokens": [str(x) for x in ctx.tokens(window)],
+                "values": [float(v) for v in vals],
+                "bin_min": -1,
+                "bin_max": -1,
+                "bin_contains": -1,
+                "qualifying_token_index": int(r - lo),
+            }
+        )
+    entry: dict[str, Any] = {
+        "feature_index": int(feature),
+        "frac_nonzero": n_active / t.n_rows if t.n_rows else 0.0,
+        "freq_hist_data_bar_heights": [int(h) for h in heights],
+        "freq_hist_data_bar_values": [float(v) for v in (edges[:-1] + edges[1:]) / 2],
+        "activations": acts,
+    }
     entry.update({k: [] for k in EMPTY_FIELDS})
     return entry
 
 
-def _neuronpedia(store: Store, t: FeatureTable, cfg: FeatureExportConfig, out: Path, res: FeatureExport) -> None:
+def _neuronpedia(
+    store: Store, t: FeatureTable, cfg: FeatureExportConfig, out: Path, res: FeatureExport
+) -> None:
     stats = lazy_feature_stats(store, t.sae).select("feature", "n_active").collect()
     n_active = dict(zip(stats["feature"].to_list(), stats["n_active"].to_list(), strict=True))
     if cfg.features is not None:
         bad = [f for f in cfg.features if not 0 <= f < t.d_sae]
         if bad:
-            raise ConfigError(f"features {bad[:5]} are out of range for SAE {t.sae} ({t.d_sae} features: 0..{t.d_sae - 1})")
+            raise ConfigError(
+                f"features {bad[:5]} are out of range for SAE {t.sae} ({t.d_sae} features: 0..{t.d_sae - 1})"
+            )
         features = sorted(set(cfg.features))
     else:
         features = sorted(f for f, n in n_active.items() if n > 0)
@@ -191,9 +254,17 @@ def _neuronpedia(store: Store, t: FeatureTable, cfg: FeatureExportConfig, out: P
         old.unlink()
     ctx = token_context(store, t.tokenization)
     for b, b0 in enumerate(range(0, len(features), cfg.features_per_batch)):
-        entries = [_feature_entry(store, t, ctx, f, int(n_active.get(f, 0)), cfg)
-                   for f in features[b0 : b0 + cfg.features_per_batch]]  # fmt: skip
-        batch = {"model_id": t.model, "layer": t.layer, "sae_set": t.sae, "sae_id_suffix": None, "features": entries}
+        entries = [
+            _feature_entry(store, t, ctx, f, int(n_active.get(f, 0)), cfg)
+            for f in features[b0 : b0 + cfg.features_per_batch]
+        ]
+        batch = {
+            "model_id": t.model,
+            "layer": t.layer,
+            "sae_set": t.sae,
+            "sae_id_suffix": None,
+            "features": entries,
+        }
         path = out / f"batch-{b}.json"
         write_file(path, json.dumps(batch).encode())
         res.files.append(str(path))

@@ -18,7 +18,12 @@ from actstore.store.reader import Store
 # ---------------------------------------------------------------- provenance
 def store_info(store: Store) -> dict[str, Any]:
     """Everything ``actstore info`` shows, as plain JSON-able data."""
-    out: dict[str, Any] = {"url": store.url, "store": store.attrs.to_dict(), "tokenizations": {}, "models": {}}
+    out: dict[str, Any] = {
+        "url": store.url,
+        "store": store.attrs.to_dict(),
+        "tokenizations": {},
+        "models": {},
+    }
     for key in store.tokenization_keys():
         t = store.tokenization(key)
         out["tokenizations"][key] = {k: v for k, v in t.attrs.to_dict().items() if k != "parts"}
@@ -27,8 +32,14 @@ def store_info(store: Store) -> dict[str, Any]:
         layers = {}
         for layer in store.layers(m):
             la = store.layer_attrs(m, layer)
-            layers[str(layer)] = {**{k: v for k, v in la.to_dict().items() if k in LayerAttrs.SUMMARY}, "state": la.state()}
-        out["models"][m] = {**{k: v for k, v in info.to_dict().items() if k != "config"}, "layers": layers}
+            layers[str(layer)] = {
+                **{k: v for k, v in la.to_dict().items() if k in LayerAttrs.SUMMARY},
+                "state": la.state(),
+            }
+        out["models"][m] = {
+            **{k: v for k, v in info.to_dict().items() if k != "config"},
+            "layers": layers,
+        }
     out["provenance"] = provenance(store)
     out.setdefault("extra", {})["provenance"] = provenance_lines(out["provenance"])
     return out
@@ -83,13 +94,18 @@ def provenance(store: Store) -> dict[str, Any]:
             cfg = json.loads(store.loc.read_bytes(layout.sae_file(name, layout.SAE_CONFIG)))
         except (ValueError, FileNotFoundError):
             cfg = {"error": "cfg.json unreadable"}
-        out["saes"][name] = {k: cfg.get(k) for k in ("model", "layer", "arch", "d_in", "d_sae", "actstore_version", "training")}
+        out["saes"][name] = {
+            k: cfg.get(k)
+            for k in ("model", "layer", "arch", "d_in", "d_sae", "actstore_version", "training")
+        }
     out["store"]["updated"] = max((u for u in updated if u), default=None)
     try:
         man = read_manifest(store.loc)
     except IntegrityError:
         man = {"updated": "unreadable"}
-    out["store"]["manifest"] = None if man is None else {"updated": man.get("updated"), "files": len(man.get("files", {}))}
+    out["store"]["manifest"] = (
+        None if man is None else {"updated": man.get("updated"), "files": len(man.get("files", {}))}
+    )
     return out
 
 
@@ -99,7 +115,11 @@ def provenance_lines(prov: dict[str, Any]) -> list[str]:
     man = s.get("manifest")
     lines = [
         f"store created {s.get('created')}, updated {s.get('updated')}, actstore {s.get('actstore_version')}; "
-        + (f"manifest of {man['files']} files ({man['updated']})" if man else "no manifest (actstore verify --update-manifest)")
+        + (
+            f"manifest of {man['files']} files ({man['updated']})"
+            if man
+            else "no manifest (actstore verify --update-manifest)"
+        )
     ]
     for key, t in prov["tokenizations"].items():
         lines.append(

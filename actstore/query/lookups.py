@@ -36,8 +36,12 @@ class TokenContext:
         self.key = tk.key
         self.first_row, self.n_tokens = tk.sample_rows()  # (n_samples,) int64 each
         smp = tk.read_parquet(tk.parquet_keys("samples"), ["sample", "id", "label"]).sort("sample")
-        if smp.height != self.first_row.size or (smp.height and smp["sample"][-1] != smp.height - 1):
-            raise NotFoundError(f"tokenization {tk.key} of {store.url}: samples table and token index disagree (re-run extract)")
+        if smp.height != self.first_row.size or (
+            smp.height and smp["sample"][-1] != smp.height - 1
+        ):
+            raise NotFoundError(
+                f"tokenization {tk.key} of {store.url}: samples table and token index disagree (re-run extract)"
+            )
         self.sample_id = smp["id"].to_numpy()  # (n_samples,) object
         self.label = smp["label"].to_numpy()  # (n_samples,) object (None where unlabelled)
         if store.loc.exists(layout.vocab_file(tk.key)):  # the tokenizer's whole vocabulary
@@ -142,10 +146,18 @@ def top_rows(store: Store, t: FeatureTable, feature: int, n: int | None) -> dict
                 break
         groups.append(g)
     rows, values, found = [], [], 0
-    step = len(groups) if n is None else 1  # all of them: one read; the top n: group by group until n are found
+    step = (
+        len(groups) if n is None else 1
+    )  # all of them: one read; the top n: group by group until n are found
     for i in range(0, len(groups), max(step, 1)):
         # through polars: pyarrow's to_numpy imports pandas (half a second of CPU in a fresh process)
-        tab = pl.DataFrame(pl.from_arrow(pf.read_row_groups(groups[i : i + max(step, 1)], columns=["row", "feature", "value"])))
+        tab = pl.DataFrame(
+            pl.from_arrow(
+                pf.read_row_groups(
+                    groups[i : i + max(step, 1)], columns=["row", "feature", "value"]
+                )
+            )
+        )
         feat, row, value = (tab[c].to_numpy() for c in ("feature", "row", "value"))
         keep = feat == feature
         rows.append(row[keep])
@@ -159,16 +171,29 @@ def top_rows(store: Store, t: FeatureTable, feature: int, n: int | None) -> dict
 
 
 TOP_TOKENS_SCHEMA = {
-    "rank": pl.Int64, "value": pl.Float32, "token": pl.String, "id": pl.String, "label": pl.String, "context": pl.String,
-    "row": pl.Int64, "sample": pl.Int64, "position": pl.Int32,
-}  # fmt: skip
+    "rank": pl.Int64,
+    "value": pl.Float32,
+    "token": pl.String,
+    "id": pl.String,
+    "label": pl.String,
+    "context": pl.String,
+    "row": pl.Int64,
+    "sample": pl.Int64,
+    "position": pl.Int32,
+}
 
 
 # ---------------------------------------------------------------- commands people type
 def top_tokens(
-    store: Store, feature: int, layer: int | None = None, model: str | None = None, sae: str | None = None, n: int = TOP_TOKENS_N,
-    context: int = CONTEXT_TOKENS, con: duckdb.DuckDBPyConnection | None = None,
-) -> pl.DataFrame:  # fmt: skip
+    store: Store,
+    feature: int,
+    layer: int | None = None,
+    model: str | None = None,
+    sae: str | None = None,
+    n: int = TOP_TOKENS_N,
+    context: int = CONTEXT_TOKENS,
+    con: duckdb.DuckDBPyConnection | None = None,
+) -> pl.DataFrame:
     """The ``n`` highest activations of ``feature``.
 
     Columns: rank, value, token, id, label, context (the token in ``[[ ]]``), row, sample, position.
@@ -177,7 +202,9 @@ def top_tokens(
     """
     t = resolve_sae(store, layer=layer, model=model, sae=sae)
     if not 0 <= int(feature) < t.d_sae:
-        raise ConfigError(f"feature {feature} is out of range for SAE {t.sae} ({t.d_sae} features: 0..{t.d_sae - 1})")
+        raise ConfigError(
+            f"feature {feature} is out of range for SAE {t.sae} ({t.d_sae} features: 0..{t.d_sae - 1})"
+        )
     if n <= 0 or context < 0:
         raise ConfigError(f"-n must be positive and --context non-negative (got {n}, {context})")
     if con is None:  # no connection to make: read the feature's first row groups directly
@@ -193,10 +220,17 @@ def top_tokens(
     first = ctx.first_row[sample]
     lo = np.maximum(first, rows - context)  # window [lo, hi) clipped to the hit's sample
     hi = np.minimum(first + ctx.n_tokens[sample], rows + context + 1)
-    shown = np.unique(np.concatenate([np.arange(a, b) for a, b in zip(lo, hi, strict=True)] or [np.empty(0, np.int64)]))
+    shown = np.unique(
+        np.concatenate(
+            [np.arange(a, b) for a, b in zip(lo, hi, strict=True)] or [np.empty(0, np.int64)]
+        )
+    )
     strings = ctx.tokens(shown)  # (len(shown),) object
     at = {int(r): i for i, r in enumerate(shown)}
-    contexts = [context_string([strings[at[r]] for r in range(a, b)], int(h - a)) for h, a, b in zip(rows, lo, hi, strict=True)]
+    contexts = [
+        context_string([strings[at[r]] for r in range(a, b)], int(h - a))
+        for h, a, b in zip(rows, lo, hi, strict=True)
+    ]
     return pl.DataFrame(
         {
             "rank": np.arange(1, rows.size + 1),
@@ -214,9 +248,15 @@ def top_tokens(
 
 
 def top_features(
-    store: Store, layer: int | None = None, model: str | None = None, sae: str | None = None, by: str = "variance",
-    n: int = TOP_FEATURES_N, label: str | None = None, con: duckdb.DuckDBPyConnection | None = None,
-) -> pl.DataFrame:  # fmt: skip
+    store: Store,
+    layer: int | None = None,
+    model: str | None = None,
+    sae: str | None = None,
+    by: str = "variance",
+    n: int = TOP_FEATURES_N,
+    label: str | None = None,
+    con: duckdb.DuckDBPyConnection | None = None,
+) -> pl.DataFrame:
     """The ``n`` features ranked by variance, frequency or label association (per label, or for ``label``)."""
     if by not in RANK_BY:
         raise ConfigError(f"--by {by!r}: choose one of {', '.join(RANK_BY)}")
@@ -224,7 +264,9 @@ def top_features(
         raise ConfigError(f"-n must be positive, got {n}")
     t = resolve_sae(store, layer=layer, model=model, sae=sae)
     if by == "label-association":
-        return run_query(store, "feature_label_association", {"sae": t.sae, "n": n, "label": label}, con=con)
+        return run_query(
+            store, "feature_label_association", {"sae": t.sae, "n": n, "label": label}, con=con
+        )
     if label is not None:
         raise ConfigError("--label only applies to --by label-association")
     return run_query(store, "top_features", {"sae": t.sae, "n": n, "by": by}, con=con)

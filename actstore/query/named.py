@@ -78,7 +78,9 @@ def _parse_query(name: str, text: str) -> NamedQuery:
 
 def list_queries() -> list[NamedQuery]:
     """Every named query shipped with actstore, by name."""
-    return [_parse_query(p.stem, p.read_text(encoding="utf-8")) for p in sorted(SQL_DIR.glob("*.sql"))]
+    return [
+        _parse_query(p.stem, p.read_text(encoding="utf-8")) for p in sorted(SQL_DIR.glob("*.sql"))
+    ]
 
 
 def load_query(name: str) -> NamedQuery:
@@ -87,7 +89,9 @@ def load_query(name: str) -> NamedQuery:
     path = SQL_DIR / f"{key}.sql"
     if not re.fullmatch(r"\w+", key) or not path.is_file():
         names = ", ".join(q.name for q in list_queries())
-        raise NotFoundError(f"no named query {name!r}: choose one of {names} (actstore query --list)")
+        raise NotFoundError(
+            f"no named query {name!r}: choose one of {names} (actstore query --list)"
+        )
     return _parse_query(key, path.read_text(encoding="utf-8"))
 
 
@@ -105,10 +109,14 @@ def bind_params(store: Store, query: NamedQuery, given: dict[str, Any]) -> dict[
     unknown = set(given) - set(declared) - hints
     if unknown:
         known = ", ".join([*declared, *sorted(hints)])
-        raise ConfigError(f"query {query.name} has no parameter {', '.join(sorted(unknown))}: it takes {known}")
+        raise ConfigError(
+            f"query {query.name} has no parameter {', '.join(sorted(unknown))}: it takes {known}"
+        )
     out: dict[str, Any] = {}
     for p in query.params:
-        if p.name == "sae":  # by name (checked against layer / model when given), else the layer's only SAE
+        if (
+            p.name == "sae"
+        ):  # by name (checked against layer / model when given), else the layer's only SAE
             layer = given.get("layer")
             layer = None if layer is None else p_int(layer)
             sae = None if given.get("sae") is None else str(given["sae"])
@@ -124,7 +132,10 @@ def bind_params(store: Store, query: NamedQuery, given: dict[str, Any]) -> dict[
 
 
 def run_query(
-    store: Store, name: str, params: dict[str, Any] | None = None, con: duckdb.DuckDBPyConnection | None = None
+    store: Store,
+    name: str,
+    params: dict[str, Any] | None = None,
+    con: duckdb.DuckDBPyConnection | None = None,
 ) -> pl.DataFrame:
     """Run the named query ``name`` with ``params`` bound as query parameters; a polars DataFrame."""
     q = load_query(name)

@@ -75,7 +75,8 @@ def view_sql(store: Store) -> StoreViews:
     if store.tokenization_keys():
         tok = store.tokenization()
         cols = {  # context windows (extract --window): each row's window too ("window" is an SQL keyword: quote it)
-            "tokens": "row, sample, position, token_id, token" + (', "window"' if tok.attrs.window else ""),
+            "tokens": "row, sample, position, token_id, token"
+            + (', "window"' if tok.attrs.window else ""),
             "samples": "sample, id, label, text, n_tokens, first_row, truncated",
         }
         for table, c in cols.items():
@@ -94,7 +95,9 @@ def view_sql(store: Store) -> StoreViews:
             feats.append(
                 f"{head}, row, feature, value FROM read_parquet({_q(path)}) WHERE feature >= {int(f0)} AND feature < {int(f1)}"
             )
-        stats.append(f"{head}, feature, n_active, frequency, mean, max, variance FROM read_parquet({_q(t.stats_file)})")
+        stats.append(
+            f"{head}, feature, n_active, frequency, mean, max, variance FROM read_parquet({_q(t.stats_file)})"
+        )
         saes.append(
             f"SELECT {_q(t.sae)} AS sae, {_q(t.model)} AS model, {int(t.layer)} AS layer, "
             f"{_q(t.tokenization or '')} AS tokenization, {int(t.d_sae)} AS d_sae, {_q(t.arch or '')} AS arch, "
@@ -102,7 +105,8 @@ def view_sql(store: Store) -> StoreViews:
         )
     empty = "SELECT NULL::VARCHAR AS model, NULL::INTEGER AS layer, NULL::VARCHAR AS sae"
     views["features"] = (
-        " UNION ALL ".join(feats) or f"{empty}, NULL::BIGINT AS row, NULL::INTEGER AS feature, NULL::FLOAT AS value LIMIT 0"
+        " UNION ALL ".join(feats)
+        or f"{empty}, NULL::BIGINT AS row, NULL::INTEGER AS feature, NULL::FLOAT AS value LIMIT 0"
     )
     views["feature_stats"] = " UNION ALL ".join(stats) or (
         f"{empty}, NULL::INTEGER AS feature, NULL::BIGINT AS n_active, NULL::DOUBLE AS frequency, NULL::DOUBLE AS mean, "
@@ -112,8 +116,12 @@ def view_sql(store: Store) -> StoreViews:
         "SELECT NULL::VARCHAR AS sae, NULL::VARCHAR AS model, NULL::INTEGER AS layer, NULL::VARCHAR AS tokenization, "
         "NULL::INTEGER AS d_sae, NULL::VARCHAR AS arch, NULL::BIGINT AS n_rows, NULL::BIGINT AS n_feature_rows LIMIT 0"
     )
-    views["feature_diff"], diff_keys = diff_view_sql(store)  # saved SAE feature diffs (actstore diff-features)
-    views["crosscoder_latents"], cc_keys = crosscoder_view_sql(store)  # saved crosscoder diffs (diff-crosscoder)
+    views["feature_diff"], diff_keys = diff_view_sql(
+        store
+    )  # saved SAE feature diffs (actstore diff-features)
+    views["crosscoder_latents"], cc_keys = crosscoder_view_sql(
+        store
+    )  # saved crosscoder diffs (diff-crosscoder)
     return StoreViews(views, keys + diff_keys + cc_keys)
 
 
@@ -130,13 +138,17 @@ SANDBOX = (
 def _harden(con: duckdb.DuckDBPyConnection, store: Store, keys: list[str]) -> None:
     """Confine ``con`` to the store's own files: local or remote, nothing else can be read, nothing written."""
     allowed = [store.loc.join(k) for k in keys]
-    if not store.loc.local and store.loc.url.startswith("memory://"):  # DuckDB spells memory:// paths with three slashes
+    if not store.loc.local and store.loc.url.startswith(
+        "memory://"
+    ):  # DuckDB spells memory:// paths with three slashes
         allowed += [a.replace("memory://", "memory:///", 1) for a in allowed]
     con.execute("SET allowed_paths = $p", {"p": allowed})
     for stmt in SANDBOX:
         try:
             con.execute(stmt)
-        except duckdb.CatalogException:  # a setting this DuckDB does not have: the others still apply
+        except (
+            duckdb.CatalogException
+        ):  # a setting this DuckDB does not have: the others still apply
             if "lock_configuration" in stmt:
                 raise
 
@@ -196,7 +208,9 @@ def query_error(exc: Exception) -> QueryError:
 
 def _register_fs(con: duckdb.DuckDBPyConnection, store: Store) -> None:
     con.execute("SET parquet_metadata_cache = true")  # warm lookups skip re-reading footers
-    if not store.loc.local:  # DuckDB reads s3:// etc. through the store's own read-only fsspec filesystem
+    if (
+        not store.loc.local
+    ):  # DuckDB reads s3:// etc. through the store's own read-only fsspec filesystem
         con.register_filesystem(store.loc.read_only_fs())
 
 
@@ -204,7 +218,9 @@ def _register_fs(con: duckdb.DuckDBPyConnection, store: Store) -> None:
 def diff_names(store: Store) -> list[str]:
     """Names of the saved feature diffs of a store."""
     names = store.loc.list_dirs(layout.DIFFS)
-    return [n for n in names if name_ok(n) and store.loc.exists(layout.diff_file(n, layout.DIFF_TABLE))]
+    return [
+        n for n in names if name_ok(n) and store.loc.exists(layout.diff_file(n, layout.DIFF_TABLE))
+    ]
 
 
 def diff_view_sql(store: Store) -> tuple[str, list[str]]:
@@ -212,7 +228,9 @@ def diff_view_sql(store: Store) -> tuple[str, list[str]]:
     parts, keys = [], []
     for name in diff_names(store):
         keys.append(layout.diff_file(name, layout.DIFF_TABLE))
-        parts.append(f"SELECT {_q(name)} AS diff, * FROM read_parquet({_list_sql([store.loc.join(keys[-1])])})")
+        parts.append(
+            f"SELECT {_q(name)} AS diff, * FROM read_parquet({_list_sql([store.loc.join(keys[-1])])})"
+        )
     if not parts:
         return (
             "SELECT NULL::VARCHAR AS diff, NULL::VARCHAR AS side, NULL::VARCHAR AS sae, NULL::INTEGER AS feature, "
@@ -239,7 +257,10 @@ def crosscoder_view_sql(store: Store) -> tuple[str, list[str]]:
 
     parts, keys = [], []
     for name in sae_names(store):
-        t_key, m_key = layout.sae_file(name, layout.CROSSCODER_LATENTS), layout.sae_file(name, layout.CROSSCODER_DIFF)
+        t_key, m_key = (
+            layout.sae_file(name, layout.CROSSCODER_LATENTS),
+            layout.sae_file(name, layout.CROSSCODER_DIFF),
+        )
         if not (store.loc.exists(t_key) and store.loc.exists(m_key)):
             continue
         try:
@@ -248,9 +269,16 @@ def crosscoder_view_sql(store: Store) -> tuple[str, list[str]]:
         except (ValueError, KeyError, IndexError, TypeError):
             continue  # a damaged latents.json: the view leaves that crosscoder out (actstore verify names it)
         keys.append(t_key)
-        parts.append(f"SELECT {_q(name)} AS sae, {_q(src_a)} AS source_a, {_q(src_b)} AS source_b, * "
-                     f"FROM read_parquet({_list_sql([store.loc.join(t_key)])})")  # fmt: skip
+        parts.append(
+            f"SELECT {_q(name)} AS sae, {_q(src_a)} AS source_a, {_q(src_b)} AS source_b, * "
+            f"FROM read_parquet({_list_sql([store.loc.join(t_key)])})"
+        )
     if not parts:
-        cols = ", ".join(f"NULL::{c.split()[1]} AS {c.split()[0]}" for c in CROSSCODER_COLUMNS.split(", "))
-        return f"SELECT NULL::VARCHAR AS sae, NULL::VARCHAR AS source_a, NULL::VARCHAR AS source_b, {cols} LIMIT 0", []
+        cols = ", ".join(
+            f"NULL::{c.split()[1]} AS {c.split()[0]}" for c in CROSSCODER_COLUMNS.split(", ")
+        )
+        return (
+            f"SELECT NULL::VARCHAR AS sae, NULL::VARCHAR AS source_a, NULL::VARCHAR AS source_b, {cols} LIMIT 0",
+            [],
+        )
     return " UNION ALL BY NAME ".join(parts), keys

@@ -21,28 +21,58 @@ def expand(values: dict[str, Any], sweeps: dict[str, list[Any]]) -> list[TrainCo
     lists = {f: sweeps.get(f) or [values.get(f)] for f in SWEEPABLE}
     out: list[TrainConfig] = []
     for arch in lists["arch"]:
-        relu = (arch or PRESETS.get(values.get("preset") or "", {}).get("arch") or "relu-l1") == "relu-l1"
+        relu = (
+            arch or PRESETS.get(values.get("preset") or "", {}).get("arch") or "relu-l1"
+        ) == "relu-l1"
         mixed = relu and len(lists["arch"]) > 1
         first = {f: v[0] for f, v in lists.items() if f != "arch"}
         base = TrainConfig(**{**values, **first, "arch": arch, "k": None if mixed else first["k"]})
-        out += sweep_configs(base, lists["model"], lists["layer"], lists["d_sae"], None if mixed else lists["k"],
-                             lists["lr"], lists["seed"])  # fmt: skip
+        out += sweep_configs(
+            base,
+            lists["model"],
+            lists["layer"],
+            lists["d_sae"],
+            None if mixed else lists["k"],
+            lists["lr"],
+            lists["seed"],
+        )
     return out
 
 
-def sweep_configs(base: TrainConfig, models: list[str], layers: list[int], d_saes: list[int | None],
-                  ks: list[int | None] | None = None, lrs: list[float | None] | None = None,
-                  seeds: list[int] | None = None) -> list[TrainConfig]:  # fmt: skip
+def sweep_configs(
+    base: TrainConfig,
+    models: list[str],
+    layers: list[int],
+    d_saes: list[int | None],
+    ks: list[int | None] | None = None,
+    lrs: list[float | None] | None = None,
+    seeds: list[int] | None = None,
+) -> list[TrainConfig]:
     """One config per combination (``base.name`` only for one); a sweep over seeds reads the first seed's data order
     (``data_seed``), so its runs share one stream. Names are given by :func:`name_runs`. Architectures are swept by
     calling this once per architecture's ``base`` (each resolves its own defaults) and joining the lists."""
-    combos = [(m, layer, d, k, lr, sd) for m in models for layer in layers for d in (d_saes or [base.d_sae])
-              for k in (ks or [base.k]) for lr in (lrs or [base.lr]) for sd in (seeds or [base.seed])]  # fmt: skip
+    combos = [
+        (m, layer, d, k, lr, sd)
+        for m in models
+        for layer in layers
+        for d in (d_saes or [base.d_sae])
+        for k in (ks or [base.k])
+        for lr in (lrs or [base.lr])
+        for sd in (seeds or [base.seed])
+    ]
     if not combos:
         raise ConfigError("a sweep needs at least one model, one layer and one d_sae")
     if base.name and len(combos) > 1:
-        raise ConfigError(f"--name names one SAE, but this sweep trains {len(combos)}: drop --name (each run is named "
-                          "MODEL-lLAYER-ARCH-D_SAE, with -kK, -lrLR, -sSEED where those vary)")  # fmt: skip
-    data_seed = base.data_seed if base.data_seed is not None or len(seeds or []) < 2 else (seeds or [0])[0]
-    return [dataclasses.replace(base, model=m, layer=layer, d_sae=d, k=k, lr=lr, seed=sd, data_seed=data_seed)
-            for m, layer, d, k, lr, sd in combos]  # fmt: skip
+        raise ConfigError(
+            f"--name names one SAE, but this sweep trains {len(combos)}: drop --name (each run is named "
+            "MODEL-lLAYER-ARCH-D_SAE, with -kK, -lrLR, -sSEED where those vary)"
+        )
+    data_seed = (
+        base.data_seed if base.data_seed is not None or len(seeds or []) < 2 else (seeds or [0])[0]
+    )
+    return [
+        dataclasses.replace(
+            base, model=m, layer=layer, d_sae=d, k=k, lr=lr, seed=sd, data_seed=data_seed
+        )
+        for m, layer, d, k, lr, sd in combos
+    ]

@@ -63,20 +63,28 @@ class SAEConfig:
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
-            raise ConfigError(f"unknown SAE architecture {self.arch!r}: choose one of {', '.join(ARCHS)}")
+            raise ConfigError(
+                f"unknown SAE architecture {self.arch!r}: choose one of {', '.join(ARCHS)}"
+            )
         if self.d_in <= 0 or self.d_sae <= 0:
             raise ConfigError(f"d_in and d_sae must be positive (got {self.d_in}, {self.d_sae})")
         if self.arch in ("topk", "batchtopk") and (not self.k or not 0 < self.k <= self.d_sae):
-            raise ConfigError(f"{self.arch} needs --k between 1 and d_sae ({self.d_sae}), got {self.k}")
+            raise ConfigError(
+                f"{self.arch} needs --k between 1 and d_sae ({self.d_sae}), got {self.k}"
+            )
         if self.norm_scale <= 0:
             raise ConfigError(f"norm_scale must be positive, got {self.norm_scale}")
         if self.input_norm not in INPUT_NORMS:
-            raise ConfigError(f"unknown input_norm {self.input_norm!r}: choose one of {', '.join(INPUT_NORMS)}")
+            raise ConfigError(
+                f"unknown input_norm {self.input_norm!r}: choose one of {', '.join(INPUT_NORMS)}"
+            )
         if self.models is not None or self.layers is not None:
             n = len(self.models or [])
             if n < 2 or len(self.layers or []) != n or len(self.norm_scales or [1.0] * n) != n:
-                raise ConfigError(f"a crosscoder needs at least two sources with a model, layer and scale each, got "
-                                  f"models {self.models}, layers {self.layers}, norm_scales {self.norm_scales}")  # fmt: skip
+                raise ConfigError(
+                    f"a crosscoder needs at least two sources with a model, layer and scale each, got "
+                    f"models {self.models}, layers {self.layers}, norm_scales {self.norm_scales}"
+                )
             if self.input_norm != "none":
                 raise ConfigError("a crosscoder has no per-token input_norm")
             self.norm_scales = [float(v) for v in (self.norm_scales or [self.norm_scale] * n)]
@@ -114,7 +122,9 @@ def parse_config(cfg_json: bytes, where: str = "SAE") -> SAEConfig:
         if not isinstance(d, dict):
             raise TypeError
     except (ValueError, TypeError):
-        raise IntegrityError(f"{where}: cfg.json is not a JSON object; the SAE is damaged: re-train or re-copy it") from None
+        raise IntegrityError(
+            f"{where}: cfg.json is not a JSON object; the SAE is damaged: re-train or re-copy it"
+        ) from None
     return SAEConfig.from_dict(d)
 
 
@@ -243,8 +253,9 @@ def resolved_aux_k(aux_k: int | None, d_in: int, d_sae: int) -> int:
     return min(aux_k or max(1, d_in // 2), d_sae)
 
 
-def training_differences(saved: dict[str, Any], cfg: TrainConfig, saved_d_sae: int, saved_k: int | None,
-                         d_in: int) -> list[str]:  # fmt: skip
+def training_differences(
+    saved: dict[str, Any], cfg: TrainConfig, saved_d_sae: int, saved_k: int | None, d_in: int
+) -> list[str]:
     """The options in which ``cfg`` differs from the training config ``saved`` of a finished SAE of width
     ``saved_d_sae`` and ``saved_k`` (an SAE with no saved training config, e.g. imported, differs in ``training``)."""
     if not saved:
@@ -252,7 +263,9 @@ def training_differences(saved: dict[str, Any], cfg: TrainConfig, saved_d_sae: i
     old = {**FIELDS_ADDED, **saved}
     new = cfg.resolve(d_in)
     skip = set(RUNTIME_FIELDS) | set(COMPARED_APART)
-    diff = sorted(k_ for k_, v in new.to_dict().items() if k_ in old and k_ not in skip and old[k_] != v)
+    diff = sorted(
+        k_ for k_, v in new.to_dict().items() if k_ in old and k_ not in skip and old[k_] != v
+    )
     if new.d_sae != saved_d_sae:
         diff.append("d_sae")
     if new.k != saved_k:
@@ -262,7 +275,14 @@ def training_differences(saved: dict[str, Any], cfg: TrainConfig, saved_d_sae: i
     return diff
 
 
-FIELDS_ADDED = {"b_dec_init": "mean", "unit_grad": False, "data_seed": None, "lr_warmup": 0.0, "lr_decay": 0.0, "resample": 0}
+FIELDS_ADDED = {
+    "b_dec_init": "mean",
+    "unit_grad": False,
+    "data_seed": None,
+    "lr_warmup": 0.0,
+    "lr_decay": 0.0,
+    "resample": 0,
+}
 """Training fields added after runs were checkpointed without them, with the value every such run used: an
 unfinished run from before them resumes with ``--b-dec-init mean --no-unit-grad``."""
 
@@ -273,13 +293,17 @@ class TrainConfig:
 
     model: str = field(metadata=cli(names=("--model", "--models"), sweep=True))
     """Store key of the model whose activations to train on."""
-    layer: int = field(metadata=cli(names=("--layer", "--layers"), sweep=True, metavar="LAYER[,LAYER...]"))
+    layer: int = field(
+        metadata=cli(names=("--layer", "--layers"), sweep=True, metavar="LAYER[,LAYER...]")
+    )
     """Layer (hidden_states index) to train on."""
     models: str | None = None
     """Crosscoder: models read together (comma separated, row-aligned), every one at ``layer`` or one per ``layers``."""
     layers: str | None = opt(None, names=("--layer", "--layers"))
     """Crosscoder: layers read together (comma separated): of one model (cross-layer) or one per model."""
-    arch: str | None = opt(None, choices=TRAIN_ARCHS, sweep=True, resolved="relu-l1", metavar="ARCH[,ARCH...]")
+    arch: str | None = opt(
+        None, choices=TRAIN_ARCHS, sweep=True, resolved="relu-l1", metavar="ARCH[,ARCH...]"
+    )
     """Architecture: relu-l1, topk or batchtopk (crosscoders: batchtopk by default)."""
     d_sae: int | None = opt(None, sweep=True, shown="expansion x d_model")
     """Number of features."""
@@ -295,7 +319,9 @@ class TrainConfig:
     """Learning rate: Adam 1e-3 * (tokens / 2M)^-0.3 on topk, batchtopk SAEs; 1e-3 on relu-l1; paper 2e-5; signum as sparsify."""
     lr_warmup: float | None = opt(None, resolved=DEFAULT_LR_WARMUP)
     """Fraction of the steps over which the learning rate ramps up linearly from 0."""
-    lr_decay: float | None = opt(None, resolved=0.0, shown="0.2 for Adam on topk, batchtopk SAEs, else 0")
+    lr_decay: float | None = opt(
+        None, resolved=0.0, shown="0.2 for Adam on topk, batchtopk SAEs, else 0"
+    )
     """Fraction of the steps at the end over which the learning rate decays linearly to 0."""
     optimizer: str | None = opt(None, choices=OPTIMIZERS, resolved="adam")
     """adam, or signum (sparsify's Schedule-Free sign descent; the default for topk, batchtopk crosscoders)."""
@@ -365,16 +391,24 @@ class TrainConfig:
             raise ConfigError(f"--threads must be positive, got {self.threads}")
         if self.preset is not None:
             if self.preset not in PRESETS:
-                raise ConfigError(f"unknown preset {self.preset!r}: choose one of {', '.join(PRESETS)}")
+                raise ConfigError(
+                    f"unknown preset {self.preset!r}: choose one of {', '.join(PRESETS)}"
+                )
             for key, val in PRESETS[self.preset].items():
-                if getattr(self, key) is None and not (key == "d_sae" and self.expansion is not None):
+                if getattr(self, key) is None and not (
+                    key == "d_sae" and self.expansion is not None
+                ):
                     setattr(self, key, val)
         crosscoder = self.models is not None or self.layers is not None  # as sources()
         self.arch = self.arch or ("batchtopk" if crosscoder else "relu-l1")
         if self.arch == "jumprelu":
-            raise ConfigError("jumprelu SAEs are imported (actstore import-sae), not trained: choose --arch topk or batchtopk")
+            raise ConfigError(
+                "jumprelu SAEs are imported (actstore import-sae), not trained: choose --arch topk or batchtopk"
+            )
         if self.arch not in TRAIN_ARCHS:
-            raise ConfigError(f"unknown --arch {self.arch!r}: choose one of {', '.join(TRAIN_ARCHS)}")
+            raise ConfigError(
+                f"unknown --arch {self.arch!r}: choose one of {', '.join(TRAIN_ARCHS)}"
+            )
         if self.d_sae is not None and self.expansion is not None:
             raise ConfigError("give --d-sae or --expansion, not both")
         if self.tokens is not None and self.epochs is not None:
@@ -383,51 +417,83 @@ class TrainConfig:
         self.l1_warmup = DEFAULT_L1_WARMUP if self.l1_warmup is None else self.l1_warmup
         self.optimizer = self.optimizer or default_optimizer(self.arch, crosscoder)
         if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"unknown --optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+            raise ConfigError(
+                f"unknown --optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}"
+            )
         if self.init is not None and self.init not in DECODER_INITS:
-            raise ConfigError(f"unknown --init {self.init!r}: choose one of {', '.join(DECODER_INITS)}")
+            raise ConfigError(
+                f"unknown --init {self.init!r}: choose one of {', '.join(DECODER_INITS)}"
+            )
         if self.b_dec_init is not None and self.b_dec_init not in B_DEC_INITS:
-            raise ConfigError(f"unknown --b-dec-init {self.b_dec_init!r}: choose one of {', '.join(B_DEC_INITS)}")
+            raise ConfigError(
+                f"unknown --b-dec-init {self.b_dec_init!r}: choose one of {', '.join(B_DEC_INITS)}"
+            )
         warmup, decay = default_lr_schedule(self.arch, str(self.optimizer), crosscoder)
         self.lr_warmup = warmup if self.lr_warmup is None else float(self.lr_warmup)
         self.lr_decay = decay if self.lr_decay is None else float(self.lr_decay)
         if self.lr is None and self.optimizer == "adam" and (self.arch == "relu-l1" or crosscoder):
-            self.lr = RELU_L1_LR if relu_sae(self.arch, crosscoder) else DEFAULT_LR  # else by d_sae or tokens: learning_rate
+            self.lr = (
+                RELU_L1_LR if relu_sae(self.arch, crosscoder) else DEFAULT_LR
+            )  # else by d_sae or tokens: learning_rate
         if self.tokens is None:
             self.epochs = DEFAULT_EPOCHS if self.epochs is None else self.epochs
         checks = [
             (self.d_sae is None or self.d_sae > 0, f"--d-sae must be positive, got {self.d_sae}"),
-            (self.expansion is None or self.expansion > 0, f"--expansion must be positive, got {self.expansion}"),
+            (
+                self.expansion is None or self.expansion > 0,
+                f"--expansion must be positive, got {self.expansion}",
+            ),
             (self.lr is None or self.lr > 0, f"--lr must be positive, got {self.lr}"),
             (self.l1 >= 0, f"--l1 must be >= 0, got {self.l1}"),
             (0 <= self.l1_warmup < 1, f"--l1-warmup must be in [0, 1), got {self.l1_warmup}"),
             (0 <= self.lr_warmup < 1, f"--lr-warmup must be in [0, 1), got {self.lr_warmup}"),
             (0 <= self.lr_decay <= 1, f"--lr-decay must be in [0, 1], got {self.lr_decay}"),
             (self.lr_warmup + self.lr_decay <= 1, "--lr-warmup + --lr-decay must be at most 1"),
-            (self.epochs is None or self.epochs > 0, f"--epochs must be positive, got {self.epochs}"),
-            (self.tokens is None or self.tokens > 0, f"--tokens must be positive, got {self.tokens}"),
+            (
+                self.epochs is None or self.epochs > 0,
+                f"--epochs must be positive, got {self.epochs}",
+            ),
+            (
+                self.tokens is None or self.tokens > 0,
+                f"--tokens must be positive, got {self.tokens}",
+            ),
             (self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}"),
             (self.k is None or self.k > 0, f"--k must be positive, got {self.k}"),
-            (0 <= self.eval_fraction < 1, f"eval_fraction must be in [0, 1), got {self.eval_fraction}"),
+            (
+                0 <= self.eval_fraction < 1,
+                f"eval_fraction must be in [0, 1), got {self.eval_fraction}",
+            ),
             (self.buffer_mb > 0 and self.workers > 0, "buffer_mb and workers must be positive"),
             (self.dead_window > 0, "dead_window must be positive"),
             (self.resample >= 0, f"--resample must be >= 0, got {self.resample}"),
             (self.resample == 0 or not crosscoder, "--resample is for SAEs, not crosscoders"),
-            (self.checkpoint_every >= 0 and self.log_every > 0, "checkpoint_every >= 0 and log_every > 0 please"),
+            (
+                self.checkpoint_every >= 0 and self.log_every > 0,
+                "checkpoint_every >= 0 and log_every > 0 please",
+            ),
             (self.eval_points >= 0, f"eval_points must be >= 0, got {self.eval_points}"),
-            (self.curve_eval_tokens > 0, f"curve_eval_tokens must be positive, got {self.curve_eval_tokens}"),
+            (
+                self.curve_eval_tokens > 0,
+                f"curve_eval_tokens must be positive, got {self.curve_eval_tokens}",
+            ),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
         if self.k is not None and self.arch == "relu-l1":
             raise ConfigError("--k is for topk / batchtopk; relu-l1 uses --l1")
-        srcs = self.sources()  # a crosscoder's sources: parsed now, so a bad --models / --layers fails before any work
+        srcs = (
+            self.sources()
+        )  # a crosscoder's sources: parsed now, so a bad --models / --layers fails before any work
         if srcs is not None:
             self.model, self.layer = srcs[0].model, srcs[0].layer
         self.init = self.init or default_init(self.arch, crosscoder)
         self.b_dec_init = self.b_dec_init or default_b_dec_init(self.arch, crosscoder)
-        self.unit_grad = default_unit_grad(self.arch, crosscoder) if self.unit_grad is None else bool(self.unit_grad)
+        self.unit_grad = (
+            default_unit_grad(self.arch, crosscoder)
+            if self.unit_grad is None
+            else bool(self.unit_grad)
+        )
 
     def resolve(self, d_in: int) -> TrainConfig:
         """This config for a layer of width ``d_in``, with what depends on it filled in: ``d_sae`` (``expansion``
@@ -440,7 +506,9 @@ class TrainConfig:
             k = self.k or max(1, min(DEFAULT_K, d_sae // 4))
             if k > d_sae:
                 raise ConfigError(f"--k {k} is larger than d_sae {d_sae}")
-        return dataclasses.replace(self, d_sae=d_sae, expansion=None, k=k, aux_k=resolved_aux_k(self.aux_k, d_in, d_sae))
+        return dataclasses.replace(
+            self, d_sae=d_sae, expansion=None, k=k, aux_k=resolved_aux_k(self.aux_k, d_in, d_sae)
+        )
 
     def stream_seed(self) -> int:
         """The seed of the held-out split and the data order."""
@@ -469,7 +537,9 @@ class TrainConfig:
         """A crosscoder's sources (``models`` / ``layers``), None for an SAE."""
         if self.models is None and self.layers is None:
             return None
-        return parse_sources(self.models or self.model, self.layers if self.layers is not None else self.layer)
+        return parse_sources(
+            self.models or self.model, self.layers if self.layers is not None else self.layer
+        )
 
     def default_name(self, d_sae: int) -> str:
         from actstore.models.names import sanitize_key
@@ -514,7 +584,9 @@ class ImportConfig:
 
     def __post_init__(self) -> None:
         if self.format not in IMPORT_FORMATS:
-            raise ConfigError(f"unknown --format {self.format!r}: choose one of {', '.join(IMPORT_FORMATS)}")
+            raise ConfigError(
+                f"unknown --format {self.format!r}: choose one of {', '.join(IMPORT_FORMATS)}"
+            )
         if self.layer is not None and self.layer < 0:
             raise ConfigError(f"--layer must be >= 0, got {self.layer}")
         if self.max_eval_tokens <= 0:

@@ -24,7 +24,9 @@ if TYPE_CHECKING:
 def saelens_cfg(sae: SAE) -> dict[str, Any]:
     """A ``cfg.json`` SAELens can load (v6 keys plus the v5 ones older loaders read)."""
     c = sae.cfg
-    arch = {"relu-l1": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}[c.arch]
+    arch = {"relu-l1": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}[
+        c.arch
+    ]
     hook = f"blocks.{c.layer}.hook_resid_pre" if c.layer is not None else "hook"
     out: dict[str, Any] = {
         "architecture": arch,
@@ -44,7 +46,13 @@ def saelens_cfg(sae: SAE) -> dict[str, Any]:
             "context_size": None,
             "dataset_path": None,
             "sae_lens_training_version": None,
-            "actstore": {"arch": c.arch, "k": c.k, "l1": c.l1, "norm_scale_folded": c.norm_scale, "name": c.name},
+            "actstore": {
+                "arch": c.arch,
+                "k": c.k,
+                "l1": c.l1,
+                "norm_scale_folded": c.norm_scale,
+                "name": c.name,
+            },
         },
         # legacy (SAELens < 6) keys
         "model_name": c.model,
@@ -76,12 +84,18 @@ def export_sae(store: Store, name: str, out_dir: str | Path, fmt: str = "saelens
     store's own files.
     """
     if fmt not in EXPORT_FORMATS:
-        raise ConfigError(f"unknown export format {fmt!r}: choose one of {', '.join(EXPORT_FORMATS)}")
+        raise ConfigError(
+            f"unknown export format {fmt!r}: choose one of {', '.join(EXPORT_FORMATS)}"
+        )
     sae = load_sae(store, name)
     if fmt != "actstore" and sae.cfg.input_norm != "none" and fmt != "saelens":
-        raise ConfigError(f"SAE {name!r} normalises each token ({sae.cfg.input_norm}): only --format saelens says so")
+        raise ConfigError(
+            f"SAE {name!r} normalises each token ({sae.cfg.input_norm}): only --format saelens says so"
+        )
     if fmt == "sparsify" and sae.cfg.arch != "topk":
-        raise ConfigError(f"SAE {name!r} is {sae.cfg.arch}: sparsify holds TopK SAEs only; export it with --format saelens")
+        raise ConfigError(
+            f"SAE {name!r} is {sae.cfg.arch}: sparsify holds TopK SAEs only; export it with --format saelens"
+        )
     with output_folder(out_dir) as out:
         if fmt == "actstore":
             written = []
@@ -109,12 +123,30 @@ def export_sae(store: Store, name: str, out_dir: str | Path, fmt: str = "saelens
 
 def _write_sparsify(sae: SAE, tensors: dict[str, torch.Tensor], out: Path) -> list[Path]:
     c = sae.cfg
-    weights = {"encoder.weight": tensors["W_enc"].t().contiguous(), "encoder.bias": tensors["b_enc"],
-               "W_dec": tensors["W_dec"], "b_dec": tensors["b_dec"]}  # fmt: skip
+    weights = {
+        "encoder.weight": tensors["W_enc"].t().contiguous(),
+        "encoder.bias": tensors["b_enc"],
+        "W_dec": tensors["W_dec"],
+        "b_dec": tensors["b_dec"],
+    }
     path = out / "sae.safetensors"
     write_file(path, st_save(weights, metadata={"format": "pt"}))
     cfg = out / "cfg.json"
-    write_file(cfg, json.dumps({"activation": "topk", "expansion_factor": max(1, c.d_sae // c.d_in), "normalize_decoder": True,
-                                "num_latents": c.d_sae, "k": c.k, "multi_topk": False, "skip_connection": False,
-                                "transcode": False, "d_in": c.d_in}, indent=2).encode())  # fmt: skip
+    write_file(
+        cfg,
+        json.dumps(
+            {
+                "activation": "topk",
+                "expansion_factor": max(1, c.d_sae // c.d_in),
+                "normalize_decoder": True,
+                "num_latents": c.d_sae,
+                "k": c.k,
+                "multi_topk": False,
+                "skip_connection": False,
+                "transcode": False,
+                "d_in": c.d_in,
+            },
+            indent=2,
+        ).encode(),
+    )
     return [cfg, path]

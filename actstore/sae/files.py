@@ -21,7 +21,11 @@ if TYPE_CHECKING:
 # ---------------------------------------------------------------- store I/O
 def sae_names(store: Store) -> list[str]:
     """Names of the SAEs saved in a store (folders under ``saes/`` with a cfg.json)."""
-    return [n for n in store.loc.list_dirs(layout.SAES) if name_ok(n) and store.loc.exists(layout.sae_file(n, layout.SAE_CONFIG))]
+    return [
+        n
+        for n in store.loc.list_dirs(layout.SAES)
+        if name_ok(n) and store.loc.exists(layout.sae_file(n, layout.SAE_CONFIG))
+    ]
 
 
 def save_sae(store: Store, sae: SAE, name: str, metrics: dict[str, Any] | None = None) -> None:
@@ -29,7 +33,10 @@ def save_sae(store: Store, sae: SAE, name: str, metrics: dict[str, Any] | None =
     weights, cfg_json = sae.to_bytes()
     store.loc.write_bytes(layout.sae_file(name, layout.SAE_WEIGHTS), weights)
     if metrics is not None:
-        store.loc.write_bytes(layout.sae_file(name, layout.SAE_METRICS), json.dumps(metrics, indent=2, default=float).encode())
+        store.loc.write_bytes(
+            layout.sae_file(name, layout.SAE_METRICS),
+            json.dumps(metrics, indent=2, default=float).encode(),
+        )
     store.loc.write_bytes(layout.sae_file(name, layout.SAE_CONFIG), cfg_json)
 
 
@@ -46,7 +53,10 @@ def load_sae(store: Store, name: str, device: str = "cpu") -> SAE:
     from actstore.sae.model import SAE  # torch: only when weights are loaded
 
     _check_name(store, name)
-    w_key, c_key = layout.sae_file(name, layout.SAE_WEIGHTS), layout.sae_file(name, layout.SAE_CONFIG)
+    w_key, c_key = (
+        layout.sae_file(name, layout.SAE_WEIGHTS),
+        layout.sae_file(name, layout.SAE_CONFIG),
+    )
     weights, cfg_json = store.loc.read_bytes(w_key), store.loc.read_bytes(c_key)
     check_file(store.loc, w_key, weights)  # the manifest's SHA-256, before any byte is used
     check_file(store.loc, c_key, cfg_json)
@@ -75,8 +85,10 @@ def read_metrics(store: Store, name: str) -> dict[str, Any]:
     except (ValueError, RecursionError):
         m = None
     if not isinstance(m, dict):
-        raise IntegrityError(f"metrics.json of SAE {name} in {store.url} is not a JSON object: retrain or re-import the "
-                             "SAE, or remove its folder")  # fmt: skip
+        raise IntegrityError(
+            f"metrics.json of SAE {name} in {store.url} is not a JSON object: retrain or re-import the "
+            "SAE, or remove its folder"
+        )
     return m
 
 
@@ -109,7 +121,11 @@ def _never_fired(store: Store, name: str) -> float | None:
         man = json.loads(store.loc.read_bytes(key)) if store.loc.exists(key) else None
     except (ValueError, RecursionError):
         return None
-    return number(man.get("never_fired_fraction")) if isinstance(man, dict) and man.get("complete") else None
+    return (
+        number(man.get("never_fired_fraction"))
+        if isinstance(man, dict) and man.get("complete")
+        else None
+    )
 
 
 def _text(value: Any) -> str | None:
@@ -127,8 +143,10 @@ def list_saes(store: Store) -> pl.DataFrame:
         except (ValueError, RecursionError):
             cfg = None
         if not isinstance(cfg, dict):
-            raise IntegrityError(f"cfg.json of SAE {name} in {store.url} is not a JSON object: remove its folder "
-                                 f"(saes/{name}) or restore it")  # fmt: skip
+            raise IntegrityError(
+                f"cfg.json of SAE {name} in {store.url} is not a JSON object: remove its folder "
+                f"(saes/{name}) or restore it"
+            )
         m = read_metrics(store, name)
         ev, tr = _obj(m, "eval"), _obj(m, "train")
         models, layers = cfg.get("models"), cfg.get("layers")
@@ -138,8 +156,11 @@ def list_saes(store: Store) -> pl.DataFrame:
                 "name": name,
                 "kind": "crosscoder" if models else "sae",
                 "sources": ",".join(
-                    f"{a}@{b}" for a, b in zip(models, layers if isinstance(layers, list) else [], strict=False)
-                )  # fmt: skip
+                    f"{a}@{b}"
+                    for a, b in zip(
+                        models, layers if isinstance(layers, list) else [], strict=False
+                    )
+                )
                 if isinstance(models, list) and models
                 else None,
                 "arch": _text(cfg.get("arch")),
@@ -153,23 +174,46 @@ def list_saes(store: Store) -> pl.DataFrame:
                 "fvu": number(ev.get("fvu")),
                 "mse": number(ev.get("mse")),
                 "l0": l0,
-                "dead": number(ev.get("dead_fraction")),  # never fired on the held-out rows (imported SAEs: the fit rows)
-                "dead_store": _never_fired(store, name),  # never fired on any token of the store (after encode)
-                "dead_window": number(tr.get("dead_fraction")),  # the trainer's: none in its last dead_window tokens
+                "dead": number(
+                    ev.get("dead_fraction")
+                ),  # never fired on the held-out rows (imported SAEs: the fit rows)
+                "dead_store": _never_fired(
+                    store, name
+                ),  # never fired on any token of the store (after encode)
+                "dead_window": number(
+                    tr.get("dead_fraction")
+                ),  # the trainer's: none in its last dead_window tokens
                 "dense": number(ev.get("dense_fraction")),
                 "train_fvu": number(tr.get("fvu")),
                 "l0_fraction": l0 / d_sae if l0 is not None and d_sae else None,
             }
         )
     schema = {
-        "name": pl.String, "kind": pl.String, "sources": pl.String,
-        "arch": pl.String, "model": pl.String, "layer": pl.Int64, "d_in": pl.Int64, "d_sae": pl.Int64,
-        "k": pl.Int64, "l1": pl.Float64, "tokens": pl.Int64, "fvu": pl.Float64, "mse": pl.Float64, "l0": pl.Float64,
-        "dead": pl.Float64, "dead_store": pl.Float64, "dead_window": pl.Float64, "dense": pl.Float64,
-        "train_fvu": pl.Float64, "l0_fraction": pl.Float64,
-    }  # fmt: skip
+        "name": pl.String,
+        "kind": pl.String,
+        "sources": pl.String,
+        "arch": pl.String,
+        "model": pl.String,
+        "layer": pl.Int64,
+        "d_in": pl.Int64,
+        "d_sae": pl.Int64,
+        "k": pl.Int64,
+        "l1": pl.Float64,
+        "tokens": pl.Int64,
+        "fvu": pl.Float64,
+        "mse": pl.Float64,
+        "l0": pl.Float64,
+        "dead": pl.Float64,
+        "dead_store": pl.Float64,
+        "dead_window": pl.Float64,
+        "dense": pl.Float64,
+        "train_fvu": pl.Float64,
+        "l0_fraction": pl.Float64,
+    }
     df = pl.DataFrame(rows, schema=schema)
-    return df.with_columns((pl.col("l0_fraction") > DENSE_L0_FRACTION).fill_null(False).alias("dense_code"))
+    return df.with_columns(
+        (pl.col("l0_fraction") > DENSE_L0_FRACTION).fill_null(False).alias("dense_code")
+    )
 
 
 def dense_note(name: str, l0: float | None, d_sae: int) -> str | None:

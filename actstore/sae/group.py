@@ -37,8 +37,21 @@ from actstore.sae.train import TrainingRun, TrainResult, existing_run, run_ident
 from actstore.storage.locks import StoreLock
 from actstore.store.reader import Store
 
-STREAM_FIELDS = ("model", "layer", "models", "layers", "batch_size", "buffer_mb", "eval_fraction", "max_eval_tokens",
-                 "epochs", "tokens", "workers", "device", "threads")  # fmt: skip
+STREAM_FIELDS = (
+    "model",
+    "layer",
+    "models",
+    "layers",
+    "batch_size",
+    "buffer_mb",
+    "eval_fraction",
+    "max_eval_tokens",
+    "epochs",
+    "tokens",
+    "workers",
+    "device",
+    "threads",
+)
 """Options that decide which rows a run reads, in which order and for how long: equal within a group."""
 
 
@@ -63,9 +76,15 @@ def parallel_steps(threads: int | None, n_runs: int) -> int:
     return max(1, min(n_runs, (os.cpu_count() or 1) // threads))
 
 
-def train_together(store: Store | str, configs: list[TrainConfig], progress: bool = True,
-                   storage_options: dict[str, Any] | None = None, writable: bool = False,
-                   log: Callable[[str], Any] | None = None, parallel: int | None = None) -> list[TrainResult]:  # fmt: skip
+def train_together(
+    store: Store | str,
+    configs: list[TrainConfig],
+    progress: bool = True,
+    storage_options: dict[str, Any] | None = None,
+    writable: bool = False,
+    log: Callable[[str], Any] | None = None,
+    parallel: int | None = None,
+) -> list[TrainResult]:
     """Train every SAE of ``configs`` (one stream group, :func:`stream_groups`) from one pass over the stream, each
     saved under its own name; results in the order of ``configs``. ``parallel``: runs stepping at once (default
     :func:`parallel_steps`). See the module docstring."""
@@ -75,15 +94,24 @@ def train_together(store: Store | str, configs: list[TrainConfig], progress: boo
         return []
     keys = {stream_key(c) for c in configs}
     if len(keys) > 1:
-        raise ConfigError("SAEs trained in one pass must read the same rows in the same order (same model, layer, batch "
-                          f"size, buffer, split, length and data seed: {', '.join(STREAM_FIELDS)}, data_seed)")  # fmt: skip
+        raise ConfigError(
+            "SAEs trained in one pass must read the same rows in the same order (same model, layer, batch "
+            f"size, buffer, split, length and data seed: {', '.join(STREAM_FIELDS)}, data_seed)"
+        )
     n = parallel if parallel is not None else parallel_steps(configs[0].threads, len(configs))
     with torch_threads(configs[0].threads):
         return _together(store, configs, progress, storage_options, writable, log, max(1, n))
 
 
-def _together(store: Store | str, configs: list[TrainConfig], progress: bool, storage_options: dict[str, Any] | None,
-              writable: bool, log: Callable[[str], Any] | None, parallel: int) -> list[TrainResult]:  # fmt: skip
+def _together(
+    store: Store | str,
+    configs: list[TrainConfig],
+    progress: bool,
+    storage_options: dict[str, Any] | None,
+    writable: bool,
+    log: Callable[[str], Any] | None,
+    parallel: int,
+) -> list[TrainResult]:
     from tqdm.auto import tqdm
 
     st = writable_store(store, storage_options, writable)
@@ -96,13 +124,19 @@ def _together(store: Store | str, configs: list[TrainConfig], progress: bool, st
         check_name(n, "SAE")
     if len(set(names)) < len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
-        raise ConfigError(f"SAEs trained together need distinct names; {', '.join(dup)} would be trained twice")
+        raise ConfigError(
+            f"SAEs trained together need distinct names; {', '.join(dup)} would be trained twice"
+        )
     device = torch.device(auto_device(base.device))
     tok = st.model_tokenization(base.model)
     locks: list[StoreLock] = []
     try:
         for n in names:  # one trainer of an SAE name at a time, here as in a single run
-            locks.append(StoreLock(st.loc, layout.sae_dir(n), f"train {n} (with {len(names) - 1} others)").acquire())
+            locks.append(
+                StoreLock(
+                    st.loc, layout.sae_dir(n), f"train {n} (with {len(names) - 1} others)"
+                ).acquire()
+            )
         resume = [existing_run(st, c, n) for c, n in zip(configs, names, strict=True)]
         split, stream = open_stream(acts, tok, base, device)
         eval_x = held_out_rows(acts, split)  # read once for every run
@@ -110,14 +144,28 @@ def _together(store: Store | str, configs: list[TrainConfig], progress: bool, st
         for c, ident, n, again in zip(configs, identities, names, resume, strict=True):
             torch.manual_seed(c.seed)  # as a single run seeds it, after opening its stream
             if again:
-                runs.append(TrainingRun.restore(st, c, ident, n, acts, split, stream, device, eval_x))
+                runs.append(
+                    TrainingRun.restore(st, c, ident, n, acts, split, stream, device, eval_x)
+                )
             else:
-                runs.append(TrainingRun.start(st, c, ident, n, acts, split, stream, device, tok.key, eval_x))
+                runs.append(
+                    TrainingRun.start(st, c, ident, n, acts, split, stream, device, tok.key, eval_x)
+                )
         total, per_epoch = runs[0].total_steps, runs[0].per_epoch
         step = min(r.step for r in runs)
-        bar = tqdm(total=total * len(runs), initial=sum(r.step for r in runs), disable=not progress, unit="step",
-                   desc=f"train {len(runs)} SAEs of {base.model} layer {base.layer}", leave=False)  # fmt: skip
-        pool = ThreadPoolExecutor(parallel, thread_name_prefix="actstore-sae") if parallel > 1 else None
+        bar = tqdm(
+            total=total * len(runs),
+            initial=sum(r.step for r in runs),
+            disable=not progress,
+            unit="step",
+            desc=f"train {len(runs)} SAEs of {base.model} layer {base.layer}",
+            leave=False,
+        )
+        pool = (
+            ThreadPoolExecutor(parallel, thread_name_prefix="actstore-sae")
+            if parallel > 1
+            else None
+        )
         t0 = time.perf_counter()
         try:
             while step < total:
@@ -125,7 +173,9 @@ def _together(store: Store | str, configs: list[TrainConfig], progress: bool, st
                 for batch in stream.batches(epoch, skip):
                     x = batch.to(device, non_blocking=True)  # (b, d_in): one read, every run's step
                     step += 1
-                    due = [r for r in runs if r.step < step]  # a run resumed from a later checkpoint waits
+                    due = [
+                        r for r in runs if r.step < step
+                    ]  # a run resumed from a later checkpoint waits
                     if pool is None:
                         for r in due:
                             r.train_on(x, epoch, bar)

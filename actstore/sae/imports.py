@@ -51,7 +51,18 @@ if TYPE_CHECKING:
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt", ".npy", ".npz", ".joblib")
 ACCEPTED = "SAELens (cfg.json + sae_weights.safetensors) or sparsify (cfg.json + sae.safetensors)"
 WEIGHTS = {"saelens": "sae_weights.safetensors", "sparsify": "sae.safetensors"}
-FINAL_NORM_TYPES = ("gpt2", "llama", "gpt_neox", "mistral", "qwen2", "gemma", "gemma2", "phi", "olmo", "opt")
+FINAL_NORM_TYPES = (
+    "gpt2",
+    "llama",
+    "gpt_neox",
+    "mistral",
+    "qwen2",
+    "gemma",
+    "gemma2",
+    "phi",
+    "olmo",
+    "opt",
+)
 """model_type values whose ``hidden_states[n_layers]`` comes after a final norm (decoder LMs)."""
 
 
@@ -94,7 +105,9 @@ def hook_layer(hook: str, fmt: str) -> int:
     m = _RESID.match(hook)
     if m:
         return int(m.group(1)) + (1 if m.group(2) == "post" else 0)
-    if fmt == "sparsify" or hook.startswith(("layers.", "model.", "transformer.", "gpt_neox.", "encoder.")):
+    if fmt == "sparsify" or hook.startswith(
+        ("layers.", "model.", "transformer.", "gpt_neox.", "encoder.")
+    ):
         if _EMBED.search(hook):
             return 0
         m = _BLOCK.search(hook)
@@ -110,8 +123,10 @@ def hook_layer(hook: str, fmt: str) -> int:
 def _final_norm_note(hook: str | None, layer: int, info: ModelAttrs) -> str | None:
     n_layers, mtype = info.n_layers, info.model_type
     if n_layers is not None and layer == int(n_layers) and mtype in FINAL_NORM_TYPES:
-        return (f"hook {hook} is the last block's output, but Hugging Face's hidden_states[{layer}] of this {mtype} model "
-                "comes after the final norm: the SAE reads normed states here (check the FVU)")  # fmt: skip
+        return (
+            f"hook {hook} is the last block's output, but Hugging Face's hidden_states[{layer}] of this {mtype} model "
+            "comes after the final norm: the SAE reads normed states here (check the FVU)"
+        )
     return None
 
 
@@ -124,7 +139,9 @@ def _folder(path: str | Path, fmt: str) -> Path:
     if not (p / "cfg.json").is_file():
         subs = sorted(d.name for d in p.iterdir() if d.is_dir() and (d / "cfg.json").is_file())
         if subs:  # sparsify saves one folder per hook point
-            raise ConfigError(f"{p} holds several SAEs ({', '.join(subs[:8])}): give the folder of one of them")
+            raise ConfigError(
+                f"{p} holds several SAEs ({', '.join(subs[:8])}): give the folder of one of them"
+            )
     weights = p / WEIGHTS[fmt]
     if not weights.is_file():
         pickles = sorted(f.name for f in p.iterdir() if f.suffix.lower() in PICKLE_SUFFIXES)
@@ -156,7 +173,9 @@ def _read_cfg(folder: Path) -> dict[str, Any]:
 def _need(cfg: Any, key: str, folder: Path) -> int:
     """A required positive whole number of ``cfg.json`` (a JSON integer, or a float or digit string that is one)."""
     if not isinstance(cfg, dict) or key not in cfg or cfg[key] is None:
-        raise ConfigError(f"{folder / 'cfg.json'} has no {key!r}: it is not a complete {ACCEPTED} config")
+        raise ConfigError(
+            f"{folder / 'cfg.json'} has no {key!r}: it is not a complete {ACCEPTED} config"
+        )
     return _whole(cfg[key], key, folder)
 
 
@@ -168,15 +187,24 @@ def _whole(value: Any, key: str, folder: Path) -> int:
         v = int(v)
     if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
         shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
-        raise ConfigError(f"{folder / 'cfg.json'}: {key!r} must be a positive whole number, got {shown}")
+        raise ConfigError(
+            f"{folder / 'cfg.json'}: {key!r} must be a positive whole number, got {shown}"
+        )
     return v
 
 
 def _positive(value: Any, key: str, folder: Path) -> float:
     """A positive finite number of ``cfg.json`` (a JSON number; a numeric string is refused)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
-        raise ConfigError(f"{folder / 'cfg.json'}: {key!r} must be a positive finite number, got {shown}")
+        raise ConfigError(
+            f"{folder / 'cfg.json'}: {key!r} must be a positive finite number, got {shown}"
+        )
     return float(value)
 
 
@@ -186,20 +214,43 @@ def _tensors(folder: Path, fname: str) -> dict[str, torch.Tensor]:
     try:
         return {k: v.float() for k, v in load_file(str(folder / fname)).items()}
     except Exception as exc:  # safetensors raises its own error type on damaged files
-        raise ConfigError(f"{folder / fname} does not load as safetensors ({type(exc).__name__}): re-download it") from None
+        raise ConfigError(
+            f"{folder / fname} does not load as safetensors ({type(exc).__name__}): re-download it"
+        ) from None
 
 
-def _tensor(t: dict[str, torch.Tensor], key: str, shape: tuple[int, ...], folder: Path) -> torch.Tensor:
+def _tensor(
+    t: dict[str, torch.Tensor], key: str, shape: tuple[int, ...], folder: Path
+) -> torch.Tensor:
     if key not in t:
-        raise ConfigError(f"{folder}: the weights have no {key!r} (have: {', '.join(sorted(t)) or 'none'})")
+        raise ConfigError(
+            f"{folder}: the weights have no {key!r} (have: {', '.join(sorted(t)) or 'none'})"
+        )
     if tuple(t[key].shape) != shape:
-        raise ConfigError(f"{folder}: {key} has shape {tuple(t[key].shape)}, cfg.json implies {shape}")
+        raise ConfigError(
+            f"{folder}: {key} has shape {tuple(t[key].shape)}, cfg.json implies {shape}"
+        )
     return t[key]
 
 
-def _build(arch: str, d_in: int, d_sae: int, k: int | None, w_enc: torch.Tensor, b_enc: torch.Tensor, w_dec: torch.Tensor,
-           b_dec: torch.Tensor, threshold: torch.Tensor | None, input_norm: str, source: dict[str, Any]) -> SAE:  # fmt: skip
-    sae = SAE(SAEConfig(arch=arch, d_in=d_in, d_sae=d_sae, k=k, l1=0.0, input_norm=input_norm, source=source))
+def _build(
+    arch: str,
+    d_in: int,
+    d_sae: int,
+    k: int | None,
+    w_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    w_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    threshold: torch.Tensor | None,
+    input_norm: str,
+    source: dict[str, Any],
+) -> SAE:
+    sae = SAE(
+        SAEConfig(
+            arch=arch, d_in=d_in, d_sae=d_sae, k=k, l1=0.0, input_norm=input_norm, source=source
+        )
+    )
     with torch.no_grad():
         sae.W_enc.copy_(w_enc)  # (d_in, d_sae)
         sae.b_enc.copy_(b_enc)  # (d_sae,)
@@ -229,14 +280,20 @@ def read_saelens(path: str | Path) -> ForeignSAE:
         w_dec = w_dec * _tensor(t, "scaling_factor", (d_sae,), folder)[:, None]
         notes.append("the v5 scaling_factor was folded into the decoder rows")
     if arch in ("topk", "batchtopk") and cfg.get("rescale_acts_by_decoder_norm"):
-        norms = w_dec.norm(dim=1)  # (d_sae,): SAELens scales pre-activations by these before the top-k
+        norms = w_dec.norm(
+            dim=1
+        )  # (d_sae,): SAELens scales pre-activations by these before the top-k
         w_enc, b_enc, w_dec = w_enc * norms, b_enc * norms, w_dec / norms[:, None]
         notes.append("rescale_acts_by_decoder_norm was folded into the weights")
     if arch == "standard":
         ours = "relu-l1"
     elif arch == "topk":
         ours = "topk"
-        k = _need(cfg, "k", folder) if "k" in cfg else _need(cfg.get("activation_fn_kwargs"), "k", folder)
+        k = (
+            _need(cfg, "k", folder)
+            if "k" in cfg
+            else _need(cfg.get("activation_fn_kwargs"), "k", folder)
+        )
     elif arch == "jumprelu":
         ours = "jumprelu"
         if "threshold" in t:
@@ -250,12 +307,18 @@ def read_saelens(path: str | Path) -> ForeignSAE:
         else:
             thr = t.get("topk_threshold", torch.tensor(0.0))
             if thr.numel() != 1:
-                raise ConfigError(f"{folder}: topk_threshold has shape {tuple(thr.shape)}, a batchtopk SAE's is one number")
+                raise ConfigError(
+                    f"{folder}: topk_threshold has shape {tuple(thr.shape)}, a batchtopk SAE's is one number"
+                )
             threshold = thr.reshape(())
     else:
-        raise ConfigError(f"{folder}: SAELens architecture {arch!r} is not supported; import standard, topk, jumprelu "
-                          "or batchtopk SAEs")  # fmt: skip
-    if not cfg.get("apply_b_dec_to_input", True):  # actstore always subtracts b_dec: compensate in b_enc
+        raise ConfigError(
+            f"{folder}: SAELens architecture {arch!r} is not supported; import standard, topk, jumprelu "
+            "or batchtopk SAEs"
+        )
+    if not cfg.get(
+        "apply_b_dec_to_input", True
+    ):  # actstore always subtracts b_dec: compensate in b_enc
         b_enc = b_enc + b_dec @ w_enc  # (x - b_dec) W + b_enc + b_dec W = x W + b_enc
         notes.append("apply_b_dec_to_input=false was folded into b_enc")
     norm = str(cfg.get("normalize_activations") or "none")
@@ -268,23 +331,40 @@ def read_saelens(path: str | Path) -> ForeignSAE:
         if factor is not None:
             s = _positive(factor, key, folder)  # SAELens's fold: x * s in, x_hat / s out
             w_enc, w_dec, b_dec = w_enc * s, w_dec / s, b_dec / s
-            notes.append(f"normalize_activations expected_average_only_in: factor {s:g} folded into the weights")
+            notes.append(
+                f"normalize_activations expected_average_only_in: factor {s:g} folded into the weights"
+            )
         else:
-            notes.append("normalize_activations expected_average_only_in without a norm_scaling_factor: applied as "
-                         "SAELens applies it to a local folder (no scaling)")  # fmt: skip
+            notes.append(
+                "normalize_activations expected_average_only_in without a norm_scaling_factor: applied as "
+                "SAELens applies it to a local folder (no scaling)"
+            )
     else:
-        raise ConfigError(f"{folder}: normalize_activations {norm!r} is not supported (fold it into the weights first)")
+        raise ConfigError(
+            f"{folder}: normalize_activations {norm!r} is not supported (fold it into the weights first)"
+        )
     hook = meta.get("hook_name") or cfg.get("hook_name")
     if hook is not None and not isinstance(hook, str):
-        raise ConfigError(f"{folder / 'cfg.json'}: 'hook_name' must be a string, got {type(hook).__name__}")
-    source = {"format": "saelens", "path": str(folder.resolve()), "architecture": arch, "hook": hook,
-              "model_name": meta.get("model_name") or cfg.get("model_name"),
-              "sae_lens_version": meta.get("sae_lens_version")}  # fmt: skip
+        raise ConfigError(
+            f"{folder / 'cfg.json'}: 'hook_name' must be a string, got {type(hook).__name__}"
+        )
+    source = {
+        "format": "saelens",
+        "path": str(folder.resolve()),
+        "architecture": arch,
+        "hook": hook,
+        "model_name": meta.get("model_name") or cfg.get("model_name"),
+        "sae_lens_version": meta.get("sae_lens_version"),
+    }
     sae = _build(ours, d_in, d_sae, k, w_enc, b_enc, w_dec, b_dec, threshold, input_norm, source)
     layer = None
     if isinstance(hook, str):
-        mapped = hook_layer(hook, "saelens")  # raises for a hook that is not a residual-stream state
-        layer = mapped if _RESID.match(hook) else None  # other names say no layer for certain: --layer decides
+        mapped = hook_layer(
+            hook, "saelens"
+        )  # raises for a hook that is not a residual-stream state
+        layer = (
+            mapped if _RESID.match(hook) else None
+        )  # other names say no layer for certain: --layer decides
     return ForeignSAE(sae, hook, layer, notes)
 
 
@@ -293,20 +373,36 @@ def read_sparsify(path: str | Path) -> ForeignSAE:
     folder = _folder(path, "sparsify")
     cfg = _read_cfg(folder)
     d_in = _need(cfg, "d_in", folder)
-    for key, bad in (("transcode", "a transcoder"), ("skip_connection", "an SAE with a skip connection")):
+    for key, bad in (
+        ("transcode", "a transcoder"),
+        ("skip_connection", "an SAE with a skip connection"),
+    ):
         if cfg.get(key):
-            raise ConfigError(f"{folder}: {bad} reads one layer and writes another; import plain SAEs")
+            raise ConfigError(
+                f"{folder}: {bad} reads one layer and writes another; import plain SAEs"
+            )
     if str(cfg.get("activation", "topk")) != "topk":
-        raise ConfigError(f"{folder}: sparsify activation {cfg.get('activation')!r} is not supported; import topk SAEs")
+        raise ConfigError(
+            f"{folder}: sparsify activation {cfg.get('activation')!r} is not supported; import topk SAEs"
+        )
     k = _need(cfg, "k", folder)
-    d_sae = _need(cfg, "num_latents", folder) if cfg.get("num_latents") else d_in * _need(cfg, "expansion_factor", folder)
+    d_sae = (
+        _need(cfg, "num_latents", folder)
+        if cfg.get("num_latents")
+        else d_in * _need(cfg, "expansion_factor", folder)
+    )
     t = _tensors(folder, WEIGHTS["sparsify"])
     w_enc = _tensor(t, "encoder.weight", (d_sae, d_in), folder).t().contiguous()
     b_enc = _tensor(t, "encoder.bias", (d_sae,), folder)
     w_dec = _tensor(t, "W_dec", (d_sae, d_in), folder)
     b_dec = _tensor(t, "b_dec", (d_in,), folder)
     hook = folder.resolve().name
-    source = {"format": "sparsify", "path": str(folder.resolve()), "architecture": "topk", "hook": hook}
+    source = {
+        "format": "sparsify",
+        "path": str(folder.resolve()),
+        "architecture": "topk",
+        "hook": hook,
+    }
     sae = _build("topk", d_in, d_sae, k, w_enc, b_enc, w_dec, b_dec, None, "none", source)
     try:
         layer: int | None = hook_layer(hook, "sparsify")
@@ -323,11 +419,17 @@ def fit_rows(n_rows: int, max_tokens: int, seed: int = 0) -> np.ndarray:
     """Sorted row numbers the fit check reads: all rows, or ``max_tokens`` of them drawn without replacement."""
     if n_rows <= max_tokens:
         return np.arange(n_rows, dtype=np.int64)
-    return np.sort(np.random.default_rng(seed).choice(n_rows, size=max_tokens, replace=False)).astype(np.int64)
+    return np.sort(
+        np.random.default_rng(seed).choice(n_rows, size=max_tokens, replace=False)
+    ).astype(np.int64)
 
 
-def import_sae(store: Store | str, cfg: ImportConfig, storage_options: dict[str, Any] | None = None,
-               writable: bool = False) -> ImportResult:  # fmt: skip
+def import_sae(
+    store: Store | str,
+    cfg: ImportConfig,
+    storage_options: dict[str, Any] | None = None,
+    writable: bool = False,
+) -> ImportResult:
     """Read ``cfg.path``, map it onto (model, layer) of ``store``, check its fit and save it under ``saes/NAME/``.
 
     Refused with nothing written: a width that differs from the layer's, a hook point the model does not have, or
@@ -345,29 +447,45 @@ def import_sae(store: Store | str, cfg: ImportConfig, storage_options: dict[str,
     from actstore.store.reader import open_store
 
     foreign = READERS[cfg.format](cfg.path)
-    st = store if not isinstance(store, str) else open_store(store, storage_options=storage_options,
-                                                            writable=write_access(store, writable))  # fmt: skip
+    st = (
+        store
+        if not isinstance(store, str)
+        else open_store(
+            store, storage_options=storage_options, writable=write_access(store, writable)
+        )
+    )
     if st.loc.read_only:
-        raise StoreError(f"store {st.url} is open read-only: pass --writable to import an SAE into it")
+        raise StoreError(
+            f"store {st.url} is open read-only: pass --writable to import an SAE into it"
+        )
     models = st.models
     model = cfg.model or (models[0] if len(models) == 1 else None)
     if model is None:
-        raise ConfigError(f"store {st.url} holds {len(models)} models ({', '.join(models) or 'none'}): pass --model")
+        raise ConfigError(
+            f"store {st.url} holds {len(models)} models ({', '.join(models) or 'none'}): pass --model"
+        )
     info = st.model_info(model)  # NotFoundError names the models
     layer = cfg.layer if cfg.layer is not None else foreign.layer
     if layer is None:
-        raise ConfigError(f"{cfg.path}: its hook point {foreign.hook!r} does not say which layer it reads: pass --layer")
+        raise ConfigError(
+            f"{cfg.path}: its hook point {foreign.hook!r} does not say which layer it reads: pass --layer"
+        )
     n_layers = info.n_layers
     if n_layers is not None and not 0 <= layer <= int(n_layers):
-        what = (f"--layer {layer} is past the model:" if cfg.layer is not None
-                else f"hook point {foreign.hook!r} maps to hidden_states[{layer}], but")  # fmt: skip
+        what = (
+            f"--layer {layer} is past the model:"
+            if cfg.layer is not None
+            else f"hook point {foreign.hook!r} maps to hidden_states[{layer}], but"
+        )
         raise ConfigError(
             f"{what} {model} has {n_layers} layers (hidden_states 0..{n_layers}): this SAE was made for another model"
         )
     if layer not in st.layers(model):
         stored = ", ".join(map(str, st.layers(model)))
-        raise NotFoundError(f"layer {layer} of model {model!r} is not in {st.url} (stored: {stored}): "
-                            f"extract it first (actstore extract --layers {layer})")  # fmt: skip
+        raise NotFoundError(
+            f"layer {layer} of model {model!r} is not in {st.url} (stored: {stored}): "
+            f"extract it first (actstore extract --layers {layer})"
+        )
     acts = st.activations(model, layer)
     sae = foreign.sae
     check_d_in(sae.cfg, acts.d_model, f"{model} layer {layer} of {st.url}", str(cfg.path))
@@ -379,7 +497,9 @@ def import_sae(store: Store | str, cfg: ImportConfig, storage_options: dict[str,
     name = cfg.name or sanitize_key(f"{model}-l{layer}-{cfg.format}-{sae.cfg.arch}-{sae.cfg.d_sae}")
     check_name(name, "SAE")
     if name in sae_names(st) and not cfg.overwrite:
-        raise ConfigError(f"an SAE named {name!r} is already in {st.url}: pass --name NEW, or --overwrite to replace it")
+        raise ConfigError(
+            f"an SAE named {name!r} is already in {st.url}: pass --name NEW, or --overwrite to replace it"
+        )
     sae.cfg.model, sae.cfg.layer, sae.cfg.name = model, layer, name
     sae.cfg.tokenization = info.tokenization
     rows = fit_rows(len(acts), cfg.max_eval_tokens, cfg.seed)
@@ -390,8 +510,15 @@ def import_sae(store: Store | str, cfg: ImportConfig, storage_options: dict[str,
             f"{cfg.path} does not fit {model} layer {layer} of {st.url}: FVU {fvu:.3g} on {len(rows)} of its rows (>= 1: "
             "it reconstructs worse than the mean). Check the layer (--layer) and the model; --force imports it anyway"
         )
-    metrics = {"name": name, "imported": {**src, "hook": foreign.hook, "notes": notes}, "tokens": 0, "eval": ev,
-               "train": {}, "n_eval_rows": int(len(rows)), "fit_rows": "all" if len(rows) == len(acts) else "sample"}  # fmt: skip
+    metrics = {
+        "name": name,
+        "imported": {**src, "hook": foreign.hook, "notes": notes},
+        "tokens": 0,
+        "eval": ev,
+        "train": {},
+        "n_eval_rows": int(len(rows)),
+        "fit_rows": "all" if len(rows) == len(acts) else "sample",
+    }
     lock = StoreLock(st.loc, layout.sae_dir(name), f"import-sae {name}").acquire()
     try:
         if cfg.overwrite:

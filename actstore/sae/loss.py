@@ -39,30 +39,48 @@ class LossParts(NamedTuple):
     """batchtopk: (m,) the activations the batch top-k kept (their minimum sets the inference threshold)"""
 
 
-def sae_loss(sae: SAE, x: torch.Tensor, dead: torch.Tensor | None, l1: float, aux_k: int, aux_coef: float) -> LossParts:
+def sae_loss(
+    sae: SAE, x: torch.Tensor, dead: torch.Tensor | None, l1: float, aux_k: int, aux_coef: float
+) -> LossParts:
     """Training loss of ``sae`` on raw activations ``x (b, d_in)``; ``dead`` is a bool ``(d_sae,)`` mask."""
-    xn = x * sae.scale  # (b, d_in); a crosscoder's (b, n_sources * d_in), each source by its own scale
+    xn = (
+        x * sae.scale
+    )  # (b, d_in); a crosscoder's (b, n_sources * d_in), each source by its own scale
     arch, kept = sae.cfg.arch, None
-    if arch in ("topk", "batchtopk"):  # sparse: only the encoder's forward is a dense (b, d_in, d_sae) matmul
+    if arch in (
+        "topk",
+        "batchtopk",
+    ):  # sparse: only the encoder's forward is a dense (b, d_in, d_sae) matmul
         xc = xn - sae.b_dec
         if arch == "topk":
-            vals, idx, pre = TopKEncode.apply(xc, sae.W_enc, sae.b_enc, int(sae.cfg.k))  # (b, k), (b, d_sae)
+            vals, idx, pre = TopKEncode.apply(
+                xc, sae.W_enc, sae.b_enc, int(sae.cfg.k)
+            )  # (b, k), (b, d_sae)
             x_hat_n = decode_topk(vals, idx, sae.W_dec, sae.b_dec)
             latents = idx[vals > 0]
         else:
             n_keep = int(sae.cfg.k) * x.shape[0]
-            kept, tokens, lats, pre = BatchTopKEncode.apply(xc, sae.W_enc, sae.b_enc, n_keep)  # (m,) x 3, (b, d_sae)
+            kept, tokens, lats, pre = BatchTopKEncode.apply(
+                xc, sae.W_enc, sae.b_enc, n_keep
+            )  # (m,) x 3, (b, d_sae)
             x_hat_n = decode_entries(kept, tokens, lats, x.shape[0], sae.W_dec, sae.b_dec)
             latents = lats[kept > 0]
-        acts, fired = None, torch.bincount(latents, minlength=sae.cfg.d_sae)  # (d_sae,) from the indices
+        acts, fired = (
+            None,
+            torch.bincount(latents, minlength=sae.cfg.d_sae),
+        )  # (d_sae,) from the indices
     else:
         pre = sae.pre_acts(x)  # (b, d_sae)
         acts = sae.activate(pre, train=True)
         x_hat_n = sae.decode_normalised(acts)
-        fired = torch.sign(acts).sum(0).long()  # (d_sae,); acts >= 0, and a float sum beats a bool one 10x on CPU
+        fired = (
+            torch.sign(acts).sum(0).long()
+        )  # (d_sae,); acts >= 0, and a float sum beats a bool one 10x on CPU
     mse = ((x_hat_n - xn) ** 2).mean()
     if arch == "relu-l1":
-        penalty = (acts.sum(0) * sae.l1_weights()).sum() / acts.shape[0]  # mean_tokens(sum_i h_i w_i), one pass
+        penalty = (acts.sum(0) * sae.l1_weights()).sum() / acts.shape[
+            0
+        ]  # mean_tokens(sum_i h_i w_i), one pass
         return LossParts(mse + l1 * penalty, mse, penalty, acts, x_hat_n, fired)
     penalty = torch.zeros((), device=x.device)
     if dead is not None and bool(dead.any()):
@@ -70,7 +88,9 @@ def sae_loss(sae: SAE, x: torch.Tensor, dead: torch.Tensor | None, l1: float, au
     return LossParts(mse + aux_coef * penalty, mse, penalty, acts, x_hat_n, fired, kept)
 
 
-def aux_loss(sae: SAE, xn: torch.Tensor, x_hat_n: torch.Tensor, dead: torch.Tensor, aux_k: int) -> torch.Tensor:
+def aux_loss(
+    sae: SAE, xn: torch.Tensor, x_hat_n: torch.Tensor, dead: torch.Tensor, aux_k: int
+) -> torch.Tensor:
     """AuxK (Gao et al. 2024): the MSE of reconstructing the residual ``xn - x_hat_n (b, d_in)`` from the ``aux_k``
     largest pre-activations of the ``dead (d_sae,)`` latents, ReLU'd.
 
@@ -81,12 +101,23 @@ def aux_loss(sae: SAE, xn: torch.Tensor, x_hat_n: torch.Tensor, dead: torch.Tens
     resid = (xn - x_hat_n).detach()  # (b, d_in)
     dead_idx = dead.nonzero().squeeze(1)  # (n_dead,)
     kk = min(aux_k, len(dead_idx))
-    vals, sub, _ = TopKEncode.apply(xn - sae.b_dec, sae.W_enc[:, dead_idx], sae.b_enc[dead_idx], kk)  # (b, kk)
-    return ((decode_topk(vals, dead_idx[sub], sae.W_dec, torch.zeros_like(sae.b_dec)) - resid) ** 2).mean()
+    vals, sub, _ = TopKEncode.apply(
+        xn - sae.b_dec, sae.W_enc[:, dead_idx], sae.b_enc[dead_idx], kk
+    )  # (b, kk)
+    return (
+        (decode_topk(vals, dead_idx[sub], sae.W_dec, torch.zeros_like(sae.b_dec)) - resid) ** 2
+    ).mean()
 
 
-def train_step(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, tracker: TrainTracker, cfg: TrainConfig,
-               aux_k: int, l1: float | None = None) -> LossParts:  # fmt: skip
+def train_step(
+    sae: SAE,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    tracker: TrainTracker,
+    cfg: TrainConfig,
+    aux_k: int,
+    l1: float | None = None,
+) -> LossParts:
     """One optimizer step on raw activations ``x (b, d_in)`` (already on the SAE's device); updates ``tracker``.
     ``l1`` is this step's L1 coefficient (default ``cfg.l1``: no warm-up)."""
     dead = tracker.dead_mask() if sae.cfg.arch != "relu-l1" else None

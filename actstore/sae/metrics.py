@@ -23,7 +23,9 @@ from actstore.sae.model import SAE
 
 
 @torch.no_grad()
-def evaluate(sae: SAE, x: torch.Tensor, batch_size: int = 4096, dense_threshold: float = 0.1) -> dict[str, Any]:
+def evaluate(
+    sae: SAE, x: torch.Tensor, batch_size: int = 4096, dense_threshold: float = 0.1
+) -> dict[str, Any]:
     """Metrics of ``sae`` (inference mode) on raw activations ``x (n, d_in)``."""
     n = x.shape[0]
     if n == 0:
@@ -54,7 +56,11 @@ def evaluate(sae: SAE, x: torch.Tensor, batch_size: int = 4096, dense_threshold:
     }
     if n_src > 1:  # a crosscoder: how well it reconstructs each model (source) on its own
         out_["sources"] = [
-            {"source": lab, "fvu": float(e / v) if v > 0 else float("nan"), "mse": float(e) / (n * sae.cfg.d_in)}
+            {
+                "source": lab,
+                "fvu": float(e / v) if v > 0 else float("nan"),
+                "mse": float(e) / (n * sae.cfg.d_in),
+            }
             for lab, e, v in zip(sae.cfg.source_labels(), sse.tolist(), var.tolist(), strict=True)
         ]
     return out_
@@ -71,7 +77,9 @@ class TrainTracker:
     dead_window: int
     dense_threshold: float = 0.1
     tokens_seen: int = 0
-    last_fired: torch.Tensor = field(init=False)  # (d_sae,) int64 tokens_seen after the batch it last fired in
+    last_fired: torch.Tensor = field(
+        init=False
+    )  # (d_sae,) int64 tokens_seen after the batch it last fired in
     fires: torch.Tensor = field(init=False)  # (d_sae,) fires in the current interval
     sums: torch.Tensor = field(init=False)  # (4,) float64 interval: sse_raw, var_raw, l0, tokens
 
@@ -81,7 +89,11 @@ class TrainTracker:
         self.sums = torch.zeros(4, dtype=torch.float64)
 
     def to(self, device: torch.device | str) -> TrainTracker:
-        self.last_fired, self.fires, self.sums = self.last_fired.to(device), self.fires.to(device), self.sums.to(device)
+        self.last_fired, self.fires, self.sums = (
+            self.last_fired.to(device),
+            self.fires.to(device),
+            self.sums.to(device),
+        )
         return self
 
     def dead_mask(self) -> torch.Tensor:
@@ -99,7 +111,14 @@ class TrainTracker:
         xd = x.double()
         sse = ((x_hat.double() - xd) ** 2).sum()
         var = ((xd - xd.mean(0)) ** 2).sum()
-        self.sums += torch.stack([sse, var, fired.sum().double(), torch.tensor(float(b), dtype=torch.float64, device=x.device)])
+        self.sums += torch.stack(
+            [
+                sse,
+                var,
+                fired.sum().double(),
+                torch.tensor(float(b), dtype=torch.float64, device=x.device),
+            ]
+        )
 
     def interval(self, d_in: int) -> dict[str, Any]:
         """Metrics over the batches since the last call; starts a new interval."""
@@ -134,8 +153,14 @@ class TrainTracker:
         self.tokens_seen = int(t["track.tokens_seen"])
 
 
-def task_accuracy(store: Any, sae: SAE, samples: Any, device: str = "cpu", max_samples: int = 256,
-                  batch_size: int = 16) -> dict[str, Any] | None:  # fmt: skip
+def task_accuracy(
+    store: Any,
+    sae: SAE,
+    samples: Any,
+    device: str = "cpu",
+    max_samples: int = 256,
+    batch_size: int = 16,
+) -> dict[str, Any] | None:
     """Classification accuracy of the store's model on ``samples`` with and without the SAE spliced in.
 
     Only for a model saved with a sequence-classification head (e.g. by ``actstore
@@ -157,8 +182,11 @@ def task_accuracy(store: Any, sae: SAE, samples: Any, device: str = "cpu", max_s
     label2id = {str(k): int(v) for k, v in (model.config.label2id or {}).items()}
     df = store.samples(c.tokenization)
     df = df.filter(df["sample"].is_in(list(map(int, samples))))
-    rows = [(t, label2id[str(lab)]) for t, lab in zip(df["text"].to_list(), df["label"].to_list(), strict=True)
-            if str(lab) in label2id][:max_samples]  # fmt: skip
+    rows = [
+        (t, label2id[str(lab)])
+        for t, lab in zip(df["text"].to_list(), df["label"].to_list(), strict=True)
+        if str(lab) in label2id
+    ][:max_samples]
     if not rows:
         return None
     max_len = int(store.tokenization(c.tokenization).attrs.max_length or 512)
@@ -170,11 +198,18 @@ def task_accuracy(store: Any, sae: SAE, samples: Any, device: str = "cpu", max_s
 
     def predict(splice_sae: bool) -> list[int]:
         preds: list[int] = []
-        site = splice(model, n_layers, int(c.layer), recon) if splice_sae else contextlib.nullcontext()
+        site = (
+            splice(model, n_layers, int(c.layer), recon) if splice_sae else contextlib.nullcontext()
+        )
         with site, torch.no_grad():
             for a in range(0, len(rows), batch_size):
-                enc = tok([t for t, _ in rows[a : a + batch_size]], truncation=True, max_length=max_len, padding=True,
-                          return_tensors="pt").to(device)  # fmt: skip
+                enc = tok(
+                    [t for t, _ in rows[a : a + batch_size]],
+                    truncation=True,
+                    max_length=max_len,
+                    padding=True,
+                    return_tensors="pt",
+                ).to(device)
                 preds += model(**enc).logits.argmax(-1).tolist()
         return preds
 
@@ -218,20 +253,32 @@ RISE_TOLERANCE = 0.01
 
 def rising_fvu(fvus: list[float]) -> bool:
     """Whether the last two held-out FVU points each rose over the one before, by :data:`RISE_TOLERANCE` in all."""
-    return len(fvus) >= 3 and fvus[-3] < fvus[-2] < fvus[-1] and fvus[-1] > fvus[-3] * (1 + RISE_TOLERANCE)
+    return (
+        len(fvus) >= 3
+        and fvus[-3] < fvus[-2] < fvus[-1]
+        and fvus[-1] > fvus[-3] * (1 + RISE_TOLERANCE)
+    )
 
 
 def curve_after(history: list[dict[str, Any]], step: float) -> list[float]:
     """The held-out FVUs of the training curve's points (``history`` entries with a ``curve``) after ``step``."""
-    return [float(e["curve"]["fvu"]) for e in history if "curve" in e and "fvu" in e["curve"] and e["step"] > step]
+    return [
+        float(e["curve"]["fvu"])
+        for e in history
+        if "curve" in e and "fvu" in e["curve"] and e["step"] > step
+    ]
 
 
 def rising_fvu_cause(cfg: Any, lr: float, fvus: list[float], tokens: int) -> str:
     """The warning for a run whose held-out FVU rises (:func:`rising_fvu`), naming the likely cause."""
     path = " -> ".join(f"{v:.3f}" for v in fvus[-3:])
     if cfg.optimizer == "signum":
-        why = (f"signum's learning rate ({lr:.3g}) is likely too high for a run this long: pass --optimizer adam, or "
-               "a smaller --lr")  # fmt: skip
+        why = (
+            f"signum's learning rate ({lr:.3g}) is likely too high for a run this long: pass --optimizer adam, or "
+            "a smaller --lr"
+        )
     else:
         why = f"the learning rate ({lr:.3g}) is likely too high: pass a smaller --lr"
-    return f"held-out FVU rose at two evaluation points in a row ({path} at {tokens:,} tokens): {why}"
+    return (
+        f"held-out FVU rose at two evaluation points in a row ({path} at {tokens:,} tokens): {why}"
+    )

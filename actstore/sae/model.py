@@ -100,18 +100,29 @@ class SAE(nn.Module):
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        d_in, d_sae = cfg.n_sources * cfg.d_in, cfg.d_sae  # a crosscoder's input: its sources side by side
+        d_in, d_sae = (
+            cfg.n_sources * cfg.d_in,
+            cfg.d_sae,
+        )  # a crosscoder's input: its sources side by side
         w = torch.randn(d_sae, d_in)
         w = w / w.norm(dim=1, keepdim=True)
-        if cfg.arch == "relu-l1" and not cfg.is_crosscoder:  # (a crosscoder keeps unit rows: not measured for it)
-            w = w * RELU_DECODER_INIT_NORM  # rows of norm 0.1, the encoder their transpose (SAELens's standard SAE)
+        if (
+            cfg.arch == "relu-l1" and not cfg.is_crosscoder
+        ):  # (a crosscoder keeps unit rows: not measured for it)
+            w = (
+                w * RELU_DECODER_INIT_NORM
+            )  # rows of norm 0.1, the encoder their transpose (SAELens's standard SAE)
         enc_scale = self._encoder_scale(TOPK_ENCODER_INIT)
-        self.W_dec = nn.Parameter(w.clone())  # (d_sae, d_in): unit rows (topk, batchtopk) or RELU_DECODER_INIT_NORM
+        self.W_dec = nn.Parameter(
+            w.clone()
+        )  # (d_sae, d_in): unit rows (topk, batchtopk) or RELU_DECODER_INIT_NORM
         self.W_enc = nn.Parameter(w.t() * enc_scale)  # (d_in, d_sae) = W_dec^T, scaled
         self.b_enc = nn.Parameter(torch.zeros(d_sae))  # (d_sae,)
         self.b_dec = nn.Parameter(torch.zeros(d_in))  # (d_in,), in normalised space
         # batchtopk: one inference threshold (); jumprelu: one per feature (d_sae,)
-        self.register_buffer("threshold", torch.zeros(d_sae) if cfg.arch == "jumprelu" else torch.tensor(0.0))
+        self.register_buffer(
+            "threshold", torch.zeros(d_sae) if cfg.arch == "jumprelu" else torch.tensor(0.0)
+        )
         # the input scale: () for an SAE, (n_sources * d_in,) for a crosscoder (each source's columns its own scale)
         if cfg.is_crosscoder:
             scale = torch.tensor(cfg.norm_scales, dtype=torch.float32).repeat_interleave(cfg.d_in)
@@ -131,7 +142,9 @@ class SAE(nn.Module):
         m = min(len(rows_n), self.cfg.d_sae)
         centred = rows_n[:m].to(self.W_dec) - self.b_dec  # (m, d_input)
         norms = centred.norm(dim=1, keepdim=True)
-        ok = (norms[:, 0] > 1e-6).nonzero().squeeze(1)  # a row equal to the mean has no direction: keep it random
+        ok = (
+            (norms[:, 0] > 1e-6).nonzero().squeeze(1)
+        )  # a row equal to the mean has no direction: keep it random
         keep = self.W_dec[:m].norm(dim=1, keepdim=True)  # (m, 1)
         self.W_dec[ok] = centred[ok] / norms[ok] * keep[ok]
         self.W_enc.copy_(self.W_dec.t() * self._encoder_scale(DATA_INIT_ENCODER))
@@ -168,7 +181,9 @@ class SAE(nn.Module):
             return torch.addmm(self.b_enc, xc, self.W_enc)
         return xc @ self.W_enc + self.b_enc
 
-    def _norm_in(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    def _norm_in(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """``(x normalised per token, (shift, scale) to undo it)`` for ``cfg.input_norm`` (as SAELens computes it)."""
         how = self.cfg.input_norm
         if how == "none":
@@ -187,7 +202,10 @@ class SAE(nn.Module):
         keeps pre-activations above the learned threshold (per-token top-k if
         no threshold was learned).
         """
-        arch, k = self.cfg.arch, int(self.cfg.k or 0)  # topk, batchtopk: checked positive by SAEConfig
+        arch, k = (
+            self.cfg.arch,
+            int(self.cfg.k or 0),
+        )  # topk, batchtopk: checked positive by SAEConfig
         if arch == "relu-l1":
             return torch.relu(pre)
         if arch == "jumprelu":
@@ -218,7 +236,9 @@ class SAE(nn.Module):
         return self.decode_normalised(acts) / self.scale
 
     def forward(self, x: torch.Tensor, train: bool = False) -> SAEOutput:
-        x_normed, undo = self._norm_in(x.to(self.W_enc.dtype))  # normalised once: pre-activations and the undo
+        x_normed, undo = self._norm_in(
+            x.to(self.W_enc.dtype)
+        )  # normalised once: pre-activations and the undo
         pre = self._pre_from(x_normed)
         acts = self.activate(pre, train=train)
         x_hat = self.decode(acts)
@@ -283,27 +303,44 @@ class SAE(nn.Module):
         sae = cls(cfg)
         try:
             tensors = st_load(weights)
-        except Exception as exc:  # safetensors raises its own SafetensorError on truncated or garbled files
+        except (
+            Exception
+        ) as exc:  # safetensors raises its own SafetensorError on truncated or garbled files
             raise IntegrityError(
                 f"{where}: sae.safetensors does not load ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
                 "the file is damaged: re-train the SAE or re-copy the store"
             ) from None
-        expect = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,), "W_dec": (cfg.d_sae, cfg.d_in), "b_dec": (cfg.d_in,)}
+        expect = {
+            "W_enc": (cfg.d_in, cfg.d_sae),
+            "b_enc": (cfg.d_sae,),
+            "W_dec": (cfg.d_sae, cfg.d_in),
+            "b_dec": (cfg.d_in,),
+        }
         if cfg.is_crosscoder:
             m = cfg.n_sources
-            expect |= {"W_enc": (m, cfg.d_in, cfg.d_sae), "W_dec": (cfg.d_sae, m, cfg.d_in), "b_dec": (m, cfg.d_in)}
+            expect |= {
+                "W_enc": (m, cfg.d_in, cfg.d_sae),
+                "W_dec": (cfg.d_sae, m, cfg.d_in),
+                "b_dec": (m, cfg.d_in),
+            }
         for name, shape in expect.items():
             if name not in tensors or tuple(tensors[name].shape) != shape:
                 got = tuple(tensors[name].shape) if name in tensors else "missing"
-                raise ConfigError(f"SAE weights {name} should have shape {shape} for cfg.json, got {got}")
+                raise ConfigError(
+                    f"SAE weights {name} should have shape {shape} for cfg.json, got {got}"
+                )
         if cfg.is_crosscoder:  # the module holds them flat: sources side by side
             tensors["W_enc"] = tensors["W_enc"].reshape(sae.d_input, cfg.d_sae)
             tensors["W_dec"] = tensors["W_dec"].reshape(cfg.d_sae, sae.d_input)
             tensors["b_dec"] = tensors["b_dec"].reshape(sae.d_input)
-        tensors.setdefault("threshold", torch.zeros(cfg.d_sae) if cfg.arch == "jumprelu" else torch.tensor(0.0))
+        tensors.setdefault(
+            "threshold", torch.zeros(cfg.d_sae) if cfg.arch == "jumprelu" else torch.tensor(0.0)
+        )
         if tuple(tensors["threshold"].shape) != tuple(sae.threshold.shape):
-            raise ConfigError(f"SAE weights threshold should have shape {tuple(sae.threshold.shape)} for cfg.json, "
-                              f"got {tuple(tensors['threshold'].shape)}")  # fmt: skip
+            raise ConfigError(
+                f"SAE weights threshold should have shape {tuple(sae.threshold.shape)} for cfg.json, "
+                f"got {tuple(tensors['threshold'].shape)}"
+            )
         sae.load_state_dict(tensors)
         return sae.eval()
 
@@ -315,7 +352,9 @@ class SAE(nn.Module):
         activations are unchanged.
         """
         if self.cfg.is_crosscoder:
-            raise ConfigError(f"{self.cfg.name or 'this SAE'} is a crosscoder: it exports as an actstore folder only")
+            raise ConfigError(
+                f"{self.cfg.name or 'this SAE'} is a crosscoder: it exports as an actstore folder only"
+            )
         s = float(self.cfg.norm_scale)
         t = self.state_tensors()
         return {
@@ -343,22 +382,31 @@ def check_fits(store: Store, cfg: SAEConfig, name: str) -> Any:
     the layer's width equal to the SAE's ``d_in``, and the tokenization it was trained on.
     """
     if cfg.model is None or cfg.layer is None:
-        raise ConfigError(f"SAE {name!r} has no model/layer in its cfg.json: it cannot be matched to the store's rows")
+        raise ConfigError(
+            f"SAE {name!r} has no model/layer in its cfg.json: it cannot be matched to the store's rows"
+        )
     if cfg.is_crosscoder:
         from actstore.store.aligned import stacked_activations
         from actstore.store.config import Source
 
-        stacked = stacked_activations(store, [Source(m, int(v)) for m, v in zip(cfg.models or [], cfg.layers or [], strict=True)])
+        stacked = stacked_activations(
+            store,
+            [Source(m, int(v)) for m, v in zip(cfg.models or [], cfg.layers or [], strict=True)],
+        )
         check_d_in(cfg, stacked.d_source, f"{', '.join(cfg.source_labels())} of {store.url}", name)
         if cfg.tokenization and stacked.tokenization and cfg.tokenization != stacked.tokenization:
-            raise ConfigError(f"crosscoder {name!r} was trained on tokenization {cfg.tokenization}, but its models use "
-                              f"{stacked.tokenization}")  # fmt: skip
+            raise ConfigError(
+                f"crosscoder {name!r} was trained on tokenization {cfg.tokenization}, but its models use "
+                f"{stacked.tokenization}"
+            )
         return stacked
     acts = store.activations(cfg.model, cfg.layer)
     check_d_in(cfg, acts.d_model, f"{cfg.model} layer {cfg.layer} of {store.url}", name)
     tk = store.model_info(cfg.model).tokenization
     if cfg.tokenization and tk and cfg.tokenization != tk:
-        raise ConfigError(f"SAE {name!r} was trained on tokenization {cfg.tokenization}, but {cfg.model} uses {tk}")
+        raise ConfigError(
+            f"SAE {name!r} was trained on tokenization {cfg.tokenization}, but {cfg.model} uses {tk}"
+        )
     return acts
 
 

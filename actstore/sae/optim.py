@@ -26,21 +26,34 @@ import torch
 class ScheduleFreeSignSGD(torch.optim.Optimizer):
     """Sign descent with Schedule-Free averaging (see the module docstring); parameters hold ``y`` while training."""
 
-    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float, momentum: float = 0.95,
-                 weight_lr_power: float = 2.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        params: Iterable[torch.nn.Parameter],
+        lr: float,
+        momentum: float = 0.95,
+        weight_lr_power: float = 2.0,
+    ) -> None:
         if lr <= 0 or not 0 < momentum < 1:
             raise ValueError(f"need lr > 0 and 0 < momentum < 1, got lr {lr}, momentum {momentum}")
-        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_lr_power": weight_lr_power})
+        super().__init__(
+            params, {"lr": lr, "momentum": momentum, "weight_lr_power": weight_lr_power}
+        )
 
     @torch.no_grad()
     def step(self, closure: None = None) -> None:  # type: ignore[override]
         for group in self.param_groups:
-            lr, beta, power = float(group["lr"]), float(group["momentum"]), float(group["weight_lr_power"])
+            lr, beta, power = (
+                float(group["lr"]),
+                float(group["momentum"]),
+                float(group["weight_lr_power"]),
+            )
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 st = self.state[p]
-                if not st:  # every scalar a tensor in each parameter's state, so checkpoints hold it all
+                if (
+                    not st
+                ):  # every scalar a tensor in each parameter's state, so checkpoints hold it all
                     st["z"] = p.detach().clone()
                     # the parameter's dtype: torch's load_state_dict casts float state to it on resume
                     st["weight_sum"] = torch.zeros((), dtype=p.dtype, device=p.device)
@@ -85,7 +98,9 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
                     p.copy_(y)
 
 
-def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+def make_optimizer(
+    name: str, params: Iterable[torch.nn.Parameter], lr: float
+) -> torch.optim.Optimizer:
     """The optimizer ``name`` (``signum`` or ``adam``, :data:`actstore.sae.config.OPTIMIZERS`) over ``params``."""
     if name == "signum":
         return ScheduleFreeSignSGD(params, lr=lr)

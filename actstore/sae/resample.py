@@ -35,8 +35,14 @@ def resample_steps(n: int, total_steps: int) -> set[int]:
 
 
 @torch.no_grad()
-def resample_latents(sae: SAE, opt: torch.optim.Optimizer, xn: torch.Tensor, x_hat_n: torch.Tensor, silent: torch.Tensor,
-                     seed: int) -> int:  # fmt: skip
+def resample_latents(
+    sae: SAE,
+    opt: torch.optim.Optimizer,
+    xn: torch.Tensor,
+    x_hat_n: torch.Tensor,
+    silent: torch.Tensor,
+    seed: int,
+) -> int:
     """Re-initialise the ``silent (d_sae,)`` bool-masked latents of ``sae`` toward the residuals of the batch ``xn (b,
     d_in)`` (normalised space) and its reconstruction ``x_hat_n``, and clear their optimizer state; returns how many."""
     idx = silent.nonzero().squeeze(1)  # (n_silent,)
@@ -47,13 +53,21 @@ def resample_latents(sae: SAE, opt: torch.optim.Optimizer, xn: torch.Tensor, x_h
     if float(err.sum()) <= 0:
         return 0
     gen = torch.Generator().manual_seed(int(seed))
-    pick = torch.multinomial(err, len(idx), replacement=len(idx) > int((err > 0).sum()), generator=gen)  # (n_silent,)
+    pick = torch.multinomial(
+        err, len(idx), replacement=len(idx) > int((err > 0).sum()), generator=gen
+    )  # (n_silent,)
     dirs = resid[pick.to(resid.device)]
     dirs = dirs / dirs.norm(dim=1, keepdim=True).clamp_min(1e-12)  # (n_silent, d_in) unit
     live = ~silent
-    enc_norm = float(sae.W_enc[:, live].norm(dim=0).mean()) if bool(live.any()) else float(sae.W_enc.norm(dim=0).mean())
+    enc_norm = (
+        float(sae.W_enc[:, live].norm(dim=0).mean())
+        if bool(live.any())
+        else float(sae.W_enc.norm(dim=0).mean())
+    )
     dec_norm = sae.W_dec[idx].norm(dim=1, keepdim=True)  # (n_silent, 1)
-    if sae.cfg.arch == "relu-l1" and bool(live.any()):  # a relu latent's decoder norm weighs its L1: the live ones' mean
+    if sae.cfg.arch == "relu-l1" and bool(
+        live.any()
+    ):  # a relu latent's decoder norm weighs its L1: the live ones' mean
         dec_norm = sae.W_dec[live].norm(dim=1).mean().expand(len(idx), 1)
     sae.W_dec[idx] = dirs * dec_norm
     sae.W_enc[:, idx] = dirs.t() * enc_norm
@@ -69,7 +83,9 @@ def _reset_state(sae: SAE, opt: torch.optim.Optimizer, idx: torch.Tensor) -> Non
         st = opt.state.get(p)
         if not st:
             continue
-        sel = (slice(None), idx) if p is sae.W_enc else (idx,)  # W_enc (d_in, d_sae): latents are columns
+        sel = (
+            (slice(None), idx) if p is sae.W_enc else (idx,)
+        )  # W_enc (d_in, d_sae): latents are columns
         if isinstance(opt, ScheduleFreeSignSGD):
             st["z"][sel] = p[sel]
         for key in ("exp_avg", "exp_avg_sq"):

@@ -33,7 +33,9 @@ class InputStats(NamedTuple):
     """(<= n_sample, d_model) float32 random training rows (none twice), in random order (``--init data``)."""
 
 
-def estimate_stats(stream: ShuffledStream, seed: int, n_sources: int = 1, max_chunks: int = 16, n_sample: int = 0) -> InputStats:
+def estimate_stats(
+    stream: ShuffledStream, seed: int, n_sources: int = 1, max_chunks: int = 16, n_sample: int = 0
+) -> InputStats:
     """:class:`InputStats` of the training rows of up to ``max_chunks`` random chunks (more chunks are read, up to
     every chunk, while fewer than ``n_sample`` rows have been seen)."""
     rng = np.random.default_rng([seed, 3])
@@ -56,14 +58,22 @@ def estimate_stats(stream: ShuffledStream, seed: int, n_sources: int = 1, max_ch
 
 
 # ---------------------------------------------------------------- checkpoints
-def writable_store(store: Store | str, storage_options: dict[str, Any] | None, writable: bool) -> Store:
+def writable_store(
+    store: Store | str, storage_options: dict[str, Any] | None, writable: bool
+) -> Store:
     """``store`` opened to save SAEs into; StoreError when it is read-only (a URL without ``writable``)."""
-    if isinstance(store, str):  # a path: local stores are writable by a writing command, URLs with writable only
-        st = open_store(store, storage_options=storage_options, writable=write_access(store, writable))
+    if isinstance(
+        store, str
+    ):  # a path: local stores are writable by a writing command, URLs with writable only
+        st = open_store(
+            store, storage_options=storage_options, writable=write_access(store, writable)
+        )
     else:
         st = store
     if st.loc.read_only:
-        raise StoreError(f"store {st.url} is open read-only: pass --writable (open_store(url, writable=True)) to save an SAE")
+        raise StoreError(
+            f"store {st.url} is open read-only: pass --writable (open_store(url, writable=True)) to save an SAE"
+        )
     return st
 
 
@@ -78,25 +88,41 @@ def training_rows(st: Store, cfg: TrainConfig) -> tuple[Any, int]:
         acts = stacked_activations(st, sources)
         d_in = acts.d_source
     if len(acts) == 0:
-        raise NotFoundError(f"layer {cfg.layer} of model {cfg.model!r} in {st.url} has no committed rows yet: finish extract")
+        raise NotFoundError(
+            f"layer {cfg.layer} of model {cfg.model!r} in {st.url} has no committed rows yet: finish extract"
+        )
     if not acts.complete:
         warnings.warn(
             f"{cfg.model} layer {cfg.layer} in {st.url} is only partly extracted ({len(acts)} of "
             f"{acts.n_total} rows committed): training on the committed rows; finish the extract for the rest",
-            PartialLayerWarning, stacklevel=4,
-        )  # fmt: skip
+            PartialLayerWarning,
+            stacklevel=4,
+        )
     return acts, d_in
 
 
 def held_out_rows(acts: Any, split: RowSplit) -> torch.Tensor:
     """The held-out rows ``(n_eval, d_model)`` float32 (read once; runs trained together share them)."""
-    return torch.from_numpy(acts.take(split.eval_rows)) if len(split.eval_rows) else torch.zeros(0, acts.d_model)
+    return (
+        torch.from_numpy(acts.take(split.eval_rows))
+        if len(split.eval_rows)
+        else torch.zeros(0, acts.d_model)
+    )
 
 
-def open_stream(acts: Any, tok: Any, cfg: TrainConfig, device: torch.device) -> tuple[RowSplit, ShuffledStream]:
+def open_stream(
+    acts: Any, tok: Any, cfg: TrainConfig, device: torch.device
+) -> tuple[RowSplit, ShuffledStream]:
     """The held-out split and the shuffled stream of training rows a run (or runs trained together) reads."""
     split = split_rows(tok, len(acts), cfg.eval_fraction, cfg.max_eval_tokens, cfg.stream_seed())
     buffer_rows = max(1, cfg.buffer_mb * 2**20 // (4 * acts.d_model))
-    stream = ShuffledStream(acts, split.train_mask, cfg.batch_size, buffer_rows, seed=cfg.stream_seed(),
-                            workers=cfg.workers, pin_memory=device.type == "cuda")  # fmt: skip
+    stream = ShuffledStream(
+        acts,
+        split.train_mask,
+        cfg.batch_size,
+        buffer_rows,
+        seed=cfg.stream_seed(),
+        workers=cfg.workers,
+        pin_memory=device.type == "cuda",
+    )
     return split, stream

@@ -50,7 +50,11 @@ class RowSplit:
 
 
 def split_rows(
-    tok: Tokenization, n_rows: int, eval_fraction: float = 0.05, max_eval_tokens: int = 20_000, seed: int = 0
+    tok: Tokenization,
+    n_rows: int,
+    eval_fraction: float = 0.05,
+    max_eval_tokens: int = 20_000,
+    seed: int = 0,
 ) -> RowSplit:
     """Hold out random whole samples: up to ``eval_fraction`` of the rows, at most ``max_eval_tokens``.
 
@@ -62,7 +66,12 @@ def split_rows(
 
 
 def split_sample_rows(
-    first: np.ndarray, n_tok: np.ndarray, n_rows: int, eval_fraction: float, max_eval_tokens: int, seed: int
+    first: np.ndarray,
+    n_tok: np.ndarray,
+    n_rows: int,
+    eval_fraction: float,
+    max_eval_tokens: int,
+    seed: int,
 ) -> RowSplit:
     """:func:`split_rows` from the samples' ``first_row`` and ``n_tokens`` arrays."""
     # samples are contiguous runs of rows covering the token index; a sample reaching past the
@@ -124,7 +133,9 @@ class ShuffledStream:
         self.chunks = [(a, b) for a, b in bounds if train_mask[a:b].any()]
         self.n_train = int(train_mask.sum())
         if self.n_train == 0:
-            raise StoreError("no training rows: the layer has no committed rows outside the held-out samples")
+            raise StoreError(
+                "no training rows: the layer has no committed rows outside the held-out samples"
+            )
 
     @property
     def batches_per_epoch(self) -> int:
@@ -159,7 +170,9 @@ class _Epoch:
     ("going live"), so a resumed epoch yields exactly the batches an uninterrupted one would.
     """
 
-    def __init__(self, stream: ShuffledStream, epoch: int, skip: int, stop: threading.Event) -> None:
+    def __init__(
+        self, stream: ShuffledStream, epoch: int, skip: int, stop: threading.Event
+    ) -> None:
         self.s, self.skip, self.stop = stream, skip, stop
         self.rng = np.random.default_rng([stream.seed, epoch, 11])
         self.order = [stream.chunks[i] for i in self.rng.permutation(len(stream.chunks))]
@@ -186,7 +199,9 @@ class _Epoch:
                 self.idx[self.n : self.n + m] = rows
                 if self.live:
                     self._read_from(pos + 1)
-                    self._values()[self.n : self.n + m] = self.futures.pop(pos).result()  # (m, d_model)
+                    self._values()[self.n : self.n + m] = self.futures.pop(
+                        pos
+                    ).result()  # (m, d_model)
                 self.n += m
                 if self.n >= self.s.buffer_rows:
                     yield from self._flush(False, pos + 1)

@@ -56,7 +56,9 @@ def name_runs(st: Any, configs: list[TrainConfig]) -> list[TrainConfig]:
     base_names = []
     for c in configs:
         d_in = st.activations(c.model, c.layer).d_model if c.sources() is None else None
-        base_names.append(c.default_name(int(c.resolve(d_in).d_sae or 0)) if d_in is not None else None)
+        base_names.append(
+            c.default_name(int(c.resolve(d_in).d_sae or 0)) if d_in is not None else None
+        )
     out = []
     for c, base in zip(configs, base_names, strict=True):
         if c.name or base is None:
@@ -64,12 +66,16 @@ def name_runs(st: Any, configs: list[TrainConfig]) -> list[TrainConfig]:
             continue
         same = [o for o, b in zip(configs, base_names, strict=True) if b == base and not o.name]
         varying = [f for f in SWEPT if len({repr(getattr(o, f)) for o in same}) > 1]
-        extra = "".join(f"-{SWEPT[f]}{_short(getattr(c, f))}" for f in varying if getattr(c, f) is not None)
+        extra = "".join(
+            f"-{SWEPT[f]}{_short(getattr(c, f))}" for f in varying if getattr(c, f) is not None
+        )
         out.append(dataclasses.replace(c, name=base + extra))
     names = [c.name for c in out if c.name]
     if len(set(names)) < len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
-        raise ConfigError(f"this sweep would train {', '.join(dup)} more than once: vary what the names tell apart")
+        raise ConfigError(
+            f"this sweep would train {', '.join(dup)} more than once: vary what the names tell apart"
+        )
     return out
 
 
@@ -77,7 +83,9 @@ def _short(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def _summary(name: str, tc: TrainConfig, d_sae: int, metrics: dict[str, Any], skipped: bool) -> dict[str, Any]:
+def _summary(
+    name: str, tc: TrainConfig, d_sae: int, metrics: dict[str, Any], skipped: bool
+) -> dict[str, Any]:
     """A :class:`SweepRun`'s fields from an SAE's metrics (those ``train_sae`` returns, as saved in metrics.json)."""
     from actstore.sae.files import number, whole
 
@@ -88,13 +96,23 @@ def _summary(name: str, tc: TrainConfig, d_sae: int, metrics: dict[str, Any], sk
         return default if x is None else x
 
     steps = whole(metrics.get("steps"))
-    return {"name": name, "model": tc.model, "layer": tc.layer, "d_sae": d_sae, "fvu": num(ev.get("fvu")),
-            "l0": num(ev.get("l0")), "dead_fraction": num(ev.get("dead_fraction")), "steps": 0 if steps is None else steps,
-            "seconds": 0.0 if skipped else num(metrics.get("seconds"), 0.0), "skipped": skipped}  # fmt: skip
+    return {
+        "name": name,
+        "model": tc.model,
+        "layer": tc.layer,
+        "d_sae": d_sae,
+        "fvu": num(ev.get("fvu")),
+        "l0": num(ev.get("l0")),
+        "dead_fraction": num(ev.get("dead_fraction")),
+        "steps": 0 if steps is None else steps,
+        "seconds": 0.0 if skipped else num(metrics.get("seconds"), 0.0),
+        "skipped": skipped,
+    }
 
 
-def train_group(store: str, cfgs: list[dict[str, Any]], storage_options: dict[str, Any] | None,
-                writable: bool) -> list[dict[str, Any]]:  # fmt: skip
+def train_group(
+    store: str, cfgs: list[dict[str, Any]], storage_options: dict[str, Any] | None, writable: bool
+) -> list[dict[str, Any]]:
     """One stream group of a sweep (in this process or in a Ray worker): the runs not yet finished trained together
     from one pass (:mod:`actstore.sae.group`), finished ones skipped; a summary per config, in order."""
     from actstore.sae.files import read_metrics, sae_names
@@ -116,10 +134,17 @@ def train_group(store: str, cfgs: list[dict[str, Any]], storage_options: dict[st
             todo.append(i)
     if len(todo) == 1:
         res = train_sae(st, tcs[todo[0]], progress=False)
-        out[todo[0]] = _summary(res.name, tcs[todo[0]], res.sae.cfg.d_sae, res.metrics, skipped=False)
+        out[todo[0]] = _summary(
+            res.name, tcs[todo[0]], res.sae.cfg.d_sae, res.metrics, skipped=False
+        )
     elif todo:
-        for i, res in zip(todo, train_together(st, [tcs[i] for i in todo], progress=False), strict=True):
-            out[i] = {**_summary(res.name, tcs[i], res.sae.cfg.d_sae, res.metrics, skipped=False), "one_pass": len(todo)}
+        for i, res in zip(
+            todo, train_together(st, [tcs[i] for i in todo], progress=False), strict=True
+        ):
+            out[i] = {
+                **_summary(res.name, tcs[i], res.sae.cfg.d_sae, res.metrics, skipped=False),
+                "one_pass": len(todo),
+            }
     return [o for o in out if o is not None]
 
 
@@ -132,8 +157,10 @@ def check_same_training(st: Any, tc: TrainConfig, name: str) -> None:
     d_in = st.activations(tc.model, tc.layer).d_model
     diff = training_differences(saved.training, tc, saved.d_sae, saved.k, d_in)
     if diff:
-        raise ConfigError(f"SAE {name!r} in {st.url} was trained with other options (differs in: {', '.join(diff)}): pass "
-                          "--overwrite to retrain it with these, or sweep with its options to keep it")  # fmt: skip
+        raise ConfigError(
+            f"SAE {name!r} in {st.url} was trained with other options (differs in: {', '.join(diff)}): pass "
+            "--overwrite to retrain it with these, or sweep with its options to keep it"
+        )
 
 
 def _finished(st: Any, tc: TrainConfig, have: set[str]) -> tuple[str, int, bool]:
@@ -147,9 +174,15 @@ def _finished(st: Any, tc: TrainConfig, have: set[str]) -> tuple[str, int, bool]
     return name, d_sae, finished
 
 
-def run_sweep(store: str, configs: list[TrainConfig], ray_address: str | None = None,
-              storage_options: dict[str, Any] | None = None, writable: bool = False, progress: bool = True,
-              log: Callable[[str], Any] = print) -> list[SweepRun]:  # fmt: skip
+def run_sweep(
+    store: str,
+    configs: list[TrainConfig],
+    ray_address: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    writable: bool = False,
+    progress: bool = True,
+    log: Callable[[str], Any] = print,
+) -> list[SweepRun]:
     """Train every config; ``ray_address`` None: here, one after another; ``"local"``: a local Ray; else a cluster."""
     from tqdm.auto import tqdm
 
@@ -161,11 +194,15 @@ def run_sweep(store: str, configs: list[TrainConfig], ray_address: str | None = 
     from actstore.sae.files import sae_names
 
     st = open_store(store, storage_options=storage_options)
-    for cfg in configs:  # every run's model and layer exist (NotFoundError naming the first), before any run trains
+    for cfg in (
+        configs
+    ):  # every run's model and layer exist (NotFoundError naming the first), before any run trains
         st.activations(cfg.model, cfg.layer)
     configs = name_runs(st, configs)
     have = set(sae_names(st))
-    for cfg in configs:  # every finished SAE the sweep would skip was trained with its options, checked up front
+    for cfg in (
+        configs
+    ):  # every finished SAE the sweep would skip was trained with its options, checked up front
         _finished(st, cfg, have)
     groups = stream_groups(configs)
     bar = tqdm(total=len(configs), desc="sweep", unit="run", disable=not progress)
@@ -173,7 +210,9 @@ def run_sweep(store: str, configs: list[TrainConfig], ray_address: str | None = 
     try:
         if ray_address is None:
             for group in groups:
-                for summary in train_group(store, [c.to_dict() for c in group], storage_options, writable):
+                for summary in train_group(
+                    store, [c.to_dict() for c in group], storage_options, writable
+                ):
                     out.append(SweepRun(**summary))
                     _report(out[-1], log)
                     bar.update()
@@ -189,19 +228,34 @@ def _report(run: SweepRun, log: Callable[[str], Any]) -> None:
     if run.one_pass > 1:
         n = run.one_pass - 1
         what += f", trained with {n} other SAE{'s' if n > 1 else ''} in one pass"
-    log(f"{run.name}: held-out FVU {run.fvu:.4f}, L0 {run.l0:.1f}, dead {run.dead_fraction:.3f} ({what})")
+    log(
+        f"{run.name}: held-out FVU {run.fvu:.4f}, L0 {run.l0:.1f}, dead {run.dead_fraction:.3f} ({what})"
+    )
 
 
-def _run_on_ray(store: str, groups: list[list[TrainConfig]], address: str, storage_options: dict[str, Any] | None,
-                writable: bool, bar: Any, log: Callable[[str], Any]) -> list[SweepRun]:  # fmt: skip
+def _run_on_ray(
+    store: str,
+    groups: list[list[TrainConfig]],
+    address: str,
+    storage_options: dict[str, Any] | None,
+    writable: bool,
+    bar: Any,
+    log: Callable[[str], Any],
+) -> list[SweepRun]:
     """Each stream group (one layer's runs) a Ray task; summaries in the order of the groups' configs."""
     with ray_session(address) as ray:
         task = ray.remote(train_group)
         pending = {}
         for i, group in enumerate(groups):
             opts = actor_resources(ray, group[0].threads)
-            pending[task.options(**opts).remote(store, [c.to_dict() for c in group], storage_options, writable)] = (i, group)
-        out: list[list[SweepRun] | None] = [None] * len(groups)  # in the order of the groups, whatever order they finish in
+            pending[
+                task.options(**opts).remote(
+                    store, [c.to_dict() for c in group], storage_options, writable
+                )
+            ] = (i, group)
+        out: list[list[SweepRun] | None] = [None] * len(
+            groups
+        )  # in the order of the groups, whatever order they finish in
         failed: list[tuple[TrainConfig, BaseException]] = []
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
@@ -211,15 +265,23 @@ def _run_on_ray(store: str, groups: list[list[TrainConfig]], address: str, stora
                     runs = out[i] = [SweepRun(**s) for s in ray.get(ref)]
                     for run in runs:
                         _report(run, log)
-                except ray.exceptions.RayTaskError as exc:  # the group's own error, raised in its worker
+                except (
+                    ray.exceptions.RayTaskError
+                ) as exc:  # the group's own error, raised in its worker
                     cause = exc.cause if isinstance(exc.cause, BaseException) else exc
                     failed.append((group[0], cause))
-                    log(f"{group[0].model} layer {group[0].layer} ({len(group)} SAEs): FAILED: {cause}")
+                    log(
+                        f"{group[0].model} layer {group[0].layer} ({len(group)} SAEs): FAILED: {cause}"
+                    )
                 bar.update(len(group))
         if failed:
             cause = failed[0][1]
             n = sum(len(g) for g in groups)
-            msg = (f"{len(failed)} of {len(groups)} groups of the sweep's {n} runs failed (first: {cause}); the others are "
-                   "saved, and rerunning the same sweep resumes the failed ones from their checkpoints")  # fmt: skip
-            raise (type(cause)(msg) if isinstance(cause, ActstoreError) else ActstoreError(msg)) from cause
+            msg = (
+                f"{len(failed)} of {len(groups)} groups of the sweep's {n} runs failed (first: {cause}); the others are "
+                "saved, and rerunning the same sweep resumes the failed ones from their checkpoints"
+            )
+            raise (
+                type(cause)(msg) if isinstance(cause, ActstoreError) else ActstoreError(msg)
+            ) from cause
         return [r for runs in out if runs is not None for r in runs]

@@ -94,25 +94,47 @@ def run_identity(cfg: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in cfg.to_dict().items() if k not in RUNTIME_FIELDS}
 
 
-def _save_checkpoint(store: Store, name: str, sae: SAE, opt: torch.optim.Optimizer, tracker: TrainTracker,
-                     meta: dict[str, Any]) -> None:  # fmt: skip
-    tensors = {f"sae.{k}": v for k, v in sae.state_tensors().items()} | optimizer_tensors(opt) | tracker.state()
-    store.loc.write_bytes(layout.sae_file(name, CKPT), pack(tensors, {"meta": meta, "sae_cfg": asdict(sae.cfg)}))
+def _save_checkpoint(
+    store: Store,
+    name: str,
+    sae: SAE,
+    opt: torch.optim.Optimizer,
+    tracker: TrainTracker,
+    meta: dict[str, Any],
+) -> None:
+    tensors = (
+        {f"sae.{k}": v for k, v in sae.state_tensors().items()}
+        | optimizer_tensors(opt)
+        | tracker.state()
+    )
+    store.loc.write_bytes(
+        layout.sae_file(name, CKPT), pack(tensors, {"meta": meta, "sae_cfg": asdict(sae.cfg)})
+    )
 
 
-def _read_checkpoint(store: Store, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], SAEConfig]:
+def _read_checkpoint(
+    store: Store, name: str
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], SAEConfig]:
     """The tensors, run state and SAE config of run ``name``'s checkpoint; IntegrityError if it is damaged."""
     try:
         packed = unpack(store.loc.read_bytes(layout.sae_file(name, CKPT)))
         meta, sae_cfg = packed.meta["meta"], packed.meta["sae_cfg"]
-        if not (isinstance(meta, dict) and isinstance(meta.get("config", {}), dict) and isinstance(sae_cfg, dict)):
+        if not (
+            isinstance(meta, dict)
+            and isinstance(meta.get("config", {}), dict)
+            and isinstance(sae_cfg, dict)
+        ):
             raise TypeError("its run state is not JSON objects")
         return packed.tensors, meta, SAEConfig.from_dict(sae_cfg)
     except OSError:
         raise
-    except Exception as exc:  # JSON, safetensors or layout errors of bytes from disk: not a bug, a damaged file
-        raise IntegrityError(f"the checkpoint of unfinished run {name!r} in {store.url} is damaged ({exc}): pass --overwrite "
-                             "to start the run over") from None  # fmt: skip
+    except (
+        Exception
+    ) as exc:  # JSON, safetensors or layout errors of bytes from disk: not a bug, a damaged file
+        raise IntegrityError(
+            f"the checkpoint of unfinished run {name!r} in {store.url} is damaged ({exc}): pass --overwrite "
+            "to start the run over"
+        ) from None
 
 
 # ---------------------------------------------------------------- training
@@ -154,7 +176,9 @@ def _train_sae(
     check_name(name, "SAE")  # one folder under saes/: 'a/b' would make an SAE nothing can find
     device = torch.device(auto_device(cfg.device))
     tok = st.model_tokenization(cfg.model)
-    lock = StoreLock(st.loc, layout.sae_dir(name), f"train {name}").acquire()  # one trainer of an SAE name at a time
+    lock = StoreLock(
+        st.loc, layout.sae_dir(name), f"train {name}"
+    ).acquire()  # one trainer of an SAE name at a time
     try:
         return _train_locked(st, cfg, identity, progress, on_step, acts, name, device, tok)
     finally:
@@ -162,9 +186,16 @@ def _train_sae(
 
 
 def _train_locked(
-    st: Store, cfg: TrainConfig, identity: dict[str, Any], progress: bool,
-    on_step: Callable[[int, dict[str, Any]], None] | None, acts: Any, name: str, device: torch.device, tok: Any,
-) -> TrainResult:  # fmt: skip
+    st: Store,
+    cfg: TrainConfig,
+    identity: dict[str, Any],
+    progress: bool,
+    on_step: Callable[[int, dict[str, Any]], None] | None,
+    acts: Any,
+    name: str,
+    device: torch.device,
+    tok: Any,
+) -> TrainResult:
     resume = existing_run(st, cfg, name)
     split, stream = open_stream(acts, tok, cfg, device)
     torch.manual_seed(cfg.seed)
@@ -184,9 +215,13 @@ def existing_run(st: Store, cfg: TrainConfig, name: str) -> bool:
         delete_sae(st, name)
         return False
     if finished:
-        raise ConfigError(f"SAE {name!r} already exists in {st.url}: pass --overwrite to replace it, or choose another --name")
+        raise ConfigError(
+            f"SAE {name!r} already exists in {st.url}: pass --overwrite to replace it, or choose another --name"
+        )
     if cfg.resume and not ckpt:
-        raise NotFoundError(f"no unfinished run named {name!r} in {st.url} to resume: drop --resume to start one")
+        raise NotFoundError(
+            f"no unfinished run named {name!r} in {st.url} to resume: drop --resume to start one"
+        )
     return ckpt
 
 
@@ -198,13 +233,35 @@ class TrainingRun:
     """One training run's state — the SAE, its optimizer, the dead-feature tracker, the history — and its phases:
     :meth:`start` or :meth:`restore`, then :meth:`loop`, then :meth:`finish`."""
 
-    def __init__(self, st: Store, cfg: TrainConfig, name: str, acts: Any, split: RowSplit, stream: ShuffledStream,
-                 device: torch.device, sae: SAE, meta: dict[str, Any], eval_x: torch.Tensor | None = None) -> None:  # fmt: skip
-        self.st, self.cfg, self.name, self.split, self.stream, self.device = st, cfg, name, split, stream, device
+    def __init__(
+        self,
+        st: Store,
+        cfg: TrainConfig,
+        name: str,
+        acts: Any,
+        split: RowSplit,
+        stream: ShuffledStream,
+        device: torch.device,
+        sae: SAE,
+        meta: dict[str, Any],
+        eval_x: torch.Tensor | None = None,
+    ) -> None:
+        self.st, self.cfg, self.name, self.split, self.stream, self.device = (
+            st,
+            cfg,
+            name,
+            split,
+            stream,
+            device,
+        )
         self.aux_k = int(cfg.aux_k or 1)  # resolved (TrainConfig.resolve)
         self.sae = sae.to(device).train()
         self.per_epoch = stream.batches_per_epoch
-        self.total_steps = math.ceil(cfg.tokens / cfg.batch_size) if cfg.tokens else self.per_epoch * int(cfg.epochs or 1)
+        self.total_steps = (
+            math.ceil(cfg.tokens / cfg.batch_size)
+            if cfg.tokens
+            else self.per_epoch * int(cfg.epochs or 1)
+        )
         self.base_lr = cfg.learning_rate(sae.cfg.d_sae, self.total_steps * cfg.batch_size)
         self.resample_steps = resample_steps(cfg.resample, self.total_steps)
         self.opt = make_optimizer(str(cfg.optimizer), self.sae.parameters(), self.base_lr)
@@ -213,20 +270,40 @@ class TrainingRun:
         self.start_step = self.step = int(meta["step"])
         self.history: list[dict[str, Any]] = list(meta.get("history", []))
         self.thr_ema: float | None = meta.get("threshold_ema")
-        self.eval_x = eval_x if eval_x is not None else held_out_rows(acts, split)  # (n_eval, d_model)
-        n_curve = len(self.eval_x)  # the FVU-tokens curve: an evenly spaced subset of the held-out rows (cheap)
+        self.eval_x = (
+            eval_x if eval_x is not None else held_out_rows(acts, split)
+        )  # (n_eval, d_model)
+        n_curve = len(
+            self.eval_x
+        )  # the FVU-tokens curve: an evenly spaced subset of the held-out rows (cheap)
         pick = np.linspace(0, n_curve - 1, cfg.curve_eval_tokens).round().astype(np.int64)
-        self.curve_x = self.eval_x if n_curve <= cfg.curve_eval_tokens else self.eval_x[torch.from_numpy(pick)]
+        self.curve_x = (
+            self.eval_x if n_curve <= cfg.curve_eval_tokens else self.eval_x[torch.from_numpy(pick)]
+        )
         self.last_train: dict[str, Any] = {}
-        self.eval_seconds = self.loop_eval_seconds = 0.0  # this process's time in evaluate(): in all, in the loop
+        self.eval_seconds = self.loop_eval_seconds = (
+            0.0  # this process's time in evaluate(): in all, in the loop
+        )
         n_ev = min(cfg.eval_points, self.total_steps)
-        self.eval_steps = {math.ceil(self.total_steps * (i + 1) / n_ev) for i in range(n_ev)} if n_ev else set()
+        self.eval_steps = (
+            {math.ceil(self.total_steps * (i + 1) / n_ev) for i in range(n_ev)} if n_ev else set()
+        )
 
     # ---- init or restore
     @classmethod
-    def start(cls, st: Store, cfg: TrainConfig, identity: dict[str, Any], name: str, acts: Any, split: RowSplit,
-              stream: ShuffledStream, device: torch.device, tokenization: str,
-              eval_x: torch.Tensor | None = None) -> TrainingRun:  # fmt: skip
+    def start(
+        cls,
+        st: Store,
+        cfg: TrainConfig,
+        identity: dict[str, Any],
+        name: str,
+        acts: Any,
+        split: RowSplit,
+        stream: ShuffledStream,
+        device: torch.device,
+        tokenization: str,
+        eval_x: torch.Tensor | None = None,
+    ) -> TrainingRun:
         """A new run of a resolved ``cfg`` (``identity``: the options as given, kept in its checkpoints): inputs
         scaled to mean squared norm d_in, ``b_dec`` at the (scaled) mean of a few chunks or zeros."""
         sources = cfg.sources()
@@ -234,15 +311,36 @@ class TrainingRun:
         d_in = acts.d_model // n_src
         data_init = cfg.init == "data"
         d_sae = int(cfg.d_sae or 0)
-        mean_sq, mean, sample = estimate_stats(stream, cfg.seed, n_src, n_sample=d_sae if data_init else 0)
+        mean_sq, mean, sample = estimate_stats(
+            stream, cfg.seed, n_src, n_sample=d_sae if data_init else 0
+        )
         scales = [math.sqrt(d_in / v) if cfg.normalize and v > 0 else 1.0 for v in mean_sq]
-        cross = {} if sources is None else {"models": [s.model for s in sources], "layers": [s.layer for s in sources],
-                                            "norm_scales": scales}  # fmt: skip
-        sae = SAE(SAEConfig(
-            arch=str(cfg.arch), d_in=d_in, d_sae=d_sae, k=cfg.k, l1=float(cfg.l1 or 0.0), norm_scale=scales[0], model=cfg.model,
-            layer=cfg.layer, tokenization=tokenization, name=name, training=cfg.to_dict(), actstore_version=__version__,
-            **cross,
-        ))  # fmt: skip
+        cross = (
+            {}
+            if sources is None
+            else {
+                "models": [s.model for s in sources],
+                "layers": [s.layer for s in sources],
+                "norm_scales": scales,
+            }
+        )
+        sae = SAE(
+            SAEConfig(
+                arch=str(cfg.arch),
+                d_in=d_in,
+                d_sae=d_sae,
+                k=cfg.k,
+                l1=float(cfg.l1 or 0.0),
+                norm_scale=scales[0],
+                model=cfg.model,
+                layer=cfg.layer,
+                tokenization=tokenization,
+                name=name,
+                training=cfg.to_dict(),
+                actstore_version=__version__,
+                **cross,
+            )
+        )
         if cfg.b_dec_init == "mean":
             with torch.no_grad():
                 sae.b_dec.copy_(torch.from_numpy(mean).float() * sae.scale)
@@ -252,22 +350,43 @@ class TrainingRun:
         return cls(st, cfg, name, acts, split, stream, device, sae, meta, eval_x)
 
     @classmethod
-    def restore(cls, st: Store, cfg: TrainConfig, identity: dict[str, Any], name: str, acts: Any, split: RowSplit,
-                stream: ShuffledStream, device: torch.device, eval_x: torch.Tensor | None = None) -> TrainingRun:  # fmt: skip
+    def restore(
+        cls,
+        st: Store,
+        cfg: TrainConfig,
+        identity: dict[str, Any],
+        name: str,
+        acts: Any,
+        split: RowSplit,
+        stream: ShuffledStream,
+        device: torch.device,
+        eval_x: torch.Tensor | None = None,
+    ) -> TrainingRun:
         """The run continued from its checkpoint, refused when it was started with other options (``identity``, the
         options as given, against the checkpoint's)."""
         tensors, meta, sae_cfg = _read_checkpoint(st, name)
-        old, new = {**FIELDS_ADDED, **meta.get("config", {})}, identity  # an older run: the values it used
+        old, new = (
+            {**FIELDS_ADDED, **meta.get("config", {})},
+            identity,
+        )  # an older run: the values it used
         if old != new:
             diff = sorted(k_ for k_ in set(old) | set(new) if old.get(k_) != new.get(k_))
             raise ConfigError(
                 f"an unfinished run named {name!r} in {st.url} was started with other options (differs in: {', '.join(diff)}): "
                 "rerun with the original options to continue it, or pass --overwrite to start over"
             )
-        check_d_in(sae_cfg, getattr(acts, "d_source", acts.d_model), f"layer {cfg.layer} of model {cfg.model!r} in {st.url}")
-        meta["config"] = identity  # the checkpoint's, with any field added since at the value it used
+        check_d_in(
+            sae_cfg,
+            getattr(acts, "d_source", acts.d_model),
+            f"layer {cfg.layer} of model {cfg.model!r} in {st.url}",
+        )
+        meta["config"] = (
+            identity  # the checkpoint's, with any field added since at the value it used
+        )
         run = cls(st, cfg, name, acts, split, stream, device, SAE(sae_cfg), meta, eval_x)
-        run.sae.load_state_dict({k_[4:]: v.to(device) for k_, v in tensors.items() if k_.startswith("sae.")})
+        run.sae.load_state_dict(
+            {k_[4:]: v.to(device) for k_, v in tensors.items() if k_.startswith("sae.")}
+        )
         restore_optimizer(run.opt, tensors)
         run.tracker.load(tensors)
         return run
@@ -279,7 +398,12 @@ class TrainingRun:
         self.sae.eval()
         self._set_threshold()
         with averaged(self.opt):
-            out = evaluate(self.sae, self.eval_x if x is None else x, self.cfg.batch_size, self.cfg.dense_threshold)
+            out = evaluate(
+                self.sae,
+                self.eval_x if x is None else x,
+                self.cfg.batch_size,
+                self.cfg.dense_threshold,
+            )
         self.sae.train()
         self.eval_seconds += time.perf_counter() - t0
         return out
@@ -300,42 +424,63 @@ class TrainingRun:
         for i, batch in enumerate(self.stream.batches(0, 0)):
             if i >= CALIBRATION_BATCHES:
                 break
-            acts = self.sae.activate(self.sae.pre_acts(batch.to(self.device)), train=True)  # (b, d_sae)
+            acts = self.sae.activate(
+                self.sae.pre_acts(batch.to(self.device)), train=True
+            )  # (b, d_sae)
             pos = acts[acts > 0]
             if pos.numel():
                 mins.append(float(pos.min()))
         if mins:
             self.thr_ema = sum(mins) / len(mins)
-            if self.history and "eval" in self.history[-1]:  # measured with the old threshold: measure it again
+            if (
+                self.history and "eval" in self.history[-1]
+            ):  # measured with the old threshold: measure it again
                 self.history[-1]["eval"] = self.evaluate()
             if self.history and "curve" in self.history[-1]:
                 self.history[-1]["curve"] = self._curve_point(self.history[-1])
 
     def checkpoint(self) -> None:
-        self.meta.update(step=self.step, history=self.history, threshold_ema=self.thr_ema)  # config: the identity
+        self.meta.update(
+            step=self.step, history=self.history, threshold_ema=self.thr_ema
+        )  # config: the identity
         _save_checkpoint(self.st, self.name, self.sae, self.opt, self.tracker, self.meta)
 
     def loop(self, progress: bool, on_step: Callable[[int, dict[str, Any]], None] | None) -> float:
         """Train until ``total_steps``; returns the seconds it took."""
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not progress, desc=f"train {self.name}", unit="step",
-                   leave=False)  # fmt: skip
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            disable=not progress,
+            desc=f"train {self.name}",
+            unit="step",
+            leave=False,
+        )
         t0 = time.perf_counter()
         try:
             while self.step < self.total_steps:
                 epoch, skip = divmod(self.step, self.per_epoch)
                 for batch in self.stream.batches(epoch, skip):
-                    self.train_on(batch.to(self.device, non_blocking=True), epoch, bar, on_step)  # (b, d_in)
+                    self.train_on(
+                        batch.to(self.device, non_blocking=True), epoch, bar, on_step
+                    )  # (b, d_in)
                     if self.step >= self.total_steps:
                         break
         finally:
             bar.close()
-        self.loop_eval_seconds = self.eval_seconds  # what finish() evaluates is not part of the loop's time
+        self.loop_eval_seconds = (
+            self.eval_seconds
+        )  # what finish() evaluates is not part of the loop's time
         return time.perf_counter() - t0
 
-    def train_on(self, x: torch.Tensor, epoch: int, bar: Any,
-                 on_step: Callable[[int, dict[str, Any]], None] | None = None) -> None:  # fmt: skip
+    def train_on(
+        self,
+        x: torch.Tensor,
+        epoch: int,
+        bar: Any,
+        on_step: Callable[[int, dict[str, Any]], None] | None = None,
+    ) -> None:
         """One optimizer step on the batch ``x (b, d_in)``, then its log entry, evaluations and checkpoint."""
         parts = self._one_step(x)
         bar.update(1)
@@ -364,7 +509,9 @@ class TrainingRun:
         if any("held-out FVU rose" in w for w in warned):
             return
         warm = self.cfg.l1_warmup * self.total_steps if self.sae.cfg.arch == "relu-l1" else 0
-        warm = max(warm, *self.resample_steps, 0)  # a resampling disturbs the curve on purpose: judge it after the last
+        warm = max(
+            warm, *self.resample_steps, 0
+        )  # a resampling disturbs the curve on purpose: judge it after the last
         fvus = curve_after(self.history, warm)
         if rising_fvu(fvus):
             msg = rising_fvu_cause(self.cfg, self.base_lr, fvus, self.tracker.tokens_seen)
@@ -375,7 +522,9 @@ class TrainingRun:
         lr = self.base_lr * self.cfg.lr_factor(self.step, self.total_steps)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        parts = train_step(self.sae, self.opt, x, self.tracker, self.cfg, self.aux_k, self.l1_at(self.step))
+        parts = train_step(
+            self.sae, self.opt, x, self.tracker, self.cfg, self.aux_k, self.l1_at(self.step)
+        )
         if parts.kept is not None:  # batchtopk
             with torch.no_grad():
                 pos = parts.kept[parts.kept > 0]
@@ -394,10 +543,24 @@ class TrainingRun:
         done = self.meta.setdefault("resampled", [])
         k = self.sae.cfg.k
         if k and (self.tracker.tokens_seen - since) * k < MIN_EXPECTED_FIRES * self.sae.cfg.d_sae:
-            done.append({"step": self.step, "tokens": self.tracker.tokens_seen, "latents": 0, "skipped": "window too short"})
+            done.append(
+                {
+                    "step": self.step,
+                    "tokens": self.tracker.tokens_seen,
+                    "latents": 0,
+                    "skipped": "window too short",
+                }
+            )
             return
         silent = self.tracker.last_fired <= since
-        n = resample_latents(self.sae, self.opt, x * self.sae.scale, parts.x_hat_n.detach(), silent, self.cfg.seed + self.step)
+        n = resample_latents(
+            self.sae,
+            self.opt,
+            x * self.sae.scale,
+            parts.x_hat_n.detach(),
+            silent,
+            self.cfg.seed + self.step,
+        )
         self.meta["resampled_at_tokens"] = self.tracker.tokens_seen
         done.append({"step": self.step, "tokens": self.tracker.tokens_seen, "latents": n})
 
@@ -409,9 +572,14 @@ class TrainingRun:
         at_eval = step in self.eval_steps
         if not (step % cfg.log_every == 0 or end_of_epoch or at_eval or step == self.total_steps):
             return
-        entry: dict[str, Any] = {"step": step, "epoch": step / self.per_epoch, "tokens": self.tracker.tokens_seen,
-                                 "loss": float(parts.loss.detach()), "lr": float(self.opt.param_groups[0]["lr"]),
-                                 **self.tracker.interval(self.sae.d_input)}  # fmt: skip
+        entry: dict[str, Any] = {
+            "step": step,
+            "epoch": step / self.per_epoch,
+            "tokens": self.tracker.tokens_seen,
+            "loss": float(parts.loss.detach()),
+            "lr": float(self.opt.param_groups[0]["lr"]),
+            **self.tracker.interval(self.sae.d_input),
+        }
         if (end_of_epoch and not cfg.tokens) or step == self.total_steps:
             entry["eval"] = self.evaluate()
         if at_eval or step == self.total_steps:
@@ -420,8 +588,11 @@ class TrainingRun:
         if "curve" in entry:
             self._check_rising()
         self.last_train = entry
-        bar.set_postfix(fvu=f"{entry.get('fvu', float('nan')):.3f}", l0=f"{entry.get('l0', 0):.1f}",
-                        dead=f"{entry['dead_fraction']:.2f}")  # fmt: skip
+        bar.set_postfix(
+            fvu=f"{entry.get('fvu', float('nan')):.3f}",
+            l0=f"{entry.get('l0', 0):.1f}",
+            dead=f"{entry['dead_fraction']:.2f}",
+        )
 
     # ---- finish
     def finish(self, seconds: float) -> TrainResult:
@@ -438,7 +609,9 @@ class TrainingRun:
         steps_run = step - self.start_step
         task = None
         if self.cfg.task_samples and not sae.cfg.is_crosscoder:
-            task = task_accuracy(self.st, sae, split.eval_samples, str(self.device), self.cfg.task_samples)
+            task = task_accuracy(
+                self.st, sae, split.eval_samples, str(self.device), self.cfg.task_samples
+            )
         metrics = {
             "name": self.name,
             "steps": step,
@@ -448,7 +621,11 @@ class TrainingRun:
             "n_train_rows": split.n_train,
             "n_eval_rows": int(len(split.eval_rows)),
             "n_eval_samples": int(len(split.eval_samples)),
-            "train": {k_: v for k_, v in self.last_train.items() if k_ not in ("eval", "step", "epoch", "tokens", "loss", "lr")},
+            "train": {
+                k_: v
+                for k_, v in self.last_train.items()
+                if k_ not in ("eval", "step", "epoch", "tokens", "loss", "lr")
+            },
             "eval": final_eval,
             "threshold": float(sae.threshold) if sae.cfg.arch == "batchtopk" else None,
             "norm_scale": sae.cfg.norm_scale,
@@ -466,9 +643,19 @@ class TrainingRun:
         }
         save_sae(self.st, sae, self.name, metrics)
         self.st.loc.rmtree(layout.sae_file(self.name, layout.SAE_CHECKPOINT_DIR))
-        update_manifest(self.st.loc, prefixes=[layout.sae_dir(self.name)])  # checksums for the new files (actstore verify)
+        update_manifest(
+            self.st.loc, prefixes=[layout.sae_dir(self.name)]
+        )  # checksums for the new files (actstore verify)
         return TrainResult(
-            name=self.name, sae=sae, metrics=metrics, steps=step, tokens=self.tracker.tokens_seen, seconds=seconds,
-            steps_per_s=metrics["steps_per_s"], eval_seconds=self.loop_eval_seconds, resumed_from=self.start_step,
-            store=self.st.url, split=split,
-        )  # fmt: skip
+            name=self.name,
+            sae=sae,
+            metrics=metrics,
+            steps=step,
+            tokens=self.tracker.tokens_seen,
+            seconds=seconds,
+            steps_per_s=metrics["steps_per_s"],
+            eval_seconds=self.loop_eval_seconds,
+            resumed_from=self.start_step,
+            store=self.st.url,
+            split=split,
+        )

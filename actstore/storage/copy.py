@@ -83,7 +83,9 @@ def _selected(key: str, patterns: list[str]) -> bool:
         if fnmatch.fnmatchcase(head, pat) or fnmatch.fnmatchcase(head, pat + layout.SCALE_SUFFIX):
             return True
         # the parent groups' metadata of a selected layer (models/zarr.json, models/M/zarr.json)
-        if parts[-1] == "zarr.json" and fnmatch.fnmatchcase("/".join(parts[:-1]), "/".join(pat.split("/")[: len(parts) - 1])):
+        if parts[-1] == "zarr.json" and fnmatch.fnmatchcase(
+            "/".join(parts[:-1]), "/".join(pat.split("/")[: len(parts) - 1])
+        ):
             return True
     return False
 
@@ -101,7 +103,9 @@ def _check_dst(dst: Location, src_root: StoreAttrs) -> None:
     if not dst.exists("zarr.json"):
         return
     try:
-        theirs = StoreAttrs.from_dict(in_metadata(json.loads(dst.read_bytes("zarr.json"))) or {}, dst.url)
+        theirs = StoreAttrs.from_dict(
+            in_metadata(json.loads(dst.read_bytes("zarr.json"))) or {}, dst.url
+        )
     except (ValueError, IntegrityError):
         theirs = StoreAttrs()
     if theirs.created != src_root.created:
@@ -121,7 +125,9 @@ def copy_store(cfg: CopyConfig, progress: bool = False) -> CopyResult:
     copier = _Copier(src, listing)
     res = CopyResult(src.url, cfg.dst, len(keys), 0, 0, 0, 0.0)
     res.problems += copier.absent_chunks(include_patterns(cfg.include))
-    if res.problems:  # a chunk inside the committed rows that is absent would read as zeros at the destination
+    if (
+        res.problems
+    ):  # a chunk inside the committed rows that is absent would read as zeros at the destination
         res.seconds = time.perf_counter() - t0
         return res
     copier.open_destination(cfg, root_attrs)
@@ -154,7 +160,9 @@ def _open_source(cfg: CopyConfig) -> tuple[Location, dict[str, int], StoreAttrs]
         raise StoreError(f"{src.url} holds no zarr.json: not an actstore store (check the path)")
     root_attrs = in_metadata(json.loads(src.read_bytes("zarr.json")))
     if root_attrs is None:
-        raise StoreError(f"{src.url} is a Zarr group but not an actstore store (no '{layout.ATTR}' attribute)")
+        raise StoreError(
+            f"{src.url} is a Zarr group but not an actstore store (no '{layout.ATTR}' attribute)"
+        )
     unsafe = []
     for key in listing:
         try:
@@ -173,9 +181,13 @@ def _keys_to_copy(src: Location, listing: dict[str, int], cfg: CopyConfig) -> li
     """The keys ``--include`` selects (all, without it), data before metadata."""
     patterns = include_patterns(cfg.include)
     keys = [
-        k for k in listing
-        if k != MANIFEST_KEY and not k.startswith(SKIP_PREFIXES) and not TMP.search(k) and _selected(k, patterns)
-    ]  # fmt: skip
+        k
+        for k in listing
+        if k != MANIFEST_KEY
+        and not k.startswith(SKIP_PREFIXES)
+        and not TMP.search(k)
+        and _selected(k, patterns)
+    ]
     if patterns and not any(layout.selects_content(k) for k in keys):
         raise ConfigError(
             f"--include {' '.join(cfg.include)} matches nothing in {src.url}: see actstore info for its models and SAEs"
@@ -191,7 +203,9 @@ class _Copier:
         self.src, self.listing = src, listing
         self.listed = (read_manifest(src) or {}).get("files", {})
         arrays, self.chunk_keys, _ = arrays_and_chunks(src, listing)
-        self.layout_of: dict[str, tuple[ArrayLayout, tuple[int, ...]]] = {}  # chunk key -> (its array, its index)
+        self.layout_of: dict[
+            str, tuple[ArrayLayout, tuple[int, ...]]
+        ] = {}  # chunk key -> (its array, its index)
         for al in arrays.values():
             for idx in al.expected_chunks():
                 self.layout_of[al.chunk_key(idx)] = (al, idx)
@@ -201,7 +215,9 @@ class _Copier:
 
     def absent_chunks(self, patterns: list[str]) -> list[Problem]:
         out = []
-        for key in sorted(k for k in self.layout_of if k not in self.listing and _selected(k, patterns)):
+        for key in sorted(
+            k for k in self.layout_of if k not in self.listing and _selected(k, patterns)
+        ):
             al, idx = self.layout_of[key]
             r0, r1 = al.rows_of(idx)
             why = f"{al.object_name} {idx} of array {al.path} (rows {r0}-{r1 - 1}) is absent at the source; nothing copied"
@@ -234,15 +250,27 @@ class _Copier:
             self.hashes[key] = {"size": len(data), "sha256": digest}
         if self.dst_have.get(key) == len(data) and sha256(self.dst.read_bytes(key)) == digest:
             return "skipped", 0, None
-        if self.dst.local:  # refuse paths that escape the destination (check_key already did; belt and braces)
+        if (
+            self.dst.local
+        ):  # refuse paths that escape the destination (check_key already did; belt and braces)
             target = Path(self.dst.fs_path(key)).resolve()
             if not str(target).startswith(str(Path(self.dst.root).resolve()) + "/"):
-                return "failed", 0, Problem(key, "corrupted", "resolves outside the destination; refused")
+                return (
+                    "failed",
+                    0,
+                    Problem(key, "corrupted", "resolves outside the destination; refused"),
+                )
         for _attempt in range(2):
             self.dst.write_bytes(key, data)
             if sha256(self.dst.read_bytes(key)) == digest:
                 return "copied", len(data), None
-        return "failed", 0, Problem(key, "corrupted", "bytes read back from the destination differ from the source")
+        return (
+            "failed",
+            0,
+            Problem(
+                key, "corrupted", "bytes read back from the destination differ from the source"
+            ),
+        )
 
 
 def _tally(res: CopyResult, state: str, n: int, problem: Problem | None) -> None:

@@ -42,7 +42,11 @@ def write_fd(fd: int, data: bytes | memoryview, chunk: int = CHUNK_BYTES) -> int
 def _real_fd(stream: IO) -> int | None:
     try:
         return stream.fileno()
-    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError and a ValueError
+    except (
+        AttributeError,
+        OSError,
+        ValueError,
+    ):  # io.UnsupportedOperation is an OSError and a ValueError
         return None
 
 
@@ -113,7 +117,9 @@ def write_file(path: str | Path, data: bytes | Callable[[Path], None]) -> int:
                 data(tmp)
             except OSError:
                 raise
-            except Exception as exc:  # Rust writers (polars, safetensors) report the OS error in their message
+            except (
+                Exception
+            ) as exc:  # Rust writers (polars, safetensors) report the OS error in their message
                 raise as_os_error(exc, path) from None
         else:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -136,7 +142,9 @@ def output_folder(path: str | Path) -> Iterator[Path]:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise StoreError(f"cannot create output folder {path}: {exc.strerror or exc}; choose a writable --out") from None
+        raise StoreError(
+            f"cannot create output folder {path}: {exc.strerror or exc}; choose a writable --out"
+        ) from None
     try:
         yield path
     except BaseException:

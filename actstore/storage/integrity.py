@@ -77,19 +77,28 @@ class ArrayLayout:
     @classmethod
     def from_metadata(cls, path: str, meta: dict[str, Any]) -> ArrayLayout:
         enc = meta.get("chunk_key_encoding", {"name": "default"})
-        sep = (enc.get("configuration") or {}).get("separator", "/" if enc.get("name") == "default" else ".")
+        sep = (enc.get("configuration") or {}).get(
+            "separator", "/" if enc.get("name") == "default" else "."
+        )
         codecs = meta.get("codecs", [])
         names = _codec_names(codecs)
         attrs = in_metadata(meta) or {}
         shape = [int(x) for x in meta["shape"]]
         declared = LayerAttrs.rows_in(attrs)
         rows = declared if declared is not None else (shape[0] if shape else 0)
-        shard = ShardLayout.from_codec(codecs[0]) if names and names[0] == "sharding_indexed" else None
+        shard = (
+            ShardLayout.from_codec(codecs[0]) if names and names[0] == "sharding_indexed" else None
+        )
         return cls(
-            path=path, shape=shape, chunk_shape=[int(x) for x in meta["chunk_grid"]["configuration"]["chunk_shape"]],
-            separator=sep, v2_keys=enc.get("name") == "v2", crc32c_last=bool(names) and names[-1] == "crc32c",
-            rows=min(rows, shape[0]) if shape else 0, shard=shard,
-        )  # fmt: skip
+            path=path,
+            shape=shape,
+            chunk_shape=[int(x) for x in meta["chunk_grid"]["configuration"]["chunk_shape"]],
+            separator=sep,
+            v2_keys=enc.get("name") == "v2",
+            crc32c_last=bool(names) and names[-1] == "crc32c",
+            rows=min(rows, shape[0]) if shape else 0,
+            shard=shard,
+        )
 
     @property
     def object_name(self) -> str:
@@ -106,7 +115,10 @@ class ArrayLayout:
         if not self.shape:
             return [()]
         grids = [range(math.ceil(self.rows / self.chunk_shape[0]))]
-        grids += [range(math.ceil(n / c)) for n, c in zip(self.shape[1:], self.chunk_shape[1:], strict=True)]
+        grids += [
+            range(math.ceil(n / c))
+            for n, c in zip(self.shape[1:], self.chunk_shape[1:], strict=True)
+        ]
         return list(product(*grids))
 
     def rows_of(self, idx: tuple[int, ...]) -> tuple[int, int]:
@@ -130,14 +142,25 @@ class ShardLayout:
     @classmethod
     def from_codec(cls, codec: dict[str, Any]) -> ShardLayout:
         conf = codec.get("configuration", {})
-        inner, index = _codec_names(conf.get("codecs", [])), _codec_names(conf.get("index_codecs", []))
+        inner, index = (
+            _codec_names(conf.get("codecs", [])),
+            _codec_names(conf.get("index_codecs", [])),
+        )
         shape = [int(x) for x in conf["chunk_shape"]]
-        if not shape or min(shape) <= 0:  # a store's metadata is untrusted: this is damage, not a division by zero
+        if (
+            not shape or min(shape) <= 0
+        ):  # a store's metadata is untrusted: this is damage, not a division by zero
             raise ValueError(f"inner chunk shape {shape} is not positive")
-        return cls(shape, bool(inner) and inner[-1] == "crc32c", "crc32c" in index,
-                   conf.get("index_location", "end") == "end")  # fmt: skip
+        return cls(
+            shape,
+            bool(inner) and inner[-1] == "crc32c",
+            "crc32c" in index,
+            conf.get("index_location", "end") == "end",
+        )
 
-    def problems(self, raw: bytes, shard_shape: list[int], origin: list[int], need_rows: int) -> str | None:
+    def problems(
+        self, raw: bytes, shard_shape: list[int], origin: list[int], need_rows: int
+    ) -> str | None:
         """Why the shard ``raw`` (whose first element is at ``origin``) is unsound, naming the inner chunk and its
         rows; None if its index and every inner chunk holding rows below ``need_rows`` check out."""
         grid = [math.ceil(s / c) for s, c in zip(shard_shape, self.inner_shape, strict=True)]
@@ -171,7 +194,9 @@ def crc_ok(data: bytes) -> bool:
     return google_crc32c.value(data[:-4]) == int.from_bytes(data[-4:], "little")
 
 
-def check_chunk(loc: Location, al: ArrayLayout, idx: tuple[int, ...], data: bytes | None = None) -> str | None:
+def check_chunk(
+    loc: Location, al: ArrayLayout, idx: tuple[int, ...], data: bytes | None = None
+) -> str | None:
     """None if the chunk is sound, else why not ('missing', 'checksum mismatch', ...)."""
     key = al.chunk_key(idx)
     try:
@@ -192,7 +217,9 @@ def check_chunk(loc: Location, al: ArrayLayout, idx: tuple[int, ...], data: byte
     return None
 
 
-def chunk_error(loc: Location, array: Any, row_start: int, row_stop: int, exc: BaseException) -> BaseException:
+def chunk_error(
+    loc: Location, array: Any, row_start: int, row_stop: int, exc: BaseException
+) -> BaseException:
     """Turn a failed read of rows ``[row_start, row_stop)`` of a Zarr array into an IntegrityError naming the bad chunk.
 
     Returns ``exc`` itself when every chunk in the range checks out (the failure was something else).
@@ -214,7 +241,9 @@ def chunk_error(loc: Location, array: Any, row_start: int, row_stop: int, exc: B
     from actstore.storage.location import MissingChunk
 
     if isinstance(exc, MissingChunk):
-        return IntegrityError(f"{exc} in store {loc.url}: run `actstore verify {loc.url}`, then re-copy or re-extract")
+        return IntegrityError(
+            f"{exc} in store {loc.url}: run `actstore verify {loc.url}`, then re-copy or re-extract"
+        )
     return exc
 
 
@@ -239,7 +268,9 @@ def read_manifest(loc: Location) -> dict[str, Any] | None:
     return man
 
 
-def arrays_and_chunks(loc: Location, files: dict[str, int]) -> tuple[dict[str, ArrayLayout], set[str], list[str]]:
+def arrays_and_chunks(
+    loc: Location, files: dict[str, int]
+) -> tuple[dict[str, ArrayLayout], set[str], list[str]]:
     """Parse every zarr.json: ``(arrays by path, keys that are chunks, keys of unreadable metadata)``."""
     arrays: dict[str, ArrayLayout] = {}
     bad_meta = []
@@ -252,8 +283,17 @@ def arrays_and_chunks(loc: Location, files: dict[str, int]) -> tuple[dict[str, A
                     arrays[path] = ArrayLayout.from_metadata(path, meta)
             except (ValueError, KeyError, TypeError, AttributeError):
                 bad_meta.append(key)
-    for path, al in arrays.items():  # an int8 layer's per-token scales: required as far as its values are committed
-        values = arrays.get(path.removesuffix(layout.SCALE_SUFFIX)) if path.endswith(layout.SCALE_SUFFIX) else None
+    for (
+        path,
+        al,
+    ) in (
+        arrays.items()
+    ):  # an int8 layer's per-token scales: required as far as its values are committed
+        values = (
+            arrays.get(path.removesuffix(layout.SCALE_SUFFIX))
+            if path.endswith(layout.SCALE_SUFFIX)
+            else None
+        )
         if values is not None:
             al.rows = min(al.rows, values.rows)
     chunk_keys = set()
@@ -275,12 +315,17 @@ def data_files(loc: Location, files: dict[str, int] | None = None) -> list[str]:
     return [
         k
         for k in files
-        if k not in chunk_keys and k != MANIFEST_KEY and not k.startswith(UNSIGNED_PREFIXES) and not TMP.search(k)
+        if k not in chunk_keys
+        and k != MANIFEST_KEY
+        and not k.startswith(UNSIGNED_PREFIXES)
+        and not TMP.search(k)
     ]
 
 
 def update_manifest(
-    loc: Location, prefixes: Iterable[str] | None = None, entries: dict[str, dict[str, Any]] | None = None
+    loc: Location,
+    prefixes: Iterable[str] | None = None,
+    entries: dict[str, dict[str, Any]] | None = None,
 ) -> dict:
     """Record size and SHA-256 of the store's non-chunk files (those under ``prefixes``, or all) in ``manifest.json``.
 
@@ -304,7 +349,9 @@ def update_manifest(
                 listed[key] = {"size": len(data), "sha256": sha256(data)}
         if listed == man["files"] and "updated" in man:
             return man  # nothing changed: leave the store byte-identical
-        man.update({"format": MANIFEST_FORMAT, "updated": now(), "files": dict(sorted(listed.items()))})
+        man.update(
+            {"format": MANIFEST_FORMAT, "updated": now(), "files": dict(sorted(listed.items()))}
+        )
         loc.write_bytes(MANIFEST_KEY, json.dumps(man, indent=1).encode())
     return man
 
@@ -396,7 +443,9 @@ def verify(loc: Location, jobs: int = 8, chunks: bool = True) -> VerifyReport:
             if why is None:
                 return None
             kind = "missing" if why == "missing" else "corrupted"
-            return Problem(al.chunk_key(idx), kind, f"{al.object_name} {idx} of array {al.path}: {why}")
+            return Problem(
+                al.chunk_key(idx), kind, f"{al.object_name} {idx} of array {al.path}: {why}"
+            )
 
         with ThreadPoolExecutor(max(1, jobs)) as pool:
             for p in pool.map(one, todo):
@@ -408,9 +457,15 @@ def verify(loc: Location, jobs: int = 8, chunks: bool = True) -> VerifyReport:
     # an encode that stopped before publishing its generation: not corruption, an unfinished run
     unpublished = unpublished_generations(loc, files)
     for prefix, sae in unpublished.items():
-        rep.problems.append(Problem(prefix, "unfinished", f"a generation of SAE {sae}'s feature table that was never "
-                                    f"published (an encode that stopped; nothing reads it): rerun actstore encode --sae "
-                                    f"{sae} (with --overwrite if it was one) to finish it"))  # fmt: skip
+        rep.problems.append(
+            Problem(
+                prefix,
+                "unfinished",
+                f"a generation of SAE {sae}'s feature table that was never "
+                f"published (an encode that stopped; nothing reads it): rerun actstore encode --sae "
+                f"{sae} (with --overwrite if it was one) to finish it",
+            )
+        )
 
     def in_unpublished(key: str) -> bool:
         return any(key.startswith(prefix + "/") for prefix in unpublished)
@@ -428,13 +483,19 @@ def verify(loc: Location, jobs: int = 8, chunks: bool = True) -> VerifyReport:
             e = listed[key]
             if len(data) != int(e.get("size", -1)) or sha256(data) != e.get("sha256"):
                 return Problem(
-                    key, "corrupted", f"SHA-256/size differ from manifest.json ({len(data)} bytes, expected {e.get('size')})"
+                    key,
+                    "corrupted",
+                    f"SHA-256/size differ from manifest.json ({len(data)} bytes, expected {e.get('size')})",
                 )
             return None
         why = _parse_check(key, data)
         if why:
             return Problem(key, "corrupted", why)
-        return Problem(key, "unlisted", "not in manifest.json, so no checksum vouches for it (actstore verify --update-manifest)")
+        return Problem(
+            key,
+            "unlisted",
+            "not in manifest.json, so no checksum vouches for it (actstore verify --update-manifest)",
+        )
 
     with ThreadPoolExecutor(max(1, jobs)) as pool:
         for p in pool.map(one_file, others):
@@ -452,7 +513,11 @@ def unpublished_generations(loc: Location, files: dict[str, int]) -> dict[str, s
     published: dict[str, str | None] = {}
     for key in files:
         parts = key.split("/")
-        if len(parts) < 4 or parts[0] != layout.FEATURES or layout.parse_generation(parts[2]) is None:
+        if (
+            len(parts) < 4
+            or parts[0] != layout.FEATURES
+            or layout.parse_generation(parts[2]) is None
+        ):
             continue
         sae = parts[1]
         if sae not in published:
@@ -485,7 +550,8 @@ def _cache_dir() -> Any:
     from pathlib import Path
 
     d = os.environ.get("ACTSTORE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "actstore"
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "actstore",
     )
     return Path(d) / "verified"
 

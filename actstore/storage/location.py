@@ -43,14 +43,18 @@ import zarr
 from actstore.errors import ConfigError, StoreError
 from actstore.storage.urls import READ_ONLY_SCHEMES, is_remote
 
-PARQUET_BLOCK_SIZE = 1 << 20  # bytes per ranged read of a remote Parquet file: fetch row groups, not whole files
+PARQUET_BLOCK_SIZE = (
+    1 << 20
+)  # bytes per ranged read of a remote Parquet file: fetch row groups, not whole files
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
 STRICT_READS = True
 """Readers raise on an absent chunk (set False only to measure what the check costs: absent chunks then read as 0)."""
 
 # A store deliberately holds objects Zarr does not know (Parquet tables, manifest.json, locks/): Zarr's
 # member listing warns about each one; that warning says nothing useful to an actstore user.
-warnings.filterwarnings("ignore", message=r"Object at .* is not recognized as a component of a Zarr hierarchy")
+warnings.filterwarnings(
+    "ignore", message=r"Object at .* is not recognized as a component of a Zarr hierarchy"
+)
 # Every chunk is written, even one that holds only the fill value: an absent chunk then always means damage,
 # and readers raise on it (MissingChunk) instead of reading zeros.
 zarr.config.set({"array.write_empty_chunks": True})
@@ -226,7 +230,11 @@ class Location:
             entries = self.fs.ls(path, detail=True)
         except (FileNotFoundError, NotADirectoryError):
             return []
-        names = sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory")
+        names = sorted(
+            e["name"].rstrip("/").rsplit("/", 1)[-1]
+            for e in entries
+            if e.get("type") == "directory"
+        )
         for name in names:  # an object store may list '..' or '' from a key such as models/../x: refuse, never follow
             check_key(f"{key}/{name}" if key else name)
         return names
@@ -268,7 +276,9 @@ class Location:
                 elif e.is_file(follow_symlinks=False):
                     try:
                         out[ek] = e.stat(follow_symlinks=False).st_size
-                    except FileNotFoundError:  # removed since the listing (another writer's temporary file): not there
+                    except (
+                        FileNotFoundError
+                    ):  # removed since the listing (another writer's temporary file): not there
                         continue
         return dict(sorted(out.items()))
 
@@ -324,7 +334,13 @@ class Location:
                 except FileExistsError:
                     return False
                 except OSError as exc:  # no hard links here (some network or FUSE filesystems)
-                    if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                    if exc.errno not in (
+                        errno.EPERM,
+                        errno.ENOTSUP,
+                        errno.EOPNOTSUPP,
+                        errno.EXDEV,
+                        errno.EMLINK,
+                    ):
                         raise
                     return self._create_excl_open(p, data)
                 return True
@@ -407,7 +423,11 @@ class Location:
             path,
             info.get("size"),
             str(
-                info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime") or info.get("last_modified")
+                info.get("ETag")
+                or info.get("etag")
+                or info.get("LastModified")
+                or info.get("mtime")
+                or info.get("last_modified")
             ),
         )
 
@@ -422,11 +442,15 @@ class Location:
         """A binary file object for ``key``; remote files read in ranged blocks, not whole."""
         if self.local:
             return open(self.fs_path(key), "rb")  # noqa: SIM115
-        return self.fs.open(self.fs_path(key), "rb", block_size=PARQUET_BLOCK_SIZE, cache_type="readahead")
+        return self.fs.open(
+            self.fs_path(key), "rb", block_size=PARQUET_BLOCK_SIZE, cache_type="readahead"
+        )
 
     def read_only_fs(self) -> Any:
         """The filesystem wrapped so that nothing can write through it (for DuckDB and pyarrow)."""
-        return self.fs if getattr(self.fs, "inner", None) is not None else ReadOnlyFileSystem(self.fs)
+        return (
+            self.fs if getattr(self.fs, "inner", None) is not None else ReadOnlyFileSystem(self.fs)
+        )
 
     def read_parquet(self, keys: list[str], columns: list[str] | None = None) -> Any:
         """Parquet files ``keys`` as one polars DataFrame, reading only what is needed from a remote store."""
@@ -436,7 +460,9 @@ class Location:
         if self.local:
             return pl.read_parquet([self.join(k) for k in keys], columns=columns)
         paths = [self.fs_path(k) for k in keys]
-        return pl.DataFrame(pl.from_arrow(pq.read_table(paths, filesystem=self.read_only_fs(), columns=columns)))
+        return pl.DataFrame(
+            pl.from_arrow(pq.read_table(paths, filesystem=self.read_only_fs(), columns=columns))
+        )
 
 
 def _read_only_filesystem_class() -> type:
@@ -469,7 +495,9 @@ def _read_only_filesystem_class() -> type:
         def info(self, path: str, **kw: Any) -> Any:
             return self.inner.info(path, **kw)
 
-        def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kw: Any) -> Any:
+        def cat_file(
+            self, path: str, start: int | None = None, end: int | None = None, **kw: Any
+        ) -> Any:
             return self.inner.cat_file(path, start=start, end=end, **kw)
 
         def exists(self, path: str, **kw: Any) -> bool:
@@ -520,7 +548,15 @@ def _remote_fs(url: str, opts: dict[str, Any]) -> tuple[Any, str]:
         fs, root = fsspec.core.url_to_fs(url, **opts)
     except ImportError as exc:
         scheme = url.split("://", 1)[0]
-        pkg = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}
+        pkg = {
+            "s3": "s3fs",
+            "s3a": "s3fs",
+            "gs": "gcsfs",
+            "gcs": "gcsfs",
+            "az": "adlfs",
+            "abfs": "adlfs",
+            "abfss": "adlfs",
+        }
         raise ConfigError(
             f"opening {url} needs the fsspec backend for {scheme}://: pip install {pkg.get(scheme, 'its fsspec package')} "
             "(or pip install 'actstore[remote]')"
@@ -542,7 +578,10 @@ def remote_options(url: str, opts: dict[str, Any]) -> dict[str, Any]:
 
 
 def open_location(
-    path: str, storage_options: dict[str, Any] | None = None, create: bool = False, writable: bool = False
+    path: str,
+    storage_options: dict[str, Any] | None = None,
+    create: bool = False,
+    writable: bool = False,
 ) -> Location:
     """Resolve a path or URL into a :class:`Location`.
 
@@ -566,23 +605,43 @@ def open_location(
                 probe.write_bytes(b"")
                 probe.unlink()
             except OSError as exc:
-                raise StoreError(f"cannot write to store {p}: {exc.strerror or exc}; choose a writable path") from None
+                raise StoreError(
+                    f"cannot write to store {p}: {exc.strerror or exc}; choose a writable path"
+                ) from None
         elif not p.exists():
-            raise StoreError(f"store {p} does not exist: check the path, or run actstore extract to create it")
+            raise StoreError(
+                f"store {p} does not exist: check the path, or run actstore extract to create it"
+            )
         elif not p.is_dir():
             raise StoreError(f"store {p} is a file, not a folder: give the store's folder")
         ro = not (create or writable)
         fs = fsspec.filesystem("file")
-        return Location(str(p), ReadOnlyFileSystem(fs) if ro else fs, str(p), SafeLocalStore(str(p), read_only=ro), opts, ro)
+        return Location(
+            str(p),
+            ReadOnlyFileSystem(fs) if ro else fs,
+            str(p),
+            SafeLocalStore(str(p), read_only=ro),
+            opts,
+            ro,
+        )
     if path.startswith(READ_ONLY_SCHEMES) and (create or writable):
-        raise StoreError(f"{path} is an http(s) URL, which is read-only: write to a local path or an s3/gs/az bucket instead")
+        raise StoreError(
+            f"{path} is an http(s) URL, which is read-only: write to a local path or an s3/gs/az bucket instead"
+        )
     read_only = not (create or writable)
     opts = remote_options(path, opts)
     fs, root = _remote_fs(path, opts)
     # Zarr drives its own event loop, so it gets its own asynchronous instance of the filesystem
     zstore = zarr.storage.FsspecStore.from_url(path, storage_options=opts, read_only=read_only)
     # a read-only location hands out only a read-only filesystem (DuckDB, pyarrow and polars get this one)
-    return Location(path.rstrip("/"), ReadOnlyFileSystem(fs) if read_only else fs, root.rstrip("/"), zstore, opts, read_only)
+    return Location(
+        path.rstrip("/"),
+        ReadOnlyFileSystem(fs) if read_only else fs,
+        root.rstrip("/"),
+        zstore,
+        opts,
+        read_only,
+    )
 
 
 class SafeLocalStore(zarr.storage.LocalStore):
@@ -650,7 +709,9 @@ def _strict_reads(inner: Any) -> Any:
         def _with_store(self, store: Any) -> Any:
             return type(self)(store)
 
-        def with_read_only(self, read_only: bool = False) -> Any:  # zarr < 3.1.6 asks before opening with mode="r"
+        def with_read_only(
+            self, read_only: bool = False
+        ) -> Any:  # zarr < 3.1.6 asks before opening with mode="r"
             return type(self)(self._store.with_read_only(read_only))
 
         async def get(self, key: str, prototype: Any = None, byte_range: Any = None) -> Any:

@@ -148,20 +148,38 @@ def read_lock(loc: Location, name: str) -> LockInfo | None:
         return None
     try:
         raw = json.loads(data)
-        info = LockInfo(**{k: raw[k] for k in REQUIRED}, expires=str(raw.get("expires", "")),
-                        renewed=str(raw.get("renewed", "")), mtime=mtime)  # fmt: skip
-        if not (isinstance(info.owner, str) and isinstance(info.pid, int) and isinstance(info.host, str)):
+        info = LockInfo(
+            **{k: raw[k] for k in REQUIRED},
+            expires=str(raw.get("expires", "")),
+            renewed=str(raw.get("renewed", "")),
+            mtime=mtime,
+        )
+        if not (
+            isinstance(info.owner, str) and isinstance(info.pid, int) and isinstance(info.host, str)
+        ):
             raise TypeError("fields of the wrong type")
         return info
-    except (ValueError, KeyError, TypeError, RecursionError):  # half-written or foreign: an unknown holder
+    except (
+        ValueError,
+        KeyError,
+        TypeError,
+        RecursionError,
+    ):  # half-written or foreign: an unknown holder
         return LockInfo(name, "?", -1, "?", "?", "unreadable lock object", mtime=mtime)
 
 
 class StoreLock:
     """An exclusive lock on one named unit of a store; use as a context manager or acquire/release."""
 
-    def __init__(self, loc: Location, name: str, purpose: str = "actstore", break_lock: bool = False,
-                 lease_s: float | None = None, say: Callable[[str], None] | None = to_stderr) -> None:  # fmt: skip
+    def __init__(
+        self,
+        loc: Location,
+        name: str,
+        purpose: str = "actstore",
+        break_lock: bool = False,
+        lease_s: float | None = None,
+        say: Callable[[str], None] | None = to_stderr,
+    ) -> None:
         self.loc, self.name, self.purpose, self.break_lock = loc, name, purpose, break_lock
         self.info = LockInfo(name, uuid.uuid4().hex, os.getpid(), socket.gethostname(), "", purpose)
         self.lease_s = lease_s
@@ -194,8 +212,10 @@ class StoreLock:
         """What a writer waiting for this lock says: whom it waits for, until when, and what to do."""
         until = holder.lapses(self.lease_s)
         when = f"until {iso(until)} at the latest" if until is not None else "until it finishes"
-        return (f"waiting for {self.name} in {self.loc.url}, held by {holder.describe(self.lease_s)}, {when}; "
-                "if that writer is dead, stop and rerun with --break-lock")  # fmt: skip
+        return (
+            f"waiting for {self.name} in {self.loc.url}, held by {holder.describe(self.lease_s)}, {when}; "
+            "if that writer is dead, stop and rerun with --break-lock"
+        )
 
     def _try(self) -> LockInfo | None:
         """Take the lock if free (or stale); return None on success, else the holder."""
@@ -221,13 +241,17 @@ class StoreLock:
     def try_acquire(self) -> LockInfo | None:
         """Take the lock if it is free or stale: None when taken, else the live holder (nothing raised)."""
         if self.loc.read_only:
-            raise StoreError(f"store {self.loc.url} is opened read-only: cannot lock {self.name} for writing")
+            raise StoreError(
+                f"store {self.loc.url} is opened read-only: cannot lock {self.name} for writing"
+            )
         return self._try()
 
     def acquire(self, wait_s: float = 0.0) -> StoreLock:
         """Take the lock, waiting up to ``wait_s`` seconds for a live holder; else raise ConcurrencyError."""
         if self.loc.read_only:
-            raise StoreError(f"store {self.loc.url} is opened read-only: cannot lock {self.name} for writing")
+            raise StoreError(
+                f"store {self.loc.url} is opened read-only: cannot lock {self.name} for writing"
+            )
         deadline = time.monotonic() + wait_s
         told: set[tuple[str, str]] = set()
         while True:
@@ -355,5 +379,7 @@ class LockSet:
         for name in list(self.locks):
             try:
                 self.release(name)
-            except Exception:  # best effort: a lock we cannot delete goes stale and is taken over later
+            except (
+                Exception
+            ):  # best effort: a lock we cannot delete goes stale and is taken over later
                 pass

@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 REMOTE_SCHEMES = (
-    "s3://", "s3a://", "gs://", "gcs://", "az://", "abfs://", "abfss://", "adl://", "http://", "https://", "memory://",
-)  # fmt: skip
+    "s3://",
+    "s3a://",
+    "gs://",
+    "gcs://",
+    "az://",
+    "abfs://",
+    "abfss://",
+    "adl://",
+    "http://",
+    "https://",
+    "memory://",
+)
 READ_ONLY_SCHEMES = ("http://", "https://")
 
 

@@ -29,7 +29,9 @@ if TYPE_CHECKING:
 class StackedActivations:
     """Array-like over several row-aligned sources: ``stacked[a:b]`` is float32 ``(b - a, n_sources * d_model)``."""
 
-    def __init__(self, parts: list[Activations], sources: list[Source], tokenization: str | None) -> None:
+    def __init__(
+        self, parts: list[Activations], sources: list[Source], tokenization: str | None
+    ) -> None:
         self.parts = parts
         self.sources = sources
         self.tokenization = tokenization
@@ -57,7 +59,9 @@ class StackedActivations:
             raise TypeError("stacked activations support contiguous slices [a:b]")
         start, stop, _ = key.indices(self.n_rows)
         stop = max(start, stop)
-        return np.concatenate([p[start:stop] for p in self.parts], axis=1)  # (stop - start, n_sources * d_source)
+        return np.concatenate(
+            [p[start:stop] for p in self.parts], axis=1
+        )  # (stop - start, n_sources * d_source)
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """Rows at arbitrary indices, float32 ``(len(rows), n_sources * d_source)``."""
@@ -66,13 +70,23 @@ class StackedActivations:
             raise IndexError(f"rows out of range for {self.n_rows} rows committed in every source")
         return np.concatenate([p.take(rows) for p in self.parts], axis=1)
 
-    def iter_chunks(self, start: int = 0, stop: int | None = None, rows: int | None = None, prefetch: int = 2,
-                    fetchers: int | None = None) -> Iterator[Chunk]:  # fmt: skip
+    def iter_chunks(
+        self,
+        start: int = 0,
+        stop: int | None = None,
+        rows: int | None = None,
+        prefetch: int = 2,
+        fetchers: int | None = None,
+    ) -> Iterator[Chunk]:
         """Stream ``[start, stop)`` in blocks of ``rows`` (default one stored object), in order, reading ahead."""
         stop = self.n_rows if stop is None else min(stop, self.n_rows)
         step = rows or self.chunk_rows
         bounds = [(a, min(a + step, stop)) for a in range(start, stop, step)]
-        return prefetched(lambda _stop: (Chunk(a, b, self[a:b]) for a, b in bounds), prefetch, name="actstore-chunks")
+        return prefetched(
+            lambda _stop: (Chunk(a, b, self[a:b]) for a, b in bounds),
+            prefetch,
+            name="actstore-chunks",
+        )
 
     def source_slice(self, i: int) -> slice:
         """Columns of source ``i`` in a stacked row."""
@@ -81,7 +95,9 @@ class StackedActivations:
 
 def stacked_activations(store: Store, sources: list[Source]) -> StackedActivations:
     """The sources' rows side by side, refused (ConfigError) unless they share a tokenization and a width."""
-    toks = {s.model: store.model_info(s.model).tokenization for s in sources}  # NotFoundError names a model
+    toks = {
+        s.model: store.model_info(s.model).tokenization for s in sources
+    }  # NotFoundError names a model
     if len(set(toks.values())) > 1:
         detail = ", ".join(f"{m}: {t}" for m, t in toks.items())
         raise ConfigError(
@@ -92,5 +108,7 @@ def stacked_activations(store: Store, sources: list[Source]) -> StackedActivatio
     widths = {s.label(): p.d_model for s, p in zip(sources, parts, strict=True)}
     if len(set(widths.values())) > 1:
         detail = ", ".join(f"{k}: {v}" for k, v in widths.items())
-        raise ConfigError(f"a crosscoder's sources must have one width, but in {store.url} they differ ({detail})")
+        raise ConfigError(
+            f"a crosscoder's sources must have one width, but in {store.url} they differ ({detail})"
+        )
     return StackedActivations(parts, sources, next(iter(toks.values())))

@@ -25,7 +25,9 @@ def _need(module: str) -> Any:
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError:
-        raise ConfigError(f"{module} is not installed: pip install 'actstore[xarray]' (xarray and dask)") from None
+        raise ConfigError(
+            f"{module} is not installed: pip install 'actstore[xarray]' (xarray and dask)"
+        ) from None
 
 
 class _Decoded:
@@ -50,7 +52,13 @@ def to_dask(store: Any, model: str, layer: int, n_rows: int | None = None) -> An
     acts = store.activations(model, layer)
     n = len(acts) if n_rows is None else min(n_rows, len(acts))
     name = f"actstore-{store.url}-{layout.layer_array(model, layer)}-{acts.attrs.created}-{n}"
-    return da.from_array(_Decoded(acts, n), chunks=(acts.chunk_rows, acts.d_model), name=name, asarray=False, fancy=False)
+    return da.from_array(
+        _Decoded(acts, n),
+        chunks=(acts.chunk_rows, acts.d_model),
+        name=name,
+        asarray=False,
+        fancy=False,
+    )
 
 
 def to_xarray(store: Any, model: str, layers: list[int] | None = None) -> Any:
@@ -67,15 +75,28 @@ def to_xarray(store: Any, model: str, layers: list[int] | None = None) -> Any:
     first_row, _ = tok.sample_rows()  # (n_samples,) each
     chunk = tok.chunk_rows
     rows = da.arange(n, chunks=chunk, dtype=np.int64)
-    sample = rows.map_blocks(lambda r: np.searchsorted(first_row, r, side="right") - 1, dtype=np.int64)
+    sample = rows.map_blocks(
+        lambda r: np.searchsorted(first_row, r, side="right") - 1, dtype=np.int64
+    )
     position = rows - sample.map_blocks(lambda s: first_row[s], dtype=np.int64)
     token_id = da.from_array(tok.array("token_id"), chunks=chunk)[:n]
-    data = {layout.layer_name(layer): (("token", "d_model"), to_dask(store, model, layer, n)) for layer in layers}
-    coords = {"token": np.arange(n), "sample": ("token", sample), "position": ("token", position),
-              "token_id": ("token", token_id)}  # fmt: skip
-    ds = xr.Dataset(data, coords=coords, attrs={"model": model, "store": store.url, "tokenization": tok.key})
+    data = {
+        layout.layer_name(layer): (("token", "d_model"), to_dask(store, model, layer, n))
+        for layer in layers
+    }
+    coords = {
+        "token": np.arange(n),
+        "sample": ("token", sample),
+        "position": ("token", position),
+        "token_id": ("token", token_id),
+    }
+    ds = xr.Dataset(
+        data, coords=coords, attrs={"model": model, "store": store.url, "tokenization": tok.key}
+    )
     for layer in layers:
         attrs = store.layer_attrs(model, layer)
-        plain = {k: v for k, v in attrs.to_dict().items() if isinstance(v, str | int | float | bool)}
+        plain = {
+            k: v for k, v in attrs.to_dict().items() if isinstance(v, str | int | float | bool)
+        }
         ds[layout.layer_name(layer)].attrs.update(plain)
     return ds

@@ -33,16 +33,24 @@ def layer_list(spec: str) -> list[int]:
         try:
             ends = [int(x) for x in part.split("-", 1)] if "-" in part[1:] else [int(part)]
         except ValueError:
-            raise ConfigError(f"cannot read layers {spec!r}: use numbers like 2,4,6 or a range 0-6") from None
+            raise ConfigError(
+                f"cannot read layers {spec!r}: use numbers like 2,4,6 or a range 0-6"
+            ) from None
         if len(ends) == 2 and ends[1] < ends[0]:
-            raise ConfigError(f"layer range {part!r} runs backwards: write it low-high, e.g. {ends[1]}-{ends[0]}")
+            raise ConfigError(
+                f"layer range {part!r} runs backwards: write it low-high, e.g. {ends[1]}-{ends[0]}"
+            )
         out += range(ends[0], ends[-1] + 1)
     return out
 
 
 def parse_layers(spec: str | list[int] | tuple[int, ...]) -> list[int]:
     """``"2,4,6"``, ``"0-6"`` or a list -> sorted unique ints."""
-    out = sorted({int(x) for x in spec}) if isinstance(spec, list | tuple) else sorted(set(layer_list(spec)))
+    out = (
+        sorted({int(x) for x in spec})
+        if isinstance(spec, list | tuple)
+        else sorted(set(layer_list(spec)))
+    )
     if not out:
         raise ConfigError("no layers given: use --layers 2,4,6, a range 0-6, or 'all'")
     return out
@@ -100,19 +108,31 @@ class ExtractConfig:
 
     def __post_init__(self) -> None:
         if self.codec not in codecs.CODECS:
-            raise ConfigError(f"unknown codec {self.codec!r}: choose one of {', '.join(codecs.CODECS)}")
+            raise ConfigError(
+                f"unknown codec {self.codec!r}: choose one of {', '.join(codecs.CODECS)}"
+            )
         if self.batch_size <= 0:
             raise ConfigError(f"--batch-size must be positive, got {self.batch_size}")
         if self.max_length is not None and self.max_length < 2:
             raise ConfigError(f"--max-length must be at least 2, got {self.max_length}")
-        if self.chunk_rows <= 0 or self.unit_mb <= 0 or (self.unit_rows is not None and self.unit_rows <= 0):
+        if (
+            self.chunk_rows <= 0
+            or self.unit_mb <= 0
+            or (self.unit_rows is not None and self.unit_rows <= 0)
+        ):
             raise ConfigError("chunk_rows, unit_mb and unit_rows must be positive")
-        if any(v is not None and v <= 0 for v in (self.threads, self.ray_workers, self.writer_threads)):
+        if any(
+            v is not None and v <= 0 for v in (self.threads, self.ray_workers, self.writer_threads)
+        ):
             raise ConfigError("--threads, --ray-workers and --writer-threads must be positive")
         if self.codec_on not in CODEC_PLACES:
-            raise ConfigError(f"unknown --codec-on {self.codec_on!r}: choose one of {', '.join(CODEC_PLACES)}")
+            raise ConfigError(
+                f"unknown --codec-on {self.codec_on!r}: choose one of {', '.join(CODEC_PLACES)}"
+            )
         if self.compression not in COMPRESSIONS:
-            raise ConfigError(f"unknown --compression {self.compression!r}: choose one of {', '.join(COMPRESSIONS)}")
+            raise ConfigError(
+                f"unknown --compression {self.compression!r}: choose one of {', '.join(COMPRESSIONS)}"
+            )
         if self.window is not None and self.window < 2:
             raise ConfigError(f"--window must be at least 2 tokens, got {self.window}")
         if self.stride is not None and (self.window is None or not 1 <= self.stride <= self.window):
@@ -124,9 +144,13 @@ class ExtractConfig:
         from actstore.models.names import MODEL_DTYPES
 
         if self.dtype not in MODEL_DTYPES:
-            raise ConfigError(f"unknown --dtype {self.dtype!r}: choose one of {', '.join(MODEL_DTYPES)}")
+            raise ConfigError(
+                f"unknown --dtype {self.dtype!r}: choose one of {', '.join(MODEL_DTYPES)}"
+            )
         if self.inner_rows < 0:
-            raise ConfigError(f"--inner-rows must be 0 (unsharded) or positive, got {self.inner_rows}")
+            raise ConfigError(
+                f"--inner-rows must be 0 (unsharded) or positive, got {self.inner_rows}"
+            )
         if self.layers != "all":
             self.layers = parse_layers(self.layers)
         if self.name is not None:
@@ -137,7 +161,9 @@ class ExtractConfig:
 
     def zstd(self) -> bool:
         """Whether new layer arrays are zstd'd (``compression`` resolved for ``codec``)."""
-        return self.compression == "zstd" or (self.compression == "auto" and self.codec in ZSTD_CODECS)
+        return self.compression == "zstd" or (
+            self.compression == "auto" and self.codec in ZSTD_CODECS
+        )
 
 
 class Source(NamedTuple):
@@ -158,7 +184,9 @@ def parse_sources(models: str | list[str], layers: str | list[int] | int) -> lis
     ms = [m.strip() for m in models.split(",")] if isinstance(models, str) else list(models)
     if isinstance(layers, int):
         layers = [layers]
-    ls = layer_list(layers) if isinstance(layers, str) else [int(v) for v in layers]  # in order: model i at layer i
+    ls = (
+        layer_list(layers) if isinstance(layers, str) else [int(v) for v in layers]
+    )  # in order: model i at layer i
     ms = [m for m in ms if m]
     if not ms or not ls:
         raise ConfigError("a crosscoder needs --models (comma separated) and --layer or --layers")
@@ -167,12 +195,18 @@ def parse_sources(models: str | list[str], layers: str | list[int] | int) -> lis
     elif len(ls) == 1:
         ls = ls * len(ms)
     if len(ms) != len(ls):
-        raise ConfigError(f"--models has {len(ms)} entries and --layers {len(ls)}: give one layer, one model, or as many of each")
+        raise ConfigError(
+            f"--models has {len(ms)} entries and --layers {len(ls)}: give one layer, one model, or as many of each"
+        )
     sources = [Source(m, lay) for m, lay in zip(ms, ls, strict=True)]
     if len(sources) < 2:
-        raise ConfigError("a crosscoder reads at least two sources: --models A,B (same layer) or --models A --layers L1,L2")
+        raise ConfigError(
+            "a crosscoder reads at least two sources: --models A,B (same layer) or --models A --layers L1,L2"
+        )
     if len(set(sources)) != len(sources):
-        raise ConfigError(f"a crosscoder's sources must differ, got {', '.join(s.label() for s in sources)}")
+        raise ConfigError(
+            f"a crosscoder's sources must differ, got {', '.join(s.label() for s in sources)}"
+        )
     if any(s.layer < 0 for s in sources):
         raise ConfigError("layers must be >= 0")
     return sources

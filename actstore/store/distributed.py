@@ -38,7 +38,9 @@ class ExtractActor:
         return os.getpid()
 
 
-def extract_on_ray(job: ExtractJob, loc: Location, address: str, workers: int | None, progress: bool, desc: str) -> int:
+def extract_on_ray(
+    job: ExtractJob, loc: Location, address: str, workers: int | None, progress: bool, desc: str
+) -> int:
     """Every pending unit of ``job`` computed by Ray actors; returns the rows they computed."""
     from tqdm.auto import tqdm
 
@@ -47,13 +49,21 @@ def extract_on_ray(job: ExtractJob, loc: Location, address: str, workers: int | 
         actor = ray.remote(ExtractActor).options(**opts)
         n = workers or default_workers(ray, job.threads)
         pending = job.pending(loc)
-        bar = tqdm(total=job.n_rows, initial=job.n_rows - sum(b - a for a, b in pending), desc=desc, unit="tok",
-                   unit_scale=True, disable=not progress)  # fmt: skip
+        bar = tqdm(
+            total=job.n_rows,
+            initial=job.n_rows - sum(b - a for a, b in pending),
+            desc=desc,
+            unit="tok",
+            unit_scale=True,
+            disable=not progress,
+        )
         pool = ActorPool(ray, lambda: actor.remote(job.to_dict()), min(n, max(1, len(pending))))
         computed = 0
         try:
             claimed: list[tuple[int, int]] = []
-            retried: set[int] = set()  # units whose actor died while it had them: it may have written them whole
+            retried: set[int] = (
+                set()
+            )  # units whose actor died while it had them: it may have written them whole
 
             def done(u0: int, outcome: str) -> None:
                 nonlocal computed
@@ -68,12 +78,16 @@ def extract_on_ray(job: ExtractJob, loc: Location, address: str, workers: int | 
             while pending:
                 claimed.clear()
                 pool.map("run", [u0 for u0, _ in pending], done, retried.add)
-                pool.call_all("flush")  # every queued unit written (or lost with its actor: handed out again)
+                pool.call_all(
+                    "flush"
+                )  # every queued unit written (or lost with its actor: handed out again)
                 pending = job.pending(loc)
                 bar.n = job.n_rows - sum(b - a for a, b in pending)
                 bar.refresh()
                 if pending and claimed:
-                    time.sleep(POLL_S)  # another driver's workers hold these: wait for their markers or lapsed claims
+                    time.sleep(
+                        POLL_S
+                    )  # another driver's workers hold these: wait for their markers or lapsed claims
         finally:
             bar.close()
             for a in pool.actors:

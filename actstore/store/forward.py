@@ -57,18 +57,26 @@ class Batch(NamedTuple):
 def ragged(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For pieces of ``counts (p,)`` elements: each element's piece and its offset within it, ``(sum(counts),)`` each."""
     piece = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
-    offset = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    offset = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(
+        np.cumsum(counts) - counts, counts
+    )
     return piece, offset
 
 
-def packed_batches(tap: LayerTap, pieces: Pieces, u0: int, u1: int, batch_size: int, device: str) -> Iterator[Batch]:
+def packed_batches(
+    tap: LayerTap, pieces: Pieces, u0: int, u1: int, batch_size: int, device: str
+) -> Iterator[Batch]:
     """The forward batches of rows ``[u0, u1)``, longest pieces first. Inputs are built and the owned rows located
     with one index operation per batch, not a loop over the pieces."""
     ids, starts, lens, keep = pieces
     base = int(starts[0])
     order = np.argsort(-lens, kind="stable")  # bucket by length: longest first
     cuda = device.startswith("cuda")
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    amp = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if cuda
+        else torch.autocast("cpu", enabled=False)
+    )
     for b0 in range(0, len(order), batch_size):
         sel = order[b0 : b0 + batch_size]
         n_tok, width = lens[sel].astype(np.int64), int(lens[sel].max())
@@ -77,13 +85,20 @@ def packed_batches(tap: LayerTap, pieces: Pieces, u0: int, u1: int, batch_size: 
         mask = np.zeros((len(sel), width), dtype=np.int64)
         inp[j, off] = ids[starts[sel][j] - base + off]
         mask[j, off] = 1
-        r0 = np.maximum(starts[sel] + keep[sel], u0)  # the rows each piece owns within the unit: [r0, r1)
+        r0 = np.maximum(
+            starts[sel] + keep[sel], u0
+        )  # the rows each piece owns within the unit: [r0, r1)
         r1 = np.minimum(starts[sel] + n_tok, u1)
         jo, oo = ragged(np.maximum(r1 - r0, 0))
         pos = r0[jo] - starts[sel][jo] + oo  # (m,) position of each owned row in its piece
-        flat = torch.from_numpy(jo * width + pos).to(device, non_blocking=True)  # (m,) into (batch * width)
+        flat = torch.from_numpy(jo * width + pos).to(
+            device, non_blocking=True
+        )  # (m,) into (batch * width)
         with amp:
-            hs = tap(torch.from_numpy(inp).to(device, non_blocking=True), torch.from_numpy(mask).to(device, non_blocking=True))
+            hs = tap(
+                torch.from_numpy(inp).to(device, non_blocking=True),
+                torch.from_numpy(mask).to(device, non_blocking=True),
+            )
         yield Batch(r0[jo] - u0 + oo, hs, flat)
 
 
@@ -93,11 +108,15 @@ class HostRows:
     (encoded on the device), ``scales[layer] (unit_rows,)`` float16 for int8 encoded on the device. Pinned on CUDA, so
     the device-to-host copies run asynchronously."""
 
-    def __init__(self, layers: list[int], unit_rows: int, d_model: int, codec: str | None, pin: bool) -> None:
+    def __init__(
+        self, layers: list[int], unit_rows: int, d_model: int, codec: str | None, pin: bool
+    ) -> None:
         dtype = torch.float32 if codec is None else DEVICE_STORED_DTYPE[codec]
         new = lambda *shape, dt=dtype: torch.empty(*shape, dtype=dt, pin_memory=pin)  # noqa: E731
         self.values = {layer: new(unit_rows, d_model) for layer in layers}
-        self.scales = {layer: new(unit_rows, dt=torch.float16) for layer in layers} if codec == "int8" else {}
+        self.scales = (
+            {layer: new(unit_rows, dt=torch.float16) for layer in layers} if codec == "int8" else {}
+        )
 
 
 class HostSlots:
@@ -164,7 +183,9 @@ class UnitRows(NamedTuple):
         inv[self.order] = np.arange(len(self.order), dtype=np.int64)
         return inv
 
-    def stored(self, layer: int, codec: str, chan: np.ndarray | None, rows: np.ndarray) -> codecs.Encoded:
+    def stored(
+        self, layer: int, codec: str, chan: np.ndarray | None, rows: np.ndarray
+    ) -> codecs.Encoded:
         """Unit rows ``rows`` (packed indices, from :meth:`inverse`) of ``layer`` in their stored form: encoded here
         (bit for bit the device codec's bytes) or gathered from the device's encoding."""
         self.wait()
@@ -177,7 +198,9 @@ class UnitRows(NamedTuple):
         if values.dtype == np.int16:  # bf16 bits
             values = values.view(np.uint16)
         scale = self.slot.scales[layer].numpy().take(rows) if codec == "int8" else None
-        if scale is not None and not np.isfinite(scale).all():  # left unchecked on the device (no wait per batch)
+        if (
+            scale is not None and not np.isfinite(scale).all()
+        ):  # left unchecked on the device (no wait per batch)
             raise ValueError(codecs.SCALE_TOO_LARGE)
         return codecs.Encoded(values, scale)
 
@@ -188,9 +211,18 @@ class UnitRows(NamedTuple):
 
 
 def compute_unit(
-    tap: LayerTap, pieces: Pieces, u0: int, u1: int, layers: list[int], batch_size: int, device: str, slot: HostRows,
-    transfer: DeviceToHost, codec: str | None = None, chans: dict[int, torch.Tensor] | None = None,
-) -> UnitRows:  # fmt: skip
+    tap: LayerTap,
+    pieces: Pieces,
+    u0: int,
+    u1: int,
+    layers: list[int],
+    batch_size: int,
+    device: str,
+    slot: HostRows,
+    transfer: DeviceToHost,
+    codec: str | None = None,
+    chans: dict[int, torch.Tensor] | None = None,
+) -> UnitRows:
     """Rows ``[u0, u1)`` of every layer into ``slot``, packed in batch order: float32 (``codec`` None: the writer
     encodes them), or encoded on the device by :mod:`actstore.format.device_codecs` (bit for bit what
     ``codecs.encode`` gives; ``chans``: each int8 layer's channel scale on the device) so that only the stored dtype
@@ -204,7 +236,11 @@ def compute_unit(
         order[p0 : p0 + m] = batch.dest
         for layer in layers:
             dst = slot.values[layer][p0 : p0 + m]
-            if codec is None and batch.hidden[layer].dtype == torch.float32 and transfer.stream is None:
+            if (
+                codec is None
+                and batch.hidden[layer].dtype == torch.float32
+                and transfer.stream is None
+            ):
                 t = batch.hidden[layer]  # the gather writes straight into the slot
                 torch.index_select(t.reshape(-1, t.shape[-1]), 0, batch.flat, out=dst)
                 continue
@@ -212,7 +248,9 @@ def compute_unit(
             if codec is None:
                 transfer.copy(rows.to(torch.float32), dst)
                 continue
-            enc = device_codecs.encode(rows, codec, (chans or {}).get(layer), check=False)  # checked by the writer
+            enc = device_codecs.encode(
+                rows, codec, (chans or {}).get(layer), check=False
+            )  # checked by the writer
             transfer.copy(enc.values, dst)
             if enc.scale is not None:
                 transfer.copy(enc.scale, slot.scales[layer][p0 : p0 + m])
@@ -222,13 +260,28 @@ def compute_unit(
     return UnitRows(order, slot, codec is not None, transfer.fence())
 
 
-def forward_rows(tap: LayerTap, pieces: Pieces, u0: int, u1: int, layers: list[int], d_model: int, batch_size: int,
-                 device: str, codec: str | None = None, chans: dict[int, np.ndarray] | None = None) -> UnitRows:  # fmt: skip
+def forward_rows(
+    tap: LayerTap,
+    pieces: Pieces,
+    u0: int,
+    u1: int,
+    layers: list[int],
+    d_model: int,
+    batch_size: int,
+    device: str,
+    codec: str | None = None,
+    chans: dict[int, np.ndarray] | None = None,
+) -> UnitRows:
     """:func:`compute_unit` into a fresh slot (unpinned): a unit computed outside the writer's pool (the int8
     channel scale's first unit) and the reference of the tests."""
     slot = HostRows(layers, u1 - u0, d_model, codec, pin=False)
-    dev = {layer: torch.from_numpy(np.asarray(c, np.float32)).to(device) for layer, c in (chans or {}).items()}
-    return compute_unit(tap, pieces, u0, u1, layers, batch_size, device, slot, DeviceToHost(device), codec, dev)
+    dev = {
+        layer: torch.from_numpy(np.asarray(c, np.float32)).to(device)
+        for layer, c in (chans or {}).items()
+    }
+    return compute_unit(
+        tap, pieces, u0, u1, layers, batch_size, device, slot, DeviceToHost(device), codec, dev
+    )
 
 
 class UnitIndex:
@@ -238,7 +291,9 @@ class UnitIndex:
         tok = zarr.open_group(loc.zarr_store, path=layout.tokenization_dir(tk), mode="r")
         attrs = TokenizationAttrs.read(tok, f"tokenization {tk} of store {loc.url}")
         self.window, self.stride = attrs.window, attrs.stride
-        array = lambda name: zarr.open_array(loc.zarr_store, path=layout.token_array(tk, name), mode="r")  # noqa: E731
+        array = lambda name: zarr.open_array(
+            loc.zarr_store, path=layout.token_array(tk, name), mode="r"
+        )  # noqa: E731
         self.first_row = np.asarray(array("sample_first_row")[:], dtype=np.int64)  # (n_samples,)
         self.n_tok = np.asarray(array("sample_n_tokens")[:], dtype=np.int64)  # (n_samples,)
         self.token_id = array("token_id")

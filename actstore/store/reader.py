@@ -24,7 +24,14 @@ import zarr
 
 from actstore.errors import ActstoreError, ConfigError, IntegrityError, NotFoundError, StoreError
 from actstore.format import codecs, layout
-from actstore.format.metadata import LayerAttrs, ModelAttrs, StoreAttrs, TokenizationAttrs, damaged, has_attrs
+from actstore.format.metadata import (
+    LayerAttrs,
+    ModelAttrs,
+    StoreAttrs,
+    TokenizationAttrs,
+    damaged,
+    has_attrs,
+)
 from actstore.storage.location import Location, MissingChunk, check_key, open_location
 from actstore.store.units import committed_from_markers, completed_ranges, completed_units
 
@@ -81,7 +88,9 @@ class Tokenization:
         return self.attrs.chunk_rows
 
     def array(self, name: str) -> zarr.Array:
-        return zarr.open_array(self.store.loc.reader_store, path=layout.token_array(self.key, name), mode="r")
+        return zarr.open_array(
+            self.store.loc.reader_store, path=layout.token_array(self.key, name), mode="r"
+        )
 
     def token_ids(self, start: int, stop: int) -> np.ndarray:
         """Token ids of rows ``[start, stop)`` as int64 ``(stop - start,)``."""
@@ -96,7 +105,9 @@ class Tokenization:
 
     def parquet_keys(self, table: str) -> list[str]:
         """Store keys of the Parquet parts of ``table`` (tokens or samples)."""
-        return [check_key(layout.token_table_part(self.key, table, p["file"])) for p in self.attrs.parts]
+        return [
+            check_key(layout.token_table_part(self.key, table, p["file"])) for p in self.attrs.parts
+        ]
 
     def parquet_files(self, table: str) -> list[str]:
         return [self.store.loc.join(k) for k in self.parquet_keys(table)]
@@ -104,7 +115,9 @@ class Tokenization:
     def table(self, table: str) -> pl.DataFrame:
         keys = self.parquet_keys(table)
         if not keys:
-            raise NotFoundError(f"tokenization {self.key} of {self.store.url} has no {table} table yet: run actstore extract")
+            raise NotFoundError(
+                f"tokenization {self.key} of {self.store.url} has no {table} table yet: run actstore extract"
+            )
         return self.read_parquet(keys)
 
     def read_parquet(self, keys: list[str], columns: list[str] | None = None) -> pl.DataFrame:
@@ -129,12 +142,21 @@ class Activations:
     whose chunks are completely written.
     """
 
-    def __init__(self, values: zarr.Array, scale: zarr.Array | None, attrs: LayerAttrs, loc: Location | None = None) -> None:
+    def __init__(
+        self,
+        values: zarr.Array,
+        scale: zarr.Array | None,
+        attrs: LayerAttrs,
+        loc: Location | None = None,
+    ) -> None:
         self._loc = loc  # to name a corrupted chunk (actstore.integrity.chunk_error)
         self._values = values
         self._scale = scale
-        attrs.check_arrays(values.shape, None if scale is None else int(scale.shape[0]),
-                           where=f"array {values.path} of store {loc.url if loc else '?'}")  # fmt: skip
+        attrs.check_arrays(
+            values.shape,
+            None if scale is None else int(scale.shape[0]),
+            where=f"array {values.path} of store {loc.url if loc else '?'}",
+        )
         self.attrs = attrs
         self.codec: str = attrs.codec
         self.layer: int = attrs.layer
@@ -182,7 +204,9 @@ class Activations:
             scale = self._scale[start:stop] if self._scale is not None else None
         except Exception as exc:
             raise self._read_error(start, stop, exc) from None
-        return codecs.decode(np.asarray(vals), None if scale is None else np.asarray(scale), self.codec, self._chan)
+        return codecs.decode(
+            np.asarray(vals), None if scale is None else np.asarray(scale), self.codec, self._chan
+        )
 
     def completed_ranges(self) -> list[tuple[int, int]]:
         """Every completed row range ``[(start, stop), ...]``, sorted: the committed prefix, and in a format-3 array
@@ -195,17 +219,28 @@ class Activations:
     def iter_completed(self, rows: int | None = None, prefetch: int = 2) -> Iterator[Chunk]:
         """Stream every completed unit (:meth:`completed_ranges`), in row order, in blocks of at most ``rows``."""
         step = rows or self.chunk_rows
-        bounds = [(a, min(a + step, b)) for lo, b in self.completed_ranges() for a in range(lo, b, step)]
-        return prefetched(lambda _stop: (Chunk(a, b, self._read(a, b)) for a, b in bounds), prefetch, name="actstore-chunks")
+        bounds = [
+            (a, min(a + step, b)) for lo, b in self.completed_ranges() for a in range(lo, b, step)
+        ]
+        return prefetched(
+            lambda _stop: (Chunk(a, b, self._read(a, b)) for a, b in bounds),
+            prefetch,
+            name="actstore-chunks",
+        )
 
     def _read_error(self, start: int, stop: int, exc: BaseException) -> BaseException:
         from actstore.storage.integrity import chunk_error
 
-        if self._loc is None or (isinstance(exc, ActstoreError) and not isinstance(exc, MissingChunk)):
+        if self._loc is None or (
+            isinstance(exc, ActstoreError) and not isinstance(exc, MissingChunk)
+        ):
             return exc
 
         for arr in (self._values, self._scale):
-            if arr is not None and (err := chunk_error(self._loc, arr, start, stop, exc)) is not exc:
+            if (
+                arr is not None
+                and (err := chunk_error(self._loc, arr, start, stop, exc)) is not exc
+            ):
                 return err
         return exc
 
@@ -219,10 +254,17 @@ class Activations:
             scale = self._scale.get_orthogonal_selection(rows) if self._scale is not None else None
         except Exception as exc:
             raise self._read_error(int(rows.min()), int(rows.max()) + 1, exc) from None
-        return codecs.decode(np.asarray(vals), None if scale is None else np.asarray(scale), self.codec, self._chan)
+        return codecs.decode(
+            np.asarray(vals), None if scale is None else np.asarray(scale), self.codec, self._chan
+        )
 
     def iter_chunks(
-        self, start: int = 0, stop: int | None = None, rows: int | None = None, prefetch: int = 2, fetchers: int | None = None
+        self,
+        start: int = 0,
+        stop: int | None = None,
+        rows: int | None = None,
+        prefetch: int = 2,
+        fetchers: int | None = None,
     ) -> Iterator[Chunk]:
         """Stream ``[start, stop)`` in blocks of ``rows`` (default one stored object), in order, decoding ahead.
 
@@ -235,10 +277,18 @@ class Activations:
         if fetchers is None:
             fetchers = 1 if self._loc is None or self._loc.local else REMOTE_FETCHERS
         if fetchers <= 1:
-            return prefetched(lambda _stop: (Chunk(a, b, self[a:b]) for a, b in bounds), prefetch, name="actstore-chunks")
-        return prefetched(lambda halt: self._fetched(bounds, fetchers, halt), prefetch, name="actstore-chunks")
+            return prefetched(
+                lambda _stop: (Chunk(a, b, self[a:b]) for a, b in bounds),
+                prefetch,
+                name="actstore-chunks",
+            )
+        return prefetched(
+            lambda halt: self._fetched(bounds, fetchers, halt), prefetch, name="actstore-chunks"
+        )
 
-    def _fetched(self, bounds: list[tuple[int, int]], fetchers: int, halt: threading.Event) -> Iterator[Chunk]:
+    def _fetched(
+        self, bounds: list[tuple[int, int]], fetchers: int, halt: threading.Event
+    ) -> Iterator[Chunk]:
         """Blocks in order, ``fetchers`` of them being read at any time."""
         from collections import deque
         from concurrent.futures import ThreadPoolExecutor
@@ -267,7 +317,11 @@ class _Raised(NamedTuple):
 _END = object()
 
 
-def prefetched(produce: Callable[[threading.Event], Iterable[T]], depth: int = 2, name: str = "actstore-prefetch") -> Iterator[T]:
+def prefetched(
+    produce: Callable[[threading.Event], Iterable[T]],
+    depth: int = 2,
+    name: str = "actstore-prefetch",
+) -> Iterator[T]:
     """Iterate ``produce(stop)`` in a background thread, at most ``depth`` items ahead.
 
     Errors in the producer are raised in the consumer; when the consumer stops early, ``stop`` is set,
@@ -322,13 +376,21 @@ class Store:
                 raise StoreError(
                     f"{loc.url} is a Zarr v2 store; actstore stores are Zarr v3 (zarr.json): re-extract into a new store"
                 )
-            raise StoreError(f"{loc.url} is not an actstore store (no zarr.json): run actstore extract to create one")
+            raise StoreError(
+                f"{loc.url} is not an actstore store (no zarr.json): run actstore extract to create one"
+            )
         try:
-            self.root = zarr.open_group(loc.zarr_store, mode="r+" if writable else "r", zarr_format=3)
+            self.root = zarr.open_group(
+                loc.zarr_store, mode="r+" if writable else "r", zarr_format=3
+            )
         except (FileNotFoundError, ValueError, TypeError, KeyError) as exc:
-            raise StoreError(f"{loc.url}/zarr.json is not valid Zarr v3 group metadata ({exc}): the store is damaged") from None
+            raise StoreError(
+                f"{loc.url}/zarr.json is not valid Zarr v3 group metadata ({exc}): the store is damaged"
+            ) from None
         if not has_attrs(self.root):
-            raise StoreError(f"{loc.url} is a Zarr group but not an actstore store (no '{layout.ATTR}' attribute)")
+            raise StoreError(
+                f"{loc.url} is a Zarr group but not an actstore store (no '{layout.ATTR}' attribute)"
+            )
         fmt = StoreAttrs.read(self.root, f"store {loc.url}").format
         if fmt not in layout.READABLE_FORMATS:
             raise StoreError(
@@ -355,7 +417,9 @@ class Store:
         if key is None:
             key = self.attrs.default_tokenization or keys[0]
         if key not in keys:
-            raise NotFoundError(f"{self.url} has no tokenization {key!r}; it has: {', '.join(keys)}")
+            raise NotFoundError(
+                f"{self.url} has no tokenization {key!r}; it has: {', '.join(keys)}"
+            )
         grp = zarr.open_group(self.loc.zarr_store, path=layout.tokenization_dir(key), mode="r")
         return Tokenization(key, grp, self)
 
@@ -371,13 +435,17 @@ class Store:
     def _model_group(self, model: str) -> zarr.Group:
         if model not in self._children(layout.MODELS):
             known = ", ".join(self.models) or "none"
-            raise NotFoundError(f"model {model!r} is not in store {self.url} (models: {known}): check --model")
+            raise NotFoundError(
+                f"model {model!r} is not in store {self.url} (models: {known}): check --model"
+            )
         return zarr.open_group(self.loc.zarr_store, path=layout.model_dir(model), mode="r")
 
     def check_aligned(self, a: str, b: str) -> None:
         """ConfigError unless models ``a`` and ``b`` share a token index, so row ``i`` is the same token in both."""
         if self.model_info(a).tokenization != self.model_info(b).tokenization:
-            raise ConfigError(f"models {a} and {b} in {self.url} use different tokenizations: their rows are not aligned")
+            raise ConfigError(
+                f"models {a} and {b} in {self.url} use different tokenizations: their rows are not aligned"
+            )
 
     def model_info(self, model: str) -> ModelAttrs:
         return ModelAttrs.read(self._model_group(model), f"model {model} of store {self.url}")
@@ -395,8 +463,12 @@ class Store:
         self._model_group(model)
         if layer not in self.layers(model):
             have = ", ".join(map(str, self.layers(model))) or "none"
-            raise NotFoundError(f"layer {layer} of model {model!r} is not in store {self.url} (layers: {have}): extract it first")
-        return zarr.open_array(self.loc.reader_store, path=layout.layer_array(model, layer), mode="r")
+            raise NotFoundError(
+                f"layer {layer} of model {model!r} is not in store {self.url} (layers: {have}): extract it first"
+            )
+        return zarr.open_array(
+            self.loc.reader_store, path=layout.layer_array(model, layer), mode="r"
+        )
 
     def model_tokenization(self, model: str) -> Tokenization:
         return self.tokenization(self.model_info(model).tokenization)
@@ -408,7 +480,9 @@ class Store:
         attrs = LayerAttrs.read(values, f"array {values.path} of store {self.url}")
         scale = None
         if attrs.codec == "int8":
-            scale = zarr.open_array(self.loc.reader_store, path=layout.scale_array(model, layer), mode="r")
+            scale = zarr.open_array(
+                self.loc.reader_store, path=layout.scale_array(model, layer), mode="r"
+            )
         return Activations(values, scale, attrs, loc=self.loc)
 
     def to_dask(self, model: str, layer: int) -> Any:
@@ -436,7 +510,9 @@ class Store:
         return self.tokenization(tokenization).table("samples")
 
 
-def open_store(path: str, writable: bool = False, storage_options: dict[str, Any] | None = None) -> Store:
+def open_store(
+    path: str, writable: bool = False, storage_options: dict[str, Any] | None = None
+) -> Store:
     """Open an existing store by path or URL (read-only unless ``writable``)."""
     loc = open_location(path, storage_options=storage_options, create=False, writable=writable)
     return Store(loc, writable=writable)

@@ -52,10 +52,15 @@ def _same_data(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return a.get("source") == b.get("source")
 
 
-def _tokenization_key(tok_hash: str, max_length: int | None, window: int | None = None, stride: int | None = None) -> str:
+def _tokenization_key(
+    tok_hash: str, max_length: int | None, window: int | None = None, stride: int | None = None
+) -> str:
     if window is None:  # the key of every store before context windows
         return "t-" + hashlib.sha256(f"{tok_hash}:{max_length}".encode()).hexdigest()[:10]
-    return "t-" + hashlib.sha256(f"{tok_hash}:{max_length}:w{window}:s{stride}".encode()).hexdigest()[:10]
+    return (
+        "t-"
+        + hashlib.sha256(f"{tok_hash}:{max_length}:w{window}:s{stride}".encode()).hexdigest()[:10]
+    )
 
 
 def window_of(position: np.ndarray, window: int | None, stride: int | None) -> np.ndarray:
@@ -74,15 +79,28 @@ def window_of(position: np.ndarray, window: int | None, stride: int | None) -> n
 class _TokenIndexWriter:
     """Accumulates tokenized samples and writes the token index in parts."""
 
-    def __init__(self, loc: Location, grp: zarr.Group, key: str, tokenizer: Any, chunk_rows: int,
-                 window: int | None = None, stride: int | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        loc: Location,
+        grp: zarr.Group,
+        key: str,
+        tokenizer: Any,
+        chunk_rows: int,
+        window: int | None = None,
+        stride: int | None = None,
+    ) -> None:
         self.loc, self.grp, self.key, self.tok = loc, grp, key, tokenizer
         self.window, self.stride = window, stride
         idx_chunk = chunk_rows * 16
         mk = lambda name, dtype, chunk, dim: grp.create_array(  # noqa: E731
-            name, shape=(0,), chunks=(chunk,), dtype=dtype, fill_value=0, dimension_names=(dim,),
+            name,
+            shape=(0,),
+            chunks=(chunk,),
+            dtype=dtype,
+            fill_value=0,
+            dimension_names=(dim,),
             compressors=[zc.ZstdCodec(level=3), zc.Crc32cCodec()],
-        )  # fmt: skip
+        )
         self.arrays = {
             "sample": mk("sample", "int32", idx_chunk, "token"),
             "position": mk("position", "int32", idx_chunk, "token"),
@@ -112,7 +130,9 @@ class _TokenIndexWriter:
         lens = np.fromiter((len(x) for x in self.ids), dtype=np.int64, count=len(self.ids))
         n = int(lens.sum())
         first_row = self.n_tokens + np.concatenate([[0], np.cumsum(lens)[:-1]])
-        sample = np.repeat(np.arange(self.n_samples, self.n_samples + len(lens), dtype=np.int64), lens)
+        sample = np.repeat(
+            np.arange(self.n_samples, self.n_samples + len(lens), dtype=np.int64), lens
+        )
         position = np.arange(n, dtype=np.int64) - np.repeat(first_row - self.n_tokens, lens)
         token_id = np.fromiter((t for x in self.ids for t in x), dtype=np.int64, count=n)
         a = self.arrays
@@ -129,7 +149,11 @@ class _TokenIndexWriter:
                 "position": pa.array(position.astype(np.int32)),
                 "token_id": pa.array(token_id.astype(np.int32)),
                 "token": pa.array(self.tok.convert_ids_to_tokens(token_id.tolist()), pa.string()),
-                **({"window": pa.array(window_of(position, self.window, self.stride))} if self.window else {}),
+                **(
+                    {"window": pa.array(window_of(position, self.window, self.stride))}
+                    if self.window
+                    else {}
+                ),
             }
         )
         samples = pa.table(
@@ -147,7 +171,13 @@ class _TokenIndexWriter:
             with self.loc.open_output(layout.token_table_part(self.key, table_name, fname)) as f:
                 pq.write_table(table, f, row_group_size=65536, compression="zstd")
         self.parts.append(
-            {"file": fname, "first_row": self.n_tokens, "n_rows": n, "first_sample": self.n_samples, "n_samples": len(lens)}
+            {
+                "file": fname,
+                "first_row": self.n_tokens,
+                "n_rows": n,
+                "first_sample": self.n_samples,
+                "n_samples": len(lens),
+            }
         )
         self.n_tokens += n
         self.n_samples += len(lens)
@@ -171,11 +201,19 @@ def _tokenize_corpus(
 
     tok = loaded.tokenizer
     base = TokenizationAttrs(
-        tokenizer_sha256=loaded.tokenizer_sha256, tokenizer_ids_sha256=loaded.tokenizer_ids_sha256,
-        tokenizer_source=loaded.source, tokenizer_class=type(tok).__name__, max_length=max_length,
-        window=window or None, stride=stride if window else None, chunk_rows=chunk_rows, data=_data_fingerprint(corpus),
-        created=now(), complete=False, actstore_version=__version__,
-    )  # fmt: skip
+        tokenizer_sha256=loaded.tokenizer_sha256,
+        tokenizer_ids_sha256=loaded.tokenizer_ids_sha256,
+        tokenizer_source=loaded.source,
+        tokenizer_class=type(tok).__name__,
+        max_length=max_length,
+        window=window or None,
+        stride=stride if window else None,
+        chunk_rows=chunk_rows,
+        data=_data_fingerprint(corpus),
+        created=now(),
+        complete=False,
+        actstore_version=__version__,
+    )
     grp = root.create_group(layout.tokenization_dir(key), overwrite=True, attributes=base.as_zarr())
     for table in layout.TOKEN_TABLES:
         loc.rmtree(layout.token_table_dir(key, table))
@@ -186,14 +224,25 @@ def _tokenize_corpus(
     def run(batch: list) -> None:
         texts = [r.text for r in batch]
         if max_length is None:  # context windows and no cap: whole samples
-            for r, x in zip(batch, tok(texts, truncation=False, add_special_tokens=True)["input_ids"], strict=True):
+            for r, x in zip(
+                batch,
+                tok(texts, truncation=False, add_special_tokens=True)["input_ids"],
+                strict=True,
+            ):
                 w.add(r.id, r.label, r.text, list(x), False)
             bar.update(len(batch))
             return
-        ids = tok(texts, truncation=True, max_length=max_length + 1, add_special_tokens=True)["input_ids"]
+        ids = tok(texts, truncation=True, max_length=max_length + 1, add_special_tokens=True)[
+            "input_ids"
+        ]
         long = [i for i, x in enumerate(ids) if len(x) > max_length]
         if long:
-            fixed = tok([texts[i] for i in long], truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
+            fixed = tok(
+                [texts[i] for i in long],
+                truncation=True,
+                max_length=max_length,
+                add_special_tokens=True,
+            )["input_ids"]
             for i, x in zip(long, fixed, strict=True):
                 ids[i] = x
         long_set = set(long)
@@ -216,7 +265,12 @@ def _tokenize_corpus(
         )
     vocab_ids = list(range(len(tok)))  # every id the tokenizer can emit, added tokens included
     with loc.open_output(layout.vocab_file(key)) as f:
-        vocab = pa.table({"token_id": pa.array(vocab_ids, pa.int32()), "token": pa.array(tok.convert_ids_to_tokens(vocab_ids))})
+        vocab = pa.table(
+            {
+                "token_id": pa.array(vocab_ids, pa.int32()),
+                "token": pa.array(tok.convert_ids_to_tokens(vocab_ids)),
+            }
+        )
         pq.write_table(vocab, f, compression="zstd")
     dataclasses.replace(
         base,
@@ -230,13 +284,27 @@ def _tokenize_corpus(
     ).write(grp)
 
 
-def _windowed(loc: Location, root: zarr.Group, corpus: Corpus, loaded: LoadedModel, max_length: int | None,
-              chunk_rows: int, new_tokenization: bool, progress: bool, window: int, stride: int | None,
-              done: dict[str, TokenizationAttrs]) -> tuple[str, TokenizationAttrs]:  # fmt: skip
+def _windowed(
+    loc: Location,
+    root: zarr.Group,
+    corpus: Corpus,
+    loaded: LoadedModel,
+    max_length: int | None,
+    chunk_rows: int,
+    new_tokenization: bool,
+    progress: bool,
+    window: int,
+    stride: int | None,
+    done: dict[str, TokenizationAttrs],
+) -> tuple[str, TokenizationAttrs]:
     """:func:`choose_tokenization` for context windows: an index of the same tokenizer, cap, window and stride."""
     stride = stride or window
     key = _tokenization_key(loaded.tokenizer_ids_sha256, max_length, window, stride)
-    match = [k for k, a in done.items() if same_tokenizer(a, loaded) and a.same_index(max_length, window, stride)]
+    match = [
+        k
+        for k, a in done.items()
+        if same_tokenizer(a, loaded) and a.same_index(max_length, window, stride)
+    ]
     if match:
         key = match[0]
     else:
@@ -247,7 +315,9 @@ def _windowed(loc: Location, root: zarr.Group, corpus: Corpus, loaded: LoadedMod
                 f"length {other.max_length}, not window {window} / stride {stride}: its rows would not align; "
                 "pass --new-tokenization to add a separate token index, or use another store"
             )
-        _tokenize_corpus(loc, root, key, corpus, loaded, max_length, chunk_rows, progress, window, stride)
+        _tokenize_corpus(
+            loc, root, key, corpus, loaded, max_length, chunk_rows, progress, window, stride
+        )
         set_default_tokenization(loc, root, key)
     return key, read_tokenization(loc, key)
 
@@ -272,9 +342,17 @@ def set_default_tokenization(loc: Location, root: zarr.Group, key: str) -> None:
 
 
 def choose_tokenization(
-    loc: Location, root: zarr.Group, corpus: Corpus, loaded: LoadedModel, max_length: int | None, chunk_rows: int,
-    new_tokenization: bool, progress: bool, window: int | None = None, stride: int | None = None,
-) -> tuple[str, TokenizationAttrs]:  # fmt: skip
+    loc: Location,
+    root: zarr.Group,
+    corpus: Corpus,
+    loaded: LoadedModel,
+    max_length: int | None,
+    chunk_rows: int,
+    new_tokenization: bool,
+    progress: bool,
+    window: int | None = None,
+    stride: int | None = None,
+) -> tuple[str, TokenizationAttrs]:
     """The token index ``loaded`` reads in this store (made here if needed) and its attributes.
 
     Without ``max_length`` the length of an index made by the same tokenizer is taken, when the model accepts it,
@@ -289,26 +367,52 @@ def choose_tokenization(
                 f"{k} {a.data.get(k)!r} vs {fp.get(k)!r}"
                 for k in ("source", "sha256", "text_field", "label_field", "id_field", "limit")
                 if a.data.get(k) != fp.get(k) and not (k == "source" and fp.get("sha256"))
-            )  # fmt: skip
-            raise StoreError(f"store {loc.url} holds another corpus ({diff}): a store holds one corpus, so use a new store path")
+            )
+            raise StoreError(
+                f"store {loc.url} holds another corpus ({diff}): a store holds one corpus, so use a new store path"
+            )
     done = {k: a for k, a in existing.items() if a.complete}
     if window is not None:
         if window > loaded.position_limit:
-            raise ConfigError(f"--window {window} exceeds what {loaded.source} accepts ({loaded.position_limit} tokens)")
-        return _windowed(loc, root, corpus, loaded, max_length, chunk_rows, new_tokenization, progress, window, stride, done)
+            raise ConfigError(
+                f"--window {window} exceeds what {loaded.source} accepts ({loaded.position_limit} tokens)"
+            )
+        return _windowed(
+            loc,
+            root,
+            corpus,
+            loaded,
+            max_length,
+            chunk_rows,
+            new_tokenization,
+            progress,
+            window,
+            stride,
+            done,
+        )
     if max_length is None:
         shared = [a.max_length for a in done.values() if same_tokenizer(a, loaded) and not a.window]
         ok = [n for n in shared if isinstance(n, int) and 2 <= n <= loaded.position_limit]
         max_length = ok[0] if ok else loaded.max_length
     # a new token index is named by the tokenizer's identity (token ids), not its saved runtime state
     key = _tokenization_key(loaded.tokenizer_ids_sha256, max_length)
-    match = [k for k, a in done.items() if same_tokenizer(a, loaded) and a.same_index(max_length, None, None)]
-    if match:  # an existing token index gives the same ids (possibly named by an older hash): share it
+    match = [
+        k
+        for k, a in done.items()
+        if same_tokenizer(a, loaded) and a.same_index(max_length, None, None)
+    ]
+    if (
+        match
+    ):  # an existing token index gives the same ids (possibly named by an older hash): share it
         key = match[0]
     if key not in done:
         if done and not new_tokenization:
             other = next(iter(done.values()))
-            why = "tokenizer" if not same_tokenizer(other, loaded) else f"max length ({other.max_length})"
+            why = (
+                "tokenizer"
+                if not same_tokenizer(other, loaded)
+                else f"max length ({other.max_length})"
+            )
             raise TokenizerMismatchError(
                 f"{loaded.source} at max length {max_length} differs in {why} from the tokenization of store {loc.url} "
                 f"(made with {other.tokenizer_source}, max length {other.max_length}): its rows would not align; "

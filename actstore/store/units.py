@@ -88,7 +88,9 @@ def commit_prefix(array: str, loc: Location, channel_scale: list[float] | None =
     return rows
 
 
-def set_committed(arr: Any, rows: int, channel_scale: list[float] | None = None, where: str = "array") -> None:
+def set_committed(
+    arr: Any, rows: int, channel_scale: list[float] | None = None, where: str = "array"
+) -> None:
     """Write a layer array's ``committed_rows`` (with ``complete`` and ``updated``) and its ``channel_scale`` into its
     attributes, read afresh: the one place the prefix attribute is written, for every store format."""
     a = LayerAttrs.read(arr, where)

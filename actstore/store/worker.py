@@ -29,7 +29,15 @@ from actstore.format import layout
 from actstore.format.metadata import LayerAttrs
 from actstore.storage.location import Location, open_location
 from actstore.storage.locks import POLL_S, Renewer, StoreLock
-from actstore.store.forward import DeviceToHost, HostRows, HostSlots, UnitIndex, UnitRows, compute_unit, forward_rows
+from actstore.store.forward import (
+    DeviceToHost,
+    HostRows,
+    HostSlots,
+    UnitIndex,
+    UnitRows,
+    compute_unit,
+    forward_rows,
+)
 from actstore.store.units import UNIT_LEASE_S, completed_units
 from actstore.store.writer import Commit, ComputedUnit, MarkerCommit, PrefixCommit, UnitWriter
 
@@ -100,17 +108,24 @@ class ExtractJob:
     def committed(self, loc: Location) -> dict[int, int]:
         """Formats 1-2: each layer's committed prefix (:func:`prefix_rows`)."""
         return {
-            layer: prefix_rows(zarr.open_array(loc.zarr_store, path=layout.layer_array(self.model_key, layer), mode="r"),
-                               self.unit_rows, loc.url)
+            layer: prefix_rows(
+                zarr.open_array(
+                    loc.zarr_store, path=layout.layer_array(self.model_key, layer), mode="r"
+                ),
+                self.unit_rows,
+                loc.url,
+            )
             for layer in self.layers
-        }  # fmt: skip
+        }
 
     def pending(self, loc: Location) -> list[tuple[int, int]]:
         """The units some layer of this job has not recorded (one listing per layer)."""
         if not self.markers:
             committed = self.committed(loc)
             return [(u0, u1) for u0, u1 in self.units() if any(c <= u0 for c in committed.values())]
-        done = [completed_units(loc, layout.layer_array(self.model_key, layer)) for layer in self.layers]
+        done = [
+            completed_units(loc, layout.layer_array(self.model_key, layer)) for layer in self.layers
+        ]
         return [(u0, u1) for u0, u1 in self.units() if not all(u0 in d for d in done)]
 
 
@@ -139,33 +154,54 @@ class UnitWorker:
         from actstore.models.loading import auto_device, load_model
         from actstore.models.taps import LayerTap
 
-        if job.threads and loaded is None:  # a worker process of its own (a Ray actor); in process: extract's threads
+        if (
+            job.threads and loaded is None
+        ):  # a worker process of its own (a Ray actor); in process: extract's threads
             torch.set_num_threads(job.threads)
         self.job = job
-        self.loc = loc or open_location(job.store, storage_options=job.storage_options, create=False, writable=True)
+        self.loc = loc or open_location(
+            job.store, storage_options=job.storage_options, create=False, writable=True
+        )
         self.device = auto_device(job.device)
-        self.loaded = loaded if loaded is not None else load_model(job.model, self.device, job.dtype)
+        self.loaded = (
+            loaded if loaded is not None else load_model(job.model, self.device, job.dtype)
+        )
         self.tap = LayerTap(self.loaded, job.layers)
         self.index = UnitIndex(self.loc, job.tokenization, job.n_rows, job.unit_rows)
         self.arrays: dict[int, tuple[zarr.Array, zarr.Array | None]] = {}
         for layer in job.layers:
-            arr = zarr.open_array(self.loc.zarr_store, path=layout.layer_array(job.model_key, layer), mode="r+")
+            arr = zarr.open_array(
+                self.loc.zarr_store, path=layout.layer_array(job.model_key, layer), mode="r+"
+            )
             scale = None
             if job.codec == "int8":
-                scale = zarr.open_array(self.loc.zarr_store, path=layout.scale_array(job.model_key, layer), mode="r+")
+                scale = zarr.open_array(
+                    self.loc.zarr_store, path=layout.scale_array(job.model_key, layer), mode="r+"
+                )
             self.arrays[layer] = (arr, scale)
         cuda = self.device.startswith("cuda")
         self.on_device = cuda if job.codec_on_device is None else job.codec_on_device
         stored = job.codec if self.on_device else None
-        self.slots = HostSlots(SLOTS, lambda: HostRows(job.layers, job.unit_rows, self.loaded.d_model, stored, pin=cuda))
+        self.slots = HostSlots(
+            SLOTS,
+            lambda: HostRows(job.layers, job.unit_rows, self.loaded.d_model, stored, pin=cuda),
+        )
         self.transfer = DeviceToHost(self.device)
         self.chans: dict[int, np.ndarray] = {}  # int8: each layer's channel scale, once known
         self.committed = {} if job.markers else job.committed(self.loc)
-        commit: Commit = MarkerCommit(self.loc, self.arrays) if job.markers else PrefixCommit(self.arrays, self.committed)
+        commit: Commit = (
+            MarkerCommit(self.loc, self.arrays)
+            if job.markers
+            else PrefixCommit(self.arrays, self.committed)
+        )
         self.renewer = Renewer(UNIT_LEASE_S)
         self.renewer.start()
         self.writer = UnitWriter(
-            self.loc, self.arrays, job.codec, commit, job.writer_threads or default_writer_threads(self.device)
+            self.loc,
+            self.arrays,
+            job.codec,
+            commit,
+            job.writer_threads or default_writer_threads(self.device),
         )
         self.rows_computed = 0
         self.held_by: dict[int, str] = {}
@@ -180,8 +216,13 @@ class UnitWorker:
         u1 = self.job.unit(u0)[1]
         claim = None
         if self.job.markers:
-            claim = StoreLock(self.loc, layout.unit_claim(self.job.model_key, u0), f"extract {self.job.model_key}",
-                              break_lock=self.job.break_lock, lease_s=UNIT_LEASE_S)  # fmt: skip
+            claim = StoreLock(
+                self.loc,
+                layout.unit_claim(self.job.model_key, u0),
+                f"extract {self.job.model_key}",
+                break_lock=self.job.break_lock,
+                lease_s=UNIT_LEASE_S,
+            )
             holder = claim.try_acquire()
             if holder is not None:
                 self.held_by[u0] = claim.waiting_message(holder)
@@ -198,7 +239,9 @@ class UnitWorker:
             slot = self.slots.take()
             rows = self.compute(u0, u1, need, slot)
             if self.job.codec == "int8":  # unit 0's rows give the channel scales still missing
-                self.chans.update(channel_scales(rows, [layer for layer in need if layer not in self.chans]))
+                self.chans.update(
+                    channel_scales(rows, [layer for layer in need if layer not in self.chans])
+                )
         except BaseException:
             if slot is not None:
                 self.slots.give_back(slot)
@@ -224,9 +267,24 @@ class UnitWorker:
         """Rows ``[u0, u1)`` of ``layers`` into ``slot`` (encoded when the codec runs on the device)."""
         import torch
 
-        chans = {layer: torch.from_numpy(c).to(self.device) for layer, c in self.chans.items()} if self.on_device else None
-        return compute_unit(self.tap, self.index.samples(u0, u1), u0, u1, layers, self.job.batch_size, self.device, slot,
-                            self.transfer, self.job.codec if self.on_device else None, chans)  # fmt: skip
+        chans = (
+            {layer: torch.from_numpy(c).to(self.device) for layer, c in self.chans.items()}
+            if self.on_device
+            else None
+        )
+        return compute_unit(
+            self.tap,
+            self.index.samples(u0, u1),
+            u0,
+            u1,
+            layers,
+            self.job.batch_size,
+            self.device,
+            slot,
+            self.transfer,
+            self.job.codec if self.on_device else None,
+            chans,
+        )
 
     def known_chans(self, layers: list[int], u0: int) -> None:
         """int8: the channel scale of each of ``layers`` (stored, or from unit 0's float32 rows: the same on every
@@ -237,17 +295,29 @@ class UnitWorker:
         for layer in layers:
             if layer in self.chans:
                 continue
-            arr = self.arrays[layer][0]  # another worker may have stored it since this one opened the array
+            arr = self.arrays[layer][
+                0
+            ]  # another worker may have stored it since this one opened the array
             fresh = zarr.open_array(self.loc.zarr_store, path=arr.path, mode="r")
-            stored = LayerAttrs.read(fresh, f"array {arr.path} of store {self.loc.url}").channel_scale
+            stored = LayerAttrs.read(
+                fresh, f"array {arr.path} of store {self.loc.url}"
+            ).channel_scale
             if stored:
                 self.chans[layer] = np.asarray(stored, np.float32)
             else:
                 missing.append(layer)
         if missing and (self.on_device or u0 != 0):
             e0 = self.job.unit(0)[1]
-            rows = forward_rows(self.tap, self.index.samples(0, e0), 0, e0, missing, self.loaded.d_model,
-                                self.job.batch_size, self.device)  # fmt: skip
+            rows = forward_rows(
+                self.tap,
+                self.index.samples(0, e0),
+                0,
+                e0,
+                missing,
+                self.loaded.d_model,
+                self.job.batch_size,
+                self.device,
+            )
             self.chans.update(channel_scales(rows, missing))
 
     def _release(self, claim: StoreLock | None) -> None:
@@ -275,7 +345,9 @@ def channel_scales(rows: UnitRows, layers: list[int]) -> dict[int, np.ndarray]:
     if not layers:
         return {}
     with ThreadPoolExecutor(len(layers)) as pool:
-        return dict(zip(layers, pool.map(lambda layer: rows.channel_scale(layer), layers), strict=True))
+        return dict(
+            zip(layers, pool.map(lambda layer: rows.channel_scale(layer), layers), strict=True)
+        )
 
 
 @contextlib.contextmanager
@@ -305,8 +377,14 @@ def _run_here(worker: UnitWorker, progress: bool, desc: str) -> int:
     job = worker.job
     pending = job.pending(worker.loc)
     told: set[str] = set()
-    bar = tqdm(total=job.n_rows, initial=job.n_rows - sum(b - a for a, b in pending), desc=desc, unit="tok",
-               unit_scale=True, disable=not progress)  # fmt: skip
+    bar = tqdm(
+        total=job.n_rows,
+        initial=job.n_rows - sum(b - a for a, b in pending),
+        desc=desc,
+        unit="tok",
+        unit_scale=True,
+        disable=not progress,
+    )
     try:
         while pending:
             waiting = False
@@ -317,9 +395,13 @@ def _run_here(worker: UnitWorker, progress: bool, desc: str) -> int:
                     bar.update(u1 - u0)
             worker.flush()
             pending = job.pending(worker.loc)
-            bar.n = job.n_rows - sum(b - a for a, b in pending)  # units finished by other workers count too
+            bar.n = job.n_rows - sum(
+                b - a for a, b in pending
+            )  # units finished by other workers count too
             bar.refresh()
-            if pending and waiting:  # others hold these units: wait for their markers (or their claims to lapse)
+            if (
+                pending and waiting
+            ):  # others hold these units: wait for their markers (or their claims to lapse)
                 left = {u0 for u0, _ in pending}
                 for u0, message in sorted(worker.held_by.items()):
                     if u0 in left and message not in told:  # once per holder and lease

@@ -71,7 +71,9 @@ class PrefixCommit(Commit):
     def __init__(self, arrays: Arrays, committed: dict[int, int]) -> None:
         self.arrays = arrays
         self.next = dict(committed)  # layer -> first row not committed
-        self.finished: dict[int, dict[int, int]] = {layer: {} for layer in arrays}  # layer -> written u0 -> u1
+        self.finished: dict[int, dict[int, int]] = {
+            layer: {} for layer in arrays
+        }  # layer -> written u0 -> u1
 
     def done(self, u0: int, u1: int, layers: list[int], chans: dict[int, np.ndarray]) -> None:
         for layer in layers:
@@ -109,16 +111,23 @@ class ComputedUnit:
 class UnitWriter:
     """``threads`` threads that encode and write the parts of computed units (see the module's docstring)."""
 
-    def __init__(self, loc: Location, arrays: Arrays, codec: str, commit: Commit, threads: int) -> None:
+    def __init__(
+        self, loc: Location, arrays: Arrays, codec: str, commit: Commit, threads: int
+    ) -> None:
         self.arrays, self.codec, self.commit = arrays, codec, commit
         # whole objects written by this thread (no hop through Zarr's event loop); None: an array Zarr writes
-        self.chunks = {layer: ChunkWriter.for_array(arr, loc.write_bytes) for layer, (arr, _) in arrays.items()}
+        self.chunks = {
+            layer: ChunkWriter.for_array(arr, loc.write_bytes) for layer, (arr, _) in arrays.items()
+        }
         self.q: queue.Queue[tuple[ComputedUnit, int, int, int] | None] = queue.Queue()
         self.error: BaseException | None = None
         self.in_flight = 0
         self.idle = threading.Condition()
         self.commit_lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run, daemon=True, name=f"actstore-writer-{i}") for i in range(threads)]
+        self.threads = [
+            threading.Thread(target=self._run, daemon=True, name=f"actstore-writer-{i}")
+            for i in range(threads)
+        ]
         for t in self.threads:
             t.start()
 
@@ -147,7 +156,9 @@ class UnitWriter:
             self.q.put(part)
 
     def _run(self) -> None:
-        with contextlib.suppress(AttributeError, OSError):  # Linux: below the forward pass's threads on a busy CPU
+        with contextlib.suppress(
+            AttributeError, OSError
+        ):  # Linux: below the forward pass's threads on a busy CPU
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
         while (part := self.q.get()) is not None:
             unit, layer, r0, r1 = part

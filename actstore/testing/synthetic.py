@@ -42,7 +42,12 @@ class PlantedDictionary:
     def rows(self, n: int, block: int = 65536) -> Iterator[np.ndarray]:
         """``n`` rows in blocks ``(<= block, d)``: ``x = sum_j c_j atom_j (+ noise)``, ``c ~ U(0.5, 1.5)``."""
         if self.zipf > 0:
-            codes = zipf_codes(firing_probabilities(len(self.atoms), self.k_active, self.zipf), self.seed, n, min(block, 8192))
+            codes = zipf_codes(
+                firing_probabilities(len(self.atoms), self.k_active, self.zipf),
+                self.seed,
+                n,
+                min(block, 8192),
+            )
         else:
             codes = sparse_codes(len(self.atoms), self.k_active, self.seed, n, block)
         rng = np.random.default_rng([self.seed, 2])
@@ -68,13 +73,17 @@ def zipf_codes(p: np.ndarray, seed: int, n: int, block: int = 8192) -> Iterator[
     p32 = p.astype(np.float32)
     for a in range(0, n, block):
         m = min(block, n - a)
-        on = np.nonzero(rng.random((m, len(p)), dtype=np.float32) < p32)  # the active (row, atom) pairs
+        on = np.nonzero(
+            rng.random((m, len(p)), dtype=np.float32) < p32
+        )  # the active (row, atom) pairs
         codes = np.zeros((m, len(p)), dtype=np.float32)
         codes[on] = rng.uniform(0.5, 1.5, size=len(on[0])).astype(np.float32)
         yield codes  # (m, n_atoms)
 
 
-def sparse_codes(n_atoms: int, k_active: int, seed: int, n: int, block: int = 65536) -> Iterator[np.ndarray]:
+def sparse_codes(
+    n_atoms: int, k_active: int, seed: int, n: int, block: int = 65536
+) -> Iterator[np.ndarray]:
     """``n`` seeded sparse codes in blocks ``(<= block, n_atoms)``: ``k_active`` random atoms per row, ``c ~ U(0.5, 1.5)``."""
     rng = np.random.default_rng([seed, 1])
     for a in range(0, n, block):
@@ -86,8 +95,9 @@ def sparse_codes(n_atoms: int, k_active: int, seed: int, n: int, block: int = 65
         yield codes  # (m, n_atoms)
 
 
-def planted_dictionary(d: int, n_atoms: int, k_active: int, seed: int = 0, zipf: float = 0.0,
-                       noise: float = 0.0) -> PlantedDictionary:  # fmt: skip
+def planted_dictionary(
+    d: int, n_atoms: int, k_active: int, seed: int = 0, zipf: float = 0.0, noise: float = 0.0
+) -> PlantedDictionary:
     """Random unit atoms ``(n_atoms, d)`` (see :class:`PlantedDictionary` for ``zipf`` and ``noise``)."""
     rng = np.random.default_rng([seed, 0])
     atoms = rng.standard_normal((n_atoms, d)).astype(np.float32)
@@ -109,7 +119,12 @@ def write_synthetic_store(
     zs = zarr.storage.LocalStore(path)
     root = zarr.open_group(zs, mode="w")
     key = "t-synthetic"
-    StoreAttrs(format=FORMAT_VERSION, created="synthetic", actstore_version=__version__, default_tokenization=key).write(root)
+    StoreAttrs(
+        format=FORMAT_VERSION,
+        created="synthetic",
+        actstore_version=__version__,
+        default_tokenization=key,
+    ).write(root)
     first = np.arange(0, n_rows, sample_len, dtype=np.int64)  # (n_samples,)
     lens = np.minimum(sample_len, n_rows - first).astype(np.int32)
     tk = root.create_group(layout.tokenization_dir(key))
@@ -121,16 +136,35 @@ def write_synthetic_store(
         "position": (np.arange(n_rows) - np.repeat(first, lens)).astype(np.int32),
         "token_id": np.zeros(n_rows, dtype=np.int32),
     }.items():
-        a = tk.create_array(name, shape=arr.shape, chunks=(max(1, min(len(arr), 1 << 16)),), dtype=arr.dtype, compressors=comp)
+        a = tk.create_array(
+            name,
+            shape=arr.shape,
+            chunks=(max(1, min(len(arr), 1 << 16)),),
+            dtype=arr.dtype,
+            compressors=comp,
+        )
         a[:] = arr
-    TokenizationAttrs(n_tokens=n_rows, n_samples=len(first), chunk_rows=chunk_rows, complete=True, max_length=sample_len,
-                      tokenizer_source="synthetic").write(tk)  # fmt: skip
+    TokenizationAttrs(
+        n_tokens=n_rows,
+        n_samples=len(first),
+        chunk_rows=chunk_rows,
+        complete=True,
+        max_length=sample_len,
+        tokenizer_source="synthetic",
+    ).write(tk)
     _write_model(root, blocks, n_rows, d, model, layer, chunk_rows, key)
     return open_store(path, writable=True)
 
 
-def add_synthetic_model(path: str, blocks: Iterable[np.ndarray], n_rows: int, d: int, model: str, layer: int = 0,
-                        chunk_rows: int = 1024) -> Store:  # fmt: skip
+def add_synthetic_model(
+    path: str,
+    blocks: Iterable[np.ndarray],
+    n_rows: int,
+    d: int,
+    model: str,
+    layer: int = 0,
+    chunk_rows: int = 1024,
+) -> Store:
     """Add ``models/MODEL/layer_LAYER`` to a store made by :func:`write_synthetic_store`, on its token index (row
     ``i`` is the same fake token): a second "model" of the same tokens, as a crosscoder reads."""
     root = zarr.open_group(zarr.storage.LocalStore(path), mode="r+")
@@ -145,19 +179,39 @@ def add_synthetic_model(path: str, blocks: Iterable[np.ndarray], n_rows: int, d:
     return open_store(path, writable=True)
 
 
-def _write_model(root: zarr.Group, blocks: Iterable[np.ndarray], n_rows: int, d: int, model: str, layer: int,
-                 chunk_rows: int, key: str) -> None:  # fmt: skip
+def _write_model(
+    root: zarr.Group,
+    blocks: Iterable[np.ndarray],
+    n_rows: int,
+    d: int,
+    model: str,
+    layer: int,
+    chunk_rows: int,
+    key: str,
+) -> None:
     info = ModelAttrs(source="synthetic", key=model, tokenization=key, d_model=d, n_layers=layer)
     root.create_group(layout.model_dir(model), attributes=info.as_zarr())
     _write_layer(root, blocks, n_rows, d, model, layer, chunk_rows, key)
 
 
-def _write_layer(root: zarr.Group, blocks: Iterable[np.ndarray], n_rows: int, d: int, model: str, layer: int,
-                 chunk_rows: int, key: str) -> None:  # fmt: skip
+def _write_layer(
+    root: zarr.Group,
+    blocks: Iterable[np.ndarray],
+    n_rows: int,
+    d: int,
+    model: str,
+    layer: int,
+    chunk_rows: int,
+    key: str,
+) -> None:
     arr = root.create_array(
-        layout.layer_array(model, layer), shape=(n_rows, d), chunks=(chunk_rows, d), dtype="float32", fill_value=0,
+        layout.layer_array(model, layer),
+        shape=(n_rows, d),
+        chunks=(chunk_rows, d),
+        dtype="float32",
+        fill_value=0,
         compressors=[zc.ZstdCodec(level=1)],
-    )  # fmt: skip
+    )
     row = 0
     pending = np.zeros((0, d), dtype=np.float32)
     for blk in blocks:
@@ -171,8 +225,17 @@ def _write_layer(root: zarr.Group, blocks: Iterable[np.ndarray], n_rows: int, d:
         row += len(pending)
     if row != n_rows:
         raise ValueError(f"blocks held {row} rows, expected {n_rows}")
-    LayerAttrs(layer=layer, d_model=d, codec="fp32", stored_dtype="float32", model_key=model, tokenization=key,
-               n_rows=n_rows, committed_rows=n_rows, complete=True).write(arr)  # fmt: skip
+    LayerAttrs(
+        layer=layer,
+        d_model=d,
+        codec="fp32",
+        stored_dtype="float32",
+        model_key=model,
+        tokenization=key,
+        n_rows=n_rows,
+        committed_rows=n_rows,
+        complete=True,
+    ).write(arr)
 
 
 ATOM_KINDS = ("shared", "a_only", "b_only", "weak_a")
@@ -194,7 +257,9 @@ class PlantedCrosscoder:
     seed: int
 
     def codes(self, n: int, block: int = 65536) -> Iterator[np.ndarray]:
-        return sparse_codes(len(self.kinds), self.k_active, self.seed, n, block)  # (m, n_atoms) blocks
+        return sparse_codes(
+            len(self.kinds), self.k_active, self.seed, n, block
+        )  # (m, n_atoms) blocks
 
     def rows_a(self, n: int) -> Iterator[np.ndarray]:
         return (c @ self.atoms_a for c in self.codes(n))  # (m, d)
@@ -203,26 +268,52 @@ class PlantedCrosscoder:
         return (c @ self.atoms_b for c in self.codes(n))  # (m, d)
 
 
-def planted_crosscoder(d: int, n_shared: int, n_a_only: int, n_b_only: int, n_weak_a: int, weak_scale: float = 0.3,
-                       k_active: int = 3, drift: float = 0.1, seed: int = 0) -> PlantedCrosscoder:  # fmt: skip
+def planted_crosscoder(
+    d: int,
+    n_shared: int,
+    n_a_only: int,
+    n_b_only: int,
+    n_weak_a: int,
+    weak_scale: float = 0.3,
+    k_active: int = 3,
+    drift: float = 0.1,
+    seed: int = 0,
+) -> PlantedCrosscoder:
     """Random unit atoms of the four kinds; a shared atom's B direction is its A direction plus ``drift`` times a random
     unit vector, renormalised (cosine about ``1 / sqrt(1 + drift^2)``), as a fine-tune moves a feature a little."""
     rng = np.random.default_rng([seed, 0])
-    kinds = ["shared"] * n_shared + ["a_only"] * n_a_only + ["b_only"] * n_b_only + ["weak_a"] * n_weak_a
+    kinds = (
+        ["shared"] * n_shared
+        + ["a_only"] * n_a_only
+        + ["b_only"] * n_b_only
+        + ["weak_a"] * n_weak_a
+    )
     n = len(kinds)
     base = rng.standard_normal((n, d)).astype(np.float32)
     base /= np.linalg.norm(base, axis=1, keepdims=True)
     moved = base + drift * rng.standard_normal((n, d)).astype(np.float32) / np.sqrt(d)
     moved /= np.linalg.norm(moved, axis=1, keepdims=True)
     kind = np.asarray(kinds)
-    a = np.where((kind == "b_only")[:, None], 0.0, base) * np.where(kind == "weak_a", weak_scale, 1.0)[:, None]
+    a = (
+        np.where((kind == "b_only")[:, None], 0.0, base)
+        * np.where(kind == "weak_a", weak_scale, 1.0)[:, None]
+    )
     b = np.where((kind == "a_only")[:, None], 0.0, moved)
     return PlantedCrosscoder(a.astype(np.float32), b.astype(np.float32), kinds, k_active, seed)
 
 
-def write_crosscoder_store(path: str, pc: PlantedCrosscoder, n_rows: int, models: tuple[str, str] = ("a", "b"),
-                           layer: int = 0, sample_len: int = 32, chunk_rows: int = 1024) -> Store:  # fmt: skip
+def write_crosscoder_store(
+    path: str,
+    pc: PlantedCrosscoder,
+    n_rows: int,
+    models: tuple[str, str] = ("a", "b"),
+    layer: int = 0,
+    sample_len: int = 32,
+    chunk_rows: int = 1024,
+) -> Store:
     """A store with the two models of ``pc`` at ``layer`` over the same ``n_rows`` fake tokens."""
     d = pc.atoms_a.shape[1]
-    write_synthetic_store(path, pc.rows_a(n_rows), n_rows, d, models[0], layer, sample_len, chunk_rows)
+    write_synthetic_store(
+        path, pc.rows_a(n_rows), n_rows, d, models[0], layer, sample_len, chunk_rows
+    )
     return add_synthetic_model(path, pc.rows_b(n_rows), n_rows, d, models[1], layer, chunk_rows)
