@@ -8,7 +8,6 @@ import functools
 import inspect
 import json
 import re
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -90,7 +89,13 @@ def parse_storage_options(values: tuple[str, ...]) -> dict[str, Any]:
 
 # ---- shared option decorators ------------------------------------------------
 def store_argument(fn: Callable) -> Callable:
+    """``STORE`` and ``--storage-option``."""
     fn = click.argument("store", metavar="STORE")(fn)
+    return storage_option(fn)
+
+
+def storage_option(fn: Callable) -> Callable:
+    """``--storage-option KEY=VALUE``, the same on every command that opens a store."""
     return click.option(
         "--storage-option",
         "storage_options",
@@ -275,8 +280,9 @@ def sae_options(fn: Callable) -> Callable:
 # ---------------------------------------------------------------- options from config fields
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
-    """A config dataclass's field docstrings (the string under each field), formatted with its module's constants:
-    a field documented as ``Adam learning rate (default {DEFAULT_LR}).`` shows the constant the code uses."""
+    """A config dataclass's field docstrings (the string under each field), as ``--help`` shows them: reST literals
+    plain, lines joined. A default is never restated here: ``--help`` shows the field's (or the value a ``None``
+    default resolves to, :func:`actstore.fields.opt`'s ``resolved``)."""
     docs: dict[str, str] = {}
     body = ast.parse(inspect.getsource(cls)).body[0].body  # type: ignore[attr-defined]
     for stmt, nxt in zip(body, body[1:], strict=False):
@@ -288,11 +294,9 @@ def field_docs(cls: type) -> dict[str, str]:
         )
         if is_field and is_doc:
             docs[stmt.target.id] = nxt.value.value.strip()  # type: ignore[union-attr]
-    consts = {k: v for k, v in vars(sys.modules[cls.__module__]).items() if k.isupper()}
-    docs = {k: v.format_map(consts) if "{" in v else v for k, v in docs.items()}
     return {
-        k: re.sub(r"``(.+?)``", r"\1", v, flags=re.S) for k, v in docs.items()
-    }  # reST literals: plain in --help
+        k: " ".join(re.sub(r"``(.+?)``", r"\1", v, flags=re.S).split()) for k, v in docs.items()
+    }
 
 
 _SCALARS = {"int": int, "float": float, "str": str, "bool": bool}

@@ -14,6 +14,7 @@ from actstore.cli.options import (
     handle_errors,
     output_format_option,
     parse_storage_options,
+    storage_option,
     store_argument,
 )
 from actstore.cli.options import parse_params as parse_params
@@ -78,13 +79,7 @@ def sql(
 
 @main.command()
 @click.argument("stores", nargs=-1, required=True, metavar="STORE...")
-@click.option(
-    "--storage-option",
-    "storage_options",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="fsspec option for remote stores.",
-)
+@storage_option
 @click.option(
     "--models", default=None, help="Two model keys A,B (default: the store's two models)."
 )
