@@ -116,6 +116,11 @@ METADATA_KEYS = {
     "channel_scale",
     "default_tokenization",
     "tokenizer_ids_sha256",
+    "spilled_rows",
+    "segment_rows",
+    "never_fired_fraction",
+    "bucket_features",
+    "sae_sha256",
 }
 
 

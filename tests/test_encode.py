@@ -32,7 +32,7 @@ def table_dense(store, name: str, shape: tuple[int, int]) -> np.ndarray:
 
 def acts_files(store, name: str) -> list[str]:
     man = read_encoding(store, name)
-    return [store.loc.join(f"{files_dir(name, man)}/acts/{f['file']}") for f in man["files"]]
+    return [store.loc.join(f"{files_dir(name, man)}/acts/{f['file']}") for f in man.files]
 
 
 @pytest.mark.parametrize(("arch", "k"), [("relu-l1", None), ("topk", 5)])
@@ -64,8 +64,8 @@ def test_encode_equals_dense_numpy(tiny_store, arch, k):
     # layout: spill gone, every file sorted by (feature, value desc, row) and within its feature range
     assert not st.loc.exists(f"{files_dir('s', read_encoding(st, 's'))}/spill")
     man = read_encoding(st, "s")
-    assert man["complete"] and man["n_buckets"] == 3
-    for f in man["files"]:
+    assert man.complete and man.n_buckets == 3
+    for f in man.files:
         t = pq.read_table(st.loc.join(f"{files_dir('s', read_encoding(st, 's'))}/acts/{f['file']}"))
         feat, val, row = (t[c].to_numpy() for c in ("feature", "value", "row"))
         assert ((feat >= f["feature_start"]) & (feat < f["feature_stop"])).all()
@@ -129,9 +129,9 @@ def test_resume_after_crash_gives_identical_table(tiny_store, monkeypatch):
     monkeypatch.setattr(Spiller, "flush", real_flush)
     assert read_encoding(st, "s") is None  # nothing published yet
     man = read_pending(st, "s")
-    assert not man["complete"] and man["spilled_rows"] > 0
+    assert not man.complete and man.spilled_rows > 0
     res = encode(st, cfg, progress=False)
-    assert res.resumed_from == man["spilled_rows"]
+    assert res.resumed_from == man.spilled_rows
     resumed = actstore.features(st, "s").collect()
 
     fresh_path = tiny_store + "-fresh"
@@ -159,17 +159,15 @@ def test_resume_after_crash_gives_identical_table(tiny_store, monkeypatch):
             progress=False,
         )
     monkeypatch.setattr(enc, "finish_bucket", real_finish)
-    assert read_encoding(st, "s")[
-        "complete"
-    ]  # the finished encoding survived the failed --overwrite
+    assert read_encoding(st, "s").complete  # the finished encoding survived the failed --overwrite
     assert actstore.features(st, "s").collect().equals(actstore.features(fresh, "s").collect())
     man = read_pending(st, "s")
-    assert not man["complete"] and man["spilled_rows"] > 0
+    assert not man.complete and man.spilled_rows > 0
     res = encode(st, cfg, progress=False)  # resumes the unfinished re-encode
-    assert res.resumed_from == man["spilled_rows"] and not st.loc.exists(
+    assert res.resumed_from == man.spilled_rows and not st.loc.exists(
         f"{files_dir('s', man)}/spill"
     )
-    assert [d for d in st.loc.list_dirs("features/s")] == [man["dir"]]  # the old generation is gone
+    assert [d for d in st.loc.list_dirs("features/s")] == [man.dir]  # the old generation is gone
     assert actstore.features(st, "s").collect().equals(actstore.features(fresh, "s").collect())
 
 
@@ -274,7 +272,7 @@ def test_cli_encode(tiny_store):
     )
     assert r.exit_code == 0, r.output
     assert "SAE s (tiny layer 2)" in r.output and "feature rows" in r.output
-    cfg = read_encoding(st, "s")["config"]
+    cfg = read_encoding(st, "s").config
     assert (cfg["spill_entries"], cfg["workers"]) == (100, 1)
     r = CliRunner().invoke(main, ["encode", tiny_store, "--sae", "s", "--quiet"])
     assert "already encoded" in r.output

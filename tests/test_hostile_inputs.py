@@ -43,7 +43,7 @@ def test_verify_after_a_failed_overwrite_reports_an_unfinished_encode(encoded):
     from actstore.encoding.table import read_encoding
 
     st = actstore.open_store(encoded)
-    published = read_encoding(st, "s")["dir"]
+    published = read_encoding(st, "s").dir
     new = "gen-" + str(int(published.split("-")[1]) + 1)
     gen = Path(encoded) / "features" / "s" / new
     (gen / "acts").mkdir(parents=True)

@@ -107,7 +107,7 @@ def test_second_encode_of_one_sae_is_refused(encoded):
             encode(st, EncodeConfig(sae="s", overwrite=True), progress=False)
     finally:
         holder.release()
-    assert read_encoding(st, "s")["complete"]
+    assert read_encoding(st, "s").complete
 
 
 def test_concurrent_encodes_never_interleave(tiny_store):
@@ -284,12 +284,12 @@ def test_encode_overwrite_keeps_the_good_encoding_until_the_new_one_is_ready(enc
             EncodeConfig(sae="s", overwrite=True),
             progress=False,
         )
-    edit_attrs(encoded, "models/tiny/layer_2", committed_rows=read_encoding(st, "s")["n_rows"])
+    edit_attrs(encoded, "models/tiny/layer_2", committed_rows=read_encoding(st, "s").n_rows)
     assert actstore.features(st, "s").collect().sort(["row", "feature"]).equals(want)
     # and a completed overwrite replaces it and leaves one generation
     res = encode(st, EncodeConfig(sae="s", overwrite=True, n_buckets=2), progress=False)
     assert res.n_feature_rows == want.height and st.loc.list_dirs("features/s") == [
-        read_encoding(st, "s")["dir"]
+        read_encoding(st, "s").dir
     ]
 
 
@@ -333,7 +333,7 @@ def test_zeroed_parquet_bytes_raise_in_sql_and_top_tokens(encoded):
     st = actstore.open_store(encoded)
     good = float(actstore.sql(st, "SELECT sum(value) AS s FROM features")["s"][0])
     man = read_encoding(st, "s")
-    bucket = Path(encoded) / files_dir("s", man) / "acts" / man["files"][0]["file"]
+    bucket = Path(encoded) / files_dir("s", man) / "acts" / man.files[0]["file"]
     data = bytearray(bucket.read_bytes())
     data[200:264] = bytes(64)
     bucket.write_bytes(bytes(data))
@@ -357,7 +357,7 @@ def test_overwritten_safetensors_refused_by_encode(encoded):
     st = actstore.open_store(encoded, writable=True)
     with pytest.raises(IntegrityError, match=r"saes/s/sae.safetensors.*corrupted"):
         encode(st, EncodeConfig(sae="s", overwrite=True), progress=False)
-    assert read_encoding(st, "s")["complete"]
+    assert read_encoding(st, "s").complete
 
 
 def test_truncated_files_are_one_line(encoded):

@@ -85,6 +85,7 @@ from actstore.encoding.table import (
 from actstore.errors import IntegrityError, StoreError
 from actstore.format import layout
 from actstore.format.layout import check_name
+from actstore.format.metadata import EncodingManifest
 from actstore.models.loading import auto_device
 from actstore.storage.integrity import update_manifest
 from actstore.storage.locks import StoreLock
@@ -145,7 +146,7 @@ class _Sink:
         self,
         store: Store,
         cfg: EncodeConfig,
-        man: dict[str, Any],
+        man: EncodingManifest,
         spiller: Spiller,
         n_rows: int,
         start: int,
@@ -171,7 +172,7 @@ class _Sink:
                 self.spiller.flush(self.seg_start)
                 self.n_spills += 1
                 self.seg_start = stop
-                self.man["spilled_rows"] = stop
+                self.man.spilled_rows = stop
                 write_manifest(self.store, self.cfg.sae, self.man, PENDING)
                 self.timings["spill"] += time.perf_counter() - t1
         except BaseException:
@@ -224,9 +225,9 @@ class _Plan(NamedTuple):
     want: dict[str, Any]
     """Settings a published or pending encoding must share to be this one."""
 
-    def matches(self, m: dict[str, Any]) -> bool:
+    def matches(self, m: EncodingManifest) -> bool:
         """Whether an encoding (published or pending) was made with these weights, rows and settings."""
-        return all(m.get(k) == v for k, v in self.want.items())
+        return m.matches(self.want)
 
 
 BUCKET_ENTRIES = 4_000_000
@@ -262,14 +263,16 @@ def _plan(store: Store, cfg: EncodeConfig, sae: SAE, n_rows: int) -> _Plan:
     n_buckets = bucket_count(cfg, d_sae, n_rows, expected_l0(store, cfg.sae, sae))
     bucket_features = -(-d_sae // n_buckets)
     n_buckets = -(-d_sae // bucket_features)
-    want = {
-        "n_rows": n_rows,
-        "d_sae": d_sae,
-        "n_buckets": n_buckets,
-        "bucket_features": bucket_features,
-        "sae_sha256": sae_fingerprint(store, cfg.sae),
-        "row_group_rows": cfg.row_group_rows,
-    }
+    want = (
+        dict(  # EncodingManifest fields (a misspelt one fails where the manifest is made from them)
+            n_rows=n_rows,
+            d_sae=d_sae,
+            n_buckets=n_buckets,
+            bucket_features=bucket_features,
+            sae_sha256=sae_fingerprint(store, cfg.sae),
+            row_group_rows=cfg.row_group_rows,
+        )
+    )
     return _Plan(n_rows, d_sae, n_buckets, bucket_features, features_dir(cfg.sae), want)
 
 
@@ -303,28 +306,26 @@ def _encode(
             model,
             layer,
             plan.n_rows,
-            int(published["n_feature_rows"]),
-            int(published["n_bytes"]),
+            published.n_feature_rows,
+            published.n_bytes,
             0.0,
             0.0,
             skipped=True,
-            never_fired_fraction=published.get("never_fired_fraction"),
+            never_fired_fraction=published.never_fired_fraction,
         )
-    if man is None or cfg.overwrite or (ray_address is not None and not man.get("segment_rows")):
+    if man is None or cfg.overwrite or (ray_address is not None and not man.segment_rows):
         man = _new_generation(store, cfg, sae, plan, published, model, layer)
         if (
             ray_address is not None
         ):  # fixed for the life of this encoding, so a resumed run cuts the same segments
-            man["segment_rows"] = segment_rows_for(
-                plan.n_rows, cfg.batch_rows, cfg.ray_workers or 8
-            )
+            man.segment_rows = segment_rows_for(plan.n_rows, cfg.batch_rows, cfg.ray_workers or 8)
             write_manifest(store, cfg.sae, man, PENDING)
     timings = {"read": 0.0, "encode": 0.0, "sort": 0.0, "spill": 0.0, "stream": 0.0, "finish": 0.0}
-    if man.get("segment_rows"):
+    if man.segment_rows:
         return _encode_segments(
             store, cfg, sae, plan, man, published, model, layer, device, progress, ray_address
         )
-    resumed_from = int(man["spilled_rows"])
+    resumed_from = man.spilled_rows
     sink = _spill_phase(store, cfg, sae, acts, plan, man, device, progress, timings)
     _finish_phase(store, cfg, plan, man, sink, published, timings)
     secs = time.perf_counter() - t_start
@@ -334,14 +335,14 @@ def _encode(
         model,
         layer,
         plan.n_rows,
-        int(man["n_feature_rows"]),
-        int(man["n_bytes"]),
+        man.n_feature_rows,
+        man.n_bytes,
         secs,
         (plan.n_rows - resumed_from) / secs if secs > 0 else 0.0,
         resumed_from=resumed_from,
         n_spills=sink.n_spills,
         timings=timings,
-        never_fired_fraction=man.get("never_fired_fraction"),
+        never_fired_fraction=man.never_fired_fraction,
     )
 
 
@@ -350,8 +351,8 @@ def _encode_segments(
     cfg: EncodeConfig,
     sae: SAE,
     plan: _Plan,
-    man: dict[str, Any],
-    published: dict[str, Any] | None,
+    man: EncodingManifest,
+    published: EncodingManifest | None,
     model: str,
     layer: int,
     device: str,
@@ -370,7 +371,7 @@ def _encode_segments(
         layer=layer,
         work=work,
         n_rows=plan.n_rows,
-        segment_rows=int(man["segment_rows"]),
+        segment_rows=int(man.segment_rows or 0),
         batch_rows=cfg.batch_rows,
         spill_entries=cfg.spill_entries,
         n_buckets=plan.n_buckets,
@@ -396,19 +397,19 @@ def _encode_segments(
         model,
         layer,
         plan.n_rows,
-        int(man["n_feature_rows"]),
-        int(man["n_bytes"]),
+        man.n_feature_rows,
+        man.n_bytes,
         secs,
         (plan.n_rows - resumed_from) / secs if secs > 0 else 0.0,
         resumed_from=resumed_from,
         timings=timings,
-        never_fired_fraction=man.get("never_fired_fraction"),
+        never_fired_fraction=man.never_fired_fraction,
     )
 
 
 def _published_and_pending(
     store: Store, cfg: EncodeConfig, plan: _Plan
-) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+) -> tuple[EncodingManifest | None, EncodingManifest | None]:
     """The published encoding (if usable) and the pending one to resume (only if it has these exact settings)."""
     try:
         published = read_encoding(store, cfg.sae)
@@ -418,7 +419,7 @@ def _published_and_pending(
         published = (
             None  # a damaged encoding is replaced; its files go once the new one is published
         )
-    if published is not None and not published.get("complete"):
+    if published is not None and not published.complete:
         # an unfinished encoding of a version before pending.json: nothing usable, so start over
         for key in ("acts", "spill", "stats.parquet", MANIFEST):
             rm(store, f"{plan.base}/{key}")
@@ -427,9 +428,9 @@ def _published_and_pending(
         man = read_pending(store, cfg.sae)
     except IntegrityError:
         man = None
-    same = man is not None and plan.matches(man) and man.get("format") == ENCODING_FORMAT
-    same = same and man.get("phase") == "spill" and bool(man.get("dir"))  # type: ignore[union-attr]
-    return published, man if same else None
+    if man is None or not plan.matches(man) or man.format != ENCODING_FORMAT:
+        return published, None
+    return published, man if man.phase == "spill" and man.dir else None
 
 
 def _new_generation(
@@ -437,33 +438,30 @@ def _new_generation(
     cfg: EncodeConfig,
     sae: SAE,
     plan: _Plan,
-    published: dict[str, Any] | None,
+    published: EncodingManifest | None,
     model: str,
     layer: int,
-) -> dict[str, Any]:
+) -> EncodingManifest:
     """Start a fresh generation folder (dropping earlier unfinished ones, never the published one); its pending.json."""
     gens = generations(store, plan.base)
-    keep = (published or {}).get("dir")
+    keep = published.dir if published is not None else None
     for g in gens:
         if layout.generation_name(g) != keep:
             rm(store, f"{plan.base}/{layout.generation_name(g)}")
-    man = {
-        "format": ENCODING_FORMAT,
-        "sae": cfg.sae,
-        "model": model,
-        "layer": layer,
-        "tokenization": store.model_info(model).tokenization,
+    man = EncodingManifest(
+        format=ENCODING_FORMAT,
+        sae=cfg.sae,
+        model=model,
+        layer=layer,
+        tokenization=store.model_info(model).tokenization,
         **plan.want,
-        "config": asdict(cfg),
-        "sae_config": asdict(sae.cfg),
-        "actstore_version": __version__,
-        "created": now(),
-        "phase": "spill",
-        "spilled_rows": 0,
-        "files": [],
-        "complete": False,
-        "dir": layout.generation_name(max(gens, default=0) + 1),
-    }
+        config=asdict(cfg),
+        sae_config=asdict(sae.cfg),
+        actstore_version=__version__,
+        created=now(),
+        phase="spill",
+        dir=layout.generation_name(max(gens, default=0) + 1),
+    )
     write_manifest(store, cfg.sae, man, PENDING)
     return man
 
@@ -474,7 +472,7 @@ def _spill_phase(
     sae: SAE,
     acts: Any,
     plan: _Plan,
-    man: dict[str, Any],
+    man: EncodingManifest,
     device: str,
     progress: bool,
     timings: dict[str, float],
@@ -484,7 +482,7 @@ def _spill_phase(
     from tqdm.auto import tqdm
 
     work = files_dir(cfg.sae, man)
-    start = int(man["spilled_rows"])
+    start = man.spilled_rows
     for b in range(plan.n_buckets):  # drop spill files a killed run wrote past the committed prefix
         for s, key in spill_files(store, work, b):
             if s >= start:
@@ -547,9 +545,9 @@ def _finish_phase(
     store: Store,
     cfg: EncodeConfig,
     plan: _Plan,
-    man: dict[str, Any],
+    man: EncodingManifest,
     sink: _Sink,
-    published: dict[str, Any] | None,
+    published: EncodingManifest | None,
     timings: dict[str, float],
 ) -> None:
     """Phase 2: per bucket, merge its spill files with its runs still in memory into the final file (``workers``
@@ -577,9 +575,9 @@ def _publish(
     store: Store,
     cfg: EncodeConfig,
     plan: _Plan,
-    man: dict[str, Any],
+    man: EncodingManifest,
     done: list[Bucket],
-    published: dict[str, Any] | None,
+    published: EncodingManifest | None,
 ) -> None:
     """The finished buckets' statistics written, the encoding published (the atomic switch of encoding.json), the
     replaced generation and the spill files dropped, the new files' checksums recorded."""
@@ -591,16 +589,11 @@ def _publish(
     fired = int(
         pc.sum(pc.greater(table["n_active"], 0)).as_py() or 0
     )  # features that fire on some token of the store
-    man.update(
-        phase="done",
-        complete=True,
-        files=files,
-        n_feature_rows=sum(f["n_rows"] for f in files),
-        n_bytes=sum(f["n_bytes"] for f in files),
-        finished=now(),
-        never_fired=plan.d_sae - fired,
-        never_fired_fraction=(plan.d_sae - fired) / plan.d_sae if plan.d_sae else 0.0,
-    )
+    man.phase, man.complete, man.files, man.finished = "done", True, files, now()
+    man.n_feature_rows = sum(f["n_rows"] for f in files)
+    man.n_bytes = sum(f["n_bytes"] for f in files)
+    man.never_fired = plan.d_sae - fired
+    man.never_fired_fraction = (plan.d_sae - fired) / plan.d_sae if plan.d_sae else 0.0
     write_manifest(
         store, cfg.sae, man
     )  # the atomic switch: readers see the new encoding from here on
@@ -608,9 +601,9 @@ def _publish(
     if (
         published is not None
     ):  # the replaced generation (or the files of an encoding from before generations)
-        if published.get("dir") and published["dir"] != man["dir"]:
-            rm(store, f"{plan.base}/{published['dir']}")
-        elif not published.get("dir"):
+        if published.dir and published.dir != man.dir:
+            rm(store, f"{plan.base}/{published.dir}")
+        elif not published.dir:
             rm(store, f"{plan.base}/acts")
             rm(store, f"{plan.base}/stats.parquet")
     update_manifest(

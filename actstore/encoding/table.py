@@ -9,11 +9,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from actstore.clock import now
-from actstore.errors import IntegrityError, StoreError
+from actstore.errors import IntegrityError
 from actstore.format import layout
 from actstore.format.layout import name_ok
+from actstore.format.metadata import EncodingManifest
 from actstore.storage.integrity import check_file
-from actstore.storage.location import check_key
 
 if TYPE_CHECKING:
     from actstore.store.reader import Store
@@ -62,85 +62,41 @@ def sae_fingerprint(store: Store, name: str) -> str:
     ).hexdigest()
 
 
-def files_dir(sae: str, man: dict[str, Any]) -> str:
+def files_dir(sae: str, man: EncodingManifest) -> str:
     """Store key of the folder holding an encoding's ``acts/`` and ``stats.parquet``."""
-    return layout.generation_dir(sae, man.get("dir"))
+    return layout.generation_dir(sae, man.dir)
 
 
-def _load_json(store: Store, key: str) -> dict[str, Any] | None:
+def read_encoding(store: Store, sae: str, name: str = MANIFEST) -> EncodingManifest | None:
+    """The published ``encoding.json`` of an SAE's feature table (or, with ``name=PENDING``, the state of the
+    encoding being made), checked (:class:`EncodingManifest`); None if there is none."""
     import json
 
+    key = f"{features_dir(sae)}/{name}"
     if not store.loc.exists(key):
         return None
     raw = store.loc.read_bytes(key)
     check_file(store.loc, key, raw)
     try:
         man = json.loads(raw)
-        if not isinstance(man, dict):
-            raise TypeError
-        return man
-    except (ValueError, TypeError):
+    except (ValueError, RecursionError):
         raise IntegrityError(
             f"{key} in store {store.url} is not valid JSON: re-encode with --overwrite"
         ) from None
+    return EncodingManifest.from_dict(man, f"{key} in store {store.url}")
 
 
-def _checked(store: Store, key: str, man: dict[str, Any]) -> dict[str, Any]:
-    """An encoding manifest whose numbers and file names are sound (IntegrityError if not)."""
-
-    def bad(what: str) -> IntegrityError:
-        return IntegrityError(
-            f"{key} in store {store.url}: {what}; it is damaged or was edited: re-encode with --overwrite"
-        )
-
-    for name in (
-        "n_rows",
-        "d_sae",
-        "layer",
-        "spilled_rows",
-        "n_feature_rows",
-        "n_bytes",
-        "never_fired",
-    ):
-        v = man.get(name, 0)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise bad(f"{name} is {v!r}, not a non-negative integer")
-    if not isinstance(man.get("files", []), list):
-        raise bad("files is not a list")
-    for f in man.get("files", []):
-        try:
-            if "/" in str(f["file"]):
-                raise ValueError
-            check_key(str(f["file"]))
-            lo, hi = int(f["feature_start"]), int(f["feature_stop"])
-            if not 0 <= lo <= hi <= int(man.get("d_sae", 0)):
-                raise ValueError
-        except (KeyError, TypeError, ValueError, StoreError):
-            raise bad(f"file entry {f!r} is not a bucket of features in 0..d_sae") from None
-    d = man.get("dir")
-    if d is not None and layout.parse_generation(d) is None:
-        raise bad(f"dir {d!r} is not a generation folder {layout.GENERATION_PREFIX}N")
-    return man
-
-
-def read_encoding(store: Store, sae: str, name: str = MANIFEST) -> dict[str, Any] | None:
-    """The published ``encoding.json`` of an SAE's feature table (or, with ``name=PENDING``, the state of the
-    encoding being made), checked; None if there is none."""
-    key = f"{features_dir(sae)}/{name}"
-    man = _load_json(store, key)
-    return None if man is None else _checked(store, key, man)
-
-
-def read_pending(store: Store, sae: str) -> dict[str, Any] | None:
+def read_pending(store: Store, sae: str) -> EncodingManifest | None:
     return read_encoding(store, sae, PENDING)
 
 
-def write_manifest(store: Store, sae: str, man: dict[str, Any], name: str = MANIFEST) -> None:
+def write_manifest(store: Store, sae: str, man: EncodingManifest, name: str = MANIFEST) -> None:
+    """Write ``encoding.json`` (or ``pending.json``) whole, stamped ``updated``."""
     import json
 
-    man["updated"] = now()
+    man.updated = now()
     store.loc.write_bytes(
-        f"{features_dir(sae)}/{name}", json.dumps(man, indent=2, sort_keys=True).encode()
+        f"{features_dir(sae)}/{name}", json.dumps(man.to_dict(), indent=2, sort_keys=True).encode()
     )
 
 
@@ -173,6 +129,6 @@ def encoded_saes(store: Store) -> list[str]:
         if not name_ok(name):
             continue
         man = read_encoding(store, name)
-        if man and man.get("complete"):
+        if man and man.complete:
             out.append(name)
     return out

@@ -16,16 +16,18 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 from actstore.errors import IntegrityError
-from actstore.format.layout import ATTR, PROGRESS_UNITS
+from actstore.format.layout import ATTR, GENERATION_PREFIX, PROGRESS_UNITS, parse_generation
 
 T = TypeVar("T", bound="Attrs")
 
 
-def damaged(where: str, what: str) -> IntegrityError:
+REFETCH = "re-copy it from its source or re-extract that layer"
+"""The fix for damaged store metadata."""
+
+
+def damaged(where: str, what: str, fix: str = REFETCH) -> IntegrityError:
     """The error for metadata that does not hold together: names where, says what and the fix."""
-    return IntegrityError(
-        f"{where}: {what}; the store is damaged or was edited by hand: re-copy it from its source or re-extract that layer"
-    )
+    return IntegrityError(f"{where}: {what}; the store is damaged or was edited by hand: {fix}")
 
 
 def check_int(value: Any, name: str, where: str, lo: int = 0, hi: int | None = None) -> int:
@@ -67,6 +69,8 @@ class Attrs:
 
     extra: dict[str, Any] = field(default_factory=dict, kw_only=True)
     """Keys this version does not know (from a newer actstore), written back unchanged."""
+    FIX: ClassVar[str] = REFETCH
+    """What to do about damaged metadata of this kind (ends the error's message)."""
 
     @classmethod
     def known(cls) -> set[str]:
@@ -76,7 +80,7 @@ class Attrs:
     def from_dict(cls: type[T], d: dict[str, Any], where: str = "store") -> T:
         """The attributes in ``d`` (absent keys take their defaults), checked by :meth:`check`."""
         if not isinstance(d, dict):
-            raise damaged(where, "its actstore attributes are not an object")
+            raise damaged(where, "it is not a JSON object", cls.FIX)
         known = cls.known()
         missing = [
             f.name
@@ -87,7 +91,7 @@ class Attrs:
             and f.default_factory is dataclasses.MISSING
         ]
         if missing:
-            raise damaged(where, f"attribute {missing[0]} is missing")
+            raise damaged(where, f"attribute {missing[0]} is missing", cls.FIX)
         obj = cls(
             **{k: v for k, v in d.items() if k in known},
             extra={k: v for k, v in d.items() if k not in known},
@@ -366,3 +370,102 @@ class ModelAttrs(Attrs):
     """Hash of what decides its tokenizer's ids."""
     created: str | None = None
     """When the group was created."""
+
+
+@dataclass
+class EncodingManifest(Attrs):
+    """An SAE's feature table: ``features/<sae>/encoding.json`` when published, ``pending.json`` while it is made.
+    A JSON file rather than a Zarr attribute (the table is Parquet), read and written through these fields."""
+
+    FIX: ClassVar[str] = "re-encode with --overwrite"
+
+    n_rows: int = 0
+    """Token rows encoded (the layer's rows)."""
+    d_sae: int = 0
+    """Features of the SAE."""
+    layer: int = 0
+    """Layer of the SAE's (first) source."""
+    model: str | None = None
+    """Model key of the SAE's (first) source."""
+    sae: str | None = None
+    """The SAE's name."""
+    tokenization: str | None = None
+    """Key of the token index the rows follow."""
+    format: int | None = None
+    """Version of the feature table's layout (encoding.ENCODING_FORMAT)."""
+    n_buckets: int | None = None
+    """Feature-range files."""
+    bucket_features: int | None = None
+    """Features per bucket (the last may hold fewer)."""
+    sae_sha256: str | None = None
+    """Hash of the SAE's weights file: an encoding is valid only for these weights."""
+    row_group_rows: int | None = None
+    """Rows per Parquet row group."""
+    phase: str | None = None
+    """spill (being made) or done."""
+    spilled_rows: int = 0
+    """Rows committed to spill files (a killed encode resumes here)."""
+    segment_rows: int | None = None
+    """Rows per segment of an encoding made in segments (``--ray``), else None."""
+    dir: str | None = None
+    """Its generation folder (gen-N); None for encodings from before generations."""
+    files: list[dict[str, Any]] = field(default_factory=list)
+    """One entry per bucket file: {file, feature_start, feature_stop, n_rows, n_bytes}."""
+    complete: bool = False
+    """Whether it is published whole."""
+    n_feature_rows: int = 0
+    """Non-zero activations stored."""
+    n_bytes: int = 0
+    """Bytes of the bucket files."""
+    never_fired: int = 0
+    """Features that fire on no token of the store."""
+    never_fired_fraction: float | None = None
+    """never_fired / d_sae (None in encodings from before the count)."""
+    config: dict[str, Any] | None = None
+    """The encode config it was made with."""
+    sae_config: dict[str, Any] | None = None
+    """The SAE's cfg.json as encoded."""
+    actstore_version: str | None = None
+    """actstore version that made it."""
+    created: str | None = None
+    """When it was started."""
+    finished: str | None = None
+    """When it was published."""
+    updated: str | None = None
+    """When the file was last written."""
+
+    def check(self, where: str) -> None:
+        for name in (
+            "n_rows",
+            "d_sae",
+            "layer",
+            "spilled_rows",
+            "n_feature_rows",
+            "n_bytes",
+            "never_fired",
+        ):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise damaged(where, f"{name} is {v!r}, not a non-negative integer", self.FIX)
+        if not isinstance(self.files, list):
+            raise damaged(where, "files is not a list", self.FIX)
+        for f in self.files:
+            try:
+                name = str(f["file"])
+                if "/" in name or "\\" in name or name in ("", ".", "..") or not name.isprintable():
+                    raise ValueError
+                lo, hi = int(f["feature_start"]), int(f["feature_stop"])
+                if not 0 <= lo <= hi <= self.d_sae:
+                    raise ValueError
+            except (KeyError, TypeError, ValueError):
+                raise damaged(
+                    where, f"file entry {f!r} is not a bucket of features in 0..d_sae", self.FIX
+                ) from None
+        if self.dir is not None and parse_generation(self.dir) is None:
+            raise damaged(
+                where, f"dir {self.dir!r} is not a generation folder {GENERATION_PREFIX}N", self.FIX
+            )
+
+    def matches(self, want: dict[str, Any]) -> bool:
+        """Whether it was made with these settings (weights, rows, buckets: ``want``, field -> value)."""
+        return all(getattr(self, k, self.extra.get(k)) == v for k, v in want.items())

@@ -42,24 +42,26 @@ def feature_tables(store: Store) -> list[FeatureTable]:
 
     out = []
     for name in encoded_saes(store):
-        m = read_encoding(store, name) or {}
+        m = read_encoding(store, name)
+        if m is None:
+            continue
         base = files_dir(name, m)
         out.append(
             FeatureTable(
                 name,
-                m["model"],
-                int(m["layer"]),
-                m.get("tokenization"),
-                int(m["d_sae"]),
-                int(m["n_rows"]),
-                int(m["n_feature_rows"]),
-                (m.get("sae_config") or {}).get("arch"),
+                str(m.model),
+                m.layer,
+                m.tokenization,
+                m.d_sae,
+                m.n_rows,
+                m.n_feature_rows,
+                (m.sae_config or {}).get("arch"),
                 [
-                    store.loc.path_of(f"{base}/acts/{f['file']}") for f in m["files"]
-                ],  # links: checked when opened
+                    store.loc.path_of(f"{base}/acts/{f['file']}") for f in m.files
+                ],  # checked when opened
                 store.loc.path_of(f"{base}/stats.parquet"),
-                [(int(f["feature_start"]), int(f["feature_stop"])) for f in m["files"]],
-                [f"{base}/acts/{f['file']}" for f in m["files"]],
+                [(int(f["feature_start"]), int(f["feature_stop"])) for f in m.files],
+                [f"{base}/acts/{f['file']}" for f in m.files],
                 f"{base}/stats.parquet",
             )
         )

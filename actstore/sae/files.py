@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from actstore.errors import IntegrityError, NotFoundError
 from actstore.format import layout
 from actstore.format.layout import name_ok
+from actstore.format.metadata import EncodingManifest
 from actstore.sae.config import DENSE_L0_FRACTION, SAEConfig, parse_config
 from actstore.storage.integrity import check_file
 
@@ -118,14 +119,11 @@ def _never_fired(store: Store, name: str) -> float | None:
     when it is not encoded, or was encoded before the count)."""
     key = f"{layout.features_dir(name)}/{layout.ENCODING}"
     try:
-        man = json.loads(store.loc.read_bytes(key)) if store.loc.exists(key) else None
-    except (ValueError, RecursionError):
+        raw = json.loads(store.loc.read_bytes(key)) if store.loc.exists(key) else None
+        man = None if raw is None else EncodingManifest.from_dict(raw, key)
+    except (ValueError, RecursionError, IntegrityError):
         return None
-    return (
-        number(man.get("never_fired_fraction"))
-        if isinstance(man, dict) and man.get("complete")
-        else None
-    )
+    return number(man.never_fired_fraction) if man is not None and man.complete else None
 
 
 def _text(value: Any) -> str | None:
