@@ -237,7 +237,8 @@ print(json.dumps({"tokens": n_steps * args["batch"], "seconds": time.perf_counte
 def sae_table(store: str, args: argparse.Namespace, tmp: Path) -> list[dict]:
     """actstore topk / batchtopk and sparsify on bert-base layer 6 (int8) at the same shape and budget."""
     import actstore
-    from actstore.sae.config import TrainConfig, adam_lr
+    from actstore.sae.config import TrainConfig
+    from actstore.sae.recipe import adam_lr
     from actstore.sae.train import train_sae
 
     tokens = int(float(args.sae_tokens))

@@ -21,8 +21,9 @@ from actstore.cli import main
 from actstore.errors import ConcurrencyError, IntegrityError, StoreError
 from actstore.storage.config import CopyConfig
 from actstore.storage.copy import copy_store
+from actstore.storage.guards import check_key
 from actstore.storage.integrity import update_manifest, verify
-from actstore.storage.location import check_key, open_location
+from actstore.storage.location import open_location
 from actstore.storage.locks import StoreLock, lock_key
 
 pytestmark = [

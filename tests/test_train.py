@@ -161,7 +161,7 @@ def test_a_2x_overcomplete_sae_recovers_a_planted_dictionary(planted, one_thread
 def test_the_learning_rate_follows_its_warm_up_and_decay(planted, one_thread, warmup):
     """The Adam recipe's learning rate: the budget's peak (adam_lr of the run's tokens, kept in metrics.json), ramped
     up over the first ``--lr-warmup`` of the steps (default none) and down to 0 over the last 20%, as logged."""
-    from actstore.sae.config import adam_lr
+    from actstore.sae.recipe import adam_lr
 
     path, _ = planted
     cfg = TrainConfig(

@@ -8,7 +8,8 @@ import dataclasses
 from typing import Any
 
 from actstore.errors import ConfigError
-from actstore.sae.config import PRESETS, TrainConfig
+from actstore.sae.config import TrainConfig
+from actstore.sae.recipe import PRESETS
 
 SWEEPABLE = ("model", "layer", "arch", "d_sae", "k", "lr", "seed")
 """The TrainConfig fields ``actstore train`` takes comma-separated values of."""

@@ -101,7 +101,7 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
 def make_optimizer(
     name: str, params: Iterable[torch.nn.Parameter], lr: float
 ) -> torch.optim.Optimizer:
-    """The optimizer ``name`` (``signum`` or ``adam``, :data:`actstore.sae.config.OPTIMIZERS`) over ``params``."""
+    """The optimizer ``name`` (``signum`` or ``adam``, :data:`actstore.sae.recipe.OPTIMIZERS`) over ``params``."""
     if name == "signum":
         return ScheduleFreeSignSGD(params, lr=lr)
     return torch.optim.Adam(params, lr=lr)

@@ -29,7 +29,7 @@ from actstore.format import layout
 from actstore.format.layout import check_name
 from actstore.models.checkpoint import optimizer_tensors, pack, restore_optimizer, unpack
 from actstore.models.loading import auto_device
-from actstore.sae.config import FIELDS_ADDED, RUNTIME_FIELDS, SAEConfig, TrainConfig, ramp
+from actstore.sae.config import FIELDS_ADDED, RUNTIME_FIELDS, SAEConfig, TrainConfig
 from actstore.sae.files import delete_sae, save_sae
 from actstore.sae.loss import LossParts, train_step
 from actstore.sae.metrics import (
@@ -44,6 +44,7 @@ from actstore.sae.metrics import (
 )
 from actstore.sae.model import SAE, check_d_in
 from actstore.sae.optim import ScheduleFreeSignSGD, averaged, make_optimizer
+from actstore.sae.recipe import ramp
 from actstore.sae.resample import MIN_EXPECTED_FIRES, resample_latents, resample_steps
 from actstore.sae.rows import (
     estimate_stats,

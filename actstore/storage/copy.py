@@ -8,7 +8,7 @@ at the destination with the same bytes are skipped, so an interrupted copy is
 resumed by running the same command. Zarr metadata is written last, so a
 partial copy never shows arrays whose chunks are not there yet. Keys from the
 source are checked before anything is written: ``..``, absolute keys and the
-like are refused (see :func:`actstore.location.check_key`).
+like are refused (see :func:`actstore.storage.guards.check_key`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from actstore.errors import ConfigError, IntegrityError, StoreError
 from actstore.format import layout
 from actstore.format.metadata import StoreAttrs, in_metadata
 from actstore.storage.config import CopyConfig
+from actstore.storage.guards import check_key
 from actstore.storage.integrity import (
     MANIFEST_KEY,
     SKIP_PREFIXES,
@@ -37,7 +38,7 @@ from actstore.storage.integrity import (
     sha256,
     update_manifest,
 )
-from actstore.storage.location import Location, check_key, open_location
+from actstore.storage.location import Location, open_location
 
 
 @dataclass

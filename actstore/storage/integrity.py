@@ -34,7 +34,8 @@ from actstore.clock import now
 from actstore.errors import IntegrityError, StoreError
 from actstore.format import layout
 from actstore.format.metadata import LayerAttrs, in_metadata
-from actstore.storage.location import PARTIAL, Location, check_key
+from actstore.storage.guards import check_key
+from actstore.storage.location import PARTIAL, Location
 
 MANIFEST_KEY = layout.MANIFEST
 MANIFEST_FORMAT = 1
@@ -238,7 +239,7 @@ def chunk_error(
                 f"is {state}. Its values are not returned (never read as zeros); run `actstore verify {loc.url}` to list "
                 "every bad object, then re-copy the store or re-extract that layer"
             )
-    from actstore.storage.location import MissingChunk
+    from actstore.storage.guards import MissingChunk
 
     if isinstance(exc, MissingChunk):
         return IntegrityError(

@@ -32,7 +32,8 @@ from actstore.format.metadata import (
     damaged,
     has_attrs,
 )
-from actstore.storage.location import Location, MissingChunk, check_key, open_location
+from actstore.storage.guards import MissingChunk, check_key
+from actstore.storage.location import Location, open_location
 from actstore.store.units import committed_from_markers, completed_ranges, completed_units
 
 FORMAT_VERSION = layout.FORMAT_VERSION
