@@ -9,7 +9,7 @@ from actstore.encoding.config import EncodeConfig
 from actstore.encoding.encode import encode
 from actstore.sae.config import TrainConfig
 from actstore.sae.train import train_sae
-from actstore.storage.integrity import verify
+from actstore.storage.verify import verify
 
 
 def test_train_encode_diff_leave_a_verifiable_store(tiny_store):

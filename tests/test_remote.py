@@ -22,9 +22,10 @@ from actstore.errors import ConcurrencyError, IntegrityError, StoreError
 from actstore.storage.config import CopyConfig
 from actstore.storage.copy import copy_store
 from actstore.storage.guards import check_key
-from actstore.storage.integrity import update_manifest, verify
+from actstore.storage.integrity import update_manifest
 from actstore.storage.location import open_location
 from actstore.storage.locks import StoreLock, lock_key
+from actstore.storage.verify import verify
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::ResourceWarning"),

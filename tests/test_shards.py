@@ -16,7 +16,7 @@ from actstore.errors import ConfigError, IntegrityError
 from actstore.format import layout
 from actstore.storage.config import CopyConfig
 from actstore.storage.copy import copy_store
-from actstore.storage.integrity import verify
+from actstore.storage.verify import verify
 from actstore.store.config import ExtractConfig
 from actstore.store.extract import extract
 

@@ -26,9 +26,10 @@ from actstore.format import layout
 from actstore.sae.config import SAEConfig
 from actstore.sae.files import save_sae
 from actstore.sae.model import SAE
-from actstore.storage.integrity import update_manifest, verify
+from actstore.storage.integrity import update_manifest
 from actstore.storage.location import open_location
 from actstore.storage.locks import StoreLock
+from actstore.storage.verify import verify
 from actstore.store.units import completed_units
 from tests.helpers import one_line_error, snapshot
 

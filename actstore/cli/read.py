@@ -293,8 +293,8 @@ def verify(
 ) -> None:
     """Check every chunk (crc32c) and file (manifest SHA-256) of STORE; list each bad object."""
     from actstore.storage.integrity import update_manifest as update
-    from actstore.storage.integrity import verify as run
     from actstore.storage.location import open_location
+    from actstore.storage.verify import verify as run
     from actstore.store.reader import dumps
 
     loc = open_location(
