@@ -33,7 +33,7 @@ _EXPORTS = {
     "FeatureExportConfig": "query.config",
     "export_features": "query.exports",
     "TrainConfig": "sae.train",
-    "TrainResult": "sae.train",
+    "TrainResult": "sae.run",
     "train_sae": "sae.train",
     "EncodeConfig": "encoding.encode",
     "EncodeResult": "encoding.encode",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from actstore.errors import IntegrityError, NotFoundError
@@ -14,7 +15,9 @@ from actstore.storage.integrity import check_file
 
 if TYPE_CHECKING:
     import polars as pl
+    import torch
 
+    from actstore.sae.metrics import TrainTracker
     from actstore.sae.model import SAE
     from actstore.store.reader import Store
 
@@ -237,3 +240,53 @@ def dense_notes(saes: pl.DataFrame) -> list[str]:
 def delete_sae(store: Store, name: str) -> None:
     """Remove ``saes/NAME/`` (finished SAE or unfinished run) if present."""
     store.loc.rmtree(layout.sae_dir(name))
+
+
+# ---------------------------------------------------------------- checkpoints of unfinished runs
+def save_checkpoint(
+    store: Store,
+    name: str,
+    sae: SAE,
+    opt: torch.optim.Optimizer,
+    tracker: TrainTracker,
+    meta: dict[str, Any],
+) -> None:
+    """Write run ``name``'s checkpoint (its SAE, optimizer and tracker state, and ``meta``) whole."""
+    from actstore.models.checkpoint import optimizer_tensors, pack
+
+    tensors = (
+        {f"sae.{k}": v for k, v in sae.state_tensors().items()}
+        | optimizer_tensors(opt)
+        | tracker.state()
+    )
+    store.loc.write_bytes(
+        layout.sae_file(name, layout.SAE_CHECKPOINT),
+        pack(tensors, {"meta": meta, "sae_cfg": asdict(sae.cfg)}),
+    )
+
+
+def read_checkpoint(
+    store: Store, name: str
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], SAEConfig]:
+    """The tensors, run state and SAE config of run ``name``'s checkpoint; IntegrityError if it is damaged."""
+    from actstore.models.checkpoint import unpack
+
+    try:
+        packed = unpack(store.loc.read_bytes(layout.sae_file(name, layout.SAE_CHECKPOINT)))
+        meta, sae_cfg = packed.meta["meta"], packed.meta["sae_cfg"]
+        if not (
+            isinstance(meta, dict)
+            and isinstance(meta.get("config", {}), dict)
+            and isinstance(sae_cfg, dict)
+        ):
+            raise TypeError("its run state is not JSON objects")
+        return packed.tensors, meta, SAEConfig.from_dict(sae_cfg)
+    except OSError:
+        raise
+    except (
+        Exception
+    ) as exc:  # JSON, safetensors or layout errors of bytes from disk: not a bug, a damaged file
+        raise IntegrityError(
+            f"the checkpoint of unfinished run {name!r} in {store.url} is damaged ({exc}): pass --overwrite "
+            "to start the run over"
+        ) from None

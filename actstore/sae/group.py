@@ -33,7 +33,8 @@ from actstore.format.layout import check_name
 from actstore.models.loading import auto_device
 from actstore.sae.config import TrainConfig
 from actstore.sae.rows import held_out_rows, open_stream, training_rows, writable_store
-from actstore.sae.train import TrainingRun, TrainResult, existing_run, run_identity
+from actstore.sae.run import TrainingRun, TrainResult, run_identity
+from actstore.sae.train import existing_run
 from actstore.storage.locks import StoreLock
 from actstore.store.reader import Store
 
