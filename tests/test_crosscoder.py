@@ -19,12 +19,8 @@ from safetensors.numpy import load_file
 
 import actstore
 from actstore.analysis.config import CrosscoderDiffConfig
-from actstore.analysis.crosscoder import (
-    crosscoder_stability,
-    diff_crosscoder,
-    load_crosscoder_diff,
-    relative_norm,
-)
+from actstore.analysis.crosscoder import diff_crosscoder, load_crosscoder_diff, relative_norm
+from actstore.analysis.crosscoder_reads import crosscoder_stability
 from actstore.cli import main
 from actstore.errors import ConfigError, NotFoundError
 from actstore.sae.config import TrainConfig

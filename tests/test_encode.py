@@ -76,7 +76,7 @@ def test_encode_equals_dense_numpy(tiny_store, arch, k):
 def test_bucket_count_grows_with_the_corpus_so_a_bucket_fits_in_memory():
     """A bucket is merged whole in memory at the end: its expected activations stay under BUCKET_ENTRIES (4M), at 2M
     tokens as at 2 billion, by having more buckets (issue 29: memory bounded by work in flight, not the corpus)."""
-    from actstore.encoding.encode import BUCKET_ENTRIES, bucket_count
+    from actstore.encoding.plan import BUCKET_ENTRIES, bucket_count
 
     cfg = EncodeConfig(sae="s")  # 16 buckets at least
     assert bucket_count(cfg, 3072, 2_000_000, 32) == 16  # 64M activations: 4M a bucket

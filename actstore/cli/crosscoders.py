@@ -97,7 +97,8 @@ def diff_crosscoder_cmd(
 
     Saved beside the crosscoder (SQL view crosscoder_latents) when the store is writable.
     """
-    from actstore.analysis.crosscoder import diff_crosscoder, top_latents
+    from actstore.analysis.crosscoder import diff_crosscoder
+    from actstore.analysis.crosscoder_reads import top_latents
     from actstore.store.reader import open_store
 
     st = open_store(
@@ -156,7 +157,7 @@ def crosscoder_stability_cmd(
     store: str, storage_options: tuple[str, ...], saes: tuple[str, ...], cos: float
 ) -> None:
     """How many one-model latents of one crosscoder have a partner of the same class in another (e.g. another --seed)."""
-    from actstore.analysis.crosscoder import crosscoder_stability
+    from actstore.analysis.crosscoder_reads import crosscoder_stability
     from actstore.store.reader import open_store
 
     if len(saes) != 2:

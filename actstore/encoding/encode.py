@@ -46,12 +46,11 @@ BYTE_STREAM_SPLIT for ``value`` under zstd (about 4 bytes per entry).
 
 from __future__ import annotations
 
-import math
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -59,6 +58,7 @@ import torch
 
 from actstore.clock import now
 from actstore.encoding.config import EncodeConfig
+from actstore.encoding.plan import Plan, make_plan
 from actstore.encoding.segments import (
     SegmentJob,
     SegmentWorker,
@@ -78,7 +78,6 @@ from actstore.encoding.table import (
     read_encoding,
     read_pending,
     rm,
-    sae_fingerprint,
     write_manifest,
     write_parquet,
 )
@@ -212,70 +211,6 @@ def encode(
         lock.release()
 
 
-class _Plan(NamedTuple):
-    """What an encoding of one SAE over its layer is: its rows, its buckets, the settings an encoding must match."""
-
-    n_rows: int
-    d_sae: int
-    n_buckets: int
-    bucket_features: int
-    """Features per bucket (the last bucket may hold fewer)."""
-    base: str
-    """The SAE's ``features/<sae>`` folder."""
-    want: dict[str, Any]
-    """Settings a published or pending encoding must share to be this one."""
-
-    def matches(self, m: EncodingManifest) -> bool:
-        """Whether an encoding (published or pending) was made with these weights, rows and settings."""
-        return m.matches(self.want)
-
-
-BUCKET_ENTRIES = 4_000_000
-"""Activations a bucket is planned to hold at most: it is merged whole in memory at the end (~60 bytes an activation,
-``workers`` buckets at a time: ~0.5 GB at 2 workers)."""
-
-
-def bucket_count(cfg: EncodeConfig, d_sae: int, n_rows: int, l0: float) -> int:
-    """Buckets for ``n_rows`` token rows at ``l0`` active features each: ``cfg.n_buckets``, or more so that a bucket
-    holds about :data:`BUCKET_ENTRIES` activations at most; so the finish phase's memory does not grow with the
-    corpus. Memory settings (``spill_entries``, ``workers``) do not change it: an encoding stays the same one."""
-    return max(1, min(d_sae, max(cfg.n_buckets, math.ceil(n_rows * l0 / BUCKET_ENTRIES))))
-
-
-def expected_l0(store: Store, name: str, sae: SAE) -> float:
-    """Active features per token to plan for: k (topk, batchtopk), else the held-out L0 in the SAE's metrics.json (at
-    most d_sae: the file may come from anyone), else a quarter of d_sae."""
-    from actstore.sae.files import number, read_metrics
-
-    if sae.cfg.k:
-        return float(sae.cfg.k)
-    ev = read_metrics(store, name).get("eval")
-    l0 = number(ev.get("l0")) if isinstance(ev, dict) else None
-    return (
-        min(l0, sae.cfg.d_sae)
-        if l0 is not None and math.isfinite(l0) and l0 > 0
-        else sae.cfg.d_sae / 4
-    )
-
-
-def _plan(store: Store, cfg: EncodeConfig, sae: SAE, n_rows: int) -> _Plan:
-    d_sae = sae.cfg.d_sae
-    n_buckets = bucket_count(cfg, d_sae, n_rows, expected_l0(store, cfg.sae, sae))
-    bucket_features = -(-d_sae // n_buckets)
-    n_buckets = -(-d_sae // bucket_features)
-    want = (
-        dict(  # EncodingManifest fields (a misspelt one fails where the manifest is made from them)
-            n_rows=n_rows,
-            d_sae=d_sae,
-            n_buckets=n_buckets,
-            bucket_features=bucket_features,
-            sae_sha256=sae_fingerprint(store, cfg.sae),
-            row_group_rows=cfg.row_group_rows,
-        )
-    )
-    return _Plan(n_rows, d_sae, n_buckets, bucket_features, features_dir(cfg.sae), want)
-
-
 def _encode(
     store: Store,
     cfg: EncodeConfig,
@@ -292,7 +227,7 @@ def _encode(
     acts = check_fits(
         store, sae.cfg, cfg.sae
     )  # (model, layer), or a crosscoder's sources side by side
-    plan = _plan(store, cfg, sae, acts.n_rows)
+    plan = make_plan(store, cfg, sae, acts.n_rows)
     published, man = _published_and_pending(store, cfg, plan)
     if published is not None and not cfg.overwrite and man is None:
         if not plan.matches(published):
@@ -350,7 +285,7 @@ def _encode_segments(
     store: Store,
     cfg: EncodeConfig,
     sae: SAE,
-    plan: _Plan,
+    plan: Plan,
     man: EncodingManifest,
     published: EncodingManifest | None,
     model: str,
@@ -408,7 +343,7 @@ def _encode_segments(
 
 
 def _published_and_pending(
-    store: Store, cfg: EncodeConfig, plan: _Plan
+    store: Store, cfg: EncodeConfig, plan: Plan
 ) -> tuple[EncodingManifest | None, EncodingManifest | None]:
     """The published encoding (if usable) and the pending one to resume (only if it has these exact settings)."""
     try:
@@ -437,7 +372,7 @@ def _new_generation(
     store: Store,
     cfg: EncodeConfig,
     sae: SAE,
-    plan: _Plan,
+    plan: Plan,
     published: EncodingManifest | None,
     model: str,
     layer: int,
@@ -471,7 +406,7 @@ def _spill_phase(
     cfg: EncodeConfig,
     sae: SAE,
     acts: Any,
-    plan: _Plan,
+    plan: Plan,
     man: EncodingManifest,
     device: str,
     progress: bool,
@@ -544,7 +479,7 @@ def _spill_phase(
 def _finish_phase(
     store: Store,
     cfg: EncodeConfig,
-    plan: _Plan,
+    plan: Plan,
     man: EncodingManifest,
     sink: _Sink,
     published: EncodingManifest | None,
@@ -574,7 +509,7 @@ def _finish_phase(
 def _publish(
     store: Store,
     cfg: EncodeConfig,
-    plan: _Plan,
+    plan: Plan,
     man: EncodingManifest,
     done: list[Bucket],
     published: EncodingManifest | None,

@@ -401,7 +401,7 @@ def _diff_part(
 
 def _crosscoder_part(store: Store) -> Part | None:
     """6. Crosscoders: each latent shared / changed / A-only / B-only (diff-crosscoder), beside the feature diff."""
-    from actstore.analysis.crosscoder import crosscoder_summary
+    from actstore.analysis.crosscoder_reads import crosscoder_summary
 
     df, notes = crosscoder_summary(store)
     if df is None:
@@ -417,7 +417,8 @@ def _crosscoder_part(store: Store) -> Part | None:
         'crosscoder_latents"</code>.</p>' + _html_table(df)
     ]
     md = ["## 6. Crosscoders", "", _md_table(df), ""]
-    from actstore.analysis.crosscoder import load_crosscoder_diff, top_latents
+    from actstore.analysis.crosscoder import load_crosscoder_diff
+    from actstore.analysis.crosscoder_reads import top_latents
 
     tops = {}
     for name in df["crosscoder"].to_list():
