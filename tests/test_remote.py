@@ -528,7 +528,7 @@ def test_damaged_checkpoint_in_bucket_is_a_clear_error(pushed, s3):
     assert bucket_snapshot(s3, url) == before
 
 
-# ---------------------------------------------------------------- issue 9: the same promises over S3
+# ---------------------------------------------------------------- the same promises over S3
 def bucket_snapshot(s3, url: str) -> dict[str, str]:
     """Every object of the store in the bucket with its ETag (changes when an object is rewritten)."""
     root = url.removeprefix("s3://")

@@ -171,7 +171,7 @@ def test_a_sweep_over_saes_trained_with_other_options_is_refused(two_stores):
     assert all(read_config(actstore.open_store(a), n).k == 2 for n in NAMES)
 
 
-# ---------------------------------------------------------------- one read, many SAEs (issue 28, item 4)
+# ---------------------------------------------------------------- one read, many SAEs
 ONE_LAYER = [
     "--model",
     "tiny",
