@@ -91,6 +91,46 @@ class CrosscoderDiffConfig:
             )
 
 
+PROBE_KS = (1, 2, 5, 10, 20)
+"""Features a k-sparse probe may use (SAEBench's sparse probing)."""
+
+
+@dataclass
+class EvalConfig:
+    """What ``actstore eval`` measures of an SAE: sparse probing on the store's labels (saved as ``evals.json``)."""
+
+    sae: str
+    """The SAE (under STORE/saes/); its layer's rows are pooled per sample."""
+    k: list[int] = field(default_factory=lambda: list(PROBE_KS))
+    """Features a k-sparse probe uses, chosen by the difference of class means on the training samples."""
+    max_samples: int = 4000
+    """Labelled samples probed at most (a seeded draw when the store has more)."""
+    max_classes: int = 10
+    """One-vs-rest tasks: the most frequent labels, at most this many (a two-label store: one task)."""
+    test_fraction: float = 0.2
+    """Samples held out from every probe's fit, drawn once (seeded) for all tasks."""
+    l2: float = 1.0
+    """Inverse L2 strength of each logistic probe, as scikit-learn's C (on standardized inputs)."""
+    batch_rows: int = 4096
+    """Token rows per SAE forward pass while pooling."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N, or auto."""
+    seed: int = 0
+    """Seed of the sample draw and the train / test split."""
+
+    def __post_init__(self) -> None:
+        check_name(self.sae, "SAE")
+        self.k = sorted({int(v) for v in self.k})
+        if not self.k or self.k[0] < 1:
+            raise ConfigError(f"--k needs positive feature counts, e.g. 1,5,20; got {self.k}")
+        if self.max_samples < 10 or self.max_classes < 1 or self.batch_rows < 1 or self.l2 <= 0:
+            raise ConfigError(
+                "--max-samples must be at least 10, --max-classes, --batch-rows and --l2 positive"
+            )
+        if not 0 < self.test_fraction < 1:
+            raise ConfigError(f"--test-fraction must be in (0, 1), got {self.test_fraction}")
+
+
 @dataclass
 class DiffConfig:
     """What ``actstore diff-features`` compares (saved as ``diff.json``)."""

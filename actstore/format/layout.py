@@ -60,6 +60,8 @@ UNITS = "units"
 TOKEN_TABLES = ("tokens", "samples")
 """The Parquet tables of a token index."""
 SAE_WEIGHTS, SAE_CONFIG, SAE_METRICS = "sae.safetensors", "cfg.json", "metrics.json"
+SAE_EVALS = "evals.json"
+"""An SAE's evaluations (``actstore eval``: sparse probing)."""
 SAE_CHECKPOINT_DIR = "checkpoint"
 SAE_CHECKPOINT = f"{SAE_CHECKPOINT_DIR}/state.safetensors"
 ENCODING, PENDING = "encoding.json", "pending.json"
