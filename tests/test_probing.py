@@ -17,7 +17,7 @@ import actstore
 from actstore.analysis.config import EvalConfig
 from actstore.analysis.probing import fit_logistic, pool, sparse_probing, top_features
 from actstore.cli import main
-from actstore.sae.files import save_sae
+from actstore.sae.files import list_saes, save_sae
 
 
 def test_the_probe_is_scikit_learns_logistic_regression():
@@ -102,3 +102,32 @@ def test_eval_command_saves_evals_json_and_says_one_line_on_bad_input(tiny_store
         CliRunner().invoke(main, ["eval", tiny_store, "--sae", "planted", "--k", "0"]), "--k"
     )
     one_line_error(CliRunner().invoke(main, ["eval", tiny_store, "--sae", "nope"]), "nope")
+
+
+def test_evals_reach_sql_and_the_saes_table(tiny_store):
+    planted_sae(tiny_store)
+    st = actstore.open_store(tiny_store, writable=True)
+    from actstore.analysis.probing import save_evals
+
+    res = sparse_probing(st, EvalConfig(sae="planted", k=[1, 5], device="cpu", test_fraction=0.5))
+    save_evals(st, res)
+    st = actstore.open_store(tiny_store)
+    rows = actstore.sql(
+        st,
+        "SELECT task, k, accuracy, n_test FROM sae_evals WHERE sae = 'planted' ORDER BY k NULLS FIRST",
+    )
+    (task,) = res.tasks
+    assert rows.rows() == [(task.label, None, task.dense, task.n_test), (task.label, 1, task.sparse[1], task.n_test),
+                           (task.label, 5, task.sparse[5], task.n_test)]  # fmt: skip
+    table = list_saes(st)
+    row = table.filter(table["name"] == "planted").row(0, named=True)
+    assert row["probe_k1"] == pytest.approx(res.sparse[1]) and row["probe_dense"] == pytest.approx(
+        res.dense
+    )
+    assert (
+        actstore.sql(
+            actstore.open_store(tiny_store),
+            "SELECT count(*) AS n FROM sae_evals WHERE sae <> 'planted'",
+        )["n"][0]
+        == 0
+    )

@@ -26,7 +26,7 @@ from actstore.analysis.config import EvalConfig
 from actstore.clock import now
 from actstore.errors import ConfigError
 from actstore.format import layout
-from actstore.sae.files import load_sae
+from actstore.sae.files import load_sae, read_evals
 from actstore.storage.integrity import update_manifest
 
 if TYPE_CHECKING:
@@ -262,19 +262,3 @@ def save_evals(store: Store, res: ProbingResult) -> str:
     finally:
         lock.release()
     return key
-
-
-def read_evals(store: Store, name: str) -> dict[str, Any]:
-    """An SAE's ``evals.json`` (empty when it has none)."""
-    from actstore.storage.integrity import check_file
-
-    key = layout.sae_file(name, layout.SAE_EVALS)
-    if not store.loc.exists(key):
-        return {}
-    raw = store.loc.read_bytes(key)
-    check_file(store.loc, key, raw)
-    try:
-        out = json.loads(raw)
-    except ValueError:
-        return {}
-    return out if isinstance(out, dict) else {}

@@ -125,10 +125,16 @@ def sae_metrics_table(store: Store) -> pl.DataFrame | None:
             "dead",
             "dead_store",
             "dense_code",
+            "probe_k1",
+            "probe_k5",
+            "probe_dense",
         )
         if c in df.columns
     ]
-    return df.select(keep).sort(["layer", "model"])
+    out = df.select(keep).sort(["layer", "model"])
+    return out.drop(
+        [c for c in ("probe_k1", "probe_k5", "probe_dense") if out[c].null_count() == out.height]
+    )
 
 
 def _crop_views(tv: Any, center: int, context: int) -> Any:

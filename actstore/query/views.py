@@ -11,6 +11,7 @@ Views (DuckDB and Polars alike)::
     crosscoder_latents(sae, source_a, source_b, latent, norm_a, norm_b, rel_norm, cosine, frequency,
                        beta_error_a, beta_error_b, nu_error, beta_recon_a, beta_recon_b, nu_recon, class, flag,
                        exclusive)                                   actstore diff-crosscoder
+    sae_evals(sae, eval, task, k, accuracy, n_train, n_test)             actstore eval (k NULL: the dense probe)
 
 ``samples`` / ``tokens`` show the store's default tokenization. A read-only
 connection (the default) is a read-only DuckDB database: statements that
@@ -122,7 +123,42 @@ def view_sql(store: Store) -> StoreViews:
     views["crosscoder_latents"], cc_keys = crosscoder_view_sql(
         store
     )  # saved crosscoder diffs (diff-crosscoder)
+    views["sae_evals"] = evals_view_sql(store)  # actstore eval
     return StoreViews(views, keys + diff_keys + cc_keys)
+
+
+EVALS_COLUMNS = "sae VARCHAR, eval VARCHAR, task VARCHAR, k INTEGER, accuracy DOUBLE, n_train INTEGER, n_test INTEGER"
+"""The ``sae_evals`` view: one row per SAE, evaluation, task and probe (``k`` NULL: the dense probe)."""
+
+
+def evals_view_sql(store: Store) -> str:
+    """``SELECT ...`` of the ``sae_evals`` view: every SAE's ``evals.json`` as rows, its values inlined (numbers as
+    numbers, text quoted): the view reads no file."""
+    from actstore.sae.files import read_evals, sae_names
+
+    def num(v: Any, kind: type) -> str:
+        try:
+            x = kind(v)
+        except (TypeError, ValueError, OverflowError):
+            return "NULL"
+        return repr(x) if x == x and abs(x) != float("inf") else "NULL"
+
+    rows = []
+    for name in sae_names(store):
+        sp = read_evals(store, name).get("sparse_probing")
+        tasks = sp.get("tasks") if isinstance(sp, dict) else None
+        for t in tasks if isinstance(tasks, list) else []:
+            if not isinstance(t, dict) or not isinstance(t.get("sparse"), dict):
+                continue
+            probes = [("NULL", t.get("dense"))] + [(num(k, int), v) for k, v in t["sparse"].items()]
+            for k, acc in probes:
+                rows.append(f"({_q(name)}, 'sparse_probing', {_q(str(t.get('label')))}, {k}, {num(acc, float)}, "
+                            f"{num(t.get('n_train'), int)}, {num(t.get('n_test'), int)})")  # fmt: skip
+    cols = [c.split() for c in EVALS_COLUMNS.split(", ")]
+    if not rows:
+        return "SELECT " + ", ".join(f"NULL::{t} AS {c}" for c, t in cols) + " LIMIT 0"
+    casts = ", ".join(f"{c}::{t} AS {c}" for c, t in cols)
+    return f"SELECT {casts} FROM (VALUES {', '.join(rows)}) AS t({', '.join(c for c, _ in cols)})"
 
 
 SANDBOX = (

@@ -187,6 +187,7 @@ def list_saes(store: Store) -> pl.DataFrame:
                 "dense": number(ev.get("dense_fraction")),
                 "train_fvu": number(tr.get("fvu")),
                 "l0_fraction": l0 / d_sae if l0 is not None and d_sae else None,
+                **probe_columns(read_evals(store, name)),
             }
         )
     schema = {
@@ -210,11 +211,43 @@ def list_saes(store: Store) -> pl.DataFrame:
         "dense": pl.Float64,
         "train_fvu": pl.Float64,
         "l0_fraction": pl.Float64,
+        **dict.fromkeys(PROBE_COLUMNS, pl.Float64),
     }
     df = pl.DataFrame(rows, schema=schema)
     return df.with_columns(
         (pl.col("l0_fraction") > DENSE_L0_FRACTION).fill_null(False).alias("dense_code")
     )
+
+
+PROBE_COLUMNS = ("probe_dense", "probe_k1", "probe_k5")
+"""Columns of ``saes`` from ``actstore eval``: mean held-out accuracy of the dense probe and of the 1- and 5-sparse
+probes (None until the SAE is evaluated, or where those k were not run)."""
+
+
+def read_evals(store: Store, name: str) -> dict[str, Any]:
+    """SAE ``name``'s ``evals.json`` (``actstore eval``), checked against the manifest; empty when it has none or it
+    does not parse."""
+    key = layout.sae_file(name, layout.SAE_EVALS)
+    if not store.loc.exists(key):
+        return {}
+    raw = store.loc.read_bytes(key)
+    check_file(store.loc, key, raw)
+    try:
+        out = json.loads(raw)
+    except (ValueError, RecursionError):
+        return {}
+    return out if isinstance(out, dict) else {}
+
+
+def probe_columns(evals: dict[str, Any]) -> dict[str, float | None]:
+    """:data:`PROBE_COLUMNS` from an ``evals.json``."""
+    sp = _obj(evals, "sparse_probing")
+    sparse = _obj(sp, "sparse")
+    return {
+        "probe_dense": number(sp.get("dense")),
+        "probe_k1": number(sparse.get("1")),
+        "probe_k5": number(sparse.get("5")),
+    }
 
 
 def dense_note(name: str, l0: float | None, d_sae: int) -> str | None:
