@@ -318,3 +318,18 @@ def test_a_one_pass_sweep_killed_midway_resumes_to_the_same_weights(two_stores):
     for n in ("tiny-l2-topk-16", "tiny-l2-topk-24"):
         want, got = _weights(b, n), _weights(a, n)
         assert all(torch.equal(want[k], got[k]) for k in want), n
+
+
+def test_expand_gives_an_omitted_field_its_default_not_none():
+    """A library caller of ``expand`` that names no seed (the CLI always passes one) got seed None, and training
+    failed deep in the split ("object of type 'NoneType' has no len()")."""
+    from actstore.sae.combos import expand
+
+    cfgs = expand(
+        {"epochs": 1, "d_sae": 64, "k": 4},
+        {"model": ["tiny"], "layer": [1, 2], "arch": ["topk", "relu-l1"]},
+    )
+    assert [(c.arch, c.layer, c.k, c.seed) for c in cfgs] == [
+        ("topk", 1, 4, 0), ("topk", 2, 4, 0), ("relu-l1", 1, None, 0), ("relu-l1", 2, None, 0)
+    ]  # fmt: skip
+    assert {c.stream_seed() for c in cfgs} == {0}

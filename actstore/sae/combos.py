@@ -17,26 +17,26 @@ SWEEPABLE = ("model", "layer", "arch", "d_sae", "k", "lr", "seed")
 
 def expand(values: dict[str, Any], sweeps: dict[str, list[Any]]) -> list[TrainConfig]:
     """Every combination of ``sweeps`` (field -> values; a field given once is a one-value list) over the other
-    ``values``: each architecture resolves its own defaults, and a relu-l1 run of a sweep that mixes architectures
-    takes no ``k`` (k is topk's and batchtopk's)."""
-    lists = {f: sweeps.get(f) or [values.get(f)] for f in SWEEPABLE}
+    ``values``; a field in neither takes its default. Each architecture resolves its own defaults, and a relu-l1 run
+    of a sweep that mixes architectures takes no ``k`` (k is topk's and batchtopk's)."""
+    lists = {
+        f: list(sweeps[f]) if sweeps.get(f) else [values[f]]
+        for f in SWEEPABLE
+        if sweeps.get(f) or f in values
+    }
     out: list[TrainConfig] = []
-    for arch in lists["arch"]:
+    for arch in lists.get("arch", [None]):
         relu = (
             arch or PRESETS.get(values.get("preset") or "", {}).get("arch") or "relu-l1"
         ) == "relu-l1"
-        mixed = relu and len(lists["arch"]) > 1
+        mixed = relu and len(lists.get("arch", [])) > 1
         first = {f: v[0] for f, v in lists.items() if f != "arch"}
-        base = TrainConfig(**{**values, **first, "arch": arch, "k": None if mixed else first["k"]})
-        out += sweep_configs(
-            base,
-            lists["model"],
-            lists["layer"],
-            lists["d_sae"],
-            None if mixed else lists["k"],
-            lists["lr"],
-            lists["seed"],
-        )
+        if mixed:
+            first["k"] = None
+        base = TrainConfig(**{**values, **first, "arch": arch})
+        out += sweep_configs(base, lists.get("model", [base.model]), lists.get("layer", [base.layer]),
+                             lists.get("d_sae", [base.d_sae]), None if mixed else lists.get("k"), lists.get("lr"),
+                             lists.get("seed"))  # fmt: skip
     return out
 
 
