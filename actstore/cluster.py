@@ -160,9 +160,8 @@ class ActorPool:
             i, gen, item = inflight.pop(ref)
             try:
                 out = ray.get(ref)
-            except (
-                ray.exceptions.RayActorError
-            ):  # the actor's process died: a fresh actor, the item again
+            # the actor's process died: a fresh actor, the item again
+            except ray.exceptions.RayActorError:
                 self._replace(i, gen)
                 todo.appendleft(item)
                 if on_retry is not None:
@@ -171,9 +170,8 @@ class ActorPool:
                 raise _cause(exc) from None
             else:
                 on_result(item, out)
-            for j in range(
-                len(self.actors)
-            ):  # refill every actor (this one, and one just replaced)
+            # refill every actor (this one, and one just replaced)
+            for j in range(len(self.actors)):
                 while todo and sum(1 for k, *_ in inflight.values() if k == j) < IN_FLIGHT:
                     submit(j)
 

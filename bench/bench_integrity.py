@@ -112,9 +112,8 @@ def main() -> None:
     n = 2000
     t0 = time.perf_counter()
     for _ in range(n):
-        integrity.check_file(
-            st.loc, t.file_keys[0]
-        )  # the bucket file a lookup opens (warm: one stat)
+        # the bucket file a lookup opens (warm: one stat)
+        integrity.check_file(st.loc, t.file_keys[0])
         integrity.check_file(st.loc, enc_key, raw)  # encoding.json, read twice per lookup
         integrity.check_file(st.loc, enc_key, raw)
     per = (time.perf_counter() - t0) / n

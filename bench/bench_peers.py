@@ -266,9 +266,8 @@ def main() -> None:
     )
     with torch.no_grad():
         sae.b_dec.copy_(torch.from_numpy(shuffled[: args.batch].mean(0) * scale))
-    sae.init_from_rows(
-        torch.from_numpy(shuffled[-args.d_sae :] * scale)
-    )  # --init data, as the trainer's default
+    # --init data, as the trainer's default
+    sae.init_from_rows(torch.from_numpy(shuffled[-args.d_sae :] * scale))
     opt_ = ScheduleFreeSignSGD(sae.parameters(), lr=5e-3 / (args.d_sae / 2**14) ** 0.5)
     tracker = TrainTracker(args.d_sae, 1_000_000, 0.1)
     bare_cfg = TrainConfig(

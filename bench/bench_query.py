@@ -155,9 +155,8 @@ def main() -> None:
     con = actstore.connect(st)
     lookup = "SELECT row, value FROM features WHERE sae = $sae AND feature = $f ORDER BY value DESC, row LIMIT 20"
     scan = f"SELECT row, value FROM read_parquet('{copy}') WHERE feature = $f ORDER BY value DESC, row LIMIT 20"
-    rw = actstore.connect(
-        st, read_only=False
-    )  # the copy lies outside the store: the read-only connection may not read it
+    # the copy lies outside the store: the read-only connection may not read it
+    rw = actstore.connect(st, read_only=False)
     t0 = time.perf_counter()
     lookups.top_tokens(st, int(picks["typical (median)"]["feature"]), sae="bench", n=20, context=8)
     print(

@@ -82,9 +82,8 @@ def throughput(args) -> None:
     path = synth_store(Path(args.dir) / f"synth-{args.rows}-{args.d}.zarr", args.rows, args.d)
     st = actstore.open_store(path, writable=True)  # train_sae saves into it
     acts = st.activations("synth", 0)
-    x = torch.from_numpy(
-        np.concatenate([c.values for c in acts.iter_chunks()])
-    )  # (rows, d) in memory
+    # (rows, d) in memory
+    x = torch.from_numpy(np.concatenate([c.values for c in acts.iter_chunks()]))
     print(
         f"throughput: {args.rows:,} rows x {args.d} (fp32 synthetic store, 4096-row chunks), d_sae {4 * args.d}, "
         f"arch {args.arch}, batch {args.batch}, torch threads {torch.get_num_threads()}",
@@ -108,9 +107,8 @@ def throughput(args) -> None:
         )
         res = train_sae(st, cfg, progress=False)
         mem = in_memory_loop(x, cfg, 4 * args.d, res.steps)
-        steps_only = res.steps / max(
-            res.steps / res.steps_per_s - res.eval_seconds, 1e-9
-        )  # without the curve evals
+        # without the curve evals
+        steps_only = res.steps / max(res.steps / res.steps_per_s - res.eval_seconds, 1e-9)
         ratios.append(res.steps_per_s / mem)
         bare.append(steps_only / mem)
         print(

@@ -64,9 +64,8 @@ def make_sae(
         )
     )
     with torch.no_grad():
-        if (
-            arch == "relu-l1"
-        ):  # unit decoder rows, as these tests were written for (training starts them at 0.1)
+        # unit decoder rows, as these tests were written for (training starts them at 0.1)
+        if arch == "relu-l1":
             from actstore.sae.model import RELU_DECODER_INIT_NORM
 
             sae.W_dec.div_(RELU_DECODER_INIT_NORM)

@@ -229,9 +229,8 @@ def test_console_bounds_rows_and_time(browse_store):
         run_console(st, "SELECT count(*) FROM range(100000000000) a", timeout=0.3)
     from actstore.query.views import connect
 
-    base = connect(
-        st
-    )  # the server's one connection: each query on its own cursor, the sandbox intact
+    # the server's one connection: each query on its own cursor, the sandbox intact
+    base = connect(st)
     with pytest.raises(QueryRefused, match="ran past"):
         run_console(st, "SELECT count(*) FROM range(100000000000) a", timeout=0.3, base=base)
     assert run_console(st, "SELECT 41 + 1 AS x", base=base).rows == [(42,)]
@@ -594,9 +593,8 @@ def test_static_dashboard_from_file_url(browse_store, browser, tmp_path):
         json.loads(page.locator("#histogram").get_attribute("data-counts"))
         == np.histogram(vals, bins=40)[0].tolist()
     )
-    assert page.evaluate("() => getComputedStyle(document.body).fontFamily").startswith(
-        "system-ui"
-    )  # its CSS loaded
+    # its CSS loaded
+    assert page.evaluate("() => getComputedStyle(document.body).fontFamily").startswith("system-ui")
     assert (
         page.evaluate(WIDTH_JS)[0] <= 1280
         and page.evaluate("() => window.__pwned") is None

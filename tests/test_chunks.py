@@ -47,9 +47,8 @@ def test_objects_are_the_bytes_zarr_writes(tmp_path, dtype, layout, compression,
     """Through a Location (what the extractor's writers use: buffers written one after the other) or Zarr's store."""
     n = 64 * 3 + 37  # a ragged last object (and, sharded, inner chunks past the end)
     rng = np.random.default_rng(0)
-    values = rng.integers(1, 100, (n, 24)).astype(
-        dtype
-    )  # no all-zero chunk (Zarr would skip writing it)
+    # no all-zero chunk (Zarr would skip writing it)
+    values = rng.integers(1, 100, (n, 24)).astype(dtype)
     ref, ours = arrays(tmp_path, dtype, layout, compression, n)
     ref[:] = values
     put = (

@@ -160,9 +160,8 @@ def test_an_empty_claim_left_by_a_crash_is_taken_over(unfinished, tiny_bert_dir,
 def test_break_lock_reaches_unit_claims(unfinished, tiny_bert_dir, corpus_file):
     from actstore.clock import deadline
 
-    forge(
-        unfinished, CLAIM, claim_body(now(), deadline(300))
-    )  # a live-looking claim from another host
+    # a live-looking claim from another host
+    forge(unfinished, CLAIM, claim_body(now(), deadline(300)))
     r = run_extract(unfinished, tiny_bert_dir, corpus_file, "--break-lock")
     assert r.returncode == 0, r.stderr
     assert finished(unfinished)
@@ -211,9 +210,8 @@ def test_lock_objects_are_never_left_empty_by_a_full_disk(tmp_path):
         loc = open_location(str(mnt / "s"), create=True, writable=True)
         (mnt / "s" / "locks").mkdir()
         free = shutil.disk_usage(mnt).free
-        (mnt / "filler").write_bytes(
-            b"\0" * free
-        )  # not one byte left (tmpfs pages: the lock's own page cannot come)
+        # not one byte left (tmpfs pages: the lock's own page cannot come)
+        (mnt / "filler").write_bytes(b"\0" * free)
         with pytest.raises(OSError):
             StoreLock(loc, "setup", "extract tiny").acquire()
         assert not (mnt / "s" / "locks" / "setup.lock").exists()

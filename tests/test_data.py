@@ -121,6 +121,5 @@ def test_an_explicit_field_overrides_a_recipe_even_when_it_is_the_default_name(t
         "rid",
         "label",
     )
-    assert (
-        data_config(str(tmp_path / "c.jsonl")).text_field == "text"
-    )  # no recipe: the DataConfig defaults
+    # no recipe: the DataConfig defaults
+    assert data_config(str(tmp_path / "c.jsonl")).text_field == "text"

@@ -108,9 +108,8 @@ def test_encode_counts_the_features_that_never_fire_on_the_whole_store(tiny_stor
 def test_the_trainers_window_counts_a_feature_that_fired_once_early_as_dead():
     t = TrainTracker(d_sae=3, dead_window=100)
     x = torch.zeros(10, 4)
-    for i in range(
-        40
-    ):  # 400 tokens: feature 0 fires in the first batch only, 1 in every batch, 2 never
+    # 400 tokens: feature 0 fires in the first batch only, 1 in every batch, 2 never
+    for i in range(40):
         t.update(x, x, torch.tensor([1.0 if i == 0 else 0.0, 2.0, 0.0]))
     assert t.dead_mask().tolist() == [True, False, True]
     assert t.interval(4)["dead_window_tokens"] == 100

@@ -82,9 +82,8 @@ def test_demo_trains_sparse_topk_saes_and_the_papers_contrast(demo_run) -> None:
     from actstore.sae.files import list_saes
 
     saes = list_saes(demo_run.store)
-    assert (
-        saes.height == 5
-    )  # layers 1 and 3, both models, topk; and the paper's relu-l1 for contrast
+    # layers 1 and 3, both models, topk; and the paper's relu-l1 for contrast
+    assert saes.height == 5
     main_saes = saes.filter(saes["arch"] == "topk")
     assert main_saes.height == 4 and (main_saes["l0"] <= 0.05 * main_saes["d_sae"]).all()
     assert not main_saes["dense_code"].any()

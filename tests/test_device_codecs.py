@@ -40,9 +40,8 @@ def _same(x: np.ndarray, codec: str, chan: np.ndarray | None = None) -> None:
         )
     )
     assert got.values.dtype == np.dtype(codecs.STORED_DTYPE[codec])
-    np.testing.assert_array_equal(
-        got.values.view(np.uint8), want.values.view(np.uint8)
-    )  # bits, NaN payloads too
+    # bits, NaN payloads too
+    np.testing.assert_array_equal(got.values.view(np.uint8), want.values.view(np.uint8))
     if want.scale is None:
         assert got.scale is None
     else:

@@ -124,9 +124,8 @@ def test_new_stores_record_each_unit_by_its_marker(tmp_path, tiny_bert_dir, corp
     assert completed_units(open_location(path), layout.layer_array("m", 1)) == {
         i * 32 for i in range(n_units)
     }
-    assert not (Path(path) / "locks").exists() or not any(
-        (Path(path) / "locks").rglob("*.lock")
-    )  # claims released
+    # claims released
+    assert not (Path(path) / "locks").exists() or not any((Path(path) / "locks").rglob("*.lock"))
 
 
 def test_a_reader_sees_the_prefix_and_can_ask_for_every_completed_unit(
@@ -182,9 +181,8 @@ time.sleep(600)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     holder = json.loads(loc.read_bytes(layout.lock_key(layout.unit_claim("m", 64))))
-    assert (
-        holder["pid"] == proc.pid and holder["expires"]
-    )  # the dead worker's leased claim is still there
+    # the dead worker's leased claim is still there
+    assert holder["pid"] == proc.pid and holder["expires"]
     res = extract(path, cfg_for(tiny_bert_dir, corpus_file), progress=False)
     assert res.rows_written == res.n_tokens - 64
     assert_same(path, reference["fp16"])
@@ -255,9 +253,8 @@ def test_two_drivers_at_once_share_the_work(tmp_path, tiny_bert_dir, corpus_file
     assert [p.returncode for p in procs] == [0, 0], outs
     wrote = [int(o.split("wrote ")[1].split(" rows")[0]) for o, _ in outs]
     n_rows = actstore.open_store(path).activations("m", 1).attrs.n_rows
-    assert (
-        sum(wrote) >= n_rows
-    )  # between them every unit was computed (a unit is never refused, only shared)
+    # between them every unit was computed (a unit is never refused, only shared)
+    assert sum(wrote) >= n_rows
     assert_same(path, reference["fp16"])
 
 
@@ -273,9 +270,8 @@ def test_ray_extraction_with_2_workers_equals_one_process(
     path = str(tmp_path / "s.zarr")
     res = _ray_extract(path, cfg_for(tiny_bert_dir, corpus_file, "int8", ray_workers=2))
     assert res.rows_written == res.n_tokens
-    assert_same(
-        path, reference["int8"]
-    )  # int8: every worker derives the same channel scale from unit 0
+    # int8: every worker derives the same channel scale from unit 0
+    assert_same(path, reference["int8"])
 
 
 def test_ray_extraction_into_a_bucket_equals_one_process(
@@ -373,9 +369,8 @@ def test_a_format_2_store_resumes_by_its_prefix_and_refuses_ray(
     import shutil
 
     shutil.rmtree(Path(path) / "units")
-    res = extract(
-        path, cfg_for(tiny_bert_dir, corpus_file), progress=False
-    )  # layer 3 is new, layer 1 is done
+    # layer 3 is new, layer 1 is done
+    res = extract(path, cfg_for(tiny_bert_dir, corpus_file), progress=False)
     assert res.rows_written == res.n_tokens
     acts = actstore.open_store(path).activations("m", 3)
     assert (

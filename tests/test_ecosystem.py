@@ -43,9 +43,8 @@ def test_to_dask_equals_activations(codec_store, codec):
     want = st.activations(f"m-{codec}", 3)[:]
     assert arr.shape == want.shape and arr.dtype == np.float32 and arr.chunks[0][0] == 64
     np.testing.assert_array_equal(arr.compute(), want)
-    np.testing.assert_array_equal(
-        arr[70:75, 5:9].compute(), want[70:75, 5:9]
-    )  # a slice across chunks
+    # a slice across chunks
+    np.testing.assert_array_equal(arr[70:75, 5:9].compute(), want[70:75, 5:9])
 
 
 @pytest.mark.parametrize("codec", CODECS)

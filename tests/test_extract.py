@@ -71,9 +71,8 @@ def test_codecs_against_forward_minilm(tmp_path, codec):
         got = np.concatenate(stored_by_sample(st_, "minilm", layer))
         want = np.concatenate([r[layer] for r in ref])
         if codec in ("fp16", "bf16"):
-            eps = (
-                2.0**-11 if codec == "fp16" else 2.0**-8
-            )  # half a unit in the last place, relative
+            # half a unit in the last place, relative
+            eps = 2.0**-11 if codec == "fp16" else 2.0**-8
             assert np.all(np.abs(got - want) <= np.abs(want) * eps + 1e-5)
         else:
             cos = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
@@ -363,9 +362,10 @@ def test_codec_round_trip(data, codec):
     elif codec == "bf16":
         assert np.all(np.abs(x - y) <= np.abs(x) * 2**-8 + 1e-38)
     else:
+        # rounded up
         assert enc.scale.dtype == np.float16 and np.all(
             enc.scale.astype(np.float32) * 127 >= np.abs(x).max(1)
-        )  # rounded up
+        )
         assert np.all(
             np.abs(x - y) <= np.abs(x).max(1, keepdims=True) / 127 * 0.5 * (1 + 2**-10) + 1e-6
         )

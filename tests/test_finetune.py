@@ -60,9 +60,8 @@ def test_split_fractions_and_own_split() -> None:
     assert len(s["test"]) == 10 and len(s["val"]) == 10 and len(s["train"]) == 80
     assert all(r.split == "test" for r in s["test"])
     mixed = [Record(str(i), "t", "a", "test" if i % 10 == 0 else "train") for i in range(100)]
-    s = split_records(
-        mixed, (0.8, 0.1, 0.1), 0, use_own=False
-    )  # --ignore-split: fractions of the (shuffled) rows
+    # --ignore-split: fractions of the (shuffled) rows
+    s = split_records(mixed, (0.8, 0.1, 0.1), 0, use_own=False)
     assert [len(s[k]) for k in ("train", "val", "test")] == [80, 10, 10]
     assert sum(r.split == "test" for r in s["test"]) == 1
 

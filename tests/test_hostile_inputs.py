@@ -48,9 +48,8 @@ def test_verify_after_a_failed_overwrite_reports_an_unfinished_encode(encoded):
     gen = Path(encoded) / "features" / "s" / new
     (gen / "acts").mkdir(parents=True)
     good = next((Path(encoded) / "features" / "s" / published / "acts").glob("*.parquet"))
-    (gen / "acts" / good.name).write_bytes(
-        good.read_bytes()[: good.stat().st_size // 2]
-    )  # what a full disk leaves
+    # what a full disk leaves
+    (gen / "acts" / good.name).write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     r = CliRunner().invoke(main, ["verify", encoded])
     assert r.exit_code == 0, r.output
     assert "corrupted:" not in r.output and " 0 corrupted" in r.output, r.output

@@ -92,9 +92,8 @@ def test_saelens_sae_saved_by_saelens_encodes_as_saelens_does(tiny_store, tmp_pa
     res = import_sae(
         tiny_store, ImportConfig(path=str(folder), format="saelens", name=f"sl-{arch}", force=True)
     )
-    assert (
-        res.cfg.layer == 1 and res.cfg.model == "tiny"
-    )  # blocks.1.hook_resid_pre = hidden_states[1]
+    # blocks.1.hook_resid_pre = hidden_states[1]
+    assert res.cfg.layer == 1 and res.cfg.model == "tiny"
     x = _rows(tiny_store, 1)
     with torch.no_grad():
         if arch == "batchtopk":  # its inference form: a JumpReLU at the batch threshold
@@ -321,9 +320,8 @@ def test_delphi_cache_points_at_the_right_tokens(encoded, tmp_path):
         assert int(ctx.n_tokens.max()) <= tokens.shape[1] < int(ctx.n_tokens.max()) + 32
         rows = ctx.first_row[loc[:, 0]] + loc[:, 1]  # (sample, position) -> the store's token row
         assert (loc[:, 1] < ctx.n_tokens[loc[:, 0]]).all()
-        assert (
-            tokens[loc[:, 0], loc[:, 1]] == ids[rows]
-        ).all()  # the location's token is the row's token
+        # the location's token is the row's token
+        assert (tokens[loc[:, 0], loc[:, 1]] == ids[rows]).all()
         seen.append(np.stack([rows, loc[:, 2], data["activations"].astype(np.float32)], axis=1))
     got = np.concatenate(seen)
     got = got[np.lexsort((got[:, 1], got[:, 0]))]

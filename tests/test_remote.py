@@ -359,9 +359,8 @@ def test_extract_same_array_refused_other_layers_proceed(s3_server, tiny_bert_di
     root = json.loads(loc.read_bytes("zarr.json"))
     root["attributes"]["actstore"]["format"] = 2
     loc.write_bytes("zarr.json", json.dumps(root).encode())
-    other = StoreLock(
-        loc, "models/tiny/layer_2", "another extraction"
-    ).acquire()  # someone is writing layer 2
+    # someone is writing layer 2
+    other = StoreLock(loc, "models/tiny/layer_2", "another extraction").acquire()
     try:
         with pytest.raises(ConcurrencyError, match="models/tiny/layer_2"):
             extract(url, extract_cfg(tiny_bert_dir, corpus_file, "2"), progress=False)
@@ -442,9 +441,8 @@ def test_train_encode_and_top_tokens_over_bucket(pushed, s3):
     )
     ro = open_store(url)  # a teammate opens it by URL, read-only
     assert actstore.sae_names(ro) == ["s"] and actstore.load_sae(ro, "s").cfg.d_sae == 16
-    with pytest.raises(
-        StoreError, match="--writable"
-    ):  # a URL opened read-only refuses writes before any work
+    # a URL opened read-only refuses writes before any work
+    with pytest.raises(StoreError, match="--writable"):
         encode(
             ro,
             EncodeConfig(sae="s", batch_rows=256, n_buckets=2, row_group_rows=64),
@@ -674,9 +672,8 @@ def test_a_remote_stream_fetches_each_shard_with_one_request(pushed, counted):
     assert acts.chunk_rows == 64  # shards of 64 rows (16-row inner chunks)
     assert {m for m, _ in reqs} == {"GET"} and len(reqs) == n_objects  # no HEAD before a GET
     last = f"/c/{n_objects - 1}/0"
-    assert {n for (_, path), n in reqs.items() if not path.endswith(last)} == {
-        1
-    }  # one GET per whole shard
+    # one GET per whole shard
+    assert {n for (_, path), n in reqs.items() if not path.endswith(last)} == {1}
     assert (
         sum(n for (_, path), n in reqs.items() if path.endswith(last)) <= 2
     )  # the last, partial one: index + chunks
@@ -696,9 +693,8 @@ def test_random_rows_fetch_inner_chunks_not_whole_shards(pushed, counted, tiny_s
         if p.is_file()
     )
     per_shard = shard_bytes / -(-len(acts) // 64)
-    assert (
-        counted.bytes < 2 * per_shard
-    )  # 2 rows: two inner chunks and two indexes, well under two whole shards
+    # 2 rows: two inner chunks and two indexes, well under two whole shards
+    assert counted.bytes < 2 * per_shard
 
 
 def test_a_corrupted_inner_chunk_in_a_bucket_is_named(pushed, s3):

@@ -49,9 +49,8 @@ def test_silent_latents_restart_at_the_residual_of_badly_reconstructed_tokens(op
         torch.testing.assert_close(sae.W_enc[:, i].detach(), want * live_enc)
         assert float(sae.b_enc[i]) == 0.0
     keep = ~silent
-    torch.testing.assert_close(
-        sae.W_dec[keep].detach(), before["W_dec"][keep]
-    )  # the others untouched
+    # the others untouched
+    torch.testing.assert_close(sae.W_dec[keep].detach(), before["W_dec"][keep])
     torch.testing.assert_close(sae.W_enc[:, keep].detach(), before["W_enc"][:, keep])
     st = opt.state[sae.W_enc]
     if optimizer == "adam":

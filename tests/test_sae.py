@@ -163,9 +163,8 @@ def test_save_list_and_load(tiny_store):
         0.1,
         99,
     )
-    assert (
-        row["dead_window"] == 0.3 and row["dead_store"] is None
-    )  # the trainer's window; not encoded
+    # the trainer's window; not encoded
+    assert row["dead_window"] == 0.3 and row["dead_store"] is None
     assert read_metrics(st, "mine")["tokens"] == 99
     loaded = actstore.load_sae(st, "mine")
     torch.testing.assert_close(loaded.W_dec, sae.W_dec)

@@ -129,9 +129,8 @@ def test_a_byte_bomb_is_refused_with_bounded_server_memory(server, bomb):
     assert status == 400 and any(r in err for r in REFUSED), err
     assert secs < 4 + 15
     assert server.peak_rss_mb() < 700, server.peak_rss_mb()
-    assert (
-        server.get(q("SELECT 41 + 1 AS x"))[0] == 200
-    )  # the server (and a query process) still answer
+    # the server (and a query process) still answer
+    assert server.get(q("SELECT 41 + 1 AS x"))[0] == 200
 
 
 def test_rows_past_the_byte_bound_are_refused_while_fetched(server):

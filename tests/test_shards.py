@@ -157,9 +157,8 @@ def test_a_format_1_store_reads_and_stays_unsharded(tmp_path, tiny_bert_dir, cor
         batch_size=8,
         device="cpu",
     )
-    extract(
-        path, cfg, progress=False
-    )  # a format-1 store keeps one object per chunk, whatever inner_rows says
+    # a format-1 store keeps one object per chunk, whatever inner_rows says
+    extract(path, cfg, progress=False)
     assert "sharding_indexed" not in json.dumps(_meta(path, "models/m/layer_2")["codecs"])
     assert verify(actstore.open_store(path).loc).ok
 

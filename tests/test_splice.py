@@ -42,9 +42,8 @@ def test_splice_sees_and_replaces_hidden_states(make):
             torch.no_grad(),
         ):
             out = model(input_ids=ids).last_hidden_state
-        torch.testing.assert_close(
-            seen[0], ref[layer]
-        )  # the site is hidden_states[layer] (after ln_f for the last)
+        # the site is hidden_states[layer] (after ln_f for the last)
+        torch.testing.assert_close(seen[0], ref[layer])
         torch.testing.assert_close(out, ref[-1])  # an identity splice changes nothing
     with (
         splice(model, n, n, lambda h: h * 0),

@@ -48,9 +48,8 @@ def deterministic_hidden_states(
     ids = input_ids.view(b, w, 1)
     out = {}
     for layer in self.layers:
-        k = ((ids * 31 + pos * 17 + chan * 7 + layer * 3) % 251 - 125).to(
-            torch.float32
-        )  # (b, w, 32), exact integers
+        # (b, w, 32), exact integers
+        k = ((ids * 31 + pos * 17 + chan * 7 + layer * 3) % 251 - 125).to(torch.float32)
         x = k / 13.0 * (1 + chan % 5).to(torch.float32)
         big = (ids % 13 == 0) & (chan == 3)  # some tokens with a channel beyond fp16's range
         out[layer] = torch.where(big, x * 20000.0, x)
@@ -95,9 +94,8 @@ def build(
         stride=window // 2 if window else None,
         max_length=None if window else 40,
     )
-    if (
-        codec_on != "auto"
-    ):  # (only passed when set, so that the fixture can be made by the code before them)
+    # (only passed when set, so that the fixture can be made by the code before them)
+    if codec_on != "auto":
         common["codec_on"] = codec_on
     if writer_threads is not None:
         common["writer_threads"] = writer_threads
@@ -136,9 +134,8 @@ def test_stored_rows_are_the_bytes_of_the_fixture(
     assert json.loads(FIXTURE.read_text())[case] == digest(path, "m", 2)
 
 
-if (
-    __name__ == "__main__"
-):  # regenerate the fixture (only when a change of the stored bytes is intended)
+# regenerate the fixture (only when a change of the stored bytes is intended)
+if __name__ == "__main__":
     import sys
     import tempfile
 
@@ -219,9 +216,8 @@ def test_a_killed_format_1_or_2_extraction_resumes_by_its_prefix_to_the_fixture_
     attrs = json.loads((Path(path) / "models/m/layer_2/zarr.json").read_text())["attributes"][
         "actstore"
     ]
-    assert (
-        attrs["committed_rows"] == 128 and "progress" not in attrs
-    )  # two units of 64 rows, recorded in order
+    # two units of 64 rows, recorded in order
+    assert attrs["committed_rows"] == 128 and "progress" not in attrs
     monkeypatch.setattr(worker_mod, "compute_unit", real)
     extract(path, layer_2, progress=False)
     assert json.loads(FIXTURE.read_text())[f"f{fmt}-int8"] == digest(path, "m", 2)

@@ -227,9 +227,8 @@ def test_a_one_layer_sweep_is_trained_in_one_pass_and_equals_separate_runs(two_s
         for k in (2, 4)
     ]
     assert len(stream_groups(cfgs)) == 1
-    for cfg in name_runs(
-        actstore.open_store(b), cfgs
-    ):  # each alone, the way a single train runs it
+    # each alone, the way a single train runs it
+    for cfg in name_runs(actstore.open_store(b), cfgs):
         train_sae(b, cfg, progress=False)
         want, got = _weights(b, cfg.name), _weights(a, cfg.name)
         assert all(torch.equal(want[k], got[k]) for k in want), cfg.name

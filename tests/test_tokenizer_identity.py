@@ -32,9 +32,8 @@ def test_minilm_and_its_real_finetune_share_one_token_index(tmp_path):
         AutoTokenizer.from_pretrained(resolve_model("bundled:minilm")),
         AutoTokenizer.from_pretrained(resolve_model("bundled:minilm-sre")),
     )
-    assert tokenizer_hash(a) != tokenizer_hash(
-        b
-    )  # saved runtime state differs (truncation 128 vs 256, padding)
+    # saved runtime state differs (truncation 128 vs 256, padding)
+    assert tokenizer_hash(a) != tokenizer_hash(b)
     assert tokenizer_identity(a) == tokenizer_identity(b)  # ... the token ids do not
     data = tmp_path / "d.jsonl"
     data.write_text(
@@ -49,9 +48,8 @@ def test_minilm_and_its_real_finetune_share_one_token_index(tmp_path):
         )
     st = actstore.open_store(store)
     assert len(st.tokenization_keys()) == 1 and sorted(st.models) == ["minilm", "minilm-sre"]
-    ref = reference_hidden_states(
-        resolve_model("bundled:minilm-sre"), TEXTS
-    )  # an independent forward pass
+    # an independent forward pass
+    ref = reference_hidden_states(resolve_model("bundled:minilm-sre"), TEXTS)
     for layer in (3, 6):
         for got, want in zip(stored_by_sample(st, "minilm-sre", layer), ref, strict=True):
             np.testing.assert_allclose(got, want[layer], atol=1e-4, rtol=0)

@@ -49,9 +49,8 @@ def test_split_is_by_whole_sample(tiny_store_ro):
 @pytest.mark.parametrize("buffer_rows", [100, 10_000])
 def test_stream_yields_every_training_row_once_per_epoch(tmp_path, buffer_rows):
     n, d = 3000, 4
-    rows = np.arange(n, dtype=np.float32)[:, None] * np.ones(
-        (1, d), dtype=np.float32
-    )  # row r holds the value r
+    # row r holds the value r
+    rows = np.arange(n, dtype=np.float32)[:, None] * np.ones((1, d), dtype=np.float32)
     st = write_synthetic_store(
         str(tmp_path / "s.zarr"), [rows[:1234], rows[1234:]], n, d, sample_len=25, chunk_rows=128
     )
@@ -116,9 +115,8 @@ def test_recovers_a_planted_dictionary(planted, one_thread, arch, extra):
     res = train_sae(path, cfg, progress=False)
     w = res.sae.W_dec.detach()
     w = w / w.norm(dim=1, keepdim=True)  # (d_sae, d)
-    best = (
-        (w @ torch.from_numpy(pd.atoms).T).max(dim=1).values
-    )  # best cosine of each learned column
+    # best cosine of each learned column
+    best = (w @ torch.from_numpy(pd.atoms).T).max(dim=1).values
     assert float((best >= 0.9).float().mean()) >= 0.75, best
     assert res.metrics["eval"]["fvu"] < 0.5
     if arch == "topk":
@@ -182,16 +180,13 @@ def test_the_learning_rate_follows_its_warm_up_and_decay(planted, one_thread, wa
     res = train_sae(path, cfg, progress=False)
     peak = adam_lr(128 * 100)
     assert res.metrics["lr"] == pytest.approx(peak)
-    lrs = {
-        h["step"]: h["lr"] for h in res.metrics["history"]
-    }  # the rate of the step that ended at "step"
-    assert lrs[1] == pytest.approx(
-        peak if warmup is None else peak / 5
-    )  # 5 warm-up steps: 1/5, 2/5, ... of the peak
+    # the rate of the step that ended at "step"
+    lrs = {h["step"]: h["lr"] for h in res.metrics["history"]}
+    # 5 warm-up steps: 1/5, 2/5, ... of the peak
+    assert lrs[1] == pytest.approx(peak if warmup is None else peak / 5)
     assert lrs[5] == lrs[50] == lrs[81] == pytest.approx(peak)
-    assert lrs[82] == pytest.approx(peak * 19 / 20) and lrs[100] == pytest.approx(
-        peak / 20
-    )  # 20 decay steps
+    # 20 decay steps
+    assert lrs[82] == pytest.approx(peak * 19 / 20) and lrs[100] == pytest.approx(peak / 20)
     assert adam_lr(2_000_000) == pytest.approx(1e-3)
     assert (
         peak > adam_lr(200_000) > adam_lr(2_000_000) > adam_lr(20_000_000)
@@ -249,9 +244,8 @@ def test_b_dec_starts_at_zeros_for_relu_l1_and_at_the_mean_otherwise(
     docs/BENCHMARKS.md); the paper preset keeps its mean start and plain gradient, topk / batchtopk the mean
     (sparsify). Seen after training at a learning rate of 1e-9, which leaves the init in place."""
     path, _ = planted
-    extra = ({"k": 3} if arch == "topk" else {}) | (
-        {"epochs": 1} if preset else {"tokens": 128}
-    )  # the preset sets epochs
+    # the preset sets epochs
+    extra = ({"k": 3} if arch == "topk" else {}) | ({"epochs": 1} if preset else {"tokens": 128})
     cfg = TrainConfig(
         model="synth",
         layer=0,

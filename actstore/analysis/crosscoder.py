@@ -256,9 +256,8 @@ def diff_crosscoder(store: Store, cfg: CrosscoderDiffConfig, save: bool = True) 
     )
     t |= betas
     dom_b = t["rel_norm"] >= 0.5
-    dom_err = np.where(
-        dom_b, t["beta_error_b"], t["beta_error_a"]
-    )  # the latent's own scale in its dominant source
+    # the latent's own scale in its dominant source
+    dom_err = np.where(dom_b, t["beta_error_b"], t["beta_error_a"])
     for kind in (
         "error",
         "recon",
@@ -311,9 +310,8 @@ def save_crosscoder_diff(store: Store, res: CrosscoderDiff) -> str:
         "created": now(),
     }
     key = layout.sae_dir(res.name)
-    with StoreLock(
-        store.loc, f"{key}/latents", f"diff-crosscoder {res.name}"
-    ).acquire():  # one writer at a time
+    # one writer at a time
+    with StoreLock(store.loc, f"{key}/latents", f"diff-crosscoder {res.name}").acquire():
         store.loc.write_bytes(layout.sae_file(res.name, layout.CROSSCODER_LATENTS), buf.getvalue())
         store.loc.write_bytes(
             layout.sae_file(res.name, layout.CROSSCODER_DIFF), json.dumps(meta, indent=2).encode()

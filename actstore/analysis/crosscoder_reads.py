@@ -121,9 +121,8 @@ def top_latents(
     ]
     t = t.select(cols)
     tk = store.tokenization(read_config(store, res.name).tokenization)
-    if res.name not in encoded_saes(store) or not tk.parquet_keys(
-        "samples"
-    ):  # not encoded, or no token tables
+    # not encoded, or no token tables
+    if res.name not in encoded_saes(store) or not tk.parquet_keys("samples"):
         return t.with_columns(pl.lit(None, dtype=pl.String).alias("top_tokens"))
     toks = [
         ", ".join(top_tokens(store, int(j), sae=res.name, n=n_tokens)["token"].to_list())

@@ -223,9 +223,8 @@ def save_diff(store: Store, res: DiffResult) -> str:
     res.table.write_parquet(buf)
     key = layout.diff_dir(res.name)
     meta = {"config": res.config, "counts": res.counts, "n_rows": res.n_rows, "created": now()}
-    with StoreLock(
-        store.loc, key, f"diff-features {res.name}"
-    ).acquire():  # one writer of a diff at a time
+    # one writer of a diff at a time
+    with StoreLock(store.loc, key, f"diff-features {res.name}").acquire():
         store.loc.write_bytes(layout.diff_file(res.name, layout.DIFF_TABLE), buf.getvalue())
         store.loc.write_bytes(
             layout.diff_file(res.name, layout.DIFF_META), json.dumps(meta, indent=2).encode()

@@ -86,9 +86,8 @@ def fit_logistic(
 
     xt = torch.as_tensor(x, dtype=torch.float64)
     s = torch.as_tensor(2.0 * np.asarray(y, dtype=np.float64) - 1.0)
-    w = torch.zeros(
-        xt.shape[1] + 1, dtype=torch.float64, requires_grad=True
-    )  # (d + 1,): weights, then intercept
+    # (d + 1,): weights, then intercept
+    w = torch.zeros(xt.shape[1] + 1, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([w], lr=1.0, max_iter=max_iter, tolerance_grad=1e-10, tolerance_change=1e-12,
                             history_size=20, line_search_fn="strong_wolfe")  # fmt: skip
 
@@ -252,9 +251,8 @@ def save_evals(store: Store, res: ProbingResult) -> str:
     from actstore.storage.locks import StoreLock
 
     key = layout.sae_file(res.sae, layout.SAE_EVALS)
-    lock = StoreLock(
-        store.loc, layout.sae_dir(res.sae), f"eval {res.sae}"
-    ).acquire()  # one writer of the SAE's files
+    # one writer of the SAE's files
+    lock = StoreLock(store.loc, layout.sae_dir(res.sae), f"eval {res.sae}").acquire()
     try:
         body = {**read_evals(store, res.sae), "sparse_probing": {**asdict(res), "created": now()}}
         store.loc.write_bytes(key, json.dumps(body, indent=1, sort_keys=True).encode())

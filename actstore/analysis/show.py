@@ -177,18 +177,16 @@ def token_views(store: Store, cfg: ShowConfig) -> TokenViews:
             vals = []
             for v in views:
                 sae = saes[v.sae]
-                if (
-                    sae.cfg.is_crosscoder
-                ):  # one latent value per token, read from every source: see _crosscoder_view
+                # one latent value per token, read from every source: see _crosscoder_view
+                if sae.cfg.is_crosscoder:
                     vals.append(_crosscoder_view(store, sae, v, r0, r1))
                     continue
                 if (
                     v.layer in store.layers(v.model)
                     and len(store.activations(v.model, v.layer)) >= r1
                 ):
-                    x = torch.from_numpy(
-                        store.activations(v.model, v.layer)[r0:r1]
-                    )  # (n_tokens, d_model)
+                    # (n_tokens, d_model)
+                    x = torch.from_numpy(store.activations(v.model, v.layer)[r0:r1])
                 else:
                     if v.model not in live:  # loaded once per model, however many samples
                         live[v.model] = _LiveModel(store, v.model, cfg.device)
@@ -224,9 +222,8 @@ def _crosscoder_view(store: Store, sae: SAE, v: View, r0: int, r1: int) -> np.nd
     it); the plain activation for a model that is not one of its sources."""
     from actstore.sae.model import check_fits
 
-    x = torch.from_numpy(
-        check_fits(store, sae.cfg, str(sae.cfg.name))[r0:r1]
-    )  # (n_tokens, n_sources * d_in)
+    # (n_tokens, n_sources * d_in)
+    x = torch.from_numpy(check_fits(store, sae.cfg, str(sae.cfg.name))[r0:r1])
     f = sae.encode(x.to(sae.W_enc.device))[:, v.feature].float().cpu().numpy()
     hits = [
         i

@@ -156,9 +156,8 @@ def create_app(store: Store, cfg: ServeConfig | None = None) -> Starlette:
         if in_process
         else QueryPool(store.url, store.loc.storage_options, cfg.query_workers, cfg.query_memory_mb)
     )
-    page_limiter = anyio.CapacityLimiter(
-        1
-    )  # the Browser's caches and connection: one page at a time
+    # the Browser's caches and connection: one page at a time
+    page_limiter = anyio.CapacityLimiter(1)
     query_limiter = anyio.CapacityLimiter(cfg.query_workers)
     busy: set[str] = set()  # clients with a console query running
 

@@ -104,9 +104,8 @@ def fetch_table(
     batches, n_rows, n_bytes = [], 0, 0
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter(
-                "ignore"
-            )  # DuckDB: "Arrow output on a DB-API result makes an extra copy"
+            # DuckDB: "Arrow output on a DB-API result makes an extra copy"
+            warnings.simplefilter("ignore")
             reader = con.execute(sql, params or {}).to_arrow_reader(FETCH_ROWS)
         schema = reader.schema
         for batch in reader:

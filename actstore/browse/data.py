@@ -311,9 +311,8 @@ class Browser:
 
         t = self.feature_table(sae, feature)
         stats = self.stats(sae).filter(pl.col("feature") == feature).row(0, named=True)
-        hits = top_rows(
-            self.store, t, feature, None
-        )  # every activation of the feature, strongest first
+        # every activation of the feature, strongest first
+        hits = top_rows(self.store, t, feature, None)
         values = hits["value"]
         counts, edges = (
             np.histogram(values, bins=self.settings.histogram_bins)
@@ -374,9 +373,8 @@ class Browser:
         shown = np.unique(np.concatenate([np.arange(a, b) for a, b in zip(lo, hi, strict=True)]))
         strings = ctx.tokens(shown)
         at = {int(r): i for i, r in enumerate(shown)}
-        on = np.zeros(
-            t.n_rows, dtype=bool
-        )  # the feature's values on the rows shown: one gather, not a search
+        # the feature's values on the rows shown: one gather, not a search
+        on = np.zeros(t.n_rows, dtype=bool)
         on[shown] = True
         mine = on[rows_all]
         val_of = dict(zip(rows_all[mine].tolist(), vals_all[mine].tolist(), strict=True))
@@ -428,9 +426,8 @@ class Browser:
     ) -> list[dict[str, Any]]:
         cfg = self.sae_config(sae)
         own = np.asarray([val_of.get(int(r), 0.0) for r in shown], dtype=np.float64)
-        if (
-            cfg.is_crosscoder
-        ):  # the latent's size in each model: activation x its decoder norm there
+        # the latent's size in each model: activation x its decoder norm there
+        if cfg.is_crosscoder:
             lat = self._latent(sae, feature)
             norms = [lat["norm_a"], lat["norm_b"]] if lat else [1.0] * cfg.n_sources
             return [
@@ -449,9 +446,8 @@ class Browser:
         from actstore.sae.files import load_sae
 
         net = self._cached(("sae", sae), lambda: load_sae(self.store, sae).eval())
-        x = self.store.activations(model, int(self.sae_config(sae).layer)).take(
-            rows
-        )  # (n, d_model)
+        # (n, d_model)
+        x = self.store.activations(model, int(self.sae_config(sae).layer)).take(rows)
         with torch.no_grad():
             return net.encode(torch.from_numpy(x))[:, feature].double().numpy()
 
@@ -502,15 +498,13 @@ class Browser:
         labels, codes, n_tok = self._label_codes(t.tokenization)
         if not labels or labels == [None]:
             return []
-        c = self._row_codes(t.tokenization)[
-            hits["row"]
-        ]  # (n_hits,) label code of each activation's token
+        # (n_hits,) label code of each activation's token
+        c = self._row_codes(t.tokenization)[hits["row"]]
         n_act = np.bincount(c, minlength=len(labels))
         total = np.bincount(c, weights=hits["value"], minlength=len(labels))
         mx = np.full(len(labels), np.nan)
-        first = np.unique(
-            c, return_index=True
-        )  # hits come strongest first: a label's first hit is its max
+        # hits come strongest first: a label's first hit is its max
+        first = np.unique(c, return_index=True)
         mx[first[0]] = hits["value"][first[1]]
         return [
             {

@@ -195,9 +195,8 @@ def _worker_main() -> None:
     from actstore.store.reader import open_store
 
     fin = sys.stdin.buffer
-    out = os.fdopen(
-        os.dup(1), "wb"
-    )  # the protocol's pipe; anything else printed (DuckDB's progress bar) goes nowhere
+    # the protocol's pipe; anything else printed (DuckDB's progress bar) goes nowhere
+    out = os.fdopen(os.dup(1), "wb")
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     deadline = float("inf")

@@ -217,9 +217,8 @@ def field_option(
     if s["choices"] and out.sweep_item is None:
         kw["type"] = click.Choice(s["choices"])
     out.choices = s["choices"]
-    if s["metavar"] and not (
-        s["metavar"].endswith("...]") and not s["sweep"]
-    ):  # a sweep's metavar only when swept
+    # a sweep's metavar only when swept
+    if s["metavar"] and not (s["metavar"].endswith("...]") and not s["sweep"]):
         kw["metavar"] = s["metavar"]
     if required:
         kw["required"] = True

@@ -390,9 +390,8 @@ def train(
     )
     from actstore.sae.files import dense_note
 
-    note = dense_note(
-        res.name, ev.get("l0"), c.d_sae
-    )  # e.g. the paper preset: relu-l1 at l1 1e-3 is dense
+    # e.g. the paper preset: relu-l1 at l1 1e-3 is dense
+    note = dense_note(res.name, ev.get("l0"), c.d_sae)
     if note:
         click.echo(f"note: {note}")
     for w in res.metrics.get("warnings") or []:

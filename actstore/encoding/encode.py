@@ -197,9 +197,8 @@ def encode(
     check_name(cfg.sae, "SAE")
     from actstore.sae.files import load_sae
 
-    device = auto_device(
-        cfg.device if ray_address is None else "cpu"
-    )  # with Ray the driver only plans
+    # with Ray the driver only plans
+    device = auto_device(cfg.device if ray_address is None else "cpu")
     sae = load_sae(store, cfg.sae, device=device).eval()
     model, layer = check_sae_layer(store, sae, cfg.sae)
     lock = StoreLock(
@@ -224,9 +223,8 @@ def _encode(
     from actstore.sae.model import check_fits
 
     t_start = time.perf_counter()
-    acts = check_fits(
-        store, sae.cfg, cfg.sae
-    )  # (model, layer), or a crosscoder's sources side by side
+    # (model, layer), or a crosscoder's sources side by side
+    acts = check_fits(store, sae.cfg, cfg.sae)
     plan = make_plan(store, cfg, sae, acts.n_rows)
     published, man = _published_and_pending(store, cfg, plan)
     if published is not None and not cfg.overwrite and man is None:
@@ -250,9 +248,8 @@ def _encode(
         )
     if man is None or cfg.overwrite or (ray_address is not None and not man.segment_rows):
         man = _new_generation(store, cfg, sae, plan, published, model, layer)
-        if (
-            ray_address is not None
-        ):  # fixed for the life of this encoding, so a resumed run cuts the same segments
+        # fixed for the life of this encoding, so a resumed run cuts the same segments
+        if ray_address is not None:
             man.segment_rows = segment_rows_for(plan.n_rows, cfg.batch_rows, cfg.ray_workers or 8)
             write_manifest(store, cfg.sae, man, PENDING)
     timings = {"read": 0.0, "encode": 0.0, "sort": 0.0, "spill": 0.0, "stream": 0.0, "finish": 0.0}
@@ -457,18 +454,16 @@ def _spill_phase(
                     sink.absorb(e, chunk.start, chunk.stop)
                 else:
                     pending.append(pool.submit(sink.absorb, e, chunk.start, chunk.stop))
-                    while len(pending) > 1 or (
-                        pending and pending[0].done()
-                    ):  # at most one block waiting
+                    # at most one block waiting
+                    while len(pending) > 1 or (pending and pending[0].done()):
                         pending.popleft().result()
                 bar.update(chunk.stop - chunk.start)
                 t0 = time.perf_counter()
             while pending:
                 pending.popleft().result()
     finally:
-        sink.failed = sink.failed or bool(
-            pending
-        )  # stopped early: queued blocks must not spill or commit
+        # stopped early: queued blocks must not spill or commit
+        sink.failed = sink.failed or bool(pending)
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
@@ -521,26 +516,22 @@ def _publish(
     table = pa.concat_tables(stats)
     write_parquet(store, f"{work}/stats.parquet", table, compression="zstd")
     rm(store, f"{work}/spill")
-    fired = int(
-        pc.sum(pc.greater(table["n_active"], 0)).as_py() or 0
-    )  # features that fire on some token of the store
+    # features that fire on some token of the store
+    fired = int(pc.sum(pc.greater(table["n_active"], 0)).as_py() or 0)
     man.phase, man.complete, man.files, man.finished = "done", True, files, now()
     man.n_feature_rows = sum(f["n_rows"] for f in files)
     man.n_bytes = sum(f["n_bytes"] for f in files)
     man.never_fired = plan.d_sae - fired
     man.never_fired_fraction = (plan.d_sae - fired) / plan.d_sae if plan.d_sae else 0.0
-    write_manifest(
-        store, cfg.sae, man
-    )  # the atomic switch: readers see the new encoding from here on
+    # the atomic switch: readers see the new encoding from here on
+    write_manifest(store, cfg.sae, man)
     store.loc.delete(f"{plan.base}/{PENDING}")
-    if (
-        published is not None
-    ):  # the replaced generation (or the files of an encoding from before generations)
+    # the replaced generation (or the files of an encoding from before generations)
+    if published is not None:
         if published.dir and published.dir != man.dir:
             rm(store, f"{plan.base}/{published.dir}")
         elif not published.dir:
             rm(store, f"{plan.base}/acts")
             rm(store, f"{plan.base}/stats.parquet")
-    update_manifest(
-        store.loc, prefixes=[plan.base]
-    )  # checksums for the new files (actstore verify)
+    # checksums for the new files (actstore verify)
+    update_manifest(store.loc, prefixes=[plan.base])

@@ -100,9 +100,8 @@ def sparse_encode(sae: SAE, x: torch.Tensor) -> Entries:
         # the same selection as SAE.activate: torch's CPU top-k picks the same k entries sorted or not
         vals, idx = pre.topk(int(k), dim=-1, sorted=False)  # type: ignore[arg-type]  # (n, k)
         vals, idx = vals.float().cpu().numpy().ravel(), idx.cpu().numpy().ravel()
-        keep = (
-            vals > 0
-        )  # ReLU: the dense encode stores relu(value), so non-positive picks are zeros
+        # ReLU: the dense encode stores relu(value), so non-positive picks are zeros
+        keep = vals > 0
         local = np.repeat(np.arange(pre.shape[0], dtype=np.int64), int(k))  # type: ignore[arg-type]
         return Entries(local[keep], idx[keep].astype(np.int32), vals[keep])
     h = sae.activate(pre, train=False)  # (n, d_sae)

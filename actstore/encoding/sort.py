@@ -167,9 +167,8 @@ def feature_stats(feat: np.ndarray, value: np.ndarray, f0: int, f1: int, n_rows:
 
     ``feat`` / ``value`` must be sorted by feature, then value descending (see :func:`sort_entries`).
     """
-    bounds = np.searchsorted(
-        feat, np.arange(f0, f1 + 1)
-    )  # (n_feat + 1,): each feature's first entry
+    # (n_feat + 1,): each feature's first entry
+    bounds = np.searchsorted(feat, np.arange(f0, f1 + 1))
     count = np.diff(bounds)
     active = count > 0
     starts = bounds[:-1][active]  # consecutive non-empty segments: reduceat sums exactly each one
@@ -179,9 +178,8 @@ def feature_stats(feat: np.ndarray, value: np.ndarray, f0: int, f1: int, n_rows:
         s1[active] = np.add.reduceat(v64, starts)
         s2[active] = np.add.reduceat(v64 * v64, starts)
         vmax[active] = v64[starts]  # value descending within a feature: its first entry is its max
-    vmax = np.where(
-        count < n_rows, np.maximum(vmax, 0.0), vmax
-    )  # rows without the feature count as 0
+    # rows without the feature count as 0
+    vmax = np.where(count < n_rows, np.maximum(vmax, 0.0), vmax)
     n = max(n_rows, 1)
     mean = s1 / n
     var = np.maximum(s2 / n - mean * mean, 0.0)

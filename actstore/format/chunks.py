@@ -128,9 +128,8 @@ class ChunkWriter:
             full = np.zeros((self.inner_rows, self.d), dtype=self.dtype)
             full[: len(block)] = block
             block = full
-        body = np.ascontiguousarray(
-            block, dtype=self.dtype
-        )  # no copy for a whole chunk of encoded rows
+        # no copy for a whole chunk of encoded rows
+        body = np.ascontiguousarray(block, dtype=self.dtype)
         return _crc(self.zstd.encode(body.tobytes()) if self.zstd is not None else body)
 
     def _object(self, block: np.ndarray, r0: int) -> list[Any]:

@@ -45,9 +45,8 @@ def channel_scale(x: np.ndarray, rows: np.ndarray | None = None, block: int = 25
         part = x[b0 : b0 + block] if rows is None else x.take(rows[b0 : b0 + block], axis=0)
         sq = np.square(part, dtype=np.float64)
         if b0:
-            sq = np.concatenate(
-                [acc, sq]
-            )  # the running sum first: the same additions, in the same order
+            # the running sum first: the same additions, in the same order
+            sq = np.concatenate([acc, sq])
         acc = np.add.reduce(sq, axis=0, keepdims=True)
     rms = np.sqrt(acc[0] / n if n else np.full(x.shape[1], np.nan)).astype(np.float32)
     return np.where(rms > 0, rms, np.float32(1.0)).astype(np.float32)
@@ -117,9 +116,8 @@ def encode_into(
             if chan is not None:
                 np.divide(y, chan[None, :], out=y)
             amax = np.abs(y, out=z).max(axis=1) if d else np.zeros(len(y), np.float32)
-            scale = scale_dtype_round(
-                (amax / 127.0).astype(np.float32)
-            )  # (m,) float16, never below the exact scale
+            # (m,) float16, never below the exact scale
+            scale = scale_dtype_round((amax / 127.0).astype(np.float32))
             safe = np.where(scale > 0, scale.astype(np.float32), 1.0).astype(np.float32)
             np.divide(y, safe[:, None], out=y)
             np.rint(y, out=y)

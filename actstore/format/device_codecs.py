@@ -47,9 +47,8 @@ def scale_to_float16(scale: torch.Tensor, check: bool = True) -> torch.Tensor:
     s16 = scale.to(torch.float16)
     if check and not bool(torch.isfinite(s16).all()):
         raise ValueError(SCALE_TOO_LARGE)
-    low = (
-        s16.to(torch.float32) < scale
-    )  # the cast rounded down: the next float16 up (its bits + 1, as scale >= 0)
+    # the cast rounded down: the next float16 up (its bits + 1, as scale >= 0)
+    low = s16.to(torch.float32) < scale
     bits = s16.view(torch.int16)
     return torch.where(low, bits + 1, bits).view(torch.float16)
 

@@ -53,8 +53,7 @@ def pack(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> bytes:
 
 def unpack(raw: bytes) -> Packed:
     """The tensors and metadata of a blob written by :func:`pack`."""
-    n = int.from_bytes(
-        raw[:8], "little"
-    )  # safetensors header: 8-byte length, then JSON with __metadata__
+    # safetensors header: 8-byte length, then JSON with __metadata__
+    n = int.from_bytes(raw[:8], "little")
     md = json.loads(raw[8 : 8 + n]).get("__metadata__", {})
     return Packed(st_load(raw), {k: json.loads(v) for k, v in md.items()})

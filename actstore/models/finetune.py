@@ -159,9 +159,8 @@ def split_records(
         out: dict[str, list[Record]] = {"train": [], "val": [], "test": []}
         for r, s in zip(recs, own, strict=True):
             out[s].append(r)  # type: ignore[index]
-        if (
-            not out["val"] and out["train"]
-        ):  # carve validation out of train (1/9 ~ 10% of train+val)
+        # carve validation out of train (1/9 ~ 10% of train+val)
+        if not out["val"] and out["train"]:
             n_val = max(1, len(out["train"]) // 9)
             out["val"], out["train"] = out["train"][:n_val], out["train"][n_val:]
         if not out["test"]:
@@ -342,9 +341,8 @@ def _finetune(cfg: FinetuneConfig, progress: bool) -> FinetuneResult:
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     ckpt = out / "checkpoint"
     state = _restore(ckpt, cfg, model, opt, device)
-    if (
-        state is None
-    ):  # a fresh run: first the untouched pretrained encoder with the same fresh head
+    # a fresh run: first the untouched pretrained encoder with the same fresh head
+    if state is None:
         pre = classification_report(
             data.ys["test"],
             predict(model, data.enc["test"], cfg.batch_size, data.pad_id, device),

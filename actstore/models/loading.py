@@ -158,9 +158,8 @@ def load_model(model: str, device: str = "cpu", dtype: str = "fp32") -> LoadedMo
         or getattr(cfg, "n_positions", None)
         or DEFAULT_MAX_LENGTH
     )
-    tml = getattr(
-        tok, "model_max_length", None
-    )  # the tokenizer's default, which a trainer may have lowered
+    # the tokenizer's default, which a trainer may have lowered
+    tml = getattr(tok, "model_max_length", None)
     max_length = min(position_limit, DEFAULT_MAX_LENGTH)
     if isinstance(tml, int) and tml < 1_000_000:
         max_length = min(max_length, tml)

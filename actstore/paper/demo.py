@@ -82,9 +82,8 @@ class _Demo:
 
     def _step(self, key: str, name: str, cmd: str) -> None:
         if self._t:
-            raise RuntimeError(
-                "a demo step started before the last one finished"
-            )  # a bug, not user input
+            # a bug, not user input
+            raise RuntimeError("a demo step started before the last one finished")
         self.log(f"\n== {name}\n$ {cmd}")
         self.cmds.append(cmd)
         self._t, self._key = time.perf_counter(), key

@@ -162,9 +162,8 @@ def features_section(
     out, notes = [], []
     encoded = set(encoded_saes(store))
     order = {m: i for i, m in enumerate(models or ())}
-    cfgs = {
-        name: read_config(store, name) for name in sae_names(store)
-    }  # cfg.json only: no weights
+    # cfg.json only: no weights
+    cfgs = {name: read_config(store, name) for name in sae_names(store)}
     for name in sorted(
         cfgs, key=lambda n: (cfgs[n].layer or 0, order.get(str(cfgs[n].model), 99), n)
     ):

@@ -136,9 +136,8 @@ def _delphi(
             "tokens": tokens,
         }
         path = hook_dir / f"{int(start)}_{int(stop) - 1}.safetensors"
-        write_file(
-            path, save(data)
-        )  # safetensors' own file writer reports a full disk as a SafetensorError
+        # safetensors' own file writer reports a full disk as a SafetensorError
+        write_file(path, save(data))
         res.files.append(str(path))
         res.n_entries += int(row.size)
     info = store.model_info(t.model)

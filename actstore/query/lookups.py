@@ -146,9 +146,8 @@ def top_rows(store: Store, t: FeatureTable, feature: int, n: int | None) -> dict
                 break
         groups.append(g)
     rows, values, found = [], [], 0
-    step = (
-        len(groups) if n is None else 1
-    )  # all of them: one read; the top n: group by group until n are found
+    # all of them: one read; the top n: group by group until n are found
+    step = len(groups) if n is None else 1
     for i in range(0, len(groups), max(step, 1)):
         # through polars: pyarrow's to_numpy imports pandas (half a second of CPU in a fresh process)
         tab = pl.DataFrame(

@@ -114,9 +114,8 @@ def bind_params(store: Store, query: NamedQuery, given: dict[str, Any]) -> dict[
         )
     out: dict[str, Any] = {}
     for p in query.params:
-        if (
-            p.name == "sae"
-        ):  # by name (checked against layer / model when given), else the layer's only SAE
+        # by name (checked against layer / model when given), else the layer's only SAE
+        if p.name == "sae":
             layer = given.get("layer")
             layer = None if layer is None else p_int(layer)
             sae = None if given.get("sae") is None else str(given["sae"])

@@ -117,12 +117,10 @@ def view_sql(store: Store) -> StoreViews:
         "SELECT NULL::VARCHAR AS sae, NULL::VARCHAR AS model, NULL::INTEGER AS layer, NULL::VARCHAR AS tokenization, "
         "NULL::INTEGER AS d_sae, NULL::VARCHAR AS arch, NULL::BIGINT AS n_rows, NULL::BIGINT AS n_feature_rows LIMIT 0"
     )
-    views["feature_diff"], diff_keys = diff_view_sql(
-        store
-    )  # saved SAE feature diffs (actstore diff-features)
-    views["crosscoder_latents"], cc_keys = crosscoder_view_sql(
-        store
-    )  # saved crosscoder diffs (diff-crosscoder)
+    # saved SAE feature diffs (actstore diff-features)
+    views["feature_diff"], diff_keys = diff_view_sql(store)
+    # saved crosscoder diffs (diff-crosscoder)
+    views["crosscoder_latents"], cc_keys = crosscoder_view_sql(store)
     views["sae_evals"] = evals_view_sql(store)  # actstore eval
     return StoreViews(views, keys + diff_keys + cc_keys)
 
@@ -174,17 +172,15 @@ SANDBOX = (
 def _harden(con: duckdb.DuckDBPyConnection, store: Store, keys: list[str]) -> None:
     """Confine ``con`` to the store's own files: local or remote, nothing else can be read, nothing written."""
     allowed = [store.loc.join(k) for k in keys]
-    if not store.loc.local and store.loc.url.startswith(
-        "memory://"
-    ):  # DuckDB spells memory:// paths with three slashes
+    # DuckDB spells memory:// paths with three slashes
+    if not store.loc.local and store.loc.url.startswith("memory://"):
         allowed += [a.replace("memory://", "memory:///", 1) for a in allowed]
     con.execute("SET allowed_paths = $p", {"p": allowed})
     for stmt in SANDBOX:
         try:
             con.execute(stmt)
-        except (
-            duckdb.CatalogException
-        ):  # a setting this DuckDB does not have: the others still apply
+        # a setting this DuckDB does not have: the others still apply
+        except duckdb.CatalogException:
             if "lock_configuration" in stmt:
                 raise
 
@@ -244,9 +240,8 @@ def query_error(exc: Exception) -> QueryError:
 
 def _register_fs(con: duckdb.DuckDBPyConnection, store: Store) -> None:
     con.execute("SET parquet_metadata_cache = true")  # warm lookups skip re-reading footers
-    if (
-        not store.loc.local
-    ):  # DuckDB reads s3:// etc. through the store's own read-only fsspec filesystem
+    # DuckDB reads s3:// etc. through the store's own read-only fsspec filesystem
+    if not store.loc.local:
         con.register_filesystem(store.loc.read_only_fs())
 
 

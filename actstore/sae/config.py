@@ -403,9 +403,8 @@ class TrainConfig:
                 raise ConfigError(msg)
         if self.k is not None and self.arch == "relu-l1":
             raise ConfigError("--k is for topk / batchtopk; relu-l1 uses --l1")
-        srcs = (
-            self.sources()
-        )  # a crosscoder's sources: parsed now, so a bad --models / --layers fails before any work
+        # a crosscoder's sources: parsed now, so a bad --models / --layers fails before any work
+        srcs = self.sources()
         if srcs is not None:
             self.model, self.layer = srcs[0].model, srcs[0].layer
         self.init = self.init or default_init(self.arch, crosscoder)

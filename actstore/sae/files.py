@@ -175,15 +175,12 @@ def list_saes(store: Store) -> pl.DataFrame:
                 "fvu": number(ev.get("fvu")),
                 "mse": number(ev.get("mse")),
                 "l0": l0,
-                "dead": number(
-                    ev.get("dead_fraction")
-                ),  # never fired on the held-out rows (imported SAEs: the fit rows)
-                "dead_store": _never_fired(
-                    store, name
-                ),  # never fired on any token of the store (after encode)
-                "dead_window": number(
-                    tr.get("dead_fraction")
-                ),  # the trainer's: none in its last dead_window tokens
+                # never fired on the held-out rows (imported SAEs: the fit rows)
+                "dead": number(ev.get("dead_fraction")),
+                # never fired on any token of the store (after encode)
+                "dead_store": _never_fired(store, name),
+                # the trainer's: none in its last dead_window tokens
+                "dead_window": number(tr.get("dead_fraction")),
                 "dense": number(ev.get("dense_fraction")),
                 "train_fvu": number(tr.get("fvu")),
                 "l0_fraction": l0 / d_sae if l0 is not None and d_sae else None,

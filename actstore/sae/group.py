@@ -174,9 +174,8 @@ def _together(
                 for batch in stream.batches(epoch, skip):
                     x = batch.to(device, non_blocking=True)  # (b, d_in): one read, every run's step
                     step += 1
-                    due = [
-                        r for r in runs if r.step < step
-                    ]  # a run resumed from a later checkpoint waits
+                    # a run resumed from a later checkpoint waits
+                    due = [r for r in runs if r.step < step]
                     if pool is None:
                         for r in due:
                             r.train_on(x, epoch, bar)

@@ -280,9 +280,8 @@ def read_saelens(path: str | Path) -> ForeignSAE:
         w_dec = w_dec * _tensor(t, "scaling_factor", (d_sae,), folder)[:, None]
         notes.append("the v5 scaling_factor was folded into the decoder rows")
     if arch in ("topk", "batchtopk") and cfg.get("rescale_acts_by_decoder_norm"):
-        norms = w_dec.norm(
-            dim=1
-        )  # (d_sae,): SAELens scales pre-activations by these before the top-k
+        # (d_sae,): SAELens scales pre-activations by these before the top-k
+        norms = w_dec.norm(dim=1)
         w_enc, b_enc, w_dec = w_enc * norms, b_enc * norms, w_dec / norms[:, None]
         notes.append("rescale_acts_by_decoder_norm was folded into the weights")
     if arch == "standard":
@@ -316,9 +315,8 @@ def read_saelens(path: str | Path) -> ForeignSAE:
             f"{folder}: SAELens architecture {arch!r} is not supported; import standard, topk, jumprelu "
             "or batchtopk SAEs"
         )
-    if not cfg.get(
-        "apply_b_dec_to_input", True
-    ):  # actstore always subtracts b_dec: compensate in b_enc
+    # actstore always subtracts b_dec: compensate in b_enc
+    if not cfg.get("apply_b_dec_to_input", True):
         b_enc = b_enc + b_dec @ w_enc  # (x - b_dec) W + b_enc + b_dec W = x W + b_enc
         notes.append("apply_b_dec_to_input=false was folded into b_enc")
     norm = str(cfg.get("normalize_activations") or "none")
@@ -359,12 +357,10 @@ def read_saelens(path: str | Path) -> ForeignSAE:
     sae = _build(ours, d_in, d_sae, k, w_enc, b_enc, w_dec, b_dec, threshold, input_norm, source)
     layer = None
     if isinstance(hook, str):
-        mapped = hook_layer(
-            hook, "saelens"
-        )  # raises for a hook that is not a residual-stream state
-        layer = (
-            mapped if _RESID.match(hook) else None
-        )  # other names say no layer for certain: --layer decides
+        # raises for a hook that is not a residual-stream state
+        mapped = hook_layer(hook, "saelens")
+        # other names say no layer for certain: --layer decides
+        layer = mapped if _RESID.match(hook) else None
     return ForeignSAE(sae, hook, layer, notes)
 
 

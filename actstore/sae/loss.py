@@ -43,9 +43,8 @@ def sae_loss(
     sae: SAE, x: torch.Tensor, dead: torch.Tensor | None, l1: float, aux_k: int, aux_coef: float
 ) -> LossParts:
     """Training loss of ``sae`` on raw activations ``x (b, d_in)``; ``dead`` is a bool ``(d_sae,)`` mask."""
-    xn = (
-        x * sae.scale
-    )  # (b, d_in); a crosscoder's (b, n_sources * d_in), each source by its own scale
+    # (b, d_in); a crosscoder's (b, n_sources * d_in), each source by its own scale
+    xn = x * sae.scale
     arch, kept = sae.cfg.arch, None
     if arch in (
         "topk",
@@ -53,16 +52,14 @@ def sae_loss(
     ):  # sparse: only the encoder's forward is a dense (b, d_in, d_sae) matmul
         xc = xn - sae.b_dec
         if arch == "topk":
-            vals, idx, pre = TopKEncode.apply(
-                xc, sae.W_enc, sae.b_enc, int(sae.cfg.k)
-            )  # (b, k), (b, d_sae)
+            # (b, k), (b, d_sae)
+            vals, idx, pre = TopKEncode.apply(xc, sae.W_enc, sae.b_enc, int(sae.cfg.k))
             x_hat_n = decode_topk(vals, idx, sae.W_dec, sae.b_dec)
             latents = idx[vals > 0]
         else:
             n_keep = int(sae.cfg.k) * x.shape[0]
-            kept, tokens, lats, pre = BatchTopKEncode.apply(
-                xc, sae.W_enc, sae.b_enc, n_keep
-            )  # (m,) x 3, (b, d_sae)
+            # (m,) x 3, (b, d_sae)
+            kept, tokens, lats, pre = BatchTopKEncode.apply(xc, sae.W_enc, sae.b_enc, n_keep)
             x_hat_n = decode_entries(kept, tokens, lats, x.shape[0], sae.W_dec, sae.b_dec)
             latents = lats[kept > 0]
         acts, fired = (
@@ -73,14 +70,12 @@ def sae_loss(
         pre = sae.pre_acts(x)  # (b, d_sae)
         acts = sae.activate(pre, train=True)
         x_hat_n = sae.decode_normalised(acts)
-        fired = (
-            torch.sign(acts).sum(0).long()
-        )  # (d_sae,); acts >= 0, and a float sum beats a bool one 10x on CPU
+        # (d_sae,); acts >= 0, and a float sum beats a bool one 10x on CPU
+        fired = torch.sign(acts).sum(0).long()
     mse = ((x_hat_n - xn) ** 2).mean()
     if arch == "relu-l1":
-        penalty = (acts.sum(0) * sae.l1_weights()).sum() / acts.shape[
-            0
-        ]  # mean_tokens(sum_i h_i w_i), one pass
+        # mean_tokens(sum_i h_i w_i), one pass
+        penalty = (acts.sum(0) * sae.l1_weights()).sum() / acts.shape[0]
         return LossParts(mse + l1 * penalty, mse, penalty, acts, x_hat_n, fired)
     penalty = torch.zeros((), device=x.device)
     if dead is not None and bool(dead.any()):

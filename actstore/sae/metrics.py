@@ -77,9 +77,8 @@ class TrainTracker:
     dead_window: int
     dense_threshold: float = 0.1
     tokens_seen: int = 0
-    last_fired: torch.Tensor = field(
-        init=False
-    )  # (d_sae,) int64 tokens_seen after the batch it last fired in
+    # (d_sae,) int64 tokens_seen after the batch it last fired in
+    last_fired: torch.Tensor = field(init=False)
     fires: torch.Tensor = field(init=False)  # (d_sae,) fires in the current interval
     sums: torch.Tensor = field(init=False)  # (4,) float64 interval: sse_raw, var_raw, l0, tokens
 

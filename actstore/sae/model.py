@@ -106,16 +106,13 @@ class SAE(nn.Module):
         )  # a crosscoder's input: its sources side by side
         w = torch.randn(d_sae, d_in)
         w = w / w.norm(dim=1, keepdim=True)
-        if (
-            cfg.arch == "relu-l1" and not cfg.is_crosscoder
-        ):  # (a crosscoder keeps unit rows: not measured for it)
-            w = (
-                w * RELU_DECODER_INIT_NORM
-            )  # rows of norm 0.1, the encoder their transpose (SAELens's standard SAE)
+        # (a crosscoder keeps unit rows: not measured for it)
+        if cfg.arch == "relu-l1" and not cfg.is_crosscoder:
+            # rows of norm 0.1, the encoder their transpose (SAELens's standard SAE)
+            w = w * RELU_DECODER_INIT_NORM
         enc_scale = self._encoder_scale(TOPK_ENCODER_INIT)
-        self.W_dec = nn.Parameter(
-            w.clone()
-        )  # (d_sae, d_in): unit rows (topk, batchtopk) or RELU_DECODER_INIT_NORM
+        # (d_sae, d_in): unit rows (topk, batchtopk) or RELU_DECODER_INIT_NORM
+        self.W_dec = nn.Parameter(w.clone())
         self.W_enc = nn.Parameter(w.t() * enc_scale)  # (d_in, d_sae) = W_dec^T, scaled
         self.b_enc = nn.Parameter(torch.zeros(d_sae))  # (d_sae,)
         self.b_dec = nn.Parameter(torch.zeros(d_in))  # (d_in,), in normalised space
@@ -142,9 +139,8 @@ class SAE(nn.Module):
         m = min(len(rows_n), self.cfg.d_sae)
         centred = rows_n[:m].to(self.W_dec) - self.b_dec  # (m, d_input)
         norms = centred.norm(dim=1, keepdim=True)
-        ok = (
-            (norms[:, 0] > 1e-6).nonzero().squeeze(1)
-        )  # a row equal to the mean has no direction: keep it random
+        # a row equal to the mean has no direction: keep it random
+        ok = (norms[:, 0] > 1e-6).nonzero().squeeze(1)
         keep = self.W_dec[:m].norm(dim=1, keepdim=True)  # (m, 1)
         self.W_dec[ok] = centred[ok] / norms[ok] * keep[ok]
         self.W_enc.copy_(self.W_dec.t() * self._encoder_scale(DATA_INIT_ENCODER))
@@ -236,9 +232,8 @@ class SAE(nn.Module):
         return self.decode_normalised(acts) / self.scale
 
     def forward(self, x: torch.Tensor, train: bool = False) -> SAEOutput:
-        x_normed, undo = self._norm_in(
-            x.to(self.W_enc.dtype)
-        )  # normalised once: pre-activations and the undo
+        # normalised once: pre-activations and the undo
+        x_normed, undo = self._norm_in(x.to(self.W_enc.dtype))
         pre = self._pre_from(x_normed)
         acts = self.activate(pre, train=train)
         x_hat = self.decode(acts)

@@ -51,9 +51,8 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 st = self.state[p]
-                if (
-                    not st
-                ):  # every scalar a tensor in each parameter's state, so checkpoints hold it all
+                # every scalar a tensor in each parameter's state, so checkpoints hold it all
+                if not st:
                     st["z"] = p.detach().clone()
                     # the parameter's dtype: torch's load_state_dict casts float state to it on resume
                     st["weight_sum"] = torch.zeros((), dtype=p.dtype, device=p.device)

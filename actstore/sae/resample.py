@@ -65,9 +65,8 @@ def resample_latents(
         else float(sae.W_enc.norm(dim=0).mean())
     )
     dec_norm = sae.W_dec[idx].norm(dim=1, keepdim=True)  # (n_silent, 1)
-    if sae.cfg.arch == "relu-l1" and bool(
-        live.any()
-    ):  # a relu latent's decoder norm weighs its L1: the live ones' mean
+    # a relu latent's decoder norm weighs its L1: the live ones' mean
+    if sae.cfg.arch == "relu-l1" and bool(live.any()):
         dec_norm = sae.W_dec[live].norm(dim=1).mean().expand(len(idx), 1)
     sae.W_dec[idx] = dirs * dec_norm
     sae.W_enc[:, idx] = dirs.t() * enc_norm
@@ -83,9 +82,8 @@ def _reset_state(sae: SAE, opt: torch.optim.Optimizer, idx: torch.Tensor) -> Non
         st = opt.state.get(p)
         if not st:
             continue
-        sel = (
-            (slice(None), idx) if p is sae.W_enc else (idx,)
-        )  # W_enc (d_in, d_sae): latents are columns
+        # W_enc (d_in, d_sae): latents are columns
+        sel = (slice(None), idx) if p is sae.W_enc else (idx,)
         if isinstance(opt, ScheduleFreeSignSGD):
             st["z"][sel] = p[sel]
         for key in ("exp_avg", "exp_avg_sq"):

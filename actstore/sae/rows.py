@@ -62,9 +62,8 @@ def writable_store(
     store: Store | str, storage_options: dict[str, Any] | None, writable: bool
 ) -> Store:
     """``store`` opened to save SAEs into; StoreError when it is read-only (a URL without ``writable``)."""
-    if isinstance(
-        store, str
-    ):  # a path: local stores are writable by a writing command, URLs with writable only
+    # a path: local stores are writable by a writing command, URLs with writable only
+    if isinstance(store, str):
         st = open_store(
             store, storage_options=storage_options, writable=write_access(store, writable)
         )

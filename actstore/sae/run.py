@@ -127,9 +127,8 @@ class TrainingRun:
         self.eval_x = (
             eval_x if eval_x is not None else held_out_rows(acts, split)
         )  # (n_eval, d_model)
-        n_curve = len(
-            self.eval_x
-        )  # the FVU-tokens curve: an evenly spaced subset of the held-out rows (cheap)
+        # the FVU-tokens curve: an evenly spaced subset of the held-out rows (cheap)
+        n_curve = len(self.eval_x)
         pick = np.linspace(0, n_curve - 1, cfg.curve_eval_tokens).round().astype(np.int64)
         self.curve_x = (
             self.eval_x if n_curve <= cfg.curve_eval_tokens else self.eval_x[torch.from_numpy(pick)]
@@ -278,17 +277,15 @@ class TrainingRun:
         for i, batch in enumerate(self.stream.batches(0, 0)):
             if i >= CALIBRATION_BATCHES:
                 break
-            acts = self.sae.activate(
-                self.sae.pre_acts(batch.to(self.device)), train=True
-            )  # (b, d_sae)
+            # (b, d_sae)
+            acts = self.sae.activate(self.sae.pre_acts(batch.to(self.device)), train=True)
             pos = acts[acts > 0]
             if pos.numel():
                 mins.append(float(pos.min()))
         if mins:
             self.thr_ema = sum(mins) / len(mins)
-            if (
-                self.history and "eval" in self.history[-1]
-            ):  # measured with the old threshold: measure it again
+            # measured with the old threshold: measure it again
+            if self.history and "eval" in self.history[-1]:
                 self.history[-1]["eval"] = self.evaluate()
             if self.history and "curve" in self.history[-1]:
                 self.history[-1]["curve"] = self._curve_point(self.history[-1])
@@ -323,9 +320,8 @@ class TrainingRun:
                         break
         finally:
             bar.close()
-        self.loop_eval_seconds = (
-            self.eval_seconds
-        )  # what finish() evaluates is not part of the loop's time
+        # what finish() evaluates is not part of the loop's time
+        self.loop_eval_seconds = self.eval_seconds
         return time.perf_counter() - t0
 
     def train_on(
@@ -363,9 +359,8 @@ class TrainingRun:
         if any("held-out FVU rose" in w for w in warned):
             return
         warm = self.cfg.l1_warmup * self.total_steps if self.sae.cfg.arch == "relu-l1" else 0
-        warm = max(
-            warm, *self.resample_steps, 0
-        )  # a resampling disturbs the curve on purpose: judge it after the last
+        # a resampling disturbs the curve on purpose: judge it after the last
+        warm = max(warm, *self.resample_steps, 0)
         fvus = curve_after(self.history, warm)
         if rising_fvu(fvus):
             msg = rising_fvu_cause(self.cfg, self.base_lr, fvus, self.tracker.tokens_seen)
@@ -497,9 +492,8 @@ class TrainingRun:
         }
         save_sae(self.st, sae, self.name, metrics)
         self.st.loc.rmtree(layout.sae_file(self.name, layout.SAE_CHECKPOINT_DIR))
-        update_manifest(
-            self.st.loc, prefixes=[layout.sae_dir(self.name)]
-        )  # checksums for the new files (actstore verify)
+        # checksums for the new files (actstore verify)
+        update_manifest(self.st.loc, prefixes=[layout.sae_dir(self.name)])
         return TrainResult(
             name=self.name,
             sae=sae,

@@ -49,9 +49,8 @@ class TopKEncode(torch.autograd.Function):
             g_b = torch.zeros(d_sae, dtype=g.dtype, device=g.device).index_add_(
                 0, flat, g.reshape(-1)
             )
-            tokens = torch.arange(idx.shape[0], device=idx.device).repeat_interleave(
-                idx.shape[1]
-            )  # (n * k,)
+            # (n * k,)
+            tokens = torch.arange(idx.shape[0], device=idx.device).repeat_interleave(idx.shape[1])
             g_w = sparse_outer(flat, tokens, g.reshape(-1), xc, d_sae).t()  # (d_in, d_sae)
             g_xc = F.embedding_bag(
                 idx, w_enc.t().contiguous(), per_sample_weights=g, mode="sum"
@@ -142,12 +141,10 @@ def batch_topk(acts: torch.Tensor, n_keep: int) -> tuple[torch.Tensor, torch.Ten
     if c == d_sae or n_keep > n * c:
         return acts.flatten().topk(n_keep, sorted=False)
     cand_v, cand_i = acts.topk(c, dim=1, sorted=False)  # (n, c)
-    vals, pos = cand_v.flatten().topk(
-        n_keep, sorted=False
-    )  # (n_keep,) positions among the candidates
-    if bool(
-        (cand_v.min(dim=1).values > vals.min()).any()
-    ):  # a row may hold more than its candidates: not exact
+    # (n_keep,) positions among the candidates
+    vals, pos = cand_v.flatten().topk(n_keep, sorted=False)
+    # a row may hold more than its candidates: not exact
+    if bool((cand_v.min(dim=1).values > vals.min()).any()):
         return acts.flatten().topk(n_keep, sorted=False)
     return vals, (pos // c) * d_sae + cand_i.flatten()[pos]
 
@@ -162,9 +159,8 @@ def decode_entries(
 ) -> torch.Tensor:
     """``(n, d_in)``: row ``t`` is ``b_dec`` plus ``vals[e] * w_dec[latents[e]]`` over the entries of token ``t``
     (entries ordered by token, as :class:`BatchTopKEncode` returns them; a token may have none)."""
-    offsets = torch.searchsorted(
-        tokens, torch.arange(n, device=tokens.device)
-    )  # (n,) first entry of each token
+    # (n,) first entry of each token
+    offsets = torch.searchsorted(tokens, torch.arange(n, device=tokens.device))
     return F.embedding_bag(latents, w_dec, offsets, per_sample_weights=vals, mode="sum") + b_dec
 
 

@@ -199,9 +199,8 @@ class _Epoch:
                 self.idx[self.n : self.n + m] = rows
                 if self.live:
                     self._read_from(pos + 1)
-                    self._values()[self.n : self.n + m] = self.futures.pop(
-                        pos
-                    ).result()  # (m, d_model)
+                    # (m, d_model)
+                    self._values()[self.n : self.n + m] = self.futures.pop(pos).result()
                 self.n += m
                 if self.n >= self.s.buffer_rows:
                     yield from self._flush(False, pos + 1)

@@ -194,15 +194,13 @@ def run_sweep(
     from actstore.sae.files import sae_names
 
     st = open_store(store, storage_options=storage_options)
-    for cfg in (
-        configs
-    ):  # every run's model and layer exist (NotFoundError naming the first), before any run trains
+    # every run's model and layer exist (NotFoundError naming the first), before any run trains
+    for cfg in configs:
         st.activations(cfg.model, cfg.layer)
     configs = name_runs(st, configs)
     have = set(sae_names(st))
-    for cfg in (
-        configs
-    ):  # every finished SAE the sweep would skip was trained with its options, checked up front
+    # every finished SAE the sweep would skip was trained with its options, checked up front
+    for cfg in configs:
         _finished(st, cfg, have)
     groups = stream_groups(configs)
     bar = tqdm(total=len(configs), desc="sweep", unit="run", disable=not progress)
@@ -253,9 +251,8 @@ def _run_on_ray(
                     store, [c.to_dict() for c in group], storage_options, writable
                 )
             ] = (i, group)
-        out: list[list[SweepRun] | None] = [None] * len(
-            groups
-        )  # in the order of the groups, whatever order they finish in
+        # in the order of the groups, whatever order they finish in
+        out: list[list[SweepRun] | None] = [None] * len(groups)
         failed: list[tuple[TrainConfig, BaseException]] = []
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)

@@ -74,9 +74,8 @@ def _train_sae(
     check_name(name, "SAE")  # one folder under saes/: 'a/b' would make an SAE nothing can find
     device = torch.device(auto_device(cfg.device))
     tok = st.model_tokenization(cfg.model)
-    lock = StoreLock(
-        st.loc, layout.sae_dir(name), f"train {name}"
-    ).acquire()  # one trainer of an SAE name at a time
+    # one trainer of an SAE name at a time
+    lock = StoreLock(st.loc, layout.sae_dir(name), f"train {name}").acquire()
     try:
         return _train_locked(st, cfg, identity, progress, on_step, acts, name, device, tok)
     finally:

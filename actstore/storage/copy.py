@@ -126,9 +126,8 @@ def copy_store(cfg: CopyConfig, progress: bool = False) -> CopyResult:
     copier = _Copier(src, listing)
     res = CopyResult(src.url, cfg.dst, len(keys), 0, 0, 0, 0.0)
     res.problems += copier.absent_chunks(include_patterns(cfg.include))
-    if (
-        res.problems
-    ):  # a chunk inside the committed rows that is absent would read as zeros at the destination
+    # a chunk inside the committed rows that is absent would read as zeros at the destination
+    if res.problems:
         res.seconds = time.perf_counter() - t0
         return res
     copier.open_destination(cfg, root_attrs)
@@ -251,9 +250,8 @@ class _Copier:
             self.hashes[key] = {"size": len(data), "sha256": digest}
         if self.dst_have.get(key) == len(data) and sha256(self.dst.read_bytes(key)) == digest:
             return "skipped", 0, None
-        if (
-            self.dst.local
-        ):  # refuse paths that escape the destination (check_key already did; belt and braces)
+        # refuse paths that escape the destination (check_key already did; belt and braces)
+        if self.dst.local:
             target = Path(self.dst.fs_path(key)).resolve()
             if not str(target).startswith(str(Path(self.dst.root).resolve()) + "/"):
                 return (

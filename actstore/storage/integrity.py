@@ -147,9 +147,8 @@ class ShardLayout:
             _codec_names(conf.get("index_codecs", [])),
         )
         shape = [int(x) for x in conf["chunk_shape"]]
-        if (
-            not shape or min(shape) <= 0
-        ):  # a store's metadata is untrusted: this is damage, not a division by zero
+        # a store's metadata is untrusted: this is damage, not a division by zero
+        if not shape or min(shape) <= 0:
             raise ValueError(f"inner chunk shape {shape} is not positive")
         return cls(
             shape,
@@ -286,9 +285,8 @@ def arrays_and_chunks(
     for (
         path,
         al,
-    ) in (
-        arrays.items()
-    ):  # an int8 layer's per-token scales: required as far as its values are committed
+        # an int8 layer's per-token scales: required as far as its values are committed
+    ) in arrays.items():
         values = (
             arrays.get(path.removesuffix(layout.SCALE_SUFFIX))
             if path.endswith(layout.SCALE_SUFFIX)

@@ -216,9 +216,8 @@ class Location:
                 elif e.is_file(follow_symlinks=False):
                     try:
                         out[ek] = e.stat(follow_symlinks=False).st_size
-                    except (
-                        FileNotFoundError
-                    ):  # removed since the listing (another writer's temporary file): not there
+                    # removed since the listing (another writer's temporary file): not there
+                    except FileNotFoundError:
                         continue
         return dict(sorted(out.items()))
 

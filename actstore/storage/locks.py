@@ -379,7 +379,6 @@ class LockSet:
         for name in list(self.locks):
             try:
                 self.release(name)
-            except (
-                Exception
-            ):  # best effort: a lock we cannot delete goes stale and is taken over later
+            # best effort: a lock we cannot delete goes stale and is taken over later
+            except Exception:
                 pass

@@ -59,9 +59,8 @@ class StackedActivations:
             raise TypeError("stacked activations support contiguous slices [a:b]")
         start, stop, _ = key.indices(self.n_rows)
         stop = max(start, stop)
-        return np.concatenate(
-            [p[start:stop] for p in self.parts], axis=1
-        )  # (stop - start, n_sources * d_source)
+        # (stop - start, n_sources * d_source)
+        return np.concatenate([p[start:stop] for p in self.parts], axis=1)
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """Rows at arbitrary indices, float32 ``(len(rows), n_sources * d_source)``."""

@@ -61,9 +61,8 @@ def extract_on_ray(
         computed = 0
         try:
             claimed: list[tuple[int, int]] = []
-            retried: set[int] = (
-                set()
-            )  # units whose actor died while it had them: it may have written them whole
+            # units whose actor died while it had them: it may have written them whole
+            retried: set[int] = set()
 
             def done(u0: int, outcome: str) -> None:
                 nonlocal computed
@@ -78,16 +77,14 @@ def extract_on_ray(
             while pending:
                 claimed.clear()
                 pool.map("run", [u0 for u0, _ in pending], done, retried.add)
-                pool.call_all(
-                    "flush"
-                )  # every queued unit written (or lost with its actor: handed out again)
+                # every queued unit written (or lost with its actor: handed out again)
+                pool.call_all("flush")
                 pending = job.pending(loc)
                 bar.n = job.n_rows - sum(b - a for a, b in pending)
                 bar.refresh()
                 if pending and claimed:
-                    time.sleep(
-                        POLL_S
-                    )  # another driver's workers hold these: wait for their markers or lapsed claims
+                    # another driver's workers hold these: wait for their markers or lapsed claims
+                    time.sleep(POLL_S)
         finally:
             bar.close()
             for a in pool.actors:

@@ -296,9 +296,8 @@ def _extract(
 
     t_start = time.perf_counter()
     corpus = load_corpus(cfg.data)
-    device = auto_device(
-        cfg.device if ray_address is None else "cpu"
-    )  # with Ray the driver only sets up
+    # with Ray the driver only sets up
+    device = auto_device(cfg.device if ray_address is None else "cpu")
     # with Ray the driver runs on the CPU: "auto" means bf16 only where --device says CUDA (see docs/SCALING.md)
     dtype = resolve_dtype(
         cfg.dtype,
@@ -320,9 +319,8 @@ def _extract(
     loc = open_location(store, storage_options=storage_options, create=True)
     locks = LockSet(loc, f"extract {model_key}", break_lock)
     held.append(locks)
-    locks.acquire(
-        "setup", wait_s=SETUP_WAIT_S
-    )  # root, token index, model group and arrays: one creator at a time
+    # root, token index, model group and arrays: one creator at a time
+    locks.acquire("setup", wait_s=SETUP_WAIT_S)
     root = open_root(loc)
     store_format = StoreAttrs.read(root, f"store {loc.url}").format
     if ray_address is not None and store_format < layout.UNIT_MARKERS_SINCE:
@@ -344,9 +342,8 @@ def _extract(
     )
     n_rows, chunk_rows = tattrs.n_tokens, tattrs.chunk_rows
 
-    inner = inner_rows_for(
-        root, cfg, chunk_rows
-    )  # checked before anything of this model is written
+    # checked before anything of this model is written
+    inner = inner_rows_for(root, cfg, chunk_rows)
     units_mode = store_format >= layout.UNIT_MARKERS_SINCE
     mpath = _model_group(loc, root, model_key, loaded.info(), tk)
     _keep_finetune_report(loc, model_key, loaded.path)
@@ -419,9 +416,8 @@ def _extract(
             codec_on_device=None if cfg.codec_on == "auto" else cfg.codec_on == "device",
         )
         written = _run_units(job, loc, loaded, device, ray_address, cfg.ray_workers, progress, desc)
-    for layer in (
-        todo if markers else []
-    ):  # the final prefix (a concurrent writer's attribute update may have lost one)
+    # the final prefix (a concurrent writer's attribute update may have lost one)
+    for layer in todo if markers else []:
         if commit_prefix(layout.layer_array(model_key, layer), loc) >= n_rows:
             loc.remove_partial_writes(layout.layer_array(model_key, layer))
             loc.remove_partial_writes(layout.scale_array(model_key, layer))

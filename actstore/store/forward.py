@@ -85,15 +85,13 @@ def packed_batches(
         mask = np.zeros((len(sel), width), dtype=np.int64)
         inp[j, off] = ids[starts[sel][j] - base + off]
         mask[j, off] = 1
-        r0 = np.maximum(
-            starts[sel] + keep[sel], u0
-        )  # the rows each piece owns within the unit: [r0, r1)
+        # the rows each piece owns within the unit: [r0, r1)
+        r0 = np.maximum(starts[sel] + keep[sel], u0)
         r1 = np.minimum(starts[sel] + n_tok, u1)
         jo, oo = ragged(np.maximum(r1 - r0, 0))
         pos = r0[jo] - starts[sel][jo] + oo  # (m,) position of each owned row in its piece
-        flat = torch.from_numpy(jo * width + pos).to(
-            device, non_blocking=True
-        )  # (m,) into (batch * width)
+        # (m,) into (batch * width)
+        flat = torch.from_numpy(jo * width + pos).to(device, non_blocking=True)
         with amp:
             hs = tap(
                 torch.from_numpy(inp).to(device, non_blocking=True),
@@ -198,9 +196,8 @@ class UnitRows(NamedTuple):
         if values.dtype == np.int16:  # bf16 bits
             values = values.view(np.uint16)
         scale = self.slot.scales[layer].numpy().take(rows) if codec == "int8" else None
-        if (
-            scale is not None and not np.isfinite(scale).all()
-        ):  # left unchecked on the device (no wait per batch)
+        # left unchecked on the device (no wait per batch)
+        if scale is not None and not np.isfinite(scale).all():
             raise ValueError(codecs.SCALE_TOO_LARGE)
         return codecs.Encoded(values, scale)
 
@@ -248,9 +245,8 @@ def compute_unit(
             if codec is None:
                 transfer.copy(rows.to(torch.float32), dst)
                 continue
-            enc = device_codecs.encode(
-                rows, codec, (chans or {}).get(layer), check=False
-            )  # checked by the writer
+            # checked by the writer
+            enc = device_codecs.encode(rows, codec, (chans or {}).get(layer), check=False)
             transfer.copy(enc.values, dst)
             if enc.scale is not None:
                 transfer.copy(enc.scale, slot.scales[layer][p0 : p0 + m])
@@ -291,9 +287,10 @@ class UnitIndex:
         tok = zarr.open_group(loc.zarr_store, path=layout.tokenization_dir(tk), mode="r")
         attrs = TokenizationAttrs.read(tok, f"tokenization {tk} of store {loc.url}")
         self.window, self.stride = attrs.window, attrs.stride
+        # noqa: E731
         array = lambda name: zarr.open_array(
             loc.zarr_store, path=layout.token_array(tk, name), mode="r"
-        )  # noqa: E731
+        )
         self.first_row = np.asarray(array("sample_first_row")[:], dtype=np.int64)  # (n_samples,)
         self.n_tok = np.asarray(array("sample_n_tokens")[:], dtype=np.int64)  # (n_samples,)
         self.token_id = array("token_id")

@@ -401,9 +401,8 @@ def choose_tokenization(
         for k, a in done.items()
         if same_tokenizer(a, loaded) and a.same_index(max_length, None, None)
     ]
-    if (
-        match
-    ):  # an existing token index gives the same ids (possibly named by an older hash): share it
+    # an existing token index gives the same ids (possibly named by an older hash): share it
+    if match:
         key = match[0]
     if key not in done:
         if done and not new_tokenization:

@@ -154,9 +154,8 @@ class UnitWorker:
         from actstore.models.loading import auto_device, load_model
         from actstore.models.taps import LayerTap
 
-        if (
-            job.threads and loaded is None
-        ):  # a worker process of its own (a Ray actor); in process: extract's threads
+        # a worker process of its own (a Ray actor); in process: extract's threads
+        if job.threads and loaded is None:
             torch.set_num_threads(job.threads)
         self.job = job
         self.loc = loc or open_location(
@@ -295,9 +294,8 @@ class UnitWorker:
         for layer in layers:
             if layer in self.chans:
                 continue
-            arr = self.arrays[layer][
-                0
-            ]  # another worker may have stored it since this one opened the array
+            # another worker may have stored it since this one opened the array
+            arr = self.arrays[layer][0]
             fresh = zarr.open_array(self.loc.zarr_store, path=arr.path, mode="r")
             stored = LayerAttrs.read(
                 fresh, f"array {arr.path} of store {self.loc.url}"
@@ -395,13 +393,11 @@ def _run_here(worker: UnitWorker, progress: bool, desc: str) -> int:
                     bar.update(u1 - u0)
             worker.flush()
             pending = job.pending(worker.loc)
-            bar.n = job.n_rows - sum(
-                b - a for a, b in pending
-            )  # units finished by other workers count too
+            # units finished by other workers count too
+            bar.n = job.n_rows - sum(b - a for a, b in pending)
             bar.refresh()
-            if (
-                pending and waiting
-            ):  # others hold these units: wait for their markers (or their claims to lapse)
+            # others hold these units: wait for their markers (or their claims to lapse)
+            if pending and waiting:
                 left = {u0 for u0, _ in pending}
                 for u0, message in sorted(worker.held_by.items()):
                     if u0 in left and message not in told:  # once per holder and lease

@@ -71,9 +71,8 @@ class PrefixCommit(Commit):
     def __init__(self, arrays: Arrays, committed: dict[int, int]) -> None:
         self.arrays = arrays
         self.next = dict(committed)  # layer -> first row not committed
-        self.finished: dict[int, dict[int, int]] = {
-            layer: {} for layer in arrays
-        }  # layer -> written u0 -> u1
+        # layer -> written u0 -> u1
+        self.finished: dict[int, dict[int, int]] = {layer: {} for layer in arrays}
 
     def done(self, u0: int, u1: int, layers: list[int], chans: dict[int, np.ndarray]) -> None:
         for layer in layers:
@@ -156,9 +155,8 @@ class UnitWriter:
             self.q.put(part)
 
     def _run(self) -> None:
-        with contextlib.suppress(
-            AttributeError, OSError
-        ):  # Linux: below the forward pass's threads on a busy CPU
+        # Linux: below the forward pass's threads on a busy CPU
+        with contextlib.suppress(AttributeError, OSError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
         while (part := self.q.get()) is not None:
             unit, layer, r0, r1 = part

@@ -73,9 +73,8 @@ def zipf_codes(p: np.ndarray, seed: int, n: int, block: int = 8192) -> Iterator[
     p32 = p.astype(np.float32)
     for a in range(0, n, block):
         m = min(block, n - a)
-        on = np.nonzero(
-            rng.random((m, len(p)), dtype=np.float32) < p32
-        )  # the active (row, atom) pairs
+        # the active (row, atom) pairs
+        on = np.nonzero(rng.random((m, len(p)), dtype=np.float32) < p32)
         codes = np.zeros((m, len(p)), dtype=np.float32)
         codes[on] = rng.uniform(0.5, 1.5, size=len(on[0])).astype(np.float32)
         yield codes  # (m, n_atoms)
@@ -257,9 +256,8 @@ class PlantedCrosscoder:
     seed: int
 
     def codes(self, n: int, block: int = 65536) -> Iterator[np.ndarray]:
-        return sparse_codes(
-            len(self.kinds), self.k_active, self.seed, n, block
-        )  # (m, n_atoms) blocks
+        # (m, n_atoms) blocks
+        return sparse_codes(len(self.kinds), self.k_active, self.seed, n, block)
 
     def rows_a(self, n: int) -> Iterator[np.ndarray]:
         return (c @ self.atoms_a for c in self.codes(n))  # (m, d)
