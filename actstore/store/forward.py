@@ -287,10 +287,10 @@ class UnitIndex:
         tok = zarr.open_group(loc.zarr_store, path=layout.tokenization_dir(tk), mode="r")
         attrs = TokenizationAttrs.read(tok, f"tokenization {tk} of store {loc.url}")
         self.window, self.stride = attrs.window, attrs.stride
-        # noqa: E731
-        array = lambda name: zarr.open_array(
-            loc.zarr_store, path=layout.token_array(tk, name), mode="r"
-        )
+
+        def array(name: str) -> zarr.Array:  # one of the token index's arrays
+            return zarr.open_array(loc.zarr_store, path=layout.token_array(tk, name), mode="r")
+
         self.first_row = np.asarray(array("sample_first_row")[:], dtype=np.int64)  # (n_samples,)
         self.n_tok = np.asarray(array("sample_n_tokens")[:], dtype=np.int64)  # (n_samples,)
         self.token_id = array("token_id")
