@@ -25,6 +25,7 @@ import torch
 
 from actstore.encoding.sort import Bucket, Entries, Spiller, finish_bucket, sort_block, spill_files
 from actstore.errors import StoreError
+from actstore.sae.archs import get_arch
 
 if TYPE_CHECKING:
     from actstore.sae.model import SAE
@@ -95,8 +96,8 @@ def sparse_encode(sae: SAE, x: torch.Tensor) -> Entries:
     ``(n, k)`` values and indices come back from an accelerator.
     """
     pre = sae.pre_acts(x)  # (n, d_sae)
-    arch, k = sae.cfg.arch, sae.cfg.k
-    if arch == "topk" or (arch == "batchtopk" and float(sae.threshold) <= 0):
+    k = sae.cfg.k
+    if get_arch(sae.cfg.arch).topk_at_inference(sae):
         # the same selection as SAE.activate: torch's CPU top-k picks the same k entries sorted or not
         vals, idx = pre.topk(int(k), dim=-1, sorted=False)  # type: ignore[arg-type]  # (n, k)
         vals, idx = vals.float().cpu().numpy().ravel(), idx.cpu().numpy().ravel()

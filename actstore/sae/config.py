@@ -12,6 +12,7 @@ from typing import Any
 
 from actstore.errors import ConfigError, IntegrityError
 from actstore.fields import cli, opt
+from actstore.sae.archs import ARCHS, TRAIN_ARCHS, get_arch
 from actstore.sae.recipe import (
     B_DEC_INITS,
     DECODER_INITS,
@@ -36,10 +37,6 @@ from actstore.sae.recipe import (
 )
 from actstore.store.config import Source, parse_sources
 
-TRAIN_ARCHS = ("relu-l1", "topk", "batchtopk")
-"""Architectures ``actstore train`` trains."""
-ARCHS = (*TRAIN_ARCHS, "jumprelu")
-"""Architectures an SAE may have: the trained ones plus jumprelu (per-feature thresholds; imported, not trained)."""
 INPUT_NORMS = ("none", "constant_norm_rescale", "layer_norm")
 """Per-token input normalisations an imported SAE may apply before encoding (SAELens's ``normalize_activations``)."""
 
@@ -90,7 +87,7 @@ class SAEConfig:
             )
         if self.d_in <= 0 or self.d_sae <= 0:
             raise ConfigError(f"d_in and d_sae must be positive (got {self.d_in}, {self.d_sae})")
-        if self.arch in ("topk", "batchtopk") and (not self.k or not 0 < self.k <= self.d_sae):
+        if get_arch(self.arch).uses_k and (not self.k or not 0 < self.k <= self.d_sae):
             raise ConfigError(
                 f"{self.arch} needs --k between 1 and d_sae ({self.d_sae}), got {self.k}"
             )
@@ -322,9 +319,10 @@ class TrainConfig:
                     setattr(self, key, val)
         crosscoder = self.models is not None or self.layers is not None  # as sources()
         self.arch = self.arch or ("batchtopk" if crosscoder else "relu-l1")
-        if self.arch == "jumprelu":
+        if self.arch in ARCHS and not get_arch(self.arch).trained:
             raise ConfigError(
-                "jumprelu SAEs are imported (actstore import-sae), not trained: choose --arch topk or batchtopk"
+                f"{self.arch} SAEs are imported (actstore import-sae), not trained: choose --arch "
+                f"{' or '.join(TRAIN_ARCHS)}"
             )
         if self.arch not in TRAIN_ARCHS:
             raise ConfigError(
@@ -352,7 +350,11 @@ class TrainConfig:
         warmup, decay = default_lr_schedule(self.arch, str(self.optimizer), crosscoder)
         self.lr_warmup = warmup if self.lr_warmup is None else float(self.lr_warmup)
         self.lr_decay = decay if self.lr_decay is None else float(self.lr_decay)
-        if self.lr is None and self.optimizer == "adam" and (self.arch == "relu-l1" or crosscoder):
+        if (
+            self.lr is None
+            and self.optimizer == "adam"
+            and (get_arch(self.arch).l1_penalty or crosscoder)
+        ):
             self.lr = (
                 RELU_L1_LR if relu_sae(self.arch, crosscoder) else DEFAULT_LR
             )  # else by d_sae or tokens: learning_rate
@@ -401,8 +403,10 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
-        if self.k is not None and self.arch == "relu-l1":
-            raise ConfigError("--k is for topk / batchtopk; relu-l1 uses --l1")
+        if self.k is not None and not get_arch(self.arch).uses_k:
+            raise ConfigError(
+                f"--k is for {' / '.join(n for n in TRAIN_ARCHS if get_arch(n).uses_k)}; {self.arch} uses --l1"
+            )
         # a crosscoder's sources: parsed now, so a bad --models / --layers fails before any work
         srcs = self.sources()
         if srcs is not None:
@@ -422,7 +426,7 @@ class TrainConfig:
         run knows its steps: metrics.json ``lr``). Resolving a resolved config changes nothing."""
         d_sae = self.d_sae or max(1, round((self.expansion or DEFAULT_EXPANSION) * d_in))
         k = None
-        if self.arch != "relu-l1":
+        if get_arch(str(self.arch)).uses_k:
             k = self.k or max(1, min(DEFAULT_K, d_sae // 4))
             if k > d_sae:
                 raise ConfigError(f"--k {k} is larger than d_sae {d_sae}")

@@ -11,6 +11,7 @@ from safetensors.torch import save as st_save
 
 from actstore.errors import ConfigError
 from actstore.format import layout
+from actstore.sae.archs import get_arch
 from actstore.sae.config import EXPORT_FORMATS
 from actstore.sae.files import load_sae
 from actstore.sae.model import SAE
@@ -24,9 +25,8 @@ if TYPE_CHECKING:
 def saelens_cfg(sae: SAE) -> dict[str, Any]:
     """A ``cfg.json`` SAELens can load (v6 keys plus the v5 ones older loaders read)."""
     c = sae.cfg
-    arch = {"relu-l1": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}[
-        c.arch
-    ]
+    ours = get_arch(c.arch)
+    arch = ours.saelens_architecture
     hook = f"blocks.{c.layer}.hook_resid_pre" if c.layer is not None else "hook"
     out: dict[str, Any] = {
         "architecture": arch,
@@ -59,16 +59,14 @@ def saelens_cfg(sae: SAE) -> dict[str, Any]:
         "hook_name": hook,
         "hook_layer": c.layer,
         "hook_head_index": None,
-        "activation_fn_str": "topk" if arch == "topk" else "relu",
-        "activation_fn_kwargs": {"k": c.k} if arch == "topk" else {},
+        "activation_fn_str": ours.saelens_activation,
         "finetuning_scaling_factor": False,
         "context_size": None,
         "prepend_bos": True,
         "dataset_path": None,
         "sae_lens_training_version": None,
     }
-    if arch == "topk":
-        out["k"] = c.k
+    out.update(ours.saelens_cfg(sae))
     return out
 
 
@@ -92,7 +90,7 @@ def export_sae(store: Store, name: str, out_dir: str | Path, fmt: str = "saelens
         raise ConfigError(
             f"SAE {name!r} normalises each token ({sae.cfg.input_norm}): only --format saelens says so"
         )
-    if fmt == "sparsify" and sae.cfg.arch != "topk":
+    if fmt == "sparsify" and not get_arch(sae.cfg.arch).fixed_topk:
         raise ConfigError(
             f"SAE {name!r} is {sae.cfg.arch}: sparsify holds TopK SAEs only; export it with --format saelens"
         )
@@ -107,9 +105,10 @@ def export_sae(store: Store, name: str, out_dir: str | Path, fmt: str = "saelens
         tensors = sae.raw_space_tensors()
         if fmt == "sparsify":
             return _write_sparsify(sae, tensors, out)
-        if sae.cfg.arch == "jumprelu":
+        arch = get_arch(sae.cfg.arch)
+        if arch.per_feature_threshold:
             tensors["threshold"] = sae.threshold.detach().cpu().contiguous()  # (d_sae,)
-        elif sae.cfg.arch == "batchtopk":
+        elif arch.calibrated_threshold:  # as a JumpReLU SAE: one threshold, per feature
             thr = float(sae.threshold)
             tensors["threshold"] = torch.full((sae.cfg.d_sae,), max(thr, 0.0))  # (d_sae,)
         weights = out / "sae_weights.safetensors"

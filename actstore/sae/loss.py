@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import torch
 
+from actstore.sae.archs import get_arch
 from actstore.sae.config import TrainConfig
 from actstore.sae.metrics import TrainTracker
 from actstore.sae.model import SAE
@@ -45,13 +46,12 @@ def sae_loss(
     """Training loss of ``sae`` on raw activations ``x (b, d_in)``; ``dead`` is a bool ``(d_sae,)`` mask."""
     # (b, d_in); a crosscoder's (b, n_sources * d_in), each source by its own scale
     xn = x * sae.scale
-    arch, kept = sae.cfg.arch, None
-    if arch in (
-        "topk",
-        "batchtopk",
+    arch, kept = get_arch(sae.cfg.arch), None
+    if (
+        arch.sparse_training()
     ):  # sparse: only the encoder's forward is a dense (b, d_in, d_sae) matmul
         xc = xn - sae.b_dec
-        if arch == "topk":
+        if arch.fixed_topk:
             # (b, k), (b, d_sae)
             vals, idx, pre = TopKEncode.apply(xc, sae.W_enc, sae.b_enc, int(sae.cfg.k))
             x_hat_n = decode_topk(vals, idx, sae.W_dec, sae.b_dec)
@@ -73,7 +73,7 @@ def sae_loss(
         # (d_sae,); acts >= 0, and a float sum beats a bool one 10x on CPU
         fired = torch.sign(acts).sum(0).long()
     mse = ((x_hat_n - xn) ** 2).mean()
-    if arch == "relu-l1":
+    if arch.l1_penalty:
         # mean_tokens(sum_i h_i w_i), one pass
         penalty = (acts.sum(0) * sae.l1_weights()).sum() / acts.shape[0]
         return LossParts(mse + l1 * penalty, mse, penalty, acts, x_hat_n, fired)
@@ -115,11 +115,12 @@ def train_step(
 ) -> LossParts:
     """One optimizer step on raw activations ``x (b, d_in)`` (already on the SAE's device); updates ``tracker``.
     ``l1`` is this step's L1 coefficient (default ``cfg.l1``: no warm-up)."""
-    dead = tracker.dead_mask() if sae.cfg.arch != "relu-l1" else None
+    l1_penalty = get_arch(sae.cfg.arch).l1_penalty
+    dead = None if l1_penalty else tracker.dead_mask()
     parts = sae_loss(sae, x, dead, float(cfg.l1 or 0.0) if l1 is None else l1, aux_k, cfg.aux_coef)
     opt.zero_grad(set_to_none=True)
     parts.loss.backward()
-    if sae.cfg.arch != "relu-l1":
+    if not l1_penalty:  # unit decoder rows: their gradient along themselves is dropped
         sae.remove_parallel_grads()
     if cfg.unit_grad:  # the whole gradient at norm 1 (SAELens's clip at 1 of a loss summed over d_in acts on every step)
         grads = [p.grad for p in sae.parameters() if p.grad is not None]
@@ -129,7 +130,7 @@ def train_step(
     elif cfg.grad_clip:
         torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
     opt.step()
-    if sae.cfg.arch != "relu-l1":
+    if not l1_penalty:
         sae.set_decoder_norm()
     with torch.no_grad():
         tracker.update(x, parts.x_hat_n / sae.scale, parts.fired)

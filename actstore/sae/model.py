@@ -42,6 +42,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from actstore.errors import ConfigError, IntegrityError
+from actstore.sae.archs import get_arch
 from actstore.sae.config import SAEConfig, parse_config
 from actstore.sae.sparse import decode_topk
 
@@ -79,6 +80,11 @@ RELU_DECODER_INIT_NORM = 0.1
 decoder-norm-weighted L1 from the first step (docs/benchmarks/LOG.md, "Issue 10")."""
 
 
+def threshold_like(cfg: SAEConfig) -> torch.Tensor:
+    """A zero ``threshold`` buffer of the architecture's shape: one per feature ``(d_sae,)`` (jumprelu) or ``()``."""
+    return torch.zeros(cfg.d_sae) if get_arch(cfg.arch).per_feature_threshold else torch.tensor(0.0)
+
+
 class Reconstruction(NamedTuple):
     """:meth:`SAE.reconstruct`'s answer."""
 
@@ -107,7 +113,7 @@ class SAE(nn.Module):
         w = torch.randn(d_sae, d_in)
         w = w / w.norm(dim=1, keepdim=True)
         # (a crosscoder keeps unit rows: not measured for it)
-        if cfg.arch == "relu-l1" and not cfg.is_crosscoder:
+        if get_arch(cfg.arch).l1_penalty and not cfg.is_crosscoder:
             # rows of norm 0.1, the encoder their transpose (SAELens's standard SAE)
             w = w * RELU_DECODER_INIT_NORM
         enc_scale = self._encoder_scale(TOPK_ENCODER_INIT)
@@ -117,9 +123,7 @@ class SAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(d_sae))  # (d_sae,)
         self.b_dec = nn.Parameter(torch.zeros(d_in))  # (d_in,), in normalised space
         # batchtopk: one inference threshold (); jumprelu: one per feature (d_sae,)
-        self.register_buffer(
-            "threshold", torch.zeros(d_sae) if cfg.arch == "jumprelu" else torch.tensor(0.0)
-        )
+        self.register_buffer("threshold", threshold_like(cfg))
         # the input scale: () for an SAE, (n_sources * d_in,) for a crosscoder (each source's columns its own scale)
         if cfg.is_crosscoder:
             scale = torch.tensor(cfg.norm_scales, dtype=torch.float32).repeat_interleave(cfg.d_in)
@@ -129,7 +133,7 @@ class SAE(nn.Module):
 
     def _encoder_scale(self, topk_scale: float) -> float:
         """The encoder starts as ``W_dec^T`` times this: 1 for relu-l1, ``topk_scale`` for topk / batchtopk."""
-        return 1.0 if self.cfg.arch == "relu-l1" else topk_scale
+        return 1.0 if get_arch(self.cfg.arch).l1_penalty else topk_scale
 
     @torch.no_grad()
     def init_from_rows(self, rows_n: torch.Tensor) -> None:
@@ -198,23 +202,7 @@ class SAE(nn.Module):
         keeps pre-activations above the learned threshold (per-token top-k if
         no threshold was learned).
         """
-        arch, k = (
-            self.cfg.arch,
-            int(self.cfg.k or 0),
-        )  # topk, batchtopk: checked positive by SAEConfig
-        if arch == "relu-l1":
-            return torch.relu(pre)
-        if arch == "jumprelu":
-            return torch.where(pre > self.threshold, torch.relu(pre), torch.zeros_like(pre))
-        if arch == "topk" or (arch == "batchtopk" and not train and float(self.threshold) <= 0):
-            vals, idx = pre.topk(k, dim=-1)
-            return torch.zeros_like(pre).scatter_(-1, idx, torch.relu(vals))
-        if train:  # batchtopk: top k*n over the whole batch
-            flat = torch.relu(pre).flatten()
-            n_keep = min(k * pre.shape[0], flat.numel())
-            vals, idx = flat.topk(n_keep, sorted=False)
-            return torch.zeros_like(flat).scatter_(0, idx, vals).view_as(pre)
-        return torch.where(pre > self.threshold, pre, torch.zeros_like(pre))
+        return get_arch(self.cfg.arch).activate(self, pre, train)
 
     def decode_normalised(self, acts: torch.Tensor) -> torch.Tensor:
         """Reconstruction ``(n, d_in)`` in the normalised input space (what training compares)."""
@@ -246,7 +234,7 @@ class SAE(nn.Module):
         """Inference reconstruction of raw ``x (n, d_in)`` and how many tokens each feature fired on, as
         :meth:`forward` computes them; topk without the dense ``(n, d_sae)`` activations (its top-k entries and an
         embedding-bag decoder: a third of the time, what held-out evaluation during training runs)."""
-        if self.cfg.arch != "topk":
+        if not get_arch(self.cfg.arch).fixed_topk:
             out = self(x)
             return Reconstruction(out.x_hat, (out.acts > 0).sum(0))
         x_normed, undo = self._norm_in(x.to(self.W_enc.dtype))
@@ -328,9 +316,7 @@ class SAE(nn.Module):
             tensors["W_enc"] = tensors["W_enc"].reshape(sae.d_input, cfg.d_sae)
             tensors["W_dec"] = tensors["W_dec"].reshape(cfg.d_sae, sae.d_input)
             tensors["b_dec"] = tensors["b_dec"].reshape(sae.d_input)
-        tensors.setdefault(
-            "threshold", torch.zeros(cfg.d_sae) if cfg.arch == "jumprelu" else torch.tensor(0.0)
-        )
+        tensors.setdefault("threshold", threshold_like(cfg))
         if tuple(tensors["threshold"].shape) != tuple(sae.threshold.shape):
             raise ConfigError(
                 f"SAE weights threshold should have shape {tuple(sae.threshold.shape)} for cfg.json, "

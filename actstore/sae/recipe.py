@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from actstore.sae.archs import get_arch
+
 PRESETS: dict[str, dict[str, Any]] = {
     # the seed paper: 768 -> 1024, ReLU, MSE + 1e-3 L1, Adam 2e-5, 10 epochs. Dense by design: on inputs scaled to
     # mean squared norm d_in, lambda 1e-3 leaves about half the features active per token (MiniLM layer 3, 5 epochs:
@@ -40,7 +42,7 @@ def default_optimizer(arch: str, crosscoder: bool = False) -> str:
     more data where Adam with :func:`adam_lr` and its decay keeps improving (docs/TRAINING.md, "The default across
     scales"). Crosscoders keep signum (not measured across budgets); relu-l1's L1 recipes (the paper's, SAELens's)
     are tuned for Adam."""
-    return "signum" if crosscoder and arch != "relu-l1" else "adam"
+    return "signum" if crosscoder and not get_arch(arch).l1_penalty else "adam"
 
 
 ADAM_LR_AT_2M = 1e-3
@@ -70,7 +72,7 @@ def default_lr_schedule(arch: str, optimizer: str, crosscoder: bool) -> tuple[fl
     """``(lr_warmup, lr_decay)``: no warm-up and a linear decay to 0 over the last 20% for Adam on topk / batchtopk
     SAEs (the decay lowered FVU; a warm-up cost a little FVU for fewer never-firing latents: docs/TRAINING.md); none
     otherwise (relu-l1's and signum's recipes were measured without)."""
-    if optimizer == "adam" and arch != "relu-l1" and not crosscoder:
+    if optimizer == "adam" and not get_arch(arch).l1_penalty and not crosscoder:
         return DEFAULT_LR_WARMUP, DEFAULT_LR_DECAY
     return 0.0, 0.0
 
@@ -81,7 +83,7 @@ B_DEC_INITS = ("mean", "zeros")
 
 def relu_sae(arch: str, crosscoder: bool) -> bool:
     """A relu-l1 SAE (not a crosscoder): the runs whose recipe was measured against SAELens's standard SAE."""
-    return arch == "relu-l1" and not crosscoder
+    return get_arch(arch).l1_penalty and not crosscoder
 
 
 def default_b_dec_init(arch: str, crosscoder: bool) -> str:
@@ -104,4 +106,4 @@ DECODER_INITS = ("data", "random")
 def default_init(arch: str, crosscoder: bool) -> str:
     """data for topk / batchtopk SAEs (lower FVU at equal tokens: docs/benchmarks/LOG.md); random for relu-l1
     (SAELens's 0.1-norm init, measured against it) and crosscoders (not measured)."""
-    return "data" if arch in ("topk", "batchtopk") and not crosscoder else "random"
+    return get_arch(arch).default_init(crosscoder)

@@ -22,6 +22,7 @@ import math
 
 import torch
 
+from actstore.sae.archs import get_arch
 from actstore.sae.model import SAE
 from actstore.sae.optim import ScheduleFreeSignSGD
 
@@ -66,7 +67,7 @@ def resample_latents(
     )
     dec_norm = sae.W_dec[idx].norm(dim=1, keepdim=True)  # (n_silent, 1)
     # a relu latent's decoder norm weighs its L1: the live ones' mean
-    if sae.cfg.arch == "relu-l1" and bool(live.any()):
+    if get_arch(sae.cfg.arch).l1_penalty and bool(live.any()):
         dec_norm = sae.W_dec[live].norm(dim=1).mean().expand(len(idx), 1)
     sae.W_dec[idx] = dirs * dec_norm
     sae.W_enc[:, idx] = dirs.t() * enc_norm

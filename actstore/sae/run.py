@@ -17,6 +17,7 @@ import torch
 from actstore.errors import ConfigError
 from actstore.format import layout
 from actstore.models.checkpoint import restore_optimizer
+from actstore.sae.archs import get_arch
 from actstore.sae.config import FIELDS_ADDED, RUNTIME_FIELDS, SAEConfig, TrainConfig
 from actstore.sae.files import read_checkpoint, save_checkpoint, save_sae
 from actstore.sae.loss import LossParts, train_step
@@ -263,7 +264,7 @@ class TrainingRun:
 
     def _set_threshold(self) -> None:
         """batchtopk: inference uses the running mean of each batch's smallest kept activation."""
-        if self.sae.cfg.arch == "batchtopk" and self.thr_ema is not None:
+        if get_arch(self.sae.cfg.arch).calibrated_threshold and self.thr_ema is not None:
             self.sae.threshold.fill_(float(self.thr_ema))
 
     @torch.no_grad()
@@ -271,7 +272,7 @@ class TrainingRun:
         """batchtopk: the inference threshold from the final weights, the mean over a few training batches of the
         smallest activation the batch top-k keeps (so held-out L0 is about k). The running average kept during
         training lags behind the weights: in a short run it stays near the untrained model's (L0 11 at k 32)."""
-        if self.sae.cfg.arch != "batchtopk":
+        if not get_arch(self.sae.cfg.arch).calibrated_threshold:
             return
         mins = []
         for i, batch in enumerate(self.stream.batches(0, 0)):
@@ -358,7 +359,9 @@ class TrainingRun:
         warned = self.meta.setdefault("warnings", [])
         if any("held-out FVU rose" in w for w in warned):
             return
-        warm = self.cfg.l1_warmup * self.total_steps if self.sae.cfg.arch == "relu-l1" else 0
+        warm = (
+            self.cfg.l1_warmup * self.total_steps if get_arch(self.sae.cfg.arch).l1_penalty else 0
+        )
         # a resampling disturbs the curve on purpose: judge it after the last
         warm = max(warm, *self.resample_steps, 0)
         fvus = curve_after(self.history, warm)
@@ -476,7 +479,9 @@ class TrainingRun:
                 if k_ not in ("eval", "step", "epoch", "tokens", "loss", "lr")
             },
             "eval": final_eval,
-            "threshold": float(sae.threshold) if sae.cfg.arch == "batchtopk" else None,
+            "threshold": float(sae.threshold)
+            if get_arch(sae.cfg.arch).calibrated_threshold
+            else None,
             "norm_scale": sae.cfg.norm_scale,
             "norm_scales": sae.cfg.norm_scales,
             "seconds": seconds,
