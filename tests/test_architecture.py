@@ -278,3 +278,40 @@ def test_the_direction_check_sees_an_import_to_the_right():
         rightward_imports({"actstore.sae.model": {"actstore.store.reader", "actstore.errors"}})
         == []
     )
+
+
+# ---------------------------------------------------------------- architectures are objects
+ARCH_NAMES = {"relu-l1", "topk", "batchtopk", "jumprelu"}
+FOREIGN_NAMES_OK = {"sae/imports.py"}
+"""Where an architecture's name may be compared: SAELens's own names, read from a foreign cfg.json."""
+
+
+def arch_comparisons(path: Path) -> list[str]:
+    """``file:line`` of each comparison with an architecture's name (``arch == "topk"``, ``in ("topk", ...)``)."""
+    out = []
+    for n in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(n, ast.Compare):
+            consts = [c for c in [n.left, *n.comparators] if isinstance(c, ast.Constant)]
+            consts += [e for c in n.comparators if isinstance(c, ast.Tuple | ast.List | ast.Set) for e in c.elts
+                       if isinstance(e, ast.Constant)]  # fmt: skip
+            if any(c.value in ARCH_NAMES for c in consts):
+                out.append(f"{path.relative_to(PKG.parent)}:{n.lineno}")
+    return out
+
+
+def test_no_module_compares_architecture_names():
+    """The trainer, encoder, exporters and config ask the architecture object (sae/archs/) instead."""
+    offenders = [o for path in sorted(PKG.rglob("*.py"))
+                 if not path.relative_to(PKG).as_posix().startswith("sae/archs/")
+                 and path.relative_to(PKG).as_posix() not in FOREIGN_NAMES_OK
+                 for o in arch_comparisons(path)]  # fmt: skip
+    assert not offenders, "architecture names compared outside sae/archs/:\n" + "\n".join(offenders)
+
+
+def test_the_architecture_check_sees_a_comparison():
+    bad = PKG / "_probe_arch.py"
+    try:
+        bad.write_text('def f(cfg):\n    return cfg.arch in ("topk", "batchtopk")\n')
+        assert arch_comparisons(bad) == ["actstore/_probe_arch.py:2"]
+    finally:
+        bad.unlink()

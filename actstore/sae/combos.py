@@ -8,6 +8,7 @@ import dataclasses
 from typing import Any
 
 from actstore.errors import ConfigError
+from actstore.sae.archs import get_arch
 from actstore.sae.config import TrainConfig
 from actstore.sae.recipe import PRESETS
 
@@ -26,10 +27,10 @@ def expand(values: dict[str, Any], sweeps: dict[str, list[Any]]) -> list[TrainCo
     }
     out: list[TrainConfig] = []
     for arch in lists.get("arch", [None]):
-        relu = (
+        name = (
             arch or PRESETS.get(values.get("preset") or "", {}).get("arch") or "relu-l1"
-        ) == "relu-l1"
-        mixed = relu and len(lists.get("arch", [])) > 1
+        )  # TrainConfig's default
+        mixed = not get_arch(name).uses_k and len(lists.get("arch", [])) > 1
         first = {f: v[0] for f, v in lists.items() if f != "arch"}
         if mixed:
             first["k"] = None

@@ -133,6 +133,14 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _l1_arch(name: Any) -> bool:
+    """Whether an architecture named in a (foreign, unchecked) cfg.json has an L1 coefficient."""
+    from actstore.sae.archs import REGISTRY
+
+    arch = REGISTRY.get(name) if isinstance(name, str) else None
+    return arch is not None and arch.l1_penalty
+
+
 def list_saes(store: Store) -> pl.DataFrame:
     """One row per SAE in the store: architecture, sizes, source layer and final held-out metrics."""
     import polars as pl
@@ -170,7 +178,7 @@ def list_saes(store: Store) -> pl.DataFrame:
                 "d_in": whole(cfg.get("d_in")),
                 "d_sae": d_sae,
                 "k": whole(cfg.get("k")),
-                "l1": number(cfg.get("l1")) if cfg.get("arch") == "relu-l1" else None,
+                "l1": number(cfg.get("l1")) if _l1_arch(cfg.get("arch")) else None,
                 "tokens": whole(m.get("tokens")),
                 "fvu": number(ev.get("fvu")),
                 "mse": number(ev.get("mse")),
