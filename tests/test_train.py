@@ -395,7 +395,13 @@ class Killed(Exception):
 
 @pytest.mark.parametrize(
     ("arch", "optimizer"),
-    [("topk", "signum"), ("batchtopk", "signum"), ("topk", "adam"), ("relu-l1", "adam")],
+    [
+        ("topk", "signum"),
+        ("batchtopk", "signum"),
+        ("topk", "adam"),
+        ("relu-l1", "adam"),
+        ("matryoshka-batchtopk", "adam"),
+    ],
 )
 def test_killed_run_resumes_to_the_same_weights(tiny_store, arch, optimizer):
     def cfg(**kw):

@@ -37,6 +37,7 @@ CROSSCODER_SHOWN = {"arch": "batchtopk", "optimizer": "signum"}
         "b_dec_init",
         "unit_grad",
         "task_samples",
+        "matryoshka_widths",
     ),
     required=("models", "layers"),
     fixed={"model": "", "layer": 0},

@@ -13,6 +13,7 @@ from typing import Any
 from actstore.errors import ConfigError, IntegrityError
 from actstore.fields import cli, opt
 from actstore.sae.archs import ARCHS, TRAIN_ARCHS, get_arch
+from actstore.sae.archs.matryoshka import default_widths
 from actstore.sae.recipe import (
     B_DEC_INITS,
     DECODER_INITS,
@@ -200,6 +201,7 @@ FIELDS_ADDED = {
     "lr_warmup": 0.0,
     "lr_decay": 0.0,
     "resample": 0,
+    "matryoshka_widths": None,
 }
 """Training fields added after runs were checkpointed without them, with the value every such run used: an
 unfinished run from before them resumes with ``--b-dec-init mean --no-unit-grad``."""
@@ -222,7 +224,7 @@ class TrainConfig:
     arch: str | None = opt(
         None, choices=TRAIN_ARCHS, sweep=True, resolved="relu-l1", metavar="ARCH[,ARCH...]"
     )
-    """Architecture: relu-l1, topk or batchtopk (crosscoders: batchtopk by default)."""
+    """Architecture: relu-l1, topk, batchtopk or matryoshka-batchtopk (crosscoders: batchtopk by default)."""
     d_sae: int | None = opt(None, sweep=True, shown="expansion x d_model")
     """Number of features."""
     expansion: float | None = opt(None, resolved=DEFAULT_EXPANSION)
@@ -281,6 +283,9 @@ class TrainConfig:
     """Dead latents used by the topk/batchtopk auxiliary loss."""
     aux_coef: float = 1 / 32
     """Weight of the auxiliary dead-latent loss."""
+    matryoshka_widths: list[int] | None = opt(None, shown="d_sae/16, /8, /4, /2 and d_sae")
+    """matryoshka-batchtopk: the nested prefixes of the dictionary, each trained to reconstruct alone (d_sae is
+    added as the last)."""
     resample: int = 0
     """Re-initialise latents silent since the last time toward badly fit tokens, N times in the run's first half (0: never)."""
     task_samples: int = 256
@@ -403,6 +408,21 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
+        if self.matryoshka_widths is not None:
+            if not get_arch(self.arch).nested:
+                raise ConfigError(
+                    f"--matryoshka-widths is for matryoshka-batchtopk, not {self.arch}"
+                )
+            ws = [int(w) for w in self.matryoshka_widths]
+            if not ws or ws[0] < 1 or any(b <= a for a, b in zip(ws, ws[1:], strict=False)):
+                raise ConfigError(
+                    f"--matryoshka-widths must increase from at least 1, e.g. 64,256,1024; got {ws}"
+                )
+            self.matryoshka_widths = ws
+        if get_arch(self.arch).nested and crosscoder:
+            raise ConfigError(
+                "matryoshka-batchtopk is for SAEs: train crosscoders with batchtopk, topk or relu-l1"
+            )
         if self.k is not None and not get_arch(self.arch).uses_k:
             raise ConfigError(
                 f"--k is for {' / '.join(n for n in TRAIN_ARCHS if get_arch(n).uses_k)}; {self.arch} uses --l1"
@@ -430,8 +450,18 @@ class TrainConfig:
             k = self.k or max(1, min(DEFAULT_K, d_sae // 4))
             if k > d_sae:
                 raise ConfigError(f"--k {k} is larger than d_sae {d_sae}")
+        widths = None
+        if get_arch(str(self.arch)).nested:
+            widths = [w for w in (self.matryoshka_widths or default_widths(d_sae)) if w < d_sae] + [
+                d_sae
+            ]
         return dataclasses.replace(
-            self, d_sae=d_sae, expansion=None, k=k, aux_k=resolved_aux_k(self.aux_k, d_in, d_sae)
+            self,
+            d_sae=d_sae,
+            expansion=None,
+            k=k,
+            aux_k=resolved_aux_k(self.aux_k, d_in, d_sae),
+            matryoshka_widths=widths,
         )
 
     def stream_seed(self) -> int:

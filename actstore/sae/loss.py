@@ -41,12 +41,21 @@ class LossParts(NamedTuple):
 
 
 def sae_loss(
-    sae: SAE, x: torch.Tensor, dead: torch.Tensor | None, l1: float, aux_k: int, aux_coef: float
+    sae: SAE,
+    x: torch.Tensor,
+    dead: torch.Tensor | None,
+    l1: float,
+    aux_k: int,
+    aux_coef: float,
+    widths: list[int] | None = None,
 ) -> LossParts:
-    """Training loss of ``sae`` on raw activations ``x (b, d_in)``; ``dead`` is a bool ``(d_sae,)`` mask."""
+    """Training loss of ``sae`` on raw activations ``x (b, d_in)``; ``dead`` is a bool ``(d_sae,)`` mask. A nested
+    (Matryoshka) SAE adds, for each inner width ``w`` of ``widths`` (the last is d_sae: the whole reconstruction),
+    the MSE of reconstructing ``x`` from its first ``w`` latents alone."""
     # (b, d_in); a crosscoder's (b, n_sources * d_in), each source by its own scale
     xn = x * sae.scale
     arch, kept = get_arch(sae.cfg.arch), None
+    inner: list[torch.Tensor] = []
     if (
         arch.sparse_training()
     ):  # sparse: only the encoder's forward is a dense (b, d_in, d_sae) matmul
@@ -62,6 +71,9 @@ def sae_loss(
             kept, tokens, lats, pre = BatchTopKEncode.apply(xc, sae.W_enc, sae.b_enc, n_keep)
             x_hat_n = decode_entries(kept, tokens, lats, x.shape[0], sae.W_dec, sae.b_dec)
             latents = lats[kept > 0]
+            if arch.nested and widths:  # the first w latents alone, for each inner width
+                inner = [decode_entries(kept * (lats < w), tokens, lats, x.shape[0], sae.W_dec, sae.b_dec)
+                         for w in widths[:-1]]  # fmt: skip
         acts, fired = (
             None,
             torch.bincount(latents, minlength=sae.cfg.d_sae),
@@ -73,6 +85,11 @@ def sae_loss(
         # (d_sae,); acts >= 0, and a float sum beats a bool one 10x on CPU
         fired = torch.sign(acts).sum(0).long()
     mse = ((x_hat_n - xn) ** 2).mean()
+    nested = (
+        sum((((xi - xn) ** 2).mean() for xi in inner), torch.zeros((), device=x.device))
+        if inner
+        else None
+    )
     if arch.l1_penalty:
         # mean_tokens(sum_i h_i w_i), one pass
         penalty = (acts.sum(0) * sae.l1_weights()).sum() / acts.shape[0]
@@ -80,7 +97,8 @@ def sae_loss(
     penalty = torch.zeros((), device=x.device)
     if dead is not None and bool(dead.any()):
         penalty = aux_loss(sae, xn, x_hat_n, dead, aux_k)
-    return LossParts(mse + aux_coef * penalty, mse, penalty, acts, x_hat_n, fired, kept)
+    loss = mse + aux_coef * penalty + (nested if nested is not None else 0.0)
+    return LossParts(loss, mse, penalty, acts, x_hat_n, fired, kept)
 
 
 def aux_loss(
@@ -117,7 +135,8 @@ def train_step(
     ``l1`` is this step's L1 coefficient (default ``cfg.l1``: no warm-up)."""
     l1_penalty = get_arch(sae.cfg.arch).l1_penalty
     dead = None if l1_penalty else tracker.dead_mask()
-    parts = sae_loss(sae, x, dead, float(cfg.l1 or 0.0) if l1 is None else l1, aux_k, cfg.aux_coef)
+    l1_now = float(cfg.l1 or 0.0) if l1 is None else l1
+    parts = sae_loss(sae, x, dead, l1_now, aux_k, cfg.aux_coef, cfg.matryoshka_widths)
     opt.zero_grad(set_to_none=True)
     parts.loss.backward()
     if not l1_penalty:  # unit decoder rows: their gradient along themselves is dropped

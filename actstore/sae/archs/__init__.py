@@ -8,10 +8,13 @@ from actstore.errors import ConfigError
 from actstore.sae.archs.base import Arch
 from actstore.sae.archs.batchtopk import BatchTopK
 from actstore.sae.archs.jumprelu import JumpReLU
+from actstore.sae.archs.matryoshka import MatryoshkaBatchTopK
 from actstore.sae.archs.relu_l1 import ReluL1
 from actstore.sae.archs.topk import TopK
 
-REGISTRY: dict[str, Arch] = {a.name: a for a in (ReluL1(), TopK(), BatchTopK(), JumpReLU())}
+REGISTRY: dict[str, Arch] = {
+    a.name: a for a in (ReluL1(), TopK(), BatchTopK(), MatryoshkaBatchTopK(), JumpReLU())
+}
 """Every architecture an SAE may have, by name (the order of ``--arch``'s choices)."""
 ARCHS = tuple(REGISTRY)
 """Architectures an SAE may have."""

@@ -1,0 +1,106 @@
+"""Matryoshka BatchTopK (``--arch matryoshka-batchtopk``): its loss is BatchTopK's plus each inner prefix's
+reconstruction MSE, computed by hand here; it trains, encodes and exports as a BatchTopK SAE; its widths are
+checked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from helpers import one_line_error
+
+import actstore
+from actstore.cli import main
+from actstore.errors import ConfigError
+from actstore.sae.config import SAEConfig, TrainConfig
+from actstore.sae.loss import sae_loss
+from actstore.sae.model import SAE
+
+
+def test_the_loss_adds_each_inner_prefixs_reconstruction():
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(arch="matryoshka-batchtopk", d_in=8, d_sae=16, k=3))
+    with torch.no_grad():
+        sae.b_enc.uniform_(-0.1, 0.3)
+        sae.b_dec.normal_(0, 0.1)
+    x = torch.randn(6, 8)
+    widths = [4, 8, 16]
+    parts = sae_loss(sae, x, None, 0.0, 4, 1 / 32, widths)
+    # by hand, dense: the batch top-k activations, the whole reconstruction and each inner prefix's
+    acts = sae.activate(sae.pre_acts(x), train=True)  # (6, 16)
+    xn = x * sae.scale
+    whole = ((acts @ sae.W_dec + sae.b_dec - xn) ** 2).mean()
+    inner = sum(((acts[:, :w] @ sae.W_dec[:w] + sae.b_dec - xn) ** 2).mean() for w in widths[:-1])
+    torch.testing.assert_close(parts.mse, whole, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(parts.loss, whole + inner, rtol=1e-5, atol=1e-7)
+    plain = sae_loss(sae, x, None, 0.0, 4, 1 / 32, None)  # without widths: BatchTopK's loss
+    torch.testing.assert_close(plain.loss, whole, rtol=1e-5, atol=1e-7)
+
+
+def test_widths_are_resolved_and_checked():
+    cfg = TrainConfig(model="m", layer=1, arch="matryoshka-batchtopk", d_sae=100, k=4)
+    assert cfg.resolve(32).matryoshka_widths == [6, 12, 25, 50, 100]
+    given = TrainConfig(
+        model="m", layer=1, arch="matryoshka-batchtopk", d_sae=100, k=4, matryoshka_widths=[10, 40]
+    )
+    assert given.resolve(32).matryoshka_widths == [10, 40, 100]
+    with pytest.raises(ConfigError, match="must increase"):
+        TrainConfig(
+            model="m", layer=1, arch="matryoshka-batchtopk", k=4, matryoshka_widths=[40, 10]
+        )
+    with pytest.raises(ConfigError, match="is for matryoshka-batchtopk"):
+        TrainConfig(model="m", layer=1, arch="topk", k=4, matryoshka_widths=[10])
+    with pytest.raises(ConfigError, match="for SAEs"):
+        TrainConfig(model="m", layer=1, models="a,b", arch="matryoshka-batchtopk", k=4)
+
+
+def test_trains_encodes_and_exports_as_batchtopk_does(tiny_store, tmp_path):
+    run = CliRunner().invoke(main, ["train", tiny_store, "--model", "tiny", "--layer", "2", "--arch",
+                                    "matryoshka-batchtopk", "--d-sae", "32", "--k", "4", "--matryoshka-widths",
+                                    "8,16", "--tokens", "4000", "--batch-size", "128", "--name", "m", "--device",
+                                    "cpu", "--quiet"])  # fmt: skip
+    assert run.exit_code == 0, run.output
+    cfg = json.loads((Path(tiny_store) / "saes" / "m" / "cfg.json").read_text())
+    assert cfg["arch"] == "matryoshka-batchtopk" and cfg["training"]["matryoshka_widths"] == [
+        8,
+        16,
+        32,
+    ]
+    assert CliRunner().invoke(main, ["encode", tiny_store, "--sae", "m", "--quiet"]).exit_code == 0
+    assert (
+        actstore.sql(
+            actstore.open_store(tiny_store), "SELECT count(*) AS n FROM features WHERE sae = 'm'"
+        )["n"][0]
+        > 0
+    )
+    out = tmp_path / "exp"
+    r = CliRunner().invoke(
+        main, ["export-sae", tiny_store, "m", "--format", "saelens", "--out", str(out)]
+    )
+    assert r.exit_code == 0, r.output
+    assert (
+        json.loads((out / "cfg.json").read_text())["architecture"] == "jumprelu"
+    )  # as SAELens saves its own
+    one_line_error(
+        CliRunner().invoke(
+            main,
+            [
+                "train",
+                tiny_store,
+                "--model",
+                "tiny",
+                "--layer",
+                "2",
+                "--arch",
+                "topk",
+                "--matryoshka-widths",
+                "8",
+                "--k",
+                "4",
+            ],
+        ),  # fmt: skip
+        "matryoshka",
+    )
