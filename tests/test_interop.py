@@ -71,6 +71,12 @@ def _saelens_sae(arch: str, hook: str, seed: int = 0):
         sae = sae_lens.JumpReLUSAE(
             sae_lens.JumpReLUSAEConfig(d_in=D_IN, d_sae=D_SAE, metadata=meta)
         )
+    elif arch == "matryoshka_batchtopk":  # saved as its BatchTopK is
+        sae = sae_lens.MatryoshkaBatchTopKTrainingSAE(
+            sae_lens.MatryoshkaBatchTopKTrainingSAEConfig(
+                d_in=D_IN, d_sae=D_SAE, k=5, matryoshka_widths=[16, 32, D_SAE], metadata=meta
+            )
+        )
     else:  # batchtopk, as its trainer saves it (save_model: topk_threshold, decoder norms rescaled at encode)
         sae = sae_lens.BatchTopKTrainingSAE(
             sae_lens.BatchTopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=5, metadata=meta)
@@ -79,12 +85,14 @@ def _saelens_sae(arch: str, hook: str, seed: int = 0):
     with torch.no_grad():
         if arch == "jumprelu":
             sae.threshold.copy_(0.05 + 0.2 * torch.rand(D_SAE))
-        if arch == "batchtopk":
+        if arch in ("batchtopk", "matryoshka_batchtopk"):
             sae.topk_threshold.fill_(0.15)
     return sae
 
 
-@pytest.mark.parametrize("arch", ["standard", "topk", "jumprelu", "batchtopk"])
+@pytest.mark.parametrize(
+    "arch", ["standard", "topk", "jumprelu", "batchtopk", "matryoshka_batchtopk"]
+)
 def test_saelens_sae_saved_by_saelens_encodes_as_saelens_does(tiny_store, tmp_path, arch):
     sae = _saelens_sae(arch, "blocks.1.hook_resid_pre")
     folder = tmp_path / "sl"
@@ -94,9 +102,13 @@ def test_saelens_sae_saved_by_saelens_encodes_as_saelens_does(tiny_store, tmp_pa
     )
     # blocks.1.hook_resid_pre = hidden_states[1]
     assert res.cfg.layer == 1 and res.cfg.model == "tiny"
+    assert res.cfg.arch == {"standard": "relu-l1"}.get(arch, arch.replace("_", "-"))
     x = _rows(tiny_store, 1)
     with torch.no_grad():
-        if arch == "batchtopk":  # its inference form: a JumpReLU at the batch threshold
+        if arch in (
+            "batchtopk",
+            "matryoshka_batchtopk",
+        ):  # its inference form: a JumpReLU at the batch threshold
             pre = sae.hook_sae_acts_pre(
                 sae.process_sae_in(torch.from_numpy(x)) @ sae.W_enc + sae.b_enc
             )

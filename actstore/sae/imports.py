@@ -279,7 +279,9 @@ def read_saelens(path: str | Path) -> ForeignSAE:
     if "scaling_factor" in t:  # SAELens v5 fine-tuning scaling factor: acts * s before the decoder
         w_dec = w_dec * _tensor(t, "scaling_factor", (d_sae,), folder)[:, None]
         notes.append("the v5 scaling_factor was folded into the decoder rows")
-    if arch in ("topk", "batchtopk") and cfg.get("rescale_acts_by_decoder_norm"):
+    if arch in ("topk", "batchtopk", "matryoshka_batchtopk") and cfg.get(
+        "rescale_acts_by_decoder_norm"
+    ):
         # (d_sae,): SAELens scales pre-activations by these before the top-k
         norms = w_dec.norm(dim=1)
         w_enc, b_enc, w_dec = w_enc * norms, b_enc * norms, w_dec / norms[:, None]
@@ -299,8 +301,11 @@ def read_saelens(path: str | Path) -> ForeignSAE:
             threshold = _tensor(t, "threshold", (d_sae,), folder)
         else:
             threshold = _tensor(t, "log_threshold", (d_sae,), folder).exp()
-    elif arch == "batchtopk":
-        ours, k = "batchtopk", _need(cfg, "k", folder)
+    elif arch in (
+        "batchtopk",
+        "matryoshka_batchtopk",
+    ):  # SAELens's Matryoshka saves as its BatchTopK does
+        ours, k = arch.replace("_", "-"), _need(cfg, "k", folder)
         if "threshold" in t:  # an inference save: a per-feature (all equal) threshold
             ours, threshold = "jumprelu", _tensor(t, "threshold", (d_sae,), folder)
         else:
@@ -312,8 +317,8 @@ def read_saelens(path: str | Path) -> ForeignSAE:
             threshold = thr.reshape(())
     else:
         raise ConfigError(
-            f"{folder}: SAELens architecture {arch!r} is not supported; import standard, topk, jumprelu "
-            "or batchtopk SAEs"
+            f"{folder}: SAELens architecture {arch!r} is not supported; import standard, topk, jumprelu, "
+            "batchtopk or matryoshka_batchtopk SAEs"
         )
     # actstore always subtracts b_dec: compensate in b_enc
     if not cfg.get("apply_b_dec_to_input", True):
