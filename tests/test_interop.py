@@ -433,3 +433,35 @@ def test_neuronpedia_batches_follow_the_layout_and_show_top_tokens(encoded, tmp_
             )
             # a neighbour may fire more strongly (a higher-ranked hit in the same window), never above the top hit
             assert max(a["values"]) <= top["value"].max() + 1e-5
+
+
+@pytest.mark.parametrize(
+    ("arch", "extra"),
+    [
+        ("relu-l1", {}),
+        ("topk", {"k": 4}),
+        ("batchtopk", {"k": 4}),
+        ("matryoshka-batchtopk", {"k": 4}),
+    ],
+)
+def test_an_actstore_sae_exported_to_saelens_loads_in_saelens_and_encodes_the_same(
+    tiny_store, tmp_path, arch, extra
+):
+    """SAELens itself loads the export (``SAE.load_from_disk``) and its ``encode`` equals actstore's to 1e-5."""
+    sae_lens = pytest.importorskip("sae_lens")
+    from actstore.sae.config import TrainConfig
+    from actstore.sae.export import export_sae
+    from actstore.sae.files import load_sae
+    from actstore.sae.train import train_sae
+
+    train_sae(tiny_store, TrainConfig(model="tiny", layer=2, arch=arch, d_sae=D_SAE, tokens=3000, batch_size=128,
+                                      name="ours", device="cpu", **extra), progress=False)  # fmt: skip
+    st = actstore.open_store(tiny_store)
+    export_sae(st, "ours", tmp_path / "sl", "saelens")
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "sl"), device="cpu")
+    x = torch.from_numpy(_rows(tiny_store, 2))
+    with torch.no_grad():
+        want = load_sae(st, "ours").encode(x).numpy()
+        got = theirs.encode(x).numpy()
+    assert (want > 0).sum() > 0.01 * want.size
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
