@@ -223,8 +223,9 @@ class TrainingRun:
             {**FIELDS_ADDED, **meta.get("config", {})},
             identity,
         )  # an older run: the values it used
-        if old != new:
-            diff = sorted(k_ for k_ in set(old) | set(new) if old.get(k_) != new.get(k_))
+        # a field one side lacks is its default, None: a run checkpointed by another version's fields still matches
+        diff = sorted(k_ for k_ in set(old) | set(new) if old.get(k_) != new.get(k_))
+        if diff:
             raise ConfigError(
                 f"an unfinished run named {name!r} in {st.url} was started with other options (differs in: {', '.join(diff)}): "
                 "rerun with the original options to continue it, or pass --overwrite to start over"
