@@ -241,3 +241,26 @@ def test_a_file_removed_while_a_folder_is_listed_is_not_an_error(tmp_path, monke
     assert list(loc.walk("units")) == ["units/a/000000000000.done"]
     assert not tmp.exists()
     assert completed_units(loc, "a") == {0}
+
+
+def test_a_lock_folder_removed_by_another_release_between_mkdir_and_write_is_made_again(
+    tmp_path, monkeypatch
+):
+    """A released lock removes its empty folders, ``locks/`` too; another process creating a lock at that moment
+    made the folder, then found it gone when writing its temporary file, and failed with one line naming
+    ``locks/manifest.lock.tmpNNN`` (seen with two extract drivers). Now it makes the folder again."""
+    loc = open_location(str(tmp_path / "s"), create=True, writable=True)
+    real_mkdir = Path.mkdir
+    removed = []
+
+    def racing_mkdir(self, *args, **kwargs):
+        real_mkdir(self, *args, **kwargs)
+        if (
+            self.name == "locks" and not removed
+        ):  # the other process's release: rmdir of the empty folder
+            self.rmdir()
+            removed.append(self)
+
+    monkeypatch.setattr(Path, "mkdir", racing_mkdir)
+    assert loc.create_exclusive("locks/manifest.lock", b"{}")
+    assert removed and (Path(loc.root) / "locks" / "manifest.lock").read_bytes() == b"{}"

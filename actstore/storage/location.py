@@ -51,6 +51,9 @@ from actstore.storage.guards import (
 )
 from actstore.storage.urls import READ_ONLY_SCHEMES, is_remote
 
+CREATE_RETRIES = 5
+"""Tries of :meth:`Location.create_exclusive` when its folder vanishes between making it and writing into it: a
+released lock removes its empty folders (``locks/`` too), and another process may do so at that very moment."""
 STRICT_READS = True
 """Readers raise on an absent chunk (set False only to measure what the check costs: absent chunks then read as 0)."""
 
@@ -264,10 +267,18 @@ class Location:
         path = self.fs_path(key)
         if self.local:
             p = Path(path)
-            p.parent.mkdir(parents=True, exist_ok=True)
             tmp = p.with_name(f"{p.name}.tmp{os.getpid()}{threading.get_ident() % 10**6:06d}")
             try:
-                tmp.write_bytes(data)
+                for attempt in range(CREATE_RETRIES):
+                    p.parent.mkdir(parents=True, exist_ok=True)
+                    try:
+                        tmp.write_bytes(data)
+                        break
+                    except (
+                        FileNotFoundError
+                    ):  # another writer's lock release removed the empty folder just now
+                        if attempt == CREATE_RETRIES - 1:
+                            raise
                 try:
                     os.link(tmp, p)
                 except FileExistsError:
