@@ -315,3 +315,54 @@ def write_crosscoder_store(
         path, pc.rows_a(n_rows), n_rows, d, models[0], layer, sample_len, chunk_rows
     )
     return add_synthetic_model(path, pc.rows_b(n_rows), n_rows, d, models[1], layer, chunk_rows)
+
+
+@dataclass
+class PlantedHierarchy:
+    """Parent atoms and their children, where a child fires only with its parent: the setting in which an SAE
+    *absorbs* a parent into its children (a latent for "parent and child" that stops the parent's own latent firing
+    on those tokens), and which Matryoshka SAEs are meant to resist."""
+
+    parents: np.ndarray
+    """float32 ``(n_parents, d)``, unit rows."""
+    children: np.ndarray
+    """float32 ``(n_parents, n_children, d)``, unit rows."""
+    parents_per_row: int = 2
+    """Parents active in each row."""
+    child_rate: float = 0.8
+    """Probability that an active parent brings one of its children."""
+
+    def rows(self, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(x (n, d) float32, active parents (n, n_parents) bool)``: each row the sum of ``parents_per_row``
+        parents and, for each, with probability ``child_rate``, one of its children, each scaled by U(0.5, 1.5)."""
+        rng = np.random.default_rng([seed, 3])
+        n_par, n_child, d = self.children.shape
+        x = np.zeros((n, d), np.float32)
+        active = np.zeros((n, n_par), bool)
+        for i in range(n):
+            for p in rng.choice(n_par, self.parents_per_row, replace=False):
+                active[i, p] = True
+                x[i] += self.parents[p] * rng.uniform(0.5, 1.5)
+                if rng.random() < self.child_rate:
+                    x[i] += self.children[p, rng.integers(n_child)] * rng.uniform(0.5, 1.5)
+        return x, active
+
+
+def planted_hierarchy(d: int, n_parents: int, n_children: int, seed: int = 0) -> PlantedHierarchy:
+    """Random unit parent and child atoms (``n_parents * (1 + n_children)`` of them, in ``d`` dimensions)."""
+    rng = np.random.default_rng([seed, 4])
+    atoms = rng.standard_normal((n_parents * (1 + n_children), d)).astype(np.float32)
+    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
+    return PlantedHierarchy(atoms[:n_parents], atoms[n_parents:].reshape(n_parents, n_children, d))
+
+
+def parent_f1(features: np.ndarray, active: np.ndarray) -> np.ndarray:
+    """``(n_parents,)``: for each parent, the best F1 of any one latent firing (``features (n, d_sae) > 0``) as a
+    detector of that parent's rows: 1 when some latent fires exactly on them, lower when children absorbed it."""
+    fired = features > 0  # (n, d_sae)
+    out = np.zeros(active.shape[1])
+    for p in range(active.shape[1]):
+        y = active[:, p][:, None]  # (n, 1)
+        tp, fp, fn = (fired & y).sum(0), (fired & ~y).sum(0), (~fired & y).sum(0)
+        out[p] = (2 * tp / np.maximum(2 * tp + fp + fn, 1)).max()
+    return out
