@@ -34,7 +34,7 @@ def opt(
     """A dataclass field with what its option needs beyond the default and docstring.
 
     ``choices``: the values allowed (click.Choice); ``names``: the option's names (default ``--field-name``);
-    ``flag``: a boolean's spelling, ``--x/--no-x`` or a negative ``--no-x`` for a field that defaults to True;
+    ``flag``: a boolean's spelling, ``--x/--no-x`` (its default then shows as the one it resolves to);
     ``resolved``: what a ``None`` default becomes when not given (shown as the default in ``--help``, and checked
     against the stage by ``tests/test_help.py``); ``shown``: the default in words where it depends on the data or the
     model (``min(512, the model's limit)``); ``multiple``: a list given by repeating the option (``--sae A --sae B``;

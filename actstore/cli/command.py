@@ -1,8 +1,8 @@
 """The config is the command: ``@configured(ExtractConfig)`` gives a command one option per field of its stage's
 config and hands the command the config, built and checked once.
 
-An option's type, default, choices and help come from the field (its annotation, default, docstring with the
-module's constants formatted in, and :func:`actstore.fields.opt`'s settings), so a default is typed once and
+An option's type, default, choices and help come from the field (its annotation, default, docstring and
+:func:`actstore.fields.opt`'s settings), so a default is typed once and
 ``--help`` shows what the stage receives (``tests/test_help.py`` checks every option of every command). A field of
 type ``DataConfig`` becomes the data options (``--data``, ``--text-field``, ...; a recipe supplies the fields not
 given). Fields marked ``sweep`` take comma-separated values and the command receives every combination's config
@@ -163,12 +163,7 @@ def field_option(
         shown = shown_override
     out.shown = shown
     if typ == "bool":
-        if (
-            s["flag"] and s["flag"].startswith("--no-") and "/" not in s["flag"]
-        ):  # --no-x: a True default turned off
-            out.decls = (s["flag"],)
-            kw.update(is_flag=True, flag_value=False, default=True)
-        elif s["flag"]:
+        if s["flag"]:
             out.decls = (s["flag"],)
             yes, no = (x.strip().lstrip("-") for x in s["flag"].split("/"))
             kw.update(
@@ -348,3 +343,17 @@ def configured(
         return command
 
     return deco
+
+
+def config_option(cls: type, name: str, *decls: str, **kw: Any) -> Callable[[Callable], Callable]:
+    """The option of field ``name`` of ``cls``, built as :func:`configured` builds it, for a command that takes the
+    value itself (``decls``: other names; ``kw``: what the field cannot say, e.g. ``multiple``)."""
+    o = field_option(cls, {f.name: f for f in dataclasses.fields(cls)}[name], sweep=False)
+    o.decls = decls or o.decls
+    o.kw.update(kw)
+    return o.option()
+
+
+def config_options(cls: type) -> Callable[..., Callable[[Callable], Callable]]:
+    """``opt = config_options(CopyConfig)`` then ``@opt("jobs")``: the options of one config, briefly."""
+    return functools.partial(config_option, cls)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import dataclasses
 import functools
 import inspect
 import json
@@ -107,49 +106,6 @@ def storage_option(fn: Callable) -> Callable:
 
 quiet_option = click.option("--quiet", is_flag=True, help="No progress bars.")
 """``--quiet``, the same on every command that shows progress."""
-
-
-def data_options(fn: Callable) -> Callable:
-    for opt in reversed(
-        [
-            click.option(
-                "--data",
-                "data",
-                required=True,
-                help="Corpus: .jsonl[.gz], .csv[.gz], .parquet, bundled:bbc, or hf:NAME.",
-            ),
-            # None when not given, so that a recipe's own field stays unless the option is passed (even as "text")
-            click.option(
-                "--text-field",
-                default=None,
-                show_default="text, or the recipe's",
-                help="Field holding the text.",
-            ),
-            click.option(
-                "--label-field",
-                default=None,
-                show_default="label, or the recipe's",
-                help="Field holding the label.",
-            ),
-            click.option(
-                "--id-field",
-                default=None,
-                show_default="id, or the recipe's",
-                help="Field holding the row id.",
-            ),
-            click.option(
-                "--limit", type=int, default=None, help="Use only the first N usable rows."
-            ),
-        ]
-    ):
-        fn = opt(fn)
-    return fn
-
-
-def labels_option(fn: Callable) -> Callable:
-    return click.option(
-        "--labels", default=None, help="Keep only rows with these labels (comma-separated)."
-    )(fn)
 
 
 def output_format_option(fn: Callable) -> Callable:
@@ -297,32 +253,3 @@ def field_docs(cls: type) -> dict[str, str]:
     return {
         k: " ".join(re.sub(r"``(.+?)``", r"\1", v, flags=re.S).split()) for k, v in docs.items()
     }
-
-
-_SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
-
-
-def config_option(cls: type, name: str, *decls: str, **kw: Any) -> Callable:
-    """A click option for field ``name`` of config dataclass ``cls``: its default, type and help come from the field
-    (``kw`` adds what the field cannot say: choices, a metavar, ``required``)."""
-    f = {f.name: f for f in dataclasses.fields(cls)}[name]
-    default = f.default if f.default is not dataclasses.MISSING else None
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        default = f.default_factory()  # type: ignore[misc]
-    kw.setdefault("help", field_docs(cls).get(name, ""))
-    if not kw.get("required"):
-        kw.setdefault("default", default)
-    if isinstance(default, bool) and not default:
-        kw.setdefault("is_flag", True)
-    elif "type" not in kw:
-        py = _SCALARS.get(str(f.type).split("|")[0].strip())
-        if py is not None and py is not bool:
-            kw["type"] = py
-    if kw.get("default") not in (None, False) and not kw.get("is_flag"):
-        kw.setdefault("show_default", True)
-    return click.option(*(decls or (f"--{name.replace('_', '-')}",)), **kw)
-
-
-def config_options(cls: type) -> Callable[..., Callable]:
-    """``opt = config_options(TrainConfig)`` then ``@opt("batch_size")``: the options of one config, briefly."""
-    return functools.partial(config_option, cls)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import click
 
 from actstore.analysis.config import METRICS, CompareConfig, ShowConfig
+from actstore.cli.command import config_option
 from actstore.cli.group import main
 from actstore.cli.options import (
-    config_option,
     device_option,
     emit,
     emit_text,

@@ -9,11 +9,10 @@ from __future__ import annotations
 import click
 
 from actstore.analysis.config import DemoConfig, DiffConfig, ReportConfig
-from actstore.cli.command import configured
+from actstore.cli.command import config_options, configured
 from actstore.cli.group import main
 from actstore.cli.options import (
     break_lock_option,
-    config_options,
     emit,
     handle_errors,
     output_format_option,
