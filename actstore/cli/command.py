@@ -15,14 +15,15 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
-import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import click
 
 from actstore.cli.options import field_docs
+from actstore.errors import ConfigError
 from actstore.fields import settings
+from actstore.store.config import int_list
 
 BUILD_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "actstore_build_only", default=False
@@ -69,22 +70,19 @@ def _base_type(annotation: Any) -> str:
 
 
 def parse_list(raw: str, item: str, option: str) -> list[Any]:
-    """``"2,4,6"`` -> ``[2, 4, 6]`` for ``item`` int (ranges ``0-3`` too), float or str; BadParameter naming
-    ``option`` otherwise."""
+    """``"2,4,6"`` -> ``[2, 4, 6]`` for ``item`` int (ranges ``0-3`` too, read as ``--layers`` is:
+    :func:`actstore.store.config.int_list`), float or str; BadParameter naming ``option`` otherwise."""
+    if item == "int":
+        try:
+            return int_list(raw, f"{option} values", option)
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc), param_hint=option) from None
     out: list[Any] = []
     for part in (p.strip() for p in str(raw).split(",")):
         if not part:
             continue
         try:
-            if item == "int" and re.fullmatch(r"-?\d+-\d+", part):
-                a, b = (int(x) for x in part.rsplit("-", 1))
-                if b < a:
-                    raise click.BadParameter(
-                        f"range {part!r} runs backwards: write it {b}-{a}", param_hint=option
-                    )
-                out += range(a, b + 1)
-            else:
-                out.append(_SCALARS.get(item, str)(part))
+            out.append(_SCALARS.get(item, str)(part))
         except ValueError:
             raise click.BadParameter(
                 f"{part!r} is not a{'n' if item == 'int' else ''} {item}", param_hint=option

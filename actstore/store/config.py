@@ -26,6 +26,12 @@ unsharded chunks while a random-row read fetches a quarter of a shard (256-row c
 
 def layer_list(spec: str) -> list[int]:
     """``"2,4,6"`` or ``"0-6"`` (ranges included) -> ints in the order given, repeats kept."""
+    return int_list(spec)
+
+
+def int_list(spec: str, what: str = "layers", item: str = "layer") -> list[int]:
+    """``"2,4,6"`` or ``"0-6"`` (ranges included) -> ints in the order given, repeats kept: the one reading of an
+    integer list on a command line (layers, sweeps); ``what`` and ``item`` name them in its errors."""
     out: list[int] = []
     for part in str(spec).replace(" ", "").split(","):
         if not part:
@@ -34,11 +40,11 @@ def layer_list(spec: str) -> list[int]:
             ends = [int(x) for x in part.split("-", 1)] if "-" in part[1:] else [int(part)]
         except ValueError:
             raise ConfigError(
-                f"cannot read layers {spec!r}: use numbers like 2,4,6 or a range 0-6"
+                f"cannot read {what} {spec!r}: use numbers like 2,4,6 or a range 0-6"
             ) from None
         if len(ends) == 2 and ends[1] < ends[0]:
             raise ConfigError(
-                f"layer range {part!r} runs backwards: write it low-high, e.g. {ends[1]}-{ends[0]}"
+                f"{item} range {part!r} runs backwards: write it low-high, e.g. {ends[1]}-{ends[0]}"
             )
         out += range(ends[0], ends[-1] + 1)
     return out
