@@ -56,9 +56,7 @@ def sae_loss(
     xn = x * sae.scale
     arch, kept = get_arch(sae.cfg.arch), None
     inner: list[torch.Tensor] = []
-    if (
-        arch.sparse_training()
-    ):  # sparse: only the encoder's forward is a dense (b, d_in, d_sae) matmul
+    if arch.uses_k:  # sparse: only the encoder's forward is a dense (b, d_in, d_sae) matmul
         xc = xn - sae.b_dec
         if arch.fixed_topk:
             # (b, k), (b, d_sae)

@@ -51,16 +51,13 @@ class Arch:
 
     def topk_at_inference(self, sae: SAELike) -> bool:
         """Whether :meth:`activate` at inference keeps each token's top ``k`` (so encoding may take the top-k entries
-        without the dense activations)."""
-        return False
-
-    def sparse_training(self) -> bool:
-        """Whether training computes the forward pass from top-k entries (no dense activations)."""
-        return False
+        without the dense activations): always for :attr:`fixed_topk`."""
+        return self.fixed_topk
 
     def default_init(self, crosscoder: bool) -> str:
-        """How decoder rows start by default: ``data`` or ``random``."""
-        return "random"
+        """How decoder rows start by default: ``data`` for SAEs that keep k latents (measured on topk, batchtopk),
+        ``random`` otherwise and for crosscoders (not measured)."""
+        return "data" if self.uses_k and not crosscoder else "random"
 
     def saelens_cfg(self, sae: SAELike) -> dict[str, Any]:
         """Keys of the SAELens ``cfg.json`` its export adds (activation kwargs, ``k``)."""

@@ -35,9 +35,3 @@ class BatchTopK(Arch):
 
     def topk_at_inference(self, sae: SAELike) -> bool:
         return float(sae.threshold) <= 0
-
-    def sparse_training(self) -> bool:
-        return True
-
-    def default_init(self, crosscoder: bool) -> str:
-        return "random" if crosscoder else "data"

@@ -28,14 +28,5 @@ class TopK(Arch):
     def activate(self, sae: SAELike, pre: torch.Tensor, train: bool) -> torch.Tensor:
         return per_token_topk(pre, int(sae.cfg.k or 0))
 
-    def topk_at_inference(self, sae: SAELike) -> bool:
-        return True
-
-    def sparse_training(self) -> bool:
-        return True
-
-    def default_init(self, crosscoder: bool) -> str:
-        return "random" if crosscoder else "data"
-
     def saelens_cfg(self, sae: SAELike) -> dict[str, Any]:
         return {"activation_fn_kwargs": {"k": sae.cfg.k}, "k": sae.cfg.k}
