@@ -122,6 +122,14 @@ class EncodeResult:
     never_fired_fraction: float | None = None
     """Features that fire on no token row of the whole store (a full pass), as a fraction of d_sae."""
 
+    @classmethod
+    def of(cls, store: Store, name: str, model: str, layer: int, n_rows: int, man: EncodingManifest,
+           seconds: float, resumed_from: int, **kw: Any) -> EncodeResult:  # fmt: skip
+        """The result of an encoding whose manifest is ``man``, ``seconds`` after its start at row ``resumed_from``."""
+        rate = (n_rows - resumed_from) / seconds if seconds > 0 else 0.0
+        return cls(store.url, name, model, layer, n_rows, man.n_feature_rows, man.n_bytes, seconds, rate,
+                   resumed_from=resumed_from, never_fired_fraction=man.never_fired_fraction, **kw)  # fmt: skip
+
 
 def check_sae_layer(store: Store, sae: SAE, name: str) -> tuple[str, int]:
     """``(model, layer)`` an SAE reads, checked against the store (width, tokenization, completeness)."""
@@ -233,18 +241,8 @@ def _encode(
                 f"an encoding of SAE {cfg.sae!r} in {store.url}/{plan.base} is complete with other weights, rows or settings: "
                 "pass --overwrite to re-encode (the old one stays until the new one is complete)"
             )
-        return EncodeResult(
-            store.url,
-            cfg.sae,
-            model,
-            layer,
-            plan.n_rows,
-            published.n_feature_rows,
-            published.n_bytes,
-            0.0,
-            0.0,
-            skipped=True,
-            never_fired_fraction=published.never_fired_fraction,
+        return EncodeResult.of(
+            store, cfg.sae, model, layer, plan.n_rows, published, 0.0, 0, skipped=True
         )
     if man is None or cfg.overwrite or (ray_address is not None and not man.segment_rows):
         man = _new_generation(store, cfg, sae, plan, published, model, layer)
@@ -261,21 +259,8 @@ def _encode(
     sink = _spill_phase(store, cfg, sae, acts, plan, man, device, progress, timings)
     _finish_phase(store, cfg, plan, man, sink, published, timings)
     secs = time.perf_counter() - t_start
-    return EncodeResult(
-        store.url,
-        cfg.sae,
-        model,
-        layer,
-        plan.n_rows,
-        man.n_feature_rows,
-        man.n_bytes,
-        secs,
-        (plan.n_rows - resumed_from) / secs if secs > 0 else 0.0,
-        resumed_from=resumed_from,
-        n_spills=sink.n_spills,
-        timings=timings,
-        never_fired_fraction=man.never_fired_fraction,
-    )
+    return EncodeResult.of(store, cfg.sae, model, layer, plan.n_rows, man, secs, resumed_from,
+                           n_spills=sink.n_spills, timings=timings)  # fmt: skip
 
 
 def _encode_segments(
@@ -323,19 +308,8 @@ def _encode_segments(
     _publish(store, cfg, plan, man, done, published)
     timings["finish"] += time.perf_counter() - t_pub
     secs = time.perf_counter() - t_start
-    return EncodeResult(
-        store.url,
-        cfg.sae,
-        model,
-        layer,
-        plan.n_rows,
-        man.n_feature_rows,
-        man.n_bytes,
-        secs,
-        (plan.n_rows - resumed_from) / secs if secs > 0 else 0.0,
-        resumed_from=resumed_from,
-        timings=timings,
-        never_fired_fraction=man.never_fired_fraction,
+    return EncodeResult.of(
+        store, cfg.sae, model, layer, plan.n_rows, man, secs, resumed_from, timings=timings
     )
 
 
