@@ -125,6 +125,16 @@ def view_sql(store: Store) -> StoreViews:
     return StoreViews(views, keys + diff_keys + cc_keys)
 
 
+def empty_view(columns: str) -> str:
+    """A view with no rows and the typed ``columns`` (``"name TYPE, name TYPE, ..."``): what a view shows of a
+    store that has nothing of its kind yet."""
+    return (
+        "SELECT "
+        + ", ".join(f"NULL::{t} AS {c}" for c, t in (p.split() for p in columns.split(", ")))
+        + " LIMIT 0"
+    )
+
+
 EVALS_COLUMNS = "sae VARCHAR, eval VARCHAR, task VARCHAR, k INTEGER, accuracy DOUBLE, n_train INTEGER, n_test INTEGER"
 """The ``sae_evals`` view: one row per SAE, evaluation, task and probe (``k`` NULL: the dense probe)."""
 
@@ -152,9 +162,9 @@ def evals_view_sql(store: Store) -> str:
             for k, acc in probes:
                 rows.append(f"({_q(name)}, 'sparse_probing', {_q(str(t.get('label')))}, {k}, {num(acc, float)}, "
                             f"{num(t.get('n_train'), int)}, {num(t.get('n_test'), int)})")  # fmt: skip
-    cols = [c.split() for c in EVALS_COLUMNS.split(", ")]
     if not rows:
-        return "SELECT " + ", ".join(f"NULL::{t} AS {c}" for c, t in cols) + " LIMIT 0"
+        return empty_view(EVALS_COLUMNS)
+    cols = [c.split() for c in EVALS_COLUMNS.split(", ")]
     casts = ", ".join(f"{c}::{t} AS {c}" for c, t in cols)
     return f"SELECT {casts} FROM (VALUES {', '.join(rows)}) AS t({', '.join(c for c, _ in cols)})"
 
@@ -305,11 +315,7 @@ def crosscoder_view_sql(store: Store) -> tuple[str, list[str]]:
             f"FROM read_parquet({_list_sql([store.loc.join(t_key)])})"
         )
     if not parts:
-        cols = ", ".join(
-            f"NULL::{c.split()[1]} AS {c.split()[0]}" for c in CROSSCODER_COLUMNS.split(", ")
-        )
-        return (
-            f"SELECT NULL::VARCHAR AS sae, NULL::VARCHAR AS source_a, NULL::VARCHAR AS source_b, {cols} LIMIT 0",
-            [],
-        )
+        return empty_view(
+            f"sae VARCHAR, source_a VARCHAR, source_b VARCHAR, {CROSSCODER_COLUMNS}"
+        ), []
     return " UNION ALL BY NAME ".join(parts), keys
