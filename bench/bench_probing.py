@@ -2,9 +2,9 @@
 
 For each corpus, a label-balanced subset (the first ``--per-label`` rows of each label, written to a temporary
 JSONL: the corpora are sorted by label, so their first rows would hold one) is extracted with bundled MiniLM at
-``--layers``; TopK, BatchTopK and relu-l1 SAEs of one width are trained on each layer (one pass per layer); each is
-probed. Prints one row per (corpus, layer, architecture): held-out FVU and L0, the dense probe on the raw layer and
-the k-sparse probes on the SAE's features, means over the one-vs-rest tasks.
+``--layers``; TopK, BatchTopK, Matryoshka BatchTopK and relu-l1 SAEs (``--archs``) of one width are trained on
+each layer (one pass per layer); each is probed. Prints one row per (corpus, layer, architecture): held-out FVU
+and L0, the dense probe on the raw layer and the k-sparse probes on the SAE's features, means over the one-vs-rest tasks.
 
     python bench/bench_probing.py --out /tmp/probing [--per-label 300] [--layers 3,6] [--epochs 3] [--l1 0.01]
 """
@@ -66,6 +66,7 @@ def main() -> None:
     )
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--corpora", default=",".join(CORPORA))
+    ap.add_argument("--archs", default="topk,batchtopk,matryoshka-batchtopk,relu-l1")
     args = ap.parse_args()
 
     from actstore.analysis.config import EvalConfig
@@ -98,7 +99,7 @@ def main() -> None:
             "l1": args.l1,
             "device": "cpu",
         }
-        cfgs = expand(values, {"model": ["minilm"], "layer": layers, "arch": ["topk", "batchtopk", "relu-l1"],
+        cfgs = expand(values, {"model": ["minilm"], "layer": layers, "arch": args.archs.split(","),
                                "d_sae": [args.d_sae], "k": [args.k]})  # fmt: skip
         t0 = time.perf_counter()
         run_sweep(store, cfgs, progress=False, log=lambda s: None)

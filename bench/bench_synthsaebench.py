@@ -1,0 +1,212 @@
+"""SynthSAEBench side by side: actstore's trainers and SAELens's on the same rows, scored by the same code.
+
+SAELens's SynthSAEBench-16k model is rebuilt locally from its published config and seed
+(``actstore.testing.synthbench``; cached in ``--model-dir``: building it orthogonalises 16,384 directions, ~40 min
+on 2 cores). ``--rows`` of its activations are written to a store; each actstore architecture trains on that store
+with ``actstore train`` (``train_sae``), and SAELens's ``SAETrainer`` trains its own BatchTopK and Matryoshka
+BatchTopK on the very same rows, in the same order, at the same batch size and learning rate (SynthSAEBench's:
+batch 1024, lr 3e-4, constant). Each SAE is scored by ``actstore.analysis.groundtruth`` (equal to SAELens's own
+``eval_sae_on_synthetic_data``: ``tests/test_groundtruth.py``) on ``--eval-rows`` fresh rows with their true codes.
+
+    python bench/bench_synthsaebench.py --out /tmp/ssb --rows 2000000 [--d-sae 4096 --k 25] [--small]
+
+SynthSAEBench's published figures train on 200M rows on a GPU; 2 cores reach a few million, so the figures here
+compare trainers at equal rows, not against the published table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MATRYOSHKA_INNER = [128, 512, 2048]
+"""SynthSAEBench's Matryoshka prefixes (experiments/sweeps/common.py), below d_sae."""
+
+
+def store_rows(path: str, batch: int) -> Iterator[torch.Tensor]:
+    """The store's rows in order, ``(batch, d)`` at a time (what SAELens's trainer is fed)."""
+    from actstore.store.reader import open_store
+
+    arr = open_store(path).activations("synth", 0)
+    n = len(arr)
+    step = max(batch, arr.chunk_rows)
+    pending: list[np.ndarray] = []
+    have = 0
+    for start in range(0, n, step):
+        pending.append(np.asarray(arr[start : min(n, start + step)], dtype=np.float32))
+        have += len(pending[-1])
+        while have >= batch:
+            block = np.concatenate(pending)
+            yield torch.from_numpy(block[:batch].copy())
+            pending, have = [block[batch:]], len(block) - batch
+
+
+def train_saelens(
+    arch: str, path: str, d_in: int, d_sae: int, k: int, rows: int, batch: int, lr: float
+):
+    """SAELens's own trainer on the store's rows: its BatchTopK or Matryoshka BatchTopK, SynthSAEBench's
+    settings (Adam 0.9/0.999, constant lr, no warm-up)."""
+    from sae_lens import (
+        BatchTopKTrainingSAE,
+        BatchTopKTrainingSAEConfig,
+        LoggingConfig,
+        MatryoshkaBatchTopKTrainingSAE,
+        MatryoshkaBatchTopKTrainingSAEConfig,
+    )
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    if arch == "batchtopk":
+        sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k))
+    else:
+        widths = [w for w in MATRYOSHKA_INNER if w < d_sae]
+        sae = MatryoshkaBatchTopKTrainingSAE(
+            MatryoshkaBatchTopKTrainingSAEConfig(
+                d_in=d_in, d_sae=d_sae, k=k, matryoshka_widths=widths
+            )
+        )
+    cfg = SAETrainerConfig(
+        n_checkpoints=0,
+        checkpoint_path=None,
+        save_final_checkpoint=False,
+        total_training_samples=rows // batch * batch,  # whole batches: the rows there are
+        device="cpu",
+        autocast=False,
+        lr=lr,
+        lr_end=lr,
+        lr_scheduler_name="constant",
+        lr_warm_up_steps=0,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        lr_decay_steps=0,
+        n_restart_cycles=1,
+        train_batch_size_samples=batch,
+        dead_feature_window=1000,
+        feature_sampling_window=2000,
+        logger=LoggingConfig(log_to_wandb=False, eval_every_n_wandb_logs=2**31 - 1),
+        n_batches_for_norm_estimate=1000,
+    )
+    trainer = SAETrainer(
+        cfg=cfg, sae=sae, data_provider=store_rows(path, batch), save_checkpoint_fn=lambda p: None
+    )
+    return trainer.fit()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--out", required=True)
+    ap.add_argument(
+        "--model-dir", default=None, help="cache of the built synthetic model (default OUT/model)"
+    )
+    ap.add_argument("--rows", type=int, default=2_000_000)
+    ap.add_argument("--eval-rows", type=int, default=100_000)
+    ap.add_argument("--d-sae", type=int, default=4096)
+    ap.add_argument("--k", type=int, default=25)
+    ap.add_argument("--batch", type=int, default=1024)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--archs", default="batchtopk,matryoshka-batchtopk")
+    ap.add_argument(
+        "--saelens", default="batchtopk,matryoshka-batchtopk", help="SAELens trainers ('' for none)"
+    )
+    ap.add_argument("--recipe", choices=["saelens", "default"], default="saelens",
+                    help="actstore's options: SynthSAEBench's (lr, batch, Adam, constant) or actstore's defaults")  # fmt: skip
+    ap.add_argument(
+        "--small", action="store_true", help="a 1024-feature, 128-dim model (minutes, not hours)"
+    )
+    args = ap.parse_args()
+
+    from actstore.analysis.groundtruth import (
+        Encoded,
+        actstore_encoder,
+        as_numpy,
+        ground_truth_metrics,
+    )
+    from actstore.sae.config import TrainConfig
+    from actstore.sae.train import train_sae
+    from actstore.testing.synthbench import (
+        synthetic_model,
+        synthsaebench_config,
+        truth_batches,
+        write_synthbench_store,
+    )
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.small:
+        cfg = synthsaebench_config(num_features=1024, hidden_dim=128, root_nodes=8, ortho_steps=100)
+    else:
+        cfg = synthsaebench_config()
+    t0 = time.perf_counter()
+    model = synthetic_model(
+        cfg, cache=args.model_dir or str(out / ("model-small" if args.small else "model"))
+    )
+    print(
+        f"# model: {cfg.num_features} features in {cfg.hidden_dim} dims, {time.perf_counter() - t0:.0f}s",
+        flush=True,
+    )
+    d = cfg.hidden_dim
+    store = str(out / f"synth-{args.rows}.zarr")
+    if not Path(store, "zarr.json").exists():
+        shutil.rmtree(store, ignore_errors=True)
+        t0 = time.perf_counter()
+        write_synthbench_store(store, model, args.rows, seed=0)
+        print(f"# store: {args.rows} rows written in {time.perf_counter() - t0:.0f}s", flush=True)
+    feats = model.feature_dict.feature_vectors  # (n_true, d)
+
+    def score(decoder: torch.Tensor, encode) -> dict[str, float]:
+        return as_numpy(
+            ground_truth_metrics(
+                decoder, feats, truth_batches(model, args.eval_rows, 8192, seed=12345), encode
+            )
+        )
+
+    rows = []
+    for arch in [a for a in args.archs.split(",") if a]:
+        extra: dict = {}
+        if arch == "matryoshka-batchtopk":
+            extra["matryoshka_widths"] = [w for w in MATRYOSHKA_INNER if w < args.d_sae]
+        if args.recipe == "saelens":
+            extra.update(lr=args.lr, lr_warmup=0.0, lr_decay=0.0, optimizer="adam")
+        tc = TrainConfig(model="synth", layer=0, arch=arch, d_sae=args.d_sae, k=args.k, epochs=1,
+                         batch_size=args.batch, device="cpu", name=f"{arch}-{args.recipe}", overwrite=True,
+                         eval_fraction=0.01, max_eval_tokens=10_000, **extra)  # fmt: skip
+        t0 = time.perf_counter()
+        res = train_sae(store, tc, progress=False)
+        secs = time.perf_counter() - t0
+        sae = res.sae.eval()
+        with torch.no_grad():
+            m = score(sae.W_dec, actstore_encoder(sae))
+        rows.append({"trainer": "actstore", "arch": arch, "recipe": args.recipe, "seconds": round(secs, 1),
+                     "rows_per_s": round(args.rows / secs), **m})  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    for arch in [a for a in args.saelens.split(",") if a]:
+        t0 = time.perf_counter()
+        sae = train_saelens(arch, store, d, args.d_sae, args.k, args.rows, args.batch, args.lr)
+        secs = time.perf_counter() - t0
+        sae.eval()
+
+        def encode(x: torch.Tensor, sae=sae) -> Encoded:
+            lat = sae.encode(x)
+            return Encoded(lat, sae.decode(lat))
+
+        with torch.no_grad():
+            m = score(sae.W_dec, encode)
+        rows.append({"trainer": "saelens", "arch": arch, "recipe": "saelens", "seconds": round(secs, 1),
+                     "rows_per_s": round(args.rows / secs), **m})  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    (out / f"synthsaebench-{args.rows}{'-small' if args.small else ''}.json").write_text(
+        json.dumps(rows, indent=1)
+    )
+
+
+if __name__ == "__main__":
+    main()
