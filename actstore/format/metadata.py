@@ -358,6 +358,9 @@ class ModelAttrs(Attrs):
     """Hub revision, when from the hub."""
     n_layers: int | None = None
     """Transformer blocks."""
+    site: str | None = None
+    """Where in each block its rows were read (``extract --site``: mlp_in, mlp_out, attn_out); absent: resid, the
+    residual stream (``hidden_states``)."""
     d_model: int | None = None
     """Hidden width."""
     dtype: str | None = None

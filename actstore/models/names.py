@@ -18,6 +18,11 @@ MODEL_DTYPES = ("auto", "fp32", "fp16", "bf16")
 """``--dtype`` of the model weights; auto: bf16 on CUDA, fp32 on CPU."""
 
 
+SITES = ("resid", "mlp_in", "mlp_out", "attn_out")
+"""What ``extract --site`` reads (:mod:`actstore.models.sites`): the residual stream, or a block's MLP input, MLP
+output or attention output."""
+
+
 def resolve_model(model: str) -> str:
     """Turn a short name (``bundled:minilm``) into a loadable id or directory."""
     if model in BUNDLED_MODELS:

@@ -76,7 +76,7 @@ def splice(model: nn.Module, n_layers: int, layer: int, fn: Any) -> Any:
         handle.remove()
 
 
-class _Stop(Exception):
+class StopForward(Exception):
     """Raised inside a hook to end the forward pass above the deepest layer."""
 
 
@@ -103,7 +103,7 @@ class LayerTap:
             if idx in self.layers:
                 self._out[idx] = hidden
             if idx == self.deepest:
-                raise _Stop
+                raise StopForward
 
         return pre_hook
 
@@ -123,7 +123,7 @@ class LayerTap:
             )
             if n in self.layers:
                 self._out[n] = out.last_hidden_state
-        except _Stop:
+        except StopForward:
             pass
         finally:
             for hd in handles:

@@ -11,7 +11,7 @@ from actstore.data.corpora import DataConfig
 from actstore.errors import ConfigError
 from actstore.fields import cli, opt
 from actstore.format import codecs
-from actstore.models.names import MODEL_DTYPES, sanitize_key
+from actstore.models.names import MODEL_DTYPES, SITES, sanitize_key
 
 COMPRESSIONS = ("auto", "none", "zstd")
 """Compressors of new layer arrays (docs/FORMAT.md): int8 and fp16 activations barely compress, bf16 a fifth."""
@@ -73,7 +73,10 @@ class ExtractConfig:
     layers: list[int] | str = field(metadata=cli(metavar="LAYERS"))
     """hidden_states indices to store: 2,4,6 or 0-6 or 'all' (0 = the embeddings)."""
     name: str | None = None
-    """Store key for the model (default: derived from the model name)."""
+    """Store key for the model (default: derived from the model name); a sublayer --site adds '.SITE' to it."""
+    site: str = opt("resid", choices=SITES)
+    """Where in each block to read: resid (hidden_states[L]), or block L's mlp_in, mlp_out or attn_out (before the
+    residual add), stored under the key MODEL.SITE."""
     max_length: int | None = opt(None, shown="min(512, the model's limit)")
     """Truncate samples to this many tokens (up to the model's context). With --window: the longest sample kept
     (default: no truncation)."""
@@ -119,6 +122,8 @@ class ExtractConfig:
             )
         if self.batch_size <= 0:
             raise ConfigError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.site not in SITES:
+            raise ConfigError(f"unknown --site {self.site!r}: choose one of {', '.join(SITES)}")
         if self.max_length is not None and self.max_length < 2:
             raise ConfigError(f"--max-length must be at least 2, got {self.max_length}")
         if (

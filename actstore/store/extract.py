@@ -36,7 +36,7 @@ from actstore.format.layout import FORMAT_VERSION, check_name
 from actstore.format.metadata import LayerAttrs, ModelAttrs, StoreAttrs, has_attrs
 from actstore.models.loading import auto_device, load_model, resolve_dtype, torch_threads
 from actstore.models.names import default_model_key
-from actstore.models.taps import check_layers
+from actstore.models.sites import check_site_layers, site_key
 from actstore.storage.integrity import update_manifest
 from actstore.storage.location import Location, open_location
 from actstore.storage.locks import LockSet
@@ -304,16 +304,18 @@ def _extract(
         device if ray_address is None else (cfg.device if cfg.device != "auto" else "cpu"),
     )
     loaded = load_model(cfg.model, device, dtype)
-    layers: list[int] = (
-        list(range(loaded.n_layers + 1)) if cfg.layers == "all" else [int(v) for v in cfg.layers]
-    )
-    check_layers(loaded, layers)
+    top = loaded.n_layers + (
+        1 if cfg.site == "resid" else 0
+    )  # a sublayer site: blocks 0 .. n_layers - 1
+    layers: list[int] = list(range(top)) if cfg.layers == "all" else [int(v) for v in cfg.layers]
+    check_site_layers(loaded, layers, cfg.site)
     if cfg.window is None and cfg.max_length is not None and cfg.max_length > loaded.position_limit:
         raise ConfigError(
             f"--max-length {cfg.max_length} exceeds what {cfg.model} accepts ({loaded.position_limit})"
         )
-    model_key = (
-        check_name(cfg.name, "model key (--name)") if cfg.name else default_model_key(cfg.model)
+    model_key = site_key(
+        check_name(cfg.name, "model key (--name)") if cfg.name else default_model_key(cfg.model),
+        cfg.site,
     )
 
     loc = open_location(store, storage_options=storage_options, create=True)
@@ -345,7 +347,10 @@ def _extract(
     # checked before anything of this model is written
     inner = inner_rows_for(root, cfg, chunk_rows)
     units_mode = store_format >= layout.UNIT_MARKERS_SINCE
-    mpath = _model_group(loc, root, model_key, loaded.info(), tk)
+    info = loaded.info()
+    if cfg.site != "resid":
+        info = dataclasses.replace(info, site=cfg.site)
+    mpath = _model_group(loc, root, model_key, info, tk)
     _keep_finetune_report(loc, model_key, loaded.path)
     unit_rows = _unit_rows(loc, cfg, model_key, layers, chunk_rows, loaded.d_model)
     arrays = layer_arrays(
@@ -414,6 +419,7 @@ def _extract(
             writer_threads=cfg.writer_threads,
             markers=markers,
             codec_on_device=None if cfg.codec_on == "auto" else cfg.codec_on == "device",
+            site=cfg.site,
         )
         written = _run_units(job, loc, loaded, device, ray_address, cfg.ray_workers, progress, desc)
     # the final prefix (a concurrent writer's attribute update may have lost one)

@@ -21,7 +21,7 @@ import zarr
 from actstore.format import codecs, layout
 from actstore.format.device_codecs import DEVICE_STORED_DTYPE
 from actstore.format.metadata import TokenizationAttrs
-from actstore.models.taps import LayerTap
+from actstore.models.sites import Tap
 from actstore.storage.location import Location
 
 
@@ -64,7 +64,7 @@ def ragged(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def packed_batches(
-    tap: LayerTap, pieces: Pieces, u0: int, u1: int, batch_size: int, device: str
+    tap: Tap, pieces: Pieces, u0: int, u1: int, batch_size: int, device: str
 ) -> Iterator[Batch]:
     """The forward batches of rows ``[u0, u1)``, longest pieces first. Inputs are built and the owned rows located
     with one index operation per batch, not a loop over the pieces."""
@@ -208,7 +208,7 @@ class UnitRows(NamedTuple):
 
 
 def compute_unit(
-    tap: LayerTap,
+    tap: Tap,
     pieces: Pieces,
     u0: int,
     u1: int,
@@ -257,7 +257,7 @@ def compute_unit(
 
 
 def forward_rows(
-    tap: LayerTap,
+    tap: Tap,
     pieces: Pieces,
     u0: int,
     u1: int,

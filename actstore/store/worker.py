@@ -93,6 +93,8 @@ class ExtractJob:
     """Units recorded by markers, in any order (format 3); False: one writer per array advancing its prefix."""
     codec_on_device: bool | None = None
     """Run the codec in the forward pass (True), in the writer threads (False), or on CUDA only (None)."""
+    site: str = "resid"
+    """Where in each block the rows are read (:mod:`actstore.models.sites`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -152,7 +154,7 @@ class UnitWorker:
         import torch
 
         from actstore.models.loading import auto_device, load_model
-        from actstore.models.taps import LayerTap
+        from actstore.models.sites import make_tap
 
         # a worker process of its own (a Ray actor); in process: extract's threads
         if job.threads and loaded is None:
@@ -165,7 +167,7 @@ class UnitWorker:
         self.loaded = (
             loaded if loaded is not None else load_model(job.model, self.device, job.dtype)
         )
-        self.tap = LayerTap(self.loaded, job.layers)
+        self.tap = make_tap(self.loaded, job.layers, job.site)
         self.index = UnitIndex(self.loc, job.tokenization, job.n_rows, job.unit_rows)
         self.arrays: dict[int, tuple[zarr.Array, zarr.Array | None]] = {}
         for layer in job.layers:
