@@ -22,7 +22,13 @@ from torch import nn
 from actstore.errors import ModelError
 from actstore.models.loading import LoadedModel
 from actstore.models.names import SITES
-from actstore.models.taps import LayerTap, StopForward, check_layers, find_blocks
+from actstore.models.taps import (
+    LayerTap,
+    StopForward,
+    check_layers,
+    find_blocks,
+    forward_until_stop,
+)
 
 SITE_MODULES: dict[str, tuple[str, ...]] = {
     "mlp_in": ("intermediate", "mlp", "feed_forward", "ffn"),
@@ -120,13 +126,7 @@ class SiteTap:
                 handles.append(mod.register_forward_pre_hook(self._hook(i), with_kwargs=True))
             else:
                 handles.append(mod.register_forward_hook(self._hook(i)))
-        try:
-            self.loaded.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        except StopForward:
-            pass
-        finally:
-            for hd in handles:
-                hd.remove()
+        forward_until_stop(self.loaded, input_ids, attention_mask, handles)
         return {layer: self._out[layer] for layer in self.layers}
 
 

@@ -117,18 +117,24 @@ class LayerTap:
             self.blocks[i].register_forward_pre_hook(self._hook(i), with_kwargs=True)
             for i in range(min(self.deepest + 1, n))
         ]
-        try:
-            out = self.loaded.model(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-            )
-            if n in self.layers:
-                self._out[n] = out.last_hidden_state
-        except StopForward:
-            pass
-        finally:
-            for hd in handles:
-                hd.remove()
+        out = forward_until_stop(self.loaded, input_ids, attention_mask, handles)
+        if out is not None and n in self.layers:
+            self._out[n] = out.last_hidden_state
         return {layer: self._out[layer] for layer in self.layers}
+
+
+def forward_until_stop(
+    loaded: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, handles: list
+) -> Any:
+    """Run the model with capturing hooks (``handles``, removed after): its output, or None when a hook ended the
+    pass early (:class:`StopForward`)."""
+    try:
+        return loaded.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except StopForward:
+        return None
+    finally:
+        for hd in handles:
+            hd.remove()
 
 
 def check_layers(loaded: LoadedModel, layers: list[int]) -> None:
