@@ -679,48 +679,11 @@ def test_cli_train_saes_export(tiny_store, tmp_path):
 
 
 # ---------------------------------------------------------------- task accuracy with the SAE spliced in
-@pytest.fixture(scope="module")
-def clf_store(tmp_path_factory, tiny_bert_dir, corpus_file):
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from actstore.data.corpora import DataConfig
-    from actstore.store.config import ExtractConfig
-    from actstore.store.extract import extract
-
-    d = tmp_path_factory.mktemp("clf")
-    torch.manual_seed(1)
-    labels = {"id2label": {0: "neg", 1: "pos"}, "label2id": {"neg": 0, "pos": 1}}
-    cfg = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        num_labels=2,
-        **labels,
-    )
-    BertForSequenceClassification(cfg).save_pretrained(d / "model")
-    AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(d / "model")
-    ecfg = ExtractConfig(
-        model=str(d / "model"),
-        data=DataConfig(corpus_file),
-        layers=[2],
-        name="clf",
-        codec="fp32",
-        chunk_rows=64,
-        batch_size=8,
-        device="cpu",
-    )
-    extract(str(d / "s.zarr"), ecfg, progress=False)
-    return str(d / "s.zarr"), str(d / "model")
-
-
 def test_task_accuracy_with_the_sae_spliced_in(clf_store):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from actstore.sae.config import SAEConfig
-    from actstore.sae.metrics import task_accuracy
+    from actstore.sae.fidelity import task_accuracy
     from actstore.sae.model import SAE
 
     path, model_dir = clf_store

@@ -289,7 +289,8 @@ class TrainConfig:
     resample: int = 0
     """Re-initialise latents silent since the last time toward badly fit tokens, N times in the run's first half (0: never)."""
     task_samples: int = 256
-    """Held-out samples for the task-accuracy check (models with a classification head; 0 disables)."""
+    """Held-out samples for the spliced-fidelity check: accuracy and KL (a classification head), CE recovered (an LM
+    head); 0 disables."""
     grad_clip: float = 1.0
     """Clip the gradient norm to this (0 disables; not used with unit_grad)."""
     unit_grad: bool | None = opt(None, flag="--unit-grad/--no-unit-grad", resolved=True)

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,77 +149,6 @@ class TrainTracker:
         self.fires = t["track.fires"].to(dev)
         self.sums = t["track.sums"].to(dev)
         self.tokens_seen = int(t["track.tokens_seen"])
-
-
-def task_accuracy(
-    store: Any,
-    sae: SAE,
-    samples: Any,
-    device: str = "cpu",
-    max_samples: int = 256,
-    batch_size: int = 16,
-) -> dict[str, Any] | None:
-    """Classification accuracy of the store's model on ``samples`` with and without the SAE spliced in.
-
-    Only for a model saved with a sequence-classification head (e.g. by ``actstore
-    finetune``); returns None otherwise. The layer's hidden state (``hidden_states
-    [layer]``) is replaced by the SAE's reconstruction at every position, and the
-    rest of the model runs as usual. Labels are matched through the model's
-    ``label2id``; samples whose label the head does not know are skipped.
-    """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from actstore.models.taps import splice
-
-    c = sae.cfg
-    info = store.model_info(c.model)
-    if "ForSequenceClassification" not in str(info.architecture or "") or not info.path:
-        return None
-    model = AutoModelForSequenceClassification.from_pretrained(info.path).to(device).eval()
-    tok = AutoTokenizer.from_pretrained(info.path)
-    label2id = {str(k): int(v) for k, v in (model.config.label2id or {}).items()}
-    df = store.samples(c.tokenization)
-    df = df.filter(df["sample"].is_in(list(map(int, samples))))
-    rows = [
-        (t, label2id[str(lab)])
-        for t, lab in zip(df["text"].to_list(), df["label"].to_list(), strict=True)
-        if str(lab) in label2id
-    ][:max_samples]
-    if not rows:
-        return None
-    max_len = int(store.tokenization(c.tokenization).attrs.max_length or 512)
-    n_layers = int(model.config.num_hidden_layers)
-    sae_dev = sae.to(device)
-
-    def recon(h: torch.Tensor) -> torch.Tensor:  # (batch, seq, d_model)
-        return sae_dev(h.reshape(-1, h.shape[-1])).x_hat.reshape(h.shape).to(h.dtype)
-
-    def predict(splice_sae: bool) -> list[int]:
-        preds: list[int] = []
-        site = (
-            splice(model, n_layers, int(c.layer), recon) if splice_sae else contextlib.nullcontext()
-        )
-        with site, torch.no_grad():
-            for a in range(0, len(rows), batch_size):
-                enc = tok(
-                    [t for t, _ in rows[a : a + batch_size]],
-                    truncation=True,
-                    max_length=max_len,
-                    padding=True,
-                    return_tensors="pt",
-                ).to(device)
-                preds += model(**enc).logits.argmax(-1).tolist()
-        return preds
-
-    y = [lab for _, lab in rows]
-    base, spliced = predict(False), predict(True)
-    n = len(y)
-    return {
-        "n_samples": n,
-        "accuracy": sum(p == t for p, t in zip(base, y, strict=True)) / n,
-        "accuracy_with_sae": sum(p == t for p, t in zip(spliced, y, strict=True)) / n,
-        "agreement": sum(p == q for p, q in zip(base, spliced, strict=True)) / n,
-    }
 
 
 def training_curves(history: list[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:

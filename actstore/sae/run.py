@@ -19,6 +19,7 @@ from actstore.format import layout
 from actstore.models.checkpoint import restore_optimizer
 from actstore.sae.archs import get_arch
 from actstore.sae.config import FIELDS_ADDED, RUNTIME_FIELDS, SAEConfig, TrainConfig
+from actstore.sae.fidelity import spliced_fidelity
 from actstore.sae.files import read_checkpoint, save_checkpoint, save_sae
 from actstore.sae.loss import LossParts, train_step
 from actstore.sae.metrics import (
@@ -28,7 +29,6 @@ from actstore.sae.metrics import (
     evaluate,
     rising_fvu,
     rising_fvu_cause,
-    task_accuracy,
     training_curves,
 )
 from actstore.sae.model import SAE, check_d_in
@@ -462,7 +462,7 @@ class TrainingRun:
         steps_run = step - self.start_step
         task = None
         if self.cfg.task_samples and not sae.cfg.is_crosscoder:
-            task = task_accuracy(
+            task = spliced_fidelity(
                 self.st, sae, split.eval_samples, str(self.device), self.cfg.task_samples
             )
         metrics = {
