@@ -190,3 +190,14 @@ def clf_store(tmp_path_factory, tiny_bert_dir, corpus_file):
     )
     extract(str(d / "s.zarr"), ecfg, progress=False)
     return str(d / "s.zarr"), str(d / "model")
+
+
+@pytest.fixture()
+def one_thread():
+    """Small matmuls run fastest on one thread (and do not fight the other tests' processes)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

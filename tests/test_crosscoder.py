@@ -44,14 +44,6 @@ def planted(tmp_path_factory):
     return str(path), pc
 
 
-@pytest.fixture()
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _match(sae, pc) -> tuple[np.ndarray, np.ndarray]:
     """For each planted atom: the latent whose (both sources') decoder row is closest, and that cosine."""
     c = sae.cfg

@@ -87,15 +87,6 @@ def planted(tmp_path_factory):
     return str(path), pd
 
 
-@pytest.fixture()
-def one_thread():
-    """Small matmuls run fastest on one thread (and do not fight the other tests' processes)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize(("arch", "extra"), [("relu-l1", {"l1": 0.1}), ("topk", {"k": 3})])
 def test_recovers_a_planted_dictionary(planted, one_thread, arch, extra):
     path, pd = planted

@@ -23,6 +23,22 @@ SITES = ("resid", "mlp_in", "mlp_out", "attn_out")
 output or attention output."""
 
 
+def site_key(model_key: str, site: str) -> str:
+    """The store key of a model's site: ``minilm`` for ``resid``, ``minilm.mlp_out`` for a sublayer site (a key
+    that already names the site is kept)."""
+    if site == "resid" or model_key.endswith(f".{site}"):
+        return model_key
+    return f"{model_key}.{site}"
+
+
+def base_key(model_key: str) -> str:
+    """The model's own key from a site's (``minilm.mlp_out`` -> ``minilm``)."""
+    for site in SITES[1:]:
+        if model_key.endswith(f".{site}"):
+            return model_key[: -len(site) - 1]
+    return model_key
+
+
 def resolve_model(model: str) -> str:
     """Turn a short name (``bundled:minilm``) into a loadable id or directory."""
     if model in BUNDLED_MODELS:

@@ -73,11 +73,6 @@ def check_site_layers(loaded: LoadedModel, layers: list[int], site: str) -> None
         )
 
 
-def site_key(model_key: str, site: str) -> str:
-    """The store key of a model's site: ``minilm`` for ``resid``, ``minilm.mlp_out`` for a sublayer site."""
-    return model_key if site == "resid" else f"{model_key}.{site}"
-
-
 class SiteTap:
     """Capture one sublayer site of several blocks in one truncated forward pass.
 

@@ -76,6 +76,11 @@ class SAEConfig:
     """Crosscoder: the layer of each source (layer is the first)."""
     norm_scales: list[float] | None = None
     """Crosscoder: each source's input scale to mean squared norm d_in (norm_scale is the first's)."""
+    target: dict[str, Any] | None = None
+    """Transcoder: the rows it reconstructs, ``{"model": KEY, "layer": L, "norm_scale": s}`` (model and layer are
+    the rows it reads); None for an SAE."""
+    skip: bool = False
+    """Transcoder: with a linear skip connection ``W_skip (d_in, d_in)`` from its input to its output."""
     training: dict[str, Any] = field(default_factory=dict)
     """The training config it was made with."""
     actstore_version: str | None = None
@@ -98,6 +103,18 @@ class SAEConfig:
             raise ConfigError(
                 f"unknown input_norm {self.input_norm!r}: choose one of {', '.join(INPUT_NORMS)}"
             )
+        if get_arch(self.arch).transcoder != (self.target is not None):
+            raise ConfigError(
+                f"a {self.arch} {'needs' if self.target is None else 'has no'} target rows (cfg.json 'target')"
+            )
+        if self.target is not None:
+            t = self.target
+            if not isinstance(t.get("model"), str) or not isinstance(t.get("layer"), int):
+                raise ConfigError(f"a transcoder's target needs a model key and a layer, got {t}")
+            if float(t.get("norm_scale", 1.0)) <= 0:
+                raise ConfigError(f"a transcoder's target norm_scale must be positive, got {t}")
+        if self.skip and self.target is None:
+            raise ConfigError("a skip connection is for transcoders")
         if self.models is not None or self.layers is not None:
             n = len(self.models or [])
             if n < 2 or len(self.layers or []) != n or len(self.norm_scales or [1.0] * n) != n:
@@ -119,6 +136,16 @@ class SAEConfig:
     @property
     def is_crosscoder(self) -> bool:
         return self.n_sources > 1
+
+    @property
+    def is_transcoder(self) -> bool:
+        """It reconstructs other rows (``target``) than the ones it reads."""
+        return self.target is not None
+
+    @property
+    def target_scale(self) -> float:
+        """The scale of the rows it reconstructs (a transcoder's target's; an SAE's own input's)."""
+        return float(self.target.get("norm_scale", 1.0)) if self.target else float(self.norm_scale)
 
     def source_labels(self) -> list[str]:
         """``MODEL@LAYER`` of each source."""
@@ -207,6 +234,24 @@ FIELDS_ADDED = {
 unfinished run from before them resumes with ``--b-dec-init mean --no-unit-grad``."""
 
 
+def parse_site(spec: str, layer: int) -> str:
+    """``SITE[@LAYER]`` as ``SITE@LAYER`` (``layer`` when none is given); ConfigError for an unknown site."""
+    from actstore.models.names import SITES
+
+    site, _, at = str(spec).partition("@")
+    if site not in SITES:
+        raise ConfigError(f"unknown site {site!r} in {spec!r}: choose one of {', '.join(SITES)}")
+    try:
+        n = int(at) if at else int(layer)
+    except ValueError:
+        raise ConfigError(
+            f"the layer of {spec!r} is not a number: write SITE@LAYER, e.g. mlp_out@3"
+        ) from None
+    if n < 0:
+        raise ConfigError(f"the layer of {spec!r} must be >= 0")
+    return f"{site}@{n}"
+
+
 @dataclass
 class TrainConfig:
     """Everything one ``actstore train`` run needs (saved in the SAE's cfg.json as ``training``)."""
@@ -224,7 +269,14 @@ class TrainConfig:
     arch: str | None = opt(
         None, choices=TRAIN_ARCHS, sweep=True, resolved="relu-l1", metavar="ARCH[,ARCH...]"
     )
-    """Architecture: relu-l1, topk, batchtopk or matryoshka-batchtopk (crosscoders: batchtopk by default)."""
+    """Architecture: relu-l1, topk, batchtopk, matryoshka-batchtopk or transcoder (crosscoders: batchtopk by
+    default)."""
+    source: str | None = opt(None, metavar="SITE[@LAYER]", shown="resid at --layer")
+    """Transcoder: the rows it reads, a site of --model (resid, mlp_in, mlp_out, attn_out) at --layer or @LAYER."""
+    target: str | None = opt(None, metavar="SITE[@LAYER]")
+    """Transcoder: the rows it reconstructs, e.g. mlp_out (the same block's MLP output) or mlp_out@4."""
+    skip: bool = False
+    """Transcoder: add a linear skip connection from its input to its output (a skip transcoder)."""
     d_sae: int | None = opt(None, sweep=True, shown="expansion x d_model")
     """Number of features."""
     expansion: float | None = opt(None, resolved=DEFAULT_EXPANSION)
@@ -428,6 +480,7 @@ class TrainConfig:
             raise ConfigError(
                 f"--k is for {' / '.join(n for n in TRAIN_ARCHS if get_arch(n).uses_k)}; {self.arch} uses --l1"
             )
+        self._check_transcoder(crosscoder)
         # a crosscoder's sources: parsed now, so a bad --models / --layers fails before any work
         srcs = self.sources()
         if srcs is not None:
@@ -488,6 +541,40 @@ class TrainConfig:
             f = min(f, (total_steps - step) / decay)
         return max(f, 0.0)
 
+    def _check_transcoder(self, crosscoder: bool) -> None:
+        """A transcoder's --source / --target, resolved to ``SITE@LAYER`` (so resolving again changes nothing), and
+        ``model`` / ``layer`` set to its source; ConfigError for them without --arch transcoder."""
+        if not get_arch(str(self.arch)).transcoder:
+            if self.source is not None or self.target is not None or self.skip:
+                raise ConfigError("--source, --target and --skip are for --arch transcoder")
+            return
+        if self.target is None:
+            raise ConfigError(
+                "--arch transcoder needs --target SITE[@LAYER], e.g. --source mlp_in --target mlp_out"
+            )
+        if crosscoder:
+            raise ConfigError("a transcoder reads one model: drop --models / --layers")
+        if self.init == "data" or self.resample:
+            raise ConfigError("--init data and --resample are for SAEs, not transcoders")
+        self.source = parse_site(self.source or "resid", self.layer)
+        self.target = parse_site(self.target, self.layer)
+        src, _ = self.transcoder_pair() or (None, None)
+        if src is not None:
+            self.model, self.layer = src.model, src.layer
+
+    def transcoder_pair(self) -> tuple[Source, Source] | None:
+        """A transcoder's (source, target) rows of the store, None for an SAE or crosscoder."""
+        from actstore.models.names import base_key, site_key
+
+        if self.source is None or self.target is None:
+            return None
+        base = base_key(self.model)
+        out = []
+        for spec in (self.source, self.target):
+            site, layer = spec.split("@")
+            out.append(Source(site_key(base, site), int(layer)))
+        return out[0], out[1]
+
     def sources(self) -> list[Source] | None:
         """A crosscoder's sources (``models`` / ``layers``), None for an SAE."""
         if self.models is None and self.layers is None:
@@ -500,6 +587,8 @@ class TrainConfig:
         from actstore.models.names import sanitize_key
 
         srcs = self.sources()
+        if self.target is not None:  # a transcoder: MODEL-lLAYER-transcoder-TARGET-D_SAE
+            return sanitize_key(f"{self.model}-l{self.layer}-{self.arch}-{self.target}-{d_sae}")
         if srcs is None:
             return sanitize_key(f"{self.model}-l{self.layer}-{self.arch}-{d_sae}")
         models = "-".join(dict.fromkeys(s.model for s in srcs))

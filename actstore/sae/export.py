@@ -11,6 +11,7 @@ from safetensors.torch import save as st_save
 
 from actstore.errors import ConfigError
 from actstore.format import layout
+from actstore.models.names import SITES
 from actstore.sae.archs import get_arch
 from actstore.sae.config import EXPORT_FORMATS
 from actstore.sae.files import load_sae
@@ -22,12 +23,30 @@ if TYPE_CHECKING:
 
 
 # ---------------------------------------------------------------- export
+TL_HOOKS = {
+    "resid": "hook_resid_pre",
+    "mlp_in": "ln2.hook_normalized",
+    "mlp_out": "hook_mlp_out",
+    "attn_out": "hook_attn_out",
+}
+"""TransformerLens's hook point of each ``extract --site`` (what SAELens's ``hook_name`` names)."""
+
+
+def tl_hook(model: str | None, layer: int | None) -> str:
+    """The TransformerLens hook name of a store key's rows at ``layer`` (``minilm.mlp_out`` @ 3 ->
+    ``blocks.3.hook_mlp_out``)."""
+    if layer is None:
+        return "hook"
+    site = next((s for s in SITES[1:] if str(model).endswith(f".{s}")), "resid")
+    return f"blocks.{layer}.{TL_HOOKS[site]}"
+
+
 def saelens_cfg(sae: SAE) -> dict[str, Any]:
     """A ``cfg.json`` SAELens can load (v6 keys plus the v5 ones older loaders read)."""
     c = sae.cfg
     ours = get_arch(c.arch)
     arch = ours.saelens_architecture
-    hook = f"blocks.{c.layer}.hook_resid_pre" if c.layer is not None else "hook"
+    hook = tl_hook(c.model, c.layer)
     out: dict[str, Any] = {
         "architecture": arch,
         "d_in": c.d_in,
@@ -52,6 +71,7 @@ def saelens_cfg(sae: SAE) -> dict[str, Any]:
                 "l1": c.l1,
                 "norm_scale_folded": c.norm_scale,
                 "name": c.name,
+                "target": c.target,
             },
         },
         # legacy (SAELens < 6) keys
@@ -67,6 +87,11 @@ def saelens_cfg(sae: SAE) -> dict[str, Any]:
         "sae_lens_training_version": None,
     }
     out.update(ours.saelens_cfg(sae))
+    if (
+        c.target is not None
+    ):  # a transcoder: where its output goes (SAELens keeps it in the metadata)
+        out["metadata"]["hook_name_out"] = tl_hook(c.target["model"], c.target["layer"])
+        out["metadata"]["hook_layer_out"] = c.target["layer"]
     return out
 
 

@@ -39,7 +39,9 @@ def spliced_fidelity(
 ) -> dict[str, Any] | None:
     """The fidelity of ``sae`` spliced into the store's model on ``samples``: :func:`task_accuracy` for a
     classifier, :func:`lm_loss_recovered` for a decoder LM, None for a model without a head or a crosscoder."""
-    if sae.cfg.is_crosscoder:
+    if (
+        sae.cfg.is_crosscoder or sae.cfg.is_transcoder
+    ):  # a splice replaces a layer by its own reconstruction
         return None
     arch = str(store.model_info(sae.cfg.model).architecture or "")
     if CLASSIFIER in arch:

@@ -43,6 +43,7 @@ STREAM_FIELDS = (
     "layer",
     "models",
     "layers",
+    "target",  # a transcoder reads its target beside its source
     "batch_size",
     "buffer_mb",
     "eval_fraction",

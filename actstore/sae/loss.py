@@ -48,16 +48,19 @@ def sae_loss(
     aux_k: int,
     aux_coef: float,
     widths: list[int] | None = None,
+    target: torch.Tensor | None = None,
 ) -> LossParts:
     """Training loss of ``sae`` on raw activations ``x (b, d_in)``; ``dead`` is a bool ``(d_sae,)`` mask. A nested
     (Matryoshka) SAE adds, for each inner width ``w`` of ``widths`` (the last is d_sae: the whole reconstruction),
-    the MSE of reconstructing ``x`` from its first ``w`` latents alone."""
+    the MSE of reconstructing ``x`` from its first ``w`` latents alone. A transcoder reconstructs ``target (b,
+    d_in)`` (raw rows of its target site) instead of ``x``, plus its skip connection's part."""
     # (b, d_in); a crosscoder's (b, n_sources * d_in), each source by its own scale
     xn = x * sae.scale
+    tn = xn if target is None else target * sae.out_scale  # what it reconstructs, normalised
     arch, kept = get_arch(sae.cfg.arch), None
     inner: list[torch.Tensor] = []
     if arch.uses_k:  # sparse: only the encoder's forward is a dense (b, d_in, d_sae) matmul
-        xc = xn - sae.b_dec
+        xc = xn if arch.transcoder else xn - sae.b_dec
         if arch.fixed_topk:
             # (b, k), (b, d_sae)
             vals, idx, pre = TopKEncode.apply(xc, sae.W_enc, sae.b_enc, int(sae.cfg.k))
@@ -82,9 +85,11 @@ def sae_loss(
         x_hat_n = sae.decode_normalised(acts)
         # (d_sae,); acts >= 0, and a float sum beats a bool one 10x on CPU
         fired = torch.sign(acts).sum(0).long()
-    mse = ((x_hat_n - xn) ** 2).mean()
+    if sae.cfg.skip:
+        x_hat_n = x_hat_n + sae.skip_normalised(xn)
+    mse = ((x_hat_n - tn) ** 2).mean()
     nested = (
-        sum((((xi - xn) ** 2).mean() for xi in inner), torch.zeros((), device=x.device))
+        sum((((xi - tn) ** 2).mean() for xi in inner), torch.zeros((), device=x.device))
         if inner
         else None
     )
@@ -94,27 +99,32 @@ def sae_loss(
         return LossParts(mse + l1 * penalty, mse, penalty, acts, x_hat_n, fired)
     penalty = torch.zeros((), device=x.device)
     if dead is not None and bool(dead.any()):
-        penalty = aux_loss(sae, xn, x_hat_n, dead, aux_k)
+        penalty = aux_loss(sae, xn, x_hat_n, dead, aux_k, tn)
     loss = mse + aux_coef * penalty + (nested if nested is not None else 0.0)
     return LossParts(loss, mse, penalty, acts, x_hat_n, fired, kept)
 
 
 def aux_loss(
-    sae: SAE, xn: torch.Tensor, x_hat_n: torch.Tensor, dead: torch.Tensor, aux_k: int
+    sae: SAE,
+    xn: torch.Tensor,
+    x_hat_n: torch.Tensor,
+    dead: torch.Tensor,
+    aux_k: int,
+    tn: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """AuxK (Gao et al. 2024): the MSE of reconstructing the residual ``xn - x_hat_n (b, d_in)`` from the ``aux_k``
-    largest pre-activations of the ``dead (d_sae,)`` latents, ReLU'd.
+    """AuxK (Gao et al. 2024): the MSE of reconstructing the residual ``tn - x_hat_n (b, d_in)`` (``tn``: what it
+    reconstructs, ``xn`` for an SAE) from the ``aux_k`` largest pre-activations of the ``dead (d_sae,)`` latents,
+    ReLU'd.
 
     Computed sparsely: the dead latents' pre-activations are one ``(b, d_in, n_dead)`` matmul and their gradients
     an index-add over the ``b * aux_k`` chosen entries (:class:`TopKEncode`), instead of a dense gradient through
     every pre-activation (two more ``(b, d_in, d_sae)`` matmuls per step). The values are the same.
     """
-    resid = (xn - x_hat_n).detach()  # (b, d_in)
+    resid = ((xn if tn is None else tn) - x_hat_n).detach()  # (b, d_in)
     dead_idx = dead.nonzero().squeeze(1)  # (n_dead,)
     kk = min(aux_k, len(dead_idx))
-    vals, sub, _ = TopKEncode.apply(
-        xn - sae.b_dec, sae.W_enc[:, dead_idx], sae.b_enc[dead_idx], kk
-    )  # (b, kk)
+    xc = xn if sae.cfg.is_transcoder else xn - sae.b_dec
+    vals, sub, _ = TopKEncode.apply(xc, sae.W_enc[:, dead_idx], sae.b_enc[dead_idx], kk)  # (b, kk)
     return (
         (decode_topk(vals, dead_idx[sub], sae.W_dec, torch.zeros_like(sae.b_dec)) - resid) ** 2
     ).mean()
@@ -134,7 +144,17 @@ def train_step(
     l1_penalty = get_arch(sae.cfg.arch).l1_penalty
     dead = None if l1_penalty else tracker.dead_mask()
     l1_now = float(cfg.l1 or 0.0) if l1 is None else l1
-    parts = sae_loss(sae, x, dead, l1_now, aux_k, cfg.aux_coef, cfg.matryoshka_widths)
+    x, target = sae.split_rows(x)  # a transcoder's rows: its source and target side by side
+    parts = sae_loss(
+        sae,
+        x,
+        dead,
+        l1_now,
+        aux_k,
+        cfg.aux_coef,
+        cfg.matryoshka_widths,
+        target if sae.cfg.is_transcoder else None,
+    )
     opt.zero_grad(set_to_none=True)
     parts.loss.backward()
     if not l1_penalty:  # unit decoder rows: their gradient along themselves is dropped
@@ -150,5 +170,5 @@ def train_step(
     if not l1_penalty:
         sae.set_decoder_norm()
     with torch.no_grad():
-        tracker.update(x, parts.x_hat_n / sae.scale, parts.fired)
+        tracker.update(target, parts.x_hat_n / sae.out_scale, parts.fired)
     return parts

@@ -31,16 +31,17 @@ def evaluate(
         return {}
     dev = sae.W_dec.device
     d_in, d_sae, n_src = sae.d_input, sae.cfg.d_sae, sae.cfg.n_sources
-    mean = x.double().mean(0).to(dev)  # (d_in,)
+    mean = sae.split_rows(x)[1].double().mean(0).to(dev)  # (d_in,) of what it reconstructs
     sse = torch.zeros(n_src, dtype=torch.float64, device=dev)  # per source (one for an SAE)
     var = torch.zeros(n_src, dtype=torch.float64, device=dev)
     l0 = 0.0
     fires = torch.zeros(d_sae, dtype=torch.float64, device=dev)
     for a in range(0, n, batch_size):
-        xb = x[a : a + batch_size].to(dev, non_blocking=True)  # (b, d_in)
+        # (b, d_in): its input, and what it reconstructs (a transcoder's target; an SAE's input)
+        xb, yb = sae.split_rows(x[a : a + batch_size].to(dev, non_blocking=True))
         rec = sae.reconstruct(xb)
-        sse += ((rec.x_hat - xb).double() ** 2).view(len(xb), n_src, -1).sum(dim=(0, 2))
-        var += ((xb.double() - mean) ** 2).view(len(xb), n_src, -1).sum(dim=(0, 2))
+        sse += ((rec.x_hat - yb).double() ** 2).view(len(xb), n_src, -1).sum(dim=(0, 2))
+        var += ((yb.double() - mean) ** 2).view(len(xb), n_src, -1).sum(dim=(0, 2))
         l0 += float(rec.fired.sum())
         fires += rec.fired.double()
     freq = fires / n

@@ -130,6 +130,11 @@ class SAE(nn.Module):
         else:
             scale = torch.tensor(float(cfg.norm_scale))
         self.register_buffer("scale", scale, persistent=False)
+        # the scale of the rows it reconstructs: a transcoder's target's, else its input's (a crosscoder's per column)
+        out_scale = torch.tensor(cfg.target_scale) if cfg.is_transcoder else scale.clone()
+        self.register_buffer("out_scale", out_scale, persistent=False)
+        if cfg.skip:  # transcoder: x_hat += x W_skip^T, in the normalised spaces; starts at zero
+            self.W_skip = nn.Parameter(torch.zeros(d_in, d_in))  # (d_out, d_in)
 
     def _encoder_scale(self, topk_scale: float) -> float:
         """The encoder starts as ``W_dec^T`` times this: 1 for relu-l1, ``topk_scale`` for topk / batchtopk."""
@@ -176,7 +181,8 @@ class SAE(nn.Module):
 
     def _pre_from(self, x_normed: torch.Tensor) -> torch.Tensor:
         """Pre-activations ``(n, d_sae)`` of inputs already through ``input_norm`` (not yet scaled by norm_scale)."""
-        xc = x_normed * self.scale - self.b_dec  # (n, d_in)
+        # (n, d_in); a transcoder's b_dec is in its target's space: its input is not centred
+        xc = x_normed * self.scale if self.cfg.is_transcoder else x_normed * self.scale - self.b_dec
         if xc.dim() == 2:  # the bias added inside the matmul: one pass over (n, d_sae) fewer
             return torch.addmm(self.b_enc, xc, self.W_enc)
         return xc @ self.W_enc + self.b_enc
@@ -216,8 +222,13 @@ class SAE(nn.Module):
 
     def decode(self, acts: torch.Tensor) -> torch.Tensor:
         """Reconstruction ``(n, d_in)`` in the model's activation space (an SAE with a per-token ``input_norm``:
-        in the normalised space; :meth:`forward` undoes it)."""
-        return self.decode_normalised(acts) / self.scale
+        in the normalised space; :meth:`forward` undoes it). A transcoder's is of its target, less the skip
+        connection's part (:meth:`forward` adds it: it needs the input)."""
+        return self.decode_normalised(acts) / self.out_scale
+
+    def skip_normalised(self, x_scaled: torch.Tensor) -> torch.Tensor:
+        """A skip transcoder's linear part ``(n, d_in)`` from its scaled input (normalised output space)."""
+        return x_scaled @ self.W_skip.T
 
     def forward(self, x: torch.Tensor, train: bool = False) -> SAEOutput:
         # normalised once: pre-activations and the undo
@@ -225,6 +236,8 @@ class SAE(nn.Module):
         pre = self._pre_from(x_normed)
         acts = self.activate(pre, train=train)
         x_hat = self.decode(acts)
+        if self.cfg.skip:
+            x_hat = x_hat + self.skip_normalised(x_normed * self.scale) / self.out_scale
         if undo is not None:  # back from the per-token normalised space
             x_hat = x_hat * undo[1] + undo[0]
         return SAEOutput(x_hat, acts, pre)
@@ -299,6 +312,8 @@ class SAE(nn.Module):
             "W_dec": (cfg.d_sae, cfg.d_in),
             "b_dec": (cfg.d_in,),
         }
+        if cfg.skip:
+            expect["W_skip"] = (cfg.d_in, cfg.d_in)
         if cfg.is_crosscoder:
             m = cfg.n_sources
             expect |= {
@@ -336,14 +351,25 @@ class SAE(nn.Module):
             raise ConfigError(
                 f"{self.cfg.name or 'this SAE'} is a crosscoder: it exports as an actstore folder only"
             )
-        s = float(self.cfg.norm_scale)
+        s, o = float(self.cfg.norm_scale), self.cfg.target_scale
         t = self.state_tensors()
-        return {
+        out = {
             "W_enc": (t["W_enc"] * s).contiguous(),  # (d_in, d_sae)
             "b_enc": t["b_enc"],  # (d_sae,)
-            "W_dec": (t["W_dec"] / s).contiguous(),  # (d_sae, d_in)
-            "b_dec": (t["b_dec"] / s).contiguous(),  # (d_in,)
+            "W_dec": (t["W_dec"] / o).contiguous(),  # (d_sae, d_out)
+            "b_dec": (t["b_dec"] / o).contiguous(),  # (d_out,)
         }
+        if self.cfg.skip:  # (d_out, d_in): x W_skip^T on raw rows
+            out["W_skip"] = (t["W_skip"] * (s / o)).contiguous()
+        return out
+
+    def split_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(inputs, targets)`` of training rows: a transcoder's rows hold its source and target side by side
+        ``(n, 2 * d_in)``; an SAE's are both."""
+        if not self.cfg.is_transcoder:
+            return rows, rows
+        d = self.cfg.d_in
+        return rows[:, :d], rows[:, d:]
 
 
 def check_d_in(cfg: SAEConfig, d_model: int, where: str, name: str | None = None) -> None:

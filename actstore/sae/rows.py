@@ -80,7 +80,11 @@ def training_rows(st: Store, cfg: TrainConfig) -> tuple[Any, int]:
     """The rows a run reads (a layer, or a crosscoder's sources side by side) and the SAE's input width per source;
     NotFoundError for a layer with no committed rows, a warning for a partly extracted one."""
     sources = cfg.sources()
-    if sources is None:
+    pair = cfg.transcoder_pair()
+    if pair is not None:  # a transcoder: its source and target rows side by side (the same tokens)
+        acts = stacked_activations(st, list(pair))
+        d_in = acts.d_source
+    elif sources is None:
         acts = st.activations(cfg.model, cfg.layer)  # NotFoundError names the model / layer
         d_in = acts.d_model
     else:  # a crosscoder: the sources' rows side by side (refused unless they are the same tokens)

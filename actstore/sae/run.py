@@ -161,7 +161,10 @@ class TrainingRun:
         """A new run of a resolved ``cfg`` (``identity``: the options as given, kept in its checkpoints): inputs
         scaled to mean squared norm d_in, ``b_dec`` at the (scaled) mean of a few chunks or zeros."""
         sources = cfg.sources()
-        n_src = len(sources) if sources else 1
+        pair = cfg.transcoder_pair()
+        n_src = (
+            len(sources) if sources else 2 if pair else 1
+        )  # row blocks: a transcoder's source and target
         d_in = acts.d_model // n_src
         data_init = cfg.init == "data"
         d_sae = int(cfg.d_sae or 0)
@@ -169,7 +172,7 @@ class TrainingRun:
             stream, cfg.seed, n_src, n_sample=d_sae if data_init else 0
         )
         scales = [math.sqrt(d_in / v) if cfg.normalize and v > 0 else 1.0 for v in mean_sq]
-        cross = (
+        cross: dict[str, Any] = (
             {}
             if sources is None
             else {
@@ -178,6 +181,11 @@ class TrainingRun:
                 "norm_scales": scales,
             }
         )
+        if pair is not None:
+            cross = {
+                "target": {"model": pair[1].model, "layer": pair[1].layer, "norm_scale": scales[1]},
+                "skip": bool(cfg.skip),
+            }
         sae = SAE(
             SAEConfig(
                 arch=str(cfg.arch),
@@ -195,9 +203,10 @@ class TrainingRun:
                 **cross,
             )
         )
-        if cfg.b_dec_init == "mean":
+        if cfg.b_dec_init == "mean":  # at the mean of what it reconstructs
+            target_mean = mean[d_in:] if pair is not None else mean
             with torch.no_grad():
-                sae.b_dec.copy_(torch.from_numpy(mean).float() * sae.scale)
+                sae.b_dec.copy_(torch.from_numpy(target_mean).float() * sae.out_scale)
         if data_init:
             sae.init_from_rows(torch.from_numpy(sample) * sae.scale)
         meta = {"step": 0, "history": [], "threshold_ema": None, "config": identity}
@@ -280,7 +289,8 @@ class TrainingRun:
             if i >= CALIBRATION_BATCHES:
                 break
             # (b, d_sae)
-            acts = self.sae.activate(self.sae.pre_acts(batch.to(self.device)), train=True)
+            inputs = self.sae.split_rows(batch.to(self.device))[0]  # a transcoder's: its source
+            acts = self.sae.activate(self.sae.pre_acts(inputs), train=True)
             pos = acts[acts > 0]
             if pos.numel():
                 mins.append(float(pos.min()))

@@ -35,8 +35,8 @@ from actstore.format import codecs, layout
 from actstore.format.layout import FORMAT_VERSION, check_name
 from actstore.format.metadata import LayerAttrs, ModelAttrs, StoreAttrs, has_attrs
 from actstore.models.loading import auto_device, load_model, resolve_dtype, torch_threads
-from actstore.models.names import default_model_key
-from actstore.models.sites import check_site_layers, site_key
+from actstore.models.names import default_model_key, site_key
+from actstore.models.sites import check_site_layers
 from actstore.storage.integrity import update_manifest
 from actstore.storage.location import Location, open_location
 from actstore.storage.locks import LockSet

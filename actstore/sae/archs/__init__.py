@@ -11,9 +11,11 @@ from actstore.sae.archs.jumprelu import JumpReLU
 from actstore.sae.archs.matryoshka import MatryoshkaBatchTopK
 from actstore.sae.archs.relu_l1 import ReluL1
 from actstore.sae.archs.topk import TopK
+from actstore.sae.archs.transcoder import Transcoder
 
 REGISTRY: dict[str, Arch] = {
-    a.name: a for a in (ReluL1(), TopK(), BatchTopK(), MatryoshkaBatchTopK(), JumpReLU())
+    a.name: a
+    for a in (ReluL1(), TopK(), BatchTopK(), MatryoshkaBatchTopK(), Transcoder(), JumpReLU())
 }
 """Every architecture an SAE may have, by name (the order of ``--arch``'s choices)."""
 ARCHS = tuple(REGISTRY)

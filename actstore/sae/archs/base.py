@@ -34,6 +34,8 @@ class Arch:
     l1_penalty: bool = False
     """Sparsity by a decoder-norm-weighted L1 penalty (relu-l1): decoder rows of free norm starting at 0.1, the L1
     warm-up, no AuxK loss; otherwise unit decoder rows and AuxK on the dead latents."""
+    transcoder: bool = False
+    """Reads one site and reconstructs another (``--source`` / ``--target``), not its own input."""
     nested: bool = False
     """Trained as nested prefixes of its dictionary, each prefix's reconstruction loss added (Matryoshka)."""
     per_feature_threshold: bool = False
