@@ -30,26 +30,36 @@ MATRYOSHKA_INNER = [128, 512, 2048]
 """SynthSAEBench's Matryoshka prefixes (experiments/sweeps/common.py), below d_sae."""
 
 
-def store_rows(path: str, batch: int) -> Iterator[torch.Tensor]:
-    """The store's rows in order, ``(batch, d)`` at a time (what SAELens's trainer is fed)."""
+def store_rows(path: str, batch: int, epochs: int = 1) -> Iterator[torch.Tensor]:
+    """The store's rows in order, ``(batch, d)`` at a time, ``epochs`` times (what SAELens's trainer is fed; the
+    rows are independent draws, so their order does not matter)."""
     from actstore.store.reader import open_store
 
     arr = open_store(path).activations("synth", 0)
     n = len(arr)
     step = max(batch, arr.chunk_rows)
-    pending: list[np.ndarray] = []
-    have = 0
-    for start in range(0, n, step):
-        pending.append(np.asarray(arr[start : min(n, start + step)], dtype=np.float32))
-        have += len(pending[-1])
-        while have >= batch:
-            block = np.concatenate(pending)
-            yield torch.from_numpy(block[:batch].copy())
-            pending, have = [block[batch:]], len(block) - batch
+    for _ in range(epochs):
+        pending: list[np.ndarray] = []
+        have = 0
+        for start in range(0, n, step):
+            pending.append(np.asarray(arr[start : min(n, start + step)], dtype=np.float32))
+            have += len(pending[-1])
+            while have >= batch:
+                block = np.concatenate(pending)
+                yield torch.from_numpy(block[:batch].copy())
+                pending, have = [block[batch:]], len(block) - batch
 
 
 def train_saelens(
-    arch: str, path: str, d_in: int, d_sae: int, k: int, rows: int, batch: int, lr: float
+    arch: str,
+    path: str,
+    d_in: int,
+    d_sae: int,
+    k: int,
+    rows: int,
+    batch: int,
+    lr: float,
+    epochs: int = 1,
 ):
     """SAELens's own trainer on the store's rows: its BatchTopK or Matryoshka BatchTopK, SynthSAEBench's
     settings (Adam 0.9/0.999, constant lr, no warm-up)."""
@@ -76,7 +86,9 @@ def train_saelens(
         n_checkpoints=0,
         checkpoint_path=None,
         save_final_checkpoint=False,
-        total_training_samples=rows // batch * batch,  # whole batches: the rows there are
+        total_training_samples=epochs
+        * (rows // batch)
+        * batch,  # whole batches: the rows there are
         device="cpu",
         autocast=False,
         lr=lr,
@@ -94,7 +106,10 @@ def train_saelens(
         n_batches_for_norm_estimate=1000,
     )
     trainer = SAETrainer(
-        cfg=cfg, sae=sae, data_provider=store_rows(path, batch), save_checkpoint_fn=lambda p: None
+        cfg=cfg,
+        sae=sae,
+        data_provider=store_rows(path, batch, epochs),
+        save_checkpoint_fn=lambda p: None,
     )
     return trainer.fit()
 
@@ -112,6 +127,7 @@ def main() -> None:
     ap.add_argument("--d-sae", type=int, default=4096)
     ap.add_argument("--k", type=int, default=25)
     ap.add_argument("--batch", type=int, default=1024)
+    ap.add_argument("--epochs", type=int, default=1, help="passes over the rows, for every trainer")
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--archs", default="batchtopk,matryoshka-batchtopk")
     ap.add_argument(
@@ -176,7 +192,7 @@ def main() -> None:
             extra["matryoshka_widths"] = [w for w in MATRYOSHKA_INNER if w < args.d_sae]
         if args.recipe == "saelens":
             extra.update(lr=args.lr, lr_warmup=0.0, lr_decay=0.0, optimizer="adam")
-        tc = TrainConfig(model="synth", layer=0, arch=arch, d_sae=args.d_sae, k=args.k, epochs=1,
+        tc = TrainConfig(model="synth", layer=0, arch=arch, d_sae=args.d_sae, k=args.k, epochs=args.epochs,
                          batch_size=args.batch, device="cpu", name=f"{arch}-{args.recipe}", overwrite=True,
                          eval_fraction=0.01, max_eval_tokens=10_000, **extra)  # fmt: skip
         t0 = time.perf_counter()
@@ -186,11 +202,13 @@ def main() -> None:
         with torch.no_grad():
             m = score(sae.W_dec, actstore_encoder(sae))
         rows.append({"trainer": "actstore", "arch": arch, "recipe": args.recipe, "seconds": round(secs, 1),
-                     "rows_per_s": round(args.rows / secs), **m})  # fmt: skip
+                     "epochs": args.epochs, "rows_per_s": round(args.epochs * args.rows / secs), **m})  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
     for arch in [a for a in args.saelens.split(",") if a]:
         t0 = time.perf_counter()
-        sae = train_saelens(arch, store, d, args.d_sae, args.k, args.rows, args.batch, args.lr)
+        sae = train_saelens(
+            arch, store, d, args.d_sae, args.k, args.rows, args.batch, args.lr, args.epochs
+        )
         secs = time.perf_counter() - t0
         sae.eval()
 
@@ -201,11 +219,11 @@ def main() -> None:
         with torch.no_grad():
             m = score(sae.W_dec, encode)
         rows.append({"trainer": "saelens", "arch": arch, "recipe": "saelens", "seconds": round(secs, 1),
-                     "rows_per_s": round(args.rows / secs), **m})  # fmt: skip
+                     "epochs": args.epochs, "rows_per_s": round(args.epochs * args.rows / secs), **m})  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
-    (out / f"synthsaebench-{args.rows}{'-small' if args.small else ''}.json").write_text(
-        json.dumps(rows, indent=1)
-    )
+    (
+        out / f"synthsaebench-{args.rows}x{args.epochs}{'-small' if args.small else ''}.json"
+    ).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
