@@ -130,11 +130,17 @@ def test_an_sae_trained_on_the_store_recovers_the_planted_features(small_model, 
                       device="cpu", name="btk")  # fmt: skip
     sae = train_sae(path, cfg, progress=False).sae.eval()
     feats = small_model.feature_dict.feature_vectors
-    trained = ground_truth_metrics(
-        sae.W_dec, feats, truth_batches(small_model, 5000, 1000, seed=9), actstore_encoder(sae)
-    )
+
+    def score(s):
+        return ground_truth_metrics(
+            s.W_dec, feats, truth_batches(small_model, 5000, 1000, seed=9), actstore_encoder(s)
+        )
+
+    trained = score(sae)
+    from actstore.sae.model import SAE
+
     torch.manual_seed(0)
-    rand = torch.randn(128, 32)
-    assert trained.mcc > mcc(rand, feats) + 0.2, trained
-    assert trained.f1 > 0.3, trained
-    assert trained.explained_variance > 0.5, trained
+    untrained = score(SAE(sae.cfg).eval())  # the same SAE before training: chance
+    assert trained.mcc > untrained.mcc + 0.05, (trained, untrained)
+    assert trained.f1 > 3 * untrained.f1, (trained, untrained)
+    assert trained.explained_variance > 0.8, trained

@@ -137,3 +137,37 @@ def test_matryoshka_keeps_parent_latents_that_batchtopk_absorbs_into_children(tm
         torch.set_num_threads(n)
     assert f1["batchtopk"] < 0.7, f1  # absorption is there to resist
     assert f1["matryoshka-batchtopk"] >= f1["batchtopk"] + 0.05, f1
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_killed_run_resumes_to_the_same_weights(tmp_path, one_thread):
+    from actstore.sae.train import train_sae
+    from actstore.testing.synthetic import planted_dictionary, write_synthetic_store
+
+    pd = planted_dictionary(n_atoms=48, d=24, k_active=3, seed=0)
+    path = str(tmp_path / "p.zarr")
+    write_synthetic_store(path, pd.rows(8192), 8192, 24, chunk_rows=1024)
+
+    def cfg(name: str) -> TrainConfig:
+        return TrainConfig(model="synth", layer=0, arch="matryoshka-batchtopk", d_sae=64, k=3, epochs=2,
+                           batch_size=256, checkpoint_every=9, buffer_mb=1, device="cpu", task_samples=0,
+                           matryoshka_widths=[8, 32], name=name)  # fmt: skip
+
+    full = train_sae(path, cfg("full"), progress=False)
+
+    def die(step, _info):
+        if step == 30:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_sae(path, cfg("cut"), progress=False, on_step=die)
+    res = train_sae(path, cfg("cut"), progress=False)
+    assert res.resumed_from == 27 and res.steps == full.steps
+    assert res.sae.cfg.training["matryoshka_widths"] == [8, 32, 64]
+    for key in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold"):
+        torch.testing.assert_close(
+            getattr(res.sae, key), getattr(full.sae, key), rtol=1e-5, atol=1e-6
+        )
