@@ -117,6 +117,12 @@ def test_a_site_trains_and_encodes_as_a_model_does(tmp_path, corpus_file, tiny_b
     assert len(names) == 1 and read_config(st, names[0]).model == "tiny.mlp_out"
     r = CliRunner().invoke(main, ["encode", store, "--sae", names[0], "--device", "cpu", "--quiet"])
     assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["info", store])
+    assert (
+        r.exit_code == 0
+        and "model tiny.mlp_out:" in r.output
+        and "site mlp_out of each block" in r.output
+    )
 
 
 def test_a_block_past_the_last_is_one_line_and_writes_no_model(

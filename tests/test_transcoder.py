@@ -155,6 +155,11 @@ def test_trained_encoded_and_loaded_by_saelens_with_equal_encodes(bert_sites, tm
         main, ["encode", bert_sites, "--sae", "tc", "--device", "cpu", "--quiet"]
     )
     assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["info", bert_sites])
+    assert (
+        "sae tc: transcoder 32->96 on tiny.mlp_in layer 1, reconstructing tiny.mlp_out layer 1"
+        in r.output
+    )
     out = tmp_path / "lens"
     r = CliRunner().invoke(
         main,

@@ -52,6 +52,7 @@ def info(store: str, storage_options: tuple[str, ...], as_json: bool) -> None:
         lines.append(
             f"  model {m}: {info_.get('source')} ({info_.get('architecture')}, d_model {info_.get('d_model')}, "
             f"{info_.get('n_layers')} layers, weights {str(info_.get('weights_sha256'))[:12]})"
+            + (f"; site {info_['site']} of each block" if info_.get("site") else "")
         )
         for layer, la in info_["layers"].items():
             lines.append(f"    layer {layer}: {la.get('codec')}, {la.get('state')}")

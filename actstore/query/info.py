@@ -45,6 +45,13 @@ def store_info(store: Store) -> dict[str, Any]:
     return out
 
 
+def _target(t: Any) -> str:
+    """A transcoder's target, as ``info`` shows it (a store's value: only printed, as text)."""
+    if not isinstance(t, dict):
+        return ""
+    return f", reconstructing {t.get('model')} layer {t.get('layer')}"
+
+
 def provenance(store: Store) -> dict[str, Any]:
     """What made the store: per model and layer, the model (id, revision, weights hash), tokenizer hash,
     corpus (file hash, row count), codec, actstore version, the full extraction config, and times."""
@@ -96,7 +103,16 @@ def provenance(store: Store) -> dict[str, Any]:
             cfg = {"error": "cfg.json unreadable"}
         out["saes"][name] = {
             k: cfg.get(k)
-            for k in ("model", "layer", "arch", "d_in", "d_sae", "actstore_version", "training")
+            for k in (
+                "model",
+                "layer",
+                "arch",
+                "d_in",
+                "d_sae",
+                "target",
+                "actstore_version",
+                "training",
+            )
         }
     out["store"]["updated"] = max((u for u in updated if u), default=None)
     try:
@@ -141,5 +157,6 @@ def provenance_lines(prov: dict[str, Any]) -> list[str]:
     for name, sae in prov["saes"].items():
         lines.append(
             f"sae {name}: {sae.get('arch')} {sae.get('d_in')}->{sae.get('d_sae')} on {sae.get('model')} layer {sae.get('layer')}"
+            + (_target(sae.get("target")) if sae.get("target") else "")
         )
     return lines
