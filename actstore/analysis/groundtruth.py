@@ -69,20 +69,28 @@ def abs_cosines(decoder: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
 
 def mcc(decoder: torch.Tensor, features: torch.Tensor) -> float:
     """Mean ``|cos|`` of the best one-to-one matching of decoder rows to true directions."""
-    # scikit-learn's dependency; only this metric needs it
-    from scipy.optimize import linear_sum_assignment
-
-    cos = abs_cosines(decoder, features)  # (d_sae, n_true)
-    rows, cols = linear_sum_assignment(1 - cos.detach().numpy())
-    return float(cos[torch.as_tensor(rows), torch.as_tensor(cols)].mean())
+    return _mcc(abs_cosines(decoder, features))
 
 
 def uniqueness(decoder: torch.Tensor, features: torch.Tensor) -> float:
     """Distinct true features among the latents' best matches, over the number of latents."""
-    if len(decoder) == 0:
+    return _uniqueness(abs_cosines(decoder, features))
+
+
+def _mcc(cos: torch.Tensor) -> float:
+    """:func:`mcc` from the ``|cos|`` matrix ``(d_sae, n_true)``."""
+    # scikit-learn's dependency; only this metric needs it
+    from scipy.optimize import linear_sum_assignment
+
+    rows, cols = linear_sum_assignment(1 - cos.numpy())
+    return float(cos[torch.as_tensor(rows), torch.as_tensor(cols)].mean())
+
+
+def _uniqueness(cos: torch.Tensor) -> float:
+    """:func:`uniqueness` from the ``|cos|`` matrix ``(d_sae, n_true)``."""
+    if len(cos) == 0:
         return 0.0
-    best = abs_cosines(decoder, features).argmax(dim=1)  # (d_sae,)
-    return len(best.unique()) / len(decoder)
+    return len(cos.argmax(dim=1).unique()) / len(cos)
 
 
 def ground_truth_metrics(
@@ -93,10 +101,9 @@ def ground_truth_metrics(
 ) -> GroundTruthResult:
     """Score an SAE (``decoder (d_sae, d)`` and ``encode``) against true directions ``features (n_true, d)`` on
     ``batches`` of rows with their true codes."""
-    decoder = decoder.detach().float().cpu()
-    features = features.detach().float().cpu()
-    d_sae = len(decoder)
-    best = abs_cosines(decoder, features).argmax(dim=1)  # (d_sae,): each latent's true feature
+    cos = abs_cosines(decoder, features)  # (d_sae, n_true), once for every metric
+    d_sae = len(cos)
+    best = cos.argmax(dim=1)  # (d_sae,): each latent's true feature
     tp = torch.zeros(d_sae, dtype=torch.float64)
     fp = torch.zeros(d_sae, dtype=torch.float64)
     fn = torch.zeros(d_sae, dtype=torch.float64)
@@ -133,8 +140,8 @@ def ground_truth_metrics(
     )
     variance = sq_norm / n - float((sum_x / n).pow(2).sum())
     return GroundTruthResult(
-        mcc=mcc(decoder, features),
-        uniqueness=uniqueness(decoder, features),
+        mcc=_mcc(cos),
+        uniqueness=_uniqueness(cos),
         f1=float(f1.mean()),
         precision=float(precision.mean()),
         recall=float(recall.mean()),
@@ -154,11 +161,6 @@ def actstore_encoder(sae: torch.nn.Module) -> Callable[[torch.Tensor], Encoded]:
         return Encoded(out.acts, out.x_hat)
 
     return encode
-
-
-def decoder_directions(sae: torch.nn.Module) -> torch.Tensor:
-    """An actstore SAE's decoder rows ``(d_sae, d_in)`` (their directions are what the metrics compare)."""
-    return sae.W_dec.detach()  # type: ignore[return-value]
 
 
 def as_numpy(result: GroundTruthResult) -> dict[str, float]:

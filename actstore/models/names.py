@@ -31,12 +31,15 @@ def site_key(model_key: str, site: str) -> str:
     return f"{model_key}.{site}"
 
 
+def key_site(model_key: str) -> str:
+    """The site a store key names (``minilm.mlp_out`` -> ``mlp_out``; ``minilm`` -> ``resid``)."""
+    return next((s for s in SITES[1:] if model_key.endswith(f".{s}")), "resid")
+
+
 def base_key(model_key: str) -> str:
     """The model's own key from a site's (``minilm.mlp_out`` -> ``minilm``)."""
-    for site in SITES[1:]:
-        if model_key.endswith(f".{site}"):
-            return model_key[: -len(site) - 1]
-    return model_key
+    site = key_site(model_key)
+    return model_key if site == "resid" else model_key[: -len(site) - 1]
 
 
 def resolve_model(model: str) -> str:

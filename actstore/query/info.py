@@ -157,6 +157,6 @@ def provenance_lines(prov: dict[str, Any]) -> list[str]:
     for name, sae in prov["saes"].items():
         lines.append(
             f"sae {name}: {sae.get('arch')} {sae.get('d_in')}->{sae.get('d_sae')} on {sae.get('model')} layer {sae.get('layer')}"
-            + (_target(sae.get("target")) if sae.get("target") else "")
+            + _target(sae.get("target"))
         )
     return lines

@@ -11,7 +11,7 @@ from safetensors.torch import save as st_save
 
 from actstore.errors import ConfigError
 from actstore.format import layout
-from actstore.models.names import SITES
+from actstore.models.names import key_site
 from actstore.sae.archs import get_arch
 from actstore.sae.config import EXPORT_FORMATS
 from actstore.sae.files import load_sae
@@ -37,8 +37,7 @@ def tl_hook(model: str | None, layer: int | None) -> str:
     ``blocks.3.hook_mlp_out``)."""
     if layer is None:
         return "hook"
-    site = next((s for s in SITES[1:] if str(model).endswith(f".{s}")), "resid")
-    return f"blocks.{layer}.{TL_HOOKS[site]}"
+    return f"blocks.{layer}.{TL_HOOKS[key_site(str(model))]}"
 
 
 def saelens_cfg(sae: SAE) -> dict[str, Any]:

@@ -60,7 +60,7 @@ def sae_loss(
     arch, kept = get_arch(sae.cfg.arch), None
     inner: list[torch.Tensor] = []
     if arch.uses_k:  # sparse: only the encoder's forward is a dense (b, d_in, d_sae) matmul
-        xc = xn if arch.transcoder else xn - sae.b_dec
+        xc = sae.centred(xn)
         if arch.fixed_topk:
             # (b, k), (b, d_sae)
             vals, idx, pre = TopKEncode.apply(xc, sae.W_enc, sae.b_enc, int(sae.cfg.k))
@@ -123,8 +123,9 @@ def aux_loss(
     resid = ((xn if tn is None else tn) - x_hat_n).detach()  # (b, d_in)
     dead_idx = dead.nonzero().squeeze(1)  # (n_dead,)
     kk = min(aux_k, len(dead_idx))
-    xc = xn if sae.cfg.is_transcoder else xn - sae.b_dec
-    vals, sub, _ = TopKEncode.apply(xc, sae.W_enc[:, dead_idx], sae.b_enc[dead_idx], kk)  # (b, kk)
+    vals, sub, _ = TopKEncode.apply(
+        sae.centred(xn), sae.W_enc[:, dead_idx], sae.b_enc[dead_idx], kk
+    )  # (b, kk)
     return (
         (decode_topk(vals, dead_idx[sub], sae.W_dec, torch.zeros_like(sae.b_dec)) - resid) ** 2
     ).mean()

@@ -181,11 +181,15 @@ class SAE(nn.Module):
 
     def _pre_from(self, x_normed: torch.Tensor) -> torch.Tensor:
         """Pre-activations ``(n, d_sae)`` of inputs already through ``input_norm`` (not yet scaled by norm_scale)."""
-        # (n, d_in); a transcoder's b_dec is in its target's space: its input is not centred
-        xc = x_normed * self.scale if self.cfg.is_transcoder else x_normed * self.scale - self.b_dec
+        xc = self.centred(x_normed * self.scale)  # (n, d_in)
         if xc.dim() == 2:  # the bias added inside the matmul: one pass over (n, d_sae) fewer
             return torch.addmm(self.b_enc, xc, self.W_enc)
         return xc @ self.W_enc + self.b_enc
+
+    def centred(self, x_scaled: torch.Tensor) -> torch.Tensor:
+        """What the encoder reads of scaled inputs ``(n, d_in)``: ``x - b_dec``; a transcoder's as they are (its
+        ``b_dec`` is in its target's space)."""
+        return x_scaled if self.cfg.is_transcoder else x_scaled - self.b_dec
 
     def _norm_in(
         self, x: torch.Tensor

@@ -172,16 +172,14 @@ class TrainingRun:
             stream, cfg.seed, n_src, n_sample=d_sae if data_init else 0
         )
         scales = [math.sqrt(d_in / v) if cfg.normalize and v > 0 else 1.0 for v in mean_sq]
-        cross: dict[str, Any] = (
-            {}
-            if sources is None
-            else {
+        cross: dict[str, Any] = {}
+        if sources is not None:
+            cross = {
                 "models": [s.model for s in sources],
                 "layers": [s.layer for s in sources],
                 "norm_scales": scales,
             }
-        )
-        if pair is not None:
+        elif pair is not None:
             cross = {
                 "target": {"model": pair[1].model, "layer": pair[1].layer, "norm_scale": scales[1]},
                 "skip": bool(cfg.skip),
