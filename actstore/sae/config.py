@@ -107,12 +107,24 @@ class SAEConfig:
             raise ConfigError(
                 f"a {self.arch} {'needs' if self.target is None else 'has no'} target rows (cfg.json 'target')"
             )
-        if self.target is not None:
+        if self.target is not None:  # from a store's cfg.json: any JSON at all
             t = self.target
-            if not isinstance(t.get("model"), str) or not isinstance(t.get("layer"), int):
-                raise ConfigError(f"a transcoder's target needs a model key and a layer, got {t}")
-            if float(t.get("norm_scale", 1.0)) <= 0:
-                raise ConfigError(f"a transcoder's target norm_scale must be positive, got {t}")
+            scale = t.get("norm_scale", 1.0) if isinstance(t, dict) else None
+            if (
+                not isinstance(t, dict)
+                or not isinstance(t.get("model"), str)
+                or not isinstance(t.get("layer"), int)
+                or isinstance(t.get("layer"), bool)
+                or not isinstance(scale, int | float)
+                or isinstance(scale, bool)
+                or not 0 < scale < math.inf
+            ):
+                raise ConfigError(
+                    "a transcoder's target must be {model: key, layer: int, norm_scale: positive number}, "
+                    f"got {str(t)[:120]!r}"
+                )
+        if not isinstance(self.skip, bool):
+            raise ConfigError(f"skip must be true or false, got {str(self.skip)[:40]!r}")
         if self.skip and self.target is None:
             raise ConfigError("a skip connection is for transcoders")
         if self.models is not None or self.layers is not None:
