@@ -198,4 +198,44 @@ def test_a_target_the_store_lacks_is_one_line(bert_sites):
         ["train", bert_sites, "--model", "tiny", "--layer", "1", "--arch", "transcoder", "--source", "mlp_in",
          "--target", "attn_out", "--k", "8", "--device", "cpu", "--quiet"],
     )  # fmt: skip
-    one_line_error(r, "tiny.attn_out")
+    one_line_error(r, "tiny.attn_out", "extract it with --site attn_out --layers 1")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"target": {"model": "m.mlp_out", "layer": 1, "norm_scale": "abc"}},
+        {"target": {"model": "m.mlp_out", "layer": 1, "norm_scale": -1}},
+        {"target": {"model": "m.mlp_out", "layer": "1", "norm_scale": 1.0}},
+        {"target": ["m.mlp_out", 1]},
+        {"skip": "yes"},
+    ],
+)
+def test_a_hostile_cfg_json_target_is_one_line(bert_sites, tmp_path, bad):
+    """A teammate's store whose transcoder cfg.json (manifest re-signed) carries a target or skip of the wrong
+    type: encode and export refuse it in one line, nothing written."""
+    import shutil
+
+    from actstore.storage.integrity import update_manifest
+    from actstore.storage.location import open_location
+
+    store = str(tmp_path / "h.zarr")
+    shutil.copytree(bert_sites, store)
+    r = CliRunner().invoke(
+        main,
+        ["train", store, "--model", "tiny", "--layer", "1", "--arch", "transcoder", "--source", "mlp_in",
+         "--target", "mlp_out", "--skip", "--k", "4", "--d-sae", "32", "--epochs", "1", "--device", "cpu",
+         "--name", "h", "--quiet"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    path = tmp_path / "h.zarr" / "saes" / "h" / "cfg.json"
+    cfg = json.loads(path.read_text())
+    path.write_text(json.dumps({**cfg, **bad}))
+    update_manifest(open_location(store, writable=True), prefixes=["saes/h"])
+    one_line_error(
+        CliRunner().invoke(main, ["encode", store, "--sae", "h", "--quiet"]),
+        "target" if "target" in bad else "skip",
+    )
+    out = tmp_path / "x"
+    one_line_error(CliRunner().invoke(main, ["export-sae", store, "h", "--out", str(out)]))
+    assert not out.exists() and not (tmp_path / "h.zarr" / "features" / "h").exists()
