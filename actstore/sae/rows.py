@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from actstore.errors import NotFoundError, StoreError
+from actstore.models.names import key_site
 from actstore.sae.config import TrainConfig
 from actstore.sae.stream import RowSplit, ShuffledStream, split_rows
 from actstore.storage.urls import write_access
@@ -82,6 +83,13 @@ def training_rows(st: Store, cfg: TrainConfig) -> tuple[Any, int]:
     sources = cfg.sources()
     pair = cfg.transcoder_pair()
     if pair is not None:  # a transcoder: its source and target rows side by side (the same tokens)
+        missing = [s for s in pair if s.model not in st.models]
+        if missing:
+            site = key_site(missing[0].model)
+            raise NotFoundError(
+                f"{missing[0].model} is not in store {st.url}: extract it with --site {site} "
+                f"--layers {missing[0].layer} (its models: {', '.join(st.models)})"
+            )
         acts = stacked_activations(st, list(pair))
         d_in = acts.d_source
     elif sources is None:
