@@ -91,16 +91,19 @@ class CrosscoderDiffConfig:
             )
 
 
+EVALS = ("sparse_probing", "absorption")
+"""What ``actstore eval`` can measure."""
 PROBE_KS = (1, 2, 5, 10, 20)
 """Features a k-sparse probe may use (SAEBench's sparse probing)."""
 
 
 @dataclass
 class EvalConfig:
-    """What ``actstore eval`` measures of an SAE: sparse probing on the store's labels (saved as ``evals.json``)."""
+    """What ``actstore eval`` measures of an SAE: sparse probing on the store's labels, first-letter absorption
+    (saved as ``evals.json``)."""
 
     sae: str
-    """The SAE (under STORE/saes/); its layer's rows are pooled per sample."""
+    """The SAE (under STORE/saes/); sparse probing pools its layer's rows per sample."""
     k: list[int] = field(default_factory=lambda: list(PROBE_KS))
     """Features a k-sparse probe uses, chosen by the difference of class means on the training samples."""
     max_samples: int = 4000
@@ -117,9 +120,42 @@ class EvalConfig:
     """cpu, cuda, cuda:N, or auto."""
     seed: int = 0
     """Seed of the sample draw and the train / test split."""
+    evals: list[str] = field(default_factory=lambda: ["sparse_probing"])
+    """Evaluations to run: sparse_probing (the store's labels), absorption (first letters; runs the model)."""
+    model: str | None = None
+    """Absorption: the model to prompt (default: the path the store records for the SAE's model)."""
+    absorption_icl: int = 10
+    """Absorption: in-context examples before each word's prompt ("tartan has the first letter: T")."""
+    absorption_words: int = 0
+    """Absorption: vocabulary words prompted, a seeded draw (0: every whole alphabetic word)."""
+    absorption_max_k: int = 10
+    """Absorption: most main latents a letter may split into."""
+    absorption_f1_jump: float = 0.03
+    """Absorption: a letter's k-sparse probe grows by one latent while its F1 rises by at least this."""
+    absorption_min_f1: float = 0.6
+    """Absorption: letters whose ground-truth probe F1 is below this are not scored."""
+    absorption_min_letters: int = 20
+    """Absorption: fewer scored letters than this and the model cannot spell: an error, not a score."""
+    absorption_batch: int = 32
+    """Absorption: prompts per forward pass."""
 
     def __post_init__(self) -> None:
         check_name(self.sae, "SAE")
+        bad = [e for e in self.evals if e not in EVALS]
+        if bad or not self.evals:
+            raise ConfigError(
+                f"unknown evaluation {bad[0] if bad else '(none)'}: choose from {', '.join(EVALS)}"
+            )
+        if (
+            min(self.absorption_icl, self.absorption_words) < 0
+            or min(self.absorption_max_k, self.absorption_min_letters, self.absorption_batch) < 1
+            or not 0 <= self.absorption_min_f1 <= 1
+            or self.absorption_f1_jump < 0
+        ):
+            raise ConfigError(
+                "--absorption-icl and --absorption-words must be >= 0, --absorption-max-k, --absorption-min-letters "
+                "and --absorption-batch positive, --absorption-min-f1 in [0, 1], --absorption-f1-jump >= 0"
+            )
         self.k = sorted({int(v) for v in self.k})
         if not self.k or self.k[0] < 1:
             raise ConfigError(f"--k needs positive feature counts, e.g. 1,5,20; got {self.k}")

@@ -78,14 +78,19 @@ class ProbingResult:
 
 # ---------------------------------------------------------------- the probe
 def fit_logistic(
-    x: np.ndarray, y: np.ndarray, c: float = 1.0, max_iter: int = 500
-) -> tuple[np.ndarray, float]:
-    """scikit-learn's L2 logistic regression: ``w, b`` minimising ``0.5 ||w||^2 + c * sum log(1 + exp(-s (x w + b)))``
-    with ``s = 2y - 1`` (``x (n, d)``, ``y (n,)`` of 0/1), by L-BFGS in float64."""
+    x: np.ndarray, y: np.ndarray, c: float = 1.0, max_iter: int = 500,
+    sample_weight: np.ndarray | None = None,
+) -> tuple[np.ndarray, float]:  # fmt: skip
+    """scikit-learn's L2 logistic regression: ``w, b`` minimising ``0.5 ||w||^2 + c * sum_i v_i log(1 + exp(-s_i
+    (x_i w + b)))`` with ``s = 2y - 1`` (``x (n, d)``, ``y (n,)`` of 0/1, ``v`` the sample weights, default 1), by
+    L-BFGS in float64."""
     import torch
 
     xt = torch.as_tensor(x, dtype=torch.float64)
     s = torch.as_tensor(2.0 * np.asarray(y, dtype=np.float64) - 1.0)
+    v = torch.as_tensor(
+        np.ones(len(s)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    )
     # (d + 1,): weights, then intercept
     w = torch.zeros(xt.shape[1] + 1, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([w], lr=1.0, max_iter=max_iter, tolerance_grad=1e-10, tolerance_change=1e-12,
@@ -94,7 +99,7 @@ def fit_logistic(
     def closure() -> torch.Tensor:
         opt.zero_grad()
         margin = s * (xt @ w[:-1] + w[-1])
-        loss = 0.5 * (w[:-1] ** 2).sum() + c * torch.nn.functional.softplus(-margin).sum()
+        loss = 0.5 * (w[:-1] ** 2).sum() + c * (v * torch.nn.functional.softplus(-margin)).sum()
         loss.backward()
         return loss
 
@@ -246,15 +251,15 @@ def sparse_probing(store: Store, cfg: EvalConfig, progress: bool = False) -> Pro
 
 
 # ---------------------------------------------------------------- evals.json
-def save_evals(store: Store, res: ProbingResult) -> str:
-    """Write (or update) ``saes/<name>/evals.json`` with ``sparse_probing``; its key."""
+def save_evals(store: Store, res: Any, name: str = "sparse_probing") -> str:
+    """Write (or update) ``saes/<res.sae>/evals.json`` with result ``res`` (a dataclass) under ``name``; its key."""
     from actstore.storage.locks import StoreLock
 
     key = layout.sae_file(res.sae, layout.SAE_EVALS)
     # one writer of the SAE's files
     lock = StoreLock(store.loc, layout.sae_dir(res.sae), f"eval {res.sae}").acquire()
     try:
-        body = {**read_evals(store, res.sae), "sparse_probing": {**asdict(res), "created": now()}}
+        body = {**read_evals(store, res.sae), name: {**asdict(res), "created": now()}}
         store.loc.write_bytes(key, json.dumps(body, indent=1, sort_keys=True).encode())
         update_manifest(store.loc, prefixes=[layout.sae_dir(res.sae)])
     finally:

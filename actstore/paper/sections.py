@@ -128,13 +128,13 @@ def sae_metrics_table(store: Store) -> pl.DataFrame | None:
             "probe_k1",
             "probe_k5",
             "probe_dense",
+            "absorption",
         )
         if c in df.columns
     ]
     out = df.select(keep).sort(["layer", "model"])
-    return out.drop(
-        [c for c in ("probe_k1", "probe_k5", "probe_dense") if out[c].null_count() == out.height]
-    )
+    evals = ("probe_k1", "probe_k5", "probe_dense", "absorption")
+    return out.drop([c for c in evals if c in out.columns and out[c].null_count() == out.height])
 
 
 def _crop_views(tv: Any, center: int, context: int) -> Any:

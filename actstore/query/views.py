@@ -11,7 +11,9 @@ Views (DuckDB and Polars alike)::
     crosscoder_latents(sae, source_a, source_b, latent, norm_a, norm_b, rel_norm, cosine, frequency,
                        beta_error_a, beta_error_b, nu_error, beta_recon_a, beta_recon_b, nu_recon, class, flag,
                        exclusive)                                   actstore diff-crosscoder
-    sae_evals(sae, eval, task, k, accuracy, n_train, n_test)             actstore eval (k NULL: the dense probe)
+    sae_evals(sae, eval, task, k, accuracy, n_train, n_test, absorption_fraction, full_absorption)   actstore eval
+              (sparse_probing: one row per task and k, k NULL the dense probe; absorption: one row per scored
+              letter, k its main latents, accuracy their k-sparse probe's F1, n_test the words scored)
 
 ``samples`` / ``tokens`` show the store's default tokenization. A read-only
 connection (the default) is a read-only DuckDB database: statements that
@@ -135,7 +137,10 @@ def empty_view(columns: str) -> str:
     )
 
 
-EVALS_COLUMNS = "sae VARCHAR, eval VARCHAR, task VARCHAR, k INTEGER, accuracy DOUBLE, n_train INTEGER, n_test INTEGER"
+EVALS_COLUMNS = (
+    "sae VARCHAR, eval VARCHAR, task VARCHAR, k INTEGER, accuracy DOUBLE, n_train INTEGER, n_test INTEGER, "
+    "absorption_fraction DOUBLE, full_absorption DOUBLE"
+)
 """The ``sae_evals`` view: one row per SAE, evaluation, task and probe (``k`` NULL: the dense probe)."""
 
 
@@ -153,7 +158,8 @@ def evals_view_sql(store: Store) -> str:
 
     rows = []
     for name in sae_names(store):
-        sp = read_evals(store, name).get("sparse_probing")
+        ev = read_evals(store, name)
+        sp = ev.get("sparse_probing")
         tasks = sp.get("tasks") if isinstance(sp, dict) else None
         for t in tasks if isinstance(tasks, list) else []:
             if not isinstance(t, dict) or not isinstance(t.get("sparse"), dict):
@@ -161,7 +167,17 @@ def evals_view_sql(store: Store) -> str:
             probes = [("NULL", t.get("dense"))] + [(num(k, int), v) for k, v in t["sparse"].items()]
             for k, acc in probes:
                 rows.append(f"({_q(name)}, 'sparse_probing', {_q(str(t.get('label')))}, {k}, {num(acc, float)}, "
-                            f"{num(t.get('n_train'), int)}, {num(t.get('n_test'), int)})")  # fmt: skip
+                            f"{num(t.get('n_train'), int)}, {num(t.get('n_test'), int)}, NULL, NULL)")  # fmt: skip
+        ab = ev.get("absorption")
+        letters = ab.get("letters") if isinstance(ab, dict) else None
+        for r in letters if isinstance(letters, list) else []:
+            if not isinstance(r, dict) or r.get("scored") is not True:
+                continue
+            main = r.get("main_latents")
+            rows.append(f"({_q(name)}, 'absorption', {_q(str(r.get('letter')))}, "
+                        f"{len(main) if isinstance(main, list) else 'NULL'}, {num(r.get('sparse_f1'), float)}, NULL, "
+                        f"{num(r.get('n_true_positives'), int)}, {num(r.get('absorption_fraction'), float)}, "
+                        f"{num(r.get('full_absorption'), float)})")  # fmt: skip
     if not rows:
         return empty_view(EVALS_COLUMNS)
     cols = [c.split() for c in EVALS_COLUMNS.split(", ")]

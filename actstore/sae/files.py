@@ -224,9 +224,10 @@ def list_saes(store: Store) -> pl.DataFrame:
     )
 
 
-PROBE_COLUMNS = ("probe_dense", "probe_k1", "probe_k5")
+PROBE_COLUMNS = ("probe_dense", "probe_k1", "probe_k5", "absorption", "full_absorption")
 """Columns of ``saes`` from ``actstore eval``: mean held-out accuracy of the dense probe and of the 1- and 5-sparse
-probes (None until the SAE is evaluated, or where those k were not run)."""
+probes, and the mean first-letter absorption fraction and full-absorption rate (None until the SAE is evaluated,
+or where those were not run)."""
 
 
 def read_evals(store: Store, name: str) -> dict[str, Any]:
@@ -248,10 +249,13 @@ def probe_columns(evals: dict[str, Any]) -> dict[str, float | None]:
     """:data:`PROBE_COLUMNS` from an ``evals.json``."""
     sp = _obj(evals, "sparse_probing")
     sparse = _obj(sp, "sparse")
+    ab = _obj(evals, "absorption")
     return {
         "probe_dense": number(sp.get("dense")),
         "probe_k1": number(sparse.get("1")),
         "probe_k5": number(sparse.get("5")),
+        "absorption": number(ab.get("absorption_fraction")),
+        "full_absorption": number(ab.get("full_absorption")),
     }
 
 
