@@ -161,56 +161,29 @@ def test_the_vocabulary_is_whole_alphabetic_words_with_their_letter():
 
 # ---------------------------------------------------------------- a planted absorber, end to end
 
-D = 64
 N_ABSORBERS = 30
-ABSORBED_PER_LATENT = 20
 
 
 def _planted(tmp_path: Path, corpus_file: str) -> tuple[str, set[str]]:
-    """A one-layer BERT whose embedding of each whole word is its first letter's direction (hidden_states[0] reads
-    it), except 600 's' words that also carry one of 30 'absorber' directions; and an SAE on layer 0 whose latent
-    i < 26 is letter i, silenced by any absorber direction, and whose latent 26 + j fires on absorber j with
-    decoder (e_s + u_j) / sqrt 2: the absorption Chanin et al. describe. Returns the store and the absorbed words."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
+    """The speller (``actstore.testing.speller``: 600 of its s words carry one of 30 group directions) as a store of
+    layer 0, and an SAE of it whose latent i < 26 is letter i, silenced by any group direction, and whose latent
+    26 + j fires on group j with decoder (e_s + u_j) / sqrt 2: the absorption Chanin et al. describe. Returns the
+    store and the absorbed words."""
     from actstore.data.corpora import DataConfig
     from actstore.sae.config import SAEConfig
     from actstore.sae.files import save_sae
     from actstore.sae.model import SAE
     from actstore.store.config import ExtractConfig
     from actstore.store.extract import extract
+    from actstore.testing.speller import build_speller
 
-    tok = AutoTokenizer.from_pretrained(minilm_path())
-    vocab = alpha_vocab(tok)
-    rng = np.random.default_rng(0)
-    basis = rng.standard_normal((D, 26 + N_ABSORBERS))
-    q, _ = np.linalg.qr(
-        basis - basis.mean(0)
-    )  # orthonormal, each direction zero-mean (LayerNorm keeps it)
-    e, u = q[:, :26], q[:, 26:]  # (D, 26), (D, N_ABSORBERS)
-    s_words = np.flatnonzero(vocab.letters == LETTERS.index("s"))
-    absorbed = rng.choice(s_words, N_ABSORBERS * ABSORBED_PER_LATENT, replace=False)
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(tok), hidden_size=D, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128)  # fmt: skip
-    model = BertModel(cfg)
-    emb = rng.standard_normal((len(tok), D)) * 0.3
-    emb[vocab.ids] = 3 * e[:, vocab.letters].T + 0.01 * rng.standard_normal((len(vocab.ids), D))
-    for j, w in enumerate(absorbed):
-        emb[vocab.ids[w]] = 3 * e[:, LETTERS.index("s")] + 3 * u[:, j // ABSORBED_PER_LATENT]
-    with torch.no_grad():
-        model.embeddings.word_embeddings.weight.copy_(torch.from_numpy(emb).float())
-        model.embeddings.position_embeddings.weight.zero_()
-        model.embeddings.token_type_embeddings.weight.zero_()
-    model_dir = tmp_path / "speller"
-    model.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    sp = build_speller(tmp_path / "speller", minilm_path(), n_groups=N_ABSORBERS)
+    e, u = sp.letters.T, sp.groups.T  # (D, 26), (D, N_ABSORBERS)
     store = str(tmp_path / "s.zarr")
-    extract(store, ExtractConfig(model=str(model_dir), data=DataConfig(corpus_file), layers=[0], name="speller",
+    extract(store, ExtractConfig(model=sp.path, data=DataConfig(corpus_file), layers=[0], name="speller",
                                  codec="fp32", device="cpu"), progress=False)  # fmt: skip
     st = actstore.open_store(store, writable=True)
-    d_sae = 26 + N_ABSORBERS
-    sae = SAE(SAEConfig(arch="relu-l1", d_in=D, d_sae=d_sae, model="speller", layer=0,
+    sae = SAE(SAEConfig(arch="relu-l1", d_in=e.shape[0], d_sae=26 + N_ABSORBERS, model="speller", layer=0,
                         tokenization=st.model_info("speller").tokenization, name="planted", norm_scale=1.0))  # fmt: skip
     w_enc = np.concatenate([e - 2 * u.sum(1, keepdims=True), u], axis=1)  # (D, d_sae)
     w_dec = np.concatenate(
@@ -222,7 +195,7 @@ def _planted(tmp_path: Path, corpus_file: str) -> tuple[str, set[str]]:
         sae.b_enc.fill_(-1.0)
         sae.b_dec.zero_()
     save_sae(st, sae, "planted")
-    return store, {vocab.words[w] for w in absorbed}
+    return store, set(sp.absorbed)
 
 
 def test_a_planted_absorber_is_measured_where_it_was_planted(tmp_path, corpus_file, one_thread):

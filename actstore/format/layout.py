@@ -68,6 +68,10 @@ ENCODING, PENDING = "encoding.json", "pending.json"
 DIFF_TABLE, DIFF_META = "diff.parquet", "diff.json"
 CROSSCODER_LATENTS, CROSSCODER_DIFF = "latents.parquet", "latents.json"
 """A crosscoder's per-latent diff (``actstore diff-crosscoder``), in its ``saes/<name>/`` folder."""
+EFFECTS = "effects"
+EFFECTS_TABLE, EFFECTS_META, ABLATIONS_TABLE = "effects.parquet", "effects.json", "ablations.parquet"
+"""An SAE's causal effects on a model's output (``actstore effects``), in ``saes/<name>/effects/<model>/``."""
+EFFECTS_PARTS = "parts"
 FINETUNE_REPORT = "finetune_report.json"
 _LAYER = "layer_"
 SCALE_SUFFIX = "_scale"
@@ -133,6 +137,30 @@ def sae_dir(name: str) -> str:
 def sae_file(name: str, file: str) -> str:
     """A file of SAE ``name``: :data:`SAE_WEIGHTS`, :data:`SAE_CONFIG`, :data:`SAE_METRICS` or :data:`SAE_CHECKPOINT`."""
     return f"{SAES}/{name}/{file}"
+
+
+def effects_dir(sae: str, model: str) -> str:
+    """The folder of SAE ``sae``'s effects on model ``model``'s output: ``saes/<sae>/effects/<model>``."""
+    return f"{SAES}/{sae}/{EFFECTS}/{model}"
+
+
+def effects_file(sae: str, model: str, file: str) -> str:
+    """A file of :func:`effects_dir`: :data:`EFFECTS_TABLE`, :data:`EFFECTS_META` or :data:`ABLATIONS_TABLE`."""
+    return f"{effects_dir(sae, model)}/{file}"
+
+
+def effects_part(sae: str, model: str, first_sample: int) -> str:
+    """One finished block of samples of an unfinished attribution run, named by its first sample."""
+    return f"{effects_dir(sae, model)}/{EFFECTS_PARTS}/part-{first_sample:012d}.parquet"
+
+
+def parse_effects_part(name: str) -> int | None:
+    """The first sample of a part file name ``part-<12 digits>.parquet`` (None for anything else)."""
+    m = _PART.fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
+_PART = re.compile(r"part-([0-9]{12})\.parquet")
 
 
 # ---------------------------------------------------------------- feature tables

@@ -1,0 +1,231 @@
+"""Exact ablation (``actstore effects``, after attribution): the features with the largest attribution, each set to
+zero (or to its mean activation) in the splice and the model run again.
+
+For every ablated feature and class: the mean change of the class's probability over the samples (``delta_prob``),
+the change of accuracy (``delta_acc``, when the store has labels the head knows), and, on the attribution's own
+target, the summed exact change ``effect`` beside the summed ``attribution``; a decoder LM's rows are the change of
+its mean next-token loss (``delta_loss``). Zeroing feature ``j`` changes a target by ``-attribution`` to first
+order, so the rank correlation of ``-attribution`` and ``effect`` over the ablated features says how far the
+first-order estimate can be trusted (``effects.json``: ``rank_correlation``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from actstore.effects.attribute import Corpus, EffectsResult, corpus, parquet_bytes, top_features
+from actstore.effects.config import EffectsConfig
+from actstore.errors import ConfigError
+from actstore.format import layout
+
+if TYPE_CHECKING:
+    import polars as pl
+    import torch
+
+    from actstore.effects.splice import Edit, HeadModel, Splice
+    from actstore.store.reader import Store
+
+
+@dataclass
+class Outputs:
+    """What one pass over the ablation samples gives, per sample."""
+
+    probs: np.ndarray | None
+    """A classifier's class probabilities ``(n, n_classes)``."""
+    target: np.ndarray
+    """The attribution's target per sample ``(n, n_targets)`` (one column, or one per class for ``logits``)."""
+    loss: np.ndarray | None
+    """A decoder LM's summed next-token loss ``(n,)``."""
+    n_tokens: np.ndarray | None
+    """A decoder LM's predicted tokens per sample ``(n,)``."""
+
+
+def run_pass(store: Store, head: HeadModel, splice: Splice, cp: Corpus, cfg: EffectsConfig, device: str,
+             edit: Edit | None, fixed: np.ndarray | None) -> Outputs:  # fmt: skip
+    """The spliced model over ``cp`` with ``edit`` (None: the clean run); ``fixed`` pins the predicted class of
+    ``--target predicted`` to the clean run's (so the target is the same function of the output)."""
+    import torch
+
+    from actstore.effects.splice import lm_losses, logits, make_batch, targets
+
+    tk = store.tokenization(splice.sae.cfg.tokenization)
+    probs, tgt, loss, ntok = [], [], [], []
+    for a in range(0, len(cp.samples), cfg.batch_size):
+        idx = np.arange(a, min(a + cfg.batch_size, len(cp.samples)))
+        seqs = [tk.token_ids(int(cp.first[i]), int(cp.first[i] + cp.n_tokens[i])) for i in idx]
+        batch = make_batch(seqs, cp.samples[idx], head.pad_id, device)
+        with splice(edit=edit):
+            out = logits(head, batch)
+        if head.kind == "lm":
+            loss.append(lm_losses(out, batch).cpu().numpy())
+            ntok.append((batch.attention_mask[:, 1:].sum(1)).cpu().numpy())
+            tgt.append(loss[-1][:, None])
+            continue
+        probs.append(out.softmax(-1).cpu().numpy())
+        if cfg.target == "predicted" and fixed is not None:
+            sel = torch.from_numpy(fixed[idx]).to(out.device)
+            tgt.append(out.log_softmax(-1).gather(1, sel[:, None]).cpu().numpy())
+        else:
+            labels = cp.labels[idx] if cp.labels is not None else None
+            tgt.append(
+                torch.stack([v for _, v in targets(head, out, batch, cfg.target, labels)], 1)
+                .cpu()
+                .numpy()
+            )
+    cat = lambda xs: np.concatenate(xs) if xs else None  # noqa: E731
+    return Outputs(cat(probs), np.concatenate(tgt), cat(loss), cat(ntok))
+
+
+def zero_or_mean(feature: int, value: float) -> Edit:
+    """Set ``feature`` to ``value`` at every token."""
+
+    def edit(acts: torch.Tensor) -> torch.Tensor:
+        out = acts.clone()
+        out[..., feature] = value
+        return out
+
+    return edit
+
+
+def ablation_rows(head: HeadModel, cfg: EffectsConfig, cp: Corpus, clean: Outputs, abl: Outputs, feature: int,
+                  attribution: dict[str, float], true: np.ndarray | None) -> list[dict[str, Any]]:  # fmt: skip
+    """The table's rows of one ablated feature (module docstring)."""
+    n = len(cp.samples)
+    if head.kind == "lm":
+        assert abl.loss is not None and clean.loss is not None and clean.n_tokens is not None
+        d_loss = float((abl.loss - clean.loss).sum() / max(int(clean.n_tokens.sum()), 1))
+        return [{"feature": feature, "mode": cfg.ablate_mode, "class": head.classes[0], "delta_prob": None,
+                 "delta_acc": None, "delta_loss": d_loss, "n": n, "attribution": attribution.get(head.classes[0], 0.0),
+                 "effect": float((abl.loss - clean.loss).sum())}]  # fmt: skip
+    assert abl.probs is not None and clean.probs is not None
+    d_acc = None
+    if true is not None:
+        d_acc = float((abl.probs.argmax(1) == true).mean() - (clean.probs.argmax(1) == true).mean())
+    d_tgt = (abl.target - clean.target).sum(0)  # (n_targets,)
+    rows = []
+    for c, name in enumerate(head.classes):
+        col = c if cfg.target == "logits" else 0
+        rows.append({"feature": feature, "mode": cfg.ablate_mode, "class": name,
+                     "delta_prob": float((abl.probs[:, c] - clean.probs[:, c]).mean()), "delta_acc": d_acc,
+                     "delta_loss": None, "n": n,
+                     "attribution": attribution.get(name if cfg.target == "logits" else "*", 0.0),
+                     "effect": float(d_tgt[col])})  # fmt: skip
+    return rows
+
+
+def rank_correlation(rows: pl.DataFrame) -> float | None:
+    """Spearman's rho of ``-attribution`` and ``effect`` over the ablated features (zero ablation; for ``logits``
+    the mean over classes), or None when it is undefined."""
+    from scipy.stats import spearmanr
+
+    rhos = []
+    for _, g in rows.group_by("class"):
+        x, y = -g["attribution"].to_numpy(), g["effect"].to_numpy()
+        if len(g) >= 3 and np.std(x) > 0 and np.std(y) > 0:
+            rhos.append(float(spearmanr(x, y).statistic))
+    return float(np.mean(rhos)) if rhos else None
+
+
+def run_ablations(store: Store, cfg: EffectsConfig, head: HeadModel, splice: Splice, device: str,
+                  res: EffectsResult, table: pl.DataFrame) -> dict[str, Any]:  # fmt: skip
+    """Ablate ``--ablate-top`` features and ``--ablate-features``; write ``ablations.parquet`` and add the summary to
+    ``effects.json``; the summary."""
+    import polars as pl
+
+    from actstore.storage.integrity import update_manifest
+
+    d_sae = splice.sae.cfg.d_sae
+    bad = [f for f in cfg.ablate_features or [] if f >= d_sae]
+    if bad:
+        raise ConfigError(
+            f"--ablate-features {bad[0]} is not a feature of SAE {cfg.sae!r} (0..{d_sae - 1})"
+        )
+    feats = list(
+        dict.fromkeys(top_features(table, cfg.ablate_top) + list(cfg.ablate_features or []))
+    )
+    if not feats:
+        return {}
+    cp = corpus(store, splice.sae.cfg.tokenization, cfg, head)
+    if cfg.ablate_samples:
+        keep = slice(0, cfg.ablate_samples)
+        cp = Corpus(
+            cp.samples[keep],
+            None if cp.labels is None else cp.labels[keep],
+            cp.first[keep],
+            cp.n_tokens[keep],
+        )
+    sub = table.filter(pl.col("sample").is_in(cp.samples.tolist()))
+    true = known_labels(store, head, cp, splice.sae.cfg.tokenization)
+    clean = run_pass(store, head, splice, cp, cfg, device, None, None)
+    fixed = clean.probs.argmax(1) if clean.probs is not None else None
+    if (
+        cfg.target != "logits" and head.kind == "classifier"
+    ):  # rows carry each sample's predicted class or label
+        sub = sub.with_columns(pl.lit("*").alias("class"))
+    means = {int(k): float(v) for k, v in res.feature_mean.items()}
+    rows = []
+    for j in feats:
+        value = means.get(j, 0.0) if cfg.ablate_mode == "mean" else 0.0
+        abl = run_pass(store, head, splice, cp, cfg, device, zero_or_mean(j, value), fixed)
+        attr = {str(c): float(v) for c, v in sub.filter(pl.col("feature") == j).group_by("class")
+                .agg(pl.col("attribution").sum()).iter_rows()}  # fmt: skip
+        rows += ablation_rows(head, cfg, cp, clean, abl, j, attr, true)
+    df = pl.DataFrame(rows, schema={"feature": pl.Int32, "mode": pl.String, "class": pl.String, "delta_prob": pl.Float64,
+                                    "delta_acc": pl.Float64, "delta_loss": pl.Float64, "n": pl.Int64,
+                                    "attribution": pl.Float64, "effect": pl.Float64})  # fmt: skip
+    folder = layout.effects_dir(cfg.sae, head.key)
+    store.loc.write_bytes(
+        layout.effects_file(cfg.sae, head.key, layout.ABLATIONS_TABLE), parquet_bytes(df)
+    )
+    rho = rank_correlation(df) if cfg.ablate_mode == "zero" else None
+    summary = {
+        "features": feats,
+        "mode": cfg.ablate_mode,
+        "n_samples": len(cp.samples),
+        "rank_correlation": rho,
+    }
+    key = layout.effects_file(cfg.sae, head.key, layout.EFFECTS_META)
+    meta = json.loads(store.loc.read_bytes(key))
+    store.loc.write_bytes(key, json.dumps({**meta, "ablation": summary}, default=str).encode())
+    update_manifest(store.loc, prefixes=[folder])
+    return summary
+
+
+def known_labels(
+    store: Store, head: HeadModel, cp: Corpus, tokenization: str | None
+) -> np.ndarray | None:
+    """Each sample's label as a class index of the head, or None unless every sample has one the head knows."""
+    if head.kind != "classifier":
+        return None
+    if cp.labels is not None:
+        return cp.labels
+    import polars as pl
+
+    smp = (
+        store.samples(tokenization)
+        .filter(pl.col("sample").is_in(cp.samples.tolist()))
+        .sort("sample")
+    )
+    index = {c: i for i, c in enumerate(head.classes)}
+    raw = [None if v is None else str(v) for v in smp["label"].to_list()]
+    if len(raw) != len(cp.samples) or any(v not in index for v in raw):
+        return None
+    return np.asarray([index[v] for v in raw], dtype=np.int64)  # type: ignore[index]
+
+
+def read_ablations(store: Store, sae: str, model: str) -> pl.DataFrame:
+    """The ablation table of ``sae`` on ``model``."""
+    import io
+
+    import polars as pl
+
+    key = layout.effects_file(sae, model, layout.ABLATIONS_TABLE)
+    if not store.loc.exists(key):
+        raise ConfigError(
+            f"no ablations of SAE {sae!r} on model {model!r} in {store.url}: run actstore effects"
+        )
+    return pl.read_parquet(io.BytesIO(store.loc.read_bytes(key)))

@@ -1,0 +1,318 @@
+"""Attribution over a corpus (``actstore effects``): each active feature's first-order effect on the model's output,
+per sample, out of core.
+
+For each sample ``s``, feature ``j`` and target ``m`` (:func:`actstore.effects.splice.targets`) the attribution is
+``sum_t a[s, t, j] * dm/da[s, t, j]``: the activation times the gradient, summed over the sample's tokens, with the
+SAE spliced in and its error added back (:class:`~actstore.effects.splice.Splice`) — the first-order estimate of
+how much ``m`` drops when the feature is zeroed (ablation measures it exactly: :mod:`actstore.effects.ablate`).
+The forward pass below the splice builds no graph; the backward pass runs through the layers above it.
+
+Samples are read from the store's token index in store order, ``part_samples`` at a time; each finished block is a
+Parquet part under ``saes/<sae>/effects/<model>/parts/``, so a killed run resumes from its last part. When every
+block is done the parts become one table sorted by feature (``effects.parquet``: ``sample, feature, class,
+attribution, activation``, a feature's rows in a few row groups) and ``effects.json`` records the run. One writer at
+a time (a store lock on the folder).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from actstore.clock import now
+from actstore.effects.config import EffectsConfig
+from actstore.errors import ConfigError
+from actstore.format import layout
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from actstore.effects.splice import HeadModel, Splice
+    from actstore.store.reader import Store
+
+ROW_GROUP_ROWS = 65_536
+"""Rows per row group of ``effects.parquet`` (it is sorted by feature: a lookup of one feature reads a few)."""
+
+
+@dataclass
+class Corpus:
+    """The samples attributed, in store order, with what each needs."""
+
+    samples: np.ndarray
+    """``(n,)`` sample ids."""
+    labels: np.ndarray | None
+    """``(n,)`` class index of each sample's label in the model's classes (``--target label`` only)."""
+    first: np.ndarray
+    """``(n,)`` first token row of each sample."""
+    n_tokens: np.ndarray
+    """``(n,)`` tokens of each sample."""
+
+
+@dataclass
+class EffectsResult:
+    """What a run did (also ``effects.json``)."""
+
+    sae: str
+    model: str
+    layer: int
+    target: str
+    n_samples: int
+    n_rows: int
+    """Rows of ``effects.parquet`` (sample, active feature, class)."""
+    seconds: float
+    """Attribution time of this run (0 when the table was already complete)."""
+    samples_per_s: float
+    feature_mean: dict[int, float] = field(default_factory=dict)
+    """Mean activation over the attributed tokens, of the features ablation may set to their mean."""
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def corpus(store: Store, tokenization: str | None, cfg: EffectsConfig, head: HeadModel) -> Corpus:
+    """The samples to attribute (the first ``max_samples`` in store order), and their labels for ``--target label``."""
+    smp = store.samples(tokenization).sort("sample")
+    if cfg.max_samples:
+        smp = smp.head(cfg.max_samples)
+    if smp.height == 0:
+        raise ConfigError(f"store {store.url} has no samples to attribute")
+    first, n_tok = store.tokenization(tokenization).sample_rows()
+    ids = smp["sample"].to_numpy().astype(np.int64)
+    labels = None
+    if cfg.target == "label" and head.kind == "classifier":
+        smp = smp.drop_nulls("label")
+        if smp.height == 0:
+            raise ConfigError(
+                f"store {store.url} has no labels: --target label needs them (or use --target predicted)"
+            )
+        index = {c: i for i, c in enumerate(head.classes)}
+        raw = [str(v) for v in smp["label"].to_list()]
+        unknown = sorted({v for v in raw if v not in index}, key=str)
+        if unknown:
+            raise ConfigError(
+                f"label {unknown[0]!r} of {store.url} is not one of model {head.key!r}'s classes "
+                f"({', '.join(head.classes)}): --target label needs the labels the head was trained on"
+            )
+        labels = np.asarray([index[v] for v in raw], dtype=np.int64)
+    return Corpus(ids, labels, first[ids], n_tok[ids])
+
+
+def attribute_batch(
+    head: HeadModel, splice: Splice, batch: Any, target: str, labels: np.ndarray | None
+) -> tuple[dict[str, list[np.ndarray]], np.ndarray]:
+    """One batch's attribution rows ``{column: [array]}`` and its latent sums ``(d_sae,)`` over real tokens."""
+    import torch
+
+    from actstore.effects.splice import logits, target_classes, targets
+
+    cols: dict[str, list[np.ndarray]] = {
+        k: [] for k in ("sample", "feature", "class", "attribution", "activation")
+    }
+    with splice(grad=True):
+        out = logits(head, batch)
+    acts = splice.acts
+    assert acts is not None
+    mask = batch.attention_mask.unsqueeze(-1).to(acts.dtype)  # (b, seq, 1)
+    act_sum = (acts.detach() * mask).sum(1)  # (b, d_sae)
+    b_idx, f_idx = torch.nonzero(act_sum > 0, as_tuple=True)
+    tgts = targets(head, out, batch, target, labels)
+    per_sample = target_classes(head, out, target, labels) if tgts[0][0] == "*" else None
+    for n, (cls, values) in enumerate(tgts):
+        (grad,) = torch.autograd.grad(values.sum(), acts, retain_graph=n < len(tgts) - 1)
+        attr = (acts.detach() * grad * mask).sum(1)  # (b, d_sae)
+        cols["sample"].append(batch.samples[b_idx.cpu().numpy()])
+        cols["feature"].append(f_idx.cpu().numpy().astype(np.int32))
+        names = (
+            np.asarray(per_sample, dtype=object)[b_idx.cpu().numpy()]
+            if per_sample
+            else np.full(len(b_idx), cls, dtype=object)
+        )
+        cols["class"].append(names)
+        cols["attribution"].append(attr[b_idx, f_idx].float().cpu().numpy())
+        cols["activation"].append(act_sum[b_idx, f_idx].float().cpu().numpy())
+    return cols, act_sum.sum(0).float().cpu().numpy()
+
+
+def _frame(cols: dict[str, list[np.ndarray]]) -> pl.DataFrame:
+    import polars as pl
+
+    return pl.DataFrame({
+        "sample": np.concatenate(cols["sample"]).astype(np.int64),
+        "feature": np.concatenate(cols["feature"]).astype(np.int32),
+        "class": pl.Series(np.concatenate(cols["class"]).astype(str), dtype=pl.String),
+        "attribution": np.concatenate(cols["attribution"]).astype(np.float32),
+        "activation": np.concatenate(cols["activation"]).astype(np.float32),
+    })  # fmt: skip
+
+
+def parquet_bytes(df: pl.DataFrame, row_group_size: int = ROW_GROUP_ROWS) -> bytes:
+    buf = io.BytesIO()
+    df.write_parquet(buf, row_group_size=row_group_size, statistics=True)
+    return buf.getvalue()
+
+
+def attribute_block(
+    store: Store,
+    head: HeadModel,
+    splice: Splice,
+    cp: Corpus,
+    lo: int,
+    hi: int,
+    cfg: EffectsConfig,
+    device: str,
+) -> tuple[pl.DataFrame, np.ndarray]:
+    """Samples ``lo:hi`` of the corpus (longest first within the block, to pad little): their rows, and the sum
+    of each latent over their tokens ``(d_sae,)``."""
+    from actstore.effects.splice import make_batch
+
+    tk = store.tokenization(splice.sae.cfg.tokenization)
+    order = lo + np.argsort(-cp.n_tokens[lo:hi], kind="stable")
+    cols: dict[str, list[np.ndarray]] = {}
+    sums = np.zeros(splice.sae.cfg.d_sae, dtype=np.float64)
+    for a in range(0, len(order), cfg.batch_size):
+        idx = order[a : a + cfg.batch_size]
+        seqs = [tk.token_ids(int(cp.first[i]), int(cp.first[i] + cp.n_tokens[i])) for i in idx]
+        batch = make_batch(seqs, cp.samples[idx], head.pad_id, device)
+        labels = cp.labels[idx] if cp.labels is not None else None
+        part, s = attribute_batch(head, splice, batch, cfg.target, labels)
+        for k, v in part.items():
+            cols.setdefault(k, []).extend(v)
+        sums += s
+    return _frame(cols), sums
+
+
+# ---------------------------------------------------------------- the run
+def _meta(store: Store, sae: str, model: str) -> dict[str, Any]:
+    key = layout.effects_file(sae, model, layout.EFFECTS_META)
+    if not store.loc.exists(key):
+        return {}
+    try:
+        out = json.loads(store.loc.read_bytes(key))
+    except (ValueError, RecursionError):
+        return {}
+    return out if isinstance(out, dict) else {}
+
+
+def _parts(store: Store, sae: str, model: str) -> dict[int, str]:
+    """``{first sample index: key}`` of the finished parts."""
+    base = f"{layout.effects_dir(sae, model)}/{layout.EFFECTS_PARTS}"
+    out = {}
+    for key in store.loc.walk(base):
+        first = layout.parse_effects_part(key.rsplit("/", 1)[-1])
+        if first is not None:
+            out[first] = key
+    return out
+
+
+def run_attribution(
+    store: Store,
+    cfg: EffectsConfig,
+    head: HeadModel,
+    splice: Splice,
+    device: str,
+    progress: bool = False,
+) -> EffectsResult:
+    """Attribute every block of the corpus not yet done, then write the sorted table (module docstring); the
+    caller holds the folder's lock."""
+    import polars as pl
+    from tqdm.auto import tqdm
+
+    from actstore.storage.integrity import update_manifest
+
+    sae, key = cfg.sae, head.key
+    folder = layout.effects_dir(sae, key)
+    ident = {**cfg.identity(), "model": key}
+    meta = _meta(store, sae, key)
+    done_table = store.loc.exists(layout.effects_file(sae, key, layout.EFFECTS_TABLE))
+    if cfg.overwrite or (meta and meta.get("identity") != ident):
+        if meta and meta.get("identity") != ident and not cfg.overwrite:
+            raise ConfigError(
+                f"{folder} holds effects computed with other settings ({meta.get('identity')}): pass --overwrite "
+                "to recompute them"
+            )
+        store.loc.rmtree(folder)
+        meta, done_table = {}, False
+    if done_table and meta.get("complete"):
+        return EffectsResult(
+            **{k: v for k, v in meta["result"].items() if k in EffectsResult.__dataclass_fields__}
+        )
+    cp = corpus(store, splice.sae.cfg.tokenization, cfg, head)
+    store.loc.write_bytes(layout.effects_file(sae, key, layout.EFFECTS_META),
+                          json.dumps({"identity": ident, "complete": False}).encode())  # fmt: skip
+    parts = _parts(store, sae, key)
+    sums_key = f"{folder}/{layout.EFFECTS_PARTS}/sums.npy"
+    sums = np.zeros(splice.sae.cfg.d_sae, dtype=np.float64)
+    if parts and store.loc.exists(sums_key):
+        sums = np.load(io.BytesIO(store.loc.read_bytes(sums_key)), allow_pickle=False)
+    t0, n_done = time.perf_counter(), 0
+    blocks = range(0, len(cp.samples), cfg.part_samples)
+    bar = tqdm(
+        total=len(cp.samples),
+        desc=f"effects {sae}",
+        unit=" samples",
+        disable=not progress,
+        leave=False,
+    )
+    for lo in blocks:
+        hi = min(lo + cfg.part_samples, len(cp.samples))
+        if lo in parts:
+            bar.update(hi - lo)
+            continue
+        df, s = attribute_block(store, head, splice, cp, lo, hi, cfg, device)
+        sums += s
+        buf = io.BytesIO()
+        np.save(buf, sums, allow_pickle=False)
+        # the sums first: a part on disk always has its tokens counted
+        store.loc.write_bytes(sums_key, buf.getvalue())
+        store.loc.write_bytes(
+            layout.effects_part(sae, key, lo), parquet_bytes(df.sort("sample", "feature"))
+        )
+        n_done += hi - lo
+        bar.update(hi - lo)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    parts = _parts(store, sae, key)
+    table = pl.concat(
+        [pl.read_parquet(io.BytesIO(store.loc.read_bytes(parts[p]))) for p in sorted(parts)]
+    )
+    table = table.sort("feature", "class", "sample")
+    store.loc.write_bytes(layout.effects_file(sae, key, layout.EFFECTS_TABLE), parquet_bytes(table))
+    n_tokens = int(cp.n_tokens.sum())
+    res = EffectsResult(
+        sae=sae, model=key, layer=splice.layer, target=cfg.target if head.kind == "classifier" else "loss",
+        n_samples=len(cp.samples), n_rows=table.height, seconds=seconds,
+        samples_per_s=n_done / seconds if seconds > 0 else 0.0,
+        feature_mean={int(j): float(sums[j] / n_tokens) for j in np.flatnonzero(sums)}, config=asdict(cfg),
+    )  # fmt: skip
+    store.loc.write_bytes(layout.effects_file(sae, key, layout.EFFECTS_META), json.dumps(
+        {"identity": ident, "complete": True, "result": res.__dict__, "created": now()}, default=str).encode())  # fmt: skip
+    store.loc.rmtree(f"{folder}/{layout.EFFECTS_PARTS}")
+    update_manifest(store.loc, prefixes=[folder])
+    return res
+
+
+def read_effects(store: Store, sae: str, model: str) -> pl.DataFrame:
+    """The finished attribution table of ``sae`` on ``model``."""
+    import polars as pl
+
+    key = layout.effects_file(sae, model, layout.EFFECTS_TABLE)
+    if not store.loc.exists(key):
+        raise ConfigError(
+            f"no effects of SAE {sae!r} on model {model!r} in {store.url}: run actstore effects"
+        )
+    return pl.read_parquet(io.BytesIO(store.loc.read_bytes(key)))
+
+
+def top_features(table: pl.DataFrame, n: int) -> list[int]:
+    """The ``n`` features with the largest total |attribution| (summed over samples and classes)."""
+    import polars as pl
+
+    tot = (
+        table.group_by("feature")
+        .agg(pl.col("attribution").abs().sum().alias("t"))
+        .sort(["t", "feature"], descending=[True, False])
+    )
+    return [int(f) for f in tot["feature"].head(n).to_list()]

@@ -1,0 +1,76 @@
+"""``actstore effects``: attribution over the corpus, then exact ablation of the top features (one writer)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from actstore.effects.attribute import EffectsResult
+from actstore.effects.config import EffectsConfig
+from actstore.errors import ConfigError
+from actstore.format import layout
+
+if TYPE_CHECKING:
+    from actstore.effects.splice import HeadModel, Splice
+    from actstore.store.reader import Store
+
+
+@dataclass
+class EffectsReport:
+    """What ``actstore effects`` did: the attribution run, and the ablations' summary."""
+
+    result: EffectsResult
+    ablation: dict[str, Any] = field(default_factory=dict)
+
+
+def open_splice(
+    store: Store, sae_name: str, model: str | None, device: str
+) -> tuple[HeadModel, Splice]:
+    """The model with its head and the SAE spliced into it, after every check (one line each)."""
+    from actstore.effects.splice import Splice, check_splice, load_head_model
+    from actstore.sae.files import load_sae
+
+    sae = load_sae(store, sae_name, device).eval()
+    sae.requires_grad_(False)
+    key = model or str(sae.cfg.model)
+    if key not in store.model_keys():
+        raise ConfigError(
+            f"store {store.url} has no model {key!r} (models: {', '.join(store.model_keys())})"
+        )
+    tk = store.model_info(key).tokenization
+    if sae.cfg.tokenization and tk and sae.cfg.tokenization != tk:
+        raise ConfigError(
+            f"SAE {sae_name!r} was trained on tokenization {sae.cfg.tokenization}, model {key!r} uses {tk}: "
+            "their token rows differ"
+        )
+    head = load_head_model(store, key, device)
+    layer = check_splice(sae, sae_name, head)
+    return head, Splice(head, sae, layer)
+
+
+def effects(store: Store, cfg: EffectsConfig, progress: bool = False) -> EffectsReport:
+    """Attribute every feature of ``cfg.sae`` to the model's output over the store's samples, then ablate the top
+    ones (``saes/<sae>/effects/<model>/``)."""
+    from actstore.effects.ablate import run_ablations
+    from actstore.effects.attribute import read_effects, run_attribution
+    from actstore.models.loading import auto_device
+    from actstore.storage.locks import StoreLock
+
+    if not store.writable:
+        raise ConfigError(
+            f"store {store.url} is opened read-only: effects write beside the SAE (pass --writable)"
+        )
+    device = auto_device(cfg.device)
+    head, splice = open_splice(store, cfg.sae, cfg.model, device)
+    folder = layout.effects_dir(cfg.sae, head.key)
+    lock = StoreLock(store.loc, folder, f"effects {cfg.sae}", cfg.break_lock).acquire()
+    try:
+        res = run_attribution(store, cfg, head, splice, device, progress)
+        summary = {}
+        if cfg.ablate_top or cfg.ablate_features:
+            summary = run_ablations(
+                store, cfg, head, splice, device, res, read_effects(store, cfg.sae, head.key)
+            )
+        return EffectsReport(res, summary)
+    finally:
+        lock.release()
