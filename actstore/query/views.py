@@ -11,6 +11,9 @@ Views (DuckDB and Polars alike)::
     crosscoder_latents(sae, source_a, source_b, latent, norm_a, norm_b, rel_norm, cosine, frequency,
                        beta_error_a, beta_error_b, nu_error, beta_recon_a, beta_recon_b, nu_recon, class, flag,
                        exclusive)                                   actstore diff-crosscoder
+    feature_effects(model, layer, sae, sample, feature, class, attribution, activation)   actstore effects
+    feature_ablations(model, layer, sae, feature, mode, class, delta_prob, delta_acc, delta_loss, n, attribution,
+                      effect)                                       actstore effects (the top features ablated)
     sae_evals(sae, eval, task, k, accuracy, n_train, n_test, absorption_fraction, full_absorption)   actstore eval
               (sparse_probing: one row per task and k, k NULL the dense probe; absorption: one row per scored
               letter, k its main latents, accuracy their k-sparse probe's F1, n_test the words scored)
@@ -124,7 +127,10 @@ def view_sql(store: Store) -> StoreViews:
     # saved crosscoder diffs (diff-crosscoder)
     views["crosscoder_latents"], cc_keys = crosscoder_view_sql(store)
     views["sae_evals"] = evals_view_sql(store)  # actstore eval
-    return StoreViews(views, keys + diff_keys + cc_keys)
+    views["feature_effects"], views["feature_ablations"], fx_keys = effects_view_sql(
+        store
+    )  # actstore effects
+    return StoreViews(views, keys + diff_keys + cc_keys + fx_keys)
 
 
 def empty_view(columns: str) -> str:
@@ -183,6 +189,55 @@ def evals_view_sql(store: Store) -> str:
     cols = [c.split() for c in EVALS_COLUMNS.split(", ")]
     casts = ", ".join(f"{c}::{t} AS {c}" for c, t in cols)
     return f"SELECT {casts} FROM (VALUES {', '.join(rows)}) AS t({', '.join(c for c, _ in cols)})"
+
+
+EFFECTS_COLUMNS = (
+    "model VARCHAR, layer INTEGER, sae VARCHAR, sample BIGINT, feature INTEGER, class VARCHAR, attribution FLOAT, "
+    "activation FLOAT"
+)
+ABLATIONS_COLUMNS = (
+    "model VARCHAR, layer INTEGER, sae VARCHAR, feature INTEGER, mode VARCHAR, class VARCHAR, delta_prob DOUBLE, "
+    "delta_acc DOUBLE, delta_loss DOUBLE, n BIGINT, attribution DOUBLE, effect DOUBLE"
+)
+
+
+def effects_view_sql(store: Store) -> tuple[str, str, list[str]]:
+    """``(feature_effects SELECT, feature_ablations SELECT, keys)``: every SAE's saved effects on every model
+    (``actstore effects``), with the model, the SAE's layer and the SAE's name."""
+    import json
+
+    from actstore.sae.files import sae_names
+
+    fx: list[str] = []
+    ab: list[str] = []
+    keys: list[str] = []
+    for name in sae_names(store):
+        for model in store.loc.list_dirs(f"{layout.sae_dir(name)}/{layout.EFFECTS}"):
+            meta_key = layout.effects_file(name, model, layout.EFFECTS_META)
+            if not name_ok(model) or not store.loc.exists(meta_key):
+                continue
+            try:
+                meta = json.loads(store.loc.read_bytes(meta_key))
+                layer = int(meta["result"]["layer"]) if meta.get("complete") else None
+            except (ValueError, TypeError, KeyError, RecursionError):
+                continue
+            if layer is None:
+                continue
+            head = f"SELECT {_q(model)} AS model, {layer} AS layer, {_q(name)} AS sae"
+            for file, out, cols in (
+                (layout.EFFECTS_TABLE, fx, EFFECTS_COLUMNS),
+                (layout.ABLATIONS_TABLE, ab, ABLATIONS_COLUMNS),
+            ):
+                key = layout.effects_file(name, model, file)
+                if store.loc.exists(key):
+                    keys.append(key)
+                    names = ", ".join(c.split()[0] for c in cols.split(", ")[3:])
+                    out.append(f"{head}, {names} FROM read_parquet({_q(store.loc.join(key))})")
+    return (
+        " UNION ALL ".join(fx) or empty_view(EFFECTS_COLUMNS),
+        " UNION ALL ".join(ab) or empty_view(ABLATIONS_COLUMNS),
+        keys,
+    )
 
 
 SANDBOX = (
