@@ -226,6 +226,7 @@ LAYERS = (
     "store",
     "sae",
     "encoding",
+    "effects",
     "query",
     "analysis",
     "browse",

@@ -175,7 +175,9 @@ def build_prompts(
     texts, starts = [], []
     for j in pick:
         # (icl,) other words: the word's own answer never precedes it
-        others = [o for o in rng.choice(pick, size=min(icl + 1, len(pick)), replace=False) if o != j][:icl]
+        others = [
+            o for o in rng.choice(pick, size=min(icl + 1, len(pick)), replace=False) if o != j
+        ][:icl]
         text, start = prompt_text(vocab.words[j], [vocab.words[o] for o in others])
         texts.append(text)
         starts.append(start)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from actstore.cli.command import configured
@@ -33,6 +35,7 @@ def effects_cmd(store: str, storage_options: tuple[str, ...], cfg: EffectsConfig
     of the target, per sample and active feature; then the top features ablated exactly.
 
     Saved in STORE/saes/SAE/effects/MODEL/ (the feature_effects and feature_ablations views); resumes a killed run.
+    Prints one row per ablated feature (the class it moves most); the views hold every class.
     """
     import polars as pl
 
@@ -50,7 +53,13 @@ def effects_cmd(store: str, storage_options: tuple[str, ...], cfg: EffectsConfig
     if rep.ablation:
         from actstore.effects.ablate import read_ablations
 
-        emit(read_ablations(st, r.sae, r.model).with_columns(pl.col(pl.Float64).round(5)), fmt, out)
+        emit(
+            summary_table(read_ablations(st, r.sae, r.model)).with_columns(
+                pl.col(pl.Float64).round(5)
+            ),
+            fmt,
+            out,
+        )
     rate = f", {r.samples_per_s:.1f} samples/s" if r.seconds else " (already computed)"
     click.echo(f"{r.sae} on {r.model} layer {r.layer}: attribution to {r.target} over {r.n_samples} samples, "
                f"{r.n_rows} rows{rate}", err=err)  # fmt: skip
@@ -59,6 +68,30 @@ def effects_cmd(store: str, storage_options: tuple[str, ...], cfg: EffectsConfig
         click.echo(f"ablated {len(rep.ablation['features'])} features ({rep.ablation['mode']}) over "
                    f"{rep.ablation['n_samples']} samples; rank correlation of attribution and ablation: "
                    f"{'n/a' if rho is None else f'{rho:.3f}'}", err=err)  # fmt: skip
+
+
+def summary_table(ablations: Any) -> Any:
+    """One row per ablated feature, largest |effect| first: a classifier's row of the class whose probability moved
+    most (``class``, ``delta_prob``), its accuracy change, and the summed attribution beside the exact effect."""
+    import polars as pl
+
+    moved = pl.col("delta_prob").abs().fill_null(0)
+    return (
+        ablations.sort(moved, descending=True)
+        .group_by("feature", maintain_order=True)
+        .first()
+        .select(
+            "feature",
+            "class",
+            "attribution",
+            "effect",
+            "delta_prob",
+            "delta_acc",
+            "delta_loss",
+            "n",
+        )
+        .sort(pl.col("effect").abs(), descending=True)
+    )
 
 
 @main.command("steer")

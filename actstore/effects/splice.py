@@ -176,9 +176,10 @@ def make_batch(seqs: list[np.ndarray], samples: np.ndarray, pad_id: int, device:
 
 
 def logits(head: HeadModel, batch: Batch) -> torch.Tensor:
-    """The head's output: a classifier's ``(b, n_classes)`` logits, an LM's ``(b, seq, vocab)``, in float32."""
+    """The head's output: a classifier's ``(b, n_classes)`` logits, an LM's ``(b, seq, vocab)``, in float32 (or
+    float64 for a float64 model)."""
     out = head.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    return out.logits.float()
+    return out.logits.to(torch.promote_types(out.logits.dtype, torch.float32))
 
 
 def lm_losses(out: torch.Tensor, batch: Batch) -> torch.Tensor:

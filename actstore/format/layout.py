@@ -69,7 +69,11 @@ DIFF_TABLE, DIFF_META = "diff.parquet", "diff.json"
 CROSSCODER_LATENTS, CROSSCODER_DIFF = "latents.parquet", "latents.json"
 """A crosscoder's per-latent diff (``actstore diff-crosscoder``), in its ``saes/<name>/`` folder."""
 EFFECTS = "effects"
-EFFECTS_TABLE, EFFECTS_META, ABLATIONS_TABLE = "effects.parquet", "effects.json", "ablations.parquet"
+EFFECTS_TABLE, EFFECTS_META, ABLATIONS_TABLE = (
+    "effects.parquet",
+    "effects.json",
+    "ablations.parquet",
+)
 """An SAE's causal effects on a model's output (``actstore effects``), in ``saes/<name>/effects/<model>/``."""
 EFFECTS_PARTS = "parts"
 FINETUNE_REPORT = "finetune_report.json"
