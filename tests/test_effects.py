@@ -159,6 +159,27 @@ def test_attribution_equals_a_finite_difference(kind, clf, lm, one_thread):
         assert fd == pytest.approx(attr[r], abs=1e-3, rel=1e-3)
 
 
+@pytest.mark.parametrize("kind", ["classifier", "lm"])
+def test_ablation_replaying_the_layers_below_the_splice_equals_the_full_pass(
+    kind, clf, lm, one_thread
+):
+    from actstore.effects.ablate import run_pass, run_passes, zero_or_mean
+    from actstore.effects.attribute import corpus
+
+    store = clf if kind == "classifier" else lm
+    st = actstore.open_store(store)
+    head, splice = _open(store)
+    cfg = EffectsConfig("rand", batch_size=7, target="logits")
+    cp = corpus(st, splice.sae.cfg.tokenization, cfg, head)
+    edits = [zero_or_mean(2, 0.0), zero_or_mean(5, 3.0)]
+    with torch.no_grad():
+        clean, *edited = run_passes(st, head, splice, cp, cfg, "cpu", edits)
+        full = [run_pass(st, head, splice, cp, cfg, "cpu", e) for e in [None, *edits]]
+    for got, want in zip([clean, *edited], full, strict=True):
+        np.testing.assert_allclose(got.target, want.target, rtol=1e-5, atol=1e-5)
+    assert np.abs(edited[1].target - clean.target).max() > 1e-4  # the edit reached the output
+
+
 # ---------------------------------------------------------------- a planted decision
 
 
@@ -255,12 +276,8 @@ def test_a_planted_decision_is_found_where_it_was_planted(
     cp = corpus(st, splice.sae.cfg.tokenization, cfg, head)
     true = known_labels(st, head, cp, splice.sae.cfg.tokenization)
     with torch.no_grad():
-        acc = (
-            run_pass(st, head, splice, cp, cfg, "cpu", None, None).probs.argmax(1) == true
-        ).mean()
-        ablated = run_pass(
-            st, head, splice, cp, cfg, "cpu", zero_or_mean(j, 0.0), None
-        ).probs.argmax(1)
+        acc = (run_pass(st, head, splice, cp, cfg, "cpu", None).probs.argmax(1) == true).mean()
+        ablated = run_pass(st, head, splice, cp, cfg, "cpu", zero_or_mean(j, 0.0)).probs.argmax(1)
     assert acc >= 0.9
     assert (ablated == true).mean() == pytest.approx(0.5, abs=0.05)
     assert ab[0][2] == pytest.approx((ablated == true).mean() - acc, abs=1e-9)

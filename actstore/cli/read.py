@@ -236,12 +236,19 @@ def top_tokens_cmd(
     type=click.Choice(RANK_BY),
     default=RANK_BY[0],
     show_default=True,
-    help="Rank by activation variance over all tokens (the paper's choice), firing frequency, or label association.",
+    help="Rank by activation variance over all tokens (the paper's choice), firing frequency, label association, or "
+    "effect on the model's output (summed attribution per class: actstore effects).",
 )
 @click.option(
     "--label",
     default=None,
     help="With --by label-association: only this label (default: every label).",
+)
+@click.option(
+    "--class",
+    "cls",
+    default=None,
+    help="With --by effect: only this class (default: every class).",
 )
 @click.option(
     "-n",
@@ -261,16 +268,21 @@ def top_features_cmd(
     sae: str | None,
     by: str,
     label: str | None,
+    cls: str | None,
     n: int,
     fmt: str,
     out: str | None,
 ) -> None:
-    """Features ranked by variance, frequency, or association with a label."""
+    """Features ranked by variance, frequency, association with a label, or effect on the model's output."""
     from actstore.query.lookups import top_features
     from actstore.store.reader import open_store
 
     st = open_store(store, storage_options=parse_storage_options(storage_options))
-    emit(top_features(st, layer=layer, model=model, sae=sae, by=by, n=n, label=label), fmt, out)
+    emit(
+        top_features(st, layer=layer, model=model, sae=sae, by=by, n=n, label=label, cls=cls),
+        fmt,
+        out,
+    )
 
 
 @main.command()

@@ -44,40 +44,75 @@ class Outputs:
     """A decoder LM's predicted tokens per sample ``(n,)``."""
 
 
-def run_pass(store: Store, head: HeadModel, splice: Splice, cp: Corpus, cfg: EffectsConfig, device: str,
-             edit: Edit | None, fixed: np.ndarray | None) -> Outputs:  # fmt: skip
-    """The spliced model over ``cp`` with ``edit`` (None: the clean run); ``fixed`` pins the predicted class of
-    ``--target predicted`` to the clean run's (so the target is the same function of the output)."""
+def _outputs(head: HeadModel, cfg: EffectsConfig, out: torch.Tensor, batch: Any, labels: np.ndarray | None,
+             fixed: torch.Tensor | None) -> tuple[Any, ...]:  # fmt: skip
+    """One batch's part of :class:`Outputs` from the head's output."""
     import torch
 
-    from actstore.effects.splice import lm_losses, logits, make_batch, targets
+    from actstore.effects.splice import lm_losses, targets
+
+    if head.kind == "lm":
+        loss = lm_losses(out, batch).cpu().numpy()
+        return None, loss[:, None], loss, batch.attention_mask[:, 1:].sum(1).cpu().numpy()
+    if cfg.target == "predicted" and fixed is not None:
+        tgt = out.log_softmax(-1).gather(1, fixed[:, None])
+    else:
+        tgt = torch.stack([v for _, v in targets(head, out, batch, cfg.target, labels)], 1)
+    return out.softmax(-1).cpu().numpy(), tgt.cpu().numpy(), None, None
+
+
+def _assemble(parts: list[tuple[Any, ...]]) -> Outputs:
+    cols = list(zip(*parts, strict=True))
+    cat = lambda xs: None if xs[0] is None else np.concatenate(xs)  # noqa: E731
+    return Outputs(cat(cols[0]), np.concatenate(cols[1]), cat(cols[2]), cat(cols[3]))
+
+
+def run_passes(store: Store, head: HeadModel, splice: Splice, cp: Corpus, cfg: EffectsConfig, device: str,
+               edits: list[Edit]) -> list[Outputs]:  # fmt: skip
+    """The clean run, then one run per edit, over ``cp``. Batch by batch: the clean run records what the blocks
+    below the splice output, and each edited run replays it, computing only the splice and the layers above it.
+    An edited run's ``--target predicted`` keeps each sample's clean predicted class (the same function of the
+    output)."""
+    from actstore.effects.splice import BelowSplice, logits, make_batch
 
     tk = store.tokenization(splice.sae.cfg.tokenization)
-    probs, tgt, loss, ntok = [], [], [], []
+    below = BelowSplice(head, splice.layer)
+    parts: list[list[tuple[Any, ...]]] = [[] for _ in range(len(edits) + 1)]
+    for a in range(0, len(cp.samples), cfg.batch_size):
+        idx = np.arange(a, min(a + cfg.batch_size, len(cp.samples)))
+        seqs = [tk.token_ids(int(cp.first[i]), int(cp.first[i] + cp.n_tokens[i])) for i in idx]
+        batch = make_batch(seqs, cp.samples[idx], head.pad_id, device)
+        labels = cp.labels[idx] if cp.labels is not None else None
+        with below.record(), splice():
+            out = logits(head, batch)
+        parts[0].append(_outputs(head, cfg, out, batch, labels, None))
+        fixed = out.argmax(-1) if head.kind == "classifier" else None
+        with below.replay():
+            for n, edit in enumerate(edits):
+                with splice(edit=edit):
+                    parts[n + 1].append(
+                        _outputs(head, cfg, logits(head, batch), batch, labels, fixed)
+                    )
+    return [_assemble(p) for p in parts]
+
+
+def run_pass(store: Store, head: HeadModel, splice: Splice, cp: Corpus, cfg: EffectsConfig, device: str,
+             edit: Edit | None) -> Outputs:  # fmt: skip
+    """The spliced model over ``cp`` with ``edit`` (None: the clean run), every layer computed."""
+    from actstore.effects.splice import logits, make_batch
+
+    tk = store.tokenization(splice.sae.cfg.tokenization)
+    parts = []
     for a in range(0, len(cp.samples), cfg.batch_size):
         idx = np.arange(a, min(a + cfg.batch_size, len(cp.samples)))
         seqs = [tk.token_ids(int(cp.first[i]), int(cp.first[i] + cp.n_tokens[i])) for i in idx]
         batch = make_batch(seqs, cp.samples[idx], head.pad_id, device)
         with splice(edit=edit):
             out = logits(head, batch)
-        if head.kind == "lm":
-            loss.append(lm_losses(out, batch).cpu().numpy())
-            ntok.append((batch.attention_mask[:, 1:].sum(1)).cpu().numpy())
-            tgt.append(loss[-1][:, None])
-            continue
-        probs.append(out.softmax(-1).cpu().numpy())
-        if cfg.target == "predicted" and fixed is not None:
-            sel = torch.from_numpy(fixed[idx]).to(out.device)
-            tgt.append(out.log_softmax(-1).gather(1, sel[:, None]).cpu().numpy())
-        else:
-            labels = cp.labels[idx] if cp.labels is not None else None
-            tgt.append(
-                torch.stack([v for _, v in targets(head, out, batch, cfg.target, labels)], 1)
-                .cpu()
-                .numpy()
-            )
-    cat = lambda xs: np.concatenate(xs) if xs else None  # noqa: E731
-    return Outputs(cat(probs), np.concatenate(tgt), cat(loss), cat(ntok))
+        parts.append(
+            _outputs(head, cfg, out, batch, cp.labels[idx] if cp.labels is not None else None, None)
+        )
+    return _assemble(parts)
 
 
 def zero_or_mean(feature: int, value: float) -> Edit:
@@ -135,6 +170,7 @@ def run_ablations(store: Store, cfg: EffectsConfig, head: HeadModel, splice: Spl
     """Ablate ``--ablate-top`` features and ``--ablate-features``; write ``ablations.parquet`` and add the summary to
     ``effects.json``; the summary."""
     import polars as pl
+    import torch
 
     from actstore.storage.integrity import update_manifest
 
@@ -149,6 +185,13 @@ def run_ablations(store: Store, cfg: EffectsConfig, head: HeadModel, splice: Spl
     )
     if not feats:
         return {}
+    key = layout.effects_file(cfg.sae, head.key, layout.EFFECTS_META)
+    meta = json.loads(store.loc.read_bytes(key))
+    ident = {"features": feats, "mode": cfg.ablate_mode, "ablate_samples": cfg.ablate_samples}
+    done = meta.get("ablation") if isinstance(meta.get("ablation"), dict) else {}
+    table_key = layout.effects_file(cfg.sae, head.key, layout.ABLATIONS_TABLE)
+    if done.get("identity") == ident and store.loc.exists(table_key):
+        return done  # the same ablations, already measured
     cp = corpus(store, splice.sae.cfg.tokenization, cfg, head)
     if cfg.ablate_samples:
         keep = slice(0, cfg.ablate_samples)
@@ -160,17 +203,18 @@ def run_ablations(store: Store, cfg: EffectsConfig, head: HeadModel, splice: Spl
         )
     sub = table.filter(pl.col("sample").is_in(cp.samples.tolist()))
     true = known_labels(store, head, cp, splice.sae.cfg.tokenization)
-    clean = run_pass(store, head, splice, cp, cfg, device, None, None)
-    fixed = clean.probs.argmax(1) if clean.probs is not None else None
+    means = {int(k): float(v) for k, v in res.feature_mean.items()}
+    edits = [
+        zero_or_mean(j, means.get(j, 0.0) if cfg.ablate_mode == "mean" else 0.0) for j in feats
+    ]
+    with torch.no_grad():
+        clean, *ablated = run_passes(store, head, splice, cp, cfg, device, edits)
     if (
         cfg.target != "logits" and head.kind == "classifier"
-    ):  # rows carry each sample's predicted class or label
+    ):  # rows carry each sample's class or label
         sub = sub.with_columns(pl.lit("*").alias("class"))
-    means = {int(k): float(v) for k, v in res.feature_mean.items()}
     rows = []
-    for j in feats:
-        value = means.get(j, 0.0) if cfg.ablate_mode == "mean" else 0.0
-        abl = run_pass(store, head, splice, cp, cfg, device, zero_or_mean(j, value), fixed)
+    for j, abl in zip(feats, ablated, strict=True):
         attr = {str(c): float(v) for c, v in sub.filter(pl.col("feature") == j).group_by("class")
                 .agg(pl.col("attribution").sum()).iter_rows()}  # fmt: skip
         rows += ablation_rows(head, cfg, cp, clean, abl, j, attr, true)
@@ -178,18 +222,15 @@ def run_ablations(store: Store, cfg: EffectsConfig, head: HeadModel, splice: Spl
                                     "delta_acc": pl.Float64, "delta_loss": pl.Float64, "n": pl.Int64,
                                     "attribution": pl.Float64, "effect": pl.Float64})  # fmt: skip
     folder = layout.effects_dir(cfg.sae, head.key)
-    store.loc.write_bytes(
-        layout.effects_file(cfg.sae, head.key, layout.ABLATIONS_TABLE), parquet_bytes(df)
-    )
+    store.loc.write_bytes(table_key, parquet_bytes(df))
     rho = rank_correlation(df) if cfg.ablate_mode == "zero" else None
     summary = {
         "features": feats,
         "mode": cfg.ablate_mode,
         "n_samples": len(cp.samples),
         "rank_correlation": rho,
+        "identity": ident,
     }
-    key = layout.effects_file(cfg.sae, head.key, layout.EFFECTS_META)
-    meta = json.loads(store.loc.read_bytes(key))
     store.loc.write_bytes(key, json.dumps({**meta, "ablation": summary}, default=str).encode())
     update_manifest(store.loc, prefixes=[folder])
     return summary

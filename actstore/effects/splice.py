@@ -152,6 +152,49 @@ class Splice:
             yield self
 
 
+class BelowSplice:
+    """The blocks below the splice, recorded once and replayed: ``with below.record():`` a forward pass keeps each
+    block's output; ``with below.replay():`` those blocks return it without computing (the layers below an edit
+    see nothing of it), so an edited pass costs the splice and the layers above it."""
+
+    def __init__(self, head: HeadModel, layer: int) -> None:
+        from actstore.models.taps import find_blocks
+
+        self.blocks = list(find_blocks(head.model, head.n_layers))[: min(layer, head.n_layers)]
+        self.out: dict[int, Any] = {}
+
+    @contextlib.contextmanager
+    def record(self) -> Iterator[None]:
+        self.out = {}
+
+        def keep(i: int) -> Any:
+            def hook(_m: Any, _a: Any, out: Any) -> None:
+                self.out[i] = out
+
+            return hook
+
+        handles = [b.register_forward_hook(keep(i)) for i, b in enumerate(self.blocks)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextlib.contextmanager
+    def replay(self) -> Iterator[None]:
+        if len(self.out) != len(self.blocks):
+            raise RuntimeError("BelowSplice.replay without a recorded forward pass")
+        for i, b in enumerate(self.blocks):
+            b.forward = lambda *_a, _o=self.out[i], **_k: (
+                _o
+            )  # an instance attribute shadows the method
+        try:
+            yield
+        finally:
+            for b in self.blocks:
+                del b.forward
+
+
 # ---------------------------------------------------------------- batches and outputs
 @dataclass
 class Batch:

@@ -5,9 +5,9 @@ from dataclasses import dataclass, field
 from actstore.errors import ConfigError
 from actstore.fields import cli, opt
 
-RANK_BY = ("variance", "frequency", "label-association")
-"""How ``top_features`` ranks: activation variance over all tokens (the paper's choice), firing frequency, or label
-association."""
+RANK_BY = ("variance", "frequency", "label-association", "effect")
+"""How ``top_features`` ranks: activation variance over all tokens (the paper's choice), firing frequency, label
+association, or effect on the model's output (summed attribution, ``actstore effects``)."""
 TOP_TOKENS_N = 20
 """Rows ``top_tokens`` returns by default."""
 CONTEXT_TOKENS = 8

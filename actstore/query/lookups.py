@@ -255,12 +255,18 @@ def top_features(
     n: int = TOP_FEATURES_N,
     label: str | None = None,
     con: duckdb.DuckDBPyConnection | None = None,
+    cls: str | None = None,
 ) -> pl.DataFrame:
-    """The ``n`` features ranked by variance, frequency or label association (per label, or for ``label``)."""
+    """The ``n`` features ranked by variance, frequency or label association (per label, or for ``label``), or by
+    effect on the model's output (per class, or for class ``cls``)."""
     if by not in RANK_BY:
         raise ConfigError(f"--by {by!r}: choose one of {', '.join(RANK_BY)}")
     if n <= 0:
         raise ConfigError(f"-n must be positive, got {n}")
+    if cls is not None and by != "effect":
+        raise ConfigError("--class only applies to --by effect")
+    if by == "effect":
+        return top_features_by_effect(store, sae, layer, model, n, cls, con)
     t = resolve_sae(store, layer=layer, model=model, sae=sae)
     if by == "label-association":
         return run_query(
@@ -269,3 +275,44 @@ def top_features(
     if label is not None:
         raise ConfigError("--label only applies to --by label-association")
     return run_query(store, "top_features", {"sae": t.sae, "n": n, "by": by}, con=con)
+
+
+def top_features_by_effect(
+    store: Store,
+    sae: str | None,
+    layer: int | None,
+    model: str | None,
+    n: int,
+    cls: str | None,
+    con: duckdb.DuckDBPyConnection | None = None,
+) -> pl.DataFrame:
+    """The named query ``features_driving_class``: each class's ``n`` features with the largest summed attribution
+    (``actstore effects``), for the SAE named or the only one with effects at ``layer`` (of ``model``: the model the
+    effects were measured on)."""
+    from actstore.query.views import sql as run_sql
+
+    have = run_sql(store, "SELECT DISTINCT sae, layer, model, class FROM feature_effects")
+    cand = have.filter(
+        (pl.col("sae") == sae) if sae is not None else pl.lit(True),
+        (pl.col("layer") == layer) if layer is not None else pl.lit(True),
+        (pl.col("model") == model) if model is not None else pl.lit(True),
+    )
+    names = sorted(set(cand["sae"].to_list()))
+    if not names:
+        what = f"SAE {sae!r}" if sae else f"layer {layer}" if layer is not None else "any SAE"
+        raise NotFoundError(
+            f"no effects of {what} in {store.url}: run actstore effects {store.url} --sae NAME"
+        )
+    if len(names) > 1:
+        raise ConfigError(f"several SAEs have effects here ({', '.join(names)}): pass --sae NAME")
+    classes = sorted(set(cand.filter(pl.col("sae") == names[0])["class"].to_list()))
+    if cls is not None and cls not in classes:
+        raise ConfigError(
+            f"--class {cls!r} is not a class of SAE {names[0]!r}'s effects (classes: {', '.join(classes)})"
+        )
+    return run_query(
+        store,
+        "features_driving_class",
+        {"sae": names[0], "n": n, "class": cls, "model": model},
+        con=con,
+    )
