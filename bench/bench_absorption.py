@@ -8,7 +8,7 @@ absorption`` then measures how much of *starts with S* went into latents other t
 the hierarchy (one S latent firing on every s word, one latent per group on top) scores 0; one that learns
 ``e_s + u_j`` as a single latent scores near the absorbed share of the s words (about 0.25).
 
-    python bench/bench_absorption.py --out /tmp/absb [--samples 2000] [--archs topk,batchtopk,matryoshka-batchtopk]
+    python bench/bench_absorption.py [--out /tmp/absb] [--samples 2000] [--archs topk,batchtopk,matryoshka-batchtopk]
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def frequent_s_words(tokenizer_path: str, data: str, samples: int, n: int) -> li
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", default="/tmp/actstore-bench-absorption")
     ap.add_argument("--data", default="../shared/data/imdb.jsonl.gz")
     ap.add_argument("--samples", type=int, default=2000)
     ap.add_argument("--max-length", type=int, default=128)
