@@ -479,7 +479,7 @@ def test_cli_crosscoder_on_real_models(two_model_cc_store):
     assert "crosscoders" in rep.sections
     row = next(r for r in rep.data["crosscoders"] if r["crosscoder"] == "cc")
     assert row["b-only"] == int(got.filter(got["class"] == "b-only")["n"].sum())
-    assert "6. Crosscoders" in Path(rep.html).read_text()
+    assert "7. Crosscoders" in Path(rep.html).read_text()
     # cross-layer: one model, two layers, the same code
     r = CliRunner().invoke(
         main,

@@ -161,10 +161,48 @@ def test_demo_saves_a_feature_diff_per_layer(demo_run) -> None:
 
 
 @pytest.mark.slow
+def test_demo_report_says_what_the_decision_depends_on(demo_run) -> None:
+    """Section 6: each class's top features by summed attribution (the named query's), each with the pretrained
+    SAE's matched feature and that feature's own attribution in the fine-tuned model."""
+    assert "6. What the decision depends on" in demo_run.page
+    rows = demo_run.rep["effects"]
+    assert {r["layer"] for r in rows} == {1, 3}
+    by_layer = {}
+    for name in actstore.sae_names(demo_run.store):
+        c = actstore.load_sae(demo_run.store, name).cfg
+        if c.arch == "topk":
+            by_layer[(c.model, c.layer)] = name
+    for layer in (1, 3):
+        ft_sae, pre_sae = by_layer[(demo_run.ft, layer)], by_layer[(demo_run.pre, layer)]
+        want = actstore.sql(
+            demo_run.store,
+            "SELECT class, feature, sum(attribution) AS a FROM feature_effects WHERE sae = $s AND model = $m "
+            "GROUP BY class, feature QUALIFY row_number() OVER (PARTITION BY class ORDER BY a DESC, feature) <= 3 "
+            "ORDER BY class, a DESC, feature",
+            {"s": ft_sae, "m": demo_run.ft},
+        )
+        got = [r for r in rows if r["layer"] == layer]
+        assert [(r["class"], r["feature"]) for r in got] == list(
+            zip(want["class"], want["feature"], strict=True)
+        )
+        assert [r["attribution"] for r in got] == pytest.approx(want["a"].to_list())
+        for (
+            r
+        ) in got:  # the matched pretrained feature's attribution to the same class, when it fired
+            pre = actstore.sql(
+                demo_run.store,
+                "SELECT sum(attribution) AS a FROM feature_effects WHERE sae = $s AND model = $m AND class = $c "
+                "AND feature = $f",
+                {"s": pre_sae, "m": demo_run.ft, "c": r["class"], "f": r["pretrained feature"]},
+            )["a"][0]
+            assert r["pretrained attribution"] == (pytest.approx(pre) if pre is not None else None)
+
+
+@pytest.mark.slow
 def test_demo_logs_its_commands(demo_run) -> None:
     assert "actstore finetune" in (demo_run.out / "commands.sh").read_text()
     assert 0 <= demo_run.res.accuracy["finetuned"] <= 1 and any(
-        "== 5/5" in x for x in demo_run.lines
+        "== 6/6" in x for x in demo_run.lines
     )
 
 

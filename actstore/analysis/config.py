@@ -306,6 +306,8 @@ class DemoConfig:
     """SAE epochs (the paper: 10)."""
     sae_batch_size: int = 1024
     """Tokens per SAE step."""
+    effects_ablate: int = 10
+    """Features of each SAE ablated exactly after attribution (actstore effects; 0: attribution only)."""
     device: str = "auto"
     """cpu, cuda or auto."""
     seed: int = 0
@@ -316,3 +318,5 @@ class DemoConfig:
             raise ConfigError(f"the demo needs at least 20 samples (--limit), got {self.limit}")
         if self.epochs < 1 or self.sae_epochs < 1:
             raise ConfigError("epochs must be at least 1")
+        if self.effects_ablate < 0:
+            raise ConfigError(f"--effects-ablate must be >= 0, got {self.effects_ablate}")

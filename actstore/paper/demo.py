@@ -11,7 +11,9 @@ printed and written to ``OUT/commands.sh``):
    SAE with the paper's own recipe (ReLU + L1 1e-3) at the last layer of the fine-tuned model, which
    stays dense at this scale (about half the features active on every token): the report flags it;
 4. encode every SAE into the feature tables;
-5. compare the models layer by layer, diff the features, and write the report.
+5. splice each TopK SAE into the fine-tuned classifier: each feature's attribution to its decision over the
+   corpus, the top features ablated (``actstore effects``; the pretrained model's SAEs too, through ``--model``);
+6. compare the models layer by layer, diff the features, and write the report (with what the decision depends on).
 """
 
 from __future__ import annotations
@@ -54,12 +56,13 @@ def run_demo(cfg: DemoConfig, progress: bool = True, log: Any = print) -> DemoRe
     demo.extract()
     names = demo.train()
     demo.encode(names)
+    demo.effects(names)
     html = demo.report()
     return demo.finish(html, accuracy)
 
 
 class _Demo:
-    """The demo's five steps, each logged with the command that does the same, and timed."""
+    """The demo's six steps, each logged with the command that does the same, and timed."""
 
     def __init__(self, cfg: DemoConfig, progress: bool, log: Any) -> None:
         from actstore.models.loading import auto_device
@@ -102,7 +105,7 @@ class _Demo:
             f"actstore finetune --model {q(cfg.model)} --data {q(cfg.data)} --limit {cfg.limit} --epochs {cfg.epochs} "
             f"--lr {cfg.lr:g} --max-length {cfg.max_length} --out {q(str(self.ft_dir))}"
         )
-        self._step("finetune", "1/5 fine-tune", cmd)
+        self._step("finetune", "1/6 fine-tune", cmd)
         ft = finetune(
             FinetuneConfig(
                 cfg.model,
@@ -134,7 +137,7 @@ class _Demo:
         again = f"  # and again with --model {q(str(self.ft_dir))} --name {self.ft_key}"
         self._step(
             "extract",
-            "2/5 extract",
+            "2/6 extract",
             f"actstore extract {q(str(self.store_path))} --model {q(cfg.model)} --data "
             f"{q(str(data_file))} --layers all --max-length {cfg.max_length}{again}",
         )
@@ -172,7 +175,7 @@ class _Demo:
             f"actstore train {sp} --model M --layer L --arch topk --k {k} --d-sae {d_sae}{lr} --resample "
             f"{cfg.sae_resample} --epochs {cfg.sae_epochs}  # M in {self.pre_key}, {self.ft_key}; L in {layers}"
         )
-        self._step("train", "3/5 train SAEs", cmd)
+        self._step("train", "3/6 train SAEs", cmd)
         common = {
             "d_sae": d_sae,
             "lr": cfg.sae_lr,
@@ -234,7 +237,7 @@ class _Demo:
 
         self._step(
             "encode",
-            "4/5 encode",
+            "4/6 encode",
             f"actstore encode {shlex.quote(str(self.store_path))} --sae NAME  # for each SAE",
         )
         st = open_store(str(self.store_path), writable=True)
@@ -244,6 +247,34 @@ class _Demo:
                 EncodeConfig(sae=name, device=self.device, overwrite=True),
                 progress=self.progress,
             )
+        self._done()
+
+    def effects(self, names: list[str]) -> None:
+        """What the fine-tuned model's decision depends on: each TopK SAE (of either model) spliced into the
+        fine-tuned classifier, attribution over the corpus and the top features ablated."""
+        from actstore.effects.config import EffectsConfig
+        from actstore.effects.run import effects
+        from actstore.store.reader import open_store
+
+        n = self.cfg.effects_ablate
+        self._step(
+            "effects",
+            "5/6 effects",
+            f"actstore effects {shlex.quote(str(self.store_path))} --sae NAME --model {self.ft_key} --ablate-top {n}"
+            "  # for each TopK SAE",
+        )
+        st = open_store(str(self.store_path), writable=True)
+        for name in names:
+            rep = effects(
+                st,
+                EffectsConfig(
+                    sae=name, model=self.ft_key, ablate_top=n, device=self.device, overwrite=True
+                ),
+                progress=self.progress,
+            )
+            rho = rep.ablation.get("rank_correlation")
+            self.log(f"{name} in {self.ft_key}: {rep.result.n_rows} attribution rows"
+                     + (f", rank correlation with ablation {rho:.3f}" if rho is not None else ""))  # fmt: skip
         self._done()
 
     def report(self) -> str:
@@ -259,7 +290,7 @@ class _Demo:
         )
         self._step(
             "report",
-            "5/5 compare, diff, report",
+            "6/6 compare, diff, report",
             f"actstore compare {sp} --models {self.pre_key},{self.ft_key} "
             f"--plot {png}; actstore report {sp} --out {rd}",
         )

@@ -28,6 +28,8 @@ from actstore.clock import now
 from actstore.paper.sections import (
     confusion_table,
     diff_section,
+    effects_pairs,
+    effects_section,
     features_section,
     finetune_section,
     per_class_table,
@@ -138,6 +140,7 @@ def _build_report(store: Store, cfg: ReportConfig, progress: bool = False) -> Re
         _sae_metrics_part(store, out),
         _features_part(store, cfg, models, out),
         _diff_part(store, cfg, models, out),
+        _effects_part(store, models),
         _crosscoder_part(store),
     ]
     res.notes += ft_notes
@@ -399,6 +402,30 @@ def _diff_part(
     return Part("feature-diff", df.to_dicts(), h, md, pngs=[png])
 
 
+def _effects_part(store: Store, models: tuple[str, str] | None) -> Part | None:
+    """6. What the fine-tuned model's decision depends on (saved ``actstore effects``), beside the pretrained SAE's
+    matched features."""
+    if models is None:
+        return None
+    pairs = effects_pairs(store, models)
+    df = effects_section(store, pairs, models[1]) if pairs else None
+    if df is None:
+        return Part("effects", None, [], [], notes=[
+            f"no saved effects on {models[1]}: run actstore effects {store.url} --sae NAME (and --sae A --model "
+            f"{models[1]} for the pretrained SAE) for the decision's features"])  # fmt: skip
+    h = [
+        "<h2>6. What the decision depends on</h2><p>Per layer and class, the fine-tuned model's SAE features with "
+        "the largest summed attribution to its decision (activation x gradient of the predicted class's "
+        "log-probability, the SAE spliced into the fine-tuned model with its error added back), their top tokens, "
+        "and the pretrained SAE's matched feature (feature diff, decoder match) with its own attribution to the same "
+        "class when spliced into the fine-tuned model (empty: not computed). Query them with <code>actstore sql "
+        f'{_esc(store.url)} "SELECT * FROM feature_effects"</code>; docs/EFFECTS.md.</p>'
+        + _html_table(df)
+    ]
+    md = ["## 6. What the decision depends on", "", _md_table(df), ""]
+    return Part("effects", df.to_dicts(), h, md)
+
+
 def _crosscoder_part(store: Store) -> Part | None:
     """6. Crosscoders: each latent shared / changed / A-only / B-only (diff-crosscoder), beside the feature diff."""
     from actstore.analysis.crosscoder_reads import crosscoder_summary
@@ -407,7 +434,7 @@ def _crosscoder_part(store: Store) -> Part | None:
     if df is None:
         return Part("crosscoders", None, [], [], notes=notes) if notes else None
     h = [
-        "<h2>6. Crosscoders, pretrained vs fine-tuned</h2><p>One dictionary trained on both models' activations of the "
+        "<h2>7. Crosscoders, pretrained vs fine-tuned</h2><p>One dictionary trained on both models' activations of the "
         "same tokens, a decoder per model: each latent is shared, changed, A-only or B-only by its decoder norms "
         "(relative norm, Minder et al. 2025); <i>b-only exclusive</i> counts the B-only latents that Latent Scaling "
         "does not flag as present in A after all. Where the same layer has a feature diff of two SAEs (section 5), "
@@ -416,7 +443,7 @@ def _crosscoder_part(store: Store) -> Part | None:
         f'the two methods agree. Query the latents with <code>actstore sql {_esc(store.url)} "SELECT * FROM '
         'crosscoder_latents"</code>.</p>' + _html_table(df)
     ]
-    md = ["## 6. Crosscoders", "", _md_table(df), ""]
+    md = ["## 7. Crosscoders", "", _md_table(df), ""]
     from actstore.analysis.crosscoder import load_crosscoder_diff
     from actstore.analysis.crosscoder_reads import top_latents
 

@@ -317,3 +317,79 @@ def plot_curves(curves: dict[str, dict[str, dict[str, list[float]]]], path: str)
     save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
+
+
+def effects_pairs(store: Store, models: tuple[str, str]) -> list[tuple[int, str | None, str]]:
+    """``(layer, SAE of model A or None, SAE of model B)`` for every SAE of model B with effects on model B: A's SAE
+    is the one of the same layer whose feature diff with it is saved (else the first with effects on B)."""
+    from actstore.analysis.diff import diff_names
+    from actstore.query.views import sql
+
+    have = sql(
+        store, "SELECT DISTINCT sae, layer FROM feature_effects WHERE model = $m", {"m": models[1]}
+    )
+    on_b = {(str(n), int(layer)) for n, layer in have.iter_rows()}
+    cfgs = {name: read_config(store, name) for name in sorted(sae_names(store))}
+    diffs = set(diff_names(store))
+    out = []
+    for name, layer in sorted(on_b, key=lambda t: (t[1], t[0])):
+        if cfgs[name].model != models[1]:
+            continue
+        cands = [
+            a
+            for a, c in cfgs.items()
+            if c.model == models[0] and c.layer == layer and not c.is_crosscoder
+        ]
+        pick = [a for a in cands if f"{a}__{name}" in diffs] or [
+            a for a in cands if (a, layer) in on_b
+        ]
+        out.append((layer, pick[0] if pick else None, name))
+    return out
+
+
+def effects_section(
+    store: Store, pairs: list[tuple[int, str | None, str]], model: str, per_class: int = 3
+) -> pl.DataFrame | None:
+    """The causal counterpart of the paper's Table 1: at each layer with an SAE of both models, each class's
+    ``per_class`` features of the fine-tuned model's SAE with the largest summed attribution to the fine-tuned
+    model's decision (``actstore effects``), their top tokens, and the pretrained SAE's matched feature (the
+    feature diff's decoder match) with its own summed attribution to the same class when that SAE is spliced into
+    the fine-tuned model (``actstore effects --sae A --model B``). None when no effects were saved."""
+    from actstore.errors import NotFoundError
+    from actstore.query.lookups import top_tokens
+    from actstore.query.views import sql
+
+    q = ("SELECT class, feature, sum(attribution) AS attribution, count(*) AS n_samples FROM feature_effects "
+         "WHERE sae = $sae AND model = $model GROUP BY class, feature")  # fmt: skip
+    rows = []
+    for layer, a, b in pairs:
+        fx = sql(store, q, {"sae": b, "model": model})
+        if fx.height == 0:
+            continue
+        fa = sql(store, q, {"sae": a or "", "model": model})
+        pre = {(c, int(f)): float(v) for c, f, v, _ in fa.iter_rows()}
+        match = {
+            int(f): (int(m), float(cos), str(status))
+            for f, m, cos, status in sql(
+                store,
+                "SELECT feature, match_decoder, decoder_cos, status FROM feature_diff WHERE diff = $d AND side = 'b'",
+                {"d": f"{a}__{b}"},
+            ).iter_rows()
+        }
+        for cls in sorted(set(fx["class"].to_list())):
+            top = fx.filter(pl.col("class") == cls).sort(
+                ["attribution", "feature"], descending=[True, False]
+            )
+            for rank, (_, f, v, n) in enumerate(top.head(per_class).iter_rows(), 1):
+                try:
+                    toks = top_tokens(store, int(f), sae=b, n=3, context=0)["token"].to_list()
+                except NotFoundError:  # not encoded: no top tokens
+                    toks = []
+                m = match.get(int(f))
+                rows.append({
+                    "layer": layer, "class": cls, "rank": rank, "feature": int(f), "attribution": v, "samples": n,
+                    "top tokens": ", ".join(map(str, toks)), "diff": m[2] if m else None,
+                    "pretrained feature": m[0] if m else None, "decoder cos": m[1] if m else None,
+                    "pretrained attribution": pre.get((cls, m[0])) if m else None,
+                })  # fmt: skip
+    return pl.DataFrame(rows) if rows else None
