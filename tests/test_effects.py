@@ -518,3 +518,31 @@ def test_steering_a_feature_the_sae_lacks_is_one_line(clf):
         main, ["steer", clf, "--sae", "rand", "--feature", "500", "--value", "1", "--text", "x"]
     )
     assert "not a feature" in one_line_error(r)
+
+
+def test_hostile_class_names_in_a_teammates_effects_are_escaped_in_the_report(clf, one_thread):
+    """A store is untrusted input: a class name with markup, written straight into its effects table, is text on
+    the report's page."""
+    import io
+
+    import polars as pl
+
+    from actstore.paper.report import _effects_part
+    from actstore.storage.integrity import update_manifest
+
+    st = actstore.open_store(clf, writable=True)
+    evil = "<script>alert(1)</script>"
+    df = pl.DataFrame({"sample": [0, 1], "feature": [3, 3], "class": [evil, evil], "attribution": [1.0, 2.0],
+                       "activation": [1.0, 1.0]}).cast({"feature": pl.Int32, "attribution": pl.Float32,
+                                                         "activation": pl.Float32})  # fmt: skip
+    buf = io.BytesIO()
+    df.write_parquet(buf)
+    st.loc.write_bytes(layout.effects_file("rand", "clf", layout.EFFECTS_TABLE), buf.getvalue())
+    meta = {"identity": {}, "complete": True, "result": {"layer": 2}}
+    st.loc.write_bytes(
+        layout.effects_file("rand", "clf", layout.EFFECTS_META), json.dumps(meta).encode()
+    )
+    update_manifest(st.loc)
+    part = _effects_part(actstore.open_store(clf), ("other", "clf"))
+    page = "".join(part.html)
+    assert evil not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page

@@ -382,7 +382,10 @@ def effects_section(
             )
             for rank, (_, f, v, n) in enumerate(top.head(per_class).iter_rows(), 1):
                 try:
-                    toks = top_tokens(store, int(f), sae=b, n=3, context=0)["token"].to_list()
+                    # the three most active distinct tokens
+                    toks = list(
+                        dict.fromkeys(top_tokens(store, int(f), sae=b, n=20, context=0)["token"])
+                    )[:3]
                 except NotFoundError:  # not encoded: no top tokens
                     toks = []
                 m = match.get(int(f))
