@@ -546,3 +546,31 @@ def test_hostile_class_names_in_a_teammates_effects_are_escaped_in_the_report(cl
     part = _effects_part(actstore.open_store(clf), ("other", "clf"))
     page = "".join(part.html)
     assert evil not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def test_the_feature_page_shows_the_features_effects(clf, one_thread):
+    from starlette.testclient import TestClient
+
+    from actstore.browse.app import create_app
+    from actstore.browse.config import ServeConfig
+    from actstore.browse.data import Browser
+    from actstore.encoding.config import EncodeConfig
+    from actstore.encoding.encode import encode
+
+    st = actstore.open_store(clf, writable=True)
+    encode(st, EncodeConfig(sae="rand", device="cpu"), progress=False)
+    r = CliRunner().invoke(main, ["effects", clf, "--sae", "rand", "--ablate-top", "2", "--target", "logits",
+                                  "--device", "cpu", "--quiet"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    top = int(actstore.sql(st, "SELECT feature FROM feature_ablations LIMIT 1")["feature"][0])
+    st = actstore.open_store(clf)
+    shown = Browser(st, ServeConfig()).feature_page("rand", top)["effects"]
+    want = actstore.sql(st, "SELECT class, sum(attribution) AS a, count(*) AS n FROM feature_effects "
+                            f"WHERE feature = {top} GROUP BY class ORDER BY class").rows()  # fmt: skip
+    assert [(e["class"], e["samples"]) for e in shown] == [(c, n) for c, _, n in want]
+    assert [e["attribution"] for e in shown] == pytest.approx([a for _, a, _ in want])
+    assert all(e["delta_prob"] is not None for e in shown)
+    page = TestClient(app=create_app(st, ServeConfig()), base_url="http://127.0.0.1").get(
+        f"/sae/rand/feature/{top}"
+    )
+    assert page.status_code == 200 and 'id="effects"' in page.text and "pos" in page.text

@@ -340,6 +340,7 @@ class Browser:
             "page": page,
             "n_pages": -(-len(values) // self.settings.page_size),
             "crosscoder": self._latent(sae, feature) if cfg.is_crosscoder else None,
+            "effects": self._effects(sae, feature),
         }
         out["contexts"] = self.contexts(sae, feature, page, hits)
         return out
@@ -450,6 +451,21 @@ class Browser:
         x = self.store.activations(model, int(self.sae_config(sae).layer)).take(rows)
         with torch.no_grad():
             return net.encode(torch.from_numpy(x))[:, feature].double().numpy()
+
+    def _effects(self, sae: str, feature: int) -> list[dict[str, Any]]:
+        """The feature's saved effects (``actstore effects``), per model and class: summed attribution, samples it
+        fired on, and its exact ablation's change of the class's probability and of accuracy where measured."""
+        from actstore.query.views import sql
+
+        def make() -> pl.DataFrame:
+            fx = sql(self.store, "SELECT model, class, feature, sum(attribution) AS attribution, count(*) AS samples "
+                                 "FROM feature_effects WHERE sae = $s GROUP BY ALL", {"s": sae})  # fmt: skip
+            ab = sql(self.store, "SELECT model, class, feature, delta_prob, delta_acc, delta_loss FROM "
+                                 "feature_ablations WHERE sae = $s", {"s": sae})  # fmt: skip
+            return fx.join(ab, on=["model", "class", "feature"], how="left").sort("model", "class")
+
+        table = self._cached(("effects", sae), make)
+        return table.filter(pl.col("feature") == feature).drop("feature").to_dicts()
 
     def _latent(self, sae: str, feature: int) -> dict[str, Any] | None:
         """A crosscoder latent's row of its saved diff (``diff-crosscoder``), None if it has none."""
