@@ -231,3 +231,15 @@ def test_report_without_models_notes_what_is_missing(tiny_store_ro, tmp_path) ->
     r = CliRunner().invoke(main, ["report", tiny_store_ro, "--out", str(tmp_path / "r")])
     assert r.exit_code == 0, r.output
     assert "note:" in r.output and (tmp_path / "r" / "index.html").exists()
+
+
+def test_the_demo_reads_a_recipe_as_finetune_does() -> None:
+    """`actstore demo --data recipe:imdb` once failed ("cannot tell the format of recipe:imdb"): the demo built its
+    corpus without resolving recipes."""
+    from actstore.data.corpora import load_recipe
+    from actstore.paper.demo import demo_data
+
+    cfg = demo_data(DemoConfig(data="recipe:imdb", limit=50))
+    assert cfg.source == load_recipe("recipe:imdb").source and cfg.source.endswith("imdb.jsonl.gz")
+    assert cfg.limit == 50
+    assert demo_data(DemoConfig(data="x.jsonl", limit=40)).source == "x.jsonl"

@@ -46,6 +46,14 @@ def default_sae_layers(n_layers: int) -> list[int]:
     return sorted({max(1, round(n_layers / 4)), max(1, n_layers // 2), n_layers})
 
 
+def demo_data(cfg: DemoConfig) -> Any:
+    """The demo's corpus as ``finetune --data`` reads it: a file, ``bundled:NAME`` or ``recipe:NAME`` (whose fields
+    apply), ``--limit`` samples."""
+    from actstore.data.corpora import data_config
+
+    return data_config(cfg.data, limit=cfg.limit)
+
+
 def run_demo(cfg: DemoConfig, progress: bool = True, log: Any = print) -> DemoResult:
     """Run every step of the demo; see the module docstring."""
     from transformers.utils import logging as hf_logging
@@ -96,7 +104,6 @@ class _Demo:
         self._t = 0.0
 
     def finetune(self) -> dict[str, float]:
-        from actstore.data.corpora import DataConfig
         from actstore.models.config import FinetuneConfig
         from actstore.models.finetune import finetune
 
@@ -109,7 +116,7 @@ class _Demo:
         ft = finetune(
             FinetuneConfig(
                 cfg.model,
-                DataConfig(cfg.data, limit=cfg.limit),
+                demo_data(cfg),
                 str(self.ft_dir),
                 epochs=cfg.epochs,
                 lr=cfg.lr,
