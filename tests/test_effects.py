@@ -370,7 +370,7 @@ def test_a_second_writer_is_refused(clf):
 
 @pytest.mark.parametrize(
     "case",
-    ["no head", "no labels", "layer", "width", "feature", "model"],
+    ["no head", "no labels", "layer", "width", "feature", "model", "patch", "patch layer"],
 )
 def test_bad_inputs_are_one_line_and_write_nothing(case, clf, tiny_store):
     store, args = clf, ["--sae", "rand"]
@@ -423,15 +423,17 @@ def test_bad_inputs_are_one_line_and_write_nothing(case, clf, tiny_store):
         args += ["--ablate-features", "999"]
     elif case == "model":
         args += ["--model", "nope"]
+    elif case == "patch":  # the SAE is of the model it is spliced into: patch from what?
+        args += ["--ablate-mode", "patch"]
+    elif case == "patch layer":  # a model the store has, but not at the SAE's layer
+        _random_sae(clf, "clf", 1, name="l1")
+        args = ["--sae", "l1", "--ablate-mode", "patch", "--patch-from", "clf"]
     r = CliRunner().invoke(main, ["effects", store, *args, "--device", "cpu", "--quiet"])
     msg = one_line_error(r)
     assert msg
     sae = args[1]
     folder = Path(store) / "saes" / sae / "effects"
-    if case == "feature":  # attribution ran, the ablation was refused before any was written
-        assert not (folder / "clf" / layout.ABLATIONS_TABLE).exists()
-    else:
-        assert not folder.exists()
+    assert not folder.exists()
 
 
 # ---------------------------------------------------------------- CLI, views, steering
@@ -574,3 +576,62 @@ def test_the_feature_page_shows_the_features_effects(clf, one_thread):
         f"/sae/rand/feature/{top}"
     )
     assert page.status_code == 200 and 'id="effects"' in page.text and "pos" in page.text
+
+
+def test_patching_a_feature_with_its_own_models_values_changes_nothing(clf, one_thread):
+    from actstore.effects.ablate import read_ablations
+    from actstore.effects.run import effects
+
+    st = actstore.open_store(clf, writable=True)
+    effects(
+        st, EffectsConfig("rand", ablate_top=3, ablate_mode="patch", patch_from="clf", device="cpu")
+    )
+    ab = read_ablations(st, "rand", "clf")
+    assert ab.height == 6 and set(ab["mode"]) == {"patch"}
+    assert (
+        np.abs(ab["effect"].to_numpy()).max() < 1e-4
+        and np.abs(ab["delta_prob"].to_numpy()).max() < 1e-6
+    )
+
+
+def test_patching_from_another_model_sets_each_token_to_its_value_there(
+    clf, tiny_bert_dir, corpus_file, one_thread
+):
+    """The pretrained-model case: a second model's rows of the same tokens (here a random BERT of the same width),
+    encoded by the SAE; the effect equals the edit computed by hand one sample at a time."""
+    from actstore.data.corpora import DataConfig
+    from actstore.effects.ablate import read_ablations
+    from actstore.effects.run import effects
+    from actstore.store.config import ExtractConfig
+    from actstore.store.extract import extract
+
+    extract(clf, ExtractConfig(model=tiny_bert_dir, data=DataConfig(corpus_file), layers=[2], name="base",
+                               codec="fp32", device="cpu"), progress=False)  # fmt: skip
+    st = actstore.open_store(clf, writable=True)
+    effects(st, EffectsConfig("rand", ablate_top=0, ablate_features=[4], ablate_mode="patch", patch_from="base",
+                              device="cpu"))  # fmt: skip
+    got = read_ablations(st, "rand", "clf")
+    head, splice = _open(clf)
+    tk, base = st.tokenization(), st.activations("base", 2)
+    first, n_tok = tk.sample_rows()
+    total = 0.0
+    with torch.no_grad():
+        for s in range(len(first)):
+            ids = torch.from_numpy(tk.token_ids(int(first[s]), int(first[s] + n_tok[s]))[None])
+            other = splice.sae.encode(
+                torch.from_numpy(np.asarray(base[int(first[s]) : int(first[s] + n_tok[s])]))
+            )
+
+            def edit(a, v=other[:, 4]):
+                out = a.clone()
+                out[0, :, 4] = v
+                return out
+
+            with splice():
+                clean = head.model(input_ids=ids).logits.log_softmax(-1)[0]
+            c = int(clean.argmax())
+            with splice(edit=edit):
+                patched = head.model(input_ids=ids).logits.log_softmax(-1)[0]
+            total += float(patched[c] - clean[c])
+    assert got["effect"][0] == pytest.approx(total, rel=1e-3, abs=1e-5)
+    assert abs(total) > 1e-4  # the two models' values differ

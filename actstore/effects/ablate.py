@@ -12,8 +12,9 @@ first-order estimate can be trusted (``effects.json``: ``rank_correlation``).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     import polars as pl
     import torch
 
-    from actstore.effects.splice import Edit, HeadModel, Splice
+    from actstore.effects.splice import Batch, Edit, HeadModel, Splice
     from actstore.store.reader import Store
 
 
@@ -67,8 +68,14 @@ def _assemble(parts: list[tuple[Any, ...]]) -> Outputs:
     return Outputs(cat(cols[0]), np.concatenate(cols[1]), cat(cols[2]), cat(cols[3]))
 
 
+class PerBatch(NamedTuple):
+    """An edit that depends on the batch (patching: each token's value from another model's rows)."""
+
+    make: Callable[[Batch], Edit]
+
+
 def run_passes(store: Store, head: HeadModel, splice: Splice, cp: Corpus, cfg: EffectsConfig, device: str,
-               edits: list[Edit]) -> list[Outputs]:  # fmt: skip
+               edits: list[Edit | PerBatch]) -> list[Outputs]:  # fmt: skip
     """The clean run, then one run per edit, over ``cp``. Batch by batch: the clean run records what the blocks
     below the splice output, and each edited run replays it, computing only the splice and the layers above it.
     An edited run's ``--target predicted`` keeps each sample's clean predicted class (the same function of the
@@ -89,7 +96,7 @@ def run_passes(store: Store, head: HeadModel, splice: Splice, cp: Corpus, cfg: E
         fixed = out.argmax(-1) if head.kind == "classifier" else None
         with below.replay():
             for n, edit in enumerate(edits):
-                with splice(edit=edit):
+                with splice(edit=edit.make(batch) if isinstance(edit, PerBatch) else edit):
                     parts[n + 1].append(
                         _outputs(head, cfg, logits(head, batch), batch, labels, fixed)
                     )
@@ -124,6 +131,98 @@ def zero_or_mean(feature: int, value: float) -> Edit:
         return out
 
     return edit
+
+
+def other_latents(
+    store: Store, splice: Splice, key: str, device: str
+) -> Callable[[Batch], torch.Tensor]:
+    """The SAE's latents ``(b, seq, d_sae)`` of model ``key``'s stored rows (the splice's layer) of each batch's
+    samples, the same tokens as the batch's (what ``--ablate-mode patch`` sets a feature to); one clear error when
+    the store cannot give them."""
+    import torch
+
+    c = splice.sae.cfg
+    if key not in store.model_keys():
+        raise ConfigError(
+            f"--patch-from {key!r}: store {store.url} has no such model ({', '.join(store.model_keys())})"
+        )
+    tk = store.model_info(key).tokenization
+    if c.tokenization and tk != c.tokenization:
+        raise ConfigError(f"--patch-from {key!r} uses tokenization {tk}, SAE {c.name!r} {c.tokenization}: "
+                          "their token rows differ")  # fmt: skip
+    if splice.layer not in store.layers(key):
+        raise ConfigError(
+            f"--patch-from {key!r} has no layer {splice.layer} in {store.url}: extract it"
+        )
+    acts = store.activations(key, splice.layer)
+    if acts.d_model != c.d_in:
+        raise ConfigError(
+            f"--patch-from {key!r} layer {splice.layer} is {acts.d_model} wide, the SAE reads {c.d_in}"
+        )
+    first, _ = store.tokenization(c.tokenization).sample_rows()
+    memo: dict[str, Any] = {}
+
+    def latents(batch: Batch) -> torch.Tensor:
+        if memo.get("batch") is batch:
+            return memo["v"]
+        b, seq = batch.input_ids.shape
+        x = torch.zeros(b, seq, c.d_in)
+        for i, (s, n) in enumerate(
+            zip(batch.samples, batch.attention_mask.sum(1).tolist(), strict=True)
+        ):
+            x[i, :n] = torch.from_numpy(
+                np.asarray(acts[int(first[s]) : int(first[s]) + n], dtype=np.float32)
+            )
+        with torch.no_grad():
+            v = splice.sae.encode(x.reshape(-1, c.d_in).to(device)).reshape(b, seq, -1)
+        memo.update(batch=batch, v=v)
+        return v
+
+    return latents
+
+
+def patch_source(cfg: EffectsConfig, head: HeadModel, splice: Splice) -> str:
+    """The store model ``--ablate-mode patch`` reads: ``--patch-from``, else the SAE's own model when it is spliced
+    into another."""
+    own = str(splice.sae.cfg.model)
+    if cfg.patch_from:
+        return cfg.patch_from
+    if own == head.key:
+        raise ConfigError(
+            f"--ablate-mode patch needs --patch-from MODEL: SAE {cfg.sae!r} is of {head.key}, the model it is spliced "
+            "into"
+        )
+    return own
+
+
+def check_ablations(
+    store: Store, cfg: EffectsConfig, head: HeadModel, splice: Splice, device: str
+) -> None:
+    """What the ablations will need, checked before any attribution is written (one line each)."""
+    d_sae = splice.sae.cfg.d_sae
+    bad = [f for f in cfg.ablate_features or [] if f >= d_sae]
+    if bad:
+        raise ConfigError(
+            f"--ablate-features {bad[0]} is not a feature of SAE {cfg.sae!r} (0..{d_sae - 1})"
+        )
+    if cfg.ablate_mode == "patch":
+        other_latents(store, splice, patch_source(cfg, head, splice), device)
+
+
+def patch(feature: int, latents: Callable[[Batch], torch.Tensor]) -> PerBatch:
+    """Set ``feature`` at each token to its value in ``latents`` (:func:`other_latents`)."""
+
+    def make(batch: Batch) -> Edit:
+        value = latents(batch)[..., feature]  # (b, seq)
+
+        def edit(acts: torch.Tensor) -> torch.Tensor:
+            out = acts.clone()
+            out[..., feature] = value.to(out.dtype)
+            return out
+
+        return edit
+
+    return PerBatch(make)
 
 
 def ablation_rows(head: HeadModel, cfg: EffectsConfig, cp: Corpus, clean: Outputs, abl: Outputs, feature: int,
@@ -174,12 +273,7 @@ def run_ablations(store: Store, cfg: EffectsConfig, head: HeadModel, splice: Spl
 
     from actstore.storage.integrity import update_manifest
 
-    d_sae = splice.sae.cfg.d_sae
-    bad = [f for f in cfg.ablate_features or [] if f >= d_sae]
-    if bad:
-        raise ConfigError(
-            f"--ablate-features {bad[0]} is not a feature of SAE {cfg.sae!r} (0..{d_sae - 1})"
-        )
+    check_ablations(store, cfg, head, splice, device)
     feats = list(
         dict.fromkeys(top_features(table, cfg.ablate_top) + list(cfg.ablate_features or []))
     )
@@ -187,7 +281,8 @@ def run_ablations(store: Store, cfg: EffectsConfig, head: HeadModel, splice: Spl
         return {}
     key = layout.effects_file(cfg.sae, head.key, layout.EFFECTS_META)
     meta = json.loads(store.loc.read_bytes(key))
-    ident = {"features": feats, "mode": cfg.ablate_mode, "ablate_samples": cfg.ablate_samples}
+    ident = {"features": feats, "mode": cfg.ablate_mode, "ablate_samples": cfg.ablate_samples,
+             "patch_from": cfg.patch_from}  # fmt: skip
     done = meta.get("ablation") if isinstance(meta.get("ablation"), dict) else {}
     table_key = layout.effects_file(cfg.sae, head.key, layout.ABLATIONS_TABLE)
     if done.get("identity") == ident and store.loc.exists(table_key):
@@ -204,9 +299,14 @@ def run_ablations(store: Store, cfg: EffectsConfig, head: HeadModel, splice: Spl
     sub = table.filter(pl.col("sample").is_in(cp.samples.tolist()))
     true = known_labels(store, head, cp, splice.sae.cfg.tokenization)
     means = {int(k): float(v) for k, v in res.feature_mean.items()}
-    edits = [
-        zero_or_mean(j, means.get(j, 0.0) if cfg.ablate_mode == "mean" else 0.0) for j in feats
-    ]
+    edits: list[Edit | PerBatch]
+    if cfg.ablate_mode == "patch":
+        values = other_latents(store, splice, patch_source(cfg, head, splice), device)
+        edits = [patch(j, values) for j in feats]
+    else:
+        edits = [
+            zero_or_mean(j, means.get(j, 0.0) if cfg.ablate_mode == "mean" else 0.0) for j in feats
+        ]
     with torch.no_grad():
         clean, *ablated = run_passes(store, head, splice, cp, cfg, device, edits)
     if (

@@ -13,8 +13,8 @@ from actstore.format.layout import check_name
 TARGETS = ("predicted", "label", "logits")
 """What a classifier's attribution is to: the predicted class's log-probability, the true label's margin, every
 class logit."""
-ABLATE_MODES = ("zero", "mean")
-"""What an ablated feature is set to."""
+ABLATE_MODES = ("zero", "mean", "patch")
+"""What an ablated feature is set to: zero, its mean, or its value on another model's rows of the same tokens."""
 
 
 @dataclass
@@ -41,7 +41,11 @@ class EffectsConfig:
     ablate_features: list[int] | None = None
     """Features to ablate besides the top ones."""
     ablate_mode: str = opt("zero", choices=ABLATE_MODES)
-    """What an ablated feature is set to: zero, or its mean activation over the samples' tokens."""
+    """What an ablated feature is set to: zero, its mean activation over the samples' tokens, or (patch) at each
+    token its value on --patch-from's stored rows of that token."""
+    patch_from: str | None = None
+    """--ablate-mode patch: the store model whose rows the patched values are encoded from (default: the SAE's own
+    model, when the SAE is spliced into another, e.g. the pretrained model's SAE in the fine-tuned classifier)."""
     ablate_samples: int = 0
     """Samples each ablation runs over, the first attributed ones (0: all attributed samples)."""
     device: str = "auto"
@@ -55,6 +59,10 @@ class EffectsConfig:
         check_name(self.sae, "SAE")
         if self.model is not None:
             check_name(self.model, "model")
+        if self.patch_from is not None:
+            check_name(self.patch_from, "model")
+            if self.ablate_mode != "patch":
+                raise ConfigError("--patch-from is for --ablate-mode patch")
         if self.target not in TARGETS:
             raise ConfigError(
                 f"unknown --target {self.target!r}: choose one of {', '.join(TARGETS)}"

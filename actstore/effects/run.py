@@ -51,7 +51,7 @@ def open_splice(
 def effects(store: Store, cfg: EffectsConfig, progress: bool = False) -> EffectsReport:
     """Attribute every feature of ``cfg.sae`` to the model's output over the store's samples, then ablate the top
     ones (``saes/<sae>/effects/<model>/``)."""
-    from actstore.effects.ablate import run_ablations
+    from actstore.effects.ablate import check_ablations, run_ablations
     from actstore.effects.attribute import read_effects, run_attribution
     from actstore.models.loading import auto_device
     from actstore.storage.locks import StoreLock
@@ -63,6 +63,8 @@ def effects(store: Store, cfg: EffectsConfig, progress: bool = False) -> Effects
     device = auto_device(cfg.device)
     head, splice = open_splice(store, cfg.sae, cfg.model, device)
     folder = layout.effects_dir(cfg.sae, head.key)
+    if cfg.ablate_top or cfg.ablate_features:
+        check_ablations(store, cfg, head, splice, device)
     lock = StoreLock(store.loc, folder, f"effects {cfg.sae}", cfg.break_lock).acquire()
     try:
         res = run_attribution(store, cfg, head, splice, device, progress)
