@@ -476,6 +476,15 @@ def test_views_equal_the_saved_tables(clf, one_thread):
         .sort("feature", "class")
     )
     assert abl.equals(saved) and abl.height == 4
+    # per sample: each ablated feature's change on each of the 40 samples, summing to its effects
+    per = actstore.sql(st, "SELECT feature, count(*) AS n, sum(delta) AS d, count(predicted) AS p "
+                           "FROM feature_ablation_samples GROUP BY feature ORDER BY feature").rows()  # fmt: skip
+    eff = actstore.sql(
+        st,
+        "SELECT feature, sum(effect) AS e FROM feature_ablations GROUP BY feature ORDER BY feature",
+    )
+    assert [(f, n, p) for f, n, _, p in per] == [(f, 40, 40) for f in eff["feature"]]
+    assert [d for *_, d, _ in per] == pytest.approx(eff["e"].to_list(), rel=1e-5, abs=1e-6)
 
 
 def test_steering_a_classifier_moves_its_probabilities_as_the_splice_says(

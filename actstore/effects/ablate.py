@@ -251,6 +251,28 @@ def ablation_rows(head: HeadModel, cfg: EffectsConfig, cp: Corpus, clean: Output
     return rows
 
 
+def sample_rows(head: HeadModel, cfg: EffectsConfig, cp: Corpus, clean: Outputs, ablated: list[Outputs],
+                feats: list[int]) -> pl.DataFrame:  # fmt: skip
+    """Per ablated feature and sample: the change of the target (summed over classes for ``logits``), and a
+    classifier's prediction before and after (``ablation_samples.parquet``)."""
+    import polars as pl
+
+    n = len(cp.samples)
+    cols: dict[str, Any] = {"feature": np.repeat(np.asarray(feats, dtype=np.int32), n),
+                            "sample": np.tile(cp.samples.astype(np.int64), len(feats)),
+                            "delta": np.concatenate([(a.target - clean.target).sum(1) for a in ablated])}  # fmt: skip
+    if head.kind == "classifier" and clean.probs is not None:
+        names = np.asarray(head.classes, dtype=object)
+        cols["predicted"] = np.tile(names[clean.probs.argmax(1)].astype(str), len(feats))
+        cols["predicted_ablated"] = np.concatenate([names[a.probs.argmax(1)].astype(str) for a in ablated
+                                                    if a.probs is not None])  # fmt: skip
+    else:
+        cols["predicted"] = cols["predicted_ablated"] = np.full(n * len(feats), None)
+    return pl.DataFrame(cols, schema={"feature": pl.Int32, "sample": pl.Int64, "delta": pl.Float64,
+                                      "predicted": pl.String, "predicted_ablated": pl.String}).with_columns(
+        pl.lit(cfg.ablate_mode).alias("mode"))  # fmt: skip
+
+
 def rank_correlation(rows: pl.DataFrame) -> float | None:
     """Spearman's rho of ``-attribution`` and ``effect`` over the ablated features (zero ablation; for ``logits``
     the mean over classes), or None when it is undefined."""
@@ -323,6 +345,10 @@ def run_ablations(store: Store, cfg: EffectsConfig, head: HeadModel, splice: Spl
                                     "attribution": pl.Float64, "effect": pl.Float64})  # fmt: skip
     folder = layout.effects_dir(cfg.sae, head.key)
     store.loc.write_bytes(table_key, parquet_bytes(df))
+    per_sample = sample_rows(head, cfg, cp, clean, ablated, feats)
+    store.loc.write_bytes(
+        layout.effects_file(cfg.sae, head.key, layout.ABLATION_SAMPLES), parquet_bytes(per_sample)
+    )
     rho = rank_correlation(df) if cfg.ablate_mode == "zero" else None
     summary = {
         "features": feats,

@@ -75,6 +75,8 @@ EFFECTS_TABLE, EFFECTS_META, ABLATIONS_TABLE = (
     "ablations.parquet",
 )
 """An SAE's causal effects on a model's output (``actstore effects``), in ``saes/<name>/effects/<model>/``."""
+ABLATION_SAMPLES = "ablation_samples.parquet"
+"""Per ablated feature and sample: the target's change and the prediction before and after."""
 EFFECTS_PARTS = "parts"
 FINETUNE_REPORT = "finetune_report.json"
 _LAYER = "layer_"

@@ -14,6 +14,7 @@ Views (DuckDB and Polars alike)::
     feature_effects(model, layer, sae, sample, feature, class, attribution, activation)   actstore effects
     feature_ablations(model, layer, sae, feature, mode, class, delta_prob, delta_acc, delta_loss, n, attribution,
                       effect)                                       actstore effects (the top features ablated)
+    feature_ablation_samples(model, layer, sae, feature, sample, delta, predicted, predicted_ablated, mode)
     sae_evals(sae, eval, task, k, accuracy, n_train, n_test, absorption_fraction, full_absorption)   actstore eval
               (sparse_probing: one row per task and k, k NULL the dense probe; absorption: one row per scored
               letter, k its main latents, accuracy their k-sparse probe's F1, n_test the words scored)
@@ -127,9 +128,10 @@ def view_sql(store: Store) -> StoreViews:
     # saved crosscoder diffs (diff-crosscoder)
     views["crosscoder_latents"], cc_keys = crosscoder_view_sql(store)
     views["sae_evals"] = evals_view_sql(store)  # actstore eval
-    views["feature_effects"], views["feature_ablations"], fx_keys = effects_view_sql(
-        store
-    )  # actstore effects
+    # actstore effects
+    fx = effects_view_sql(store)
+    views["feature_effects"], views["feature_ablations"], views["feature_ablation_samples"] = fx[:3]
+    fx_keys = fx[3]
     return StoreViews(views, keys + diff_keys + cc_keys + fx_keys)
 
 
@@ -201,15 +203,22 @@ ABLATIONS_COLUMNS = (
 )
 
 
-def effects_view_sql(store: Store) -> tuple[str, str, list[str]]:
-    """``(feature_effects SELECT, feature_ablations SELECT, keys)``: every SAE's saved effects on every model
-    (``actstore effects``), with the model, the SAE's layer and the SAE's name."""
+ABLATION_SAMPLES_COLUMNS = (
+    "model VARCHAR, layer INTEGER, sae VARCHAR, feature INTEGER, sample BIGINT, delta DOUBLE, predicted VARCHAR, "
+    "predicted_ablated VARCHAR, mode VARCHAR"
+)
+
+
+def effects_view_sql(store: Store) -> tuple[str, str, str, list[str]]:
+    """``(feature_effects SELECT, feature_ablations SELECT, feature_ablation_samples SELECT, keys)``: every SAE's
+    saved effects on every model (``actstore effects``), with the model, the SAE's layer and the SAE's name."""
     import json
 
     from actstore.sae.files import sae_names
 
     fx: list[str] = []
     ab: list[str] = []
+    per: list[str] = []
     keys: list[str] = []
     for name in sae_names(store):
         for model in store.loc.list_dirs(f"{layout.sae_dir(name)}/{layout.EFFECTS}"):
@@ -227,6 +236,7 @@ def effects_view_sql(store: Store) -> tuple[str, str, list[str]]:
             for file, out, cols in (
                 (layout.EFFECTS_TABLE, fx, EFFECTS_COLUMNS),
                 (layout.ABLATIONS_TABLE, ab, ABLATIONS_COLUMNS),
+                (layout.ABLATION_SAMPLES, per, ABLATION_SAMPLES_COLUMNS),
             ):
                 key = layout.effects_file(name, model, file)
                 if store.loc.exists(key):
@@ -236,6 +246,7 @@ def effects_view_sql(store: Store) -> tuple[str, str, list[str]]:
     return (
         " UNION ALL ".join(fx) or empty_view(EFFECTS_COLUMNS),
         " UNION ALL ".join(ab) or empty_view(ABLATIONS_COLUMNS),
+        " UNION ALL ".join(per) or empty_view(ABLATION_SAMPLES_COLUMNS),
         keys,
     )
 
