@@ -644,3 +644,41 @@ def test_patching_from_another_model_sets_each_token_to_its_value_there(
             total += float(patched[c] - clean[c])
     assert got["effect"][0] == pytest.approx(total, rel=1e-3, abs=1e-5)
     assert abs(total) > 1e-4  # the two models' values differ
+
+
+def test_the_parts_sort_into_one_table_out_of_core_as_in_memory(clf, tmp_path, one_thread):
+    """Parts split into feature-range buckets on disk (a few rows each here) give the same table as one in-memory
+    sort."""
+    import io
+
+    import polars as pl
+
+    from actstore.effects.attribute import sort_parts
+
+    st = actstore.open_store(clf, writable=True)
+    rng = np.random.default_rng(0)
+    keys = []
+    for i in range(3):
+        df = pl.DataFrame({"sample": rng.integers(0, 40, 500), "feature": rng.integers(0, 24, 500).astype(np.int32),
+                           "class": rng.choice(["neg", "pos"], 500), "attribution": rng.standard_normal(500),
+                           "activation": rng.random(500)})  # fmt: skip
+        df = df.cast({"attribution": pl.Float32, "activation": pl.Float32})
+        keys.append(layout.effects_part("rand", "clf", i * 100))
+        buf = io.BytesIO()
+        df.write_parquet(buf)
+        st.loc.write_bytes(keys[-1], buf.getvalue())
+    whole = pl.concat([pl.read_parquet(Path(clf) / k) for k in keys]).sort(
+        "feature", "class", "sample"
+    )
+    for bucket_rows, name in ((10**9, "one.parquet"), (97, "many.parquet")):
+        out = f"{layout.effects_dir('rand', 'clf')}/{name}"
+        assert sort_parts(st, keys, out, 24, bucket_rows=bucket_rows) == 1500
+        got = pl.read_parquet(Path(clf) / out)
+        assert got.sort("feature", "class", "sample", maintain_order=True).equals(
+            got
+        )  # written in order
+        assert (
+            got.select(whole.columns)
+            .sort("feature", "class", "sample", "attribution")
+            .equals(whole.sort("feature", "class", "sample", "attribution"))
+        )

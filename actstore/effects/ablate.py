@@ -18,7 +18,15 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from actstore.effects.attribute import Corpus, EffectsResult, corpus, parquet_bytes, top_features
+from actstore.effects.attribute import (
+    Corpus,
+    EffectsResult,
+    class_sums,
+    corpus,
+    feature_totals,
+    parquet_bytes,
+    top_features,
+)
 from actstore.effects.config import EffectsConfig
 from actstore.errors import ConfigError
 from actstore.format import layout
@@ -287,7 +295,7 @@ def rank_correlation(rows: pl.DataFrame) -> float | None:
 
 
 def run_ablations(store: Store, cfg: EffectsConfig, head: HeadModel, splice: Splice, device: str,
-                  res: EffectsResult, table: pl.DataFrame) -> dict[str, Any]:  # fmt: skip
+                  res: EffectsResult) -> dict[str, Any]:  # fmt: skip
     """Ablate ``--ablate-top`` features and ``--ablate-features``; write ``ablations.parquet`` and add the summary to
     ``effects.json``; the summary."""
     import polars as pl
@@ -296,9 +304,10 @@ def run_ablations(store: Store, cfg: EffectsConfig, head: HeadModel, splice: Spl
     from actstore.storage.integrity import update_manifest
 
     check_ablations(store, cfg, head, splice, device)
-    feats = list(
-        dict.fromkeys(top_features(table, cfg.ablate_top) + list(cfg.ablate_features or []))
+    top = top_features(
+        feature_totals(store, cfg.sae, head.key, splice.sae.cfg.d_sae), cfg.ablate_top
     )
+    feats = list(dict.fromkeys(top + list(cfg.ablate_features or [])))
     if not feats:
         return {}
     key = layout.effects_file(cfg.sae, head.key, layout.EFFECTS_META)
@@ -318,7 +327,9 @@ def run_ablations(store: Store, cfg: EffectsConfig, head: HeadModel, splice: Spl
             cp.first[keep],
             cp.n_tokens[keep],
         )
-    sub = table.filter(pl.col("sample").is_in(cp.samples.tolist()))
+    # the attribution rows carry each sample's predicted class or label: pooled unless --target logits
+    by_class = cfg.target == "logits" or head.kind != "classifier"
+    sums = class_sums(store, cfg.sae, head.key, feats, cp.samples, by_class)
     true = known_labels(store, head, cp, splice.sae.cfg.tokenization)
     means = {int(k): float(v) for k, v in res.feature_mean.items()}
     edits: list[Edit | PerBatch]
@@ -331,15 +342,9 @@ def run_ablations(store: Store, cfg: EffectsConfig, head: HeadModel, splice: Spl
         ]
     with torch.no_grad():
         clean, *ablated = run_passes(store, head, splice, cp, cfg, device, edits)
-    if (
-        cfg.target != "logits" and head.kind == "classifier"
-    ):  # rows carry each sample's class or label
-        sub = sub.with_columns(pl.lit("*").alias("class"))
     rows = []
     for j, abl in zip(feats, ablated, strict=True):
-        attr = {str(c): float(v) for c, v in sub.filter(pl.col("feature") == j).group_by("class")
-                .agg(pl.col("attribution").sum()).iter_rows()}  # fmt: skip
-        rows += ablation_rows(head, cfg, cp, clean, abl, j, attr, true)
+        rows += ablation_rows(head, cfg, cp, clean, abl, j, sums[j], true)
     df = pl.DataFrame(rows, schema={"feature": pl.Int32, "mode": pl.String, "class": pl.String, "delta_prob": pl.Float64,
                                     "delta_acc": pl.Float64, "delta_loss": pl.Float64, "n": pl.Int64,
                                     "attribution": pl.Float64, "effect": pl.Float64})  # fmt: skip

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
     from actstore.effects.splice import HeadModel, Splice
     from actstore.store.reader import Store
 
+BUCKET_ROWS = 4_000_000
+"""Rows sorted in memory at once when the parts become one table (a feature-range bucket; ~120 MB)."""
 ROW_GROUP_ROWS = 65_536
 """Rows per row group of ``effects.parquet`` (it is sorted by feature: a lookup of one feature reads a few)."""
 
@@ -217,7 +220,6 @@ def run_attribution(
 ) -> EffectsResult:
     """Attribute every block of the corpus not yet done, then write the sorted table (module docstring); the
     caller holds the folder's lock."""
-    import polars as pl
     from tqdm.auto import tqdm
 
     from actstore.storage.integrity import update_manifest
@@ -275,15 +277,12 @@ def run_attribution(
     bar.close()
     seconds = time.perf_counter() - t0
     parts = _parts(store, sae, key)
-    table = pl.concat(
-        [pl.read_parquet(io.BytesIO(store.loc.read_bytes(parts[p]))) for p in sorted(parts)]
-    )
-    table = table.sort("feature", "class", "sample")
-    store.loc.write_bytes(layout.effects_file(sae, key, layout.EFFECTS_TABLE), parquet_bytes(table))
+    n_rows = sort_parts(store, [parts[p] for p in sorted(parts)], layout.effects_file(sae, key, layout.EFFECTS_TABLE),
+                        splice.sae.cfg.d_sae)  # fmt: skip
     n_tokens = int(cp.n_tokens.sum())
     res = EffectsResult(
         sae=sae, model=key, layer=splice.layer, target=cfg.target if head.kind == "classifier" else "loss",
-        n_samples=len(cp.samples), n_rows=table.height, seconds=seconds,
+        n_samples=len(cp.samples), n_rows=n_rows, seconds=seconds,
         samples_per_s=n_done / seconds if seconds > 0 else 0.0,
         feature_mean={int(j): float(sums[j] / n_tokens) for j in np.flatnonzero(sums)}, config=asdict(cfg),
     )  # fmt: skip
@@ -294,8 +293,107 @@ def run_attribution(
     return res
 
 
+def sort_parts(
+    store: Store, keys: list[str], out: str, d_sae: int, bucket_rows: int = BUCKET_ROWS
+) -> int:
+    """Write the rows of the part files ``keys`` to ``out`` sorted by feature, class and sample, out of core:
+    each part is split into feature-range buckets of about ``bucket_rows`` rows on local disk, then each bucket is
+    sorted and appended (memory: one part, then one bucket). The rows written."""
+    import tempfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def read(key: str) -> pa.Table:
+        with store.loc.open_input(key) as f:
+            return pq.read_table(f)
+
+    n_total = 0
+    for key in keys:
+        with store.loc.open_input(key) as f:
+            n_total += pq.ParquetFile(f).metadata.num_rows
+    n_buckets = max(1, -(-n_total // bucket_rows))
+    edges = (
+        np.linspace(0, d_sae, n_buckets + 1).round().astype(np.int64)
+    )  # (n_buckets + 1,) feature bounds
+    order = [("feature", "ascending"), ("class", "ascending"), ("sample", "ascending")]
+    with tempfile.TemporaryDirectory(prefix="actstore-effects-") as tmp:
+        spilled: list[list[str]] = [[] for _ in range(n_buckets)]
+        schema = None
+        for j, key in enumerate(keys):
+            t = read(key)
+            schema = schema or t.schema
+            if n_buckets == 1:
+                spilled[0].append(key)
+                continue
+            bucket = (
+                np.searchsorted(edges, t.column("feature").to_numpy(), side="right") - 1
+            )  # (rows,)
+            for i in np.unique(bucket):
+                path = f"{tmp}/{i}-{j}.parquet"
+                pq.write_table(t.take(np.flatnonzero(bucket == i)), path)
+                spilled[int(i)].append(path)
+        if schema is None:
+            raise ConfigError(f"no attribution parts to sort into {out}")
+        with store.loc.open_output(out) as f, pq.ParquetWriter(f, schema) as w:
+            for files in spilled:
+                if not files:
+                    continue
+                tables = [read(x) if n_buckets == 1 else pq.read_table(x) for x in files]
+                w.write_table(
+                    pa.concat_tables(tables).sort_by(order), row_group_size=ROW_GROUP_ROWS
+                )
+    return n_total
+
+
+def effect_batches(store: Store, sae: str, model: str, columns: list[str]) -> Iterator[Any]:
+    """The finished attribution table of ``sae`` on ``model``, one row group (a pyarrow table) at a time."""
+    import pyarrow.parquet as pq
+
+    key = layout.effects_file(sae, model, layout.EFFECTS_TABLE)
+    if not store.loc.exists(key):
+        raise ConfigError(
+            f"no effects of SAE {sae!r} on model {model!r} in {store.url}: run actstore effects"
+        )
+    with store.loc.open_input(key) as f:
+        pf = pq.ParquetFile(f)
+        for g in range(pf.num_row_groups):
+            yield pf.read_row_group(g, columns=columns)
+
+
+def feature_totals(store: Store, sae: str, model: str, d_sae: int) -> np.ndarray:
+    """Each feature's summed |attribution| over samples and classes ``(d_sae,)`` float64, read a row group at a
+    time."""
+    tot = np.zeros(d_sae, dtype=np.float64)
+    for t in effect_batches(store, sae, model, ["feature", "attribution"]):
+        np.add.at(tot, t.column("feature").to_numpy(), np.abs(t.column("attribution").to_numpy()))
+    return tot
+
+
+def class_sums(store: Store, sae: str, model: str, features: list[int], samples: np.ndarray,
+               by_class: bool) -> dict[int, dict[str, float]]:  # fmt: skip
+    """``{feature: {class: summed attribution}}`` of ``features`` over ``samples`` (classes pooled as ``"*"``
+    unless ``by_class``), read a row group at a time."""
+    out: dict[int, dict[str, float]] = {int(f): {} for f in features}
+    want = np.asarray(sorted(out), dtype=np.int64)
+    keep_samples = np.unique(samples)
+    for t in effect_batches(store, sae, model, ["sample", "feature", "class", "attribution"]):
+        f = t.column("feature").to_numpy()
+        m = np.isin(f, want) & np.isin(t.column("sample").to_numpy(), keep_samples)
+        if not m.any():
+            continue
+        idx = np.flatnonzero(m)
+        cls = t.column("class").to_numpy(zero_copy_only=False)[idx] if by_class else None
+        for n, (feat, a) in enumerate(
+            zip(f[idx], t.column("attribution").to_numpy()[idx], strict=True)
+        ):
+            c = str(cls[n]) if cls is not None else "*"
+            out[int(feat)][c] = out[int(feat)].get(c, 0.0) + float(a)
+    return out
+
+
 def read_effects(store: Store, sae: str, model: str) -> pl.DataFrame:
-    """The finished attribution table of ``sae`` on ``model``."""
+    """The finished attribution table of ``sae`` on ``model``, whole (small tables; :func:`effect_batches` streams)."""
     import polars as pl
 
     key = layout.effects_file(sae, model, layout.EFFECTS_TABLE)
@@ -306,13 +404,7 @@ def read_effects(store: Store, sae: str, model: str) -> pl.DataFrame:
     return pl.read_parquet(io.BytesIO(store.loc.read_bytes(key)))
 
 
-def top_features(table: pl.DataFrame, n: int) -> list[int]:
-    """The ``n`` features with the largest total |attribution| (summed over samples and classes)."""
-    import polars as pl
-
-    tot = (
-        table.group_by("feature")
-        .agg(pl.col("attribution").abs().sum().alias("t"))
-        .sort(["t", "feature"], descending=[True, False])
-    )
-    return [int(f) for f in tot["feature"].head(n).to_list()]
+def top_features(totals: np.ndarray, n: int) -> list[int]:
+    """The ``n`` features with the largest total |attribution| (:func:`feature_totals`), ties by feature."""
+    order = np.lexsort((np.arange(len(totals)), -totals))
+    return [int(f) for f in order[:n] if totals[f] > 0]

@@ -52,7 +52,7 @@ def effects(store: Store, cfg: EffectsConfig, progress: bool = False) -> Effects
     """Attribute every feature of ``cfg.sae`` to the model's output over the store's samples, then ablate the top
     ones (``saes/<sae>/effects/<model>/``)."""
     from actstore.effects.ablate import check_ablations, run_ablations
-    from actstore.effects.attribute import read_effects, run_attribution
+    from actstore.effects.attribute import run_attribution
     from actstore.models.loading import auto_device
     from actstore.storage.locks import StoreLock
 
@@ -70,9 +70,7 @@ def effects(store: Store, cfg: EffectsConfig, progress: bool = False) -> Effects
         res = run_attribution(store, cfg, head, splice, device, progress)
         summary = {}
         if cfg.ablate_top or cfg.ablate_features:
-            summary = run_ablations(
-                store, cfg, head, splice, device, res, read_effects(store, cfg.sae, head.key)
-            )
+            summary = run_ablations(store, cfg, head, splice, device, res)
         return EffectsReport(res, summary)
     finally:
         lock.release()
