@@ -70,10 +70,28 @@ def _outputs(head: HeadModel, cfg: EffectsConfig, out: torch.Tensor, batch: Any,
     return out.softmax(-1).cpu().numpy(), tgt.cpu().numpy(), None, None
 
 
-def _assemble(parts: list[tuple[Any, ...]]) -> Outputs:
-    cols = list(zip(*parts, strict=True))
-    cat = lambda xs: None if xs[0] is None else np.concatenate(xs)  # noqa: E731
-    return Outputs(cat(cols[0]), np.concatenate(cols[1]), cat(cols[2]), cat(cols[3]))
+class _Collect:
+    """:class:`Outputs` of one pass, filled batch by batch into arrays allocated once: many small arrays kept
+    between a forward pass's large temporaries fragment the heap (RSS grew ~1 MB per sample over 800 IMDb samples
+    of ablations before)."""
+
+    def __init__(self, head: HeadModel, cfg: EffectsConfig, n: int) -> None:
+        c = len(head.classes)
+        lm = head.kind == "lm"
+        self.probs = None if lm else np.zeros((n, c), dtype=np.float32)
+        self.target = np.zeros((n, c if cfg.target == "logits" and not lm else 1), dtype=np.float64)
+        self.loss = np.zeros(n, dtype=np.float64) if lm else None
+        self.n_tokens = np.zeros(n, dtype=np.int64) if lm else None
+
+    def put(self, at: slice, part: tuple[Any, ...]) -> None:
+        for dest, value in zip(
+            (self.probs, self.target, self.loss, self.n_tokens), part, strict=True
+        ):
+            if dest is not None:
+                dest[at] = value
+
+    def outputs(self) -> Outputs:
+        return Outputs(self.probs, self.target, self.loss, self.n_tokens)
 
 
 class PerBatch(NamedTuple):
@@ -92,23 +110,24 @@ def run_passes(store: Store, head: HeadModel, splice: Splice, cp: Corpus, cfg: E
 
     tk = store.tokenization(splice.sae.cfg.tokenization)
     below = BelowSplice(head, splice.layer)
-    parts: list[list[tuple[Any, ...]]] = [[] for _ in range(len(edits) + 1)]
+    runs = [_Collect(head, cfg, len(cp.samples)) for _ in range(len(edits) + 1)]
     for a in range(0, len(cp.samples), cfg.batch_size):
         idx = np.arange(a, min(a + cfg.batch_size, len(cp.samples)))
+        at = slice(a, a + len(idx))
         seqs = [tk.token_ids(int(cp.first[i]), int(cp.first[i] + cp.n_tokens[i])) for i in idx]
         batch = make_batch(seqs, cp.samples[idx], head.pad_id, device)
         labels = cp.labels[idx] if cp.labels is not None else None
         with below.record(), splice():
             out = logits(head, batch)
-        parts[0].append(_outputs(head, cfg, out, batch, labels, None))
+        runs[0].put(at, _outputs(head, cfg, out, batch, labels, None))
         fixed = out.argmax(-1) if head.kind == "classifier" else None
         with below.replay():
             for n, edit in enumerate(edits):
                 with splice(edit=edit.make(batch) if isinstance(edit, PerBatch) else edit):
-                    parts[n + 1].append(
-                        _outputs(head, cfg, logits(head, batch), batch, labels, fixed)
+                    runs[n + 1].put(
+                        at, _outputs(head, cfg, logits(head, batch), batch, labels, fixed)
                     )
-    return [_assemble(p) for p in parts]
+    return [r.outputs() for r in runs]
 
 
 def run_pass(store: Store, head: HeadModel, splice: Splice, cp: Corpus, cfg: EffectsConfig, device: str,
@@ -117,17 +136,16 @@ def run_pass(store: Store, head: HeadModel, splice: Splice, cp: Corpus, cfg: Eff
     from actstore.effects.splice import logits, make_batch
 
     tk = store.tokenization(splice.sae.cfg.tokenization)
-    parts = []
+    run = _Collect(head, cfg, len(cp.samples))
     for a in range(0, len(cp.samples), cfg.batch_size):
         idx = np.arange(a, min(a + cfg.batch_size, len(cp.samples)))
         seqs = [tk.token_ids(int(cp.first[i]), int(cp.first[i] + cp.n_tokens[i])) for i in idx]
         batch = make_batch(seqs, cp.samples[idx], head.pad_id, device)
         with splice(edit=edit):
             out = logits(head, batch)
-        parts.append(
-            _outputs(head, cfg, out, batch, cp.labels[idx] if cp.labels is not None else None, None)
-        )
-    return _assemble(parts)
+        labels = cp.labels[idx] if cp.labels is not None else None
+        run.put(slice(a, a + len(idx)), _outputs(head, cfg, out, batch, labels, None))
+    return run.outputs()
 
 
 def zero_or_mean(feature: int, value: float) -> Edit:
