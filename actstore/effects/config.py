@@ -41,11 +41,11 @@ class EffectsConfig:
     ablate_features: list[int] | None = None
     """Features to ablate besides the top ones."""
     ablate_mode: str = opt("zero", choices=ABLATE_MODES)
-    """What an ablated feature is set to: zero, its mean activation over the samples' tokens, or (patch) at each
-    token its value on --patch-from's stored rows of that token."""
+    """What an ablated feature is set to: zero, its mean activation over the samples' tokens, or (patch) its value
+    at each token on another model's stored rows of that token."""
     patch_from: str | None = None
-    """--ablate-mode patch: the store model whose rows the patched values are encoded from (default: the SAE's own
-    model, when the SAE is spliced into another, e.g. the pretrained model's SAE in the fine-tuned classifier)."""
+    """For patching: the store model whose rows the patched values are encoded from (default: the SAE's own model,
+    when the SAE is spliced into another, e.g. the pretrained model's SAE in the fine-tuned classifier)."""
     ablate_samples: int = 0
     """Samples each ablation runs over, the first attributed ones (0: all attributed samples)."""
     device: str = "auto"
