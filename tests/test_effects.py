@@ -538,7 +538,7 @@ def test_hostile_class_names_in_a_teammates_effects_are_escaped_in_the_report(cl
 
     import polars as pl
 
-    from actstore.paper.report import _effects_part
+    from actstore.paper.report import effects_part
     from actstore.storage.integrity import update_manifest
 
     st = actstore.open_store(clf, writable=True)
@@ -554,7 +554,7 @@ def test_hostile_class_names_in_a_teammates_effects_are_escaped_in_the_report(cl
         layout.effects_file("rand", "clf", layout.EFFECTS_META), json.dumps(meta).encode()
     )
     update_manifest(st.loc)
-    part = _effects_part(actstore.open_store(clf), ("other", "clf"))
+    part = effects_part(actstore.open_store(clf), ("other", "clf"))
     page = "".join(part.html)
     assert evil not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
 

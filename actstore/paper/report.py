@@ -140,7 +140,7 @@ def _build_report(store: Store, cfg: ReportConfig, progress: bool = False) -> Re
         _sae_metrics_part(store, out),
         _features_part(store, cfg, models, out),
         _diff_part(store, cfg, models, out),
-        _effects_part(store, models),
+        effects_part(store, models),
         _crosscoder_part(store),
     ]
     res.notes += ft_notes
@@ -402,7 +402,7 @@ def _diff_part(
     return Part("feature-diff", df.to_dicts(), h, md, pngs=[png])
 
 
-def _effects_part(store: Store, models: tuple[str, str] | None) -> Part | None:
+def effects_part(store: Store, models: tuple[str, str] | None) -> Part | None:
     """6. What the fine-tuned model's decision depends on (saved ``actstore effects``), beside the pretrained SAE's
     matched features."""
     if models is None:
