@@ -682,3 +682,25 @@ def test_the_parts_sort_into_one_table_out_of_core_as_in_memory(clf, tmp_path, o
             .sort("feature", "class", "sample", "attribution")
             .equals(whole.sort("feature", "class", "sample", "attribution"))
         )
+
+
+def test_effects_on_a_store_opened_by_url(s3_server, clf, one_thread):
+    """A team's bucket (moto's S3 on 127.0.0.1): attribution parts, the sorted table and the ablations are written
+    through the store's own filesystem and read back by SQL, as on disk."""
+    from actstore.storage.config import CopyConfig
+    from actstore.storage.copy import copy_store
+
+    url = "s3://team/effects.zarr"
+    assert copy_store(CopyConfig(clf, url)).ok
+    r = CliRunner().invoke(main, ["effects", url, "--writable", "--sae", "rand", "--ablate-top", "2", "--part-samples",
+                                  "16", "--device", "cpu", "--quiet"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    st = actstore.open_store(url)
+    n = actstore.sql(
+        st, "SELECT count(*) AS n, count(DISTINCT sample) AS s FROM feature_effects"
+    ).row(0)
+    assert n[0] > 0 and n[1] == 40
+    assert (
+        actstore.sql(st, "SELECT count(DISTINCT feature) AS f FROM feature_ablations")["f"][0] == 2
+    )
+    assert not any("/parts/" in k for k in st.loc.walk(layout.effects_dir("rand", "clf")))
