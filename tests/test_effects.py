@@ -704,3 +704,54 @@ def test_effects_on_a_store_opened_by_url(s3_server, clf, one_thread):
         actstore.sql(st, "SELECT count(DISTINCT feature) AS f FROM feature_ablations")["f"][0] == 2
     )
     assert not any("/parts/" in k for k in st.loc.walk(layout.effects_dir("rand", "clf")))
+
+
+def test_the_browsers_steering_form_runs_only_the_model_the_user_names(clf, clf_store, one_thread):
+    """serve --steer-model KEY=PATH puts a form on the feature page whose result equals actstore steer's; without it
+    there is no form and no model is loaded (a store's recorded path is never opened by the browser)."""
+    from starlette.testclient import TestClient
+
+    from actstore.browse.app import create_app
+    from actstore.browse.config import ServeConfig
+    from actstore.effects.config import SteerConfig
+    from actstore.effects.steer import steer
+    from actstore.encoding.config import EncodeConfig
+    from actstore.encoding.encode import encode
+
+    encode(
+        actstore.open_store(clf, writable=True),
+        EncodeConfig(sae="rand", device="cpu"),
+        progress=False,
+    )
+    st = actstore.open_store(clf)
+    plain = TestClient(app=create_app(st, ServeConfig()), base_url="http://127.0.0.1")
+    assert 'id="steer"' not in plain.get("/sae/rand/feature/3").text
+    refused = plain.get(
+        "/sae/rand/feature/3/steer", params={"model": "clf", "value": "5", "text": "great"}
+    )
+    assert refused.status_code == 400 and "--steer-model" in refused.text
+    app = create_app(st, ServeConfig(steer_models=[f"clf={clf_store[1]}"]))
+    c = TestClient(app=app, base_url="http://127.0.0.1")
+    assert 'id="steer"' in c.get("/sae/rand/feature/3").text
+    text = "great great movie <b>bold</b>"
+    r = c.get("/sae/rand/feature/3/steer", params={"model": "clf", "value": "50", "text": text})
+    assert (
+        r.status_code == 200 and "&lt;b&gt;bold&lt;/b&gt;" in r.text and "<b>bold</b>" not in r.text
+    )
+    want = steer(st, SteerConfig("rand", 3, 50.0, text, device="cpu")).table
+    for cls, p_steered in zip(want["class"], want["p_steered"], strict=True):
+        assert f"<td>{cls}</td>" in r.text and f"<td>{p_steered:.4g}</td>" in r.text
+    assert (
+        c.get(
+            "/sae/rand/feature/3/steer", params={"model": "clf", "value": "1", "text": ""}
+        ).status_code
+        == 400
+    )
+
+
+def test_a_steer_model_without_a_path_is_one_line():
+    from actstore.browse.config import ServeConfig
+    from actstore.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="KEY=PATH"):
+        ServeConfig(steer_models=["clf"])

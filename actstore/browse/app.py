@@ -124,6 +124,10 @@ def allowed_hosts(cfg: ServeConfig) -> set[str] | None:
     )
 
 
+MAX_STEER_TEXT = 2000
+"""Characters of text the steering form runs at most."""
+
+
 def create_app(store: Store, cfg: ServeConfig | None = None) -> Starlette:
     """The Starlette app serving ``store`` (opened read-only).
 
@@ -228,7 +232,39 @@ def create_app(store: Store, cfg: ServeConfig | None = None) -> Starlette:
     async def feature_page(request: Request) -> Response:
         sae, f = request.path_params["sae"], int(request.path_params["feature"])
         data = await off_loop(browser.feature_page, sae, f, q_int(request, "page", 0))
-        return await page("feature.html", data=data, views=browser.view_names(sae))
+        return await page(
+            "feature.html",
+            data=data,
+            views=browser.view_names(sae),
+            steer_models=sorted(steer_paths),
+        )
+
+    steer_paths = cfg.steer_paths()
+    steerers: dict[tuple[str, str], Any] = {}  # (sae, model key) -> a loaded Steerer
+
+    def run_steer(sae: str, key: str, feature: int, value: float, text: str) -> Any:
+        from actstore.effects.steer import Steerer
+
+        if (sae, key) not in steerers:
+            steerers[(sae, key)] = Steerer(store, sae, key, "cpu", steer_paths[key])
+        return steerers[(sae, key)].run(feature, value, text, tokens=5)
+
+    async def steer_page(request: Request) -> Response:
+        sae, f = request.path_params["sae"], int(request.path_params["feature"])
+        key = request.query_params.get("model", "")
+        text = request.query_params.get("text", "")
+        value = q_float(request, "value")
+        if key not in steer_paths:
+            raise ConfigError(
+                f"model {key!r} has no steering form: serve with --steer-model KEY=PATH to run one"
+            )
+        if not text.strip() or len(text) > MAX_STEER_TEXT or value is None or abs(value) > 1e6:
+            raise ConfigError(
+                f"steering needs a text of 1..{MAX_STEER_TEXT} characters and a value"
+            )
+        res = await off_loop(run_steer, sae, key, f, value, text)
+        return await page("steer.html", sae=sae, feature=f, model=key, text=text, value=value,
+                          columns=res.table.columns, rows=res.table.rows(), lines=res.lines)  # fmt: skip
 
     async def contexts(request: Request) -> Response:
         sae, f = request.path_params["sae"], int(request.path_params["feature"])
@@ -362,6 +398,7 @@ def create_app(store: Store, cfg: ServeConfig | None = None) -> Starlette:
         Route("/similarity", similarity),
         Route("/sae/{sae}", sae_page),
         Route("/sae/{sae}/feature/{feature:int}", feature_page),
+        Route("/sae/{sae}/feature/{feature:int}/steer", steer_page),
         Route("/sae/{sae}/feature/{feature:int}/contexts", contexts),
         Route("/sample/{sample:int}", sample_page),
         Route("/sql", sql_page),

@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 
 from actstore.errors import ConfigError
+from actstore.fields import opt
 from actstore.format.layout import check_name
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -40,8 +41,24 @@ class ServeConfig:
     """Tokens shown on each side of a context's hit."""
     histogram_bins: int = 40
     """Bins of a feature's activation histogram."""
+    steer_models: list[str] = opt(
+        factory=list, multiple=True, names=("--steer-model",), metavar="KEY=PATH"
+    )
+    """A steering form on the feature pages, running the model KEY of the store from the directory PATH (repeat for
+    several). The browser loads no model otherwise: never from a path a store names."""
+
+    def steer_paths(self) -> dict[str, str]:
+        """``{model key: directory}`` of ``--steer-model``."""
+        return dict(item.split("=", 1) for item in self.steer_models)
 
     def __post_init__(self) -> None:
+        for item in self.steer_models:
+            key, sep, path = item.partition("=")
+            if not sep or not path:
+                raise ConfigError(
+                    f"--steer-model wants KEY=PATH (a store model key and a model directory), got {item!r}"
+                )
+            check_name(key, "model")
         if self.host not in LOCAL_HOSTS and not self.public:
             raise ConfigError(
                 f"--host {self.host} would let other machines read the store: pass --public to allow it"

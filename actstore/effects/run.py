@@ -24,9 +24,10 @@ class EffectsReport:
 
 
 def open_splice(
-    store: Store, sae_name: str, model: str | None, device: str
+    store: Store, sae_name: str, model: str | None, device: str, path: str | None = None
 ) -> tuple[HeadModel, Splice]:
-    """The model with its head and the SAE spliced into it, after every check (one line each)."""
+    """The model with its head and the SAE spliced into it, after every check (one line each); the model's
+    weights from ``path`` when given, else from the path the store records."""
     from actstore.effects.splice import Splice, check_splice, load_head_model
     from actstore.sae.files import load_sae
 
@@ -43,7 +44,7 @@ def open_splice(
             f"SAE {sae_name!r} was trained on tokenization {sae.cfg.tokenization}, model {key!r} uses {tk}: "
             "their token rows differ"
         )
-    head = load_head_model(store, key, device)
+    head = load_head_model(store, key, device, path)
     layer = check_splice(sae, sae_name, head)
     return head, Splice(head, sae, layer)
 

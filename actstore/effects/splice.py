@@ -42,14 +42,17 @@ class HeadModel:
     pad_id: int
 
 
-def load_head_model(store: Any, key: str, device: str) -> HeadModel:
-    """The store's model ``key`` with its head (weights frozen, eval mode), or one clear error."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+def load_head_model(store: Any, key: str, device: str, path: str | None = None) -> HeadModel:
+    """The store's model ``key`` with its head (weights frozen, eval mode), from the path the store records or from
+    ``path`` (a directory the user names: then its own config says what head it has), or one clear error."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from actstore.models.loading import from_pretrained
 
     info = store.model_info(key)
     arch = str(info.architecture or "")
+    if path is not None:
+        arch = str((from_pretrained(AutoConfig, path).architectures or [""])[0])
     cls: Any
     if CLASSIFIER in arch:
         kind, cls = "classifier", AutoModelForSequenceClassification
@@ -60,11 +63,12 @@ def load_head_model(store: Any, key: str, device: str) -> HeadModel:
             f"model {key!r} of {store.url} is a {arch or 'model'} without a classification or language-model head: "
             "effects are measured on a head's output (fine-tune one with actstore finetune, or pass --model KEY)"
         )
-    if not info.path:
+    source = path or info.path
+    if not source:
         raise ConfigError(
             f"store {store.url} records no path for model {key!r}: its weights cannot be loaded"
         )
-    model = from_pretrained(cls, str(info.path)).to(device).eval()
+    model = from_pretrained(cls, str(source)).to(device).eval()
     model.requires_grad_(False)
     cfg = model.config
     n_layers = int(getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "n_layer", 0))
