@@ -243,3 +243,26 @@ def test_the_demo_reads_a_recipe_as_finetune_does() -> None:
     assert cfg.source == load_recipe("recipe:imdb").source and cfg.source.endswith("imdb.jsonl.gz")
     assert cfg.limit == 50
     assert demo_data(DemoConfig(data="x.jsonl", limit=40)).source == "x.jsonl"
+
+
+@pytest.mark.slow
+def test_the_feature_page_shows_the_matched_pretrained_features_effects(demo_run) -> None:
+    """The browser's feature page of a fine-tuned SAE's feature: its own effects, and its feature-diff match in the
+    pretrained SAE with that feature's effects in the fine-tuned classifier."""
+    from actstore.browse.config import ServeConfig
+    from actstore.browse.data import Browser
+
+    row = demo_run.rep["effects"][0]
+    ft_sae = next(
+        n for n in actstore.sae_names(demo_run.store)
+        if actstore.load_sae(demo_run.store, n).cfg.model == demo_run.ft
+        and actstore.load_sae(demo_run.store, n).cfg.layer == row["layer"]
+        and actstore.load_sae(demo_run.store, n).cfg.arch == "topk"
+    )  # fmt: skip
+    page = Browser(demo_run.store, ServeConfig()).feature_page(ft_sae, row["feature"])
+    assert {e["class"] for e in page["effects"]} >= {row["class"]}
+    (m,) = page["matched_effects"]
+    assert m["feature"] == row["pretrained feature"] and m["status"] == row["diff"]
+    got = {e["class"]: e["attribution"] for e in m["effects"]}
+    if row["pretrained attribution"] is not None:
+        assert got[row["class"]] == pytest.approx(row["pretrained attribution"])

@@ -21,7 +21,7 @@ import polars as pl
 
 from actstore.errors import ConfigError, NotFoundError
 from actstore.format import layout
-from actstore.format.layout import check_name
+from actstore.format.layout import check_name, name_ok
 
 if TYPE_CHECKING:
     from actstore.query.tables import FeatureTable
@@ -341,6 +341,7 @@ class Browser:
             "n_pages": -(-len(values) // self.settings.page_size),
             "crosscoder": self._latent(sae, feature) if cfg.is_crosscoder else None,
             "effects": self._effects(sae, feature),
+            "matched_effects": self._matched_effects(sae, feature),
         }
         out["contexts"] = self.contexts(sae, feature, page, hits)
         return out
@@ -466,6 +467,28 @@ class Browser:
 
         table = self._cached(("effects", sae), make)
         return table.filter(pl.col("feature") == feature).drop("feature").to_dicts()
+
+    def _matched_effects(self, sae: str, feature: int) -> list[dict[str, Any]]:
+        """For each saved feature diff of the SAE (``diff-features``): the other SAE's matching feature (by decoder),
+        the diff's verdict, and that feature's saved effects (e.g. the pretrained copy of a fine-tuned feature,
+        spliced into the fine-tuned classifier); only matches with effects."""
+        from actstore.query.views import sql
+
+        rows = sql(
+            self.store,
+            "SELECT o.sae AS other, d.match_decoder AS feature, d.decoder_cos, d.status FROM feature_diff d "
+            "JOIN (SELECT DISTINCT diff, side, sae FROM feature_diff) o ON o.diff = d.diff AND o.side <> d.side "
+            "WHERE d.sae = $s AND d.feature = $f ORDER BY other",
+            {"s": sae, "f": feature},
+        ).to_dicts()
+        out = []
+        for r in rows:
+            if r["feature"] is None or not name_ok(r["other"]):
+                continue
+            effects = self._effects(r["other"], int(r["feature"]))
+            if effects:
+                out.append({**r, "effects": effects})
+        return out
 
     def _latent(self, sae: str, feature: int) -> dict[str, Any] | None:
         """A crosscoder latent's row of its saved diff (``diff-crosscoder``), None if it has none."""
