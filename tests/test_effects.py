@@ -755,3 +755,17 @@ def test_a_steer_model_without_a_path_is_one_line():
 
     with pytest.raises(ConfigError, match="KEY=PATH"):
         ServeConfig(steer_models=["clf"])
+
+
+def test_show_steer_prints_each_texts_steered_prediction(clf, tmp_path, one_thread):
+    from actstore.effects.config import SteerConfig
+    from actstore.effects.steer import steer
+
+    text = "great great movie"
+    r = CliRunner().invoke(main, ["show", clf, "--sae", "rand", "--feature", "3", "--text", text, "--steer", "50",
+                                  "--out", str(tmp_path / "v.html")])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    (want,) = steer(
+        actstore.open_store(clf), SteerConfig("rand", 3, 50.0, text, device="cpu")
+    ).lines
+    assert f"'{text}' · clf · rand[3] steered: {want}" in r.output

@@ -388,3 +388,27 @@ def show_summary(tv: TokenViews) -> list[dict[str, Any]]:
                 }
             )
     return out
+
+
+def steer_lines(
+    store: Store, views: list[View], texts: list[str], value: float, device: str
+) -> list[str]:
+    """``show --steer``: each text run with each view's feature clamped to ``value`` in the view's model, its
+    prediction beside the unsteered one (:class:`actstore.effects.steer.Steerer`); a model without a head says so."""
+    from actstore.effects.steer import Steerer
+
+    out = []
+    for v in views:
+        try:
+            steerer = Steerer(store, v.sae, v.model, device)
+        except ConfigError as exc:
+            out.append(f"{v.model} · {v.sae}[{v.feature}]: not steered ({exc})")
+            continue
+        for text in texts:
+            label = text if len(text) <= 50 else text[:47] + "..."
+            res = steerer.run(v.feature, value, text, tokens=5)
+            out += [
+                f"{label!r} · {v.model} · {v.sae}[{v.feature}] steered: {line}"
+                for line in res.lines
+            ]
+    return out

@@ -379,6 +379,13 @@ def verify(
 @click.option(
     "--out", required=True, type=click.Path(dir_okay=False), help="FILE.html or FILE.png."
 )
+@click.option(
+    "--steer",
+    type=float,
+    default=None,
+    help="Also run each --text with the feature clamped to this value at every token, in each model shown that has "
+    "a classification or LM head: its prediction beside the unsteered one (actstore steer).",
+)
 @config_option(ShowConfig, "max_tokens")
 @device_option
 @handle_errors
@@ -392,6 +399,7 @@ def show(
     sample_ids: tuple[str, ...],
     models: str | None,
     out: str,
+    steer: float | None,
     max_tokens: int | None,
     device: str,
 ) -> None:
@@ -423,6 +431,11 @@ def show(
         click.echo(
             f"{label!r} · {r['model']} · {r['sae']}[{r['feature']}]: max {r['max']:.4f} at {r['at']!r}"
         )
+    if steer is not None:
+        from actstore.analysis.show import steer_lines
+
+        for line in steer_lines(st, tv.views, list(texts), steer, cfg.device):
+            click.echo(line)
     click.echo(f"wrote {out}")
 
 
