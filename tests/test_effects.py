@@ -769,3 +769,35 @@ def test_show_steer_prints_each_texts_steered_prediction(clf, tmp_path, one_thre
         actstore.open_store(clf), SteerConfig("rand", 3, 50.0, text, device="cpu")
     ).lines
     assert f"'{text}' · clf · rand[3] steered: {want}" in r.output
+
+
+def test_a_model_directory_outside_the_store_is_spliced_like_its_store_key(
+    clf, clf_store, tmp_path, one_thread
+):
+    """--model PATH: a fine-tune not extracted into the store, of the same tokenizer, gives the table --model KEY
+    gives for the same weights; a directory whose tokenizer gives other ids is one line, nothing written."""
+    from transformers import BertForSequenceClassification, BertTokenizerFast
+
+    from actstore.effects.attribute import read_effects
+    from actstore.effects.run import effects, path_key
+
+    st = actstore.open_store(clf, writable=True)
+    by_key = effects(st, EffectsConfig("rand", ablate_top=0, device="cpu"))
+    by_path = effects(st, EffectsConfig("rand", model=clf_store[1], ablate_top=0, device="cpu"))
+    assert by_path.result.model == path_key(clf_store[1]) != by_key.result.model
+    a, b = read_effects(st, "rand", "clf"), read_effects(st, "rand", by_path.result.model)
+    assert a.select("sample", "feature", "class").equals(b.select("sample", "feature", "class"))
+    np.testing.assert_allclose(
+        a["attribution"].to_numpy(), b["attribution"].to_numpy(), rtol=1e-4, atol=1e-6
+    )
+    other = tmp_path / "other-tok"
+    BertForSequenceClassification.from_pretrained(clf_store[1]).save_pretrained(other)
+    (tmp_path / "vocab.txt").write_text(
+        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "great", "movie"])
+    )
+    BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(other)
+    r = CliRunner().invoke(
+        main, ["effects", clf, "--sae", "rand", "--model", str(other), "--device", "cpu"]
+    )
+    assert "other token ids" in one_line_error(r)
+    assert not (Path(clf) / layout.effects_dir("rand", path_key(str(other)))).exists()

@@ -25,7 +25,8 @@ class EffectsConfig:
     sae: str
     """The SAE (under STORE/saes/), spliced into the model at its layer with its reconstruction error added back."""
     model: str | None = None
-    """The model, by store key (default: the SAE's own): a classifier (sequence-classification head) or a decoder LM."""
+    """The model, by store key or as a model directory of the same tokenizer (default: the SAE's own): a classifier
+    (sequence-classification head) or a decoder LM."""
     target: str = opt("predicted", choices=TARGETS)
     """Classifiers: attribution to the predicted class's log-probability (predicted), to the true label's logit
     margin over the best other class (label), or to every class logit (logits). Decoder LMs: to the sample's
@@ -57,7 +58,7 @@ class EffectsConfig:
 
     def __post_init__(self) -> None:
         check_name(self.sae, "SAE")
-        if self.model is not None:
+        if self.model is not None and "/" not in self.model and "\\" not in self.model:
             check_name(self.model, "model")
         if self.patch_from is not None:
             check_name(self.patch_from, "model")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from actstore.effects.attribute import EffectsResult
@@ -34,6 +35,16 @@ def open_splice(
     sae = load_sae(store, sae_name, device).eval()
     sae.requires_grad_(False)
     key = model or str(sae.cfg.model)
+    if (
+        model is not None
+        and path is None
+        and model not in store.model_keys()
+        and Path(model).is_dir()
+    ):
+        # a model directory outside the store: it must tokenize as the SAE's token rows were
+        head = load_head_model(store, path_key(model), device, model)
+        check_tokenizer(store, sae.cfg.tokenization, model, sae_name)
+        return head, Splice(head, sae, check_splice(sae, sae_name, head))
     if key not in store.model_keys():
         raise ConfigError(
             f"store {store.url} has no model {key!r} (models: {', '.join(store.model_keys())})"
@@ -47,6 +58,31 @@ def open_splice(
     head = load_head_model(store, key, device, path)
     layer = check_splice(sae, sae_name, head)
     return head, Splice(head, sae, layer)
+
+
+def path_key(path: str) -> str:
+    """The name a model directory's effects are saved under: its folder name and a hash of its absolute path."""
+    import hashlib
+    import re
+
+    p = Path(path).resolve()
+    base = re.sub(r"[^A-Za-z0-9._-]", "_", p.name).lstrip("._-")[:60] or "model"
+    return f"{base}-{hashlib.sha256(str(p).encode()).hexdigest()[:8]}"
+
+
+def check_tokenizer(store: Store, tokenization: str | None, path: str, sae_name: str) -> None:
+    """Refuse a model directory whose tokenizer gives other token ids than the SAE's token rows."""
+    from transformers import AutoTokenizer
+
+    from actstore.models.loading import from_pretrained, tokenizer_hash, tokenizer_identity
+
+    tok = from_pretrained(AutoTokenizer, path)
+    attrs = store.tokenization(tokenization).attrs
+    if not attrs.same_tokenizer(tokenizer_identity(tok), tokenizer_hash(tok)):
+        raise ConfigError(
+            f"the tokenizer of {path} gives other token ids than SAE {sae_name!r}'s token rows: splice it into a "
+            "model of the same tokenizer"
+        )
 
 
 def effects(store: Store, cfg: EffectsConfig, progress: bool = False) -> EffectsReport:

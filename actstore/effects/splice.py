@@ -49,8 +49,8 @@ def load_head_model(store: Any, key: str, device: str, path: str | None = None) 
 
     from actstore.models.loading import from_pretrained
 
-    info = store.model_info(key)
-    arch = str(info.architecture or "")
+    info = store.model_info(key) if path is None else None
+    arch = str(info.architecture or "") if info is not None else ""
     if path is not None:
         arch = str((from_pretrained(AutoConfig, path).architectures or [""])[0])
     cls: Any
@@ -63,7 +63,7 @@ def load_head_model(store: Any, key: str, device: str, path: str | None = None) 
             f"model {key!r} of {store.url} is a {arch or 'model'} without a classification or language-model head: "
             "effects are measured on a head's output (fine-tune one with actstore finetune, or pass --model KEY)"
         )
-    source = path or info.path
+    source = path or (info.path if info is not None else None)
     if not source:
         raise ConfigError(
             f"store {store.url} records no path for model {key!r}: its weights cannot be loaded"
