@@ -34,7 +34,8 @@ def effects_cmd(store: str, storage_options: tuple[str, ...], cfg: EffectsConfig
     its layer (its reconstruction error added back, so the output is unchanged), attribution = activation x gradient
     of the target, per sample and active feature; then the top features ablated exactly.
 
-    Saved in STORE/saes/SAE/effects/MODEL/ (the feature_effects and feature_ablations views); resumes a killed run.
+    Saved in STORE/saes/SAE/effects/MODEL/ (the feature_effects, feature_ablations and feature_ablation_samples
+    views); resumes a killed run.
     Prints one row per ablated feature (the class it moves most); the views hold every class.
     """
     import polars as pl
