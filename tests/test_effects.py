@@ -801,3 +801,91 @@ def test_a_model_directory_outside_the_store_is_spliced_like_its_store_key(
     )
     assert "other token ids" in one_line_error(r)
     assert not (Path(clf) / layout.effects_dir("rand", path_key(str(other)))).exists()
+
+
+@pytest.fixture()
+def cc_store(clf, tiny_bert_dir, corpus_file):
+    """The classifier's store with a second model (a random base BERT) at layer 2 and a random crosscoder ``cc`` of
+    the two."""
+    from actstore.data.corpora import DataConfig
+    from actstore.store.config import ExtractConfig
+    from actstore.store.extract import extract
+
+    extract(clf, ExtractConfig(model=tiny_bert_dir, data=DataConfig(corpus_file), layers=[2], name="base",
+                               codec="fp32", device="cpu"), progress=False)  # fmt: skip
+    st = actstore.open_store(clf, writable=True)
+    torch.manual_seed(5)
+    sae = SAE(SAEConfig("relu-l1", 32, 24, models=["base", "clf"], layers=[2, 2], name="cc",
+                        tokenization=st.model_info("clf").tokenization))  # fmt: skip
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(64, 24) / 8)
+        sae.W_dec.copy_(torch.randn(24, 64) / 8)
+        sae.b_enc.fill_(0.1)
+    save_sae(st, sae, "cc")
+    return clf
+
+
+def test_a_crosscoder_spliced_into_one_model_keeps_its_output_and_attributes_exactly(
+    cc_store, one_thread
+):
+    """The crosscoder's side of the classifier, the base model's stored rows beside it: the output is unchanged
+    with the error added back, and attribution equals a finite difference (float64)."""
+    from actstore.effects.attribute import attribute_batch
+    from actstore.effects.run import open_splice
+    from actstore.effects.splice import logits
+
+    st = actstore.open_store(cc_store)
+    head, splice = open_splice(st, "cc", "clf", "cpu")
+    assert splice.sources is not None and splice.sources.own == 1
+    batch = _first_batch(cc_store, head)
+    with torch.no_grad():
+        clean = logits(head, batch)
+        with splice(batch=batch):
+            assert float((logits(head, batch) - clean).abs().max()) < 1e-4
+    head.model.double()
+    splice.sae.double()
+    cols, _ = attribute_batch(head, splice, batch, "predicted", None)
+    sample, feature, attr = (np.concatenate(cols[k]) for k in ("sample", "feature", "attribution"))
+    pred = logits(head, batch).argmax(-1)
+
+    def target(scale: float, j: int) -> np.ndarray:
+        def edit(a):
+            out = a.clone()
+            out[..., j] *= scale
+            return out
+
+        with torch.no_grad(), splice(edit=edit, batch=batch):
+            return logits(head, batch).log_softmax(-1)[torch.arange(len(pred)), pred].numpy()
+
+    for r in np.argsort(-np.abs(attr))[:5]:
+        j, s = int(feature[r]), int(sample[r])
+        fd = (target(1 + 1e-4, j)[s] - target(1 - 1e-4, j)[s]) / 2e-4
+        assert fd == pytest.approx(attr[r], abs=1e-3, rel=1e-3)
+
+
+def test_crosscoder_effects_from_the_cli_and_its_refusals(cc_store, one_thread):
+    r = CliRunner().invoke(main, ["effects", cc_store, "--sae", "cc", "--model", "clf", "--ablate-top", "2",
+                                  "--device", "cpu", "--quiet"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    st = actstore.open_store(cc_store)
+    assert (
+        actstore.sql(
+            st, "SELECT count(DISTINCT sample) AS s FROM feature_effects WHERE sae = 'cc'"
+        )["s"][0]
+        == 40
+    )
+    assert (
+        actstore.sql(
+            st, "SELECT count(DISTINCT feature) AS f FROM feature_ablations WHERE sae = 'cc'"
+        )["f"][0]
+        == 2
+    )
+    for args, needle in (
+        (["--sae", "cc"], "pass --model"),
+        (["--sae", "cc", "--model", "base"], "without a"),
+    ):
+        r = CliRunner().invoke(main, ["effects", cc_store, *args, "--device", "cpu"])
+        assert needle in one_line_error(r)
+    r = CliRunner().invoke(main, ["steer", cc_store, "--sae", "cc", "--model", "clf", "--feature", "1", "--value", "1",
+                                  "--text", "x"])  # fmt: skip
+    assert "crosscoder" in one_line_error(r)

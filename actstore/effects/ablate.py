@@ -117,13 +117,15 @@ def run_passes(store: Store, head: HeadModel, splice: Splice, cp: Corpus, cfg: E
         seqs = [tk.token_ids(int(cp.first[i]), int(cp.first[i] + cp.n_tokens[i])) for i in idx]
         batch = make_batch(seqs, cp.samples[idx], head.pad_id, device)
         labels = cp.labels[idx] if cp.labels is not None else None
-        with below.record(), splice():
+        with below.record(), splice(batch=batch):
             out = logits(head, batch)
         runs[0].put(at, _outputs(head, cfg, out, batch, labels, None))
         fixed = out.argmax(-1) if head.kind == "classifier" else None
         with below.replay():
             for n, edit in enumerate(edits):
-                with splice(edit=edit.make(batch) if isinstance(edit, PerBatch) else edit):
+                with splice(
+                    edit=edit.make(batch) if isinstance(edit, PerBatch) else edit, batch=batch
+                ):
                     runs[n + 1].put(
                         at, _outputs(head, cfg, logits(head, batch), batch, labels, fixed)
                     )
@@ -141,7 +143,7 @@ def run_pass(store: Store, head: HeadModel, splice: Splice, cp: Corpus, cfg: Eff
         idx = np.arange(a, min(a + cfg.batch_size, len(cp.samples)))
         seqs = [tk.token_ids(int(cp.first[i]), int(cp.first[i] + cp.n_tokens[i])) for i in idx]
         batch = make_batch(seqs, cp.samples[idx], head.pad_id, device)
-        with splice(edit=edit):
+        with splice(edit=edit, batch=batch):
             out = logits(head, batch)
         labels = cp.labels[idx] if cp.labels is not None else None
         run.put(slice(a, a + len(idx)), _outputs(head, cfg, out, batch, labels, None))

@@ -114,7 +114,7 @@ def attribute_batch(
     cols: dict[str, list[np.ndarray]] = {
         k: [] for k in ("sample", "feature", "class", "attribution", "activation")
     }
-    with splice(grad=True):
+    with splice(grad=True, batch=batch):
         out = logits(head, batch)
     acts = splice.acts
     assert acts is not None

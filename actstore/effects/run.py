@@ -29,11 +29,15 @@ def open_splice(
 ) -> tuple[HeadModel, Splice]:
     """The model with its head and the SAE spliced into it, after every check (one line each); the model's
     weights from ``path`` when given, else from the path the store records."""
-    from actstore.effects.splice import Splice, check_splice, load_head_model
+    from actstore.effects.splice import Sources, Splice, check_splice, load_head_model
     from actstore.sae.files import load_sae
 
     sae = load_sae(store, sae_name, device).eval()
     sae.requires_grad_(False)
+    if sae.cfg.is_crosscoder and model is None:
+        raise ConfigError(
+            f"{sae_name!r} is a crosscoder of {', '.join(sae.cfg.models or [])}: pass --model one of them with a head"
+        )
     key = model or str(sae.cfg.model)
     if (
         model is not None
@@ -57,7 +61,9 @@ def open_splice(
         )
     head = load_head_model(store, key, device, path)
     layer = check_splice(sae, sae_name, head)
-    return head, Splice(head, sae, layer)
+    return head, Splice(
+        head, sae, layer, Sources(store, sae, key) if sae.cfg.is_crosscoder else None
+    )
 
 
 def path_key(path: str) -> str:

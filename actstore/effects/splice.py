@@ -90,9 +90,25 @@ def check_splice(sae: SAE, name: str, head: HeadModel) -> int:
     from actstore.models.names import key_site
 
     c = sae.cfg
-    if c.is_crosscoder or c.is_transcoder or c.layer is None:
+    if c.is_crosscoder:
+        models, layers = list(c.models or []), list(c.layers or [])
+        if head.key not in models:
+            raise ConfigError(
+                f"crosscoder {name!r} reads {', '.join(models)}: pass --model one of them (its side is spliced)"
+            )
+        if c.input_norm != "none":
+            raise ConfigError(
+                f"crosscoder {name!r} normalises its inputs per token: it cannot be spliced"
+            )
+        layer = int(layers[models.index(head.key)])
+        if not 0 <= layer <= head.n_layers or c.d_in != head.d_model:
+            raise ConfigError(
+                f"crosscoder {name!r} does not fit model {head.key!r} (layer {layer}, width {c.d_in})"
+            )
+        return layer
+    if c.is_transcoder or c.layer is None:
         raise ConfigError(
-            f"SAE {name!r} is a crosscoder or a transcoder: effects splice one SAE into one layer"
+            f"SAE {name!r} is a transcoder: effects splice an SAE (or a crosscoder) into one layer"
         )
     if key_site(str(c.model)) != "resid":
         raise ConfigError(
@@ -127,13 +143,28 @@ class Splice:
     """The SAE in the model at its layer (see the module docstring); ``acts`` is the last forward's latents
     ``(batch, seq, d_sae)`` (a leaf with ``grad=True``)."""
 
-    def __init__(self, head: HeadModel, sae: SAE, layer: int) -> None:
+    def __init__(
+        self, head: HeadModel, sae: SAE, layer: int, sources: Sources | None = None
+    ) -> None:
         self.head, self.sae, self.layer = head, sae, layer
         self.acts: torch.Tensor | None = None
+        self.sources = sources
+        """A crosscoder's other models' stored rows of a batch's tokens (None: an SAE)."""
 
     @contextlib.contextmanager
-    def __call__(self, edit: Edit | None = None, grad: bool = False) -> Iterator[Splice]:
+    def __call__(
+        self, edit: Edit | None = None, grad: bool = False, batch: Batch | None = None
+    ) -> Iterator[Splice]:
         from actstore.models.taps import splice
+
+        if self.sources is not None:
+            if batch is None:
+                raise ConfigError(
+                    "a crosscoder splice reads the other models' stored rows: it needs the batch's samples"
+                )
+            with self.crosscoder(edit, grad, batch):
+                yield self
+            return
 
         def fn(h: torch.Tensor) -> torch.Tensor:  # (batch, seq, d_model)
             x = h.detach().reshape(-1, h.shape[-1]).to(self.sae.W_dec.dtype)
@@ -154,6 +185,69 @@ class Splice:
             splice(self.head.model, self.head.n_layers, self.layer, fn),
         ):
             yield self
+
+    @contextlib.contextmanager
+    def crosscoder(self, edit: Edit | None, grad: bool, batch: Batch) -> Iterator[None]:
+        """The crosscoder's side of this model: its latents read every model's rows of the tokens (this model's
+        live, the others' from the store), and this model's hidden state becomes its decoder block's reconstruction
+        plus the error, as for an SAE."""
+        from actstore.models.taps import splice
+
+        sources = self.sources
+        assert sources is not None
+        own, d = sources.own, self.sae.cfg.d_in
+
+        def fn(h: torch.Tensor) -> torch.Tensor:  # (batch, seq, d_model)
+            # (batch, seq, n_sources * d)
+            stacked = sources.rows(batch, h.detach().to(self.sae.W_dec.dtype))
+            x = stacked.reshape(-1, stacked.shape[-1])
+            with torch.no_grad():
+                acts = self.sae.encode(x)  # (n, d_sae)
+                mine = self.sae.decode(acts)[:, own * d : (own + 1) * d]
+                err = x[:, own * d : (own + 1) * d] - mine
+            acts = acts.reshape(*h.shape[:-1], -1)
+            if grad:
+                acts.requires_grad_(True)
+            self.acts = acts
+            used = edit(acts) if edit is not None else acts
+            out = (
+                self.sae.decode(used.reshape(-1, used.shape[-1]))[:, own * d : (own + 1) * d] + err
+            )
+            return out.reshape(h.shape).to(h.dtype)
+
+        with (
+            torch.set_grad_enabled(grad),
+            splice(self.head.model, self.head.n_layers, self.layer, fn),
+        ):
+            yield
+
+
+class Sources:
+    """A crosscoder's inputs for a batch: this model's live hidden state in its slot, each other model's stored
+    rows of the same tokens (row-aligned: one token index) in theirs."""
+
+    def __init__(self, store: Any, sae: SAE, own_key: str) -> None:
+        c = sae.cfg
+        models, layers = list(c.models or []), list(c.layers or [])
+        self.own = models.index(own_key)
+        self.arrays = {i: store.activations(m, int(layer)) for i, (m, layer) in enumerate(zip(models, layers, strict=True))
+                       if i != self.own}  # fmt: skip
+        self.first, _ = store.tokenization(c.tokenization).sample_rows()
+        self.n, self.d = len(models), c.d_in
+
+    def rows(self, batch: Batch, own: torch.Tensor) -> torch.Tensor:
+        """``(b, seq, n_sources * d)``: ``own`` (b, seq, d) and the others' stored rows, zero at padding."""
+        b, seq, _ = own.shape
+        out = own.new_zeros(b, seq, self.n, self.d)
+        out[:, :, self.own] = own
+        lengths = batch.attention_mask.sum(1).tolist()
+        for i, arr in self.arrays.items():
+            for j, (smp, n) in enumerate(zip(batch.samples, lengths, strict=True)):
+                a = int(self.first[int(smp)])
+                out[j, :n, i] = torch.from_numpy(np.asarray(arr[a : a + n], dtype=np.float32)).to(
+                    out
+                )
+        return out.reshape(b, seq, self.n * self.d)
 
 
 class BelowSplice:

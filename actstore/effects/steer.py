@@ -42,6 +42,11 @@ class Steerer:
 
         self.device = device
         self.head, self.splice = open_splice(store, sae, model, device, path)
+        if self.splice.sources is not None:
+            raise ConfigError(
+                f"{sae!r} is a crosscoder: it reads every model's rows of a token, which a free text does not have in "
+                "the store; steer an SAE"
+            )
         self.sae = sae
         self.tok = from_pretrained(AutoTokenizer, str(path or store.model_info(self.head.key).path))
         self.max_len = int(
