@@ -889,3 +889,31 @@ def test_crosscoder_effects_from_the_cli_and_its_refusals(cc_store, one_thread):
     r = CliRunner().invoke(main, ["steer", cc_store, "--sae", "cc", "--model", "clf", "--feature", "1", "--value", "1",
                                   "--text", "x"])  # fmt: skip
     assert "crosscoder" in one_line_error(r)
+
+
+def test_target_label_attributes_only_the_labelled_samples_each_to_its_own_label(clf, one_thread):
+    """With some samples unlabelled, --target label attributes the others, each to its own label (the corpus once
+    kept every sample id but only the labelled samples' labels, so labels were read off the wrong samples)."""
+    import io
+
+    import polars as pl
+
+    from actstore.storage.integrity import update_manifest
+
+    st = actstore.open_store(clf, writable=True)
+    key = st.tokenization().parquet_keys("samples")[0]
+    df = pl.read_parquet(io.BytesIO(st.loc.read_bytes(key)))
+    df = df.with_columns(
+        pl.when(pl.col("sample") < 5).then(None).otherwise(pl.col("label")).alias("label")
+    )
+    buf = io.BytesIO()
+    df.write_parquet(buf)
+    st.loc.write_bytes(key, buf.getvalue())
+    update_manifest(st.loc)
+    r = CliRunner().invoke(main, ["effects", clf, "--sae", "rand", "--target", "label", "--ablate-top", "0",
+                                  "--device", "cpu", "--quiet"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    got = actstore.sql(actstore.open_store(clf), "SELECT DISTINCT e.sample, e.class, s.label FROM feature_effects e "
+                                                "JOIN samples s USING (sample) ORDER BY e.sample").rows()  # fmt: skip
+    assert [s for s, _, _ in got] == list(range(5, 40))
+    assert all(c == lab for _, c, lab in got)

@@ -83,7 +83,6 @@ def corpus(store: Store, tokenization: str | None, cfg: EffectsConfig, head: Hea
     if smp.height == 0:
         raise ConfigError(f"store {store.url} has no samples to attribute")
     first, n_tok = store.tokenization(tokenization).sample_rows()
-    ids = smp["sample"].to_numpy().astype(np.int64)
     labels = None
     if cfg.target == "label" and head.kind == "classifier":
         smp = smp.drop_nulls("label")
@@ -100,6 +99,7 @@ def corpus(store: Store, tokenization: str | None, cfg: EffectsConfig, head: Hea
                 f"({', '.join(head.classes)}): --target label needs the labels the head was trained on"
             )
         labels = np.asarray([index[v] for v in raw], dtype=np.int64)
+    ids = smp["sample"].to_numpy().astype(np.int64)  # after any sample without a label is dropped
     return Corpus(ids, labels, first[ids], n_tok[ids])
 
 
