@@ -38,20 +38,19 @@ def timed(fn: Callable[[], Any], n: int, repeats: int) -> float:
 def bench_sae(st: Any, name: str, samples: int, batch_size: int, repeats: int) -> dict[str, Any]:
     import torch
 
-    from actstore.effects.ablate import run_passes, zero_or_mean
-    from actstore.effects.attribute import attribute_block, corpus
+    from actstore.effects.ablate import run_passes, set_feature
+    from actstore.effects.attribute import attribute_block, corpus, corpus_batches
     from actstore.effects.config import EffectsConfig
     from actstore.effects.run import open_splice
-    from actstore.effects.splice import logits, make_batch
+    from actstore.effects.splice import logits
 
     head, splice = open_splice(st, name, None, "cpu")
     cfg = EffectsConfig(name, max_samples=samples, batch_size=batch_size, device="cpu")
     cp = corpus(st, splice.sae.cfg.tokenization, cfg, head)
-    tk = st.tokenization(splice.sae.cfg.tokenization)
+    # the same length-sorted batches attribution runs
     order = np.argsort(-cp.n_tokens, kind="stable")
-    batches = [make_batch([tk.token_ids(int(cp.first[i]), int(cp.first[i] + cp.n_tokens[i])) for i in idx],
-                          cp.samples[idx], head.pad_id, "cpu")
-               for idx in (order[a : a + batch_size] for a in range(0, len(order), batch_size))]  # fmt: skip
+    batches = [b for _, b, _ in corpus_batches(st, splice.sae.cfg.tokenization, cp, head.pad_id, batch_size, "cpu",
+                                               order)]  # fmt: skip
     n = len(cp.samples)
 
     def bare() -> None:
@@ -65,7 +64,7 @@ def bench_sae(st: Any, name: str, samples: int, batch_size: int, repeats: int) -
 
     def ablate(k: int) -> None:  # the clean pass and k ablations
         with torch.no_grad():
-            run_passes(st, head, splice, cp, cfg, "cpu", [zero_or_mean(j, 0.0) for j in range(k)])
+            run_passes(st, head, splice, cp, cfg, "cpu", [set_feature(j, 0.0) for j in range(k)])
 
     base = timed(bare, n, repeats)
     pred, every = (

@@ -192,6 +192,29 @@ def clf_store(tmp_path_factory, tiny_bert_dir, corpus_file):
     return str(d / "s.zarr"), str(d / "model")
 
 
+@pytest.fixture(scope="session")
+def lm_store_ro(tmp_path_factory, corpus_file) -> tuple[str, str]:
+    """``(store, model dir)``: a tiny random GPT-2 saved with its LM head, extracted at layer 1. Do not write to the
+    store: copy it."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from actstore.data.corpora import DataConfig
+    from actstore.store.config import ExtractConfig
+    from actstore.store.extract import extract
+
+    d = tmp_path_factory.mktemp("lm")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(
+        GPT2Config(vocab_size=30522, n_embd=32, n_layer=3, n_head=2, n_positions=128)
+    ).save_pretrained(d / "model")
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(d / "model")
+    cfg = ExtractConfig(model=str(d / "model"), data=DataConfig(corpus_file), layers=[1], name="lm", codec="fp32",
+                        chunk_rows=64, batch_size=8, device="cpu")  # fmt: skip
+    extract(str(d / "s.zarr"), cfg, progress=False)
+    return str(d / "s.zarr"), str(d / "model")
+
+
 @pytest.fixture()
 def one_thread():
     """Small matmuls run fastest on one thread (and do not fight the other tests' processes)."""

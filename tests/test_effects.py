@@ -56,31 +56,9 @@ def clf(tmp_path, clf_store):
     return store
 
 
-@pytest.fixture(scope="module")
-def lm_store(tmp_path_factory, corpus_file):
-    """A tiny random GPT-2 with its LM head, extracted at layer 1."""
-    from conftest import minilm_path
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
-    from actstore.data.corpora import DataConfig
-    from actstore.store.config import ExtractConfig
-    from actstore.store.extract import extract
-
-    d = tmp_path_factory.mktemp("lm")
-    torch.manual_seed(0)
-    GPT2LMHeadModel(
-        GPT2Config(vocab_size=30522, n_embd=32, n_layer=3, n_head=2, n_positions=128)
-    ).save_pretrained(d / "model")
-    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(d / "model")
-    cfg = ExtractConfig(model=str(d / "model"), data=DataConfig(corpus_file), layers=[1], name="lm", codec="fp32",
-                        chunk_rows=64, batch_size=8, device="cpu")  # fmt: skip
-    extract(str(d / "s.zarr"), cfg, progress=False)
-    return str(d / "s.zarr")
-
-
 @pytest.fixture()
-def lm(tmp_path, lm_store):
-    store = _copy(lm_store, tmp_path)
+def lm(tmp_path, lm_store_ro):
+    store = _copy(lm_store_ro[0], tmp_path)
     _random_sae(store, "lm", 1)
     return store
 
@@ -163,7 +141,7 @@ def test_attribution_equals_a_finite_difference(kind, clf, lm, one_thread):
 def test_ablation_replaying_the_layers_below_the_splice_equals_the_full_pass(
     kind, clf, lm, one_thread
 ):
-    from actstore.effects.ablate import run_pass, run_passes, zero_or_mean
+    from actstore.effects.ablate import run_pass, run_passes, set_feature
     from actstore.effects.attribute import corpus
 
     store = clf if kind == "classifier" else lm
@@ -171,7 +149,7 @@ def test_ablation_replaying_the_layers_below_the_splice_equals_the_full_pass(
     head, splice = _open(store)
     cfg = EffectsConfig("rand", batch_size=7, target="logits")
     cp = corpus(st, splice.sae.cfg.tokenization, cfg, head)
-    edits = [zero_or_mean(2, 0.0), zero_or_mean(5, 3.0)]
+    edits = [set_feature(2, 0.0), set_feature(5, 3.0)]
     with torch.no_grad():
         clean, *edited = run_passes(st, head, splice, cp, cfg, "cpu", edits)
         full = [run_pass(st, head, splice, cp, cfg, "cpu", e) for e in [None, *edits]]
@@ -268,16 +246,16 @@ def test_a_planted_decision_is_found_where_it_was_planted(
     )
     assert clean["ablation"]["features"][0] == j
     # the model was right on (almost) every sample; without the feature it says one class for all: chance
-    from actstore.effects.ablate import known_labels, run_pass, zero_or_mean
+    from actstore.effects.ablate import run_pass, set_feature
     from actstore.effects.attribute import corpus
 
     head, splice = _open(store, "planted")
     cfg = EffectsConfig("planted")
     cp = corpus(st, splice.sae.cfg.tokenization, cfg, head)
-    true = known_labels(st, head, cp, splice.sae.cfg.tokenization)
+    true = cp.labels
     with torch.no_grad():
         acc = (run_pass(st, head, splice, cp, cfg, "cpu", None).probs.argmax(1) == true).mean()
-        ablated = run_pass(st, head, splice, cp, cfg, "cpu", zero_or_mean(j, 0.0)).probs.argmax(1)
+        ablated = run_pass(st, head, splice, cp, cfg, "cpu", set_feature(j, 0.0)).probs.argmax(1)
     assert acc >= 0.9
     assert (ablated == true).mean() == pytest.approx(0.5, abs=0.05)
     assert ab[0][2] == pytest.approx((ablated == true).mean() - acc, abs=1e-9)
@@ -492,7 +470,7 @@ def test_steering_a_classifier_moves_its_probabilities_as_the_splice_says(
 ):
     from transformers import AutoTokenizer
 
-    from actstore.effects.ablate import zero_or_mean
+    from actstore.effects.ablate import set_feature
     from actstore.effects.splice import logits, make_batch
 
     text, out = "great great great movie", tmp_path / "steer.json"
@@ -507,7 +485,7 @@ def test_steering_a_classifier_moves_its_probabilities_as_the_splice_says(
     batch = make_batch([ids], np.zeros(1, np.int64), head.pad_id, "cpu")
     with torch.no_grad():
         clean = head.model(input_ids=batch.input_ids).logits.softmax(-1)[0].numpy()
-        with splice(edit=zero_or_mean(3, 50.0)):
+        with splice(edit=set_feature(3, 50.0)):
             steered = logits(head, batch).softmax(-1)[0].numpy()
     for i, c in enumerate(head.classes):
         assert rows[c]["p_clean"] == pytest.approx(

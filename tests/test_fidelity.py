@@ -82,25 +82,13 @@ def test_a_classifiers_kl_equals_one_computed_by_hand(clf_store):
     )
 
 
-@pytest.fixture(scope="module")
-def lm_store(tmp_path_factory, corpus_file):
-    from conftest import minilm_path
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+@pytest.fixture()
+def lm_store(tmp_path, lm_store_ro):
+    """A private copy of the tiny GPT-2's store, and its model directory."""
+    import shutil
 
-    from actstore.data.corpora import DataConfig
-    from actstore.store.config import ExtractConfig
-    from actstore.store.extract import extract
-
-    d = tmp_path_factory.mktemp("lm")
-    torch.manual_seed(0)
-    GPT2LMHeadModel(
-        GPT2Config(vocab_size=30522, n_embd=32, n_layer=3, n_head=2, n_positions=128)
-    ).save_pretrained(d / "model")
-    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(d / "model")
-    cfg = ExtractConfig(model=str(d / "model"), data=DataConfig(corpus_file), layers=[1], name="lm", codec="fp32",
-                        chunk_rows=64, batch_size=8, device="cpu")  # fmt: skip
-    extract(str(d / "s.zarr"), cfg, progress=False)
-    return str(d / "s.zarr"), str(d / "model")
+    shutil.copytree(lm_store_ro[0], tmp_path / "s.zarr")
+    return str(tmp_path / "s.zarr"), lm_store_ro[1]
 
 
 def test_a_decoder_lms_loss_recovered_equals_one_computed_by_hand(lm_store):

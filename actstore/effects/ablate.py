@@ -23,8 +23,11 @@ from actstore.effects.attribute import (
     EffectsResult,
     class_sums,
     corpus,
+    corpus_batches,
     feature_totals,
     parquet_bytes,
+    read_effects,
+    read_meta,
     top_features,
 )
 from actstore.effects.config import EffectsConfig
@@ -83,7 +86,7 @@ class _Collect:
         self.loss = np.zeros(n, dtype=np.float64) if lm else None
         self.n_tokens = np.zeros(n, dtype=np.int64) if lm else None
 
-    def put(self, at: slice, part: tuple[Any, ...]) -> None:
+    def put(self, at: np.ndarray, part: tuple[Any, ...]) -> None:
         for dest, value in zip(
             (self.probs, self.target, self.loss, self.n_tokens), part, strict=True
         ):
@@ -106,17 +109,12 @@ def run_passes(store: Store, head: HeadModel, splice: Splice, cp: Corpus, cfg: E
     below the splice output, and each edited run replays it, computing only the splice and the layers above it.
     An edited run's ``--target predicted`` keeps each sample's clean predicted class (the same function of the
     output)."""
-    from actstore.effects.splice import BelowSplice, logits, make_batch
+    from actstore.effects.splice import BelowSplice, logits
 
-    tk = store.tokenization(splice.sae.cfg.tokenization)
     below = BelowSplice(head, splice.layer)
     runs = [_Collect(head, cfg, len(cp.samples)) for _ in range(len(edits) + 1)]
-    for a in range(0, len(cp.samples), cfg.batch_size):
-        idx = np.arange(a, min(a + cfg.batch_size, len(cp.samples)))
-        at = slice(a, a + len(idx))
-        seqs = [tk.token_ids(int(cp.first[i]), int(cp.first[i] + cp.n_tokens[i])) for i in idx]
-        batch = make_batch(seqs, cp.samples[idx], head.pad_id, device)
-        labels = cp.labels[idx] if cp.labels is not None else None
+    tk = splice.sae.cfg.tokenization
+    for at, batch, labels in corpus_batches(store, tk, cp, head.pad_id, cfg.batch_size, device):
         with below.record(), splice(batch=batch):
             out = logits(head, batch)
         runs[0].put(at, _outputs(head, cfg, out, batch, labels, None))
@@ -135,27 +133,23 @@ def run_passes(store: Store, head: HeadModel, splice: Splice, cp: Corpus, cfg: E
 def run_pass(store: Store, head: HeadModel, splice: Splice, cp: Corpus, cfg: EffectsConfig, device: str,
              edit: Edit | None) -> Outputs:  # fmt: skip
     """The spliced model over ``cp`` with ``edit`` (None: the clean run), every layer computed."""
-    from actstore.effects.splice import logits, make_batch
+    from actstore.effects.splice import logits
 
-    tk = store.tokenization(splice.sae.cfg.tokenization)
     run = _Collect(head, cfg, len(cp.samples))
-    for a in range(0, len(cp.samples), cfg.batch_size):
-        idx = np.arange(a, min(a + cfg.batch_size, len(cp.samples)))
-        seqs = [tk.token_ids(int(cp.first[i]), int(cp.first[i] + cp.n_tokens[i])) for i in idx]
-        batch = make_batch(seqs, cp.samples[idx], head.pad_id, device)
+    tk = splice.sae.cfg.tokenization
+    for at, batch, labels in corpus_batches(store, tk, cp, head.pad_id, cfg.batch_size, device):
         with splice(edit=edit, batch=batch):
-            out = logits(head, batch)
-        labels = cp.labels[idx] if cp.labels is not None else None
-        run.put(slice(a, a + len(idx)), _outputs(head, cfg, out, batch, labels, None))
+            run.put(at, _outputs(head, cfg, logits(head, batch), batch, labels, None))
     return run.outputs()
 
 
-def zero_or_mean(feature: int, value: float) -> Edit:
-    """Set ``feature`` to ``value`` at every token."""
+def set_feature(feature: int, value: float | torch.Tensor) -> Edit:
+    """Set ``feature`` to ``value`` at every token (a number, or one per token ``(b, seq)``)."""
+    import torch
 
     def edit(acts: torch.Tensor) -> torch.Tensor:
         out = acts.clone()
-        out[..., feature] = value
+        out[..., feature] = value.to(out.dtype) if isinstance(value, torch.Tensor) else value
         return out
 
     return edit
@@ -187,6 +181,8 @@ def other_latents(
         raise ConfigError(
             f"--patch-from {key!r} layer {splice.layer} is {acts.d_model} wide, the SAE reads {c.d_in}"
         )
+    from actstore.effects.splice import stored_rows
+
     first, _ = store.tokenization(c.tokenization).sample_rows()
     memo: dict[str, Any] = {}
 
@@ -195,12 +191,7 @@ def other_latents(
             return memo["v"]
         b, seq = batch.input_ids.shape
         x = torch.zeros(b, seq, c.d_in)
-        for i, (s, n) in enumerate(
-            zip(batch.samples, batch.attention_mask.sum(1).tolist(), strict=True)
-        ):
-            x[i, :n] = torch.from_numpy(
-                np.asarray(acts[int(first[s]) : int(first[s]) + n], dtype=np.float32)
-            )
+        stored_rows(acts, first, batch, x)
         with torch.no_grad():
             v = splice.sae.encode(x.reshape(-1, c.d_in).to(device)).reshape(b, seq, -1)
         memo.update(batch=batch, v=v)
@@ -240,17 +231,7 @@ def check_ablations(
 def patch(feature: int, latents: Callable[[Batch], torch.Tensor]) -> PerBatch:
     """Set ``feature`` at each token to its value in ``latents`` (:func:`other_latents`)."""
 
-    def make(batch: Batch) -> Edit:
-        value = latents(batch)[..., feature]  # (b, seq)
-
-        def edit(acts: torch.Tensor) -> torch.Tensor:
-            out = acts.clone()
-            out[..., feature] = value.to(out.dtype)
-            return out
-
-        return edit
-
-    return PerBatch(make)
+    return PerBatch(lambda batch: set_feature(feature, latents(batch)[..., feature]))
 
 
 def ablation_rows(head: HeadModel, cfg: EffectsConfig, cp: Corpus, clean: Outputs, abl: Outputs, feature: int,
@@ -316,25 +297,24 @@ def rank_correlation(rows: pl.DataFrame) -> float | None:
 
 def run_ablations(store: Store, cfg: EffectsConfig, head: HeadModel, splice: Splice, device: str,
                   res: EffectsResult) -> dict[str, Any]:  # fmt: skip
-    """Ablate ``--ablate-top`` features and ``--ablate-features``; write ``ablations.parquet`` and add the summary to
-    ``effects.json``; the summary."""
+    """Ablate ``--ablate-top`` features and ``--ablate-features`` (checked beforehand: :func:`check_ablations`);
+    write ``ablations.parquet`` and add the summary to ``effects.json``; the summary."""
     import polars as pl
     import torch
 
     from actstore.storage.integrity import update_manifest
 
-    check_ablations(store, cfg, head, splice, device)
     top = top_features(
         feature_totals(store, cfg.sae, head.key, splice.sae.cfg.d_sae), cfg.ablate_top
     )
     feats = list(dict.fromkeys(top + list(cfg.ablate_features or [])))
     if not feats:
         return {}
-    key = layout.effects_file(cfg.sae, head.key, layout.EFFECTS_META)
-    meta = json.loads(store.loc.read_bytes(key))
+    meta = read_meta(store, cfg.sae, head.key)
     ident = {"features": feats, "mode": cfg.ablate_mode, "ablate_samples": cfg.ablate_samples,
              "patch_from": cfg.patch_from}  # fmt: skip
-    done = meta.get("ablation") if isinstance(meta.get("ablation"), dict) else {}
+    done = meta.get("ablation")
+    done = done if isinstance(done, dict) else {}
     table_key = layout.effects_file(cfg.sae, head.key, layout.ABLATIONS_TABLE)
     if done.get("identity") == ident and store.loc.exists(table_key):
         return done  # the same ablations, already measured
@@ -350,7 +330,6 @@ def run_ablations(store: Store, cfg: EffectsConfig, head: HeadModel, splice: Spl
     # the attribution rows carry each sample's predicted class or label: pooled unless --target logits
     by_class = cfg.target == "logits" or head.kind != "classifier"
     sums = class_sums(store, cfg.sae, head.key, feats, cp.samples, by_class)
-    true = known_labels(store, head, cp, splice.sae.cfg.tokenization)
     means = {int(k): float(v) for k, v in res.feature_mean.items()}
     edits: list[Edit | PerBatch]
     if cfg.ablate_mode == "patch":
@@ -358,13 +337,13 @@ def run_ablations(store: Store, cfg: EffectsConfig, head: HeadModel, splice: Spl
         edits = [patch(j, values) for j in feats]
     else:
         edits = [
-            zero_or_mean(j, means.get(j, 0.0) if cfg.ablate_mode == "mean" else 0.0) for j in feats
+            set_feature(j, means.get(j, 0.0) if cfg.ablate_mode == "mean" else 0.0) for j in feats
         ]
     with torch.no_grad():
         clean, *ablated = run_passes(store, head, splice, cp, cfg, device, edits)
     rows = []
     for j, abl in zip(feats, ablated, strict=True):
-        rows += ablation_rows(head, cfg, cp, clean, abl, j, sums[j], true)
+        rows += ablation_rows(head, cfg, cp, clean, abl, j, sums[j], cp.labels)
     df = pl.DataFrame(rows, schema={"feature": pl.Int32, "mode": pl.String, "class": pl.String, "delta_prob": pl.Float64,
                                     "delta_acc": pl.Float64, "delta_loss": pl.Float64, "n": pl.Int64,
                                     "attribution": pl.Float64, "effect": pl.Float64})  # fmt: skip
@@ -382,42 +361,12 @@ def run_ablations(store: Store, cfg: EffectsConfig, head: HeadModel, splice: Spl
         "rank_correlation": rho,
         "identity": ident,
     }
-    store.loc.write_bytes(key, json.dumps({**meta, "ablation": summary}, default=str).encode())
+    meta_key = layout.effects_file(cfg.sae, head.key, layout.EFFECTS_META)
+    store.loc.write_bytes(meta_key, json.dumps({**meta, "ablation": summary}, default=str).encode())
     update_manifest(store.loc, prefixes=[folder])
     return summary
 
 
-def known_labels(
-    store: Store, head: HeadModel, cp: Corpus, tokenization: str | None
-) -> np.ndarray | None:
-    """Each sample's label as a class index of the head, or None unless every sample has one the head knows."""
-    if head.kind != "classifier":
-        return None
-    if cp.labels is not None:
-        return cp.labels
-    import polars as pl
-
-    smp = (
-        store.samples(tokenization)
-        .filter(pl.col("sample").is_in(cp.samples.tolist()))
-        .sort("sample")
-    )
-    index = {c: i for i, c in enumerate(head.classes)}
-    raw = [None if v is None else str(v) for v in smp["label"].to_list()]
-    if len(raw) != len(cp.samples) or any(v not in index for v in raw):
-        return None
-    return np.asarray([index[v] for v in raw], dtype=np.int64)  # type: ignore[index]
-
-
 def read_ablations(store: Store, sae: str, model: str) -> pl.DataFrame:
     """The ablation table of ``sae`` on ``model``."""
-    import io
-
-    import polars as pl
-
-    key = layout.effects_file(sae, model, layout.ABLATIONS_TABLE)
-    if not store.loc.exists(key):
-        raise ConfigError(
-            f"no ablations of SAE {sae!r} on model {model!r} in {store.url}: run actstore effects"
-        )
-    return pl.read_parquet(io.BytesIO(store.loc.read_bytes(key)))
+    return read_effects(store, sae, model, layout.ABLATIONS_TABLE)

@@ -33,7 +33,7 @@ from actstore.format import layout
 if TYPE_CHECKING:
     import polars as pl
 
-    from actstore.effects.splice import HeadModel, Splice
+    from actstore.effects.splice import Batch, HeadModel, Splice
     from actstore.store.reader import Store
 
 BUCKET_ROWS = 4_000_000
@@ -49,7 +49,8 @@ class Corpus:
     samples: np.ndarray
     """``(n,)`` sample ids."""
     labels: np.ndarray | None
-    """``(n,)`` class index of each sample's label in the model's classes (``--target label`` only)."""
+    """``(n,)`` class index of each sample's label in a classifier's classes; None unless every sample has one
+    (``--target label`` requires it)."""
     first: np.ndarray
     """``(n,)`` first token row of each sample."""
     n_tokens: np.ndarray
@@ -76,7 +77,8 @@ class EffectsResult:
 
 
 def corpus(store: Store, tokenization: str | None, cfg: EffectsConfig, head: HeadModel) -> Corpus:
-    """The samples to attribute (the first ``max_samples`` in store order), and their labels for ``--target label``."""
+    """The samples to attribute (the first ``max_samples`` in store order; for ``--target label`` those with a
+    label), and their labels as class indices where the classifier knows every one."""
     smp = store.samples(tokenization).sort("sample")
     if cfg.max_samples:
         smp = smp.head(cfg.max_samples)
@@ -84,13 +86,13 @@ def corpus(store: Store, tokenization: str | None, cfg: EffectsConfig, head: Hea
         raise ConfigError(f"store {store.url} has no samples to attribute")
     first, n_tok = store.tokenization(tokenization).sample_rows()
     labels = None
+    index = {c: i for i, c in enumerate(head.classes)}
     if cfg.target == "label" and head.kind == "classifier":
         smp = smp.drop_nulls("label")
         if smp.height == 0:
             raise ConfigError(
                 f"store {store.url} has no labels: --target label needs them (or use --target predicted)"
             )
-        index = {c: i for i, c in enumerate(head.classes)}
         raw = [str(v) for v in smp["label"].to_list()]
         unknown = sorted({v for v in raw if v not in index}, key=str)
         if unknown:
@@ -99,8 +101,28 @@ def corpus(store: Store, tokenization: str | None, cfg: EffectsConfig, head: Hea
                 f"({', '.join(head.classes)}): --target label needs the labels the head was trained on"
             )
         labels = np.asarray([index[v] for v in raw], dtype=np.int64)
+    elif head.kind == "classifier":
+        known = [None if v is None else index.get(str(v)) for v in smp["label"].to_list()]
+        labels = np.asarray(known, dtype=np.int64) if None not in known else None
     ids = smp["sample"].to_numpy().astype(np.int64)  # after any sample without a label is dropped
     return Corpus(ids, labels, first[ids], n_tok[ids])
+
+
+def corpus_batches(
+    store: Store, tokenization: str | None, cp: Corpus, pad_id: int, batch_size: int, device: str,
+    order: np.ndarray | None = None,
+) -> Iterator[tuple[np.ndarray, Batch, np.ndarray | None]]:  # fmt: skip
+    """``(indices into cp, batch, labels or None)`` of the corpus's samples ``batch_size`` at a time, in ``order``
+    (indices into ``cp``; default: corpus order), their stored token ids right-padded."""
+    from actstore.effects.splice import make_batch
+
+    tk = store.tokenization(tokenization)
+    order = np.arange(len(cp.samples)) if order is None else order
+    for a in range(0, len(order), batch_size):
+        idx = order[a : a + batch_size]
+        seqs = [tk.token_ids(int(cp.first[i]), int(cp.first[i] + cp.n_tokens[i])) for i in idx]
+        batch = make_batch(seqs, cp.samples[idx], pad_id, device)
+        yield idx, batch, (cp.labels[idx] if cp.labels is not None else None)
 
 
 def attribute_batch(
@@ -169,17 +191,13 @@ def attribute_block(
 ) -> tuple[pl.DataFrame, np.ndarray]:
     """Samples ``lo:hi`` of the corpus (longest first within the block, to pad little): their rows, and the sum
     of each latent over their tokens ``(d_sae,)``."""
-    from actstore.effects.splice import make_batch
-
-    tk = store.tokenization(splice.sae.cfg.tokenization)
     order = lo + np.argsort(-cp.n_tokens[lo:hi], kind="stable")
     cols: dict[str, list[np.ndarray]] = {}
     sums = np.zeros(splice.sae.cfg.d_sae, dtype=np.float64)
-    for a in range(0, len(order), cfg.batch_size):
-        idx = order[a : a + cfg.batch_size]
-        seqs = [tk.token_ids(int(cp.first[i]), int(cp.first[i] + cp.n_tokens[i])) for i in idx]
-        batch = make_batch(seqs, cp.samples[idx], head.pad_id, device)
-        labels = cp.labels[idx] if cp.labels is not None else None
+    batches = corpus_batches(
+        store, splice.sae.cfg.tokenization, cp, head.pad_id, cfg.batch_size, device, order
+    )
+    for _, batch, labels in batches:
         part, s = attribute_batch(head, splice, batch, cfg.target, labels)
         for k, v in part.items():
             cols.setdefault(k, []).extend(v)
@@ -188,7 +206,9 @@ def attribute_block(
 
 
 # ---------------------------------------------------------------- the run
-def _meta(store: Store, sae: str, model: str) -> dict[str, Any]:
+def read_meta(store: Store, sae: str, model: str) -> dict[str, Any]:
+    """``effects.json`` of ``sae`` on ``model`` (``{}`` when absent or not a JSON object: a hostile store's is data,
+    never trusted further than its type)."""
     key = layout.effects_file(sae, model, layout.EFFECTS_META)
     if not store.loc.exists(key):
         return {}
@@ -227,17 +247,18 @@ def run_attribution(
     sae, key = cfg.sae, head.key
     folder = layout.effects_dir(sae, key)
     ident = {**cfg.identity(), "model": key}
-    meta = _meta(store, sae, key)
-    done_table = store.loc.exists(layout.effects_file(sae, key, layout.EFFECTS_TABLE))
-    if cfg.overwrite or (meta and meta.get("identity") != ident):
-        if meta and meta.get("identity") != ident and not cfg.overwrite:
-            raise ConfigError(
-                f"{folder} holds effects computed with other settings ({meta.get('identity')}): pass --overwrite "
-                "to recompute them"
-            )
+    meta = read_meta(store, sae, key)
+    if cfg.overwrite:
         store.loc.rmtree(folder)
-        meta, done_table = {}, False
-    if done_table and meta.get("complete"):
+        meta = {}
+    elif meta and meta.get("identity") != ident:
+        raise ConfigError(
+            f"{folder} holds effects computed with other settings ({meta.get('identity')}): pass --overwrite "
+            "to recompute them"
+        )
+    if meta.get("complete") and store.loc.exists(
+        layout.effects_file(sae, key, layout.EFFECTS_TABLE)
+    ):
         return EffectsResult(
             **{k: v for k, v in meta["result"].items() if k in EffectsResult.__dataclass_fields__}
         )
@@ -308,24 +329,26 @@ def sort_parts(
         with store.loc.open_input(key) as f:
             return pq.read_table(f)
 
-    n_total = 0
-    for key in keys:
+    if not keys:
+        raise ConfigError(f"no attribution parts to sort into {out}")
+    n_total, schema = 0, None
+    for key in keys:  # the footers only
         with store.loc.open_input(key) as f:
-            n_total += pq.ParquetFile(f).metadata.num_rows
+            pf = pq.ParquetFile(f)
+            n_total += pf.metadata.num_rows
+            schema = schema or pf.schema_arrow
     n_buckets = max(1, -(-n_total // bucket_rows))
     edges = (
         np.linspace(0, d_sae, n_buckets + 1).round().astype(np.int64)
     )  # (n_buckets + 1,) feature bounds
     order = [("feature", "ascending"), ("class", "ascending"), ("sample", "ascending")]
     with tempfile.TemporaryDirectory(prefix="actstore-effects-") as tmp:
-        spilled: list[list[str]] = [[] for _ in range(n_buckets)]
-        schema = None
-        for j, key in enumerate(keys):
+        # one bucket: the parts themselves, read once each while writing
+        spilled: list[list[str]] = (
+            [list(keys)] if n_buckets == 1 else [[] for _ in range(n_buckets)]
+        )
+        for j, key in enumerate(keys if n_buckets > 1 else []):
             t = read(key)
-            schema = schema or t.schema
-            if n_buckets == 1:
-                spilled[0].append(key)
-                continue
             bucket = (
                 np.searchsorted(edges, t.column("feature").to_numpy(), side="right") - 1
             )  # (rows,)
@@ -333,8 +356,6 @@ def sort_parts(
                 path = f"{tmp}/{i}-{j}.parquet"
                 pq.write_table(t.take(np.flatnonzero(bucket == i)), path)
                 spilled[int(i)].append(path)
-        if schema is None:
-            raise ConfigError(f"no attribution parts to sort into {out}")
         with store.loc.open_output(out) as f, pq.ParquetWriter(f, schema) as w:
             for files in spilled:
                 if not files:
@@ -346,16 +367,22 @@ def sort_parts(
     return n_total
 
 
+def table_key(store: Store, sae: str, model: str, file: str = layout.EFFECTS_TABLE) -> str:
+    """The key of a finished table of ``sae`` on ``model`` (:data:`layout.EFFECTS_TABLE`, ``ABLATIONS_TABLE``, ...),
+    or one clear error when there is none."""
+    key = layout.effects_file(sae, model, file)
+    if not store.loc.exists(key):
+        raise ConfigError(
+            f"no {file} of SAE {sae!r} on model {model!r} in {store.url}: run actstore effects"
+        )
+    return key
+
+
 def effect_batches(store: Store, sae: str, model: str, columns: list[str]) -> Iterator[Any]:
     """The finished attribution table of ``sae`` on ``model``, one row group (a pyarrow table) at a time."""
     import pyarrow.parquet as pq
 
-    key = layout.effects_file(sae, model, layout.EFFECTS_TABLE)
-    if not store.loc.exists(key):
-        raise ConfigError(
-            f"no effects of SAE {sae!r} on model {model!r} in {store.url}: run actstore effects"
-        )
-    with store.loc.open_input(key) as f:
+    with store.loc.open_input(table_key(store, sae, model)) as f:
         pf = pq.ParquetFile(f)
         for g in range(pf.num_row_groups):
             yield pf.read_row_group(g, columns=columns)
@@ -392,16 +419,14 @@ def class_sums(store: Store, sae: str, model: str, features: list[int], samples:
     return out
 
 
-def read_effects(store: Store, sae: str, model: str) -> pl.DataFrame:
-    """The finished attribution table of ``sae`` on ``model``, whole (small tables; :func:`effect_batches` streams)."""
+def read_effects(
+    store: Store, sae: str, model: str, file: str = layout.EFFECTS_TABLE
+) -> pl.DataFrame:
+    """A finished table of ``sae`` on ``model`` (the attribution table unless ``file`` says which), whole: for small
+    tables (:func:`effect_batches` streams the attribution table)."""
     import polars as pl
 
-    key = layout.effects_file(sae, model, layout.EFFECTS_TABLE)
-    if not store.loc.exists(key):
-        raise ConfigError(
-            f"no effects of SAE {sae!r} on model {model!r} in {store.url}: run actstore effects"
-        )
-    return pl.read_parquet(io.BytesIO(store.loc.read_bytes(key)))
+    return pl.read_parquet(io.BytesIO(store.loc.read_bytes(table_key(store, sae, model, file))))
 
 
 def top_features(totals: np.ndarray, n: int) -> list[int]:

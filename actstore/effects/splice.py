@@ -155,29 +155,38 @@ class Splice:
     def __call__(
         self, edit: Edit | None = None, grad: bool = False, batch: Batch | None = None
     ) -> Iterator[Splice]:
+        """Inside: every forward pass of the model runs through the splice. A crosscoder's reads the other models'
+        stored rows of ``batch``'s samples (its latents see every model's rows of a token; this model's hidden
+        state becomes its decoder block for this model plus the error)."""
         from actstore.models.taps import splice
 
-        if self.sources is not None:
-            if batch is None:
-                raise ConfigError(
-                    "a crosscoder splice reads the other models' stored rows: it needs the batch's samples"
-                )
-            with self.crosscoder(edit, grad, batch):
-                yield self
-            return
+        sources = self.sources
+        if sources is not None and batch is None:
+            raise ConfigError(
+                "a crosscoder splice reads the other models' stored rows: it needs the batch's samples"
+            )
+        d = self.sae.cfg.d_in
+        # this model's columns of the reconstruction (all of an SAE's)
+        mine = slice(None) if sources is None else slice(sources.own * d, (sources.own + 1) * d)
 
         def fn(h: torch.Tensor) -> torch.Tensor:  # (batch, seq, d_model)
-            x = h.detach().reshape(-1, h.shape[-1]).to(self.sae.W_dec.dtype)
+            own = h.detach().to(self.sae.W_dec.dtype)
+            x = own.reshape(-1, h.shape[-1])  # (n, d)
+            # (n, d) for an SAE; (n, n_sources * d) for a crosscoder, this model's rows in their slot
+            inputs = x if sources is None else sources.rows(batch, own).reshape(x.shape[0], -1)  # type: ignore[arg-type]
             with torch.no_grad():
-                _, undo = self.sae._norm_in(x)
-                acts = self.sae.encode(x)  # (n, d_sae)
-                err = x - reconstruct(self.sae, acts, undo)  # what the SAE misses, added back
+                # a per-token input norm to undo (an SAE's; a crosscoder with one is refused)
+                undo = self.sae._norm_in(x)[1] if sources is None else None
+                acts = self.sae.encode(inputs)  # (n, d_sae)
+                err = (
+                    x - reconstruct(self.sae, acts, undo)[:, mine]
+                )  # what the SAE misses, added back
             acts = acts.reshape(*h.shape[:-1], -1)
             if grad:
                 acts.requires_grad_(True)
             self.acts = acts
             used = edit(acts) if edit is not None else acts
-            out = reconstruct(self.sae, used.reshape(-1, used.shape[-1]), undo) + err
+            out = reconstruct(self.sae, used.reshape(-1, used.shape[-1]), undo)[:, mine] + err
             return out.reshape(h.shape).to(h.dtype)
 
         with (
@@ -186,40 +195,15 @@ class Splice:
         ):
             yield self
 
-    @contextlib.contextmanager
-    def crosscoder(self, edit: Edit | None, grad: bool, batch: Batch) -> Iterator[None]:
-        """The crosscoder's side of this model: its latents read every model's rows of the tokens (this model's
-        live, the others' from the store), and this model's hidden state becomes its decoder block's reconstruction
-        plus the error, as for an SAE."""
-        from actstore.models.taps import splice
 
-        sources = self.sources
-        assert sources is not None
-        own, d = sources.own, self.sae.cfg.d_in
-
-        def fn(h: torch.Tensor) -> torch.Tensor:  # (batch, seq, d_model)
-            # (batch, seq, n_sources * d)
-            stacked = sources.rows(batch, h.detach().to(self.sae.W_dec.dtype))
-            x = stacked.reshape(-1, stacked.shape[-1])
-            with torch.no_grad():
-                acts = self.sae.encode(x)  # (n, d_sae)
-                mine = self.sae.decode(acts)[:, own * d : (own + 1) * d]
-                err = x[:, own * d : (own + 1) * d] - mine
-            acts = acts.reshape(*h.shape[:-1], -1)
-            if grad:
-                acts.requires_grad_(True)
-            self.acts = acts
-            used = edit(acts) if edit is not None else acts
-            out = (
-                self.sae.decode(used.reshape(-1, used.shape[-1]))[:, own * d : (own + 1) * d] + err
-            )
-            return out.reshape(h.shape).to(h.dtype)
-
-        with (
-            torch.set_grad_enabled(grad),
-            splice(self.head.model, self.head.n_layers, self.layer, fn),
-        ):
-            yield
+def stored_rows(arr: Any, first: np.ndarray, batch: Batch, out: torch.Tensor) -> None:
+    """Fill ``out (b, seq, d)`` with each of ``batch``'s samples' stored rows of ``arr`` (a layer's activations;
+    ``first``: each sample's first token row), as many as its real tokens; the padding is left as it is."""
+    for j, (smp, n) in enumerate(
+        zip(batch.samples, batch.attention_mask.sum(1).tolist(), strict=True)
+    ):
+        a = int(first[int(smp)])
+        out[j, :n] = torch.from_numpy(np.asarray(arr[a : a + n], dtype=np.float32)).to(out)
 
 
 class Sources:
@@ -240,13 +224,8 @@ class Sources:
         b, seq, _ = own.shape
         out = own.new_zeros(b, seq, self.n, self.d)
         out[:, :, self.own] = own
-        lengths = batch.attention_mask.sum(1).tolist()
         for i, arr in self.arrays.items():
-            for j, (smp, n) in enumerate(zip(batch.samples, lengths, strict=True)):
-                a = int(self.first[int(smp)])
-                out[j, :n, i] = torch.from_numpy(np.asarray(arr[a : a + n], dtype=np.float32)).to(
-                    out
-                )
+            stored_rows(arr, self.first, batch, out[:, :, i])
         return out.reshape(b, seq, self.n * self.d)
 
 
@@ -283,9 +262,8 @@ class BelowSplice:
         if len(self.out) != len(self.blocks):
             raise RuntimeError("BelowSplice.replay without a recorded forward pass")
         for i, b in enumerate(self.blocks):
-            b.forward = lambda *_a, _o=self.out[i], **_k: (
-                _o
-            )  # an instance attribute shadows the method
+            # an instance attribute shadows the method: the block returns its recorded output
+            b.forward = lambda *_a, _o=self.out[i], **_k: _o
         try:
             yield
         finally:

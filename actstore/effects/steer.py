@@ -58,7 +58,7 @@ class Steerer:
         import polars as pl
         import torch
 
-        from actstore.effects.ablate import zero_or_mean
+        from actstore.effects.ablate import set_feature
         from actstore.effects.splice import logits, make_batch
 
         head, splice, d_sae = self.head, self.splice, self.splice.sae.cfg.d_sae
@@ -69,7 +69,7 @@ class Steerer:
         ids = np.asarray(
             self.tok(text, truncation=True, max_length=self.max_len)["input_ids"], dtype=np.int64
         )
-        edit = zero_or_mean(feature, value)
+        edit = set_feature(feature, value)
 
         def run(seq: np.ndarray, steered: bool) -> Any:
             with torch.no_grad(), splice(edit=edit if steered else None):

@@ -212,8 +212,7 @@ ABLATION_SAMPLES_COLUMNS = (
 def effects_view_sql(store: Store) -> tuple[str, str, str, list[str]]:
     """``(feature_effects SELECT, feature_ablations SELECT, feature_ablation_samples SELECT, keys)``: every SAE's
     saved effects on every model (``actstore effects``), with the model, the SAE's layer and the SAE's name."""
-    import json
-
+    from actstore.effects.attribute import read_meta
     from actstore.sae.files import sae_names
 
     fx: list[str] = []
@@ -222,13 +221,10 @@ def effects_view_sql(store: Store) -> tuple[str, str, str, list[str]]:
     keys: list[str] = []
     for name in sae_names(store):
         for model in store.loc.list_dirs(f"{layout.sae_dir(name)}/{layout.EFFECTS}"):
-            meta_key = layout.effects_file(name, model, layout.EFFECTS_META)
-            if not name_ok(model) or not store.loc.exists(meta_key):
-                continue
+            meta = read_meta(store, name, model) if name_ok(model) else {}
             try:
-                meta = json.loads(store.loc.read_bytes(meta_key))
                 layer = int(meta["result"]["layer"]) if meta.get("complete") else None
-            except (ValueError, TypeError, KeyError, RecursionError):
+            except (ValueError, TypeError, KeyError):
                 continue
             if layer is None:
                 continue
