@@ -93,6 +93,28 @@ def test_a_planted_sparse_map_is_learned_better_than_any_linear_map(tmp_path, on
     assert fvu < 0.7 * linear, (fvu, linear)  # measured: 0.24 against 0.48
 
 
+def test_the_default_start_pairs_source_and_target_rows(tmp_path, one_thread):
+    """Each latent starts reading a source row (less the source mean) and writing its target row (less b_dec), its
+    pre-activation zero at the source mean; this start fits the planted map far better than a random one."""
+    path, _, _ = _planted(tmp_path)
+    sae = SAE(_transcoder(skip=False).cfg)
+    rows = torch.randn(10, 16) + 3.0  # (m, 2 * d_in): source | target
+    mean = torch.full((8,), 3.0)
+    sae.init_transcoder(rows, mean)
+    src, tgt = rows[:, :8] - mean, rows[:, 8:] - sae.b_dec
+    torch.testing.assert_close(sae.W_dec[:10], tgt / tgt.norm(dim=1, keepdim=True))
+    torch.testing.assert_close(sae.W_enc[:, :10].t(), src / src.norm(dim=1, keepdim=True) * 0.25)
+    torch.testing.assert_close(mean @ sae.W_enc + sae.b_enc, torch.zeros(16), atol=1e-5, rtol=0)
+    assert _cfg().init == "data"
+    fvu = {
+        init: train_sae(path, _cfg(name=f"tc-{init}", init=init, epochs=3), progress=False).metrics[
+            "eval"
+        ]["fvu"]
+        for init in ("data", "random")
+    }
+    assert fvu["data"] < 0.8 * fvu["random"], fvu  # measured at 5 epochs: 0.14 against 0.24
+
+
 class Killed(Exception):
     pass
 

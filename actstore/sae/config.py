@@ -309,8 +309,8 @@ class TrainConfig:
     """Fraction of the steps at the end over which the learning rate decays linearly to 0."""
     optimizer: str | None = opt(None, choices=OPTIMIZERS, resolved="adam")
     """adam, or signum (sparsify's Schedule-Free sign descent; the default for topk, batchtopk crosscoders)."""
-    init: str | None = opt(None, choices=DECODER_INITS, resolved="random")
-    """Decoder rows at start: data (directions of random training tokens; the default for topk, batchtopk SAEs) or random."""
+    init: str | None = opt(None, choices=DECODER_INITS, shown="data (relu-l1, crosscoders: random)")
+    """Decoder rows at start: data (directions of training tokens; a transcoder's paired rows) or random."""
     epochs: int | None = opt(None, resolved=DEFAULT_EPOCHS)
     """Passes over the training rows; give it or --tokens, not both."""
     tokens: int | None = None
@@ -566,8 +566,8 @@ class TrainConfig:
             )
         if crosscoder:
             raise ConfigError("a transcoder reads one model: drop --models / --layers")
-        if self.init == "data" or self.resample:
-            raise ConfigError("--init data and --resample are for SAEs, not transcoders")
+        if self.resample:
+            raise ConfigError("--resample is for SAEs, not transcoders")
         self.source = parse_site(self.source or "resid", self.layer)
         self.target = parse_site(self.target, self.layer)
         src, _ = self.transcoder_pair() or (None, None)

@@ -205,7 +205,14 @@ class TrainingRun:
             target_mean = mean[d_in:] if pair is not None else mean
             with torch.no_grad():
                 sae.b_dec.copy_(torch.from_numpy(target_mean).float() * sae.out_scale)
-        if data_init:
+        if (
+            data_init and pair is not None
+        ):  # a transcoder's rows: source and target side by side, each its own scale
+            sides = torch.tensor([scales[0]] * d_in + [scales[1]] * d_in)  # (2 * d_in,)
+            sae.init_transcoder(
+                torch.from_numpy(sample) * sides, torch.from_numpy(mean[:d_in]).float() * scales[0]
+            )
+        elif data_init:
             sae.init_from_rows(torch.from_numpy(sample) * sae.scale)
         meta = {"step": 0, "history": [], "threshold_ema": None, "config": identity}
         return cls(st, cfg, name, acts, split, stream, device, sae, meta, eval_x)

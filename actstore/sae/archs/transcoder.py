@@ -19,7 +19,7 @@ class Transcoder(BatchTopK):
     saelens_architecture = "jumprelu_transcoder"
 
     def default_init(self, crosscoder: bool) -> str:
-        return "random"  # its decoder writes the target's space: rows of the source are no direction for it
+        return "data"  # paired rows: each latent reads a source row and writes its target row (SAE.init_transcoder)
 
     def saelens_cfg(self, sae: SAELike) -> dict[str, Any]:
         out: dict[str, Any] = {
