@@ -48,6 +48,18 @@ def test_train_crosscoder_help_names_the_architecture_it_uses():
     assert "[default: batchtopk]" in arch and "[default: relu-l1]" not in arch
 
 
+def test_train_crosscoder_offers_only_what_a_crosscoder_can_be():
+    """Its --arch choices are the architectures a crosscoder may have, and it has none of the options only SAEs'
+    architectures read (Matryoshka's prefixes, a transcoder's sites)."""
+    out = CliRunner().invoke(main, ["train-crosscoder", "--help"], terminal_width=200).output
+    assert "--arch [relu-l1|topk|batchtopk]" in out
+    for flag in ("--matryoshka-widths", "--source", "--target", "--skip"):
+        assert flag not in out, flag
+    r = CliRunner().invoke(main, ["train-crosscoder", "s.zarr", "--models", "a,b", "--layer", "1", "--arch",
+                                  "transcoder"])  # fmt: skip
+    assert r.exit_code == 2 and "'transcoder' is not one of" in r.output
+
+
 def test_epochs_help_says_tokens_cannot_come_with_it():
     epochs = option_help("train", "--epochs")
     assert "ignored" not in epochs and "not both" in epochs

@@ -28,7 +28,7 @@ def test_the_loss_adds_each_inner_prefixs_reconstruction():
         sae.b_dec.normal_(0, 0.1)
     x = torch.randn(6, 8)
     widths = [4, 8, 16]
-    parts = sae_loss(sae, x, None, 0.0, 4, 1 / 32, widths)
+    parts = sae_loss(sae, x, None, 0.0, 4, 1 / 32, {"matryoshka_widths": widths})
     # by hand, dense: the batch top-k activations, the whole reconstruction and each inner prefix's
     acts = sae.activate(sae.pre_acts(x), train=True)  # (6, 16)
     xn = x * sae.scale
@@ -51,7 +51,9 @@ def test_widths_are_resolved_and_checked():
         TrainConfig(
             model="m", layer=1, arch="matryoshka-batchtopk", k=4, matryoshka_widths=[40, 10]
         )
-    with pytest.raises(ConfigError, match="is for matryoshka-batchtopk"):
+    with pytest.raises(
+        ConfigError, match="--matryoshka-widths is for --arch matryoshka-batchtopk, not topk"
+    ):
         TrainConfig(model="m", layer=1, arch="topk", k=4, matryoshka_widths=[10])
     with pytest.raises(ConfigError, match="for SAEs"):
         TrainConfig(model="m", layer=1, models="a,b", arch="matryoshka-batchtopk", k=4)

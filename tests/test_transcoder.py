@@ -16,6 +16,7 @@ from helpers import one_line_error
 import actstore
 from actstore.cli import main
 from actstore.errors import ConfigError
+from actstore.sae.archs import get_arch
 from actstore.sae.config import SAEConfig, TrainConfig
 from actstore.sae.loss import sae_loss
 from actstore.sae.model import SAE
@@ -100,7 +101,7 @@ def test_the_default_start_pairs_source_and_target_rows(tmp_path, one_thread):
     sae = SAE(_transcoder(skip=False).cfg)
     rows = torch.randn(10, 16) + 3.0  # (m, 2 * d_in): source | target
     mean = torch.full((8,), 3.0)
-    sae.init_transcoder(rows, mean)
+    get_arch("transcoder").start(sae, rows, torch.cat([mean, torch.zeros(8)]))
     src, tgt = rows[:, :8] - mean, rows[:, 8:] - sae.b_dec
     torch.testing.assert_close(sae.W_dec[:10], tgt / tgt.norm(dim=1, keepdim=True))
     torch.testing.assert_close(sae.W_enc[:, :10].t(), src / src.norm(dim=1, keepdim=True) * 0.25)
@@ -205,8 +206,11 @@ def test_trained_encoded_and_loaded_by_saelens_with_equal_encodes(bert_sites, tm
         ({"target": None}, "--arch transcoder needs --target"),
         ({"target": "mlp"}, "unknown site 'mlp'"),
         ({"target": "mlp_out@x"}, "is not a number"),
-        ({"arch": "topk", "k": 3}, "are for --arch transcoder"),
-        ({"models": "synth,other"}, "a transcoder reads one model"),
+        ({"arch": "topk", "k": 3}, "--source, --target are for --arch transcoder, not topk"),
+        (
+            {"models": "synth,other"},
+            "transcoder is for SAEs: train crosscoders with relu-l1, topk, batchtopk",
+        ),
     ],
 )
 def test_bad_options_are_refused(kw, needle):

@@ -275,6 +275,7 @@ def configured(
     required: Sequence[str] = (),
     arguments: Sequence[str] = (),
     expand: Callable[[dict[str, Any], dict[str, list[Any]]], list[Any]] | None = None,
+    choices: dict[str, Sequence[str]] | None = None,
 ) -> Callable[[Callable], Callable]:
     """Options for every field of ``cls`` (less ``skip`` and fields marked ``cli=False``); the decorated command
     receives ``cfg`` (the built config) instead of them, or ``cfgs`` (every combination of the swept fields,
@@ -282,7 +283,7 @@ def configured(
     command needs although they have defaults; ``arguments`` are fields given as positional arguments, in that
     order. ``shown`` overrides the default a field
     shows where the command resolves it otherwise (train-crosscoder's ``arch``); ``fixed`` are fields the command
-    sets itself."""
+    sets itself; ``choices`` narrows a field's choices for this command (train-crosscoder's ``arch``)."""
     opts: list[FieldOption] = []
     data_cls = None
     for f in dataclasses.fields(cls):
@@ -303,6 +304,10 @@ def configured(
         )
         if f.name in arguments:
             o.argument = True
+        if f.name in (choices or {}):
+            o.choices = tuple((choices or {})[f.name])
+            if isinstance(o.kw.get("type"), click.Choice):
+                o.kw["type"] = click.Choice(o.choices)
         opts.append(o)
     opts.sort(key=lambda o: (not o.argument, list(arguments).index(o.field) if o.argument else 0))
 

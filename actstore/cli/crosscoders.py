@@ -16,6 +16,7 @@ from actstore.cli.options import (
     store_argument,
     writable_option,
 )
+from actstore.sae.archs import CROSSCODER_ARCHS, SAE_ONLY_OPTIONS
 from actstore.sae.config import TrainConfig
 from actstore.storage.urls import write_access
 
@@ -37,8 +38,9 @@ CROSSCODER_SHOWN = {"arch": "batchtopk", "optimizer": "signum"}
         "b_dec_init",
         "unit_grad",
         "task_samples",
-        "matryoshka_widths",
+        *SAE_ONLY_OPTIONS,
     ),
+    choices={"arch": CROSSCODER_ARCHS},
     required=("models", "layers"),
     fixed={"model": "", "layer": 0},
     shown=CROSSCODER_SHOWN,

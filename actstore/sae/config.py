@@ -12,8 +12,7 @@ from typing import Any
 
 from actstore.errors import ConfigError, IntegrityError
 from actstore.fields import cli, opt
-from actstore.sae.archs import ARCHS, TRAIN_ARCHS, get_arch
-from actstore.sae.archs.matryoshka import default_widths
+from actstore.sae.archs import CROSSCODER_ARCHS, REGISTRY, TRAIN_ARCHS, get_arch
 from actstore.sae.recipe import (
     B_DEC_INITS,
     DECODER_INITS,
@@ -87,9 +86,9 @@ class SAEConfig:
     """actstore version that trained it."""
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
+        if self.arch not in REGISTRY:
             raise ConfigError(
-                f"unknown SAE architecture {self.arch!r}: choose one of {', '.join(ARCHS)}"
+                f"unknown SAE architecture {self.arch!r}: choose one of {', '.join(REGISTRY)}"
             )
         if self.d_in <= 0 or self.d_sae <= 0:
             raise ConfigError(f"d_in and d_sae must be positive (got {self.d_in}, {self.d_sae})")
@@ -246,24 +245,6 @@ FIELDS_ADDED = {
 unfinished run from before them resumes with ``--b-dec-init mean --no-unit-grad``."""
 
 
-def parse_site(spec: str, layer: int) -> str:
-    """``SITE[@LAYER]`` as ``SITE@LAYER`` (``layer`` when none is given); ConfigError for an unknown site."""
-    from actstore.models.names import SITES
-
-    site, _, at = str(spec).partition("@")
-    if site not in SITES:
-        raise ConfigError(f"unknown site {site!r} in {spec!r}: choose one of {', '.join(SITES)}")
-    try:
-        n = int(at) if at else int(layer)
-    except ValueError:
-        raise ConfigError(
-            f"the layer of {spec!r} is not a number: write SITE@LAYER, e.g. mlp_out@3"
-        ) from None
-    if n < 0:
-        raise ConfigError(f"the layer of {spec!r} must be >= 0")
-    return f"{site}@{n}"
-
-
 @dataclass
 class TrainConfig:
     """Everything one ``actstore train`` run needs (saved in the SAE's cfg.json as ``training``)."""
@@ -281,8 +262,7 @@ class TrainConfig:
     arch: str | None = opt(
         None, choices=TRAIN_ARCHS, sweep=True, resolved="relu-l1", metavar="ARCH[,ARCH...]"
     )
-    """Architecture: relu-l1, topk, batchtopk, matryoshka-batchtopk or transcoder (crosscoders: batchtopk by
-    default)."""
+    """Architecture, one of the choices (docs/TRAINING.md compares them; crosscoders: batchtopk by default)."""
     source: str | None = opt(None, metavar="SITE[@LAYER]", shown="resid at --layer")
     """Transcoder: the rows it reads, a site of --model (resid, mlp_in, mlp_out, attn_out) at --layer or @LAYER."""
     target: str | None = opt(None, metavar="SITE[@LAYER]")
@@ -389,15 +369,14 @@ class TrainConfig:
                     setattr(self, key, val)
         crosscoder = self.models is not None or self.layers is not None  # as sources()
         self.arch = self.arch or ("batchtopk" if crosscoder else "relu-l1")
-        if self.arch in ARCHS and not get_arch(self.arch).trained:
+        trained = [n for n, a in REGISTRY.items() if a.trained]  # the registry as it is now
+        if self.arch in REGISTRY and not get_arch(self.arch).trained:
             raise ConfigError(
                 f"{self.arch} SAEs are imported (actstore import-sae), not trained: choose --arch "
-                f"{' or '.join(TRAIN_ARCHS)}"
+                f"{' or '.join(trained)}"
             )
-        if self.arch not in TRAIN_ARCHS:
-            raise ConfigError(
-                f"unknown --arch {self.arch!r}: choose one of {', '.join(TRAIN_ARCHS)}"
-            )
+        if self.arch not in trained:
+            raise ConfigError(f"unknown --arch {self.arch!r}: choose one of {', '.join(trained)}")
         if self.d_sae is not None and self.expansion is not None:
             raise ConfigError("give --d-sae or --expansion, not both")
         if self.tokens is not None and self.epochs is not None:
@@ -473,26 +452,22 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
-        if self.matryoshka_widths is not None:
-            if not get_arch(self.arch).nested:
-                raise ConfigError(
-                    f"--matryoshka-widths is for matryoshka-batchtopk, not {self.arch}"
-                )
-            ws = [int(w) for w in self.matryoshka_widths]
-            if not ws or ws[0] < 1 or any(b <= a for a, b in zip(ws, ws[1:], strict=False)):
-                raise ConfigError(
-                    f"--matryoshka-widths must increase from at least 1, e.g. 64,256,1024; got {ws}"
-                )
-            self.matryoshka_widths = ws
-        if get_arch(self.arch).nested and crosscoder:
-            raise ConfigError(
-                "matryoshka-batchtopk is for SAEs: train crosscoders with batchtopk, topk or relu-l1"
-            )
+        arch = get_arch(self.arch)
+        foreign = [n for a in REGISTRY.values() for n in a.options
+                   if n not in arch.options and getattr(self, n) not in (None, False)]  # fmt: skip
+        if foreign:
+            owners = sorted({a.name for a in REGISTRY.values() for n in foreign if n in a.options})
+            flags = ", ".join(dict.fromkeys("--" + n.replace("_", "-") for n in foreign))
+            raise ConfigError(f"{flags} {'is' if len(foreign) == 1 else 'are'} for --arch "
+                              f"{' / '.join(owners)}, not {self.arch}")  # fmt: skip
+        if crosscoder and not arch.crosscoder:
+            raise ConfigError(f"{self.arch} is for SAEs: train crosscoders with {', '.join(CROSSCODER_ARCHS)}"
+                              " (drop --models / --layers)")  # fmt: skip
+        arch.check(self, crosscoder)
         if self.k is not None and not get_arch(self.arch).uses_k:
             raise ConfigError(
-                f"--k is for {' / '.join(n for n in TRAIN_ARCHS if get_arch(n).uses_k)}; {self.arch} uses --l1"
+                f"--k is for {' / '.join(n for n, a in REGISTRY.items() if a.trained and a.uses_k)}; {self.arch} uses --l1"
             )
-        self._check_transcoder(crosscoder)
         # a crosscoder's sources: parsed now, so a bad --models / --layers fails before any work
         srcs = self.sources()
         if srcs is not None:
@@ -516,19 +491,18 @@ class TrainConfig:
             k = self.k or max(1, min(DEFAULT_K, d_sae // 4))
             if k > d_sae:
                 raise ConfigError(f"--k {k} is larger than d_sae {d_sae}")
-        widths = None
-        if get_arch(str(self.arch)).nested:
-            widths = [w for w in (self.matryoshka_widths or default_widths(d_sae)) if w < d_sae] + [
-                d_sae
-            ]
         return dataclasses.replace(
             self,
             d_sae=d_sae,
             expansion=None,
             k=k,
             aux_k=resolved_aux_k(self.aux_k, d_in, d_sae),
-            matryoshka_widths=widths,
+            **get_arch(str(self.arch)).resolve(self, d_sae),
         )
+
+    def arch_options(self) -> dict[str, Any]:
+        """The values of the options only its architecture reads (``Arch.options``), by field name."""
+        return {n: getattr(self, n) for n in get_arch(str(self.arch)).options}
 
     def stream_seed(self) -> int:
         """The seed of the held-out split and the data order."""
@@ -552,27 +526,6 @@ class TrainConfig:
         if decay >= 1:
             f = min(f, (total_steps - step) / decay)
         return max(f, 0.0)
-
-    def _check_transcoder(self, crosscoder: bool) -> None:
-        """A transcoder's --source / --target, resolved to ``SITE@LAYER`` (so resolving again changes nothing), and
-        ``model`` / ``layer`` set to its source; ConfigError for them without --arch transcoder."""
-        if not get_arch(str(self.arch)).transcoder:
-            if self.source is not None or self.target is not None or self.skip:
-                raise ConfigError("--source, --target and --skip are for --arch transcoder")
-            return
-        if self.target is None:
-            raise ConfigError(
-                "--arch transcoder needs --target SITE[@LAYER], e.g. --source mlp_in --target mlp_out"
-            )
-        if crosscoder:
-            raise ConfigError("a transcoder reads one model: drop --models / --layers")
-        if self.resample:
-            raise ConfigError("--resample is for SAEs, not transcoders")
-        self.source = parse_site(self.source or "resid", self.layer)
-        self.target = parse_site(self.target, self.layer)
-        src, _ = self.transcoder_pair() or (None, None)
-        if src is not None:
-            self.model, self.layer = src.model, src.layer
 
     def transcoder_pair(self) -> tuple[Source, Source] | None:
         """A transcoder's (source, target) rows of the store, None for an SAE or crosscoder."""

@@ -11,11 +11,13 @@ over elements):
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import torch
 
 from actstore.sae.archs import get_arch
+from actstore.sae.archs.base import Entries
 from actstore.sae.config import TrainConfig
 from actstore.sae.metrics import TrainTracker
 from actstore.sae.model import SAE
@@ -47,18 +49,18 @@ def sae_loss(
     l1: float,
     aux_k: int,
     aux_coef: float,
-    widths: list[int] | None = None,
+    options: Mapping[str, Any] | None = None,
     target: torch.Tensor | None = None,
 ) -> LossParts:
-    """Training loss of ``sae`` on raw activations ``x (b, d_in)``; ``dead`` is a bool ``(d_sae,)`` mask. A nested
-    (Matryoshka) SAE adds, for each inner width ``w`` of ``widths`` (the last is d_sae: the whole reconstruction),
-    the MSE of reconstructing ``x`` from its first ``w`` latents alone. A transcoder reconstructs ``target (b,
-    d_in)`` (raw rows of its target site) instead of ``x``, plus its skip connection's part."""
+    """Training loss of ``sae`` on raw activations ``x (b, d_in)``; ``dead`` is a bool ``(d_sae,)`` mask. An
+    architecture may add a loss to a batch top-k step's (:meth:`Arch.extra_loss`, given ``options``: the values of
+    its options, e.g. Matryoshka's nested prefixes). A transcoder reconstructs ``target (b, d_in)`` (raw rows of its
+    target site) instead of ``x``, plus its skip connection's part."""
     # (b, d_in); a crosscoder's (b, n_sources * d_in), each source by its own scale
     xn = x * sae.scale
     tn = xn if target is None else target * sae.out_scale  # what it reconstructs, normalised
     arch, kept = get_arch(sae.cfg.arch), None
-    inner: list[torch.Tensor] = []
+    extra: torch.Tensor | None = None
     if arch.uses_k:  # sparse: only the encoder's forward is a dense (b, d_in, d_sae) matmul
         xc = sae.centred(xn)
         if arch.fixed_topk:
@@ -72,9 +74,8 @@ def sae_loss(
             kept, tokens, lats, pre = BatchTopKEncode.apply(xc, sae.W_enc, sae.b_enc, n_keep)
             x_hat_n = decode_entries(kept, tokens, lats, x.shape[0], sae.W_dec, sae.b_dec)
             latents = lats[kept > 0]
-            if arch.nested and widths:  # the first w latents alone, for each inner width
-                inner = [decode_entries(kept * (lats < w), tokens, lats, x.shape[0], sae.W_dec, sae.b_dec)
-                         for w in widths[:-1]]  # fmt: skip
+            entries = Entries(kept, tokens, lats, x.shape[0])
+            extra = arch.extra_loss(sae, entries, tn, options or {})
         acts, fired = (
             None,
             torch.bincount(latents, minlength=sae.cfg.d_sae),
@@ -88,11 +89,6 @@ def sae_loss(
     if sae.cfg.skip:
         x_hat_n = x_hat_n + sae.skip_normalised(xn)
     mse = ((x_hat_n - tn) ** 2).mean()
-    nested = (
-        sum((((xi - tn) ** 2).mean() for xi in inner), torch.zeros((), device=x.device))
-        if inner
-        else None
-    )
     if arch.l1_penalty:
         # mean_tokens(sum_i h_i w_i), one pass
         penalty = (acts.sum(0) * sae.l1_weights()).sum() / acts.shape[0]
@@ -100,7 +96,7 @@ def sae_loss(
     penalty = torch.zeros((), device=x.device)
     if dead is not None and bool(dead.any()):
         penalty = aux_loss(sae, xn, x_hat_n, dead, aux_k, tn)
-    loss = mse + aux_coef * penalty + (nested if nested is not None else 0.0)
+    loss = mse + aux_coef * penalty + (extra if extra is not None else 0.0)
     return LossParts(loss, mse, penalty, acts, x_hat_n, fired, kept)
 
 
@@ -153,7 +149,7 @@ def train_step(
         l1_now,
         aux_k,
         cfg.aux_coef,
-        cfg.matryoshka_widths,
+        cfg.arch_options(),
         target if sae.cfg.is_transcoder else None,
     )
     opt.zero_grad(set_to_none=True)

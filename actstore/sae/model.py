@@ -154,23 +154,6 @@ class SAE(nn.Module):
         self.W_dec[ok] = centred[ok] / norms[ok] * keep[ok]
         self.W_enc.copy_(self.W_dec.t() * self._encoder_scale(DATA_INIT_ENCODER))
 
-    @torch.no_grad()
-    def init_transcoder(self, rows_n: torch.Tensor, source_mean_n: torch.Tensor) -> None:
-        """A transcoder's ``--init data``: ``rows_n (m, 2 * d_in)`` are training rows, source and target side by side,
-        each in its normalised space. Latent ``i`` reads the direction of source row ``i`` less the source mean
-        ``source_mean_n (d_in,)`` (the encoder at :data:`DATA_INIT_ENCODER`) and writes that of its target row less
-        ``b_dec``; latents past ``m`` stay random. The encoder bias then centres every pre-activation on the source
-        mean, since the input is not centred by ``b_dec``. Half the latents of a random start stayed dead; this one
-        leaves a fifth (MiniLM block 3, docs/TRAINING.md)."""
-        d = self.cfg.d_in
-        m = min(len(rows_n), self.cfg.d_sae)
-        src = rows_n[:m, :d].to(self.W_dec) - source_mean_n  # (m, d_in)
-        tgt = rows_n[:m, d:].to(self.W_dec) - self.b_dec  # (m, d_out)
-        ok = ((src.norm(dim=1) > 1e-6) & (tgt.norm(dim=1) > 1e-6)).nonzero().squeeze(1)
-        self.W_dec[ok] = tgt[ok] / tgt[ok].norm(dim=1, keepdim=True)
-        self.W_enc[:, ok] = (src[ok] / src[ok].norm(dim=1, keepdim=True)).t() * DATA_INIT_ENCODER
-        self.b_enc.copy_(-(source_mean_n.to(self.W_enc) @ self.W_enc))
-
     @property
     def d_input(self) -> int:
         """Width of the rows it reads: ``d_in`` for an SAE, ``n_sources * d_in`` for a crosscoder."""

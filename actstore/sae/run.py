@@ -206,14 +206,13 @@ class TrainingRun:
             with torch.no_grad():
                 sae.b_dec.copy_(torch.from_numpy(target_mean).float() * sae.out_scale)
         if (
-            data_init and pair is not None
-        ):  # a transcoder's rows: source and target side by side, each its own scale
-            sides = torch.tensor([scales[0]] * d_in + [scales[1]] * d_in)  # (2 * d_in,)
-            sae.init_transcoder(
-                torch.from_numpy(sample) * sides, torch.from_numpy(mean[:d_in]).float() * scales[0]
-            )
-        elif data_init:
-            sae.init_from_rows(torch.from_numpy(sample) * sae.scale)
+            data_init
+        ):  # each block of columns (a crosscoder's sources, a transcoder's sides) by its own scale
+            cols = torch.tensor(scales, dtype=torch.float32).repeat_interleave(
+                d_in
+            )  # (n_src * d_in,)
+            rows_n = torch.from_numpy(sample).float() * cols
+            get_arch(str(cfg.arch)).start(sae, rows_n, torch.from_numpy(mean).float() * cols)
         meta = {"step": 0, "history": [], "threshold_ema": None, "config": identity}
         return cls(st, cfg, name, acts, split, stream, device, sae, meta, eval_x)
 

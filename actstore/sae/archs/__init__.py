@@ -22,6 +22,10 @@ ARCHS = tuple(REGISTRY)
 """Architectures an SAE may have."""
 TRAIN_ARCHS = tuple(n for n, a in REGISTRY.items() if a.trained)
 """Architectures ``actstore train`` trains."""
+CROSSCODER_ARCHS = tuple(n for n in TRAIN_ARCHS if REGISTRY[n].crosscoder)
+"""Architectures ``actstore train-crosscoder`` trains."""
+SAE_ONLY_OPTIONS = tuple(o for a in REGISTRY.values() if not a.crosscoder for o in a.options)
+"""Options of the architectures a crosscoder cannot have (not ``train-crosscoder``'s)."""
 
 
 def get_arch(name: str) -> Arch:
@@ -34,4 +38,12 @@ def get_arch(name: str) -> Arch:
         ) from None
 
 
-__all__ = ["ARCHS", "REGISTRY", "TRAIN_ARCHS", "Arch", "get_arch"]
+__all__ = [
+    "ARCHS",
+    "CROSSCODER_ARCHS",
+    "REGISTRY",
+    "SAE_ONLY_OPTIONS",
+    "TRAIN_ARCHS",
+    "Arch",
+    "get_arch",
+]

@@ -6,7 +6,8 @@ Torch-free at import (the config and the CLI read the registry); the methods tha
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 if TYPE_CHECKING:
     import torch
@@ -17,6 +18,19 @@ class SAELike(Protocol):
 
     cfg: Any
     threshold: torch.Tensor
+
+
+class Entries(NamedTuple):
+    """The entries a batch top-k step kept (:class:`actstore.sae.sparse.BatchTopKEncode`): ``m`` of them."""
+
+    values: torch.Tensor
+    """(m,) activations"""
+    tokens: torch.Tensor
+    """(m,) the row of the batch each belongs to"""
+    latents: torch.Tensor
+    """(m,) the latent each belongs to"""
+    n_rows: int
+    """rows in the batch"""
 
 
 class Arch:
@@ -36,8 +50,8 @@ class Arch:
     warm-up, no AuxK loss; otherwise unit decoder rows and AuxK on the dead latents."""
     transcoder: bool = False
     """Reads one site and reconstructs another (``--source`` / ``--target``), not its own input."""
-    nested: bool = False
-    """Trained as nested prefixes of its dictionary, each prefix's reconstruction loss added (Matryoshka)."""
+    crosscoder: bool = True
+    """It may be trained as a crosscoder (``train-crosscoder``: several sources, a decoder each)."""
     per_feature_threshold: bool = False
     """Its ``threshold`` buffer holds one threshold per feature ``(d_sae,)`` (jumprelu); else one number ``()``."""
     calibrated_threshold: bool = False
@@ -46,6 +60,29 @@ class Arch:
     """The SAELens architecture its export loads as (``standard``, ``topk``, ``jumprelu``)."""
     saelens_activation: str = "relu"
     """SAELens's legacy ``activation_fn_str`` of its export."""
+    options: tuple[str, ...] = ()
+    """The ``TrainConfig`` fields only it reads: set for any other architecture, they are refused in one line."""
+
+    def check(self, cfg: Any, crosscoder: bool) -> None:
+        """Checks (ConfigError, one line) and normalises its :attr:`options` in the ``TrainConfig`` ``cfg``, once,
+        when the config is made; ``crosscoder``: the config reads several sources."""
+
+    def resolve(self, cfg: Any, d_sae: int) -> dict[str, Any]:
+        """The fields of ``cfg`` it resolves for a dictionary of ``d_sae`` latents (``TrainConfig.resolve``)."""
+        return {}
+
+    def start(self, sae: Any, rows_n: torch.Tensor, mean_n: torch.Tensor) -> None:
+        """``--init data``: start ``sae`` from training rows ``rows_n (m, d_input)`` of mean ``mean_n (d_input,)``,
+        both in the normalised space (:meth:`actstore.sae.model.SAE.init_from_rows`)."""
+        sae.init_from_rows(rows_n)
+
+    def extra_loss(
+        self, sae: Any, entries: Entries, target_n: torch.Tensor, options: Mapping[str, Any]
+    ) -> torch.Tensor | None:
+        """A loss its batch top-k step adds to the reconstruction's (None: none), from the step's ``entries``,
+        ``target_n (b, d_out)`` (what the SAE reconstructs, in the normalised space) and the values of its
+        :attr:`options` (a resolved config's)."""
+        return None
 
     def activate(self, sae: SAELike, pre: torch.Tensor, train: bool) -> torch.Tensor:
         """Feature activations ``(n, d_sae)`` from pre-activations ``pre (n, d_sae)``."""
