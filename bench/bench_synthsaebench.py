@@ -60,9 +60,11 @@ def train_saelens(
     batch: int,
     lr: float,
     epochs: int = 1,
+    lr_decay: float = 0.0,
 ):
     """SAELens's own trainer on the store's rows: its BatchTopK or Matryoshka BatchTopK, SynthSAEBench's
-    settings (Adam 0.9/0.999, constant lr, no warm-up)."""
+    settings (Adam 0.9/0.999, constant lr, no warm-up; with ``lr_decay``, a linear decay over that last fraction
+    of the steps, as actstore's ``--lr-decay``)."""
     from sae_lens import (
         BatchTopKTrainingSAE,
         BatchTopKTrainingSAEConfig,
@@ -92,12 +94,12 @@ def train_saelens(
         device="cpu",
         autocast=False,
         lr=lr,
-        lr_end=lr,
+        lr_end=lr,  # with the constant scheduler SAELens decays from lr to 0 over lr_decay_steps
         lr_scheduler_name="constant",
         lr_warm_up_steps=0,
         adam_beta1=0.9,
         adam_beta2=0.999,
-        lr_decay_steps=0,
+        lr_decay_steps=int(lr_decay * epochs * (rows // batch)),
         n_restart_cycles=1,
         train_batch_size_samples=batch,
         dead_feature_window=1000,
@@ -129,6 +131,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--epochs", type=int, default=1, help="passes over the rows, for every trainer")
     ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--lr-decay", type=float, default=0.0,
+                    help="the last fraction of the steps over which the lr decays linearly, for every trainer")  # fmt: skip
     ap.add_argument("--archs", default="batchtopk,matryoshka-batchtopk")
     ap.add_argument(
         "--saelens", default="batchtopk,matryoshka-batchtopk", help="SAELens trainers ('' for none)"
@@ -191,7 +195,7 @@ def main() -> None:
         if arch == "matryoshka-batchtopk":
             extra["matryoshka_widths"] = [w for w in MATRYOSHKA_INNER if w < args.d_sae]
         if args.recipe == "saelens":
-            extra.update(lr=args.lr, lr_warmup=0.0, lr_decay=0.0, optimizer="adam")
+            extra.update(lr=args.lr, lr_warmup=0.0, lr_decay=args.lr_decay, optimizer="adam")
         tc = TrainConfig(model="synth", layer=0, arch=arch, d_sae=args.d_sae, k=args.k, epochs=args.epochs,
                          batch_size=args.batch, device="cpu", name=f"{arch}-{args.recipe}", overwrite=True,
                          eval_fraction=0.01, max_eval_tokens=10_000, **extra)  # fmt: skip
@@ -201,13 +205,23 @@ def main() -> None:
         sae = res.sae.eval()
         with torch.no_grad():
             m = score(sae.W_dec, actstore_encoder(sae))
-        rows.append({"trainer": "actstore", "arch": arch, "recipe": args.recipe, "seconds": round(secs, 1),
+        rows.append({"trainer": "actstore", "arch": arch, "recipe": args.recipe, "lr": args.lr,
+                     "lr_decay": args.lr_decay, "seconds": round(secs, 1),
                      "epochs": args.epochs, "rows_per_s": round(args.epochs * args.rows / secs), **m})  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
     for arch in [a for a in args.saelens.split(",") if a]:
         t0 = time.perf_counter()
         sae = train_saelens(
-            arch, store, d, args.d_sae, args.k, args.rows, args.batch, args.lr, args.epochs
+            arch,
+            store,
+            d,
+            args.d_sae,
+            args.k,
+            args.rows,
+            args.batch,
+            args.lr,
+            args.epochs,
+            args.lr_decay,
         )
         secs = time.perf_counter() - t0
         sae.eval()
@@ -218,11 +232,13 @@ def main() -> None:
 
         with torch.no_grad():
             m = score(sae.W_dec, encode)
-        rows.append({"trainer": "saelens", "arch": arch, "recipe": "saelens", "seconds": round(secs, 1),
+        rows.append({"trainer": "saelens", "arch": arch, "recipe": "saelens", "lr": args.lr,
+                     "lr_decay": args.lr_decay, "seconds": round(secs, 1),
                      "epochs": args.epochs, "rows_per_s": round(args.epochs * args.rows / secs), **m})  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
     (
-        out / f"synthsaebench-{args.rows}x{args.epochs}{'-small' if args.small else ''}.json"
+        out / f"synthsaebench-{args.rows}x{args.epochs}-lr{args.lr:g}-decay{args.lr_decay:g}"
+        f"{'-small' if args.small else ''}.json"
     ).write_text(json.dumps(rows, indent=1))
 
 
