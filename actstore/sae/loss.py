@@ -6,7 +6,8 @@ over elements):
 * ``relu-l1``: ``MSE + l1 * mean_tokens(sum_i h_i * ||W_dec_i||)``;
 * ``topk`` / ``batchtopk``: ``MSE + aux_coef * AuxK``, where AuxK is the MSE of
   reconstructing the residual ``x - x_hat`` from the ``aux_k`` largest
-  pre-activations of dead latents; decoder rows stay at unit norm.
+  pre-activations of dead latents; decoder rows stay at unit norm;
+* plus what an architecture adds to a batch top-k step (``Arch.extra_loss``: Matryoshka's nested prefixes).
 """
 
 from __future__ import annotations
