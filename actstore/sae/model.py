@@ -43,6 +43,7 @@ from torch import nn
 
 from actstore.errors import ConfigError, IntegrityError
 from actstore.sae.archs import get_arch
+from actstore.sae.archs.base import DATA_INIT_ENCODER
 from actstore.sae.config import SAEConfig, parse_config
 from actstore.sae.sparse import decode_topk
 
@@ -66,12 +67,6 @@ TOPK_ENCODER_INIT = 0.5
 the same step, so a smaller encoder lets the first steps reshape it (sparsify's ``nn.Linear`` encoder starts near
 0.4 of its unit decoder rows); 0.5 kept the planted atoms a smaller one lost. Measured: docs/benchmarks/LOG.md,
 "Issue 10"."""
-
-
-DATA_INIT_ENCODER = 0.25
-"""topk / batchtopk with ``--init data``: the encoder starts as the decoder's transpose times this. Rows taken from
-tokens start close together (many tokens look alike), and a large encoder lets the first winners starve the rest;
-0.25 fit as well as larger values with the fewest dead latents (docs/TRAINING.md)."""
 
 
 RELU_DECODER_INIT_NORM = 0.1

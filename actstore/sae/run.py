@@ -205,12 +205,9 @@ class TrainingRun:
             target_mean = mean[d_in:] if pair is not None else mean
             with torch.no_grad():
                 sae.b_dec.copy_(torch.from_numpy(target_mean).float() * sae.out_scale)
-        if (
-            data_init
-        ):  # each block of columns (a crosscoder's sources, a transcoder's sides) by its own scale
-            cols = torch.tensor(scales, dtype=torch.float32).repeat_interleave(
-                d_in
-            )  # (n_src * d_in,)
+        if data_init:
+            # (n_src * d_in,): each block of columns (a crosscoder's sources, a transcoder's sides) by its own scale
+            cols = torch.tensor(scales, dtype=torch.float32).repeat_interleave(d_in)
             rows_n = torch.from_numpy(sample).float() * cols
             get_arch(str(cfg.arch)).start(sae, rows_n, torch.from_numpy(mean).float() * cols)
         meta = {"step": 0, "history": [], "threshold_ema": None, "config": identity}

@@ -20,6 +20,13 @@ class SAELike(Protocol):
     threshold: torch.Tensor
 
 
+DATA_INIT_ENCODER = 0.25
+"""topk / batchtopk with ``--init data``: the encoder starts as the decoder's transpose times this (a transcoder's
+as its source rows' directions times this). Rows taken from tokens start close together (many tokens look alike),
+and a large encoder lets the first winners starve the rest; 0.25 fit as well as larger values with the fewest dead
+latents (docs/TRAINING.md)."""
+
+
 class Entries(NamedTuple):
     """The entries a batch top-k step kept (:class:`actstore.sae.sparse.BatchTopKEncode`): ``m`` of them."""
 

@@ -14,14 +14,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from actstore.errors import ConfigError
-from actstore.sae.archs.base import SAELike
+from actstore.sae.archs.base import DATA_INIT_ENCODER, SAELike
 from actstore.sae.archs.batchtopk import BatchTopK
 
 if TYPE_CHECKING:
     import torch
-
-DATA_INIT_ENCODER = 0.25
-"""The encoder's scale at the paired-row start, as an SAE's data start (:data:`actstore.sae.model.DATA_INIT_ENCODER`)."""
 
 
 def parse_site(spec: str, layer: int) -> str:
