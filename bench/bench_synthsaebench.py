@@ -6,7 +6,10 @@ on 2 cores). ``--rows`` of its activations are written to a store; each actstore
 with ``actstore train`` (``train_sae``), and SAELens's ``SAETrainer`` trains its own BatchTopK and Matryoshka
 BatchTopK on the very same rows, in the same order, at the same batch size and learning rate (SynthSAEBench's:
 batch 1024, lr 3e-4, constant). Each SAE is scored by ``actstore.analysis.groundtruth`` (equal to SAELens's own
-``eval_sae_on_synthetic_data``: ``tests/test_groundtruth.py``) on ``--eval-rows`` fresh rows with their true codes.
+``eval_sae_on_synthetic_data``: ``tests/test_groundtruth.py``) on ``--eval-rows`` fresh rows with their true codes,
+two ways: as SynthSAEBench scores (``scoring: batchtopk``: SAELens evaluates the training SAE, so each batch of 1024
+keeps its k x 1024 largest activations, L0 exactly k) and as the SAE encodes at inference (``scoring: threshold``:
+pre-activations above the calibrated threshold, what ``actstore encode`` and SAELens's saved JumpReLU do).
 
     python bench/bench_synthsaebench.py --out /tmp/ssb --rows 2000000 [--d-sae 4096 --k 25] [--small]
 
@@ -48,6 +51,35 @@ def store_rows(path: str, batch: int, epochs: int = 1) -> Iterator[torch.Tensor]
                 block = np.concatenate(pending)
                 yield torch.from_numpy(block[:batch].copy())
                 pending, have = [block[batch:]], len(block) - batch
+
+
+def cached_truth(model, n: int, batch: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` fresh rows with their true codes, drawn once (generating them costs more than scoring them), in
+    batches of ``batch``: ``(x (batch, d), codes (batch, n_true) sparse)``."""
+    from actstore.testing.synthbench import truth_batches
+
+    return [(b.x, b.codes.to_sparse()) for b in truth_batches(model, n, batch, seed)]
+
+
+def replay(cache: list[tuple[torch.Tensor, torch.Tensor]]):
+    """The cached rows as ``TruthBatch``es (codes dense again, one batch at a time)."""
+    from actstore.analysis.groundtruth import TruthBatch
+
+    for x, codes in cache:
+        yield TruthBatch(x, codes.to_dense())
+
+
+def saelens_threshold_encoder(sae):
+    """A SAELens BatchTopK/Matryoshka training SAE as it encodes once saved for inference: a JumpReLU at its
+    ``topk_threshold`` over the (decoder-norm rescaled) pre-activations."""
+    from actstore.analysis.groundtruth import Encoded
+
+    def encode(x: torch.Tensor) -> Encoded:
+        _, pre = sae.encode_with_hidden_pre(x)
+        acts = torch.where(pre > sae.topk_threshold, torch.relu(pre), torch.zeros_like(pre))
+        return Encoded(acts, sae.decode(acts))
+
+    return encode
 
 
 def train_saelens(
@@ -125,7 +157,10 @@ def main() -> None:
         "--model-dir", default=None, help="cache of the built synthetic model (default OUT/model)"
     )
     ap.add_argument("--rows", type=int, default=2_000_000)
-    ap.add_argument("--eval-rows", type=int, default=100_000)
+    ap.add_argument("--eval-rows", type=int, default=100_000,
+                    help="fresh rows every SAE is scored on (SynthSAEBench's: 500,000)")  # fmt: skip
+    ap.add_argument("--eval-batch", type=int, default=1024,
+                    help="rows per batch when scoring (batch top-k keeps k x this many: SynthSAEBench's 1024)")  # fmt: skip
     ap.add_argument("--d-sae", type=int, default=4096)
     ap.add_argument("--k", type=int, default=25)
     ap.add_argument("--batch", type=int, default=1024)
@@ -155,7 +190,6 @@ def main() -> None:
     from actstore.testing.synthbench import (
         synthetic_model,
         synthsaebench_config,
-        truth_batches,
         write_synthbench_store,
     )
 
@@ -181,13 +215,15 @@ def main() -> None:
         write_synthbench_store(store, model, args.rows, seed=0)
         print(f"# store: {args.rows} rows written in {time.perf_counter() - t0:.0f}s", flush=True)
     feats = model.feature_dict.feature_vectors  # (n_true, d)
+    t0 = time.perf_counter()
+    truth = cached_truth(model, args.eval_rows, args.eval_batch, seed=12345)
+    print(f"# {args.eval_rows} eval rows drawn in {time.perf_counter() - t0:.0f}s", flush=True)
 
-    def score(decoder: torch.Tensor, encode) -> dict[str, float]:
-        return as_numpy(
-            ground_truth_metrics(
-                decoder, feats, truth_batches(model, args.eval_rows, 8192, seed=12345), encode
-            )
-        )
+    def score(decoder: torch.Tensor, encoders: dict) -> list[dict[str, float]]:
+        return [
+            {"scoring": how, **as_numpy(ground_truth_metrics(decoder, feats, replay(truth), enc))}
+            for how, enc in encoders.items()
+        ]
 
     rows = []
     for arch in [a for a in args.archs.split(",") if a]:
@@ -204,11 +240,13 @@ def main() -> None:
         secs = time.perf_counter() - t0
         sae = res.sae.eval()
         with torch.no_grad():
-            m = score(sae.W_dec, actstore_encoder(sae))
-        rows.append({"trainer": "actstore", "arch": arch, "recipe": args.recipe, "lr": args.lr,
-                     "lr_decay": args.lr_decay, "seconds": round(secs, 1),
-                     "epochs": args.epochs, "rows_per_s": round(args.epochs * args.rows / secs), **m})  # fmt: skip
-        print(json.dumps(rows[-1]), flush=True)
+            scored = score(sae.W_dec, {"batchtopk": actstore_encoder(sae, batch_topk=True),
+                                       "threshold": actstore_encoder(sae)})  # fmt: skip
+        for m in scored:
+            rows.append({"trainer": "actstore", "arch": arch, "recipe": args.recipe, "lr": args.lr,
+                         "lr_decay": args.lr_decay, "seconds": round(secs, 1), "epochs": args.epochs,
+                         "rows_per_s": round(args.epochs * args.rows / secs), **m})  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
     for arch in [a for a in args.saelens.split(",") if a]:
         t0 = time.perf_counter()
         sae = train_saelens(
@@ -231,11 +269,14 @@ def main() -> None:
             return Encoded(lat, sae.decode(lat))
 
         with torch.no_grad():
-            m = score(sae.W_dec, encode)
-        rows.append({"trainer": "saelens", "arch": arch, "recipe": "saelens", "lr": args.lr,
-                     "lr_decay": args.lr_decay, "seconds": round(secs, 1),
-                     "epochs": args.epochs, "rows_per_s": round(args.epochs * args.rows / secs), **m})  # fmt: skip
-        print(json.dumps(rows[-1]), flush=True)
+            scored = score(
+                sae.W_dec, {"batchtopk": encode, "threshold": saelens_threshold_encoder(sae)}
+            )
+        for m in scored:
+            rows.append({"trainer": "saelens", "arch": arch, "recipe": "saelens", "lr": args.lr,
+                         "lr_decay": args.lr_decay, "seconds": round(secs, 1), "epochs": args.epochs,
+                         "rows_per_s": round(args.epochs * args.rows / secs), **m})  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
     (
         out / f"synthsaebench-{args.rows}x{args.epochs}-lr{args.lr:g}-decay{args.lr_decay:g}"
         f"{'-small' if args.small else ''}.json"

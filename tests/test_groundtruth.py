@@ -72,6 +72,70 @@ def test_every_figure_equals_saelens_evaluation_on_the_same_samples(small_model)
     assert 0.1 < ours.f1 < 0.9  # not a degenerate case where any code would agree
 
 
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+def test_batch_topk_scoring_equals_saelens_scoring_its_training_sae(small_model, tmp_path, arch):
+    """SynthSAEBench scores a BatchTopK/Matryoshka SAE with its training activation (each batch of 1024 keeps its
+    k x 1024 largest); actstore's ``batch_topk`` encoder of the same SAE, read from SAELens's own save, scores the
+    same: every figure, L0 exactly k."""
+    import sae_lens
+
+    from actstore.sae.imports import read_saelens
+    from actstore.testing.synthbench import truth_batches
+
+    torch.manual_seed(2)
+    if arch == "batchtopk":
+        sae = sae_lens.BatchTopKTrainingSAE(
+            sae_lens.BatchTopKTrainingSAEConfig(
+                d_in=32, d_sae=64, k=4, rescale_acts_by_decoder_norm=True
+            )
+        )
+    else:
+        sae = sae_lens.MatryoshkaBatchTopKTrainingSAE(
+            sae_lens.MatryoshkaBatchTopKTrainingSAEConfig(
+                d_in=32, d_sae=64, k=4, matryoshka_widths=[16, 64]
+            )
+        )
+    with torch.no_grad():  # near the true features, decoder rows of unequal norms
+        sae.W_dec[:32] = small_model.feature_dict.feature_vectors[:32] + 0.3 * torch.randn(32, 32)
+        sae.W_dec.mul_(0.5 + torch.rand(64, 1))
+        sae.W_enc[:] = sae.W_dec.T
+        sae.b_enc.normal_(0, 0.5)
+        sae.topk_threshold.fill_(
+            0.3
+        )  # the inference threshold: batch top-k scoring must not use it
+    n, batch = 5000, 1024
+    theirs = synthetic.eval_sae_on_synthetic_data(
+        sae,
+        small_model.feature_dict,
+        _seeded(small_model.activation_generator, 5),
+        num_samples=n,
+        batch_size=batch,
+    )
+    sae.save_model(tmp_path / "sl")
+    ours_sae = read_saelens(tmp_path / "sl").sae.eval()
+    with torch.no_grad():
+        ours = ground_truth_metrics(
+            ours_sae.W_dec,
+            small_model.feature_dict.feature_vectors,
+            truth_batches(small_model, n, batch, seed=5),
+            actstore_encoder(ours_sae, batch_topk=True),
+        )
+        inference = ground_truth_metrics(
+            ours_sae.W_dec,
+            small_model.feature_dict.feature_vectors,
+            truth_batches(small_model, n, batch, seed=5),
+            actstore_encoder(ours_sae),
+        )
+    assert ours.l0 == pytest.approx(4.0, abs=1e-9) == pytest.approx(theirs.sae_l0, abs=1e-9)
+    assert ours.mcc == pytest.approx(theirs.mcc, abs=1e-5)
+    assert ours.f1 == pytest.approx(theirs.classification.f1_score, abs=1e-5)
+    assert ours.precision == pytest.approx(theirs.classification.precision, abs=1e-5)
+    assert ours.recall == pytest.approx(theirs.classification.recall, abs=1e-5)
+    assert ours.explained_variance == pytest.approx(theirs.explained_variance, abs=1e-4)
+    assert ours.dead == theirs.dead_latents
+    assert abs(inference.l0 - ours.l0) > 0.5  # the threshold's scoring is another one
+
+
 class _seeded:
     """An activation generator whose first ``sample`` call reseeds torch, as :func:`truth_batches` does."""
 

@@ -153,11 +153,16 @@ def ground_truth_metrics(
     )
 
 
-def actstore_encoder(sae: torch.nn.Module) -> Callable[[torch.Tensor], Encoded]:
-    """``encode`` for an actstore :class:`~actstore.sae.model.SAE` (inference activations and reconstruction)."""
+def actstore_encoder(
+    sae: torch.nn.Module, batch_topk: bool = False
+) -> Callable[[torch.Tensor], Encoded]:
+    """``encode`` for an actstore :class:`~actstore.sae.model.SAE`: its inference activations and reconstruction
+    (a BatchTopK or Matryoshka SAE: pre-activations above its calibrated threshold), or with ``batch_topk`` its
+    training activation (each batch keeps its ``k x n`` largest), which is how SynthSAEBench scores those
+    architectures: SAELens's ``eval_sae_on_synthetic_data`` encodes with the training SAE, batch by batch."""
 
     def encode(x: torch.Tensor) -> Encoded:
-        out = sae(x)
+        out = sae(x, train=batch_topk)
         return Encoded(out.acts, out.x_hat)
 
     return encode
