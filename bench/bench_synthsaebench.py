@@ -93,6 +93,7 @@ def train_saelens(
     lr: float,
     epochs: int = 1,
     lr_decay: float = 0.0,
+    inner: list[int] = MATRYOSHKA_INNER,
 ):
     """SAELens's own trainer on the store's rows: its BatchTopK or Matryoshka BatchTopK, SynthSAEBench's
     settings (Adam 0.9/0.999, constant lr, no warm-up; with ``lr_decay``, a linear decay over that last fraction
@@ -110,7 +111,7 @@ def train_saelens(
     if arch == "batchtopk":
         sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k))
     else:
-        widths = [w for w in MATRYOSHKA_INNER if w < d_sae]
+        widths = [w for w in inner if w < d_sae]
         sae = MatryoshkaBatchTopKTrainingSAE(
             MatryoshkaBatchTopKTrainingSAEConfig(
                 d_in=d_in, d_sae=d_sae, k=k, matryoshka_widths=widths
@@ -169,6 +170,10 @@ def main() -> None:
     ap.add_argument("--lr-decay", type=float, default=0.0,
                     help="the last fraction of the steps over which the lr decays linearly, for every trainer")  # fmt: skip
     ap.add_argument("--archs", default="batchtopk,matryoshka-batchtopk")
+    ap.add_argument("--matryoshka-widths", default=None,
+                    help="Matryoshka's inner prefixes, e.g. 8,32,128 (default SynthSAEBench's 128,512,2048)")  # fmt: skip
+    ap.add_argument("--inits", default="default",
+                    help="decoder starts for each actstore arch: default (its --init default), data, random")  # fmt: skip
     ap.add_argument(
         "--saelens", default="batchtopk,matryoshka-batchtopk", help="SAELens trainers ('' for none)"
     )
@@ -193,6 +198,11 @@ def main() -> None:
         write_synthbench_store,
     )
 
+    inner = (
+        [int(w) for w in args.matryoshka_widths.split(",")]
+        if args.matryoshka_widths
+        else MATRYOSHKA_INNER
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.small:
@@ -226,14 +236,14 @@ def main() -> None:
         ]
 
     rows = []
-    for arch in [a for a in args.archs.split(",") if a]:
-        extra: dict = {}
+    for arch, init in [(a, i) for a in args.archs.split(",") if a for i in args.inits.split(",")]:
+        extra: dict = {} if init == "default" else {"init": init}
         if arch == "matryoshka-batchtopk":
-            extra["matryoshka_widths"] = [w for w in MATRYOSHKA_INNER if w < args.d_sae]
+            extra["matryoshka_widths"] = [w for w in inner if w < args.d_sae]
         if args.recipe == "saelens":
             extra.update(lr=args.lr, lr_warmup=0.0, lr_decay=args.lr_decay, optimizer="adam")
         tc = TrainConfig(model="synth", layer=0, arch=arch, d_sae=args.d_sae, k=args.k, epochs=args.epochs,
-                         batch_size=args.batch, device="cpu", name=f"{arch}-{args.recipe}", overwrite=True,
+                         batch_size=args.batch, device="cpu", name=f"{arch}-{args.recipe}-{init}", overwrite=True,
                          eval_fraction=0.01, max_eval_tokens=10_000, **extra)  # fmt: skip
         t0 = time.perf_counter()
         res = train_sae(store, tc, progress=False)
@@ -243,7 +253,7 @@ def main() -> None:
             scored = score(sae.W_dec, {"batchtopk": actstore_encoder(sae, batch_topk=True),
                                        "threshold": actstore_encoder(sae)})  # fmt: skip
         for m in scored:
-            rows.append({"trainer": "actstore", "arch": arch, "recipe": args.recipe, "lr": args.lr,
+            rows.append({"trainer": "actstore", "arch": arch, "init": init, "recipe": args.recipe, "lr": args.lr,
                          "lr_decay": args.lr_decay, "seconds": round(secs, 1), "epochs": args.epochs,
                          "rows_per_s": round(args.epochs * args.rows / secs), **m})  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
@@ -260,6 +270,7 @@ def main() -> None:
             args.lr,
             args.epochs,
             args.lr_decay,
+            inner,
         )
         secs = time.perf_counter() - t0
         sae.eval()
