@@ -100,9 +100,8 @@ def test_batch_topk_scoring_equals_saelens_scoring_its_training_sae(small_model,
         sae.W_dec.mul_(0.5 + torch.rand(64, 1))
         sae.W_enc[:] = sae.W_dec.T
         sae.b_enc.normal_(0, 0.5)
-        sae.topk_threshold.fill_(
-            0.3
-        )  # the inference threshold: batch top-k scoring must not use it
+        # the inference threshold: batch top-k scoring must not use it
+        sae.topk_threshold.fill_(0.3)
     n, batch = 5000, 1024
     theirs = synthetic.eval_sae_on_synthetic_data(
         sae,
@@ -114,17 +113,14 @@ def test_batch_topk_scoring_equals_saelens_scoring_its_training_sae(small_model,
     sae.save_model(tmp_path / "sl")
     ours_sae = read_saelens(tmp_path / "sl").sae.eval()
     with torch.no_grad():
-        ours = ground_truth_metrics(
-            ours_sae.W_dec,
-            small_model.feature_dict.feature_vectors,
-            truth_batches(small_model, n, batch, seed=5),
-            actstore_encoder(ours_sae, batch_topk=True),
-        )
-        inference = ground_truth_metrics(
-            ours_sae.W_dec,
-            small_model.feature_dict.feature_vectors,
-            truth_batches(small_model, n, batch, seed=5),
-            actstore_encoder(ours_sae),
+        ours, inference = (
+            ground_truth_metrics(
+                ours_sae.W_dec,
+                small_model.feature_dict.feature_vectors,
+                truth_batches(small_model, n, batch, seed=5),
+                actstore_encoder(ours_sae, batch_topk=batch_topk),
+            )
+            for batch_topk in (True, False)
         )
     assert ours.l0 == pytest.approx(4.0, abs=1e-9) == pytest.approx(theirs.sae_l0, abs=1e-9)
     assert ours.mcc == pytest.approx(theirs.mcc, abs=1e-5)
