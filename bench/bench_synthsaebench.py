@@ -13,8 +13,10 @@ pre-activations above the calibrated threshold, what ``actstore encode`` and SAE
 
     python bench/bench_synthsaebench.py --out /tmp/ssb --rows 2000000 [--d-sae 4096 --k 25] [--small]
 
-SynthSAEBench's published figures train on 200M rows on a GPU; 2 cores reach a few million, so the figures here
-compare trainers at equal rows, not against the published table.
+SynthSAEBench's published figures train on 200M rows on a GPU; 2 cores reach 10-20M samples (500k rows, 20-40
+passes), so the figures here compare trainers at equal rows, not against the published table. On a GPU,
+``--device cuda`` builds the model, draws the rows and trains every SAE there (scoring stays on the CPU), e.g. the
+published budget as 10M stored rows (31 GB fp32) over 20 passes: ``--device cuda --rows 10000000 --epochs 20``.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def cached_truth(model, n: int, batch: int, seed: int) -> list[tuple[torch.Tenso
     batches of ``batch``: ``(x (batch, d), codes (batch, n_true) sparse)``."""
     from actstore.testing.synthbench import truth_batches
 
-    return [(b.x, b.codes.to_sparse()) for b in truth_batches(model, n, batch, seed)]
+    return [(b.x.cpu(), b.codes.cpu().to_sparse()) for b in truth_batches(model, n, batch, seed)]
 
 
 def replay(cache: list[tuple[torch.Tensor, torch.Tensor]]):
@@ -94,6 +96,7 @@ def train_saelens(
     epochs: int = 1,
     lr_decay: float = 0.0,
     inner: list[int] = MATRYOSHKA_INNER,
+    device: str = "cpu",
 ):
     """SAELens's own trainer on the store's rows: its BatchTopK or Matryoshka BatchTopK, SynthSAEBench's
     settings (Adam 0.9/0.999, constant lr, no warm-up; with ``lr_decay``, a linear decay over that last fraction
@@ -124,7 +127,7 @@ def train_saelens(
         total_training_samples=epochs
         * (rows // batch)
         * batch,  # whole batches: the rows there are
-        device="cpu",
+        device=device,
         autocast=False,
         lr=lr,
         lr_end=lr,  # with the constant scheduler SAELens decays from lr to 0 over lr_decay_steps
@@ -182,6 +185,8 @@ def main() -> None:
     ap.add_argument(
         "--small", action="store_true", help="a 1024-feature, 128-dim model (minutes, not hours)"
     )
+    ap.add_argument("--device", default="cpu",
+                    help="where the model draws rows and every SAE trains (cuda: the published budget in hours)")  # fmt: skip
     args = ap.parse_args()
 
     from actstore.analysis.groundtruth import (
@@ -211,7 +216,9 @@ def main() -> None:
         cfg = synthsaebench_config()
     t0 = time.perf_counter()
     model = synthetic_model(
-        cfg, cache=args.model_dir or str(out / ("model-small" if args.small else "model"))
+        cfg,
+        cache=args.model_dir or str(out / ("model-small" if args.small else "model")),
+        device=args.device,
     )
     print(
         f"# model: {cfg.num_features} features in {cfg.hidden_dim} dims, {time.perf_counter() - t0:.0f}s",
@@ -243,19 +250,19 @@ def main() -> None:
         if args.recipe == "saelens":
             extra.update(lr=args.lr, lr_warmup=0.0, lr_decay=args.lr_decay, optimizer="adam")
         tc = TrainConfig(model="synth", layer=0, arch=arch, d_sae=args.d_sae, k=args.k, epochs=args.epochs,
-                         batch_size=args.batch, device="cpu", name=f"{arch}-{args.recipe}-{init}", overwrite=True,
+                         batch_size=args.batch, device=args.device, name=f"{arch}-{args.recipe}-{init}", overwrite=True,
                          eval_fraction=0.01, max_eval_tokens=10_000, **extra)  # fmt: skip
         t0 = time.perf_counter()
         res = train_sae(store, tc, progress=False)
         secs = time.perf_counter() - t0
-        sae = res.sae.eval()
+        sae = res.sae.eval().cpu()
         with torch.no_grad():
             scored = score(sae.W_dec, {"batchtopk": actstore_encoder(sae, batch_topk=True),
                                        "threshold": actstore_encoder(sae)})  # fmt: skip
         for m in scored:
-            rows.append({"trainer": "actstore", "arch": arch, "init": init, "recipe": args.recipe, "lr": args.lr,
-                         "lr_decay": args.lr_decay, "seconds": round(secs, 1), "epochs": args.epochs,
-                         "rows_per_s": round(args.epochs * args.rows / secs), **m})  # fmt: skip
+            rows.append({"trainer": "actstore", "device": args.device, "arch": arch, "init": init,
+                         "recipe": args.recipe, "lr": args.lr, "lr_decay": args.lr_decay, "seconds": round(secs, 1),
+                         "epochs": args.epochs, "rows_per_s": round(args.epochs * args.rows / secs), **m})  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
     for arch in [a for a in args.saelens.split(",") if a]:
         t0 = time.perf_counter()
@@ -271,9 +278,10 @@ def main() -> None:
             args.epochs,
             args.lr_decay,
             inner,
+            args.device,
         )
         secs = time.perf_counter() - t0
-        sae.eval()
+        sae.eval().to("cpu")
 
         def encode(x: torch.Tensor, sae=sae) -> Encoded:
             lat = sae.encode(x)
@@ -284,13 +292,13 @@ def main() -> None:
                 sae.W_dec, {"batchtopk": encode, "threshold": saelens_threshold_encoder(sae)}
             )
         for m in scored:
-            rows.append({"trainer": "saelens", "arch": arch, "recipe": "saelens", "lr": args.lr,
+            rows.append({"trainer": "saelens", "device": args.device, "arch": arch, "recipe": "saelens", "lr": args.lr,
                          "lr_decay": args.lr_decay, "seconds": round(secs, 1), "epochs": args.epochs,
                          "rows_per_s": round(args.epochs * args.rows / secs), **m})  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
     (
         out / f"synthsaebench-{args.rows}x{args.epochs}-lr{args.lr:g}-decay{args.lr_decay:g}"
-        f"{'-small' if args.small else ''}.json"
+        f"{'-small' if args.small else ''}{'' if args.device == 'cpu' else '-' + args.device}.json"
     ).write_text(json.dumps(rows, indent=1))
 
 

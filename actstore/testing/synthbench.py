@@ -66,25 +66,27 @@ def synthsaebench_config(
     )
 
 
-def synthetic_model(cfg: Any, cache: str | None = None) -> Any:
-    """The ``SyntheticModel`` of ``cfg``, loaded from ``cache`` when it holds one of the same config (building
-    the 16k model orthogonalises 16,384 directions: ~30 min on 2 cores), else built (and saved to ``cache``)."""
+def synthetic_model(cfg: Any, cache: str | None = None, device: str = "cpu") -> Any:
+    """The ``SyntheticModel`` of ``cfg`` on ``device``, loaded from ``cache`` when it holds one of the same config
+    (building the 16k model orthogonalises 16,384 directions: ~40 min on 2 cores), else built (and saved to
+    ``cache``)."""
     from pathlib import Path
 
     from sae_lens.synthetic import SyntheticModel
 
     if cache is not None and (Path(cache) / "synthetic_model_config.json").exists():
-        model = SyntheticModel.load_from_disk(cache)
+        model = SyntheticModel.load_from_disk(cache, device=device)
         if model.cfg.to_dict() == cfg.to_dict():
             return model
-    model = SyntheticModel(cfg)
+    model = SyntheticModel(cfg, device=device)
     if cache is not None:
         model.save(cache)
     return model
 
 
 def truth_batches(model: Any, n: int, batch: int = 4096, seed: int = 0) -> Iterator[TruthBatch]:
-    """``n`` rows of ``model`` with their true codes, in batches; the same ``seed`` gives the same rows."""
+    """``n`` rows of ``model`` with their true codes, in batches, on the model's device; the same ``seed`` gives the
+    same rows on the same device (a GPU's generator draws other rows than the CPU's)."""
     torch.manual_seed(seed)
     done = 0
     while done < n:
@@ -103,7 +105,7 @@ def write_synthbench_store(
 ) -> Store:
     """A store of ``n_rows`` rows of ``model`` as ``models/synth/layer_0`` (fp32), seeded by ``seed``."""
     blocks = (
-        b.x.numpy().astype(np.float32) for b in truth_batches(model, n_rows, chunk_rows, seed)
+        b.x.cpu().numpy().astype(np.float32) for b in truth_batches(model, n_rows, chunk_rows, seed)
     )
     return write_synthetic_store(
         path, blocks, n_rows, model.cfg.hidden_dim, model="synth", layer=0, chunk_rows=chunk_rows
