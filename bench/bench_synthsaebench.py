@@ -186,8 +186,12 @@ def main() -> None:
         "--small", action="store_true", help="a 1024-feature, 128-dim model (minutes, not hours)"
     )
     ap.add_argument("--device", default="cpu",
-                    help="where the model draws rows and every SAE trains (cuda: the published budget in hours)")  # fmt: skip
+                    help="where the model draws rows and every SAE trains (cpu, or cuda on a GPU)")  # fmt: skip
     args = ap.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(
+            f"--device {args.device}: torch sees no CUDA device on this machine; use --device cpu"
+        )
 
     from actstore.analysis.groundtruth import (
         Encoded,
